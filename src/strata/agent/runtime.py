@@ -1,0 +1,126 @@
+"""Runtimes that execute a package's model on this node, and the golden health check.
+
+onnxruntime is imported here, inside the functions that need it, so nothing else pays for it at import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from strata.core.errors import BadRequest, ModelLoadError
+from strata.core.package import Package, TensorSpec, compare_outputs, load_golden
+
+Array = npt.NDArray[Any]
+
+_PROVIDERS = {
+    "onnxruntime": ["CPUExecutionProvider"],
+    "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class Runtime(Protocol):
+    """A loaded model that turns feeds into outputs. `run` is safe to call from several threads."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def run(self, feeds: Mapping[str, Array], output_names: Sequence[str] | None = None) -> dict[str, Array]: ...
+
+
+class OnnxRuntimeModel:
+    """A model held in an onnxruntime InferenceSession (loaded from bytes, so files can stay encrypted).
+
+    The session is freed when the last reference goes: requests in flight keep the one they started on.
+    """
+
+    def __init__(
+        self,
+        model: bytes,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        runtime: str = "onnxruntime",
+        threads: int | None = None,
+    ) -> None:
+        """Raises:
+        ModelLoadError: onnxruntime refuses the model or the runtime is not installed here.
+        """
+        providers = _PROVIDERS.get(runtime)
+        if providers is None:
+            raise ModelLoadError(f"runtime {runtime!r} is not available in this agent")
+        import onnxruntime as ort
+
+        missing = [p for p in providers[:1] if p not in ort.get_available_providers()]
+        if missing:
+            raise ModelLoadError(f"runtime {runtime} needs {missing[0]}, which this onnxruntime build lacks")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self._session = ort.InferenceSession(model, options, providers=providers)
+        except Exception as exc:  # onnxruntime raises C++ exception types; wrap them all.
+            raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from exc
+        self.inputs = inputs
+        self.outputs = outputs
+        self._output_names = [o.name for o in outputs]
+
+    def run(self, feeds: Mapping[str, Array], output_names: Sequence[str] | None = None) -> dict[str, Array]:
+        """Run the model.
+
+        Raises:
+            BadRequest: onnxruntime rejects the feeds (a value out of an embedding's range, say).
+        """
+        names = list(output_names) if output_names is not None else self._output_names
+        try:
+            results = self._session.run(names, dict(feeds))
+        except Exception as exc:  # invalid values that passed the signature check (indices out of range)
+            raise BadRequest(f"the model rejected the input: {exc}") from exc
+        return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
+
+
+def load_runtime(package: Package, threads: int | None = None, model_bytes: bytes | None = None) -> Runtime:
+    """Load a verified package's model with the runtime its manifest names.
+
+    `model_bytes` lets a caller pass the model already in memory (decrypted, say); by default it is read.
+
+    Raises:
+        ModelLoadError: the runtime is missing or refuses the model.
+    """
+    manifest = package.manifest
+    if model_bytes is None:
+        try:
+            model_bytes = package.model_path.read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read {package.model_path}: {exc}") from exc
+    if manifest.runtime.startswith("onnxruntime"):
+        return OnnxRuntimeModel(model_bytes, manifest.inputs, manifest.outputs, manifest.runtime, threads)
+    raise ModelLoadError(f"runtime {manifest.runtime!r} is not supported by this agent")
+
+
+def health_check(package: Package, runtime: Runtime) -> list[str]:
+    """Replay the package's golden inputs; return what differs from the expected outputs (empty = healthy)."""
+    try:
+        inputs, expected = load_golden(package)
+        actual = runtime.run(inputs, list(expected))
+    except Exception as exc:  # any failure here means the model is not healthy; say what it was
+        return [f"golden run failed: {exc}"]
+    return compare_outputs(expected, actual, package.manifest.golden.rtol, package.manifest.golden.atol)
+
+
+def load_and_check(package: Package, threads: int | None = None, model_bytes: bytes | None = None) -> Runtime:
+    """Load a package's model and pass its golden health check, or raise.
+
+    Raises:
+        ModelLoadError: the model does not load, or its golden outputs differ (the message says how).
+    """
+    runtime = load_runtime(package, threads, model_bytes)
+    problems = health_check(package, runtime)
+    if problems:
+        raise ModelLoadError("health check failed: " + "; ".join(problems))
+    return runtime

@@ -1,0 +1,1 @@
+"""Shared, pure building blocks: package format, hardware profiles, wire schemas, errors, hashing."""

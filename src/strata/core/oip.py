@@ -1,0 +1,368 @@
+"""Open Inference Protocol (KServe v2) tensors: JSON and Triton's binary tensor extension, both ways.
+
+Pure functions over bytes and numpy arrays, shared by the node's inference server and the clients.
+Binary extension: the body is a JSON header of `Inference-Header-Content-Length` bytes followed by raw
+tensors in the order of the header's tensors that carry `parameters.binary_data_size`. Fixed-size types
+are little-endian, row-major; BYTES elements are each a 4-byte little-endian length and the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from strata.core.datatypes import ELEMENT_SIZE, OIP_TO_NUMPY, oip_from_numpy
+from strata.core.errors import BadRequest
+from strata.core.package import TensorSpec
+
+HEADER_LENGTH: Final = "inference-header-content-length"
+MAX_ELEMENTS: Final = 1 << 28
+
+Array = npt.NDArray[Any]
+
+
+@dataclass
+class InferInput:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    array: Array
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    binary: bool | None = None
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: list[InferInput]
+    outputs: list[RequestedOutput] | None
+    binary_output: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _shape(raw: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+        raise BadRequest(f"{what}: 'shape' must be a list of non-negative integers, got {raw!r}")
+    if math.prod(raw) > MAX_ELEMENTS:
+        raise BadRequest(f"{what}: shape {raw} holds more than {MAX_ELEMENTS} elements")
+    return tuple(raw)
+
+
+def _decode_bytes_elements(buffer: bytes, count: int, what: str) -> Array:
+    out = np.empty(count, dtype=object)
+    offset = 0
+    for i in range(count):
+        if offset + 4 > len(buffer):
+            raise BadRequest(f"{what}: binary BYTES data ends after {i} of {count} elements")
+        (length,) = struct.unpack_from("<I", buffer, offset)
+        offset += 4
+        if offset + length > len(buffer):
+            raise BadRequest(f"{what}: binary BYTES element {i} runs past the data")
+        out[i] = buffer[offset : offset + length]
+        offset += length
+    if offset != len(buffer):
+        raise BadRequest(f"{what}: binary BYTES data has {len(buffer) - offset} bytes after {count} elements")
+    return out
+
+
+def _from_binary(buffer: bytes, datatype: str, shape: tuple[int, ...], what: str) -> Array:
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _decode_bytes_elements(buffer, count, what).reshape(shape)
+    expected = count * ELEMENT_SIZE[datatype]
+    if len(buffer) != expected:
+        raise BadRequest(
+            f"{what}: binary_data_size is {len(buffer)} bytes; shape {list(shape)} of {datatype} needs {expected}"
+        )
+    dtype = OIP_TO_NUMPY[datatype].newbyteorder("<")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> Array:
+    count = math.prod(shape)
+    if not isinstance(data, list):
+        data = [data]
+    if datatype == "BYTES":
+        flat = np.asarray(data, dtype=object).reshape(-1)
+        out = np.empty(flat.size, dtype=object)
+        for i, item in enumerate(flat):
+            if not isinstance(item, str):
+                raise BadRequest(f"{what}: BYTES data must be strings")
+            out[i] = item.encode()
+        array: Array = out
+    else:
+        dtype = OIP_TO_NUMPY[datatype]
+        try:
+            raw = np.asarray(data)
+        except ValueError as exc:
+            raise BadRequest(f"{what}: 'data' is ragged or malformed: {exc}") from None
+        if raw.dtype.kind not in "biuf":
+            raise BadRequest(f"{what}: 'data' holds non-numeric values for {datatype}")
+        if dtype.kind in "iu" and raw.dtype.kind == "f":
+            raise BadRequest(f"{what}: {datatype} data must be integers")
+        if dtype.kind == "b" and raw.dtype.kind != "b":
+            raise BadRequest(f"{what}: BOOL data must be true or false")
+        try:
+            array = raw.astype(dtype).reshape(-1)
+        except (OverflowError, ValueError) as exc:
+            raise BadRequest(f"{what}: data does not fit {datatype}: {exc}") from None
+        if dtype.kind in "iu" and array.size and not np.array_equal(array, raw.reshape(-1)):
+            raise BadRequest(f"{what}: data is out of range for {datatype}")
+    if array.size != count:
+        raise BadRequest(f"{what}: 'data' has {array.size} elements; shape {list(shape)} needs {count}")
+    return array.reshape(shape)
+
+
+def split_body(body: bytes, header_length: int | None) -> tuple[Any, bytes]:
+    """Split a request or response body into its JSON header (parsed) and the binary region after it.
+
+    Raises:
+        BadRequest: the header length is out of range or the header is not a JSON object.
+    """
+    if header_length is None:
+        header_bytes, binary = body, b""
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise BadRequest(f"Inference-Header-Content-Length is {header_length}; the body has {len(body)} bytes")
+        header_bytes, binary = body[:header_length], body[header_length:]
+    try:
+        header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequest("request body must be a JSON object")
+    return header, binary
+
+
+def _tensors(
+    header: Mapping[str, Any], key: str, binary: bytes, what: str
+) -> list[tuple[str, str, tuple[int, ...], Array]]:
+    raw_list = header.get(key)
+    if not isinstance(raw_list, list) or (key == "inputs" and not raw_list):
+        raise BadRequest(f"{what} must have a non-empty '{key}' list")
+    out = []
+    offset = 0
+    for index, raw in enumerate(raw_list):
+        if not isinstance(raw, dict):
+            raise BadRequest(f"{key}[{index}] must be an object")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f"{key}[{index}] has no 'name'")
+        label = f"{key[:-1]} {name!r}"
+        datatype = raw.get("datatype")
+        if datatype not in OIP_TO_NUMPY:
+            raise BadRequest(f"{label}: unsupported datatype {datatype!r}; use one of {sorted(OIP_TO_NUMPY)}")
+        shape = _shape(raw.get("shape"), label)
+        params = raw.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequest(f"{label}: 'parameters' must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise BadRequest(f"{label}: binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise BadRequest(f"{label}: binary_data_size {size} runs past the {len(binary)} bytes of binary data")
+            if "data" in raw:
+                raise BadRequest(f"{label}: has both 'data' and binary_data_size")
+            array = _from_binary(binary[offset : offset + size], datatype, shape, label)
+            offset += size
+        else:
+            if "data" not in raw:
+                raise BadRequest(f"{label}: has neither 'data' nor parameters.binary_data_size")
+            array = _from_json_data(raw["data"], datatype, shape, label)
+        out.append((name, datatype, shape, array))
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any tensor")
+    return out
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Parse an inference request body (JSON, or JSON header + binary tensors).
+
+    Raises:
+        BadRequest: anything malformed, with a message that names the tensor and the problem.
+    """
+    header, binary = split_body(body, header_length)
+    inputs = [
+        InferInput(name=n, datatype=d, shape=s, array=a)
+        for n, d, s, a in _tensors(header, "inputs", binary, "inference request")
+    ]
+    names = [i.name for i in inputs]
+    if len(set(names)) != len(names):
+        raise BadRequest("inference request names an input twice")
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("request 'parameters' must be an object")
+    outputs: list[RequestedOutput] | None = None
+    if header.get("outputs") is not None:
+        raw_outputs = header["outputs"]
+        if not isinstance(raw_outputs, list):
+            raise BadRequest("request 'outputs' must be a list")
+        outputs = []
+        for index, raw in enumerate(raw_outputs):
+            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+                raise BadRequest(f"outputs[{index}] must be an object with a 'name'")
+            out_params = raw.get("parameters") or {}
+            if not isinstance(out_params, dict):
+                raise BadRequest(f"outputs[{index}]: 'parameters' must be an object")
+            binary_flag = out_params.get("binary_data")
+            outputs.append(
+                RequestedOutput(name=raw["name"], binary=bool(binary_flag) if binary_flag is not None else None)
+            )
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest("request 'id' must be a string")
+    return InferRequest(
+        id=request_id,
+        inputs=inputs,
+        outputs=outputs,
+        binary_output=bool(params.get("binary_data_output", False)),
+        parameters=params,
+    )
+
+
+def check_inputs(request: InferRequest, specs: Sequence[TensorSpec], model: str) -> dict[str, Array]:
+    """Match a decoded request against the model's inputs; return the feeds for the runtime.
+
+    Raises:
+        BadRequest: unknown, missing or duplicate inputs, or a datatype or shape the model does not take.
+    """
+    by_name = {spec.name: spec for spec in specs}
+    feeds: dict[str, Array] = {}
+    for tensor in request.inputs:
+        spec = by_name.get(tensor.name)
+        if spec is None:
+            raise BadRequest(f"model {model} has no input {tensor.name!r}; its inputs are {sorted(by_name)}")
+        if tensor.datatype != spec.datatype:
+            raise BadRequest(f"input {tensor.name!r} is {tensor.datatype}; model {model} expects {spec.datatype}")
+        if not spec.accepts_shape(tensor.shape):
+            raise BadRequest(
+                f"input {tensor.name!r} has shape {list(tensor.shape)}; model {model} expects {list(spec.shape)}"
+                " (-1 = any size)"
+            )
+        feeds[tensor.name] = tensor.array
+    missing = sorted(by_name.keys() - feeds.keys())
+    if missing:
+        raise BadRequest(f"model {model} needs inputs {missing}, which the request does not give")
+    return feeds
+
+
+def check_outputs(request: InferRequest, specs: Sequence[TensorSpec], model: str) -> list[tuple[str, bool]]:
+    """Which outputs to return and whether each goes as binary.
+
+    Raises:
+        BadRequest: the request asks for an output the model does not have.
+    """
+    names = [spec.name for spec in specs]
+    if request.outputs is None:
+        return [(name, request.binary_output) for name in names]
+    chosen = []
+    for wanted in request.outputs:
+        if wanted.name not in names:
+            raise BadRequest(f"model {model} has no output {wanted.name!r}; its outputs are {names}")
+        chosen.append((wanted.name, request.binary_output if wanted.binary is None else wanted.binary))
+    return chosen
+
+
+def _to_binary(array: Array, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        parts = []
+        for item in array.reshape(-1):
+            raw = item if isinstance(item, bytes) else str(item).encode()
+            parts.append(struct.pack("<I", len(raw)))
+            parts.append(raw)
+        return b"".join(parts)
+    return np.ascontiguousarray(array, dtype=OIP_TO_NUMPY[datatype].newbyteorder("<")).tobytes()
+
+
+def _to_json_data(array: Array, datatype: str) -> list[Any]:
+    if datatype == "BYTES":
+        return [item.decode(errors="replace") if isinstance(item, bytes) else str(item) for item in array.reshape(-1)]
+    flat: list[Any] = array.reshape(-1).tolist()
+    return flat
+
+
+def encode_tensors(
+    tensors: Iterable[tuple[str, Array, bool]],
+) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Tensor objects for a header, and the binary parts (in order) for those sent as binary."""
+    objects: list[dict[str, Any]] = []
+    parts: list[bytes] = []
+    for name, array, binary in tensors:
+        datatype = oip_from_numpy(array.dtype)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary:
+            raw = _to_binary(array, datatype)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            parts.append(raw)
+        else:
+            entry["data"] = _to_json_data(array, datatype)
+        objects.append(entry)
+    return objects, parts
+
+
+def join_body(header: Mapping[str, Any], parts: Sequence[bytes]) -> tuple[bytes, int | None]:
+    """Serialise a header and binary parts; the second value is the header length (None: pure JSON)."""
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    if not parts:
+        return header_bytes, None
+    return header_bytes + b"".join(parts), len(header_bytes)
+
+
+def encode_response(
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: Iterable[tuple[str, Array, bool]],
+    parameters: Mapping[str, Any] | None = None,
+) -> tuple[bytes, int | None]:
+    """An inference response body; returns (body, header length or None when it is plain JSON)."""
+    objects, parts = encode_tensors(outputs)
+    header: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": objects}
+    if request_id is not None:
+        header["id"] = request_id
+    if parameters:
+        header["parameters"] = dict(parameters)
+    return join_body(header, parts)
+
+
+def encode_request(
+    inputs: Mapping[str, Array],
+    *,
+    binary: bool = True,
+    outputs: Sequence[str] | None = None,
+    binary_output: bool = True,
+    request_id: str | None = None,
+) -> tuple[bytes, int | None]:
+    """An inference request body for `inputs`, binary by default (what a Triton client sends)."""
+    objects, parts = encode_tensors((name, np.asarray(array), binary) for name, array in inputs.items())
+    header: dict[str, Any] = {"inputs": objects}
+    if request_id is not None:
+        header["id"] = request_id
+    if outputs is not None:
+        header["outputs"] = [{"name": n, "parameters": {"binary_data": binary_output}} for n in outputs]
+    elif binary_output:
+        header["parameters"] = {"binary_data_output": True}
+    return join_body(header, parts)
+
+
+def decode_response(body: bytes, header_length: int | None = None) -> tuple[dict[str, Any], dict[str, Array]]:
+    """Parse an inference response into its header and output arrays by name.
+
+    Raises:
+        BadRequest: the response is malformed.
+    """
+    header, binary = split_body(body, header_length)
+    arrays = {name: array for name, _, _, array in _tensors(header, "outputs", binary, "inference response")}
+    return header, arrays

@@ -1,0 +1,749 @@
+"""The model package: a folder (or its tar) holding `manifest.json` and the files it lists.
+
+A package is one variant of one model version for one hardware profile. The manifest names the model,
+its version and variant, the profile and runtime it was built for, the input and output signature (Open
+Inference Protocol datatypes, -1 for dynamic dimensions), every file with its size and sha256, and the golden
+inputs and expected outputs that the on-node health check replays. The package digest is the sha256 of the
+canonical JSON of the manifest, so one digest pins every byte of the package.
+
+Build: `build_package` (needs onnxruntime). Verify: `verify_package`. Read: `read_package`.
+Travel: `pack_tar` / `unpack_tar`. The golden comparison is the pure `compare_outputs`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from strata import __version__
+from strata.core.datatypes import OIP_TO_NUMPY, oip_from_ort
+from strata.core.errors import PackageBuildError, PackageError, VerificationError
+from strata.core.fsutil import write_bytes_atomic
+from strata.core.hashing import canonical_json, digest_json, sha256_file
+
+SCHEMA: Final = "strata.package/v1"
+MANIFEST_NAME: Final = "manifest.json"
+MODEL_NAME: Final = "model.onnx"
+GOLDEN_NAME: Final = "golden.npz"
+MAX_MANIFEST_BYTES: Final = 16 << 20
+MAX_GOLDEN_SAMPLES: Final = 4
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Tolerances of the golden check by precision. Golden outputs are computed by the variant itself, so these
+# cover kernel and hardware differences (another ISA, another thread count), not quantization error.
+DEFAULT_TOLERANCE: Final[dict[str, tuple[float, float]]] = {
+    "fp32": (1e-3, 1e-4),
+    "fp16": (1e-2, 1e-2),
+    "int8": (5e-2, 5e-2),
+}
+
+Array = npt.NDArray[Any]
+
+
+def check_name(kind: str, value: str) -> str:
+    """Validate a model name, version or variant id: 1-128 of [A-Za-z0-9._-], starting alphanumeric.
+
+    Raises:
+        PackageError: the value does not fit.
+    """
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise PackageError(
+            f"{kind} {value!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output: Open Inference Protocol datatype and shape (-1 = dynamic)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> TensorSpec:
+        if not isinstance(raw, dict):
+            raise PackageError(f"tensor spec must be an object, got {raw!r}")
+        name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
+        if not isinstance(name, str) or not name:
+            raise PackageError(f"tensor spec has no name: {raw!r}")
+        if datatype not in OIP_TO_NUMPY and datatype != "BF16":
+            raise PackageError(f"tensor {name!r} has unknown datatype {datatype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= -1 for d in shape):
+            raise PackageError(f"tensor {name!r} has a malformed shape {shape!r}")
+        return cls(name=name, datatype=datatype, shape=tuple(shape))
+
+    def accepts_shape(self, shape: tuple[int, ...]) -> bool:
+        """True when a concrete `shape` fits this spec (same rank, fixed dimensions equal)."""
+        if len(shape) != len(self.shape):
+            return False
+        return all(want == -1 or want == got for want, got in zip(self.shape, shape, strict=True))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of the package: relative POSIX path, size in bytes, hex sha256 and its role."""
+
+    path: str
+    size: int
+    sha256: str
+    role: str = "data"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256, "role": self.role}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> FileEntry:
+        if not isinstance(raw, dict):
+            raise PackageError(f"file entry must be an object, got {raw!r}")
+        path, size, sha, role = raw.get("path"), raw.get("size"), raw.get("sha256"), raw.get("role", "data")
+        if not isinstance(path, str):
+            raise PackageError(f"file entry has no path: {raw!r}")
+        safe_relative_path(path)
+        if not isinstance(size, int) or size < 0:
+            raise PackageError(f"file {path!r} has a malformed size {size!r}")
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise PackageError(f"file {path!r} has a malformed sha256 {sha!r}")
+        if not isinstance(role, str):
+            raise PackageError(f"file {path!r} has a malformed role {role!r}")
+        return cls(path=path, size=size, sha256=sha, role=role)
+
+
+@dataclass(frozen=True)
+class GoldenSpec:
+    """Where the golden inputs and expected outputs are, and how close a healthy run must come."""
+
+    file: str
+    rtol: float
+    atol: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "rtol": self.rtol, "atol": self.atol}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> GoldenSpec:
+        if not isinstance(raw, dict):
+            raise PackageError("manifest 'golden' must be an object")
+        try:
+            return cls(file=str(raw["file"]), rtol=float(raw["rtol"]), atol=float(raw["atol"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PackageError(f"manifest 'golden' is malformed: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a node needs to know about a package before and after it trusts it."""
+
+    name: str
+    version: str
+    variant: str
+    profile: str
+    runtime: str
+    precision: str
+    model_file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    files: tuple[FileEntry, ...]
+    golden: GoldenSpec
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    policy: Mapping[str, Any] = field(default_factory=dict)
+    build: Mapping[str, Any] = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "name": self.name,
+            "version": self.version,
+            "variant": self.variant,
+            "profile": self.profile,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "model_file": self.model_file,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "files": [f.to_json() for f in self.files],
+            "golden": self.golden.to_json(),
+            "metrics": dict(self.metrics),
+            "policy": dict(self.policy),
+            "build": dict(self.build),
+        }
+
+    @property
+    def digest(self) -> str:
+        """`sha256:<hex>` of the canonical manifest: the one digest that pins the whole package."""
+        return digest_json(self.to_json())
+
+    def file(self, path: str) -> FileEntry:
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        raise PackageError(f"manifest lists no file {path!r}")
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Manifest:
+        """Parse and validate a manifest document.
+
+        Raises:
+            PackageError: a field is missing or malformed, or the references between fields do not hold.
+        """
+        if not isinstance(raw, dict):
+            raise PackageError("manifest must be a JSON object")
+        if raw.get("schema") != SCHEMA:
+            raise PackageError(f"manifest schema is {raw.get('schema')!r}; this strata reads {SCHEMA!r}")
+        try:
+            strings = {k: raw[k] for k in ("name", "version", "variant", "profile", "runtime", "precision")}
+            model_file = raw["model_file"]
+            inputs, outputs, files = raw["inputs"], raw["outputs"], raw["files"]
+            golden = raw["golden"]
+        except KeyError as exc:
+            raise PackageError(f"manifest has no {exc.args[0]!r}") from None
+        for key, value in strings.items():
+            if not isinstance(value, str) or not value:
+                raise PackageError(f"manifest {key!r} must be a non-empty string")
+        check_name("model name", strings["name"])
+        check_name("version", strings["version"])
+        check_name("variant id", strings["variant"])
+        if not all(isinstance(x, list) for x in (inputs, outputs, files)):
+            raise PackageError("manifest 'inputs', 'outputs' and 'files' must be lists")
+        for key in ("metrics", "policy", "build"):
+            if not isinstance(raw.get(key, {}), dict):
+                raise PackageError(f"manifest {key!r} must be an object")
+        manifest = cls(
+            name=strings["name"],
+            version=strings["version"],
+            variant=strings["variant"],
+            profile=strings["profile"],
+            runtime=strings["runtime"],
+            precision=strings["precision"],
+            model_file=str(model_file),
+            inputs=tuple(TensorSpec.from_json(t) for t in inputs),
+            outputs=tuple(TensorSpec.from_json(t) for t in outputs),
+            files=tuple(FileEntry.from_json(f) for f in files),
+            golden=GoldenSpec.from_json(golden),
+            metrics=raw.get("metrics", {}),
+            policy=raw.get("policy", {}),
+            build=raw.get("build", {}),
+        )
+        paths = [f.path for f in manifest.files]
+        if len(set(paths)) != len(paths):
+            raise PackageError("manifest lists a file twice")
+        if MANIFEST_NAME in paths:
+            raise PackageError("manifest may not list itself")
+        for needed in (manifest.model_file, manifest.golden.file):
+            if needed not in paths:
+                raise PackageError(f"manifest refers to {needed!r}, which it does not list in 'files'")
+        if not manifest.inputs or not manifest.outputs:
+            raise PackageError("manifest must name at least one input and one output")
+        return manifest
+
+
+@dataclass(frozen=True)
+class Package:
+    """A verified package on disk."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest.model_file
+
+
+def safe_relative_path(path: str) -> PurePosixPath:
+    """Validate a path inside a package: relative, normalised, no `..`, no empty parts.
+
+    Raises:
+        PackageError: the path could escape the package folder.
+    """
+    if not path or "\\" in path or "\x00" in path:
+        raise PackageError(f"file path {path!r} is not allowed in a package")
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or any(part in ("", ".", "..") for part in path.split("/")):
+        raise PackageError(f"file path {path!r} is not allowed in a package")
+    return pure
+
+
+# --- reading and verifying -------------------------------------------------------------------------------
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Parse `folder/manifest.json` without checking the files.
+
+    Raises:
+        PackageError: missing, too large, not JSON, or not a valid manifest.
+    """
+    path = folder / MANIFEST_NAME
+    try:
+        if path.is_symlink() or not path.is_file():
+            raise PackageError(f"{folder} has no {MANIFEST_NAME}")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise PackageError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
+        raw = json.loads(path.read_bytes())
+    except json.JSONDecodeError as exc:
+        raise PackageError(f"{path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise PackageError(f"cannot read {path}: {exc}") from exc
+    return Manifest.from_json(raw)
+
+
+def verify_package(folder: Path, expected_digest: str | None = None) -> Package:
+    """Check a package folder: manifest digest, then every listed file's size and sha256, and nothing extra.
+
+    Raises:
+        PackageError: the manifest does not parse.
+        VerificationError: the digest differs from `expected_digest`, a file is missing, is a link, has another
+            size or hash, or the folder holds a file the manifest does not list.
+    """
+    manifest = read_manifest(folder)
+    if expected_digest is not None and manifest.digest != expected_digest:
+        raise VerificationError(
+            f"package digest is {manifest.digest}, expected {expected_digest}: the manifest was changed"
+        )
+    listed = {MANIFEST_NAME}
+    for entry in manifest.files:
+        listed.add(entry.path)
+        file_path = folder / entry.path
+        if file_path.is_symlink() or not file_path.is_file():
+            raise VerificationError(f"package file {entry.path} is missing or not a regular file")
+        try:
+            sha, size = sha256_file(file_path)
+        except OSError as exc:
+            raise VerificationError(f"cannot read package file {entry.path}: {exc}") from exc
+        if size != entry.size:
+            raise VerificationError(f"package file {entry.path} has {size} bytes, manifest says {entry.size}")
+        if sha != entry.sha256:
+            raise VerificationError(f"package file {entry.path} has sha256 {sha}, manifest says {entry.sha256}")
+    for found in _walk_files(folder):
+        if found not in listed:
+            raise VerificationError(f"package holds {found}, which its manifest does not list")
+    return Package(path=folder, manifest=manifest)
+
+
+def _walk_files(folder: Path) -> Iterable[str]:
+    for root, dirs, files in os.walk(folder):
+        rel_root = Path(root).relative_to(folder)
+        for name in files + [d for d in dirs if (Path(root) / d).is_symlink()]:
+            yield (rel_root / name).as_posix()
+
+
+def read_package(path: Path, expected_digest: str | None = None, workdir: Path | None = None) -> Package:
+    """Open a package given as a folder or a tar file, verifying it whole.
+
+    A tar is extracted into `workdir` (a new folder beside the tar when not given).
+
+    Raises:
+        PackageError, VerificationError: as `verify_package` and `unpack_tar`.
+    """
+    if path.is_dir():
+        return verify_package(path, expected_digest)
+    target = workdir if workdir is not None else path.with_name(path.name + ".d")
+    return unpack_tar(path, target, expected_digest)
+
+
+# --- tar ------------------------------------------------------------------------------------------------
+
+
+def pack_tar(package: Package, out: Path | IO[bytes]) -> None:
+    """Write `package` as a deterministic, uncompressed tar (sorted names, zero times and owners).
+
+    Model weights barely compress, and an uncompressed tar can be range-resumed and hashed as it streams.
+    """
+
+    def add(tar: tarfile.TarFile, rel: str) -> None:
+        source = package.path / rel
+        info = tarfile.TarInfo(rel)
+        info.size = source.stat().st_size
+        info.mode = 0o644
+        info.mtime = 0
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        with source.open("rb") as fh:
+            tar.addfile(info, fh)
+
+    names = [MANIFEST_NAME, *sorted(f.path for f in package.manifest.files)]
+    if isinstance(out, Path):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+            for rel in names:
+                add(tar, rel)
+    else:
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for rel in names:
+                add(tar, rel)
+
+
+def unpack_tar(source: Path | IO[bytes], dest: Path, expected_digest: str | None = None) -> Package:
+    """Extract a package tar into `dest` (which must not exist or be empty), then verify it whole.
+
+    Only regular files with safe relative names are extracted; links, devices, absolute names and `..`
+    are refused before anything is written. On any error `dest` is removed.
+
+    Raises:
+        PackageError: the tar is unreadable or holds a member that is not allowed.
+        VerificationError: as `verify_package`.
+    """
+    if dest.exists() and any(dest.iterdir()):
+        raise PackageError(f"{dest} is not empty")
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with _open_tar(source) as tar:
+            try:
+                members = tar.getmembers()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise PackageError(f"package tar is corrupt: {exc}") from exc
+            seen: set[str] = set()
+            for member in members:
+                if member.isdir():
+                    safe_relative_path(member.name.rstrip("/"))
+                    continue
+                if not member.isfile():
+                    raise PackageError(f"package tar member {member.name!r} is not a regular file")
+                safe_relative_path(member.name)
+                if member.name in seen:
+                    raise PackageError(f"package tar holds {member.name!r} twice")
+                seen.add(member.name)
+            if MANIFEST_NAME not in seen:
+                raise PackageError(f"package tar has no {MANIFEST_NAME}")
+            for member in members:
+                if member.isdir():
+                    continue
+                target = dest / member.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                extracted = tar.extractfile(member)
+                if extracted is None:
+                    raise PackageError(f"cannot read {member.name!r} from the package tar")
+                try:
+                    with extracted, target.open("wb") as out:
+                        shutil.copyfileobj(extracted, out, 1 << 20)
+                except (tarfile.TarError, EOFError) as exc:
+                    raise PackageError(f"package tar is truncated at {member.name!r}: {exc}") from exc
+        return verify_package(dest, expected_digest)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _open_tar(source: Path | IO[bytes]) -> tarfile.TarFile:
+    try:
+        if isinstance(source, Path):
+            return tarfile.open(source, "r:*")
+        return tarfile.open(fileobj=source, mode="r:*")
+    except (tarfile.TarError, OSError) as exc:
+        raise PackageError(f"package is not a readable tar: {exc}") from exc
+
+
+def tar_bytes(package: Package) -> bytes:
+    """The package as tar bytes in memory (small packages, tests)."""
+    buffer = io.BytesIO()
+    pack_tar(package, buffer)
+    return buffer.getvalue()
+
+
+# --- golden data and the health comparison ------------------------------------------------------------------
+
+
+def load_golden(package: Package) -> tuple[dict[str, Array], dict[str, Array]]:
+    """Golden inputs and expected outputs of a verified package, keyed by tensor name.
+
+    Raises:
+        PackageError: the golden file is not an npz of the expected arrays.
+    """
+    path = package.path / package.manifest.golden.file
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"golden file {path.name} is unreadable: {exc}") from exc
+    inputs = {spec.name: arrays.get(f"input:{spec.name}") for spec in package.manifest.inputs}
+    outputs = {spec.name: arrays.get(f"output:{spec.name}") for spec in package.manifest.outputs}
+    missing = [k for k, v in {**inputs, **outputs}.items() if v is None]
+    if missing:
+        raise PackageError(f"golden file lacks arrays for {missing}")
+    return (
+        {k: v for k, v in inputs.items() if v is not None},
+        {k: v for k, v in outputs.items() if v is not None},
+    )
+
+
+def compare_outputs(expected: Mapping[str, Array], actual: Mapping[str, Array], rtol: float, atol: float) -> list[str]:
+    """Differences between expected and actual outputs; an empty list means the run is healthy.
+
+    Floats must agree within `atol + rtol * |expected|` (NaN equal to NaN); integers, booleans and bytes
+    must be equal.
+    """
+    problems: list[str] = []
+    for name, want in expected.items():
+        got = actual.get(name)
+        if got is None:
+            problems.append(f"output {name} is missing")
+            continue
+        if got.shape != want.shape:
+            problems.append(f"output {name} has shape {list(got.shape)}, expected {list(want.shape)}")
+            continue
+        if want.dtype.kind == "f":
+            got_f = got.astype(np.float64)
+            want_f = want.astype(np.float64)
+            if not np.allclose(got_f, want_f, rtol=rtol, atol=atol, equal_nan=True):
+                diff = np.abs(got_f - want_f)
+                worst = float(np.nanmax(diff)) if diff.size else 0.0
+                problems.append(f"output {name} differs by up to {worst:.3g} (rtol {rtol}, atol {atol})")
+        elif not np.array_equal(got, want):
+            mismatched = int(np.sum(got != want))
+            problems.append(f"output {name}: {mismatched} of {want.size} values differ")
+    return problems
+
+
+# --- building -------------------------------------------------------------------------------------------
+
+
+def _session(model_bytes: bytes) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types from C++; wrap them all.
+        raise PackageBuildError(f"not a loadable ONNX model: {exc}") from exc
+
+
+def _signature(args: Iterable[Any]) -> tuple[tuple[TensorSpec, ...], dict[str, list[int | str | None]]]:
+    specs = []
+    raw_shapes: dict[str, list[int | str | None]] = {}
+    for arg in args:
+        shape = list(arg.shape) if arg.shape is not None else []
+        raw_shapes[arg.name] = shape
+        specs.append(
+            TensorSpec(
+                name=arg.name,
+                datatype=oip_from_ort(arg.type),
+                shape=tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape),
+            )
+        )
+    return tuple(specs), raw_shapes
+
+
+def synthesize_inputs(
+    specs: Iterable[TensorSpec], raw_shapes: Mapping[str, list[int | str | None]], seed: int = 0
+) -> dict[str, Array]:
+    """Golden inputs made up from a signature, for models given without sample data.
+
+    Dynamic dimensions that share a symbolic name get the same size (batch 2 first, then 8); floats are
+    seeded standard normal draws, integers are zero (a valid index for embedding lookups), booleans False.
+    """
+    rng = np.random.default_rng(seed)
+    sizes: dict[str, int] = {}
+    feeds: dict[str, Array] = {}
+    for spec in specs:
+        shape: list[int] = []
+        for axis, dim in enumerate(raw_shapes.get(spec.name, list(spec.shape))):
+            if isinstance(dim, int) and dim >= 0:
+                shape.append(dim)
+                continue
+            default = 2 if axis == 0 else 8
+            if isinstance(dim, str) and dim:
+                shape.append(sizes.setdefault(dim, default))
+            else:
+                shape.append(default)
+        dtype = OIP_TO_NUMPY.get(spec.datatype)
+        if dtype is None or dtype.kind == "O":
+            raise PackageBuildError(
+                f"cannot make up golden data for input {spec.name} ({spec.datatype}); give --sample FILE.npz"
+            )
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[spec.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def load_samples(path: Path, specs: Iterable[TensorSpec], limit: int = MAX_GOLDEN_SAMPLES) -> dict[str, Array]:
+    """Sample inputs from an npz (one array per model input, first axis = samples), cut to `limit` samples.
+
+    Raises:
+        PackageBuildError: unreadable file, missing or unknown names, or arrays that do not fit the signature.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        raise PackageBuildError(f"cannot read samples {path}: {exc}") from exc
+    specs = list(specs)
+    names = {s.name for s in specs}
+    missing = sorted(names - arrays.keys())
+    unknown = sorted(arrays.keys() - names)
+    if missing or unknown:
+        raise PackageBuildError(
+            f"samples {path.name} do not match the model's inputs {sorted(names)}: missing {missing}, unknown {unknown}"
+        )
+    feeds: dict[str, Array] = {}
+    for spec in specs:
+        array = arrays[spec.name]
+        if spec.shape and spec.shape[0] == -1:
+            array = array[:limit]
+        if not spec.accepts_shape(tuple(array.shape)):
+            raise PackageBuildError(
+                f"sample {spec.name} has shape {list(array.shape)}; the model expects {list(spec.shape)}"
+            )
+        want = OIP_TO_NUMPY.get(spec.datatype)
+        if want is None or want.kind == "O":
+            feeds[spec.name] = array
+        elif array.dtype != want:
+            if not np.can_cast(array.dtype, want, casting="same_kind"):
+                raise PackageBuildError(f"sample {spec.name} is {array.dtype}; the model expects {want}")
+            feeds[spec.name] = array.astype(want)
+        else:
+            feeds[spec.name] = array
+    return feeds
+
+
+def default_variant_id(profile: str, runtime: str, precision: str) -> str:
+    """`<profile>-<precision>`, with the runtime between them when it is not plain onnxruntime."""
+    if runtime == "onnxruntime":
+        return f"{profile}-{precision}"
+    return f"{profile}-{runtime}-{precision}"
+
+
+def build_package(
+    model_path: Path,
+    out_dir: Path,
+    *,
+    name: str,
+    version: str,
+    profile: str = "cpu-generic",
+    runtime: str = "onnxruntime",
+    precision: str = "fp32",
+    variant: str | None = None,
+    sample: Path | Mapping[str, Array] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    policy: Mapping[str, Any] | None = None,
+    extra_files: Iterable[Path] = (),
+    tolerance: tuple[float, float] | None = None,
+) -> Package:
+    """Build a package folder from an ONNX model: signature from the graph, golden outputs from onnxruntime.
+
+    Args:
+        sample: golden inputs as an npz path or arrays keyed by input name (first axis = samples). Without
+            it, inputs are made up from the signature (see `synthesize_inputs`).
+        extra_files: files that travel with the model (a tokenizer, a label map), placed at the top level.
+
+    Raises:
+        PackageBuildError: the model does not load, the samples do not fit, the golden run fails or gives
+            NaN or infinity, or `out_dir` is not empty.
+        PackageError: a name, version or variant id is not valid.
+    """
+    from strata.core.profiles import get_profile
+
+    check_name("model name", name)
+    check_name("version", version)
+    get_profile(profile)
+    variant_id = check_name("variant id", variant or default_variant_id(profile, runtime, precision))
+    if precision not in DEFAULT_TOLERANCE:
+        raise PackageBuildError(f"unknown precision {precision!r}; known: {sorted(DEFAULT_TOLERANCE)}")
+    try:
+        model_bytes = model_path.read_bytes()
+    except OSError as exc:
+        raise PackageBuildError(f"cannot read model {model_path}: {exc}") from exc
+    session = _session(model_bytes)
+    inputs, raw_shapes = _signature(session.get_inputs())
+    outputs, _ = _signature(session.get_outputs())
+
+    if sample is None:
+        feeds = synthesize_inputs(inputs, raw_shapes)
+    elif isinstance(sample, Path):
+        feeds = load_samples(sample, inputs)
+    else:
+        feeds = dict(sample)
+    try:
+        results = session.run([o.name for o in outputs], feeds)
+    except Exception as exc:  # onnxruntime's C++ errors: wrap with what the user can do about it.
+        hint = "" if sample is not None else "; give real sample inputs with --sample FILE.npz"
+        raise PackageBuildError(f"golden run of {model_path.name} failed: {exc}{hint}") from exc
+    expected = {spec.name: np.asarray(value) for spec, value in zip(outputs, results, strict=True)}
+    for output_name, value in expected.items():
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise PackageBuildError(
+                f"golden run of {model_path.name} gave NaN or infinity in output {output_name}; "
+                "give sample inputs the model was trained on with --sample FILE.npz"
+            )
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise PackageBuildError(f"output folder {out_dir} is not empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out_dir / MODEL_NAME, model_bytes)
+    golden = io.BytesIO()
+    arrays: dict[str, Any] = {f"input:{k}": v for k, v in feeds.items()}
+    arrays.update({f"output:{k}": v for k, v in expected.items()})
+    np.savez(golden, **arrays)
+    write_bytes_atomic(out_dir / GOLDEN_NAME, golden.getvalue())
+    entries = [_entry(out_dir, MODEL_NAME, "model"), _entry(out_dir, GOLDEN_NAME, "golden")]
+    for extra in extra_files:
+        if extra.name in (MANIFEST_NAME, MODEL_NAME, GOLDEN_NAME):
+            raise PackageBuildError(f"extra file {extra.name} clashes with a file strata writes")
+        try:
+            shutil.copyfile(extra, out_dir / extra.name)
+        except OSError as exc:
+            raise PackageBuildError(f"cannot copy {extra}: {exc}") from exc
+        entries.append(_entry(out_dir, extra.name, "data"))
+
+    import onnxruntime as ort
+
+    rtol, atol = tolerance or DEFAULT_TOLERANCE[precision]
+    manifest = Manifest(
+        name=name,
+        version=version,
+        variant=variant_id,
+        profile=profile,
+        runtime=runtime,
+        precision=precision,
+        model_file=MODEL_NAME,
+        inputs=inputs,
+        outputs=outputs,
+        files=tuple(entries),
+        golden=GoldenSpec(file=GOLDEN_NAME, rtol=rtol, atol=atol),
+        metrics=dict(metrics or {}),
+        policy=dict(policy or {}),
+        build={"strata": __version__, "onnxruntime": ort.__version__},
+    )
+    write_manifest(out_dir, manifest)
+    return Package(path=out_dir, manifest=manifest)
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write `manifest.json` (indented for people; the digest is taken over the canonical form)."""
+    canonical_json(manifest.to_json())  # fails early on NaN or values JSON cannot hold
+    write_bytes_atomic(folder / MANIFEST_NAME, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
+
+
+def with_fields(package: Package, **changes: Any) -> Package:
+    """A copy of `package` whose manifest has `changes` applied and rewritten (metrics, policy)."""
+    manifest = replace(package.manifest, **changes)
+    write_manifest(package.path, manifest)
+    return Package(path=package.path, manifest=manifest)
+
+
+def _entry(folder: Path, rel: str, role: str) -> FileEntry:
+    sha, size = sha256_file(folder / rel)
+    return FileEntry(path=rel, size=size, sha256=sha, role=role)

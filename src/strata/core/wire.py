@@ -1,0 +1,361 @@
+"""Messages between agent and control plane: enrollment, desired state and observed state.
+
+Plain dataclasses with `to_json`/`from_json`, so the agent can read them without pydantic (it must stay
+small); the control plane serves the same shapes. Every parser checks types and raises `ProtocolError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+from strata.core.errors import StrataError
+from strata.core.hashing import digest_json, is_hex_sha256
+
+TIERS: Final = ("device", "near-edge", "cloud")
+
+T = TypeVar("T")
+
+
+class ProtocolError(StrataError):
+    """A message that does not have the shape the protocol says."""
+
+    code = "protocol_error"
+    http_status = 422
+
+
+def _req(raw: Mapping[str, Any], key: str, kind: type[T], what: str) -> T:
+    value = raw.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ProtocolError(f"{what}: {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _opt(raw: Mapping[str, Any], key: str, kind: type[T], what: str, default: T) -> T:
+    if raw.get(key) is None:
+        return default
+    return _req(raw, key, kind, what)
+
+
+def _opt_str(raw: Mapping[str, Any], key: str, what: str) -> str | None:
+    if raw.get(key) is None:
+        return None
+    return _req(raw, key, str, what)
+
+
+def _obj(raw: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{what} must be a JSON object")
+    return raw
+
+
+def parse_labels(raw: Any, what: str = "labels") -> dict[str, str]:
+    """Labels are a flat mapping of non-empty strings to strings."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in raw.items()):
+        raise ProtocolError(f"{what} must map non-empty strings to strings")
+    return dict(raw)
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """`k=v[,k=v]` -> {k: v}. An empty text selects every node.
+
+    Raises:
+        ProtocolError: a term without `=` or with an empty key.
+    """
+    selector: dict[str, str] = {}
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = term.partition("=")
+        if not sep or not key.strip():
+            raise ProtocolError(f"selector term {term!r} is not k=v")
+        selector[key.strip()] = value.strip()
+    return selector
+
+
+def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Equality selector: every key must be present with exactly that value."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+# --- enrollment ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnrollRequest:
+    token: str
+    name: str
+    tier: str
+    labels: dict[str, str]
+    profile: str
+    emulated: bool = False
+    agent_version: str = ""
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "token": self.token,
+            "name": self.name,
+            "tier": self.tier,
+            "labels": self.labels,
+            "profile": self.profile,
+            "emulated": self.emulated,
+            "agent_version": self.agent_version,
+            "facts": self.facts,
+        }
+
+
+@dataclass(frozen=True)
+class EnrollResponse:
+    node_id: str
+    credential: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "credential": self.credential}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> EnrollResponse:
+        obj = _obj(raw, "enroll response")
+        return cls(
+            node_id=_req(obj, "node_id", str, "enroll response"),
+            credential=_req(obj, "credential", str, "enroll response"),
+        )
+
+
+# --- desired state ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VariantRef:
+    """A package the node may download: its variant facts, package digest and the tar blob that carries it."""
+
+    id: str
+    profile: str
+    runtime: str
+    precision: str
+    digest: str
+    blob: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "profile": self.profile,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "digest": self.digest,
+            "blob": self.blob,
+            "size": self.size,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> VariantRef:
+        what = "variant"
+        obj = _obj(raw, what)
+        ref = cls(
+            id=_req(obj, "id", str, what),
+            profile=_req(obj, "profile", str, what),
+            runtime=_req(obj, "runtime", str, what),
+            precision=_req(obj, "precision", str, what),
+            digest=_req(obj, "digest", str, what),
+            blob=_req(obj, "blob", str, what),
+            size=_req(obj, "size", int, what),
+        )
+        if not ref.digest.startswith("sha256:") or not is_hex_sha256(ref.digest[7:]):
+            raise ProtocolError(f"variant {ref.id}: digest {ref.digest!r} is not sha256:<hex>")
+        if not is_hex_sha256(ref.blob):
+            raise ProtocolError(f"variant {ref.id}: blob {ref.blob!r} is not a hex sha256")
+        if ref.size < 0:
+            raise ProtocolError(f"variant {ref.id}: negative size")
+        return ref
+
+
+@dataclass(frozen=True)
+class DesiredModel:
+    """One model that should run on the node, at one version, with the variants it may pick from."""
+
+    name: str
+    version: str
+    deployment: str
+    variants: tuple[VariantRef, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "deployment": self.deployment,
+            "variants": [v.to_json() for v in self.variants],
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> DesiredModel:
+        what = "desired model"
+        obj = _obj(raw, what)
+        variants = _req(obj, "variants", list, what)
+        return cls(
+            name=_req(obj, "name", str, what),
+            version=_req(obj, "version", str, what),
+            deployment=_req(obj, "deployment", str, what),
+            variants=tuple(VariantRef.from_json(v) for v in variants),
+        )
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """What the control plane wants a node to run. Its ETag is the digest of its canonical JSON."""
+
+    node_id: str
+    models: tuple[DesiredModel, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "models": [m.to_json() for m in self.models]}
+
+    @property
+    def etag(self) -> str:
+        return '"' + digest_json(self.to_json()) + '"'
+
+    def model(self, name: str) -> DesiredModel | None:
+        for desired in self.models:
+            if desired.name == name:
+                return desired
+        return None
+
+    @classmethod
+    def from_json(cls, raw: Any) -> DesiredState:
+        what = "desired state"
+        obj = _obj(raw, what)
+        models = tuple(DesiredModel.from_json(m) for m in _req(obj, "models", list, what))
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ProtocolError("desired state names a model twice")
+        return cls(node_id=_req(obj, "node_id", str, what), models=models)
+
+
+# --- observed state --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A model active on the node: which version and variant, since when, and what it would roll back to."""
+
+    name: str
+    version: str
+    variant: str
+    digest: str
+    activated_at: float
+    previous_version: str | None = None
+    previous_digest: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "variant": self.variant,
+            "digest": self.digest,
+            "activated_at": self.activated_at,
+            "previous_version": self.previous_version,
+            "previous_digest": self.previous_digest,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ModelStatus:
+        what = "model status"
+        obj = _obj(raw, what)
+        activated = obj.get("activated_at")
+        if not isinstance(activated, int | float) or isinstance(activated, bool):
+            raise ProtocolError(f"{what}: 'activated_at' must be a number")
+        return cls(
+            name=_req(obj, "name", str, what),
+            version=_req(obj, "version", str, what),
+            variant=_req(obj, "variant", str, what),
+            digest=_req(obj, "digest", str, what),
+            activated_at=float(activated),
+            previous_version=_opt_str(obj, "previous_version", what),
+            previous_digest=_opt_str(obj, "previous_digest", what),
+        )
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A version the node could not take, and why (it keeps serving what it had)."""
+
+    model: str
+    version: str
+    variant: str | None
+    reason: str
+    at: float
+    attempts: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "variant": self.variant,
+            "reason": self.reason,
+            "at": self.at,
+            "attempts": self.attempts,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Failure:
+        what = "failure"
+        obj = _obj(raw, what)
+        at = obj.get("at")
+        if not isinstance(at, int | float) or isinstance(at, bool):
+            raise ProtocolError(f"{what}: 'at' must be a number")
+        return cls(
+            model=_req(obj, "model", str, what),
+            version=_req(obj, "version", str, what),
+            variant=_opt_str(obj, "variant", what),
+            reason=_req(obj, "reason", str, what),
+            at=float(at),
+            attempts=_opt(obj, "attempts", int, what, 1),
+        )
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """What the agent reports: who it is now, what it runs, what failed, and which desired state it has seen."""
+
+    tier: str
+    labels: dict[str, str]
+    profile: str
+    emulated: bool
+    agent_version: str
+    models: tuple[ModelStatus, ...]
+    failures: tuple[Failure, ...] = ()
+    desired_etag: str | None = None
+    serve_url: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tier": self.tier,
+            "labels": self.labels,
+            "profile": self.profile,
+            "emulated": self.emulated,
+            "agent_version": self.agent_version,
+            "models": [m.to_json() for m in self.models],
+            "failures": [f.to_json() for f in self.failures],
+            "desired_etag": self.desired_etag,
+            "serve_url": self.serve_url,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> NodeStatus:
+        what = "node status"
+        obj = _obj(raw, what)
+        tier = _req(obj, "tier", str, what)
+        if tier not in TIERS:
+            raise ProtocolError(f"{what}: tier {tier!r} is not one of {list(TIERS)}")
+        return cls(
+            tier=tier,
+            labels=parse_labels(obj.get("labels"), f"{what} labels"),
+            profile=_req(obj, "profile", str, what),
+            emulated=_opt(obj, "emulated", bool, what, False),
+            agent_version=_opt(obj, "agent_version", str, what, ""),
+            models=tuple(ModelStatus.from_json(m) for m in _opt(obj, "models", list, what, [])),
+            failures=tuple(Failure.from_json(f) for f in _opt(obj, "failures", list, what, [])),
+            desired_etag=_opt_str(obj, "desired_etag", what),
+            serve_url=_opt_str(obj, "serve_url", what),
+        )
