@@ -46,11 +46,11 @@ class ModelRepository:
         with self._lock:
             old = self._models.get(model.name)
             self._models = {**self._models, model.name: model}
-            return old
+        return old
 
     def remove(self, name: str) -> LoadedModel | None:
         with self._lock:
             models = dict(self._models)
             old = models.pop(name, None)
             self._models = models
-            return old
+        return old

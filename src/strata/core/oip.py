@@ -26,6 +26,8 @@ HEADER_LENGTH: Final = "inference-header-content-length"
 MAX_ELEMENTS: Final = 1 << 28
 
 Array = npt.NDArray[Any]
+# The binary region of a body is handled as a memoryview, so tensors are sliced out of the body without copies.
+Buffer = bytes | memoryview
 
 
 @dataclass
@@ -59,7 +61,7 @@ def _shape(raw: Any, what: str) -> tuple[int, ...]:
     return tuple(raw)
 
 
-def _decode_bytes_elements(buffer: bytes, count: int, what: str) -> Array:
+def _decode_bytes_elements(buffer: Buffer, count: int, what: str) -> Array:
     out = np.empty(count, dtype=object)
     offset = 0
     for i in range(count):
@@ -69,14 +71,14 @@ def _decode_bytes_elements(buffer: bytes, count: int, what: str) -> Array:
         offset += 4
         if offset + length > len(buffer):
             raise BadRequest(f"{what}: binary BYTES element {i} runs past the data")
-        out[i] = buffer[offset : offset + length]
+        out[i] = bytes(buffer[offset : offset + length])
         offset += length
     if offset != len(buffer):
         raise BadRequest(f"{what}: binary BYTES data has {len(buffer) - offset} bytes after {count} elements")
     return out
 
 
-def _from_binary(buffer: bytes, datatype: str, shape: tuple[int, ...], what: str) -> Array:
+def _from_binary(buffer: Buffer, datatype: str, shape: tuple[int, ...], what: str) -> Array:
     count = math.prod(shape)
     if datatype == "BYTES":
         return _decode_bytes_elements(buffer, count, what).reshape(shape)
@@ -102,43 +104,78 @@ def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], what: str)
             out[i] = item.encode()
         array: Array = out
     else:
-        dtype = OIP_TO_NUMPY[datatype]
-        try:
-            raw = np.asarray(data)
-        except ValueError as exc:
-            raise BadRequest(f"{what}: 'data' is ragged or malformed: {exc}") from None
-        if raw.dtype.kind not in "biuf":
-            raise BadRequest(f"{what}: 'data' holds non-numeric values for {datatype}")
-        if dtype.kind in "iu" and raw.dtype.kind == "f":
-            raise BadRequest(f"{what}: {datatype} data must be integers")
-        if dtype.kind == "b" and raw.dtype.kind != "b":
-            raise BadRequest(f"{what}: BOOL data must be true or false")
-        try:
-            array = raw.astype(dtype).reshape(-1)
-        except (OverflowError, ValueError) as exc:
-            raise BadRequest(f"{what}: data does not fit {datatype}: {exc}") from None
-        if dtype.kind in "iu" and array.size and not np.array_equal(array, raw.reshape(-1)):
-            raise BadRequest(f"{what}: data is out of range for {datatype}")
+        array = _numbers_from_json(data, datatype, what)
     if array.size != count:
         raise BadRequest(f"{what}: 'data' has {array.size} elements; shape {list(shape)} needs {count}")
     return array.reshape(shape)
 
 
-def split_body(body: bytes, header_length: int | None) -> tuple[Any, bytes]:
+def _numbers_from_json(data: list[Any], datatype: str, what: str) -> Array:
+    """A flat array of `datatype` from JSON numbers, refusing anything that would not survive the conversion."""
+    dtype = OIP_TO_NUMPY[datatype]
+    try:
+        raw = np.asarray(data)
+    except ValueError as exc:
+        raise BadRequest(f"{what}: 'data' is ragged or malformed: {exc}") from None
+    if raw.size == 0:  # [] has no element type to check
+        return np.empty(0, dtype=dtype)
+    if dtype.kind in "iu" and raw.dtype.kind in "fO":
+        # numpy holds integers beyond int64 (large UINT64 values) as float64 or objects; take them exactly
+        return _exact_integers(data, datatype, what)
+    if raw.dtype.kind not in "biuf":
+        raise BadRequest(f"{what}: 'data' holds values that are not {datatype} numbers (or are too large for any)")
+    if dtype.kind == "b":
+        if raw.dtype.kind != "b":
+            raise BadRequest(f"{what}: BOOL data must be true or false")
+    elif raw.dtype.kind == "b":
+        raise BadRequest(f"{what}: {datatype} data must be numbers, not true or false")
+    raw = raw.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected below, not warned about
+        array = raw.astype(dtype)
+        if dtype.kind in "iu" and not np.array_equal(array, raw):
+            raise BadRequest(f"{what}: data is out of range for {datatype}")
+        if dtype.kind == "f" and np.any(np.isfinite(raw) & ~np.isfinite(array)):
+            raise BadRequest(f"{what}: data is out of range for {datatype}")
+    return array
+
+
+def _exact_integers(data: list[Any], datatype: str, what: str) -> Array:
+    """The slow, exact path for JSON integers numpy cannot hold in int64: each must be an int that fits."""
+    objects = np.asarray(data, dtype=object).reshape(-1)
+    if not all(type(value) is int for value in objects):
+        raise BadRequest(f"{what}: {datatype} data must be integers")
+    try:
+        return objects.astype(OIP_TO_NUMPY[datatype])
+    except OverflowError:
+        raise BadRequest(f"{what}: data is out of range for {datatype}") from None
+
+
+def _parameters(raw: Mapping[str, Any], what: str) -> dict[str, Any]:
+    params = raw.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"{what}: 'parameters' must be an object")
+    return params
+
+
+def split_body(body: bytes, header_length: int | None) -> tuple[Any, memoryview]:
     """Split a request or response body into its JSON header (parsed) and the binary region after it.
+
+    The binary region is a view into `body` (no copy).
 
     Raises:
         BadRequest: the header length is out of range or the header is not a JSON object.
     """
     if header_length is None:
-        header_bytes, binary = body, b""
+        header_bytes, binary = body, memoryview(b"")
     else:
         if header_length < 0 or header_length > len(body):
             raise BadRequest(f"Inference-Header-Content-Length is {header_length}; the body has {len(body)} bytes")
-        header_bytes, binary = body[:header_length], body[header_length:]
+        header_bytes, binary = body[:header_length], memoryview(body)[header_length:]
     try:
         header = json.loads(header_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, integers of over 4300 digits, nesting
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise BadRequest("request body must be a JSON object")
@@ -146,7 +183,7 @@ def split_body(body: bytes, header_length: int | None) -> tuple[Any, bytes]:
 
 
 def _tensors(
-    header: Mapping[str, Any], key: str, binary: bytes, what: str
+    header: Mapping[str, Any], key: str, binary: memoryview, what: str
 ) -> list[tuple[str, str, tuple[int, ...], Array]]:
     raw_list = header.get(key)
     if not isinstance(raw_list, list) or (key == "inputs" and not raw_list):
@@ -164,10 +201,7 @@ def _tensors(
         if datatype not in OIP_TO_NUMPY:
             raise BadRequest(f"{label}: unsupported datatype {datatype!r}; use one of {sorted(OIP_TO_NUMPY)}")
         shape = _shape(raw.get("shape"), label)
-        params = raw.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise BadRequest(f"{label}: 'parameters' must be an object")
-        size = params.get("binary_data_size")
+        size = _parameters(raw, label).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise BadRequest(f"{label}: binary_data_size must be a non-negative integer")
@@ -201,9 +235,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     names = [i.name for i in inputs]
     if len(set(names)) != len(names):
         raise BadRequest("inference request names an input twice")
-    params = header.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("request 'parameters' must be an object")
+    params = _parameters(header, "request")
     outputs: list[RequestedOutput] | None = None
     if header.get("outputs") is not None:
         raw_outputs = header["outputs"]
@@ -213,10 +245,9 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         for index, raw in enumerate(raw_outputs):
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise BadRequest(f"outputs[{index}] must be an object with a 'name'")
-            out_params = raw.get("parameters") or {}
-            if not isinstance(out_params, dict):
-                raise BadRequest(f"outputs[{index}]: 'parameters' must be an object")
-            binary_flag = out_params.get("binary_data")
+            binary_flag = _parameters(raw, f"outputs[{index}]").get("binary_data")
+            if any(o.name == raw["name"] for o in outputs):
+                raise BadRequest(f"request names output {raw['name']!r} twice")
             outputs.append(
                 RequestedOutput(name=raw["name"], binary=bool(binary_flag) if binary_flag is not None else None)
             )
@@ -275,7 +306,7 @@ def check_outputs(request: InferRequest, specs: Sequence[TensorSpec], model: str
     return chosen
 
 
-def _to_binary(array: Array, datatype: str) -> bytes:
+def _to_binary(array: Array, datatype: str) -> Buffer:
     if datatype == "BYTES":
         parts = []
         for item in array.reshape(-1):
@@ -283,7 +314,9 @@ def _to_binary(array: Array, datatype: str) -> bytes:
             parts.append(struct.pack("<I", len(raw)))
             parts.append(raw)
         return b"".join(parts)
-    return np.ascontiguousarray(array, dtype=OIP_TO_NUMPY[datatype].newbyteorder("<")).tobytes()
+    # A view of the array's own memory: the body is assembled with a single copy in join_body.
+    contiguous = np.ascontiguousarray(array, dtype=OIP_TO_NUMPY[datatype].newbyteorder("<"))
+    return contiguous.reshape(-1).view(np.uint8).data
 
 
 def _to_json_data(array: Array, datatype: str) -> list[Any]:
@@ -295,10 +328,14 @@ def _to_json_data(array: Array, datatype: str) -> list[Any]:
 
 def encode_tensors(
     tensors: Iterable[tuple[str, Array, bool]],
-) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """Tensor objects for a header, and the binary parts (in order) for those sent as binary."""
+) -> tuple[list[dict[str, Any]], list[Buffer]]:
+    """Tensor objects for a header, and the binary parts (in order) for those sent as binary.
+
+    Raises:
+        BadRequest: an array's dtype has no Open Inference Protocol datatype.
+    """
     objects: list[dict[str, Any]] = []
-    parts: list[bytes] = []
+    parts: list[Buffer] = []
     for name, array, binary in tensors:
         datatype = oip_from_numpy(array.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
@@ -312,12 +349,12 @@ def encode_tensors(
     return objects, parts
 
 
-def join_body(header: Mapping[str, Any], parts: Sequence[bytes]) -> tuple[bytes, int | None]:
+def join_body(header: Mapping[str, Any], parts: Sequence[Buffer]) -> tuple[bytes, int | None]:
     """Serialise a header and binary parts; the second value is the header length (None: pure JSON)."""
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     if not parts:
         return header_bytes, None
-    return header_bytes + b"".join(parts), len(header_bytes)
+    return b"".join([header_bytes, *parts]), len(header_bytes)
 
 
 def encode_response(

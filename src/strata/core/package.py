@@ -17,11 +17,10 @@ import json
 import os
 import re
 import shutil
-import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +30,9 @@ from strata.core.datatypes import OIP_TO_NUMPY, oip_from_ort
 from strata.core.errors import PackageBuildError, PackageError, VerificationError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import canonical_json, digest_json, sha256_file
+
+if TYPE_CHECKING:
+    import tarfile
 
 SCHEMA: Final = "strata.package/v1"
 MANIFEST_NAME: Final = "manifest.json"
@@ -371,6 +373,8 @@ def pack_tar(package: Package, out: Path | IO[bytes]) -> None:
     Model weights barely compress, and an uncompressed tar can be range-resumed and hashed as it streams.
     """
 
+    import tarfile  # here, not at the top: an agent restarting from disk never needs it
+
     def add(tar: tarfile.TarFile, rel: str) -> None:
         source = package.path / rel
         info = tarfile.TarInfo(rel)
@@ -404,6 +408,8 @@ def unpack_tar(source: Path | IO[bytes], dest: Path, expected_digest: str | None
         PackageError: the tar is unreadable or holds a member that is not allowed.
         VerificationError: as `verify_package`.
     """
+    import tarfile
+
     if dest.exists() and any(dest.iterdir()):
         raise PackageError(f"{dest} is not empty")
     dest.mkdir(parents=True, exist_ok=True)
@@ -446,10 +452,12 @@ def unpack_tar(source: Path | IO[bytes], dest: Path, expected_digest: str | None
 
 
 def _open_tar(source: Path | IO[bytes]) -> tarfile.TarFile:
+    import tarfile
+
     try:
         if isinstance(source, Path):
-            return tarfile.open(source, "r:*")
-        return tarfile.open(fileobj=source, mode="r:*")
+            return tarfile.open(source, "r:")
+        return tarfile.open(fileobj=source, mode="r:")
     except (tarfile.TarError, OSError) as exc:
         raise PackageError(f"package is not a readable tar: {exc}") from exc
 

@@ -1,0 +1,84 @@
+"""Resident memory of an idle agent serving a small model, against python + onnxruntime alone.
+
+Starts a real control plane and a real agent (LocalFleet), deploys the digits classifier, sends a few
+requests, lets the agent idle, then reads VmRSS (and its anonymous/file split) from /proc. The baseline,
+measured in the same run: a bare python process that imports onnxruntime and loads the same model.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from strata.core.package import build_package, pack_tar
+from strata.examples.digits import train_digits
+from strata.localfleet import LocalFleet
+
+IDLE_SECONDS = 5.0
+BUDGET_MB = 70.0
+
+
+def rss(pid: int) -> dict[str, float]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = dict(re.findall(r"^(VmRSS|RssAnon|RssFile):\s+(\d+) kB", status, re.M))
+    return {key: int(value) / 1024 for key, value in found.items()}
+
+
+BASELINE = """
+import sys, time, numpy as np, onnxruntime as ort
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+for _ in range(10): s.run(None, {"X": np.zeros((1, 64), np.float32)})
+print("ready", flush=True); time.sleep(60)
+"""
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="strata-bench-") as tmp:
+        root = Path(tmp)
+        train_digits(root / "digits.onnx")
+        package = build_package(root / "digits.onnx", root / "pkg", name="digits", version="1")
+        pack_tar(package, root / "digits.tar")
+        with LocalFleet(root / "fleet", poll_wait_s=30) as fleet:
+            fleet.start_server()
+            agent = fleet.start_agent("edge")
+            fleet.client.push_package(root / "digits.tar")
+            fleet.client.deploy("digits", "1", {})
+            fleet.wait_for_versions({"edge": {"digits": "1"}})
+            body = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
+            for _ in range(50):
+                httpx.post(f"{agent.serve_url}/v2/models/digits/infer", json=body).raise_for_status()
+            time.sleep(IDLE_SECONDS)
+            agent_rss = rss(agent.process.pid)
+
+            baseline = subprocess.Popen(
+                [sys.executable, "-c", BASELINE, str(root / "digits.onnx")], stdout=subprocess.PIPE, text=True
+            )
+            assert baseline.stdout is not None
+            baseline.stdout.readline()
+            time.sleep(1.0)
+            baseline_rss = rss(baseline.pid)
+            baseline.kill()
+    result = {
+        "benchmark": "agent_footprint",
+        "agent_rss_mb": round(agent_rss["VmRSS"], 1),
+        "agent_rss_anon_mb": round(agent_rss["RssAnon"], 1),
+        "agent_rss_file_mb": round(agent_rss["RssFile"], 1),
+        "baseline_python_onnxruntime_session_rss_mb": round(baseline_rss["VmRSS"], 1),
+        "agent_over_baseline_mb": round(agent_rss["VmRSS"] - baseline_rss["VmRSS"], 1),
+        "ratio_to_baseline": round(agent_rss["VmRSS"] / baseline_rss["VmRSS"], 3),
+        "budget_mb": BUDGET_MB,
+        "within_budget": agent_rss["VmRSS"] < BUDGET_MB,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

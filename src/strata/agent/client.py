@@ -1,0 +1,134 @@
+"""The agent's side of the control-plane API: enroll, long-poll desired state, report status."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from strata.agent.transport import HttpResponse, Transport
+from strata.core.errors import AuthError, Forbidden, StrataError, TransportError
+from strata.core.wire import DesiredState, EnrollRequest, EnrollResponse, NodeStatus, ProtocolError
+
+
+class ServerError(StrataError):
+    """The control plane answered, but with an error the agent cannot act on (its message is kept)."""
+
+    code = "server_error"
+
+
+@dataclass(frozen=True)
+class DesiredAnswer:
+    """A desired-state poll's outcome: `state` is None when unchanged (304)."""
+
+    state: DesiredState | None
+    etag: str | None
+
+
+def _error_message(response: HttpResponse) -> str:
+    try:
+        body = json.loads(response.body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return response.body[:200].decode(errors="replace") or f"HTTP {response.status}"
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return str(body["error"])
+    return f"HTTP {response.status}"
+
+
+def raise_for_status(response: HttpResponse, what: str) -> None:
+    """Map an error status to the strata error a caller can act on.
+
+    Raises:
+        AuthError: 401 (the credential is unknown or revoked).
+        Forbidden: 403.
+        TransportError: 5xx, 502-504 and 429 (worth retrying later).
+        ServerError: any other 4xx.
+    """
+    status = response.status
+    if status < 400:
+        return
+    message = f"{what}: {_error_message(response)}"
+    if status == 401:
+        raise AuthError(message)
+    if status == 403:
+        raise Forbidden(message)
+    if status >= 500 or status == 429:
+        raise TransportError(message)
+    raise ServerError(f"{message} (HTTP {status})")
+
+
+class ControlPlaneClient:
+    """Calls the control plane for one node. Every call raises `TransportError` when the server cannot be
+    reached, `AuthError`/`Forbidden` when it refuses the credential, and `ProtocolError` on a bad answer."""
+
+    def __init__(self, base_url: str, transport: Transport, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.transport = transport
+        self.timeout = timeout
+        self.node_id: str | None = None
+        self._credential: str | None = None
+
+    def authenticate(self, node_id: str, credential: str) -> None:
+        self.node_id = node_id
+        self._credential = credential
+
+    def auth_headers(self) -> dict[str, str]:
+        if self._credential is None:
+            raise AuthError("agent is not enrolled")
+        return {"authorization": f"Bearer {self._credential}"}
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def _json(self, response: HttpResponse, what: str) -> Any:
+        try:
+            return json.loads(response.body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"{what}: the server's answer is not JSON") from exc
+
+    def enroll(self, request: EnrollRequest) -> EnrollResponse:
+        """Trade a one-time enrollment token for this node's id and credential."""
+        body = json.dumps(request.to_json()).encode()
+        response = self.transport.request(
+            "POST",
+            self.url("/v1/enroll"),
+            headers={"content-type": "application/json"},
+            body=body,
+            timeout=self.timeout,
+        )
+        raise_for_status(response, "enrollment")
+        return EnrollResponse.from_json(self._json(response, "enrollment"))
+
+    def desired(self, etag: str | None, wait: float) -> DesiredAnswer:
+        """Fetch this node's desired state; with `etag`, wait up to `wait` seconds for it to change."""
+        headers = self.auth_headers()
+        if etag is not None:
+            headers["if-none-match"] = etag
+        response = self.transport.request(
+            "GET",
+            self.url(f"/v1/nodes/{self.node_id}/desired?wait={wait:g}"),
+            headers=headers,
+            timeout=self.timeout + wait,
+        )
+        if response.status == 304:
+            return DesiredAnswer(state=None, etag=response.headers.get("etag", etag))
+        raise_for_status(response, "desired state")
+        state = DesiredState.from_json(self._json(response, "desired state"))
+        if state.node_id != self.node_id:
+            raise ProtocolError(f"server sent the desired state of node {state.node_id}, not {self.node_id}")
+        return DesiredAnswer(state=state, etag=response.headers.get("etag", state.etag))
+
+    def report(self, status: NodeStatus) -> None:
+        """Send this node's observed state."""
+        headers = {**self.auth_headers(), "content-type": "application/json"}
+        response = self.transport.request(
+            "PUT",
+            self.url(f"/v1/nodes/{self.node_id}/status"),
+            headers=headers,
+            body=json.dumps(status.to_json()).encode(),
+            timeout=self.timeout,
+        )
+        raise_for_status(response, "status report")
+
+    def blob_url(self, blob: str) -> str:
+        return self.url(f"/v1/blobs/sha256/{blob}")

@@ -1,0 +1,349 @@
+"""Prometheus metrics of the node's inference server, rendered in the text exposition format 0.0.4.
+
+Hand-written on purpose: the agent must stay under 70 MB resident with a model loaded, and python + numpy +
+onnxruntime + one small session already take ~56 MB (asyncio/ssl another 7 MB). prometheus_client would add
+~3.4 MB because it imports http.server, wsgiref, urllib.request and email; what a node needs is counters,
+gauges and histograms with labels, thread-safe, rendered as text, which is what this module is.
+
+`MetricsRegistry` holds metric families; `InferenceMetrics` registers the inference server's own, with
+Triton's names where Triton has one (`nv_inference_*`, cumulative microseconds), so dashboards built for
+Triton work unchanged. Other parts of the agent add their families to the same registry
+(`metrics.registry.gauge(...)`) and they appear on the same `/metrics` page.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import re
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Final
+
+from strata import __version__
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+# Request latency buckets in seconds: a small model on a device answers in well under a millisecond, a large
+# one on a busy near-edge node in seconds.
+LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+FAILURE_REASONS: Final = ("bad_request", "unavailable", "internal")
+
+_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+Labels = tuple[str, ...]
+
+
+def format_value(value: float) -> str:
+    """A sample value as the exposition format writes it (`+Inf`, `-Inf`, `NaN`; integers without `.0`)."""
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def escape_label_value(value: str) -> str:
+    """Escape a label value: backslash, double quote and line feed."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+class MetricFamily:
+    """A named metric with fixed label names; one sample series per distinct tuple of label values.
+
+    Subclasses keep their series under `_lock` and write them in `_render_samples`.
+    """
+
+    kind: str = "untyped"
+
+    def __init__(self, name: str, help_text: str, label_names: Sequence[str] = ()) -> None:
+        """Raises:
+        ValueError: the metric or a label name is not a valid Prometheus name, or a label name is reserved.
+        """
+        if not _NAME_RE.match(name):
+            raise ValueError(f"invalid metric name {name!r}")
+        for label in label_names:
+            if not _LABEL_RE.match(label) or label.startswith("__") or label == "le":
+                raise ValueError(f"invalid label name {label!r} for metric {name}")
+        self.name = name
+        self.help = help_text
+        self.label_names: Labels = tuple(label_names)
+        self._lock = threading.Lock()
+
+    def _check(self, labels: Labels) -> Labels:
+        if len(labels) != len(self.label_names):
+            raise ValueError(f"metric {self.name} takes labels {list(self.label_names)}, got {list(labels)}")
+        return labels
+
+    def _label_text(self, labels: Labels, extra: str = "") -> str:
+        pairs = [f'{key}="{escape_label_value(value)}"' for key, value in zip(self.label_names, labels, strict=True)]
+        if extra:
+            pairs.append(extra)
+        return "{" + ",".join(pairs) + "}" if pairs else ""
+
+    def render(self, out: list[str]) -> None:
+        """Append this family's HELP, TYPE and sample lines to `out`."""
+        out.append(f"# HELP {self.name} {_escape_help(self.help)}")
+        out.append(f"# TYPE {self.name} {self.kind}")
+        self._render_samples(out)
+
+    def _render_samples(self, out: list[str]) -> None:
+        raise NotImplementedError
+
+
+class Counter(MetricFamily):
+    """A value that only goes up (requests, cumulative microseconds)."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str, label_names: Sequence[str] = ()) -> None:
+        super().__init__(name, help_text, label_names)
+        self._values: dict[Labels, float] = {}
+
+    def inc(self, *labels: str, by: float = 1) -> None:
+        """Add `by` to the series with these label values (created at zero on first use).
+
+        Raises:
+            ValueError: wrong number of label values, or a negative `by`.
+        """
+        if by < 0:
+            raise ValueError(f"counter {self.name} cannot go down (by={by})")
+        key = self._check(labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0) + by
+
+    def value(self, *labels: str) -> float:
+        """The current value of one series (0 when it was never incremented)."""
+        with self._lock:
+            return self._values.get(labels, 0)
+
+    def _render_samples(self, out: list[str]) -> None:
+        with self._lock:
+            items = list(self._values.items())
+        out.extend(f"{self.name}{self._label_text(labels)} {format_value(value)}" for labels, value in items)
+
+
+class Gauge(MetricFamily):
+    """A value that goes up and down, or a set of series replaced as a whole (`replace`)."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, label_names: Sequence[str] = ()) -> None:
+        super().__init__(name, help_text, label_names)
+        self._values: dict[Labels, float] = {}
+
+    def set(self, *labels: str, value: float) -> None:
+        """Set one series.
+
+        Raises:
+            ValueError: wrong number of label values.
+        """
+        key = self._check(labels)
+        with self._lock:
+            self._values[key] = value
+
+    def replace(self, series: Mapping[Labels, float]) -> None:
+        """Replace every series at once (series not in `series` disappear).
+
+        Raises:
+            ValueError: a key has the wrong number of label values.
+        """
+        checked = {self._check(labels): value for labels, value in series.items()}
+        with self._lock:
+            self._values = checked
+
+    def value(self, *labels: str) -> float | None:
+        """The current value of one series, None when it is not set."""
+        with self._lock:
+            return self._values.get(labels)
+
+    def _render_samples(self, out: list[str]) -> None:
+        with self._lock:
+            items = list(self._values.items())
+        out.extend(f"{self.name}{self._label_text(labels)} {format_value(value)}" for labels, value in items)
+
+
+class Histogram(MetricFamily):
+    """Observations counted into cumulative buckets, with their sum and count."""
+
+    kind = "histogram"
+
+    def __init__(
+        self, name: str, help_text: str, label_names: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS
+    ) -> None:
+        """Raises:
+        ValueError: as MetricFamily, or buckets that are empty or not strictly increasing.
+        """
+        super().__init__(name, help_text, label_names)
+        bounds = [float(b) for b in buckets if not math.isinf(b)]
+        if not bounds or any(a >= b for a, b in itertools.pairwise(bounds)):
+            raise ValueError(f"histogram {name} needs strictly increasing buckets, got {list(buckets)}")
+        self.buckets: tuple[float, ...] = tuple(bounds)
+        # Per series: a count per finite bucket plus one for +Inf (not cumulative), then the sum.
+        self._series: dict[Labels, tuple[list[int], list[float]]] = {}
+
+    def observe(self, *labels: str, value: float) -> None:
+        """Record one observation.
+
+        Raises:
+            ValueError: wrong number of label values.
+        """
+        key = self._check(labels)
+        index = bisect.bisect_left(self.buckets, value)  # le is inclusive: value == bound counts in that bucket
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = ([0] * (len(self.buckets) + 1), [0.0])
+            series[0][index] += 1
+            series[1][0] += value
+
+    def count(self, *labels: str) -> int:
+        """How many observations one series holds."""
+        with self._lock:
+            series = self._series.get(labels)
+            return sum(series[0]) if series else 0
+
+    def _render_samples(self, out: list[str]) -> None:
+        with self._lock:
+            items = [(labels, list(counts), total[0]) for labels, (counts, total) in self._series.items()]
+        bounds = [*(format_value(b) for b in self.buckets), "+Inf"]
+        for labels, counts, total in items:
+            cumulative = 0
+            for bound, count in zip(bounds, counts, strict=True):
+                cumulative += count
+                le = 'le="' + bound + '"'
+                out.append(f"{self.name}_bucket{self._label_text(labels, le)} {cumulative}")
+            out.append(f"{self.name}_sum{self._label_text(labels)} {format_value(total)}")
+            out.append(f"{self.name}_count{self._label_text(labels)} {cumulative}")
+
+
+class MetricsRegistry:
+    """The metric families of one process, rendered together; names are unique."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, MetricFamily] = {}
+        self._lock = threading.Lock()
+
+    def register(self, family: MetricFamily) -> None:
+        """Add a family.
+
+        Raises:
+            ValueError: a family of that name is already registered.
+        """
+        with self._lock:
+            if family.name in self._families:
+                raise ValueError(f"metric {family.name} is already registered")
+            self._families[family.name] = family
+
+    def counter(self, name: str, help_text: str, label_names: Sequence[str] = ()) -> Counter:
+        """Create and register a counter. Raises: ValueError, as `register` and MetricFamily."""
+        family = Counter(name, help_text, label_names)
+        self.register(family)
+        return family
+
+    def gauge(self, name: str, help_text: str, label_names: Sequence[str] = ()) -> Gauge:
+        """Create and register a gauge. Raises: ValueError, as `register` and MetricFamily."""
+        family = Gauge(name, help_text, label_names)
+        self.register(family)
+        return family
+
+    def histogram(
+        self, name: str, help_text: str, label_names: Sequence[str] = (), buckets: Sequence[float] = LATENCY_BUCKETS
+    ) -> Histogram:
+        """Create and register a histogram. Raises: ValueError, as `register` and Histogram."""
+        family = Histogram(name, help_text, label_names, buckets)
+        self.register(family)
+        return family
+
+    def render(self) -> str:
+        """Every family in the text exposition format (served as `CONTENT_TYPE`)."""
+        with self._lock:
+            families = list(self._families.values())
+        out: list[str] = []
+        for family in families:
+            family.render(out)
+        out.append("")
+        return "\n".join(out)
+
+
+class InferenceMetrics:
+    """The inference server's metrics, per (model, version), with Triton's names and units.
+
+    Durations are recorded for successful requests only, as Triton does; failures are counted by reason
+    (`FAILURE_REASONS`). Only models the node actually serves get series, so a client cannot grow the label
+    set by asking for made-up names.
+    """
+
+    def __init__(self, registry: MetricsRegistry | None = None, agent_version: str = __version__) -> None:
+        """Raises:
+        ValueError: `registry` already holds one of these families.
+        """
+        self.registry = registry if registry is not None else MetricsRegistry()
+        model = ("model", "version")
+        add = self.registry
+        self.request_success = add.counter(
+            "nv_inference_request_success", "Number of successful inference requests, all batch sizes", model
+        )
+        self.request_failure = add.counter(
+            "nv_inference_request_failure", "Number of failed inference requests, all batch sizes", (*model, "reason")
+        )
+        self.inference_count = add.counter(
+            "nv_inference_count", "Number of inferences performed (a batch of n counts n)", model
+        )
+        self.exec_count = add.counter("nv_inference_exec_count", "Number of model executions performed", model)
+        self.request_duration_us = add.counter(
+            "nv_inference_request_duration_us", "Cumulative inference request duration in microseconds", model
+        )
+        self.queue_duration_us = add.counter(
+            "nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds", model
+        )
+        self.compute_infer_duration_us = add.counter(
+            "nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds", model
+        )
+        self.request_seconds = add.histogram(
+            "strata_inference_request_duration_seconds", "Inference request duration of successful requests", model
+        )
+        self.model_active = add.gauge(
+            "strata_model_active", "1 for each model variant this node serves now", ("model", "version", "variant")
+        )
+        self.agent_info = add.gauge("strata_agent_info", "The strata agent's version", ("version",))
+        self.agent_info.set(agent_version, value=1)
+
+    def record_success(
+        self, model: str, version: str, *, batch: int, request_ns: int, queue_ns: int, compute_ns: int
+    ) -> None:
+        """Count one successful request of `batch` inferences run in one execution, with its durations."""
+        self.request_success.inc(model, version)
+        self.inference_count.inc(model, version, by=batch)
+        self.exec_count.inc(model, version)
+        self.request_duration_us.inc(model, version, by=request_ns // 1000)
+        self.queue_duration_us.inc(model, version, by=queue_ns // 1000)
+        self.compute_infer_duration_us.inc(model, version, by=compute_ns // 1000)
+        self.request_seconds.observe(model, version, value=request_ns / 1e9)
+
+    def record_failure(self, model: str, version: str, reason: str) -> None:
+        """Count one failed request.
+
+        Raises:
+            ValueError: `reason` is not one of FAILURE_REASONS.
+        """
+        if reason not in FAILURE_REASONS:
+            raise ValueError(f"unknown failure reason {reason!r}; use one of {FAILURE_REASONS}")
+        self.request_failure.inc(model, version, reason)
+
+    def set_active_models(self, active: Iterable[tuple[str, str, str]]) -> None:
+        """Say which (model, version, variant) the node serves now; the others' gauges disappear."""
+        self.model_active.replace(dict.fromkeys(active, 1))
+
+    def render(self) -> str:
+        """The whole registry in the text exposition format."""
+        return self.registry.render()

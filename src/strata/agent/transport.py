@@ -1,0 +1,244 @@
+"""HTTP transport for the agent: blocking sockets with h11 (the HTTP/1.1 protocol library).
+
+Why not httpx or http.client: the agent must stay under 70 MB resident with a model loaded. httpx would
+add about 6 MB; http.client about 1 MB (it pulls in the email package). h11 is already loaded for the
+inference server, so the client side costs only this module. `Transport` is the one extension point;
+tests pass their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import h11
+
+from strata import __version__
+from strata.core.errors import TransportError
+
+_READ = 64 * 1024
+_USER_AGENT = f"strata-agent/{__version__}"
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """A whole response: status, lower-case headers, body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class StreamedResponse(Protocol):
+    """A response whose body is read piece by piece (downloads)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def read(self, size: int) -> bytes: ...
+
+
+class Transport(Protocol):
+    """Sends requests. Implementations raise `TransportError` when the peer cannot be reached or the
+    exchange breaks; any HTTP status is a normal answer for the caller to judge."""
+
+    def request(
+        self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None = None, timeout: float
+    ) -> HttpResponse: ...
+
+    def stream(
+        self, method: str, url: str, *, headers: Mapping[str, str], timeout: float
+    ) -> AbstractContextManager[StreamedResponse]: ...
+
+
+@dataclass(frozen=True)
+class _Target:
+    scheme: str
+    host: str
+    port: int
+    netloc: str
+    path: str
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
+
+
+def _target(url: str) -> _Target:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TransportError(f"not an http(s) URL: {url!r}")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return _Target(parts.scheme, parts.hostname, port, parts.netloc, path)
+
+
+class _Connection:
+    """One HTTP/1.1 connection: a socket and its h11 state machine."""
+
+    def __init__(self, target: _Target, timeout: float, ssl_context: ssl.SSLContext | None) -> None:
+        try:
+            sock = socket.create_connection((target.host, target.port), timeout=timeout)
+            if target.scheme == "https":
+                context = ssl_context or ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=target.host)
+        except OSError as exc:
+            raise TransportError(f"cannot connect to {target.origin}: {exc}") from exc
+        self.sock = sock
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    def settimeout(self, timeout: float) -> None:
+        self.sock.settimeout(timeout)
+
+    def send_request(self, method: str, target: _Target, headers: Mapping[str, str], body: bytes | None) -> None:
+        fields = [("host", target.netloc), ("user-agent", _USER_AGENT)]
+        fields += [(k, v) for k, v in headers.items() if k.lower() not in ("host", "content-length")]
+        if body is not None or method in ("POST", "PUT", "PATCH"):
+            fields.append(("content-length", str(len(body or b""))))
+        out = self.h11.send(h11.Request(method=method, target=target.path, headers=fields)) or b""
+        if body:
+            out += self.h11.send(h11.Data(data=body)) or b""
+        out += self.h11.send(h11.EndOfMessage()) or b""
+        self.sock.sendall(out)
+
+    def next_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                self.h11.receive_data(self.sock.recv(_READ))
+                continue
+            return event
+
+    def read_head(self) -> h11.Response:
+        while True:
+            event = self.next_event()
+            if isinstance(event, h11.Response):
+                return event
+            if isinstance(event, h11.ConnectionClosed):
+                raise ConnectionResetError("server closed the connection before answering")
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            raise h11.RemoteProtocolError(f"unexpected {event!r} before the response head")
+
+    def reusable(self) -> bool:
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+            return True
+        return False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _headers(head: h11.Response) -> dict[str, str]:
+    return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in head.headers}
+
+
+class _Streamed:
+    def __init__(self, connection: _Connection, head: h11.Response) -> None:
+        self._connection = connection
+        self.status = head.status_code
+        self.headers = _headers(head)
+        self._buffer = b""
+        self._done = False
+
+    def read(self, size: int) -> bytes:
+        try:
+            while not self._buffer and not self._done:
+                event = self._connection.next_event()
+                if isinstance(event, h11.Data):
+                    self._buffer = bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    self._done = True
+        except (OSError, h11.ProtocolError) as exc:
+            raise TransportError(f"connection broke while reading: {exc}") from exc
+        piece, self._buffer = self._buffer[:size], self._buffer[size:]
+        return piece
+
+
+class H11Transport:
+    """`Transport` over blocking sockets and h11, keeping one connection per thread and origin."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._ssl_context = ssl_context
+        self._local = threading.local()
+
+    def _pool(self) -> dict[str, _Connection]:
+        pool: dict[str, _Connection] = self._local.__dict__.setdefault("pool", {})
+        return pool
+
+    def request(
+        self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None = None, timeout: float
+    ) -> HttpResponse:
+        """Send one request and read the whole answer; retries once on a stale keep-alive connection.
+
+        Raises:
+            TransportError: the server cannot be reached, or the connection broke.
+        """
+        target = _target(url)
+        pool = self._pool()
+        for attempt in (1, 2):
+            connection = pool.pop(target.origin, None)
+            reused = connection is not None
+            if connection is None:
+                connection = _Connection(target, timeout, self._ssl_context)
+            try:
+                connection.settimeout(timeout)
+                connection.send_request(method, target, headers, body)
+                head = connection.read_head()
+                parts = []
+                while True:
+                    event = connection.next_event()
+                    if isinstance(event, h11.Data):
+                        parts.append(bytes(event.data))
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+                    elif isinstance(event, h11.ConnectionClosed):
+                        raise ConnectionResetError("connection closed in the middle of the body")
+            except (OSError, h11.ProtocolError) as exc:
+                connection.close()
+                if reused and attempt == 1:
+                    continue
+                raise TransportError(f"{method} {url}: {exc or type(exc).__name__}") from exc
+            if connection.reusable():
+                pool[target.origin] = connection
+            else:
+                connection.close()
+            return HttpResponse(status=head.status_code, headers=_headers(head), body=b"".join(parts))
+        raise TransportError(f"{method} {url}: connection failed twice")
+
+    @contextlib.contextmanager
+    def stream(self, method: str, url: str, *, headers: Mapping[str, str], timeout: float) -> Iterator[_Streamed]:
+        """Open a request on its own connection and yield the response for reading in pieces.
+
+        Raises:
+            TransportError: the server cannot be reached, or the connection broke.
+        """
+        target = _target(url)
+        connection = _Connection(target, timeout, self._ssl_context)
+        try:
+            try:
+                connection.send_request(method, target, headers, None)
+                head = connection.read_head()
+            except (OSError, h11.ProtocolError) as exc:
+                raise TransportError(f"{method} {url}: {exc or type(exc).__name__}") from exc
+            yield _Streamed(connection, head)
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        pool = self._pool()
+        for connection in pool.values():
+            connection.close()
+        pool.clear()

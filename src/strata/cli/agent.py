@@ -1,0 +1,79 @@
+"""`strata agent`: run the edge agent on this node.
+
+The command checks its options, then replaces itself (exec) with the lean agent process
+`python -m strata.agent`, which imports neither Typer nor Rich: the agent must stay under 70 MB resident.
+The configuration travels in the STRATA_AGENT_CONFIG environment variable, so the enrollment token does
+not stay visible in the process list.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from strata.agent.config import CONFIG_ENV, AgentConfig
+from strata.core.errors import ConfigError
+from strata.core.wire import parse_selector
+
+
+def agent(
+    server: Annotated[str, typer.Option("--server", envvar="STRATA_SERVER", help="Control plane URL.")],
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="Folder for credentials, packages and state.")],
+    name: Annotated[str, typer.Option("--name", help="This node's name in the fleet.")],
+    tier: Annotated[str, typer.Option("--tier", help="device, near-edge or cloud.")] = "device",
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="Node label k=v (repeatable), used by deployment selectors.")
+    ] = None,
+    enroll_token: Annotated[
+        str | None,
+        typer.Option("--enroll-token", envvar="STRATA_ENROLL_TOKEN", help="One-time token; ignored once enrolled."),
+    ] = None,
+    serve_host: Annotated[str, typer.Option("--serve-host", help="Address of the inference API.")] = "127.0.0.1",
+    serve_port: Annotated[int, typer.Option("--serve-port", help="Port of the inference API.")] = 8080,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Stand in for this hardware profile instead of the detected one.")
+    ] = None,
+    poll_wait: Annotated[float, typer.Option("--poll-wait", help="Long-poll wait in seconds (0-60).")] = 30.0,
+    max_download_rate: Annotated[
+        int | None, typer.Option("--max-download-rate", help="Cap downloads at this many bytes per second.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Inference threads per model (default: onnxruntime's).")
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
+    the Open Inference Protocol on --serve-port; keeps serving when the control plane is gone."""
+    labels: dict[str, str] = {}
+    for item in label or []:
+        parsed = parse_selector(item)
+        if not parsed:
+            raise ConfigError(f"--label {item!r} is not k=v")
+        labels.update(parsed)
+    if profile is not None:
+        from strata.core.profiles import get_profile
+
+        get_profile(profile)
+    config = AgentConfig(
+        server=server,
+        data_dir=data_dir.resolve(),
+        name=name,
+        tier=tier,
+        labels=labels,
+        enroll_token=enroll_token,
+        serve_host=serve_host,
+        serve_port=serve_port,
+        profile=profile,
+        poll_wait_s=poll_wait,
+        max_download_rate=max_download_rate,
+        inference_threads=threads,
+        log_level=log_level,
+    )
+    env = {**os.environ, CONFIG_ENV: config.to_env()}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "strata.agent"], env)

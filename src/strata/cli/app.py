@@ -1,0 +1,62 @@
+"""The `strata` command: one Typer app, one module per command group, registered here.
+
+Modules import their heavy dependencies (FastAPI, onnxruntime, SQLAlchemy) inside the command functions,
+so `strata --help` and the operator commands start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from strata import __version__
+from strata.cli import agent as agent_cmd
+from strata.cli import demo as demo_cmd
+from strata.cli import deploy as deploy_cmd
+from strata.cli import model as model_cmd
+from strata.cli import nodes as nodes_cmd
+from strata.cli import package as package_cmd
+from strata.cli import server as server_cmd
+from strata.cli import token as token_cmd
+from strata.cli.common import fail
+from strata.core.errors import StrataError
+
+app = typer.Typer(
+    name="strata",
+    help="Edge AI inference platform: package, register, roll out, serve and observe models across a fleet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("server")(server_cmd.server)
+app.command("agent")(agent_cmd.agent)
+app.add_typer(token_cmd.app, name="token")
+app.add_typer(model_cmd.app, name="model")
+app.command("deploy")(deploy_cmd.deploy)
+app.add_typer(nodes_cmd.app, name="nodes")
+app.add_typer(package_cmd.app, name="package")
+app.command("demo")(demo_cmd.demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """strata: optimize, sign, roll out, serve and observe models on device, near-edge and cloud tiers."""
+
+
+def main() -> None:
+    """Console-script entry point: strata errors become one line on stderr and a per-kind exit code."""
+    try:
+        app()
+    except StrataError as exc:
+        fail(exc)
+    sys.exit(0)

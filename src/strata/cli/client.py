@@ -1,0 +1,129 @@
+"""The operator's client of the control-plane API (httpx), used by every operator command.
+
+`transport=` is the extension point: tests can drive the FastAPI app in-process with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from strata.core.errors import (
+    AuthError,
+    ConfigError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PackageError,
+    StrataError,
+    TransportError,
+)
+
+_BY_STATUS: dict[int, type[StrataError]] = {
+    400: ConfigError,
+    401: AuthError,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: PackageError,
+    422: PackageError,
+}
+
+
+class ControlClient:
+    """Typed calls to /v1 with the admin token. Every method raises a `StrataError` subclass:
+    `TransportError` (unreachable, 5xx), `AuthError`/`Forbidden`, `NotFound`, `Conflict`, `PackageError`."""
+
+    def __init__(
+        self,
+        server: str | None,
+        token: str | None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        if not server:
+            raise ConfigError("no control plane given: pass --server URL or set STRATA_SERVER")
+        if not token:
+            raise ConfigError("no admin token given: pass --token or set STRATA_TOKEN (see DATA_DIR/admin.token)")
+        self.server = server.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.server,
+            headers={"authorization": f"Bearer {token}"},
+            transport=transport,
+            timeout=timeout,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise TransportError(f"cannot reach the control plane at {self.server}: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("error") or response.text
+            except ValueError:
+                message = response.text or response.reason_phrase
+            kind = _BY_STATUS.get(response.status_code, TransportError if response.status_code >= 500 else StrataError)
+            raise kind(f"{message} (HTTP {response.status_code})")
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise TransportError(f"control plane answered {method} {path} with something that is not JSON") from exc
+
+    def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/v1/health")
+        return result
+
+    def create_enrollment_token(self, ttl_seconds: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/v1/enrollment-tokens", json={"ttl_seconds": ttl_seconds})
+        return result
+
+    def push_package(self, tar_path: Path, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Upload a package tar, streaming it from disk."""
+
+        def chunks() -> Iterator[bytes]:
+            with tar_path.open("rb") as fh:
+                while piece := fh.read(1 << 20):
+                    if progress is not None:
+                        progress(len(piece))
+                    yield piece
+
+        headers = {"content-type": "application/x-tar", "content-length": str(tar_path.stat().st_size)}
+        result: dict[str, Any] = self._call("POST", "/v1/packages", content=chunks(), headers=headers)
+        return result
+
+    def models(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/models")
+        return result
+
+    def model_version(self, name: str, version: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/v1/models/{name}/versions/{version}")
+        return result
+
+    def deploy(self, model: str, version: str, selector: Mapping[str, str]) -> dict[str, Any]:
+        body = {"model": model, "version": version, "selector": dict(selector)}
+        result: dict[str, Any] = self._call("POST", "/v1/deployments", json=body)
+        return result
+
+    def deployments(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/deployments")
+        return result
+
+    def nodes(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/nodes")
+        return result

@@ -1,0 +1,94 @@
+"""Shared pieces of the operator commands: connection options, output, and error-to-exit-code mapping."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from strata.core.errors import (
+    AuthError,
+    ConfigError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PackageError,
+    StrataError,
+    TransportError,
+)
+
+# Process exit codes, one range per kind of failure, so scripts can tell them apart.
+EXIT_CODES: dict[type[StrataError], int] = {
+    ConfigError: 2,
+    AuthError: 3,
+    Forbidden: 3,
+    TransportError: 4,
+    PackageError: 5,
+    NotFound: 6,
+    Conflict: 7,
+}
+
+# Off a terminal (pipes, CI logs) Rich would assume 80 columns and cut the fleet table; be wider there.
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+ServerOption = Annotated[
+    str | None,
+    typer.Option("--server", envvar="STRATA_SERVER", help="Control plane URL (or STRATA_SERVER)."),
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option("--token", envvar="STRATA_TOKEN", help="Admin token (or STRATA_TOKEN).", show_default=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+
+
+def exit_code(error: StrataError) -> int:
+    for kind, code in EXIT_CODES.items():
+        if isinstance(error, kind):
+            return code
+    return 1
+
+
+def fail(error: StrataError) -> None:
+    """Print a strata error as one line and exit with its code."""
+    console.print(f"[red]error:[/red] {error}")
+    raise SystemExit(exit_code(error))
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def ago(timestamp: float | None, now: float | None = None) -> str:
+    """'12s ago', '3m ago', 'never'."""
+    if timestamp is None:
+        return "never"
+    seconds = max(0.0, (now if now is not None else time.time()) - timestamp)
+    if seconds < 90:
+        return f"{seconds:.0f}s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.0f}h ago"
+    return f"{seconds / 86400:.0f}d ago"
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '2h', '7d' -> seconds.
+
+    Raises:
+        ConfigError: not a duration.
+    """
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a duration (use 90s, 10m, 2h, 7d)") from None

@@ -1,0 +1,50 @@
+"""`strata nodes list`: the fleet's inventory and what each node runs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from strata.cli.client import ControlClient
+from strata.cli.common import JsonOption, ServerOption, TokenOption, ago, out, print_json
+
+app = typer.Typer(help="The fleet's nodes.", no_args_is_help=True)
+
+
+def fleet_table(nodes: list[dict[str, Any]], now: float | None = None) -> Table:
+    """The fleet as a Rich table: one row a node."""
+    table = Table(title="fleet", title_justify="left")
+    for column in ("node", "tier", "labels", "profile", "online", "models", "last seen", "in sync"):
+        table.add_column(column)
+    for node in sorted(nodes, key=lambda n: n["name"]):
+        labels = ",".join(f"{k}={v}" for k, v in sorted(node.get("labels", {}).items()))
+        models = ", ".join(f"{k}={v}" for k, v in sorted(node.get("models", {}).items())) or "-"
+        failures = node.get("failures") or []
+        if failures:
+            models += f" [red]({len(failures)} failed)[/red]"
+        profile = node.get("profile", "?") + (" (emulated)" if node.get("emulated") else "")
+        table.add_row(
+            node["name"],
+            node.get("tier", "?"),
+            labels,
+            profile,
+            "[green]yes[/green]" if node.get("online") else "[red]no[/red]",
+            models,
+            ago(node.get("last_seen"), now),
+            "yes" if node.get("in_sync") else "no",
+        )
+    return table
+
+
+@app.command("list")
+def list_nodes(server: ServerOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
+    """Per node: name, tier, labels, profile, online or not, and the active model versions."""
+    with ControlClient(server, token) as client:
+        nodes = client.nodes()
+    if as_json:
+        print_json(nodes)
+        return
+    out.print(fleet_table(nodes, time.time()))

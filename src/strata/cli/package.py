@@ -1,0 +1,90 @@
+"""`strata package build|verify|show`: the model package format, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from strata.cli.common import JsonOption, console, out, print_json
+
+app = typer.Typer(help="Build, verify and inspect model packages (no server needed).", no_args_is_help=True)
+
+
+@app.command("build")
+def build(
+    model: Annotated[Path, typer.Argument(help="The ONNX model file.", exists=True, dir_okay=False)],
+    name: Annotated[str, typer.Option("--name", help="Model name.")],
+    version: Annotated[str, typer.Option("--version", help="Version.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Package folder to create.")],
+    profile: Annotated[str, typer.Option("--profile", help="Hardware profile.")] = "cpu-generic",
+    sample: Annotated[
+        Path | None, typer.Option("--sample", help="Golden inputs (.npz, one array per input).", exists=True)
+    ] = None,
+    extra: Annotated[list[Path] | None, typer.Option("--extra", help="Extra file to ship.", exists=True)] = None,
+    tar: Annotated[Path | None, typer.Option("--tar", help="Also write the package as this tar.")] = None,
+) -> None:
+    """Build a package folder from an ONNX model; print its digest on the last line."""
+    from strata.core.package import build_package, pack_tar
+
+    package = build_package(
+        model, out_dir, name=name, version=version, profile=profile, sample=sample, extra_files=extra or ()
+    )
+    if tar is not None:
+        pack_tar(package, tar)
+    console.print(f"built {name} {version} ({package.manifest.variant}) in {out_dir}")
+    typer.echo(package.digest)
+
+
+@app.command("verify")
+def verify(
+    path: Annotated[Path, typer.Argument(help="Package folder or tar.", exists=True)],
+    digest: Annotated[str | None, typer.Option("--digest", help="The digest it must have.")] = None,
+) -> None:
+    """Check every hash of a package (and its digest, when given); exit non-zero if anything differs."""
+    import tempfile
+
+    from strata.core.package import read_package
+
+    with tempfile.TemporaryDirectory(prefix="strata-verify-") as tmp:
+        package = read_package(path, digest, workdir=Path(tmp) / "p")
+        manifest = package.manifest
+        console.print(f"[green]ok[/green] {manifest.name} {manifest.version} ({manifest.variant})")
+        typer.echo(package.digest)
+
+
+@app.command("show")
+def show(
+    path: Annotated[Path, typer.Argument(help="Package folder or tar.", exists=True)],
+    as_json: JsonOption = False,
+) -> None:
+    """Print a verified package's manifest: signature, files, golden check tolerances."""
+    import tempfile
+
+    from strata.core.package import read_package
+
+    with tempfile.TemporaryDirectory(prefix="strata-show-") as tmp:
+        package = read_package(path, workdir=Path(tmp) / "p")
+    manifest = package.manifest
+    if as_json:
+        print_json({"digest": package.digest, "manifest": manifest.to_json()})
+        return
+    console.print(
+        f"{manifest.name} {manifest.version} variant {manifest.variant}: profile {manifest.profile}, "
+        f"runtime {manifest.runtime}, precision {manifest.precision}\ndigest {package.digest}"
+    )
+    table = Table(title="signature", title_justify="left")
+    for column in ("kind", "name", "datatype", "shape"):
+        table.add_column(column)
+    for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
+        for spec in specs:
+            table.add_row(kind, spec.name, spec.datatype, str(list(spec.shape)))
+    out.print(table)
+    files = Table(title="files", title_justify="left")
+    for column in ("path", "role", "bytes", "sha256"):
+        files.add_column(column)
+    for entry in manifest.files:
+        files.add_row(entry.path, entry.role, str(entry.size), entry.sha256[:16])
+    out.print(files)

@@ -1,0 +1,24 @@
+"""`strata server`: run the control plane."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def server(
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="Folder for the database, blobs and admin.token.")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8700,
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="SQLAlchemy URL of the database (default: an SQLite file in the data folder)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the control plane: registry, inventory, deployments and desired state, under /v1."""
+    from strata.control.server import serve
+
+    serve(data_dir=data_dir, host=host, port=port, db_url=db, log_level=log_level)

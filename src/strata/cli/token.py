@@ -1,0 +1,25 @@
+"""`strata token create`: a one-time, expiring enrollment token for a new node."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from strata.cli.client import ControlClient
+from strata.cli.common import ServerOption, TokenOption, console, parse_duration
+
+app = typer.Typer(help="Enrollment tokens for new nodes.", no_args_is_help=True)
+
+
+@app.command("create")
+def create(
+    server: ServerOption = None,
+    token: TokenOption = None,
+    ttl: Annotated[str, typer.Option("--ttl", help="How long the token stays valid (10m, 1h, 7d).")] = "1h",
+) -> None:
+    """Print a one-time enrollment token, alone on the last line (for `strata agent --enroll-token`)."""
+    with ControlClient(server, token) as client:
+        issued = client.create_enrollment_token(int(parse_duration(ttl)))
+    console.print(f"enrollment token valid for {ttl}, usable once:")
+    typer.echo(issued["token"])

@@ -1,0 +1,35 @@
+"""Deployments: pin a model version on the nodes a selector matches."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from strata.control.api.deps import COMMON_ERRORS, Admin, Plane
+from strata.control.deployments import DeploymentInfo
+from strata.control.schemas import DeploymentBody, DeploymentRequest, ErrorBody
+
+router = APIRouter(tags=["deployments"], responses=COMMON_ERRORS)
+
+
+@router.post(
+    "/deployments",
+    status_code=201,
+    response_model=DeploymentBody,
+    responses={404: {"model": ErrorBody}},
+)
+def create_deployment(body: DeploymentRequest, plane: Plane, _admin: Admin) -> DeploymentInfo:
+    """Deploy a version; the latest matching deployment of a model decides what a node runs."""
+    return plane.deployments.create(body.model, body.version, body.selector)
+
+
+@router.get("/deployments", response_model=list[DeploymentBody])
+def list_deployments(plane: Plane, _admin: Admin) -> list[DeploymentInfo]:
+    """Every deployment, newest first."""
+    return plane.deployments.list()
+
+
+@router.delete("/deployments/{deployment_id}", status_code=204, responses={404: {"model": ErrorBody}})
+def delete_deployment(deployment_id: str, plane: Plane, _admin: Admin) -> Response:
+    """Delete a deployment; its nodes fall back to the next matching one, or drop the model."""
+    plane.deployments.delete(deployment_id)
+    return Response(status_code=204)

@@ -1,0 +1,65 @@
+"""`create_app(settings)`: the FastAPI application of the control plane, with its lifespan.
+
+Starting migrates the database, writes the admin token if there is none, and starts the presence flusher;
+stopping ends long polls, flushes presence and closes the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import anyio.to_thread
+from fastapi import FastAPI
+
+from strata import __version__
+from strata.control.api import install
+from strata.control.errors import StoreError
+from strata.control.plane import ControlPlane
+from strata.control.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+async def _flush_presence_forever(plane: ControlPlane) -> None:
+    while True:
+        await asyncio.sleep(plane.settings.presence_flush_s)
+        try:
+            await anyio.to_thread.run_sync(plane.flush_presence)
+        except StoreError as exc:
+            log.warning("presence flush failed, will retry: %s", exc)
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    """The control plane API over `settings`; serve it with any ASGI server (lifespan events required).
+
+    Raises:
+        ConfigError: the database URL cannot be used.
+    """
+    plane = ControlPlane.build(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(plane.start)
+        flusher = asyncio.create_task(_flush_presence_forever(plane))
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            await anyio.to_thread.run_sync(plane.stop)
+
+    app = FastAPI(
+        title="strata control plane",
+        version=__version__,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.plane = plane
+    install(app)
+    return app

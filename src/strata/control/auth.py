@@ -1,0 +1,185 @@
+"""Who is calling and what they may do.
+
+Credentials are bearer secrets from `secrets.token_urlsafe(32)`; the database keeps only their sha256. Principals
+are the operator (admin) and nodes. `authorize` and `authorize_blob` are the decisions, pure functions of the
+principal and the target; `Authenticator` is the I/O around them: it resolves a secret to a principal (cached,
+with invalidation when a node is revoked or re-enrolled), records node presence, and writes the first admin token.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from strata.control.db import ApiToken, Database, Node
+from strata.control.presence import PresenceTracker
+from strata.core.errors import AuthError, ConfigError, Forbidden
+from strata.core.fsutil import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+ADMIN_SCOPE = "admin"
+
+
+def new_secret() -> str:
+    """A fresh random credential (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    """Hex sha256 of a credential: the only form in which credentials are stored."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_id() -> str:
+    """A fresh opaque identifier (32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller: the operator (`node_id` None) or one node."""
+
+    node_id: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.node_id is None
+
+
+ADMIN = Principal()
+
+
+class Access(enum.Enum):
+    """Who may call an endpoint."""
+
+    ANY = "any valid credential"
+    ADMIN = "the operator"
+    SELF_OR_ADMIN = "the operator or the node itself"
+    SELF = "the node itself"
+
+
+def authorize(principal: Principal, access: Access, node_id: str | None = None) -> None:
+    """Decide whether `principal` may act on `node_id`'s records (or on the fleet, when `node_id` is None).
+
+    Raises:
+        Forbidden: the principal is known but this is not its business.
+    """
+    if access is Access.ANY:
+        return
+    if access is Access.ADMIN:
+        if not principal.is_admin:
+            raise Forbidden("this needs an admin credential")
+        return
+    is_self = principal.node_id is not None and principal.node_id == node_id
+    if access is Access.SELF and not is_self:
+        raise Forbidden("only the node itself may do this")
+    if access is Access.SELF_OR_ADMIN and not (is_self or principal.is_admin):
+        raise Forbidden("a node may only read its own records")
+
+
+def authorize_blob(principal: Principal, referenced_by_caller: bool) -> None:
+    """The operator reads every blob; a node only those its current desired state references.
+
+    Raises:
+        Forbidden: a node asked for a blob its desired state does not name.
+    """
+    if not (principal.is_admin or referenced_by_caller):
+        raise Forbidden("this blob is not part of the node's desired state")
+
+
+class Authenticator:
+    """Resolves bearer secrets to principals, caching hits; records presence of the nodes that call."""
+
+    def __init__(self, db: Database, presence: PresenceTracker, clock: Callable[[], float]) -> None:
+        self._db = db
+        self._presence = presence
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._by_hash: dict[str, Principal] = {}
+        # Bumped by every invalidation: a lookup that raced with one does not cache what it read.
+        self._epoch = 0
+
+    def authenticate(self, secret: str | None) -> Principal:
+        """The principal a bearer secret belongs to; a node's call also counts as seeing it now.
+
+        Raises:
+            AuthError: no secret, or one that is unknown or revoked.
+            StoreError: the database failed.
+        """
+        if not secret:
+            raise AuthError("missing credential: send 'Authorization: Bearer <token>'")
+        token_hash = hash_secret(secret)
+        principal = self._by_hash.get(token_hash) or self._lookup(token_hash)
+        if principal.node_id is not None:
+            self._presence.touch(principal.node_id, self._clock())
+        return principal
+
+    def _lookup(self, token_hash: str) -> Principal:
+        # The index lookup is by the sha256 of the secret, never the secret: its timing tells an attacker nothing
+        # they could steer, so no constant-time comparison is needed here.
+        epoch = self._epoch
+        with self._db.transaction() as session:
+            if session.scalar(
+                select(ApiToken.id).where(ApiToken.token_hash == token_hash, ApiToken.scope == ADMIN_SCOPE)
+            ):
+                principal = ADMIN
+            else:
+                node_id = session.scalar(
+                    select(Node.id).where(Node.credential_hash == token_hash, Node.revoked_at.is_(None))
+                )
+                if node_id is None:
+                    raise AuthError("unknown or revoked credential")
+                principal = Principal(node_id=node_id)
+        with self._lock:
+            if epoch == self._epoch:
+                self._by_hash[token_hash] = principal
+        return principal
+
+    def forget_node(self, node_id: str) -> None:
+        """Stop accepting cached credentials of `node_id` (revoked, or re-enrolled with a new credential)."""
+        with self._lock:
+            self._epoch += 1
+            self._by_hash = {h: p for h, p in self._by_hash.items() if p.node_id != node_id}
+
+    def ensure_admin_token(self, path: Path) -> bool:
+        """Make sure the operator has an admin token in `path`; return True when a new one was written.
+
+        A token file that exists is never overwritten: if its hash is not stored (a fresh database next to an old
+        data folder) it is adopted. Otherwise a new token is stored, then written with mode 0600.
+
+        Raises:
+            ConfigError: the file exists but holds no token, or cannot be read or written.
+            StoreError: the database failed.
+        """
+        try:
+            existing = path.read_text().strip() if path.exists() else None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+        if existing is not None and not existing:
+            raise ConfigError(f"{path} is empty; delete it to have a new admin token issued")
+        secret = existing or new_secret()
+        token_hash = hash_secret(secret)
+        with self._db.transaction() as session:
+            stored = session.scalars(select(ApiToken.token_hash).where(ApiToken.scope == ADMIN_SCOPE)).all()
+            if not any(hmac.compare_digest(h, token_hash) for h in stored):
+                if existing is not None:
+                    log.warning("adopting the admin token in %s, which this database did not know", path)
+                session.add(ApiToken(id=new_id(), scope=ADMIN_SCOPE, token_hash=token_hash, created_at=self._clock()))
+        if existing is not None:
+            return False
+        try:
+            write_bytes_atomic(path, (secret + "\n").encode(), mode=0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the admin token to {path}: {exc}") from exc
+        return True

@@ -1,0 +1,226 @@
+"""The control plane's tables (SQLAlchemy ORM, portable column types) and the engine and transactions around them.
+
+SQLite is the embedded default: WAL journal, foreign keys on, a busy timeout so that writers from the thread pool
+queue instead of failing. Any other SQLAlchemy URL (PostgreSQL) works with the same models. The schema itself is
+created by the Alembic migrations in `strata.control.migrations`, never by `create_all`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Double,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from strata.control.errors import StoreError
+from strata.core.errors import ConfigError, Conflict
+
+log = logging.getLogger(__name__)
+
+HEX_LEN = 64  # a hex sha256
+NAME_LEN = 128  # core.package.check_name allows 1-128 characters
+TIME = Double  # epoch seconds
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every control plane table."""
+
+    # Named constraints, so that later migrations can drop or alter them (SQLite batch mode needs the names).
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class ApiToken(Base):
+    """A long-lived operator credential; only the sha256 of the secret is kept."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(HEX_LEN), unique=True)
+    created_at: Mapped[float] = mapped_column(TIME)
+
+
+class Node(Base):
+    """An enrolled machine: identity, credential hash, the last status it reported, and when it was last seen."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    tier: Mapped[str] = mapped_column(String(16))
+    labels: Mapped[dict[str, str]] = mapped_column(JSON)
+    profile: Mapped[str] = mapped_column(String(NAME_LEN))
+    emulated: Mapped[bool] = mapped_column(Boolean)
+    agent_version: Mapped[str] = mapped_column(String(NAME_LEN))
+    facts: Mapped[dict[str, Any]] = mapped_column(JSON)
+    credential_hash: Mapped[str] = mapped_column(String(HEX_LEN), unique=True)
+    enrolled_at: Mapped[float] = mapped_column(TIME)
+    last_seen: Mapped[float | None] = mapped_column(TIME)
+    revoked_at: Mapped[float | None] = mapped_column(TIME)
+    # The last NodeStatus as canonical JSON, so an identical report is recognised by string comparison.
+    status: Mapped[str | None] = mapped_column(Text)
+    status_at: Mapped[float | None] = mapped_column(TIME)
+    reported_etag: Mapped[str | None] = mapped_column(String(80))
+    serve_url: Mapped[str | None] = mapped_column(Text)
+
+
+class EnrollmentToken(Base):
+    """A one-time, expiring secret that lets one machine enroll as a node."""
+
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(HEX_LEN), unique=True)
+    created_at: Mapped[float] = mapped_column(TIME)
+    expires_at: Mapped[float] = mapped_column(TIME)
+    used_at: Mapped[float | None] = mapped_column(TIME)
+    node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id"))
+
+
+class Model(Base):
+    """A named thing users version."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    created_at: Mapped[float] = mapped_column(TIME)
+
+    versions: Mapped[list[ModelVersion]] = relationship(back_populates="model", order_by="ModelVersion.id")
+
+
+class ModelVersion(Base):
+    """A release of a model; it exists once its first variant is uploaded."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    version: Mapped[str] = mapped_column(String(NAME_LEN))
+    created_at: Mapped[float] = mapped_column(TIME)
+
+    model: Mapped[Model] = relationship(back_populates="versions")
+    variants: Mapped[list[Variant]] = relationship(back_populates="version", order_by="Variant.variant")
+
+
+class Variant(Base):
+    """A build of a version for one hardware profile: its package digest and the tar blob that carries it."""
+
+    __tablename__ = "variants"
+    __table_args__ = (UniqueConstraint("version_id", "variant"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    variant: Mapped[str] = mapped_column(String(NAME_LEN))
+    profile: Mapped[str] = mapped_column(String(NAME_LEN))
+    runtime: Mapped[str] = mapped_column(String(64))
+    precision: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(7 + HEX_LEN))
+    blob: Mapped[str] = mapped_column(String(HEX_LEN), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(TIME)
+
+    version: Mapped[ModelVersion] = relationship(back_populates="variants")
+
+
+class Deployment(Base):
+    """Which version should run on the nodes whose labels match the selector."""
+
+    __tablename__ = "deployments"
+    # Ids are never reused (SQLite would hand out a deleted maximum again): a desired state names its deployment.
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    selector: Mapped[dict[str, str]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(TIME)
+
+    version: Mapped[ModelVersion] = relationship()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite connections get WAL, foreign keys and a busy timeout.
+
+    Nothing is connected yet.
+
+    Raises:
+        ConfigError: the URL does not parse or names a database driver that is not installed.
+    """
+    try:
+        engine = create_engine(url)
+    except (ArgumentError, ImportError) as exc:
+        raise ConfigError(f"cannot use database URL {url!r}: {exc}") from exc
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class Database:
+    """The engine and the one way services touch it: `transaction()`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in a transaction that commits when the block ends and rolls back on any error.
+
+        Strata errors raised inside the block pass through unchanged.
+
+        Raises:
+            Conflict: the commit broke a uniqueness or foreign-key rule (a concurrent write got there first).
+            StoreError: any other database failure.
+        """
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except IntegrityError as exc:
+            log.info("integrity error: %s", exc.orig)
+            raise Conflict("the change conflicts with what is stored; reload and try again") from exc
+        except SQLAlchemyError as exc:
+            log.warning("database error: %s", exc)
+            raise StoreError(f"database error: {type(exc).__name__}") from exc
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()

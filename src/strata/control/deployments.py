@@ -1,0 +1,152 @@
+"""Deployments: which version of a model should run on the nodes a label selector matches.
+
+Creating or deleting one bumps the fleet generation, so long-polling nodes learn about it at once. The rule that
+turns deployments into per-node desired states lives in `strata.control.desired`; this module loads its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from strata.control.db import Database, Deployment, Model, ModelVersion, Node
+from strata.control.desired import ActiveDeployment, count_matching
+from strata.control.feed import ChangeFeed
+from strata.core.errors import NotFound
+from strata.core.wire import ProtocolError, VariantRef, parse_labels
+
+
+@dataclass(frozen=True)
+class DeploymentInfo:
+    """A deployment as the API shows it, with how many live nodes its selector matches now."""
+
+    id: str
+    model: str
+    version: str
+    selector: dict[str, str]
+    created_at: float
+    matched_nodes: int
+
+
+def load_active_deployments(session: Session) -> tuple[ActiveDeployment, ...]:
+    """Every deployment with its version's variants, as the desired-state rule takes them.
+
+    Raises:
+        SQLAlchemyError: the query failed (callers run it inside `Database.transaction`, which wraps it).
+    """
+    rows = session.scalars(
+        select(Deployment).options(
+            selectinload(Deployment.version).selectinload(ModelVersion.variants),
+            selectinload(Deployment.version).selectinload(ModelVersion.model),
+        )
+    ).all()
+    return tuple(
+        ActiveDeployment(
+            id=row.id,
+            model=row.version.model.name,
+            version=row.version.version,
+            selector=dict(row.selector),
+            created_at=row.created_at,
+            variants=tuple(
+                VariantRef(
+                    id=v.variant,
+                    profile=v.profile,
+                    runtime=v.runtime,
+                    precision=v.precision,
+                    digest=v.digest,
+                    blob=v.blob,
+                    size=v.size,
+                )
+                for v in row.version.variants
+            ),
+        )
+        for row in rows
+    )
+
+
+def _live_labels(session: Session) -> list[dict[str, str]]:
+    return list(session.scalars(select(Node.labels).where(Node.revoked_at.is_(None))).all())
+
+
+def _info(row: Deployment, fleet_labels: list[dict[str, str]]) -> DeploymentInfo:
+    return DeploymentInfo(
+        id=str(row.id),
+        model=row.version.model.name,
+        version=row.version.version,
+        selector=dict(row.selector),
+        created_at=row.created_at,
+        matched_nodes=count_matching(row.selector, fleet_labels),
+    )
+
+
+def _parse_id(deployment_id: str) -> int:
+    if not deployment_id.isdecimal():
+        raise NotFound(f"no deployment {deployment_id!r}")
+    return int(deployment_id)
+
+
+class DeploymentService:
+    """Creates, lists and deletes deployments."""
+
+    def __init__(self, db: Database, feed: ChangeFeed, clock: Callable[[], float]) -> None:
+        self._db = db
+        self._feed = feed
+        self._clock = clock
+
+    def create(self, model: str, version: str, selector: Mapping[str, str]) -> DeploymentInfo:
+        """Pin `model` at `version` on the nodes `selector` matches (empty: every node).
+
+        Raises:
+            NotFound: no such model or version.
+            ProtocolError: the selector has an empty key, or the version has no variants to run.
+            StoreError: the database failed.
+        """
+        selector = parse_labels(dict(selector), "selector")
+        with self._db.transaction() as session:
+            row = session.scalar(
+                select(ModelVersion).join(Model).where(Model.name == model, ModelVersion.version == version)
+            )
+            if row is None:
+                if session.scalar(select(Model.id).where(Model.name == model)) is None:
+                    raise NotFound(f"no model {model!r}")
+                raise NotFound(f"model {model!r} has no version {version!r}")
+            if not row.variants:
+                raise ProtocolError(f"{model} {version} has no variants to deploy")
+            deployment = Deployment(version=row, selector=selector, created_at=self._clock())
+            session.add(deployment)
+            session.flush()
+            info = _info(deployment, _live_labels(session))
+        self._feed.bump()
+        return info
+
+    def list(self) -> list[DeploymentInfo]:
+        """Every deployment, newest first.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            rows = session.scalars(
+                select(Deployment)
+                .options(selectinload(Deployment.version).selectinload(ModelVersion.model))
+                .order_by(Deployment.created_at.desc(), Deployment.id.desc())
+            ).all()
+            fleet_labels = _live_labels(session)
+            return [_info(row, fleet_labels) for row in rows]
+
+    def delete(self, deployment_id: str) -> None:
+        """Remove a deployment; the nodes it decided fall back to the next matching one, or drop the model.
+
+        Raises:
+            NotFound: no such deployment.
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            row = session.get(Deployment, _parse_id(deployment_id))
+            if row is None:
+                raise NotFound(f"no deployment {deployment_id!r}")
+            session.delete(row)
+        self._feed.bump()

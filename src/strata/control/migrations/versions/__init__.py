@@ -1,0 +1,1 @@
+"""Alembic revision scripts, oldest first; each file is one schema change."""

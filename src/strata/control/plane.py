@@ -1,0 +1,96 @@
+"""The control plane's parts, built from `ServerSettings` and wired together once; the API reaches them here."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+
+from strata.control import migrations
+from strata.control.auth import Authenticator
+from strata.control.blobs import FileBlobStore
+from strata.control.db import Database, make_engine
+from strata.control.deployments import DeploymentService
+from strata.control.errors import StoreError
+from strata.control.feed import ChangeFeed
+from strata.control.fleet import FleetService
+from strata.control.presence import PresenceTracker
+from strata.control.registry import RegistryService
+from strata.control.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ControlPlane:
+    """Settings, storage and services of one server process."""
+
+    settings: ServerSettings
+    db: Database
+    feed: ChangeFeed
+    presence: PresenceTracker
+    authenticator: Authenticator
+    fleet: FleetService
+    registry: RegistryService
+    deployments: DeploymentService
+
+    @classmethod
+    def build(cls, settings: ServerSettings) -> ControlPlane:
+        """Create every part; nothing touches the disk or the database yet.
+
+        Raises:
+            ConfigError: the database URL cannot be used.
+        """
+        db = Database(make_engine(settings.database_url))
+        blobs = FileBlobStore(settings.blobs_dir, settings.tmp_dir)
+        feed = ChangeFeed()
+        presence = PresenceTracker()
+        authenticator = Authenticator(db, presence, settings.clock)
+        return cls(
+            settings=settings,
+            db=db,
+            feed=feed,
+            presence=presence,
+            authenticator=authenticator,
+            fleet=FleetService(db, blobs, feed, presence, authenticator, settings.clock, settings.online_window_s),
+            registry=RegistryService(db, blobs, feed, settings.clock, settings.tmp_dir, settings.max_package_bytes),
+            deployments=DeploymentService(db, feed, settings.clock),
+        )
+
+    def start(self) -> None:
+        """Prepare the data folder (an empty `tmp/`), migrate the database, and make sure an admin token exists.
+
+        Raises:
+            StoreError: the data folder or the database cannot be prepared.
+            ConfigError: the admin token file is unusable.
+        """
+        settings = self.settings
+        try:
+            shutil.rmtree(settings.tmp_dir, ignore_errors=True)
+            for folder in (settings.data_dir, settings.blobs_dir, settings.tmp_dir):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot prepare the data folder {settings.data_dir}: {exc}") from exc
+        migrations.upgrade(self.db.engine)
+        if self.authenticator.ensure_admin_token(settings.admin_token_path):
+            log.info("wrote a new admin token to %s", settings.admin_token_path)
+
+    def flush_presence(self) -> int:
+        """Write pending last-seen times; return how many nodes were written.
+
+        Raises:
+            StoreError: the database failed (the times stay pending).
+        """
+        return self.presence.flush(self.db)
+
+    def stop(self) -> None:
+        """End long polls, write pending last-seen times and close the database.
+
+        Raises:
+            StoreError: the final presence flush failed.
+        """
+        self.feed.close()
+        try:
+            self.flush_presence()
+        finally:
+            self.db.close()

@@ -1,0 +1,264 @@
+"""The model registry: package uploads, and the models, versions and variants they register.
+
+An upload is streamed into a temporary file while hashed, unpacked and verified whole with the core package
+reader, then stored as a blob under the tar's sha256 and registered. The same variant with the same package
+digest again is a no-op; with another digest it is a conflict (a variant id names one build forever).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from strata.control.blobs import BlobStore, StagedBlob
+from strata.control.db import Database, Model, ModelVersion, Variant
+from strata.control.errors import PayloadTooLarge, StoreError
+from strata.control.feed import ChangeFeed
+from strata.core.errors import Conflict, NotFound
+from strata.core.package import Manifest, unpack_tar
+from strata.core.profiles import get_profile
+
+
+@dataclass(frozen=True)
+class AddedPackage:
+    """The outcome of an upload: which variant it is, where its tar is stored, and whether it was new."""
+
+    model: str
+    version: str
+    variant: str
+    digest: str
+    blob: str
+    size: int
+    created: bool
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    """A registered variant: its build facts, package digest, tar blob, metrics and signature."""
+
+    id: str
+    profile: str
+    runtime: str
+    precision: str
+    digest: str
+    blob: str
+    size: int
+    metrics: dict[str, Any]
+    created_at: float
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A version of a model with its variants, sorted by id."""
+
+    version: str
+    created_at: float
+    variants: tuple[VariantInfo, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model with its versions, oldest first."""
+
+    name: str
+    created_at: float
+    versions: tuple[VersionInfo, ...]
+
+
+def _variant_info(row: Variant) -> VariantInfo:
+    return VariantInfo(
+        id=row.variant,
+        profile=row.profile,
+        runtime=row.runtime,
+        precision=row.precision,
+        digest=row.digest,
+        blob=row.blob,
+        size=row.size,
+        metrics=dict(row.metrics),
+        created_at=row.created_at,
+        inputs=list(row.manifest.get("inputs", [])),
+        outputs=list(row.manifest.get("outputs", [])),
+    )
+
+
+def _version_info(row: ModelVersion) -> VersionInfo:
+    return VersionInfo(
+        version=row.version,
+        created_at=row.created_at,
+        variants=tuple(_variant_info(v) for v in row.variants),
+    )
+
+
+def _model_info(row: Model) -> ModelInfo:
+    return ModelInfo(name=row.name, created_at=row.created_at, versions=tuple(_version_info(v) for v in row.versions))
+
+
+_WITH_VARIANTS = selectinload(Model.versions).selectinload(ModelVersion.variants)
+
+
+class RegistryService:
+    """Registers uploaded packages and answers what models, versions and variants exist."""
+
+    def __init__(
+        self,
+        db: Database,
+        blobs: BlobStore,
+        feed: ChangeFeed,
+        clock: Callable[[], float],
+        tmp_dir: Path,
+        max_package_bytes: int,
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._feed = feed
+        self._clock = clock
+        self._tmp_dir = tmp_dir
+        self._max_package_bytes = max_package_bytes
+        # One registration at a time in this process; the unique constraints guard against other processes.
+        self._register_lock = threading.Lock()
+
+    def add_package(self, chunks: Iterable[bytes], declared_size: int | None = None) -> AddedPackage:
+        """Receive a package tar, verify it whole, store it as a blob and register its variant.
+
+        Args:
+            chunks: the tar's bytes, in pieces; consumed once.
+            declared_size: the size the sender announced (Content-Length), refused early when too large.
+
+        Raises:
+            PayloadTooLarge: the tar is larger than `max_package_bytes`.
+            PackageError, VerificationError: the tar is not a valid package, or its files do not match.
+            ProfileError: the package names an unknown hardware profile.
+            Conflict: this variant id is registered with another package digest.
+            StoreError: the database or the blob store failed.
+        """
+        if declared_size is not None and declared_size > self._max_package_bytes:
+            raise PayloadTooLarge(f"the package is larger than the {self._max_package_bytes} bytes this server accepts")
+        with self._blobs.stage(chunks, self._max_package_bytes) as staged:
+            manifest = self._verify(staged)
+            get_profile(manifest.profile)
+            with self._register_lock:
+                added = self._register(manifest, staged)
+        if added.created:
+            self._feed.bump()
+        return added
+
+    def _verify(self, staged: StagedBlob) -> Manifest:
+        try:
+            with tempfile.TemporaryDirectory(dir=self._tmp_dir, prefix=".unpack.") as work:
+                return unpack_tar(staged.path, Path(work) / "package").manifest
+        except OSError as exc:
+            raise StoreError(f"cannot unpack the package for verification: {exc}") from exc
+
+    def _register(self, manifest: Manifest, staged: StagedBlob) -> AddedPackage:
+        with self._db.transaction() as session:
+            existing = session.scalar(
+                select(Variant)
+                .join(ModelVersion)
+                .join(Model)
+                .where(
+                    Model.name == manifest.name,
+                    ModelVersion.version == manifest.version,
+                    Variant.variant == manifest.variant,
+                )
+            )
+            if existing is not None:
+                if existing.digest != manifest.digest:
+                    raise Conflict(
+                        f"{manifest.name} {manifest.version} already has a variant {manifest.variant} with digest "
+                        f"{existing.digest}; this package is {manifest.digest}. Upload it under a new version."
+                    )
+                return AddedPackage(
+                    manifest.name,
+                    manifest.version,
+                    manifest.variant,
+                    existing.digest,
+                    existing.blob,
+                    existing.size,
+                    False,
+                )
+            now = self._clock()
+            version = self._version_row(session, manifest, now)
+            # The blob goes in first: a crash after it leaves an unreferenced blob, never a row without its blob.
+            blob = self._blobs.commit(staged)
+            session.add(
+                Variant(
+                    version=version,
+                    variant=manifest.variant,
+                    profile=manifest.profile,
+                    runtime=manifest.runtime,
+                    precision=manifest.precision,
+                    digest=manifest.digest,
+                    blob=blob.sha256,
+                    size=blob.size,
+                    metrics=dict(manifest.metrics),
+                    manifest=manifest.to_json(),
+                    created_at=now,
+                )
+            )
+        return AddedPackage(
+            manifest.name, manifest.version, manifest.variant, manifest.digest, blob.sha256, blob.size, True
+        )
+
+    @staticmethod
+    def _version_row(session: Session, manifest: Manifest, now: float) -> ModelVersion:
+        model = session.scalar(select(Model).where(Model.name == manifest.name))
+        if model is None:
+            model = Model(name=manifest.name, created_at=now)
+            session.add(model)
+        version = session.scalar(
+            select(ModelVersion).where(ModelVersion.model == model, ModelVersion.version == manifest.version)
+        )
+        if version is None:
+            version = ModelVersion(model=model, version=manifest.version, created_at=now)
+            session.add(version)
+        return version
+
+    def list_models(self) -> list[ModelInfo]:
+        """Every model with its versions and variants, by name.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            rows = session.scalars(select(Model).options(_WITH_VARIANTS).order_by(Model.name)).all()
+            return [_model_info(row) for row in rows]
+
+    def get_model(self, name: str) -> ModelInfo:
+        """One model with its versions and variants.
+
+        Raises:
+            NotFound: no such model.
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            return _model_info(self._model_row(session, name))
+
+    def get_version(self, name: str, version: str) -> VersionInfo:
+        """One version of a model with its variants.
+
+        Raises:
+            NotFound: no such model, or no such version of it.
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            model = self._model_row(session, name)
+            for row in model.versions:
+                if row.version == version:
+                    return _version_info(row)
+        raise NotFound(f"model {name!r} has no version {version!r}")
+
+    @staticmethod
+    def _model_row(session: Session, name: str) -> Model:
+        row = session.scalar(select(Model).options(_WITH_VARIANTS).where(Model.name == name))
+        if row is None:
+            raise NotFound(f"no model {name!r}")
+        return row

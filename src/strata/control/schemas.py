@@ -1,0 +1,198 @@
+"""Request and response bodies of the `/v1` API as pydantic models, so the OpenAPI document describes them.
+
+The shapes of enrollment, desired state and node status are those of `strata.core.wire`; requests convert to
+those dataclasses before a service sees them, and services return dataclasses that these models serialise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from strata.control.fleet import MAX_ENROLLMENT_TTL_S
+from strata.core.wire import TIERS, EnrollRequest
+
+
+class HealthBody(BaseModel):
+    status: str = Field(description="'ok' when the server answers")
+    version: str = Field(description="strata version of the server")
+
+
+# --- enrollment ------------------------------------------------------------------------------------------
+
+
+class EnrollmentTokenRequest(BaseModel):
+    ttl_seconds: int = Field(3600, ge=1, le=MAX_ENROLLMENT_TTL_S, description="how long the token may be used")
+
+
+class EnrollmentTokenBody(BaseModel):
+    token: str = Field(description="one-time secret; shown only now")
+    expires_at: float = Field(description="epoch seconds after which the token no longer enrolls")
+
+
+class EnrollRequestBody(BaseModel):
+    token: str = Field(description="the enrollment token; it is the credential of this call")
+    name: str = Field(description="node name, unique in the fleet; enrolling an existing name re-enrolls that node")
+    tier: str = Field(json_schema_extra={"enum": list(TIERS)})
+    labels: dict[str, str] = Field(default_factory=dict)
+    profile: str = Field(description="hardware profile id from the catalog")
+    emulated: bool = False
+    agent_version: str = Field("", max_length=128)
+    facts: dict[str, Any] = Field(default_factory=dict)
+
+    def to_core(self) -> EnrollRequest:
+        """The wire dataclass the fleet service takes."""
+        return EnrollRequest(**self.model_dump())
+
+
+class EnrollResponseBody(BaseModel):
+    node_id: str
+    credential: str = Field(description="the node's bearer credential; shown only now")
+
+
+# --- desired state ---------------------------------------------------------------------------------------
+
+
+class VariantRefBody(BaseModel):
+    id: str
+    profile: str
+    runtime: str
+    precision: str
+    digest: str = Field(description="package digest, sha256:<hex> of the canonical manifest")
+    blob: str = Field(description="hex sha256 of the package tar, at /v1/blobs/sha256/{blob}")
+    size: int = Field(description="bytes of the package tar")
+
+
+class DesiredModelBody(BaseModel):
+    name: str
+    version: str
+    deployment: str = Field(description="id of the deployment that decided this version")
+    variants: list[VariantRefBody]
+
+
+class DesiredStateBody(BaseModel):
+    node_id: str
+    models: list[DesiredModelBody]
+
+
+# --- observed state ---------------------------------------------------------------------------------------
+
+
+class ModelStatusBody(BaseModel):
+    name: str
+    version: str
+    variant: str
+    digest: str
+    activated_at: float
+    previous_version: str | None = None
+    previous_digest: str | None = None
+
+
+class FailureBody(BaseModel):
+    model: str
+    version: str
+    variant: str | None = None
+    reason: str
+    at: float
+    attempts: int = 1
+
+
+class NodeStatusBody(BaseModel):
+    tier: str = Field(json_schema_extra={"enum": list(TIERS)})
+    labels: dict[str, str] = Field(default_factory=dict)
+    profile: str
+    emulated: bool = False
+    agent_version: str = Field("", max_length=128)
+    models: list[ModelStatusBody] = Field(default_factory=list)
+    failures: list[FailureBody] = Field(default_factory=list)
+    desired_etag: str | None = Field(
+        None, max_length=80, description="ETag of the desired state the node last received"
+    )
+    serve_url: str | None = None
+
+
+class NodeBody(BaseModel):
+    id: str
+    name: str
+    tier: str
+    labels: dict[str, str]
+    profile: str
+    emulated: bool
+    agent_version: str
+    online: bool = Field(description="seen within the server's online window")
+    last_seen: float | None
+    models: dict[str, str] = Field(description="model name -> active version, from the last status")
+    failures: list[FailureBody]
+    serve_url: str | None
+    desired_etag: str = Field(description="ETag of the node's current desired state")
+    reported_etag: str | None = Field(description="ETag the node last reported having")
+    in_sync: bool = Field(description="the node reported the current desired state")
+
+
+# --- registry -------------------------------------------------------------------------------------------
+
+
+class TensorSpecBody(BaseModel):
+    name: str
+    datatype: str = Field(description="Open Inference Protocol datatype")
+    shape: list[int] = Field(description="-1 marks a dynamic dimension")
+
+
+class VariantBody(BaseModel):
+    id: str
+    profile: str
+    runtime: str
+    precision: str
+    digest: str
+    blob: str
+    size: int
+    metrics: dict[str, Any]
+    created_at: float
+    inputs: list[TensorSpecBody]
+    outputs: list[TensorSpecBody]
+
+
+class VersionBody(BaseModel):
+    version: str
+    created_at: float
+    variants: list[VariantBody]
+
+
+class ModelBody(BaseModel):
+    name: str
+    created_at: float
+    versions: list[VersionBody]
+
+
+class PackageAddedBody(BaseModel):
+    model: str
+    version: str
+    variant: str
+    digest: str
+    blob: str
+    size: int
+    created: bool = Field(description="false when this exact package was registered before")
+
+
+# --- deployments ----------------------------------------------------------------------------------------
+
+
+class DeploymentRequest(BaseModel):
+    model: str
+    version: str
+    selector: dict[str, str] = Field(default_factory=dict, description="label equality; empty selects every node")
+
+
+class DeploymentBody(BaseModel):
+    id: str
+    model: str
+    version: str
+    selector: dict[str, str]
+    created_at: float
+    matched_nodes: int = Field(description="live nodes the selector matches now")
+
+
+class ErrorBody(BaseModel):
+    error: str
+    code: str

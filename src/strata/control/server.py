@@ -1,0 +1,106 @@
+"""`serve()`: run the control plane in this process under uvicorn until SIGTERM or SIGINT.
+
+A signal ends long polls at once, lets requests in flight finish, flushes presence and closes the database; the
+process then exits with status 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+
+from strata.control.app import create_app
+from strata.control.plane import ControlPlane
+from strata.control.settings import ServerSettings
+from strata.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Requests still running this long after a shutdown signal are cancelled (long polls end at once anyway).
+GRACEFUL_SHUTDOWN_S = 10
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, told about the control plane: it announces where it listens, ends long polls as
+    soon as shutdown begins (uvicorn would otherwise wait for them), and exits normally after a signal."""
+
+    def __init__(self, config: uvicorn.Config, plane: ControlPlane) -> None:
+        super().__init__(config)
+        self._plane = plane
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            log.info("strata server listening on http://%s:%d (data: %s)", host, port, self._plane.settings.data_dir)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._plane.feed.close()
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises the signal after a graceful shutdown, which would make the exit status -15; a
+        # shutdown that completed is a normal exit for strata.
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _logging_config(level: str) -> dict[str, Any]:
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["strata"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+def serve(
+    *,
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 8700,
+    db_url: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Run the control plane on `host:port` with its data in `data_dir`, until SIGTERM or SIGINT.
+
+    The admin token is in `data_dir/admin.token` before the server listens.
+
+    Raises:
+        ConfigError: an unknown log level, a data folder that cannot be created, or an unusable database URL.
+        SystemExit: uvicorn could not start (the port is taken, or the database cannot be migrated); the reason
+            is logged.
+    """
+    level = log_level.lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log level {log_level!r} is not one of {list(LOG_LEVELS)}")
+    data_dir = data_dir.expanduser().resolve()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the data folder {data_dir}: {exc}") from exc
+    app = create_app(ServerSettings(data_dir=data_dir, db_url=db_url))
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=level,
+        log_config=_logging_config(level),
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    _Server(config, app.state.plane).run()

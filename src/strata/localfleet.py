@@ -1,0 +1,298 @@
+"""A whole fleet on one machine: a control plane and agents as real processes on free loopback ports.
+
+What `strata demo` runs, and what the integration tests and benchmarks use to drive real processes.
+Every process writes its log to a file in the fleet's folder; `close()` stops everything it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from strata.cli.client import ControlClient
+from strata.core.errors import StrataError
+
+T = TypeVar("T")
+
+
+class FleetError(StrataError):
+    """A local fleet process did not start, or a condition was not reached in time."""
+
+    code = "local_fleet_failed"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ManagedProcess:
+    """A process this fleet started, with its command line and log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str]
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        try:
+            self.popen = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env
+            )
+        finally:
+            log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    @property
+    def pid(self) -> int:
+        if self.popen is None:
+            raise FleetError(f"{self.name} was never started")
+        return self.popen.pid
+
+    def signal(self, signum: int) -> None:
+        if self.running and self.popen is not None:
+            self.popen.send_signal(signum)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout`; return the exit status."""
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a power cut would."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@dataclass
+class AgentHandle:
+    name: str
+    tier: str
+    labels: dict[str, str]
+    data_dir: Path
+    serve_port: int
+    process: ManagedProcess
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://127.0.0.1:{self.serve_port}"
+
+
+@dataclass
+class LocalFleet:
+    """A control plane and agents under `root`. Use as a context manager, or call `close()`."""
+
+    root: Path
+    python: str = sys.executable
+    poll_wait_s: float = 10.0
+    server_port: int = 0
+    agents: dict[str, AgentHandle] = field(default_factory=dict)
+    server: ManagedProcess | None = None
+    _client: ControlClient | None = None
+
+    def __enter__(self) -> LocalFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def server_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    @property
+    def server_dir(self) -> Path:
+        return self.root / "server"
+
+    @property
+    def admin_token(self) -> str:
+        return (self.server_dir / "admin.token").read_text().strip()
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def strata(self, *args: str) -> list[str]:
+        return [self.python, "-m", "strata", *args]
+
+    # --- control plane ----------------------------------------------------------------------------------
+
+    def start_server(self, timeout: float = 30.0, extra_args: Sequence[str] = ()) -> None:
+        """Start (or restart on the same port and data) the control plane and wait until it answers."""
+        if not self.server_port:
+            self.server_port = free_port()
+        argv = self.strata("server", "--data-dir", str(self.server_dir), "--port", str(self.server_port), *extra_args)
+        self.server = ManagedProcess("server", argv, self.root / "logs" / "server.log", self._env())
+        self.server.start()
+        self.wait_for(self._server_healthy, timeout, "the control plane to answer", self.server)
+        self._client = None
+
+    def _server_healthy(self) -> bool:
+        if not (self.server_dir / "admin.token").exists():
+            return False
+        try:
+            response = httpx.get(
+                f"{self.server_url}/v1/health", headers={"authorization": f"Bearer {self.admin_token}"}, timeout=2
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self._client = None
+
+    @property
+    def client(self) -> ControlClient:
+        if self._client is None:
+            self._client = ControlClient(self.server_url, self.admin_token)
+        return self._client
+
+    # --- agents -----------------------------------------------------------------------------------------
+
+    def start_agent(
+        self,
+        name: str,
+        tier: str = "device",
+        labels: dict[str, str] | None = None,
+        *,
+        profile: str | None = None,
+        extra_args: Sequence[str] = (),
+        enroll: bool = True,
+        data_dir: Path | None = None,
+    ) -> AgentHandle:
+        """Start an agent process (enrolling it with a fresh token the first time)."""
+        existing = self.agents.get(name)
+        labels = dict(labels if labels is not None else (existing.labels if existing else {}))
+        if data_dir is None:
+            data_dir = existing.data_dir if existing else self.root / "nodes" / name
+        port = existing.serve_port if existing else free_port()
+        argv = self.strata(
+            "agent",
+            "--server", self.server_url,
+            "--data-dir", str(data_dir),
+            "--name", name,
+            "--tier", tier,
+            "--serve-port", str(port),
+            "--poll-wait", f"{self.poll_wait_s:g}",
+        )  # fmt: skip
+        for key, value in labels.items():
+            argv += ["--label", f"{key}={value}"]
+        if profile is not None:
+            argv += ["--profile", profile]
+        if enroll and not (data_dir / "credential.json").exists():
+            argv += ["--enroll-token", str(self.client.create_enrollment_token(600)["token"])]
+        argv += list(extra_args)
+        process = ManagedProcess(f"agent {name}", argv, self.root / "logs" / f"{name}.log", self._env())
+        process.start()
+        handle = AgentHandle(name, tier, labels, data_dir, port, process)
+        self.agents[name] = handle
+        return handle
+
+    def restart_agent(self, name: str, extra_args: Sequence[str] = ()) -> AgentHandle:
+        handle = self.agents[name]
+        handle.process.stop()
+        return self.start_agent(name, handle.tier, handle.labels, extra_args=extra_args, enroll=False)
+
+    def agent_live(self, name: str) -> bool:
+        try:
+            response = httpx.get(f"{self.agents[name].serve_url}/v2/health/live", timeout=2)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    # --- waiting ----------------------------------------------------------------------------------------
+
+    def wait_for(
+        self,
+        condition: Callable[[], T | None],
+        timeout: float,
+        what: str,
+        process: ManagedProcess | None = None,
+        interval: float = 0.1,
+    ) -> T:
+        """Poll `condition` until it returns something truthy; raise FleetError with the log tail if not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if process is not None and not process.running:
+                raise FleetError(f"{process.name} exited while waiting for {what}:\n{process.log_tail()}")
+            if time.monotonic() > deadline:
+                tail = f"\n{process.log_tail()}" if process is not None else ""
+                raise FleetError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
+            time.sleep(interval)
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return {node["name"]: node for node in self.client.nodes()}
+
+    def wait_for_versions(self, expected: dict[str, dict[str, str]], timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until each named node reports exactly these active model versions."""
+
+        def reached() -> dict[str, Any] | None:
+            nodes = self.nodes()
+            for name, models in expected.items():
+                node = nodes.get(name)
+                if node is None or node.get("models") != models:
+                    return None
+            return nodes
+
+        try:
+            return self.wait_for(reached, timeout, f"nodes to run {expected}")
+        except FleetError as exc:
+            tails = "\n".join(f"--- {h.name}\n{h.process.log_tail(15)}" for h in self.agents.values())
+            raise FleetError(f"{exc}\nnodes now: {self.nodes()}\n{tails}") from None
+
+    # --- teardown ---------------------------------------------------------------------------------------
+
+    def processes(self) -> Iterator[ManagedProcess]:
+        yield from (handle.process for handle in self.agents.values())
+        if self.server is not None:
+            yield self.server
+
+    def close(self) -> None:
+        """Stop every process this fleet started (agents first, then the server)."""
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+        for process in self.processes():
+            process.stop()

@@ -1,0 +1,186 @@
+"""The whole path with real processes: package, push, deploy by labels, pull, verify, activate, serve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from e2e_helpers import push_model
+
+from strata.core.oip import encode_request
+from strata.examples.digits import load_data
+from strata.localfleet import LocalFleet
+
+pytestmark = pytest.mark.slow
+
+X = load_data().test_x[:16]
+
+
+def labels_from(url: str, version: str | None = None) -> tuple[str, list[int]]:
+    path = f"/v2/models/digits/versions/{version}/infer" if version else "/v2/models/digits/infer"
+    body = {"inputs": [{"name": "X", "datatype": "FP32", "shape": list(X.shape), "data": X.ravel().tolist()}]}
+    response = httpx.post(url + path, json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    label = next(o for o in answer["outputs"] if o["name"] == "label")
+    return answer["model_version"], label["data"]
+
+
+def local_labels(model: Path) -> list[int]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return [int(v) for v in session.run(["label"], {"X": X})[0]]
+
+
+def strata_cli(fleet: LocalFleet, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "STRATA_SERVER": fleet.server_url, "STRATA_TOKEN": fleet.admin_token}
+    return subprocess.run(
+        [sys.executable, "-m", "strata", *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_deploy_by_labels_then_update_one_region_through_the_cli(
+    fleet: LocalFleet, digits_onnx: Path, digits_onnx_v2: Path, tmp_path: Path
+) -> None:
+    fleet.start_agent("eu-1", "device", {"fleet": "t", "region": "eu"})
+    fleet.start_agent("us-1", "near-edge", {"fleet": "t", "region": "us"})
+    fleet.wait_for(lambda: len(fleet.nodes()) == 2, 30, "two nodes")
+
+    pushed = strata_cli(fleet, "model", "push", str(digits_onnx), "--name", "digits", "--version", "1", "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout)[0]["variant"] == "cpu-generic-fp32"
+    deployed = strata_cli(fleet, "deploy", "digits", "1", "--selector", "fleet=t")
+    assert deployed.returncode == 0, deployed.stderr
+    fleet.wait_for_versions({"eu-1": {"digits": "1"}, "us-1": {"digits": "1"}})
+    assert labels_from(fleet.agents["eu-1"].serve_url) == ("1", local_labels(digits_onnx))
+
+    push_model(fleet, digits_onnx_v2, "2", tmp_path)
+    assert strata_cli(fleet, "deploy", "digits", "2", "--selector", "region=eu").returncode == 0
+    nodes = fleet.wait_for_versions({"eu-1": {"digits": "2"}, "us-1": {"digits": "1"}})
+    assert labels_from(fleet.agents["eu-1"].serve_url) == ("2", local_labels(digits_onnx_v2))
+    assert labels_from(fleet.agents["us-1"].serve_url)[0] == "1"
+    # The previous slot is kept for rollback.
+    state = json.loads((fleet.agents["eu-1"].data_dir / "state.json").read_text())
+    assert state["models"]["digits"]["previous"]["version"] == "1"
+
+    listed = strata_cli(fleet, "nodes", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert rows["eu-1"]["models"] == {"digits": "2"}
+    assert rows["us-1"]["tier"] == "near-edge"
+    assert rows["us-1"]["labels"] == {"fleet": "t", "region": "us"}
+    assert all(row["online"] for row in rows.values())
+    assert nodes["eu-1"]["in_sync"]
+    table = strata_cli(fleet, "nodes", "list")
+    assert "eu-1" in table.stdout
+    assert "digits=2" in table.stdout
+
+
+def test_token_create_prints_the_token_alone_on_its_last_line(fleet: LocalFleet) -> None:
+    created = strata_cli(fleet, "token", "create", "--ttl", "10m")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip().splitlines()[-1]
+    assert len(token) >= 32
+    assert " " not in token
+
+
+def test_a_node_cannot_read_another_nodes_desired_state(fleet: LocalFleet, digits_onnx: Path, tmp_path: Path) -> None:
+    a = fleet.start_agent("node-a", labels={"who": "a"})
+    b = fleet.start_agent("node-b", labels={"who": "b"})
+    fleet.wait_for(lambda: len(fleet.nodes()) == 2, 30, "two nodes")
+    push_model(fleet, digits_onnx, "1", tmp_path)
+    fleet.client.deploy("digits", "1", {"who": "b"})
+    fleet.wait_for_versions({"node-b": {"digits": "1"}, "node-a": {}})
+
+    cred_a = json.loads((a.data_dir / "credential.json").read_text())
+    cred_b = json.loads((b.data_dir / "credential.json").read_text())
+    as_a = {"authorization": f"Bearer {cred_a['credential']}"}
+    own = httpx.get(f"{fleet.server_url}/v1/nodes/{cred_a['node_id']}/desired", headers=as_a)
+    assert own.status_code == 200
+    other = httpx.get(f"{fleet.server_url}/v1/nodes/{cred_b['node_id']}/desired", headers=as_a)
+    assert other.status_code == 403
+    assert "error" in other.json()
+
+    # A second agent process holding node A's secret but claiming node B's id is refused too.
+    thief_dir = tmp_path / "thief"
+    thief_dir.mkdir()
+    forged = {"server": fleet.server_url, "node_id": cred_b["node_id"], "credential": cred_a["credential"]}
+    (thief_dir / "credential.json").write_text(json.dumps(forged))
+    thief = fleet.start_agent("thief", labels={"who": "b"}, enroll=False, data_dir=thief_dir)
+    fleet.wait_for(lambda: "refused" in thief.process.log_tail(50), 30, "the thief to be refused", thief.process)
+    assert not (thief_dir / "desired.json").exists()
+    assert list((thief_dir / "packages").iterdir()) == []
+
+
+def test_node_keeps_serving_without_its_control_plane(
+    fleet: LocalFleet, digits_onnx: Path, digits_onnx_v2: Path, tmp_path: Path
+) -> None:
+    fleet.start_agent("edge", labels={"site": "x"})
+    push_model(fleet, digits_onnx, "1", tmp_path)
+    fleet.client.deploy("digits", "1", {"site": "x"})
+    fleet.wait_for_versions({"edge": {"digits": "1"}})
+    url = fleet.agents["edge"].serve_url
+
+    fleet.stop_server()
+    assert labels_from(url)[0] == "1"
+    # Restarted while the server is gone, it comes back serving from its data folder.
+    fleet.restart_agent("edge")
+    fleet.wait_for(lambda: fleet.agent_live("edge"), 30, "the agent to serve again", fleet.agents["edge"].process)
+    assert labels_from(url) == ("1", local_labels(digits_onnx))
+    ready = httpx.get(url + "/v2/health/ready")
+    assert ready.status_code == 200
+
+    fleet.start_server()
+    push_model(fleet, digits_onnx_v2, "2", tmp_path)
+    fleet.client.deploy("digits", "2", {"site": "x"})
+    fleet.wait_for_versions({"edge": {"digits": "2"}}, timeout=90)
+    assert labels_from(url)[0] == "2"
+
+
+def test_restart_reuses_the_stored_credential(fleet: LocalFleet) -> None:
+    handle = fleet.start_agent("edge")
+    credential = handle.data_dir / "credential.json"
+    fleet.wait_for(credential.exists, 30, "enrollment", handle.process)
+    first = json.loads((handle.data_dir / "credential.json").read_text())
+    # Same arguments, including the (now used) enrollment token: it must be ignored.
+    argv = handle.process.argv
+    handle.process.stop()
+    handle.process.start()
+    assert "--enroll-token" in argv
+    fleet.wait_for(lambda: fleet.agent_live("edge"), 30, "restart", handle.process)
+    time.sleep(1)
+    assert handle.process.running, handle.process.log_tail()
+    assert json.loads((handle.data_dir / "credential.json").read_text()) == first
+    assert len(fleet.nodes()) == 1
+
+
+def test_wrong_inputs_get_4xx_from_a_real_agent(fleet: LocalFleet, digits_onnx: Path, tmp_path: Path) -> None:
+    fleet.start_agent("edge")
+    push_model(fleet, digits_onnx, "1", tmp_path)
+    fleet.client.deploy("digits", "1", {})
+    fleet.wait_for_versions({"edge": {"digits": "1"}})
+    url = fleet.agents["edge"].serve_url + "/v2/models/digits/infer"
+    cases = [
+        {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 63], "data": [0.0] * 63}]},
+        {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]},
+        {"inputs": [{"name": "X", "datatype": "INT64", "shape": [1, 64], "data": [0] * 64}]},
+        {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 10}]},
+    ]
+    for body in cases:
+        response = httpx.post(url, json=body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]
+    binary, length = encode_request({"X": np.zeros((1, 64), np.float32)})
+    assert length is not None
+    response = httpx.post(url, content=binary[:-4], headers={"Inference-Header-Content-Length": str(length)})
+    assert response.status_code == 400
+    missing = httpx.post(fleet.agents["edge"].serve_url + "/v2/models/nope/infer", json=cases[0])
+    assert missing.status_code == 404

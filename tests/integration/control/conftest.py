@@ -1,0 +1,71 @@
+"""Fixtures for the control plane API: a real app over a real SQLite file, driven in-process by TestClient."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from control_harness import Harness, ManualClock, StartServer
+from fastapi.testclient import TestClient
+
+from strata.control.app import create_app
+from strata.control.settings import ServerSettings
+from strata.core.package import build_package, tar_bytes
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, clock: ManualClock) -> ServerSettings:
+    # Presence is flushed by hand in tests unless a test asks for the background flusher.
+    return ServerSettings(data_dir=tmp_path / "data", clock=clock, presence_flush_s=3600)
+
+
+@pytest.fixture
+def start_server(clock: ManualClock) -> StartServer:
+    """Start a control plane over `settings` for the length of a `with` block (lifespan included)."""
+
+    @contextlib.contextmanager
+    def start(settings: ServerSettings) -> Iterator[Harness]:
+        app = create_app(replace(settings, clock=clock))
+        with TestClient(app) as client:
+            harness = Harness(client=client, plane=app.state.plane, clock=clock)
+            token = settings.admin_token_path.read_text().strip()
+            harness.admin = {"Authorization": f"Bearer {token}"}
+            yield harness
+
+    return start
+
+
+@pytest.fixture
+def server(settings: ServerSettings, start_server: StartServer) -> Iterator[Harness]:
+    with start_server(settings) as harness:
+        yield harness
+
+
+@pytest.fixture(scope="session")
+def make_package(digits_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., bytes]:
+    """Package tars of the real digits model, built once per distinct set of arguments."""
+    built: dict[tuple[Any, ...], bytes] = {}
+
+    def make(
+        name: str = "digits",
+        version: str = "1",
+        profile: str = "cpu-generic",
+        metrics: dict[str, Any] | None = None,
+    ) -> bytes:
+        key = (name, version, profile, tuple(sorted((metrics or {}).items())))
+        if key not in built:
+            out = tmp_path_factory.mktemp("package") / "pkg"
+            package = build_package(digits_onnx, out, name=name, version=version, profile=profile, metrics=metrics)
+            built[key] = tar_bytes(package)
+        return built[key]
+
+    return make

@@ -1,0 +1,135 @@
+"""Who may call what: the admin token's life cycle, 401 for missing or unknown credentials, 403 across nodes."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+from control_harness import Harness, StartServer
+
+from strata.control.settings import ServerSettings
+
+# Every route of the API with a path that names real-looking ids; the auth check runs before any lookup.
+ROUTES = [
+    ("GET", "/v1/health"),
+    ("GET", "/v1/openapi.json"),
+    ("POST", "/v1/enrollment-tokens"),
+    ("GET", "/v1/nodes"),
+    ("GET", "/v1/nodes/abc"),
+    ("DELETE", "/v1/nodes/abc"),
+    ("GET", "/v1/nodes/abc/desired"),
+    ("PUT", "/v1/nodes/abc/status"),
+    ("POST", "/v1/packages"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/digits"),
+    ("GET", "/v1/models/digits/versions/1"),
+    ("POST", "/v1/deployments"),
+    ("GET", "/v1/deployments"),
+    ("DELETE", "/v1/deployments/1"),
+    ("GET", "/v1/blobs/sha256/" + "0" * 64),
+]
+
+
+def test_admin_token_is_written_once_and_kept_across_restarts(
+    settings: ServerSettings, start_server: StartServer
+) -> None:
+    with start_server(settings) as first:
+        token = settings.admin_token_path.read_text()
+        assert stat.S_IMODE(settings.admin_token_path.stat().st_mode) == 0o600
+        assert first.client.get("/v1/health", headers=first.admin).status_code == 200
+    with start_server(settings) as second:
+        assert settings.admin_token_path.read_text() == token
+        assert second.admin == first.admin
+        assert second.client.get("/v1/health", headers=second.admin).json()["status"] == "ok"
+
+
+def test_a_token_file_unknown_to_a_fresh_database_is_adopted_not_overwritten(
+    settings: ServerSettings, start_server: StartServer
+) -> None:
+    settings.data_dir.mkdir(parents=True)
+    settings.admin_token_path.write_text("operator-chosen-secret\n")
+    with start_server(settings) as server:
+        assert settings.admin_token_path.read_text() == "operator-chosen-secret\n"
+        headers = {"Authorization": "Bearer operator-chosen-secret"}
+        assert server.client.get("/v1/nodes", headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+@pytest.mark.parametrize("authorization", [None, "Bearer not-a-known-token", "Basic dXNlcjpwYXNz"])
+def test_every_route_refuses_missing_or_unknown_credentials(
+    server: Harness, method: str, path: str, authorization: str | None
+) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    response = server.client.request(method, path, headers=headers)
+    assert response.status_code == 401
+    assert response.json()["code"] == "unauthenticated"
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_admin_routes_refuse_nodes(server: Harness) -> None:
+    node = server.enroll("edge-1")
+    for method, path in [
+        ("GET", "/v1/openapi.json"),
+        ("POST", "/v1/enrollment-tokens"),
+        ("GET", "/v1/nodes"),
+        ("DELETE", f"/v1/nodes/{node.node_id}"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/deployments"),
+        ("POST", "/v1/deployments"),
+        ("POST", "/v1/packages"),
+    ]:
+        response = server.client.request(method, path, headers=node.headers, json={})
+        assert response.status_code == 403, (method, path, response.text)
+        assert response.json() == {"error": "this needs an admin credential", "code": "forbidden"}
+
+
+def test_a_node_may_not_read_or_write_another_nodes_records(server: Harness) -> None:
+    a = server.enroll("edge-a")
+    b = server.enroll("edge-b")
+    status = {"tier": "device", "labels": {}, "profile": "cpu-generic"}
+    assert server.client.get(f"/v1/nodes/{b.node_id}/desired", headers=a.headers).status_code == 403
+    assert server.client.get(f"/v1/nodes/{b.node_id}", headers=a.headers).status_code == 403
+    assert server.client.put(f"/v1/nodes/{b.node_id}/status", json=status, headers=a.headers).status_code == 403
+    # Its own records are fine.
+    assert server.client.get(f"/v1/nodes/{a.node_id}/desired", headers=a.headers).status_code == 200
+    assert server.client.get(f"/v1/nodes/{a.node_id}", headers=a.headers).json()["name"] == "edge-a"
+    assert server.client.put(f"/v1/nodes/{a.node_id}/status", json=status, headers=a.headers).status_code == 204
+
+
+def test_only_the_node_itself_reports_its_status(server: Harness) -> None:
+    node = server.enroll("edge-1")
+    status = {"tier": "device", "labels": {}, "profile": "cpu-generic"}
+    response = server.client.put(f"/v1/nodes/{node.node_id}/status", json=status, headers=server.admin)
+    assert response.status_code == 403
+    assert response.json()["code"] == "forbidden"
+
+
+def test_health_answers_admin_and_nodes(server: Harness) -> None:
+    node = server.enroll("edge-1")
+    for headers in (server.admin, node.headers):
+        body = server.client.get("/v1/health", headers=headers).json()
+        assert body["status"] == "ok"
+        assert body["version"]
+
+
+def test_openapi_document_is_served_to_the_admin_only(server: Harness) -> None:
+    document = server.client.get("/v1/openapi.json", headers=server.admin).json()
+    paths = document["paths"]
+    assert "/v1/nodes/{node_id}/desired" in paths
+    assert "/v1/openapi.json" not in paths
+    assert "application/x-tar" in paths["/v1/packages"]["post"]["requestBody"]["content"]
+    assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert server.client.get(path).status_code == 404
+
+
+def test_errors_are_json_in_one_shape(server: Harness) -> None:
+    unknown_route = server.client.get("/v1/nope", headers=server.admin)
+    assert unknown_route.status_code == 404
+    assert set(unknown_route.json()) == {"error", "code"}
+    bad_body = server.client.post("/v1/deployments", content=b"{not json", headers=server.admin)
+    assert bad_body.status_code == 422
+    assert set(bad_body.json()) == {"error", "code"}
+    wrong_type = server.client.post("/v1/enrollment-tokens", json={"ttl_seconds": "soon"}, headers=server.admin)
+    assert wrong_type.status_code == 422
+    assert "ttl_seconds" in wrong_type.json()["error"]

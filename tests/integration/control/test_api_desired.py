@@ -1,0 +1,204 @@
+"""Deployments and desired state over the API: label selection, ETags, long polls and their cost."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from control_harness import Harness, recorded_statements, writes
+
+from strata.core.wire import DesiredState
+
+
+def _models(response: httpx.Response) -> dict[str, str]:
+    assert response.status_code == 200, response.text
+    state = DesiredState.from_json(response.json())
+    assert response.headers["ETag"] == state.etag
+    return {m.name: m.version for m in state.models}
+
+
+@pytest.fixture
+def fleet(server: Harness, make_package: Callable[..., bytes]) -> Harness:
+    """digits 1 (two variants) and 2, and detector 1, uploaded."""
+    for name, version, profile in [
+        ("digits", "1", "cpu-generic"),
+        ("digits", "1", "x86_64-avx2"),
+        ("digits", "2", "cpu-generic"),
+        ("detector", "1", "cpu-generic"),
+    ]:
+        assert server.upload(make_package(name=name, version=version, profile=profile)).status_code == 201
+    return server
+
+
+def test_desired_state_follows_the_latest_matching_deployment(fleet: Harness) -> None:
+    lab = fleet.enroll("lab-1", {"site": "lab"})
+    shop = fleet.enroll("shop-1", {"site": "shop", "ring": "canary"})
+    assert _models(fleet.desired(lab)) == {}
+
+    everywhere = fleet.deploy("digits", "1")
+    assert everywhere["matched_nodes"] == 2
+    assert everywhere["selector"] == {}
+    assert _models(fleet.desired(lab)) == {"digits": "1"}
+    assert _models(fleet.desired(shop)) == {"digits": "1"}
+
+    canary = fleet.deploy("digits", "2", {"ring": "canary"})
+    assert canary["matched_nodes"] == 1
+    fleet.deploy("detector", "1", {"site": "lab"})
+    assert _models(fleet.desired(lab)) == {"detector": "1", "digits": "1"}
+    assert _models(fleet.desired(shop)) == {"digits": "2"}
+
+    state = fleet.desired(lab).json()
+    digits = next(m for m in state["models"] if m["name"] == "digits")
+    assert digits["deployment"] == everywhere["id"]
+    assert [v["id"] for v in digits["variants"]] == ["cpu-generic-fp32", "x86_64-avx2-fp32"]
+    version = fleet.client.get("/v1/models/digits/versions/1", headers=fleet.admin).json()
+    assert [(v["digest"], v["blob"], v["size"]) for v in digits["variants"]] == [
+        (v["digest"], v["blob"], v["size"]) for v in version["variants"]
+    ]
+
+    listed = fleet.client.get("/v1/deployments", headers=fleet.admin).json()
+    assert [d["model"] + d["version"] for d in listed] == ["detector1", "digits2", "digits1"]
+
+    # Deleting the canary deployment puts the shop back on the fleet-wide version.
+    assert fleet.client.delete(f"/v1/deployments/{canary['id']}", headers=fleet.admin).status_code == 204
+    assert _models(fleet.desired(shop)) == {"digits": "1"}
+    assert fleet.client.delete(f"/v1/deployments/{everywhere['id']}", headers=fleet.admin).status_code == 204
+    assert _models(fleet.desired(shop)) == {}
+    assert fleet.client.delete(f"/v1/deployments/{everywhere['id']}", headers=fleet.admin).status_code == 404
+
+
+def test_deployment_ids_are_never_reused(fleet: Harness) -> None:
+    first = fleet.deploy("digits", "1")
+    assert fleet.client.delete(f"/v1/deployments/{first['id']}", headers=fleet.admin).status_code == 204
+    assert fleet.deploy("digits", "1")["id"] != first["id"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"model": "nope", "version": "1"}, 404, "no model 'nope'"),
+        ({"model": "digits", "version": "9"}, 404, "has no version '9'"),
+        ({"model": "digits", "version": "1", "selector": {"": "x"}}, 422, "selector"),
+        ({"model": "digits"}, 422, "version"),
+    ],
+)
+def test_deployment_requests_are_checked(fleet: Harness, body: dict[str, Any], status: int, fragment: str) -> None:
+    response = fleet.client.post("/v1/deployments", json=body, headers=fleet.admin)
+    assert response.status_code == status
+    assert fragment in response.json()["error"]
+
+
+def test_unknown_deployment_id_is_404(server: Harness) -> None:
+    for deployment_id in ("12345", "abc"):
+        assert server.client.delete(f"/v1/deployments/{deployment_id}", headers=server.admin).status_code == 404
+
+
+def test_label_change_in_a_status_report_changes_the_desired_state(fleet: Harness) -> None:
+    node = fleet.enroll("edge-1", {"site": "lab"})
+    fleet.deploy("digits", "2", {"ring": "canary"})
+    assert _models(fleet.desired(node)) == {}
+    status = {"tier": "device", "labels": {"site": "lab", "ring": "canary"}, "profile": "cpu-generic"}
+    assert fleet.client.put(f"/v1/nodes/{node.node_id}/status", json=status, headers=node.headers).status_code == 204
+    assert _models(fleet.desired(node)) == {"digits": "2"}
+
+
+def test_etag_makes_an_unchanged_poll_a_304(fleet: Harness) -> None:
+    node = fleet.enroll("edge-1")
+    fleet.deploy("digits", "1")
+    first = fleet.desired(node)
+    etag = first.headers["ETag"]
+    unchanged = fleet.desired(node, etag)
+    assert unchanged.status_code == 304
+    assert unchanged.headers["ETag"] == etag
+    assert unchanged.content == b""
+    assert fleet.desired(node, '"sha256:stale"').status_code == 200
+    assert fleet.desired(node, f"W/{etag}").status_code == 304
+
+
+def test_an_unchanged_poll_touches_no_database(fleet: Harness) -> None:
+    node = fleet.enroll("edge-1")
+    fleet.deploy("digits", "1")
+    etag = fleet.desired(node).headers["ETag"]  # warms the credential and desired-state caches
+    with recorded_statements(fleet.plane.db.engine) as statements:
+        for _ in range(5):
+            assert fleet.desired(node, etag).status_code == 304
+        assert fleet.desired(node, etag, wait=0.2).status_code == 304
+        assert fleet.desired(node).status_code == 200
+    assert writes(statements) == []
+    assert statements == []
+    # ...yet the node counts as seen: presence lives in memory until the next flush.
+    assert fleet.plane.presence.last_seen(node.node_id) == fleet.clock.now
+
+
+def test_a_fleet_change_elsewhere_does_not_cost_a_poll_a_write(fleet: Harness) -> None:
+    node = fleet.enroll("edge-1", {"site": "lab"})
+    etag = fleet.desired(node).headers["ETag"]
+    fleet.deploy("digits", "1", {"site": "elsewhere"})
+    with recorded_statements(fleet.plane.db.engine) as statements:
+        assert fleet.desired(node, etag).status_code == 304
+    assert writes(statements) == []
+
+
+def test_long_poll_returns_as_soon_as_a_deployment_changes_the_state(fleet: Harness) -> None:
+    node = fleet.enroll("edge-1", {"site": "lab"})
+    etag = fleet.desired(node).headers["ETag"]
+    answer: dict[str, Any] = {}
+
+    def poll() -> None:
+        started = time.monotonic()
+        answer["response"] = fleet.desired(node, etag, wait=30)
+        answer["seconds"] = time.monotonic() - started
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(0.5)
+    # A change that does not concern this node keeps it waiting...
+    fleet.deploy("digits", "1", {"site": "elsewhere"})
+    time.sleep(0.3)
+    assert poller.is_alive()
+    # ...one that does ends the wait at once.
+    fleet.deploy("digits", "2", {"site": "lab"})
+    poller.join(timeout=10)
+    assert not poller.is_alive()
+    assert _models(answer["response"]) == {"digits": "2"}
+    assert 0.7 < answer["seconds"] < 5
+
+
+def test_long_poll_times_out_with_a_304(fleet: Harness) -> None:
+    node = fleet.enroll("edge-1")
+    etag = fleet.desired(node).headers["ETag"]
+    started = time.monotonic()
+    response = fleet.desired(node, etag, wait=0.5)
+    assert response.status_code == 304
+    assert 0.45 < time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("wait", ["-1", "61", "soon"])
+def test_wait_is_bounded(server: Harness, wait: str) -> None:
+    node = server.enroll("edge-1")
+    response = server.client.get(f"/v1/nodes/{node.node_id}/desired", params={"wait": wait}, headers=node.headers)
+    assert response.status_code == 422
+
+
+def test_revoked_nodes_are_no_longer_targets(fleet: Harness) -> None:
+    kept = fleet.enroll("edge-1")
+    gone = fleet.enroll("edge-2")
+    fleet.deploy("digits", "1")
+    assert _models(fleet.desired(gone)) == {"digits": "1"}
+    assert fleet.client.delete(f"/v1/nodes/{gone.node_id}", headers=fleet.admin).status_code == 204
+    assert fleet.deploy("digits", "2")["matched_nodes"] == 1
+    revoked_state = fleet.client.get(f"/v1/nodes/{gone.node_id}/desired", headers=fleet.admin)
+    assert _models(revoked_state) == {}
+    assert _models(fleet.desired(kept)) == {"digits": "2"}
+
+
+def test_admin_reads_any_nodes_desired_state_and_unknown_nodes_are_404(fleet: Harness) -> None:
+    node = fleet.enroll("edge-1")
+    fleet.deploy("digits", "1")
+    response = fleet.client.get(f"/v1/nodes/{node.node_id}/desired", headers=fleet.admin)
+    assert _models(response) == {"digits": "1"}
+    assert fleet.client.get("/v1/nodes/nope/desired", headers=fleet.admin).status_code == 404

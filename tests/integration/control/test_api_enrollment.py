@@ -1,0 +1,130 @@
+"""Enrollment: one-time expiring tokens, validation, re-enrollment that rotates the credential, revocation."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from control_harness import T0, Harness
+
+from strata.control.fleet import INVALID_ENROLLMENT
+
+
+def _token(server: Harness, **body: Any) -> str:
+    response = server.client.post("/v1/enrollment-tokens", json=body, headers=server.admin)
+    assert response.status_code == 201
+    token: str = response.json()["token"]
+    return token
+
+
+def _enroll_body(token: str, name: str = "edge-1", **fields: Any) -> dict[str, Any]:
+    return {"token": token, "name": name, "tier": "device", "labels": {}, "profile": "cpu-generic", **fields}
+
+
+def test_enrollment_token_expires_at_its_ttl(server: Harness) -> None:
+    response = server.client.post("/v1/enrollment-tokens", json={"ttl_seconds": 60}, headers=server.admin)
+    assert response.json()["expires_at"] == T0 + 60
+    assert server.client.post("/v1/enrollment-tokens", json={}, headers=server.admin).json()["expires_at"] == (
+        T0 + 3600
+    )
+
+
+@pytest.mark.parametrize("ttl", [0, -5, 7 * 24 * 3600 + 1])
+def test_enrollment_token_ttl_is_bounded(server: Harness, ttl: int) -> None:
+    response = server.client.post("/v1/enrollment-tokens", json={"ttl_seconds": ttl}, headers=server.admin)
+    assert response.status_code == 422
+    assert response.json()["code"] == "invalid_request"
+
+
+def test_a_token_enrolls_once(server: Harness) -> None:
+    token = _token(server)
+    first = server.client.post("/v1/enroll", json=_enroll_body(token, "edge-1"))
+    assert first.status_code == 201
+    assert set(first.json()) == {"node_id", "credential"}
+    again = server.client.post("/v1/enroll", json=_enroll_body(token, "edge-2"))
+    assert again.status_code == 401
+    assert again.json() == {"error": INVALID_ENROLLMENT, "code": "unauthenticated"}
+    names = [n["name"] for n in server.client.get("/v1/nodes", headers=server.admin).json()]
+    assert names == ["edge-1"]
+
+
+def test_an_expired_token_does_not_enroll(server: Harness) -> None:
+    token = _token(server, ttl_seconds=60)
+    server.clock.advance(60)
+    response = server.client.post("/v1/enroll", json=_enroll_body(token))
+    assert response.status_code == 401
+    assert response.json()["error"] == INVALID_ENROLLMENT
+
+
+def test_an_unknown_token_does_not_enroll(server: Harness) -> None:
+    response = server.client.post("/v1/enroll", json=_enroll_body("made-up"))
+    assert response.status_code == 401
+    assert response.json()["error"] == INVALID_ENROLLMENT
+
+
+def test_racing_enrollments_with_one_token_enroll_one_node(server: Harness) -> None:
+    token = _token(server)
+    statuses: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def enroll(index: int) -> None:
+        barrier.wait()
+        statuses.append(server.client.post("/v1/enroll", json=_enroll_body(token, f"edge-{index}")).status_code)
+
+    threads = [threading.Thread(target=enroll, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [201, 401, 401, 401, 401, 401]
+    assert len(server.client.get("/v1/nodes", headers=server.admin).json()) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"name": "../etc"}, "node name"),
+        ({"name": ""}, "node name"),
+        ({"tier": "fog"}, "tier"),
+        ({"profile": "quantum-9000"}, "unknown hardware profile"),
+        ({"labels": {"": "x"}}, "labels"),
+        ({"labels": {"site": 3}}, "labels"),
+    ],
+)
+def test_enrollment_validates_what_the_node_claims(server: Harness, fields: dict[str, Any], fragment: str) -> None:
+    token = _token(server)
+    response = server.client.post("/v1/enroll", json={**_enroll_body(token), **fields})
+    assert response.status_code == 422, response.text
+    assert fragment in response.json()["error"]
+    # A refused request does not spend the token.
+    assert server.client.post("/v1/enroll", json=_enroll_body(token)).status_code == 201
+
+
+def test_re_enrollment_keeps_the_id_and_rotates_the_credential(server: Harness) -> None:
+    first = server.enroll("edge-1", {"site": "a"})
+    assert server.client.get("/v1/health", headers=first.headers).status_code == 200
+    second = server.enroll("edge-1", {"site": "b"}, agent_version="2.0")
+    assert second.node_id == first.node_id
+    assert second.headers != first.headers
+    assert server.client.get("/v1/health", headers=first.headers).status_code == 401
+    view = server.client.get(f"/v1/nodes/{second.node_id}", headers=second.headers).json()
+    assert view["labels"] == {"site": "b"}
+    assert view["agent_version"] == "2.0"
+
+
+def test_revoked_node_loses_access_at_once_and_leaves_the_inventory(server: Harness) -> None:
+    node = server.enroll("edge-1")
+    other = server.enroll("edge-2")
+    assert server.client.get("/v1/health", headers=node.headers).status_code == 200  # credential now cached
+    assert server.client.delete(f"/v1/nodes/{node.node_id}", headers=server.admin).status_code == 204
+    assert server.client.get("/v1/health", headers=node.headers).status_code == 401
+    assert server.client.get(f"/v1/nodes/{node.node_id}/desired", headers=node.headers).status_code == 401
+    assert [n["name"] for n in server.client.get("/v1/nodes", headers=server.admin).json()] == ["edge-2"]
+    assert server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).status_code == 404
+    assert server.client.delete(f"/v1/nodes/{node.node_id}", headers=server.admin).status_code == 404
+    assert server.client.get("/v1/health", headers=other.headers).status_code == 200
+    # The operator may enroll the machine again with a new token; it keeps its id.
+    again = server.enroll("edge-1")
+    assert again.node_id == node.node_id
+    assert server.client.get("/v1/health", headers=again.headers).status_code == 200

@@ -1,0 +1,155 @@
+"""Status reports (stored only when they change), presence (memory first, flushed in batches) and node views."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+from control_harness import Harness, NodeCredentials, StartServer, recorded_statements, writes
+from sqlalchemy import create_engine, text
+
+from strata.control.settings import ServerSettings
+
+
+def _status(**fields: Any) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "tier": "device",
+        "labels": {},
+        "profile": "cpu-generic",
+        "emulated": False,
+        "agent_version": "0.1.0",
+        "models": [],
+        "failures": [],
+        "desired_etag": None,
+        "serve_url": "http://10.0.0.5:8000",
+    }
+    status.update(fields)
+    return status
+
+
+def _put(server: Harness, node: NodeCredentials, status: dict[str, Any]) -> int:
+    return server.client.put(f"/v1/nodes/{node.node_id}/status", json=status, headers=node.headers).status_code
+
+
+def _stored_last_seen(settings: ServerSettings, node_id: str) -> float | None:
+    engine = create_engine(settings.database_url)
+    try:
+        with engine.connect() as connection:
+            value = connection.execute(text("SELECT last_seen FROM nodes WHERE id = :id"), {"id": node_id}).scalar()
+            return None if value is None else float(value)
+    finally:
+        engine.dispose()
+
+
+def test_status_is_stored_only_when_it_changes(server: Harness) -> None:
+    node = server.enroll("edge-1")
+    model = {"name": "digits", "version": "1", "variant": "cpu-generic-fp32", "digest": "sha256:" + "a" * 64}
+    first = _status(models=[{**model, "activated_at": 5.0}])
+    assert _put(server, node, first) == 204
+    with recorded_statements(server.plane.db.engine) as statements:
+        assert _put(server, node, first) == 204
+    assert writes(statements) == []
+    changed = _status(models=[{**model, "activated_at": 6.0}])
+    with recorded_statements(server.plane.db.engine) as statements:
+        assert _put(server, node, changed) == 204
+    assert len(writes(statements)) == 1
+
+
+def test_node_view_reflects_the_last_status(server: Harness) -> None:
+    node = server.enroll("edge-1", {"site": "lab"})
+    failure = {"model": "detector", "version": "3", "variant": None, "reason": "golden check failed", "at": 7.0}
+    status = _status(
+        labels={"site": "lab"},
+        profile="x86_64-avx2",
+        emulated=True,
+        models=[{"name": "digits", "version": "1", "variant": "v", "digest": "sha256:" + "a" * 64, "activated_at": 5}],
+        failures=[failure],
+    )
+    assert _put(server, node, status) == 204
+    view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
+    assert view["profile"] == "x86_64-avx2"
+    assert view["emulated"] is True
+    assert view["models"] == {"digits": "1"}
+    assert view["failures"] == [{**failure, "attempts": 1}]
+    assert view["serve_url"] == "http://10.0.0.5:8000"
+    assert view["reported_etag"] is None
+    assert view["in_sync"] is False
+
+    etag = server.desired(node).headers["ETag"]
+    assert view["desired_etag"] == etag
+    assert _put(server, node, {**status, "desired_etag": etag}) == 204
+    [listed] = server.client.get("/v1/nodes", headers=server.admin).json()
+    assert listed["in_sync"] is True
+    assert listed["reported_etag"] == etag
+
+
+def test_malformed_status_is_422(server: Harness) -> None:
+    node = server.enroll("edge-1")
+    for status in (
+        _status(tier="fog"),
+        _status(profile="quantum-9000"),
+        _status(labels={"": "x"}),
+        _status(models=[{"name": "digits"}]),
+        {"labels": {}},
+    ):
+        response = server.client.put(f"/v1/nodes/{node.node_id}/status", json=status, headers=node.headers)
+        assert response.status_code == 422, status
+        assert set(response.json()) == {"error", "code"}
+
+
+def test_online_follows_last_seen_and_the_window(server: Harness) -> None:
+    node = server.enroll("edge-1")
+    [view] = server.client.get("/v1/nodes", headers=server.admin).json()
+    assert view["online"] is False
+    assert view["last_seen"] is None
+    server.desired(node)
+    seen = server.clock.now
+    [view] = server.client.get("/v1/nodes", headers=server.admin).json()
+    assert view["online"] is True
+    assert view["last_seen"] == seen
+    server.clock.advance(91)
+    [view] = server.client.get("/v1/nodes", headers=server.admin).json()
+    assert view["online"] is False
+    assert view["last_seen"] == seen
+
+
+def test_presence_is_flushed_in_one_batch(server: Harness) -> None:
+    nodes = [server.enroll(f"edge-{i}") for i in range(3)]
+    for node in nodes:
+        server.desired(node)
+    settings = server.plane.settings
+    assert _stored_last_seen(settings, nodes[0].node_id) is None
+    with recorded_statements(server.plane.db.engine) as statements:
+        assert server.plane.flush_presence() == 3
+    assert len(writes(statements)) == 1  # one executemany
+    for node in nodes:
+        assert _stored_last_seen(settings, node.node_id) == server.clock.now
+    # Nothing new: nothing written.
+    with recorded_statements(server.plane.db.engine) as statements:
+        assert server.plane.flush_presence() == 0
+    assert statements == []
+
+
+def test_the_background_flusher_writes_presence(settings: ServerSettings, start_server: StartServer) -> None:
+    with start_server(replace(settings, presence_flush_s=0.1)) as server:
+        node = server.enroll("edge-1")
+        server.desired(node)
+        deadline = time.monotonic() + 5
+        while _stored_last_seen(settings, node.node_id) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _stored_last_seen(settings, node.node_id) == server.clock.now
+
+
+def test_shutdown_flushes_presence_and_it_survives_a_restart(
+    settings: ServerSettings, start_server: StartServer
+) -> None:
+    with start_server(settings) as server:
+        node = server.enroll("edge-1")
+        server.clock.advance(5)
+        server.desired(node)
+        seen = server.clock.now
+    assert _stored_last_seen(settings, node.node_id) == seen
+    with start_server(settings) as server:
+        [view] = server.client.get("/v1/nodes", headers=server.admin).json()
+        assert view["last_seen"] == seen

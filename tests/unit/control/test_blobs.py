@@ -1,0 +1,62 @@
+"""The file blob store: content addresses, staging, limits, and nothing left behind."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from strata.control.blobs import FileBlobStore
+from strata.control.errors import PayloadTooLarge
+from strata.core.errors import NotFound
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileBlobStore:
+    return FileBlobStore(tmp_path / "blobs", tmp_path / "tmp")
+
+
+def test_put_stores_under_the_hash(store: FileBlobStore) -> None:
+    data = b"hello " * 1000
+    sha = hashlib.sha256(data).hexdigest()
+    info = store.put([data[:100], data[100:]])
+    assert (info.sha256, info.size) == (sha, len(data))
+    assert store.path(sha) == store.root / "sha256" / sha[:2] / sha[2:4] / sha
+    assert store.exists(sha)
+    assert store.size(sha) == len(data)
+    with store.open(sha) as fh:
+        assert fh.read() == data
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_putting_the_same_bytes_twice_keeps_one_blob(store: FileBlobStore) -> None:
+    first = store.put([b"abc"])
+    assert store.put([b"abc"]) == first
+    assert [p for p in store.root.rglob("*") if p.is_file()] == [store.path(first.sha256)]
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_a_staged_blob_is_invisible_until_committed_and_removed_if_not(store: FileBlobStore) -> None:
+    sha = hashlib.sha256(b"data").hexdigest()
+    with store.stage([b"data"]) as staged:
+        assert staged.sha256 == sha
+        assert not store.exists(sha)
+    assert not staged.path.exists()
+    assert not store.exists(sha)
+
+
+def test_the_limit_is_enforced_while_streaming(store: FileBlobStore) -> None:
+    with pytest.raises(PayloadTooLarge):
+        store.stage([b"x" * 10, b"x" * 10], limit=15)
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_unknown_and_malformed_names_are_not_found(store: FileBlobStore) -> None:
+    assert not store.exists("0" * 64)
+    assert not store.exists("../../etc/passwd")
+    for name in ("0" * 64, "../../etc/passwd", "A" * 64):
+        with pytest.raises(NotFound):
+            store.path(name)
+        with pytest.raises(NotFound):
+            store.open(name)

@@ -1,0 +1,191 @@
+"""The agent's artifact store and resumable fetcher, on real files (the transport is an in-memory peer)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from strata.agent.fetch import RateLimiter, download_blob
+from strata.agent.store import ArtifactStore, NodeState, SlotRef
+from strata.agent.transport import HttpResponse
+from strata.core.errors import PackageError, TransportError, VerificationError
+from strata.core.package import Package, build_package, pack_tar
+
+
+class BlobPeer:
+    """Serves one blob with Range support; can cut the connection after `cut_after` bytes."""
+
+    def __init__(self, data: bytes, cut_after: int | None = None, honour_range: bool = True) -> None:
+        self.data = data
+        self.cut_after = cut_after
+        self.honour_range = honour_range
+        self.ranges: list[str | None] = []
+
+    def request(
+        self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None = None, timeout: float
+    ) -> HttpResponse:
+        raise AssertionError("not used")
+
+    @contextlib.contextmanager
+    def stream(self, method: str, url: str, *, headers: Mapping[str, str], timeout: float) -> Iterator[_Body]:
+        wanted = headers.get("range")
+        self.ranges.append(wanted)
+        start = int(wanted.split("=")[1].rstrip("-")) if wanted and self.honour_range else 0
+        if start > len(self.data):
+            yield _Body(416, b"", None)
+            return
+        yield _Body(206 if start else 200, self.data[start:], self.cut_after)
+
+
+class _Body:
+    def __init__(self, status: int, data: bytes, cut_after: int | None) -> None:
+        self.status = status
+        self.headers: dict[str, str] = {}
+        self._data = data
+        self._pos = 0
+        self._cut = cut_after
+
+    def read(self, size: int) -> bytes:
+        if self._cut is not None and self._pos >= self._cut:
+            raise TransportError("connection reset")
+        end = self._pos + size if self._cut is None else min(self._pos + size, self._cut)
+        piece = self._data[self._pos : end]
+        self._pos += len(piece)
+        return piece
+
+
+DATA = bytes(range(256)) * 4096  # 1 MiB
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+def test_download_resumes_after_a_cut_without_resending(tmp_path: Path) -> None:
+    dest = tmp_path / SHA
+    peer = BlobPeer(DATA, cut_after=300_000)
+    with pytest.raises(TransportError):
+        download_blob(peer, "u", dest, sha256=SHA, size=len(DATA), headers={})
+    part = dest.with_name(dest.name + ".part")
+    assert part.stat().st_size == 300_000
+    peer.cut_after = None
+    result = download_blob(peer, "u", dest, sha256=SHA, size=len(DATA), headers={})
+    assert result.resumed_from == 300_000
+    assert result.received == len(DATA) - 300_000
+    assert peer.ranges == [None, "bytes=300000-"]
+    assert dest.read_bytes() == DATA
+    assert not part.exists()
+
+
+def test_server_ignoring_range_restarts_cleanly(tmp_path: Path) -> None:
+    dest = tmp_path / SHA
+    dest.with_name(dest.name + ".part").write_bytes(DATA[:1000])
+    result = download_blob(BlobPeer(DATA, honour_range=False), "u", dest, sha256=SHA, size=len(DATA), headers={})
+    assert result.resumed_from == 0
+    assert dest.read_bytes() == DATA
+
+
+def test_corrupt_bytes_are_discarded(tmp_path: Path) -> None:
+    bad = bytearray(DATA)
+    bad[5000] ^= 1
+    dest = tmp_path / SHA
+    with pytest.raises(VerificationError, match="discarded"):
+        download_blob(BlobPeer(bytes(bad)), "u", dest, sha256=SHA, size=len(DATA), headers={})
+    assert not dest.exists()
+    assert not dest.with_name(dest.name + ".part").exists()
+
+
+def test_longer_than_promised_is_refused(tmp_path: Path) -> None:
+    dest = tmp_path / SHA
+    with pytest.raises(VerificationError, match="longer"):
+        download_blob(BlobPeer(DATA + b"more"), "u", dest, sha256=SHA, size=len(DATA), headers={})
+
+
+def test_rate_limiter_is_pure_in_its_clock() -> None:
+    now = [0.0]
+    limiter = RateLimiter(1000, clock=lambda: now[0])
+    assert limiter.delay_for(500) == pytest.approx(0.5)
+    now[0] = 2.0
+    assert limiter.delay_for(500) == 0.0
+    assert RateLimiter(None).delay_for(10**9) == 0.0
+
+
+@pytest.fixture
+def package_tar(digits_onnx: Path, tmp_path: Path) -> tuple[Package, Path]:
+    package = build_package(digits_onnx, tmp_path / "pkg", name="digits", version="1")
+    tar = tmp_path / "pkg.tar"
+    pack_tar(package, tar)
+    return package, tar
+
+
+def test_stage_verifies_and_state_commits_atomically(package_tar: tuple[Package, Path], tmp_path: Path) -> None:
+    package, tar = package_tar
+    store = ArtifactStore(tmp_path / "node")
+    blob = hashlib.sha256(tar.read_bytes()).hexdigest()
+    store.blob_path(blob).write_bytes(tar.read_bytes())
+    staged = store.stage(blob, package.digest)
+    assert staged.digest == package.digest
+    assert store.staged_digests() == {package.digest}
+    assert not store.has_blob(blob)  # the tar is not kept once extracted
+
+    slot = SlotRef(package.digest, "1", package.manifest.variant, 1.0)
+    store.save_state(NodeState().with_active("digits", slot))
+    assert store.load_state().models["digits"].active == slot
+
+
+def test_stage_refuses_a_tar_that_is_not_the_promised_package(
+    package_tar: tuple[Package, Path], tmp_path: Path
+) -> None:
+    _, tar = package_tar
+    store = ArtifactStore(tmp_path / "node")
+    blob = hashlib.sha256(tar.read_bytes()).hexdigest()
+    store.blob_path(blob).write_bytes(tar.read_bytes())
+    with pytest.raises(VerificationError, match="manifest was changed"):
+        store.stage(blob, "sha256:" + "0" * 64)
+    assert store.staged_digests() == frozenset()
+    assert not store.has_blob(blob)
+    assert not any(p.name.startswith(".staging") for p in store.packages.iterdir())
+
+
+def test_tampered_package_on_disk_is_not_trusted(package_tar: tuple[Package, Path], tmp_path: Path) -> None:
+    package, tar = package_tar
+    store = ArtifactStore(tmp_path / "node")
+    blob = hashlib.sha256(tar.read_bytes()).hexdigest()
+    store.blob_path(blob).write_bytes(tar.read_bytes())
+    store.stage(blob, package.digest)
+    (store.package_dir(package.digest) / "model.onnx").write_bytes(b"swapped")
+    with pytest.raises(PackageError):
+        store.package(package.digest)
+
+
+def test_activation_keeps_the_previous_slot() -> None:
+    one = SlotRef("sha256:" + "1" * 64, "1", "v", 1.0)
+    two = SlotRef("sha256:" + "2" * 64, "2", "v", 2.0)
+    state = NodeState().with_active("m", one).with_active("m", two)
+    assert state.models["m"].active == two
+    assert state.models["m"].previous == one
+    rolled_back = state.with_active("m", one)
+    assert rolled_back.models["m"].previous == two
+
+
+def test_damaged_state_file_is_set_aside(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    store.state_path.write_text("{not json")
+    assert store.load_state() == NodeState()
+    assert (tmp_path / "state.corrupt").exists()
+
+
+def test_garbage_collection_removes_leftovers(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    keep = "sha256:" + "a" * 64
+    (store.packages / ("a" * 64)).mkdir()
+    (store.packages / ("b" * 64)).mkdir()
+    (store.packages / ".staging-x").mkdir()
+    (store.downloads / ("c" * 64 + ".part")).write_bytes(b"x")
+    (tmp_path / ".state.json.123.tmp").write_bytes(b"x")
+    removed = store.collect_garbage(frozenset({keep}), frozenset())
+    assert removed == ["sha256:" + "b" * 64]
+    assert sorted(p.name for p in store.packages.iterdir()) == ["a" * 64]
+    assert list(store.downloads.iterdir()) == []
+    assert not (tmp_path / ".state.json.123.tmp").exists()

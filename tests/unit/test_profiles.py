@@ -1,0 +1,149 @@
+"""Hardware profiles: the catalog, host detection from facts, and the can-run rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from strata.core.errors import ProfileError
+from strata.core.profiles import (
+    HostFacts,
+    VariantChoice,
+    _parse_cpuinfo,
+    can_run,
+    catalog,
+    choose_variant,
+    detect_profile,
+    get_profile,
+    parse_catalog,
+    rank_variants,
+    read_host_facts,
+)
+
+EPYC_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu sse4_1 sse4_2 avx fma avx2 bmi2
+"""
+
+ARM_CPUINFO = """processor\t: 0
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp asimddp
+CPU implementer\t: 0x41
+"""
+
+
+def test_catalog_has_the_profiles_edge_fleets_need() -> None:
+    ids = set(catalog())
+    assert len(ids) >= 6
+    assert {"cpu-generic", "x86_64-avx2", "x86_64-avx512-vnni", "arm64-neon", "jetson-cuda", "intel-openvino"} <= ids
+
+
+def test_unknown_profile_lists_the_known_ones() -> None:
+    with pytest.raises(ProfileError, match=r"known: .*cpu-generic"):
+        get_profile("tpu-v9")
+
+
+def test_cpuinfo_parsing_for_x86_and_arm() -> None:
+    vendor, flags = _parse_cpuinfo(EPYC_CPUINFO)
+    assert vendor == "AuthenticAMD"
+    assert {"avx2", "fma"} <= flags
+    vendor, flags = _parse_cpuinfo(ARM_CPUINFO)
+    assert vendor is None
+    assert {"asimd", "asimddp"} <= flags
+
+
+@pytest.mark.parametrize(
+    ("facts", "expected"),
+    [
+        (HostFacts(arch="x86_64", cpu_vendor="AuthenticAMD", cpu_features=frozenset({"avx2", "fma"})), "x86_64-avx2"),
+        (
+            HostFacts(
+                arch="x86_64",
+                cpu_vendor="GenuineIntel",
+                cpu_features=frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}),
+            ),
+            "x86_64-avx512-vnni",
+        ),
+        (
+            HostFacts(
+                arch="x86_64",
+                cpu_vendor="GenuineIntel",
+                cpu_features=frozenset({"avx2", "fma"}),
+                runtimes=frozenset({"onnxruntime", "openvino"}),
+            ),
+            "intel-openvino",
+        ),
+        (HostFacts(arch="aarch64", cpu_features=frozenset({"asimd"})), "arm64-neon"),
+        (HostFacts(arch="aarch64", cpu_features=frozenset({"asimd", "asimddp"})), "arm64-neon-dotprod"),
+        (
+            HostFacts(
+                arch="aarch64",
+                cpu_features=frozenset({"asimd"}),
+                accelerators=frozenset({"cuda"}),
+                runtimes=frozenset({"onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt"}),
+            ),
+            "jetson-cuda",
+        ),
+        (HostFacts(arch="riscv64"), "cpu-generic"),
+        # An Intel CPU without OpenVINO installed is an AVX2 CPU, not an OpenVINO target.
+        (HostFacts(arch="x86_64", cpu_vendor="GenuineIntel", cpu_features=frozenset({"avx2", "fma"})), "x86_64-avx2"),
+    ],
+)
+def test_detection_picks_the_most_specific_match(facts: HostFacts, expected: str) -> None:
+    assert detect_profile(facts).id == expected
+
+
+def test_this_host_is_detected() -> None:
+    facts = read_host_facts()
+    assert "onnxruntime" in facts.runtimes
+    assert detect_profile(facts).id in catalog()
+
+
+def test_can_run_rule() -> None:
+    avx2, vnni, neon, generic = (
+        get_profile(p) for p in ("x86_64-avx2", "x86_64-avx512-vnni", "arm64-neon", "cpu-generic")
+    )
+    assert can_run(vnni, avx2, "onnxruntime")  # a superset of the features runs the AVX2 build
+    assert not can_run(avx2, vnni, "onnxruntime")  # but not the other way round
+    assert not can_run(neon, avx2, "onnxruntime")  # another architecture
+    assert all(can_run(host, generic, "onnxruntime") for host in catalog().values())
+    assert not can_run(avx2, get_profile("intel-openvino"), "openvino")
+    assert not can_run(avx2, generic, "onnxruntime-cuda")
+
+
+def _v(variant_id: str, profile: str, runtime: str = "onnxruntime", precision: str = "fp32") -> VariantChoice:
+    return VariantChoice(id=variant_id, profile=profile, runtime=runtime, precision=precision)
+
+
+def test_choice_prefers_exact_profile_then_specific_then_generic() -> None:
+    variants = [
+        _v("g", "cpu-generic"),
+        _v("a", "x86_64-avx2"),
+        _v("arm", "arm64-neon"),
+        _v("ov", "intel-openvino", "openvino"),
+    ]
+    vnni = get_profile("x86_64-avx512-vnni")
+    assert [v.id for v in rank_variants(vnni, variants)] == ["a", "g"]
+    assert choose_variant(get_profile("x86_64-avx2"), variants) == variants[1]
+    assert choose_variant(get_profile("arm64-neon-dotprod"), variants) == variants[2]
+    assert choose_variant(get_profile("jetson-cuda"), [_v("a", "x86_64-avx2")]) is None
+
+
+def test_choice_follows_runtime_and_precision_preference() -> None:
+    openvino = get_profile("intel-openvino")
+    variants = [_v("ort", "x86_64-avx2"), _v("ov", "intel-openvino", "openvino", "int8")]
+    assert choose_variant(openvino, variants) == variants[1]
+    # OpenVINO not installed on the node after all: fall back to a compatible onnxruntime build.
+    assert choose_variant(openvino, variants, available_runtimes=frozenset({"onnxruntime"})) == variants[0]
+    avx2 = get_profile("x86_64-avx2")
+    both = [_v("fp32", "x86_64-avx2"), _v("int8", "x86_64-avx2", precision="int8")]
+    assert choose_variant(avx2, both) == both[1]
+
+
+def test_malformed_catalogs_are_refused() -> None:
+    with pytest.raises(ProfileError, match="no 'profiles' list"):
+        parse_catalog({})
+    entry = get_profile("cpu-generic").to_json()
+    with pytest.raises(ProfileError, match="listed twice"):
+        parse_catalog({"profiles": [entry, entry]})
+    with pytest.raises(ProfileError, match="unknown runtimes"):
+        parse_catalog({"profiles": [{**entry, "runtimes": ["tflite-gpu"]}]})
