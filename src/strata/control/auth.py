@@ -117,10 +117,22 @@ class Authenticator:
             AuthError: no secret, or one that is unknown or revoked.
             StoreError: the database failed.
         """
+        return self.authenticate_cached(secret) or self._seen(self._lookup(hash_secret(secret or "")))
+
+    def authenticate_cached(self, secret: str | None) -> Principal | None:
+        """`authenticate` without I/O: the principal when its credential is cached, else None (look it up).
+
+        Lets the event loop answer the common case (a known node polling) without a thread hop.
+
+        Raises:
+            AuthError: no secret at all.
+        """
         if not secret:
             raise AuthError("missing credential: send 'Authorization: Bearer <token>'")
-        token_hash = hash_secret(secret)
-        principal = self._by_hash.get(token_hash) or self._lookup(token_hash)
+        principal = self._by_hash.get(hash_secret(secret))
+        return self._seen(principal) if principal is not None else None
+
+    def _seen(self, principal: Principal) -> Principal:
         if principal.node_id is not None:
             self._presence.touch(principal.node_id, self._clock())
         return principal

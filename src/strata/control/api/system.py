@@ -14,13 +14,13 @@ router = APIRouter(tags=["system"], responses=COMMON_ERRORS)
 
 
 @router.get("/health", response_model=HealthBody)
-def health(_caller: AnyCaller) -> dict[str, str]:
+async def health(_caller: AnyCaller) -> dict[str, str]:
     """Liveness, for any valid admin or node credential."""
     return {"status": "ok", "version": __version__}
 
 
 @router.get("/openapi.json", include_in_schema=False)
-def openapi(request: Request, _admin: Admin) -> dict[str, Any]:
+async def openapi(request: Request, _admin: Admin) -> dict[str, Any]:
     """The OpenAPI document of this API."""
     document: dict[str, Any] = request.app.openapi()
     return document
