@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED_MINILM = Path(__file__).resolve().parents[2] / "shared" / "models" / "minilm"
+# The workspace's shared folder sits beside the checkout (../shared); STRATA_SHARED_DIR points elsewhere.
+SHARED_DIR = Path(os.environ.get("STRATA_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+SHARED_MINILM = SHARED_DIR / "models" / "minilm"
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,22 @@ def serve_token(data_dir: Path) -> str:
     return token
 
 
+class DownloadLog:
+    """Logs a download's progress at every quarter, for packages large enough that someone will wonder."""
+
+    def __init__(self, min_bytes: int = 8 << 20) -> None:
+        self.min_bytes = min_bytes
+        self._last_quarter = 0
+
+    def __call__(self, have: int, total: int) -> None:
+        if total < self.min_bytes:
+            return
+        quarter = 4 * have // total
+        if have < total and quarter != self._last_quarter and quarter > 0:
+            log.info("downloaded %d%% (%d of %d bytes)", 25 * quarter, have, total)
+        self._last_quarter = quarter % 4
+
+
 class Agent:
     """One node's agent: the pieces wired together (see `run`)."""
 
@@ -80,6 +96,7 @@ class Agent:
             facts.runtimes,
             inference_threads=config.inference_threads,
             rate_limit=config.max_download_rate,
+            progress=DownloadLog(),
         )
         host_facts = {
             "arch": facts.arch,
