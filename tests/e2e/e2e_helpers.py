@@ -2,18 +2,78 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from strata.core.oip import encode_request
 from strata.core.package import Package, build_package, pack_tar
 from strata.localfleet import LocalFleet
 
 
-def push_model(fleet: LocalFleet, model: Path, version: str, workdir: Path, profile: str = "cpu-generic") -> Package:
-    """Build a package for `model` and upload it to the fleet's control plane."""
+def push_model(
+    fleet: LocalFleet,
+    model: Path,
+    version: str,
+    workdir: Path,
+    profile: str = "cpu-generic",
+    sample: dict[str, Any] | None = None,
+) -> Package:
+    """Build a package for `model` (with drift references when `sample` is given) and upload it."""
     package = build_package(
-        model, workdir / f"pkg-{version}-{profile}", name="digits", version=version, profile=profile
+        model, workdir / f"pkg-{version}-{profile}", name="digits", version=version, profile=profile, sample=sample
     )
     tar = workdir / f"digits-{version}-{profile}.tar"
     pack_tar(package, tar)
     fleet.client.push_package(tar)
     return package
+
+
+def infer_request(port: int, x: np.ndarray[Any, Any]) -> bytes:
+    """A prebuilt HTTP/1.1 Open Inference Protocol request for the digits model (binary tensors)."""
+    body, length = encode_request({"X": x.astype(np.float32)}, outputs=["label"])
+    head = (
+        f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Length: {len(body)}\r\nInference-Header-Content-Length: {length}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _connection(port: int, request: bytes, quota: list[int], counts: dict[str, int]) -> None:
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        counts["failed"] += 1
+        return
+    try:
+        while quota[0] > 0:
+            quota[0] -= 1
+            try:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (OSError, asyncio.IncompleteReadError):
+                counts["failed"] += 1
+                return
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+            await reader.readexactly(length)
+            counts["ok" if head.startswith(b"HTTP/1.1 200") else "failed"] += 1
+    finally:
+        writer.close()
+
+
+def hammer(port: int, request: bytes, count: int, concurrency: int = 16) -> dict[str, int]:
+    """Send `count` requests over `concurrency` keep-alive connections; count 200s and everything else."""
+    counts = {"ok": 0, "failed": 0}
+    quota = [count]
+
+    async def run() -> None:
+        await asyncio.gather(*(_connection(port, request, quota, counts) for _ in range(concurrency)))
+
+    asyncio.run(run())
+    return counts

@@ -130,5 +130,25 @@ class ControlPlaneClient:
         )
         raise_for_status(response, "status report")
 
+    def send_telemetry(self, seq: int, payload: bytes) -> bool:
+        """Upload telemetry batch `seq`; True once the server stored it (or had it), False if it refused the
+        batch for good (malformed: resending cannot help).
+
+        Raises:
+            TransportError, AuthError, Forbidden: try again later.
+        """
+        headers = {
+            **self.auth_headers(),
+            "content-type": "application/vnd.strata.telemetry+zstd",
+            "x-strata-batch-seq": str(seq),
+        }
+        response = self.transport.request(
+            "POST", self.url(f"/v1/nodes/{self.node_id}/telemetry"), headers=headers, body=payload, timeout=self.timeout
+        )
+        if response.status in (400, 413, 422):
+            return False
+        raise_for_status(response, "telemetry upload")
+        return True
+
     def blob_url(self, blob: str) -> str:
         return self.url(f"/v1/blobs/sha256/{blob}")

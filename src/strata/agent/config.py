@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,6 +35,10 @@ class AgentConfig:
     max_download_rate: int | None = None
     inference_threads: int | None = None
     log_level: str = "info"
+    telemetry_budget_mb: float = 64.0
+    telemetry_sample_rate: float = 0.01
+    telemetry_slow_ms: float = 250.0
+    telemetry_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.server.startswith(("http://", "https://")):
@@ -50,16 +53,19 @@ class AgentConfig:
             raise ConfigError("--max-download-rate must be positive")
         if self.poll_wait_s < 0 or self.poll_wait_s > 60:
             raise ConfigError("the poll wait must be between 0 and 60 seconds")
+        if not 0 <= self.telemetry_sample_rate <= 1:
+            raise ConfigError("--telemetry-sample-rate must be between 0 and 1")
+        if self.telemetry_budget_mb < 1:
+            raise ConfigError("--telemetry-budget-mb must be at least 1")
+        if self.telemetry_interval_s <= 0 or self.telemetry_slow_ms <= 0:
+            raise ConfigError("telemetry interval and slow threshold must be positive")
 
     @property
     def serve_is_loopback(self) -> bool:
         """True when the inference API is reachable only from this machine."""
-        if self.serve_host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.serve_host).is_loopback
-        except ValueError:
-            return False
+        # By hand rather than with ipaddress: the agent counts every module it loads against its memory budget.
+        host = self.serve_host.strip("[]").lower()
+        return host in ("localhost", "::1") or (host.startswith("127.") and host.replace(".", "").isdigit())
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +85,10 @@ class AgentConfig:
             "max_download_rate": self.max_download_rate,
             "inference_threads": self.inference_threads,
             "log_level": self.log_level,
+            "telemetry_budget_mb": self.telemetry_budget_mb,
+            "telemetry_sample_rate": self.telemetry_sample_rate,
+            "telemetry_slow_ms": self.telemetry_slow_ms,
+            "telemetry_interval_s": self.telemetry_interval_s,
         }
 
     @classmethod

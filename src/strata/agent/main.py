@@ -24,6 +24,7 @@ from strata.agent.reconciler import NodeIdentity, Reconciler
 from strata.agent.repository import ModelRepository
 from strata.agent.runtime import limit_malloc_arenas
 from strata.agent.store import ArtifactStore
+from strata.agent.telemetry import TelemetryConfig, TelemetryRecorder, TelemetryUploader
 from strata.agent.transport import H11Transport
 from strata.core.errors import ConfigError, StrataError
 from strata.core.fsutil import write_bytes_atomic
@@ -106,6 +107,18 @@ class Agent:
             "detected_profile": detected.id,
         }
         self.loop = AgentLoop(config, self.client, self.reconciler, facts=host_facts)
+        self.telemetry = TelemetryRecorder(
+            TelemetryConfig(
+                path=config.data_dir / "telemetry.db",
+                budget_bytes=int(config.telemetry_budget_mb * (1 << 20)),
+                sample_rate=config.telemetry_sample_rate,
+                slow_us=config.telemetry_slow_ms * 1000,
+                upload_interval_s=config.telemetry_interval_s,
+            )
+        )
+        self.uploader = TelemetryUploader(
+            self.telemetry, self.client.send_telemetry, lambda: self.client.node_id, backoff_max_s=config.backoff_max_s
+        )
 
     def ready(self) -> bool:
         """Ready when every model in the slots is loaded and serving."""
@@ -114,7 +127,7 @@ class Agent:
     async def serve(self) -> int:
         """Serve until SIGTERM/SIGINT or a fatal error; return the exit code."""
         token = None if self.config.serve_is_loopback else serve_token(self.config.data_dir)
-        app = InferenceApp(self.repository, self.metrics, token=token, ready=self.ready)
+        app = InferenceApp(self.repository, self.metrics, token=token, ready=self.ready, telemetry=self.telemetry)
         server = HttpServer(app.handle)
         await server.start(self.config.serve_host, self.config.serve_port)
         log.info(
@@ -128,11 +141,14 @@ class Agent:
         for signum in (signal.SIGTERM, signal.SIGINT):
             running.add_signal_handler(signum, stop.set)
         thread = start_thread(self.loop)
+        self.uploader.start()
         while not stop.is_set() and thread.is_alive():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
         self.loop.stop.set()
+        self.uploader.stop.set()
         await server.stop()
+        self.telemetry.close()
         fatal = self.loop.fatal
         if isinstance(fatal, EnrollmentRefused):
             return EXIT_ENROLLMENT

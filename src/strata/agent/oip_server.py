@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import time
 import zlib
@@ -32,6 +33,7 @@ from strata.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import release_free_memory
+from strata.agent.telemetry import Outcome, TelemetryGauges, TelemetryRecorder
 from strata.core.datatypes import oip_from_numpy
 from strata.core.errors import (
     AuthError,
@@ -42,6 +44,7 @@ from strata.core.errors import (
     Unavailable,
 )
 from strata.core.oip import Array, check_inputs, check_outputs, decode_request, encode_response
+from strata.core.telemetry import DriftReference, bin_counts, drift_references
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ class _InferResult:
     batch: int
     queue_ns: int
     compute_ns: int
+    summary: str = ""
+    drift: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 class InferenceApp:
@@ -75,6 +80,8 @@ class InferenceApp:
         executor: where inference runs; None means the event loop's default thread pool.
         ready: whether the node is ready (every desired model loaded); None means always ready.
         max_body_bytes: the largest request body after decompression (gzip and deflate are accepted).
+        telemetry: where every request's outcome is recorded; the answer waits until it is durable, so a
+            request a client saw answered is counted even if the agent dies right after.
     """
 
     def __init__(
@@ -88,8 +95,12 @@ class InferenceApp:
         executor: Executor | None = None,
         ready: Callable[[], bool] | None = None,
         max_body_bytes: int = 64 << 20,
+        telemetry: TelemetryRecorder | None = None,
     ) -> None:
         self._repository = repository
+        self._telemetry = telemetry
+        self._telemetry_gauges = TelemetryGauges(metrics.registry) if telemetry is not None else None
+        self._drift_refs: dict[str, tuple[DriftReference, ...]] = {}
         self._metrics = metrics
         self._server_name = server_name
         self._server_version = server_version
@@ -207,6 +218,9 @@ class InferenceApp:
 
     async def _render_metrics(self, _request: Request) -> Response:
         self._metrics.set_active_models((m.name, m.version, m.manifest.variant) for m in self._repository.all())
+        if self._telemetry is not None and self._telemetry_gauges is not None:
+            stats = await asyncio.get_running_loop().run_in_executor(self._executor, self._telemetry.stats)
+            self._telemetry_gauges.update(stats, self._telemetry.drift_psi())
         return Response(200, {"content-type": METRICS_CONTENT_TYPE}, self._metrics.render().encode())
 
     # --- inference --------------------------------------------------------------------------------------
@@ -220,24 +234,65 @@ class InferenceApp:
             result = await self._submit(model, request)
             large = large or len(result.body) >= _TRIM_AFTER_BYTES
         except Exception as exc:
-            self._metrics.record_failure(model.name, model.version, _failure_reason(exc))
+            reason = _failure_reason(exc)
+            self._metrics.record_failure(model.name, model.version, reason)
+            await self._record(model, started, ok=False, status=reason)
             raise
         finally:
             self._in_flight -= 1
             if large:
                 self._schedule_trim()
+        request_ns = time.perf_counter_ns() - started
         self._metrics.record_success(
             model.name,
             model.version,
             batch=result.batch,
-            request_ns=time.perf_counter_ns() - started,
+            request_ns=request_ns,
             queue_ns=result.queue_ns,
             compute_ns=result.compute_ns,
         )
+        await self._record(model, started, ok=True, status="ok", result=result)
         if result.header_length is None:
             return Response(200, {"content-type": "application/json"}, result.body)
         headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(result.header_length)}
         return Response(200, headers, result.body)
+
+    async def _record(
+        self, model: LoadedModel, started_ns: int, *, ok: bool, status: str, result: _InferResult | None = None
+    ) -> None:
+        """Hand the outcome to telemetry and wait until it is durable (see the class docstring)."""
+        if self._telemetry is None:
+            return
+        latency_us = (time.perf_counter_ns() - started_ns) // 1000
+        await self._telemetry.record(
+            Outcome(
+                ts=time.time(),
+                model=model.name,
+                version=model.version,
+                variant=model.manifest.variant,
+                latency_us=latency_us,
+                queue_us=result.queue_ns // 1000 if result else 0,
+                batch=result.batch if result else 0,
+                ok=ok,
+                status=status,
+                summary=result.summary if result else "",
+                drift=result.drift if result else (),
+            )
+        )
+
+    def _references(self, model: LoadedModel) -> tuple[DriftReference, ...]:
+        """The drift references of a served model, parsed once per package."""
+        references = self._drift_refs.get(model.digest)
+        if references is None:
+            try:
+                references = tuple(drift_references(model.manifest.drift))
+            except StrataError as exc:
+                log.warning("model %s %s has unusable drift references: %s", model.name, model.version, exc)
+                references = ()
+            self._drift_refs[model.digest] = references
+            if self._telemetry is not None:
+                self._telemetry.set_references(model.name, model.version, references)
+        return references
 
     async def _submit(self, model: LoadedModel, request: Request) -> _InferResult:
         """Run `_run_inference` on the executor.
@@ -248,7 +303,8 @@ class InferenceApp:
         """
         header_length = _header_length(request)
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        args = (model, request.body, encoding, header_length, self._max_body_bytes, time.perf_counter_ns())
+        references = self._references(model) if self._telemetry is not None else ()
+        args = (model, request.body, encoding, header_length, self._max_body_bytes, time.perf_counter_ns(), references)
         try:
             future = asyncio.get_running_loop().run_in_executor(self._executor, _run_inference, *args)
         except RuntimeError as exc:
@@ -321,7 +377,13 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 def _run_inference(
-    model: LoadedModel, body: bytes, encoding: str, header_length: int | None, max_bytes: int, submitted_ns: int
+    model: LoadedModel,
+    body: bytes,
+    encoding: str,
+    header_length: int | None,
+    max_bytes: int,
+    submitted_ns: int,
+    references: tuple[DriftReference, ...] = (),
 ) -> _InferResult:
     """Decode, check, run and encode one request: the whole CPU-bound part, run on the executor.
 
@@ -347,7 +409,22 @@ def _run_inference(
         batch=_batch_size(model, feeds),
         queue_ns=started - submitted_ns,
         compute_ns=compute_ns,
+        summary=_summary(model, feeds),
+        drift=tuple(
+            (ref.tensor, tuple(bin_counts(ref, feeds[ref.tensor] if ref.kind == "input" else results[ref.tensor])))
+            for ref in references
+            if (feeds if ref.kind == "input" else results).get(ref.tensor) is not None
+        ),
     )
+
+
+def _summary(model: LoadedModel, feeds: dict[str, Array]) -> str:
+    """A compact description of a request's first input for its telemetry event: shape and mean."""
+    first = feeds[model.manifest.inputs[0].name]
+    summary: dict[str, object] = {"shape": list(first.shape)}
+    if first.dtype.kind in "biuf" and first.size:
+        summary["mean"] = round(float(first.mean()), 4)
+    return json.dumps(summary, separators=(",", ":"))
 
 
 def _batch_size(model: LoadedModel, feeds: dict[str, Array]) -> int:

@@ -45,6 +45,18 @@ def agent(
         int | None, typer.Option("--threads", help="Inference threads per model (default: onnxruntime's).")
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    telemetry_budget_mb: Annotated[
+        float, typer.Option("--telemetry-budget-mb", help="Disk the telemetry buffer may use during outages.")
+    ] = 64.0,
+    telemetry_sample_rate: Annotated[
+        float, typer.Option("--telemetry-sample-rate", help="Share of ordinary requests kept as events (0-1).")
+    ] = 0.01,
+    telemetry_slow_ms: Annotated[
+        float, typer.Option("--telemetry-slow-ms", help="Requests slower than this are always kept as events.")
+    ] = 250.0,
+    telemetry_interval: Annotated[
+        float, typer.Option("--telemetry-interval", help="Seconds between telemetry uploads.")
+    ] = 10.0,
 ) -> None:
     """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
     the Open Inference Protocol on --serve-port; keeps serving when the control plane is gone."""
@@ -72,8 +84,12 @@ def agent(
         max_download_rate=max_download_rate,
         inference_threads=threads,
         log_level=log_level,
+        telemetry_budget_mb=telemetry_budget_mb,
+        telemetry_sample_rate=telemetry_sample_rate,
+        telemetry_slow_ms=telemetry_slow_ms,
+        telemetry_interval_s=telemetry_interval,
     )
     env = {**os.environ, CONFIG_ENV: config.to_env()}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "strata.agent"], env)
+    os.execve(sys.executable, [sys.executable, "-OO", "-m", "strata.agent"], env)

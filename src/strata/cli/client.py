@@ -124,6 +124,17 @@ class ControlClient:
         result: list[dict[str, Any]] = self._call("GET", "/v1/deployments")
         return result
 
+    def telemetry(
+        self, model: str, version: str | None = None, node: str | None = None, since_s: float = 3600
+    ) -> dict[str, Any]:
+        params: dict[str, str | float] = {"model": model, "since": since_s}
+        if version is not None:
+            params["version"] = version
+        if node is not None:
+            params["node"] = node
+        result: dict[str, Any] = self._call("GET", "/v1/telemetry", params=params)
+        return result
+
     def nodes(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", "/v1/nodes")
         return result

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from strata import __version__
 from strata.control.api import install
 from strata.control.errors import StoreError
+from strata.control.metrics import metrics_registry
 from strata.control.plane import ControlPlane
 from strata.control.settings import ServerSettings
 
@@ -61,5 +62,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.plane = plane
+    app.state.metrics_registry = metrics_registry(plane)
     install(app)
     return app

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Double,
     Engine,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -164,6 +165,82 @@ class Deployment(Base):
     created_at: Mapped[float] = mapped_column(TIME)
 
     version: Mapped[ModelVersion] = relationship()
+
+
+class TelemetryBatch(Base):
+    """One telemetry batch a node uploaded; the primary key is what makes every batch stored exactly once."""
+
+    __tablename__ = "telemetry_batches"
+
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    received_at: Mapped[float] = mapped_column(TIME)
+    bytes: Mapped[int] = mapped_column(Integer)
+    minutes: Mapped[int] = mapped_column(Integer)
+    events: Mapped[int] = mapped_column(Integer)
+
+
+class TelemetryMinute(Base):
+    """Exact request counts and a latency histogram of one node, model version and variant in one minute."""
+
+    __tablename__ = "telemetry_minutes"
+    __table_args__ = (Index("ix_telemetry_minutes_model_minute", "model", "minute"),)
+
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    version: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    items: Mapped[int] = mapped_column(BigInteger)
+    latency_sum_us: Mapped[int] = mapped_column(BigInteger)
+    queue_sum_us: Mapped[int] = mapped_column(BigInteger)
+    latency: Mapped[list[int]] = mapped_column(JSON)
+
+
+class TelemetryEvent(Base):
+    """A kept request: every error and slow request, and a sample of the rest."""
+
+    __tablename__ = "telemetry_events"
+    __table_args__ = (Index("ix_telemetry_events_model_ts", "model", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True)
+    ts: Mapped[float] = mapped_column(TIME)
+    model: Mapped[str] = mapped_column(String(NAME_LEN))
+    version: Mapped[str] = mapped_column(String(NAME_LEN))
+    variant: Mapped[str] = mapped_column(String(NAME_LEN))
+    latency_us: Mapped[int] = mapped_column(BigInteger)
+    queue_us: Mapped[int] = mapped_column(BigInteger)
+    batch: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(32))
+    tier: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer)
+    summary: Mapped[str] = mapped_column(Text)
+
+
+class TelemetryDrift(Base):
+    """Bin counts of one tensor's values on one node, model version and minute (for PSI and chi-square)."""
+
+    __tablename__ = "telemetry_drift"
+
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    version: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    tensor: Mapped[str] = mapped_column(String(256), primary_key=True)
+    counts: Mapped[list[int]] = mapped_column(JSON)
+
+
+class TelemetryDropped(Base):
+    """What a node's telemetry buffer had to discard, by kind, summed over its batches (never silent)."""
+
+    __tablename__ = "telemetry_dropped"
+
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -17,6 +17,7 @@ from strata.control.fleet import FleetService
 from strata.control.presence import PresenceTracker
 from strata.control.registry import RegistryService
 from strata.control.settings import ServerSettings
+from strata.control.telemetry import TelemetryService
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class ControlPlane:
     fleet: FleetService
     registry: RegistryService
     deployments: DeploymentService
+    telemetry: TelemetryService
 
     @classmethod
     def build(cls, settings: ServerSettings) -> ControlPlane:
@@ -55,6 +57,7 @@ class ControlPlane:
             fleet=FleetService(db, blobs, feed, presence, authenticator, settings.clock, settings.online_window_s),
             registry=RegistryService(db, blobs, feed, settings.clock, settings.tmp_dir, settings.max_package_bytes),
             deployments=DeploymentService(db, feed, settings.clock),
+            telemetry=TelemetryService(db, settings.clock),
         )
 
     def start(self) -> None:

@@ -196,3 +196,55 @@ class DeploymentBody(BaseModel):
 class ErrorBody(BaseModel):
     error: str
     code: str
+
+
+class TelemetryAckBody(BaseModel):
+    """The control plane has this batch (stored now, or already before)."""
+
+    seq: int
+    stored: bool
+
+
+class TelemetryMinuteBody(BaseModel):
+    node: str
+    node_id: str
+    model: str
+    version: str
+    minute: int = Field(description="epoch minute (epoch seconds / 60)")
+    time: str = Field(description="the minute's start, ISO 8601 UTC")
+    requests: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+
+
+class TensorDriftBody(BaseModel):
+    tensor: str
+    psi: float
+    chi_square: float
+    p_value: float | None
+    samples: int
+    drifting: bool
+
+
+class NodeTelemetryBody(BaseModel):
+    node: str
+    node_id: str
+    model: str
+    version: str
+    requests: int
+    errors: int
+    error_rate: float
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    drift: list[TensorDriftBody]
+    dropped: dict[str, int]
+
+
+class TelemetryBody(BaseModel):
+    model: str
+    since: float
+    minutes: list[TelemetryMinuteBody]
+    nodes: list[NodeTelemetryBody]

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Final
@@ -40,6 +40,7 @@ MODEL_NAME: Final = "model.onnx"
 GOLDEN_NAME: Final = "golden.npz"
 MAX_MANIFEST_BYTES: Final = 16 << 20
 MAX_GOLDEN_SAMPLES: Final = 4
+MAX_REFERENCE_SAMPLES: Final = 512
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -149,6 +150,14 @@ class GoldenSpec:
             raise PackageError(f"manifest 'golden' is malformed: {exc}") from exc
 
 
+_KNOWN_KEYS: Final = frozenset(
+    {
+        "schema", "name", "version", "variant", "profile", "runtime", "precision", "model_file",
+        "inputs", "outputs", "files", "golden", "metrics", "policy", "build", "drift",
+    }
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything a node needs to know about a package before and after it trusts it."""
@@ -167,9 +176,14 @@ class Manifest:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     policy: Mapping[str, Any] = field(default_factory=dict)
     build: Mapping[str, Any] = field(default_factory=dict)
+    drift: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
 
     def to_json(self) -> dict[str, Any]:
+        """The manifest document. Optional sections appear only when set, and keys this strata does not know
+        (from a newer one) are kept, so the digest of a parsed manifest is the digest of the file it came from.
+        """
         return {
             "schema": self.schema,
             "name": self.name,
@@ -186,6 +200,8 @@ class Manifest:
             "metrics": dict(self.metrics),
             "policy": dict(self.policy),
             "build": dict(self.build),
+            **({"drift": dict(self.drift)} if self.drift else {}),
+            **{key: value for key, value in self.extra.items() if key not in _KNOWN_KEYS},
         }
 
     @property
@@ -225,7 +241,7 @@ class Manifest:
         check_name("variant id", strings["variant"])
         if not all(isinstance(x, list) for x in (inputs, outputs, files)):
             raise PackageError("manifest 'inputs', 'outputs' and 'files' must be lists")
-        for key in ("metrics", "policy", "build"):
+        for key in ("metrics", "policy", "build", "drift"):
             if not isinstance(raw.get(key, {}), dict):
                 raise PackageError(f"manifest {key!r} must be an object")
         manifest = cls(
@@ -243,6 +259,8 @@ class Manifest:
             metrics=raw.get("metrics", {}),
             policy=raw.get("policy", {}),
             build=raw.get("build", {}),
+            drift=raw.get("drift", {}),
+            extra={key: value for key, value in raw.items() if key not in _KNOWN_KEYS},
         )
         paths = [f.path for f in manifest.files]
         if len(set(paths)) != len(paths):
@@ -627,6 +645,36 @@ def load_samples(path: Path, specs: Iterable[TensorSpec], limit: int = MAX_GOLDE
     return feeds
 
 
+def _first_samples(feeds: Mapping[str, Array], specs: Iterable[TensorSpec], count: int) -> dict[str, Array]:
+    """The first `count` samples of every input whose first axis is the (dynamic) batch."""
+    batched = {spec.name for spec in specs if spec.shape and spec.shape[0] == -1}
+    return {name: (array[:count] if name in batched else array) for name, array in feeds.items()}
+
+
+def _drift_section(
+    session: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], feeds: Mapping[str, Array]
+) -> dict[str, Any]:
+    """Reference statistics of every input and output over the sample data, for drift detection on nodes.
+
+    Outputs are computed in batches of 64 when every input is batched on its first axis; otherwise only the
+    inputs get references.
+    """
+    from strata.core.telemetry import build_reference
+
+    references = [build_reference(spec.name, "input", feeds[spec.name]) for spec in inputs]
+    samples = min((len(a) for a in feeds.values()), default=0)
+    if all(spec.shape and spec.shape[0] == -1 for spec in inputs) and samples:
+        names = [o.name for o in outputs]
+        chunks = [
+            session.run(names, {k: v[start : start + 64] for k, v in feeds.items()}) for start in range(0, samples, 64)
+        ]
+        for index, spec in enumerate(outputs):
+            stacked = np.concatenate([np.asarray(chunk[index]) for chunk in chunks])
+            references.append(build_reference(spec.name, "output", stacked))
+    tensors = [r.to_json() for r in references if r is not None]
+    return {"samples": samples, "bins": "deciles", "tensors": tensors} if tensors else {}
+
+
 def default_variant_id(profile: str, runtime: str, precision: str) -> str:
     """`<profile>-<precision>`, with the runtime between them when it is not plain onnxruntime."""
     if runtime == "onnxruntime":
@@ -678,12 +726,15 @@ def build_package(
     inputs, raw_shapes = _signature(session.get_inputs())
     outputs, _ = _signature(session.get_outputs())
 
+    reference_feeds: dict[str, Array] | None = None
     if sample is None:
         feeds = synthesize_inputs(inputs, raw_shapes)
-    elif isinstance(sample, Path):
-        feeds = load_samples(sample, inputs)
     else:
-        feeds = dict(sample)
+        if isinstance(sample, Path):
+            reference_feeds = load_samples(sample, inputs, limit=MAX_REFERENCE_SAMPLES)
+        else:
+            reference_feeds = dict(sample)
+        feeds = _first_samples(reference_feeds, inputs, MAX_GOLDEN_SAMPLES)
     try:
         results = session.run([o.name for o in outputs], feeds)
     except Exception as exc:  # onnxruntime's C++ errors: wrap with what the user can do about it.
@@ -696,6 +747,8 @@ def build_package(
                 f"golden run of {model_path.name} gave NaN or infinity in output {output_name}; "
                 "give sample inputs the model was trained on with --sample FILE.npz"
             )
+
+    drift = _drift_section(session, inputs, outputs, reference_feeds) if reference_feeds is not None else {}
 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PackageBuildError(f"output folder {out_dir} is not empty")
@@ -734,6 +787,7 @@ def build_package(
         metrics=dict(metrics or {}),
         policy=dict(policy or {}),
         build={"strata": __version__, "onnxruntime": ort.__version__},
+        drift=drift,
     )
     write_manifest(out_dir, manifest)
     return Package(path=out_dir, manifest=manifest)

@@ -1,13 +1,15 @@
-"""`/v1/health` and the OpenAPI document (behind an admin token)."""
+"""`/v1/health`, the OpenAPI document and `/metrics` (the last two behind an admin token)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CollectorRegistry
 
 from strata import __version__
 from strata.control.api.deps import COMMON_ERRORS, Admin, AnyCaller
+from strata.control.metrics import CONTENT_TYPE, render
 from strata.control.schemas import HealthBody
 
 router = APIRouter(tags=["system"], responses=COMMON_ERRORS)
@@ -24,3 +26,14 @@ async def openapi(request: Request, _admin: Admin) -> dict[str, Any]:
     """The OpenAPI document of this API."""
     document: dict[str, Any] = request.app.openapi()
     return document
+
+
+# Outside /v1, where Prometheus looks by default; scrape it with the admin token as a bearer credential.
+metrics_router = APIRouter(tags=["system"], responses=COMMON_ERRORS)
+
+
+@metrics_router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+def metrics(request: Request, _admin: Admin) -> Response:
+    """Fleet metrics in Prometheus' text format: nodes, versions running, traffic, telemetry ingest."""
+    registry: CollectorRegistry = request.app.state.metrics_registry
+    return Response(render(registry), media_type=CONTENT_TYPE)

@@ -1,0 +1,640 @@
+"""Store-and-forward telemetry on the node: a SQLite (WAL) buffer with a disk budget, a group-commit
+recorder, and an uploader that sends numbered, compressed batches until the control plane acknowledges them.
+
+Durability: the inference server awaits `TelemetryRecorder.record` before it answers, and the recorder
+commits every outcome waiting in its queue in one transaction (group commit), so a request a client saw
+answered is on disk even if the agent is killed the next instant. Exactly once: a batch is sealed into the
+outbox with its sequence number in the same transaction that removes its rows, and is deleted only when the
+server acknowledges that sequence; the server stores each (node, seq) once, so a resend after a kill is
+harmless.
+
+Budget: when the buffer outgrows its disk budget it drops the oldest sampled events first, then slow-request
+events, then error events, and aggregates last; every drop is counted and sent with the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import math
+import queue
+import random
+import sqlite3
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from strata.agent.metrics import MetricsRegistry
+from strata.core.errors import StrataError
+from strata.core.telemetry import (
+    BUCKETS,
+    PRIORITY_ERROR,
+    PRIORITY_SAMPLED,
+    PRIORITY_SLOW,
+    DriftReference,
+    DriftRow,
+    EventRow,
+    MinuteRow,
+    TelemetryBatch,
+    bucket_of,
+    encode_batch,
+    event_priority,
+    minute_of,
+    psi,
+)
+
+log = logging.getLogger("strata.agent.telemetry")
+
+_BUCKET_COLUMNS = ", ".join(f"b{i}" for i in range(BUCKETS))
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS minutes (
+    model TEXT NOT NULL, version TEXT NOT NULL, variant TEXT NOT NULL, minute INTEGER NOT NULL,
+    requests INTEGER NOT NULL, errors INTEGER NOT NULL, items INTEGER NOT NULL,
+    latency_sum_us INTEGER NOT NULL, queue_sum_us INTEGER NOT NULL,
+    {", ".join(f"b{i} INTEGER NOT NULL" for i in range(BUCKETS))},
+    PRIMARY KEY (model, version, variant, minute)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+    variant TEXT NOT NULL, latency_us INTEGER NOT NULL, queue_us INTEGER NOT NULL, batch INTEGER NOT NULL,
+    status TEXT NOT NULL, tier TEXT NOT NULL, priority INTEGER NOT NULL, summary TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_priority ON events (priority, id);
+CREATE TABLE IF NOT EXISTS drift (
+    model TEXT NOT NULL, version TEXT NOT NULL, minute INTEGER NOT NULL, tensor TEXT NOT NULL,
+    counts TEXT NOT NULL, PRIMARY KEY (model, version, minute, tensor)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY, created REAL NOT NULL, payload BLOB NOT NULL, requests INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+_UPSERT_MINUTE = f"""
+INSERT INTO minutes (model, version, variant, minute, requests, errors, items, latency_sum_us, queue_sum_us,
+                     {_BUCKET_COLUMNS})
+VALUES ({", ".join("?" * (9 + BUCKETS))})
+ON CONFLICT (model, version, variant, minute) DO UPDATE SET
+    requests = requests + excluded.requests, errors = errors + excluded.errors, items = items + excluded.items,
+    latency_sum_us = latency_sum_us + excluded.latency_sum_us, queue_sum_us = queue_sum_us + excluded.queue_sum_us,
+    {", ".join(f"b{i} = b{i} + excluded.b{i}" for i in range(BUCKETS))}
+"""
+
+DROPPED_KINDS = ("events_sampled", "events_slow", "events_error", "minutes", "minute_requests", "lost", "rejected")
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Every telemetry setting and limit of a node."""
+
+    path: Path
+    budget_bytes: int = 64 << 20
+    sample_rate: float = 0.01
+    slow_us: float = 250_000.0
+    upload_interval_s: float = 10.0
+    batch_max_events: int = 20_000
+    batch_max_minutes: int = 2_000
+    drift_window_minutes: int = 10
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One inference request as the server saw it."""
+
+    ts: float
+    model: str
+    version: str
+    variant: str
+    latency_us: int
+    queue_us: int
+    batch: int
+    ok: bool
+    status: str
+    tier: str = "local"
+    summary: str = ""
+    drift: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class BufferStats:
+    minutes: int
+    events: int
+    outbox: int
+    bytes_pending: int
+    disk_bytes: int
+    dropped: Mapping[str, int]
+    last_upload: float | None
+    uploaded_batches: int
+
+
+class TelemetryBuffer:
+    """The SQLite buffer. Writes come from one thread (the recorder's); `read_outbox` from any."""
+
+    def __init__(self, path: Path, budget_bytes: int) -> None:
+        self.path = path
+        self.budget_bytes = budget_bytes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = self._connect()
+        self._db.executescript(_SCHEMA)
+        self._writes = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a process kill loses no commit
+        db.execute("PRAGMA cache_size=-512")  # 512 KiB: the agent has a memory budget
+        db.execute("PRAGMA journal_size_limit=4194304")
+        return db
+
+    # --- writing (recorder thread) ----------------------------------------------------------------------
+
+    def write(self, outcomes: list[Outcome], priorities: list[int | None]) -> None:
+        """Add outcomes to the minute aggregates (all of them) and the events table (the kept ones), atomically.
+
+        Raises:
+            sqlite3.Error: the disk is full or the file is damaged (the caller counts the loss).
+        """
+        minutes: dict[tuple[str, str, str, int], MinuteRow] = {}
+        drift: dict[tuple[str, str, int, str], list[int]] = {}
+        events = []
+        for outcome, priority in zip(outcomes, priorities, strict=True):
+            minute = minute_of(outcome.ts)
+            key = (outcome.model, outcome.version, outcome.variant, minute)
+            row = minutes.get(key) or minutes.setdefault(key, MinuteRow(*key))
+            row.requests += 1
+            row.errors += 0 if outcome.ok else 1
+            row.items += outcome.batch
+            row.latency_sum_us += outcome.latency_us
+            row.queue_sum_us += outcome.queue_us
+            row.latency[bucket_of(outcome.latency_us)] += 1
+            for tensor, counts in outcome.drift:
+                total = drift.setdefault((outcome.model, outcome.version, minute, tensor), [0] * len(counts))
+                if len(total) == len(counts):
+                    for i, c in enumerate(counts):
+                        total[i] += c
+            if priority is not None:
+                events.append(
+                    (outcome.ts, outcome.model, outcome.version, outcome.variant, outcome.latency_us,
+                     outcome.queue_us, outcome.batch, outcome.status, outcome.tier, priority, outcome.summary)
+                )  # fmt: skip
+        with self._transaction() as db:
+            db.executemany(
+                _UPSERT_MINUTE,
+                [
+                    (*key, m.requests, m.errors, m.items, m.latency_sum_us, m.queue_sum_us, *m.latency)
+                    for key, m in minutes.items()
+                ],
+            )
+            for drift_key, added in drift.items():
+                stored = db.execute(
+                    "SELECT counts FROM drift WHERE model=? AND version=? AND minute=? AND tensor=?", drift_key
+                ).fetchone()
+                if stored is not None:
+                    previous = json.loads(stored[0])
+                    if len(previous) == len(added):
+                        added = [a + b for a, b in zip(previous, added, strict=True)]
+                db.execute("INSERT OR REPLACE INTO drift VALUES (?, ?, ?, ?, ?)", (*drift_key, json.dumps(added)))
+            if events:
+                db.executemany(
+                    "INSERT INTO events (ts, model, version, variant, latency_us, queue_us, batch, status, tier,"
+                    " priority, summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    events,
+                )
+        self._writes += 1
+        if self._writes % 64 == 0:
+            self.enforce_budget()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Any:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def count_dropped(self, kind: str, amount: int) -> None:
+        """Add to a dropped counter (sent with the next batch, then reset)."""
+        if amount:
+            with self._transaction() as db:
+                self._bump(db, f"dropped.{kind}", amount)
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection, key: str, amount: int) -> None:
+        db.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+            (key, amount),
+        )
+
+    def used_bytes(self) -> int:
+        page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * page_size)
+
+    def enforce_budget(self) -> dict[str, int]:
+        """Drop data, lowest priority and oldest first, until the buffer is under 90% of its budget.
+
+        Returns what was dropped, by kind (also added to the dropped counters).
+        """
+        dropped: dict[str, int] = defaultdict(int)
+        target = int(self.budget_bytes * 0.9)
+        if self.used_bytes() <= self.budget_bytes:
+            return dropped
+        order = [
+            (PRIORITY_SAMPLED, "events_sampled"),
+            (PRIORITY_SLOW, "events_slow"),
+            (PRIORITY_ERROR, "events_error"),
+        ]
+        for priority, kind in order:
+            while self.used_bytes() > target:
+                with self._transaction() as db:
+                    removed = db.execute(
+                        "DELETE FROM events WHERE id IN"
+                        " (SELECT id FROM events WHERE priority=? ORDER BY id LIMIT 2000)",
+                        (priority,),
+                    ).rowcount
+                    self._bump(db, f"dropped.{kind}", removed)
+                dropped[kind] += removed
+                if removed == 0:
+                    break
+        while self.used_bytes() > target:
+            with self._transaction() as db:
+                rows = db.execute("SELECT minute FROM minutes ORDER BY minute LIMIT 1").fetchone()
+                if rows is None:
+                    outbox = db.execute("SELECT seq, requests FROM outbox ORDER BY seq LIMIT 1").fetchone()
+                    if outbox is None:
+                        break
+                    db.execute("DELETE FROM outbox WHERE seq=?", (outbox[0],))
+                    self._bump(db, "dropped.minute_requests", outbox[1])
+                    dropped["minute_requests"] += outbox[1]
+                    continue
+                oldest = rows[0]
+                requests, count = db.execute(
+                    "SELECT COALESCE(SUM(requests), 0), COUNT(*) FROM minutes WHERE minute=?", (oldest,)
+                ).fetchone()
+                db.execute("DELETE FROM minutes WHERE minute=?", (oldest,))
+                db.execute("DELETE FROM drift WHERE minute=?", (oldest,))
+                self._bump(db, "dropped.minutes", count)
+                self._bump(db, "dropped.minute_requests", requests)
+                dropped["minutes"] += count
+                dropped["minute_requests"] += requests
+        if dropped:
+            log.warning("telemetry buffer over its %d-byte budget: dropped %s", self.budget_bytes, dict(dropped))
+        return dropped
+
+    def seal(self, node_id: str, now: float, max_events: int, max_minutes: int) -> int | None:
+        """Move the oldest buffered data into one outbox batch; return its sequence number.
+
+        Does nothing (returns the pending seq) while a batch waits for its acknowledgement, and returns None
+        when there is nothing to send.
+        """
+        with self._transaction() as db:
+            pending = db.execute("SELECT seq FROM outbox ORDER BY seq LIMIT 1").fetchone()
+            if pending is not None:
+                return int(pending[0])
+            minutes = [
+                MinuteRow(
+                    model=r[0], version=r[1], variant=r[2], minute=r[3], requests=r[4], errors=r[5], items=r[6],
+                    latency_sum_us=r[7], queue_sum_us=r[8], latency=list(r[9:]),
+                )
+                for r in db.execute(
+                    "SELECT model, version, variant, minute, requests, errors, items, latency_sum_us, queue_sum_us,"
+                    f" {_BUCKET_COLUMNS} FROM minutes ORDER BY minute LIMIT ?",
+                    (max_minutes,),
+                )
+            ]  # fmt: skip
+            event_rows = db.execute(
+                "SELECT id, ts, model, version, variant, latency_us, queue_us, batch, status, tier, priority, summary"
+                " FROM events ORDER BY id LIMIT ?",
+                (max_events,),
+            ).fetchall()
+            drift = [
+                DriftRow(model=r[0], version=r[1], minute=r[2], tensor=r[3], counts=json.loads(r[4]))
+                for r in db.execute("SELECT model, version, minute, tensor, counts FROM drift ORDER BY minute")
+            ]
+            dropped = {
+                key.removeprefix("dropped."): value
+                for key, value in db.execute("SELECT key, value FROM meta WHERE key LIKE 'dropped.%' AND value > 0")
+            }
+            if not minutes and not event_rows and not drift and not dropped:
+                return None
+            seq_row = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
+            seq = int(seq_row[0]) if seq_row else 1
+            batch = TelemetryBatch(
+                node_id=node_id,
+                seq=seq,
+                created=now,
+                minutes=minutes,
+                events=[EventRow(*r[1:]) for r in event_rows],
+                drift=drift,
+                dropped=dropped,
+            )
+            payload = encode_batch(batch)
+            db.execute("INSERT INTO outbox VALUES (?, ?, ?, ?)", (seq, now, payload, sum(m.requests for m in minutes)))
+            for m in minutes:
+                db.execute("DELETE FROM minutes WHERE model=? AND version=? AND variant=? AND minute=?", m.key)
+            if event_rows:
+                db.execute("DELETE FROM events WHERE id <= ?", (event_rows[-1][0],))
+            db.execute("DELETE FROM drift")
+            db.execute("UPDATE meta SET value = 0 WHERE key LIKE 'dropped.%'")
+            db.execute(
+                "INSERT INTO meta VALUES ('next_seq', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (seq + 1,),
+            )
+            return seq
+
+    def ack(self, seq: int, now: float) -> None:
+        """The server stored batch `seq`: forget it."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+            db.execute(
+                "INSERT INTO meta VALUES ('last_upload', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (int(now),),
+            )
+            self._bump(db, "uploaded_batches", 1)
+
+    # --- reading (any thread) ---------------------------------------------------------------------------
+
+    def read_outbox(self) -> tuple[int, bytes] | None:
+        row = self._db.execute("SELECT seq, payload FROM outbox ORDER BY seq LIMIT 1").fetchone()
+        return (int(row[0]), bytes(row[1])) if row else None
+
+    def stats(self) -> BufferStats:
+        db = self._db
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        outbox, outbox_bytes = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone()
+        minutes = db.execute("SELECT COUNT(*) FROM minutes").fetchone()[0]
+        events = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        return BufferStats(
+            minutes=minutes,
+            events=events,
+            outbox=outbox,
+            bytes_pending=int(outbox_bytes),
+            disk_bytes=self.used_bytes(),
+            dropped={kind: int(meta.get(f"dropped.{kind}", 0)) for kind in DROPPED_KINDS},
+            last_upload=float(meta["last_upload"]) if "last_upload" in meta else None,
+            uploaded_batches=int(meta.get("uploaded_batches", 0)),
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# --- the recorder: group commit ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Waiter:
+    outcome: Outcome
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+
+
+@dataclass
+class _Command:
+    run: Callable[[], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class TelemetryRecorder:
+    """Owns the buffer's writes on one thread; `record` resolves once its outcome is committed."""
+
+    def __init__(self, config: TelemetryConfig, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.buffer = TelemetryBuffer(config.path, config.budget_bytes)
+        self._queue: queue.SimpleQueue[_Waiter | _Command | None] = queue.SimpleQueue()
+        self._rng = rng or random.Random()
+        self._lost = 0
+        self._references: dict[tuple[str, str], tuple[DriftReference, ...]] = {}
+        self._window: dict[tuple[str, str, str], deque[tuple[int, list[int]]]] = {}
+        self._window_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="strata-telemetry", daemon=True)
+        self._thread.start()
+
+    # --- the inference side -----------------------------------------------------------------------------
+
+    async def record(self, outcome: Outcome) -> None:
+        """Buffer one outcome; returns once it is committed (or its loss is counted)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.put(_Waiter(outcome, loop, future))
+        await future
+
+    def set_references(self, model: str, version: str, references: tuple[DriftReference, ...]) -> None:
+        """The drift references of a model version now served (from its package)."""
+        self._references[(model, version)] = references
+
+    def references(self, model: str, version: str) -> tuple[DriftReference, ...]:
+        return self._references.get((model, version), ())
+
+    def drift_psi(self) -> dict[tuple[str, str, str], float]:
+        """PSI of each served tensor's last `drift_window_minutes` minutes against its reference."""
+        out = {}
+        with self._window_lock:
+            for (model, version, tensor), window in self._window.items():
+                reference = next((r for r in self.references(model, version) if r.tensor == tensor), None)
+                if reference is None or not window:
+                    continue
+                totals = [sum(column) for column in zip(*(counts for _, counts in window), strict=True)]
+                out[(model, version, tensor)] = psi(reference.counts, totals)
+        return out
+
+    # --- the writer thread ------------------------------------------------------------------------------
+
+    def call(self, function: Callable[[], Any], timeout: float = 60.0) -> Any:
+        """Run `function` on the writer thread (the only one that writes the buffer) and return its result.
+
+        Raises:
+            StrataError: the writer did not answer in time.
+            Exception: whatever `function` raised.
+        """
+        command = _Command(function)
+        self._queue.put(command)
+        if not command.done.wait(timeout):
+            raise StrataError("telemetry writer did not answer")
+        if command.error is not None:
+            raise command.error
+        return command.result
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items: list[_Waiter | _Command | None] = [first]
+            with contextlib.suppress(queue.Empty):
+                while len(items) < 4096:
+                    items.append(self._queue.get_nowait())
+            stop = None in items
+            waiters = [item for item in items if isinstance(item, _Waiter)]
+            if waiters:
+                self._commit(waiters)
+            for item in items:
+                if isinstance(item, _Command):
+                    try:
+                        item.result = item.run()
+                    except BaseException as exc:  # handed back to the caller of `call`
+                        item.error = exc
+                    item.done.set()
+            if stop:
+                return
+
+    def _commit(self, waiters: list[_Waiter]) -> None:
+        outcomes = [w.outcome for w in waiters]
+        priorities = [
+            event_priority(o.ok, o.latency_us, self.config.slow_us, self.config.sample_rate, self._rng.random())
+            for o in outcomes
+        ]
+        try:
+            if self._lost:
+                self.buffer.count_dropped("lost", self._lost)
+                self._lost = 0
+            self.buffer.write(outcomes, priorities)
+        except sqlite3.Error as exc:  # disk full, damaged file: inference goes on, the loss is counted
+            self._lost += len(outcomes)
+            log.error("telemetry buffer write failed (%s); %d outcomes not recorded", exc, len(outcomes))
+        self._remember_drift(outcomes)
+        for waiter in waiters:
+            if not waiter.loop.is_closed():
+                waiter.loop.call_soon_threadsafe(_resolve, waiter.future)
+
+    def _remember_drift(self, outcomes: list[Outcome]) -> None:
+        with self._window_lock:
+            for outcome in outcomes:
+                minute = minute_of(outcome.ts)
+                for tensor, counts in outcome.drift:
+                    window = self._window.setdefault((outcome.model, outcome.version, tensor), deque())
+                    if window and window[-1][0] == minute and len(window[-1][1]) == len(counts):
+                        window[-1] = (minute, [a + b for a, b in zip(window[-1][1], counts, strict=True)])
+                    else:
+                        window.append((minute, list(counts)))
+                    while window and window[0][0] <= minute - self.config.drift_window_minutes:
+                        window.popleft()
+
+    def stats(self) -> BufferStats:
+        stats: BufferStats = self.call(self.buffer.stats)
+        return stats
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+        self.buffer.close()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+# --- the uploader ---------------------------------------------------------------------------------------
+
+
+class TelemetryUploader:
+    """Seals and sends batches in order, one at a time, until the buffer is empty; then waits."""
+
+    def __init__(
+        self,
+        recorder: TelemetryRecorder,
+        send: Callable[[int, bytes], bool],
+        node_id: Callable[[], str | None],
+        *,
+        clock: Callable[[], float] = time.time,
+        backoff_max_s: float = 60.0,
+    ) -> None:
+        """`send(seq, payload)` returns True when the server stored (or already had) the batch, False when
+        it refused it for good (malformed: the batch is dropped and counted); it raises on transient errors."""
+        self.recorder = recorder
+        self.send = send
+        self.node_id = node_id
+        self.clock = clock
+        self.backoff_max_s = backoff_max_s
+        self.stop = threading.Event()
+        self.kick = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="strata-telemetry-upload", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def drain(self) -> int:
+        """Send every buffered batch now; return how many were acknowledged. Raises on transient errors."""
+        node = self.node_id()
+        if node is None:
+            return 0
+        config = self.recorder.config
+        sent = 0
+        buffer = self.recorder.buffer
+        while True:
+            sealed = self.recorder.call(
+                functools.partial(buffer.seal, node, self.clock(), config.batch_max_events, config.batch_max_minutes)
+            )
+            if sealed is None:
+                return sent
+            pending = buffer.read_outbox()
+            if pending is None:
+                continue
+            seq, payload = pending
+            stored = self.send(seq, payload)
+            if not stored:
+                log.error("control plane refused telemetry batch %d for good; dropping it", seq)
+                self.recorder.call(functools.partial(buffer.count_dropped, "rejected", 1))
+            self.recorder.call(functools.partial(buffer.ack, seq, self.clock()))
+            sent += 1
+            if not stored:
+                return sent  # the next batch (which reports this drop) waits for the next round
+
+    def _run(self) -> None:
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                self.drain()
+                failures = 0
+                delay = self.recorder.config.upload_interval_s
+            except (StrataError, OSError, sqlite3.Error) as exc:
+                failures += 1
+                delay = min(self.backoff_max_s, math.ldexp(1.0, min(failures, 6))) * random.uniform(0.5, 1.0)
+                log.info("telemetry upload failed (%s); retrying in %.1fs", exc, delay)
+            self.kick.wait(delay)
+            self.kick.clear()
+
+
+class TelemetryGauges:
+    """The buffer's state and the node's drift, as gauges in the agent's /metrics (refreshed per scrape)."""
+
+    def __init__(self, registry: MetricsRegistry) -> None:
+        self.rows = registry.gauge("strata_telemetry_buffer_rows", "Rows waiting in the telemetry buffer", ("table",))
+        self.pending = registry.gauge(
+            "strata_telemetry_bytes_pending", "Compressed bytes sealed and waiting for the control plane's ack"
+        )
+        self.disk = registry.gauge("strata_telemetry_buffer_bytes", "Bytes the telemetry buffer uses on disk")
+        self.dropped = registry.gauge(
+            "strata_telemetry_dropped", "Telemetry dropped by the disk budget or lost to write errors", ("kind",)
+        )
+        self.uploaded = registry.gauge("strata_telemetry_uploaded_batches", "Batches the control plane acknowledged")
+        self.last_upload = registry.gauge(
+            "strata_telemetry_last_upload_timestamp_seconds", "When the last batch was acknowledged (0: never)"
+        )
+        self.psi = registry.gauge(
+            "strata_drift_psi",
+            "Population stability index of a tensor's recent values against its build-time reference",
+            ("model", "version", "tensor"),
+        )
+
+    def update(self, stats: BufferStats, psi_values: Mapping[tuple[str, str, str], float]) -> None:
+        self.rows.replace({("minutes",): stats.minutes, ("events",): stats.events, ("outbox",): stats.outbox})
+        self.pending.set(value=stats.bytes_pending)
+        self.disk.set(value=stats.disk_bytes)
+        self.dropped.replace({(kind,): count for kind, count in stats.dropped.items()})
+        self.uploaded.set(value=stats.uploaded_batches)
+        self.last_upload.set(value=stats.last_upload or 0)
+        self.psi.replace({tuple(key): value for key, value in psi_values.items()})

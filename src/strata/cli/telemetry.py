@@ -1,0 +1,61 @@
+"""`strata telemetry NAME`: requests, error rate, latency percentiles and drift of a model across the fleet."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from strata.cli.client import ControlClient
+from strata.cli.common import JsonOption, ServerOption, TokenOption, out, parse_duration, print_json
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def drift_text(node: dict[str, Any]) -> str:
+    """The worst tensor's PSI and chi-square p-value, flagged when it drifts."""
+    drift = node.get("drift") or []
+    if not drift:
+        return "-"
+    worst = max(drift, key=lambda d: d["psi"])
+    p_value = worst["p_value"]
+    shown = f"{worst['tensor']} psi={worst['psi']:.3f}" + (f" p={p_value:.2g}" if p_value is not None else "")
+    return f"[red]{shown} DRIFT[/red]" if worst["drifting"] else shown
+
+
+def telemetry(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str | None, typer.Option("--version", help="Only this version.")] = None,
+    node: Annotated[str | None, typer.Option("--node", help="Only this node (by name).")] = None,
+    since: Annotated[str, typer.Option("--since", help="How far back (30m, 1h, 7d).")] = "1h",
+    server: ServerOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Per node: requests, error rate, p50/p95/p99 latency and drift. With --json: one object per node and
+    minute (node, minute, requests, errors, percentiles)."""
+    with ControlClient(server, token) as client:
+        answer = client.telemetry(name, version, node, parse_duration(since))
+    if as_json:
+        print_json(answer["minutes"])
+        return
+    table = Table(title=f"{name} over the last {since}", title_justify="left")
+    for column in ("node", "version", "requests", "error rate", "p50 ms", "p95 ms", "p99 ms", "drift", "dropped"):
+        table.add_column(column)
+    for row in answer["nodes"]:
+        dropped = sum(v for k, v in row["dropped"].items() if k != "minute_requests")
+        table.add_row(
+            row["node"],
+            row["version"],
+            str(row["requests"]),
+            f"{100 * row['error_rate']:.2f}%",
+            _ms(row["p50_ms"]),
+            _ms(row["p95_ms"]),
+            _ms(row["p99_ms"]),
+            drift_text(row),
+            str(dropped) if dropped else "-",
+        )
+    out.print(table)

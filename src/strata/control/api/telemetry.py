@@ -1,0 +1,68 @@
+"""Telemetry: nodes upload batches (stored exactly once); operators query traffic, latency and drift."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Query, Request
+
+from strata.control.api.deps import COMMON_ERRORS, Admin, NodeItself, Plane
+from strata.control.errors import PayloadTooLarge
+from strata.control.schemas import TelemetryAckBody, TelemetryBody
+from strata.control.telemetry import MAX_UPLOAD_BYTES
+
+router = APIRouter(tags=["telemetry"], responses=COMMON_ERRORS)
+
+_BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/vnd.strata.telemetry+zstd": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdecimal() and int(declared) > limit:
+        raise PayloadTooLarge(f"a telemetry batch may be at most {limit} bytes")
+    parts, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise PayloadTooLarge(f"a telemetry batch may be at most {limit} bytes")
+        parts.append(piece)
+    return b"".join(parts)
+
+
+@router.post("/nodes/{node_id}/telemetry", response_model=TelemetryAckBody, openapi_extra=_BATCH_BODY)
+async def upload_telemetry(node_id: str, request: Request, plane: Plane, _node: NodeItself) -> dict[str, Any]:
+    """Store one telemetry batch of this node; a batch already stored is acknowledged, not stored again."""
+    body = await _read_limited(request, MAX_UPLOAD_BYTES)
+    result = await anyio.to_thread.run_sync(plane.telemetry.ingest, node_id, body)
+    return {"seq": result.seq, "stored": result.stored}
+
+
+@router.get("/telemetry", response_model=TelemetryBody)
+def query_telemetry(
+    plane: Plane,
+    _admin: Admin,
+    model: Annotated[str, Query(description="model name")],
+    version: Annotated[str | None, Query(description="only this version")] = None,
+    node: Annotated[str | None, Query(description="only this node (by name)")] = None,
+    since: Annotated[float, Query(gt=0, le=90 * 86400, description="seconds back from now")] = 3600,
+) -> dict[str, Any]:
+    """Requests, errors and latency per node and minute, and per node and version with drift."""
+    start = plane.settings.clock() - since
+    minutes, nodes = plane.telemetry.minutes(model, version, node, start)
+    return {
+        "model": model,
+        "since": start,
+        "minutes": [
+            {**asdict(m), "time": dt.datetime.fromtimestamp(m.minute * 60, dt.UTC).isoformat()} for m in minutes
+        ],
+        "nodes": [asdict(n) for n in nodes],
+    }

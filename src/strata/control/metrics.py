@@ -1,0 +1,93 @@
+"""Fleet metrics for Prometheus, read from the control plane's state at scrape time (prometheus_client)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from strata import __version__
+from strata.control.plane import ControlPlane
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class FleetCollector(Collector):
+    """Nodes by tier and liveness, nodes per active model version, and inference traffic per node."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        started = time.perf_counter()
+        nodes = self.plane.fleet.list_nodes()
+        by_tier = Counter((n.tier, "true" if n.online else "false") for n in nodes)
+        fleet = GaugeMetricFamily(
+            "strata_nodes", "Enrolled nodes by tier and whether they are online", labels=["tier", "online"]
+        )
+        for (tier, online), count in sorted(by_tier.items()):
+            fleet.add_metric([tier, online], count)
+        yield fleet
+
+        running = Counter((model, version) for n in nodes for model, version in n.models.items())
+        versions = GaugeMetricFamily(
+            "strata_model_version_nodes", "Nodes running each model version", labels=["model", "version"]
+        )
+        for (model, version), count in sorted(running.items()):
+            versions.add_metric([model, version], count)
+        yield versions
+
+        requests = CounterMetricFamily(
+            "strata_inference_requests", "Inference requests reported by nodes", labels=["node", "model", "version"]
+        )
+        errors = CounterMetricFamily(
+            "strata_inference_errors",
+            "Failed inference requests reported by nodes",
+            labels=["node", "model", "version"],
+        )
+        for (node, model, version), (total, failed) in sorted(self.plane.telemetry.totals().items()):
+            requests.add_metric([node, model, version], total)
+            errors.add_metric([node, model, version], failed)
+        yield requests
+        yield errors
+
+        counters = self.plane.telemetry.counters
+        for name, help_text, value in (
+            ("strata_telemetry_batches", "Telemetry batches stored", counters.batches),
+            (
+                "strata_telemetry_duplicate_batches",
+                "Telemetry batches received again and not stored",
+                counters.duplicates,
+            ),
+            ("strata_telemetry_bytes", "Compressed telemetry bytes stored", counters.bytes),
+            ("strata_telemetry_events", "Sampled inference events stored", counters.events),
+        ):
+            family = CounterMetricFamily(name, help_text)
+            family.add_metric([], value)
+            yield family
+        info = GaugeMetricFamily("strata_server_info", "The control plane's version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        scrape = GaugeMetricFamily("strata_metrics_scrape_seconds", "How long collecting these metrics took")
+        scrape.add_metric([], time.perf_counter() - started)
+        yield scrape
+
+
+def metrics_registry(plane: ControlPlane) -> CollectorRegistry:
+    """A registry of its own (not the process-global one) holding the fleet collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(plane))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus' text format.
+
+    Raises:
+        StoreError: reading the fleet's state failed.
+    """
+    return generate_latest(registry)

@@ -1,0 +1,379 @@
+"""Telemetry on the control plane: store each node's batches exactly once, and answer queries over them.
+
+A batch is stored in one transaction together with its (node, seq) row; a resend finds the row and is
+acknowledged without being stored again. Minute aggregates of the same (node, model, version, variant,
+minute) that arrive in several batches are added up, which is exact because each batch counts once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from strata.control.db import (
+    Database,
+    Model,
+    ModelVersion,
+    Node,
+    TelemetryBatch,
+    TelemetryDrift,
+    TelemetryDropped,
+    TelemetryEvent,
+    TelemetryMinute,
+    Variant,
+)
+from strata.core.errors import Conflict, Forbidden, NotFound
+from strata.core.telemetry import (
+    BUCKETS,
+    DriftReference,
+    MinuteRow,
+    chi_square_statistic,
+    decode_batch,
+    drift_references,
+    psi,
+    quantile_us,
+)
+from strata.core.telemetry import TelemetryBatch as Batch
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 16 << 20
+PSI_DRIFT = 0.2  # above this a tensor is reported as drifting (0.1-0.25 moderate, > 0.25 significant)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    seq: int
+    stored: bool
+
+
+@dataclass(frozen=True)
+class MinuteView:
+    """One node's traffic for one model version in one minute (variants added up)."""
+
+    node: str
+    node_id: str
+    model: str
+    version: str
+    minute: int
+    requests: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+
+
+@dataclass(frozen=True)
+class TensorDrift:
+    tensor: str
+    psi: float
+    chi_square: float
+    p_value: float | None
+    samples: int
+    drifting: bool
+
+
+@dataclass(frozen=True)
+class NodeSummary:
+    """One node's traffic for one model version over the queried window."""
+
+    node: str
+    node_id: str
+    model: str
+    version: str
+    requests: int
+    errors: int
+    error_rate: float
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    drift: list[TensorDrift]
+    dropped: dict[str, int]
+
+    @property
+    def max_psi(self) -> float | None:
+        return max((d.psi for d in self.drift), default=None)
+
+
+@dataclass
+class _Traffic:
+    requests: int = 0
+    errors: int = 0
+    latency: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+
+    def add(self, row: TelemetryMinute) -> None:
+        self.requests += row.requests
+        self.errors += row.errors
+        self.latency = [a + b for a, b in zip(self.latency, row.latency, strict=True)]
+
+
+@dataclass
+class IngestCounters:
+    """In-process counters for /metrics."""
+
+    batches: int = 0
+    duplicates: int = 0
+    bytes: int = 0
+    minutes: int = 0
+    events: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def chi_square_p_value(statistic: float, dof: int) -> float | None:
+    """Survival function of the chi-square distribution (scipy), None without degrees of freedom."""
+    if dof <= 0:
+        return None
+    from scipy.stats import chi2
+
+    return float(chi2.sf(statistic, dof))
+
+
+def tensor_drift(reference: DriftReference, counts: list[int]) -> TensorDrift:
+    """PSI and a two-sample chi-square test of live bin counts against a reference (pure but for scipy)."""
+    statistic, dof = chi_square_statistic(reference.counts, counts)
+    value = psi(reference.counts, counts)
+    return TensorDrift(
+        tensor=reference.tensor,
+        psi=round(value, 4),
+        chi_square=round(statistic, 2),
+        p_value=chi_square_p_value(statistic, dof),
+        samples=sum(counts),
+        drifting=value > PSI_DRIFT,
+    )
+
+
+class TelemetryService:
+    """Ingest and queries. `exporters` get every stored batch (OTLP forwarding, say)."""
+
+    def __init__(self, db: Database, clock: Callable[[], float]) -> None:
+        self._db = db
+        self._clock = clock
+        self.counters = IngestCounters()
+        self.exporters: list[Callable[[str, str, Batch], None]] = []
+
+    # --- ingest -----------------------------------------------------------------------------------------
+
+    def ingest(self, node_id: str, payload: bytes) -> IngestResult:
+        """Store a node's batch once; a batch already stored is acknowledged again and not stored twice.
+
+        Raises:
+            TelemetryError: the payload does not decode.
+            Forbidden: the batch says it comes from another node.
+            NotFound: no such node.
+            StoreError: the database failed.
+        """
+        batch = decode_batch(payload)
+        if batch.node_id != node_id:
+            raise Forbidden(f"batch names node {batch.node_id!r}; a node may only send its own telemetry")
+        try:
+            stored, node_name = self._store(node_id, batch, len(payload))
+        except Conflict:  # the same batch raced in through another connection and won
+            stored, node_name = False, ""
+        with self.counters.lock:
+            if stored:
+                self.counters.batches += 1
+                self.counters.bytes += len(payload)
+                self.counters.minutes += len(batch.minutes)
+                self.counters.events += len(batch.events)
+            else:
+                self.counters.duplicates += 1
+        if stored:
+            for export in self.exporters:
+                try:
+                    export(node_id, node_name, batch)
+                except Exception as exc:  # an exporter must never make the node resend a stored batch
+                    log.warning("telemetry exporter failed: %s", exc)
+        return IngestResult(seq=batch.seq, stored=stored)
+
+    def _store(self, node_id: str, batch: Batch, size: int) -> tuple[bool, str]:
+        with self._db.transaction() as session:
+            node = session.get(Node, node_id)
+            if node is None or node.revoked_at is not None:
+                raise NotFound(f"no node {node_id!r}")
+            if session.get(TelemetryBatch, (node_id, batch.seq)) is not None:
+                return False, node.name
+            session.add(
+                TelemetryBatch(
+                    node_id=node_id,
+                    seq=batch.seq,
+                    received_at=self._clock(),
+                    bytes=size,
+                    minutes=len(batch.minutes),
+                    events=len(batch.events),
+                )
+            )
+            self._add_minutes(session, node_id, batch.minutes)
+            session.add_all(
+                TelemetryEvent(
+                    node_id=node_id, ts=e.ts, model=e.model, version=e.version, variant=e.variant,
+                    latency_us=e.latency_us, queue_us=e.queue_us, batch=e.batch, status=e.status, tier=e.tier,
+                    priority=e.priority, summary=e.summary,
+                )
+                for e in batch.events
+            )  # fmt: skip
+            for row in batch.drift:
+                key = (node_id, row.model, row.version, row.minute, row.tensor)
+                existing = session.get(TelemetryDrift, key)
+                if existing is None:
+                    session.add(TelemetryDrift(
+                        node_id=node_id, model=row.model, version=row.version, minute=row.minute,
+                        tensor=row.tensor, counts=list(row.counts),
+                    ))  # fmt: skip
+                elif len(existing.counts) == len(row.counts):
+                    existing.counts = [a + b for a, b in zip(existing.counts, row.counts, strict=True)]
+            for kind, count in batch.dropped.items():
+                if count:
+                    dropped = session.get(TelemetryDropped, (node_id, kind))
+                    if dropped is None:
+                        session.add(TelemetryDropped(node_id=node_id, kind=kind[:32], count=count))
+                    else:
+                        dropped.count += count
+            return True, node.name
+
+    @staticmethod
+    def _add_minutes(session: Session, node_id: str, rows: Iterable[MinuteRow]) -> None:
+        for row in rows:
+            existing = session.get(TelemetryMinute, (node_id, row.model, row.version, row.variant, row.minute))
+            if existing is None:
+                session.add(
+                    TelemetryMinute(
+                        node_id=node_id, model=row.model, version=row.version, variant=row.variant,
+                        minute=row.minute, requests=row.requests, errors=row.errors, items=row.items,
+                        latency_sum_us=row.latency_sum_us, queue_sum_us=row.queue_sum_us, latency=list(row.latency),
+                    )
+                )  # fmt: skip
+            else:
+                existing.requests += row.requests
+                existing.errors += row.errors
+                existing.items += row.items
+                existing.latency_sum_us += row.latency_sum_us
+                existing.queue_sum_us += row.queue_sum_us
+                existing.latency = [a + b for a, b in zip(existing.latency, row.latency, strict=True)]
+
+    # --- queries ----------------------------------------------------------------------------------------
+
+    def minutes(
+        self, model: str, version: str | None, node: str | None, since: float
+    ) -> tuple[list[MinuteView], list[NodeSummary]]:
+        """Per node and minute rows, and per node and version summaries with drift, since `since` (epoch s).
+
+        Raises:
+            NotFound: no such model, or no such node name.
+            StoreError: the database failed.
+        """
+        first_minute = int(since // 60)
+        with self._db.transaction() as session:
+            if session.scalar(select(Model.id).where(Model.name == model)) is None:
+                raise NotFound(f"no model {model!r}")
+            query = (
+                select(TelemetryMinute, Node.name)
+                .join(Node, Node.id == TelemetryMinute.node_id)
+                .where(TelemetryMinute.model == model, TelemetryMinute.minute >= first_minute)
+            )
+            drift_query = (
+                select(TelemetryDrift, Node.name)
+                .join(Node, Node.id == TelemetryDrift.node_id)
+                .where(TelemetryDrift.model == model, TelemetryDrift.minute >= first_minute)
+            )
+            if version is not None:
+                query = query.where(TelemetryMinute.version == version)
+                drift_query = drift_query.where(TelemetryDrift.version == version)
+            if node is not None:
+                node_id = session.scalar(select(Node.id).where(Node.name == node))
+                if node_id is None:
+                    raise NotFound(f"no node named {node!r}")
+                query = query.where(TelemetryMinute.node_id == node_id)
+                drift_query = drift_query.where(TelemetryDrift.node_id == node_id)
+            minute_rows = [(row, name) for row, name in session.execute(query)]
+            drift_rows = [(row, name) for row, name in session.execute(drift_query)]
+            references = self._references(session, model)
+            dropped_rows = session.execute(select(TelemetryDropped)).scalars().all()
+            dropped: dict[str, dict[str, int]] = defaultdict(dict)
+            for d in dropped_rows:
+                dropped[d.node_id][d.kind] = d.count
+
+        per_minute: dict[tuple[str, str, str, int], _Traffic] = defaultdict(_Traffic)
+        per_node: dict[tuple[str, str, str], _Traffic] = defaultdict(_Traffic)
+        for row, name in minute_rows:
+            per_minute[(row.node_id, name, row.version, row.minute)].add(row)
+            per_node[(row.node_id, name, row.version)].add(row)
+        drift_counts: dict[tuple[str, str, str, str], list[int]] = {}
+        for drift_row, name in drift_rows:
+            key4 = (drift_row.node_id, name, drift_row.version, drift_row.tensor)
+            current = drift_counts.get(key4)
+            drift_counts[key4] = (
+                list(drift_row.counts)
+                if current is None or len(current) != len(drift_row.counts)
+                else [a + b for a, b in zip(current, drift_row.counts, strict=True)]
+            )
+
+        def ms(counts: list[int], q: float) -> float | None:
+            value = quantile_us(counts, q)
+            return round(value / 1000, 3) if value is not None else None
+
+        views = [
+            MinuteView(
+                node=name, node_id=node_id, model=model, version=ver, minute=minute, requests=acc.requests,
+                errors=acc.errors, p50_ms=ms(acc.latency, 0.5), p95_ms=ms(acc.latency, 0.95),
+                p99_ms=ms(acc.latency, 0.99),
+            )
+            for (node_id, name, ver, minute), acc in sorted(per_minute.items(), key=lambda kv: (kv[0][3], kv[0][1]))
+        ]  # fmt: skip
+        summaries = []
+        for (node_id, name, ver), acc in sorted(per_node.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+            drift = [
+                tensor_drift(reference, drift_counts[(node_id, name, ver, reference.tensor)])
+                for reference in references.get(ver, ())
+                if (node_id, name, ver, reference.tensor) in drift_counts
+            ]
+            summaries.append(
+                NodeSummary(
+                    node=name, node_id=node_id, model=model, version=ver, requests=acc.requests, errors=acc.errors,
+                    error_rate=round(acc.errors / acc.requests, 6) if acc.requests else 0.0,
+                    p50_ms=ms(acc.latency, 0.5), p95_ms=ms(acc.latency, 0.95), p99_ms=ms(acc.latency, 0.99),
+                    drift=drift, dropped=dropped.get(node_id, {}),
+                )
+            )  # fmt: skip
+        return views, summaries
+
+    @staticmethod
+    def _references(session: Session, model: str) -> dict[str, tuple[DriftReference, ...]]:
+        """Drift references of each version of `model`: those of its first variant that carries any."""
+        out: dict[str, tuple[DriftReference, ...]] = {}
+        rows = session.execute(
+            select(ModelVersion.version, Variant.manifest)
+            .join(Variant, Variant.version_id == ModelVersion.id)
+            .join(Model, Model.id == ModelVersion.model_id)
+            .where(Model.name == model)
+            .order_by(Variant.variant)
+        )
+        for version, manifest in rows:
+            if version not in out and manifest.get("drift"):
+                out[version] = tuple(drift_references(manifest["drift"]))
+        return out
+
+    def totals(self) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """(node name, model, version) -> (requests, errors) over all stored minutes, for /metrics.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            rows = session.execute(
+                select(
+                    Node.name,
+                    TelemetryMinute.model,
+                    TelemetryMinute.version,
+                    func.sum(TelemetryMinute.requests),
+                    func.sum(TelemetryMinute.errors),
+                )
+                .join(Node, Node.id == TelemetryMinute.node_id)
+                .group_by(Node.name, TelemetryMinute.model, TelemetryMinute.version)
+            ).all()
+        return {(name, model, version): (int(req or 0), int(err or 0)) for name, model, version, req, err in rows}

@@ -1,0 +1,443 @@
+"""Telemetry shared by node and control plane: latency histograms, event sampling, drift statistics, and
+the columnar, zstd-compressed batch format that carries them, all pure.
+
+A node keeps, for every (model, version, variant, minute), exact counts and a latency histogram of every
+request; individual events are sampled (every error and slow request, a share of the rest). Batches are
+numbered per node; the control plane stores each (node, seq) once, whatever is resent.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from strata.core.errors import StrataError
+
+# Latency histogram bucket upper bounds in microseconds (1-2-5 series, 50 us to 10 s) plus +Inf.
+LATENCY_BOUNDS_US: Final[tuple[int, ...]] = (
+    50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000,
+    100_000, 200_000, 500_000, 1_000_000, 2_000_000, 5_000_000, 10_000_000,
+)  # fmt: skip
+BUCKETS: Final = len(LATENCY_BOUNDS_US) + 1
+
+# Event priorities: what a full buffer drops first is the lowest.
+PRIORITY_SAMPLED: Final = 0
+PRIORITY_SLOW: Final = 1
+PRIORITY_ERROR: Final = 2
+PRIORITY_NAMES: Final = {PRIORITY_SAMPLED: "sampled", PRIORITY_SLOW: "slow", PRIORITY_ERROR: "error"}
+
+BATCH_FORMAT: Final = "strata.telemetry/v1"
+MAX_BATCH_BYTES: Final = 64 << 20  # decompressed; a batch claiming more is refused (no zip bombs)
+DRIFT_BINS: Final = 10
+DRIFT_MAX_ELEMENTS: Final = 4096  # per tensor per request: larger tensors are strided down to this
+
+
+class TelemetryError(StrataError):
+    """A telemetry batch that does not decode or does not hold what the format says."""
+
+    code = "telemetry_invalid"
+    http_status = 422
+
+
+def bucket_of(latency_us: float) -> int:
+    """Index of the histogram bucket that counts `latency_us`."""
+    return bisect.bisect_left(LATENCY_BOUNDS_US, latency_us)
+
+
+def quantile_us(counts: Sequence[int], q: float) -> float | None:
+    """The `q` quantile (0..1) of a latency histogram, interpolated linearly inside its bucket; None if empty.
+
+    The overflow bucket reports its lower bound (the histogram cannot say more).
+    """
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for index, count in enumerate(counts):
+        if count and seen + count >= rank:
+            low = LATENCY_BOUNDS_US[index - 1] if index > 0 else 0
+            if index >= len(LATENCY_BOUNDS_US):
+                return float(low)
+            high = LATENCY_BOUNDS_US[index]
+            return low + (high - low) * max(0.0, rank - seen) / count
+        seen += count
+    return float(LATENCY_BOUNDS_US[-1])
+
+
+def event_priority(ok: bool, latency_us: float, slow_us: float, sample_rate: float, draw: float) -> int | None:
+    """Whether to keep a request's event, and at which priority (None: aggregated only).
+
+    Every error and every request slower than `slow_us` is kept; of the rest, those whose `draw` (uniform
+    in [0, 1)) falls under `sample_rate`.
+    """
+    if not ok:
+        return PRIORITY_ERROR
+    if latency_us >= slow_us:
+        return PRIORITY_SLOW
+    if draw < sample_rate:
+        return PRIORITY_SAMPLED
+    return None
+
+
+def minute_of(timestamp: float) -> int:
+    """The epoch minute a timestamp falls in."""
+    return int(timestamp // 60)
+
+
+# --- drift ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """Bin edges of one tensor's value distribution at build time, and the reference counts in them."""
+
+    tensor: str
+    kind: str  # "input" or "output"
+    edges: tuple[float, ...]  # DRIFT_BINS - 1 inner edges; bins are (-inf, e0], (e0, e1], ..., (e_last, inf)
+    counts: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "kind": self.kind, "edges": list(self.edges), "counts": list(self.counts)}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> DriftReference:
+        try:
+            reference = cls(
+                tensor=str(raw["tensor"]),
+                kind=str(raw["kind"]),
+                edges=tuple(float(e) for e in raw["edges"]),
+                counts=tuple(int(c) for c in raw["counts"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TelemetryError(f"drift reference is malformed: {exc}") from exc
+        if len(reference.counts) != len(reference.edges) + 1:
+            raise TelemetryError(f"drift reference of {reference.tensor} has {len(reference.counts)} counts")
+        return reference
+
+
+def _strided(values: Any) -> Any:
+    flat = values.reshape(-1)
+    if flat.size > DRIFT_MAX_ELEMENTS:
+        flat = flat[:: math.ceil(flat.size / DRIFT_MAX_ELEMENTS)]
+    return flat
+
+
+def build_reference(tensor: str, kind: str, samples: Any) -> DriftReference | None:
+    """Decile edges of a tensor's values over reference samples (first axis = samples), and the counts.
+
+    Repeated values collapse edges (a mostly-zero input has few bins). Returns None for non-numeric tensors
+    or when the values are all equal (nothing to compare).
+    """
+    import numpy as np
+
+    array = np.asarray(samples)
+    if array.dtype.kind not in "biuf" or array.size == 0:
+        return None
+    values = np.concatenate([_strided(row) for row in array]).astype(np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, DRIFT_BINS + 1)[1:-1]))
+    if edges.size == 0 or values.min() == values.max():
+        return None
+    counts = np.bincount(np.searchsorted(edges, values, side="left"), minlength=edges.size + 1)
+    return DriftReference(
+        tensor=tensor, kind=kind, edges=tuple(float(e) for e in edges), counts=tuple(int(c) for c in counts)
+    )
+
+
+def bin_counts(reference: DriftReference, values: Any) -> list[int]:
+    """Counts of a live tensor's values (strided to DRIFT_MAX_ELEMENTS) in the reference's bins."""
+    import numpy as np
+
+    flat = _strided(np.asarray(values))
+    if flat.dtype.kind not in "biuf":
+        return [0] * len(reference.counts)
+    flat = flat.astype(np.float64, copy=False)
+    indices = np.searchsorted(np.asarray(reference.edges), flat[np.isfinite(flat)], side="left")
+    return [int(c) for c in np.bincount(indices, minlength=len(reference.counts))]
+
+
+def drift_references(raw: Mapping[str, Any]) -> list[DriftReference]:
+    """The drift references a package manifest's `drift` section holds (empty when it has none)."""
+    return [DriftReference.from_json(item) for item in raw.get("tensors", [])]
+
+
+def psi(expected: Sequence[float], actual: Sequence[float], floor: float = 1e-4) -> float:
+    """Population stability index between two binned distributions (counts or fractions).
+
+    Conventional reading: < 0.1 no shift, 0.1-0.25 moderate, > 0.25 a significant shift.
+    """
+    total_e, total_a = sum(expected), sum(actual)
+    if total_e <= 0 or total_a <= 0:
+        return 0.0
+    value = 0.0
+    for e, a in zip(expected, actual, strict=True):
+        pe = max(e / total_e, floor)
+        pa = max(a / total_a, floor)
+        value += (pa - pe) * math.log(pa / pe)
+    return value
+
+
+def chi_square_statistic(expected: Sequence[float], actual: Sequence[float]) -> tuple[float, int]:
+    """Two-sample chi-square homogeneity statistic of two binned samples, and its degrees of freedom."""
+    total_e, total_a = sum(expected), sum(actual)
+    if total_e <= 0 or total_a <= 0:
+        return 0.0, 0
+    grand = total_e + total_a
+    statistic = 0.0
+    bins = 0
+    for e, a in zip(expected, actual, strict=True):
+        column = e + a
+        if column == 0:
+            continue
+        bins += 1
+        for observed, row_total in ((e, total_e), (a, total_a)):
+            want = row_total * column / grand
+            statistic += (observed - want) ** 2 / want
+    return statistic, max(bins - 1, 0)
+
+
+# --- the batch format ---------------------------------------------------------------------------------
+
+
+@dataclass
+class MinuteRow:
+    """Exact counts of one (model, version, variant, minute)."""
+
+    model: str
+    version: str
+    variant: str
+    minute: int
+    requests: int = 0
+    errors: int = 0
+    items: int = 0
+    latency_sum_us: int = 0
+    queue_sum_us: int = 0
+    latency: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+
+    def add(self, other: MinuteRow) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.items += other.items
+        self.latency_sum_us += other.latency_sum_us
+        self.queue_sum_us += other.queue_sum_us
+        self.latency = [a + b for a, b in zip(self.latency, other.latency, strict=True)]
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.model, self.version, self.variant, self.minute)
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One kept request."""
+
+    ts: float
+    model: str
+    version: str
+    variant: str
+    latency_us: int
+    queue_us: int
+    batch: int
+    status: str
+    tier: str
+    priority: int
+    summary: str  # compact JSON: input shape and mean
+
+
+@dataclass
+class DriftRow:
+    """Bin counts of one tensor of one (model, version) in one minute."""
+
+    model: str
+    version: str
+    minute: int
+    tensor: str
+    counts: list[int]
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        return (self.model, self.version, self.minute, self.tensor)
+
+
+@dataclass
+class TelemetryBatch:
+    """What one upload carries. `dropped` counts what the node's buffer had to discard, by kind."""
+
+    node_id: str
+    seq: int
+    created: float
+    minutes: list[MinuteRow] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)
+    drift: list[DriftRow] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+class _Strings:
+    """Dictionary encoding of the repeated strings (model names, versions, variants, statuses)."""
+
+    def __init__(self) -> None:
+        self.table: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def __call__(self, value: str) -> int:
+        index = self._index.get(value)
+        if index is None:
+            index = self._index[value] = len(self.table)
+            self.table.append(value)
+        return index
+
+
+def _deltas(values: Iterable[int]) -> list[int]:
+    out, previous = [], 0
+    for value in values:
+        out.append(value - previous)
+        previous = value
+    return out
+
+
+def _undeltas(values: Iterable[int]) -> list[int]:
+    out, total = [], 0
+    for value in values:
+        total += value
+        out.append(total)
+    return out
+
+
+def encode_batch(batch: TelemetryBatch, level: int = 9) -> bytes:
+    """A batch as columnar JSON (dictionary-encoded strings, delta-encoded times), zstd-compressed."""
+    import zstandard
+
+    strings = _Strings()
+    minutes = sorted(batch.minutes, key=lambda m: (m.minute, m.model, m.version, m.variant))
+    events = sorted(batch.events, key=lambda e: e.ts)
+    drift = sorted(batch.drift, key=lambda d: (d.minute, d.model, d.version, d.tensor))
+    document = {
+        "format": BATCH_FORMAT,
+        "node": batch.node_id,
+        "seq": batch.seq,
+        "created": round(batch.created, 3),
+        "dropped": batch.dropped,
+        "minutes": {
+            "minute": _deltas(m.minute for m in minutes),
+            "model": [strings(m.model) for m in minutes],
+            "version": [strings(m.version) for m in minutes],
+            "variant": [strings(m.variant) for m in minutes],
+            "requests": [m.requests for m in minutes],
+            "errors": [m.errors for m in minutes],
+            "items": [m.items for m in minutes],
+            "latency_sum_us": [m.latency_sum_us for m in minutes],
+            "queue_sum_us": [m.queue_sum_us for m in minutes],
+            "latency": [m.latency for m in minutes],
+        },
+        "events": {
+            "ts_ms": _deltas(round(e.ts * 1000) for e in events),
+            "model": [strings(e.model) for e in events],
+            "version": [strings(e.version) for e in events],
+            "variant": [strings(e.variant) for e in events],
+            "latency_us": [e.latency_us for e in events],
+            "queue_us": [e.queue_us for e in events],
+            "batch": [e.batch for e in events],
+            "status": [strings(e.status) for e in events],
+            "tier": [strings(e.tier) for e in events],
+            "priority": [e.priority for e in events],
+            "summary": [strings(e.summary) for e in events],
+        },
+        "drift": {
+            "minute": _deltas(d.minute for d in drift),
+            "model": [strings(d.model) for d in drift],
+            "version": [strings(d.version) for d in drift],
+            "tensor": [strings(d.tensor) for d in drift],
+            "counts": [d.counts for d in drift],
+        },
+        "strings": strings.table,
+    }
+    raw = json.dumps(document, separators=(",", ":")).encode()
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+
+
+def _column(table: Mapping[str, Any], key: str, length: int | None) -> list[Any]:
+    value = table.get(key)
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        raise TelemetryError(f"batch column {key!r} is missing or has the wrong length")
+    return value
+
+
+def decode_batch(payload: bytes) -> TelemetryBatch:
+    """Parse a batch made by `encode_batch`, refusing anything malformed or larger than MAX_BATCH_BYTES.
+
+    Raises:
+        TelemetryError: not zstd, too large, not the format, or columns that do not line up.
+    """
+    import zstandard
+
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_BATCH_BYTES)
+        document = json.loads(raw)
+    except (zstandard.ZstdError, ValueError) as exc:
+        raise TelemetryError(f"telemetry batch does not decode: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format") != BATCH_FORMAT:
+        raise TelemetryError(f"telemetry batch is not {BATCH_FORMAT}")
+    try:
+        strings = document["strings"]
+
+        def text(index: Any) -> str:
+            return str(strings[int(index)])
+
+        m, e, d = document["minutes"], document["events"], document["drift"]
+        n = len(_column(m, "requests", None))
+        minutes = [
+            MinuteRow(
+                model=text(model), version=text(version), variant=text(variant), minute=int(minute),
+                requests=int(requests), errors=int(errors), items=int(items), latency_sum_us=int(lat_sum),
+                queue_sum_us=int(queue_sum), latency=[int(c) for c in latency],
+            )
+            for model, version, variant, minute, requests, errors, items, lat_sum, queue_sum, latency in zip(
+                _column(m, "model", n), _column(m, "version", n), _column(m, "variant", n),
+                _undeltas(_column(m, "minute", n)), _column(m, "requests", n), _column(m, "errors", n),
+                _column(m, "items", n), _column(m, "latency_sum_us", n), _column(m, "queue_sum_us", n),
+                _column(m, "latency", n), strict=True,
+            )
+        ]  # fmt: skip
+        k = len(_column(e, "latency_us", None))
+        events = [
+            EventRow(
+                ts=ts / 1000, model=text(model), version=text(version), variant=text(variant),
+                latency_us=int(latency), queue_us=int(queue), batch=int(size), status=text(status),
+                tier=text(tier), priority=int(priority), summary=text(summary),
+            )
+            for ts, model, version, variant, latency, queue, size, status, tier, priority, summary in zip(
+                _undeltas(_column(e, "ts_ms", k)), _column(e, "model", k), _column(e, "version", k),
+                _column(e, "variant", k), _column(e, "latency_us", k), _column(e, "queue_us", k),
+                _column(e, "batch", k), _column(e, "status", k), _column(e, "tier", k), _column(e, "priority", k),
+                _column(e, "summary", k), strict=True,
+            )
+        ]  # fmt: skip
+        j = len(_column(d, "counts", None))
+        drift = [
+            DriftRow(model=text(model), version=text(version), minute=int(minute), tensor=text(tensor),
+                     counts=[int(c) for c in counts])
+            for minute, model, version, tensor, counts in zip(
+                _undeltas(_column(d, "minute", j)), _column(d, "model", j), _column(d, "version", j),
+                _column(d, "tensor", j), _column(d, "counts", j), strict=True,
+            )
+        ]  # fmt: skip
+        dropped = {str(key): int(value) for key, value in dict(document.get("dropped") or {}).items()}
+        batch = TelemetryBatch(
+            node_id=str(document["node"]), seq=int(document["seq"]), created=float(document["created"]),
+            minutes=minutes, events=events, drift=drift, dropped=dropped,
+        )  # fmt: skip
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise TelemetryError(f"telemetry batch is malformed: {exc}") from exc
+    for row in batch.minutes:
+        if len(row.latency) != BUCKETS or row.requests < 0 or row.errors < 0 or row.errors > row.requests:
+            raise TelemetryError(f"minute row {row.key} is inconsistent")
+    if batch.seq < 1:
+        raise TelemetryError("batch sequence numbers start at 1")
+    return batch

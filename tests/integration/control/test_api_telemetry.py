@@ -1,0 +1,140 @@
+"""Telemetry upload (exactly once, own node only), queries with percentiles and drift, and /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from control_harness import Harness, NodeCredentials
+
+from strata.core.package import build_package, tar_bytes
+from strata.core.telemetry import BUCKETS, DriftRow, EventRow, MinuteRow, TelemetryBatch, bucket_of, encode_batch
+from strata.examples.digits import load_data
+
+TELEMETRY = {"Content-Type": "application/vnd.strata.telemetry+zstd"}
+
+
+def batch_for(node: NodeCredentials, seq: int, minute: int, requests: int, errors: int = 0) -> bytes:
+    latency = [0] * BUCKETS
+    latency[bucket_of(800)] = requests
+    return encode_batch(
+        TelemetryBatch(
+            node_id=node.node_id,
+            seq=seq,
+            created=0.0,
+            minutes=[MinuteRow("digits", "1", "cpu-generic-fp32", minute, requests, errors, requests, 0, 0, latency)],
+            events=[EventRow(minute * 60.0, "digits", "1", "cpu-generic-fp32", 800, 0, 1, "internal", "local", 2, "")]
+            if errors
+            else [],
+            dropped={"events_sampled": 2} if seq == 1 else {},
+        )
+    )
+
+
+def upload(
+    server: Harness, node: NodeCredentials, payload: bytes, as_node: NodeCredentials | None = None
+) -> dict[str, Any]:
+    caller = as_node or node
+    response = server.client.post(
+        f"/v1/nodes/{node.node_id}/telemetry", content=payload, headers={**caller.headers, **TELEMETRY}
+    )
+    return {"status": response.status_code, **response.json()}
+
+
+def test_each_batch_is_stored_once_and_minutes_add_up(server: Harness, make_package: Callable[..., bytes]) -> None:
+    assert server.upload(make_package()).status_code == 201
+    node = server.enroll("edge")
+    minute = int(server.clock.now // 60)
+    assert upload(server, node, batch_for(node, 1, minute, 10, errors=1)) == {"status": 200, "seq": 1, "stored": True}
+    again = upload(server, node, batch_for(node, 1, minute, 10, errors=1))
+    assert again == {"status": 200, "seq": 1, "stored": False}
+    assert upload(server, node, batch_for(node, 2, minute, 5))["stored"] is True
+
+    answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()
+    assert [(m["node"], m["minute"], m["requests"], m["errors"]) for m in answer["minutes"]] == [
+        ("edge", minute, 15, 1)
+    ]
+    summary = answer["nodes"][0]
+    assert summary["requests"] == 15
+    assert summary["error_rate"] == round(1 / 15, 6)
+    assert 0.5 <= summary["p50_ms"] <= 1.0
+    assert summary["dropped"] == {"events_sampled": 2}
+    assert server.plane.telemetry.counters.duplicates == 1
+
+
+def test_a_node_sends_only_its_own_telemetry(server: Harness) -> None:
+    a, b = server.enroll("a"), server.enroll("b")
+    minute = int(server.clock.now // 60)
+    assert upload(server, b, batch_for(b, 1, minute, 1), as_node=a)["status"] == 403
+    # A batch that names another node inside is refused too.
+    assert upload(server, a, batch_for(b, 1, minute, 1))["status"] == 403
+    response = server.client.post(
+        f"/v1/nodes/{a.node_id}/telemetry", content=batch_for(a, 1, minute, 1), headers={**server.admin, **TELEMETRY}
+    )
+    assert response.status_code == 403  # not even the admin speaks for a node
+
+
+def test_malformed_and_oversized_batches_are_refused(server: Harness) -> None:
+    node = server.enroll("edge")
+    assert upload(server, node, b"garbage")["status"] == 422
+    huge = server.client.post(
+        f"/v1/nodes/{node.node_id}/telemetry",
+        content=b"x" * (17 << 20),
+        headers={**node.headers, **TELEMETRY},
+    )
+    assert huge.status_code == 413
+
+
+def test_drift_is_computed_against_the_packaged_reference(server: Harness, digits_onnx: Path, tmp_path: Path) -> None:
+    sample = {"X": load_data().test_x[:300]}
+    package = build_package(digits_onnx, tmp_path / "pkg", name="digits", version="1", sample=sample)
+    assert server.upload(tar_bytes(package)).status_code == 201
+    reference = next(t for t in package.manifest.drift["tensors"] if t["tensor"] == "X")
+    node = server.enroll("edge")
+    minute = int(server.clock.now // 60)
+    counts_same = [c * 2 for c in reference["counts"]]
+    shifted = list(np.roll(np.asarray(reference["counts"]), 3))
+    payload = encode_batch(
+        TelemetryBatch(
+            node_id=node.node_id,
+            seq=1,
+            created=0,
+            minutes=[MinuteRow("digits", "1", package.manifest.variant, minute, 1)],
+            drift=[DriftRow("digits", "1", minute, "X", [int(c) for c in shifted])],
+        )
+    )
+    assert upload(server, node, payload)["stored"]
+    other = server.enroll("steady")
+    payload = encode_batch(
+        TelemetryBatch(
+            node_id=other.node_id,
+            seq=1,
+            created=0,
+            minutes=[MinuteRow("digits", "1", package.manifest.variant, minute, 1)],
+            drift=[DriftRow("digits", "1", minute, "X", counts_same)],
+        )
+    )
+    assert upload(server, other, payload)["stored"]
+    nodes = {
+        n["node"]: n
+        for n in server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()["nodes"]
+    }
+    drifting = nodes["edge"]["drift"][0]
+    steady = nodes["steady"]["drift"][0]
+    assert drifting["drifting"] is True
+    assert drifting["p_value"] < 1e-6
+    assert steady["drifting"] is False
+    assert steady["psi"] < 0.01
+
+
+def test_queries_and_metrics_need_the_admin(server: Harness) -> None:
+    node = server.enroll("edge")
+    assert server.client.get("/v1/telemetry", params={"model": "digits"}, headers=node.headers).status_code == 403
+    assert server.client.get("/metrics", headers=node.headers).status_code == 403
+    assert server.client.get("/metrics").status_code == 401
+    assert server.client.get("/v1/telemetry", params={"model": "nope"}, headers=server.admin).status_code == 404
+    text = server.client.get("/metrics", headers=server.admin).text
+    assert 'strata_nodes{online="true",tier="device"} 1.0' in text
+    assert "strata_telemetry_batches_total 0.0" in text

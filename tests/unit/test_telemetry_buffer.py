@@ -1,0 +1,131 @@
+"""The node's telemetry buffer, recorder and uploader on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from strata.agent.telemetry import Outcome, TelemetryBuffer, TelemetryConfig, TelemetryRecorder, TelemetryUploader
+from strata.core.errors import TransportError
+from strata.core.telemetry import PRIORITY_ERROR, PRIORITY_SAMPLED, PRIORITY_SLOW, decode_batch
+
+T = 1_800_000_000.0
+
+
+def outcome(ts: float, ok: bool = True, latency_us: int = 800, drift: tuple[int, ...] = (1, 2)) -> Outcome:
+    return Outcome(
+        ts=ts, model="digits", version="1", variant="cpu-generic-fp32", latency_us=latency_us, queue_us=10,
+        batch=1, ok=ok, status="ok" if ok else "bad_request", summary='{"shape":[1,64]}',
+        drift=(("X", drift),),
+    )  # fmt: skip
+
+
+def test_every_outcome_is_counted_and_only_kept_ones_become_events(tmp_path: Path) -> None:
+    buffer = TelemetryBuffer(tmp_path / "t.db", 64 << 20)
+    outcomes = [outcome(T + i) for i in range(100)] + [outcome(T + 200, ok=False)]
+    priorities = [None] * 98 + [PRIORITY_SAMPLED, PRIORITY_SLOW, PRIORITY_ERROR]
+    buffer.write(outcomes, priorities)
+    seq = buffer.seal("node-1", T + 300, 1000, 1000)
+    assert seq == 1
+    pending = buffer.read_outbox()
+    assert pending is not None
+    batch = decode_batch(pending[1])
+    assert sum(m.requests for m in batch.minutes) == 101
+    assert sum(m.errors for m in batch.minutes) == 1
+    assert len(batch.minutes) == 3  # minutes of T .. T+99 (two) and of T+200
+    assert sorted(e.priority for e in batch.events) == [PRIORITY_SAMPLED, PRIORITY_SLOW, PRIORITY_ERROR]
+    assert sum(sum(d.counts) for d in batch.drift) == 3 * 101
+
+
+def test_a_pending_batch_is_resent_until_acknowledged_even_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    buffer = TelemetryBuffer(path, 64 << 20)
+    buffer.write([outcome(T)], [None])
+    assert buffer.seal("n", T, 100, 100) == 1
+    first = buffer.read_outbox()
+    buffer.write([outcome(T + 1)], [None])
+    assert buffer.seal("n", T, 100, 100) == 1  # one batch in flight at a time
+    # The process dies here (no close); a new one opens the same file.
+    reopened = TelemetryBuffer(path, 64 << 20)
+    assert reopened.read_outbox() == first
+    reopened.ack(1, T + 5)
+    assert reopened.seal("n", T + 6, 100, 100) == 2
+    stats = reopened.stats()
+    assert stats.uploaded_batches == 1
+    assert stats.last_upload == int(T + 5)
+
+
+def test_budget_drops_low_priority_first_and_counts_it(tmp_path: Path) -> None:
+    buffer = TelemetryBuffer(tmp_path / "t.db", 256 << 10)
+    big = "x" * 400
+    for i in range(40):
+        batch = [Outcome(T + i, "m", "1", "v", 10, 0, 1, True, "ok", summary=big) for _ in range(50)] + [
+            Outcome(T + i, "m", "1", "v", 10, 0, 1, False, "internal", summary=big)
+        ]
+        buffer.write(batch, [PRIORITY_SAMPLED] * 50 + [PRIORITY_ERROR])
+    buffer.enforce_budget()
+    stats = buffer.stats()
+    assert stats.disk_bytes <= 256 << 10
+    assert stats.dropped["events_sampled"] > 0
+    assert stats.dropped["events_error"] == 0  # errors outlive samples
+    seq = buffer.seal("n", T, 100_000, 100_000)
+    assert seq is not None
+    pending = buffer.read_outbox()
+    assert pending is not None
+    batch = decode_batch(pending[1])
+    assert batch.dropped["events_sampled"] == stats.dropped["events_sampled"]  # drops are reported, not silent
+    assert sum(m.requests for m in batch.minutes) == 40 * 51  # aggregates were never dropped
+    assert buffer.stats().dropped["events_sampled"] == 0  # counters restart once reported
+
+
+def test_recorder_resolves_after_the_commit(tmp_path: Path) -> None:
+    recorder = TelemetryRecorder(TelemetryConfig(path=tmp_path / "t.db", sample_rate=0.0), rng=random.Random(1))
+
+    async def many() -> None:
+        await asyncio.gather(*(recorder.record(outcome(T + i % 60)) for i in range(500)))
+
+    asyncio.run(many())
+    # A second connection sees every outcome: each was committed before its record() returned.
+    other = TelemetryBuffer(tmp_path / "t.db", 64 << 20)
+    assert other.stats().minutes >= 1
+    assert other.seal("n", T, 10_000, 10_000) == 1
+    pending = other.read_outbox()
+    assert pending is not None
+    assert sum(m.requests for m in decode_batch(pending[1]).minutes) == 500
+    recorder.close()
+
+
+def test_uploader_acks_in_order_and_keeps_what_failed(tmp_path: Path) -> None:
+    recorder = TelemetryRecorder(TelemetryConfig(path=tmp_path / "t.db", batch_max_minutes=1))
+    asyncio.run(recorder.record(outcome(T)))
+    asyncio.run(recorder.record(outcome(T + 120)))
+    sent: list[int] = []
+    fail = [True]
+
+    def send(seq: int, payload: bytes) -> bool:
+        if fail[0]:
+            raise TransportError("server away")
+        sent.append(seq)
+        return True
+
+    uploader = TelemetryUploader(recorder, send, lambda: "n", clock=lambda: T)
+    with pytest.raises(TransportError):
+        uploader.drain()
+    assert recorder.stats().outbox == 1
+    fail[0] = False
+    assert uploader.drain() == 2
+    assert sent == [1, 2]
+    assert recorder.stats().outbox == 0
+    recorder.close()
+
+
+def test_a_batch_the_server_refuses_for_good_is_dropped_and_counted(tmp_path: Path) -> None:
+    recorder = TelemetryRecorder(TelemetryConfig(path=tmp_path / "t.db"))
+    asyncio.run(recorder.record(outcome(T)))
+    uploader = TelemetryUploader(recorder, lambda seq, payload: False, lambda: "n", clock=lambda: T)
+    assert uploader.drain() == 1
+    assert recorder.stats().dropped["rejected"] == 1
+    recorder.close()

@@ -1,0 +1,150 @@
+"""Telemetry's pure parts: histograms, sampling, drift statistics and the batch format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zstandard
+
+from strata.core.package import Manifest
+from strata.core.telemetry import (
+    BATCH_FORMAT,
+    BUCKETS,
+    LATENCY_BOUNDS_US,
+    PRIORITY_ERROR,
+    PRIORITY_SAMPLED,
+    PRIORITY_SLOW,
+    DriftReference,
+    DriftRow,
+    EventRow,
+    MinuteRow,
+    TelemetryBatch,
+    TelemetryError,
+    bin_counts,
+    bucket_of,
+    build_reference,
+    chi_square_statistic,
+    decode_batch,
+    encode_batch,
+    event_priority,
+    psi,
+    quantile_us,
+)
+
+
+def test_buckets_and_quantiles() -> None:
+    assert bucket_of(10) == 0
+    assert bucket_of(50) == 0
+    assert bucket_of(51) == 1
+    assert bucket_of(10**9) == BUCKETS - 1
+    counts = [0] * BUCKETS
+    counts[bucket_of(700)] = 100  # all between 500 and 1000 us
+    assert 500 <= (quantile_us(counts, 0.5) or 0) <= 1000
+    assert quantile_us(counts, 0.5) == pytest.approx(750)
+    assert quantile_us([0] * BUCKETS, 0.5) is None
+    overflow = [0] * BUCKETS
+    overflow[-1] = 3
+    assert quantile_us(overflow, 0.99) == LATENCY_BOUNDS_US[-1]
+
+
+def test_sampling_keeps_every_error_and_slow_request() -> None:
+    assert event_priority(False, 10, 1000, 0.0, 0.99) == PRIORITY_ERROR
+    assert event_priority(True, 5000, 1000, 0.0, 0.99) == PRIORITY_SLOW
+    assert event_priority(True, 10, 1000, 0.05, 0.01) == PRIORITY_SAMPLED
+    assert event_priority(True, 10, 1000, 0.05, 0.5) is None
+
+
+def test_psi_and_chi_square_separate_shifted_from_unshifted() -> None:
+    rng = np.random.default_rng(0)
+    reference = build_reference("x", "input", rng.normal(0, 1, (500, 8)))
+    assert reference is not None
+    same = bin_counts(reference, rng.normal(0, 1, (200, 8)))
+    shifted = bin_counts(reference, rng.normal(0.8, 1, (200, 8)))
+    assert psi(reference.counts, same) < 0.05
+    assert psi(reference.counts, shifted) > 0.25
+    statistic_same, dof = chi_square_statistic(reference.counts, same)
+    statistic_shifted, _ = chi_square_statistic(reference.counts, shifted)
+    assert dof == len(reference.counts) - 1
+    assert statistic_shifted > 10 * statistic_same
+
+
+def test_reference_of_constant_or_text_tensors_is_none() -> None:
+    assert build_reference("x", "input", np.zeros((10, 4))) is None
+    assert build_reference("x", "input", np.array([["a"], ["b"]])) is None
+
+
+def test_large_tensors_are_strided_not_scanned_whole() -> None:
+    reference = DriftReference("x", "input", (0.5,), (1, 1))
+    counts = bin_counts(reference, np.ones(1_000_000))
+    assert sum(counts) <= 4096
+
+
+def _batch() -> TelemetryBatch:
+    latency = [0] * BUCKETS
+    latency[3] = 7
+    return TelemetryBatch(
+        node_id="n1",
+        seq=3,
+        created=1000.5,
+        minutes=[MinuteRow("digits", "1", "cpu-fp32", 29_000_000, 7, 1, 9, 7000, 70, latency)],
+        events=[EventRow(1000.25, "digits", "1", "cpu-fp32", 300, 5, 1, "bad_request", "local", 2, '{"shape":[1]}')],
+        drift=[DriftRow("digits", "1", 29_000_000, "X", [1, 2, 3])],
+        dropped={"events_sampled": 4},
+    )
+
+
+def test_batch_round_trip() -> None:
+    batch = _batch()
+    decoded = decode_batch(encode_batch(batch))
+    assert decoded == batch
+
+
+def test_decode_refuses_garbage_and_bombs() -> None:
+    with pytest.raises(TelemetryError, match="does not decode"):
+        decode_batch(b"not zstd")
+    bomb = zstandard.ZstdCompressor().compress(b"0" * (70 << 20))
+    with pytest.raises(TelemetryError, match="does not decode"):
+        decode_batch(bomb)
+    wrong = zstandard.ZstdCompressor().compress(json.dumps({"format": "other"}).encode())
+    with pytest.raises(TelemetryError, match=BATCH_FORMAT):
+        decode_batch(wrong)
+
+
+def test_decode_refuses_columns_that_do_not_line_up() -> None:
+    raw = json.loads(zstandard.ZstdDecompressor().decompress(encode_batch(_batch())))
+    raw["minutes"]["errors"] = [1, 2]
+    with pytest.raises(TelemetryError, match="wrong length"):
+        decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode()))
+    raw = json.loads(zstandard.ZstdDecompressor().decompress(encode_batch(_batch())))
+    raw["minutes"]["errors"] = [99]
+    with pytest.raises(TelemetryError, match="inconsistent"):
+        decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode()))
+
+
+def test_manifest_keeps_unknown_keys_so_its_digest_survives_a_parse() -> None:
+    raw = {
+        "schema": "strata.package/v1",
+        "name": "m",
+        "version": "1",
+        "variant": "v",
+        "profile": "cpu-generic",
+        "runtime": "onnxruntime",
+        "precision": "fp32",
+        "model_file": "model.onnx",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}],
+        "files": [
+            {"path": "model.onnx", "size": 1, "sha256": "a" * 64, "role": "model"},
+            {"path": "golden.npz", "size": 1, "sha256": "b" * 64, "role": "golden"},
+        ],
+        "golden": {"file": "golden.npz", "rtol": 0.001, "atol": 0.0001},
+        "metrics": {},
+        "policy": {},
+        "build": {},
+        "from_a_newer_strata": {"x": 1},
+    }
+    from strata.core.hashing import digest_json
+
+    assert Manifest.from_json(raw).digest == digest_json(raw)
