@@ -65,6 +65,7 @@ def run_demo(workdir: Path, say: Callable[[str], None]) -> float:
         DemoFailed, FleetError: a step did not give what it should (the message says which, with logs).
     """
     from strata.cli.nodes import fleet_table
+    from strata.cli.telemetry import telemetry_table
     from strata.core.package import build_package, pack_tar
     from strata.core.profiles import detect_profile, read_host_facts
     from strata.examples.digits import load_data, train_digits
@@ -89,13 +90,20 @@ def run_demo(workdir: Path, say: Callable[[str], None]) -> float:
         }
         with step("start 3 agents (2 tiers, 2 regions) and enroll them"):
             for name, (tier, labels) in nodes.items():
-                fleet.start_agent(name, tier, labels)
+                fleet.start_agent(name, tier, labels, extra_args=["--telemetry-interval", "1"])
             fleet.wait_for(lambda: len(fleet.nodes()) == 3, 30, "3 nodes to enroll")
+
+        reference = {"X": data.train_x[:500]}  # drift references come from the training distribution
 
         def push(version: str, model: Path) -> None:
             for profile in dict.fromkeys(["cpu-generic", host_profile]):
                 package = build_package(
-                    model, workdir / f"pkg-{version}-{profile}", name="digits", version=version, profile=profile
+                    model,
+                    workdir / f"pkg-{version}-{profile}",
+                    name="digits",
+                    version=version,
+                    profile=profile,
+                    sample=reference,
                 )
                 tar = workdir / f"digits-{version}-{profile}.tar"
                 pack_tar(package, tar)
@@ -134,6 +142,14 @@ def run_demo(workdir: Path, say: Callable[[str], None]) -> float:
                 if version != want_version or not np.array_equal(answer, want):
                     raise DemoFailed(f"{name} answered version {version}; expected {want_version}")
         out.print(fleet_table(list(fleet.nodes().values()), time.time()))
+        with step("collect the nodes' telemetry (requests, latency percentiles, drift)"):
+
+            def uploaded() -> dict[str, Any] | None:
+                answer = fleet.client.telemetry("digits", since_s=600)
+                return answer if sum(n["requests"] for n in answer["nodes"]) >= 6 else None
+
+            traffic = fleet.wait_for(uploaded, 30, "telemetry from the nodes")
+        out.print(telemetry_table(traffic, "digits telemetry, last 10 minutes"))
         with step("stop every process the demo started"):
             fleet.close()
             still = [p.name for p in fleet.processes() if p.running]

@@ -42,7 +42,12 @@ def telemetry(
     if as_json:
         print_json(answer["minutes"])
         return
-    table = Table(title=f"{name} over the last {since}", title_justify="left")
+    out.print(telemetry_table(answer, f"{name} over the last {since}"))
+
+
+def telemetry_table(answer: dict[str, Any], title: str) -> Table:
+    """Per node and version: traffic, latency percentiles, drift and dropped telemetry."""
+    table = Table(title=title, title_justify="left")
     for column in ("node", "version", "requests", "error rate", "p50 ms", "p95 ms", "p99 ms", "drift", "dropped"):
         table.add_column(column)
     for row in answer["nodes"]:
@@ -58,4 +63,4 @@ def telemetry(
             drift_text(row),
             str(dropped) if dropped else "-",
         )
-    out.print(table)
+    return table

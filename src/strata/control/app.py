@@ -44,6 +44,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(plane.start)
+        exporter = plane.start_exporters()
         flusher = asyncio.create_task(_flush_presence_forever(plane))
         try:
             yield
@@ -51,6 +52,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
+            if exporter is not None:
+                await anyio.to_thread.run_sync(exporter.close)
             await anyio.to_thread.run_sync(plane.stop)
 
     app = FastAPI(

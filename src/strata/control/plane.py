@@ -14,6 +14,7 @@ from strata.control.deployments import DeploymentService
 from strata.control.errors import StoreError
 from strata.control.feed import ChangeFeed
 from strata.control.fleet import FleetService
+from strata.control.otlp import OtlpExporter
 from strata.control.presence import PresenceTracker
 from strata.control.registry import RegistryService
 from strata.control.settings import ServerSettings
@@ -59,6 +60,15 @@ class ControlPlane:
             deployments=DeploymentService(db, feed, settings.clock),
             telemetry=TelemetryService(db, settings.clock),
         )
+
+    def start_exporters(self) -> OtlpExporter | None:
+        """Forward telemetry to the OTLP collector named in the settings, if any."""
+        if not self.settings.otlp_endpoint:
+            return None
+        exporter = OtlpExporter(self.settings.otlp_endpoint)
+        self.telemetry.exporters.append(exporter)
+        log.info("forwarding telemetry to the OTLP collector at %s", exporter.url)
+        return exporter
 
     def start(self) -> None:
         """Prepare the data folder (an empty `tmp/`), migrate the database, and make sure an admin token exists.

@@ -75,6 +75,7 @@ def serve(
     port: int = 8700,
     db_url: str | None = None,
     log_level: str = "info",
+    otlp_endpoint: str | None = None,
 ) -> None:
     """Run the control plane on `host:port` with its data in `data_dir`, until SIGTERM or SIGINT.
 
@@ -93,7 +94,7 @@ def serve(
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the data folder {data_dir}: {exc}") from exc
-    app = create_app(ServerSettings(data_dir=data_dir, db_url=db_url))
+    app = create_app(ServerSettings(data_dir=data_dir, db_url=db_url, otlp_endpoint=otlp_endpoint))
     config = uvicorn.Config(
         app,
         host=host,

@@ -25,6 +25,7 @@ class ServerSettings:
         presence_flush_s: how often the in-memory `last_seen` times are written to the database.
         max_package_bytes: the largest package tar `POST /v1/packages` accepts.
         clock: epoch seconds; every stored time comes from it, so tests can move time.
+        otlp_endpoint: when set, stored telemetry is also forwarded to this OpenTelemetry collector (OTLP/HTTP).
     """
 
     data_dir: Path
@@ -33,6 +34,7 @@ class ServerSettings:
     presence_flush_s: float = 15.0
     max_package_bytes: int = 8 << 30
     clock: Callable[[], float] = time.time
+    otlp_endpoint: str | None = None
 
     @property
     def database_url(self) -> str:
