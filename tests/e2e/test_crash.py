@@ -41,13 +41,13 @@ def _assert_consistent(fleet: LocalFleet, name: str) -> None:
 
 
 def test_kill_during_download_resumes_where_it_stopped(fleet: LocalFleet, digits_onnx: Path, tmp_path: Path) -> None:
-    push_model(fleet, digits_onnx, "1", tmp_path)
-    total = (tmp_path / "digits-1-cpu-generic.tar").stat().st_size
+    package = push_model(fleet, digits_onnx, "1", tmp_path)
+    total = package.manifest.file("model.onnx").size
     rate = max(total // 4, 4096)  # about four seconds for the whole package
     handle = fleet.start_agent("slow", extra_args=["--max-download-rate", str(rate)])
     fleet.wait_for(lambda: "slow" in fleet.nodes(), 30, "enrollment", handle.process)
     fleet.client.deploy("digits", "1", {})
-    downloads = handle.data_dir / "downloads"
+    downloads = handle.data_dir / "downloads" / "pieces"
 
     def partial() -> int:
         parts = list(downloads.glob("*.part")) if downloads.exists() else []

@@ -12,8 +12,10 @@ import pytest
 from strata.agent.fetch import RateLimiter, download_blob
 from strata.agent.store import ArtifactStore, NodeState, SlotRef
 from strata.agent.transport import HttpResponse
-from strata.core.errors import PackageError, TransportError, VerificationError
-from strata.core.package import Package, build_package, pack_tar
+from strata.core.chunking import Chunk, offsets
+from strata.core.errors import TransportError, VerificationError
+from strata.core.hashing import canonical_json
+from strata.core.package import Package, build_package
 
 
 class BlobPeer:
@@ -112,51 +114,99 @@ def test_rate_limiter_is_pure_in_its_clock() -> None:
 
 
 @pytest.fixture
-def package_tar(digits_onnx: Path, tmp_path: Path) -> tuple[Package, Path]:
-    package = build_package(digits_onnx, tmp_path / "pkg", name="digits", version="1")
-    tar = tmp_path / "pkg.tar"
-    pack_tar(package, tar)
-    return package, tar
+def package(digits_onnx: Path, tmp_path: Path) -> Package:
+    return build_package(digits_onnx, tmp_path / "pkg", name="digits", version="1")
 
 
-def test_stage_verifies_and_state_commits_atomically(package_tar: tuple[Package, Path], tmp_path: Path) -> None:
-    package, tar = package_tar
+def deliver(store: ArtifactStore, package: Package, skip: frozenset[str] = frozenset()) -> None:
+    """Put a package's manifest and pieces where a finished download leaves them."""
+    store.save_manifest(package.digest, canonical_json(package.manifest.to_json()))
+    for entry in package.manifest.files:
+        data = (package.path / entry.path).read_bytes()
+        for offset, chunk in offsets(entry.chunks or (Chunk(entry.sha256, entry.size),)):
+            if chunk.sha256 not in skip:
+                store.pieces_dir.mkdir(parents=True, exist_ok=True)
+                store.piece_path(chunk.sha256).write_bytes(data[offset : offset + chunk.size])
+    store.mark_downloaded("b" * 64)
+
+
+def test_assemble_verifies_and_state_commits_atomically(package: Package, tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "node")
-    blob = hashlib.sha256(tar.read_bytes()).hexdigest()
-    store.blob_path(blob).write_bytes(tar.read_bytes())
-    staged = store.stage(blob, package.digest)
+    deliver(store, package)
+    assert store.downloaded_blobs() == {"b" * 64}
+    staged = store.assemble("b" * 64, package.digest)
     assert staged.digest == package.digest
     assert store.staged_digests() == {package.digest}
-    assert not store.has_blob(blob)  # the tar is not kept once extracted
+    assert store.downloaded_blobs() == frozenset()  # pieces, manifest and mark are gone once assembled
+    assert not any(store.pieces_dir.iterdir())
 
     slot = SlotRef(package.digest, "1", package.manifest.variant, 1.0)
     store.save_state(NodeState().with_active("digits", slot))
     assert store.load_state().models["digits"].active == slot
 
 
-def test_stage_refuses_a_tar_that_is_not_the_promised_package(
-    package_tar: tuple[Package, Path], tmp_path: Path
-) -> None:
-    _, tar = package_tar
+def test_a_manifest_that_is_not_the_promised_one_is_refused(package: Package, tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "node")
-    blob = hashlib.sha256(tar.read_bytes()).hexdigest()
-    store.blob_path(blob).write_bytes(tar.read_bytes())
-    with pytest.raises(VerificationError, match="manifest was changed"):
-        store.stage(blob, "sha256:" + "0" * 64)
+    with pytest.raises(VerificationError, match="does not hash"):
+        store.save_manifest("sha256:" + "0" * 64, canonical_json(package.manifest.to_json()))
+
+
+def test_a_corrupt_piece_fails_assembly_and_is_discarded(package: Package, tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "node")
+    deliver(store, package)
+    victim = package.manifest.files[0].sha256
+    store.piece_path(victim).write_bytes(b"tampered")
+    with pytest.raises(VerificationError, match="does not hash"):
+        store.assemble("b" * 64, package.digest)
     assert store.staged_digests() == frozenset()
-    assert not store.has_blob(blob)
+    assert not store.piece_path(victim).exists()
+    assert store.downloaded_blobs() == frozenset()  # the next attempt fetches again
     assert not any(p.name.startswith(".staging") for p in store.packages.iterdir())
 
 
-def test_tampered_package_on_disk_is_not_trusted(package_tar: tuple[Package, Path], tmp_path: Path) -> None:
-    package, tar = package_tar
+def test_pieces_held_in_an_earlier_package_are_reused(tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def mlp(path: Path, change: bool) -> None:
+        rng = np.random.default_rng(0)
+        weights = [rng.standard_normal((256, 256)).astype(np.float32) for _ in range(6)]  # 6 x 256 KiB
+        if change:
+            weights[-1] = weights[-1] + 1.0
+        nodes, previous = [], "x"
+        for i in range(6):
+            nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [f"h{i}"]))
+            previous = f"h{i}"
+        graph = helper.make_graph(
+            nodes, "mlp",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
+            [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["n", 256])],
+            [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
+        )  # fmt: skip
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+    mlp(tmp_path / "v1.onnx", change=False)
+    mlp(tmp_path / "v2.onnx", change=True)
+    one = build_package(
+        tmp_path / "v1.onnx", tmp_path / "p1", name="m", version="1", sample={"x": np.zeros((1, 256), np.float32)}
+    )
+    two = build_package(
+        tmp_path / "v2.onnx", tmp_path / "p2", name="m", version="2", sample={"x": np.zeros((1, 256), np.float32)}
+    )
+    model_one = one.manifest.file("model.onnx")
+    model_two = two.manifest.file("model.onnx")
+    assert len(model_one.chunks) > 4
     store = ArtifactStore(tmp_path / "node")
-    blob = hashlib.sha256(tar.read_bytes()).hexdigest()
-    store.blob_path(blob).write_bytes(tar.read_bytes())
-    store.stage(blob, package.digest)
-    (store.package_dir(package.digest) / "model.onnx").write_bytes(b"swapped")
-    with pytest.raises(PackageError):
-        store.package(package.digest)
+    deliver(store, one)
+    store.assemble("b" * 64, one.digest)
+    held = store.piece_index()
+    # Deliver only what v1 does not hold: assembly takes the rest from v1's package.
+    deliver(store, two, skip=frozenset(held))
+    store.assemble("b" * 64, two.digest)
+    shared = sum(c.size for c in model_two.chunks if c.sha256 in held)
+    assert shared > 0.6 * model_two.size  # one of six weight matrices changed
+    assert store.staged_digests() == {one.digest, two.digest}
 
 
 def test_activation_keeps_the_previous_slot() -> None:
@@ -182,7 +232,8 @@ def test_garbage_collection_removes_leftovers(tmp_path: Path) -> None:
     (store.packages / ("a" * 64)).mkdir()
     (store.packages / ("b" * 64)).mkdir()
     (store.packages / ".staging-x").mkdir()
-    (store.downloads / ("c" * 64 + ".part")).write_bytes(b"x")
+    store.pieces_dir.mkdir()
+    (store.pieces_dir / ("c" * 64 + ".part")).write_bytes(b"x")
     (tmp_path / ".state.json.123.tmp").write_bytes(b"x")
     removed = store.collect_garbage(frozenset({keep}), frozenset())
     assert removed == ["sha256:" + "b" * 64]

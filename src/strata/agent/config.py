@@ -39,6 +39,8 @@ class AgentConfig:
     telemetry_sample_rate: float = 0.01
     telemetry_slow_ms: float = 250.0
     telemetry_interval_s: float = 10.0
+    relays: tuple[str, ...] = ()
+    relay_cache_mb: float | None = None
 
     def __post_init__(self) -> None:
         if not self.server.startswith(("http://", "https://")):
@@ -57,8 +59,21 @@ class AgentConfig:
             raise ConfigError("--telemetry-sample-rate must be between 0 and 1")
         if self.telemetry_budget_mb < 1:
             raise ConfigError("--telemetry-budget-mb must be at least 1")
+        for relay in self.relays:
+            if not relay.startswith(("http://", "https://")):
+                raise ConfigError(f"--relay must be an http:// or https:// URL, got {relay!r}")
+        if self.relay_cache_mb is not None and self.relay_cache_mb < 0:
+            raise ConfigError("--relay-cache-mb must not be negative")
         if self.telemetry_interval_s <= 0 or self.telemetry_slow_ms <= 0:
             raise ConfigError("telemetry interval and slow threshold must be positive")
+
+    @property
+    def relay_budget_bytes(self) -> int:
+        """The relay cache's budget: 2 GiB on near-edge nodes unless set; no relay elsewhere unless set."""
+        megabytes = (
+            self.relay_cache_mb if self.relay_cache_mb is not None else (2048 if self.tier == "near-edge" else 0)
+        )
+        return int(megabytes * (1 << 20))
 
     @property
     def serve_is_loopback(self) -> bool:
@@ -89,6 +104,8 @@ class AgentConfig:
             "telemetry_sample_rate": self.telemetry_sample_rate,
             "telemetry_slow_ms": self.telemetry_slow_ms,
             "telemetry_interval_s": self.telemetry_interval_s,
+            "relays": list(self.relays),
+            "relay_cache_mb": self.relay_cache_mb,
         }
 
     @classmethod
@@ -100,6 +117,7 @@ class AgentConfig:
             values = dict(raw)
             values["data_dir"] = Path(values["data_dir"])
             values["labels"] = dict(values.get("labels") or {})
+            values["relays"] = tuple(values.get("relays") or ())
             return cls(**values)
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"agent configuration is incomplete or malformed: {exc}") from exc

@@ -76,6 +76,7 @@ def download_blob(
     timeout: float = 30.0,
     rate_limit: int | None = None,
     progress: Progress | None = None,
+    limiter: RateLimiter | None = None,
 ) -> DownloadResult:
     """Download the blob at `url` to `dest`, resuming `dest.part` if an earlier attempt left one.
 
@@ -95,7 +96,7 @@ def download_blob(
         digest, have = hashlib.sha256(), 0
     resumed_from = have
     received = 0
-    limiter = RateLimiter(rate_limit)
+    limiter = limiter or RateLimiter(rate_limit)
     if have < size:
         request_headers = dict(headers)
         if have:
@@ -112,7 +113,8 @@ def download_blob(
             mode = "ab" if have else "wb"
             # Unbuffered: each piece is in the file (page cache) as soon as it is read, so a kill -9 loses
             # nothing that arrived. Rate-limited downloads read in pieces of about a tenth of a second.
-            piece_size = _PIECE if rate_limit is None else max(1024, min(_PIECE, rate_limit // 10))
+            rate = limiter.rate
+            piece_size = _PIECE if rate is None else max(1024, min(_PIECE, rate // 10))
             with part.open(mode, buffering=0) as out:
                 try:
                     while have < size:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from strata.agent.client import ControlPlaneClient
 from strata.agent.config import AgentConfig
-from strata.agent.httpd import HttpServer
+from strata.agent.httpd import HttpServer, Request, Response
 from strata.agent.loop import AgentLoop, EnrollmentRefused, data_dir_lock, load_credential, start_thread
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
@@ -98,6 +98,7 @@ class Agent:
             inference_threads=config.inference_threads,
             rate_limit=config.max_download_rate,
             progress=DownloadLog(),
+            relays=lambda: config.relays,
         )
         host_facts = {
             "arch": facts.arch,
@@ -128,7 +129,29 @@ class Agent:
         """Serve until SIGTERM/SIGINT or a fatal error; return the exit code."""
         token = None if self.config.serve_is_loopback else serve_token(self.config.data_dir)
         app = InferenceApp(self.repository, self.metrics, token=token, ready=self.ready, telemetry=self.telemetry)
-        server = HttpServer(app.handle)
+        handler = app.handle
+        if self.config.relay_budget_bytes > 0:
+            from strata.agent.relay import PREFIX, RelayApp  # only near-edge nodes pay for the relay's code
+
+            relay = RelayApp(
+                self.store,
+                self.config.data_dir / "relay",
+                self.config.relay_budget_bytes,
+                self.config.server,
+                self.client.transport,
+                self.metrics.registry,
+                timeout=self.config.request_timeout_s,
+            )
+
+            self.reconciler.fetcher.via = relay
+
+            async def handler(request: Request) -> Response:
+                if request.path.startswith(PREFIX):
+                    return await relay.handle(request)
+                return await app.handle(request)
+
+            log.info("relaying package pieces for child devices (cache %d MB)", self.config.relay_budget_bytes >> 20)
+        server = HttpServer(handler)
         await server.start(self.config.serve_host, self.config.serve_port)
         log.info(
             "serving the Open Inference Protocol on http://%s:%d%s",

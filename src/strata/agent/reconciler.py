@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from strata import __version__
 from strata.agent.client import ControlPlaneClient
-from strata.agent.fetch import Progress, download_blob
+from strata.agent.fetch import Progress
+from strata.agent.pieces import FetchReport, PackageFetcher
 from strata.agent.plan import (
     Action,
     Activate,
@@ -65,6 +66,7 @@ class Reconciler:
         rate_limit: int | None = None,
         clock: Callable[[], float] = time.time,
         progress: Progress | None = None,
+        relays: Callable[[], Sequence[str]] = tuple,
     ) -> None:
         self.store = store
         self.repository = repository
@@ -76,6 +78,8 @@ class Reconciler:
         self.clock = clock
         self.progress = progress
         self.state = store.load_state()
+        self.fetcher = PackageFetcher(client, store, relays, rate_limit=rate_limit, progress=progress)
+        self.fetched = FetchReport()
 
     # --- start-up ---------------------------------------------------------------------------------------
 
@@ -143,29 +147,24 @@ class Reconciler:
         """Carry out one action. Failures of the target are remembered, not raised, except transport errors."""
         match action:
             case Download(model, version, variant):
-                log.info("downloading %s %s (%s, %d bytes)", model, version, variant.id, variant.size)
+                log.info("fetching %s %s (%s)", model, version, variant.id)
                 try:
-                    result = download_blob(
-                        self.client.transport,
-                        self.client.blob_url(variant.blob),
-                        self.store.blob_path(variant.blob),
-                        sha256=variant.blob,
-                        size=variant.size,
-                        headers=self.client.auth_headers(),
-                        timeout=self.client.timeout,
-                        rate_limit=self.rate_limit,
-                        progress=self.progress,
-                    )
+                    report = self.fetcher.fetch(variant)
                 except TransportError:
                     raise
                 except StrataError as exc:
                     self._fail(variant.digest, model, version, variant.id, f"download failed: {exc}")
                     return
-                if result.resumed_from:
-                    log.info("download of %s resumed at byte %d", variant.blob[:12], result.resumed_from)
+                self.fetched.relay_bytes += report.relay_bytes
+                self.fetched.server_bytes += report.server_bytes
+                self.fetched.reused_bytes += report.reused_bytes
+                log.info(
+                    "fetched %s %s: %d pieces, %d bytes from the relay, %d from the control plane, %d reused",
+                    model, version, report.pieces, report.relay_bytes, report.server_bytes, report.reused_bytes,
+                )  # fmt: skip
             case Stage(model, version, variant):
                 try:
-                    self.store.stage(variant.blob, variant.digest)
+                    self.store.assemble(variant.blob, variant.digest)
                 except PackageError as exc:
                     self._fail(variant.digest, model, version, variant.id, f"package rejected: {exc}")
             case Activate(model, version, variant):

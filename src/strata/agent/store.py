@@ -1,10 +1,16 @@
 """The node's artifact store: downloaded blobs, verified packages, and the slots state file.
 
 Layout under the data folder:
-    downloads/<blob>.part, downloads/<blob>   resumable downloads of package tars
-    packages/<digest-hex>/                    extracted, verified packages (immutable once renamed in)
-    packages/.staging-*                       extraction in progress (removed at start-up)
+    downloads/<digest-hex>.manifest           a package's manifest, fetched first and verified by its digest
+    downloads/pieces/<sha256>[.part]          chunks and small files this node did not hold (resumable)
+    downloads/<blob>.ready                    every piece of that package is here (the plan's "downloaded")
+    packages/<digest-hex>/                    verified packages (immutable once renamed in)
+    packages/.staging-*                       assembly in progress (removed at start-up)
     state.json                                slots (active, previous) per model, and remembered failures
+
+A package is rebuilt from pieces: chunks of large files and small files whole, each named by its sha256. A
+piece already present in a staged package (the previous version, say) is copied from there, so a new version
+costs only the chunks it changed.
 
 Activation is one atomic replace of state.json: a kill -9 at any instant leaves the old or the new slots.
 """
@@ -12,7 +18,9 @@ Activation is one atomic replace of state.json: a kill -9 at any instant leaves 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -20,9 +28,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from strata.core.errors import PackageError
-from strata.core.fsutil import fsync_dir, remove_stale_temporaries, write_json_atomic
-from strata.core.package import Package, unpack_tar, verify_package
+from strata.core.chunking import Chunk, offsets
+from strata.core.errors import PackageError, VerificationError
+from strata.core.fsutil import fsync_dir, remove_stale_temporaries, write_bytes_atomic, write_json_atomic
+from strata.core.package import (
+    MANIFEST_NAME,
+    Manifest,
+    Package,
+    read_manifest,
+    safe_relative_path,
+    verify_package,
+)
 
 
 @dataclass(frozen=True)
@@ -175,16 +191,68 @@ class ArtifactStore:
         """Replace state.json atomically: the commit point of every activation."""
         write_json_atomic(self.state_path, state.to_json())
 
-    # --- downloads --------------------------------------------------------------------------------------
+    # --- downloads ---------------------------------------------------------------------------------------
 
-    def blob_path(self, blob: str) -> Path:
-        return self.downloads / blob
+    @property
+    def pieces_dir(self) -> Path:
+        return self.downloads / "pieces"
 
-    def has_blob(self, blob: str) -> bool:
-        return self.blob_path(blob).is_file()
+    def piece_path(self, sha256: str) -> Path:
+        return self.pieces_dir / sha256
+
+    def manifest_path(self, digest: str) -> Path:
+        return self.downloads / f"{digest_hex(digest)}.manifest"
 
     def downloaded_blobs(self) -> frozenset[str]:
-        return frozenset(p.name for p in self.downloads.iterdir() if p.is_file() and "." not in p.name)
+        """Packages (by blob id) whose pieces are all on this node, ready to assemble."""
+        return frozenset(p.name.removesuffix(".ready") for p in self.downloads.glob("*.ready"))
+
+    def mark_downloaded(self, blob: str) -> None:
+        write_bytes_atomic(self.downloads / f"{blob}.ready", b"")
+
+    def save_manifest(self, digest: str, data: bytes) -> Manifest:
+        """Keep a fetched manifest after checking it is the one `digest` names.
+
+        Raises:
+            VerificationError: the bytes do not hash to the digest, or do not parse to a manifest with it.
+        """
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise VerificationError(f"manifest does not hash to {digest}")
+        try:
+            manifest = Manifest.from_json(json.loads(data))
+        except (ValueError, PackageError) as exc:
+            raise VerificationError(f"manifest of {digest} does not parse: {exc}") from exc
+        if manifest.digest != digest:
+            raise VerificationError(f"manifest names digest {manifest.digest}, expected {digest}")
+        write_bytes_atomic(self.manifest_path(digest), data)
+        return manifest
+
+    def load_manifest(self, digest: str) -> Manifest | None:
+        """The manifest kept for `digest`, verified again; None (and the file removed) when absent or bad."""
+        path = self.manifest_path(digest)
+        try:
+            return self.save_manifest(digest, path.read_bytes()) if path.exists() else None
+        except (OSError, VerificationError):
+            path.unlink(missing_ok=True)
+            return None
+
+    def piece_index(self) -> dict[str, tuple[Path, int, int]]:
+        """Every piece this node holds in its staged packages: sha256 -> (file, offset, size)."""
+        index: dict[str, tuple[Path, int, int]] = {}
+        for folder in self.packages.iterdir():
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            try:
+                manifest = read_manifest(folder)
+            except PackageError:
+                continue
+            for entry in manifest.files:
+                path = folder / entry.path
+                if not entry.chunks:
+                    index.setdefault(entry.sha256, (path, 0, entry.size))
+                for offset, chunk in offsets(entry.chunks):
+                    index.setdefault(chunk.sha256, (path, offset, chunk.size))
+        return index
 
     # --- packages ---------------------------------------------------------------------------------------
 
@@ -196,27 +264,72 @@ class ArtifactStore:
             "sha256:" + p.name for p in self.packages.iterdir() if p.is_dir() and not p.name.startswith(".")
         )
 
-    def stage(self, blob: str, digest: str) -> Package:
-        """Extract the downloaded tar of `blob` into packages/, verifying it against `digest` first.
+    def assemble(self, blob: str, digest: str) -> Package:
+        """Rebuild package `digest` from its manifest and pieces (downloaded or held locally), verify it whole,
+        and move it into packages/. The downloaded pieces, manifest and ready-mark are removed afterwards.
 
         Raises:
-            PackageError, VerificationError: the tar is not the package it claims to be (the blob is deleted).
+            PackageError, VerificationError: a piece is missing or the result does not verify (what was
+                downloaded for it is discarded, so the next attempt fetches it again).
         """
         target = self.package_dir(digest)
         if target.is_dir():
             return verify_package(target, digest)
+        manifest = self.load_manifest(digest)
+        if manifest is None:
+            self._forget_download(blob, digest, [])
+            raise PackageError(f"the manifest of {digest} is not on this node")
+        local = self.piece_index()
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.packages))
+        folder = staging / "p"
+        used: list[str] = []
         try:
-            package = unpack_tar(self.blob_path(blob), staging / "p", expected_digest=digest)
-        except PackageError:
+            folder.mkdir()
+            write_bytes_atomic(folder / MANIFEST_NAME, self.manifest_path(digest).read_bytes())
+            for entry in manifest.files:
+                out_path = folder / safe_relative_path(entry.path)
+                out_path.parent.mkdir(parents=True, exist_ok=True)
+                pieces = entry.chunks or (Chunk(entry.sha256, entry.size),)
+                with out_path.open("wb") as out:
+                    for piece in pieces:
+                        out.write(self._read_piece(piece, local))
+                        used.append(piece.sha256)
+                    out.flush()
+                    os.fsync(out.fileno())
+            package = verify_package(folder, digest)
+        except (OSError, PackageError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
-            self.blob_path(blob).unlink(missing_ok=True)
-            raise
-        (staging / "p").rename(target)
+            self._forget_download(blob, digest, used)
+            if isinstance(exc, PackageError):
+                raise
+            raise PackageError(f"cannot assemble {digest}: {exc}") from exc
+        folder.rename(target)
         fsync_dir(self.packages)
         shutil.rmtree(staging, ignore_errors=True)
-        self.blob_path(blob).unlink(missing_ok=True)
+        self._forget_download(blob, digest, used)
         return Package(path=target, manifest=package.manifest)
+
+    def _read_piece(self, piece: Chunk, local: dict[str, tuple[Path, int, int]]) -> bytes:
+        downloaded = self.piece_path(piece.sha256)
+        if downloaded.is_file():
+            data = downloaded.read_bytes()
+        elif piece.sha256 in local:
+            path, offset, size = local[piece.sha256]
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read(size)
+        else:
+            raise PackageError(f"piece {piece.sha256} is neither downloaded nor held in a package")
+        if hashlib.sha256(data).hexdigest() != piece.sha256:
+            downloaded.unlink(missing_ok=True)
+            raise VerificationError(f"piece {piece.sha256} does not hash to its name")
+        return data
+
+    def _forget_download(self, blob: str, digest: str, pieces: list[str]) -> None:
+        for sha in pieces:
+            self.piece_path(sha).unlink(missing_ok=True)
+        (self.downloads / f"{blob}.ready").unlink(missing_ok=True)
+        self.manifest_path(digest).unlink(missing_ok=True)
 
     def package(self, digest: str) -> Package:
         """A staged package, verified again (every file hashed) before it is trusted.
@@ -253,7 +366,10 @@ class ArtifactStore:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append("sha256:" + entry.name)
         for entry in self.downloads.iterdir():
-            if entry.name.split(".", 1)[0] not in keep_blobs:
+            abandoned = not keep_blobs  # nothing is being fetched: what is left belongs to abandoned downloads
+            if abandoned and entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            elif abandoned or (entry.suffix == ".ready" and entry.name.removesuffix(".ready") not in keep_blobs):
                 entry.unlink(missing_ok=True)
         remove_stale_temporaries(self.root)
         return removed

@@ -54,6 +54,14 @@ def agent(
     telemetry_slow_ms: Annotated[
         float, typer.Option("--telemetry-slow-ms", help="Requests slower than this are always kept as events.")
     ] = 250.0,
+    relay: Annotated[
+        list[str] | None,
+        typer.Option("--relay", help="Parent near-edge node's URL to fetch package pieces from first (repeatable)."),
+    ] = None,
+    relay_cache_mb: Annotated[
+        float | None,
+        typer.Option("--relay-cache-mb", help="Relay pieces for child devices with this cache (near-edge: 2048)."),
+    ] = None,
     telemetry_interval: Annotated[
         float, typer.Option("--telemetry-interval", help="Seconds between telemetry uploads.")
     ] = 10.0,
@@ -88,6 +96,8 @@ def agent(
         telemetry_sample_rate=telemetry_sample_rate,
         telemetry_slow_ms=telemetry_slow_ms,
         telemetry_interval_s=telemetry_interval,
+        relays=tuple(relay or ()),
+        relay_cache_mb=relay_cache_mb,
     )
     env = {**os.environ, CONFIG_ENV: config.to_env()}
     sys.stdout.flush()

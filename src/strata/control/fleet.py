@@ -21,14 +21,14 @@ from sqlalchemy.orm import Session
 
 from strata.control.auth import Authenticator, Principal, authorize_blob, hash_secret, new_id, new_secret
 from strata.control.blobs import BlobStore
-from strata.control.db import Database, EnrollmentToken, Node
+from strata.control.db import Database, EnrollmentToken, Node, Variant
 from strata.control.deployments import load_active_deployments
 from strata.control.desired import ActiveDeployment, desired_state, etag_matches, referenced_blobs
 from strata.control.feed import ChangeFeed
 from strata.control.presence import PresenceTracker
 from strata.core.errors import AuthError, NotFound, PackageError
 from strata.core.hashing import canonical_json
-from strata.core.package import check_name
+from strata.core.package import Manifest, check_name, package_pieces
 from strata.core.profiles import get_profile
 from strata.core.wire import TIERS, DesiredState, EnrollRequest, EnrollResponse, NodeStatus, ProtocolError, parse_labels
 
@@ -155,6 +155,8 @@ class FleetService:
         self._lock = threading.Lock()
         self._deployments: tuple[int, tuple[ActiveDeployment, ...]] = (-1, ())
         self._desired: dict[str, tuple[int, DesiredDocument]] = {}
+        self._piece_cache: dict[str, frozenset[str]] = {}
+        self.blob_bytes_served = 0
 
     # --- enrollment -----------------------------------------------------------------------------------------
 
@@ -350,9 +352,35 @@ class FleetService:
         """
         if not self._blobs.exists(sha256):
             raise NotFound(f"blob {sha256} is not stored")
-        referenced = principal.node_id is not None and sha256 in self.desired(principal.node_id).blobs
+        referenced = False
+        if principal.node_id is not None:
+            document = self.desired(principal.node_id)
+            referenced = sha256 in document.blobs or any(
+                sha256 in self._pieces(variant.digest) for model in document.state.models for variant in model.variants
+            )
         authorize_blob(principal, referenced)
         return self._blobs.path(sha256)
+
+    def count_served(self, size: int) -> None:
+        """Add to the bytes the blob endpoint has sent (what a site's WAN link carries)."""
+        with self._lock:
+            self.blob_bytes_served += size
+
+    def _pieces(self, digest: str) -> frozenset[str]:
+        """The blobs a node fetches to assemble package `digest`: its canonical manifest (whose blob id is the
+        digest), the chunks of its large files and its small files whole. A package never changes, so this is
+        cached for good.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        pieces = self._piece_cache.get(digest)
+        if pieces is None:
+            with self._db.transaction() as session:
+                raw = session.scalar(select(Variant.manifest).where(Variant.digest == digest).limit(1))
+            pieces = frozenset(package_pieces(Manifest.from_json(raw))) if raw is not None else frozenset()
+            self._piece_cache[digest] = pieces
+        return pieces
 
     # --- internals --------------------------------------------------------------------------------------
 

@@ -57,6 +57,11 @@ class FleetCollector(Collector):
 
         counters = self.plane.telemetry.counters
         for name, help_text, value in (
+            (
+                "strata_blob_bytes_served",
+                "Bytes of packages, manifests and chunks sent to nodes",
+                self.plane.fleet.blob_bytes_served,
+            ),
             ("strata_telemetry_batches", "Telemetry batches stored", counters.batches),
             (
                 "strata_telemetry_duplicate_batches",

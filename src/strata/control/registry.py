@@ -21,8 +21,10 @@ from strata.control.blobs import BlobStore, StagedBlob
 from strata.control.db import Database, Model, ModelVersion, Variant
 from strata.control.errors import PayloadTooLarge, StoreError
 from strata.control.feed import ChangeFeed
+from strata.core.chunking import offsets
 from strata.core.errors import Conflict, NotFound
-from strata.core.package import Manifest, unpack_tar
+from strata.core.hashing import canonical_json
+from strata.core.package import Manifest, Package, unpack_tar
 from strata.core.profiles import get_profile
 
 
@@ -152,11 +154,32 @@ class RegistryService:
         return added
 
     def _verify(self, staged: StagedBlob) -> Manifest:
+        """Unpack and verify the tar, then store what nodes fetch piece by piece: the canonical manifest (its
+        blob id is the package digest), every chunk of the large files and every small file whole."""
         try:
             with tempfile.TemporaryDirectory(dir=self._tmp_dir, prefix=".unpack.") as work:
-                return unpack_tar(staged.path, Path(work) / "package").manifest
+                package = unpack_tar(staged.path, Path(work) / "package")
+                self._store_pieces(package)
+                return package.manifest
         except OSError as exc:
             raise StoreError(f"cannot unpack the package for verification: {exc}") from exc
+
+    def _store_pieces(self, package: Package) -> None:
+        manifest = package.manifest
+        self._put_if_missing(manifest.digest.removeprefix("sha256:"), canonical_json(manifest.to_json()))
+        for entry in manifest.files:
+            data = (package.path / entry.path).read_bytes()
+            if not entry.chunks:
+                self._put_if_missing(entry.sha256, data)
+                continue
+            for offset, chunk in offsets(entry.chunks):
+                self._put_if_missing(chunk.sha256, data[offset : offset + chunk.size])
+
+    def _put_if_missing(self, sha256: str, data: bytes) -> None:
+        if not self._blobs.exists(sha256):
+            stored = self._blobs.put([data])
+            if stored.sha256 != sha256:  # unpack_tar verified the files, so only a bug gets here
+                raise StoreError(f"piece stored as {stored.sha256}, expected {sha256}")
 
     def _register(self, manifest: Manifest, staged: StagedBlob) -> AddedPackage:
         with self._db.transaction() as session:

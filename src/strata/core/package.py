@@ -26,10 +26,11 @@ import numpy as np
 import numpy.typing as npt
 
 from strata import __version__
+from strata.core.chunking import Chunk, chunk_file
 from strata.core.datatypes import OIP_TO_NUMPY, oip_from_ort
 from strata.core.errors import PackageBuildError, PackageError, VerificationError
 from strata.core.fsutil import write_bytes_atomic
-from strata.core.hashing import canonical_json, digest_json, sha256_file
+from strata.core.hashing import canonical_json, digest_json, is_hex_sha256, sha256_file
 
 if TYPE_CHECKING:
     import tarfile
@@ -102,15 +103,20 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """A file of the package: relative POSIX path, size in bytes, hex sha256 and its role."""
+    """A file of the package: relative POSIX path, size, hex sha256, role, and for large files the
+    content-defined chunks (sha256, size) it is made of, in order."""
 
     path: str
     size: int
     sha256: str
     role: str = "data"
+    chunks: tuple[Chunk, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256, "role": self.role}
+        entry: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256, "role": self.role}
+        if self.chunks:
+            entry["chunks"] = [[c.sha256, c.size] for c in self.chunks]
+        return entry
 
     @classmethod
     def from_json(cls, raw: Any) -> FileEntry:
@@ -122,11 +128,25 @@ class FileEntry:
         safe_relative_path(path)
         if not isinstance(size, int) or size < 0:
             raise PackageError(f"file {path!r} has a malformed size {size!r}")
-        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        if not isinstance(sha, str) or not is_hex_sha256(sha):
             raise PackageError(f"file {path!r} has a malformed sha256 {sha!r}")
         if not isinstance(role, str):
             raise PackageError(f"file {path!r} has a malformed role {role!r}")
-        return cls(path=path, size=size, sha256=sha, role=role)
+        chunks = []
+        for item in raw.get("chunks", []):
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not isinstance(item[0], str)
+                or not is_hex_sha256(item[0])
+                or not isinstance(item[1], int)
+                or item[1] <= 0
+            ):
+                raise PackageError(f"file {path!r} has a malformed chunk {item!r}")
+            chunks.append(Chunk(item[0], item[1]))
+        if chunks and sum(c.size for c in chunks) != size:
+            raise PackageError(f"the chunks of {path!r} add up to {sum(c.size for c in chunks)} bytes, not {size}")
+        return cls(path=path, size=size, sha256=sha, role=role, chunks=tuple(chunks))
 
 
 @dataclass(frozen=True)
@@ -303,6 +323,15 @@ def safe_relative_path(path: str) -> PurePosixPath:
     if pure.is_absolute() or any(part in ("", ".", "..") for part in path.split("/")):
         raise PackageError(f"file path {path!r} is not allowed in a package")
     return pure
+
+
+def package_pieces(manifest: Manifest) -> list[str]:
+    """The blob ids a node fetches to rebuild a package: the canonical manifest (blob id = the digest's hex),
+    then each file's chunks, or the file whole when it has none, in order."""
+    pieces = [manifest.digest.removeprefix("sha256:")]
+    for entry in manifest.files:
+        pieces.extend([c.sha256 for c in entry.chunks] if entry.chunks else [entry.sha256])
+    return pieces
 
 
 # --- reading and verifying -------------------------------------------------------------------------------
@@ -808,4 +837,4 @@ def with_fields(package: Package, **changes: Any) -> Package:
 
 def _entry(folder: Path, rel: str, role: str) -> FileEntry:
     sha, size = sha256_file(folder / rel)
-    return FileEntry(path=rel, size=size, sha256=sha, role=role)
+    return FileEntry(path=rel, size=size, sha256=sha, role=role, chunks=tuple(chunk_file(folder / rel)))

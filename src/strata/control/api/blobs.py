@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import FileResponse
 
 from strata.control.api.deps import COMMON_ERRORS, AnyCaller, Plane
@@ -23,10 +23,29 @@ router = APIRouter(tags=["blobs"], responses=COMMON_ERRORS)
         416: {"description": "the range starts beyond the end of the blob"},
     },
 )
-def get_blob(sha256: Annotated[str, Path(pattern="^[0-9a-f]{64}$")], plane: Plane, caller: AnyCaller) -> FileResponse:
-    """A blob, for the operator or a node whose desired state references it."""
+def get_blob(
+    sha256: Annotated[str, Path(pattern="^[0-9a-f]{64}$")], request: Request, plane: Plane, caller: AnyCaller
+) -> FileResponse:
+    """A blob (package tar, manifest, chunk or file), for the operator or a node whose desired state needs it."""
     path = plane.fleet.blob_path(caller, sha256)
+    if request.method == "GET":
+        plane.fleet.count_served(served_bytes(path.stat().st_size, request.headers.get("range")))
     return FileResponse(path, media_type="application/octet-stream", headers={"ETag": f'"sha256:{sha256}"'})
+
+
+def served_bytes(size: int, range_header: str | None) -> int:
+    """How many bytes a GET of a blob of `size` bytes sends for this Range header (single ranges only)."""
+    if not range_header or not range_header.startswith("bytes=") or "," in range_header:
+        return size
+    start_text, _, end_text = range_header[6:].partition("-")
+    try:
+        if not start_text:
+            return min(size, int(end_text))
+        start = int(start_text)
+        end = min(int(end_text), size - 1) if end_text else size - 1
+    except ValueError:
+        return size
+    return max(0, end - start + 1)
 
 
 # HEAD answers with the same headers (size, ETag) and no body; it is not listed twice in the OpenAPI document.

@@ -1,0 +1,169 @@
+"""Fetching a package piece by piece: the manifest first, then only the chunks and small files this node does
+not already hold, each from the first source that has it (the site's near-edge relay, then the control plane).
+
+Every piece is named by its sha256 and checked on arrival; downloads resume after a cut at the byte where
+they stopped (`fetch.download_blob`), and pieces already downloaded survive a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from strata.agent.client import ControlPlaneClient, ServerError
+from strata.agent.fetch import Progress, RateLimiter, download_blob
+from strata.agent.store import ArtifactStore, digest_hex
+from strata.core.chunking import Chunk
+from strata.core.errors import AuthError, Forbidden, NotFound, StrataError, TransportError, VerificationError
+from strata.core.fsutil import write_bytes_atomic
+from strata.core.package import Manifest
+from strata.core.wire import VariantRef
+
+log = logging.getLogger("strata.agent")
+
+
+class PieceSource(Protocol):
+    """Something that hands out pieces by sha256, checked (the near-edge relay's cache)."""
+
+    def fetch_piece(self, credential: str, piece: str) -> tuple[bytes, bool]: ...
+
+
+@dataclass
+class FetchReport:
+    """Where a package's bytes came from."""
+
+    pieces: int = 0
+    reused_bytes: int = 0
+    relay_bytes: int = 0
+    server_bytes: int = 0
+    resumed: list[tuple[str, int]] = field(default_factory=list)
+
+
+def needed_pieces(manifest: Manifest) -> list[Chunk]:
+    """Every piece a package is made of, in file order (a small file is one piece)."""
+    pieces: list[Chunk] = []
+    for entry in manifest.files:
+        pieces.extend(entry.chunks or (Chunk(entry.sha256, entry.size),))
+    return pieces
+
+
+class PackageFetcher:
+    """Downloads what a package needs into the artifact store (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: ControlPlaneClient,
+        store: ArtifactStore,
+        relays: Callable[[], Sequence[str]] = tuple,
+        *,
+        rate_limit: int | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.relays = relays
+        self.rate_limit = rate_limit
+        self.progress = progress
+        self.via: PieceSource | None = None
+
+    def fetch(self, variant: VariantRef) -> FetchReport:
+        """Fetch the manifest and every missing piece of `variant`, then mark it downloaded.
+
+        Raises:
+            TransportError: the control plane could not be reached (what arrived stays and resumes).
+            VerificationError: the control plane sent bytes that do not match their name.
+            AuthError, Forbidden, ServerError: the control plane refused.
+        """
+        report = FetchReport()
+        manifest = self.store.load_manifest(variant.digest) or self._manifest(variant, report)
+        held = self.store.piece_index()
+        limiter = RateLimiter(self.rate_limit)
+        pieces = needed_pieces(manifest)
+        total = sum(p.size for p in pieces)
+        done = 0
+        for piece in pieces:
+            report.pieces += 1
+            if piece.sha256 in held:
+                report.reused_bytes += piece.size
+            elif not self.store.piece_path(piece.sha256).is_file():
+                self._download(piece, variant, limiter, report)
+            done += piece.size
+            if self.progress is not None:
+                self.progress(done, total)
+        self.store.mark_downloaded(variant.blob)
+        return report
+
+    def _sources(self, sha256: str, variant: VariantRef) -> list[tuple[str, str]]:
+        package = digest_hex(variant.digest)
+        sources = [
+            ("relay", f"{relay.rstrip('/')}/relay/v1/blobs/sha256/{sha256}?package={package}")
+            for relay in self.relays()
+        ]
+        sources.append(("server", self.client.blob_url(sha256)))
+        return sources
+
+    def _manifest(self, variant: VariantRef, report: FetchReport) -> Manifest:
+        for kind, url in self._sources(digest_hex(variant.digest), variant):
+            try:
+                with self.client.transport.stream(
+                    "GET", url, headers=self.client.auth_headers(), timeout=self.client.timeout
+                ) as response:
+                    if response.status != 200:
+                        raise ServerError(f"manifest from {kind}: HTTP {response.status}")
+                    data = b""
+                    while piece := response.read(1 << 16):
+                        data += piece
+                        if len(data) > 16 << 20:
+                            raise VerificationError("manifest is larger than 16 MiB")
+                manifest = self.store.save_manifest(variant.digest, data)
+            except (TransportError, ServerError, NotFound, VerificationError) as exc:
+                if kind == "server":
+                    raise
+                log.info("relay could not give the manifest of %s (%s); trying the next source", variant.id, exc)
+                continue
+            if kind == "relay":
+                report.relay_bytes += len(data)
+            else:
+                report.server_bytes += len(data)
+            return manifest
+        raise TransportError(f"no source gave the manifest of {variant.id}")  # pragma: no cover - server raises
+
+    def _download(self, piece: Chunk, variant: VariantRef, limiter: RateLimiter, report: FetchReport) -> None:
+        if self.via is not None:  # this node is a relay: share its cache and its single upstream fetch
+            data, fetched = self.via.fetch_piece(self.client.auth_headers()["authorization"], piece.sha256)
+            limiter.throttle(len(data))
+            write_bytes_atomic(self.store.piece_path(piece.sha256), data)
+            if fetched:
+                report.server_bytes += len(data)
+            else:
+                report.relay_bytes += len(data)
+            return
+        for kind, url in self._sources(piece.sha256, variant):
+            try:
+                result = download_blob(
+                    self.client.transport,
+                    url,
+                    self.store.piece_path(piece.sha256),
+                    sha256=piece.sha256,
+                    size=piece.size,
+                    headers=self.client.auth_headers(),
+                    timeout=self.client.timeout,
+                    limiter=limiter,
+                )
+            except (TransportError, ServerError, NotFound, VerificationError, AuthError, Forbidden) as exc:
+                if kind == "server":
+                    raise
+                log.debug("relay could not give piece %s (%s); trying the next source", piece.sha256[:12], exc)
+                continue
+            except StrataError:
+                raise
+            if result.resumed_from:
+                report.resumed.append((piece.sha256, result.resumed_from))
+                log.info("download of piece %s resumed at byte %d", piece.sha256[:12], result.resumed_from)
+            if kind == "relay":
+                report.relay_bytes += result.received
+            else:
+                report.server_bytes += result.received
+            return

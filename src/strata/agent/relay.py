@@ -1,0 +1,252 @@
+"""The near-edge artifact relay: child devices fetch package pieces from their site's near-edge node, which
+keeps a cache so the site's WAN link carries each piece once.
+
+    GET /relay/v1/blobs/sha256/<piece>?package=<package-digest-hex>     (Authorization: the device's credential)
+
+Trust: the relay never decides who may read a package. The first time a credential asks for a package, the
+relay asks the control plane (a HEAD of that package's manifest with the device's own credential) and
+remembers a yes for a while; a piece is served only if the package's manifest lists it. Pieces missing here
+are fetched from the control plane with the asking device's credential, checked against their sha256, cached
+and served; concurrent requests for one piece wait for a single upstream fetch. Devices check every piece
+again themselves, so a relay can make a download fail but never make it wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+from strata.agent.httpd import Request, Response
+from strata.agent.metrics import MetricsRegistry
+from strata.agent.store import ArtifactStore
+from strata.agent.transport import HttpResponse, Transport
+from strata.core.errors import Forbidden, StrataError, TransportError
+from strata.core.fsutil import write_bytes_atomic
+from strata.core.hashing import canonical_json, is_hex_sha256
+from strata.core.package import Manifest, package_pieces
+
+log = logging.getLogger("strata.agent.relay")
+
+PREFIX = "/relay/v1/blobs/sha256/"
+AUTH_TTL_S = 600.0
+MAX_PIECE_BYTES = 64 << 20
+
+
+class RelayRefused(Forbidden):
+    """The control plane does not let this device read that package (or the piece is not in it)."""
+
+    code = "relay_refused"
+
+
+class RelayUnavailable(TransportError):
+    """The relay cannot get the piece now (the control plane is unreachable or answered badly)."""
+
+    code = "relay_unavailable"
+    http_status = 503
+
+
+class RelayApp:
+    """Serves and caches package pieces for child devices (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        cache_dir: Path,
+        budget_bytes: int,
+        upstream: str,
+        transport: Transport,
+        registry: MetricsRegistry,
+        *,
+        timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.cache_dir = cache_dir
+        self.budget_bytes = budget_bytes
+        self.upstream = upstream.rstrip("/")
+        self.transport = transport
+        self.timeout = timeout
+        self.clock = clock
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._authorized: dict[tuple[str, str], float] = {}
+        self._pieces: dict[str, frozenset[str]] = {}
+        self._inflight: dict[str, Future[bytes]] = {}
+        self.served = registry.counter("strata_relay_bytes_served", "Bytes of package pieces served to devices")
+        self.upstream_bytes = registry.counter(
+            "strata_relay_upstream_bytes", "Bytes of package pieces fetched from the control plane"
+        )
+        self.requests = registry.counter("strata_relay_requests", "Piece requests by outcome", ("outcome",))
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one relay request; errors are `{"error": ...}` with 400, 403, 404 or 503."""
+        try:
+            if request.method not in ("GET", "HEAD"):
+                return Response.error(405, f"{request.method} is not allowed on the relay", {"allow": "GET, HEAD"})
+            piece = request.path.removeprefix(PREFIX)
+            package = request.query.get("package", "")
+            if not request.path.startswith(PREFIX) or not is_hex_sha256(piece) or not is_hex_sha256(package):
+                return Response.error(404, "relay paths are /relay/v1/blobs/sha256/<sha256>?package=<digest hex>")
+            credential = request.headers.get("authorization", "")
+            if not credential.lower().startswith("bearer "):
+                return Response.error(401, "the relay needs the device's credential: Authorization: Bearer ...")
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(None, self._piece_for, credential, package, piece)
+        except (RelayRefused, RelayUnavailable) as exc:
+            self.requests.inc("refused" if isinstance(exc, RelayRefused) else "unavailable")
+            return Response.error(exc.http_status, exc.message)
+        return self._answer(request, piece, data)
+
+    def _answer(self, request: Request, piece: str, data: bytes) -> Response:
+        headers = {"content-type": "application/octet-stream", "etag": f'"sha256:{piece}"', "accept-ranges": "bytes"}
+        wanted = request.headers.get("range", "")
+        start = 0
+        if wanted.startswith("bytes=") and wanted.endswith("-") and wanted[6:-1].isdigit():
+            start = int(wanted[6:-1])
+            if start >= len(data):
+                return Response(416, {"content-range": f"bytes */{len(data)}"})
+            headers["content-range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        body = b"" if request.method == "HEAD" else data[start:]
+        self.served.inc(by=len(body))
+        return Response(206 if start else 200, headers, body)
+
+    # --- the blocking part, on a worker thread ----------------------------------------------------------
+
+    def _piece_for(self, credential: str, package: str, piece: str) -> bytes:
+        self._authorize(credential, package)
+        if piece not in self._package_pieces(credential, package):
+            raise RelayRefused(f"package {package[:12]} has no piece {piece[:12]}")
+        held = self.store.piece_index().get(piece)
+        if held is not None:
+            path, offset, size = held
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read(size)
+            if hashlib.sha256(data).hexdigest() == piece:
+                self.requests.inc("local")
+                return data
+        data, fetched = self.fetch_piece(credential, piece)
+        self.requests.inc("miss" if fetched else "hit")
+        return data
+
+    def fetch_piece(self, credential: str, piece: str) -> tuple[bytes, bool]:
+        """A piece from the cache, or fetched once from the control plane with `credential` (and cached).
+
+        The near-edge node's own downloads come through here too, so a piece its devices ask for while the
+        node fetches it for itself crosses the WAN once. Returns the bytes and whether they were fetched now.
+
+        Raises:
+            RelayRefused, RelayUnavailable: the control plane refused or could not be reached.
+        """
+        cached = self.cache_dir / piece
+        if cached.is_file():
+            data = cached.read_bytes()
+            if hashlib.sha256(data).hexdigest() == piece:
+                os.utime(cached)
+                return data, False
+            cached.unlink(missing_ok=True)
+        return self._fetch_once(credential, piece), True
+
+    def _authorize(self, credential: str, package: str) -> None:
+        key = (hashlib.sha256(credential.encode()).hexdigest(), package)
+        now = self.clock()
+        with self._lock:
+            if self._authorized.get(key, 0.0) > now:
+                return
+        status = self._upstream("HEAD", package, credential).status
+        if status in (401, 403, 404):
+            raise RelayRefused(f"the control plane does not let this device read package {package[:12]}")
+        if status != 200:
+            raise RelayUnavailable(f"the control plane answered {status} when asked about package {package[:12]}")
+        with self._lock:
+            self._authorized[key] = now + AUTH_TTL_S
+
+    def _package_pieces(self, credential: str, package: str) -> frozenset[str]:
+        with self._lock:
+            known = self._pieces.get(package)
+        if known is not None:
+            return known
+        data = self._manifest_bytes(credential, package)
+        try:
+            manifest = Manifest.from_json(json.loads(data))
+        except (ValueError, StrataError) as exc:
+            raise RelayUnavailable(f"manifest of package {package[:12]} does not parse: {exc}") from exc
+        if manifest.digest != "sha256:" + package:
+            raise RelayUnavailable(f"manifest of package {package[:12]} names another digest")
+        pieces = frozenset(package_pieces(manifest))
+        with self._lock:
+            self._pieces[package] = pieces
+        return pieces
+
+    def _manifest_bytes(self, credential: str, package: str) -> bytes:
+        staged = self.store.package_dir("sha256:" + package) / "manifest.json"
+        if staged.is_file():
+            return canonical_json(json.loads(staged.read_bytes()))
+        cached = self.cache_dir / package
+        if cached.is_file() and hashlib.sha256(cached.read_bytes()).hexdigest() == package:
+            return cached.read_bytes()
+        return self._fetch_once(credential, package)
+
+    def _fetch_once(self, credential: str, sha: str) -> bytes:
+        """Fetch a blob from the control plane, with one upstream request however many devices wait for it."""
+        with self._lock:
+            pending = self._inflight.get(sha)
+            owner = pending is None
+            if owner:
+                pending = self._inflight[sha] = Future()
+        assert pending is not None
+        if not owner:
+            return pending.result(timeout=self.timeout * 4)
+        try:
+            data = self._fetch(credential, sha)
+            pending.set_result(data)
+            return data
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(sha, None)
+
+    def _fetch(self, credential: str, sha: str) -> bytes:
+        response = self._upstream("GET", sha, credential)
+        if response.status in (401, 403, 404):
+            raise RelayRefused(f"the control plane refused blob {sha[:12]} to this device")
+        if response.status != 200:
+            raise RelayUnavailable(f"the control plane answered {response.status} for blob {sha[:12]}")
+        data = response.body
+        if len(data) > MAX_PIECE_BYTES or hashlib.sha256(data).hexdigest() != sha:
+            raise RelayUnavailable(f"the control plane sent bytes for {sha[:12]} that do not match their name")
+        self.upstream_bytes.inc(by=len(data))
+        write_bytes_atomic(self.cache_dir / sha, data)
+        self._evict()
+        return data
+
+    def _upstream(self, method: str, sha: str, credential: str) -> HttpResponse:
+        try:
+            return self.transport.request(
+                method,
+                f"{self.upstream}/v1/blobs/sha256/{sha}",
+                headers={"authorization": credential},
+                timeout=self.timeout,
+            )
+        except TransportError as exc:
+            raise RelayUnavailable(f"the relay cannot reach the control plane: {exc}") from exc
+
+    def _evict(self) -> None:
+        """Least recently used pieces go first once the cache is over its budget."""
+        entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.cache_dir.iterdir() if p.is_file()]
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.budget_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
