@@ -1,8 +1,10 @@
 """Resident memory of an idle agent serving a small model, against python + onnxruntime alone.
 
 Starts a real control plane and a real agent (LocalFleet), deploys the digits classifier, sends a few
-requests, lets the agent idle, then reads VmRSS (and its anonymous/file split) from /proc. The baseline,
-measured in the same run: a bare python process that imports onnxruntime and loads the same model.
+requests, lets the agent idle, then reads VmRSS (its anonymous/file split, and PSS, which shares library pages
+with other processes fairly) from /proc. The agent runs as `python -OO -m strata.agent` (docstrings stripped);
+its bytecode is compiled first, as on a node where it has run once. The baseline, measured in the same run: a
+bare python process that imports onnxruntime and loads the same model.
 Prints one JSON object.
 """
 
@@ -29,6 +31,8 @@ BUDGET_MB = 70.0
 def rss(pid: int) -> dict[str, float]:
     status = Path(f"/proc/{pid}/status").read_text()
     found = dict(re.findall(r"^(VmRSS|RssAnon|RssFile):\s+(\d+) kB", status, re.M))
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    found.update(re.findall(r"^(Pss):\s+(\d+) kB", rollup, re.M))
     return {key: int(value) / 1024 for key, value in found.items()}
 
 
@@ -41,6 +45,10 @@ print("ready", flush=True); time.sleep(60)
 
 
 def main() -> None:
+    import strata
+
+    package_dir = Path(strata.__file__).parent
+    subprocess.run([sys.executable, "-OO", "-m", "compileall", "-q", str(package_dir)], check=True)
     with tempfile.TemporaryDirectory(prefix="strata-bench-") as tmp:
         root = Path(tmp)
         train_digits(root / "digits.onnx")
@@ -71,6 +79,7 @@ def main() -> None:
         "agent_rss_mb": round(agent_rss["VmRSS"], 1),
         "agent_rss_anon_mb": round(agent_rss["RssAnon"], 1),
         "agent_rss_file_mb": round(agent_rss["RssFile"], 1),
+        "agent_pss_mb": round(agent_rss["Pss"], 1),
         "baseline_python_onnxruntime_session_rss_mb": round(baseline_rss["VmRSS"], 1),
         "agent_over_baseline_mb": round(agent_rss["VmRSS"] - baseline_rss["VmRSS"], 1),
         "ratio_to_baseline": round(agent_rss["VmRSS"] / baseline_rss["VmRSS"], 3),
