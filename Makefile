@@ -32,6 +32,7 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/agent_footprint.py
 	$(BIN)/python bench/poll_throughput.py
+	$(BIN)/python bench/optimize_minilm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -79,7 +79,7 @@ class OptimizeRequest:
     tokenizer: Path | None = None
     max_length: int = 128
     rounds: int = 5
-    threads: int | None = None
+    threads: int | None = 1
     seed: int = 0
     measure_memory: bool = True
 
@@ -233,11 +233,8 @@ def measure_candidates(
     progress.phase("evaluate", len(measurable))
     for candidate in measurable:
         try:
-            runner = (
-                reference
-                if candidate.id == BASELINE_ID
-                else open_runner(candidate.model_path, candidate.runtime, request.threads)
-            )
+            # The baseline gets its own runner: timed with the same thread count as every other variant.
+            runner = open_runner(candidate.model_path, candidate.runtime, request.threads)
             got = predict(runner, evaluation, task, output, batch)
             results[candidate.id] = _Measurement(compare(task, expected, got, evaluation.labels))
             runners[candidate.id] = runner
@@ -426,11 +423,15 @@ def run_optimize(
             "threads": request.threads,
             "baseline": BASELINE_ID,
             "isa_profile": plan.isa.id,
-            "method": "interleaved rounds; speedup = median over rounds of throughput / baseline throughput",
+            "method": "interleaved rounds, fp32 timed before and after every variant; speedup = median over rounds "
+            "of the variant's throughput / the mean of those two fp32 throughputs",
         },
         variants=tuple(results),
         selected=selection.chosen,
-        selection_notes=selection.why,
+        selection_notes={
+            target: why if target == plan.host.id else f"{why}; measured on this {plan.host.id} host"
+            for target, why in selection.why.items()
+        },
         skipped_passes=skipped,
     )
     write_report(report, request.out)
