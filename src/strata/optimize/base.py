@@ -9,7 +9,7 @@ stays in the report. `Pass.skip_reason(context)` says why a pass has nothing to 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -49,7 +49,6 @@ class PassContext:
     targets: tuple[Profile, ...]
     calibration: Feeds
     seed: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def targets_with_runtime(self, runtimes: Iterable[str]) -> list[Profile]:
         wanted = set(runtimes)

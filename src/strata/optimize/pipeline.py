@@ -225,7 +225,12 @@ def measure_candidates(
     workdir: Path,
     progress: Progress,
 ) -> dict[str, _Measurement]:
-    """Accuracy, timing and memory of every candidate whose runtime is on this host."""
+    """Accuracy, timing and memory of every candidate whose runtime is on this host. A candidate that does not
+    load or run is recorded with its error; the others are still measured.
+
+    Raises:
+        OptimizationError: the fp32 original cannot be run on the evaluation samples or timed.
+    """
     expected = predict(reference, evaluation, task, output, batch)
     results: dict[str, _Measurement] = {}
     runners: dict[str, Runner] = {}

@@ -160,7 +160,11 @@ class Report:
 
 
 def write_report(report: Report, out_dir: Path) -> Path:
-    """Write `out_dir/report.json` atomically."""
+    """Write `out_dir/report.json` atomically.
+
+    Raises:
+        OSError: the folder is not writable.
+    """
     path = out_dir / REPORT_NAME
     write_bytes_atomic(path, (json.dumps(report.to_json(), indent=2, sort_keys=False) + "\n").encode())
     return path
