@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -57,7 +58,16 @@ def main() -> int:
         print(json.dumps({"skipped": f"{MINILM} not found"}))
         return 0
     work = Path(tempfile.mkdtemp(prefix="strata-bench-minilm-"))
-    out = args.out or work / "out"
+    try:
+        result = run(args, work, args.out or work / "out")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the variants are ~0.5 GB; kept only under an explicit --out
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def run(args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
+    """The pipeline, then the head-to-head timing; returns the JSON to print."""
     sentences = python_doc_sentences()
     calibration = write_sentences(work / "calibration.txt", sentences[0::2][:CALIBRATION_SENTENCES])
     evaluation = write_sentences(work / "evaluation.txt", sentences[1::2][:EVALUATION_SENTENCES])
@@ -104,7 +114,7 @@ def main() -> int:
             }
             for v in report.variants
         ],
-        "report": str(out / "report.json"),
+        "report": str(out / "report.json") if args.out else "not kept (pass --out DIR to keep the variants)",
     }
     if selected_id is not None and selected_id != "fp32":
         chosen = report.variant(selected_id)
@@ -125,8 +135,7 @@ def main() -> int:
             "mean_cosine": chosen.accuracy.get("mean_cosine"),
             "min_cosine": chosen.accuracy.get("min_cosine"),
         }
-    print(json.dumps(result, indent=2))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
