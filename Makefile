@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/agent_footprint.py
 	$(BIN)/python bench/poll_throughput.py
 	$(BIN)/python bench/telemetry_wire.py
+	$(BIN)/python bench/optimize_minilm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

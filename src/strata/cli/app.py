@@ -16,6 +16,7 @@ from strata.cli import demo as demo_cmd
 from strata.cli import deploy as deploy_cmd
 from strata.cli import model as model_cmd
 from strata.cli import nodes as nodes_cmd
+from strata.cli import optimize as optimize_cmd
 from strata.cli import package as package_cmd
 from strata.cli import server as server_cmd
 from strata.cli import telemetry as telemetry_cmd
@@ -39,6 +40,7 @@ app.command("deploy")(deploy_cmd.deploy)
 app.add_typer(nodes_cmd.app, name="nodes")
 app.add_typer(package_cmd.app, name="package")
 app.command("telemetry")(telemetry_cmd.telemetry)
+app.command("optimize")(optimize_cmd.optimize)
 app.command("demo")(demo_cmd.demo)
 
 

@@ -112,6 +112,13 @@ class ConfigError(StrataError):
     http_status = 400
 
 
+class OptimizationError(StrataError):
+    """A model optimization step (a pass, a calibration, an evaluation run) could not be carried out."""
+
+    code = "optimization_failed"
+    http_status = 500
+
+
 class ModelLoadError(StrataError):
     """A package verified but its model would not load or failed its golden health check."""
 

@@ -1,0 +1,178 @@
+"""`strata optimize`: one ONNX model in, measured variants and one selected package per hardware profile out."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from strata.cli.common import JsonOption, ServerOption, TokenOption, console, out, print_json
+from strata.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from strata.cli.client import ControlClient
+    from strata.optimize.report import Report
+
+
+class RichProgress:
+    """The pipeline's progress as Rich bars on stderr, one per phase."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._task: TaskID | None = None
+        self._phase = ""
+
+    def phase(self, name: str, total: int) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, description=f"{self._phase}: done")
+        self._phase = name
+        self._task = self._progress.add_task(name, total=max(total, 1))
+
+    def step(self, detail: str) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, advance=1, description=f"{self._phase}: {detail}")
+
+
+def push_selected(report: Report, out_dir: Path, client: ControlClient) -> list[dict[str, Any]]:
+    """Upload, per target profile, its selected variant as a package built for that profile.
+
+    The package id is `<profile>-<variant>`, so a node of that profile finds a package built for exactly it
+    (which `rank_variants` prefers), and nodes of other profiles fall back to a compatible one.
+
+    Raises:
+        ConfigError: a selected variant has no package (unverified variants are not packaged).
+        PackageError, PackageBuildError: the package cannot be rebuilt.
+        TransportError, AuthError, Conflict: as `ControlClient.push_package`.
+    """
+    from strata.cli.model import upload_with_progress
+    from strata.core.package import pack_tar
+    from strata.optimize.packaging import repackage_for_target
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="strata-optimize-push-") as tmp:
+        for profile, variant_id in sorted(report.selected.items()):
+            variant = report.variant(variant_id)
+            if variant.gate != "passed" or variant.path is None:
+                raise ConfigError(f"variant {variant_id} selected for {profile} has no package ({variant.gate})")
+            package = repackage_for_target(
+                out_dir / variant.path, Path(tmp) / profile, profile=profile, variant=f"{profile}-{variant_id}"
+            )
+            tar_path = Path(tmp) / f"{profile}.tar"
+            pack_tar(package, tar_path)
+            label = f"{package.manifest.name} {package.manifest.version} {package.manifest.variant}"
+            results.append(upload_with_progress(client, tar_path, label))
+    return results
+
+
+def optimize(
+    model: Annotated[Path, typer.Argument(help="The fp32 ONNX model.", dir_okay=False)],
+    name: Annotated[str, typer.Option("--name", help="Model name.")],
+    version: Annotated[str, typer.Option("--version", help="Version of this release.")],
+    task: Annotated[str, typer.Option("--task", help="classification, embedding or regression.")],
+    calibration: Annotated[
+        Path,
+        typer.Option("--calibration", help="Calibration DATA: .npz of input feeds, or text, one sentence a line."),
+    ],
+    evaluation: Annotated[
+        Path, typer.Option("--eval", help="Evaluation DATA (the same file as --calibration is split in two).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Empty or new folder for packages, report.json, plot.")],
+    target: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--target",
+            help="Hardware profile to select a variant for (repeatable; default: this host's profile and cpu-generic).",
+        ),
+    ] = None,
+    gate: Annotated[
+        str | None, typer.Option("--gate", help="Accuracy gate, e.g. 'mean_cosine>=0.99,min_cosine>=0.97'.")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option("--tokenizer", help="tokenizer.json (tokenizers) for text DATA.")
+    ] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Pad/truncate text to this many tokens.")] = 128,
+    passes: Annotated[
+        list[str] | None,
+        typer.Option("--pass", help="Run only these passes (repeatable): graph, fp16, dynamic, static, openvino."),
+    ] = None,
+    rounds: Annotated[int, typer.Option("--rounds", help="Interleaved benchmark rounds.")] = 5,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            help="Threads per inference while measuring; 0 = the runtime's choice. One thread per variant keeps "
+            "the ratios steady on a machine that runs other work.",
+        ),
+    ] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data split.")] = 0,
+    memory: Annotated[
+        bool, typer.Option("--memory/--no-memory", help="Measure each variant's peak memory in a child process.")
+    ] = True,
+    push: Annotated[bool, typer.Option("--push", help="Upload the selected package of each target.")] = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Build optimized variants of MODEL (graph optimization, fp16, int8 dynamic/static, OpenVINO), measure each
+    on this host against the fp32 original, gate them on accuracy and select the fastest passing one per target
+    hardware profile."""
+    from strata.optimize.passes import passes_named
+    from strata.optimize.pipeline import OptimizeRequest, run_optimize
+    from strata.optimize.report import PLOT_NAME, REPORT_NAME, report_table
+
+    request = OptimizeRequest(
+        model=model,
+        name=name,
+        version=version,
+        task=task,
+        calibration=calibration,
+        evaluation=evaluation,
+        out=out_dir,
+        targets=tuple(target or ()),
+        gate=gate,
+        tokenizer=tokenizer,
+        max_length=max_length,
+        rounds=rounds,
+        threads=threads or None,
+        seed=seed,
+        measure_memory=memory,
+    )
+    if push:
+        from strata.cli.client import ControlClient
+
+        ControlClient(server, token).close()  # fail on missing --server/--token before minutes of work
+    selected_passes = passes_named(passes)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bars:
+        report = run_optimize(request, selected_passes, progress=RichProgress(bars))
+    pushed: list[dict[str, Any]] = []
+    if push:
+        from strata.cli.client import ControlClient
+
+        with ControlClient(server, token) as client:
+            pushed = push_selected(report, out_dir, client)
+    if as_json:
+        print_json({"report": report.to_json(), "pushed": pushed})
+        return
+    out.print(report_table(report))
+    for profile, variant_id in report.selected.items():
+        out.print(f"selected for {profile}: [bold]{variant_id}[/bold] ({report.selection_notes.get(profile, '')})")
+    for profile in report.targets:
+        if profile not in report.selected:
+            out.print(f"[red]no variant for {profile}[/red]: {report.selection_notes.get(profile, '')}")
+    for pass_name, why in report.skipped_passes.items():
+        out.print(f"pass {pass_name} skipped: {why}")
+    out.print(f"report: {out_dir / REPORT_NAME}; plot: {out_dir / PLOT_NAME}")
+    if pushed:
+        table = Table(title=f"pushed {name} {version}", title_justify="left")
+        for column in ("variant", "digest", "bytes", "new"):
+            table.add_column(column)
+        for result in pushed:
+            created = "yes" if result["created"] else "no"
+            table.add_row(str(result["variant"]), str(result["digest"])[:19], str(result["size"]), created)
+        out.print(table)

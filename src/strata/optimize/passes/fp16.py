@@ -1,0 +1,63 @@
+"""fp16 conversion (onnxconverter-common) for targets with a GPU runtime.
+
+Inputs and outputs stay fp32 (`keep_io_types`), so the variant keeps the model's signature and golden data.
+One candidate per GPU target profile, for its CUDA runtime; a host without that runtime cannot measure it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from strata.core.errors import ConfigError, OptimizationError
+from strata.optimize.base import GPU_RUNTIMES, Candidate, PassContext
+
+
+class Float16Pass:
+    """fp32 to fp16 for every target that lists a GPU runtime and fp16."""
+
+    name = "fp16"
+
+    def skip_reason(self, context: PassContext) -> str | None:
+        if not self._targets(context):
+            return "no target with a GPU runtime and fp16"
+        return None
+
+    @staticmethod
+    def _targets(context: PassContext) -> list[str]:
+        return [t.id for t in context.targets_with_runtime(GPU_RUNTIMES) if "fp16" in t.precisions]
+
+    def apply(self, model_path: Path, workdir: Path, context: PassContext) -> list[Candidate]:
+        try:
+            import onnx
+            from onnxconverter_common import float16
+        except ImportError as exc:
+            raise ConfigError("fp16 conversion needs onnxconverter-common: pip install 'strata[optimize]'") from exc
+        out = workdir / "fp16.onnx"
+        error = None
+        notes: tuple[str, ...] = ()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model = float16.convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True)
+            onnx.save(model, str(out))
+            clamped = sum("will be truncated" in str(w.message) for w in caught)
+            if clamped:
+                notes = (f"{clamped} constant(s) outside the fp16 range were clamped by the converter",)
+        except Exception as exc:  # onnx and onnxconverter-common raise assorted types
+            error = f"fp16 conversion failed: {exc}"
+        if error is None and not out.is_file():
+            raise OptimizationError("fp16 conversion wrote no model")
+        return [
+            Candidate(
+                id=f"fp16-{target}",
+                model_path=out,
+                profile=target,
+                runtime="onnxruntime-cuda",
+                precision="fp16",
+                passes=("onnxconverter-common:float16,keep_io_types=True",),
+                notes=notes,
+                error=error,
+            )
+            for target in self._targets(context)
+        ]

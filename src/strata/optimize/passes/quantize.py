@@ -1,0 +1,68 @@
+"""What the onnxruntime quantization passes share: pre-processing and the calibration data reader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy.typing as npt
+
+from strata.core.errors import OptimizationError
+from strata.optimize.data import Feeds
+
+Array = npt.NDArray[Any]
+
+PREPROCESSED_NAME = "preprocessed.onnx"
+
+
+def preprocess(model_path: Path, workdir: Path) -> tuple[Path, str]:
+    """onnxruntime's quantization pre-processing (shape inference, then graph optimization), once per workdir.
+
+    Symbolic shape inference needs sympy and gives up on some graphs; then it is skipped, as onnxruntime's own
+    message suggests, and onnx shape inference alone runs. Returns the model to quantize and what was done.
+
+    Raises:
+        OptimizationError: even the reduced pre-processing fails.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = workdir / PREPROCESSED_NAME
+    done = workdir / (PREPROCESSED_NAME + ".how")
+    if out.is_file() and done.is_file():
+        return out, done.read_text()
+    try:
+        quant_pre_process(str(model_path), str(out))
+        how = "quant-pre-process"
+    except Exception:  # ImportError without sympy, or "Incomplete symbolic shape inference"
+        try:
+            quant_pre_process(str(model_path), str(out), skip_symbolic_shape=True)
+        except Exception as exc:  # onnx and onnxruntime errors
+            raise OptimizationError(f"quantization pre-processing failed: {exc}") from exc
+        how = "quant-pre-process:skip-symbolic-shape"
+    done.write_text(how)
+    return out, how
+
+
+class FeedsReader:
+    """An onnxruntime `CalibrationDataReader` over calibration feeds, one sample at a time.
+
+    Padding columns that no calibration sample uses are dropped, but every sample keeps the same width: the
+    histogram calibrators (Entropy, Percentile) stack the activations of all samples into one array.
+    """
+
+    def __init__(self, feeds: Feeds, limit: int) -> None:
+        count = min(limit, len(feeds))
+        self._rows = feeds.batch(0, count)
+        self._count = count
+        self._iter: Iterator[dict[str, Array]] = self._samples()
+
+    def _samples(self) -> Iterator[dict[str, Array]]:
+        for row in range(self._count):
+            yield {name: array[row : row + 1] for name, array in self._rows.items()}
+
+    def get_next(self) -> dict[str, Array] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = self._samples()

@@ -1,0 +1,268 @@
+"""The pipeline's report: per-variant results, the selection, and how to show them (JSON, Rich table, PNG)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from strata.core.errors import ConfigError
+from strata.core.fsutil import write_bytes_atomic
+
+REPORT_NAME = "report.json"
+PLOT_NAME = "accuracy_vs_throughput.png"
+SCHEMA = "strata.optimize-report/v1"
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """Everything measured and decided about one variant."""
+
+    id: str
+    path: str | None
+    profile: str
+    runtime: str
+    precision: str
+    passes: tuple[str, ...]
+    verified: bool
+    accuracy: Mapping[str, float]
+    latency_ms: Mapping[str, float] | None
+    throughput: float | None
+    speedup: float | None
+    size_bytes: int | None
+    peak_memory_bytes: int | None
+    gate: str
+    reason: str | None
+    notes: tuple[str, ...] = ()
+
+    def values(self) -> dict[str, float | None]:
+        """The metrics a gate may name."""
+        values: dict[str, float | None] = dict(self.accuracy)
+        values.update(
+            {
+                "throughput": self.throughput,
+                "speedup": self.speedup,
+                "latency_p50_ms": self.latency_ms["p50"] if self.latency_ms else None,
+                "latency_p95_ms": self.latency_ms["p95"] if self.latency_ms else None,
+                "size_bytes": None if self.size_bytes is None else float(self.size_bytes),
+                "peak_memory_bytes": None if self.peak_memory_bytes is None else float(self.peak_memory_bytes),
+            }
+        )
+        return values
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "path": self.path,
+            "profile": self.profile,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "passes": list(self.passes),
+            "verified": self.verified,
+            "accuracy": dict(self.accuracy),
+            "latency_ms": dict(self.latency_ms) if self.latency_ms is not None else None,
+            "throughput": self.throughput,
+            "speedup": self.speedup,
+            "size_bytes": self.size_bytes,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "gate": self.gate,
+            "reason": self.reason,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> VariantResult:
+        return cls(
+            id=str(raw["id"]),
+            path=raw.get("path"),
+            profile=str(raw["profile"]),
+            runtime=str(raw["runtime"]),
+            precision=str(raw["precision"]),
+            passes=tuple(raw.get("passes", ())),
+            verified=bool(raw["verified"]),
+            accuracy=dict(raw.get("accuracy") or {}),
+            latency_ms=raw.get("latency_ms"),
+            throughput=raw.get("throughput"),
+            speedup=raw.get("speedup"),
+            size_bytes=raw.get("size_bytes"),
+            peak_memory_bytes=raw.get("peak_memory_bytes"),
+            gate=str(raw["gate"]),
+            reason=raw.get("reason"),
+            notes=tuple(raw.get("notes", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Report:
+    """`DIR/report.json`: the model, this host, every variant with its verdict, and the choice per profile."""
+
+    model: Mapping[str, Any]
+    host_profile: str
+    task: str
+    gate: str
+    targets: tuple[str, ...]
+    data: Mapping[str, Any]
+    benchmark: Mapping[str, Any]
+    variants: tuple[VariantResult, ...]
+    selected: Mapping[str, str]
+    selection_notes: Mapping[str, str]
+    skipped_passes: Mapping[str, str] = field(default_factory=dict)
+
+    def variant(self, variant_id: str) -> VariantResult:
+        for variant in self.variants:
+            if variant.id == variant_id:
+                return variant
+        raise KeyError(variant_id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "model": dict(self.model),
+            "host_profile": self.host_profile,
+            "task": self.task,
+            "gate": self.gate,
+            "targets": list(self.targets),
+            "data": dict(self.data),
+            "benchmark": dict(self.benchmark),
+            "variants": [v.to_json() for v in self.variants],
+            "selected": dict(self.selected),
+            "selection_notes": dict(self.selection_notes),
+            "skipped_passes": dict(self.skipped_passes),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Report:
+        """Raises:
+        ConfigError: not a report this strata wrote.
+        """
+        if raw.get("schema") != SCHEMA:
+            raise ConfigError(f"not a strata optimize report (schema {raw.get('schema')!r})")
+        try:
+            return cls(
+                model=raw["model"],
+                host_profile=raw["host_profile"],
+                task=raw["task"],
+                gate=raw["gate"],
+                targets=tuple(raw["targets"]),
+                data=raw["data"],
+                benchmark=raw["benchmark"],
+                variants=tuple(VariantResult.from_json(v) for v in raw["variants"]),
+                selected=raw["selected"],
+                selection_notes=raw.get("selection_notes", {}),
+                skipped_passes=raw.get("skipped_passes", {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"optimize report is malformed: {exc}") from exc
+
+
+def write_report(report: Report, out_dir: Path) -> Path:
+    """Write `out_dir/report.json` atomically.
+
+    Raises:
+        OSError: the folder is not writable.
+    """
+    path = out_dir / REPORT_NAME
+    write_bytes_atomic(path, (json.dumps(report.to_json(), indent=2, sort_keys=False) + "\n").encode())
+    return path
+
+
+def read_report(out_dir: Path) -> Report:
+    """Read `out_dir/report.json`.
+
+    Raises:
+        ConfigError: missing, not JSON, or not a report.
+    """
+    try:
+        raw = json.loads((out_dir / REPORT_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {out_dir / REPORT_NAME}: {exc}") from exc
+    return Report.from_json(raw)
+
+
+def headline_metrics(task: str) -> tuple[str, ...]:
+    """The accuracy columns worth a glance for a task."""
+    return {
+        "classification": ("top1_agreement", "accuracy"),
+        "embedding": ("mean_cosine", "min_cosine"),
+        "regression": ("rel_error", "max_abs_error"),
+    }.get(task, ())
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report_table(report: Report) -> Table:
+    """A Rich table of every variant: accuracy, speed, size, verdict; selected ones marked with the profiles."""
+    chosen_by: dict[str, list[str]] = {}
+    for profile, variant_id in report.selected.items():
+        chosen_by.setdefault(variant_id, []).append(profile)
+    table = Table(title=f"{report.model.get('name')} {report.model.get('version')} on {report.host_profile}")
+    columns = ["variant", "profile", "runtime", *headline_metrics(report.task)]
+    columns += ["items/s", "speedup", "p50 ms", "p95 ms", "MB", "gate", "selected for", "reason"]
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for v in report.variants:
+        accuracy = [_fmt(v.accuracy.get(m), ".4f") for m in headline_metrics(report.task)]
+        latency = v.latency_ms or {}
+        style = {"passed": "green", "failed": "red", "unverified": "yellow"}.get(v.gate, "")
+        table.add_row(
+            v.id,
+            v.profile,
+            v.runtime,
+            *accuracy,
+            _fmt(v.throughput, ".1f"),
+            _fmt(v.speedup, ".2f") + ("x" if v.speedup is not None else ""),
+            _fmt(latency.get("p50"), ".2f"),
+            _fmt(latency.get("p95"), ".2f"),
+            _fmt(None if v.size_bytes is None else v.size_bytes / 1e6, ".1f"),
+            f"[{style}]{v.gate}[/{style}]",
+            ", ".join(chosen_by.get(v.id, [])) or "",
+            v.reason or "",
+        )
+    return table
+
+
+def plot_accuracy_vs_throughput(
+    variants: Sequence[VariantResult], metric: str, selected: Sequence[str], out: Path
+) -> Path | None:
+    """Scatter of `metric` against throughput per measured variant (PNG, matplotlib's Agg backend).
+
+    Returns None when matplotlib is not installed or no variant has both numbers.
+
+    Raises:
+        OSError: the PNG cannot be written.
+    """
+    points = [
+        (v, float(v.accuracy[metric]), float(v.throughput))
+        for v in variants
+        if v.accuracy.get(metric) is not None and v.throughput is not None
+    ]
+    if not points:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axes = plt.subplots(figsize=(9, 6), dpi=110)
+    for variant, accuracy, throughput in points:
+        color = {"passed": "tab:green", "failed": "tab:red"}.get(variant.gate, "tab:gray")
+        marker = "*" if variant.id in selected else "o"
+        axes.scatter([throughput], [accuracy], c=color, marker=marker, s=180 if marker == "*" else 50, zorder=3)
+        axes.annotate(variant.id, (throughput, accuracy), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    axes.set_xlabel("throughput (items/s, this host)")
+    axes.set_ylabel(f"{metric} vs fp32")
+    axes.set_title("accuracy against throughput (green: passed, red: failed, star: selected)")
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    plt.close(figure)
+    return out

@@ -1,0 +1,178 @@
+"""Running a candidate on this host: onnxruntime sessions and OpenVINO compiled models behind one interface.
+
+OpenVINO and NNCF are imported only through `import_openvino`/`import_nncf`, which keep their usage telemetry
+from loading: both libraries fall back to a no-op when the `openvino_telemetry` package cannot be imported,
+and a strata process must not phone home from an edge site or a build machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+import numpy.typing as npt
+
+from strata.core.datatypes import oip_from_ort
+from strata.core.errors import ConfigError, OptimizationError
+from strata.core.package import TensorSpec
+
+Array = npt.NDArray[Any]
+
+_ORT_PROVIDERS = {
+    "onnxruntime": ["CPUExecutionProvider"],
+    "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def _block_telemetry() -> None:
+    # None in sys.modules makes `import openvino_telemetry` raise ImportError, the case both libraries handle.
+    if "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+
+
+def import_openvino() -> ModuleType:
+    """The `openvino` module, with its telemetry kept from loading.
+
+    Raises:
+        ConfigError: OpenVINO is not installed.
+    """
+    _block_telemetry()
+    try:
+        import openvino
+    except ImportError as exc:
+        raise ConfigError("OpenVINO is not installed: pip install 'strata[optimize]'") from exc
+    module: ModuleType = openvino
+    return module
+
+
+def import_nncf() -> ModuleType:
+    """The `nncf` module, with its telemetry kept from loading.
+
+    Raises:
+        ConfigError: NNCF is not installed.
+    """
+    import_openvino()
+    try:
+        import nncf
+    except ImportError as exc:
+        raise ConfigError("NNCF is not installed: pip install 'strata[optimize]'") from exc
+    module: ModuleType = nncf
+    return module
+
+
+def host_runtimes() -> frozenset[str]:
+    """The runtimes this host can measure a variant with (onnxruntime's providers, OpenVINO if installed)."""
+    import onnxruntime as ort
+
+    found = {"onnxruntime"}
+    providers = set(ort.get_available_providers())
+    if "CUDAExecutionProvider" in providers:
+        found.add("onnxruntime-cuda")
+    if "TensorrtExecutionProvider" in providers:
+        found.add("onnxruntime-tensorrt")
+    if importlib.util.find_spec("openvino") is not None:
+        found.add("openvino")
+    return frozenset(found)
+
+
+class Runner(Protocol):
+    """A loaded model: feeds in, named outputs out."""
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]: ...
+
+
+class OrtRunner:
+    """An onnxruntime session."""
+
+    def __init__(self, path: Path, runtime: str = "onnxruntime", threads: int | None = None) -> None:
+        """Raises:
+        OptimizationError: onnxruntime cannot load the model with this runtime's providers.
+        """
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=_ORT_PROVIDERS[runtime])
+        except Exception as exc:  # onnxruntime raises C++ exception types; wrap them all.
+            raise OptimizationError(f"onnxruntime cannot load {path.name}: {exc}") from exc
+        self._names = [o.name for o in self._session.get_outputs()]
+
+    def signature(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        """The model's inputs and outputs (Open Inference Protocol datatypes, -1 for dynamic dimensions).
+
+        Raises:
+            PackageError: an input or output is not a tensor strata can serve.
+        """
+
+        def specs(args: Any) -> tuple[TensorSpec, ...]:
+            return tuple(
+                TensorSpec(
+                    name=arg.name,
+                    datatype=oip_from_ort(arg.type),
+                    shape=tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or [])),
+                )
+                for arg in args
+            )
+
+        return specs(self._session.get_inputs()), specs(self._session.get_outputs())
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        """Raises:
+        OptimizationError: the run fails.
+        """
+        try:
+            values = self._session.run(self._names, dict(feeds))
+        except Exception as exc:  # onnxruntime's C++ errors
+            raise OptimizationError(f"onnxruntime run failed: {exc}") from exc
+        return dict(zip(self._names, values, strict=True))
+
+
+class OpenVinoRunner:
+    """An OpenVINO model compiled for the CPU device."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        """Raises:
+        ConfigError: OpenVINO is not installed.
+        OptimizationError: OpenVINO cannot read or compile the model.
+        """
+        ov = import_openvino()
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+        try:
+            self._compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError and its own types from C++.
+            raise OptimizationError(f"OpenVINO cannot compile {path.name}: {exc}") from exc
+        self._request = self._compiled.create_infer_request()
+        self._outputs = [(port, port.get_any_name()) for port in self._compiled.outputs]
+
+    def run(self, feeds: Mapping[str, Array]) -> dict[str, Array]:
+        """Raises:
+        OptimizationError: the inference fails.
+        """
+        try:
+            results = self._request.infer(dict(feeds))
+            return {name: results[port].copy() for port, name in self._outputs}
+        except Exception as exc:  # OpenVINO's C++ errors
+            raise OptimizationError(f"OpenVINO inference failed: {exc}") from exc
+
+
+def open_runner(path: Path, runtime: str, threads: int | None = None) -> Runner:
+    """Load a variant's model with its runtime.
+
+    Raises:
+        ConfigError: the runtime is unknown or not installed.
+        OptimizationError: the runtime cannot load the model.
+    """
+    if runtime == "openvino":
+        return OpenVinoRunner(path, threads)
+    if runtime in _ORT_PROVIDERS:
+        return OrtRunner(path, runtime, threads)
+    raise ConfigError(f"no runner for runtime {runtime!r}")

@@ -1,0 +1,85 @@
+"""`strata optimize --push` into a real control plane, then real agents of two profiles: each runs the variant
+selected for its own profile, or falls back to the compatible generic one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from strata.examples.digits import load_data
+from strata.localfleet import LocalFleet
+
+pytestmark = pytest.mark.slow
+
+
+def strata_cli(fleet: LocalFleet, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "STRATA_SERVER": fleet.server_url, "STRATA_TOKEN": fleet.admin_token}
+    return subprocess.run(
+        [sys.executable, "-m", "strata", *args], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def active_variant(fleet: LocalFleet, name: str) -> str | None:
+    path = fleet.agents[name].data_dir / "state.json"
+    if not path.is_file():
+        return None
+    slots = json.loads(path.read_text()).get("models", {}).get("digits")
+    return None if slots is None else str(slots["active"]["variant"])
+
+
+def test_agents_run_the_variant_selected_for_their_profile(
+    fleet: LocalFleet, digits_onnx: Path, tmp_path: Path
+) -> None:
+    data = load_data()
+    np.savez(tmp_path / "calibration.npz", X=data.train_x[:128])
+    np.savez(tmp_path / "evaluation.npz", X=data.test_x, labels=data.test_y)
+    optimized = strata_cli(
+        fleet,
+        "optimize", str(digits_onnx), "--name", "digits", "--version", "1", "--task", "classification",
+        "--calibration", str(tmp_path / "calibration.npz"), "--eval", str(tmp_path / "evaluation.npz"),
+        "--target", "x86_64-avx2", "--target", "cpu-generic", "--pass", "graph", "--pass", "static",
+        "--rounds", "1", "--no-memory", "--out", str(tmp_path / "out"), "--push", "--json",
+    )  # fmt: skip
+    assert optimized.returncode == 0, optimized.stderr
+    answer = json.loads(optimized.stdout)
+    selected = answer["report"]["selected"]
+    assert set(selected) == {"x86_64-avx2", "cpu-generic"}
+    pushed = {p["variant"] for p in answer["pushed"]}
+    assert pushed == {f"{profile}-{variant}" for profile, variant in selected.items()}
+
+    shown = strata_cli(fleet, "model", "show", "digits", "1", "--json")
+    assert shown.returncode == 0, shown.stderr
+    registry = {v["id"]: v for v in json.loads(shown.stdout)["variants"]}
+    assert set(registry) == pushed
+    for profile, variant in selected.items():
+        stored = registry[f"{profile}-{variant}"]
+        assert stored["profile"] == profile
+        assert stored["metrics"]["optimized_as"] == variant
+        assert stored["metrics"]["gate"] == "passed"
+        assert stored["metrics"]["top1_agreement"] >= 0.99
+    table = strata_cli(fleet, "model", "show", "digits", "1")
+    assert "top1_agreement=" in table.stdout
+
+    fleet.start_agent("avx2", "device", {"fleet": "opt"}, profile="x86_64-avx2")
+    fleet.start_agent("arm", "device", {"fleet": "opt"}, profile="arm64-neon")
+    fleet.wait_for(lambda: len(fleet.nodes()) == 2, 30, "two nodes")
+    assert strata_cli(fleet, "deploy", "digits", "1", "--selector", "fleet=opt").returncode == 0
+    fleet.wait_for_versions({"avx2": {"digits": "1"}, "arm": {"digits": "1"}})
+    assert active_variant(fleet, "avx2") == f"x86_64-avx2-{selected['x86_64-avx2']}"
+    # No package was built for arm64-neon: that node falls back to the generic profile's selected variant.
+    assert active_variant(fleet, "arm") == f"cpu-generic-{selected['cpu-generic']}"
+
+    x = data.test_x[:8]
+    body = {"inputs": [{"name": "X", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+    for name in ("avx2", "arm"):
+        response = httpx.post(f"{fleet.agents[name].serve_url}/v2/models/digits/infer", json=body, timeout=10)
+        assert response.status_code == 200, response.text
+        label = next(o for o in response.json()["outputs"] if o["name"] == "label")
+        assert len(label["data"]) == 8

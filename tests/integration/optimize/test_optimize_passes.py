@@ -1,0 +1,145 @@
+"""Each pass on a small model made in the test: what it writes, what the variant needs, and that it computes
+(nearly) what the fp32 model computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from strata.core.profiles import get_profile
+from strata.optimize.base import Candidate, PassContext
+from strata.optimize.data import Feeds
+from strata.optimize.passes import (
+    DynamicQuantizationPass,
+    Float16Pass,
+    GraphOptimizationPass,
+    OpenVinoPass,
+    StaticQuantizationPass,
+    passes_named,
+)
+from strata.optimize.runners import open_runner
+
+
+def _op_types(path: Path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def _max_error(model: Path, candidate: Candidate, feeds: Feeds) -> float:
+    reference = open_runner(model, "onnxruntime").run(feeds.arrays)["scores"]
+    got = open_runner(candidate.model_path, candidate.runtime).run(feeds.arrays)["scores"]
+    return float(np.max(np.abs(got - reference)) / np.max(np.abs(reference)))
+
+
+def test_graph_levels_are_saved_and_layout_levels_are_tied_to_the_isa(
+    tiny_mlp: Path, tmp_path: Path, context: PassContext, tiny_feeds: Feeds
+) -> None:
+    candidates = GraphOptimizationPass().apply(tiny_mlp, tmp_path, context)
+    assert [c.id for c in candidates] == ["fp32-ort-basic", "fp32-ort-extended", "fp32-ort-layout", "fp32-ort-all"]
+    by_id = {c.id: c for c in candidates}
+    assert by_id["fp32-ort-basic"].profile == by_id["fp32-ort-extended"].profile == "cpu-generic"
+    assert by_id["fp32-ort-all"].profile == by_id["fp32-ort-layout"].profile == "x86_64-avx2"
+    assert "tied to that ISA" in by_id["fp32-ort-all"].notes[0]
+    for candidate in candidates:
+        assert candidate.error is None
+        assert candidate.model_path.is_file()
+        assert candidate.precision == "fp32"
+        assert _max_error(tiny_mlp, candidate, tiny_feeds) < 1e-5
+    # extended fuses MatMul+Add into onnxruntime's Gemm/FusedMatMul: the graph really was rewritten.
+    assert _op_types(by_id["fp32-ort-extended"].model_path) != _op_types(tiny_mlp)
+
+
+def test_dynamic_quantization_searches_all_eight_settings(
+    tiny_mlp: Path, tmp_path: Path, context: PassContext, tiny_feeds: Feeds
+) -> None:
+    candidates = DynamicQuantizationPass().apply(tiny_mlp, tmp_path, context)
+    assert sorted(c.id for c in candidates) == sorted(
+        f"int8-dyn-{w}{pc}{rr}" for w in ("s8", "u8") for pc in ("", "-pc") for rr in ("", "-rr")
+    )
+    for candidate in candidates:
+        assert candidate.error is None
+        assert (candidate.profile, candidate.runtime, candidate.precision) == ("cpu-generic", "onnxruntime", "int8")
+        assert candidate.passes[0].startswith("quant-pre-process")
+        assert "MatMulInteger" in _op_types(candidate.model_path) or "DynamicQuantizeMatMul" in _op_types(
+            candidate.model_path
+        )
+        error = _max_error(tiny_mlp, candidate, tiny_feeds)
+        assert error < 0.25
+        if candidate.id.endswith("-rr"):  # 7-bit weights cannot saturate the u8s8 kernels
+            assert error < 0.05, candidate.id
+    naive = next(c for c in candidates if c.id == "int8-dyn-s8")
+    assert "weight_type=QInt8,per_channel=False,reduce_range=False" in naive.passes[1]
+
+
+def test_static_quantization_writes_qdq_per_calibration_method(
+    tiny_mlp: Path, tmp_path: Path, context: PassContext, tiny_feeds: Feeds
+) -> None:
+    candidates = StaticQuantizationPass().apply(tiny_mlp, tmp_path, context)
+    assert [c.id for c in candidates] == ["int8-qdq-minmax", "int8-qdq-entropy", "int8-qdq-percentile"]
+    for candidate in candidates:
+        assert candidate.error is None, candidate.error
+        assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(candidate.model_path)
+        assert "reduce_range=True" in candidate.passes[1]  # x86-64 without VNNI
+        assert _max_error(tiny_mlp, candidate, tiny_feeds) < 0.15
+
+
+def test_fp16_is_made_for_gpu_targets_only(tiny_mlp: Path, tmp_path: Path, context: PassContext) -> None:
+    import onnx
+
+    fp16 = Float16Pass()
+    [candidate] = fp16.apply(tiny_mlp, tmp_path, context)
+    assert (candidate.id, candidate.profile, candidate.runtime, candidate.precision) == (
+        "fp16-x86_64-cuda", "x86_64-cuda", "onnxruntime-cuda", "fp16",
+    )  # fmt: skip
+    model = onnx.load(str(candidate.model_path))
+    assert {t.data_type for t in model.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # signature kept
+    cpu_only = PassContext("classification", context.host, (get_profile("cpu-generic"),), context.calibration)
+    assert fp16.skip_reason(cpu_only) == "no target with a GPU runtime and fp16"
+
+
+def test_openvino_converts_and_quantizes_with_nncf(
+    tiny_mlp: Path, tmp_path: Path, context: PassContext, tiny_feeds: Feeds
+) -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    openvino = OpenVinoPass()
+    assert openvino.skip_reason(context) is None
+    fp32, int8 = openvino.apply(tiny_mlp, tmp_path, context)
+    assert (fp32.id, int8.id) == ("ov-fp32", "ov-int8")
+    assert int8.error is None, int8.error
+    for candidate in (fp32, int8):
+        assert (candidate.profile, candidate.runtime) == ("intel-openvino", "openvino")
+        assert all(path.is_file() for path in candidate.files)
+    assert "FakeQuantize" in int8.model_path.read_text() or "FakeConvert" in int8.model_path.read_text()
+    assert _max_error(tiny_mlp, fp32, tiny_feeds) < 1e-4
+    assert _max_error(tiny_mlp, int8, tiny_feeds) < 0.35
+    no_openvino = PassContext("classification", context.host, (get_profile("x86_64-avx2"),), context.calibration)
+    assert openvino.skip_reason(no_openvino) == "no target lists the openvino runtime"
+
+
+def test_openvino_is_never_allowed_to_load_its_telemetry(tiny_mlp: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from strata.optimize.runners import import_nncf; import_nncf();"
+        "print(sorted(m for m in sys.modules if m.startswith('openvino_telemetry') and sys.modules[m] is not None))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    if "not installed" in done.stderr:
+        pytest.skip("OpenVINO is not installed")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_pass_names_select_a_subset_in_the_default_order() -> None:
+    from strata.core.errors import ConfigError
+
+    assert [p.name for p in passes_named(["static", "graph"])] == ["graph", "static"]
+    assert [p.name for p in passes_named(None)] == ["graph", "fp16", "dynamic", "static", "openvino"]
+    with pytest.raises(ConfigError, match="unknown pass"):
+        passes_named(["magic"])

@@ -1,0 +1,173 @@
+"""The pipeline end to end on real small models: the digits classifier gets verified static int8 variants, the
+report and packages are what the issue promises, and bad inputs are clear errors before anything is built."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from strata.core.errors import ConfigError
+from strata.core.package import verify_package
+from strata.examples.digits import load_data
+from strata.optimize.passes import GraphOptimizationPass, StaticQuantizationPass
+from strata.optimize.pipeline import OptimizeRequest, run_optimize
+from strata.optimize.report import PLOT_NAME, read_report
+
+
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Calibration rows from the training split, evaluation rows (with labels) from the held-out split."""
+    folder = tmp_path_factory.mktemp("digits-data")
+    data = load_data()
+    np.savez(folder / "calibration.npz", X=data.train_x[:128])
+    np.savez(folder / "evaluation.npz", X=data.test_x, labels=data.test_y)
+    return folder / "calibration.npz", folder / "evaluation.npz"
+
+
+def request(model: Path, data: tuple[Path, Path], out: Path, **changes: object) -> OptimizeRequest:
+    fields: dict[str, object] = {
+        "model": model,
+        "name": "digits",
+        "version": "1",
+        "task": "classification",
+        "calibration": data[0],
+        "evaluation": data[1],
+        "out": out,
+        "targets": ("x86_64-avx2", "cpu-generic"),
+        "rounds": 1,
+        "measure_memory": False,
+    }
+    fields.update(changes)
+    return OptimizeRequest(**fields)  # type: ignore[arg-type]
+
+
+def test_digits_gets_static_int8_variants_that_pass_the_gate(
+    digits_onnx: Path, digits_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    report = run_optimize(request(digits_onnx, digits_data, out, measure_memory=True), [StaticQuantizationPass()])
+    static = [v for v in report.variants if v.id.startswith("int8-qdq-")]
+    assert [v.id for v in static] == ["int8-qdq-minmax", "int8-qdq-entropy", "int8-qdq-percentile"]
+    for variant in static:
+        assert variant.verified
+        assert variant.accuracy["top1_agreement"] >= 0.99, variant
+        assert variant.gate == "passed"
+        assert variant.accuracy["accuracy"] > 0.9
+        assert variant.peak_memory_bytes is not None
+        assert variant.peak_memory_bytes > 0
+    assert set(report.selected) == {"x86_64-avx2", "cpu-generic"}
+
+    on_disk = json.loads((out / "report.json").read_text())
+    assert {"model", "host_profile", "variants", "selected"} <= on_disk.keys()
+    for entry in on_disk["variants"]:
+        assert {"id", "path", "profile", "runtime", "precision", "passes", "verified", "accuracy", "latency_ms",
+                "throughput", "size_bytes", "gate", "reason"} <= entry.keys()  # fmt: skip
+        assert set(entry["latency_ms"]) == {"p50", "p95"}
+        assert not Path(entry["path"]).is_absolute()
+        package = verify_package(out / entry["path"])
+        assert package.manifest.metrics["top1_agreement"] == pytest.approx(entry["accuracy"]["top1_agreement"])
+        assert package.manifest.metrics["gate"] == "passed"
+    assert on_disk["data"]["method"].startswith("disjoint")
+    assert on_disk["data"]["calibration_samples"] == 128
+    assert on_disk["data"]["evaluation_samples"] + on_disk["data"]["benchmark_samples"] == len(load_data().test_x)
+    assert (out / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_report(out) == report
+
+
+def test_a_gate_nothing_meets_rejects_everything_with_reasons(
+    digits_onnx: Path, digits_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    report = run_optimize(
+        request(digits_onnx, digits_data, out, gate="top1_agreement>=0.99,speedup>=50"),
+        [GraphOptimizationPass(levels=("basic",))],
+    )
+    assert report.selected == {}
+    assert all(v.gate == "failed" and v.reason and "speedup" in v.reason for v in report.variants)
+    assert all(v.path is None for v in report.variants)
+    assert "passed the gate" in report.selection_notes["cpu-generic"]
+
+
+def test_one_file_given_twice_is_split_not_reused(
+    digits_onnx: Path, digits_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    report = run_optimize(
+        request(digits_onnx, (digits_data[1], digits_data[1]), out), [GraphOptimizationPass(levels=("basic",))]
+    )
+    assert report.data["method"].startswith("split")
+    total = report.data["calibration_samples"] + report.data["evaluation_samples"] + report.data["benchmark_samples"]
+    assert total == len(load_data().test_x)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("not-onnx", "not an ONNX model"),
+        ("wrong-names", r"missing \['X'\]"),
+        ("wrong-shape", r"has shape \[8, 10\]"),
+        ("empty-eval", "holds no samples"),
+        ("overlap", "appear in both"),
+        ("out-not-empty", "not empty"),
+        ("unknown-target", "unknown hardware profile"),
+        ("bad-gate", "unknown metric"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(
+    case: str, message: str, digits_onnx: Path, digits_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, data, changes = digits_onnx, digits_data, {}
+    if case == "not-onnx":
+        model = tmp_path / "model.onnx"
+        model.write_bytes(b"this is not a protobuf")
+    elif case == "wrong-names":
+        np.savez(tmp_path / "c.npz", pixels=np.zeros((8, 64), np.float32))
+        data = (tmp_path / "c.npz", digits_data[1])
+    elif case == "wrong-shape":
+        np.savez(tmp_path / "c.npz", X=np.zeros((8, 10), np.float32))
+        data = (tmp_path / "c.npz", digits_data[1])
+    elif case == "empty-eval":
+        np.savez(tmp_path / "e.npz", X=np.zeros((0, 64), np.float32))
+        data = (digits_data[0], tmp_path / "e.npz")
+    elif case == "overlap":
+        np.savez(tmp_path / "e.npz", X=load_data().train_x[100:140])
+        data = (digits_data[0], tmp_path / "e.npz")
+    elif case == "out-not-empty":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "keep.txt").write_text("mine")
+    elif case == "unknown-target":
+        changes = {"targets": ("quantum-9000",)}
+    elif case == "bad-gate":
+        changes = {"gate": "accuracy_top1>=0.99"}
+    with pytest.raises(ConfigError, match=message):
+        run_optimize(request(model, data, tmp_path / "out", **changes), [GraphOptimizationPass()])
+    if case != "out-not-empty":
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_runs_and_fails_with_exit_code_2_on_bad_input(
+    digits_onnx: Path, digits_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    common = ["--name", "digits", "--version", "1", "--task", "classification", "--calibration", str(digits_data[0])]
+    argv = [sys.executable, "-m", "strata", "optimize", str(digits_onnx), *common, "--eval", str(digits_data[1])]
+    argv += ["--pass", "graph", "--rounds", "1", "--target", "cpu-generic", "--json"]
+    done = subprocess.run([*argv, "--out", str(tmp_path / "ok")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["report"]["selected"]["cpu-generic"] in {v["id"] for v in answer["report"]["variants"]}
+    assert answer["pushed"] == []
+    assert "benchmark" in done.stderr  # the progress bars
+    bad = subprocess.run(
+        [*argv, "--out", str(tmp_path / "bad"), "--gate", "mean_cosine>=0.99;rm -rf /"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "error:" in bad.stderr
+    assert "not METRIC OP NUMBER" in bad.stderr
