@@ -12,7 +12,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from strata.core.errors import BadRequest, ModelLoadError
+from strata.core.errors import BadRequest, ConfigError, ModelLoadError
+from strata.core.openvino_import import import_openvino
 from strata.core.package import Package, TensorSpec, compare_outputs, load_golden
 
 Array = npt.NDArray[Any]
@@ -125,6 +126,52 @@ def release_free_memory() -> bool:
     return True
 
 
+class OpenVinoModel:
+    """A model held by OpenVINO, compiled for the CPU from the IR's bytes (so files can stay encrypted).
+
+    OpenVINO is imported only when a node loads such a package (its telemetry kept off); each run takes its
+    own infer request, so several threads can run at once.
+    """
+
+    def __init__(
+        self,
+        xml: bytes,
+        weights: bytes,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        threads: int | None = None,
+    ) -> None:
+        """Raises:
+        ModelLoadError: OpenVINO is missing or cannot read or compile the model.
+        """
+        try:
+            ov = import_openvino()
+            core = ov.Core()
+            model = core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, dtype=np.uint8)))
+            config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+            self._compiled = core.compile_model(model, "CPU", config)
+        except ConfigError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        except Exception as exc:  # OpenVINO raises RuntimeError and its own types from C++
+            raise ModelLoadError(f"OpenVINO cannot load the model: {exc}") from exc
+        self.inputs = inputs
+        self.outputs = outputs
+        self._ports = {port.get_any_name(): port for port in self._compiled.outputs}
+
+    def run(self, feeds: Mapping[str, Array], output_names: Sequence[str] | None = None) -> dict[str, Array]:
+        """Run the model.
+
+        Raises:
+            BadRequest: OpenVINO rejects the feeds.
+        """
+        names = list(output_names) if output_names is not None else [o.name for o in self.outputs]
+        try:
+            results = self._compiled.create_infer_request().infer(dict(feeds))
+            return {name: np.asarray(results[self._ports[name]]).copy() for name in names}
+        except Exception as exc:  # OpenVINO's C++ errors for values the signature check let through
+            raise BadRequest(f"the model rejected the input: {exc}") from exc
+
+
 def load_runtime(package: Package, threads: int | None = None, model_bytes: bytes | None = None) -> Runtime:
     """Load a verified package's model with the runtime its manifest names.
 
@@ -141,6 +188,15 @@ def load_runtime(package: Package, threads: int | None = None, model_bytes: byte
             raise ModelLoadError(f"cannot read {package.model_path}: {exc}") from exc
     if manifest.runtime.startswith("onnxruntime"):
         return OnnxRuntimeModel(model_bytes, manifest.inputs, manifest.outputs, manifest.runtime, threads)
+    if manifest.runtime == "openvino":
+        weights = next((f for f in manifest.files if f.path.endswith(".bin")), None)
+        if weights is None:
+            raise ModelLoadError("an OpenVINO package needs the IR's .bin weights file")
+        try:
+            weight_bytes = (package.path / weights.path).read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read {weights.path}: {exc}") from exc
+        return OpenVinoModel(model_bytes, weight_bytes, manifest.inputs, manifest.outputs, threads)
     raise ModelLoadError(f"runtime {manifest.runtime!r} is not supported by this agent")
 
 

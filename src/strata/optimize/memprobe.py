@@ -24,7 +24,8 @@ def main(argv: list[str]) -> int:
     import numpy as np
     import onnxruntime  # noqa: F401  (imported before the baseline is taken, like the runtime's own libraries)
 
-    from strata.optimize.runners import import_openvino, open_runner
+    from strata.core.openvino_import import import_openvino
+    from strata.optimize.runners import open_runner
 
     model, runtime, feeds_path, threads = Path(argv[0]), argv[1], Path(argv[2]), int(argv[3])
     if runtime == "openvino":

@@ -21,6 +21,7 @@ from strata import __version__
 from strata.core.errors import PackageBuildError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import sha256_file
+from strata.core.openvino_import import import_openvino
 from strata.core.package import (
     DEFAULT_TOLERANCE,
     GOLDEN_NAME,
@@ -36,7 +37,7 @@ from strata.core.package import (
     write_manifest,
 )
 from strata.optimize.report import VariantResult
-from strata.optimize.runners import OpenVinoRunner, import_openvino
+from strata.optimize.runners import OpenVinoRunner
 
 Array = npt.NDArray[Any]
 

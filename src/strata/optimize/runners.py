@@ -8,16 +8,15 @@ and a strata process must not phone home from an edge site or a build machine.
 from __future__ import annotations
 
 import importlib.util
-import sys
 from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Protocol
 
 import numpy.typing as npt
 
 from strata.core.datatypes import oip_from_ort
 from strata.core.errors import ConfigError, OptimizationError
+from strata.core.openvino_import import import_openvino
 from strata.core.package import TensorSpec
 
 Array = npt.NDArray[Any]
@@ -27,42 +26,6 @@ _ORT_PROVIDERS = {
     "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-
-
-def _block_telemetry() -> None:
-    # None in sys.modules makes `import openvino_telemetry` raise ImportError, the case both libraries handle.
-    if "openvino_telemetry" not in sys.modules:
-        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
-
-
-def import_openvino() -> ModuleType:
-    """The `openvino` module, with its telemetry kept from loading.
-
-    Raises:
-        ConfigError: OpenVINO is not installed.
-    """
-    _block_telemetry()
-    try:
-        import openvino
-    except ImportError as exc:
-        raise ConfigError("OpenVINO is not installed: pip install 'strata[optimize]'") from exc
-    module: ModuleType = openvino
-    return module
-
-
-def import_nncf() -> ModuleType:
-    """The `nncf` module, with its telemetry kept from loading.
-
-    Raises:
-        ConfigError: NNCF is not installed.
-    """
-    import_openvino()
-    try:
-        import nncf
-    except ImportError as exc:
-        raise ConfigError("NNCF is not installed: pip install 'strata[optimize]'") from exc
-    module: ModuleType = nncf
-    return module
 
 
 def host_runtimes() -> frozenset[str]:

@@ -126,7 +126,7 @@ def test_openvino_is_never_allowed_to_load_its_telemetry(tiny_mlp: Path, tmp_pat
     import sys
 
     code = (
-        "import sys; from strata.optimize.runners import import_nncf; import_nncf();"
+        "import sys; from strata.core.openvino_import import import_nncf; import_nncf();"
         "print(sorted(m for m in sys.modules if m.startswith('openvino_telemetry') and sys.modules[m] is not None))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from strata.core.errors import OptimizationError
+from strata.core.openvino_import import import_nncf, import_openvino
 from strata.optimize.base import Candidate, PassContext
-from strata.optimize.runners import import_nncf, import_openvino
 
 
 def looks_like_transformer(op_types: Iterable[str]) -> bool:
