@@ -36,6 +36,8 @@ class AgentConfig:
     max_download_rate: int | None = None
     inference_threads: int | None = None
     log_level: str = "info"
+    probation_s: float = 60.0
+    report_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.server.startswith(("http://", "https://")):
@@ -50,6 +52,10 @@ class AgentConfig:
             raise ConfigError("--max-download-rate must be positive")
         if self.poll_wait_s < 0 or self.poll_wait_s > 60:
             raise ConfigError("the poll wait must be between 0 and 60 seconds")
+        if self.probation_s < 0:
+            raise ConfigError("--probation must not be negative (0 turns it off)")
+        if self.report_interval_s < 0:
+            raise ConfigError("--report-interval must not be negative")
 
     @property
     def serve_is_loopback(self) -> bool:
@@ -79,6 +85,8 @@ class AgentConfig:
             "max_download_rate": self.max_download_rate,
             "inference_threads": self.inference_threads,
             "log_level": self.log_level,
+            "probation_s": self.probation_s,
+            "report_interval_s": self.report_interval_s,
         }
 
     @classmethod

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from strata.agent.config import CONFIG_ENV, AgentConfig
+from strata.cli.common import parse_duration
 from strata.core.errors import ConfigError
 from strata.core.wire import parse_selector
 
@@ -45,6 +46,17 @@ def agent(
         int | None, typer.Option("--threads", help="Inference threads per model (default: onnxruntime's).")
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    probation: Annotated[
+        str,
+        typer.Option(
+            "--probation",
+            help="After activating a version, watch its errors and latency this long (or 500 requests) and roll "
+            "back by itself if they are bad; 0 turns it off.",
+        ),
+    ] = "60s",
+    report_interval: Annotated[
+        str, typer.Option("--report-interval", help="Report changed serving counters at most this often.")
+    ] = "60s",
 ) -> None:
     """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
     the Open Inference Protocol on --serve-port; keeps serving when the control plane is gone."""
@@ -72,6 +84,8 @@ def agent(
         max_download_rate=max_download_rate,
         inference_threads=threads,
         log_level=log_level,
+        probation_s=parse_duration(probation),
+        report_interval_s=parse_duration(report_interval),
     )
     env = {**os.environ, CONFIG_ENV: config.to_env()}
     sys.stdout.flush()
