@@ -12,10 +12,13 @@ from strata.control.blobs import FileBlobStore
 from strata.control.db import Database, make_engine
 from strata.control.deployments import DeploymentService
 from strata.control.errors import StoreError
-from strata.control.feed import ChangeFeed
+from strata.control.feed import ChangeFeed, Nudge
 from strata.control.fleet import FleetService
+from strata.control.history import HistoryService
+from strata.control.pins import PinService
 from strata.control.presence import PresenceTracker
 from strata.control.registry import RegistryService
+from strata.control.rollouts import RolloutService, load_pin_entries
 from strata.control.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,10 @@ class ControlPlane:
     fleet: FleetService
     registry: RegistryService
     deployments: DeploymentService
+    rollouts: RolloutService
+    pins: PinService
+    history: HistoryService
+    nudge: Nudge
 
     @classmethod
     def build(cls, settings: ServerSettings) -> ControlPlane:
@@ -46,15 +53,21 @@ class ControlPlane:
         feed = ChangeFeed()
         presence = PresenceTracker()
         authenticator = Authenticator(db, presence, settings.clock)
+        nudge = Nudge()
+        window = settings.online_window_s
         return cls(
             settings=settings,
             db=db,
             feed=feed,
             presence=presence,
             authenticator=authenticator,
-            fleet=FleetService(db, blobs, feed, presence, authenticator, settings.clock, settings.online_window_s),
+            fleet=FleetService(db, blobs, feed, presence, authenticator, settings.clock, window, on_status=nudge),
             registry=RegistryService(db, blobs, feed, settings.clock, settings.tmp_dir, settings.max_package_bytes),
             deployments=DeploymentService(db, feed, settings.clock),
+            rollouts=RolloutService(db, feed, presence, settings.clock, window, load_pin_entries),
+            pins=PinService(db, feed, settings.clock),
+            history=HistoryService(db),
+            nudge=nudge,
         )
 
     def start(self) -> None:

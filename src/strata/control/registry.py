@@ -23,6 +23,7 @@ from strata.control.errors import PayloadTooLarge, StoreError
 from strata.control.feed import ChangeFeed
 from strata.core.errors import Conflict, NotFound
 from strata.core.package import Manifest, unpack_tar
+from strata.core.policy import Policy, compile_rules
 from strata.core.profiles import get_profile
 
 
@@ -137,6 +138,7 @@ class RegistryService:
             PayloadTooLarge: the tar is larger than `max_package_bytes`.
             PackageError, VerificationError: the tar is not a valid package, or its files do not match.
             ProfileError: the package names an unknown hardware profile.
+            PolicyError: the package's placement policy does not parse, or a rule is not valid CEL.
             Conflict: this variant id is registered with another package digest.
             StoreError: the database or the blob store failed.
         """
@@ -145,6 +147,7 @@ class RegistryService:
         with self._blobs.stage(chunks, self._max_package_bytes) as staged:
             manifest = self._verify(staged)
             get_profile(manifest.profile)
+            compile_rules(Policy.from_json(manifest.policy))
             with self._register_lock:
                 added = self._register(manifest, staged)
         if added.created:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from strata.control import migrations
 from strata.control.db import Base, make_engine
@@ -20,6 +21,8 @@ def test_migrations_match_the_models_and_are_idempotent(tmp_path: Path) -> None:
             assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-            assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+            head = ScriptDirectory.from_config(migrations.alembic_config(engine)).get_current_head()
+            assert head == "0002_rollouts"
+            assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == head
     finally:
         engine.dispose()
