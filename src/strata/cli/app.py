@@ -20,6 +20,7 @@ from strata.cli import package as package_cmd
 from strata.cli import pin as pin_cmd
 from strata.cli import rollout as rollout_cmd
 from strata.cli import server as server_cmd
+from strata.cli import sim as sim_cmd
 from strata.cli import token as token_cmd
 from strata.cli.common import fail
 from strata.core.errors import StrataError
@@ -41,6 +42,7 @@ app.add_typer(rollout_cmd.app, name="rollout")
 app.add_typer(pin_cmd.app, name="pin")
 app.add_typer(nodes_cmd.app, name="nodes")
 app.add_typer(package_cmd.app, name="package")
+app.command("sim")(sim_cmd.sim)
 app.command("demo")(demo_cmd.demo)
 
 

@@ -23,6 +23,7 @@ the fleet simulator keeps them in memory; both run this same code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -206,13 +207,22 @@ class RolloutState:
     message: str = ""
     finished_at: float | None = None
 
-    @property
+    @functools.cached_property
     def released(self) -> frozenset[str]:
         """The nodes the desired-state rule gives this rollout's version (while it is active)."""
         return frozenset(n for n, a in self.nodes.items() if a.released_at is not None and a.excluded is None)
 
     def members(self, wave: int) -> list[NodeAssignment]:
-        return [a for a in self.nodes.values() if a.wave == wave and a.excluded is None]
+        """The nodes of one wave that are not kept out."""
+        return self._by_wave.get(wave, [])
+
+    @functools.cached_property
+    def _by_wave(self) -> dict[int, list[NodeAssignment]]:
+        waves: dict[int, list[NodeAssignment]] = {}
+        for assignment in self.nodes.values():
+            if assignment.wave is not None and assignment.excluded is None:
+                waves.setdefault(assignment.wave, []).append(assignment)
+        return waves
 
 
 @dataclass(frozen=True)
@@ -391,9 +401,10 @@ def wave_sizes(waves: Sequence[WaveSpec], eligible: int) -> list[int]:
 
 
 def _assign(state: RolloutState, observations: Mapping[str, NodeObservation]) -> list[Action]:
-    fresh = [o for node_id, o in sorted(observations.items()) if node_id not in state.nodes]
-    if not fresh:
+    fresh_ids = observations.keys() - state.nodes.keys()
+    if not fresh_ids:
         return []
+    fresh = [observations[node_id] for node_id in sorted(fresh_ids)]
     actions: list[Action] = []
     for node in fresh:
         if node.excluded is not None:
@@ -420,12 +431,13 @@ def _assign(state: RolloutState, observations: Mapping[str, NodeObservation]) ->
 def _progress(state: RolloutState, observations: Mapping[str, NodeObservation], now: float) -> list[Action]:
     actions: list[Action] = []
     last_wave = len(state.spec.waves) - 1
-    for node_id, assignment in sorted(state.nodes.items()):
+    for node_id, assignment in state.nodes.items():
         node = observations.get(node_id)
         if node is None:
             continue
-        if node.excluded is not None and assignment.excluded is None and assignment.released_at is None:
-            actions.append(Exclude(node_id, node.excluded))
+        if assignment.released_at is None and assignment.excluded is None:  # the common case, kept cheap
+            if node.excluded is not None:
+                actions.append(Exclude(node_id, node.excluded))
             continue
         if assignment.excluded is not None:
             # A node kept out before it was released (a pin, a policy) joins the last wave once nothing keeps it
@@ -476,11 +488,26 @@ def _release(state: RolloutState, observations: Mapping[str, NodeObservation], n
     return [Release(tuple(chosen), now)] if chosen else []
 
 
-def _population(state: RolloutState, observations: Mapping[str, NodeObservation], wave: int) -> Population:
-    members = state.members(wave)
+def _outcomes(state: RolloutState, wave: int) -> tuple[int, int, int]:
+    """(members, activated, failed) of one wave."""
+    members = activated = failed = 0
+    for assignment in state.members(wave):
+        members += 1
+        if assignment.failed_at is not None:
+            failed += 1
+        elif assignment.healthy_at is not None:
+            activated += 1
+    return members, activated, failed
+
+
+def _population(
+    state: RolloutState, observations: Mapping[str, NodeObservation], wave: int, with_serving: bool
+) -> Population:
+    """The wave's evidence; the serving samples (a pass over every node) only when the gates are judged."""
+    members, activated, failed = _outcomes(state, wave)
     canary: list[ServingSample] = []
     baseline: list[ServingSample] = []
-    for node_id, assignment in state.nodes.items():
+    for node_id, assignment in state.nodes.items() if with_serving else ():
         node = observations.get(node_id)
         if node is None or node.serving is None or assignment.excluded is not None:
             continue
@@ -490,9 +517,9 @@ def _population(state: RolloutState, observations: Mapping[str, NodeObservation]
         elif assignment.released_at is None and node.version is not None and node.version != state.version:
             baseline.append(sample)
     return Population(
-        wave_members=len(members),
-        activated=sum(1 for a in members if a.healthy_at is not None and a.failed_at is None),
-        failed=sum(1 for a in members if a.failed_at is not None),
+        wave_members=members,
+        activated=activated,
+        failed=failed,
         canary=tuple(canary),
         baseline=tuple(baseline),
         recorded_baseline=state.baseline,
@@ -503,13 +530,16 @@ def _population(state: RolloutState, observations: Mapping[str, NodeObservation]
 def _settled(state: RolloutState, wave: int, observations: Mapping[str, NodeObservation], now: float) -> str | None:
     """None when wave `wave` is settled, else what it still waits for."""
     started = state.wave_started_at if state.wave_started_at is not None else now
-    past_deadline = now >= started + state.spec.wave_deadline_s
+    deadline = started + state.spec.wave_deadline_s
+    past_deadline = now >= deadline
     baking = updating = offline = 0
     resolved_healthy = 0
     for assignment in state.members(wave):
         if assignment.failed_at is not None:
             continue
         if assignment.healthy_at is not None:
+            if past_deadline and assignment.healthy_at >= deadline:
+                continue  # a straggler that caught up after the deadline does not hold the wave again
             if now < assignment.healthy_at + state.spec.bake_s:
                 baking += 1
             else:
@@ -524,8 +554,8 @@ def _settled(state: RolloutState, wave: int, observations: Mapping[str, NodeObse
             offline += 1
     if baking or updating or offline:
         parts = [f"{n} {what}" for n, what in ((updating, "updating"), (baking, "baking"), (offline, "offline")) if n]
-        deadline = "" if past_deadline else f"; offline nodes stop holding it at +{state.spec.wave_deadline_s:g}s"
-        return f"wave {wave + 1}: {', '.join(parts)}{deadline}"
+        until = "" if past_deadline else f"; offline nodes stop holding it at +{state.spec.wave_deadline_s:g}s"
+        return f"wave {wave + 1}: {', '.join(parts)}{until}"
     members = state.members(wave)
     if members and not resolved_healthy and not any(a.failed_at is not None for a in members):
         return f"wave {wave + 1}: none of its {len(members)} nodes has been reachable yet"
@@ -556,8 +586,7 @@ def plan_rollout(state: RolloutState, observations: Mapping[str, NodeObservation
     if release:
         actions.extend(release)
         state = apply_actions(state, release)
-    population = _population(state, observations, wave)
-    stop = doomed(state.spec.gates, population, wave)
+    stop = doomed(state.spec.gates, _population(state, observations, wave, with_serving=False), wave)
     if stop is not None:
         actions.append(Halt(stop, state.spec.on_failure == "rollback", now))
         return actions
@@ -566,6 +595,7 @@ def plan_rollout(state: RolloutState, observations: Mapping[str, NodeObservation
         if waiting != state.message:
             actions.append(Note(waiting))
         return actions
+    population = _population(state, observations, wave, with_serving=True)
     results = tuple(evaluate_gates(state.spec.gates, population, wave))
     actions.append(RecordGates(results, summarize_baseline(population)))
     failed = next((r for r in results if not r.passed), None)
@@ -587,7 +617,9 @@ def apply_actions(state: RolloutState, actions: Iterable[Action]) -> RolloutStat
     """The rollout after `actions` (what the driver then stores, and the simulator keeps)."""
     nodes = dict(state.nodes)
     changes: dict[str, Any] = {}
+    regrouped = False
     for action in actions:
+        regrouped = regrouped or isinstance(action, Assign | Exclude | Include)
         match action:
             case Assign(node_id, wave, previous, order, excluded):
                 nodes[node_id] = NodeAssignment(node_id, wave, previous, order, excluded)
@@ -619,4 +651,11 @@ def apply_actions(state: RolloutState, actions: Iterable[Action]) -> RolloutStat
                 changes.update(status="succeeded", finished_at=at, message="every wave passed its gates")
             case Note(message):
                 changes.update(message=message)
-    return replace(state, nodes=nodes, **changes)
+    updated = replace(state, nodes=nodes, **changes)
+    if not regrouped and "_by_wave" in state.__dict__:
+        # Membership did not change: keep the wave index (rebuilding it costs a pass over every node), with the
+        # members' fresh assignments.
+        updated.__dict__["_by_wave"] = {
+            wave: [nodes[a.node_id] for a in members] for wave, members in state.__dict__["_by_wave"].items()
+        }
+    return updated
