@@ -391,7 +391,7 @@ class Simulation:
 
     def _download_done(self, node: SimNode) -> None:
         assert node.downloading is not None
-        variant, started = node.downloading
+        variant, _ = node.downloading
         self.bytes_downloaded += variant.size - node.partial.get(variant.blob, 0.0)
         node.partial.pop(variant.blob, None)
         node.downloading = None
