@@ -32,6 +32,8 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/agent_footprint.py
 	$(BIN)/python bench/poll_throughput.py
+	$(BIN)/python bench/policy_footprint.py
+	$(BIN)/python bench/rollout_planner.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -105,6 +105,8 @@ def test_scenario_errors_say_what_is_wrong(tmp_path: Path) -> None:
         ({"versions": {"2": {"fails_on_profiles": ["nope"]}}}, "nope"),
         ({"horizon": "soon"}, "duration"),
         ({"model": {"policy": {"colour": "red"}}}, "colour"),
+        ({"rollout": {"waves": "10%,5%"}}, "grow"),
+        ({"rollout": {"gates": ["drift<=0.1"]}}, "telemetry"),
     ):
         with pytest.raises(ConfigError, match=words):
             Scenario.from_json({"name": "bad", **bad})

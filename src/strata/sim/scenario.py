@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from strata.control.gates import parse_gate
+from strata.control.rollout_plan import parse_waves
 from strata.core.errors import ConfigError, ProfileError
 from strata.core.policy import Policy, PolicyError
 from strata.core.profiles import get_profile
@@ -263,6 +265,9 @@ class Scenario:
             min_requests=int(rollout.get("min_requests", 20)),
         )
         versions.setdefault(plan.version, VersionFaults())
+        parse_waves(plan.waves)  # fail on a bad rollout now, not in the middle of a run
+        for gate in plan.gates:
+            parse_gate(gate)
         bandwidth = fleet.get("bandwidth") or {}
         try:
             policy = Policy.from_json(model.get("policy") or {})
