@@ -329,9 +329,22 @@ class InferenceMetrics:
         self.agent_info.set(agent_version, value=1)
 
     def record_success(
-        self, model: str, version: str, *, batch: int, request_ns: int, queue_ns: int, compute_ns: int
+        self,
+        model: str,
+        version: str,
+        *,
+        batch: int,
+        request_ns: int,
+        queue_ns: int,
+        compute_ns: int,
+        model_ns: int | None = None,
     ) -> None:
-        """Count one successful request of `batch` inferences run in one execution, with its durations."""
+        """Count one successful request of `batch` inferences run in one execution, with its durations.
+
+        `model_ns` is what the serving counters (and so probation and rollout gates) take as the model's latency:
+        a measure of the model's own cost that a busy node does not inflate (see `oip_server`); the wall-clock
+        `compute_ns` when not given. The Prometheus durations are wall-clock, as Triton's are.
+        """
         self.request_success.inc(model, version)
         self.inference_count.inc(model, version, by=batch)
         self.exec_count.inc(model, version)
@@ -339,7 +352,7 @@ class InferenceMetrics:
         self.queue_duration_us.inc(model, version, by=queue_ns // 1000)
         self.compute_infer_duration_us.inc(model, version, by=compute_ns // 1000)
         self.request_seconds.observe(model, version, value=request_ns / 1e9)
-        self.serving.record_success(model, version, compute_ns / 1e6)
+        self.serving.record_success(model, version, (compute_ns if model_ns is None else model_ns) / 1e6)
 
     def record_failure(self, model: str, version: str, reason: str) -> None:
         """Count one failed request.

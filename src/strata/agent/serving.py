@@ -2,9 +2,10 @@
 
 The inference server feeds it (through `InferenceMetrics`); the reconciler reads it for the status report
 (`ModelStatus.serving`) and for the probation after an activation. Counters are per (model, version) and are
-reset when that version is activated, so they always describe the current activation. Latency is the model's
-compute time of the last `window` successful requests, kept in a bounded deque (a few KB a model), from which the
-95th percentile is taken when asked.
+reset when that version is activated, so they always describe the current activation. Latency is the model's own
+compute time (on the CPU runtime the CPU time of the run, so that other load on the node does not make a model
+look slow; see `oip_server`) of the last `window` successful requests, kept in a bounded deque (a few KB a model),
+from which the 95th percentile is taken when asked.
 """
 
 from __future__ import annotations
