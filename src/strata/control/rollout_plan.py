@@ -532,7 +532,7 @@ def _settled(state: RolloutState, wave: int, observations: Mapping[str, NodeObse
     started = state.wave_started_at if state.wave_started_at is not None else now
     deadline = started + state.spec.wave_deadline_s
     past_deadline = now >= deadline
-    baking = updating = offline = 0
+    baking = updating = probation = offline = 0
     resolved_healthy = 0
     for assignment in state.members(wave):
         if assignment.failed_at is not None:
@@ -548,12 +548,15 @@ def _settled(state: RolloutState, wave: int, observations: Mapping[str, NodeObse
         if past_deadline:
             continue
         node = observations.get(assignment.node_id)
-        if node is not None and node.online:
-            updating += 1
-        else:
+        if node is None or not node.online:
             offline += 1
-    if baking or updating or offline:
-        parts = [f"{n} {what}" for n, what in ((updating, "updating"), (baking, "baking"), (offline, "offline")) if n]
+        elif node.version == state.version and node.probation == "running":
+            probation += 1
+        else:
+            updating += 1
+    if baking or updating or probation or offline:
+        counts = ((updating, "updating"), (probation, "on probation"), (baking, "baking"), (offline, "offline"))
+        parts = [f"{n} {what}" for n, what in counts if n]
         until = "" if past_deadline else f"; offline nodes stop holding it at +{state.spec.wave_deadline_s:g}s"
         return f"wave {wave + 1}: {', '.join(parts)}{until}"
     members = state.members(wave)

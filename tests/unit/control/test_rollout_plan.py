@@ -130,6 +130,7 @@ def test_a_good_rollout_releases_wave_by_wave_after_the_bake() -> None:
     take(observations, state, probation="running")
     state = step(state, observations, 10.0)
     assert all(a.healthy_at is None for a in state.nodes.values())  # still on probation: not healthy yet
+    assert state.message.startswith("wave 1: 1 on probation")
     take(observations, state, probation="passed")
     state = step(state, observations, 20.0)
     assert [a.healthy_at for a in state.nodes.values() if a.healthy_at] == [20.0]
