@@ -502,7 +502,10 @@ class RolloutService:
         now = self._clock()
         known: dict[str, tuple[str, str | None, bool]] = {}
         if with_nodes or excluded_rows:
-            for node in session.scalars(select(Node).where(Node.id.in_(list(state.nodes)))).all():
+            # Every node, filtered here: an IN list of a large fleet's ids would pass SQLite's variable limit.
+            for node in session.scalars(select(Node)).all():
+                if node.id not in state.nodes:
+                    continue
                 status = self._status(node)
                 running = next((m for m in status.models if m.name == state.model), None) if status else None
                 seen = max(
