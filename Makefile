@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/poll_throughput.py
 	$(BIN)/python bench/telemetry_wire.py
 	$(BIN)/python bench/optimize_minilm.py
+	$(BIN)/python bench/policy_footprint.py
+	$(BIN)/python bench/rollout_planner.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -41,6 +41,8 @@ class AgentConfig:
     telemetry_interval_s: float = 10.0
     relays: tuple[str, ...] = ()
     relay_cache_mb: float | None = None
+    probation_s: float = 60.0
+    report_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.server.startswith(("http://", "https://")):
@@ -66,6 +68,10 @@ class AgentConfig:
             raise ConfigError("--relay-cache-mb must not be negative")
         if self.telemetry_interval_s <= 0 or self.telemetry_slow_ms <= 0:
             raise ConfigError("telemetry interval and slow threshold must be positive")
+        if self.probation_s < 0:
+            raise ConfigError("--probation must not be negative (0 turns it off)")
+        if self.report_interval_s < 0:
+            raise ConfigError("--report-interval must not be negative")
 
     @property
     def relay_budget_bytes(self) -> int:
@@ -106,6 +112,8 @@ class AgentConfig:
             "telemetry_interval_s": self.telemetry_interval_s,
             "relays": list(self.relays),
             "relay_cache_mb": self.relay_cache_mb,
+            "probation_s": self.probation_s,
+            "report_interval_s": self.report_interval_s,
         }
 
     @classmethod

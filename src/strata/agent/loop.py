@@ -174,11 +174,15 @@ class AgentLoop:
     # --- one round --------------------------------------------------------------------------------------
 
     def poll_wait(self) -> float:
-        """How long the next poll may wait: the configured wait, shortened by a failure's retry time."""
+        """How long the next poll may wait: the configured wait, shortened by a failure's retry time and by the
+        next probation check."""
         wait = self.config.poll_wait_s
         now = self.clock()
         for record in self.reconciler.state.failures.values():
             wait = min(wait, max(0.0, retry_at(record) - now))
+        probation = self.reconciler.probation_due()
+        if probation is not None:
+            wait = min(wait, probation)
         return wait
 
     def step(self) -> None:
@@ -231,11 +235,27 @@ class AgentLoop:
                 self.connected = False
                 delay = self.backoff.next_delay()
                 log.warning("control plane unreachable or failing (%s); serving on, retrying in %.1fs", exc, delay)
-                self.stop.wait(delay)
+                self.wait_offline(delay)
             except OSError as exc:  # disk full, permissions: keep serving, say so, try again later
                 delay = self.backoff.next_delay()
                 log.error("local I/O error (%s); retrying in %.1fs", exc, delay)
                 self.stop.wait(delay)
+
+    def wait_offline(self, delay: float) -> None:
+        """Wait `delay` seconds before trying the server again, still judging probations meanwhile: a node
+        rolls a bad activation back by itself whether or not its control plane answers."""
+        deadline = self.clock() + delay
+        while not self.stop.is_set():
+            due = self.reconciler.probation_due()
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return
+            self.stop.wait(min(remaining, due) if due is not None else remaining)
+            if due is not None and not self.stop.is_set():
+                try:
+                    self.reconciler.check_probation()
+                except OSError as exc:
+                    log.error("cannot record the probation outcome (%s); trying again", exc)
 
 
 def start_thread(loop: AgentLoop) -> threading.Thread:

@@ -20,9 +20,11 @@ from strata.agent.httpd import HttpServer, Request, Response
 from strata.agent.loop import AgentLoop, EnrollmentRefused, data_dir_lock, load_credential, start_thread
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
+from strata.agent.probation import ProbationConfig
 from strata.agent.reconciler import NodeIdentity, Reconciler
 from strata.agent.repository import ModelRepository
 from strata.agent.runtime import limit_malloc_arenas
+from strata.agent.serving import ServingTracker
 from strata.agent.store import ArtifactStore
 from strata.agent.telemetry import TelemetryConfig, TelemetryRecorder, TelemetryUploader
 from strata.agent.transport import H11Transport
@@ -78,7 +80,8 @@ class Agent:
         if emulated:
             log.warning("standing in for profile %s; this host is %s", profile.id, detected.id)
         self.repository = ModelRepository()
-        self.metrics = InferenceMetrics()
+        serving = ServingTracker()
+        self.metrics = InferenceMetrics(serving=serving)
         self.store = ArtifactStore(config.data_dir)
         self.store.clean_interrupted()
         self.client = ControlPlaneClient(config.server, H11Transport(), timeout=config.request_timeout_s)
@@ -88,6 +91,7 @@ class Agent:
             profile=profile,
             emulated=emulated,
             serve_url=f"http://{config.serve_host}:{config.serve_port}",
+            name=config.name,
         )
         self.reconciler = Reconciler(
             self.store,
@@ -99,6 +103,9 @@ class Agent:
             rate_limit=config.max_download_rate,
             progress=DownloadLog(),
             relays=lambda: config.relays,
+            serving=serving,
+            probation=ProbationConfig(duration_s=config.probation_s),
+            report_interval_s=config.report_interval_s,
         )
         host_facts = {
             "arch": facts.arch,

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
 from strata import __version__
+from strata.agent.serving import ServingTracker
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -283,11 +284,20 @@ class InferenceMetrics:
     set by asking for made-up names.
     """
 
-    def __init__(self, registry: MetricsRegistry | None = None, agent_version: str = __version__) -> None:
-        """Raises:
-        ValueError: `registry` already holds one of these families.
+    def __init__(
+        self,
+        registry: MetricsRegistry | None = None,
+        agent_version: str = __version__,
+        serving: ServingTracker | None = None,
+    ) -> None:
+        """`serving` also receives every outcome: the per-activation counters the node reports and its
+        probation judges (a fresh tracker when not given).
+
+        Raises:
+            ValueError: `registry` already holds one of these families.
         """
         self.registry = registry if registry is not None else MetricsRegistry()
+        self.serving = serving if serving is not None else ServingTracker()
         model = ("model", "version")
         add = self.registry
         self.request_success = add.counter(
@@ -319,9 +329,22 @@ class InferenceMetrics:
         self.agent_info.set(agent_version, value=1)
 
     def record_success(
-        self, model: str, version: str, *, batch: int, request_ns: int, queue_ns: int, compute_ns: int
+        self,
+        model: str,
+        version: str,
+        *,
+        batch: int,
+        request_ns: int,
+        queue_ns: int,
+        compute_ns: int,
+        model_ns: int | None = None,
     ) -> None:
-        """Count one successful request of `batch` inferences run in one execution, with its durations."""
+        """Count one successful request of `batch` inferences run in one execution, with its durations.
+
+        `model_ns` is what the serving counters (and so probation and rollout gates) take as the model's latency:
+        a measure of the model's own cost that a busy node does not inflate (see `oip_server`); the wall-clock
+        `compute_ns` when not given. The Prometheus durations are wall-clock, as Triton's are.
+        """
         self.request_success.inc(model, version)
         self.inference_count.inc(model, version, by=batch)
         self.exec_count.inc(model, version)
@@ -329,6 +352,7 @@ class InferenceMetrics:
         self.queue_duration_us.inc(model, version, by=queue_ns // 1000)
         self.compute_infer_duration_us.inc(model, version, by=compute_ns // 1000)
         self.request_seconds.observe(model, version, value=request_ns / 1e9)
+        self.serving.record_success(model, version, (compute_ns if model_ns is None else model_ns) / 1e6)
 
     def record_failure(self, model: str, version: str, reason: str) -> None:
         """Count one failed request.
@@ -339,6 +363,7 @@ class InferenceMetrics:
         if reason not in FAILURE_REASONS:
             raise ValueError(f"unknown failure reason {reason!r}; use one of {FAILURE_REASONS}")
         self.request_failure.inc(model, version, reason)
+        self.serving.record_failure(model, version, reason)
 
     def set_active_models(self, active: Iterable[tuple[str, str, str]]) -> None:
         """Say which (model, version, variant) the node serves now; the others' gauges disappear."""

@@ -18,6 +18,10 @@ from strata.core.wire import DesiredModel, DesiredState, VariantRef
 
 RETRY_BASE_S = 30.0
 RETRY_MAX_S = 3600.0
+# A version that failed its probation, or that this node's policy forbids, will not get better in half a minute:
+# it is tried again after ten minutes, then less and less often.
+SLOW_RETRY_KINDS = frozenset({"probation", "policy"})
+SLOW_RETRY_BASE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,10 @@ Action = Download | Stage | Activate | Unload | RecordFailure | ForgetFailures |
 
 
 def retry_at(record: FailureRecord) -> float:
-    """When a failed target may be tried again: exponential backoff from 30 s, capped at an hour."""
-    return record.at + min(math.ldexp(RETRY_BASE_S, min(max(record.attempts - 1, 0), 32)), RETRY_MAX_S)
+    """When a failed target may be tried again: exponential backoff from 30 s (10 min after a failed probation
+    or a policy refusal), capped at an hour."""
+    base = SLOW_RETRY_BASE_S if record.kind in SLOW_RETRY_KINDS else RETRY_BASE_S
+    return record.at + min(math.ldexp(base, min(max(record.attempts - 1, 0), 32)), RETRY_MAX_S)
 
 
 def no_variant_key(model: str, version: str) -> str:

@@ -16,6 +16,7 @@ from strata import __version__
 from strata.agent.client import ControlPlaneClient
 from strata.agent.fetch import Progress
 from strata.agent.pieces import FetchReport, PackageFetcher
+from strata.agent.placement import check_placement
 from strata.agent.plan import (
     Action,
     Activate,
@@ -28,16 +29,27 @@ from strata.agent.plan import (
     Unload,
     plan,
 )
+from strata.agent.probation import ProbationConfig, judge, reference_latency
 from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import load_and_check
-from strata.agent.store import ArtifactStore, FailureRecord, NodeState, SlotRef
+from strata.agent.serving import ServingTracker
+from strata.agent.store import ArtifactStore, FailureRecord, NodeState, ProbationRecord, SlotRef
 from strata.core.errors import ModelLoadError, PackageError, StrataError, TransportError
+from strata.core.package import Manifest
+from strata.core.policy import NodeFacts
 from strata.core.profiles import Profile
-from strata.core.wire import DesiredState, Failure, ModelStatus, NodeStatus
+from strata.core.wire import DesiredState, Failure, ModelStatus, NodeStatus, ServingCounters
 
 log = logging.getLogger("strata.agent")
 
 MAX_STEPS = 64
+
+
+class PlacementRefused(StrataError):
+    """A package's placement policy forbids this node."""
+
+    code = "placement_refused"
+    http_status = 403
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,12 @@ class NodeIdentity:
     profile: Profile
     emulated: bool
     serve_url: str | None
+    name: str = ""
+
+    @property
+    def facts(self) -> NodeFacts:
+        """What a placement policy may know about this node."""
+        return NodeFacts.of(self.name, self.tier, self.profile.id, self.labels)
 
 
 class Reconciler:
@@ -67,6 +85,9 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         progress: Progress | None = None,
         relays: Callable[[], Sequence[str]] = tuple,
+        serving: ServingTracker | None = None,
+        probation: ProbationConfig | None = None,
+        report_interval_s: float = 0.0,
     ) -> None:
         self.store = store
         self.repository = repository
@@ -77,6 +98,10 @@ class Reconciler:
         self.rate_limit = rate_limit
         self.clock = clock
         self.progress = progress
+        self.serving = serving if serving is not None else ServingTracker(clock=clock)
+        self.probation = probation if probation is not None else ProbationConfig()
+        self.report_interval_s = report_interval_s
+        self._snapshots: dict[tuple[str, str], tuple[float, ServingCounters | None]] = {}
         self.state = store.load_state()
         self.fetcher = PackageFetcher(client, store, relays, rate_limit=rate_limit, progress=progress)
         self.fetched = FetchReport()
@@ -98,7 +123,9 @@ class Reconciler:
                     self._load(name, slot)
                 except StrataError as exc:
                     log.error("model %s %s (%s) cannot be served: %s", name, slot.version, slot.digest[:19], exc)
-                    state = state.with_failure(slot.digest, self._failure(name, slot.version, slot.variant, str(exc)))
+                    kind = "policy" if isinstance(exc, PlacementRefused) else "health"
+                    failure = self._failure(name, slot.version, slot.variant, str(exc), kind)
+                    state = state.with_failure(slot.digest, failure)
                     continue
                 if slot is not slots.active:
                     state = state.with_active(name, slot)
@@ -109,11 +136,27 @@ class Reconciler:
         self._commit(state)
 
     def _load(self, name: str, slot: SlotRef) -> None:
+        """Load a slot's package and serve it.
+
+        Raises:
+            PackageError, VerificationError: the package is missing or changed on disk.
+            PlacementRefused: its policy forbids this node (labels changed since it was activated, say).
+            ModelLoadError: it does not load or fails its golden check.
+        """
         package = self.store.package(slot.digest)
+        self._check_placement(package.manifest)
         runtime = load_and_check(package, self.inference_threads)
         self.repository.put(
             LoadedModel(manifest=package.manifest, digest=slot.digest, runtime=runtime, activated_at=slot.activated_at)
         )
+
+    def _check_placement(self, manifest: Manifest) -> None:
+        """Raises:
+        PlacementRefused: the package's policy forbids this node.
+        """
+        decision = check_placement(manifest, self.identity.facts)
+        if not decision.allowed:
+            raise PlacementRefused(f"refused by placement policy ({decision.rule}): {decision.reason}")
 
     # --- planning and acting ----------------------------------------------------------------------------
 
@@ -134,6 +177,7 @@ class Reconciler:
             TransportError: the server became unreachable during a download (the caller backs off; the
                 partial download is kept and resumes).
         """
+        self.check_probation()
         steps = 0
         while steps < MAX_STEPS:
             actions = plan(desired, self.observe(), self.clock())
@@ -153,7 +197,7 @@ class Reconciler:
                 except TransportError:
                     raise
                 except StrataError as exc:
-                    self._fail(variant.digest, model, version, variant.id, f"download failed: {exc}")
+                    self._fail(variant.digest, model, version, variant.id, f"download failed: {exc}", "download")
                     return
                 self.fetched.relay_bytes += report.relay_bytes
                 self.fetched.server_bytes += report.server_bytes
@@ -166,16 +210,17 @@ class Reconciler:
                 try:
                     self.store.assemble(variant.blob, variant.digest)
                 except PackageError as exc:
-                    self._fail(variant.digest, model, version, variant.id, f"package rejected: {exc}")
+                    self._fail(variant.digest, model, version, variant.id, f"package rejected: {exc}", "package")
             case Activate(model, version, variant):
                 self._activate(model, version, variant.id, variant.digest)
             case Unload(model):
                 log.info("model %s is no longer deployed here; unloading", model)
                 self._commit(self.state.without_model(model))
                 self.repository.remove(model)
+                self.serving.forget(model)
             case RecordFailure(key, model, version, reason):
                 log.error("%s", reason)
-                self._commit(self.state.with_failure(key, self._failure(model, version, None, reason)))
+                self._commit(self.state.with_failure(key, self._failure(model, version, None, reason, "no-variant")))
             case ForgetFailures(keys):
                 self._commit(self.state.without_failures(set(keys)))
             case CollectGarbage(keep, keep_blobs):
@@ -192,29 +237,129 @@ class Reconciler:
                     f"package is {manifest.name} {manifest.version} ({manifest.variant}); "
                     f"the desired state promised {model} {version} ({variant})"
                 )
+            self._check_placement(manifest)
             runtime = load_and_check(package, self.inference_threads)
+        except PlacementRefused as exc:
+            self._fail(digest, model, version, variant, str(exc), "policy")
+            return
         except PackageError as exc:
             self.store.discard(digest)  # it no longer verifies: fetch it again when retried
-            self._fail(digest, model, version, variant, str(exc))
+            self._fail(digest, model, version, variant, str(exc), "package")
             return
         except ModelLoadError as exc:
-            self._fail(digest, model, version, variant, str(exc))
+            self._fail(digest, model, version, variant, str(exc), "health")
             return
         now = self.clock()
+        probation = self._probation_record(model, version, digest, manifest, now)
         slot = SlotRef(digest=digest, version=version, variant=variant, activated_at=now)
-        self._commit(self.state.with_active(model, slot))
+        state = self.state.with_active(model, slot)
+        if probation is not None:
+            state = state.with_probation(model, probation)
+        self._commit(state)
+        self.serving.reset(model, version, now)
+        self._drop_snapshots(model)
         self.repository.put(LoadedModel(manifest=manifest, digest=digest, runtime=runtime, activated_at=now))
-        log.info("activated %s %s (%s)", model, version, variant)
+        log.info(
+            "activated %s %s (%s)%s",
+            model,
+            version,
+            variant,
+            f"; on probation for {self.probation.duration_s:g}s" if probation is not None else "",
+        )
 
-    def _failure(self, model: str, version: str, variant: str | None, reason: str) -> FailureRecord:
-        return FailureRecord(model=model, version=version, variant=variant, reason=reason, at=self.clock(), attempts=1)
+    def _probation_record(
+        self, model: str, version: str, digest: str, manifest: Manifest, now: float
+    ) -> ProbationRecord | None:
+        """The probation a fresh activation starts, with its latency reference (None: probation is off)."""
+        if not self.probation.enabled:
+            return None
+        recorded = reference_latency(manifest.metrics)
+        if recorded is not None:
+            return ProbationRecord(version, digest, now, recorded, "the package's recorded p95")
+        current = self.state.models.get(model)
+        if current is not None and current.active.digest != digest:
+            counters = self.serving.counters(model, current.active.version)
+            if (
+                counters is not None
+                and counters.latency_p95_ms is not None
+                and self.serving.samples(model, current.active.version) >= self.probation.min_requests
+            ):
+                return ProbationRecord(
+                    version, digest, now, counters.latency_p95_ms, f"{current.active.version} on this node"
+                )
+        return ProbationRecord(version, digest, now, None, "none")
 
-    def _fail(self, key: str, model: str, version: str, variant: str | None, reason: str) -> None:
+    # --- probation --------------------------------------------------------------------------------------
+
+    def probation_due(self) -> float | None:
+        """Seconds until the next probation check, None when no activation is on probation."""
+        if not self.state.probation:
+            return None
+        return self.probation.check_interval_s
+
+    def check_probation(self) -> None:
+        """Judge every activation on probation; a failed one goes back to its previous slot by itself."""
+        now = self.clock()
+        for model, record in sorted(self.state.probation.items()):
+            slots = self.state.models.get(model)
+            if slots is None or slots.active.digest != record.digest:
+                self._commit(self.state.without_probation(model))
+                continue
+            verdict = judge(record, self.serving.counters(model, record.version), self.probation, now)
+            if verdict.outcome == "passed":
+                log.info("%s %s passed probation: %s", model, record.version, verdict.reason)
+                self._commit(self.state.without_probation(model))
+                self._drop_snapshots(model)
+            elif verdict.failed:
+                self._roll_back(model, record, f"probation failed: {verdict.reason}")
+
+    def _roll_back(self, model: str, record: ProbationRecord, reason: str) -> None:
+        """Give up the active package of `model` for its previous slot (or nothing), and remember why."""
+        slots = self.state.models[model]
+        active = slots.active
+        failure_key = record.digest
+        previous = slots.previous
+        state = self.state
+        restored = False
+        if previous is not None:
+            try:
+                self._load(model, previous)
+                state = state.rolled_back(model)
+                restored = True
+            except StrataError as exc:
+                log.error("previous %s %s cannot be served either: %s", model, previous.version, exc)
+        if not restored:
+            state = state.without_model(model)
+            self.repository.remove(model)
+        previous_failure = state.failures.get(failure_key)
+        attempts = previous_failure.attempts + 1 if previous_failure else 1
+        failure = FailureRecord(model, record.version, active.variant, reason, self.clock(), attempts, "probation")
+        self._commit(state.with_failure(failure_key, failure))
+        if restored and previous is not None:
+            self.serving.reset(model, previous.version, self.clock())
+        self._drop_snapshots(model)
+        log.error(
+            "%s %s %s; %s",
+            model,
+            record.version,
+            reason,
+            f"rolled back to {previous.version}" if restored and previous else "model unloaded (nothing to go back to)",
+        )
+
+    def _drop_snapshots(self, model: str) -> None:
+        self._snapshots = {k: v for k, v in self._snapshots.items() if k[0] != model}
+
+    def _failure(self, model: str, version: str, variant: str | None, reason: str, kind: str) -> FailureRecord:
+        return FailureRecord(
+            model=model, version=version, variant=variant, reason=reason, at=self.clock(), attempts=1, kind=kind
+        )
+
+    def _fail(self, key: str, model: str, version: str, variant: str | None, reason: str, kind: str) -> None:
         previous = self.state.failures.get(key)
         attempts = previous.attempts + 1 if previous else 1
         log.error("%s %s (%s) failed, keeping what is active: %s", model, version, variant, reason)
         record = FailureRecord(
-            model=model, version=version, variant=variant, reason=reason, at=self.clock(), attempts=attempts
+            model=model, version=version, variant=variant, reason=reason, at=self.clock(), attempts=attempts, kind=kind
         )
         self._commit(self.state.with_failure(key, record))
 
@@ -225,8 +370,20 @@ class Reconciler:
 
     # --- reporting --------------------------------------------------------------------------------------
 
+    def _counters(self, model: str, version: str, now: float) -> ServingCounters | None:
+        """The serving counters to report, refreshed at most every `report_interval_s` (each change of them
+        changes the status, and a changed status is sent and stored)."""
+        key = (model, version)
+        cached = self._snapshots.get(key)
+        if cached is not None and now - cached[0] < self.report_interval_s:
+            return cached[1]
+        counters = self.serving.counters(model, version)
+        self._snapshots[key] = (now, counters)
+        return counters
+
     def status(self, desired_etag: str | None) -> NodeStatus:
         """The observed state to report, built from the slots (what will survive a restart)."""
+        now = self.clock()
         models = []
         for name, slots in sorted(self.state.models.items()):
             models.append(
@@ -238,10 +395,20 @@ class Reconciler:
                     activated_at=slots.active.activated_at,
                     previous_version=slots.previous.version if slots.previous else None,
                     previous_digest=slots.previous.digest if slots.previous else None,
+                    serving=self._counters(name, slots.active.version, now),
+                    probation="running" if name in self.state.probation else "passed",
                 )
             )
         failures = [
-            Failure(model=r.model, version=r.version, variant=r.variant, reason=r.reason, at=r.at, attempts=r.attempts)
+            Failure(
+                model=r.model,
+                version=r.version,
+                variant=r.variant,
+                reason=r.reason,
+                at=r.at,
+                attempts=r.attempts,
+                kind=r.kind,
+            )
             for _, r in sorted(self.state.failures.items())
         ]
         return NodeStatus(

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from strata.core.errors import BadRequest, ConfigError, ModelLoadError
+from strata.core.errors import BadRequest, ConfigError, InferenceError, ModelLoadError
 from strata.core.openvino_import import import_openvino
 from strata.core.package import Package, TensorSpec, compare_outputs, load_golden
 
@@ -79,13 +79,17 @@ class OnnxRuntimeModel:
         """Run the model.
 
         Raises:
-            BadRequest: onnxruntime rejects the feeds (a value out of an embedding's range, say).
+            BadRequest: onnxruntime rejects the feeds as invalid arguments (a value out of an embedding's range).
+            InferenceError: the model itself failed while running (the model's fault, not the caller's: it counts
+                against the version in the node's error rate and probation).
         """
         names = list(output_names) if output_names is not None else self._output_names
         try:
             results = self._session.run(names, dict(feeds))
-        except Exception as exc:  # invalid values that passed the signature check (indices out of range)
-            raise BadRequest(f"the model rejected the input: {exc}") from exc
+        except Exception as exc:  # onnxruntime's pybind exception types; only INVALID_ARGUMENT is the caller's
+            if type(exc).__name__ == "InvalidArgument":
+                raise BadRequest(f"the model rejected the input: {exc}") from exc
+            raise InferenceError(f"the model failed while running: {exc}") from exc
         return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
 
 

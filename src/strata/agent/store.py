@@ -92,6 +92,7 @@ class FailureRecord:
     reason: str
     at: float
     attempts: int
+    kind: str = "other"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,6 +102,7 @@ class FailureRecord:
             "reason": self.reason,
             "at": self.at,
             "attempts": self.attempts,
+            "kind": self.kind,
         }
 
     @classmethod
@@ -113,20 +115,58 @@ class FailureRecord:
             reason=str(raw["reason"]),
             at=float(raw["at"]),
             attempts=int(raw["attempts"]),
+            kind=str(raw.get("kind", "other")),
+        )
+
+
+@dataclass(frozen=True)
+class ProbationRecord:
+    """A fresh activation the node is still watching, and the latency it is judged against.
+
+    Kept in state.json, so a restart during probation carries on (with counters from the restart on).
+    """
+
+    version: str
+    digest: str
+    started_at: float
+    reference_p95_ms: float | None = None
+    reference: str = "none"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "digest": self.digest,
+            "started_at": self.started_at,
+            "reference_p95_ms": self.reference_p95_ms,
+            "reference": self.reference,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ProbationRecord:
+        reference = raw.get("reference_p95_ms")
+        return cls(
+            version=str(raw["version"]),
+            digest=str(raw["digest"]),
+            started_at=float(raw["started_at"]),
+            reference_p95_ms=float(reference) if reference is not None else None,
+            reference=str(raw.get("reference", "none")),
         )
 
 
 @dataclass(frozen=True)
 class NodeState:
-    """What survives a restart: the slots of every model and the failures still remembered."""
+    """What survives a restart: the slots of every model, the failures still remembered, and the activations
+    still on probation."""
 
     models: Mapping[str, ModelSlots] = field(default_factory=dict)
     failures: Mapping[str, FailureRecord] = field(default_factory=dict)
+    probation: Mapping[str, ProbationRecord] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "models": {name: slots.to_json() for name, slots in sorted(self.models.items())},
             "failures": {key: record.to_json() for key, record in sorted(self.failures.items())},
+            "probation": {name: record.to_json() for name, record in sorted(self.probation.items())},
         }
 
     @classmethod
@@ -134,6 +174,7 @@ class NodeState:
         return cls(
             models={name: ModelSlots.from_json(s) for name, s in raw.get("models", {}).items()},
             failures={key: FailureRecord.from_json(f) for key, f in raw.get("failures", {}).items()},
+            probation={name: ProbationRecord.from_json(p) for name, p in raw.get("probation", {}).items()},
         )
 
     def with_active(self, model: str, slot: SlotRef) -> NodeState:
@@ -144,10 +185,33 @@ class NodeState:
             previous = current.previous
         models = {**self.models, model: ModelSlots(active=slot, previous=previous)}
         failures = {k: v for k, v in self.failures.items() if k != slot.digest}
-        return replace(self, models=models, failures=failures)
+        probation = {k: v for k, v in self.probation.items() if k != model}
+        return replace(self, models=models, failures=failures, probation=probation)
 
     def without_model(self, model: str) -> NodeState:
-        return replace(self, models={k: v for k, v in self.models.items() if k != model})
+        return replace(
+            self,
+            models={k: v for k, v in self.models.items() if k != model},
+            probation={k: v for k, v in self.probation.items() if k != model},
+        )
+
+    def rolled_back(self, model: str) -> NodeState:
+        """Slots after giving up the active package: the previous one is active again (and no longer previous).
+
+        Raises:
+            KeyError: the model has no previous slot to go back to.
+        """
+        slots = self.models[model]
+        if slots.previous is None:
+            raise KeyError(f"{model} has no previous slot")
+        models = {**self.models, model: ModelSlots(active=slots.previous, previous=None)}
+        return replace(self, models=models, probation={k: v for k, v in self.probation.items() if k != model})
+
+    def with_probation(self, model: str, record: ProbationRecord) -> NodeState:
+        return replace(self, probation={**self.probation, model: record})
+
+    def without_probation(self, model: str) -> NodeState:
+        return replace(self, probation={k: v for k, v in self.probation.items() if k != model})
 
     def with_failure(self, key: str, record: FailureRecord) -> NodeState:
         return replace(self, failures={**self.failures, key: record})

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from strata.agent.config import CONFIG_ENV, AgentConfig
+from strata.cli.common import parse_duration
 from strata.core.errors import ConfigError
 from strata.core.wire import parse_selector
 
@@ -65,6 +66,17 @@ def agent(
     telemetry_interval: Annotated[
         float, typer.Option("--telemetry-interval", help="Seconds between telemetry uploads.")
     ] = 10.0,
+    probation: Annotated[
+        str,
+        typer.Option(
+            "--probation",
+            help="After activating a version, watch its errors and latency this long (or 500 requests) and roll "
+            "back by itself if they are bad; 0 turns it off.",
+        ),
+    ] = "60s",
+    report_interval: Annotated[
+        str, typer.Option("--report-interval", help="Report changed serving counters at most this often.")
+    ] = "60s",
 ) -> None:
     """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
     the Open Inference Protocol on --serve-port; keeps serving when the control plane is gone."""
@@ -98,6 +110,8 @@ def agent(
         telemetry_interval_s=telemetry_interval,
         relays=tuple(relay or ()),
         relay_cache_mb=relay_cache_mb,
+        probation_s=parse_duration(probation),
+        report_interval_s=parse_duration(report_interval),
     )
     env = {**os.environ, CONFIG_ENV: config.to_env()}
     sys.stdout.flush()

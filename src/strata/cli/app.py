@@ -18,7 +18,10 @@ from strata.cli import model as model_cmd
 from strata.cli import nodes as nodes_cmd
 from strata.cli import optimize as optimize_cmd
 from strata.cli import package as package_cmd
+from strata.cli import pin as pin_cmd
+from strata.cli import rollout as rollout_cmd
 from strata.cli import server as server_cmd
+from strata.cli import sim as sim_cmd
 from strata.cli import telemetry as telemetry_cmd
 from strata.cli import token as token_cmd
 from strata.cli.common import fail
@@ -37,10 +40,13 @@ app.command("agent")(agent_cmd.agent)
 app.add_typer(token_cmd.app, name="token")
 app.add_typer(model_cmd.app, name="model")
 app.command("deploy")(deploy_cmd.deploy)
+app.add_typer(rollout_cmd.app, name="rollout")
+app.add_typer(pin_cmd.app, name="pin")
 app.add_typer(nodes_cmd.app, name="nodes")
 app.add_typer(package_cmd.app, name="package")
 app.command("telemetry")(telemetry_cmd.telemetry)
 app.command("optimize")(optimize_cmd.optimize)
+app.command("sim")(sim_cmd.sim)
 app.command("demo")(demo_cmd.demo)
 
 

@@ -138,3 +138,38 @@ class ControlClient:
     def nodes(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", "/v1/nodes")
         return result
+
+    # --- rollouts, pins, history --------------------------------------------------------------------------
+
+    def create_rollout(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/v1/rollouts", json=dict(body))
+        return result
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/rollouts")
+        return result
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/v1/rollouts/{rollout_id}")
+        return result
+
+    def rollout_action(self, rollout_id: str, action: str) -> dict[str, Any]:
+        """`pause`, `resume` or `abort` a rollout."""
+        result: dict[str, Any] = self._call("POST", f"/v1/rollouts/{rollout_id}/{action}")
+        return result
+
+    def create_pin(self, model: str, version: str, node: str | None, selector: Mapping[str, str]) -> dict[str, Any]:
+        body = {"model": model, "version": version, "node": node, "selector": dict(selector)}
+        result: dict[str, Any] = self._call("POST", "/v1/pins", json=body)
+        return result
+
+    def pins(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/pins")
+        return result
+
+    def delete_pin(self, pin_id: str) -> None:
+        self._call("DELETE", f"/v1/pins/{pin_id}")
+
+    def model_history(self, name: str, limit: int = 1000) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", f"/v1/models/{name}/history", params={"limit": limit})
+        return result

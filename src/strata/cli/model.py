@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from strata.cli.client import ControlClient
-from strata.cli.common import JsonOption, ServerOption, TokenOption, console, out, print_json
+from strata.cli.common import JsonOption, ServerOption, TokenOption, ago, console, out, print_json
+from strata.core.errors import ConfigError
 
 app = typer.Typer(help="Models in the registry.", no_args_is_help=True)
 
@@ -42,6 +44,16 @@ def push(
     extra: Annotated[
         list[Path] | None, typer.Option("--extra", help="Extra file to ship in the package (repeatable).", exists=True)
     ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="Placement policy (YAML): allowed_regions, allowed_jurisdictions, required_attestation, data_class "
+            "and CEL rules over `model` and `node`; it travels in every package.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     server: ServerOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
@@ -49,7 +61,14 @@ def push(
     """Build a package per profile from MODEL (signature from the graph, golden outputs from onnxruntime)
     and upload each to the registry."""
     from strata.core.package import build_package, pack_tar
+    from strata.core.policy import load_policy_file
 
+    placement = None
+    if policy is not None:
+        try:
+            placement = load_policy_file(policy.read_text()).to_json()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {policy}: {exc}") from exc
     profiles = profile or ["cpu-generic"]
     results = []
     with ControlClient(server, token) as client, tempfile.TemporaryDirectory(prefix="strata-push-") as tmp:
@@ -62,6 +81,7 @@ def push(
                 profile=profile_id,
                 sample=sample,
                 extra_files=extra or (),
+                policy=placement,
             )
             tar_path = Path(tmp) / f"{profile_id}.tar"
             pack_tar(package, tar_path)
@@ -123,5 +143,38 @@ def show(
             str(variant["size"]),
             variant["digest"][:19],
             metrics or "-",
+        )
+    out.print(table)
+
+
+@app.command("history")
+def history(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    node: Annotated[str | None, typer.Option("--node", help="Only this node (name).")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="At most this many events.")] = 200,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Which versions of NAME ran where and when (activations, rollbacks, removals), newest first."""
+    with ControlClient(server, token) as client:
+        events = client.model_history(name, limit)
+    if node is not None:
+        events = [e for e in events if e["node"] == node]
+    if as_json:
+        print_json(events)
+        return
+    table = Table(title=f"history of {name}", title_justify="left")
+    for column in ("when", "node", "event", "version", "from", "variant"):
+        table.add_column(column)
+    now = time.time()
+    for event in events:
+        table.add_row(
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["at"])) + f" ({ago(event['at'], now)})",
+            event["node"],
+            event["kind"].replace("_", " "),
+            event["version"] or "-",
+            event["previous_version"] or "-",
+            event["variant"] or "-",
         )
     out.print(table)

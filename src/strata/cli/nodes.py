@@ -21,7 +21,17 @@ def fleet_table(nodes: list[dict[str, Any]], now: float | None = None) -> Table:
         table.add_column(column)
     for node in sorted(nodes, key=lambda n: n["name"]):
         labels = ",".join(f"{k}={v}" for k, v in sorted(node.get("labels", {}).items()))
-        models = ", ".join(f"{k}={v}" for k, v in sorted(node.get("models", {}).items())) or "-"
+        pins = node.get("pins") or {}
+        models = (
+            ", ".join(
+                f"{k}={v}" + (" [cyan](pinned)[/cyan]" if pins.get(k) == v else "")
+                for k, v in sorted(node.get("models", {}).items())
+            )
+            or "-"
+        )
+        waiting = {k: v for k, v in pins.items() if node.get("models", {}).get(k) != v}
+        if waiting:
+            models += " " + ", ".join(f"[cyan](pinned to {k}={v})[/cyan]" for k, v in sorted(waiting.items()))
         failures = node.get("failures") or []
         if failures:
             models += f" [red]({len(failures)} failed)[/red]"

@@ -1,7 +1,7 @@
 """`create_app(settings)`: the FastAPI application of the control plane, with its lifespan.
 
-Starting migrates the database, writes the admin token if there is none, and starts the presence flusher;
-stopping ends long polls, flushes presence and closes the database.
+Starting migrates the database, writes the admin token if there is none, and starts the presence flusher and the
+rollout driver; stopping ends long polls, flushes presence and closes the database.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from strata.control.errors import StoreError
 from strata.control.metrics import metrics_registry
 from strata.control.plane import ControlPlane
 from strata.control.settings import ServerSettings
+from strata.core.errors import StrataError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,20 @@ async def _flush_presence_forever(plane: ControlPlane) -> None:
             log.warning("presence flush failed, will retry: %s", exc)
 
 
+async def _drive_rollouts_forever(plane: ControlPlane) -> None:
+    """Step every active rollout on a timer, and soon after status reports (which nudge)."""
+    settings = plane.settings
+    while True:
+        if await plane.nudge.wait(settings.rollout_interval_s):
+            await asyncio.sleep(settings.rollout_debounce_s)  # let a burst of reports land first
+        try:
+            await anyio.to_thread.run_sync(plane.rollouts.tick)
+        except StoreError as exc:
+            log.warning("rollout step failed, will retry: %s", exc)
+        except StrataError as exc:
+            log.error("rollout step failed: %s", exc)
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     """The control plane API over `settings`; serve it with any ASGI server (lifespan events required).
 
@@ -44,14 +59,20 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await anyio.to_thread.run_sync(plane.start)
+        plane.nudge.attach(asyncio.get_running_loop())
         exporter = plane.start_exporters()
-        flusher = asyncio.create_task(_flush_presence_forever(plane))
+        tasks = [
+            asyncio.create_task(_flush_presence_forever(plane)),
+            asyncio.create_task(_drive_rollouts_forever(plane)),
+        ]
         try:
             yield
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if exporter is not None:
                 await anyio.to_thread.run_sync(exporter.close)
             await anyio.to_thread.run_sync(plane.stop)

@@ -167,6 +167,80 @@ class Deployment(Base):
     version: Mapped[ModelVersion] = relationship()
 
 
+class Rollout(Base):
+    """A version on its way to the nodes a selector matches, wave by wave (see `strata.control.rollout_plan`)."""
+
+    __tablename__ = "rollouts"
+    # Ids are never reused: desired states name their rollout, and operators script against the id.
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    selector: Mapped[dict[str, str]] = mapped_column(JSON)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    wave: Mapped[int] = mapped_column(Integer)
+    wave_started_at: Mapped[float | None] = mapped_column(TIME)
+    gate_results: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    failed_gate: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    baseline: Mapped[dict[str, Any]] = mapped_column(JSON)
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(TIME)
+    finished_at: Mapped[float | None] = mapped_column(TIME)
+
+    version: Mapped[ModelVersion] = relationship()
+
+
+class RolloutNode(Base):
+    """One node's part in a rollout: its wave, the version it had, and how its update went."""
+
+    __tablename__ = "rollout_nodes"
+
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True, index=True)
+    wave: Mapped[int | None] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)
+    previous_version: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    excluded: Mapped[str | None] = mapped_column(Text)
+    released_at: Mapped[float | None] = mapped_column(TIME)
+    healthy_at: Mapped[float | None] = mapped_column(TIME)
+    failed_at: Mapped[float | None] = mapped_column(TIME)
+    failure: Mapped[str | None] = mapped_column(Text)
+    ever_on_target: Mapped[bool] = mapped_column(Boolean)
+
+
+class Pin(Base):
+    """An operator's pin: one node, or the nodes a selector matches, stay on a version whatever else says."""
+
+    __tablename__ = "pins"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id"))
+    selector: Mapped[dict[str, str]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(TIME)
+
+    version: Mapped[ModelVersion] = relationship()
+
+
+class ActivationEvent(Base):
+    """A change of the version a node runs, as its status reports showed it: the history of a model."""
+
+    __tablename__ = "activation_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True)
+    model: Mapped[str] = mapped_column(String(NAME_LEN), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # activated, rolled_back or removed
+    version: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    variant: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    digest: Mapped[str | None] = mapped_column(String(7 + HEX_LEN))
+    previous_version: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    activated_at: Mapped[float | None] = mapped_column(TIME)  # the node's clock
+    at: Mapped[float] = mapped_column(TIME)  # the control plane's clock, when the report arrived
+
+
 class TelemetryBatch(Base):
     """One telemetry batch a node uploaded; the primary key is what makes every batch stored exactly once."""
 

@@ -1,7 +1,8 @@
 """Deployments: which version of a model should run on the nodes a label selector matches.
 
 Creating or deleting one bumps the fleet generation, so long-polling nodes learn about it at once. The rule that
-turns deployments into per-node desired states lives in `strata.control.desired`; this module loads its input.
+turns deployments (with rollouts and pins) into per-node desired states lives in `strata.control.desired`; this
+module loads its input.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from strata.control.db import Database, Deployment, Model, ModelVersion, Node
+from strata.control.db import Database, Deployment, Model, ModelVersion, Node, Rollout, RolloutNode
 from strata.control.desired import ActiveDeployment, count_matching
 from strata.control.feed import ChangeFeed
+from strata.control.rollout_plan import ACTIVE
+from strata.control.rollouts import load_pin_entries, variant_policies, variant_refs
 from strata.core.errors import NotFound
-from strata.core.wire import ProtocolError, VariantRef, parse_labels
+from strata.core.wire import ProtocolError, parse_labels
 
 
 @dataclass(frozen=True)
@@ -32,39 +35,63 @@ class DeploymentInfo:
 
 
 def load_active_deployments(session: Session) -> tuple[ActiveDeployment, ...]:
-    """Every deployment with its version's variants, as the desired-state rule takes them.
+    """Every entry of the desired-state rule with its version's variants and their policies: deployments,
+    rollouts that are active (limited to their released nodes) or succeeded, and pins.
 
     Raises:
         SQLAlchemyError: the query failed (callers run it inside `Database.transaction`, which wraps it).
     """
-    rows = session.scalars(
-        select(Deployment).options(
-            selectinload(Deployment.version).selectinload(ModelVersion.variants),
-            selectinload(Deployment.version).selectinload(ModelVersion.model),
-        )
-    ).all()
-    return tuple(
+    with_version = (
+        selectinload(Deployment.version).selectinload(ModelVersion.variants),
+        selectinload(Deployment.version).selectinload(ModelVersion.model),
+    )
+    entries = [
         ActiveDeployment(
             id=row.id,
             model=row.version.model.name,
             version=row.version.version,
             selector=dict(row.selector),
             created_at=row.created_at,
-            variants=tuple(
-                VariantRef(
-                    id=v.variant,
-                    profile=v.profile,
-                    runtime=v.runtime,
-                    precision=v.precision,
-                    digest=v.digest,
-                    blob=v.blob,
-                    size=v.size,
-                )
-                for v in row.version.variants
-            ),
+            variants=variant_refs(row.version),
+            policies=variant_policies(row.version),
         )
-        for row in rows
+        for row in session.scalars(select(Deployment).options(*with_version)).all()
+    ]
+    rollouts = session.scalars(
+        select(Rollout)
+        .options(
+            selectinload(Rollout.version).selectinload(ModelVersion.variants),
+            selectinload(Rollout.version).selectinload(ModelVersion.model),
+        )
+        .where(Rollout.status.in_((*ACTIVE, "succeeded")))
+    ).all()
+    released: dict[int, set[str]] = {}
+    for rollout_id, node_id in session.execute(
+        select(RolloutNode.rollout_id, RolloutNode.node_id)
+        .join(Rollout)
+        .where(
+            Rollout.status.in_(ACTIVE),
+            RolloutNode.released_at.is_not(None),
+            RolloutNode.excluded.is_(None),
+        )
+    ):
+        released.setdefault(rollout_id, set()).add(node_id)
+    entries.extend(
+        ActiveDeployment(
+            id=row.id,
+            model=row.version.model.name,
+            version=row.version.version,
+            selector=dict(row.selector),
+            created_at=row.created_at,
+            variants=variant_refs(row.version),
+            kind="rollout",
+            only_nodes=None if row.status == "succeeded" else frozenset(released.get(row.id, ())),
+            policies=variant_policies(row.version),
+        )
+        for row in rollouts
     )
+    entries.extend(load_pin_entries(session))
+    return tuple(entries)
 
 
 def _live_labels(session: Session) -> list[dict[str, str]]:

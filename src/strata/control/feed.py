@@ -76,3 +76,40 @@ class ChangeFeed:
         for loop, future in waiters:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_wake, future)
+
+
+class Nudge:
+    """A wake-up call from any thread to one waiter on an event loop (status reports nudge the rollout driver).
+
+    Calls before `attach` (or after the loop closed) are kept as a pending flag, so none is lost.
+    """
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._pending = threading.Event()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Deliver nudges to `wait` on `loop` from now on."""
+        self._loop = loop
+        self._event = asyncio.Event()
+        if self._pending.is_set():
+            self._event.set()
+
+    def __call__(self) -> None:
+        self._pending.set()
+        loop, event = self._loop, self._event
+        if loop is not None and event is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(event.set)
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait until nudged or `timeout` seconds pass; return whether nudged (and clear it)."""
+        if self._event is None:
+            self.attach(asyncio.get_running_loop())
+        assert self._event is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+        nudged = self._pending.is_set()
+        self._pending.clear()
+        self._event.clear()
+        return nudged

@@ -11,7 +11,7 @@ import asyncio
 import json
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -23,12 +23,14 @@ from strata.control.auth import Authenticator, Principal, authorize_blob, hash_s
 from strata.control.blobs import BlobStore
 from strata.control.db import Database, EnrollmentToken, Node, Variant
 from strata.control.deployments import load_active_deployments
-from strata.control.desired import ActiveDeployment, desired_state, etag_matches, referenced_blobs
+from strata.control.desired import ActiveDeployment, decide, desired_state, etag_matches, referenced_blobs
 from strata.control.feed import ChangeFeed
+from strata.control.history import activation_events, record_changes
 from strata.control.presence import PresenceTracker
 from strata.core.errors import AuthError, NotFound, PackageError
 from strata.core.hashing import canonical_json
 from strata.core.package import Manifest, check_name, package_pieces
+from strata.core.policy import NodeFacts
 from strata.core.profiles import get_profile
 from strata.core.wire import TIERS, DesiredState, EnrollRequest, EnrollResponse, NodeStatus, ProtocolError, parse_labels
 
@@ -86,6 +88,21 @@ class NodeView:
     desired_etag: str
     reported_etag: str | None
     in_sync: bool
+    pins: dict[str, str] = field(default_factory=dict)
+
+
+def node_facts(node: Node) -> NodeFacts:
+    """What placement policies may know about a stored node."""
+    return NodeFacts.of(node.name, node.tier, node.profile, node.labels)
+
+
+def _parse_status(document: str | None) -> NodeStatus | None:
+    if not document:
+        return None
+    try:
+        return NodeStatus.from_json(json.loads(document))
+    except (ValueError, ProtocolError):
+        return None
 
 
 def is_online(last_seen: float | None, now: float, window_s: float) -> bool:
@@ -93,7 +110,9 @@ def is_online(last_seen: float | None, now: float, window_s: float) -> bool:
     return last_seen is not None and now - last_seen <= window_s
 
 
-def node_view(node: Node, last_seen: float | None, desired_etag: str, online: bool) -> NodeView:
+def node_view(
+    node: Node, last_seen: float | None, desired_etag: str, online: bool, pins: dict[str, str] | None = None
+) -> NodeView:
     """The operator's view of a stored node, given the facts that do not live in its row."""
     status: Mapping[str, Any] = json.loads(node.status) if node.status else {}
     return NodeView(
@@ -112,6 +131,7 @@ def node_view(node: Node, last_seen: float | None, desired_etag: str, online: bo
         desired_etag=desired_etag,
         reported_etag=node.reported_etag,
         in_sync=node.reported_etag == desired_etag,
+        pins=dict(pins or {}),
     )
 
 
@@ -144,8 +164,11 @@ class FleetService:
         authenticator: Authenticator,
         clock: Callable[[], float],
         online_window_s: float,
+        on_status: Callable[[], None] | None = None,
     ) -> None:
+        """`on_status` is called after a changed status report is stored (the rollout driver's nudge)."""
         self._db = db
+        self._on_status = on_status
         self._blobs = blobs
         self._feed = feed
         self._presence = presence
@@ -271,7 +294,8 @@ class FleetService:
     def report_status(self, node_id: str, status: NodeStatus) -> bool:
         """Store what a node reports, only when it differs from what is stored; return whether it was written.
 
-        A change of labels can change the node's desired state, so it bumps the fleet generation.
+        A change of the versions it runs is recorded in the model's history. A change of labels can change the
+        node's desired state, so it bumps the fleet generation.
 
         Raises:
             ProfileError: the status names an unknown hardware profile.
@@ -284,9 +308,11 @@ class FleetService:
             node = self._live_node(session, node_id)
             if node.status == document:
                 return False
+            now = self._clock()
+            session.add_all(record_changes(node_id, activation_events(_parse_status(node.status), status), now))
             labels_changed = node.labels != status.labels
             node.status = document
-            node.status_at = self._clock()
+            node.status_at = now
             node.tier = status.tier
             node.labels = dict(status.labels)
             node.profile = status.profile
@@ -296,6 +322,8 @@ class FleetService:
             node.serve_url = status.serve_url
         if labels_changed:
             self._feed.bump()
+        if self._on_status is not None:
+            self._on_status()
         return True
 
     # --- desired state -----------------------------------------------------------------------------------
@@ -312,11 +340,14 @@ class FleetService:
         if cached is not None:
             return cached
         with self._db.transaction() as session:
-            row = session.execute(select(Node.labels, Node.revoked_at).where(Node.id == node_id)).first()
+            row = session.execute(
+                select(Node.labels, Node.revoked_at, Node.name, Node.tier, Node.profile).where(Node.id == node_id)
+            ).first()
             if row is None:
                 raise NotFound(f"no node {node_id!r}")
             deployments = self._active_deployments(session, generation)
-        return self._document(node_id, row.labels, row.revoked_at is not None, generation, deployments)
+        facts = NodeFacts.of(row.name, row.tier, row.profile, row.labels)
+        return self._document(node_id, facts, row.revoked_at is not None, generation, deployments)
 
     async def poll_desired(self, node_id: str, if_none_match: str | None, wait_s: float) -> DesiredPoll:
         """Answer a desired-state poll, waiting up to `wait_s` seconds for a change when the node is current.
@@ -391,7 +422,7 @@ class FleetService:
     def _document(
         self,
         node_id: str,
-        labels: Mapping[str, str],
+        facts: NodeFacts,
         revoked: bool,
         generation: int,
         deployments: tuple[ActiveDeployment, ...],
@@ -399,7 +430,7 @@ class FleetService:
         cached = self._cached_desired(node_id, generation)
         if cached is not None:
             return cached
-        document = DesiredDocument.of(desired_state(node_id, labels, revoked, deployments))
+        document = DesiredDocument.of(desired_state(node_id, facts.label_map, revoked, deployments, facts))
         with self._lock:
             self._desired[node_id] = (generation, document)
         return document
@@ -416,10 +447,13 @@ class FleetService:
         return deployments
 
     def _view(self, node: Node, generation: int, deployments: tuple[ActiveDeployment, ...], now: float) -> NodeView:
-        document = self._document(node.id, node.labels, node.revoked_at is not None, generation, deployments)
+        facts = node_facts(node)
+        document = self._document(node.id, facts, node.revoked_at is not None, generation, deployments)
         in_memory = self._presence.last_seen(node.id)
         last_seen = max((t for t in (node.last_seen, in_memory) if t is not None), default=None)
-        return node_view(node, last_seen, document.etag, is_online(last_seen, now, self._online_window_s))
+        decided, _ = decide(node.id, node.labels, deployments, facts)
+        pins = {model: d.deployment.version for model, d in decided.items() if d.deployment.kind == "pin"}
+        return node_view(node, last_seen, document.etag, is_online(last_seen, now, self._online_window_s), pins)
 
     @staticmethod
     def _live_node(session: Session, node_id: str) -> Node:

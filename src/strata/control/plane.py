@@ -12,11 +12,14 @@ from strata.control.blobs import FileBlobStore
 from strata.control.db import Database, make_engine
 from strata.control.deployments import DeploymentService
 from strata.control.errors import StoreError
-from strata.control.feed import ChangeFeed
+from strata.control.feed import ChangeFeed, Nudge
 from strata.control.fleet import FleetService
+from strata.control.history import HistoryService
 from strata.control.otlp import OtlpExporter
+from strata.control.pins import PinService
 from strata.control.presence import PresenceTracker
 from strata.control.registry import RegistryService
+from strata.control.rollouts import RolloutService, load_pin_entries
 from strata.control.settings import ServerSettings
 from strata.control.telemetry import TelemetryService
 
@@ -36,6 +39,10 @@ class ControlPlane:
     registry: RegistryService
     deployments: DeploymentService
     telemetry: TelemetryService
+    rollouts: RolloutService
+    pins: PinService
+    history: HistoryService
+    nudge: Nudge
 
     @classmethod
     def build(cls, settings: ServerSettings) -> ControlPlane:
@@ -49,16 +56,25 @@ class ControlPlane:
         feed = ChangeFeed()
         presence = PresenceTracker()
         authenticator = Authenticator(db, presence, settings.clock)
+        nudge = Nudge()
+        window = settings.online_window_s
+        telemetry = TelemetryService(db, settings.clock)
+        rollouts = RolloutService(db, feed, presence, settings.clock, window, load_pin_entries)
+        rollouts.drift = telemetry.max_psi_by_node  # drift gates read node telemetry
         return cls(
             settings=settings,
             db=db,
             feed=feed,
             presence=presence,
             authenticator=authenticator,
-            fleet=FleetService(db, blobs, feed, presence, authenticator, settings.clock, settings.online_window_s),
+            fleet=FleetService(db, blobs, feed, presence, authenticator, settings.clock, window, on_status=nudge),
             registry=RegistryService(db, blobs, feed, settings.clock, settings.tmp_dir, settings.max_package_bytes),
             deployments=DeploymentService(db, feed, settings.clock),
-            telemetry=TelemetryService(db, settings.clock),
+            telemetry=telemetry,
+            rollouts=rollouts,
+            pins=PinService(db, feed, settings.clock),
+            history=HistoryService(db),
+            nudge=nudge,
         )
 
     def start_exporters(self) -> OtlpExporter | None:

@@ -25,6 +25,7 @@ from strata.core.chunking import offsets
 from strata.core.errors import Conflict, NotFound
 from strata.core.hashing import canonical_json
 from strata.core.package import Manifest, Package, unpack_tar
+from strata.core.policy import Policy, compile_rules
 from strata.core.profiles import get_profile
 
 
@@ -139,6 +140,7 @@ class RegistryService:
             PayloadTooLarge: the tar is larger than `max_package_bytes`.
             PackageError, VerificationError: the tar is not a valid package, or its files do not match.
             ProfileError: the package names an unknown hardware profile.
+            PolicyError: the package's placement policy does not parse, or a rule is not valid CEL.
             Conflict: this variant id is registered with another package digest.
             StoreError: the database or the blob store failed.
         """
@@ -147,6 +149,7 @@ class RegistryService:
         with self._blobs.stage(chunks, self._max_package_bytes) as staged:
             manifest = self._verify(staged)
             get_profile(manifest.profile)
+            compile_rules(Policy.from_json(manifest.policy))
             with self._register_lock:
                 added = self._register(manifest, staged)
         if added.created:

@@ -79,6 +79,13 @@ class DesiredStateBody(BaseModel):
 # --- observed state ---------------------------------------------------------------------------------------
 
 
+class ServingCountersBody(BaseModel):
+    requests: int = Field(ge=0, description="requests since the version was activated")
+    errors: int = Field(ge=0, description="of those, failed ones that were not the caller's fault")
+    latency_p95_ms: float | None = Field(None, description="p95 model compute time over recent successes")
+    since: float = Field(description="epoch seconds (node clock) when counting began")
+
+
 class ModelStatusBody(BaseModel):
     name: str
     version: str
@@ -87,6 +94,8 @@ class ModelStatusBody(BaseModel):
     activated_at: float
     previous_version: str | None = None
     previous_digest: str | None = None
+    serving: ServingCountersBody | None = None
+    probation: str | None = Field(None, json_schema_extra={"enum": ["running", "passed"]})
 
 
 class FailureBody(BaseModel):
@@ -96,6 +105,7 @@ class FailureBody(BaseModel):
     reason: str
     at: float
     attempts: int = 1
+    kind: str = Field("other", description="download, package, health, probation, policy, no-variant or other")
 
 
 class NodeStatusBody(BaseModel):
@@ -128,6 +138,7 @@ class NodeBody(BaseModel):
     desired_etag: str = Field(description="ETag of the node's current desired state")
     reported_etag: str | None = Field(description="ETag the node last reported having")
     in_sync: bool = Field(description="the node reported the current desired state")
+    pins: dict[str, str] = Field(default_factory=dict, description="model -> version a pin holds it on")
 
 
 # --- registry -------------------------------------------------------------------------------------------
@@ -191,6 +202,89 @@ class DeploymentBody(BaseModel):
     selector: dict[str, str]
     created_at: float
     matched_nodes: int = Field(description="live nodes the selector matches now")
+
+
+# --- rollouts -------------------------------------------------------------------------------------------
+
+
+class RolloutRequest(BaseModel):
+    model: str
+    version: str
+    selector: dict[str, str] = Field(default_factory=dict, description="label equality; empty selects every node")
+    waves: str = Field("1%,10%,50%,100%", description="cumulative wave sizes, percentages or counts")
+    max_unavailable: int | None = Field(None, ge=1, description="online nodes updating at once; none: no limit")
+    bake_seconds: float = Field(600, ge=0, description="how long a node must stay healthy before its wave passes")
+    gates: list[str] = Field(
+        default_factory=list, description="METRIC OP NUMBER; each replaces the default gate on its metric"
+    )
+    on_failure: str = Field("rollback", json_schema_extra={"enum": ["rollback", "pause"]})
+    wave_deadline_seconds: float = Field(3600, ge=0, description="offline nodes stop holding a wave after this")
+    min_requests: int = Field(20, ge=1, description="requests a node needs before its latency and errors count")
+
+
+class RolloutNodeBody(BaseModel):
+    node_id: str
+    name: str
+    wave: int | None = Field(description="1-based wave; none when kept out")
+    state: str = Field(description="pending, updating, healthy, failed or excluded")
+    previous_version: str | None
+    current_version: str | None
+    online: bool
+    excluded: str | None = Field(description="which rule, pin or profile keeps the node out")
+    failure: str | None
+
+
+class RolloutBody(BaseModel):
+    id: str
+    model: str
+    version: str
+    selector: dict[str, str]
+    spec: dict[str, Any]
+    status: str = Field(description="running, paused, succeeded, rolled_back or aborted")
+    wave: int = Field(description="1-based current wave")
+    waves: int
+    wave_started_at: float | None
+    created_at: float
+    finished_at: float | None
+    message: str
+    counts: dict[str, int] = Field(description="nodes per state")
+    waves_detail: list[dict[str, Any]]
+    gate_results: list[dict[str, Any]] = Field(description="the last evaluation of the gates, with their numbers")
+    failed_gate: dict[str, Any] | None
+    excluded: list[dict[str, str]] = Field(description="nodes kept out, and why")
+    nodes: list[RolloutNodeBody] = Field(default_factory=list)
+
+
+# --- pins and history ------------------------------------------------------------------------------------
+
+
+class PinRequest(BaseModel):
+    model: str
+    version: str
+    node: str | None = Field(None, description="a node's name or id")
+    selector: dict[str, str] = Field(default_factory=dict, description="label equality, when no node is named")
+
+
+class PinBody(BaseModel):
+    id: str
+    model: str
+    version: str
+    node: str | None
+    node_id: str | None
+    selector: dict[str, str]
+    created_at: float
+    matched_nodes: int
+
+
+class HistoryEventBody(BaseModel):
+    at: float = Field(description="when the control plane learned of it")
+    node: str
+    node_id: str
+    kind: str = Field(description="activated, rolled_back or removed")
+    version: str | None
+    previous_version: str | None
+    variant: str | None
+    activated_at: float | None = Field(description="the node's own time of the activation")
 
 
 class ErrorBody(BaseModel):

@@ -24,6 +24,8 @@ class ServerSettings:
         online_window_s: a node is online when it was last seen within this many seconds.
         presence_flush_s: how often the in-memory `last_seen` times are written to the database.
         max_package_bytes: the largest package tar `POST /v1/packages` accepts.
+        rollout_interval_s: the rollout driver steps at least this often (and soon after status reports).
+        rollout_debounce_s: after a status report, wait this long for others before stepping.
         clock: epoch seconds; every stored time comes from it, so tests can move time.
         otlp_endpoint: when set, stored telemetry is also forwarded to this OpenTelemetry collector (OTLP/HTTP).
     """
@@ -33,6 +35,8 @@ class ServerSettings:
     online_window_s: float = 90.0
     presence_flush_s: float = 15.0
     max_package_bytes: int = 8 << 30
+    rollout_interval_s: float = 5.0
+    rollout_debounce_s: float = 0.5
     clock: Callable[[], float] = time.time
     otlp_endpoint: str | None = None
 

@@ -358,6 +358,39 @@ class TelemetryService:
                 out[version] = tuple(drift_references(manifest["drift"]))
         return out
 
+    def max_psi_by_node(self, model: str, version: str, since: float, min_samples: int = 200) -> dict[str, float]:
+        """Node id -> the largest PSI over the version's tensors since `since`, for rollout drift gates.
+
+        Tensors with fewer than `min_samples` counted values on a node are left out (too little evidence).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        first_minute = int(since // 60)
+        with self._db.transaction() as session:
+            references = self._references(session, model).get(version, ())
+            rows = session.execute(
+                select(TelemetryDrift.node_id, TelemetryDrift.tensor, TelemetryDrift.counts).where(
+                    TelemetryDrift.model == model,
+                    TelemetryDrift.version == version,
+                    TelemetryDrift.minute >= first_minute,
+                )
+            ).all()
+        counts: dict[tuple[str, str], list[int]] = {}
+        for node_id, tensor, values in rows:
+            current = counts.get((node_id, tensor))
+            counts[(node_id, tensor)] = (
+                list(values)
+                if current is None or len(current) != len(values)
+                else [a + b for a, b in zip(current, values, strict=True)]
+            )
+        worst: dict[str, float] = {}
+        for reference in references:
+            for (node_id, tensor), live in counts.items():
+                if tensor == reference.tensor and sum(live) >= min_samples and len(live) == len(reference.counts):
+                    worst[node_id] = max(worst.get(node_id, 0.0), psi(reference.counts, live))
+        return worst
+
     def totals(self) -> dict[tuple[str, str, str], tuple[int, int]]:
         """(node name, model, version) -> (requests, errors) over all stored minutes, for /metrics.
 

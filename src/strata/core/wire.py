@@ -235,9 +235,64 @@ class DesiredState:
 # --- observed state --------------------------------------------------------------------------------------
 
 
+def _number(obj: Mapping[str, Any], key: str, what: str) -> float:
+    value = obj.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ProtocolError(f"{what}: {key!r} must be a number")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ServingCounters:
+    """How a model version has served on the node since `since` (its activation, or the agent's start).
+
+    `errors` counts failed requests that were not the caller's fault; `latency_p95_ms` is the 95th percentile of
+    the model's compute time over the recent successful requests (None before the first one).
+    """
+
+    requests: int
+    errors: int
+    latency_p95_ms: float | None
+    since: float
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "latency_p95_ms": self.latency_p95_ms,
+            "since": self.since,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> ServingCounters:
+        what = "serving counters"
+        obj = _obj(raw, what)
+        p95 = obj.get("latency_p95_ms")
+        counters = cls(
+            requests=_req(obj, "requests", int, what),
+            errors=_req(obj, "errors", int, what),
+            latency_p95_ms=None if p95 is None else _number(obj, "latency_p95_ms", what),
+            since=_number(obj, "since", what),
+        )
+        if counters.requests < 0 or not 0 <= counters.errors <= counters.requests:
+            raise ProtocolError(f"{what}: need 0 <= errors <= requests")
+        return counters
+
+
+PROBATION_STATES: Final = ("running", "passed")
+
+
 @dataclass(frozen=True)
 class ModelStatus:
-    """A model active on the node: which version and variant, since when, and what it would roll back to."""
+    """A model active on the node: which version and variant, since when, and what it would roll back to.
+
+    `serving` counts how the active version has served since it was activated; `probation` is "running" while
+    the node still watches a fresh activation and "passed" after (None for nodes that predate probation).
+    """
 
     name: str
     version: str
@@ -246,9 +301,11 @@ class ModelStatus:
     activated_at: float
     previous_version: str | None = None
     previous_digest: str | None = None
+    serving: ServingCounters | None = None
+    probation: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
             "variant": self.variant,
@@ -257,6 +314,12 @@ class ModelStatus:
             "previous_version": self.previous_version,
             "previous_digest": self.previous_digest,
         }
+        # Written only when set, so a report from a node without counters has the shape it always had.
+        if self.serving is not None:
+            body["serving"] = self.serving.to_json()
+        if self.probation is not None:
+            body["probation"] = self.probation
+        return body
 
     @classmethod
     def from_json(cls, raw: Any) -> ModelStatus:
@@ -265,6 +328,10 @@ class ModelStatus:
         activated = obj.get("activated_at")
         if not isinstance(activated, int | float) or isinstance(activated, bool):
             raise ProtocolError(f"{what}: 'activated_at' must be a number")
+        probation = _opt_str(obj, "probation", what)
+        if probation is not None and probation not in PROBATION_STATES:
+            raise ProtocolError(f"{what}: probation {probation!r} is not one of {list(PROBATION_STATES)}")
+        serving = obj.get("serving")
         return cls(
             name=_req(obj, "name", str, what),
             version=_req(obj, "version", str, what),
@@ -273,7 +340,15 @@ class ModelStatus:
             activated_at=float(activated),
             previous_version=_opt_str(obj, "previous_version", what),
             previous_digest=_opt_str(obj, "previous_digest", what),
+            serving=None if serving is None else ServingCounters.from_json(serving),
+            probation=probation,
         )
+
+
+# Why a node could not take a version. "health" covers a model that would not load or failed its golden check;
+# "probation" one that the node activated, then rolled back by itself; "policy" and "no-variant" say the version
+# may not or cannot run on this node at all (the node is out of a rollout, not a failure of it).
+FAILURE_KINDS: Final = ("download", "package", "health", "probation", "policy", "no-variant", "other")
 
 
 @dataclass(frozen=True)
@@ -286,6 +361,7 @@ class Failure:
     reason: str
     at: float
     attempts: int = 1
+    kind: str = "other"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -295,6 +371,7 @@ class Failure:
             "reason": self.reason,
             "at": self.at,
             "attempts": self.attempts,
+            "kind": self.kind,
         }
 
     @classmethod
@@ -304,6 +381,7 @@ class Failure:
         at = obj.get("at")
         if not isinstance(at, int | float) or isinstance(at, bool):
             raise ProtocolError(f"{what}: 'at' must be a number")
+        kind = _opt(obj, "kind", str, what, "other")
         return cls(
             model=_req(obj, "model", str, what),
             version=_req(obj, "version", str, what),
@@ -311,6 +389,7 @@ class Failure:
             reason=_req(obj, "reason", str, what),
             at=float(at),
             attempts=_opt(obj, "attempts", int, what, 1),
+            kind=kind if kind in FAILURE_KINDS else "other",
         )
 
 

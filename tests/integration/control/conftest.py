@@ -60,11 +60,14 @@ def make_package(digits_onnx: Path, tmp_path_factory: pytest.TempPathFactory) ->
         version: str = "1",
         profile: str = "cpu-generic",
         metrics: dict[str, Any] | None = None,
+        policy: dict[str, Any] | None = None,
     ) -> bytes:
-        key = (name, version, profile, tuple(sorted((metrics or {}).items())))
+        key = (name, version, profile, repr(sorted((metrics or {}).items())), repr(sorted((policy or {}).items())))
         if key not in built:
             out = tmp_path_factory.mktemp("package") / "pkg"
-            package = build_package(digits_onnx, out, name=name, version=version, profile=profile, metrics=metrics)
+            package = build_package(
+                digits_onnx, out, name=name, version=version, profile=profile, metrics=metrics, policy=policy
+            )
             built[key] = tar_bytes(package)
         return built[key]
 

@@ -71,7 +71,7 @@ def test_node_view_reflects_the_last_status(server: Harness) -> None:
     assert view["profile"] == "x86_64-avx2"
     assert view["emulated"] is True
     assert view["models"] == {"digits": "1"}
-    assert view["failures"] == [{**failure, "attempts": 1}]
+    assert view["failures"] == [{**failure, "attempts": 1, "kind": "other"}]
     assert view["serve_url"] == "http://10.0.0.5:8000"
     assert view["reported_etag"] is None
     assert view["in_sync"] is False

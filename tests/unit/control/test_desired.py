@@ -138,3 +138,66 @@ def test_etag_matches_if_none_match_forms() -> None:
     assert etag_matches("*", etag)
     assert not etag_matches(None, etag)
     assert not etag_matches('"sha256:abd"', etag)
+
+
+# --- rollouts, pins and policies as entries of the rule ---------------------------------------------------
+
+
+def test_a_rollout_reaches_only_its_released_nodes_until_it_succeeds() -> None:
+    from dataclasses import replace
+
+    base = _deployment(1, "digits", "1", created_at=10)
+    rollout = replace(_deployment(2, "digits", "2", created_at=20), kind="rollout", only_nodes=frozenset({"a"}))
+    assert _versions(desired_state("a", {}, False, [base, rollout])) == {"digits": "2"}
+    assert _versions(desired_state("b", {}, False, [base, rollout])) == {"digits": "1"}
+    state = desired_state("a", {}, False, [base, rollout])
+    assert state.models[0].deployment == "rollout/2"
+    succeeded = replace(rollout, only_nodes=None)
+    assert _versions(desired_state("b", {}, False, [base, succeeded])) == {"digits": "2"}
+    # A plain deployment made later still wins over it: latest wins, whatever the kind.
+    later = _deployment(3, "digits", "3", created_at=30)
+    assert _versions(desired_state("a", {}, False, [base, rollout, later])) == {"digits": "3"}
+
+
+def test_a_pin_beats_newer_deployments_and_rollouts() -> None:
+    from dataclasses import replace
+
+    pin = replace(_deployment(9, "digits", "1", created_at=5), kind="pin", only_nodes=frozenset({"a"}))
+    newer = _deployment(1, "digits", "2", created_at=50)
+    assert _versions(desired_state("a", {}, False, [pin, newer])) == {"digits": "1"}
+    assert desired_state("a", {}, False, [pin, newer]).models[0].deployment == "pin/9"
+    assert _versions(desired_state("b", {}, False, [pin, newer])) == {"digits": "2"}
+
+
+def test_a_policy_that_forbids_the_node_hands_the_decision_to_the_next_entry() -> None:
+    from dataclasses import replace
+
+    from strata.control.desired import decide
+    from strata.core.policy import NodeFacts, Policy
+
+    base = _deployment(1, "digits", "1", created_at=10)
+    eu_only = Policy.from_json({"allowed_regions": ["eu-*"]})
+    restricted = replace(_deployment(2, "digits", "2", created_at=20), policies={"cpu-generic-fp32": eu_only})
+    us = NodeFacts.of("us-1", "device", "cpu-generic", {"region": "us-east"})
+    eu = NodeFacts.of("eu-1", "device", "cpu-generic", {"region": "eu-west"})
+    assert _versions(desired_state("us-1", us.label_map, False, [base, restricted], us)) == {"digits": "1"}
+    assert _versions(desired_state("eu-1", eu.label_map, False, [base, restricted], eu)) == {"digits": "2"}
+    assert _versions(desired_state("us-1", us.label_map, False, [restricted], us)) == {}
+    decided, refused = decide("us-1", us.label_map, [base, restricted], us)
+    assert decided["digits"].deployment.id == 1
+    [(entry, decision)] = refused["digits"]
+    assert entry.id == 2
+    assert decision.rule == "allowed_regions"
+
+
+def test_only_the_variants_a_policy_allows_are_offered() -> None:
+    from dataclasses import replace
+
+    from strata.core.policy import NodeFacts, Policy
+
+    variants = (_variant("cpu-generic-fp32", "a"), _variant("x86_64-avx2-fp32", "b"))
+    no_cloud = Policy.from_json({"rules": [{"name": "no-cloud", "allow": 'node.tier != "cloud"'}]})
+    entry = replace(_deployment(1, "digits", "1", variants=variants), policies={"x86_64-avx2-fp32": no_cloud})
+    cloud = NodeFacts.of("c", "cloud", "x86_64-avx2", {})
+    state = desired_state("c", {}, False, [entry], cloud)
+    assert [v.id for v in state.models[0].variants] == ["cpu-generic-fp32"]

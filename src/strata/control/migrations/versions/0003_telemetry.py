@@ -1,7 +1,7 @@
 """Telemetry: uploaded batches (exactly once), per-minute aggregates, kept events, drift counts, drops.
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002_rollouts
 Create Date: 2026-11-26
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | Sequence[str] | None = "0001"
+down_revision: str | Sequence[str] | None = "0002_rollouts"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,109 @@
+"""How each model version has served on this node since it was activated: requests, errors, recent latency.
+
+The inference server feeds it (through `InferenceMetrics`); the reconciler reads it for the status report
+(`ModelStatus.serving`) and for the probation after an activation. Counters are per (model, version) and are
+reset when that version is activated, so they always describe the current activation. Latency is the model's own
+compute time (on the CPU runtime the CPU time of the run, so that other load on the node does not make a model
+look slow; see `oip_server`) of the last `window` successful requests, kept in a bounded deque (a few KB a model),
+from which the 95th percentile is taken when asked.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from strata.core.wire import ServingCounters
+
+DEFAULT_WINDOW = 512
+
+# Failures that are the caller's doing do not count against a model.
+CALLER_FAULTS = frozenset({"bad_request"})
+
+
+def percentile(values: Iterable[float], fraction: float) -> float | None:
+    """The nearest-rank percentile (`fraction` in 0..1) of `values`; None when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass
+class _Window:
+    since: float
+    requests: int = 0
+    errors: int = 0
+    latencies_ms: deque[float] = field(default_factory=deque)
+
+
+class ServingTracker:
+    """Serving counters per (model, version). Thread-safe: the event loop and executor threads record, the
+    agent's loop thread reads."""
+
+    def __init__(self, window: int = DEFAULT_WINDOW, clock: Callable[[], float] = time.time) -> None:
+        self._window = window
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str], _Window] = {}
+
+    def _get(self, model: str, version: str) -> _Window:
+        key = (model, version)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Window(since=self._clock(), latencies_ms=deque(maxlen=self._window))
+        return series
+
+    def record_success(self, model: str, version: str, latency_ms: float) -> None:
+        """One request served, its model compute taking `latency_ms`."""
+        with self._lock:
+            series = self._get(model, version)
+            series.requests += 1
+            series.latencies_ms.append(latency_ms)
+
+    def record_failure(self, model: str, version: str, reason: str) -> None:
+        """One request failed; failures the caller caused (`CALLER_FAULTS`) are not counted at all."""
+        if reason in CALLER_FAULTS:
+            return
+        with self._lock:
+            series = self._get(model, version)
+            series.requests += 1
+            series.errors += 1
+
+    def reset(self, model: str, version: str, now: float) -> None:
+        """Start counting `version` afresh (it has just been activated)."""
+        with self._lock:
+            self._series[(model, version)] = _Window(since=now, latencies_ms=deque(maxlen=self._window))
+
+    def forget(self, model: str, keep_version: str | None = None) -> None:
+        """Drop the series of `model`'s other versions (after a switch, only the active one matters)."""
+        with self._lock:
+            for key in [k for k in self._series if k[0] == model and k[1] != keep_version]:
+                del self._series[key]
+
+    def counters(self, model: str, version: str) -> ServingCounters | None:
+        """The counters of one model version, None when it has served nothing since counting began."""
+        with self._lock:
+            series = self._series.get((model, version))
+            if series is None:
+                return None
+            latencies = list(series.latencies_ms)
+            requests, errors, since = series.requests, series.errors, series.since
+        p95 = percentile(latencies, 0.95)
+        return ServingCounters(
+            requests=requests,
+            errors=errors,
+            latency_p95_ms=None if p95 is None else round(p95, 4),
+            since=since,
+        )
+
+    def samples(self, model: str, version: str) -> int:
+        """How many latency samples one series holds now."""
+        with self._lock:
+            series = self._series.get((model, version))
+            return len(series.latencies_ms) if series else 0

@@ -1,0 +1,222 @@
+"""`strata rollout create|status|list|pause|resume|abort`: take a version to the fleet wave by wave, with gates."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from strata.cli.client import ControlClient
+from strata.cli.common import JsonOption, ServerOption, TokenOption, ago, console, out, parse_duration, print_json
+from strata.core.wire import parse_selector
+
+app = typer.Typer(help="Staged rollouts with health gates and automatic rollback.", no_args_is_help=True)
+
+
+def _summary(rollout: dict[str, Any]) -> str:
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(rollout.get("counts", {}).items())) or "no nodes"
+    return (
+        f"rollout {rollout['id']}: {rollout['model']} {rollout['version']} — {rollout['status']}, "
+        f"wave {rollout['wave']}/{rollout['waves']} ({counts})"
+    )
+
+
+@app.command("create")
+def create(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Version to roll out.")],
+    selector: Annotated[
+        str, typer.Option("--selector", "-l", help="Node labels k=v[,k=v]; every node when empty.")
+    ] = "",
+    waves: Annotated[
+        str, typer.Option("--waves", help="Cumulative wave sizes: percentages or counts (a last 100% is implied).")
+    ] = "1%,10%,50%,100%",
+    max_unavailable: Annotated[
+        int | None, typer.Option("--max-unavailable", help="At most this many online nodes update at once.")
+    ] = None,
+    bake: Annotated[str, typer.Option("--bake", help="How long nodes must stay healthy before a wave passes.")] = "10m",
+    gate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gate",
+            help="METRIC OP NUMBER, replacing the default on that metric (repeatable). Metrics: "
+            "activation_success_rate (default >=0.95), error_rate_delta (<=0.01), p95_latency_ratio (<=1.5), "
+            "error_rate.",
+        ),
+    ] = None,
+    on_failure: Annotated[
+        str, typer.Option("--on-failure", help="rollback (every node returns to what it had) or pause.")
+    ] = "rollback",
+    wave_deadline: Annotated[
+        str, typer.Option("--wave-deadline", help="Offline nodes stop holding a wave this long after it starts.")
+    ] = "1h",
+    min_requests: Annotated[
+        int, typer.Option("--min-requests", help="Requests a node needs before its errors and latency count.")
+    ] = 20,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start rolling NAME VERSION out to the nodes the selector matches; prints the rollout id on its last line."""
+    body = {
+        "model": name,
+        "version": version,
+        "selector": parse_selector(selector),
+        "waves": waves,
+        "max_unavailable": max_unavailable,
+        "bake_seconds": parse_duration(bake),
+        "gates": list(gate or []),
+        "on_failure": on_failure,
+        "wave_deadline_seconds": parse_duration(wave_deadline),
+        "min_requests": min_requests,
+    }
+    with ControlClient(server, token) as client:
+        created = client.create_rollout(body)
+    if as_json:
+        print_json(created)
+    else:
+        console.print(_summary(created))
+    typer.echo(created["id"])
+
+
+def _gate_table(results: list[dict[str, Any]], failed: dict[str, Any] | None) -> Table:
+    table = Table(title="gates (last evaluation)", title_justify="left")
+    for column in ("wave", "gate", "value", "result", "numbers"):
+        table.add_column(column)
+    rows = list(results)
+    if failed is not None and failed not in rows:
+        rows.append(failed)
+    for result in rows:
+        value = result.get("value")
+        table.add_row(
+            str(result["wave"] + 1),
+            result["gate"],
+            "-" if value is None else f"{value:.4g}",
+            "[green]pass[/green]" if result["passed"] else "[red]FAIL[/red]",
+            result.get("detail", ""),
+        )
+    return table
+
+
+@app.command("status")
+def status(
+    rollout_id: Annotated[str, typer.Argument(help="Rollout id.")],
+    server: ServerOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Where a rollout stands: waves, nodes, the gates' numbers, which gate failed, and which nodes are kept out."""
+    with ControlClient(server, token) as client:
+        rollout = client.rollout(rollout_id)
+    if as_json:
+        print_json(rollout)
+        return
+    now = time.time()
+    out.print(_summary(rollout))
+    out.print(f"  {rollout['message']}")
+    failed = rollout.get("failed_gate")
+    if failed:
+        out.print(
+            f"  [red]failed gate:[/red] {failed['gate']} in wave {failed['wave'] + 1}: "
+            f"value {failed['value']}, {failed['detail']}"
+        )
+    waves = Table(title="waves", title_justify="left")
+    for column in ("wave", "target", "nodes", "healthy", "updating", "pending", "failed"):
+        waves.add_column(column)
+    for wave in rollout.get("waves_detail", []):
+        marker = " ←" if wave["wave"] == rollout["wave"] and rollout["status"] in ("running", "paused") else ""
+        waves.add_row(
+            f"{wave['wave']}{marker}",
+            wave["target"],
+            *(str(wave[k]) for k in ("nodes", "healthy", "updating", "pending", "failed")),
+        )
+    out.print(waves)
+    if rollout.get("gate_results") or failed:
+        out.print(_gate_table(rollout.get("gate_results", []), failed))
+    nodes = Table(title="nodes", title_justify="left")
+    for column in ("node", "wave", "state", "had", "runs", "online", "note"):
+        nodes.add_column(column)
+    for node in rollout.get("nodes", []):
+        nodes.add_row(
+            node["name"],
+            "-" if node["wave"] is None else str(node["wave"]),
+            node["state"],
+            node["previous_version"] or "-",
+            node["current_version"] or "-",
+            "yes" if node["online"] else "no",
+            node["excluded"] or node["failure"] or "",
+        )
+    out.print(nodes)
+    if rollout.get("excluded"):
+        out.print(f"{len(rollout['excluded'])} nodes kept out:")
+        for item in rollout["excluded"]:
+            out.print(f"  {item['node']}: {item['reason']}")
+    out.print(f"created {ago(rollout['created_at'], now)}")
+
+
+@app.command("list")
+def list_rollouts(server: ServerOption = None, token: TokenOption = None, as_json: JsonOption = False) -> None:
+    """Every rollout, newest first."""
+    with ControlClient(server, token) as client:
+        rollouts = client.rollouts()
+    if as_json:
+        print_json(rollouts)
+        return
+    table = Table(title="rollouts", title_justify="left")
+    for column in ("id", "model", "version", "status", "wave", "nodes", "message"):
+        table.add_column(column)
+    for rollout in rollouts:
+        table.add_row(
+            rollout["id"],
+            rollout["model"],
+            rollout["version"],
+            rollout["status"],
+            f"{rollout['wave']}/{rollout['waves']}",
+            str(sum(rollout.get("counts", {}).values())),
+            rollout["message"],
+        )
+    out.print(table)
+
+
+def _act(action: str, rollout_id: str, server: str | None, token: str | None, as_json: bool) -> None:
+    with ControlClient(server, token) as client:
+        rollout = client.rollout_action(rollout_id, action)
+    if as_json:
+        print_json(rollout)
+    else:
+        console.print(_summary(rollout))
+
+
+@app.command("pause")
+def pause(
+    rollout_id: Annotated[str, typer.Argument(help="Rollout id.")],
+    server: ServerOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Stop starting waves; nodes keep what they run."""
+    _act("pause", rollout_id, server, token, as_json)
+
+
+@app.command("resume")
+def resume(
+    rollout_id: Annotated[str, typer.Argument(help="Rollout id.")],
+    server: ServerOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Carry on a paused rollout."""
+    _act("resume", rollout_id, server, token, as_json)
+
+
+@app.command("abort")
+def abort(
+    rollout_id: Annotated[str, typer.Argument(help="Rollout id.")],
+    server: ServerOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """End the rollout; every node of it returns to the version it had."""
+    _act("abort", rollout_id, server, token, as_json)

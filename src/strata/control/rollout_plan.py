@@ -1,0 +1,672 @@
+"""The rollout planner, a pure function: `plan_rollout(rollout, observations, now) -> actions`, and
+`apply_actions(rollout, actions) -> rollout`.
+
+A rollout takes one model version to the nodes its selector matches, wave by wave. At its first step every
+matching node is given a wave: the nodes are ordered so that early waves spread across regions, tiers and
+hardware profiles (and prefer nodes that are online), and wave k holds the nodes up to its cumulative target
+(`1%,10%,50%,100%` or counts). A node a placement policy or a pin keeps out is recorded with the reason and counts
+in no wave.
+
+When wave k starts its nodes are released: the desired-state rule gives released nodes the rollout's version and
+everyone else what they had (`max_unavailable` limits how many online nodes update at once). A released node is
+healthy once it reports the version active with its probation passed; it failed if it reports a failure of the
+version (a load or golden-check failure, or a probation rollback). The wave settles when each of its nodes is
+healthy for the bake time, or failed, or, once the wave's deadline has passed, still has not answered (offline
+nodes get the version whenever they return, and do not hold the wave). Then the gates (`strata.control.gates`)
+judge it: all pass and the next wave starts (the last one finishes the rollout); one fails and the rollout rolls
+back (every node returns to what it had) or pauses, recording the gate and its numbers. An activation success
+rate that can no longer pass stops the rollout at once.
+
+No clock, no I/O: the control plane's driver loads the rollout and the node observations from its database, and
+the fleet simulator keeps them in memory; both run this same code.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+from strata.control.gates import (
+    DEFAULT_GATES,
+    Baseline,
+    Gate,
+    GateResult,
+    Population,
+    ServingSample,
+    doomed,
+    evaluate_gates,
+    summarize_baseline,
+)
+from strata.core.errors import ConfigError
+from strata.core.wire import Failure, ServingCounters
+
+ACTIVE: Final = ("running", "paused")
+FINISHED: Final = ("succeeded", "rolled_back", "aborted")
+ON_FAILURE: Final = ("rollback", "pause")
+# Failures that say a node may not or cannot run the version: it is out of the rollout, not a failure of it.
+EXCLUDING_FAILURES: Final = frozenset({"policy", "no-variant"})
+SPREAD_LABELS: Final = ("region", "tier", "profile")
+GREEDY_PER_GROUP: Final = 4
+
+
+# --- the spec -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WaveSpec:
+    """A wave's cumulative size: a percentage of the eligible nodes, or a count of them."""
+
+    amount: float
+    percent: bool
+
+    @property
+    def text(self) -> str:
+        return f"{self.amount:g}%" if self.percent else f"{int(self.amount)}"
+
+    def target(self, eligible: int) -> int:
+        """How many eligible nodes the waves up to this one hold together (at least one when there are any)."""
+        if eligible <= 0:
+            return 0
+        if self.percent:
+            return min(eligible, max(1, math.ceil(self.amount * eligible / 100 - 1e-9)))
+        return min(eligible, max(1, int(self.amount)))
+
+
+def parse_waves(text: str) -> tuple[WaveSpec, ...]:
+    """`1%,10%,50%,100%` or `5,50,100%` -> waves; a last wave of 100% is added when missing.
+
+    Raises:
+        ConfigError: a term that is not a positive number or percentage, or targets that do not grow.
+    """
+    waves: list[WaveSpec] = []
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        percent = term.endswith("%")
+        try:
+            amount = float(term[:-1] if percent else term)
+        except ValueError:
+            raise ConfigError(f"wave {term!r} is not a count or a percentage") from None
+        if amount <= 0 or (percent and amount > 100) or (not percent and amount != int(amount)):
+            raise ConfigError(f"wave {term!r} must be a whole count above 0 or a percentage in (0, 100]")
+        waves.append(WaveSpec(amount, percent))
+    if not waves:
+        raise ConfigError("a rollout needs at least one wave")
+    for earlier, later in itertools.pairwise(waves):
+        if earlier.percent == later.percent and later.amount <= earlier.amount:
+            raise ConfigError(f"waves must grow: {later.text} follows {earlier.text}")
+    if not (waves[-1].percent and waves[-1].amount == 100):
+        waves.append(WaveSpec(100.0, True))
+    return tuple(waves)
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """How a rollout proceeds. Times in seconds."""
+
+    waves: tuple[WaveSpec, ...] = (WaveSpec(1, True), WaveSpec(10, True), WaveSpec(50, True), WaveSpec(100, True))
+    max_unavailable: int | None = None
+    bake_s: float = 600.0
+    gates: tuple[Gate, ...] = DEFAULT_GATES
+    on_failure: str = "rollback"
+    wave_deadline_s: float = 3600.0
+    min_requests: int = 20
+
+    def __post_init__(self) -> None:
+        if self.on_failure not in ON_FAILURE:
+            raise ConfigError(f"--on-failure must be one of {list(ON_FAILURE)}, got {self.on_failure!r}")
+        if self.max_unavailable is not None and self.max_unavailable < 1:
+            raise ConfigError("--max-unavailable must be at least 1")
+        if self.bake_s < 0 or self.wave_deadline_s < 0:
+            raise ConfigError("bake time and wave deadline must not be negative")
+        if not self.waves:
+            raise ConfigError("a rollout needs at least one wave")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "waves": [w.text for w in self.waves],
+            "max_unavailable": self.max_unavailable,
+            "bake_s": self.bake_s,
+            "gates": [g.to_json() for g in self.gates],
+            "on_failure": self.on_failure,
+            "wave_deadline_s": self.wave_deadline_s,
+            "min_requests": self.min_requests,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> RolloutSpec:
+        """Raises:
+        ConfigError: a field is out of range or malformed.
+        """
+        try:
+            return cls(
+                waves=parse_waves(",".join(str(w) for w in raw["waves"])),
+                max_unavailable=raw.get("max_unavailable"),
+                bake_s=float(raw.get("bake_s", 600.0)),
+                gates=tuple(Gate.from_json(g) for g in raw.get("gates", [g.to_json() for g in DEFAULT_GATES])),
+                on_failure=str(raw.get("on_failure", "rollback")),
+                wave_deadline_s=float(raw.get("wave_deadline_s", 3600.0)),
+                min_requests=int(raw.get("min_requests", 20)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"rollout spec is malformed: {exc}") from exc
+
+
+# --- the state ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeAssignment:
+    """One node's part in a rollout. Times are the control plane's."""
+
+    node_id: str
+    wave: int | None  # None: kept out (see `excluded`)
+    previous_version: str | None
+    order: int = 0
+    excluded: str | None = None
+    released_at: float | None = None
+    healthy_at: float | None = None
+    failed_at: float | None = None
+    failure: str | None = None
+    ever_on_target: bool = False
+
+    @property
+    def state(self) -> str:
+        """pending, updating, healthy, failed or excluded."""
+        if self.excluded is not None:
+            return "excluded"
+        if self.failed_at is not None:
+            return "failed"
+        if self.healthy_at is not None:
+            return "healthy"
+        if self.released_at is not None:
+            return "updating"
+        return "pending"
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """A rollout as the planner sees it: its spec, where it stands, and every node's part."""
+
+    id: int
+    model: str
+    version: str
+    selector: Mapping[str, str]
+    spec: RolloutSpec
+    created_at: float
+    status: str = "running"
+    wave: int = 0
+    wave_started_at: float | None = None
+    nodes: Mapping[str, NodeAssignment] = field(default_factory=dict)
+    gate_results: tuple[GateResult, ...] = ()
+    failed_gate: GateResult | None = None
+    baseline: Baseline = field(default_factory=Baseline)
+    message: str = ""
+    finished_at: float | None = None
+
+    @functools.cached_property
+    def released(self) -> frozenset[str]:
+        """The nodes the desired-state rule gives this rollout's version (while it is active)."""
+        return frozenset(n for n, a in self.nodes.items() if a.released_at is not None and a.excluded is None)
+
+    def members(self, wave: int) -> list[NodeAssignment]:
+        """The nodes of one wave that are not kept out."""
+        return self._by_wave.get(wave, [])
+
+    @functools.cached_property
+    def _by_wave(self) -> dict[int, list[NodeAssignment]]:
+        waves: dict[int, list[NodeAssignment]] = {}
+        for assignment in self.nodes.values():
+            if assignment.wave is not None and assignment.excluded is None:
+                waves.setdefault(assignment.wave, []).append(assignment)
+        return waves
+
+
+@dataclass(frozen=True)
+class NodeObservation:
+    """What the control plane knows of one matching node, for this rollout's model.
+
+    `failure` is a failure the node reports about the rollout's version; `excluded` says why the rollout may not
+    reach the node at all (a placement policy rule, a pin, no variant for its profile), None when it may.
+    """
+
+    node_id: str
+    labels: Mapping[str, str]
+    tier: str
+    profile: str
+    online: bool
+    version: str | None = None
+    probation: str | None = None
+    serving: ServingCounters | None = None
+    failure: Failure | None = None
+    excluded: str | None = None
+    drift_psi: float | None = None
+
+
+# --- actions --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Assign:
+    node_id: str
+    wave: int | None
+    previous_version: str | None
+    order: int
+    excluded: str | None = None
+
+
+@dataclass(frozen=True)
+class Exclude:
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Include:
+    node_id: str
+    wave: int
+
+
+@dataclass(frozen=True)
+class StartWave:
+    wave: int
+    at: float
+
+
+@dataclass(frozen=True)
+class Release:
+    node_ids: tuple[str, ...]
+    at: float
+
+
+@dataclass(frozen=True)
+class MarkHealthy:
+    node_id: str
+    at: float
+
+
+@dataclass(frozen=True)
+class MarkFailed:
+    node_id: str
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class MarkOnTarget:
+    node_id: str
+
+
+@dataclass(frozen=True)
+class RecordGates:
+    results: tuple[GateResult, ...]
+    baseline: Baseline
+
+
+@dataclass(frozen=True)
+class Halt:
+    """A gate failed: roll back (every node returns to what it had) or pause."""
+
+    gate: GateResult
+    rollback: bool
+    at: float
+
+
+@dataclass(frozen=True)
+class Complete:
+    at: float
+
+
+@dataclass(frozen=True)
+class Note:
+    """Where the rollout stands, in words, for `strata rollout status`."""
+
+    message: str
+
+
+RolloutAction = (
+    Assign | Exclude | Include | StartWave | Release | MarkHealthy | MarkFailed | MarkOnTarget | RecordGates | Halt
+)
+Action = RolloutAction | Complete | Note
+
+
+# --- wave assignment ------------------------------------------------------------------------------------
+
+
+def _jitter(rollout_id: int, node_id: str) -> int:
+    """A stable pseudo-random number per (rollout, node): a reproducible shuffle without a random generator."""
+    return int.from_bytes(hashlib.blake2b(f"{rollout_id}:{node_id}".encode(), digest_size=8).digest(), "big")
+
+
+def spread_order(rollout_id: int, nodes: Sequence[NodeObservation]) -> list[str]:
+    """Node ids in wave order: online nodes first, and among them each next node taken from the (region, tier,
+    profile) group whose label values have been used least so far, so that early waves cover every region,
+    tier and profile before taking a second node of any. Deterministic for a given rollout id.
+
+    The greedy choice costs a pass over the groups per node, so it orders the first few nodes of every group
+    (what early waves take); the rest follow round-robin over the groups.
+    """
+
+    def key(node: NodeObservation) -> tuple[str, str, str]:
+        return (node.labels.get("region", ""), node.tier, node.profile)
+
+    ordered: list[str] = []
+    for online in (True, False):
+        groups: dict[tuple[str, str, str], list[NodeObservation]] = {}
+        for node in nodes:
+            if node.online == online:
+                groups.setdefault(key(node), []).append(node)
+        queues = {
+            k: sorted(members, key=lambda n: (_jitter(rollout_id, n.node_id), n.node_id))
+            for k, members in groups.items()
+        }
+        used: list[dict[str, int]] = [{} for _ in SPREAD_LABELS]
+        heads = dict.fromkeys(queues, 0)
+        tiebreak = {k: _jitter(rollout_id, "|".join(k)) for k in queues}
+        greedy_steps = GREEDY_PER_GROUP * len(queues)
+        while heads and greedy_steps > 0:
+            greedy_steps -= 1
+            best = min(
+                heads,
+                key=lambda k: (sum(used[i].get(value, 0) for i, value in enumerate(k)), heads[k], tiebreak[k]),
+            )
+            ordered.append(queues[best][heads[best]].node_id)
+            for i, value in enumerate(best):
+                used[i][value] = used[i].get(value, 0) + 1
+            heads[best] += 1
+            if heads[best] == len(queues[best]):
+                del heads[best]
+        rotation = sorted(heads, key=lambda k: tiebreak[k])
+        while rotation:
+            remaining = []
+            for k in rotation:
+                ordered.append(queues[k][heads[k]].node_id)
+                heads[k] += 1
+                if heads[k] < len(queues[k]):
+                    remaining.append(k)
+            rotation = remaining
+    return ordered
+
+
+def wave_sizes(waves: Sequence[WaveSpec], eligible: int) -> list[int]:
+    """Cumulative targets per wave, made non-decreasing (the last is every eligible node)."""
+    sizes: list[int] = []
+    for wave in waves:
+        sizes.append(max(wave.target(eligible), sizes[-1] if sizes else 0))
+    if sizes:
+        sizes[-1] = eligible
+    return sizes
+
+
+def _assign(state: RolloutState, observations: Mapping[str, NodeObservation]) -> list[Action]:
+    fresh_ids = observations.keys() - state.nodes.keys()
+    if not fresh_ids:
+        return []
+    fresh = [observations[node_id] for node_id in sorted(fresh_ids)]
+    actions: list[Action] = []
+    for node in fresh:
+        if node.excluded is not None:
+            actions.append(Assign(node.node_id, None, node.version, -1, node.excluded))
+    eligible = [n for n in fresh if n.excluded is None]
+    if state.nodes:  # nodes that match after the rollout began join its last wave
+        last = len(state.spec.waves) - 1
+        base = max((a.order for a in state.nodes.values()), default=0) + 1
+        for index, node_id in enumerate(spread_order(state.id, eligible)):
+            actions.append(Assign(node_id, last, observations[node_id].version, base + index))
+        return actions
+    sizes = wave_sizes(state.spec.waves, len(eligible))
+    wave = 0
+    for position, node_id in enumerate(spread_order(state.id, eligible)):
+        while position >= sizes[wave]:
+            wave += 1
+        actions.append(Assign(node_id, wave, observations[node_id].version, position))
+    return actions
+
+
+# --- progress -------------------------------------------------------------------------------------------
+
+
+def _progress(state: RolloutState, observations: Mapping[str, NodeObservation], now: float) -> list[Action]:
+    actions: list[Action] = []
+    last_wave = len(state.spec.waves) - 1
+    for node_id, assignment in state.nodes.items():
+        node = observations.get(node_id)
+        if node is None:
+            continue
+        if assignment.released_at is None and assignment.excluded is None:  # the common case, kept cheap
+            if node.excluded is not None:
+                actions.append(Exclude(node_id, node.excluded))
+            continue
+        if assignment.excluded is not None:
+            # A node kept out before it was released (a pin, a policy) joins the last wave once nothing keeps it
+            # out; one that refused the version itself stays out.
+            if node.excluded is None and assignment.released_at is None:
+                actions.append(Include(node_id, last_wave))
+            continue
+        if assignment.released_at is None:
+            continue
+        on_target = node.version == state.version
+        if on_target and not assignment.ever_on_target:
+            actions.append(MarkOnTarget(node_id))
+        failure = node.failure
+        if failure is not None and failure.kind in EXCLUDING_FAILURES and not on_target:
+            actions.append(Exclude(node_id, f"the node refused it: {failure.reason}"))
+            continue
+        if assignment.failed_at is not None:
+            continue
+        if failure is not None and not on_target:
+            if failure.kind == "probation" and not assignment.ever_on_target:
+                actions.append(MarkOnTarget(node_id))
+            actions.append(MarkFailed(node_id, now, f"{failure.kind}: {failure.reason}"))
+        elif on_target and node.probation != "running" and assignment.healthy_at is None:
+            actions.append(MarkHealthy(node_id, now))
+    return actions
+
+
+def _release(state: RolloutState, observations: Mapping[str, NodeObservation], now: float) -> list[Action]:
+    waiting = sorted(
+        (a for a in state.nodes.values() if a.excluded is None and a.released_at is None and a.wave is not None),
+        key=lambda a: a.order,
+    )
+    waiting = [a for a in waiting if a.wave is not None and a.wave <= state.wave]
+    if not waiting:
+        return []
+    limit = state.spec.max_unavailable
+    if limit is None:
+        chosen = [a.node_id for a in waiting]
+    else:
+        busy = sum(
+            1
+            for a in state.nodes.values()
+            if a.state == "updating" and (o := observations.get(a.node_id)) is not None and o.online
+        )
+        room = max(0, limit - busy)
+        online = [a.node_id for a in waiting if (o := observations.get(a.node_id)) is not None and o.online]
+        chosen = online[:room]
+    return [Release(tuple(chosen), now)] if chosen else []
+
+
+def _outcomes(state: RolloutState, wave: int) -> tuple[int, int, int]:
+    """(members, activated, failed) of one wave."""
+    members = activated = failed = 0
+    for assignment in state.members(wave):
+        members += 1
+        if assignment.failed_at is not None:
+            failed += 1
+        elif assignment.healthy_at is not None:
+            activated += 1
+    return members, activated, failed
+
+
+def _population(
+    state: RolloutState, observations: Mapping[str, NodeObservation], wave: int, with_serving: bool
+) -> Population:
+    """The wave's evidence; the serving samples (a pass over every node) only when the gates are judged."""
+    members, activated, failed = _outcomes(state, wave)
+    canary: list[ServingSample] = []
+    baseline: list[ServingSample] = []
+    drift: list[float] = []
+    for node_id, assignment in state.nodes.items() if with_serving else ():
+        node = observations.get(node_id)
+        if node is None or assignment.excluded is not None:
+            continue
+        on_target = assignment.released_at is not None and node.version == state.version
+        if on_target and node.drift_psi is not None:
+            drift.append(node.drift_psi)
+        if node.serving is None:
+            continue
+        sample = ServingSample(node.profile, node.serving)
+        if on_target:
+            canary.append(sample)
+        elif assignment.released_at is None and node.version is not None and node.version != state.version:
+            baseline.append(sample)
+    return Population(
+        wave_members=members,
+        activated=activated,
+        failed=failed,
+        canary=tuple(canary),
+        baseline=tuple(baseline),
+        recorded_baseline=state.baseline,
+        min_requests=state.spec.min_requests,
+        canary_drift=tuple(drift),
+    )
+
+
+def _settled(state: RolloutState, wave: int, observations: Mapping[str, NodeObservation], now: float) -> str | None:
+    """None when wave `wave` is settled, else what it still waits for."""
+    started = state.wave_started_at if state.wave_started_at is not None else now
+    deadline = started + state.spec.wave_deadline_s
+    past_deadline = now >= deadline
+    baking = updating = probation = offline = 0
+    resolved_healthy = 0
+    for assignment in state.members(wave):
+        if assignment.failed_at is not None:
+            continue
+        if assignment.healthy_at is not None:
+            if past_deadline and assignment.healthy_at >= deadline:
+                continue  # a straggler that caught up after the deadline does not hold the wave again
+            if now < assignment.healthy_at + state.spec.bake_s:
+                baking += 1
+            else:
+                resolved_healthy += 1
+            continue
+        if past_deadline:
+            continue
+        node = observations.get(assignment.node_id)
+        if node is None or not node.online:
+            offline += 1
+        elif node.version == state.version and node.probation == "running":
+            probation += 1
+        else:
+            updating += 1
+    if baking or updating or probation or offline:
+        counts = ((updating, "updating"), (probation, "on probation"), (baking, "baking"), (offline, "offline"))
+        parts = [f"{n} {what}" for n, what in counts if n]
+        until = "" if past_deadline else f"; offline nodes stop holding it at +{state.spec.wave_deadline_s:g}s"
+        return f"wave {wave + 1}: {', '.join(parts)}{until}"
+    members = state.members(wave)
+    if members and not resolved_healthy and not any(a.failed_at is not None for a in members):
+        return f"wave {wave + 1}: none of its {len(members)} nodes has been reachable yet"
+    return None
+
+
+def plan_rollout(state: RolloutState, observations: Mapping[str, NodeObservation], now: float) -> list[Action]:
+    """The next actions of a rollout, given what its nodes report now. Empty when there is nothing to do.
+
+    `observations` holds every live node the rollout's selector matches, keyed by id.
+    """
+    if state.status not in ACTIVE:
+        return []
+    actions = _assign(state, observations)
+    if actions:
+        state = apply_actions(state, actions)
+    progress = _progress(state, observations, now)
+    if progress:
+        actions.extend(progress)
+        state = apply_actions(state, progress)
+    if state.status == "paused":
+        return actions
+    wave = state.wave
+    if state.wave_started_at is None:
+        actions.append(StartWave(wave, now))
+        state = apply_actions(state, [StartWave(wave, now)])
+    release = _release(state, observations, now)
+    if release:
+        actions.extend(release)
+        state = apply_actions(state, release)
+    stop = doomed(state.spec.gates, _population(state, observations, wave, with_serving=False), wave)
+    if stop is not None:
+        actions.append(Halt(stop, state.spec.on_failure == "rollback", now))
+        return actions
+    waiting = _settled(state, wave, observations, now)
+    if waiting is not None:
+        if waiting != state.message:
+            actions.append(Note(waiting))
+        return actions
+    population = _population(state, observations, wave, with_serving=True)
+    results = tuple(evaluate_gates(state.spec.gates, population, wave))
+    actions.append(RecordGates(results, summarize_baseline(population)))
+    failed = next((r for r in results if not r.passed), None)
+    if failed is not None:
+        actions.append(Halt(failed, state.spec.on_failure == "rollback", now))
+    elif wave + 1 < len(state.spec.waves):
+        actions.append(StartWave(wave + 1, now))
+        state = apply_actions(state, actions[-1:])
+        actions.extend(_release(state, observations, now))
+    else:
+        actions.append(Complete(now))
+    return actions
+
+
+# --- applying -------------------------------------------------------------------------------------------
+
+
+def apply_actions(state: RolloutState, actions: Iterable[Action]) -> RolloutState:
+    """The rollout after `actions` (what the driver then stores, and the simulator keeps)."""
+    nodes = dict(state.nodes)
+    changes: dict[str, Any] = {}
+    regrouped = False
+    for action in actions:
+        regrouped = regrouped or isinstance(action, Assign | Exclude | Include)
+        match action:
+            case Assign(node_id, wave, previous, order, excluded):
+                nodes[node_id] = NodeAssignment(node_id, wave, previous, order, excluded)
+            case Exclude(node_id, reason):
+                nodes[node_id] = replace(nodes[node_id], excluded=reason)
+            case Include(node_id, wave):
+                nodes[node_id] = replace(nodes[node_id], excluded=None, wave=wave)
+            case StartWave(wave, at):
+                changes.update(wave=wave, wave_started_at=at, message=f"wave {wave + 1} started")
+            case Release(node_ids, at):
+                for node_id in node_ids:
+                    nodes[node_id] = replace(nodes[node_id], released_at=at)
+            case MarkHealthy(node_id, at):
+                nodes[node_id] = replace(nodes[node_id], healthy_at=at)
+            case MarkFailed(node_id, at, reason):
+                nodes[node_id] = replace(nodes[node_id], failed_at=at, failure=reason)
+            case MarkOnTarget(node_id):
+                nodes[node_id] = replace(nodes[node_id], ever_on_target=True)
+            case RecordGates(results, baseline):
+                changes.update(gate_results=results, baseline=baseline)
+            case Halt(gate, rollback, at):
+                changes.update(
+                    status="rolled_back" if rollback else "paused",
+                    failed_gate=gate,
+                    finished_at=at if rollback else None,
+                    message=f"gate {gate.gate.text} failed in wave {gate.wave + 1}: {gate.detail}",
+                )
+            case Complete(at):
+                changes.update(status="succeeded", finished_at=at, message="every wave passed its gates")
+            case Note(message):
+                changes.update(message=message)
+    updated = replace(state, nodes=nodes, **changes)
+    if not regrouped and "_by_wave" in state.__dict__:
+        # Membership did not change: keep the wave index (rebuilding it costs a pass over every node), with the
+        # members' fresh assignments.
+        updated.__dict__["_by_wave"] = {
+            wave: [nodes[a.node_id] for a in members] for wave, members in state.__dict__["_by_wave"].items()
+        }
+    return updated

@@ -1,0 +1,600 @@
+"""Rollouts in the control plane: the operator's service (create, list, show, pause, resume, abort) and the
+driver that carries the planner's decisions out.
+
+The driver is thin: each `tick` loads every active rollout and what its nodes last reported, calls the pure
+`plan_rollout`, stores the resulting state (`apply_actions`), and bumps the fleet generation when the set of
+released nodes or a rollout's status changed, so long-polling nodes hear at once. Everything it needs is in the
+database, so a restarted server carries on where it stopped. It runs after status reports (debounced) and on a
+timer (`ServerSettings.rollout_interval_s`), from `strata.control.app`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from strata.control.db import Database, Model, ModelVersion, Node, Pin, Rollout, RolloutNode
+from strata.control.desired import ActiveDeployment
+from strata.control.feed import ChangeFeed
+from strata.control.gates import Baseline, GateResult
+from strata.control.presence import PresenceTracker
+from strata.control.rollout_plan import (
+    ACTIVE,
+    NodeAssignment,
+    NodeObservation,
+    RolloutSpec,
+    RolloutState,
+    apply_actions,
+    plan_rollout,
+)
+from strata.core.errors import Conflict, NotFound, ProfileError
+from strata.core.policy import ModelFacts, NodeFacts, Policy, PolicyError, evaluate
+from strata.core.profiles import VariantChoice, get_profile, rank_variants
+from strata.core.wire import NodeStatus, ProtocolError, VariantRef, parse_labels, selector_matches
+
+log = logging.getLogger(__name__)
+
+
+# --- what the service returns ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RolloutNodeView:
+    """One node of a rollout as `strata rollout status` shows it."""
+
+    node_id: str
+    name: str
+    wave: int | None
+    state: str
+    previous_version: str | None
+    current_version: str | None
+    online: bool
+    excluded: str | None
+    failure: str | None
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """A rollout: what, where, how, where it stands, the gates' last numbers, and (with `nodes`) every node."""
+
+    id: str
+    model: str
+    version: str
+    selector: dict[str, str]
+    spec: dict[str, Any]
+    status: str
+    wave: int
+    waves: int
+    wave_started_at: float | None
+    created_at: float
+    finished_at: float | None
+    message: str
+    counts: dict[str, int]
+    waves_detail: list[dict[str, Any]]
+    gate_results: list[dict[str, Any]]
+    failed_gate: dict[str, Any] | None
+    excluded: list[dict[str, str]]
+    nodes: list[RolloutNodeView] = field(default_factory=list)
+
+
+# --- conversions between rows and the planner's state ---------------------------------------------------
+
+
+def _assignment(row: RolloutNode) -> NodeAssignment:
+    return NodeAssignment(
+        node_id=row.node_id,
+        wave=row.wave,
+        previous_version=row.previous_version,
+        order=row.position,
+        excluded=row.excluded,
+        released_at=row.released_at,
+        healthy_at=row.healthy_at,
+        failed_at=row.failed_at,
+        failure=row.failure,
+        ever_on_target=row.ever_on_target,
+    )
+
+
+def state_of(row: Rollout, node_rows: Iterable[RolloutNode]) -> RolloutState:
+    """The planner's view of a stored rollout.
+
+    Raises:
+        ConfigError: the stored spec does not parse (written by a newer strata, say).
+    """
+    return RolloutState(
+        id=row.id,
+        model=row.version.model.name,
+        version=row.version.version,
+        selector=dict(row.selector),
+        spec=RolloutSpec.from_json(row.spec),
+        created_at=row.created_at,
+        status=row.status,
+        wave=row.wave,
+        wave_started_at=row.wave_started_at,
+        nodes={n.node_id: _assignment(n) for n in node_rows},
+        gate_results=tuple(GateResult.from_json(g) for g in row.gate_results),
+        failed_gate=GateResult.from_json(row.failed_gate) if row.failed_gate else None,
+        baseline=Baseline.from_json(row.baseline),
+        message=row.message,
+        finished_at=row.finished_at,
+    )
+
+
+def _store(session: Session, row: Rollout, rows: dict[str, RolloutNode], old: RolloutState, new: RolloutState) -> None:
+    row.status = new.status
+    row.wave = new.wave
+    row.wave_started_at = new.wave_started_at
+    row.gate_results = [g.to_json() for g in new.gate_results]
+    row.failed_gate = new.failed_gate.to_json() if new.failed_gate else None
+    row.baseline = new.baseline.to_json()
+    row.message = new.message[:2000]
+    row.finished_at = new.finished_at
+    for node_id, assignment in new.nodes.items():
+        if old.nodes.get(node_id) == assignment:
+            continue
+        stored = rows.get(node_id)
+        if stored is None:
+            stored = RolloutNode(rollout_id=row.id, node_id=node_id)
+            session.add(stored)
+            rows[node_id] = stored
+        stored.wave = assignment.wave
+        stored.position = assignment.order
+        stored.previous_version = assignment.previous_version
+        stored.excluded = assignment.excluded
+        stored.released_at = assignment.released_at
+        stored.healthy_at = assignment.healthy_at
+        stored.failed_at = assignment.failed_at
+        stored.failure = assignment.failure
+        stored.ever_on_target = assignment.ever_on_target
+
+
+def variant_refs(version: ModelVersion) -> tuple[VariantRef, ...]:
+    """A version's variants as desired states name them."""
+    return tuple(
+        VariantRef(
+            id=v.variant,
+            profile=v.profile,
+            runtime=v.runtime,
+            precision=v.precision,
+            digest=v.digest,
+            blob=v.blob,
+            size=v.size,
+        )
+        for v in version.variants
+    )
+
+
+def variant_policies(version: ModelVersion) -> dict[str, Policy]:
+    """Each variant's placement policy, from the manifest it was registered with (empty ones left out)."""
+    policies: dict[str, Policy] = {}
+    for variant in version.variants:
+        try:
+            policy = Policy.from_json(variant.manifest.get("policy") or {})
+        except PolicyError as exc:  # checked at upload; a row from before would fail closed here
+            log.error("variant %s has an unreadable policy (%s); it is allowed nowhere", variant.variant, exc)
+            policy = Policy(allowed_regions=("\x00unreadable",))
+        if not policy.empty:
+            policies[variant.variant] = policy
+    return policies
+
+
+# --- observations ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """The live nodes and pins, loaded once per tick and shared by every rollout."""
+
+    nodes: list[Node]
+    statuses: dict[str, NodeStatus | None]
+    pins: list[ActiveDeployment]
+    online: dict[str, bool]
+
+
+def exclusion(
+    node: Node,
+    model: str,
+    version: str,
+    variants: tuple[VariantRef, ...],
+    policies: Mapping[str, Policy],
+    pins: Iterable[ActiveDeployment],
+) -> str | None:
+    """Why a rollout of `model` `version` may not reach this node (a pin, a policy rule, no variant), or None."""
+    for pin in sorted(pins, key=lambda p: p.recency, reverse=True):
+        if pin.model == model and pin.applies_to(node.id, node.labels):
+            return f"pinned to {pin.version} (pin {pin.id})"
+    facts = NodeFacts.of(node.name, node.tier, node.profile, node.labels)
+    allowed = []
+    refusal = None
+    for variant in variants:
+        decision = evaluate(policies.get(variant.id, Policy()), ModelFacts(model, version), facts)
+        if decision.allowed:
+            allowed.append(variant)
+        elif refusal is None:
+            refusal = f"policy rule {decision.rule}: {decision.reason}"
+    if not allowed:
+        return refusal or f"{model} {version} has no variants"
+    choices = [VariantChoice(v.id, v.profile, v.runtime, v.precision) for v in allowed]
+    try:
+        runnable = rank_variants(get_profile(node.profile), choices)
+    except ProfileError:
+        runnable = []
+    if not runnable:
+        return f"no variant of {model} {version} runs on profile {node.profile}"
+    return None
+
+
+def observe(
+    rollout: RolloutState,
+    snapshot: FleetSnapshot,
+    variants: tuple[VariantRef, ...],
+    policies: Mapping[str, Policy],
+    drift: Mapping[str, float] | None = None,
+) -> dict[str, NodeObservation]:
+    """What the rollout's matching nodes report, as the planner takes it."""
+    observations: dict[str, NodeObservation] = {}
+    for node in snapshot.nodes:
+        if not selector_matches(rollout.selector, node.labels):
+            continue
+        status = snapshot.statuses.get(node.id)
+        running = next((m for m in status.models if m.name == rollout.model), None) if status else None
+        failure = None
+        if status is not None:
+            failure = next(
+                (f for f in status.failures if f.model == rollout.model and f.version == rollout.version), None
+            )
+        observations[node.id] = NodeObservation(
+            node_id=node.id,
+            labels=dict(node.labels),
+            tier=node.tier,
+            profile=node.profile,
+            online=snapshot.online.get(node.id, False),
+            version=running.version if running else None,
+            probation=running.probation if running else None,
+            serving=running.serving if running else None,
+            failure=failure,
+            excluded=exclusion(node, rollout.model, rollout.version, variants, policies, snapshot.pins),
+            drift_psi=(drift or {}).get(node.id),
+        )
+    return observations
+
+
+# --- the service ----------------------------------------------------------------------------------------
+
+
+class RolloutService:
+    """Creates rollouts and answers about them; `tick` is the driver (see the module docstring).
+
+    One lock serialises ticks and operator changes, so a pause never races with a wave the driver starts.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        feed: ChangeFeed,
+        presence: PresenceTracker,
+        clock: Callable[[], float],
+        online_window_s: float,
+        load_pins: Callable[[Session], list[ActiveDeployment]],
+    ) -> None:
+        self._db = db
+        self._feed = feed
+        self._presence = presence
+        self._clock = clock
+        self._online_window_s = online_window_s
+        self._load_pins = load_pins
+        self._lock = threading.RLock()
+        self._parsed: dict[str, tuple[str, NodeStatus | None]] = {}
+        # Node id -> largest PSI of (model, version) since a time: telemetry's drift figures, when wired in.
+        self.drift: Callable[[str, str, float], Mapping[str, float]] | None = None
+
+    # --- operator calls ---------------------------------------------------------------------------------
+
+    def create(self, model: str, version: str, selector: Mapping[str, str], spec: RolloutSpec) -> RolloutView:
+        """Start rolling `model` `version` out to the nodes `selector` matches; the first waves are chosen at once.
+
+        Raises:
+            NotFound: no such model or version.
+            ProtocolError: the selector is malformed, or the version has no variants.
+            Conflict: another rollout of this model is still running or paused.
+            StoreError: the database failed.
+        """
+        selector = parse_labels(dict(selector), "selector")
+        with self._lock:
+            with self._db.transaction() as session:
+                row = session.scalar(
+                    select(ModelVersion).join(Model).where(Model.name == model, ModelVersion.version == version)
+                )
+                if row is None:
+                    if session.scalar(select(Model.id).where(Model.name == model)) is None:
+                        raise NotFound(f"no model {model!r}")
+                    raise NotFound(f"model {model!r} has no version {version!r}")
+                if not row.variants:
+                    raise ProtocolError(f"{model} {version} has no variants to roll out")
+                running = session.scalar(
+                    select(Rollout.id)
+                    .join(ModelVersion)
+                    .where(ModelVersion.model_id == row.model_id, Rollout.status.in_(ACTIVE))
+                )
+                if running is not None:
+                    raise Conflict(f"rollout {running} of {model} is still active; abort it or let it finish first")
+                rollout = Rollout(
+                    version=row,
+                    selector=selector,
+                    spec=spec.to_json(),
+                    status="running",
+                    wave=0,
+                    wave_started_at=None,
+                    gate_results=[],
+                    failed_gate=None,
+                    baseline={},
+                    message="created",
+                    created_at=self._clock(),
+                    finished_at=None,
+                )
+                session.add(rollout)
+                session.flush()
+                rollout_id = rollout.id
+            self.tick()
+        return self.get(str(rollout_id))
+
+    def list(self) -> list[RolloutView]:
+        """Every rollout, newest first, without per-node detail.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            rows = session.scalars(select(Rollout).options(*_ROLLOUT_LOADS).order_by(Rollout.id.desc())).all()
+            return [self._view(session, row, with_nodes=False) for row in rows]
+
+    def get(self, rollout_id: str) -> RolloutView:
+        """One rollout with every node's part.
+
+        Raises:
+            NotFound: no such rollout.
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            return self._view(session, self._row(session, rollout_id), with_nodes=True)
+
+    def pause(self, rollout_id: str) -> RolloutView:
+        """Stop starting waves and releasing nodes; nodes keep what they run.
+
+        Raises:
+            NotFound: no such rollout.
+            Conflict: it is not running.
+            StoreError: the database failed.
+        """
+        return self._transition(rollout_id, ("running",), "paused", "paused by the operator")
+
+    def resume(self, rollout_id: str) -> RolloutView:
+        """Carry on a paused rollout (after a failed gate too: the gates judge the wave again when it settles).
+
+        Raises:
+            NotFound: no such rollout.
+            Conflict: it is not paused.
+            StoreError: the database failed.
+        """
+        view = self._transition(rollout_id, ("paused",), "running", "resumed by the operator")
+        self.tick()
+        return self.get(view.id)
+
+    def abort(self, rollout_id: str) -> RolloutView:
+        """End the rollout and send every node of it back to the version it had.
+
+        Raises:
+            NotFound: no such rollout.
+            Conflict: it has finished already.
+            StoreError: the database failed.
+        """
+        return self._transition(rollout_id, ACTIVE, "aborted", "aborted by the operator: nodes return to what they had")
+
+    def _transition(self, rollout_id: str, allowed: Iterable[str], status: str, message: str) -> RolloutView:
+        allowed = tuple(allowed)
+        with self._lock:
+            with self._db.transaction() as session:
+                row = self._row(session, rollout_id)
+                if row.status not in allowed:
+                    raise Conflict(f"rollout {row.id} is {row.status}; it must be {' or '.join(allowed)}")
+                row.status = status
+                row.message = message
+                if status == "running":
+                    row.failed_gate = None
+                if status == "aborted":
+                    row.finished_at = self._clock()
+            self._feed.bump()
+        return self.get(rollout_id)
+
+    # --- the driver -------------------------------------------------------------------------------------
+
+    def tick(self) -> int:
+        """Plan and apply one step of every active rollout; return how many rollouts changed.
+
+        Raises:
+            StoreError: the database failed (nothing of this step is stored; the next tick tries again).
+        """
+        now = self._clock()
+        changed = 0
+        desired_changed = False
+        with self._lock, self._db.transaction() as session:
+            rows = session.scalars(
+                select(Rollout).options(*_ROLLOUT_LOADS).where(Rollout.status.in_(ACTIVE)).order_by(Rollout.id)
+            ).all()
+            if not rows:
+                return 0
+            snapshot = self._snapshot(session, now)
+            for row in rows:
+                node_rows = {
+                    n.node_id: n
+                    for n in session.scalars(select(RolloutNode).where(RolloutNode.rollout_id == row.id)).all()
+                }
+                state = state_of(row, node_rows.values())
+                variants = variant_refs(row.version)
+                policies = variant_policies(row.version)
+                since = state.wave_started_at or state.created_at
+                drift = self.drift(state.model, state.version, since) if self.drift is not None else None
+                actions = plan_rollout(state, observe(state, snapshot, variants, policies, drift), now)
+                if not actions:
+                    continue
+                new = apply_actions(state, actions)
+                _store(session, row, node_rows, state, new)
+                changed += 1
+                if new.status != state.status:
+                    log.info("rollout %d of %s %s: %s (%s)", row.id, new.model, new.version, new.status, new.message)
+                desired_changed |= new.status != state.status or new.released != state.released
+        if desired_changed:
+            self._feed.bump()
+        return changed
+
+    def _snapshot(self, session: Session, now: float) -> FleetSnapshot:
+        nodes = list(session.scalars(select(Node).where(Node.revoked_at.is_(None))).all())
+        statuses: dict[str, NodeStatus | None] = {}
+        online: dict[str, bool] = {}
+        for node in nodes:
+            statuses[node.id] = self._status(node)
+            seen = max((t for t in (node.last_seen, self._presence.last_seen(node.id)) if t is not None), default=None)
+            online[node.id] = seen is not None and now - seen <= self._online_window_s
+        return FleetSnapshot(nodes=nodes, statuses=statuses, pins=self._load_pins(session), online=online)
+
+    def _status(self, node: Node) -> NodeStatus | None:
+        """The node's last report, parsed once per distinct document."""
+        document = node.status or ""
+        cached = self._parsed.get(node.id)
+        if cached is not None and cached[0] == document:
+            return cached[1]
+        parsed: NodeStatus | None = None
+        if document:
+            try:
+                parsed = NodeStatus.from_json(json.loads(document))
+            except (ValueError, ProtocolError):
+                parsed = None
+        self._parsed[node.id] = (document, parsed)
+        return parsed
+
+    # --- views ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _row(session: Session, rollout_id: str) -> Rollout:
+        if not rollout_id.isdecimal():
+            raise NotFound(f"no rollout {rollout_id!r}")
+        row = session.scalar(select(Rollout).options(*_ROLLOUT_LOADS).where(Rollout.id == int(rollout_id)))
+        if row is None:
+            raise NotFound(f"no rollout {rollout_id!r}")
+        return row
+
+    def _view(self, session: Session, row: Rollout, with_nodes: bool) -> RolloutView:
+        node_rows = session.scalars(select(RolloutNode).where(RolloutNode.rollout_id == row.id)).all()
+        state = state_of(row, node_rows)
+        counts: dict[str, int] = {}
+        waves: list[dict[str, Any]] = [
+            {"wave": i + 1, "target": w.text, "nodes": 0, "healthy": 0, "failed": 0, "updating": 0, "pending": 0}
+            for i, w in enumerate(state.spec.waves)
+        ]
+        for assignment in state.nodes.values():
+            counts[assignment.state] = counts.get(assignment.state, 0) + 1
+            if assignment.wave is not None and assignment.excluded is None:
+                detail = waves[assignment.wave]
+                detail["nodes"] += 1
+                detail[assignment.state] += 1
+        excluded_rows = [a for a in state.nodes.values() if a.excluded is not None]
+        now = self._clock()
+        known: dict[str, tuple[str, str | None, bool]] = {}
+        if with_nodes or excluded_rows:
+            # Every node, filtered here: an IN list of a large fleet's ids would pass SQLite's variable limit.
+            for node in session.scalars(select(Node)).all():
+                if node.id not in state.nodes:
+                    continue
+                status = self._status(node)
+                running = next((m for m in status.models if m.name == state.model), None) if status else None
+                seen = max(
+                    (t for t in (node.last_seen, self._presence.last_seen(node.id)) if t is not None), default=None
+                )
+                online = seen is not None and now - seen <= self._online_window_s
+                known[node.id] = (node.name, running.version if running else None, online)
+
+        def name(node_id: str) -> str:
+            return known[node_id][0] if node_id in known else node_id
+
+        excluded = [
+            {"node": name(a.node_id), "reason": a.excluded or ""}
+            for a in sorted(excluded_rows, key=lambda a: name(a.node_id))
+        ]
+        nodes: list[RolloutNodeView] = []
+        if with_nodes:
+            for assignment in sorted(state.nodes.values(), key=lambda a: (a.wave is None, a.wave or 0, a.order)):
+                _, current, online = known.get(assignment.node_id, (assignment.node_id, None, False))
+                nodes.append(
+                    RolloutNodeView(
+                        node_id=assignment.node_id,
+                        name=name(assignment.node_id),
+                        wave=None if assignment.wave is None else assignment.wave + 1,
+                        state=assignment.state,
+                        previous_version=assignment.previous_version,
+                        current_version=current,
+                        online=online,
+                        excluded=assignment.excluded,
+                        failure=assignment.failure,
+                    )
+                )
+        return RolloutView(
+            id=str(row.id),
+            model=state.model,
+            version=state.version,
+            selector=dict(state.selector),
+            spec=state.spec.to_json(),
+            status=state.status,
+            wave=state.wave + 1,
+            waves=len(state.spec.waves),
+            wave_started_at=state.wave_started_at,
+            created_at=state.created_at,
+            finished_at=state.finished_at,
+            message=state.message,
+            counts=counts,
+            waves_detail=waves,
+            gate_results=[g.to_json() for g in state.gate_results],
+            failed_gate=state.failed_gate.to_json() if state.failed_gate else None,
+            excluded=excluded,
+            nodes=nodes,
+        )
+
+
+_ROLLOUT_LOADS = (
+    selectinload(Rollout.version).selectinload(ModelVersion.model),
+    selectinload(Rollout.version).selectinload(ModelVersion.variants),
+)
+
+
+def load_pin_entries(session: Session) -> list[ActiveDeployment]:
+    """Every pin as an entry of the desired-state rule (a pin on one node applies to that node only).
+
+    Raises:
+        SQLAlchemyError: the query failed (callers run it inside `Database.transaction`, which wraps it).
+    """
+    rows = session.scalars(
+        select(Pin).options(
+            selectinload(Pin.version).selectinload(ModelVersion.model),
+            selectinload(Pin.version).selectinload(ModelVersion.variants),
+        )
+    ).all()
+    return [
+        ActiveDeployment(
+            id=row.id,
+            model=row.version.model.name,
+            version=row.version.version,
+            selector=dict(row.selector),
+            created_at=row.created_at,
+            variants=variant_refs(row.version),
+            kind="pin",
+            only_nodes=frozenset({row.node_id}) if row.node_id else None,
+            policies=variant_policies(row.version),
+        )
+        for row in rows
+    ]

@@ -1,0 +1,304 @@
+"""Rollouts over the API with a real control plane: waves, gates, rollback, pins, policy, history, restarts.
+
+Nodes are played by the test: they poll their desired state and report what a real agent would report, so every
+step is deterministic (the server's clock is a ManualClock and the driver is stepped with `tick`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from control_harness import Harness, NodeCredentials, StartServer
+
+from strata.control.settings import ServerSettings
+from strata.core.wire import DesiredState
+
+DIGEST = {"1": "sha256:" + "1" * 64, "2": "sha256:" + "2" * 64, "3": "sha256:" + "3" * 64}
+
+
+@pytest.fixture
+def quiet_settings(settings: ServerSettings) -> ServerSettings:
+    # The background driver would only repeat what `tick` does; keep it out of the way.
+    return replace(settings, rollout_interval_s=3600, rollout_debounce_s=3600)
+
+
+@pytest.fixture
+def server(quiet_settings: ServerSettings, start_server: StartServer) -> Iterator[Harness]:
+    with start_server(quiet_settings) as harness:
+        yield harness
+
+
+@pytest.fixture
+def registry(server: Harness, make_package: Callable[..., bytes]) -> Harness:
+    for version in ("1", "2"):
+        assert server.upload(make_package(version=version)).status_code == 201
+    return server
+
+
+def models(server: Harness, node: NodeCredentials) -> dict[str, str]:
+    response = server.desired(node)
+    assert response.status_code == 200, response.text
+    return {m.name: m.version for m in DesiredState.from_json(response.json()).models}
+
+
+def report(
+    server: Harness,
+    node: NodeCredentials,
+    labels: dict[str, str],
+    version: str | None,
+    *,
+    failures: list[dict[str, Any]] | None = None,
+    p95: float = 4.0,
+    requests: int = 100,
+    errors: int = 0,
+    probation: str = "passed",
+    profile: str = "cpu-generic",
+) -> None:
+    running = []
+    if version is not None:
+        serving = {"requests": requests, "errors": errors, "latency_p95_ms": p95, "since": 0.0}
+        running.append(
+            {
+                "name": "digits",
+                "version": version,
+                "variant": "cpu-generic-fp32",
+                "digest": DIGEST[version],
+                "activated_at": server.clock.now,
+                "serving": serving,
+                "probation": probation,
+            }
+        )
+    status = {"tier": "device", "labels": labels, "profile": profile, "models": running, "failures": failures or []}
+    response = server.client.put(f"/v1/nodes/{node.node_id}/status", json=status, headers=node.headers)
+    assert response.status_code == 204, response.text
+
+
+def rollout(server: Harness, rollout_id: str) -> dict[str, Any]:
+    response = server.client.get(f"/v1/rollouts/{rollout_id}", headers=server.admin)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def create(server: Harness, **fields: Any) -> dict[str, Any]:
+    body = {"model": "digits", "version": "2", "bake_seconds": 60, **fields}
+    response = server.client.post("/v1/rollouts", json=body, headers=server.admin)
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+class Fleet:
+    """Enrolled test nodes that answer like agents: they run whatever their desired state says."""
+
+    def __init__(self, server: Harness, count: int, region: str = "eu-west") -> None:
+        self.server = server
+        self.nodes: dict[str, tuple[NodeCredentials, dict[str, str]]] = {}
+        for i in range(count):
+            labels = {"fleet": "t", "region": region if i % 2 else "eu-north", "site": f"s{i}"}
+            self.nodes[f"n{i}"] = (server.enroll(f"n{i}", labels), labels)
+
+    def converge(self, **report_fields: Any) -> dict[str, str | None]:
+        """Every node polls and reports running its desired version of digits (or the `version` its fields
+        say, for a node that could not take it); return name -> version."""
+        running = {}
+        for name, (node, labels) in self.nodes.items():
+            fields = dict(report_fields.get(name, {}))
+            version = fields.pop("version", models(self.server, node).get("digits"))
+            report(self.server, node, labels, version, **fields)
+            running[name] = version
+        return running
+
+
+def test_a_good_rollout_goes_wave_by_wave_and_survives_a_restart(
+    quiet_settings: ServerSettings, start_server: StartServer, make_package: Callable[..., bytes]
+) -> None:
+    with start_server(quiet_settings) as server:
+        for version in ("1", "2"):
+            assert server.upload(make_package(version=version)).status_code == 201
+        fleet = Fleet(server, 10)
+        server.deploy("digits", "1", {"fleet": "t"})
+        assert set(fleet.converge().values()) == {"1"}
+
+        created = create(server, waves="1,50%", selector={"fleet": "t"})
+        assert created["status"] == "running"
+        assert [w["target"] for w in created["waves_detail"]] == ["1", "50%", "100%"]  # 100% is implied
+        assert [w["nodes"] for w in created["waves_detail"]] == [1, 4, 5]
+        running = fleet.converge()
+        canary = [name for name, version in running.items() if version == "2"]
+        assert len(canary) == 1
+        state = server.desired(fleet.nodes[canary[0]][0]).json()
+        assert state["models"][0]["deployment"] == f"rollout/{created['id']}"
+
+        server.plane.rollouts.tick()
+        assert rollout(server, created["id"])["counts"]["healthy"] == 1
+        server.clock.advance(30)
+        server.plane.rollouts.tick()
+        assert rollout(server, created["id"])["wave"] == 1  # still baking
+
+        server.clock.advance(31)
+        server.plane.rollouts.tick()
+        status = rollout(server, created["id"])
+        assert status["wave"] == 2
+        assert [g["passed"] for g in status["gate_results"]] == [True, True, True, True]  # the defaults, drift too
+
+    # The server stops and starts again mid-rollout: everything it needs is in the database.
+    with start_server(quiet_settings) as again:
+        fleet.server = again
+        assert sum(v == "2" for v in fleet.converge().values()) == 5
+        again.plane.rollouts.tick()
+        again.clock.advance(61)
+        again.plane.rollouts.tick()
+        assert rollout(again, created["id"])["wave"] == 3
+        assert set(fleet.converge().values()) == {"2"}
+        again.plane.rollouts.tick()
+        again.clock.advance(61)
+        again.plane.rollouts.tick()
+        final = rollout(again, created["id"])
+        assert final["status"] == "succeeded"
+        assert final["counts"] == {"healthy": 10}
+        assert {n["current_version"] for n in final["nodes"]} == {"2"}
+        assert {n["previous_version"] for n in final["nodes"]} == {"1"}
+
+        history = again.client.get("/v1/models/digits/history", headers=again.admin).json()
+        assert len([e for e in history if e["version"] == "2" and e["kind"] == "activated"]) == 10
+        assert len([e for e in history if e["version"] == "1"]) == 10
+
+
+def test_a_canary_that_fails_to_activate_rolls_everyone_back(registry: Harness) -> None:
+    fleet = Fleet(registry, 6)
+    registry.deploy("digits", "1", {"fleet": "t"})
+    fleet.converge()
+    created = create(registry, waves="2,50%", selector={"fleet": "t"})
+    canary = [n for n, (node, _) in fleet.nodes.items() if models(registry, node)["digits"] == "2"]
+    assert len(canary) == 2
+    # One canary takes it; the other fails its golden check and keeps serving 1, as a real agent does.
+    failure = {"model": "digits", "version": "2", "reason": "health check failed: output differs", "at": 1.0}
+    fleet.converge(**{canary[1]: {"version": "1", "failures": [{**failure, "kind": "health"}]}})
+    registry.plane.rollouts.tick()
+
+    status = rollout(registry, created["id"])
+    assert status["status"] == "rolled_back"
+    gate = status["failed_gate"]
+    assert gate["metric"] == "activation_success_rate"
+    assert gate["wave"] == 0
+    assert gate["value"] == 0.5
+    assert "1 of 2 nodes that tried" in gate["detail"]
+    failed = [n for n in status["nodes"] if n["state"] == "failed"]
+    assert [n["name"] for n in failed] == [canary[1]]
+    assert "golden" in failed[0]["failure"] or "health" in failed[0]["failure"]
+    # Every node of the rollout is sent back to the version it had.
+    assert set(fleet.converge().values()) == {"1"}
+    assert {n["current_version"] for n in rollout(registry, created["id"])["nodes"]} == {"1"}
+    history = registry.client.get("/v1/models/digits/history", headers=registry.admin).json()
+    back = [e for e in history if e["node"] == canary[0]]
+    assert [(e["kind"], e["version"]) for e in back][:2] == [("activated", "1"), ("activated", "2")]
+
+
+def test_three_times_the_latency_fails_the_latency_gate_with_its_numbers(registry: Harness) -> None:
+    fleet = Fleet(registry, 6)
+    registry.deploy("digits", "1", {"fleet": "t"})
+    fleet.converge()
+    created = create(registry, waves="2", selector={"fleet": "t"}, on_failure="pause")
+    canary = [n for n, (node, _) in fleet.nodes.items() if models(registry, node)["digits"] == "2"]
+    slow = {name: {"p95": 12.0} for name in canary}
+    fleet.converge(**slow)
+    registry.plane.rollouts.tick()
+    registry.clock.advance(61)
+    registry.plane.rollouts.tick()
+
+    status = rollout(registry, created["id"])
+    assert status["status"] == "paused"
+    gate = status["failed_gate"]
+    assert gate["metric"] == "p95_latency_ratio"
+    assert gate["value"] == pytest.approx(3.0)
+    assert "canary p95 12 ms vs baseline 4 ms" in gate["detail"]
+    # Paused, not rolled back: the canaries keep the new version until the operator decides.
+    assert sorted(n for n, v in fleet.converge(**slow).items() if v == "2") == sorted(canary)
+
+    aborted = registry.client.post(f"/v1/rollouts/{created['id']}/abort", headers=registry.admin)
+    assert aborted.json()["status"] == "aborted"
+    assert set(fleet.converge().values()) == {"1"}
+
+
+def test_pause_resume_abort_and_who_may_call(registry: Harness) -> None:
+    fleet = Fleet(registry, 4)
+    registry.deploy("digits", "1")
+    fleet.converge()
+    created = create(registry, waves="1")
+    rid = created["id"]
+    node = next(iter(fleet.nodes.values()))[0]
+    assert registry.client.get(f"/v1/rollouts/{rid}", headers=node.headers).status_code == 403
+    assert registry.client.get(f"/v1/rollouts/{rid}").status_code == 401
+    assert registry.client.post(f"/v1/rollouts/{rid}/resume", headers=registry.admin).status_code == 409
+    assert registry.client.post(f"/v1/rollouts/{rid}/pause", headers=registry.admin).json()["status"] == "paused"
+    second = registry.client.post("/v1/rollouts", json={"model": "digits", "version": "2"}, headers=registry.admin)
+    assert second.status_code == 409
+    assert registry.client.post(f"/v1/rollouts/{rid}/resume", headers=registry.admin).json()["status"] == "running"
+    assert registry.client.post(f"/v1/rollouts/{rid}/abort", headers=registry.admin).json()["status"] == "aborted"
+    assert registry.client.post(f"/v1/rollouts/{rid}/abort", headers=registry.admin).status_code == 409
+    assert registry.client.get("/v1/rollouts/999", headers=registry.admin).status_code == 404
+    bad = registry.client.post(
+        "/v1/rollouts", json={"model": "digits", "version": "2", "gates": ["drift<=0.1"]}, headers=registry.admin
+    )
+    assert bad.status_code == 400
+    assert "unknown metric" in bad.json()["error"]
+    missing = registry.client.post("/v1/rollouts", json={"model": "digits", "version": "9"}, headers=registry.admin)
+    assert missing.status_code == 404
+
+
+def test_a_pin_holds_its_node_and_the_rollout_leaves_it_out(registry: Harness) -> None:
+    fleet = Fleet(registry, 3)
+    registry.deploy("digits", "1")
+    fleet.converge()
+    pinned = fleet.nodes["n0"][0]
+    pin = registry.client.post(
+        "/v1/pins", json={"model": "digits", "version": "1", "node": "n0"}, headers=registry.admin
+    )
+    assert pin.status_code == 201, pin.text
+    registry.deploy("digits", "2")  # a plain deployment does not move a pinned node either
+    assert models(registry, pinned) == {"digits": "1"}
+    assert models(registry, fleet.nodes["n1"][0]) == {"digits": "2"}
+    nodes = {n["name"]: n for n in registry.client.get("/v1/nodes", headers=registry.admin).json()}
+    assert nodes["n0"]["pins"] == {"digits": "1"}
+    assert nodes["n1"]["pins"] == {}
+
+    created = create(registry, waves="100%")
+    excluded = rollout(registry, created["id"])["excluded"]
+    assert excluded == [{"node": "n0", "reason": f"pinned to 1 (pin {pin.json()['id']})"}]
+
+    assert registry.client.delete(f"/v1/pins/{pin.json()['id']}", headers=registry.admin).status_code == 204
+    assert models(registry, pinned) == {"digits": "2"}
+    assert registry.client.get("/v1/pins", headers=registry.admin).json() == []
+    both = {"model": "digits", "version": "1", "node": "n0", "selector": {"a": "b"}}
+    assert registry.client.post("/v1/pins", json=both, headers=registry.admin).status_code == 422
+
+
+def test_a_policy_keeps_a_model_off_nodes_even_when_deployed_there_directly(
+    server: Harness, make_package: Callable[..., bytes]
+) -> None:
+    eu_only = {"data_class": "personal", "allowed_regions": ["eu-*"]}
+    assert server.upload(make_package(version="1")).status_code == 201
+    assert server.upload(make_package(version="3", policy=eu_only)).status_code == 201
+    eu = server.enroll("eu-1", {"region": "eu-west"})
+    us = server.enroll("us-1", {"region": "us-east"})
+    server.deploy("digits", "1")
+    server.deploy("digits", "3", {"region": "us-east"})  # the operator aims it at the US node directly
+    server.deploy("digits", "3", {"region": "eu-west"})
+    assert models(server, eu) == {"digits": "3"}
+    assert models(server, us) == {"digits": "1"}  # the policy forbids 3 there; the next deployment decides
+
+    created = create(server, version="3", waves="100%")
+    status = rollout(server, created["id"])
+    assert [e["node"] for e in status["excluded"]] == ["us-1"]
+    assert "allowed_regions" in status["excluded"][0]["reason"]
+    assert "us-east" in status["excluded"][0]["reason"]
+    assert models(server, us) == {"digits": "1"}
+
+    bad_rule = {"rules": [{"name": "broken", "allow": "node.tier =="}]}
+    rejected = server.upload(make_package(version="4", policy=bad_rule))
+    assert rejected.status_code == 422
+    assert "broken" in rejected.json()["error"]

@@ -1,0 +1,290 @@
+"""Node-side safety with the real agent parts: reconciler, artifact store, onnxruntime and the inference server.
+
+No control plane runs here: blobs come from an in-memory peer, and the test plays the desired states a server (or
+an old `desired.json`, or a compromised server) would hand the node. A node must roll a bad activation back by
+itself and refuse a package whose placement policy forbids it, whatever the desired state says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from strata.agent.client import ControlPlaneClient
+from strata.agent.httpd import Request
+from strata.agent.metrics import InferenceMetrics
+from strata.agent.oip_server import InferenceApp
+from strata.agent.plan import Activate, Download, Stage, plan
+from strata.agent.probation import ProbationConfig
+from strata.agent.reconciler import NodeIdentity, Reconciler
+from strata.agent.repository import ModelRepository
+from strata.agent.serving import ServingTracker
+from strata.agent.store import ArtifactStore
+from strata.agent.transport import HttpResponse
+from strata.core.chunking import Chunk, offsets
+from strata.core.hashing import canonical_json
+from strata.core.package import Package, build_package, pack_tar
+from strata.core.profiles import get_profile
+from strata.core.wire import DesiredModel, DesiredState, VariantRef
+from strata.examples.compute import build_compute_model
+
+PROFILE = get_profile("cpu-generic")
+
+
+class Peer:
+    """Serves blobs by their sha256, as the control plane's blob endpoint would: package tars, and the pieces
+    (canonical manifest, chunks, small files) agents fetch."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def add(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        self.blobs[sha] = data
+        return sha
+
+    def add_pieces(self, package: Package) -> None:
+        self.add(canonical_json(package.manifest.to_json()))
+        for entry in package.manifest.files:
+            data = (package.path / entry.path).read_bytes()
+            for offset, chunk in offsets(entry.chunks or (Chunk(entry.sha256, entry.size),)):
+                self.add(data[offset : offset + chunk.size])
+
+    def request(
+        self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None = None, timeout: float
+    ) -> HttpResponse:
+        raise AssertionError(f"no control plane in this test: {method} {url}")
+
+    @contextlib.contextmanager
+    def stream(self, method: str, url: str, *, headers: Mapping[str, str], timeout: float) -> Iterator[_Body]:
+        yield _Body(self.blobs[url.rsplit("/", 1)[1]])
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self.status = 200
+        self.headers: dict[str, str] = {}
+        self._data = data
+        self._pos = 0
+
+    def read(self, size: int) -> bytes:
+        piece = self._data[self._pos : self._pos + size]
+        self._pos += len(piece)
+        return piece
+
+
+@dataclass
+class Clock:
+    now: float = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Node:
+    """One agent's parts, wired as `strata agent` wires them."""
+
+    reconciler: Reconciler
+    app: InferenceApp
+    clock: Clock
+    peer: Peer
+    refs: dict[str, VariantRef] = field(default_factory=dict)
+
+    def offer(self, package: Package, tar: Path) -> VariantRef:
+        data = tar.read_bytes()
+        self.peer.add_pieces(package)
+        manifest = package.manifest
+        ref = VariantRef(
+            id=manifest.variant,
+            profile=manifest.profile,
+            runtime=manifest.runtime,
+            precision=manifest.precision,
+            digest=manifest.digest,
+            blob=self.peer.add(data),
+            size=len(data),
+        )
+        self.refs[manifest.version] = ref
+        return ref
+
+    def want(self, version: str, name: str = "latency") -> DesiredState:
+        model = DesiredModel(name=name, version=version, deployment="1", variants=(self.refs[version],))
+        return DesiredState(node_id="n1", models=(model,))
+
+    def infer(self, count: int, name: str = "latency") -> list[str]:
+        body = json.dumps(
+            {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}
+        ).encode()
+
+        async def send() -> list[str]:
+            versions = []
+            for _ in range(count):
+                answer = await self.app.handle(Request("POST", f"/v2/models/{name}/infer", {}, {}, body))
+                assert answer.status == 200, answer.body
+                versions.append(json.loads(answer.body)["model_version"])
+            return versions
+
+        return asyncio.run(send())
+
+
+def make_node(tmp_path: Path, labels: dict[str, str], probation: ProbationConfig | None = None) -> Node:
+    clock = Clock()
+    peer = Peer()
+    serving = ServingTracker(clock=clock)
+    repository = ModelRepository()
+    client = ControlPlaneClient("http://control.invalid", peer)
+    client.authenticate("n1", "secret")
+    identity = NodeIdentity(tier="device", labels=labels, profile=PROFILE, emulated=False, serve_url=None, name="n1")
+    reconciler = Reconciler(
+        ArtifactStore(tmp_path / "node"),
+        repository,
+        client,
+        identity,
+        frozenset({"onnxruntime"}),
+        inference_threads=1,
+        clock=clock,
+        serving=serving,
+        probation=probation or ProbationConfig(duration_s=60, min_requests=20),
+    )
+    app = InferenceApp(repository, InferenceMetrics(serving=serving))
+    return Node(reconciler, app, clock, peer)
+
+
+def package(model: Path, version: str, tmp: Path, name: str = "latency", **fields: object) -> tuple[Package, Path]:
+    built = build_package(model, tmp / f"{name}-{version}", name=name, version=version, **fields)  # type: ignore[arg-type]
+    tar = tmp / f"{name}-{version}.tar"
+    pack_tar(built, tar)
+    return built, tar
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A real model, and one with twenty times its layers (about twenty times its compute: a margin over the
+    probation's 5x limit that scheduling noise on a busy machine cannot eat)."""
+    folder = tmp_path_factory.mktemp("compute")
+    built = {}
+    for label, layers in (("fast", 12), ("slow", 240)):
+        built[label] = folder / f"{label}.onnx"
+        build_compute_model(built[label], layers, replicas=512)
+    return built
+
+
+def test_a_slow_activation_fails_probation_and_the_node_rolls_back_by_itself(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    node = make_node(tmp_path, {"region": "eu-west"})
+    node.offer(*package(models["fast"], "1", tmp_path))
+    node.offer(*package(models["slow"], "2", tmp_path))
+
+    node.reconciler.converge(node.want("1"))
+    assert node.infer(60) == ["1"] * 60
+    node.clock.now += 61
+    node.reconciler.check_probation()
+    assert node.reconciler.state.probation == {}
+
+    node.reconciler.converge(node.want("2"))
+    record = node.reconciler.state.probation["latency"]
+    assert record.reference_p95_ms is not None
+    assert record.reference == "1 on this node"
+    assert node.reconciler.status(None).models[0].probation == "running"
+    assert node.infer(25) == ["2"] * 25  # twenty times the compute, served: it loads and passes its golden check
+    node.clock.now += 5
+    node.reconciler.check_probation()  # no server involved: the decision is the node's own
+
+    slots = node.reconciler.state.models["latency"]
+    assert slots.active.version == "1"
+    assert slots.previous is None
+    assert node.infer(1) == ["1"]
+    failure = node.reconciler.state.failures[node.refs["2"].digest]
+    assert failure.kind == "probation"
+    assert "p95 latency" in failure.reason
+    assert "the limit is 5x" in failure.reason
+    status = node.reconciler.status(None)
+    assert [(m.version, m.probation) for m in status.models] == [("1", "passed")]
+    assert [(f.version, f.kind) for f in status.failures] == [("2", "probation")]
+    # The desired state still says 2: the node does not take it again until the failure's backoff (10 min).
+    waiting = plan(node.want("2"), node.reconciler.observe(), node.clock.now + 60)
+    assert not any(isinstance(a, Download | Stage | Activate) for a in waiting)
+    assert plan(node.want("2"), node.reconciler.observe(), node.clock.now + 601) == [
+        Activate("latency", "2", node.refs["2"])
+    ]
+
+
+def test_an_activation_that_serves_well_passes_probation(models: dict[str, Path], tmp_path: Path) -> None:
+    node = make_node(tmp_path, {})
+    node.offer(*package(models["fast"], "1", tmp_path))
+    node.offer(*package(models["fast"], "2", tmp_path, variant="cpu-generic-fp32-again"))
+    node.reconciler.converge(node.want("1"))
+    node.infer(25)
+    node.reconciler.converge(node.want("2"))
+    node.infer(25)
+    node.clock.now += 60
+    node.reconciler.check_probation()
+    assert node.reconciler.state.models["latency"].active.version == "2"
+    assert node.reconciler.state.models["latency"].previous is not None
+    assert node.reconciler.state.failures == {}
+    counters = node.reconciler.status(None).models[0].serving
+    assert counters is not None
+    assert counters.requests == 25
+    assert counters.errors == 0
+
+
+def test_the_agent_refuses_a_package_its_policy_forbids_here_whatever_the_desired_state_says(
+    digits_onnx: Path, tmp_path: Path
+) -> None:
+    eu_only = {"data_class": "personal", "allowed_regions": ["eu-*"]}
+    node = make_node(tmp_path, {"region": "us-east"})
+    node.offer(*package(digits_onnx, "1", tmp_path, name="faces", policy=eu_only))
+    actions = node.reconciler.converge(node.want("1", name="faces"))
+    assert actions >= 3  # downloaded and staged: the policy is in the verified package, checked before activation
+    assert node.reconciler.state.models == {}
+    assert node.reconciler.repository.get("faces") is None
+    [failure] = node.reconciler.status(None).failures
+    assert failure.kind == "policy"
+    assert "allowed_regions" in failure.reason
+    assert "us-east" in failure.reason
+
+
+def test_cel_rules_are_checked_by_the_agent_out_of_process(digits_onnx: Path, tmp_path: Path) -> None:
+    rules = {"rules": [{"name": "devices-only", "allow": 'node.tier == "device" && node.region != ""'}]}
+    allowed = make_node(tmp_path / "a", {"region": "eu-west"})
+    allowed.offer(*package(digits_onnx, "1", tmp_path, name="faces", policy=rules))
+    allowed.reconciler.converge(allowed.want("1", name="faces"))
+    assert allowed.reconciler.state.models["faces"].active.version == "1"
+
+    refused = make_node(tmp_path / "b", {})
+    refused.offer(*package(digits_onnx, "1", tmp_path / "b", name="faces", policy=rules))
+    refused.reconciler.converge(refused.want("1", name="faces"))
+    assert refused.reconciler.state.models == {}
+    [failure] = refused.reconciler.status(None).failures
+    assert failure.kind == "policy"
+    assert "devices-only" in failure.reason
+
+
+def test_a_restart_with_labels_the_policy_forbids_does_not_serve_the_model(digits_onnx: Path, tmp_path: Path) -> None:
+    eu_only = {"allowed_regions": ["eu-*"]}
+    node = make_node(tmp_path, {"region": "eu-west"})
+    node.offer(*package(digits_onnx, "1", tmp_path, name="faces", policy=eu_only))
+    node.reconciler.converge(node.want("1", name="faces"))
+    assert node.reconciler.state.models["faces"].active.version == "1"
+
+    moved = make_node(tmp_path, {"region": "us-east"})  # the same data folder, the node now says it is in the US
+    moved.reconciler.restore()
+    assert moved.reconciler.state.models == {}
+    assert moved.reconciler.repository.get("faces") is None
+    assert [f.kind for f in moved.reconciler.status(None).failures] == ["policy"]
+    # Even told again to run it, the node does not take it before the refusal's backoff (ten minutes)...
+    again = plan(node.want("1", name="faces"), moved.reconciler.observe(), moved.clock.now + 60)
+    assert not any(isinstance(a, Download | Stage | Activate) for a in again)
+    # ...and when it tries, it refuses again.
+    moved.clock.now += 601
+    moved.reconciler.converge(node.want("1", name="faces"))
+    assert moved.reconciler.state.models == {}
+    assert moved.reconciler.state.failures[node.refs["1"].digest].attempts == 2

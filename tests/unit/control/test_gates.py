@@ -1,0 +1,130 @@
+"""Rollout gates: parsing, defaults, and each metric on a population of canary and baseline nodes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from strata.control.gates import (
+    DEFAULT_GATES,
+    Baseline,
+    Gate,
+    GateResult,
+    Population,
+    ServingSample,
+    doomed,
+    evaluate_gates,
+    merge_gates,
+    parse_gate,
+    summarize_baseline,
+)
+from strata.core.errors import ConfigError
+from strata.core.wire import ServingCounters
+
+
+def sample(profile: str, p95: float, requests: int = 100, errors: int = 0) -> ServingSample:
+    return ServingSample(profile, ServingCounters(requests, errors, p95, 0.0))
+
+
+def population(**fields: object) -> Population:
+    values: dict[str, object] = {"wave_members": 10, "activated": 10, "failed": 0, "canary": (), "baseline": ()}
+    values.update(fields)
+    return Population(**values)  # type: ignore[arg-type]
+
+
+def by_metric(results: list[GateResult]) -> dict[str, GateResult]:
+    return {r.gate.metric: r for r in results}
+
+
+def test_gates_parse_and_replace_the_defaults_on_their_metric() -> None:
+    assert parse_gate("p95_latency_ratio <= 2") == Gate("p95_latency_ratio", "<=", 2.0)
+    assert parse_gate("activation_success_rate>=0.9").text == "activation_success_rate>=0.9"
+    merged = merge_gates([parse_gate("p95_latency_ratio<=2"), parse_gate("error_rate<0.05")])
+    assert {g.metric: g.threshold for g in merged} == {
+        "activation_success_rate": 0.95,
+        "error_rate_delta": 0.01,
+        "p95_latency_ratio": 2.0,
+        "drift_psi": 0.25,
+        "error_rate": 0.05,
+    }
+    assert {g.metric for g in DEFAULT_GATES} == {
+        "activation_success_rate",
+        "error_rate_delta",
+        "p95_latency_ratio",
+        "drift_psi",
+    }
+    with pytest.raises(ConfigError, match="unknown metric"):
+        parse_gate("drift<=0.2")
+    for bad in ("latency", "p95_latency_ratio=<2", "happiness>=1", "error_rate<=nan"):
+        with pytest.raises(ConfigError):
+            parse_gate(bad)
+
+
+def test_activation_success_rate_and_knowing_early_that_it_cannot_pass() -> None:
+    gate = Gate("activation_success_rate", ">=", 0.9)
+    result = evaluate_gates([gate], population(activated=8, failed=2), 0)[0]
+    assert (result.value, result.passed) == (0.8, False)
+    assert "8 of 10 nodes that tried" in result.detail
+    assert doomed([gate], population(wave_members=20, activated=0, failed=2), 0) is None  # 18/20 = 0.9 still possible
+    stop = doomed([gate], population(wave_members=20, activated=0, failed=3), 0)
+    assert stop is not None
+    assert not stop.passed
+    nobody = evaluate_gates([gate], population(activated=0, failed=0), 0)[0]
+    assert nobody.passed
+    assert nobody.value is None
+
+
+def test_latency_ratio_is_judged_per_profile_and_the_worst_counts() -> None:
+    canary = (sample("avx2", 4.4), sample("avx2", 4.6), sample("neon", 30.0), sample("neon", 31.0))
+    baseline = (sample("avx2", 4.0), sample("avx2", 4.0), sample("neon", 10.0), sample("jetson", 2.0))
+    result = by_metric(evaluate_gates(DEFAULT_GATES, population(canary=canary, baseline=baseline), 1))
+    latency = result["p95_latency_ratio"]
+    assert latency.value == pytest.approx(3.05)
+    assert not latency.passed
+    assert latency.detail.startswith("neon: canary p95 30.5 ms vs baseline 10 ms")
+    assert result["activation_success_rate"].passed
+
+
+def test_nodes_with_too_little_traffic_do_not_count() -> None:
+    canary = (sample("avx2", 40.0, requests=5),)
+    baseline = (sample("avx2", 4.0),)
+    latency = by_metric(evaluate_gates(DEFAULT_GATES, population(canary=canary, baseline=baseline), 0))
+    assert latency["p95_latency_ratio"].value is None
+    assert latency["p95_latency_ratio"].passed
+
+
+def test_error_rates_and_the_recorded_baseline_when_no_baseline_node_is_left() -> None:
+    canary = (sample("avx2", 4.0, requests=200, errors=10),)
+    live = population(canary=canary, baseline=(sample("avx2", 4.0, requests=1000, errors=10),))
+    results = by_metric(evaluate_gates([Gate("error_rate", "<=", 0.02), Gate("error_rate_delta", "<=", 0.01)], live, 0))
+    assert results["error_rate"].value == pytest.approx(0.05)
+    assert results["error_rate_delta"].value == pytest.approx(0.04)
+    recorded = summarize_baseline(live)
+    assert recorded == Baseline(error_rate=0.01, p95_by_profile={"avx2": 4.0}, nodes=1)
+    assert Baseline.from_json(recorded.to_json()) == recorded
+
+    last_wave = population(canary=(sample("avx2", 8.0),), baseline=(), recorded_baseline=recorded)
+    latency = by_metric(evaluate_gates(DEFAULT_GATES, last_wave, 3))["p95_latency_ratio"]
+    assert latency.value == pytest.approx(2.0)
+    assert GateResult.from_json(latency.to_json()) == latency
+
+
+def test_profiles_that_do_not_overlap_fall_back_to_the_overall_medians() -> None:
+    canary = (sample("neon", 20.0),)
+    baseline = (sample("avx2", 4.0), sample("avx2", 6.0))
+    latency = by_metric(evaluate_gates(DEFAULT_GATES, population(canary=canary, baseline=baseline), 0))
+    assert latency["p95_latency_ratio"].value == pytest.approx(4.0)
+    assert "no profile on both sides" in latency["p95_latency_ratio"].detail
+
+
+def test_drift_gate_takes_the_worst_canary_node() -> None:
+    gate = parse_gate("drift_psi<=0.25")
+    quiet = evaluate_gates([gate], population(), 0)[0]
+    assert quiet.passed
+    assert quiet.value is None
+    assert "no data" in quiet.detail
+    shifted = replace(population(), canary_drift=(0.02, 0.41, 0.05))
+    result = evaluate_gates([gate], shifted, 0)[0]
+    assert (result.value, result.passed) == (0.41, False)
+    assert "3 canary nodes" in result.detail

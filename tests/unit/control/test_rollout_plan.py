@@ -1,0 +1,289 @@
+"""The rollout planner, a pure function of (rollout, observations, now): waves, releases, bake, deadlines, gates."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+
+from strata.control.gates import Gate
+from strata.control.rollout_plan import (
+    Complete,
+    Halt,
+    NodeObservation,
+    Release,
+    RolloutSpec,
+    RolloutState,
+    StartWave,
+    WaveSpec,
+    apply_actions,
+    parse_waves,
+    plan_rollout,
+    spread_order,
+    wave_sizes,
+)
+from strata.core.errors import ConfigError
+from strata.core.wire import Failure, ServingCounters
+
+PROFILES = ("x86_64-avx2", "arm64-neon", "jetson-cuda")
+REGIONS = ("eu-west", "us-east")
+
+
+def node(
+    i: int,
+    *,
+    version: str | None = "1",
+    online: bool = True,
+    probation: str | None = "passed",
+    p95: float = 4.0,
+    requests: int = 100,
+    errors: int = 0,
+    failure: Failure | None = None,
+    excluded: str | None = None,
+) -> NodeObservation:
+    return NodeObservation(
+        node_id=f"n{i:03d}",
+        labels={"region": REGIONS[i % 2]},
+        tier="device" if i % 3 else "near-edge",
+        profile=PROFILES[i % 3],
+        online=online,
+        version=version,
+        probation=probation,
+        serving=ServingCounters(requests, errors, p95, 0.0) if version else None,
+        failure=failure,
+        excluded=excluded,
+    )
+
+
+def fleet(count: int, **fields: object) -> dict[str, NodeObservation]:
+    return {o.node_id: o for o in (node(i, **fields) for i in range(count))}  # type: ignore[arg-type]
+
+
+def rollout(waves: str = "1,50%", **spec: object) -> RolloutState:
+    return RolloutState(
+        id=7,
+        model="digits",
+        version="2",
+        selector={},
+        spec=RolloutSpec(waves=parse_waves(waves), bake_s=60, wave_deadline_s=600, **spec),  # type: ignore[arg-type]
+        created_at=0.0,
+    )
+
+
+def step(state: RolloutState, observations: dict[str, NodeObservation], now: float) -> RolloutState:
+    return apply_actions(state, plan_rollout(state, observations, now))
+
+
+def take(
+    observations: dict[str, NodeObservation],
+    state: RolloutState,
+    probation: str = "passed",
+    p95: float = 4.0,
+    requests: int = 100,
+    errors: int = 0,
+) -> None:
+    """Released nodes report running the new version, with these figures."""
+    for node_id in state.released:
+        observations[node_id] = replace(
+            observations[node_id],
+            version="2",
+            probation=probation,
+            serving=ServingCounters(requests, errors, p95, 0.0),
+        )
+
+
+def test_waves_parse_grow_and_end_at_everyone() -> None:
+    assert [w.text for w in parse_waves("1%,10%,50%,100%")] == ["1%", "10%", "50%", "100%"]
+    assert [w.text for w in parse_waves("5, 50")] == ["5", "50", "100%"]
+    for bad in ("", "0", "10%,5%", "150%", "2.5", "x"):
+        with pytest.raises(ConfigError):
+            parse_waves(bad)
+    assert wave_sizes(parse_waves("1%,10%,50%,100%"), 10_000) == [100, 1000, 5000, 10_000]
+    assert wave_sizes(parse_waves("1%,10%"), 3) == [1, 1, 3]  # at least one node, never shrinking
+    assert WaveSpec(1, True).target(0) == 0
+
+
+def test_early_waves_spread_across_regions_tiers_and_profiles_and_prefer_online_nodes() -> None:
+    observations = list(fleet(60).values())
+    observations[0] = replace(observations[0], online=False)
+    order = spread_order(1, observations)
+    assert sorted(order) == sorted(o.node_id for o in observations)
+    by_id = {o.node_id: o for o in observations}
+    first = [by_id[n] for n in order[:6]]
+    assert {o.profile for o in first} == set(PROFILES)
+    assert {o.labels["region"] for o in first} == set(REGIONS)
+    assert {o.tier for o in first} == {"device", "near-edge"}
+    assert order[-1] == "n000"  # the offline node goes last
+    assert spread_order(1, observations) == order  # deterministic per rollout
+    assert spread_order(2, observations) != order
+
+
+def test_a_good_rollout_releases_wave_by_wave_after_the_bake() -> None:
+    observations = fleet(10)
+    state = step(rollout("1,50%"), observations, 0.0)
+    assert Counter(a.wave for a in state.nodes.values()) == {0: 1, 1: 4, 2: 5}
+    assert state.wave == 0
+    assert state.wave_started_at == 0.0
+    assert len(state.released) == 1
+
+    take(observations, state, probation="running")
+    state = step(state, observations, 10.0)
+    assert all(a.healthy_at is None for a in state.nodes.values())  # still on probation: not healthy yet
+    assert state.message.startswith("wave 1: 1 on probation")
+    take(observations, state, probation="passed")
+    state = step(state, observations, 20.0)
+    assert [a.healthy_at for a in state.nodes.values() if a.healthy_at] == [20.0]
+    state = step(state, observations, 79.0)
+    assert state.wave == 0  # baking until 80
+    actions = plan_rollout(state, observations, 80.0)
+    assert any(isinstance(a, StartWave) and a.wave == 1 for a in actions)
+    state = apply_actions(state, actions)
+    assert len(state.released) == 5
+    assert [r.passed for r in state.gate_results] == [True, True, True]
+
+    take(observations, state)
+    state = step(step(state, observations, 90.0), observations, 150.0)
+    assert state.wave == 2
+    assert len(state.released) == 10
+    take(observations, state)
+    state = step(state, observations, 160.0)
+    actions = plan_rollout(state, observations, 220.0)
+    assert any(isinstance(a, Complete) for a in actions)
+    assert apply_actions(state, actions).status == "succeeded"
+    assert plan_rollout(apply_actions(state, actions), observations, 300.0) == []
+
+
+def test_offline_nodes_stop_holding_a_wave_at_its_deadline_and_stay_released() -> None:
+    observations = fleet(4)
+    state = step(rollout("100%"), observations, 0.0)
+    late = sorted(state.released)[0]
+    observations[late] = replace(observations[late], online=False)
+    for node_id in state.released - {late}:
+        observations[node_id] = replace(observations[node_id], version="2")
+    state = step(state, observations, 10.0)
+    state = step(state, observations, 100.0)
+    assert state.status == "running"
+    assert "offline" in state.message
+    state = step(state, observations, 600.0)  # the deadline
+    assert state.status == "succeeded"
+    assert late in state.released  # it gets the version whenever it returns
+    assert state.nodes[late].state == "updating"
+
+
+def test_max_unavailable_limits_how_many_online_nodes_update_at_once() -> None:
+    observations = fleet(6)
+    state = step(rollout("100%", max_unavailable=2), observations, 0.0)
+    assert len(state.released) == 2
+    state = step(state, observations, 5.0)
+    assert len(state.released) == 2  # both still updating
+    take(observations, state)
+    state = step(state, observations, 10.0)
+    assert len(state.released) == 4
+
+
+def test_a_failing_canary_halts_at_once_and_rolls_back() -> None:
+    observations = fleet(40)
+    state = step(rollout("5,100%"), observations, 0.0)
+    canary = sorted(state.released)
+    failure = Failure("digits", "2", "arm64-neon-fp32", "health check failed", 1.0, kind="health")
+    observations[canary[0]] = replace(observations[canary[0]], failure=failure)
+    actions = plan_rollout(state, observations, 5.0)
+    halt = next(a for a in actions if isinstance(a, Halt))
+    assert halt.rollback
+    assert halt.gate.gate.metric == "activation_success_rate"
+    assert "even if every remaining node succeeded the rate would be 0.800" in halt.gate.detail
+    state = apply_actions(state, actions)
+    assert state.status == "rolled_back"
+    assert state.failed_gate == halt.gate
+    assert state.nodes[canary[0]].state == "failed"
+    assert not any(isinstance(a, Release) for a in actions)
+
+
+def test_a_probation_rollback_counts_as_a_failure_and_as_having_run_it() -> None:
+    observations = fleet(3)
+    state = step(rollout("100%", on_failure="pause"), observations, 0.0)
+    victim = sorted(state.released)[0]
+    failure = Failure("digits", "2", "v", "probation failed: p95 latency 30 ms is 6.0x", 1.0, kind="probation")
+    observations[victim] = replace(observations[victim], failure=failure)
+    state = step(state, observations, 5.0)
+    assert state.status == "paused"
+    assert state.nodes[victim].ever_on_target
+    assert state.nodes[victim].failure is not None
+    assert "probation" in state.nodes[victim].failure
+
+
+def test_latency_and_error_gates_compare_canary_with_baseline_per_profile() -> None:
+    observations = fleet(30)
+    state = step(rollout("6,100%", on_failure="pause"), observations, 0.0)
+    take(observations, state, p95=10.0)  # 2.5x the baseline's 4 ms on every profile
+    state = step(state, observations, 1.0)
+    state = step(state, observations, 61.0)
+    assert state.status == "paused"
+    assert state.failed_gate is not None
+    assert state.failed_gate.gate.metric == "p95_latency_ratio"
+    assert state.failed_gate.value == pytest.approx(2.5)
+    assert state.baseline.p95_by_profile == dict.fromkeys(PROFILES, 4.0)
+
+    observations = fleet(30)
+    state = step(rollout("6,100%", gates=(Gate("error_rate_delta", "<=", 0.01),)), observations, 0.0)
+    take(observations, state, errors=5)
+    state = step(step(state, observations, 1.0), observations, 61.0)
+    assert state.status == "rolled_back"
+    assert state.failed_gate is not None
+    assert state.failed_gate.value == pytest.approx(0.05)
+
+
+def test_quiet_canaries_pass_the_serving_gates_for_want_of_data_and_say_so() -> None:
+    observations = fleet(10)
+    state = step(rollout("2,100%"), observations, 0.0)
+    take(observations, state, requests=3, p95=40.0)
+    state = step(step(state, observations, 1.0), observations, 61.0)
+    assert state.wave == 1
+    latency = next(r for r in state.gate_results if r.gate.metric == "p95_latency_ratio")
+    assert latency.passed
+    assert latency.value is None
+    assert latency.detail.startswith("no data")
+
+
+def test_kept_out_nodes_are_in_no_wave_and_come_back_when_nothing_keeps_them_out() -> None:
+    observations = fleet(5)
+    observations["n001"] = replace(observations["n001"], excluded="policy rule allowed_regions: us-east")
+    state = step(rollout("100%"), observations, 0.0)
+    assert state.nodes["n001"].state == "excluded"
+    assert "n001" not in state.released
+    assert len(state.released) == 4
+    observations["n001"] = replace(observations["n001"], excluded=None)
+    state = step(state, observations, 1.0)
+    assert state.nodes["n001"].excluded is None
+    assert "n001" in state.released  # it joins the last wave, which has started
+
+
+def test_a_node_that_refuses_the_version_itself_is_kept_out_not_failed() -> None:
+    observations = fleet(3)
+    state = step(rollout("100%"), observations, 0.0)
+    refused = Failure("digits", "2", None, "refused by placement policy", 1.0, kind="policy")
+    observations["n002"] = replace(observations["n002"], failure=refused)
+    state = step(state, observations, 1.0)
+    assert state.nodes["n002"].state == "excluded"
+    assert state.status == "running"
+
+
+def test_nodes_that_match_later_join_the_last_wave() -> None:
+    observations = fleet(4)
+    state = step(rollout("1,100%"), observations, 0.0)
+    observations["n900"] = replace(node(900), node_id="n900")
+    state = step(state, observations, 1.0)
+    assert state.nodes["n900"].wave == 1  # "1,100%": the last wave is the second
+
+
+def test_paused_rollouts_only_track_progress() -> None:
+    observations = fleet(10)
+    state = step(rollout("1,100%"), observations, 0.0)
+    state = replace(state, status="paused")
+    take(observations, state)
+    actions = plan_rollout(state, observations, 500.0)
+    state = apply_actions(state, actions)
+    assert state.wave == 0
+    assert len(state.released) == 1
+    assert sum(a.healthy_at is not None for a in state.nodes.values()) == 1
