@@ -106,7 +106,7 @@ def test_scenario_errors_say_what_is_wrong(tmp_path: Path) -> None:
         ({"horizon": "soon"}, "duration"),
         ({"model": {"policy": {"colour": "red"}}}, "colour"),
         ({"rollout": {"waves": "10%,5%"}}, "grow"),
-        ({"rollout": {"gates": ["drift<=0.1"]}}, "telemetry"),
+        ({"rollout": {"gates": ["drift<=0.1"]}}, "unknown metric"),
     ):
         with pytest.raises(ConfigError, match=words):
             Scenario.from_json({"name": "bad", **bad})
