@@ -10,6 +10,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -108,10 +109,23 @@ class AgentHandle:
     data_dir: Path
     serve_port: int
     process: ManagedProcess
+    tier_port: int | None = None
 
     @property
     def serve_url(self) -> str:
+        """The inference API for local applications (plain HTTP on loopback)."""
         return f"http://127.0.0.1:{self.serve_port}"
+
+    @property
+    def tier_url(self) -> str:
+        """The mutual-TLS listener other tiers use (inference fallback, the relay).
+
+        Raises:
+            FleetError: this agent was started without one.
+        """
+        if self.tier_port is None:
+            raise FleetError(f"agent {self.name} has no tier port")
+        return f"https://127.0.0.1:{self.tier_port}"
 
 
 @dataclass
@@ -134,11 +148,24 @@ class LocalFleet:
 
     @property
     def server_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_port}"
+        return f"https://127.0.0.1:{self.server_port}"
 
     @property
     def server_dir(self) -> Path:
         return self.root / "server"
+
+    @property
+    def ca_path(self) -> Path:
+        """The fleet CA the control plane writes (operators pass it as --ca / STRATA_CA)."""
+        return self.server_dir / "ca.pem"
+
+    def tls(self, node: str | None = None) -> ssl.SSLContext:
+        """A TLS context that trusts the fleet CA; with `node`, it also presents that node's certificate."""
+        context = ssl.create_default_context(cafile=str(self.ca_path))
+        if node is not None:
+            trust = self.agents[node].data_dir / "trust"
+            context.load_cert_chain(trust / "node.pem", trust / "node.key")
+        return context
 
     @property
     def admin_token(self) -> str:
@@ -147,6 +174,8 @@ class LocalFleet:
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
         env["PYTHONUNBUFFERED"] = "1"
+        if self.ca_path.exists():
+            env["STRATA_CA"] = str(self.ca_path)
         return env
 
     def strata(self, *args: str) -> list[str]:
@@ -169,7 +198,10 @@ class LocalFleet:
             return False
         try:
             response = httpx.get(
-                f"{self.server_url}/v1/health", headers={"authorization": f"Bearer {self.admin_token}"}, timeout=2
+                f"{self.server_url}/v1/health",
+                headers={"authorization": f"Bearer {self.admin_token}"},
+                timeout=2,
+                verify=self.tls(),
             )
         except httpx.HTTPError:
             return False
@@ -183,7 +215,7 @@ class LocalFleet:
     @property
     def client(self) -> ControlClient:
         if self._client is None:
-            self._client = ControlClient(self.server_url, self.admin_token)
+            self._client = ControlClient(self.server_url, self.admin_token, ca=str(self.ca_path))
         return self._client
 
     # --- agents -----------------------------------------------------------------------------------------
@@ -198,13 +230,17 @@ class LocalFleet:
         extra_args: Sequence[str] = (),
         enroll: bool = True,
         data_dir: Path | None = None,
+        tier_port: bool | None = None,
     ) -> AgentHandle:
-        """Start an agent process (enrolling it with a fresh token the first time)."""
+        """Start an agent process (enrolling it with a fresh token the first time). Near-edge agents get a
+        mutual-TLS tier port unless `tier_port` is False."""
         existing = self.agents.get(name)
         labels = dict(labels if labels is not None else (existing.labels if existing else {}))
         if data_dir is None:
             data_dir = existing.data_dir if existing else self.root / "nodes" / name
         port = existing.serve_port if existing else free_port()
+        wants_tier = tier_port if tier_port is not None else tier == "near-edge"
+        tier_listener = (existing.tier_port if existing and existing.tier_port else free_port()) if wants_tier else None
         argv = self.strata(
             "agent",
             "--server", self.server_url,
@@ -218,19 +254,28 @@ class LocalFleet:
             argv += ["--label", f"{key}={value}"]
         if profile is not None:
             argv += ["--profile", profile]
-        if enroll and not (data_dir / "credential.json").exists():
+        if tier_listener is not None:
+            argv += ["--tier-port", str(tier_listener)]
+        if enroll and not (data_dir / "trust" / "identity.json").exists():
             argv += ["--enroll-token", str(self.client.create_enrollment_token(600)["token"])]
         argv += list(extra_args)
         process = ManagedProcess(f"agent {name}", argv, self.root / "logs" / f"{name}.log", self._env())
         process.start()
-        handle = AgentHandle(name, tier, labels, data_dir, port, process)
+        handle = AgentHandle(name, tier, labels, data_dir, port, process, tier_listener)
         self.agents[name] = handle
         return handle
 
     def restart_agent(self, name: str, extra_args: Sequence[str] = ()) -> AgentHandle:
         handle = self.agents[name]
         handle.process.stop()
-        return self.start_agent(name, handle.tier, handle.labels, extra_args=extra_args, enroll=False)
+        return self.start_agent(
+            name,
+            handle.tier,
+            handle.labels,
+            extra_args=extra_args,
+            enroll=False,
+            tier_port=handle.tier_port is not None,
+        )
 
     def agent_live(self, name: str) -> bool:
         try:

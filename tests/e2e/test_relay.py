@@ -68,7 +68,7 @@ def test_ten_devices_behind_a_relay_move_each_changed_chunk_once(fleet: LocalFle
     gateway = fleet.start_agent("gateway", "near-edge", site)
     devices = [f"device-{i}" for i in range(10)]
     for name in devices:
-        fleet.start_agent(name, "device", site, extra_args=["--relay", gateway.serve_url, "--threads", "1"])
+        fleet.start_agent(name, "device", site, extra_args=["--relay", gateway.tier_url, "--threads", "1"])
     v1 = push(fleet, tmp_path, "1", changed_layers=0)
     fleet.client.deploy("mlp", "1", site)
     everyone = ["gateway", *devices]

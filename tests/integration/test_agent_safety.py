@@ -139,8 +139,8 @@ def make_node(tmp_path: Path, labels: dict[str, str], probation: ProbationConfig
     peer = Peer()
     serving = ServingTracker(clock=clock)
     repository = ModelRepository()
-    client = ControlPlaneClient("http://control.invalid", peer)
-    client.authenticate("n1", "secret")
+    client = ControlPlaneClient("https://control.invalid", peer)
+    client.authenticate("n1")
     identity = NodeIdentity(tier="device", labels=labels, profile=PROFILE, emulated=False, serve_url=None, name="n1")
     reconciler = Reconciler(
         ArtifactStore(tmp_path / "node"),

@@ -8,7 +8,14 @@ from typing import Any
 
 from strata.agent.transport import HttpResponse, Transport
 from strata.core.errors import AuthError, Forbidden, StrataError, TransportError
-from strata.core.wire import DesiredState, EnrollRequest, EnrollResponse, NodeStatus, ProtocolError
+from strata.core.wire import (
+    CertificateRenewal,
+    DesiredState,
+    EnrollRequest,
+    EnrollResponse,
+    NodeStatus,
+    ProtocolError,
+)
 
 
 class ServerError(StrataError):
@@ -66,16 +73,20 @@ class ControlPlaneClient:
         self.transport = transport
         self.timeout = timeout
         self.node_id: str | None = None
-        self._credential: str | None = None
 
-    def authenticate(self, node_id: str, credential: str) -> None:
+    def authenticate(self, node_id: str) -> None:
+        """Speak as `node_id` from now on (the transport presents its certificate)."""
         self.node_id = node_id
-        self._credential = credential
 
     def auth_headers(self) -> dict[str, str]:
-        if self._credential is None:
+        """Headers a node call needs: none beyond TLS, whose client certificate names the node.
+
+        Raises:
+            AuthError: the agent has no identity yet.
+        """
+        if self.node_id is None:
             raise AuthError("agent is not enrolled")
-        return {"authorization": f"Bearer {self._credential}"}
+        return {}
 
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -86,8 +97,32 @@ class ControlPlaneClient:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ProtocolError(f"{what}: the server's answer is not JSON") from exc
 
+    def fleet_ca(self, token: str) -> str:
+        """The fleet CA (PEM), for a holder of an enrollment token. The caller checks it against the token's pin.
+
+        Raises:
+            AuthError: the token is not valid.
+        """
+        response = self.transport.request(
+            "GET", self.url("/v1/ca"), headers={"authorization": f"Bearer {token}"}, timeout=self.timeout
+        )
+        raise_for_status(response, "fleet CA")
+        return response.body.decode("ascii", errors="replace")
+
+    def renew(self, csr: str) -> CertificateRenewal:
+        """A new certificate for this node (over mutual TLS with its current one)."""
+        response = self.transport.request(
+            "POST",
+            self.url(f"/v1/nodes/{self.node_id}/certificate"),
+            headers={**self.auth_headers(), "content-type": "application/json"},
+            body=json.dumps({"csr": csr}).encode(),
+            timeout=self.timeout,
+        )
+        raise_for_status(response, "certificate renewal")
+        return CertificateRenewal.from_json(self._json(response, "certificate renewal"))
+
     def enroll(self, request: EnrollRequest) -> EnrollResponse:
-        """Trade a one-time enrollment token for this node's id and credential."""
+        """Trade a one-time enrollment token and a CSR for this node's id and certificate."""
         body = json.dumps(request.to_json()).encode()
         response = self.transport.request(
             "POST",

@@ -42,11 +42,16 @@ class AgentConfig:
     relays: tuple[str, ...] = ()
     relay_cache_mb: float | None = None
     probation_s: float = 60.0
+    renew_before_s: float = 8 * 3600.0
+    tier_port: int | None = None
+    tier_host: str | None = None
     report_interval_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if not self.server.startswith(("http://", "https://")):
-            raise ConfigError(f"--server must be an http:// or https:// URL, got {self.server!r}")
+        if not self.server.startswith("https://"):
+            raise ConfigError(
+                f"--server must be an https:// URL (the control plane speaks only TLS), got {self.server!r}"
+            )
         check_name("node name", self.name)
         if self.tier not in TIERS:
             raise ConfigError(f"--tier must be one of {', '.join(TIERS)}, got {self.tier!r}")
@@ -82,6 +87,11 @@ class AgentConfig:
         return int(megabytes * (1 << 20))
 
     @property
+    def serve_host_tier(self) -> str:
+        """Where the mutual-TLS tier listener binds: --tier-host, else the serve host."""
+        return self.tier_host or self.serve_host
+
+    @property
     def serve_is_loopback(self) -> bool:
         """True when the inference API is reachable only from this machine."""
         # By hand rather than with ipaddress: the agent counts every module it loads against its memory budget.
@@ -113,6 +123,9 @@ class AgentConfig:
             "relays": list(self.relays),
             "relay_cache_mb": self.relay_cache_mb,
             "probation_s": self.probation_s,
+            "renew_before_s": self.renew_before_s,
+            "tier_port": self.tier_port,
+            "tier_host": self.tier_host,
             "report_interval_s": self.report_interval_s,
         }
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote
 
@@ -48,6 +50,7 @@ class Request:
     headers: Mapping[str, str]
     body: bytes
     client: tuple[str, int] | None = None
+    peer: str | None = None  # the node id a verified client certificate names (TLS listeners only)
 
 
 @dataclass(slots=True)
@@ -103,7 +106,14 @@ class HttpServer:
     Usage: `await server.start(host, port)`, read `server.port` (useful with port 0), `await server.stop()`.
     """
 
-    def __init__(self, handler: Handler, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        limits: ServerLimits | None = None,
+        peer_identity: Callable[[Any], str | None] | None = None,
+    ) -> None:
+        """`peer_identity` turns a TLS connection's ssl object into the caller's identity (`Request.peer`)."""
+        self._peer_identity = peer_identity
         self._handler = handler
         self._limits = limits or ServerLimits()
         self._server: asyncio.Server | None = None
@@ -122,8 +132,8 @@ class HttpServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Bind and start accepting connections; returns once listening.
+    async def start(self, host: str = "127.0.0.1", port: int = 0, ssl: SSLContext | None = None) -> None:
+        """Bind and start accepting connections (over TLS with `ssl`); returns once listening.
 
         Raises:
             ConfigError: the address cannot be bound (in use, not local, no permission).
@@ -133,7 +143,7 @@ class HttpServer:
             raise RuntimeError("the HTTP server is already started")
         self._closing = False
         try:
-            self._server = await asyncio.start_server(self._serve_connection, host, port, limit=_READ_SIZE)
+            self._server = await asyncio.start_server(self._serve_connection, host, port, limit=_READ_SIZE, ssl=ssl)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
 
@@ -164,6 +174,8 @@ class HttpServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes)
         peer = writer.get_extra_info("peername")
         client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
+        ssl_object = writer.get_extra_info("ssl_object")
+        peer_node = self._peer_identity(ssl_object) if ssl_object is not None and self._peer_identity else None
         try:
             while not self._closing:
                 try:
@@ -179,6 +191,8 @@ class HttpServer:
                     return
                 if request is None:
                     return
+                if peer_node is not None:
+                    request = dataclasses.replace(request, peer=peer_node)
                 response = await self._call_handler(request)
                 if self._closing:
                     response.headers["connection"] = "close"

@@ -12,56 +12,32 @@ import logging
 import math
 import os
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from strata import __version__
 from strata.agent.client import ControlPlaneClient
 from strata.agent.config import AgentConfig
+from strata.agent.identity import (
+    FleetIdentity,
+    StoredIdentity,
+    parse_enrollment_token,
+    pem_fingerprint,
+    unverified_context,
+)
 from strata.agent.plan import retry_at
 from strata.agent.reconciler import Reconciler
+from strata.agent.transport import H11Transport
 from strata.core.errors import AuthError, ConfigError, Forbidden, StrataError, TransportError
 from strata.core.fsutil import write_json_atomic
 from strata.core.hashing import canonical_json
 from strata.core.wire import DesiredState, EnrollRequest, ProtocolError
 
 log = logging.getLogger("strata.agent")
-
-
-@dataclass(frozen=True)
-class Credential:
-    server: str
-    node_id: str
-    credential: str
-
-
-def load_credential(data_dir: Path) -> Credential | None:
-    """The node's stored credential, or None before enrollment.
-
-    Raises:
-        ConfigError: the file exists but is unreadable or malformed.
-    """
-    path = data_dir / "credential.json"
-    try:
-        raw = json.loads(path.read_text())
-        return Credential(server=str(raw["server"]), node_id=str(raw["node_id"]), credential=str(raw["credential"]))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is unreadable ({exc}); remove it and enroll again with a new token") from exc
-
-
-def save_credential(data_dir: Path, credential: Credential) -> None:
-    """Store the credential readable by this user only."""
-    write_json_atomic(
-        data_dir / "credential.json",
-        {"server": credential.server, "node_id": credential.node_id, "credential": credential.credential},
-        mode=0o600,
-    )
 
 
 class Backoff:
@@ -99,8 +75,13 @@ class AgentLoop:
         *,
         facts: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
+        use_context: Callable[[ssl.SSLContext], None] | None = None,
     ) -> None:
+        """`use_context` receives every TLS context the node's identity yields (at enrollment and renewal)."""
         self.config = config
+        self.identity = FleetIdentity(config.data_dir)
+        self.use_context = use_context or (lambda _context: None)
+        self.stored: StoredIdentity | None = None
         self.client = client
         self.reconciler = reconciler
         self.facts = facts or {}
@@ -132,26 +113,34 @@ class AgentLoop:
     # --- enrollment -------------------------------------------------------------------------------------
 
     def ensure_enrolled(self) -> None:
-        """Use the stored credential, or enroll with the token once and store what the server gives.
+        """Use the stored identity, or enroll once: check the server's CA against the token's pin, make a key and
+        CSR on this node, and trade the token and CSR for a certificate; from then on every call is mutual TLS.
 
         Raises:
-            ConfigError: not enrolled and no token to enroll with.
-            EnrollmentRefused: the server refused the token (used, expired or unknown).
+            ConfigError: not enrolled and no token to enroll with (or a malformed token).
+            EnrollmentRefused: the server refused the token, or its CA is not the one the token pins.
             TransportError: the server is unreachable (the caller retries).
         """
         if self.client.node_id is not None:
             return
-        stored = load_credential(self.config.data_dir)
+        stored = self.identity.load()
         if stored is not None:
             if stored.server.rstrip("/") != self.config.server.rstrip("/"):
-                log.warning("credential was issued by %s; now talking to %s", stored.server, self.config.server)
-            self.client.authenticate(stored.node_id, stored.credential)
+                log.warning("identity was issued by %s; now talking to %s", stored.server, self.config.server)
+            self._adopt(stored)
             return
         if not self.config.enroll_token:
             raise ConfigError("this node is not enrolled yet: pass --enroll-token (from `strata token create`)")
+        token, pin = parse_enrollment_token(self.config.enroll_token)
+        bootstrap = ControlPlaneClient(self.config.server, H11Transport(unverified_context()), self.client.timeout)
+        try:
+            self.identity.trust_ca(bootstrap.fleet_ca(token), pin)
+        except (AuthError, Forbidden) as exc:
+            raise EnrollmentRefused(f"enrollment refused: {exc}") from exc
+        self.use_context(self.identity.bootstrap_context())
         identity = self.reconciler.identity
         request = EnrollRequest(
-            token=self.config.enroll_token,
+            token=token,
             name=self.config.name,
             tier=self.config.tier,
             labels=self.config.labels,
@@ -159,17 +148,36 @@ class AgentLoop:
             emulated=identity.emulated,
             agent_version=__version__,
             facts=self.facts,
+            csr=self.identity.make_csr(self.config.name),
         )
         try:
             answer = self.client.enroll(request)
         except (AuthError, Forbidden) as exc:
             raise EnrollmentRefused(f"enrollment refused: {exc}") from exc
-        save_credential(
-            self.config.data_dir,
-            Credential(server=self.config.server, node_id=answer.node_id, credential=answer.credential),
+        if pem_fingerprint(answer.ca) != pin:
+            raise EnrollmentRefused("the enrollment answer names another CA than the token pins")
+        self._adopt(self.identity.save(self.config.server, answer.node_id, answer.certificate, answer.not_after))
+        log.info(
+            "enrolled as node %s (%s); certificate valid until %s", self.config.name, answer.node_id, answer.not_after
         )
-        self.client.authenticate(answer.node_id, answer.credential)
-        log.info("enrolled as node %s (%s)", self.config.name, answer.node_id)
+
+    def _adopt(self, stored: StoredIdentity) -> None:
+        self.use_context(self.identity.client_context())
+        self.client.authenticate(stored.node_id)
+        self.stored = stored
+
+    def renew_if_due(self) -> None:
+        """Renew the certificate once two thirds of its life have passed (a new CSR over the same key).
+
+        Raises:
+            TransportError, AuthError: as any call; the current certificate stays in use.
+        """
+        stored = self.stored
+        if stored is None or self.clock() < stored.not_after - self.config.renew_before_s:
+            return
+        renewal = self.client.renew(self.identity.make_csr(self.config.name))
+        self._adopt(self.identity.save(stored.server, stored.node_id, renewal.certificate, renewal.not_after))
+        log.info("renewed this node's certificate; valid until %s", renewal.not_after)
 
     # --- one round --------------------------------------------------------------------------------------
 
@@ -193,6 +201,7 @@ class AgentLoop:
                 the node converged on the desired state it had, if any.
         """
         self.ensure_enrolled()
+        self.renew_if_due()
         answer = self.client.desired(self.etag if self.desired is not None else None, self.poll_wait())
         self.connected = True
         if answer.state is not None and answer.etag is not None:

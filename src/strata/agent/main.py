@@ -11,13 +11,15 @@ import contextlib
 import logging
 import secrets
 import signal
+import ssl
 import sys
 from pathlib import Path
 
 from strata.agent.client import ControlPlaneClient
 from strata.agent.config import AgentConfig
 from strata.agent.httpd import HttpServer, Request, Response
-from strata.agent.loop import AgentLoop, EnrollmentRefused, data_dir_lock, load_credential, start_thread
+from strata.agent.identity import FleetIdentity, node_id_of_peer
+from strata.agent.loop import AgentLoop, EnrollmentRefused, data_dir_lock, start_thread
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
 from strata.agent.probation import ProbationConfig
@@ -26,7 +28,7 @@ from strata.agent.repository import ModelRepository
 from strata.agent.runtime import limit_malloc_arenas
 from strata.agent.serving import ServingTracker
 from strata.agent.store import ArtifactStore
-from strata.agent.telemetry import TelemetryConfig, TelemetryRecorder, TelemetryUploader
+from strata.agent.telemetry import TelemetryConfig, TelemetryGauges, TelemetryRecorder, TelemetryUploader
 from strata.agent.transport import H11Transport
 from strata.core.errors import ConfigError, StrataError
 from strata.core.fsutil import write_bytes_atomic
@@ -71,7 +73,7 @@ class Agent:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = data_dir_lock(config.data_dir)
-        if load_credential(config.data_dir) is None and not config.enroll_token:
+        if FleetIdentity(config.data_dir).load() is None and not config.enroll_token:
             raise ConfigError("this node is not enrolled yet: pass --enroll-token (from `strata token create`)")
         facts = read_host_facts()
         detected = detect_profile(facts)
@@ -84,7 +86,10 @@ class Agent:
         self.metrics = InferenceMetrics(serving=serving)
         self.store = ArtifactStore(config.data_dir)
         self.store.clean_interrupted()
-        self.client = ControlPlaneClient(config.server, H11Transport(), timeout=config.request_timeout_s)
+        self.transport = H11Transport()
+        self.peer_transport = H11Transport()  # to other nodes (the parent relay): their certs name nodes, not hosts
+        self._tier_context: ssl.SSLContext | None = None
+        self.client = ControlPlaneClient(config.server, self.transport, timeout=config.request_timeout_s)
         identity = NodeIdentity(
             tier=config.tier,
             labels=config.labels,
@@ -103,6 +108,7 @@ class Agent:
             rate_limit=config.max_download_rate,
             progress=DownloadLog(),
             relays=lambda: config.relays,
+            relay_transport=self.peer_transport,
             serving=serving,
             probation=ProbationConfig(duration_s=config.probation_s),
             report_interval_s=config.report_interval_s,
@@ -114,7 +120,7 @@ class Agent:
             "memory_mb": facts.memory_mb,
             "detected_profile": detected.id,
         }
-        self.loop = AgentLoop(config, self.client, self.reconciler, facts=host_facts)
+        self.loop = AgentLoop(config, self.client, self.reconciler, facts=host_facts, use_context=self._use_context)
         self.telemetry = TelemetryRecorder(
             TelemetryConfig(
                 path=config.data_dir / "telemetry.db",
@@ -128,15 +134,42 @@ class Agent:
             self.telemetry, self.client.send_telemetry, lambda: self.client.node_id, backoff_max_s=config.backoff_max_s
         )
 
+    def _use_context(self, context: ssl.SSLContext) -> None:
+        """A new TLS identity (enrollment, renewal): every outgoing connection uses it from now on, and the tier
+        listener presents the renewed certificate to new connections."""
+        self.transport.use_ssl_context(context)
+        identity = self.loop.identity
+        if identity.cert_path.exists():
+            self.peer_transport.use_ssl_context(identity.peer_context())
+            if self._tier_context is not None:
+                self._tier_context.load_cert_chain(identity.cert_path, identity.key_path)
+
     def ready(self) -> bool:
         """Ready when every model in the slots is loaded and serving."""
         return all(self.repository.get(name) is not None for name in self.reconciler.state.models)
 
     async def serve(self) -> int:
-        """Serve until SIGTERM/SIGINT or a fatal error; return the exit code."""
+        """Serve until SIGTERM/SIGINT or a fatal error; return the exit code.
+
+        Two listeners: the serve port for local applications (plain HTTP on loopback; a bearer token when bound
+        elsewhere), and, with --tier-port, a mutual-TLS listener for other tiers (devices falling back to this
+        node, and the relay) that accepts only this fleet's certificates. The tier listener starts once the node
+        has its certificate.
+        """
         token = None if self.config.serve_is_loopback else serve_token(self.config.data_dir)
-        app = InferenceApp(self.repository, self.metrics, token=token, ready=self.ready, telemetry=self.telemetry)
-        handler = app.handle
+        gauges = TelemetryGauges(self.metrics.registry)
+        app = InferenceApp(
+            self.repository,
+            self.metrics,
+            token=token,
+            ready=self.ready,
+            telemetry=self.telemetry,
+            telemetry_gauges=gauges,
+        )
+        tier_app = InferenceApp(
+            self.repository, self.metrics, ready=self.ready, telemetry=self.telemetry, telemetry_gauges=gauges
+        )
+        tier_handler = tier_app.handle
         if self.config.relay_budget_bytes > 0:
             from strata.agent.relay import PREFIX, RelayApp  # only near-edge nodes pay for the relay's code
 
@@ -149,16 +182,15 @@ class Agent:
                 self.metrics.registry,
                 timeout=self.config.request_timeout_s,
             )
-
             self.reconciler.fetcher.via = relay
 
-            async def handler(request: Request) -> Response:
+            async def tier_handler(request: Request) -> Response:
                 if request.path.startswith(PREFIX):
                     return await relay.handle(request)
-                return await app.handle(request)
+                return await tier_app.handle(request)
 
             log.info("relaying package pieces for child devices (cache %d MB)", self.config.relay_budget_bytes >> 20)
-        server = HttpServer(handler)
+        server = HttpServer(app.handle)
         await server.start(self.config.serve_host, self.config.serve_port)
         log.info(
             "serving the Open Inference Protocol on http://%s:%d%s",
@@ -166,6 +198,7 @@ class Agent:
             server.port,
             " (bearer token in serve.token)" if token else "",
         )
+        tier_server: HttpServer | None = None
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -173,11 +206,18 @@ class Agent:
         thread = start_thread(self.loop)
         self.uploader.start()
         while not stop.is_set() and thread.is_alive():
+            if tier_server is None and self.config.tier_port is not None and self.loop.stored is not None:
+                tier_server = HttpServer(tier_handler, peer_identity=node_id_of_peer)
+                self._tier_context = self.loop.identity.server_context()
+                await tier_server.start(self.config.serve_host_tier, self.config.tier_port, ssl=self._tier_context)
+                log.info("serving other tiers over mutual TLS on port %d", tier_server.port)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
         self.loop.stop.set()
         self.uploader.stop.set()
         await server.stop()
+        if tier_server is not None:
+            await tier_server.stop()
         self.telemetry.close()
         fatal = self.loop.fatal
         if isinstance(fatal, EnrollmentRefused):

@@ -83,6 +83,7 @@ class InferenceApp:
         max_body_bytes: the largest request body after decompression (gzip and deflate are accepted).
         telemetry: where every request's outcome is recorded; the answer waits until it is durable, so a
             request a client saw answered is counted even if the agent dies right after.
+        telemetry_gauges: the buffer's gauges in `metrics.registry`, refreshed when /metrics is scraped.
     """
 
     def __init__(
@@ -97,10 +98,11 @@ class InferenceApp:
         ready: Callable[[], bool] | None = None,
         max_body_bytes: int = 64 << 20,
         telemetry: TelemetryRecorder | None = None,
+        telemetry_gauges: TelemetryGauges | None = None,
     ) -> None:
         self._repository = repository
         self._telemetry = telemetry
-        self._telemetry_gauges = TelemetryGauges(metrics.registry) if telemetry is not None else None
+        self._telemetry_gauges = telemetry_gauges
         self._drift_refs: dict[str, tuple[DriftReference, ...]] = {}
         self._metrics = metrics
         self._server_name = server_name

@@ -15,6 +15,7 @@ from typing import Protocol
 from strata.agent.client import ControlPlaneClient, ServerError
 from strata.agent.fetch import Progress, RateLimiter, download_blob
 from strata.agent.store import ArtifactStore, digest_hex
+from strata.agent.transport import Transport
 from strata.core.chunking import Chunk
 from strata.core.errors import AuthError, Forbidden, NotFound, StrataError, TransportError, VerificationError
 from strata.core.fsutil import write_bytes_atomic
@@ -27,7 +28,7 @@ log = logging.getLogger("strata.agent")
 class PieceSource(Protocol):
     """Something that hands out pieces by sha256, checked (the near-edge relay's cache)."""
 
-    def fetch_piece(self, credential: str, piece: str) -> tuple[bytes, bool]: ...
+    def fetch_piece(self, piece: str) -> tuple[bytes, bool]: ...
 
 
 @dataclass
@@ -60,8 +61,11 @@ class PackageFetcher:
         *,
         rate_limit: int | None = None,
         progress: Progress | None = None,
+        relay_transport: Transport | None = None,
     ) -> None:
+        """`relay_transport` reaches the parent relays (mutual TLS with this node's certificate)."""
         self.client = client
+        self.relay_transport = relay_transport or client.transport
         self.store = store
         self.relays = relays
         self.rate_limit = rate_limit
@@ -107,7 +111,8 @@ class PackageFetcher:
     def _manifest(self, variant: VariantRef, report: FetchReport) -> Manifest:
         for kind, url in self._sources(digest_hex(variant.digest), variant):
             try:
-                with self.client.transport.stream(
+                transport = self.relay_transport if kind == "relay" else self.client.transport
+                with transport.stream(
                     "GET", url, headers=self.client.auth_headers(), timeout=self.client.timeout
                 ) as response:
                     if response.status != 200:
@@ -132,7 +137,7 @@ class PackageFetcher:
 
     def _download(self, piece: Chunk, variant: VariantRef, limiter: RateLimiter, report: FetchReport) -> None:
         if self.via is not None:  # this node is a relay: share its cache and its single upstream fetch
-            data, fetched = self.via.fetch_piece(self.client.auth_headers()["authorization"], piece.sha256)
+            data, fetched = self.via.fetch_piece(piece.sha256)
             limiter.throttle(len(data))
             write_bytes_atomic(self.store.piece_path(piece.sha256), data)
             if fetched:
@@ -143,7 +148,7 @@ class PackageFetcher:
         for kind, url in self._sources(piece.sha256, variant):
             try:
                 result = download_blob(
-                    self.client.transport,
+                    self.relay_transport if kind == "relay" else self.client.transport,
                     url,
                     self.store.piece_path(piece.sha256),
                     sha256=piece.sha256,

@@ -34,6 +34,7 @@ from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import load_and_check
 from strata.agent.serving import ServingTracker
 from strata.agent.store import ArtifactStore, FailureRecord, NodeState, ProbationRecord, SlotRef
+from strata.agent.transport import Transport
 from strata.core.errors import ModelLoadError, PackageError, StrataError, TransportError
 from strata.core.package import Manifest
 from strata.core.policy import NodeFacts
@@ -85,6 +86,7 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         progress: Progress | None = None,
         relays: Callable[[], Sequence[str]] = tuple,
+        relay_transport: Transport | None = None,
         serving: ServingTracker | None = None,
         probation: ProbationConfig | None = None,
         report_interval_s: float = 0.0,
@@ -103,7 +105,9 @@ class Reconciler:
         self.report_interval_s = report_interval_s
         self._snapshots: dict[tuple[str, str], tuple[float, ServingCounters | None]] = {}
         self.state = store.load_state()
-        self.fetcher = PackageFetcher(client, store, relays, rate_limit=rate_limit, progress=progress)
+        self.fetcher = PackageFetcher(
+            client, store, relays, rate_limit=rate_limit, progress=progress, relay_transport=relay_transport
+        )
         self.fetched = FetchReport()
 
     # --- start-up ---------------------------------------------------------------------------------------

@@ -1,14 +1,15 @@
 """The near-edge artifact relay: child devices fetch package pieces from their site's near-edge node, which
 keeps a cache so the site's WAN link carries each piece once.
 
-    GET /relay/v1/blobs/sha256/<piece>?package=<package-digest-hex>     (Authorization: the device's credential)
+    GET /relay/v1/blobs/sha256/<piece>?package=<package-digest-hex>     (on the tier port: mutual TLS)
 
-Trust: the relay never decides who may read a package. The first time a credential asks for a package, the
-relay asks the control plane (a HEAD of that package's manifest with the device's own credential) and
-remembers a yes for a while; a piece is served only if the package's manifest lists it. Pieces missing here
-are fetched from the control plane with the asking device's credential, checked against their sha256, cached
-and served; concurrent requests for one piece wait for a single upstream fetch. Devices check every piece
-again themselves, so a relay can make a download fail but never make it wrong.
+Trust: devices reach the relay over mutual TLS with their fleet certificates, so the relay knows which node asks.
+It never decides who may read a package: the first time a device asks for a package, the relay asks the control
+plane (`GET /v1/nodes/<device>/packages/<digest>`, as itself) and remembers a yes for a while; a piece is served
+only if the package's manifest lists it. Pieces missing here are fetched from the control plane (which lets a
+near-edge node read the packages of the devices at its site), checked against their sha256, cached and served;
+concurrent requests for one piece wait for a single upstream fetch. Devices check every piece again themselves,
+so a relay can make a download fail but never make it wrong.
 """
 
 from __future__ import annotations
@@ -95,11 +96,10 @@ class RelayApp:
             package = request.query.get("package", "")
             if not request.path.startswith(PREFIX) or not is_hex_sha256(piece) or not is_hex_sha256(package):
                 return Response.error(404, "relay paths are /relay/v1/blobs/sha256/<sha256>?package=<digest hex>")
-            credential = request.headers.get("authorization", "")
-            if not credential.lower().startswith("bearer "):
-                return Response.error(401, "the relay needs the device's credential: Authorization: Bearer ...")
+            if request.peer is None:
+                return Response.error(401, "the relay serves fleet nodes: connect with this fleet's certificate")
             loop = asyncio.get_running_loop()
-            data = await loop.run_in_executor(None, self._piece_for, credential, package, piece)
+            data = await loop.run_in_executor(None, self._piece_for, request.peer, package, piece)
         except (RelayRefused, RelayUnavailable) as exc:
             self.requests.inc("refused" if isinstance(exc, RelayRefused) else "unavailable")
             return Response.error(exc.http_status, exc.message)
@@ -120,9 +120,9 @@ class RelayApp:
 
     # --- the blocking part, on a worker thread ----------------------------------------------------------
 
-    def _piece_for(self, credential: str, package: str, piece: str) -> bytes:
-        self._authorize(credential, package)
-        if piece not in self._package_pieces(credential, package):
+    def _piece_for(self, device: str, package: str, piece: str) -> bytes:
+        self._authorize(device, package)
+        if piece not in self._package_pieces(package):
             raise RelayRefused(f"package {package[:12]} has no piece {piece[:12]}")
         held = self.store.piece_index().get(piece)
         if held is not None:
@@ -133,12 +133,12 @@ class RelayApp:
             if hashlib.sha256(data).hexdigest() == piece:
                 self.requests.inc("local")
                 return data
-        data, fetched = self.fetch_piece(credential, piece)
+        data, fetched = self.fetch_piece(piece)
         self.requests.inc("miss" if fetched else "hit")
         return data
 
-    def fetch_piece(self, credential: str, piece: str) -> tuple[bytes, bool]:
-        """A piece from the cache, or fetched once from the control plane with `credential` (and cached).
+    def fetch_piece(self, piece: str) -> tuple[bytes, bool]:
+        """A piece from the cache, or fetched once from the control plane (and cached).
 
         The near-edge node's own downloads come through here too, so a piece its devices ask for while the
         node fetches it for itself crosses the WAN once. Returns the bytes and whether they were fetched now.
@@ -153,28 +153,33 @@ class RelayApp:
                 os.utime(cached)
                 return data, False
             cached.unlink(missing_ok=True)
-        return self._fetch_once(credential, piece), True
+        return self._fetch_once(piece), True
 
-    def _authorize(self, credential: str, package: str) -> None:
-        key = (hashlib.sha256(credential.encode()).hexdigest(), package)
+    def _authorize(self, device: str, package: str) -> None:
+        key = (device, package)
         now = self.clock()
         with self._lock:
             if self._authorized.get(key, 0.0) > now:
                 return
-        status = self._upstream("HEAD", package, credential).status
-        if status in (401, 403, 404):
-            raise RelayRefused(f"the control plane does not let this device read package {package[:12]}")
-        if status != 200:
-            raise RelayUnavailable(f"the control plane answered {status} when asked about package {package[:12]}")
+        try:
+            response = self.transport.request(
+                "GET", f"{self.upstream}/v1/nodes/{device}/packages/{package}", headers={}, timeout=self.timeout
+            )
+        except TransportError as exc:
+            raise RelayUnavailable(f"the relay cannot reach the control plane: {exc}") from exc
+        if response.status in (401, 403, 404):
+            raise RelayRefused(f"the control plane does not let node {device} read package {package[:12]}")
+        if response.status != 204:
+            raise RelayUnavailable(f"the control plane answered {response.status} about package {package[:12]}")
         with self._lock:
             self._authorized[key] = now + AUTH_TTL_S
 
-    def _package_pieces(self, credential: str, package: str) -> frozenset[str]:
+    def _package_pieces(self, package: str) -> frozenset[str]:
         with self._lock:
             known = self._pieces.get(package)
         if known is not None:
             return known
-        data = self._manifest_bytes(credential, package)
+        data = self._manifest_bytes(package)
         try:
             manifest = Manifest.from_json(json.loads(data))
         except (ValueError, StrataError) as exc:
@@ -186,16 +191,16 @@ class RelayApp:
             self._pieces[package] = pieces
         return pieces
 
-    def _manifest_bytes(self, credential: str, package: str) -> bytes:
+    def _manifest_bytes(self, package: str) -> bytes:
         staged = self.store.package_dir("sha256:" + package) / "manifest.json"
         if staged.is_file():
             return canonical_json(json.loads(staged.read_bytes()))
         cached = self.cache_dir / package
         if cached.is_file() and hashlib.sha256(cached.read_bytes()).hexdigest() == package:
             return cached.read_bytes()
-        return self._fetch_once(credential, package)
+        return self._fetch_once(package)
 
-    def _fetch_once(self, credential: str, sha: str) -> bytes:
+    def _fetch_once(self, sha: str) -> bytes:
         """Fetch a blob from the control plane, with one upstream request however many devices wait for it."""
         with self._lock:
             pending = self._inflight.get(sha)
@@ -206,7 +211,7 @@ class RelayApp:
         if not owner:
             return pending.result(timeout=self.timeout * 4)
         try:
-            data = self._fetch(credential, sha)
+            data = self._fetch(sha)
             pending.set_result(data)
             return data
         except BaseException as exc:
@@ -216,10 +221,10 @@ class RelayApp:
             with self._lock:
                 self._inflight.pop(sha, None)
 
-    def _fetch(self, credential: str, sha: str) -> bytes:
-        response = self._upstream("GET", sha, credential)
+    def _fetch(self, sha: str) -> bytes:
+        response = self._upstream("GET", sha)
         if response.status in (401, 403, 404):
-            raise RelayRefused(f"the control plane refused blob {sha[:12]} to this device")
+            raise RelayRefused(f"the control plane refused blob {sha[:12]} to this relay")
         if response.status != 200:
             raise RelayUnavailable(f"the control plane answered {response.status} for blob {sha[:12]}")
         data = response.body
@@ -230,13 +235,10 @@ class RelayApp:
         self._evict()
         return data
 
-    def _upstream(self, method: str, sha: str, credential: str) -> HttpResponse:
+    def _upstream(self, method: str, sha: str) -> HttpResponse:
         try:
             return self.transport.request(
-                method,
-                f"{self.upstream}/v1/blobs/sha256/{sha}",
-                headers={"authorization": credential},
-                timeout=self.timeout,
+                method, f"{self.upstream}/v1/blobs/sha256/{sha}", headers={}, timeout=self.timeout
             )
         except TransportError as exc:
             raise RelayUnavailable(f"the relay cannot reach the control plane: {exc}") from exc

@@ -172,10 +172,21 @@ class H11Transport:
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self._ssl_context = ssl_context
+        self._generation = 0
         self._local = threading.local()
+
+    def use_ssl_context(self, context: ssl.SSLContext | None) -> None:
+        """Use `context` for new connections (a renewed certificate, say); pooled ones are dropped on next use."""
+        self._ssl_context = context
+        self._generation += 1
 
     def _pool(self) -> dict[str, _Connection]:
         pool: dict[str, _Connection] = self._local.__dict__.setdefault("pool", {})
+        if self._local.__dict__.get("generation") != self._generation:
+            for connection in pool.values():
+                connection.close()
+            pool.clear()
+            self._local.generation = self._generation
         return pool
 
     def request(

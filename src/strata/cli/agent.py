@@ -55,9 +55,18 @@ def agent(
     telemetry_slow_ms: Annotated[
         float, typer.Option("--telemetry-slow-ms", help="Requests slower than this are always kept as events.")
     ] = 250.0,
+    tier_port: Annotated[
+        int | None,
+        typer.Option("--tier-port", help="Serve other tiers (and the relay) here, over mutual TLS with fleet certs."),
+    ] = None,
+    tier_host: Annotated[
+        str | None, typer.Option("--tier-host", help="Address of the tier listener (default: --serve-host).")
+    ] = None,
     relay: Annotated[
         list[str] | None,
-        typer.Option("--relay", help="Parent near-edge node's URL to fetch package pieces from first (repeatable)."),
+        typer.Option(
+            "--relay", help="Parent near-edge node's tier URL (https://host:tier-port), tried first (repeatable)."
+        ),
     ] = None,
     relay_cache_mb: Annotated[
         float | None,
@@ -109,6 +118,8 @@ def agent(
         telemetry_slow_ms=telemetry_slow_ms,
         telemetry_interval_s=telemetry_interval,
         relays=tuple(relay or ()),
+        tier_port=tier_port,
+        tier_host=tier_host,
         relay_cache_mb=relay_cache_mb,
         probation_s=parse_duration(probation),
         report_interval_s=parse_duration(report_interval),

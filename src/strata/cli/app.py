@@ -6,6 +6,7 @@ so `strata --help` and the operator commands start fast.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -59,8 +60,16 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    ca: str | None = typer.Option(
+        None,
+        "--ca",
+        envvar="STRATA_CA",
+        help="The fleet CA (DATA_DIR/ca.pem) the control plane's certificate chains to.",
+    ),
 ) -> None:
     """strata: optimize, sign, roll out, serve and observe models on device, near-edge and cloud tiers."""
+    if ca:
+        os.environ["STRATA_CA"] = ca  # every command's control-plane client reads it
 
 
 def main() -> None:

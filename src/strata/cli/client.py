@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import os
+import ssl
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,17 +46,24 @@ class ControlClient:
         *,
         transport: httpx.BaseTransport | None = None,
         timeout: float = 60.0,
+        ca: str | None = None,
     ) -> None:
+        """`ca` is the fleet CA certificate that the server's must chain to (default: STRATA_CA, or the system's
+        trust store when that is unset)."""
         if not server:
             raise ConfigError("no control plane given: pass --server URL or set STRATA_SERVER")
         if not token:
             raise ConfigError("no admin token given: pass --token or set STRATA_TOKEN (see DATA_DIR/admin.token)")
         self.server = server.rstrip("/")
+        ca = ca or os.environ.get("STRATA_CA")
+        if ca and not os.path.isfile(ca):
+            raise ConfigError(f"the CA file {ca} does not exist (--ca or STRATA_CA; the server writes DATA_DIR/ca.pem)")
         self._http = httpx.Client(
             base_url=self.server,
             headers={"authorization": f"Bearer {token}"},
             transport=transport,
             timeout=timeout,
+            verify=ssl.create_default_context(cafile=ca) if ca else True,
         )
 
     def close(self) -> None:

@@ -17,12 +17,24 @@ def server(
         typer.Option("--db", help="SQLAlchemy URL of the database (default: an SQLite file in the data folder)."),
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    tls_name: Annotated[
+        list[str] | None,
+        typer.Option("--tls-name", help="DNS name or address the HTTPS certificate covers (repeatable)."),
+    ] = None,
     otlp_endpoint: Annotated[
         str | None,
         typer.Option("--otlp-endpoint", help="Also forward telemetry to this OpenTelemetry collector (OTLP/HTTP)."),
     ] = None,
 ) -> None:
-    """Run the control plane: registry, inventory, deployments and desired state, under /v1."""
+    """Run the control plane over HTTPS (mutual TLS for nodes): registry, inventory, rollouts, telemetry, under /v1."""
     from strata.control.server import serve
 
-    serve(data_dir=data_dir, host=host, port=port, db_url=db, log_level=log_level, otlp_endpoint=otlp_endpoint)
+    serve(
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        db_url=db,
+        log_level=log_level,
+        otlp_endpoint=otlp_endpoint,
+        tls_names=tuple(tls_name or ()),
+    )

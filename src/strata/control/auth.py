@@ -1,9 +1,11 @@
 """Who is calling and what they may do.
 
-Credentials are bearer secrets from `secrets.token_urlsafe(32)`; the database keeps only their sha256. Principals
-are the operator (admin) and nodes. `authorize` and `authorize_blob` are the decisions, pure functions of the
-principal and the target; `Authenticator` is the I/O around them: it resolves a secret to a principal (cached,
-with invalidation when a node is revoked or re-enrolled), records node presence, and writes the first admin token.
+Operators use bearer tokens from `secrets.token_urlsafe(32)`, scoped admin or read-only; nodes present their
+fleet certificate over mutual TLS (the control plane authorizes by the node id it names, and accepts only the
+node's current certificate). The database keeps only sha256 hashes of tokens and certificates. `authorize` and
+`authorize_blob` are the decisions, pure functions of the principal and the target; `Authenticator` is the I/O
+around them: it resolves a token or certificate to a principal (cached, with invalidation when a node is revoked,
+re-enrolled or renewed), records node presence, and writes the first admin token.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from strata.core.fsutil import write_bytes_atomic
 log = logging.getLogger(__name__)
 
 ADMIN_SCOPE = "admin"
+READ_SCOPE = "read"
+SCOPES = (ADMIN_SCOPE, READ_SCOPE)
 
 
 def new_secret() -> str:
@@ -46,18 +50,30 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def certificate_hash(der: bytes) -> str:
+    """Hex sha256 of a certificate's DER: how a node's current certificate is stored and recognised."""
+    return hashlib.sha256(der).hexdigest()
+
+
 @dataclass(frozen=True)
 class Principal:
-    """The caller: the operator (`node_id` None) or one node."""
+    """The caller: an operator (`node_id` None, with a scope) or one node."""
 
     node_id: str | None = None
+    scope: str = ADMIN_SCOPE
 
     @property
     def is_admin(self) -> bool:
+        return self.node_id is None and self.scope == ADMIN_SCOPE
+
+    @property
+    def is_operator(self) -> bool:
+        """An operator of either scope (read-only included)."""
         return self.node_id is None
 
 
 ADMIN = Principal()
+READER = Principal(scope=READ_SCOPE)
 
 
 class Access(enum.Enum):
@@ -65,6 +81,7 @@ class Access(enum.Enum):
 
     ANY = "any valid credential"
     ADMIN = "the operator"
+    READ = "an operator, read-only scope included"
     SELF_OR_ADMIN = "the operator or the node itself"
     SELF = "the node itself"
 
@@ -81,10 +98,14 @@ def authorize(principal: Principal, access: Access, node_id: str | None = None) 
         if not principal.is_admin:
             raise Forbidden("this needs an admin credential")
         return
+    if access is Access.READ:
+        if not principal.is_operator:
+            raise Forbidden("this needs an operator credential")
+        return
     is_self = principal.node_id is not None and principal.node_id == node_id
     if access is Access.SELF and not is_self:
         raise Forbidden("only the node itself may do this")
-    if access is Access.SELF_OR_ADMIN and not (is_self or principal.is_admin):
+    if access is Access.SELF_OR_ADMIN and not (is_self or principal.is_operator):
         raise Forbidden("a node may only read its own records")
 
 
@@ -94,7 +115,7 @@ def authorize_blob(principal: Principal, referenced_by_caller: bool) -> None:
     Raises:
         Forbidden: a node asked for a blob its desired state does not name.
     """
-    if not (principal.is_admin or referenced_by_caller):
+    if not (principal.is_operator or referenced_by_caller):
         raise Forbidden("this blob is not part of the node's desired state")
 
 
@@ -111,25 +132,43 @@ class Authenticator:
         self._epoch = 0
 
     def authenticate(self, secret: str | None) -> Principal:
-        """The principal a bearer secret belongs to; a node's call also counts as seeing it now.
+        """The operator a bearer token belongs to.
 
         Raises:
             AuthError: no secret, or one that is unknown or revoked.
             StoreError: the database failed.
         """
-        return self.authenticate_cached(secret) or self._seen(self._lookup(hash_secret(secret or "")))
+        return self.authenticate_cached(secret) or self._lookup_token(hash_secret(secret or ""))
 
     def authenticate_cached(self, secret: str | None) -> Principal | None:
-        """`authenticate` without I/O: the principal when its credential is cached, else None (look it up).
-
-        Lets the event loop answer the common case (a known node polling) without a thread hop.
+        """`authenticate` without I/O: the principal when its token is cached, else None (look it up).
 
         Raises:
             AuthError: no secret at all.
         """
         if not secret:
-            raise AuthError("missing credential: send 'Authorization: Bearer <token>'")
-        principal = self._by_hash.get(hash_secret(secret))
+            raise AuthError(
+                "missing credential: operators send 'Authorization: Bearer <token>', nodes their fleet certificate"
+            )
+        return self._by_hash.get(hash_secret(secret))
+
+    def authenticate_certificate(self, der: bytes) -> Principal:
+        """The node whose current fleet certificate this is; its call counts as seeing it now.
+
+        TLS has already checked the chain to the fleet CA and the validity period; this checks that the
+        certificate is the node's current one and that the node is not revoked.
+
+        Raises:
+            AuthError: not the current certificate of a live node (revoked, renewed, re-enrolled).
+            StoreError: the database failed.
+        """
+        key = "cert:" + certificate_hash(der)
+        principal = self._by_hash.get(key) or self._lookup_certificate(key)
+        return self._seen(principal)
+
+    def certificate_cached(self, der: bytes) -> Principal | None:
+        """`authenticate_certificate` without I/O: the node when its certificate is cached, else None."""
+        principal = self._by_hash.get("cert:" + certificate_hash(der))
         return self._seen(principal) if principal is not None else None
 
     def _seen(self, principal: Principal) -> Principal:
@@ -137,26 +176,48 @@ class Authenticator:
             self._presence.touch(principal.node_id, self._clock())
         return principal
 
-    def _lookup(self, token_hash: str) -> Principal:
+    def _lookup_token(self, token_hash: str) -> Principal:
         # The index lookup is by the sha256 of the secret, never the secret: its timing tells an attacker nothing
         # they could steer, so no constant-time comparison is needed here.
         epoch = self._epoch
         with self._db.transaction() as session:
-            if session.scalar(
-                select(ApiToken.id).where(ApiToken.token_hash == token_hash, ApiToken.scope == ADMIN_SCOPE)
-            ):
-                principal = ADMIN
-            else:
-                node_id = session.scalar(
-                    select(Node.id).where(Node.credential_hash == token_hash, Node.revoked_at.is_(None))
-                )
-                if node_id is None:
-                    raise AuthError("unknown or revoked credential")
-                principal = Principal(node_id=node_id)
+            scope = session.scalar(select(ApiToken.scope).where(ApiToken.token_hash == token_hash))
+        if scope not in SCOPES:
+            raise AuthError("unknown or revoked token")
+        principal = Principal(scope=scope)
+        self._cache(token_hash, principal, epoch)
+        return principal
+
+    def _lookup_certificate(self, key: str) -> Principal:
+        epoch = self._epoch
+        with self._db.transaction() as session:
+            node_id = session.scalar(
+                select(Node.id).where(Node.credential_hash == key.removeprefix("cert:"), Node.revoked_at.is_(None))
+            )
+        if node_id is None:
+            raise AuthError("this certificate is not the current one of a live node (revoked, renewed or replaced)")
+        principal = Principal(node_id=node_id)
+        self._cache(key, principal, epoch)
+        return principal
+
+    def _cache(self, key: str, principal: Principal, epoch: int) -> None:
         with self._lock:
             if epoch == self._epoch:
-                self._by_hash[token_hash] = principal
-        return principal
+                self._by_hash[key] = principal
+
+    def issue_token(self, scope: str) -> str:
+        """A new operator token of `scope` (admin or read); only its hash is stored.
+
+        Raises:
+            ConfigError: an unknown scope.
+            StoreError: the database failed.
+        """
+        if scope not in SCOPES:
+            raise ConfigError(f"token scope must be one of {list(SCOPES)}")
+        secret = new_secret()
+        with self._db.transaction() as session:
+            session.add(ApiToken(id=new_id(), scope=scope, token_hash=hash_secret(secret), created_at=self._clock()))
+        return secret
 
     def forget_node(self, node_id: str) -> None:
         """Stop accepting cached credentials of `node_id` (revoked, or re-enrolled with a new credential)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,23 +20,44 @@ import anyio.to_thread
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from strata.control.auth import Authenticator, Principal, authorize_blob, hash_secret, new_id, new_secret
+from strata.control.auth import (
+    Authenticator,
+    Principal,
+    authorize_blob,
+    certificate_hash,
+    hash_secret,
+    new_id,
+    new_secret,
+)
 from strata.control.blobs import BlobStore
 from strata.control.db import Database, EnrollmentToken, Node, Variant
 from strata.control.deployments import load_active_deployments
 from strata.control.desired import ActiveDeployment, decide, desired_state, etag_matches, referenced_blobs
 from strata.control.feed import ChangeFeed
 from strata.control.history import activation_events, record_changes
+from strata.control.pki import Pki
 from strata.control.presence import PresenceTracker
-from strata.core.errors import AuthError, NotFound, PackageError
+from strata.core.errors import AuthError, Forbidden, NotFound, PackageError
 from strata.core.hashing import canonical_json
 from strata.core.package import Manifest, check_name, package_pieces
 from strata.core.policy import NodeFacts
 from strata.core.profiles import get_profile
-from strata.core.wire import TIERS, DesiredState, EnrollRequest, EnrollResponse, NodeStatus, ProtocolError, parse_labels
+from strata.core.wire import (
+    TIERS,
+    CertificateRenewal,
+    DesiredState,
+    EnrollRequest,
+    EnrollResponse,
+    NodeStatus,
+    ProtocolError,
+    parse_labels,
+)
 
 MAX_ENROLLMENT_TTL_S: Final = 7 * 24 * 3600
 INVALID_ENROLLMENT: Final = "enrollment token is invalid, used or expired"
+
+
+ENROLLMENT_FORMAT: Final = "stk1"
 
 
 @dataclass(frozen=True)
@@ -164,10 +186,14 @@ class FleetService:
         authenticator: Authenticator,
         clock: Callable[[], float],
         online_window_s: float,
+        pki: Pki,
         on_status: Callable[[], None] | None = None,
+        cert_hours: float = 24.0,
     ) -> None:
         """`on_status` is called after a changed status report is stored (the rollout driver's nudge)."""
         self._db = db
+        self._pki = pki
+        self._cert_hours = cert_hours
         self._on_status = on_status
         self._blobs = blobs
         self._feed = feed
@@ -179,6 +205,7 @@ class FleetService:
         self._deployments: tuple[int, tuple[ActiveDeployment, ...]] = (-1, ())
         self._desired: dict[str, tuple[int, DesiredDocument]] = {}
         self._piece_cache: dict[str, frozenset[str]] = {}
+        self._site_cache: dict[str, tuple[int, frozenset[str]]] = {}
         self.blob_bytes_served = 0
 
     # --- enrollment -----------------------------------------------------------------------------------------
@@ -192,7 +219,8 @@ class FleetService:
         """
         if not 1 <= ttl_s <= MAX_ENROLLMENT_TTL_S:
             raise ProtocolError(f"ttl_seconds must be between 1 and {MAX_ENROLLMENT_TTL_S}")
-        token = new_secret()
+        # The token carries the fleet CA's hash, so the node can check the control plane before trusting it.
+        token = f"{ENROLLMENT_FORMAT}.{new_secret()}.{self._pki.ca.fingerprint.removeprefix('sha256:')}"
         now = self._clock()
         with self._db.transaction() as session:
             session.add(
@@ -214,20 +242,23 @@ class FleetService:
             StoreError: the database failed.
         """
         check_enroll_request(request)
-        credential = new_secret()
+        if not request.csr:
+            raise ProtocolError("enrollment needs a certificate request (csr) over a key the node made")
         now = self._clock()
         with self._db.transaction() as session:
             node = session.scalar(select(Node).where(Node.name == request.name))
+            node_id = node.id if node is not None else new_id()
+            issued = self._pki.sign_node(request.csr, node_id, self._cert_hours)
             if node is None:
-                node = Node(id=new_id(), name=request.name, enrolled_at=now)
+                node = Node(id=node_id, name=request.name, enrolled_at=now)
                 session.add(node)
+            node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
             node.tier = request.tier
             node.labels = dict(request.labels)
             node.profile = request.profile
             node.emulated = request.emulated
             node.agent_version = request.agent_version
             node.facts = dict(request.facts)
-            node.credential_hash = hash_secret(credential)
             node.enrolled_at = now
             node.revoked_at = None
             session.flush()
@@ -245,7 +276,41 @@ class FleetService:
             node_id = node.id
         self._authenticator.forget_node(node_id)
         self._feed.bump()
-        return EnrollResponse(node_id=node_id, credential=credential)
+        return EnrollResponse(
+            node_id=node_id,
+            certificate=issued.pem.decode(),
+            ca=self._pki.ca.cert_pem.decode(),
+            not_after=issued.not_after,
+        )
+
+    def renew_certificate(self, node_id: str, csr: str) -> CertificateRenewal:
+        """A new certificate for a live node (called over mutual TLS with its current one); from now on only the
+        new certificate is accepted.
+
+        Raises:
+            AuthError: the CSR is unusable.
+            NotFound: no such node, or it was revoked.
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            node = self._live_node(session, node_id)
+            issued = self._pki.sign_node(csr, node_id, self._cert_hours)
+            node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
+        self._authenticator.forget_node(node_id)
+        return CertificateRenewal(certificate=issued.pem.decode(), not_after=issued.not_after)
+
+    def enrollment_token_valid(self, token: str) -> bool:
+        """Whether a token could enroll now (unused, unexpired), without spending it."""
+        now = self._clock()
+        with self._db.transaction() as session:
+            found = session.scalar(
+                select(EnrollmentToken.id).where(
+                    EnrollmentToken.token_hash == hash_secret(token),
+                    EnrollmentToken.used_at.is_(None),
+                    EnrollmentToken.expires_at > now,
+                )
+            )
+        return found is not None
 
     # --- inventory ------------------------------------------------------------------------------------------
 
@@ -386,11 +451,64 @@ class FleetService:
         referenced = False
         if principal.node_id is not None:
             document = self.desired(principal.node_id)
-            referenced = sha256 in document.blobs or any(
-                sha256 in self._pieces(variant.digest) for model in document.state.models for variant in model.variants
-            )
+            digests = {variant.digest for model in document.state.models for variant in model.variants}
+            digests |= self._site_digests(principal.node_id)
+            referenced = sha256 in document.blobs or any(sha256 in self._pieces(digest) for digest in digests)
         authorize_blob(principal, referenced)
         return self._blobs.path(sha256)
+
+    def package_access(self, principal: Principal, device_id: str, digest: str) -> None:
+        """Whether `device_id` may read package `digest` (it is in its desired state), asked by an operator, the
+        device itself, or the near-edge node at the device's site that relays pieces for it.
+
+        Raises:
+            Forbidden: the caller may not ask about this device, or the device may not read the package.
+            NotFound: no such device.
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            device = self._live_node(session, device_id)
+            requester = self._live_node(session, principal.node_id) if principal.node_id is not None else None
+            device_site = device.labels.get("site")
+            relays_for_it = (
+                requester is not None
+                and requester.tier == "near-edge"
+                and device_site is not None
+                and requester.labels.get("site") == device_site
+            )
+        if not (principal.is_operator or principal.node_id == device_id or relays_for_it):
+            raise Forbidden("only the device, an operator, or the near-edge node at its site may ask this")
+        document = self.desired(device_id)
+        if all(v.digest != digest for model in document.state.models for v in model.variants):
+            raise Forbidden(f"package {digest} is not in the desired state of node {device_id}")
+
+    def _site_digests(self, node_id: str) -> frozenset[str]:
+        """Packages the devices at a near-edge node's site should run (it relays their pieces); empty otherwise.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        generation = self._feed.generation
+        cached = self._site_cache.get(node_id)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        with self._db.transaction() as session:
+            node = session.get(Node, node_id)
+            site = node.labels.get("site") if node is not None and node.tier == "near-edge" else None
+            at_site: list[str] = []
+            if site is not None:
+                rows = session.execute(
+                    select(Node.id, Node.labels).where(Node.tier == "device", Node.revoked_at.is_(None))
+                ).all()
+                at_site = [device_id for device_id, labels in rows if labels.get("site") == site]
+        digests = frozenset(
+            variant.digest
+            for device in at_site
+            for model in self.desired(device).state.models
+            for variant in model.variants
+        )
+        self._site_cache[node_id] = (generation, digests)
+        return digests
 
     def count_served(self, size: int) -> None:
         """Add to the bytes the blob endpoint has sent (what a site's WAN link carries)."""

@@ -17,6 +17,7 @@ from strata.control.fleet import FleetService
 from strata.control.history import HistoryService
 from strata.control.otlp import OtlpExporter
 from strata.control.pins import PinService
+from strata.control.pki import Pki
 from strata.control.presence import PresenceTracker
 from strata.control.registry import RegistryService
 from strata.control.rollouts import RolloutService, load_pin_entries
@@ -39,6 +40,7 @@ class ControlPlane:
     registry: RegistryService
     deployments: DeploymentService
     telemetry: TelemetryService
+    pki: Pki
     rollouts: RolloutService
     pins: PinService
     history: HistoryService
@@ -56,6 +58,7 @@ class ControlPlane:
         feed = ChangeFeed()
         presence = PresenceTracker()
         authenticator = Authenticator(db, presence, settings.clock)
+        pki = Pki(settings.pki_dir, settings.ca_path, settings.clock)
         nudge = Nudge()
         window = settings.online_window_s
         telemetry = TelemetryService(db, settings.clock)
@@ -67,10 +70,22 @@ class ControlPlane:
             feed=feed,
             presence=presence,
             authenticator=authenticator,
-            fleet=FleetService(db, blobs, feed, presence, authenticator, settings.clock, window, on_status=nudge),
+            fleet=FleetService(
+                db,
+                blobs,
+                feed,
+                presence,
+                authenticator,
+                settings.clock,
+                window,
+                pki,
+                on_status=nudge,
+                cert_hours=settings.node_cert_hours,
+            ),
             registry=RegistryService(db, blobs, feed, settings.clock, settings.tmp_dir, settings.max_package_bytes),
             deployments=DeploymentService(db, feed, settings.clock),
             telemetry=telemetry,
+            pki=pki,
             rollouts=rollouts,
             pins=PinService(db, feed, settings.clock),
             history=HistoryService(db),
@@ -101,6 +116,7 @@ class ControlPlane:
         except OSError as exc:
             raise StoreError(f"cannot prepare the data folder {settings.data_dir}: {exc}") from exc
         migrations.upgrade(self.db.engine)
+        self.pki.start()
         if self.authenticator.ensure_admin_token(settings.admin_token_path):
             log.info("wrote a new admin token to %s", settings.admin_token_path)
 

@@ -40,6 +40,7 @@ class EnrollRequestBody(BaseModel):
     emulated: bool = False
     agent_version: str = Field("", max_length=128)
     facts: dict[str, Any] = Field(default_factory=dict)
+    csr: str = Field(description="PEM certificate request over the key the node made for itself", max_length=16384)
 
     def to_core(self) -> EnrollRequest:
         """The wire dataclass the fleet service takes."""
@@ -48,7 +49,27 @@ class EnrollRequestBody(BaseModel):
 
 class EnrollResponseBody(BaseModel):
     node_id: str
-    credential: str = Field(description="the node's bearer credential; shown only now")
+    certificate: str = Field(description="the node's fleet certificate (PEM), for mutual TLS from now on")
+    ca: str = Field(description="the fleet CA (PEM)")
+    not_after: float = Field(description="when the certificate expires (epoch seconds); renew before")
+
+
+class RenewRequest(BaseModel):
+    csr: str = Field(description="PEM certificate request (the node's key, old or new)", max_length=16384)
+
+
+class CertificateBody(BaseModel):
+    certificate: str
+    not_after: float
+
+
+class ApiTokenRequest(BaseModel):
+    scope: str = Field("read", json_schema_extra={"enum": ["read", "admin"]})
+
+
+class ApiTokenBody(BaseModel):
+    token: str
+    scope: str
 
 
 # --- desired state ---------------------------------------------------------------------------------------

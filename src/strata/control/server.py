@@ -19,8 +19,10 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from strata.control.app import create_app
+from strata.control.pki import default_server_names
 from strata.control.plane import ControlPlane
 from strata.control.settings import ServerSettings
+from strata.control.tls import server_context_args
 from strata.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
-            log.info("strata server listening on http://%s:%d (data: %s)", host, port, self._plane.settings.data_dir)
+            log.info("strata server listening on https://%s:%d (data: %s)", host, port, self._plane.settings.data_dir)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._plane.feed.close()
@@ -76,10 +78,13 @@ def serve(
     db_url: str | None = None,
     log_level: str = "info",
     otlp_endpoint: str | None = None,
+    tls_names: tuple[str, ...] = (),
 ) -> None:
-    """Run the control plane on `host:port` with its data in `data_dir`, until SIGTERM or SIGINT.
+    """Run the control plane on `https://host:port` with its data in `data_dir`, until SIGTERM or SIGINT.
 
-    The admin token is in `data_dir/admin.token` before the server listens.
+    The admin token is in `data_dir/admin.token`, and the fleet CA in `data_dir/ca.pem`, before the server listens.
+    There is no plain-HTTP listener: nodes authenticate with their fleet certificates (mutual TLS), operators with
+    bearer tokens over TLS.
 
     Raises:
         ConfigError: an unknown log level, a data folder that cannot be created, or an unusable database URL.
@@ -95,6 +100,9 @@ def serve(
     except OSError as exc:
         raise ConfigError(f"cannot create the data folder {data_dir}: {exc}") from exc
     app = create_app(ServerSettings(data_dir=data_dir, db_url=db_url, otlp_endpoint=otlp_endpoint))
+    plane: ControlPlane = app.state.plane
+    plane.pki.start()
+    tls = plane.pki.server_tls(tls_names or default_server_names(host))
     config = uvicorn.Config(
         app,
         host=host,
@@ -103,5 +111,6 @@ def serve(
         log_config=_logging_config(level),
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        **server_context_args(str(tls.cert_path), str(tls.key_path), str(tls.ca_path)),
     )
     _Server(config, app.state.plane).run()

@@ -28,6 +28,8 @@ class ServerSettings:
         rollout_debounce_s: after a status report, wait this long for others before stepping.
         clock: epoch seconds; every stored time comes from it, so tests can move time.
         otlp_endpoint: when set, stored telemetry is also forwarded to this OpenTelemetry collector (OTLP/HTTP).
+        tls_names: DNS names and addresses the HTTPS certificate covers (default: loopback and this host).
+        node_cert_hours: lifetime of node certificates; agents renew them at two thirds of it.
     """
 
     data_dir: Path
@@ -39,6 +41,8 @@ class ServerSettings:
     rollout_debounce_s: float = 0.5
     clock: Callable[[], float] = time.time
     otlp_endpoint: str | None = None
+    tls_names: tuple[str, ...] = ()
+    node_cert_hours: float = 24.0
 
     @property
     def database_url(self) -> str:
@@ -56,6 +60,16 @@ class ServerSettings:
     def tmp_dir(self) -> Path:
         """Scratch space for uploads; on the same file system as the blobs, so a finished upload is renamed."""
         return self.data_dir / "tmp"
+
+    @property
+    def pki_dir(self) -> Path:
+        """The fleet CA's and the server's keys and certificates."""
+        return self.data_dir / "pki"
+
+    @property
+    def ca_path(self) -> Path:
+        """The fleet CA certificate, for operators (`--ca`) and for pinning in enrollment tokens."""
+        return self.data_dir / "ca.pem"
 
     @property
     def admin_token_path(self) -> Path:

@@ -92,9 +92,11 @@ class EnrollRequest:
     emulated: bool = False
     agent_version: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
+    csr: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "csr": self.csr,
             "token": self.token,
             "name": self.name,
             "tier": self.tier,
@@ -108,19 +110,49 @@ class EnrollRequest:
 
 @dataclass(frozen=True)
 class EnrollResponse:
+    """A node's identity: its id, its fleet certificate (PEM, short-lived) and the fleet CA (PEM)."""
+
     node_id: str
-    credential: str
+    certificate: str
+    ca: str
+    not_after: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "credential": self.credential}
+        return {"node_id": self.node_id, "certificate": self.certificate, "ca": self.ca, "not_after": self.not_after}
 
     @classmethod
     def from_json(cls, raw: Any) -> EnrollResponse:
-        obj = _obj(raw, "enroll response")
+        what = "enroll response"
+        obj = _obj(raw, what)
+        not_after = obj.get("not_after")
+        if not isinstance(not_after, int | float) or isinstance(not_after, bool):
+            raise ProtocolError(f"{what}: 'not_after' must be a number")
         return cls(
-            node_id=_req(obj, "node_id", str, "enroll response"),
-            credential=_req(obj, "credential", str, "enroll response"),
+            node_id=_req(obj, "node_id", str, what),
+            certificate=_req(obj, "certificate", str, what),
+            ca=_req(obj, "ca", str, what),
+            not_after=float(not_after),
         )
+
+
+@dataclass(frozen=True)
+class CertificateRenewal:
+    """A node's new certificate (PEM) and when it expires."""
+
+    certificate: str
+    not_after: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"certificate": self.certificate, "not_after": self.not_after}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> CertificateRenewal:
+        what = "certificate renewal"
+        obj = _obj(raw, what)
+        not_after = obj.get("not_after")
+        if not isinstance(not_after, int | float) or isinstance(not_after, bool):
+            raise ProtocolError(f"{what}: 'not_after' must be a number")
+        return cls(certificate=_req(obj, "certificate", str, what), not_after=float(not_after))
 
 
 # --- desired state ---------------------------------------------------------------------------------------

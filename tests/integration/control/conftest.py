@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from control_harness import Harness, ManualClock, StartServer
+from control_harness import Harness, ManualClock, StartServer, TlsTestShim
 from fastapi.testclient import TestClient
 
 from strata.control.app import create_app
@@ -35,7 +35,7 @@ def start_server(clock: ManualClock) -> StartServer:
     @contextlib.contextmanager
     def start(settings: ServerSettings) -> Iterator[Harness]:
         app = create_app(replace(settings, clock=clock))
-        with TestClient(app) as client:
+        with TestClient(TlsTestShim(app)) as client:
             harness = Harness(client=client, plane=app.state.plane, clock=clock)
             token = settings.admin_token_path.read_text().strip()
             harness.admin = {"Authorization": f"Bearer {token}"}

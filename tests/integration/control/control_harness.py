@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 
@@ -34,6 +39,43 @@ class ManualClock:
 class NodeCredentials:
     node_id: str
     headers: dict[str, str]
+    certificate: str = ""
+
+
+CLIENT_CERT_HEADER = "x-test-client-cert"
+
+
+class TlsTestShim:
+    """In-process requests have no TLS: this ASGI wrapper turns a test header holding a (base64) PEM certificate
+    into the ASGI TLS extension, as the real server's protocol does after verifying the certificate against the
+    fleet CA. The real mutual TLS is tested with real processes (tests/e2e/test_mtls.py)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            encoded = headers.get(CLIENT_CERT_HEADER.encode())
+            if encoded:
+                pem = base64.b64decode(encoded).decode()
+                scope = {**scope, "extensions": {"tls": {"client_cert_chain": [pem]}}}
+        await self.app(scope, receive, send)
+
+
+def node_key_and_csr(name: str) -> str:
+    """A fresh EC P-256 key's CSR, as an agent makes on its node."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def cert_headers(certificate: str) -> dict[str, str]:
+    return {CLIENT_CERT_HEADER: base64.b64encode(certificate.encode()).decode()}
 
 
 @dataclass
@@ -47,11 +89,18 @@ class Harness:
 
     def enroll(self, name: str, labels: dict[str, str] | None = None, **fields: Any) -> NodeCredentials:
         token = self.client.post("/v1/enrollment-tokens", json={}, headers=self.admin).json()["token"]
-        body = {"token": token, "name": name, "tier": "device", "labels": labels or {}, "profile": "cpu-generic"}
+        body = {
+            "token": token,
+            "name": name,
+            "tier": "device",
+            "labels": labels or {},
+            "profile": "cpu-generic",
+            "csr": node_key_and_csr(name),
+        }
         response = self.client.post("/v1/enroll", json={**body, **fields})
         assert response.status_code == 201, response.text
         answer = response.json()
-        return NodeCredentials(answer["node_id"], {"Authorization": f"Bearer {answer['credential']}"})
+        return NodeCredentials(answer["node_id"], cert_headers(answer["certificate"]), answer["certificate"])
 
     def upload(self, tar: bytes) -> httpx.Response:
         return self.client.post(

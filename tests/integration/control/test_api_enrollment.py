@@ -6,7 +6,7 @@ import threading
 from typing import Any
 
 import pytest
-from control_harness import T0, Harness
+from control_harness import T0, Harness, node_key_and_csr
 
 from strata.control.fleet import INVALID_ENROLLMENT
 
@@ -19,7 +19,8 @@ def _token(server: Harness, **body: Any) -> str:
 
 
 def _enroll_body(token: str, name: str = "edge-1", **fields: Any) -> dict[str, Any]:
-    return {"token": token, "name": name, "tier": "device", "labels": {}, "profile": "cpu-generic", **fields}
+    body = {"token": token, "name": name, "tier": "device", "labels": {}, "profile": "cpu-generic"}
+    return {**body, "csr": node_key_and_csr(name), **fields}
 
 
 def test_enrollment_token_expires_at_its_ttl(server: Harness) -> None:
@@ -41,7 +42,8 @@ def test_a_token_enrolls_once(server: Harness) -> None:
     token = _token(server)
     first = server.client.post("/v1/enroll", json=_enroll_body(token, "edge-1"))
     assert first.status_code == 201
-    assert set(first.json()) == {"node_id", "credential"}
+    assert set(first.json()) == {"node_id", "certificate", "ca", "not_after"}
+    assert first.json()["not_after"] == pytest.approx(T0 + 24 * 3600)
     again = server.client.post("/v1/enroll", json=_enroll_body(token, "edge-2"))
     assert again.status_code == 401
     assert again.json() == {"error": INVALID_ENROLLMENT, "code": "unauthenticated"}
@@ -99,6 +101,24 @@ def test_enrollment_validates_what_the_node_claims(server: Harness, fields: dict
     assert fragment in response.json()["error"]
     # A refused request does not spend the token.
     assert server.client.post("/v1/enroll", json=_enroll_body(token)).status_code == 201
+
+
+def test_a_token_pins_the_fleet_ca_and_fetches_it(server: Harness) -> None:
+    token = _token(server)
+    ca = server.plane.pki.ca
+    assert token.split(".")[2] == ca.fingerprint.removeprefix("sha256:")
+    fetched = server.client.get("/v1/ca", headers={"Authorization": f"Bearer {token}"})
+    assert fetched.status_code == 200
+    assert fetched.content == ca.cert_pem
+    assert server.client.get("/v1/ca").status_code == 401
+    assert server.client.get("/v1/ca", headers={"Authorization": "Bearer stk1.x.y"}).status_code == 401
+
+
+def test_enrollment_needs_a_usable_csr(server: Harness) -> None:
+    assert server.client.post("/v1/enroll", json=_enroll_body(_token(server), csr="")).status_code == 422
+    garbage = server.client.post("/v1/enroll", json=_enroll_body(_token(server), csr="-----BEGIN nonsense"))
+    assert garbage.status_code == 401
+    assert "certificate request" in garbage.json()["error"]
 
 
 def test_re_enrollment_keeps_the_id_and_rotates_the_credential(server: Harness) -> None:

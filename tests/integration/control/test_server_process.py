@@ -1,4 +1,5 @@
-"""`strata server` as a real process: it listens, answers over real HTTP, and exits cleanly on SIGTERM."""
+"""`strata server` as a real process: it listens over HTTPS (mutual TLS for nodes), refuses plain HTTP, and exits
+cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -14,6 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from strata.core.wire import DesiredState, EnrollResponse
 
@@ -27,12 +33,14 @@ def _free_port() -> int:
 
 def _wait_healthy(process: subprocess.Popen[bytes], base: str, token_file: Path) -> dict[str, str]:
     deadline = time.monotonic() + 30
+    ca = token_file.parent / "ca.pem"
     while time.monotonic() < deadline:
         assert process.poll() is None, "the server exited during start-up"
-        if token_file.is_file():
+        if token_file.is_file() and ca.is_file():
             headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
             try:
-                if httpx.get(f"{base}/v1/health", headers=headers, timeout=2).status_code == 200:
+                verify = ssl.create_default_context(cafile=str(ca))
+                if httpx.get(f"{base}/v1/health", headers=headers, timeout=2, verify=verify).status_code == 200:
                     return headers
             except httpx.TransportError:
                 pass
@@ -44,7 +52,7 @@ def _wait_healthy(process: subprocess.Popen[bytes], base: str, token_file: Path)
 def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     data = tmp_path / "data"
     port = _free_port()
-    base = f"http://127.0.0.1:{port}"
+    base = f"https://127.0.0.1:{port}"
     polled: list[httpx.Response] = []
     process = subprocess.Popen(
         [sys.executable, "-m", "strata", "server", "--data-dir", str(data), "--port", str(port)],
@@ -53,11 +61,35 @@ def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> N
     )
     try:
         admin = _wait_healthy(process, base, data / "admin.token")
-        token = httpx.post(f"{base}/v1/enrollment-tokens", json={}, headers=admin).json()["token"]
-        body = {"token": token, "name": "edge-1", "tier": "device", "labels": {}, "profile": "cpu-generic"}
-        enrolled = EnrollResponse.from_json(httpx.post(f"{base}/v1/enroll", json=body).json())
-        node = {"Authorization": f"Bearer {enrolled.credential}"}
-        answer = httpx.get(f"{base}/v1/nodes/{enrolled.node_id}/desired", headers=node)
+        trusted = ssl.create_default_context(cafile=str(data / "ca.pem"))
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP listener
+            httpx.get(f"http://127.0.0.1:{port}/v1/health", headers=admin, timeout=5)
+        token = httpx.post(f"{base}/v1/enrollment-tokens", json={}, headers=admin, verify=trusted).json()["token"]
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = x509.CertificateSigningRequestBuilder().subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-1")])
+        )
+        body = {
+            "token": token,
+            "name": "edge-1",
+            "tier": "device",
+            "labels": {},
+            "profile": "cpu-generic",
+            "csr": csr.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode(),
+        }
+        enrolled = EnrollResponse.from_json(httpx.post(f"{base}/v1/enroll", json=body, verify=trusted).json())
+        (tmp_path / "node.pem").write_text(enrolled.certificate)
+        (tmp_path / "node.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        mtls = ssl.create_default_context(cafile=str(data / "ca.pem"))
+        mtls.load_cert_chain(tmp_path / "node.pem", tmp_path / "node.key")
+        node: dict[str, str] = {}
+        no_cert = httpx.get(f"{base}/v1/nodes/{enrolled.node_id}/desired", verify=trusted)
+        assert no_cert.status_code == 401
+        answer = httpx.get(f"{base}/v1/nodes/{enrolled.node_id}/desired", headers=node, verify=mtls)
         assert answer.status_code == 200
         state = DesiredState.from_json(answer.json())
         assert state == DesiredState(node_id=enrolled.node_id, models=())
@@ -66,7 +98,9 @@ def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> N
         # A long poll in flight when SIGTERM arrives is answered at once, not after its 60 s.
         poll_headers = {**node, "If-None-Match": state.etag}
         url = f"{base}/v1/nodes/{enrolled.node_id}/desired?wait=60"
-        threading.Thread(target=lambda: polled.append(httpx.get(url, headers=poll_headers, timeout=70))).start()
+        threading.Thread(
+            target=lambda: polled.append(httpx.get(url, headers=poll_headers, timeout=70, verify=mtls))
+        ).start()
         time.sleep(0.5)
     finally:
         stopping = time.monotonic()
@@ -83,7 +117,7 @@ def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> N
     while not polled and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [r.status_code for r in polled] == [304]
-    assert f"strata server listening on http://127.0.0.1:{port} (data: {data})" in log
+    assert f"strata server listening on https://127.0.0.1:{port} (data: {data})" in log
     # Presence was flushed on the way out.
     with contextlib.closing(sqlite3.connect(data / "strata.db")) as db:
         [(last_seen,)] = db.execute("SELECT last_seen FROM nodes WHERE id = ?", (enrolled.node_id,)).fetchall()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from strata.control.api.deps import COMMON_ERRORS, Admin, Plane
+from strata.control.api.deps import COMMON_ERRORS, Admin, Plane, Reader
 from strata.control.deployments import DeploymentInfo
 from strata.control.schemas import DeploymentBody, DeploymentRequest, ErrorBody
 
@@ -23,7 +23,7 @@ def create_deployment(body: DeploymentRequest, plane: Plane, _admin: Admin) -> D
 
 
 @router.get("/deployments", response_model=list[DeploymentBody])
-def list_deployments(plane: Plane, _admin: Admin) -> list[DeploymentInfo]:
+def list_deployments(plane: Plane, _reader: Reader) -> list[DeploymentInfo]:
     """Every deployment, newest first."""
     return plane.deployments.list()
 

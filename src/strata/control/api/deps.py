@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -32,16 +33,29 @@ async def get_plane(request: Request) -> ControlPlane:
 Plane = Annotated[ControlPlane, Depends(get_plane)]
 
 
+def client_certificate(request: Request) -> bytes | None:
+    """The DER of the client certificate the TLS layer verified (the ASGI `tls` extension), or None."""
+    tls = request.scope.get("extensions", {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    return ssl.PEM_cert_to_DER_cert(chain[0]) if chain else None
+
+
 async def get_principal(
-    plane: Plane, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
+    request: Request, plane: Plane, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 ) -> Principal:
-    """The caller named by the bearer credential: from the cache on the event loop, or looked up in the
-    database in a worker thread on a miss (every dependency that does no I/O is async: a thread hop per
-    dependency would cost an unchanged poll more than the poll itself).
+    """The caller: a node by its fleet certificate (mutual TLS), or an operator by bearer token. From the cache on
+    the event loop, or looked up in the database in a worker thread on a miss (every dependency that does no I/O
+    is async: a thread hop per dependency would cost an unchanged poll more than the poll itself).
 
     Raises:
-        AuthError: no bearer credential, or an unknown or revoked one.
+        AuthError: neither credential, or an unknown, revoked or replaced one.
     """
+    certificate = client_certificate(request)
+    if certificate is not None:
+        cached = plane.authenticator.certificate_cached(certificate)
+        if cached is not None:
+            return cached
+        return await run_in_threadpool(plane.authenticator.authenticate_certificate, certificate)
     secret = credentials.credentials if credentials else None
     principal = plane.authenticator.authenticate_cached(secret)
     if principal is None:
@@ -58,6 +72,7 @@ def _allowed(access: Access) -> Callable[[Request, Principal], Awaitable[Princip
 
 
 AnyCaller = Annotated[Principal, Depends(_allowed(Access.ANY))]
+Reader = Annotated[Principal, Depends(_allowed(Access.READ))]
 Admin = Annotated[Principal, Depends(_allowed(Access.ADMIN))]
 SelfOrAdmin = Annotated[Principal, Depends(_allowed(Access.SELF_OR_ADMIN))]
 NodeItself = Annotated[Principal, Depends(_allowed(Access.SELF))]

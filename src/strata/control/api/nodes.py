@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from strata.control.api.deps import COMMON_ERRORS, Admin, NodeItself, Plane, SelfOrAdmin
+from strata.control.api.deps import COMMON_ERRORS, Admin, AnyCaller, NodeItself, Plane, Reader, SelfOrAdmin
 from strata.control.fleet import IssuedToken, NodeView
 from strata.control.schemas import (
+    ApiTokenBody,
+    ApiTokenRequest,
+    CertificateBody,
     DesiredStateBody,
     EnrollmentTokenBody,
     EnrollmentTokenRequest,
@@ -17,17 +21,58 @@ from strata.control.schemas import (
     ErrorBody,
     NodeBody,
     NodeStatusBody,
+    RenewRequest,
 )
 from strata.control.settings import MAX_WAIT_S
+from strata.core.errors import AuthError
 from strata.core.wire import EnrollResponse, NodeStatus
 
 router = APIRouter(tags=["nodes"], responses=COMMON_ERRORS)
+_enrollment_bearer = HTTPBearer(auto_error=False, description="an enrollment token")
 
 
 @router.post("/enrollment-tokens", status_code=201, response_model=EnrollmentTokenBody)
 def create_enrollment_token(body: EnrollmentTokenRequest, plane: Plane, _admin: Admin) -> IssuedToken:
     """Issue a one-time enrollment token."""
     return plane.fleet.issue_enrollment_token(body.ttl_seconds)
+
+
+@router.get("/ca", response_class=Response, responses={200: {"content": {"application/x-pem-file": {}}}})
+def fleet_ca(
+    plane: Plane, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_enrollment_bearer)]
+) -> Response:
+    """The fleet CA certificate, for a node holding a valid enrollment token. The node checks it against the hash
+    its token carries before it trusts this server (the connection itself is not verified yet)."""
+    token = credentials.credentials if credentials else ""
+    if not token or not plane.fleet.enrollment_token_valid(token):
+        raise AuthError("the fleet CA is given to holders of a valid enrollment token")
+    return Response(plane.pki.ca.cert_pem, media_type="application/x-pem-file")
+
+
+@router.post("/nodes/{node_id}/certificate", response_model=CertificateBody)
+def renew_certificate(node_id: str, body: RenewRequest, plane: Plane, _node: NodeItself) -> dict[str, Any]:
+    """A new certificate for this node, over mutual TLS with its current one (which stops working)."""
+    return plane.fleet.renew_certificate(node_id, body.csr).to_json()
+
+
+@router.get(
+    "/nodes/{node_id}/packages/{digest}",
+    status_code=204,
+    responses={403: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+)
+def package_access(
+    node_id: str, digest: Annotated[str, Path(pattern="^[0-9a-f]{64}$")], plane: Plane, caller: AnyCaller
+) -> Response:
+    """204 when the node may read this package (it is in its desired state); asked by the node, an operator, or
+    the near-edge node at the node's site, which relays pieces for it."""
+    plane.fleet.package_access(caller, node_id, "sha256:" + digest)
+    return Response(status_code=204)
+
+
+@router.post("/api-tokens", status_code=201, response_model=ApiTokenBody)
+def create_api_token(body: ApiTokenRequest, plane: Plane, _admin: Admin) -> dict[str, str]:
+    """A new operator token, read-only (`read`: GET calls only) or `admin`."""
+    return {"token": plane.authenticator.issue_token(body.scope), "scope": body.scope}
 
 
 @router.post("/enroll", status_code=201, response_model=EnrollResponseBody)
@@ -37,7 +82,7 @@ def enroll(body: EnrollRequestBody, plane: Plane) -> EnrollResponse:
 
 
 @router.get("/nodes", response_model=list[NodeBody])
-def list_nodes(plane: Plane, _admin: Admin) -> list[NodeView]:
+def list_nodes(plane: Plane, _reader: Reader) -> list[NodeView]:
     """Every node that is not revoked."""
     return plane.fleet.list_nodes()
 

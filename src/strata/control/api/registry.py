@@ -8,7 +8,7 @@ import anyio.from_thread
 import anyio.to_thread
 from fastapi import APIRouter, Request, Response
 
-from strata.control.api.deps import COMMON_ERRORS, Admin, Plane
+from strata.control.api.deps import COMMON_ERRORS, Admin, Plane, Reader
 from strata.control.registry import AddedPackage, ModelInfo, VersionInfo
 from strata.control.schemas import ErrorBody, ModelBody, PackageAddedBody, VersionBody
 from strata.core.wire import ProtocolError
@@ -63,18 +63,18 @@ async def upload_package(request: Request, response: Response, plane: Plane, _ad
 
 
 @router.get("/models", response_model=list[ModelBody])
-def list_models(plane: Plane, _admin: Admin) -> list[ModelInfo]:
+def list_models(plane: Plane, _reader: Reader) -> list[ModelInfo]:
     """Every model with its versions and variants."""
     return plane.registry.list_models()
 
 
 @router.get("/models/{name}", response_model=ModelBody, responses={404: {"model": ErrorBody}})
-def get_model(name: str, plane: Plane, _admin: Admin) -> ModelInfo:
+def get_model(name: str, plane: Plane, _reader: Reader) -> ModelInfo:
     """One model with its versions and variants."""
     return plane.registry.get_model(name)
 
 
 @router.get("/models/{name}/versions/{version}", response_model=VersionBody, responses={404: {"model": ErrorBody}})
-def get_version(name: str, version: str, plane: Plane, _admin: Admin) -> VersionInfo:
+def get_version(name: str, version: str, plane: Plane, _reader: Reader) -> VersionInfo:
     """One version of a model with its variants."""
     return plane.registry.get_version(name, version)

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from strata.control.api.deps import COMMON_ERRORS, Admin, Plane
+from strata.control.api.deps import COMMON_ERRORS, Admin, Plane, Reader
 from strata.control.gates import merge_gates, parse_gate
 from strata.control.history import HistoryEvent
 from strata.control.pins import PinInfo
@@ -35,13 +35,13 @@ def create_rollout(body: RolloutRequest, plane: Plane, _admin: Admin) -> Rollout
 
 
 @router.get("/rollouts", response_model=list[RolloutBody])
-def list_rollouts(plane: Plane, _admin: Admin) -> list[RolloutView]:
+def list_rollouts(plane: Plane, _reader: Reader) -> list[RolloutView]:
     """Every rollout, newest first (without per-node detail)."""
     return plane.rollouts.list()
 
 
 @router.get("/rollouts/{rollout_id}", response_model=RolloutBody, responses={404: {"model": ErrorBody}})
-def get_rollout(rollout_id: str, plane: Plane, _admin: Admin) -> RolloutView:
+def get_rollout(rollout_id: str, plane: Plane, _reader: Reader) -> RolloutView:
     """One rollout with every node's part, the gates' numbers and why nodes are kept out."""
     return plane.rollouts.get(rollout_id)
 
@@ -71,7 +71,7 @@ def create_pin(body: PinRequest, plane: Plane, _admin: Admin) -> PinInfo:
 
 
 @router.get("/pins", response_model=list[PinBody])
-def list_pins(plane: Plane, _admin: Admin) -> list[PinInfo]:
+def list_pins(plane: Plane, _reader: Reader) -> list[PinInfo]:
     """Every pin, newest first."""
     return plane.pins.list()
 
@@ -85,7 +85,7 @@ def delete_pin(pin_id: str, plane: Plane, _admin: Admin) -> Response:
 
 @router.get("/models/{name}/history", response_model=list[HistoryEventBody], responses={404: {"model": ErrorBody}})
 def model_history(
-    name: str, plane: Plane, _admin: Admin, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000
+    name: str, plane: Plane, _reader: Reader, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000
 ) -> list[HistoryEvent]:
     """Which versions of the model ran where and when, newest first."""
     return plane.history.history(name, limit)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CollectorRegistry
 
 from strata import __version__
-from strata.control.api.deps import COMMON_ERRORS, Admin, AnyCaller
+from strata.control.api.deps import COMMON_ERRORS, AnyCaller, Reader
 from strata.control.metrics import CONTENT_TYPE, render
 from strata.control.schemas import HealthBody
 
@@ -22,7 +22,7 @@ async def health(_caller: AnyCaller) -> dict[str, str]:
 
 
 @router.get("/openapi.json", include_in_schema=False)
-async def openapi(request: Request, _admin: Admin) -> dict[str, Any]:
+async def openapi(request: Request, _reader: Reader) -> dict[str, Any]:
     """The OpenAPI document of this API."""
     document: dict[str, Any] = request.app.openapi()
     return document
@@ -33,7 +33,7 @@ metrics_router = APIRouter(tags=["system"], responses=COMMON_ERRORS)
 
 
 @metrics_router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
-def metrics(request: Request, _admin: Admin) -> Response:
+def metrics(request: Request, _reader: Reader) -> Response:
     """Fleet metrics in Prometheus' text format: nodes, versions running, traffic, telemetry ingest."""
     registry: CollectorRegistry = request.app.state.metrics_registry
     return Response(render(registry), media_type=CONTENT_TYPE)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 
-from strata.control.api.deps import COMMON_ERRORS, Admin, NodeItself, Plane
+from strata.control.api.deps import COMMON_ERRORS, NodeItself, Plane, Reader
 from strata.control.errors import PayloadTooLarge
 from strata.control.schemas import TelemetryAckBody, TelemetryBody
 from strata.control.telemetry import MAX_UPLOAD_BYTES
@@ -49,7 +49,7 @@ async def upload_telemetry(node_id: str, request: Request, plane: Plane, _node: 
 @router.get("/telemetry", response_model=TelemetryBody)
 def query_telemetry(
     plane: Plane,
-    _admin: Admin,
+    _reader: Reader,
     model: Annotated[str, Query(description="model name")],
     version: Annotated[str | None, Query(description="only this version")] = None,
     node: Annotated[str | None, Query(description="only this node (by name)")] = None,

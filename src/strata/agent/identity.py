@@ -1,0 +1,185 @@
+"""The node's fleet identity: its key, its certificate and the fleet CA, and the TLS contexts built from them.
+
+Files under DATA_DIR/trust: `ca.pem` (the fleet CA, trusted because its sha256 matched the one the enrollment
+token carried), `node.key` (made here by a child process, mode 0600, never sent anywhere), `node.pem` (the
+short-lived certificate the control plane signed), and `identity.json` (node id, server, certificate expiry).
+Key generation and CSRs run in `python -m strata.trust.node` so the agent never imports `cryptography`; TLS
+itself is the standard library's `ssl`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import ssl
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from strata.core.errors import AuthError, ConfigError
+from strata.core.fsutil import write_bytes_atomic, write_json_atomic
+
+ENROLLMENT_FORMAT: Final = "stk1"
+NODE_URI_PREFIX: Final = "urn:strata:node:"
+
+
+def parse_enrollment_token(token: str) -> tuple[str, str]:
+    """(the token, the fleet CA's sha256 hex it pins).
+
+    Raises:
+        ConfigError: not a strata enrollment token (`stk1.<secret>.<ca sha256>`).
+    """
+    parts = token.strip().split(".")
+    if len(parts) != 3 or parts[0] != ENROLLMENT_FORMAT or len(parts[2]) != 64:
+        raise ConfigError(
+            "the enrollment token is not stk1.<secret>.<CA sha256>; copy it whole from `strata token create`"
+        )
+    return token.strip(), parts[2].lower()
+
+
+def pem_fingerprint(pem: str) -> str:
+    """Hex sha256 of a PEM certificate's DER (computed with the standard library)."""
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+
+
+def node_id_of_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
+    """The node id named by a verified peer certificate's URI SAN (the standard library's parsed form)."""
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return None
+    for entry in cert.get("subjectAltName", ()):
+        kind, value = entry[0], entry[1]
+        if kind == "URI" and isinstance(value, str) and value.startswith(NODE_URI_PREFIX):
+            return value.removeprefix(NODE_URI_PREFIX)
+    return None
+
+
+@dataclass(frozen=True)
+class StoredIdentity:
+    server: str
+    node_id: str
+    not_after: float
+
+
+class FleetIdentity:
+    """The trust files of one node and the TLS contexts over them."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.folder = data_dir / "trust"
+        self.ca_path = self.folder / "ca.pem"
+        self.key_path = self.folder / "node.key"
+        self.cert_path = self.folder / "node.pem"
+        self.state_path = self.folder / "identity.json"
+
+    def load(self) -> StoredIdentity | None:
+        """The stored identity, or None before enrollment.
+
+        Raises:
+            ConfigError: the files are there but damaged.
+        """
+        if not self.state_path.exists():
+            return None
+        try:
+            raw = json.loads(self.state_path.read_text())
+            stored = StoredIdentity(str(raw["server"]), str(raw["node_id"]), float(raw["not_after"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{self.state_path} is unreadable ({exc}); enroll again with a new token") from exc
+        for path in (self.ca_path, self.key_path, self.cert_path):
+            if not path.exists():
+                raise ConfigError(f"{path} is missing; enroll again with a new token")
+        return stored
+
+    def trust_ca(self, pem: str, pinned_hex: str) -> None:
+        """Keep the fleet CA if it is the one the enrollment token pins.
+
+        Raises:
+            AuthError: it is not (the server is not the one the token was made for).
+        """
+        if pem_fingerprint(pem) != pinned_hex:
+            raise AuthError("the server's CA does not match the one the enrollment token pins; refusing to trust it")
+        write_bytes_atomic(self.ca_path, pem.encode())
+
+    def make_csr(self, name: str) -> str:
+        """A certificate request over this node's key (made on first use), from a child process.
+
+        Raises:
+            ConfigError: the key operation failed.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        done = subprocess.run(
+            [sys.executable, "-OO", "-m", "strata.trust.node", "csr", str(self.key_path), name],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise ConfigError(f"cannot make this node's key and certificate request: {done.stderr.strip()}")
+        return done.stdout
+
+    def save(self, server: str, node_id: str, certificate: str, not_after: float) -> StoredIdentity:
+        """Store a certificate from enrollment or renewal (it must be for this node's key)."""
+        write_bytes_atomic(self.cert_path, certificate.encode())
+        stored = StoredIdentity(server, node_id, not_after)
+        write_json_atomic(self.state_path, {"server": server, "node_id": node_id, "not_after": not_after}, mode=0o600)
+        return stored
+
+    def client_context(self) -> ssl.SSLContext:
+        """For calls to the control plane and to other nodes: verify them against the fleet CA, present our cert.
+
+        Raises:
+            ConfigError: the files do not load (damaged, or a certificate for another key).
+        """
+        context = self.bootstrap_context()
+        try:
+            context.load_cert_chain(self.cert_path, self.key_path)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"this node's certificate does not load: {exc}") from exc
+        return context
+
+    def bootstrap_context(self) -> ssl.SSLContext:
+        """Verify the control plane against the fleet CA, without a client certificate (enrollment).
+
+        Raises:
+            ConfigError: the CA file does not load.
+        """
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_verify_locations(cafile=self.ca_path)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"the fleet CA in {self.ca_path} does not load: {exc}") from exc
+        return context
+
+    def peer_context(self) -> ssl.SSLContext:
+        """For calls to other nodes (parent relay, tier port): their certificates name node ids, not host names,
+        so the chain to the fleet CA is checked but the host name is not."""
+        context = self.client_context()
+        context.check_hostname = False
+        return context
+
+    def server_context(self) -> ssl.SSLContext:
+        """For this node's tier port: present our certificate, require one from the fleet CA.
+
+        Raises:
+            ConfigError: the files do not load.
+        """
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca_path))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.verify_mode = ssl.CERT_REQUIRED
+        try:
+            context.load_cert_chain(self.cert_path, self.key_path)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"this node's certificate does not load: {exc}") from exc
+        return context
+
+
+def unverified_context() -> ssl.SSLContext:
+    """TLS without verification, for exactly one call: fetching the CA at enrollment, whose bytes are then
+    checked against the hash in the token before anything else is sent."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
