@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,7 +42,12 @@ def local_labels(model: Path) -> list[int]:
 
 
 def strata_cli(fleet: LocalFleet, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "STRATA_SERVER": fleet.server_url, "STRATA_TOKEN": fleet.admin_token}
+    env = {
+        **os.environ,
+        "STRATA_SERVER": fleet.server_url,
+        "STRATA_TOKEN": fleet.admin_token,
+        "STRATA_CA": str(fleet.ca_path),
+    }
     return subprocess.run(
         [sys.executable, "-m", "strata", *args], env=env, capture_output=True, text=True, timeout=120, check=False
     )
@@ -100,20 +106,22 @@ def test_a_node_cannot_read_another_nodes_desired_state(fleet: LocalFleet, digit
     fleet.client.deploy("digits", "1", {"who": "b"})
     fleet.wait_for_versions({"node-b": {"digits": "1"}, "node-a": {}})
 
-    cred_a = json.loads((a.data_dir / "credential.json").read_text())
-    cred_b = json.loads((b.data_dir / "credential.json").read_text())
-    as_a = {"authorization": f"Bearer {cred_a['credential']}"}
-    own = httpx.get(f"{fleet.server_url}/v1/nodes/{cred_a['node_id']}/desired", headers=as_a)
+    id_a = json.loads((a.data_dir / "trust" / "identity.json").read_text())["node_id"]
+    id_b = json.loads((b.data_dir / "trust" / "identity.json").read_text())["node_id"]
+    as_a = fleet.tls("node-a")  # node A's own certificate and key
+    own = httpx.get(f"{fleet.server_url}/v1/nodes/{id_a}/desired", verify=as_a)
     assert own.status_code == 200
-    other = httpx.get(f"{fleet.server_url}/v1/nodes/{cred_b['node_id']}/desired", headers=as_a)
+    other = httpx.get(f"{fleet.server_url}/v1/nodes/{id_b}/desired", verify=as_a)
     assert other.status_code == 403
     assert "error" in other.json()
+    status = {"tier": "device", "labels": {"who": "b"}, "profile": "cpu-generic"}
+    assert httpx.put(f"{fleet.server_url}/v1/nodes/{id_b}/status", json=status, verify=as_a).status_code == 403
 
-    # A second agent process holding node A's secret but claiming node B's id is refused too.
+    # A second agent process holding node A's key and certificate but claiming node B's id is refused too.
     thief_dir = tmp_path / "thief"
-    thief_dir.mkdir()
-    forged = {"server": fleet.server_url, "node_id": cred_b["node_id"], "credential": cred_a["credential"]}
-    (thief_dir / "credential.json").write_text(json.dumps(forged))
+    shutil.copytree(a.data_dir / "trust", thief_dir / "trust")
+    forged = json.loads((thief_dir / "trust" / "identity.json").read_text())
+    (thief_dir / "trust" / "identity.json").write_text(json.dumps({**forged, "node_id": id_b}))
     thief = fleet.start_agent("thief", labels={"who": "b"}, enroll=False, data_dir=thief_dir)
     fleet.wait_for(lambda: "refused" in thief.process.log_tail(50), 30, "the thief to be refused", thief.process)
     assert not (thief_dir / "desired.json").exists()
@@ -147,9 +155,9 @@ def test_node_keeps_serving_without_its_control_plane(
 
 def test_restart_reuses_the_stored_credential(fleet: LocalFleet) -> None:
     handle = fleet.start_agent("edge")
-    credential = handle.data_dir / "credential.json"
-    fleet.wait_for(credential.exists, 30, "enrollment", handle.process)
-    first = json.loads((handle.data_dir / "credential.json").read_text())
+    identity = handle.data_dir / "trust" / "identity.json"
+    fleet.wait_for(identity.exists, 30, "enrollment", handle.process)
+    first = (json.loads(identity.read_text()), (handle.data_dir / "trust" / "node.pem").read_text())
     # Same arguments, including the (now used) enrollment token: it must be ignored.
     argv = handle.process.argv
     handle.process.stop()
@@ -158,7 +166,7 @@ def test_restart_reuses_the_stored_credential(fleet: LocalFleet) -> None:
     fleet.wait_for(lambda: fleet.agent_live("edge"), 30, "restart", handle.process)
     time.sleep(1)
     assert handle.process.running, handle.process.log_tail()
-    assert json.loads((handle.data_dir / "credential.json").read_text()) == first
+    assert (json.loads(identity.read_text()), (handle.data_dir / "trust" / "node.pem").read_text()) == first
     assert len(fleet.nodes()) == 1
 
 

@@ -52,7 +52,8 @@ def push(fleet: LocalFleet, tmp_path: Path, version: str, changed_layers: int) -
 
 
 def wan_bytes(fleet: LocalFleet) -> int:
-    text = httpx.get(f"{fleet.server_url}/metrics", headers={"authorization": f"Bearer {fleet.admin_token}"}).text
+    admin = {"authorization": f"Bearer {fleet.admin_token}"}
+    text = httpx.get(f"{fleet.server_url}/metrics", headers=admin, verify=fleet.tls()).text
     found = re.search(r"^strata_blob_bytes_served_total (\S+)$", text, re.M)
     assert found is not None
     return int(float(found.group(1)))

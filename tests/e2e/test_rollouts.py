@@ -39,7 +39,12 @@ def fleet(tmp_path: Path) -> Iterator[LocalFleet]:
 
 
 def strata_cli(fleet: LocalFleet, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "STRATA_SERVER": fleet.server_url, "STRATA_TOKEN": fleet.admin_token}
+    env = {
+        **os.environ,
+        "STRATA_SERVER": fleet.server_url,
+        "STRATA_TOKEN": fleet.admin_token,
+        "STRATA_CA": str(fleet.ca_path),
+    }
     return subprocess.run(
         [sys.executable, "-m", "strata", *args], env=env, capture_output=True, text=True, timeout=120, check=False
     )
