@@ -39,3 +39,35 @@ def minilm_dir() -> Path:
     if not (SHARED_MINILM / "model.onnx").is_file():
         pytest.skip("../shared/models/minilm is not on this machine (it ships with the strata workspace, not PyPI)")
     return SHARED_MINILM
+
+
+def _mlp(path: Path, change: bool) -> None:
+    """Six 256x256 MatMuls (6 x 256 KiB of weights); `change` alters only the last matrix."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((256, 256)).astype(np.float32) for _ in range(6)]
+    if change:
+        weights[-1] = weights[-1] + 1.0
+    nodes, previous = [], "x"
+    for i in range(6):
+        nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [f"h{i}"]))
+        previous = f"h{i}"
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
+        [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["n", 256])],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.fixture(scope="session")
+def mlp_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two versions of a 1.5 MB model that differ in one of six weight matrices (chunk reuse)."""
+    folder = tmp_path_factory.mktemp("mlp")
+    _mlp(folder / "v1.onnx", change=False)
+    _mlp(folder / "v2.onnx", change=True)
+    return folder / "v1.onnx", folder / "v2.onnx"

@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -231,9 +231,10 @@ class LocalFleet:
         enroll: bool = True,
         data_dir: Path | None = None,
         tier_port: bool | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> AgentHandle:
         """Start an agent process (enrolling it with a fresh token the first time). Near-edge agents get a
-        mutual-TLS tier port unless `tier_port` is False."""
+        mutual-TLS tier port unless `tier_port` is False; `env` adds environment variables."""
         existing = self.agents.get(name)
         labels = dict(labels if labels is not None else (existing.labels if existing else {}))
         if data_dir is None:
@@ -259,7 +260,9 @@ class LocalFleet:
         if enroll and not (data_dir / "trust" / "identity.json").exists():
             argv += ["--enroll-token", str(self.client.create_enrollment_token(600)["token"])]
         argv += list(extra_args)
-        process = ManagedProcess(f"agent {name}", argv, self.root / "logs" / f"{name}.log", self._env())
+        process = ManagedProcess(
+            f"agent {name}", argv, self.root / "logs" / f"{name}.log", {**self._env(), **(env or {})}
+        )
         process.start()
         handle = AgentHandle(name, tier, labels, data_dir, port, process, tier_listener)
         self.agents[name] = handle

@@ -67,6 +67,9 @@ def relay_counter(fleet: LocalFleet, name: str) -> float:
 def test_ten_devices_behind_a_relay_move_each_changed_chunk_once(fleet: LocalFleet, tmp_path: Path) -> None:
     site = {"site": "plant-7"}
     gateway = fleet.start_agent("gateway", "near-edge", site)
+    fleet.wait_for(
+        lambda: "serving other tiers" in gateway.process.log_tail(20), 60, "the relay to listen", gateway.process
+    )
     devices = [f"device-{i}" for i in range(10)]
     for name in devices:
         fleet.start_agent(name, "device", site, extra_args=["--relay", gateway.tier_url, "--threads", "1"])

@@ -164,35 +164,14 @@ def test_a_corrupt_piece_fails_assembly_and_is_discarded(package: Package, tmp_p
     assert not any(p.name.startswith(".staging") for p in store.packages.iterdir())
 
 
-def test_pieces_held_in_an_earlier_package_are_reused(tmp_path: Path) -> None:
+def test_pieces_held_in_an_earlier_package_are_reused(mlp_versions: tuple[Path, Path], tmp_path: Path) -> None:
     import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
-    def mlp(path: Path, change: bool) -> None:
-        rng = np.random.default_rng(0)
-        weights = [rng.standard_normal((256, 256)).astype(np.float32) for _ in range(6)]  # 6 x 256 KiB
-        if change:
-            weights[-1] = weights[-1] + 1.0
-        nodes, previous = [], "x"
-        for i in range(6):
-            nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [f"h{i}"]))
-            previous = f"h{i}"
-        graph = helper.make_graph(
-            nodes, "mlp",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
-            [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["n", 256])],
-            [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
-        )  # fmt: skip
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-
-    mlp(tmp_path / "v1.onnx", change=False)
-    mlp(tmp_path / "v2.onnx", change=True)
     one = build_package(
-        tmp_path / "v1.onnx", tmp_path / "p1", name="m", version="1", sample={"x": np.zeros((1, 256), np.float32)}
+        mlp_versions[0], tmp_path / "p1", name="m", version="1", sample={"x": np.zeros((1, 256), np.float32)}
     )
     two = build_package(
-        tmp_path / "v2.onnx", tmp_path / "p2", name="m", version="2", sample={"x": np.zeros((1, 256), np.float32)}
+        mlp_versions[1], tmp_path / "p2", name="m", version="2", sample={"x": np.zeros((1, 256), np.float32)}
     )
     model_one = one.manifest.file("model.onnx")
     model_two = two.manifest.file("model.onnx")

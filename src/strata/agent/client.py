@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,32 @@ class ControlPlaneClient:
         )
         raise_for_status(response, "certificate renewal")
         return CertificateRenewal.from_json(self._json(response, "certificate renewal"))
+
+    def attest(self, make_report: Callable[[str], tuple[dict[str, Any], str]]) -> dict[str, Any]:
+        """Ask for a nonce, have `make_report(nonce)` build and sign a report, and send it; the verdict.
+
+        Raises:
+            TransportError, AuthError, Forbidden, ProtocolError: as any call.
+        """
+        challenge = self.transport.request(
+            "POST",
+            self.url(f"/v1/nodes/{self.node_id}/attestation/challenge"),
+            headers=self.auth_headers(),
+            body=b"",
+            timeout=self.timeout,
+        )
+        raise_for_status(challenge, "attestation challenge")
+        report, signature = make_report(str(self._json(challenge, "attestation challenge")["nonce"]))
+        answer = self.transport.request(
+            "POST",
+            self.url(f"/v1/nodes/{self.node_id}/attestation"),
+            headers={**self.auth_headers(), "content-type": "application/json"},
+            body=json.dumps({"report": report, "signature": signature}).encode(),
+            timeout=self.timeout,
+        )
+        raise_for_status(answer, "attestation")
+        verdict: dict[str, Any] = self._json(answer, "attestation")
+        return verdict
 
     def enroll(self, request: EnrollRequest) -> EnrollResponse:
         """Trade a one-time enrollment token and a CSR for this node's id and certificate."""

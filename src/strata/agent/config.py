@@ -46,6 +46,7 @@ class AgentConfig:
     tier_port: int | None = None
     tier_host: str | None = None
     report_interval_s: float = 60.0
+    encrypt_at_rest: bool = True
 
     def __post_init__(self) -> None:
         if not self.server.startswith("https://"):
@@ -127,6 +128,7 @@ class AgentConfig:
             "tier_port": self.tier_port,
             "tier_host": self.tier_host,
             "report_interval_s": self.report_interval_s,
+            "encrypt_at_rest": self.encrypt_at_rest,
         }
 
     @classmethod

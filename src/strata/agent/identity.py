@@ -119,6 +119,23 @@ class FleetIdentity:
             raise ConfigError(f"cannot make this node's key and certificate request: {done.stderr.strip()}")
         return done.stdout
 
+    def sign(self, payload: bytes) -> str:
+        """A base64 ECDSA signature of `payload` with the node key, from a child process.
+
+        Raises:
+            ConfigError: the key operation failed.
+        """
+        done = subprocess.run(
+            [sys.executable, "-OO", "-m", "strata.trust.node", "sign", str(self.key_path)],
+            input=payload,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise ConfigError(f"cannot sign with this node's key: {done.stderr.decode(errors='replace').strip()}")
+        return done.stdout.decode().strip()
+
     def save(self, server: str, node_id: str, certificate: str, not_after: float) -> StoredIdentity:
         """Store a certificate from enrollment or renewal (it must be for this node's key)."""
         write_bytes_atomic(self.cert_path, certificate.encode())

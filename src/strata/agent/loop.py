@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from strata import __version__
 from strata.agent.client import ControlPlaneClient
@@ -36,6 +36,9 @@ from strata.core.errors import AuthError, ConfigError, Forbidden, StrataError, T
 from strata.core.fsutil import write_json_atomic
 from strata.core.hashing import canonical_json
 from strata.core.wire import DesiredState, EnrollRequest, ProtocolError
+
+if TYPE_CHECKING:
+    from strata.agent.attestation import Attester
 
 log = logging.getLogger("strata.agent")
 
@@ -82,6 +85,7 @@ class AgentLoop:
         self.identity = FleetIdentity(config.data_dir)
         self.use_context = use_context or (lambda _context: None)
         self.stored: StoredIdentity | None = None
+        self.attester: Attester | None = None  # set by the agent once it is wired
         self.client = client
         self.reconciler = reconciler
         self.facts = facts or {}
@@ -170,11 +174,20 @@ class AgentLoop:
         """Renew the certificate once two thirds of its life have passed (a new CSR over the same key).
 
         Raises:
-            TransportError, AuthError: as any call; the current certificate stays in use.
+            AuthError: the certificate expired (the node was off longer than its life): renewing needs a valid
+                one, so only a new enrollment brings the node back; it serves on meanwhile.
+            TransportError: as any call; the current certificate stays in use.
         """
         stored = self.stored
-        if stored is None or self.clock() < stored.not_after - self.config.renew_before_s:
+        now = self.clock()
+        if stored is None or now < stored.not_after - self.config.renew_before_s:
             return
+        if now >= stored.not_after:
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stored.not_after))
+            raise AuthError(
+                f"this node's certificate expired at {when}: the control plane refuses it and renewing needs a "
+                "valid one; enroll the node again with a new token (it serves what it has meanwhile)"
+            )
         renewal = self.client.renew(self.identity.make_csr(self.config.name))
         self._adopt(self.identity.save(stored.server, stored.node_id, renewal.certificate, renewal.not_after))
         log.info("renewed this node's certificate; valid until %s", renewal.not_after)
@@ -211,6 +224,11 @@ class AgentLoop:
             self._save_desired(answer.state, answer.etag)
         self.reconciler.converge(self.desired)
         self.report()
+        if self.attester is not None and self.attester.due():
+            try:
+                self.attester.attest()
+            except (ConfigError, ProtocolError) as exc:
+                log.warning("attestation failed: %s", exc)
 
     def report(self) -> None:
         status = self.reconciler.status(self.etag)

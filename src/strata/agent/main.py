@@ -15,6 +15,7 @@ import ssl
 import sys
 from pathlib import Path
 
+from strata.agent.attestation import Attester
 from strata.agent.client import ControlPlaneClient
 from strata.agent.config import AgentConfig
 from strata.agent.httpd import HttpServer, Request, Response
@@ -30,6 +31,7 @@ from strata.agent.serving import ServingTracker
 from strata.agent.store import ArtifactStore
 from strata.agent.telemetry import TelemetryConfig, TelemetryGauges, TelemetryRecorder, TelemetryUploader
 from strata.agent.transport import H11Transport
+from strata.agent.vault import Vault
 from strata.core.errors import ConfigError, StrataError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.profiles import detect_profile, get_profile, read_host_facts
@@ -84,8 +86,11 @@ class Agent:
         self.repository = ModelRepository()
         serving = ServingTracker()
         self.metrics = InferenceMetrics(serving=serving)
-        self.store = ArtifactStore(config.data_dir)
+        self.vault = Vault(config.data_dir / "trust") if config.encrypt_at_rest else None
+        self.store = ArtifactStore(config.data_dir, self.vault)
         self.store.clean_interrupted()
+        for digest in self.store.seal_plaintext_packages():
+            log.info("sealed package %s kept in the clear by an earlier run", digest[:19])
         self.transport = H11Transport()
         self.peer_transport = H11Transport()  # to other nodes (the parent relay): their certs name nodes, not hosts
         self._tier_context: ssl.SSLContext | None = None
@@ -121,6 +126,7 @@ class Agent:
             "detected_profile": detected.id,
         }
         self.loop = AgentLoop(config, self.client, self.reconciler, facts=host_facts, use_context=self._use_context)
+        self.loop.attester = Attester(config, self.loop.identity, self.client, self.reconciler)
         self.telemetry = TelemetryRecorder(
             TelemetryConfig(
                 path=config.data_dir / "telemetry.db",
@@ -211,6 +217,8 @@ class Agent:
                 self._tier_context = self.loop.identity.server_context()
                 await tier_server.start(self.config.serve_host_tier, self.config.tier_port, ssl=self._tier_context)
                 log.info("serving other tiers over mutual TLS on port %d", tier_server.port)
+            if self.vault is not None:
+                self.vault.close_if_idle()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
         self.loop.stop.set()
@@ -219,6 +227,8 @@ class Agent:
         if tier_server is not None:
             await tier_server.stop()
         self.telemetry.close()
+        if self.vault is not None:
+            self.vault.close()
         fatal = self.loop.fatal
         if isinstance(fatal, EnrollmentRefused):
             return EXIT_ENROLLMENT

@@ -18,7 +18,6 @@ from strata.agent.store import ArtifactStore, digest_hex
 from strata.agent.transport import Transport
 from strata.core.chunking import Chunk
 from strata.core.errors import AuthError, Forbidden, NotFound, StrataError, TransportError, VerificationError
-from strata.core.fsutil import write_bytes_atomic
 from strata.core.package import Manifest
 from strata.core.wire import VariantRef
 
@@ -139,7 +138,7 @@ class PackageFetcher:
         if self.via is not None:  # this node is a relay: share its cache and its single upstream fetch
             data, fetched = self.via.fetch_piece(piece.sha256)
             limiter.throttle(len(data))
-            write_bytes_atomic(self.store.piece_path(piece.sha256), data)
+            self.store.write_piece(piece.sha256, data)
             if fetched:
                 report.server_bytes += len(data)
             else:
@@ -164,6 +163,7 @@ class PackageFetcher:
                 continue
             except StrataError:
                 raise
+            self.store.seal_piece(piece.sha256)
             if result.resumed_from:
                 report.resumed.append((piece.sha256, result.resumed_from))
                 log.info("download of piece %s resumed at byte %d", piece.sha256[:12], result.resumed_from)

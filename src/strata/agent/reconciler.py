@@ -35,6 +35,7 @@ from strata.agent.runtime import load_and_check
 from strata.agent.serving import ServingTracker
 from strata.agent.store import ArtifactStore, FailureRecord, NodeState, ProbationRecord, SlotRef
 from strata.agent.transport import Transport
+from strata.agent.vault import VaultUnavailable
 from strata.core.errors import ModelLoadError, PackageError, StrataError, TransportError
 from strata.core.package import Manifest
 from strata.core.policy import NodeFacts
@@ -63,11 +64,12 @@ class NodeIdentity:
     emulated: bool
     serve_url: str | None
     name: str = ""
+    attestation: str = ""  # the level the control plane's last verdict on this node's report gave
 
     @property
     def facts(self) -> NodeFacts:
         """What a placement policy may know about this node."""
-        return NodeFacts.of(self.name, self.tier, self.profile.id, self.labels)
+        return NodeFacts.of(self.name, self.tier, self.profile.id, self.labels, self.attestation)
 
 
 class Reconciler:
@@ -125,6 +127,8 @@ class Reconciler:
                     continue
                 try:
                     self._load(name, slot)
+                except VaultUnavailable:
+                    raise  # nothing can be opened: keep the slots as they are and say why the agent stops
                 except StrataError as exc:
                     log.error("model %s %s (%s) cannot be served: %s", name, slot.version, slot.digest[:19], exc)
                     kind = "policy" if isinstance(exc, PlacementRefused) else "health"
@@ -144,12 +148,13 @@ class Reconciler:
 
         Raises:
             PackageError, VerificationError: the package is missing or changed on disk.
+            VaultUnavailable: the vault worker cannot start.
             PlacementRefused: its policy forbids this node (labels changed since it was activated, say).
             ModelLoadError: it does not load or fails its golden check.
         """
-        package = self.store.package(slot.digest)
+        package, files = self.store.open(slot.digest)
         self._check_placement(package.manifest)
-        runtime = load_and_check(package, self.inference_threads)
+        runtime = load_and_check(package, self.inference_threads, files=files)
         self.repository.put(
             LoadedModel(manifest=package.manifest, digest=slot.digest, runtime=runtime, activated_at=slot.activated_at)
         )
@@ -213,6 +218,8 @@ class Reconciler:
             case Stage(model, version, variant):
                 try:
                     self.store.assemble(variant.blob, variant.digest)
+                except VaultUnavailable as exc:
+                    self._fail(variant.digest, model, version, variant.id, str(exc), "vault")
                 except PackageError as exc:
                     self._fail(variant.digest, model, version, variant.id, f"package rejected: {exc}", "package")
             case Activate(model, version, variant):
@@ -234,7 +241,7 @@ class Reconciler:
 
     def _activate(self, model: str, version: str, variant: str, digest: str) -> None:
         try:
-            package = self.store.package(digest)
+            package, files = self.store.open(digest)
             manifest = package.manifest
             if (manifest.name, manifest.version, manifest.variant) != (model, version, variant):
                 raise PackageError(
@@ -242,7 +249,11 @@ class Reconciler:
                     f"the desired state promised {model} {version} ({variant})"
                 )
             self._check_placement(manifest)
-            runtime = load_and_check(package, self.inference_threads)
+            runtime = load_and_check(package, self.inference_threads, files=files)
+            del files  # the decrypted bytes live on only inside the runtime
+        except VaultUnavailable as exc:
+            self._fail(digest, model, version, variant, str(exc), "vault")
+            return
         except PlacementRefused as exc:
             self._fail(digest, model, version, variant, str(exc), "policy")
             return

@@ -29,7 +29,8 @@ from strata.agent.httpd import Request, Response
 from strata.agent.metrics import MetricsRegistry
 from strata.agent.store import ArtifactStore
 from strata.agent.transport import HttpResponse, Transport
-from strata.core.errors import Forbidden, StrataError, TransportError
+from strata.agent.vault import piece_aad
+from strata.core.errors import Forbidden, StrataError, TransportError, VerificationError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import canonical_json, is_hex_sha256
 from strata.core.package import Manifest, package_pieces
@@ -52,6 +53,14 @@ class RelayUnavailable(TransportError):
 
     code = "relay_unavailable"
     http_status = 503
+
+
+class _OneFile(dict[Path, bytes]):
+    """The last package file the relay decrypted (pieces of one file are asked for one after another)."""
+
+    def __setitem__(self, key: Path, value: bytes) -> None:
+        self.clear()
+        super().__setitem__(key, value)
 
 
 class RelayApp:
@@ -81,6 +90,7 @@ class RelayApp:
         self._authorized: dict[tuple[str, str], float] = {}
         self._pieces: dict[str, frozenset[str]] = {}
         self._inflight: dict[str, Future[bytes]] = {}
+        self._opened = _OneFile()
         self.served = registry.counter("strata_relay_bytes_served", "Bytes of package pieces served to devices")
         self.upstream_bytes = registry.counter(
             "strata_relay_upstream_bytes", "Bytes of package pieces fetched from the control plane"
@@ -126,10 +136,10 @@ class RelayApp:
             raise RelayRefused(f"package {package[:12]} has no piece {piece[:12]}")
         held = self.store.piece_index().get(piece)
         if held is not None:
-            path, offset, size = held
-            with path.open("rb") as fh:
-                fh.seek(offset)
-                data = fh.read(size)
+            try:
+                data = self.store.read_held(held, self._opened)
+            except (OSError, VerificationError):
+                data = b""
             if hashlib.sha256(data).hexdigest() == piece:
                 self.requests.inc("local")
                 return data
@@ -148,7 +158,12 @@ class RelayApp:
         """
         cached = self.cache_dir / piece
         if cached.is_file():
-            data = cached.read_bytes()
+            try:
+                data = cached.read_bytes()
+                if self.store.vault is not None:
+                    data = self.store.vault.open(piece_aad(piece), data)
+            except (OSError, VerificationError):
+                data = b""
             if hashlib.sha256(data).hexdigest() == piece:
                 os.utime(cached)
                 return data, False
@@ -195,10 +210,7 @@ class RelayApp:
         staged = self.store.package_dir("sha256:" + package) / "manifest.json"
         if staged.is_file():
             return canonical_json(json.loads(staged.read_bytes()))
-        cached = self.cache_dir / package
-        if cached.is_file() and hashlib.sha256(cached.read_bytes()).hexdigest() == package:
-            return cached.read_bytes()
-        return self._fetch_once(package)
+        return self.fetch_piece(package)[0]
 
     def _fetch_once(self, sha: str) -> bytes:
         """Fetch a blob from the control plane, with one upstream request however many devices wait for it."""
@@ -231,7 +243,8 @@ class RelayApp:
         if len(data) > MAX_PIECE_BYTES or hashlib.sha256(data).hexdigest() != sha:
             raise RelayUnavailable(f"the control plane sent bytes for {sha[:12]} that do not match their name")
         self.upstream_bytes.inc(by=len(data))
-        write_bytes_atomic(self.cache_dir / sha, data)
+        vault = self.store.vault
+        write_bytes_atomic(self.cache_dir / sha, vault.seal(piece_aad(sha), data) if vault is not None else data)
         self._evict()
         return data
 

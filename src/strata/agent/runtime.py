@@ -176,15 +176,23 @@ class OpenVinoModel:
             raise BadRequest(f"the model rejected the input: {exc}") from exc
 
 
-def load_runtime(package: Package, threads: int | None = None, model_bytes: bytes | None = None) -> Runtime:
+def load_runtime(
+    package: Package,
+    threads: int | None = None,
+    model_bytes: bytes | None = None,
+    files: Mapping[str, bytes] | None = None,
+) -> Runtime:
     """Load a verified package's model with the runtime its manifest names.
 
-    `model_bytes` lets a caller pass the model already in memory (decrypted, say); by default it is read.
+    `model_bytes` (or `files`, every file by path) lets a caller pass the model already in memory (decrypted
+    from an encrypted package, say); by default it is read.
 
     Raises:
         ModelLoadError: the runtime is missing or refuses the model.
     """
     manifest = package.manifest
+    if model_bytes is None and files is not None:
+        model_bytes = files.get(manifest.model_file)
     if model_bytes is None:
         try:
             model_bytes = package.model_path.read_bytes()
@@ -197,31 +205,38 @@ def load_runtime(package: Package, threads: int | None = None, model_bytes: byte
         if weights is None:
             raise ModelLoadError("an OpenVINO package needs the IR's .bin weights file")
         try:
-            weight_bytes = (package.path / weights.path).read_bytes()
+            weight_bytes = (
+                files[weights.path] if files and weights.path in files else (package.path / weights.path).read_bytes()
+            )
         except OSError as exc:
             raise ModelLoadError(f"cannot read {weights.path}: {exc}") from exc
         return OpenVinoModel(model_bytes, weight_bytes, manifest.inputs, manifest.outputs, threads)
     raise ModelLoadError(f"runtime {manifest.runtime!r} is not supported by this agent")
 
 
-def health_check(package: Package, runtime: Runtime) -> list[str]:
+def health_check(package: Package, runtime: Runtime, files: Mapping[str, bytes] | None = None) -> list[str]:
     """Replay the package's golden inputs; return what differs from the expected outputs (empty = healthy)."""
     try:
-        inputs, expected = load_golden(package)
+        inputs, expected = load_golden(package, (files or {}).get(package.manifest.golden.file))
         actual = runtime.run(inputs, list(expected))
     except Exception as exc:  # any failure here means the model is not healthy; say what it was
         return [f"golden run failed: {exc}"]
     return compare_outputs(expected, actual, package.manifest.golden.rtol, package.manifest.golden.atol)
 
 
-def load_and_check(package: Package, threads: int | None = None, model_bytes: bytes | None = None) -> Runtime:
+def load_and_check(
+    package: Package,
+    threads: int | None = None,
+    model_bytes: bytes | None = None,
+    files: Mapping[str, bytes] | None = None,
+) -> Runtime:
     """Load a package's model and pass its golden health check, or raise.
 
     Raises:
         ModelLoadError: the model does not load, or its golden outputs differ (the message says how).
     """
-    runtime = load_runtime(package, threads, model_bytes)
-    problems = health_check(package, runtime)
+    runtime = load_runtime(package, threads, model_bytes, files)
+    problems = health_check(package, runtime, files)
     if problems:
         raise ModelLoadError("health check failed: " + "; ".join(problems))
     return runtime

@@ -8,6 +8,11 @@ Layout under the data folder:
     packages/.staging-*                       assembly in progress (removed at start-up)
     state.json                                slots (active, previous) per model, and remembered failures
 
+With a vault (encryption at rest, the default on an enrolled node), package files and downloaded pieces are
+stored sealed with the node's data key (AES-256-GCM, see strata.agent.vault): a package is decrypted only in
+memory, and its files are checked against the manifest's hashes after decryption. Manifests stay in the clear
+(names and hashes, not the model). Only the one piece being downloaded is ever plaintext on disk (its `.part`).
+
 A package is rebuilt from pieces: chunks of large files and small files whole, each named by its sha256. A
 piece already present in a staged package (the previous version, say) is copied from there, so a new version
 costs only the chunks it changed.
@@ -26,8 +31,9 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from strata.agent.vault import MAGIC, Vault, file_aad, is_sealed, piece_aad
 from strata.core.chunking import Chunk, offsets
 from strata.core.errors import PackageError, VerificationError
 from strata.core.fsutil import fsync_dir, remove_stale_temporaries, write_bytes_atomic, write_json_atomic
@@ -225,11 +231,22 @@ def digest_hex(digest: str) -> str:
     return digest.split(":", 1)[1] if ":" in digest else digest
 
 
+class Held(NamedTuple):
+    """Where a piece lives inside a staged package: its file, and the piece's offset and size in the plaintext."""
+
+    digest: str
+    entry: str
+    path: Path
+    offset: int
+    size: int
+
+
 class ArtifactStore:
     """Files of the node's packages and slots (see the module docstring for the layout)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, vault: Vault | None = None) -> None:
         self.root = data_dir
+        self.vault = vault
         self.downloads = data_dir / "downloads"
         self.packages = data_dir / "packages"
         self.state_path = data_dir / "state.json"
@@ -300,9 +317,9 @@ class ArtifactStore:
             path.unlink(missing_ok=True)
             return None
 
-    def piece_index(self) -> dict[str, tuple[Path, int, int]]:
-        """Every piece this node holds in its staged packages: sha256 -> (file, offset, size)."""
-        index: dict[str, tuple[Path, int, int]] = {}
+    def piece_index(self) -> dict[str, Held]:
+        """Every piece this node holds in its staged packages, by sha256."""
+        index: dict[str, Held] = {}
         for folder in self.packages.iterdir():
             if folder.name.startswith(".") or not folder.is_dir():
                 continue
@@ -313,10 +330,63 @@ class ArtifactStore:
             for entry in manifest.files:
                 path = folder / entry.path
                 if not entry.chunks:
-                    index.setdefault(entry.sha256, (path, 0, entry.size))
+                    index.setdefault(entry.sha256, Held(manifest.digest, entry.path, path, 0, entry.size))
                 for offset, chunk in offsets(entry.chunks):
-                    index.setdefault(chunk.sha256, (path, offset, chunk.size))
+                    index.setdefault(chunk.sha256, Held(manifest.digest, entry.path, path, offset, chunk.size))
         return index
+
+    def write_piece(self, sha256: str, data: bytes) -> None:
+        """Keep a downloaded piece (sealed when this store has a vault)."""
+        write_bytes_atomic(self.piece_path(sha256), self.vault.seal(piece_aad(sha256), data) if self.vault else data)
+
+    def seal_piece(self, sha256: str) -> None:
+        """Seal a piece a download just wrote in the clear (a no-op without a vault or when already sealed)."""
+        path = self.piece_path(sha256)
+        if self.vault is None or not path.is_file():
+            return
+        data = path.read_bytes()
+        if not is_sealed(data):
+            write_bytes_atomic(path, self.vault.seal(piece_aad(sha256), data))
+
+    def read_piece(self, sha256: str) -> bytes | None:
+        """A downloaded piece, opened and checked against its name; None when it is not here.
+
+        Raises:
+            VerificationError: it does not open or does not hash to its name (the file is removed).
+        """
+        path = self.piece_path(sha256)
+        try:
+            data = path.read_bytes()
+            if self.vault is not None:
+                data = self.vault.open(piece_aad(sha256), data)
+        except FileNotFoundError:
+            return None
+        except (OSError, VerificationError) as exc:
+            path.unlink(missing_ok=True)
+            raise VerificationError(f"piece {sha256} is unreadable: {exc}") from exc
+        if hashlib.sha256(data).hexdigest() != sha256:
+            path.unlink(missing_ok=True)
+            raise VerificationError(f"piece {sha256} does not hash to its name")
+        return data
+
+    def read_held(self, held: Held, opened: dict[Path, bytes] | None = None) -> bytes:
+        """The bytes of a piece held in a staged package (decrypting its file when sealed; `opened` caches whole
+        decrypted files between calls).
+
+        Raises:
+            OSError: the file is gone.
+            VerificationError: a sealed file does not open.
+        """
+        if self.vault is None:
+            with held.path.open("rb") as fh:
+                fh.seek(held.offset)
+                return fh.read(held.size)
+        plain = opened.get(held.path) if opened is not None else None
+        if plain is None:
+            plain = self.vault.open(file_aad(held.digest, held.entry), held.path.read_bytes())
+            if opened is not None:
+                opened[held.path] = plain
+        return plain[held.offset : held.offset + held.size]
 
     # --- packages ---------------------------------------------------------------------------------------
 
@@ -330,20 +400,23 @@ class ArtifactStore:
 
     def assemble(self, blob: str, digest: str) -> Package:
         """Rebuild package `digest` from its manifest and pieces (downloaded or held locally), verify it whole,
-        and move it into packages/. The downloaded pieces, manifest and ready-mark are removed afterwards.
+        and move it into packages/ (sealed, with a vault). The downloaded pieces, manifest and ready-mark are
+        removed afterwards.
 
         Raises:
             PackageError, VerificationError: a piece is missing or the result does not verify (what was
                 downloaded for it is discarded, so the next attempt fetches it again).
+            VaultUnavailable: the vault worker cannot start (nothing is discarded).
         """
         target = self.package_dir(digest)
         if target.is_dir():
-            return verify_package(target, digest)
+            return self.open(digest)[0]
         manifest = self.load_manifest(digest)
         if manifest is None:
             self._forget_download(blob, digest, [])
             raise PackageError(f"the manifest of {digest} is not on this node")
         local = self.piece_index()
+        opened: dict[Path, bytes] = {}
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.packages))
         folder = staging / "p"
         used: list[str] = []
@@ -354,39 +427,45 @@ class ArtifactStore:
                 out_path = folder / safe_relative_path(entry.path)
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 pieces = entry.chunks or (Chunk(entry.sha256, entry.size),)
-                with out_path.open("wb") as out:
-                    for piece in pieces:
-                        out.write(self._read_piece(piece, local))
-                        used.append(piece.sha256)
-                    out.flush()
-                    os.fsync(out.fileno())
-            package = verify_package(folder, digest)
+                if self.vault is None:
+                    with out_path.open("wb") as out:
+                        for piece in pieces:
+                            out.write(self._read_piece(piece, local, opened))
+                            used.append(piece.sha256)
+                        out.flush()
+                        os.fsync(out.fileno())
+                    continue
+                data = b"".join(self._read_piece(piece, local, opened) for piece in pieces)
+                used.extend(piece.sha256 for piece in pieces)
+                if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+                    raise VerificationError(f"package file {entry.path} does not match its manifest")
+                write_bytes_atomic(out_path, self.vault.seal(file_aad(digest, entry.path), data))
+            package = verify_package(folder, digest) if self.vault is None else Package(folder, manifest)
         except (OSError, PackageError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             self._forget_download(blob, digest, used)
             if isinstance(exc, PackageError):
                 raise
             raise PackageError(f"cannot assemble {digest}: {exc}") from exc
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         folder.rename(target)
         fsync_dir(self.packages)
         shutil.rmtree(staging, ignore_errors=True)
         self._forget_download(blob, digest, used)
         return Package(path=target, manifest=package.manifest)
 
-    def _read_piece(self, piece: Chunk, local: dict[str, tuple[Path, int, int]]) -> bytes:
-        downloaded = self.piece_path(piece.sha256)
-        if downloaded.is_file():
-            data = downloaded.read_bytes()
-        elif piece.sha256 in local:
-            path, offset, size = local[piece.sha256]
-            with path.open("rb") as fh:
-                fh.seek(offset)
-                data = fh.read(size)
-        else:
+    def _read_piece(self, piece: Chunk, local: dict[str, Held], opened: dict[Path, bytes]) -> bytes:
+        data = self.read_piece(piece.sha256)
+        if data is not None:
+            return data
+        held = local.get(piece.sha256)
+        if held is None:
             raise PackageError(f"piece {piece.sha256} is neither downloaded nor held in a package")
+        data = self.read_held(held, opened)
         if hashlib.sha256(data).hexdigest() != piece.sha256:
-            downloaded.unlink(missing_ok=True)
-            raise VerificationError(f"piece {piece.sha256} does not hash to its name")
+            raise VerificationError(f"piece {piece.sha256} held in {held.digest} does not hash to its name")
         return data
 
     def _forget_download(self, blob: str, digest: str, pieces: list[str]) -> None:
@@ -395,16 +474,65 @@ class ArtifactStore:
         (self.downloads / f"{blob}.ready").unlink(missing_ok=True)
         self.manifest_path(digest).unlink(missing_ok=True)
 
-    def package(self, digest: str) -> Package:
-        """A staged package, verified again (every file hashed) before it is trusted.
+    def open(self, digest: str) -> tuple[Package, dict[str, bytes] | None]:
+        """A staged package, verified again before it is trusted, and (with a vault) every file decrypted in
+        memory and checked against the manifest; without a vault the files are hashed on disk and None is
+        returned for them.
 
         Raises:
-            PackageError, VerificationError: missing or changed on disk.
+            PackageError, VerificationError: missing, changed on disk, or sealed with another key.
+            VaultUnavailable: the vault worker cannot start.
         """
         folder = self.package_dir(digest)
         if not folder.is_dir():
             raise PackageError(f"package {digest} is not on this node")
-        return verify_package(folder, digest)
+        if self.vault is None:
+            return verify_package(folder, digest), None
+        manifest = read_manifest(folder)
+        if manifest.digest != digest:
+            raise VerificationError(f"package digest is {manifest.digest}, expected {digest}: the manifest was changed")
+        files: dict[str, bytes] = {}
+        for entry in manifest.files:
+            path = folder / safe_relative_path(entry.path)
+            if path.is_symlink() or not path.is_file():
+                raise VerificationError(f"package file {entry.path} is missing or not a regular file")
+            try:
+                data = self.vault.open(file_aad(digest, entry.path), path.read_bytes())
+            except OSError as exc:
+                raise VerificationError(f"cannot read package file {entry.path}: {exc}") from exc
+            except VerificationError as exc:
+                raise VerificationError(f"package file {entry.path} does not open: {exc}") from exc
+            if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise VerificationError(f"package file {entry.path} does not match its manifest after decryption")
+            files[entry.path] = data
+        return Package(path=folder, manifest=manifest), files
+
+    def seal_plaintext_packages(self) -> list[str]:
+        """With a vault, seal the staged packages an earlier run kept in the clear (verified first); a package
+        that does not verify is removed. Returns the digests sealed."""
+        if self.vault is None:
+            return []
+        sealed = []
+        for folder in sorted(self.packages.iterdir()):
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            try:
+                manifest = read_manifest(folder)
+                first = manifest.files[0] if manifest.files else None
+                if first is None:
+                    continue
+                with (folder / first.path).open("rb") as fh:
+                    if is_sealed(fh.read(len(MAGIC))):
+                        continue
+                verify_package(folder, manifest.digest)
+                for entry in manifest.files:
+                    path = folder / entry.path
+                    write_bytes_atomic(path, self.vault.seal(file_aad(manifest.digest, entry.path), path.read_bytes()))
+            except (OSError, PackageError):
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            sealed.append(manifest.digest)
+        return sealed
 
     def discard(self, digest: str) -> None:
         shutil.rmtree(self.package_dir(digest), ignore_errors=True)

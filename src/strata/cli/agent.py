@@ -86,6 +86,14 @@ def agent(
     report_interval: Annotated[
         str, typer.Option("--report-interval", help="Report changed serving counters at most this often.")
     ] = "60s",
+    encrypt_at_rest: Annotated[
+        bool,
+        typer.Option(
+            "--encrypt-at-rest/--no-encrypt-at-rest",
+            help="Keep package files and downloaded pieces sealed with this node's data key (AES-256-GCM); "
+            "models are decrypted only in memory.",
+        ),
+    ] = True,
 ) -> None:
     """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
     the Open Inference Protocol on --serve-port; keeps serving when the control plane is gone."""
@@ -123,6 +131,7 @@ def agent(
         relay_cache_mb=relay_cache_mb,
         probation_s=parse_duration(probation),
         report_interval_s=parse_duration(report_interval),
+        encrypt_at_rest=encrypt_at_rest,
     )
     env = {**os.environ, CONFIG_ENV: config.to_env()}
     sys.stdout.flush()

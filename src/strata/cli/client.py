@@ -148,6 +148,13 @@ class ControlClient:
         result: list[dict[str, Any]] = self._call("GET", "/v1/nodes")
         return result
 
+    def revoke_node(self, node_id: str) -> None:
+        self._call("DELETE", f"/v1/nodes/{node_id}")
+
+    def create_api_token(self, scope: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", "/v1/api-tokens", json={"scope": scope})
+        return result
+
     # --- rollouts, pins, history --------------------------------------------------------------------------
 
     def create_rollout(self, body: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,13 @@ def server(
         list[str] | None,
         typer.Option("--tls-name", help="DNS name or address the HTTPS certificate covers (repeatable)."),
     ] = None,
+    agent_allowlist: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--agent-allowlist",
+            help="Agent code hash (sha256:...) nodes may attest to (repeatable; default: this server's release).",
+        ),
+    ] = None,
     otlp_endpoint: Annotated[
         str | None,
         typer.Option("--otlp-endpoint", help="Also forward telemetry to this OpenTelemetry collector (OTLP/HTTP)."),
@@ -37,4 +44,5 @@ def server(
         log_level=log_level,
         otlp_endpoint=otlp_endpoint,
         tls_names=tuple(tls_name or ()),
+        agent_allowlist=tuple(agent_allowlist or ()),
     )

@@ -1,7 +1,9 @@
-"""`strata token create`: a one-time, expiring enrollment token for a new node."""
+"""`strata token create`: a one-time, expiring enrollment token for a new node; `strata token api`: an operator
+token, read-only or admin."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -22,4 +24,22 @@ def create(
     with ControlClient(server, token) as client:
         issued = client.create_enrollment_token(int(parse_duration(ttl)))
     console.print(f"enrollment token valid for {ttl}, usable once:")
+    typer.echo(issued["token"])
+
+
+class Scope(StrEnum):
+    read = "read"
+    admin = "admin"
+
+
+@app.command("api")
+def api(
+    server: ServerOption = None,
+    token: TokenOption = None,
+    scope: Annotated[Scope, typer.Option("--scope", help="read: GET calls only; admin: everything.")] = Scope.read,
+) -> None:
+    """Print a new operator API token, alone on the last line (for STRATA_TOKEN or --token)."""
+    with ControlClient(server, token) as client:
+        issued = client.create_api_token(scope.value)
+    console.print(f"{issued['scope']} API token:")
     typer.echo(issued["token"])

@@ -88,6 +88,10 @@ class Node(Base):
     status_at: Mapped[float | None] = mapped_column(TIME)
     reported_etag: Mapped[str | None] = mapped_column(String(80))
     serve_url: Mapped[str | None] = mapped_column(Text)
+    # The level the node's last attestation report earned (None: not attested), when, and the verdict in words.
+    attestation: Mapped[str | None] = mapped_column(String(16))
+    attested_at: Mapped[float | None] = mapped_column(TIME)
+    attestation_detail: Mapped[str | None] = mapped_column(Text)
 
 
 class EnrollmentToken(Base):

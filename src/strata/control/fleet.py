@@ -76,11 +76,12 @@ class DesiredDocument:
     etag: str
     body: bytes
     blobs: frozenset[str]
+    revoked: bool = False
 
     @classmethod
-    def of(cls, state: DesiredState) -> DesiredDocument:
+    def of(cls, state: DesiredState, revoked: bool = False) -> DesiredDocument:
         """Serialise `state` once, so that every poll of it is answered from memory."""
-        return cls(state, state.etag, json.dumps(state.to_json()).encode(), referenced_blobs(state))
+        return cls(state, state.etag, json.dumps(state.to_json()).encode(), referenced_blobs(state), revoked)
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,13 @@ class NodeView:
     reported_etag: str | None
     in_sync: bool
     pins: dict[str, str] = field(default_factory=dict)
+    attestation: str | None = None
+    attestation_detail: str | None = None
 
 
 def node_facts(node: Node) -> NodeFacts:
     """What placement policies may know about a stored node."""
-    return NodeFacts.of(node.name, node.tier, node.profile, node.labels)
+    return NodeFacts.of(node.name, node.tier, node.profile, node.labels, node.attestation or "")
 
 
 def _parse_status(document: str | None) -> NodeStatus | None:
@@ -154,6 +157,8 @@ def node_view(
         reported_etag=node.reported_etag,
         in_sync=node.reported_etag == desired_etag,
         pins=dict(pins or {}),
+        attestation=node.attestation,
+        attestation_detail=node.attestation_detail,
     )
 
 
@@ -406,12 +411,14 @@ class FleetService:
             return cached
         with self._db.transaction() as session:
             row = session.execute(
-                select(Node.labels, Node.revoked_at, Node.name, Node.tier, Node.profile).where(Node.id == node_id)
+                select(Node.labels, Node.revoked_at, Node.name, Node.tier, Node.profile, Node.attestation).where(
+                    Node.id == node_id
+                )
             ).first()
             if row is None:
                 raise NotFound(f"no node {node_id!r}")
             deployments = self._active_deployments(session, generation)
-        facts = NodeFacts.of(row.name, row.tier, row.profile, row.labels)
+        facts = NodeFacts.of(row.name, row.tier, row.profile, row.labels, row.attestation or "")
         return self._document(node_id, facts, row.revoked_at is not None, generation, deployments)
 
     async def poll_desired(self, node_id: str, if_none_match: str | None, wait_s: float) -> DesiredPoll:
@@ -548,7 +555,7 @@ class FleetService:
         cached = self._cached_desired(node_id, generation)
         if cached is not None:
             return cached
-        document = DesiredDocument.of(desired_state(node_id, facts.label_map, revoked, deployments, facts))
+        document = DesiredDocument.of(desired_state(node_id, facts.label_map, revoked, deployments, facts), revoked)
         with self._lock:
             self._desired[node_id] = (generation, document)
         return document

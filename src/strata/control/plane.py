@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass
 
 from strata.control import migrations
+from strata.control.attestation import AttestationService
 from strata.control.auth import Authenticator
 from strata.control.blobs import FileBlobStore
 from strata.control.db import Database, make_engine
@@ -23,6 +24,7 @@ from strata.control.registry import RegistryService
 from strata.control.rollouts import RolloutService, load_pin_entries
 from strata.control.settings import ServerSettings
 from strata.control.telemetry import TelemetryService
+from strata.core.attest import strata_code_hash
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class ControlPlane:
     deployments: DeploymentService
     telemetry: TelemetryService
     pki: Pki
+    attestation: AttestationService
     rollouts: RolloutService
     pins: PinService
     history: HistoryService
@@ -86,6 +89,7 @@ class ControlPlane:
             deployments=DeploymentService(db, feed, settings.clock),
             telemetry=telemetry,
             pki=pki,
+            attestation=AttestationService(db, feed, settings.clock, settings.agent_allowlist or (strata_code_hash(),)),
             rollouts=rollouts,
             pins=PinService(db, feed, settings.clock),
             history=HistoryService(db),

@@ -210,7 +210,7 @@ def exclusion(
     for pin in sorted(pins, key=lambda p: p.recency, reverse=True):
         if pin.model == model and pin.applies_to(node.id, node.labels):
             return f"pinned to {pin.version} (pin {pin.id})"
-    facts = NodeFacts.of(node.name, node.tier, node.profile, node.labels)
+    facts = NodeFacts.of(node.name, node.tier, node.profile, node.labels, node.attestation or "")
     allowed = []
     refusal = None
     for variant in variants:

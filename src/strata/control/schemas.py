@@ -160,6 +160,8 @@ class NodeBody(BaseModel):
     reported_etag: str | None = Field(description="ETag the node last reported having")
     in_sync: bool = Field(description="the node reported the current desired state")
     pins: dict[str, str] = Field(default_factory=dict, description="model -> version a pin holds it on")
+    attestation: str | None = Field(None, description="level its last attestation earned; None: not attested")
+    attestation_detail: str | None = Field(None, description="the last attestation verdict, in words")
 
 
 # --- registry -------------------------------------------------------------------------------------------
@@ -363,3 +365,19 @@ class TelemetryBody(BaseModel):
     since: float
     minutes: list[TelemetryMinuteBody]
     nodes: list[NodeTelemetryBody]
+
+
+class ChallengeBody(BaseModel):
+    nonce: str
+    expires_at: float
+
+
+class AttestationRequest(BaseModel):
+    report: dict[str, Any] = Field(description="node_id, nonce, agent_code, config, packages, boot_id, time")
+    signature: str = Field(description="base64 ECDSA-SHA256 over the report's canonical JSON, with the node key")
+
+
+class AttestationBody(BaseModel):
+    attested: bool
+    level: str | None
+    reason: str

@@ -79,6 +79,7 @@ def serve(
     log_level: str = "info",
     otlp_endpoint: str | None = None,
     tls_names: tuple[str, ...] = (),
+    agent_allowlist: tuple[str, ...] = (),
 ) -> None:
     """Run the control plane on `https://host:port` with its data in `data_dir`, until SIGTERM or SIGINT.
 
@@ -99,7 +100,10 @@ def serve(
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the data folder {data_dir}: {exc}") from exc
-    app = create_app(ServerSettings(data_dir=data_dir, db_url=db_url, otlp_endpoint=otlp_endpoint))
+    settings = ServerSettings(
+        data_dir=data_dir, db_url=db_url, otlp_endpoint=otlp_endpoint, agent_allowlist=agent_allowlist
+    )
+    app = create_app(settings)
     plane: ControlPlane = app.state.plane
     plane.pki.start()
     tls = plane.pki.server_tls(tls_names or default_server_names(host))

@@ -30,6 +30,7 @@ class ServerSettings:
         otlp_endpoint: when set, stored telemetry is also forwarded to this OpenTelemetry collector (OTLP/HTTP).
         tls_names: DNS names and addresses the HTTPS certificate covers (default: loopback and this host).
         node_cert_hours: lifetime of node certificates; agents renew them at two thirds of it.
+        agent_allowlist: agent code hashes nodes may attest to (default: this server's own release).
     """
 
     data_dir: Path
@@ -43,6 +44,7 @@ class ServerSettings:
     otlp_endpoint: str | None = None
     tls_names: tuple[str, ...] = ()
     node_cert_hours: float = 24.0
+    agent_allowlist: tuple[str, ...] = ()
 
     @property
     def database_url(self) -> str:

@@ -519,16 +519,18 @@ def tar_bytes(package: Package) -> bytes:
 # --- golden data and the health comparison ------------------------------------------------------------------
 
 
-def load_golden(package: Package) -> tuple[dict[str, Array], dict[str, Array]]:
+def load_golden(package: Package, data: bytes | None = None) -> tuple[dict[str, Array], dict[str, Array]]:
     """Golden inputs and expected outputs of a verified package, keyed by tensor name.
+
+    `data` is the golden file's bytes when the caller has them in memory (decrypted); by default it is read.
 
     Raises:
         PackageError: the golden file is not an npz of the expected arrays.
     """
     path = package.path / package.manifest.golden.file
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
+        with np.load(io.BytesIO(data) if data is not None else path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError) as exc:
         raise PackageError(f"golden file {path.name} is unreadable: {exc}") from exc
     inputs = {spec.name: arrays.get(f"input:{spec.name}") for spec in package.manifest.inputs}

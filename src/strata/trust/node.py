@@ -2,12 +2,14 @@
 
     python -m strata.trust.node csr KEY_PATH NODE_NAME      -> a PEM CSR on stdout; the key made if missing
     python -m strata.trust.node check-cert CERT KEY CA      -> JSON {node_id, not_after} or an error
+    python -m strata.trust.node sign KEY_PATH < PAYLOAD     -> base64 ECDSA-SHA256 signature of stdin
 
 The node's private key is made here, on the node, and never leaves it.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from pathlib import Path
@@ -56,11 +58,19 @@ def check_certificate(cert_path: Path, key_path: Path, ca_path: Path) -> dict[st
     return {"node_id": node_id_of(cert), "not_after": cert.not_valid_after_utc.timestamp()}
 
 
+def sign(key_path: Path, payload: bytes) -> str:
+    """Base64 ECDSA (SHA-256, DER) signature of `payload` with the node's key."""
+    key = load_or_create_key(key_path)
+    return base64.b64encode(key.sign(payload, ec.ECDSA(hashes.SHA256()))).decode()
+
+
 def main(argv: list[str]) -> int:
     try:
         match argv:
             case ["csr", key_path, name]:
                 sys.stdout.write(make_csr(Path(key_path), name).decode())
+            case ["sign", key_path]:
+                sys.stdout.write(sign(Path(key_path), sys.stdin.buffer.read()))
             case ["check-cert", cert, key, ca]:
                 sys.stdout.write(json.dumps(check_certificate(Path(cert), Path(key), Path(ca))))
             case _:

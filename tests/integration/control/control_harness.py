@@ -40,6 +40,7 @@ class NodeCredentials:
     node_id: str
     headers: dict[str, str]
     certificate: str = ""
+    key: ec.EllipticCurvePrivateKey | None = None
 
 
 CLIENT_CERT_HEADER = "x-test-client-cert"
@@ -65,7 +66,10 @@ class TlsTestShim:
 
 def node_key_and_csr(name: str) -> str:
     """A fresh EC P-256 key's CSR, as an agent makes on its node."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    return csr_for(ec.generate_private_key(ec.SECP256R1()), name)
+
+
+def csr_for(key: ec.EllipticCurvePrivateKey, name: str) -> str:
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -89,18 +93,19 @@ class Harness:
 
     def enroll(self, name: str, labels: dict[str, str] | None = None, **fields: Any) -> NodeCredentials:
         token = self.client.post("/v1/enrollment-tokens", json={}, headers=self.admin).json()["token"]
+        key = ec.generate_private_key(ec.SECP256R1())
         body = {
             "token": token,
             "name": name,
             "tier": "device",
             "labels": labels or {},
             "profile": "cpu-generic",
-            "csr": node_key_and_csr(name),
+            "csr": csr_for(key, name),
         }
         response = self.client.post("/v1/enroll", json={**body, **fields})
         assert response.status_code == 201, response.text
         answer = response.json()
-        return NodeCredentials(answer["node_id"], cert_headers(answer["certificate"]), answer["certificate"])
+        return NodeCredentials(answer["node_id"], cert_headers(answer["certificate"]), answer["certificate"], key)
 
     def upload(self, tar: bytes) -> httpx.Response:
         return self.client.post(

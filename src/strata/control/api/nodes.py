@@ -4,15 +4,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Response, Security
+from fastapi import APIRouter, Header, Path, Query, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from strata.control.api.deps import COMMON_ERRORS, Admin, AnyCaller, NodeItself, Plane, Reader, SelfOrAdmin
-from strata.control.fleet import IssuedToken, NodeView
+from strata.control.api.deps import (
+    COMMON_ERRORS,
+    Admin,
+    AnyCaller,
+    NodeItself,
+    Plane,
+    Reader,
+    SelfOrAdmin,
+    client_certificate,
+)
+from strata.control.fleet import INVALID_ENROLLMENT, IssuedToken, NodeView
 from strata.control.schemas import (
     ApiTokenBody,
     ApiTokenRequest,
+    AttestationBody,
+    AttestationRequest,
     CertificateBody,
+    ChallengeBody,
     DesiredStateBody,
     EnrollmentTokenBody,
     EnrollmentTokenRequest,
@@ -45,7 +57,7 @@ def fleet_ca(
     its token carries before it trusts this server (the connection itself is not verified yet)."""
     token = credentials.credentials if credentials else ""
     if not token or not plane.fleet.enrollment_token_valid(token):
-        raise AuthError("the fleet CA is given to holders of a valid enrollment token")
+        raise AuthError(f"{INVALID_ENROLLMENT}: the fleet CA is given to holders of a valid one")
     return Response(plane.pki.ca.cert_pem, media_type="application/x-pem-file")
 
 
@@ -67,6 +79,20 @@ def package_access(
     the near-edge node at the node's site, which relays pieces for it."""
     plane.fleet.package_access(caller, node_id, "sha256:" + digest)
     return Response(status_code=204)
+
+
+@router.post("/nodes/{node_id}/attestation/challenge", response_model=ChallengeBody)
+def attestation_challenge(node_id: str, plane: Plane, _node: NodeItself) -> dict[str, Any]:
+    """A one-time nonce for this node's next attestation report (five minutes)."""
+    return plane.attestation.challenge(node_id)
+
+
+@router.post("/nodes/{node_id}/attestation", response_model=AttestationBody)
+def attest(node_id: str, body: AttestationRequest, request: Request, plane: Plane, _node: NodeItself) -> dict[str, Any]:
+    """Check a report of what the node runs, signed with its node key, and record whether it is attested."""
+    certificate = plane.attestation.require_certificate(client_certificate(request))
+    verdict = plane.attestation.submit(node_id, body.report, body.signature, certificate)
+    return {"attested": verdict.attested, "level": verdict.level, "reason": verdict.reason}
 
 
 @router.post("/api-tokens", status_code=201, response_model=ApiTokenBody)
@@ -112,12 +138,15 @@ def revoke_node(node_id: str, plane: Plane, _admin: Admin) -> Response:
 async def get_desired(
     node_id: str,
     plane: Plane,
-    _caller: SelfOrAdmin,
+    caller: SelfOrAdmin,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="seconds to hold an unchanged poll")] = 0,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """What the node should run. With If-None-Match, an unchanged answer waits (long poll), then is a 304."""
     poll = await plane.fleet.poll_desired(node_id, if_none_match, wait)
+    if poll.document.revoked and caller.node_id == node_id:
+        # Revoked while its poll waited: the node is cut off now, not told to unload what it serves.
+        raise AuthError("this certificate is not the current one of a live node (revoked, renewed or replaced)")
     headers = {"ETag": poll.document.etag, "Cache-Control": "no-cache"}
     if not poll.changed:
         return Response(status_code=304, headers=headers)
