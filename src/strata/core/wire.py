@@ -108,18 +108,39 @@ class EnrollRequest:
 
 @dataclass(frozen=True)
 class EnrollResponse:
+    """The node's identity, and the supply-chain trust it pins: the release public keys (PEM) that must sign every
+    package, and the TUF root metadata (JSON text) of the `image` and `director` repositories. Both are empty when
+    the server has no release keys (development: the node accepts unsigned packages and says so)."""
+
     node_id: str
     credential: str
+    release_keys: tuple[str, ...] = ()
+    tuf_roots: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "credential": self.credential}
+        body: dict[str, Any] = {"node_id": self.node_id, "credential": self.credential}
+        # Written only when set, so an answer without supply-chain trust has the shape it always had.
+        if self.release_keys:
+            body["release_keys"] = list(self.release_keys)
+        if self.tuf_roots:
+            body["tuf_roots"] = dict(self.tuf_roots)
+        return body
 
     @classmethod
     def from_json(cls, raw: Any) -> EnrollResponse:
-        obj = _obj(raw, "enroll response")
+        what = "enroll response"
+        obj = _obj(raw, what)
+        keys = _opt(obj, "release_keys", list, what, [])
+        roots = _opt(obj, "tuf_roots", dict, what, {})
+        if not all(isinstance(k, str) and k for k in keys):
+            raise ProtocolError(f"{what}: 'release_keys' must be PEM strings")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in roots.items()):
+            raise ProtocolError(f"{what}: 'tuf_roots' must map repository names to root metadata text")
         return cls(
-            node_id=_req(obj, "node_id", str, "enroll response"),
-            credential=_req(obj, "credential", str, "enroll response"),
+            node_id=_req(obj, "node_id", str, what),
+            credential=_req(obj, "credential", str, what),
+            release_keys=tuple(keys),
+            tuf_roots=dict(roots),
         )
 
 
@@ -128,7 +149,11 @@ class EnrollResponse:
 
 @dataclass(frozen=True)
 class VariantRef:
-    """A package the node may download: its variant facts, package digest and the tar blob that carries it."""
+    """A package the node may download: its variant facts, package digest and the tar blob that carries it.
+
+    `signature` is the blob id of the package's release signature (an OpenSSF model-signing bundle), present only
+    when the package is signed, so the desired states (and ETags) of unsigned packages keep the shape they had.
+    """
 
     id: str
     profile: str
@@ -137,9 +162,10 @@ class VariantRef:
     digest: str
     blob: str
     size: int
+    signature: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "id": self.id,
             "profile": self.profile,
             "runtime": self.runtime,
@@ -148,6 +174,9 @@ class VariantRef:
             "blob": self.blob,
             "size": self.size,
         }
+        if self.signature is not None:
+            body["signature"] = self.signature
+        return body
 
     @classmethod
     def from_json(cls, raw: Any) -> VariantRef:
@@ -161,6 +190,7 @@ class VariantRef:
             digest=_req(obj, "digest", str, what),
             blob=_req(obj, "blob", str, what),
             size=_req(obj, "size", int, what),
+            signature=_opt_str(obj, "signature", what),
         )
         if not ref.digest.startswith("sha256:") or not is_hex_sha256(ref.digest[7:]):
             raise ProtocolError(f"variant {ref.id}: digest {ref.digest!r} is not sha256:<hex>")
@@ -168,6 +198,8 @@ class VariantRef:
             raise ProtocolError(f"variant {ref.id}: blob {ref.blob!r} is not a hex sha256")
         if ref.size < 0:
             raise ProtocolError(f"variant {ref.id}: negative size")
+        if ref.signature is not None and not is_hex_sha256(ref.signature):
+            raise ProtocolError(f"variant {ref.id}: signature {ref.signature!r} is not a hex sha256")
         return ref
 
 
@@ -347,8 +379,12 @@ class ModelStatus:
 
 # Why a node could not take a version. "health" covers a model that would not load or failed its golden check;
 # "probation" one that the node activated, then rolled back by itself; "policy" and "no-variant" say the version
-# may not or cannot run on this node at all (the node is out of a rollout, not a failure of it).
-FAILURE_KINDS: Final = ("download", "package", "health", "probation", "policy", "no-variant", "other")
+# may not or cannot run on this node at all (the node is out of a rollout, not a failure of it). "signature": the
+# package is unsigned or not signed by a release key the node pinned; "tuf": the TUF metadata vouching for it was
+# refused (stale, rolled back, mixed, too large, or the director and image repositories disagree).
+FAILURE_KINDS: Final = (
+    "download", "package", "health", "probation", "policy", "no-variant", "signature", "tuf", "other",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -393,9 +429,25 @@ class Failure:
         )
 
 
+# What a node says about the packages it accepts: "verified" (release signatures and TUF metadata required) or
+# "unverified" (no release keys pinned at enrollment: a development fleet; unsigned packages are accepted).
+SUPPLY_MODES: Final = ("verified", "unverified")
+
+
+def _parse_supply(obj: Mapping[str, Any], what: str) -> str | None:
+    supply = _opt_str(obj, "supply", what)
+    if supply is not None and supply not in SUPPLY_MODES:
+        raise ProtocolError(f"{what}: supply {supply!r} is not one of {list(SUPPLY_MODES)}")
+    return supply
+
+
 @dataclass(frozen=True)
 class NodeStatus:
-    """What the agent reports: who it is now, what it runs, what failed, and which desired state it has seen."""
+    """What the agent reports: who it is now, what it runs, what failed, and which desired state it has seen.
+
+    `supply` says whether the node verifies release signatures and TUF metadata (see `SUPPLY_MODES`); None from
+    nodes that predate signed packages.
+    """
 
     tier: str
     labels: dict[str, str]
@@ -406,9 +458,10 @@ class NodeStatus:
     failures: tuple[Failure, ...] = ()
     desired_etag: str | None = None
     serve_url: str | None = None
+    supply: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "tier": self.tier,
             "labels": self.labels,
             "profile": self.profile,
@@ -419,6 +472,9 @@ class NodeStatus:
             "desired_etag": self.desired_etag,
             "serve_url": self.serve_url,
         }
+        if self.supply is not None:
+            body["supply"] = self.supply
+        return body
 
     @classmethod
     def from_json(cls, raw: Any) -> NodeStatus:
@@ -437,4 +493,5 @@ class NodeStatus:
             failures=tuple(Failure.from_json(f) for f in _opt(obj, "failures", list, what, [])),
             desired_etag=_opt_str(obj, "desired_etag", what),
             serve_url=_opt_str(obj, "serve_url", what),
+            supply=_parse_supply(obj, what),
         )
