@@ -21,8 +21,26 @@ def server(
         str | None,
         typer.Option("--otlp-endpoint", help="Also forward telemetry to this OpenTelemetry collector (OTLP/HTTP)."),
     ] = None,
+    release_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--release-key",
+            help="Release public key (PEM, repeatable): uploads must be signed by one, and nodes pin them at "
+            "enrollment. Without any, unsigned packages are accepted (development).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane: registry, inventory, deployments and desired state, under /v1."""
     from strata.control.server import serve
 
-    serve(data_dir=data_dir, host=host, port=port, db_url=db, log_level=log_level, otlp_endpoint=otlp_endpoint)
+    serve(
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        db_url=db,
+        log_level=log_level,
+        otlp_endpoint=otlp_endpoint,
+        release_keys=tuple(release_key or ()),
+    )

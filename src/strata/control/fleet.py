@@ -89,6 +89,7 @@ class NodeView:
     reported_etag: str | None
     in_sync: bool
     pins: dict[str, str] = field(default_factory=dict)
+    supply: str | None = None
 
 
 def node_facts(node: Node) -> NodeFacts:
@@ -132,6 +133,7 @@ def node_view(
         reported_etag=node.reported_etag,
         in_sync=node.reported_etag == desired_etag,
         pins=dict(pins or {}),
+        supply=status.get("supply"),
     )
 
 

@@ -49,6 +49,12 @@ class EnrollRequestBody(BaseModel):
 class EnrollResponseBody(BaseModel):
     node_id: str
     credential: str = Field(description="the node's bearer credential; shown only now")
+    release_keys: list[str] = Field(
+        default_factory=list, description="release public keys (PEM) the node pins; empty in development mode"
+    )
+    tuf_roots: dict[str, str] = Field(
+        default_factory=dict, description="root metadata (JSON text) of the `image` and `director` TUF repositories"
+    )
 
 
 # --- desired state ---------------------------------------------------------------------------------------
@@ -62,6 +68,9 @@ class VariantRefBody(BaseModel):
     digest: str = Field(description="package digest, sha256:<hex> of the canonical manifest")
     blob: str = Field(description="hex sha256 of the package tar, at /v1/blobs/sha256/{blob}")
     size: int = Field(description="bytes of the package tar")
+    signature: str | None = Field(
+        None, description="hex sha256 of the release signature (model-signing bundle) blob; only when signed"
+    )
 
 
 class DesiredModelBody(BaseModel):
@@ -105,7 +114,9 @@ class FailureBody(BaseModel):
     reason: str
     at: float
     attempts: int = 1
-    kind: str = Field("other", description="download, package, health, probation, policy, no-variant or other")
+    kind: str = Field(
+        "other", description="download, package, health, probation, policy, no-variant, signature, tuf or other"
+    )
 
 
 class NodeStatusBody(BaseModel):
@@ -120,6 +131,11 @@ class NodeStatusBody(BaseModel):
         None, max_length=80, description="ETag of the desired state the node last received"
     )
     serve_url: str | None = None
+    supply: str | None = Field(
+        None,
+        json_schema_extra={"enum": ["verified", "unverified"]},
+        description="whether the node requires release signatures and TUF metadata (unverified: development)",
+    )
 
 
 class NodeBody(BaseModel):
@@ -139,6 +155,9 @@ class NodeBody(BaseModel):
     reported_etag: str | None = Field(description="ETag the node last reported having")
     in_sync: bool = Field(description="the node reported the current desired state")
     pins: dict[str, str] = Field(default_factory=dict, description="model -> version a pin holds it on")
+    supply: str | None = Field(
+        None, description="verified: the node runs only signed packages vouched for by TUF; unverified: development"
+    )
 
 
 # --- registry -------------------------------------------------------------------------------------------
@@ -162,6 +181,7 @@ class VariantBody(BaseModel):
     created_at: float
     inputs: list[TensorSpecBody]
     outputs: list[TensorSpecBody]
+    signature: str | None = Field(None, description="blob id of the release signature, once signed")
 
 
 class VersionBody(BaseModel):
@@ -184,6 +204,23 @@ class PackageAddedBody(BaseModel):
     blob: str
     size: int
     created: bool = Field(description="false when this exact package was registered before")
+    signature: str | None = Field(None, description="blob id of the release signature stored with it")
+
+
+class SignatureRequest(BaseModel):
+    bundle: str = Field(description="the model-signing bundle (`PACKAGE.sig`), base64")
+    release_role: str = Field(description="the package's release-signed TUF role (`PACKAGE.targets.json`), base64")
+
+
+class SignatureBody(BaseModel):
+    model: str
+    version: str
+    variant: str
+    digest: str
+    signature: str = Field(description="blob id of the stored bundle")
+    key: str = Field(description="TUF key id of the release key that signed it")
+    role_version: int
+    expires_at: float = Field(description="when the release role expires (epoch seconds)")
 
 
 # --- deployments ----------------------------------------------------------------------------------------

@@ -76,10 +76,12 @@ def serve(
     db_url: str | None = None,
     log_level: str = "info",
     otlp_endpoint: str | None = None,
+    release_keys: tuple[Path, ...] = (),
 ) -> None:
     """Run the control plane on `host:port` with its data in `data_dir`, until SIGTERM or SIGINT.
 
-    The admin token is in `data_dir/admin.token` before the server listens.
+    The admin token is in `data_dir/admin.token` before the server listens. With `release_keys` (PEM public keys),
+    uploads must be signed by one of them and enrolling nodes pin them (see `strata.control.supply`).
 
     Raises:
         ConfigError: an unknown log level, a data folder that cannot be created, or an unusable database URL.
@@ -94,7 +96,13 @@ def serve(
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the data folder {data_dir}: {exc}") from exc
-    app = create_app(ServerSettings(data_dir=data_dir, db_url=db_url, otlp_endpoint=otlp_endpoint))
+    settings = ServerSettings(
+        data_dir=data_dir,
+        db_url=db_url,
+        otlp_endpoint=otlp_endpoint,
+        release_keys=tuple(path.expanduser().resolve() for path in release_keys),
+    )
+    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=host,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from sqlalchemy import URL
+
+from strata.trust.expiry import Expiries
 
 # The longest a node may hold a desired-state long poll open; agents ask for less and poll again.
 MAX_WAIT_S: Final = 60.0
@@ -28,6 +30,8 @@ class ServerSettings:
         rollout_debounce_s: after a status report, wait this long for others before stepping.
         clock: epoch seconds; every stored time comes from it, so tests can move time.
         otlp_endpoint: when set, stored telemetry is also forwarded to this OpenTelemetry collector (OTLP/HTTP).
+        release_keys: release public keys (PEM files); with any, uploads must be signed by one and nodes pin them.
+        tuf_expiries: lifetimes of the TUF metadata the server signs.
     """
 
     data_dir: Path
@@ -39,6 +43,8 @@ class ServerSettings:
     rollout_debounce_s: float = 0.5
     clock: Callable[[], float] = time.time
     otlp_endpoint: str | None = None
+    release_keys: tuple[Path, ...] = ()
+    tuf_expiries: Expiries = field(default_factory=Expiries)
 
     @property
     def database_url(self) -> str:
@@ -56,6 +62,11 @@ class ServerSettings:
     def tmp_dir(self) -> Path:
         """Scratch space for uploads; on the same file system as the blobs, so a finished upload is renamed."""
         return self.data_dir / "tmp"
+
+    @property
+    def tuf_keys_dir(self) -> Path:
+        """The TUF role keys of both repositories (PKCS#8 PEM files, mode 0600), made on first start."""
+        return self.data_dir / "tuf" / "keys"
 
     @property
     def admin_token_path(self) -> Path:
