@@ -135,7 +135,7 @@ class AgentLoop:
         """Use the stored credential, or enroll with the token once and store what the server gives.
 
         Raises:
-            ConfigError: not enrolled and no token to enroll with.
+            ConfigError: not enrolled and no token to enroll with, or the server's trust cannot be pinned.
             EnrollmentRefused: the server refused the token (used, expired or unknown).
             TransportError: the server is unreachable (the caller retries).
         """
@@ -164,6 +164,8 @@ class AgentLoop:
             answer = self.client.enroll(request)
         except (AuthError, Forbidden) as exc:
             raise EnrollmentRefused(f"enrollment refused: {exc}") from exc
+        if self.reconciler.supply is not None:  # pinned before the credential: never enrolled without its trust
+            self.reconciler.supply.pin(answer.release_keys, answer.tuf_roots)
         save_credential(
             self.config.data_dir,
             Credential(server=self.config.server, node_id=answer.node_id, credential=answer.credential),
@@ -193,6 +195,8 @@ class AgentLoop:
                 the node converged on the desired state it had, if any.
         """
         self.ensure_enrolled()
+        if self.reconciler.supply is not None:
+            self.reconciler.supply.warn_if_unverified()
         answer = self.client.desired(self.etag if self.desired is not None else None, self.poll_wait())
         self.connected = True
         if answer.state is not None and answer.etag is not None:

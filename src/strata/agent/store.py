@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -328,13 +328,14 @@ class ArtifactStore:
             "sha256:" + p.name for p in self.packages.iterdir() if p.is_dir() and not p.name.startswith(".")
         )
 
-    def assemble(self, blob: str, digest: str) -> Package:
+    def assemble(self, blob: str, digest: str, check: Callable[[Path], None] | None = None) -> Package:
         """Rebuild package `digest` from its manifest and pieces (downloaded or held locally), verify it whole,
-        and move it into packages/. The downloaded pieces, manifest and ready-mark are removed afterwards.
+        run `check` on the assembled folder (the release signature), and move it into packages/. The downloaded
+        pieces, manifest and ready-mark are removed afterwards.
 
         Raises:
-            PackageError, VerificationError: a piece is missing or the result does not verify (what was
-                downloaded for it is discarded, so the next attempt fetches it again).
+            PackageError, VerificationError: a piece is missing, the result does not verify, or `check` refused
+                it (what was downloaded for it is discarded, so the next attempt fetches it again).
         """
         target = self.package_dir(digest)
         if target.is_dir():
@@ -361,6 +362,8 @@ class ArtifactStore:
                     out.flush()
                     os.fsync(out.fileno())
             package = verify_package(folder, digest)
+            if check is not None:
+                check(folder)
         except (OSError, PackageError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             self._forget_download(blob, digest, used)
