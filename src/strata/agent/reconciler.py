@@ -110,6 +110,9 @@ class Reconciler:
         """`supply` checks release signatures and TUF metadata before a package is downloaded, staged and activated
         (when the node pinned release keys); None skips those checks (tests of the other parts)."""
         self.supply = supply
+        # Packages TUF vouched for in this converge pass (before their download): their activation in the same
+        # pass needs no second check. A new pass (a new poll, a new desired state) checks again.
+        self._vouched: set[str] = set()
         self.store = store
         self.repository = repository
         self.client = client
@@ -199,6 +202,7 @@ class Reconciler:
                 partial download is kept and resumes).
         """
         self.check_probation()
+        self._vouched.clear()
         steps = 0
         while steps < MAX_STEPS:
             actions = plan(desired, self.observe(), self.clock())
@@ -219,6 +223,7 @@ class Reconciler:
                     except (SignatureError, MetadataError) as exc:
                         self._fail(variant.digest, model, version, variant.id, f"refused: {exc}", supply_kind(exc))
                         return
+                    self._vouched.add(variant.digest)
                 log.info("fetching %s %s (%s)", model, version, variant.id)
                 try:
                     report = self.fetcher.fetch(variant, manifest_limit=limit)
@@ -287,9 +292,10 @@ class Reconciler:
     def _activate(self, model: str, version: str, ref: VariantRef) -> None:
         variant, digest = ref.id, ref.digest
         guard = self._guard()
-        if guard is not None:
-            # Again at activation: a package still on disk (the previous slot) is not trusted again just because the
-            # desired state names it; TUF must still say this node should run it (a rolled-back server does not).
+        if guard is not None and digest not in self._vouched:
+            # Again at activation, unless it was checked before its download in this same pass: a package still on
+            # disk (the previous slot) is not trusted again just because the desired state names it; TUF must still
+            # say this node should run it (a server restored from an old backup does not).
             try:
                 guard.check_target(model, version, ref)
             except (SignatureError, MetadataError) as exc:
