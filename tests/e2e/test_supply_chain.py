@@ -9,7 +9,10 @@ the node back to a version it left (a TUF rollback).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,7 +154,14 @@ def test_a_server_restored_from_an_old_backup_cannot_roll_the_node_back(
 ) -> None:
     fleet = signed_fleet
     start_node(fleet)
-    push_model(fleet, digits_onnx, "1", tmp_path, sign_key=keys[0])
+    env = {**os.environ, "STRATA_SERVER": fleet.server_url, "STRATA_TOKEN": fleet.admin_token}
+    pushed = subprocess.run(
+        [sys.executable, "-m", "strata", "model", "push", str(digits_onnx), "--name", "digits", "--version", "1",
+         "--sign-key", str(keys[0]), "--json"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout)[0]["signature"]
     fleet.client.deploy("digits", "1", {"site": "lab"})
     fleet.wait_for_versions({"edge-1": {"digits": "1"}})
 
