@@ -38,7 +38,6 @@ from typing import Any, Final
 from cryptography.hazmat.primitives import serialization
 from securesystemslib.exceptions import UnverifiedSignatureError
 from securesystemslib.signer import CryptoSigner, Key, SSlibKey
-from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import (
     DelegatedRole,
     Delegations,
@@ -59,7 +58,6 @@ from strata.trust.signing import load_public_key
 from strata.trust.targets import TargetFacts
 
 TOP_ROLES: Final = ("root", "targets", "snapshot", "timestamp")
-REPOSITORIES: Final = ("image", "director")
 
 
 # --- keys -----------------------------------------------------------------------------------------------------
@@ -139,15 +137,6 @@ def expires_at(body: bytes) -> float:
         MetadataError: not TUF metadata.
     """
     return parse(body).signed.expires.timestamp()  # type: ignore[no-any-return]
-
-
-def version_of(body: bytes) -> int:
-    """The version of metadata bytes.
-
-    Raises:
-        MetadataError: not TUF metadata.
-    """
-    return int(parse(body).signed.version)
 
 
 def meta_file(version: int, body: bytes) -> MetaFile:
@@ -310,8 +299,3 @@ def needs_refresh(body: bytes, now: float, lifetime_s: float) -> bool:
         MetadataError: not TUF metadata.
     """
     return expires_at(body) - now < lifetime_s / 2
-
-
-def wrap(exc: RepositoryError | ValueError) -> MetadataError:
-    """A python-tuf error as strata's."""
-    return MetadataError(str(exc) or type(exc).__name__)
