@@ -5,6 +5,8 @@ requests, lets the agent idle, then reads VmRSS (its anonymous/file split, and P
 with other processes fairly) from /proc. The agent runs as `python -OO -m strata.agent` (docstrings stripped);
 its bytecode is compiled first, as on a node where it has run once. The baseline, measured in the same run: a
 bare python process that imports onnxruntime and loads the same model.
+`--signed`: the control plane has a release key and the package is signed, so the agent pinned the key and
+verified the package (TUF metadata and model-signing bundle, in its child process) before serving it.
 Prints one JSON object.
 """
 
@@ -47,17 +49,27 @@ print("ready", flush=True); time.sleep(60)
 def main() -> None:
     import strata
 
+    signed = "--signed" in sys.argv[1:]
+
     package_dir = Path(strata.__file__).parent
     subprocess.run([sys.executable, "-OO", "-m", "compileall", "-q", str(package_dir)], check=True)
     with tempfile.TemporaryDirectory(prefix="strata-bench-") as tmp:
         root = Path(tmp)
         train_digits(root / "digits.onnx")
         package = build_package(root / "digits.onnx", root / "pkg", name="digits", version="1")
+        signature, server_args = None, []
+        if signed:
+            from strata.trust.release import sign_release
+            from strata.trust.signing import create_release_key
+
+            private_key, public_key = create_release_key(root / "keys")
+            signature = sign_release(package.path, private_key, time.time(), 86400).to_base64()
+            server_args = ["--release-key", str(public_key)]
         pack_tar(package, root / "digits.tar")
         with LocalFleet(root / "fleet", poll_wait_s=30) as fleet:
-            fleet.start_server()
+            fleet.start_server(extra_args=server_args)
             agent = fleet.start_agent("edge")
-            fleet.client.push_package(root / "digits.tar")
+            fleet.client.push_package(root / "digits.tar", signature=signature)
             fleet.client.deploy("digits", "1", {})
             fleet.wait_for_versions({"edge": {"digits": "1"}})
             body = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
@@ -76,6 +88,7 @@ def main() -> None:
             baseline.kill()
     result = {
         "benchmark": "agent_footprint",
+        "signed": signed,
         "agent_rss_mb": round(agent_rss["VmRSS"], 1),
         "agent_rss_anon_mb": round(agent_rss["RssAnon"], 1),
         "agent_rss_file_mb": round(agent_rss["RssFile"], 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,21 @@ def push_model(
     workdir: Path,
     profile: str = "cpu-generic",
     sample: dict[str, Any] | None = None,
+    sign_key: Path | None = None,
 ) -> Package:
-    """Build a package for `model` (with drift references when `sample` is given) and upload it."""
+    """Build a package for `model` (with drift references when `sample` is given) and upload it, signed with the
+    release key `sign_key` when given."""
     package = build_package(
         model, workdir / f"pkg-{version}-{profile}", name="digits", version=version, profile=profile, sample=sample
     )
+    signature = None
+    if sign_key is not None:
+        from strata.trust.release import sign_release
+
+        signature = sign_release(package.path, sign_key, time.time(), 30 * 86400).to_base64()
     tar = workdir / f"digits-{version}-{profile}.tar"
     pack_tar(package, tar)
-    fleet.client.push_package(tar)
+    fleet.client.push_package(tar, signature=signature)
     return package
 
 

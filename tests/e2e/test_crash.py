@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from e2e_helpers import push_model
 
-from strata.core.package import build_package, pack_tar, verify_package
+from strata.agent.store import ArtifactStore
+from strata.agent.vault import Vault
+from strata.core.package import build_package, pack_tar
 from strata.localfleet import LocalFleet
 
 pytestmark = pytest.mark.slow
@@ -29,12 +31,19 @@ def _active_version(fleet: LocalFleet, name: str, model: str = "digits") -> str 
 
 
 def _assert_consistent(fleet: LocalFleet, name: str) -> None:
-    """Every package the agent kept verifies, and every slot points at one of them."""
+    """Every package the agent kept verifies (decrypted with the node's key, as the agent reads them), and every
+    slot points at one of them."""
     data_dir = fleet.agents[name].data_dir
     packages = data_dir / "packages"
-    for folder in packages.iterdir():
-        if not folder.name.startswith("."):
-            verify_package(folder, "sha256:" + folder.name)
+    vault = Vault(data_dir / "trust")
+    try:
+        store = ArtifactStore(data_dir, vault)
+        for folder in packages.iterdir():
+            if not folder.name.startswith("."):
+                _, files = store.open("sha256:" + folder.name)
+                assert files is not None  # sealed at rest: decrypted and hash-checked in memory
+    finally:
+        vault.close()
     state = json.loads((data_dir / "state.json").read_text()) if (data_dir / "state.json").exists() else {}
     for slots in state.get("models", {}).values():
         assert (packages / slots["active"]["digest"].split(":")[1]).is_dir()

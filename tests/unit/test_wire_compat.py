@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
-from strata.core.wire import Failure, ModelStatus, NodeStatus, ProtocolError, ServingCounters
+from strata.core.hashing import canonical_json
+from strata.core.wire import (
+    DesiredModel,
+    DesiredState,
+    EnrollResponse,
+    Failure,
+    ModelStatus,
+    NodeStatus,
+    ProtocolError,
+    ServingCounters,
+    VariantRef,
+)
 
 OLD_REPORT = {
     "tier": "device",
@@ -37,3 +50,43 @@ def test_new_fields_round_trip_and_are_checked() -> None:
         ModelStatus.from_json({**model.to_json(), "probation": "maybe"})
     with pytest.raises(ProtocolError):
         ServingCounters.from_json({"requests": 1, "errors": 2, "latency_p95_ms": None, "since": 0})
+
+
+def test_unsigned_variants_keep_their_shape_and_etag() -> None:
+    raw = {
+        "id": "v",
+        "profile": "cpu-generic",
+        "runtime": "onnxruntime",
+        "precision": "fp32",
+        "digest": "sha256:" + "a" * 64,
+        "blob": "b" * 64,
+        "size": 3,
+    }
+    unsigned = VariantRef.from_json(raw)
+    assert unsigned.signature is None
+    assert unsigned.to_json() == raw
+    state = DesiredState("n1", (DesiredModel("digits", "1", "1", (unsigned,)),))
+    document = {"node_id": "n1", "models": [{"name": "digits", "version": "1", "deployment": "1", "variants": [raw]}]}
+    before = f'"sha256:{hashlib.sha256(canonical_json(document)).hexdigest()}"'
+    assert state.etag == before
+    signed = VariantRef.from_json({**raw, "signature": "c" * 64})
+    assert signed.to_json()["signature"] == "c" * 64
+    with pytest.raises(ProtocolError, match="signature"):
+        VariantRef.from_json({**raw, "signature": "not-a-hash"})
+
+
+def test_enrollment_answers_and_reports_without_supply_fields_still_parse() -> None:
+    plain = {"node_id": "n1", "certificate": "CERT", "ca": "CA", "not_after": 1.0}
+    old = EnrollResponse.from_json(plain)
+    assert (old.release_keys, dict(old.tuf_roots)) == ((), {})
+    assert old.to_json() == plain
+    pinned = EnrollResponse("n1", "CERT", "CA", 1.0, ("PEM",), {"image": "{}", "director": "{}"})
+    assert EnrollResponse.from_json(pinned.to_json()) == pinned
+    with pytest.raises(ProtocolError):
+        EnrollResponse.from_json({**plain, "release_keys": [1]})
+    assert NodeStatus.from_json(OLD_REPORT).supply is None
+    status = NodeStatus.from_json({**OLD_REPORT, "supply": "verified"})
+    assert status.to_json()["supply"] == "verified"
+    with pytest.raises(ProtocolError, match="supply"):
+        NodeStatus.from_json({**OLD_REPORT, "supply": "trust-me"})
+    assert Failure.from_json({**OLD_REPORT["failures"][0], "kind": "tuf"}).kind == "tuf"

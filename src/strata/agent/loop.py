@@ -121,7 +121,8 @@ class AgentLoop:
         CSR on this node, and trade the token and CSR for a certificate; from then on every call is mutual TLS.
 
         Raises:
-            ConfigError: not enrolled and no token to enroll with (or a malformed token).
+            ConfigError: not enrolled and no token to enroll with (or a malformed token), or the server's release
+                trust cannot be pinned.
             EnrollmentRefused: the server refused the token, or its CA is not the one the token pins.
             TransportError: the server is unreachable (the caller retries).
         """
@@ -160,6 +161,8 @@ class AgentLoop:
             raise EnrollmentRefused(f"enrollment refused: {exc}") from exc
         if pem_fingerprint(answer.ca) != pin:
             raise EnrollmentRefused("the enrollment answer names another CA than the token pins")
+        if self.reconciler.supply is not None:  # pinned before the identity: never enrolled without its trust
+            self.reconciler.supply.pin(answer.release_keys, answer.tuf_roots)
         self._adopt(self.identity.save(self.config.server, answer.node_id, answer.certificate, answer.not_after))
         log.info(
             "enrolled as node %s (%s); certificate valid until %s", self.config.name, answer.node_id, answer.not_after
@@ -215,6 +218,8 @@ class AgentLoop:
         """
         self.ensure_enrolled()
         self.renew_if_due()
+        if self.reconciler.supply is not None:
+            self.reconciler.supply.warn_if_unverified()
         answer = self.client.desired(self.etag if self.desired is not None else None, self.poll_wait())
         self.connected = True
         if answer.state is not None and answer.etag is not None:

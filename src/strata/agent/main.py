@@ -29,6 +29,7 @@ from strata.agent.repository import ModelRepository
 from strata.agent.runtime import limit_malloc_arenas
 from strata.agent.serving import ServingTracker
 from strata.agent.store import ArtifactStore
+from strata.agent.supply import SupplyGuard
 from strata.agent.telemetry import TelemetryConfig, TelemetryGauges, TelemetryRecorder, TelemetryUploader
 from strata.agent.transport import H11Transport
 from strata.agent.vault import Vault
@@ -117,6 +118,7 @@ class Agent:
             serving=serving,
             probation=ProbationConfig(duration_s=config.probation_s),
             report_interval_s=config.report_interval_s,
+            supply=SupplyGuard(config.data_dir, self.client, profile.id, sorted(facts.runtimes)),
         )
         host_facts = {
             "arch": facts.arch,

@@ -18,7 +18,7 @@ from strata.agent.store import ArtifactStore, digest_hex
 from strata.agent.transport import Transport
 from strata.core.chunking import Chunk
 from strata.core.errors import AuthError, Forbidden, NotFound, StrataError, TransportError, VerificationError
-from strata.core.package import Manifest
+from strata.core.package import MAX_MANIFEST_BYTES, Manifest
 from strata.core.wire import VariantRef
 
 log = logging.getLogger("strata.agent")
@@ -71,8 +71,11 @@ class PackageFetcher:
         self.progress = progress
         self.via: PieceSource | None = None
 
-    def fetch(self, variant: VariantRef) -> FetchReport:
+    def fetch(self, variant: VariantRef, manifest_limit: int | None = None) -> FetchReport:
         """Fetch the manifest and every missing piece of `variant`, then mark it downloaded.
+
+        `manifest_limit` is the manifest's length as TUF states it: a source that sends more is cut off there
+        (endless data), instead of at the 16 MiB any manifest may have.
 
         Raises:
             TransportError: the control plane could not be reached (what arrived stays and resumes).
@@ -80,7 +83,7 @@ class PackageFetcher:
             AuthError, Forbidden, ServerError: the control plane refused.
         """
         report = FetchReport()
-        manifest = self.store.load_manifest(variant.digest) or self._manifest(variant, report)
+        manifest = self.store.load_manifest(variant.digest) or self._manifest(variant, report, manifest_limit)
         held = self.store.piece_index()
         limiter = RateLimiter(self.rate_limit)
         pieces = needed_pieces(manifest)
@@ -107,7 +110,8 @@ class PackageFetcher:
         sources.append(("server", self.client.blob_url(sha256)))
         return sources
 
-    def _manifest(self, variant: VariantRef, report: FetchReport) -> Manifest:
+    def _manifest(self, variant: VariantRef, report: FetchReport, limit: int | None = None) -> Manifest:
+        most = MAX_MANIFEST_BYTES if limit is None else min(limit, MAX_MANIFEST_BYTES)
         for kind, url in self._sources(digest_hex(variant.digest), variant):
             try:
                 transport = self.relay_transport if kind == "relay" else self.client.transport
@@ -119,8 +123,12 @@ class PackageFetcher:
                     data = b""
                     while piece := response.read(1 << 16):
                         data += piece
-                        if len(data) > 16 << 20:
-                            raise VerificationError("manifest is larger than 16 MiB")
+                        if len(data) > most:
+                            stated = "its TUF target states" if limit is not None else "a manifest may have"
+                            raise VerificationError(
+                                f"the manifest of {variant.id} from the {kind} is longer than the {most} bytes "
+                                f"{stated} (endless data); download cut off"
+                            )
                 manifest = self.store.save_manifest(variant.digest, data)
             except (TransportError, ServerError, NotFound, VerificationError) as exc:
                 if kind == "server":

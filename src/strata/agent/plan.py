@@ -18,9 +18,9 @@ from strata.core.wire import DesiredModel, DesiredState, VariantRef
 
 RETRY_BASE_S = 30.0
 RETRY_MAX_S = 3600.0
-# A version that failed its probation, or that this node's policy forbids, will not get better in half a minute:
-# it is tried again after ten minutes, then less and less often.
-SLOW_RETRY_KINDS = frozenset({"probation", "policy"})
+# A version that failed its probation, that this node's policy forbids, or whose signature is not by a release key
+# this node trusts, will not get better in half a minute: it is tried again after ten minutes, then less often.
+SLOW_RETRY_KINDS = frozenset({"probation", "policy", "signature"})
 SLOW_RETRY_BASE_S = 600.0
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from strata import __version__
-from strata.agent.client import ControlPlaneClient
+from strata.agent.client import ControlPlaneClient, ServerError
 from strata.agent.fetch import Progress
 from strata.agent.pieces import FetchReport, PackageFetcher
 from strata.agent.placement import check_placement
@@ -34,13 +35,24 @@ from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import load_and_check
 from strata.agent.serving import ServingTracker
 from strata.agent.store import ArtifactStore, FailureRecord, NodeState, ProbationRecord, SlotRef
+from strata.agent.supply import SupplyGuard
 from strata.agent.transport import Transport
 from strata.agent.vault import VaultUnavailable
-from strata.core.errors import ModelLoadError, PackageError, StrataError, TransportError
+from strata.core.errors import (
+    Forbidden,
+    MetadataError,
+    ModelLoadError,
+    NotFound,
+    PackageError,
+    SignatureError,
+    StrataError,
+    TransportError,
+    VerificationError,
+)
 from strata.core.package import Manifest
 from strata.core.policy import NodeFacts
 from strata.core.profiles import Profile
-from strata.core.wire import DesiredState, Failure, ModelStatus, NodeStatus, ServingCounters
+from strata.core.wire import DesiredState, Failure, ModelStatus, NodeStatus, ServingCounters, VariantRef
 
 log = logging.getLogger("strata.agent")
 
@@ -52,6 +64,11 @@ class PlacementRefused(StrataError):
 
     code = "placement_refused"
     http_status = 403
+
+
+def supply_kind(exc: SignatureError | MetadataError) -> str:
+    """The failure kind of a supply-chain refusal: `signature` or `tuf`."""
+    return "signature" if isinstance(exc, SignatureError) else "tuf"
 
 
 @dataclass(frozen=True)
@@ -92,7 +109,14 @@ class Reconciler:
         serving: ServingTracker | None = None,
         probation: ProbationConfig | None = None,
         report_interval_s: float = 0.0,
+        supply: SupplyGuard | None = None,
     ) -> None:
+        """`supply` checks release signatures and TUF metadata before a package is downloaded, staged and activated
+        (when the node pinned release keys); None skips those checks (tests of the other parts)."""
+        self.supply = supply
+        # Packages TUF vouched for in this converge pass (before their download): their activation in the same
+        # pass needs no second check. A new pass (a new poll, a new desired state) checks again.
+        self._vouched: set[str] = set()
         self.store = store
         self.repository = repository
         self.client = client
@@ -187,6 +211,7 @@ class Reconciler:
                 partial download is kept and resumes).
         """
         self.check_probation()
+        self._vouched.clear()
         steps = 0
         while steps < MAX_STEPS:
             actions = plan(desired, self.observe(), self.clock())
@@ -200,11 +225,23 @@ class Reconciler:
         """Carry out one action. Failures of the target are remembered, not raised, except transport errors."""
         match action:
             case Download(model, version, variant):
+                limit, guard = None, self._guard()
+                if guard is not None:
+                    try:
+                        limit = guard.check_target(model, version, variant).length
+                    except (SignatureError, MetadataError) as exc:
+                        self._fail(variant.digest, model, version, variant.id, f"refused: {exc}", supply_kind(exc))
+                        return
+                    self._vouched.add(variant.digest)
                 log.info("fetching %s %s (%s)", model, version, variant.id)
                 try:
-                    report = self.fetcher.fetch(variant)
+                    report = self.fetcher.fetch(variant, manifest_limit=limit)
                 except TransportError:
                     raise
+                except VerificationError as exc:
+                    reason = f"download refused, bytes changed at the source or on the way: {exc}"
+                    self._fail(variant.digest, model, version, variant.id, reason, "download")
+                    return
                 except StrataError as exc:
                     self._fail(variant.digest, model, version, variant.id, f"download failed: {exc}", "download")
                     return
@@ -216,14 +253,9 @@ class Reconciler:
                     model, version, report.pieces, report.relay_bytes, report.server_bytes, report.reused_bytes,
                 )  # fmt: skip
             case Stage(model, version, variant):
-                try:
-                    self.store.assemble(variant.blob, variant.digest)
-                except VaultUnavailable as exc:
-                    self._fail(variant.digest, model, version, variant.id, str(exc), "vault")
-                except PackageError as exc:
-                    self._fail(variant.digest, model, version, variant.id, f"package rejected: {exc}", "package")
+                self._stage(model, version, variant)
             case Activate(model, version, variant):
-                self._activate(model, version, variant.id, variant.digest)
+                self._activate(model, version, variant)
             case Unload(model):
                 log.info("model %s is no longer deployed here; unloading", model)
                 self._commit(self.state.without_model(model))
@@ -239,7 +271,47 @@ class Reconciler:
                 if removed:
                     log.info("removed %d unused packages", len(removed))
 
-    def _activate(self, model: str, version: str, variant: str, digest: str) -> None:
+    def _guard(self) -> SupplyGuard | None:
+        """The supply guard when packages must be signed and vouched for by TUF (the node pinned release keys)."""
+        if self.supply is None:
+            return None
+        self.supply.warn_if_unverified()
+        return self.supply if self.supply.pinned else None
+
+    def _stage(self, model: str, version: str, variant: VariantRef) -> None:
+        """Assemble and verify a downloaded package; with pinned release keys, its release signature is checked on
+        the assembled folder before it joins the staged packages (a refused one is discarded, pieces and all)."""
+        check, guard = None, self._guard()
+        try:
+            if guard is not None:
+                bundle = guard.fetch_bundle(variant)
+
+                def check(folder: Path, hashes: Mapping[str, str] | None) -> None:
+                    guard.check_package(folder, bundle, variant.digest, hashes)
+
+            self.store.assemble(variant.blob, variant.digest, check=check)
+        except VaultUnavailable as exc:
+            self._fail(variant.digest, model, version, variant.id, str(exc), "vault")
+        except (SignatureError, MetadataError) as exc:
+            self._fail(variant.digest, model, version, variant.id, f"refused: {exc}", supply_kind(exc))
+        except PackageError as exc:
+            self._fail(variant.digest, model, version, variant.id, f"package rejected: {exc}", "package")
+        except (ServerError, NotFound, Forbidden) as exc:
+            reason = f"cannot fetch the release signature: {exc}"
+            self._fail(variant.digest, model, version, variant.id, reason, "signature")
+
+    def _activate(self, model: str, version: str, ref: VariantRef) -> None:
+        variant, digest = ref.id, ref.digest
+        guard = self._guard()
+        if guard is not None and digest not in self._vouched:
+            # Again at activation, unless it was checked before its download in this same pass: a package still on
+            # disk (the previous slot) is not trusted again just because the desired state names it; TUF must still
+            # say this node should run it (a server restored from an old backup does not).
+            try:
+                guard.check_target(model, version, ref)
+            except (SignatureError, MetadataError) as exc:
+                self._fail(digest, model, version, variant, f"refused: {exc}", supply_kind(exc))
+                return
         try:
             package, files = self.store.open(digest)
             manifest = package.manifest
@@ -436,4 +508,5 @@ class Reconciler:
             failures=tuple(failures),
             desired_etag=desired_etag,
             serve_url=self.identity.serve_url,
+            supply=self.supply.mode if self.supply is not None else None,
         )

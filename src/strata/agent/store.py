@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,6 +45,10 @@ from strata.core.package import (
     safe_relative_path,
     verify_package,
 )
+
+PackageCheck = Callable[[Path, Mapping[str, str] | None], None]
+"""A check of an assembled package before it is staged: given its folder and, when the files on disk are sealed,
+the sha256 of each file's plaintext by path (None when the folder holds the plaintext). Raises to refuse."""
 
 
 @dataclass(frozen=True)
@@ -398,14 +402,15 @@ class ArtifactStore:
             "sha256:" + p.name for p in self.packages.iterdir() if p.is_dir() and not p.name.startswith(".")
         )
 
-    def assemble(self, blob: str, digest: str) -> Package:
+    def assemble(self, blob: str, digest: str, check: PackageCheck | None = None) -> Package:
         """Rebuild package `digest` from its manifest and pieces (downloaded or held locally), verify it whole,
-        and move it into packages/ (sealed, with a vault). The downloaded pieces, manifest and ready-mark are
-        removed afterwards.
+        run `check` on it (the release signature: over the folder, or with a vault over the sha256 of each file's
+        plaintext, computed in memory), and move it into packages/ (sealed, with a vault). The downloaded pieces,
+        manifest and ready-mark are removed afterwards.
 
         Raises:
-            PackageError, VerificationError: a piece is missing or the result does not verify (what was
-                downloaded for it is discarded, so the next attempt fetches it again).
+            PackageError, VerificationError: a piece is missing, the result does not verify, or `check` refused
+                it (what was downloaded for it is discarded, so the next attempt fetches it again).
             VaultUnavailable: the vault worker cannot start (nothing is discarded).
         """
         target = self.package_dir(digest)
@@ -420,6 +425,7 @@ class ArtifactStore:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.packages))
         folder = staging / "p"
         used: list[str] = []
+        hashes: dict[str, str] = {}
         try:
             folder.mkdir()
             write_bytes_atomic(folder / MANIFEST_NAME, self.manifest_path(digest).read_bytes())
@@ -437,10 +443,14 @@ class ArtifactStore:
                     continue
                 data = b"".join(self._read_piece(piece, local, opened) for piece in pieces)
                 used.extend(piece.sha256 for piece in pieces)
-                if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+                plain_sha256 = hashlib.sha256(data).hexdigest()
+                if len(data) != entry.size or plain_sha256 != entry.sha256:
                     raise VerificationError(f"package file {entry.path} does not match its manifest")
+                hashes[entry.path] = plain_sha256
                 write_bytes_atomic(out_path, self.vault.seal(file_aad(digest, entry.path), data))
             package = verify_package(folder, digest) if self.vault is None else Package(folder, manifest)
+            if check is not None:
+                check(folder, None if self.vault is None else hashes)
         except (OSError, PackageError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             self._forget_download(blob, digest, used)

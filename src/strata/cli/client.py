@@ -102,8 +102,14 @@ class ControlClient:
         result: dict[str, Any] = self._call("POST", "/v1/enrollment-tokens", json={"ttl_seconds": ttl_seconds})
         return result
 
-    def push_package(self, tar_path: Path, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Upload a package tar, streaming it from disk."""
+    def push_package(
+        self,
+        tar_path: Path,
+        progress: Callable[[int], None] | None = None,
+        signature: tuple[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Upload a package tar, streaming it from disk; `signature` is its release signature (bundle and release
+        role, base64), which a server with release keys requires."""
 
         def chunks() -> Iterator[bytes]:
             with tar_path.open("rb") as fh:
@@ -113,7 +119,16 @@ class ControlClient:
                     yield piece
 
         headers = {"content-type": "application/x-tar", "content-length": str(tar_path.stat().st_size)}
+        if signature is not None:
+            headers["x-strata-signature"], headers["x-strata-release-role"] = signature
         result: dict[str, Any] = self._call("POST", "/v1/packages", content=chunks(), headers=headers)
+        return result
+
+    def attach_signature(self, model: str, version: str, variant: str, signature: tuple[str, str]) -> dict[str, Any]:
+        """Attach a release signature (bundle and release role, base64) to a variant uploaded before."""
+        body = {"bundle": signature[0], "release_role": signature[1]}
+        path = f"/v1/models/{model}/versions/{version}/variants/{variant}/signature"
+        result: dict[str, Any] = self._call("PUT", path, json=body)
         return result
 
     def models(self) -> list[dict[str, Any]]:

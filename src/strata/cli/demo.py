@@ -1,8 +1,10 @@
 """`strata demo`: a whole local fleet on an embedded default, end to end, in under a minute.
 
-Trains a real digits classifier and exports it to ONNX, starts a control plane and three agents (two tiers,
-two regions) as real processes on free loopback ports, pushes v1, deploys it everywhere, checks real
-inference answers on every node, pushes v2 and deploys it to one region, shows the fleet, and stops all.
+Trains a real digits classifier and exports it to ONNX, makes a release key, starts a control plane that requires
+packages signed by it and three agents (two tiers, two regions) as real processes on free loopback ports, pushes
+v1 signed, deploys it everywhere (each node checks the signature and the TUF metadata before it runs it), checks
+real inference answers on every node, shows the control plane refusing an unsigned package, pushes v2 and
+deploys it to one region, shows the fleet, and stops all.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def run_demo(workdir: Path, say: Callable[[str], None]) -> float:
     from strata.core.profiles import detect_profile, read_host_facts
     from strata.examples.digits import load_data, train_digits
     from strata.localfleet import LocalFleet
+    from strata.trust.release import sign_release
+    from strata.trust.signing import create_release_key, key_hint
 
     started = time.monotonic()
     data = load_data()
@@ -79,9 +83,13 @@ def run_demo(workdir: Path, say: Callable[[str], None]) -> float:
         acc2 = train_digits(workdir / "digits-v2.onnx", hidden=96, seed=1)
     say(f"  v1 held-out accuracy {acc1:.3f}, v2 {acc2:.3f}; this host's profile: {host_profile}")
 
+    with step("make a release key (the model owner keeps the private half offline)"):
+        release_key, release_pub = create_release_key(workdir / "keys")
+    say(f"  release key {key_hint(release_pub.read_bytes())[:16]} in {release_key.parent}")
+
     with LocalFleet(workdir / "fleet", poll_wait_s=20) as fleet:
-        with step("start the control plane"):
-            fleet.start_server()
+        with step("start the control plane (it accepts only packages signed by the release key)"):
+            fleet.start_server(extra_args=["--release-key", str(release_pub)])
         say(f"  {fleet.server_url} (data in {fleet.server_dir})")
         nodes = {
             "edge-eu-1": ("device", {"fleet": "demo", "region": "eu-west", "site": "berlin"}),
@@ -95,7 +103,7 @@ def run_demo(workdir: Path, say: Callable[[str], None]) -> float:
 
         reference = {"X": data.train_x[:500]}  # drift references come from the training distribution
 
-        def push(version: str, model: Path) -> None:
+        def push(version: str, model: Path, signed: bool = True) -> None:
             for profile in dict.fromkeys(["cpu-generic", host_profile]):
                 package = build_package(
                     model,
@@ -105,15 +113,18 @@ def run_demo(workdir: Path, say: Callable[[str], None]) -> float:
                     profile=profile,
                     sample=reference,
                 )
+                signature = sign_release(package.path, release_key, time.time(), 86400).to_base64() if signed else None
                 tar = workdir / f"digits-{version}-{profile}.tar"
                 pack_tar(package, tar)
-                fleet.client.push_package(tar)
+                fleet.client.push_package(tar, signature=signature)
 
-        with step("push digits v1 (a package for cpu-generic and one for this host's profile)"):
+        with step("push digits v1 signed (a package for cpu-generic and one for this host's profile)"):
             push("1", workdir / "digits-v1.onnx")
-        with step("deploy digits v1 to fleet=demo and wait for every node to run it"):
+        with step("deploy digits v1 to fleet=demo; every node checks signature and TUF metadata, then runs it"):
             fleet.client.deploy("digits", "1", {"fleet": "demo"})
             fleet.wait_for_versions({name: {"digits": "1"} for name in nodes}, timeout=60)
+        verified = sorted(name for name, node in fleet.nodes().items() if node.get("supply") == "verified")
+        say(f"  nodes that run only signed packages: {', '.join(verified)}")
 
         x, y = data.test_x[:64], data.test_y[:64]
         expected_v1 = _predict_local(workdir / "digits-v1.onnx", x)
@@ -124,7 +135,14 @@ def run_demo(workdir: Path, say: Callable[[str], None]) -> float:
                     raise DemoFailed(f"{name} answered version {version} with labels that differ from v1's")
         say(f"  every node agrees with v1 run locally; accuracy on 64 held-out digits: {np.mean(expected_v1 == y):.3f}")
 
-        with step("push digits v2 and deploy it to region=eu-west only"):
+        with step("the control plane refuses an unsigned package"):
+            try:
+                push("9", workdir / "digits-v2.onnx", signed=False)
+            except StrataError as exc:
+                say(f"  refused: {exc}")
+            else:
+                raise DemoFailed("the control plane took an unsigned package")
+        with step("push digits v2 signed and deploy it to region=eu-west only"):
             push("2", workdir / "digits-v2.onnx")
             fleet.client.deploy("digits", "2", {"fleet": "demo", "region": "eu-west"})
             fleet.wait_for_versions(

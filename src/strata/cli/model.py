@@ -12,20 +12,46 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from strata.cli.client import ControlClient
-from strata.cli.common import JsonOption, ServerOption, TokenOption, ago, console, out, print_json
+from strata.cli.common import (
+    JsonOption,
+    ServerOption,
+    TokenOption,
+    ago,
+    console,
+    out,
+    parse_duration,
+    print_json,
+)
 from strata.core.errors import ConfigError
 
 app = typer.Typer(help="Models in the registry.", no_args_is_help=True)
 
 
-def upload_with_progress(client: ControlClient, tar_path: Path, label: str) -> dict[str, object]:
-    """Push one package tar with a progress bar on the console."""
+def upload_with_progress(
+    client: ControlClient, tar_path: Path, label: str, signature: tuple[str, str] | None = None
+) -> dict[str, object]:
+    """Push one package tar (with its release signature, if given) with a progress bar on the console."""
     size = tar_path.stat().st_size
     with Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console
     ) as progress:
         task = progress.add_task(f"upload {label}", total=size)
-        return client.push_package(tar_path, lambda n: progress.advance(task, n))
+        return client.push_package(tar_path, lambda n: progress.advance(task, n), signature)
+
+
+SignKeyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--sign-key",
+        help="Release private key: sign each package (OpenSSF model-signing bundle and TUF release role) and "
+        "upload the signature with it.",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+ExpiresOption = Annotated[
+    str, typer.Option("--expires", help="How long nodes accept the signature's TUF role (e.g. 365d).")
+]
 
 
 @app.command("push")
@@ -54,14 +80,18 @@ def push(
             dir_okay=False,
         ),
     ] = None,
+    sign_key: SignKeyOption = None,
+    expires: ExpiresOption = "365d",
     server: ServerOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Build a package per profile from MODEL (signature from the graph, golden outputs from onnxruntime)
-    and upload each to the registry."""
+    and upload each to the registry (signed with --sign-key, as a server with release keys requires)."""
     from strata.core.package import build_package, pack_tar
     from strata.core.policy import load_policy_file
+
+    lifetime_s = parse_duration(expires)
 
     placement = None
     if policy is not None:
@@ -83,19 +113,74 @@ def push(
                 extra_files=extra or (),
                 policy=placement,
             )
+            signature = None
+            if sign_key is not None:
+                from strata.trust.release import sign_release
+
+                signature = sign_release(package.path, sign_key, time.time(), lifetime_s).to_base64()
             tar_path = Path(tmp) / f"{profile_id}.tar"
             pack_tar(package, tar_path)
-            results.append(upload_with_progress(client, tar_path, f"{name} {version} {package.manifest.variant}"))
+            label = f"{name} {version} {package.manifest.variant}"
+            results.append(upload_with_progress(client, tar_path, label, signature))
     if as_json:
         print_json(results)
         return
     table = Table(title=f"pushed {name} {version}", title_justify="left")
-    for column in ("variant", "digest", "bytes", "new"):
+    for column in ("variant", "digest", "bytes", "new", "signed"):
         table.add_column(column)
     for result in results:
         created = "yes" if result["created"] else "no"
-        table.add_row(str(result["variant"]), str(result["digest"])[:19], str(result["size"]), created)
+        signed = "yes" if result.get("signature") else "no"
+        table.add_row(str(result["variant"]), str(result["digest"])[:19], str(result["size"]), created, signed)
     out.print(table)
+
+
+@app.command("sign")
+def sign(
+    package: Annotated[Path, typer.Argument(help="A package folder or its tar.", exists=True)],
+    key: Annotated[
+        Path, typer.Option("--key", help="The release private key (from `strata keys create`).", exists=True)
+    ],
+    expires: ExpiresOption = "365d",
+    attach: Annotated[
+        bool, typer.Option("--attach", help="Also attach the signature to the variant already uploaded.")
+    ] = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Sign PACKAGE with a release key, offline: writes PACKAGE.sig (an OpenSSF model-signing bundle, which
+    `model_signing verify key` checks against the folder) and PACKAGE.targets.json (its TUF release role) beside
+    it. A folder's manifest.json is rewritten in canonical JSON first: same digest, the bytes nodes assemble."""
+    from strata.core.package import read_manifest, unpack_tar
+    from strata.trust.release import sign_release
+
+    lifetime_s = parse_duration(expires)
+    with tempfile.TemporaryDirectory(prefix="strata-sign-") as tmp:
+        folder = package if package.is_dir() else unpack_tar(package, Path(tmp) / "package").path
+        signed = sign_release(folder, key, time.time(), lifetime_s)
+        manifest = read_manifest(folder)
+    bundle_path, role_path = signed.write(package)
+    result: dict[str, object] = {
+        "model": manifest.name,
+        "version": manifest.version,
+        "variant": manifest.variant,
+        "digest": manifest.digest,
+        "bundle": str(bundle_path),
+        "release_role": str(role_path),
+    }
+    if attach:
+        with ControlClient(server, token) as client:
+            attached = client.attach_signature(manifest.name, manifest.version, manifest.variant, signed.to_base64())
+        result["attached"] = attached["signature"]
+    if as_json:
+        print_json(result)
+        return
+    console.print(f"signed {manifest.name} {manifest.version} ({manifest.variant}) {manifest.digest[:19]}")
+    out.print(str(bundle_path))
+    out.print(str(role_path))
+    if attach:
+        console.print(f"attached to the registry as signature {str(result['attached'])[:16]}")
 
 
 @app.command("list")

@@ -32,6 +32,16 @@ def server(
         str | None,
         typer.Option("--otlp-endpoint", help="Also forward telemetry to this OpenTelemetry collector (OTLP/HTTP)."),
     ] = None,
+    release_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--release-key",
+            help="Release public key (PEM, repeatable): uploads must be signed by one, and nodes pin them at "
+            "enrollment. Without any, unsigned packages are accepted (development).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane over HTTPS (mutual TLS for nodes): registry, inventory, rollouts, telemetry, under /v1."""
     from strata.control.server import serve
@@ -45,4 +55,5 @@ def server(
         otlp_endpoint=otlp_endpoint,
         tls_names=tuple(tls_name or ()),
         agent_allowlist=tuple(agent_allowlist or ()),
+        release_keys=tuple(release_key or ()),
     )

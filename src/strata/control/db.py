@@ -152,8 +152,28 @@ class Variant(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(TIME)
+    # Blob id of the release signature (a model-signing bundle), once the package is signed.
+    signature: Mapped[str | None] = mapped_column(String(HEX_LEN))
 
     version: Mapped[ModelVersion] = relationship(back_populates="variants")
+
+
+class TufMetadata(Base):
+    """One version of one TUF role of one repository, as served: `image` (what exists, with a release-signed role
+    per package) or `director/<node id>` (what that node should run). Versions of a role only ever grow."""
+
+    __tablename__ = "tuf_metadata"
+    __table_args__ = (UniqueConstraint("repo", "role", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repo: Mapped[str] = mapped_column(String(48))
+    role: Mapped[str] = mapped_column(String(3 * NAME_LEN + 2))
+    version: Mapped[int] = mapped_column(BigInteger)
+    body: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[float] = mapped_column(TIME)
+    # Director targets: the ETag of the desired state they were made from.
+    source: Mapped[str | None] = mapped_column(String(80))
+    created_at: Mapped[float] = mapped_column(TIME)
 
 
 class Deployment(Base):

@@ -139,8 +139,10 @@ def desired_state(
 
 
 def referenced_blobs(state: DesiredState) -> frozenset[str]:
-    """The hex sha256 of every package tar a desired state lets its node download."""
-    return frozenset(variant.blob for model in state.models for variant in model.variants)
+    """The hex sha256 of every package tar and release signature a desired state lets its node download."""
+    blobs = {variant.blob for model in state.models for variant in model.variants}
+    blobs.update(variant.signature for model in state.models for variant in model.variants if variant.signature)
+    return frozenset(blobs)
 
 
 def count_matching(selector: Mapping[str, str], fleet_labels: Iterable[Mapping[str, str]]) -> int:

@@ -114,6 +114,7 @@ class NodeView:
     pins: dict[str, str] = field(default_factory=dict)
     attestation: str | None = None
     attestation_detail: str | None = None
+    supply: str | None = None
 
 
 def node_facts(node: Node) -> NodeFacts:
@@ -159,6 +160,7 @@ def node_view(
         pins=dict(pins or {}),
         attestation=node.attestation,
         attestation_detail=node.attestation_detail,
+        supply=status.get("supply"),
     )
 
 

@@ -23,6 +23,7 @@ from strata.control.presence import PresenceTracker
 from strata.control.registry import RegistryService
 from strata.control.rollouts import RolloutService, load_pin_entries
 from strata.control.settings import ServerSettings
+from strata.control.supply import SupplyService
 from strata.control.telemetry import TelemetryService
 from strata.core.attest import strata_code_hash
 
@@ -48,6 +49,7 @@ class ControlPlane:
     pins: PinService
     history: HistoryService
     nudge: Nudge
+    supply: SupplyService
 
     @classmethod
     def build(cls, settings: ServerSettings) -> ControlPlane:
@@ -67,25 +69,39 @@ class ControlPlane:
         telemetry = TelemetryService(db, settings.clock)
         rollouts = RolloutService(db, feed, presence, settings.clock, window, load_pin_entries)
         rollouts.drift = telemetry.max_psi_by_node  # drift gates read node telemetry
+        fleet = FleetService(
+            db,
+            blobs,
+            feed,
+            presence,
+            authenticator,
+            settings.clock,
+            window,
+            pki,
+            on_status=nudge,
+            cert_hours=settings.node_cert_hours,
+        )
+        supply = SupplyService(
+            db,
+            blobs,
+            feed,
+            fleet.desired,
+            settings.clock,
+            settings.tuf_keys_dir,
+            settings.tmp_dir,
+            settings.release_keys,
+            settings.tuf_expiries,
+        )
         return cls(
             settings=settings,
             db=db,
             feed=feed,
             presence=presence,
             authenticator=authenticator,
-            fleet=FleetService(
-                db,
-                blobs,
-                feed,
-                presence,
-                authenticator,
-                settings.clock,
-                window,
-                pki,
-                on_status=nudge,
-                cert_hours=settings.node_cert_hours,
+            fleet=fleet,
+            registry=RegistryService(
+                db, blobs, feed, settings.clock, settings.tmp_dir, settings.max_package_bytes, supply=supply
             ),
-            registry=RegistryService(db, blobs, feed, settings.clock, settings.tmp_dir, settings.max_package_bytes),
             deployments=DeploymentService(db, feed, settings.clock),
             telemetry=telemetry,
             pki=pki,
@@ -94,6 +110,7 @@ class ControlPlane:
             pins=PinService(db, feed, settings.clock),
             history=HistoryService(db),
             nudge=nudge,
+            supply=supply,
         )
 
     def start_exporters(self) -> OtlpExporter | None:
@@ -106,11 +123,12 @@ class ControlPlane:
         return exporter
 
     def start(self) -> None:
-        """Prepare the data folder (an empty `tmp/`), migrate the database, and make sure an admin token exists.
+        """Prepare the data folder (an empty `tmp/`), migrate the database, load the release and TUF keys, and make
+        sure an admin token exists.
 
         Raises:
             StoreError: the data folder or the database cannot be prepared.
-            ConfigError: the admin token file is unusable.
+            ConfigError: the admin token file is unusable, or a release key or TUF key is.
         """
         settings = self.settings
         try:
@@ -121,6 +139,7 @@ class ControlPlane:
             raise StoreError(f"cannot prepare the data folder {settings.data_dir}: {exc}") from exc
         migrations.upgrade(self.db.engine)
         self.pki.start()
+        self.supply.start()
         if self.authenticator.ensure_admin_token(settings.admin_token_path):
             log.info("wrote a new admin token to %s", settings.admin_token_path)
 

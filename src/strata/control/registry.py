@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,14 @@ from strata.control.blobs import BlobStore, StagedBlob
 from strata.control.db import Database, Model, ModelVersion, Variant
 from strata.control.errors import PayloadTooLarge, StoreError
 from strata.control.feed import ChangeFeed
+from strata.control.supply import CheckedSignature, SupplyService
 from strata.core.chunking import offsets
 from strata.core.errors import Conflict, NotFound
 from strata.core.hashing import canonical_json
 from strata.core.package import Manifest, Package, unpack_tar
 from strata.core.policy import Policy, compile_rules
 from strata.core.profiles import get_profile
+from strata.trust.release import SignedRelease
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class AddedPackage:
     blob: str
     size: int
     created: bool
+    signature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class VariantInfo:
     created_at: float
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
+    signature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ def _variant_info(row: Variant) -> VariantInfo:
         created_at=row.created_at,
         inputs=list(row.manifest.get("inputs", [])),
         outputs=list(row.manifest.get("outputs", [])),
+        signature=row.signature,
     )
 
 
@@ -119,8 +124,11 @@ class RegistryService:
         clock: Callable[[], float],
         tmp_dir: Path,
         max_package_bytes: int,
+        supply: SupplyService | None = None,
     ) -> None:
+        """`supply` checks release signatures on upload (None: no checks, for tests of the registry alone)."""
         self._db = db
+        self._supply = supply
         self._blobs = blobs
         self._feed = feed
         self._clock = clock
@@ -129,16 +137,23 @@ class RegistryService:
         # One registration at a time in this process; the unique constraints guard against other processes.
         self._register_lock = threading.Lock()
 
-    def add_package(self, chunks: Iterable[bytes], declared_size: int | None = None) -> AddedPackage:
-        """Receive a package tar, verify it whole, store it as a blob and register its variant.
+    def add_package(
+        self, chunks: Iterable[bytes], declared_size: int | None = None, signature: SignedRelease | None = None
+    ) -> AddedPackage:
+        """Receive a package tar, verify it whole (and its release signature), store it as a blob and register its
+        variant; a checked signature is stored with it.
 
         Args:
             chunks: the tar's bytes, in pieces; consumed once.
             declared_size: the size the sender announced (Content-Length), refused early when too large.
+            signature: the package's release signature, required when the server has release keys.
 
         Raises:
             PayloadTooLarge: the tar is larger than `max_package_bytes`.
             PackageError, VerificationError: the tar is not a valid package, or its files do not match.
+            SignatureError: the signature is missing (release keys configured), or not by a release key, or not
+                over this package.
+            MetadataError: the release role is malformed or expired.
             ProfileError: the package names an unknown hardware profile.
             PolicyError: the package's placement policy does not parse, or a rule is not valid CEL.
             Conflict: this variant id is registered with another package digest.
@@ -147,23 +162,30 @@ class RegistryService:
         if declared_size is not None and declared_size > self._max_package_bytes:
             raise PayloadTooLarge(f"the package is larger than the {self._max_package_bytes} bytes this server accepts")
         with self._blobs.stage(chunks, self._max_package_bytes) as staged:
-            manifest = self._verify(staged)
+            manifest, checked = self._verify(staged, signature)
             get_profile(manifest.profile)
             compile_rules(Policy.from_json(manifest.policy))
             with self._register_lock:
                 added = self._register(manifest, staged)
+        if checked is not None and self._supply is not None:
+            # After the variant row: a crash between the two leaves an unsigned variant, and uploading the same
+            # signed package again stores its signature.
+            info = self._supply.record(manifest.name, manifest.version, manifest.variant, checked)
+            added = replace(added, signature=info.signature)
         if added.created:
             self._feed.bump()
         return added
 
-    def _verify(self, staged: StagedBlob) -> Manifest:
-        """Unpack and verify the tar, then store what nodes fetch piece by piece: the canonical manifest (its
-        blob id is the package digest), every chunk of the large files and every small file whole."""
+    def _verify(self, staged: StagedBlob, signature: SignedRelease | None) -> tuple[Manifest, CheckedSignature | None]:
+        """Unpack and verify the tar (and its release signature), then store what nodes fetch piece by piece: the
+        canonical manifest (its blob id is the package digest), every chunk of the large files and every small
+        file whole."""
         try:
             with tempfile.TemporaryDirectory(dir=self._tmp_dir, prefix=".unpack.") as work:
                 package = unpack_tar(staged.path, Path(work) / "package")
+                checked = self._supply.check_upload(package, signature) if self._supply is not None else None
                 self._store_pieces(package)
-                return package.manifest
+                return package.manifest, checked
         except OSError as exc:
             raise StoreError(f"cannot unpack the package for verification: {exc}") from exc
 

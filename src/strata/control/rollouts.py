@@ -166,6 +166,7 @@ def variant_refs(version: ModelVersion) -> tuple[VariantRef, ...]:
             digest=v.digest,
             blob=v.blob,
             size=v.size,
+            signature=v.signature,
         )
         for v in version.variants
     )

@@ -52,6 +52,12 @@ class EnrollResponseBody(BaseModel):
     certificate: str = Field(description="the node's fleet certificate (PEM), for mutual TLS from now on")
     ca: str = Field(description="the fleet CA (PEM)")
     not_after: float = Field(description="when the certificate expires (epoch seconds); renew before")
+    release_keys: list[str] = Field(
+        default_factory=list, description="release public keys (PEM) the node pins; empty in development mode"
+    )
+    tuf_roots: dict[str, str] = Field(
+        default_factory=dict, description="root metadata (JSON text) of the `image` and `director` TUF repositories"
+    )
 
 
 class RenewRequest(BaseModel):
@@ -83,6 +89,9 @@ class VariantRefBody(BaseModel):
     digest: str = Field(description="package digest, sha256:<hex> of the canonical manifest")
     blob: str = Field(description="hex sha256 of the package tar, at /v1/blobs/sha256/{blob}")
     size: int = Field(description="bytes of the package tar")
+    signature: str | None = Field(
+        None, description="hex sha256 of the release signature (model-signing bundle) blob; only when signed"
+    )
 
 
 class DesiredModelBody(BaseModel):
@@ -126,7 +135,9 @@ class FailureBody(BaseModel):
     reason: str
     at: float
     attempts: int = 1
-    kind: str = Field("other", description="download, package, health, probation, policy, no-variant or other")
+    kind: str = Field(
+        "other", description="download, package, health, probation, policy, no-variant, signature, tuf or other"
+    )
 
 
 class NodeStatusBody(BaseModel):
@@ -141,6 +152,11 @@ class NodeStatusBody(BaseModel):
         None, max_length=80, description="ETag of the desired state the node last received"
     )
     serve_url: str | None = None
+    supply: str | None = Field(
+        None,
+        json_schema_extra={"enum": ["verified", "unverified"]},
+        description="whether the node requires release signatures and TUF metadata (unverified: development)",
+    )
 
 
 class NodeBody(BaseModel):
@@ -162,6 +178,9 @@ class NodeBody(BaseModel):
     pins: dict[str, str] = Field(default_factory=dict, description="model -> version a pin holds it on")
     attestation: str | None = Field(None, description="level its last attestation earned; None: not attested")
     attestation_detail: str | None = Field(None, description="the last attestation verdict, in words")
+    supply: str | None = Field(
+        None, description="verified: the node runs only signed packages vouched for by TUF; unverified: development"
+    )
 
 
 # --- registry -------------------------------------------------------------------------------------------
@@ -185,6 +204,7 @@ class VariantBody(BaseModel):
     created_at: float
     inputs: list[TensorSpecBody]
     outputs: list[TensorSpecBody]
+    signature: str | None = Field(None, description="blob id of the release signature, once signed")
 
 
 class VersionBody(BaseModel):
@@ -207,6 +227,23 @@ class PackageAddedBody(BaseModel):
     blob: str
     size: int
     created: bool = Field(description="false when this exact package was registered before")
+    signature: str | None = Field(None, description="blob id of the release signature stored with it")
+
+
+class SignatureRequest(BaseModel):
+    bundle: str = Field(description="the model-signing bundle (`PACKAGE.sig`), base64")
+    release_role: str = Field(description="the package's release-signed TUF role (`PACKAGE.targets.json`), base64")
+
+
+class SignatureBody(BaseModel):
+    model: str
+    version: str
+    variant: str
+    digest: str
+    signature: str = Field(description="blob id of the stored bundle")
+    key: str = Field(description="TUF key id of the release key that signed it")
+    role_version: int
+    expires_at: float = Field(description="when the release role expires (epoch seconds)")
 
 
 # --- deployments ----------------------------------------------------------------------------------------

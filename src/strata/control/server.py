@@ -80,12 +80,14 @@ def serve(
     otlp_endpoint: str | None = None,
     tls_names: tuple[str, ...] = (),
     agent_allowlist: tuple[str, ...] = (),
+    release_keys: tuple[Path, ...] = (),
 ) -> None:
     """Run the control plane on `https://host:port` with its data in `data_dir`, until SIGTERM or SIGINT.
 
     The admin token is in `data_dir/admin.token`, and the fleet CA in `data_dir/ca.pem`, before the server listens.
     There is no plain-HTTP listener: nodes authenticate with their fleet certificates (mutual TLS), operators with
-    bearer tokens over TLS.
+    bearer tokens over TLS. With `release_keys` (PEM public keys), uploads must be signed by one of them and
+    enrolling nodes pin them (see `strata.control.supply`).
 
     Raises:
         ConfigError: an unknown log level, a data folder that cannot be created, or an unusable database URL.
@@ -101,7 +103,11 @@ def serve(
     except OSError as exc:
         raise ConfigError(f"cannot create the data folder {data_dir}: {exc}") from exc
     settings = ServerSettings(
-        data_dir=data_dir, db_url=db_url, otlp_endpoint=otlp_endpoint, agent_allowlist=agent_allowlist
+        data_dir=data_dir,
+        db_url=db_url,
+        otlp_endpoint=otlp_endpoint,
+        agent_allowlist=agent_allowlist,
+        release_keys=tuple(path.expanduser().resolve() for path in release_keys),
     )
     app = create_app(settings)
     plane: ControlPlane = app.state.plane

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from sqlalchemy import URL
+
+from strata.trust.expiry import Expiries
 
 # The longest a node may hold a desired-state long poll open; agents ask for less and poll again.
 MAX_WAIT_S: Final = 60.0
@@ -31,6 +33,8 @@ class ServerSettings:
         tls_names: DNS names and addresses the HTTPS certificate covers (default: loopback and this host).
         node_cert_hours: lifetime of node certificates; agents renew them at two thirds of it.
         agent_allowlist: agent code hashes nodes may attest to (default: this server's own release).
+        release_keys: release public keys (PEM files); with any, uploads must be signed by one and nodes pin them.
+        tuf_expiries: lifetimes of the TUF metadata the server signs.
     """
 
     data_dir: Path
@@ -45,6 +49,8 @@ class ServerSettings:
     tls_names: tuple[str, ...] = ()
     node_cert_hours: float = 24.0
     agent_allowlist: tuple[str, ...] = ()
+    release_keys: tuple[Path, ...] = ()
+    tuf_expiries: Expiries = field(default_factory=Expiries)
 
     @property
     def database_url(self) -> str:
@@ -72,6 +78,11 @@ class ServerSettings:
     def ca_path(self) -> Path:
         """The fleet CA certificate, for operators (`--ca`) and for pinning in enrollment tokens."""
         return self.data_dir / "ca.pem"
+
+    @property
+    def tuf_keys_dir(self) -> Path:
+        """The TUF role keys of both repositories (PKCS#8 PEM files, mode 0600), made on first start."""
+        return self.data_dir / "tuf" / "keys"
 
     @property
     def admin_token_path(self) -> Path:

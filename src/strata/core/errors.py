@@ -124,3 +124,16 @@ class ModelLoadError(StrataError):
 
     code = "model_load_failed"
     http_status = 503
+
+
+class SignatureError(VerificationError):
+    """A package is unsigned where a signature is required, or its signature is not by a trusted release key."""
+
+    code = "signature_invalid"
+
+
+class MetadataError(VerificationError):
+    """TUF metadata was refused: stale, rolled back, mixed from different states, too large, badly signed, or the
+    repositories disagree about a target."""
+
+    code = "metadata_refused"

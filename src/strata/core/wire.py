@@ -110,15 +110,31 @@ class EnrollRequest:
 
 @dataclass(frozen=True)
 class EnrollResponse:
-    """A node's identity: its id, its fleet certificate (PEM, short-lived) and the fleet CA (PEM)."""
+    """A node's identity: its id, its fleet certificate (PEM, short-lived) and the fleet CA (PEM); and the
+    supply-chain trust it pins: the release public keys (PEM) that must sign every package, and the TUF root metadata
+    (JSON text) of the `image` and `director` repositories. Both are empty when the server has no release keys
+    (development: the node accepts unsigned packages and says so)."""
 
     node_id: str
     certificate: str
     ca: str
     not_after: float
+    release_keys: tuple[str, ...] = ()
+    tuf_roots: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "certificate": self.certificate, "ca": self.ca, "not_after": self.not_after}
+        body: dict[str, Any] = {
+            "node_id": self.node_id,
+            "certificate": self.certificate,
+            "ca": self.ca,
+            "not_after": self.not_after,
+        }
+        # Written only when set, so an answer without supply-chain trust has the shape it always had.
+        if self.release_keys:
+            body["release_keys"] = list(self.release_keys)
+        if self.tuf_roots:
+            body["tuf_roots"] = dict(self.tuf_roots)
+        return body
 
     @classmethod
     def from_json(cls, raw: Any) -> EnrollResponse:
@@ -127,11 +143,19 @@ class EnrollResponse:
         not_after = obj.get("not_after")
         if not isinstance(not_after, int | float) or isinstance(not_after, bool):
             raise ProtocolError(f"{what}: 'not_after' must be a number")
+        keys = _opt(obj, "release_keys", list, what, [])
+        roots = _opt(obj, "tuf_roots", dict, what, {})
+        if not all(isinstance(k, str) and k for k in keys):
+            raise ProtocolError(f"{what}: 'release_keys' must be PEM strings")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in roots.items()):
+            raise ProtocolError(f"{what}: 'tuf_roots' must map repository names to root metadata text")
         return cls(
             node_id=_req(obj, "node_id", str, what),
             certificate=_req(obj, "certificate", str, what),
             ca=_req(obj, "ca", str, what),
             not_after=float(not_after),
+            release_keys=tuple(keys),
+            tuf_roots=dict(roots),
         )
 
 
@@ -160,7 +184,11 @@ class CertificateRenewal:
 
 @dataclass(frozen=True)
 class VariantRef:
-    """A package the node may download: its variant facts, package digest and the tar blob that carries it."""
+    """A package the node may download: its variant facts, package digest and the tar blob that carries it.
+
+    `signature` is the blob id of the package's release signature (an OpenSSF model-signing bundle), present only
+    when the package is signed, so the desired states (and ETags) of unsigned packages keep the shape they had.
+    """
 
     id: str
     profile: str
@@ -169,9 +197,10 @@ class VariantRef:
     digest: str
     blob: str
     size: int
+    signature: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "id": self.id,
             "profile": self.profile,
             "runtime": self.runtime,
@@ -180,6 +209,9 @@ class VariantRef:
             "blob": self.blob,
             "size": self.size,
         }
+        if self.signature is not None:
+            body["signature"] = self.signature
+        return body
 
     @classmethod
     def from_json(cls, raw: Any) -> VariantRef:
@@ -193,6 +225,7 @@ class VariantRef:
             digest=_req(obj, "digest", str, what),
             blob=_req(obj, "blob", str, what),
             size=_req(obj, "size", int, what),
+            signature=_opt_str(obj, "signature", what),
         )
         if not ref.digest.startswith("sha256:") or not is_hex_sha256(ref.digest[7:]):
             raise ProtocolError(f"variant {ref.id}: digest {ref.digest!r} is not sha256:<hex>")
@@ -200,6 +233,8 @@ class VariantRef:
             raise ProtocolError(f"variant {ref.id}: blob {ref.blob!r} is not a hex sha256")
         if ref.size < 0:
             raise ProtocolError(f"variant {ref.id}: negative size")
+        if ref.signature is not None and not is_hex_sha256(ref.signature):
+            raise ProtocolError(f"variant {ref.id}: signature {ref.signature!r} is not a hex sha256")
         return ref
 
 
@@ -379,8 +414,12 @@ class ModelStatus:
 
 # Why a node could not take a version. "health" covers a model that would not load or failed its golden check;
 # "probation" one that the node activated, then rolled back by itself; "policy" and "no-variant" say the version
-# may not or cannot run on this node at all (the node is out of a rollout, not a failure of it).
-FAILURE_KINDS: Final = ("download", "package", "health", "probation", "policy", "no-variant", "other")
+# may not or cannot run on this node at all (the node is out of a rollout, not a failure of it). "signature": the
+# package is unsigned or not signed by a release key the node pinned; "tuf": the TUF metadata vouching for it was
+# refused (stale, rolled back, mixed, too large, or the director and image repositories disagree).
+FAILURE_KINDS: Final = (
+    "download", "package", "health", "probation", "policy", "no-variant", "signature", "tuf", "other",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -425,9 +464,25 @@ class Failure:
         )
 
 
+# What a node says about the packages it accepts: "verified" (release signatures and TUF metadata required) or
+# "unverified" (no release keys pinned at enrollment: a development fleet; unsigned packages are accepted).
+SUPPLY_MODES: Final = ("verified", "unverified")
+
+
+def _parse_supply(obj: Mapping[str, Any], what: str) -> str | None:
+    supply = _opt_str(obj, "supply", what)
+    if supply is not None and supply not in SUPPLY_MODES:
+        raise ProtocolError(f"{what}: supply {supply!r} is not one of {list(SUPPLY_MODES)}")
+    return supply
+
+
 @dataclass(frozen=True)
 class NodeStatus:
-    """What the agent reports: who it is now, what it runs, what failed, and which desired state it has seen."""
+    """What the agent reports: who it is now, what it runs, what failed, and which desired state it has seen.
+
+    `supply` says whether the node verifies release signatures and TUF metadata (see `SUPPLY_MODES`); None from
+    nodes that predate signed packages.
+    """
 
     tier: str
     labels: dict[str, str]
@@ -438,9 +493,10 @@ class NodeStatus:
     failures: tuple[Failure, ...] = ()
     desired_etag: str | None = None
     serve_url: str | None = None
+    supply: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "tier": self.tier,
             "labels": self.labels,
             "profile": self.profile,
@@ -451,6 +507,9 @@ class NodeStatus:
             "desired_etag": self.desired_etag,
             "serve_url": self.serve_url,
         }
+        if self.supply is not None:
+            body["supply"] = self.supply
+        return body
 
     @classmethod
     def from_json(cls, raw: Any) -> NodeStatus:
@@ -469,4 +528,5 @@ class NodeStatus:
             failures=tuple(Failure.from_json(f) for f in _opt(obj, "failures", list, what, [])),
             desired_etag=_opt_str(obj, "desired_etag", what),
             serve_url=_opt_str(obj, "serve_url", what),
+            supply=_parse_supply(obj, what),
         )

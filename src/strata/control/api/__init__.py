@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from strata.control.api import blobs, deployments, nodes, registry, rollouts, system, telemetry
+from strata.control.api import blobs, deployments, nodes, registry, rollouts, supply, system, telemetry
 from strata.control.api.errors import install_error_handlers
 
 
 def install(app: FastAPI) -> None:
     """Add every `/v1` route and the error translation to `app`."""
     install_error_handlers(app)
-    for module in (system, nodes, registry, deployments, rollouts, blobs, telemetry):
+    for module in (system, nodes, registry, deployments, rollouts, blobs, telemetry, supply):
         app.include_router(module.router, prefix="/v1")
     app.include_router(system.metrics_router)

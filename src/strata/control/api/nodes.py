@@ -101,10 +101,11 @@ def create_api_token(body: ApiTokenRequest, plane: Plane, _admin: Admin) -> dict
     return {"token": plane.authenticator.issue_token(body.scope), "scope": body.scope}
 
 
-@router.post("/enroll", status_code=201, response_model=EnrollResponseBody)
+@router.post("/enroll", status_code=201, response_model=EnrollResponseBody, response_model_exclude_defaults=True)
 def enroll(body: EnrollRequestBody, plane: Plane) -> EnrollResponse:
-    """Enroll a node with an enrollment token (the token in the body is the credential of this call)."""
-    return plane.fleet.enroll(body.to_core())
+    """Enroll a node with an enrollment token (the token in the body is the credential of this call); the answer
+    carries the release keys and TUF roots the node pins (when the server has release keys)."""
+    return plane.supply.enrollment_answer(plane.fleet.enroll(body.to_core()))
 
 
 @router.get("/nodes", response_model=list[NodeBody])

@@ -12,6 +12,7 @@ from strata.control.api.deps import COMMON_ERRORS, Admin, Plane, Reader
 from strata.control.registry import AddedPackage, ModelInfo, VersionInfo
 from strata.control.schemas import ErrorBody, ModelBody, PackageAddedBody, VersionBody
 from strata.core.wire import ProtocolError
+from strata.trust.release import SignedRelease
 
 router = APIRouter(tags=["registry"], responses=COMMON_ERRORS)
 
@@ -32,6 +33,20 @@ def _pull_from_loop(stream: AsyncIterator[bytes]) -> Iterator[bytes]:
     while (chunk := anyio.from_thread.run(next_piece)) is not None:
         if chunk:
             yield chunk
+
+
+SIGNATURE_HEADER = "x-strata-signature"
+RELEASE_ROLE_HEADER = "x-strata-release-role"
+
+
+def _signature(request: Request) -> SignedRelease | None:
+    """The release signature sent with an upload: the bundle and the release role, base64, one header each."""
+    bundle, role = request.headers.get(SIGNATURE_HEADER), request.headers.get(RELEASE_ROLE_HEADER)
+    if bundle is None and role is None:
+        return None
+    if bundle is None or role is None:
+        raise ProtocolError(f"a signed upload needs both {SIGNATURE_HEADER} and {RELEASE_ROLE_HEADER}")
+    return SignedRelease.from_base64(bundle, role)
 
 
 def _content_length(request: Request) -> int | None:
@@ -55,9 +70,14 @@ def _content_length(request: Request) -> int | None:
     },
 )
 async def upload_package(request: Request, response: Response, plane: Plane, _admin: Admin) -> AddedPackage:
-    """Upload a package tar; it is verified whole before it is stored and registered."""
+    """Upload a package tar; it is verified whole before it is stored and registered. Its release signature comes
+    in the `X-Strata-Signature` (model-signing bundle) and `X-Strata-Release-Role` (release-signed TUF role)
+    headers, base64; a server with release keys refuses a package without one."""
     declared = _content_length(request)
-    added = await anyio.to_thread.run_sync(plane.registry.add_package, _pull_from_loop(request.stream()), declared)
+    signature = _signature(request)
+    added = await anyio.to_thread.run_sync(
+        plane.registry.add_package, _pull_from_loop(request.stream()), declared, signature
+    )
     response.status_code = 201 if added.created else 200
     return added
 
