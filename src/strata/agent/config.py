@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from strata.agent.batching import BatchingConfig
 from strata.core.errors import ConfigError
 from strata.core.package import check_name
 from strata.core.wire import TIERS, parse_labels
@@ -39,6 +40,12 @@ class AgentConfig:
     telemetry_sample_rate: float = 0.01
     telemetry_slow_ms: float = 250.0
     telemetry_interval_s: float = 10.0
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 256
+    max_queue_wait_ms: float | None = 1000.0
+    model_instances: int = 1
 
     def __post_init__(self) -> None:
         if not self.server.startswith(("http://", "https://")):
@@ -59,6 +66,24 @@ class AgentConfig:
             raise ConfigError("--telemetry-budget-mb must be at least 1")
         if self.telemetry_interval_s <= 0 or self.telemetry_slow_ms <= 0:
             raise ConfigError("telemetry interval and slow threshold must be positive")
+        object.__setattr__(self, "preferred_batch_sizes", tuple(self.preferred_batch_sizes))
+        _ = self.batching  # building it checks the batching settings
+
+    @property
+    def batching(self) -> BatchingConfig:
+        """The batching and queueing settings every model gets unless its package overrides them.
+
+        Raises:
+            ConfigError: a setting is out of range.
+        """
+        return BatchingConfig(
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_us=self.max_queue_delay_us,
+            preferred_batch_sizes=self.preferred_batch_sizes,
+            max_queue_size=self.max_queue_size,
+            max_queue_wait_ms=self.max_queue_wait_ms,
+            instances=self.model_instances,
+        )
 
     @property
     def serve_is_loopback(self) -> bool:
@@ -89,6 +114,12 @@ class AgentConfig:
             "telemetry_sample_rate": self.telemetry_sample_rate,
             "telemetry_slow_ms": self.telemetry_slow_ms,
             "telemetry_interval_s": self.telemetry_interval_s,
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_us": self.max_queue_delay_us,
+            "preferred_batch_sizes": list(self.preferred_batch_sizes),
+            "max_queue_size": self.max_queue_size,
+            "max_queue_wait_ms": self.max_queue_wait_ms,
+            "model_instances": self.model_instances,
         }
 
     @classmethod
@@ -100,6 +131,7 @@ class AgentConfig:
             values = dict(raw)
             values["data_dir"] = Path(values["data_dir"])
             values["labels"] = dict(values.get("labels") or {})
+            values["preferred_batch_sizes"] = tuple(values.get("preferred_batch_sizes") or ())
             return cls(**values)
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"agent configuration is incomplete or malformed: {exc}") from exc

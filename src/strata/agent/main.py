@@ -127,7 +127,14 @@ class Agent:
     async def serve(self) -> int:
         """Serve until SIGTERM/SIGINT or a fatal error; return the exit code."""
         token = None if self.config.serve_is_loopback else serve_token(self.config.data_dir)
-        app = InferenceApp(self.repository, self.metrics, token=token, ready=self.ready, telemetry=self.telemetry)
+        app = InferenceApp(
+            self.repository,
+            self.metrics,
+            token=token,
+            ready=self.ready,
+            telemetry=self.telemetry,
+            batching=self.config.batching,
+        )
         server = HttpServer(app.handle)
         await server.start(self.config.serve_host, self.config.serve_port)
         log.info(

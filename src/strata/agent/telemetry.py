@@ -395,8 +395,8 @@ class TelemetryBuffer:
 @dataclass
 class _Waiter:
     outcome: Outcome
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop | None = None  # None: nobody waits for the commit
+    future: asyncio.Future[None] | None = None
 
 
 @dataclass
@@ -430,6 +430,10 @@ class TelemetryRecorder:
         future: asyncio.Future[None] = loop.create_future()
         self._queue.put(_Waiter(outcome, loop, future))
         await future
+
+    def record_nowait(self, outcome: Outcome) -> None:
+        """Buffer one outcome without waiting for its commit (a shed request's: its 503 goes out at once)."""
+        self._queue.put(_Waiter(outcome))
 
     def set_references(self, model: str, version: str, references: tuple[DriftReference, ...]) -> None:
         """The drift references of a model version now served (from its package)."""
@@ -505,9 +509,15 @@ class TelemetryRecorder:
             self._lost += len(outcomes)
             log.error("telemetry buffer write failed (%s); %d outcomes not recorded", exc, len(outcomes))
         self._remember_drift(outcomes)
+        # one wake-up per event loop for the whole group, not one per request
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for waiter in waiters:
-            if not waiter.loop.is_closed():
-                waiter.loop.call_soon_threadsafe(_resolve, waiter.future)
+            if waiter.loop is not None and waiter.future is not None:
+                by_loop.setdefault(waiter.loop, []).append(waiter.future)
+        for loop, futures in by_loop.items():
+            if not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                    loop.call_soon_threadsafe(_resolve, futures)
 
     def _remember_drift(self, outcomes: list[Outcome]) -> None:
         with self._window_lock:
@@ -532,9 +542,10 @@ class TelemetryRecorder:
         self.buffer.close()
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 # --- the uploader ---------------------------------------------------------------------------------------

@@ -57,6 +57,27 @@ def agent(
     telemetry_interval: Annotated[
         float, typer.Option("--telemetry-interval", help="Seconds between telemetry uploads.")
     ] = 10.0,
+    max_batch_size: Annotated[
+        int, typer.Option("--max-batch-size", help="Most rows merged into one runtime call per model (1: no batching).")
+    ] = 32,
+    max_queue_delay_us: Annotated[
+        int,
+        typer.Option("--max-queue-delay-us", help="How long a request may wait for others to join its batch."),
+    ] = 0,
+    preferred_batch_size: Annotated[
+        list[int] | None,
+        typer.Option("--preferred-batch-size", help="Cut batches at this size when reached (repeatable)."),
+    ] = None,
+    max_queue_size: Annotated[
+        int, typer.Option("--max-queue-size", help="Most requests waiting per model; more are answered 503.")
+    ] = 256,
+    max_queue_wait_ms: Annotated[
+        float,
+        typer.Option("--max-queue-wait-ms", help="Answer 503 at once when the estimated wait is longer (0: no bound)."),
+    ] = 1000.0,
+    instances: Annotated[
+        int, typer.Option("--instances", help="Runtime calls of one model that may run at once (worker threads).")
+    ] = 1,
 ) -> None:
     """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
     the Open Inference Protocol on --serve-port; keeps serving when the control plane is gone."""
@@ -88,6 +109,12 @@ def agent(
         telemetry_sample_rate=telemetry_sample_rate,
         telemetry_slow_ms=telemetry_slow_ms,
         telemetry_interval_s=telemetry_interval,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
+        preferred_batch_sizes=tuple(preferred_batch_size or ()),
+        max_queue_size=max_queue_size,
+        max_queue_wait_ms=max_queue_wait_ms if max_queue_wait_ms > 0 else None,
+        model_instances=instances,
     )
     env = {**os.environ, CONFIG_ENV: config.to_env()}
     sys.stdout.flush()
