@@ -118,9 +118,12 @@ class Counter(MetricFamily):
         """
         if by < 0:
             raise ValueError(f"counter {self.name} cannot go down (by={by})")
-        key = self._check(labels)
         with self._lock:
-            self._values[key] = self._values.get(key, 0) + by
+            values = self._values
+            if labels in values:  # a known series: its labels were checked when it was made
+                values[labels] += by
+            else:
+                values[self._check(labels)] = by
 
     def value(self, *labels: str) -> float:
         """The current value of one series (0 when it was never incremented)."""

@@ -211,6 +211,9 @@ class InferenceApp:
 
     async def _render_metrics(self, _request: Request) -> Response:
         self._metrics.set_active_models((m.name, m.version, m.manifest.variant) for m in self._repository.all())
+        self._metrics.pending_requests.replace(
+            {(s.model.name, s.model.version): s.queued for s in self._schedulers.values()}
+        )
         if self._telemetry is not None and self._telemetry_gauges is not None:
             stats = await asyncio.get_running_loop().run_in_executor(self._executor, self._telemetry.stats)
             self._telemetry_gauges.update(stats, self._telemetry.drift_psi())
@@ -278,8 +281,8 @@ class InferenceApp:
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         batched = scheduler.config.batching
         if encoding == "identity" and len(request.body) <= INLINE_DECODE_BYTES:
-            return prepare(model, request.body, header_length, batched)
-        args = (model, request.body, header_length, batched, encoding, self._max_body_bytes)
+            return prepare(model, request.body, header_length, batched, layouts=scheduler.layouts)
+        args = (model, request.body, header_length, batched, encoding, self._max_body_bytes, scheduler.layouts)
         try:
             future = asyncio.get_running_loop().run_in_executor(self._executor, prepare, *args)
         except RuntimeError as exc:
@@ -299,7 +302,7 @@ class InferenceApp:
             batch=result.batch if result else 0,
             ok=ok,
             status=status,
-            summary=result.summary if result else "",
+            summarize=result.summarize if result else None,
             drift=result.drift if result else (),
         )
 

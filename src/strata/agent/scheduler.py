@@ -18,10 +18,10 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -67,7 +67,7 @@ class InferResult:
     batch: int  # rows this request contributed
     queue_ns: int  # from joining the queue to its batch starting on a worker
     compute_ns: int  # the runtime call of its batch
-    summary: str = ""
+    summarize: Callable[[], str] | None = None  # its telemetry summary, made only if the event is kept
     drift: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
@@ -121,6 +121,36 @@ def rows_independent(runtime: Runtime) -> bool:
     return bool(getattr(runtime, "rows_independent", True))
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A binary request's JSON header, decoded and checked against the model once: where its tensors lie."""
+
+    inputs: tuple[tuple[str, np.dtype[Any], tuple[int, ...], int], ...]  # name, dtype, shape, bytes; body order
+    size: int  # bytes of binary data after the header
+    outputs: tuple[tuple[str, bool], ...]
+    request_id: str | None
+    rows: int
+    key: Hashable | None
+
+
+class Layouts:
+    """The request headers one model has seen lately, by their bytes. A client sends the same header for every
+    request of one shape (only the tensor bytes differ), so a header seen before needs no JSON parsing and no
+    signature check: its tensors are read straight out of the body. Thread-safe (dict operations)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._layouts: dict[bytes, _Layout] = {}
+
+    def get(self, header: bytes) -> _Layout | None:
+        return self._layouts.get(header)
+
+    def put(self, header: bytes, layout: _Layout) -> None:
+        if len(self._layouts) >= self._size:
+            self._layouts.clear()  # a client cycling through many shapes: start over rather than track age
+        self._layouts[header] = layout
+
+
 def prepare(
     model: LoadedModel,
     body: bytes,
@@ -128,14 +158,27 @@ def prepare(
     batched: bool,
     encoding: str = "identity",
     max_bytes: int = 64 << 20,
+    layouts: Layouts | None = None,
 ) -> Prepared:
     """Decode a request body (after its Content-Encoding) and check it against the model's signature; `batched`
     says whether the model's requests may share runtime calls, and so whether the request gets a batch key.
+    With `layouts`, a binary request whose header was seen before is read without parsing it again.
 
     Raises:
         BadRequest: the body is malformed or does not fit the model.
     """
-    decoded = decode_request(decompress(body, encoding, max_bytes), header_length)
+    body = decompress(body, encoding, max_bytes)
+    header = body[:header_length] if layouts is not None and header_length is not None else None
+    if header is not None and layouts is not None:
+        layout = layouts.get(header)
+        if layout is not None and len(body) - len(header) == layout.size:
+            offset = len(header)
+            feeds = {}
+            for name, dtype, shape, size in layout.inputs:
+                feeds[name] = np.frombuffer(body, dtype, size // dtype.itemsize, offset).reshape(shape)
+                offset += size
+            return Prepared(feeds, layout.outputs, layout.request_id, layout.rows, layout.key)
+    decoded = decode_request(body, header_length)
     manifest = model.manifest
     feeds = check_inputs(decoded, manifest.inputs, model.name)
     wanted = tuple(check_outputs(decoded, manifest.outputs, model.name))
@@ -144,6 +187,13 @@ def prepare(
     if batched and all(array.ndim >= 1 and array.shape[0] == rows for array in feeds.values()):
         shapes = tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(feeds.items()))
         key = (shapes, tuple(name for name, _ in wanted))
+    if header is not None and layouts is not None:
+        tensors = [(t.name, t.array) for t in decoded.inputs]
+        binary = len(body) - len(header)
+        # only requests whose every tensor is in the binary region, in fixed-size types, have a layout
+        if all(array.dtype.kind not in "OSU" for _, array in tensors) and sum(a.nbytes for _, a in tensors) == binary:
+            inputs = tuple((name, array.dtype, tuple(array.shape), array.nbytes) for name, array in tensors)
+            layouts.put(bytes(header), _Layout(inputs, binary, wanted, decoded.id, rows, key))
     return Prepared(feeds=feeds, outputs=wanted, request_id=decoded.id, rows=rows, key=key)
 
 
@@ -174,6 +224,33 @@ def run_batch(model: LoadedModel, items: list[Prepared], references: tuple[Drift
     return BatchRun(results, rows, executions, time.perf_counter_ns() - started)
 
 
+def _encode(
+    model: LoadedModel, item: Prepared, outputs: dict[str, Array], headers: dict[Hashable, bytes] | None
+) -> tuple[bytes, int | None]:
+    """A request's response body. All-binary answers of one shape share their JSON header (it holds only
+    names, types, shapes and sizes), so a batch encodes it once and joins the tensors' bytes after it."""
+    arrays = [(name, outputs[name]) for name, _ in item.outputs]
+    cacheable = (
+        headers is not None
+        and item.request_id is None
+        and all(binary for _, binary in item.outputs)
+        and all(array.dtype.kind not in "OSU" for _, array in arrays)
+    )
+    if not cacheable or headers is None:
+        return encode_response(
+            model.name, model.version, item.request_id, ((n, outputs[n], b) for n, b in item.outputs)
+        )
+    key = tuple((name, array.dtype.str, array.shape) for name, array in arrays)
+    header = headers.get(key)
+    if header is None:
+        body, header_length = encode_response(model.name, model.version, None, ((n, a, True) for n, a in arrays))
+        assert header_length is not None
+        headers[key] = body[:header_length]
+        return body, header_length
+    little = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8) for _, a in arrays]
+    return b"".join([header, *(part.data for part in little)]), len(header)
+
+
 def _run_together(
     model: LoadedModel, items: list[Prepared], references: tuple[DriftReference, ...], queue_ns: list[int]
 ) -> list[InferResult | Exception]:
@@ -196,6 +273,7 @@ def _run_together(
     if len(items) > 1 and any(array.ndim == 0 or array.shape[0] != total for array in results.values()):
         raise InferenceError(f"model {model.name} returned outputs that do not have one row per input row")
     out: list[InferResult | Exception] = []
+    headers: dict[Hashable, bytes] = {}
     offset = 0
     for item, waited in zip(items, queue_ns, strict=True):
         if len(items) == 1:
@@ -203,9 +281,7 @@ def _run_together(
         else:
             mine = {name: array[offset : offset + item.rows] for name, array in results.items()}
         offset += item.rows
-        body, header_length = encode_response(
-            model.name, model.version, item.request_id, ((name, mine[name], bin_) for name, bin_ in item.outputs)
-        )
+        body, header_length = _encode(model, item, mine, headers)
         out.append(
             InferResult(
                 body=body,
@@ -213,7 +289,7 @@ def _run_together(
                 batch=item.rows,
                 queue_ns=waited,
                 compute_ns=compute_ns,
-                summary=_summary(model, item.feeds),
+                summarize=functools.partial(_summary, model, item.feeds),
                 drift=tuple(
                     (ref.tensor, tuple(bin_counts(ref, (item.feeds if ref.kind == "input" else mine)[ref.tensor])))
                     for ref in references
@@ -291,6 +367,7 @@ class ModelScheduler:
         self._metrics = metrics
         self._executor = executor
         self._references = references
+        self.layouts = Layouts()
         self._queue: list[Prepared] = []
         self._queued_rows = 0
         self._running: list[_Running] = []
@@ -355,7 +432,6 @@ class ModelScheduler:
         item.future = loop.create_future()
         self._queue.append(item)
         self._queued_rows += item.rows
-        self._set_pending_gauge()
         if len(self._running) < self.config.instances and not self._dispatch_pending:
             # once the requests that arrived in this turn of the loop are queued too: they may share the batch
             self._dispatch_pending = True
@@ -386,7 +462,6 @@ class ModelScheduler:
                 self._queue = [item for p, item in enumerate(self._queue) if p not in chosen]
             self._queued_rows -= decision.rows
             self._start(batch, now)
-        self._set_pending_gauge()
 
     def _start(self, batch: list[Prepared], now_ns: int) -> None:
         run = _Running(now_ns, sum(item.rows for item in batch))
@@ -419,9 +494,6 @@ class ModelScheduler:
             if outcome.busy_ns > 0:
                 self._rows_per_s = ewma(self._rows_per_s, outcome.rows / (outcome.busy_ns / 1e9))
         self._dispatch()
-
-    def _set_pending_gauge(self) -> None:
-        self._metrics.pending_requests.set(self.model.name, self.model.version, value=len(self._queue))
 
 
 def _settle(item: Prepared, result: InferResult | Exception) -> None:

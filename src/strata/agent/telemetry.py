@@ -119,6 +119,8 @@ class Outcome:
     status: str
     tier: str = "local"
     summary: str = ""
+    # made only for outcomes kept as events (a few in a hundred), on the recorder's thread; wins over `summary`
+    summarize: Callable[[], str] | None = None
     drift: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
@@ -182,7 +184,7 @@ class TelemetryBuffer:
             if priority is not None:
                 events.append(
                     (outcome.ts, outcome.model, outcome.version, outcome.variant, outcome.latency_us,
-                     outcome.queue_us, outcome.batch, outcome.status, outcome.tier, priority, outcome.summary)
+                     outcome.queue_us, outcome.batch, outcome.status, outcome.tier, priority, _summary_of(outcome))
                 )  # fmt: skip
         with self._transaction() as db:
             db.executemany(
@@ -540,6 +542,16 @@ class TelemetryRecorder:
         self._queue.put(None)
         self._thread.join(timeout=10)
         self.buffer.close()
+
+
+def _summary_of(outcome: Outcome) -> str:
+    if outcome.summarize is None:
+        return outcome.summary
+    try:
+        return outcome.summarize()
+    except Exception:  # a summary is a courtesy: never lose the event over it
+        log.exception("cannot summarise a request of model %s", outcome.model)
+        return outcome.summary
 
 
 def _resolve(futures: list[asyncio.Future[None]]) -> None:
