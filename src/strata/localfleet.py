@@ -115,6 +115,17 @@ class AgentHandle:
 
 
 @dataclass
+class GatewayHandle:
+    name: str
+    port: int
+    process: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
 class LocalFleet:
     """A control plane and agents under `root`. Use as a context manager, or call `close()`."""
 
@@ -123,6 +134,7 @@ class LocalFleet:
     poll_wait_s: float = 10.0
     server_port: int = 0
     agents: dict[str, AgentHandle] = field(default_factory=dict)
+    gateways: dict[str, GatewayHandle] = field(default_factory=dict)
     server: ManagedProcess | None = None
     _client: ControlClient | None = None
 
@@ -232,6 +244,24 @@ class LocalFleet:
         handle.process.stop()
         return self.start_agent(name, handle.tier, handle.labels, extra_args=extra_args, enroll=False)
 
+    def start_gateway(self, name: str, args: Sequence[str], timeout: float = 30.0) -> GatewayHandle:
+        """Start `strata gateway --listen PORT ARGS...` and wait until it answers its liveness probe."""
+        port = free_port()
+        argv = self.strata("gateway", "--listen", str(port), *args)
+        process = ManagedProcess(f"gateway {name}", argv, self.root / "logs" / f"gateway-{name}.log", self._env())
+        process.start()
+        handle = GatewayHandle(name, port, process)
+        self.gateways[name] = handle
+
+        def live() -> bool:
+            try:
+                return httpx.get(f"{handle.url}/v2/health/live", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        self.wait_for(live, timeout, f"gateway {name} to answer", process)
+        return handle
+
     def agent_live(self, name: str) -> bool:
         try:
             response = httpx.get(f"{self.agents[name].serve_url}/v2/health/live", timeout=2)
@@ -285,12 +315,13 @@ class LocalFleet:
     # --- teardown ---------------------------------------------------------------------------------------
 
     def processes(self) -> Iterator[ManagedProcess]:
+        yield from (handle.process for handle in self.gateways.values())
         yield from (handle.process for handle in self.agents.values())
         if self.server is not None:
             yield self.server
 
     def close(self) -> None:
-        """Stop every process this fleet started (agents first, then the server)."""
+        """Stop every process this fleet started (gateways, agents, then the server)."""
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.close()

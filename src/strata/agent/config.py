@@ -44,7 +44,7 @@ class AgentConfig:
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 256
-    max_queue_wait_ms: float | None = 1000.0
+    max_queue_wait_ms: float | None = 5000.0
     model_instances: int = 1
 
     def __post_init__(self) -> None:

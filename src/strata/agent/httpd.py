@@ -90,6 +90,9 @@ class ServerLimits:
     max_header_bytes: int = 64 << 10
     keep_alive_timeout: float = 5.0  # an idle connection waits this long for its next request
     read_timeout: float = 30.0  # once a request has begun, each read waits at most this long
+    # connections the kernel holds before they are accepted; asyncio's default of 100 makes a burst of new
+    # clients retry their SYN after a second or more (uvicorn uses 2048 too)
+    backlog: int = 2048
 
 
 class HttpServer:
@@ -129,7 +132,7 @@ class HttpServer:
         self.closing = False
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(lambda: _Connection(self), host, port)
+            self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=self._limits.backlog)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
 

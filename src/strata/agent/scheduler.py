@@ -91,7 +91,7 @@ class BatchRun:
     results: list[InferResult | Exception]
     rows: int
     executions: int
-    busy_ns: int  # the whole job on the worker
+    busy_ns: int  # the whole job on the worker thread
 
 
 def decompress(body: bytes, encoding: str, limit: int = 64 << 20) -> bytes:
@@ -491,8 +491,11 @@ class ModelScheduler:
             for item, result in zip(batch, outcome.results, strict=True):
                 _settle(item, result)
             self._metrics.record_execution(self.model.name, self.model.version, outcome.executions)
-            if outcome.busy_ns > 0:
-                self._rows_per_s = ewma(self._rows_per_s, outcome.rows / (outcome.busy_ns / 1e9))
+            # the instance was taken from dispatch until now (the job, plus handing it over and back): that,
+            # not the job alone, is what a request queued behind it waits for
+            occupied_ns = time.perf_counter_ns() - run.started_ns
+            if occupied_ns > 0:
+                self._rows_per_s = ewma(self._rows_per_s, outcome.rows / (occupied_ns / 1e9))
         self._dispatch()
 
 

@@ -74,7 +74,7 @@ def agent(
     max_queue_wait_ms: Annotated[
         float,
         typer.Option("--max-queue-wait-ms", help="Answer 503 at once when the estimated wait is longer (0: no bound)."),
-    ] = 1000.0,
+    ] = 5000.0,
     instances: Annotated[
         int, typer.Option("--instances", help="Runtime calls of one model that may run at once (worker threads).")
     ] = 1,

@@ -14,6 +14,7 @@ from strata import __version__
 from strata.cli import agent as agent_cmd
 from strata.cli import demo as demo_cmd
 from strata.cli import deploy as deploy_cmd
+from strata.cli import gateway as gateway_cmd
 from strata.cli import model as model_cmd
 from strata.cli import nodes as nodes_cmd
 from strata.cli import package as package_cmd
@@ -33,6 +34,7 @@ app = typer.Typer(
 
 app.command("server")(server_cmd.server)
 app.command("agent")(agent_cmd.agent)
+app.command("gateway")(gateway_cmd.gateway)
 app.add_typer(token_cmd.app, name="token")
 app.add_typer(model_cmd.app, name="model")
 app.command("deploy")(deploy_cmd.deploy)

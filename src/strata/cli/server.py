@@ -21,8 +21,23 @@ def server(
         str | None,
         typer.Option("--otlp-endpoint", help="Also forward telemetry to this OpenTelemetry collector (OTLP/HTTP)."),
     ] = None,
+    cloud_endpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cloud-endpoint",
+            help="An Open Inference Protocol server (URL) that takes overflow inference from every node (repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane: registry, inventory, deployments and desired state, under /v1."""
     from strata.control.server import serve
 
-    serve(data_dir=data_dir, host=host, port=port, db_url=db, log_level=log_level, otlp_endpoint=otlp_endpoint)
+    serve(
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        db_url=db,
+        log_level=log_level,
+        otlp_endpoint=otlp_endpoint,
+        cloud_endpoints=tuple(cloud_endpoint or ()),
+    )

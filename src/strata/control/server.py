@@ -76,13 +76,15 @@ def serve(
     db_url: str | None = None,
     log_level: str = "info",
     otlp_endpoint: str | None = None,
+    cloud_endpoints: tuple[str, ...] = (),
 ) -> None:
     """Run the control plane on `host:port` with its data in `data_dir`, until SIGTERM or SIGINT.
 
     The admin token is in `data_dir/admin.token` before the server listens.
 
     Raises:
-        ConfigError: an unknown log level, a data folder that cannot be created, or an unusable database URL.
+        ConfigError: an unknown log level, a data folder that cannot be created, an unusable database URL, or a
+            cloud endpoint that is not an http(s) URL.
         SystemExit: uvicorn could not start (the port is taken, or the database cannot be migrated); the reason
             is logged.
     """
@@ -94,7 +96,13 @@ def serve(
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the data folder {data_dir}: {exc}") from exc
-    app = create_app(ServerSettings(data_dir=data_dir, db_url=db_url, otlp_endpoint=otlp_endpoint))
+    for url in cloud_endpoints:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"--cloud-endpoint must be an http:// or https:// URL, got {url!r}")
+    settings = ServerSettings(
+        data_dir=data_dir, db_url=db_url, otlp_endpoint=otlp_endpoint, cloud_endpoints=tuple(cloud_endpoints)
+    )
+    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=host,

@@ -26,6 +26,8 @@ class ServerSettings:
         max_package_bytes: the largest package tar `POST /v1/packages` accepts.
         clock: epoch seconds; every stored time comes from it, so tests can move time.
         otlp_endpoint: when set, stored telemetry is also forwarded to this OpenTelemetry collector (OTLP/HTTP).
+        cloud_endpoints: Open Inference Protocol servers that take overflow inference from every node (any OIP
+            server: a cloud-tier strata agent, Triton, KServe); nodes learn them from their topology.
     """
 
     data_dir: Path
@@ -35,6 +37,7 @@ class ServerSettings:
     max_package_bytes: int = 8 << 30
     clock: Callable[[], float] = time.time
     otlp_endpoint: str | None = None
+    cloud_endpoints: tuple[str, ...] = ()
 
     @property
     def database_url(self) -> str:

@@ -17,8 +17,10 @@ from strata.control.schemas import (
     ErrorBody,
     NodeBody,
     NodeStatusBody,
+    TopologyBody,
 )
 from strata.control.settings import MAX_WAIT_S
+from strata.control.topology import Topology, node_topology
 from strata.core.wire import EnrollResponse, NodeStatus
 
 router = APIRouter(tags=["nodes"], responses=COMMON_ERRORS)
@@ -84,3 +86,11 @@ def put_status(node_id: str, body: NodeStatusBody, plane: Plane, _node: NodeItse
     """The node reports what it runs; stored only when it changed."""
     plane.fleet.report_status(node_id, NodeStatus.from_json(body.model_dump()))
     return Response(status_code=204)
+
+
+@router.get("/nodes/{node_id}/topology", response_model=TopologyBody, responses={404: {"model": ErrorBody}})
+def get_topology(node_id: str, plane: Plane, _caller: SelfOrAdmin) -> Topology:
+    """Where the node's inference falls back to: its parent near-edge nodes (same `site` label), then the cloud
+    endpoints. For the node itself (its gateway) or the operator."""
+    candidates = plane.fleet.list_nodes(tiers=("near-edge", "cloud"))
+    return node_topology(plane.fleet.get_node(node_id), candidates, plane.settings.cloud_endpoints)
