@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,7 @@ from strata.agent.batching import (
     policy_overrides,
     resolve_config,
 )
+from strata.agent.config import AgentConfig
 from strata.core.errors import ConfigError
 from strata.core.package import TensorSpec
 
@@ -201,3 +204,29 @@ def test_a_malformed_policy_is_refused(section: object, needle: str) -> None:
 def test_a_policy_out_of_range_is_refused() -> None:
     with pytest.raises(ConfigError, match="max_batch_size must be at least 1"):
         resolve_config(config(), {"batching": {"max_batch_size": 0}}, signature_batchable=True, rows_independent=True)
+
+
+# --- the agent's options ----------------------------------------------------------------------------------
+
+
+def test_the_agent_configuration_carries_its_batching_settings_to_the_agent_process(tmp_path: Path) -> None:
+    config = AgentConfig(
+        server="http://127.0.0.1:8700",
+        data_dir=tmp_path,
+        name="edge-1",
+        tier="near-edge",
+        max_batch_size=16,
+        max_queue_delay_us=500,
+        preferred_batch_sizes=(8, 16),
+        max_queue_size=64,
+        max_queue_wait_ms=None,
+        model_instances=2,
+    )
+    again = AgentConfig.from_json(json.loads(config.to_env()))
+    assert again == config
+    assert again.batching == BatchingConfig(16, 500, (8, 16), 64, None, 2)
+
+
+def test_agent_batching_options_out_of_range_are_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="preferred batch size 64"):
+        AgentConfig("http://s", tmp_path, "n", "device", max_batch_size=32, preferred_batch_sizes=(64,))
