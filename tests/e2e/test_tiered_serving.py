@@ -113,6 +113,8 @@ def tiers(tmp_path_factory: pytest.TempPathFactory, digits_onnx: Path) -> Iterat
         small_queue = [
             "--threads",
             "1",
+            "--instances",
+            "1",
             "--max-batch-size",
             "1",
             "--max-queue-size",

@@ -374,7 +374,7 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(
         served = serve(
             loaded(digits_package, gated),
             telemetry=recorder,
-            batching=BatchingConfig(max_batch_size=1, max_queue_size=2),
+            batching=BatchingConfig(max_batch_size=1, max_queue_size=2, instances=1),
         )
         x = load_data().test_x[:1]
         pending = 'nv_inference_pending_request_count{model="digits",version="1"}'

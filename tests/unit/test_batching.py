@@ -111,14 +111,14 @@ def test_a_request_is_admitted_while_the_queue_has_room_and_no_measure_exists() 
 
 
 def test_a_full_queue_sheds_with_retry_after_from_the_drain_time() -> None:
-    shed = admit(QueueLoad(4, 40, 0.5, rows_per_s=10.0), config(max_queue_size=4, max_queue_wait_ms=None))
+    shed = admit(QueueLoad(4, 40, 0.5, rows_per_s=10.0), config(max_queue_size=4, max_queue_wait_ms=None, instances=1))
     assert isinstance(shed, Shed)
     assert "queue is full" in shed.reason
     assert shed.retry_after_s == 5  # 0.5 s until a worker frees + 40 rows at 10 rows/s = 4.5 s -> 5
 
 
 def test_a_wait_over_the_bound_sheds_before_the_queue_is_full() -> None:
-    settings = config(max_queue_size=1000, max_queue_wait_ms=100.0)
+    settings = config(max_queue_size=1000, max_queue_wait_ms=100.0, instances=1)
     assert admit(QueueLoad(3, 3, 0.02, rows_per_s=100.0), settings) is None  # 20 + 30 ms
     shed = admit(QueueLoad(9, 9, 0.02, rows_per_s=100.0), settings)  # 20 + 90 ms
     assert isinstance(shed, Shed)

@@ -49,7 +49,10 @@ class BatchingConfig:
         max_queue_size: the most requests waiting for a worker; one more is shed with 503.
         max_queue_wait_ms: shed a request at once when the wait it would face in the queue is estimated above
             this; None: no bound but the queue size.
-        instances: how many runtime calls of this model may run at once, each on a worker thread.
+        instances: how many runtime calls of this model may run at once, each on a worker thread. Two by
+            default: one batch computes while the next is formed and the last one's answers are encoded, and
+            both cores of a small node stay busy without onnxruntime's spinning threads (MiniLM int8 serves
+            about a third more requests per second than with one on a 2-core node).
     """
 
     max_batch_size: int = 32
@@ -57,7 +60,7 @@ class BatchingConfig:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 256
     max_queue_wait_ms: float | None = 5000.0
-    instances: int = 1
+    instances: int = 2
 
     def __post_init__(self) -> None:
         """Raises:

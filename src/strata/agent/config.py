@@ -45,7 +45,7 @@ class AgentConfig:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 256
     max_queue_wait_ms: float | None = 5000.0
-    model_instances: int = 1
+    model_instances: int = 2
 
     def __post_init__(self) -> None:
         if not self.server.startswith(("http://", "https://")):

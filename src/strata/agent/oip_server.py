@@ -211,6 +211,8 @@ class InferenceApp:
 
     async def _render_metrics(self, _request: Request) -> Response:
         self._metrics.set_active_models((m.name, m.version, m.manifest.variant) for m in self._repository.all())
+        for name in [n for n, s in self._schedulers.items() if self._repository.get(n) is not s.model and not s.queued]:
+            del self._schedulers[name]  # a model no longer served, its queue drained
         self._metrics.pending_requests.replace(
             {(s.model.name, s.model.version): s.queued for s in self._schedulers.values()}
         )

@@ -77,7 +77,7 @@ def agent(
     ] = 5000.0,
     instances: Annotated[
         int, typer.Option("--instances", help="Runtime calls of one model that may run at once (worker threads).")
-    ] = 1,
+    ] = 2,
 ) -> None:
     """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
     the Open Inference Protocol on --serve-port; keeps serving when the control plane is gone."""

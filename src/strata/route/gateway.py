@@ -34,6 +34,7 @@ from strata.route.topology import Topology, fetch_topology
 log = logging.getLogger("strata.gateway")
 
 _BREAKER_LEVEL: Final = {"closed": 0, "half_open": 1, "open": 2}
+_TOPOLOGY_RETRY_S: Final = 5.0  # after a failed read, the topology is read again this soon
 
 
 @dataclass(frozen=True)
@@ -144,17 +145,19 @@ async def _refresh_topology(config: GatewayConfig, router: Router, stop: asyncio
     if server is None or node_id is None or token is None:
         return
     while not stop.is_set():
+        interval = config.topology_interval_s
         try:
             topology = await fetch_topology(server, node_id, token)
         except StrataError as exc:
             log.warning("cannot read this node's topology (%s); routing over %s", exc, _describe(router.targets))
+            interval = min(interval, _TOPOLOGY_RETRY_S)
         else:
             targets = topology.targets(config.local, config.parents, config.cloud)
             if targets != router.targets:
                 log.info("routing over %s", _describe(targets))
                 router.set_targets(targets)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=config.topology_interval_s)
+            await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
 def _describe(targets: list[Target]) -> str:

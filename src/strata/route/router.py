@@ -149,6 +149,7 @@ class _TargetState:
     target: Target
     client: httpx.AsyncClient
     slots: asyncio.Semaphore  # requests in flight to this target, at most its pool's connections
+    probes: httpx.AsyncClient  # health probes have their own connections: a busy pool must not fail them
     breaker: Breaker = field(default_factory=Breaker)
     ready: bool | None = None
     models_ready: dict[str, bool] = field(default_factory=dict)
@@ -209,7 +210,7 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe_task
             self._probe_task = None
-        for client in [*(state.client for state in self._states), *self._retired]:
+        for client in [*(c for state in self._states for c in (state.client, state.probes)), *self._retired]:
             await client.aclose()
         self._retired = []
 
@@ -222,7 +223,8 @@ class Router:
         client = httpx.AsyncClient(transport=self._transport, limits=limits, trust_env=False)
         # Requests wait for a slot here rather than in httpcore's pool, whose hand-over costs grow with the
         # number of waiting requests times connections (seconds of CPU under a burst of a thousand).
-        return _TargetState(target, client, asyncio.Semaphore(self.config.max_connections))
+        probes = httpx.AsyncClient(transport=self._transport, limits=httpx.Limits(max_connections=2), trust_env=False)
+        return _TargetState(target, client, asyncio.Semaphore(self.config.max_connections), probes)
 
     @property
     def targets(self) -> list[Target]:
@@ -241,7 +243,7 @@ class Router:
             states.append(state)
         self._states = states
         # requests in flight may still use a dropped target's pool: it is closed with the router
-        self._retired.extend(state.client for state in known.values())
+        self._retired.extend(c for state in known.values() for c in (state.client, state.probes))
 
     def status(self) -> list[dict[str, Any]]:
         """Each target's breaker and health, for metrics and logs."""
@@ -329,14 +331,11 @@ class Router:
         response: httpx.Response | None = None
         error = None
         try:
-            async with asyncio.timeout(timeout_s):  # waiting for a slot counts against the attempt's time
-                await state.slots.acquire()
-            try:
+            # the whole attempt (a slot, the connection, every read of the answer) ends within its time
+            async with asyncio.timeout(timeout_s), state.slots:
                 response = await state.client.request(
                     method, target.url.rstrip("/") + path, content=body, headers=headers, timeout=timeout
                 )
-            finally:
-                state.slots.release()
         except (httpx.TimeoutException, TimeoutError):
             error = f"no answer within {timeout_s:.3f} s"
         except httpx.HTTPError as exc:
@@ -454,10 +453,10 @@ class Router:
         timeout = httpx.Timeout(self.config.health_timeout_s)
         base = target.url.rstrip("/")
         try:
-            server = await state.client.get(f"{base}/v2/health/ready", headers=headers, timeout=timeout)
+            server = await state.probes.get(f"{base}/v2/health/ready", headers=headers, timeout=timeout)
             answers = await asyncio.gather(
                 *(
-                    state.client.get(f"{base}/v2/models/{quote(m, safe='')}/ready", headers=headers, timeout=timeout)
+                    state.probes.get(f"{base}/v2/models/{quote(m, safe='')}/ready", headers=headers, timeout=timeout)
                     for m in models
                 )
             )
