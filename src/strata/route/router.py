@@ -444,7 +444,9 @@ class Router:
     async def probe(self) -> None:
         """Probe every target's readiness, and its readiness for each model asked for lately."""
         now = self._clock()
-        models = [m for m, seen in self._models_seen.items() if now - seen <= _MODELS_REMEMBERED_S]
+        # forget models not asked for lately (a client may ask for any name: this must not grow for ever)
+        self._models_seen = {m: seen for m, seen in self._models_seen.items() if now - seen <= _MODELS_REMEMBERED_S}
+        models = list(self._models_seen)
         await asyncio.gather(*(self._probe_one(state, models) for state in list(self._states)))
 
     async def _probe_one(self, state: _TargetState, models: list[str]) -> None:
