@@ -129,6 +129,17 @@ class AgentHandle:
 
 
 @dataclass
+class GatewayHandle:
+    name: str
+    port: int
+    process: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
 class LocalFleet:
     """A control plane and agents under `root`. Use as a context manager, or call `close()`."""
 
@@ -137,6 +148,7 @@ class LocalFleet:
     poll_wait_s: float = 10.0
     server_port: int = 0
     agents: dict[str, AgentHandle] = field(default_factory=dict)
+    gateways: dict[str, GatewayHandle] = field(default_factory=dict)
     server: ManagedProcess | None = None
     _client: ControlClient | None = None
 
@@ -233,14 +245,14 @@ class LocalFleet:
         tier_port: bool | None = None,
         env: Mapping[str, str] | None = None,
     ) -> AgentHandle:
-        """Start an agent process (enrolling it with a fresh token the first time). Near-edge agents get a
-        mutual-TLS tier port unless `tier_port` is False; `env` adds environment variables."""
+        """Start an agent process (enrolling it with a fresh token the first time). Near-edge and cloud agents get
+        a mutual-TLS tier port unless `tier_port` is False; `env` adds environment variables."""
         existing = self.agents.get(name)
         labels = dict(labels if labels is not None else (existing.labels if existing else {}))
         if data_dir is None:
             data_dir = existing.data_dir if existing else self.root / "nodes" / name
         port = existing.serve_port if existing else free_port()
-        wants_tier = tier_port if tier_port is not None else tier == "near-edge"
+        wants_tier = tier_port if tier_port is not None else tier in ("near-edge", "cloud")
         tier_listener = (existing.tier_port if existing and existing.tier_port else free_port()) if wants_tier else None
         argv = self.strata(
             "agent",
@@ -279,6 +291,24 @@ class LocalFleet:
             enroll=False,
             tier_port=handle.tier_port is not None,
         )
+
+    def start_gateway(self, name: str, args: Sequence[str], timeout: float = 30.0) -> GatewayHandle:
+        """Start `strata gateway --listen PORT ARGS...` and wait until it answers its liveness probe."""
+        port = free_port()
+        argv = self.strata("gateway", "--listen", str(port), *args)
+        process = ManagedProcess(f"gateway {name}", argv, self.root / "logs" / f"gateway-{name}.log", self._env())
+        process.start()
+        handle = GatewayHandle(name, port, process)
+        self.gateways[name] = handle
+
+        def live() -> bool:
+            try:
+                return httpx.get(f"{handle.url}/v2/health/live", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        self.wait_for(live, timeout, f"gateway {name} to answer", process)
+        return handle
 
     def agent_live(self, name: str) -> bool:
         try:
@@ -333,12 +363,13 @@ class LocalFleet:
     # --- teardown ---------------------------------------------------------------------------------------
 
     def processes(self) -> Iterator[ManagedProcess]:
+        yield from (handle.process for handle in self.gateways.values())
         yield from (handle.process for handle in self.agents.values())
         if self.server is not None:
             yield self.server
 
     def close(self) -> None:
-        """Stop every process this fleet started (agents first, then the server)."""
+        """Stop every process this fleet started (gateways, agents, then the server)."""
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.close()

@@ -176,7 +176,10 @@ def test_inference_metrics_use_triton_names_and_units() -> None:
     metrics = InferenceMetrics(agent_version="9.9.9")
     metrics.record_success("digits", "2", batch=16, request_ns=2_500_000, queue_ns=40_000, compute_ns=1_800_000)
     metrics.record_success("digits", "2", batch=4, request_ns=1_500_000, queue_ns=10_000, compute_ns=1_000_000)
+    metrics.record_execution("digits", "2")  # the two requests shared one runtime call
     metrics.record_failure("digits", "2", "bad_request")
+    metrics.record_failure("digits", "2", "rejected")
+    metrics.pending_requests.set("digits", "2", value=3)
     metrics.set_active_models([("digits", "2", "cpu-generic-fp32")])
 
     types, samples = parse_exposition(metrics.render())
@@ -185,7 +188,9 @@ def test_inference_metrics_use_triton_names_and_units() -> None:
     assert sample(samples, "nv_inference_request_success", **labels) == 2
     assert sample(samples, "nv_inference_request_failure", **labels, reason="bad_request") == 1
     assert sample(samples, "nv_inference_count", **labels) == 20
-    assert sample(samples, "nv_inference_exec_count", **labels) == 2
+    assert sample(samples, "nv_inference_request_failure", **labels, reason="rejected") == 1
+    assert sample(samples, "nv_inference_exec_count", **labels) == 1
+    assert sample(samples, "nv_inference_pending_request_count", **labels) == 3
     assert sample(samples, "nv_inference_request_duration_us", **labels) == 4000
     assert sample(samples, "nv_inference_queue_duration_us", **labels) == 50
     assert sample(samples, "nv_inference_compute_infer_duration_us", **labels) == 2800

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from strata.agent.batching import BatchingConfig
 from strata.core.errors import ConfigError
 from strata.core.package import check_name
 from strata.core.wire import TIERS, parse_labels
@@ -47,6 +48,12 @@ class AgentConfig:
     tier_host: str | None = None
     report_interval_s: float = 60.0
     encrypt_at_rest: bool = True
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 256
+    max_queue_wait_ms: float | None = 5000.0
+    model_instances: int = 2
 
     def __post_init__(self) -> None:
         if not self.server.startswith("https://"):
@@ -78,6 +85,8 @@ class AgentConfig:
             raise ConfigError("--probation must not be negative (0 turns it off)")
         if self.report_interval_s < 0:
             raise ConfigError("--report-interval must not be negative")
+        object.__setattr__(self, "preferred_batch_sizes", tuple(self.preferred_batch_sizes))
+        _ = self.batching  # building it checks the batching settings
 
     @property
     def relay_budget_bytes(self) -> int:
@@ -91,6 +100,22 @@ class AgentConfig:
     def serve_host_tier(self) -> str:
         """Where the mutual-TLS tier listener binds: --tier-host, else the serve host."""
         return self.tier_host or self.serve_host
+
+    @property
+    def batching(self) -> BatchingConfig:
+        """The batching and queueing settings every model gets unless its package overrides them.
+
+        Raises:
+            ConfigError: a setting is out of range.
+        """
+        return BatchingConfig(
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_us=self.max_queue_delay_us,
+            preferred_batch_sizes=self.preferred_batch_sizes,
+            max_queue_size=self.max_queue_size,
+            max_queue_wait_ms=self.max_queue_wait_ms,
+            instances=self.model_instances,
+        )
 
     @property
     def serve_is_loopback(self) -> bool:
@@ -129,6 +154,12 @@ class AgentConfig:
             "tier_host": self.tier_host,
             "report_interval_s": self.report_interval_s,
             "encrypt_at_rest": self.encrypt_at_rest,
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_us": self.max_queue_delay_us,
+            "preferred_batch_sizes": list(self.preferred_batch_sizes),
+            "max_queue_size": self.max_queue_size,
+            "max_queue_wait_ms": self.max_queue_wait_ms,
+            "model_instances": self.model_instances,
         }
 
     @classmethod
@@ -141,6 +172,7 @@ class AgentConfig:
             values["data_dir"] = Path(values["data_dir"])
             values["labels"] = dict(values.get("labels") or {})
             values["relays"] = tuple(values.get("relays") or ())
+            values["preferred_batch_sizes"] = tuple(values.get("preferred_batch_sizes") or ())
             return cls(**values)
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"agent configuration is incomplete or malformed: {exc}") from exc

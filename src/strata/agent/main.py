@@ -101,7 +101,13 @@ class Agent:
             labels=config.labels,
             profile=profile,
             emulated=emulated,
-            serve_url=f"http://{config.serve_host}:{config.serve_port}",
+            # where other tiers reach this node: its mutual-TLS tier listener when it has one (the serve port is
+            # for local applications)
+            serve_url=(
+                f"https://{config.serve_host_tier}:{config.tier_port}"
+                if config.tier_port
+                else f"http://{config.serve_host}:{config.serve_port}"
+            ),
             name=config.name,
         )
         self.reconciler = Reconciler(
@@ -173,11 +179,10 @@ class Agent:
             ready=self.ready,
             telemetry=self.telemetry,
             telemetry_gauges=gauges,
+            batching=self.config.batching,
         )
-        tier_app = InferenceApp(
-            self.repository, self.metrics, ready=self.ready, telemetry=self.telemetry, telemetry_gauges=gauges
-        )
-        tier_handler = tier_app.handle
+        # One app for both listeners, so local callers and other tiers share each model's queue and batches.
+        tier_handler = app.handle
         if self.config.relay_budget_bytes > 0:
             from strata.agent.relay import PREFIX, RelayApp  # only near-edge nodes pay for the relay's code
 
@@ -195,7 +200,7 @@ class Agent:
             async def tier_handler(request: Request) -> Response:
                 if request.path.startswith(PREFIX):
                     return await relay.handle(request)
-                return await tier_app.handle(request)
+                return await app.handle(request)
 
             log.info("relaying package pieces for child devices (cache %d MB)", self.config.relay_budget_bytes >> 20)
         server = HttpServer(app.handle)

@@ -30,7 +30,8 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 # one on a busy near-edge node in seconds.
 LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-FAILURE_REASONS: Final = ("bad_request", "unavailable", "internal")
+# rejected: shed by admission control (queue full or wait over its bound), answered 503 with Retry-After.
+FAILURE_REASONS: Final = ("bad_request", "unavailable", "internal", "rejected")
 
 _NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -118,9 +119,12 @@ class Counter(MetricFamily):
         """
         if by < 0:
             raise ValueError(f"counter {self.name} cannot go down (by={by})")
-        key = self._check(labels)
         with self._lock:
-            self._values[key] = self._values.get(key, 0) + by
+            values = self._values
+            if labels in values:  # a known series: its labels were checked when it was made
+                values[labels] += by
+            else:
+                values[self._check(labels)] = by
 
     def value(self, *labels: str) -> float:
         """The current value of one series (0 when it was never incremented)."""
@@ -281,7 +285,9 @@ class InferenceMetrics:
 
     Durations are recorded for successful requests only, as Triton does; failures are counted by reason
     (`FAILURE_REASONS`). Only models the node actually serves get series, so a client cannot grow the label
-    set by asking for made-up names.
+    set by asking for made-up names. With dynamic batching, as in Triton, `nv_inference_exec_count` counts
+    runtime calls (`record_execution`) and `nv_inference_count` the rows of the requests (`record_success`),
+    so their ratio is the average batch; each request adds its own queue time and its batch's compute time.
     """
 
     def __init__(
@@ -319,6 +325,9 @@ class InferenceMetrics:
         self.compute_infer_duration_us = add.counter(
             "nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds", model
         )
+        self.pending_requests = add.gauge(
+            "nv_inference_pending_request_count", "Inference requests waiting in the queue for a worker", model
+        )
         self.request_seconds = add.histogram(
             "strata_inference_request_duration_seconds", "Inference request duration of successful requests", model
         )
@@ -339,7 +348,8 @@ class InferenceMetrics:
         compute_ns: int,
         model_ns: int | None = None,
     ) -> None:
-        """Count one successful request of `batch` inferences run in one execution, with its durations.
+        """Count one successful request of `batch` inferences, with its durations (its execution is counted by
+        `record_execution`, once per runtime call however many requests shared it).
 
         `model_ns` is what the serving counters (and so probation and rollout gates) take as the model's latency:
         a measure of the model's own cost that a busy node does not inflate (see `oip_server`); the wall-clock
@@ -347,12 +357,15 @@ class InferenceMetrics:
         """
         self.request_success.inc(model, version)
         self.inference_count.inc(model, version, by=batch)
-        self.exec_count.inc(model, version)
         self.request_duration_us.inc(model, version, by=request_ns // 1000)
         self.queue_duration_us.inc(model, version, by=queue_ns // 1000)
         self.compute_infer_duration_us.inc(model, version, by=compute_ns // 1000)
         self.request_seconds.observe(model, version, value=request_ns / 1e9)
         self.serving.record_success(model, version, (compute_ns if model_ns is None else model_ns) / 1e6)
+
+    def record_execution(self, model: str, version: str, count: int = 1) -> None:
+        """Count `count` runtime calls of a model."""
+        self.exec_count.inc(model, version, by=count)
 
     def record_failure(self, model: str, version: str, reason: str) -> None:
         """Count one failed request.

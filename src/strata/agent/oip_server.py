@@ -9,8 +9,12 @@ Why not FastAPI: the agent must stay under 70 MB resident with a small model act
 onnxruntime + one session + asyncio already take ~63 MB; FastAPI would add ~11 MB (uvicorn + starlette ~7.6
 MB, and pydantic). Routing is a `match` on path segments, the codec is the pure `strata.core.oip`.
 
-Inference never blocks the event loop: decoding, the run and encoding all happen in one job on the executor,
-so health probes and other models answer while a large batch computes.
+Inference never blocks the event loop, and each model is batched (`strata.agent.scheduler`): a request is
+decoded (on the loop when small, on the executor when large), admitted to its model's bounded queue or shed at
+once with 503 and Retry-After, and run with the queued requests of the same shapes in one runtime call on a
+worker thread, which also encodes each answer; health probes and other models answer while a batch computes.
+Every request still gets its own metrics and telemetry outcome: its rows, its own queue wait, and an answer
+that waits for its outcome to be durable.
 """
 
 from __future__ import annotations
@@ -18,33 +22,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import time
-import zlib
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import Final
 
 from strata import __version__
+from strata.agent.batching import BatchingConfig
 from strata.agent.httpd import Request, Response
 from strata.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import release_free_memory
+from strata.agent.scheduler import INLINE_DECODE_BYTES, InferResult, ModelScheduler, Overloaded, Prepared, prepare
 from strata.agent.telemetry import Outcome, TelemetryGauges, TelemetryRecorder
-from strata.core.datatypes import oip_from_numpy
-from strata.core.errors import (
-    AuthError,
-    BadRequest,
-    InferenceError,
-    NotFound,
-    StrataError,
-    Unavailable,
-)
-from strata.core.oip import Array, check_inputs, check_outputs, decode_request, encode_response
-from strata.core.telemetry import DriftReference, bin_counts, drift_references
+from strata.core.errors import AuthError, BadRequest, NotFound, StrataError, Unavailable
+from strata.core.telemetry import DriftReference, drift_references
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +51,6 @@ _TRIM_DELAY: Final = 0.5  # seconds without inference before that happens
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-@dataclass(frozen=True)
-class _InferResult:
-    body: bytes
-    header_length: int | None
-    batch: int
-    queue_ns: int
-    compute_ns: int
-    model_ns: int
-    summary: str = ""
-    drift: tuple[tuple[str, tuple[int, ...]], ...] = ()
-
-
 class InferenceApp:
     """Open Inference Protocol over a `ModelRepository`, with metrics and optional bearer-token auth.
 
@@ -77,12 +59,16 @@ class InferenceApp:
             never changes the model under a request in flight.
         metrics: where request outcomes and durations are counted; `/metrics` renders its registry.
         token: when given, every route but `/v2/health/live` needs `Authorization: Bearer <token>` (the agent
-            sets one when it serves on a non-loopback address).
-        executor: where inference runs; None means the event loop's default thread pool.
+            sets one when it serves on a non-loopback address), except requests from the mutual-TLS tier
+            listener, which carry the calling node's verified id.
+        executor: where batches run (and large requests are decoded); None means the loop's default pool.
         ready: whether the node is ready (every desired model loaded); None means always ready.
         max_body_bytes: the largest request body after decompression (gzip and deflate are accepted).
         telemetry: where every request's outcome is recorded; the answer waits until it is durable, so a
-            request a client saw answered is counted even if the agent dies right after.
+            request a client saw answered is counted even if the agent dies right after. A shed request's
+            outcome is recorded too, but its 503 goes out at once.
+        batching: the agent's batching and queueing settings; a package's policy may override them per model
+            (see `strata.agent.batching.resolve_config`).
         telemetry_gauges: the buffer's gauges in `metrics.registry`, refreshed when /metrics is scraped.
     """
 
@@ -99,8 +85,11 @@ class InferenceApp:
         max_body_bytes: int = 64 << 20,
         telemetry: TelemetryRecorder | None = None,
         telemetry_gauges: TelemetryGauges | None = None,
+        batching: BatchingConfig | None = None,
     ) -> None:
         self._repository = repository
+        self._batching = batching or BatchingConfig()
+        self._schedulers: dict[str, ModelScheduler] = {}
         self._telemetry = telemetry
         self._telemetry_gauges = telemetry_gauges
         self._drift_refs: dict[str, tuple[DriftReference, ...]] = {}
@@ -122,7 +111,9 @@ class InferenceApp:
         """
         parts = tuple(request.path.strip("/").split("/"))
         try:
-            if self._token is not None and parts != _LIVE_PATH:
+            # A request that came in over the tier listener carries the node id its verified fleet certificate
+            # names (`request.peer`): mutual TLS authenticated it. Local callers show the serving token.
+            if self._token is not None and parts != _LIVE_PATH and request.peer is None:
                 self._authenticate(request)
             route = self._route(parts)
             if route is None:
@@ -133,9 +124,13 @@ class InferenceApp:
                 return Response.error(405, f"{request.method} is not allowed on {request.path}", {"allow": allow})
             return await endpoint(request)
         except StrataError as exc:
-            if exc.http_status >= 500 and not isinstance(exc, Unavailable):  # 503s are expected while loading
+            if exc.http_status >= 500 and not isinstance(exc, Unavailable):  # 503s are expected: loading, shedding
                 log.error("%s %s failed: %s", request.method, request.path, exc)
-            headers = {"www-authenticate": 'Bearer realm="strata"'} if isinstance(exc, AuthError) else None
+            headers = None
+            if isinstance(exc, AuthError):
+                headers = {"www-authenticate": 'Bearer realm="strata"'}
+            elif isinstance(exc, Overloaded):
+                headers = {"retry-after": str(exc.retry_after_s)}
             return Response.error(exc.http_status, exc.message, headers)
 
     def _authenticate(self, request: Request) -> None:
@@ -221,6 +216,11 @@ class InferenceApp:
 
     async def _render_metrics(self, _request: Request) -> Response:
         self._metrics.set_active_models((m.name, m.version, m.manifest.variant) for m in self._repository.all())
+        for name in [n for n, s in self._schedulers.items() if self._repository.get(n) is not s.model and not s.queued]:
+            del self._schedulers[name]  # a model no longer served, its queue drained
+        self._metrics.pending_requests.replace(
+            {(s.model.name, s.model.version): s.queued for s in self._schedulers.values()}
+        )
         if self._telemetry is not None and self._telemetry_gauges is not None:
             stats = await asyncio.get_running_loop().run_in_executor(self._executor, self._telemetry.stats)
             self._telemetry_gauges.update(stats, self._telemetry.drift_psi())
@@ -231,11 +231,18 @@ class InferenceApp:
     async def _infer(self, request: Request, name: str, version: str | None) -> Response:
         started = time.perf_counter_ns()
         model = self._model(name, version)
+        scheduler = self._scheduler(model)
         large = len(request.body) >= _TRIM_AFTER_BYTES
         self._in_flight += 1
         try:
-            result = await self._submit(model, request)
+            prepared = await self._prepare(model, scheduler, request)
+            result = await scheduler.submit(prepared, time.perf_counter_ns())
             large = large or len(result.body) >= _TRIM_AFTER_BYTES
+        except Overloaded:
+            # shed at once: the answer does not wait for the telemetry commit, or shedding would cost a commit
+            self._metrics.record_failure(model.name, model.version, "rejected")
+            self._record_nowait(model, started, "rejected")
+            raise
         except Exception as exc:
             reason = _failure_reason(exc)
             self._metrics.record_failure(model.name, model.version, reason)
@@ -261,28 +268,64 @@ class InferenceApp:
         headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(result.header_length)}
         return Response(200, headers, result.body)
 
+    def _scheduler(self, model: LoadedModel) -> ModelScheduler:
+        """The queue of the model object serving now; a swapped-in model gets a new one (the old one drains)."""
+        scheduler = self._schedulers.get(model.name)
+        if scheduler is None or scheduler.model is not model:
+            references = self._references(model) if self._telemetry is not None else ()
+            scheduler = ModelScheduler.for_model(model, self._batching, self._metrics, self._executor, references)
+            self._schedulers[model.name] = scheduler
+        return scheduler
+
+    async def _prepare(self, model: LoadedModel, scheduler: ModelScheduler, request: Request) -> Prepared:
+        """Decode and check a request: small ones right here (microseconds), large or compressed ones on the
+        executor so the loop keeps answering.
+
+        Raises:
+            BadRequest: the request is malformed or does not fit the model.
+            Unavailable: the executor is shut down (the agent is stopping).
+        """
+        header_length = _header_length(request)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        batched = scheduler.config.batching
+        if encoding == "identity" and len(request.body) <= INLINE_DECODE_BYTES:
+            return prepare(model, request.body, header_length, batched, layouts=scheduler.layouts)
+        args = (model, request.body, header_length, batched, encoding, self._max_body_bytes, scheduler.layouts)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, prepare, *args)
+        except RuntimeError as exc:
+            raise Unavailable("the node is shutting down and takes no more inference requests") from exc
+        return await future
+
+    def _outcome(
+        self, model: LoadedModel, started_ns: int, ok: bool, status: str, result: InferResult | None
+    ) -> Outcome:
+        return Outcome(
+            ts=time.time(),
+            model=model.name,
+            version=model.version,
+            variant=model.manifest.variant,
+            latency_us=(time.perf_counter_ns() - started_ns) // 1000,
+            queue_us=result.queue_ns // 1000 if result else 0,
+            batch=result.batch if result else 0,
+            ok=ok,
+            status=status,
+            summarize=result.summarize if result else None,
+            drift=result.drift if result else (),
+        )
+
     async def _record(
-        self, model: LoadedModel, started_ns: int, *, ok: bool, status: str, result: _InferResult | None = None
+        self, model: LoadedModel, started_ns: int, *, ok: bool, status: str, result: InferResult | None = None
     ) -> None:
         """Hand the outcome to telemetry and wait until it is durable (see the class docstring)."""
         if self._telemetry is None:
             return
-        latency_us = (time.perf_counter_ns() - started_ns) // 1000
-        await self._telemetry.record(
-            Outcome(
-                ts=time.time(),
-                model=model.name,
-                version=model.version,
-                variant=model.manifest.variant,
-                latency_us=latency_us,
-                queue_us=result.queue_ns // 1000 if result else 0,
-                batch=result.batch if result else 0,
-                ok=ok,
-                status=status,
-                summary=result.summary if result else "",
-                drift=result.drift if result else (),
-            )
-        )
+        await self._telemetry.record(self._outcome(model, started_ns, ok, status, result))
+
+    def _record_nowait(self, model: LoadedModel, started_ns: int, status: str) -> None:
+        """Hand a failed request's outcome to telemetry without waiting for the commit."""
+        if self._telemetry is not None:
+            self._telemetry.record_nowait(self._outcome(model, started_ns, False, status, None))
 
     def _references(self, model: LoadedModel) -> tuple[DriftReference, ...]:
         """The drift references of a served model, parsed once per package."""
@@ -297,23 +340,6 @@ class InferenceApp:
             if self._telemetry is not None:
                 self._telemetry.set_references(model.name, model.version, references)
         return references
-
-    async def _submit(self, model: LoadedModel, request: Request) -> _InferResult:
-        """Run `_run_inference` on the executor.
-
-        Raises:
-            BadRequest, InferenceError: as `_run_inference`.
-            Unavailable: the executor is shut down (the agent is stopping).
-        """
-        header_length = _header_length(request)
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        references = self._references(model) if self._telemetry is not None else ()
-        args = (model, request.body, encoding, header_length, self._max_body_bytes, time.perf_counter_ns(), references)
-        try:
-            future = asyncio.get_running_loop().run_in_executor(self._executor, _run_inference, *args)
-        except RuntimeError as exc:
-            raise Unavailable("the node is shutting down and takes no more inference requests") from exc
-        return await future
 
     def _schedule_trim(self) -> None:
         """Once no inference has run for a moment, give the heap a large request left behind back to the OS.
@@ -356,110 +382,3 @@ def _header_length(request: Request) -> int | None:
     if not raw.isdigit():
         raise BadRequest(f"Inference-Header-Content-Length must be a non-negative integer, got {raw!r}")
     return int(raw)
-
-
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """The body without its Content-Encoding (identity, gzip or deflate), at most `limit` bytes.
-
-    Raises:
-        BadRequest: an unknown encoding, corrupt or truncated data, or more than `limit` bytes once inflated.
-    """
-    if encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise BadRequest(f"Content-Encoding {encoding!r} is not supported; send identity, gzip or deflate")
-    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: zlib or gzip header, detected
-    try:
-        inflated = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"request body is not valid {encoding} data: {exc}") from None
-    if len(inflated) > limit:
-        raise BadRequest(f"request body inflates to more than {limit} bytes")
-    if not inflater.eof:
-        raise BadRequest(f"request body is truncated {encoding} data")
-    return inflated
-
-
-def _run_inference(
-    model: LoadedModel,
-    body: bytes,
-    encoding: str,
-    header_length: int | None,
-    max_bytes: int,
-    submitted_ns: int,
-    references: tuple[DriftReference, ...] = (),
-) -> _InferResult:
-    """Decode, check, run and encode one request: the whole CPU-bound part, run on the executor.
-
-    Raises:
-        BadRequest: the request does not fit the model, or the runtime rejects its values.
-        InferenceError: the model returned outputs that break its own signature.
-    """
-    started = time.perf_counter_ns()
-    manifest = model.manifest
-    decoded = decode_request(_decompress(body, encoding, max_bytes), header_length)
-    feeds = check_inputs(decoded, manifest.inputs, model.name)
-    wanted = check_outputs(decoded, manifest.outputs, model.name)
-    compute_start = time.perf_counter_ns()
-    cpu_start = time.thread_time_ns()
-    results = model.runtime.run(feeds, [name for name, _ in wanted])
-    compute_ns = time.perf_counter_ns() - compute_start
-    cpu_ns = time.thread_time_ns() - cpu_start
-    _check_results(model, results)
-    response, response_header_length = encode_response(
-        model.name, model.version, decoded.id, ((name, results[name], binary) for name, binary in wanted)
-    )
-    return _InferResult(
-        body=response,
-        header_length=response_header_length,
-        batch=_batch_size(model, feeds),
-        queue_ns=started - submitted_ns,
-        compute_ns=compute_ns,
-        summary=_summary(model, feeds),
-        drift=tuple(
-            (ref.tensor, tuple(bin_counts(ref, feeds[ref.tensor] if ref.kind == "input" else results[ref.tensor])))
-            for ref in references
-            if (feeds if ref.kind == "input" else results).get(ref.tensor) is not None
-        ),
-        # What the model itself costs: on the CPU runtime, the CPU time of the run on this thread (onnxruntime's
-        # workers spin, so when the node is idle this equals the wall time, and when the node is busy it leaves
-        # out the time the thread waited for a core); on accelerators, the wall time.
-        model_ns=cpu_ns if manifest.runtime == "onnxruntime" else compute_ns,
-    )
-
-
-def _summary(model: LoadedModel, feeds: dict[str, Array]) -> str:
-    """A compact description of a request's first input for its telemetry event: shape and mean."""
-    first = feeds[model.manifest.inputs[0].name]
-    summary: dict[str, object] = {"shape": list(first.shape)}
-    if first.dtype.kind in "biuf" and first.size:
-        summary["mean"] = round(float(first.mean()), 4)
-    return json.dumps(summary, separators=(",", ":"))
-
-
-def _batch_size(model: LoadedModel, feeds: dict[str, Array]) -> int:
-    """Inferences in a request: the first input's leading dimension when it is dynamic (the batch), else 1."""
-    first = model.manifest.inputs[0]
-    if first.shape and first.shape[0] == -1:
-        return int(feeds[first.name].shape[0])
-    return 1
-
-
-def _check_results(model: LoadedModel, results: dict[str, Array]) -> None:
-    """Refuse outputs whose datatype or shape break the signature the model advertises.
-
-    Raises:
-        InferenceError: an output has another datatype or shape than its spec says.
-    """
-    specs = {spec.name: spec for spec in model.manifest.outputs}
-    for name, array in results.items():
-        spec = specs[name]
-        try:
-            datatype = oip_from_numpy(array.dtype)
-        except BadRequest:
-            datatype = str(array.dtype)
-        if datatype != spec.datatype or not spec.accepts_shape(tuple(array.shape)):
-            raise InferenceError(
-                f"model {model.name} version {model.version} returned output {name!r} as {datatype}"
-                f" {list(array.shape)}, but its signature says {spec.datatype} {list(spec.shape)}"
-            )

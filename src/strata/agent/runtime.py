@@ -18,6 +18,8 @@ from strata.core.package import Package, TensorSpec, compare_outputs, load_golde
 
 Array = npt.NDArray[Any]
 
+_DYNAMIC_QUANTIZATION_OP = b"DynamicQuantize"  # DynamicQuantizeLinear, DynamicQuantizeMatMul, ...
+
 _PROVIDERS = {
     "onnxruntime": ["CPUExecutionProvider"],
     "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -26,7 +28,11 @@ _PROVIDERS = {
 
 
 class Runtime(Protocol):
-    """A loaded model that turns feeds into outputs. `run` is safe to call from several threads."""
+    """A loaded model that turns feeds into outputs. `run` is safe to call from several threads.
+
+    A runtime may also say `rows_independent = False` when the rows of one call affect each other's results,
+    so the inference server does not batch requests together (see `strata.agent.batching`).
+    """
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -38,6 +44,9 @@ class OnnxRuntimeModel:
     """A model held in an onnxruntime InferenceSession (loaded from bytes, so files can stay encrypted).
 
     The session is freed when the last reference goes: requests in flight keep the one they started on.
+    `rows_independent` is False for a model quantized dynamically (onnxruntime's DynamicQuantizeLinear and its
+    fused forms): it quantizes activations with one scale per tensor, measured over the whole batch, so the
+    answer to one row depends on the rows beside it.
     """
 
     def __init__(
@@ -64,6 +73,10 @@ class OnnxRuntimeModel:
         # onnxruntime's CPU arena keeps the peak of every run for the life of the session: one large batch
         # would hold tens of MB forever and break the agent's memory budget. Plain malloc costs ~10 µs a run.
         options.enable_cpu_mem_arena = False
+        # onnxruntime's pool threads spin while they wait for work. On a node whose cores are shared (the
+        # event loop, other processes) the spinning threads steal the CPU the work needs: MiniLM int8 runs at
+        # about twice the rate without it on a busy 2-core machine, and a small model's idle pool burns a core.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -74,6 +87,8 @@ class OnnxRuntimeModel:
         self.inputs = inputs
         self.outputs = outputs
         self._output_names = [o.name for o in outputs]
+        # op types are plain strings in the ONNX protobuf: a byte search finds them without parsing the graph
+        self.rows_independent = _DYNAMIC_QUANTIZATION_OP not in model
 
     def run(self, feeds: Mapping[str, Array], output_names: Sequence[str] | None = None) -> dict[str, Array]:
         """Run the model.

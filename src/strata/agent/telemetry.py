@@ -119,6 +119,8 @@ class Outcome:
     status: str
     tier: str = "local"
     summary: str = ""
+    # made only for outcomes kept as events (a few in a hundred), on the recorder's thread; wins over `summary`
+    summarize: Callable[[], str] | None = None
     drift: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
@@ -182,7 +184,7 @@ class TelemetryBuffer:
             if priority is not None:
                 events.append(
                     (outcome.ts, outcome.model, outcome.version, outcome.variant, outcome.latency_us,
-                     outcome.queue_us, outcome.batch, outcome.status, outcome.tier, priority, outcome.summary)
+                     outcome.queue_us, outcome.batch, outcome.status, outcome.tier, priority, _summary_of(outcome))
                 )  # fmt: skip
         with self._transaction() as db:
             db.executemany(
@@ -395,8 +397,8 @@ class TelemetryBuffer:
 @dataclass
 class _Waiter:
     outcome: Outcome
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop | None = None  # None: nobody waits for the commit
+    future: asyncio.Future[None] | None = None
 
 
 @dataclass
@@ -430,6 +432,10 @@ class TelemetryRecorder:
         future: asyncio.Future[None] = loop.create_future()
         self._queue.put(_Waiter(outcome, loop, future))
         await future
+
+    def record_nowait(self, outcome: Outcome) -> None:
+        """Buffer one outcome without waiting for its commit (a shed request's: its 503 goes out at once)."""
+        self._queue.put(_Waiter(outcome))
 
     def set_references(self, model: str, version: str, references: tuple[DriftReference, ...]) -> None:
         """The drift references of a model version now served (from its package)."""
@@ -505,9 +511,15 @@ class TelemetryRecorder:
             self._lost += len(outcomes)
             log.error("telemetry buffer write failed (%s); %d outcomes not recorded", exc, len(outcomes))
         self._remember_drift(outcomes)
+        # one wake-up per event loop for the whole group, not one per request
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for waiter in waiters:
-            if not waiter.loop.is_closed():
-                waiter.loop.call_soon_threadsafe(_resolve, waiter.future)
+            if waiter.loop is not None and waiter.future is not None:
+                by_loop.setdefault(waiter.loop, []).append(waiter.future)
+        for loop, futures in by_loop.items():
+            if not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                    loop.call_soon_threadsafe(_resolve, futures)
 
     def _remember_drift(self, outcomes: list[Outcome]) -> None:
         with self._window_lock:
@@ -532,9 +544,20 @@ class TelemetryRecorder:
         self.buffer.close()
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _summary_of(outcome: Outcome) -> str:
+    if outcome.summarize is None:
+        return outcome.summary
+    try:
+        return outcome.summarize()
+    except Exception:  # a summary is a courtesy: never lose the event over it
+        log.exception("cannot summarise a request of model %s", outcome.model)
+        return outcome.summary
+
+
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 # --- the uploader ---------------------------------------------------------------------------------------

@@ -94,6 +94,27 @@ def agent(
             "models are decrypted only in memory.",
         ),
     ] = True,
+    max_batch_size: Annotated[
+        int, typer.Option("--max-batch-size", help="Most rows merged into one runtime call per model (1: no batching).")
+    ] = 32,
+    max_queue_delay_us: Annotated[
+        int,
+        typer.Option("--max-queue-delay-us", help="How long a request may wait for others to join its batch."),
+    ] = 0,
+    preferred_batch_size: Annotated[
+        list[int] | None,
+        typer.Option("--preferred-batch-size", help="Cut batches at this size when reached (repeatable)."),
+    ] = None,
+    max_queue_size: Annotated[
+        int, typer.Option("--max-queue-size", help="Most requests waiting per model; more are answered 503.")
+    ] = 256,
+    max_queue_wait_ms: Annotated[
+        float,
+        typer.Option("--max-queue-wait-ms", help="Answer 503 at once when the estimated wait is longer (0: no bound)."),
+    ] = 5000.0,
+    instances: Annotated[
+        int, typer.Option("--instances", help="Runtime calls of one model that may run at once (worker threads).")
+    ] = 2,
 ) -> None:
     """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
     the Open Inference Protocol on --serve-port; keeps serving when the control plane is gone."""
@@ -132,6 +153,12 @@ def agent(
         probation_s=parse_duration(probation),
         report_interval_s=parse_duration(report_interval),
         encrypt_at_rest=encrypt_at_rest,
+        max_batch_size=max_batch_size,
+        max_queue_delay_us=max_queue_delay_us,
+        preferred_batch_sizes=tuple(preferred_batch_size or ()),
+        max_queue_size=max_queue_size,
+        max_queue_wait_ms=max_queue_wait_ms if max_queue_wait_ms > 0 else None,
+        model_instances=instances,
     )
     env = {**os.environ, CONFIG_ENV: config.to_env()}
     sys.stdout.flush()

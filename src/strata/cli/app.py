@@ -15,6 +15,7 @@ from strata import __version__
 from strata.cli import agent as agent_cmd
 from strata.cli import demo as demo_cmd
 from strata.cli import deploy as deploy_cmd
+from strata.cli import gateway as gateway_cmd
 from strata.cli import keys as keys_cmd
 from strata.cli import model as model_cmd
 from strata.cli import nodes as nodes_cmd
@@ -39,6 +40,7 @@ app = typer.Typer(
 
 app.command("server")(server_cmd.server)
 app.command("agent")(agent_cmd.agent)
+app.command("gateway")(gateway_cmd.gateway)
 app.add_typer(token_cmd.app, name="token")
 app.add_typer(model_cmd.app, name="model")
 app.add_typer(keys_cmd.app, name="keys")

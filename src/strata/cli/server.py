@@ -42,6 +42,13 @@ def server(
             dir_okay=False,
         ),
     ] = None,
+    cloud_endpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cloud-endpoint",
+            help="An Open Inference Protocol server (URL) that takes overflow inference from every node (repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Run the control plane over HTTPS (mutual TLS for nodes): registry, inventory, rollouts, telemetry, under /v1."""
     from strata.control.server import serve
@@ -56,4 +63,5 @@ def server(
         tls_names=tuple(tls_name or ()),
         agent_allowlist=tuple(agent_allowlist or ()),
         release_keys=tuple(release_key or ()),
+        cloud_endpoints=tuple(cloud_endpoint or ()),
     )

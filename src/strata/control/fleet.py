@@ -11,7 +11,7 @@ import asyncio
 import json
 import ssl
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -321,16 +321,19 @@ class FleetService:
 
     # --- inventory ------------------------------------------------------------------------------------------
 
-    def list_nodes(self) -> list[NodeView]:
-        """Every node that is not revoked, by name.
+    def list_nodes(self, tiers: Collection[str] | None = None) -> list[NodeView]:
+        """Every node that is not revoked (of these tiers, when given), by name.
 
         Raises:
             StoreError: the database failed.
         """
         generation = self._feed.generation
         now = self._clock()
+        query = select(Node).where(Node.revoked_at.is_(None)).order_by(Node.name)
+        if tiers is not None:
+            query = query.where(Node.tier.in_(list(tiers)))
         with self._db.transaction() as session:
-            nodes = session.scalars(select(Node).where(Node.revoked_at.is_(None)).order_by(Node.name)).all()
+            nodes = session.scalars(query).all()
             deployments = self._active_deployments(session, generation)
         return [self._view(node, generation, deployments, now) for node in nodes]
 

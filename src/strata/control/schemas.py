@@ -183,6 +183,24 @@ class NodeBody(BaseModel):
     )
 
 
+class EndpointBody(BaseModel):
+    url: str = Field(description="base URL of an Open Inference Protocol server")
+    name: str
+    tier: str
+    node_id: str | None = Field(description="the node behind the URL; null for a configured cloud endpoint")
+    online: bool | None = Field(description="whether the control plane sees the node online; null: not a node")
+
+
+class TopologyBody(BaseModel):
+    node_id: str
+    name: str
+    tier: str
+    site: str | None = Field(description="the node's `site` label; a device's parents share it")
+    serve_url: str | None = Field(description="the node's own inference URL, as it reported it")
+    parents: list[EndpointBody] = Field(description="near-edge nodes to fall back to, in order of preference")
+    cloud: list[EndpointBody] = Field(description="cloud endpoints to fall back to last, in order of preference")
+
+
 # --- registry -------------------------------------------------------------------------------------------
 
 

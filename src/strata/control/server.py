@@ -81,6 +81,7 @@ def serve(
     tls_names: tuple[str, ...] = (),
     agent_allowlist: tuple[str, ...] = (),
     release_keys: tuple[Path, ...] = (),
+    cloud_endpoints: tuple[str, ...] = (),
 ) -> None:
     """Run the control plane on `https://host:port` with its data in `data_dir`, until SIGTERM or SIGINT.
 
@@ -90,7 +91,8 @@ def serve(
     enrolling nodes pin them (see `strata.control.supply`).
 
     Raises:
-        ConfigError: an unknown log level, a data folder that cannot be created, or an unusable database URL.
+        ConfigError: an unknown log level, a data folder that cannot be created, an unusable database URL, or a
+            cloud endpoint that is not an http(s) URL.
         SystemExit: uvicorn could not start (the port is taken, or the database cannot be migrated); the reason
             is logged.
     """
@@ -102,12 +104,16 @@ def serve(
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the data folder {data_dir}: {exc}") from exc
+    for url in cloud_endpoints:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"--cloud-endpoint must be an http:// or https:// URL, got {url!r}")
     settings = ServerSettings(
         data_dir=data_dir,
         db_url=db_url,
         otlp_endpoint=otlp_endpoint,
         agent_allowlist=agent_allowlist,
         release_keys=tuple(path.expanduser().resolve() for path in release_keys),
+        cloud_endpoints=tuple(cloud_endpoints),
     )
     app = create_app(settings)
     plane: ControlPlane = app.state.plane

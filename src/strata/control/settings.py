@@ -35,6 +35,8 @@ class ServerSettings:
         agent_allowlist: agent code hashes nodes may attest to (default: this server's own release).
         release_keys: release public keys (PEM files); with any, uploads must be signed by one and nodes pin them.
         tuf_expiries: lifetimes of the TUF metadata the server signs.
+        cloud_endpoints: Open Inference Protocol servers that take overflow inference from every node (any OIP
+            server: a cloud-tier strata agent, Triton, KServe); nodes learn them from their topology.
     """
 
     data_dir: Path
@@ -51,6 +53,7 @@ class ServerSettings:
     agent_allowlist: tuple[str, ...] = ()
     release_keys: tuple[Path, ...] = ()
     tuf_expiries: Expiries = field(default_factory=Expiries)
+    cloud_endpoints: tuple[str, ...] = ()
 
     @property
     def database_url(self) -> str:

@@ -26,6 +26,7 @@ OIP_TO_NUMPY: Final[dict[str, np.dtype[np.generic]]] = {
 }
 
 _NUMPY_TO_OIP: Final[dict[str, str]] = {str(dtype): name for name, dtype in OIP_TO_NUMPY.items() if name != "BYTES"}
+_BY_DTYPE: dict[np.dtype[np.generic], str] = {}
 
 # onnxruntime's NodeArg.type strings -> Open Inference Protocol datatype.
 ORT_TO_OIP: Final[dict[str, str]] = {
@@ -81,9 +82,14 @@ def oip_from_numpy(dtype: np.dtype[np.generic]) -> str:
     Raises:
         BadRequest: numpy dtype with no protocol equivalent (complex numbers, say).
     """
+    known = _BY_DTYPE.get(dtype)  # str(dtype) costs microseconds; servers ask this for every tensor they send
+    if known is not None:
+        return known
     if dtype.kind in ("O", "S", "U"):
         return "BYTES"
     try:
-        return _NUMPY_TO_OIP[str(dtype)]
+        datatype = _NUMPY_TO_OIP[str(dtype)]
     except KeyError:
         raise BadRequest(f"numpy dtype {dtype} has no Open Inference Protocol datatype") from None
+    _BY_DTYPE[dtype] = datatype
+    return datatype

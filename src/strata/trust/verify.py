@@ -41,6 +41,7 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from strata.core.errors import ConfigError, MetadataError, PackageError, SignatureError, StrataError, TransportError
 from strata.core.profiles import get_profile
+from strata.trust.fleet_tls import node_client_context
 from strata.trust.pinned import PinnedTrust, load_pinned, metadata_dir
 from strata.trust.signing import read_bundle, verify_package_signature
 from strata.trust.targets import TargetFacts, check_agreement, check_desired, check_profile, target_path
@@ -96,22 +97,6 @@ class UrllibFetcher(FetcherInterface):
                 raise tuf_errors.DownloadError(f"connection broke: {exc}") from exc
 
 
-def node_tls(data_dir: Path) -> ssl.SSLContext:
-    """The node's client TLS context (its files under DATA_DIR/trust, as `strata.agent.identity` writes them).
-
-    Raises:
-        ConfigError: the files do not load.
-    """
-    trust = data_dir / "trust"
-    try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=trust / "ca.pem")
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(trust / "node.pem", trust / "node.key")
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"this node's TLS files in {trust} do not load: {exc}") from exc
-    return context
-
-
 def _refused(repository: str, exc: Exception) -> StrataError:
     """A python-tuf error as strata's: metadata refused, or the server out of reach."""
     meaning = next((text for kind, text in _MEANING.items() if isinstance(exc, kind)), None)
@@ -165,7 +150,7 @@ def check_target(
     path = target_path(str(request["model"]), str(request["version"]), str(variant["id"]))
     if fetcher is None:
         # Over mutual TLS as the node itself: the fleet CA checks the server, the node certificate names the node.
-        context = node_tls(data_dir) if str(request["server"]).startswith("https:") else None
+        context = node_client_context(data_dir / "trust") if str(request["server"]).startswith("https:") else None
         fetcher = UrllibFetcher(request.get("headers") or {}, float(request.get("timeout", 30.0)), context)
     server = str(request["server"]).rstrip("/")
     node = parse.quote(str(request["node_id"]), safe="")

@@ -34,8 +34,10 @@ from strata.control.schemas import (
     NodeBody,
     NodeStatusBody,
     RenewRequest,
+    TopologyBody,
 )
 from strata.control.settings import MAX_WAIT_S
+from strata.control.topology import Topology, node_topology
 from strata.core.errors import AuthError
 from strata.core.wire import EnrollResponse, NodeStatus
 
@@ -159,3 +161,11 @@ def put_status(node_id: str, body: NodeStatusBody, plane: Plane, _node: NodeItse
     """The node reports what it runs; stored only when it changed."""
     plane.fleet.report_status(node_id, NodeStatus.from_json(body.model_dump()))
     return Response(status_code=204)
+
+
+@router.get("/nodes/{node_id}/topology", response_model=TopologyBody, responses={404: {"model": ErrorBody}})
+def get_topology(node_id: str, plane: Plane, _caller: SelfOrAdmin) -> Topology:
+    """Where the node's inference falls back to: its parent near-edge nodes (same `site` label), then the cloud
+    endpoints. For the node itself (its gateway) or the operator."""
+    candidates = plane.fleet.list_nodes(tiers=("near-edge", "cloud"))
+    return node_topology(plane.fleet.get_node(node_id), candidates, plane.settings.cloud_endpoints)

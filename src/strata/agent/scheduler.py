@@ -1,0 +1,516 @@
+"""Each served model's request queue and dynamic batcher: the driver around `strata.agent.batching`.
+
+A request is decoded and checked (`prepare`), admitted or shed at once (`ModelScheduler.submit`), queued, and
+run in a batch with the queued requests of the same shapes (`run_batch`, on a worker thread): inputs are
+concatenated along the first axis, the runtime runs once, outputs are split back by rows and each request's
+response is encoded on the worker. The event loop only moves requests between the queue and the workers, so
+it never waits for a model.
+
+Why a batch that fails is rerun one request at a time: onnxruntime rejects a whole call when one row is bad
+(an index out of an embedding's range, say); the bad request must get its 400 and the others their answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+import zlib
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+from strata.agent.batching import (
+    BatchingConfig,
+    QueueLoad,
+    WaitUntil,
+    admit,
+    batchable_signature,
+    ewma,
+    plan_batch,
+    resolve_config,
+)
+from strata.agent.metrics import InferenceMetrics
+from strata.agent.repository import LoadedModel
+from strata.agent.runtime import Runtime
+from strata.core.datatypes import oip_from_numpy
+from strata.core.errors import BadRequest, ConfigError, InferenceError, Unavailable
+from strata.core.oip import Array, check_inputs, check_outputs, decode_request, encode_response
+from strata.core.telemetry import DriftReference, bin_counts
+
+log = logging.getLogger(__name__)
+
+INLINE_DECODE_BYTES: Final = 64 << 10  # smaller identity-encoded bodies are decoded on the event loop
+
+
+class Overloaded(Unavailable):
+    """The model's queue cannot take this request now; the client should retry after `retry_after_s`."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """One request's answer and the facts its metrics and telemetry need."""
+
+    body: bytes
+    header_length: int | None
+    batch: int  # rows this request contributed
+    queue_ns: int  # from joining the queue to its batch starting on a worker
+    compute_ns: int  # the runtime call of its batch
+    # What the model itself cost this request, for probation and rollout gates: its rows' share of the batch's
+    # runtime call, in CPU time of the calling thread on the CPU runtime (a busy node's waits for a core are left
+    # out), in wall time on accelerators.
+    model_ns: int
+    summarize: Callable[[], str] | None = None  # its telemetry summary, made only if the event is kept
+    drift: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+
+@dataclass(eq=False, slots=True)
+class Prepared:
+    """A decoded request that fits its model, as it waits in the queue."""
+
+    feeds: dict[str, Array]
+    outputs: tuple[tuple[str, bool], ...]  # (name, as binary) of the outputs it asked for
+    request_id: str | None
+    rows: int
+    key: Hashable | None  # requests with equal keys can share a runtime call; None runs alone
+    enqueued_ns: int = 0
+    future: asyncio.Future[InferResult] | None = None
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """What one worker job did: each request's result or error, in order, and its runtime calls."""
+
+    results: list[InferResult | Exception]
+    rows: int
+    executions: int
+    busy_ns: int  # the whole job on the worker thread
+
+
+def decompress(body: bytes, encoding: str, limit: int = 64 << 20) -> bytes:
+    """The body without its Content-Encoding (identity, gzip or deflate), at most `limit` bytes.
+
+    Raises:
+        BadRequest: an unknown encoding, corrupt or truncated data, or more than `limit` bytes once inflated.
+    """
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise BadRequest(f"Content-Encoding {encoding!r} is not supported; send identity, gzip or deflate")
+    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: zlib or gzip header, detected
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"request body is not valid {encoding} data: {exc}") from None
+    if len(inflated) > limit:
+        raise BadRequest(f"request body inflates to more than {limit} bytes")
+    if not inflater.eof:
+        raise BadRequest(f"request body is truncated {encoding} data")
+    return inflated
+
+
+def rows_independent(runtime: Runtime) -> bool:
+    """Whether a runtime computes each row of a batch on its own (runtimes may say so; default yes)."""
+    return bool(getattr(runtime, "rows_independent", True))
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A binary request's JSON header, decoded and checked against the model once: where its tensors lie."""
+
+    inputs: tuple[tuple[str, np.dtype[Any], tuple[int, ...], int], ...]  # name, dtype, shape, bytes; body order
+    size: int  # bytes of binary data after the header
+    outputs: tuple[tuple[str, bool], ...]
+    request_id: str | None
+    rows: int
+    key: Hashable | None
+
+
+class Layouts:
+    """The request headers one model has seen lately, by their bytes. A client sends the same header for every
+    request of one shape (only the tensor bytes differ), so a header seen before needs no JSON parsing and no
+    signature check: its tensors are read straight out of the body. Thread-safe (dict operations)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._layouts: dict[bytes, _Layout] = {}
+
+    def get(self, header: bytes) -> _Layout | None:
+        return self._layouts.get(header)
+
+    def put(self, header: bytes, layout: _Layout) -> None:
+        if len(self._layouts) >= self._size:
+            self._layouts.clear()  # a client cycling through many shapes: start over rather than track age
+        self._layouts[header] = layout
+
+
+def prepare(
+    model: LoadedModel,
+    body: bytes,
+    header_length: int | None,
+    batched: bool,
+    encoding: str = "identity",
+    max_bytes: int = 64 << 20,
+    layouts: Layouts | None = None,
+) -> Prepared:
+    """Decode a request body (after its Content-Encoding) and check it against the model's signature; `batched`
+    says whether the model's requests may share runtime calls, and so whether the request gets a batch key.
+    With `layouts`, a binary request whose header was seen before is read without parsing it again.
+
+    Raises:
+        BadRequest: the body is malformed or does not fit the model.
+    """
+    body = decompress(body, encoding, max_bytes)
+    header = body[:header_length] if layouts is not None and header_length is not None else None
+    if header is not None and layouts is not None:
+        layout = layouts.get(header)
+        if layout is not None and len(body) - len(header) == layout.size:
+            offset = len(header)
+            feeds = {}
+            for name, dtype, shape, size in layout.inputs:
+                feeds[name] = np.frombuffer(body, dtype, size // dtype.itemsize, offset).reshape(shape)
+                offset += size
+            return Prepared(feeds, layout.outputs, layout.request_id, layout.rows, layout.key)
+    decoded = decode_request(body, header_length)
+    manifest = model.manifest
+    feeds = check_inputs(decoded, manifest.inputs, model.name)
+    wanted = tuple(check_outputs(decoded, manifest.outputs, model.name))
+    rows = _batch_size(model, feeds)
+    key: Hashable | None = None
+    if batched and all(array.ndim >= 1 and array.shape[0] == rows for array in feeds.values()):
+        shapes = tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(feeds.items()))
+        key = (shapes, tuple(name for name, _ in wanted))
+    if header is not None and layouts is not None:
+        tensors = [(t.name, t.array) for t in decoded.inputs]
+        binary = len(body) - len(header)
+        # only requests whose every tensor is in the binary region, in fixed-size types, have a layout
+        if all(array.dtype.kind not in "OSU" for _, array in tensors) and sum(a.nbytes for _, a in tensors) == binary:
+            inputs = tuple((name, array.dtype, tuple(array.shape), array.nbytes) for name, array in tensors)
+            layouts.put(bytes(header), _Layout(inputs, binary, wanted, decoded.id, rows, key))
+    return Prepared(feeds=feeds, outputs=wanted, request_id=decoded.id, rows=rows, key=key)
+
+
+def run_batch(model: LoadedModel, items: list[Prepared], references: tuple[DriftReference, ...] = ()) -> BatchRun:
+    """Run queued requests of one key in one runtime call (one request: as is) and encode each answer.
+
+    Errors are returned per request, never raised: a bad row reruns the batch one request at a time.
+    """
+    started = time.perf_counter_ns()
+    queue_ns = [started - item.enqueued_ns for item in items]
+    executions = 1
+    try:
+        results = _run_together(model, items, references, queue_ns)
+    except BadRequest as exc:
+        if len(items) == 1:
+            results = [exc]
+        else:
+            results = []
+            for item, waited in zip(items, queue_ns, strict=True):
+                executions += 1
+                try:
+                    results.extend(_run_together(model, [item], references, [waited]))
+                except InferenceError as single:
+                    results.append(single)
+    except InferenceError as exc:
+        results = [exc] * len(items)
+    rows = sum(item.rows for item in items)
+    return BatchRun(results, rows, executions, time.perf_counter_ns() - started)
+
+
+def _encode(
+    model: LoadedModel, item: Prepared, outputs: dict[str, Array], headers: dict[Hashable, bytes] | None
+) -> tuple[bytes, int | None]:
+    """A request's response body. All-binary answers of one shape share their JSON header (it holds only
+    names, types, shapes and sizes), so a batch encodes it once and joins the tensors' bytes after it."""
+    arrays = [(name, outputs[name]) for name, _ in item.outputs]
+    cacheable = (
+        headers is not None
+        and item.request_id is None
+        and all(binary for _, binary in item.outputs)
+        and all(array.dtype.kind not in "OSU" for _, array in arrays)
+    )
+    if not cacheable or headers is None:
+        return encode_response(
+            model.name, model.version, item.request_id, ((n, outputs[n], b) for n, b in item.outputs)
+        )
+    key = tuple((name, array.dtype.str, array.shape) for name, array in arrays)
+    header = headers.get(key)
+    if header is None:
+        body, header_length = encode_response(model.name, model.version, None, ((n, a, True) for n, a in arrays))
+        assert header_length is not None
+        headers[key] = body[:header_length]
+        return body, header_length
+    little = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8) for _, a in arrays]
+    return b"".join([header, *(part.data for part in little)]), len(header)
+
+
+def _run_together(
+    model: LoadedModel, items: list[Prepared], references: tuple[DriftReference, ...], queue_ns: list[int]
+) -> list[InferResult | Exception]:
+    """One runtime call for `items`, split back into their answers.
+
+    Raises:
+        BadRequest: the runtime rejected the input.
+        InferenceError: the outputs break the model's signature, or do not split back by rows.
+    """
+    names = [name for name, _ in items[0].outputs]
+    if len(items) == 1:
+        feeds = items[0].feeds
+    else:
+        feeds = {name: np.concatenate([item.feeds[name] for item in items]) for name in items[0].feeds}
+    compute_start = time.perf_counter_ns()
+    cpu_start = time.thread_time_ns()
+    results = model.runtime.run(feeds, names)
+    compute_ns = time.perf_counter_ns() - compute_start
+    cost_ns = time.thread_time_ns() - cpu_start if model.manifest.runtime == "onnxruntime" else compute_ns
+    check_results(model, results)
+    total = sum(item.rows for item in items)
+    if len(items) > 1 and any(array.ndim == 0 or array.shape[0] != total for array in results.values()):
+        raise InferenceError(f"model {model.name} returned outputs that do not have one row per input row")
+    out: list[InferResult | Exception] = []
+    headers: dict[Hashable, bytes] = {}
+    offset = 0
+    for item, waited in zip(items, queue_ns, strict=True):
+        if len(items) == 1:
+            mine = results
+        else:
+            mine = {name: array[offset : offset + item.rows] for name, array in results.items()}
+        offset += item.rows
+        body, header_length = _encode(model, item, mine, headers)
+        out.append(
+            InferResult(
+                body=body,
+                header_length=header_length,
+                batch=item.rows,
+                queue_ns=waited,
+                compute_ns=compute_ns,
+                model_ns=cost_ns * item.rows // max(total, 1),
+                summarize=functools.partial(_summary, model, item.feeds),
+                drift=tuple(
+                    (ref.tensor, tuple(bin_counts(ref, (item.feeds if ref.kind == "input" else mine)[ref.tensor])))
+                    for ref in references
+                    if (item.feeds if ref.kind == "input" else mine).get(ref.tensor) is not None
+                ),
+            )
+        )
+    return out
+
+
+def _summary(model: LoadedModel, feeds: dict[str, Array]) -> str:
+    """A compact description of a request's first input for its telemetry event: shape and mean."""
+    first = feeds[model.manifest.inputs[0].name]
+    summary: dict[str, object] = {"shape": list(first.shape)}
+    if first.dtype.kind in "biuf" and first.size:
+        summary["mean"] = round(float(first.mean()), 4)
+    return json.dumps(summary, separators=(",", ":"))
+
+
+def _batch_size(model: LoadedModel, feeds: dict[str, Array]) -> int:
+    """Inferences in a request: the first input's leading dimension when it is dynamic (the batch), else 1."""
+    first = model.manifest.inputs[0]
+    if first.shape and first.shape[0] == -1:
+        return int(feeds[first.name].shape[0])
+    return 1
+
+
+def check_results(model: LoadedModel, results: dict[str, Array]) -> None:
+    """Refuse outputs whose datatype or shape break the signature the model advertises.
+
+    Raises:
+        InferenceError: an output has another datatype or shape than its spec says.
+    """
+    specs = {spec.name: spec for spec in model.manifest.outputs}
+    for name, array in results.items():
+        spec = specs[name]
+        try:
+            datatype = oip_from_numpy(array.dtype)
+        except BadRequest:
+            datatype = str(array.dtype)
+        if datatype != spec.datatype or not spec.accepts_shape(tuple(array.shape)):
+            raise InferenceError(
+                f"model {model.name} version {model.version} returned output {name!r} as {datatype}"
+                f" {list(array.shape)}, but its signature says {spec.datatype} {list(spec.shape)}"
+            )
+
+
+# --- the driver ----------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Running:
+    started_ns: int
+    rows: int
+
+
+class ModelScheduler:
+    """One served model's bounded queue and batcher, on the event loop (not thread-safe: loop only).
+
+    `submit` admits or sheds a request at once and returns a future of its answer. Batches run on `executor`
+    (None: the loop's default pool), at most `config.instances` at a time; when a batch ends the next is planned
+    at once, so requests that arrived meanwhile form the next batch.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        config: BatchingConfig,
+        metrics: InferenceMetrics,
+        executor: Executor | None = None,
+        references: tuple[DriftReference, ...] = (),
+    ) -> None:
+        self.model = model
+        self.config = config
+        self._metrics = metrics
+        self._executor = executor
+        self._references = references
+        self.layouts = Layouts()
+        self._queue: list[Prepared] = []
+        self._queued_rows = 0
+        self._running: list[_Running] = []
+        self._rows_per_s: float | None = None
+        self._dispatch_pending = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def for_model(
+        cls,
+        model: LoadedModel,
+        defaults: BatchingConfig,
+        metrics: InferenceMetrics,
+        executor: Executor | None = None,
+        references: tuple[DriftReference, ...] = (),
+    ) -> ModelScheduler:
+        """A scheduler configured for `model` (see `batching.resolve_config`); a malformed batching policy in
+        the package is logged and ignored, so the model still serves with the agent's settings."""
+        manifest = model.manifest
+        batchable = batchable_signature(manifest.inputs, manifest.outputs)
+        independent = rows_independent(model.runtime)
+        try:
+            config = resolve_config(
+                defaults, manifest.policy, signature_batchable=batchable, rows_independent=independent
+            )
+        except ConfigError as exc:
+            log.warning("model %s %s: ignoring its batching policy: %s", model.name, model.version, exc)
+            config = resolve_config(defaults, {}, signature_batchable=batchable, rows_independent=independent)
+        if batchable and not independent and not config.batching:
+            log.info(
+                "model %s %s quantizes activations per batch, so batching would change answers: not batched",
+                model.name,
+                model.version,
+            )
+        return cls(model, config, metrics, executor, references)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a worker."""
+        return len(self._queue)
+
+    def load(self, now_ns: int) -> QueueLoad:
+        """What admission sees now."""
+        busy_remaining = 0.0
+        if len(self._running) >= self.config.instances and self._rows_per_s:
+            busy_remaining = min(
+                max(0.0, run.rows / self._rows_per_s - (now_ns - run.started_ns) / 1e9) for run in self._running
+            )
+        return QueueLoad(len(self._queue), self._queued_rows, busy_remaining, self._rows_per_s)
+
+    def submit(self, item: Prepared, now_ns: int) -> asyncio.Future[InferResult]:
+        """Queue a prepared request; the future resolves with its answer or its error.
+
+        Raises:
+            Overloaded: the queue is full, or the wait it would face is over the configured bound.
+        """
+        shed = admit(self.load(now_ns), self.config)
+        if shed is not None:
+            raise Overloaded(f"model {self.model.name} is overloaded: {shed.reason}", shed.retry_after_s)
+        loop = asyncio.get_running_loop()
+        item.enqueued_ns = now_ns
+        item.future = loop.create_future()
+        self._queue.append(item)
+        self._queued_rows += item.rows
+        if len(self._running) < self.config.instances and not self._dispatch_pending:
+            # once the requests that arrived in this turn of the loop are queued too: they may share the batch
+            self._dispatch_pending = True
+            loop.call_soon(self._dispatch)
+        return item.future
+
+    def _dispatch(self) -> None:
+        self._dispatch_pending = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = time.perf_counter_ns()
+        while len(self._running) < self.config.instances and self._queue:
+            decision = plan_batch(self._queue, now, self.config)
+            if decision is None:
+                break
+            if isinstance(decision, WaitUntil):
+                delay = max(0.0, (decision.deadline_ns - now) / 1e9)
+                self._timer = asyncio.get_running_loop().call_later(delay, self._dispatch)
+                break
+            positions = decision.positions
+            if positions == tuple(range(len(positions))):
+                batch = self._queue[: len(positions)]
+                del self._queue[: len(positions)]
+            else:
+                chosen = set(positions)
+                batch = [self._queue[p] for p in positions]
+                self._queue = [item for p, item in enumerate(self._queue) if p not in chosen]
+            self._queued_rows -= decision.rows
+            self._start(batch, now)
+
+    def _start(self, batch: list[Prepared], now_ns: int) -> None:
+        run = _Running(now_ns, sum(item.rows for item in batch))
+        loop = asyncio.get_running_loop()
+        try:
+            job = loop.run_in_executor(self._executor, run_batch, self.model, batch, self._references)
+        except RuntimeError:  # the executor is shut down: the agent is stopping
+            error = Unavailable("the node is shutting down and takes no more inference requests")
+            for item in batch:
+                _settle(item, error)
+            return
+        self._running.append(run)
+        job.add_done_callback(functools.partial(self._finish, batch, run))
+
+    def _finish(self, batch: list[Prepared], run: _Running, job: asyncio.Future[BatchRun]) -> None:
+        self._running.remove(run)
+        if job.cancelled():
+            error: Exception = Unavailable("the node is shutting down")
+            for item in batch:
+                _settle(item, error)
+        elif (failure := job.exception()) is not None:
+            log.error("batch of model %s failed unexpectedly", self.model.name, exc_info=failure)
+            for item in batch:
+                _settle(item, InferenceError(f"internal error running model {self.model.name}"))
+        else:
+            outcome = job.result()
+            for item, result in zip(batch, outcome.results, strict=True):
+                _settle(item, result)
+            self._metrics.record_execution(self.model.name, self.model.version, outcome.executions)
+            # the instance was taken from dispatch until now (the job, plus handing it over and back): that,
+            # not the job alone, is what a request queued behind it waits for
+            occupied_ns = time.perf_counter_ns() - run.started_ns
+            if occupied_ns > 0:
+                self._rows_per_s = ewma(self._rows_per_s, outcome.rows / (occupied_ns / 1e9))
+        self._dispatch()
+
+
+def _settle(item: Prepared, result: InferResult | Exception) -> None:
+    future = item.future
+    if future is None or future.done():  # the request was cancelled (its connection closed, the server stops)
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
