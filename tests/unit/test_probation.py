@@ -50,7 +50,7 @@ def test_the_reference_comes_from_the_manifest_when_it_records_one() -> None:
     assert reference_latency({}) is None
 
 
-def test_the_tracker_counts_per_version_and_ignores_the_callers_mistakes() -> None:
+def test_the_tracker_counts_per_version_and_ignores_failures_that_are_not_the_models() -> None:
     now = [1000.0]
     tracker = ServingTracker(window=100, clock=lambda: now[0])
     assert tracker.counters("m", "1") is None
@@ -58,6 +58,8 @@ def test_the_tracker_counts_per_version_and_ignores_the_callers_mistakes() -> No
         tracker.record_success("m", "1", float(latency))
     tracker.record_failure("m", "1", "internal")
     tracker.record_failure("m", "1", "bad_request")
+    for _ in range(500):  # shed by admission control under overload: the model never saw them
+        tracker.record_failure("m", "1", "rejected")
     got = tracker.counters("m", "1")
     assert got == ServingCounters(requests=101, errors=1, latency_p95_ms=95.0, since=1000.0)
     tracker.record_success("m", "2", 1.0)

@@ -211,6 +211,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._client: tuple[str, int] | None = None
         self._peer: str | None = None
+        self._tls = False
         self.closed: asyncio.Future[None] = self._loop.create_future()
         # the request being parsed
         self._in_message = False
@@ -240,6 +241,7 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
         ssl_object = transport.get_extra_info("ssl_object")  # over TLS, the handshake is done by now
+        self._tls = ssl_object is not None
         if ssl_object is not None and self._server.peer_identity is not None:
             self._peer = self._server.peer_identity(ssl_object)
         self._server.add(self)
@@ -290,7 +292,8 @@ class _Connection(asyncio.Protocol):
             self._refused = True
         self._close_after_queue = True
         self._next()
-        return True  # keep our side open until the answers in hand are written
+        # keep our side open until the answers in hand are written (TLS cannot half-close: asyncio closes it)
+        return not self._tls
 
     def pause_writing(self) -> None:
         self._writing_paused = True

@@ -21,8 +21,9 @@ from strata.core.wire import ServingCounters
 
 DEFAULT_WINDOW = 512
 
-# Failures that are the caller's doing do not count against a model.
-CALLER_FAULTS = frozenset({"bad_request"})
+# Failures that are not the model's doing do not count against it: a malformed request, and a request shed by
+# admission control (the node was busy; the model never saw it). Probation and rollout gates judge the model.
+CALLER_FAULTS = frozenset({"bad_request", "rejected"})
 
 
 def percentile(values: Iterable[float], fraction: float) -> float | None:
@@ -67,7 +68,7 @@ class ServingTracker:
             series.latencies_ms.append(latency_ms)
 
     def record_failure(self, model: str, version: str, reason: str) -> None:
-        """One request failed; failures the caller caused (`CALLER_FAULTS`) are not counted at all."""
+        """One request failed; failures that are not the model's (`CALLER_FAULTS`) are not counted at all."""
         if reason in CALLER_FAULTS:
             return
         with self._lock:

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -254,6 +255,8 @@ class ArtifactStore:
         self.downloads = data_dir / "downloads"
         self.packages = data_dir / "packages"
         self.state_path = data_dir / "state.json"
+        self._held: dict[str, tuple[tuple[str, Held], ...]] = {}  # a staged package's pieces, by folder name
+        self._held_lock = threading.Lock()
         for folder in (self.downloads, self.packages):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -322,22 +325,46 @@ class ArtifactStore:
             return None
 
     def piece_index(self) -> dict[str, Held]:
-        """Every piece this node holds in its staged packages, by sha256."""
+        """Every piece this node holds in its staged packages, by sha256.
+
+        A staged package never changes (its folder is named by its digest), so each one's pieces are read once and
+        remembered: the relay asks for this index on every piece it serves."""
         index: dict[str, Held] = {}
+        present = set()
         for folder in self.packages.iterdir():
             if folder.name.startswith(".") or not folder.is_dir():
                 continue
-            try:
-                manifest = read_manifest(folder)
-            except PackageError:
-                continue
-            for entry in manifest.files:
-                path = folder / entry.path
-                if not entry.chunks:
-                    index.setdefault(entry.sha256, Held(manifest.digest, entry.path, path, 0, entry.size))
-                for offset, chunk in offsets(entry.chunks):
-                    index.setdefault(chunk.sha256, Held(manifest.digest, entry.path, path, offset, chunk.size))
+            present.add(folder.name)
+            with self._held_lock:
+                held = self._held.get(folder.name)
+            if held is None:
+                held = self._read_held(folder)
+                if held is None:
+                    continue
+                with self._held_lock:
+                    self._held[folder.name] = held
+            for sha, piece in held:
+                index.setdefault(sha, piece)
+        with self._held_lock:
+            for gone in self._held.keys() - present:
+                del self._held[gone]
         return index
+
+    @staticmethod
+    def _read_held(folder: Path) -> tuple[tuple[str, Held], ...] | None:
+        try:
+            manifest = read_manifest(folder)
+        except PackageError:
+            return None
+        digest = "sha256:" + folder.name
+        pieces: list[tuple[str, Held]] = []
+        for entry in manifest.files:
+            path = folder / entry.path
+            if not entry.chunks:
+                pieces.append((entry.sha256, Held(digest, entry.path, path, 0, entry.size)))
+            for offset, chunk in offsets(entry.chunks):
+                pieces.append((chunk.sha256, Held(digest, entry.path, path, offset, chunk.size)))
+        return tuple(pieces)
 
     def write_piece(self, sha256: str, data: bytes) -> None:
         """Keep a downloaded piece (sealed when this store has a vault)."""
