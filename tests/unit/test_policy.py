@@ -138,3 +138,14 @@ def test_the_child_process_protocol_gives_the_same_decision() -> None:
         [sys.executable, "-m", "strata.core.policy"], input="{", capture_output=True, text=True, timeout=60, check=True
     )
     assert json.loads(garbage.stdout)["allowed"] is False
+
+
+def test_a_batching_section_rides_along_without_changing_placement() -> None:
+    raw = {"allowed_regions": ["eu-*"], "batching": {"max_batch_size": 8, "preferred_batch_sizes": [4, 8]}}
+    policy = Policy.from_json(raw)
+    assert policy.to_json() == raw
+    assert policy == Policy.from_json({"allowed_regions": ["eu-*"]})  # placement is the same
+    assert hash(policy) == hash(Policy.from_json({"allowed_regions": ["eu-*"]}))
+    assert Policy.from_json({"batching": {"max_batch_size": 8}}).empty
+    with pytest.raises(PolicyError, match="batching"):
+        Policy.from_json({"batching": [8]})

@@ -32,7 +32,7 @@ from strata.agent.plan import (
 )
 from strata.agent.probation import ProbationConfig, judge, reference_latency
 from strata.agent.repository import LoadedModel, ModelRepository
-from strata.agent.runtime import load_and_check
+from strata.agent.runtime import load_and_check, release_free_memory
 from strata.agent.serving import ServingTracker
 from strata.agent.store import ArtifactStore, FailureRecord, NodeState, ProbationRecord, SlotRef
 from strata.agent.supply import SupplyGuard
@@ -213,12 +213,18 @@ class Reconciler:
         self.check_probation()
         self._vouched.clear()
         steps = 0
-        while steps < MAX_STEPS:
-            actions = plan(desired, self.observe(), self.clock())
-            if not actions:
-                break
-            self.execute(actions[0])
-            steps += 1
+        try:
+            while steps < MAX_STEPS:
+                actions = plan(desired, self.observe(), self.clock())
+                if not actions:
+                    break
+                self.execute(actions[0])
+                steps += 1
+        finally:
+            if steps:
+                # Downloads, sealing and loading held whole files in memory (decrypted models among them): give
+                # the freed heap back, or the node stays as large as its busiest update.
+                release_free_memory()
         return steps
 
     def execute(self, action: Action) -> None:

@@ -31,14 +31,14 @@ import functools
 import json
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from strata.core.errors import StrataError
 
 RULE_KEYS: Final = frozenset({"name", "allow", "deny", "message"})
 POLICY_KEYS: Final = frozenset(
-    {"data_class", "required_attestation", "allowed_regions", "allowed_jurisdictions", "rules"}
+    {"data_class", "required_attestation", "allowed_regions", "allowed_jurisdictions", "rules", "batching"}
 )
 MAX_RULES: Final = 64
 MAX_EXPRESSION_CHARS: Final = 4096
@@ -76,6 +76,10 @@ class Policy:
     allowed_regions: tuple[str, ...] = ()
     allowed_jurisdictions: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = ()
+    # Not a placement rule: how the node batches this model (`strata.agent.batching` reads and checks it). Kept
+    # so that the package's policy section round-trips whole; left out of equality and hashing, since it never
+    # changes where a model may run.
+    batching: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def empty(self) -> bool:
@@ -99,6 +103,8 @@ class Policy:
             body["allowed_jurisdictions"] = list(self.allowed_jurisdictions)
         if self.rules:
             body["rules"] = [r.to_json() for r in self.rules]
+        if self.batching:
+            body["batching"] = dict(self.batching)
         return body
 
     @classmethod
@@ -124,12 +130,16 @@ class Policy:
         names = [r.name for r in rules]
         if len(set(names)) != len(names):
             raise PolicyError("policy names a rule twice")
+        batching = raw.get("batching") or {}
+        if not isinstance(batching, Mapping):
+            raise PolicyError("policy 'batching' must be a mapping of batching settings")
         return cls(
             data_class=_string(raw, "data_class"),
             required_attestation=_string(raw, "required_attestation"),
             allowed_regions=_strings(raw, "allowed_regions"),
             allowed_jurisdictions=_strings(raw, "allowed_jurisdictions"),
             rules=rules,
+            batching=dict(batching),
         )
 
 
