@@ -27,12 +27,14 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    select,
 )
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from strata.control.errors import StoreError
-from strata.core.errors import ConfigError, Conflict
+from strata.core.errors import ConfigError, Conflict, NotFound
+from strata.core.wire import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +341,24 @@ class TelemetryDropped(Base):
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32), primary_key=True)
     count: Mapped[int] = mapped_column(BigInteger)
+
+
+def runnable_version(session: Session, model: str, version: str, use: str) -> ModelVersion:
+    """Version `version` of `model`, which must have variants a node could run (`use` says what for, in the
+    error: "deploy", "roll out", "run").
+
+    Raises:
+        NotFound: no such model, or no such version of it.
+        ProtocolError: the version has no variants.
+    """
+    row = session.scalar(select(ModelVersion).join(Model).where(Model.name == model, ModelVersion.version == version))
+    if row is None:
+        if session.scalar(select(Model.id).where(Model.name == model)) is None:
+            raise NotFound(f"no model {model!r}")
+        raise NotFound(f"model {model!r} has no version {version!r}")
+    if not row.variants:
+        raise ProtocolError(f"{model} {version} has no variants to {use}")
+    return row
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from strata.control.db import Database, Deployment, Model, ModelVersion, Node, Rollout, RolloutNode
+from strata.control.db import Database, Deployment, ModelVersion, Node, Rollout, RolloutNode, runnable_version
 from strata.control.desired import ActiveDeployment, count_matching
 from strata.control.feed import ChangeFeed
 from strata.control.rollout_plan import ACTIVE
 from strata.control.rollouts import load_pin_entries, variant_policies, variant_refs
 from strata.core.errors import NotFound
-from strata.core.wire import ProtocolError, parse_labels
+from strata.core.wire import parse_labels
 
 
 @dataclass(frozen=True)
@@ -133,15 +133,7 @@ class DeploymentService:
         """
         selector = parse_labels(dict(selector), "selector")
         with self._db.transaction() as session:
-            row = session.scalar(
-                select(ModelVersion).join(Model).where(Model.name == model, ModelVersion.version == version)
-            )
-            if row is None:
-                if session.scalar(select(Model.id).where(Model.name == model)) is None:
-                    raise NotFound(f"no model {model!r}")
-                raise NotFound(f"model {model!r} has no version {version!r}")
-            if not row.variants:
-                raise ProtocolError(f"{model} {version} has no variants to deploy")
+            row = runnable_version(session, model, version, "deploy")
             deployment = Deployment(version=row, selector=selector, created_at=self._clock())
             session.add(deployment)
             session.flush()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, selectinload
 
-from strata.control.db import Database, Model, ModelVersion, Node, Pin
+from strata.control.db import Database, ModelVersion, Node, Pin, runnable_version
 from strata.control.feed import ChangeFeed
 from strata.core.errors import NotFound
 from strata.core.wire import ProtocolError, parse_labels, selector_matches
@@ -77,13 +77,7 @@ class PinService:
         if (node is None) == (not selector):
             raise ProtocolError("a pin names one node or a non-empty label selector, not both and not neither")
         with self._db.transaction() as session:
-            row = session.scalar(
-                select(ModelVersion).join(Model).where(Model.name == model, ModelVersion.version == version)
-            )
-            if row is None:
-                raise NotFound(f"model {model!r} has no version {version!r}")
-            if not row.variants:
-                raise ProtocolError(f"{model} {version} has no variants to run")
+            row = runnable_version(session, model, version, "run")
             node_id = None
             if node is not None:
                 node_id = session.scalar(

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from strata.control.db import Database, Model, ModelVersion, Node, Pin, Rollout, RolloutNode
+from strata.control.db import Database, ModelVersion, Node, Pin, Rollout, RolloutNode, runnable_version
 from strata.control.desired import ActiveDeployment
 from strata.control.feed import ChangeFeed
 from strata.control.gates import Baseline, GateResult
@@ -310,15 +310,7 @@ class RolloutService:
         selector = parse_labels(dict(selector), "selector")
         with self._lock:
             with self._db.transaction() as session:
-                row = session.scalar(
-                    select(ModelVersion).join(Model).where(Model.name == model, ModelVersion.version == version)
-                )
-                if row is None:
-                    if session.scalar(select(Model.id).where(Model.name == model)) is None:
-                        raise NotFound(f"no model {model!r}")
-                    raise NotFound(f"model {model!r} has no version {version!r}")
-                if not row.variants:
-                    raise ProtocolError(f"{model} {version} has no variants to roll out")
+                row = runnable_version(session, model, version, "roll out")
                 running = session.scalar(
                     select(Rollout.id)
                     .join(ModelVersion)
