@@ -151,3 +151,30 @@ def test_keys_are_never_overwritten_and_signing_needs_a_real_key(
     with pytest.raises(ConfigError, match="positive"):
         sign_release(package.path, keys[0], time.time(), 0)
     assert signature_paths(Path("/x/pkg.tar")) == (Path("/x/pkg.tar.sig"), Path("/x/pkg.tar.targets.json"))
+
+
+def test_a_sealed_package_is_checked_against_the_hashes_of_its_plaintext(
+    package: Package, keys: tuple[Path, Path]
+) -> None:
+    """On a node that stores packages encrypted, the files on disk are ciphertext: the agent hashes each file's
+    plaintext in memory while sealing it, and model-signing compares those hashes with the signed list."""
+    signed = sign_release(package.path, keys[0], time.time(), 86400)
+    manifest = read_manifest(package.path)
+    plain = {entry.path: entry.sha256 for entry in manifest.files}
+    for entry in manifest.files:  # what a sealed store holds: not the bytes that were signed
+        (package.path / entry.path).write_bytes(b"SENC1" + b"\0" * 64)
+    with pytest.raises(SignatureError):
+        verify_package_signature(package.path, signed.bundle, [keys[1].read_bytes()], package.digest)
+    hint = verify_package_signature(package.path, signed.bundle, [keys[1].read_bytes()], package.digest, hashes=plain)
+    assert hint == key_hint(keys[1].read_bytes())
+
+    # a plaintext that hashed otherwise (changed before sealing) is refused, as is a file left out or added
+    model = manifest.model_file
+    trusted = [keys[1].read_bytes()]
+    for hashes in (
+        {**plain, model: "0" * 64},
+        {**plain, "extra.bin": "0" * 64},
+        {k: v for k, v in plain.items() if k != model},
+    ):
+        with pytest.raises(SignatureError):
+            verify_package_signature(package.path, signed.bundle, trusted, package.digest, hashes=hashes)
