@@ -83,7 +83,7 @@ def _load_process(
     nodes: list[tuple[Path, list[bytes]]],
     expected: int,
     seconds: float,
-    out: mp.Queue,  # type: ignore[type-arg]
+    out: mp.Queue,
 ) -> None:
     parts = urllib.parse.urlsplit(url)
     counts = {"requests": 0, "status_ok": 0}
@@ -113,7 +113,7 @@ def _request(url: str, node_id: str, etag: str | None, path: str | None = None) 
 def drive(url: str, ca: Path, nodes: list[tuple[Path, list[bytes]]], expected: int) -> dict[str, float]:
     """Run LOAD_PROCESSES processes of CONNECTIONS connections each (one node each) for SECONDS; requests per
     second."""
-    queue: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+    queue: mp.Queue = mp.Queue()
     per_process = [nodes[i * CONNECTIONS : (i + 1) * CONNECTIONS] for i in range(LOAD_PROCESSES)]
     processes = [
         mp.Process(target=_load_process, args=(url, ca, chunk, expected, SECONDS, queue)) for chunk in per_process

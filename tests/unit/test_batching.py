@@ -38,7 +38,7 @@ class Item:
 
 
 def config(**changes: object) -> BatchingConfig:
-    return BatchingConfig(**changes)  # type: ignore[arg-type]
+    return BatchingConfig(**changes)
 
 
 # --- batch formation -------------------------------------------------------------------------------------

@@ -114,13 +114,13 @@ def test_a_target_usually_slower_than_the_time_left_is_passed_over() -> None:
 def test_waiting_that_would_leave_the_next_tier_no_time_goes_there_at_once() -> None:
     targets = [view(), view(ready=False), view(latency_s=0.08)]
     decision = next_attempt(targets, frozenset(), 0.0, 0.1, 10.0, CONFIG)  # 0.1 s left; the cloud needs 0.12 s
-    assert decision == Attempt(CLOUD, pytest.approx(0.1))  # type: ignore[arg-type]
+    assert decision == Attempt(CLOUD, pytest.approx(0.1))
 
 
 def test_the_last_viable_target_gets_all_the_time_left_up_to_the_timeout() -> None:
     targets = [view(), view(), view(latency_s=0.5)]
     decision = next_attempt(targets, frozenset({LOCAL, PARENT}), 0.0, 0.2, 10.0, CONFIG)
-    assert decision == Attempt(CLOUD, pytest.approx(0.2))  # type: ignore[arg-type]
+    assert decision == Attempt(CLOUD, pytest.approx(0.2))
     capped = next_attempt(targets, frozenset({LOCAL, PARENT}), 0.0, 30.0, 10.0, CONFIG)
     assert capped == Attempt(CLOUD, 10.0)
 

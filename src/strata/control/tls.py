@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -36,14 +36,15 @@ class MutualTlsHttpProtocol(HttpToolsProtocol):
 
     _tls: dict[str, Any] | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvicorn's protocol narrows the argument to a stream transport, which its server always hands it
+        super().connection_made(cast(asyncio.Transport, transport))
         self._tls = tls_extension(transport)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._tls is not None:
-            scope: dict[str, Any] = self.scope  # type: ignore[assignment]  # uvicorn's TypedDict lacks the TLS key
+            scope = cast(dict[str, Any], self.scope)  # uvicorn's scope TypedDict has no `extensions` key
             scope["extensions"] = {"tls": self._tls}
 
 

@@ -16,7 +16,7 @@ from strata.core.errors import ConfigError
 def block_telemetry() -> None:
     """Make `import openvino_telemetry` raise ImportError (a None in sys.modules does that)."""
     if "openvino_telemetry" not in sys.modules:
-        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # typeshed allows only modules here
 
 
 def import_openvino() -> ModuleType:

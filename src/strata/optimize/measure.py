@@ -183,6 +183,7 @@ def peak_memory(model: Path, runtime: str, feeds_npz: Path, threads: int | None,
 
 def save_feeds(feeds: Mapping[str, Array], path: Path) -> Path:
     """Write feeds as an npz (for the memory probe)."""
+    # numpy's stub lists `allow_pickle: bool` among savez's keywords, so a `**dict` of arrays cannot type-check
     np.savez(path, **dict(feeds))  # type: ignore[arg-type]
     return path
 

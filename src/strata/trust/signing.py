@@ -226,6 +226,7 @@ def _known_hashes_config(hashes: Mapping[str, str]) -> Any:
     from model_signing import hashing, manifest
     from model_signing._hashing.hashing import Digest
 
+    # model_signing is Any to mypy (follow_imports = "skip" in pyproject.toml), so this subclasses Any.
     class KnownHashes(hashing.Config):  # type: ignore[misc]
         def hash(self, model_path: Any, *, files_to_hash: Any = None) -> Any:
             files = dict(hashes)

@@ -136,7 +136,7 @@ def expires_at(body: bytes) -> float:
     Raises:
         MetadataError: not TUF metadata.
     """
-    return parse(body).signed.expires.timestamp()  # type: ignore[no-any-return]
+    return float(parse(body).signed.expires.timestamp())
 
 
 def meta_file(version: int, body: bytes) -> MetaFile:

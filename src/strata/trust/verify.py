@@ -80,6 +80,7 @@ class UrllibFetcher(FetcherInterface):
     def _fetch(self, url: str) -> Iterator[bytes]:
         request = urllib.request.Request(url, headers=self.headers)  # noqa: S310 - the server's own http(s) URL
         try:
+            # the server's own http(s) URL, as above
             response = urllib.request.urlopen(request, timeout=self.timeout, context=self.context)  # noqa: S310
         except urllib.error.HTTPError as exc:
             raise tuf_errors.DownloadHTTPError(f"{url}: HTTP {exc.code}", exc.code) from exc

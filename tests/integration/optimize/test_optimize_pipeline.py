@@ -43,7 +43,7 @@ def request(model: Path, data: tuple[Path, Path], out: Path, **changes: object) 
         "measure_memory": False,
     }
     fields.update(changes)
-    return OptimizeRequest(**fields)  # type: ignore[arg-type]
+    return OptimizeRequest(**fields)
 
 
 def test_digits_gets_static_int8_variants_that_pass_the_gate(

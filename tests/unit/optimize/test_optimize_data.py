@@ -17,7 +17,7 @@ X_SPEC = (TensorSpec("X", "FP32", (-1, 4)),)
 
 def npz(tmp_path: Path, **arrays: np.ndarray) -> Path:
     path = tmp_path / "data.npz"
-    np.savez(path, **arrays)  # type: ignore[arg-type]
+    np.savez(path, **arrays)
     return path
 
 
