@@ -20,6 +20,7 @@ from typing import Final
 
 from strata.core.errors import AuthError, ConfigError
 from strata.core.fsutil import write_bytes_atomic, write_json_atomic
+from strata.trust.fleet_tls import node_client_context
 
 ENROLLMENT_FORMAT: Final = "stk1"
 NODE_URI_PREFIX: Final = "urn:strata:node:"
@@ -149,12 +150,7 @@ class FleetIdentity:
         Raises:
             ConfigError: the files do not load (damaged, or a certificate for another key).
         """
-        context = self.bootstrap_context()
-        try:
-            context.load_cert_chain(self.cert_path, self.key_path)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"this node's certificate does not load: {exc}") from exc
-        return context
+        return node_client_context(self.folder)
 
     def bootstrap_context(self) -> ssl.SSLContext:
         """Verify the control plane against the fleet CA, without a client certificate (enrollment).

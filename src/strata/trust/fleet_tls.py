@@ -1,5 +1,6 @@
-"""A node's TLS contexts from its trust folder (DATA_DIR/trust, as the agent writes it at enrollment), for the
-processes that act as the node beside the agent: the verifier child and `strata gateway`.
+"""A node's TLS contexts from its trust folder (DATA_DIR/trust, as the agent writes it at enrollment): the agent's
+own client context, and those of the processes that act as the node beside it (the verifier child and `strata
+gateway`).
 
 `ca.pem` is the fleet CA, `node.pem` and `node.key` the node's certificate and key, `identity.json` its id, its
 control plane and its certificate's expiry. Only the standard library's ssl: these processes stay small.
