@@ -1,10 +1,12 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
-# Each creates .venv and installs what it needs (only PyPI is needed).
+# Each creates .venv and installs what it needs: PyPI for both; `make test` also installs swtpm and tpm2-tss from
+# Debian's packages for the TPM attestation tests (tools/install-tpm-deps).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TPM    := $(VENV)/.tpm
 
 .PHONY: demo test lint typecheck unit integration bench clean
 
@@ -12,6 +14,14 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
+
+# tpm2-pytss (strata[tpm]) builds against tpm2-tss; without libtss2-dev it is left out and the TPM tests skip.
+$(TPM): $(STAMP) tools/install-tpm-deps
+	tools/install-tpm-deps
+	if pkg-config --exists tss2-esys 2>/dev/null; then \
+		$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[tpm]'; \
+	else echo "tpm2-tss not found: skipping strata[tpm]; the TPM tests will skip"; fi
+	touch $(TPM)
 
 demo: $(STAMP)
 	$(BIN)/strata demo
@@ -23,19 +33,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck $(TPM)
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
-bench: $(STAMP)
+bench: $(STAMP) $(TPM)
 	$(BIN)/python bench/agent_footprint.py
 	$(BIN)/python bench/poll_throughput.py
 	$(BIN)/python bench/telemetry_wire.py
 	$(BIN)/python bench/optimize_minilm.py
 	$(BIN)/python bench/policy_footprint.py
 	$(BIN)/python bench/rollout_planner.py
+	$(BIN)/python bench/tpm_attestation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from softtpm import SoftTpm
 
 # The workspace's shared folder sits beside the checkout (../shared); STRATA_SHARED_DIR points elsewhere.
 SHARED_DIR = Path(os.environ.get("STRATA_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
@@ -71,3 +76,22 @@ def mlp_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     _mlp(folder / "v1.onnx", change=False)
     _mlp(folder / "v2.onnx", change=True)
     return folder / "v1.onnx", folder / "v2.onnx"
+
+
+@pytest.fixture
+def soft_tpm_factory(tmp_path: Path) -> Iterator[Callable[..., SoftTpm]]:
+    """Makes running software TPMs (swtpm); each `make(name, manufacturer=...)` with the same manufacturer
+    shares that manufacturer's EK-certificate CA. Skips where swtpm or tpm2-pytss is missing."""
+    from softtpm import SoftTpm, skip_without_swtpm
+
+    skip_without_swtpm()
+    started: list[SoftTpm] = []
+
+    def make(name: str, manufacturer: str = "acme") -> SoftTpm:
+        tpm = SoftTpm(tmp_path / "tpm" / name, ca_folder=tmp_path / "tpm-ca" / manufacturer).start()
+        started.append(tpm)
+        return tpm
+
+    yield make
+    for tpm in started:
+        tpm.stop()

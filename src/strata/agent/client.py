@@ -122,31 +122,46 @@ class ControlPlaneClient:
         raise_for_status(response, "certificate renewal")
         return CertificateRenewal.from_json(self._json(response, "certificate renewal"))
 
-    def attest(self, make_report: Callable[[str], tuple[dict[str, Any], str]]) -> dict[str, Any]:
-        """Ask for a nonce, have `make_report(nonce)` build and sign a report, and send it; the verdict.
+    def _post_json(self, path: str, body: dict[str, Any] | None, what: str) -> dict[str, Any]:
+        """POST this node's call (a JSON body, or none) and return the JSON object it answers.
 
         Raises:
-            TransportError, AuthError, Forbidden, ProtocolError: as any call.
+            TransportError, AuthError, Forbidden, ServerError, ProtocolError: as any call.
         """
-        challenge = self.transport.request(
+        headers = self.auth_headers()
+        if body is not None:
+            headers["content-type"] = "application/json"
+        response = self.transport.request(
             "POST",
-            self.url(f"/v1/nodes/{self.node_id}/attestation/challenge"),
-            headers=self.auth_headers(),
-            body=b"",
+            self.url(f"/v1/nodes/{self.node_id}{path}"),
+            headers=headers,
+            body=json.dumps(body).encode() if body is not None else b"",
             timeout=self.timeout,
         )
-        raise_for_status(challenge, "attestation challenge")
-        report, signature = make_report(str(self._json(challenge, "attestation challenge")["nonce"]))
-        answer = self.transport.request(
-            "POST",
-            self.url(f"/v1/nodes/{self.node_id}/attestation"),
-            headers={**self.auth_headers(), "content-type": "application/json"},
-            body=json.dumps({"report": report, "signature": signature}).encode(),
-            timeout=self.timeout,
-        )
-        raise_for_status(answer, "attestation")
-        verdict: dict[str, Any] = self._json(answer, "attestation")
-        return verdict
+        raise_for_status(response, what)
+        answer = self._json(response, what)
+        if not isinstance(answer, dict):
+            raise ProtocolError(f"{what}: the server's answer is not a JSON object")
+        return answer
+
+    def attest(self, make_report: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+        """Ask for a nonce, have `make_report(nonce)` build the request (report, signature and quote if any), and
+        send it; the verdict.
+
+        Raises:
+            TransportError, AuthError, Forbidden, ServerError, ProtocolError: as any call.
+        """
+        challenge = self._post_json("/attestation/challenge", None, "attestation challenge")
+        return self._post_json("/attestation", make_report(str(challenge.get("nonce", ""))), "attestation")
+
+    def tpm_challenge(self, identity: dict[str, Any]) -> dict[str, Any]:
+        """Send this node's EK, EK certificate and AK; the credential challenge to activate."""
+        body = {key: identity.get(key) for key in ("ek_public", "ek_certificate", "ak_public")}
+        return self._post_json("/tpm/challenge", body, "TPM challenge")
+
+    def tpm_activate(self, secret: str) -> dict[str, Any]:
+        """Send the secret the TPM recovered; the control plane registers the AK."""
+        return self._post_json("/tpm/activate", {"secret": secret}, "TPM activation")
 
     def enroll(self, request: EnrollRequest) -> EnrollResponse:
         """Trade a one-time enrollment token and a CSR for this node's id and certificate."""

@@ -54,6 +54,7 @@ class AgentConfig:
     max_queue_size: int = 256
     max_queue_wait_ms: float | None = 5000.0
     model_instances: int = 2
+    tpm: str | None = None
 
     def __post_init__(self) -> None:
         if not self.server.startswith("https://"):
@@ -160,6 +161,7 @@ class AgentConfig:
             "max_queue_size": self.max_queue_size,
             "max_queue_wait_ms": self.max_queue_wait_ms,
             "model_instances": self.model_instances,
+            "tpm": self.tpm,
         }
 
     @classmethod

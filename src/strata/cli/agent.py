@@ -62,6 +62,14 @@ def agent(
     tier_host: Annotated[
         str | None, typer.Option("--tier-host", help="Address of the tier listener (default: --serve-host).")
     ] = None,
+    tpm: Annotated[
+        str | None,
+        typer.Option(
+            "--tpm",
+            help="Quote attestation reports with this TPM, as a tpm2-tss TCTI: device:/dev/tpmrm0, or "
+            "swtpm:host=127.0.0.1,port=2321 for a software TPM (needs strata[tpm]).",
+        ),
+    ] = None,
     relay: Annotated[
         list[str] | None,
         typer.Option(
@@ -149,6 +157,7 @@ def agent(
         relays=tuple(relay or ()),
         tier_port=tier_port,
         tier_host=tier_host,
+        tpm=tpm,
         relay_cache_mb=relay_cache_mb,
         probation_s=parse_duration(probation),
         report_interval_s=parse_duration(report_interval),

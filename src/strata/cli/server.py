@@ -42,6 +42,23 @@ def server(
             dir_okay=False,
         ),
     ] = None,
+    tpm_ca: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--tpm-ca",
+            help="TPM manufacturer CA certificates (PEM, repeatable): nodes whose TPM's EK certificate one of them "
+            "issued can attest at level 'tpm' with quotes.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    tpm_pcr: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tpm-pcr",
+            help="A PCR value 'tpm' attestation requires, as BANK:INDEX=HEX (repeatable; e.g. sha256:7=...).",
+        ),
+    ] = None,
     cloud_endpoint: Annotated[
         list[str] | None,
         typer.Option(
@@ -64,4 +81,6 @@ def server(
         agent_allowlist=tuple(agent_allowlist or ()),
         release_keys=tuple(release_key or ()),
         cloud_endpoints=tuple(cloud_endpoint or ()),
+        tpm_cas=tuple(tpm_ca or ()),
+        tpm_pcrs=tuple(tpm_pcr or ()),
     )

@@ -94,6 +94,11 @@ class Node(Base):
     attestation: Mapped[str | None] = mapped_column(String(16))
     attested_at: Mapped[float | None] = mapped_column(TIME)
     attestation_detail: Mapped[str | None] = mapped_column(Text)
+    # The node's TPM, once registered by credential activation: its attestation key (base64 TPM2B_PUBLIC), the
+    # fingerprint of its endorsement key (one physical TPM, one node), and the PCR values its last quote covered.
+    tpm_ak: Mapped[str | None] = mapped_column(Text)
+    tpm_ek: Mapped[str | None] = mapped_column(String(HEX_LEN), unique=True)
+    tpm_pcrs: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class EnrollmentToken(Base):

@@ -115,6 +115,8 @@ class NodeView:
     attestation: str | None = None
     attestation_detail: str | None = None
     supply: str | None = None
+    tpm_ek: str | None = None
+    tpm_pcrs: dict[str, Any] | None = None
 
 
 def node_facts(node: Node) -> NodeFacts:
@@ -161,6 +163,8 @@ def node_view(
         attestation=node.attestation,
         attestation_detail=node.attestation_detail,
         supply=status.get("supply"),
+        tpm_ek=node.tpm_ek,
+        tpm_pcrs=node.tpm_pcrs,
     )
 
 
@@ -240,7 +244,8 @@ class FleetService:
 
         The token is claimed and the node written in one transaction, so a token enrolls at most once even when
         two machines race with it. Re-enrolling keeps the node id and invalidates the old credential (and lifts
-        a revocation: the operator handed out the token).
+        a revocation: the operator handed out the token). It also forgets what was known of the old machine:
+        its attestation verdict and the TPM it was bound to (the new machine registers its own).
 
         Raises:
             AuthError: the token is unknown, used or expired.
@@ -268,6 +273,8 @@ class FleetService:
             node.facts = dict(request.facts)
             node.enrolled_at = now
             node.revoked_at = None
+            node.attestation = node.attestation_detail = node.attested_at = None
+            node.tpm_ak = node.tpm_ek = node.tpm_pcrs = None
             session.flush()
             claimed = session.connection().execute(
                 update(EnrollmentToken)
@@ -352,14 +359,17 @@ class FleetService:
         return self._view(node, generation, deployments, now)
 
     def revoke(self, node_id: str) -> None:
-        """Revoke a node: its credential stops working at once and no deployment targets it any more.
+        """Revoke a node: its credential stops working at once and no deployment targets it any more; the TPM
+        it was bound to is free for another node.
 
         Raises:
             NotFound: no such node, or it was revoked already.
             StoreError: the database failed.
         """
         with self._db.transaction() as session:
-            self._live_node(session, node_id).revoked_at = self._clock()
+            node = self._live_node(session, node_id)
+            node.revoked_at = self._clock()
+            node.tpm_ak = node.tpm_ek = None  # its TPM may serve the machine when it is enrolled again
         self._authenticator.forget_node(node_id)
         self._presence.forget(node_id)
         self._feed.bump()

@@ -56,7 +56,7 @@ class ControlPlane:
         """Create every part; nothing touches the disk or the database yet.
 
         Raises:
-            ConfigError: the database URL cannot be used.
+            ConfigError: the database URL cannot be used, or a TPM CA file or PCR value does not parse.
         """
         db = Database(make_engine(settings.database_url))
         blobs = FileBlobStore(settings.blobs_dir, settings.tmp_dir)
@@ -105,7 +105,14 @@ class ControlPlane:
             deployments=DeploymentService(db, feed, settings.clock),
             telemetry=telemetry,
             pki=pki,
-            attestation=AttestationService(db, feed, settings.clock, settings.agent_allowlist or (strata_code_hash(),)),
+            attestation=AttestationService(
+                db,
+                feed,
+                settings.clock,
+                settings.agent_allowlist or (strata_code_hash(),),
+                tpm_cas=settings.tpm_cas,
+                tpm_pcrs=settings.tpm_pcrs,
+            ),
             rollouts=rollouts,
             pins=PinService(db, feed, settings.clock),
             history=HistoryService(db),

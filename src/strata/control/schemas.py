@@ -178,6 +178,8 @@ class NodeBody(BaseModel):
     pins: dict[str, str] = Field(default_factory=dict, description="model -> version a pin holds it on")
     attestation: str | None = Field(None, description="level its last attestation earned; None: not attested")
     attestation_detail: str | None = Field(None, description="the last attestation verdict, in words")
+    tpm_ek: str | None = Field(None, description="fingerprint of its registered TPM's endorsement key")
+    tpm_pcrs: dict[str, Any] | None = Field(None, description="the PCR values its last good quote covered")
     supply: str | None = Field(
         None, description="verified: the node runs only signed packages vouched for by TUF; unverified: development"
     )
@@ -430,9 +432,37 @@ class ChallengeBody(BaseModel):
 class AttestationRequest(BaseModel):
     report: dict[str, Any] = Field(description="node_id, nonce, agent_code, config, packages, boot_id, time")
     signature: str = Field(description="base64 ECDSA-SHA256 over the report's canonical JSON, with the node key")
+    quote: dict[str, Any] | None = Field(
+        None,
+        description="from a node with a registered TPM: {quoted: base64 TPMS_ATTEST, signature: base64 "
+        "TPMT_SIGNATURE, pcrs: {bank: {index: hex}}}, a quote by its AK with sha256(report) as qualifying data",
+    )
 
 
 class AttestationBody(BaseModel):
     attested: bool
     level: str | None
     reason: str
+
+
+class TpmChallengeRequest(BaseModel):
+    ek_public: str = Field(description="base64 TPM2B_PUBLIC of the TPM's endorsement key")
+    ek_certificate: str | None = Field(description="base64 DER of the EK certificate from the TPM's NV memory")
+    ak_public: str = Field(description="base64 TPM2B_PUBLIC of the attestation key (restricted signing)")
+
+
+class TpmChallengeBody(BaseModel):
+    credential_blob: str = Field(description="base64 TPM2B_ID_OBJECT for TPM2_ActivateCredential")
+    encrypted_secret: str = Field(description="base64 TPM2B_ENCRYPTED_SECRET for TPM2_ActivateCredential")
+    ak_name: str
+    expires_at: float
+
+
+class TpmActivateRequest(BaseModel):
+    secret: str = Field(description="base64 of the secret TPM2_ActivateCredential recovered")
+
+
+class TpmRegisteredBody(BaseModel):
+    registered: bool
+    ak_name: str
+    ek: str = Field(description="sha256 fingerprint of the endorsement key (names one TPM)")

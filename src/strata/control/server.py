@@ -82,17 +82,20 @@ def serve(
     agent_allowlist: tuple[str, ...] = (),
     release_keys: tuple[Path, ...] = (),
     cloud_endpoints: tuple[str, ...] = (),
+    tpm_cas: tuple[Path, ...] = (),
+    tpm_pcrs: tuple[str, ...] = (),
 ) -> None:
     """Run the control plane on `https://host:port` with its data in `data_dir`, until SIGTERM or SIGINT.
 
     The admin token is in `data_dir/admin.token`, and the fleet CA in `data_dir/ca.pem`, before the server listens.
     There is no plain-HTTP listener: nodes authenticate with their fleet certificates (mutual TLS), operators with
     bearer tokens over TLS. With `release_keys` (PEM public keys), uploads must be signed by one of them and
-    enrolling nodes pin them (see `strata.control.supply`).
+    enrolling nodes pin them (see `strata.control.supply`). With `tpm_cas`, nodes with a TPM certified by one of
+    those manufacturer CAs attest with quotes (see `strata.control.attestation`).
 
     Raises:
-        ConfigError: an unknown log level, a data folder that cannot be created, an unusable database URL, or a
-            cloud endpoint that is not an http(s) URL.
+        ConfigError: an unknown log level, a data folder that cannot be created, an unusable database URL, a
+            cloud endpoint that is not an http(s) URL, or a TPM CA file or PCR value that does not parse.
         SystemExit: uvicorn could not start (the port is taken, or the database cannot be migrated); the reason
             is logged.
     """
@@ -114,6 +117,8 @@ def serve(
         agent_allowlist=agent_allowlist,
         release_keys=tuple(path.expanduser().resolve() for path in release_keys),
         cloud_endpoints=tuple(cloud_endpoints),
+        tpm_cas=tuple(path.expanduser().resolve() for path in tpm_cas),
+        tpm_pcrs=tuple(tpm_pcrs),
     )
     app = create_app(settings)
     plane: ControlPlane = app.state.plane

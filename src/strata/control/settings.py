@@ -35,6 +35,9 @@ class ServerSettings:
         agent_allowlist: agent code hashes nodes may attest to (default: this server's own release).
         release_keys: release public keys (PEM files); with any, uploads must be signed by one and nodes pin them.
         tuf_expiries: lifetimes of the TUF metadata the server signs.
+        tpm_cas: TPM manufacturer CA certificates (PEM files); nodes whose EK certificate one of them issued may
+            register a TPM attestation key and attest at level `tpm`.
+        tpm_pcrs: PCR values a `tpm` attestation requires, each `BANK:INDEX=HEX` (e.g. `sha256:7=...`).
         cloud_endpoints: Open Inference Protocol servers that take overflow inference from every node (any OIP
             server: a cloud-tier strata agent, Triton, KServe); nodes learn them from their topology.
     """
@@ -54,6 +57,8 @@ class ServerSettings:
     release_keys: tuple[Path, ...] = ()
     tuf_expiries: Expiries = field(default_factory=Expiries)
     cloud_endpoints: tuple[str, ...] = ()
+    tpm_cas: tuple[Path, ...] = ()
+    tpm_pcrs: tuple[str, ...] = ()
 
     @property
     def database_url(self) -> str:

@@ -1,5 +1,8 @@
 """Attestation reports: what a node says it runs, bound to a fresh nonce, signed with its node key.
 
+A node with a TPM registered on the control plane also sends a TPM quote whose qualifying data is sha256 of the
+report: the report is then bound to that TPM and to the PCR values the quote covers (level `tpm`).
+
 The report names the hash of the agent's code, of its configuration, the packages it serves and the boot it
 runs in. The control plane checks the signature with the node's current certificate, the nonce it issued, and
 the code hash against the release allowlist. All pure but the file hashing here (no `cryptography`: signing
@@ -14,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from strata.core.errors import AuthError
+from strata.core.errors import AuthError, ConfigError
 from strata.core.hashing import canonical_json
 
 LEVEL_SOFTWARE: Final = "software"  # a node-key-signed report that matched the allowlist
+LEVEL_TPM: Final = "tpm"  # the same report, also quoted by the node's registered TPM attestation key
+LEVELS: Final = (LEVEL_SOFTWARE, LEVEL_TPM)  # weakest first: a node at one level meets every level before it
 NONCE_TTL_S: Final = 300.0
 
 
@@ -105,3 +110,57 @@ def judge(report: Report, node_id: str, issued_nonce: str | None, allowlist: Ite
     if report.agent_code not in allowed:
         return Verdict(False, None, f"agent code {report.agent_code} is not on the release allowlist")
     return Verdict(True, LEVEL_SOFTWARE, f"agent code and {len(report.packages)} active packages attested")
+
+
+def meets(offered: str | None, wanted: str) -> bool:
+    """Whether a node attested at `offered` satisfies a policy that requires `wanted` (an unknown `wanted` is
+    met only by exactly that level)."""
+    if not wanted or wanted == "none":
+        return True
+    if not offered:
+        return False
+    if offered in LEVELS and wanted in LEVELS:
+        return LEVELS.index(offered) >= LEVELS.index(wanted)
+    return offered == wanted
+
+
+def parse_pcr_requirements(entries: Iterable[str]) -> dict[str, str]:
+    """`BANK:INDEX=HEX` entries (from `--tpm-pcr`) as `{"BANK:INDEX": hex}`.
+
+    Raises:
+        ConfigError: an entry does not have that shape.
+    """
+    required: dict[str, str] = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        bank, colon, index = key.strip().lower().partition(":")
+        value = value.strip().lower()
+        if not sep or not colon or not bank or not index.isdigit() or not value:
+            raise ConfigError(f"a required PCR is BANK:INDEX=HEX (e.g. sha256:7=ab12...), got {entry!r}")
+        try:
+            bytes.fromhex(value)
+        except ValueError as exc:
+            raise ConfigError(f"the required value of PCR {key} is not hex: {entry!r}") from exc
+        required[f"{bank}:{int(index)}"] = value
+    return required
+
+
+def judge_tpm(
+    software: Verdict, registered: bool, quoted: bool, quote_error: str | None, pcr_problem: str | None
+) -> Verdict:
+    """Combine the software verdict with what the TPM quote showed.
+
+    A node that registered a TPM must quote every report: one that stops (a changed agent dropping the TPM, or a
+    disk moved to another machine) is not attested at all rather than quietly falling back to `software`.
+    """
+    if not software.attested or not registered:
+        if software.attested and quoted:
+            return Verdict(True, software.level, software.reason + "; the quote was not checked (no TPM registered)")
+        return software
+    if not quoted:
+        return Verdict(False, None, "this node registered a TPM, but its report came without a quote")
+    if quote_error is not None:
+        return Verdict(False, None, f"the TPM quote was refused: {quote_error}")
+    if pcr_problem is not None:
+        return Verdict(False, None, f"the TPM quote shows another boot state: {pcr_problem}")
+    return Verdict(True, LEVEL_TPM, software.reason + ", quoted by the node's TPM")

@@ -4,7 +4,7 @@ A policy travels in the package manifest's `policy` field (so the package digest
 model is and where it may go:
 
     data_class: personal            # a model fact, visible to rules as model.data_class
-    required_attestation: tpm       # the node must attest this (node.attestation)
+    required_attestation: tpm       # the node must attest at least this (software < tpm; node.attestation)
     allowed_regions: ["eu-*"]       # shell globs over the node's `region` label
     allowed_jurisdictions: ["eu"]   # shell globs over the node's `jurisdiction` label
     rules:                          # Common Expression Language, evaluated with `model` and `node`
@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from strata.core.attest import meets
 from strata.core.errors import StrataError
 
 RULE_KEYS: Final = frozenset({"name", "allow", "deny", "message"})
@@ -303,7 +304,7 @@ def check_builtins(policy: Policy, node: NodeFacts) -> Decision:
             f"node {node.name or '?'} has {where}; the model may run only in {list(policy.allowed_jurisdictions)}",
         )
     wanted = policy.required_attestation
-    if wanted and wanted != "none" and node.attestation != wanted:
+    if not meets(node.attestation, wanted):
         offered = node.attestation or "no attestation"
         return Decision(
             False, "required_attestation", f"the model requires {wanted} attestation; node offers {offered}"

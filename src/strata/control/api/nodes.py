@@ -35,6 +35,10 @@ from strata.control.schemas import (
     NodeStatusBody,
     RenewRequest,
     TopologyBody,
+    TpmActivateRequest,
+    TpmChallengeBody,
+    TpmChallengeRequest,
+    TpmRegisteredBody,
 )
 from strata.control.settings import MAX_WAIT_S
 from strata.control.topology import Topology, node_topology
@@ -93,8 +97,21 @@ def attestation_challenge(node_id: str, plane: Plane, _node: NodeItself) -> dict
 def attest(node_id: str, body: AttestationRequest, request: Request, plane: Plane, _node: NodeItself) -> dict[str, Any]:
     """Check a report of what the node runs, signed with its node key, and record whether it is attested."""
     certificate = plane.attestation.require_certificate(client_certificate(request))
-    verdict = plane.attestation.submit(node_id, body.report, body.signature, certificate)
+    verdict = plane.attestation.submit(node_id, body.report, body.signature, certificate, body.quote)
     return {"attested": verdict.attested, "level": verdict.level, "reason": verdict.reason}
+
+
+@router.post("/nodes/{node_id}/tpm/challenge", response_model=TpmChallengeBody)
+def tpm_challenge(node_id: str, body: TpmChallengeRequest, plane: Plane, _node: NodeItself) -> dict[str, Any]:
+    """Check this node's TPM (EK certificate from a trusted manufacturer CA, a restricted AK) and send a
+    credential to activate: a secret only that TPM can recover, and only for that AK (five minutes)."""
+    return plane.attestation.tpm_challenge(node_id, body.ek_public, body.ek_certificate, body.ak_public)
+
+
+@router.post("/nodes/{node_id}/tpm/activate", response_model=TpmRegisteredBody)
+def tpm_activate(node_id: str, body: TpmActivateRequest, plane: Plane, _node: NodeItself) -> dict[str, Any]:
+    """Register the AK when the node recovered the secret; its reports must be quoted from then on."""
+    return plane.attestation.tpm_activate(node_id, body.secret)
 
 
 @router.post("/api-tokens", status_code=201, response_model=ApiTokenBody)
