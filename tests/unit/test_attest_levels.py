@@ -57,7 +57,9 @@ def test_judge_tpm() -> None:
     assert unchecked.level == "software"
     assert "not checked" in unchecked.reason
     # A failed software verdict is never rescued by a quote.
-    assert judge_tpm(SOFTWARE_BAD, True, True, None, None) == SOFTWARE_BAD
+    rejected = judge_tpm(SOFTWARE_BAD, True, True, None, None)
+    assert (rejected.attested, rejected.level, rejected.reason) == (False, None, SOFTWARE_BAD.reason)
+    assert rejected.tpm_registered is True  # the node learns the control plane holds its TPM
     # Registered: a good quote earns tpm; a missing, bad or off-policy one earns nothing at all.
     assert judge_tpm(SOFTWARE_OK, True, True, None, None).level == "tpm"
     missing = judge_tpm(SOFTWARE_OK, True, False, None, None)

@@ -82,7 +82,10 @@ class NodeTpm:
         if done.returncode != 0:
             message = done.stderr.decode(errors="replace").strip().splitlines()
             raise ConfigError(f"TPM {command} failed ({self.tcti}): {message[-1] if message else done.returncode}")
-        answer: dict[str, Any] = json.loads(done.stdout)
+        try:
+            answer: dict[str, Any] = json.loads(done.stdout)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"TPM {command} answered something that is not JSON: {exc}") from exc
         return answer
 
     def register(self, client: ControlPlaneClient) -> dict[str, Any]:
@@ -169,6 +172,8 @@ class Attester:
             return request
 
         verdict = self.client.attest(make)
+        if self.tpm is not None and self.tpm.registered and verdict.get("tpm_registered") is False:
+            self.tpm.registered = False  # the control plane lost it (restored from a backup, say): register again
         level = str(verdict.get("level") or "")
         if level != self.reconciler.identity.attestation:
             log.info("attestation: %s (%s)", level or "not attested", verdict.get("reason", ""))

@@ -443,6 +443,7 @@ class AttestationBody(BaseModel):
     attested: bool
     level: str | None
     reason: str
+    tpm_registered: bool = Field(False, description="the control plane holds an attestation key of the node's TPM")
 
 
 class TpmChallengeRequest(BaseModel):

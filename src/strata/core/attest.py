@@ -98,6 +98,7 @@ class Verdict:
     attested: bool
     level: str | None
     reason: str
+    tpm_registered: bool = False  # the control plane holds an attestation key of this node's TPM
 
 
 def judge(report: Report, node_id: str, issued_nonce: str | None, allowlist: Iterable[str]) -> Verdict:
@@ -155,12 +156,13 @@ def judge_tpm(
     """
     if not software.attested or not registered:
         if software.attested and quoted:
-            return Verdict(True, software.level, software.reason + "; the quote was not checked (no TPM registered)")
-        return software
+            reason = software.reason + "; the quote was not checked (no TPM registered)"
+            return Verdict(True, software.level, reason, registered)
+        return Verdict(software.attested, software.level, software.reason, registered)
     if not quoted:
-        return Verdict(False, None, "this node registered a TPM, but its report came without a quote")
+        return Verdict(False, None, "this node registered a TPM, but its report came without a quote", True)
     if quote_error is not None:
-        return Verdict(False, None, f"the TPM quote was refused: {quote_error}")
+        return Verdict(False, None, f"the TPM quote was refused: {quote_error}", True)
     if pcr_problem is not None:
-        return Verdict(False, None, f"the TPM quote shows another boot state: {pcr_problem}")
-    return Verdict(True, LEVEL_TPM, software.reason + ", quoted by the node's TPM")
+        return Verdict(False, None, f"the TPM quote shows another boot state: {pcr_problem}", True)
+    return Verdict(True, LEVEL_TPM, software.reason + ", quoted by the node's TPM", True)

@@ -54,9 +54,9 @@ from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 # The AK's template: restricted, signing only, made in and bound to this TPM, usable with an empty auth value.
 AK_TEMPLATE: Final = "ecc256:ecdsa-sha256:null"
 AK_ATTRIBUTES: Final = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign"
-# The EK types tried, in order; the first with a manufacturer certificate in NV wins (low-range profiles, which
-# every TPM 2.0 with an EK certificate has).
-EK_TYPES: Final = ("EK-RSA2048", "EK-ECC256")
+# The one EK profile the control plane accepts (strata.trust.tpm_verify.EK_PROFILE): the TCG default RSA 2048 EK,
+# which every TPM 2.0 with an EK certificate carries. One profile, so one TPM is one EK.
+EK_TYPE: Final = "EK-RSA2048"
 # PCRs 0-7: firmware, its configuration, option ROMs, boot loader and Secure Boot policy (measured boot).
 PCR_BANK: Final = "sha256"
 PCRS: Final = tuple(range(8))
@@ -72,9 +72,10 @@ def b64(data: bytes) -> str:
 def connect(tcti: str) -> Iterator[ESAPI]:
     """A connection to the TPM with no transient objects left in it, closed on the way out.
 
-    A TPM reached without a resource manager (a software TPM's socket) keeps the objects of a client that was
-    killed before flushing them, and has room for only three; they are flushed first. Behind the kernel's
-    resource manager the list holds only this connection's own (none).
+    A TPM reached without a resource manager (a software TPM's socket, /dev/tpm0) keeps the objects of a client
+    that was killed before flushing them, and has room for only three; they are flushed first. That assumes
+    strata is the TPM's only user there; on shared hardware use the kernel's resource manager (/dev/tpmrm0),
+    behind which the list holds only this connection's own objects (none).
 
     Raises:
         TSS2_Exception: the TPM cannot be reached.
@@ -95,14 +96,17 @@ def connect(tcti: str) -> Iterator[ESAPI]:
 
 @contextlib.contextmanager
 def loaded(ectx: ESAPI, handle: ESYS_TR) -> Iterator[ESYS_TR]:
-    """Flush a transient object or session when done with it."""
+    """Flush a transient object or session when done with it (without hiding an error already on its way)."""
     try:
         yield handle
-    finally:
-        ectx.flush_context(handle)
+    except BaseException:
+        with contextlib.suppress(TSS2_Exception):
+            ectx.flush_context(handle)
+        raise
+    ectx.flush_context(handle)
 
 
-def _nv_reader(ectx: ESAPI) -> Callable[[int], bytes]:
+def nv_reader(ectx: ESAPI) -> Callable[[int], bytes]:
     def read(index: int) -> bytes:
         try:
             handle = ectx.tr_from_tpmpublic(index)
@@ -110,12 +114,14 @@ def _nv_reader(ectx: ESAPI) -> Callable[[int], bytes]:
             if exc.error == TPM2_RC.HANDLE:
                 raise NoSuchIndex(index) from exc
             raise
-        public, _ = ectx.nv_read_public(handle)
-        size = public.nvPublic.dataSize
-        data = b""
-        while len(data) < size:
-            data += bytes(ectx.nv_read(handle, min(1024, size - len(data)), len(data), auth_handle=handle))
-        ectx.tr_close(handle)
+        try:
+            public, _ = ectx.nv_read_public(handle)
+            size = public.nvPublic.dataSize
+            data = b""
+            while len(data) < size:
+                data += bytes(ectx.nv_read(handle, min(1024, size - len(data)), len(data), auth_handle=handle))
+        finally:
+            ectx.tr_close(handle)
         return data
 
     return read
@@ -123,16 +129,7 @@ def _nv_reader(ectx: ESAPI) -> Callable[[int], bytes]:
 
 def endorsement_key(ectx: ESAPI) -> tuple[ESYS_TR, TPM2B_PUBLIC, bytes | None]:
     """The EK (as a transient primary key), its public area, and its manufacturer certificate (DER) if any."""
-    reader = _nv_reader(ectx)
-    chosen: tuple[bytes | None, TPM2B_PUBLIC] | None = None
-    for ek_type in EK_TYPES:
-        certificate, template = create_ek_template(ek_type, reader)
-        if chosen is None or (certificate and chosen[0] is None):
-            chosen = (certificate, template)
-        if certificate:
-            break
-    assert chosen is not None
-    certificate, template = chosen
+    certificate, template = create_ek_template(EK_TYPE, nv_reader(ectx))
     handle, public, _, _, _ = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT)
     return handle, public, certificate
 

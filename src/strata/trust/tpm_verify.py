@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from strata.core.errors import AuthError, ConfigError
@@ -38,6 +38,8 @@ os.environ.setdefault("TSS2_LOG", "all+NONE")  # tpm2-tss logs unmarshalling err
 
 SECRET_BYTES: Final = 32
 PCR_BANK: Final = "sha256"
+QUOTED_PCRS: Final = frozenset(str(pcr) for pcr in range(8))  # what a quote must cover, no more and no less
+EK_PROFILE: Final = "EK-RSA2048"  # the one EK profile nodes register (see check_ek_template)
 TPM_GENERATED: Final = 0xFF544347  # TPM_GENERATED_VALUE: the TPM made this structure
 
 
@@ -87,13 +89,16 @@ def _pem_key(public: Any) -> Any:
 
 
 def check_ak(ak_public: Any) -> None:
-    """The AK must be a restricted signing key made in and bound to its TPM (so it signs only TPM-made data).
+    """The AK must be a restricted signing key made in and bound to its TPM (so it signs only TPM-made data), of
+    exactly the kind the node makes: ECC P-256, ECDSA with SHA-256, SHA-256 names, no policy. Pinning the scheme
+    matters: a restricted key with a weaker or unset hash could be led to sign a forged quote.
 
     Raises:
         AuthError: it is not.
     """
     tss = _tss()
-    attributes = int(ak_public.publicArea.objectAttributes)
+    area = ak_public.publicArea
+    attributes = int(area.objectAttributes)
     required = {
         "restricted": tss.TPMA_OBJECT.RESTRICTED,
         "sign": tss.TPMA_OBJECT.SIGN_ENCRYPT,
@@ -106,6 +111,45 @@ def check_ak(ak_public: Any) -> None:
         raise AuthError(f"the attestation key is not a TPM-bound restricted signing key (lacks {', '.join(missing)})")
     if attributes & int(tss.TPMA_OBJECT.DECRYPT):
         raise AuthError("the attestation key is also a decryption key")
+    if attributes & int(tss.TPMA_OBJECT.ADMINWITHPOLICY) or bytes(area.authPolicy):
+        raise AuthError("the attestation key carries an authorization policy")
+    detail = area.parameters.eccDetail
+    if (
+        int(area.type) != int(tss.TPM2_ALG.ECC)
+        or int(area.nameAlg) != int(tss.TPM2_ALG.SHA256)
+        or int(detail.curveID) != int(tss.TPM2_ECC.NIST_P256)
+        or int(detail.scheme.scheme) != int(tss.TPM2_ALG.ECDSA)
+        or int(detail.scheme.details.ecdsa.hashAlg) != int(tss.TPM2_ALG.SHA256)
+    ):
+        raise AuthError("the attestation key is not ECC P-256 with ECDSA-SHA256 and SHA-256 names")
+
+
+def check_ek_template(ek_public: Any) -> None:
+    """The EK must be the TCG default RSA 2048 EK (template L-1): a TPM has exactly one certified EK of that
+    profile, so its fingerprint names one TPM. (Accepting a second profile, say the ECC EK many TPMs also carry,
+    would let one TPM answer for two nodes.)
+
+    Raises:
+        AuthError: it is another kind of key.
+    """
+    tss = _tss()
+    from tpm2_pytss.utils import NoSuchIndex, create_ek_template
+
+    def no_nv(index: int) -> bytes:
+        raise NoSuchIndex(index)
+
+    _, template = create_ek_template(EK_PROFILE, no_nv)
+    want, got = template.publicArea, ek_public.publicArea
+    same = (
+        int(got.type) == int(want.type)
+        and int(got.nameAlg) == int(want.nameAlg)
+        and int(got.objectAttributes) == int(want.objectAttributes)
+        and bytes(got.authPolicy) == bytes(want.authPolicy)
+        and got.parameters.marshal(int(got.type)) == want.parameters.marshal(int(want.type))
+    )
+    if not same:
+        kind = str(tss.TPM2_ALG(int(got.type))).upper()
+        raise AuthError(f"the endorsement key is not the TCG default {EK_PROFILE} EK (got a {kind} key)")
 
 
 def check_ek(ek_public: Any, certificate_der: bytes, cas: Sequence[x509.Certificate], now: float) -> str:
@@ -126,29 +170,41 @@ def check_ek(ek_public: Any, certificate_der: bytes, cas: Sequence[x509.Certific
     moment = datetime.fromtimestamp(now, UTC)
     if not certificate.not_valid_before_utc <= moment <= certificate.not_valid_after_utc:
         raise AuthError(f"the EK certificate is not valid now (valid until {certificate.not_valid_after_utc})")
-    issuers = [ca for ca in cas if ca.subject == certificate.issuer]
-    for issuer in issuers:
+    problem = "is not issued by a trusted TPM manufacturer CA"
+    for issuer in (ca for ca in cas if ca.subject == certificate.issuer):
         try:
             certificate.verify_directly_issued_by(issuer)
-        except (InvalidSignature, ValueError, TypeError):
+        except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
             continue
         if not issuer.not_valid_before_utc <= moment <= issuer.not_valid_after_utc:
-            raise AuthError(f"the TPM manufacturer CA {issuer.subject.rfc4514_string()} is not valid now")
+            problem = "is issued by a TPM manufacturer CA certificate that is not valid now"
+            continue  # a renewed certificate of the same CA may follow
+        if not _is_ca(issuer):
+            problem = "is issued by a certificate that is not a CA"
+            continue
         break
     else:
-        raise AuthError(
-            f"the EK certificate (issuer {certificate.issuer.rfc4514_string()}) is not issued by a trusted "
-            "TPM manufacturer CA"
-        )
+        raise AuthError(f"the EK certificate (issuer {certificate.issuer.rfc4514_string()}) {problem}")
     certified = certificate.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    presented = _pem_key(ek_public).public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    try:
+        presented = _pem_key(ek_public).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise AuthError(f"the endorsement key is not a usable public key: {exc}") from exc
     if certified != presented:
         raise AuthError("the EK certificate certifies another key than the EK the node presented")
     return hashlib.sha256(presented).hexdigest()
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    """A CA certificate by its basic constraints (a manufacturer root without the extension counts as one)."""
+    try:
+        return bool(certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return certificate.subject == certificate.issuer
 
 
 def strip_der_padding(data: bytes) -> bytes:
@@ -190,14 +246,17 @@ def make_challenge(
         raise AuthError("the node's TPM has no EK certificate in NV memory; it cannot prove it is a TPM")
     ek_public = _public(ek_public_b64, "EK public area")
     ak_public = _public(ak_public_b64, "AK public area")
+    check_ek_template(ek_public)
     fingerprint = check_ek(ek_public, _decode(ek_certificate_b64, "EK certificate"), cas, now)
     check_ak(ak_public)
     secret = secrets.token_bytes(SECRET_BYTES)
-    name = ak_public.get_name()
-    _tss()
     from tpm2_pytss.utils import make_credential
 
-    blob, encrypted = make_credential(ek_public, secret, name)
+    try:
+        name = ak_public.get_name()
+        blob, encrypted = make_credential(ek_public, secret, name)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise AuthError(f"the EK or AK cannot be used for credential activation: {exc}") from exc
     return Challenge(
         ak_public=ak_public_b64,
         ak_name=bytes(name).hex(),
@@ -238,9 +297,13 @@ def verify_quote(ak_public_b64: str, quote: Mapping[str, Any], qualifying_data: 
         signature, _ = tss.TPMT_SIGNATURE.unmarshal(signature_bytes)
     except Exception as exc:  # tpm2-tss reports a malformed buffer as TSS2_Exception, ValueError or others
         raise AuthError(f"the quote does not unmarshal: {exc}") from exc
+    if int(signature.sigAlg) != int(tss.TPM2_ALG.ECDSA) or int(signature.signature.ecdsa.hash) != int(
+        tss.TPM2_ALG.SHA256
+    ):
+        raise AuthError("the quote is not signed with ECDSA-SHA256")
     try:
         signature.verify_signature(ak_public, quoted_bytes)
-    except (InvalidSignature, ValueError, TypeError) as exc:
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise AuthError("the quote is not signed by this node's registered attestation key") from exc
     if int(attest.magic) != TPM_GENERATED or int(attest.type) != int(tss.TPM2_ST.ATTEST_QUOTE):
         raise AuthError("the signed structure is not a quote made by a TPM")
@@ -265,6 +328,9 @@ def verify_quote(ak_public_b64: str, quote: Mapping[str, Any], qualifying_data: 
             quoted.setdefault(bank, {})[str(index)] = value
     if digest.digest() != bytes(attest.attested.quote.pcrDigest):
         raise AuthError("the PCR values the node reports are not the ones the TPM quoted")
+    if set(quoted) != {PCR_BANK} or set(quoted[PCR_BANK]) != QUOTED_PCRS:
+        covered = ", ".join(f"{bank}:{','.join(sorted(v, key=int))}" for bank, v in quoted.items()) or "no PCRs"
+        raise AuthError(f"the quote covers {covered}, not {PCR_BANK}:0-7")
     return quoted
 
 

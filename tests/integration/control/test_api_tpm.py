@@ -26,6 +26,7 @@ from strata.control.settings import ServerSettings
 from strata.core.attest import Report
 from strata.core.package import build_package, tar_bytes
 from strata.core.policy import Policy
+from strata.trust.tpm import AK_ATTRIBUTES
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +75,45 @@ def send_quoted(server: Harness, node: NodeCredentials, report: Report, quote: d
     response = server.client.post(f"/v1/nodes/{node.node_id}/attestation", json=body, headers=node.headers)
     assert response.status_code == 200, response.text
     return dict(response.json())
+
+
+def quote_over(tpm: SoftTpm, report: Report, selection: str) -> dict[str, Any]:
+    """A quote by the node's AK over the PCRs `selection` names (tpm2-tools syntax; "" for none)."""
+    from tpm2_pytss import TPM2_ALG, TPML_PCR_SELECTION, TPMT_SIG_SCHEME
+
+    from strata.trust.tpm import attestation_key, connect, loaded
+
+    pcrs = TPML_PCR_SELECTION.parse(selection) if selection else TPML_PCR_SELECTION()
+    with connect(tpm.tcti) as ectx, loaded(ectx, attestation_key(ectx)[0]) as ak:
+        _, _, values = ectx.pcr_read(pcrs) if selection else (None, None, None)
+        qualifying = hashlib.sha256(report.payload()).digest()
+        quoted, signature = ectx.quote(ak, pcrs, qualifying, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
+    indices = [int(i) for i in selection.partition(":")[2].split(",") if i]
+    reported = {str(i): bytes(d).hex() for i, d in zip(indices, values.digests if values else [], strict=True)}
+    return {
+        "quoted": base64.b64encode(bytes(quoted)).decode(),
+        "signature": base64.b64encode(signature.marshal()).decode(),
+        "pcrs": {"sha256": reported} if selection else {},
+    }
+
+
+def ecc_ek_of(tpm: SoftTpm) -> dict[str, Any]:
+    """The TPM's other certified EK (ECC P-384, high range), as the node would present it."""
+    from tpm2_pytss import ESYS_TR, TPM2B_SENSITIVE_CREATE
+    from tpm2_pytss.utils import create_ek_template
+
+    from strata.trust.tpm import connect, loaded, nv_reader
+
+    with connect(tpm.tcti) as ectx:
+        certificate, template = create_ek_template("EK-HIGH-ECC384", nv_reader(ectx))
+        handle, public, *_ = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT)
+        with loaded(ectx, handle):
+            pass
+    assert certificate
+    return {
+        "ek_public": base64.b64encode(public.marshal()).decode(),
+        "ek_certificate": base64.b64encode(certificate).decode(),
+    }
 
 
 def test_a_node_with_a_certified_tpm_attests_at_tpm_level(
@@ -139,13 +179,39 @@ def test_tpm_registration_refusals(
     # The challenge is spent: answering again, even correctly, needs a new one.
     assert activate(server, node, base64.b64encode(b"\0" * 32).decode()).status_code == 401
 
-    # An AK that is not a restricted signing key could sign a forged quote: refused before any challenge.
+    # An AK that is not a restricted signing key could sign a forged quote; one of another algorithm, or with a
+    # policy, is not the key the node makes: refused before any challenge.
     from tpm2_pytss import TPM2B_PUBLIC
 
-    loose = TPM2B_PUBLIC.parse("ecc256:ecdsa-sha256:null", objectAttributes="fixedtpm|fixedparent|sign|userwithauth")
-    refused = challenge(server, node, {**identity, "ak_public": base64.b64encode(loose.marshal()).decode()})
+    for template, attributes, error in (
+        ("ecc256:ecdsa-sha256:null", "fixedtpm|fixedparent|sensitivedataorigin|sign|userwithauth", "restricted"),
+        ("rsa2048:rsassa-sha256:null", AK_ATTRIBUTES, "not ECC P-256 with ECDSA-SHA256"),
+        ("ecc256:ecdsa-sha1:null", AK_ATTRIBUTES, "not ECC P-256 with ECDSA-SHA256"),
+        ("ecc256:ecdsa-sha256:null", AK_ATTRIBUTES + "|adminwithpolicy", "authorization policy"),
+    ):
+        odd = TPM2B_PUBLIC.parse(template, objectAttributes=attributes)
+        refused = challenge(server, node, {**identity, "ak_public": base64.b64encode(odd.marshal()).decode()})
+        assert refused.status_code == 401, template
+        assert error in refused.json()["error"]
+
+    # The same TPM's other certified EK (ECC P-384): one TPM must not answer for two nodes, so only the TCG
+    # default RSA 2048 EK is taken.
+    refused = challenge(server, node, {**identity, **ecc_ek_of(acme)})
     assert refused.status_code == 401
-    assert "restricted" in refused.json()["error"]
+    assert "not the TCG default EK-RSA2048 EK" in refused.json()["error"]
+    # Another TPM's EK certificate beside this TPM's EK.
+    refused = challenge(server, node, {**identity, "ek_certificate": other.identify()["ek_certificate"]})
+    assert refused.status_code == 401
+    assert "certifies another key" in refused.json()["error"]
+    # Not a public area at all.
+    refused = challenge(server, node, {**identity, "ek_public": base64.b64encode(b"\x00\x04junk").decode()})
+    assert refused.status_code == 401
+    # A certificate not valid yet at the server's time.
+    server.clock.now -= 86400
+    refused = challenge(server, node, identity)
+    assert refused.status_code == 401
+    assert "not valid now" in refused.json()["error"]
+    server.clock.now += 86400
 
     # Nothing was registered by any of that.
     view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
@@ -214,7 +280,9 @@ def test_bad_quotes_leave_the_node_unattested(
     raw = bytearray(base64.b64decode(quote["quoted"]))
     raw[-1] ^= 1
     quote["quoted"] = base64.b64encode(bytes(raw)).decode()
-    assert send_quoted(server, node, fresh, quote)["attested"] is False
+    answer = send_quoted(server, node, fresh, quote)
+    assert answer["attested"] is False
+    assert "not signed by this node's registered attestation key" in answer["reason"]
     # No quote at all from a node that registered a TPM: not attested (no quiet fall-back to software).
     answer = verdict(None)
     assert answer["attested"] is False
@@ -222,6 +290,18 @@ def test_bad_quotes_leave_the_node_unattested(
     # Garbage in the quote's fields: a stated refusal, not a server error.
     answer = verdict({"quoted": "not base64!", "signature": "", "pcrs": {}})
     assert answer["attested"] is False
+    assert "the quote is not base64" in answer["reason"]
+    answer = verdict({"quoted": base64.b64encode(b"\xff" * 7).decode(), "signature": "AAAA", "pcrs": {}})
+    assert answer["attested"] is False
+    assert "does not unmarshal" in answer["reason"]
+    # A genuine quote by the registered AK over no PCRs at all (chosen by a changed agent): no boot evidence.
+    fresh = report_for(server, node)
+    answer = send_quoted(server, node, fresh, quote_over(acme, fresh, ""))
+    assert answer["attested"] is False
+    assert "covers no PCRs, not sha256:0-7" in answer["reason"]
+    fresh = report_for(server, node)
+    answer = send_quoted(server, node, fresh, quote_over(acme, fresh, "sha256:0"))
+    assert "covers sha256:0, not sha256:0-7" in answer["reason"]
     # And an honest quote restores it.
     fresh = report_for(server, node)
     assert send_quoted(server, node, fresh, tpm.quote(fresh.payload()))["level"] == "tpm"

@@ -98,7 +98,12 @@ def attest(node_id: str, body: AttestationRequest, request: Request, plane: Plan
     """Check a report of what the node runs, signed with its node key, and record whether it is attested."""
     certificate = plane.attestation.require_certificate(client_certificate(request))
     verdict = plane.attestation.submit(node_id, body.report, body.signature, certificate, body.quote)
-    return {"attested": verdict.attested, "level": verdict.level, "reason": verdict.reason}
+    return {
+        "attested": verdict.attested,
+        "level": verdict.level,
+        "reason": verdict.reason,
+        "tpm_registered": verdict.tpm_registered,
+    }
 
 
 @router.post("/nodes/{node_id}/tpm/challenge", response_model=TpmChallengeBody)
