@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from strata.agent.children import run_module
 from strata.agent.client import ControlPlaneClient, ServerError
 from strata.agent.config import AgentConfig
 from strata.agent.identity import FleetIdentity
@@ -69,21 +68,10 @@ class NodeTpm:
         """Raises:
         ConfigError: the TPM could not be reached or refused the command (the child's message is kept).
         """
+        what = f"TPM {command} ({self.tcti})"
+        out = run_module("strata.trust.tpm", [command, self.tcti], stdin, timeout_s=self.TIMEOUT_S, what=what)
         try:
-            done = subprocess.run(
-                [sys.executable, "-OO", "-m", "strata.trust.tpm", command, self.tcti],
-                input=stdin,
-                capture_output=True,
-                timeout=self.TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise ConfigError(f"the TPM ({self.tcti}) did not answer {command} in {self.TIMEOUT_S:.0f} s") from exc
-        if done.returncode != 0:
-            message = done.stderr.decode(errors="replace").strip().splitlines()
-            raise ConfigError(f"TPM {command} failed ({self.tcti}): {message[-1] if message else done.returncode}")
-        try:
-            answer: dict[str, Any] = json.loads(done.stdout)
+            answer: dict[str, Any] = json.loads(out)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"TPM {command} answered something that is not JSON: {exc}") from exc
         return answer

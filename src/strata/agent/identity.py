@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import ssl
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from strata.agent.children import run_module
 from strata.core.errors import AuthError, ConfigError
 from strata.core.fsutil import write_bytes_atomic, write_json_atomic
 from strata.trust.fleet_tls import node_client_context
@@ -109,16 +108,8 @@ class FleetIdentity:
             ConfigError: the key operation failed.
         """
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        done = subprocess.run(
-            [sys.executable, "-OO", "-m", "strata.trust.node", "csr", str(self.key_path), name],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise ConfigError(f"cannot make this node's key and certificate request: {done.stderr.strip()}")
-        return done.stdout
+        what = "making this node's key and certificate request"
+        return run_module("strata.trust.node", ["csr", str(self.key_path), name], timeout_s=120, what=what).decode()
 
     def sign(self, payload: bytes) -> str:
         """A base64 ECDSA signature of `payload` with the node key, from a child process.
@@ -126,16 +117,9 @@ class FleetIdentity:
         Raises:
             ConfigError: the key operation failed.
         """
-        done = subprocess.run(
-            [sys.executable, "-OO", "-m", "strata.trust.node", "sign", str(self.key_path)],
-            input=payload,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise ConfigError(f"cannot sign with this node's key: {done.stderr.decode(errors='replace').strip()}")
-        return done.stdout.decode().strip()
+        what = "signing with this node's key"
+        signature = run_module("strata.trust.node", ["sign", str(self.key_path)], payload, timeout_s=120, what=what)
+        return signature.decode().strip()
 
     def save(self, server: str, node_id: str, certificate: str, not_after: float) -> StoredIdentity:
         """Store a certificate from enrollment or renewal (it must be for this node's key)."""

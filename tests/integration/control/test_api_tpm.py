@@ -24,6 +24,7 @@ from softtpm import SoftTpm
 from strata.agent.attestation import NodeTpm
 from strata.control.settings import ServerSettings
 from strata.core.attest import Report
+from strata.core.errors import ConfigError
 from strata.core.package import build_package, tar_bytes
 from strata.core.policy import Policy
 from strata.trust.tpm import AK_ATTRIBUTES
@@ -170,7 +171,7 @@ def test_tpm_registration_refusals(
     # name, and this TPM, not holding it, cannot recover the secret.
     mixed = challenge(server, node, {**identity, "ak_public": other.identify()["ak_public"]})
     assert mixed.status_code == 200, mixed.text
-    with pytest.raises(Exception, match="TPM activate failed"):
+    with pytest.raises(ConfigError, match=r"TPM activate \(swtpm:.*\) failed: TPM error"):
         tpm.activate(mixed.json())
     # ... and a node that answers with a guess is refused.
     guessed = activate(server, node, base64.b64encode(b"\0" * 32).decode())
