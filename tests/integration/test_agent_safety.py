@@ -158,7 +158,7 @@ def make_node(tmp_path: Path, labels: dict[str, str], probation: ProbationConfig
 
 
 def package(model: Path, version: str, tmp: Path, name: str = "latency", **fields: object) -> tuple[Package, Path]:
-    built = build_package(model, tmp / f"{name}-{version}", name=name, version=version, **fields)  # type: ignore[arg-type]
+    built = build_package(model, tmp / f"{name}-{version}", name=name, version=version, **fields)
     tar = tmp / f"{name}-{version}.tar"
     pack_tar(built, tar)
     return built, tar

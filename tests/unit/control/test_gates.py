@@ -30,7 +30,7 @@ def sample(profile: str, p95: float, requests: int = 100, errors: int = 0) -> Se
 def population(**fields: object) -> Population:
     values: dict[str, object] = {"wave_members": 10, "activated": 10, "failed": 0, "canary": (), "baseline": ()}
     values.update(fields)
-    return Population(**values)  # type: ignore[arg-type]
+    return Population(**values)
 
 
 def by_metric(results: list[GateResult]) -> dict[str, GateResult]:

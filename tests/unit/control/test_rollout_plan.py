@@ -57,7 +57,7 @@ def node(
 
 
 def fleet(count: int, **fields: object) -> dict[str, NodeObservation]:
-    return {o.node_id: o for o in (node(i, **fields) for i in range(count))}  # type: ignore[arg-type]
+    return {o.node_id: o for o in (node(i, **fields) for i in range(count))}
 
 
 def rollout(waves: str = "1,50%", **spec: object) -> RolloutState:
@@ -66,7 +66,7 @@ def rollout(waves: str = "1,50%", **spec: object) -> RolloutState:
         model="digits",
         version="2",
         selector={},
-        spec=RolloutSpec(waves=parse_waves(waves), bake_s=60, wave_deadline_s=600, **spec),  # type: ignore[arg-type]
+        spec=RolloutSpec(waves=parse_waves(waves), bake_s=60, wave_deadline_s=600, **spec),
         created_at=0.0,
     )
 
