@@ -193,6 +193,12 @@ class LocalFleet:
     def strata(self, *args: str) -> list[str]:
         return [self.python, "-m", "strata", *args]
 
+    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run a `strata` operator command against this fleet (admin token, fleet CA) and return what it did."""
+        env = {**self._env(), "STRATA_SERVER": self.server_url, "STRATA_TOKEN": self.admin_token}
+        env["STRATA_CA"] = str(self.ca_path)
+        return subprocess.run(self.strata(*args), env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
     # --- control plane ----------------------------------------------------------------------------------
 
     def start_server(self, timeout: float = 30.0, extra_args: Sequence[str] = ()) -> None:
@@ -244,9 +250,12 @@ class LocalFleet:
         data_dir: Path | None = None,
         tier_port: bool | None = None,
         env: Mapping[str, str] | None = None,
+        node_name: str | None = None,
+        enroll_token: str | None = None,
     ) -> AgentHandle:
-        """Start an agent process (enrolling it with a fresh token the first time). Near-edge and cloud agents get
-        a mutual-TLS tier port unless `tier_port` is False; `env` adds environment variables."""
+        """Start an agent process (enrolling it with a fresh token the first time, or with `enroll_token`). Near-edge
+        and cloud agents get a mutual-TLS tier port unless `tier_port` is False; `env` adds environment variables;
+        `node_name` is the name the agent enrolls with when it is not `name` (the handle's key)."""
         existing = self.agents.get(name)
         labels = dict(labels if labels is not None else (existing.labels if existing else {}))
         if data_dir is None:
@@ -258,7 +267,7 @@ class LocalFleet:
             "agent",
             "--server", self.server_url,
             "--data-dir", str(data_dir),
-            "--name", name,
+            "--name", node_name or name,
             "--tier", tier,
             "--serve-port", str(port),
             "--poll-wait", f"{self.poll_wait_s:g}",
@@ -270,7 +279,8 @@ class LocalFleet:
         if tier_listener is not None:
             argv += ["--tier-port", str(tier_listener)]
         if enroll and not (data_dir / "trust" / "identity.json").exists():
-            argv += ["--enroll-token", str(self.client.create_enrollment_token(600)["token"])]
+            token = enroll_token or str(self.client.create_enrollment_token(600)["token"])
+            argv += ["--enroll-token", token]
         argv += list(extra_args)
         process = ManagedProcess(
             f"agent {name}", argv, self.root / "logs" / f"{name}.log", {**self._env(), **(env or {})}

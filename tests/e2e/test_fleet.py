@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -41,18 +38,6 @@ def local_labels(model: Path) -> list[int]:
     return [int(v) for v in session.run(["label"], {"X": X})[0]]
 
 
-def strata_cli(fleet: LocalFleet, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "STRATA_SERVER": fleet.server_url,
-        "STRATA_TOKEN": fleet.admin_token,
-        "STRATA_CA": str(fleet.ca_path),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "strata", *args], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-
-
 def test_deploy_by_labels_then_update_one_region_through_the_cli(
     fleet: LocalFleet, digits_onnx: Path, digits_onnx_v2: Path, tmp_path: Path
 ) -> None:
@@ -60,16 +45,16 @@ def test_deploy_by_labels_then_update_one_region_through_the_cli(
     fleet.start_agent("us-1", "near-edge", {"fleet": "t", "region": "us"})
     fleet.wait_for(lambda: len(fleet.nodes()) == 2, 30, "two nodes")
 
-    pushed = strata_cli(fleet, "model", "push", str(digits_onnx), "--name", "digits", "--version", "1", "--json")
+    pushed = fleet.cli("model", "push", str(digits_onnx), "--name", "digits", "--version", "1", "--json")
     assert pushed.returncode == 0, pushed.stderr
     assert json.loads(pushed.stdout)[0]["variant"] == "cpu-generic-fp32"
-    deployed = strata_cli(fleet, "deploy", "digits", "1", "--selector", "fleet=t")
+    deployed = fleet.cli("deploy", "digits", "1", "--selector", "fleet=t")
     assert deployed.returncode == 0, deployed.stderr
     fleet.wait_for_versions({"eu-1": {"digits": "1"}, "us-1": {"digits": "1"}})
     assert labels_from(fleet.agents["eu-1"].serve_url) == ("1", local_labels(digits_onnx))
 
     push_model(fleet, digits_onnx_v2, "2", tmp_path)
-    assert strata_cli(fleet, "deploy", "digits", "2", "--selector", "region=eu").returncode == 0
+    assert fleet.cli("deploy", "digits", "2", "--selector", "region=eu").returncode == 0
     nodes = fleet.wait_for_versions({"eu-1": {"digits": "2"}, "us-1": {"digits": "1"}})
     assert labels_from(fleet.agents["eu-1"].serve_url) == ("2", local_labels(digits_onnx_v2))
     assert labels_from(fleet.agents["us-1"].serve_url)[0] == "1"
@@ -77,7 +62,7 @@ def test_deploy_by_labels_then_update_one_region_through_the_cli(
     state = json.loads((fleet.agents["eu-1"].data_dir / "state.json").read_text())
     assert state["models"]["digits"]["previous"]["version"] == "1"
 
-    listed = strata_cli(fleet, "nodes", "list", "--json")
+    listed = fleet.cli("nodes", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
     assert rows["eu-1"]["models"] == {"digits": "2"}
@@ -85,13 +70,13 @@ def test_deploy_by_labels_then_update_one_region_through_the_cli(
     assert rows["us-1"]["labels"] == {"fleet": "t", "region": "us"}
     assert all(row["online"] for row in rows.values())
     assert nodes["eu-1"]["in_sync"]
-    table = strata_cli(fleet, "nodes", "list")
+    table = fleet.cli("nodes", "list")
     assert "eu-1" in table.stdout
     assert "digits=2" in table.stdout
 
 
 def test_token_create_prints_the_token_alone_on_its_last_line(fleet: LocalFleet) -> None:
-    created = strata_cli(fleet, "token", "create", "--ttl", "10m")
+    created = fleet.cli("token", "create", "--ttl", "10m")
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip().splitlines()[-1]
     assert len(token) >= 32

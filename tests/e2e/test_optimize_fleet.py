@@ -4,9 +4,6 @@ selected for its own profile, or falls back to the compatible generic one."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -17,18 +14,6 @@ from strata.examples.digits import load_data
 from strata.localfleet import LocalFleet
 
 pytestmark = pytest.mark.slow
-
-
-def strata_cli(fleet: LocalFleet, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "STRATA_SERVER": fleet.server_url,
-        "STRATA_TOKEN": fleet.admin_token,
-        "STRATA_CA": str(fleet.ca_path),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "strata", *args], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
 
 
 def active_variant(fleet: LocalFleet, name: str) -> str | None:
@@ -45,12 +30,11 @@ def test_agents_run_the_variant_selected_for_their_profile(
     data = load_data()
     np.savez(tmp_path / "calibration.npz", X=data.train_x[:128])
     np.savez(tmp_path / "evaluation.npz", X=data.test_x, labels=data.test_y)
-    optimized = strata_cli(
-        fleet,
+    optimized = fleet.cli(
         "optimize", str(digits_onnx), "--name", "digits", "--version", "1", "--task", "classification",
         "--calibration", str(tmp_path / "calibration.npz"), "--eval", str(tmp_path / "evaluation.npz"),
         "--target", "x86_64-avx2", "--target", "cpu-generic", "--pass", "graph", "--pass", "static",
-        "--rounds", "1", "--no-memory", "--out", str(tmp_path / "out"), "--push", "--json",
+        "--rounds", "1", "--no-memory", "--out", str(tmp_path / "out"), "--push", "--json", timeout=300,
     )  # fmt: skip
     assert optimized.returncode == 0, optimized.stderr
     answer = json.loads(optimized.stdout)
@@ -59,7 +43,7 @@ def test_agents_run_the_variant_selected_for_their_profile(
     pushed = {p["variant"] for p in answer["pushed"]}
     assert pushed == {f"{profile}-{variant}" for profile, variant in selected.items()}
 
-    shown = strata_cli(fleet, "model", "show", "digits", "1", "--json")
+    shown = fleet.cli("model", "show", "digits", "1", "--json")
     assert shown.returncode == 0, shown.stderr
     registry = {v["id"]: v for v in json.loads(shown.stdout)["variants"]}
     assert set(registry) == pushed
@@ -69,13 +53,13 @@ def test_agents_run_the_variant_selected_for_their_profile(
         assert stored["metrics"]["optimized_as"] == variant
         assert stored["metrics"]["gate"] == "passed"
         assert stored["metrics"]["top1_agreement"] >= 0.99
-    table = strata_cli(fleet, "model", "show", "digits", "1")
+    table = fleet.cli("model", "show", "digits", "1")
     assert "top1_agreement=" in table.stdout
 
     fleet.start_agent("avx2", "device", {"fleet": "opt"}, profile="x86_64-avx2")
     fleet.start_agent("arm", "device", {"fleet": "opt"}, profile="arm64-neon")
     fleet.wait_for(lambda: len(fleet.nodes()) == 2, 30, "two nodes")
-    assert strata_cli(fleet, "deploy", "digits", "1", "--selector", "fleet=opt").returncode == 0
+    assert fleet.cli("deploy", "digits", "1", "--selector", "fleet=opt").returncode == 0
     fleet.wait_for_versions({"avx2": {"digits": "1"}, "arm": {"digits": "1"}})
     assert active_variant(fleet, "avx2") == f"x86_64-avx2-{selected['x86_64-avx2']}"
     # No package was built for arm64-neon: that node falls back to the generic profile's selected variant.

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,18 +33,6 @@ def fleet(tmp_path: Path) -> Iterator[LocalFleet]:
     with LocalFleet(tmp_path / "fleet", poll_wait_s=2) as running:
         running.start_server()
         yield running
-
-
-def strata_cli(fleet: LocalFleet, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "STRATA_SERVER": fleet.server_url,
-        "STRATA_TOKEN": fleet.admin_token,
-        "STRATA_CA": str(fleet.ca_path),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "strata", *args], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
 
 
 def push(fleet: LocalFleet, model: Path, version: str, workdir: Path, name: str = "digits") -> Path:
@@ -78,7 +63,7 @@ def infer(url: str, name: str = "digits") -> httpx.Response:
 
 
 def create_rollout(fleet: LocalFleet, *args: str) -> str:
-    created = strata_cli(fleet, "rollout", "create", *args)
+    created = fleet.cli("rollout", "create", *args)
     assert created.returncode == 0, created.stderr
     rollout_id = created.stdout.strip().splitlines()[-1]
     assert rollout_id.isdecimal()
@@ -135,7 +120,7 @@ def test_a_version_that_fails_its_golden_check_stops_at_the_first_wave(
     for i, region in enumerate(regions):
         fleet.start_agent(f"n{i}", labels={"fleet": "r", "region": region})
     push(fleet, digits_onnx, "1", tmp_path)
-    assert strata_cli(fleet, "deploy", "digits", "1", "--selector", "fleet=r").returncode == 0
+    assert fleet.cli("deploy", "digits", "1", "--selector", "fleet=r").returncode == 0
     fleet.wait_for_versions({f"n{i}": {"digits": "1"} for i in range(3)})
 
     push_failing_golden(fleet, digits_onnx_v2, digits_onnx, "2", tmp_path)
@@ -155,10 +140,10 @@ def test_a_version_that_fails_its_golden_check_stops_at_the_first_wave(
     fleet.wait_for_versions({f"n{i}": {"digits": "1"} for i in range(3)})
     for handle in fleet.agents.values():
         assert infer(handle.serve_url).json()["model_version"] == "1"
-    history = json.loads(strata_cli(fleet, "model", "history", "digits", "--json").stdout)
+    history = json.loads(fleet.cli("model", "history", "digits", "--json").stdout)
     assert [e for e in history if e["version"] == "2"] == []
 
-    shown = strata_cli(fleet, "rollout", "status", rollout_id)
+    shown = fleet.cli("rollout", "status", rollout_id)
     assert shown.returncode == 0, shown.stderr
     assert "rolled_back" in shown.stdout
     assert "failed gate" in shown.stdout
@@ -251,14 +236,12 @@ def test_an_eu_only_model_never_reaches_a_us_node_and_the_node_refuses_it_itself
     fleet.wait_for(lambda: len(fleet.nodes()) == 2, 30, "two nodes")
     policy = tmp_path / "eu-only.yaml"
     policy.write_text("data_class: personal\nallowed_regions: [eu-*]\n")
-    pushed = strata_cli(
-        fleet, "model", "push", str(digits_onnx), "--name", "faces", "--version", "1", "--policy", str(policy)
-    )
+    pushed = fleet.cli("model", "push", str(digits_onnx), "--name", "faces", "--version", "1", "--policy", str(policy))
     assert pushed.returncode == 0, pushed.stderr
 
     # The operator aims it at the US node directly, then at everyone: only the EU node ever gets it.
-    assert strata_cli(fleet, "deploy", "faces", "1", "--selector", "region=us-east").returncode == 0
-    assert strata_cli(fleet, "deploy", "faces", "1").returncode == 0
+    assert fleet.cli("deploy", "faces", "1", "--selector", "region=us-east").returncode == 0
+    assert fleet.cli("deploy", "faces", "1").returncode == 0
     fleet.wait_for_versions({"eu": {"faces": "1"}, "us": {}})
     fleet.wait_for(lambda: fleet.nodes()["us"]["in_sync"], 30, "the US node to confirm its desired state")
     assert fleet.nodes()["us"]["models"] == {}
@@ -266,7 +249,7 @@ def test_an_eu_only_model_never_reaches_a_us_node_and_the_node_refuses_it_itself
     rollout_id = create_rollout(fleet, "faces", "1", "--waves", "100%", "--bake", "1s")
     rollout = fleet.client.rollout(rollout_id)
     assert [(e["node"], "allowed_regions" in e["reason"]) for e in rollout["excluded"]] == [("us", True)]
-    shown = strata_cli(fleet, "rollout", "status", rollout_id)
+    shown = fleet.cli("rollout", "status", rollout_id)
     assert "1 nodes kept out" in shown.stdout
     assert "us-east" in shown.stdout
 

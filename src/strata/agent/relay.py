@@ -55,6 +55,14 @@ class RelayUnavailable(TransportError):
     http_status = 503
 
 
+class RelayTampered(VerificationError):
+    """The control plane sent bytes for a piece that do not hash to its name: refused, and (for the relay's own
+    downloads) a failure the node reports, not a network hiccup to wait out."""
+
+    code = "relay_tampered"
+    http_status = 502
+
+
 class _OneFile(dict[Path, bytes]):
     """The last package file the relay decrypted (pieces of one file are asked for one after another)."""
 
@@ -110,7 +118,7 @@ class RelayApp:
                 return Response.error(401, "the relay serves fleet nodes: connect with this fleet's certificate")
             loop = asyncio.get_running_loop()
             data = await loop.run_in_executor(None, self._piece_for, request.peer, package, piece)
-        except (RelayRefused, RelayUnavailable) as exc:
+        except (RelayRefused, RelayUnavailable, RelayTampered) as exc:
             self.requests.inc("refused" if isinstance(exc, RelayRefused) else "unavailable")
             return Response.error(exc.http_status, exc.message)
         return self._answer(request, piece, data)
@@ -155,6 +163,7 @@ class RelayApp:
 
         Raises:
             RelayRefused, RelayUnavailable: the control plane refused or could not be reached.
+            RelayTampered: the control plane sent bytes that do not hash to the piece's name.
         """
         cached = self.cache_dir / piece
         if cached.is_file():
@@ -241,7 +250,7 @@ class RelayApp:
             raise RelayUnavailable(f"the control plane answered {response.status} for blob {sha[:12]}")
         data = response.body
         if len(data) > MAX_PIECE_BYTES or hashlib.sha256(data).hexdigest() != sha:
-            raise RelayUnavailable(f"the control plane sent bytes for {sha[:12]} that do not match their name")
+            raise RelayTampered(f"the control plane sent bytes for piece {sha} that do not match their name")
         self.upstream_bytes.inc(by=len(data))
         vault = self.store.vault
         write_bytes_atomic(self.cache_dir / sha, vault.seal(piece_aad(sha), data) if vault is not None else data)

@@ -16,9 +16,7 @@ from typing import Annotated
 import typer
 
 from strata.agent.config import CONFIG_ENV, AgentConfig
-from strata.cli.common import parse_duration
-from strata.core.errors import ConfigError
-from strata.core.wire import parse_selector
+from strata.cli.common import parse_duration, parse_label_options
 
 
 def agent(
@@ -126,12 +124,7 @@ def agent(
 ) -> None:
     """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
     the Open Inference Protocol on --serve-port; keeps serving when the control plane is gone."""
-    labels: dict[str, str] = {}
-    for item in label or []:
-        parsed = parse_selector(item)
-        if not parsed:
-            raise ConfigError(f"--label {item!r} is not k=v")
-        labels.update(parsed)
+    labels = parse_label_options(label or [])
     if profile is not None:
         from strata.core.profiles import get_profile
 

@@ -98,8 +98,32 @@ class ControlClient:
         result: dict[str, Any] = self._call("GET", "/v1/health")
         return result
 
-    def create_enrollment_token(self, ttl_seconds: int) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("POST", "/v1/enrollment-tokens", json={"ttl_seconds": ttl_seconds})
+    def create_enrollment_token(
+        self,
+        ttl_seconds: int,
+        name: str | None = None,
+        tier: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"ttl_seconds": ttl_seconds, "name": name, "tier": tier}
+        body["labels"] = dict(labels) if labels is not None else None
+        result: dict[str, Any] = self._call("POST", "/v1/enrollment-tokens", json=body)
+        return result
+
+    def create_reenrollment_token(self, node: str, ttl_seconds: int) -> dict[str, Any]:
+        body = {"node": node, "ttl_seconds": ttl_seconds}
+        result: dict[str, Any] = self._call("POST", "/v1/reenrollment-tokens", json=body)
+        return result
+
+    def assign_node(
+        self,
+        node_id: str,
+        labels: Mapping[str, str | None] | None = None,
+        tier: str | None = None,
+        accept_profile: bool = False,
+    ) -> dict[str, Any]:
+        body = {"labels": dict(labels) if labels else None, "tier": tier, "accept_profile": accept_profile}
+        result: dict[str, Any] = self._call("PATCH", f"/v1/nodes/{node_id}", json=body)
         return result
 
     def push_package(

@@ -92,3 +92,20 @@ def parse_duration(text: str) -> float:
         return float(text)
     except ValueError:
         raise ConfigError(f"{text!r} is not a duration (use 90s, 10m, 2h, 7d)") from None
+
+
+def parse_label_options(items: list[str]) -> dict[str, str]:
+    """`--label k=v` options -> {k: v}.
+
+    Raises:
+        ConfigError: an option that is not k=v.
+    """
+    from strata.core.wire import parse_selector
+
+    labels: dict[str, str] = {}
+    for item in items:
+        parsed = parse_selector(item)
+        if not parsed:
+            raise ConfigError(f"--label {item!r} is not k=v")
+        labels.update(parsed)
+    return labels

@@ -110,12 +110,16 @@ def authorize(principal: Principal, access: Access, node_id: str | None = None) 
 
 
 def authorize_blob(principal: Principal, referenced_by_caller: bool) -> None:
-    """The operator reads every blob; a node only those its current desired state references.
+    """An admin reads every blob; a node only those its current desired state references. A read-only token
+    reads none: it is for dashboards and scripts, which see the registry's metadata (manifests, hashes, metrics)
+    through the model endpoints, never a model's weights.
 
     Raises:
-        Forbidden: a node asked for a blob its desired state does not name.
+        Forbidden: a node asked for a blob its desired state does not name, or a read-only token asked at all.
     """
-    if not (principal.is_operator or referenced_by_caller):
+    if principal.is_operator and not principal.is_admin:
+        raise Forbidden("a read-only token does not download packages or weights; this needs an admin token")
+    if not (principal.is_admin or referenced_by_caller):
         raise Forbidden("this blob is not part of the node's desired state")
 
 

@@ -129,7 +129,7 @@ class FileBlobStore:
         digest = hashlib.sha256()
         size = 0
         try:
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix=".blob.", suffix=".tmp")
         except OSError as exc:
             raise StoreError(f"cannot create a temporary file in {self.tmp_dir}: {exc}") from exc
@@ -159,8 +159,8 @@ class FileBlobStore:
             if target.is_file():
                 staged.discard()
             else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.chmod(staged.path, 0o644)
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.chmod(staged.path, 0o600)  # packages are plaintext here: the server's user alone reads them
                 os.replace(staged.path, target)
                 fsync_dir(target.parent)
         except OSError as exc:

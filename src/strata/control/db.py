@@ -112,6 +112,12 @@ class EnrollmentToken(Base):
     expires_at: Mapped[float] = mapped_column(TIME)
     used_at: Mapped[float | None] = mapped_column(TIME)
     node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id"))
+    # What the operator bound the token to (None: the enrolling machine's word is taken, once): the node's name,
+    # tier and labels, or the one existing node it re-enrolls (a new machine, or a revoked node brought back).
+    node_name: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    tier: Mapped[str | None] = mapped_column(String(16))
+    labels: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    reenroll_node_id: Mapped[str | None] = mapped_column(String(32))
 
 
 class Model(Base):

@@ -32,7 +32,14 @@ from strata.control.auth import (
 from strata.control.blobs import BlobStore
 from strata.control.db import Database, EnrollmentToken, Node, Variant
 from strata.control.deployments import load_active_deployments
-from strata.control.desired import ActiveDeployment, decide, desired_state, etag_matches, referenced_blobs
+from strata.control.desired import (
+    ActiveDeployment,
+    decide,
+    desired_state,
+    etag_matches,
+    referenced_blobs,
+    widens,
+)
 from strata.control.feed import ChangeFeed
 from strata.control.history import activation_events, record_changes
 from strata.control.pki import Pki
@@ -66,6 +73,74 @@ class IssuedToken:
 
     token: str
     expires_at: float
+
+
+@dataclass(frozen=True)
+class TokenBinding:
+    """What the operator binds an enrollment token to. A field left None takes the enrolling machine's word, once,
+    at its first enrollment; `reenroll_node_id` makes the token re-enroll that one existing node and nothing else."""
+
+    name: str | None = None
+    tier: str | None = None
+    labels: Mapping[str, str] | None = None
+    reenroll_node_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Assigned:
+    """A node's operator-assigned identity, which decides placement, blob access and topology."""
+
+    tier: str
+    labels: dict[str, str]
+
+
+def enrollment_identity(
+    binding: TokenBinding, request: EnrollRequest, existing_id: str | None, existing: Assigned | None
+) -> Assigned:
+    """The tier and labels a node enrolls with: the token's binding where it has one; a re-enrolled node keeps what
+    the operator assigned it; a new node's request is taken where the token binds nothing.
+
+    Raises:
+        Forbidden: the token does not allow this enrollment (another name, tier or labels than it binds; a name
+            already enrolled without a re-enrollment token for it; a re-enrollment token used for another node).
+    """
+    if binding.reenroll_node_id is not None:
+        if existing_id != binding.reenroll_node_id:
+            raise Forbidden(f"this token re-enrolls node {binding.name!r}, not {request.name!r}")
+    elif existing_id is not None:
+        raise Forbidden(
+            f"a node named {request.name!r} is enrolled already; enrolling it again (a new machine, or after a "
+            f"revocation) needs a token from `strata nodes reenroll {request.name}`"
+        )
+    if binding.name is not None and binding.name != request.name:
+        raise Forbidden(f"this token enrolls a node named {binding.name!r}, not {request.name!r}")
+    if binding.tier is not None and binding.tier != request.tier:
+        raise Forbidden(f"this token enrolls a {binding.tier} node; the agent asked for tier {request.tier!r}")
+    if binding.labels is not None and request.labels and dict(binding.labels) != request.labels:
+        raise Forbidden(
+            f"this token assigns labels {dict(binding.labels)}; the agent asked for {request.labels} "
+            "(pass the same --label options, or none)"
+        )
+    base = existing if existing is not None else Assigned(request.tier, dict(request.labels))
+    return Assigned(
+        tier=binding.tier if binding.tier is not None else base.tier,
+        labels=dict(binding.labels) if binding.labels is not None else base.labels,
+    )
+
+
+def claims_of(assigned: Assigned, profile: str, status: NodeStatus | None) -> dict[str, Any]:
+    """What a node's last report says about itself where it differs from what the control plane holds: its tier
+    and labels (never used), and a profile the operator has not accepted yet. Empty when they agree."""
+    if status is None:
+        return {}
+    claims: dict[str, Any] = {}
+    if status.tier != assigned.tier:
+        claims["tier"] = status.tier
+    if status.labels != assigned.labels:
+        claims["labels"] = dict(status.labels)
+    if status.profile != profile:
+        claims["profile"] = status.profile
+    return claims
 
 
 @dataclass(frozen=True)
@@ -117,6 +192,7 @@ class NodeView:
     supply: str | None = None
     tpm_ek: str | None = None
     tpm_pcrs: dict[str, Any] | None = None
+    claims: dict[str, Any] = field(default_factory=dict)
 
 
 def node_facts(node: Node) -> NodeFacts:
@@ -165,6 +241,7 @@ def node_view(
         supply=status.get("supply"),
         tpm_ek=node.tpm_ek,
         tpm_pcrs=node.tpm_pcrs,
+        claims=claims_of(Assigned(node.tier, dict(node.labels)), node.profile, _parse_status(node.status)),
     )
 
 
@@ -221,34 +298,69 @@ class FleetService:
 
     # --- enrollment -----------------------------------------------------------------------------------------
 
-    def issue_enrollment_token(self, ttl_s: float) -> IssuedToken:
-        """A one-time token that lets one machine enroll within `ttl_s` seconds (1 s to 7 days).
+    def issue_enrollment_token(self, ttl_s: float, binding: TokenBinding | None = None) -> IssuedToken:
+        """A one-time token that lets one machine enroll within `ttl_s` seconds (1 s to 7 days), bound to what
+        `binding` names (its tier and labels are then the operator's, whatever the machine asks for).
 
         Raises:
-            ProtocolError: `ttl_s` is out of range.
+            ProtocolError: `ttl_s` is out of range, or the binding's name, tier or labels are malformed.
             StoreError: the database failed.
         """
         if not 1 <= ttl_s <= MAX_ENROLLMENT_TTL_S:
             raise ProtocolError(f"ttl_seconds must be between 1 and {MAX_ENROLLMENT_TTL_S}")
+        binding = binding or TokenBinding()
+        if binding.name is not None:
+            check_name("node name", binding.name)
+        if binding.tier is not None and binding.tier not in TIERS:
+            raise ProtocolError(f"tier {binding.tier!r} is not one of {list(TIERS)}")
+        labels = parse_labels(dict(binding.labels)) if binding.labels is not None else None
         # The token carries the fleet CA's hash, so the node can check the control plane before trusting it.
         token = f"{ENROLLMENT_FORMAT}.{new_secret()}.{self._pki.ca.fingerprint.removeprefix('sha256:')}"
         now = self._clock()
         with self._db.transaction() as session:
             session.add(
-                EnrollmentToken(id=new_id(), token_hash=hash_secret(token), created_at=now, expires_at=now + ttl_s)
+                EnrollmentToken(
+                    id=new_id(),
+                    token_hash=hash_secret(token),
+                    created_at=now,
+                    expires_at=now + ttl_s,
+                    node_name=binding.name,
+                    tier=binding.tier,
+                    labels=labels,
+                    reenroll_node_id=binding.reenroll_node_id,
+                )
             )
         return IssuedToken(token=token, expires_at=now + ttl_s)
 
-    def enroll(self, request: EnrollRequest) -> EnrollResponse:
-        """Spend an enrollment token on a node: a new one, or the node of that name again with a new credential.
+    def issue_reenrollment_token(self, node: str, ttl_s: float) -> IssuedToken:
+        """A one-time token that enrolls the existing node `node` (id or name) again: a replacement machine, or
+        a revoked node brought back. It keeps the node's id, tier and labels and replaces its credential.
 
-        The token is claimed and the node written in one transaction, so a token enrolls at most once even when
-        two machines race with it. Re-enrolling keeps the node id and invalidates the old credential (and lifts
-        a revocation: the operator handed out the token). It also forgets what was known of the old machine:
-        its attestation verdict and the TPM it was bound to (the new machine registers its own).
+        Raises:
+            NotFound: no node of that id or name (revoked ones included).
+            ProtocolError: `ttl_s` is out of range.
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            found = session.scalar(select(Node).where((Node.id == node) | (Node.name == node)))
+            if found is None:
+                raise NotFound(f"no node {node!r}")
+            binding = TokenBinding(name=found.name, reenroll_node_id=found.id)
+        return self.issue_enrollment_token(ttl_s, binding)
+
+    def enroll(self, request: EnrollRequest) -> EnrollResponse:
+        """Spend an enrollment token on a node: a new one, or (with a re-enrollment token for it) an existing one.
+
+        The token is checked and claimed before anything else happens (no certificate is signed for a bad one),
+        in the same transaction that writes the node, so a token enrolls at most once even when two machines race
+        with it. What the token binds decides the node's name, tier and labels (`enrollment_identity`).
+        Re-enrolling keeps the node id, tier and labels, invalidates the old credential, and lifts a revocation
+        (the operator asked for it with `strata nodes reenroll`). It also forgets what was known of the old
+        machine: its attestation verdict and the TPM it was bound to (the new machine registers its own).
 
         Raises:
             AuthError: the token is unknown, used or expired.
+            Forbidden: the token does not allow this enrollment (see `enrollment_identity`).
             ProtocolError, ProfileError: as `check_enroll_request`.
             Conflict: another enrollment of the same new name committed first.
             StoreError: the database failed.
@@ -258,36 +370,45 @@ class FleetService:
             raise ProtocolError("enrollment needs a certificate request (csr) over a key the node made")
         now = self._clock()
         with self._db.transaction() as session:
+            token = session.scalar(
+                select(EnrollmentToken).where(
+                    EnrollmentToken.token_hash == hash_secret(request.token),
+                    EnrollmentToken.used_at.is_(None),
+                    EnrollmentToken.expires_at > now,
+                )
+            )
+            if token is None:
+                raise AuthError(INVALID_ENROLLMENT)
+            claimed = session.connection().execute(
+                update(EnrollmentToken)
+                .where(EnrollmentToken.id == token.id, EnrollmentToken.used_at.is_(None))
+                .values(used_at=now)
+            )
+            if claimed.rowcount != 1:
+                raise AuthError(INVALID_ENROLLMENT)
+            binding = TokenBinding(token.node_name, token.tier, token.labels, token.reenroll_node_id)
             node = session.scalar(select(Node).where(Node.name == request.name))
+            existing = Assigned(node.tier, dict(node.labels)) if node is not None else None
+            assigned = enrollment_identity(binding, request, node.id if node is not None else None, existing)
             node_id = node.id if node is not None else new_id()
             issued = self._pki.sign_node(request.csr, node_id, self._cert_hours)
             if node is None:
                 node = Node(id=node_id, name=request.name, enrolled_at=now)
                 session.add(node)
             node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
-            node.tier = request.tier
-            node.labels = dict(request.labels)
+            node.tier = assigned.tier
+            node.labels = assigned.labels
             node.profile = request.profile
             node.emulated = request.emulated
             node.agent_version = request.agent_version
             node.facts = dict(request.facts)
             node.enrolled_at = now
             node.revoked_at = None
+            node.status = None  # the old machine's report (and its claims) no longer describe this one
             node.attestation = node.attestation_detail = node.attested_at = None
             node.tpm_ak = node.tpm_ek = node.tpm_pcrs = None
             session.flush()
-            claimed = session.connection().execute(
-                update(EnrollmentToken)
-                .where(
-                    EnrollmentToken.token_hash == hash_secret(request.token),
-                    EnrollmentToken.used_at.is_(None),
-                    EnrollmentToken.expires_at > now,
-                )
-                .values(used_at=now, node_id=node.id)
-            )
-            if claimed.rowcount != 1:
-                raise AuthError(INVALID_ENROLLMENT)
-            node_id = node.id
+            token.node_id = node.id
         self._authenticator.forget_node(node_id)
         self._feed.bump()
         return EnrollResponse(
@@ -379,8 +500,11 @@ class FleetService:
     def report_status(self, node_id: str, status: NodeStatus) -> bool:
         """Store what a node reports, only when it differs from what is stored; return whether it was written.
 
-        A change of the versions it runs is recorded in the model's history. A change of labels can change the
-        node's desired state, so it bumps the fleet generation.
+        A report is the node's word: what it runs, its failures and where it serves are recorded as reported; its
+        tier and labels are claims, kept with the report and shown apart, never adopted (the operator assigns
+        them: the enrollment token, `strata nodes label`). A new profile is adopted only when it gives the node
+        no variant its current one does not (`desired.widens`); otherwise it waits for `strata nodes accept`.
+        A change of the versions it runs is recorded in the model's history.
 
         Raises:
             ProfileError: the status names an unknown hardware profile.
@@ -389,27 +513,69 @@ class FleetService:
         """
         get_profile(status.profile)
         document = canonical_json(status.to_json()).decode()
+        generation = self._feed.generation
+        profile_changed = False
         with self._db.transaction() as session:
             node = self._live_node(session, node_id)
             if node.status == document:
                 return False
             now = self._clock()
             session.add_all(record_changes(node_id, activation_events(_parse_status(node.status), status), now))
-            labels_changed = node.labels != status.labels
             node.status = document
             node.status_at = now
-            node.tier = status.tier
-            node.labels = dict(status.labels)
-            node.profile = status.profile
+            if status.profile != node.profile:
+                current = node_facts(node)
+                claimed = NodeFacts.of(node.name, node.tier, status.profile, node.labels, node.attestation or "")
+                deployments = self._active_deployments(session, generation)
+                if not widens(node.id, node.labels, deployments, current, claimed):
+                    node.profile = status.profile
+                    profile_changed = True
             node.emulated = status.emulated
             node.agent_version = status.agent_version
             node.reported_etag = status.desired_etag
             node.serve_url = status.serve_url
-        if labels_changed:
+        if profile_changed:
             self._feed.bump()
         if self._on_status is not None:
             self._on_status()
         return True
+
+    def assign(
+        self,
+        node_id: str,
+        labels: Mapping[str, str | None] | None = None,
+        tier: str | None = None,
+        accept_profile: bool = False,
+    ) -> NodeView:
+        """The operator's changes to a node's identity: set (a value) or remove (None) labels, change its tier, or
+        accept the profile its last report claims. The node's desired state follows at once.
+
+        Raises:
+            NotFound: no such node, or it was revoked.
+            ProtocolError: a malformed label or an unknown tier, or nothing to accept.
+            StoreError: the database failed.
+        """
+        if tier is not None and tier not in TIERS:
+            raise ProtocolError(f"tier {tier!r} is not one of {list(TIERS)}")
+        with self._db.transaction() as session:
+            node = self._live_node(session, node_id)
+            if labels:
+                merged = dict(node.labels)
+                for key, value in labels.items():
+                    if value is None:
+                        merged.pop(key, None)
+                    else:
+                        merged[key] = value
+                node.labels = parse_labels(merged)
+            if tier is not None:
+                node.tier = tier
+            if accept_profile:
+                status = _parse_status(node.status)
+                if status is None:
+                    raise ProtocolError(f"node {node.name!r} has not reported a profile to accept")
+                node.profile = status.profile
+        self._feed.bump()
+        return self.get_node(node_id)
 
     # --- desired state -----------------------------------------------------------------------------------
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 from strata.control import migrations
 from strata.control.attestation import AttestationService
@@ -141,10 +144,20 @@ class ControlPlane:
         try:
             shutil.rmtree(settings.tmp_dir, ignore_errors=True)
             for folder in (settings.data_dir, settings.blobs_dir, settings.tmp_dir):
-                folder.mkdir(parents=True, exist_ok=True)
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Private whatever the umask was, and also for a folder an older release made 0755: it holds the
+            # inventory, the fleet CA's key and packages in plaintext.
+            make_private(settings.data_dir)
         except OSError as exc:
             raise StoreError(f"cannot prepare the data folder {settings.data_dir}: {exc}") from exc
         migrations.upgrade(self.db.engine)
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                database = settings.data_dir / f"strata.db{suffix}"
+                if database.exists():
+                    os.chmod(database, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot make the database in {settings.data_dir} private: {exc}") from exc
         self.pki.start()
         self.supply.start()
         if self.authenticator.ensure_admin_token(settings.admin_token_path):
@@ -169,3 +182,20 @@ class ControlPlane:
             self.flush_presence()
         finally:
             self.db.close()
+
+
+def make_private(data_dir: Path) -> None:
+    """Take group and other permissions off the data folder and, when it was not private yet (made under a loose
+    umask, or by an older release), off everything already in it (0700 folders, 0600 files).
+
+    Raises:
+        OSError: a permission could not be changed.
+    """
+    if stat.S_IMODE(data_dir.stat().st_mode) & 0o077 == 0:
+        return
+    for root, _folders, files in os.walk(data_dir):  # symlinks are not followed
+        os.chmod(root, 0o700)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & 0o700)

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from strata.control.fleet import MAX_ENROLLMENT_TTL_S
+from strata.control.fleet import MAX_ENROLLMENT_TTL_S, TokenBinding
 from strata.core.wire import TIERS, EnrollRequest
 
 
@@ -24,6 +24,26 @@ class HealthBody(BaseModel):
 
 class EnrollmentTokenRequest(BaseModel):
     ttl_seconds: int = Field(3600, ge=1, le=MAX_ENROLLMENT_TTL_S, description="how long the token may be used")
+    name: str | None = Field(None, max_length=128, description="the only node name this token enrolls")
+    tier: str | None = Field(None, json_schema_extra={"enum": list(TIERS)}, description="the tier it assigns")
+    labels: dict[str, str] | None = Field(None, description="the labels it assigns (whatever the node asks for)")
+
+    def binding(self) -> TokenBinding:
+        """What the token binds; unset fields take the enrolling machine's word at its first enrollment."""
+        return TokenBinding(name=self.name, tier=self.tier, labels=self.labels)
+
+
+class ReenrollmentTokenRequest(BaseModel):
+    node: str = Field(max_length=128, description="the node's id or name (a revoked node too)")
+    ttl_seconds: int = Field(3600, ge=1, le=MAX_ENROLLMENT_TTL_S, description="how long the token may be used")
+
+
+class NodeAssignRequest(BaseModel):
+    labels: dict[str, str | None] | None = Field(
+        None, description="labels to set (a value) or remove (null); the others stay"
+    )
+    tier: str | None = Field(None, json_schema_extra={"enum": list(TIERS)})
+    accept_profile: bool = Field(False, description="adopt the profile the node's last report claims")
 
 
 class EnrollmentTokenBody(BaseModel):
@@ -182,6 +202,11 @@ class NodeBody(BaseModel):
     tpm_pcrs: dict[str, Any] | None = Field(None, description="the PCR values its last good quote covered")
     supply: str | None = Field(
         None, description="verified: the node runs only signed packages vouched for by TUF; unverified: development"
+    )
+    claims: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what the node's last report says about itself where it differs from what the control plane "
+        "holds (tier, labels: never used; profile: waits for the operator when it would widen what the node gets)",
     )
 
 

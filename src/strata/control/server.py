@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import signal
 import socket
 from collections.abc import Iterator
@@ -103,8 +104,10 @@ def serve(
     if level not in LOG_LEVELS:
         raise ConfigError(f"log level {log_level!r} is not one of {list(LOG_LEVELS)}")
     data_dir = data_dir.expanduser().resolve()
+    # Everything the server writes (database, blobs, keys, tokens) is for its own user alone.
+    os.umask(0o077)
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise ConfigError(f"cannot create the data folder {data_dir}: {exc}") from exc
     for url in cloud_endpoints:

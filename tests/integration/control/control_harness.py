@@ -91,8 +91,16 @@ class Harness:
     clock: ManualClock
     admin: dict[str, str] = field(default_factory=dict)
 
-    def enroll(self, name: str, labels: dict[str, str] | None = None, **fields: Any) -> NodeCredentials:
-        token = self.client.post("/v1/enrollment-tokens", json={}, headers=self.admin).json()["token"]
+    def enroll(
+        self, name: str, labels: dict[str, str] | None = None, reenroll: bool = False, **fields: Any
+    ) -> NodeCredentials:
+        """Enroll a node; `reenroll` enrolls an existing one again with a token the operator issued for it."""
+        if reenroll:
+            issued = self.client.post("/v1/reenrollment-tokens", json={"node": name}, headers=self.admin)
+        else:
+            issued = self.client.post("/v1/enrollment-tokens", json={}, headers=self.admin)
+        assert issued.status_code == 201, issued.text
+        token = issued.json()["token"]
         key = ec.generate_private_key(ec.SECP256R1())
         body = {
             "token": token,

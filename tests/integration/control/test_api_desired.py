@@ -97,13 +97,28 @@ def test_unknown_deployment_id_is_404(server: Harness) -> None:
         assert server.client.delete(f"/v1/deployments/{deployment_id}", headers=server.admin).status_code == 404
 
 
-def test_label_change_in_a_status_report_changes_the_desired_state(fleet: Harness) -> None:
+def test_labels_a_node_reports_are_claims_and_only_the_operator_changes_the_desired_state(fleet: Harness) -> None:
     node = fleet.enroll("edge-1", {"site": "lab"})
     fleet.deploy("digits", "2", {"ring": "canary"})
     assert _models(fleet.desired(node)) == {}
-    status = {"tier": "device", "labels": {"site": "lab", "ring": "canary"}, "profile": "cpu-generic"}
+    status = {"tier": "near-edge", "labels": {"site": "lab", "ring": "canary"}, "profile": "cpu-generic"}
     assert fleet.client.put(f"/v1/nodes/{node.node_id}/status", json=status, headers=node.headers).status_code == 204
+    assert _models(fleet.desired(node)) == {}
+    view = fleet.client.get(f"/v1/nodes/{node.node_id}", headers=fleet.admin).json()
+    assert (view["tier"], view["labels"]) == ("device", {"site": "lab"})
+    assert view["claims"] == {"tier": "near-edge", "labels": {"site": "lab", "ring": "canary"}}
+
+    assigned = fleet.client.patch(f"/v1/nodes/{node.node_id}", json={"labels": {"ring": "canary"}}, headers=fleet.admin)
+    assert assigned.status_code == 200, assigned.text
+    assert assigned.json()["labels"] == {"site": "lab", "ring": "canary"}
+    assert assigned.json()["claims"] == {"tier": "near-edge"}
     assert _models(fleet.desired(node)) == {"digits": "2"}
+    removed = fleet.client.patch(f"/v1/nodes/{node.node_id}", json={"labels": {"ring": None}}, headers=fleet.admin)
+    assert removed.json()["labels"] == {"site": "lab"}
+    assert _models(fleet.desired(node)) == {}
+    # The node itself cannot call the operator's endpoint.
+    own = fleet.client.patch(f"/v1/nodes/{node.node_id}", json={"labels": {"ring": "canary"}}, headers=node.headers)
+    assert own.status_code == 403
 
 
 def test_etag_makes_an_unchanged_poll_a_304(fleet: Harness) -> None:
@@ -202,3 +217,33 @@ def test_admin_reads_any_nodes_desired_state_and_unknown_nodes_are_404(fleet: Ha
     response = fleet.client.get(f"/v1/nodes/{node.node_id}/desired", headers=fleet.admin)
     assert _models(response) == {"digits": "1"}
     assert fleet.client.get("/v1/nodes/nope/desired", headers=fleet.admin).status_code == 404
+
+
+def test_a_claimed_profile_that_would_widen_access_waits_for_the_operator(
+    server: Harness, make_package: Callable[..., bytes]
+) -> None:
+    gpu_only = {"rules": [{"name": "avx2-only", "allow": 'node.profile == "x86_64-avx2"'}]}
+    assert server.upload(make_package(name="gpu-model", version="1", policy=gpu_only)).status_code == 201
+    assert server.upload(make_package(name="digits", version="1")).status_code == 201
+    node = server.enroll("edge-1")
+    server.deploy("gpu-model", "1")
+    server.deploy("digits", "1")
+    assert _models(server.desired(node)) == {"digits": "1"}
+
+    def report(profile: str) -> None:
+        status = {"tier": "device", "labels": {}, "profile": profile}
+        response = server.client.put(f"/v1/nodes/{node.node_id}/status", json=status, headers=node.headers)
+        assert response.status_code == 204
+
+    report("x86_64-avx2")  # would let it have gpu-model: a claim until the operator accepts it
+    view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
+    assert (view["profile"], view["claims"]) == ("cpu-generic", {"profile": "x86_64-avx2"})
+    assert _models(server.desired(node)) == {"digits": "1"}
+    accepted = server.client.patch(f"/v1/nodes/{node.node_id}", json={"accept_profile": True}, headers=server.admin)
+    assert (accepted.json()["profile"], accepted.json()["claims"]) == ("x86_64-avx2", {})
+    assert _models(server.desired(node)) == {"digits": "1", "gpu-model": "1"}
+
+    report("cpu-generic")  # narrows what it gets: adopted at once
+    view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
+    assert (view["profile"], view["claims"]) == ("cpu-generic", {})
+    assert _models(server.desired(node)) == {"digits": "1"}

@@ -121,16 +121,65 @@ def test_enrollment_needs_a_usable_csr(server: Harness) -> None:
     assert "certificate request" in garbage.json()["error"]
 
 
-def test_re_enrollment_keeps_the_id_and_rotates_the_credential(server: Harness) -> None:
+def test_re_enrollment_keeps_the_id_and_the_assigned_labels_and_rotates_the_credential(server: Harness) -> None:
     first = server.enroll("edge-1", {"site": "a"})
     assert server.client.get("/v1/health", headers=first.headers).status_code == 200
-    second = server.enroll("edge-1", {"site": "b"}, agent_version="2.0")
+    second = server.enroll("edge-1", {"site": "b"}, reenroll=True, agent_version="2.0")
     assert second.node_id == first.node_id
     assert second.headers != first.headers
     assert server.client.get("/v1/health", headers=first.headers).status_code == 401
     view = server.client.get(f"/v1/nodes/{second.node_id}", headers=second.headers).json()
-    assert view["labels"] == {"site": "b"}
+    assert view["labels"] == {"site": "a"}  # the operator's; the new machine's --label is not an authority
     assert view["agent_version"] == "2.0"
+
+
+def test_a_plain_token_cannot_take_over_an_enrolled_name(server: Harness) -> None:
+    """Attack: a holder of any enrollment token enrolls under an existing node's name, to replace its credential
+    (and lift its revocation). The token is checked before any certificate is signed."""
+    victim = server.enroll("edge-1", {"site": "a"})
+    taken = server.client.post("/v1/enroll", json=_enroll_body(_token(server), "edge-1"))
+    assert taken.status_code == 403, taken.text
+    assert "strata nodes reenroll edge-1" in taken.json()["error"]
+    assert "certificate" not in taken.json()
+    assert server.client.get("/v1/health", headers=victim.headers).status_code == 200
+
+    # Revoked, it stays revoked: a plain token does not bring it back either.
+    assert server.client.delete(f"/v1/nodes/{victim.node_id}", headers=server.admin).status_code == 204
+    assert server.client.post("/v1/enroll", json=_enroll_body(_token(server), "edge-1")).status_code == 403
+    assert server.client.get(f"/v1/nodes/{victim.node_id}", headers=server.admin).status_code == 404
+
+    # A re-enrollment token enrolls that node only.
+    issued = server.client.post("/v1/reenrollment-tokens", json={"node": "edge-1"}, headers=server.admin)
+    assert issued.status_code == 201
+    token = issued.json()["token"]
+    other = server.client.post("/v1/enroll", json=_enroll_body(token, "edge-2"))
+    assert other.status_code == 403
+    assert "re-enrolls node 'edge-1'" in other.json()["error"]
+    back = server.client.post("/v1/enroll", json=_enroll_body(token, "edge-1"))
+    assert back.status_code == 201
+    assert back.json()["node_id"] == victim.node_id
+    assert server.client.post("/v1/reenrollment-tokens", json={"node": "nope"}, headers=server.admin).status_code == 404
+
+
+def test_a_bound_token_assigns_name_tier_and_labels(server: Harness) -> None:
+    body = {"name": "gw-1", "tier": "near-edge", "labels": {"site": "berlin"}}
+    token = _token(server, **body)
+    wrong_tier = server.client.post("/v1/enroll", json=_enroll_body(token, "gw-1", tier="device"))
+    assert wrong_tier.status_code == 403
+    assert "near-edge" in wrong_tier.json()["error"]
+    wrong_name = server.client.post("/v1/enroll", json=_enroll_body(token, "gw-2", tier="near-edge"))
+    assert wrong_name.status_code == 403
+    wrong_labels = server.client.post(
+        "/v1/enroll", json=_enroll_body(token, "gw-1", tier="near-edge", labels={"site": "paris"})
+    )
+    assert wrong_labels.status_code == 403
+    # Refusals do not spend the token; the node sends no labels and gets the token's.
+    enrolled = server.client.post("/v1/enroll", json=_enroll_body(token, "gw-1", tier="near-edge"))
+    assert enrolled.status_code == 201, enrolled.text
+    view = server.client.get(f"/v1/nodes/{enrolled.json()['node_id']}", headers=server.admin).json()
+    assert (view["tier"], view["labels"]) == ("near-edge", {"site": "berlin"})
+    bad = server.client.post("/v1/enrollment-tokens", json={"tier": "fog"}, headers=server.admin)
+    assert bad.status_code == 422
 
 
 def test_revoked_node_loses_access_at_once_and_leaves_the_inventory(server: Harness) -> None:
@@ -144,7 +193,7 @@ def test_revoked_node_loses_access_at_once_and_leaves_the_inventory(server: Harn
     assert server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).status_code == 404
     assert server.client.delete(f"/v1/nodes/{node.node_id}", headers=server.admin).status_code == 404
     assert server.client.get("/v1/health", headers=other.headers).status_code == 200
-    # The operator may enroll the machine again with a new token; it keeps its id.
-    again = server.enroll("edge-1")
+    # The operator may enroll the machine again with a re-enrollment token; it keeps its id.
+    again = server.enroll("edge-1", reenroll=True)
     assert again.node_id == node.node_id
     assert server.client.get("/v1/health", headers=again.headers).status_code == 200

@@ -349,7 +349,7 @@ def test_reenrolling_or_revoking_a_node_frees_its_tpm(tpm_server: Harness, acme:
 
     # The operator enrolls the machine again (a new key under the same name): what was known of the old
     # credential's machine is forgotten, its attestation included, and the TPM is registered again.
-    again = server.enroll("edge")
+    again = server.enroll("edge", reenroll=True)
     assert again.node_id == node.node_id
     view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
     assert (view["attestation"], view["tpm_ek"]) == (None, None)

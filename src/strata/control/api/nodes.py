@@ -31,8 +31,10 @@ from strata.control.schemas import (
     EnrollRequestBody,
     EnrollResponseBody,
     ErrorBody,
+    NodeAssignRequest,
     NodeBody,
     NodeStatusBody,
+    ReenrollmentTokenRequest,
     RenewRequest,
     TopologyBody,
     TpmActivateRequest,
@@ -51,8 +53,18 @@ _enrollment_bearer = HTTPBearer(auto_error=False, description="an enrollment tok
 
 @router.post("/enrollment-tokens", status_code=201, response_model=EnrollmentTokenBody)
 def create_enrollment_token(body: EnrollmentTokenRequest, plane: Plane, _admin: Admin) -> IssuedToken:
-    """Issue a one-time enrollment token."""
-    return plane.fleet.issue_enrollment_token(body.ttl_seconds)
+    """Issue a one-time enrollment token; what it binds (name, tier, labels) is the operator's and wins over what
+    the enrolling machine asks for. A name already enrolled needs a re-enrollment token instead."""
+    return plane.fleet.issue_enrollment_token(body.ttl_seconds, body.binding())
+
+
+@router.post(
+    "/reenrollment-tokens", status_code=201, response_model=EnrollmentTokenBody, responses={404: {"model": ErrorBody}}
+)
+def create_reenrollment_token(body: ReenrollmentTokenRequest, plane: Plane, _admin: Admin) -> IssuedToken:
+    """Issue a one-time token that enrolls one existing node again (a replacement machine, or a revoked node
+    brought back): same id, tier and labels, a new credential."""
+    return plane.fleet.issue_reenrollment_token(body.node, body.ttl_seconds)
 
 
 @router.get("/ca", response_class=Response, responses={200: {"content": {"application/x-pem-file": {}}}})
@@ -142,6 +154,13 @@ def list_nodes(plane: Plane, _reader: Reader) -> list[NodeView]:
 def get_node(node_id: str, plane: Plane, _caller: SelfOrAdmin) -> NodeView:
     """One node, for the operator or the node itself."""
     return plane.fleet.get_node(node_id)
+
+
+@router.patch("/nodes/{node_id}", response_model=NodeBody, responses={404: {"model": ErrorBody}})
+def assign_node(node_id: str, body: NodeAssignRequest, plane: Plane, _admin: Admin) -> NodeView:
+    """The operator changes a node's labels or tier, or accepts the profile it claims: these decide placement,
+    blob access and topology, and only the operator sets them."""
+    return plane.fleet.assign(node_id, body.labels, body.tier, body.accept_profile)
 
 
 @router.delete("/nodes/{node_id}", status_code=204, responses={404: {"model": ErrorBody}})
