@@ -267,9 +267,7 @@ def _tensors(
         label = f"{key[:-1]} {name!r}"
         datatype = raw.get("datatype")
         if not isinstance(datatype, str) or datatype not in OIP_TO_NUMPY:
-            raise BadRequest(
-                f"{label}: unsupported datatype {_excerpt(datatype)}; use one of {sorted(OIP_TO_NUMPY)}"
-            )
+            raise BadRequest(f"{label}: unsupported datatype {_excerpt(datatype)}; use one of {sorted(OIP_TO_NUMPY)}")
         shape = _shape(raw.get("shape"), label)
         size = _parameters(raw, label).get("binary_data_size")
         if size is not None:
