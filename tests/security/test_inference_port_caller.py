@@ -9,6 +9,7 @@ with small HTTP limits so the attacks and their refusals take seconds: each list
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -225,10 +226,8 @@ def stall_bodies(port: int, count: int, declared: int, sent: int) -> list[socket
         sockets.append(sock)
     for sock in sockets:
         sock.settimeout(10)
-        try:
+        with contextlib.suppress(OSError):  # refused: the server answered 503 and closed while we still sent
             sock.sendall(chunk)
-        except OSError:  # refused: the server answered 503 and closed while we were still sending
-            pass
     return sockets
 
 
