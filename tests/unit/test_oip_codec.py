@@ -220,7 +220,7 @@ def test_malformed_json_documents(body: bytes, needle: str) -> None:
         (tensor(datatype="FP16", data=[1e10, 0]), "out of range for FP16"),
         (tensor(datatype="FP32", data=[1e300, 0]), "out of range for FP32"),
         (tensor(datatype="BYTES", data=["a", 1]), "BYTES data must be strings"),
-        (tensor(datatype="BYTES", data=[["a"], ["b", "c"]]), "BYTES data must be strings"),
+        (tensor(datatype="BYTES", data=[["a"], ["b", "c"]]), "more than the 2 elements its shape needs"),
         (tensor(data=[1, 2], parameters=[]), "'parameters' must be an object"),
         (tensor(parameters={"binary_data_size": -1}), "binary_data_size must be a non-negative integer"),
         (tensor(parameters={"binary_data_size": "8"}), "binary_data_size must be a non-negative integer"),
@@ -257,7 +257,8 @@ def test_binary_bytes_with_pure_json_tensors() -> None:
 @pytest.mark.parametrize(
     ("payload", "needle"),
     [
-        (struct.pack("<I", 1) + b"a", "ends after 1 of 2 elements"),
+        (struct.pack("<I", 1) + b"a", "2 BYTES elements need at least 8 bytes"),
+        (struct.pack("<I", 5) + b"abcde", "ends after 1 of 2 elements"),
         (struct.pack("<I", 1) + b"a" + struct.pack("<I", 9) + b"bc", "element 1 runs past the data"),
         (struct.pack("<I", 1) + b"a" + struct.pack("<I", 1) + b"b" + b"zz", "has 2 bytes after 2 elements"),
     ],

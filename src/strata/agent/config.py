@@ -55,6 +55,12 @@ class AgentConfig:
     max_queue_wait_ms: float | None = 5000.0
     model_instances: int = 2
     tpm: str | None = None
+    # what callers of the inference port and the tier port may hold (see strata.agent.httpd.ServerLimits)
+    max_request_mb: float = 64.0
+    request_budget_mb: float = 128.0
+    max_connections: int = 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.server.startswith("https://"):
@@ -86,6 +92,12 @@ class AgentConfig:
             raise ConfigError("--probation must not be negative (0 turns it off)")
         if self.report_interval_s < 0:
             raise ConfigError("--report-interval must not be negative")
+        if self.max_request_mb <= 0 or self.request_budget_mb < self.max_request_mb:
+            raise ConfigError("--max-request-mb must be positive and at most --request-budget-mb")
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections must be at least 1")
+        if not 0 < self.header_timeout_s <= self.body_timeout_s:
+            raise ConfigError("--header-timeout must be positive and at most --body-timeout")
         object.__setattr__(self, "preferred_batch_sizes", tuple(self.preferred_batch_sizes))
         _ = self.batching  # building it checks the batching settings
 
@@ -96,6 +108,16 @@ class AgentConfig:
             self.relay_cache_mb if self.relay_cache_mb is not None else (2048 if self.tier == "near-edge" else 0)
         )
         return int(megabytes * (1 << 20))
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest request body either listener reads (and the largest a compressed one may inflate to)."""
+        return int(self.max_request_mb * (1 << 20))
+
+    @property
+    def request_budget_bytes(self) -> int:
+        """The request bodies all connections of one listener may hold at once."""
+        return int(self.request_budget_mb * (1 << 20))
 
     @property
     def serve_host_tier(self) -> str:
@@ -162,6 +184,11 @@ class AgentConfig:
             "max_queue_wait_ms": self.max_queue_wait_ms,
             "model_instances": self.model_instances,
             "tpm": self.tpm,
+            "max_request_mb": self.max_request_mb,
+            "request_budget_mb": self.request_budget_mb,
+            "max_connections": self.max_connections,
+            "header_timeout_s": self.header_timeout_s,
+            "body_timeout_s": self.body_timeout_s,
         }
 
     @classmethod

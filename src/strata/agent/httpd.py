@@ -11,14 +11,26 @@ costs; the inference server's throughput is the HTTP layer's.
 
 The contract: a handler `async (Request) -> Response` sees whole requests (body read up to `max_body_bytes`)
 and returns whole responses; requests on one connection are answered in order, one handler at a time. The
-server answers 400 to malformed HTTP, 413 to bodies over the limit, 431 to oversized headers (then closes,
-after reading what the peer still sends for a moment), and 500 `{"error": "internal error"}` when the handler
-raises (logged with its traceback); handlers are expected to turn every expected error into a 4xx themselves.
+server answers 400 to malformed HTTP, 413 to bodies over the limit, 431 to oversized headers, 408 to a request
+whose head or body takes longer than its deadline, 503 past the connection cap or the body budget (then
+closes, after reading what the peer still sends for a moment), and 500 `{"error": "internal error"}` when the
+handler raises (logged with its traceback); handlers are expected to turn every expected error into a 4xx
+themselves.
+
+What a caller can hold (`ServerLimits`): at most `max_connections` connections, and the request bodies of all
+connections together at most `max_body_bytes_in_flight` bytes. A body is charged to that budget when its
+Content-Length arrives (chunked ones as they arrive), before it is read, and released when its answer is
+written or its connection ends; a body that would not fit is refused with 503 at once, so a few stalled
+uploads cannot make the process grow without bound. The head of a request must arrive within
+`header_timeout` of its first byte and the whole request within `body_timeout`, however slowly the peer trickles
+bytes (slowloris), and an idle connection is closed after `keep_alive_timeout`. When a large body is released
+and none is in flight, `release_memory` (the agent passes `malloc_trim`) gives the heap back to the OS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -86,15 +98,35 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Every limit of the HTTP server in one place (bytes and seconds)."""
+    """Every limit of the HTTP server in one place (bytes and seconds); see the module docstring.
 
-    max_body_bytes: int = 64 << 20
+    Raises:
+        ConfigError: a limit is not positive.
+    """
+
+    max_body_bytes: int = 64 << 20  # one request's body
     max_header_bytes: int = 64 << 10
     keep_alive_timeout: float = 5.0  # an idle connection waits this long for its next request
     read_timeout: float = 30.0  # once a request has begun, each read waits at most this long
+    max_connections: int = 1024  # open at once; more are answered 503 and closed
+    max_body_bytes_in_flight: int = 128 << 20  # the bodies of all connections together (503 past it)
+    header_timeout: float = 10.0  # a request's head must arrive within this long of its first byte
+    body_timeout: float = 60.0  # and the whole request (head and body) within this long
     # connections the kernel holds before they are accepted; asyncio's default of 100 makes a burst of new
     # clients retry their SYN after a second or more (uvicorn uses 2048 too)
     backlog: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_header_bytes", "max_connections", "max_body_bytes_in_flight"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"HTTP server limit {name} must be positive")
+        for name in ("keep_alive_timeout", "read_timeout", "header_timeout", "body_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"HTTP server timeout {name} must be positive")
+
+
+_RELEASE_AFTER_BYTES: Final = 1 << 20  # bodies this large leave heap behind worth giving back to the OS
+_RELEASE_DELAY: Final = 0.5  # seconds with no body in flight before that happens
 
 
 class HttpServer:
@@ -108,13 +140,20 @@ class HttpServer:
         handler: Handler,
         limits: ServerLimits | None = None,
         peer_identity: Callable[[Any], str | None] | None = None,
+        release_memory: Callable[[], object] | None = None,
     ) -> None:
-        """`peer_identity` turns a TLS connection's ssl object into the caller's identity (`Request.peer`)."""
+        """`peer_identity` turns a TLS connection's ssl object into the caller's identity (`Request.peer`);
+        `release_memory` gives freed heap back to the OS (run on the default executor, see the module doc)."""
         self.peer_identity = peer_identity
         self._handler = handler
         self._limits = limits or ServerLimits()
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        self._accepted = 0  # connections being served (those refused at the cap are not counted)
+        self._body_bytes = 0  # request bodies charged to the budget, all connections together
+        self._released = 0  # body bytes released since memory was last given back
+        self._release_memory = release_memory
+        self._release_timer: asyncio.TimerHandle | None = None
         self.closing = False
 
     @property
@@ -166,11 +205,55 @@ class HttpServer:
                 await asyncio.wait(pending, timeout=grace)
         await server.wait_closed()
 
-    def add(self, connection: _Connection) -> None:
+    def add(self, connection: _Connection) -> bool:
+        """Track a new connection; False when it is over the connection cap (it is tracked, to be refused)."""
         self._connections.add(connection)
+        if self._accepted >= self._limits.max_connections:
+            return False
+        self._accepted += 1
+        return True
 
-    def discard(self, connection: _Connection) -> None:
-        self._connections.discard(connection)
+    def discard(self, connection: _Connection, accepted: bool) -> None:
+        if connection in self._connections:
+            self._connections.discard(connection)
+            if accepted:
+                self._accepted -= 1
+
+    @property
+    def connections(self) -> int:
+        """Connections being served now (not counting those being refused)."""
+        return self._accepted
+
+    @property
+    def body_bytes_in_flight(self) -> int:
+        """Request body bytes charged to the budget now."""
+        return self._body_bytes
+
+    def charge(self, size: int) -> bool:
+        """Charge `size` body bytes to the budget; False (nothing charged) when they do not fit."""
+        if self._body_bytes + size > self._limits.max_body_bytes_in_flight:
+            return False
+        self._body_bytes += size
+        return True
+
+    def release(self, size: int) -> None:
+        """Give `size` charged body bytes back; once none are in flight after large ones, return the heap."""
+        if size <= 0:
+            return
+        self._body_bytes -= size
+        self._released += size
+        if self._body_bytes == 0 and self._released >= _RELEASE_AFTER_BYTES and self._release_memory is not None:
+            if self._release_timer is not None:
+                self._release_timer.cancel()
+            self._release_timer = asyncio.get_running_loop().call_later(_RELEASE_DELAY, self._give_memory_back)
+
+    def _give_memory_back(self) -> None:
+        self._release_timer = None
+        if self._body_bytes or self._release_memory is None:
+            return
+        self._released = 0
+        with contextlib.suppress(RuntimeError):  # the default executor is shut down: the process is ending
+            asyncio.get_running_loop().run_in_executor(None, self._release_memory)
 
     @property
     def limits(self) -> ServerLimits:
@@ -187,16 +270,21 @@ class HttpServer:
 class _Refuse(Exception):
     """Raised inside a parser callback to refuse the request with this status and message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
+
+
+_BUSY_HEADERS: Final = {"retry-after": "1"}
 
 
 @dataclass(slots=True)
 class _Parsed:
     request: Request
     keep_alive: bool
+    charged: int = 0  # body bytes charged to the server's budget until this request is answered
 
 
 class _Connection(asyncio.Protocol):
@@ -212,6 +300,7 @@ class _Connection(asyncio.Protocol):
         self._client: tuple[str, int] | None = None
         self._peer: str | None = None
         self._tls = False
+        self._accepted = False
         self.closed: asyncio.Future[None] = self._loop.create_future()
         # the request being parsed
         self._in_message = False
@@ -222,6 +311,9 @@ class _Connection(asyncio.Protocol):
         self._head_fed = 0
         self._body: list[bytes] = []
         self._body_size = 0
+        self._charged = 0  # body bytes of the request being parsed charged to the server's budget
+        self._began = 0.0  # loop time of the first byte of the request being parsed
+        self._deadline: asyncio.TimerHandle | None = None  # for the head, then the whole request
         self._refusal: _Refuse | None = None
         # answering
         self._queue: deque[_Parsed | _Refuse] = deque()
@@ -244,15 +336,26 @@ class _Connection(asyncio.Protocol):
         self._tls = ssl_object is not None
         if ssl_object is not None and self._server.peer_identity is not None:
             self._peer = self._server.peer_identity(ssl_object)
-        self._server.add(self)
+        self._accepted = self._server.add(self)
         if self._server.closing:
             transport.close()
+            return
+        if not self._accepted:
+            self._send_refusal(
+                _Refuse(503, f"the server has {self._limits.max_connections} connections open", _BUSY_HEADERS)
+            )
             return
         self._arm(self._limits.keep_alive_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server.discard(self)
+        self._server.discard(self, self._accepted)
         self._disarm()
+        self._drop_body()
+        for item in self._queue:  # requests read but never answered
+            if isinstance(item, _Parsed):
+                self._server.release(item.charged)
+                item.charged = 0
+        self._queue.clear()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
         if not self.closed.done():
@@ -274,12 +377,14 @@ class _Connection(asyncio.Protocol):
             refusal = self._refusal or _Refuse(400, f"malformed HTTP request: {exc}")
             self._queue.append(refusal)
             self._refused = True
+            self._drop_body()
         else:
             if self._in_head:
                 self._head_fed += len(data)
                 if self._head_fed > self._limits.max_header_bytes:  # a head still arriving, already too large
                     self._queue.append(_Refuse(431, "request headers are too large"))
                     self._refused = True
+                    self._drop_body()
         if len(self._queue) >= _MAX_PIPELINED:
             self._pause_reading()
         self._next()
@@ -290,6 +395,7 @@ class _Connection(asyncio.Protocol):
         if self._in_message and not self._refused:
             self._queue.append(_Refuse(400, "malformed HTTP request: the peer closed in the middle of a request"))
             self._refused = True
+            self._drop_body()
         self._close_after_queue = True
         self._next()
         # keep our side open until the answers in hand are written (TLS cannot half-close: asyncio closes it)
@@ -314,6 +420,8 @@ class _Connection(asyncio.Protocol):
         self._head_fed = 0
         self._body = []
         self._body_size = 0
+        self._began = self._loop.time()
+        self._set_deadline(self._limits.header_timeout, "request headers")
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -330,11 +438,15 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._set_deadline(self._limits.body_timeout, "the request")
         expects_continue = False
         for name, value in self._headers:
             lowered = name.lower()
-            if lowered == b"content-length" and int(value) > self._limits.max_body_bytes:  # llhttp checked: digits
-                self._refuse(413, f"request body is larger than {self._limits.max_body_bytes} bytes")
+            if lowered == b"content-length":  # llhttp checked: digits, and one value
+                length = int(value)
+                if length > self._limits.max_body_bytes:
+                    self._refuse(413, f"request body is larger than {self._limits.max_body_bytes} bytes")
+                self._charge(length)
             elif lowered == b"expect" and value.strip().lower() == b"100-continue":
                 expects_continue = True
         if expects_continue and self._transport is not None and self._parser.get_http_version() == "1.1":
@@ -344,23 +456,71 @@ class _Connection(asyncio.Protocol):
         self._body_size += len(body)
         if self._body_size > self._limits.max_body_bytes:
             self._refuse(413, f"request body is larger than {self._limits.max_body_bytes} bytes")
+        if self._body_size > self._charged:  # a chunked body: charged as it arrives
+            self._charge(self._body_size - self._charged)
         self._body.append(body)
+
+    def _charge(self, size: int) -> None:
+        """Charge body bytes of the request being parsed to the server's budget, before they are read.
+
+        Raises:
+            _Refuse: 503, the budget cannot take them.
+        """
+        if size <= 0:
+            return
+        if not self._server.charge(size):
+            self._refuse(503, "the server is receiving too many request bodies; retry later", _BUSY_HEADERS)
+        self._charged += size
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        self._clear_deadline()
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-        request = _make_request(self._parser.get_method(), self._url, self._headers, body, self._client, self._peer)
-        self._queue.append(_Parsed(request, self._parser.should_keep_alive()))
         self._body = []
+        request = _make_request(self._parser.get_method(), self._url, self._headers, body, self._client, self._peer)
+        self._queue.append(_Parsed(request, self._parser.should_keep_alive(), self._charged))
+        self._charged = 0
         self._headers = []
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _drop_body(self) -> None:
+        """Forget the request being parsed (refused, or its connection ended) and give back its budget."""
+        self._clear_deadline()
+        self._body = []
+        self._server.release(self._charged)
+        self._charged = 0
+
+    # --- deadlines ------------------------------------------------------------------------------------
+
+    def _set_deadline(self, seconds: float, what: str) -> None:
+        """Close the connection unless the request in progress gets past this point by `seconds` after its
+        first byte, however slowly its bytes trickle in (each read resets only the read timeout)."""
+        self._clear_deadline()
+        self._deadline = self._loop.call_at(self._began + seconds, self._deadline_passed, what, seconds)
+
+    def _clear_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _deadline_passed(self, what: str, seconds: float) -> None:
+        """The request in progress missed its deadline: answer 408 when nothing else is being answered, close."""
+        self._deadline = None
+        if self._transport is None or self._transport.is_closing() or self._refused or self._reading_paused:
+            return  # paused: the server stopped reading (pipelined requests queued), not the peer
+        self._drop_body()
+        self._refused = True
+        self._in_message = False
+        if self._task is None and not self._queue:
+            self._write(Response.error(408, f"{what} took longer than {seconds:g} s"), head_only=False, close=True)
+        self._transport.close()
+
+    def _refuse(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
         """Refuse the request being parsed (raised through httptools, caught in `data_received`).
 
         Raises:
             _Refuse: always.
         """
-        self._refusal = _Refuse(status, message)
+        self._refusal = _Refuse(status, message, headers)
         raise self._refusal
 
     # --- answering ------------------------------------------------------------------------------------
@@ -389,6 +549,8 @@ class _Connection(asyncio.Protocol):
         assert transport is not None
         try:
             response = await self._server.call_handler(item.request)
+            self._server.release(item.charged)  # the handler is done with the body
+            item.charged = 0
             close = not item.keep_alive or self._server.closing or (self._close_after_queue and not self._queue)
             if transport.is_closing():
                 return
@@ -405,6 +567,8 @@ class _Connection(asyncio.Protocol):
             transport.close()  # `stop` ran out of grace: the peer sees the connection close unanswered
             return
         finally:
+            self._server.release(item.charged)
+            item.charged = 0
             self._task = None
         self._next()
 
@@ -450,7 +614,7 @@ class _Connection(asyncio.Protocol):
         instead of our answer."""
         assert self._transport is not None
         self._refused = True
-        self._write(Response.error(refusal.status, refusal.message), head_only=False, close=True)
+        self._write(Response.error(refusal.status, refusal.message, refusal.headers), head_only=False, close=True)
         if self._close_after_queue:
             self._transport.close()
             return

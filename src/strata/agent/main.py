@@ -18,7 +18,7 @@ from pathlib import Path
 from strata.agent.attestation import Attester
 from strata.agent.client import ControlPlaneClient
 from strata.agent.config import AgentConfig
-from strata.agent.httpd import HttpServer, Request, Response
+from strata.agent.httpd import HttpServer, Request, Response, ServerLimits
 from strata.agent.identity import FleetIdentity, node_id_of_peer
 from strata.agent.loop import AgentLoop, EnrollmentRefused, data_dir_lock, start_thread
 from strata.agent.metrics import InferenceMetrics
@@ -26,7 +26,7 @@ from strata.agent.oip_server import InferenceApp
 from strata.agent.probation import ProbationConfig
 from strata.agent.reconciler import NodeIdentity, Reconciler
 from strata.agent.repository import ModelRepository
-from strata.agent.runtime import limit_malloc_arenas
+from strata.agent.runtime import limit_malloc_arenas, release_free_memory
 from strata.agent.serving import ServingTracker
 from strata.agent.store import ArtifactStore
 from strata.agent.supply import SupplyGuard
@@ -180,6 +180,7 @@ class Agent:
             telemetry=self.telemetry,
             telemetry_gauges=gauges,
             batching=self.config.batching,
+            max_body_bytes=self.config.max_request_bytes,
         )
         # One app for both listeners, so local callers and other tiers share each model's queue and batches.
         tier_handler = app.handle
@@ -203,7 +204,8 @@ class Agent:
                 return await app.handle(request)
 
             log.info("relaying package pieces for child devices (cache %d MB)", self.config.relay_budget_bytes >> 20)
-        server = HttpServer(app.handle)
+        limits = server_limits(self.config)  # each listener has its own budget and connection cap
+        server = HttpServer(app.handle, limits, release_memory=release_free_memory)
         await server.start(self.config.serve_host, self.config.serve_port)
         log.info(
             "serving the Open Inference Protocol on http://%s:%d%s",
@@ -220,7 +222,9 @@ class Agent:
         self.uploader.start()
         while not stop.is_set() and thread.is_alive():
             if tier_server is None and self.config.tier_port is not None and self.loop.stored is not None:
-                tier_server = HttpServer(tier_handler, peer_identity=node_id_of_peer)
+                tier_server = HttpServer(
+                    tier_handler, limits, peer_identity=node_id_of_peer, release_memory=release_free_memory
+                )
                 self._tier_context = self.loop.identity.server_context()
                 await tier_server.start(self.config.serve_host_tier, self.config.tier_port, ssl=self._tier_context)
                 log.info("serving other tiers over mutual TLS on port %d", tier_server.port)
@@ -243,6 +247,17 @@ class Agent:
             return EXIT_CONFIG
         log.info("agent stopped")
         return 0
+
+
+def server_limits(config: AgentConfig) -> ServerLimits:
+    """The HTTP limits of the agent's listeners, from its configuration."""
+    return ServerLimits(
+        max_body_bytes=config.max_request_bytes,
+        max_connections=config.max_connections,
+        max_body_bytes_in_flight=config.request_budget_bytes,
+        header_timeout=config.header_timeout_s,
+        body_timeout=config.body_timeout_s,
+    )
 
 
 def run(config: AgentConfig) -> int:

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import Final
+from typing import Any, Final
 
 from strata import __version__
 from strata.agent.batching import BatchingConfig
@@ -47,6 +48,7 @@ HEADER_LENGTH: Final = "inference-header-content-length"
 _LIVE_PATH: Final = ("v2", "health", "live")
 _TRIM_AFTER_BYTES: Final = 1 << 20  # a request or response this large leaves heap behind worth giving back
 _TRIM_DELAY: Final = 0.5  # seconds without inference before that happens
+_LENGTH_DIGITS: Final = 18  # an Inference-Header-Content-Length of more digits is larger than any body
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -289,10 +291,12 @@ class InferenceApp:
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         batched = scheduler.config.batching
         if encoding == "identity" and len(request.body) <= INLINE_DECODE_BYTES:
-            return prepare(model, request.body, header_length, batched, layouts=scheduler.layouts)
+            return _caller_fault(prepare, model, request.body, header_length, batched, layouts=scheduler.layouts)
         args = (model, request.body, header_length, batched, encoding, self._max_body_bytes, scheduler.layouts)
         try:
-            future = asyncio.get_running_loop().run_in_executor(self._executor, prepare, *args)
+            future = asyncio.get_running_loop().run_in_executor(
+                self._executor, functools.partial(_caller_fault, prepare, *args)
+            )
         except RuntimeError as exc:
             raise Unavailable("the node is shutting down and takes no more inference requests") from exc
         return await future
@@ -360,6 +364,25 @@ class InferenceApp:
             asyncio.get_running_loop().run_in_executor(self._executor, release_free_memory)
 
 
+def _caller_fault(decode: Callable[..., Prepared], *args: Any, **kwargs: Any) -> Prepared:
+    """Run `decode` over a caller's request; whatever it raises that is not a strata error is the caller's
+    fault too (400), never an internal error: what the caller sends decides every path through the decoder,
+    and a 500 would count against the model in probation and the rollout gates. Logged, since it means the
+    decoder missed a check.
+
+    Raises:
+        BadRequest: the request is malformed (including anything unexpected the decoder raised).
+        StrataError: as `decode` raised it (503 when shutting down, say).
+    """
+    try:
+        return decode(*args, **kwargs)
+    except StrataError:
+        raise
+    except Exception as exc:  # by design: see the docstring
+        log.warning("an inference request failed to decode with an unexpected error", exc_info=True)
+        raise BadRequest(f"the request could not be decoded: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
 def _failure_reason(exc: Exception) -> str:
     """The `reason` label of a failed request: whose fault it was."""
     if isinstance(exc, BadRequest):
@@ -379,6 +402,7 @@ def _header_length(request: Request) -> int | None:
     if raw is None:
         return None
     raw = raw.strip()
-    if not raw.isdigit():
-        raise BadRequest(f"Inference-Header-Content-Length must be a non-negative integer, got {raw!r}")
+    # ASCII digits only ("²".isdigit() is true, and int() refuses it), and few enough for any body size
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > _LENGTH_DIGITS:
+        raise BadRequest(f"Inference-Header-Content-Length must be a non-negative integer, got {raw[:40]!r}")
     return int(raw)

@@ -121,6 +121,24 @@ def agent(
     instances: Annotated[
         int, typer.Option("--instances", help="Runtime calls of one model that may run at once (worker threads).")
     ] = 2,
+    max_request_mb: Annotated[
+        float, typer.Option("--max-request-mb", help="Largest inference request body (413 past it).")
+    ] = 64.0,
+    request_budget_mb: Annotated[
+        float,
+        typer.Option(
+            "--request-budget-mb", help="Request bodies all connections of a listener may hold at once (503 past it)."
+        ),
+    ] = 128.0,
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", help="Connections each listener serves at once (503 past it).")
+    ] = 1024,
+    header_timeout: Annotated[
+        str, typer.Option("--header-timeout", help="A request's headers must arrive within this (408, closed).")
+    ] = "10s",
+    body_timeout: Annotated[
+        str, typer.Option("--body-timeout", help="A whole request must arrive within this (408, closed).")
+    ] = "60s",
 ) -> None:
     """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
     the Open Inference Protocol on --serve-port; keeps serving when the control plane is gone."""
@@ -161,6 +179,11 @@ def agent(
         max_queue_size=max_queue_size,
         max_queue_wait_ms=max_queue_wait_ms if max_queue_wait_ms > 0 else None,
         model_instances=instances,
+        max_request_mb=max_request_mb,
+        request_budget_mb=request_budget_mb,
+        max_connections=max_connections,
+        header_timeout_s=parse_duration(header_timeout),
+        body_timeout_s=parse_duration(body_timeout),
     )
     env = {**os.environ, CONFIG_ENV: config.to_env()}
     sys.stdout.flush()

@@ -4,6 +4,11 @@ Pure functions over bytes and numpy arrays, shared by the node's inference serve
 Binary extension: the body is a JSON header of `Inference-Header-Content-Length` bytes followed by raw
 tensors in the order of the header's tensors that carry `parameters.binary_data_size`. Fixed-size types
 are little-endian, row-major; BYTES elements are each a 4-byte little-endian length and the bytes.
+
+Decoding is bounded by what the caller actually sent: a shape is checked (rank, each dimension, the element
+count, in Python integers) before anything is built from it, and nothing is allocated for a tensor until the
+bytes or JSON values it needs are known to be present, so a small body can never make a large array. Every
+malformed input is a `BadRequest`, never another exception.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from strata.core.errors import BadRequest
 from strata.core.package import TensorSpec
 
 HEADER_LENGTH: Final = "inference-header-content-length"
-MAX_ELEMENTS: Final = 1 << 28
+MAX_ELEMENTS: Final = 1 << 28  # elements in one tensor
+MAX_DIMS: Final = 32  # dimensions of one tensor (numpy 1.x holds at most 32)
+MAX_BYTES_ELEMENTS: Final = 1 << 22  # BYTES elements in one tensor: each is a Python object, decoded one by one
 
 Array = npt.NDArray[Any]
 # The binary region of a body is handled as a memoryview, so tensors are sliced out of the body without copies.
@@ -54,14 +61,44 @@ class InferRequest:
 
 
 def _shape(raw: Any, what: str) -> tuple[int, ...]:
+    """A tensor's shape, checked before anything is built from it: at most `MAX_DIMS` non-negative dimensions
+    whose product (in Python integers, so it cannot overflow) is at most `MAX_ELEMENTS`. A zero dimension makes
+    an empty tensor, but the other dimensions are bounded too: numpy refuses any shape whose non-zero dimensions
+    multiply past its index range, empty or not.
+
+    Raises:
+        BadRequest: the shape is not a list of non-negative integers, or is too large.
+    """
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
-        raise BadRequest(f"{what}: 'shape' must be a list of non-negative integers, got {raw!r}")
-    if math.prod(raw) > MAX_ELEMENTS:
-        raise BadRequest(f"{what}: shape {raw} holds more than {MAX_ELEMENTS} elements")
+        raise BadRequest(f"{what}: 'shape' must be a list of non-negative integers, got {_excerpt(raw)}")
+    if len(raw) > MAX_DIMS:
+        raise BadRequest(f"{what}: shape has {len(raw)} dimensions; at most {MAX_DIMS} are supported")
+    if math.prod(d for d in raw if d) > MAX_ELEMENTS:
+        raise BadRequest(f"{what}: shape {_excerpt(raw)} holds more than {MAX_ELEMENTS} elements")
     return tuple(raw)
 
 
+def _excerpt(value: Any, limit: int = 120) -> str:
+    """`repr(value)` cut to `limit` characters: error messages echo caller input, but never much of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _decode_bytes_elements(buffer: Buffer, count: int, what: str) -> Array:
+    """`count` BYTES elements (each a 4-byte length and its bytes) that must fill `buffer` exactly.
+
+    Every element takes at least 4 bytes, so a count the buffer cannot hold is refused before anything is
+    allocated: the work and memory are bounded by the bytes present, not by the shape.
+
+    Raises:
+        BadRequest: the buffer cannot hold `count` elements, an element runs past it, or bytes are left over.
+    """
+    if count > MAX_BYTES_ELEMENTS:
+        raise BadRequest(f"{what}: {count} BYTES elements; at most {MAX_BYTES_ELEMENTS} are supported")
+    if count * 4 > len(buffer):
+        raise BadRequest(
+            f"{what}: {count} BYTES elements need at least {count * 4} bytes; binary_data_size is {len(buffer)}"
+        )
     out = np.empty(count, dtype=object)
     offset = 0
     for i in range(count):
@@ -96,11 +133,11 @@ def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], what: str)
     if not isinstance(data, list):
         data = [data]
     if datatype == "BYTES":
-        flat = np.asarray(data, dtype=object).reshape(-1)
-        out = np.empty(flat.size, dtype=object)
-        for i, item in enumerate(flat):
-            if not isinstance(item, str):
-                raise BadRequest(f"{what}: BYTES data must be strings")
+        if count > MAX_BYTES_ELEMENTS:
+            raise BadRequest(f"{what}: {count} BYTES elements; at most {MAX_BYTES_ELEMENTS} are supported")
+        strings = _flat_strings(data, count, what)
+        out = np.empty(len(strings), dtype=object)
+        for i, item in enumerate(strings):
             out[i] = item.encode()
         array: Array = out
     else:
@@ -110,12 +147,40 @@ def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], what: str)
     return array.reshape(shape)
 
 
+def _flat_strings(data: list[Any], count: int, what: str) -> list[str]:
+    """The strings of (nested lists of) JSON BYTES data, row-major; stops as soon as there are more than `count`.
+
+    Raises:
+        BadRequest: an element is not a string, or there are more than `count`.
+    """
+    out: list[str] = []
+    stack = [iter(data)]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            if len(stack) >= MAX_DIMS:
+                raise BadRequest(f"{what}: 'data' is nested deeper than {MAX_DIMS} lists")
+            stack.append(iter(item))
+        elif not isinstance(item, str):
+            raise BadRequest(f"{what}: BYTES data must be strings")
+        elif len(out) == count:
+            raise BadRequest(f"{what}: 'data' has more than the {count} elements its shape needs")
+        else:
+            out.append(item)
+    return out
+
+
+_END: Final = object()
+
+
 def _numbers_from_json(data: list[Any], datatype: str, what: str) -> Array:
     """A flat array of `datatype` from JSON numbers, refusing anything that would not survive the conversion."""
     dtype = OIP_TO_NUMPY[datatype]
     try:
         raw = np.asarray(data)
-    except ValueError as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise BadRequest(f"{what}: 'data' is ragged or malformed: {exc}") from None
     if raw.size == 0:  # [] has no element type to check
         return np.empty(0, dtype=dtype)
@@ -141,12 +206,15 @@ def _numbers_from_json(data: list[Any], datatype: str, what: str) -> Array:
 
 def _exact_integers(data: list[Any], datatype: str, what: str) -> Array:
     """The slow, exact path for JSON integers numpy cannot hold in int64: each must be an int that fits."""
-    objects = np.asarray(data, dtype=object).reshape(-1)
+    try:
+        objects = np.asarray(data, dtype=object).reshape(-1)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise BadRequest(f"{what}: 'data' is ragged or malformed: {exc}") from None
     if not all(type(value) is int for value in objects):
         raise BadRequest(f"{what}: {datatype} data must be integers")
     try:
         return objects.astype(OIP_TO_NUMPY[datatype])
-    except OverflowError:
+    except (OverflowError, ValueError, TypeError):
         raise BadRequest(f"{what}: data is out of range for {datatype}") from None
 
 
@@ -198,8 +266,8 @@ def _tensors(
             raise BadRequest(f"{key}[{index}] has no 'name'")
         label = f"{key[:-1]} {name!r}"
         datatype = raw.get("datatype")
-        if datatype not in OIP_TO_NUMPY:
-            raise BadRequest(f"{label}: unsupported datatype {datatype!r}; use one of {sorted(OIP_TO_NUMPY)}")
+        if not isinstance(datatype, str) or datatype not in OIP_TO_NUMPY:
+            raise BadRequest(f"{label}: unsupported datatype {_excerpt(datatype)}; use one of {sorted(OIP_TO_NUMPY)}")
         shape = _shape(raw.get("shape"), label)
         size = _parameters(raw, label).get("binary_data_size")
         if size is not None:

@@ -1,0 +1,347 @@
+"""A local caller of a node's inference port attacks the real agent process (issue 11, findings 3, 4 and 5).
+
+One control plane and one near-edge agent (serve port and mutual-TLS tier port) serving the digits model, started
+with small HTTP limits so the attacks and their refusals take seconds: each listener serves at most
+`MAX_CONNECTIONS` connections, holds at most `BUDGET_MB` of request bodies, reads bodies of at most
+`MAX_REQUEST_MB`, and wants a request's head within `HEADER_TIMEOUT` s and the whole request within
+`BODY_TIMEOUT` s. Memory is the agent process's own (VmRSS and its peak VmHWM in /proc/PID/status).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from strata.core.oip import encode_request
+from strata.core.package import build_package, pack_tar
+from strata.localfleet import AgentHandle, LocalFleet
+
+pytestmark = pytest.mark.slow
+
+MAX_CONNECTIONS = 40
+BUDGET_MB = 16
+MAX_REQUEST_MB = 8
+HEADER_TIMEOUT = 1.0
+BODY_TIMEOUT = 3.0
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, digits_onnx: Path) -> Iterator[LocalFleet]:
+    root = tmp_path_factory.mktemp("caller")
+    with LocalFleet(root / "fleet", poll_wait_s=5) as running:
+        running.start_server()
+        package = build_package(digits_onnx, root / "pkg", name="digits", version="1", profile="cpu-generic")
+        pack_tar(package, root / "digits.tar")
+        running.client.push_package(root / "digits.tar")
+        limits = [
+            "--max-connections", str(MAX_CONNECTIONS),
+            "--request-budget-mb", str(BUDGET_MB),
+            "--max-request-mb", str(MAX_REQUEST_MB),
+            "--header-timeout", f"{HEADER_TIMEOUT:g}s",
+            "--body-timeout", f"{BODY_TIMEOUT:g}s",
+            "--threads", "1",
+        ]  # fmt: skip
+        running.start_agent("near", "near-edge", extra_args=limits)
+        running.client.deploy("digits", "1", {})
+        running.wait_for_versions({"near": {"digits": "1"}})
+        yield running
+
+
+@pytest.fixture(scope="module")
+def agent(fleet: LocalFleet) -> AgentHandle:
+    return fleet.agents["near"]
+
+
+@pytest.fixture(scope="module")
+def tier_tls(fleet: LocalFleet) -> ssl.SSLContext:
+    context = fleet.tls("near")
+    context.check_hostname = False  # node certificates name nodes (URIs), not hosts
+    return context
+
+
+def memory_kb(agent: AgentHandle, field: str) -> int:
+    """VmRSS (resident now) or VmHWM (the peak) of the agent process, in KiB."""
+    status = Path(f"/proc/{agent.process.pid}/status").read_text()
+    match = re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE)
+    assert match is not None, status
+    return int(match.group(1))
+
+
+def reset_peak(agent: AgentHandle) -> None:
+    """Start measuring VmHWM from now (writing 5 to clear_refs resets the peak, Linux >= 4.0)."""
+    Path(f"/proc/{agent.process.pid}/clear_refs").write_text("5")
+
+
+def connect(port: int, context: ssl.SSLContext | None = None) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if context is not None:
+        sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+    return sock
+
+
+def read_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes (or `timeout`), b"" when it closes without a word."""
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    return b"".join(chunks)
+
+
+def status_of(answer: bytes) -> int:
+    match = re.match(rb"HTTP/1\.1 (\d{3}) ", answer)
+    assert match is not None, answer[:200]
+    return int(match.group(1))
+
+
+def post(port: int, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(
+        f"http://127.0.0.1:{port}/v2/models/digits/infer", content=body, headers=headers or {}, timeout=30
+    )
+
+
+def failures(port: int, reason: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("nv_inference_request_failure") and f'reason="{reason}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --- finding 3: a 113-byte request costs 2 GiB --------------------------------------------------------------
+
+
+def bytes_bomb() -> tuple[bytes, int]:
+    header = json.dumps(
+        {"inputs": [{"name": "X", "datatype": "BYTES", "shape": [268435456], "parameters": {"binary_data_size": 4}}]}
+    ).encode()
+    return header + b"\0\0\0\0", len(header)
+
+
+def test_a_small_bytes_request_cannot_make_a_large_array(agent: AgentHandle) -> None:
+    body, header_length = bytes_bomb()
+    assert len(body) == 113
+    reset_peak(agent)
+    before = memory_kb(agent, "VmHWM")
+    answers: list[httpx.Response] = []
+    started = time.monotonic()
+    attackers = [
+        threading.Thread(target=lambda: answers.append(post(agent.serve_port, body, {
+            "inference-header-content-length": str(header_length)
+        })))
+        for _ in range(3)
+    ]  # fmt: skip
+    for thread in attackers:
+        thread.start()
+    # the event loop keeps answering health probes while the attack runs
+    live = httpx.get(f"{agent.serve_url}/v2/health/live", timeout=10)
+    probe_s = time.monotonic() - started
+    for thread in attackers:
+        thread.join(30)
+    elapsed = time.monotonic() - started
+    peak_growth_mb = (memory_kb(agent, "VmHWM") - before) / 1024
+    print(f"3 x 113-byte BYTES bombs: {elapsed:.2f}s, probe {probe_s:.2f}s, peak RSS +{peak_growth_mb:.0f} MB")
+    assert [a.status_code for a in answers] == [400, 400, 400]
+    assert "268435456 BYTES elements" in answers[0].json()["error"]
+    assert live.status_code == 200
+    assert elapsed < 3.0
+    assert probe_s < 2.0
+    assert peak_growth_mb < 100
+
+
+# --- finding 5: a 500 on a caller's mistake ---------------------------------------------------------------
+
+
+def json_body(tensor: dict[str, object]) -> bytes:
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def binary_body(tensor: dict[str, object], payload: bytes) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({"inputs": [tensor]}).encode()
+    return header + payload, {"inference-header-content-length": str(len(header))}
+
+
+HUGE = 4611686018427387904
+CALLER_MISTAKES = {
+    "the issue's payload": (json_body({"name": "X", "datatype": "FP32", "shape": [0, HUGE], "data": []}), {}),
+    "binary, empty but huge": binary_body(
+        {"name": "X", "datatype": "FP32", "shape": [0, HUGE], "parameters": {"binary_data_size": 0}}, b""
+    ),
+    "binary BYTES, empty but huge": binary_body(
+        {"name": "X", "datatype": "BYTES", "shape": [HUGE, 0], "parameters": {"binary_data_size": 0}}, b""
+    ),
+    "65 dimensions": (json_body({"name": "X", "datatype": "FP32", "shape": [1] * 65, "data": [1.0]}), {}),
+    "datatype is a list": (json_body({"name": "X", "datatype": ["FP32"], "shape": [1], "data": [1.0]}), {}),
+    "ragged integers": (json_body({"name": "X", "datatype": "INT64", "shape": [3], "data": [[1, 2**70], [3]]}), {}),
+    "a superscript header length": (json_body({"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}), {
+        "inference-header-content-length": "²".encode("latin-1")  # type: ignore[dict-item]
+    }),
+    "a 5000-digit header length": (json_body({"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}), {
+        "inference-header-content-length": "9" * 5000
+    }),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mistake", list(CALLER_MISTAKES))
+def test_a_callers_mistake_is_a_400_never_a_500(agent: AgentHandle, mistake: str) -> None:
+    body, headers = CALLER_MISTAKES[mistake]
+    internal_before = failures(agent.serve_port, "internal")
+    answer = post(agent.serve_port, body, headers)
+    print(f"{mistake}: {answer.status_code} {answer.text[:160]}")
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] != "internal error"
+    assert failures(agent.serve_port, "internal") == internal_before  # probation and the gates see no 5xx
+
+
+# --- finding 4: memory grows with connections -------------------------------------------------------------
+
+
+def stall_bodies(port: int, count: int, declared: int, sent: int) -> list[socket.socket]:
+    """Open `count` connections that declare `declared` body bytes, send `sent` of them, and stall."""
+    head = (
+        f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    ).encode()
+    chunk = b"[" * sent
+    sockets = []
+    for _ in range(count):
+        sock = connect(port)
+        sock.sendall(head)
+        sockets.append(sock)
+    for sock in sockets:
+        sock.settimeout(10)
+        with contextlib.suppress(OSError):  # refused: the server answered 503 and closed while we still sent
+            sock.sendall(chunk)
+    return sockets
+
+
+def test_stalled_bodies_are_bounded_by_the_budget_and_memory_comes_back(agent: AgentHandle) -> None:
+    port = agent.serve_port
+    time.sleep(0.5)
+    baseline = memory_kb(agent, "VmRSS")
+    reset_peak(agent)
+    declared, sent = MAX_REQUEST_MB * MIB - 1, (MAX_REQUEST_MB - 1) * MIB
+    sockets = stall_bodies(port, 25, declared, sent)
+    try:
+        time.sleep(0.3)
+        held_mb = (memory_kb(agent, "VmRSS") - baseline) / 1024
+        answers = []
+        for sock in sockets:
+            sock.settimeout(0.2)
+            try:
+                answers.append(sock.recv(4096))
+            except TimeoutError:
+                answers.append(b"")  # still reading its body: inside the budget
+        refused = [a for a in answers if a]
+        # the budget holds two such bodies; every other one is refused at once with 503 and Retry-After
+        assert len(answers) - len(refused) == BUDGET_MB // MAX_REQUEST_MB
+        assert all(status_of(a) == 503 and b"retry-after: 1" in a.lower() for a in refused), refused[:1]
+        # while the budget is full, a further body is refused at once; health probes still answer
+        late = post(port, b"{}" * 1000)
+        assert late.status_code == 503
+        assert "too many request bodies" in late.json()["error"]
+        assert httpx.get(f"{agent.serve_url}/v2/health/live", timeout=5).status_code == 200
+    finally:
+        for sock in sockets:
+            sock.close()
+    peak_mb = (memory_kb(agent, "VmHWM") - baseline) / 1024
+    time.sleep(1.5)
+    after_mb = (memory_kb(agent, "VmRSS") - baseline) / 1024
+    print(
+        f"25 stalled {declared >> 20} MiB bodies: RSS +{held_mb:.0f} MB while held, peak +{peak_mb:.0f} MB, "
+        f"+{after_mb:.0f} MB after close"
+    )
+    assert peak_mb < 3 * BUDGET_MB + 40  # 25 x 7 MiB = 175 MB without the budget
+    assert after_mb < 20
+    # the budget is free again
+    x = np.zeros((1, 64), dtype=np.float32)
+    body, length = encode_request({"X": x})
+    assert post(port, body, {"inference-header-content-length": str(length)}).status_code == 200
+
+
+def test_a_body_over_the_per_request_limit_is_413(agent: AgentHandle) -> None:
+    sock = connect(agent.serve_port)
+    head = f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_REQUEST_MB * MIB + 1}\r\n\r\n"
+    with sock:
+        sock.sendall(head.encode())
+        assert status_of(read_answer(sock)) == 413
+
+
+@pytest.mark.parametrize("listener", ["serve", "tier"])
+def test_slowloris_connections_are_closed_at_the_deadline(
+    agent: AgentHandle, tier_tls: ssl.SSLContext, listener: str
+) -> None:
+    port, context = (agent.serve_port, None) if listener == "serve" else (agent.tier_port, tier_tls)
+    assert port is not None
+    heads = [connect(port, context) for _ in range(10)]  # headers that never end
+    bodies = [connect(port, context) for _ in range(5)]  # a body that never ends
+    started = time.monotonic()
+    for sock in heads:
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n")
+    for sock in bodies:
+        sock.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n[")
+    closed_at: dict[int, float] = {}
+    answers: dict[int, bytes] = {}
+    # trickle a byte every 0.3 s (each read resets the per-read timeout) until the server closes each connection
+    while len(closed_at) < len(heads) + len(bodies) and time.monotonic() - started < BODY_TIMEOUT + 5:
+        for index, sock in enumerate(heads + bodies):
+            if index in closed_at:
+                continue
+            try:
+                sock.sendall(b"X" if index < len(heads) else b"1")
+                sock.settimeout(0.01)
+                data = sock.recv(4096)
+            except (TimeoutError, ssl.SSLWantReadError):
+                continue
+            except OSError:
+                data = b""
+            closed_at[index] = time.monotonic() - started
+            answers[index] = data
+        time.sleep(0.3)
+    for sock in heads + bodies:
+        sock.close()
+    print(f"{listener}: slowloris closed after {sorted(round(t, 1) for t in closed_at.values())} s")
+    assert len(closed_at) == len(heads) + len(bodies)
+    assert all(closed_at[i] < HEADER_TIMEOUT + 1.5 for i in range(len(heads)))
+    assert all(closed_at[i] < BODY_TIMEOUT + 1.5 for i in range(len(heads), len(heads) + len(bodies)))
+    assert all(status_of(a) == 408 for a in answers.values() if a)
+
+
+@pytest.mark.parametrize("listener", ["serve", "tier"])
+def test_connections_past_the_cap_are_refused(agent: AgentHandle, tier_tls: ssl.SSLContext, listener: str) -> None:
+    port, context = (agent.serve_port, None) if listener == "serve" else (agent.tier_port, tier_tls)
+    assert port is not None
+    held = [connect(port, context) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.2)
+        with connect(port, context) as extra:
+            answer = read_answer(extra, timeout=5)
+        assert status_of(answer) == 503
+        assert b"connections open" in answer
+        # a held connection still gets answers
+        held[0].sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        held[0].settimeout(5)
+        assert status_of(held[0].recv(4096)) == 200
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.3)
+    with connect(port, context) as again:  # room again once they closed
+        again.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status_of(read_answer(again)) == 200
