@@ -557,10 +557,14 @@ def plan_tar_members(members: Sequence[tarfile.TarInfo], tar_length: int | None)
         seen.add(name)
         if member.isdir():
             continue
+        if (
+            member.type == tarfile.GNUTYPE_SPARSE
+            or member.sparse is not None
+            or any(key.startswith("GNU.sparse") for key in member.pax_headers)
+        ):
+            raise PackageError(f"package tar member {name!r} is a sparse file; packages hold only plain files")
         if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
             raise PackageError(f"package tar member {name!r} is not a regular file (type {member.type!r})")
-        if member.sparse is not None or any(key.startswith("GNU.sparse") for key in member.pax_headers):
-            raise PackageError(f"package tar member {name!r} is a sparse file; packages hold only plain files")
         files[name] = member
     if MANIFEST_NAME not in files:
         raise PackageError(f"package tar has no {MANIFEST_NAME}")
