@@ -208,7 +208,11 @@ def test_push_verify_and_upload_refuse_a_signed_model_that_reads_a_node_file(
 
 
 def test_a_node_refuses_such_a_package_before_loading_it_and_keeps_serving(
-    signed_fleet: LocalFleet, keys: tuple[Path, Path], digits_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    signed_fleet: LocalFleet,
+    keys: tuple[Path, Path],
+    digits_onnx: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The node's own check, for a package that reached the registry without the server's (a registry filled by an
     older strata, or a compromised one): stored by the registry code with the check taken out, signed by the real

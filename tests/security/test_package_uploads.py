@@ -144,9 +144,7 @@ def disk_usage(folder: Path) -> int:
 
 def upload(fleet: LocalFleet, tar: bytes) -> httpx.Response:
     headers = {"Authorization": f"Bearer {fleet.admin_token}", "Content-Type": "application/x-tar"}
-    return httpx.post(
-        f"{fleet.server_url}/v1/packages", content=tar, headers=headers, timeout=60, verify=fleet.tls()
-    )
+    return httpx.post(f"{fleet.server_url}/v1/packages", content=tar, headers=headers, timeout=60, verify=fleet.tls())
 
 
 def refused(fleet: LocalFleet, tar: bytes) -> str:
