@@ -6,6 +6,7 @@ onnxruntime is imported here, inside the functions that need it, so nothing else
 from __future__ import annotations
 
 import functools
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -14,7 +15,7 @@ import numpy.typing as npt
 
 from strata.core.errors import BadRequest, ConfigError, InferenceError, ModelLoadError
 from strata.core.openvino_import import import_openvino
-from strata.core.package import Package, TensorSpec, compare_outputs, load_golden
+from strata.core.package import Package, TensorSpec, check_model_references, compare_outputs, load_golden
 
 Array = npt.NDArray[Any]
 
@@ -43,6 +44,10 @@ class Runtime(Protocol):
 class OnnxRuntimeModel:
     """A model held in an onnxruntime InferenceSession (loaded from bytes, so files can stay encrypted).
 
+    External data comes only from `external` (file name -> bytes, in memory): onnxruntime refuses a location
+    missing from that table instead of reading the disk, and without a table it is pointed at an empty folder
+    of its own rather than at the process's working directory. `load_runtime` checks the references first.
+
     The session is freed when the last reference goes: requests in flight keep the one they started on.
     `rows_independent` is False for a model quantized dynamically (onnxruntime's DynamicQuantizeLinear and its
     fused forms): it quantizes activations with one scale per tensor, measured over the whole batch, so the
@@ -56,6 +61,7 @@ class OnnxRuntimeModel:
         outputs: tuple[TensorSpec, ...],
         runtime: str = "onnxruntime",
         threads: int | None = None,
+        external: Mapping[str, bytes] | None = None,
     ) -> None:
         """Raises:
         ModelLoadError: onnxruntime refuses the model or the runtime is not installed here.
@@ -80,8 +86,17 @@ class OnnxRuntimeModel:
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        if external:
+            names = list(external)
+            options.add_external_initializers_from_files_in_memory(
+                names, [external[n] for n in names], [len(external[n]) for n in names]
+            )
         try:
-            self._session = ort.InferenceSession(model, options, providers=providers)
+            # Loaded from bytes, onnxruntime would look for external data in the working directory: give it an
+            # empty folder instead (the data it may use came in memory above).
+            with tempfile.TemporaryDirectory(prefix="strata-model-") as nothing:
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path", nothing)
+                self._session = ort.InferenceSession(model, options, providers=providers)
         except Exception as exc:  # onnxruntime raises C++ exception types; wrap them all.
             raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from exc
         self.inputs = inputs
@@ -203,6 +218,8 @@ def load_runtime(
     from an encrypted package, say); by default it is read.
 
     Raises:
+        PackageError: the model references a file outside its package (ONNX external data), or an OpenVINO
+            package's model is not IR XML: it is refused before a runtime reads it.
         ModelLoadError: the runtime is missing or refuses the model.
     """
     manifest = package.manifest
@@ -213,20 +230,32 @@ def load_runtime(
             model_bytes = package.model_path.read_bytes()
         except OSError as exc:
             raise ModelLoadError(f"cannot read {package.model_path}: {exc}") from exc
+    # Before any runtime sees the bytes: the model may reference nothing but files of its own package.
+    refs = check_model_references(manifest, model_bytes)
     if manifest.runtime.startswith("onnxruntime"):
-        return OnnxRuntimeModel(model_bytes, manifest.inputs, manifest.outputs, manifest.runtime, threads)
+        external = {ref.location: _package_file(package, ref.location, files) for ref in refs}
+        return OnnxRuntimeModel(model_bytes, manifest.inputs, manifest.outputs, manifest.runtime, threads, external)
     if manifest.runtime == "openvino":
         weights = next((f for f in manifest.files if f.path.endswith(".bin")), None)
         if weights is None:
             raise ModelLoadError("an OpenVINO package needs the IR's .bin weights file")
-        try:
-            weight_bytes = (
-                files[weights.path] if files and weights.path in files else (package.path / weights.path).read_bytes()
-            )
-        except OSError as exc:
-            raise ModelLoadError(f"cannot read {weights.path}: {exc}") from exc
+        weight_bytes = _package_file(package, weights.path, files)
         return OpenVinoModel(model_bytes, weight_bytes, manifest.inputs, manifest.outputs, threads)
     raise ModelLoadError(f"runtime {manifest.runtime!r} is not supported by this agent")
+
+
+def _package_file(package: Package, path: str, files: Mapping[str, bytes] | None) -> bytes:
+    """A (listed, verified) file of the package: from `files` when given, else read from the package folder.
+
+    Raises:
+        ModelLoadError: it cannot be read.
+    """
+    if files is not None and path in files:
+        return files[path]
+    try:
+        return (package.path / path).read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
 
 
 def health_check(package: Package, runtime: Runtime, files: Mapping[str, bytes] | None = None) -> list[str]:
@@ -248,6 +277,7 @@ def load_and_check(
     """Load a package's model and pass its golden health check, or raise.
 
     Raises:
+        PackageError: as `load_runtime`.
         ModelLoadError: the model does not load, or its golden outputs differ (the message says how).
     """
     runtime = load_runtime(package, threads, model_bytes, files)

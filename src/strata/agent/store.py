@@ -42,6 +42,7 @@ from strata.core.package import (
     MANIFEST_NAME,
     Manifest,
     Package,
+    check_model_references,
     read_manifest,
     safe_relative_path,
     verify_package,
@@ -474,6 +475,8 @@ class ArtifactStore:
                 if len(data) != entry.size or plain_sha256 != entry.sha256:
                     raise VerificationError(f"package file {entry.path} does not match its manifest")
                 hashes[entry.path] = plain_sha256
+                if entry.path == manifest.model_file:
+                    check_model_references(manifest, data)  # what verify_package checks in the clear
                 write_bytes_atomic(out_path, self.vault.seal(file_aad(digest, entry.path), data))
             package = verify_package(folder, digest) if self.vault is None else Package(folder, manifest)
             if check is not None:

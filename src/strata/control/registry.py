@@ -180,9 +180,19 @@ class RegistryService:
         """Unpack and verify the tar (and its release signature), then store what nodes fetch piece by piece: the
         canonical manifest (its blob id is the package digest), every chunk of the large files and every small
         file whole."""
+        supply = self._supply
+
+        def early(manifest: Manifest) -> None:
+            if supply is not None:
+                supply.check_upload_manifest(manifest, signature)
+
         try:
             with tempfile.TemporaryDirectory(dir=self._tmp_dir, prefix=".unpack.") as work:
-                package = unpack_tar(staged.path, Path(work) / "package")
+                # The release role is checked on the manifest alone, before any other file is written; the sizes
+                # the manifest lists bound what is written (see `unpack_tar`).
+                package = unpack_tar(
+                    staged.path, Path(work) / "package", max_bytes=self._max_package_bytes, check_manifest=early
+                )
                 checked = self._supply.check_upload(package, signature) if self._supply is not None else None
                 self._store_pieces(package)
                 return package.manifest, checked

@@ -38,7 +38,7 @@ from strata.control.fleet import DesiredDocument
 from strata.core.errors import ConfigError, Conflict, NotFound, SignatureError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import canonical_json
-from strata.core.package import Package, unpack_tar
+from strata.core.package import Manifest, Package, unpack_tar
 from strata.core.wire import EnrollResponse
 from strata.trust.expiry import Expiries
 from strata.trust.release import SignedRelease
@@ -214,6 +214,18 @@ class SupplyService:
 
     # --- signatures ---------------------------------------------------------------------------------------------
 
+    def check_upload_manifest(self, manifest: Manifest, signature: SignedRelease | None) -> None:
+        """The early half of an upload's signature check, on its manifest alone (before any other file of the tar
+        is written): a signature is there when the server requires one, and its release role is by a release key
+        and for this manifest's digest and length.
+
+        Raises:
+            SignatureError, MetadataError: as `check_upload`.
+        """
+        if self._required(signature) is None or signature is None:
+            return
+        check_release_role(signature.release_role, self._release_pems, self._clock(), self._expected(manifest))
+
     def check_upload(self, package: Package, signature: SignedRelease | None) -> CheckedSignature | None:
         """Check an uploaded package's release signature (in the upload's unpack folder).
 
@@ -222,6 +234,15 @@ class SupplyService:
                 by a release key or not for this package; or a signature came and the server has no release keys.
             MetadataError: the release role is malformed or expired.
             StoreError: the unpacked manifest cannot be rewritten.
+        """
+        checked = self._required(signature)
+        return None if checked is None else self._check(package.path, checked)
+
+    def _required(self, signature: SignedRelease | None) -> SignedRelease | None:
+        """The signature to check, or None when there is none and none is needed.
+
+        Raises:
+            SignatureError: release keys are configured and there is no signature, or one came and there are none.
         """
         if signature is None:
             if self.enabled:
@@ -232,16 +253,19 @@ class SupplyService:
             return None
         if not self.enabled:
             raise SignatureError("this server has no release keys (strata server --release-key PUB.pem) to check with")
-        return self._check(package.path, signature)
+        return signature
+
+    @staticmethod
+    def _expected(manifest: Manifest) -> TargetFacts:
+        canonical = canonical_json(manifest.to_json())
+        return facts_of_manifest(manifest.to_json(), len(canonical), manifest.digest.removeprefix("sha256:"))
 
     def _check(self, folder: Path, signature: SignedRelease) -> CheckedSignature:
         try:
             manifest = canonicalize_manifest(folder)
         except OSError as exc:
             raise StoreError(f"cannot prepare the package for its signature check: {exc}") from exc
-        canonical = canonical_json(manifest.to_json())
-        expected = facts_of_manifest(manifest.to_json(), len(canonical), manifest.digest.removeprefix("sha256:"))
-        role = check_release_role(signature.release_role, self._release_pems, self._clock(), expected)
+        role = check_release_role(signature.release_role, self._release_pems, self._clock(), self._expected(manifest))
         hint = verify_package_signature(folder, signature.bundle, self._release_pems, manifest.digest)
         return CheckedSignature(signature.bundle, role, hint)
 

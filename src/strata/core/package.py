@@ -31,9 +31,17 @@ from strata.core.datatypes import OIP_TO_NUMPY, oip_from_ort
 from strata.core.errors import PackageBuildError, PackageError, VerificationError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import canonical_json, digest_json, is_hex_sha256, sha256_file
+from strata.core.modelrefs import (
+    ExternalRef,
+    check_external_refs,
+    check_location,
+    check_openvino_ir,
+    onnx_external_refs,
+)
 
 if TYPE_CHECKING:
     import tarfile
+    from collections.abc import Callable
 
 SCHEMA: Final = "strata.package/v1"
 MANIFEST_NAME: Final = "manifest.json"
@@ -361,7 +369,8 @@ def verify_package(folder: Path, expected_digest: str | None = None) -> Package:
     """Check a package folder: manifest digest, then every listed file's size and sha256, and nothing extra.
 
     Raises:
-        PackageError: the manifest does not parse.
+        PackageError: the manifest does not parse, or the model references a file outside the package (see
+            `check_model_references`).
         VerificationError: the digest differs from `expected_digest`, a file is missing, is a link, has another
             size or hash, or the folder holds a file the manifest does not list.
     """
@@ -387,7 +396,32 @@ def verify_package(folder: Path, expected_digest: str | None = None) -> Package:
     for found in _walk_files(folder):
         if found not in listed:
             raise VerificationError(f"package holds {found}, which its manifest does not list")
+    _check_model_on_disk(folder, manifest)
     return Package(path=folder, manifest=manifest)
+
+
+def check_model_references(manifest: Manifest, model: bytes | bytearray | memoryview) -> tuple[ExternalRef, ...]:
+    """The model may reference only files of its own package (see `strata.core.modelrefs`): ONNX external data
+    names a file the manifest lists, and an OpenVINO model is IR XML (whose weights the runtime hands over).
+    Returns the ONNX model's external data references (all allowed), none for OpenVINO.
+
+    Raises:
+        PackageError: the model references anything else, or is not a model its runtime's reader can be given.
+    """
+    if manifest.runtime == "openvino":
+        check_openvino_ir(model)
+        return ()
+    refs = onnx_external_refs(model)
+    check_external_refs(refs, {entry.path: entry.size for entry in manifest.files}, manifest.model_file)
+    return refs
+
+
+def _check_model_on_disk(folder: Path, manifest: Manifest) -> None:
+    try:
+        model = (folder / manifest.model_file).read_bytes()
+    except OSError as exc:
+        raise VerificationError(f"cannot read the model {manifest.model_file}: {exc}") from exc
+    check_model_references(manifest, model)
 
 
 def _walk_files(folder: Path) -> Iterable[str]:
@@ -445,20 +479,33 @@ def pack_tar(package: Package, out: Path | IO[bytes]) -> None:
                 add(tar, rel)
 
 
-def unpack_tar(source: Path | IO[bytes], dest: Path, expected_digest: str | None = None) -> Package:
+def unpack_tar(
+    source: Path | IO[bytes],
+    dest: Path,
+    expected_digest: str | None = None,
+    *,
+    max_bytes: int | None = None,
+    check_manifest: Callable[[Manifest], None] | None = None,
+) -> Package:
     """Extract a package tar into `dest` (which must not exist or be empty), then verify it whole.
 
-    Only regular files with safe relative names are extracted; links, devices, absolute names and `..`
-    are refused before anything is written. On any error `dest` is removed.
+    Everything that can be decided from the tar's headers and its manifest is decided before a byte is written:
+    members are only plain regular files (no sparse files, links, devices, fifos, contiguous files) and
+    folders, with safe relative names, each once; `manifest.json` is read first (at most MAX_MANIFEST_BYTES),
+    checked against `expected_digest` and by `check_manifest` (the release signature over its digest); then
+    every other member must be a file the manifest lists, with the size it lists, all of them present, and their
+    sizes together within the tar's own length and `max_bytes`. Each file is copied with exactly its size, then
+    every hash is checked by `verify_package`. On any error `dest` is removed.
 
     Raises:
-        PackageError: the tar is unreadable or holds a member that is not allowed.
-        VerificationError: as `verify_package`.
+        PackageError: the tar is unreadable or holds a member that is not allowed, or its sizes do not add up.
+        VerificationError: as `verify_package`, and what `check_manifest` raises.
     """
     import tarfile
 
     if dest.exists() and any(dest.iterdir()):
         raise PackageError(f"{dest} is not empty")
+    length = _source_length(source)
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with _open_tar(source) as tar:
@@ -466,36 +513,139 @@ def unpack_tar(source: Path | IO[bytes], dest: Path, expected_digest: str | None
                 members = tar.getmembers()
             except (tarfile.TarError, OSError, EOFError) as exc:
                 raise PackageError(f"package tar is corrupt: {exc}") from exc
-            seen: set[str] = set()
-            for member in members:
-                if member.isdir():
-                    safe_relative_path(member.name.rstrip("/"))
-                    continue
-                if not member.isfile():
-                    raise PackageError(f"package tar member {member.name!r} is not a regular file")
-                safe_relative_path(member.name)
-                if member.name in seen:
-                    raise PackageError(f"package tar holds {member.name!r} twice")
-                seen.add(member.name)
-            if MANIFEST_NAME not in seen:
-                raise PackageError(f"package tar has no {MANIFEST_NAME}")
-            for member in members:
-                if member.isdir():
-                    continue
-                target = dest / member.name
+            files = plan_tar_members(members, length)
+            raw = _read_member(tar, files[MANIFEST_NAME], MAX_MANIFEST_BYTES)
+            try:
+                manifest = Manifest.from_json(json.loads(raw))
+            except json.JSONDecodeError as exc:
+                raise PackageError(f"the package's {MANIFEST_NAME} is not valid JSON: {exc}") from exc
+            if expected_digest is not None and manifest.digest != expected_digest:
+                raise VerificationError(
+                    f"package digest is {manifest.digest}, expected {expected_digest}: the manifest was changed"
+                )
+            if check_manifest is not None:
+                check_manifest(manifest)
+            check_tar_against_manifest(files, manifest, max_bytes)
+            write_bytes_atomic(dest / MANIFEST_NAME, raw)
+            for entry in manifest.files:
+                target = dest / safe_relative_path(entry.path)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                extracted = tar.extractfile(member)
-                if extracted is None:
-                    raise PackageError(f"cannot read {member.name!r} from the package tar")
-                try:
-                    with extracted, target.open("wb") as out:
-                        shutil.copyfileobj(extracted, out, 1 << 20)
-                except (tarfile.TarError, EOFError) as exc:
-                    raise PackageError(f"package tar is truncated at {member.name!r}: {exc}") from exc
+                _copy_member(tar, files[entry.path], target)
         return verify_package(dest, expected_digest)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
+
+
+def plan_tar_members(members: Sequence[tarfile.TarInfo], tar_length: int | None) -> dict[str, tarfile.TarInfo]:
+    """The regular files of a package tar by name, from its headers alone (nothing is read or written).
+
+    Raises:
+        PackageError: a member is not a plain regular file or folder (sparse, a link, a device, a fifo, a
+            contiguous file), has an unsafe name or a name twice, or the files declare more bytes than the tar
+            holds; or there is no manifest.
+    """
+    import tarfile
+
+    files: dict[str, tarfile.TarInfo] = {}
+    seen: set[str] = set()
+    for member in members:
+        name = member.name.rstrip("/") if member.isdir() else member.name
+        safe_relative_path(name)
+        if name in seen:
+            raise PackageError(f"package tar holds {name!r} twice")
+        seen.add(name)
+        if member.isdir():
+            continue
+        if (
+            member.type == tarfile.GNUTYPE_SPARSE
+            or member.sparse is not None
+            or any(key.startswith("GNU.sparse") for key in member.pax_headers)
+        ):
+            raise PackageError(f"package tar member {name!r} is a sparse file; packages hold only plain files")
+        if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise PackageError(f"package tar member {name!r} is not a regular file (type {member.type!r})")
+        files[name] = member
+    if MANIFEST_NAME not in files:
+        raise PackageError(f"package tar has no {MANIFEST_NAME}")
+    declared = sum(member.size for member in files.values())
+    if tar_length is not None and declared > tar_length:
+        raise PackageError(f"package tar members declare {declared} bytes, but the tar holds {tar_length}")
+    return files
+
+
+def check_tar_against_manifest(files: Mapping[str, tarfile.TarInfo], manifest: Manifest, max_bytes: int | None) -> None:
+    """The tar holds exactly the files the manifest lists, each with its listed size, within `max_bytes`.
+
+    Raises:
+        PackageError: a file is missing, unlisted or of another size, or they add up to more than `max_bytes`.
+    """
+    listed = {entry.path: entry for entry in manifest.files}
+    for name, member in files.items():
+        if name == MANIFEST_NAME:
+            continue
+        entry = listed.get(name)
+        if entry is None:
+            raise PackageError(f"package tar holds {name!r}, which its manifest does not list")
+        if member.size != entry.size:
+            raise PackageError(f"package tar member {name!r} has {member.size} bytes, its manifest says {entry.size}")
+    missing = sorted(listed.keys() - files.keys())
+    if missing:
+        raise PackageError(f"package tar lacks {missing[0]!r}, which its manifest lists")
+    total = sum(member.size for member in files.values())
+    if max_bytes is not None and total > max_bytes:
+        raise PackageError(f"package files add up to {total} bytes, more than the {max_bytes} allowed")
+
+
+def _source_length(source: Path | IO[bytes]) -> int | None:
+    """How many bytes the tar has (None when the stream cannot tell)."""
+    try:
+        if isinstance(source, Path):
+            return source.stat().st_size
+        position = source.tell()
+        length = source.seek(0, os.SEEK_END)
+        source.seek(position)
+    except (OSError, AttributeError, ValueError):
+        return None
+    return length
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
+    import tarfile
+
+    if member.size > limit:
+        raise PackageError(f"package tar member {member.name!r} is larger than {limit} bytes")
+    try:
+        extracted = tar.extractfile(member)
+        if extracted is None:
+            raise PackageError(f"cannot read {member.name!r} from the package tar")
+        with extracted:
+            data = extracted.read(member.size)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise PackageError(f"package tar is truncated at {member.name!r}: {exc}") from exc
+    if len(data) != member.size:
+        raise PackageError(f"package tar is truncated at {member.name!r}")
+    return data
+
+
+def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    """Copy exactly `member.size` bytes of a (checked, plain) member into a new file."""
+    import tarfile
+
+    remaining = member.size
+    try:
+        extracted = tar.extractfile(member)
+        if extracted is None:
+            raise PackageError(f"cannot read {member.name!r} from the package tar")
+        with extracted, target.open("xb") as out:
+            while remaining:
+                block = extracted.read(min(remaining, 1 << 20))
+                if not block:
+                    raise PackageError(f"package tar is truncated at {member.name!r}")
+                out.write(block)
+                remaining -= len(block)
+    except (tarfile.TarError, EOFError) as exc:
+        raise PackageError(f"package tar is truncated at {member.name!r}: {exc}") from exc
 
 
 def _open_tar(source: Path | IO[bytes]) -> tarfile.TarFile:
@@ -575,15 +725,51 @@ def compare_outputs(expected: Mapping[str, Array], actual: Mapping[str, Array], 
 # --- building -------------------------------------------------------------------------------------------
 
 
-def _session(model_bytes: bytes) -> Any:
+def _session(model_bytes: bytes, external: Mapping[str, bytes]) -> Any:
+    """An onnxruntime session over the model's bytes, its external data given in memory (nothing else read)."""
+    import tempfile
+
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if external:
+        names = list(external)
+        options.add_external_initializers_from_files_in_memory(
+            names, [external[n] for n in names], [len(external[n]) for n in names]
+        )
     try:
-        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="strata-model-") as nothing:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", nothing)
+            return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types from C++; wrap them all.
         raise PackageBuildError(f"not a loadable ONNX model: {exc}") from exc
+
+
+def _external_data(model_bytes: bytes, extra_files: Sequence[Path]) -> dict[str, bytes]:
+    """The bytes of the extra files the model's external data names (which must all be extra files).
+
+    Raises:
+        PackageBuildError: the model references external data that is not one of `extra_files` by name.
+    """
+    try:
+        refs = onnx_external_refs(model_bytes)
+    except PackageError as exc:
+        raise PackageBuildError(f"not a loadable ONNX model: {exc}") from exc
+    try:
+        extras = {path.name: path for path in extra_files}
+        data: dict[str, bytes] = {}
+        for ref in refs:
+            check_location(ref.location)
+            if ref.location not in extras:
+                raise PackageError(
+                    f"tensor {ref.tensor!r} keeps its data in {ref.location!r}: ship that file with --extra (its "
+                    "name, at the package's top level, is what the model must reference)"
+                )
+            data[ref.location] = extras[ref.location].read_bytes()
+    except (PackageError, OSError) as exc:
+        raise PackageBuildError(f"model external data: {exc}") from exc
+    return data
 
 
 def _signature(args: Iterable[Any]) -> tuple[tuple[TensorSpec, ...], dict[str, list[int | str | None]]]:
@@ -734,10 +920,12 @@ def build_package(
     Args:
         sample: golden inputs as an npz path or arrays keyed by input name (first axis = samples). Without
             it, inputs are made up from the signature (see `synthesize_inputs`).
-        extra_files: files that travel with the model (a tokenizer, a label map), placed at the top level.
+        extra_files: files that travel with the model (a tokenizer, a label map, the model's external data),
+            placed at the top level. ONNX external data must name one of them, by its file name.
 
     Raises:
-        PackageBuildError: the model does not load, the samples do not fit, the golden run fails or gives
+        PackageBuildError: the model does not load or references external data that is not an extra file, the
+            samples do not fit, the golden run fails or gives
             NaN or infinity, or `out_dir` is not empty.
         PackageError: a name, version or variant id is not valid.
     """
@@ -753,7 +941,8 @@ def build_package(
         model_bytes = model_path.read_bytes()
     except OSError as exc:
         raise PackageBuildError(f"cannot read model {model_path}: {exc}") from exc
-    session = _session(model_bytes)
+    extra_files = list(extra_files)
+    session = _session(model_bytes, _external_data(model_bytes, extra_files))
     inputs, raw_shapes = _signature(session.get_inputs())
     outputs, _ = _signature(session.get_outputs())
 
