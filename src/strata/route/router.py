@@ -482,7 +482,10 @@ class Router:
                     for m in models
                 )
             )
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
+            mismatch = find_peer_identity_error(exc)
+            if mismatch is not None and state.ready is not False:
+                log.warning("%s %s at %s is not the node named: %s", target.tier, target.label, target.url, mismatch)
             state.ready = False
             state.models_ready = dict.fromkeys(models, False)
             return
