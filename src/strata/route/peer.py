@@ -23,6 +23,9 @@ NODE_URI_PREFIX: Final = "urn:strata:node:"
 class PeerIdentityError(ssl.SSLCertVerificationError):
     """The peer's verified certificate names another node (or none) than the one expected."""
 
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "the peer is not the node expected"
+
 
 def peer_node_id(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
     """The node id a verified peer certificate names in its URI SAN, or None when it names none."""
