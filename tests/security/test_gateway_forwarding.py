@@ -60,7 +60,7 @@ class Recorder:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = _any
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 pass
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -136,9 +136,7 @@ ESCAPES = [
 
 
 @pytest.mark.parametrize(("method", "target"), ESCAPES)
-def test_paths_outside_the_protocol_are_404_and_never_reach_a_target(
-    setup: Setup, method: str, target: str
-) -> None:
+def test_paths_outside_the_protocol_are_404_and_never_reach_a_target(setup: Setup, method: str, target: str) -> None:
     before = len(setup.recorder.forwarded())
     status, headers, body = send(setup.gateway, method, target)
     assert status == 404, (status, body)
