@@ -8,9 +8,14 @@ the cloud, and answers with the first tier's answer plus `Strata-Served-By: loca
 Targets come from the command line, or from the control plane's topology of this node, refreshed every
 `topology_interval_s`; the last topology is kept while the control plane is away. With `--data-dir` (the node
 agent's data folder) the gateway acts as the node: it reads the topology with the node's fleet certificate and
-reaches its parents' tier listeners over mutual TLS (reloading the certificate when the agent renews it). An
-operator may instead give `--server --node --token` (and `--ca`), which reaches parents only over plain HTTP.
-The gateway's own routes: `/v2/health/live`, `/v2/health/ready` (ready while some target is) and `/metrics`.
+reaches its own tier listener and its parents' over mutual TLS, each checked to be the node the topology named
+(reloading the certificate when the agent renews it). An operator may instead give `--server --node --token`
+(and `--ca`): without a node certificate, the fleet nodes of the topology are left out (configured cloud
+endpoints and URLs given by hand remain).
+
+Only the Open Inference Protocol routes of `strata.route.oip_routes` are forwarded, on a path rebuilt from the
+parts matched, without query string or the caller's credentials; anything else is answered 404 or 405. The
+gateway's own routes: `/v2/health/live`, `/v2/health/ready` (ready while some target is) and `/metrics`.
 
 It reuses two generic modules of the agent, its lean HTTP server (`strata.agent.httpd`) and its Prometheus
 text registry (`strata.agent.metrics`); nothing of the agent's state, store or runtime.
@@ -26,12 +31,13 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
-from urllib.parse import quote, urlencode
 
 from strata.agent.httpd import HttpServer, Request, Response
 from strata.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from strata.agent.metrics import MetricsRegistry
 from strata.core.errors import ConfigError, StrataError
+from strata.route.oip_routes import LIVE, METRICS, READY, RouteRefusal, match_route
+from strata.route.peer import PeerTls, node_checked
 from strata.route.policy import Verdict
 from strata.route.router import BUDGET, ROUTE, SERVED_BY, AttemptRecord, Router, RouterConfig, Target
 from strata.route.topology import Topology, fetch_topology
@@ -82,13 +88,14 @@ class GatewayConfig:
             raise ConfigError("--topology-interval must be positive")
         self.manual_targets()  # checks the URLs
 
-    def manual_targets(self, fleet_tls: ssl.SSLContext | None = None) -> list[Target]:
-        """The targets given by hand, in tier order (https parents over `fleet_tls`).
+    def manual_targets(self, peer_tls: PeerTls | None = None, node_id: str = "") -> list[Target]:
+        """The targets given by hand, in tier order (https parents over the fleet chain of `peer_tls`, and an
+        https local URL checked to be node `node_id`).
 
         Raises:
             ConfigError: a URL is not http(s).
         """
-        return Topology("", "", "", None, (), ()).targets(self.local, self.parents, self.cloud, fleet_tls)
+        return Topology(node_id, "", "", None, (), ()).targets(self.local, self.parents, self.cloud, peer_tls)
 
 
 class GatewayTls:
@@ -102,7 +109,7 @@ class GatewayTls:
         self.trust = NodeTrust.load(config.data_dir) if config.data_dir is not None else None
         self._stamp: tuple[float, ...] | None = None
         self.api: ssl.SSLContext | None = None
-        self.peers: ssl.SSLContext | None = None
+        self._peers: dict[str | None, ssl.SSLContext] = {}
         if self.trust is None and config.ca is not None:
             try:
                 self.api = ssl.create_default_context(cafile=config.ca)
@@ -118,9 +125,31 @@ class GatewayTls:
         """
         if self.trust is None or self.trust.stamp == self._stamp:
             return False
-        self.api, self.peers = self.trust.client_context(), self.trust.peer_context()
+        self.api = self.trust.client_context()
+        self._peers = {None: self.trust.peer_context()}  # loads the files now: a damaged one fails here
         self._stamp = self.trust.stamp
         return True
+
+    @property
+    def peers(self) -> PeerTls | None:
+        """The node's contexts toward other nodes (`peer`), or None when the gateway does not act as a node."""
+        return self.peer if self.trust is not None else None
+
+    def peer(self, node_id: str | None) -> ssl.SSLContext:
+        """The context toward fleet node `node_id` (its certificate must name it), or toward any fleet node (None);
+        one per node until the certificate is renewed, so the router keeps its connections.
+
+        Raises:
+            ConfigError: the gateway does not act as a node, or the node's files no longer load.
+        """
+        if self.trust is None:
+            raise ConfigError("reaching fleet nodes over mutual TLS needs the node's data folder (--data-dir)")
+        context = self._peers.get(node_id)
+        if context is None:
+            context = self._peers[node_id] = (
+                node_checked(self.trust.peer_context(), node_id) if node_id else (self.trust.peer_context())
+            )
+        return context
 
 
 class Gateway:
@@ -144,21 +173,23 @@ class Gateway:
         self._attempts.inc(record.tier, verdict.value)
 
     async def handle(self, request: Request) -> Response:
-        """Answer one request: the gateway's own routes, or any `/v2` route forwarded down the tiers."""
-        parts = tuple(request.path.strip("/").split("/"))
-        if parts == ("v2", "health", "live"):
+        """Answer one request: the gateway's own routes, or an Open Inference Protocol route forwarded down the
+        tiers (`strata.route.oip_routes`); anything else 404, or 405 on a known route."""
+        route = match_route(request.method, request.path)
+        if isinstance(route, RouteRefusal):
+            headers = {"allow": route.allow} if route.allow else None
+            return Response.error(route.status, f"{route.reason}: {request.method} {request.path!r}", headers)
+        if route.kind == LIVE:
             return Response.json(200, {"live": True})
-        if parts == ("v2", "health", "ready"):
+        if route.kind == READY:
             if self.router.any_ready:
                 return Response.json(200, {"ready": True})
             return Response.error(503, "no tier is ready")
-        if parts == ("metrics",):
+        if route.kind == METRICS:
             self._breakers.replace(
                 {(s["tier"], s["target"]): _BREAKER_LEVEL[s["breaker"]] for s in self.router.status()}
             )
             return Response(200, {"content-type": METRICS_CONTENT_TYPE}, self.registry.render().encode())
-        if parts[0] != "v2":
-            return Response.error(404, f"no route for {request.method} {request.path}")
         budget_s = None
         raw_budget = request.headers.get(BUDGET)
         if raw_budget is not None:
@@ -168,12 +199,10 @@ class Gateway:
                 budget_s = -1.0
             if not budget_s > 0:
                 return Response.error(400, f"{BUDGET} must be a positive number of milliseconds, got {raw_budget!r}")
-        model = parts[2] if len(parts) >= 3 and parts[1] == "models" else None
-        path = "/" + "/".join(quote(part, safe="") for part in parts)
-        if request.query:
-            path += "?" + urlencode(request.query)
+        # the path is rebuilt from the parts matched; no query string; a body only where the protocol has one
+        body = request.body if route.method == "POST" else b""
         routed = await self.router.send(
-            request.method, path, model=model, body=request.body, headers=request.headers, budget_s=budget_s
+            route.method, route.path, model=route.model, body=body, headers=request.headers, budget_s=budget_s
         )
         headers = dict(routed.headers)
         headers[SERVED_BY] = routed.served_by or "none"
@@ -202,8 +231,10 @@ async def _refresh_topology(config: GatewayConfig, tls: GatewayTls, router: Rout
             log.warning("cannot read this node's topology (%s); routing over %s", exc, _describe(router.targets))
             interval = min(interval, _TOPOLOGY_RETRY_S)
         else:
-            targets = topology.targets(config.local, config.parents, config.cloud, tls.peers)
+            targets, refused = topology.plan(config.local, config.parents, config.cloud, tls.peers)
             if targets != router.targets:
+                for reason in refused:
+                    log.warning("left out of the routes: %s", reason)
                 log.info("routing over %s", _describe(targets))
                 router.set_targets(targets)
         with contextlib.suppress(TimeoutError):
@@ -221,7 +252,8 @@ async def serve_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
         ConfigError: the listening address cannot be bound.
     """
     tls = GatewayTls(config)
-    router = Router(config.manual_targets(tls.peers), config.router)
+    node_id = tls.trust.node_id if tls.trust is not None else ""
+    router = Router(config.manual_targets(tls.peers, node_id), config.router)
     gateway = Gateway(router)
     server = HttpServer(gateway.handle)
     await server.start(config.host, config.port)

@@ -30,6 +30,7 @@ import numpy.typing as npt
 from strata.core.errors import BadRequest, ConfigError, NotFound, StrataError, TransportError, Unavailable
 from strata.core.oip import HEADER_LENGTH, decode_response, encode_request
 from strata.route.breaker import Breaker, BreakerConfig
+from strata.route.peer import find_peer_identity_error
 from strata.route.policy import TIERS, TargetView, Verdict, classify, counts_against, next_attempt
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ Array = npt.NDArray[Any]
 SERVED_BY: Final = "strata-served-by"  # response header: the tier that answered (local, parent, cloud)
 ROUTE: Final = "strata-route"  # response header: each attempt, in order (tier:status)
 BUDGET: Final = "strata-budget-ms"  # request header: the caller's latency budget for this request
+# the only request headers sent on to a target: never the caller's credentials (authorization, cookie), its
+# addresses (forwarded, x-forwarded-*) or hop-by-hop headers; a target's own token is added per target
 _FORWARDED_REQUEST_HEADERS: Final = ("content-type", "content-encoding", HEADER_LENGTH, "accept")
 _FORWARDED_RESPONSE_HEADERS: Final = ("content-type", HEADER_LENGTH, "retry-after")
 _LATENCY_WEIGHT: Final = 0.2
@@ -56,14 +59,16 @@ class NoTierAnswered(Unavailable):
 
 @dataclass(frozen=True)
 class Target:
-    """One place a request can go: its tier (local, parent or cloud), base URL, optional bearer token, and the TLS
-    context its https connections use (a node's fleet context for other nodes; None: the system's CAs)."""
+    """One place a request can go: its tier (local, parent or cloud), base URL, optional bearer token, the TLS
+    context its https connections use (a node's fleet context for other nodes; None: the system's CAs), and the
+    fleet node it must be (`node_id`, which that context checks; None: not a fleet node, or one given by hand)."""
 
     tier: str
     url: str
     name: str = ""
     token: str | None = None
     tls: ssl.SSLContext | None = None
+    node_id: str | None = None
 
     def __post_init__(self) -> None:
         """Raises:
@@ -351,6 +356,10 @@ class Router:
             error = f"no answer within {timeout_s:.3f} s"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            mismatch = find_peer_identity_error(exc)
+            if mismatch is not None:
+                error = f"not the node named: {mismatch}"
+                log.warning("not sending to %s %s at %s: %s", target.tier, target.label, target.url, mismatch)
         except BaseException:
             state.breaker = state.breaker.released()
             raise
@@ -473,7 +482,10 @@ class Router:
                     for m in models
                 )
             )
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
+            mismatch = find_peer_identity_error(exc)
+            if mismatch is not None and state.ready is not False:
+                log.warning("%s %s at %s is not the node named: %s", target.tier, target.label, target.url, mismatch)
             state.ready = False
             state.models_ready = dict.fromkeys(models, False)
             return

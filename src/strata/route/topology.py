@@ -1,8 +1,9 @@
 """A node's routing targets from the control plane: `GET /v1/nodes/{node_id}/topology`, read over httpx.
 
 `fetch_topology` reads and checks the answer; `targets` turns it into the router's targets in tier order (the
-node's own agent, its parents, the cloud). A gateway refreshes it now and then and keeps the last one when the
-control plane cannot be reached: serving must never depend on the cloud.
+node's own agent, its parents, the cloud), each fleet node over mutual TLS checked to be the node named. A
+gateway refreshes it now and then and keeps the last one when the control plane cannot be reached: serving must
+never depend on the cloud.
 """
 
 from __future__ import annotations
@@ -16,54 +17,93 @@ from urllib.parse import quote
 import httpx
 
 from strata.core.errors import AuthError, NotFound, TransportError
+from strata.route.peer import PeerTls
 from strata.route.router import Target
 
 
 @dataclass(frozen=True)
 class Topology:
-    """Where a node's inference goes: its own serving URL, its parents' and the cloud endpoints', in order."""
+    """Where a node's inference goes: its own serving URL, its parents' and the cloud endpoints', in order.
+
+    `parents` and `cloud` are (name, url, node_id) with node_id None for a configured cloud endpoint (not a
+    fleet node)."""
 
     node_id: str
     name: str
     tier: str
     serve_url: str | None
-    parents: tuple[tuple[str, str], ...]  # (name, url)
-    cloud: tuple[tuple[str, str], ...]
-    nodes: frozenset[str] = frozenset()  # the URLs that are fleet nodes (their tier listeners), not endpoints
+    parents: tuple[tuple[str, str, str | None], ...]
+    cloud: tuple[tuple[str, str, str | None], ...]
 
     def targets(
         self,
         local_url: str | None = None,
         extra_parents: Sequence[str] = (),
         extra_cloud: Sequence[str] = (),
-        fleet_tls: ssl.SSLContext | None = None,
+        peer_tls: PeerTls | None = None,
     ) -> list[Target]:
-        """The router's targets: local (`local_url`, else the node's own serving URL), then parents, then cloud;
-        URLs given by hand come after the control plane's of the same tier, and each URL appears once.
+        """The router's targets (see `plan`)."""
+        return self.plan(local_url, extra_parents, extra_cloud, peer_tls)[0]
 
-        `fleet_tls` (the node's peer context) is used for https URLs of fleet nodes: every parent, and cloud
-        nodes the topology names; configured cloud endpoints keep the system's CAs."""
+    def plan(
+        self,
+        local_url: str | None = None,
+        extra_parents: Sequence[str] = (),
+        extra_cloud: Sequence[str] = (),
+        peer_tls: PeerTls | None = None,
+    ) -> tuple[list[Target], list[str]]:
+        """The router's targets, and why each URL of the topology left out was left out.
+
+        In tier order: local (`local_url`, else the node's own serving URL), then parents, then cloud; URLs given
+        by hand come after the control plane's of the same tier, and each URL appears once.
+
+        Fleet nodes named by the topology (parents, cloud-tier nodes) are reached only over mutual TLS: their
+        URL must be https and `peer_tls` (the node's fleet contexts) given, and the context checks that the
+        peer is the node the topology named; any other is left out. The node's own https URL is checked to be
+        the node itself (a plain http one is its loopback serving port). URLs given by hand are taken as given
+        (https ones over the fleet chain when `peer_tls` is given); configured cloud endpoints keep the
+        system's CAs.
+        """
         out: list[Target] = []
+        refused: list[str] = []
         seen: set[str] = set()
 
-        def add(tier: str, url: str, name: str) -> None:
+        def add(tier: str, url: str, name: str, tls: ssl.SSLContext | None = None, node_id: str | None = None) -> None:
             if url and url not in seen:
                 seen.add(url)
-                fleet = url.startswith("https://") and (tier == "parent" or url in self.nodes)
-                out.append(Target(tier, url, name, tls=fleet_tls if fleet else None))
+                out.append(Target(tier, url, name, tls=tls, node_id=node_id))
 
-        local = local_url or self.serve_url
-        if local:
-            add("local", local, self.name)
-        for name, url in self.parents:
-            add("parent", url, name)
+        def add_node(tier: str, url: str, name: str, node_id: str) -> None:
+            if not url.startswith("https://"):
+                refused.append(f"{tier} {name} ({node_id}) at {url}: a fleet node is reached only over https")
+            elif peer_tls is None:
+                refused.append(f"{tier} {name} ({node_id}) at {url}: mutual TLS needs the node's certificate")
+            else:
+                add(tier, url, name, peer_tls(node_id), node_id)
+
+        if local_url:
+            https = local_url.startswith("https://") and peer_tls is not None
+            own = self.node_id or None
+            add("local", local_url, self.name or local_url, peer_tls(own) if https and peer_tls else None, own)
+        elif self.serve_url and self.serve_url.startswith("https://"):
+            add_node("local", self.serve_url, self.name, self.node_id)
+        elif self.serve_url:
+            add("local", self.serve_url, self.name)
+        for name, url, node_id in self.parents:
+            if node_id is None:
+                refused.append(f"parent {name} at {url}: the topology names no node for it")
+            else:
+                add_node("parent", url, name, node_id)
         for url in extra_parents:
-            add("parent", url, url)
-        for name, url in self.cloud:
-            add("cloud", url, name)
+            add("parent", url, url, peer_tls(None) if url.startswith("https://") and peer_tls else None)
+        for name, url, node_id in self.cloud:
+            if node_id is None:
+                add("cloud", url, name)
+            else:
+                add_node("cloud", url, name, node_id)
         for url in extra_cloud:
             add("cloud", url, url)
-        return out
+        return out, refused
 
 
 def parse_topology(raw: Any) -> Topology:
@@ -80,12 +120,16 @@ def parse_topology(raw: Any) -> Topology:
             name=str(raw["name"]),
             tier=str(raw["tier"]),
             serve_url=str(raw["serve_url"]) if raw.get("serve_url") else None,
-            parents=tuple((str(p["name"]), str(p["url"])) for p in raw["parents"]),
-            cloud=tuple((str(c["name"]), str(c["url"])) for c in raw["cloud"]),
-            nodes=frozenset(str(e["url"]) for e in [*raw["parents"], *raw["cloud"]] if e.get("node_id")),
+            parents=tuple(_endpoint(p) for p in raw["parents"]),
+            cloud=tuple(_endpoint(c) for c in raw["cloud"]),
         )
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise TransportError(f"the control plane sent a malformed topology: {exc}") from exc
+
+
+def _endpoint(raw: Any) -> tuple[str, str, str | None]:
+    node_id = raw.get("node_id")
+    return str(raw["name"]), str(raw["url"]), str(node_id) if node_id else None
 
 
 async def fetch_topology(
