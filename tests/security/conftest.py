@@ -1,4 +1,4 @@
-"""Fixtures for the attack tests: a real control plane and real agents on loopback, per test."""
+"""Attack tests: a real control plane and real agents on loopback, attacked the way the hardening issue says."""
 
 from __future__ import annotations
 

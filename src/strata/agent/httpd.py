@@ -140,11 +140,16 @@ class HttpServer:
         handler: Handler,
         limits: ServerLimits | None = None,
         peer_identity: Callable[[Any], str | None] | None = None,
+        peer_refusal: Callable[[bytes | None], str | None] | None = None,
         release_memory: Callable[[], object] | None = None,
     ) -> None:
         """`peer_identity` turns a TLS connection's ssl object into the caller's identity (`Request.peer`);
-        `release_memory` gives freed heap back to the OS (run on the default executor, see the module doc)."""
+        `peer_refusal`, given the peer certificate's DER, says why its requests are refused (403, then close),
+        or None. It is asked for every request, before its body is read, so a verdict that changes (a revocation)
+        reaches connections already open. `release_memory` gives freed heap back to the OS (run on the default
+        executor, see the module doc)."""
         self.peer_identity = peer_identity
+        self.peer_refusal = peer_refusal
         self._handler = handler
         self._limits = limits or ServerLimits()
         self._server: asyncio.Server | None = None
@@ -301,6 +306,7 @@ class _Connection(asyncio.Protocol):
         self._peer: str | None = None
         self._tls = False
         self._accepted = False
+        self._peer_der: bytes | None = None  # the peer's certificate, kept when the server judges peers
         self.closed: asyncio.Future[None] = self._loop.create_future()
         # the request being parsed
         self._in_message = False
@@ -336,6 +342,8 @@ class _Connection(asyncio.Protocol):
         self._tls = ssl_object is not None
         if ssl_object is not None and self._server.peer_identity is not None:
             self._peer = self._server.peer_identity(ssl_object)
+        if ssl_object is not None and self._server.peer_refusal is not None:
+            self._peer_der = ssl_object.getpeercert(binary_form=True)
         self._accepted = self._server.add(self)
         if self._server.closing:
             transport.close()
@@ -439,6 +447,10 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._set_deadline(self._limits.body_timeout, "the request")
+        if self._tls and self._server.peer_refusal is not None:
+            reason = self._server.peer_refusal(self._peer_der)
+            if reason is not None:
+                self._refuse(403, reason)
         expects_continue = False
         for name, value in self._headers:
             lowered = name.lower()

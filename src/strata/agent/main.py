@@ -23,6 +23,7 @@ from strata.agent.identity import FleetIdentity, node_id_of_peer
 from strata.agent.loop import AgentLoop, EnrollmentRefused, data_dir_lock, start_thread
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
+from strata.agent.peers import PeerGate
 from strata.agent.probation import ProbationConfig
 from strata.agent.reconciler import NodeIdentity, Reconciler
 from strata.agent.repository import ModelRepository
@@ -93,7 +94,10 @@ class Agent:
         for digest in self.store.seal_plaintext_packages():
             log.info("sealed package %s kept in the clear by an earlier run", digest[:19])
         self.transport = H11Transport()
-        self.peer_transport = H11Transport()  # to other nodes (the parent relay): their certs name nodes, not hosts
+        # other nodes are checked against the revocation list of this node's latest desired state
+        self.peers = PeerGate(lambda: self.loop.desired)
+        # to other nodes (the parent relay): their certs name nodes, not hosts
+        self.peer_transport = H11Transport(peer_refusal=self.peers.refusal)
         self._tier_context: ssl.SSLContext | None = None
         self.client = ControlPlaneClient(config.server, self.transport, timeout=config.request_timeout_s)
         identity = NodeIdentity(
@@ -223,7 +227,11 @@ class Agent:
         while not stop.is_set() and thread.is_alive():
             if tier_server is None and self.config.tier_port is not None and self.loop.stored is not None:
                 tier_server = HttpServer(
-                    tier_handler, limits, peer_identity=node_id_of_peer, release_memory=release_free_memory
+                    tier_handler,
+                    limits,
+                    peer_identity=node_id_of_peer,
+                    peer_refusal=self.peers.refusal,
+                    release_memory=release_free_memory,
                 )
                 self._tier_context = self.loop.identity.server_context()
                 await tier_server.start(self.config.serve_host_tier, self.config.tier_port, ssl=self._tier_context)

@@ -13,7 +13,7 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -86,7 +86,13 @@ def _target(url: str) -> _Target:
 class _Connection:
     """One HTTP/1.1 connection: a socket and its h11 state machine."""
 
-    def __init__(self, target: _Target, timeout: float, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self,
+        target: _Target,
+        timeout: float,
+        ssl_context: ssl.SSLContext | None,
+        peer_refusal: Callable[[bytes | None], str | None] | None = None,
+    ) -> None:
         try:
             sock = socket.create_connection((target.host, target.port), timeout=timeout)
             if target.scheme == "https":
@@ -94,6 +100,12 @@ class _Connection:
                 sock = context.wrap_socket(sock, server_hostname=target.host)
         except OSError as exc:
             raise TransportError(f"cannot connect to {target.origin}: {exc}") from exc
+        if peer_refusal is not None and isinstance(sock, ssl.SSLSocket):
+            reason = peer_refusal(sock.getpeercert(binary_form=True))
+            if reason is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+                raise TransportError(f"refusing {target.origin}: {reason}")
         self.sock = sock
         self.h11 = h11.Connection(h11.CLIENT)
 
@@ -170,8 +182,14 @@ class _Streamed:
 class H11Transport:
     """`Transport` over blocking sockets and h11, keeping one connection per thread and origin."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext | None = None,
+        peer_refusal: Callable[[bytes | None], str | None] | None = None,
+    ) -> None:
+        """`peer_refusal`, given a TLS server's certificate (DER), says why not to talk to it, or None."""
         self._ssl_context = ssl_context
+        self._peer_refusal = peer_refusal
         self._generation = 0
         self._local = threading.local()
 
@@ -203,7 +221,7 @@ class H11Transport:
             connection = pool.pop(target.origin, None)
             reused = connection is not None
             if connection is None:
-                connection = _Connection(target, timeout, self._ssl_context)
+                connection = _Connection(target, timeout, self._ssl_context, self._peer_refusal)
             try:
                 connection.settimeout(timeout)
                 connection.send_request(method, target, headers, body)
@@ -237,7 +255,7 @@ class H11Transport:
             TransportError: the server cannot be reached, or the connection broke.
         """
         target = _target(url)
-        connection = _Connection(target, timeout, self._ssl_context)
+        connection = _Connection(target, timeout, self._ssl_context, self._peer_refusal)
         try:
             try:
                 connection.send_request(method, target, headers, None)

@@ -120,6 +120,18 @@ class EnrollmentToken(Base):
     reenroll_node_id: Mapped[str | None] = mapped_column(String(32))
 
 
+class NodeCertificate(Base):
+    """A certificate the fleet CA issued to a node, kept until it expires: revoking the node (or enrolling it
+    again) revokes every one of its certificates still valid, and peers learn their hashes (`control.revocation`)."""
+
+    __tablename__ = "node_certificates"
+
+    sha256: Mapped[str] = mapped_column(String(HEX_LEN), primary_key=True)  # hex sha256 of the DER
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True)
+    not_after: Mapped[float] = mapped_column(TIME, index=True)
+    revoked_at: Mapped[float | None] = mapped_column(TIME)
+
+
 class Model(Base):
     """A named thing users version."""
 

@@ -8,6 +8,7 @@ A long poll waits on the feed and answers as soon as the node's own desired stat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import ssl
 import threading
@@ -44,6 +45,7 @@ from strata.control.feed import ChangeFeed
 from strata.control.history import activation_events, record_changes
 from strata.control.pki import Pki
 from strata.control.presence import PresenceTracker
+from strata.control.revocation import record_issued, revoke_issued, revoked_certificates
 from strata.core.errors import AuthError, Forbidden, NotFound, PackageError
 from strata.core.hashing import canonical_json
 from strata.core.package import Manifest, check_name, package_pieces
@@ -291,6 +293,7 @@ class FleetService:
         self._online_window_s = online_window_s
         self._lock = threading.Lock()
         self._deployments: tuple[int, tuple[ActiveDeployment, ...]] = (-1, ())
+        self._revoked: tuple[int, frozenset[str]] = (-1, frozenset())
         self._desired: dict[str, tuple[int, DesiredDocument]] = {}
         self._piece_cache: dict[str, frozenset[str]] = {}
         self._site_cache: dict[str, tuple[int, frozenset[str]]] = {}
@@ -395,6 +398,8 @@ class FleetService:
             if node is None:
                 node = Node(id=node_id, name=request.name, enrolled_at=now)
                 session.add(node)
+            else:  # the old credential is replaced: peers refuse its certificates from now on
+                revoke_issued(session, node_id, node.credential_hash, now + self._cert_hours * 3600, now)
             node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
             node.tier = assigned.tier
             node.labels = assigned.labels
@@ -408,6 +413,7 @@ class FleetService:
             node.attestation = node.attestation_detail = node.attested_at = None
             node.tpm_ak = node.tpm_ek = node.tpm_pcrs = None
             session.flush()
+            record_issued(session, node_id, node.credential_hash, issued.not_after, now)
             token.node_id = node.id
         self._authenticator.forget_node(node_id)
         self._feed.bump()
@@ -420,7 +426,8 @@ class FleetService:
 
     def renew_certificate(self, node_id: str, csr: str) -> CertificateRenewal:
         """A new certificate for a live node (called over mutual TLS with its current one); from now on only the
-        new certificate is accepted.
+        new certificate is accepted by the control plane. Peers still accept the previous one until it expires
+        (it may carry connections), unless the node is revoked: `revoke` covers every certificate recorded here.
 
         Raises:
             AuthError: the CSR is unusable.
@@ -431,6 +438,7 @@ class FleetService:
             node = self._live_node(session, node_id)
             issued = self._pki.sign_node(csr, node_id, self._cert_hours)
             node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
+            record_issued(session, node_id, node.credential_hash, issued.not_after, self._clock())
         self._authenticator.forget_node(node_id)
         return CertificateRenewal(certificate=issued.pem.decode(), not_after=issued.not_after)
 
@@ -481,15 +489,18 @@ class FleetService:
 
     def revoke(self, node_id: str) -> None:
         """Revoke a node: its credential stops working at once and no deployment targets it any more; the TPM
-        it was bound to is free for another node.
+        it was bound to is free for another node. Its certificates still valid join the revocation list every
+        node's desired state carries, so its peers refuse them on their tier ports too.
 
         Raises:
             NotFound: no such node, or it was revoked already.
             StoreError: the database failed.
         """
+        now = self._clock()
         with self._db.transaction() as session:
             node = self._live_node(session, node_id)
-            node.revoked_at = self._clock()
+            node.revoked_at = now
+            revoke_issued(session, node_id, node.credential_hash, now + self._cert_hours * 3600, now)
             node.tpm_ak = node.tpm_ek = None  # its TPM may serve the machine when it is enrolled again
         self._authenticator.forget_node(node_id)
         self._presence.forget(node_id)
@@ -736,7 +747,9 @@ class FleetService:
         cached = self._cached_desired(node_id, generation)
         if cached is not None:
             return cached
-        document = DesiredDocument.of(desired_state(node_id, facts.label_map, revoked, deployments, facts), revoked)
+        state = desired_state(node_id, facts.label_map, revoked, deployments, facts)
+        state = dataclasses.replace(state, revoked_certificates=self._revoked_certificates(generation))
+        document = DesiredDocument.of(state, revoked)
         with self._lock:
             self._desired[node_id] = (generation, document)
         return document
@@ -751,6 +764,22 @@ class FleetService:
         with self._lock:
             self._deployments = (generation, deployments)
         return deployments
+
+    def _revoked_certificates(self, generation: int) -> frozenset[str]:
+        """The fleet's revoked certificates still valid, read once per generation (a revocation bumps it; one
+        that expires meanwhile stays listed until the next change, harmlessly: the handshake refuses it).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        cached_generation, revoked = self._revoked
+        if cached_generation == generation:
+            return revoked
+        with self._db.transaction() as session:
+            revoked = revoked_certificates(session, self._clock())
+        with self._lock:
+            self._revoked = (generation, revoked)
+        return revoked
 
     def _view(self, node: Node, generation: int, deployments: tuple[ActiveDeployment, ...], now: float) -> NodeView:
         facts = node_facts(node)

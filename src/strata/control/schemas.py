@@ -124,6 +124,11 @@ class DesiredModelBody(BaseModel):
 class DesiredStateBody(BaseModel):
     node_id: str
     models: list[DesiredModelBody]
+    revoked_certificates: list[str] = Field(
+        default_factory=list,
+        description="hex sha256 (of the DER) of the fleet's revoked certificates that have not expired: refuse peers "
+        "presenting one; absent when there are none",
+    )
 
 
 # --- observed state ---------------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ from strata.core.errors import StrataError
 from strata.core.hashing import digest_json, is_hex_sha256
 
 TIERS: Final = ("device", "near-edge", "cloud")
+# Revoked certificates stay listed only until they expire (a day by default), so a fleet lists few; the cap bounds
+# what a node accepts from the wire.
+MAX_REVOKED_CERTIFICATES: Final = 100_000
 
 T = TypeVar("T")
 
@@ -270,13 +273,22 @@ class DesiredModel:
 
 @dataclass(frozen=True)
 class DesiredState:
-    """What the control plane wants a node to run. Its ETag is the digest of its canonical JSON."""
+    """What the control plane wants a node to run. Its ETag is the digest of its canonical JSON.
+
+    `revoked_certificates` are the hex sha256 of the fleet's revoked certificates that have not expired yet:
+    the node refuses peers presenting one on its tier port. Written only when there are any, so a desired state
+    without revocations keeps the shape (and ETag) it always had.
+    """
 
     node_id: str
     models: tuple[DesiredModel, ...]
+    revoked_certificates: frozenset[str] = frozenset()
 
     def to_json(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "models": [m.to_json() for m in self.models]}
+        body: dict[str, Any] = {"node_id": self.node_id, "models": [m.to_json() for m in self.models]}
+        if self.revoked_certificates:
+            body["revoked_certificates"] = sorted(self.revoked_certificates)
+        return body
 
     @property
     def etag(self) -> str:
@@ -296,7 +308,12 @@ class DesiredState:
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise ProtocolError("desired state names a model twice")
-        return cls(node_id=_req(obj, "node_id", str, what), models=models)
+        revoked = _opt(obj, "revoked_certificates", list, what, [])
+        if len(revoked) > MAX_REVOKED_CERTIFICATES or not all(isinstance(h, str) and is_hex_sha256(h) for h in revoked):
+            raise ProtocolError(
+                f"{what}: 'revoked_certificates' must list at most {MAX_REVOKED_CERTIFICATES} hex sha256 values"
+            )
+        return cls(node_id=_req(obj, "node_id", str, what), models=models, revoked_certificates=frozenset(revoked))
 
 
 # --- observed state --------------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""The revocation list in every node's desired state: which certificates are on it, and for how long.
+
+Revoking a node lists every certificate of it still valid (renewal keeps the previous one valid, so both); enrolling
+a node again lists the certificate it had; a certificate drops off once it expires. The real processes refusing
+what is listed are tested in tests/security/test_revoked_peers.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from typing import Any
+
+from control_harness import Harness, NodeCredentials, node_key_and_csr
+from sqlalchemy import func, select
+
+from strata.control.db import NodeCertificate
+
+DAY = 24 * 3600.0
+
+
+def sha256_of(certificate: str) -> str:
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(certificate)).hexdigest()
+
+
+def desired(server: Harness, node: NodeCredentials) -> dict[str, Any]:
+    response = server.client.get(f"/v1/nodes/{node.node_id}/desired", headers=node.headers)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def listed(server: Harness, node: NodeCredentials) -> set[str]:
+    return set(desired(server, node).get("revoked_certificates", []))
+
+
+def test_revoking_lists_the_current_and_the_previous_certificate_until_they_expire(server: Harness) -> None:
+    watcher = server.enroll("watcher")
+    edge = server.enroll("edge")
+    etag = server.client.get(f"/v1/nodes/{watcher.node_id}/desired", headers=watcher.headers).headers["etag"]
+    assert "revoked_certificates" not in desired(server, watcher)  # nothing revoked: the shape it always had
+
+    server.clock.advance(16 * 3600)  # two thirds of the life: the agent renews
+    renewed = server.client.post(
+        f"/v1/nodes/{edge.node_id}/certificate", json={"csr": node_key_and_csr("edge")}, headers=edge.headers
+    ).json()["certificate"]
+    assert listed(server, watcher) == set()  # renewal revokes nothing
+    assert server.client.delete(f"/v1/nodes/{edge.node_id}", headers=server.admin).status_code == 204
+
+    both = {sha256_of(edge.certificate), sha256_of(renewed)}
+    assert listed(server, watcher) == both
+    answer = server.client.get(
+        f"/v1/nodes/{watcher.node_id}/desired", headers={**watcher.headers, "If-None-Match": etag}
+    )
+    assert answer.status_code == 200
+    assert answer.headers["etag"] != etag  # a waiting poll would answer at once
+
+    server.clock.advance(8 * 3600 + 1)  # the first certificate expired; the renewed one has 16 hours left
+    server.enroll("newcomer")  # any fleet change recomputes desired states
+    assert listed(server, watcher) == {sha256_of(renewed)}
+    server.clock.advance(16 * 3600)
+    server.enroll("another")
+    assert listed(server, watcher) == set()
+    with server.plane.db.transaction() as session:  # and expired certificates are forgotten
+        assert (
+            session.scalar(
+                select(func.count()).select_from(NodeCertificate).where(NodeCertificate.node_id == edge.node_id)
+            )
+            == 0
+        )
+
+
+def test_enrolling_a_node_again_lists_the_certificate_it_had(server: Harness) -> None:
+    watcher = server.enroll("watcher")
+    first = server.enroll("edge")
+    second = server.enroll("edge", reenroll=True)  # the operator re-enrolls it: a new machine, or a new key
+    assert second.node_id == first.node_id
+    assert listed(server, watcher) == {sha256_of(first.certificate)}
+    assert listed(server, second) == {sha256_of(first.certificate)}  # the node itself learns it too
+
+
+def test_a_certificate_issued_before_certificates_were_recorded_is_listed_on_revocation(server: Harness) -> None:
+    watcher = server.enroll("watcher")
+    edge = server.enroll("edge")
+    with server.plane.db.transaction() as session:  # as after the upgrade that added the table
+        session.query(NodeCertificate).filter(NodeCertificate.node_id == edge.node_id).delete()
+    assert server.client.delete(f"/v1/nodes/{edge.node_id}", headers=server.admin).status_code == 204
+    assert listed(server, watcher) == {sha256_of(edge.certificate)}
+    server.clock.advance(DAY + 1)  # listed for at most a certificate's life
+    server.enroll("newcomer")
+    assert listed(server, watcher) == set()
