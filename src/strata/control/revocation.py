@@ -70,5 +70,5 @@ def revoked_certificates(session: Session, now: float) -> frozenset[str]:
         select(NodeCertificate.sha256, NodeCertificate.not_after).where(
             NodeCertificate.revoked_at.is_not(None), NodeCertificate.not_after > now
         )
-    ).tuples()
-    return unexpired(rows, now)
+    ).all()
+    return unexpired(((sha256, not_after) for sha256, not_after in rows), now)
