@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 
 from strata.agent.httpd import HttpServer, Request, Response
-from strata.agent.identity import FleetIdentity, node_id_of_peer
+from strata.agent.identity import FleetIdentity
 from strata.agent.peers import REVOKED, PeerGate
 from strata.agent.transport import H11Transport
 from strata.core.errors import TransportError
 from strata.core.wire import DesiredState
 from strata.trust.ca import FleetCA
+from strata.trust.fleet_tls import peer_node_id
 from strata.trust.node import make_csr
 
 
@@ -64,7 +65,7 @@ def served(nodes: dict[str, FleetIdentity]) -> Iterator[Served]:
         return Response.json(200, {"peer": request.peer})
 
     gate = PeerGate(lambda: desired[0])
-    server = HttpServer(handler, peer_identity=node_id_of_peer, peer_refusal=gate.refusal)
+    server = HttpServer(handler, peer_identity=peer_node_id, peer_refusal=gate.refusal)
     loop = asyncio.new_event_loop()
     started = threading.Event()
 

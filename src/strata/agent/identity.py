@@ -22,7 +22,6 @@ from strata.core.fsutil import write_bytes_atomic, write_json_atomic
 from strata.trust.fleet_tls import node_client_context
 
 ENROLLMENT_FORMAT: Final = "stk1"
-NODE_URI_PREFIX: Final = "urn:strata:node:"
 
 
 def parse_enrollment_token(token: str) -> tuple[str, str]:
@@ -42,18 +41,6 @@ def parse_enrollment_token(token: str) -> tuple[str, str]:
 def pem_fingerprint(pem: str) -> str:
     """Hex sha256 of a PEM certificate's DER (computed with the standard library)."""
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
-
-
-def node_id_of_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
-    """The node id named by a verified peer certificate's URI SAN (the standard library's parsed form)."""
-    cert = ssl_object.getpeercert()
-    if not cert:
-        return None
-    for entry in cert.get("subjectAltName", ()):
-        kind, value = entry[0], entry[1]
-        if kind == "URI" and isinstance(value, str) and value.startswith(NODE_URI_PREFIX):
-            return value.removeprefix(NODE_URI_PREFIX)
-    return None
 
 
 @dataclass(frozen=True)

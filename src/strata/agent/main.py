@@ -19,7 +19,7 @@ from strata.agent.attestation import Attester
 from strata.agent.client import ControlPlaneClient
 from strata.agent.config import AgentConfig
 from strata.agent.httpd import HttpServer, Request, Response, ServerLimits
-from strata.agent.identity import FleetIdentity, node_id_of_peer
+from strata.agent.identity import FleetIdentity
 from strata.agent.loop import AgentLoop, EnrollmentRefused, data_dir_lock, start_thread
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
@@ -37,6 +37,7 @@ from strata.agent.vault import Vault
 from strata.core.errors import ConfigError, StrataError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.profiles import detect_profile, get_profile, read_host_facts
+from strata.trust.fleet_tls import peer_node_id
 
 log = logging.getLogger("strata.agent")
 
@@ -229,7 +230,7 @@ class Agent:
                 tier_server = HttpServer(
                     tier_handler,
                     limits,
-                    peer_identity=node_id_of_peer,
+                    peer_identity=peer_node_id,
                     peer_refusal=self.peers.refusal,
                     release_memory=release_free_memory,
                 )

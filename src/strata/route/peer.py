@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from typing import Final
 
-NODE_URI_PREFIX: Final = "urn:strata:node:"
+from strata.trust.fleet_tls import peer_node_id
 
 
 class PeerIdentityError(ssl.SSLCertVerificationError):
@@ -25,18 +24,6 @@ class PeerIdentityError(ssl.SSLCertVerificationError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "the peer is not the node expected"
-
-
-def peer_node_id(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
-    """The node id a verified peer certificate names in its URI SAN, or None when it names none."""
-    cert = ssl_object.getpeercert()
-    if not cert:
-        return None
-    for entry in cert.get("subjectAltName", ()):
-        kind, value = entry[0], entry[1]
-        if kind == "URI" and isinstance(value, str) and value.startswith(NODE_URI_PREFIX):
-            return value.removeprefix(NODE_URI_PREFIX)
-    return None
 
 
 def check_peer_node(ssl_object: ssl.SSLObject | ssl.SSLSocket, node_id: str) -> None:

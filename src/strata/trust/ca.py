@@ -25,8 +25,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from strata.core.errors import AuthError, ConfigError
 from strata.core.fsutil import write_bytes_atomic
+from strata.trust.fleet_tls import NODE_URI_PREFIX
 
-NODE_URI_PREFIX: Final = "urn:strata:node:"
 CA_YEARS: Final = 10
 SERVER_DAYS: Final = 397
 NODE_HOURS: Final = 24

@@ -12,8 +12,25 @@ import json
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from strata.core.errors import ConfigError
+
+# A node certificate names its node in a URI SAN (no host names: a node is an id, not an address).
+NODE_URI_PREFIX: Final = "urn:strata:node:"
+
+
+def peer_node_id(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
+    """The node id a verified peer certificate names in its URI SAN (the standard library's parsed form), or None
+    when it names none."""
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return None
+    for entry in cert.get("subjectAltName", ()):
+        kind, value = entry[0], entry[1]
+        if kind == "URI" and isinstance(value, str) and value.startswith(NODE_URI_PREFIX):
+            return value.removeprefix(NODE_URI_PREFIX)
+    return None
 
 
 @dataclass(frozen=True)
