@@ -279,7 +279,9 @@ class LocalFleet:
         if tier_listener is not None:
             argv += ["--tier-port", str(tier_listener)]
         if enroll and not (data_dir / "trust" / "identity.json").exists():
-            token = enroll_token or str(self.client.create_enrollment_token(600)["token"])
+            if enroll_token is None:  # bound as an operator would: the node cannot claim another identity
+                enroll_token = str(self.client.create_enrollment_token(600, node_name or name, tier, labels)["token"])
+            token = enroll_token
             argv += ["--enroll-token", token]
         argv += list(extra_args)
         process = ManagedProcess(

@@ -67,7 +67,7 @@ def test_a_node_cannot_promote_itself_to_reach_another_nodes_model_or_traffic(
     claim: dict[str, Any] = {
         "tier": "near-edge",
         "labels": {"site": "berlin"},
-        "profile": "cpu-generic",
+        "profile": fleet.nodes()["rogue"]["profile"],
         "serve_url": "https://127.0.0.1:1",
     }
     put = httpx.put(f"{fleet.server_url}/v1/nodes/{rogue_id}/status", json=claim, verify=as_rogue)

@@ -217,3 +217,12 @@ def test_a_member_the_manifest_does_not_list_is_refused_before_it_is_written(
 def test_the_genuine_package_is_still_accepted(fleet: LocalFleet, package_files: dict[str, bytes]) -> None:
     response = upload(fleet, finish(plain_members(package_files)))
     assert response.status_code in (200, 201), response.text
+
+
+def test_a_flood_of_members_is_refused_after_the_first_few_thousand(
+    fleet: LocalFleet, package_files: dict[str, bytes]
+) -> None:
+    """Review: 100,000 directory entries cost 43 MB and 7.7 s before refusal (every header was read first)."""
+    folders = b"".join(special_member(f"d{i}/", tarfile.DIRTYPE) for i in range(5000))
+    reason = refused(fleet, finish(plain_members(package_files), folders))
+    assert "more than 4096 members" in reason

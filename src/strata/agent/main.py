@@ -109,9 +109,9 @@ class Agent:
             # where other tiers reach this node: its mutual-TLS tier listener when it has one (the serve port is
             # for local applications)
             serve_url=(
-                f"https://{config.serve_host_tier}:{config.tier_port}"
+                f"https://{url_host(config.serve_host_tier)}:{config.tier_port}"
                 if config.tier_port
-                else f"http://{config.serve_host}:{config.serve_port}"
+                else f"http://{url_host(config.serve_host)}:{config.serve_port}"
             ),
             name=config.name,
         )
@@ -297,3 +297,8 @@ def main() -> None:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(EXIT_CONFIG)
     sys.exit(run(config))
+
+
+def url_host(host: str) -> str:
+    """A host as it stands in a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

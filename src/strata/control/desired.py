@@ -138,26 +138,6 @@ def desired_state(
     return DesiredState(node_id=node_id, models=models)
 
 
-def widens(
-    node_id: str,
-    labels: Mapping[str, str],
-    deployments: Iterable[ActiveDeployment],
-    current: NodeFacts,
-    claimed: NodeFacts,
-) -> bool:
-    """Whether facts a node claims (a new profile) would let it have a variant the facts it has now do not.
-
-    A claim that only narrows or keeps what the node gets is adopted without the operator; one that widens waits
-    for the operator (`strata nodes accept`), since placement policies may key on what the node says it is.
-    """
-
-    def granted(facts: NodeFacts) -> set[tuple[str, str, str]]:
-        decided, _ = decide(node_id, labels, deployments, facts)
-        return {(m, d.deployment.version, v.digest) for m, d in decided.items() for v in d.variants}
-
-    return not granted(claimed) <= granted(current)
-
-
 def referenced_blobs(state: DesiredState) -> frozenset[str]:
     """The hex sha256 of every package tar and release signature a desired state lets its node download."""
     blobs = {variant.blob for model in state.models for variant in model.variants}

@@ -39,7 +39,6 @@ from strata.control.desired import (
     desired_state,
     etag_matches,
     referenced_blobs,
-    widens,
 )
 from strata.control.feed import ChangeFeed
 from strata.control.history import activation_events, record_changes
@@ -77,6 +76,9 @@ class IssuedToken:
     expires_at: float
 
 
+UNBOUND_TIER: Final = "device"  # what a token that binds no tier assigns
+
+
 @dataclass(frozen=True)
 class TokenBinding:
     """What the operator binds an enrollment token to. A field left None takes the enrolling machine's word, once,
@@ -100,7 +102,8 @@ def enrollment_identity(
     binding: TokenBinding, request: EnrollRequest, existing_id: str | None, existing: Assigned | None
 ) -> Assigned:
     """The tier and labels a node enrolls with: the token's binding where it has one; a re-enrolled node keeps what
-    the operator assigned it; a new node's request is taken where the token binds nothing.
+    the operator assigned it; otherwise tier `device` and no labels. What the machine asks for beyond that is its
+    claim (its status reports show it), never an assignment: a leaked unbound token reaches no site's models.
 
     Raises:
         Forbidden: the token does not allow this enrollment (another name, tier or labels than it binds; a name
@@ -123,7 +126,7 @@ def enrollment_identity(
             f"this token assigns labels {dict(binding.labels)}; the agent asked for {request.labels} "
             "(pass the same --label options, or none)"
         )
-    base = existing if existing is not None else Assigned(request.tier, dict(request.labels))
+    base = existing if existing is not None else Assigned(UNBOUND_TIER, {})
     return Assigned(
         tier=binding.tier if binding.tier is not None else base.tier,
         labels=dict(binding.labels) if binding.labels is not None else base.labels,
@@ -512,10 +515,11 @@ class FleetService:
         """Store what a node reports, only when it differs from what is stored; return whether it was written.
 
         A report is the node's word: what it runs, its failures and where it serves are recorded as reported; its
-        tier and labels are claims, kept with the report and shown apart, never adopted (the operator assigns
-        them: the enrollment token, `strata nodes label`). A new profile is adopted only when it gives the node
-        no variant its current one does not (`desired.widens`); otherwise it waits for `strata nodes accept`.
-        A change of the versions it runs is recorded in the model's history.
+        tier, labels and hardware profile are claims, kept with the report and shown apart, never adopted (the
+        operator assigns tier and labels: the enrollment token, `strata nodes label`; and accepts a new profile:
+        `strata nodes accept`). Placement policies may key on the profile, and a profile adopted by itself would be
+        trusted by every deployment made after it. The node still picks, among the variants it is given, the one
+        its own hardware runs best. A change of the versions it runs is recorded in the model's history.
 
         Raises:
             ProfileError: the status names an unknown hardware profile.
@@ -524,8 +528,6 @@ class FleetService:
         """
         get_profile(status.profile)
         document = canonical_json(status.to_json()).decode()
-        generation = self._feed.generation
-        profile_changed = False
         with self._db.transaction() as session:
             node = self._live_node(session, node_id)
             if node.status == document:
@@ -534,19 +536,10 @@ class FleetService:
             session.add_all(record_changes(node_id, activation_events(_parse_status(node.status), status), now))
             node.status = document
             node.status_at = now
-            if status.profile != node.profile:
-                current = node_facts(node)
-                claimed = NodeFacts.of(node.name, node.tier, status.profile, node.labels, node.attestation or "")
-                deployments = self._active_deployments(session, generation)
-                if not widens(node.id, node.labels, deployments, current, claimed):
-                    node.profile = status.profile
-                    profile_changed = True
             node.emulated = status.emulated
             node.agent_version = status.agent_version
             node.reported_etag = status.desired_etag
             node.serve_url = status.serve_url
-        if profile_changed:
-            self._feed.bump()
         if self._on_status is not None:
             self._on_status()
         return True

@@ -48,6 +48,7 @@ MANIFEST_NAME: Final = "manifest.json"
 MODEL_NAME: Final = "model.onnx"
 GOLDEN_NAME: Final = "golden.npz"
 MAX_MANIFEST_BYTES: Final = 16 << 20
+MAX_TAR_MEMBERS: Final = 4096  # files and folders in one package tar
 MAX_GOLDEN_SAMPLES: Final = 4
 MAX_REFERENCE_SAMPLES: Final = 512
 
@@ -501,7 +502,6 @@ def unpack_tar(
         PackageError: the tar is unreadable or holds a member that is not allowed, or its sizes do not add up.
         VerificationError: as `verify_package`, and what `check_manifest` raises.
     """
-    import tarfile
 
     if dest.exists() and any(dest.iterdir()):
         raise PackageError(f"{dest} is not empty")
@@ -509,10 +509,7 @@ def unpack_tar(
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with _open_tar(source) as tar:
-            try:
-                members = tar.getmembers()
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                raise PackageError(f"package tar is corrupt: {exc}") from exc
+            members = _read_headers(tar)
             files = plan_tar_members(members, length)
             raw = _read_member(tar, files[MANIFEST_NAME], MAX_MANIFEST_BYTES)
             try:
@@ -535,6 +532,26 @@ def unpack_tar(
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
+
+
+def _read_headers(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The tar's member headers, read one by one and no more than MAX_TAR_MEMBERS (a tar of a hundred thousand
+    empty entries costs memory and time before anything else can refuse it).
+
+    Raises:
+        PackageError: the tar is corrupt or holds more members than a package may.
+    """
+    import tarfile
+
+    members: list[tarfile.TarInfo] = []
+    try:
+        while (member := tar.next()) is not None:
+            members.append(member)
+            if len(members) > MAX_TAR_MEMBERS:
+                raise PackageError(f"package tar holds more than {MAX_TAR_MEMBERS} members")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise PackageError(f"package tar is corrupt: {exc}") from exc
+    return members
 
 
 def plan_tar_members(members: Sequence[tarfile.TarInfo], tar_length: int | None) -> dict[str, tarfile.TarInfo]:

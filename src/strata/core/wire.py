@@ -6,6 +6,7 @@ small); the control plane serves the same shapes. Every parser checks types and 
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -45,6 +46,43 @@ def _opt_str(raw: Mapping[str, Any], key: str, what: str) -> str | None:
     if raw.get(key) is None:
         return None
     return _req(raw, key, str, what)
+
+
+MAX_URL_LEN: Final = 512
+
+
+def check_serve_url(url: str, what: str = "serve_url") -> str:
+    """A node's serving address as other nodes will dial it: `http(s)://host:port`, nothing else (no credentials,
+    path, query or fragment; printable ASCII, at most 512 characters).
+
+    Raises:
+        ProtocolError: anything else.
+    """
+    problem = f"{what} must be http(s)://host:port, got {url[:80]!r}"
+    if len(url) > MAX_URL_LEN or not url.isascii() or not all(32 < ord(c) < 127 for c in url):
+        raise ProtocolError(problem)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ProtocolError(problem) from None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or port is None
+        or parts.username is not None
+        or parts.password is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ProtocolError(problem)
+    return url
+
+
+def _serve_url(raw: Mapping[str, Any], what: str) -> str | None:
+    url = _opt_str(raw, "serve_url", what)
+    return None if url is None else check_serve_url(url, f"{what} serve_url")
 
 
 def _obj(raw: Any, what: str) -> Mapping[str, Any]:
@@ -544,6 +582,6 @@ class NodeStatus:
             models=tuple(ModelStatus.from_json(m) for m in _opt(obj, "models", list, what, [])),
             failures=tuple(Failure.from_json(f) for f in _opt(obj, "failures", list, what, [])),
             desired_etag=_opt_str(obj, "desired_etag", what),
-            serve_url=_opt_str(obj, "serve_url", what),
+            serve_url=_serve_url(obj, what),
             supply=_parse_supply(obj, what),
         )

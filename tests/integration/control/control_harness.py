@@ -94,11 +94,13 @@ class Harness:
     def enroll(
         self, name: str, labels: dict[str, str] | None = None, reenroll: bool = False, **fields: Any
     ) -> NodeCredentials:
-        """Enroll a node; `reenroll` enrolls an existing one again with a token the operator issued for it."""
+        """Enroll a node with a token bound to its name, tier and labels (as an operator issues it); `reenroll`
+        enrolls an existing one again with a token the operator issued for it."""
         if reenroll:
             issued = self.client.post("/v1/reenrollment-tokens", json={"node": name}, headers=self.admin)
         else:
-            issued = self.client.post("/v1/enrollment-tokens", json={}, headers=self.admin)
+            binding = {"name": name, "tier": fields.get("tier", "device"), "labels": labels or {}}
+            issued = self.client.post("/v1/enrollment-tokens", json=binding, headers=self.admin)
         assert issued.status_code == 201, issued.text
         token = issued.json()["token"]
         key = ec.generate_private_key(ec.SECP256R1())

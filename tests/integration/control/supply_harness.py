@@ -132,7 +132,8 @@ class Node:
 
 def enroll_node(harness: Harness, data_dir: Path, name: str = "edge-1", profile: str = "cpu-generic") -> Node:
     """Enroll a node (a key and CSR made for it) and pin what the answer carries, as the agent does."""
-    token = harness.client.post("/v1/enrollment-tokens", json={}, headers=harness.admin).json()["token"]
+    binding = {"name": name, "tier": "device", "labels": {"site": "lab"}}
+    token = harness.client.post("/v1/enrollment-tokens", json=binding, headers=harness.admin).json()["token"]
     key = ec.generate_private_key(ec.SECP256R1())
     body = {
         "token": token,

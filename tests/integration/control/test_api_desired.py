@@ -219,31 +219,49 @@ def test_admin_reads_any_nodes_desired_state_and_unknown_nodes_are_404(fleet: Ha
     assert fleet.client.get("/v1/nodes/nope/desired", headers=fleet.admin).status_code == 404
 
 
-def test_a_claimed_profile_that_would_widen_access_waits_for_the_operator(
-    server: Harness, make_package: Callable[..., bytes]
-) -> None:
-    gpu_only = {"rules": [{"name": "avx2-only", "allow": 'node.profile == "x86_64-avx2"'}]}
-    assert server.upload(make_package(name="gpu-model", version="1", policy=gpu_only)).status_code == 201
+def test_a_claimed_profile_waits_for_the_operator(server: Harness, make_package: Callable[..., bytes]) -> None:
+    """A profile a node reports is never adopted by itself: a placement rule may key on it, and a profile adopted
+    today would be trusted by every deployment made tomorrow."""
+    avx2_only = {"rules": [{"name": "avx2-only", "allow": 'node.profile == "x86_64-avx2"'}]}
     assert server.upload(make_package(name="digits", version="1")).status_code == 201
     node = server.enroll("edge-1")
-    server.deploy("gpu-model", "1")
-    server.deploy("digits", "1")
-    assert _models(server.desired(node)) == {"digits": "1"}
 
     def report(profile: str) -> None:
         status = {"tier": "device", "labels": {}, "profile": profile}
         response = server.client.put(f"/v1/nodes/{node.node_id}/status", json=status, headers=node.headers)
         assert response.status_code == 204
 
-    report("x86_64-avx2")  # would let it have gpu-model: a claim until the operator accepts it
+    report("x86_64-avx2")  # nothing depends on it yet; still a claim
     view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
     assert (view["profile"], view["claims"]) == ("cpu-generic", {"profile": "x86_64-avx2"})
+    # A model deployed afterwards whose rule keys on the profile does not reach it on the claim alone.
+    assert server.upload(make_package(name="avx2-model", version="1", policy=avx2_only)).status_code == 201
+    server.deploy("avx2-model", "1")
+    server.deploy("digits", "1")
     assert _models(server.desired(node)) == {"digits": "1"}
     accepted = server.client.patch(f"/v1/nodes/{node.node_id}", json={"accept_profile": True}, headers=server.admin)
     assert (accepted.json()["profile"], accepted.json()["claims"]) == ("x86_64-avx2", {})
-    assert _models(server.desired(node)) == {"digits": "1", "gpu-model": "1"}
+    assert _models(server.desired(node)) == {"avx2-model": "1", "digits": "1"}
 
-    report("cpu-generic")  # narrows what it gets: adopted at once
-    view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
-    assert (view["profile"], view["claims"]) == ("cpu-generic", {})
-    assert _models(server.desired(node)) == {"digits": "1"}
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "javascript:alert(1)",
+        "https://127.0.0.1:8443/path",
+        "https://user:pw@127.0.0.1:8443",
+        "https://127.0.0.1",
+        "https://127.0.0.1:8443\r\nX: y",
+        "https://127.0.0.1:8443?x=1",
+        "https://" + "a" * 5000 + ":1",
+    ],
+)
+def test_a_serve_url_is_only_an_address(server: Harness, url: str) -> None:
+    node = server.enroll("edge-1")
+    status = {"tier": "device", "labels": {}, "profile": "cpu-generic", "serve_url": url}
+    response = server.client.put(f"/v1/nodes/{node.node_id}/status", json=status, headers=node.headers)
+    assert response.status_code == 422, response.text
+    assert "serve_url" in response.json()["error"]
+    good = {**status, "serve_url": "https://[::1]:8443"}
+    assert server.client.put(f"/v1/nodes/{node.node_id}/status", json=good, headers=node.headers).status_code == 204

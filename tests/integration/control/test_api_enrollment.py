@@ -182,6 +182,18 @@ def test_a_bound_token_assigns_name_tier_and_labels(server: Harness) -> None:
     assert bad.status_code == 422
 
 
+def test_an_unbound_token_assigns_nothing_the_node_asks_for(server: Harness) -> None:
+    """A token that binds nothing (a leaked one, say) enrolls a device with no labels: what the machine asks for
+    is its claim until the operator assigns it."""
+    token = _token(server)
+    body = _enroll_body(token, "intruder", tier="near-edge", labels={"site": "berlin"})
+    enrolled = server.client.post("/v1/enroll", json=body)
+    assert enrolled.status_code == 201, enrolled.text
+    node_id = enrolled.json()["node_id"]
+    view = server.client.get(f"/v1/nodes/{node_id}", headers=server.admin).json()
+    assert (view["tier"], view["labels"]) == ("device", {})
+
+
 def test_revoked_node_loses_access_at_once_and_leaves_the_inventory(server: Harness) -> None:
     node = server.enroll("edge-1")
     other = server.enroll("edge-2")
