@@ -123,7 +123,7 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
         model_file = out / str(chosen.path) / "model.onnx"
         runners = {
             "fp32": open_runner(request.model, "onnxruntime", request.threads),
-            selected_id: open_runner(model_file, chosen.runtime, request.threads),
+            selected_id: open_runner(model_file, chosen.runtime, request.threads, chosen.precision),
         }
         timings = benchmark(runners, bench, baseline="fp32", batch=32, rounds=HEAD_TO_HEAD_ROUNDS)
         result["head_to_head"] = {

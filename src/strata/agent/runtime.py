@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from strata.core.errors import BadRequest, ConfigError, InferenceError, ModelLoadError
-from strata.core.openvino_import import import_openvino
+from strata.core.openvino_import import check_inference_precision, compile_config, import_openvino
 from strata.core.package import Package, TensorSpec, check_model_references, compare_outputs, load_golden
 
 Array = npt.NDArray[Any]
@@ -164,7 +164,9 @@ class OpenVinoModel:
     """A model held by OpenVINO, compiled for the CPU from the IR's bytes (so files can stay encrypted).
 
     OpenVINO is imported only when a node loads such a package (its telemetry kept off); each run takes its
-    own infer request, so several threads can run at once.
+    own infer request, so several threads can run at once. It computes in the inference precision of the
+    package's precision (f32 for fp32 and for the float parts of int8), never in the bf16 OpenVINO's CPU plugin
+    would pick by itself on a CPU with bf16.
     """
 
     def __init__(
@@ -174,16 +176,19 @@ class OpenVinoModel:
         inputs: tuple[TensorSpec, ...],
         outputs: tuple[TensorSpec, ...],
         threads: int | None = None,
+        precision: str = "fp32",
     ) -> None:
         """Raises:
-        ModelLoadError: OpenVINO is missing or cannot read or compile the model.
+        ModelLoadError: OpenVINO is missing, cannot read or compile the model, or cannot run it in the
+            precision the package says.
         """
         try:
+            config = compile_config(precision, threads)
             ov = import_openvino()
             core = ov.Core()
             model = core.read_model(model=xml, weights=ov.Tensor(np.frombuffer(weights, dtype=np.uint8)))
-            config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads} if threads else {}
             self._compiled = core.compile_model(model, "CPU", config)
+            check_inference_precision(self._compiled, precision)
         except ConfigError as exc:
             raise ModelLoadError(str(exc)) from exc
         except Exception as exc:  # OpenVINO raises RuntimeError and its own types from C++
@@ -191,6 +196,11 @@ class OpenVinoModel:
         self.inputs = inputs
         self.outputs = outputs
         self._ports = {port.get_any_name(): port for port in self._compiled.outputs}
+
+    @property
+    def compiled_model(self) -> Any:
+        """OpenVINO's CompiledModel (its `get_property` says what the CPU plugin really runs)."""
+        return self._compiled
 
     def run(self, feeds: Mapping[str, Array], output_names: Sequence[str] | None = None) -> dict[str, Array]:
         """Run the model.
@@ -240,7 +250,7 @@ def load_runtime(
         if weights is None:
             raise ModelLoadError("an OpenVINO package needs the IR's .bin weights file")
         weight_bytes = _package_file(package, weights.path, files)
-        return OpenVinoModel(model_bytes, weight_bytes, manifest.inputs, manifest.outputs, threads)
+        return OpenVinoModel(model_bytes, weight_bytes, manifest.inputs, manifest.outputs, threads, manifest.precision)
     raise ModelLoadError(f"runtime {manifest.runtime!r} is not supported by this agent")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Annotated
 
@@ -84,3 +85,8 @@ def server(
         tpm_cas=tuple(tpm_ca or ()),
         tpm_pcrs=tuple(tpm_pcr or ()),
     )
+    # The server has stopped: presence flushed, database closed, logs written. What is left is Python tearing
+    # its heap down object by object, with full garbage collections over every module's objects: 0.5 s of CPU
+    # here, and 4-10 s on a loaded 2-core machine, between "Finished server process" and the exit. Frozen
+    # objects are skipped by those collections; the OS takes the memory back at once.
+    gc.freeze()

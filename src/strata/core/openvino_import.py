@@ -3,12 +3,17 @@
 OpenVINO and NNCF send usage data to Google Analytics by default, and a plain `import openvino` already does.
 Both fall back to a built-in no-op when `openvino_telemetry` cannot be imported, so strata makes it
 unimportable before importing them. Every strata import of OpenVINO goes through here.
+
+It also holds the settings every strata compile of an OpenVINO model uses (`compile_config`): OpenVINO's CPU
+plugin picks its own inference precision (bf16 on a CPU with AVX512_BF16 or AMX), so a variant labelled fp32
+would compute in bf16 on some nodes unless the precision is asked for.
 """
 
 from __future__ import annotations
 
 import sys
 from types import ModuleType
+from typing import Any, Final
 
 from strata.core.errors import ConfigError
 
@@ -47,3 +52,52 @@ def import_nncf() -> ModuleType:
         raise ConfigError("NNCF is not installed: pip install 'strata[optimize]'") from exc
     module: ModuleType = nncf
     return module
+
+
+# The inference precision each strata precision runs OpenVINO in. An int8 IR holds FakeQuantize nodes: those
+# parts run in int8, and what is left unquantized runs in f32, as in the fp32 variant the gate compared it with.
+INFERENCE_PRECISION: Final[dict[str, str]] = {"fp32": "f32", "int8": "f32"}
+
+
+def inference_precision(precision: str) -> str:
+    """OpenVINO's inference precision (`INFERENCE_PRECISION_HINT`) for a variant of this strata precision.
+
+    Raises:
+        ConfigError: strata has no OpenVINO variant of this precision (OpenVINO's CPU plugin would not run an
+            fp16 one in f16 on most x86 CPUs: it answers bf16 or f32 whatever was asked).
+    """
+    try:
+        return INFERENCE_PRECISION[precision]
+    except KeyError:
+        raise ConfigError(
+            f"no OpenVINO inference precision for a {precision!r} variant; known: {sorted(INFERENCE_PRECISION)}"
+        ) from None
+
+
+def compile_config(precision: str, threads: int | None = None) -> dict[str, Any]:
+    """The properties strata compiles an OpenVINO model for the CPU with: the variant's inference precision
+    and, when given, the thread count.
+
+    Raises:
+        ConfigError: strata has no OpenVINO variant of this precision.
+    """
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": inference_precision(precision)}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return config
+
+
+def check_inference_precision(compiled: Any, precision: str) -> None:
+    """Check that a compiled model really runs in the inference precision a variant of `precision` needs.
+
+    OpenVINO may substitute another precision for one the CPU lacks without a word (f16 becomes bf16 on an
+    AVX-512 BF16 CPU); a variant whose label is not what it computes must not load.
+
+    Raises:
+        ConfigError: the compiled model runs in another precision.
+    """
+    wanted = inference_precision(precision)
+    got = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino.Type: f32, bf16, f16
+    got = got.to_string() if hasattr(got, "to_string") else str(got)
+    if got != wanted:
+        raise ConfigError(f"OpenVINO compiled a {precision} variant to run in {got}, not {wanted}")

@@ -158,7 +158,14 @@ def benchmark(
     }
 
 
-def peak_memory(model: Path, runtime: str, feeds_npz: Path, threads: int | None, timeout: float = 300.0) -> int:
+def peak_memory(
+    model: Path,
+    runtime: str,
+    feeds_npz: Path,
+    threads: int | None,
+    precision: str = "fp32",
+    timeout: float = 300.0,
+) -> int:
     """Peak resident memory (bytes) that loading `model` and running the feeds once adds to a fresh process.
 
     Measured in a child process (`python -m strata.optimize.memprobe`): the peak resident size after the run
@@ -168,6 +175,7 @@ def peak_memory(model: Path, runtime: str, feeds_npz: Path, threads: int | None,
         OptimizationError: the child fails or answers with something else than its JSON line.
     """
     argv = [sys.executable, "-m", "strata.optimize.memprobe", str(model), runtime, str(feeds_npz), str(threads or 0)]
+    argv.append(precision)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -1,6 +1,6 @@
 """Child process of `strata.optimize.measure.peak_memory`: load one model, run it once, print memory as JSON.
 
-Usage: python -m strata.optimize.memprobe MODEL RUNTIME FEEDS.npz THREADS
+Usage: python -m strata.optimize.memprobe MODEL RUNTIME FEEDS.npz THREADS PRECISION
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ def main(argv: list[str]) -> int:
     from strata.core.openvino_import import import_openvino
     from strata.optimize.runners import open_runner
 
-    model, runtime, feeds_path, threads = Path(argv[0]), argv[1], Path(argv[2]), int(argv[3])
+    model, runtime, feeds_path, threads, precision = Path(argv[0]), argv[1], Path(argv[2]), int(argv[3]), argv[4]
     if runtime == "openvino":
         import_openvino()
     with np.load(feeds_path, allow_pickle=False) as data:
         feeds = {key: data[key] for key in data.files}
     before = _status_bytes("VmRSS")
-    runner = open_runner(model, runtime, threads or None)
+    runner = open_runner(model, runtime, threads or None, precision)
     runner.run(feeds)
     peak = _status_bytes("VmHWM")
     sys.stdout.write(json.dumps({"before_bytes": before, "peak_bytes": peak}) + "\n")

@@ -92,7 +92,7 @@ def build_openvino_package(
         raise PackageBuildError(f"output folder {out_dir} is not empty")
     ov = import_openvino()
     try:
-        expected = OpenVinoRunner(xml_path).run(sample)
+        expected = OpenVinoRunner(xml_path, precision=precision).run(sample)
     except Exception as exc:  # OptimizationError, and OpenVINO's own errors
         raise PackageBuildError(f"golden run of {xml_path.name} with OpenVINO failed: {exc}") from exc
     wanted = {spec.name for spec in outputs}

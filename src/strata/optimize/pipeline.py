@@ -239,7 +239,7 @@ def measure_candidates(
     for candidate in measurable:
         try:
             # The baseline gets its own runner: timed with the same thread count as every other variant.
-            runner = open_runner(candidate.model_path, candidate.runtime, request.threads)
+            runner = open_runner(candidate.model_path, candidate.runtime, request.threads, candidate.precision)
             got = predict(runner, evaluation, task, output, batch)
             results[candidate.id] = _Measurement(compare(task, expected, got, evaluation.labels))
             runners[candidate.id] = runner
@@ -258,7 +258,10 @@ def measure_candidates(
         by_id = {c.id: c for c in measurable}
         for cid in runners:
             try:
-                results[cid].memory = peak_memory(by_id[cid].model_path, by_id[cid].runtime, feeds_npz, request.threads)
+                variant = by_id[cid]
+                results[cid].memory = peak_memory(
+                    variant.model_path, variant.runtime, feeds_npz, request.threads, variant.precision
+                )
             except OptimizationError:
                 results[cid].memory = None
             progress.step(cid)

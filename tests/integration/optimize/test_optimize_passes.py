@@ -20,7 +20,7 @@ from strata.optimize.passes import (
     StaticQuantizationPass,
     passes_named,
 )
-from strata.optimize.runners import open_runner
+from strata.optimize.runners import OpenVinoRunner, open_runner
 
 
 def _op_types(path: Path) -> set[str]:
@@ -31,7 +31,9 @@ def _op_types(path: Path) -> set[str]:
 
 def _max_error(model: Path, candidate: Candidate, feeds: Feeds) -> float:
     reference = open_runner(model, "onnxruntime").run(feeds.arrays)["scores"]
-    got = open_runner(candidate.model_path, candidate.runtime).run(feeds.arrays)["scores"]
+    got = open_runner(candidate.model_path, candidate.runtime, precision=candidate.precision).run(feeds.arrays)[
+        "scores"
+    ]
     return float(np.max(np.abs(got - reference)) / np.max(np.abs(reference)))
 
 
@@ -119,6 +121,10 @@ def test_openvino_converts_and_quantizes_with_nncf(
     assert "FakeQuantize" in int8.model_path.read_text() or "FakeConvert" in int8.model_path.read_text()
     assert _max_error(tiny_mlp, fp32, tiny_feeds) < 1e-4
     assert _max_error(tiny_mlp, int8, tiny_feeds) < 0.35
+    for candidate in (fp32, int8):  # f32 on every CPU: OpenVINO would pick bf16 by itself where the CPU has it
+        runner = open_runner(candidate.model_path, candidate.runtime, precision=candidate.precision)
+        assert isinstance(runner, OpenVinoRunner)
+        assert runner.compiled_model.get_property("INFERENCE_PRECISION_HINT").to_string() == "f32"
     no_openvino = PassContext("classification", context.host, (get_profile("x86_64-avx2"),), context.calibration)
     assert openvino.skip_reason(no_openvino) == "no target lists the openvino runtime"
 
