@@ -20,8 +20,8 @@ from strata.control import migrations
 from strata.control.app import create_app
 from strata.control.db import make_engine
 from strata.control.settings import ServerSettings
-from strata.testing.postgres import PostgresCluster
 from strata.core.package import build_package, tar_bytes
+from strata.testing.postgres import PostgresCluster
 
 
 @pytest.fixture

@@ -87,10 +87,11 @@ def _server_output(tmp_path: Path, db: str, *, prelude: str = "") -> tuple[int, 
 @pytest.mark.slow
 def test_strata_server_never_shows_the_database_password(tmp_path: Path, postgres: PostgresCluster) -> None:
     wrong_password = postgres.url("postgres").replace(postgres.password, SECRET)
+    no_psycopg = "sys.modules['psycopg'] = None; "
     cases = {
         "unreachable": (f"postgresql://user:{SECRET}@127.0.0.1:1/x", "", "Connection refused"),
         "unparsable": (f"postgresql://user:{SECRET}@127.0.0.1:notaport/x", "", "does not parse"),
-        "no driver": (f"postgresql://user:{SECRET}@127.0.0.1:1/x", "sys.modules['psycopg'] = None; ", "strata[postgres]"),
+        "no driver": (f"postgresql://user:{SECRET}@127.0.0.1:1/x", no_psycopg, "strata[postgres]"),
         "login refused": (wrong_password, "", "password authentication failed"),
     }
     for case, (url, prelude, reason) in cases.items():
