@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from strata.core.errors import StrataError
 
@@ -128,6 +128,7 @@ class PostgresCluster:
         self.port = 0
         self._owner = owner
         self._process: subprocess.Popen[bytes] | None = None
+        self._admin: Any = None  # a psycopg connection, once `execute` needs one
 
     @classmethod
     def start(cls, parent: Path | None = None) -> PostgresCluster:
@@ -262,6 +263,10 @@ class PostgresCluster:
 
     def stop(self) -> None:
         """Stop the postmaster (immediate shutdown) and delete the cluster's folder."""
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                admin.close()
         self._kill()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -290,16 +295,38 @@ class PostgresCluster:
             raise PostgresUnavailable(f"psql failed: {done.stderr.decode(errors='replace').strip()}")
         return done.stdout.decode()
 
+    def execute(self, sql: str) -> None:
+        """Run one statement as the superuser on database `postgres`, outside a transaction (CREATE DATABASE may
+        not run in one), over a connection kept open through the unix socket (psycopg, from `strata[postgres]`).
+
+        Raises:
+            PostgresUnavailable: psycopg is not installed, or the statement failed (the message has its error).
+        """
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise PostgresUnavailable(f"psycopg is not installed: pip install 'strata[postgres]' ({exc})") from exc
+        try:
+            if self._admin is None or self._admin.closed:
+                self._admin = psycopg.connect(
+                    host=str(self.root), port=self.port, user=SUPERUSER, dbname="postgres", autocommit=True
+                )
+            self._admin.execute(sql.encode())
+        except psycopg.Error as exc:
+            raise PostgresUnavailable(f"{sql.split(' (')[0]} failed: {exc}") from exc
+
     def create_database(self, name: str, *, template: str | None = None) -> str:
-        """Create database `name` (a copy of `template` when given: a file copy, fast); its SQLAlchemy URL.
+        """Create database `name` (a file copy of `template` when given: a few hundredths of a second); its
+        SQLAlchemy URL.
 
         Raises:
             PostgresUnavailable: the database could not be created (a name taken, a template in use).
         """
         sql = f'CREATE DATABASE "{_identifier(name)}"'
         if template is not None:
-            sql += f' TEMPLATE "{_identifier(template)}"'
-        self.psql(sql)
+            # FILE_COPY: copying a small template's files beats WAL-logging every block (PostgreSQL 15's default).
+            sql += f' TEMPLATE "{_identifier(template)}" STRATEGY FILE_COPY'
+        self.execute(sql)
         return self.url(name)
 
     def drop_database(self, name: str) -> None:
@@ -308,7 +335,7 @@ class PostgresCluster:
         Raises:
             PostgresUnavailable: it could not be dropped.
         """
-        self.psql(f'DROP DATABASE IF EXISTS "{_identifier(name)}" WITH (FORCE)')
+        self.execute(f'DROP DATABASE IF EXISTS "{_identifier(name)}" WITH (FORCE)')
 
 
 def _identifier(name: str) -> str:
