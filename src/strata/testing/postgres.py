@@ -49,14 +49,17 @@ class PostgresUnavailable(StrataError):
 
 
 def find_bin_dir() -> Path:
-    """The folder holding `initdb`, `pg_ctl` and `postgres`: `STRATA_PG_BIN`, Debian's newest, or the PATH's.
+    """The folder holding `initdb`, `postgres` and `psql`: `STRATA_PG_BIN`, else Debian's newest, else the PATH's.
 
     Raises:
         PostgresUnavailable: none is installed.
     """
+    if os.environ.get("STRATA_PG_BIN"):  # an explicit choice: no fallback behind the operator's back
+        chosen = Path(os.environ["STRATA_PG_BIN"])
+        if (chosen / "initdb").is_file() and (chosen / "postgres").is_file():
+            return chosen
+        raise PostgresUnavailable(f"STRATA_PG_BIN={chosen} has no initdb and postgres")
     candidates: list[Path] = []
-    if os.environ.get("STRATA_PG_BIN"):
-        candidates.append(Path(os.environ["STRATA_PG_BIN"]))
     debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: _version_key(p.parent.name))
     candidates.extend(reversed(debian))
     on_path = shutil.which("initdb")
