@@ -1,12 +1,14 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
 # Each creates .venv and installs what it needs: PyPI for both; `make test` also installs swtpm and tpm2-tss from
-# Debian's packages for the TPM attestation tests (tools/install-tpm-deps).
+# Debian's packages for the TPM attestation tests (tools/install-tpm-deps), and PostgreSQL's server for the control
+# plane's tests on PostgreSQL (tools/install-pg-deps; the tests start their own throwaway cluster).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TPM    := $(VENV)/.tpm
+PG     := $(VENV)/.pg
 
 .PHONY: demo test lint typecheck unit integration bench clean
 
@@ -23,6 +25,11 @@ $(TPM): $(STAMP) tools/install-tpm-deps
 	else echo "tpm2-tss not found: skipping strata[tpm]; the TPM tests will skip"; fi
 	touch $(TPM)
 
+# Without it the PostgreSQL variants of the control plane's tests fail, saying what is missing (they never skip).
+$(PG): $(STAMP) tools/install-pg-deps
+	tools/install-pg-deps
+	if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || test -n "$${STRATA_PG_BIN:-}"; then touch $(PG); fi
+
 demo: $(STAMP)
 	$(BIN)/strata demo
 
@@ -33,7 +40,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck $(TPM)
+test: lint typecheck $(TPM) $(PG)
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 unit: $(STAMP)

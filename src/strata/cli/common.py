@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from strata.core.errors import (
     AuthError,
@@ -56,7 +57,7 @@ def exit_code(error: StrataError) -> int:
 
 def fail(error: StrataError) -> None:
     """Print a strata error as one line and exit with its code."""
-    console.print(f"[red]error:[/red] {error}")
+    console.print(f"[red]error:[/red] {escape(str(error))}")  # a message may hold brackets: strata[postgres]
     raise SystemExit(exit_code(error))
 
 

@@ -1,8 +1,9 @@
 """The control plane's tables (SQLAlchemy ORM, portable column types) and the engine and transactions around them.
 
 SQLite is the embedded default: WAL journal, foreign keys on, a busy timeout so that writers from the thread pool
-queue instead of failing. Any other SQLAlchemy URL (PostgreSQL) works with the same models. The schema itself is
-created by the Alembic migrations in `strata.control.migrations`, never by `create_all`.
+queue instead of failing. PostgreSQL (`postgresql://`, through psycopg 3: the `strata[postgres]` extra) is the
+production store, with the same models and migrations. No message or log line holds the database password. The
+schema itself is created by the Alembic migrations in `strata.control.migrations`, never by `create_all`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import quote_plus
 
 from sqlalchemy import (
     JSON,
+    URL,
     BigInteger,
     Boolean,
     Double,
@@ -27,6 +30,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    make_url,
     select,
 )
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
@@ -395,18 +399,85 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+# What `postgresql://` (and Heroku's `postgres://`) means here: psycopg 3, the driver of the `strata[postgres]` extra.
+POSTGRES_DRIVER = "postgresql+psycopg"
+_POSTGRES_SCHEMES = {"postgres", "postgresql"}
+
+
+def database_url(url: str) -> URL:
+    """`url` parsed, with a bare `postgresql://` (or `postgres://`) mapped to the psycopg driver.
+
+    Raises:
+        ConfigError: the URL does not parse; the message never repeats the URL (it may hold a password).
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        # A malformed URL may put its password anywhere, so none of it is echoed, not even the parser's message.
+        raise ConfigError(
+            "the database URL does not parse (not shown: it may hold a password); expected "
+            "sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with a numeric port and any "
+            "special characters of the password percent-encoded"
+        ) from exc
+    if parsed.drivername in _POSTGRES_SCHEMES:
+        parsed = parsed.set(drivername=POSTGRES_DRIVER)
+    return parsed
+
+
+def safe_url(url: str | URL) -> str:
+    """`url` as it may be shown in messages and logs: the password replaced by `***`."""
+    if isinstance(url, str):
+        try:
+            url = make_url(url)
+        except (ArgumentError, ValueError):
+            return "(a database URL that does not parse)"
+    return url.render_as_string(hide_password=True)
+
+
+def redact(message: str, url: str | URL) -> str:
+    """`message` with the password of `url` replaced by `***` wherever it appears (a driver may echo it)."""
+    if isinstance(url, str):
+        try:
+            url = make_url(url)
+        except (ArgumentError, ValueError):
+            return message
+    password = url.password
+    if password:
+        message = message.replace(str(password), "***")
+        encoded = quote_plus(str(password))
+        if encoded != password:
+            message = message.replace(encoded, "***")
+    return message
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite connections get WAL, foreign keys and a busy timeout.
 
-    Nothing is connected yet.
+    `postgresql://` means psycopg 3 (`pip install 'strata[postgres]'`). Nothing is connected yet.
 
     Raises:
-        ConfigError: the URL does not parse or names a database driver that is not installed.
+        ConfigError: the URL does not parse or names a database driver that is not installed; the message never
+            holds the password.
     """
+    parsed = database_url(url)
     try:
-        engine = create_engine(url)
-    except (ArgumentError, ImportError) as exc:
-        raise ConfigError(f"cannot use database URL {url!r}: {exc}") from exc
+        engine = create_engine(parsed)
+    except ImportError as exc:
+        if parsed.drivername == POSTGRES_DRIVER:
+            raise ConfigError(
+                f"PostgreSQL needs the psycopg driver, which is not installed ({redact(str(exc), parsed)}): "
+                "pip install 'strata[postgres]'"
+            ) from exc
+        if parsed.get_backend_name() == "postgresql":
+            raise ConfigError(
+                f"the {parsed.get_driver_name()} driver is not installed ({redact(str(exc), parsed)}); strata "
+                "uses psycopg 3: postgresql://... with pip install 'strata[postgres]'"
+            ) from exc
+        raise ConfigError(
+            f"the database driver of {safe_url(parsed)} is not installed: {redact(str(exc), parsed)}"
+        ) from exc
+    except ArgumentError as exc:
+        raise ConfigError(f"cannot use database URL {safe_url(parsed)}: {redact(str(exc), parsed)}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
@@ -433,10 +504,10 @@ class Database:
             with self._sessions.begin() as session:
                 yield session
         except IntegrityError as exc:
-            log.info("integrity error: %s", exc.orig)
+            log.info("integrity error: %s", redact(str(exc.orig), self.engine.url))
             raise Conflict("the change conflicts with what is stored; reload and try again") from exc
         except SQLAlchemyError as exc:
-            log.warning("database error: %s", exc)
+            log.warning("database error: %s", redact(str(exc), self.engine.url))
             raise StoreError(f"database error: {type(exc).__name__}") from exc
 
     def close(self) -> None:

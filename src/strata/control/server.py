@@ -19,7 +19,9 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from strata.control import migrations
 from strata.control.app import create_app
+from strata.control.db import safe_url
 from strata.control.pki import default_server_names
 from strata.control.plane import ControlPlane
 from strata.control.settings import ServerSettings
@@ -47,6 +49,7 @@ class _Server(uvicorn.Server):
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             log.info("strata server listening on https://%s:%d (data: %s)", host, port, self._plane.settings.data_dir)
+            log.info("database: %s", safe_url(self._plane.db.engine.url))
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._plane.feed.close()
@@ -95,8 +98,10 @@ def serve(
     those manufacturer CAs attest with quotes (see `strata.control.attestation`).
 
     Raises:
-        ConfigError: an unknown log level, a data folder that cannot be created, an unusable database URL, a
-            cloud endpoint that is not an http(s) URL, or a TPM CA file or PCR value that does not parse.
+        ConfigError: an unknown log level, a data folder that cannot be created, an unusable database URL (one
+            that does not parse, or a driver not installed: `strata[postgres]`), a cloud endpoint that is not an
+            http(s) URL, or a TPM CA file or PCR value that does not parse.
+        StoreError: the database cannot be reached, refuses the login, or cannot be migrated.
         SystemExit: uvicorn could not start (the port is taken, or the database cannot be migrated); the reason
             is logged.
     """
@@ -125,6 +130,9 @@ def serve(
     )
     app = create_app(settings)
     plane: ControlPlane = app.state.plane
+    # Migrate before uvicorn starts, so an unreachable database or a refused login is one line on stderr (the
+    # lifespan's own upgrade then finds nothing to do). Neither message nor log holds the password.
+    migrations.upgrade(plane.db.engine)
     plane.pki.start()
     tls = plane.pki.server_tls(tls_names or default_server_names(host))
     config = uvicorn.Config(

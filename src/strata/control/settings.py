@@ -22,7 +22,8 @@ class ServerSettings:
 
     Attributes:
         data_dir: holds `strata.db` (unless `db_url` says otherwise), `blobs/`, `tmp/` and `admin.token`.
-        db_url: any SQLAlchemy URL; None means the SQLite file `data_dir/strata.db`.
+        db_url: an SQLAlchemy URL (`postgresql://` means psycopg 3); None means the SQLite file
+            `data_dir/strata.db`. Left out of the repr: it may hold a password.
         online_window_s: a node is online when it was last seen within this many seconds.
         presence_flush_s: how often the in-memory `last_seen` times are written to the database.
         max_package_bytes: the largest package tar `POST /v1/packages` accepts.
@@ -43,7 +44,7 @@ class ServerSettings:
     """
 
     data_dir: Path
-    db_url: str | None = None
+    db_url: str | None = field(default=None, repr=False)  # it may hold a password
     online_window_s: float = 90.0
     presence_flush_s: float = 15.0
     max_package_bytes: int = 8 << 30

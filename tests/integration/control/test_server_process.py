@@ -1,12 +1,11 @@
-"""`strata server` as a real process: it listens over HTTPS (mutual TLS for nodes), refuses plain HTTP, and exits
-cleanly on SIGTERM."""
+"""`strata server` as a real process, on SQLite and on PostgreSQL: it listens over HTTPS (mutual TLS for nodes),
+refuses plain HTTP, exits cleanly on SIGTERM, and never logs the database password."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
 import socket
-import sqlite3
 import ssl
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from sqlalchemy import create_engine, text
 
 from strata.core.wire import DesiredState, EnrollResponse
 
@@ -49,13 +49,16 @@ def _wait_healthy(process: subprocess.Popen[bytes], base: str, token_file: Path)
 
 
 @pytest.mark.slow
-def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path, db_url: str | None) -> None:
     data = tmp_path / "data"
     port = _free_port()
     base = f"https://127.0.0.1:{port}"
     polled: list[httpx.Response] = []
+    argv = [sys.executable, "-m", "strata", "server", "--data-dir", str(data), "--port", str(port)]
+    if db_url is not None:
+        argv += ["--db", db_url.replace("postgresql+psycopg://", "postgresql://")]  # the plain form means psycopg
     process = subprocess.Popen(
-        [sys.executable, "-m", "strata", "server", "--data-dir", str(data), "--port", str(port)],
+        argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -121,6 +124,14 @@ def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> N
     assert [r.status_code for r in polled] == [304]
     assert f"strata server listening on https://127.0.0.1:{port} (data: {data})" in log
     # Presence was flushed on the way out.
-    with contextlib.closing(sqlite3.connect(data / "strata.db")) as db:
-        [(last_seen,)] = db.execute("SELECT last_seen FROM nodes WHERE id = ?", (enrolled.node_id,)).fetchall()
+    engine = create_engine(db_url or f"sqlite:///{data / 'strata.db'}")
+    with contextlib.closing(engine.connect()) as db:
+        query = text("SELECT last_seen FROM nodes WHERE id = :id")
+        [(last_seen,)] = db.execute(query, {"id": enrolled.node_id}).fetchall()
+    engine.dispose()
     assert last_seen is not None
+    if db_url is not None:
+        password = engine.url.password
+        assert password
+        assert password not in log
+        assert f"database: postgresql+psycopg://strata:***@127.0.0.1:{engine.url.port}/" in log

@@ -8,8 +8,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.util.exc import CommandError
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from strata.control.db import redact, safe_url
 from strata.control.errors import StoreError
 
 _HERE = Path(__file__).parent
@@ -33,5 +34,10 @@ def upgrade(engine: Engine) -> None:
     """
     try:
         command.upgrade(alembic_config(engine), "head")
+    except DBAPIError as exc:
+        # The driver's own words, not SQLAlchemy's (which add the statement and a link); the URL is shown without
+        # its password, and the message is scrubbed of it in case a driver echoes it.
+        reason = " ".join(str(exc.orig).split()) or type(exc.orig).__name__
+        raise StoreError(f"cannot migrate the database {safe_url(engine.url)}: {redact(reason, engine.url)}") from exc
     except (SQLAlchemyError, CommandError) as exc:
-        raise StoreError(f"cannot migrate the database: {exc}") from exc
+        raise StoreError(f"cannot migrate the database {safe_url(engine.url)}: {redact(str(exc), engine.url)}") from exc

@@ -1,0 +1,102 @@
+"""The store on both engines: the migrations build the models' schema on SQLite and PostgreSQL alike, go down and up
+again; `postgresql://` means psycopg 3; and `strata server` never shows the database password, whether the URL does
+not parse, the driver is missing, the server is unreachable, the login is refused, or all goes well."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from strata.control import migrations
+from strata.control.db import Base, make_engine, redact, safe_url
+from strata.control.errors import StoreError
+from strata.control.settings import ServerSettings
+from strata.core.errors import ConfigError
+from strata.testing.postgres import PostgresCluster
+
+SECRET = "secretpw"
+
+
+def test_migrations_build_the_models_schema_and_go_down_and_up_again(settings: ServerSettings) -> None:
+    # The PostgreSQL database is a clone of the migrated template: down to nothing and up again runs every step.
+    settings.data_dir.mkdir(parents=True)
+    engine = make_engine(settings.database_url)
+    try:
+        migrations.upgrade(engine)
+        command.downgrade(migrations.alembic_config(engine), "base")
+        with engine.connect() as connection:
+            assert set(Base.metadata.tables) & set(connection.dialect.get_table_names(connection)) == set()
+        migrations.upgrade(engine)
+        migrations.upgrade(engine)
+        with engine.connect() as connection:
+            assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_a_bare_postgresql_url_means_psycopg_and_is_shown_without_its_password() -> None:
+    engine = make_engine(f"postgresql://user:{SECRET}@db.example:5432/strata")
+    assert engine.url.drivername == "postgresql+psycopg"
+    assert SECRET not in repr(engine) + safe_url(engine.url)
+    assert safe_url(f"postgres://user:{SECRET}@db.example/strata") == "postgres://user:***@db.example/strata"
+    assert redact(f"it said {SECRET} twice: {SECRET}", engine.url) == "it said *** twice: ***"
+    assert SECRET not in repr(ServerSettings(data_dir=Path("/nowhere"), db_url=str(engine.url)))
+    engine.dispose()
+
+
+def test_a_missing_driver_names_the_extra_and_not_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # what an install without strata[postgres] has
+    with pytest.raises(ConfigError) as caught:
+        make_engine(f"postgresql://user:{SECRET}@127.0.0.1:1/x")
+    assert "pip install 'strata[postgres]'" in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+def test_an_unparsable_url_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_engine(f"postgresql://user:{SECRET}@127.0.0.1:notaport/x")
+    assert SECRET not in str(caught.value)
+    assert "does not parse" in str(caught.value)
+
+
+def test_a_refused_login_is_a_store_error_without_the_password(postgres: PostgresCluster) -> None:
+    engine = make_engine(postgres.url("postgres").replace(postgres.password, SECRET))
+    try:
+        with pytest.raises(StoreError) as caught:
+            migrations.upgrade(engine)
+    finally:
+        engine.dispose()
+    assert "password authentication failed" in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+def _server_output(tmp_path: Path, db: str, *, prelude: str = "") -> tuple[int, str]:
+    """Run `strata server --db DB` until it exits (each of these cannot start); its exit status and output."""
+    code = f"import sys; {prelude}from strata.cli.app import main; sys.argv[0] = 'strata'; main()"
+    argv = [sys.executable, "-c", code, "server", "--data-dir", str(tmp_path / "data"), "--port", "0", "--db", db]
+    done = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    return done.returncode, (done.stdout + done.stderr).decode()
+
+
+@pytest.mark.slow
+def test_strata_server_never_shows_the_database_password(tmp_path: Path, postgres: PostgresCluster) -> None:
+    wrong_password = postgres.url("postgres").replace(postgres.password, SECRET)
+    no_psycopg = "sys.modules['psycopg'] = None; "
+    cases = {
+        "unreachable": (f"postgresql://user:{SECRET}@127.0.0.1:1/x", "", "Connection refused"),
+        "unparsable": (f"postgresql://user:{SECRET}@127.0.0.1:notaport/x", "", "does not parse"),
+        "no driver": (f"postgresql://user:{SECRET}@127.0.0.1:1/x", no_psycopg, "strata[postgres]"),
+        "login refused": (wrong_password, "", "password authentication failed"),
+    }
+    for case, (url, prelude, reason) in cases.items():
+        status, output = _server_output(tmp_path / case.replace(" ", "-"), url, prelude=prelude)
+        assert status != 0, (case, output)
+        assert reason in output, (case, output)
+        assert SECRET not in output, (case, output)
+        assert "Traceback" not in output, (case, output)  # one line, not a stack
