@@ -21,7 +21,7 @@ from uvicorn.config import LOGGING_CONFIG
 
 from strata.control.app import create_app
 from strata.control.pki import default_server_names
-from strata.control.plane import ControlPlane
+from strata.control.plane import ControlPlane, first_start_lock
 from strata.control.settings import ServerSettings
 from strata.control.tls import server_context_args
 from strata.core.errors import ConfigError
@@ -125,8 +125,9 @@ def serve(
     )
     app = create_app(settings)
     plane: ControlPlane = app.state.plane
-    plane.pki.start()
-    tls = plane.pki.server_tls(tls_names or default_server_names(host))
+    with first_start_lock(data_dir):  # replicas sharing the data folder make the CA once
+        plane.pki.start()
+        tls = plane.pki.server_tls(tls_names or default_server_names(host))
     config = uvicorn.Config(
         app,
         host=host,
