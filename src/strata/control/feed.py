@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import Engine, select, text, update
+from sqlalchemy import Engine, create_engine, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from strata.control.db import FleetChange
@@ -172,6 +172,9 @@ class SharedGeneration:
         self._unpublished = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # The watcher reads through an engine of its own (one pooled connection): a fixed cost per replica, apart
+        # from the pool that serves requests.
+        self._watch_engine: Engine | None = None
         self.foreign_changes = 0  # how many times another replica's change woke this one (for tests and metrics)
 
     @property
@@ -186,6 +189,7 @@ class SharedGeneration:
         Raises:
             StoreError: the database failed.
         """
+        self._watch_engine = create_engine(self._db.engine.url, pool_size=1, max_overflow=1)
         self._seen = self._read()
         self._feed.on_bump = self.publish
         watch = self._listen_forever if self.listens else self._poll_forever
@@ -196,6 +200,10 @@ class SharedGeneration:
         """Stop watching (the thread ends within a second)."""
         self._feed.on_bump = None
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+        if self._watch_engine is not None:
+            self._watch_engine.dispose()
 
     def publish(self) -> None:
         """Advance the counter after a change this replica committed (NOTIFY in the same transaction on
@@ -244,8 +252,9 @@ class SharedGeneration:
         """Raises:
         StoreError: the database failed, or the row is missing.
         """
+        engine = self._watch_engine or self._db.engine
         try:
-            with self._db.engine.connect() as connection:
+            with engine.connect() as connection:
                 value = connection.execute(select(FleetChange.generation).where(FleetChange.id == 1)).scalar()
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {type(exc).__name__}") from exc
