@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,7 +57,9 @@ def race(calls: list[Callable[[], httpx.Response]]) -> list[httpx.Response]:
     return [answer for answer in answers if answer is not None]
 
 
-def enroll_body(token: str, name: str, key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
+def enroll_body(
+    token: str, name: str, key: ec.EllipticCurvePrivateKey, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -66,7 +69,7 @@ def enroll_body(token: str, name: str, key: ec.EllipticCurvePrivateKey) -> dict[
         "token": token,
         "name": name,
         "tier": "device",
-        "labels": {},
+        "labels": labels or {},
         "profile": "cpu-generic",
         "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
     }
@@ -90,13 +93,15 @@ class Node:
         self.ca = str(fleet.ca_path)
 
     def client(self, url: str) -> httpx.Client:
-        return httpx.Client(base_url=url, verify=self.ca, cert=(str(self.cert_path), str(self.key_path)), timeout=60)
+        context = ssl.create_default_context(cafile=self.ca)
+        context.load_cert_chain(self.cert_path, self.key_path)
+        return httpx.Client(base_url=url, verify=context, timeout=60)
 
 
-def enroll(fleet: LocalFleet, url: str, name: str, folder: Path) -> Node:
+def enroll(fleet: LocalFleet, url: str, name: str, folder: Path, labels: dict[str, str] | None = None) -> Node:
     token = str(fleet.client.create_enrollment_token(600)["token"])
     key = ec.generate_private_key(ec.SECP256R1())
-    answer = httpx.post(f"{url}/v1/enroll", json=enroll_body(token, name, key), verify=str(fleet.ca_path), timeout=30)
+    answer = httpx.post(f"{url}/v1/enroll", json=enroll_body(token, name, key, labels), verify=fleet.tls(), timeout=30)
     assert answer.status_code == 201, answer.text
     return Node(fleet, folder / name, answer.json(), key)
 
@@ -129,7 +134,7 @@ def test_a_deploy_through_one_replica_wakes_a_long_poll_on_the_other_within_a_se
 ) -> None:
     replica_b = fleet.replicas["b"]
     fleet.start_agent("agent-b", labels={"fleet": "x"}, server_url=replica_b.url)
-    node = enroll(fleet, replica_b.url, "watcher", tmp_path / "nodes")
+    node = enroll(fleet, replica_b.url, "watcher", tmp_path / "nodes", {"fleet": "x"})
     push(fleet, digits_onnx, "1", tmp_path)
     with node.client(replica_b.url) as on_b:
         first = on_b.get(f"/v1/nodes/{node.node_id}/desired")
@@ -171,9 +176,7 @@ def test_one_enrollment_token_presented_to_both_replicas_at_once_enrolls_one_nod
         bodies = [enroll_body(token, f"racer-{round_}-{i}", key) for i, key in enumerate(keys)]
         answers = race(
             [
-                lambda url=url, body=body: httpx.post(
-                    f"{url}/v1/enroll", json=body, verify=str(fleet.ca_path), timeout=30
-                )
+                lambda url=url, body=body: httpx.post(f"{url}/v1/enroll", json=body, verify=fleet.tls(), timeout=30)
                 for url, body in zip(urls, bodies, strict=True)
             ]
         )
@@ -241,7 +244,7 @@ def test_the_rollout_driver_survives_its_replica_being_killed_and_applies_nothin
 
     fleet.wait_for(all_online, 40, "the nodes to be online on A")
     created = fleet.client.create_rollout(
-        {"model": "digits", "version": "1", "selector": {"fleet": "r"}, "waves": ["1", "1", "100%"], "bake": "3s"}
+        {"model": "digits", "version": "1", "selector": {"fleet": "r"}, "waves": "1,2,100%", "bake_seconds": 3}
     )
     rollout_id = str(created["id"])
     client_b = fleet.replica_client("b")
@@ -252,7 +255,7 @@ def test_the_rollout_driver_survives_its_replica_being_killed_and_applies_nothin
                 lambda url=url: httpx.post(
                     f"{url}/v1/rollouts/{rollout_id}/pause",
                     headers={"authorization": f"Bearer {fleet.admin_token}"},
-                    verify=str(fleet.ca_path),
+                    verify=fleet.tls(),
                     timeout=30,
                 )
                 for url in (fleet.server_url, replica_b.url)
