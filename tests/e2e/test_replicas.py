@@ -234,7 +234,12 @@ def test_the_rollout_driver_survives_its_replica_being_killed_and_applies_nothin
     replica_b = fleet.replicas["b"]
     names = [f"n{i}" for i in range(3)]
     for name in names:
-        fleet.start_agent(name, labels={"fleet": "r"}, server_url=replica_b.url)
+        fleet.start_agent(
+            name,
+            labels={"fleet": "r"},
+            server_url=replica_b.url,
+            extra_args=["--report-interval", "1s", "--probation", "0"],
+        )
     push(fleet, digits_onnx, "1", tmp_path)
     fleet.wait_for(lambda: lease_holder_pid(fleet) == fleet.server.pid if fleet.server else None, 20, "A's lease")
 
