@@ -208,7 +208,12 @@ class SharedGeneration:
     def publish(self) -> None:
         """Advance the counter after a change this replica committed (NOTIFY in the same transaction on
         PostgreSQL). A failure is logged and retried by the watcher: the change is stored, only the others' wake-up
-        waits."""
+        waits.
+
+        The new value is noted as this replica's own before the commit (its NOTIFY may arrive at once), and
+        forgotten again if the commit fails.
+        """
+        value: int | None = None
         try:
             with self._db.transaction() as session:
                 session.execute(
@@ -217,6 +222,9 @@ class SharedGeneration:
                 value = session.scalar(select(FleetChange.generation).where(FleetChange.id == 1))
                 if value is None:
                     raise StoreError("the fleet_changes row is missing")
+                with self._lock:
+                    if value > self._seen:
+                        self._own.add(value)
                 if session.get_bind().dialect.name == "postgresql":
                     session.execute(
                         text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": str(value)}
@@ -225,11 +233,11 @@ class SharedGeneration:
             log.warning("cannot tell the other replicas of a change, will retry: %s", exc)
             with self._lock:
                 self._unpublished = True
+                if value is not None:
+                    self._own.discard(value)
             return
         with self._lock:
             self._unpublished = False
-            if value > self._seen:
-                self._own.add(value)
 
     def observe(self, value: int) -> bool:
         """Take note that the counter stands at `value`; when a replica other than this one advanced it since the
