@@ -2,6 +2,8 @@
 
 What `strata demo` runs, and what the integration tests and benchmarks use to drive real processes.
 Every process writes its log to a file in the fleet's folder; `close()` stops everything it started.
+`start_replica()` starts more `strata server` processes on the same data folder (one database, one blob store,
+one CA and TUF keys), each on its own port: replicas of one control plane.
 """
 
 from __future__ import annotations
@@ -140,6 +142,19 @@ class GatewayHandle:
 
 
 @dataclass
+class ReplicaHandle:
+    """Another `strata server` process on the fleet's data folder."""
+
+    name: str
+    port: int
+    process: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+
+@dataclass
 class LocalFleet:
     """A control plane and agents under `root`. Use as a context manager, or call `close()`."""
 
@@ -150,6 +165,8 @@ class LocalFleet:
     agents: dict[str, AgentHandle] = field(default_factory=dict)
     gateways: dict[str, GatewayHandle] = field(default_factory=dict)
     server: ManagedProcess | None = None
+    replicas: dict[str, ReplicaHandle] = field(default_factory=dict)
+    server_args: tuple[str, ...] = ()
     _client: ControlClient | None = None
 
     def __enter__(self) -> LocalFleet:
@@ -205,18 +222,37 @@ class LocalFleet:
         """Start (or restart on the same port and data) the control plane and wait until it answers."""
         if not self.server_port:
             self.server_port = free_port()
+        self.server_args = tuple(extra_args)
         argv = self.strata("server", "--data-dir", str(self.server_dir), "--port", str(self.server_port), *extra_args)
         self.server = ManagedProcess("server", argv, self.root / "logs" / "server.log", self._env())
         self.server.start()
         self.wait_for(self._server_healthy, timeout, "the control plane to answer", self.server)
         self._client = None
 
-    def _server_healthy(self) -> bool:
+    def start_replica(self, name: str, timeout: float = 30.0, extra_args: Sequence[str] | None = None) -> ReplicaHandle:
+        """Start (or restart on its port) another `strata server` on the same data folder as `start_server`'s, with
+        the same arguments unless `extra_args` are given, and wait until it answers."""
+        existing = self.replicas.get(name)
+        port = existing.port if existing else free_port()
+        args = self.server_args if extra_args is None else tuple(extra_args)
+        argv = self.strata("server", "--data-dir", str(self.server_dir), "--port", str(port), *args)
+        process = ManagedProcess(f"server {name}", argv, self.root / "logs" / f"server-{name}.log", self._env())
+        process.start()
+        handle = ReplicaHandle(name, port, process)
+        self.replicas[name] = handle
+        self.wait_for(lambda: self._server_healthy(handle.url), timeout, f"replica {name} to answer", process)
+        return handle
+
+    def replica_client(self, name: str) -> ControlClient:
+        """An operator client of replica `name` (close it when done)."""
+        return ControlClient(self.replicas[name].url, self.admin_token, ca=str(self.ca_path))
+
+    def _server_healthy(self, url: str | None = None) -> bool:
         if not (self.server_dir / "admin.token").exists():
             return False
         try:
             response = httpx.get(
-                f"{self.server_url}/v1/health",
+                f"{url or self.server_url}/v1/health",
                 headers={"authorization": f"Bearer {self.admin_token}"},
                 timeout=2,
                 verify=self.tls(),
@@ -252,10 +288,12 @@ class LocalFleet:
         env: Mapping[str, str] | None = None,
         node_name: str | None = None,
         enroll_token: str | None = None,
+        server_url: str | None = None,
     ) -> AgentHandle:
         """Start an agent process (enrolling it with a fresh token the first time, or with `enroll_token`). Near-edge
         and cloud agents get a mutual-TLS tier port unless `tier_port` is False; `env` adds environment variables;
-        `node_name` is the name the agent enrolls with when it is not `name` (the handle's key)."""
+        `node_name` is the name the agent enrolls with when it is not `name` (the handle's key); `server_url`
+        points it at a replica instead of the first server."""
         existing = self.agents.get(name)
         labels = dict(labels if labels is not None else (existing.labels if existing else {}))
         if data_dir is None:
@@ -265,7 +303,7 @@ class LocalFleet:
         tier_listener = (existing.tier_port if existing and existing.tier_port else free_port()) if wants_tier else None
         argv = self.strata(
             "agent",
-            "--server", self.server_url,
+            "--server", server_url or self.server_url,
             "--data-dir", str(data_dir),
             "--name", node_name or name,
             "--tier", tier,
@@ -377,6 +415,7 @@ class LocalFleet:
     def processes(self) -> Iterator[ManagedProcess]:
         yield from (handle.process for handle in self.gateways.values())
         yield from (handle.process for handle in self.agents.values())
+        yield from (handle.process for handle in self.replicas.values())
         if self.server is not None:
             yield self.server
 

@@ -1,7 +1,9 @@
 """`create_app(settings)`: the FastAPI application of the control plane, with its lifespan.
 
-Starting migrates the database, writes the admin token if there is none, and starts the presence flusher and the
-rollout driver; stopping ends long polls, flushes presence and closes the database.
+Starting migrates the database, writes the admin token if there is none, and starts the presence flusher (this
+process's own memory: every replica runs one), the keeper of the rollout lease, and the rollout driver (which
+steps only while this replica holds the lease); stopping ends long polls, gives the lease up, flushes presence
+and closes the database.
 """
 
 from __future__ import annotations
@@ -34,12 +36,23 @@ async def _flush_presence_forever(plane: ControlPlane) -> None:
             log.warning("presence flush failed, will retry: %s", exc)
 
 
+async def _keep_rollout_lease_forever(plane: ControlPlane) -> None:
+    """Take the rollout driver's lease when free, renew it while held (`strata.control.lease`)."""
+    lease = plane.rollout_lease
+    while True:
+        await anyio.to_thread.run_sync(lease.keep)
+        await asyncio.sleep(min(1.0, lease.timer.renew_s / 3))
+
+
 async def _drive_rollouts_forever(plane: ControlPlane) -> None:
-    """Step every active rollout on a timer, and soon after status reports (which nudge)."""
+    """Step every active rollout on a timer, and soon after status reports (which nudge), while this replica holds
+    the rollout lease."""
     settings = plane.settings
     while True:
         if await plane.nudge.wait(settings.rollout_interval_s):
             await asyncio.sleep(settings.rollout_debounce_s)  # let a burst of reports land first
+        if not plane.rollout_lease.held():
+            continue
         try:
             await anyio.to_thread.run_sync(plane.rollouts.tick)
         except StoreError as exc:
@@ -63,6 +76,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         exporter = plane.start_exporters()
         tasks = [
             asyncio.create_task(_flush_presence_forever(plane)),
+            asyncio.create_task(_keep_rollout_lease_forever(plane)),
             asyncio.create_task(_drive_rollouts_forever(plane)),
         ]
         try:

@@ -9,29 +9,41 @@ A node with a TPM first registers its attestation key (AK): its EK certificate m
 CA the server trusts (`--tpm-ca`), and it must recover a secret encrypted to that EK for that AK (credential
 activation, see `strata.trust.tpm_verify`). From then on every report must carry a quote by that AK over the
 report's hash; a good quote (and PCR values matching `--tpm-pcr`, if any) earns level `tpm`.
+
+Pending nonces and activation challenges are rows of `attestation_challenges`, not process memory: any replica
+may issue one and any replica may take the answer, and the answer claims the row with a conditional DELETE (the
+row as it was read), so a nonce or a challenge is used once across every replica. Of an activation challenge only
+the sha256 of its secret is kept.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import hashlib
+import json
 import secrets
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from strata.control.db import Database, Node
+from strata.control.db import AttestationChallenge, Database, Node
 from strata.control.feed import ChangeFeed
 from strata.core.attest import NONCE_TTL_S, Report, Verdict, judge, judge_tpm, parse_pcr_requirements
 from strata.core.errors import AuthError, Conflict, NotFound
 from strata.trust.attestation import verify_signature
 
+NONCE: Final = "nonce"
+TPM: Final = "tpm"
+
 
 class AttestationService:
-    """Nonces in memory (a restart only makes nodes ask again), verdicts in the database."""
+    """Pending nonces and challenges, and verdicts, in the database (see the module docstring)."""
 
     def __init__(
         self,
@@ -50,22 +62,76 @@ class AttestationService:
         self._feed = feed
         self._clock = clock
         self.allowlist = frozenset(allowlist)
-        self._nonces: dict[str, tuple[str, float]] = {}
-        self._lock = threading.Lock()
         self.tpm_pcrs = parse_pcr_requirements(tpm_pcrs)
         self._tpm_cas: tuple[Any, ...] = ()
         if tpm_cas:
             from strata.trust.tpm_verify import load_manufacturer_cas
 
             self._tpm_cas = load_manufacturer_cas(tuple(tpm_cas))
-        self._tpm_challenges: dict[str, tuple[Any, float]] = {}
+
+    def _pend(self, node_id: str, kind: str, value: str, expires: float) -> None:
+        """Store a pending challenge of `node_id`, replacing its earlier one of that kind (and dropping expired
+        ones of every node).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        row = {"node_id": node_id, "kind": kind, "value": value, "expires_at": expires}
+        with self._db.transaction() as session:
+            session.execute(delete(AttestationChallenge).where(AttestationChallenge.expires_at <= self._clock()))
+            dialect = session.get_bind().dialect.name
+            if dialect in ("postgresql", "sqlite"):
+                insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+                statement = insert(AttestationChallenge).values(**row)
+                session.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["node_id", "kind"],
+                        set_={"value": statement.excluded.value, "expires_at": statement.excluded.expires_at},
+                    )
+                )
+            else:
+                session.execute(
+                    delete(AttestationChallenge).where(
+                        AttestationChallenge.node_id == node_id, AttestationChallenge.kind == kind
+                    )
+                )
+                session.add(AttestationChallenge(**row))
+
+    def _claim(self, node_id: str, kind: str) -> str | None:
+        """Take `node_id`'s pending challenge of `kind` for good and return its value, if it has one that has not
+        expired. Of two replicas answering the same challenge at once, one gets it.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            row = session.execute(
+                select(AttestationChallenge.value, AttestationChallenge.expires_at).where(
+                    AttestationChallenge.node_id == node_id, AttestationChallenge.kind == kind
+                )
+            ).first()
+            if row is None:
+                return None
+            claimed = session.connection().execute(
+                delete(AttestationChallenge).where(
+                    AttestationChallenge.node_id == node_id,
+                    AttestationChallenge.kind == kind,
+                    AttestationChallenge.value == row.value,
+                )
+            )
+            if claimed.rowcount != 1:
+                return None
+        return row.value if row.expires_at > self._clock() else None
 
     def challenge(self, node_id: str) -> dict[str, Any]:
-        """A fresh nonce for `node_id` (replacing any earlier one)."""
+        """A fresh nonce for `node_id` (replacing any earlier one).
+
+        Raises:
+            StoreError: the database failed.
+        """
         nonce = secrets.token_urlsafe(24)
         expires = self._clock() + NONCE_TTL_S
-        with self._lock:
-            self._nonces[node_id] = (nonce, expires)
+        self._pend(node_id, NONCE, nonce, expires)
         return {"nonce": nonce, "expires_at": expires}
 
     def submit(
@@ -86,9 +152,7 @@ class AttestationService:
         """
         report = Report.from_json(raw_report)
         verify_signature(report, signature, certificate_der)
-        with self._lock:
-            nonce, expires = self._nonces.pop(node_id, ("", 0.0))
-        issued = nonce if expires > self._clock() else None
+        issued = self._claim(node_id, NONCE)
         verdict = judge(report, node_id, issued, self.allowlist)
         with self._db.transaction() as session:
             node = session.get(Node, node_id)
@@ -119,14 +183,15 @@ class AttestationService:
             AuthError: the EK is not certified by a trusted manufacturer CA, or the AK is not an attestation key.
             Conflict: that TPM is already registered to another node.
             ConfigError: tpm2-pytss is not installed on this server.
+            StoreError: the database failed.
         """
         from strata.trust.tpm_verify import make_challenge
 
         challenge = make_challenge(ek_public, ek_certificate, ak_public, self._tpm_cas, self._clock())
         with self._db.transaction() as session:
             self._check_binding(session, node_id, challenge.ek_fingerprint)
-        with self._lock:
-            self._tpm_challenges[node_id] = (challenge, self._clock() + NONCE_TTL_S)
+        kept = dataclasses.replace(challenge, secret=hashlib.sha256(challenge.secret).digest())
+        self._pend(node_id, TPM, _challenge_json(kept), self._clock() + NONCE_TTL_S)
         return {
             "credential_blob": challenge.credential_blob,
             "encrypted_secret": challenge.encrypted_secret,
@@ -141,14 +206,20 @@ class AttestationService:
             AuthError: no challenge is pending, or the secret does not match.
             Conflict: that TPM was registered to another node meanwhile.
             NotFound: no such node.
+            StoreError: the database failed.
         """
         from strata.trust.tpm_verify import check_activation
 
-        with self._lock:
-            challenge, expires = self._tpm_challenges.pop(node_id, (None, 0.0))
-        if challenge is None or expires <= self._clock():
+        kept = self._claim(node_id, TPM)
+        if kept is None:
             raise AuthError("no TPM challenge is pending for this node (ask for one, then answer within five minutes)")
-        check_activation(challenge, secret)
+        challenge = _challenge_of(kept)
+        try:
+            answer = base64.b64decode(secret, validate=True)
+        except (binascii.Error, ValueError, TypeError) as exc:
+            raise AuthError(f"the activated secret is not base64: {exc}") from exc
+        # Only the secret's hash is kept: compare hashes.
+        check_activation(challenge, base64.b64encode(hashlib.sha256(answer).digest()).decode())
         with self._db.transaction() as session:
             node = session.get(Node, node_id)
             if node is None or node.revoked_at is not None:
@@ -188,3 +259,24 @@ class AttestationService:
         if certificate_der is None:
             raise AuthError("attestation reports are sent over mutual TLS with the node's certificate")
         return certificate_der
+
+
+def _challenge_json(challenge: Any) -> str:
+    """A TPM challenge (whose `secret` is already the secret's sha256) as stored."""
+    fields = dataclasses.asdict(challenge)
+    fields["secret"] = fields["secret"].hex()
+    return json.dumps(fields, sort_keys=True)
+
+
+def _challenge_of(stored: str) -> Any:
+    """Raises:
+    AuthError: the stored challenge does not parse (written by another release).
+    """
+    from strata.trust.tpm_verify import Challenge
+
+    try:
+        fields = json.loads(stored)
+        fields["secret"] = bytes.fromhex(fields["secret"])
+        return Challenge(**fields)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise AuthError("the pending TPM challenge is unreadable; ask for a new one") from exc

@@ -513,3 +513,38 @@ class Database:
     def close(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+
+# --- replicas: what several server processes on one database share (see `strata.control.feed` and `.lease`) ---
+
+
+class FleetChange(Base):
+    """The fleet-wide change counter: one row (id 1) that every replica advances after a change that can move a
+    desired state, and that every replica watches (PostgreSQL NOTIFY, or a poll of this row on SQLite)."""
+
+    __tablename__ = "fleet_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger)
+
+
+class Lease(Base):
+    """A job that must run on one replica at a time (the rollout driver): who holds it, and until when."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[float] = mapped_column(TIME)
+
+
+class AttestationChallenge(Base):
+    """A one-time challenge issued to a node (an attestation nonce, or a TPM credential activation), pending until
+    the node answers through any replica: the answer claims it with a conditional DELETE, so it is used once."""
+
+    __tablename__ = "attestation_challenges"
+
+    node_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # "nonce" or "tpm"
+    value: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[float] = mapped_column(TIME)

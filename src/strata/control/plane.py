@@ -1,13 +1,26 @@
-"""The control plane's parts, built from `ServerSettings` and wired together once; the API reaches them here."""
+"""The control plane's parts, built from `ServerSettings` and wired together once; the API reaches them here.
+
+Any number of processes built this way may share one database (replicas): the change feed is fleet-wide
+(`feed.SharedGeneration`), the rollout driver runs on the one replica holding its lease (`lease`), pending
+attestation challenges and enrollment tokens are rows claimed once. Files in the data folder (the fleet CA, the
+TUF keys, the admin token) are made by the first replica that starts, under a lock file, and read by the others:
+replicas share the data folder, or are given the same files (Kubernetes Secrets mounted at the same paths).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import logging
 import os
 import shutil
 import stat
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from sqlalchemy import text
 
 from strata.control import migrations
 from strata.control.attestation import AttestationService
@@ -16,9 +29,10 @@ from strata.control.blobs import FileBlobStore
 from strata.control.db import Database, make_engine
 from strata.control.deployments import DeploymentService
 from strata.control.errors import StoreError
-from strata.control.feed import ChangeFeed, Nudge
+from strata.control.feed import ChangeFeed, Nudge, SharedGeneration
 from strata.control.fleet import FleetService
 from strata.control.history import HistoryService
+from strata.control.lease import ROLLOUTS, LeaseKeeper, LeaseStore, lock_key, replica_id, serialize
 from strata.control.otlp import OtlpExporter
 from strata.control.pins import PinService
 from strata.control.pki import Pki
@@ -53,6 +67,8 @@ class ControlPlane:
     history: HistoryService
     nudge: Nudge
     supply: SupplyService
+    shared: SharedGeneration = field(repr=False)
+    rollout_lease: LeaseKeeper = field(repr=False)
 
     @classmethod
     def build(cls, settings: ServerSettings) -> ControlPlane:
@@ -72,6 +88,7 @@ class ControlPlane:
         telemetry = TelemetryService(db, settings.clock)
         rollouts = RolloutService(db, feed, presence, settings.clock, window, load_pin_entries)
         rollouts.drift = telemetry.max_psi_by_node  # drift gates read node telemetry
+        rollouts.serialize = functools.partial(serialize, name=ROLLOUTS)
         fleet = FleetService(
             db,
             blobs,
@@ -121,6 +138,8 @@ class ControlPlane:
             history=HistoryService(db),
             nudge=nudge,
             supply=supply,
+            shared=SharedGeneration(db, feed),
+            rollout_lease=LeaseKeeper(LeaseStore(db, settings.clock), ROLLOUTS, replica_id()),
         )
 
     def start_exporters(self) -> OtlpExporter | None:
@@ -150,18 +169,47 @@ class ControlPlane:
             make_private(settings.data_dir)
         except OSError as exc:
             raise StoreError(f"cannot prepare the data folder {settings.data_dir}: {exc}") from exc
-        migrations.upgrade(self.db.engine)
+        # Replicas starting together: one at a time migrates and makes the keys and the admin token.
+        with first_start_lock(settings.data_dir), self.migration_lock():
+            migrations.upgrade(self.db.engine)
+            try:
+                for suffix in ("", "-wal", "-shm"):
+                    database = settings.data_dir / f"strata.db{suffix}"
+                    if database.exists():
+                        os.chmod(database, 0o600)
+            except OSError as exc:
+                raise StoreError(f"cannot make the database in {settings.data_dir} private: {exc}") from exc
+            self.pki.start()
+            self.supply.start()
+            if self.authenticator.ensure_admin_token(settings.admin_token_path):
+                log.info("wrote a new admin token to %s", settings.admin_token_path)
+        self.shared.start()
+
+    @contextlib.contextmanager
+    def migration_lock(self) -> Iterator[None]:
+        """On PostgreSQL, a session advisory lock around the migrations: replicas that do not share a data folder
+        (Kubernetes pods) still migrate one at a time. Nothing on SQLite (the data folder's lock covers it).
+
+        Raises:
+            StoreError: the database cannot be reached.
+        """
+        engine = self.db.engine
+        if engine.dialect.name != "postgresql":
+            yield
+            return
         try:
-            for suffix in ("", "-wal", "-shm"):
-                database = settings.data_dir / f"strata.db{suffix}"
-                if database.exists():
-                    os.chmod(database, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot make the database in {settings.data_dir} private: {exc}") from exc
-        self.pki.start()
-        self.supply.start()
-        if self.authenticator.ensure_admin_token(settings.admin_token_path):
-            log.info("wrote a new admin token to %s", settings.admin_token_path)
+            connection = engine.connect()
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": lock_key("migrations")})
+            connection.commit()
+        except Exception as exc:  # SQLAlchemyError or a driver error on connect
+            raise StoreError(f"cannot reach the database to migrate it: {type(exc).__name__}") from exc
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": lock_key("migrations")})
+                connection.commit()
+            connection.close()
 
     def flush_presence(self) -> int:
         """Write pending last-seen times; return how many nodes were written.
@@ -178,10 +226,32 @@ class ControlPlane:
             StoreError: the final presence flush failed.
         """
         self.feed.close()
+        self.shared.stop()
+        self.rollout_lease.release()  # another replica takes the driver over at once
         try:
             self.flush_presence()
         finally:
             self.db.close()
+
+
+@contextlib.contextmanager
+def first_start_lock(data_dir: Path) -> Iterator[None]:
+    """Hold `data_dir/start.lock` (an fcntl lock: local file systems and NFSv4 alike) while the block runs, so that
+    replicas sharing the data folder make its CA, TUF keys and admin token once.
+
+    Raises:
+        StoreError: the lock file cannot be opened.
+    """
+    try:
+        handle = (data_dir / "start.lock").open("a")
+    except OSError as exc:
+        raise StoreError(f"cannot open {data_dir / 'start.lock'}: {exc}") from exc
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def make_private(data_dir: Path) -> None:

@@ -5,7 +5,10 @@ The driver is thin: each `tick` loads every active rollout and what its nodes la
 `plan_rollout`, stores the resulting state (`apply_actions`), and bumps the fleet generation when the set of
 released nodes or a rollout's status changed, so long-polling nodes hear at once. Everything it needs is in the
 database, so a restarted server carries on where it stopped. It runs after status reports (debounced) and on a
-timer (`ServerSettings.rollout_interval_s`), from `strata.control.app`.
+timer (`ServerSettings.rollout_interval_s`), from `strata.control.app`, on the one replica that holds the
+`rollouts` lease (`strata.control.lease`). Every step, and every operator change, begins its transaction with
+`serialize` (set by the control plane): steps and changes made by different replicas at once take turns, and each
+plans from what the one before it stored, so no action is applied twice.
 """
 
 from __future__ import annotations
@@ -292,6 +295,8 @@ class RolloutService:
         self._online_window_s = online_window_s
         self._load_pins = load_pins
         self._lock = threading.RLock()
+        # Called first in every transaction that reads and writes rollouts: one at a time across replicas.
+        self.serialize: Callable[[Session], None] | None = None
         self._parsed: dict[str, tuple[str, NodeStatus | None]] = {}
         # Node id -> largest PSI of (model, version) since a time: telemetry's drift figures, when wired in.
         self.drift: Callable[[str, str, float], Mapping[str, float]] | None = None
@@ -310,6 +315,7 @@ class RolloutService:
         selector = parse_labels(dict(selector), "selector")
         with self._lock:
             with self._db.transaction() as session:
+                self._serialize(session)
                 row = runnable_version(session, model, version, "roll out")
                 running = session.scalar(
                     select(Rollout.id)
@@ -394,6 +400,7 @@ class RolloutService:
         allowed = tuple(allowed)
         with self._lock:
             with self._db.transaction() as session:
+                self._serialize(session)
                 row = self._row(session, rollout_id)
                 if row.status not in allowed:
                     raise Conflict(f"rollout {row.id} is {row.status}; it must be {' or '.join(allowed)}")
@@ -417,7 +424,11 @@ class RolloutService:
         now = self._clock()
         changed = 0
         desired_changed = False
+        with self._db.transaction() as session:  # most ticks find nothing to do: no write lock for them
+            if session.scalar(select(Rollout.id).where(Rollout.status.in_(ACTIVE)).limit(1)) is None:
+                return 0
         with self._lock, self._db.transaction() as session:
+            self._serialize(session)
             rows = session.scalars(
                 select(Rollout).options(*_ROLLOUT_LOADS).where(Rollout.status.in_(ACTIVE)).order_by(Rollout.id)
             ).all()
@@ -446,6 +457,10 @@ class RolloutService:
         if desired_changed:
             self._feed.bump()
         return changed
+
+    def _serialize(self, session: Session) -> None:
+        if self.serialize is not None:
+            self.serialize(session)
 
     def _snapshot(self, session: Session, now: float) -> FleetSnapshot:
         nodes = list(session.scalars(select(Node).where(Node.revoked_at.is_(None))).all())

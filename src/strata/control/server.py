@@ -23,7 +23,7 @@ from strata.control import migrations
 from strata.control.app import create_app
 from strata.control.db import safe_url
 from strata.control.pki import default_server_names
-from strata.control.plane import ControlPlane
+from strata.control.plane import ControlPlane, first_start_lock
 from strata.control.settings import ServerSettings
 from strata.control.tls import server_context_args
 from strata.core.errors import ConfigError
@@ -131,10 +131,12 @@ def serve(
     app = create_app(settings)
     plane: ControlPlane = app.state.plane
     # Migrate before uvicorn starts, so an unreachable database or a refused login is one line on stderr (the
-    # lifespan's own upgrade then finds nothing to do). Neither message nor log holds the password.
-    migrations.upgrade(plane.db.engine)
-    plane.pki.start()
-    tls = plane.pki.server_tls(tls_names or default_server_names(host))
+    # lifespan's own upgrade then finds nothing to do). Neither message nor log holds the password. Replicas
+    # sharing the data folder (or the database) migrate and make the CA one at a time.
+    with first_start_lock(data_dir), plane.migration_lock():
+        migrations.upgrade(plane.db.engine)
+        plane.pki.start()
+        tls = plane.pki.server_tls(tls_names or default_server_names(host))
     config = uvicorn.Config(
         app,
         host=host,

@@ -1,0 +1,135 @@
+"""The PostgreSQL side of replicas, on a throwaway cluster this test starts (initdb + pg_ctl from Debian's
+package, as the `postgres` user when run as root): a change through one replica reaches another by LISTEN/NOTIFY,
+leases have one holder, and serialized transactions take turns."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from strata.control import migrations
+from strata.control.db import Database, make_engine
+from strata.control.feed import ChangeFeed, SharedGeneration
+from strata.control.lease import LeaseStore, serialize
+
+PG_BIN = Path(os.environ.get("STRATA_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    if not (PG_BIN / "initdb").exists():
+        pytest.fail(f"PostgreSQL is not installed ({PG_BIN}/initdb is missing): apt-get install -y postgresql")
+    # A folder of its own under the system temp folder: pytest's are private to root, and the cluster runs as
+    # `postgres`.
+    folder = Path(tempfile.mkdtemp(prefix="strata-pg-"))
+    data = folder / "data"
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(folder, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    subprocess.run([*as_user, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "strata"], check=True,
+                   capture_output=True)  # fmt: skip
+    started = subprocess.run(
+        [*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+         f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if started.returncode != 0:
+        pytest.fail(f"PostgreSQL did not start: {started.stderr}{(folder / 'log').read_text(errors='replace')}")
+    try:
+        yield f"postgresql+psycopg://strata@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def two_databases(postgres_url: str) -> Iterator[tuple[Database, Database]]:
+    engine = make_engine(postgres_url)
+    migrations.upgrade(engine)
+    engine.dispose()
+    first, second = Database(make_engine(postgres_url)), Database(make_engine(postgres_url))
+    yield first, second
+    first.close()
+    second.close()
+
+
+def test_a_change_through_one_replica_reaches_the_other_by_notify(two_databases: tuple[Database, Database]) -> None:
+    feed_a, feed_b = ChangeFeed(), ChangeFeed()
+    # A slow safety poll: only NOTIFY can wake b within the second.
+    shared_a = SharedGeneration(two_databases[0], feed_a, safety_poll_s=30)
+    shared_b = SharedGeneration(two_databases[1], feed_b, safety_poll_s=30)
+    assert shared_b.listens
+    shared_a.start()
+    shared_b.start()
+    try:
+        time.sleep(0.5)  # b is listening
+
+        async def wait_on_b() -> float:
+            seen = feed_b.generation
+            started = time.monotonic()
+            threading.Timer(0.2, feed_a.bump).start()
+            assert await feed_b.wait_beyond(seen, timeout=5) > seen
+            return time.monotonic() - started
+
+        assert asyncio.run(wait_on_b()) < 1.0
+        time.sleep(0.3)
+        assert shared_a.foreign_changes == 0
+        assert shared_b.foreign_changes == 1
+    finally:
+        shared_a.stop()
+        shared_b.stop()
+
+
+def test_one_holder_per_lease_and_serialized_turns(two_databases: tuple[Database, Database]) -> None:
+    first, second = two_databases
+    results: list[bool] = []
+    barrier = threading.Barrier(2)
+
+    def contend(database: Database, name: str) -> None:
+        barrier.wait()
+        results.append(LeaseStore(database, time.time).try_hold("pg-job", name, 10))
+
+    threads = [threading.Thread(target=contend, args=(db, f"replica-{i}")) for i, db in enumerate(two_databases)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False, True]
+
+    inside = threading.Event()
+    order: list[str] = []
+
+    def hold() -> None:
+        with first.transaction() as session:
+            serialize(session, "pg-job")
+            inside.set()
+            time.sleep(0.5)
+            order.append("first done")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    inside.wait(5)
+    with second.transaction() as session:
+        serialize(session, "pg-job")
+        order.append("second in")
+    thread.join()
+    assert order == ["first done", "second in"]
