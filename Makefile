@@ -41,6 +41,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: lint typecheck $(TPM) $(PG)
+	tools/install-lb-deps $(VENV)  # HAProxy, systemd-analyze, kustomize: load-balancer and deploy/ tests
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 unit: $(STAMP)

@@ -14,3 +14,4 @@ def install(app: FastAPI) -> None:
     for module in (system, nodes, registry, deployments, rollouts, blobs, telemetry, supply):
         app.include_router(module.router, prefix="/v1")
     app.include_router(system.metrics_router)
+    app.include_router(system.probe_router)

@@ -1,10 +1,12 @@
-"""`/v1/health`, the OpenAPI document and `/metrics` (the last two behind an admin token)."""
+"""`/v1/health`, the OpenAPI document and `/metrics` (the last two behind an admin token), and `/healthz`, the one
+route without any credential: a liveness and readiness probe for load balancers and Kubernetes."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry
 
 from strata import __version__
@@ -37,3 +39,15 @@ def metrics(request: Request, _reader: Reader) -> Response:
     """Fleet metrics in Prometheus' text format: nodes, versions running, traffic, telemetry ingest."""
     registry: CollectorRegistry = request.app.state.metrics_registry
     return Response(render(registry), media_type=CONTENT_TYPE)
+
+
+# Outside /v1 and without a credential: a load balancer's health check and Kubernetes' probes present none. It
+# answers once the lifespan has run (database migrated, CA and TUF keys loaded: uvicorn accepts no request before)
+# and says nothing else: no version, no counts, no database state.
+probe_router = APIRouter(tags=["system"])
+
+
+@probe_router.get("/healthz", response_class=PlainTextResponse)
+async def healthz() -> str:
+    """`ok` while this process serves requests; no credential, and nothing else revealed."""
+    return "ok"
