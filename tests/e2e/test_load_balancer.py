@@ -126,10 +126,6 @@ def test_mutual_tls_through_haproxy_spread_over_replicas_and_failover_after_sigk
     assert fleet.agents["n1"].process.running
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replicas do not share long-poll wake-ups or desired-state caches yet (issue 12, replica coordination)",
-)
 def test_a_deploy_through_the_other_replica_reaches_the_node(
     lb: BalancedFleet, digits_onnx: Path, tmp_path: Path
 ) -> None:

@@ -99,7 +99,7 @@ class Node:
 
 
 def enroll(fleet: LocalFleet, url: str, name: str, folder: Path, labels: dict[str, str] | None = None) -> Node:
-    token = str(fleet.client.create_enrollment_token(600)["token"])
+    token = str(fleet.client.create_enrollment_token(600, name, "device", labels or {})["token"])
     key = ec.generate_private_key(ec.SECP256R1())
     answer = httpx.post(f"{url}/v1/enroll", json=enroll_body(token, name, key, labels), verify=fleet.tls(), timeout=30)
     assert answer.status_code == 201, answer.text

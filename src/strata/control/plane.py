@@ -202,7 +202,7 @@ class ControlPlane:
             connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": lock_key("migrations")})
             connection.commit()
         except Exception as exc:  # SQLAlchemyError or a driver error on connect
-            raise StoreError(f"cannot reach the database to migrate it: {type(exc).__name__}") from exc
+            raise migrations.migration_error(engine, exc) from exc
         try:
             yield
         finally:

@@ -34,10 +34,16 @@ def upgrade(engine: Engine) -> None:
     """
     try:
         command.upgrade(alembic_config(engine), "head")
-    except DBAPIError as exc:
-        # The driver's own words, not SQLAlchemy's (which add the statement and a link); the URL is shown without
-        # its password, and the message is scrubbed of it in case a driver echoes it.
-        reason = " ".join(str(exc.orig).split()) or type(exc.orig).__name__
-        raise StoreError(f"cannot migrate the database {safe_url(engine.url)}: {redact(reason, engine.url)}") from exc
     except (SQLAlchemyError, CommandError) as exc:
-        raise StoreError(f"cannot migrate the database {safe_url(engine.url)}: {redact(str(exc), engine.url)}") from exc
+        raise migration_error(engine, exc) from exc
+
+
+def migration_error(engine: Engine, exc: Exception) -> StoreError:
+    """What to say when migrating (or locking the database to migrate it) failed: the driver's own words, not
+    SQLAlchemy's (which add the statement and a link); the URL without its password, and the message scrubbed of
+    it in case a driver echoes it."""
+    if isinstance(exc, DBAPIError):
+        reason = " ".join(str(exc.orig).split()) or type(exc.orig).__name__
+    else:
+        reason = str(exc) or type(exc).__name__
+    return StoreError(f"cannot migrate the database {safe_url(engine.url)}: {redact(reason, engine.url)}")
