@@ -39,7 +39,16 @@ from strata.core.errors import ConfigError, StrataError
 from strata.route.oip_routes import LIVE, METRICS, READY, RouteRefusal, match_route
 from strata.route.peer import PeerTls, node_checked
 from strata.route.policy import Verdict
-from strata.route.router import BUDGET, ROUTE, SERVED_BY, AttemptRecord, Router, RouterConfig, Target
+from strata.route.router import (
+    BUDGET,
+    MAX_BUDGET_MS,
+    ROUTE,
+    SERVED_BY,
+    AttemptRecord,
+    Router,
+    RouterConfig,
+    Target,
+)
 from strata.route.topology import Topology, fetch_topology
 from strata.trust.fleet_tls import NodeTrust
 
@@ -193,12 +202,13 @@ class Gateway:
         budget_s = None
         raw_budget = request.headers.get(BUDGET)
         if raw_budget is not None:
-            try:
-                budget_s = float(raw_budget) / 1000
-            except ValueError:
-                budget_s = -1.0
-            if not budget_s > 0:
-                return Response.error(400, f"{BUDGET} must be a positive number of milliseconds, got {raw_budget!r}")
+            budget_ms = parse_budget_ms(raw_budget)
+            if budget_ms is None:
+                return Response.error(
+                    400,
+                    f"{BUDGET} must be a number of milliseconds from 1 to {MAX_BUDGET_MS:.0f}, got {raw_budget[:40]!r}",
+                )
+            budget_s = budget_ms / 1000
         # the path is rebuilt from the parts matched; no query string; a body only where the protocol has one
         body = request.body if route.method == "POST" else b""
         routed = await self.router.send(
@@ -209,6 +219,15 @@ class Gateway:
         headers[ROUTE] = ", ".join(str(a) for a in routed.attempts) or "none"
         self._requests.inc(routed.served_by or "none")
         return Response(routed.status, headers, routed.body)
+
+
+def parse_budget_ms(raw: str) -> float | None:
+    """A `Strata-Budget-Ms` value in milliseconds, or None unless it is a finite number from 1 to 600000."""
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 1 <= value <= MAX_BUDGET_MS else None  # NaN and infinities fail the comparison
 
 
 async def _refresh_topology(config: GatewayConfig, tls: GatewayTls, router: Router, stop: asyncio.Event) -> None:
