@@ -24,7 +24,7 @@ import logging
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final
@@ -78,6 +78,10 @@ async def read_bounded(response: httpx.Response, limit: int) -> bytes:
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BadAnswer(f"the answer is {int(declared)} bytes, over the limit of {limit}")
+    if response.is_stream_consumed:  # made whole before it was sent (httpx.MockTransport): nothing left to read
+        if len(response.content) > limit:
+            raise BadAnswer(f"the answer is over the limit of {limit} bytes")
+        return response.content
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.aiter_raw():
@@ -573,7 +577,8 @@ class Router:
             response = await state.probes.send(request, stream=True)
             try:
                 size = 0
-                async for chunk in response.aiter_raw():  # read to the end (the connection is kept), if small
+                raw = response.aiter_raw() if not response.is_stream_consumed else _nothing()
+                async for chunk in raw:  # read to the end (the connection is kept), if small
                     size += len(chunk)
                     if size > _PROBE_BODY_BYTES:
                         break
@@ -622,6 +627,11 @@ class Router:
             if answer is not None:
                 ready[model] = answer
         state.models_ready = ready
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
 
 
 def _response_headers(response: _Answer) -> dict[str, str]:
