@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import ssl
 import time
 from collections import OrderedDict
@@ -34,7 +35,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
-from strata.core.errors import BadRequest, ConfigError, NotFound, StrataError, TransportError, Unavailable
+from strata.core.errors import BadRequest, ConfigError, NotFound, TransportError, Unavailable
 from strata.core.oip import HEADER_LENGTH, decode_response, encode_request
 from strata.route.breaker import Breaker, BreakerConfig
 from strata.route.peer import find_peer_identity_error
@@ -221,6 +222,9 @@ class _TargetState:
     ready: bool | None = None
     models_ready: dict[str, bool] = field(default_factory=dict)
     latency_s: dict[str, float] = field(default_factory=dict)
+    probing: asyncio.Task[None] | None = None  # this target's probe round in progress
+    probe_started: float = 0.0
+    health_pending: bool = False  # the round's readiness probe has not answered yet
 
     def view(self, model: str | None) -> TargetView:
         ready = self.models_ready.get(model) if model is not None else None
@@ -277,6 +281,10 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe_task
             self._probe_task = None
+        rounds = [s.probing for s in self._states if s.probing is not None and not s.probing.done()]
+        for task in rounds:
+            task.cancel()
+        await asyncio.gather(*rounds, return_exceptions=True)
         for client in [*(c for state in self._states for c in (state.client, state.probes)), *self._retired]:
             await client.aclose()
         self._retired = []
@@ -420,7 +428,7 @@ class Router:
                 try:
                     content = await read_bounded(streamed, config.max_response_bytes)
                 finally:
-                    await streamed.aclose()
+                    await asyncio.shield(streamed.aclose())  # cancelled midway, the connection would be lost
                 response = _Answer(streamed.status_code, streamed.headers, content)
         except (httpx.TimeoutException, TimeoutError):
             error = f"no answer within {timeout_s:.3f} s"
@@ -545,87 +553,96 @@ class Router:
     # --- health ----------------------------------------------------------------------------------------
 
     async def _probe_forever(self) -> None:
+        # Each target's probe round runs on its own: a target slow to answer its probes delays no other's, and
+        # no probe is ever cancelled midway (httpx's own timeouts end it). A target that has not answered its
+        # readiness probe within the probe timeout is unready until it does.
         while True:
-            try:
-                await self.probe()
-            except StrataError as exc:  # pragma: no cover - probe() maps its own errors
-                log.warning("health probe failed: %s", exc)
+            models = self._models_to_probe()
+            now = self._clock()
+            for state in list(self._states):
+                if state.probing is not None and not state.probing.done():
+                    if state.health_pending and now - state.probe_started > self.config.health_timeout_s:
+                        state.ready = False
+                    continue
+                state.probe_started = now
+                state.probing = asyncio.get_running_loop().create_task(self._probe_one(state, models))
             await asyncio.sleep(self.config.health_interval_s)
 
-    async def probe(self) -> None:
-        """Probe every target's readiness, and its readiness for each model answered lately."""
+    def _models_to_probe(self) -> list[str]:
         now = self._clock()
         # forget models not answered lately (at most `_MODELS_REMEMBERED` are remembered at all)
         for model in [m for m, seen in self._models_seen.items() if now - seen > _MODELS_REMEMBERED_S]:
             del self._models_seen[model]
-        models = list(self._models_seen)
+        return list(self._models_seen)
+
+    async def probe(self) -> None:
+        """Probe every target's readiness, and its readiness for each model answered lately; wait for all."""
+        models = self._models_to_probe()
         await asyncio.gather(*(self._probe_one(state, models) for state in list(self._states)))
 
-    async def _probe_status(self, state: _TargetState, path: str) -> int:
-        """The status a target answers `GET path` with, within the probe timeout (reading at most 64 KiB).
+    async def _probe_status(self, state: _TargetState, path: str, until: float) -> int:
+        """The status a target answers `GET path` with (reading at most 64 KiB of the answer, until `until`).
 
         Raises:
-            httpx.HTTPError, TimeoutError: no answer in time.
+            httpx.HTTPError: no answer within the probe timeout (each step: a connection, the request, each read).
         """
         target = state.target
         headers = {"authorization": f"Bearer {target.token}"} if target.token else {}
-        timeout = self.config.health_timeout_s
-        async with asyncio.timeout(timeout):
-            request = state.probes.build_request(
-                "GET", target.url.rstrip("/") + path, headers=headers, timeout=httpx.Timeout(timeout)
-            )
-            response = await state.probes.send(request, stream=True)
-            try:
-                size = 0
-                raw = response.aiter_raw() if not response.is_stream_consumed else _nothing()
-                async for chunk in raw:  # read to the end (the connection is kept), if small
-                    size += len(chunk)
-                    if size > _PROBE_BODY_BYTES:
-                        break
-            finally:
-                await response.aclose()
+        request = state.probes.build_request(
+            "GET", target.url.rstrip("/") + path, headers=headers, timeout=httpx.Timeout(self.config.health_timeout_s)
+        )
+        response = await state.probes.send(request, stream=True)
+        try:
+            size = 0
+            raw = response.aiter_raw() if not response.is_stream_consumed else _nothing()
+            async for chunk in raw:  # read to the end (the connection is kept), if small and quick
+                size += len(chunk)
+                if size > _PROBE_BODY_BYTES or self._clock() > until:
+                    break
+        finally:
+            await asyncio.shield(response.aclose())  # a connection half closed would be lost to the pool
         return response.status_code
 
     async def _probe_one(self, state: _TargetState, models: list[str]) -> None:
         target = state.target
+        started = self._clock()
+        state.health_pending = True
         try:
-            server = await self._probe_status(state, "/v2/health/ready")
-        except (httpx.HTTPError, TimeoutError) as exc:
+            server = await self._probe_status(state, "/v2/health/ready", started + self.config.health_timeout_s)
+        except httpx.HTTPError as exc:
+            state.health_pending = False
             mismatch = find_peer_identity_error(exc)
             if mismatch is not None and state.ready is not False:
                 log.warning("%s %s at %s is refused: %s", target.tier, target.label, target.url, mismatch)
             state.ready = False
             state.models_ready = dict.fromkeys(models, False)
             return
+        state.health_pending = False
         state.ready = server == 200
         # The models' probes never make the target unready, and take their turn on the probe connections (so
-        # none fails waiting for one); those not done within a probe round keep what was known of them.
+        # none fails waiting for one), in random order; those whose turn comes after the round's time (one
+        # probe interval) keep what was known of them.
         turns = asyncio.Semaphore(_PROBES_AT_ONCE)
+        until = started + self.config.health_interval_s
+        models = random.sample(models, len(models))
 
-        async def model_ready(model: str) -> tuple[str, bool | None]:
+        async def model_ready(model: str) -> bool | None:
             async with turns:
+                if self._clock() > until:
+                    return None
                 try:
-                    status = await self._probe_status(state, f"/v2/models/{quote(model, safe='')}/ready")
-                except (httpx.HTTPError, TimeoutError):
-                    return model, None
-            return model, status == 200
+                    status = await self._probe_status(state, f"/v2/models/{quote(model, safe='')}/ready", until)
+                except httpx.HTTPError:
+                    return None
+            return status == 200
 
+        answers = await asyncio.gather(*(model_ready(model) for model in models))
         known = state.models_ready
-        tasks = [asyncio.ensure_future(model_ready(model)) for model in models]
-        round_s = max(self.config.health_interval_s, self.config.health_timeout_s)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=round_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        answers = dict(task.result() for task in tasks if task.done() and not task.cancelled())
         ready: dict[str, bool] = {}
-        for model in models:
-            answer = answers.get(model)
-            if answer is None:
-                answer = known.get(model)
-            if answer is not None:
-                ready[model] = answer
+        for model, answer in zip(models, answers, strict=True):
+            value = answer if answer is not None else known.get(model)
+            if value is not None:
+                ready[model] = value
         state.models_ready = ready
 
 
