@@ -23,14 +23,21 @@ Content-Length arrives (chunked ones as they arrive), before it is read, and rel
 written or its connection ends; a body that would not fit is refused with 503 at once, so a few stalled
 uploads cannot make the process grow without bound. The head of a request must arrive within
 `header_timeout` of its first byte and the whole request within `body_timeout`, however slowly the peer trickles
-bytes (slowloris), and an idle connection is closed after `keep_alive_timeout`. When a large body is released
-and none is in flight, `release_memory` (the agent passes `malloc_trim`) gives the heap back to the OS.
+bytes (slowloris), and an idle connection is closed after `keep_alive_timeout`. A head may hold at most
+`max_header_bytes` and `max_header_count` headers (431 past either). Pipelined requests are charged to the same
+budget when parsed (their head's bytes plus what their Python objects cost), except the one a connection is being
+answered on; reading pauses at 16 waiting, and past 64 waiting after one read the next is refused (503) and the
+rest of the read dropped. A peer that reads none of its answers for `body_timeout` is cut off, and so is one
+that does not take the answers still buffered when its connection closes. When a MiB of requests has been let
+go and none is in flight, the cyclic GC runs and `release_memory` (the agent passes `malloc_trim`) gives the
+heap back to the OS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import re
@@ -275,6 +282,9 @@ class HttpServer:
         if self._body_bytes or self._release_memory is None:
             return
         self._released = 0
+        # asyncio's socket transports are reference cycles (one holds its own bound method): closed ones, with
+        # their buffers, wait for the cyclic GC, which may not run for a long while on a quiet server
+        gc.collect()
         with contextlib.suppress(RuntimeError):  # the default executor is shut down: the process is ending
             asyncio.get_running_loop().run_in_executor(None, self._release_memory)
 
@@ -351,6 +361,7 @@ class _Connection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None  # closing, the last answers still unread
+        self._received = 0  # bytes read from the peer
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------
 
@@ -382,8 +393,11 @@ class _Connection(asyncio.Protocol):
         if self._abort_timer is not None:
             self._abort_timer.cancel()
             self._abort_timer = None
-        self._server.freed(self._head_size)  # a head that never completed (those that did were charged)
-        self._head_size = 0
+        # what it read went through the heap (reads of up to 256 KiB, refused heads, swallowed bytes): once a MiB
+        # of that is let go and nothing is in flight, the heap goes back to the OS
+        self._server.freed(self._received)
+        self._received = 0
+        self._parser = _NO_PARSER  # it holds this connection's methods: without the cycle, refcounting frees both
         self._drop_body()
         for item in self._queue:  # requests read but never answered
             if isinstance(item, _Parsed):
@@ -396,6 +410,7 @@ class _Connection(asyncio.Protocol):
             self.closed.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        self._received += len(data)
         if self._refused:
             return  # swallowing what the peer sends after a refusal
         self._disarm()
@@ -409,6 +424,8 @@ class _Connection(asyncio.Protocol):
                 self._queue.append(_Refuse(400, "malformed HTTP request: protocol upgrades are not supported"))
         except httptools.HttpParserError as exc:
             refusal = self._refusal or _Refuse(400, f"malformed HTTP request: {exc}")
+            self._refusal = None
+            refusal.__traceback__ = None  # its frames hold this connection: a cycle only the GC would free
             self._queue.append(refusal)
             self._refused = True
             self._drop_body()
@@ -744,6 +761,7 @@ class _Connection(asyncio.Protocol):
             self._close()
 
 
+_NO_PARSER: Final = httptools.HttpRequestParser(object())  # a closed connection's parser
 _REASONS: dict[int, str] = {}
 
 
