@@ -345,3 +345,133 @@ def test_connections_past_the_cap_are_refused(agent: AgentHandle, tier_tls: ssl.
     with connect(port, context) as again:  # room again once they closed
         again.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status_of(read_answer(again)) == 200
+
+
+# --- the review of finding 4: request heads and pipelined requests outside the budget ----------------------
+
+SMALL_GET = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def head_with(headers: list[str]) -> bytes:
+    return ("GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + "".join(f"{h}\r\n" for h in headers) + "\r\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("headers", "needle"),
+    [
+        ([f"x-big-{i}: {'a' * 1000}" for i in range(40)], "request headers are too large"),  # 40 KB, 40 headers
+        ([f"x{i}: {i}" for i in range(4900)], "at most 100 headers"),  # the review's 4,900 headers (~40 KB)
+    ],
+    ids=["40-KB-head", "4900-headers"],
+)
+def test_a_large_head_is_431(agent: AgentHandle, headers: list[str], needle: str) -> None:
+    with connect(agent.serve_port) as sock:
+        sock.sendall(head_with(headers))
+        answer = read_answer(sock)
+    assert status_of(answer) == 431
+    assert needle.encode() in answer
+    assert b"connection: close" in answer.lower()
+
+
+def pipeline_without_reading(port: int, payload: bytes) -> tuple[socket.socket, int]:
+    """Connect, send as much of `payload` as the server takes at once, and never read an answer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small receive window
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    sent = 0
+    with contextlib.suppress(BlockingIOError, ConnectionError):
+        while sent < len(payload):
+            sent += sock.send(payload[sent : sent + MIB])
+    return sock, sent
+
+
+TCP_ESTABLISHED = 1
+
+
+def agent_side_states(port: int) -> dict[int, int]:
+    """The TCP state of the agent's end of each connection to `port`, by the client's port (/proc/net/tcp).
+
+    The agent's end says whether the agent closed a connection even when the client cannot tell: a FIN waits
+    behind the answers the client never read."""
+    states = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1].split(":"), fields[2].split(":")
+        if int(local[1], 16) == port and int(remote[1], 16) != 0:
+            states[int(remote[1], 16)] = int(fields[3], 16)
+    return states
+
+
+def wait_until_closed(port: int, sockets: list[socket.socket], timeout: float) -> dict[int, float]:
+    """Seconds until the agent closed each of `sockets` (by index), checking every 0.1 s for `timeout` s."""
+    started = time.monotonic()
+    closed: dict[int, float] = {}
+    while len(closed) < len(sockets) and time.monotonic() - started < timeout:
+        states = agent_side_states(port)
+        for index, sock in enumerate(sockets):
+            if index not in closed and states.get(sock.getsockname()[1]) != TCP_ESTABLISHED:
+                closed[index] = time.monotonic() - started
+        time.sleep(0.1)
+    return closed
+
+
+def test_pipelined_requests_never_read_are_bounded_and_memory_comes_back(agent: AgentHandle) -> None:
+    port = agent.serve_port
+    time.sleep(0.5)
+    baseline = memory_kb(agent, "VmRSS")
+    reset_peak(agent)
+    connections = [pipeline_without_reading(port, SMALL_GET * 20000) for _ in range(MAX_CONNECTIONS - 5)]
+    try:
+        time.sleep(1.0)
+        held_mb = (memory_kb(agent, "VmRSS") - baseline) / 1024
+        assert httpx.get(f"{agent.serve_url}/v2/health/live", timeout=5).status_code == 200
+        # past 64 unanswered requests the server refuses the next and closes, however many one read held
+        closed = wait_until_closed(port, [sock for sock, _ in connections], BODY_TIMEOUT + 3)
+    finally:
+        for sock, _ in connections:
+            sock.close()
+    peak_mb = (memory_kb(agent, "VmHWM") - baseline) / 1024
+    time.sleep(1.5)
+    after_mb = (memory_kb(agent, "VmRSS") - baseline) / 1024
+    sent_kb = connections[0][1] >> 10
+    print(
+        f"{len(connections)} connections x {sent_kb} KB of pipelined GETs, never read: RSS +{held_mb:.0f} MB "
+        f"while held, peak +{peak_mb:.0f} MB, +{after_mb:.0f} MB after close; {len(closed)} closed by the server "
+        f"within {max(closed.values(), default=0):.1f} s"
+    )
+    assert len(closed) == len(connections)
+    assert peak_mb < 40  # ~35 x 5,000 parsed requests: about 200 MB without the cap
+    assert after_mb < 20
+
+
+def test_a_client_that_never_reads_its_answers_is_cut_off(agent: AgentHandle) -> None:
+    # ~6 MB of answers, more than the socket buffers take (up to 4 MB on loopback): 3.5 KB each, asked for in
+    # batches under the pipeline cap
+    batch = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 30
+    sock, sent = pipeline_without_reading(agent.serve_port, batch)
+    for _ in range(60):
+        time.sleep(0.03)
+        with contextlib.suppress(BlockingIOError):
+            sock.send(batch)
+    try:
+        assert sent == len(batch)
+        closed = wait_until_closed(agent.serve_port, [sock], BODY_TIMEOUT + 5)
+    finally:
+        sock.close()
+    closed_after = closed.get(0, float("inf"))
+    print(f"a client that never reads its answers: closed {closed_after:.1f} s after it stopped asking")
+    assert closed_after < BODY_TIMEOUT + 1.5
+
+
+def test_gzip_with_trailing_bytes_is_400(agent: AgentHandle) -> None:
+    import gzip
+
+    x = np.zeros((1, 64), dtype=np.float32)
+    body = json.dumps({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": x.ravel().tolist()}]})
+    packed = gzip.compress(body.encode())
+    assert post(agent.serve_port, packed, {"content-encoding": "gzip"}).status_code == 200
+    answer = post(agent.serve_port, packed + b"GET /admin HTTP/1.1\r\n\r\n", {"content-encoding": "gzip"})
+    assert answer.status_code == 400, answer.text
+    assert "after its gzip data" in answer.json()["error"]

@@ -23,14 +23,21 @@ Content-Length arrives (chunked ones as they arrive), before it is read, and rel
 written or its connection ends; a body that would not fit is refused with 503 at once, so a few stalled
 uploads cannot make the process grow without bound. The head of a request must arrive within
 `header_timeout` of its first byte and the whole request within `body_timeout`, however slowly the peer trickles
-bytes (slowloris), and an idle connection is closed after `keep_alive_timeout`. When a large body is released
-and none is in flight, `release_memory` (the agent passes `malloc_trim`) gives the heap back to the OS.
+bytes (slowloris), and an idle connection is closed after `keep_alive_timeout`. A head may hold at most
+`max_header_bytes` and `max_header_count` headers (431 past either). Pipelined requests are charged to the same
+budget when parsed (their head's bytes plus what their Python objects cost), except the one a connection is being
+answered on; reading pauses at 16 waiting, and past 64 waiting after one read the next is refused (503) and the
+rest of the read dropped. A peer that reads none of its answers for `body_timeout` is cut off, and so is one
+that does not take the answers still buffered when its connection closes. When a MiB of requests has been let
+go and none is in flight, the cyclic GC runs and `release_memory` (the agent passes `malloc_trim`) gives the
+heap back to the OS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import re
@@ -51,6 +58,11 @@ log = logging.getLogger(__name__)
 _COALESCE_BYTES: Final = 64 * 1024  # responses up to this size go out in one write (one packet when small)
 _LINGER_SECONDS: Final = 2.0  # after refusing a request, how long to swallow what the peer still sends
 _MAX_PIPELINED: Final = 16  # parsed requests waiting on one connection before reading pauses
+# one read can hold thousands of small pipelined requests and httptools parses all it is fed: past this many
+# waiting on one connection the next is refused (503) and the rest of the read is dropped, unparsed
+_MAX_QUEUED: Final = 64
+_REQUEST_COST: Final = 1024  # what a parsed request costs in Python objects beyond its head's bytes
+_HEADER_COST: Final = 160  # and each of its headers (two str and a dict entry)
 _HEADER_NAME = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SERVER_HEADERS: Final = frozenset(("content-length", "connection"))  # the server writes these itself
 _GOOD_NAMES: set[str] = set()  # response header names already checked (a handful ever)
@@ -105,7 +117,8 @@ class ServerLimits:
     """
 
     max_body_bytes: int = 64 << 20  # one request's body
-    max_header_bytes: int = 64 << 10
+    max_header_bytes: int = 16 << 10  # one request's head (431 past it); Node.js allows 16 KiB too
+    max_header_count: int = 100  # one request's headers (431 past it); Apache's LimitRequestFields
     keep_alive_timeout: float = 5.0  # an idle connection waits this long for its next request
     read_timeout: float = 30.0  # once a request has begun, each read waits at most this long
     max_connections: int = 1024  # open at once; more are answered 503 and closed
@@ -117,7 +130,13 @@ class ServerLimits:
     backlog: int = 2048
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_header_bytes", "max_connections", "max_body_bytes_in_flight"):
+        for name in (
+            "max_body_bytes",
+            "max_header_bytes",
+            "max_header_count",
+            "max_connections",
+            "max_body_bytes_in_flight",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"HTTP server limit {name} must be positive")
         for name in ("keep_alive_timeout", "read_timeout", "header_timeout", "body_timeout"):
@@ -234,18 +253,24 @@ class HttpServer:
         """Request body bytes charged to the budget now."""
         return self._body_bytes
 
-    def charge(self, size: int) -> bool:
-        """Charge `size` body bytes to the budget; False (nothing charged) when they do not fit."""
-        if self._body_bytes + size > self._limits.max_body_bytes_in_flight:
+    def charge(self, size: int, force: bool = False) -> bool:
+        """Charge `size` bytes (bodies, and the heads of parsed requests) to the budget; False (nothing charged)
+        when they do not fit, unless `force` (a connection's one request being answered: bounded per connection
+        by the header limits, so health probes are answered while bodies fill the budget)."""
+        if not force and self._body_bytes + size > self._limits.max_body_bytes_in_flight:
             return False
         self._body_bytes += size
         return True
 
     def release(self, size: int) -> None:
-        """Give `size` charged body bytes back; once none are in flight after large ones, return the heap."""
+        """Give `size` charged bytes back; once none are in flight after large ones, return the heap."""
         if size <= 0:
             return
         self._body_bytes -= size
+        self.freed(size)
+
+    def freed(self, size: int) -> None:
+        """`size` bytes of requests were let go: once a MiB of them is and nothing is in flight, return the heap."""
         self._released += size
         if self._body_bytes == 0 and self._released >= _RELEASE_AFTER_BYTES and self._release_memory is not None:
             if self._release_timer is not None:
@@ -257,6 +282,9 @@ class HttpServer:
         if self._body_bytes or self._release_memory is None:
             return
         self._released = 0
+        # asyncio's socket transports are reference cycles (one holds its own bound method): closed ones, with
+        # their buffers, wait for the cyclic GC, which may not run for a long while on a quiet server
+        gc.collect()
         with contextlib.suppress(RuntimeError):  # the default executor is shut down: the process is ending
             asyncio.get_running_loop().run_in_executor(None, self._release_memory)
 
@@ -315,9 +343,11 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
         self._head_fed = 0
+        self._header_count = 0
         self._body: list[bytes] = []
         self._body_size = 0
-        self._charged = 0  # body bytes of the request being parsed charged to the server's budget
+        self._charged = 0  # bytes of the request being parsed charged to the server's budget
+        self._body_charged = 0  # of which its body
         self._began = 0.0  # loop time of the first byte of the request being parsed
         self._deadline: asyncio.TimerHandle | None = None  # for the head, then the whole request
         self._refusal: _Refuse | None = None
@@ -330,6 +360,8 @@ class _Connection(asyncio.Protocol):
         self._writing_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None  # closing, the last answers still unread
+        self._received = 0  # bytes read from the peer
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------
 
@@ -346,7 +378,7 @@ class _Connection(asyncio.Protocol):
             self._peer_der = ssl_object.getpeercert(binary_form=True)
         self._accepted = self._server.add(self)
         if self._server.closing:
-            transport.close()
+            self._close()
             return
         if not self._accepted:
             self._send_refusal(
@@ -358,6 +390,14 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.discard(self, self._accepted)
         self._disarm()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
+        # what it read went through the heap (reads of up to 256 KiB, refused heads, swallowed bytes): once a MiB
+        # of that is let go and nothing is in flight, the heap goes back to the OS
+        self._server.freed(self._received)
+        self._received = 0
+        self._parser = _NO_PARSER  # it holds this connection's methods: without the cycle, refcounting frees both
         self._drop_body()
         for item in self._queue:  # requests read but never answered
             if isinstance(item, _Parsed):
@@ -370,6 +410,7 @@ class _Connection(asyncio.Protocol):
             self.closed.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        self._received += len(data)
         if self._refused:
             return  # swallowing what the peer sends after a refusal
         self._disarm()
@@ -383,6 +424,8 @@ class _Connection(asyncio.Protocol):
                 self._queue.append(_Refuse(400, "malformed HTTP request: protocol upgrades are not supported"))
         except httptools.HttpParserError as exc:
             refusal = self._refusal or _Refuse(400, f"malformed HTTP request: {exc}")
+            self._refusal = None
+            refusal.__traceback__ = None  # its frames hold this connection: a cycle only the GC would free
             self._queue.append(refusal)
             self._refused = True
             self._drop_body()
@@ -426,6 +469,7 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._head_size = 0
         self._head_fed = 0
+        self._header_count = 0
         self._body = []
         self._body_size = 0
         self._began = self._loop.time()
@@ -436,6 +480,9 @@ class _Connection(asyncio.Protocol):
         self._grow_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self._limits.max_header_count:
+            self._refuse(431, f"a request may have at most {self._limits.max_header_count} headers")
         self._headers.append((name, value))
         self._grow_head(len(name) + len(value) + 4)
 
@@ -459,6 +506,7 @@ class _Connection(asyncio.Protocol):
                 if length > self._limits.max_body_bytes:
                     self._refuse(413, f"request body is larger than {self._limits.max_body_bytes} bytes")
                 self._charge(length)
+                self._body_charged = length
             elif lowered == b"expect" and value.strip().lower() == b"100-continue":
                 expects_continue = True
         if expects_continue and self._transport is not None and self._parser.get_http_version() == "1.1":
@@ -468,8 +516,9 @@ class _Connection(asyncio.Protocol):
         self._body_size += len(body)
         if self._body_size > self._limits.max_body_bytes:
             self._refuse(413, f"request body is larger than {self._limits.max_body_bytes} bytes")
-        if self._body_size > self._charged:  # a chunked body: charged as it arrives
-            self._charge(self._body_size - self._charged)
+        if self._body_size > self._body_charged:  # a chunked body: charged as it arrives
+            self._charge(self._body_size - self._body_charged)
+            self._body_charged = self._body_size
         self._body.append(body)
 
     def _charge(self, size: int) -> None:
@@ -485,13 +534,30 @@ class _Connection(asyncio.Protocol):
         self._charged += size
 
     def on_message_complete(self) -> None:
+        """Queue the request, its head charged to the server's budget; past `_MAX_QUEUED` waiting on this
+        connection, or past the budget for a request pipelined behind another, refuse it (503) instead.
+
+        Raises:
+            _Refuse: 503, as said.
+        """
         self._in_message = False
         self._clear_deadline()
+        waiting = len(self._queue) + (self._task is not None)
+        if len(self._queue) >= _MAX_QUEUED:
+            self._drop_body()
+            self._refuse(503, f"more than {_MAX_QUEUED} requests are pipelined unanswered", _BUSY_HEADERS)
+        head_cost = self._head_size + self._header_count * _HEADER_COST + _REQUEST_COST
+        if not self._server.charge(head_cost, force=not waiting):
+            self._drop_body()
+            self._refuse(503, "the server holds too many requests; retry later", _BUSY_HEADERS)
+        self._charged += head_cost
+        self._head_size = 0
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._body = []
         request = _make_request(self._parser.get_method(), self._url, self._headers, body, self._client, self._peer)
         self._queue.append(_Parsed(request, self._parser.should_keep_alive(), self._charged))
         self._charged = 0
+        self._body_charged = 0
         self._headers = []
 
     def _drop_body(self) -> None:
@@ -500,6 +566,7 @@ class _Connection(asyncio.Protocol):
         self._body = []
         self._server.release(self._charged)
         self._charged = 0
+        self._body_charged = 0
 
     # --- deadlines ------------------------------------------------------------------------------------
 
@@ -524,7 +591,7 @@ class _Connection(asyncio.Protocol):
         self._in_message = False
         if self._task is None and not self._queue:
             self._write(Response.error(408, f"{what} took longer than {seconds:g} s"), head_only=False, close=True)
-        self._transport.close()
+        self._close()
 
     def _refuse(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
         """Refuse the request being parsed (raised through httptools, caught in `data_received`).
@@ -543,7 +610,7 @@ class _Connection(asyncio.Protocol):
             return
         if not self._queue:
             if self._close_after_queue and (self._refused or not self._in_message):
-                self._transport.close()
+                self._close()
             elif not self._in_message:
                 self._arm(self._limits.keep_alive_timeout)
             return
@@ -567,22 +634,48 @@ class _Connection(asyncio.Protocol):
             if transport.is_closing():
                 return
             if not self._write(response, item.request.method == "HEAD", close):
-                transport.close()
+                self._close()
                 return
             if close:
-                transport.close()
+                self._close()
                 return
-            if self._writing_paused:
-                self._drained = self._loop.create_future()
-                await self._drained
+            if self._writing_paused and not await self._drained_in_time(transport):
+                transport.abort()  # the peer does not read its answers: cut it off, dropping them
+                return
         except asyncio.CancelledError:
-            transport.close()  # `stop` ran out of grace: the peer sees the connection close unanswered
+            self._close()  # `stop` ran out of grace: the peer sees the connection close unanswered
             return
         finally:
             self._server.release(item.charged)
             item.charged = 0
             self._task = None
         self._next()
+
+    async def _drained_in_time(self, transport: asyncio.Transport) -> bool:
+        """Wait until the peer has read enough of our answers for us to write more; False when it read none
+        of them for `body_timeout` (a peer that pipelines requests and never reads would else hold its
+        connection and everything queued on it forever)."""
+        drained = self._drained = self._loop.create_future()
+        unread = transport.get_write_buffer_size()
+        while not drained.done():
+            await asyncio.wait((drained,), timeout=self._limits.body_timeout)
+            if drained.done():
+                break
+            now = transport.get_write_buffer_size()
+            if now >= unread:
+                return False
+            unread = now
+        return True
+
+    def _close(self) -> None:
+        """Close once what is written is sent; a peer that does not read it within `body_timeout` is cut off
+        (asyncio would else keep the connection, and its slot under the cap, until the peer reads)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        if transport.get_write_buffer_size() and self._abort_timer is None:
+            self._abort_timer = self._loop.call_later(self._limits.body_timeout, transport.abort)
 
     def _write(self, response: Response, head_only: bool, close: bool) -> bool:
         """Write a response; False (logged) when its headers cannot be sent."""
@@ -628,7 +721,7 @@ class _Connection(asyncio.Protocol):
         self._refused = True
         self._write(Response.error(refusal.status, refusal.message, refusal.headers), head_only=False, close=True)
         if self._close_after_queue:
-            self._transport.close()
+            self._close()
             return
         self._arm(_LINGER_SECONDS)
 
@@ -647,7 +740,7 @@ class _Connection(asyncio.Protocol):
         """The keep-alive or read timeout passed (or a refusal's linger ended): close."""
         self._timer = None
         if self._task is None and self._transport is not None:
-            self._transport.close()
+            self._close()
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self._transport is not None:
@@ -658,16 +751,17 @@ class _Connection(asyncio.Protocol):
         """The server is stopping: close now when idle, else after the answer in progress."""
         self._close_after_queue = True
         if self._task is None and not self._queue and self._transport is not None:
-            self._transport.close()
+            self._close()
 
     def cancel(self) -> None:
         """The server's grace ran out: cancel the handler in progress (which closes) or just close."""
         if self._task is not None:
             self._task.cancel()
         elif self._transport is not None:
-            self._transport.close()
+            self._close()
 
 
+_NO_PARSER: Final = httptools.HttpRequestParser(object())  # a closed connection's parser
 _REASONS: dict[int, str] = {}
 
 

@@ -102,7 +102,8 @@ def decompress(body: bytes, encoding: str, limit: int = 64 << 20) -> bytes:
     """The body without its Content-Encoding (identity, gzip or deflate), at most `limit` bytes.
 
     Raises:
-        BadRequest: an unknown encoding, corrupt or truncated data, or more than `limit` bytes once inflated.
+        BadRequest: an unknown encoding, corrupt or truncated data, bytes after the compressed stream, or more
+            than `limit` bytes once inflated.
     """
     if encoding == "identity":
         return body
@@ -117,6 +118,8 @@ def decompress(body: bytes, encoding: str, limit: int = 64 << 20) -> bytes:
         raise BadRequest(f"request body inflates to more than {limit} bytes")
     if not inflater.eof:
         raise BadRequest(f"request body is truncated {encoding} data")
+    if inflater.unused_data:  # bytes after the stream: a proxy or a log would see a different body than we do
+        raise BadRequest(f"request body has {len(inflater.unused_data)} bytes after its {encoding} data")
     return inflated
 
 

@@ -51,6 +51,10 @@ def gateway(
         float | None,
         typer.Option("--budget-ms", help="Latency budget of requests that send no Strata-Budget-Ms header."),
     ] = None,
+    max_response_mb: Annotated[
+        float,
+        typer.Option("--max-response-mb", help="Largest answer read from a tier; past it that tier failed (502)."),
+    ] = 64.0,
     breaker_failures: Annotated[
         int, typer.Option("--breaker-failures", help="Failures in a row that open a tier's circuit breaker.")
     ] = 3,
@@ -94,6 +98,7 @@ def gateway(
             budget_s=budget_ms / 1000 if budget_ms is not None else None,
             breaker=BreakerConfig(failure_threshold=breaker_failures, cooldown_s=breaker_cooldown),
             health_interval_s=health_interval,
+            max_response_bytes=int(max_response_mb * (1 << 20)),
         ),
     )
     code = run(config)

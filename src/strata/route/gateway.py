@@ -9,9 +9,10 @@ Targets come from the command line, or from the control plane's topology of this
 `topology_interval_s`; the last topology is kept while the control plane is away. With `--data-dir` (the node
 agent's data folder) the gateway acts as the node: it reads the topology with the node's fleet certificate and
 reaches its own tier listener and its parents' over mutual TLS, each checked to be the node the topology named
-(reloading the certificate when the agent renews it). An operator may instead give `--server --node --token`
-(and `--ca`): without a node certificate, the fleet nodes of the topology are left out (configured cloud
-endpoints and URLs given by hand remain).
+and not revoked by the fleet (the revocation list of the node's saved desired state, `desired.json`); it
+reconnects within a second when the agent renews the certificate or saves a new revocation list. An operator
+may instead give `--server --node --token` (and `--ca`): without a node certificate, the fleet nodes of the
+topology are left out (configured cloud endpoints and URLs given by hand remain).
 
 Only the Open Inference Protocol routes of `strata.route.oip_routes` are forwarded, on a path rebuilt from the
 parts matched, without query string or the caller's credentials; anything else is answered 404 or 405. The
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import ssl
 from dataclasses import dataclass, field
@@ -37,9 +39,18 @@ from strata.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from strata.agent.metrics import MetricsRegistry
 from strata.core.errors import ConfigError, StrataError
 from strata.route.oip_routes import LIVE, METRICS, READY, RouteRefusal, match_route
-from strata.route.peer import PeerTls, node_checked
+from strata.route.peer import PeerTls, RevocationList, node_checked
 from strata.route.policy import Verdict
-from strata.route.router import BUDGET, ROUTE, SERVED_BY, AttemptRecord, Router, RouterConfig, Target
+from strata.route.router import (
+    BUDGET,
+    MAX_BUDGET_MS,
+    ROUTE,
+    SERVED_BY,
+    AttemptRecord,
+    Router,
+    RouterConfig,
+    Target,
+)
 from strata.route.topology import Topology, fetch_topology
 from strata.trust.fleet_tls import NodeTrust
 
@@ -47,6 +58,7 @@ log = logging.getLogger("strata.gateway")
 
 _BREAKER_LEVEL: Final = {"closed": 0, "half_open": 1, "open": 2}
 _TOPOLOGY_RETRY_S: Final = 5.0  # after a failed read, the topology is read again this soon
+_TLS_CHECK_S: Final = 1.0  # how often the node's certificate files and revocation list are looked at
 
 
 @dataclass(frozen=True)
@@ -100,14 +112,17 @@ class GatewayConfig:
 
 class GatewayTls:
     """The TLS contexts the gateway uses: as the node (from its trust folder, reloaded when the agent renews its
-    certificate), or, for an operator, one that trusts the fleet CA given by `--ca`."""
+    certificate, and refusing peers the fleet revoked), or, for an operator, one that trusts the fleet CA given
+    by `--ca`."""
 
     def __init__(self, config: GatewayConfig) -> None:
         """Raises:
         ConfigError: the node's trust folder or the CA file does not load.
         """
         self.trust = NodeTrust.load(config.data_dir) if config.data_dir is not None else None
+        self.revoked = RevocationList(config.data_dir / "desired.json") if config.data_dir is not None else None
         self._stamp: tuple[float, ...] | None = None
+        self._revoked_seen: frozenset[str] | None = None
         self.api: ssl.SSLContext | None = None
         self._peers: dict[str | None, ssl.SSLContext] = {}
         if self.trust is None and config.ca is not None:
@@ -118,16 +133,22 @@ class GatewayTls:
         self.refresh()
 
     def refresh(self) -> bool:
-        """Reload the node's contexts when its certificate files changed; True when they did.
+        """Make the node's contexts anew when its certificate files or the fleet's revocation list changed (new
+        contexts: the router opens new connections, each checked again); True when they did.
 
         Raises:
             ConfigError: the files no longer load.
         """
-        if self.trust is None or self.trust.stamp == self._stamp:
+        if self.trust is None or self.revoked is None:
+            return False
+        revoked = self.revoked()
+        if self.trust.stamp == self._stamp and revoked == self._revoked_seen:
             return False
         self.api = self.trust.client_context()
-        self._peers = {None: self.trust.peer_context()}  # loads the files now: a damaged one fails here
+        # loads the files now: a damaged one fails here
+        self._peers = {None: node_checked(self.trust.peer_context(), None, self.revoked)}
         self._stamp = self.trust.stamp
+        self._revoked_seen = revoked
         return True
 
     @property
@@ -146,9 +167,7 @@ class GatewayTls:
             raise ConfigError("reaching fleet nodes over mutual TLS needs the node's data folder (--data-dir)")
         context = self._peers.get(node_id)
         if context is None:
-            context = self._peers[node_id] = (
-                node_checked(self.trust.peer_context(), node_id) if node_id else (self.trust.peer_context())
-            )
+            context = self._peers[node_id] = node_checked(self.trust.peer_context(), node_id or None, self.revoked)
         return context
 
 
@@ -193,12 +212,13 @@ class Gateway:
         budget_s = None
         raw_budget = request.headers.get(BUDGET)
         if raw_budget is not None:
-            try:
-                budget_s = float(raw_budget) / 1000
-            except ValueError:
-                budget_s = -1.0
-            if not budget_s > 0:
-                return Response.error(400, f"{BUDGET} must be a positive number of milliseconds, got {raw_budget!r}")
+            budget_ms = parse_budget_ms(raw_budget)
+            if budget_ms is None:
+                return Response.error(
+                    400,
+                    f"{BUDGET} must be a number of milliseconds from 1 to {MAX_BUDGET_MS:.0f}, got {raw_budget[:40]!r}",
+                )
+            budget_s = budget_ms / 1000
         # the path is rebuilt from the parts matched; no query string; a body only where the protocol has one
         body = request.body if route.method == "POST" else b""
         routed = await self.router.send(
@@ -211,34 +231,55 @@ class Gateway:
         return Response(routed.status, headers, routed.body)
 
 
+def parse_budget_ms(raw: str) -> float | None:
+    """A `Strata-Budget-Ms` value in milliseconds, or None unless it is a finite number from 1 to 600000."""
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 1 <= value <= MAX_BUDGET_MS else None  # NaN and infinities fail the comparison
+
+
 async def _refresh_topology(config: GatewayConfig, tls: GatewayTls, router: Router, stop: asyncio.Event) -> None:
-    """Read this node's topology now and every `topology_interval_s`; keep the last one on failure."""
+    """Read this node's topology now and every `topology_interval_s` (keeping the last one on failure), and look
+    at the node's certificate and revocation list every second: when they change, route over new contexts."""
     trust = tls.trust
     server = config.server or (trust.server if trust is not None else None)
     node_id = config.node_id or (trust.node_id if trust is not None else None)
     token = None if trust is not None else config.token
-    if server is None or node_id is None:
-        return
+    loop = asyncio.get_running_loop()
     topology: Topology | None = None
+    next_read = loop.time() if server is not None and node_id is not None else math.inf
     while not stop.is_set():
-        interval = config.topology_interval_s
+        replan = False
         try:
-            renewed = tls.refresh()
-            if renewed and topology is not None:
-                log.info("this node's certificate changed; reconnecting to the other tiers with it")
-            topology = await fetch_topology(server, node_id, token, tls=tls.api)
+            if tls.refresh():
+                log.info("this node's certificate or the fleet's revocation list changed; reconnecting to the tiers")
+                replan = True
         except StrataError as exc:
-            log.warning("cannot read this node's topology (%s); routing over %s", exc, _describe(router.targets))
-            interval = min(interval, _TOPOLOGY_RETRY_S)
-        else:
-            targets, refused = topology.plan(config.local, config.parents, config.cloud, tls.peers)
+            log.warning("cannot reload this node's certificate (%s); keeping the one loaded", exc)
+        if loop.time() >= next_read and server is not None and node_id is not None:
+            try:
+                topology = await fetch_topology(server, node_id, token, tls=tls.api)
+            except StrataError as exc:
+                log.warning("cannot read this node's topology (%s); routing over %s", exc, _describe(router.targets))
+                next_read = loop.time() + min(config.topology_interval_s, _TOPOLOGY_RETRY_S)
+            else:
+                next_read = loop.time() + config.topology_interval_s
+                replan = True
+        if replan:
+            if topology is not None:
+                targets, refused = topology.plan(config.local, config.parents, config.cloud, tls.peers)
+            else:
+                targets, refused = config.manual_targets(tls.peers, trust.node_id if trust else ""), []
             if targets != router.targets:
                 for reason in refused:
                     log.warning("left out of the routes: %s", reason)
                 log.info("routing over %s", _describe(targets))
                 router.set_targets(targets)
+        wait = min(_TLS_CHECK_S if trust is not None else math.inf, next_read - loop.time())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
+            await asyncio.wait_for(stop.wait(), timeout=max(0.0, wait))
 
 
 def _describe(targets: list[Target]) -> str:

@@ -8,6 +8,8 @@ never depend on the cloud.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +20,9 @@ import httpx
 
 from strata.core.errors import AuthError, NotFound, TransportError
 from strata.route.peer import PeerTls
-from strata.route.router import Target
+from strata.route.router import BadAnswer, Target, read_bounded
+
+_MAX_TOPOLOGY_BYTES = 4 << 20  # a topology names a node's parents and cloud endpoints: far less than this
 
 
 @dataclass(frozen=True)
@@ -147,24 +151,34 @@ async def fetch_topology(
     Raises:
         AuthError: the token is refused (401/403).
         NotFound: no such node.
-        TransportError: the control plane cannot be reached, or answers something else.
+        TransportError: the control plane cannot be reached (within `timeout` in all), or answers something else
+            (an encoded or oversized answer too).
     """
     url = f"{server.rstrip('/')}/v1/nodes/{quote(node_id, safe='')}/topology"
     try:
         verify: ssl.SSLContext | bool = tls if tls is not None else True
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        async with httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False, verify=verify) as client:
-            response = await client.get(url, headers=headers)
-    except httpx.HTTPError as exc:
-        raise TransportError(f"cannot reach the control plane at {server}: {exc}") from exc
+        headers["accept-encoding"] = "identity"
+        async with (
+            asyncio.timeout(timeout),
+            httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False, verify=verify) as client,
+            client.stream("GET", url, headers=headers) as response,
+        ):
+            body = await read_bounded(response, _MAX_TOPOLOGY_BYTES)
+    except (httpx.HTTPError, TimeoutError) as exc:
+        raise TransportError(f"cannot reach the control plane at {server}: {str(exc) or 'no answer in time'}") from exc
+    except BadAnswer as exc:
+        raise TransportError(f"the control plane sent a topology the gateway does not read: {exc}") from exc
     if response.status_code in (401, 403):
-        raise AuthError(f"the control plane refused this caller for node {node_id}: {response.text[:200]}")
+        raise AuthError(
+            f"the control plane refused this caller for node {node_id}: {body[:200].decode(errors='replace')}"
+        )
     if response.status_code == 404:
         raise NotFound(f"the control plane has no node {node_id!r}")
     if response.status_code != 200:
         raise TransportError(f"the control plane answered {response.status_code} for the topology of {node_id}")
     try:
-        raw = response.json()
+        raw = json.loads(body)
     except ValueError as exc:
         raise TransportError(f"the control plane sent a topology that is not JSON: {exc}") from exc
     return parse_topology(raw)
