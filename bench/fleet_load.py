@@ -4,9 +4,10 @@ Starts a real `strata server` (or `--replicas` of them on one `--db`), enrolls N
 token, one EC P-256 key and one fleet certificate each), then runs N simulated nodes in load-generator
 process(es): each is a mutual-TLS client on ONE keep-alive HTTP/1.1 connection (as the agent's H11Transport keeps
 one per origin), looping like the agent: long-poll `GET /v1/nodes/{id}/desired?wait=15` with If-None-Match (a
-304 after 15 s, or the new state at once), then `PUT /v1/nodes/{id}/status`. Every heartbeat sends the status
-(the real agent sends it only when it changed, so this is the heavier case). Node start times are spread evenly
-(jittered) over one heartbeat so polls do not line up.
+304 after 15 s, or the new state at once), then `PUT /v1/nodes/{id}/status`: with `--status every` on every
+heartbeat (the heavier case), with `--status changed` only when it changed, as the real agent does (loop.py), so
+an unchanged heartbeat is the long poll alone. Node start times are spread evenly (jittered) over one heartbeat so
+polls do not line up.
 
 Phases, all in one run (ratios, not absolute times: the machine is shared):
 1. idle baseline: the server with N enrolled nodes and no connections (its background jobs);
@@ -33,6 +34,7 @@ import random
 import re
 import resource
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -115,8 +117,9 @@ class SimNode:
 class Fleet:
     """The nodes of one load-generator process and what they observed (monotonic times)."""
 
-    def __init__(self, nodes: list[SimNode], ca: str, heartbeat_s: float, ramp_s: float) -> None:
+    def __init__(self, nodes: list[SimNode], ca: str, heartbeat_s: float, ramp_s: float, every: bool) -> None:
         self.nodes = nodes
+        self.every = every
         self.ca = ca
         self.heartbeat_s = heartbeat_s
         self.ramp_s = ramp_s
@@ -156,6 +159,7 @@ class Fleet:
         wait = self.heartbeat_s
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         first = True
+        reported: list[bytes | None] = [None]
         while True:
             try:
                 reader, writer = await asyncio.open_connection(host, port, ssl=context)
@@ -178,9 +182,9 @@ class Fleet:
                     done = time.monotonic()
                     if status == 200:
                         new = headers.get("etag")
-                        if self.deploy_mark is not None and index not in self.deploy_seen:
-                            if new != self.deploy_etags[index]:
-                                self.deploy_seen[index] = done
+                        marked = self.deploy_mark is not None and index not in self.deploy_seen
+                        if marked and new != self.deploy_etags[index]:
+                            self.deploy_seen[index] = done
                         self.etags[index] = new
                     elif status == 304:
                         self.poll_overshoot.append((sent, done - sent - poll_wait))
@@ -193,12 +197,16 @@ class Fleet:
                          "agent_version": "bench", "models": [], "failures": [],
                          "desired_etag": self.etags[index], "serve_url": None}
                     ).encode()  # fmt: skip
+                    if not self.every and body == reported[0]:
+                        self.heartbeats.append(time.monotonic())
+                        continue
                     sent = time.monotonic()
                     writer.write(f"{status_head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
                     status, _, _ = await _read_response(reader)
                     done = time.monotonic()
                     if status != 204:
                         self.error(f"status HTTP {status}")
+                    reported[0] = body
                     self.status_latency.append((sent, done - sent))
                     self.heartbeats.append(done)
                     if first:
@@ -246,9 +254,11 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
     return status, headers, body
 
 
-def load_process(nodes: list[SimNode], ca: str, heartbeat_s: float, ramp_s: float, conn: Connection) -> None:
+def load_process(
+    nodes: list[SimNode], ca: str, heartbeat_s: float, ramp_s: float, every: bool, conn: Connection
+) -> None:
     """One load generator: runs its nodes and answers the coordinator's commands on `conn`."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         import uvloop
@@ -256,7 +266,7 @@ def load_process(nodes: list[SimNode], ca: str, heartbeat_s: float, ramp_s: floa
         uvloop.install()
     except ImportError:
         pass
-    fleet = Fleet(nodes, ca, heartbeat_s, ramp_s)
+    fleet = Fleet(nodes, ca, heartbeat_s, ramp_s, every)
 
     async def main() -> None:
         contexts = fleet.contexts()
@@ -334,10 +344,11 @@ def server_cpu(pids: list[int]) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the servers
     report: dict[str, Any] = {"benchmark": "fleet_load", "nodes": args.nodes, "heartbeat_s": args.heartbeat,
-                              "replicas": args.replicas, "db": "sqlite (default)" if not args.db else "url given",
+                              "replicas": args.replicas, "status": args.status,
+                              "db": "sqlite (default)" if not args.db else "url given",
                               "load_processes": args.load_processes, "fd_limit": hard}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="strata-fleet-load-") as tmp, LocalFleet(Path(tmp) / "fleet") as fleet:
         root = Path(tmp)
@@ -384,7 +395,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pipes, loaders = [], []
         for chunk in per_process:
             ours, theirs = mp.Pipe()
-            process = mp.Process(target=load_process, args=(chunk, str(ca), args.heartbeat, args.ramp, theirs))
+            process = mp.Process(
+                target=load_process, args=(chunk, str(ca), args.heartbeat, args.ramp, args.status == "every", theirs)
+            )
             process.start()
             pipes.append(ours)
             loaders.append(process)
@@ -410,17 +423,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ramp_s = time.monotonic() - ramp_start
         report["ramp"] = {"seconds": round(ramp_s, 1), "first_exchanges": sum(p["first_exchange"] for p in progress),
                           "server_cpu_s": round(server_cpu(pids) - ramp_cpu, 1),
-                          "note": "TLS handshakes and first full fetches, spread over the ramp; not in the window"}  # fmt: skip
+                          "note": "TLS handshakes, first full fetches; outside the window"}  # fmt: skip
         time.sleep(max(0.0, ramp_start + args.ramp - time.monotonic()) + args.heartbeat)  # every phase settled
 
         # Steady window.
         before = scrape_statements(urls[0], token, ca) if args.replicas == 1 else None
         w0 = time.monotonic()
         s0, l0 = server_cpu(pids), server_cpu([p.pid for p in loaders if p.pid])
+        spies = [
+            subprocess.Popen(["py-spy", "record", "--nonblocking", "--pid", str(pid), "--duration",
+                              str(int(args.window)), "--format", "raw", "--output", f"{args.py_spy}-{pid}.txt"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for pid in (pids if args.py_spy else [])
+        ]  # fmt: skip
         time.sleep(args.window)
         s1, l1 = server_cpu(pids), server_cpu([p.pid for p in loaders if p.pid])
         w1 = time.monotonic()
         after = scrape_statements(urls[0], token, ca) if args.replicas == 1 else None
+        for spy in spies:
+            spy.wait(30)
         window = w1 - w0
         stats = ask("stats", w0, w1)
         latency = [v for s in stats for v in s["status_latency"]]
@@ -537,9 +558,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--db", default=None, help="database URL passed to every `strata server` (default SQLite)")
     parser.add_argument("--replicas", type=int, default=1, help="server processes; nodes spread round-robin")
+    parser.add_argument("--status", choices=("every", "changed"), default="every",
+                        help="PUT status on every heartbeat, or only when it changed (as the agent does)")  # fmt: skip
     parser.add_argument("--load-processes", type=int, default=1)
     parser.add_argument("--enroll-workers", type=int, default=8)
     parser.add_argument("--deploy-timeout", type=float, default=60.0)
+    parser.add_argument("--py-spy", default=None, help="profile each server over the window into PREFIX-PID.txt")
     args = parser.parse_args(argv)
     if args.ramp is None:
         args.ramp = max(args.heartbeat, args.nodes / 400)
