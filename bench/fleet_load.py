@@ -33,6 +33,7 @@ import os
 import random
 import re
 import resource
+import signal
 import ssl
 import subprocess
 import sys
@@ -428,7 +429,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Steady window.
         before = scrape_statements(urls[0], token, ca) if args.replicas == 1 else None
-        w0 = time.monotonic()
+        w0, load0 = time.monotonic(), round(os.getloadavg()[0], 2)
         s0, l0 = server_cpu(pids), server_cpu([p.pid for p in loaders if p.pid])
         spies = [
             subprocess.Popen(["py-spy", "record", "--nonblocking", "--pid", str(pid), "--duration",
@@ -451,16 +452,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         due = args.nodes * window / args.heartbeat
         server_s = s1 - s0
         net_s = server_s - idle_rate * window
-        node_hours = args.nodes * window / 3600
+        # Per heartbeat actually served (a server that fell behind served fewer than were due), scaled to a node
+        # that heartbeats every 15 s: 240 heartbeats per node-hour.
+        per_heartbeat, per_heartbeat_net = server_s / max(heartbeats, 1), net_s / max(heartbeats, 1)
         report["steady"] = {
             "window_s": round(window, 1),
             "server_cpu_s": round(server_s, 2),
             "server_cpu_cores": round(server_s / window, 3),
-            "server_cpu_s_per_node_hour": round(server_s / node_hours, 4),
-            "server_cpu_s_per_node_hour_net_of_idle": round(net_s / node_hours, 4),
-            "nodes_per_core_at_15s": round(args.nodes * window / max(server_s, 1e-9) * (15 / args.heartbeat)),
-            "nodes_per_core_at_15s_net_of_idle": round(args.nodes * window / max(net_s, 1e-9) * (15 / args.heartbeat)),
-            "server_cpu_ms_per_heartbeat": round(server_s / max(heartbeats, 1) * 1000, 3),
+            "server_cpu_s_per_node_hour": round(per_heartbeat * 240, 4),
+            "server_cpu_s_per_node_hour_net_of_idle": round(per_heartbeat_net * 240, 4),
+            "nodes_per_core_at_15s": round(15 / max(per_heartbeat, 1e-9)),
+            "nodes_per_core_at_15s_net_of_idle": round(15 / max(per_heartbeat_net, 1e-9)),
+            "server_cpu_ms_per_heartbeat": round(per_heartbeat * 1000, 3),
             "heartbeats_done": heartbeats,
             "heartbeats_due": round(due),
             "status_put_ms": {"p50": ms(percentile(latency, 50)), "p99": ms(percentile(latency, 99)),
@@ -473,6 +476,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "max": ms(max(lag, default=None))},
             "errors": _merge([s["errors"] for s in stats]),
             "connected": sum(s["connected"] for s in stats),
+            "machine_load_average_1m": [load0, round(os.getloadavg()[0], 2)],
         }  # fmt: skip
         if before is not None and after is not None:
             delta = minus(after, before)
@@ -488,6 +492,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Deploy a new version to the whole fleet.
         ask("mark")
+        spies = [
+            subprocess.Popen(["py-spy", "record", "--nonblocking", "--pid", str(pid), "--format", "raw",
+                              "--output", f"{args.py_spy}-deploy-{pid}.txt"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for pid in (pids if args.py_spy else [])
+        ]  # fmt: skip
+        time.sleep(1 if spies else 0)  # py-spy attached
         c0 = server_cpu(pids)
         d0 = time.monotonic()
         response = httpx.post(f"{urls[0]}/v1/deployments", json={"model": "digits", "version": "2", "selector": LABELS},
@@ -501,6 +512,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 break
             time.sleep(0.2)
         deploy_cpu = server_cpu(pids) - c0
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         deploy_wall = time.monotonic() - d0
         times = sorted(t - d0 for t in seen)
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from control_harness import Harness, recorded_statements, writes
 
+from strata.control.fleet import FLEET_READ_AFTER_MISSES
 from strata.core.wire import DesiredState
 
 
@@ -247,3 +248,20 @@ def test_a_claimed_profile_that_would_widen_access_waits_for_the_operator(
     view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
     assert (view["profile"], view["claims"]) == ("cpu-generic", {})
     assert _models(server.desired(node)) == {"digits": "1"}
+
+
+def test_a_change_that_wakes_the_whole_fleet_reads_every_nodes_facts_once(fleet: Harness) -> None:
+    """After a deploy, the first polls read their own node, the FLEET_READ_AFTER_MISSES-th reads every node, and the
+    rest are answered from memory, with the same desired states a per-node read gives."""
+    nodes = [fleet.enroll(f"edge-{i}", {"site": "lab"}) for i in range(FLEET_READ_AFTER_MISSES + 20)]
+    fleet.deploy("digits", "1", {"site": "lab"})
+    with recorded_statements(fleet.plane.db.engine) as statements:
+        answers = [fleet.desired(node) for node in nodes]
+    assert all(_models(answer) == {"digits": "1"} for answer in answers)
+    fact_reads = [s for s in statements if "nodes.attestation" in s and "FROM nodes" in s]
+    assert len(fact_reads) == FLEET_READ_AFTER_MISSES
+    assert "WHERE" not in fact_reads[-1]  # the last one reads every node
+    # Each answer is what the node gets once everything is read again from the database.
+    fleet.plane.feed.bump()
+    for node, answer in zip(nodes, answers, strict=True):
+        assert fleet.desired(node).headers["ETag"] == answer.headers["ETag"]
