@@ -118,9 +118,12 @@ class SimNode:
 class Fleet:
     """The nodes of one load-generator process and what they observed (monotonic times)."""
 
-    def __init__(self, nodes: list[SimNode], ca: str, heartbeat_s: float, ramp_s: float, every: bool) -> None:
+    def __init__(
+        self, nodes: list[SimNode], ca: str, heartbeat_s: float, ramp_s: float, every: bool, apply_s: float = 0.0
+    ) -> None:
         self.nodes = nodes
         self.every = every
+        self.apply_s = apply_s  # after a new desired state, the node "converges" this long before it reports
         self.ca = ca
         self.heartbeat_s = heartbeat_s
         self.ramp_s = ramp_s
@@ -198,6 +201,8 @@ class Fleet:
                          "agent_version": "bench", "models": [], "failures": [],
                          "desired_etag": self.etags[index], "serve_url": None}
                     ).encode()  # fmt: skip
+                    if status == 200 and not first and self.apply_s:
+                        await asyncio.sleep(self.apply_s * (0.5 + random.random()))
                     if not self.every and body == reported[0]:
                         self.heartbeats.append(time.monotonic())
                         continue
@@ -256,7 +261,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
 
 
 def load_process(
-    nodes: list[SimNode], ca: str, heartbeat_s: float, ramp_s: float, every: bool, conn: Connection
+    nodes: list[SimNode], ca: str, heartbeat_s: float, ramp_s: float, every: bool, apply_s: float, conn: Connection
 ) -> None:
     """One load generator: runs its nodes and answers the coordinator's commands on `conn`."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -267,7 +272,7 @@ def load_process(
         uvloop.install()
     except ImportError:
         pass
-    fleet = Fleet(nodes, ca, heartbeat_s, ramp_s, every)
+    fleet = Fleet(nodes, ca, heartbeat_s, ramp_s, every, apply_s)
 
     async def main() -> None:
         contexts = fleet.contexts()
@@ -348,7 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the servers
     report: dict[str, Any] = {"benchmark": "fleet_load", "nodes": args.nodes, "heartbeat_s": args.heartbeat,
-                              "replicas": args.replicas, "status": args.status,
+                              "replicas": args.replicas, "status": args.status, "apply_s": args.apply,
                               "db": "sqlite (default)" if not args.db else "url given",
                               "load_processes": args.load_processes, "fd_limit": hard}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="strata-fleet-load-") as tmp, LocalFleet(Path(tmp) / "fleet") as fleet:
@@ -397,7 +402,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for chunk in per_process:
             ours, theirs = mp.Pipe()
             process = mp.Process(
-                target=load_process, args=(chunk, str(ca), args.heartbeat, args.ramp, args.status == "every", theirs)
+                target=load_process,
+                args=(chunk, str(ca), args.heartbeat, args.ramp, args.status == "every", args.apply, theirs),
             )
             process.start()
             pipes.append(ours)
@@ -582,6 +588,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="server processes; nodes spread round-robin")
     parser.add_argument("--status", choices=("every", "changed"), default="every",
                         help="PUT status on every heartbeat, or only when it changed (as the agent does)")  # fmt: skip
+    parser.add_argument("--apply", type=float, default=0.0,
+                        help="after a new desired state, wait 0.5-1.5x this many seconds (the agent downloading and "
+                             "loading) before reporting and polling again; 0: at once (heaviest)")  # fmt: skip
     parser.add_argument("--load-processes", type=int, default=1)
     parser.add_argument("--enroll-workers", type=int, default=8)
     parser.add_argument("--deploy-timeout", type=float, default=60.0)
