@@ -2,7 +2,9 @@
 
 Desired states are cached per node and keyed by the fleet generation (`ChangeFeed`), and the deployments they
 are computed from are cached per generation too, so an agent polling an unchanged fleet costs no database work.
-A long poll waits on the feed and answers as soon as the node's own desired state changes.
+A long poll waits on the feed and answers as soon as the node's own desired state changes. When a change wakes
+the whole fleet (a deploy), every node's facts are read in one query for the new generation instead of one query
+(and one worker-thread hop) per node.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ from strata.core.wire import (
 
 MAX_ENROLLMENT_TTL_S: Final = 7 * 24 * 3600
 INVALID_ENROLLMENT: Final = "enrollment token is invalid, used or expired"
+# Desired-state cache misses in one generation after which every node's facts are read at once (a wake-up of the
+# whole fleet); below it, each miss reads its own node (an enrollment wave bumps the generation per node).
+FLEET_READ_AFTER_MISSES: Final = 64
 
 
 ENROLLMENT_FORMAT: Final = "stk1"
@@ -298,6 +303,8 @@ class FleetService:
         self._deployments: tuple[int, tuple[ActiveDeployment, ...]] = (-1, ())
         self._revoked: tuple[int, frozenset[str]] = (-1, frozenset())
         self._desired: dict[str, tuple[int, DesiredDocument]] = {}
+        self._misses: tuple[int, int] = (-1, 0)
+        self._fleet_facts: tuple[int, dict[str, tuple[NodeFacts, bool]]] = (-1, {})
         self._piece_cache: dict[str, frozenset[str]] = {}
         self._site_cache: dict[str, tuple[int, frozenset[str]]] = {}
         self.blob_bytes_served = 0
@@ -529,6 +536,10 @@ class FleetService:
         get_profile(status.profile)
         document = canonical_json(status.to_json()).decode()
         with self._db.transaction() as session:
+            # An unchanged report (most of them) costs one two-column read, not an ORM load of the whole node.
+            stored = session.execute(select(Node.status, Node.revoked_at).where(Node.id == node_id)).first()
+            if stored is not None and stored.revoked_at is None and stored.status == document:
+                return False
             node = self._live_node(session, node_id)
             if node.status == document:
                 return False
@@ -591,9 +602,18 @@ class FleetService:
             StoreError: the database failed.
         """
         generation = self._feed.generation
-        cached = self._cached_desired(node_id, generation)
+        cached = self._cached_desired(node_id, generation) or self._desired_from_memory(node_id, generation)
         if cached is not None:
             return cached
+        with self._lock:
+            seen, misses = self._misses
+            self._misses = (generation, misses + 1 if seen == generation else 1)
+            read_fleet = self._misses[1] == FLEET_READ_AFTER_MISSES
+        if read_fleet:
+            self._read_fleet_facts(generation)
+            cached = self._desired_from_memory(node_id, generation)
+            if cached is not None:
+                return cached
         with self._db.transaction() as session:
             row = session.execute(
                 select(Node.labels, Node.revoked_at, Node.name, Node.tier, Node.profile, Node.attestation).where(
@@ -620,7 +640,7 @@ class FleetService:
         deadline = loop.time() + wait_s
         while True:
             generation = self._feed.generation
-            document = self._cached_desired(node_id, generation)
+            document = self._cached_desired(node_id, generation) or self._desired_from_memory(node_id, generation)
             if document is None:
                 document = await anyio.to_thread.run_sync(self.desired, node_id)
             if not etag_matches(if_none_match, document.etag):
@@ -728,6 +748,42 @@ class FleetService:
     def _cached_desired(self, node_id: str, generation: int) -> DesiredDocument | None:
         cached = self._desired.get(node_id)
         return cached[1] if cached is not None and cached[0] == generation else None
+
+    def _desired_from_memory(self, node_id: str, generation: int) -> DesiredDocument | None:
+        """The node's desired state computed from the facts read for the whole fleet in `generation`, or None when
+        they were not (or the node was not among them). No I/O: a long poll calls it on the event loop."""
+        facts_generation, facts = self._fleet_facts
+        deployments_generation, deployments = self._deployments
+        known = facts.get(node_id)
+        if known is None or generation != facts_generation or generation != deployments_generation:
+            return None
+        if generation != self._revoked[0]:
+            return None
+        return self._document(node_id, known[0], known[1], generation, deployments)
+
+    def _read_fleet_facts(self, generation: int) -> None:
+        """Read every node's facts (and the active deployments) in one transaction, for `generation`.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        # As in `_active_deployments`: `generation` was read before the query, so at worst newer facts are cached
+        # under an older generation, which a later bump replaces.
+        with self._db.transaction() as session:
+            rows = session.execute(
+                select(Node.id, Node.labels, Node.revoked_at, Node.name, Node.tier, Node.profile, Node.attestation)
+            ).all()
+            self._active_deployments(session, generation)
+        self._revoked_certificates(generation)
+        facts = {
+            row.id: (
+                NodeFacts.of(row.name, row.tier, row.profile, row.labels, row.attestation or ""),
+                row.revoked_at is not None,
+            )
+            for row in rows
+        }
+        with self._lock:
+            self._fleet_facts = (generation, facts)
 
     def _document(
         self,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy import Engine, event
 
 from strata import __version__
 from strata.control.plane import ControlPlane
@@ -82,9 +85,50 @@ class FleetCollector(Collector):
         yield scrape
 
 
+class StatementCollector(Collector):
+    """Statements this process sent to the database (by verb) and transactions it committed: what a request
+    costs the database, read by `bench/fleet_load.py` as queries per heartbeat. An executemany counts one
+    statement per parameter set (what the database executes)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._lock = threading.Lock()
+        self._statements: Counter[str] = Counter()
+        self._commits = 0
+        event.listen(engine, "before_cursor_execute", self._on_execute)
+        event.listen(engine, "commit", self._on_commit)
+
+    def _on_execute(
+        self, _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool
+    ) -> None:
+        verb = statement.lstrip()[:6].lower()
+        if verb not in ("select", "insert", "update", "delete"):
+            verb = "other"
+        with self._lock:
+            self._statements[verb] += len(parameters) if executemany else 1
+
+    def _on_commit(self, _conn: Any) -> None:
+        with self._lock:
+            self._commits += 1
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        with self._lock:
+            statements, commits = dict(self._statements), self._commits
+        family = CounterMetricFamily(
+            "strata_db_statements", "SQL statements this process executed, by verb", labels=["verb"]
+        )
+        for verb in ("select", "insert", "update", "delete", "other"):
+            family.add_metric([verb], statements.get(verb, 0))
+        yield family
+        committed = CounterMetricFamily("strata_db_commits", "Database transactions this process committed")
+        committed.add_metric([], commits)
+        yield committed
+
+
 def metrics_registry(plane: ControlPlane) -> CollectorRegistry:
-    """A registry of its own (not the process-global one) holding the fleet collector."""
+    """A registry of its own (not the process-global one) holding the database counters and the fleet collector
+    (in that order: a scrape reads the counters before its own queries)."""
     registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatementCollector(plane.db.engine))
     registry.register(FleetCollector(plane))
     return registry
 

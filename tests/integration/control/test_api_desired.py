@@ -11,6 +11,7 @@ import httpx
 import pytest
 from control_harness import Harness, recorded_statements, writes
 
+from strata.control.fleet import FLEET_READ_AFTER_MISSES
 from strata.core.wire import DesiredState
 
 
@@ -265,3 +266,21 @@ def test_a_serve_url_is_only_an_address(server: Harness, url: str) -> None:
     assert "serve_url" in response.json()["error"]
     good = {**status, "serve_url": "https://[::1]:8443"}
     assert server.client.put(f"/v1/nodes/{node.node_id}/status", json=good, headers=node.headers).status_code == 204
+
+
+def test_a_change_that_wakes_the_whole_fleet_reads_every_nodes_facts_once(fleet: Harness) -> None:
+    """After a deploy, the first polls read their own node, the FLEET_READ_AFTER_MISSES-th reads every node, and the
+    rest are answered from memory, with the same desired states a per-node read gives."""
+    nodes = [fleet.enroll(f"edge-{i}", {"site": "lab"}) for i in range(FLEET_READ_AFTER_MISSES + 20)]
+    fleet.deploy("digits", "1", {"site": "lab"})
+    with recorded_statements(fleet.plane.db.engine) as statements:
+        answers = [fleet.desired(node) for node in nodes]
+    assert all(_models(answer) == {"digits": "1"} for answer in answers)
+    fact_reads = [s for s in statements if "nodes.attestation" in s and "FROM nodes" in s]
+    assert len(fact_reads) == FLEET_READ_AFTER_MISSES
+    assert "WHERE" not in fact_reads[-1]  # the last one reads every node
+    # Each answer is what the node gets by the other path: read again in reverse order, the nodes read one by one
+    # above are now answered from the fleet-wide read, and the other way round.
+    fleet.plane.feed.bump()
+    for node, answer in reversed(list(zip(nodes, answers, strict=True))):
+        assert fleet.desired(node).content == answer.content

@@ -153,3 +153,29 @@ def test_shutdown_flushes_presence_and_it_survives_a_restart(
     with start_server(settings) as server:
         [view] = server.client.get("/v1/nodes", headers=server.admin).json()
         assert view["last_seen"] == seen
+
+
+def _db_counters(server: Harness) -> dict[str, float]:
+    text = server.client.get("/metrics", headers=server.admin).text
+    counters = {
+        line.split('verb="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("strata_db_statements_total{")
+    }
+    counters["commits"] = float(
+        next(line for line in text.splitlines() if line.startswith("strata_db_commits_total")).split()[1]
+    )
+    return counters
+
+
+def test_metrics_count_the_statements_an_unchanged_status_report_costs(server: Harness) -> None:
+    node = server.enroll("edge-1")
+    assert _put(server, node, _status()) == 204
+    _db_counters(server)  # the scrape's own reads land before the next one's counters are read
+    before = _db_counters(server)
+    assert _put(server, node, _status()) == 204
+    after = _db_counters(server)
+    scrape = _db_counters(server)
+    own = {key: scrape[key] - after[key] for key in after}  # what one scrape costs, counted in the next
+    delta = {key: after[key] - before[key] - own[key] for key in after}
+    assert delta == {"select": 1, "insert": 0, "update": 0, "delete": 0, "other": 0, "commits": 1}
