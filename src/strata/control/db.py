@@ -461,7 +461,9 @@ def make_engine(url: str) -> Engine:
     """
     parsed = database_url(url)
     try:
-        engine = create_engine(parsed)
+        # A server-based database can restart under us: check a pooled connection before handing it out, so the
+        # first request after a restart does not fail on a dead connection (SQLite has no server to lose).
+        engine = create_engine(parsed, pool_pre_ping=parsed.get_backend_name() != "sqlite")
     except ImportError as exc:
         if parsed.drivername == POSTGRES_DRIVER:
             raise ConfigError(

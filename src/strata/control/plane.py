@@ -161,7 +161,7 @@ class ControlPlane:
         """
         settings = self.settings
         try:
-            shutil.rmtree(settings.tmp_dir, ignore_errors=True)
+            clear_scratch(settings.scratch_root, settings.tmp_dir, settings.clock())
             for folder in (settings.data_dir, settings.blobs_dir, settings.tmp_dir):
                 folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Private whatever the umask was, and also for a folder an older release made 0755: it holds the
@@ -269,3 +269,28 @@ def make_private(data_dir: Path) -> None:
             path = os.path.join(root, name)
             if not os.path.islink(path):
                 os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & 0o700)
+
+
+STALE_SCRATCH_S = 24 * 3600  # a replica's scratch folder untouched this long belongs to a replica long gone
+
+
+def clear_scratch(root: Path, own: Path, now: float) -> None:
+    """Empty this process's scratch folder, and remove other replicas' that have not changed for a day (their
+    uploads died with them); a live replica's folder is left alone. An older release's loose files are removed.
+
+    Raises:
+        OSError: the scratch root cannot be listed.
+    """
+    shutil.rmtree(own, ignore_errors=True)
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        try:
+            stale = now - entry.lstat().st_mtime > STALE_SCRATCH_S
+        except FileNotFoundError:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith((".blob.", ".unpack.", ".signature.")):
+            entry.unlink(missing_ok=True)

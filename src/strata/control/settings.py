@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,9 +76,15 @@ class ServerSettings:
         return self.data_dir / "blobs"
 
     @property
-    def tmp_dir(self) -> Path:
-        """Scratch space for uploads; on the same file system as the blobs, so a finished upload is renamed."""
+    def scratch_root(self) -> Path:
+        """Where every replica sharing this data folder keeps its scratch folder."""
         return self.data_dir / "tmp"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """This process's scratch space for uploads; on the same file system as the blobs, so a finished upload is
+        renamed. One folder per process: replicas sharing the data folder never clear each other's uploads."""
+        return self.scratch_root / f"{socket.gethostname()[:64]}.{os.getpid()}"
 
     @property
     def pki_dir(self) -> Path:

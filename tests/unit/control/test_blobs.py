@@ -60,3 +60,23 @@ def test_unknown_and_malformed_names_are_not_found(store: FileBlobStore) -> None
             store.path(name)
         with pytest.raises(NotFound):
             store.open(name)
+
+
+def test_a_replica_starting_clears_its_own_scratch_and_dead_replicas_but_not_live_ones(tmp_path: Path) -> None:
+    """Replicas share the data folder: one starting must not delete another's upload in progress."""
+    import os
+
+    from strata.control.plane import STALE_SCRATCH_S, clear_scratch
+
+    root = tmp_path / "tmp"
+    own, live, dead = root / "host-a.1", root / "host-b.2", root / "host-c.3"
+    for folder in (own, live, dead):
+        folder.mkdir(parents=True)
+        (folder / ".blob.x.tmp").write_bytes(b"upload in progress")
+    (root / ".blob.old.tmp").write_bytes(b"left by an older release")
+    now = 1_000_000_000.0
+    os.utime(live, (now - 60, now - 60))
+    os.utime(dead, (now - STALE_SCRATCH_S - 1, now - STALE_SCRATCH_S - 1))
+    clear_scratch(root, own, now)
+    assert sorted(p.name for p in root.iterdir()) == ["host-b.2"]
+    assert (live / ".blob.x.tmp").read_bytes() == b"upload in progress"
