@@ -204,10 +204,20 @@ class PostgresCluster:
         finally:
             pwfile.unlink(missing_ok=True)
 
-    def _run_postmaster(self) -> None:
+    def restart(self) -> None:
+        """Stop the postmaster the hard way (every connection dropped, as a crash or a failover does) and start it
+        again on the same port with the same data.
+
+        Raises:
+            PostgresUnavailable: it did not come back (with the end of its log).
+        """
+        self._kill()
+        self._run_postmaster(port=self.port)
+
+    def _run_postmaster(self, port: int | None = None) -> None:
         last_error = ""
         for _attempt in range(3):  # a free port can be taken between choosing it and binding it
-            self.port = _free_port()
+            self.port = port or _free_port()
             argv = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)]
             argv += ["-k", str(self.root)]
             for name, value in _TEST_SETTINGS.items():
