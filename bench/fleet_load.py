@@ -390,7 +390,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(2)
         first = scrape_statements(urls[0], token, ca)
         second = scrape_statements(urls[0], token, ca)
-        scrape_cost = sum(minus(second, first).values()) - minus(second, first)["commits"]
+        # ...scraped once from each replica per measurement; each replica counts its own statements.
+        scrape_cost = (sum(minus(second, first).values()) - minus(second, first)["commits"]) * len(urls)
         cpu0, t0 = server_cpu(pids), time.monotonic()
         time.sleep(args.idle)
         idle_rate = (server_cpu(pids) - cpu0) / (time.monotonic() - t0)
@@ -401,7 +402,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pipes, loaders = [], []
         for chunk in per_process:
             ours, theirs = mp.Pipe()
-            process = mp.Process(
+            process = mp.Process(  # daemon: a coordinator that fails does not wait on them
+                daemon=True,
                 target=load_process,
                 args=(chunk, str(ca), args.heartbeat, args.ramp, args.status == "every", args.apply, theirs),
             )
@@ -438,7 +440,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(max(0.0, ramp_start + args.ramp - time.monotonic()) + args.heartbeat)  # every phase settled
 
         # Steady window.
-        before = scrape_statements(urls[0], token, ca) if args.replicas == 1 else None
+        before = _try_scrape(urls, token, ca)
         w0, load0 = time.monotonic(), round(os.getloadavg()[0], 2)
         s0, l0 = server_cpu(pids), server_cpu([p.pid for p in loaders if p.pid])
         spies = [
@@ -450,7 +452,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.window)
         s1, l1 = server_cpu(pids), server_cpu([p.pid for p in loaders if p.pid])
         w1 = time.monotonic()
-        after = scrape_statements(urls[0], token, ca) if args.replicas == 1 else None
+        after = _try_scrape(urls, token, ca)
         for spy in spies:
             spy.wait(30)
         window = w1 - w0
@@ -552,6 +554,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "met_deploy": (reached(0.99) or math.inf) <= 5 if args.nodes >= 10000 else "n/a below 10000 nodes",
         }
     return report
+
+
+def _try_scrape(urls: list[str], token: str, ca: Path) -> dict[str, float] | None:
+    """The database counters summed over the replicas, or None when an overloaded one does not answer in time."""
+    total: dict[str, float] = {}
+    try:
+        for url in urls:
+            for key, value in scrape_statements(url, token, ca).items():
+                total[key] = total.get(key, 0.0) + value
+        return total
+    except httpx.HTTPError as exc:
+        print(f"/metrics scrape failed: {exc!r}", file=sys.stderr)
+        return None
 
 
 def _healthy(url: str, fleet: LocalFleet) -> bool:
