@@ -92,12 +92,18 @@ def test_mutual_tls_through_haproxy_spread_over_replicas_and_failover_after_sigk
     assert refused.json()["code"], refused.text
     assert 401 in served(lb, "a", f"/v1/nodes/{node}/desired") + served(lb, "b", f"/v1/nodes/{node}/desired")
 
-    # Connections are spread over both replicas (one request per new connection; /v1/health, as HAProxy's own
-    # checks fill the logs with /healthz).
+    # Connections are spread over both replicas: eight held open at once (HAProxy balances by least connections,
+    # so connections opened and closed one after another would all go to the replica without the node's poll),
+    # one request each on /v1/health (HAProxy's own checks fill the logs with /healthz).
     admin = {"authorization": f"Bearer {fleet.admin_token}"}
     before = {name: len(served(lb, name, "/v1/health")) for name in ("a", "b")}
-    for _ in range(8):
-        assert httpx.get(f"{url}/v1/health", headers=admin, verify=fleet.tls(), timeout=5).status_code == 200
+    clients = [httpx.Client(headers=admin, verify=fleet.tls(), timeout=5) for _ in range(8)]
+    try:
+        for client in clients:
+            assert client.get(f"{url}/v1/health").status_code == 200
+    finally:
+        for client in clients:
+            client.close()
     time.sleep(0.3)  # access-log lines are written after the response
     spread = {name: len(served(lb, name, "/v1/health")) - before[name] for name in ("a", "b")}
     assert sum(spread.values()) == 8
