@@ -124,8 +124,8 @@ def accept(
     server: ServerOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Adopt the hardware profile a node claims, where adopting it waits for the operator (it would let the node
-    have variants its current profile does not)."""
+    """Adopt the hardware profile a node claims: a node's own report never changes its profile, since placement
+    rules may key on it."""
     with ControlClient(server, token) as client:
         found = _resolve(client, node)
         claimed = (found.get("claims") or {}).get("profile")
