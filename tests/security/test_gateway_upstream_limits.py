@@ -177,10 +177,14 @@ def test_thousands_of_model_names_do_not_stop_the_health_checks(setup: Setup) ->
         assert ready.status_code == 200, ready.text
         time.sleep(0.25)
     assert setup.upstream.count("/v2/health/ready") - probes >= 4
-    # the most recently answered names are probed, at most 64 of them
+    # the most recently answered names are probed, at most 64 of them (the upstream also hears the module's other
+    # gateways probing their own names, `m` and `small`: only the names asked of this one count)
+    # (32 callers at once answer names a little out of order, and a round probes what its interval allows: the
+    # names probed are recent ones, not necessarily the very last)
     probed = setup.upstream.names_probed() - names_before
-    assert "n2999" in probed
-    assert 0 < len(set(probed)) <= 64
+    ours = {name for name in probed if name.startswith("n") and name[1:].isdigit()}
+    assert 0 < len(ours) <= 64
+    assert all(int(name[1:]) >= 3000 - 500 for name in ours), sorted(ours)
 
 
 def test_budgets_that_are_not_a_finite_number_of_milliseconds_are_refused(setup: Setup) -> None:
