@@ -40,7 +40,10 @@ def served(lb: BalancedFleet, name: str, path: str) -> list[int]:
 
 
 def node_id(lb: BalancedFleet, name: str) -> str:
-    identity = json.loads((lb.fleet.agents[name].data_dir / "trust" / "identity.json").read_text())
+    # The control plane lists the node as soon as it enrolled it; the agent writes its identity file just after.
+    path = lb.fleet.agents[name].data_dir / "trust" / "identity.json"
+    lb.fleet.wait_for(path.exists, 30, f"{name} to write its identity", lb.fleet.agents[name].process)
+    identity = json.loads(path.read_text())
     return str(identity["node_id"])
 
 
