@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -370,7 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             replica = ManagedProcess(f"server-{r}", argv, root / "logs" / f"server-{r}.log", fleet._env())
             replica.start()
             url = f"https://127.0.0.1:{port}"
-            fleet.wait_for(lambda u=url: _healthy(u, fleet), 30, f"replica {r}", replica)  # type: ignore[misc]
+            fleet.wait_for(functools.partial(_healthy, url, fleet), 30, f"replica {r}", replica)
             servers.append(replica)
             urls.append(url)
         pids = [s.pid for s in servers]

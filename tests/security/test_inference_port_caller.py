@@ -109,7 +109,7 @@ def status_of(answer: bytes) -> int:
     return int(match.group(1))
 
 
-def post(port: int, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+def post(port: int, body: bytes, headers: dict[str, str | bytes] | None = None) -> httpx.Response:
     return httpx.post(
         f"http://127.0.0.1:{port}/v2/models/digits/infer", content=body, headers=headers or {}, timeout=30
     )
@@ -190,7 +190,7 @@ CALLER_MISTAKES = {
     "datatype is a list": (json_body({"name": "X", "datatype": ["FP32"], "shape": [1], "data": [1.0]}), {}),
     "ragged integers": (json_body({"name": "X", "datatype": "INT64", "shape": [3], "data": [[1, 2**70], [3]]}), {}),
     "a superscript header length": (json_body({"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}), {
-        "inference-header-content-length": "²".encode("latin-1")  # type: ignore[dict-item]
+        "inference-header-content-length": "²".encode("latin-1")  # not ASCII digits: httpx sends bytes as they are
     }),
     "a 5000-digit header length": (json_body({"name": "X", "datatype": "FP32", "shape": [1], "data": [1]}), {
         "inference-header-content-length": "9" * 5000

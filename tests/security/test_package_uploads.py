@@ -40,7 +40,7 @@ def package_files(digits_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -
     """The members of a real package tar, by name (manifest first)."""
     package = build_package(digits_onnx, tmp_path_factory.mktemp("pkg") / "p", name="digits", version="1")
     with tarfile.open(fileobj=io.BytesIO(tar_bytes(package))) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
 def _checksum(header: bytearray) -> None:

@@ -66,7 +66,7 @@ def may_take(row: LeaseRow | None, me: str, now: float) -> bool:
 
 class LeaseTimer:
     """A holder's own view of its lease, on a monotonic clock: held until `ttl - margin` after the database last
-    confirmed it, and due for renewal every `renew_s`. Pure; give it a fake clock to test."""
+    confirmed it, and due for renewal every `renew_s`. Pure: the clock is passed in."""
 
     def __init__(
         self,

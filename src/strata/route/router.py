@@ -79,7 +79,9 @@ async def read_bounded(response: httpx.Response, limit: int) -> bytes:
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BadAnswer(f"the answer is {int(declared)} bytes, over the limit of {limit}")
-    if response.is_stream_consumed:  # made whole before it was sent (httpx.MockTransport): nothing left to read
+    if (
+        response.is_stream_consumed
+    ):  # read whole before it was handed over (an in-memory transport): nothing left to read
         if len(response.content) > limit:
             raise BadAnswer(f"the answer is over the limit of {limit} bytes")
         return response.content
