@@ -399,6 +399,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _postgres_session(dbapi_connection: Any, _record: Any) -> None:
+    """Every commit is durable before it is answered: nodes delete what the control plane acknowledged (telemetry
+    batches, status), so an acknowledged write that a crash of PostgreSQL takes back is lost for good. A server
+    configured with `synchronous_commit = off` (a common tuning) would do exactly that; strata's sessions turn it
+    back on for themselves (PostgreSQL lets any user set it per session)."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit TO on")
+    dbapi_connection.commit()
+
+
 # What `postgresql://` (and Heroku's `postgres://`) means here: psycopg 3, the driver of the `strata[postgres]` extra.
 POSTGRES_DRIVER = "postgresql+psycopg"
 _POSTGRES_SCHEMES = {"postgres", "postgresql"}
@@ -482,6 +492,8 @@ def make_engine(url: str) -> Engine:
         raise ConfigError(f"cannot use database URL {safe_url(parsed)}: {redact(str(exc), parsed)}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    elif engine.dialect.name == "postgresql":
+        event.listen(engine, "connect", _postgres_session)
     return engine
 
 
