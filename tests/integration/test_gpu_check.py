@@ -123,7 +123,8 @@ def test_the_whole_path_runs_on_the_cpu_provider(tiny_model: Path, tmp_path: Pat
     # fp16 is built for x86_64-cuda (the int64 mask cast kept in float) and not measured without CUDA
     assert optimized["fp16-x86_64-cuda"]["gate"] == "unverified"
     rows = answer["variants"]["rows"]
-    assert set(rows) == {"cpu-fp32", "gpu-fp32", "fp16-x86_64-cuda"}
+    assert {"cpu-fp32", "gpu-fp32", "fp16-x86_64-cuda"} < set(rows)  # and the graph pass's packaged variants
+    assert [name for name, row in rows.items() if "error" in row] == []
     fp16 = rows["fp16-x86_64-cuda"]
     assert fp16["accuracy_vs_cpu_fp32"]["mean_cosine"] > 0.999
     assert fp16["batch_32"]["items_per_s"] > 0
