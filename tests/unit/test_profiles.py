@@ -147,3 +147,29 @@ def test_malformed_catalogs_are_refused() -> None:
         parse_catalog({"profiles": [entry, entry]})
     with pytest.raises(ProfileError, match="unknown runtimes"):
         parse_catalog({"profiles": [{**entry, "runtimes": ["tflite-gpu"]}]})
+
+
+def test_a_gpu_runtime_needs_a_session_made_on_its_provider() -> None:
+    """onnxruntime-gpu lists CUDA where libcudart or cuDNN cannot load, then makes sessions on the CPU."""
+    from strata.core.profiles import proven_runtimes
+
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    cuda_first = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert proven_runtimes(available, {"CUDAExecutionProvider": cuda_first}) == {"onnxruntime-cuda"}
+    # listed, but the session fell back to the CPU, or could not be made at all
+    assert proven_runtimes(available, {"CUDAExecutionProvider": ["CPUExecutionProvider"]}) == frozenset()
+    assert proven_runtimes(available, {"CUDAExecutionProvider": None, "TensorrtExecutionProvider": []}) == frozenset()
+    both = {
+        "CUDAExecutionProvider": cuda_first,
+        "TensorrtExecutionProvider": ["TensorrtExecutionProvider", *cuda_first],
+    }
+    assert proven_runtimes(available, both) == {"onnxruntime-cuda", "onnxruntime-tensorrt"}
+    # a session report for a provider onnxruntime does not list counts for nothing
+    assert proven_runtimes(["CPUExecutionProvider"], {"CUDAExecutionProvider": cuda_first}) == frozenset()
+
+
+def test_the_probe_model_loads_and_runs_in_this_onnxruntime() -> None:
+    from strata.core.profiles import onnxruntime_runtimes, probe_provider
+
+    assert probe_provider("CPUExecutionProvider") == ["CPUExecutionProvider"]
+    assert "onnxruntime" in onnxruntime_runtimes()

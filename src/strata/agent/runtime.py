@@ -99,6 +99,12 @@ class OnnxRuntimeModel:
                 self._session = ort.InferenceSession(model, options, providers=providers)
         except Exception as exc:  # onnxruntime raises C++ exception types; wrap them all.
             raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from exc
+        made_on = self._session.get_providers()
+        if not made_on or made_on[0] != providers[0]:
+            # onnxruntime-gpu falls back to the CPU without a word where CUDA cannot load: a CUDA variant
+            # served on the CPU would be a different (fp16-on-CPU, slow) model than the one chosen
+            made = ", ".join(made_on) or "nothing"
+            raise ModelLoadError(f"runtime {runtime} needs {providers[0]}, but onnxruntime made the session on {made}")
         self.inputs = inputs
         self.outputs = outputs
         self._output_names = [o.name for o in outputs]

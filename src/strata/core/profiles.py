@@ -9,7 +9,7 @@ import importlib.util
 import json
 import os
 import platform
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -249,17 +249,67 @@ def _parse_cpuinfo(text: str) -> tuple[str | None, frozenset[str]]:
     return vendor, frozenset(features)
 
 
-def _available_runtimes() -> frozenset[str]:
-    runtimes: set[str] = set()
-    if importlib.util.find_spec("onnxruntime") is not None:
-        runtimes.add("onnxruntime")
-        import onnxruntime
+# The runtimes an onnxruntime execution provider gives, when a session on it can really be made.
+GPU_PROVIDERS = {"CUDAExecutionProvider": "onnxruntime-cuda", "TensorrtExecutionProvider": "onnxruntime-tensorrt"}
 
-        providers = set(onnxruntime.get_available_providers())
-        if "CUDAExecutionProvider" in providers:
-            runtimes.add("onnxruntime-cuda")
-        if "TensorrtExecutionProvider" in providers:
-            runtimes.add("onnxruntime-tensorrt")
+# A serialized ONNX model (opset 13, IR 7): y = x + x over one float. Made with onnx.helper once and kept as
+# bytes, so proving a provider needs no onnx import in the agent.
+_PROBE_MODEL = (
+    b'\x08\x07\x12\x00:9\n\x0e\n\x01x\n\x01x\x12\x01y"\x03Add\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01'
+    b"\x12\x04\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\r"
+)
+
+
+def proven_runtimes(available: Iterable[str], session_providers: Mapping[str, Sequence[str] | None]) -> frozenset[str]:
+    """The GPU runtimes onnxruntime really offers: a provider counts only when it is listed as available AND
+    a session asked for it came up with it first (`session_providers`: provider -> that session's
+    `get_providers()`, None where the session could not be made). onnxruntime-gpu lists CUDA even where
+    libcudart or cuDNN cannot be loaded, and then quietly runs the session on the CPU.
+    """
+    listed = set(available)
+    return frozenset(
+        runtime
+        for provider, runtime in GPU_PROVIDERS.items()
+        if provider in listed and list(session_providers.get(provider) or [])[:1] == [provider]
+    )
+
+
+def probe_provider(provider: str) -> list[str] | None:
+    """`get_providers()` of a session on `provider` (then the CPU) over a one-node model that has run once;
+    None when onnxruntime could not make or run it."""
+    import warnings
+
+    import numpy as np
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4  # a provider that cannot load logs an error; the answer here says so
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "provider not in available provider names": the answer says so
+            session = onnxruntime.InferenceSession(_PROBE_MODEL, options, providers=[provider, "CPUExecutionProvider"])
+            session.run(None, {"x": np.ones(1, dtype=np.float32)})
+    except Exception:  # onnxruntime's C++ errors: the provider cannot run here
+        return None
+    return list(session.get_providers())
+
+
+@cache
+def onnxruntime_runtimes() -> frozenset[str]:
+    """onnxruntime's runtimes on this host, GPU ones only once a session on them was made (see
+    `proven_runtimes`); empty without onnxruntime. Probed once per process."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return frozenset()
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    probes = {provider: probe_provider(provider) for provider in GPU_PROVIDERS if provider in available}
+    return frozenset({"onnxruntime"}) | proven_runtimes(available, probes)
+
+
+def available_runtimes() -> frozenset[str]:
+    """The runtimes installed and usable here: onnxruntime's (see `onnxruntime_runtimes`), OpenVINO."""
+    runtimes = set(onnxruntime_runtimes())
     if importlib.util.find_spec("openvino") is not None:
         runtimes.add("openvino")
     return frozenset(runtimes)
@@ -290,6 +340,6 @@ def read_host_facts(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> HostFacts:
         cpu_vendor=vendor,
         cpu_features=features,
         accelerators=_accelerators(),
-        runtimes=_available_runtimes(),
+        runtimes=available_runtimes(),
         memory_mb=_memory_mb(),
     )

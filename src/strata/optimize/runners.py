@@ -7,7 +7,6 @@ and a strata process must not phone home from an edge site or a build machine.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ from strata.core.datatypes import oip_from_ort
 from strata.core.errors import ConfigError, OptimizationError
 from strata.core.openvino_import import check_inference_precision, compile_config, import_openvino
 from strata.core.package import TensorSpec
+from strata.core.profiles import available_runtimes
 
 Array = npt.NDArray[Any]
 
@@ -29,18 +29,9 @@ _ORT_PROVIDERS = {
 
 
 def host_runtimes() -> frozenset[str]:
-    """The runtimes this host can measure a variant with (onnxruntime's providers, OpenVINO if installed)."""
-    import onnxruntime as ort
-
-    found = {"onnxruntime"}
-    providers = set(ort.get_available_providers())
-    if "CUDAExecutionProvider" in providers:
-        found.add("onnxruntime-cuda")
-    if "TensorrtExecutionProvider" in providers:
-        found.add("onnxruntime-tensorrt")
-    if importlib.util.find_spec("openvino") is not None:
-        found.add("openvino")
-    return frozenset(found)
+    """The runtimes this host can measure a variant with: onnxruntime, its GPU providers where a session on them
+    was really made (`strata.core.profiles.available_runtimes`), OpenVINO if installed."""
+    return frozenset({"onnxruntime"}) | available_runtimes()
 
 
 class Runner(Protocol):
@@ -54,8 +45,12 @@ class OrtRunner:
 
     def __init__(self, path: Path, runtime: str = "onnxruntime", threads: int | None = None) -> None:
         """Raises:
-        OptimizationError: onnxruntime cannot load the model with this runtime's providers.
+        OptimizationError: onnxruntime cannot load the model with this runtime's providers, or made the session
+            on another provider than the runtime's first (onnxruntime-gpu falls back to the CPU without a word
+            where CUDA cannot load): timing it would measure another variant than the one named.
         """
+        import warnings
+
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -63,10 +58,19 @@ class OrtRunner:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        wanted = _ORT_PROVIDERS[runtime]
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=_ORT_PROVIDERS[runtime])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "provider not in available provider names": checked below
+                self._session = ort.InferenceSession(str(path), options, providers=wanted)
         except Exception as exc:  # onnxruntime raises C++ exception types; wrap them all.
             raise OptimizationError(f"onnxruntime cannot load {path.name}: {exc}") from exc
+        got = self._session.get_providers()
+        if not got or got[0] != wanted[0]:
+            raise OptimizationError(
+                f"{runtime} needs {wanted[0]}, but onnxruntime made the session on {', '.join(got) or 'nothing'}"
+                " (the provider is not installed or cannot load here); not measured on another provider"
+            )
         self._names = [o.name for o in self._session.get_outputs()]
 
     def signature(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

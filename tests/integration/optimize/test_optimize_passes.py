@@ -151,3 +151,38 @@ def test_pass_names_select_a_subset_in_the_default_order() -> None:
     assert [p.name for p in passes_named(None)] == ["graph", "fp16", "dynamic", "static", "openvino"]
     with pytest.raises(ConfigError, match="unknown pass"):
         passes_named(["magic"])
+
+
+def test_fp16_keeps_a_cast_from_int64_to_float_so_onnxruntime_loads_it(tmp_path: Path, context: PassContext) -> None:
+    """An int64 input cast to float feeding MatMul and Add (as a transformer's attention mask is): the converter
+    alone types the cast's output fp16 while the cast still makes float, and onnxruntime refuses the model."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["ids"], ["ids_float"], to=TensorProto.FLOAT),  # nameless, as often exported
+            helper.make_node("MatMul", ["ids_float", "W"], ["h"], name="matmul"),
+            helper.make_node("Add", ["h", "B"], ["out"], name="add"),
+        ],
+        "cast-int64",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[
+            numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W"),
+            numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "B"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "cast.onnx"))
+    [candidate] = Float16Pass().apply(tmp_path / "cast.onnx", tmp_path, context)
+    assert candidate.error is None
+    ids = rng.integers(0, 50, (8, 4), dtype=np.int64)
+    fp32 = ort.InferenceSession(str(tmp_path / "cast.onnx"), providers=["CPUExecutionProvider"])
+    fp16 = ort.InferenceSession(str(candidate.model_path), providers=["CPUExecutionProvider"])
+    [expected], [got] = fp32.run(None, {"ids": ids}), fp16.run(None, {"ids": ids})
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-2, atol=0.1)

@@ -171,3 +171,27 @@ def test_cli_runs_and_fails_with_exit_code_2_on_bad_input(
     assert bad.returncode == 2
     assert "error:" in bad.stderr
     assert "not METRIC OP NUMBER" in bad.stderr
+
+
+def test_a_cuda_variant_is_never_timed_on_the_cpu(tiny_mlp: Path, tmp_path: Path) -> None:
+    """Told that CUDA is here when onnxruntime has no CUDA provider (as onnxruntime-gpu is where CUDA cannot load),
+    the runner gets a CPU session for the fp16 CUDA variant: it refuses to measure it, and the variant fails
+    with that reason instead of being verified and timed on the CPU."""
+    from strata.optimize.passes import Float16Pass
+
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "calibration.npz", X=rng.standard_normal((32, 16)).astype(np.float32))
+    np.savez(tmp_path / "evaluation.npz", X=rng.standard_normal((64, 16)).astype(np.float32))
+    data = (tmp_path / "calibration.npz", tmp_path / "evaluation.npz")
+    report = run_optimize(
+        request(tiny_mlp, data, tmp_path / "out", targets=("x86_64-cuda", "cpu-generic"), name="mlp"),
+        [Float16Pass()],
+        runtimes=frozenset({"onnxruntime", "onnxruntime-cuda"}),
+    )
+    variants = {v.id: v for v in report.variants}
+    cuda = variants["fp16-x86_64-cuda"]
+    assert (cuda.gate, cuda.verified, cuda.throughput, cuda.accuracy) == ("failed", False, None, {})
+    assert cuda.reason is not None
+    assert "needs CUDAExecutionProvider" in cuda.reason
+    assert "CPUExecutionProvider" in cuda.reason
+    assert variants["fp32"].verified

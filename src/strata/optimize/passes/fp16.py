@@ -1,6 +1,9 @@
 """fp16 conversion (onnxconverter-common) for targets with a GPU runtime.
 
 Inputs and outputs stay fp32 (`keep_io_types`), so the variant keeps the model's signature and golden data.
+Every `Cast` to float stays fp32 with a cast to fp16 after it: the converter leaves such a node's `to` at float
+while typing its output fp16, and onnxruntime refuses the model (transformers exported from PyTorch cast their
+int64 attention mask to float this way).
 One candidate per GPU target profile, for its CUDA runtime; a host without that runtime cannot measure it.
 """
 
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 from strata.core.errors import ConfigError, OptimizationError
 from strata.optimize.base import GPU_RUNTIMES, Candidate, PassContext
@@ -39,7 +43,10 @@ class Float16Pass:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                model = float16.convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True)
+                source = onnx.load(str(model_path))
+                model = float16.convert_float_to_float16(
+                    source, keep_io_types=True, node_block_list=casts_to_float(source)
+                )
             onnx.save(model, str(out))
             clamped = sum("will be truncated" in str(w.message) for w in caught)
             if clamped:
@@ -55,9 +62,31 @@ class Float16Pass:
                 profile=target,
                 runtime="onnxruntime-cuda",
                 precision="fp16",
-                passes=("onnxconverter-common:float16,keep_io_types=True",),
+                passes=("onnxconverter-common:float16,keep_io_types=True,casts_to_float_kept",),
                 notes=notes,
                 error=error,
             )
             for target in self._targets(context)
         ]
+
+
+_FLOAT = 1  # onnx.TensorProto.FLOAT
+
+
+def casts_to_float(model: Any) -> list[str]:
+    """The names of the graph's `Cast(to=float)` nodes, for the converter's `node_block_list`; a nameless one
+    is given a name of its own first (the block list goes by name). Changes `model` (an onnx ModelProto).
+    """
+    taken = {node.name for node in model.graph.node}
+    names = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "Cast" or not any(a.name == "to" and a.i == _FLOAT for a in node.attribute):
+            continue
+        if not node.name:
+            name = f"strata_cast_to_float_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+        names.append(node.name)
+    return names
