@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from e2e_helpers import push_model
 
+from strata.agent.pieces import needed_pieces
 from strata.agent.store import ArtifactStore
-from strata.agent.vault import Vault
+from strata.agent.vault import Vault, piece_aad
 from strata.core.package import build_package, pack_tar
 from strata.localfleet import LocalFleet
 
@@ -49,31 +50,80 @@ def _assert_consistent(fleet: LocalFleet, name: str) -> None:
         assert (packages / slots["active"]["digest"].split(":")[1]).is_dir()
 
 
-def test_kill_during_download_resumes_where_it_stopped(fleet: LocalFleet, digits_onnx: Path, tmp_path: Path) -> None:
-    package = push_model(fleet, digits_onnx, "1", tmp_path)
-    total = package.manifest.file("model.onnx").size
-    rate = max(total // 4, 4096)  # about four seconds for the whole package
-    handle = fleet.start_agent("slow", extra_args=["--max-download-rate", str(rate)])
-    fleet.wait_for(lambda: "slow" in fleet.nodes(), 30, "enrollment", handle.process)
+def _complete_pieces(data_dir: Path) -> list[Path]:
+    """The pieces a node holds under their final names (sealed at rest), not the one being downloaded."""
+    folder = data_dir / "downloads" / "pieces"
+    return [p for p in folder.iterdir() if "." not in p.name] if folder.is_dir() else []
+
+
+def _fetched_from_server(log: str) -> int:
+    """Bytes the last finished fetch took from the control plane (its "fetched ..." line)."""
+    line = [line for line in log.splitlines() if "fetched digits 1:" in line][-1]
+    return int(line.split(" bytes from the relay, ")[1].split(" ")[0])
+
+
+def _leave_a_worst_instant_kill(data_dir: Path) -> list[Path]:
+    """Make the pieces folder what a kill at the worst instants leaves: a piece in the clear under its final name
+    (an agent killed between writing a download and sealing it), one cut short (a write torn by a power cut), and
+    a half-written temporary file. Returns the two pieces spoiled."""
+    clear, torn = sorted(_complete_pieces(data_dir))[:2]
+    vault = Vault(data_dir / "trust")
+    try:
+        clear.write_bytes(vault.open(piece_aad(clear.name), clear.read_bytes()))
+    finally:
+        vault.close()
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    (torn.parent / f".{torn.name}.x1y2.tmp").write_bytes(b"half")
+    return [clear, torn]
+
+
+def test_kill_during_download_resumes_on_the_first_try(
+    fleet: LocalFleet, mlp_versions: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """kill -9 at a quarter of a rate-limited download, on a device (straight from the control plane; its pieces
+    then spoiled as the worst instant would leave them) and on a near-edge node (through its own relay): each
+    restart takes up its identity and the fleet CA before fetching, resumes at once and activates on the first
+    try, fetching only what it lacked, with no error on the way (issue 17)."""
+    package = push_model(fleet, mlp_versions[0], "1", tmp_path)
+    sizes = {piece.sha256: piece.size for piece in needed_pieces(package.manifest)}
+    total = sum(sizes.values())
+    rate = str(total // 4)  # about four seconds for the whole package (1.5 MB)
+    names = {"device": "slow", "near-edge": "site"}
+    for tier, name in names.items():
+        handle = fleet.start_agent(name, tier, extra_args=["--max-download-rate", rate])
+
+        def enrolled(node: str = name) -> bool:
+            return node in fleet.nodes()
+
+        fleet.wait_for(enrolled, 30, "enrollment", handle.process)
     fleet.client.deploy("digits", "1", {})
-    downloads = handle.data_dir / "downloads" / "pieces"
 
-    def partial() -> int:
-        parts = list(downloads.glob("*.part")) if downloads.exists() else []
-        return parts[0].stat().st_size if parts else 0
+    kept = {}
+    for name in names.values():
+        handle = fleet.agents[name]
 
-    fleet.wait_for(lambda: partial() > rate // 2, 30, "a partial download", handle.process)
-    handle.process.kill()
-    have = partial()
-    assert 0 < have < total
+        def quarter(data_dir: Path = handle.data_dir) -> bool:
+            return sum(p.stat().st_size for p in _complete_pieces(data_dir)) >= total // 4
 
-    fleet.restart_agent("slow")
-    fleet.wait_for_versions({"slow": {"digits": "1"}})
-    log = fleet.agents["slow"].process.log_path.read_text()
-    resumed = [line for line in log.splitlines() if "resumed at byte" in line]
-    assert resumed, log[-2000:]
-    assert int(resumed[-1].rsplit(" ", 1)[1]) >= have
-    _assert_consistent(fleet, "slow")
+        fleet.wait_for(quarter, 30, "a quarter of the download", handle.process, interval=0.02)
+        handle.process.kill()
+        held = _complete_pieces(handle.data_dir)
+        if name == "slow":
+            spoiled = _leave_a_worst_instant_kill(handle.data_dir)
+            held = [p for p in held if p not in spoiled]
+        kept[name] = sum(sizes[p.name] for p in held)
+        assert 0 < kept[name] < total, "the kill should land mid-download"
+
+    for name in names.values():
+        fleet.restart_agent(name)  # without the rate limit: what is left arrives at once
+    fleet.wait_for_versions({name: {"digits": "1"} for name in names.values()})
+    for name in names.values():
+        log = fleet.agents[name].process.log_path.read_text()
+        for sign in (" ERROR ", "not enrolled", "unreadable", "CERTIFICATE_VERIFY_FAILED", "failed"):
+            assert sign not in log, f"{name}: {sign!r} in\n{log[-3000:]}"
+        assert log.count("fetching digits 1") == 2, f"{name} fetched more than once after its restart:\n{log}"
+        assert _fetched_from_server(log) <= total - kept[name], log[-2000:]
+        _assert_consistent(fleet, name)
 
 
 def test_kill_during_activation_comes_back_serving_a_verified_model(

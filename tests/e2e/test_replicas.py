@@ -248,9 +248,10 @@ def test_the_rollout_driver_survives_its_replica_being_killed_and_applies_nothin
         return all(nodes.get(name, {}).get("online") for name in names)
 
     fleet.wait_for(all_online, 40, "the nodes to be online on A")
-    created = fleet.client.create_rollout(
-        {"model": "digits", "version": "1", "selector": {"fleet": "r"}, "waves": "1,2,100%", "bake_seconds": 3}
-    )
+    # No traffic reaches these nodes: the serving gates have no data, and the rollout is let through unjudged
+    # (under the default policy it would hold each wave until its deadline).
+    spec = {"waves": "1,2,100%", "bake_seconds": 3, "on_no_data": "pass"}
+    created = fleet.client.create_rollout({"model": "digits", "version": "1", "selector": {"fleet": "r"}, **spec})
     rollout_id = str(created["id"])
     client_b = fleet.replica_client("b")
     try:

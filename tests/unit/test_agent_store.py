@@ -12,6 +12,7 @@ import pytest
 from strata.agent.fetch import RateLimiter, download_blob
 from strata.agent.store import ArtifactStore, NodeState, SlotRef
 from strata.agent.transport import HttpResponse
+from strata.agent.vault import OVERHEAD, Vault
 from strata.core.chunking import Chunk, offsets
 from strata.core.errors import TransportError, VerificationError
 from strata.core.hashing import canonical_json
@@ -102,6 +103,51 @@ def test_longer_than_promised_is_refused(tmp_path: Path) -> None:
     dest = tmp_path / SHA
     with pytest.raises(VerificationError, match="longer"):
         download_blob(BlobPeer(DATA + b"more"), "u", dest, sha256=SHA, size=len(DATA), headers={})
+
+
+def _seal(data: bytes) -> bytes:
+    """Stands in for the vault's sealing (tested on its own): the same length change, a recognisable result."""
+    return b"S" * OVERHEAD + data
+
+
+def test_a_sealed_download_reaches_its_name_only_sealed(tmp_path: Path) -> None:
+    """The clear bytes never sit under the blob's name: a kill leaves the part file or the sealed blob (issue 17)."""
+    dest = tmp_path / SHA
+    part = dest.with_name(dest.name + ".part")
+    with pytest.raises(TransportError):
+        download_blob(BlobPeer(DATA, cut_after=300_000), "u", dest, sha256=SHA, size=len(DATA), headers={}, seal=_seal)
+    assert not dest.exists()
+    result = download_blob(BlobPeer(DATA), "u", dest, sha256=SHA, size=len(DATA), headers={}, seal=_seal)
+    assert result.resumed_from == 300_000
+    assert dest.read_bytes() == _seal(DATA)
+    assert not part.exists()
+    part.write_bytes(DATA)  # a kill after the sealed blob was renamed in, before its part file was removed
+    peer = BlobPeer(DATA)
+    download_blob(peer, "u", dest, sha256=SHA, size=len(DATA), headers={}, seal=_seal)
+    assert peer.ranges == []
+    assert not part.exists()
+
+
+def test_a_piece_not_kept_as_the_store_keeps_pieces_is_fetched_again(tmp_path: Path) -> None:
+    """With a vault, a piece in the clear (a kill between writing and sealing it, by an earlier agent) or cut short
+    is removed and reported missing; one of the sealed length is held (issue 17)."""
+    store = ArtifactStore(tmp_path, Vault(tmp_path / "trust"))  # has_piece never starts the vault's worker
+    store.pieces_dir.mkdir()
+    path = store.piece_path(SHA)
+    assert not store.has_piece(SHA, len(DATA))
+    for spoiled in (DATA, _seal(DATA)[:-1]):
+        path.write_bytes(spoiled)
+        assert not store.has_piece(SHA, len(DATA))
+        assert not path.exists()
+    path.write_bytes(_seal(DATA))
+    assert store.has_piece(SHA, len(DATA))
+    assert not ArtifactStore(tmp_path).has_piece(SHA, len(DATA))  # sealed where pieces are kept in the clear
+
+
+def test_the_agent_knows_the_sealed_length_without_loading_cryptography() -> None:
+    from strata.trust import vault
+
+    assert OVERHEAD == vault.OVERHEAD
 
 
 def test_rate_limiter_is_pure_in_its_clock() -> None:

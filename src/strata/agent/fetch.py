@@ -2,7 +2,9 @@
 
 A download writes `<hex>.part`; after a cut (network or kill -9) the next attempt asks only for the bytes
 it lacks (`Range: bytes=<have>-`). The finished file is hashed and renamed to `<hex>` only if its sha256 and
-size are what the desired state promised; a blob that fails is deleted and the error says so.
+size are what the desired state promised; a blob that fails is deleted and the error says so. With `seal`, the
+verified bytes reach `<hex>` already sealed, through a temporary name: a kill at any instant leaves the part
+file, or the sealed blob, never a blob in the clear under its final name.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from strata.agent.client import raise_for_status
 from strata.agent.transport import HttpResponse, Transport
 from strata.core.errors import TransportError, VerificationError
-from strata.core.fsutil import fsync_dir
+from strata.core.fsutil import fsync_dir, write_bytes_atomic
 
 _PIECE = 1 << 16
 
@@ -77,18 +79,22 @@ def download_blob(
     rate_limit: int | None = None,
     progress: Progress | None = None,
     limiter: RateLimiter | None = None,
+    seal: Callable[[bytes], bytes] | None = None,
 ) -> DownloadResult:
-    """Download the blob at `url` to `dest`, resuming `dest.part` if an earlier attempt left one.
+    """Download the blob at `url` to `dest`, resuming `dest.part` if an earlier attempt left one; with `seal`,
+    `dest` holds `seal(bytes)` once they verify.
 
     Raises:
         TransportError: the server could not be reached or the connection broke (the part file stays, so
             the next attempt resumes).
         VerificationError: the bytes do not hash to `sha256` or exceed `size` (the part file is deleted).
         AuthError, Forbidden, ServerError: the server refused (see `raise_for_status`).
+        VaultUnavailable: from `seal` (the part file stays).
     """
-    if dest.exists():
-        return DownloadResult(path=dest, resumed_from=size, received=0)
     part = dest.with_name(dest.name + ".part")
+    if dest.exists():
+        part.unlink(missing_ok=True)  # a kill after `dest` was sealed and before the part file went
+        return DownloadResult(path=dest, resumed_from=size, received=0)
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest, have = _hash_existing(part) if part.exists() else (hashlib.sha256(), 0)
     if have > size:
@@ -142,6 +148,10 @@ def download_blob(
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
         raise VerificationError(f"downloaded blob hashes to {digest.hexdigest()}, expected {sha256}; discarded")
-    os.replace(part, dest)
-    fsync_dir(dest.parent)
+    if seal is None:
+        os.replace(part, dest)
+        fsync_dir(dest.parent)
+    else:
+        write_bytes_atomic(dest, seal(part.read_bytes()))
+        part.unlink()
     return DownloadResult(path=dest, resumed_from=resumed_from, received=received)

@@ -97,6 +97,7 @@ class AgentLoop:
         self.desired, self.etag = self._load_desired()
         self._reported: bytes | None = None
         self.connected = False
+        self.unfinished = False  # the last convergence stopped on a transport error
 
     # --- desired state on disk --------------------------------------------------------------------------
 
@@ -126,13 +127,7 @@ class AgentLoop:
             EnrollmentRefused: the server refused the token, or its CA is not the one the token pins.
             TransportError: the server is unreachable (the caller retries).
         """
-        if self.client.node_id is not None:
-            return
-        stored = self.identity.load()
-        if stored is not None:
-            if stored.server.rstrip("/") != self.config.server.rstrip("/"):
-                log.warning("identity was issued by %s; now talking to %s", stored.server, self.config.server)
-            self._adopt(stored)
+        if self.adopt_stored():
             return
         if not self.config.enroll_token:
             raise ConfigError("this node is not enrolled yet: pass --enroll-token (from `strata token create`)")
@@ -168,6 +163,24 @@ class AgentLoop:
             "enrolled as node %s (%s); certificate valid until %s", self.config.name, answer.node_id, answer.not_after
         )
 
+    def adopt_stored(self) -> bool:
+        """Take up the identity on disk, with no network call: the node id, and TLS contexts that trust the fleet
+        CA and present this node's certificate. Done before anything else talks to the control plane or a relay.
+        True when the node is enrolled.
+
+        Raises:
+            ConfigError: the identity files are there but damaged.
+        """
+        if self.client.node_id is not None:
+            return True
+        stored = self.identity.load()
+        if stored is None:
+            return False
+        if stored.server.rstrip("/") != self.config.server.rstrip("/"):
+            log.warning("identity was issued by %s; now talking to %s", stored.server, self.config.server)
+        self._adopt(stored)
+        return True
+
     def _adopt(self, stored: StoredIdentity) -> None:
         self.use_context(self.identity.client_context())
         self.client.authenticate(stored.node_id)
@@ -198,8 +211,10 @@ class AgentLoop:
     # --- one round --------------------------------------------------------------------------------------
 
     def poll_wait(self) -> float:
-        """How long the next poll may wait: the configured wait, shortened by a failure's retry time and by the
-        next probation check."""
+        """How long the next poll may wait: none while the last convergence is unfinished, else the configured
+        wait, shortened by a failure's retry time and by the next probation check."""
+        if self.unfinished:  # a download was cut: resume now rather than after a quiet poll
+            return 0.0
         wait = self.config.poll_wait_s
         now = self.clock()
         for record in self.reconciler.state.failures.values():
@@ -227,13 +242,23 @@ class AgentLoop:
                 log.info("desired state changed (%d models)", len(answer.state.models))
             self.desired, self.etag = answer.state, answer.etag
             self._save_desired(answer.state, answer.etag)
-        self.reconciler.converge(self.desired)
+        self.converge()
         self.report()
         if self.attester is not None and self.attester.due():
             try:
                 self.attester.attest()
             except (ConfigError, ProtocolError) as exc:
                 log.warning("attestation failed: %s", exc)
+
+    def converge(self) -> None:
+        """Converge on the desired state this node has; until that finishes, polls do not wait (work is left).
+
+        Raises:
+            TransportError: the server or relay became unreachable mid-download (what arrived stays and resumes).
+        """
+        self.unfinished = True
+        self.reconciler.converge(self.desired)
+        self.unfinished = False
 
     def report(self) -> None:
         status = self.reconciler.status(self.etag)
@@ -243,12 +268,20 @@ class AgentLoop:
             self._reported = encoded
 
     def run(self) -> None:
-        """Loop until `stop` is set. Converges from the stored desired state first, so a node that starts
-        without its server still does all it can offline."""
+        """Loop until `stop` is set. Takes up the stored identity and converges from the stored desired state
+        first, so a node that starts without its server still does all it can offline."""
         try:
-            self.reconciler.converge(self.desired)
-        except TransportError as exc:
-            log.info("cannot finish converging offline: %s", exc)
+            enrolled = self.adopt_stored()
+        except ConfigError as exc:
+            log.error("%s", exc)
+            self.fatal = exc
+            self.stop.set()
+            return
+        if enrolled:
+            try:
+                self.converge()
+            except TransportError as exc:
+                log.info("cannot finish converging offline: %s", exc)
         while not self.stop.is_set():
             try:
                 self.step()

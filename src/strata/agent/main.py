@@ -139,6 +139,9 @@ class Agent:
             "detected_profile": detected.id,
         }
         self.loop = AgentLoop(config, self.client, self.reconciler, facts=host_facts, use_context=self._use_context)
+        # the stored identity (fleet CA, node certificate) before anything can call out: the offline convergence,
+        # the relay's upstream fetches and the telemetry uploader all start from what is on disk
+        self.loop.adopt_stored()
         self.loop.attester = Attester(config, self.loop.identity, self.client, self.reconciler)
         self.telemetry = TelemetryRecorder(
             TelemetryConfig(

@@ -93,7 +93,7 @@ class PackageFetcher:
             report.pieces += 1
             if piece.sha256 in held:
                 report.reused_bytes += piece.size
-            elif not self.store.piece_path(piece.sha256).is_file():
+            elif not self.store.has_piece(piece.sha256, piece.size):
                 self._download(piece, variant, limiter, report)
             done += piece.size
             if self.progress is not None:
@@ -163,6 +163,7 @@ class PackageFetcher:
                     headers=self.client.auth_headers(),
                     timeout=self.client.timeout,
                     limiter=limiter,
+                    seal=self.store.piece_seal(piece.sha256),
                 )
             except (TransportError, ServerError, NotFound, VerificationError, AuthError, Forbidden) as exc:
                 if kind == "server":
@@ -171,7 +172,6 @@ class PackageFetcher:
                 continue
             except StrataError:
                 raise
-            self.store.seal_piece(piece.sha256)
             if result.resumed_from:
                 report.resumed.append((piece.sha256, result.resumed_from))
                 log.info("download of piece %s resumed at byte %d", piece.sha256[:12], result.resumed_from)

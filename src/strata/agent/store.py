@@ -11,7 +11,9 @@ Layout under the data folder:
 With a vault (encryption at rest, the default on an enrolled node), package files and downloaded pieces are
 stored sealed with the node's data key (AES-256-GCM, see strata.agent.vault): a package is decrypted only in
 memory, and its files are checked against the manifest's hashes after decryption. Manifests stay in the clear
-(names and hashes, not the model). Only the one piece being downloaded is ever plaintext on disk (its `.part`).
+(names and hashes, not the model). Only the one piece being downloaded is ever plaintext on disk (its `.part`):
+a piece reaches its final name sealed and whole, or not at all, and one of the wrong length there (left by an
+earlier agent, or by encryption at rest being switched) is fetched again.
 
 A package is rebuilt from pieces: chunks of large files and small files whole, each named by its sha256. A
 piece already present in a staged package (the previous version, say) is copied from there, so a new version
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from strata.agent.vault import MAGIC, Vault, file_aad, is_sealed, piece_aad
+from strata.agent.vault import MAGIC, OVERHEAD, Vault, file_aad, is_sealed, piece_aad
 from strata.core.chunking import Chunk, offsets
 from strata.core.errors import PackageError, VerificationError
 from strata.core.fsutil import fsync_dir, remove_stale_temporaries, write_bytes_atomic, write_json_atomic
@@ -47,6 +50,8 @@ from strata.core.package import (
     safe_relative_path,
     verify_package,
 )
+
+log = logging.getLogger("strata.agent")
 
 PackageCheck = Callable[[Path, Mapping[str, str] | None], None]
 """A check of an assembled package before it is staged: given its folder and, when the files on disk are sealed,
@@ -371,14 +376,34 @@ class ArtifactStore:
         """Keep a downloaded piece (sealed when this store has a vault)."""
         write_bytes_atomic(self.piece_path(sha256), self.vault.seal(piece_aad(sha256), data) if self.vault else data)
 
-    def seal_piece(self, sha256: str) -> None:
-        """Seal a piece a download just wrote in the clear (a no-op without a vault or when already sealed)."""
+    def piece_seal(self, sha256: str) -> Callable[[bytes], bytes] | None:
+        """How a download of piece `sha256` is kept: sealed for it with this store's vault (None without one).
+
+        The callable raises VaultUnavailable when the vault worker cannot start."""
+        vault = self.vault
+        if vault is None:
+            return None
+        aad = piece_aad(sha256)
+        return lambda data: vault.seal(aad, data)
+
+    def has_piece(self, sha256: str, size: int) -> bool:
+        """Whether downloaded piece `sha256` (`size` bytes in the clear) is here, whole and kept as this store keeps
+        pieces (sealed with a vault). A piece file of any other length is removed, so the piece is fetched again:
+        one in the clear where pieces are sealed (an earlier agent was killed between writing and sealing it), or
+        sealed where they are not."""
         path = self.piece_path(sha256)
-        if self.vault is None or not path.is_file():
-            return
-        data = path.read_bytes()
-        if not is_sealed(data):
-            write_bytes_atomic(path, self.vault.seal(piece_aad(sha256), data))
+        try:
+            stored = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        expected = size + (OVERHEAD if self.vault is not None else 0)
+        if stored == expected:
+            return True
+        log.info(
+            "piece %s on disk is %d bytes, not the %d it is kept as: fetching it again", sha256[:12], stored, expected
+        )
+        path.unlink(missing_ok=True)
+        return False
 
     def read_piece(self, sha256: str) -> bytes | None:
         """A downloaded piece, opened and checked against its name; None when it is not here.
@@ -587,6 +612,7 @@ class ArtifactStore:
                 shutil.rmtree(entry, ignore_errors=True)
         remove_stale_temporaries(self.root)
         remove_stale_temporaries(self.packages)
+        remove_stale_temporaries(self.pieces_dir)
 
     def collect_garbage(self, keep: frozenset[str], keep_blobs: frozenset[str]) -> list[str]:
         """Delete packages not in `keep`, downloads not in `keep_blobs`, and leftovers of interrupted work."""

@@ -20,6 +20,7 @@ from typing import IO, Final
 from strata.core.errors import StrataError, VerificationError
 
 MAGIC: Final = b"SENC1"  # strata.trust.vault.MAGIC, without importing cryptography here
+OVERHEAD: Final = len(MAGIC) + 12 + 16  # strata.trust.vault.OVERHEAD: sealed bytes are this much longer (nonce, tag)
 
 
 class VaultUnavailable(StrataError):

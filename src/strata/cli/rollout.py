@@ -41,8 +41,9 @@ def create(
         list[str] | None,
         typer.Option(
             "--gate",
-            help="METRIC OP NUMBER, replacing the default on that metric (repeatable). Metrics: "
-            "activation_success_rate (default >=0.95), error_rate_delta (<=0.01), p95_latency_ratio (<=1.5), "
+            help="METRIC OP NUMBER, replacing the default on that metric (repeatable); may end with "
+            "' on-no-data=hold|pass|fail' (this gate's own no-data policy). Metrics: activation_success_rate "
+            "(default >=0.95), error_rate_delta (<=0.01), p95_latency_ratio (<=1.5), drift_psi (<=0.25), "
             "error_rate.",
         ),
     ] = None,
@@ -55,6 +56,18 @@ def create(
     min_requests: Annotated[
         int, typer.Option("--min-requests", help="Requests a node needs before its errors and latency count.")
     ] = 20,
+    min_drift_requests: Annotated[
+        int,
+        typer.Option("--min-drift-requests", help="Requests a canary node needs in the wave before its drift counts."),
+    ] = 100,
+    on_no_data: Annotated[
+        str,
+        typer.Option(
+            "--on-no-data",
+            help="A gate without enough data: hold (wait until the wave deadline, then fail), pass (saying it "
+            "was not judged) or fail.",
+        ),
+    ] = "hold",
     server: ServerOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
@@ -71,6 +84,8 @@ def create(
         "on_failure": on_failure,
         "wave_deadline_seconds": parse_duration(wave_deadline),
         "min_requests": min_requests,
+        "min_drift_requests": min_drift_requests,
+        "on_no_data": on_no_data,
     }
     with ControlClient(server, token) as client:
         created = client.create_rollout(body)
@@ -79,6 +94,16 @@ def create(
     else:
         console.print(_summary(created))
     typer.echo(created["id"])
+
+
+_VERDICTS = {
+    "pass": "[green]pass[/green]",
+    "fail": "[red]FAIL[/red]",
+    "not_applicable": "n/a",
+    "no_data": "[yellow]waiting for data[/yellow]",
+    "pass_no_data": "[yellow]pass, NOT JUDGED[/yellow]",
+    "fail_no_data": "[red]FAIL (no data)[/red]",
+}
 
 
 def _gate_table(results: list[dict[str, Any]], failed: dict[str, Any] | None) -> Table:
@@ -94,7 +119,7 @@ def _gate_table(results: list[dict[str, Any]], failed: dict[str, Any] | None) ->
             str(result["wave"] + 1),
             result["gate"],
             "-" if value is None else f"{value:.4g}",
-            "[green]pass[/green]" if result["passed"] else "[red]FAIL[/red]",
+            _VERDICTS.get(result.get("verdict", ""), "[green]pass[/green]" if result["passed"] else "[red]FAIL[/red]"),
             result.get("detail", ""),
         )
     return table

@@ -13,10 +13,17 @@ A gate is `metric OP threshold` (`p95_latency_ratio<=1.5`). The metrics compare 
                              requests are left out
 
     drift_psi                the largest population stability index of any canary node's inputs or outputs against
-                             the version's build-time reference (from node telemetry, since the wave started)
+                             the version's build-time reference (from node telemetry, since the wave started);
+                             nodes with fewer than `min_drift_requests` requests in that window are left out
 
-When the baseline is gone (the last wave) the figures recorded at the previous evaluation stand in for it. A
-metric without data (no traffic yet, or a package built without sample data) passes and says so.
+When the baseline is gone (the last wave) the figures recorded at the previous evaluation stand in for it.
+
+A gate judges only on enough data. Without it (no canary node has served enough requests yet) its verdict is
+`no_data`, and the no-data policy decides, per rollout or per gate (`drift_psi<=0.25 on-no-data=pass`):
+`hold` (the default) keeps the wave waiting for data until its deadline and then fails the gate for want of data;
+`pass` lets the wave go on, the result saying plainly that it was not judged; `fail` fails it at once. A gate
+that cannot apply (drift on a package built without sample data, latency when no node is left on an earlier
+version and none was recorded) passes as `not_applicable`, and says why.
 """
 
 from __future__ import annotations
@@ -38,33 +45,43 @@ OPERATORS: Final[dict[str, Callable[[float, float], bool]]] = {
     "<": lambda value, limit: value < limit,
 }
 
-_GATE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+NO_DATA_POLICIES: Final = ("hold", "pass", "fail")
+"""What a gate without enough data does: wait for data until the wave's deadline, pass (saying so), or fail."""
+
+_GATE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)(?:\s+on-no-data=([a-z]+))?\s*$")
 
 
 @dataclass(frozen=True)
 class Gate:
-    """`metric op threshold`: the metric's value must satisfy the comparison."""
+    """`metric op threshold`: the metric's value must satisfy the comparison. `on_no_data` overrides the rollout's
+    no-data policy for this gate (None: the rollout's)."""
 
     metric: str
     op: str
     threshold: float
+    on_no_data: str | None = None
 
     @property
     def text(self) -> str:
-        return f"{self.metric}{self.op}{self.threshold:g}"
+        policy = f" on-no-data={self.on_no_data}" if self.on_no_data else ""
+        return f"{self.metric}{self.op}{self.threshold:g}{policy}"
 
     def holds(self, value: float) -> bool:
         return OPERATORS[self.op](value, self.threshold)
 
     def to_json(self) -> dict[str, Any]:
-        return {"metric": self.metric, "op": self.op, "threshold": self.threshold}
+        raw: dict[str, Any] = {"metric": self.metric, "op": self.op, "threshold": self.threshold}
+        if self.on_no_data:
+            raw["on_no_data"] = self.on_no_data
+        return raw
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Gate:
         """Raises:
         ConfigError: not a gate this version knows.
         """
-        return parse_gate(f"{raw['metric']}{raw['op']}{raw['threshold']}")
+        policy = raw.get("on_no_data")
+        return parse_gate(f"{raw['metric']}{raw['op']}{raw['threshold']}" + (f" on-no-data={policy}" if policy else ""))
 
 
 DEFAULT_GATES: Final = (
@@ -75,16 +92,29 @@ DEFAULT_GATES: Final = (
 )
 
 
-def parse_gate(text: str) -> Gate:
-    """`p95_latency_ratio<=1.5` -> Gate.
+def check_no_data_policy(policy: str, what: str = "--on-no-data") -> str:
+    """The policy, if it is one.
 
     Raises:
-        ConfigError: not `metric OP number`, or an unknown metric.
+        ConfigError: not one of NO_DATA_POLICIES.
+    """
+    if policy not in NO_DATA_POLICIES:
+        raise ConfigError(f"{what} must be one of {', '.join(NO_DATA_POLICIES)}, got {policy!r}")
+    return policy
+
+
+def parse_gate(text: str) -> Gate:
+    """`p95_latency_ratio<=1.5` (or `drift_psi<=0.25 on-no-data=pass`) -> Gate.
+
+    Raises:
+        ConfigError: not `metric OP number [on-no-data=POLICY]`, or an unknown metric or policy.
     """
     match = _GATE_RE.match(text)
     if match is None:
-        raise ConfigError(f"gate {text!r} is not METRIC OP NUMBER (OP one of >=, <=, >, <)")
-    metric, op, number = match.groups()
+        raise ConfigError(f"gate {text!r} is not METRIC OP NUMBER [on-no-data=hold|pass|fail] (OP one of >=, <=, >, <)")
+    metric, op, number, policy = match.groups()
+    if policy is not None:
+        check_no_data_policy(policy, f"gate {text!r}: on-no-data")
     if metric not in METRICS:
         raise ConfigError(f"gate {text!r}: unknown metric {metric!r}; known: {sorted(METRICS)}")
     try:
@@ -93,7 +123,7 @@ def parse_gate(text: str) -> Gate:
         raise ConfigError(f"gate {text!r}: {number!r} is not a number") from None
     if not math.isfinite(threshold):
         raise ConfigError(f"gate {text!r}: the threshold must be finite")
-    return Gate(metric, op, threshold)
+    return Gate(metric, op, threshold, policy)
 
 
 def merge_gates(given: Iterable[Gate], defaults: Iterable[Gate] = DEFAULT_GATES) -> tuple[Gate, ...]:
@@ -138,8 +168,22 @@ class Baseline:
 
 
 @dataclass(frozen=True)
+class DriftFigure:
+    """One node's drift since its wave started: the largest PSI of its tensors (None: too few values yet), and the
+    requests it served in that window, which the PSI rests on."""
+
+    psi: float | None
+    requests: int
+
+
+@dataclass(frozen=True)
 class Population:
-    """A wave's evidence: how its nodes' activations went, and how canary and baseline nodes serve."""
+    """A wave's evidence: how its nodes' activations went, and how canary and baseline nodes serve.
+
+    `drift_referenced`: the version's package carries drift references (else the drift gate does not apply).
+    `baseline_nodes`: nodes still on an earlier version, whatever their traffic (with none, and none recorded,
+    latency has nothing to compare with).
+    """
 
     wave_members: int
     activated: int
@@ -148,7 +192,10 @@ class Population:
     baseline: tuple[ServingSample, ...]
     recorded_baseline: Baseline = field(default_factory=Baseline)
     min_requests: int = 20
-    canary_drift: tuple[float, ...] = ()
+    canary_drift: tuple[DriftFigure, ...] = ()
+    drift_referenced: bool = False
+    min_drift_requests: int = 100
+    baseline_nodes: int = 1
 
     def usable(self, samples: Iterable[ServingSample]) -> list[ServingSample]:
         return [s for s in samples if s.counters.requests >= self.min_requests]
@@ -184,10 +231,12 @@ def _p95_by_profile(samples: list[ServingSample]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Measure:
-    """A metric's value (None: no data yet) and the numbers behind it, in words."""
+    """A metric's value (None: not enough data yet) and the numbers behind it, in words; `applicable` False when
+    the metric cannot apply to this rollout at all (its detail says why)."""
 
     value: float | None
     detail: str
+    applicable: bool = True
 
 
 def activation_success_rate(population: Population) -> Measure:
@@ -236,7 +285,9 @@ def p95_latency_ratio(population: Population) -> Measure:
             f"(profiles compared: {len(shared)})",
         )
     if not baseline:
-        return Measure(None, "no baseline node has served enough requests to compare with")
+        if not population.baseline_nodes and not population.recorded_baseline.nodes:
+            return Measure(None, "no node runs an earlier version to compare with", applicable=False)
+        return Measure(None, f"no baseline node has served {population.min_requests} requests to compare with")
     canary_all = statistics.median(canary.values())
     base_all = statistics.median(baseline.values())
     if base_all <= 0:
@@ -248,10 +299,19 @@ def p95_latency_ratio(population: Population) -> Measure:
 
 
 def drift_psi(population: Population) -> Measure:
-    if not population.canary_drift:
-        return Measure(None, "no canary node has reported enough drift statistics against a reference yet")
-    worst = max(population.canary_drift)
-    return Measure(worst, f"largest PSI {worst:.3f} over {len(population.canary_drift)} canary nodes")
+    if not population.drift_referenced:
+        return Measure(None, "the package carries no drift reference (built without sample data)", applicable=False)
+    least = population.min_drift_requests
+    usable = [f.psi for f in population.canary_drift if f.psi is not None and f.requests >= least]
+    if not usable:
+        most = max((f.requests for f in population.canary_drift), default=0)
+        return Measure(
+            None,
+            f"no canary node has served {least} requests since the wave started "
+            f"(the most: {most}, over {len(population.canary_drift)} canary nodes)",
+        )
+    worst = max(usable)
+    return Measure(worst, f"largest PSI {worst:.3f} over {len(usable)} canary nodes with {least}+ requests")
 
 
 METRICS: Final[dict[str, Callable[[Population], Measure]]] = {
@@ -266,15 +326,33 @@ METRICS: Final[dict[str, Callable[[Population], Measure]]] = {
 # --- evaluation -----------------------------------------------------------------------------------------
 
 
+VERDICTS: Final = ("pass", "fail", "not_applicable", "no_data", "pass_no_data", "fail_no_data")
+"""A gate's verdict: judged on data (pass, fail); cannot apply; or not enough data: waiting for it (no_data, the
+`hold` policy before the wave's deadline), passed unjudged (`pass`), or failed for want of it (`fail`, or `hold`
+once the deadline passed)."""
+
+PASSING: Final = frozenset({"pass", "not_applicable", "pass_no_data"})
+
+
 @dataclass(frozen=True)
 class GateResult:
-    """One gate's outcome at one evaluation: the numbers, and whether they pass."""
+    """One gate's outcome at one evaluation: the numbers, and the verdict on them."""
 
     gate: Gate
     wave: int
     value: float | None
-    passed: bool
+    verdict: str
     detail: str
+
+    @property
+    def passed(self) -> bool:
+        """The wave may go on as far as this gate is concerned."""
+        return self.verdict in PASSING
+
+    @property
+    def waiting(self) -> bool:
+        """Not enough data yet, and the gate waits for it."""
+        return self.verdict == "no_data"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -284,30 +362,54 @@ class GateResult:
             "threshold": self.gate.threshold,
             "wave": self.wave,
             "value": self.value,
+            "on_no_data": self.gate.on_no_data,
             "passed": self.passed,
+            "verdict": self.verdict,
             "detail": self.detail,
         }
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> GateResult:
-        value = raw.get("value")
+        value = None if raw.get("value") is None else float(raw["value"])
+        verdict = raw.get("verdict")
+        if verdict not in VERDICTS:  # recorded before verdicts: a pass without a value was a pass without data
+            verdict = ("pass" if value is not None else "pass_no_data") if raw["passed"] else "fail"
+        policy = raw.get("on_no_data")
         return cls(
-            gate=Gate(str(raw["metric"]), str(raw["op"]), float(raw["threshold"])),
+            gate=Gate(str(raw["metric"]), str(raw["op"]), float(raw["threshold"]), str(policy) if policy else None),
             wave=int(raw["wave"]),
-            value=None if value is None else float(value),
-            passed=bool(raw["passed"]),
+            value=value,
+            verdict=str(verdict),
             detail=str(raw.get("detail", "")),
         )
 
 
-def evaluate_gates(gates: Iterable[Gate], population: Population, wave: int) -> list[GateResult]:
-    """Every gate on the wave's evidence; a metric without data passes, and its detail says so."""
+def judge(gate: Gate, measure: Measure, on_no_data: str, waited_out: bool) -> tuple[str, str]:
+    """(verdict, detail) of one gate on its measure. `on_no_data` is the rollout's policy (the gate's own wins);
+    `waited_out`: the wave's deadline has passed, so a held gate waits no longer."""
+    if not measure.applicable:
+        return "not_applicable", f"not applicable: {measure.detail}"
+    if measure.value is not None:
+        return ("pass" if gate.holds(measure.value) else "fail"), measure.detail
+    policy = gate.on_no_data or on_no_data
+    if policy == "pass":
+        return "pass_no_data", f"NOT JUDGED (on-no-data=pass): not enough data: {measure.detail}"
+    if policy == "fail":
+        return "fail_no_data", f"not enough data (on-no-data=fail): {measure.detail}"
+    if waited_out:
+        return "fail_no_data", f"not enough data by the wave's deadline: {measure.detail}"
+    return "no_data", f"not enough data yet, waiting until the wave's deadline: {measure.detail}"
+
+
+def evaluate_gates(
+    gates: Iterable[Gate], population: Population, wave: int, on_no_data: str = "hold", waited_out: bool = False
+) -> list[GateResult]:
+    """Every gate on the wave's evidence (see `judge` for a gate without enough data)."""
     results = []
     for gate in gates:
         measure = METRICS[gate.metric](population)
-        passed = measure.value is None or gate.holds(measure.value)
-        detail = measure.detail if measure.value is not None else f"no data: {measure.detail}"
-        results.append(GateResult(gate, wave, measure.value, passed, detail))
+        verdict, detail = judge(gate, measure, on_no_data, waited_out)
+        results.append(GateResult(gate, wave, measure.value, verdict, detail))
     return results
 
 
@@ -330,7 +432,7 @@ def doomed(gates: Iterable[Gate], population: Population, wave: int) -> GateResu
                 gate,
                 wave,
                 measure.value,
-                False,
+                "fail",
                 f"{measure.detail}; even if every remaining node succeeded the rate would be {best:.3f}",
             )
     return None

@@ -87,7 +87,7 @@ class ControlPlane:
         window = settings.online_window_s
         telemetry = TelemetryService(db, settings.clock)
         rollouts = RolloutService(db, feed, presence, settings.clock, window, load_pin_entries)
-        rollouts.drift = telemetry.max_psi_by_node  # drift gates read node telemetry
+        rollouts.drift = telemetry.drift_by_node  # drift gates read node telemetry
         rollouts.serialize = functools.partial(serialize, name=ROLLOUTS)
         fleet = FleetService(
             db,

@@ -34,10 +34,12 @@ from typing import Any, Final
 from strata.control.gates import (
     DEFAULT_GATES,
     Baseline,
+    DriftFigure,
     Gate,
     GateResult,
     Population,
     ServingSample,
+    check_no_data_policy,
     doomed,
     evaluate_gates,
     summarize_baseline,
@@ -114,8 +116,13 @@ class RolloutSpec:
     on_failure: str = "rollback"
     wave_deadline_s: float = 3600.0
     min_requests: int = 20
+    on_no_data: str = "hold"
+    min_drift_requests: int = 100
 
     def __post_init__(self) -> None:
+        check_no_data_policy(self.on_no_data)
+        if self.min_requests < 1 or self.min_drift_requests < 1:
+            raise ConfigError("--min-requests and --min-drift-requests must be at least 1")
         if self.on_failure not in ON_FAILURE:
             raise ConfigError(f"--on-failure must be one of {list(ON_FAILURE)}, got {self.on_failure!r}")
         if self.max_unavailable is not None and self.max_unavailable < 1:
@@ -134,6 +141,8 @@ class RolloutSpec:
             "on_failure": self.on_failure,
             "wave_deadline_s": self.wave_deadline_s,
             "min_requests": self.min_requests,
+            "on_no_data": self.on_no_data,
+            "min_drift_requests": self.min_drift_requests,
         }
 
     @classmethod
@@ -150,6 +159,9 @@ class RolloutSpec:
                 on_failure=str(raw.get("on_failure", "rollback")),
                 wave_deadline_s=float(raw.get("wave_deadline_s", 3600.0)),
                 min_requests=int(raw.get("min_requests", 20)),
+                # rollouts stored before the no-data policy judged a gate without data as passed
+                on_no_data=str(raw.get("on_no_data", "pass")),
+                min_drift_requests=int(raw.get("min_drift_requests", 100)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"rollout spec is malformed: {exc}") from exc
@@ -230,7 +242,8 @@ class NodeObservation:
     """What the control plane knows of one matching node, for this rollout's model.
 
     `failure` is a failure the node reports about the rollout's version; `excluded` says why the rollout may not
-    reach the node at all (a placement policy rule, a pin, no variant for its profile), None when it may.
+    reach the node at all (a placement policy rule, a pin, no variant for its profile), None when it may; `drift`
+    is its drift against the version's reference since the wave started, None when the package has no reference.
     """
 
     node_id: str
@@ -243,7 +256,7 @@ class NodeObservation:
     serving: ServingCounters | None = None
     failure: Failure | None = None
     excluded: str | None = None
-    drift_psi: float | None = None
+    drift: DriftFigure | None = None
 
 
 # --- actions --------------------------------------------------------------------------------------------
@@ -508,20 +521,25 @@ def _population(
     members, activated, failed = _outcomes(state, wave)
     canary: list[ServingSample] = []
     baseline: list[ServingSample] = []
-    drift: list[float] = []
+    drift: list[DriftFigure] = []
+    referenced = False
+    baseline_nodes = 0
     for node_id, assignment in state.nodes.items() if with_serving else ():
         node = observations.get(node_id)
         if node is None or assignment.excluded is not None:
             continue
+        referenced = referenced or node.drift is not None
         on_target = assignment.released_at is not None and node.version == state.version
-        if on_target and node.drift_psi is not None:
-            drift.append(node.drift_psi)
+        if on_target and node.drift is not None:
+            drift.append(node.drift)
+        on_baseline = assignment.released_at is None and node.version is not None and node.version != state.version
+        baseline_nodes += on_baseline
         if node.serving is None:
             continue
         sample = ServingSample(node.profile, node.serving)
         if on_target:
             canary.append(sample)
-        elif assignment.released_at is None and node.version is not None and node.version != state.version:
+        elif on_baseline:
             baseline.append(sample)
     return Population(
         wave_members=members,
@@ -532,6 +550,9 @@ def _population(
         recorded_baseline=state.baseline,
         min_requests=state.spec.min_requests,
         canary_drift=tuple(drift),
+        drift_referenced=referenced,
+        min_drift_requests=state.spec.min_drift_requests,
+        baseline_nodes=baseline_nodes,
     )
 
 
@@ -607,11 +628,18 @@ def plan_rollout(state: RolloutState, observations: Mapping[str, NodeObservation
             actions.append(Note(waiting))
         return actions
     population = _population(state, observations, wave, with_serving=True)
-    results = tuple(evaluate_gates(state.spec.gates, population, wave))
-    actions.append(RecordGates(results, summarize_baseline(population)))
-    failed = next((r for r in results if not r.passed), None)
+    deadline = (state.wave_started_at if state.wave_started_at is not None else now) + state.spec.wave_deadline_s
+    results = tuple(evaluate_gates(state.spec.gates, population, wave, state.spec.on_no_data, now >= deadline))
+    if results != state.gate_results:
+        actions.append(RecordGates(results, summarize_baseline(population)))
+    failed = next((r for r in results if not r.passed and not r.waiting), None)
+    held = next((r for r in results if r.waiting), None)
     if failed is not None:
         actions.append(Halt(failed, state.spec.on_failure == "rollback", now))
+    elif held is not None:
+        message = f"wave {wave + 1}: gate {held.gate.text} waits for data until +{state.spec.wave_deadline_s:g}s"
+        if message != state.message:
+            actions.append(Note(message))
     elif wave + 1 < len(state.spec.waves):
         actions.append(StartWave(wave + 1, now))
         state = apply_actions(state, actions[-1:])

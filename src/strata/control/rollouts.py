@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, selectinload
 from strata.control.db import Database, ModelVersion, Node, Pin, Rollout, RolloutNode, runnable_version
 from strata.control.desired import ActiveDeployment
 from strata.control.feed import ChangeFeed
-from strata.control.gates import Baseline, GateResult
+from strata.control.gates import Baseline, DriftFigure, GateResult
 from strata.control.presence import PresenceTracker
 from strata.control.rollout_plan import (
     ACTIVE,
@@ -240,9 +240,10 @@ def observe(
     snapshot: FleetSnapshot,
     variants: tuple[VariantRef, ...],
     policies: Mapping[str, Policy],
-    drift: Mapping[str, float] | None = None,
+    drift: Mapping[str, DriftFigure] | None = None,
 ) -> dict[str, NodeObservation]:
-    """What the rollout's matching nodes report, as the planner takes it."""
+    """What the rollout's matching nodes report, as the planner takes it; `drift` None when the version's package
+    has no drift reference (a node missing from it has served nothing in the window)."""
     observations: dict[str, NodeObservation] = {}
     for node in snapshot.nodes:
         if not selector_matches(rollout.selector, node.labels):
@@ -265,7 +266,7 @@ def observe(
             serving=running.serving if running else None,
             failure=failure,
             excluded=exclusion(node, rollout.model, rollout.version, variants, policies, snapshot.pins),
-            drift_psi=(drift or {}).get(node.id),
+            drift=None if drift is None else drift.get(node.id, DriftFigure(None, 0)),
         )
     return observations
 
@@ -298,8 +299,8 @@ class RolloutService:
         # Called first in every transaction that reads and writes rollouts: one at a time across replicas.
         self.serialize: Callable[[Session], None] | None = None
         self._parsed: dict[str, tuple[str, NodeStatus | None]] = {}
-        # Node id -> largest PSI of (model, version) since a time: telemetry's drift figures, when wired in.
-        self.drift: Callable[[str, str, float], Mapping[str, float]] | None = None
+        # Node id -> drift of (model, version) since a time (None: no reference): telemetry's, when wired in.
+        self.drift: Callable[[str, str, float], Mapping[str, DriftFigure] | None] | None = None
 
     # --- operator calls ---------------------------------------------------------------------------------
 

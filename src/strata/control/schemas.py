@@ -330,6 +330,15 @@ class RolloutRequest(BaseModel):
     on_failure: str = Field("rollback", json_schema_extra={"enum": ["rollback", "pause"]})
     wave_deadline_seconds: float = Field(3600, ge=0, description="offline nodes stop holding a wave after this")
     min_requests: int = Field(20, ge=1, description="requests a node needs before its latency and errors count")
+    on_no_data: str = Field(
+        "hold",
+        json_schema_extra={"enum": ["hold", "pass", "fail"]},
+        description="a gate without enough data: hold the wave until its deadline, then fail (hold); pass, saying "
+        "it was not judged (pass); fail at once (fail). A gate's own `on-no-data=` wins",
+    )
+    min_drift_requests: int = Field(
+        100, ge=1, description="requests a canary node needs in the drift window before its PSI counts"
+    )
 
 
 class RolloutNodeBody(BaseModel):

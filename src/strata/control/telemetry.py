@@ -28,6 +28,7 @@ from strata.control.db import (
     TelemetryMinute,
     Variant,
 )
+from strata.control.gates import DriftFigure
 from strata.core.errors import Conflict, Forbidden, NotFound
 from strata.core.telemetry import (
     BUCKETS,
@@ -358,10 +359,12 @@ class TelemetryService:
                 out[version] = tuple(drift_references(manifest["drift"]))
         return out
 
-    def max_psi_by_node(self, model: str, version: str, since: float, min_samples: int = 200) -> dict[str, float]:
-        """Node id -> the largest PSI over the version's tensors since `since`, for rollout drift gates.
-
-        Tensors with fewer than `min_samples` counted values on a node are left out (too little evidence).
+    def drift_by_node(
+        self, model: str, version: str, since: float, min_samples: int = 200
+    ) -> dict[str, DriftFigure] | None:
+        """Node id -> its drift since `since`, for rollout drift gates: the largest PSI over the version's tensors,
+        and the requests it served in that window (what the PSI rests on). None when the version's package has no
+        drift reference. A tensor with fewer than `min_samples` counted values on a node is left out.
 
         Raises:
             StoreError: the database failed.
@@ -369,12 +372,23 @@ class TelemetryService:
         first_minute = int(since // 60)
         with self._db.transaction() as session:
             references = self._references(session, model).get(version, ())
+            if not references:
+                return None
             rows = session.execute(
                 select(TelemetryDrift.node_id, TelemetryDrift.tensor, TelemetryDrift.counts).where(
                     TelemetryDrift.model == model,
                     TelemetryDrift.version == version,
                     TelemetryDrift.minute >= first_minute,
                 )
+            ).all()
+            served = session.execute(  # answered requests: each one adds to the drift counts
+                select(TelemetryMinute.node_id, func.sum(TelemetryMinute.requests - TelemetryMinute.errors))
+                .where(
+                    TelemetryMinute.model == model,
+                    TelemetryMinute.version == version,
+                    TelemetryMinute.minute >= first_minute,
+                )
+                .group_by(TelemetryMinute.node_id)
             ).all()
         counts: dict[tuple[str, str], list[int]] = {}
         for node_id, tensor, values in rows:
@@ -389,7 +403,10 @@ class TelemetryService:
             for (node_id, tensor), live in counts.items():
                 if tensor == reference.tensor and sum(live) >= min_samples and len(live) == len(reference.counts):
                     worst[node_id] = max(worst.get(node_id, 0.0), psi(reference.counts, live))
-        return worst
+        requests = {node_id: int(total or 0) for node_id, total in served}
+        return {
+            node_id: DriftFigure(worst.get(node_id), requests.get(node_id, 0)) for node_id in requests.keys() | worst
+        }
 
     def totals(self) -> dict[tuple[str, str, str], tuple[int, int]]:
         """(node name, model, version) -> (requests, errors) over all stored minutes, for /metrics.

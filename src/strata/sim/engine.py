@@ -524,6 +524,7 @@ class Simulation:
             on_failure=plan_spec.on_failure,
             wave_deadline_s=plan_spec.wave_deadline_s,
             min_requests=plan_spec.min_requests,
+            on_no_data=plan_spec.on_no_data,
         )
         self.rollout = RolloutState(
             id=1, model="model", version=self.target, selector={}, spec=spec, created_at=self.now

@@ -22,7 +22,8 @@ the rollout to run. Every field has a default, so a scenario states only what it
       policy: {allowed_regions: ["eu-*"]}        # optional placement policy of every version
     versions:
       "2": {fails_on_profiles: [arm64-neon-dotprod], latency_factor: 1.0, error_rate: 0.0}
-    rollout: {version: "2", start: 30m, waves: "1%,10%,50%,100%", bake: 30m, wave_deadline: 2h, gates: []}
+    rollout: {version: "2", start: 30m, waves: "1%,10%,50%,100%", bake: 30m, wave_deadline: 2h, gates: [],
+              on_no_data: hold}               # a gate without enough data: hold (until the deadline), pass, fail
     faults:
       lost_during_update: 0.0      # share of nodes that vanish for good while downloading the new version
     agent: {probation: 60s}
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from strata.control.gates import parse_gate
+from strata.control.gates import check_no_data_policy, parse_gate
 from strata.control.rollout_plan import parse_waves
 from strata.core.errors import ConfigError, ProfileError
 from strata.core.policy import Policy, PolicyError
@@ -188,6 +189,7 @@ class RolloutPlan:
     gates: tuple[str, ...] = ()
     on_failure: str = "rollback"
     min_requests: int = 20
+    on_no_data: str = "hold"
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,7 @@ class Scenario:
             gates=tuple(str(g) for g in rollout.get("gates") or ()),
             on_failure=str(rollout.get("on_failure", "rollback")),
             min_requests=int(rollout.get("min_requests", 20)),
+            on_no_data=check_no_data_policy(str(rollout.get("on_no_data", "hold")), "rollout.on_no_data"),
         )
         versions.setdefault(plan.version, VersionFaults())
         parse_waves(plan.waves)  # fail on a bad rollout now, not in the middle of a run

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 from control_harness import Harness, NodeCredentials, StartServer
 
 from strata.control.settings import ServerSettings
+from strata.core.package import build_package, tar_bytes
+from strata.core.telemetry import DriftRow, MinuteRow, TelemetryBatch, encode_batch
 from strata.core.wire import DesiredState
+from strata.examples.digits import load_data
 
 DIGEST = {"1": "sha256:" + "1" * 64, "2": "sha256:" + "2" * 64, "3": "sha256:" + "3" * 64}
 
@@ -302,3 +306,65 @@ def test_a_policy_keeps_a_model_off_nodes_even_when_deployed_there_directly(
     rejected = server.upload(make_package(version="4", policy=bad_rule))
     assert rejected.status_code == 422
     assert "broken" in rejected.json()["error"]
+
+
+def test_a_single_request_canary_is_not_judged_for_drift_and_no_data_never_passes(
+    server: Harness, make_package: Callable[..., bytes], digits_onnx: Path, tmp_path: Path
+) -> None:
+    """Issue 17: a canary smoke-tested with one request showed PSI 4.0 and rolled the rollout back, while the
+    latency gate, without data, was recorded as passed. A gate now needs enough requests to judge, and without
+    them holds the wave (the default policy) and says so; once traffic comes, the wave is judged and goes on."""
+    assert server.upload(make_package(version="1")).status_code == 201
+    sample = {"X": load_data().test_x[:300]}
+    package = build_package(digits_onnx, tmp_path / "pkg", name="digits", version="2", sample=sample)
+    assert server.upload(tar_bytes(package)).status_code == 201
+    reference = next(t for t in package.manifest.drift["tensors"] if t["tensor"] == "X")
+    fleet = Fleet(server, 4)
+    server.deploy("digits", "1", {"fleet": "t"})
+    fleet.converge()
+    created = create(server, waves="1", selector={"fleet": "t"})
+    canary = next(n for n, (node, _) in fleet.nodes.items() if models(server, node)["digits"] == "2")
+    node = fleet.nodes[canary][0]
+
+    def telemetry(seq: int, requests: int, counts: list[int]) -> None:
+        minute = int(server.clock.now // 60)
+        rows = [MinuteRow("digits", "2", package.manifest.variant, minute, requests)]
+        batch = TelemetryBatch(
+            node.node_id, seq, 0.0, minutes=rows, drift=[DriftRow("digits", "2", minute, "X", counts)]
+        )
+        response = server.client.post(
+            f"/v1/nodes/{node.node_id}/telemetry",
+            content=encode_batch(batch),
+            headers={**node.headers, "Content-Type": "application/vnd.strata.telemetry+zstd"},
+        )
+        assert response.status_code == 200, response.text
+
+    # The smoke test: one fixed request whose values all fall in one bin (what made PSI 4.0), 256 of them (a larger
+    # input than digits' 64): more than the 200 values a tensor needs, yet one request is no sample of the traffic.
+    smoke = [0] * len(reference["counts"])
+    smoke[0] = 256
+    telemetry(1, 1, smoke)
+    fleet.converge(**{canary: {"requests": 1}})
+    server.plane.rollouts.tick()
+    server.clock.advance(61)
+    server.plane.rollouts.tick()
+    status = rollout(server, created["id"])
+    assert status["status"] == "running", status["message"]
+    assert status["message"].startswith("wave 1: gate ")
+    assert "waits for data" in status["message"]
+    gates = {g["metric"]: g for g in status["gate_results"]}
+    assert (gates["drift_psi"]["value"], gates["drift_psi"]["verdict"]) == (None, "no_data")
+    assert "no canary node has served 100 requests since the wave started (the most: 1" in gates["drift_psi"]["detail"]
+    latency = gates["p95_latency_ratio"]
+    assert (latency["value"], latency["passed"], latency["verdict"]) == (None, False, "no_data")
+
+    # Real traffic, shaped like the reference: the wave is judged on it and the rollout goes on.
+    telemetry(2, 300, [int(c) for c in reference["counts"]])
+    fleet.converge(**{canary: {"requests": 300}})
+    server.plane.rollouts.tick()
+    status = rollout(server, created["id"])
+    gates = {g["metric"]: g for g in status["gate_results"]}
+    assert gates["drift_psi"]["verdict"] == "pass", gates["drift_psi"]
+    assert gates["drift_psi"]["value"] < 0.05
+    assert gates["p95_latency_ratio"]["verdict"] == "pass"
+    assert status["wave"] == 2

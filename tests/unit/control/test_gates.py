@@ -8,13 +8,16 @@ import pytest
 
 from strata.control.gates import (
     DEFAULT_GATES,
+    METRICS,
     Baseline,
+    DriftFigure,
     Gate,
     GateResult,
     Population,
     ServingSample,
     doomed,
     evaluate_gates,
+    judge,
     merge_gates,
     parse_gate,
     summarize_baseline,
@@ -71,8 +74,7 @@ def test_activation_success_rate_and_knowing_early_that_it_cannot_pass() -> None
     assert stop is not None
     assert not stop.passed
     nobody = evaluate_gates([gate], population(activated=0, failed=0), 0)[0]
-    assert nobody.passed
-    assert nobody.value is None
+    assert (nobody.value, nobody.verdict, nobody.passed) == (None, "no_data", False)
 
 
 def test_latency_ratio_is_judged_per_profile_and_the_worst_counts() -> None:
@@ -91,7 +93,8 @@ def test_nodes_with_too_little_traffic_do_not_count() -> None:
     baseline = (sample("avx2", 4.0),)
     latency = by_metric(evaluate_gates(DEFAULT_GATES, population(canary=canary, baseline=baseline), 0))
     assert latency["p95_latency_ratio"].value is None
-    assert latency["p95_latency_ratio"].passed
+    assert latency["p95_latency_ratio"].waiting
+    assert "no canary node has served 20 requests yet" in latency["p95_latency_ratio"].detail
 
 
 def test_error_rates_and_the_recorded_baseline_when_no_baseline_node_is_left() -> None:
@@ -118,13 +121,62 @@ def test_profiles_that_do_not_overlap_fall_back_to_the_overall_medians() -> None
     assert "no profile on both sides" in latency["p95_latency_ratio"].detail
 
 
-def test_drift_gate_takes_the_worst_canary_node() -> None:
+def test_drift_gate_takes_the_worst_canary_node_with_enough_requests() -> None:
     gate = parse_gate("drift_psi<=0.25")
-    quiet = evaluate_gates([gate], population(), 0)[0]
-    assert quiet.passed
-    assert quiet.value is None
-    assert "no data" in quiet.detail
-    shifted = replace(population(), canary_drift=(0.02, 0.41, 0.05))
+    unreferenced = evaluate_gates([gate], population(), 0)[0]
+    assert (unreferenced.verdict, unreferenced.passed) == ("not_applicable", True)
+    assert "no drift reference" in unreferenced.detail
+    figures = (DriftFigure(0.02, 500), DriftFigure(0.41, 300), DriftFigure(0.05, 120), DriftFigure(3.9, 40))
+    shifted = population(canary_drift=figures, drift_referenced=True)
     result = evaluate_gates([gate], shifted, 0)[0]
-    assert (result.value, result.passed) == (0.41, False)
-    assert "3 canary nodes" in result.detail
+    assert (result.value, result.verdict) == (0.41, "fail")  # the 40-request node's 3.9 is no evidence
+    assert "3 canary nodes with 100+ requests" in result.detail
+
+
+def test_one_smoke_request_is_not_evidence_of_drift() -> None:
+    """Issue 17: a canary smoke-tested with one fixed request showed PSI 4.0; that is not enough data to judge."""
+    gate = parse_gate("drift_psi<=0.25")
+    smoke = population(canary_drift=(DriftFigure(4.005, 1),), drift_referenced=True)
+    result = evaluate_gates([gate], smoke, 0)[0]
+    assert (result.value, result.verdict, result.passed) == (None, "no_data", False)
+    assert "no canary node has served 100 requests since the wave started (the most: 1" in result.detail
+    assert evaluate_gates([gate], replace(smoke, min_drift_requests=1), 0)[0].verdict == "fail"
+
+
+def test_the_no_data_policy_decides_and_never_passes_silently() -> None:
+    gate = parse_gate("p95_latency_ratio<=1.5")
+    quiet = population(canary=(sample("avx2", 40.0, requests=3),), baseline=(sample("avx2", 4.0),))
+    verdicts = {
+        (policy, late): evaluate_gates([gate], quiet, 0, policy, late)[0] for policy in ("hold", "pass", "fail")
+        for late in (False, True)
+    }  # fmt: skip
+    assert verdicts[("hold", False)].verdict == "no_data"
+    assert verdicts[("hold", True)].verdict == "fail_no_data"
+    assert "by the wave's deadline" in verdicts[("hold", True)].detail
+    assert {verdicts[("pass", late)].verdict for late in (False, True)} == {"pass_no_data"}
+    assert verdicts[("pass", False)].detail.startswith("NOT JUDGED")
+    assert {verdicts[("fail", late)].verdict for late in (False, True)} == {"fail_no_data"}
+    assert all(r.value is None for r in verdicts.values())
+    for result in verdicts.values():  # whatever the verdict, the record says the gate had no data
+        assert result.verdict != "pass"
+        assert GateResult.from_json(result.to_json()) == result
+
+    own = parse_gate("p95_latency_ratio<=1.5 on-no-data=pass")  # a gate's own policy wins over the rollout's
+    assert own == Gate("p95_latency_ratio", "<=", 1.5, "pass")
+    assert parse_gate(own.text) == own
+    assert Gate.from_json(own.to_json()) == own
+    assert evaluate_gates([own], quiet, 0, "fail")[0].verdict == "pass_no_data"
+    with pytest.raises(ConfigError, match="on-no-data must be one of hold, pass, fail"):
+        parse_gate("p95_latency_ratio<=1.5 on-no-data=maybe")
+
+    first = population(canary=(sample("avx2", 4.0),), baseline_nodes=0)  # no node left on an earlier version
+    latency = evaluate_gates([gate], first, 0)[0]
+    assert (latency.verdict, latency.passed) == ("not_applicable", True)
+    assert judge(gate, METRICS["p95_latency_ratio"](quiet), "hold", waited_out=False)[0] == "no_data"
+
+
+def test_a_result_recorded_before_verdicts_says_it_passed_without_data() -> None:
+    raw = {"metric": "p95_latency_ratio", "op": "<=", "threshold": 1.5, "wave": 0, "value": None, "passed": True}
+    assert GateResult.from_json(raw).verdict == "pass_no_data"
+    assert GateResult.from_json({**raw, "value": 1.2}).verdict == "pass"
+    assert GateResult.from_json({**raw, "value": 2.0, "passed": False}).verdict == "fail"

@@ -234,16 +234,40 @@ def test_latency_and_error_gates_compare_canary_with_baseline_per_profile() -> N
     assert state.failed_gate.value == pytest.approx(0.05)
 
 
-def test_quiet_canaries_pass_the_serving_gates_for_want_of_data_and_say_so() -> None:
+def test_quiet_canaries_hold_the_wave_until_its_deadline_then_fail_for_want_of_data() -> None:
+    """Issue 17: a gate without data neither passes silently nor judges: by default it holds the wave, and fails
+    it, saying why, once the wave's deadline (600 s here) has passed."""
     observations = fleet(10)
     state = step(rollout("2,100%"), observations, 0.0)
     take(observations, state, requests=3, p95=40.0)
     state = step(step(state, observations, 1.0), observations, 61.0)
+    assert (state.status, state.wave) == ("running", 0)
+    assert state.message.startswith("wave 1: gate error_rate_delta<=0.01 waits for data until +600s")
+    latency = next(r for r in state.gate_results if r.gate.metric == "p95_latency_ratio")
+    assert (latency.value, latency.verdict, latency.passed) == (None, "no_data", False)
+    take(observations, state, requests=3, p95=40.0)
+    assert step(state, observations, 599.0).status == "running"
+    failed = step(state, observations, 600.0)
+    assert failed.status == "rolled_back"
+    assert failed.failed_gate is not None
+    assert failed.failed_gate.verdict == "fail_no_data"
+    assert "not enough data by the wave's deadline" in failed.message
+
+    # Traffic that arrives while the wave holds lets it be judged on data.
+    take(observations, state, requests=300, p95=4.0)
+    state = step(state, observations, 300.0)
+    assert state.wave == 1
+    assert {r.verdict for r in state.gate_results} == {"pass", "not_applicable"}  # drift: no reference
+
+    # The operator may choose to let the wave go on: the result then says it was not judged.
+    observations = fleet(10)
+    state = step(rollout("2,100%", on_no_data="pass"), observations, 0.0)
+    take(observations, state, requests=3, p95=40.0)
+    state = step(step(state, observations, 1.0), observations, 61.0)
     assert state.wave == 1
     latency = next(r for r in state.gate_results if r.gate.metric == "p95_latency_ratio")
-    assert latency.passed
-    assert latency.value is None
-    assert latency.detail.startswith("no data")
+    assert (latency.value, latency.verdict, latency.passed) == (None, "pass_no_data", True)
+    assert latency.detail.startswith("NOT JUDGED")
 
 
 def test_kept_out_nodes_are_in_no_wave_and_come_back_when_nothing_keeps_them_out() -> None:

@@ -30,6 +30,8 @@ def create_rollout(body: RolloutRequest, plane: Plane, _admin: Admin) -> Rollout
         on_failure=body.on_failure,
         wave_deadline_s=body.wave_deadline_seconds,
         min_requests=body.min_requests,
+        on_no_data=body.on_no_data,
+        min_drift_requests=body.min_drift_requests,
     )
     return plane.rollouts.create(body.model, body.version, body.selector, spec)
 

@@ -1,0 +1,44 @@
+"""The agent loop's own decisions: how long a poll may wait (the reconciler is a small stand-in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from strata.agent.client import ControlPlaneClient
+from strata.agent.config import AgentConfig
+from strata.agent.loop import AgentLoop
+from strata.agent.transport import H11Transport
+from strata.core.errors import TransportError
+
+
+class CutReconciler:
+    """Converges by failing once with a transport error (a download cut mid-way), then succeeding."""
+
+    def __init__(self) -> None:
+        self.state = SimpleNamespace(failures={})
+        self.cuts = 1
+
+    def converge(self, desired: object) -> int:
+        if self.cuts:
+            self.cuts -= 1
+            raise TransportError("connection reset mid-download")
+        return 0
+
+    def probation_due(self) -> float | None:
+        return None
+
+
+def test_a_cut_convergence_makes_the_next_poll_not_wait(tmp_path: Path) -> None:
+    """A download cut off (or a start-up convergence that could not finish) resumes on the next round at once,
+    not after a quiet long poll (issue 17)."""
+    config = AgentConfig(server="https://cp.example", data_dir=tmp_path, name="n1", tier="device", poll_wait_s=30)
+    loop = AgentLoop(config, ControlPlaneClient(config.server, H11Transport()), CutReconciler())
+    assert loop.poll_wait() == 30
+    with pytest.raises(TransportError):
+        loop.converge()
+    assert loop.poll_wait() == 0
+    loop.converge()
+    assert loop.poll_wait() == 30
