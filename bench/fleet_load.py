@@ -19,7 +19,7 @@ Phases, all in one run (ratios, not absolute times: the machine is shared):
 3. deploy: `POST /v1/deployments` of a new version to the whole fleet; the time until 50%, 99% and 100% of
    the nodes' long polls have returned the new ETag.
 
-    python bench/fleet_load.py --nodes 1000 [--db URL] [--replicas 2] [--window 60] [--load-processes 1]
+    python bench/fleet_load.py --nodes 1000 [--db URL | --postgres] [--replicas 2] [--window 60] [--load-processes 1]
 """
 
 from __future__ import annotations
@@ -601,6 +601,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--ramp", type=float, default=None, help="spread node starts over this (default: max(hb, N/80))"
     )
     parser.add_argument("--db", default=None, help="database URL passed to every `strata server` (default SQLite)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="start a throwaway PostgreSQL cluster (Debian's binaries, strata.testing.postgres) and "
+                             "use it as --db")  # fmt: skip
     parser.add_argument("--replicas", type=int, default=1, help="server processes; nodes spread round-robin")
     parser.add_argument("--status", choices=("every", "changed"), default="every",
                         help="PUT status on every heartbeat, or only when it changed (as the agent does)")  # fmt: skip
@@ -616,7 +619,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         # A node's first TLS handshake and full fetch cost the server ~10 ms of CPU: ~80 new nodes a second keeps
         # a shared core from refusing handshakes (measured; a faster ramp gets ConnectionAbortedError retries).
         args.ramp = max(args.heartbeat, args.nodes / 80)
-    print(json.dumps(run(args), indent=2))
+    if args.postgres:
+        from strata.testing.postgres import PostgresCluster
+
+        with PostgresCluster.start() as cluster:
+            args.db = cluster.create_database("strata")
+            report = run(args)
+            report["db"] = "postgresql (throwaway cluster, strata.testing.postgres)"
+    else:
+        report = run(args)
+    print(json.dumps(report, indent=2))
     sys.stdout.flush()
 
 
