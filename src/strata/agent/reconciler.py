@@ -52,7 +52,7 @@ from strata.core.errors import (
 from strata.core.package import Manifest
 from strata.core.policy import NodeFacts
 from strata.core.profiles import Profile
-from strata.core.wire import DesiredState, Failure, ModelStatus, NodeStatus, ServingCounters, VariantRef
+from strata.core.wire import DesiredState, FailureKind, ModelStatus, NodeStatus, ServingCounters, VariantRef
 
 log = logging.getLogger("strata.agent")
 
@@ -66,7 +66,7 @@ class PlacementRefused(StrataError):
     http_status = 403
 
 
-def supply_kind(exc: SignatureError | MetadataError) -> str:
+def supply_kind(exc: SignatureError | MetadataError) -> FailureKind:
     """The failure kind of a supply-chain refusal: `signature` or `tuf`."""
     return "signature" if isinstance(exc, SignatureError) else "tuf"
 
@@ -155,7 +155,7 @@ class Reconciler:
                     raise  # nothing can be opened: keep the slots as they are and say why the agent stops
                 except StrataError as exc:
                     log.error("model %s %s (%s) cannot be served: %s", name, slot.version, slot.digest[:19], exc)
-                    kind = "policy" if isinstance(exc, PlacementRefused) else "health"
+                    kind: FailureKind = "policy" if isinstance(exc, PlacementRefused) else "health"
                     failure = self._failure(name, slot.version, slot.variant, str(exc), kind)
                     state = state.with_failure(slot.digest, failure)
                     continue
@@ -442,12 +442,12 @@ class Reconciler:
     def _drop_snapshots(self, model: str) -> None:
         self._snapshots = {k: v for k, v in self._snapshots.items() if k[0] != model}
 
-    def _failure(self, model: str, version: str, variant: str | None, reason: str, kind: str) -> FailureRecord:
+    def _failure(self, model: str, version: str, variant: str | None, reason: str, kind: FailureKind) -> FailureRecord:
         return FailureRecord(
             model=model, version=version, variant=variant, reason=reason, at=self.clock(), attempts=1, kind=kind
         )
 
-    def _fail(self, key: str, model: str, version: str, variant: str | None, reason: str, kind: str) -> None:
+    def _fail(self, key: str, model: str, version: str, variant: str | None, reason: str, kind: FailureKind) -> None:
         previous = self.state.failures.get(key)
         attempts = previous.attempts + 1 if previous else 1
         log.error("%s %s (%s) failed, keeping what is active: %s", model, version, variant, reason)
@@ -492,18 +492,6 @@ class Reconciler:
                     probation="running" if name in self.state.probation else "passed",
                 )
             )
-        failures = [
-            Failure(
-                model=r.model,
-                version=r.version,
-                variant=r.variant,
-                reason=r.reason,
-                at=r.at,
-                attempts=r.attempts,
-                kind=r.kind,
-            )
-            for _, r in sorted(self.state.failures.items())
-        ]
         return NodeStatus(
             tier=self.identity.tier,
             labels=self.identity.labels,
@@ -511,7 +499,7 @@ class Reconciler:
             emulated=self.identity.emulated,
             agent_version=__version__,
             models=tuple(models),
-            failures=tuple(failures),
+            failures=tuple(record for _, record in sorted(self.state.failures.items())),
             desired_etag=desired_etag,
             serve_url=self.identity.serve_url,
             supply=self.supply.mode if self.supply is not None else None,

@@ -50,6 +50,7 @@ from strata.core.package import (
     safe_relative_path,
     verify_package,
 )
+from strata.core.wire import Failure, ProtocolError
 
 log = logging.getLogger("strata.agent")
 
@@ -99,41 +100,9 @@ class ModelSlots:
         return cls(active=SlotRef.from_json(raw["active"]), previous=SlotRef.from_json(previous) if previous else None)
 
 
-@dataclass(frozen=True)
-class FailureRecord:
-    """A target that failed (download, verification, load or health check), and when to try it again."""
-
-    model: str
-    version: str
-    variant: str | None
-    reason: str
-    at: float
-    attempts: int
-    kind: str = "other"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "version": self.version,
-            "variant": self.variant,
-            "reason": self.reason,
-            "at": self.at,
-            "attempts": self.attempts,
-            "kind": self.kind,
-        }
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> FailureRecord:
-        variant = raw.get("variant")
-        return cls(
-            model=str(raw["model"]),
-            version=str(raw["version"]),
-            variant=str(variant) if variant is not None else None,
-            reason=str(raw["reason"]),
-            at=float(raw["at"]),
-            attempts=int(raw["attempts"]),
-            kind=str(raw.get("kind", "other")),
-        )
+# A target that failed (download, verification, load or health check): the status report's record, kept as is in
+# state.json (one shape on disk and on the wire, so every kind the agent records reaches the control plane).
+FailureRecord = Failure
 
 
 @dataclass(frozen=True)
@@ -190,7 +159,7 @@ class NodeState:
     def from_json(cls, raw: Mapping[str, Any]) -> NodeState:
         return cls(
             models={name: ModelSlots.from_json(s) for name, s in raw.get("models", {}).items()},
-            failures={key: FailureRecord.from_json(f) for key, f in raw.get("failures", {}).items()},
+            failures={key: Failure.from_json(f) for key, f in raw.get("failures", {}).items()},
             probation={name: ProbationRecord.from_json(p) for name, p in raw.get("probation", {}).items()},
         )
 
@@ -275,7 +244,7 @@ class ArtifactStore:
             return NodeState.from_json(raw)
         except FileNotFoundError:
             return NodeState()
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, ProtocolError):
             # os.replace makes a torn write impossible; this is damage from outside. Keep it for a person.
             with contextlib.suppress(OSError):
                 self.state_path.rename(self.state_path.with_suffix(".corrupt"))

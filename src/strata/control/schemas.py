@@ -6,12 +6,12 @@ those dataclasses before a service sees them, and services return dataclasses th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from strata.control.fleet import MAX_ENROLLMENT_TTL_S, TokenBinding
-from strata.core.wire import TIERS, EnrollRequest
+from strata.core.wire import TIERS, EnrollRequest, FailureKind, failure_kind
 
 
 class HealthBody(BaseModel):
@@ -153,15 +153,22 @@ class ModelStatusBody(BaseModel):
     probation: str | None = Field(None, json_schema_extra={"enum": ["running", "passed"]})
 
 
+def _known_kind(value: object) -> object:
+    """A failure kind this server does not know (from a newer agent) reads as "other", as on the wire."""
+    return failure_kind(value) if isinstance(value, str) else value
+
+
 class FailureBody(BaseModel):
+    """`strata.core.wire.Failure`, field by field (tests/unit/test_wire_schemas.py holds the two together)."""
+
     model: str
     version: str
     variant: str | None = None
     reason: str
     at: float
     attempts: int = 1
-    kind: str = Field(
-        "other", description="download, package, health, probation, policy, no-variant, signature, tuf or other"
+    kind: Annotated[FailureKind, BeforeValidator(_known_kind)] = Field(
+        "other", description="why the node could not take it (a kind this server does not know reads as other)"
     )
 
 

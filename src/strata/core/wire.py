@@ -9,7 +9,7 @@ from __future__ import annotations
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar, get_args
 
 from strata.core.errors import StrataError
 from strata.core.hashing import digest_json, is_hex_sha256
@@ -471,15 +471,25 @@ class ModelStatus:
 # "probation" one that the node activated, then rolled back by itself; "policy" and "no-variant" say the version
 # may not or cannot run on this node at all (the node is out of a rollout, not a failure of it). "signature": the
 # package is unsigned or not signed by a release key the node pinned; "tuf": the TUF metadata vouching for it was
-# refused (stale, rolled back, mixed, too large, or the director and image repositories disagree).
-FAILURE_KINDS: Final = (
-    "download", "package", "health", "probation", "policy", "no-variant", "signature", "tuf", "other",
-)  # fmt: skip
+# refused (stale, rolled back, mixed, too large, or the director and image repositories disagree); "vault": the
+# node's vault worker, which holds the key to its encrypted packages, could not start or stopped answering.
+FailureKind = Literal[
+    "download", "package", "health", "probation", "policy", "no-variant", "signature", "tuf", "vault", "other",
+]  # fmt: skip
+FAILURE_KINDS: Final[tuple[FailureKind, ...]] = get_args(FailureKind)
+_FAILURE_KIND: Final[Mapping[str, FailureKind]] = {kind: kind for kind in FAILURE_KINDS}
+
+
+def failure_kind(text: str) -> FailureKind:
+    """A reported kind as one this side knows: a kind it does not (from a newer agent) reads as "other", so a report
+    is never refused for it."""
+    return _FAILURE_KIND.get(text, "other")
 
 
 @dataclass(frozen=True)
 class Failure:
-    """A version the node could not take, and why (it keeps serving what it had)."""
+    """A version the node could not take, and why (it keeps serving what it had). The agent keeps the same record
+    in its state file, with `attempts` telling it when to try again."""
 
     model: str
     version: str
@@ -487,7 +497,7 @@ class Failure:
     reason: str
     at: float
     attempts: int = 1
-    kind: str = "other"
+    kind: FailureKind = "other"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -515,7 +525,7 @@ class Failure:
             reason=_req(obj, "reason", str, what),
             at=float(at),
             attempts=_opt(obj, "attempts", int, what, 1),
-            kind=kind if kind in FAILURE_KINDS else "other",
+            kind=failure_kind(kind),
         )
 
 
