@@ -73,7 +73,6 @@ class Principal:
 
 
 ADMIN = Principal()
-READER = Principal(scope=READ_SCOPE)
 
 
 class Access(enum.Enum):

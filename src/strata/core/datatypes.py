@@ -64,18 +64,6 @@ def oip_from_ort(type_string: str) -> str:
         ) from None
 
 
-def numpy_dtype(datatype: str) -> np.dtype[np.generic]:
-    """The numpy dtype for an Open Inference Protocol datatype.
-
-    Raises:
-        BadRequest: the datatype is unknown or has no numpy form (BF16).
-    """
-    try:
-        return OIP_TO_NUMPY[datatype]
-    except KeyError:
-        raise BadRequest(f"unsupported datatype {datatype!r}") from None
-
-
 def oip_from_numpy(dtype: np.dtype[np.generic]) -> str:
     """The Open Inference Protocol datatype for a numpy dtype (object and string arrays are BYTES).
 

@@ -395,11 +395,6 @@ def evaluate(policy: Policy, model: ModelFacts, node: NodeFacts) -> Decision:
     return check_rules(policy, model, node)
 
 
-def policy_of(raw: Any) -> Policy:
-    """`Policy.from_json`, for a manifest's policy field that was verified before (tolerates None)."""
-    return Policy.from_json(raw or {})
-
-
 def load_policy_file(text: str) -> Policy:
     """Parse a policy file (YAML, or JSON, which is YAML too) and check its rules compile.
 

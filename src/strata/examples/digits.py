@@ -66,8 +66,3 @@ def train_digits(out: Path, hidden: int = 64, seed: int = 0, max_iter: int = 200
     write_bytes_atomic(out, onnx_model.SerializeToString())
     return float(model.score(data.test_x, data.test_y))
 
-
-def write_samples(out: Path, count: int = 64) -> None:
-    """Sample inputs (from the test split) as an npz keyed by the model's input name."""
-    data = load_data()
-    np.savez(out, X=data.test_x[:count])
