@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from strata.cli.client import ControlClient
+from strata.control_client import ControlClient
 from strata.core.errors import StrataError
 
 T = TypeVar("T")

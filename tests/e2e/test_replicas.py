@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from strata.cli.client import ControlClient
+from strata.control_client import ControlClient
 from strata.core.attest import Report, strata_code_hash
 from strata.core.package import build_package, pack_tar
 from strata.localfleet import LocalFleet

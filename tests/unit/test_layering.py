@@ -1,5 +1,7 @@
-"""The house rules on imports, checked on the source: agent and control never import each other, and the
-tiered-routing client stays out of both (its gateway borrows only the agent's generic HTTP server and metrics)."""
+"""The house rules on imports, checked on the source: agent and control never import each other, the
+tiered-routing client stays out of both (its gateway borrows only the agent's generic HTTP server and metrics),
+`core` imports nothing above it, and the libraries the CLI runs (the local fleet, the control-plane client) do not
+import the CLI."""
 
 from __future__ import annotations
 
@@ -13,15 +15,19 @@ ROUTE_MAY_USE_FROM_AGENT = {"strata.agent.httpd", "strata.agent.metrics"}
 
 
 def imports_of(package: str) -> dict[str, set[str]]:
-    """Every strata module each module of `package` imports (at any depth, module load or not)."""
+    """Every strata module each module of `package` (a folder under src/strata, or one module file there) imports,
+    at any depth, module load or not; `from strata import x` counts as importing `strata.x`."""
     found: dict[str, set[str]] = {}
-    for path in sorted((SRC / package).rglob("*.py")):
+    root = SRC / package
+    for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
         names: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 names.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names.add(node.module)
+                if node.module == "strata":
+                    names.update(f"strata.{alias.name}" for alias in node.names)
         found[str(path.relative_to(SRC.parent))] = {n for n in names if n.startswith("strata.")}
     return found
 
@@ -42,3 +48,28 @@ def test_route_imports_neither_control_nor_agent_internals() -> None:
     assert offenders == {}
     router = imports_of("route")["strata/route/router.py"]
     assert not any(n.startswith("strata.agent") for n in router)  # the client alone needs no agent code at all
+
+
+def above_core() -> set[str]:
+    """Every top-level package and module of strata but `core` (and the root's `__version__`)."""
+    packages = {p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.stem for p in SRC.glob("*.py") if not p.name.startswith("__")}
+    return {f"strata.{name}" for name in packages | modules} - {"strata.core"}
+
+
+@pytest.mark.parametrize("package", ["core", "control_client.py"])
+def test_core_and_the_control_client_import_nothing_above_core(package: str) -> None:
+    above = above_core()
+    assert {"strata.agent", "strata.control", "strata.cli", "strata.sim", "strata.localfleet"} <= above
+    offenders = {}
+    for module, names in imports_of(package).items():
+        bad = {n for n in names if any(n == a or n.startswith(a + ".") for a in above)}
+        if bad:
+            offenders[module] = bad
+    assert offenders == {}
+
+
+def test_the_local_fleet_does_not_import_the_cli_that_runs_it() -> None:
+    (names,) = imports_of("localfleet.py").values()
+    assert "strata.control_client" in names
+    assert not any(n.startswith("strata.cli") for n in names)

@@ -21,7 +21,7 @@ STATUS = {"tier": "device", "labels": {}, "profile": "cpu-generic"}
 
 
 def test_failure_kinds_are_the_literal_and_include_vault() -> None:
-    assert FAILURE_KINDS == typing.get_args(FailureKind)
+    assert typing.get_args(FailureKind) == FAILURE_KINDS
     assert "vault" in FAILURE_KINDS  # the agent records it when its vault worker is down
     assert FailureRecord is Failure  # the state file keeps the record the report carries
 

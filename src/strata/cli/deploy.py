@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from strata.cli.client import ControlClient
 from strata.cli.common import JsonOption, ServerOption, TokenOption, console, print_json
+from strata.control_client import ControlClient
 from strata.core.wire import parse_selector
 
 

@@ -11,7 +11,6 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from strata.cli.client import ControlClient
 from strata.cli.common import (
     JsonOption,
     ServerOption,
@@ -22,6 +21,7 @@ from strata.cli.common import (
     parse_duration,
     print_json,
 )
+from strata.control_client import ControlClient
 from strata.core.errors import ConfigError
 
 app = typer.Typer(help="Models in the registry.", no_args_is_help=True)

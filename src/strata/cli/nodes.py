@@ -9,7 +9,6 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from strata.cli.client import ControlClient
 from strata.cli.common import (
     JsonOption,
     ServerOption,
@@ -21,6 +20,7 @@ from strata.cli.common import (
     parse_label_options,
     print_json,
 )
+from strata.control_client import ControlClient
 from strata.core.errors import ConfigError, NotFound
 
 app = typer.Typer(help="The fleet's nodes.", no_args_is_help=True)

@@ -14,7 +14,7 @@ from strata.cli.common import JsonOption, ServerOption, TokenOption, console, ou
 from strata.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from strata.cli.client import ControlClient
+    from strata.control_client import ControlClient
     from strata.optimize.report import Report
 
 
@@ -142,7 +142,7 @@ def optimize(
         measure_memory=memory,
     )
     if push:
-        from strata.cli.client import ControlClient
+        from strata.control_client import ControlClient
 
         ControlClient(server, token).close()  # fail on missing --server/--token before minutes of work
     selected_passes = passes_named(passes)
@@ -152,7 +152,7 @@ def optimize(
         report = run_optimize(request, selected_passes, progress=RichProgress(bars))
     pushed: list[dict[str, Any]] = []
     if push:
-        from strata.cli.client import ControlClient
+        from strata.control_client import ControlClient
 
         with ControlClient(server, token) as client:
             pushed = push_selected(report, out_dir, client)

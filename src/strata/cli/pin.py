@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from strata.cli.client import ControlClient
 from strata.cli.common import JsonOption, ServerOption, TokenOption, console, out, print_json
+from strata.control_client import ControlClient
 from strata.core.errors import ConfigError
 from strata.core.wire import parse_selector
 

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from strata.cli.client import ControlClient
 from strata.cli.common import JsonOption, ServerOption, TokenOption, ago, console, out, parse_duration, print_json
+from strata.control_client import ControlClient
 from strata.core.wire import parse_selector
 
 app = typer.Typer(help="Staged rollouts with health gates and automatic rollback.", no_args_is_help=True)

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from strata.cli.client import ControlClient
 from strata.cli.common import JsonOption, ServerOption, TokenOption, out, parse_duration, print_json
+from strata.control_client import ControlClient
 
 
 def _ms(value: float | None) -> str:

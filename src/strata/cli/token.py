@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from strata.cli.client import ControlClient
 from strata.cli.common import ServerOption, TokenOption, console, parse_duration, parse_label_options
+from strata.control_client import ControlClient
 
 app = typer.Typer(help="Enrollment tokens for new nodes.", no_args_is_help=True)
 

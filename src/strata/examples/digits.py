@@ -65,4 +65,3 @@ def train_digits(out: Path, hidden: int = 64, seed: int = 0, max_iter: int = 200
     onnx_model = to_onnx(model, data.train_x[:1], options=options, target_opset=17)
     write_bytes_atomic(out, onnx_model.SerializeToString())
     return float(model.score(data.test_x, data.test_y))
-

@@ -1,4 +1,5 @@
-"""The operator's client of the control-plane API (httpx), used by every operator command.
+"""The operator's client of the control-plane API (httpx), used by every operator command and by
+`strata.localfleet` (a library module, so the fleet runner does not import the CLI that runs it).
 
 `transport=` is the extension point: tests can drive the FastAPI app in-process with it.
 """
