@@ -1,7 +1,8 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
 # Each creates .venv and installs what it needs: PyPI for both; `make test` also installs swtpm and tpm2-tss from
 # Debian's packages for the TPM attestation tests (tools/install-tpm-deps), and PostgreSQL's server for the control
-# plane's tests on PostgreSQL (tools/install-pg-deps; the tests start their own throwaway cluster).
+# plane's tests on PostgreSQL (tools/install-pg-deps; the tests start their own throwaway cluster), and Prometheus for
+# the monitoring-stack test (tools/install-prometheus-deps; the test starts its own server).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -42,6 +43,7 @@ typecheck: $(STAMP)
 
 test: lint typecheck $(TPM) $(PG)
 	tools/install-lb-deps $(VENV)  # HAProxy, systemd-analyze, kustomize: load-balancer and deploy/ tests
+	tools/install-prometheus-deps  # prometheus and promtool: deploy/prometheus, deploy/grafana and their e2e test
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 unit: $(STAMP)
