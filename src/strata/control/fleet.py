@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import ssl
 import threading
@@ -165,8 +166,11 @@ class DesiredDocument:
 
     @classmethod
     def of(cls, state: DesiredState, revoked: bool = False) -> DesiredDocument:
-        """Serialise `state` once, so that every poll of it is answered from memory."""
-        return cls(state, state.etag, json.dumps(state.to_json()).encode(), referenced_blobs(state), revoked)
+        """Serialise `state` once, so that every poll of it is answered from memory. The body is the canonical
+        JSON that the ETag digests (`DesiredState.etag`), encoded once for both: a deploy builds a document for
+        every node of the fleet at once."""
+        body = canonical_json(state.to_json())
+        return cls(state, f'"sha256:{hashlib.sha256(body).hexdigest()}"', body, referenced_blobs(state), revoked)
 
 
 @dataclass(frozen=True)

@@ -284,3 +284,21 @@ def test_a_change_that_wakes_the_whole_fleet_reads_every_nodes_facts_once(fleet:
     fleet.plane.feed.bump()
     for node, answer in reversed(list(zip(nodes, answers, strict=True))):
         assert fleet.desired(node).content == answer.content
+
+
+def test_the_long_poll_checks_its_caller_and_its_wait_as_every_route_does(fleet: Harness) -> None:
+    # The poll reads its own parameters (a deploy answers the whole fleet's polls at once): the same rules hold.
+    node, other = fleet.enroll("lab-1", {"site": "lab"}), fleet.enroll("lab-2", {"site": "lab"})
+    url = f"/v1/nodes/{node.node_id}/desired"
+    assert fleet.client.get(url, headers=node.headers).status_code == 200
+    assert fleet.client.get(url, headers=fleet.admin).status_code == 200
+    for headers in (other.headers, {}, {"authorization": "Bearer nope"}, {"authorization": "Basic abc"}):
+        answer = fleet.client.get(url, headers=headers)
+        assert answer.status_code in (401, 403), headers
+        assert set(answer.json()) == {"error", "code"}
+    for wait in ("soon", "-1", "61", "nan", "inf", "1e999"):
+        answer = fleet.client.get(url, params={"wait": wait}, headers=node.headers)
+        assert answer.status_code == 422, wait
+        assert answer.json()["error"].startswith("query.wait"), answer.text
+    missing = fleet.client.get("/v1/nodes/0123/desired", headers=fleet.admin)
+    assert missing.status_code == 404

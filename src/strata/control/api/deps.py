@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
 
 from strata.control.auth import Access, Principal, authorize
@@ -50,13 +51,27 @@ async def get_principal(
     Raises:
         AuthError: neither credential, or an unknown, revoked or replaced one.
     """
+    return await authenticate_request(request, plane, credentials.credentials if credentials else None)
+
+
+def bearer_secret(request: Request) -> str | None:
+    """The token of an `Authorization: Bearer` header, or None (as `HTTPBearer(auto_error=False)` reads it)."""
+    scheme, value = get_authorization_scheme_param(request.headers.get("authorization"))
+    return value if value and scheme.lower() == "bearer" else None
+
+
+async def authenticate_request(request: Request, plane: ControlPlane, secret: str | None) -> Principal:
+    """`get_principal` for a route that reads its request itself (the long poll, see `api.nodes.get_desired`).
+
+    Raises:
+        AuthError: neither credential, or an unknown, revoked or replaced one.
+    """
     certificate = client_certificate(request)
     if certificate is not None:
         cached = plane.authenticator.certificate_cached(certificate)
         if cached is not None:
             return cached
         return await run_in_threadpool(plane.authenticator.authenticate_certificate, certificate)
-    secret = credentials.credentials if credentials else None
     principal = plane.authenticator.authenticate_cached(secret)
     if principal is None:
         principal = await run_in_threadpool(plane.authenticator.authenticate, secret)
