@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,23 @@ def test_scenario_errors_say_what_is_wrong(tmp_path: Path) -> None:
     path.write_text("name: [unclosed")
     with pytest.raises(ConfigError, match="YAML"):
         load_scenario(path)
+
+
+def test_the_same_seed_gives_the_same_run_in_another_process() -> None:
+    # A run must not depend on the order a set of node ids iterates in, which changes with the hash seed.
+    script = (
+        "import json, sys; from pathlib import Path; from strata.sim import load_scenario, run_scenario; "
+        "s = run_scenario(load_scenario(Path(sys.argv[1])), nodes=300, seed=5); "
+        "[s.pop(k) for k in ('wall_s', 'virtual_node_hours_per_s')]; print(json.dumps(s, sort_keys=True))"
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script, str(SCENARIOS / "flaky-fleet.yaml")],
+            env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for hash_seed in (1, 2, 3)
+    ]
+    assert runs[0] == runs[1] == runs[2]

@@ -594,7 +594,9 @@ class Simulation:
                         if node.online and not node.lost:
                             node.reached_at = self.now
             else:
-                touched = [self.by_id[n] for n in new.released - state.released]
+                # In node order: a set of ids iterates in an order that changes with the process's hash seed, and
+                # the order of these wake-ups decides which node draws which random number (a lost node, say).
+                touched = sorted((self.by_id[n] for n in new.released - state.released), key=lambda n: n.index)
             for node in touched:  # online nodes hear of a changed desired state at once (long poll)
                 node.idle = False
                 if node.online:
