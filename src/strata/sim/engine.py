@@ -46,6 +46,7 @@ from strata.control.rollout_plan import (
     RolloutSpec,
     RolloutState,
     apply_actions,
+    named_nodes,
     parse_waves,
     plan_rollout,
 )
@@ -166,6 +167,7 @@ class Simulation:
         self.stale: set[int] = set()  # nodes whose observation must be rebuilt
         self.reported = False  # a status report changed since the planner last ran
         self.observations: dict[str, NodeObservation] = {}
+        self.named: set[str] = set()  # the nodes the planner's last actions named
         self.last_full = -math.inf
         self.next_due = math.inf
         self.nodes = [self._make_node(i) for i in range(self.count)]
@@ -560,7 +562,8 @@ class Simulation:
     def _plan(self) -> None:
         state = self.rollout
         assert state is not None
-        if not self.observations:
+        first = not self.observations
+        if first:
             self.observations = {node.node_id: self._observe(node) for node in self.nodes}
         if self.now - self.last_full >= FULL_REFRESH_S:
             # Counters grow on the nodes running the new version. The simulated rates are steady, so once a node
@@ -571,14 +574,17 @@ class Simulation:
                 if serving is None or serving.requests < enough:
                     self.stale.add(self.by_id[node_id].index)
             self.last_full = self.now
+        changed = set(self.named)  # the planner looks again only at these nodes (the rest would give no action)
         for index in self.stale:
             node = self.nodes[index]
             self.observations[node.node_id] = self._observe(node)
+            changed.add(node.node_id)
         self.stale.clear()
         self.reported = False
         self.planner_runs += 1
-        actions = plan_rollout(state, self.observations, self.now)
+        actions = plan_rollout(state, self.observations, self.now, None if first else changed)
         new = apply_actions(state, actions) if actions else state
+        self.named = named_nodes(actions)
         self.rollout = new
         if not self.first_wave and new.wave_started_at is not None:
             self.first_wave = frozenset(a.node_id for a in new.members(0))
