@@ -231,6 +231,7 @@ class _NodeIndex:
     member_at: Mapping[str, tuple[int, int]]  # where a node stands in `members`
     waiting: Mapping[int, Mapping[str, NodeAssignment]]  # per wave, the members not released yet
     released: frozenset[str]
+    settled: Mapping[int, tuple[int, int]]  # per wave, how many members activated it and how many failed
 
     @classmethod
     def of(cls, nodes: Mapping[str, NodeAssignment]) -> _NodeIndex:
@@ -239,6 +240,7 @@ class _NodeIndex:
         member_at: dict[str, tuple[int, int]] = {}
         waiting: dict[int, dict[str, NodeAssignment]] = {}
         released: list[str] = []
+        settled: dict[int, tuple[int, int]] = {}
         for place, (node_id, assignment) in enumerate(nodes.items()):
             position[node_id] = place
             if assignment.excluded is not None:
@@ -251,13 +253,16 @@ class _NodeIndex:
                 group.append(assignment)
                 if assignment.released_at is None:
                     waiting.setdefault(assignment.wave, {})[node_id] = assignment
-        return cls(position, members, member_at, waiting, frozenset(released))
+                activated, failed = settled.get(assignment.wave, (0, 0))
+                settled[assignment.wave] = (activated + _activated(assignment), failed + _failed(assignment))
+        return cls(position, members, member_at, waiting, frozenset(released), settled)
 
     def patched(self, updates: Mapping[str, NodeAssignment]) -> _NodeIndex:
         """This index after `updates`: changes of existing nodes that keep their wave and exclusion (no Assign,
         Exclude or Include), which is every step of a rollout but the first and those that regroup nodes."""
         members = dict(self.members)
         waiting = dict(self.waiting)
+        settled = dict(self.settled)
         copied_members: set[int] = set()
         copied_waiting: dict[int, dict[str, NodeAssignment]] = {}
         added: set[str] = set()
@@ -273,7 +278,11 @@ class _NodeIndex:
             if wave not in copied_members:
                 members[wave] = list(members[wave])
                 copied_members.add(wave)
+            before = members[wave][place]
             members[wave][place] = assignment
+            activated, failed = settled[wave]
+            activated += _activated(assignment) - _activated(before)
+            settled[wave] = (activated, failed + _failed(assignment) - _failed(before))
             if assignment.released_at is None or node_id in waiting.get(wave, {}):
                 group = copied_waiting.get(wave)
                 if group is None:
@@ -284,7 +293,15 @@ class _NodeIndex:
                 else:
                     del group[node_id]
         released = (self.released - dropped) | added if added or dropped else self.released
-        return _NodeIndex(self.position, members, self.member_at, waiting, released)
+        return _NodeIndex(self.position, members, self.member_at, waiting, released, settled)
+
+
+def _failed(assignment: NodeAssignment) -> int:
+    return assignment.failed_at is not None
+
+
+def _activated(assignment: NodeAssignment) -> int:
+    return assignment.failed_at is None and assignment.healthy_at is not None
 
 
 @dataclass(frozen=True)
@@ -567,14 +584,8 @@ def _release(state: RolloutState, observations: Mapping[str, NodeObservation], n
 
 def _outcomes(state: RolloutState, wave: int) -> tuple[int, int, int]:
     """(members, activated, failed) of one wave."""
-    members = activated = failed = 0
-    for assignment in state.members(wave):
-        members += 1
-        if assignment.failed_at is not None:
-            failed += 1
-        elif assignment.healthy_at is not None:
-            activated += 1
-    return members, activated, failed
+    activated, failed = state._index.settled.get(wave, (0, 0))
+    return len(state.members(wave)), activated, failed
 
 
 def _population(
