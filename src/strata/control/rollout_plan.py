@@ -23,6 +23,7 @@ the fleet simulator keeps them in memory; both run this same code.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import itertools
@@ -224,47 +225,63 @@ class RolloutState:
 @dataclass(frozen=True)
 class _NodeIndex:
     """A rollout's nodes grouped the ways the planner asks for them, built in one pass over every node and then
-    carried from state to state by `apply_actions`, which patches only the nodes it changed."""
+    carried from state to state by `apply_actions`, which patches only the nodes it changed: a step then costs
+    what changed, not the fleet."""
 
     position: Mapping[str, int]  # the node's place in `RolloutState.nodes`
     members: Mapping[int, list[NodeAssignment]]  # per wave, the nodes not kept out, in that order
     member_at: Mapping[str, tuple[int, int]]  # where a node stands in `members`
-    waiting: Mapping[int, Mapping[str, NodeAssignment]]  # per wave, the members not released yet
     released: frozenset[str]
     settled: Mapping[int, tuple[int, int]]  # per wave, how many members activated it and how many failed
+    waiting: Mapping[int, Mapping[str, NodeAssignment]]  # per wave, the members not released yet
+    unsettled: Mapping[int, Mapping[str, NodeAssignment]]  # per wave, the members neither healthy nor failed
+    healthy: Mapping[int, list[float]]  # per wave, when each healthy member (not failed since) became so, sorted
 
     @classmethod
     def of(cls, nodes: Mapping[str, NodeAssignment]) -> _NodeIndex:
         position: dict[str, int] = {}
         members: dict[int, list[NodeAssignment]] = {}
         member_at: dict[str, tuple[int, int]] = {}
-        waiting: dict[int, dict[str, NodeAssignment]] = {}
         released: list[str] = []
         settled: dict[int, tuple[int, int]] = {}
+        waiting: dict[int, dict[str, NodeAssignment]] = {}
+        unsettled: dict[int, dict[str, NodeAssignment]] = {}
+        healthy: dict[int, list[float]] = {}
         for place, (node_id, assignment) in enumerate(nodes.items()):
             position[node_id] = place
             if assignment.excluded is not None:
                 continue
             if assignment.released_at is not None:
                 released.append(node_id)
-            if assignment.wave is not None:
-                group = members.setdefault(assignment.wave, [])
-                member_at[node_id] = (assignment.wave, len(group))
-                group.append(assignment)
-                if assignment.released_at is None:
-                    waiting.setdefault(assignment.wave, {})[node_id] = assignment
-                activated, failed = settled.get(assignment.wave, (0, 0))
-                settled[assignment.wave] = (activated + _activated(assignment), failed + _failed(assignment))
-        return cls(position, members, member_at, waiting, frozenset(released), settled)
+            wave = assignment.wave
+            if wave is None:
+                continue
+            group = members.setdefault(wave, [])
+            member_at[node_id] = (wave, len(group))
+            group.append(assignment)
+            activated, failed = settled.get(wave, (0, 0))
+            settled[wave] = (activated + _activated(assignment), failed + (assignment.failed_at is not None))
+            if assignment.released_at is None:
+                waiting.setdefault(wave, {})[node_id] = assignment
+            if _unsettled(assignment):
+                unsettled.setdefault(wave, {})[node_id] = assignment
+            since = _healthy_since(assignment)
+            if since is not None:
+                healthy.setdefault(wave, []).append(since)
+        for times in healthy.values():
+            times.sort()
+        return cls(position, members, member_at, frozenset(released), settled, waiting, unsettled, healthy)
 
     def patched(self, updates: Mapping[str, NodeAssignment]) -> _NodeIndex:
         """This index after `updates`: changes of existing nodes that keep their wave and exclusion (no Assign,
-        Exclude or Include), which is every step of a rollout but the first and those that regroup nodes."""
+        Exclude or Include), which is every step of a rollout but the first and those that regroup nodes.
+        What changes is copied first: states share what did not."""
         members = dict(self.members)
-        waiting = dict(self.waiting)
         settled = dict(self.settled)
-        copied_members: set[int] = set()
-        copied_waiting: dict[int, dict[str, NodeAssignment]] = {}
+        waiting = _Groups(self.waiting)
+        unsettled = _Groups(self.unsettled)
+        healthy = dict(self.healthy)
+        copied: set[tuple[str, int]] = set()
         added: set[str] = set()
         dropped: set[str] = set()
         for node_id, assignment in updates.items():
@@ -275,33 +292,62 @@ class _NodeIndex:
             if spot is None:
                 continue  # kept out, or in no wave
             wave, place = spot
-            if wave not in copied_members:
+            if ("members", wave) not in copied:
                 members[wave] = list(members[wave])
-                copied_members.add(wave)
+                copied.add(("members", wave))
             before = members[wave][place]
             members[wave][place] = assignment
             activated, failed = settled[wave]
             activated += _activated(assignment) - _activated(before)
-            settled[wave] = (activated, failed + _failed(assignment) - _failed(before))
-            if assignment.released_at is None or node_id in waiting.get(wave, {}):
-                group = copied_waiting.get(wave)
-                if group is None:
-                    group = copied_waiting[wave] = dict(waiting.get(wave, {}))
-                    waiting[wave] = group
-                if assignment.released_at is None:
-                    group[node_id] = assignment
-                else:
-                    del group[node_id]
+            settled[wave] = (activated, failed + (assignment.failed_at is not None) - (before.failed_at is not None))
+            waiting.put(wave, node_id, assignment, assignment.released_at is None)
+            unsettled.put(wave, node_id, assignment, _unsettled(assignment))
+            was, since = _healthy_since(before), _healthy_since(assignment)
+            if was != since:
+                if ("healthy", wave) not in copied:
+                    healthy[wave] = list(healthy.get(wave, []))
+                    copied.add(("healthy", wave))
+                if was is not None:
+                    del healthy[wave][bisect.bisect_left(healthy[wave], was)]
+                if since is not None:
+                    bisect.insort(healthy[wave], since)
         released = (self.released - dropped) | added if added or dropped else self.released
-        return _NodeIndex(self.position, members, self.member_at, waiting, released, settled)
+        return _NodeIndex(
+            self.position, members, self.member_at, released, settled, waiting.groups, unsettled.groups, healthy
+        )
 
 
-def _failed(assignment: NodeAssignment) -> int:
-    return assignment.failed_at is not None
+class _Groups:
+    """Per wave, the members that meet some condition, copied on the first change of a wave."""
+
+    def __init__(self, groups: Mapping[int, Mapping[str, NodeAssignment]]) -> None:
+        self.groups: dict[int, Mapping[str, NodeAssignment]] = dict(groups)
+        self._copied: dict[int, dict[str, NodeAssignment]] = {}
+
+    def put(self, wave: int, node_id: str, assignment: NodeAssignment, member: bool) -> None:
+        """Keep `assignment` in the wave's group when `member`, else leave it out."""
+        if not member and node_id not in self.groups.get(wave, {}):
+            return
+        group = self._copied.get(wave)
+        if group is None:
+            group = self._copied[wave] = dict(self.groups.get(wave, {}))
+            self.groups[wave] = group
+        if member:
+            group[node_id] = assignment
+        else:
+            del group[node_id]
 
 
 def _activated(assignment: NodeAssignment) -> int:
     return assignment.failed_at is None and assignment.healthy_at is not None
+
+
+def _unsettled(assignment: NodeAssignment) -> bool:
+    return assignment.failed_at is None and assignment.healthy_at is None
+
+
+def _healthy_since(assignment: NodeAssignment) -> float | None:
+    return assignment.healthy_at if assignment.failed_at is None else None
 
 
 @dataclass(frozen=True)
@@ -627,21 +673,15 @@ def _settled(state: RolloutState, wave: int, observations: Mapping[str, NodeObse
     started = state.wave_started_at if state.wave_started_at is not None else now
     deadline = started + state.spec.wave_deadline_s
     past_deadline = now >= deadline
-    baking = updating = probation = offline = 0
-    resolved_healthy = 0
-    for assignment in state.members(wave):
-        if assignment.failed_at is not None:
-            continue
-        if assignment.healthy_at is not None:
-            if past_deadline and assignment.healthy_at >= deadline:
-                continue  # a straggler that caught up after the deadline does not hold the wave again
-            if now < assignment.healthy_at + state.spec.bake_s:
-                baking += 1
-            else:
-                resolved_healthy += 1
-            continue
-        if past_deadline:
-            continue
+    index = state._index
+    # Healthy members, by when they became so: a straggler that caught up after the deadline does not hold the
+    # wave again; the others bake until `healthy_at + bake_s`.
+    healthy = index.healthy.get(wave, [])
+    counted = bisect.bisect_left(healthy, deadline) if past_deadline else len(healthy)
+    resolved_healthy = bisect.bisect_right(healthy, now, hi=counted, key=lambda at: at + state.spec.bake_s)
+    baking = counted - resolved_healthy
+    updating = probation = offline = 0
+    for assignment in () if past_deadline else index.unsettled.get(wave, {}).values():
         node = observations.get(assignment.node_id)
         if node is None or not node.online:
             offline += 1
@@ -655,9 +695,23 @@ def _settled(state: RolloutState, wave: int, observations: Mapping[str, NodeObse
         until = "" if past_deadline else f"; offline nodes stop holding it at +{state.spec.wave_deadline_s:g}s"
         return f"wave {wave + 1}: {', '.join(parts)}{until}"
     members = state.members(wave)
-    if members and not resolved_healthy and not any(a.failed_at is not None for a in members):
+    _, failed = index.settled.get(wave, (0, 0))
+    if members and not resolved_healthy and not failed:
         return f"wave {wave + 1}: none of its {len(members)} nodes has been reachable yet"
     return None
+
+
+def next_due(state: RolloutState, now: float) -> float:
+    """The next time the rollout could move with no node reporting anything new: a healthy node's bake ending
+    after `now`, or the wave's deadline (which may have passed). Infinity when it is not running a wave."""
+    if state.status not in ACTIVE or state.wave_started_at is None:
+        return math.inf
+    due = state.wave_started_at + state.spec.wave_deadline_s
+    healthy = state._index.healthy.get(state.wave, [])
+    first = bisect.bisect_right(healthy, now, key=lambda at: at + state.spec.bake_s)
+    if first < len(healthy):
+        due = min(due, healthy[first] + state.spec.bake_s)
+    return due
 
 
 def plan_rollout(

@@ -49,6 +49,7 @@ from strata.control.rollout_plan import (
     RolloutState,
     apply_actions,
     named_nodes,
+    next_due,
     parse_waves,
     plan_rollout,
 )
@@ -638,14 +639,7 @@ class Simulation:
 
     def _next_due(self, state: RolloutState) -> float:
         """The next time the rollout could move without any node reporting: a bake ending, a deadline passing."""
-        if state.status not in ACTIVE or state.wave_started_at is None:
-            return math.inf
-        due = state.wave_started_at + state.spec.wave_deadline_s
-        for assignment in state.members(state.wave):
-            if assignment.healthy_at is not None and assignment.failed_at is None:
-                end = assignment.healthy_at + state.spec.bake_s
-                if end > self.now:
-                    due = min(due, end)
+        due = next_due(state, self.now)
         return due if due > self.now else self.now + self.scenario.tick_s
 
     # --- running ----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from strata.control.rollout_plan import (
     WaveSpec,
     apply_actions,
     named_nodes,
+    next_due,
     parse_waves,
     plan_rollout,
     spread_order,
@@ -335,4 +336,5 @@ def test_naming_the_changed_nodes_gives_the_same_actions_as_looking_at_every_nod
         full, fast = replace(apply_actions(full, expected)), apply_actions(fast, actions)
         assert fast == full and fast.released == full.released
         assert all(fast.members(w) == full.members(w) for w in range(len(fast.spec.waves)))
+        assert next_due(fast, now + 30.0) == next_due(full, now + 30.0)
         changed = named_nodes(actions)
