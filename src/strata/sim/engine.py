@@ -132,6 +132,8 @@ class SimNode:
     reported_since: float = 0.0
     reported_probation: str | None = None
     reported_failures: tuple[FailureRecord, ...] = ()
+    # its desired state, and the rollout entry it was decided with (the rule is pure: the same entry, the same state)
+    desired: tuple[ActiveDeployment | None, DesiredState] | None = None
 
     @property
     def active_version(self) -> str | None:
@@ -343,8 +345,11 @@ class Simulation:
         )
 
     def _desired(self, node: SimNode) -> DesiredState:
-        entries = [self.base] if self.rollout_entry is None else [self.base, self.rollout_entry]
-        return desired_state(node.node_id, node.labels, False, entries, node.facts)
+        entry = self.rollout_entry
+        if node.desired is None or node.desired[0] is not entry:
+            entries = [self.base] if entry is None else [self.base, entry]
+            node.desired = (entry, desired_state(node.node_id, node.labels, False, entries, node.facts))
+        return node.desired[1]
 
     def _sync(self, node: SimNode) -> None:
         """The agent's round: take the desired state, plan and act until it must wait, then report."""
@@ -692,7 +697,6 @@ class Simulation:
 
     def _summary(self, wall: float) -> Summary:
         state = self.rollout
-        entries = [self.base] if self.rollout_entry is None else [self.base, self.rollout_entry]
         finished = self.finished_at
         reachable = converged = lost = 0
         last_change = 0.0
@@ -707,7 +711,7 @@ class Simulation:
             if node.reached_at is None or node.reached_at > self.now - GRACE_S:
                 continue
             reachable += 1
-            want = desired_state(node.node_id, node.labels, False, entries, node.facts).model("model")
+            want = self._desired(node).model("model")
             if want is not None and node.active_version == want.version:
                 converged += 1
                 last_change = max(last_change, node.changed_at)
