@@ -755,4 +755,5 @@ class Simulation:
 
 def run_scenario(scenario: Scenario, nodes: int | None = None, seed: int | None = None) -> dict[str, Any]:
     """Simulate `scenario` (with `nodes` virtual nodes and `seed` when given) and return its JSON summary."""
-    return Simulation(scenario, nodes, seed).run().values
+    with _cycle_collector_paused():  # and the simulation freed before it runs again, not looked through first
+        return Simulation(scenario, nodes, seed).run().values
