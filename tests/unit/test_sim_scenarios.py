@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from strata.control.rollout_plan import Action, NodeObservation, RolloutState, plan_rollout
 from strata.core.errors import ConfigError
+from strata.sim import engine
 from strata.sim.engine import Simulation, run_scenario
 from strata.sim.scenario import Scenario, duration, load_scenario, size
 
@@ -137,3 +141,24 @@ def test_the_same_seed_gives_the_same_run_in_another_process() -> None:
         for hash_seed in (1, 2, 3)
     ]
     assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("name", ["good-rollout", "bad-canary", "latency-regression", "flaky-fleet"])
+def test_every_planner_step_decides_as_a_fresh_look_at_every_node_would(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The simulator keeps the rollout between steps and names the nodes that changed, so that a step costs what
+    # changed; the control plane's driver loads the rollout afresh and looks at every node. Same decisions.
+    steps = []
+
+    def both(
+        state: RolloutState, observations: Mapping[str, NodeObservation], now: float, changed: set[str] | None = None
+    ) -> list[Action]:
+        fast = plan_rollout(state, observations, now, changed)
+        assert fast == plan_rollout(replace(state), dict(observations), now), now
+        steps.append(changed is not None)
+        return fast
+
+    monkeypatch.setattr(engine, "plan_rollout", both)
+    run_scenario(load_scenario(SCENARIOS / f"{name}.yaml"), nodes=250, seed=4)
+    assert steps and steps[0] is False and all(steps[1:])

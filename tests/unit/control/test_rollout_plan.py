@@ -321,6 +321,7 @@ def test_naming_the_changed_nodes_gives_the_same_actions_as_looking_at_every_nod
             if node_id not in full.released:
                 moves = [(3, replace(current, online=not current.online))]
                 moves.append((1, replace(current, excluded=None if current.excluded else "policy rule regions: no")))
+                moves.append((1, replace(current, version="2")))  # it has the version already: healthy once released
             elif current.version != "2":
                 moves = [(12, replace(current, version="2", probation="running")), (1, replace(current, failure=health))]
                 moves.append((2, replace(current, online=not current.online)))
