@@ -293,7 +293,8 @@ def test_paused_rollouts_only_track_progress() -> None:
 
 
 @pytest.mark.parametrize(
-    ("seed", "max_unavailable", "on_failure"), [(2, None, "rollback"), (6, 3, "pause"), (3, None, "pause"), (4, 5, "rollback")]
+    ("seed", "max_unavailable", "on_failure"),
+    [(2, None, "rollback"), (6, 3, "pause"), (3, None, "pause"), (4, 5, "rollback")],
 )
 def test_naming_the_changed_nodes_gives_the_same_actions_as_looking_at_every_node(
     seed: int, max_unavailable: int | None, on_failure: str
@@ -321,12 +322,18 @@ def test_naming_the_changed_nodes_gives_the_same_actions_as_looking_at_every_nod
             if node_id not in full.released:
                 moves = [(3, replace(current, online=not current.online))]
                 moves.append((1, replace(current, excluded=None if current.excluded else "policy rule regions: no")))
-                moves.append((1, replace(current, version="2")))  # it has the version already: healthy once released
+                moves.append((1, replace(current, version="2")))  # it runs the version already: healthy once released
             elif current.version != "2":
-                moves = [(12, replace(current, version="2", probation="running")), (1, replace(current, failure=health))]
+                moves = [
+                    (12, replace(current, version="2", probation="running")),
+                    (1, replace(current, failure=health)),
+                ]
                 moves.append((2, replace(current, online=not current.online)))
             else:
-                moves = [(16, replace(current, probation="passed")), (1, replace(current, version="1", failure=probation))]
+                moves = [
+                    (16, replace(current, probation="passed")),
+                    (1, replace(current, version="1", failure=probation)),
+                ]
             observations[node_id] = rng.choices([m for _, m in moves], weights=[w for w, _ in moves])[0]
             changed.add(node_id)
         expected = plan_rollout(full, observations, float(now))
@@ -335,7 +342,8 @@ def test_naming_the_changed_nodes_gives_the_same_actions_as_looking_at_every_nod
         # The control plane loads the rollout afresh at every step; the simulator keeps it, with its node index
         # patched from step to step.
         full, fast = replace(apply_actions(full, expected)), apply_actions(fast, actions)
-        assert fast == full and fast.released == full.released
+        assert fast == full
+        assert fast.released == full.released
         assert all(fast.members(w) == full.members(w) for w in range(len(fast.spec.waves)))
         assert next_due(fast, now + 30.0) == next_due(full, now + 30.0)
         changed = named_nodes(actions)
