@@ -658,9 +658,9 @@ class Simulation:
         started = time.perf_counter()
         self._push(self.scenario.rollout.start_s, _START)
         horizon = self.scenario.horizon_s
-        nodes = self.nodes
-        while self.queue and self.queue[0][0] <= horizon:
-            at, _, kind, index, token = heapq.heappop(self.queue)
+        nodes, queue, pop = self.nodes, self.queue, heapq.heappop
+        while queue and queue[0][0] <= horizon:
+            at, _, kind, index, token = pop(queue)
             self.now = at
             self.events += 1
             if kind == _TICK:
