@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from strata.control.rollout_plan import Action, NodeObservation, RolloutState, plan_rollout
 from strata.core.errors import ConfigError
+from strata.sim import engine
 from strata.sim.engine import Simulation, run_scenario
 from strata.sim.scenario import Scenario, duration, load_scenario, size
 
@@ -114,3 +121,45 @@ def test_scenario_errors_say_what_is_wrong(tmp_path: Path) -> None:
     path.write_text("name: [unclosed")
     with pytest.raises(ConfigError, match="YAML"):
         load_scenario(path)
+
+
+def test_the_same_seed_gives_the_same_run_in_another_process() -> None:
+    # A run must not depend on the order a set of node ids iterates in, which changes with the hash seed.
+    script = (
+        "import json, sys; from pathlib import Path; from strata.sim import load_scenario, run_scenario; "
+        "s = run_scenario(load_scenario(Path(sys.argv[1])), nodes=300, seed=5); "
+        "[s.pop(k) for k in ('wall_s', 'virtual_node_hours_per_s')]; print(json.dumps(s, sort_keys=True))"
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script, str(SCENARIOS / "flaky-fleet.yaml")],
+            env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for hash_seed in (1, 2, 3)
+    ]
+    assert runs[0] == runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("name", ["good-rollout", "bad-canary", "latency-regression", "flaky-fleet"])
+def test_every_planner_step_decides_as_a_fresh_look_at_every_node_would(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The simulator keeps the rollout between steps and names the nodes that changed, so that a step costs what
+    # changed; the control plane's driver loads the rollout afresh and looks at every node. Same decisions.
+    steps = []
+
+    def both(
+        state: RolloutState, observations: Mapping[str, NodeObservation], now: float, changed: set[str] | None = None
+    ) -> list[Action]:
+        fast = plan_rollout(state, observations, now, changed)
+        assert fast == plan_rollout(replace(state), dict(observations), now), now
+        steps.append(changed is not None)
+        return fast
+
+    monkeypatch.setattr(engine, "plan_rollout", both)
+    run_scenario(load_scenario(SCENARIOS / f"{name}.yaml"), nodes=250, seed=4)
+    assert steps[0] is False  # the first step looks at every node
+    assert all(steps[1:])

@@ -8,6 +8,7 @@ code against a virtual clock.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -100,11 +101,16 @@ def no_variant_key(model: str, version: str) -> str:
 
 
 def _candidates(desired: DesiredModel, observed: Observed) -> list[VariantRef]:
-    by_id = {v.id: v for v in desired.variants}
-    choices = [
-        VariantChoice(id=v.id, profile=v.profile, runtime=v.runtime, precision=v.precision) for v in desired.variants
-    ]
-    return [by_id[c.id] for c in rank_variants(observed.profile, choices, observed.runtimes)]
+    return list(_ranked(desired.variants, observed.profile, observed.runtimes))
+
+
+@functools.lru_cache(maxsize=64)
+def _ranked(variants: tuple[VariantRef, ...], profile: Profile, runtimes: frozenset[str]) -> tuple[VariantRef, ...]:
+    """The variants this node can run, best first. Cached: a node asks about the same few variants at every round
+    (and the simulator's nodes, tens of thousands of them, about the same few)."""
+    by_id = {v.id: v for v in variants}
+    choices = [VariantChoice(id=v.id, profile=v.profile, runtime=v.runtime, precision=v.precision) for v in variants]
+    return tuple(by_id[c.id] for c in rank_variants(profile, choices, runtimes))
 
 
 def choose_target(desired: DesiredModel, observed: Observed, now: float) -> VariantRef | None:

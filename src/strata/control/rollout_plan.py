@@ -23,11 +23,12 @@ the fleet simulator keeps them in memory; both run this same code.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -219,22 +220,146 @@ class RolloutState:
     message: str = ""
     finished_at: float | None = None
 
-    @functools.cached_property
+    @property
     def released(self) -> frozenset[str]:
         """The nodes the desired-state rule gives this rollout's version (while it is active)."""
-        return frozenset(n for n, a in self.nodes.items() if a.released_at is not None and a.excluded is None)
+        return self._index.released
 
     def members(self, wave: int) -> list[NodeAssignment]:
-        """The nodes of one wave that are not kept out."""
-        return self._by_wave.get(wave, [])
+        """The nodes of one wave that are not kept out (do not change the list: states share it)."""
+        return self._index.members.get(wave, [])
 
     @functools.cached_property
-    def _by_wave(self) -> dict[int, list[NodeAssignment]]:
-        waves: dict[int, list[NodeAssignment]] = {}
-        for assignment in self.nodes.values():
-            if assignment.wave is not None and assignment.excluded is None:
-                waves.setdefault(assignment.wave, []).append(assignment)
-        return waves
+    def _index(self) -> _NodeIndex:
+        return _NodeIndex.of(self.nodes)
+
+
+@dataclass(frozen=True)
+class _NodeIndex:
+    """A rollout's nodes grouped the ways the planner asks for them, built in one pass over every node and then
+    carried from state to state by `apply_actions`, which patches only the nodes it changed: a step then costs
+    what changed, not the fleet."""
+
+    position: Mapping[str, int]  # the node's place in `RolloutState.nodes`
+    members: Mapping[int, list[NodeAssignment]]  # per wave, the nodes not kept out, in that order
+    member_at: Mapping[str, tuple[int, int]]  # where a node stands in `members`
+    released: frozenset[str]
+    settled: Mapping[int, tuple[int, int]]  # per wave, how many members activated it and how many failed
+    waiting: Mapping[int, Mapping[str, NodeAssignment]]  # per wave, the members not released yet
+    unsettled: Mapping[int, Mapping[str, NodeAssignment]]  # per wave, the members neither healthy nor failed
+    healthy: Mapping[int, list[float]]  # per wave, when each healthy member (not failed since) became so, sorted
+
+    @classmethod
+    def of(cls, nodes: Mapping[str, NodeAssignment]) -> _NodeIndex:
+        position: dict[str, int] = {}
+        members: dict[int, list[NodeAssignment]] = {}
+        member_at: dict[str, tuple[int, int]] = {}
+        released: list[str] = []
+        settled: dict[int, tuple[int, int]] = {}
+        waiting: dict[int, dict[str, NodeAssignment]] = {}
+        unsettled: dict[int, dict[str, NodeAssignment]] = {}
+        healthy: dict[int, list[float]] = {}
+        for place, (node_id, assignment) in enumerate(nodes.items()):
+            position[node_id] = place
+            if assignment.excluded is not None:
+                continue
+            if assignment.released_at is not None:
+                released.append(node_id)
+            wave = assignment.wave
+            if wave is None:
+                continue
+            group = members.setdefault(wave, [])
+            member_at[node_id] = (wave, len(group))
+            group.append(assignment)
+            activated, failed = settled.get(wave, (0, 0))
+            settled[wave] = (activated + _activated(assignment), failed + (assignment.failed_at is not None))
+            if assignment.released_at is None:
+                waiting.setdefault(wave, {})[node_id] = assignment
+            if _unsettled(assignment):
+                unsettled.setdefault(wave, {})[node_id] = assignment
+            since = _healthy_since(assignment)
+            if since is not None:
+                healthy.setdefault(wave, []).append(since)
+        for times in healthy.values():
+            times.sort()
+        return cls(position, members, member_at, frozenset(released), settled, waiting, unsettled, healthy)
+
+    def patched(self, updates: Mapping[str, NodeAssignment]) -> _NodeIndex:
+        """This index after `updates`: changes of existing nodes that keep their wave and exclusion (no Assign,
+        Exclude or Include), which is every step of a rollout but the first and those that regroup nodes.
+        What changes is copied first: states share what did not."""
+        members = dict(self.members)
+        settled = dict(self.settled)
+        waiting = _Groups(self.waiting)
+        unsettled = _Groups(self.unsettled)
+        healthy = dict(self.healthy)
+        copied: set[tuple[str, int]] = set()
+        added: set[str] = set()
+        dropped: set[str] = set()
+        for node_id, assignment in updates.items():
+            is_released = assignment.released_at is not None and assignment.excluded is None
+            if is_released != (node_id in self.released):
+                (added if is_released else dropped).add(node_id)
+            spot = self.member_at.get(node_id)
+            if spot is None:
+                continue  # kept out, or in no wave
+            wave, place = spot
+            if ("members", wave) not in copied:
+                members[wave] = list(members[wave])
+                copied.add(("members", wave))
+            before = members[wave][place]
+            members[wave][place] = assignment
+            activated, failed = settled[wave]
+            activated += _activated(assignment) - _activated(before)
+            settled[wave] = (activated, failed + (assignment.failed_at is not None) - (before.failed_at is not None))
+            waiting.put(wave, node_id, assignment, assignment.released_at is None)
+            unsettled.put(wave, node_id, assignment, _unsettled(assignment))
+            was, since = _healthy_since(before), _healthy_since(assignment)
+            if was != since:
+                if ("healthy", wave) not in copied:
+                    healthy[wave] = list(healthy.get(wave, []))
+                    copied.add(("healthy", wave))
+                if was is not None:
+                    del healthy[wave][bisect.bisect_left(healthy[wave], was)]
+                if since is not None:
+                    bisect.insort(healthy[wave], since)
+        released = (self.released - dropped) | added if added or dropped else self.released
+        return _NodeIndex(
+            self.position, members, self.member_at, released, settled, waiting.groups, unsettled.groups, healthy
+        )
+
+
+class _Groups:
+    """Per wave, the members that meet some condition, copied on the first change of a wave."""
+
+    def __init__(self, groups: Mapping[int, Mapping[str, NodeAssignment]]) -> None:
+        self.groups: dict[int, Mapping[str, NodeAssignment]] = dict(groups)
+        self._copied: dict[int, dict[str, NodeAssignment]] = {}
+
+    def put(self, wave: int, node_id: str, assignment: NodeAssignment, member: bool) -> None:
+        """Keep `assignment` in the wave's group when `member`, else leave it out."""
+        if not member and node_id not in self.groups.get(wave, {}):
+            return
+        group = self._copied.get(wave)
+        if group is None:
+            group = self._copied[wave] = dict(self.groups.get(wave, {}))
+            self.groups[wave] = group
+        if member:
+            group[node_id] = assignment
+        else:
+            del group[node_id]
+
+
+def _activated(assignment: NodeAssignment) -> int:
+    return assignment.failed_at is None and assignment.healthy_at is not None
+
+
+def _unsettled(assignment: NodeAssignment) -> bool:
+    return assignment.failed_at is None and assignment.healthy_at is None
+
+
+def _healthy_since(assignment: NodeAssignment) -> float | None:
+    return assignment.healthy_at if assignment.failed_at is None else None
 
 
 @dataclass(frozen=True)
@@ -414,8 +539,13 @@ def wave_sizes(waves: Sequence[WaveSpec], eligible: int) -> list[int]:
     return sizes
 
 
-def _assign(state: RolloutState, observations: Mapping[str, NodeObservation]) -> list[Action]:
-    fresh_ids = observations.keys() - state.nodes.keys()
+def _assign(
+    state: RolloutState, observations: Mapping[str, NodeObservation], changed: Collection[str] | None
+) -> list[Action]:
+    if changed is None:
+        fresh_ids = observations.keys() - state.nodes.keys()
+    else:  # a new node's observation is new: it is among the changed ones
+        fresh_ids = {n for n in changed if n in observations and n not in state.nodes}
     if not fresh_ids:
         return []
     fresh = [observations[node_id] for node_id in sorted(fresh_ids)]
@@ -442,10 +572,18 @@ def _assign(state: RolloutState, observations: Mapping[str, NodeObservation]) ->
 # --- progress -------------------------------------------------------------------------------------------
 
 
-def _progress(state: RolloutState, observations: Mapping[str, NodeObservation], now: float) -> list[Action]:
+def _progress(
+    state: RolloutState, observations: Mapping[str, NodeObservation], now: float, changed: Collection[str] | None
+) -> list[Action]:
     actions: list[Action] = []
     last_wave = len(state.spec.waves) - 1
-    for node_id, assignment in state.nodes.items():
+    if changed is None:
+        looked_at: Iterable[tuple[str, NodeAssignment]] = state.nodes.items()
+    else:  # the same nodes in the same order as a pass over all of them would act on
+        position = state._index.position
+        ids = sorted((n for n in changed if n in position), key=position.__getitem__)
+        looked_at = [(n, state.nodes[n]) for n in ids]
+    for node_id, assignment in looked_at:
         node = observations.get(node_id)
         if node is None:
             continue
@@ -480,11 +618,12 @@ def _progress(state: RolloutState, observations: Mapping[str, NodeObservation], 
 
 
 def _release(state: RolloutState, observations: Mapping[str, NodeObservation], now: float) -> list[Action]:
+    # In rollout order, and among equal orders in the order of `state.nodes`.
+    index = state._index
     waiting = sorted(
-        (a for a in state.nodes.values() if a.excluded is None and a.released_at is None and a.wave is not None),
-        key=lambda a: a.order,
+        (a for wave, group in index.waiting.items() if wave <= state.wave for a in group.values()),
+        key=lambda a: (a.order, index.position[a.node_id]),
     )
-    waiting = [a for a in waiting if a.wave is not None and a.wave <= state.wave]
     if not waiting:
         return []
     limit = state.spec.max_unavailable
@@ -504,14 +643,8 @@ def _release(state: RolloutState, observations: Mapping[str, NodeObservation], n
 
 def _outcomes(state: RolloutState, wave: int) -> tuple[int, int, int]:
     """(members, activated, failed) of one wave."""
-    members = activated = failed = 0
-    for assignment in state.members(wave):
-        members += 1
-        if assignment.failed_at is not None:
-            failed += 1
-        elif assignment.healthy_at is not None:
-            activated += 1
-    return members, activated, failed
+    activated, failed = state._index.settled.get(wave, (0, 0))
+    return len(state.members(wave)), activated, failed
 
 
 def _population(
@@ -561,21 +694,15 @@ def _settled(state: RolloutState, wave: int, observations: Mapping[str, NodeObse
     started = state.wave_started_at if state.wave_started_at is not None else now
     deadline = started + state.spec.wave_deadline_s
     past_deadline = now >= deadline
-    baking = updating = probation = offline = 0
-    resolved_healthy = 0
-    for assignment in state.members(wave):
-        if assignment.failed_at is not None:
-            continue
-        if assignment.healthy_at is not None:
-            if past_deadline and assignment.healthy_at >= deadline:
-                continue  # a straggler that caught up after the deadline does not hold the wave again
-            if now < assignment.healthy_at + state.spec.bake_s:
-                baking += 1
-            else:
-                resolved_healthy += 1
-            continue
-        if past_deadline:
-            continue
+    index = state._index
+    # Healthy members, by when they became so: a straggler that caught up after the deadline does not hold the
+    # wave again; the others bake until `healthy_at + bake_s`.
+    healthy = index.healthy.get(wave, [])
+    counted = bisect.bisect_left(healthy, deadline) if past_deadline else len(healthy)
+    resolved_healthy = bisect.bisect_right(healthy, now, hi=counted, key=lambda at: at + state.spec.bake_s)
+    baking = counted - resolved_healthy
+    updating = probation = offline = 0
+    for assignment in () if past_deadline else index.unsettled.get(wave, {}).values():
         node = observations.get(assignment.node_id)
         if node is None or not node.online:
             offline += 1
@@ -589,22 +716,47 @@ def _settled(state: RolloutState, wave: int, observations: Mapping[str, NodeObse
         until = "" if past_deadline else f"; offline nodes stop holding it at +{state.spec.wave_deadline_s:g}s"
         return f"wave {wave + 1}: {', '.join(parts)}{until}"
     members = state.members(wave)
-    if members and not resolved_healthy and not any(a.failed_at is not None for a in members):
+    _, failed = index.settled.get(wave, (0, 0))
+    if members and not resolved_healthy and not failed:
         return f"wave {wave + 1}: none of its {len(members)} nodes has been reachable yet"
     return None
 
 
-def plan_rollout(state: RolloutState, observations: Mapping[str, NodeObservation], now: float) -> list[Action]:
+def next_due(state: RolloutState, now: float) -> float:
+    """The next time the rollout could move with no node reporting anything new: a healthy node's bake ending
+    after `now`, or the wave's deadline (which may have passed). Infinity when it is not running a wave."""
+    if state.status not in ACTIVE or state.wave_started_at is None:
+        return math.inf
+    due = state.wave_started_at + state.spec.wave_deadline_s
+    healthy = state._index.healthy.get(state.wave, [])
+    first = bisect.bisect_right(healthy, now, key=lambda at: at + state.spec.bake_s)
+    if first < len(healthy):
+        due = min(due, healthy[first] + state.spec.bake_s)
+    return due
+
+
+def plan_rollout(
+    state: RolloutState,
+    observations: Mapping[str, NodeObservation],
+    now: float,
+    changed: Collection[str] | None = None,
+) -> list[Action]:
     """The next actions of a rollout, given what its nodes report now. Empty when there is nothing to do.
 
     `observations` holds every live node the rollout's selector matches, keyed by id.
+
+    `changed` is for a caller that keeps `state` and `observations` from one step to the next (the simulator).
+    When given, `state` must be the previous step's result with all of its actions applied, and `changed` must
+    hold every node whose observation is new or differs from the one the previous step saw, and every node that
+    step's actions named (`named_nodes`). Only those nodes are looked at one by one: the others would give no
+    action, so the result is the same as without it. None (the control plane's driver): every node is looked at.
     """
     if state.status not in ACTIVE:
         return []
-    actions = _assign(state, observations)
+    actions = _assign(state, observations, changed)
     if actions:
         state = apply_actions(state, actions)
-    progress = _progress(state, observations, now)
+    progress = _progress(state, observations, now, changed)
     if progress:
         actions.extend(progress)
         state = apply_actions(state, progress)
@@ -652,31 +804,47 @@ def plan_rollout(state: RolloutState, observations: Mapping[str, NodeObservation
 # --- applying -------------------------------------------------------------------------------------------
 
 
+def named_nodes(actions: Iterable[Action]) -> set[str]:
+    """The nodes whose part in the rollout `actions` change (see `plan_rollout`'s `changed`)."""
+    named: set[str] = set()
+    for action in actions:
+        if isinstance(action, Release):
+            named.update(action.node_ids)
+        elif isinstance(action, Assign | Exclude | Include | MarkHealthy | MarkFailed | MarkOnTarget):
+            named.add(action.node_id)
+    return named
+
+
 def apply_actions(state: RolloutState, actions: Iterable[Action]) -> RolloutState:
     """The rollout after `actions` (what the driver then stores, and the simulator keeps)."""
-    nodes = dict(state.nodes)
+    updates: dict[str, NodeAssignment] = {}  # the nodes' new assignments, in the order they were first written
+
+    def current(node_id: str) -> NodeAssignment:
+        assignment = updates.get(node_id)
+        return state.nodes[node_id] if assignment is None else assignment
+
     changes: dict[str, Any] = {}
     regrouped = False
     for action in actions:
         regrouped = regrouped or isinstance(action, Assign | Exclude | Include)
         match action:
             case Assign(node_id, wave, previous, order, excluded):
-                nodes[node_id] = NodeAssignment(node_id, wave, previous, order, excluded)
+                updates[node_id] = NodeAssignment(node_id, wave, previous, order, excluded)
             case Exclude(node_id, reason):
-                nodes[node_id] = replace(nodes[node_id], excluded=reason)
+                updates[node_id] = replace(current(node_id), excluded=reason)
             case Include(node_id, wave):
-                nodes[node_id] = replace(nodes[node_id], excluded=None, wave=wave)
+                updates[node_id] = replace(current(node_id), excluded=None, wave=wave)
             case StartWave(wave, at):
                 changes.update(wave=wave, wave_started_at=at, message=f"wave {wave + 1} started")
             case Release(node_ids, at):
                 for node_id in node_ids:
-                    nodes[node_id] = replace(nodes[node_id], released_at=at)
+                    updates[node_id] = replace(current(node_id), released_at=at)
             case MarkHealthy(node_id, at):
-                nodes[node_id] = replace(nodes[node_id], healthy_at=at)
+                updates[node_id] = replace(current(node_id), healthy_at=at)
             case MarkFailed(node_id, at, reason):
-                nodes[node_id] = replace(nodes[node_id], failed_at=at, failure=reason)
+                updates[node_id] = replace(current(node_id), failed_at=at, failure=reason)
             case MarkOnTarget(node_id):
-                nodes[node_id] = replace(nodes[node_id], ever_on_target=True)
+                updates[node_id] = replace(current(node_id), ever_on_target=True)
             case RecordGates(results, baseline):
                 changes.update(gate_results=results, baseline=baseline)
             case Halt(gate, rollback, at):
@@ -690,11 +858,13 @@ def apply_actions(state: RolloutState, actions: Iterable[Action]) -> RolloutStat
                 changes.update(status="succeeded", finished_at=at, message="every wave passed its gates")
             case Note(message):
                 changes.update(message=message)
+    nodes = state.nodes
+    if updates:
+        nodes = dict(state.nodes)
+        nodes.update(updates)  # existing nodes keep their place, new ones follow in the order they were assigned
     updated = replace(state, nodes=nodes, **changes)
-    if not regrouped and "_by_wave" in state.__dict__:
-        # Membership did not change: keep the wave index (rebuilding it costs a pass over every node), with the
-        # members' fresh assignments.
-        updated.__dict__["_by_wave"] = {
-            wave: [nodes[a.node_id] for a in members] for wave, members in state.__dict__["_by_wave"].items()
-        }
+    index = state.__dict__.get("_index")
+    if index is not None and not regrouped:
+        # No node joined, left or changed its wave: patch the index (rebuilding it costs a pass over every node).
+        updated.__dict__["_index"] = index.patched(updates)
     return updated

@@ -15,12 +15,14 @@ The control plane's driver steps the planner every `server.tick` while the rollo
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import heapq
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -46,6 +48,8 @@ from strata.control.rollout_plan import (
     RolloutSpec,
     RolloutState,
     apply_actions,
+    named_nodes,
+    next_due,
     parse_waves,
     plan_rollout,
 )
@@ -76,6 +80,19 @@ def _hash01(*parts: object) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
+@contextlib.contextmanager
+def _cycle_collector_paused() -> Iterator[None]:
+    """A run makes no reference cycles (what it drops, reference counting frees), while the cycle collector's
+    passes over its millions of live objects take a third of a 100,000-node run: it is paused meanwhile."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _pick(rng: random.Random, weights: Mapping[str, float]) -> str:
     names = list(weights)
     return rng.choices(names, weights=[weights[n] for n in names])[0]
@@ -93,6 +110,7 @@ class SimNode:
     connectivity: Connectivity
     bandwidth: float
     latency_noise: float
+    facts: NodeFacts
     online: bool = False
     lost: bool = False
     state: NodeState = field(default_factory=NodeState)
@@ -114,6 +132,8 @@ class SimNode:
     reported_since: float = 0.0
     reported_probation: str | None = None
     reported_failures: tuple[FailureRecord, ...] = ()
+    # its desired state, and the rollout entry it was decided with (the rule is pure: the same entry, the same state)
+    desired: tuple[ActiveDeployment | None, DesiredState] | None = None
 
     @property
     def active_version(self) -> str | None:
@@ -166,9 +186,14 @@ class Simulation:
         self.stale: set[int] = set()  # nodes whose observation must be rebuilt
         self.reported = False  # a status report changed since the planner last ran
         self.observations: dict[str, NodeObservation] = {}
+        self.named: set[str] = set()  # the nodes the planner's last actions named
+        # Every released node whose observation may show fewer requests than it takes to judge it (a superset:
+        # those whose observation changed, or that were released, since the last refresh; see `_plan`).
+        self.young: set[str] = set()
         self.last_full = -math.inf
         self.next_due = math.inf
-        self.nodes = [self._make_node(i) for i in range(self.count)]
+        with _cycle_collector_paused():
+            self.nodes = [self._make_node(i) for i in range(self.count)]
         self.by_id = {node.node_id: node for node in self.nodes}
         self._exclusions = {node.node_id: self._exclusion(node) for node in self.nodes}
 
@@ -206,18 +231,21 @@ class Simulation:
         shares = {str(i): c.share for i, c in enumerate(scenario.connectivity)}
         connectivity = scenario.connectivity[int(_pick(rng, shares))]
         low, high = math.log(scenario.bandwidth_min), math.log(scenario.bandwidth_max)
+        node_id = f"node-{index:05d}"
+        labels = {"region": region, "tier": tier, "site": f"site-{index // 20:04d}"}
         node = SimNode(
             index=index,
-            node_id=f"node-{index:05d}",
+            node_id=node_id,
             profile=profile,
             tier=tier,
-            labels={"region": region, "tier": tier, "site": f"site-{index // 20:04d}"},
+            labels=labels,
             connectivity=connectivity,
             bandwidth=math.exp(rng.uniform(low, high)),
             latency_noise=math.exp(rng.gauss(0.0, 0.1)),
+            facts=NodeFacts.of(node_id, tier, profile.id, labels),
         )
         # Every node runs version 1 at the start, as if deployed long ago (and its probation passed).
-        desired = desired_state(node.node_id, node.labels, False, [self.base], self._facts(node))
+        desired = desired_state(node.node_id, node.labels, False, [self.base], node.facts)
         model = desired.model("model")
         if model is not None:
             choices = [VariantChoice(v.id, v.profile, v.runtime, v.precision) for v in model.variants]
@@ -233,12 +261,9 @@ class Simulation:
         self._start_connectivity(node)
         return node
 
-    def _facts(self, node: SimNode) -> NodeFacts:
-        return NodeFacts.of(node.node_id, node.tier, node.profile.id, node.labels)
-
     def _exclusion(self, node: SimNode) -> str | None:
         target = self.target
-        facts = self._facts(node)
+        facts = node.facts
         if not self.scenario.policy.empty:
             decision = evaluate(self.scenario.policy, ModelFacts(self.scenario.model, target), facts)
             if not decision.allowed:
@@ -320,8 +345,11 @@ class Simulation:
         )
 
     def _desired(self, node: SimNode) -> DesiredState:
-        entries = [self.base] if self.rollout_entry is None else [self.base, self.rollout_entry]
-        return desired_state(node.node_id, node.labels, False, entries, self._facts(node))
+        entry = self.rollout_entry
+        if node.desired is None or node.desired[0] is not entry:
+            entries = [self.base] if entry is None else [self.base, entry]
+            node.desired = (entry, desired_state(node.node_id, node.labels, False, entries, node.facts))
+        return node.desired[1]
 
     def _sync(self, node: SimNode) -> None:
         """The agent's round: take the desired state, plan and act until it must wait, then report."""
@@ -561,30 +589,42 @@ class Simulation:
     def _plan(self) -> None:
         state = self.rollout
         assert state is not None
-        if not self.observations:
+        first = not self.observations
+        if first:
             self.observations = {node.node_id: self._observe(node) for node in self.nodes}
+            self.young.update(self.observations)
         if self.now - self.last_full >= FULL_REFRESH_S:
             # Counters grow on the nodes running the new version. The simulated rates are steady, so once a node
             # has served enough requests to be judged its figures no longer move: only younger ones are refreshed.
             enough = 2 * state.spec.min_requests
-            for node_id in state.released:
-                serving = self.observations[node_id].serving
-                if serving is None or serving.requests < enough:
-                    self.stale.add(self.by_id[node_id].index)
+            young = set()
+            for node_id in self.young:
+                if node_id in state.released:
+                    serving = self.observations[node_id].serving
+                    if serving is None or serving.requests < enough:
+                        self.stale.add(self.by_id[node_id].index)
+                        young.add(node_id)
+            self.young = young
             self.last_full = self.now
+        changed = set(self.named)  # the planner looks again only at these nodes (the rest would give no action)
         for index in self.stale:
             node = self.nodes[index]
             self.observations[node.node_id] = self._observe(node)
+            changed.add(node.node_id)
+        self.young |= changed
         self.stale.clear()
         self.reported = False
         self.planner_runs += 1
-        actions = plan_rollout(state, self.observations, self.now)
+        actions = plan_rollout(state, self.observations, self.now, None if first else changed)
         new = apply_actions(state, actions) if actions else state
+        self.named = named_nodes(actions)
         self.rollout = new
         if not self.first_wave and new.wave_started_at is not None:
             self.first_wave = frozenset(a.node_id for a in new.members(0))
         self.next_due = self._next_due(new)
-        released_changed = new.released != state.released
+        released_changed = new.released is not state.released and new.released != state.released
+        if released_changed:
+            self.young |= new.released - state.released
         if new.status != state.status or released_changed or self.rollout_entry is None:
             self.rollout_entry = self._entry(new)
             if new.status != state.status:
@@ -595,7 +635,9 @@ class Simulation:
                         if node.online and not node.lost:
                             node.reached_at = self.now
             else:
-                touched = [self.by_id[n] for n in new.released - state.released]
+                # In node order: a set of ids iterates in an order that changes with the process's hash seed, and
+                # the order of these wake-ups decides which node draws which random number (a lost node, say).
+                touched = sorted((self.by_id[n] for n in new.released - state.released), key=lambda n: n.index)
             for node in touched:  # online nodes hear of a changed desired state at once (long poll)
                 node.idle = False
                 if node.online:
@@ -603,26 +645,23 @@ class Simulation:
 
     def _next_due(self, state: RolloutState) -> float:
         """The next time the rollout could move without any node reporting: a bake ending, a deadline passing."""
-        if state.status not in ACTIVE or state.wave_started_at is None:
-            return math.inf
-        due = state.wave_started_at + state.spec.wave_deadline_s
-        for assignment in state.members(state.wave):
-            if assignment.healthy_at is not None and assignment.failed_at is None:
-                end = assignment.healthy_at + state.spec.bake_s
-                if end > self.now:
-                    due = min(due, end)
+        due = next_due(state, self.now)
         return due if due > self.now else self.now + self.scenario.tick_s
 
     # --- running ----------------------------------------------------------------------------------------
 
     def run(self) -> Summary:
         """Run to the horizon; return the summary."""
+        with _cycle_collector_paused():
+            return self._run()
+
+    def _run(self) -> Summary:
         started = time.perf_counter()
         self._push(self.scenario.rollout.start_s, _START)
         horizon = self.scenario.horizon_s
-        nodes = self.nodes
-        while self.queue and self.queue[0][0] <= horizon:
-            at, _, kind, index, token = heapq.heappop(self.queue)
+        nodes, queue, pop = self.nodes, self.queue, heapq.heappop
+        while queue and queue[0][0] <= horizon:
+            at, _, kind, index, token = pop(queue)
             self.now = at
             self.events += 1
             if kind == _TICK:
@@ -659,7 +698,6 @@ class Simulation:
 
     def _summary(self, wall: float) -> Summary:
         state = self.rollout
-        entries = [self.base] if self.rollout_entry is None else [self.base, self.rollout_entry]
         finished = self.finished_at
         reachable = converged = lost = 0
         last_change = 0.0
@@ -674,7 +712,7 @@ class Simulation:
             if node.reached_at is None or node.reached_at > self.now - GRACE_S:
                 continue
             reachable += 1
-            want = desired_state(node.node_id, node.labels, False, entries, self._facts(node)).model("model")
+            want = self._desired(node).model("model")
             if want is not None and node.active_version == want.version:
                 converged += 1
                 last_change = max(last_change, node.changed_at)
@@ -718,4 +756,5 @@ class Simulation:
 
 def run_scenario(scenario: Scenario, nodes: int | None = None, seed: int | None = None) -> dict[str, Any]:
     """Simulate `scenario` (with `nodes` virtual nodes and `seed` when given) and return its JSON summary."""
-    return Simulation(scenario, nodes, seed).run().values
+    with _cycle_collector_paused():  # and the simulation freed before it runs again, not looked through first
+        return Simulation(scenario, nodes, seed).run().values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import replace
 
@@ -18,6 +19,8 @@ from strata.control.rollout_plan import (
     StartWave,
     WaveSpec,
     apply_actions,
+    named_nodes,
+    next_due,
     parse_waves,
     plan_rollout,
     spread_order,
@@ -311,3 +314,60 @@ def test_paused_rollouts_only_track_progress() -> None:
     assert state.wave == 0
     assert len(state.released) == 1
     assert sum(a.healthy_at is not None for a in state.nodes.values()) == 1
+
+
+@pytest.mark.parametrize(
+    ("seed", "max_unavailable", "on_failure"),
+    [(2, None, "rollback"), (6, 3, "pause"), (3, None, "pause"), (4, 5, "rollback")],
+)
+def test_naming_the_changed_nodes_gives_the_same_actions_as_looking_at_every_node(
+    seed: int, max_unavailable: int | None, on_failure: str
+) -> None:
+    # The simulator passes `changed` so that a step costs what changed, not the fleet; the control plane does not.
+    # Both must act alike, step by step, whatever the nodes do: report the version, fail, go offline, get kept
+    # out and let in again, or match only after the rollout began.
+    rng = random.Random(seed)
+    observations = fleet(50)
+    late = [node(i) for i in range(50, 60)]
+    gates = (Gate("activation_success_rate", ">=", 0.6),)
+    full = fast = rollout("4,30%,60%", max_unavailable=max_unavailable, on_failure=on_failure, gates=gates)
+    changed: set[str] = set()
+    for now in range(0, 6000, 30):
+        for _ in range(rng.randrange(6)):
+            if late and rng.random() < 0.05:
+                joining = late.pop()
+                observations[joining.node_id] = joining
+                changed.add(joining.node_id)
+                continue
+            node_id = rng.choice(sorted(observations))
+            current = observations[node_id]
+            health = Failure("m", "2", "v", "golden outputs differ", now, 1, "health")
+            probation = Failure("m", "2", "v", "p95 over its limit", now, 1, "probation")
+            if node_id not in full.released:
+                moves = [(3, replace(current, online=not current.online))]
+                moves.append((1, replace(current, excluded=None if current.excluded else "policy rule regions: no")))
+                moves.append((1, replace(current, version="2")))  # it runs the version already: healthy once released
+            elif current.version != "2":
+                moves = [
+                    (12, replace(current, version="2", probation="running")),
+                    (1, replace(current, failure=health)),
+                ]
+                moves.append((2, replace(current, online=not current.online)))
+            else:
+                moves = [
+                    (16, replace(current, probation="passed")),
+                    (1, replace(current, version="1", failure=probation)),
+                ]
+            observations[node_id] = rng.choices([m for _, m in moves], weights=[w for w, _ in moves])[0]
+            changed.add(node_id)
+        expected = plan_rollout(full, observations, float(now))
+        actions = plan_rollout(fast, observations, float(now), None if now == 0 else changed)
+        assert actions == expected, now
+        # The control plane loads the rollout afresh at every step; the simulator keeps it, with its node index
+        # patched from step to step.
+        full, fast = replace(apply_actions(full, expected)), apply_actions(fast, actions)
+        assert fast == full
+        assert fast.released == full.released
+        assert all(fast.members(w) == full.members(w) for w in range(len(fast.spec.waves)))
+        assert next_due(fast, now + 30.0) == next_due(full, now + 30.0)
+        changed = named_nodes(actions)
