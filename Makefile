@@ -57,6 +57,7 @@ bench: $(STAMP) $(TPM)
 	$(BIN)/python bench/policy_footprint.py
 	$(BIN)/python bench/rollout_planner.py
 	$(BIN)/python bench/tpm_attestation.py
+	$(BIN)/python bench/grpc_vs_rest.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

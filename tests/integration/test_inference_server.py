@@ -791,3 +791,38 @@ def test_stop_cancels_what_outlives_the_grace_period(server_loop: LoopThread) ->
         assert time.monotonic() - started < 3
         with pytest.raises(httpx.RemoteProtocolError):
             in_flight.result(10)
+
+
+def test_grpc_needs_the_serving_token_as_rest_does(
+    server_loop: LoopThread, digits_package: Package, digits_runtime: Runtime
+) -> None:
+    """Over gRPC the token travels as `authorization` metadata; ServerLive needs none, as /v2/health/live."""
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    from strata.agent.oip_grpc import GrpcInferenceServer
+
+    repository = ModelRepository()
+    repository.put(loaded(digits_package, digits_runtime))
+    app = InferenceApp(repository, InferenceMetrics(), token="t0ken")
+    server = GrpcInferenceServer(app, max_message_bytes=1 << 20, max_concurrent_rpcs=8)
+
+    async def start() -> None:
+        await server.start("127.0.0.1:0")
+
+    server_loop.run(start())
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    try:
+        assert client.is_server_live()
+        infer_input = triton.InferInput("X", [1, 64], "FP32")
+        infer_input.set_data_from_numpy(digits_x(1))
+        with pytest.raises(InferenceServerException, match="Bearer") as caught:
+            client.infer("digits", [infer_input])
+        assert caught.value.status() == "StatusCode.UNAUTHENTICATED"
+        with pytest.raises(InferenceServerException, match="Bearer"):
+            client.get_model_metadata("digits", headers={"authorization": "Bearer wrong"})
+        result = client.infer("digits", [infer_input], headers={"authorization": "Bearer t0ken"})
+        assert result.as_numpy("label") is not None
+    finally:
+        client.close()
+        server_loop.run(server.stop(0))

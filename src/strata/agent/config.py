@@ -28,6 +28,7 @@ class AgentConfig:
     enroll_token: str | None = None
     serve_host: str = "127.0.0.1"
     serve_port: int = 8080
+    grpc_port: int | None = None  # the Open Inference Protocol over gRPC too, on the serve host (off: None)
     profile: str | None = None
     poll_wait_s: float = 30.0
     request_timeout_s: float = 30.0
@@ -73,6 +74,8 @@ class AgentConfig:
         parse_labels(self.labels)
         if not 0 <= self.serve_port <= 65535:
             raise ConfigError(f"--serve-port {self.serve_port} is not a port")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ConfigError(f"--grpc-port {self.grpc_port} is not a port")
         if self.max_download_rate is not None and self.max_download_rate <= 0:
             raise ConfigError("--max-download-rate must be positive")
         if self.poll_wait_s < 0 or self.poll_wait_s > 60:
@@ -157,6 +160,7 @@ class AgentConfig:
             "enroll_token": self.enroll_token,
             "serve_host": self.serve_host,
             "serve_port": self.serve_port,
+            "grpc_port": self.grpc_port,
             "profile": self.profile,
             "poll_wait_s": self.poll_wait_s,
             "request_timeout_s": self.request_timeout_s,

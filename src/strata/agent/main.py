@@ -14,6 +14,7 @@ import signal
 import ssl
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from strata.agent.attestation import Attester
 from strata.agent.client import ControlPlaneClient
@@ -38,6 +39,9 @@ from strata.core.errors import ConfigError, StrataError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.profiles import detect_profile, get_profile, read_host_facts
 from strata.trust.fleet_tls import peer_node_id
+
+if TYPE_CHECKING:
+    from strata.agent.oip_grpc import GrpcInferenceServer
 
 log = logging.getLogger("strata.agent")
 
@@ -221,6 +225,7 @@ class Agent:
             server.port,
             " (bearer token in serve.token)" if token else "",
         )
+        grpc_server = await self._start_grpc(app)
         tier_server: HttpServer | None = None
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
@@ -247,6 +252,8 @@ class Agent:
         self.loop.stop.set()
         self.uploader.stop.set()
         await server.stop()
+        if grpc_server is not None:
+            await grpc_server.stop()
         if tier_server is not None:
             await tier_server.stop()
         self.telemetry.close()
@@ -259,6 +266,30 @@ class Agent:
             return EXIT_CONFIG
         log.info("agent stopped")
         return 0
+
+    async def _start_grpc(self, app: InferenceApp) -> GrpcInferenceServer | None:
+        """With --grpc-port, the same API over gRPC (`strata.agent.oip_grpc`); grpc is imported only then.
+
+        Raises:
+            ConfigError: grpcio is not installed, or the port cannot be bound.
+        """
+        if self.config.grpc_port is None:
+            return None
+        try:
+            from strata.agent.oip_grpc import GrpcInferenceServer
+        except ImportError as exc:
+            raise ConfigError(f"--grpc-port needs grpcio and protobuf (pip install 'strata[grpc]'): {exc}") from exc
+        grpc_server = GrpcInferenceServer(
+            app, max_message_bytes=self.config.max_request_bytes, max_concurrent_rpcs=self.config.max_connections
+        )
+        await grpc_server.start(f"{url_host(self.config.serve_host)}:{self.config.grpc_port}")
+        log.info(
+            "serving the Open Inference Protocol over gRPC on %s:%d%s",
+            self.config.serve_host,
+            grpc_server.port,
+            " (bearer token in serve.token)" if app.needs_token else "",
+        )
+        return grpc_server
 
 
 def server_limits(config: AgentConfig) -> ServerLimits:

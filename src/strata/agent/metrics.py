@@ -18,6 +18,7 @@ import itertools
 import math
 import re
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
@@ -336,6 +337,7 @@ class InferenceMetrics:
         )
         self.agent_info = add.gauge("strata_agent_info", "The strata agent's version", ("version",))
         self.agent_info.set(agent_version, value=1)
+        self._last_inference_ms: dict[tuple[str, str], int] = {}  # Triton's statistics say when each model last ran
 
     def record_success(
         self,
@@ -361,6 +363,7 @@ class InferenceMetrics:
         self.queue_duration_us.inc(model, version, by=queue_ns // 1000)
         self.compute_infer_duration_us.inc(model, version, by=compute_ns // 1000)
         self.request_seconds.observe(model, version, value=request_ns / 1e9)
+        self._last_inference_ms[(model, version)] = time.time_ns() // 1_000_000
         self.serving.record_success(model, version, (compute_ns if model_ns is None else model_ns) / 1e6)
 
     def record_execution(self, model: str, version: str, count: int = 1) -> None:
@@ -376,7 +379,33 @@ class InferenceMetrics:
         if reason not in FAILURE_REASONS:
             raise ValueError(f"unknown failure reason {reason!r}; use one of {FAILURE_REASONS}")
         self.request_failure.inc(model, version, reason)
+        self._last_inference_ms[(model, version)] = time.time_ns() // 1_000_000
         self.serving.record_failure(model, version, reason)
+
+    def triton_statistics(self, model: str, version: str) -> dict[str, object]:
+        """One model version's counters as Triton's statistics extension reports them (JSON form of
+        `inference.ModelStatistics`): counts, and cumulative durations in nanoseconds (kept in microseconds here).
+        Failed requests have a count and no duration; input and output handling are part of `compute_infer`."""
+        successes = int(self.request_success.value(model, version))
+
+        def duration(count: int, us: float = 0) -> dict[str, int]:
+            return {"count": count, "ns": int(us) * 1000}
+
+        return {
+            "name": model,
+            "version": version,
+            "last_inference": self._last_inference_ms.get((model, version), 0),
+            "inference_count": int(self.inference_count.value(model, version)),
+            "execution_count": int(self.exec_count.value(model, version)),
+            "inference_stats": {
+                "success": duration(successes, self.request_duration_us.value(model, version)),
+                "fail": duration(sum(int(self.request_failure.value(model, version, r)) for r in FAILURE_REASONS)),
+                "queue": duration(successes, self.queue_duration_us.value(model, version)),
+                "compute_input": duration(0),
+                "compute_infer": duration(successes, self.compute_infer_duration_us.value(model, version)),
+                "compute_output": duration(0),
+            },
+        }
 
     def set_active_models(self, active: Iterable[tuple[str, str, str]]) -> None:
         """Say which (model, version, variant) the node serves now; the others' gauges disappear."""

@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from strata import __version__
 from strata.agent.batching import BatchingConfig
@@ -39,6 +39,7 @@ from strata.agent.runtime import release_free_memory
 from strata.agent.scheduler import INLINE_DECODE_BYTES, InferResult, ModelScheduler, Overloaded, Prepared, prepare
 from strata.agent.telemetry import Outcome, TelemetryGauges, TelemetryRecorder
 from strata.core.errors import AuthError, BadRequest, NotFound, StrataError, Unavailable
+from strata.core.package import TensorSpec
 from strata.core.telemetry import DriftReference, drift_references
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ _TRIM_DELAY: Final = 0.5  # seconds without inference before that happens
 _LENGTH_DIGITS: Final = 18  # an Inference-Header-Content-Length of more digits is larger than any body
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+_T = TypeVar("_T")
 
 
 class InferenceApp:
@@ -136,8 +138,21 @@ class InferenceApp:
             return Response.error(exc.http_status, exc.message, headers)
 
     def _authenticate(self, request: Request) -> None:
+        self.authenticate(request.headers.get("authorization", ""))
+
+    @property
+    def needs_token(self) -> bool:
+        """Whether callers of the serving port must show the serving token."""
+        return self._token is not None
+
+    def authenticate(self, authorization: str) -> None:
+        """Check an `Authorization` value (an HTTP header, gRPC metadata) against the serving token.
+
+        Raises:
+            AuthError: it is not `Bearer <the token>`.
+        """
         assert self._token is not None
-        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), self._token):
             raise AuthError("this endpoint needs 'Authorization: Bearer <token>' with the node's serving token")
 
@@ -152,6 +167,10 @@ class InferenceApp:
                 return "GET", self._server_metadata
             case ("metrics",):
                 return "GET", self._render_metrics
+            case ("v2", "models", "stats"):
+                return "GET", lambda _request: self._json(self.model_statistics(None, None))
+            case ("v2", "repository", "index"):
+                return "POST", self._repository_index
             case ("v2", "models", name, "versions", version, *action):
                 return self._model_route(name, version, tuple(action))
             case ("v2", "models", name, *action):
@@ -164,11 +183,15 @@ class InferenceApp:
                 return "GET", lambda _request: self._model_metadata(name, version)
             case ("ready",):
                 return "GET", lambda _request: self._model_ready(name, version)
+            case ("config",):
+                return "GET", lambda _request: self._json(self.model_config(self.model(name, version)))
+            case ("stats",):
+                return "GET", lambda _request: self._json(self.model_statistics(name, version))
             case ("infer",):
                 return "POST", lambda request: self._infer(request, name, version)
         return None
 
-    def _model(self, name: str, version: str | None) -> LoadedModel:
+    def model(self, name: str, version: str | None) -> LoadedModel:
         """The model that serves `name` (and `version`, when given).
 
         Raises:
@@ -187,33 +210,73 @@ class InferenceApp:
     async def _live(self, _request: Request) -> Response:
         return Response.json(200, {"live": True})
 
+    def is_ready(self) -> bool:
+        """Whether the node is ready (every model it should serve is loaded)."""
+        return self._ready is None or self._ready()
+
     async def _server_ready(self, _request: Request) -> Response:
-        if self._ready is not None and not self._ready():
+        if not self.is_ready():
             raise Unavailable("the node is not ready: its models are still loading")
         return Response.json(200, {"ready": True})
 
+    def server_metadata(self, extensions: tuple[str, ...] = EXTENSIONS) -> dict[str, Any]:
+        """The Open Inference Protocol's server metadata."""
+        return {"name": self._server_name, "version": self._server_version, "extensions": list(extensions)}
+
     async def _server_metadata(self, _request: Request) -> Response:
-        return Response.json(
-            200, {"name": self._server_name, "version": self._server_version, "extensions": list(EXTENSIONS)}
-        )
+        return Response.json(200, self.server_metadata())
+
+    @staticmethod
+    def model_metadata(model: LoadedModel) -> dict[str, Any]:
+        """The Open Inference Protocol's model metadata (with -1 for dynamic dimensions)."""
+        manifest = model.manifest
+        return {
+            "name": model.name,
+            "versions": [model.version],
+            "platform": triton_platform(manifest.runtime),
+            "inputs": [spec.to_json() for spec in manifest.inputs],
+            "outputs": [spec.to_json() for spec in manifest.outputs],
+        }
 
     async def _model_metadata(self, name: str, version: str | None) -> Response:
-        model = self._model(name, version)
-        manifest = model.manifest
-        platform = "onnxruntime_onnx" if manifest.runtime.startswith("onnxruntime") else manifest.runtime
-        return Response.json(
-            200,
-            {
-                "name": model.name,
-                "versions": [model.version],
-                "platform": platform,
-                "inputs": [spec.to_json() for spec in manifest.inputs],
-                "outputs": [spec.to_json() for spec in manifest.outputs],
-            },
-        )
+        return Response.json(200, self.model_metadata(self.model(name, version)))
+
+    @staticmethod
+    async def _json(payload: Any) -> Response:
+        return Response.json(200, payload)
+
+    # --- Triton's model configuration, statistics and repository index extensions ---------------------
+
+    def model_config(self, model: LoadedModel) -> dict[str, Any]:
+        """The model as Triton's model configuration (JSON form of `inference.ModelConfig`) describes it: how this
+        node batches it (`max_batch_size` 0 and full dims when it does not batch; else dims without the batch
+        axis), its queue and its instances."""
+        return triton_model_config(model, self._scheduler(model).config)
+
+    def model_statistics(self, name: str | None, version: str | None) -> dict[str, Any]:
+        """Triton's statistics of one model (every served model when `name` is None), from the same counters as
+        `/metrics` (cumulative since the agent started; failures have no duration here).
+
+        Raises:
+            NotFound: `name` is given and not served (in `version`, when given).
+        """
+        models = [self.model(name, version)] if name else sorted(self._repository.all(), key=lambda m: m.name)
+        return {"model_stats": [self._metrics.triton_statistics(m.name, m.version) for m in models]}
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's repository index: the models this node serves now, all READY (`ready_only` changes nothing:
+        a model that is not loaded is not served here)."""
+        del ready_only
+        return [
+            {"name": m.name, "version": m.version, "state": "READY", "reason": ""}
+            for m in sorted(self._repository.all(), key=lambda m: m.name)
+        ]
+
+    async def _repository_index(self, request: Request) -> Response:
+        return Response.json(200, self.repository_index())
 
     async def _model_ready(self, name: str, version: str | None) -> Response:
-        model = self._model(name, version)
+        model = self.model(name, version)
         return Response.json(200, {"name": model.name, "version": model.version, "ready": True})
 
     async def _render_metrics(self, _request: Request) -> Response:
@@ -231,13 +294,43 @@ class InferenceApp:
     # --- inference --------------------------------------------------------------------------------------
 
     async def _infer(self, request: Request, name: str, version: str | None) -> Response:
+        model = self.model(name, version)
+        body = request.body
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        raw_length = request.headers.get(HEADER_LENGTH)
+
+        def decode(scheduler: ModelScheduler) -> Prepared:
+            header_length = _header_length(raw_length)
+            batched, layouts = scheduler.config.batching, scheduler.layouts
+            return prepare(model, body, header_length, batched, encoding, self._max_body_bytes, layouts)
+
+        inline = encoding == "identity" and len(body) <= INLINE_DECODE_BYTES
+        result = await self.infer(model, decode, size=len(body), inline=inline)
+        if result.header_length is None:
+            return Response(200, {"content-type": "application/json"}, result.body)
+        headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(result.header_length)}
+        return Response(200, headers, result.body)
+
+    async def infer(
+        self, model: LoadedModel, decode: Callable[[ModelScheduler], Prepared], *, size: int, inline: bool
+    ) -> InferResult:
+        """Serve one inference request of any protocol: decode it (`decode`, given the model's queue; on the loop
+        when `inline`, else on the executor), admit it to the model's queue or shed it, wait for its batch, and
+        count it in the metrics and telemetry. `size` is the request's size in bytes.
+
+        Raises:
+            BadRequest: the request is malformed or does not fit the model (whatever `decode` raised that is not
+                a strata error counts as that too).
+            Overloaded: the model's queue sheds it.
+            Unavailable: the agent is stopping.
+            InferenceError: the model failed.
+        """
         started = time.perf_counter_ns()
-        model = self._model(name, version)
         scheduler = self._scheduler(model)
-        large = len(request.body) >= _TRIM_AFTER_BYTES
+        large = size >= _TRIM_AFTER_BYTES
         self._in_flight += 1
         try:
-            prepared = await self._prepare(model, scheduler, request)
+            prepared = await self._decode(decode, scheduler, inline)
             result = await scheduler.submit(prepared, time.perf_counter_ns())
             large = large or len(result.body) >= _TRIM_AFTER_BYTES
         except Overloaded:
@@ -265,10 +358,7 @@ class InferenceApp:
             model_ns=result.model_ns,
         )
         await self._record(model, started, ok=True, status="ok", result=result)
-        if result.header_length is None:
-            return Response(200, {"content-type": "application/json"}, result.body)
-        headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(result.header_length)}
-        return Response(200, headers, result.body)
+        return result
 
     def _scheduler(self, model: LoadedModel) -> ModelScheduler:
         """The queue of the model object serving now; a swapped-in model gets a new one (the old one drains)."""
@@ -279,7 +369,9 @@ class InferenceApp:
             self._schedulers[model.name] = scheduler
         return scheduler
 
-    async def _prepare(self, model: LoadedModel, scheduler: ModelScheduler, request: Request) -> Prepared:
+    async def _decode(
+        self, decode: Callable[[ModelScheduler], Prepared], scheduler: ModelScheduler, inline: bool
+    ) -> Prepared:
         """Decode and check a request: small ones right here (microseconds), large or compressed ones on the
         executor so the loop keeps answering.
 
@@ -287,16 +379,18 @@ class InferenceApp:
             BadRequest: the request is malformed or does not fit the model.
             Unavailable: the executor is shut down (the agent is stopping).
         """
-        header_length = _header_length(request)
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        batched = scheduler.config.batching
-        if encoding == "identity" and len(request.body) <= INLINE_DECODE_BYTES:
-            return _caller_fault(prepare, model, request.body, header_length, batched, layouts=scheduler.layouts)
-        args = (model, request.body, header_length, batched, encoding, self._max_body_bytes, scheduler.layouts)
+        if inline:
+            return _caller_fault(decode, scheduler)
+        return await self.off_loop(functools.partial(_caller_fault, decode, scheduler))
+
+    async def off_loop(self, work: Callable[[], _T]) -> _T:
+        """Run `work` on the executor (where batches run).
+
+        Raises:
+            Unavailable: the executor is shut down (the agent is stopping).
+        """
         try:
-            future = asyncio.get_running_loop().run_in_executor(
-                self._executor, functools.partial(_caller_fault, prepare, *args)
-            )
+            future = asyncio.get_running_loop().run_in_executor(self._executor, work)
         except RuntimeError as exc:
             raise Unavailable("the node is shutting down and takes no more inference requests") from exc
         return await future
@@ -364,6 +458,46 @@ class InferenceApp:
             asyncio.get_running_loop().run_in_executor(self._executor, release_free_memory)
 
 
+def triton_platform(runtime: str) -> str:
+    """Triton's platform name for a package's runtime."""
+    return "onnxruntime_onnx" if runtime.startswith("onnxruntime") else runtime
+
+
+def triton_model_config(model: LoadedModel, config: BatchingConfig) -> dict[str, Any]:
+    """Triton's model configuration (JSON form of `inference.ModelConfig`) for a model batched with `config`."""
+    manifest = model.manifest
+    batching = config.batching
+    skip = 1 if batching else 0  # with max_batch_size > 0, Triton's dims leave out the batch axis
+
+    def tensor(spec: TensorSpec) -> dict[str, Any]:
+        datatype = "TYPE_STRING" if spec.datatype == "BYTES" else f"TYPE_{spec.datatype}"
+        return {"name": spec.name, "data_type": datatype, "dims": list(spec.shape[skip:])}
+
+    out: dict[str, Any] = {
+        "name": model.name,
+        "platform": triton_platform(manifest.runtime),
+        "backend": "onnxruntime" if manifest.runtime.startswith("onnxruntime") else manifest.runtime,
+        "max_batch_size": config.max_batch_size if batching else 0,
+        "input": [tensor(spec) for spec in manifest.inputs],
+        "output": [tensor(spec) for spec in manifest.outputs],
+        "instance_group": [
+            {
+                "name": model.name,
+                "kind": "KIND_GPU" if "cuda" in manifest.runtime else "KIND_CPU",
+                "count": config.instances,
+            }
+        ],
+        "default_model_filename": manifest.model_file,
+    }
+    if batching:
+        out["dynamic_batching"] = {
+            "preferred_batch_size": list(config.preferred_batch_sizes),
+            "max_queue_delay_microseconds": config.max_queue_delay_us,
+            "default_queue_policy": {"max_queue_size": config.max_queue_size},
+        }
+    return out
+
+
 def _caller_fault(decode: Callable[..., Prepared], *args: Any, **kwargs: Any) -> Prepared:
     """Run `decode` over a caller's request; whatever it raises that is not a strata error is the caller's
     fault too (400), never an internal error: what the caller sends decides every path through the decoder,
@@ -392,13 +526,12 @@ def _failure_reason(exc: Exception) -> str:
     return "internal"
 
 
-def _header_length(request: Request) -> int | None:
-    """The `Inference-Header-Content-Length` of a request, None when absent.
+def _header_length(raw: str | None) -> int | None:
+    """The value of a request's `Inference-Header-Content-Length` header, None when absent.
 
     Raises:
         BadRequest: the header is not a non-negative integer.
     """
-    raw = request.headers.get(HEADER_LENGTH)
     if raw is None:
         return None
     raw = raw.strip()

@@ -40,7 +40,7 @@ from strata.agent.repository import LoadedModel
 from strata.agent.runtime import Runtime
 from strata.core.datatypes import oip_from_numpy
 from strata.core.errors import BadRequest, ConfigError, InferenceError, Unavailable
-from strata.core.oip import Array, check_inputs, check_outputs, decode_request, encode_response
+from strata.core.oip import Array, InferRequest, check_inputs, check_outputs, decode_request, encode_response
 from strata.core.telemetry import DriftReference, bin_counts
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,12 @@ class Prepared:
     key: Hashable | None  # requests with equal keys can share a runtime call; None runs alone
     enqueued_ns: int = 0
     future: asyncio.Future[InferResult] | None = None
+    # how its answer is encoded on the worker; None: the REST body (JSON, or Triton's binary extension)
+    encode: Encoder | None = None
+
+
+# (model, request, its outputs by name) -> (body, header length or None)
+Encoder = Callable[[LoadedModel, "Prepared", dict[str, Array]], tuple[bytes, int | None]]
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,28 @@ def prepare(
                 offset += size
             return Prepared(feeds, layout.outputs, layout.request_id, layout.rows, layout.key)
     decoded = decode_request(body, header_length)
+    prepared = prepare_decoded(model, decoded, batched)
+    feeds, wanted, rows, key = prepared.feeds, prepared.outputs, prepared.rows, prepared.key
+    if header is not None and layouts is not None:
+        tensors = [(t.name, t.array) for t in decoded.inputs]
+        binary = len(body) - len(header)
+        # only requests whose every tensor is in the binary region, in fixed-size types, have a layout
+        if all(array.dtype.kind not in "OSU" for _, array in tensors) and sum(a.nbytes for _, a in tensors) == binary:
+            inputs = tuple((name, array.dtype, tuple(array.shape), array.nbytes) for name, array in tensors)
+            layouts.put(bytes(header), _Layout(inputs, binary, wanted, decoded.id, rows, key))
+    return prepared
+
+
+def prepare_decoded(
+    model: LoadedModel, decoded: InferRequest, batched: bool, encode: Encoder | None = None
+) -> Prepared:
+    """Check a decoded request (from REST or gRPC) against the model's signature; `batched` says whether it gets
+    a batch key (requests of equal keys, whatever their protocol, may share a runtime call), `encode` how its
+    answer is written.
+
+    Raises:
+        BadRequest: the request does not fit the model.
+    """
     manifest = model.manifest
     feeds = check_inputs(decoded, manifest.inputs, model.name)
     wanted = tuple(check_outputs(decoded, manifest.outputs, model.name))
@@ -194,14 +222,7 @@ def prepare(
     if batched and all(array.ndim >= 1 and array.shape[0] == rows for array in feeds.values()):
         shapes = tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(feeds.items()))
         key = (shapes, tuple(name for name, _ in wanted))
-    if header is not None and layouts is not None:
-        tensors = [(t.name, t.array) for t in decoded.inputs]
-        binary = len(body) - len(header)
-        # only requests whose every tensor is in the binary region, in fixed-size types, have a layout
-        if all(array.dtype.kind not in "OSU" for _, array in tensors) and sum(a.nbytes for _, a in tensors) == binary:
-            inputs = tuple((name, array.dtype, tuple(array.shape), array.nbytes) for name, array in tensors)
-            layouts.put(bytes(header), _Layout(inputs, binary, wanted, decoded.id, rows, key))
-    return Prepared(feeds=feeds, outputs=wanted, request_id=decoded.id, rows=rows, key=key)
+    return Prepared(feeds=feeds, outputs=wanted, request_id=decoded.id, rows=rows, key=key, encode=encode)
 
 
 def run_batch(model: LoadedModel, items: list[Prepared], references: tuple[DriftReference, ...] = ()) -> BatchRun:
@@ -290,7 +311,10 @@ def _run_together(
         else:
             mine = {name: array[offset : offset + item.rows] for name, array in results.items()}
         offset += item.rows
-        body, header_length = _encode(model, item, mine, headers)
+        if item.encode is None:
+            body, header_length = _encode(model, item, mine, headers)
+        else:
+            body, header_length = item.encode(model, item, mine)
         out.append(
             InferResult(
                 body=body,

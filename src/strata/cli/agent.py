@@ -33,6 +33,14 @@ def agent(
     ] = None,
     serve_host: Annotated[str, typer.Option("--serve-host", help="Address of the inference API.")] = "127.0.0.1",
     serve_port: Annotated[int, typer.Option("--serve-port", help="Port of the inference API.")] = 8080,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option(
+            "--grpc-port",
+            help="Serve the inference API over gRPC too (KServe v2 / Triton clients), on --serve-host "
+            "(needs strata[grpc]; off by default).",
+        ),
+    ] = None,
     profile: Annotated[
         str | None, typer.Option("--profile", help="Stand in for this hardware profile instead of the detected one.")
     ] = None,
@@ -156,6 +164,7 @@ def agent(
         enroll_token=enroll_token,
         serve_host=serve_host,
         serve_port=serve_port,
+        grpc_port=grpc_port,
         profile=profile,
         poll_wait_s=poll_wait,
         max_download_rate=max_download_rate,

@@ -60,7 +60,7 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-def _shape(raw: Any, what: str) -> tuple[int, ...]:
+def check_shape(raw: Any, what: str) -> tuple[int, ...]:
     """A tensor's shape, checked before anything is built from it: at most `MAX_DIMS` non-negative dimensions
     whose product (in Python integers, so it cannot overflow) is at most `MAX_ELEMENTS`. A zero dimension makes
     an empty tensor, but the other dimensions are bounded too: numpy refuses any shape whose non-zero dimensions
@@ -84,7 +84,7 @@ def _excerpt(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _decode_bytes_elements(buffer: Buffer, count: int, what: str) -> Array:
+def _decode_bytes_elements(buffer: Buffer, count: int, what: str, size_name: str = "binary_data_size") -> Array:
     """`count` BYTES elements (each a 4-byte length and its bytes) that must fill `buffer` exactly.
 
     Every element takes at least 4 bytes, so a count the buffer cannot hold is refused before anything is
@@ -97,7 +97,7 @@ def _decode_bytes_elements(buffer: Buffer, count: int, what: str) -> Array:
         raise BadRequest(f"{what}: {count} BYTES elements; at most {MAX_BYTES_ELEMENTS} are supported")
     if count * 4 > len(buffer):
         raise BadRequest(
-            f"{what}: {count} BYTES elements need at least {count * 4} bytes; binary_data_size is {len(buffer)}"
+            f"{what}: {count} BYTES elements need at least {count * 4} bytes; {size_name} is {len(buffer)}"
         )
     out = np.empty(count, dtype=object)
     offset = 0
@@ -115,14 +115,22 @@ def _decode_bytes_elements(buffer: Buffer, count: int, what: str) -> Array:
     return out
 
 
-def _from_binary(buffer: Buffer, datatype: str, shape: tuple[int, ...], what: str) -> Array:
+def tensor_from_binary(
+    buffer: Buffer, datatype: str, shape: tuple[int, ...], what: str, size_name: str = "binary_data_size"
+) -> Array:
+    """A tensor of a checked shape (`check_shape`) from its raw little-endian bytes, a view of `buffer` (no copy);
+    `size_name` is what the error messages call the buffer's size.
+
+    Raises:
+        BadRequest: the buffer holds more or fewer bytes than the shape needs (BYTES: malformed elements).
+    """
     count = math.prod(shape)
     if datatype == "BYTES":
-        return _decode_bytes_elements(buffer, count, what).reshape(shape)
+        return _decode_bytes_elements(buffer, count, what, size_name).reshape(shape)
     expected = count * ELEMENT_SIZE[datatype]
     if len(buffer) != expected:
         raise BadRequest(
-            f"{what}: binary_data_size is {len(buffer)} bytes; shape {list(shape)} of {datatype} needs {expected}"
+            f"{what}: {size_name} is {len(buffer)} bytes; shape {list(shape)} of {datatype} needs {expected}"
         )
     dtype = OIP_TO_NUMPY[datatype].newbyteorder("<")
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
@@ -268,7 +276,7 @@ def _tensors(
         datatype = raw.get("datatype")
         if not isinstance(datatype, str) or datatype not in OIP_TO_NUMPY:
             raise BadRequest(f"{label}: unsupported datatype {_excerpt(datatype)}; use one of {sorted(OIP_TO_NUMPY)}")
-        shape = _shape(raw.get("shape"), label)
+        shape = check_shape(raw.get("shape"), label)
         size = _parameters(raw, label).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -277,7 +285,7 @@ def _tensors(
                 raise BadRequest(f"{label}: binary_data_size {size} runs past the {len(binary)} bytes of binary data")
             if "data" in raw:
                 raise BadRequest(f"{label}: has both 'data' and binary_data_size")
-            array = _from_binary(binary[offset : offset + size], datatype, shape, label)
+            array = tensor_from_binary(binary[offset : offset + size], datatype, shape, label)
             offset += size
         else:
             if "data" not in raw:
@@ -374,7 +382,8 @@ def check_outputs(request: InferRequest, specs: Sequence[TensorSpec], model: str
     return chosen
 
 
-def _to_binary(array: Array, datatype: str) -> Buffer:
+def tensor_to_binary(array: Array, datatype: str) -> Buffer:
+    """A tensor's raw bytes as the binary extension and gRPC's raw contents carry them (see the module doc)."""
     if datatype == "BYTES":
         parts = []
         for item in array.reshape(-1):
@@ -408,7 +417,7 @@ def encode_tensors(
         datatype = oip_from_numpy(array.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
-            raw = _to_binary(array, datatype)
+            raw = tensor_to_binary(array, datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             parts.append(raw)
         else:

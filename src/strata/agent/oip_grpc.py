@@ -1,0 +1,247 @@
+"""The node's Open Inference Protocol over gRPC: KServe v2 `inference.GRPCInferenceService`, beside the REST API.
+
+`strata agent --grpc-port N` serves it; nothing imports this module (nor grpc) otherwise. RPCs: ServerLive,
+ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (raw or typed input contents, raw output
+contents), and Triton's ModelConfig, ModelStatistics and RepositoryIndex, so `tritonclient.grpc` works unchanged.
+Every RPC is a thin translation onto the same `InferenceApp` the REST listener uses: the same models, queues,
+dynamic batches (gRPC and REST requests of one shape share batches), admission control, metrics, telemetry and
+serving token. Errors map to gRPC codes: a bad request is INVALID_ARGUMENT, an unknown model NOT_FOUND, a shed
+request UNAVAILABLE (with `retry-after` in the trailing metadata), a missing token UNAUTHENTICATED, and a model
+failure INTERNAL; ModelReady of a model not served answers `ready: false`, as tritonclient.http's `is_model_ready`
+reads REST's 404.
+
+What a caller can hold: a message is at most `--max-request-mb` (RESOURCE_EXHAUSTED past it, before it is
+decoded), and at most `--max-connections` RPCs run at once (more are refused with RESOURCE_EXHAUSTED by gRPC
+itself). gRPC reads a message whole before the handler sees it, so unlike the REST listener there is no byte
+budget charged before the bytes arrive: the bound is the product of the two.
+
+Only on the serving port: the tiers reach each other over REST on the mutual-TLS tier port (`strata.route`
+speaks REST), so there is no gRPC tier listener.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import grpc
+import grpc.aio
+
+from strata.agent.oip_grpc_codec import (
+    decode_infer_request,
+    encode_infer_response,
+    from_json,
+    message_class,
+    parse_message,
+)
+from strata.agent.oip_server import InferenceApp
+from strata.agent.repository import LoadedModel
+from strata.agent.scheduler import INLINE_DECODE_BYTES, ModelScheduler, Overloaded, Prepared, prepare_decoded
+from strata.core.errors import AuthError, ConfigError, NotFound, StrataError
+from strata.core.oip import Array
+
+log = logging.getLogger(__name__)
+
+SERVICE: Final = "inference.GRPCInferenceService"
+EXTENSIONS: Final = ("model_configuration", "statistics")
+
+# gRPC status for each HTTP status a strata error carries
+_CODES: Final = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+Context = Any  # grpc.aio.ServicerContext (grpcio has no type hints)
+Behaviour = Callable[[Any, Context], Awaitable[Any]]
+
+
+def status_code(error: StrataError) -> grpc.StatusCode:
+    """The gRPC status code of a strata error (INTERNAL for anything that is not the caller's doing)."""
+    return _CODES.get(error.http_status, grpc.StatusCode.INTERNAL)
+
+
+class GrpcInferenceServer:
+    """`GRPCInferenceService` over an `InferenceApp`, on a grpc.aio server in the running event loop.
+
+    Usage: `await server.start(address)` (`host:port`, `[v6]:port`), read `server.port`, `await server.stop()`.
+    """
+
+    def __init__(self, app: InferenceApp, *, max_message_bytes: int, max_concurrent_rpcs: int) -> None:
+        self._app = app
+        self._max_message_bytes = max_message_bytes
+        self._max_concurrent_rpcs = max_concurrent_rpcs
+        self._server: grpc.aio.Server | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The port bound (the one the OS chose for port 0).
+
+        Raises:
+            RuntimeError: the server is not started.
+        """
+        if self._port is None:
+            raise RuntimeError("the gRPC server is not started")
+        return self._port
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        """One unary handler per RPC; ModelInfer takes and returns bytes, so that decoding a large request and
+        encoding its answer happen off the event loop (its answer is encoded on the batch's worker)."""
+
+        def unary(name: str, behaviour: Behaviour, *, raw: bool = False, open_: bool = False) -> grpc.RpcMethodHandler:
+            request = message_class(f"{name}Request")
+            response = message_class(f"{name}Response")
+            return grpc.unary_unary_rpc_method_handler(
+                functools.partial(self._call, behaviour, name, open_),
+                request_deserializer=None if raw else request.FromString,
+                response_serializer=None if raw else response.SerializeToString,
+            )
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "ServerLive": unary("ServerLive", self._server_live, open_=True),
+                "ServerReady": unary("ServerReady", self._server_ready),
+                "ModelReady": unary("ModelReady", self._model_ready),
+                "ServerMetadata": unary("ServerMetadata", self._server_metadata),
+                "ModelMetadata": unary("ModelMetadata", self._model_metadata),
+                "ModelInfer": unary("ModelInfer", self._model_infer, raw=True),
+                "ModelConfig": unary("ModelConfig", self._model_config),
+                "ModelStatistics": unary("ModelStatistics", self._model_statistics),
+                "RepositoryIndex": unary("RepositoryIndex", self._repository_index),
+            },
+        )
+
+    async def start(self, address: str) -> None:
+        """Bind `address` and start serving; returns once listening.
+
+        Raises:
+            ConfigError: the address cannot be bound.
+            RuntimeError: the server is already started.
+        """
+        if self._server is not None:
+            raise RuntimeError("the gRPC server is already started")
+        options = [
+            ("grpc.max_receive_message_length", self._max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+            # gRPC sets SO_REUSEPORT by default: a second agent on the same port would share it instead of failing
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(
+            handlers=[self._handlers()], options=options, maximum_concurrent_rpcs=self._max_concurrent_rpcs
+        )
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen for gRPC on {address}: {exc}") from exc
+        if port == 0:  # older grpcio reports a failed bind this way
+            raise ConfigError(f"cannot listen for gRPC on {address}")
+        await server.start()
+        self._server, self._port = server, port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting RPCs, let those in flight finish for up to `grace` seconds. Safe when not started."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace)
+
+    async def _call(self, behaviour: Behaviour, name: str, open_: bool, request: Any, context: Context) -> Any:
+        """Run one RPC: the serving token first (unless `open_`), then strata errors as gRPC statuses.
+
+        Raises:
+            grpc.aio.AbortError: always when it fails (`context.abort`), with the status and message.
+        """
+        try:
+            if self._app.needs_token and not open_:
+                metadata = dict(context.invocation_metadata() or ())
+                authorization = metadata.get("authorization", "")
+                self._app.authenticate(authorization if isinstance(authorization, str) else "")
+            return await behaviour(request, context)
+        except StrataError as exc:
+            code = status_code(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("gRPC %s failed: %s", name, exc)
+            trailing: tuple[tuple[str, str], ...] = ()
+            if isinstance(exc, Overloaded):
+                trailing = (("retry-after", str(exc.retry_after_s)),)
+            elif isinstance(exc, AuthError):
+                trailing = (("www-authenticate", 'Bearer realm="strata"'),)
+            await context.abort(code, exc.message, trailing)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unhandled error serving gRPC %s", name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("context.abort returned")  # it always raises
+
+    # --- health and metadata ----------------------------------------------------------------------------
+
+    async def _server_live(self, _request: Any, _context: Context) -> Any:
+        return message_class("ServerLiveResponse")(live=True)
+
+    async def _server_ready(self, _request: Any, _context: Context) -> Any:
+        return message_class("ServerReadyResponse")(ready=self._app.is_ready())
+
+    async def _model_ready(self, request: Any, _context: Context) -> Any:
+        try:
+            self._app.model(request.name, request.version or None)
+        except NotFound:
+            return message_class("ModelReadyResponse")(ready=False)
+        return message_class("ModelReadyResponse")(ready=True)
+
+    async def _server_metadata(self, _request: Any, _context: Context) -> Any:
+        return from_json("ServerMetadataResponse", self._app.server_metadata(EXTENSIONS))
+
+    async def _model_metadata(self, request: Any, _context: Context) -> Any:
+        model = self._app.model(request.name, request.version or None)
+        return from_json("ModelMetadataResponse", self._app.model_metadata(model))
+
+    async def _model_config(self, request: Any, _context: Context) -> Any:
+        model = self._app.model(request.name, request.version or None)
+        return from_json("ModelConfigResponse", {"config": self._app.model_config(model)})
+
+    async def _model_statistics(self, request: Any, _context: Context) -> Any:
+        stats = self._app.model_statistics(request.name or None, request.version or None)
+        return from_json("ModelStatisticsResponse", stats)
+
+    async def _repository_index(self, request: Any, _context: Context) -> Any:
+        return from_json("RepositoryIndexResponse", {"models": self._app.repository_index(request.ready)})
+
+    # --- inference --------------------------------------------------------------------------------------
+
+    async def _model_infer(self, data: bytes, _context: Context) -> bytes:
+        """Parse (off the loop when large), find the model, and serve it through `InferenceApp.infer`; the
+        answer is the serialized `ModelInferResponse` its batch's worker encoded.
+
+        Raises:
+            BadRequest: the bytes are not a ModelInferRequest, or it does not fit the model.
+            NotFound: the model (or version) is not served here.
+        """
+        inline = len(data) <= INLINE_DECODE_BYTES
+        parse = functools.partial(_parse_infer_request, data)
+        message = parse() if inline else await self._app.off_loop(parse)
+        model = self._app.model(message.model_name, message.model_version or None)
+
+        def decode(scheduler: ModelScheduler) -> Prepared:
+            return prepare_decoded(model, decode_infer_request(message), scheduler.config.batching, _encode_answer)
+
+        result = await self._app.infer(model, decode, size=len(data), inline=inline)
+        return result.body
+
+
+def _parse_infer_request(data: bytes) -> Any:
+    return parse_message("ModelInferRequest", data)
+
+
+def _encode_answer(model: LoadedModel, item: Prepared, outputs: dict[str, Array]) -> tuple[bytes, int | None]:
+    """A request's answer as a serialized ModelInferResponse (run on the batch's worker)."""
+    chosen = ((name, outputs[name]) for name, _ in item.outputs)
+    return encode_infer_response(model.name, model.version, item.request_id, chosen), None
