@@ -35,6 +35,7 @@ from strata.control.db import Database, Model, ModelVersion, TufMetadata, Varian
 from strata.control.errors import StoreError
 from strata.control.feed import ChangeFeed
 from strata.control.fleet import DesiredDocument
+from strata.control.lease import serialize
 from strata.core.errors import ConfigError, Conflict, NotFound, SignatureError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import canonical_json
@@ -72,6 +73,8 @@ log = logging.getLogger(__name__)
 
 IMAGE: Final = "image"
 DIRECTOR: Final = "director"
+# The name of the lock (`lease.serialize`) that replicas take before publishing in the image repository.
+_IMAGE_LOCK: Final = "tuf:image"
 # Versions of a role kept besides the newest: a node that read the previous snapshot can still fetch what it names.
 KEEP_VERSIONS: Final = 3
 _VERSIONED = re.compile(r"^([1-9][0-9]{0,18})\.(.+)\.json$")
@@ -318,6 +321,7 @@ class SupplyService:
             raise StoreError("the signature was stored under another hash")  # only a bug gets here
         now = self._clock()
         with self._lock, self._db.transaction() as session:
+            serialize(session, _IMAGE_LOCK)
             row = session.scalar(
                 select(Variant)
                 .join(ModelVersion)
@@ -400,18 +404,38 @@ class SupplyService:
         return timestamp
 
     def _image_timestamp(self) -> bytes:
+        """The image repository's timestamp, published anew first when a role is missing or due for refresh.
+
+        Reading is a plain transaction; publishing takes the image repository's lock across replicas first and
+        decides again (another replica may have published meanwhile): versions are the newest stored plus one, so
+        two replicas publishing at once would both write the same version and one would fail.
+        """
         now = self._clock()
-        with self._lock, self._db.transaction() as session:
-            targets = _latest(session, IMAGE, "targets")
-            snapshot = _latest(session, IMAGE, "snapshot")
-            timestamp = _latest(session, IMAGE, "timestamp")
-            if targets is None or snapshot is None or timestamp is None or self._stale(targets, "targets", now):
-                return self._publish_image(session, now)
-            if self._stale(snapshot, "snapshot", now):
-                return self._publish_image(session, now)
-            if self._stale(timestamp, "timestamp", now):
-                return self._publish_timestamp(session, IMAGE, IMAGE, snapshot.version, snapshot.body.encode(), now)
-            return timestamp.body.encode()
+        with self._lock:
+            with self._db.transaction() as session:
+                current = self._image_step(session, now, publish=False)
+            if current is not None:
+                return current
+            with self._db.transaction() as session:
+                serialize(session, _IMAGE_LOCK)
+                published = self._image_step(session, now, publish=True)
+            assert published is not None  # publish=True always answers
+            return published
+
+    def _image_step(self, session: Session, now: float, *, publish: bool) -> bytes | None:
+        """The current timestamp; or, when something is due, the new one if `publish`, else None."""
+        targets = _latest(session, IMAGE, "targets")
+        snapshot = _latest(session, IMAGE, "snapshot")
+        timestamp = _latest(session, IMAGE, "timestamp")
+        if targets is None or snapshot is None or timestamp is None or self._stale(targets, "targets", now):
+            return self._publish_image(session, now) if publish else None
+        if self._stale(snapshot, "snapshot", now):
+            return self._publish_image(session, now) if publish else None
+        if self._stale(timestamp, "timestamp", now):
+            if not publish:
+                return None
+            return self._publish_timestamp(session, IMAGE, IMAGE, snapshot.version, snapshot.body.encode(), now)
+        return timestamp.body.encode()
 
     def _stale(self, row: TufMetadata, role: str, now: float) -> bool:
         return needs_refresh(row.body.encode(), now, self.expiries.of(role))
@@ -437,23 +461,42 @@ class SupplyService:
         ]
         repo = f"{DIRECTOR}/{node_id}"
         now = self._clock()
-        with self._lock, self._db.transaction() as session:
-            targets = _latest(session, repo, "targets")
-            snapshot = _latest(session, repo, "snapshot")
-            timestamp = _latest(session, repo, "timestamp")
-            if targets is None or targets.source != document.etag or self._stale(targets, "targets", now):
-                version = _next_version(session, repo, "targets")
-                body = build_director_targets(
-                    targets_facts, version, now, self.expiries, self._signers["director-targets"]
-                )
-                _insert(session, repo, "targets", version, body, now, source=document.etag)
-                return self._publish_snapshot(session, repo, DIRECTOR, {"targets": (version, body)}, now)
-            if snapshot is None or timestamp is None or self._stale(snapshot, "snapshot", now):
-                listed = {"targets": (targets.version, targets.body.encode())}
-                return self._publish_snapshot(session, repo, DIRECTOR, listed, now)
-            if self._stale(timestamp, "timestamp", now):
-                return self._publish_timestamp(session, repo, DIRECTOR, snapshot.version, snapshot.body.encode(), now)
-            return timestamp.body.encode()
+        # As `_image_timestamp`: read, and publish only under the repository's lock across replicas.
+        with self._lock:
+            with self._db.transaction() as session:
+                current = self._director_step(session, repo, document.etag, targets_facts, now, publish=False)
+            if current is not None:
+                return current
+            with self._db.transaction() as session:
+                serialize(session, f"tuf:{repo}")
+                published = self._director_step(session, repo, document.etag, targets_facts, now, publish=True)
+            assert published is not None  # publish=True always answers
+            return published
+
+    def _director_step(
+        self, session: Session, repo: str, etag: str, targets_facts: list[TargetFacts], now: float, *, publish: bool
+    ) -> bytes | None:
+        """The node's current director timestamp; or, when something is due, the new one if `publish`, else None."""
+        targets = _latest(session, repo, "targets")
+        snapshot = _latest(session, repo, "snapshot")
+        timestamp = _latest(session, repo, "timestamp")
+        if targets is None or targets.source != etag or self._stale(targets, "targets", now):
+            if not publish:
+                return None
+            version = _next_version(session, repo, "targets")
+            body = build_director_targets(targets_facts, version, now, self.expiries, self._signers["director-targets"])
+            _insert(session, repo, "targets", version, body, now, source=etag)
+            return self._publish_snapshot(session, repo, DIRECTOR, {"targets": (version, body)}, now)
+        if snapshot is None or timestamp is None or self._stale(snapshot, "snapshot", now):
+            if not publish:
+                return None
+            listed = {"targets": (targets.version, targets.body.encode())}
+            return self._publish_snapshot(session, repo, DIRECTOR, listed, now)
+        if self._stale(timestamp, "timestamp", now):
+            if not publish:
+                return None
+            return self._publish_timestamp(session, repo, DIRECTOR, snapshot.version, snapshot.body.encode(), now)
+        return timestamp.body.encode()
 
     def _manifest_length(self, digest: str) -> int:
         length = self._lengths.get(digest)

@@ -9,6 +9,7 @@ left as it was.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,6 +20,7 @@ from control_harness import Harness, ManualClock, StartServer
 from supply_harness import Node, SignedPackage, enroll_node, make_signed, server_signer, upload_signed
 from tuf.api.metadata import Metadata
 
+from strata.control.plane import ControlPlane
 from strata.control.settings import ServerSettings
 from strata.core.errors import MetadataError, SignatureError
 from strata.trust.expiry import Expiries
@@ -312,3 +314,31 @@ def test_a_package_role_signed_by_a_key_the_node_did_not_pin_is_refused(
     )
     with pytest.raises(SignatureError, match=r"not by a trusted release key"):
         node.check()
+
+
+def test_replicas_publishing_the_same_metadata_at_once_never_collide(
+    settings: ServerSettings, start_server: StartServer, clock: ManualClock
+) -> None:
+    # Two replicas on one database; every online role is due for refresh, and nodes ask both at once. A version
+    # is the newest stored plus one, so both would write the same one: publishing is serialized across replicas.
+    with start_server(settings) as first, start_server(settings) as second:
+        node = first.enroll("edge-1", {"site": "lab"})
+        clock.advance(400 * 86400)
+        barrier = threading.Barrier(8)
+        answers: list[bytes | Exception] = []
+
+        def ask(plane: ControlPlane, node_id: str | None) -> None:
+            barrier.wait()
+            try:
+                answers.append(plane.supply.metadata("timestamp.json", node_id))
+            except Exception as exc:  # collected: the assertion below names it
+                answers.append(exc)
+
+        askers = [(h.plane, n) for h in (first, second) for n in (None, node.node_id)] * 2
+        threads = [threading.Thread(target=ask, args=asker) for asker in askers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert [a for a in answers if isinstance(a, Exception)] == []
+        assert len(answers) == 8
