@@ -19,7 +19,7 @@ import math
 import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 from strata import __version__
 from strata.agent.serving import ServingTracker
@@ -37,6 +37,9 @@ _NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 Labels = tuple[str, ...]
+# a family's series as JSON data (see `MetricFamily.snapshot`), and a registry's, by family name
+Snapshot = list[list[Any]]
+RegistrySnapshot = dict[str, Snapshot]
 
 
 def format_value(value: float) -> str:
@@ -92,13 +95,19 @@ class MetricFamily:
             pairs.append(extra)
         return "{" + ",".join(pairs) + "}" if pairs else ""
 
-    def render(self, out: list[str]) -> None:
-        """Append this family's HELP, TYPE and sample lines to `out`."""
+    def render(self, out: list[str], others: Sequence[Snapshot] = ()) -> None:
+        """Append this family's HELP, TYPE and sample lines to `out`, the series of `others` (snapshots of the
+        same family in other serving processes) added to this process's own."""
         out.append(f"# HELP {self.name} {_escape_help(self.help)}")
         out.append(f"# TYPE {self.name} {self.kind}")
-        self._render_samples(out)
+        self._render_samples(out, others)
 
-    def _render_samples(self, out: list[str]) -> None:
+    def _render_samples(self, out: list[str], others: Sequence[Snapshot]) -> None:
+        raise NotImplementedError
+
+    def snapshot(self) -> Snapshot:
+        """This family's series as plain JSON data: `[[labels, value], ...]` (histograms: `[[labels, counts,
+        sum], ...]`), for another process to add to its own (`render(out, others)`)."""
         raise NotImplementedError
 
 
@@ -131,10 +140,18 @@ class Counter(MetricFamily):
         with self._lock:
             return self._values.get(labels, 0)
 
-    def _render_samples(self, out: list[str]) -> None:
+    def _render_samples(self, out: list[str], others: Sequence[Snapshot]) -> None:
         with self._lock:
-            items = list(self._values.items())
-        out.extend(f"{self.name}{self._label_text(labels)} {format_value(value)}" for labels, value in items)
+            values = dict(self._values)
+        for other in others:
+            for labels, value in other:
+                key = tuple(labels)
+                values[key] = values.get(key, 0) + value
+        out.extend(f"{self.name}{self._label_text(labels)} {format_value(value)}" for labels, value in values.items())
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return [[list(labels), value] for labels, value in self._values.items()]
 
 
 class Gauge(MetricFamily):
@@ -171,10 +188,18 @@ class Gauge(MetricFamily):
         with self._lock:
             return self._values.get(labels)
 
-    def _render_samples(self, out: list[str]) -> None:
+    def _render_samples(self, out: list[str], others: Sequence[Snapshot]) -> None:
         with self._lock:
-            items = list(self._values.items())
-        out.extend(f"{self.name}{self._label_text(labels)} {format_value(value)}" for labels, value in items)
+            values = dict(self._values)
+        for other in others:
+            for labels, value in other:
+                key = tuple(labels)
+                values[key] = values.get(key, 0) + value
+        out.extend(f"{self.name}{self._label_text(labels)} {format_value(value)}" for labels, value in values.items())
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return [[list(labels), value] for labels, value in self._values.items()]
 
 
 class Histogram(MetricFamily):
@@ -217,9 +242,22 @@ class Histogram(MetricFamily):
             series = self._series.get(labels)
             return sum(series[0]) if series else 0
 
-    def _render_samples(self, out: list[str]) -> None:
+    def snapshot(self) -> Snapshot:
         with self._lock:
-            items = [(labels, list(counts), total[0]) for labels, (counts, total) in self._series.items()]
+            return [[list(labels), list(counts), total[0]] for labels, (counts, total) in self._series.items()]
+
+    def _render_samples(self, out: list[str], others: Sequence[Snapshot]) -> None:
+        with self._lock:
+            merged = {labels: (list(counts), total[0]) for labels, (counts, total) in self._series.items()}
+        for other in others:
+            for labels, counts, total in other:
+                key = tuple(labels)
+                mine = merged.get(key)
+                if mine is None:
+                    merged[key] = (list(counts), total)
+                elif len(counts) == len(mine[0]):
+                    merged[key] = ([a + b for a, b in zip(mine[0], counts, strict=True)], mine[1] + total)
+        items = [(labels, counts, total) for labels, (counts, total) in merged.items()]
         bounds = [*(format_value(b) for b in self.buckets), "+Inf"]
         for labels, counts, total in items:
             cumulative = 0
@@ -269,15 +307,23 @@ class MetricsRegistry:
         self.register(family)
         return family
 
-    def render(self) -> str:
-        """Every family in the text exposition format (served as `CONTENT_TYPE`)."""
+    def render(self, others: Sequence[RegistrySnapshot] = ()) -> str:
+        """Every family in the text exposition format (served as `CONTENT_TYPE`), with the series of `others`
+        (snapshots of the registries of the node's other serving processes) added in: one view of the node."""
         with self._lock:
             families = list(self._families.values())
         out: list[str] = []
         for family in families:
-            family.render(out)
+            family.render(out, [other[family.name] for other in others if family.name in other])
         out.append("")
         return "\n".join(out)
+
+    def snapshot(self, leave_out: Iterable[str] = ()) -> RegistrySnapshot:
+        """Every family's series (but those named in `leave_out`) as JSON data, by family name."""
+        skip = set(leave_out)
+        with self._lock:
+            families = [family for name, family in self._families.items() if name not in skip]
+        return {family.name: family.snapshot() for family in families}
 
 
 class InferenceMetrics:
@@ -295,9 +341,11 @@ class InferenceMetrics:
         registry: MetricsRegistry | None = None,
         agent_version: str = __version__,
         serving: ServingTracker | None = None,
+        process: str | None = None,
     ) -> None:
         """`serving` also receives every outcome: the per-activation counters the node reports and its
-        probation judges (a fresh tracker when not given).
+        probation judges (a fresh tracker when not given). `process` names this serving process on a node
+        that serves from several (`strata_serving_process_requests` counts each one's requests).
 
         Raises:
             ValueError: `registry` already holds one of these families.
@@ -336,6 +384,16 @@ class InferenceMetrics:
         )
         self.agent_info = add.gauge("strata_agent_info", "The strata agent's version", ("version",))
         self.agent_info.set(agent_version, value=1)
+        self._process = process or ""
+        self.process_requests = (
+            add.counter(
+                "strata_serving_process_requests", "Inference requests answered by each serving process", ("process",)
+            )
+            if process is not None
+            else None
+        )
+        if self.process_requests is not None:
+            self.process_requests.inc(self._process, by=0)  # the series shows from the start
 
     def record_success(
         self,
@@ -356,6 +414,8 @@ class InferenceMetrics:
         `compute_ns` when not given. The Prometheus durations are wall-clock, as Triton's are.
         """
         self.request_success.inc(model, version)
+        if self.process_requests is not None:
+            self.process_requests.inc(self._process)
         self.inference_count.inc(model, version, by=batch)
         self.request_duration_us.inc(model, version, by=request_ns // 1000)
         self.queue_duration_us.inc(model, version, by=queue_ns // 1000)
@@ -376,12 +436,14 @@ class InferenceMetrics:
         if reason not in FAILURE_REASONS:
             raise ValueError(f"unknown failure reason {reason!r}; use one of {FAILURE_REASONS}")
         self.request_failure.inc(model, version, reason)
+        if self.process_requests is not None:
+            self.process_requests.inc(self._process)
         self.serving.record_failure(model, version, reason)
 
     def set_active_models(self, active: Iterable[tuple[str, str, str]]) -> None:
         """Say which (model, version, variant) the node serves now; the others' gauges disappear."""
         self.model_active.replace(dict.fromkeys(active, 1))
 
-    def render(self) -> str:
-        """The whole registry in the text exposition format."""
-        return self.registry.render()
+    def render(self, others: Sequence[RegistrySnapshot] = ()) -> str:
+        """The whole registry in the text exposition format, with the other serving processes' `others` added."""
+        return self.registry.render(others)
