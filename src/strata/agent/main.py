@@ -25,7 +25,7 @@ from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
 from strata.agent.peers import PeerGate
 from strata.agent.probation import ProbationConfig
-from strata.agent.processes import ServingPool, plan_serving, share, telemetry_config, usable_cores
+from strata.agent.processes import plan_serving, share, telemetry_config, usable_cores
 from strata.agent.reconciler import NodeIdentity, Reconciler
 from strata.agent.repository import ModelRepository
 from strata.agent.runtime import limit_malloc_arenas, release_free_memory
@@ -180,6 +180,8 @@ class Agent:
         serve_limits, batching = share(self.config, self.processes)  # the serve port's processes share theirs
         pool = None
         if self.processes > 1:
+            from strata.agent.pool import ServingPool  # only nodes serving from several processes pay for it
+
             pool = ServingPool(
                 self.config,
                 self.processes,

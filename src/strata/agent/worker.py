@@ -2,8 +2,8 @@
 
 FD is this process's end of its channel to the agent. The agent sends `setup` first (its configuration, this
 process's index, the port, the serving token), then `load` and `activate` for each model it serves, `ready`,
-`collect` (serving counts and metrics) and `stop`. The process ends when told to stop, on SIGTERM or SIGINT,
-or when its channel closes (the agent is gone).
+`collect` (serving counts and metrics) and `stop`. The process ends when told to stop, on SIGTERM (SIGINT is
+the agent's to act on), or when its channel closes (the agent is gone).
 """
 
 from __future__ import annotations
@@ -152,8 +152,9 @@ async def serve(sock: socket.socket) -> int:
     channel = await Channel.open(sock)
     worker = Worker(channel)
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, worker.stopped.set)
+    loop.add_signal_handler(signal.SIGTERM, worker.stopped.set)
+    # Ctrl-C reaches the whole process group: the agent stops this process itself, after its last counts
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     reader = loop.create_task(channel.serve(worker.handle))
     closed = loop.create_task(channel.closed.wait())
     stopped = loop.create_task(worker.stopped.wait())
