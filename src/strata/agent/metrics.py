@@ -111,14 +111,31 @@ class MetricFamily:
         raise NotImplementedError
 
 
-class Counter(MetricFamily):
-    """A value that only goes up (requests, cumulative microseconds)."""
-
-    kind = "counter"
+class _ValueFamily(MetricFamily):
+    """A family with one value per series (counters and gauges); other processes' values add to its own."""
 
     def __init__(self, name: str, help_text: str, label_names: Sequence[str] = ()) -> None:
         super().__init__(name, help_text, label_names)
         self._values: dict[Labels, float] = {}
+
+    def _render_samples(self, out: list[str], others: Sequence[Snapshot]) -> None:
+        with self._lock:
+            values = dict(self._values)
+        for other in others:
+            for labels, value in other:
+                key = tuple(labels)
+                values[key] = values.get(key, 0) + value
+        out.extend(f"{self.name}{self._label_text(labels)} {format_value(value)}" for labels, value in values.items())
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return [[list(labels), value] for labels, value in self._values.items()]
+
+
+class Counter(_ValueFamily):
+    """A value that only goes up (requests, cumulative microseconds)."""
+
+    kind = "counter"
 
     def inc(self, *labels: str, by: float = 1) -> None:
         """Add `by` to the series with these label values (created at zero on first use).
@@ -140,28 +157,11 @@ class Counter(MetricFamily):
         with self._lock:
             return self._values.get(labels, 0)
 
-    def _render_samples(self, out: list[str], others: Sequence[Snapshot]) -> None:
-        with self._lock:
-            values = dict(self._values)
-        for other in others:
-            for labels, value in other:
-                key = tuple(labels)
-                values[key] = values.get(key, 0) + value
-        out.extend(f"{self.name}{self._label_text(labels)} {format_value(value)}" for labels, value in values.items())
 
-    def snapshot(self) -> Snapshot:
-        with self._lock:
-            return [[list(labels), value] for labels, value in self._values.items()]
-
-
-class Gauge(MetricFamily):
+class Gauge(_ValueFamily):
     """A value that goes up and down, or a set of series replaced as a whole (`replace`)."""
 
     kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, label_names: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, label_names)
-        self._values: dict[Labels, float] = {}
 
     def set(self, *labels: str, value: float) -> None:
         """Set one series.
@@ -187,19 +187,6 @@ class Gauge(MetricFamily):
         """The current value of one series, None when it is not set."""
         with self._lock:
             return self._values.get(labels)
-
-    def _render_samples(self, out: list[str], others: Sequence[Snapshot]) -> None:
-        with self._lock:
-            values = dict(self._values)
-        for other in others:
-            for labels, value in other:
-                key = tuple(labels)
-                values[key] = values.get(key, 0) + value
-        out.extend(f"{self.name}{self._label_text(labels)} {format_value(value)}" for labels, value in values.items())
-
-    def snapshot(self) -> Snapshot:
-        with self._lock:
-            return [[list(labels), value] for labels, value in self._values.items()]
 
 
 class Histogram(MetricFamily):
