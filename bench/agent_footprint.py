@@ -30,6 +30,20 @@ IDLE_SECONDS = 5.0
 BUDGET_MB = 70.0
 
 
+def largest_mappings(pid: int, count: int = 15) -> dict[str, float]:
+    """Resident MB by what is mapped (a library, `[heap]`, or `anon` for unnamed memory), largest first."""
+    sizes: dict[str, int] = {}
+    name = "anon"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        first = line.split(maxsplit=5)
+        if "-" in first[0] and ":" not in first[0]:  # a mapping's header: address range, perms, ..., path
+            name = first[5].rsplit("/", 1)[-1] if len(first) > 5 else "anon"
+        elif first[0] == "Rss:":
+            sizes[name] = sizes.get(name, 0) + int(first[1])
+    ordered = sorted(sizes.items(), key=lambda item: item[1], reverse=True)[:count]
+    return {key: round(kb / 1024, 1) for key, kb in ordered}
+
+
 def rss(pid: int) -> dict[str, float]:
     status = Path(f"/proc/{pid}/status").read_text()
     found = dict(re.findall(r"^(VmRSS|RssAnon|RssFile):\s+(\d+) kB", status, re.M))
@@ -77,6 +91,7 @@ def main() -> None:
                 httpx.post(f"{agent.serve_url}/v2/models/digits/infer", json=body).raise_for_status()
             time.sleep(IDLE_SECONDS)
             agent_rss = rss(agent.process.pid)
+            mappings = largest_mappings(agent.process.pid)
 
             baseline = subprocess.Popen(
                 [sys.executable, "-c", BASELINE, str(root / "digits.onnx")], stdout=subprocess.PIPE, text=True
@@ -98,6 +113,7 @@ def main() -> None:
         "ratio_to_baseline": round(agent_rss["VmRSS"] / baseline_rss["VmRSS"], 3),
         "budget_mb": BUDGET_MB,
         "within_budget": agent_rss["VmRSS"] < BUDGET_MB,
+        "agent_largest_mappings_mb": mappings,
     }
     print(json.dumps(result, indent=2))
 

@@ -25,6 +25,7 @@ and the ratios within a round matter more than the absolute numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -56,6 +57,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("STRATA_SHARED_DIR", BENCH_DIR.parents[1] / "shared"))
 MINILM = SHARED / "models" / "minilm"
 CLIENTS = 32
+WORKERS = 1  # serving processes of both servers; --every-core sets it to the machine's cores
 SEQUENCE = 128
 SENTENCE = "The near-edge node batches requests from the devices at its site and falls back to the cloud."
 
@@ -64,8 +66,17 @@ SENTENCE = "The near-edge node batches requests from the devices at its site and
 
 
 def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of a process and all its descendants alive now (the agent's serving processes, uvicorn's
+    workers)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += sum(process_cpu_s(int(child)) for child in (task / "children").read_text().split())
+    return total
 
 
 def load_average() -> float:
@@ -155,12 +166,16 @@ def session_factory(model: Path) -> Callable[[bool], Any]:
 
 @contextmanager
 def baseline_server(model: Path, asynchronous: bool, spin: bool, work: Path) -> Iterator[tuple[int, int]]:
+    """The hand-written server under uvicorn, with WORKERS worker processes (more than one: uvicorn's own
+    supervisor shares the socket among them)."""
     port = free_port()
     env = {**os.environ, "STRATA_BASELINE_MODEL": str(model)}
     env["STRATA_BASELINE_ASYNC"] = "1" if asynchronous else "0"
     env["STRATA_BASELINE_SPIN"] = "1" if spin else "0"
     argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(BENCH_DIR), "baseline_server:app"]
     argv += ["--port", str(port), "--log-level", "warning"]
+    if WORKERS > 1:
+        argv += ["--workers", str(WORKERS)]
     with (work / "baseline.log").open("ab") as log:
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -445,13 +460,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per digits run")
     parser.add_argument("--minilm-seconds", type=float, default=15.0, help="measured seconds per MiniLM run")
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument(
+        "--every-core",
+        action="store_true",
+        help="both servers use every core: the agent its default serving processes, the baseline as many uvicorn "
+        "workers as cores (default: both one process)",
+    )
     args = parser.parse_args()
+    global WORKERS
+    WORKERS = len(os.sched_getaffinity(0)) if args.every_core else 1
     with_minilm = not args.skip_minilm and (MINILM / "model.onnx").is_file()
     started = time.time()
     report: dict[str, Any] = {
         "benchmark": "serving",
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "clients": CLIENTS,
+        "serving_processes": WORKERS,
         "load_average_start": [round(v, 2) for v in os.getloadavg()],
     }
     with tempfile.TemporaryDirectory(prefix="strata-serving-") as tmp:
@@ -461,7 +485,7 @@ def main() -> None:
             models.append(minilm_model(work))
         with LocalFleet(work / "fleet", poll_wait_s=30) as fleet:
             fleet.start_server()
-            agent = fleet.start_agent("bench", tier="near-edge")
+            agent = fleet.start_agent("bench", tier="near-edge", serve_processes=WORKERS)
             expected = {"digits": "1"}
             deploy(fleet, work, models[0].onnx, "digits", models[0].feeds(4))
             if with_minilm:
@@ -470,6 +494,13 @@ def main() -> None:
                 deploy(fleet, work, models[1].onnx, "minilm-batched", models[1].feeds(2), policy=batched)
                 expected |= {"minilm": "1", "minilm-batched": "1"}
             fleet.wait_for_versions({"bench": expected}, timeout=300)
+            last = f'strata_serving_process_requests{{process="{WORKERS - 1}"}}'
+            fleet.wait_for(  # the agent's other serving processes start in the background: all of them serve
+                lambda: WORKERS == 1 or last in httpx.get(f"{agent.serve_url}/metrics", timeout=10).text,
+                120,
+                "every serving process",
+                agent.process,
+            )
             report["digits"] = bench_model(
                 models[0],
                 agent.process.pid,

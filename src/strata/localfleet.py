@@ -289,11 +289,14 @@ class LocalFleet:
         node_name: str | None = None,
         enroll_token: str | None = None,
         server_url: str | None = None,
+        serve_processes: int | None = 1,
     ) -> AgentHandle:
         """Start an agent process (enrolling it with a fresh token the first time, or with `enroll_token`). Near-edge
         and cloud agents get a mutual-TLS tier port unless `tier_port` is False; `env` adds environment variables;
         `node_name` is the name the agent enrolls with when it is not `name` (the handle's key); `server_url`
-        points it at a replica instead of the first server."""
+        points it at a replica instead of the first server. Agents serve from one process unless
+        `serve_processes` says more (None: the node's default, one per core), so a fleet of many agents on a
+        small machine does not start one serving process per core for each."""
         existing = self.agents.get(name)
         labels = dict(labels if labels is not None else (existing.labels if existing else {}))
         if data_dir is None:
@@ -316,6 +319,8 @@ class LocalFleet:
             argv += ["--profile", profile]
         if tier_listener is not None:
             argv += ["--tier-port", str(tier_listener)]
+        if serve_processes is not None:
+            argv += ["--serve-processes", str(serve_processes)]
         if enroll and not (data_dir / "trust" / "identity.json").exists():
             if enroll_token is None:  # bound as an operator would: the node cannot claim another identity
                 enroll_token = str(self.client.create_enrollment_token(600, node_name or name, tier, labels)["token"])

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+from strata import __version__
 from strata.agent.metrics import (
     LATENCY_BUCKETS,
     InferenceMetrics,
@@ -217,3 +218,29 @@ def test_other_parts_of_the_agent_add_families_to_the_same_page() -> None:
     types, samples = parse_exposition(metrics.render())
     assert types["strata_telemetry_buffered_records"] == "gauge"
     assert sample(samples, "strata_telemetry_buffered_records") == 12
+
+
+def test_other_processes_snapshots_add_up_to_one_page() -> None:
+    """A node serving from several processes shows one page: counters, gauges and histograms summed per series,
+    series only another process has included, and the families left out of a snapshot counted once."""
+    agent, worker = InferenceMetrics(process="0"), InferenceMetrics(process="1")
+    for metrics, rows in ((agent, 1), (worker, 3)):
+        metrics.record_success("m", "1", batch=rows, request_ns=2_000_000, queue_ns=0, compute_ns=1_000_000)
+    worker.record_success("m", "2", batch=1, request_ns=2_000_000, queue_ns=0, compute_ns=1_000_000)
+    worker.record_failure("m", "1", "internal")
+    snapshot = worker.registry.snapshot(leave_out=("strata_agent_info",))
+    assert "strata_agent_info" not in snapshot
+    _, samples = parse_exposition(agent.render([snapshot]))
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, frozenset(labels.items()))]
+
+    assert value("nv_inference_request_success", model="m", version="1") == 2
+    assert value("nv_inference_request_success", model="m", version="2") == 1
+    assert value("nv_inference_count", model="m", version="1") == 4
+    assert value("nv_inference_request_failure", model="m", version="1", reason="internal") == 1
+    assert value("strata_inference_request_duration_seconds_count", model="m", version="1") == 2
+    assert value("strata_inference_request_duration_seconds_bucket", model="m", version="1", le="0.0025") == 2
+    assert value("strata_serving_process_requests", process="0") == 1
+    assert value("strata_serving_process_requests", process="1") == 3
+    assert value("strata_agent_info", version=__version__) == 1

@@ -36,6 +36,7 @@ class AgentConfig:
     backoff_max_s: float = 60.0
     max_download_rate: int | None = None
     inference_threads: int | None = None
+    serve_processes: int | None = None
     log_level: str = "info"
     telemetry_budget_mb: float = 64.0
     telemetry_sample_rate: float = 0.01
@@ -168,6 +169,7 @@ class AgentConfig:
             "backoff_max_s": self.backoff_max_s,
             "max_download_rate": self.max_download_rate,
             "inference_threads": self.inference_threads,
+            "serve_processes": self.serve_processes,
             "log_level": self.log_level,
             "telemetry_budget_mb": self.telemetry_budget_mb,
             "telemetry_sample_rate": self.telemetry_sample_rate,

@@ -192,8 +192,12 @@ class HttpServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, ssl: SSLContext | None = None) -> None:
-        """Bind and start accepting connections (over TLS with `ssl`); returns once listening.
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, ssl: SSLContext | None = None, reuse_port: bool = False
+    ) -> None:
+        """Bind and start accepting connections (over TLS with `ssl`); returns once listening. With
+        `reuse_port` (SO_REUSEPORT) other processes of this user may listen on the same port, and the kernel
+        spreads new connections over them.
 
         Raises:
             ConfigError: the address cannot be bound (in use, not local, no permission).
@@ -205,7 +209,12 @@ class HttpServer:
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
-                lambda: _Connection(self), host, port, backlog=self._limits.backlog, ssl=ssl
+                lambda: _Connection(self),
+                host,
+                port,
+                backlog=self._limits.backlog,
+                ssl=ssl,
+                reuse_port=reuse_port or None,
             )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc

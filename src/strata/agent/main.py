@@ -26,13 +26,14 @@ from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
 from strata.agent.peers import PeerGate
 from strata.agent.probation import ProbationConfig
+from strata.agent.processes import plan_serving, share, telemetry_config, usable_cores
 from strata.agent.reconciler import NodeIdentity, Reconciler
 from strata.agent.repository import ModelRepository
 from strata.agent.runtime import limit_malloc_arenas, release_free_memory
 from strata.agent.serving import ServingTracker
 from strata.agent.store import ArtifactStore
 from strata.agent.supply import SupplyGuard
-from strata.agent.telemetry import TelemetryConfig, TelemetryGauges, TelemetryRecorder, TelemetryUploader
+from strata.agent.telemetry import TelemetryGauges, TelemetryRecorder, TelemetryUploader
 from strata.agent.transport import H11Transport
 from strata.agent.vault import Vault
 from strata.core.errors import ConfigError, StrataError
@@ -92,7 +93,10 @@ class Agent:
             log.warning("standing in for profile %s; this host is %s", profile.id, detected.id)
         self.repository = ModelRepository()
         serving = ServingTracker()
-        self.metrics = InferenceMetrics(serving=serving)
+        self.processes, self.threads = plan_serving(
+            config.tier, usable_cores(), config.serve_processes, config.inference_threads
+        )
+        self.metrics = InferenceMetrics(serving=serving, process="0" if self.processes > 1 else None)
         self.vault = Vault(config.data_dir / "trust") if config.encrypt_at_rest else None
         self.store = ArtifactStore(config.data_dir, self.vault)
         self.store.clean_interrupted()
@@ -125,7 +129,7 @@ class Agent:
             self.client,
             identity,
             facts.runtimes,
-            inference_threads=config.inference_threads,
+            inference_threads=self.threads,
             rate_limit=config.max_download_rate,
             progress=DownloadLog(),
             relays=lambda: config.relays,
@@ -147,15 +151,7 @@ class Agent:
         # the relay's upstream fetches and the telemetry uploader all start from what is on disk
         self.loop.adopt_stored()
         self.loop.attester = Attester(config, self.loop.identity, self.client, self.reconciler)
-        self.telemetry = TelemetryRecorder(
-            TelemetryConfig(
-                path=config.data_dir / "telemetry.db",
-                budget_bytes=int(config.telemetry_budget_mb * (1 << 20)),
-                sample_rate=config.telemetry_sample_rate,
-                slow_us=config.telemetry_slow_ms * 1000,
-                upload_interval_s=config.telemetry_interval_s,
-            )
-        )
+        self.telemetry = TelemetryRecorder(telemetry_config(config))
         self.uploader = TelemetryUploader(
             self.telemetry, self.client.send_telemetry, lambda: self.client.node_id, backoff_max_s=config.backoff_max_s
         )
@@ -184,6 +180,21 @@ class Agent:
         """
         token = None if self.config.serve_is_loopback else serve_token(self.config.data_dir)
         gauges = TelemetryGauges(self.metrics.registry)
+        limits = server_limits(self.config)  # each listener has its own budget and connection cap
+        serve_limits, batching = share(self.config, self.processes)  # the serve port's processes share theirs
+        pool = None
+        if self.processes > 1:
+            from strata.agent.pool import ServingPool  # only nodes serving from several processes pay for it
+
+            pool = ServingPool(
+                self.config,
+                self.processes,
+                self.threads,
+                self.repository.all,
+                self.store.open,
+                self.metrics.serving,
+                token,
+            )
         app = InferenceApp(
             self.repository,
             self.metrics,
@@ -191,8 +202,9 @@ class Agent:
             ready=self.ready,
             telemetry=self.telemetry,
             telemetry_gauges=gauges,
-            batching=self.config.batching,
+            batching=batching,
             max_body_bytes=self.config.max_request_bytes,
+            metrics_view=pool.render_metrics if pool is not None else None,
         )
         # One app for both listeners, so local callers and other tiers share each model's queue and batches.
         tier_handler = app.handle
@@ -216,16 +228,20 @@ class Agent:
                 return await app.handle(request)
 
             log.info("relaying package pieces for child devices (cache %d MB)", self.config.relay_budget_bytes >> 20)
-        limits = server_limits(self.config)  # each listener has its own budget and connection cap
-        server = HttpServer(app.handle, limits, release_memory=release_free_memory)
-        await server.start(self.config.serve_host, self.config.serve_port)
+        server = HttpServer(app.handle, serve_limits, release_memory=release_free_memory)
+        await server.start(self.config.serve_host, self.config.serve_port, reuse_port=pool is not None)
         log.info(
-            "serving the Open Inference Protocol on http://%s:%d%s",
+            "serving the Open Inference Protocol on http://%s:%d%s%s",
             self.config.serve_host,
             server.port,
             " (bearer token in serve.token)" if token else "",
+            f" from {self.processes} processes, {self.threads} intra-op threads each" if pool is not None else "",
         )
         grpc_server = await self._start_grpc(app)
+        if pool is not None:
+            pool.render = app.render_metrics
+            self.repository.mirror = pool
+            pool.start(server.port)
         tier_server: HttpServer | None = None
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
@@ -247,10 +263,14 @@ class Agent:
                 log.info("serving other tiers over mutual TLS on port %d", tier_server.port)
             if self.vault is not None:
                 self.vault.close_if_idle()
+            if pool is not None:
+                pool.set_ready(self.ready())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
         self.loop.stop.set()
         self.uploader.stop.set()
+        if pool is not None:
+            await pool.stop()
         await server.stop()
         if grpc_server is not None:
             await grpc_server.stop()

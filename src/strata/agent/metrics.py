@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 from strata import __version__
 from strata.agent.serving import ServingTracker
@@ -38,6 +38,9 @@ _NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 Labels = tuple[str, ...]
+# a family's series as JSON data (see `MetricFamily.snapshot`), and a registry's, by family name
+Snapshot = list[list[Any]]
+RegistrySnapshot = dict[str, Snapshot]
 
 
 def format_value(value: float) -> str:
@@ -93,24 +96,47 @@ class MetricFamily:
             pairs.append(extra)
         return "{" + ",".join(pairs) + "}" if pairs else ""
 
-    def render(self, out: list[str]) -> None:
-        """Append this family's HELP, TYPE and sample lines to `out`."""
+    def render(self, out: list[str], others: Sequence[Snapshot] = ()) -> None:
+        """Append this family's HELP, TYPE and sample lines to `out`, the series of `others` (snapshots of the
+        same family in other serving processes) added to this process's own."""
         out.append(f"# HELP {self.name} {_escape_help(self.help)}")
         out.append(f"# TYPE {self.name} {self.kind}")
-        self._render_samples(out)
+        self._render_samples(out, others)
 
-    def _render_samples(self, out: list[str]) -> None:
+    def _render_samples(self, out: list[str], others: Sequence[Snapshot]) -> None:
+        raise NotImplementedError
+
+    def snapshot(self) -> Snapshot:
+        """This family's series as plain JSON data: `[[labels, value], ...]` (histograms: `[[labels, counts,
+        sum], ...]`), for another process to add to its own (`render(out, others)`)."""
         raise NotImplementedError
 
 
-class Counter(MetricFamily):
-    """A value that only goes up (requests, cumulative microseconds)."""
-
-    kind = "counter"
+class _ValueFamily(MetricFamily):
+    """A family with one value per series (counters and gauges); other processes' values add to its own."""
 
     def __init__(self, name: str, help_text: str, label_names: Sequence[str] = ()) -> None:
         super().__init__(name, help_text, label_names)
         self._values: dict[Labels, float] = {}
+
+    def _render_samples(self, out: list[str], others: Sequence[Snapshot]) -> None:
+        with self._lock:
+            values = dict(self._values)
+        for other in others:
+            for labels, value in other:
+                key = tuple(labels)
+                values[key] = values.get(key, 0) + value
+        out.extend(f"{self.name}{self._label_text(labels)} {format_value(value)}" for labels, value in values.items())
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return [[list(labels), value] for labels, value in self._values.items()]
+
+
+class Counter(_ValueFamily):
+    """A value that only goes up (requests, cumulative microseconds)."""
+
+    kind = "counter"
 
     def inc(self, *labels: str, by: float = 1) -> None:
         """Add `by` to the series with these label values (created at zero on first use).
@@ -132,20 +158,11 @@ class Counter(MetricFamily):
         with self._lock:
             return self._values.get(labels, 0)
 
-    def _render_samples(self, out: list[str]) -> None:
-        with self._lock:
-            items = list(self._values.items())
-        out.extend(f"{self.name}{self._label_text(labels)} {format_value(value)}" for labels, value in items)
 
-
-class Gauge(MetricFamily):
+class Gauge(_ValueFamily):
     """A value that goes up and down, or a set of series replaced as a whole (`replace`)."""
 
     kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, label_names: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, label_names)
-        self._values: dict[Labels, float] = {}
 
     def set(self, *labels: str, value: float) -> None:
         """Set one series.
@@ -171,11 +188,6 @@ class Gauge(MetricFamily):
         """The current value of one series, None when it is not set."""
         with self._lock:
             return self._values.get(labels)
-
-    def _render_samples(self, out: list[str]) -> None:
-        with self._lock:
-            items = list(self._values.items())
-        out.extend(f"{self.name}{self._label_text(labels)} {format_value(value)}" for labels, value in items)
 
 
 class Histogram(MetricFamily):
@@ -218,9 +230,22 @@ class Histogram(MetricFamily):
             series = self._series.get(labels)
             return sum(series[0]) if series else 0
 
-    def _render_samples(self, out: list[str]) -> None:
+    def snapshot(self) -> Snapshot:
         with self._lock:
-            items = [(labels, list(counts), total[0]) for labels, (counts, total) in self._series.items()]
+            return [[list(labels), list(counts), total[0]] for labels, (counts, total) in self._series.items()]
+
+    def _render_samples(self, out: list[str], others: Sequence[Snapshot]) -> None:
+        with self._lock:
+            merged = {labels: (list(counts), total[0]) for labels, (counts, total) in self._series.items()}
+        for other in others:
+            for labels, counts, total in other:
+                key = tuple(labels)
+                mine = merged.get(key)
+                if mine is None:
+                    merged[key] = (list(counts), total)
+                elif len(counts) == len(mine[0]):
+                    merged[key] = ([a + b for a, b in zip(mine[0], counts, strict=True)], mine[1] + total)
+        items = [(labels, counts, total) for labels, (counts, total) in merged.items()]
         bounds = [*(format_value(b) for b in self.buckets), "+Inf"]
         for labels, counts, total in items:
             cumulative = 0
@@ -270,15 +295,23 @@ class MetricsRegistry:
         self.register(family)
         return family
 
-    def render(self) -> str:
-        """Every family in the text exposition format (served as `CONTENT_TYPE`)."""
+    def render(self, others: Sequence[RegistrySnapshot] = ()) -> str:
+        """Every family in the text exposition format (served as `CONTENT_TYPE`), with the series of `others`
+        (snapshots of the registries of the node's other serving processes) added in: one view of the node."""
         with self._lock:
             families = list(self._families.values())
         out: list[str] = []
         for family in families:
-            family.render(out)
+            family.render(out, [other[family.name] for other in others if family.name in other])
         out.append("")
         return "\n".join(out)
+
+    def snapshot(self, leave_out: Iterable[str] = ()) -> RegistrySnapshot:
+        """Every family's series (but those named in `leave_out`) as JSON data, by family name."""
+        skip = set(leave_out)
+        with self._lock:
+            families = [family for name, family in self._families.items() if name not in skip]
+        return {family.name: family.snapshot() for family in families}
 
 
 class InferenceMetrics:
@@ -296,9 +329,11 @@ class InferenceMetrics:
         registry: MetricsRegistry | None = None,
         agent_version: str = __version__,
         serving: ServingTracker | None = None,
+        process: str | None = None,
     ) -> None:
         """`serving` also receives every outcome: the per-activation counters the node reports and its
-        probation judges (a fresh tracker when not given).
+        probation judges (a fresh tracker when not given). `process` names this serving process on a node
+        that serves from several (`strata_serving_process_requests` counts each one's requests).
 
         Raises:
             ValueError: `registry` already holds one of these families.
@@ -338,6 +373,16 @@ class InferenceMetrics:
         self.agent_info = add.gauge("strata_agent_info", "The strata agent's version", ("version",))
         self.agent_info.set(agent_version, value=1)
         self._last_inference_ms: dict[tuple[str, str], int] = {}  # Triton's statistics say when each model last ran
+        self._process = process or ""
+        self.process_requests = (
+            add.counter(
+                "strata_serving_process_requests", "Inference requests answered by each serving process", ("process",)
+            )
+            if process is not None
+            else None
+        )
+        if self.process_requests is not None:
+            self.process_requests.inc(self._process, by=0)  # the series shows from the start
 
     def record_success(
         self,
@@ -358,6 +403,8 @@ class InferenceMetrics:
         `compute_ns` when not given. The Prometheus durations are wall-clock, as Triton's are.
         """
         self.request_success.inc(model, version)
+        if self.process_requests is not None:
+            self.process_requests.inc(self._process)
         self.inference_count.inc(model, version, by=batch)
         self.request_duration_us.inc(model, version, by=request_ns // 1000)
         self.queue_duration_us.inc(model, version, by=queue_ns // 1000)
@@ -380,6 +427,8 @@ class InferenceMetrics:
             raise ValueError(f"unknown failure reason {reason!r}; use one of {FAILURE_REASONS}")
         self.request_failure.inc(model, version, reason)
         self._last_inference_ms[(model, version)] = time.time_ns() // 1_000_000
+        if self.process_requests is not None:
+            self.process_requests.inc(self._process)
         self.serving.record_failure(model, version, reason)
 
     def triton_statistics(self, model: str, version: str) -> dict[str, object]:
@@ -411,6 +460,6 @@ class InferenceMetrics:
         """Say which (model, version, variant) the node serves now; the others' gauges disappear."""
         self.model_active.replace(dict.fromkeys(active, 1))
 
-    def render(self) -> str:
-        """The whole registry in the text exposition format."""
-        return self.registry.render()
+    def render(self, others: Sequence[RegistrySnapshot] = ()) -> str:
+        """The whole registry in the text exposition format, with the other serving processes' `others` added."""
+        return self.registry.render(others)

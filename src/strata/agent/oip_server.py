@@ -25,7 +25,7 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Final, TypeVar
 
@@ -33,7 +33,7 @@ from strata import __version__
 from strata.agent.batching import BatchingConfig
 from strata.agent.httpd import Request, Response
 from strata.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from strata.agent.metrics import InferenceMetrics
+from strata.agent.metrics import InferenceMetrics, RegistrySnapshot
 from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import release_free_memory
 from strata.agent.scheduler import INLINE_DECODE_BYTES, InferResult, ModelScheduler, Overloaded, Prepared, prepare
@@ -74,6 +74,8 @@ class InferenceApp:
         batching: the agent's batching and queueing settings; a package's policy may override them per model
             (see `strata.agent.batching.resolve_config`).
         telemetry_gauges: the buffer's gauges in `metrics.registry`, refreshed when /metrics is scraped.
+        metrics_view: what `/metrics` answers, when not this process's own `render_metrics` (on a node that
+            serves from several processes: the node's one view, from all of them).
     """
 
     def __init__(
@@ -90,7 +92,9 @@ class InferenceApp:
         telemetry: TelemetryRecorder | None = None,
         telemetry_gauges: TelemetryGauges | None = None,
         batching: BatchingConfig | None = None,
+        metrics_view: Callable[[], Awaitable[str]] | None = None,
     ) -> None:
+        self._metrics_view = metrics_view
         self._repository = repository
         self._batching = batching or BatchingConfig()
         self._schedulers: dict[str, ModelScheduler] = {}
@@ -280,16 +284,25 @@ class InferenceApp:
         return Response.json(200, {"name": model.name, "version": model.version, "ready": True})
 
     async def _render_metrics(self, _request: Request) -> Response:
+        text = await (self._metrics_view() if self._metrics_view is not None else self.render_metrics())
+        return Response(200, {"content-type": METRICS_CONTENT_TYPE}, text.encode())
+
+    def refresh_gauges(self) -> None:
+        """Bring the gauges that describe now up to date: the models served, each one's queue."""
         self._metrics.set_active_models((m.name, m.version, m.manifest.variant) for m in self._repository.all())
         for name in [n for n, s in self._schedulers.items() if self._repository.get(n) is not s.model and not s.queued]:
             del self._schedulers[name]  # a model no longer served, its queue drained
         self._metrics.pending_requests.replace(
             {(s.model.name, s.model.version): s.queued for s in self._schedulers.values()}
         )
+
+    async def render_metrics(self, others: Sequence[RegistrySnapshot] = ()) -> str:
+        """This process's metrics page, with the series of the node's other serving processes (`others`) added."""
+        self.refresh_gauges()
         if self._telemetry is not None and self._telemetry_gauges is not None:
             stats = await asyncio.get_running_loop().run_in_executor(self._executor, self._telemetry.stats)
             self._telemetry_gauges.update(stats, self._telemetry.drift_psi())
-        return Response(200, {"content-type": METRICS_CONTENT_TYPE}, self._metrics.render().encode())
+        return self._metrics.render(others)
 
     # --- inference --------------------------------------------------------------------------------------
 

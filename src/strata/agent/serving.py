@@ -76,6 +76,21 @@ class ServingTracker:
             series.requests += 1
             series.errors += 1
 
+    def take(self) -> list[tuple[str, str, int, int, list[float]]]:
+        """Every series' counts since the last `take`, as (model, version, requests, errors, latencies_ms), and
+        start afresh: what a serving process hands to the agent's tracker (`add`)."""
+        with self._lock:
+            series, self._series = self._series, {}
+        return [(m, v, w.requests, w.errors, list(w.latencies_ms)) for (m, v), w in series.items() if w.requests]
+
+    def add(self, model: str, version: str, requests: int, errors: int, latencies_ms: Iterable[float]) -> None:
+        """Count what another serving process took (`take`) as this one's own."""
+        with self._lock:
+            series = self._get(model, version)
+            series.requests += requests
+            series.errors += errors
+            series.latencies_ms.extend(latencies_ms)
+
     def reset(self, model: str, version: str, now: float) -> None:
         """Start counting `version` afresh (it has just been activated)."""
         with self._lock:

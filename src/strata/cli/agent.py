@@ -49,7 +49,20 @@ def agent(
         int | None, typer.Option("--max-download-rate", help="Cap downloads at this many bytes per second.")
     ] = None,
     threads: Annotated[
-        int | None, typer.Option("--threads", help="Inference threads per model (default: onnxruntime's).")
+        int | None,
+        typer.Option(
+            "--intra-op-threads",
+            "--threads",
+            help="onnxruntime intra-op threads per model in each serving process (default: cores / processes; "
+            "with one process, onnxruntime's own choice).",
+        ),
+    ] = None,
+    serve_processes: Annotated[
+        int | None,
+        typer.Option(
+            "--serve-processes",
+            help="Processes serving the inference port together (default: one per core; 1 on devices).",
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
     telemetry_budget_mb: Annotated[
@@ -169,6 +182,7 @@ def agent(
         poll_wait_s=poll_wait,
         max_download_rate=max_download_rate,
         inference_threads=threads,
+        serve_processes=serve_processes,
         log_level=log_level,
         telemetry_budget_mb=telemetry_budget_mb,
         telemetry_sample_rate=telemetry_sample_rate,

@@ -1,0 +1,299 @@
+"""The agent's extra serving processes (see `strata.agent.processes` for what stays one for the node): started,
+fed each model, asked for their counts and metrics, restarted when they end. Imported only on nodes that serve
+from more than one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final
+
+from strata.agent.channel import Channel, Message
+from strata.agent.config import AgentConfig
+from strata.agent.metrics import RegistrySnapshot
+from strata.agent.repository import Commit, LoadedModel
+from strata.agent.serving import ServingTracker
+from strata.core.errors import StrataError
+from strata.core.package import Package
+
+log = logging.getLogger("strata.agent.pool")
+
+SETUP_TIMEOUT_S: Final = 60.0
+LOAD_TIMEOUT_S: Final = 600.0  # a large model's load and golden check in a busy process
+COLLECT_TIMEOUT_S: Final = 10.0
+COLLECT_INTERVAL_S: Final = 1.0  # serving counts reach probation this late at most
+RESTART_DELAY_S: Final = 1.0
+STOP_GRACE_S: Final = 10.0
+
+
+@dataclass
+class _Child:
+    index: int
+    process: subprocess.Popen[bytes]
+    channel: Channel
+    reader: asyncio.Task[None]
+
+
+class ServingPool:
+    """The agent's extra serving processes (see the module docstring); lives on the agent's event loop.
+
+    Args:
+        config: the agent's configuration (sent to each process).
+        processes: serving processes in all, the agent's own included.
+        threads: onnxruntime intra-op threads per model in each.
+        models: the models the agent serves now (a process that starts loads them).
+        open_package: a staged package by digest, verified, with its files decrypted when sealed (None in
+            the clear): `ArtifactStore.open`. Called on an executor thread.
+        serving: the agent's serving tracker, where the processes' counts are added.
+        token: the serving token the processes require (None on loopback).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        processes: int,
+        threads: int | None,
+        models: Callable[[], list[LoadedModel]],
+        open_package: Callable[[str], tuple[Package, dict[str, bytes] | None]],
+        serving: ServingTracker,
+        token: str | None,
+    ) -> None:
+        self._config = config
+        self._processes = processes
+        self._threads = threads
+        self._models = models
+        self._open_package = open_package
+        self._serving = serving
+        self._token = token
+        self._children: dict[int, _Child] = {}
+        self._swap = asyncio.Lock()  # a start's loads and an activation's do not interleave
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._port = 0
+        self._ready = False
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self.render: Callable[[list[RegistrySnapshot]], Awaitable[str]] | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the serving processes running now (the agent's own not included)."""
+        return [child.process.pid for child in self._children.values()]
+
+    def start(self, port: int) -> None:
+        """Start the serving processes on `port` (the agent already listens there with SO_REUSEPORT), each
+        loading the served models, in the background (the agent serves meanwhile); call on the event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._port = port
+        self._supervisor = self._loop.create_task(self._supervise())
+
+    async def _start_child(self, index: int) -> None:
+        """Start serving process `index` and load the served models into it; a failure is logged (the
+        supervisor tries again)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = [sys.executable, "-OO", "-m", "strata.agent.worker", str(theirs.fileno())]
+        try:
+            process = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            ours.close()
+            log.error("cannot start serving process %d: %s", index, exc)
+            return
+        finally:
+            theirs.close()
+        channel = await Channel.open(ours)
+        child = _Child(index, process, channel, asyncio.get_running_loop().create_task(channel.serve(self._answer)))
+        setup = {
+            "config": self._config.to_json(),
+            "index": index,
+            "processes": self._processes,
+            "threads": self._threads,
+            "port": self._port,
+            "token": self._token,
+            "ready": self._ready,
+        }
+        try:
+            await channel.request("setup", setup, timeout=SETUP_TIMEOUT_S)
+            async with self._swap:
+                for model in self._models():
+                    opened = await self._open(model.digest)
+                    await self._load(child, model, opened)
+                    await channel.request("activate", {"name": model.name, "digest": model.digest})
+                self._children[index] = child
+        except StrataError as exc:
+            log.error("serving process %d did not start: %s", index, exc)
+            self._kill(child)
+            return
+        log.info("serving process %d (pid %d) serves on port %d", index, process.pid, self._port)
+
+    async def _open(self, digest: str) -> tuple[Package, dict[str, bytes] | None]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._open_package, digest)
+
+    async def _load(self, child: _Child, model: LoadedModel, opened: tuple[Package, dict[str, bytes] | None]) -> None:
+        """Have one serving process load and check a model (not serve it yet).
+
+        Raises:
+            StrataError: it could not (its message), or it is gone.
+        """
+        package, files = opened
+        fields: Message = {"digest": model.digest, "folder": str(package.path), "activated_at": model.activated_at}
+        blob = b""
+        if files is not None:
+            fields["manifest"] = package.manifest.to_json()
+            fields["files"] = [[path, len(data)] for path, data in files.items()]
+            blob = b"".join(files.values())
+        await child.channel.request("load", fields, blob, timeout=LOAD_TIMEOUT_S)
+
+    # --- the repository's mirror (called from the agent's loop thread) ------------------------------------
+
+    def put(self, model: LoadedModel, commit: Commit) -> LoadedModel | None:
+        """Serve `model` in every serving process, then `commit` (the agent's own swap, whose result this
+        returns), on the event loop. Blocks the calling thread (the agent's loop thread, never the event
+        loop's) until done."""
+        return self._call(self._put(model, commit), commit)
+
+    def remove(self, name: str, commit: Commit) -> LoadedModel | None:
+        """Stop serving model `name` in every serving process, then in the agent (`commit`)."""
+        return self._call(self._remove(name, commit), commit)
+
+    def _call(self, work: Coroutine[Any, Any, LoadedModel | None], commit: Commit) -> LoadedModel | None:
+        loop = self._loop
+        if loop is None or self._stopping or loop.is_closed():
+            work.close()
+            return commit()
+        try:
+            return asyncio.run_coroutine_threadsafe(work, loop).result(timeout=LOAD_TIMEOUT_S * 2)
+        except (TimeoutError, RuntimeError) as exc:  # the loop stopped under us (the agent is stopping)
+            log.warning("serving processes were not updated: %s", exc)
+            return commit()
+
+    async def _put(self, model: LoadedModel, commit: Commit) -> LoadedModel | None:
+        async with self._swap:
+            children = list(self._children.values())
+            if children:
+                opened = await self._open(model.digest)
+                loaded = await asyncio.gather(*(self._load(c, model, opened) for c in children), return_exceptions=True)
+                del opened
+                ready = []
+                for child, outcome in zip(children, loaded, strict=True):
+                    if isinstance(outcome, BaseException):
+                        log.error(
+                            "serving process %d cannot load %s %s: %s", child.index, model.name, model.version, outcome
+                        )
+                        self._kill(child)  # restarted by the supervisor, with what the agent serves then
+                    else:
+                        ready.append(child)
+                fields = {"name": model.name, "digest": model.digest}
+                await asyncio.gather(*(c.channel.request("activate", fields) for c in ready), return_exceptions=True)
+            return commit()
+
+    async def _remove(self, name: str, commit: Commit) -> LoadedModel | None:
+        async with self._swap:
+            children = list(self._children.values())
+            await asyncio.gather(
+                *(c.channel.request("remove", {"name": name}) for c in children), return_exceptions=True
+            )
+            return commit()
+
+    # --- one view of the node -----------------------------------------------------------------------------
+
+    def set_ready(self, ready: bool) -> None:
+        """Tell the serving processes whether the node is ready (their /v2/health/ready answers the same)."""
+        if ready != self._ready:
+            self._ready = ready
+            for child in self._children.values():
+                child.channel.send("ready", {"ready": ready})
+
+    async def collect(self, metrics: bool = True) -> list[RegistrySnapshot]:
+        """Take every serving process's serving counts into the agent's tracker; with `metrics`, return their
+        metrics registries too."""
+        children = list(self._children.values())
+        answers = await asyncio.gather(
+            *(c.channel.request("collect", {"metrics": metrics}, timeout=COLLECT_TIMEOUT_S) for c in children),
+            return_exceptions=True,
+        )
+        snapshots = []
+        for child, answer in zip(children, answers, strict=True):
+            if isinstance(answer, BaseException):
+                log.warning("serving process %d did not report its counts: %s", child.index, answer)
+                continue
+            fields, _ = answer
+            for model, version, requests, errors, latencies in fields["serving"]:
+                self._serving.add(model, version, requests, errors, latencies)
+            if metrics:
+                snapshots.append(fields["metrics"])
+        return snapshots
+
+    async def render_metrics(self) -> str:
+        """The node's /metrics page: the agent's registry with every serving process's added."""
+        assert self.render is not None, "the agent sets `render` before serving"
+        return await self.render(await self.collect())
+
+    async def _answer(self, header: Message, _blob: bytes) -> tuple[Message, bytes]:
+        """Requests from a serving process: its /metrics page, which is the node's.
+
+        Raises:
+            StrataError: an unknown request.
+        """
+        if header.get("op") == "metrics":
+            return {"text": await self.render_metrics()}, b""
+        raise StrataError(f"unknown request {header.get('op')!r}")
+
+    # --- supervision ------------------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Every second: take the processes' serving counts; start again a process that ended or never started."""
+        await asyncio.gather(*(self._start_child(index) for index in range(1, self._processes)))
+        while not self._stopping:
+            await asyncio.sleep(COLLECT_INTERVAL_S)
+            for index in range(1, self._processes):
+                child = self._children.get(index)
+                if child is not None and not child.channel.closed.is_set() and child.process.poll() is None:
+                    continue
+                if child is not None:
+                    del self._children[index]
+                    self._kill(child)
+                    status = child.process.returncode
+                    log.warning("serving process %d ended (exit status %s); starting it again", index, status)
+                    await asyncio.sleep(RESTART_DELAY_S)
+                if not self._stopping:
+                    await self._start_child(index)
+            with contextlib.suppress(StrataError):
+                await self.collect(metrics=False)
+
+    def _kill(self, child: _Child) -> None:
+        child.channel.close()
+        if child.process.poll() is None:
+            child.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.process.wait(5)
+
+    async def stop(self) -> None:
+        """Stop the serving processes: each answers what it holds (up to its grace), then ends; their last
+        serving counts are taken first."""
+        if self._stopping:
+            return
+        with contextlib.suppress(StrataError):
+            await self.collect(metrics=False)
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        children = list(self._children.values())
+        self._children.clear()
+        await asyncio.gather(
+            *(c.channel.request("stop", timeout=STOP_GRACE_S) for c in children), return_exceptions=True
+        )
+        loop = asyncio.get_running_loop()
+        for child in children:
+            try:
+                await loop.run_in_executor(None, child.process.wait, STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.warning("serving process %d did not stop; killing it", child.index)
+            self._kill(child)

@@ -1,0 +1,96 @@
+"""An agent serving from two processes (`--serve-processes 2`): requests spread over both, one /metrics view and
+telemetry counted exactly once across them, and a new version swapped in under load without a failed request."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from e2e_helpers import hammer, infer_request, push_model
+
+from strata.examples.digits import load_data
+from strata.localfleet import LocalFleet
+
+pytestmark = pytest.mark.slow
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's series whose labels include `labels`."""
+    total = 0.0
+    for found, value in re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', found))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_two_processes_serve_one_node(
+    fleet: LocalFleet, digits_onnx: Path, digits_onnx_v2: Path, tmp_path: Path
+) -> None:
+    push_model(fleet, digits_onnx, "1", tmp_path)
+    push_model(fleet, digits_onnx_v2, "2", tmp_path)
+    handle = fleet.start_agent("edge", serve_processes=2, extra_args=["--telemetry-interval", "1", "--probation", "0"])
+    fleet.client.deploy("digits", "1", {})
+    fleet.wait_for_versions({"edge": {"digits": "1"}})
+    url = handle.serve_url
+    fleet.wait_for(  # its series shows once the second process serves the model
+        lambda: 'strata_serving_process_requests{process="1"}' in httpx.get(f"{url}/metrics").text,
+        30,
+        "the second serving process",
+        handle.process,
+    )
+    request = infer_request(handle.serve_port, load_data().test_x[:1])
+
+    # new connections land on both processes; each process's count, and the node's total, are exact
+    first = hammer(handle.serve_port, request, 2000, concurrency=16)
+    assert first == {"ok": 2000, "failed": 0}
+    text = httpx.get(f"{url}/metrics").text
+    per_process = [metric(text, "strata_serving_process_requests", process=p) for p in ("0", "1")]
+    assert sum(per_process) == 2000
+    assert min(per_process) > 0, per_process
+    assert metric(text, "nv_inference_request_success", model="digits", version="1") == sum(per_process)
+
+    # version 2 under load: every request answered, by one version or the other
+    counts = {"ok": 0, "failed": 0}
+    done = threading.Event()
+
+    def load() -> None:
+        while not done.is_set():
+            for key, value in hammer(handle.serve_port, request, 400, concurrency=8).items():
+                counts[key] += value
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        fleet.client.deploy("digits", "2", {})
+        fleet.wait_for_versions({"edge": {"digits": "2"}})
+    finally:
+        done.set()
+        loader.join(60)
+    assert counts["failed"] == 0, counts
+    assert counts["ok"] > 0
+    # every process serves version 2 now (40 new connections: both processes answer some)
+    versions = {
+        httpx.post(f"{url}/v2/models/digits/infer", json=json_body()).json()["model_version"] for _ in range(40)
+    }
+    assert versions == {"2"}
+    text = httpx.get(f"{url}/metrics").text
+    served = sum(metric(text, "nv_inference_request_success", model="digits", version=v) for v in ("1", "2"))
+    assert served == sum(metric(text, "strata_serving_process_requests", process=p) for p in ("0", "1"))
+    assert served == 2000 + 40 + counts["ok"]
+
+    # telemetry: each answered request once, from whichever process answered it
+    def uploaded() -> float:
+        minutes = fleet.client.telemetry("digits", since_s=86400)["minutes"]
+        return sum(m["requests"] for m in minutes)
+
+    fleet.wait_for(lambda: uploaded() >= served, 60, "the node's telemetry", handle.process)
+    assert uploaded() == served
+
+
+def json_body() -> dict[str, object]:
+    x = load_data().test_x[0].astype(float).tolist()
+    return {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": x}]}
