@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import math
 import multiprocessing as mp
@@ -52,7 +51,7 @@ import httpx
 
 from strata.core.package import build_package, pack_tar
 from strata.examples.digits import train_digits
-from strata.localfleet import LocalFleet, ManagedProcess, free_port
+from strata.localfleet import LocalFleet, ManagedProcess
 from strata.trust.node import make_csr
 
 PROFILE = "x86_64-avx2"
@@ -365,15 +364,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         servers: list[ManagedProcess] = [fleet.server] if fleet.server else []
         urls = [fleet.server_url]
         for r in range(1, args.replicas):
-            port = free_port()
-            argv = fleet.strata("server", "--data-dir", str(fleet.server_dir), "--port", str(port),
-                                "--log-level", "warning", *db_args)  # fmt: skip
-            replica = ManagedProcess(f"server-{r}", argv, root / "logs" / f"server-{r}.log", fleet._env())
-            replica.start()
-            url = f"https://127.0.0.1:{port}"
-            fleet.wait_for(functools.partial(_healthy, url, fleet), 30, f"replica {r}", replica)
-            servers.append(replica)
-            urls.append(url)
+            # started through the fleet, so that it is stopped with it (a replica started by hand outlived the run)
+            replica = fleet.start_replica(f"r{r}", extra_args=["--log-level", "warning", *db_args])
+            servers.append(replica.process)
+            urls.append(replica.url)
         pids = [s.pid for s in servers]
         token, ca = fleet.admin_token, fleet.ca_path
 
@@ -568,15 +562,6 @@ def _try_scrape(urls: list[str], token: str, ca: Path) -> dict[str, float] | Non
     except httpx.HTTPError as exc:
         print(f"/metrics scrape failed: {exc!r}", file=sys.stderr)
         return None
-
-
-def _healthy(url: str, fleet: LocalFleet) -> bool:
-    try:
-        answer = httpx.get(f"{url}/v1/health", headers={"authorization": f"Bearer {fleet.admin_token}"},
-                           verify=str(fleet.ca_path), timeout=2)  # fmt: skip
-    except httpx.HTTPError:
-        return False
-    return answer.status_code == 200
 
 
 def minus_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
