@@ -89,6 +89,45 @@ def test_static_quantization_writes_qdq_per_calibration_method(
         assert _max_error(tiny_mlp, candidate, tiny_feeds) < 0.15
 
 
+def test_static_quantization_of_a_transformer_keeps_the_mask_and_the_gelu_output_in_float(
+    tiny_bert: Path, tmp_path: Path, context: PassContext, tiny_bert_feeds: Feeds
+) -> None:
+    """Quantized with the quantizer's defaults, the -inf of the attention mask's Where made MinMax's scales noise
+    and the histogram calibrators refuse the range ("range of [-inf, inf] is not finite")."""
+    import onnx
+
+    from strata.optimize.measure import predict
+    from strata.optimize.tasks import compare, get_task
+
+    calibration, evaluation = tiny_bert_feeds.take(range(48)), tiny_bert_feeds.take(range(48, 96))
+    bert_context = PassContext("embedding", context.host, context.targets, calibration)
+    candidates = StaticQuantizationPass().apply(tiny_bert, tmp_path, bert_context)
+    task = get_task("embedding")
+    expected = predict(open_runner(tiny_bert, "onnxruntime"), evaluation, task, "last_hidden_state", 16)
+    for candidate in candidates:
+        assert candidate.error is None, candidate.error
+        assert "ops=MatMul+Gemm,float_outputs,float_after_gelu=1" in candidate.passes[1]
+        model = onnx.load(str(candidate.model_path))
+        producer = {out: node.op_type for node in model.graph.node for out in node.output}
+        quantized = [
+            node
+            for node in model.graph.node
+            if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and any(producer.get(i) == "DequantizeLinear" for i in node.input)
+        ]
+        assert not {node.op_type for node in quantized} & {"Where", "LayerNormalization", "Gather", "Softmax"}
+        matmuls = [node for node in quantized if node.op_type == "MatMul"]
+        assert len(matmuls) == 7  # q, k, v, scores, context, output projection, FFN up; not FFN down
+        assert "ffn_down" in {node.name for node in model.graph.node} - {node.name for node in matmuls}
+        assert not {producer.get(node.output[0]) for node in model.graph.node if node.op_type == "QuantizeLinear"} & {
+            "MatMul"
+        }  # outputs stay float
+        got = predict(open_runner(candidate.model_path, "onnxruntime"), evaluation, task, "last_hidden_state", 16)
+        accuracy = compare(task, expected, got)
+        assert accuracy["mean_cosine"] >= 0.99, (candidate.id, accuracy)
+        assert accuracy["min_cosine"] >= 0.97, (candidate.id, accuracy)
+
+
 def test_fp16_is_made_for_gpu_targets_only(tiny_mlp: Path, tmp_path: Path, context: PassContext) -> None:
     import onnx
 
