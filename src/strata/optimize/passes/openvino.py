@@ -1,7 +1,9 @@
 """OpenVINO conversion (`openvino.convert_model`) and NNCF post-training int8 quantization, for targets whose
 runtimes include OpenVINO.
 
-Two candidates: the converted fp32 IR, and the IR quantized with `nncf.quantize` on the calibration samples.
+Two candidates: the converted fp32 IR, and the IR quantized with `nncf.quantize` on the calibration samples;
+a third where a target offers bf16 (AVX512_BF16 or AMX): the fp32 IR compiled to compute in bf16, the natural
+bf16 variant (onnxruntime's CPU provider has almost no bf16 kernels, so strata builds no bf16 ONNX graph).
 Transformer graphs (attention: MatMul and Softmax, with layer normalisation) get NNCF's transformer model type,
 which keeps the accuracy-sensitive operations in float as NNCF's docs advise.
 """
@@ -31,7 +33,8 @@ def _op_types(model_path: Path) -> set[str]:
 
 
 class OpenVinoPass:
-    """fp32 IR and NNCF int8 IR for the first target that lists the openvino runtime."""
+    """fp32 IR and NNCF int8 IR for the first target that lists the openvino runtime; the fp32 IR in bf16 for
+    the first such target that lists bf16."""
 
     name = "openvino"
 
@@ -68,6 +71,19 @@ class OpenVinoPass:
         except Exception as exc:  # NNCF raises nncf.* errors and lets OpenVINO's through
             error = f"nncf.quantize failed: {exc}"
         preset = "model_type=TRANSFORMER" if transformer else "model_type=default"
+        bf16_target = next((t for t in context.targets_with_runtime(["openvino"]) if "bf16" in t.precisions), None)
+        bf16 = (
+            Candidate(
+                id="ov-bf16",
+                model_path=fp32_xml,
+                profile=bf16_target.id,
+                runtime="openvino",
+                precision="bf16",
+                passes=("openvino.convert_model", "INFERENCE_PRECISION_HINT=bf16"),
+            )
+            if bf16_target is not None
+            else None
+        )
         return [
             Candidate(
                 id="ov-fp32",
@@ -86,4 +102,5 @@ class OpenVinoPass:
                 passes=("openvino.convert_model", f"nncf.quantize:{preset},subset_size={samples}"),
                 error=error,
             ),
+            *([bf16] if bf16 is not None else []),
         ]
