@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,8 +14,7 @@ from strata.optimize.data import Feeds
 
 
 def _mlp(path: Path, seed: int = 0) -> Path:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     rng = np.random.default_rng(seed)
     weights = {
@@ -30,13 +30,17 @@ def _mlp(path: Path, seed: int = 0) -> Path:
         helper.make_node("MatMul", ["h2", "W2"], ["h3"]),
         helper.make_node("Add", ["h3", "B2"], ["scores"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny-mlp",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 16])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 4])],
-        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()],
-    )
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 16])]
+    outputs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 4])]
+    return _save(helper.make_graph(nodes, "tiny-mlp", inputs, outputs), weights, path)
+
+
+def _save(graph: Any, weights: dict[str, np.ndarray], path: Path) -> Path:
+    """`graph` (an onnx GraphProto) with `weights` as its initializers, checked and saved at `path` (opset 17)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in weights.items())
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.checker.check_model(model)
@@ -66,8 +70,7 @@ def _tiny_bert(path: Path, seed: int = 0) -> Path:
     """One BERT layer as transformers exports it with SDPA attention: the padding mask becomes Where(mask, 0,
     -inf) added to the attention scores, LayerNormalization, and an erf-GELU feed-forward block whose hidden
     unit 0 is large (the outlier that transformer FFNs have)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     rng = np.random.default_rng(seed)
     d, hidden, vocab = 16, 64, 50
@@ -128,13 +131,8 @@ def _tiny_bert(path: Path, seed: int = 0) -> Path:
             helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
         ],
         [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", d])],
-        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    return _save(graph, weights, path)
 
 
 @pytest.fixture(scope="session")

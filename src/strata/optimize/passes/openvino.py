@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from strata.core.errors import OptimizationError
@@ -71,36 +72,30 @@ class OpenVinoPass:
         except Exception as exc:  # NNCF raises nncf.* errors and lets OpenVINO's through
             error = f"nncf.quantize failed: {exc}"
         preset = "model_type=TRANSFORMER" if transformer else "model_type=default"
-        bf16_target = next((t for t in context.targets_with_runtime(["openvino"]) if "bf16" in t.precisions), None)
-        bf16 = (
-            Candidate(
-                id="ov-bf16",
-                model_path=fp32_xml,
-                profile=bf16_target.id,
-                runtime="openvino",
-                precision="bf16",
-                passes=("openvino.convert_model", "INFERENCE_PRECISION_HINT=bf16"),
-            )
-            if bf16_target is not None
-            else None
+        fp32 = Candidate(
+            id="ov-fp32",
+            model_path=fp32_xml,
+            profile=target.id,
+            runtime="openvino",
+            precision="fp32",
+            passes=("openvino.convert_model",),
         )
-        return [
-            Candidate(
-                id="ov-fp32",
-                model_path=fp32_xml,
-                profile=target.id,
-                runtime="openvino",
-                precision="fp32",
-                passes=("openvino.convert_model",),
-            ),
-            Candidate(
-                id="ov-int8",
-                model_path=int8_xml,
-                profile=target.id,
-                runtime="openvino",
-                precision="int8",
-                passes=("openvino.convert_model", f"nncf.quantize:{preset},subset_size={samples}"),
-                error=error,
-            ),
-            *([bf16] if bf16 is not None else []),
-        ]
+        int8 = replace(
+            fp32,
+            id="ov-int8",
+            model_path=int8_xml,
+            precision="int8",
+            passes=("openvino.convert_model", f"nncf.quantize:{preset},subset_size={samples}"),
+            error=error,
+        )
+        bf16_target = next((t for t in context.targets_with_runtime(["openvino"]) if "bf16" in t.precisions), None)
+        if bf16_target is None:
+            return [fp32, int8]
+        bf16 = replace(
+            fp32,
+            id="ov-bf16",
+            profile=bf16_target.id,
+            precision="bf16",
+            passes=("openvino.convert_model", "INFERENCE_PRECISION_HINT=bf16"),
+        )
+        return [fp32, int8, bf16]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from strata.optimize.base import Candidate, PassContext
+from strata.optimize.passes.fp16 import named_nodes
 from strata.optimize.passes.openvino import looks_like_transformer
 from strata.optimize.passes.quantize import FeedsReader, preprocess
 
@@ -51,7 +52,6 @@ def after_gelu(model: Any) -> list[str]:
     quantizer's `nodes_to_exclude` goes by name). Changes `model` (an onnx ModelProto).
     """
     producer = {output: node for node in model.graph.node for output in node.output}
-    taken = {node.name for node in model.graph.node}
 
     def from_gelu(tensor: str, depth: int) -> bool:
         node = producer.get(tensor)
@@ -61,18 +61,13 @@ def after_gelu(model: Any) -> list[str]:
             return True
         return node.op_type in _ELEMENTWISE and any(from_gelu(i, depth - 1) for i in node.input)
 
-    names = []
-    for index, node in enumerate(model.graph.node):
-        if node.op_type not in TRANSFORMER_OP_TYPES or not node.input or not from_gelu(node.input[0], _GELU_DEPTH):
-            continue
-        if not node.name:
-            name = f"strata_after_gelu_{index}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
-        names.append(node.name)
-    return names
+    return named_nodes(
+        model,
+        lambda node: (
+            node.op_type in TRANSFORMER_OP_TYPES and bool(node.input) and from_gelu(node.input[0], _GELU_DEPTH)
+        ),
+        "strata_after_gelu",
+    )
 
 
 def _op_types(model: Any) -> Iterable[str]:
