@@ -83,6 +83,23 @@ def test_an_openvino_variant_computes_in_f32_whatever_the_cpu_would_pick(tmp_pat
     assert np.allclose(runtime.run({"x": x})["y"], x @ weights, rtol=1e-6, atol=0)
 
 
+def test_a_bf16_openvino_package_computes_in_bf16_or_is_refused_where_the_cpu_cannot(tmp_path: Path) -> None:
+    from strata.core.openvino_import import import_openvino
+
+    xml, weights = _matmul_ir(tmp_path)
+    if "BF16" not in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(PackageBuildError, match="to run in f32, not bf16"):  # its golden data cannot be made
+            _build(xml, tmp_path / "pkg", "bf16")
+        return
+    package = _build(xml, tmp_path / "pkg", "bf16")
+    runtime = load_and_check(verify_package(package.path, package.digest))
+    assert isinstance(runtime, OpenVinoModel)
+    assert runtime.compiled_model.get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
+    got = runtime.run({"x": np.ones((1, 4), np.float32)})["y"]
+    assert got[0, 0] == np.float32(1.8007812)  # 1.8 in bf16: not the f32 answer
+    np.testing.assert_allclose(got, np.ones((1, 4), np.float32) @ weights, rtol=1e-2)
+
+
 def test_an_openvino_variant_of_a_precision_it_cannot_compute_in_is_refused(tmp_path: Path) -> None:
     # fp16: OpenVINO's CPU plugin runs f16 only on CPUs that have it, and answers bf16 or f32 elsewhere.
     xml, _ = _matmul_ir(tmp_path)

@@ -84,12 +84,29 @@ def test_cpuinfo_parsing_for_x86_and_arm() -> None:
             "jetson-cuda",
         ),
         (HostFacts(arch="riscv64"), "cpu-generic"),
+        # AVX512_BF16 (also on every AMX CPU): bf16 is a precision of its own there; the flag as /proc/cpuinfo has it.
+        (
+            HostFacts(
+                arch="x86_64",
+                cpu_vendor="AuthenticAMD",
+                cpu_features=frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}),
+            ),
+            "x86_64-avx512-bf16",
+        ),
         # An Intel CPU without OpenVINO installed is an AVX2 CPU, not an OpenVINO target.
         (HostFacts(arch="x86_64", cpu_vendor="GenuineIntel", cpu_features=frozenset({"avx2", "fma"})), "x86_64-avx2"),
     ],
 )
 def test_detection_picks_the_most_specific_match(facts: HostFacts, expected: str) -> None:
     assert detect_profile(facts).id == expected
+
+
+def test_bf16_is_offered_only_where_the_cpu_computes_it() -> None:
+    assert "bf16" in get_profile("x86_64-avx512-bf16").precisions
+    offered = {p.id for p in catalog().values() if "bf16" in p.precisions}
+    assert all("avx512_bf16" in catalog()[p].cpu_features for p in offered)
+    # x86 profiles list OpenVINO after onnxruntime: where it is installed its variants are built and measured.
+    assert all(catalog()[p].runtimes == ("onnxruntime", "openvino") for p in ("x86_64-avx2", "x86_64-avx512-vnni"))
 
 
 def test_this_host_is_detected() -> None:

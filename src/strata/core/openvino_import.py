@@ -56,7 +56,9 @@ def import_nncf() -> ModuleType:
 
 # The inference precision each strata precision runs OpenVINO in. An int8 IR holds FakeQuantize nodes: those
 # parts run in int8, and what is left unquantized runs in f32, as in the fp32 variant the gate compared it with.
-INFERENCE_PRECISION: Final[dict[str, str]] = {"fp32": "f32", "int8": "f32"}
+# A bf16 variant is the f32 IR compiled to compute in bf16 (AVX512_BF16 or AMX); on a CPU without bf16
+# OpenVINO answers f32, and `check_inference_precision` refuses it.
+INFERENCE_PRECISION: Final[dict[str, str]] = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def inference_precision(precision: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from strata.core.errors import ProfileError
 
 RUNTIMES = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "openvino")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x86-64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}
 

@@ -63,6 +63,7 @@ BASE_LATENCY_MS: Final = {
     "cpu-generic": 9.0,
     "x86_64-avx2": 4.0,
     "x86_64-avx512-vnni": 3.0,
+    "x86_64-avx512-bf16": 2.8,
     "intel-openvino": 2.5,
     "arm64-neon": 11.0,
     "arm64-neon-dotprod": 7.0,

@@ -29,6 +29,13 @@ def test_fp32_and_int8_variants_compute_in_f32_with_the_threads_asked_for() -> N
     assert compile_config("int8", 2) == {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 2}
 
 
+def test_a_bf16_variant_computes_in_bf16() -> None:
+    assert compile_config("bf16", 1) == {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": 1}
+    check_inference_precision(_Compiled("bf16"), "bf16")
+    with pytest.raises(ConfigError, match="to run in f32, not bf16"):  # a CPU without bf16
+        check_inference_precision(_Compiled("f32"), "bf16")
+
+
 def test_a_precision_without_an_exact_openvino_counterpart_is_refused() -> None:
     with pytest.raises(ConfigError, match="no OpenVINO inference precision for a 'fp16' variant"):
         compile_config("fp16")

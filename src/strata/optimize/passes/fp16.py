@@ -10,6 +10,7 @@ One candidate per GPU target profile, for its CUDA runtime; a host without that 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,23 @@ def casts_to_float(model: Any) -> list[str]:
     """The names of the graph's `Cast(to=float)` nodes, for the converter's `node_block_list`; a nameless one
     is given a name of its own first (the block list goes by name). Changes `model` (an onnx ModelProto).
     """
+    return named_nodes(
+        model,
+        lambda node: node.op_type == "Cast" and any(a.name == "to" and a.i == _FLOAT for a in node.attribute),
+        "strata_cast_to_float",
+    )
+
+
+def named_nodes(model: Any, wanted: Callable[[Any], bool], prefix: str) -> list[str]:
+    """The names of the nodes of `model` (an onnx ModelProto) for which `wanted(node)` holds, in graph order;
+    a nameless one is named `prefix_INDEX` first (onnx tools' block and exclude lists go by name)."""
     taken = {node.name for node in model.graph.node}
     names = []
     for index, node in enumerate(model.graph.node):
-        if node.op_type != "Cast" or not any(a.name == "to" and a.i == _FLOAT for a in node.attribute):
+        if not wanted(node):
             continue
         if not node.name:
-            name = f"strata_cast_to_float_{index}"
+            name = f"{prefix}_{index}"
             while name in taken:
                 name += "_"
             node.name = name

@@ -1,7 +1,9 @@
 """OpenVINO conversion (`openvino.convert_model`) and NNCF post-training int8 quantization, for targets whose
 runtimes include OpenVINO.
 
-Two candidates: the converted fp32 IR, and the IR quantized with `nncf.quantize` on the calibration samples.
+Two candidates: the converted fp32 IR, and the IR quantized with `nncf.quantize` on the calibration samples;
+a third where a target offers bf16 (AVX512_BF16 or AMX): the fp32 IR compiled to compute in bf16, the natural
+bf16 variant (onnxruntime's CPU provider has almost no bf16 kernels, so strata builds no bf16 ONNX graph).
 Transformer graphs (attention: MatMul and Softmax, with layer normalisation) get NNCF's transformer model type,
 which keeps the accuracy-sensitive operations in float as NNCF's docs advise.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from strata.core.errors import OptimizationError
@@ -31,7 +34,8 @@ def _op_types(model_path: Path) -> set[str]:
 
 
 class OpenVinoPass:
-    """fp32 IR and NNCF int8 IR for the first target that lists the openvino runtime."""
+    """fp32 IR and NNCF int8 IR for the first target that lists the openvino runtime; the fp32 IR in bf16 for
+    the first such target that lists bf16."""
 
     name = "openvino"
 
@@ -68,22 +72,30 @@ class OpenVinoPass:
         except Exception as exc:  # NNCF raises nncf.* errors and lets OpenVINO's through
             error = f"nncf.quantize failed: {exc}"
         preset = "model_type=TRANSFORMER" if transformer else "model_type=default"
-        return [
-            Candidate(
-                id="ov-fp32",
-                model_path=fp32_xml,
-                profile=target.id,
-                runtime="openvino",
-                precision="fp32",
-                passes=("openvino.convert_model",),
-            ),
-            Candidate(
-                id="ov-int8",
-                model_path=int8_xml,
-                profile=target.id,
-                runtime="openvino",
-                precision="int8",
-                passes=("openvino.convert_model", f"nncf.quantize:{preset},subset_size={samples}"),
-                error=error,
-            ),
-        ]
+        fp32 = Candidate(
+            id="ov-fp32",
+            model_path=fp32_xml,
+            profile=target.id,
+            runtime="openvino",
+            precision="fp32",
+            passes=("openvino.convert_model",),
+        )
+        int8 = replace(
+            fp32,
+            id="ov-int8",
+            model_path=int8_xml,
+            precision="int8",
+            passes=("openvino.convert_model", f"nncf.quantize:{preset},subset_size={samples}"),
+            error=error,
+        )
+        bf16_target = next((t for t in context.targets_with_runtime(["openvino"]) if "bf16" in t.precisions), None)
+        if bf16_target is None:
+            return [fp32, int8]
+        bf16 = replace(
+            fp32,
+            id="ov-bf16",
+            profile=bf16_target.id,
+            precision="bf16",
+            passes=("openvino.convert_model", "INFERENCE_PRECISION_HINT=bf16"),
+        )
+        return [fp32, int8, bf16]

@@ -48,18 +48,25 @@ class FeedsReader:
     """An onnxruntime `CalibrationDataReader` over calibration feeds, one sample at a time.
 
     Padding columns that no calibration sample uses are dropped, but every sample keeps the same width: the
-    histogram calibrators (Entropy, Percentile) stack the activations of all samples into one array.
+    histogram calibrators (Entropy, Percentile) stack the activations of all samples into one array. With
+    `own_length` each sample is cut to its own length instead (MinMax reduces each run to a minimum and a
+    maximum, so widths may differ), and padding tokens' activations never reach the calibrated ranges.
     """
 
-    def __init__(self, feeds: Feeds, limit: int) -> None:
+    def __init__(self, feeds: Feeds, limit: int, own_length: bool = False) -> None:
         count = min(limit, len(feeds))
+        self._feeds = feeds
         self._rows = feeds.batch(0, count)
         self._count = count
+        self._own_length = own_length
         self._iter: Iterator[dict[str, Array]] = self._samples()
 
     def _samples(self) -> Iterator[dict[str, Array]]:
         for row in range(self._count):
-            yield {name: array[row : row + 1] for name, array in self._rows.items()}
+            if self._own_length:
+                yield self._feeds.batch(row, row + 1)
+            else:
+                yield {name: array[row : row + 1] for name, array in self._rows.items()}
 
     def get_next(self) -> dict[str, Array] | None:
         return next(self._iter, None)
