@@ -18,13 +18,17 @@ from strata.core.errors import (
     Forbidden,
     NotFound,
     PackageError,
+    ProfileError,
     StrataError,
     TransportError,
 )
+from strata.core.wire import ProtocolError
 
 # Process exit codes, one range per kind of failure, so scripts can tell them apart.
 EXIT_CODES: dict[type[StrataError], int] = {
     ConfigError: 2,
+    ProtocolError: 2,  # input the CLI parses itself: a selector that is not k=v
+    ProfileError: 2,  # an unknown --profile
     AuthError: 3,
     Forbidden: 3,
     TransportError: 4,
@@ -39,11 +43,16 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 ServerOption = Annotated[
     str | None,
-    typer.Option("--server", envvar="STRATA_SERVER", help="Control plane URL (or STRATA_SERVER)."),
+    typer.Option("--server", envvar="STRATA_SERVER", help="Control plane URL (https://HOST:8700)."),
 ]
 TokenOption = Annotated[
     str | None,
-    typer.Option("--token", envvar="STRATA_TOKEN", help="Admin token (or STRATA_TOKEN).", show_default=False),
+    typer.Option(
+        "--token",
+        envvar="STRATA_TOKEN",
+        help="Operator token: DATA_DIR/admin.token, or one from `strata token api`.",
+        show_default=False,
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 
