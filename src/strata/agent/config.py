@@ -26,6 +26,7 @@ class AgentConfig:
     tier: str
     labels: dict[str, str] = field(default_factory=dict)
     enroll_token: str | None = None
+    replace: bool = False  # enroll even when the name is taken: re-key that node (with a re-enrollment token)
     serve_host: str = "127.0.0.1"
     serve_port: int = 8080
     grpc_port: int | None = None  # the Open Inference Protocol over gRPC too, on the serve host (off: None)
@@ -158,6 +159,7 @@ class AgentConfig:
             "tier": self.tier,
             "labels": self.labels,
             "enroll_token": self.enroll_token,
+            "replace": self.replace,
             "serve_host": self.serve_host,
             "serve_port": self.serve_port,
             "grpc_port": self.grpc_port,

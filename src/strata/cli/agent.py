@@ -31,6 +31,14 @@ def agent(
         str | None,
         typer.Option("--enroll-token", envvar="STRATA_ENROLL_TOKEN", help="One-time token; ignored once enrolled."),
     ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Enroll even when a node has this --name already: that node is re-keyed and the machine that holds "
+            "the name now loses its credential (needs a token from `strata nodes reenroll NAME`).",
+        ),
+    ] = False,
     serve_host: Annotated[str, typer.Option("--serve-host", help="Address of the inference API.")] = "127.0.0.1",
     serve_port: Annotated[int, typer.Option("--serve-port", help="Port of the inference API.")] = 8080,
     grpc_port: Annotated[
@@ -162,6 +170,7 @@ def agent(
         tier=tier,
         labels=labels,
         enroll_token=enroll_token,
+        replace=replace,
         serve_host=serve_host,
         serve_port=serve_port,
         grpc_port=grpc_port,
