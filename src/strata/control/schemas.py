@@ -439,9 +439,10 @@ class TelemetryMinuteBody(BaseModel):
     time: str = Field(description="the minute's start, ISO 8601 UTC")
     requests: int
     errors: int
-    p50_ms: float | None
-    p95_ms: float | None
-    p99_ms: float | None
+    n: int = Field(description="the requests the latency percentiles rest on")
+    p50_ms: float | None = Field(description="median latency; null below 2 requests")
+    p95_ms: float | None = Field(description="null below 20 requests")
+    p99_ms: float | None = Field(description="null below 100 requests")
 
 
 class TensorDriftBody(BaseModel):
@@ -461,9 +462,10 @@ class NodeTelemetryBody(BaseModel):
     requests: int
     errors: int
     error_rate: float
-    p50_ms: float | None
-    p95_ms: float | None
-    p99_ms: float | None
+    n: int = Field(description="the requests the latency percentiles rest on")
+    p50_ms: float | None = Field(description="median latency; null below 2 requests")
+    p95_ms: float | None = Field(description="null below 20 requests")
+    p99_ms: float | None = Field(description="null below 100 requests")
     drift: list[TensorDriftBody]
     dropped: dict[str, int]
 
