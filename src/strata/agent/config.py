@@ -10,6 +10,7 @@ from typing import Any, Final
 
 from strata.agent.batching import BatchingConfig
 from strata.core.errors import ConfigError
+from strata.core.logformat import check_log_format
 from strata.core.package import check_name
 from strata.core.wire import TIERS, parse_labels
 
@@ -38,6 +39,7 @@ class AgentConfig:
     max_download_rate: int | None = None
     inference_threads: int | None = None
     log_level: str = "info"
+    log_format: str = "text"  # or json (`strata.core.logformat`)
     telemetry_budget_mb: float = 64.0
     telemetry_sample_rate: float = 0.01
     telemetry_slow_ms: float = 250.0
@@ -73,6 +75,7 @@ class AgentConfig:
         if self.tier not in TIERS:
             raise ConfigError(f"--tier must be one of {', '.join(TIERS)}, got {self.tier!r}")
         parse_labels(self.labels)
+        check_log_format(self.log_format)
         if not 0 <= self.serve_port <= 65535:
             raise ConfigError(f"--serve-port {self.serve_port} is not a port")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
@@ -171,6 +174,7 @@ class AgentConfig:
             "max_download_rate": self.max_download_rate,
             "inference_threads": self.inference_threads,
             "log_level": self.log_level,
+            "log_format": self.log_format,
             "telemetry_budget_mb": self.telemetry_budget_mb,
             "telemetry_sample_rate": self.telemetry_sample_rate,
             "telemetry_slow_ms": self.telemetry_slow_ms,

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from strata.agent.config import CONFIG_ENV, AgentConfig
-from strata.cli.common import parse_duration, parse_label_options
+from strata.cli.common import ConfigOption, LogFormatOption, parse_duration, parse_label_options
 
 
 def agent(
@@ -60,6 +60,7 @@ def agent(
         int | None, typer.Option("--threads", help="Inference threads per model (default: onnxruntime's).")
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_format: LogFormatOption = "text",
     telemetry_budget_mb: Annotated[
         float, typer.Option("--telemetry-budget-mb", help="Disk the telemetry buffer may use during outages.")
     ] = 64.0,
@@ -155,6 +156,7 @@ def agent(
     body_timeout: Annotated[
         str, typer.Option("--body-timeout", help="A whole request must arrive within this (408, closed).")
     ] = "60s",
+    config: ConfigOption = None,
 ) -> None:
     """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
     the Open Inference Protocol on --serve-port; keeps serving when the control plane is gone."""
@@ -163,7 +165,7 @@ def agent(
         from strata.core.profiles import get_profile
 
         get_profile(profile)
-    config = AgentConfig(
+    agent_config = AgentConfig(
         server=server,
         data_dir=data_dir.resolve(),
         name=name,
@@ -179,6 +181,7 @@ def agent(
         max_download_rate=max_download_rate,
         inference_threads=threads,
         log_level=log_level,
+        log_format=log_format,
         telemetry_budget_mb=telemetry_budget_mb,
         telemetry_sample_rate=telemetry_sample_rate,
         telemetry_slow_ms=telemetry_slow_ms,
@@ -203,7 +206,7 @@ def agent(
         header_timeout_s=parse_duration(header_timeout),
         body_timeout_s=parse_duration(body_timeout),
     )
-    env = {**os.environ, CONFIG_ENV: config.to_env()}
+    env = {**os.environ, CONFIG_ENV: agent_config.to_env()}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-OO", "-m", "strata.agent"], env)
