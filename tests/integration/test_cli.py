@@ -67,7 +67,9 @@ def test_every_commands_help_fits_80_columns_and_names_every_option_in_full() ->
     )
     assert ran.returncode == 0, ran.stderr
     pages: dict[str, str] = json.loads(ran.stdout)
-    assert len(pages) > 30 and "nodes list" in pages and "agent" in pages
+    assert len(pages) > 30
+    assert "nodes list" in pages
+    assert "agent" in pages
     for path, page in pages.items():
         assert page.startswith(f"Usage: strata {path}".rstrip()), (path, page[:200])
         too_wide = [line for line in page.splitlines() if len(line) > 80]
@@ -76,19 +78,24 @@ def test_every_commands_help_fits_80_columns_and_names_every_option_in_full() ->
         named = set(re.findall(r"(?<![\w-])--?[a-z][\w-]*", page))
         for option in _options(path):
             assert option in named, (path, option)
-    assert "strata[tpm]" in pages["agent"] and "strata[grpc]" in pages["agent"]
+    assert "strata[tpm]" in pages["agent"]
+    assert "strata[grpc]" in pages["agent"]
     for path in ("nodes list", "telemetry", "token create", "pin add", "model list", "rollout status"):
-        assert "  --ca <str>" in pages[path] and "STRATA_CA" in pages[path], path
+        assert "  --ca <str>" in pages[path], path
+        assert "STRATA_CA" in pages[path], path
     root = " ".join(pages[""].split())
     assert "--server, --token and --ca go before the command or after it" in root
-    assert "Exit codes: 2 bad input or configuration" in root and "7 conflict" in root
+    assert "Exit codes: 2 bad input or configuration" in root
+    assert "7 conflict" in root
 
 
 def test_version_completion_and_exit_codes(tmp_path: Path) -> None:
     version = strata("--version")
-    assert version.returncode == 0 and version.stdout.startswith("strata 0.")
+    assert version.returncode == 0
+    assert version.stdout.startswith("strata 0.")
     script = strata("--show-completion", "bash")
-    assert script.returncode == 0 and "_STRATA_COMPLETE=complete_bash" in script.stdout
+    assert script.returncode == 0
+    assert "_STRATA_COMPLETE=complete_bash" in script.stdout
     completed = strata(env={"_STRATA_COMPLETE": "complete_bash", "COMP_WORDS": "strata nodes li", "COMP_CWORD": "2"})
     assert completed.stdout.split() == ["list"]
 
@@ -98,15 +105,19 @@ def test_version_completion_and_exit_codes(tmp_path: Path) -> None:
     assert (selector.returncode, selector.stderr.strip()) == (2, "error: selector term 'site' is not k=v")
     profile = strata("agent", "--server", "https://127.0.0.1:9", "--data-dir", str(tmp_path / "a"), "--name", "n",
                      "--profile", "no-such-profile")  # fmt: skip
-    assert profile.returncode == 2 and "no-such-profile" in profile.stderr, profile.stderr
-    # 2: a --ca that is not a certificate (it was a traceback), before or after the command.
+    assert profile.returncode == 2, profile.stderr
+    assert "no-such-profile" in profile.stderr
+    # 2: a --ca that is not a certificate (it was a traceback).
     (tmp_path / "not-a-cert.pem").write_text("hello\n")
     bad = strata(*unreachable, "nodes", "list", "--ca", str(tmp_path / "not-a-cert.pem"))
     assert bad.returncode == 2, bad.stderr
-    assert "Traceback" not in bad.stderr and "holds no certificate" in bad.stderr and "DATA_DIR/ca.pem" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert "holds no certificate" in bad.stderr
+    assert "DATA_DIR/ca.pem" in bad.stderr
     # 4: nothing listens there.
     gone = strata(*unreachable, "nodes", "list")
-    assert gone.returncode == 4 and "cannot reach the control plane" in gone.stderr
+    assert gone.returncode == 4
+    assert "cannot reach the control plane" in gone.stderr
 
 
 @pytest.mark.parametrize(
@@ -126,4 +137,5 @@ def test_a_config_file_with_an_unknown_key_or_bad_toml_is_refused(
         command().main(["server", "--config", str(path)], prog_name="strata")
     assert exited.value.code == 2
     message = " ".join(capsys.readouterr().err.split())
-    assert error in message and str(path) in message.replace(" ", "")
+    assert error in message
+    assert str(path) in message.replace(" ", "")

@@ -124,9 +124,11 @@ def test_a_plain_enrollment_token_cannot_take_over_a_node(fleet: LocalFleet, tmp
                              node_name="victim", enroll_token=token, extra_args=["--replace"])  # fmt: skip
     fleet.wait_for(lambda: "victim" in fleet.nodes(), 30, "the re-enrollment", back.process)
     assert fleet.nodes()["victim"]["labels"] == {"site": "berlin"}
-    assert "WARNING" in back.process.log_tail(50) and "enrolling with --replace" in back.process.log_tail(50)
+    assert "WARNING" in back.process.log_tail(50)
+    assert "enrolling with --replace" in back.process.log_tail(50)
     server_log = (fleet.root / "logs" / "server.log").read_text()
-    assert "node victim (" in server_log and "re-keyed by a new enrollment (--replace)" in server_log
+    assert "node victim (" in server_log
+    assert "re-keyed by a new enrollment (--replace)" in server_log
 
 
 def test_the_control_planes_files_are_private_and_a_read_token_gets_no_weights(

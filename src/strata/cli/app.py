@@ -99,7 +99,11 @@ def _root(
     token: Annotated[
         str | None,
         typer.Option(
-            "--token", envvar="STRATA_TOKEN", callback=_export("STRATA_TOKEN"), help="Operator token.", show_default=False
+            "--token",
+            envvar="STRATA_TOKEN",
+            callback=_export("STRATA_TOKEN"),
+            help="Operator token.",
+            show_default=False,
         ),
     ] = None,
 ) -> None:
@@ -114,9 +118,7 @@ def _ca_option() -> click.Parameter:
     def _shared(
         ca: Annotated[
             str | None,
-            typer.Option(
-                "--ca", envvar="STRATA_CA", callback=_export("STRATA_CA"), expose_value=False, help=_CA_HELP
-            ),
+            typer.Option("--ca", envvar="STRATA_CA", callback=_export("STRATA_CA"), expose_value=False, help=_CA_HELP),
         ] = None,
     ) -> None:
         """Declares the option only."""

@@ -37,8 +37,8 @@ from strata.core.telemetry import (
     chi_square_statistic,
     decode_batch,
     drift_references,
-    psi,
     percentile_ms,
+    psi,
 )
 from strata.core.telemetry import TelemetryBatch as Batch
 

@@ -142,8 +142,10 @@ def test_a_plain_token_cannot_take_over_an_enrolled_name(server: Harness, caplog
     taken = server.client.post("/v1/enroll", json=_enroll_body(plain, "edge-1"))
     assert taken.status_code == 409, taken.text
     message = taken.json()["error"]
-    assert "enrolled already" in message and "re-keys" in message
-    assert "strata nodes reenroll edge-1" in message and "--replace" in message
+    assert "enrolled already" in message
+    assert "re-keys" in message
+    assert "strata nodes reenroll edge-1" in message
+    assert "--replace" in message
     assert "certificate" not in taken.json()
     replacing = server.client.post("/v1/enroll", json=_enroll_body(plain, "edge-1", replace=True))
     assert replacing.status_code == 403, replacing.text  # --replace alone is not the operator's consent

@@ -56,9 +56,7 @@ async def healthz() -> str:
     return "ok"
 
 
-@probe_router.get(
-    "/readyz", response_class=PlainTextResponse, responses={503: {"content": {"text/plain": {}}}}
-)
+@probe_router.get("/readyz", response_class=PlainTextResponse, responses={503: {"content": {"text/plain": {}}}})
 async def readyz(plane: Plane) -> PlainTextResponse:
     """`ok` while this process can serve the API (its database answers), else 503 `not ready`; no credential, and
     nothing else revealed (why is in the server's log)."""
