@@ -54,7 +54,7 @@ def _options(path: str) -> list[str]:
     """Every long option name of the command at `path` (as `strata` builds it, --ca included)."""
     cmd = command()
     for name in path.split():
-        cmd = cmd.commands[name]  # type: ignore[attr-defined]  # a TyperGroup on the way down
+        cmd = cmd.commands[name]  # a TyperGroup on the way down
     options = [param for param in cmd.params if param.param_type_name == "option" and not getattr(param, "hidden", 0)]
     return [opt for param in options for opt in (*param.opts, *param.secondary_opts)]
 

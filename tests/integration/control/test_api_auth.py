@@ -74,7 +74,7 @@ BODY_CREDENTIAL = {("POST", "/v1/enroll")}
 def test_only_liveness_and_readiness_answer_without_a_credential(server: Harness) -> None:
     """Every route of the API, read from its OpenAPI document (so a new route is covered the day it is added):
     all but the two probes refuse a caller without a credential."""
-    app = server.client.app.app  # type: ignore[attr-defined]  # TestClient.app is the TlsTestShim around the app
+    app = server.client.app.app  # TestClient.app is the TlsTestShim around the app
     answered: dict[tuple[str, str], int] = {}
     for template, operations in app.openapi()["paths"].items():
         for method in operations:
