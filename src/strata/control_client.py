@@ -36,9 +36,37 @@ _BY_STATUS: dict[int, type[StrataError]] = {
 }
 
 
+def trust_context(ca: str) -> ssl.SSLContext:
+    """A TLS context that trusts the fleet CA certificate(s) in the PEM file `ca` (and nothing else).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or holds no certificate.
+    """
+    hint = "(--ca or STRATA_CA: the fleet CA, the file DATA_DIR/ca.pem in the server's --data-dir)"
+    if not os.path.isfile(ca):
+        raise ConfigError(f"the CA file {ca} is not a file {hint}")
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except ssl.SSLError as exc:  # no PEM certificate in it: an ssl.SSLError naming the X509 library's reason
+        raise ConfigError(f"the CA file {ca} holds no certificate ({exc.reason or exc}) {hint}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"the CA file {ca} cannot be read: {exc} {hint}") from exc
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    """Whether a connection failed because the server's certificate did not verify (httpx wraps the ssl error)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
 class ControlClient:
     """Typed calls to /v1 with the admin token. Every method raises a `StrataError` subclass:
-    `TransportError` (unreachable, 5xx), `AuthError`/`Forbidden`, `NotFound`, `Conflict`, `PackageError`."""
+    `TransportError` (unreachable, 5xx), `ConfigError` (400, or a server certificate the CA does not vouch for),
+    `AuthError`/`Forbidden`, `NotFound`, `Conflict`, `PackageError`."""
 
     def __init__(
         self,
@@ -50,21 +78,23 @@ class ControlClient:
         ca: str | None = None,
     ) -> None:
         """`ca` is the fleet CA certificate that the server's must chain to (default: STRATA_CA, or the system's
-        trust store when that is unset)."""
+        trust store when that is unset).
+
+        Raises:
+            ConfigError: no server or token, or `ca` is not a readable certificate file.
+        """
         if not server:
             raise ConfigError("no control plane given: pass --server URL or set STRATA_SERVER")
         if not token:
             raise ConfigError("no admin token given: pass --token or set STRATA_TOKEN (see DATA_DIR/admin.token)")
         self.server = server.rstrip("/")
-        ca = ca or os.environ.get("STRATA_CA")
-        if ca and not os.path.isfile(ca):
-            raise ConfigError(f"the CA file {ca} does not exist (--ca or STRATA_CA; the server writes DATA_DIR/ca.pem)")
+        self.ca = ca or os.environ.get("STRATA_CA") or None
         self._http = httpx.Client(
             base_url=self.server,
             headers={"authorization": f"Bearer {token}"},
             transport=transport,
             timeout=timeout,
-            verify=ssl.create_default_context(cafile=ca) if ca else True,
+            verify=trust_context(self.ca) if self.ca else True,
         )
 
     def close(self) -> None:
@@ -80,6 +110,8 @@ class ControlClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
+            if _certificate_refused(exc):
+                raise ConfigError(self._untrusted(exc)) from exc
             raise TransportError(f"cannot reach the control plane at {self.server}: {exc}") from exc
         if response.status_code >= 400:
             try:
@@ -94,6 +126,17 @@ class ControlClient:
             return response.json()
         except ValueError as exc:
             raise TransportError(f"control plane answered {method} {path} with something that is not JSON") from exc
+
+    def _untrusted(self, exc: httpx.HTTPError) -> str:
+        if self.ca:
+            return (
+                f"the control plane at {self.server} has a certificate that {self.ca} does not vouch for ({exc}): "
+                "--ca / STRATA_CA must be that server's fleet CA, the file DATA_DIR/ca.pem in its --data-dir"
+            )
+        return (
+            f"the control plane at {self.server} has a certificate this machine does not trust ({exc}): pass the "
+            "fleet CA with --ca FILE or set STRATA_CA=FILE; it is the file DATA_DIR/ca.pem in the server's --data-dir"
+        )
 
     def health(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/v1/health")

@@ -71,8 +71,9 @@ def test_the_deployment_runs_replicas_hardened_with_probes_and_shared_keys(rende
     assert server["args"][0] == "server"
     assert "--db=$(STRATA_DB_URL)" in server["args"]
     assert server["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "strata-db", "key": "url"}
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert server[probe]["httpGet"] == {"path": "/healthz", "port": "https", "scheme": "HTTPS"}
+    probes = {"readinessProbe": "/readyz", "livenessProbe": "/healthz", "startupProbe": "/healthz"}
+    for probe, path in probes.items():
+        assert server[probe]["httpGet"] == {"path": path, "port": "https", "scheme": "HTTPS"}
     assert server["resources"]["requests"]
     for container in (*pod["initContainers"], server):
         assert container["securityContext"]["readOnlyRootFilesystem"] is True

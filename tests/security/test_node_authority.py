@@ -114,10 +114,21 @@ def test_a_plain_enrollment_token_cannot_take_over_a_node(fleet: LocalFleet, tmp
     assert issued.returncode == 0, issued.stderr
     token = issued.stdout.strip().splitlines()[-1]
     thief.process.stop()
+    # Even with the operator's token, re-keying a name needs the agent's --replace: said loudly, or refused (409).
+    unsaid = fleet.start_agent("victim-copy", "device", {"site": "berlin"}, data_dir=tmp_path / "thief",
+                               node_name="victim", enroll_token=token)  # fmt: skip
+    fleet.wait_for(lambda: not unsaid.process.running, 30, "the refusal")
+    assert unsaid.process.stop() == 3, unsaid.process.log_tail()
+    assert "pass --replace to `strata agent`" in unsaid.process.log_tail(50)
     back = fleet.start_agent("victim-copy", "device", {"site": "berlin"}, data_dir=tmp_path / "thief",
-                             node_name="victim", enroll_token=token)  # fmt: skip
+                             node_name="victim", enroll_token=token, extra_args=["--replace"])  # fmt: skip
     fleet.wait_for(lambda: "victim" in fleet.nodes(), 30, "the re-enrollment", back.process)
     assert fleet.nodes()["victim"]["labels"] == {"site": "berlin"}
+    assert "WARNING" in back.process.log_tail(50)
+    assert "enrolling with --replace" in back.process.log_tail(50)
+    server_log = (fleet.root / "logs" / "server.log").read_text()
+    assert "node victim (" in server_log
+    assert "re-keyed by a new enrollment (--replace)" in server_log
 
 
 def test_the_control_planes_files_are_private_and_a_read_token_gets_no_weights(

@@ -29,6 +29,8 @@ from strata.core.telemetry import (
     decode_batch,
     encode_batch,
     event_priority,
+    min_samples,
+    percentile_ms,
     psi,
     quantile_us,
 )
@@ -47,6 +49,22 @@ def test_buckets_and_quantiles() -> None:
     overflow = [0] * BUCKETS
     overflow[-1] = 3
     assert quantile_us(overflow, 0.99) == LATENCY_BOUNDS_US[-1]
+
+
+def test_percentiles_rest_on_enough_requests_not_on_one() -> None:
+    """A single request was reported as three different percentiles, each interpolated inside its bucket."""
+    assert (min_samples(0.5), min_samples(0.95), min_samples(0.99)) == (2, 20, 100)
+    counts = [0] * BUCKETS
+    counts[bucket_of(700)] = 1
+    assert [percentile_ms(counts, q) for q in (0.5, 0.95, 0.99)] == [None, None, None]
+    counts[bucket_of(700)] = 19
+    assert percentile_ms(counts, 0.5) == pytest.approx(0.75)
+    assert percentile_ms(counts, 0.95) is None
+    counts[bucket_of(700)] = 20
+    assert percentile_ms(counts, 0.95) is not None
+    assert percentile_ms(counts, 0.99) is None
+    counts[bucket_of(700)] = 100
+    assert percentile_ms(counts, 0.99) is not None
 
 
 def test_sampling_keeps_every_error_and_slow_request() -> None:

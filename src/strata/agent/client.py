@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from strata.agent.transport import HttpResponse, Transport
-from strata.core.errors import AuthError, Forbidden, StrataError, TransportError
+from strata.core.errors import AuthError, Conflict, Forbidden, StrataError, TransportError
 from strata.core.wire import (
     CertificateRenewal,
     DesiredState,
@@ -164,7 +164,12 @@ class ControlPlaneClient:
         return self._post_json("/tpm/activate", {"secret": secret}, "TPM activation")
 
     def enroll(self, request: EnrollRequest) -> EnrollResponse:
-        """Trade a one-time enrollment token and a CSR for this node's id and certificate."""
+        """Trade a one-time enrollment token and a CSR for this node's id and certificate.
+
+        Raises:
+            Conflict: the name is enrolled already and `request.replace` is not set.
+            TransportError, AuthError, Forbidden, ServerError, ProtocolError: as any call.
+        """
         body = json.dumps(request.to_json()).encode()
         response = self.transport.request(
             "POST",
@@ -173,6 +178,8 @@ class ControlPlaneClient:
             body=body,
             timeout=self.timeout,
         )
+        if response.status == 409:  # the name is enrolled already and the request did not say replace
+            raise Conflict(f"enrollment: {_error_message(response)}")
         raise_for_status(response, "enrollment")
         return EnrollResponse.from_json(self._json(response, "enrollment"))
 

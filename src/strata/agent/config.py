@@ -10,6 +10,7 @@ from typing import Any, Final
 
 from strata.agent.batching import BatchingConfig
 from strata.core.errors import ConfigError
+from strata.core.logformat import check_log_format
 from strata.core.package import check_name
 from strata.core.wire import TIERS, parse_labels
 
@@ -26,6 +27,7 @@ class AgentConfig:
     tier: str
     labels: dict[str, str] = field(default_factory=dict)
     enroll_token: str | None = None
+    replace: bool = False  # enroll even when the name is taken: re-key that node (with a re-enrollment token)
     serve_host: str = "127.0.0.1"
     serve_port: int = 8080
     grpc_port: int | None = None  # the Open Inference Protocol over gRPC too, on the serve host (off: None)
@@ -38,6 +40,7 @@ class AgentConfig:
     inference_threads: int | None = None
     serve_processes: int | None = None
     log_level: str = "info"
+    log_format: str = "text"  # or json (`strata.core.logformat`)
     telemetry_budget_mb: float = 64.0
     telemetry_sample_rate: float = 0.01
     telemetry_slow_ms: float = 250.0
@@ -73,6 +76,7 @@ class AgentConfig:
         if self.tier not in TIERS:
             raise ConfigError(f"--tier must be one of {', '.join(TIERS)}, got {self.tier!r}")
         parse_labels(self.labels)
+        check_log_format(self.log_format)
         if not 0 <= self.serve_port <= 65535:
             raise ConfigError(f"--serve-port {self.serve_port} is not a port")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
@@ -159,6 +163,7 @@ class AgentConfig:
             "tier": self.tier,
             "labels": self.labels,
             "enroll_token": self.enroll_token,
+            "replace": self.replace,
             "serve_host": self.serve_host,
             "serve_port": self.serve_port,
             "grpc_port": self.grpc_port,
@@ -171,6 +176,7 @@ class AgentConfig:
             "inference_threads": self.inference_threads,
             "serve_processes": self.serve_processes,
             "log_level": self.log_level,
+            "log_format": self.log_format,
             "telemetry_budget_mb": self.telemetry_budget_mb,
             "telemetry_sample_rate": self.telemetry_sample_rate,
             "telemetry_slow_ms": self.telemetry_slow_ms,

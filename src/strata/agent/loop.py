@@ -32,7 +32,7 @@ from strata.agent.identity import (
 from strata.agent.plan import retry_at
 from strata.agent.reconciler import Reconciler
 from strata.agent.transport import H11Transport
-from strata.core.errors import AuthError, ConfigError, Forbidden, StrataError, TransportError
+from strata.core.errors import AuthError, ConfigError, Conflict, Forbidden, StrataError, TransportError
 from strata.core.fsutil import write_json_atomic
 from strata.core.hashing import canonical_json
 from strata.core.wire import DesiredState, EnrollRequest, ProtocolError
@@ -149,10 +149,17 @@ class AgentLoop:
             agent_version=__version__,
             facts=self.facts,
             csr=self.identity.make_csr(self.config.name),
+            replace=self.config.replace,
         )
+        if self.config.replace:
+            log.warning(
+                "enrolling with --replace: if a node named %s is enrolled already, this machine takes its place and "
+                "the one that holds the name now loses its credential",
+                self.config.name,
+            )
         try:
             answer = self.client.enroll(request)
-        except (AuthError, Forbidden) as exc:
+        except (AuthError, Forbidden, Conflict) as exc:
             raise EnrollmentRefused(f"enrollment refused: {exc}") from exc
         if pem_fingerprint(answer.ca) != pin:
             raise EnrollmentRefused("the enrollment answer names another CA than the token pins")

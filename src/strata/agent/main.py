@@ -38,6 +38,7 @@ from strata.agent.transport import H11Transport
 from strata.agent.vault import Vault
 from strata.core.errors import ConfigError, StrataError
 from strata.core.fsutil import write_bytes_atomic
+from strata.core.logformat import JsonFormatter
 from strata.core.profiles import detect_profile, get_profile, read_host_facts
 from strata.trust.fleet_tls import peer_node_id
 
@@ -326,11 +327,12 @@ def server_limits(config: AgentConfig) -> ServerLimits:
 def run(config: AgentConfig) -> int:
     """Run the agent until it is stopped; return the process exit code."""
     limit_malloc_arenas()  # before any thread allocates: lets idle memory return after large batches
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s[" + config.name + "]: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter({"node": config.name}))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[" + config.name + "]: %(message)s"))
+    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO), handlers=[handler])
     try:
         agent = Agent(config)
         agent.reconciler.restore()

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from strata.agent.config import CONFIG_ENV, AgentConfig
-from strata.cli.common import parse_duration, parse_label_options
+from strata.cli.common import ConfigOption, LogFormatOption, parse_duration, parse_label_options
 
 
 def agent(
@@ -31,6 +31,14 @@ def agent(
         str | None,
         typer.Option("--enroll-token", envvar="STRATA_ENROLL_TOKEN", help="One-time token; ignored once enrolled."),
     ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Enroll even when a node has this --name already: that node is re-keyed and the machine that holds "
+            "the name now loses its credential (needs a token from `strata nodes reenroll NAME`).",
+        ),
+    ] = False,
     serve_host: Annotated[str, typer.Option("--serve-host", help="Address of the inference API.")] = "127.0.0.1",
     serve_port: Annotated[int, typer.Option("--serve-port", help="Port of the inference API.")] = 8080,
     grpc_port: Annotated[
@@ -65,6 +73,7 @@ def agent(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_format: LogFormatOption = "text",
     telemetry_budget_mb: Annotated[
         float, typer.Option("--telemetry-budget-mb", help="Disk the telemetry buffer may use during outages.")
     ] = 64.0,
@@ -160,6 +169,7 @@ def agent(
     body_timeout: Annotated[
         str, typer.Option("--body-timeout", help="A whole request must arrive within this (408, closed).")
     ] = "60s",
+    config: ConfigOption = None,
 ) -> None:
     """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
     the Open Inference Protocol on --serve-port; keeps serving when the control plane is gone."""
@@ -168,13 +178,14 @@ def agent(
         from strata.core.profiles import get_profile
 
         get_profile(profile)
-    config = AgentConfig(
+    agent_config = AgentConfig(
         server=server,
         data_dir=data_dir.resolve(),
         name=name,
         tier=tier,
         labels=labels,
         enroll_token=enroll_token,
+        replace=replace,
         serve_host=serve_host,
         serve_port=serve_port,
         grpc_port=grpc_port,
@@ -184,6 +195,7 @@ def agent(
         inference_threads=threads,
         serve_processes=serve_processes,
         log_level=log_level,
+        log_format=log_format,
         telemetry_budget_mb=telemetry_budget_mb,
         telemetry_sample_rate=telemetry_sample_rate,
         telemetry_slow_ms=telemetry_slow_ms,
@@ -208,7 +220,7 @@ def agent(
         header_timeout_s=parse_duration(header_timeout),
         body_timeout_s=parse_duration(body_timeout),
     )
-    env = {**os.environ, CONFIG_ENV: config.to_env()}
+    env = {**os.environ, CONFIG_ENV: agent_config.to_env()}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-OO", "-m", "strata.agent"], env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -18,13 +19,17 @@ from strata.core.errors import (
     Forbidden,
     NotFound,
     PackageError,
+    ProfileError,
     StrataError,
     TransportError,
 )
+from strata.core.wire import ProtocolError
 
 # Process exit codes, one range per kind of failure, so scripts can tell them apart.
 EXIT_CODES: dict[type[StrataError], int] = {
     ConfigError: 2,
+    ProtocolError: 2,  # input the CLI parses itself: a selector that is not k=v
+    ProfileError: 2,  # an unknown --profile
     AuthError: 3,
     Forbidden: 3,
     TransportError: 4,
@@ -39,13 +44,72 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 ServerOption = Annotated[
     str | None,
-    typer.Option("--server", envvar="STRATA_SERVER", help="Control plane URL (or STRATA_SERVER)."),
+    typer.Option("--server", envvar="STRATA_SERVER", help="Control plane URL (https://HOST:8700)."),
 ]
 TokenOption = Annotated[
     str | None,
-    typer.Option("--token", envvar="STRATA_TOKEN", help="Admin token (or STRATA_TOKEN).", show_default=False),
+    typer.Option(
+        "--token",
+        envvar="STRATA_TOKEN",
+        help="Operator token: DATA_DIR/admin.token, or one from `strata token api`.",
+        show_default=False,
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+LogFormatOption = Annotated[
+    str, typer.Option("--log-format", help="text, or json: one JSON object per line (time, level, logger, message).")
+]
+
+
+def load_config_file(ctx: typer.Context, path: Path | None) -> Path | None:
+    """The --config callback: a TOML file's keys become the command's defaults, so the command line and the
+    environment still win over it. Keys are the long option names (`data-dir = "/var/lib/strata"`, `label =
+    ["site=berlin"]`, `encrypt-at-rest = false`).
+
+    Raises:
+        typer.BadParameter: the file cannot be read, is not TOML, or names an option the command does not have
+            (a usage error: exit code 2).
+    """
+    if path is None:
+        return None
+    import tomllib
+
+    try:
+        with path.open("rb") as fh:
+            values = tomllib.load(fh)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise typer.BadParameter(f"{path} is not TOML: {exc}") from exc
+    options = {
+        opt.removeprefix("--"): param.name
+        for param in ctx.command.params
+        if param.name and param.name != "config"
+        for opt in (*param.opts, *param.secondary_opts)
+        if opt.startswith("--") and not opt.startswith("--no-")
+    }
+    defaults: dict[str, Any] = {}
+    for key, value in values.items():
+        name = options.get(key.replace("_", "-"))
+        if name is None:
+            known = ", ".join(sorted(options))
+            raise typer.BadParameter(f"{path}: unknown key {key!r} (the keys are this command's options: {known})")
+        defaults[name] = value
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        is_eager=True,
+        callback=load_config_file,
+        dir_okay=False,
+        help="A TOML file of this command's options (keys: the long option names); flags and environment "
+        "variables override it.",
+    ),
+]
 
 
 def exit_code(error: StrataError) -> int:

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from strata.cli.common import ConfigOption, LogFormatOption
+
 
 def server(
     data_dir: Annotated[Path, typer.Option("--data-dir", help="Folder for the database, blobs and admin.token.")],
@@ -17,7 +19,15 @@ def server(
         str | None,
         typer.Option("--db", help="SQLAlchemy URL of the database (default: an SQLite file in the data folder)."),
     ] = None,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[
+        str,
+        typer.Option(
+            "--log-level",
+            help="debug, info, warning or error. Successful probes and long polls are left out of the access log "
+            "unless debug.",
+        ),
+    ] = "info",
+    log_format: LogFormatOption = "text",
     tls_name: Annotated[
         list[str] | None,
         typer.Option("--tls-name", help="DNS name or address the HTTPS certificate covers (repeatable)."),
@@ -67,6 +77,7 @@ def server(
             help="An Open Inference Protocol server (URL) that takes overflow inference from every node (repeatable).",
         ),
     ] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Run the control plane over HTTPS (mutual TLS for nodes): registry, inventory, rollouts, telemetry, under /v1."""
     from strata.control.server import serve
@@ -77,6 +88,7 @@ def server(
         port=port,
         db_url=db,
         log_level=log_level,
+        log_format=log_format,
         otlp_endpoint=otlp_endpoint,
         tls_names=tuple(tls_name or ()),
         agent_allowlist=tuple(agent_allowlist or ()),

@@ -11,8 +11,11 @@ from strata.cli.common import JsonOption, ServerOption, TokenOption, out, parse_
 from strata.control_client import ControlClient
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _ms(value: float | None, n: int) -> str:
+    """A percentile, `-` without traffic, `too few` where the server holds it back (fewer requests than it needs)."""
+    if value is not None:
+        return f"{value:.2f}"
+    return "too few" if n else "-"
 
 
 def drift_text(node: dict[str, Any]) -> str:
@@ -35,8 +38,9 @@ def telemetry(
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Per node: requests, error rate, p50/p95/p99 latency and drift. With --json: one object per node and
-    minute (node, minute, requests, errors, percentiles)."""
+    """Per node: requests, error rate, p50/p95/p99 latency and drift. Percentiles say how many requests they rest
+    on (n) and are shown only above a minimum: p50 2, p95 20, p99 100 ("too few" below). With --json: one object
+    per node and minute (node, minute, requests, errors, n, percentiles, null below the minimum)."""
     with ControlClient(server, token) as client:
         answer = client.telemetry(name, version, node, parse_duration(since))
     if as_json:
@@ -48,7 +52,7 @@ def telemetry(
 def telemetry_table(answer: dict[str, Any], title: str) -> Table:
     """Per node and version: traffic, latency percentiles, drift and dropped telemetry."""
     table = Table(title=title, title_justify="left")
-    for column in ("node", "version", "requests", "error rate", "p50 ms", "p95 ms", "p99 ms", "drift", "dropped"):
+    for column in ("node", "version", "requests", "error rate", "n", "p50 ms", "p95 ms", "p99 ms", "drift", "dropped"):
         table.add_column(column)
     for row in answer["nodes"]:
         dropped = sum(v for k, v in row["dropped"].items() if k != "minute_requests")
@@ -57,9 +61,10 @@ def telemetry_table(answer: dict[str, Any], title: str) -> Table:
             row["version"],
             str(row["requests"]),
             f"{100 * row['error_rate']:.2f}%",
-            _ms(row["p50_ms"]),
-            _ms(row["p95_ms"]),
-            _ms(row["p99_ms"]),
+            str(row["n"]),
+            _ms(row["p50_ms"], row["n"]),
+            _ms(row["p95_ms"], row["n"]),
+            _ms(row["p99_ms"], row["n"]),
             drift_text(row),
             str(dropped) if dropped else "-",
         )

@@ -32,6 +32,7 @@ from sqlalchemy import (
     event,
     make_url,
     select,
+    text,
 )
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -523,6 +524,15 @@ class Database:
         except SQLAlchemyError as exc:
             log.warning("database error: %s", redact(str(exc), self.engine.url))
             raise StoreError(f"database error: {type(exc).__name__}") from exc
+
+    def ping(self) -> None:
+        """One round trip to the database (`SELECT 1`), for the readiness probe.
+
+        Raises:
+            StoreError: the database does not answer.
+        """
+        with self.transaction() as session:
+            session.execute(text("SELECT 1"))
 
     def close(self) -> None:
         """Close every pooled connection."""

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import ssl
 import threading
 from collections.abc import Callable, Collection, Mapping
@@ -48,7 +49,7 @@ from strata.control.history import activation_events, record_changes
 from strata.control.pki import Pki
 from strata.control.presence import PresenceTracker
 from strata.control.revocation import record_issued, revoke_issued, revoked_certificates
-from strata.core.errors import AuthError, Forbidden, NotFound, PackageError
+from strata.core.errors import AuthError, Conflict, Forbidden, NotFound, PackageError
 from strata.core.hashing import canonical_json
 from strata.core.package import Manifest, check_name, package_pieces
 from strata.core.policy import NodeFacts
@@ -63,6 +64,8 @@ from strata.core.wire import (
     ProtocolError,
     parse_labels,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_ENROLLMENT_TTL_S: Final = 7 * 24 * 3600
 INVALID_ENROLLMENT: Final = "enrollment token is invalid, used or expired"
@@ -112,9 +115,18 @@ def enrollment_identity(
     claim (its status reports show it), never an assignment: a leaked unbound token reaches no site's models.
 
     Raises:
+        Conflict: the name is enrolled already and the request does not say `replace` (enrolling would re-key that
+            node and cut off the machine that holds it now).
         Forbidden: the token does not allow this enrollment (another name, tier or labels than it binds; a name
             already enrolled without a re-enrollment token for it; a re-enrollment token used for another node).
     """
+    if existing_id is not None and not request.replace:
+        raise Conflict(
+            f"a node named {request.name!r} is enrolled already ({existing_id}): enrolling under its name re-keys "
+            "it, and the machine that holds that name now loses its credential. To replace it, use a token from "
+            f"`strata nodes reenroll {request.name}` and pass --replace to `strata agent`; otherwise choose "
+            "another --name"
+        )
     if binding.reenroll_node_id is not None:
         if existing_id != binding.reenroll_node_id:
             raise Forbidden(f"this token re-enrolls node {binding.name!r}, not {request.name!r}")
@@ -379,13 +391,15 @@ class FleetService:
             AuthError: the token is unknown, used or expired.
             Forbidden: the token does not allow this enrollment (see `enrollment_identity`).
             ProtocolError, ProfileError: as `check_enroll_request`.
-            Conflict: another enrollment of the same new name committed first.
+            Conflict: the name is enrolled and the request does not say `replace`; or another enrollment of the
+                same new name committed first. The token is not spent.
             StoreError: the database failed.
         """
         check_enroll_request(request)
         if not request.csr:
             raise ProtocolError("enrollment needs a certificate request (csr) over a key the node made")
         now = self._clock()
+        replaced: str | None = None
         with self._db.transaction() as session:
             token = session.scalar(
                 select(EnrollmentToken).where(
@@ -414,6 +428,7 @@ class FleetService:
                 session.add(node)
             else:  # the old credential is replaced: peers refuse its certificates from now on
                 revoke_issued(session, node_id, node.credential_hash, now + self._cert_hours * 3600, now)
+                replaced = node.name
             node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
             node.tier = assigned.tier
             node.labels = assigned.labels
@@ -431,6 +446,12 @@ class FleetService:
             token.node_id = node.id
         self._authenticator.forget_node(node_id)
         self._feed.bump()
+        if replaced is not None:
+            log.warning(
+                "node %s (%s) re-keyed by a new enrollment (--replace): its previous credential is revoked",
+                replaced,
+                node_id,
+            )
         return EnrollResponse(
             node_id=node_id,
             certificate=issued.pem.decode(),

@@ -53,7 +53,7 @@ class EnrollmentTokenBody(BaseModel):
 
 class EnrollRequestBody(BaseModel):
     token: str = Field(description="the enrollment token; it is the credential of this call")
-    name: str = Field(description="node name, unique in the fleet; enrolling an existing name re-enrolls that node")
+    name: str = Field(description="node name, unique in the fleet")
     tier: str = Field(json_schema_extra={"enum": list(TIERS)})
     labels: dict[str, str] = Field(default_factory=dict)
     profile: str = Field(description="hardware profile id from the catalog")
@@ -61,6 +61,11 @@ class EnrollRequestBody(BaseModel):
     agent_version: str = Field("", max_length=128)
     facts: dict[str, Any] = Field(default_factory=dict)
     csr: str = Field(description="PEM certificate request over the key the node made for itself", max_length=16384)
+    replace: bool = Field(
+        False,
+        description="re-key the node enrolled under this name (with a token from `strata nodes reenroll`): its "
+        "current credential is revoked; without it an enrolled name is a 409",
+    )
 
     def to_core(self) -> EnrollRequest:
         """The wire dataclass the fleet service takes."""
@@ -434,9 +439,10 @@ class TelemetryMinuteBody(BaseModel):
     time: str = Field(description="the minute's start, ISO 8601 UTC")
     requests: int
     errors: int
-    p50_ms: float | None
-    p95_ms: float | None
-    p99_ms: float | None
+    n: int = Field(description="the requests the latency percentiles rest on")
+    p50_ms: float | None = Field(description="median latency; null below 2 requests")
+    p95_ms: float | None = Field(description="null below 20 requests")
+    p99_ms: float | None = Field(description="null below 100 requests")
 
 
 class TensorDriftBody(BaseModel):
@@ -456,9 +462,10 @@ class NodeTelemetryBody(BaseModel):
     requests: int
     errors: int
     error_rate: float
-    p50_ms: float | None
-    p95_ms: float | None
-    p99_ms: float | None
+    n: int = Field(description="the requests the latency percentiles rest on")
+    p50_ms: float | None = Field(description="median latency; null below 2 requests")
+    p95_ms: float | None = Field(description="null below 20 requests")
+    p99_ms: float | None = Field(description="null below 100 requests")
     drift: list[TensorDriftBody]
     dropped: dict[str, int]
 

@@ -10,11 +10,12 @@ import contextlib
 import copy
 import logging
 import os
+import re
 import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
@@ -27,6 +28,7 @@ from strata.control.plane import ControlPlane, first_start_lock
 from strata.control.settings import ServerSettings
 from strata.control.tls import server_context_args
 from strata.core.errors import ConfigError
+from strata.core.logformat import check_log_format
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +70,33 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def _logging_config(level: str) -> dict[str, Any]:
+# Requests that arrive all the time and say nothing when they succeed: probes (every few seconds per balancer
+# and kubelet) and nodes' desired-state long polls (one per node per poll wait). Their access-log lines drowned
+# the rest; they are logged at --log-level debug, or when they fail.
+_QUIET_PATHS: Final = re.compile(r"/(healthz|readyz)|/v1/nodes/[^/?]+/desired")
+
+
+class QuietAccessLog(logging.Filter):
+    """Drops uvicorn's access-log line of a successful probe or long poll (`_QUIET_PATHS`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or len(args) != 5:  # uvicorn's (client, method, path, version, status)
+            return True
+        path, status = str(args[2]).partition("?")[0], args[4]
+        return not (_QUIET_PATHS.fullmatch(path) and isinstance(status, int) and status < 400)
+
+
+def _logging_config(level: str, log_format: str = "text") -> dict[str, Any]:
+    """uvicorn's logging configuration with strata's loggers, in `log_format`, quiet access log unless debug."""
     config = copy.deepcopy(LOGGING_CONFIG)
     config["loggers"]["strata"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    if log_format == "json":
+        config["formatters"] = {name: {"()": "strata.core.logformat.JsonFormatter"} for name in ("default", "access")}
+        config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # one stream of JSON lines
+    if level != "debug":
+        config["filters"] = {"quiet": {"()": "strata.control.server.QuietAccessLog"}}
+        config["handlers"]["access"]["filters"] = ["quiet"]
     return config
 
 
@@ -81,6 +107,7 @@ def serve(
     port: int = 8700,
     db_url: str | None = None,
     log_level: str = "info",
+    log_format: str = "text",
     otlp_endpoint: str | None = None,
     tls_names: tuple[str, ...] = (),
     agent_allowlist: tuple[str, ...] = (),
@@ -98,7 +125,7 @@ def serve(
     those manufacturer CAs attest with quotes (see `strata.control.attestation`).
 
     Raises:
-        ConfigError: an unknown log level, a data folder that cannot be created, an unusable database URL (one
+        ConfigError: an unknown log level or format, a data folder that cannot be created, an unusable database URL (one
             that does not parse, or a driver not installed: `strata[postgres]`), a cloud endpoint that is not an
             http(s) URL, or a TPM CA file or PCR value that does not parse.
         StoreError: the database cannot be reached, refuses the login, or cannot be migrated.
@@ -108,6 +135,7 @@ def serve(
     level = log_level.lower()
     if level not in LOG_LEVELS:
         raise ConfigError(f"log level {log_level!r} is not one of {list(LOG_LEVELS)}")
+    check_log_format(log_format)
     data_dir = data_dir.expanduser().resolve()
     # Everything the server writes (database, blobs, keys, tokens) is for its own user alone.
     os.umask(0o077)
@@ -142,7 +170,7 @@ def serve(
         host=host,
         port=port,
         log_level=level,
-        log_config=_logging_config(level),
+        log_config=_logging_config(level, log_format),
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         **server_context_args(str(tls.cert_path), str(tls.key_path), str(tls.ca_path)),

@@ -37,8 +37,8 @@ from strata.core.telemetry import (
     chi_square_statistic,
     decode_batch,
     drift_references,
+    percentile_ms,
     psi,
-    quantile_us,
 )
 from strata.core.telemetry import TelemetryBatch as Batch
 
@@ -65,6 +65,7 @@ class MinuteView:
     minute: int
     requests: int
     errors: int
+    n: int  # the requests the percentiles rest on; each is None below its minimum (`min_samples`)
     p50_ms: float | None
     p95_ms: float | None
     p99_ms: float | None
@@ -91,6 +92,7 @@ class NodeSummary:
     requests: int
     errors: int
     error_rate: float
+    n: int  # as MinuteView.n
     p50_ms: float | None
     p95_ms: float | None
     p99_ms: float | None
@@ -314,14 +316,11 @@ class TelemetryService:
                 else [a + b for a, b in zip(current, drift_row.counts, strict=True)]
             )
 
-        def ms(counts: list[int], q: float) -> float | None:
-            value = quantile_us(counts, q)
-            return round(value / 1000, 3) if value is not None else None
-
+        ms = percentile_ms
         views = [
             MinuteView(
                 node=name, node_id=node_id, model=model, version=ver, minute=minute, requests=acc.requests,
-                errors=acc.errors, p50_ms=ms(acc.latency, 0.5), p95_ms=ms(acc.latency, 0.95),
+                errors=acc.errors, n=sum(acc.latency), p50_ms=ms(acc.latency, 0.5), p95_ms=ms(acc.latency, 0.95),
                 p99_ms=ms(acc.latency, 0.99),
             )
             for (node_id, name, ver, minute), acc in sorted(per_minute.items(), key=lambda kv: (kv[0][3], kv[0][1]))
@@ -336,7 +335,7 @@ class TelemetryService:
             summaries.append(
                 NodeSummary(
                     node=name, node_id=node_id, model=model, version=ver, requests=acc.requests, errors=acc.errors,
-                    error_rate=round(acc.errors / acc.requests, 6) if acc.requests else 0.0,
+                    error_rate=round(acc.errors / acc.requests, 6) if acc.requests else 0.0, n=sum(acc.latency),
                     p50_ms=ms(acc.latency, 0.5), p95_ms=ms(acc.latency, 0.95), p99_ms=ms(acc.latency, 0.99),
                     drift=drift, dropped=dropped.get(node_id, {}),
                 )

@@ -69,6 +69,21 @@ def quantile_us(counts: Sequence[int], q: float) -> float | None:
     return float(LATENCY_BOUNDS_US[-1])
 
 
+def min_samples(q: float) -> int:
+    """The fewest requests a `q` quantile may rest on: enough that at least one lies beyond it (p50: 2, p95: 20,
+    p99: 100). Fewer would report a number that is only the interpolation of one bucket, not a percentile."""
+    return max(2, math.ceil(round(1 / (1 - q), 9)))
+
+
+def percentile_ms(counts: Sequence[int], q: float) -> float | None:
+    """The `q` quantile of a latency histogram in milliseconds (3 decimals), or None when it rests on fewer
+    requests than `min_samples(q)`."""
+    if sum(counts) < min_samples(q):
+        return None
+    value = quantile_us(counts, q)
+    return round(value / 1000, 3) if value is not None else None
+
+
 def event_priority(ok: bool, latency_us: float, slow_us: float, sample_rate: float, draw: float) -> int | None:
     """Whether to keep a request's event, and at which priority (None: aggregated only).
 

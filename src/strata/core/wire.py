@@ -134,9 +134,10 @@ class EnrollRequest:
     agent_version: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
     csr: str = ""
+    replace: bool = False  # re-key the node that holds this name already (`strata agent --replace`)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "csr": self.csr,
             "token": self.token,
             "name": self.name,
@@ -147,6 +148,9 @@ class EnrollRequest:
             "agent_version": self.agent_version,
             "facts": self.facts,
         }
+        if self.replace:  # only when set: a server from before it refuses no request of an agent that does not ask
+            body["replace"] = True
+        return body
 
 
 @dataclass(frozen=True)

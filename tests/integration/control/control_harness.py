@@ -112,6 +112,8 @@ class Harness:
             "profile": "cpu-generic",
             "csr": csr_for(key, name),
         }
+        if reenroll:
+            body["replace"] = True
         response = self.client.post("/v1/enroll", json={**body, **fields})
         assert response.status_code == 201, response.text
         answer = response.json()

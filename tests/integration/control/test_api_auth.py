@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 
 import pytest
@@ -64,6 +65,44 @@ def test_every_route_refuses_missing_or_unknown_credentials(
     assert response.status_code == 401
     assert response.json()["code"] == "unauthenticated"
     assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+# The enrollment call's credential is the one-time token in its body (tests/integration/control/test_api_enrollment.py).
+BODY_CREDENTIAL = {("POST", "/v1/enroll")}
+
+
+def test_only_liveness_and_readiness_answer_without_a_credential(server: Harness) -> None:
+    """Every route of the API, read from its OpenAPI document (so a new route is covered the day it is added):
+    all but the two probes refuse a caller without a credential."""
+    app = server.client.app.app  # TestClient.app is the TlsTestShim around the app
+    answered: dict[tuple[str, str], int] = {}
+    for template, operations in app.openapi()["paths"].items():
+        for method in operations:
+            if (method.upper(), template) in BODY_CREDENTIAL:
+                continue
+            status = server.client.request(method.upper(), re.sub(r"\{[^}]+\}", "abc", template)).status_code
+            if status != 401:
+                answered[(method.upper(), template)] = status
+    assert answered == {("GET", "/healthz"): 200, ("GET", "/readyz"): 200}
+    assert server.client.get("/healthz").text == "ok"
+    assert server.client.get("/readyz").text == "ok"
+
+
+def test_readiness_fails_while_the_database_is_gone(server: Harness) -> None:
+    server.plane.db.engine.dispose()
+    database = server.plane.settings.data_dir / "strata.db"
+    if server.plane.db.engine.dialect.name != "sqlite":
+        pytest.skip("the SQLite run removes the database file; PostgreSQL's outage is tests/e2e/test_postgres_restart")
+    database.rename(database.with_suffix(".gone"))
+    database.mkdir()  # a folder where the file was: every connection fails
+    try:
+        answer = server.client.get("/readyz")
+        assert (answer.status_code, answer.text) == (503, "not ready")
+        assert server.client.get("/healthz").status_code == 200  # alive, only not ready
+    finally:
+        database.rmdir()
+        database.with_suffix(".gone").rename(database)
+    assert server.client.get("/readyz").status_code == 200
 
 
 def test_admin_routes_refuse_nodes(server: Harness) -> None:

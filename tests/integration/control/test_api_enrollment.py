@@ -133,32 +133,52 @@ def test_re_enrollment_keeps_the_id_and_the_assigned_labels_and_rotates_the_cred
     assert view["agent_version"] == "2.0"
 
 
-def test_a_plain_token_cannot_take_over_an_enrolled_name(server: Harness) -> None:
+def test_a_plain_token_cannot_take_over_an_enrolled_name(server: Harness, caplog: pytest.LogCaptureFixture) -> None:
     """Attack: a holder of any enrollment token enrolls under an existing node's name, to replace its credential
-    (and lift its revocation). The token is checked before any certificate is signed."""
+    (and lift its revocation). The token is checked before any certificate is signed. And by mistake: a second
+    machine started with a name that is taken re-keyed that node silently; now it needs --replace (409 without)."""
     victim = server.enroll("edge-1", {"site": "a"})
-    taken = server.client.post("/v1/enroll", json=_enroll_body(_token(server), "edge-1"))
-    assert taken.status_code == 403, taken.text
-    assert "strata nodes reenroll edge-1" in taken.json()["error"]
+    plain = _token(server)
+    taken = server.client.post("/v1/enroll", json=_enroll_body(plain, "edge-1"))
+    assert taken.status_code == 409, taken.text
+    message = taken.json()["error"]
+    assert "enrolled already" in message
+    assert "re-keys" in message
+    assert "strata nodes reenroll edge-1" in message
+    assert "--replace" in message
     assert "certificate" not in taken.json()
+    replacing = server.client.post("/v1/enroll", json=_enroll_body(plain, "edge-1", replace=True))
+    assert replacing.status_code == 403, replacing.text  # --replace alone is not the operator's consent
+    assert "strata nodes reenroll edge-1" in replacing.json()["error"]
     assert server.client.get("/v1/health", headers=victim.headers).status_code == 200
 
     # Revoked, it stays revoked: a plain token does not bring it back either.
     assert server.client.delete(f"/v1/nodes/{victim.node_id}", headers=server.admin).status_code == 204
-    assert server.client.post("/v1/enroll", json=_enroll_body(_token(server), "edge-1")).status_code == 403
+    assert server.client.post("/v1/enroll", json=_enroll_body(plain, "edge-1", replace=True)).status_code == 403
     assert server.client.get(f"/v1/nodes/{victim.node_id}", headers=server.admin).status_code == 404
 
-    # A re-enrollment token enrolls that node only.
+    # A re-enrollment token enrolls that node only, and only with replace; refusals do not spend it.
     issued = server.client.post("/v1/reenrollment-tokens", json={"node": "edge-1"}, headers=server.admin)
     assert issued.status_code == 201
     token = issued.json()["token"]
     other = server.client.post("/v1/enroll", json=_enroll_body(token, "edge-2"))
     assert other.status_code == 403
     assert "re-enrolls node 'edge-1'" in other.json()["error"]
-    back = server.client.post("/v1/enroll", json=_enroll_body(token, "edge-1"))
+    unsaid = server.client.post("/v1/enroll", json=_enroll_body(token, "edge-1"))
+    assert unsaid.status_code == 409
+    assert "--replace" in unsaid.json()["error"]
+    with caplog.at_level("WARNING", logger="strata.control.fleet"):
+        back = server.client.post("/v1/enroll", json=_enroll_body(token, "edge-1", replace=True))
     assert back.status_code == 201
     assert back.json()["node_id"] == victim.node_id
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"node edge-1 ({victim.node_id}) re-keyed by a new enrollment (--replace): its previous credential is revoked"
+    ]
     assert server.client.post("/v1/reenrollment-tokens", json={"node": "nope"}, headers=server.admin).status_code == 404
+
+    # replace on a free name enrolls it as new (nothing to re-key, nothing logged).
+    fresh = server.client.post("/v1/enroll", json=_enroll_body(_token(server), "edge-9", replace=True))
+    assert fresh.status_code == 201
 
 
 def test_a_bound_token_assigns_name_tier_and_labels(server: Harness) -> None:

@@ -59,7 +59,10 @@ def test_each_batch_is_stored_once_and_minutes_add_up(server: Harness, make_pack
     summary = answer["nodes"][0]
     assert summary["requests"] == 15
     assert summary["error_rate"] == round(1 / 15, 6)
+    assert summary["n"] == 15
     assert 0.5 <= summary["p50_ms"] <= 1.0
+    assert (summary["p95_ms"], summary["p99_ms"]) == (None, None)  # 15 requests: too few for a tail percentile
+    assert answer["minutes"][0]["n"] == 15
     assert summary["dropped"] == {"events_sampled": 2}
     assert server.plane.telemetry.counters.duplicates == 1
 

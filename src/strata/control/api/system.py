@@ -1,16 +1,18 @@
-"""`/v1/health`, the OpenAPI document and `/metrics` (the last two behind an admin token), and `/healthz`, the one
-route without any credential: a liveness and readiness probe for load balancers and Kubernetes."""
+"""`/v1/health`, the OpenAPI document and `/metrics` (behind an operator token), and the only two routes without
+any credential: `/healthz` (liveness) and `/readyz` (readiness), for load balancers and Kubernetes."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry
 
 from strata import __version__
-from strata.control.api.deps import COMMON_ERRORS, AnyCaller, Reader
+from strata.control.api.deps import COMMON_ERRORS, AnyCaller, Plane, Reader
+from strata.control.errors import StoreError
 from strata.control.metrics import CONTENT_TYPE, render
 from strata.control.schemas import HealthBody
 
@@ -30,7 +32,8 @@ async def openapi(request: Request, _reader: Reader) -> dict[str, Any]:
     return document
 
 
-# Outside /v1, where Prometheus looks by default; scrape it with the admin token as a bearer credential.
+# Outside /v1, where Prometheus looks by default; scrape it with a read token as its bearer credential
+# (`authorization: {credentials_file: ...}` in prometheus.yml).
 metrics_router = APIRouter(tags=["system"], responses=COMMON_ERRORS)
 
 
@@ -51,3 +54,14 @@ probe_router = APIRouter(tags=["system"])
 async def healthz() -> str:
     """`ok` while this process serves requests; no credential, and nothing else revealed."""
     return "ok"
+
+
+@probe_router.get("/readyz", response_class=PlainTextResponse, responses={503: {"content": {"text/plain": {}}}})
+async def readyz(plane: Plane) -> PlainTextResponse:
+    """`ok` while this process can serve the API (its database answers), else 503 `not ready`; no credential, and
+    nothing else revealed (why is in the server's log)."""
+    try:
+        await anyio.to_thread.run_sync(plane.db.ping)
+    except StoreError:
+        return PlainTextResponse("not ready", status_code=503)
+    return PlainTextResponse("ok")

@@ -1,0 +1,48 @@
+"""Log lines for machines (`--log-format json`): one JSON object per line, for the server, the agent and the gateway.
+
+Every object has `time` (ISO 8601, UTC, milliseconds), `level`, `logger` and `message`, then the fields the process
+adds to every line (the agent: `node`), and `exception` when a traceback was logged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections.abc import Mapping
+from typing import Final
+
+from strata.core.errors import ConfigError
+
+LOG_FORMATS: Final = ("text", "json")
+
+
+def check_log_format(value: str) -> str:
+    """`value` if it is a log format strata writes.
+
+    Raises:
+        ConfigError: it is not `text` or `json`.
+    """
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    return value
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats each record as one line of JSON; `fields` are added to every line."""
+
+    def __init__(self, fields: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.fields = dict(fields or {})
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, str] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **self.fields,
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)

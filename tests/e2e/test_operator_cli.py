@@ -1,0 +1,65 @@
+"""An operator's first hour with a real server and agent: config files with JSON logs, an access log without the
+probes and long polls, probes without a token, and a missing fleet CA that says which file to pass."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+
+from strata.localfleet import LocalFleet
+
+
+def test_config_files_json_logs_quiet_access_log_probes_and_ca_errors(tmp_path: Path) -> None:
+    server_toml = tmp_path / "server.toml"
+    # The fleet passes --port and --data-dir on the command line: they must win over the file's.
+    server_toml.write_text('log-format = "json"\nport = 1\ndata-dir = "/nonexistent/strata"\nlog_level = "info"\n')
+    agent_toml = tmp_path / "agent.toml"
+    agent_toml.write_text('log-format = "json"\ntier = "near-edge"\nreport-interval = "5s"\n')
+    with LocalFleet(tmp_path / "fleet", poll_wait_s=1) as fleet:
+        fleet.start_server(extra_args=["--config", str(server_toml)])
+        agent = fleet.start_agent("edge-1", "device", {"site": "a"}, extra_args=["--config", str(agent_toml)])
+        fleet.wait_for(lambda: fleet.nodes().get("edge-1", {}).get("online"), 30, "the agent online", agent.process)
+        assert fleet.nodes()["edge-1"]["tier"] == "device"  # --tier on the command line beat the file's near-edge
+
+        # Probes answer without a credential (and a bare HTTPS client that trusts the fleet CA).
+        for path in ("/healthz", "/readyz"):
+            answer = httpx.get(fleet.server_url + path, verify=fleet.tls())
+            assert (answer.status_code, answer.text) == (200, "ok")
+        assert httpx.get(fleet.server_url + "/metrics", verify=fleet.tls()).status_code == 401
+
+        # The fleet CA: missing, it is named; given after the command, it works.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+        env |= {"STRATA_SERVER": fleet.server_url, "STRATA_TOKEN": fleet.admin_token}
+        untrusted = subprocess.run(fleet.strata("nodes", "list"), env=env, capture_output=True, text=True, timeout=60)
+        message = " ".join(untrusted.stderr.split())
+        assert untrusted.returncode == 2, untrusted.stderr
+        assert "--ca FILE or set STRATA_CA=FILE" in message
+        assert "DATA_DIR/ca.pem in the server's --data-dir" in message
+        listed = subprocess.run(
+            fleet.strata("nodes", "list", "--json", "--ca", str(fleet.ca_path)),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert [node["name"] for node in json.loads(listed.stdout)] == ["edge-1"]
+
+        server_log = (fleet.root / "logs" / "server.log").read_text().splitlines()
+        agent_log = (fleet.root / "logs" / "edge-1.log").read_text().splitlines()
+
+    # Every line of both logs is one JSON object with the fields a log shipper needs (the agent's name its node).
+    server_lines = [json.loads(line) for line in server_log]
+    agent_lines = [json.loads(line) for line in agent_log]
+    for line in server_lines + agent_lines:
+        assert {"time", "level", "logger", "message"} <= line.keys(), line
+    assert all(line["node"] == "edge-1" for line in agent_lines)
+    assert any(line["message"].startswith("enrolled as node edge-1") for line in agent_lines)
+    # The access log keeps the operator's calls and drops the probes and the node's long polls (seconds of them).
+    access = [line["message"] for line in server_lines if line["logger"] == "uvicorn.access"]
+    assert any('"GET /v1/nodes HTTP/1.1" 200' in message for message in access), access
+    assert not [m for m in access if "/healthz" in m or "/readyz" in m or "/desired" in m], access

@@ -1,0 +1,141 @@
+"""The `strata` command as an operator meets it, run as a real process: help that fits 80 columns with every option
+named in full, shell completion, --version, the documented exit codes, and config files that are checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from strata.cli.app import command
+
+# One process prints every command's --help (30-odd pages; a process each would cost ~20 s of CPU), as the real
+# `strata` entry point builds its command tree, with COLUMNS=80 in its environment.
+HELP_SCRIPT = """
+import contextlib, io, json, sys
+from strata.cli.app import command
+from typer.core import TyperGroup
+
+def walk(cmd, path):
+    yield path
+    if isinstance(cmd, TyperGroup):
+        for name, sub in cmd.commands.items():
+            yield from walk(sub, [*path, name])
+
+pages = {}
+root = command()
+for path in walk(root, []):
+    page = io.StringIO()
+    with contextlib.redirect_stdout(page), contextlib.suppress(SystemExit):
+        root.main([*path, "--help"], prog_name="strata")
+    pages[" ".join(path)] = page.getvalue()
+sys.stdout.write(json.dumps(pages))
+"""
+
+
+def strata(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    return subprocess.run(
+        [sys.executable, "-m", "strata", *args],
+        env={**base, "COLUMNS": "80", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _options(path: str) -> list[str]:
+    """Every long option name of the command at `path` (as `strata` builds it, --ca included)."""
+    cmd = command()
+    for name in path.split():
+        cmd = cmd.commands[name]  # a TyperGroup on the way down
+    options = [param for param in cmd.params if param.param_type_name == "option" and not getattr(param, "hidden", 0)]
+    return [opt for param in options for opt in (*param.opts, *param.secondary_opts)]
+
+
+def test_every_commands_help_fits_80_columns_and_names_every_option_in_full() -> None:
+    """Rich cut option names at 80 columns (`--max-download-r…`) and ate `[tpm]` as markup."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    ran = subprocess.run(
+        [sys.executable, "-c", HELP_SCRIPT], env={**base, "COLUMNS": "80"}, capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 0, ran.stderr
+    pages: dict[str, str] = json.loads(ran.stdout)
+    assert len(pages) > 30
+    assert "nodes list" in pages
+    assert "agent" in pages
+    for path, page in pages.items():
+        assert page.startswith(f"Usage: strata {path}".rstrip()), (path, page[:200])
+        too_wide = [line for line in page.splitlines() if len(line) > 80]
+        assert not too_wide, (path, too_wide)
+        assert "…" not in page, path
+        named = set(re.findall(r"(?<![\w-])--?[a-z][\w-]*", page))
+        for option in _options(path):
+            assert option in named, (path, option)
+    assert "strata[tpm]" in pages["agent"]
+    assert "strata[grpc]" in pages["agent"]
+    for path in ("nodes list", "telemetry", "token create", "pin add", "model list", "rollout status"):
+        assert "  --ca <str>" in pages[path], path
+        assert "STRATA_CA" in pages[path], path
+    root = " ".join(pages[""].split())
+    assert "--server, --token and --ca go before the command or after it" in root
+    assert "Exit codes: 2 bad input or configuration" in root
+    assert "7 conflict" in root
+
+
+def test_version_completion_and_exit_codes(tmp_path: Path) -> None:
+    version = strata("--version")
+    assert version.returncode == 0
+    assert version.stdout.startswith("strata 0.")
+    script = strata("--show-completion", "bash")
+    assert script.returncode == 0
+    assert "_STRATA_COMPLETE=complete_bash" in script.stdout
+    completed = strata(env={"_STRATA_COMPLETE": "complete_bash", "COMP_WORDS": "strata nodes li", "COMP_CWORD": "2"})
+    assert completed.stdout.split() == ["list"]
+
+    # 2: bad input. A malformed selector and an unknown profile exited 1; an unknown option is Click's usage error.
+    unreachable = ["--server", "https://127.0.0.1:9", "--token", "t"]
+    selector = strata(*unreachable, "pin", "add", "digits", "1", "--selector", "site")
+    assert (selector.returncode, selector.stderr.strip()) == (2, "error: selector term 'site' is not k=v")
+    profile = strata("agent", "--server", "https://127.0.0.1:9", "--data-dir", str(tmp_path / "a"), "--name", "n",
+                     "--profile", "no-such-profile")  # fmt: skip
+    assert profile.returncode == 2, profile.stderr
+    assert "no-such-profile" in profile.stderr
+    # 2: a --ca that is not a certificate (it was a traceback).
+    (tmp_path / "not-a-cert.pem").write_text("hello\n")
+    bad = strata(*unreachable, "nodes", "list", "--ca", str(tmp_path / "not-a-cert.pem"))
+    assert bad.returncode == 2, bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert "holds no certificate" in bad.stderr
+    assert "DATA_DIR/ca.pem" in bad.stderr
+    # 4: nothing listens there.
+    gone = strata(*unreachable, "nodes", "list")
+    assert gone.returncode == 4
+    assert "cannot reach the control plane" in gone.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('data-dir = "x"\nprot = 8700\n', "unknown key 'prot'"),
+        ("data-dir = \n", "is not TOML"),
+        ('data-dir = "x"\nconfig = "y.toml"\n', "unknown key 'config'"),
+    ],
+)
+def test_a_config_file_with_an_unknown_key_or_bad_toml_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, error: str
+) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as exited:
+        command().main(["server", "--config", str(path)], prog_name="strata")
+    assert exited.value.code == 2
+    message = " ".join(capsys.readouterr().err.split())
+    assert error in message
+    assert str(path) in message.replace(" ", "")
