@@ -61,6 +61,9 @@ class BalancedFleet:
         argv = self.fleet.strata(
             "server", "--data-dir", str(self.fleet.server_dir), "--port", str(port),
             "--tls-name", LB_NAME, "--tls-name", "127.0.0.1",
+            # the tests find which replica holds a node's long poll in its access log, which leaves successful long
+            # polls out unless at debug level
+            "--log-level", "debug",
         )  # fmt: skip
         log = self.fleet.root / "logs" / f"replica-{name}.log"
         process = ManagedProcess(f"replica {name}", argv, log, self.fleet._env())
