@@ -1,8 +1,8 @@
 """What the console's pages show, read from the control plane's services: one call per page, JSON-ready.
 
 The fleet page counts every node and sends one page of them (sorted and paged on the server, so a 10,000-node
-fleet costs the browser one small table). The node views behind it are kept for a second per fleet generation:
-a page refresh by every open console, each second, reads the inventory once.
+fleet costs the browser one small table). The node views behind it are kept for two seconds per fleet generation:
+the live refreshes of every open console read the inventory once per tick.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from strata.control.plane import ControlPlane
 from strata.core.errors import NotFound, ProfileError
 from strata.core.profiles import get_profile
 
-VIEWS_TTL_S: Final = 1.0
+VIEWS_TTL_S: Final = 2.0  # the live refresh's tick
 TELEMETRY_WINDOW_S: Final = 3600.0
 HISTORY_EVENTS: Final = 20
 
@@ -48,15 +48,16 @@ class ConsoleData:
         self._views: tuple[int, float, list[NodeView]] = (-1, 0.0, [])
 
     def _all_views(self) -> list[NodeView]:
-        generation, now = self._plane.feed.generation, self._plane.settings.clock()
+        # One reader at a time: pages opened together (a page and its first live refresh) wait for one read of
+        # the inventory instead of each making its own.
         with self._lock:
+            generation, now = self._plane.feed.generation, self._plane.settings.clock()
             cached_generation, taken_at, views = self._views
-        if cached_generation == generation and 0 <= now - taken_at < VIEWS_TTL_S:
+            if cached_generation == generation and 0 <= now - taken_at < VIEWS_TTL_S:
+                return views
+            views = self._plane.fleet.list_nodes()
+            self._views = (generation, self._plane.settings.clock(), views)
             return views
-        views = self._plane.fleet.list_nodes()
-        with self._lock:
-            self._views = (generation, now, views)
-        return views
 
     def fleet(self, selector: Mapping[str, str], order: NodeOrder, offset: int, limit: int) -> dict[str, Any]:
         """The fleet page: counts over the nodes `selector` matches, and one sorted page of them.
