@@ -2,7 +2,8 @@
 # Each creates .venv and installs what it needs: PyPI for both; `make test` also installs swtpm and tpm2-tss from
 # Debian's packages for the TPM attestation tests (tools/install-tpm-deps), and PostgreSQL's server for the control
 # plane's tests on PostgreSQL (tools/install-pg-deps; the tests start their own throwaway cluster), and Prometheus for
-# the monitoring-stack test (tools/install-prometheus-deps; the test starts its own server).
+# the monitoring-stack test (tools/install-prometheus-deps; the test starts its own server), and Chromium for the
+# console's browser test (tools/install-browser-deps; Playwright from PyPI drives it headless).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -44,6 +45,7 @@ typecheck: $(STAMP)
 test: lint typecheck $(TPM) $(PG)
 	tools/install-lb-deps $(VENV)  # HAProxy, systemd-analyze, kustomize: load-balancer and deploy/ tests
 	tools/install-prometheus-deps  # prometheus and promtool: deploy/prometheus, deploy/grafana and their e2e test
+	tools/install-browser-deps  # chromium: the console's browser test (tests/e2e/test_console_browser.py)
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 unit: $(STAMP)

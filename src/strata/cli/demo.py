@@ -10,6 +10,7 @@ deploys it to one region, shows the fleet, and stops all.
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,8 +61,9 @@ def _infer(url: str, x: np.ndarray[Any, Any], binary: bool) -> tuple[str, np.nda
     return str(header["model_version"]), arrays["label"]
 
 
-def run_demo(workdir: Path, say: Callable[[str], None]) -> float:
-    """Run the whole demo under `workdir`; return the seconds it took.
+def run_demo(workdir: Path, say: Callable[[str], None], keep: bool = False) -> float:
+    """Run the whole demo under `workdir`; return the seconds it took (up to the console's address). With `keep`,
+    leave the fleet running for the console until Ctrl-C, then stop it.
 
     Raises:
         DemoFailed, FleetError: a step did not give what it should (the message says which, with logs).
@@ -168,24 +170,39 @@ def run_demo(workdir: Path, say: Callable[[str], None]) -> float:
 
             traffic = fleet.wait_for(uploaded, 30, "telemetry from the nodes")
         out.print(telemetry_table(traffic, "digits telemetry, last 10 minutes"))
+        read_token = fleet.client.create_api_token("read")["token"]
+        say(f"  console: {fleet.server_url}/ui/ (its certificate is the fleet CA's: {fleet.ca_path})")
+        say(f"  read-only token for it: {read_token}")
+        elapsed = time.monotonic() - started
+        if keep:
+            say("  the demo fleet stays up for the console (`strata demo --keep`); Ctrl-C stops it")
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                say("")
+        else:
+            say("  (`strata demo --keep` leaves the fleet up to look at it)")
         with step("stop every process the demo started"):
             fleet.close()
             still = [p.name for p in fleet.processes() if p.running]
             if still:
                 raise DemoFailed(f"processes still running: {still}")
-    return time.monotonic() - started
+    return elapsed
 
 
 def demo(
     workdir: Annotated[
         Path | None, typer.Option("--workdir", help="Keep everything in this folder (default: a temporary one).")
     ] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Leave the demo fleet running for the console at /ui until Ctrl-C.")
+    ] = False,
 ) -> None:
     """Run a whole local fleet end to end: train, package, push, deploy, infer, update one region."""
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-        elapsed = run_demo(workdir, console.print)
+        elapsed = run_demo(workdir, console.print, keep)
     else:
         with tempfile.TemporaryDirectory(prefix="strata-demo-") as tmp:
-            elapsed = run_demo(Path(tmp), console.print)
+            elapsed = run_demo(Path(tmp), console.print, keep)
     console.print(f"[bold green]demo passed[/bold green] in {elapsed:.1f}s")

@@ -22,6 +22,7 @@ from strata.control.errors import StoreError
 from strata.control.metrics import metrics_registry
 from strata.control.plane import ControlPlane
 from strata.control.settings import ServerSettings
+from strata.control.ui import install_console
 from strata.core.errors import StrataError
 
 log = logging.getLogger(__name__)
@@ -102,4 +103,5 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.plane = plane
     app.state.metrics_registry = metrics_registry(plane)
     install(app)
+    install_console(app)
     return app

@@ -12,6 +12,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -406,6 +407,38 @@ class TelemetryService:
         return {
             node_id: DriftFigure(worst.get(node_id), requests.get(node_id, 0)) for node_id in requests.keys() | worst
         }
+
+    def drift_minutes(self, model: str, node_id: str, since: float) -> list[dict[str, Any]]:
+        """One node's drift minute by minute since `since`: per minute and version, the largest PSI over the
+        version's tensors against its reference and the values it rests on (the console's drift chart). Empty
+        when the version's package has no drift reference.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            references = self._references(session, model)
+            rows = session.execute(
+                select(TelemetryDrift.minute, TelemetryDrift.version, TelemetryDrift.tensor, TelemetryDrift.counts)
+                .where(
+                    TelemetryDrift.model == model,
+                    TelemetryDrift.node_id == node_id,
+                    TelemetryDrift.minute >= int(since // 60),
+                )
+                .order_by(TelemetryDrift.minute)
+            ).all()
+        worst: dict[tuple[int, str], tuple[float, int]] = {}
+        for minute, version, tensor, counts in rows:
+            live = [int(c) for c in counts]
+            total = sum(live)
+            for reference in references.get(version, ()):
+                if reference.tensor == tensor and len(live) == len(reference.counts) and total:
+                    best, samples = worst.get((minute, version), (0.0, 0))
+                    worst[(minute, version)] = (max(best, psi(reference.counts, live)), samples + total)
+        return [
+            {"minute": minute, "version": version, "psi": round(value, 4), "samples": samples}
+            for (minute, version), (value, samples) in sorted(worst.items())
+        ]
 
     def totals(self) -> dict[tuple[str, str, str], tuple[int, int]]:
         """(node name, model, version) -> (requests, errors) over all stored minutes, for /metrics.

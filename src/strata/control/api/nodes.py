@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request, Response, Security
+from fastapi import APIRouter, Path, Query, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from strata.control.api.deps import (
@@ -21,6 +21,7 @@ from strata.control.api.deps import (
 )
 from strata.control.auth import Access, authorize
 from strata.control.fleet import INVALID_ENROLLMENT, IssuedToken, NodeView
+from strata.control.inventory import MAX_PAGE, SORT_KEYS, page_nodes, parse_sort, select_nodes
 from strata.control.plane import ControlPlane
 from strata.control.schemas import (
     ApiTokenBody,
@@ -49,7 +50,7 @@ from strata.control.schemas import (
 from strata.control.settings import MAX_WAIT_S
 from strata.control.topology import Topology, node_topology
 from strata.core.errors import AuthError
-from strata.core.wire import EnrollResponse, NodeStatus, ProtocolError
+from strata.core.wire import EnrollResponse, NodeStatus, ProtocolError, parse_selector
 
 router = APIRouter(tags=["nodes"], responses=COMMON_ERRORS)
 _enrollment_bearer = HTTPBearer(auto_error=False, description="an enrollment token")
@@ -149,9 +150,25 @@ def enroll(body: EnrollRequestBody, plane: Plane) -> EnrollResponse:
 
 
 @router.get("/nodes", response_model=list[NodeBody])
-def list_nodes(plane: Plane, _reader: Reader) -> list[NodeView]:
-    """Every node that is not revoked."""
-    return plane.fleet.list_nodes()
+def list_nodes(
+    plane: Plane,
+    _reader: Reader,
+    response: Response,
+    selector: Annotated[str, Query(description="only nodes with these labels: k=v[,k=v]")] = "",
+    sort: Annotated[
+        str | None, Query(description=f"one of {sorted(SORT_KEYS)}; prefix '-' for descending (default: name)")
+    ] = None,
+    offset: Annotated[int, Query(ge=0, description="skip this many nodes of the sorted list")] = 0,
+    limit: Annotated[int | None, Query(ge=1, le=MAX_PAGE, description="at most this many nodes (default: all)")] = None,
+) -> list[NodeView]:
+    """Every node that is not revoked (by name), or one page of them: the `X-Total-Count` header counts the nodes
+    the selector matches, whatever the page."""
+    order = parse_sort(sort)
+    views = select_nodes(plane.fleet.list_nodes(), parse_selector(selector))
+    response.headers["X-Total-Count"] = str(len(views))
+    if limit is None and offset == 0 and sort is None:
+        return views  # already by name
+    return page_nodes(views, order, offset, limit)
 
 
 @router.get("/nodes/{node_id}", response_model=NodeBody, responses={404: {"model": ErrorBody}})
