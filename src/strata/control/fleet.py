@@ -43,6 +43,7 @@ from strata.control.desired import (
     etag_matches,
     referenced_blobs,
 )
+from strata.control.events import NewEvent, change_events, failure_events, record_event
 from strata.control.feed import ChangeFeed
 from strata.control.history import activation_events, record_changes
 from strata.control.pki import Pki
@@ -429,6 +430,9 @@ class FleetService:
             session.flush()
             record_issued(session, node_id, node.credential_hash, issued.not_after, now)
             token.node_id = node.id
+            again = "enrolled again (a new credential; the old one is refused)" if existing is not None else "enrolled"
+            what = f"{again}: tier {node.tier}, profile {node.profile}, agent {node.agent_version}"
+            record_event(session, now, NewEvent("enrolled", what, node_id=node_id))
         self._authenticator.forget_node(node_id)
         self._feed.bump()
         return EnrollResponse(
@@ -516,6 +520,7 @@ class FleetService:
             node.revoked_at = now
             revoke_issued(session, node_id, node.credential_hash, now + self._cert_hours * 3600, now)
             node.tpm_ak = node.tpm_ek = None  # its TPM may serve the machine when it is enrolled again
+            record_event(session, now, NewEvent("revoked", "revoked by the operator", node_id=node_id))
         self._authenticator.forget_node(node_id)
         self._presence.forget(node_id)
         self._feed.bump()
@@ -548,7 +553,11 @@ class FleetService:
             if node.status == document:
                 return False
             now = self._clock()
-            session.add_all(record_changes(node_id, activation_events(_parse_status(node.status), status), now))
+            previous = _parse_status(node.status)
+            changes = activation_events(previous, status)
+            session.add_all(record_changes(node_id, changes, now))
+            for event in change_events(node_id, changes) + failure_events(node_id, previous, status):
+                record_event(session, now, event)
             node.status = document
             node.status_at = now
             node.emulated = status.emulated
