@@ -107,7 +107,11 @@ def node_progress(entry: ActiveDeployment, node: FleetNode, entries: Iterable[Ac
     if running == entry.version:
         return progress("running", f"variant {current.variant}" if current is not None else "")
     failure = next(
-        (f for f in (node.status.failures if node.status else ()) if (f.model, f.version) == (entry.model, entry.version)),
+        (
+            f
+            for f in (node.status.failures if node.status else ())
+            if (f.model, f.version) == (entry.model, entry.version)
+        ),
         None,
     )
     if failure is not None:

@@ -16,7 +16,7 @@ import json
 import ssl
 import threading
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -34,7 +34,7 @@ from strata.control.auth import (
     new_secret,
 )
 from strata.control.blobs import BlobStore
-from strata.control.db import Database, EnrollmentToken, Node, Variant
+from strata.control.db import Database, EnrollmentToken, Node, NodeCertificate, Variant
 from strata.control.deployments import load_active_deployments
 from strata.control.desired import (
     ActiveDeployment,
@@ -208,6 +208,9 @@ class NodeView:
     tpm_ek: str | None = None
     tpm_pcrs: dict[str, Any] | None = None
     claims: dict[str, Any] = field(default_factory=dict)
+    slots: list[dict[str, Any]] = field(default_factory=list)
+    enrolled_at: float | None = None
+    certificate_expires_at: float | None = None
 
 
 def node_facts(node: Node) -> NodeFacts:
@@ -257,7 +260,24 @@ def node_view(
         tpm_ek=node.tpm_ek,
         tpm_pcrs=node.tpm_pcrs,
         claims=claims_of(Assigned(node.tier, dict(node.labels)), node.profile, _parse_status(node.status)),
+        slots=[_slot(m) for m in status.get("models", [])],
+        enrolled_at=node.enrolled_at,
     )
+
+
+def _slot(model: Mapping[str, Any]) -> dict[str, Any]:
+    """What a node's report says of one model's slots: the active package and the previous one it can go back to."""
+    return {
+        "model": model["name"],
+        "active": {"version": model["version"], "variant": model["variant"], "digest": model["digest"]},
+        "activated_at": model.get("activated_at"),
+        "previous": (
+            {"version": model.get("previous_version"), "digest": model.get("previous_digest")}
+            if model.get("previous_digest") or model.get("previous_version")
+            else None
+        ),
+        "probation": model.get("probation"),
+    }
 
 
 def check_enroll_request(request: EnrollRequest) -> None:
@@ -431,7 +451,9 @@ class FleetService:
             record_issued(session, node_id, node.credential_hash, issued.not_after, now)
             token.node_id = node.id
             again = "enrolled again (a new credential; the old one is refused)" if existing is not None else "enrolled"
-            what = f"{again}: tier {node.tier}, profile {node.profile}, agent {node.agent_version}"
+            what = f"{again}: tier {node.tier}, profile {node.profile}" + (
+                f", agent {node.agent_version}" if node.agent_version else ""
+            )
             record_event(session, now, NewEvent("enrolled", what, node_id=node_id))
         self._authenticator.forget_node(node_id)
         self._feed.bump()
@@ -503,7 +525,10 @@ class FleetService:
         with self._db.transaction() as session:
             node = self._live_node(session, node_id)
             deployments = self._active_deployments(session, generation)
-        return self._view(node, generation, deployments, now)
+            expires = session.scalar(
+                select(NodeCertificate.not_after).where(NodeCertificate.sha256 == node.credential_hash)
+            )
+        return replace(self._view(node, generation, deployments, now), certificate_expires_at=expires)
 
     def revoke(self, node_id: str) -> None:
         """Revoke a node: its credential stops working at once and no deployment targets it any more; the TPM

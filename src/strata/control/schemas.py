@@ -220,6 +220,15 @@ class NodeBody(BaseModel):
         description="what the node's last report says about itself where it differs from what the control plane "
         "holds (tier, labels: never used; profile: waits for the operator when it would widen what the node gets)",
     )
+    slots: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="per model, from the last status: the active package (version, variant, digest), when it was "
+        "activated, the previous one it can roll back to, and its probation",
+    )
+    enrolled_at: float | None = Field(None, description="when the node last enrolled")
+    certificate_expires_at: float | None = Field(
+        None, description="when the node's current certificate expires (one node's view only; it renews it itself)"
+    )
 
 
 class EndpointBody(BaseModel):
