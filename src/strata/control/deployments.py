@@ -196,7 +196,7 @@ def load_active_deployments(session: Session) -> tuple[ActiveDeployment, ...]:
 
 
 def _info(row: Deployment, progress: list[NodeProgress], with_nodes: bool) -> DeploymentInfo:
-    counts = {state: 0 for state in NODE_STATES}
+    counts = dict.fromkeys(NODE_STATES, 0)
     for item in progress:
         counts[item.state] += 1
     return DeploymentInfo(
