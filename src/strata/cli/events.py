@@ -19,8 +19,8 @@ _STYLE = {"failed": "red", "revoked": "red", "rolled_back": "yellow", "gate": "c
 def _line(event: dict[str, Any]) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["at"]))
     style = _STYLE.get(event["kind"], "green")
-    who = f" {event['node']}" if event.get("node") else ""
-    return f"{when} [{style}]{event['kind']:<11}[/{style}]{escape(who)}: {escape(event['message'])}"
+    who = f"{event['node']}: " if event.get("node") else ""
+    return f"{when} [{style}]{event['kind']:<11}[/{style}] {escape(who)}{escape(event['message'])}"
 
 
 def events(
