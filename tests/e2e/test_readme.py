@@ -100,7 +100,7 @@ def _ready_check(line: Line, ports: dict[str, int]) -> str:
         name = words[words.index("--name") + 1]
         return (
             'curl -sf --max-time 2 --cacert "$STRATA_CA" -H "authorization: Bearer $STRATA_TOKEN" "$STRATA_SERVER/v1/nodes" '
-            f"| grep -q '\"name\":\"{name}\"'"
+            f'| grep -q \'"name":"{name}"\''
         )
     return f"curl -s --max-time 2 -o /dev/null localhost:{ports['8090']}/v2/health/live"
 
@@ -110,7 +110,7 @@ def script_for(lines: list[Line], ports: dict[str, int], work: Path) -> str:
     out = [
         "set -u",
         f"cd {shlex.quote(str(work))}",
-        "ready() { for _ in $(seq 600); do eval \"$1\" >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }",
+        'ready() { for _ in $(seq 600); do eval "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }',
     ]
     for number, line in enumerate(lines):
         text = line.text.replace("/var/lib/strata-agent", "agent-data").replace("/var/lib/strata", "server-data")
@@ -125,7 +125,7 @@ def script_for(lines: list[Line], ports: dict[str, int], work: Path) -> str:
             out.append(f"if ready {shlex.quote(check)}; then echo '@@rc {number} 0'; else echo '@@rc {number} 1';")
             out.append(f"  cat daemon-{number}.log; fi")
         else:
-            out.append(f"{text}\necho \"@@rc {number} $?\"")
+            out.append(f'{text}\necho "@@rc {number} $?"')
     return "\n".join(out) + "\n"
 
 
@@ -201,7 +201,9 @@ def test_the_readme_quick_tour_runs_as_written(tmp_path: Path) -> None:
     for number, line in enumerate(lines):
         if line.command in NOT_RUN:
             continue
-        assert codes[number] == "0", f"README line failed (exit {codes[number]}):\n{line.text}\n{printed[number][-3000:]}"
+        assert codes[number] == "0", (
+            f"README line failed (exit {codes[number]}):\n{line.text}\n{printed[number][-3000:]}"
+        )
         for start, expected in EXPECTED.items():
             if line.command.startswith(start):
                 assert expected in printed[number], f"{line.text}\nprinted no {expected!r}:\n{printed[number][-3000:]}"
