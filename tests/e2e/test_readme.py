@@ -99,7 +99,8 @@ def _ready_check(line: Line, ports: dict[str, int]) -> str:
     if line.command.startswith("strata agent"):
         name = words[words.index("--name") + 1]
         return (
-            'curl -sf --max-time 2 --cacert "$STRATA_CA" -H "authorization: Bearer $STRATA_TOKEN" "$STRATA_SERVER/v1/nodes" '
+            'curl -sf --max-time 2 --cacert "$STRATA_CA" -H "authorization: Bearer $STRATA_TOKEN" '
+            '"$STRATA_SERVER/v1/nodes" '
             f'| grep -q \'"name":"{name}"\''
         )
     return f"curl -s --max-time 2 -o /dev/null localhost:{ports['8090']}/v2/health/live"
