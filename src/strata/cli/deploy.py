@@ -82,17 +82,20 @@ def _nodes_table(deployment: dict[str, Any]) -> Table:
     return table
 
 
-def wait_for_deployment(client: ControlClient, deployment_id: str, timeout: str) -> int:
-    """Show the deployment's nodes live until none is pending; the exit code (see `strata.cli.progress`)."""
+def wait_for_deployment(client: ControlClient, deployment_id: str, timeout: str) -> None:
+    """Show the deployment's nodes live until none is pending.
+
+    Raises:
+        typer.Exit: a node failed (1), or the timeout passed first (124); see `strata.cli.progress`.
+    """
     final, finished = watch(lambda: client.deployment(deployment_id), _nodes_table, lambda d: bool(d["done"]), timeout)
     counts = final.get("counts") or {}
     if not finished:
         console.print(f"[red]timed out[/red] after {timeout}: {counts.get('pending', 0)} nodes still pending")
-        return EXIT_TIMEOUT
+        raise typer.Exit(EXIT_TIMEOUT)
     if counts.get("failed"):
         console.print(f"[red]{counts['failed']} nodes failed[/red] to run {final['model']} {final['version']}")
-        return EXIT_FAILED
-    return 0
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command("create")
@@ -124,9 +127,7 @@ def create(
                     console.print(f"  [yellow]{node['name']} will not run it:[/yellow] {node['detail']}")
         typer.echo(created["id"])
         if wait:
-            code = wait_for_deployment(client, str(created["id"]), timeout)
-            if code:
-                raise typer.Exit(code)
+            wait_for_deployment(client, str(created["id"]), timeout)
 
 
 @app.command("list")
@@ -165,9 +166,7 @@ def show(
     """Every node the deployment's selector matches: running it, pending, failed (and why), or why it will not."""
     with ControlClient(server, token) as client:
         if wait:
-            code = wait_for_deployment(client, deployment_id, timeout)
-            if code:
-                raise typer.Exit(code)
+            wait_for_deployment(client, deployment_id, timeout)
             return
         deployment = client.deployment(deployment_id)
     if as_json:

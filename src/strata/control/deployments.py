@@ -213,13 +213,20 @@ def _info(row: Deployment, progress: list[NodeProgress], with_nodes: bool) -> De
     )
 
 
-def _parse_id(deployment_id: str) -> int:
-    if not deployment_id.isdecimal():
+def _stored(session: Session, deployment_id: str) -> Deployment:
+    """The deployment of this id.
+
+    Raises:
+        NotFound: no such deployment.
+    """
+    row = session.get(Deployment, int(deployment_id)) if deployment_id.isdecimal() else None
+    if row is None:
         raise NotFound(f"no deployment {deployment_id!r}")
-    return int(deployment_id)
+    return row
 
 
-def _parse_status(document: str | None) -> NodeStatus | None:
+def stored_status(document: str | None) -> NodeStatus | None:
+    """A node's last report as the control plane stored it (None: none yet, or one this version cannot read)."""
     if not document:
         return None
     try:
@@ -305,10 +312,7 @@ class DeploymentService:
             StoreError: the database failed.
         """
         with self._db.transaction() as session:
-            row = session.get(Deployment, _parse_id(deployment_id))
-            if row is None:
-                raise NotFound(f"no deployment {deployment_id!r}")
-            return self._progress(session, [row], with_nodes=True)[0]
+            return self._progress(session, [_stored(session, deployment_id)], with_nodes=True)[0]
 
     def delete(self, deployment_id: str) -> None:
         """Remove a deployment; the nodes it decided fall back to the next matching one, or drop the model.
@@ -318,9 +322,7 @@ class DeploymentService:
             StoreError: the database failed.
         """
         with self._db.transaction() as session:
-            row = session.get(Deployment, _parse_id(deployment_id))
-            if row is None:
-                raise NotFound(f"no deployment {deployment_id!r}")
+            row = _stored(session, deployment_id)
             model, version = row.version.model.name, row.version.version
             session.delete(row)
             message = f"deployment {row.id}: {model} {version} removed"
@@ -343,7 +345,7 @@ class DeploymentService:
                     name=node.name,
                     labels=dict(node.labels),
                     facts=NodeFacts.of(node.name, node.tier, node.profile, node.labels, node.attestation or ""),
-                    status=_parse_status(node.status),
+                    status=stored_status(node.status),
                     online=last_seen is not None and now - last_seen <= self._online_window_s,
                 )
             )

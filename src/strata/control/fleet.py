@@ -35,7 +35,7 @@ from strata.control.auth import (
 )
 from strata.control.blobs import BlobStore
 from strata.control.db import Database, EnrollmentToken, Node, NodeCertificate, Variant
-from strata.control.deployments import load_active_deployments
+from strata.control.deployments import load_active_deployments, stored_status
 from strata.control.desired import (
     ActiveDeployment,
     decide,
@@ -218,15 +218,6 @@ def node_facts(node: Node) -> NodeFacts:
     return NodeFacts.of(node.name, node.tier, node.profile, node.labels, node.attestation or "")
 
 
-def _parse_status(document: str | None) -> NodeStatus | None:
-    if not document:
-        return None
-    try:
-        return NodeStatus.from_json(json.loads(document))
-    except (ValueError, ProtocolError):
-        return None
-
-
 def is_online(last_seen: float | None, now: float, window_s: float) -> bool:
     """A node is online when it was seen within the last `window_s` seconds."""
     return last_seen is not None and now - last_seen <= window_s
@@ -259,7 +250,7 @@ def node_view(
         supply=status.get("supply"),
         tpm_ek=node.tpm_ek,
         tpm_pcrs=node.tpm_pcrs,
-        claims=claims_of(Assigned(node.tier, dict(node.labels)), node.profile, _parse_status(node.status)),
+        claims=claims_of(Assigned(node.tier, dict(node.labels)), node.profile, stored_status(node.status)),
         slots=[_slot(m) for m in status.get("models", [])],
         enrolled_at=node.enrolled_at,
     )
@@ -578,7 +569,7 @@ class FleetService:
             if node.status == document:
                 return False
             now = self._clock()
-            previous = _parse_status(node.status)
+            previous = stored_status(node.status)
             changes = activation_events(previous, status)
             session.add_all(record_changes(node_id, changes, now))
             for event in change_events(node_id, changes) + failure_events(node_id, previous, status):
@@ -623,7 +614,7 @@ class FleetService:
             if tier is not None:
                 node.tier = tier
             if accept_profile:
-                status = _parse_status(node.status)
+                status = stored_status(node.status)
                 if status is None:
                     raise ProtocolError(f"node {node.name!r} has not reported a profile to accept")
                 node.profile = status.profile
