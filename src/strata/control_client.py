@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,13 +207,39 @@ class ControlClient:
         result: dict[str, Any] = self._call("GET", f"/v1/models/{name}/versions/{version}")
         return result
 
-    def deploy(self, model: str, version: str, selector: Mapping[str, str]) -> dict[str, Any]:
-        body = {"model": model, "version": version, "selector": dict(selector)}
+    def deploy(self, model: str, version: str, selector: Mapping[str, str], force: bool = False) -> dict[str, Any]:
+        body = {"model": model, "version": version, "selector": dict(selector), "force": force}
         result: dict[str, Any] = self._call("POST", "/v1/deployments", json=body)
         return result
 
     def deployments(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", "/v1/deployments")
+        return result
+
+    def deployment(self, deployment_id: str) -> dict[str, Any]:
+        """One deployment with every node its selector matches and how far it got there."""
+        result: dict[str, Any] = self._call("GET", f"/v1/deployments/{deployment_id}")
+        return result
+
+    def delete_deployment(self, deployment_id: str) -> None:
+        self._call("DELETE", f"/v1/deployments/{deployment_id}")
+
+    def events(
+        self,
+        since: float | None = None,
+        after: int | None = None,
+        kinds: Sequence[str] = (),
+        node: str | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        """The fleet's events, oldest first: the last `limit` since `since`, or the first `limit` after id `after`."""
+        params: dict[str, Any] = {"limit": limit}
+        for key, value in (("since", since), ("after", after), ("node", node)):
+            if value is not None:
+                params[key] = value
+        if kinds:
+            params["kind"] = list(kinds)
+        result: list[dict[str, Any]] = self._call("GET", "/v1/events", params=params)
         return result
 
     def telemetry(
@@ -229,6 +255,11 @@ class ControlClient:
 
     def nodes(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", "/v1/nodes")
+        return result
+
+    def node(self, node_id: str) -> dict[str, Any]:
+        """One node in detail: slots, failures, certificate expiry, attestation, labels and claims."""
+        result: dict[str, Any] = self._call("GET", f"/v1/nodes/{node_id}")
         return result
 
     def revoke_node(self, node_id: str) -> None:

@@ -210,10 +210,15 @@ class LocalFleet:
     def strata(self, *args: str) -> list[str]:
         return [self.python, "-m", "strata", *args]
 
-    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        """Run a `strata` operator command against this fleet (admin token, fleet CA) and return what it did."""
+    def cli_env(self) -> dict[str, str]:
+        """The environment of an operator command against this fleet: its server, admin token and fleet CA."""
         env = {**self._env(), "STRATA_SERVER": self.server_url, "STRATA_TOKEN": self.admin_token}
         env["STRATA_CA"] = str(self.ca_path)
+        return env
+
+    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """Run a `strata` operator command against this fleet (admin token, fleet CA) and return what it did."""
+        env = self.cli_env()
         return subprocess.run(self.strata(*args), env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
     # --- control plane ----------------------------------------------------------------------------------

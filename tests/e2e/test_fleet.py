@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -48,9 +50,17 @@ def test_deploy_by_labels_then_update_one_region_through_the_cli(
     pushed = fleet.cli("model", "push", str(digits_onnx), "--name", "digits", "--version", "1", "--json")
     assert pushed.returncode == 0, pushed.stderr
     assert json.loads(pushed.stdout)[0]["variant"] == "cpu-generic-fp32"
-    deployed = fleet.cli("deploy", "digits", "1", "--selector", "fleet=t")
+    deployed = fleet.cli("deploy", "digits", "1", "--selector", "fleet=t", "--wait", "--timeout", "60s")
     assert deployed.returncode == 0, deployed.stderr
-    fleet.wait_for_versions({"eu-1": {"digits": "1"}, "us-1": {"digits": "1"}})
+    assert "deployment 1: digits 1 to fleet=t (2 running)" in deployed.stderr  # --wait returns once both run it
+    assert all(n["models"] == {"digits": "1"} for n in fleet.nodes().values())
+    follow = subprocess.Popen(
+        fleet.strata("events", "--follow", "--json", "--interval", "0.2s", "--kind", "activated", "--since", "10m"),
+        env=fleet.cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert labels_from(fleet.agents["eu-1"].serve_url) == ("1", local_labels(digits_onnx))
 
     push_model(fleet, digits_onnx_v2, "2", tmp_path)
@@ -61,6 +71,28 @@ def test_deploy_by_labels_then_update_one_region_through_the_cli(
     # The previous slot is kept for rollback.
     state = json.loads((fleet.agents["eu-1"].data_dir / "state.json").read_text())
     assert state["models"]["digits"]["previous"]["version"] == "1"
+    shown = fleet.cli("nodes", "show", "eu-1", "--json")
+    assert shown.returncode == 0, shown.stderr
+    [slot] = json.loads(shown.stdout)["slots"]
+    assert (slot["active"]["version"], slot["previous"]["version"]) == ("2", "1")
+    table = fleet.cli("nodes", "show", "eu-1")
+    assert "certificate expires" in table.stdout
+    assert re.search(r"labels \(assigned\) +fleet=t, region=eu", table.stdout)
+    # `strata events --follow` printed the activation of version 2 as it happened (one JSON object a line).
+    try:
+        assert follow.stdout is not None
+        followed = [json.loads(follow.stdout.readline()) for _ in range(3)]  # the two activations of 1, then 2's
+    finally:
+        follow.terminate()
+        follow.wait(10)
+    assert [(e["kind"], e["node"], e["version"]) for e in followed][2] == ("activated", "eu-1", "2")
+    assert {e["node"] for e in followed[:2]} == {"eu-1", "us-1"}
+    listed_deployments = json.loads(fleet.cli("deploy", "list", "--json").stdout)
+    assert [(d["id"], d["version"], d["counts"]["running"]) for d in listed_deployments] == [
+        ("2", "2", 1),
+        ("1", "1", 1),
+    ]
+    assert listed_deployments[1]["counts"]["superseded"] == 1  # eu-1 follows the newer deployment
 
     listed = fleet.cli("nodes", "list", "--json")
     assert listed.returncode == 0, listed.stderr

@@ -124,8 +124,15 @@ def test_a_version_that_fails_its_golden_check_stops_at_the_first_wave(
     fleet.wait_for_versions({f"n{i}": {"digits": "1"} for i in range(3)})
 
     push_failing_golden(fleet, digits_onnx_v2, digits_onnx, "2", tmp_path)
-    rollout_id = create_rollout(fleet, "digits", "2", "--selector", "fleet=r", "--waves", "1,100%", "--bake", "5s")
+    args = ("digits", "2", "--selector", "fleet=r", "--waves", "1,100%", "--bake", "5s")
+    waited = fleet.cli("rollout", "create", *args, "--wait", "--timeout", "90s")
+    assert waited.returncode == 1, waited.stderr  # --wait: 1 when it does not succeed
+    rollout_id = waited.stdout.strip().splitlines()[-1]
+    assert f"rollout {rollout_id} rolled back: gate activation_success_rate>=0.95 failed" in waited.stderr
     rollout = wait_for_status(fleet, rollout_id, "rolled_back")
+    watched = fleet.cli("rollout", "watch", rollout_id)
+    assert watched.returncode == 1, watched.stderr
+    assert "rolled back" in watched.stderr
 
     gate = rollout["failed_gate"]
     assert gate["metric"] == "activation_success_rate"
@@ -148,6 +155,20 @@ def test_a_version_that_fails_its_golden_check_stops_at_the_first_wave(
     assert "rolled_back" in shown.stdout
     assert "failed gate" in shown.stdout
     assert "activation_success_rate" in shown.stdout
+
+    # Deployed directly, the broken version fails on every node: `--wait` says so and exits 1.
+    deployed = fleet.cli("deploy", "digits", "2", "--selector", "fleet=r", "--wait", "--timeout", "90s")
+    assert deployed.returncode == 1, deployed.stderr
+    assert "3 nodes failed to run digits 2" in deployed.stderr
+    deployment_id = deployed.stdout.strip().splitlines()[-1]
+    shown = fleet.cli("deploy", "show", deployment_id, "--json")
+    states = {n["name"]: (n["state"], n["running"]) for n in json.loads(shown.stdout)["nodes"]}
+    assert states == {f"n{i}": ("failed", "1") for i in range(3)}
+    assert all("health check failed" in n["detail"] for n in json.loads(shown.stdout)["nodes"])
+    failures = json.loads(fleet.cli("events", "--kind", "failed", "--json").stdout)
+    assert {e["node"] for e in failures if "health check failed" in e["message"]} == {"n0", "n1", "n2"}
+    assert fleet.cli("deploy", "rm", deployment_id).returncode == 0
+    assert [d["id"] for d in fleet.client.deployments()] == ["1"]
 
 
 def test_three_times_the_latency_fails_the_latency_gate(fleet: LocalFleet, tmp_path: Path) -> None:
@@ -241,12 +262,15 @@ def test_an_eu_only_model_never_reaches_a_us_node_and_the_node_refuses_it_itself
 
     # The operator aims it at the US node directly, then at everyone: only the EU node ever gets it.
     assert fleet.cli("deploy", "faces", "1", "--selector", "region=us-east").returncode == 0
-    assert fleet.cli("deploy", "faces", "1").returncode == 0
+    everyone = fleet.cli("deploy", "faces", "1")
+    assert everyone.returncode == 2  # which nodes? a selector, or --all said out loud
+    assert "give --selector k=v[,k=v], or --all for every node of the fleet" in everyone.stderr
+    assert fleet.cli("deploy", "faces", "1", "--all").returncode == 0
     fleet.wait_for_versions({"eu": {"faces": "1"}, "us": {}})
     fleet.wait_for(lambda: fleet.nodes()["us"]["in_sync"], 30, "the US node to confirm its desired state")
     assert fleet.nodes()["us"]["models"] == {}
     assert infer(fleet.agents["us"].serve_url, "faces").status_code == 404
-    rollout_id = create_rollout(fleet, "faces", "1", "--waves", "100%", "--bake", "1s")
+    rollout_id = create_rollout(fleet, "faces", "1", "--all", "--waves", "100%", "--bake", "1s")
     rollout = fleet.client.rollout(rollout_id)
     assert [(e["node"], "allowed_regions" in e["reason"]) for e in rollout["excluded"]] == [("us", True)]
     shown = fleet.cli("rollout", "status", rollout_id)

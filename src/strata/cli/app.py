@@ -19,6 +19,7 @@ from strata import __version__
 from strata.cli import agent as agent_cmd
 from strata.cli import demo as demo_cmd
 from strata.cli import deploy as deploy_cmd
+from strata.cli import events as events_cmd
 from strata.cli import gateway as gateway_cmd
 from strata.cli import keys as keys_cmd
 from strata.cli import model as model_cmd
@@ -52,10 +53,11 @@ app.command("gateway")(gateway_cmd.gateway)
 app.add_typer(token_cmd.app, name="token")
 app.add_typer(model_cmd.app, name="model")
 app.add_typer(keys_cmd.app, name="keys")
-app.command("deploy")(deploy_cmd.deploy)
+app.add_typer(deploy_cmd.app, name="deploy")
 app.add_typer(rollout_cmd.app, name="rollout")
 app.add_typer(pin_cmd.app, name="pin")
 app.add_typer(nodes_cmd.app, name="nodes")
+app.command("events")(events_cmd.events)
 app.add_typer(package_cmd.app, name="package")
 app.command("telemetry")(telemetry_cmd.telemetry)
 app.command("optimize")(optimize_cmd.optimize)

@@ -1,4 +1,4 @@
-"""`strata nodes list|label|accept|reenroll|revoke`: the fleet's inventory, what each node runs, the identity the
+"""`strata nodes list|show|label|accept|reenroll|revoke`: the fleet's inventory, what each node runs, the identity the
 operator assigns it, and cutting a node off or bringing it back."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 
 from strata.cli.common import (
@@ -89,6 +91,97 @@ def _resolve(client: ControlClient, node: str) -> dict[str, Any]:
     if len(matches) != 1:
         raise NotFound(f"no single node is named {node!r}" if matches else f"there is no node {node!r}")
     return matches[0]
+
+
+def _when(timestamp: float | None, now: float) -> str:
+    if timestamp is None:
+        return "-"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(timestamp))
+    return (
+        f"{stamp} ({ago(timestamp, now)})" if timestamp <= now else f"{stamp} (in {ago(2 * now - timestamp, now)[:-4]})"
+    )
+
+
+def node_detail(node: dict[str, Any], now: float) -> Group:
+    """One node as `strata nodes show` prints it."""
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(node.get("labels", {}).items())) or "none"
+    claims = node.get("claims") or {}
+    claimed = ", ".join(f"{k} {v}" for k, v in sorted(claims.items())) or "nothing else"
+    attestation = node.get("attestation") or "[yellow]not attested[/yellow]"
+    if node.get("attestation_detail"):
+        attestation += f" ({escape(node['attestation_detail'])})"
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    for key, value in (
+        ("node", f"{node['name']} ({node['id']})"),
+        ("tier", node.get("tier", "?")),
+        ("labels (assigned)", labels),
+        ("claims (its report)", f"[yellow]{escape(claimed)}[/yellow]" if claims else claimed),
+        ("profile", node.get("profile", "?") + (" (emulated)" if node.get("emulated") else "")),
+        ("agent", node.get("agent_version") or "?"),
+        (
+            "online",
+            ("[green]yes[/green]" if node.get("online") else "[red]no[/red]")
+            + f", seen {ago(node.get('last_seen'), now)}",
+        ),
+        ("in sync", "yes" if node.get("in_sync") else "no (its desired state changed since its last report)"),
+        ("serves at", node.get("serve_url") or "-"),
+        ("enrolled", _when(node.get("enrolled_at"), now)),
+        ("certificate expires", _when(node.get("certificate_expires_at"), now) + " (the agent renews it)"),
+        ("attestation", attestation),
+        ("supply chain", node.get("supply") or "-"),
+    ):
+        facts.add_row(key, value)
+    slots = Table(title="slots", title_justify="left")
+    for column in ("model", "active", "variant", "activated", "previous", "probation", "pinned"):
+        slots.add_column(column)
+    pins = node.get("pins") or {}
+    for slot in node.get("slots", []):
+        previous = slot.get("previous") or {}
+        slots.add_row(
+            slot["model"],
+            slot["active"]["version"],
+            slot["active"]["variant"],
+            _when(slot.get("activated_at"), now),
+            previous.get("version") or "-",
+            slot.get("probation") or "-",
+            pins.get(slot["model"], "-"),
+        )
+    parts: list[RenderableType] = [facts, slots]
+    failures = node.get("failures") or []
+    if failures:
+        failed = Table(title="failures", title_justify="left")
+        for column in ("model", "version", "kind", "attempts", "when", "reason"):
+            failed.add_column(column)
+        for failure in failures:
+            failed.add_row(
+                failure["model"],
+                failure["version"],
+                failure.get("kind", "other"),
+                str(failure.get("attempts", 1)),
+                ago(failure.get("at"), now),
+                escape(failure["reason"]),
+            )
+        parts.append(failed)
+    return Group(*parts)
+
+
+@app.command("show")
+def show(
+    node: Annotated[str, typer.Argument(help="The node's name or id.")],
+    server: ServerOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """One node in detail: what each model's slots hold (active, previous), failures with their reasons, when its
+    certificate expires, its attestation, and the labels the operator assigned apart from what it claims."""
+    with ControlClient(server, token) as client:
+        found = client.node(_resolve(client, node)["id"])
+    if as_json:
+        print_json(found)
+        return
+    out.print(node_detail(found, time.time()))
 
 
 @app.command("label")

@@ -1,4 +1,6 @@
-"""`strata package build|verify|show`: the model package format, offline."""
+"""`strata package build|verify|show`: the model package format, offline; `strata package push`: upload a package
+built (and signed, with `strata model sign`) elsewhere, with its signature, so the release key never sits on the
+machine that pushes."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from strata.cli.common import JsonOption, console, out, print_json
+from strata.cli.common import JsonOption, ServerOption, TokenOption, console, out, print_json
 
-app = typer.Typer(help="Build, verify and inspect model packages (no server needed).", no_args_is_help=True)
+app = typer.Typer(
+    help="Build, verify and inspect model packages (no server needed); push one built and signed elsewhere.",
+    no_args_is_help=True,
+)
 
 
 @app.command("build")
@@ -88,3 +93,52 @@ def show(
     for entry in manifest.files:
         files.add_row(entry.path, entry.role, str(entry.size), entry.sha256[:16])
     out.print(files)
+
+
+@app.command("push")
+def push(
+    path: Annotated[Path, typer.Argument(help="A package folder or tar (from strata package build).", exists=True)],
+    unsigned: Annotated[
+        bool, typer.Option("--unsigned", help="Push without a signature (a server without release keys only).")
+    ] = False,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upload a package with the signature `strata model sign` wrote beside it (PATH.sig and PATH.targets.json):
+    build and sign where the release key lives, push from any machine with the admin token."""
+    import tempfile
+
+    from strata.cli.model import upload_with_progress
+    from strata.control_client import ControlClient
+    from strata.core.errors import ConfigError
+    from strata.core.package import pack_tar, read_package
+    from strata.trust.release import SignedRelease, signature_paths
+
+    signature = None
+    if not unsigned:
+        bundle_path, role_path = signature_paths(path)
+        if not bundle_path.exists() or not role_path.exists():
+            raise ConfigError(
+                f"{path} is not signed: no {bundle_path.name} and {role_path.name} beside it; sign it where the "
+                f"release key is (strata model sign {path} --key release.key) and bring both files along, or "
+                "push with --unsigned to a server without release keys"
+            )
+        signature = SignedRelease.read(path).to_base64()
+    with tempfile.TemporaryDirectory(prefix="strata-push-") as tmp:
+        package = read_package(path, workdir=Path(tmp) / "package")  # every hash checked before a byte is sent
+        tar = path
+        if path.is_dir():
+            tar = Path(tmp) / "package.tar"
+            pack_tar(package, tar)
+        manifest = package.manifest
+        with ControlClient(server, token) as client:
+            result = upload_with_progress(
+                client, tar, f"{manifest.name} {manifest.version} {manifest.variant}", signature
+            )
+    if as_json:
+        print_json(result)
+        return
+    signed = "signed" if result.get("signature") else "unsigned"
+    state = "new" if result.get("created") else "already there"
+    console.print(f"pushed {manifest.name} {manifest.version} ({manifest.variant}, {signed}, {state}) {package.digest}")

@@ -1,4 +1,4 @@
-"""`strata rollout create|status|list|pause|resume|abort`: take a version to the fleet wave by wave, with gates."""
+"""`strata rollout create|watch|status|list|pause|resume|abort`: a version to the fleet wave by wave, with gates."""
 
 from __future__ import annotations
 
@@ -6,11 +6,23 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.console import Group, RenderableType
 from rich.table import Table
 
 from strata.cli.common import JsonOption, ServerOption, TokenOption, ago, console, out, parse_duration, print_json
+from strata.cli.progress import (
+    EXIT_FAILED,
+    EXIT_TIMEOUT,
+    AllOption,
+    SelectorOption,
+    TimeoutOption,
+    target_selector,
+    watch,
+)
 from strata.control_client import ControlClient
-from strata.core.wire import parse_selector
+
+# A rollout in one of these has ended (strata.control.rollout_plan.FINISHED; the CLI does not import the server).
+FINISHED = ("succeeded", "rolled_back", "aborted")
 
 app = typer.Typer(help="Staged rollouts with health gates and automatic rollback.", no_args_is_help=True)
 
@@ -27,9 +39,8 @@ def _summary(rollout: dict[str, Any]) -> str:
 def create(
     name: Annotated[str, typer.Argument(help="Model name.")],
     version: Annotated[str, typer.Argument(help="Version to roll out.")],
-    selector: Annotated[
-        str, typer.Option("--selector", "-l", help="Node labels k=v[,k=v]; every node when empty.")
-    ] = "",
+    selector: SelectorOption = "",
+    every_node: AllOption = False,
     waves: Annotated[
         str, typer.Option("--waves", help="Cumulative wave sizes: percentages or counts (a last 100% is implied).")
     ] = "1%,10%,50%,100%",
@@ -68,6 +79,14 @@ def create(
             "was not judged) or fail.",
         ),
     ] = "hold",
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Stay and show it live until it succeeds (exit 0), or is rolled back, aborted or halted (exit 1).",
+        ),
+    ] = False,
+    timeout: TimeoutOption = "2h",
     server: ServerOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
@@ -76,7 +95,7 @@ def create(
     body = {
         "model": name,
         "version": version,
-        "selector": parse_selector(selector),
+        "selector": target_selector(selector, every_node),
         "waves": waves,
         "max_unavailable": max_unavailable,
         "bake_seconds": parse_duration(bake),
@@ -89,11 +108,53 @@ def create(
     }
     with ControlClient(server, token) as client:
         created = client.create_rollout(body)
-    if as_json:
-        print_json(created)
-    else:
-        console.print(_summary(created))
-    typer.echo(created["id"])
+        if as_json:
+            print_json(created)
+        else:
+            console.print(_summary(created))
+        typer.echo(created["id"])
+        if wait:
+            _watch(client, str(created["id"]), timeout)
+
+
+def _live_view(rollout: dict[str, Any]) -> Group:
+    parts: list[RenderableType] = [_summary(rollout), f"  {rollout['message']}", _waves_table(rollout)]
+    if rollout.get("gate_results") or rollout.get("failed_gate"):
+        parts.append(_gate_table(rollout.get("gate_results", []), rollout.get("failed_gate")))
+    return Group(*parts)
+
+
+def _watch(client: ControlClient, rollout_id: str, timeout: str) -> None:
+    """Show the rollout live until it ends or halts; exit with the code `strata.cli.progress` documents.
+
+    Raises:
+        typer.Exit: it did not succeed (1), or the timeout passed first (124).
+    """
+
+    def halted(rollout: dict[str, Any]) -> bool:
+        return rollout["status"] in FINISHED or (rollout["status"] == "paused" and bool(rollout.get("failed_gate")))
+
+    final, finished = watch(lambda: client.rollout(rollout_id), _live_view, halted, timeout)
+    if not finished:
+        console.print(f"[red]timed out[/red] after {timeout}: rollout {rollout_id} is {final['status']}")
+        raise typer.Exit(EXIT_TIMEOUT)
+    if final["status"] != "succeeded":
+        console.print(f"[red]rollout {rollout_id} {final['status'].replace('_', ' ')}:[/red] {final['message']}")
+        raise typer.Exit(EXIT_FAILED)
+    console.print(f"[green]rollout {rollout_id} succeeded[/green]")
+
+
+@app.command("watch")
+def watch_rollout(
+    rollout_id: Annotated[str, typer.Argument(help="Rollout id.")],
+    timeout: TimeoutOption = "2h",
+    server: ServerOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Follow a rollout live (waves, nodes, gates) until it succeeds (exit 0) or is rolled back, aborted or halted by
+    a gate (exit 1); 124 when --timeout passes first."""
+    with ControlClient(server, token) as client:
+        _watch(client, rollout_id, timeout)
 
 
 _VERDICTS = {
@@ -125,6 +186,20 @@ def _gate_table(results: list[dict[str, Any]], failed: dict[str, Any] | None) ->
     return table
 
 
+def _waves_table(rollout: dict[str, Any]) -> Table:
+    waves = Table(title="waves", title_justify="left")
+    for column in ("wave", "target", "nodes", "healthy", "updating", "pending", "failed"):
+        waves.add_column(column)
+    for wave in rollout.get("waves_detail", []):
+        marker = " ←" if wave["wave"] == rollout["wave"] and rollout["status"] in ("running", "paused") else ""
+        waves.add_row(
+            f"{wave['wave']}{marker}",
+            wave["target"],
+            *(str(wave[k]) for k in ("nodes", "healthy", "updating", "pending", "failed")),
+        )
+    return waves
+
+
 @app.command("status")
 def status(
     rollout_id: Annotated[str, typer.Argument(help="Rollout id.")],
@@ -147,17 +222,7 @@ def status(
             f"  [red]failed gate:[/red] {failed['gate']} in wave {failed['wave'] + 1}: "
             f"value {failed['value']}, {failed['detail']}"
         )
-    waves = Table(title="waves", title_justify="left")
-    for column in ("wave", "target", "nodes", "healthy", "updating", "pending", "failed"):
-        waves.add_column(column)
-    for wave in rollout.get("waves_detail", []):
-        marker = " ←" if wave["wave"] == rollout["wave"] and rollout["status"] in ("running", "paused") else ""
-        waves.add_row(
-            f"{wave['wave']}{marker}",
-            wave["target"],
-            *(str(wave[k]) for k in ("nodes", "healthy", "updating", "pending", "failed")),
-        )
-    out.print(waves)
+    out.print(_waves_table(rollout))
     if rollout.get("gate_results") or failed:
         out.print(_gate_table(rollout.get("gate_results", []), failed))
     nodes = Table(title="nodes", title_justify="left")

@@ -295,6 +295,24 @@ class ActivationEvent(Base):
     at: Mapped[float] = mapped_column(TIME)  # the control plane's clock, when the report arrived
 
 
+class FleetEvent(Base):
+    """One thing that happened in the fleet, for `strata events`: an enrollment, a revocation, an activation or
+    rollback, a failure a node reported, a deployment made or removed, a rollout's change or gate result."""
+
+    __tablename__ = "fleet_events"
+    # Ids are the feed's cursor (`strata events --follow` asks for the ones after the last it saw): never reused.
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(TIME, index=True)  # the control plane's clock
+    kind: Mapped[str] = mapped_column(String(24), index=True)
+    node_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    model: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    version: Mapped[str | None] = mapped_column(String(NAME_LEN))
+    rollout_id: Mapped[int | None] = mapped_column(Integer)
+    message: Mapped[str] = mapped_column(Text)
+
+
 class TelemetryBatch(Base):
     """One telemetry batch a node uploaded; the primary key is what makes every batch stored exactly once."""
 

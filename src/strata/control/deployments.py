@@ -2,24 +2,121 @@
 
 Creating or deleting one bumps the fleet generation, so long-polling nodes learn about it at once. The rule that
 turns deployments (with rollouts and pins) into per-node desired states lives in `strata.control.desired`; this
-module loads its input.
+module loads its input, and says how far a deployment got: `node_progress` is the pure part (for each node its
+selector matches: running it, on its way, failed, unable to run it, kept by a policy, or decided by another entry).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import builtins
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from strata.control.db import Database, Deployment, ModelVersion, Node, Rollout, RolloutNode, runnable_version
-from strata.control.desired import ActiveDeployment, count_matching
+from strata.control.desired import ActiveDeployment, decide
+from strata.control.events import NewEvent, record_event
 from strata.control.feed import ChangeFeed
+from strata.control.presence import PresenceTracker
 from strata.control.rollout_plan import ACTIVE
 from strata.control.rollouts import load_pin_entries, variant_policies, variant_refs
-from strata.core.errors import NotFound
-from strata.core.wire import parse_labels
+from strata.core.errors import Conflict, NotFound, ProfileError
+from strata.core.policy import NodeFacts
+from strata.core.profiles import VariantChoice, get_profile, rank_variants
+from strata.core.wire import NodeStatus, ProtocolError, VariantRef, parse_labels
+
+# A node's part in a deployment. `running`, `failed` and `pending` count towards it; the other three say why a node
+# the selector matches will not run it: no variant its hardware runs, a placement policy, another entry decides.
+NODE_STATES: Final = ("running", "pending", "failed", "no-variant", "excluded", "superseded")
+TARGETED: Final = frozenset({"running", "pending", "failed"})
+
+
+@dataclass(frozen=True)
+class FleetNode:
+    """What `node_progress` needs to know of one live node."""
+
+    id: str
+    name: str
+    labels: Mapping[str, str]
+    facts: NodeFacts
+    status: NodeStatus | None
+    online: bool
+
+    @property
+    def hardware(self) -> str:
+        """The profile the node picks its variant with: the one it reports (it runs on that hardware), or the
+        assigned one before its first report."""
+        return self.status.profile if self.status is not None else self.facts.profile
+
+
+@dataclass(frozen=True)
+class NodeProgress:
+    """One node's part in a deployment: its state (see `NODE_STATES`), why, and what it runs of the model now."""
+
+    node_id: str
+    name: str
+    state: str
+    detail: str
+    online: bool
+    running: str | None
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 node', '3 nodes'."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def runnable_variants(profile: str, variants: Iterable[VariantRef]) -> list[str]:
+    """The ids of the variants a node of `profile` can run, best first (none for an unknown profile)."""
+    try:
+        host = get_profile(profile)
+    except ProfileError:
+        return []
+    choices = [VariantChoice(v.id, v.profile, v.runtime, v.precision) for v in variants]
+    return [choice.id for choice in rank_variants(host, choices)]
+
+
+def node_progress(entry: ActiveDeployment, node: FleetNode, entries: Iterable[ActiveDeployment]) -> NodeProgress | None:
+    """How far `entry` got on `node` (None: its selector does not match the node). `entries` is every entry of the
+    desired-state rule (`entry` among them), so a newer deployment, a rollout or a pin that decides the node
+    instead is named."""
+    if not entry.applies_to(node.id, node.labels):
+        return None
+    current = next((m for m in node.status.models if m.name == entry.model), None) if node.status else None
+    running = current.version if current is not None else None
+
+    def progress(state: str, detail: str) -> NodeProgress:
+        return NodeProgress(node.id, node.facts.name, state, detail, node.online, running)
+
+    decided, refused = decide(node.id, node.labels, entries, node.facts)
+    winner = decided.get(entry.model)
+    if winner is None or winner.deployment.source != entry.source:
+        for candidate, decision in refused.get(entry.model, []):
+            if candidate.source == entry.source:
+                return progress("excluded", f"policy {decision.rule}: {decision.reason}")
+        assert winner is not None  # the entry applies to the node: it decides, is refused, or another one wins
+        other = winner.deployment
+        return progress("superseded", f"{other.kind} {other.id} decides: {other.model} {other.version}")
+    if not runnable_variants(node.hardware, winner.variants):
+        profiles = ", ".join(sorted({v.profile for v in winner.variants}))
+        return progress("no-variant", f"profile {node.hardware} runs none of its variants (built for {profiles})")
+    if running == entry.version:
+        return progress("running", f"variant {current.variant}" if current is not None else "")
+    failure = next(
+        (
+            f
+            for f in (node.status.failures if node.status else ())
+            if (f.model, f.version) == (entry.model, entry.version)
+        ),
+        None,
+    )
+    if failure is not None:
+        return progress("failed", f"{failure.kind}: {failure.reason}")
+    return progress("pending", "on its way" if node.online else "offline: it updates when it is back")
 
 
 @dataclass(frozen=True)
@@ -32,6 +129,10 @@ class DeploymentInfo:
     selector: dict[str, str]
     created_at: float
     matched_nodes: int
+    counts: dict[str, int] = field(default_factory=dict)
+    nodes: list[NodeProgress] = field(default_factory=list)
+    runnable_nodes: int = 0
+    done: bool = False
 
 
 def load_active_deployments(session: Session) -> tuple[ActiveDeployment, ...]:
@@ -94,55 +195,103 @@ def load_active_deployments(session: Session) -> tuple[ActiveDeployment, ...]:
     return tuple(entries)
 
 
-def _live_labels(session: Session) -> list[dict[str, str]]:
-    return list(session.scalars(select(Node.labels).where(Node.revoked_at.is_(None))).all())
-
-
-def _info(row: Deployment, fleet_labels: list[dict[str, str]]) -> DeploymentInfo:
+def _info(row: Deployment, progress: list[NodeProgress], with_nodes: bool) -> DeploymentInfo:
+    counts = dict.fromkeys(NODE_STATES, 0)
+    for item in progress:
+        counts[item.state] += 1
     return DeploymentInfo(
         id=str(row.id),
         model=row.version.model.name,
         version=row.version.version,
         selector=dict(row.selector),
         created_at=row.created_at,
-        matched_nodes=count_matching(row.selector, fleet_labels),
+        matched_nodes=len(progress),
+        counts=counts,
+        nodes=sorted(progress, key=lambda p: p.name) if with_nodes else [],
+        runnable_nodes=sum(1 for p in progress if p.state in TARGETED),
+        done=counts["pending"] == 0,
     )
 
 
-def _parse_id(deployment_id: str) -> int:
-    if not deployment_id.isdecimal():
+def _stored(session: Session, deployment_id: str) -> Deployment:
+    """The deployment of this id.
+
+    Raises:
+        NotFound: no such deployment.
+    """
+    row = session.get(Deployment, int(deployment_id)) if deployment_id.isdecimal() else None
+    if row is None:
         raise NotFound(f"no deployment {deployment_id!r}")
-    return int(deployment_id)
+    return row
+
+
+def stored_status(document: str | None) -> NodeStatus | None:
+    """A node's last report as the control plane stored it (None: none yet, or one this version cannot read)."""
+    if not document:
+        return None
+    try:
+        return NodeStatus.from_json(json.loads(document))
+    except (ValueError, ProtocolError):
+        return None
 
 
 class DeploymentService:
-    """Creates, lists and deletes deployments."""
+    """Creates, lists and deletes deployments, and says how far each got."""
 
-    def __init__(self, db: Database, feed: ChangeFeed, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        db: Database,
+        feed: ChangeFeed,
+        clock: Callable[[], float],
+        presence: PresenceTracker | None = None,
+        online_window_s: float = 90.0,
+    ) -> None:
         self._db = db
         self._feed = feed
         self._clock = clock
+        self._presence = presence
+        self._online_window_s = online_window_s
 
-    def create(self, model: str, version: str, selector: Mapping[str, str]) -> DeploymentInfo:
+    def create(self, model: str, version: str, selector: Mapping[str, str], force: bool = False) -> DeploymentInfo:
         """Pin `model` at `version` on the nodes `selector` matches (empty: every node).
+
+        A deployment that no matching node could run is refused (unless `force`): every node it matches lacks a
+        variant for its hardware, so it would change the fleet's desired state to no effect but failures. One that
+        matches no node now is made (the nodes may enroll later), and so is one a placement policy keeps from
+        every node (the operator's rule, which a node may come to satisfy: a label, an attestation level).
 
         Raises:
             NotFound: no such model or version.
             ProtocolError: the selector has an empty key, or the version has no variants to run.
+            Conflict: nodes match and none of them can run it (without `force`).
             StoreError: the database failed.
         """
         selector = parse_labels(dict(selector), "selector")
+        now = self._clock()
         with self._db.transaction() as session:
             row = runnable_version(session, model, version, "deploy")
-            deployment = Deployment(version=row, selector=selector, created_at=self._clock())
+            deployment = Deployment(version=row, selector=selector, created_at=now)
             session.add(deployment)
             session.flush()
-            info = _info(deployment, _live_labels(session))
+            info = self._progress(session, [deployment], with_nodes=True)[0]
+            if info.matched_nodes and info.counts["no-variant"] == info.matched_nodes and not force:
+                reasons = "; ".join(f"{p.name}: {p.detail}" for p in info.nodes[:5])
+                raise Conflict(
+                    f"no node can run {model} {version}: {plural(info.matched_nodes, 'node')} match and none has a "
+                    f"variant for its hardware ({reasons}); push a variant for their profile, or deploy anyway "
+                    "with --force"
+                )
+            shown = ",".join(f"{k}={v}" for k, v in sorted(selector.items())) or "every node"
+            record_event(
+                session,
+                now,
+                NewEvent("deployed", f"deployment {deployment.id}: {model} {version} to {shown}", None, model, version),
+            )
         self._feed.bump()
         return info
 
-    def list(self) -> list[DeploymentInfo]:
-        """Every deployment, newest first.
+    def list(self) -> builtins.list[DeploymentInfo]:
+        """Every deployment, newest first, with its nodes counted by state.
 
         Raises:
             StoreError: the database failed.
@@ -153,8 +302,17 @@ class DeploymentService:
                 .options(selectinload(Deployment.version).selectinload(ModelVersion.model))
                 .order_by(Deployment.created_at.desc(), Deployment.id.desc())
             ).all()
-            fleet_labels = _live_labels(session)
-            return [_info(row, fleet_labels) for row in rows]
+            return self._progress(session, rows, with_nodes=False)
+
+    def get(self, deployment_id: str) -> DeploymentInfo:
+        """One deployment with every node its selector matches and how far it got there.
+
+        Raises:
+            NotFound: no such deployment.
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            return self._progress(session, [_stored(session, deployment_id)], with_nodes=True)[0]
 
     def delete(self, deployment_id: str) -> None:
         """Remove a deployment; the nodes it decided fall back to the next matching one, or drop the model.
@@ -164,8 +322,36 @@ class DeploymentService:
             StoreError: the database failed.
         """
         with self._db.transaction() as session:
-            row = session.get(Deployment, _parse_id(deployment_id))
-            if row is None:
-                raise NotFound(f"no deployment {deployment_id!r}")
+            row = _stored(session, deployment_id)
+            model, version = row.version.model.name, row.version.version
             session.delete(row)
+            message = f"deployment {row.id}: {model} {version} removed"
+            record_event(session, self._clock(), NewEvent("undeployed", message, None, model, version))
         self._feed.bump()
+
+    def _progress(
+        self, session: Session, rows: Sequence[Deployment], with_nodes: bool
+    ) -> builtins.list[DeploymentInfo]:
+        now = self._clock()
+        entries = load_active_deployments(session)
+        by_id = {e.id: e for e in entries if e.kind == "deployment"}
+        fleet = []
+        for node in session.scalars(select(Node).where(Node.revoked_at.is_(None))).all():
+            seen = [node.last_seen, self._presence.last_seen(node.id) if self._presence is not None else None]
+            last_seen = max((t for t in seen if t is not None), default=None)
+            fleet.append(
+                FleetNode(
+                    id=node.id,
+                    name=node.name,
+                    labels=dict(node.labels),
+                    facts=NodeFacts.of(node.name, node.tier, node.profile, node.labels, node.attestation or ""),
+                    status=stored_status(node.status),
+                    online=last_seen is not None and now - last_seen <= self._online_window_s,
+                )
+            )
+        infos = []
+        for row in rows:
+            entry = by_id[row.id]
+            progress = [p for node in fleet if (p := node_progress(entry, node, entries)) is not None]
+            infos.append(_info(row, progress, with_nodes))
+        return infos

@@ -17,7 +17,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -35,8 +35,8 @@ from strata.control.auth import (
     new_secret,
 )
 from strata.control.blobs import BlobStore
-from strata.control.db import Database, EnrollmentToken, Node, Variant
-from strata.control.deployments import load_active_deployments
+from strata.control.db import Database, EnrollmentToken, Node, NodeCertificate, Variant
+from strata.control.deployments import load_active_deployments, stored_status
 from strata.control.desired import (
     ActiveDeployment,
     decide,
@@ -44,6 +44,7 @@ from strata.control.desired import (
     etag_matches,
     referenced_blobs,
 )
+from strata.control.events import NewEvent, change_events, failure_events, record_event
 from strata.control.feed import ChangeFeed
 from strata.control.history import activation_events, record_changes
 from strata.control.pki import Pki
@@ -219,20 +220,14 @@ class NodeView:
     tpm_ek: str | None = None
     tpm_pcrs: dict[str, Any] | None = None
     claims: dict[str, Any] = field(default_factory=dict)
+    slots: list[dict[str, Any]] = field(default_factory=list)
+    enrolled_at: float | None = None
+    certificate_expires_at: float | None = None
 
 
 def node_facts(node: Node) -> NodeFacts:
     """What placement policies may know about a stored node."""
     return NodeFacts.of(node.name, node.tier, node.profile, node.labels, node.attestation or "")
-
-
-def _parse_status(document: str | None) -> NodeStatus | None:
-    if not document:
-        return None
-    try:
-        return NodeStatus.from_json(json.loads(document))
-    except (ValueError, ProtocolError):
-        return None
 
 
 @dataclass(frozen=True)
@@ -287,7 +282,24 @@ def node_view(
         tpm_ek=node.tpm_ek,
         tpm_pcrs=node.tpm_pcrs,
         claims=claims_of(Assigned(node.tier, dict(node.labels)), node.profile, _reported_identity(status)),
+        slots=[_slot(m) for m in status.get("models", [])],
+        enrolled_at=node.enrolled_at,
     )
+
+
+def _slot(model: Mapping[str, Any]) -> dict[str, Any]:
+    """What a node's report says of one model's slots: the active package and the previous one it can go back to."""
+    return {
+        "model": model["name"],
+        "active": {"version": model["version"], "variant": model["variant"], "digest": model["digest"]},
+        "activated_at": model.get("activated_at"),
+        "previous": (
+            {"version": model.get("previous_version"), "digest": model.get("previous_digest")}
+            if model.get("previous_digest") or model.get("previous_version")
+            else None
+        ),
+        "probation": model.get("probation"),
+    }
 
 
 def check_enroll_request(request: EnrollRequest) -> None:
@@ -463,6 +475,11 @@ class FleetService:
             session.flush()
             record_issued(session, node_id, node.credential_hash, issued.not_after, now)
             token.node_id = node.id
+            again = "enrolled again (a new credential; the old one is refused)" if existing is not None else "enrolled"
+            what = f"{again}: tier {node.tier}, profile {node.profile}" + (
+                f", agent {node.agent_version}" if node.agent_version else ""
+            )
+            record_event(session, now, NewEvent("enrolled", what, node_id=node_id))
         self._authenticator.forget_node(node_id)
         self._feed.bump()
         if replaced is not None:
@@ -539,7 +556,10 @@ class FleetService:
         with self._db.transaction() as session:
             node = self._live_node(session, node_id)
             deployments = self._active_deployments(session, generation)
-        return self._view(node, generation, deployments, now)
+            expires = session.scalar(
+                select(NodeCertificate.not_after).where(NodeCertificate.sha256 == node.credential_hash)
+            )
+        return replace(self._view(node, generation, deployments, now), certificate_expires_at=expires)
 
     def revoke(self, node_id: str) -> None:
         """Revoke a node: its credential stops working at once and no deployment targets it any more; the TPM
@@ -556,6 +576,7 @@ class FleetService:
             node.revoked_at = now
             revoke_issued(session, node_id, node.credential_hash, now + self._cert_hours * 3600, now)
             node.tpm_ak = node.tpm_ek = None  # its TPM may serve the machine when it is enrolled again
+            record_event(session, now, NewEvent("revoked", "revoked by the operator", node_id=node_id))
         self._authenticator.forget_node(node_id)
         self._presence.forget(node_id)
         self._feed.bump()
@@ -588,7 +609,11 @@ class FleetService:
             if node.status == document:
                 return False
             now = self._clock()
-            session.add_all(record_changes(node_id, activation_events(_parse_status(node.status), status), now))
+            previous = stored_status(node.status)
+            changes = activation_events(previous, status)
+            session.add_all(record_changes(node_id, changes, now))
+            for event in change_events(node_id, changes) + failure_events(node_id, previous, status):
+                record_event(session, now, event)
             node.status = document
             node.status_at = now
             node.emulated = status.emulated
@@ -629,7 +654,7 @@ class FleetService:
             if tier is not None:
                 node.tier = tier
             if accept_profile:
-                status = _parse_status(node.status)
+                status = stored_status(node.status)
                 if status is None:
                     raise ProtocolError(f"node {node.name!r} has not reported a profile to accept")
                 node.profile = status.profile

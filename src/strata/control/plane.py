@@ -29,6 +29,7 @@ from strata.control.blobs import FileBlobStore
 from strata.control.db import Database, make_engine
 from strata.control.deployments import DeploymentService
 from strata.control.errors import StoreError
+from strata.control.events import EventService
 from strata.control.feed import ChangeFeed, Nudge, SharedGeneration
 from strata.control.fleet import FleetService
 from strata.control.history import HistoryService
@@ -65,6 +66,7 @@ class ControlPlane:
     rollouts: RolloutService
     pins: PinService
     history: HistoryService
+    events: EventService
     nudge: Nudge
     supply: SupplyService
     shared: SharedGeneration = field(repr=False)
@@ -122,7 +124,8 @@ class ControlPlane:
             registry=RegistryService(
                 db, blobs, feed, settings.clock, settings.tmp_dir, settings.max_package_bytes, supply=supply
             ),
-            deployments=DeploymentService(db, feed, settings.clock),
+            deployments=DeploymentService(db, feed, settings.clock, presence, window),
+            events=EventService(db),
             telemetry=telemetry,
             pki=pki,
             attestation=AttestationService(

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from strata.control.db import Database, ModelVersion, Node, Pin, Rollout, RolloutNode, runnable_version
 from strata.control.desired import ActiveDeployment
+from strata.control.events import NewEvent, record_event, rollout_events
 from strata.control.feed import ChangeFeed
 from strata.control.gates import Baseline, DriftFigure, GateResult
 from strata.control.presence import PresenceTracker
@@ -342,6 +343,10 @@ class RolloutService:
                 session.add(rollout)
                 session.flush()
                 rollout_id = rollout.id
+                shown = ",".join(f"{k}={v}" for k, v in sorted(selector.items())) or "every node"
+                message = f"rollout {rollout_id}: {model} {version} to {shown} started"
+                started = NewEvent("rollout", message, model=model, version=version, rollout_id=rollout_id)
+                record_event(session, rollout.created_at, started)
             self.tick()
         return self.get(str(rollout_id))
 
@@ -407,6 +412,17 @@ class RolloutService:
                     raise Conflict(f"rollout {row.id} is {row.status}; it must be {' or '.join(allowed)}")
                 row.status = status
                 row.message = message
+                record_event(
+                    session,
+                    self._clock(),
+                    NewEvent(
+                        "rollout",
+                        f"rollout {row.id}: {status} ({message})",
+                        model=row.version.model.name,
+                        version=row.version.version,
+                        rollout_id=row.id,
+                    ),
+                )
                 if status == "running":
                     row.failed_gate = None
                 if status == "aborted":
@@ -451,6 +467,8 @@ class RolloutService:
                     continue
                 new = apply_actions(state, actions)
                 _store(session, row, node_rows, state, new)
+                for event in rollout_events(state, new):
+                    record_event(session, now, event)
                 changed += 1
                 if new.status != state.status:
                     log.info("rollout %d of %s %s: %s (%s)", row.id, new.model, new.version, new.status, new.message)

@@ -225,6 +225,15 @@ class NodeBody(BaseModel):
         description="what the node's last report says about itself where it differs from what the control plane "
         "holds (tier, labels: never used; profile: waits for the operator when it would widen what the node gets)",
     )
+    slots: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="per model, from the last status: the active package (version, variant, digest), when it was "
+        "activated, the previous one it can roll back to, and its probation",
+    )
+    enrolled_at: float | None = Field(None, description="when the node last enrolled")
+    certificate_expires_at: float | None = Field(
+        None, description="when the node's current certificate expires (one node's view only; it renews it itself)"
+    )
 
 
 class EndpointBody(BaseModel):
@@ -315,6 +324,20 @@ class DeploymentRequest(BaseModel):
     model: str
     version: str
     selector: dict[str, str] = Field(default_factory=dict, description="label equality; empty selects every node")
+    force: bool = Field(False, description="make it even when the nodes it matches can run none of its variants")
+
+
+class DeploymentProgressBody(BaseModel):
+    node_id: str
+    name: str
+    state: str = Field(
+        description="running, pending (on its way, or offline), failed (the node's reason in `detail`), no-variant "
+        "(its profile runs none of the version's variants), excluded (a placement policy), superseded (another "
+        "deployment, rollout or pin decides this node)"
+    )
+    detail: str
+    online: bool
+    running: str | None = Field(description="the version of the model the node runs now")
 
 
 class DeploymentBody(BaseModel):
@@ -324,6 +347,24 @@ class DeploymentBody(BaseModel):
     selector: dict[str, str]
     created_at: float
     matched_nodes: int = Field(description="live nodes the selector matches now")
+    runnable_nodes: int = Field(0, description="matched nodes this deployment decides and that can run a variant")
+    counts: dict[str, int] = Field(default_factory=dict, description="matched nodes by state")
+    done: bool = Field(False, description="no matched node is still pending")
+    nodes: list[DeploymentProgressBody] = Field(
+        default_factory=list, description="every matched node (one deployment, and a new one's answer)"
+    )
+
+
+class EventBody(BaseModel):
+    id: int = Field(description="the feed's cursor: ask for the events after it with `after`")
+    at: float
+    kind: str
+    node: str | None = Field(description="the node's name, when the event is about one")
+    node_id: str | None
+    model: str | None
+    version: str | None
+    rollout: str | None
+    message: str
 
 
 # --- rollouts -------------------------------------------------------------------------------------------

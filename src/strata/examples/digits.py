@@ -65,3 +65,21 @@ def train_digits(out: Path, hidden: int = 64, seed: int = 0, max_iter: int = 200
     onnx_model = to_onnx(model, data.train_x[:1], options=options, target_opset=17)
     write_bytes_atomic(out, onnx_model.SerializeToString())
     return float(model.score(data.test_x, data.test_y))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m strata.examples.digits OUT.onnx [--hidden N] [--seed S]`: a model to try strata with (the README's
+    quick tour); prints its held-out accuracy."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m strata.examples.digits", description=main.__doc__)
+    parser.add_argument("out", type=Path, help="the ONNX file to write")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden units: another value, another model version")
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    args = parser.parse_args(argv)
+    accuracy = train_digits(args.out, hidden=args.hidden, seed=args.seed)
+    print(f"{args.out}: digits classifier, held-out accuracy {accuracy:.3f}")
+
+
+if __name__ == "__main__":
+    main()

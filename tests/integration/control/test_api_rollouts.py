@@ -169,6 +169,17 @@ def test_a_good_rollout_goes_wave_by_wave_and_survives_a_restart(
 
         history = again.client.get("/v1/models/digits/history", headers=again.admin).json()
         assert len([e for e in history if e["version"] == "2" and e["kind"] == "activated"]) == 10
+        # The fleet's event feed tells the same story, a wave's gates with their numbers included.
+        feed = again.client.get("/v1/events", params={"kind": ["gate", "rollout"]}, headers=again.admin).json()
+        told = [e["message"] for e in feed if e["rollout"] == created["id"]]
+        assert told[0] == f"rollout {created['id']}: digits 2 to fleet=t started"
+        assert told[1].startswith("wave 1 passed its gates: activation_success_rate>=0.95: 1 pass")
+        assert [m.split(":")[0] for m in told[2:]] == [
+            "wave 2 passed its gates",
+            "wave 3 passed its gates",
+            f"rollout {created['id']}",
+        ]
+        assert told[-1].startswith(f"rollout {created['id']}: succeeded")
         assert len([e for e in history if e["version"] == "1"]) == 10
 
 
@@ -200,6 +211,17 @@ def test_a_canary_that_fails_to_activate_rolls_everyone_back(registry: Harness) 
     history = registry.client.get("/v1/models/digits/history", headers=registry.admin).json()
     back = [e for e in history if e["node"] == canary[0]]
     assert [(e["kind"], e["version"]) for e in back][:2] == [("activated", "1"), ("activated", "2")]
+    feed = registry.client.get("/v1/events", params={"after": 0}, headers=registry.admin).json()
+    told = [
+        (e["kind"], e["node"], e["message"]) for e in feed if e["rollout"] == created["id"] or e["kind"] == "failed"
+    ]
+    assert told == [
+        ("rollout", None, f"rollout {created['id']}: digits 2 to fleet=t started"),
+        ("failed", canary[1], "digits 2 failed (health): health check failed: output differs"),
+        ("failed", canary[1], f"rollout {created['id']}: health: health check failed: output differs"),
+        ("gate", None, f"gate activation_success_rate>=0.95 failed in wave 1: {gate['detail']}"),
+        ("rollout", None, f"rollout {created['id']}: rolled_back ({status['message']})"),
+    ]
 
 
 def test_three_times_the_latency_fails_the_latency_gate_with_its_numbers(registry: Harness) -> None:

@@ -69,6 +69,7 @@ def test_with_release_keys_an_unsigned_upload_is_refused(
     assert answer["status"] == 422
     assert answer["code"] == "signature_invalid"
     assert "accepts only packages signed by a release key" in str(answer["error"])
+    assert "upload with `strata package push PKG`" in str(answer["error"])  # the command that does it
     assert supply_server.client.get("/v1/models", headers=supply_server.admin).json() == []
 
 

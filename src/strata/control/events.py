@@ -1,0 +1,192 @@
+"""The fleet's event feed: what happened, when, to which node, model and rollout (`GET /v1/events`, `strata events`).
+
+Each service records its events in the same transaction as the change itself (`record_event`), so the feed never
+shows a change that was rolled back, nor misses one that was stored. The pure parts say which events a change
+makes: `failure_events` (a node's new failures between two reports) and `rollout_events` (a rollout's step: its
+status, a wave's gates passed or failed, a node it found failed). Ids only grow: they are the feed's cursor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from strata.control.db import Database, FleetEvent, Node
+from strata.control.history import Change
+from strata.control.rollout_plan import RolloutState
+from strata.core.wire import NodeStatus, ProtocolError
+
+EVENT_KINDS: Final = (
+    "enrolled",
+    "revoked",
+    "activated",
+    "rolled_back",
+    "removed",
+    "failed",
+    "deployed",
+    "undeployed",
+    "rollout",
+    "gate",
+)
+MAX_EVENTS: Final = 5000
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event of the feed, as the API shows it (`node` is the node's name)."""
+
+    id: int
+    at: float
+    kind: str
+    node: str | None
+    node_id: str | None
+    model: str | None
+    version: str | None
+    rollout: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to record, before it has an id and a time."""
+
+    kind: str
+    message: str
+    node_id: str | None = None
+    model: str | None = None
+    version: str | None = None
+    rollout_id: int | None = None
+
+
+def record_event(session: Session, at: float, event: NewEvent) -> None:
+    """Add `event` to the feed, in `session`'s transaction (it is stored with the change it describes)."""
+    session.add(
+        FleetEvent(
+            at=at,
+            kind=event.kind,
+            node_id=event.node_id,
+            model=event.model,
+            version=event.version,
+            rollout_id=event.rollout_id,
+            message=event.message[:2000],
+        )
+    )
+
+
+def failure_events(node_id: str, old: NodeStatus | None, new: NodeStatus) -> list[NewEvent]:
+    """The failures `new` reports that `old` did not (a retry failing the same way again is not a new one)."""
+    seen = {(f.model, f.version, f.reason) for f in old.failures} if old is not None else set()
+    return [
+        NewEvent(
+            "failed",
+            f"{f.model} {f.version} failed ({f.kind}): {f.reason}",
+            node_id=node_id,
+            model=f.model,
+            version=f.version,
+        )
+        for f in new.failures
+        if (f.model, f.version, f.reason) not in seen
+    ]
+
+
+def change_events(node_id: str, changes: Iterable[Change]) -> list[NewEvent]:
+    """The feed's entries for a node's changes of what it runs (see `history.activation_events`)."""
+    words = {"activated": "activated", "rolled_back": "rolled back to", "removed": "removed"}
+    events = []
+    for change in changes:
+        version = change.version if change.kind != "removed" else change.previous_version
+        was = f" (was {change.previous_version})" if change.previous_version and change.kind != "removed" else ""
+        variant = f" {change.variant}" if change.variant else ""
+        message = f"{change.model}: {words.get(change.kind, change.kind)} {version}{variant}{was}"
+        events.append(NewEvent(change.kind, message, node_id=node_id, model=change.model, version=version))
+    return events
+
+
+def _gates(state: RolloutState, wave: int) -> str:
+    results = [g for g in state.gate_results if g.wave == wave]
+    return "; ".join(f"{g.gate.text}: {'-' if g.value is None else f'{g.value:.4g}'} {g.verdict}" for g in results)
+
+
+def rollout_events(old: RolloutState, new: RolloutState) -> list[NewEvent]:
+    """What one step of a rollout (`old` -> `new`) adds to the feed: a wave whose gates passed, a gate that failed,
+    nodes it marked failed, and a change of its status."""
+
+    def event(kind: str, message: str, node_id: str | None = None) -> NewEvent:
+        return NewEvent(kind, message, node_id, new.model, new.version, new.id)
+
+    events: list[NewEvent] = []
+    for node_id, assignment in new.nodes.items():
+        before = old.nodes.get(node_id)
+        if assignment.failed_at is not None and (before is None or before.failed_at is None):
+            events.append(event("failed", f"rollout {new.id}: {assignment.failure or 'failed'}", node_id))
+    if new.failed_gate is not None and new.failed_gate != old.failed_gate:
+        gate = new.failed_gate
+        events.append(event("gate", f"gate {gate.gate.text} failed in wave {gate.wave + 1}: {gate.detail}"))
+    completed = new.status == "succeeded" and old.status != "succeeded"
+    if new.wave > old.wave or completed:
+        passed = old.wave
+        numbers = _gates(new, passed) or _gates(old, passed)
+        events.append(event("gate", f"wave {passed + 1} passed its gates" + (f": {numbers}" if numbers else "")))
+    if new.status != old.status:
+        events.append(event("rollout", f"rollout {new.id}: {new.status} ({new.message})"))
+    return events
+
+
+class EventService:
+    """Answers `GET /v1/events`."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def list(
+        self,
+        since: float | None = None,
+        after: int | None = None,
+        kinds: Collection[str] = (),
+        node: str | None = None,
+        limit: int = 1000,
+    ) -> list[Event]:
+        """Events oldest first: those after id `after` (the first `limit` of them: the way to follow the feed), or
+        else the last `limit` at or after time `since`; only of `kinds` and of `node` (a name or id) when given.
+
+        Raises:
+            ProtocolError: an unknown kind, or a limit out of 1..MAX_EVENTS.
+            StoreError: the database failed.
+        """
+        unknown = sorted(set(kinds) - set(EVENT_KINDS))
+        if unknown:
+            raise ProtocolError(f"unknown event kind {', '.join(unknown)}: one of {', '.join(EVENT_KINDS)}")
+        if not 1 <= limit <= MAX_EVENTS:
+            raise ProtocolError(f"limit must be between 1 and {MAX_EVENTS}")
+        query = select(FleetEvent, Node.name).outerjoin(Node, Node.id == FleetEvent.node_id)
+        if kinds:
+            query = query.where(FleetEvent.kind.in_(list(kinds)))
+        if node is not None:
+            query = query.where((FleetEvent.node_id == node) | (Node.name == node))
+        if since is not None:
+            query = query.where(FleetEvent.at >= since)
+        if after is not None:
+            query = query.where(FleetEvent.id > after).order_by(FleetEvent.id).limit(limit)
+        else:
+            query = query.order_by(FleetEvent.id.desc()).limit(limit)
+        with self._db.transaction() as session:
+            rows = session.execute(query).all()
+        events = [
+            Event(
+                id=row.id,
+                at=row.at,
+                kind=row.kind,
+                node=name,
+                node_id=row.node_id,
+                model=row.model,
+                version=row.version,
+                rollout=str(row.rollout_id) if row.rollout_id is not None else None,
+                message=row.message,
+            )
+            for row, name in rows
+        ]
+        return events if after is not None else events[::-1]
