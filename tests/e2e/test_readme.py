@@ -210,10 +210,7 @@ def test_the_readme_quick_tour_runs_as_written(tmp_path: Path) -> None:
             if line.command.startswith(start):
                 assert expected in printed[number], f"{line.text}\nprinted no {expected!r}:\n{printed[number][-3000:]}"
     assert {start for start in EXPECTED if any(line.command.startswith(start) for line in lines)} == set(EXPECTED)
-    # The README says the gateway answers from local, parent or cloud; checked last, so that every other line is
-    # judged first. Known today: issue 17, bug 1 (with --data-dir, the gateway of a node that has --tier-port never
-    # reaches its own agent, and this node has no parent), so it answers `none`.
+    # The README says the gateway answers from local, parent or cloud (it used to answer `none` when asked before
+    # its first topology read: it now listens only after that read).
     [served] = [printed[n] for n, line in enumerate(lines) if line.command.startswith(GATEWAY_LINE)]
-    if "strata-served-by: none" in served:
-        pytest.xfail("issue 17 bug 1: the gateway --data-dir of a node with --tier-port does not use its own agent")
     assert re.search(r"strata-served-by: (local|parent|cloud)", served), served

@@ -57,6 +57,7 @@ from strata.trust.fleet_tls import NodeTrust
 log = logging.getLogger("strata.gateway")
 
 _BREAKER_LEVEL: Final = {"closed": 0, "half_open": 1, "open": 2}
+_FIRST_TOPOLOGY_WAIT_S: Final = 10.0  # the gateway listens after its first topology read, or after this long
 _TOPOLOGY_RETRY_S: Final = 5.0  # after a failed read, the topology is read again this soon
 _TLS_CHECK_S: Final = 1.0  # how often the node's certificate files and revocation list are looked at
 
@@ -240,9 +241,12 @@ def parse_budget_ms(raw: str) -> float | None:
     return value if 1 <= value <= MAX_BUDGET_MS else None  # NaN and infinities fail the comparison
 
 
-async def _refresh_topology(config: GatewayConfig, tls: GatewayTls, router: Router, stop: asyncio.Event) -> None:
+async def _refresh_topology(
+    config: GatewayConfig, tls: GatewayTls, router: Router, stop: asyncio.Event, first_read: asyncio.Event
+) -> None:
     """Read this node's topology now and every `topology_interval_s` (keeping the last one on failure), and look
-    at the node's certificate and revocation list every second: when they change, route over new contexts."""
+    at the node's certificate and revocation list every second: when they change, route over new contexts.
+    `first_read` is set once the first read was tried (and its routes set, when it succeeded)."""
     trust = tls.trust
     server = config.server or (trust.server if trust is not None else None)
     node_id = config.node_id or (trust.node_id if trust is not None else None)
@@ -277,6 +281,7 @@ async def _refresh_topology(config: GatewayConfig, tls: GatewayTls, router: Rout
                     log.warning("left out of the routes: %s", reason)
                 log.info("routing over %s", _describe(targets))
                 router.set_targets(targets)
+        first_read.set()
         wait = min(_TLS_CHECK_S if trust is not None else math.inf, next_read - loop.time())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=max(0.0, wait))
@@ -297,16 +302,29 @@ async def serve_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
     router = Router(config.manual_targets(tls.peers, node_id), config.router)
     gateway = Gateway(router)
     server = HttpServer(gateway.handle)
-    await server.start(config.host, config.port)
-    log.info("gateway listening on http://%s:%d", config.host, server.port)
-    router.start()
     refresher = None
     if config.server is not None or tls.trust is not None:
         if tls.trust is not None:
             log.info("acting as node %s (its fleet certificate) toward %s", tls.trust.node_id, tls.trust.server)
-        refresher = asyncio.create_task(_refresh_topology(config, tls, router, stop))
+        # Listen once the topology was read (or could not be, within a few seconds): a request that came before
+        # would find no route at all (`strata-served-by: none`) where the node's own agent was there to answer.
+        first_read = asyncio.Event()
+        refresher = asyncio.create_task(_refresh_topology(config, tls, router, stop, first_read))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(first_read.wait(), _FIRST_TOPOLOGY_WAIT_S)
     else:
         log.info("routing over %s", _describe(router.targets))
+    try:
+        await server.start(config.host, config.port)
+    except BaseException:
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+        await router.close()
+        raise
+    log.info("gateway listening on http://%s:%d", config.host, server.port)
+    router.start()
     try:
         await stop.wait()
     finally:
