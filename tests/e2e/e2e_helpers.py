@@ -22,11 +22,18 @@ def push_model(
     profile: str = "cpu-generic",
     sample: dict[str, Any] | None = None,
     sign_key: Path | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> Package:
-    """Build a package for `model` (with drift references when `sample` is given) and upload it, signed with the
-    release key `sign_key` when given."""
+    """Build a package for `model` (with drift references when `sample` is given, and the optimizer's `metrics`
+    when given) and upload it, signed with the release key `sign_key` when given."""
     package = build_package(
-        model, workdir / f"pkg-{version}-{profile}", name="digits", version=version, profile=profile, sample=sample
+        model,
+        workdir / f"pkg-{version}-{profile}",
+        name="digits",
+        version=version,
+        profile=profile,
+        sample=sample,
+        metrics=metrics,
     )
     signature = None
     if sign_key is not None:

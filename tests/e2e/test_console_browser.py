@@ -69,8 +69,11 @@ def test_console_in_chromium(
         fleet.start_agent(
             name, tier, labels, extra_args=["--telemetry-interval", "1", "--report-interval", "1s", "--probation", "0"]
         )
-    push_model(fleet, digits_onnx, "1", tmp_path)
-    push_model(fleet, digits_onnx_v2, "2", tmp_path)
+    # What `strata optimize --push` stores with a variant: the models page's report and plot draw it.
+    measured = {"top1_agreement": 1.0, "throughput": 4000.0, "speedup": 1.0, "gate": "passed"}
+    push_model(fleet, digits_onnx, "1", tmp_path, metrics=measured)
+    faster = {**measured, "top1_agreement": 0.99, "throughput": 6400.0, "speedup": 1.6}
+    push_model(fleet, digits_onnx_v2, "2", tmp_path, metrics=faster)
     fleet.client.deploy("digits", "1", {"fleet": "ui"})
     fleet.wait_for_versions({name: {"digits": "1"} for name in NODES}, timeout=60)
     errors: list[str] = []
@@ -78,7 +81,8 @@ def test_console_in_chromium(
     # --- fleet: the numbers on the page are the API's ---
     page = open_console(browser, fleet, fleet.admin_token, errors)
     nodes = fleet.client.nodes()
-    page.wait_for_function("document.querySelector(\"[data-count='in_sync']\").textContent === '2'", timeout=WAIT_MS)
+    # Selectors, not wait_for_function: Playwright polls a function with eval, which the page's CSP refuses.
+    page.wait_for_selector("[data-count='in_sync']:text-is('2')", timeout=WAIT_MS)
     assert count(page, "total") == len(nodes) == 2
     assert count(page, "online") == sum(n["online"] for n in nodes)
     assert count(page, "in_sync") == sum(n["in_sync"] for n in nodes)
@@ -89,7 +93,7 @@ def test_console_in_chromium(
     assert page.inner_text("#who") == "admin"
     page.fill("input[name=selector]", "region=us-east")
     page.click("form.filter button")
-    page.wait_for_function("document.querySelector(\"[data-count='total']\").textContent === '1'", timeout=WAIT_MS)
+    page.wait_for_selector("[data-count='total']:text-is('1')", timeout=WAIT_MS)
     assert page.locator("#nodes tbody tr").count() == 1
     page.screenshot(path=str(ARTIFACTS / "fleet.png"), full_page=True)
 
@@ -106,6 +110,9 @@ def test_console_in_chromium(
     page.wait_for_selector("[data-model=digits]", timeout=WAIT_MS)
     assert page.inner_text("[data-running='1']").startswith("2:")
     assert page.inner_text("[data-running='2']") == "nowhere"
+    assert page.locator("svg.plot[data-plot=digits] circle").count() == 2  # accuracy against throughput
+    assert "top1_agreement 0.99" in page.inner_text("[data-version='2'] [data-report]")
+    assert page.locator("[data-tuf]").count() == 2
     page.screenshot(path=str(ARTIFACTS / "models.png"), full_page=True)
 
     # --- rollouts: one started from the CLI is seen progressing on the open page, which never reloads ---
@@ -125,12 +132,19 @@ def test_console_in_chromium(
     assert "2/2" in seen
     assert page.evaluate("window.__notReloaded") is True
     assert int(page.inner_text(f"{section} [data-wave='2'] [data-field=healthy]")) == 1
+    # Its timeline (folded once it ended): started first, the nodes' activations of 2, then succeeded.
+    assert page.locator(f"{section} details[data-timeline]:not([open])").count() == 1
+    kinds = page.locator(f"{section} [data-timeline] tr").evaluate_all("rows => rows.map((r) => r.dataset.kind)")
+    assert kinds[0] == "rollout"
+    assert kinds.count("activated") == 2
+    assert kinds[-1] == "rollout"
     page.screenshot(path=str(ARTIFACTS / "rollouts.png"), full_page=True)
 
     # --- the admin pauses and aborts a running rollout from the page ---
     held = fleet.cli("rollout", "create", "digits", "1", "--selector", "fleet=ui", "--waves", "1,100%", "--bake", "10m")
     held_id = held.stdout.strip().splitlines()[-1]
     running = f"[data-rollout='{held_id}']"
+    page.wait_for_selector(f"{running} [data-timeline] tr[data-kind=rollout]", state="visible", timeout=WAIT_MS)
     page.click(f"{running} [data-action=pause]", timeout=WAIT_MS)
     page.wait_for_selector(f"{running}[data-status=paused]", timeout=WAIT_MS)
     assert fleet.client.rollout(held_id)["status"] == "paused"

@@ -8,14 +8,15 @@ status, a wave's gates passed or failed, a node it found failed). Ids only grow:
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from strata.control.db import Database, FleetEvent, Node
+from strata.control.db import Database, FleetEvent, Node, RolloutNode
 from strata.control.history import Change
 from strata.control.rollout_plan import RolloutState
 from strata.core.wire import NodeStatus, ProtocolError
@@ -33,6 +34,8 @@ EVENT_KINDS: Final = (
     "gate",
 )
 MAX_EVENTS: Final = 5000
+# What a rollout's nodes do with its model that belongs on the rollout's timeline.
+NODE_KINDS_OF_ROLLOUT: Final = ("activated", "rolled_back", "removed", "failed")
 
 
 @dataclass(frozen=True)
@@ -173,20 +176,58 @@ class EventService:
             query = query.where(FleetEvent.id > after).order_by(FleetEvent.id).limit(limit)
         else:
             query = query.order_by(FleetEvent.id.desc()).limit(limit)
-        with self._db.transaction() as session:
-            rows = session.execute(query).all()
-        events = [
-            Event(
-                id=row.id,
-                at=row.at,
-                kind=row.kind,
-                node=name,
-                node_id=row.node_id,
-                model=row.model,
-                version=row.version,
-                rollout=str(row.rollout_id) if row.rollout_id is not None else None,
-                message=row.message,
+        return _fetch(self._db, query, oldest_first=after is not None)
+
+    def of_rollout(
+        self, rollout_id: int, model: str, start: float, end: float | None, limit: int
+    ) -> builtins.list[Event]:  # `list` here is the method above
+        """A rollout's timeline, oldest first (the last `limit` events): its own events (its status, its gates,
+        the nodes it found failed) and what its nodes (those it did not keep out) did with its model between
+        `start` and `end` (None: until now): activations, rollbacks, removals and failures they reported.
+
+        The time window keeps the query on the `at` index, so a long feed costs only the rollout's own stretch.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        its_nodes = select(RolloutNode.node_id).where(
+            RolloutNode.rollout_id == rollout_id, RolloutNode.excluded.is_(None)
+        )
+        window = FleetEvent.at >= start if end is None else FleetEvent.at.between(start, end)
+        query = (
+            select(FleetEvent, Node.name)
+            .outerjoin(Node, Node.id == FleetEvent.node_id)
+            .where(window)
+            .where(
+                (FleetEvent.rollout_id == rollout_id)
+                | (
+                    (FleetEvent.model == model)
+                    & FleetEvent.kind.in_(NODE_KINDS_OF_ROLLOUT)
+                    & FleetEvent.node_id.in_(its_nodes)
+                )
             )
-            for row, name in rows
-        ]
-        return events if after is not None else events[::-1]
+            .order_by(FleetEvent.id.desc())
+            .limit(limit)
+        )
+        return _fetch(self._db, query, oldest_first=False)
+
+
+def _fetch(db: Database, query: Select[FleetEvent, str], *, oldest_first: bool) -> list[Event]:
+    """Run an events query (rows of an event and its node's name), in its order or reversed."""
+    with db.transaction() as session:
+        rows = session.execute(query).all()
+    events = [
+        Event(
+            id=row.id,
+            at=row.at,
+            kind=row.kind,
+            node=name,
+            node_id=row.node_id,
+            model=row.model,
+            version=row.version,
+            rollout=str(row.rollout_id) if row.rollout_id is not None else None,
+            message=row.message,
+        )
+        for row, name in rows
+    ]
+    return events if oldest_first else events[::-1]

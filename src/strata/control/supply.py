@@ -103,6 +103,16 @@ class SignatureInfo:
     expires_at: float
 
 
+@dataclass(frozen=True)
+class PackageRole:
+    """A package's release-signed TUF role as the image repository holds it."""
+
+    name: str
+    version: int
+    expires_at: float
+    delegated: bool
+
+
 def _role_key_names() -> tuple[str, ...]:
     return tuple(f"{repo}-{role}" for repo in (IMAGE, DIRECTOR) for role in TOP_ROLES)
 
@@ -346,6 +356,21 @@ class SupplyService:
         return SignatureInfo(
             model, version, variant, role.target.digest, blob.sha256, role.keyid, role.version, role.expires_at
         )
+
+    def package_roles(self) -> dict[str, PackageRole]:
+        """The release-signed role of every package the image repository holds (newest version of each), by
+        role name (`target_path` of the package); `delegated` says whether the image targets still delegate to
+        it (its release key is one this server trusts).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            roles = self._package_roles(session)
+            return {
+                name: PackageRole(name, row.version, row.expires_at, row.source in self._release_keys)
+                for name, row in roles.items()
+            }
 
     # --- the image repository ---------------------------------------------------------------------------------
 

@@ -1,16 +1,29 @@
 """The console at `/ui` without a browser: what is served to whom, the session cookie's flags, the
-Content-Security-Policy, and that actions need the admin scope, the console's own origin and the CSRF token; plus
+Content-Security-Policy, and that actions need the admin scope, the console's own origin and the CSRF token; the
+data the pages draw (a rollout's timeline, the optimizer's report and TUF status, a node's telemetry series); plus
 the node list's paging and sorting in `/v1/nodes` that the fleet page relies on."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from control_harness import Harness
+from control_harness import Harness, ManualClock, NodeCredentials, StartServer
+from supply_harness import make_signed, upload_signed
 
+from strata.control.settings import ServerSettings
+from strata.control.supply import PackageRole
+from strata.control.ui.console import optimizer_report, tuf_status
 from strata.control.ui.session import COOKIE, csrf_token
+from strata.core.package import build_package, tar_bytes
+from strata.core.telemetry import BUCKETS, DriftRow, MinuteRow, TelemetryBatch, bucket_of, encode_batch
+from strata.examples.digits import load_data
+from strata.trust.signing import create_release_key
 
 
 def token_of(server: Harness, scope: str) -> str:
@@ -208,3 +221,170 @@ def test_node_list_pages_and_sorts_on_the_server(server: Harness) -> None:
     for params in ({"sort": "secret"}, {"limit": 0}, {"limit": 1001}, {"offset": -1}, {"selector": "region"}):
         refused = server.client.get("/v1/nodes", params=params, headers=server.admin)
         assert refused.status_code == 422, params
+
+
+def report_running(server: Harness, node: NodeCredentials, labels: dict[str, str], version: str, variant: str) -> None:
+    """The node's status report: it runs `digits` `version` (activated now)."""
+    running = {
+        "name": "digits",
+        "version": version,
+        "variant": variant,
+        "digest": "sha256:" + version * 64,
+        "activated_at": server.clock.now,
+    }
+    status = {"tier": "device", "labels": labels, "profile": "cpu-generic", "models": [running], "failures": []}
+    answer = server.client.put(f"/v1/nodes/{node.node_id}/status", json=status, headers=node.headers)
+    assert answer.status_code == 204, answer.text
+
+
+def test_a_rollouts_timeline_holds_its_events_and_its_nodes_in_time_order(
+    server: Harness, make_package: Callable[..., bytes]
+) -> None:
+    for version in ("1", "2"):
+        assert server.upload(make_package(version=version)).status_code == 201
+    edge = server.enroll("edge-1", {"fleet": "f"})
+    bystander = server.enroll("bystander", {"fleet": "g"})
+    report_running(server, edge, {"fleet": "f"}, "1", "cpu-generic-fp32")  # before the rollout: not on its timeline
+    server.clock.advance(10)
+    body = {"model": "digits", "version": "2", "selector": {"fleet": "f"}, "waves": "100%"}
+    created = server.client.post("/v1/rollouts", json=body, headers=server.admin)
+    assert created.status_code == 201, created.text
+    rollout_id = created.json()["id"]
+    server.clock.advance(5)
+    report_running(server, edge, {"fleet": "f"}, "2", "cpu-generic-fp32")
+    report_running(server, bystander, {"fleet": "g"}, "2", "cpu-generic-fp32")  # not one of the rollout's nodes
+
+    read = cookie(token_of(server, "read"))
+    [shown] = server.client.get("/ui/api/rollouts", headers=read).json()["rollouts"]
+    timeline = shown["timeline"]
+    assert [e["at"] for e in timeline] == sorted(e["at"] for e in timeline)
+    assert timeline[0]["kind"] == "rollout"
+    assert timeline[0]["message"] == f"rollout {rollout_id}: digits 2 to fleet=f started"
+    activations = [(e["node"], e["version"]) for e in timeline if e["kind"] == "activated"]
+    assert activations == [("edge-1", "2")]  # neither its activation of 1 before, nor the bystander's
+    assert all(e["rollout"] in (rollout_id, None) for e in timeline)
+    # The feed holds the same events: the timeline is a window of it, not a copy.
+    feed = server.client.get("/v1/events", params={"since": 0}, headers=server.admin).json()
+    assert {e["id"] for e in timeline} <= {e["id"] for e in feed}
+
+
+def test_the_models_page_shows_the_optimizers_report_and_that_unsigned_variants_have_no_tuf_role(
+    server: Harness, make_package: Callable[..., bytes]
+) -> None:
+    measured = {
+        "top1_agreement": 0.994,
+        "throughput": 5120.5,
+        "speedup": 1.83,
+        "latency_p50_ms": 0.19,
+        "size_bytes": 27400,
+        "gate": "passed",
+        "measured_on": "cpu-generic",
+    }
+    assert server.upload(make_package(version="1", metrics=measured)).status_code == 201
+    assert server.upload(make_package(version="2")).status_code == 201
+    [model] = server.client.get("/ui/api/models", headers=cookie(token_of(server, "read"))).json()["models"]
+    [one], [two] = (v["variants"] for v in model["versions"])
+    assert one["report"] == {
+        "accuracy_metric": "top1_agreement",
+        "accuracy": 0.994,
+        "throughput": 5120.5,
+        "speedup": 1.83,
+        "latency_p50_ms": 0.19,
+        "latency_p95_ms": None,
+        "size_bytes": 27400.0,
+        "gate": "passed",
+        "reason": None,
+        "measured_on": "cpu-generic",
+    }
+    assert two["report"] is None  # a package built by hand: no optimizer measured it
+    for variant in (one, two):
+        assert variant["tuf"]["signed"] is False
+        assert variant["tuf"]["listed"] is False
+        assert "development mode" in variant["tuf"]["text"]
+
+
+def test_a_signed_variant_shows_its_release_role_in_the_image_repository(
+    settings: ServerSettings, start_server: StartServer, clock: ManualClock, digits_onnx: Path, tmp_path: Path
+) -> None:
+    private, public = create_release_key(tmp_path / "release")
+    signed = make_signed(digits_onnx, tmp_path / "signed", private, "1")
+    clock.now = time.time()  # the release role's lifetime runs on the wall clock
+    with start_server(replace(settings, release_keys=(public,))) as server:
+        upload_signed(server, signed)
+        [model] = server.client.get("/ui/api/models", headers=cookie(token_of(server, "read"))).json()["models"]
+    [variant] = model["versions"][0]["variants"]
+    tuf = variant["tuf"]
+    assert (tuf["signed"], tuf["listed"], tuf["delegated"]) == (True, True, True)
+    assert tuf["expires_at"] > clock.now
+    assert tuf["text"].startswith(f"role v{tuf['role_version']} in the image repository (expires ")
+
+
+def test_tuf_status_says_what_is_wrong_with_a_variants_supply_chain() -> None:
+    now = 1000.0
+    role = PackageRole("digits/1/v", 2, now + 60, delegated=True)
+    assert "role v2" in tuf_status(True, role, True, now)["text"]
+    assert "expired" in tuf_status(True, replace(role, expires_at=now - 1), True, now)["text"]
+    assert "not delegated" in tuf_status(True, replace(role, delegated=False), True, now)["text"]
+    assert "lists no role" in tuf_status(True, None, True, now)["text"]
+    assert "nodes refuse it" in tuf_status(False, None, True, now)["text"]
+    assert optimizer_report({"gate": "rejected", "reason": "accuracy 0.91 < 0.98", "accuracy": True}) == {
+        "accuracy_metric": None,  # a flag is not a number
+        "accuracy": None,
+        "throughput": None,
+        "speedup": None,
+        "latency_p50_ms": None,
+        "latency_p95_ms": None,
+        "size_bytes": None,
+        "gate": "rejected",
+        "reason": "accuracy 0.91 < 0.98",
+        "measured_on": None,
+    }
+
+
+def test_the_node_page_holds_the_telemetry_series_its_charts_draw(
+    server: Harness, digits_onnx: Path, tmp_path: Path
+) -> None:
+    package = build_package(
+        digits_onnx, tmp_path / "pkg", name="digits", version="1", sample={"X": load_data().test_x[:300]}
+    )
+    assert server.upload(tar_bytes(package)).status_code == 201
+    reference = next(t for t in package.manifest.drift["tensors"] if t["tensor"] == "X")
+    node = server.enroll("edge-1")
+    variant = package.manifest.variant
+    report_running(server, node, {}, "1", variant)
+    first = int(server.clock.now // 60) - 3
+    requests, errors, latency_ms = [200, 150, 300], [0, 3, 30], [0.8, 4.0, 30.0]
+    minutes, drift = [], []
+    for i in range(3):
+        histogram = [0] * BUCKETS
+        histogram[bucket_of(int(latency_ms[i] * 1000))] = requests[i]
+        minute = MinuteRow("digits", "1", variant, first + i, requests[i], errors[i], requests[i], 0, 0, histogram)
+        minutes.append(minute)
+        counts = reference["counts"] if i < 2 else list(np.roll(np.asarray(reference["counts"]), 3))  # drifts last
+        drift.append(DriftRow("digits", "1", first + i, "X", [int(c) * 2 for c in counts]))
+    batch = encode_batch(TelemetryBatch(node.node_id, 1, 0.0, minutes=minutes, drift=drift))
+    uploaded = server.client.post(
+        f"/v1/nodes/{node.node_id}/telemetry",
+        content=batch,
+        headers={**node.headers, "Content-Type": "application/vnd.strata.telemetry+zstd"},
+    )
+    assert uploaded.status_code == 200, uploaded.text
+
+    page = server.client.get(f"/ui/api/nodes/{node.node_id}", headers=cookie(token_of(server, "read"))).json()
+    series = page["telemetry"]["digits"]
+    # The requests chart and the error-rate chart: requests and errors per minute, as uploaded.
+    drawn = [(m["minute"], m["requests"], m["errors"]) for m in series["minutes"]]
+    assert drawn == [(first + i, requests[i], errors[i]) for i in range(3)]
+    # The latency chart: p50/p95/p99 per minute, each in the bucket the minute's requests fell in.
+    for minute, expected in zip(series["minutes"], latency_ms, strict=True):
+        for key in ("p50_ms", "p95_ms", "p99_ms"):
+            assert minute[key] is not None, (minute, key)
+            assert expected / 2 <= minute[key] <= expected * 2, (minute, key)
+    # The drift chart: PSI per minute, near zero while the inputs match the reference, large when they shift.
+    psi = {d["minute"]: d["psi"] for d in series["drift"]}
+    assert sorted(psi) == [first, first + 1, first + 2]
+    assert psi[first] < 0.01
+    assert psi[first + 1] < 0.01
+    assert psi[first + 2] > 0.2
+    [summary] = series["summaries"]
+    assert (summary["requests"], summary["errors"]) == (650, 33)

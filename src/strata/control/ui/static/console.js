@@ -3,7 +3,7 @@
 // cannot inject markup; the Content-Security-Policy allows no inline script either.
 "use strict";
 
-const state = { scope: "read", csrf: "", fleet: { selector: "", sort: "name", offset: 0, limit: 50 }, busy: false, again: false, refreshes: 0 };
+const state = { scope: "read", csrf: "", fleet: { selector: "", sort: "name", offset: 0, limit: 50 }, busy: false, again: false, refreshes: 0, opened: {} };
 const main = () => document.getElementById("main");
 
 function el(tag, attrs, ...children) {
@@ -191,22 +191,60 @@ function drawNode(data) {
 
 async function loadModels() { return api("/ui/api/models"); }
 
-function metricsText(metrics) {
-  const keys = ["accuracy", "accuracy_delta", "speedup", "latency_p50_ms", "latency_p95_ms", "size_bytes", "gate", "rejected", "measured_on"];
-  const shown = keys.filter((k) => k in metrics).concat(Object.keys(metrics).filter((k) => !keys.includes(k) && typeof metrics[k] !== "object"));
-  return shown.map((k) => el("span", { class: "pill" }, `${k}: ${metrics[k]}`));
+function reportText(report) {
+  // The optimizer's report of a variant, as stored with it (see ConsoleData.models): accuracy, speed, size, gate.
+  if (!report) return el("span", { class: "muted" }, "no optimizer report");
+  const parts = [];
+  if (report.accuracy !== null) parts.push(`${report.accuracy_metric} ${report.accuracy}`);
+  if (report.speedup !== null) parts.push(`speed-up ×${report.speedup}`);
+  if (report.throughput !== null) parts.push(`${report.throughput} /s`);
+  if (report.latency_p50_ms !== null) parts.push(`p50 ${report.latency_p50_ms} ms`);
+  if (report.size_bytes !== null) parts.push(`${(report.size_bytes / 1024).toFixed(0)} KiB`);
+  return el("span", { "data-report": "" }, parts.map((p) => el("span", { class: "pill" }, p)),
+    report.gate ? el("span", { class: `pill ${report.gate === "passed" ? "ok" : "bad"}` }, `gate ${report.gate}`) : null,
+    report.reason ? el("span", { class: "bad" }, ` rejected: ${report.reason}`) : null,
+    report.measured_on ? el("span", { class: "muted" }, ` measured on ${report.measured_on}`) : null);
+}
+
+function tradeoffPlot(model) {
+  // The optimizer's accuracy-against-throughput plot over every variant of every version that has both numbers.
+  const points = model.versions.flatMap((v) => v.variants.filter((x) => x.report && x.report.accuracy !== null && x.report.throughput !== null)
+    .map((x) => ({ label: `${v.version}/${x.id}`, x: x.report.throughput, y: x.report.accuracy, metric: x.report.accuracy_metric, gate: x.report.gate })));
+  if (!points.length) return el("p", { class: "muted", "data-plot": "none" }, "no variant has both an accuracy and a throughput to plot");
+  const w = 420, h = 200, left = 52, bottom = 30, top = 10, right = 16;
+  const padded = (values) => {  // the values' range with a tenth of it spare each side (a lone value centred)
+    const lo = Math.min(...values), hi = Math.max(...values), spare = (hi - lo || Math.abs(hi) || 1) * 0.1;
+    return [lo - spare, hi + spare];
+  };
+  const [x0, x1] = padded(points.map((p) => p.x)), [y0, y1] = padded(points.map((p) => p.y));
+  const X = (x) => left + ((x - x0) / (x1 - x0)) * (w - left - right);
+  const Y = (y) => h - bottom - ((y - y0) / (y1 - y0)) * (h - bottom - top);
+  const box = svg("svg", { class: "chart plot", width: w, height: h, viewBox: `0 0 ${w} ${h}`, role: "img", "aria-label": "accuracy against throughput", "data-plot": model.name },
+    svg("line", { class: "axis", x1: left, y1: h - bottom, x2: w - right, y2: h - bottom }),
+    svg("line", { class: "axis", x1: left, y1: top, x2: left, y2: h - bottom }),
+    svg("text", { x: 2, y: top + 8 }, y1.toPrecision(4)), svg("text", { x: 2, y: h - bottom }, y0.toPrecision(4)),
+    svg("text", { x: left, y: h - 16 }, x0.toPrecision(4)), svg("text", { x: w - right - 40, y: h - 16 }, x1.toPrecision(4)),
+    svg("text", { x: left + 60, y: h - 2 }, `throughput (inferences/s) → · ↑ ${points[0].metric}`));
+  for (const p of points) {
+    box.append(svg("circle", { class: `point ${p.gate === "passed" || !p.gate ? "ok" : "bad"}`, cx: X(p.x).toFixed(1), cy: Y(p.y).toFixed(1), r: 4 },
+      svg("title", {}, `${p.label}: ${p.metric} ${p.y}, ${p.x} /s`)),
+      svg("text", { x: (X(p.x) + (X(p.x) > w / 2 ? -6 : 6)).toFixed(1), y: Math.max(top + 8, Y(p.y) - 6).toFixed(1), "text-anchor": X(p.x) > w / 2 ? "end" : "start" }, p.label));
+  }
+  return el("figure", {}, el("figcaption", {}, "the optimizer's trade-off: accuracy against throughput"), box);
 }
 
 function drawModels(data) {
   if (!data.models.length) return [el("h2", {}, "Models"), el("p", { class: "muted" }, "no models pushed yet")];
   return [el("h2", {}, "Models"), data.models.map((m) => el("section", { class: "model", "data-model": m.name },
     el("h3", {}, m.name),
-    el("table", {}, el("thead", {}, el("tr", {}, ["version", "variant", "profile", "runtime", "precision", "size", "signed", "optimizer's report", "runs on"].map((h) => el("th", {}, h)))),
-      el("tbody", {}, m.versions.flatMap((v) => v.variants.map((variant, i) => el("tr", { "data-version": v.version },
+    el("table", {}, el("thead", {}, el("tr", {}, ["version", "variant", "profile", "runtime", "precision", "size", "signature and TUF", "optimizer's report", "runs on"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, m.versions.flatMap((v) => v.variants.map((variant, i) => el("tr", { "data-version": v.version, "data-variant": variant.id },
         el("td", {}, i ? "" : v.version), el("td", {}, variant.id), el("td", {}, variant.profile), el("td", {}, variant.runtime),
-        el("td", {}, variant.precision), el("td", {}, `${(variant.size / 1024).toFixed(0)} KiB`), el("td", {}, yes(Boolean(variant.signature), "signed", "unsigned")),
-        el("td", {}, metricsText(variant.metrics)),
+        el("td", {}, variant.precision), el("td", {}, `${(variant.size / 1024).toFixed(0)} KiB`),
+        el("td", { "data-tuf": "" }, yes(variant.tuf.signed, "signed", "unsigned"), " ", el("span", { class: "muted" }, variant.tuf.text)),
+        el("td", {}, reportText(variant.report)),
         el("td", { "data-running": v.version }, i ? "" : (v.running_on.length ? `${v.running_on.length}: ${v.running_on.slice(0, 8).join(", ")}${v.running_on.length > 8 ? " …" : ""}` : "nowhere"))))))),
+    tradeoffPlot(m),
     m.history.length ? el("details", {}, el("summary", {}, "history"), el("table", {}, el("tbody", {}, m.history.map((e) => el("tr", {},
       el("td", {}, when(e.at)), el("td", {}, e.node), el("td", {}, e.kind), el("td", {}, e.version || "–"), el("td", {}, e.previous_version ? `from ${e.previous_version}` : "")))))) : null))];
 }
@@ -236,6 +274,21 @@ function progress(counts) {
   return bar;
 }
 
+function timeline(r) {
+  // The rollout's events in time order (the server's pick: its own, then its nodes' with its model).
+  if (r.timeline === null) return el("p", { class: "muted" }, `older rollout: its events are in strata events --since`);
+  if (!r.timeline.length) return el("p", { class: "muted", "data-timeline": r.id }, "no events yet");
+  // Open while the rollout runs, or as the operator left it: the live redraw keeps what they opened or closed.
+  const key = `timeline-${r.id}`, active = r.status === "running" || r.status === "paused";
+  return el("details", { open: state.opened[key] ?? active, "data-timeline": r.id, ontoggle: (event) => {
+    // Creating it open fires a toggle too: only a state other than the default is the operator's choice.
+    if (event.target.open === active) delete state.opened[key]; else state.opened[key] = event.target.open;
+  } },
+    el("summary", {}, `timeline: ${r.timeline.length} events`),
+    el("table", { class: "timeline" }, el("tbody", {}, r.timeline.map((e) => el("tr", { "data-kind": e.kind },
+      el("td", {}, when(e.at)), el("td", {}, el("span", { class: `pill kind-${e.kind}` }, e.kind)), el("td", {}, e.node || ""), el("td", {}, e.message))))));
+}
+
 function drawRollouts(data) {
   if (!data.rollouts.length) return [el("h2", {}, "Rollouts"), el("p", { class: "muted" }, "no rollouts yet")];
   const admin = state.scope === "admin";
@@ -258,6 +311,7 @@ function drawRollouts(data) {
       r.gate_results.length ? el("table", { class: "gates" }, el("thead", {}, el("tr", {}, ["gate", "wave", "value", "threshold", "verdict", "detail"].map((h) => el("th", {}, h)))),
         el("tbody", {}, r.gate_results.map((g) => el("tr", {}, el("td", {}, g.gate), el("td", {}, g.wave + 1), el("td", {}, g.value ?? "no data"),
           el("td", {}, `${g.op} ${g.threshold}`), el("td", {}, el("span", { class: g.passed ? "ok" : "bad" }, g.verdict)), el("td", {}, g.detail))))) : el("p", { class: "muted" }, "no gate judged yet"),
+      timeline(r),
       r.excluded.length ? el("details", {}, el("summary", {}, `${r.excluded.length} nodes kept out`), el("table", {}, el("tbody", {},
         r.excluded.map((x) => el("tr", {}, el("td", {}, x.node), el("td", {}, x.reason)))))) : null);
   })];
