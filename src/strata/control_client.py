@@ -262,6 +262,16 @@ class ControlClient:
         result: dict[str, Any] = self._call("GET", f"/v1/nodes/{node_id}")
         return result
 
+    def ask_node_logs(self, node_id: str, lines: int) -> dict[str, Any]:
+        """Ask a node for its last `lines` log lines; the pending request (its `id` reads the answer)."""
+        result: dict[str, Any] = self._call("POST", f"/v1/nodes/{node_id}/log-requests", json={"lines": lines})
+        return result
+
+    def node_logs(self, node_id: str, request_id: str) -> dict[str, Any]:
+        """A log request: `state` pending, or answered with the node's `text`."""
+        result: dict[str, Any] = self._call("GET", f"/v1/nodes/{node_id}/log-requests/{request_id}")
+        return result
+
     def revoke_node(self, node_id: str) -> None:
         self._call("DELETE", f"/v1/nodes/{node_id}")
 

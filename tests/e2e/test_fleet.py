@@ -78,6 +78,14 @@ def test_deploy_by_labels_then_update_one_region_through_the_cli(
     table = fleet.cli("nodes", "show", "eu-1")
     assert "certificate expires" in table.stdout
     assert re.search(r"labels \(assigned\) +fleet=t, region=eu", table.stdout)
+    # `strata nodes logs`: the node cannot be reached, so the ask rides in its desired state and it uploads the last
+    # lines of its own log; they hold its activations.
+    logs = fleet.cli("nodes", "logs", "eu-1", "--lines", "500", "--wait", "30s")
+    assert logs.returncode == 0, logs.stderr
+    assert re.search(r"strata\.agent\[eu-1\]: activated digits 2 \(cpu-generic-fp32\)", logs.stdout), (
+        logs.stdout
+    )
+    assert "[us-1]" not in logs.stdout
     # `strata events --follow` printed the activation of version 2 as it happened (one JSON object a line).
     try:
         assert follow.stdout is not None

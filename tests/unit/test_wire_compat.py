@@ -8,10 +8,12 @@ import pytest
 
 from strata.core.hashing import canonical_json
 from strata.core.wire import (
+    MAX_LOG_LINES,
     DesiredModel,
     DesiredState,
     EnrollResponse,
     Failure,
+    LogRequest,
     ModelStatus,
     NodeStatus,
     ProtocolError,
@@ -90,3 +92,18 @@ def test_enrollment_answers_and_reports_without_supply_fields_still_parse() -> N
     with pytest.raises(ProtocolError, match="supply"):
         NodeStatus.from_json({**OLD_REPORT, "supply": "trust-me"})
     assert Failure.from_json({**OLD_REPORT["failures"][0], "kind": "tuf"}).kind == "tuf"
+
+
+def test_a_log_request_is_additive_in_the_desired_state() -> None:
+    old = {"node_id": "n1", "models": []}
+    assert DesiredState.from_json(old).log_request is None  # a server from before it
+    # An agent from before it reads a desired state as this one does: keys it does not know are left alone.
+    assert DesiredState.from_json({**old, "from_a_newer_server": {"id": 1}}) == DesiredState("n1", ())
+    asked = DesiredState("n1", (), log_request=LogRequest("ab12", 200))
+    assert DesiredState.from_json(asked.to_json()) == asked
+    assert asked.to_json()["log_request"] == {"id": "ab12", "lines": 200}
+    assert DesiredState("n1", ()).to_json() == old  # without one: the shape and ETag it always had
+    assert asked.etag != DesiredState("n1", ()).etag  # the ask changes the ETag: it wakes the node's long poll
+    for bad in ({"id": "ab12", "lines": 0}, {"id": "../x", "lines": 5}, {"id": "ab12", "lines": MAX_LOG_LINES + 1}):
+        with pytest.raises(ProtocolError, match="log request"):
+            DesiredState.from_json({**old, "log_request": bad})

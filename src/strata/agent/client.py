@@ -234,5 +234,22 @@ class ControlPlaneClient:
         raise_for_status(response, "telemetry upload")
         return True
 
+    def upload_log(self, request_id: str, text: str) -> None:
+        """Answer this node's log request `request_id` with the tail of its log.
+
+        Raises:
+            ServerError: the request is gone (replaced by newer ones) or the text too large: sending again cannot
+                help. TransportError, AuthError, Forbidden: try again later.
+        """
+        headers = {**self.auth_headers(), "content-type": "text/plain; charset=utf-8"}
+        response = self.transport.request(
+            "POST",
+            self.url(f"/v1/nodes/{self.node_id}/log-requests/{request_id}"),
+            headers=headers,
+            body=text.encode("utf-8", errors="replace"),
+            timeout=self.timeout,
+        )
+        raise_for_status(response, "log upload")
+
     def blob_url(self, blob: str) -> str:
         return self.url(f"/v1/blobs/sha256/{blob}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from strata import __version__
-from strata.agent.client import ControlPlaneClient
+from strata.agent.client import ControlPlaneClient, ServerError
 from strata.agent.config import AgentConfig
 from strata.agent.identity import (
     FleetIdentity,
@@ -39,6 +39,7 @@ from strata.core.wire import DesiredState, EnrollRequest, ProtocolError
 
 if TYPE_CHECKING:
     from strata.agent.attestation import Attester
+    from strata.agent.logtail import LogTail
 
 log = logging.getLogger("strata.agent")
 
@@ -86,6 +87,8 @@ class AgentLoop:
         self.use_context = use_context or (lambda _context: None)
         self.stored: StoredIdentity | None = None
         self.attester: Attester | None = None  # set by the agent once it is wired
+        self.log_tail: LogTail | None = None  # likewise: the agent's last log lines, for `strata nodes logs`
+        self._answered_log: str | None = None
         self.client = client
         self.reconciler = reconciler
         self.facts = facts or {}
@@ -249,6 +252,7 @@ class AgentLoop:
                 log.info("desired state changed (%d models)", len(answer.state.models))
             self.desired, self.etag = answer.state, answer.etag
             self._save_desired(answer.state, answer.etag)
+        self.answer_log_request()
         self.converge()
         self.report()
         if self.attester is not None and self.attester.due():
@@ -256,6 +260,24 @@ class AgentLoop:
                 self.attester.attest()
             except (ConfigError, ProtocolError) as exc:
                 log.warning("attestation failed: %s", exc)
+
+    def answer_log_request(self) -> None:
+        """Upload the tail of this agent's log when the desired state asks for it (once per request), before
+        converging: a long download must not keep the operator waiting.
+
+        Raises:
+            TransportError, AuthError, Forbidden: the upload did not get through (tried again next round).
+        """
+        request = self.desired.log_request if self.desired is not None else None
+        if request is None or request.id == self._answered_log or self.log_tail is None:
+            return
+        try:
+            self.client.upload_log(request.id, self.log_tail.tail(request.lines))
+        except ServerError as exc:  # gone or refused: sending it again cannot help
+            log.warning("cannot answer log request %s: %s", request.id, exc)
+        else:
+            log.info("sent my last %d log lines (request %s)", request.lines, request.id)
+        self._answered_log = request.id
 
     def converge(self) -> None:
         """Converge on the desired state this node has; until that finishes, polls do not wait (work is left).

@@ -21,6 +21,7 @@ from strata.agent.client import ControlPlaneClient
 from strata.agent.config import AgentConfig
 from strata.agent.httpd import HttpServer, Request, Response, ServerLimits
 from strata.agent.identity import FleetIdentity
+from strata.agent.logtail import LogTail
 from strata.agent.loop import AgentLoop, EnrollmentRefused, data_dir_lock, start_thread
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
@@ -332,9 +333,12 @@ def run(config: AgentConfig) -> int:
         handler.setFormatter(JsonFormatter({"node": config.name}))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[" + config.name + "]: %(message)s"))
-    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO), handlers=[handler])
+    tail = LogTail()  # the agent logs to stderr only: `strata nodes logs` reads these last lines
+    tail.setFormatter(handler.formatter)
+    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO), handlers=[handler, tail])
     try:
         agent = Agent(config)
+        agent.loop.log_tail = tail
         agent.reconciler.restore()
         return asyncio.run(agent.serve())
     except ConfigError as exc:

@@ -1,5 +1,5 @@
-"""`strata nodes list|show|label|accept|reenroll|revoke`: the fleet's inventory, what each node runs, the identity the
-operator assigns it, and cutting a node off or bringing it back."""
+"""`strata nodes list|show|logs|label|accept|reenroll|revoke`: the fleet's inventory, what each node runs, its log,
+the identity the operator assigns it, and cutting a node off or bringing it back."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from strata.cli.common import (
     print_json,
 )
 from strata.control_client import ControlClient
-from strata.core.errors import ConfigError, NotFound
+from strata.core.errors import ConfigError, NotFound, TransportError
+from strata.core.wire import MAX_LOG_LINES
 
 app = typer.Typer(help="The fleet's nodes.", no_args_is_help=True)
 
@@ -182,6 +183,35 @@ def show(
         print_json(found)
         return
     out.print(node_detail(found, time.time()))
+
+
+@app.command("logs")
+def logs(
+    node: Annotated[str, typer.Argument(help="The node's name or id.")],
+    lines: Annotated[
+        int, typer.Option("--lines", "-n", min=1, max=MAX_LOG_LINES, help="How many of its last log lines.")
+    ] = 200,
+    wait: Annotated[str, typer.Option("--wait", help="How long to wait for the node to answer (30s, 2m).")] = "30s",
+    server: ServerOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Print a node's last log lines (its agent's own log). The node is asked through its desired state, so it
+    answers on its next poll: at once when it is online, when it comes back otherwise. Needs an admin token."""
+    deadline = time.monotonic() + parse_duration(wait)
+    with ControlClient(server, token) as client:
+        found = _resolve(client, node)
+        asked = client.ask_node_logs(found["id"], lines)
+        answer = asked
+        while answer["state"] != "answered":
+            if time.monotonic() >= deadline:
+                raise TransportError(
+                    f"node {found['name']} did not answer within {wait}"
+                    + ("" if found.get("online") else " (it is offline)")
+                    + f"; it answers when it next polls: `strata nodes logs {found['name']}` again later"
+                )
+            time.sleep(0.25)
+            answer = client.node_logs(found["id"], asked["id"])
+    typer.echo(answer.get("text") or "", nl=False)
 
 
 @app.command("label")

@@ -389,6 +389,23 @@ class TelemetryDropped(Base):
     count: Mapped[int] = mapped_column(BigInteger)
 
 
+class NodeLogRequest(Base):
+    """An operator's ask for the tail of a node's log, and the node's answer once it uploaded it
+    (`strata nodes logs`); only the newest few per node are kept."""
+
+    __tablename__ = "node_log_requests"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    # `seq` orders a node's requests (two may share a clock reading); `id` is what the API names, not guessable.
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[str] = mapped_column(String(32), unique=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True)
+    lines: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(TIME)
+    answered_at: Mapped[float | None] = mapped_column(TIME, index=True)
+    text: Mapped[str | None] = mapped_column(Text)
+
+
 def runnable_version(session: Session, model: str, version: str, use: str) -> ModelVersion:
     """Version `version` of `model`, which must have variants a node could run (`use` says what for, in the
     error: "deploy", "roll out", "run").

@@ -47,6 +47,7 @@ from strata.control.desired import (
 from strata.control.events import NewEvent, change_events, failure_events, record_event
 from strata.control.feed import ChangeFeed
 from strata.control.history import activation_events, record_changes
+from strata.control.nodelogs import open_log_requests
 from strata.control.pki import Pki
 from strata.control.presence import PresenceTracker
 from strata.control.revocation import record_issued, revoke_issued, revoked_certificates
@@ -61,6 +62,7 @@ from strata.core.wire import (
     DesiredState,
     EnrollRequest,
     EnrollResponse,
+    LogRequest,
     NodeStatus,
     ProtocolError,
     parse_labels,
@@ -349,6 +351,7 @@ class FleetService:
         self._lock = threading.Lock()
         self._deployments: tuple[int, tuple[ActiveDeployment, ...]] = (-1, ())
         self._revoked: tuple[int, frozenset[str]] = (-1, frozenset())
+        self._log_requests: tuple[int, dict[str, LogRequest]] = (-1, {})
         self._desired: dict[str, tuple[int, DesiredDocument]] = {}
         self._misses: tuple[int, int] = (-1, 0)
         self._fleet_facts: tuple[int, dict[str, tuple[NodeFacts, bool]]] = (-1, {})
@@ -826,7 +829,7 @@ class FleetService:
         known = facts.get(node_id)
         if known is None or generation != facts_generation or generation != deployments_generation:
             return None
-        if generation != self._revoked[0]:
+        if generation != self._revoked[0] or generation != self._log_requests[0]:
             return None
         return self._document(node_id, known[0], known[1], generation, deployments)
 
@@ -844,6 +847,7 @@ class FleetService:
             ).all()
             self._active_deployments(session, generation)
         self._revoked_certificates(generation)
+        self._open_log_requests(generation)
         facts = {
             row.id: (
                 NodeFacts.of(row.name, row.tier, row.profile, row.labels, row.attestation or ""),
@@ -866,7 +870,11 @@ class FleetService:
         if cached is not None:
             return cached
         state = desired_state(node_id, facts.label_map, revoked, deployments, facts)
-        state = dataclasses.replace(state, revoked_certificates=self._revoked_certificates(generation))
+        state = dataclasses.replace(
+            state,
+            revoked_certificates=self._revoked_certificates(generation),
+            log_request=None if revoked else self._open_log_requests(generation).get(node_id),
+        )
         document = DesiredDocument.of(state, revoked)
         with self._lock:
             self._desired[node_id] = (generation, document)
@@ -898,6 +906,21 @@ class FleetService:
         with self._lock:
             self._revoked = (generation, revoked)
         return revoked
+
+    def _open_log_requests(self, generation: int) -> dict[str, LogRequest]:
+        """Each node's open log request (`nodelogs`), read once per generation (asking and answering bump it).
+
+        Raises:
+            StoreError: the database failed.
+        """
+        cached_generation, requests = self._log_requests
+        if cached_generation == generation:
+            return requests
+        with self._db.transaction() as session:
+            requests = open_log_requests(session)
+        with self._lock:
+            self._log_requests = (generation, requests)
+        return requests
 
     def _view(self, node: Node, generation: int, deployments: tuple[ActiveDeployment, ...], now: float) -> NodeView:
         facts = node_facts(node)

@@ -34,6 +34,7 @@ from strata.control.feed import ChangeFeed, Nudge, SharedGeneration
 from strata.control.fleet import FleetService
 from strata.control.history import HistoryService
 from strata.control.lease import ROLLOUTS, LeaseKeeper, LeaseStore, lock_key, replica_id, serialize
+from strata.control.nodelogs import NodeLogService
 from strata.control.otlp import OtlpExporter
 from strata.control.pins import PinService
 from strata.control.pki import Pki
@@ -67,6 +68,7 @@ class ControlPlane:
     pins: PinService
     history: HistoryService
     events: EventService
+    node_logs: NodeLogService
     nudge: Nudge
     supply: SupplyService
     shared: SharedGeneration = field(repr=False)
@@ -126,6 +128,7 @@ class ControlPlane:
             ),
             deployments=DeploymentService(db, feed, settings.clock, presence, window),
             events=EventService(db),
+            node_logs=NodeLogService(db, feed, settings.clock),
             telemetry=telemetry,
             pki=pki,
             attestation=AttestationService(

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, Field
 
 from strata.control.fleet import MAX_ENROLLMENT_TTL_S, TokenBinding
-from strata.core.wire import TIERS, EnrollRequest, FailureKind, failure_kind
+from strata.core.wire import MAX_LOG_LINES, TIERS, EnrollRequest, FailureKind, failure_kind
 
 
 class HealthBody(BaseModel):
@@ -126,6 +126,11 @@ class DesiredModelBody(BaseModel):
     variants: list[VariantRefBody]
 
 
+class LogRequestBody(BaseModel):
+    id: str
+    lines: int
+
+
 class DesiredStateBody(BaseModel):
     node_id: str
     models: list[DesiredModelBody]
@@ -133,6 +138,9 @@ class DesiredStateBody(BaseModel):
         default_factory=list,
         description="hex sha256 (of the DER) of the fleet's revoked certificates that have not expired: refuse peers "
         "presenting one; absent when there are none",
+    )
+    log_request: LogRequestBody | None = Field(
+        None, description="an operator's ask for the tail of the node's log (`strata nodes logs`); absent when none"
     )
 
 
@@ -457,6 +465,20 @@ class HistoryEventBody(BaseModel):
     previous_version: str | None
     variant: str | None
     activated_at: float | None = Field(description="the node's own time of the activation")
+
+
+class NodeLogAsk(BaseModel):
+    lines: int = Field(200, ge=1, le=MAX_LOG_LINES, description="how many of its last log lines the node sends")
+
+
+class NodeLogBody(BaseModel):
+    id: str
+    node_id: str
+    lines: int
+    created_at: float
+    answered_at: float | None
+    state: str = Field(json_schema_extra={"enum": ["pending", "answered"]})
+    text: str | None = Field(description="the node's last log lines, once it answered")
 
 
 class ErrorBody(BaseModel):

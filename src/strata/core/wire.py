@@ -18,6 +18,8 @@ TIERS: Final = ("device", "near-edge", "cloud")
 # Revoked certificates stay listed only until they expire (a day by default), so a fleet lists few; the cap bounds
 # what a node accepts from the wire.
 MAX_REVOKED_CERTIFICATES: Final = 100_000
+# The most log lines an operator may ask a node for (`strata nodes logs --lines`); the agent keeps at most this many.
+MAX_LOG_LINES: Final = 2000
 
 T = TypeVar("T")
 
@@ -314,22 +316,52 @@ class DesiredModel:
 
 
 @dataclass(frozen=True)
+class LogRequest:
+    """An operator's ask for the tail of the node's own log: the node uploads its last `lines` lines, once, to
+    `POST /v1/nodes/{node}/log-requests/{id}`. It rides in the desired state because the control plane cannot
+    connect to a node (NAT): the node only polls."""
+
+    id: str
+    lines: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "lines": self.lines}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> LogRequest:
+        what = "log request"
+        obj = _obj(raw, what)
+        request = cls(id=_req(obj, "id", str, what), lines=_req(obj, "lines", int, what))
+        if not (0 < len(request.id) <= 64 and request.id.isascii() and request.id.isalnum()):
+            raise ProtocolError(f"{what}: id {request.id[:70]!r} is not 1 to 64 letters and digits")
+        if not 1 <= request.lines <= MAX_LOG_LINES:
+            raise ProtocolError(f"{what}: lines must be between 1 and {MAX_LOG_LINES}")
+        return request
+
+
+@dataclass(frozen=True)
 class DesiredState:
     """What the control plane wants a node to run. Its ETag is the digest of its canonical JSON.
 
     `revoked_certificates` are the hex sha256 of the fleet's revoked certificates that have not expired yet:
     the node refuses peers presenting one on its tier port. Written only when there are any, so a desired state
     without revocations keeps the shape (and ETag) it always had.
+
+    `log_request`, when set, asks the node for the tail of its log (see `LogRequest`); written only when set, so
+    agents that predate it never see it, and it is None from servers that predate it.
     """
 
     node_id: str
     models: tuple[DesiredModel, ...]
     revoked_certificates: frozenset[str] = frozenset()
+    log_request: LogRequest | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"node_id": self.node_id, "models": [m.to_json() for m in self.models]}
         if self.revoked_certificates:
             body["revoked_certificates"] = sorted(self.revoked_certificates)
+        if self.log_request is not None:
+            body["log_request"] = self.log_request.to_json()
         return body
 
     @property
@@ -355,7 +387,13 @@ class DesiredState:
             raise ProtocolError(
                 f"{what}: 'revoked_certificates' must list at most {MAX_REVOKED_CERTIFICATES} hex sha256 values"
             )
-        return cls(node_id=_req(obj, "node_id", str, what), models=models, revoked_certificates=frozenset(revoked))
+        log_request = obj.get("log_request")
+        return cls(
+            node_id=_req(obj, "node_id", str, what),
+            models=models,
+            revoked_certificates=frozenset(revoked),
+            log_request=None if log_request is None else LogRequest.from_json(log_request),
+        )
 
 
 # --- observed state --------------------------------------------------------------------------------------

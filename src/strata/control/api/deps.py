@@ -12,6 +12,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
 
 from strata.control.auth import Access, Principal, authorize
+from strata.control.errors import PayloadTooLarge
 from strata.control.plane import ControlPlane
 from strata.control.schemas import ErrorBody
 
@@ -23,6 +24,24 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 _bearer = HTTPBearer(auto_error=False, description="admin token, or a node credential from enrollment")
+
+
+async def read_limited(request: Request, limit: int, what: str) -> bytes:
+    """The request body, refusing more than `limit` bytes before reading it all (`what` names it in the error).
+
+    Raises:
+        PayloadTooLarge: the body is (or declares itself) larger than `limit`.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdecimal() and int(declared) > limit:
+        raise PayloadTooLarge(f"{what} may be at most {limit} bytes")
+    parts, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise PayloadTooLarge(f"{what} may be at most {limit} bytes")
+        parts.append(piece)
+    return b"".join(parts)
 
 
 async def get_plane(request: Request) -> ControlPlane:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Path, Query, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -18,10 +19,12 @@ from strata.control.api.deps import (
     authenticate_request,
     bearer_secret,
     client_certificate,
+    read_limited,
 )
 from strata.control.auth import Access, authorize
 from strata.control.fleet import INVALID_ENROLLMENT, IssuedToken, NodeView
 from strata.control.inventory import MAX_PAGE, SORT_KEYS, page_nodes, parse_sort, select_nodes
+from strata.control.nodelogs import MAX_ANSWER_BYTES
 from strata.control.plane import ControlPlane
 from strata.control.schemas import (
     ApiTokenBody,
@@ -38,6 +41,8 @@ from strata.control.schemas import (
     ErrorBody,
     NodeAssignRequest,
     NodeBody,
+    NodeLogAsk,
+    NodeLogBody,
     NodeStatusBody,
     ReenrollmentTokenRequest,
     RenewRequest,
@@ -272,3 +277,42 @@ def get_topology(node_id: str, plane: Plane, _caller: SelfOrAdmin) -> Topology:
     endpoints. For the node itself (its gateway) or the operator."""
     candidates = plane.fleet.list_nodes(tiers=("near-edge", "cloud"))
     return node_topology(plane.fleet.get_node(node_id), candidates, plane.settings.cloud_endpoints)
+
+
+_LOG_BODY = {
+    "requestBody": {"required": True, "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
+
+
+@router.post(
+    "/nodes/{node_id}/log-requests", status_code=201, response_model=NodeLogBody, responses={404: {"model": ErrorBody}}
+)
+def ask_node_logs(node_id: str, body: NodeLogAsk, plane: Plane, _admin: Admin) -> dict[str, Any]:
+    """Ask a node for the tail of its log. The node cannot be reached (it only polls), so the ask rides in its
+    desired state and wakes its long poll; read the answer at `GET .../log-requests/{request_id}`. Admin only:
+    a log may hold what a read token should not see."""
+    return plane.node_logs.ask(node_id, body.lines)
+
+
+@router.post(
+    "/nodes/{node_id}/log-requests/{request_id}",
+    status_code=204,
+    responses={404: {"model": ErrorBody}, 413: {"model": ErrorBody}},
+    openapi_extra=_LOG_BODY,
+)
+async def answer_node_logs(
+    node_id: str, request_id: str, request: Request, plane: Plane, _node: NodeItself
+) -> Response:
+    """The node's answer to its own log request: its last log lines as UTF-8 text (at most about 1 MiB)."""
+    body = await read_limited(request, MAX_ANSWER_BYTES, "a log upload")
+    text = body.decode("utf-8", errors="replace")
+    await anyio.to_thread.run_sync(plane.node_logs.answer, node_id, request_id, text)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/nodes/{node_id}/log-requests/{request_id}", response_model=NodeLogBody, responses={404: {"model": ErrorBody}}
+)
+def get_node_logs(node_id: str, request_id: str, plane: Plane, _admin: Admin) -> dict[str, Any]:
+    """A log request: `pending` until the node answers, then `answered` with its text. Admin only."""
+    return plane.node_logs.get(node_id, request_id)

@@ -9,8 +9,7 @@ from typing import Annotated, Any
 import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 
-from strata.control.api.deps import COMMON_ERRORS, NodeItself, Plane, Reader
-from strata.control.errors import PayloadTooLarge
+from strata.control.api.deps import COMMON_ERRORS, NodeItself, Plane, Reader, read_limited
 from strata.control.schemas import TelemetryAckBody, TelemetryBody
 from strata.control.telemetry import MAX_UPLOAD_BYTES
 
@@ -24,24 +23,10 @@ _BATCH_BODY = {
 }
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than `limit` bytes before reading it all."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdecimal() and int(declared) > limit:
-        raise PayloadTooLarge(f"a telemetry batch may be at most {limit} bytes")
-    parts, size = [], 0
-    async for piece in request.stream():
-        size += len(piece)
-        if size > limit:
-            raise PayloadTooLarge(f"a telemetry batch may be at most {limit} bytes")
-        parts.append(piece)
-    return b"".join(parts)
-
-
 @router.post("/nodes/{node_id}/telemetry", response_model=TelemetryAckBody, openapi_extra=_BATCH_BODY)
 async def upload_telemetry(node_id: str, request: Request, plane: Plane, _node: NodeItself) -> dict[str, Any]:
     """Store one telemetry batch of this node; a batch already stored is acknowledged, not stored again."""
-    body = await _read_limited(request, MAX_UPLOAD_BYTES)
+    body = await read_limited(request, MAX_UPLOAD_BYTES, "a telemetry batch")
     result = await anyio.to_thread.run_sync(plane.telemetry.ingest, node_id, body)
     return {"seq": result.seq, "stored": result.stored}
 
