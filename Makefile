@@ -46,7 +46,7 @@ test: lint typecheck $(TPM) $(PG)
 	tools/install-lb-deps $(VENV)  # HAProxy, systemd-analyze, kustomize: load-balancer and deploy/ tests
 	tools/install-prometheus-deps  # prometheus and promtool: deploy/prometheus, deploy/grafana and their e2e test
 	tools/install-browser-deps  # chromium: the console's browser test (tests/e2e/test_console_browser.py)
-	$(BIN)/pytest -q -n 2 --dist loadfile
+	$(BIN)/pytest -q -n 3 --dist loadfile  # 3 workers on 2 cores: most e2e time is waiting on real processes
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

@@ -82,9 +82,7 @@ def test_deploy_by_labels_then_update_one_region_through_the_cli(
     # lines of its own log; they hold its activations.
     logs = fleet.cli("nodes", "logs", "eu-1", "--lines", "500", "--wait", "30s")
     assert logs.returncode == 0, logs.stderr
-    assert re.search(r"strata\.agent\[eu-1\]: activated digits 2 \(cpu-generic-fp32\)", logs.stdout), (
-        logs.stdout
-    )
+    assert re.search(r"strata\.agent\[eu-1\]: activated digits 2 \(cpu-generic-fp32\)", logs.stdout), logs.stdout
     assert "[us-1]" not in logs.stdout
     # `strata events --follow` printed the activation of version 2 as it happened (one JSON object a line).
     try:
