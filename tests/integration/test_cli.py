@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -93,8 +94,12 @@ def test_version_completion_and_exit_codes(tmp_path: Path) -> None:
     version = strata("--version")
     assert version.returncode == 0
     assert version.stdout.startswith("strata 0.")
-    script = strata("--show-completion", "bash")
-    assert script.returncode == 0
+    # The completion script is for the shell that runs strata (Typer asks shellingham, which looks at the parent
+    # process): run it from bash, which stays its parent (`; true`), whatever shell runs the tests (make uses sh).
+    base = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    command = f"{shlex.quote(sys.executable)} -m strata --show-completion; true"
+    script = subprocess.run(["bash", "-c", command], env=base, capture_output=True, text=True, timeout=60, check=False)
+    assert script.returncode == 0, script.stderr
     assert "_STRATA_COMPLETE=complete_bash" in script.stdout
     completed = strata(env={"_STRATA_COMPLETE": "complete_bash", "COMP_WORDS": "strata nodes li", "COMP_CWORD": "2"})
     assert completed.stdout.split() == ["list"]
