@@ -96,6 +96,7 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
         "threads": request.threads,
         "data": dict(report.data),
         "selected": dict(report.selected),
+        "selection_key": report.benchmark.get("selection_key"),
         "skipped_passes": dict(report.skipped_passes),
         "variants": [
             {
@@ -106,6 +107,8 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
                 "verified": v.verified,
                 "throughput": None if v.throughput is None else round(v.throughput, 1),
                 "speedup": None if v.speedup is None else round(v.speedup, 3),
+                "throughput_batch1": None if v.throughput_batch1 is None else round(v.throughput_batch1, 1),
+                "speedup_batch1": None if v.speedup_batch1 is None else round(v.speedup_batch1, 3),
                 "mean_cosine": v.accuracy.get("mean_cosine"),
                 "min_cosine": v.accuracy.get("min_cosine"),
                 "size_mb": None if v.size_bytes is None else round(v.size_bytes / 1e6, 1),

@@ -38,6 +38,8 @@ class VariantResult:
     gate: str
     reason: str | None
     notes: tuple[str, ...] = ()
+    throughput_batch1: float | None = None
+    speedup_batch1: float | None = None
 
     def values(self) -> dict[str, float | None]:
         """The metrics a gate may name."""
@@ -46,6 +48,7 @@ class VariantResult:
             {
                 "throughput": self.throughput,
                 "speedup": self.speedup,
+                "speedup_batch1": self.speedup_batch1,
                 "latency_p50_ms": self.latency_ms["p50"] if self.latency_ms else None,
                 "latency_p95_ms": self.latency_ms["p95"] if self.latency_ms else None,
                 "size_bytes": None if self.size_bytes is None else float(self.size_bytes),
@@ -67,6 +70,8 @@ class VariantResult:
             "latency_ms": dict(self.latency_ms) if self.latency_ms is not None else None,
             "throughput": self.throughput,
             "speedup": self.speedup,
+            "throughput_batch1": self.throughput_batch1,
+            "speedup_batch1": self.speedup_batch1,
             "size_bytes": self.size_bytes,
             "peak_memory_bytes": self.peak_memory_bytes,
             "gate": self.gate,
@@ -93,6 +98,8 @@ class VariantResult:
             gate=str(raw["gate"]),
             reason=raw.get("reason"),
             notes=tuple(raw.get("notes", ())),
+            throughput_batch1=raw.get("throughput_batch1"),
+            speedup_batch1=raw.get("speedup_batch1"),
         )
 
 
