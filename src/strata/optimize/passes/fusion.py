@@ -3,10 +3,13 @@
 `onnxruntime.transformers.optimizer.optimize_model(model_type="bert")` rewrites the subgraphs it recognises into
 onnxruntime's contrib operators (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization), and
 dynamic quantization then turns a fused Attention into QAttention (its Q, K and V projections in one int8 GEMM).
-Only onnxruntime's Python-level fusions run (opt_level 0): its level 1 and up import torch, which strata does not
-carry. Without sympy the optimizer's symbolic shape inference is switched off, as quantization pre-processing
-does. A graph in which no transformer block is recognised is not this pass's business: the pass says so and
-builds nothing, so a CNN or an MLP gets no second copy of the plain dynamic variants.
+Attention blocks as PyTorch's SDPA exports them, which that optimizer does not know, are rewritten into
+Attention first (`strata.optimize.passes.attention`) and kept only when the rewritten graph computes what the
+original does on calibration samples (with their padding). Only onnxruntime's Python-level fusions run
+(opt_level 0): its level 1 and up import torch, which strata does not carry. Without sympy the optimizer's
+symbolic shape inference is switched off, as quantization pre-processing does. A graph in which no transformer
+block is recognised is not this pass's business: the pass says so and builds nothing, so a CNN or an MLP gets
+no second copy of the plain dynamic variants.
 """
 
 from __future__ import annotations
@@ -17,10 +20,15 @@ from pathlib import Path
 
 from strata.core.errors import OptimizationError
 from strata.optimize.base import Candidate, PassContext, PassNotApplicable
+from strata.optimize.data import Feeds
+from strata.optimize.passes.attention import fuse_sdpa_attention
 from strata.optimize.passes.dynamic import quantize_grid
 from strata.optimize.passes.quantize import preprocess
 
 FUSED_NAME = "fused.onnx"
+SDPA_NAME = "sdpa-attention.onnx"
+CHECK_SAMPLES = 16
+CHECK_TOLERANCE = 1e-3  # largest difference allowed, relative to the largest output value
 # Fusions that only a transformer block yields; BiasGelu or a lone LayerNormalization alone do not make a graph one.
 TRANSFORMER_FUSIONS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization")
 
@@ -85,6 +93,44 @@ def fuse_transformer(model_path: Path, out: Path) -> str:
     return note
 
 
+def _max_relative_error(original: Path, rewritten: Path, feeds: Feeds) -> float:
+    import numpy as np
+
+    from strata.optimize.runners import open_runner
+
+    sample = feeds.batch(0, min(CHECK_SAMPLES, len(feeds)))
+    expected = open_runner(original, "onnxruntime", 1).run(sample)
+    got = open_runner(rewritten, "onnxruntime", 1).run(sample)
+    worst = 0.0
+    for name, reference in expected.items():
+        scale = max(float(np.max(np.abs(reference))), 1e-12)
+        worst = max(worst, float(np.max(np.abs(np.asarray(got[name]) - reference))) / scale)
+    return worst
+
+
+def rewrite_sdpa_attention(model_path: Path, out: Path, feeds: Feeds) -> tuple[Path, str]:
+    """`model_path` with its SDPA attention blocks as Attention, written to `out`, when it has such blocks and the
+    rewrite computes what the original does on `feeds`; else `model_path` itself. Returns the model and what
+    happened.
+
+    Raises:
+        OptimizationError: the rewritten model does not load or run.
+    """
+    import onnx
+
+    model = onnx.load(str(model_path))
+    count = fuse_sdpa_attention(model)
+    if count == 0:
+        return model_path, "sdpa-attention: none found"
+    onnx.save(model, str(out))
+    if len(feeds) == 0:
+        return model_path, f"sdpa-attention: {count} found, not used (no calibration samples to check them on)"
+    error = _max_relative_error(model_path, out, feeds)
+    if error > CHECK_TOLERANCE:
+        return model_path, f"sdpa-attention: {count} found, not used (outputs differ by {error:.2g} of their range)"
+    return out, f"sdpa-attention: {count} rewritten into Attention (outputs within {error:.1g} of the original's)"
+
+
 class FusedDynamicQuantizationPass:
     """Transformer fusion, then dynamic int8 (per-channel QInt8 weights by default)."""
 
@@ -102,6 +148,10 @@ class FusedDynamicQuantizationPass:
         import onnx
 
         source, how = preprocess(model_path, workdir)
+        try:
+            source, sdpa = rewrite_sdpa_attention(source, workdir / SDPA_NAME, context.calibration)
+        except OptimizationError as exc:  # the rewrite does not run: fuse what onnxruntime knows, without it
+            sdpa = f"sdpa-attention: not used ({exc})"
         fused = workdir / FUSED_NAME
         note = fuse_transformer(source, fused)
         return quantize_grid(
@@ -110,7 +160,7 @@ class FusedDynamicQuantizationPass:
             self.grid,
             steps=(how, "transformer-fusion:bert"),
             kind="fused",
-            notes=(note,),
+            notes=(note, sdpa),
             # the fused contrib operators have no ONNX shape inference: unknown tensor types are float
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
