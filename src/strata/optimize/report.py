@@ -210,7 +210,18 @@ def report_table(report: Report) -> Table:
         chosen_by.setdefault(variant_id, []).append(profile)
     table = Table(title=f"{report.model.get('name')} {report.model.get('version')} on {report.host_profile}")
     columns = ["variant", "profile", "runtime", *headline_metrics(report.task)]
-    columns += ["items/s", "speedup", "p50 ms", "p95 ms", "MB", "gate", "selected for", "reason"]
+    batch = report.benchmark.get("batch")
+    columns += [
+        "items/s",
+        f"speedup (batch {batch})",
+        "speedup (batch 1)",
+        "p50 ms",
+        "p95 ms",
+        "MB",
+        "gate",
+        "selected for",
+        "reason",
+    ]
     for column in columns:
         table.add_column(column, overflow="fold")
     for v in report.variants:
@@ -224,6 +235,7 @@ def report_table(report: Report) -> Table:
             *accuracy,
             _fmt(v.throughput, ".1f"),
             _fmt(v.speedup, ".2f") + ("x" if v.speedup is not None else ""),
+            _fmt(v.speedup_batch1, ".2f") + ("x" if v.speedup_batch1 is not None else ""),
             _fmt(latency.get("p50"), ".2f"),
             _fmt(latency.get("p95"), ".2f"),
             _fmt(None if v.size_bytes is None else v.size_bytes / 1e6, ".1f"),

@@ -66,6 +66,22 @@ def context(tiny_feeds: Feeds) -> PassContext:
     return PassContext(task="classification", host=get_profile("x86_64-avx2"), targets=targets, calibration=tiny_feeds)
 
 
+def _save_bert(nodes: list[Any], name: str, weights: dict[str, np.ndarray], width: int, path: Path) -> Path:
+    """A BERT-shaped graph of `nodes`: inputs input_ids and attention_mask, output last_hidden_state."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", width])],
+    )
+    return _save(graph, weights, path)
+
+
 def _tiny_bert(path: Path, seed: int = 0) -> Path:
     """One BERT layer as transformers exports it with SDPA attention: the padding mask becomes Where(mask, 0,
     -inf) added to the attention scores, LayerNormalization, and an erf-GELU feed-forward block whose hidden
@@ -123,16 +139,7 @@ def _tiny_bert(path: Path, seed: int = 0) -> Path:
         node("Add", ["f", "h"], ["res2"]),
         node("LayerNormalization", ["res2", "g2", "b2n"], ["last_hidden_state"], axis=-1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny-bert",
-        [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
-        ],
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", d])],
-    )
-    return _save(graph, weights, path)
+    return _save_bert(nodes, "tiny-bert", weights, d, path)
 
 
 @pytest.fixture(scope="session")
@@ -201,16 +208,7 @@ def _tiny_sdpa_bert(path: Path, seed: int = 0) -> Path:
         node("Add", ["o", "x"], ["res"]),
         node("LayerNormalization", ["res", "g1", "b1n"], ["last_hidden_state"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny-sdpa-bert",
-        [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
-        ],
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", d])],
-    )
-    return _save(graph, weights, path)
+    return _save_bert(nodes, "tiny-sdpa-bert", weights, d, path)
 
 
 @pytest.fixture(scope="session")

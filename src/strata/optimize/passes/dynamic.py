@@ -25,6 +25,13 @@ def dynamic_id(weight_type: str, per_channel: bool, reduce_range: bool, kind: st
     return prefix + weights + ("-pc" if per_channel else "") + ("-rr" if reduce_range else "")
 
 
+def int8_skip_reason(context: PassContext) -> str | None:
+    """Why an int8 pass has nothing to do for `context`'s targets (None when one of them runs int8)."""
+    if not any("int8" in t.precisions for t in context.targets):
+        return "no target runs int8"
+    return None
+
+
 class DynamicQuantizationPass:
     """One int8 candidate per (weight type, per_channel, reduce_range)."""
 
@@ -41,9 +48,7 @@ class DynamicQuantizationPass:
         self.grid = list(product(weight_types, per_channel, reduce_range))
 
     def skip_reason(self, context: PassContext) -> str | None:
-        if not any("int8" in t.precisions for t in context.targets):
-            return "no target runs int8"
-        return None
+        return int8_skip_reason(context)
 
     def apply(self, model_path: Path, workdir: Path, context: PassContext) -> list[Candidate]:
         source, how = preprocess(model_path, workdir)

@@ -22,7 +22,7 @@ from strata.core.errors import OptimizationError
 from strata.optimize.base import Candidate, PassContext, PassNotApplicable
 from strata.optimize.data import Feeds
 from strata.optimize.passes.attention import fuse_sdpa_attention
-from strata.optimize.passes.dynamic import quantize_grid
+from strata.optimize.passes.dynamic import int8_skip_reason, quantize_grid
 from strata.optimize.passes.quantize import preprocess
 
 FUSED_NAME = "fused.onnx"
@@ -140,9 +140,7 @@ class FusedDynamicQuantizationPass:
         self.grid = grid
 
     def skip_reason(self, context: PassContext) -> str | None:
-        if not any("int8" in t.precisions for t in context.targets):
-            return "no target runs int8"
-        return None
+        return int8_skip_reason(context)
 
     def apply(self, model_path: Path, workdir: Path, context: PassContext) -> list[Candidate]:
         import onnx
