@@ -7,10 +7,11 @@ runtime and precision the host's profile lists is built and measured: OpenVINO w
 where the CPU has it).
 
 Then the selected variant for this host's profile meets the fp32 original head to head: both loaded in this
-process, HEAD_TO_HEAD_ROUNDS rounds at batch 1 and at batch 32 with fp32 timed before and after each run of the
-variant; the ratio of throughputs is taken per round and its median reported. One thread per inference by default: on a
-shared 2-core machine two spinning onnxruntime threads per session make the ratios swing from 0.7x to 2x;
-with one thread they stay far closer. Prints one JSON object; compare ratios only (the machine is shared).
+process, HEAD_TO_HEAD_ROUNDS rounds at batch 1 and at batch 32 (each cycling over the timed sentences) with fp32
+timed before and after each run of the variant; the ratio of throughputs is taken per round and its median
+reported. One thread per inference by default: on a shared 2-core machine two spinning onnxruntime threads per
+session make the ratios swing from 0.7x to 2x; with one thread they stay far closer. Prints one JSON object;
+compare ratios only (the machine is shared).
 
 Usage: python bench/optimize_minilm.py [--out DIR] [--rounds N] [--threads N] [--pass NAME ...]
 """
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
         "threads": request.threads,
         "data": dict(report.data),
         "selected": dict(report.selected),
+        "selection_key": report.benchmark.get("selection_key"),
         "skipped_passes": dict(report.skipped_passes),
         "variants": [
             {
@@ -106,12 +108,15 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
                 "verified": v.verified,
                 "throughput": None if v.throughput is None else round(v.throughput, 1),
                 "speedup": None if v.speedup is None else round(v.speedup, 3),
+                "throughput_batch1": None if v.throughput_batch1 is None else round(v.throughput_batch1, 1),
+                "speedup_batch1": None if v.speedup_batch1 is None else round(v.speedup_batch1, 3),
                 "mean_cosine": v.accuracy.get("mean_cosine"),
                 "min_cosine": v.accuracy.get("min_cosine"),
                 "size_mb": None if v.size_bytes is None else round(v.size_bytes / 1e6, 1),
                 "peak_memory_mb": None if v.peak_memory_bytes is None else round(v.peak_memory_bytes / 1e6, 1),
                 "gate": v.gate,
                 "reason": v.reason,
+                "notes": list(v.notes),
             }
             for v in report.variants
         ],

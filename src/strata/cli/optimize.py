@@ -97,7 +97,9 @@ def optimize(
     max_length: Annotated[int, typer.Option("--max-length", help="Pad/truncate text to this many tokens.")] = 128,
     passes: Annotated[
         list[str] | None,
-        typer.Option("--pass", help="Run only these passes (repeatable): graph, fp16, dynamic, static, openvino."),
+        typer.Option(
+            "--pass", help="Run only these passes (repeatable): graph, fp16, dynamic, dynamic-fused, static, openvino."
+        ),
     ] = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved benchmark rounds.")] = 5,
     threads: Annotated[

@@ -13,10 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from strata.core.errors import OptimizationError
 from strata.core.profiles import HostFacts, Profile, normalize_arch
 from strata.optimize.data import Feeds
 
 GPU_RUNTIMES = ("onnxruntime-cuda", "onnxruntime-tensorrt")
+
+
+class PassNotApplicable(OptimizationError):
+    """A pass found, once it looked at the graph, that it has nothing to do for it (the message says why)."""
 
 
 @dataclass(frozen=True)

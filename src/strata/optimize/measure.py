@@ -77,6 +77,15 @@ def _tile(feeds: Feeds, count: int) -> dict[str, Array]:
     return feeds.take(index).batch(0, count)
 
 
+def _chunks(feeds: Feeds, batch: int) -> list[dict[str, Array]]:
+    """The batches a throughput loop cycles through: every full batch of `feeds` in order (padding trimmed per
+    batch), or one tiled batch when `feeds` holds fewer than `batch` samples. At batch 1 the loop so runs every
+    timed sample in turn, not the first one over and over."""
+    if len(feeds) < batch:
+        return [_tile(feeds, batch)]
+    return [feeds.batch(start, start + batch) for start in range(0, len(feeds) - batch + 1, batch)]
+
+
 def benchmark(
     runners: Mapping[str, Runner],
     feeds: Feeds,
@@ -102,14 +111,14 @@ def benchmark(
         raise OptimizationError(f"baseline {baseline!r} is not among the variants timed")
     if len(feeds) == 0 or rounds < 1:
         raise OptimizationError("benchmarking needs at least one sample and one round")
-    batch_feeds = _tile(feeds, batch)
+    chunks = _chunks(feeds, batch)
     singles = [feeds.batch(i, i + 1) for i in range(len(feeds))]
     names = sorted(runners)
     repeats: dict[str, int] = {}
     for name in names:  # warm up, and size each variant's throughput loop to at least min_batch_seconds
         runners[name].run(singles[0])
         start = clock()
-        runners[name].run(batch_feeds)
+        runners[name].run(chunks[0])
         repeats[name] = max(1, math.ceil(min_batch_seconds / max(clock() - start, 1e-6)))
     latencies: dict[str, list[float]] = {n: [] for n in names}
     throughputs: dict[str, list[float]] = {n: [] for n in names}
@@ -117,8 +126,8 @@ def benchmark(
 
     def throughput(name: str) -> float:
         start = clock()
-        for _ in range(repeats[name]):
-            runners[name].run(batch_feeds)
+        for i in range(repeats[name]):
+            runners[name].run(chunks[i % len(chunks)])
         return batch * repeats[name] / max(clock() - start, 1e-9)
 
     def latency(name: str, round_no: int) -> None:

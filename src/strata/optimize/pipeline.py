@@ -21,7 +21,7 @@ from strata.core.errors import ConfigError, OptimizationError, PackageError, Str
 from strata.core.hashing import sha256_file
 from strata.core.package import TensorSpec
 from strata.core.profiles import HostFacts, Profile, catalog, detect_profile, get_profile, read_host_facts
-from strata.optimize.base import Candidate, Pass, PassContext, isa_profile
+from strata.optimize.base import Candidate, Pass, PassContext, PassNotApplicable, isa_profile
 from strata.optimize.data import Feeds, Splits, load_data, plan_splits
 from strata.optimize.gate import Gate, parse_gate
 from strata.optimize.measure import Timing, benchmark, peak_memory, percentiles, predict, save_feeds
@@ -192,6 +192,8 @@ def _apply(
     folder.mkdir(parents=True, exist_ok=True)
     try:
         candidates.extend(optimization.apply(model, folder, context))
+    except PassNotApplicable as exc:  # skipped, with the pass's own reason
+        skipped[optimization.name] = str(exc)
     except StrataError as exc:  # the pass as a whole could not run; the others still can
         skipped[optimization.name] = f"failed: {exc}"
 
@@ -201,6 +203,7 @@ class _Measurement:
     accuracy: dict[str, float]
     error: str | None = None
     timing: Timing | None = None
+    timing_batch1: Timing | None = None
     memory: int | None = None
 
 
@@ -246,12 +249,18 @@ def measure_candidates(
         except StrataError as exc:
             results[candidate.id] = _Measurement({}, error=f"does not run here: {exc}")
         progress.step(candidate.id)
-    progress.phase("benchmark", request.rounds * len(runners))
+    progress.phase("benchmark", request.rounds * len(runners) * (2 if batch != 1 else 1))
     timings = benchmark(
         runners, bench, baseline=BASELINE_ID, batch=batch, rounds=request.rounds, on_round=progress.step
     )
     for cid, timing in timings.items():
         results[cid].timing = timing
+    if batch != 1:  # the same interleaved method at batch 1: one request at a time, as most edge serving sees it
+        singles = benchmark(
+            runners, bench, baseline=BASELINE_ID, batch=1, rounds=request.rounds, on_round=progress.step
+        )
+        for cid, timing in singles.items():
+            results[cid].timing_batch1 = timing
     if request.measure_memory:
         progress.phase("memory", len(runners))
         feeds_npz = save_feeds(bench.batch(0, batch), workdir / "memory-feeds.npz")
@@ -270,6 +279,7 @@ def measure_candidates(
 
 def _result(candidate: Candidate, measured: _Measurement | None, gate: Gate) -> VariantResult:
     timing = measured.timing if measured is not None else None
+    single = (measured.timing_batch1 or measured.timing) if measured is not None else None
     error = candidate.error or (measured.error if measured is not None else None)
     verified = measured is not None and measured.error is None
     result = VariantResult(
@@ -289,6 +299,8 @@ def _result(candidate: Candidate, measured: _Measurement | None, gate: Gate) -> 
         gate="failed",
         reason=None,
         notes=candidate.notes,
+        throughput_batch1=single.throughput if single is not None else None,
+        speedup_batch1=single.speedup if single is not None else None,
     )
     verdict = judge(result.values(), gate, verified=verified, error=error)
     return replace(result, gate=verdict.gate, reason=verdict.reason)
@@ -427,12 +439,16 @@ def run_optimize(
         },
         benchmark={
             "batch": batch,
+            "batches": sorted({batch, 1}),
+            "selection_key": f"speedup at batch {batch}",
             "rounds": request.rounds,
             "threads": request.threads,
             "baseline": BASELINE_ID,
             "isa_profile": plan.isa.id,
             "method": "interleaved rounds, fp32 timed before and after every variant; speedup = median over rounds "
-            "of the variant's throughput / the mean of those two fp32 throughputs",
+            "of the variant's throughput / the mean of those two fp32 throughputs; run once at `batch` (speedup, "
+            "throughput) and once at batch 1 (speedup_batch1, throughput_batch1), each batch cycling over the timed "
+            "samples",
         },
         variants=tuple(results),
         selected=selection.chosen,

@@ -38,6 +38,8 @@ class VariantResult:
     gate: str
     reason: str | None
     notes: tuple[str, ...] = ()
+    throughput_batch1: float | None = None
+    speedup_batch1: float | None = None
 
     def values(self) -> dict[str, float | None]:
         """The metrics a gate may name."""
@@ -46,6 +48,7 @@ class VariantResult:
             {
                 "throughput": self.throughput,
                 "speedup": self.speedup,
+                "speedup_batch1": self.speedup_batch1,
                 "latency_p50_ms": self.latency_ms["p50"] if self.latency_ms else None,
                 "latency_p95_ms": self.latency_ms["p95"] if self.latency_ms else None,
                 "size_bytes": None if self.size_bytes is None else float(self.size_bytes),
@@ -67,6 +70,8 @@ class VariantResult:
             "latency_ms": dict(self.latency_ms) if self.latency_ms is not None else None,
             "throughput": self.throughput,
             "speedup": self.speedup,
+            "throughput_batch1": self.throughput_batch1,
+            "speedup_batch1": self.speedup_batch1,
             "size_bytes": self.size_bytes,
             "peak_memory_bytes": self.peak_memory_bytes,
             "gate": self.gate,
@@ -93,6 +98,8 @@ class VariantResult:
             gate=str(raw["gate"]),
             reason=raw.get("reason"),
             notes=tuple(raw.get("notes", ())),
+            throughput_batch1=raw.get("throughput_batch1"),
+            speedup_batch1=raw.get("speedup_batch1"),
         )
 
 
@@ -203,7 +210,18 @@ def report_table(report: Report) -> Table:
         chosen_by.setdefault(variant_id, []).append(profile)
     table = Table(title=f"{report.model.get('name')} {report.model.get('version')} on {report.host_profile}")
     columns = ["variant", "profile", "runtime", *headline_metrics(report.task)]
-    columns += ["items/s", "speedup", "p50 ms", "p95 ms", "MB", "gate", "selected for", "reason"]
+    batch = report.benchmark.get("batch")
+    columns += [
+        "items/s",
+        f"speedup (batch {batch})",
+        "speedup (batch 1)",
+        "p50 ms",
+        "p95 ms",
+        "MB",
+        "gate",
+        "selected for",
+        "reason",
+    ]
     for column in columns:
         table.add_column(column, overflow="fold")
     for v in report.variants:
@@ -217,6 +235,7 @@ def report_table(report: Report) -> Table:
             *accuracy,
             _fmt(v.throughput, ".1f"),
             _fmt(v.speedup, ".2f") + ("x" if v.speedup is not None else ""),
+            _fmt(v.speedup_batch1, ".2f") + ("x" if v.speedup_batch1 is not None else ""),
             _fmt(latency.get("p50"), ".2f"),
             _fmt(latency.get("p95"), ".2f"),
             _fmt(None if v.size_bytes is None else v.size_bytes / 1e6, ".1f"),

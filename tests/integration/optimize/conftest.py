@@ -66,6 +66,22 @@ def context(tiny_feeds: Feeds) -> PassContext:
     return PassContext(task="classification", host=get_profile("x86_64-avx2"), targets=targets, calibration=tiny_feeds)
 
 
+def _save_bert(nodes: list[Any], name: str, weights: dict[str, np.ndarray], width: int, path: Path) -> Path:
+    """A BERT-shaped graph of `nodes`: inputs input_ids and attention_mask, output last_hidden_state."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", width])],
+    )
+    return _save(graph, weights, path)
+
+
 def _tiny_bert(path: Path, seed: int = 0) -> Path:
     """One BERT layer as transformers exports it with SDPA attention: the padding mask becomes Where(mask, 0,
     -inf) added to the attention scores, LayerNormalization, and an erf-GELU feed-forward block whose hidden
@@ -123,16 +139,7 @@ def _tiny_bert(path: Path, seed: int = 0) -> Path:
         node("Add", ["f", "h"], ["res2"]),
         node("LayerNormalization", ["res2", "g2", "b2n"], ["last_hidden_state"], axis=-1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny-bert",
-        [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
-        ],
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", d])],
-    )
-    return _save(graph, weights, path)
+    return _save_bert(nodes, "tiny-bert", weights, d, path)
 
 
 @pytest.fixture(scope="session")
@@ -150,3 +157,61 @@ def tiny_bert_feeds() -> Feeds:
     mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
     ids = np.where(mask == 1, rng.integers(1, 50, (count, width)), 0).astype(np.int64)
     return Feeds({"input_ids": ids, "attention_mask": mask}, mask="attention_mask")
+
+
+def _tiny_sdpa_bert(path: Path, seed: int = 0) -> Path:
+    """One BERT layer with two attention heads as `transformers` exports SDPA: Q and K each scaled by
+    sqrt(1/sqrt(head_dim)), Reshape/Transpose into heads, the padding mask as Where(mask, 0, -inf), IsNaN/Where
+    after the Softmax, the heads merged back by Transpose and Reshape."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    d, heads, vocab = 16, 2, 50
+
+    def w(*shape: int, scale: float = 0.3) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    weights = {
+        "E": w(vocab, d, scale=1.0), "g0": np.ones(d, np.float32), "b0": np.zeros(d, np.float32),
+        "Wq": w(d, d), "bq": w(d, scale=0.1), "Wk": w(d, d), "bk": w(d, scale=0.1), "Wv": w(d, d),
+        "bv": w(d, scale=0.1), "Wo": w(d, d), "bo": w(d, scale=0.1), "g1": np.ones(d, np.float32),
+        "b1n": np.zeros(d, np.float32), "heads_shape": np.array([0, 0, heads, d // heads], np.int64),
+        "merged_shape": np.array([0, 0, d], np.int64),
+        "root_scale": np.array((d // heads) ** -0.25, np.float32), "zero": np.array(0.0, np.float32),
+        "neg_inf": np.array(-np.inf, np.float32), "axes12": np.array([1, 2], np.int64),
+    }  # fmt: skip
+    node = helper.make_node
+    nodes = [node("Gather", ["E", "input_ids"], ["emb"]), node("LayerNormalization", ["emb", "g0", "b0"], ["x"])]
+    for name, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [
+            node("MatMul", ["x", f"W{name}"], [f"{name}0"]),
+            node("Add", [f"b{name}", f"{name}0"], [f"{name}1"]),
+            node("Reshape", [f"{name}1", "heads_shape"], [f"{name}2"]),
+            node("Transpose", [f"{name}2"], [f"{name}3"], perm=perm),
+        ]
+    nodes += [
+        node("Mul", ["q3", "root_scale"], ["qs"]),
+        node("Mul", ["k3", "root_scale"], ["ks"]),
+        node("MatMul", ["qs", "ks"], ["scores"]),
+        node("Cast", ["attention_mask"], ["mask_bool"], to=TensorProto.BOOL),
+        node("Unsqueeze", ["mask_bool", "axes12"], ["mask4"]),
+        node("Where", ["mask4", "zero", "neg_inf"], ["mask_bias"]),
+        node("Add", ["scores", "mask_bias"], ["masked"]),
+        node("Softmax", ["masked"], ["probs"], axis=-1),
+        node("IsNaN", ["probs"], ["nan"]),
+        node("Where", ["nan", "zero", "probs"], ["probs_ok"]),
+        node("MatMul", ["probs_ok", "v3"], ["ctx"]),
+        node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+        node("Reshape", ["ctx_t", "merged_shape"], ["ctx_m"]),
+        node("MatMul", ["ctx_m", "Wo"], ["o0"]),
+        node("Add", ["o0", "bo"], ["o"]),
+        node("Add", ["o", "x"], ["res"]),
+        node("LayerNormalization", ["res", "g1", "b1n"], ["last_hidden_state"]),
+    ]
+    return _save_bert(nodes, "tiny-sdpa-bert", weights, d, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdpa_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One two-head BERT layer with attention as SDPA exports it (see `_tiny_sdpa_bert`); tiny_bert's interface."""
+    return _tiny_sdpa_bert(tmp_path_factory.mktemp("tiny") / "sdpa-bert.onnx")

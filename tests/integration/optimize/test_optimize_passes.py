@@ -15,6 +15,7 @@ from strata.optimize.data import Feeds
 from strata.optimize.passes import (
     DynamicQuantizationPass,
     Float16Pass,
+    FusedDynamicQuantizationPass,
     GraphOptimizationPass,
     OpenVinoPass,
     StaticQuantizationPass,
@@ -215,7 +216,7 @@ def test_pass_names_select_a_subset_in_the_default_order() -> None:
     from strata.core.errors import ConfigError
 
     assert [p.name for p in passes_named(["static", "graph"])] == ["graph", "static"]
-    assert [p.name for p in passes_named(None)] == ["graph", "fp16", "dynamic", "static", "openvino"]
+    assert [p.name for p in passes_named(None)] == ["graph", "fp16", "dynamic", "dynamic-fused", "static", "openvino"]
     with pytest.raises(ConfigError, match="unknown pass"):
         passes_named(["magic"])
 
@@ -253,3 +254,73 @@ def test_fp16_keeps_a_cast_from_int64_to_float_so_onnxruntime_loads_it(tmp_path:
     [expected], [got] = fp32.run(None, {"ids": ids}), fp16.run(None, {"ids": ids})
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-2, atol=0.1)
+
+
+@pytest.mark.parametrize(
+    ("model", "attention"),
+    [
+        ("tiny_bert", "sdpa-attention: none found"),  # single-head, no Reshape into heads: left to onnxruntime
+        ("tiny_sdpa_bert", "sdpa-attention: 1 rewritten into Attention"),
+    ],
+)
+def test_transformer_fusion_then_dynamic_int8_keeps_the_interface_and_passes_the_gate(
+    model: str, attention: str, tmp_path: Path, context: PassContext, tiny_bert_feeds: Feeds,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    import onnx
+
+    from strata.optimize.gate import parse_gate
+    from strata.optimize.measure import predict
+    from strata.optimize.tasks import compare, get_task
+
+    path: Path = request.getfixturevalue(model)
+    bert_context = PassContext("embedding", context.host, context.targets, tiny_bert_feeds.take(range(48)))
+    [candidate] = FusedDynamicQuantizationPass().apply(path, tmp_path, bert_context)
+    assert candidate.error is None, candidate.error
+    assert candidate.id == "int8-dyn-fused-s8-pc"
+    assert "transformer-fusion:bert" in candidate.passes
+    assert "SkipLayerNormalization x" in candidate.notes[0]
+    assert candidate.notes[1].startswith(attention), candidate.notes
+    ops = _op_types(candidate.model_path)
+    assert "SkipLayerNormalization" in ops
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert ("QAttention" in ops) == ("rewritten" in attention)  # Q, K and V projected in one int8 GEMM
+    original, fused = onnx.load(str(path)).graph, onnx.load(str(candidate.model_path)).graph
+    for kind in ("input", "output"):
+        assert [(v.name, v.type) for v in getattr(fused, kind)] == [(v.name, v.type) for v in getattr(original, kind)]
+    task, evaluation = get_task("embedding"), tiny_bert_feeds.take(range(48, 96))  # padded, batches of 16
+    expected = predict(open_runner(path, "onnxruntime"), evaluation, task, "last_hidden_state", 16)
+    got = predict(open_runner(candidate.model_path, "onnxruntime"), evaluation, task, "last_hidden_state", 16)
+    accuracy = compare(task, expected, got)
+    assert parse_gate(task.default_gate).failures(dict(accuracy)) == [], accuracy
+
+
+def test_transformer_fusion_skips_a_graph_with_no_transformer_block(
+    tiny_mlp: Path, tmp_path: Path, context: PassContext
+) -> None:
+    from strata.optimize.base import PassNotApplicable
+
+    with pytest.raises(PassNotApplicable, match="recognised no transformer block"):
+        FusedDynamicQuantizationPass().apply(tiny_mlp, tmp_path, context)
+    assert not list(tmp_path.glob("int8-*.onnx"))
+
+
+def test_an_attention_rewrite_that_changes_the_outputs_is_not_used(
+    tiny_sdpa_bert: Path, tmp_path: Path, tiny_bert_feeds: Feeds
+) -> None:
+    """The pattern matches any mask bias computed from the mask input; one that masks the tokens, not the padding,
+    makes Attention (which keeps tokens where the mask is 1) compute something else, and the check says so."""
+    import onnx
+
+    from strata.optimize.passes.fusion import rewrite_sdpa_attention
+
+    model = onnx.load(str(tiny_sdpa_bert))
+    where = next(n for n in model.graph.node if n.output[0] == "mask_bias")
+    where.input[1], where.input[2] = where.input[2], where.input[1]
+    inverted = tmp_path / "inverted.onnx"
+    onnx.save(model, str(inverted))
+    used, note = rewrite_sdpa_attention(inverted, tmp_path / "rewritten.onnx", tiny_bert_feeds)
+    assert used == inverted
+    assert note.startswith("sdpa-attention: 1 found, not used (outputs differ by"), note
+    used, note = rewrite_sdpa_attention(tiny_sdpa_bert, tmp_path / "rewritten.onnx", tiny_bert_feeds)
+    assert used == tmp_path / "rewritten.onnx", note

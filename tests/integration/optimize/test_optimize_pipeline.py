@@ -14,7 +14,7 @@ import pytest
 from strata.core.errors import ConfigError
 from strata.core.package import verify_package
 from strata.examples.digits import load_data
-from strata.optimize.passes import GraphOptimizationPass, StaticQuantizationPass
+from strata.optimize.passes import FusedDynamicQuantizationPass, GraphOptimizationPass, StaticQuantizationPass
 from strata.optimize.pipeline import OptimizeRequest, run_optimize
 from strata.optimize.report import PLOT_NAME, read_report
 
@@ -68,10 +68,14 @@ def test_digits_gets_static_int8_variants_that_pass_the_gate(
         assert {"id", "path", "profile", "runtime", "precision", "passes", "verified", "accuracy", "latency_ms",
                 "throughput", "size_bytes", "gate", "reason"} <= entry.keys()  # fmt: skip
         assert set(entry["latency_ms"]) == {"p50", "p95"}
+        assert entry["speedup_batch1"] > 0  # timed at batch 1 too, against fp32 at batch 1
+        assert entry["throughput_batch1"] < entry["throughput"]
         assert not Path(entry["path"]).is_absolute()
         package = verify_package(out / entry["path"])
         assert package.manifest.metrics["top1_agreement"] == pytest.approx(entry["accuracy"]["top1_agreement"])
         assert package.manifest.metrics["gate"] == "passed"
+    assert on_disk["benchmark"]["batches"] == [1, on_disk["benchmark"]["batch"]]
+    assert on_disk["benchmark"]["selection_key"] == f"speedup at batch {on_disk['benchmark']['batch']}"
     assert on_disk["data"]["method"].startswith("disjoint")
     assert on_disk["data"]["calibration_samples"] == 128
     assert on_disk["data"]["evaluation_samples"] + on_disk["data"]["benchmark_samples"] == len(load_data().test_x)
@@ -85,8 +89,9 @@ def test_a_gate_nothing_meets_rejects_everything_with_reasons(
     out = tmp_path / "out"
     report = run_optimize(
         request(digits_onnx, digits_data, out, gate="top1_agreement>=0.99,speedup>=50"),
-        [GraphOptimizationPass(levels=("basic",))],
+        [GraphOptimizationPass(levels=("basic",)), FusedDynamicQuantizationPass()],
     )
+    assert "recognised no transformer block" in report.skipped_passes["dynamic-fused"]  # a CNN: nothing fused
     assert report.selected == {}
     assert all(v.gate == "failed" and v.reason and "speedup" in v.reason for v in report.variants)
     assert all(v.path is None for v in report.variants)

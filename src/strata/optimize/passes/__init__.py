@@ -6,6 +6,7 @@ from strata.core.errors import ConfigError
 from strata.optimize.base import Pass
 from strata.optimize.passes.dynamic import DynamicQuantizationPass
 from strata.optimize.passes.fp16 import Float16Pass
+from strata.optimize.passes.fusion import FusedDynamicQuantizationPass
 from strata.optimize.passes.graph import GraphOptimizationPass
 from strata.optimize.passes.openvino import OpenVinoPass
 from strata.optimize.passes.static import StaticQuantizationPass
@@ -13,6 +14,7 @@ from strata.optimize.passes.static import StaticQuantizationPass
 __all__ = [
     "DynamicQuantizationPass",
     "Float16Pass",
+    "FusedDynamicQuantizationPass",
     "GraphOptimizationPass",
     "OpenVinoPass",
     "StaticQuantizationPass",
@@ -27,6 +29,7 @@ def default_passes() -> list[Pass]:
         GraphOptimizationPass(),
         Float16Pass(),
         DynamicQuantizationPass(),
+        FusedDynamicQuantizationPass(),
         StaticQuantizationPass(),
         OpenVinoPass(),
     ]

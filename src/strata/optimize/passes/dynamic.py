@@ -7,18 +7,29 @@ reduce_range or per-channel scales win accuracy back; only measuring tells which
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from itertools import product
 from pathlib import Path
+from typing import Any
 
 from strata.core.errors import OptimizationError
 from strata.optimize.base import Candidate, PassContext
 from strata.optimize.passes.quantize import preprocess
 
 
-def dynamic_id(weight_type: str, per_channel: bool, reduce_range: bool) -> str:
-    """`int8-dyn-s8`, `int8-dyn-u8-pc-rr`, ...: the candidate id of one point of the search."""
-    kind = "s8" if weight_type == "QInt8" else "u8"
-    return "int8-dyn-" + kind + ("-pc" if per_channel else "") + ("-rr" if reduce_range else "")
+def dynamic_id(weight_type: str, per_channel: bool, reduce_range: bool, kind: str = "") -> str:
+    """`int8-dyn-s8`, `int8-dyn-u8-pc-rr`, `int8-dyn-fused-s8-pc` (`kind="fused"`), ...: the candidate id of one
+    point of the search."""
+    weights = "s8" if weight_type == "QInt8" else "u8"
+    prefix = f"int8-dyn-{kind}-" if kind else "int8-dyn-"
+    return prefix + weights + ("-pc" if per_channel else "") + ("-rr" if reduce_range else "")
+
+
+def int8_skip_reason(context: PassContext) -> str | None:
+    """Why an int8 pass has nothing to do for `context`'s targets (None when one of them runs int8)."""
+    if not any("int8" in t.precisions for t in context.targets):
+        return "no target runs int8"
+    return None
 
 
 class DynamicQuantizationPass:
@@ -37,42 +48,56 @@ class DynamicQuantizationPass:
         self.grid = list(product(weight_types, per_channel, reduce_range))
 
     def skip_reason(self, context: PassContext) -> str | None:
-        if not any("int8" in t.precisions for t in context.targets):
-            return "no target runs int8"
-        return None
+        return int8_skip_reason(context)
 
     def apply(self, model_path: Path, workdir: Path, context: PassContext) -> list[Candidate]:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         source, how = preprocess(model_path, workdir)
-        candidates = []
-        for weight_type, per_channel, reduce_range in self.grid:
-            cid = dynamic_id(weight_type, per_channel, reduce_range)
-            out = workdir / f"{cid}.onnx"
-            error = None
-            try:
-                quantize_dynamic(
-                    str(source),
-                    str(out),
-                    weight_type=getattr(QuantType, weight_type),
-                    per_channel=per_channel,
-                    reduce_range=reduce_range,
-                )
-            except Exception as exc:  # onnx / onnxruntime errors
-                error = f"quantize_dynamic failed: {exc}"
-            candidates.append(
-                Candidate(
-                    id=cid,
-                    model_path=out,
-                    profile="cpu-generic",
-                    runtime="onnxruntime",
-                    precision="int8",
-                    passes=(
-                        how,
-                        f"quantize-dynamic:weight_type={weight_type},per_channel={per_channel},"
-                        f"reduce_range={reduce_range}",
-                    ),
-                    error=error,
-                )
+        return quantize_grid(source, workdir, self.grid, steps=(how,))
+
+
+def quantize_grid(
+    source: Path,
+    workdir: Path,
+    grid: Sequence[tuple[str, bool, bool]],
+    *,
+    steps: tuple[str, ...],
+    kind: str = "",
+    notes: tuple[str, ...] = (),
+    extra_options: Mapping[str, Any] | None = None,
+) -> list[Candidate]:
+    """One dynamic int8 candidate of `source` per (weight type, per_channel, reduce_range) of `grid`, its id
+    marked with `kind` (`int8-dyn-fused-s8-pc`); a point that fails to quantize is a candidate with its error."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    candidates = []
+    for weight_type, per_channel, reduce_range in grid:
+        cid = dynamic_id(weight_type, per_channel, reduce_range, kind)
+        out = workdir / f"{cid}.onnx"
+        error = None
+        try:
+            quantize_dynamic(
+                str(source),
+                str(out),
+                weight_type=getattr(QuantType, weight_type),
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                extra_options=dict(extra_options or {}),
             )
-        return candidates
+        except Exception as exc:  # onnx / onnxruntime errors
+            error = f"quantize_dynamic failed: {exc}"
+        candidates.append(
+            Candidate(
+                id=cid,
+                model_path=out,
+                profile="cpu-generic",
+                runtime="onnxruntime",
+                precision="int8",
+                passes=(
+                    *steps,
+                    f"quantize-dynamic:weight_type={weight_type},per_channel={per_channel},reduce_range={reduce_range}",
+                ),
+                notes=notes,
+                error=error,
+            )
+        )
+    return candidates
