@@ -13,10 +13,13 @@ import json
 import logging
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import httpx
@@ -825,4 +828,46 @@ def test_grpc_needs_the_serving_token_as_rest_does(
         assert result.as_numpy("label") is not None
     finally:
         client.close()
+        server_loop.run(server.stop(0))
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+def test_grpc_refuses_a_call_without_the_token_before_reading_its_message(
+    server_loop: LoopThread, digits_package: Package, digits_runtime: Runtime
+) -> None:
+    """A unary handler gets the whole message before it runs: checked there, 12 callers without a token sending
+    40 MiB each made the node hold about 480 MiB. The token is checked from the call's headers, first."""
+    from strata.agent.oip_grpc import GrpcInferenceServer
+
+    repository = ModelRepository()
+    repository.put(loaded(digits_package, digits_runtime))
+    app = InferenceApp(repository, InferenceMetrics(), token="t0ken")
+    server = GrpcInferenceServer(app, max_message_bytes=64 << 20, max_concurrent_rpcs=16)
+    server_loop.run(server.start("127.0.0.1:0"))
+    callers = f"""
+import concurrent.futures, grpc
+channel = grpc.insecure_channel("127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", -1)])
+call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+payload = bytes(40 << 20)
+def one(_):
+    try:
+        call(payload, timeout=60)
+        return "OK"
+    except grpc.RpcError as error:
+        return error.code().name
+with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    print(sorted(set(pool.map(one, range(12)))))
+"""
+    try:
+        before = _peak_rss_mb()
+        done = subprocess.run([sys.executable, "-c", callers], capture_output=True, text=True, timeout=120)
+        assert done.stdout.strip() == "['UNAUTHENTICATED']", done.stdout + done.stderr
+        assert _peak_rss_mb() - before < 160
+    finally:
         server_loop.run(server.stop(0))

@@ -87,6 +87,12 @@ def test_typed_contents_of_every_datatype() -> None:
             lambda m: (m.inputs.add(name="t", datatype="BYTES", shape=[3]), m.raw_input_contents.append(b"\0" * 8)),
             "3 BYTES elements need at least 12 bytes",
         ),
+        (  # as REST's decoder: each BYTES element becomes a Python object, so their number is capped first
+            lambda m: m.inputs.add(name="t", datatype="BYTES", shape=[(1 << 22) + 1]).contents.bytes_contents.extend(
+                [b""] * ((1 << 22) + 1)
+            ),
+            "4194305 BYTES elements; at most 4194304",
+        ),
     ],
 )
 def test_malformed_requests_are_bad_requests_that_say_why(build: Any, message: str) -> None:

@@ -301,8 +301,13 @@ class Agent:
             from strata.agent.oip_grpc import GrpcInferenceServer
         except ImportError as exc:
             raise ConfigError(f"--grpc-port needs grpcio and protobuf (pip install 'strata[grpc]'): {exc}") from exc
+        # gRPC holds a whole message before its handler runs: RPCs at once x largest message stays within the
+        # request-body budget that REST's listener charges before reading.
+        budget_rpcs = max(1, self.config.request_budget_bytes // max(1, self.config.max_request_bytes))
         grpc_server = GrpcInferenceServer(
-            app, max_message_bytes=self.config.max_request_bytes, max_concurrent_rpcs=self.config.max_connections
+            app,
+            max_message_bytes=self.config.max_request_bytes,
+            max_concurrent_rpcs=min(self.config.max_connections, budget_rpcs),
         )
         await grpc_server.start(f"{url_host(self.config.serve_host)}:{self.config.grpc_port}")
         log.info(

@@ -68,6 +68,32 @@ def status_code(error: StrataError) -> grpc.StatusCode:
     return _CODES.get(error.http_status, grpc.StatusCode.INTERNAL)
 
 
+_OPEN_METHODS: Final = frozenset({f"/{SERVICE}/ServerLive"})
+
+
+class _TokenGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpcio has no type hints
+    """Refuses a call without the serving token from its headers alone, before its message is read: a unary
+    handler receives the whole message (up to --max-request-mb) before it runs, so a check there would let
+    anyone make the node hold that much per call. The refusal is a request-streaming handler that never reads."""
+
+    def __init__(self, app: InferenceApp) -> None:
+        self._app = app
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        if self._app.needs_token and details.method not in _OPEN_METHODS:
+            metadata = dict(details.invocation_metadata or ())
+            authorization = metadata.get("authorization", "")
+            try:
+                self._app.authenticate(authorization if isinstance(authorization, str) else "")
+            except AuthError as exc:
+                return grpc.stream_unary_rpc_method_handler(functools.partial(_refuse, exc.message))
+        return await continuation(details)
+
+
+async def _refuse(message: str, _requests: Any, context: Context) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
 class GrpcInferenceServer:
     """`GRPCInferenceService` over an `InferenceApp`, on a grpc.aio server in the running event loop.
 
@@ -136,7 +162,10 @@ class GrpcInferenceServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(
-            handlers=[self._handlers()], options=options, maximum_concurrent_rpcs=self._max_concurrent_rpcs
+            handlers=[self._handlers()],
+            interceptors=[_TokenGate(self._app)],
+            options=options,
+            maximum_concurrent_rpcs=self._max_concurrent_rpcs,
         )
         try:
             port = server.add_insecure_port(address)

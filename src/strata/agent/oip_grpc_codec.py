@@ -27,6 +27,7 @@ from strata.agent.oip_grpc_descriptor import FILE_DESCRIPTOR_SET
 from strata.core.datatypes import OIP_TO_NUMPY, oip_from_numpy
 from strata.core.errors import BadRequest
 from strata.core.oip import (
+    MAX_BYTES_ELEMENTS,
     Array,
     InferInput,
     InferRequest,
@@ -154,6 +155,8 @@ def _from_contents(contents: Any, datatype: str, shape: tuple[int, ...], label: 
     stray = [name for name in present if name != field]
     if stray:
         raise BadRequest(f"{label} is {datatype}, whose values go in contents.{field}, not in {', '.join(stray)}")
+    if datatype == "BYTES" and count > MAX_BYTES_ELEMENTS:  # as REST's decoder: each element is a Python object
+        raise BadRequest(f"{label}: {count} BYTES elements; at most {MAX_BYTES_ELEMENTS} are supported")
     values = getattr(contents, field)
     if len(values) != count:
         raise BadRequest(f"{label}: contents.{field} has {len(values)} elements; shape {list(shape)} needs {count}")

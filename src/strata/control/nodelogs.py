@@ -12,6 +12,7 @@ waiting.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any, Final
@@ -64,6 +65,17 @@ def _view(row: NodeLogRequest) -> dict[str, Any]:
     }
 
 
+# Control characters but tab and newline: a node's log is its own claim, printed in an operator's terminal, where
+# escape sequences could move the cursor, forge lines or (OSC 52) write the clipboard; NUL is also refused by
+# PostgreSQL's text columns.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character but tab and newline replaced by U+FFFD."""
+    return _CONTROL.sub("\ufffd", text)
+
+
 class NodeLogService:
     """Asks for node logs, the nodes' answers, and reading them back."""
 
@@ -108,6 +120,7 @@ class NodeLogService:
             NotFound: the node has no such request (another node's request reads as none).
             StoreError: the database failed.
         """
+        text = printable(text)
         with self._db.transaction() as session:
             row = _request(session, node_id, request_id)
             if row.answered_at is not None:

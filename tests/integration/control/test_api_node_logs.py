@@ -109,3 +109,14 @@ def test_a_newer_ask_is_the_one_the_node_sees_and_its_answer_settles_the_older_o
     assert [r.status_code for r in kept] == [404, 404] + [200] * KEEP_PER_NODE  # only the newest few are kept
     assert {r.json()["text"] for r in kept[2:]} == {"tail\n"}
     assert "log_request" not in server.desired(node).json()
+
+
+def test_a_log_cannot_carry_terminal_escapes_to_the_operator(server: Harness) -> None:
+    # A node's log is its claim, printed in the operator's terminal: escape sequences could hide or forge lines, or
+    # write the clipboard (OSC 52); NUL is refused by PostgreSQL's text columns. Tab and newline stay.
+    node = server.enroll("edge-1")
+    request = _ask(server, node).json()
+    hostile = b"ok\tline\n\x1b[2J\x1b]52;c;cm0gLXJmIH4=\x07fake\x00\xc2\x9b31m\n"
+    assert _answer(server, node, request["id"], hostile, node).status_code == 204
+    text = server.client.get(f"/v1/nodes/{node.node_id}/log-requests/{request['id']}", headers=server.admin).json()
+    assert text["text"] == "ok\tline\n\ufffd[2J\ufffd]52;c;cm0gLXJmIH4=\ufffdfake\ufffd\ufffd31m\n"

@@ -19,6 +19,7 @@ from supply_harness import make_signed, upload_signed
 from strata.control.settings import ServerSettings
 from strata.control.supply import PackageRole
 from strata.control.ui.console import optimizer_report, tuf_status
+from strata.control.ui.routes import MAX_EVENT_STREAMS
 from strata.control.ui.session import COOKIE, csrf_token
 from strata.core.package import build_package, tar_bytes
 from strata.core.telemetry import BUCKETS, DriftRow, MinuteRow, TelemetryBatch, bucket_of, encode_batch
@@ -388,3 +389,13 @@ def test_the_node_page_holds_the_telemetry_series_its_charts_draw(
     assert psi[first + 2] > 0.2
     [summary] = series["summaries"]
     assert (summary["requests"], summary["errors"]) == (650, 33)
+
+
+def test_event_streams_are_bounded_per_server(server: Harness) -> None:
+    # Each open stream wakes every couple of seconds on the loop that answers the nodes' long polls: a read token
+    # must not be able to open thousands. At the bound, the next one is a 503 that says so.
+    read = cookie(token_of(server, "read"))
+    server.client.app.app.state.console_streams[0] = MAX_EVENT_STREAMS  # TestClient -> TLS shim -> the app
+    refused = server.client.get("/ui/api/events", headers=read)
+    assert refused.status_code == 503
+    assert f"{MAX_EVENT_STREAMS} console event streams" in refused.json()["error"]

@@ -34,13 +34,14 @@ from strata.control.ui.session import (
     same_origin,
     session_cookie,
 )
-from strata.core.errors import AuthError, Forbidden, NotFound
+from strata.core.errors import AuthError, Forbidden, NotFound, Unavailable
 from strata.core.wire import parse_selector
 
 PREFIX: Final = "/ui"
 MAX_LOGIN_BODY: Final = 4096
 EVENTS_TICK_S: Final = 2.0  # the longest a page waits to refresh when nothing bumps the fleet generation
 EVENTS_STREAM_S: Final = 300.0  # then the stream ends and the browser's EventSource reconnects
+MAX_EVENT_STREAMS: Final = 256  # open event streams per server process; more are answered 503
 _ASSET: Final = re.compile(r"^[a-z0-9-]+\.(js|css|svg)$")
 _TYPES: Final = {"js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
 _ACTIONS: Final = ("pause", "resume", "abort")
@@ -252,17 +253,25 @@ async def events(request: Request, _session: Session) -> StreamingResponse:
     seconds otherwise (status reports and rollout progress do not bump the generation); the page refreshes its
     data on either. The stream ends after a few minutes (the browser reconnects) and at shutdown."""
     feed = _plane(request).feed
+    streams: list[int] = request.app.state.console_streams
+    if streams[0] >= MAX_EVENT_STREAMS:
+        # each open stream wakes every couple of seconds on the loop that answers the nodes' long polls
+        raise Unavailable(f"{MAX_EVENT_STREAMS} console event streams are open on this server; retry later")
+    streams[0] += 1
 
     async def stream() -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        ends = loop.time() + EVENTS_STREAM_S
-        seen = -1
-        yield b"retry: 2000\n\n"
-        while not feed.closed and loop.time() < ends:
-            generation = feed.generation
-            yield f"event: {'generation' if generation != seen else 'tick'}\ndata: {generation}\n\n".encode()
-            seen = generation
-            await feed.wait_beyond(seen, EVENTS_TICK_S)
+        try:
+            loop = asyncio.get_running_loop()
+            ends = loop.time() + EVENTS_STREAM_S
+            seen = -1
+            yield b"retry: 2000\n\n"
+            while not feed.closed and loop.time() < ends:
+                generation = feed.generation
+                yield f"event: {'generation' if generation != seen else 'tick'}\ndata: {generation}\n\n".encode()
+                seen = generation
+                await feed.wait_beyond(seen, EVENTS_TICK_S)
+        finally:
+            streams[0] -= 1
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=_NO_STORE)
 
@@ -270,5 +279,6 @@ async def events(request: Request, _session: Session) -> StreamingResponse:
 def install_console(app: FastAPI) -> None:
     """Serve the console at `/ui` on `app` (whose `state.plane` is set)."""
     app.state.console = ConsoleData(app.state.plane)
+    app.state.console_streams = [0]  # open event streams (a list: changed in place by the requests' tasks)
     app.include_router(router)
     app.add_middleware(SecurityHeaders)
