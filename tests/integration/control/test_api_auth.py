@@ -12,6 +12,7 @@ from control_harness import Harness, StartServer, cert_headers, node_key_and_csr
 
 from strata.control.api.system import READY_CACHE_S
 from strata.control.settings import ServerSettings
+from strata.testing.postgres import PostgresCluster
 
 # Every route of the API with a path that names real-looking ids; the auth check runs before any lookup.
 ROUTES = [
@@ -91,13 +92,25 @@ def test_only_liveness_and_readiness_answer_without_a_credential(server: Harness
     assert server.client.get("/readyz").text == "ok"
 
 
-def test_readiness_fails_while_the_database_is_gone(server: Harness) -> None:
-    server.plane.db.engine.dispose()
-    database = server.plane.settings.data_dir / "strata.db"
-    if server.plane.db.engine.dialect.name != "sqlite":
-        pytest.skip("the SQLite run removes the database file; PostgreSQL's outage is tests/e2e/test_postgres_restart")
-    database.rename(database.with_suffix(".gone"))
-    database.mkdir()  # a folder where the file was: every connection fails
+def test_readiness_fails_while_the_database_is_gone(server: Harness, request: pytest.FixtureRequest) -> None:
+    url = server.plane.db.engine.url
+    if url.get_backend_name() == "sqlite":
+        database = server.plane.settings.data_dir / "strata.db"
+        database.rename(database.with_suffix(".gone"))
+        database.mkdir()  # a folder where the file was: every connection fails
+
+        def restore() -> None:
+            database.rmdir()
+            database.with_suffix(".gone").rename(database)
+    else:
+        # PostgreSQL refuses every new connection to the database, a superuser's too
+        cluster: PostgresCluster = request.getfixturevalue("postgres")
+        cluster.execute(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS false')
+
+        def restore() -> None:
+            cluster.execute(f'ALTER DATABASE "{url.database}" ALLOW_CONNECTIONS true')
+
+    server.plane.db.engine.dispose()  # the pooled connections go: the next ping opens a new one
     try:
         # the answer is cached for READY_CACHE_S (the probe needs no credential: a flood must not become a flood of
         # database round trips)
@@ -105,8 +118,7 @@ def test_readiness_fails_while_the_database_is_gone(server: Harness) -> None:
         assert (answer.status_code, answer.text) == (503, "not ready")
         assert server.client.get("/healthz").status_code == 200  # alive, only not ready
     finally:
-        database.rmdir()
-        database.with_suffix(".gone").rename(database)
+        restore()
     assert _readiness_within(server, 200, READY_CACHE_S * 3).status_code == 200
 
 
