@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import anyio.to_thread
 from sqlalchemy import select, update
@@ -321,6 +321,29 @@ def check_enroll_request(request: EnrollRequest) -> None:
     get_profile(request.profile)
 
 
+T = TypeVar("T")
+
+
+class _PerGeneration(Generic[T]):
+    """A value read at most once per generation of the change feed: a change that could alter it bumps the
+    generation, so a value read under an older one is read again. Writes are atomic (one tuple)."""
+
+    def __init__(self, empty: T) -> None:
+        self._held: tuple[int, T] = (-1, empty)
+
+    @property
+    def generation(self) -> int:
+        return self._held[0]
+
+    def get(self, generation: int, read: Callable[[], T]) -> T:
+        """The value of `generation`, read with `read` unless held already (`read`'s errors pass through)."""
+        held_generation, value = self._held
+        if held_generation != generation:
+            value = read()
+            self._held = (generation, value)
+        return value
+
+
 class FleetService:
     """Nodes and what they should run; see the module docstring for the caching contract."""
 
@@ -350,8 +373,8 @@ class FleetService:
         self._online_window_s = online_window_s
         self._lock = threading.Lock()
         self._deployments: tuple[int, tuple[ActiveDeployment, ...]] = (-1, ())
-        self._revoked: tuple[int, frozenset[str]] = (-1, frozenset())
-        self._log_requests: tuple[int, dict[str, LogRequest]] = (-1, {})
+        self._revoked = _PerGeneration[frozenset[str]](frozenset())
+        self._log_requests = _PerGeneration[dict[str, LogRequest]]({})
         self._desired: dict[str, tuple[int, DesiredDocument]] = {}
         self._misses: tuple[int, int] = (-1, 0)
         self._fleet_facts: tuple[int, dict[str, tuple[NodeFacts, bool]]] = (-1, {})
@@ -829,7 +852,7 @@ class FleetService:
         known = facts.get(node_id)
         if known is None or generation != facts_generation or generation != deployments_generation:
             return None
-        if generation != self._revoked[0] or generation != self._log_requests[0]:
+        if generation != self._revoked.generation or generation != self._log_requests.generation:
             return None
         return self._document(node_id, known[0], known[1], generation, deployments)
 
@@ -898,14 +921,7 @@ class FleetService:
         Raises:
             StoreError: the database failed.
         """
-        cached_generation, revoked = self._revoked
-        if cached_generation == generation:
-            return revoked
-        with self._db.transaction() as session:
-            revoked = revoked_certificates(session, self._clock())
-        with self._lock:
-            self._revoked = (generation, revoked)
-        return revoked
+        return self._revoked.get(generation, lambda: self._read(lambda s: revoked_certificates(s, self._clock())))
 
     def _open_log_requests(self, generation: int) -> dict[str, LogRequest]:
         """Each node's open log request (`nodelogs`), read once per generation (asking and answering bump it).
@@ -913,14 +929,16 @@ class FleetService:
         Raises:
             StoreError: the database failed.
         """
-        cached_generation, requests = self._log_requests
-        if cached_generation == generation:
-            return requests
+        return self._log_requests.get(generation, lambda: self._read(open_log_requests))
+
+    def _read(self, query: Callable[[Session], T]) -> T:
+        """`query` in a transaction of its own.
+
+        Raises:
+            StoreError: the database failed.
+        """
         with self._db.transaction() as session:
-            requests = open_log_requests(session)
-        with self._lock:
-            self._log_requests = (generation, requests)
-        return requests
+            return query(session)
 
     def _view(self, node: Node, generation: int, deployments: tuple[ActiveDeployment, ...], now: float) -> NodeView:
         facts = node_facts(node)
