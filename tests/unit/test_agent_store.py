@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from strata.agent.fetch import RateLimiter, download_blob
-from strata.agent.store import ArtifactStore, NodeState, SlotRef
+from strata.agent.state import NodeState, SlotRef
+from strata.agent.store import ArtifactStore
 from strata.agent.transport import HttpResponse
 from strata.agent.vault import OVERHEAD, Vault
 from strata.core.chunking import Chunk, offsets

@@ -15,7 +15,7 @@ from strata.agent.plan import (
     plan,
     retry_at,
 )
-from strata.agent.store import FailureRecord, ModelSlots, SlotRef
+from strata.agent.state import FailureRecord, ModelSlots, SlotRef
 from strata.core.profiles import get_profile
 from strata.core.wire import DesiredModel, DesiredState, VariantRef
 

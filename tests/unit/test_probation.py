@@ -6,7 +6,7 @@ import pytest
 
 from strata.agent.probation import ProbationConfig, judge, reference_latency
 from strata.agent.serving import ServingTracker, percentile
-from strata.agent.store import ProbationRecord
+from strata.agent.state import ProbationRecord
 from strata.core.wire import ServingCounters
 
 CONFIG = ProbationConfig(duration_s=60, min_requests=20, min_errors=3, max_error_rate=0.05, max_latency_ratio=5)

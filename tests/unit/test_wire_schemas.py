@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from strata.agent.store import ArtifactStore, FailureRecord, NodeState
+from strata.agent.state import FailureRecord, NodeState
+from strata.agent.store import ArtifactStore
 from strata.control.schemas import FailureBody, NodeStatusBody
 from strata.core.wire import FAILURE_KINDS, Failure, FailureKind, NodeStatus
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from strata.agent.store import FailureRecord, ModelSlots
+from strata.agent.state import FailureRecord, ModelSlots
 from strata.core.profiles import Profile, VariantChoice, rank_variants
 from strata.core.wire import DesiredModel, DesiredState, VariantRef
 

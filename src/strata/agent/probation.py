@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from strata.agent.store import ProbationRecord
+from strata.agent.state import ProbationRecord
 from strata.core.wire import ServingCounters
 
 

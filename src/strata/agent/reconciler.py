@@ -34,7 +34,8 @@ from strata.agent.probation import ProbationConfig, judge, reference_latency
 from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import load_and_check, release_free_memory
 from strata.agent.serving import ServingTracker
-from strata.agent.store import ArtifactStore, FailureRecord, NodeState, ProbationRecord, SlotRef
+from strata.agent.state import FailureRecord, NodeState, ProbationRecord, SlotRef
+from strata.agent.store import ArtifactStore
 from strata.agent.supply import SupplyGuard
 from strata.agent.transport import Transport
 from strata.agent.vault import VaultUnavailable

@@ -33,10 +33,15 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+# The state values live in strata.agent.state; the simulator (strata.sim.engine) still imports four of them from
+# here, so they are re-exported by name.
+from strata.agent.state import FailureRecord as FailureRecord
+from strata.agent.state import NodeState as NodeState
+from strata.agent.state import ProbationRecord as ProbationRecord
+from strata.agent.state import SlotRef as SlotRef
 from strata.agent.vault import MAGIC, OVERHEAD, Vault, file_aad, is_sealed, piece_aad
 from strata.core.chunking import Chunk, offsets
 from strata.core.errors import PackageError, VerificationError
@@ -50,160 +55,13 @@ from strata.core.package import (
     safe_relative_path,
     verify_package,
 )
-from strata.core.wire import Failure, ProtocolError
+from strata.core.wire import ProtocolError
 
 log = logging.getLogger("strata.agent")
 
 PackageCheck = Callable[[Path, Mapping[str, str] | None], None]
 """A check of an assembled package before it is staged: given its folder and, when the files on disk are sealed,
 the sha256 of each file's plaintext by path (None when the folder holds the plaintext). Raises to refuse."""
-
-
-@dataclass(frozen=True)
-class SlotRef:
-    """A package in a slot: which digest, which model version and variant, since when."""
-
-    digest: str
-    version: str
-    variant: str
-    activated_at: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "digest": self.digest,
-            "version": self.version,
-            "variant": self.variant,
-            "activated_at": self.activated_at,
-        }
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> SlotRef:
-        return cls(
-            digest=str(raw["digest"]),
-            version=str(raw["version"]),
-            variant=str(raw["variant"]),
-            activated_at=float(raw["activated_at"]),
-        )
-
-
-@dataclass(frozen=True)
-class ModelSlots:
-    active: SlotRef
-    previous: SlotRef | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"active": self.active.to_json(), "previous": self.previous.to_json() if self.previous else None}
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> ModelSlots:
-        previous = raw.get("previous")
-        return cls(active=SlotRef.from_json(raw["active"]), previous=SlotRef.from_json(previous) if previous else None)
-
-
-# A target that failed (download, verification, load or health check): the status report's record, kept as is in
-# state.json (one shape on disk and on the wire, so every kind the agent records reaches the control plane).
-FailureRecord = Failure
-
-
-@dataclass(frozen=True)
-class ProbationRecord:
-    """A fresh activation the node is still watching, and the latency it is judged against.
-
-    Kept in state.json, so a restart during probation carries on (with counters from the restart on).
-    """
-
-    version: str
-    digest: str
-    started_at: float
-    reference_p95_ms: float | None = None
-    reference: str = "none"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "digest": self.digest,
-            "started_at": self.started_at,
-            "reference_p95_ms": self.reference_p95_ms,
-            "reference": self.reference,
-        }
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> ProbationRecord:
-        reference = raw.get("reference_p95_ms")
-        return cls(
-            version=str(raw["version"]),
-            digest=str(raw["digest"]),
-            started_at=float(raw["started_at"]),
-            reference_p95_ms=float(reference) if reference is not None else None,
-            reference=str(raw.get("reference", "none")),
-        )
-
-
-@dataclass(frozen=True)
-class NodeState:
-    """What survives a restart: the slots of every model, the failures still remembered, and the activations
-    still on probation."""
-
-    models: Mapping[str, ModelSlots] = field(default_factory=dict)
-    failures: Mapping[str, FailureRecord] = field(default_factory=dict)
-    probation: Mapping[str, ProbationRecord] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "models": {name: slots.to_json() for name, slots in sorted(self.models.items())},
-            "failures": {key: record.to_json() for key, record in sorted(self.failures.items())},
-            "probation": {name: record.to_json() for name, record in sorted(self.probation.items())},
-        }
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> NodeState:
-        return cls(
-            models={name: ModelSlots.from_json(s) for name, s in raw.get("models", {}).items()},
-            failures={key: Failure.from_json(f) for key, f in raw.get("failures", {}).items()},
-            probation={name: ProbationRecord.from_json(p) for name, p in raw.get("probation", {}).items()},
-        )
-
-    def with_active(self, model: str, slot: SlotRef) -> NodeState:
-        """Slots after activating `slot`: the old active becomes previous (unless it is the same package)."""
-        current = self.models.get(model)
-        previous = current.active if current and current.active.digest != slot.digest else None
-        if previous is None and current is not None:
-            previous = current.previous
-        models = {**self.models, model: ModelSlots(active=slot, previous=previous)}
-        failures = {k: v for k, v in self.failures.items() if k != slot.digest}
-        probation = {k: v for k, v in self.probation.items() if k != model}
-        return replace(self, models=models, failures=failures, probation=probation)
-
-    def without_model(self, model: str) -> NodeState:
-        return replace(
-            self,
-            models={k: v for k, v in self.models.items() if k != model},
-            probation={k: v for k, v in self.probation.items() if k != model},
-        )
-
-    def rolled_back(self, model: str) -> NodeState:
-        """Slots after giving up the active package: the previous one is active again (and no longer previous).
-
-        Raises:
-            KeyError: the model has no previous slot to go back to.
-        """
-        slots = self.models[model]
-        if slots.previous is None:
-            raise KeyError(f"{model} has no previous slot")
-        models = {**self.models, model: ModelSlots(active=slots.previous, previous=None)}
-        return replace(self, models=models, probation={k: v for k, v in self.probation.items() if k != model})
-
-    def with_probation(self, model: str, record: ProbationRecord) -> NodeState:
-        return replace(self, probation={**self.probation, model: record})
-
-    def without_probation(self, model: str) -> NodeState:
-        return replace(self, probation={k: v for k, v in self.probation.items() if k != model})
-
-    def with_failure(self, key: str, record: FailureRecord) -> NodeState:
-        return replace(self, failures={**self.failures, key: record})
-
-    def without_failures(self, keys: set[str]) -> NodeState:
-        return replace(self, failures={k: v for k, v in self.failures.items() if k not in keys})
 
 
 def digest_hex(digest: str) -> str:
