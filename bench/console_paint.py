@@ -28,9 +28,10 @@ from strata.control.auth import hash_secret, new_id
 from strata.control.db import Database, Node, make_engine
 from strata.control.ui.console import VIEWS_TTL_S
 from strata.core.hashing import canonical_json
-from strata.core.package import build_package, pack_tar
+from strata.core.package import pack_tar
 from strata.examples.digits import train_digits
 from strata.localfleet import LocalFleet
+from strata.package_build import build_package
 from strata.testing.browser import launch_chromium, sync_playwright
 
 SEEDED = 10_000

@@ -49,9 +49,10 @@ from typing import Any
 
 import httpx
 
-from strata.core.package import build_package, pack_tar
+from strata.core.package import pack_tar
 from strata.examples.digits import train_digits
 from strata.localfleet import LocalFleet, ManagedProcess
+from strata.package_build import build_package
 from strata.trust.node import make_csr
 
 PROFILE = "x86_64-avx2"

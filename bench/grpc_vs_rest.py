@@ -156,9 +156,10 @@ def main() -> None:
 
     from strata.agent.oip_grpc_codec import message_class
     from strata.core.oip import encode_request
-    from strata.core.package import build_package, pack_tar
+    from strata.core.package import pack_tar
     from strata.examples.digits import load_data, train_digits
     from strata.localfleet import LocalFleet, free_port
+    from strata.package_build import build_package
 
     x = load_data().test_x[:1].astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="strata-bench-") as tmp:

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import httpx
 
-from strata.core.package import build_package, pack_tar
+from strata.core.package import pack_tar
 from strata.examples.digits import train_digits
 from strata.localfleet import LocalFleet
+from strata.package_build import build_package
 
 IDLE_SECONDS = 5.0
 BUDGET_MB = 70.0

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import httpx
 
-from strata.core.package import build_package, pack_tar
+from strata.core.package import pack_tar
 from strata.examples.digits import train_digits
 from strata.localfleet import LocalFleet
+from strata.package_build import build_package
 from strata.trust.node import make_csr
 
 NODES = 50

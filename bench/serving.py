@@ -48,9 +48,10 @@ import numpy as np
 import numpy.typing as npt
 
 from strata.core.oip import encode_request
-from strata.core.package import build_package, pack_tar
+from strata.core.package import pack_tar
 from strata.examples.digits import load_data, train_digits
 from strata.localfleet import LocalFleet, free_port
+from strata.package_build import build_package
 
 Array = npt.NDArray[Any]
 BENCH_DIR = Path(__file__).resolve().parent

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 
 from strata.core.oip import encode_request
-from strata.core.package import Package, build_package, pack_tar
+from strata.core.package import Package, pack_tar
 from strata.localfleet import LocalFleet
+from strata.package_build import build_package
 
 
 def push_model(

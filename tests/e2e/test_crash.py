@@ -15,8 +15,9 @@ from e2e_helpers import push_model
 from strata.agent.pieces import needed_pieces
 from strata.agent.store import ArtifactStore
 from strata.agent.vault import Vault, piece_aad
-from strata.core.package import build_package, pack_tar
+from strata.core.package import pack_tar
 from strata.localfleet import LocalFleet
+from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
 

@@ -25,8 +25,9 @@ from cryptography.x509.oid import NameOID
 
 from strata.control_client import ControlClient
 from strata.core.attest import Report, strata_code_hash
-from strata.core.package import build_package, pack_tar
+from strata.core.package import pack_tar
 from strata.localfleet import LocalFleet
+from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
 

@@ -19,9 +19,10 @@ import httpx
 import pytest
 
 from strata.core.hashing import sha256_file
-from strata.core.package import build_package, pack_tar, verify_package, with_fields
+from strata.core.package import pack_tar, verify_package
 from strata.examples.compute import build_compute_model
 from strata.localfleet import LocalFleet
+from strata.package_build import build_package, with_fields
 
 pytestmark = pytest.mark.slow
 

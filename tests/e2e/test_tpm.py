@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from softtpm import SoftTpm
-from strata.core.package import build_package, pack_tar
+from strata.core.package import pack_tar
 from strata.localfleet import LocalFleet
+from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
 

@@ -21,9 +21,10 @@ import pytest
 from e2e_helpers import push_model
 
 from strata.agent.main import EXIT_ENROLLMENT
-from strata.core.package import build_package, pack_tar
+from strata.core.package import pack_tar
 from strata.examples.digits import load_data
 from strata.localfleet import AgentHandle, LocalFleet
+from strata.package_build import build_package
 from strata.trust.ca import FleetCA
 from strata.trust.node import make_csr
 

@@ -30,10 +30,11 @@ from strata.agent.store import ArtifactStore
 from strata.agent.transport import HttpResponse
 from strata.core.chunking import Chunk, offsets
 from strata.core.hashing import canonical_json
-from strata.core.package import Package, build_package, pack_tar
+from strata.core.package import Package, pack_tar
 from strata.core.profiles import get_profile
 from strata.core.wire import DesiredModel, DesiredState, VariantRef
 from strata.examples.compute import build_compute_model
+from strata.package_build import build_package
 
 PROFILE = get_profile("cpu-generic")
 

@@ -32,8 +32,9 @@ from strata.agent.runtime import Runtime, load_and_check
 from strata.agent.scheduler import ModelScheduler
 from strata.agent.telemetry import TelemetryConfig, TelemetryRecorder
 from strata.core.oip import decode_response, encode_request
-from strata.core.package import Package, build_package, with_fields
+from strata.core.package import Package
 from strata.examples.digits import load_data
+from strata.package_build import build_package, with_fields
 
 pytestmark = pytest.mark.slow
 

@@ -33,8 +33,9 @@ from strata.agent.oip_server import InferenceApp
 from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import Runtime, load_and_check
 from strata.core.oip import decode_response, encode_request
-from strata.core.package import Package, TensorSpec, build_package
+from strata.core.package import Package, TensorSpec
 from strata.examples.digits import load_data, train_digits
+from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,8 @@ from strata.agent.vault import Vault, VaultUnavailable, file_aad
 from strata.core.chunking import Chunk, offsets
 from strata.core.errors import VerificationError
 from strata.core.hashing import canonical_json
-from strata.core.package import Package, build_package
+from strata.core.package import Package
+from strata.package_build import build_package
 
 BLOB = "b" * 64
 

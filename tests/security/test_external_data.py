@@ -26,20 +26,10 @@ from onnx import TensorProto, helper
 from strata.core.errors import PackageError
 from strata.core.hashing import sha256_file
 from strata.core.modelrefs import onnx_external_refs
-from strata.core.package import (
-    GOLDEN_NAME,
-    MODEL_NAME,
-    FileEntry,
-    GoldenSpec,
-    Manifest,
-    Package,
-    TensorSpec,
-    build_package,
-    pack_tar,
-    write_manifest,
-)
+from strata.core.package import GOLDEN_NAME, MODEL_NAME, FileEntry, GoldenSpec, Manifest, Package, TensorSpec, pack_tar
 from strata.examples.digits import load_data
 from strata.localfleet import LocalFleet
+from strata.package_build import build_package, write_manifest
 from strata.trust.release import sign_release
 from strata.trust.signing import create_release_key
 

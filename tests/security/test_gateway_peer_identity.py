@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 
 from strata.core.oip import encode_request
-from strata.core.package import build_package, pack_tar
+from strata.core.package import pack_tar
 from strata.examples.digits import load_data
 from strata.localfleet import GatewayHandle, LocalFleet
+from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
 

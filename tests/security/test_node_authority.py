@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from strata.core.package import build_package, pack_tar, package_pieces
+from strata.core.package import pack_tar, package_pieces
 from strata.localfleet import LocalFleet
+from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from strata.core.package import build_package, tar_bytes
+from strata.core.package import tar_bytes
 from strata.localfleet import LocalFleet
+from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from strata.core.package import build_package, pack_tar, package_pieces
+from strata.core.package import pack_tar, package_pieces
 from strata.examples.digits import load_data
 from strata.localfleet import AgentHandle, LocalFleet
+from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,8 @@ from strata.agent.vault import OVERHEAD, Vault
 from strata.core.chunking import Chunk, offsets
 from strata.core.errors import TransportError, VerificationError
 from strata.core.hashing import canonical_json
-from strata.core.package import Package, build_package
+from strata.core.package import Package
+from strata.package_build import build_package
 
 
 class BlobPeer:

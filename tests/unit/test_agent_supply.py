@@ -21,9 +21,10 @@ from strata.agent.supply import SupplyGuard
 from strata.agent.transport import HttpResponse
 from strata.core.errors import ConfigError, MetadataError, SignatureError, VerificationError
 from strata.core.hashing import canonical_json
-from strata.core.package import Package, build_package
+from strata.core.package import Package
 from strata.core.profiles import get_profile
 from strata.core.wire import VariantRef
+from strata.package_build import build_package
 
 PEM = "-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n"
 ROOTS = {"image": '{"signed": {}}', "director": '{"signed": {}}'}

@@ -1,7 +1,8 @@
 """The house rules on imports, checked on the source: agent and control never import each other, the
 tiered-routing client stays out of both (its gateway borrows only the agent's generic HTTP server and metrics),
-`core` imports nothing above it, and the libraries the CLI runs (the local fleet, the control-plane client) do not
-import the CLI."""
+`core` imports nothing above it (nor do the package builder and the control-plane client, which sit just above
+it), the agent never loads the package builder, and the libraries the CLI runs (the local fleet, the control-plane
+client) do not import the CLI."""
 
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ def above_core() -> set[str]:
     return {f"strata.{name}" for name in packages | modules} - {"strata.core"}
 
 
-@pytest.mark.parametrize("package", ["core", "control_client.py"])
-def test_core_and_the_control_client_import_nothing_above_core(package: str) -> None:
+@pytest.mark.parametrize("package", ["core", "control_client.py", "package_build.py"])
+def test_core_the_control_client_and_the_package_builder_import_nothing_above_core(package: str) -> None:
     above = above_core()
     assert {"strata.agent", "strata.control", "strata.cli", "strata.sim", "strata.localfleet"} <= above
     offenders = {}
@@ -73,3 +74,8 @@ def test_the_local_fleet_does_not_import_the_cli_that_runs_it() -> None:
     (names,) = imports_of("localfleet.py").values()
     assert "strata.control_client" in names
     assert not any(n.startswith("strata.cli") for n in names)
+
+
+def test_the_agent_never_imports_the_package_builder() -> None:
+    offenders = {m: i for m, i in imports_of("agent").items() if "strata.package_build" in i}
+    assert offenders == {}

@@ -15,7 +15,6 @@ from strata.core.package import (
     MANIFEST_NAME,
     Manifest,
     Package,
-    build_package,
     compare_outputs,
     load_golden,
     pack_tar,
@@ -24,6 +23,7 @@ from strata.core.package import (
     unpack_tar,
     verify_package,
 )
+from strata.package_build import build_package
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import model_signing
 
-from strata.core.package import build_package, pack_tar, read_manifest
+from strata.core.package import pack_tar, read_manifest
+from strata.package_build import build_package
 
 
 def strata(*args: str) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,8 @@ import pytest
 
 from strata.core.errors import ConfigError, MetadataError, SignatureError
 from strata.core.hashing import canonical_json
-from strata.core.package import Package, build_package, read_manifest, verify_package
+from strata.core.package import Package, read_manifest, verify_package
+from strata.package_build import build_package
 from strata.trust.release import SignedRelease, sign_release, signature_paths
 from strata.trust.signing import (
     canonicalize_manifest,

@@ -70,10 +70,11 @@ def run_demo(workdir: Path, say: Callable[[str], None], keep: bool = False) -> f
     """
     from strata.cli.nodes import fleet_table
     from strata.cli.telemetry import telemetry_table
-    from strata.core.package import build_package, pack_tar
+    from strata.core.package import pack_tar
     from strata.core.profiles import detect_profile, read_host_facts
     from strata.examples.digits import load_data, train_digits
     from strata.localfleet import LocalFleet
+    from strata.package_build import build_package
     from strata.trust.release import sign_release
     from strata.trust.signing import create_release_key, key_hint
 

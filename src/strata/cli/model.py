@@ -88,8 +88,9 @@ def push(
 ) -> None:
     """Build a package per profile from MODEL (signature from the graph, golden outputs from onnxruntime)
     and upload each to the registry (signed with --sign-key, as a server with release keys requires)."""
-    from strata.core.package import build_package, pack_tar
+    from strata.core.package import pack_tar
     from strata.core.policy import load_policy_file
+    from strata.package_build import build_package
 
     lifetime_s = parse_duration(expires)
 

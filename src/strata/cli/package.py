@@ -32,7 +32,8 @@ def build(
     tar: Annotated[Path | None, typer.Option("--tar", help="Also write the package as this tar.")] = None,
 ) -> None:
     """Build a package folder from an ONNX model; print its digest on the last line."""
-    from strata.core.package import build_package, pack_tar
+    from strata.core.package import pack_tar
+    from strata.package_build import build_package
 
     package = build_package(
         model, out_dir, name=name, version=version, profile=profile, sample=sample, extra_files=extra or ()

@@ -6,8 +6,8 @@ Inference Protocol datatypes, -1 for dynamic dimensions), every file with its si
 inputs and expected outputs that the on-node health check replays. The package digest is the sha256 of the
 canonical JSON of the manifest, so one digest pins every byte of the package.
 
-Build: `build_package` (needs onnxruntime). Verify: `verify_package`. Read: `read_package`.
-Travel: `pack_tar` / `unpack_tar`. The golden comparison is the pure `compare_outputs`.
+Verify: `verify_package`. Read: `read_package`. Travel: `pack_tar` / `unpack_tar`. The golden comparison is the
+pure `compare_outputs`. Building a package from a model (onnxruntime) is `strata.package_build`.
 """
 
 from __future__ import annotations
@@ -18,23 +18,21 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from strata import __version__
-from strata.core.chunking import Chunk, chunk_file
-from strata.core.datatypes import OIP_TO_NUMPY, oip_from_ort
-from strata.core.errors import PackageBuildError, PackageError, VerificationError
+from strata.core.chunking import Chunk
+from strata.core.datatypes import OIP_TO_NUMPY
+from strata.core.errors import PackageError, VerificationError
 from strata.core.fsutil import write_bytes_atomic
-from strata.core.hashing import canonical_json, digest_json, is_hex_sha256, sha256_file
+from strata.core.hashing import digest_json, is_hex_sha256, sha256_file
 from strata.core.modelrefs import (
     ExternalRef,
     check_external_refs,
-    check_location,
     check_openvino_ir,
     onnx_external_refs,
 )
@@ -49,8 +47,6 @@ MODEL_NAME: Final = "model.onnx"
 GOLDEN_NAME: Final = "golden.npz"
 MAX_MANIFEST_BYTES: Final = 16 << 20
 MAX_TAR_MEMBERS: Final = 4096  # files and folders in one package tar
-MAX_GOLDEN_SAMPLES: Final = 4
-MAX_REFERENCE_SAMPLES: Final = 512
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -738,312 +734,3 @@ def compare_outputs(expected: Mapping[str, Array], actual: Mapping[str, Array], 
             mismatched = int(np.sum(got != want))
             problems.append(f"output {name}: {mismatched} of {want.size} values differ")
     return problems
-
-
-# --- building -------------------------------------------------------------------------------------------
-
-
-def _session(model_bytes: bytes, external: Mapping[str, bytes]) -> Any:
-    """An onnxruntime session over the model's bytes, its external data given in memory (nothing else read)."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if external:
-        names = list(external)
-        options.add_external_initializers_from_files_in_memory(
-            names, [external[n] for n in names], [len(external[n]) for n in names]
-        )
-    try:
-        with tempfile.TemporaryDirectory(prefix="strata-model-") as nothing:
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", nothing)
-            return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types from C++; wrap them all.
-        raise PackageBuildError(f"not a loadable ONNX model: {exc}") from exc
-
-
-def _external_data(model_bytes: bytes, extra_files: Sequence[Path]) -> dict[str, bytes]:
-    """The bytes of the extra files the model's external data names (which must all be extra files).
-
-    Raises:
-        PackageBuildError: the model references external data that is not one of `extra_files` by name.
-    """
-    try:
-        refs = onnx_external_refs(model_bytes)
-    except PackageError as exc:
-        raise PackageBuildError(f"not a loadable ONNX model: {exc}") from exc
-    try:
-        extras = {path.name: path for path in extra_files}
-        data: dict[str, bytes] = {}
-        for ref in refs:
-            check_location(ref.location)
-            if ref.location not in extras:
-                raise PackageError(
-                    f"tensor {ref.tensor!r} keeps its data in {ref.location!r}: ship that file with --extra (its "
-                    "name, at the package's top level, is what the model must reference)"
-                )
-            data[ref.location] = extras[ref.location].read_bytes()
-    except (PackageError, OSError) as exc:
-        raise PackageBuildError(f"model external data: {exc}") from exc
-    return data
-
-
-def _signature(args: Iterable[Any]) -> tuple[tuple[TensorSpec, ...], dict[str, list[int | str | None]]]:
-    specs = []
-    raw_shapes: dict[str, list[int | str | None]] = {}
-    for arg in args:
-        shape = list(arg.shape) if arg.shape is not None else []
-        raw_shapes[arg.name] = shape
-        specs.append(
-            TensorSpec(
-                name=arg.name,
-                datatype=oip_from_ort(arg.type),
-                shape=tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape),
-            )
-        )
-    return tuple(specs), raw_shapes
-
-
-def synthesize_inputs(
-    specs: Iterable[TensorSpec], raw_shapes: Mapping[str, list[int | str | None]], seed: int = 0
-) -> dict[str, Array]:
-    """Golden inputs made up from a signature, for models given without sample data.
-
-    Dynamic dimensions that share a symbolic name get the same size (batch 2 first, then 8); floats are
-    seeded standard normal draws, integers are zero (a valid index for embedding lookups), booleans False.
-    """
-    rng = np.random.default_rng(seed)
-    sizes: dict[str, int] = {}
-    feeds: dict[str, Array] = {}
-    for spec in specs:
-        shape: list[int] = []
-        for axis, dim in enumerate(raw_shapes.get(spec.name, list(spec.shape))):
-            if isinstance(dim, int) and dim >= 0:
-                shape.append(dim)
-                continue
-            default = 2 if axis == 0 else 8
-            if isinstance(dim, str) and dim:
-                shape.append(sizes.setdefault(dim, default))
-            else:
-                shape.append(default)
-        dtype = OIP_TO_NUMPY.get(spec.datatype)
-        if dtype is None or dtype.kind == "O":
-            raise PackageBuildError(
-                f"cannot make up golden data for input {spec.name} ({spec.datatype}); give --sample FILE.npz"
-            )
-        if dtype.kind == "f":
-            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[spec.name] = np.zeros(shape, dtype=dtype)
-    return feeds
-
-
-def load_samples(path: Path, specs: Iterable[TensorSpec], limit: int = MAX_GOLDEN_SAMPLES) -> dict[str, Array]:
-    """Sample inputs from an npz (one array per model input, first axis = samples), cut to `limit` samples.
-
-    Raises:
-        PackageBuildError: unreadable file, missing or unknown names, or arrays that do not fit the signature.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as exc:
-        raise PackageBuildError(f"cannot read samples {path}: {exc}") from exc
-    specs = list(specs)
-    names = {s.name for s in specs}
-    missing = sorted(names - arrays.keys())
-    unknown = sorted(arrays.keys() - names)
-    if missing or unknown:
-        raise PackageBuildError(
-            f"samples {path.name} do not match the model's inputs {sorted(names)}: missing {missing}, unknown {unknown}"
-        )
-    feeds: dict[str, Array] = {}
-    for spec in specs:
-        array = arrays[spec.name]
-        if spec.shape and spec.shape[0] == -1:
-            array = array[:limit]
-        if not spec.accepts_shape(tuple(array.shape)):
-            raise PackageBuildError(
-                f"sample {spec.name} has shape {list(array.shape)}; the model expects {list(spec.shape)}"
-            )
-        want = OIP_TO_NUMPY.get(spec.datatype)
-        if want is None or want.kind == "O":
-            feeds[spec.name] = array
-        elif array.dtype != want:
-            if not np.can_cast(array.dtype, want, casting="same_kind"):
-                raise PackageBuildError(f"sample {spec.name} is {array.dtype}; the model expects {want}")
-            feeds[spec.name] = array.astype(want)
-        else:
-            feeds[spec.name] = array
-    return feeds
-
-
-def _first_samples(feeds: Mapping[str, Array], specs: Iterable[TensorSpec], count: int) -> dict[str, Array]:
-    """The first `count` samples of every input whose first axis is the (dynamic) batch."""
-    batched = {spec.name for spec in specs if spec.shape and spec.shape[0] == -1}
-    return {name: (array[:count] if name in batched else array) for name, array in feeds.items()}
-
-
-def _drift_section(
-    session: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], feeds: Mapping[str, Array]
-) -> dict[str, Any]:
-    """Reference statistics of every input and output over the sample data, for drift detection on nodes.
-
-    Outputs are computed in batches of 64 when every input is batched on its first axis; otherwise only the
-    inputs get references.
-    """
-    from strata.core.telemetry import build_reference
-
-    references = [build_reference(spec.name, "input", feeds[spec.name]) for spec in inputs]
-    samples = min((len(a) for a in feeds.values()), default=0)
-    if all(spec.shape and spec.shape[0] == -1 for spec in inputs) and samples:
-        names = [o.name for o in outputs]
-        chunks = [
-            session.run(names, {k: v[start : start + 64] for k, v in feeds.items()}) for start in range(0, samples, 64)
-        ]
-        for index, spec in enumerate(outputs):
-            stacked = np.concatenate([np.asarray(chunk[index]) for chunk in chunks])
-            references.append(build_reference(spec.name, "output", stacked))
-    tensors = [r.to_json() for r in references if r is not None]
-    return {"samples": samples, "bins": "deciles", "tensors": tensors} if tensors else {}
-
-
-def default_variant_id(profile: str, runtime: str, precision: str) -> str:
-    """`<profile>-<precision>`, with the runtime between them when it is not plain onnxruntime."""
-    if runtime == "onnxruntime":
-        return f"{profile}-{precision}"
-    return f"{profile}-{runtime}-{precision}"
-
-
-def build_package(
-    model_path: Path,
-    out_dir: Path,
-    *,
-    name: str,
-    version: str,
-    profile: str = "cpu-generic",
-    runtime: str = "onnxruntime",
-    precision: str = "fp32",
-    variant: str | None = None,
-    sample: Path | Mapping[str, Array] | None = None,
-    metrics: Mapping[str, Any] | None = None,
-    policy: Mapping[str, Any] | None = None,
-    extra_files: Iterable[Path] = (),
-    tolerance: tuple[float, float] | None = None,
-) -> Package:
-    """Build a package folder from an ONNX model: signature from the graph, golden outputs from onnxruntime.
-
-    Args:
-        sample: golden inputs as an npz path or arrays keyed by input name (first axis = samples). Without
-            it, inputs are made up from the signature (see `synthesize_inputs`).
-        extra_files: files that travel with the model (a tokenizer, a label map, the model's external data),
-            placed at the top level. ONNX external data must name one of them, by its file name.
-
-    Raises:
-        PackageBuildError: the model does not load or references external data that is not an extra file, the
-            samples do not fit, the golden run fails or gives
-            NaN or infinity, or `out_dir` is not empty.
-        PackageError: a name, version or variant id is not valid.
-    """
-    from strata.core.profiles import get_profile
-
-    check_name("model name", name)
-    check_name("version", version)
-    get_profile(profile)
-    variant_id = check_name("variant id", variant or default_variant_id(profile, runtime, precision))
-    if precision not in DEFAULT_TOLERANCE:
-        raise PackageBuildError(f"unknown precision {precision!r}; known: {sorted(DEFAULT_TOLERANCE)}")
-    try:
-        model_bytes = model_path.read_bytes()
-    except OSError as exc:
-        raise PackageBuildError(f"cannot read model {model_path}: {exc}") from exc
-    extra_files = list(extra_files)
-    session = _session(model_bytes, _external_data(model_bytes, extra_files))
-    inputs, raw_shapes = _signature(session.get_inputs())
-    outputs, _ = _signature(session.get_outputs())
-
-    reference_feeds: dict[str, Array] | None = None
-    if sample is None:
-        feeds = synthesize_inputs(inputs, raw_shapes)
-    else:
-        if isinstance(sample, Path):
-            reference_feeds = load_samples(sample, inputs, limit=MAX_REFERENCE_SAMPLES)
-        else:
-            reference_feeds = dict(sample)
-        feeds = _first_samples(reference_feeds, inputs, MAX_GOLDEN_SAMPLES)
-    try:
-        results = session.run([o.name for o in outputs], feeds)
-    except Exception as exc:  # onnxruntime's C++ errors: wrap with what the user can do about it.
-        hint = "" if sample is not None else "; give real sample inputs with --sample FILE.npz"
-        raise PackageBuildError(f"golden run of {model_path.name} failed: {exc}{hint}") from exc
-    expected = {spec.name: np.asarray(value) for spec, value in zip(outputs, results, strict=True)}
-    for output_name, value in expected.items():
-        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-            raise PackageBuildError(
-                f"golden run of {model_path.name} gave NaN or infinity in output {output_name}; "
-                "give sample inputs the model was trained on with --sample FILE.npz"
-            )
-
-    drift = _drift_section(session, inputs, outputs, reference_feeds) if reference_feeds is not None else {}
-
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise PackageBuildError(f"output folder {out_dir} is not empty")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out_dir / MODEL_NAME, model_bytes)
-    golden = io.BytesIO()
-    arrays: dict[str, Any] = {f"input:{k}": v for k, v in feeds.items()}
-    arrays.update({f"output:{k}": v for k, v in expected.items()})
-    np.savez(golden, **arrays)
-    write_bytes_atomic(out_dir / GOLDEN_NAME, golden.getvalue())
-    entries = [_entry(out_dir, MODEL_NAME, "model"), _entry(out_dir, GOLDEN_NAME, "golden")]
-    for extra in extra_files:
-        if extra.name in (MANIFEST_NAME, MODEL_NAME, GOLDEN_NAME):
-            raise PackageBuildError(f"extra file {extra.name} clashes with a file strata writes")
-        try:
-            shutil.copyfile(extra, out_dir / extra.name)
-        except OSError as exc:
-            raise PackageBuildError(f"cannot copy {extra}: {exc}") from exc
-        entries.append(_entry(out_dir, extra.name, "data"))
-
-    import onnxruntime as ort
-
-    rtol, atol = tolerance or DEFAULT_TOLERANCE[precision]
-    manifest = Manifest(
-        name=name,
-        version=version,
-        variant=variant_id,
-        profile=profile,
-        runtime=runtime,
-        precision=precision,
-        model_file=MODEL_NAME,
-        inputs=inputs,
-        outputs=outputs,
-        files=tuple(entries),
-        golden=GoldenSpec(file=GOLDEN_NAME, rtol=rtol, atol=atol),
-        metrics=dict(metrics or {}),
-        policy=dict(policy or {}),
-        build={"strata": __version__, "onnxruntime": ort.__version__},
-        drift=drift,
-    )
-    write_manifest(out_dir, manifest)
-    return Package(path=out_dir, manifest=manifest)
-
-
-def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """Write `manifest.json` (indented for people; the digest is taken over the canonical form)."""
-    canonical_json(manifest.to_json())  # fails early on NaN or values JSON cannot hold
-    write_bytes_atomic(folder / MANIFEST_NAME, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
-
-
-def with_fields(package: Package, **changes: Any) -> Package:
-    """A copy of `package` whose manifest has `changes` applied and rewritten (metrics, policy)."""
-    manifest = replace(package.manifest, **changes)
-    write_manifest(package.path, manifest)
-    return Package(path=package.path, manifest=manifest)
-
-
-def _entry(folder: Path, rel: str, role: str) -> FileEntry:
-    sha, size = sha256_file(folder / rel)
-    return FileEntry(path=rel, size=size, sha256=sha, role=role, chunks=tuple(chunk_file(folder / rel)))

@@ -1,6 +1,6 @@
 """Turning variants into strata packages: one per kept variant under DIR, and one per target for the registry.
 
-ONNX variants go through `core.package.build_package`. OpenVINO variants are an IR (`model.xml` + `model.bin`)
+ONNX variants go through `strata.package_build.build_package`. OpenVINO variants are an IR (`model.xml` + `model.bin`)
 that onnxruntime cannot run, so `build_openvino_package` writes the same manifest with OpenVINO computing the
 golden outputs. The measurements travel in the manifest's `metrics`, flattened to scalars so that
 `strata model show` can print them.
@@ -30,14 +30,13 @@ from strata.core.package import (
     Manifest,
     Package,
     TensorSpec,
-    build_package,
     check_name,
     load_golden,
     read_package,
-    write_manifest,
 )
 from strata.optimize.report import VariantResult
 from strata.optimize.runners import OpenVinoRunner
+from strata.package_build import build_package, write_manifest
 
 Array = npt.NDArray[Any]
 

@@ -20,7 +20,8 @@ from strata.control import migrations
 from strata.control.app import create_app
 from strata.control.db import make_engine
 from strata.control.settings import ServerSettings
-from strata.core.package import build_package, tar_bytes
+from strata.core.package import tar_bytes
+from strata.package_build import build_package
 from strata.testing.postgres import PostgresCluster
 
 

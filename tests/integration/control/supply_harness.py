@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.ngclient import FetcherInterface
 
-from strata.core.package import build_package, tar_bytes, verify_package
+from strata.core.package import tar_bytes, verify_package
+from strata.package_build import build_package
 from strata.trust.pinned import save_pinned
 from strata.trust.release import SignedRelease, sign_release
 from strata.trust.targets import TargetFacts

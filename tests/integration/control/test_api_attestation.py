@@ -14,8 +14,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from strata.core.attest import Report, strata_code_hash
-from strata.core.package import build_package, tar_bytes
+from strata.core.package import tar_bytes
 from strata.core.policy import Policy
+from strata.package_build import build_package
 
 
 def report_for(server: Harness, node: NodeCredentials, code: str | None = None, nonce: str | None = None) -> Report:

@@ -15,10 +15,11 @@ import pytest
 from control_harness import Harness, NodeCredentials, StartServer
 
 from strata.control.settings import ServerSettings
-from strata.core.package import build_package, tar_bytes
+from strata.core.package import tar_bytes
 from strata.core.telemetry import DriftRow, MinuteRow, TelemetryBatch, encode_batch
 from strata.core.wire import DesiredState
 from strata.examples.digits import load_data
+from strata.package_build import build_package
 
 DIGEST = {"1": "sha256:" + "1" * 64, "2": "sha256:" + "2" * 64, "3": "sha256:" + "3" * 64}
 

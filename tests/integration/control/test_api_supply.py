@@ -99,7 +99,8 @@ def test_a_signature_of_another_package_is_refused(supply_server: Harness, signe
 def test_an_expired_release_role_is_refused(
     supply_server: Harness, digits_onnx: Path, keys: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from strata.core.package import build_package, tar_bytes, verify_package
+    from strata.core.package import tar_bytes, verify_package
+    from strata.package_build import build_package
 
     package = build_package(digits_onnx, tmp_path / "pkg", name="digits", version="1")
     stale = sign_release(package.path, keys[0], time.time() - 3 * 86400, 86400)

@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 from control_harness import Harness, NodeCredentials
 
-from strata.core.package import build_package, tar_bytes
+from strata.core.package import tar_bytes
 from strata.core.telemetry import BUCKETS, DriftRow, EventRow, MinuteRow, TelemetryBatch, bucket_of, encode_batch
 from strata.examples.digits import load_data
+from strata.package_build import build_package
 
 TELEMETRY = {"Content-Type": "application/vnd.strata.telemetry+zstd"}
 

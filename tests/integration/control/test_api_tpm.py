@@ -25,8 +25,9 @@ from strata.agent.attestation import NodeTpm
 from strata.control.settings import ServerSettings
 from strata.core.attest import Report
 from strata.core.errors import ConfigError
-from strata.core.package import build_package, tar_bytes
+from strata.core.package import tar_bytes
 from strata.core.policy import Policy
+from strata.package_build import build_package
 from strata.trust.tpm import AK_ATTRIBUTES
 
 pytestmark = pytest.mark.slow

@@ -21,9 +21,10 @@ from strata.control.supply import PackageRole
 from strata.control.ui.console import optimizer_report, tuf_status
 from strata.control.ui.routes import MAX_EVENT_STREAMS
 from strata.control.ui.session import COOKIE, csrf_token
-from strata.core.package import build_package, tar_bytes
+from strata.core.package import tar_bytes
 from strata.core.telemetry import BUCKETS, DriftRow, MinuteRow, TelemetryBatch, bucket_of, encode_batch
 from strata.examples.digits import load_data
+from strata.package_build import build_package
 from strata.trust.signing import create_release_key
 
 
