@@ -1,4 +1,5 @@
-"""The fleet: enrollment, the node inventory, observed status, presence, and each node's desired state.
+"""The fleet: enrollment, the node inventory, observed status, presence, and each node's desired state (who may
+read which blob, by that desired state, is `blob_access`).
 
 Desired states are cached per node and keyed by the fleet generation (`ChangeFeed`), and the deployments they
 are computed from are cached per generation too, so an agent polling an unchanged fleet costs no database work.
@@ -18,7 +19,6 @@ import ssl
 import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
 
 import anyio.to_thread
@@ -27,15 +27,12 @@ from sqlalchemy.orm import Session
 
 from strata.control.auth import (
     Authenticator,
-    Principal,
-    authorize_blob,
     certificate_hash,
     hash_secret,
     new_id,
     new_secret,
 )
-from strata.control.blobs import BlobStore
-from strata.control.db import Database, EnrollmentToken, Node, NodeCertificate, Variant
+from strata.control.db import Database, EnrollmentToken, Node, NodeCertificate
 from strata.control.deployments import load_active_deployments, stored_status
 from strata.control.desired import (
     ActiveDeployment,
@@ -53,7 +50,7 @@ from strata.control.presence import PresenceTracker
 from strata.control.revocation import record_issued, revoke_issued, revoked_certificates
 from strata.core.errors import AuthError, Conflict, Forbidden, NotFound, PackageError
 from strata.core.hashing import canonical_json
-from strata.core.package import Manifest, check_name, package_pieces
+from strata.core.package import check_name
 from strata.core.policy import NodeFacts
 from strata.core.profiles import get_profile
 from strata.core.wire import (
@@ -321,6 +318,18 @@ def check_enroll_request(request: EnrollRequest) -> None:
     get_profile(request.profile)
 
 
+def live_node(session: Session, node_id: str) -> Node:
+    """The node `node_id`, enrolled and not revoked.
+
+    Raises:
+        NotFound: no such node, or it is revoked.
+    """
+    node = session.get(Node, node_id)
+    if node is None or node.revoked_at is not None:
+        raise NotFound(f"no node {node_id!r}")
+    return node
+
+
 T = TypeVar("T")
 
 
@@ -350,7 +359,6 @@ class FleetService:
     def __init__(
         self,
         db: Database,
-        blobs: BlobStore,
         feed: ChangeFeed,
         presence: PresenceTracker,
         authenticator: Authenticator,
@@ -365,7 +373,6 @@ class FleetService:
         self._pki = pki
         self._cert_hours = cert_hours
         self._on_status = on_status
-        self._blobs = blobs
         self._feed = feed
         self._presence = presence
         self._authenticator = authenticator
@@ -378,9 +385,6 @@ class FleetService:
         self._desired: dict[str, tuple[int, DesiredDocument]] = {}
         self._misses: tuple[int, int] = (-1, 0)
         self._fleet_facts: tuple[int, dict[str, tuple[NodeFacts, bool]]] = (-1, {})
-        self._piece_cache: dict[str, frozenset[str]] = {}
-        self._site_cache: dict[str, tuple[int, frozenset[str]]] = {}
-        self.blob_bytes_served = 0
 
     # --- enrollment -----------------------------------------------------------------------------------------
 
@@ -532,7 +536,7 @@ class FleetService:
             StoreError: the database failed.
         """
         with self._db.transaction() as session:
-            node = self._live_node(session, node_id)
+            node = live_node(session, node_id)
             issued = self._pki.sign_node(csr, node_id, self._cert_hours)
             node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
             record_issued(session, node_id, node.credential_hash, issued.not_after, self._clock())
@@ -580,7 +584,7 @@ class FleetService:
         generation = self._feed.generation
         now = self._clock()
         with self._db.transaction() as session:
-            node = self._live_node(session, node_id)
+            node = live_node(session, node_id)
             deployments = self._active_deployments(session, generation)
             expires = session.scalar(
                 select(NodeCertificate.not_after).where(NodeCertificate.sha256 == node.credential_hash)
@@ -598,7 +602,7 @@ class FleetService:
         """
         now = self._clock()
         with self._db.transaction() as session:
-            node = self._live_node(session, node_id)
+            node = live_node(session, node_id)
             node.revoked_at = now
             revoke_issued(session, node_id, node.credential_hash, now + self._cert_hours * 3600, now)
             node.tpm_ak = node.tpm_ek = None  # its TPM may serve the machine when it is enrolled again
@@ -631,7 +635,7 @@ class FleetService:
             stored = session.execute(select(Node.status, Node.revoked_at).where(Node.id == node_id)).first()
             if stored is not None and stored.revoked_at is None and stored.status == document:
                 return False
-            node = self._live_node(session, node_id)
+            node = live_node(session, node_id)
             if node.status == document:
                 return False
             now = self._clock()
@@ -668,7 +672,7 @@ class FleetService:
         if tier is not None and tier not in TIERS:
             raise ProtocolError(f"tier {tier!r} is not one of {list(TIERS)}")
         with self._db.transaction() as session:
-            node = self._live_node(session, node_id)
+            node = live_node(session, node_id)
             if labels:
                 merged = dict(node.labels)
                 for key, value in labels.items():
@@ -744,99 +748,6 @@ class FleetService:
             if remaining <= 0 or self._feed.closed:
                 return DesiredPoll(document, changed=False)
             await self._feed.wait_beyond(generation, remaining)
-
-    def blob_path(self, principal: Principal, sha256: str) -> Path:
-        """The file of a stored blob, if `principal` may read it (see `auth.authorize_blob`).
-
-        Raises:
-            NotFound: no such blob.
-            Forbidden: a node asked for a blob its desired state does not name.
-            StoreError: the database or the blob store failed.
-        """
-        if not self._blobs.exists(sha256):
-            raise NotFound(f"blob {sha256} is not stored")
-        referenced = False
-        if principal.node_id is not None:
-            document = self.desired(principal.node_id)
-            digests = {variant.digest for model in document.state.models for variant in model.variants}
-            digests |= self._site_digests(principal.node_id)
-            referenced = sha256 in document.blobs or any(sha256 in self._pieces(digest) for digest in digests)
-        authorize_blob(principal, referenced)
-        return self._blobs.path(sha256)
-
-    def package_access(self, principal: Principal, device_id: str, digest: str) -> None:
-        """Whether `device_id` may read package `digest` (it is in its desired state), asked by an operator, the
-        device itself, or the near-edge node at the device's site that relays pieces for it.
-
-        Raises:
-            Forbidden: the caller may not ask about this device, or the device may not read the package.
-            NotFound: no such device.
-            StoreError: the database failed.
-        """
-        with self._db.transaction() as session:
-            device = self._live_node(session, device_id)
-            requester = self._live_node(session, principal.node_id) if principal.node_id is not None else None
-            device_site = device.labels.get("site")
-            relays_for_it = (
-                requester is not None
-                and requester.tier == "near-edge"
-                and device_site is not None
-                and requester.labels.get("site") == device_site
-            )
-        if not (principal.is_operator or principal.node_id == device_id or relays_for_it):
-            raise Forbidden("only the device, an operator, or the near-edge node at its site may ask this")
-        document = self.desired(device_id)
-        if all(v.digest != digest for model in document.state.models for v in model.variants):
-            raise Forbidden(f"package {digest} is not in the desired state of node {device_id}")
-
-    def _site_digests(self, node_id: str) -> frozenset[str]:
-        """Packages the devices at a near-edge node's site should run (it relays their pieces); empty otherwise.
-
-        Raises:
-            StoreError: the database failed.
-        """
-        generation = self._feed.generation
-        cached = self._site_cache.get(node_id)
-        if cached is not None and cached[0] == generation:
-            return cached[1]
-        with self._db.transaction() as session:
-            node = session.get(Node, node_id)
-            site = node.labels.get("site") if node is not None and node.tier == "near-edge" else None
-            at_site: list[str] = []
-            if site is not None:
-                rows = session.execute(
-                    select(Node.id, Node.labels).where(Node.tier == "device", Node.revoked_at.is_(None))
-                ).all()
-                at_site = [device_id for device_id, labels in rows if labels.get("site") == site]
-        digests = frozenset(
-            variant.digest
-            for device in at_site
-            for model in self.desired(device).state.models
-            for variant in model.variants
-        )
-        self._site_cache[node_id] = (generation, digests)
-        return digests
-
-    def count_served(self, size: int) -> None:
-        """Add to the bytes the blob endpoint has sent (what a site's WAN link carries)."""
-        with self._lock:
-            self.blob_bytes_served += size
-
-    def _pieces(self, digest: str) -> frozenset[str]:
-        """The blobs a node fetches to assemble package `digest`: its canonical manifest (whose blob id is the
-        digest), the chunks of its large files and its small files whole. A package never changes, so this is
-        cached for good.
-
-        Raises:
-            StoreError: the database failed.
-        """
-        pieces = self._piece_cache.get(digest)
-        if pieces is None:
-            with self._db.transaction() as session:
-                raw = session.scalar(select(Variant.manifest).where(Variant.digest == digest).limit(1))
-            pieces = frozenset(package_pieces(Manifest.from_json(raw))) if raw is not None else frozenset()
-            self._piece_cache[digest] = pieces
-        return pieces
 
     # --- internals --------------------------------------------------------------------------------------
 
@@ -948,10 +859,3 @@ class FleetService:
         decided, _ = decide(node.id, node.labels, deployments, facts)
         pins = {model: d.deployment.version for model, d in decided.items() if d.deployment.kind == "pin"}
         return node_view(node, last_seen, document.etag, is_online(last_seen, now, self._online_window_s), pins)
-
-    @staticmethod
-    def _live_node(session: Session, node_id: str) -> Node:
-        node = session.get(Node, node_id)
-        if node is None or node.revoked_at is not None:
-            raise NotFound(f"no node {node_id!r}")
-        return node

@@ -63,7 +63,7 @@ class FleetCollector(Collector):
             (
                 "strata_blob_bytes_served",
                 "Bytes of packages, manifests and chunks sent to nodes",
-                self.plane.fleet.blob_bytes_served,
+                self.plane.blob_access.bytes_served,
             ),
             ("strata_telemetry_batches", "Telemetry batches stored", counters.batches),
             (

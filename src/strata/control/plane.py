@@ -25,6 +25,7 @@ from sqlalchemy import text
 from strata.control import migrations
 from strata.control.attestation import AttestationService
 from strata.control.auth import Authenticator
+from strata.control.blob_access import BlobAccess
 from strata.control.blobs import FileBlobStore
 from strata.control.db import Database, make_engine
 from strata.control.deployments import DeploymentService
@@ -59,6 +60,7 @@ class ControlPlane:
     presence: PresenceTracker
     authenticator: Authenticator
     fleet: FleetService
+    blob_access: BlobAccess
     registry: RegistryService
     deployments: DeploymentService
     telemetry: TelemetryService
@@ -95,7 +97,6 @@ class ControlPlane:
         rollouts.serialize = functools.partial(serialize, name=ROLLOUTS)
         fleet = FleetService(
             db,
-            blobs,
             feed,
             presence,
             authenticator,
@@ -123,6 +124,7 @@ class ControlPlane:
             presence=presence,
             authenticator=authenticator,
             fleet=fleet,
+            blob_access=BlobAccess(db, blobs, feed, fleet.desired),
             registry=RegistryService(
                 db, blobs, feed, settings.clock, settings.tmp_dir, settings.max_package_bytes, supply=supply
             ),

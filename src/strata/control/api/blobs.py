@@ -27,9 +27,9 @@ def get_blob(
     sha256: Annotated[str, Path(pattern="^[0-9a-f]{64}$")], request: Request, plane: Plane, caller: AnyCaller
 ) -> FileResponse:
     """A blob (package tar, manifest, chunk or file), for the operator or a node whose desired state needs it."""
-    path = plane.fleet.blob_path(caller, sha256)
+    path = plane.blob_access.blob_path(caller, sha256)
     if request.method == "GET":
-        plane.fleet.count_served(served_bytes(path.stat().st_size, request.headers.get("range")))
+        plane.blob_access.count_served(served_bytes(path.stat().st_size, request.headers.get("range")))
     return FileResponse(path, media_type="application/octet-stream", headers={"ETag": f'"sha256:{sha256}"'})
 
 

@@ -105,7 +105,7 @@ def package_access(
 ) -> Response:
     """204 when the node may read this package (it is in its desired state); asked by the node, an operator, or
     the near-edge node at the node's site, which relays pieces for it."""
-    plane.fleet.package_access(caller, node_id, "sha256:" + digest)
+    plane.blob_access.package_access(caller, node_id, "sha256:" + digest)
     return Response(status_code=204)
 
 
