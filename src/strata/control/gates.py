@@ -28,27 +28,21 @@ version and none was recorded) passes as `not_applicable`, and says why.
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from strata.core.comparison import ORDERING, compare, parse_comparison
 from strata.core.errors import ConfigError
 from strata.core.wire import ServingCounters
-
-OPERATORS: Final[dict[str, Callable[[float, float], bool]]] = {
-    ">=": lambda value, limit: value >= limit,
-    "<=": lambda value, limit: value <= limit,
-    ">": lambda value, limit: value > limit,
-    "<": lambda value, limit: value < limit,
-}
 
 NO_DATA_POLICIES: Final = ("hold", "pass", "fail")
 """What a gate without enough data does: wait for data until the wave's deadline, pass (saying so), or fail."""
 
-_GATE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)(?:\s+on-no-data=([a-z]+))?\s*$")
+# A gate is a comparison of the gate language (`strata.core.comparison`), then its own no-data policy, if any.
+_NO_DATA_OPTION = re.compile(r"\s+on-no-data=(\S*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -67,7 +61,7 @@ class Gate:
         return f"{self.metric}{self.op}{self.threshold:g}{policy}"
 
     def holds(self, value: float) -> bool:
-        return OPERATORS[self.op](value, self.threshold)
+        return compare(value, self.op, self.threshold)
 
     def to_json(self) -> dict[str, Any]:
         raw: dict[str, Any] = {"metric": self.metric, "op": self.op, "threshold": self.threshold}
@@ -107,23 +101,15 @@ def parse_gate(text: str) -> Gate:
     """`p95_latency_ratio<=1.5` (or `drift_psi<=0.25 on-no-data=pass`) -> Gate.
 
     Raises:
-        ConfigError: not `metric OP number [on-no-data=POLICY]`, or an unknown metric or policy.
+        ConfigError: not `METRIC OP NUMBER [on-no-data=POLICY]` (`parse_comparison`), or an unknown metric or
+            policy.
     """
-    match = _GATE_RE.match(text)
-    if match is None:
-        raise ConfigError(f"gate {text!r} is not METRIC OP NUMBER [on-no-data=hold|pass|fail] (OP one of >=, <=, >, <)")
-    metric, op, number, policy = match.groups()
-    if policy is not None:
-        check_no_data_policy(policy, f"gate {text!r}: on-no-data")
-    if metric not in METRICS:
-        raise ConfigError(f"gate {text!r}: unknown metric {metric!r}; known: {sorted(METRICS)}")
-    try:
-        threshold = float(number)
-    except ValueError:
-        raise ConfigError(f"gate {text!r}: {number!r} is not a number") from None
-    if not math.isfinite(threshold):
-        raise ConfigError(f"gate {text!r}: the threshold must be finite")
-    return Gate(metric, op, threshold, policy)
+    comparison_text, policy = text, None
+    option = _NO_DATA_OPTION.search(text)
+    if option is not None:
+        comparison_text, policy = text[: option.start()], check_no_data_policy(option[1], f"gate {text!r}: on-no-data")
+    comparison = parse_comparison(comparison_text, METRICS, ORDERING)
+    return Gate(comparison.metric, comparison.op, comparison.threshold, policy)
 
 
 def merge_gates(given: Iterable[Gate], defaults: Iterable[Gate] = DEFAULT_GATES) -> tuple[Gate, ...]:

@@ -4,19 +4,18 @@
     clause := METRIC OP NUMBER ["%"]
     OP     := ">=" | "<=" | ">" | "<" | "=="
 
-METRIC is one of `METRICS`; a trailing `%` divides the number by 100 (`top1_agreement>=99%`). Judging a
-variant against a gate is a pure function of its measured values.
+METRIC is one of `METRICS`; a trailing `%` divides the number by 100 (`top1_agreement>=99%`). A clause is a
+comparison of the gate language (`strata.core.comparison`), which rollout gates speak too. Judging a variant
+against a gate is a pure function of its measured values.
 """
 
 from __future__ import annotations
 
-import math
-import operator
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from strata.core.comparison import Comparison, parse_comparison
 from strata.core.errors import ConfigError
 
 METRICS: Final = frozenset(
@@ -36,34 +35,11 @@ METRICS: Final = frozenset(
         "peak_memory_bytes",
     }
 )
-_OPS: Final[dict[str, Callable[[float, float], bool]]] = {
-    ">=": operator.ge,
-    "<=": operator.le,
-    ">": operator.gt,
-    "<": operator.lt,
-    "==": operator.eq,
-}
-_NEGATION: Final = {">=": "<", "<=": ">", ">": "<=", "<": ">=", "==": "!="}
-_CLAUSE = re.compile(
-    r"\s*(?P<metric>[a-z][a-z0-9_]*)\s*(?P<op>>=|<=|==|>|<)\s*"
-    r"(?P<number>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*(?P<percent>%?)\s*"
-)
 MAX_GATE_CHARS: Final = 1000
 
 
-@dataclass(frozen=True)
-class Clause:
-    """One condition a measured value must meet."""
-
-    metric: str
-    op: str
-    threshold: float
-
-    def holds(self, value: float) -> bool:
-        return not math.isnan(value) and _OPS[self.op](value, self.threshold)
-
-    def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.threshold:g}"
+Clause = Comparison
+"""One condition of a gate (the gate language's comparison)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +56,7 @@ class Gate:
             if value is None:
                 reasons.append(f"{clause.metric} was not measured (gate {clause})")
             elif not clause.holds(value):
-                reasons.append(f"{clause.metric} {value:.4g} {_NEGATION[clause.op]} {clause.threshold:g}")
+                reasons.append(clause.refusal(value))
         return reasons
 
     def __str__(self) -> str:
@@ -100,14 +76,8 @@ def parse_gate(text: str) -> Gate:
         raise ConfigError("gate expression is empty; write e.g. mean_cosine>=0.99,min_cosine>=0.97")
     clauses: list[Clause] = []
     for part in text.split(","):
-        match = _CLAUSE.fullmatch(part)
-        if match is None:
-            raise ConfigError(f"gate clause {part.strip()!r} is not METRIC OP NUMBER (OP one of >= <= > < ==)")
-        metric = match["metric"]
-        if metric not in METRICS:
-            raise ConfigError(f"gate names unknown metric {metric!r}; known: {', '.join(sorted(METRICS))}")
-        if any(c.metric == metric for c in clauses):
-            raise ConfigError(f"gate names {metric} twice")
-        threshold = float(match["number"]) / (100.0 if match["percent"] else 1.0)
-        clauses.append(Clause(metric, match["op"], threshold))
+        clause = parse_comparison(part, METRICS, percent=True)
+        if any(c.metric == clause.metric for c in clauses):
+            raise ConfigError(f"gate names {clause.metric} twice")
+        clauses.append(clause)
     return Gate(tuple(clauses))
