@@ -6,18 +6,17 @@ state says otherwise (an old desired state on disk, labels changed while offline
 
 The built-in constraints (regions, jurisdictions, attestation) are evaluated here, with no import. CEL rules
 need cel-python, about 16 MB resident once imported: more than the agent's 70 MB budget allows. So a policy with
-rules is evaluated by the same `strata.core.policy` code in a child process (`python -m strata.core.policy`,
-JSON in and out, ~0.4 s, once per activation); its memory is gone when it exits. When the child cannot run or
-answer, the package is refused: a node refuses what it cannot verify.
+rules is evaluated by the same `strata.core.policy` code in a child process (`python -m strata.core.policy`, run
+by `children.run_child`, JSON in and out, ~0.4 s, once per activation); its memory is gone when it exits. When the
+child cannot run or answer, the package is refused: a node refuses what it cannot verify.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import Final
 
+from strata.agent.children import ChildFailed, run_child
 from strata.core.package import Manifest
 from strata.core.policy import Decision, ModelFacts, NodeFacts, Policy, PolicyError, check_builtins
 
@@ -31,19 +30,17 @@ def _evaluate_in_child(policy: Policy, model: ModelFacts, node: NodeFacts, timeo
         "node": node.to_json(),
     }
     try:
-        finished = subprocess.run(
-            [sys.executable, "-m", "strata.core.policy"],
-            input=json.dumps(request),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
+        finished = run_child(
+            "strata.core.policy",
+            stdin=json.dumps(request).encode(),
+            timeout_s=timeout_s,
+            what="the policy evaluator",
+            optimize=False,
         )
-    except (OSError, subprocess.SubprocessError) as exc:
-        return Decision(False, "policy", f"policy rules could not be evaluated: {exc}")
+    except ChildFailed as exc:
+        return Decision(False, "policy", f"policy rules could not be evaluated: {exc.reason}")
     if finished.returncode != 0:
-        last = (finished.stderr.strip().splitlines() or ["no output"])[-1]
-        return Decision(False, "policy", f"policy rules could not be evaluated: {last}")
+        return Decision(False, "policy", f"policy rules could not be evaluated: {finished.failure('no output')}")
     try:
         return Decision.from_json(json.loads(finished.stdout))
     except (ValueError, PolicyError) as exc:

@@ -9,10 +9,10 @@ A node that pinned release keys (its server had them when it enrolled) trusts a 
 2. before staging it: the model-signing bundle verifies against the assembled package folder with a pinned key;
 3. before activating it: TUF says so again (a rollback to a package still on disk is caught here).
 
-The checks run in a child process (`python -m strata.trust.verify`): cryptography, python-tuf and model_signing
-would cost the agent more than its 70 MB budget. A node enrolled without release keys (a development server)
-accepts unsigned packages; it says so in a warning at start and in every status report (`supply: unverified`).
-This module imports nothing heavy.
+The checks run in a child process (`python -m strata.trust.verify`, run by `children.run_child`): cryptography,
+python-tuf and model_signing would cost the agent more than its 70 MB budget. A node enrolled without release keys
+(a development server) accepts unsigned packages; it says so in a warning at start and in every status report
+(`supply: unverified`). This module imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from strata.agent.children import ChildFailed, run_child
 from strata.agent.client import ControlPlaneClient, raise_for_status
 from strata.agent.transport import HttpResponse
 from strata.core.errors import MetadataError, SignatureError, TransportError, VerificationError
@@ -198,21 +198,20 @@ class SupplyGuard:
         """
         refuse: type[VerificationError] = SignatureError if request["op"] == "package" else MetadataError
         try:
-            finished = subprocess.run(
-                [self.python, "-m", "strata.trust.verify"],
-                input=json.dumps(request),
-                capture_output=True,
-                text=True,
-                timeout=self.timeout_s,
-                check=False,
+            finished = run_child(
+                "strata.trust.verify",
+                stdin=json.dumps(request).encode(),
+                timeout_s=self.timeout_s,
+                what="the verifier",
+                python=self.python,
+                optimize=False,
             )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise refuse(f"the verifier could not run: {exc}") from exc
+        except ChildFailed as exc:
+            raise refuse(f"the verifier could not run: {exc.reason}") from exc
         try:
             verdict = json.loads(finished.stdout)
         except ValueError:
-            last = (finished.stderr.strip().splitlines() or ["no output"])[-1]
-            raise refuse(f"the verifier failed (exit {finished.returncode}): {last}") from None
+            raise refuse(f"the verifier failed (exit {finished.returncode}): {finished.failure('no output')}") from None
         if not isinstance(verdict, dict):
             raise refuse(f"the verifier answered {verdict!r}")
         if verdict.get("ok") is True:
