@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from strata.agent.batching import BatchingConfig
+from strata.agent.batch_plan import BatchingConfig
 from strata.agent.httpd import HttpServer
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp

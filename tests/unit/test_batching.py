@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from strata.agent.batching import (
+from strata.agent.batch_plan import (
     BatchingConfig,
     Cut,
     QueueLoad,

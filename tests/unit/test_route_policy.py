@@ -6,7 +6,7 @@ import pytest
 
 from strata.core.errors import ConfigError
 from strata.route.breaker import Breaker, BreakerConfig, BreakerState
-from strata.route.policy import Attempt, TargetView, Verdict, classify, counts_against, next_attempt
+from strata.route.route_plan import Attempt, TargetView, Verdict, classify, counts_against, next_attempt
 
 CONFIG = BreakerConfig(failure_threshold=3, cooldown_s=5.0)
 

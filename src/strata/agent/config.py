@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from strata.agent.batching import BatchingConfig
+from strata.agent.batch_plan import BatchingConfig
 from strata.core.errors import ConfigError
 from strata.core.logformat import check_log_format
 from strata.core.package import check_name

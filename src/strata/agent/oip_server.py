@@ -30,7 +30,7 @@ from concurrent.futures import Executor
 from typing import Any, Final, TypeVar
 
 from strata import __version__
-from strata.agent.batching import BatchingConfig
+from strata.agent.batch_plan import BatchingConfig
 from strata.agent.httpd import Request, Response
 from strata.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from strata.agent.metrics import InferenceMetrics, RegistrySnapshot
@@ -72,7 +72,7 @@ class InferenceApp:
             request a client saw answered is counted even if the agent dies right after. A shed request's
             outcome is recorded too, but its 503 goes out at once.
         batching: the agent's batching and queueing settings; a package's policy may override them per model
-            (see `strata.agent.batching.resolve_config`).
+            (see `strata.agent.batch_plan.resolve_config`).
         telemetry_gauges: the buffer's gauges in `metrics.registry`, refreshed when /metrics is scraped.
         metrics_view: what `/metrics` answers, when not this process's own `render_metrics` (on a node that
             serves from several processes: the node's one view, from all of them).

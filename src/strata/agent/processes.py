@@ -31,7 +31,7 @@ import os
 from dataclasses import replace
 from typing import Final
 
-from strata.agent.batching import BatchingConfig
+from strata.agent.batch_plan import BatchingConfig
 from strata.agent.config import AgentConfig
 from strata.agent.httpd import ServerLimits
 from strata.agent.telemetry import TelemetryConfig

@@ -32,7 +32,7 @@ class Runtime(Protocol):
     """A loaded model that turns feeds into outputs. `run` is safe to call from several threads.
 
     A runtime may also say `rows_independent = False` when the rows of one call affect each other's results,
-    so the inference server does not batch requests together (see `strata.agent.batching`).
+    so the inference server does not batch requests together (see `strata.agent.batch_plan`).
     """
 
     inputs: tuple[TensorSpec, ...]

@@ -1,4 +1,4 @@
-"""Each served model's request queue and dynamic batcher: the driver around `strata.agent.batching`.
+"""Each served model's request queue and dynamic batcher: the driver around `strata.agent.batch_plan`.
 
 A request is decoded and checked (`prepare`), admitted or shed at once (`ModelScheduler.submit`), queued, and
 run in a batch with the queued requests of the same shapes (`run_batch`, on a worker thread): inputs are
@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from strata.agent.batching import (
+from strata.agent.batch_plan import (
     BatchingConfig,
     QueueLoad,
     WaitUntil,

@@ -18,7 +18,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Final, Generic, TypeVar
 
 import anyio.to_thread
@@ -44,6 +44,7 @@ from strata.control.desired import (
 from strata.control.events import NewEvent, change_events, failure_events, record_event
 from strata.control.feed import ChangeFeed
 from strata.control.history import activation_events, record_changes
+from strata.control.inventory import NodeView
 from strata.control.nodelogs import open_log_requests
 from strata.control.pki import Pki
 from strata.control.presence import PresenceTracker
@@ -191,37 +192,6 @@ class DesiredPoll:
 
     document: DesiredDocument
     changed: bool
-
-
-@dataclass(frozen=True)
-class NodeView:
-    """A node as the operator sees it: identity, liveness, what it runs, and whether it has caught up."""
-
-    id: str
-    name: str
-    tier: str
-    labels: dict[str, str]
-    profile: str
-    emulated: bool
-    agent_version: str
-    online: bool
-    last_seen: float | None
-    models: dict[str, str]
-    failures: list[dict[str, Any]]
-    serve_url: str | None
-    desired_etag: str
-    reported_etag: str | None
-    in_sync: bool
-    pins: dict[str, str] = field(default_factory=dict)
-    attestation: str | None = None
-    attestation_detail: str | None = None
-    supply: str | None = None
-    tpm_ek: str | None = None
-    tpm_pcrs: dict[str, Any] | None = None
-    claims: dict[str, Any] = field(default_factory=dict)
-    slots: list[dict[str, Any]] = field(default_factory=list)
-    enrolled_at: float | None = None
-    certificate_expires_at: float | None = None
 
 
 def node_facts(node: Node) -> NodeFacts:

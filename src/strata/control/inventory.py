@@ -1,18 +1,50 @@
 """Pure views over the node inventory: filter by label selector, sort and page, and count the fleet.
 
-The console's fleet page and `GET /v1/nodes?limit=&offset=&sort=` both use these on the `NodeView`s the fleet
-service builds; nothing here does I/O, so a 10,000-node fleet is sorted and counted in memory in one pass.
+The console's fleet page and `GET /v1/nodes?limit=&offset=&sort=` both use these on the `NodeView`s (plain values,
+defined here) the fleet service builds; nothing here does I/O, so a 10,000-node fleet is sorted and counted in
+memory in one pass.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
-from strata.control.fleet import NodeView
 from strata.core.wire import ProtocolError, selector_matches
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node as the operator sees it: identity, liveness, what it runs, and whether it has caught up."""
+
+    id: str
+    name: str
+    tier: str
+    labels: dict[str, str]
+    profile: str
+    emulated: bool
+    agent_version: str
+    online: bool
+    last_seen: float | None
+    models: dict[str, str]
+    failures: list[dict[str, Any]]
+    serve_url: str | None
+    desired_etag: str
+    reported_etag: str | None
+    in_sync: bool
+    pins: dict[str, str] = field(default_factory=dict)
+    attestation: str | None = None
+    attestation_detail: str | None = None
+    supply: str | None = None
+    tpm_ek: str | None = None
+    tpm_pcrs: dict[str, Any] | None = None
+    claims: dict[str, Any] = field(default_factory=dict)
+    slots: list[dict[str, Any]] = field(default_factory=list)
+    enrolled_at: float | None = None
+    certificate_expires_at: float | None = None
+
 
 MAX_PAGE: Final = 1000
 

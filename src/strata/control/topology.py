@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from strata.control.fleet import NodeView
+from strata.control.inventory import NodeView
 
 SITE_LABEL: Final = "site"
 

@@ -77,7 +77,7 @@ class Policy:
     allowed_regions: tuple[str, ...] = ()
     allowed_jurisdictions: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = ()
-    # Not a placement rule: how the node batches this model (`strata.agent.batching` reads and checks it). Kept
+    # Not a placement rule: how the node batches this model (`strata.agent.batch_plan` reads and checks it). Kept
     # so that the package's policy section round-trips whole; left out of equality and hashing, since it never
     # changes where a model may run.
     batching: Mapping[str, Any] = field(default_factory=dict, compare=False)

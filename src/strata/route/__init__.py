@@ -9,7 +9,7 @@ the cloud, with a circuit breaker and health per target and a latency budget per
 """
 
 from strata.route.breaker import Breaker, BreakerConfig, BreakerState
-from strata.route.policy import Attempt, TargetView, Verdict, classify, next_attempt
+from strata.route.route_plan import Attempt, TargetView, Verdict, classify, next_attempt
 from strata.route.router import (
     BUDGET,
     ROUTE,

@@ -40,7 +40,7 @@ from strata.agent.metrics import MetricsRegistry
 from strata.core.errors import ConfigError, StrataError
 from strata.route.oip_routes import LIVE, METRICS, READY, RouteRefusal, match_route
 from strata.route.peer import PeerTls, RevocationList, node_checked
-from strata.route.policy import Verdict
+from strata.route.route_plan import Verdict
 from strata.route.router import (
     BUDGET,
     MAX_BUDGET_MS,

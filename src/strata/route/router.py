@@ -2,7 +2,7 @@
 
 Each target (a node's agent, its parent near-edge node, a cloud endpoint: any OIP server, strata or Triton or
 KServe) has a circuit breaker and a health view (`/v2/health/ready`, and `/v2/models/{m}/ready` for the models
-asked for lately, probed every `health_interval_s`). A request goes where `strata.route.policy.next_attempt`
+asked for lately, probed every `health_interval_s`). A request goes where `strata.route.route_plan.next_attempt`
 says, waits there as long as it says, and moves on when the target refuses (429/503), lacks the model (404),
 fails (5xx) or does not answer in time. Every answer says which tier served it.
 
@@ -13,7 +13,7 @@ time; past that the attempt failed (the next tier is tried; 502 when none answer
 head (100 KiB). A health probe reads at most 64 KiB of an answer, and the whole probe ends within its timeout.
 
 The router does I/O only through one `httpx.AsyncClient` (pass `transport=` to replace it); its decisions are
-the pure functions of `strata.route.breaker` and `strata.route.policy`.
+the pure functions of `strata.route.breaker` and `strata.route.route_plan`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from strata.core.errors import BadRequest, ConfigError, NotFound, TransportError
 from strata.core.oip import HEADER_LENGTH, decode_response, encode_request
 from strata.route.breaker import Breaker, BreakerConfig
 from strata.route.peer import find_peer_identity_error
-from strata.route.policy import TIERS, TargetView, Verdict, classify, counts_against, next_attempt
+from strata.route.route_plan import TIERS, TargetView, Verdict, classify, counts_against, next_attempt
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from strata.control.api.deps import (
     read_limited,
 )
 from strata.control.auth import Access, authorize
-from strata.control.fleet import INVALID_ENROLLMENT, IssuedToken, NodeView
-from strata.control.inventory import MAX_PAGE, SORT_KEYS, page_nodes, parse_sort, select_nodes
+from strata.control.fleet import INVALID_ENROLLMENT, IssuedToken
+from strata.control.inventory import MAX_PAGE, SORT_KEYS, NodeView, page_nodes, parse_sort, select_nodes
 from strata.control.nodelogs import MAX_ANSWER_BYTES
 from strata.control.plane import ControlPlane
 from strata.control.schemas import (

@@ -18,8 +18,7 @@ from sqlalchemy import func, select
 
 from strata.control.db import Node as NodeRow
 from strata.control.db import NodeCertificate
-from strata.control.fleet import NodeView
-from strata.control.inventory import NodeOrder, fleet_counts, page_nodes, select_nodes
+from strata.control.inventory import NodeOrder, NodeView, fleet_counts, page_nodes, select_nodes
 from strata.control.plane import ControlPlane
 from strata.control.registry import VariantInfo
 from strata.control.supply import PackageRole
