@@ -18,39 +18,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from strata.control.db import Database, Deployment, ModelVersion, Node, Rollout, RolloutNode, runnable_version
-from strata.control.desired import ActiveDeployment, decide
+from strata.control.desired import decide
+from strata.control.eligibility_rule import ActiveDeployment, FleetNode, runnable_variants
+from strata.control.entries import fleet_node, is_online, load_pin_entries, release_of
 from strata.control.events import NewEvent, record_event
 from strata.control.feed import ChangeFeed
 from strata.control.presence import PresenceTracker
 from strata.control.rollout_plan import ACTIVE
-from strata.control.rollouts import load_pin_entries, variant_policies, variant_refs
-from strata.core.errors import Conflict, NotFound, ProfileError
-from strata.core.policy import NodeFacts
-from strata.core.profiles import VariantChoice, get_profile, rank_variants
-from strata.core.wire import NodeStatus, ProtocolError, VariantRef, parse_labels
+from strata.core.errors import Conflict, NotFound
+from strata.core.wire import NodeStatus, ProtocolError, parse_labels
 
 # A node's part in a deployment. `running`, `failed` and `pending` count towards it; the other three say why a node
 # the selector matches will not run it: no variant its hardware runs, a placement policy, another entry decides.
 NODE_STATES: Final = ("running", "pending", "failed", "no-variant", "excluded", "superseded")
 TARGETED: Final = frozenset({"running", "pending", "failed"})
-
-
-@dataclass(frozen=True)
-class FleetNode:
-    """What `node_progress` needs to know of one live node."""
-
-    id: str
-    name: str
-    labels: Mapping[str, str]
-    facts: NodeFacts
-    status: NodeStatus | None
-    online: bool
-
-    @property
-    def hardware(self) -> str:
-        """The profile the node picks its variant with: the one it reports (it runs on that hardware), or the
-        assigned one before its first report."""
-        return self.status.profile if self.status is not None else self.facts.profile
 
 
 @dataclass(frozen=True)
@@ -68,16 +49,6 @@ class NodeProgress:
 def plural(count: int, noun: str) -> str:
     """'1 node', '3 nodes'."""
     return f"{count} {noun}" + ("" if count == 1 else "s")
-
-
-def runnable_variants(profile: str, variants: Iterable[VariantRef]) -> list[str]:
-    """The ids of the variants a node of `profile` can run, best first (none for an unknown profile)."""
-    try:
-        host = get_profile(profile)
-    except ProfileError:
-        return []
-    choices = [VariantChoice(v.id, v.profile, v.runtime, v.precision) for v in variants]
-    return [choice.id for choice in rank_variants(host, choices)]
 
 
 def node_progress(entry: ActiveDeployment, node: FleetNode, entries: Iterable[ActiveDeployment]) -> NodeProgress | None:
@@ -147,15 +118,7 @@ def load_active_deployments(session: Session) -> tuple[ActiveDeployment, ...]:
         selectinload(Deployment.version).selectinload(ModelVersion.model),
     )
     entries = [
-        ActiveDeployment(
-            id=row.id,
-            model=row.version.model.name,
-            version=row.version.version,
-            selector=dict(row.selector),
-            created_at=row.created_at,
-            variants=variant_refs(row.version),
-            policies=variant_policies(row.version),
-        )
+        release_of(row.version).entry(row.id, row.created_at, row.selector)
         for row in session.scalars(select(Deployment).options(*with_version)).all()
     ]
     rollouts = session.scalars(
@@ -178,16 +141,12 @@ def load_active_deployments(session: Session) -> tuple[ActiveDeployment, ...]:
     ):
         released.setdefault(rollout_id, set()).add(node_id)
     entries.extend(
-        ActiveDeployment(
-            id=row.id,
-            model=row.version.model.name,
-            version=row.version.version,
-            selector=dict(row.selector),
-            created_at=row.created_at,
-            variants=variant_refs(row.version),
+        release_of(row.version).entry(
+            row.id,
+            row.created_at,
+            row.selector,
             kind="rollout",
             only_nodes=None if row.status == "succeeded" else frozenset(released.get(row.id, ())),
-            policies=variant_policies(row.version),
         )
         for row in rollouts
     )
@@ -335,20 +294,10 @@ class DeploymentService:
         now = self._clock()
         entries = load_active_deployments(session)
         by_id = {e.id: e for e in entries if e.kind == "deployment"}
-        fleet = []
-        for node in session.scalars(select(Node).where(Node.revoked_at.is_(None))).all():
-            seen = [node.last_seen, self._presence.last_seen(node.id) if self._presence is not None else None]
-            last_seen = max((t for t in seen if t is not None), default=None)
-            fleet.append(
-                FleetNode(
-                    id=node.id,
-                    name=node.name,
-                    labels=dict(node.labels),
-                    facts=NodeFacts.of(node.name, node.tier, node.profile, node.labels, node.attestation or ""),
-                    status=stored_status(node.status),
-                    online=last_seen is not None and now - last_seen <= self._online_window_s,
-                )
-            )
+        fleet = [
+            fleet_node(node, stored_status(node.status), is_online(node, self._presence, now, self._online_window_s))
+            for node in session.scalars(select(Node).where(Node.revoked_at.is_(None))).all()
+        ]
         infos = []
         for row in rows:
             entry = by_id[row.id]

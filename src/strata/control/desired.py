@@ -5,70 +5,19 @@ deployment that reaches only the nodes of its started waves until it succeeds) a
 node, or these labels, stay on this version"). A pin beats everything; otherwise the most recently created entry
 wins (ties broken by kind, then the higher id). An entry whose version's placement policy forbids the node does
 not apply to it, so the next one decides, or the node does not get the model at all. The node gets the winner's
-variants its policy allows and picks the one its hardware runs best. A revoked node gets nothing. No I/O and no
-clock here: the fleet service loads the entries and calls these.
+variants its policy allows and picks the one its hardware runs best. A revoked node gets nothing. The entries, and
+whether a version may reach a node, are `strata.control.eligibility_rule`'s. No I/O and no clock here: the fleet
+service loads the entries and calls these.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Final
+from dataclasses import dataclass
 
-from strata.core.policy import Decision, ModelFacts, NodeFacts, Policy, evaluate
+from strata.control.eligibility_rule import ActiveDeployment
+from strata.core.policy import Decision, NodeFacts
 from strata.core.wire import DesiredModel, DesiredState, VariantRef, selector_matches
-
-KINDS: Final = ("deployment", "rollout", "pin")
-
-
-@dataclass(frozen=True)
-class ActiveDeployment:
-    """An entry of the rule: what it pins, where, since when, the variants of that version and their policies.
-
-    `kind` is "deployment", "rollout" or "pin"; `only_nodes`, when set, limits the entry to those node ids (the
-    released nodes of a rollout, the node of a node pin). `policies` maps variant ids to their placement policy.
-    """
-
-    id: int
-    model: str
-    version: str
-    selector: Mapping[str, str]
-    created_at: float
-    variants: tuple[VariantRef, ...]
-    kind: str = "deployment"
-    only_nodes: frozenset[str] | None = None
-    policies: Mapping[str, Policy] = field(default_factory=dict)
-
-    @property
-    def source(self) -> str:
-        """What a desired state names as its decider: the deployment id, or `rollout/ID`, `pin/ID`."""
-        return str(self.id) if self.kind == "deployment" else f"{self.kind}/{self.id}"
-
-    @property
-    def recency(self) -> tuple[int, float, int, int]:
-        """Sort key: pins first, then later creation, then kind, then the higher id."""
-        return (1 if self.kind == "pin" else 0, self.created_at, KINDS.index(self.kind), self.id)
-
-    def applies_to(self, node_id: str, labels: Mapping[str, str]) -> bool:
-        """Whether the entry targets the node, before any policy."""
-        if self.only_nodes is not None and node_id not in self.only_nodes:
-            return False
-        return selector_matches(self.selector, labels)
-
-    def placement(self, node: NodeFacts) -> tuple[tuple[VariantRef, ...], Decision]:
-        """The variants the version's policies allow on `node`, and (when none) the decision that forbids it."""
-        if not self.policies:
-            return self.variants, Decision(True)
-        facts = ModelFacts(self.model, self.version)
-        allowed = []
-        refusal = Decision(True)
-        for variant in self.variants:
-            decision = evaluate(self.policies.get(variant.id, Policy()), facts, node)
-            if decision.allowed:
-                allowed.append(variant)
-            elif refusal.allowed:
-                refusal = decision
-        return tuple(allowed), refusal if not allowed else Decision(True)
 
 
 @dataclass(frozen=True)

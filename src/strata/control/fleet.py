@@ -34,13 +34,8 @@ from strata.control.auth import (
 )
 from strata.control.db import Database, EnrollmentToken, Node, NodeCertificate
 from strata.control.deployments import load_active_deployments, stored_status
-from strata.control.desired import (
-    ActiveDeployment,
-    decide,
-    desired_state,
-    etag_matches,
-    referenced_blobs,
-)
+from strata.control.desired import decide, desired_state, etag_matches, referenced_blobs
+from strata.control.eligibility_rule import ActiveDeployment
 from strata.control.events import NewEvent, change_events, failure_events, record_event
 from strata.control.feed import ChangeFeed
 from strata.control.history import activation_events, record_changes

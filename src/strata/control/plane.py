@@ -29,6 +29,7 @@ from strata.control.blob_access import BlobAccess
 from strata.control.blobs import FileBlobStore
 from strata.control.db import Database, make_engine
 from strata.control.deployments import DeploymentService
+from strata.control.entries import load_pin_entries
 from strata.control.errors import StoreError
 from strata.control.events import EventService
 from strata.control.feed import ChangeFeed, Nudge, SharedGeneration
@@ -41,7 +42,7 @@ from strata.control.pins import PinService
 from strata.control.pki import Pki
 from strata.control.presence import PresenceTracker
 from strata.control.registry import RegistryService
-from strata.control.rollouts import RolloutService, load_pin_entries
+from strata.control.rollouts import RolloutService
 from strata.control.settings import ServerSettings
 from strata.control.supply import SupplyService
 from strata.control.telemetry import TelemetryService

@@ -1,14 +1,16 @@
 """Rollouts in the control plane: the operator's service (create, list, show, pause, resume, abort) and the
 driver that carries the planner's decisions out.
 
-The driver is thin: each `tick` loads every active rollout and what its nodes last reported, calls the pure
-`plan_rollout`, stores the resulting state (`apply_actions`), and bumps the fleet generation when the set of
-released nodes or a rollout's status changed, so long-polling nodes hear at once. Everything it needs is in the
-database, so a restarted server carries on where it stopped. It runs after status reports (debounced) and on a
-timer (`ServerSettings.rollout_interval_s`), from `strata.control.app`, on the one replica that holds the
-`rollouts` lease (`strata.control.lease`). Every step, and every operator change, begins its transaction with
-`serialize` (set by the control plane): steps and changes made by different replicas at once take turns, and each
-plans from what the one before it stored, so no action is applied twice.
+The driver is thin: each `tick` loads every active rollout and what its nodes last reported, turns the rows into
+plain values (`strata.control.entries`), observes the nodes with the pure `strata.control.eligibility_rule` (which
+also says why the rollout may not reach a node), calls the pure `plan_rollout`, stores the resulting state
+(`apply_actions`), and bumps the fleet generation when the set of released nodes or a rollout's status changed, so
+long-polling nodes hear at once. Everything it needs is in the database, so a restarted server carries on where it
+stopped. It runs after status reports (debounced) and on a timer (`ServerSettings.rollout_interval_s`), from
+`strata.control.app`, on the one replica that holds the `rollouts` lease (`strata.control.lease`). Every step, and
+every operator change, begins its transaction with `serialize` (set by the control plane): steps and changes made by
+different replicas at once take turns, and each plans from what the one before it stored, so no action is applied
+twice.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from strata.control.db import Database, ModelVersion, Node, Pin, Rollout, RolloutNode, runnable_version
-from strata.control.desired import ActiveDeployment
+from strata.control.db import Database, ModelVersion, Node, Rollout, RolloutNode, runnable_version
+from strata.control.eligibility_rule import ActiveDeployment, FleetNode, observe_fleet
+from strata.control.entries import fleet_node, is_online, release_of
 from strata.control.events import NewEvent, record_event, rollout_events
 from strata.control.feed import ChangeFeed
 from strata.control.gates import Baseline, DriftFigure, GateResult
@@ -32,16 +35,13 @@ from strata.control.presence import PresenceTracker
 from strata.control.rollout_plan import (
     ACTIVE,
     NodeAssignment,
-    NodeObservation,
     RolloutSpec,
     RolloutState,
     apply_actions,
     plan_rollout,
 )
-from strata.core.errors import Conflict, NotFound, ProfileError
-from strata.core.policy import ModelFacts, NodeFacts, Policy, PolicyError, evaluate
-from strata.core.profiles import VariantChoice, get_profile, rank_variants
-from strata.core.wire import NodeStatus, ProtocolError, VariantRef, parse_labels, selector_matches
+from strata.core.errors import Conflict, NotFound
+from strata.core.wire import NodeStatus, ProtocolError, parse_labels
 
 log = logging.getLogger(__name__)
 
@@ -157,119 +157,6 @@ def _store(session: Session, row: Rollout, rows: dict[str, RolloutNode], old: Ro
         stored.failed_at = assignment.failed_at
         stored.failure = assignment.failure
         stored.ever_on_target = assignment.ever_on_target
-
-
-def variant_refs(version: ModelVersion) -> tuple[VariantRef, ...]:
-    """A version's variants as desired states name them."""
-    return tuple(
-        VariantRef(
-            id=v.variant,
-            profile=v.profile,
-            runtime=v.runtime,
-            precision=v.precision,
-            digest=v.digest,
-            blob=v.blob,
-            size=v.size,
-            signature=v.signature,
-        )
-        for v in version.variants
-    )
-
-
-def variant_policies(version: ModelVersion) -> dict[str, Policy]:
-    """Each variant's placement policy, from the manifest it was registered with (empty ones left out)."""
-    policies: dict[str, Policy] = {}
-    for variant in version.variants:
-        try:
-            policy = Policy.from_json(variant.manifest.get("policy") or {})
-        except PolicyError as exc:  # checked at upload; a row from before would fail closed here
-            log.error("variant %s has an unreadable policy (%s); it is allowed nowhere", variant.variant, exc)
-            policy = Policy(allowed_regions=("\x00unreadable",))
-        if not policy.empty:
-            policies[variant.variant] = policy
-    return policies
-
-
-# --- observations ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FleetSnapshot:
-    """The live nodes and pins, loaded once per tick and shared by every rollout."""
-
-    nodes: list[Node]
-    statuses: dict[str, NodeStatus | None]
-    pins: list[ActiveDeployment]
-    online: dict[str, bool]
-
-
-def exclusion(
-    node: Node,
-    model: str,
-    version: str,
-    variants: tuple[VariantRef, ...],
-    policies: Mapping[str, Policy],
-    pins: Iterable[ActiveDeployment],
-) -> str | None:
-    """Why a rollout of `model` `version` may not reach this node (a pin, a policy rule, no variant), or None."""
-    for pin in sorted(pins, key=lambda p: p.recency, reverse=True):
-        if pin.model == model and pin.applies_to(node.id, node.labels):
-            return f"pinned to {pin.version} (pin {pin.id})"
-    facts = NodeFacts.of(node.name, node.tier, node.profile, node.labels, node.attestation or "")
-    allowed = []
-    refusal = None
-    for variant in variants:
-        decision = evaluate(policies.get(variant.id, Policy()), ModelFacts(model, version), facts)
-        if decision.allowed:
-            allowed.append(variant)
-        elif refusal is None:
-            refusal = f"policy rule {decision.rule}: {decision.reason}"
-    if not allowed:
-        return refusal or f"{model} {version} has no variants"
-    choices = [VariantChoice(v.id, v.profile, v.runtime, v.precision) for v in allowed]
-    try:
-        runnable = rank_variants(get_profile(node.profile), choices)
-    except ProfileError:
-        runnable = []
-    if not runnable:
-        return f"no variant of {model} {version} runs on profile {node.profile}"
-    return None
-
-
-def observe(
-    rollout: RolloutState,
-    snapshot: FleetSnapshot,
-    variants: tuple[VariantRef, ...],
-    policies: Mapping[str, Policy],
-    drift: Mapping[str, DriftFigure] | None = None,
-) -> dict[str, NodeObservation]:
-    """What the rollout's matching nodes report, as the planner takes it; `drift` None when the version's package
-    has no drift reference (a node missing from it has served nothing in the window)."""
-    observations: dict[str, NodeObservation] = {}
-    for node in snapshot.nodes:
-        if not selector_matches(rollout.selector, node.labels):
-            continue
-        status = snapshot.statuses.get(node.id)
-        running = next((m for m in status.models if m.name == rollout.model), None) if status else None
-        failure = None
-        if status is not None:
-            failure = next(
-                (f for f in status.failures if f.model == rollout.model and f.version == rollout.version), None
-            )
-        observations[node.id] = NodeObservation(
-            node_id=node.id,
-            labels=dict(node.labels),
-            tier=node.tier,
-            profile=node.profile,
-            online=snapshot.online.get(node.id, False),
-            version=running.version if running else None,
-            probation=running.probation if running else None,
-            serving=running.serving if running else None,
-            failure=failure,
-            excluded=exclusion(node, rollout.model, rollout.version, variants, policies, snapshot.pins),
-            drift=None if drift is None else drift.get(node.id, DriftFigure(None, 0)),
-        )
-    return observations
 
 
 # --- the service ----------------------------------------------------------------------------------------
@@ -451,18 +338,18 @@ class RolloutService:
             ).all()
             if not rows:
                 return 0
-            snapshot = self._snapshot(session, now)
+            nodes = self._fleet(session, now)
+            pins = self._load_pins(session)
             for row in rows:
                 node_rows = {
                     n.node_id: n
                     for n in session.scalars(select(RolloutNode).where(RolloutNode.rollout_id == row.id)).all()
                 }
                 state = state_of(row, node_rows.values())
-                variants = variant_refs(row.version)
-                policies = variant_policies(row.version)
                 since = state.wave_started_at or state.created_at
                 drift = self.drift(state.model, state.version, since) if self.drift is not None else None
-                actions = plan_rollout(state, observe(state, snapshot, variants, policies, drift), now)
+                observations = observe_fleet(state, nodes, release_of(row.version), pins, drift)
+                actions = plan_rollout(state, observations, now)
                 if not actions:
                     continue
                 new = apply_actions(state, actions)
@@ -481,15 +368,12 @@ class RolloutService:
         if self.serialize is not None:
             self.serialize(session)
 
-    def _snapshot(self, session: Session, now: float) -> FleetSnapshot:
-        nodes = list(session.scalars(select(Node).where(Node.revoked_at.is_(None))).all())
-        statuses: dict[str, NodeStatus | None] = {}
-        online: dict[str, bool] = {}
-        for node in nodes:
-            statuses[node.id] = self._status(node)
-            seen = max((t for t in (node.last_seen, self._presence.last_seen(node.id)) if t is not None), default=None)
-            online[node.id] = seen is not None and now - seen <= self._online_window_s
-        return FleetSnapshot(nodes=nodes, statuses=statuses, pins=self._load_pins(session), online=online)
+    def _fleet(self, session: Session, now: float) -> tuple[FleetNode, ...]:
+        """The live nodes, loaded once per tick and shared by every rollout."""
+        return tuple(
+            fleet_node(node, self._status(node), is_online(node, self._presence, now, self._online_window_s))
+            for node in session.scalars(select(Node).where(Node.revoked_at.is_(None))).all()
+        )
 
     def _status(self, node: Node) -> NodeStatus | None:
         """The node's last report, parsed once per distinct document."""
@@ -541,10 +425,7 @@ class RolloutService:
                     continue
                 status = self._status(node)
                 running = next((m for m in status.models if m.name == state.model), None) if status else None
-                seen = max(
-                    (t for t in (node.last_seen, self._presence.last_seen(node.id)) if t is not None), default=None
-                )
-                online = seen is not None and now - seen <= self._online_window_s
+                online = is_online(node, self._presence, now, self._online_window_s)
                 known[node.id] = (node.name, running.version if running else None, online)
 
         def name(node_id: str) -> str:
@@ -597,31 +478,3 @@ _ROLLOUT_LOADS = (
     selectinload(Rollout.version).selectinload(ModelVersion.model),
     selectinload(Rollout.version).selectinload(ModelVersion.variants),
 )
-
-
-def load_pin_entries(session: Session) -> list[ActiveDeployment]:
-    """Every pin as an entry of the desired-state rule (a pin on one node applies to that node only).
-
-    Raises:
-        SQLAlchemyError: the query failed (callers run it inside `Database.transaction`, which wraps it).
-    """
-    rows = session.scalars(
-        select(Pin).options(
-            selectinload(Pin.version).selectinload(ModelVersion.model),
-            selectinload(Pin.version).selectinload(ModelVersion.variants),
-        )
-    ).all()
-    return [
-        ActiveDeployment(
-            id=row.id,
-            model=row.version.model.name,
-            version=row.version.version,
-            selector=dict(row.selector),
-            created_at=row.created_at,
-            variants=variant_refs(row.version),
-            kind="pin",
-            only_nodes=frozenset({row.node_id}) if row.node_id else None,
-            policies=variant_policies(row.version),
-        )
-        for row in rows
-    ]

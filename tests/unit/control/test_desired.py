@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from strata.control.desired import (
-    ActiveDeployment,
     count_matching,
     deciding_deployments,
     desired_state,
     etag_matches,
     referenced_blobs,
 )
+from strata.control.eligibility_rule import ActiveDeployment
 from strata.core.wire import DesiredState, VariantRef
 
 
