@@ -1,7 +1,9 @@
 """The simulator's engine: thousands of virtual nodes, a virtual clock, and the real decision code.
 
-What is real: the control plane's desired-state rule (`strata.control.desired`), the rollout planner and its gates
-(`strata.control.rollout_plan`), and on every node the agent's `plan(desired, observed, now)`, its slot and
+What is real: the control plane's desired-state rule (`strata.control.desired`), its rule of which version may reach
+which node and why not (pins, placement policies, hardware profiles) and of what the planner sees of a node
+(`strata.control.eligibility_rule`), the rollout planner and its gates (`strata.control.rollout_plan`), and on every
+node the agent's `plan(desired, observed, now)`, its slot and
 failure bookkeeping (`NodeState`), its retry backoff and its probation judgement. What is simulated: time (an event
 queue, no sleeping), connectivity (when each node can reach the control plane), transfers (bytes at the node's
 bandwidth, resumed after a cut), the outcome of a health check (the scenario's faults), and the serving counters
@@ -40,7 +42,8 @@ from strata.agent.plan import (
 )
 from strata.agent.probation import ProbationConfig, judge
 from strata.agent.store import FailureRecord, NodeState, ProbationRecord, SlotRef
-from strata.control.desired import ActiveDeployment, desired_state
+from strata.control.desired import desired_state
+from strata.control.eligibility_rule import ActiveDeployment, FleetNode, Release, exclusion, observe
 from strata.control.gates import merge_gates, parse_gate
 from strata.control.rollout_plan import (
     ACTIVE,
@@ -53,10 +56,11 @@ from strata.control.rollout_plan import (
     parse_waves,
     plan_rollout,
 )
-from strata.core.policy import ModelFacts, NodeFacts, evaluate
+from strata.core.errors import ConfigError
+from strata.core.policy import NodeFacts
 from strata.core.profiles import Profile, VariantChoice, get_profile, rank_variants
-from strata.core.wire import DesiredState, Failure, ServingCounters, VariantRef
-from strata.sim.scenario import Connectivity, Scenario
+from strata.core.wire import DesiredState, ModelStatus, NodeStatus, ServingCounters, VariantRef
+from strata.sim.scenario import Connectivity, NodeSpec, Scenario
 
 # A typical p95 compute latency (ms) of a small model per hardware profile: what baselines are made of.
 BASE_LATENCY_MS: Final = {
@@ -105,6 +109,7 @@ class SimNode:
 
     index: int
     node_id: str
+    model: str
     profile: Profile
     tier: str
     labels: dict[str, str]
@@ -129,8 +134,7 @@ class SimNode:
     offline_since: float = 0.0
     reached_at: float | None = None  # first time online after the rollout finished
     # the control plane's view, from the node's last report
-    reported_version: str | None = None
-    reported_since: float = 0.0
+    reported: SlotRef | None = None
     reported_probation: str | None = None
     reported_failures: tuple[FailureRecord, ...] = ()
     # its desired state, and the rollout entry it was decided with (the rule is pure: the same entry, the same state)
@@ -138,8 +142,17 @@ class SimNode:
 
     @property
     def active_version(self) -> str | None:
-        slots = self.state.models.get("model")
+        slots = self.state.models.get(self.model)
         return slots.active.version if slots else None
+
+    @property
+    def reported_version(self) -> str | None:
+        return self.reported.version if self.reported else None
+
+    def fleet_node(self, status: NodeStatus | None = None) -> FleetNode:
+        """The node as the control plane's rules see it (`strata.control.eligibility_rule`)."""
+        online = self.online and not self.lost
+        return FleetNode(self.node_id, self.node_id, self.labels, self.facts, status, online)
 
 
 @dataclass
@@ -166,16 +179,22 @@ class Simulation:
         self.probation = ProbationConfig(duration_s=scenario.probation_s)
         rate = scenario.requests_per_hour / 3600.0
         self.rate_per_s = rate
-        self.variants = {v: self._variants(v) for v in scenario.versions}
-        self.base = ActiveDeployment(
-            id=1,
-            model="model",
-            version="1",
-            selector={},
-            created_at=0.0,
-            variants=self.variants["1"],
-            policies=self._policies("1"),
+        self.model = scenario.model
+        self.releases = {v: self._release(v) for v in scenario.versions}
+        self.base = self.releases["1"].entry(1, 0.0)
+        self.pins = tuple(
+            self.releases[pin.version].entry(
+                number,
+                0.0,
+                pin.selector,
+                kind="pin",
+                only_nodes=None if pin.node is None else frozenset({pin.node}),
+            )
+            for number, pin in enumerate(scenario.pins, 1)
         )
+        if scenario.fleet_nodes and self.count != len(scenario.fleet_nodes):
+            listed = len(scenario.fleet_nodes)
+            raise ConfigError(f"scenario {scenario.name} lists its {listed} nodes: it cannot run with {self.count}")
         target = scenario.rollout.version
         self.target = target
         self.target_bad = scenario.versions[target].bad
@@ -196,7 +215,10 @@ class Simulation:
         with _cycle_collector_paused():
             self.nodes = [self._make_node(i) for i in range(self.count)]
         self.by_id = {node.node_id: node for node in self.nodes}
-        self._exclusions = {node.node_id: self._exclusion(node) for node in self.nodes}
+        target_release = self.releases[target]
+        self._exclusions = {
+            node.node_id: exclusion(node.fleet_node(), target_release, self.pins) for node in self.nodes
+        }
 
     # --- setting up -------------------------------------------------------------------------------------
 
@@ -218,25 +240,30 @@ class Simulation:
             )
         return tuple(refs)
 
-    def _policies(self, version: str) -> dict[str, Any]:
-        if self.scenario.policy.empty:
-            return {}
-        return {ref.id: self.scenario.policy for ref in self.variants[version]}
+    def _release(self, version: str) -> Release:
+        variants = self._variants(version)
+        policy = self.scenario.policy
+        return Release(self.model, version, variants, {} if policy.empty else {v.id: policy for v in variants})
 
     def _make_node(self, index: int) -> SimNode:
         rng = self.rng
         scenario = self.scenario
-        profile = get_profile(_pick(rng, scenario.profiles))
-        tier = _pick(rng, scenario.tiers)
-        region = _pick(rng, scenario.regions)
+        spec: NodeSpec | None = scenario.fleet_nodes[index] if scenario.fleet_nodes else None
+        if spec is None:
+            profile = get_profile(_pick(rng, scenario.profiles))
+            tier = _pick(rng, scenario.tiers)
+            region = _pick(rng, scenario.regions)
+            node_id = f"node-{index:05d}"
+            labels = {"region": region, "tier": tier, "site": f"site-{index // 20:04d}"}
+        else:
+            profile, tier, node_id, labels = get_profile(spec.profile), spec.tier, spec.name, dict(spec.labels)
         shares = {str(i): c.share for i, c in enumerate(scenario.connectivity)}
         connectivity = scenario.connectivity[int(_pick(rng, shares))]
         low, high = math.log(scenario.bandwidth_min), math.log(scenario.bandwidth_max)
-        node_id = f"node-{index:05d}"
-        labels = {"region": region, "tier": tier, "site": f"site-{index // 20:04d}"}
         node = SimNode(
             index=index,
             node_id=node_id,
+            model=self.model,
             profile=profile,
             tier=tier,
             labels=labels,
@@ -245,34 +272,24 @@ class Simulation:
             latency_noise=math.exp(rng.gauss(0.0, 0.1)),
             facts=NodeFacts.of(node_id, tier, profile.id, labels),
         )
-        # Every node runs version 1 at the start, as if deployed long ago (and its probation passed).
-        desired = desired_state(node.node_id, node.labels, False, [self.base], node.facts)
-        model = desired.model("model")
+        # Every node runs version 1 at the start (or what a pin holds it on), as if deployed long ago (and its
+        # probation passed).
+        desired = desired_state(node.node_id, node.labels, False, [self.base, *self.pins], node.facts)
+        model = desired.model(self.model)
         if model is not None:
             choices = [VariantChoice(v.id, v.profile, v.runtime, v.precision) for v in model.variants]
             ranked = rank_variants(profile, choices)
             if ranked:
                 ref = next(v for v in model.variants if v.id == ranked[0].id)
-                node.state = node.state.with_active("model", SlotRef(ref.digest, "1", ref.id, -86400.0))
+                slot = SlotRef(ref.digest, model.version, ref.id, -86400.0)
+                node.state = node.state.with_active(self.model, slot)
                 node.staged.add(ref.digest)
-                node.ever.add("1")
-        node.reported_version = node.active_version
-        node.reported_since = -86400.0
-        node.reported_probation = "passed" if node.reported_version else None
+                node.ever.add(model.version)
+        slots = node.state.models.get(self.model)
+        node.reported = slots.active if slots else None
+        node.reported_probation = "passed" if node.reported else None
         self._start_connectivity(node)
         return node
-
-    def _exclusion(self, node: SimNode) -> str | None:
-        target = self.target
-        facts = node.facts
-        if not self.scenario.policy.empty:
-            decision = evaluate(self.scenario.policy, ModelFacts(self.scenario.model, target), facts)
-            if not decision.allowed:
-                return f"policy rule {decision.rule}: {decision.reason}"
-        choices = [VariantChoice(v.id, v.profile, v.runtime, v.precision) for v in self.variants[target]]
-        if not rank_variants(node.profile, choices):
-            return f"no variant runs on profile {node.profile.id}"
-        return None
 
     # --- connectivity -----------------------------------------------------------------------------------
 
@@ -348,7 +365,7 @@ class Simulation:
     def _desired(self, node: SimNode) -> DesiredState:
         entry = self.rollout_entry
         if node.desired is None or node.desired[0] is not entry:
-            entries = [self.base] if entry is None else [self.base, entry]
+            entries = [self.base, *self.pins] if entry is None else [self.base, *self.pins, entry]
             node.desired = (entry, desired_state(node.node_id, node.labels, False, entries, node.facts))
         return node.desired[1]
 
@@ -401,7 +418,7 @@ class Simulation:
         if (
             node.lose_at is None
             and self.scenario.lost_during_update > 0
-            and variant.digest in {v.digest for v in self.variants[self.target]}
+            and variant.digest in {v.digest for v in self.releases[self.target].variants}
             and self.rng.random() < self.scenario.lost_during_update
         ):
             node.lose_at = self.now + self.rng.uniform(0, remaining / node.bandwidth)
@@ -449,23 +466,23 @@ class Simulation:
             previous = node.state.failures.get(variant.digest)
             attempts = previous.attempts + 1 if previous else 1
             reason = f"health check failed: golden outputs differ on {node.profile.id}"
-            failure = FailureRecord("model", version, variant.id, reason, self.now, attempts, "health")
+            failure = FailureRecord(self.model, version, variant.id, reason, self.now, attempts, "health")
             node.state = node.state.with_failure(variant.digest, failure)
             return
-        current = node.state.models.get("model")
+        current = node.state.models.get(self.model)
         reference = None
         if current is not None and current.active.digest != variant.digest:
             reference = self._counters(node, current.active.version, -3600.0, 0.0).latency_p95_ms
-        node.state = node.state.with_active("model", SlotRef(variant.digest, version, variant.id, self.now))
+        node.state = node.state.with_active(self.model, SlotRef(variant.digest, version, variant.id, self.now))
         if self.probation.enabled:
             record = ProbationRecord(version, variant.digest, self.now, reference, "previous version on this node")
-            node.state = node.state.with_probation("model", record)
+            node.state = node.state.with_probation(self.model, record)
             self._push(self.now + self.probation.duration_s, _PROBATION, node.index)
         self._changed(node)
 
     def _judge_probation(self, node: SimNode) -> None:
-        record = node.state.probation.get("model")
-        slots = node.state.models.get("model")
+        record = node.state.probation.get(self.model)
+        slots = node.state.models.get(self.model)
         if record is None or slots is None or slots.active.digest != record.digest:
             return
         counters = self._counters(node, record.version, record.started_at, self.now)
@@ -475,12 +492,16 @@ class Simulation:
             return
         node.idle = False
         if verdict.outcome == "passed":
-            node.state = node.state.without_probation("model")
+            node.state = node.state.without_probation(self.model)
         else:
-            state = node.state.rolled_back("model") if slots.previous is not None else node.state.without_model("model")
+            state = (
+                node.state.rolled_back(self.model)
+                if slots.previous is not None
+                else node.state.without_model(self.model)
+            )
             old = state.failures.get(record.digest)
             failure = FailureRecord(
-                "model",
+                self.model,
                 record.version,
                 slots.active.variant,
                 f"probation failed: {verdict.reason}",
@@ -501,47 +522,30 @@ class Simulation:
 
     def _report(self, node: SimNode) -> None:
         """What the node's status report tells the control plane (sent after every round)."""
-        slots = node.state.models.get("model")
-        version = slots.active.version if slots else None
-        probation = ("running" if "model" in node.state.probation else "passed") if slots else None
+        slots = node.state.models.get(self.model)
+        active = slots.active if slots else None
+        probation = ("running" if self.model in node.state.probation else "passed") if slots else None
         failures = tuple(node.state.failures.values())
-        since = slots.active.activated_at if slots else 0.0
-        if (version, since, probation, failures) != (
-            node.reported_version,
-            node.reported_since,
-            node.reported_probation,
-            node.reported_failures,
-        ):
-            node.reported_version, node.reported_since = version, since
-            node.reported_probation, node.reported_failures = probation, failures
+        if (active, probation, failures) != (node.reported, node.reported_probation, node.reported_failures):
+            node.reported, node.reported_probation, node.reported_failures = active, probation, failures
             self.stale.add(node.index)
             self.reported = True
 
     # --- the control plane ------------------------------------------------------------------------------
 
-    def _observe(self, node: SimNode) -> NodeObservation:
-        failure = next(
-            (
-                Failure("model", r.version, r.variant, r.reason, r.at, r.attempts, r.kind)
-                for r in node.reported_failures
-                if r.version == self.target
-            ),
-            None,
-        )
-        seen = self.now if node.online else node.offline_since
-        version = node.reported_version
-        return NodeObservation(
-            node_id=node.node_id,
-            labels=node.labels,
-            tier=node.tier,
-            profile=node.profile.id,
-            online=node.online and not node.lost,
-            version=version,
-            probation=node.reported_probation,
-            serving=self._counters(node, version, node.reported_since, seen) if version else None,
-            failure=failure,
-            excluded=self._exclusions[node.node_id],
-        )
+    def _observe(self, node: SimNode, rollout: RolloutState) -> NodeObservation:
+        """What the rollout planner sees of the node: its last report, with the serving counters it has sent since,
+        taken as the control plane takes it (`strata.control.eligibility_rule.observe`)."""
+        slot = node.reported
+        models: tuple[ModelStatus, ...] = ()
+        if slot is not None:
+            seen = self.now if node.online else node.offline_since
+            serving = self._counters(node, slot.version, slot.activated_at, seen)
+            probation = node.reported_probation
+            version, variant, digest, since = slot.version, slot.variant, slot.digest, slot.activated_at
+            models = (ModelStatus(self.model, version, variant, digest, since, serving=serving, probation=probation),)
+        status = NodeStatus(node.tier, node.labels, node.profile.id, False, "sim", models, node.reported_failures)
+        return observe(node.fleet_node(status), rollout, self._exclusions[node.node_id], None)
 
     def _start_rollout(self) -> None:
         plan_spec = self.scenario.rollout
@@ -556,7 +560,7 @@ class Simulation:
             on_no_data=plan_spec.on_no_data,
         )
         self.rollout = RolloutState(
-            id=1, model="model", version=self.target, selector={}, spec=spec, created_at=self.now
+            id=1, model=self.model, version=self.target, selector={}, spec=spec, created_at=self.now
         )
         self.rollout_started_at = self.now
         self._tick()
@@ -564,17 +568,9 @@ class Simulation:
     def _entry(self, state: RolloutState) -> ActiveDeployment | None:
         if state.status in ("rolled_back", "aborted"):
             return None
-        return ActiveDeployment(
-            id=1,
-            model="model",
-            version=state.version,
-            selector=dict(state.selector),
-            created_at=state.created_at,
-            variants=self.variants[state.version],
-            kind="rollout",
-            only_nodes=None if state.status == "succeeded" else state.released,
-            policies=self._policies(state.version),
-        )
+        only_nodes = None if state.status == "succeeded" else state.released
+        release = self.releases[state.version]
+        return release.entry(state.id, state.created_at, state.selector, kind="rollout", only_nodes=only_nodes)
 
     def _tick(self) -> None:
         state = self.rollout
@@ -592,7 +588,7 @@ class Simulation:
         assert state is not None
         first = not self.observations
         if first:
-            self.observations = {node.node_id: self._observe(node) for node in self.nodes}
+            self.observations = {node.node_id: self._observe(node, state) for node in self.nodes}
             self.young.update(self.observations)
         if self.now - self.last_full >= FULL_REFRESH_S:
             # Counters grow on the nodes running the new version. The simulated rates are steady, so once a node
@@ -610,7 +606,7 @@ class Simulation:
         changed = set(self.named)  # the planner looks again only at these nodes (the rest would give no action)
         for index in self.stale:
             node = self.nodes[index]
-            self.observations[node.node_id] = self._observe(node)
+            self.observations[node.node_id] = self._observe(node, state)
             changed.add(node.node_id)
         self.young |= changed
         self.stale.clear()
@@ -713,7 +709,7 @@ class Simulation:
             if node.reached_at is None or node.reached_at > self.now - GRACE_S:
                 continue
             reachable += 1
-            want = self._desired(node).model("model")
+            want = self._desired(node).model(self.model)
             if want is not None and node.active_version == want.version:
                 converged += 1
                 last_change = max(last_change, node.changed_at)

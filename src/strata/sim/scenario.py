@@ -15,6 +15,8 @@ the rollout to run. Every field has a default, so a scenario states only what it
         - {model: offline_for_days, share: 0, days: 2}
       bandwidth: {min: 200KB/s, max: 5MB/s}
       requests_per_hour: 600
+      nodes:                       # optional: these nodes instead of a drawn fleet (a node's name is its id)
+        - {name: lab-1, profile: x86_64-avx2, tier: device, labels: {region: eu-west}}
     model:
       name: digits
       size: 8MB
@@ -24,12 +26,15 @@ the rollout to run. Every field has a default, so a scenario states only what it
       "2": {fails_on_profiles: [arm64-neon-dotprod], latency_factor: 1.0, error_rate: 0.0}
     rollout: {version: "2", start: 30m, waves: "1%,10%,50%,100%", bake: 30m, wave_deadline: 2h, gates: [],
               on_no_data: hold}               # a gate without enough data: hold (until the deadline), pass, fail
+    pins:                          # as `strata pin` makes them: one node, or the nodes a selector matches
+      - {version: "1", node: lab-1}
     faults:
       lost_during_update: 0.0      # share of nodes that vanish for good while downloading the new version
     agent: {probation: 60s}
     server: {tick: 1m}
 
-Version "1" is what every node runs at the start (deployed to the whole fleet); the rollout takes "2" out.
+Version "1" is what every node runs at the start (deployed to the whole fleet, where no pin says otherwise); the
+rollout takes "2" out. Pins and policies decide as they do in the control plane (`strata.control.eligibility_rule`).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from strata.control.rollout_plan import parse_waves
 from strata.core.errors import ConfigError, ProfileError
 from strata.core.policy import Policy, PolicyError
 from strata.core.profiles import get_profile
+from strata.core.wire import TIERS, ProtocolError, parse_labels
 
 CONNECTIVITY_MODELS: Final = ("always", "flaky", "daily_window", "offline_for_days")
 _UNITS_S: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -176,6 +182,76 @@ class VersionFaults:
         return faults
 
 
+def _profile(value: Any, what: str) -> str:
+    """A known hardware profile's id.
+
+    Raises:
+        ConfigError: not one.
+    """
+    try:
+        return get_profile(str(value)).id
+    except ProfileError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def _labels(raw: Any, what: str) -> dict[str, str]:
+    """Raises:
+    ConfigError: not a mapping of label names to values.
+    """
+    try:
+        return parse_labels(raw or {}, what)
+    except ProtocolError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of a fleet the scenario lists instead of drawing (its name is its node id)."""
+
+    name: str
+    profile: str
+    tier: str = "device"
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> NodeSpec:
+        """Raises:
+        ConfigError: no name, an unknown profile or tier, or malformed labels.
+        """
+        if not isinstance(raw, Mapping) or not raw.get("name"):
+            raise ConfigError("each fleet.nodes entry must be a mapping with a 'name'")
+        name = str(raw["name"])
+        tier = str(raw.get("tier", "device"))
+        if tier not in TIERS:
+            raise ConfigError(f"fleet node {name}: tier {tier!r} is not one of {list(TIERS)}")
+        profile = _profile(raw.get("profile", ""), f"fleet node {name}")
+        return cls(
+            name=name, profile=profile, tier=tier, labels=_labels(raw.get("labels"), f"fleet node {name} labels")
+        )
+
+
+@dataclass(frozen=True)
+class PinSpec:
+    """A pin, as `strata pin` makes one: `node` (a node's name), or the nodes `selector` matches, stay on `version`."""
+
+    version: str
+    node: str | None = None
+    selector: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Any) -> PinSpec:
+        """Raises:
+        ConfigError: no version, or not exactly one of a node and a non-empty selector.
+        """
+        if not isinstance(raw, Mapping) or raw.get("version") is None:
+            raise ConfigError("each pins entry must be a mapping with a 'version'")
+        node = raw.get("node")
+        selector = _labels(raw.get("selector"), "pin selector")
+        if (node is None) == (not selector):
+            raise ConfigError("a pin names one node or a non-empty label selector, not both and not neither")
+        return cls(version=str(raw["version"]), node=None if node is None else str(node), selector=selector)
+
+
 @dataclass(frozen=True)
 class RolloutPlan:
     """The rollout the scenario runs (as `strata rollout create` would be given it)."""
@@ -219,6 +295,8 @@ class Scenario:
     probation_s: float = 60.0
     tick_s: float = 60.0
     description: str = ""
+    fleet_nodes: tuple[NodeSpec, ...] = ()
+    pins: tuple[PinSpec, ...] = ()
 
     @classmethod
     def from_json(cls, raw: Any) -> Scenario:
@@ -272,6 +350,16 @@ class Scenario:
         for gate in plan.gates:
             parse_gate(gate)
         bandwidth = fleet.get("bandwidth") or {}
+        fleet_nodes = tuple(NodeSpec.from_json(n) for n in fleet.get("nodes") or ())
+        names = [n.name for n in fleet_nodes]
+        if len(set(names)) != len(names):
+            raise ConfigError("fleet.nodes names a node twice")
+        pins = tuple(PinSpec.from_json(p) for p in raw.get("pins") or ())
+        for pin in pins:
+            if pin.version not in versions:
+                raise ConfigError(f"a pin names version {pin.version!r}, which the scenario does not have")
+            if fleet_nodes and pin.node is not None and pin.node not in names:
+                raise ConfigError(f"a pin names node {pin.node!r}, which fleet.nodes does not list")
         try:
             policy = Policy.from_json(model.get("policy") or {})
         except PolicyError as exc:
@@ -279,7 +367,7 @@ class Scenario:
         scenario = cls(
             name=str(raw.get("name", "scenario")),
             description=str(raw.get("description", "")),
-            nodes=int(raw.get("nodes", defaults.nodes)),
+            nodes=len(fleet_nodes) if fleet_nodes else int(raw.get("nodes", defaults.nodes)),
             horizon_s=duration(raw.get("horizon", defaults.horizon_s), "horizon"),
             seed=int(raw.get("seed", 1)),
             profiles=profiles,
@@ -298,6 +386,8 @@ class Scenario:
             lost_during_update=float(faults.get("lost_during_update", 0.0)),
             probation_s=duration(agent.get("probation", 60), "agent.probation"),
             tick_s=duration(server.get("tick", 60), "server.tick"),
+            fleet_nodes=fleet_nodes,
+            pins=pins,
         )
         if scenario.nodes < 1 or scenario.horizon_s <= 0 or scenario.tick_s <= 0:
             raise ConfigError("a scenario needs at least one node, a positive horizon and a positive server tick")
