@@ -16,12 +16,14 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "strata"
 ROUTE_MAY_USE_FROM_AGENT = {"strata.agent.httpd", "strata.agent.metrics"}
 
 # The pure halves: decisions and plain values, no I/O; each driver around them does it (`plan` / `reconciler`,
-# `batch_plan` / `scheduler`, `state` / `store`, `rollout_plan` / `rollouts`, `route_plan` / `router`, ...).
+# `batch_plan` / `scheduler`, `state` / `store`, `rollout_plan` / `rollouts`, `eligibility_rule` / `entries`,
+# `route_plan` / `router`, ...).
 PURE = (
     "strata.agent.plan",
     "strata.agent.probation",
     "strata.agent.state",
     "strata.agent.batch_plan",
+    "strata.control.eligibility_rule",
     "strata.control.desired",
     "strata.control.rollout_plan",
     "strata.control.gates",
