@@ -2,7 +2,8 @@
 
 A version that fails its golden check halts the rollout at the first wave; a version with three times the
 latency fails the latency gate; a canary whose probation fails rolls back by itself while its server is down;
-a model whose policy allows only `region=eu-*` never reaches a US node, and a node refuses it itself.
+a model whose policy allows only `region=eu-*` never reaches a US node, and a node refuses it itself; the simulator
+and the control plane decide a rollout alike, node by node (policy, hardware, pin).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from strata.core.package import pack_tar, verify_package
 from strata.examples.compute import build_compute_model
 from strata.localfleet import LocalFleet
 from strata.package_build import build_package, with_fields
+from strata.sim.engine import Simulation
+from strata.sim.scenario import Scenario
 
 pytestmark = pytest.mark.slow
 
@@ -285,3 +288,84 @@ def test_an_eu_only_model_never_reaches_a_us_node_and_the_node_refuses_it_itself
     fleet.wait_for(lambda: fleet.agent_live("eu"), 30, "the moved node to serve", moved.process)
     assert infer(moved.serve_url, "faces").status_code == 404
     assert "refused by placement policy (allowed_regions)" in moved.process.log_tail(50)
+
+
+# One fleet, described once, run through the simulator and through the control plane with real agents.
+PARITY_NODES = [
+    {"name": "eu-1", "profile": "x86_64-avx2", "labels": {"region": "eu-west"}},
+    {"name": "eu-2", "profile": "x86_64-avx2", "labels": {"region": "eu-west"}},
+    {"name": "held", "profile": "x86_64-avx2", "labels": {"region": "eu-west"}},  # pinned to version 1
+    {"name": "us", "profile": "x86_64-avx2", "labels": {"region": "us-east"}},  # outside the policy's regions
+    {"name": "arm", "profile": "arm64-neon", "labels": {"region": "eu-west"}},  # no variant for its hardware
+]
+PARITY_POLICY = {"data_class": "personal", "allowed_regions": ["eu-*"]}
+
+
+def decisions(nodes: list[dict[str, Any]], versions: dict[str, str | None]) -> dict[str, tuple[Any, ...]]:
+    """Per node name: why the rollout may not reach it (None: it may), its wave (1-based), the version it ends on."""
+    return {n["name"]: (n["excluded"], n["wave"], versions[n["name"]]) for n in nodes}
+
+
+def test_the_simulator_and_the_control_plane_decide_alike_node_by_node(
+    fleet: LocalFleet, digits_onnx: Path, tmp_path: Path
+) -> None:
+    # The simulator, with the scenario's fleet, pin, policy and rollout.
+    scenario = Scenario.from_json(
+        {
+            "name": "parity",
+            "horizon": "1h",
+            "fleet": {"nodes": PARITY_NODES},
+            "model": {"name": "digits", "variants": ["x86_64-avx2"], "policy": PARITY_POLICY},
+            "versions": {"2": {}},
+            "pins": [{"version": "1", "node": "held"}],
+            "rollout": {"version": "2", "start": "1m", "waves": "100%", "bake": "1s", "on_no_data": "pass"},
+            "agent": {"probation": 0},
+        }
+    )
+    simulation = Simulation(scenario)
+    assert simulation.run().values["rollout_status"] == "succeeded"
+    assert simulation.rollout is not None
+    simulated = decisions(
+        [
+            {"name": a.node_id, "excluded": a.excluded, "wave": None if a.wave is None else a.wave + 1}
+            for a in simulation.rollout.nodes.values()
+        ],
+        {node.node_id: node.active_version for node in simulation.nodes},
+    )
+
+    # The control plane and real agents, the same way round: version 1 everywhere it may go, a pin, the rollout.
+    for node in PARITY_NODES:
+        options = ["--probation", "0", "--report-interval", "1s"]
+        fleet.start_agent(node["name"], labels=node["labels"], profile=node["profile"], extra_args=options)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps(PARITY_POLICY))
+    for version in ("1", "2"):
+        pushed = fleet.cli(
+            "model", "push", str(digits_onnx), "--name", "digits", "--version", version,
+            "--profile", "x86_64-avx2", "--policy", str(policy),
+        )  # fmt: skip
+        assert pushed.returncode == 0, pushed.stderr
+    assert fleet.cli("deploy", "digits", "1", "--all").returncode == 0
+    on_1 = {"digits": "1"}
+    fleet.wait_for_versions({"eu-1": on_1, "eu-2": on_1, "held": on_1, "us": {}, "arm": {}})
+    fleet.client.create_pin("digits", "1", "held", {})
+    rollout_id = create_rollout(
+        fleet, "digits", "2", "--all", "--waves", "100%", "--bake", "1s", "--on-no-data", "pass"
+    )
+    rollout = wait_for_status(fleet, rollout_id, "succeeded")
+    on_2 = {"digits": "2"}
+    ran = fleet.wait_for_versions({"eu-1": on_2, "eu-2": on_2, "held": on_1, "us": {}, "arm": {}})
+    real = decisions(rollout["nodes"], {name: node["models"].get("digits") for name, node in ran.items()})
+
+    assert real == simulated
+    assert real == {
+        "eu-1": (None, 1, "2"),
+        "eu-2": (None, 1, "2"),
+        "held": ("pinned to 1 (pin 1)", None, "1"),
+        "us": (
+            "policy rule allowed_regions: node us has region 'us-east'; the model may run only in ['eu-*']",
+            None,
+            None,
+        ),
+        "arm": ("no variant of digits 2 runs on profile arm64-neon", None, None),
+    }

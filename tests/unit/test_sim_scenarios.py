@@ -103,6 +103,31 @@ def test_a_policy_keeps_the_version_off_nodes_outside_its_regions() -> None:
     assert all("allowed_regions" in (a.excluded or "") for a in kept_out)
 
 
+def test_pins_hold_their_nodes_as_in_the_control_plane() -> None:
+    scenario = Scenario.from_json(
+        {
+            "name": "pinned",
+            "nodes": 200,
+            "horizon": "1d",
+            "versions": {"2": {}, "3": {}},
+            "pins": [{"version": "1", "selector": {"region": "us-east"}}, {"version": "3", "node": "node-00007"}],
+            "rollout": {"bake": "10m"},
+        }
+    )
+    simulation = Simulation(scenario)
+    summary = simulation.run().values
+    assert summary["rollout_status"] == "succeeded"
+    assert simulation.rollout is not None
+    for node in simulation.nodes:
+        assignment = simulation.rollout.nodes[node.node_id]
+        if node.node_id == "node-00007":  # a node pin to a version nothing deployed: it runs that one
+            assert (node.active_version, assignment.excluded) == ("3", "pinned to 3 (pin 2)")
+        elif node.labels["region"] == "us-east":
+            assert (node.active_version, assignment.excluded) == ("1", "pinned to 1 (pin 1)")
+        else:
+            assert (node.active_version, assignment.excluded) == ("2", None)
+
+
 def test_scenario_errors_say_what_is_wrong(tmp_path: Path) -> None:
     assert duration("10m", "x") == 600
     assert size("200KB/s", "x") == 200_000
@@ -114,9 +139,21 @@ def test_scenario_errors_say_what_is_wrong(tmp_path: Path) -> None:
         ({"model": {"policy": {"colour": "red"}}}, "colour"),
         ({"rollout": {"waves": "10%,5%"}}, "grow"),
         ({"rollout": {"gates": ["drift<=0.1"]}}, "unknown metric"),
+        ({"pins": [{"version": "9", "node": "a"}]}, "version '9'"),
+        ({"pins": [{"version": "1", "node": "a", "selector": {"k": "v"}}]}, "not both"),
+        ({"fleet": {"nodes": [{"name": "a", "profile": "quantum-9000"}]}}, "quantum-9000"),
+        ({"fleet": {"nodes": [{"name": "a", "profile": "cpu-generic", "labels": {"k": 1}}]}}, "labels"),
+        ({"fleet": {"nodes": [{"name": "a", "profile": "cpu-generic"}] * 2}}, "twice"),
+        (
+            {"fleet": {"nodes": [{"name": "a", "profile": "cpu-generic"}]}, "pins": [{"version": "1", "node": "b"}]},
+            "'b'",
+        ),
     ):
         with pytest.raises(ConfigError, match=words):
             Scenario.from_json({"name": "bad", **bad})
+    listed = Scenario.from_json({"name": "one", "fleet": {"nodes": [{"name": "a", "profile": "cpu-generic"}]}})
+    with pytest.raises(ConfigError, match="cannot run with 5"):
+        Simulation(listed, nodes=5)
     path = tmp_path / "broken.yaml"
     path.write_text("name: [unclosed")
     with pytest.raises(ConfigError, match="YAML"):
