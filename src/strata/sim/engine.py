@@ -3,16 +3,17 @@
 What is real: the control plane's desired-state rule (`strata.control.desired`), its rule of which version may reach
 which node and why not (pins, placement policies, hardware profiles) and of what the planner sees of a node
 (`strata.control.eligibility_rule`), the rollout planner and its gates (`strata.control.rollout_plan`), and on every
-node the agent's `plan(desired, observed, now)`, its slot and
-failure bookkeeping (`NodeState`), its retry backoff and its probation judgement. What is simulated: time (an event
-queue, no sleeping), connectivity (when each node can reach the control plane), transfers (bytes at the node's
-bandwidth, resumed after a cut), the outcome of a health check (the scenario's faults), and the serving counters
-nodes report (requests at the fleet's rate, the version's error rate, a p95 latency per hardware profile times the
-version's latency factor, with a fixed per-node spread).
+node the agent's `plan(desired, observed, now)`, its slot and failure bookkeeping (`NodeState`), its retry backoff
+and its probation judgement. What is simulated: time (an event queue, no sleeping), connectivity (when each node can
+reach the control plane), transfers (bytes at the node's bandwidth, resumed after a cut), the outcome of a health
+check (the scenario's faults), and the serving counters nodes report (requests at the fleet's rate, the version's
+error rate, a p95 latency per hardware profile times the version's latency factor, with a fixed per-node spread).
 
-A node that is online learns of a change of its desired state at once (agents long-poll) and reports what it runs
-after every change; an offline node keeps serving, keeps judging its probation, and catches up when it returns.
-The control plane's driver steps the planner every `server.tick` while the rollout is active.
+Version 1 runs everywhere at the start (a deployment to every node) unless a pin of the scenario holds a node on
+another version; the rollout leaves pinned nodes out, as the control plane does. A node that is online learns of a
+change of its desired state at once (agents long-poll) and reports what it runs after every change; an offline node
+keeps serving, keeps judging its probation, and catches up when it returns. The control plane's driver steps the
+planner every `server.tick` while the rollout is active.
 """
 
 from __future__ import annotations
@@ -145,10 +146,6 @@ class SimNode:
         slots = self.state.models.get(self.model)
         return slots.active.version if slots else None
 
-    @property
-    def reported_version(self) -> str | None:
-        return self.reported.version if self.reported else None
-
     def fleet_node(self, status: NodeStatus | None = None) -> FleetNode:
         """The node as the control plane's rules see it (`strata.control.eligibility_rule`)."""
         online = self.online and not self.lost
@@ -215,6 +212,8 @@ class Simulation:
         with _cycle_collector_paused():
             self.nodes = [self._make_node(i) for i in range(self.count)]
         self.by_id = {node.node_id: node for node in self.nodes}
+        # Why the rollout may not reach each node, as the control plane words it: fixed for a run (its pins,
+        # policies and nodes do not change), so decided once.
         target_release = self.releases[target]
         self._exclusions = {
             node.node_id: exclusion(node.fleet_node(), target_release, self.pins) for node in self.nodes
