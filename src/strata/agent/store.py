@@ -36,12 +36,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-# The state values live in strata.agent.state; the simulator (strata.sim.engine) still imports four of them from
-# here, so they are re-exported by name.
-from strata.agent.state import FailureRecord as FailureRecord
-from strata.agent.state import NodeState as NodeState
-from strata.agent.state import ProbationRecord as ProbationRecord
-from strata.agent.state import SlotRef as SlotRef
+from strata.agent.state import NodeState
 from strata.agent.vault import MAGIC, OVERHEAD, Vault, file_aad, is_sealed, piece_aad
 from strata.core.chunking import Chunk, offsets
 from strata.core.errors import PackageError, VerificationError

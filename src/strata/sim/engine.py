@@ -42,7 +42,7 @@ from strata.agent.plan import (
     retry_at,
 )
 from strata.agent.probation import ProbationConfig, judge
-from strata.agent.store import FailureRecord, NodeState, ProbationRecord, SlotRef
+from strata.agent.state import FailureRecord, NodeState, ProbationRecord, SlotRef
 from strata.control.desired import desired_state
 from strata.control.eligibility_rule import ActiveDeployment, FleetNode, Release, exclusion, observe
 from strata.control.gates import merge_gates, parse_gate
