@@ -35,7 +35,7 @@ from strata.agent.transport import H11Transport
 from strata.core.errors import AuthError, ConfigError, Conflict, Forbidden, StrataError, TransportError
 from strata.core.fsutil import write_json_atomic
 from strata.core.hashing import canonical_json
-from strata.core.wire import DesiredState, EnrollRequest, ProtocolError
+from strata.core.wire import DesiredState, EnrollRequest, ProtocolError, tier_of
 
 if TYPE_CHECKING:
     from strata.agent.attestation import Attester
@@ -145,7 +145,7 @@ class AgentLoop:
         request = EnrollRequest(
             token=token,
             name=self.config.name,
-            tier=self.config.tier,
+            tier=tier_of(self.config.tier),
             labels=self.config.labels,
             profile=identity.profile.id,
             emulated=identity.emulated,

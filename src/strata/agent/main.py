@@ -41,6 +41,7 @@ from strata.core.errors import ConfigError, StrataError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.logformat import JsonFormatter
 from strata.core.profiles import detect_profile, get_profile, read_host_facts
+from strata.core.wire import tier_of
 from strata.trust.fleet_tls import peer_node_id
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class Agent:
         self._tier_context: ssl.SSLContext | None = None
         self.client = ControlPlaneClient(config.server, self.transport, timeout=config.request_timeout_s)
         identity = NodeIdentity(
-            tier=config.tier,
+            tier=tier_of(config.tier),
             labels=config.labels,
             profile=profile,
             emulated=emulated,

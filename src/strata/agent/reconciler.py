@@ -53,7 +53,7 @@ from strata.core.errors import (
 from strata.core.package import Manifest
 from strata.core.policy import NodeFacts
 from strata.core.profiles import Profile
-from strata.core.wire import DesiredState, FailureKind, ModelStatus, NodeStatus, ServingCounters, VariantRef
+from strata.core.wire import DesiredState, FailureKind, ModelStatus, NodeStatus, ServingCounters, Tier, VariantRef
 
 log = logging.getLogger("strata.agent")
 
@@ -76,7 +76,7 @@ def supply_kind(exc: SignatureError | MetadataError) -> FailureKind:
 class NodeIdentity:
     """Who this node says it is in every status report."""
 
-    tier: str
+    tier: Tier
     labels: dict[str, str]
     profile: Profile
     emulated: bool

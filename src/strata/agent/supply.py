@@ -31,15 +31,15 @@ from strata.agent.client import ControlPlaneClient, raise_for_status
 from strata.agent.transport import HttpResponse
 from strata.core.errors import MetadataError, SignatureError, TransportError, VerificationError
 from strata.core.fsutil import write_bytes_atomic
-from strata.core.wire import VariantRef
+from strata.core.wire import SupplyMode, VariantRef
 from strata.trust.pinned import is_pinned, save_pinned
 
 log = logging.getLogger("strata.agent")
 
 CHILD_TIMEOUT_S: Final = 120.0
 MAX_BUNDLE_BYTES: Final = 1 << 20
-VERIFIED: Final = "verified"
-UNVERIFIED: Final = "unverified"
+VERIFIED: Final[SupplyMode] = "verified"
+UNVERIFIED: Final[SupplyMode] = "unverified"
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class SupplyGuard:
         return is_pinned(self.data_dir)
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> SupplyMode:
         """`verified` or `unverified`, for status reports."""
         return VERIFIED if self.pinned else UNVERIFIED
 

@@ -11,7 +11,15 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, Field
 
 from strata.control.fleet import MAX_ENROLLMENT_TTL_S, TokenBinding
-from strata.core.wire import MAX_LOG_LINES, TIERS, EnrollRequest, FailureKind, failure_kind
+from strata.core.wire import (
+    MAX_LOG_LINES,
+    EnrollRequest,
+    FailureKind,
+    ProbationState,
+    SupplyMode,
+    Tier,
+    failure_kind,
+)
 
 
 class HealthBody(BaseModel):
@@ -25,7 +33,7 @@ class HealthBody(BaseModel):
 class EnrollmentTokenRequest(BaseModel):
     ttl_seconds: int = Field(3600, ge=1, le=MAX_ENROLLMENT_TTL_S, description="how long the token may be used")
     name: str | None = Field(None, max_length=128, description="the only node name this token enrolls")
-    tier: str | None = Field(None, json_schema_extra={"enum": list(TIERS)}, description="the tier it assigns")
+    tier: Tier | None = Field(None, description="the tier it assigns")
     labels: dict[str, str] | None = Field(None, description="the labels it assigns (whatever the node asks for)")
 
     def binding(self) -> TokenBinding:
@@ -42,7 +50,7 @@ class NodeAssignRequest(BaseModel):
     labels: dict[str, str | None] | None = Field(
         None, description="labels to set (a value) or remove (null); the others stay"
     )
-    tier: str | None = Field(None, json_schema_extra={"enum": list(TIERS)})
+    tier: Tier | None = None
     accept_profile: bool = Field(False, description="adopt the profile the node's last report claims")
 
 
@@ -54,7 +62,7 @@ class EnrollmentTokenBody(BaseModel):
 class EnrollRequestBody(BaseModel):
     token: str = Field(description="the enrollment token; it is the credential of this call")
     name: str = Field(description="node name, unique in the fleet")
-    tier: str = Field(json_schema_extra={"enum": list(TIERS)})
+    tier: Tier
     labels: dict[str, str] = Field(default_factory=dict)
     profile: str = Field(description="hardware profile id from the catalog")
     emulated: bool = False
@@ -163,7 +171,7 @@ class ModelStatusBody(BaseModel):
     previous_version: str | None = None
     previous_digest: str | None = None
     serving: ServingCountersBody | None = None
-    probation: str | None = Field(None, json_schema_extra={"enum": ["running", "passed"]})
+    probation: ProbationState | None = None
 
 
 def _known_kind(value: object) -> object:
@@ -186,7 +194,7 @@ class FailureBody(BaseModel):
 
 
 class NodeStatusBody(BaseModel):
-    tier: str = Field(json_schema_extra={"enum": list(TIERS)})
+    tier: Tier
     labels: dict[str, str] = Field(default_factory=dict)
     profile: str
     emulated: bool = False
@@ -197,9 +205,8 @@ class NodeStatusBody(BaseModel):
         None, max_length=80, description="ETag of the desired state the node last received"
     )
     serve_url: str | None = None
-    supply: str | None = Field(
+    supply: SupplyMode | None = Field(
         None,
-        json_schema_extra={"enum": ["verified", "unverified"]},
         description="whether the node requires release signatures and TUF metadata (unverified: development)",
     )
 

@@ -14,7 +14,10 @@ from typing import Any, Final, Literal, TypeVar, get_args
 from strata.core.errors import StrataError
 from strata.core.hashing import digest_json, is_hex_sha256
 
-TIERS: Final = ("device", "near-edge", "cloud")
+# The node tiers, the probation states and the supply modes a status report may carry: Literals that mypy holds the
+# agent and the control plane's schemas to (tests/unit/test_wire_schemas.py), with their values as tuples for checks.
+Tier = Literal["device", "near-edge", "cloud"]
+TIERS: Final[tuple[Tier, ...]] = get_args(Tier)
 # Revoked certificates stay listed only until they expire (a day by default), so a fleet lists few; the cap bounds
 # what a node accepts from the wire.
 MAX_REVOKED_CERTIFICATES: Final = 100_000
@@ -22,6 +25,7 @@ MAX_REVOKED_CERTIFICATES: Final = 100_000
 MAX_LOG_LINES: Final = 2000
 
 T = TypeVar("T")
+K = TypeVar("K", bound=str)
 
 
 class ProtocolError(StrataError):
@@ -42,6 +46,23 @@ def _opt(raw: Mapping[str, Any], key: str, kind: type[T], what: str, default: T)
     if raw.get(key) is None:
         return default
     return _req(raw, key, kind, what)
+
+
+def _one_of(value: str, choices: tuple[K, ...], what: str) -> K:
+    """`value` as one of the Literal's `choices`; a `ProtocolError` naming them otherwise."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise ProtocolError(f"{what} {value!r} is not one of {list(choices)}")
+
+
+def tier_of(value: str) -> Tier:
+    """`value` as a `Tier`.
+
+    Raises:
+        ProtocolError: it is not one of `TIERS`.
+    """
+    return _one_of(value, TIERS, "tier")
 
 
 def _opt_str(raw: Mapping[str, Any], key: str, what: str) -> str | None:
@@ -129,7 +150,7 @@ def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> 
 class EnrollRequest:
     token: str
     name: str
-    tier: str
+    tier: Tier
     labels: dict[str, str]
     profile: str
     emulated: bool = False
@@ -447,7 +468,8 @@ class ServingCounters:
         return counters
 
 
-PROBATION_STATES: Final = ("running", "passed")
+ProbationState = Literal["running", "passed"]
+PROBATION_STATES: Final[tuple[ProbationState, ...]] = get_args(ProbationState)
 
 
 @dataclass(frozen=True)
@@ -466,7 +488,7 @@ class ModelStatus:
     previous_version: str | None = None
     previous_digest: str | None = None
     serving: ServingCounters | None = None
-    probation: str | None = None
+    probation: ProbationState | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -492,9 +514,8 @@ class ModelStatus:
         activated = obj.get("activated_at")
         if not isinstance(activated, int | float) or isinstance(activated, bool):
             raise ProtocolError(f"{what}: 'activated_at' must be a number")
-        probation = _opt_str(obj, "probation", what)
-        if probation is not None and probation not in PROBATION_STATES:
-            raise ProtocolError(f"{what}: probation {probation!r} is not one of {list(PROBATION_STATES)}")
+        raw_probation = _opt_str(obj, "probation", what)
+        probation = None if raw_probation is None else _one_of(raw_probation, PROBATION_STATES, f"{what}: probation")
         serving = obj.get("serving")
         return cls(
             name=_req(obj, "name", str, what),
@@ -573,14 +594,13 @@ class Failure:
 
 # What a node says about the packages it accepts: "verified" (release signatures and TUF metadata required) or
 # "unverified" (no release keys pinned at enrollment: a development fleet; unsigned packages are accepted).
-SUPPLY_MODES: Final = ("verified", "unverified")
+SupplyMode = Literal["verified", "unverified"]
+SUPPLY_MODES: Final[tuple[SupplyMode, ...]] = get_args(SupplyMode)
 
 
-def _parse_supply(obj: Mapping[str, Any], what: str) -> str | None:
+def _parse_supply(obj: Mapping[str, Any], what: str) -> SupplyMode | None:
     supply = _opt_str(obj, "supply", what)
-    if supply is not None and supply not in SUPPLY_MODES:
-        raise ProtocolError(f"{what}: supply {supply!r} is not one of {list(SUPPLY_MODES)}")
-    return supply
+    return None if supply is None else _one_of(supply, SUPPLY_MODES, f"{what}: supply")
 
 
 @dataclass(frozen=True)
@@ -591,7 +611,7 @@ class NodeStatus:
     nodes that predate signed packages.
     """
 
-    tier: str
+    tier: Tier
     labels: dict[str, str]
     profile: str
     emulated: bool
@@ -600,7 +620,7 @@ class NodeStatus:
     failures: tuple[Failure, ...] = ()
     desired_etag: str | None = None
     serve_url: str | None = None
-    supply: str | None = None
+    supply: SupplyMode | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -622,11 +642,8 @@ class NodeStatus:
     def from_json(cls, raw: Any) -> NodeStatus:
         what = "node status"
         obj = _obj(raw, what)
-        tier = _req(obj, "tier", str, what)
-        if tier not in TIERS:
-            raise ProtocolError(f"{what}: tier {tier!r} is not one of {list(TIERS)}")
         return cls(
-            tier=tier,
+            tier=_one_of(_req(obj, "tier", str, what), TIERS, f"{what}: tier"),
             labels=parse_labels(obj.get("labels"), f"{what} labels"),
             profile=_req(obj, "profile", str, what),
             emulated=_opt(obj, "emulated", bool, what, False),

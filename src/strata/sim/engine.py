@@ -60,7 +60,16 @@ from strata.control.rollout_plan import (
 from strata.core.errors import ConfigError
 from strata.core.policy import NodeFacts
 from strata.core.profiles import Profile, VariantChoice, get_profile, rank_variants
-from strata.core.wire import DesiredState, ModelStatus, NodeStatus, ServingCounters, VariantRef
+from strata.core.wire import (
+    DesiredState,
+    ModelStatus,
+    NodeStatus,
+    ProbationState,
+    ServingCounters,
+    Tier,
+    VariantRef,
+    tier_of,
+)
 from strata.sim.scenario import Connectivity, NodeSpec, Scenario
 
 # A typical p95 compute latency (ms) of a small model per hardware profile: what baselines are made of.
@@ -112,7 +121,7 @@ class SimNode:
     node_id: str
     model: str
     profile: Profile
-    tier: str
+    tier: Tier
     labels: dict[str, str]
     connectivity: Connectivity
     bandwidth: float
@@ -136,7 +145,7 @@ class SimNode:
     reached_at: float | None = None  # first time online after the rollout finished
     # the control plane's view, from the node's last report
     reported: SlotRef | None = None
-    reported_probation: str | None = None
+    reported_probation: ProbationState | None = None
     reported_failures: tuple[FailureRecord, ...] = ()
     # its desired state, and the rollout entry it was decided with (the rule is pure: the same entry, the same state)
     desired: tuple[ActiveDeployment | None, DesiredState] | None = None
@@ -264,7 +273,7 @@ class Simulation:
             node_id=node_id,
             model=self.model,
             profile=profile,
-            tier=tier,
+            tier=tier_of(tier),
             labels=labels,
             connectivity=connectivity,
             bandwidth=math.exp(rng.uniform(low, high)),
@@ -523,7 +532,9 @@ class Simulation:
         """What the node's status report tells the control plane (sent after every round)."""
         slots = node.state.models.get(self.model)
         active = slots.active if slots else None
-        probation = ("running" if self.model in node.state.probation else "passed") if slots else None
+        probation: ProbationState | None = None
+        if slots:
+            probation = "running" if self.model in node.state.probation else "passed"
         failures = tuple(node.state.failures.values())
         if (active, probation, failures) != (node.reported, node.reported_probation, node.reported_failures):
             node.reported, node.reported_probation, node.reported_failures = active, probation, failures
