@@ -5,6 +5,9 @@ requests, lets the agent idle, then reads VmRSS (its anonymous/file split, and P
 with other processes fairly) from /proc. The agent runs as `python -OO -m strata.agent` (docstrings stripped);
 its bytecode is compiled first, as on a node where it has run once. The baseline, measured in the same run: a
 bare python process that imports onnxruntime and loads the same model.
+The process tree is measured too: the agent with the helper children it runs (the vault worker, which stays about a
+minute after its last use; the short-lived signing and verification children), at idle and at its peak, sampled
+every 20 ms from the deployment until the idle reading.
 `--signed`: the control plane has a release key and the package is signed, so the agent pinned the key and
 verified the package (TUF metadata and model-signing bundle, in its child process) before serving it.
 Prints one JSON object.
@@ -17,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +57,67 @@ def rss(pid: int) -> dict[str, float]:
     return {key: int(value) / 1024 for key, value in found.items()}
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _name(pid: int) -> str:
+    """A helper child's name: the module it runs (`python -m MODULE`), else its command."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    return argv[argv.index("-m") + 1] if "-m" in argv[:-1] else Path(argv[0]).name
+
+
+def tree_rss(pid: int) -> dict[str, float]:
+    """Resident MB of `pid` (as "agent") and of each process below it (by name; a repeated name gets `#n`)."""
+    sizes = {"agent": rss(pid)["VmRSS"]}
+    pending = _children(pid)
+    while pending:
+        child = pending.pop()
+        try:
+            name, size = _name(child), rss(child)["VmRSS"]
+        except (OSError, KeyError, ValueError):  # exited while being read
+            continue
+        key, n = name, 1
+        while key in sizes:
+            n += 1
+            key = f"{name}#{n}"
+        sizes[key] = size
+        pending += _children(child)
+    return sizes
+
+
+class TreePeak(threading.Thread):
+    """Samples the agent's process tree until stopped; keeps the largest total and what it was made of."""
+
+    def __init__(self, pid: int, interval_s: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval_s = pid, interval_s
+        self.peak: dict[str, float] = {}
+        self.largest: dict[str, float] = {}  # each helper's largest reading
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval_s):
+            try:
+                sizes = tree_rss(self.pid)
+            except (OSError, KeyError, ValueError):
+                continue
+            if sum(sizes.values()) > sum(self.peak.values()):
+                self.peak = sizes
+            for name, size in sizes.items():
+                name = name.split("#")[0]
+                self.largest[name] = max(size, self.largest.get(name, 0.0))
+
+
 BASELINE = """
 import sys, time, numpy as np, onnxruntime as ort
 s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
@@ -84,6 +149,8 @@ def main() -> None:
         with LocalFleet(root / "fleet", poll_wait_s=30) as fleet:
             fleet.start_server(extra_args=server_args)
             agent = fleet.start_agent("edge")
+            sampler = TreePeak(agent.process.pid)
+            sampler.start()
             fleet.client.push_package(root / "digits.tar", signature=signature)
             fleet.client.deploy("digits", "1", {})
             fleet.wait_for_versions({"edge": {"digits": "1"}})
@@ -93,6 +160,9 @@ def main() -> None:
             time.sleep(IDLE_SECONDS)
             agent_rss = rss(agent.process.pid)
             mappings = largest_mappings(agent.process.pid)
+            idle_tree = tree_rss(agent.process.pid)
+            sampler.done.set()
+            sampler.join()
 
             baseline = subprocess.Popen(
                 [sys.executable, "-c", BASELINE, str(root / "digits.onnx")], stdout=subprocess.PIPE, text=True
@@ -115,6 +185,11 @@ def main() -> None:
         "budget_mb": BUDGET_MB,
         "within_budget": agent_rss["VmRSS"] < BUDGET_MB,
         "agent_largest_mappings_mb": mappings,
+        "tree_idle_rss_mb": round(sum(idle_tree.values()), 1),
+        "tree_idle_processes_mb": {name: round(size, 1) for name, size in idle_tree.items()},
+        "tree_peak_rss_mb": round(sum(sampler.peak.values()), 1),
+        "tree_peak_processes_mb": {name: round(size, 1) for name, size in sampler.peak.items()},
+        "largest_rss_by_process_mb": {name: round(size, 1) for name, size in sampler.largest.items()},
     }
     print(json.dumps(result, indent=2))
 

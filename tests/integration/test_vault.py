@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from strata.agent.children import run_module, set_make_room
 from strata.agent.runtime import load_and_check
 from strata.agent.store import ArtifactStore
 from strata.agent.vault import Vault, VaultUnavailable, file_aad
@@ -177,4 +178,20 @@ def test_the_worker_stops_when_idle_and_starts_again_on_demand(tmp_path: Path) -
             vault.open(b"b", sealed)  # the associated data names what the bytes are
         assert vault.running  # a refused decryption does not stop the worker
     finally:
+        vault.close()
+
+
+def test_the_worker_steps_aside_while_another_helper_child_runs(tmp_path: Path) -> None:
+    """One cryptography-sized helper at a time: the tree peaks at the agent plus its largest helper."""
+    vault = Vault(tmp_path / "trust")
+    set_make_room(vault.close)
+    try:
+        sealed = vault.seal(b"a", b"x" * 1000)
+        assert vault.running
+        assert run_module("json.tool", [], b"[1]", timeout_s=60, what="a helper") == b"[\n    1\n]\n"
+        assert not vault.running
+        assert vault.open(b"a", sealed) == b"x" * 1000  # and back on its next call
+        assert vault.running
+    finally:
+        set_make_room(None)
         vault.close()

@@ -5,6 +5,12 @@ process (its memory budget) and runs the key, signing, TPM, policy-rule and supp
 A child gets its request on stdin and answers on stdout, within a time limit and a size limit on what it writes;
 one that runs past its time or writes more than it may is killed. Only the end of its stderr is kept, for the error
 message.
+
+Most helpers import cryptography (about 33 MB resident; the supply-chain verifier about 72 MB), and so does the
+vault worker, which stays up to a minute after its last call. `make_room` runs before every helper starts: the agent
+stops its vault worker there (it starts again on its next call), so the process tree holds the agent and at most
+one helper, and peaks at the agent plus its largest helper rather than their sum. The helpers run one at a time
+from the agent's loop thread; on a relaying node a relay request may start the vault worker again meanwhile.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Final
 
@@ -26,6 +32,20 @@ MAX_OUTPUT_BYTES: Final = 4 << 20
 STDERR_TAIL_BYTES: Final = 64 << 10
 """How much of the end of a child's stderr is kept (its last line goes into the error message)."""
 _READ_BYTES: Final = 1 << 16
+
+_make_room: Callable[[], None] | None = None
+
+
+def set_make_room(stop: Callable[[], None] | None) -> None:
+    """Have `stop` run before each helper child starts (one agent per process: the last call wins)."""
+    global _make_room
+    _make_room = stop
+
+
+def make_room() -> None:
+    """Stop what `set_make_room` named; `run_child` calls it before it starts a child."""
+    if _make_room is not None:
+        _make_room()
 
 
 class ChildFailed(ConfigError):
@@ -84,6 +104,7 @@ def run_child(
             (then it is killed).
     """
     argv = [python, *(["-OO"] if optimize else []), "-m", module, *args]
+    make_room()
     try:
         child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from strata.agent.attestation import Attester
+from strata.agent.children import set_make_room
 from strata.agent.client import ControlPlaneClient
 from strata.agent.config import AgentConfig
 from strata.agent.httpd import HttpServer, Request, Response, ServerLimits
@@ -101,6 +102,9 @@ class Agent:
         )
         self.metrics = InferenceMetrics(serving=serving, process="0" if self.processes > 1 else None)
         self.vault = Vault(config.data_dir / "trust") if config.encrypt_at_rest else None
+        # one helper child at a time: the vault worker stops while a signing, TPM or verifying child runs (it
+        # starts again on its next call), so the tree peaks at the agent plus its largest helper
+        set_make_room(self.vault.close if self.vault is not None else None)
         self.store = ArtifactStore(config.data_dir, self.vault)
         self.store.clean_interrupted()
         for digest in self.store.seal_plaintext_packages():
