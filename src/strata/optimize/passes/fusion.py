@@ -23,7 +23,7 @@ from strata.optimize.base import Candidate, PassContext, PassNotApplicable
 from strata.optimize.data import Feeds
 from strata.optimize.passes.attention import fuse_sdpa_attention
 from strata.optimize.passes.dynamic import int8_skip_reason, quantize_grid
-from strata.optimize.passes.quantize import preprocess
+from strata.optimize.passes.quantize import needs_reduce_range, preprocess
 
 FUSED_NAME = "fused.onnx"
 SDPA_NAME = "sdpa-attention.onnx"
@@ -132,11 +132,12 @@ def rewrite_sdpa_attention(model_path: Path, out: Path, feeds: Feeds) -> tuple[P
 
 
 class FusedDynamicQuantizationPass:
-    """Transformer fusion, then dynamic int8 (per-channel QInt8 weights by default)."""
+    """Transformer fusion, then dynamic int8: by default per-channel QInt8 weights, 7-bit (reduce_range) where
+    this host's u8s8 kernels saturate (x86-64 without VNNI, see `int8_profile`)."""
 
     name = "dynamic-fused"
 
-    def __init__(self, grid: tuple[tuple[str, bool, bool], ...] = (("QInt8", True, False),)) -> None:
+    def __init__(self, grid: tuple[tuple[str, bool, bool], ...] | None = None) -> None:
         self.grid = grid
 
     def skip_reason(self, context: PassContext) -> str | None:
@@ -152,10 +153,12 @@ class FusedDynamicQuantizationPass:
             sdpa = f"sdpa-attention: not used ({exc})"
         fused = workdir / FUSED_NAME
         note = fuse_transformer(source, fused)
+        grid = self.grid or (("QInt8", True, needs_reduce_range(context.host.arch, context.host.cpu_features)),)
         return quantize_grid(
             fused,
             workdir,
-            self.grid,
+            grid,
+            context.host,
             steps=(how, "transformer-fusion:bert"),
             kind="fused",
             notes=(note, sdpa),
