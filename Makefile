@@ -3,7 +3,8 @@
 # Debian's packages for the TPM attestation tests (tools/install-tpm-deps), and PostgreSQL's server for the control
 # plane's tests on PostgreSQL (tools/install-pg-deps; the tests start their own throwaway cluster), and Prometheus for
 # the monitoring-stack test (tools/install-prometheus-deps; the test starts its own server), and Chromium for the
-# console's browser test (tools/install-browser-deps; Playwright from PyPI drives it headless).
+# console's browser test (tools/install-browser-deps; Playwright from PyPI drives it headless), and QEMU's user mode
+# for the tests under an emulated AVX2-only CPU (tools/install-qemu-deps, tools/test-under-isa).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -46,6 +47,7 @@ test: lint typecheck $(TPM) $(PG)
 	tools/install-lb-deps $(VENV)  # HAProxy, systemd-analyze, kustomize: load-balancer and deploy/ tests
 	tools/install-prometheus-deps  # prometheus and promtool: deploy/prometheus, deploy/grafana and their e2e test
 	tools/install-browser-deps  # chromium: the console's browser test (tests/e2e/test_console_browser.py)
+	tools/install-qemu-deps  # qemu-user: the ISA-dependent tests under an emulated AVX2-only CPU (tools/test-under-isa)
 	$(BIN)/pytest -q -n 3 --dist loadfile  # 3 workers on 2 cores: most e2e time is waiting on real processes
 
 unit: $(STAMP)

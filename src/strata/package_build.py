@@ -36,6 +36,7 @@ from strata.core.package import (
     Package,
     TensorSpec,
     check_name,
+    ort_disabled_optimizers,
 )
 
 MAX_GOLDEN_SAMPLES: Final = 4
@@ -58,7 +59,10 @@ def _session(model_bytes: bytes, external: Mapping[str, bytes]) -> Any:
     try:
         with tempfile.TemporaryDirectory(prefix="strata-model-") as nothing:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", nothing)
-            return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+            providers = ["CPUExecutionProvider"]
+            return ort.InferenceSession(
+                model_bytes, options, providers=providers, disabled_optimizers=ort_disabled_optimizers(providers)
+            )
     except Exception as exc:  # onnxruntime raises its own exception types from C++; wrap them all.
         raise PackageBuildError(f"not a loadable ONNX model: {exc}") from exc
 

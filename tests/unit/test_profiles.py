@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from strata.core.cpuid import cpuid_features, visible_features
 from strata.core.errors import ProfileError
 from strata.core.profiles import (
     HostFacts,
@@ -190,3 +193,35 @@ def test_the_probe_model_loads_and_runs_in_this_onnxruntime() -> None:
 
     assert probe_provider("CPUExecutionProvider") == ["CPUExecutionProvider"]
     assert "onnxruntime" in onnxruntime_runtimes()
+
+
+def test_isa_flags_are_the_kernels_less_what_cpuid_masks_from_this_process() -> None:
+    # Haswell as `qemu-x86_64 -cpu Haswell` reports it on an AVX-512 host: leaf 1 ecx (fma, avx), leaf 7 ebx
+    # (avx2, bmi1, bmi2), nothing in leaf 7 subleaf 1; /proc/cpuinfo still lists the host's AVX-512.
+    registers = {
+        (0, 0): (0xD, 0, 0, 0),
+        (1, 0): (0, 0, 1 << 12 | 1 << 28, 0),
+        (7, 0): (0, 1 << 3 | 1 << 5 | 1 << 8, 0, 0),
+    }
+    haswell = cpuid_features(lambda leaf, subleaf: registers.get((leaf, subleaf), (0, 0, 0, 0)))
+    assert haswell == {"fma", "avx", "avx2", "bmi1", "bmi2"}  # leaf 7 lists no subleaf 1: bf16 is not read
+    kernel = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "ht", "sse4_2"})
+    visible = visible_features(kernel, haswell)
+    assert visible == {"avx2", "fma", "ht"}  # flags CPUID does not describe (ht) are the kernel's word
+    facts = HostFacts(arch="x86_64", cpu_features=visible, runtimes=frozenset({"onnxruntime", "openvino"}))
+    assert detect_profile(facts).id == "x86_64-avx2"
+    assert visible_features(kernel, None) == kernel  # CPUID could not be run: the kernel's flags as they are
+    assert visible_features(frozenset({"avx2"}), frozenset({"avx2", "avx512f"})) == {"avx2"}  # OS-disabled stays off
+
+
+def test_this_process_cpuid_agrees_with_the_kernel_on_a_plain_host() -> None:
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("CPUID is x86-64's")
+    from strata.core.cpuid import read_cpuid_features
+
+    found = read_cpuid_features()
+    assert found is not None
+    _, kernel = _parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    assert "avx2" not in kernel or "avx2" in found

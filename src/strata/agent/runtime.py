@@ -15,7 +15,14 @@ import numpy.typing as npt
 
 from strata.core.errors import BadRequest, ConfigError, InferenceError, ModelLoadError
 from strata.core.openvino_import import check_inference_precision, compile_config, import_openvino
-from strata.core.package import Package, TensorSpec, check_model_references, compare_outputs, load_golden
+from strata.core.package import (
+    Package,
+    TensorSpec,
+    check_model_references,
+    compare_outputs,
+    load_golden,
+    ort_disabled_optimizers,
+)
 
 Array = npt.NDArray[Any]
 
@@ -96,7 +103,9 @@ class OnnxRuntimeModel:
             # empty folder instead (the data it may use came in memory above).
             with tempfile.TemporaryDirectory(prefix="strata-model-") as nothing:
                 options.add_session_config_entry("session.model_external_initializers_file_folder_path", nothing)
-                self._session = ort.InferenceSession(model, options, providers=providers)
+                self._session = ort.InferenceSession(
+                    model, options, providers=providers, disabled_optimizers=ort_disabled_optimizers(providers)
+                )
         except Exception as exc:  # onnxruntime raises C++ exception types; wrap them all.
             raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from exc
         made_on = self._session.get_providers()

@@ -111,6 +111,14 @@ def optimize(
         ),
     ] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data split.")] = 0,
+    rank_by: Annotated[
+        str,
+        typer.Option(
+            "--rank-by",
+            help="Which speed-up picks the fastest passing variant: batch (at the serving batch; the agent batches "
+            "requests under load) or batch1 (one request at a time).",
+        ),
+    ] = "batch",
     memory: Annotated[
         bool, typer.Option("--memory/--no-memory", help="Measure each variant's peak memory in a child process.")
     ] = True,
@@ -142,6 +150,7 @@ def optimize(
         threads=threads or None,
         seed=seed,
         measure_memory=memory,
+        rank_by=rank_by,
     )
     if push:
         from strata.control_client import ControlClient

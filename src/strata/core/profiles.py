@@ -330,13 +330,22 @@ def _memory_mb() -> int | None:
 
 
 def read_host_facts(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> HostFacts:
-    """Read this machine's architecture, CPU vendor and ISA flags, accelerators and installed runtimes."""
+    """Read this machine's architecture, CPU vendor and ISA flags, accelerators and installed runtimes.
+
+    On x86-64 the ISA flags are the kernel's less what CPUID masks from this process (`cpuid.visible_features`):
+    the runtimes' kernels dispatch on CPUID, so a variant is chosen for the ISA they will really use.
+    """
     try:
         vendor, features = _parse_cpuinfo(cpuinfo_path.read_text())
     except OSError:
         vendor, features = None, frozenset()
+    arch = normalize_arch(platform.machine())
+    if arch == "x86_64":
+        from strata.core.cpuid import read_cpuid_features, visible_features
+
+        features = visible_features(features, read_cpuid_features())
     return HostFacts(
-        arch=normalize_arch(platform.machine()),
+        arch=arch,
         cpu_vendor=vendor,
         cpu_features=features,
         accelerators=_accelerators(),

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from strata.core.datatypes import oip_from_ort
 from strata.core.errors import ConfigError, OptimizationError
 from strata.core.openvino_import import check_inference_precision, compile_config, import_openvino
-from strata.core.package import TensorSpec
+from strata.core.package import TensorSpec, ort_disabled_optimizers
 from strata.core.profiles import available_runtimes
 
 Array = npt.NDArray[Any]
@@ -62,7 +62,9 @@ class OrtRunner:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "provider not in available provider names": checked below
-                self._session = ort.InferenceSession(str(path), options, providers=wanted)
+                self._session = ort.InferenceSession(
+                    str(path), options, providers=wanted, disabled_optimizers=ort_disabled_optimizers(wanted)
+                )
         except Exception as exc:  # onnxruntime raises C++ exception types; wrap them all.
             raise OptimizationError(f"onnxruntime cannot load {path.name}: {exc}") from exc
         got = self._session.get_providers()

@@ -98,6 +98,18 @@ def test_a_gate_nothing_meets_rejects_everything_with_reasons(
     assert "passed the gate" in report.selection_notes["cpu-generic"]
 
 
+def test_ranked_by_batch1_the_fastest_passing_variant_at_batch1_is_selected(
+    digits_onnx: Path, digits_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    report = run_optimize(
+        request(digits_onnx, digits_data, tmp_path / "out", rank_by="batch1", targets=("cpu-generic",)),
+        [GraphOptimizationPass(levels=("basic", "extended"))],
+    )
+    assert report.benchmark["selection_key"] == "speedup at batch 1"
+    passing = [v for v in report.variants if v.gate == "passed" and v.profile == "cpu-generic"]
+    assert report.selected["cpu-generic"] == min(passing, key=lambda v: (-(v.speedup_batch1 or 0.0), v.id)).id
+
+
 def test_one_file_given_twice_is_split_not_reused(
     digits_onnx: Path, digits_data: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -121,6 +133,7 @@ def test_one_file_given_twice_is_split_not_reused(
         ("out-not-empty", "not empty"),
         ("unknown-target", "unknown hardware profile"),
         ("bad-gate", "unknown metric"),
+        ("bad-rank-by", "--rank-by is one of batch, batch1, not 'batch32'"),
     ],
 )
 def test_bad_inputs_are_clear_errors(
@@ -149,6 +162,8 @@ def test_bad_inputs_are_clear_errors(
         changes = {"targets": ("quantum-9000",)}
     elif case == "bad-gate":
         changes = {"gate": "accuracy_top1>=0.99"}
+    elif case == "bad-rank-by":
+        changes = {"rank_by": "batch32"}
     with pytest.raises(ConfigError, match=message):
         run_optimize(request(model, data, tmp_path / "out", **changes), [GraphOptimizationPass()])
     if case != "out-not-empty":

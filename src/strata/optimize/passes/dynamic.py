@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from strata.core.errors import OptimizationError
+from strata.core.profiles import Profile
 from strata.optimize.base import Candidate, PassContext
-from strata.optimize.passes.quantize import preprocess
+from strata.optimize.passes.quantize import int8_profile, preprocess
 
 
 def dynamic_id(weight_type: str, per_channel: bool, reduce_range: bool, kind: str = "") -> str:
@@ -52,13 +53,14 @@ class DynamicQuantizationPass:
 
     def apply(self, model_path: Path, workdir: Path, context: PassContext) -> list[Candidate]:
         source, how = preprocess(model_path, workdir)
-        return quantize_grid(source, workdir, self.grid, steps=(how,))
+        return quantize_grid(source, workdir, self.grid, context.host, steps=(how,))
 
 
 def quantize_grid(
     source: Path,
     workdir: Path,
     grid: Sequence[tuple[str, bool, bool]],
+    host: Profile,
     *,
     steps: tuple[str, ...],
     kind: str = "",
@@ -66,7 +68,8 @@ def quantize_grid(
     extra_options: Mapping[str, Any] | None = None,
 ) -> list[Candidate]:
     """One dynamic int8 candidate of `source` per (weight type, per_channel, reduce_range) of `grid`, its id
-    marked with `kind` (`int8-dyn-fused-s8-pc`); a point that fails to quantize is a candidate with its error."""
+    marked with `kind` (`int8-dyn-fused-s8-pc`), for the profile `int8_profile` gives on `host` (this host's ISA
+    profile); a point that fails to quantize is a candidate with its error."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     candidates = []
@@ -89,7 +92,7 @@ def quantize_grid(
             Candidate(
                 id=cid,
                 model_path=out,
-                profile="cpu-generic",
+                profile=int8_profile(host, weight_type == "QInt8", reduce_range),
                 runtime="onnxruntime",
                 precision="int8",
                 passes=(

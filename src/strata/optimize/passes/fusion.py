@@ -1,7 +1,8 @@
 """Transformer fusion, then dynamic int8: onnxruntime's transformer optimizer before quantization.
 
 `onnxruntime.transformers.optimizer.optimize_model(model_type="bert")` rewrites the subgraphs it recognises into
-onnxruntime's contrib operators (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization), and
+onnxruntime's contrib operators (Attention, BiasGelu, EmbedLayerNormalization; not SkipLayerNormalization, whose
+CPU kernel is slower than the Add and LayerNormalization it would replace), and
 dynamic quantization then turns a fused Attention into QAttention (its Q, K and V projections in one int8 GEMM).
 Attention blocks as PyTorch's SDPA exports them, which that optimizer does not know, are rewritten into
 Attention first (`strata.optimize.passes.attention`) and kept only when the rewritten graph computes what the
@@ -17,13 +18,14 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from strata.core.errors import OptimizationError
 from strata.optimize.base import Candidate, PassContext, PassNotApplicable
 from strata.optimize.data import Feeds
 from strata.optimize.passes.attention import fuse_sdpa_attention
 from strata.optimize.passes.dynamic import int8_skip_reason, quantize_grid
-from strata.optimize.passes.quantize import preprocess
+from strata.optimize.passes.quantize import needs_reduce_range, preprocess
 
 FUSED_NAME = "fused.onnx"
 SDPA_NAME = "sdpa-attention.onnx"
@@ -87,10 +89,55 @@ def fuse_transformer(model_path: Path, out: Path) -> str:
             f"onnxruntime's transformer optimizer recognised no transformer block in this graph "
             f"(none of {', '.join(TRANSFORMER_FUSIONS)} fused; {note})"
         )
+    unfused = split_skip_layer_norm(optimized.model)
+    if unfused:
+        note += f"; SkipLayerNormalization x{unfused} written back as Add + LayerNormalization"
     optimized.save_model_to_file(str(out))
     if _signature(out) != _signature(model_path):
         raise OptimizationError(f"the fused graph changed the model's inputs or outputs: {_signature(out)}")
     return note
+
+
+def split_skip_layer_norm(model: Any) -> int:
+    """Rewrite every SkipLayerNormalization of `model` (an onnx ModelProto, in place) whose mean and inverse
+    standard deviation outputs nothing reads into Add (input + bias, + skip) and LayerNormalization over the last
+    axis; returns how many. onnxruntime's CPU kernel of the fused operator is slower than the two (see
+    `strata.core.package.ort_disabled_optimizers`, which keeps sessions from fusing them again)."""
+    from onnx import helper
+
+    graph = model.graph
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    nodes, count = [], 0
+    for node in graph.node:
+        outputs = list(node.output) + [""] * (4 - len(node.output))
+        if (
+            node.op_type != "SkipLayerNormalization"
+            or node.domain != "com.microsoft"
+            or read & set(outputs[1:3]) - {""}
+        ):
+            nodes.append(node)
+            continue
+        x, skip, gamma = node.input[:3]
+        beta = node.input[3] if len(node.input) > 3 else ""
+        bias = node.input[4] if len(node.input) > 4 else ""
+        base = node.name or outputs[0]
+        total = outputs[3] or f"{base}/sum"
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
+        if bias:  # the bias first: onnxruntime folds an Add of a bias after a quantized MatMul into the MatMul
+            nodes.append(helper.make_node("Add", [x, bias], [f"{base}/input_bias"], name=f"{base}/add_bias"))
+            nodes.append(helper.make_node("Add", [f"{base}/input_bias", skip], [total], name=f"{base}/add"))
+        else:
+            nodes.append(helper.make_node("Add", [x, skip], [total], name=f"{base}/add"))
+        norm_inputs = [total, gamma] + ([beta] if beta else [])
+        nodes.append(
+            helper.make_node(
+                "LayerNormalization", norm_inputs, [outputs[0]], name=f"{base}/layer_norm", axis=-1, epsilon=epsilon
+            )
+        )
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
 
 
 def _max_relative_error(original: Path, rewritten: Path, feeds: Feeds) -> float:
@@ -132,11 +179,12 @@ def rewrite_sdpa_attention(model_path: Path, out: Path, feeds: Feeds) -> tuple[P
 
 
 class FusedDynamicQuantizationPass:
-    """Transformer fusion, then dynamic int8 (per-channel QInt8 weights by default)."""
+    """Transformer fusion, then dynamic int8: by default per-channel QInt8 weights, 7-bit (reduce_range) where
+    this host's u8s8 kernels saturate (x86-64 without VNNI, see `int8_profile`)."""
 
     name = "dynamic-fused"
 
-    def __init__(self, grid: tuple[tuple[str, bool, bool], ...] = (("QInt8", True, False),)) -> None:
+    def __init__(self, grid: tuple[tuple[str, bool, bool], ...] | None = None) -> None:
         self.grid = grid
 
     def skip_reason(self, context: PassContext) -> str | None:
@@ -152,10 +200,12 @@ class FusedDynamicQuantizationPass:
             sdpa = f"sdpa-attention: not used ({exc})"
         fused = workdir / FUSED_NAME
         note = fuse_transformer(source, fused)
+        grid = self.grid or (("QInt8", True, needs_reduce_range(context.host.arch, context.host.cpu_features)),)
         return quantize_grid(
             fused,
             workdir,
-            self.grid,
+            grid,
+            context.host,
             steps=(how, "transformer-fusion:bert"),
             kind="fused",
             notes=(note, sdpa),

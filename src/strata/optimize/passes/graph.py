@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from strata.core.errors import OptimizationError
+from strata.core.package import ort_disabled_optimizers
 from strata.optimize.base import Candidate, PassContext
 
 LEVELS = ("basic", "extended", "layout", "all")
@@ -50,7 +51,13 @@ class GraphOptimizationPass:
             options.optimized_model_filepath = str(out)
             error = None
             try:
-                ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+                providers = ["CPUExecutionProvider"]
+                ort.InferenceSession(
+                    str(model_path),
+                    options,
+                    providers=providers,
+                    disabled_optimizers=ort_disabled_optimizers(providers),
+                )
             except Exception as exc:  # onnxruntime's C++ errors
                 error = f"onnxruntime {level} optimization failed: {exc}"
             candidates.append(

@@ -9,11 +9,31 @@ from typing import Any
 import numpy.typing as npt
 
 from strata.core.errors import OptimizationError
+from strata.core.profiles import Profile
 from strata.optimize.data import Feeds
 
 Array = npt.NDArray[Any]
 
 PREPROCESSED_NAME = "preprocessed.onnx"
+
+
+def needs_reduce_range(arch: str, cpu_features: frozenset[str]) -> bool:
+    """True on x86-64 CPUs without VNNI (u8s8 saturation), the case onnxruntime recommends reduce_range for."""
+    return arch == "x86_64" and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_features)
+
+
+def int8_profile(host: Profile, signed_weights: bool, reduce_range: bool) -> str:
+    """The profile an onnxruntime int8 variant measured on `host` (its ISA profile) is good for.
+
+    int8 weights at full range run in onnxruntime's u8s8 kernels, which on x86-64 without VNNI sum pairs of
+    products into int16 (VPMADDUBSW) and saturate: measured on a host that does not saturate (VNNI, or another
+    architecture) their accuracy holds for that host's ISA only (a one-layer BERT: mean cosine 0.9992 there,
+    0.972 under an AVX2-only CPU). 7-bit or uint8 weights, or a measurement on a CPU that saturates (the worst
+    case), hold on every CPU.
+    """
+    if signed_weights and not reduce_range and not needs_reduce_range(host.arch, host.cpu_features):
+        return host.id
+    return "cpu-generic"
 
 
 def preprocess(model_path: Path, workdir: Path) -> tuple[Path, str]:

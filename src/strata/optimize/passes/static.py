@@ -32,18 +32,13 @@ from typing import Any
 from strata.optimize.base import Candidate, PassContext
 from strata.optimize.passes.fp16 import named_nodes
 from strata.optimize.passes.openvino import looks_like_transformer
-from strata.optimize.passes.quantize import FeedsReader, preprocess
+from strata.optimize.passes.quantize import FeedsReader, int8_profile, needs_reduce_range, preprocess
 
 METHODS = ("MinMax", "Entropy", "Percentile")
 TRANSFORMER_OP_TYPES = ("MatMul", "Gemm")
 _GELU = frozenset({"Erf", "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Tanh"})
 _ELEMENTWISE = frozenset({"Mul", "Add", "Div", "Sub"})
 _GELU_DEPTH = 4  # Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5): the Erf is four producers up
-
-
-def needs_reduce_range(arch: str, cpu_features: frozenset[str]) -> bool:
-    """True on x86-64 CPUs without VNNI (u8s8 saturation), the case onnxruntime recommends reduce_range for."""
-    return arch == "x86_64" and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_features)
 
 
 def after_gelu(model: Any) -> list[str]:
@@ -140,7 +135,7 @@ class StaticQuantizationPass:
                 Candidate(
                     id=cid,
                     model_path=out,
-                    profile="cpu-generic",
+                    profile=int8_profile(context.host, signed_weights=True, reduce_range=reduce_range),
                     runtime="onnxruntime",
                     precision="int8",
                     passes=(
