@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -760,8 +760,19 @@ def test_port_zero_binds_a_free_port_and_a_taken_one_is_a_config_error(
         server_loop.run(other.start("127.0.0.1", echo_server.port))
 
 
+def noting_entry(entered: threading.Event) -> Callable[[Request], Awaitable[Response]]:
+    """`echo` that sets `entered` once a request is inside the handler (a sleep could outrun a loaded machine)."""
+
+    async def handler(request: Request) -> Response:
+        entered.set()
+        return await echo(request)
+
+    return handler
+
+
 def test_stop_lets_requests_in_flight_finish_and_closes_idle_connections(server_loop: LoopThread) -> None:
-    server = HttpServer(echo)
+    entered = threading.Event()
+    server = HttpServer(noting_entry(entered))
     server_loop.run(server.start("127.0.0.1", 0))
     port = server.port
     with (
@@ -771,8 +782,9 @@ def test_stop_lets_requests_in_flight_finish_and_closes_idle_connections(server_
     ):
         idle.sendall(b"GET /warm HTTP/1.1\r\nHost: t\r\n\r\n")
         assert read_response(idle_stream)[0] == 200
+        entered.clear()  # the warm-up request was in the handler too
         in_flight = pool.submit(httpx.get, f"http://127.0.0.1:{port}/slow?seconds=0.5", timeout=10)
-        time.sleep(0.2)  # the slow request is inside the handler now
+        assert entered.wait(10)  # the slow request is inside the handler now
         stopping = asyncio.run_coroutine_threadsafe(server.stop(grace=5), server_loop.loop)
 
         assert idle_stream.read() == b""  # the idle connection is closed at once
@@ -785,11 +797,12 @@ def test_stop_lets_requests_in_flight_finish_and_closes_idle_connections(server_
 
 
 def test_stop_cancels_what_outlives_the_grace_period(server_loop: LoopThread) -> None:
-    server = HttpServer(echo)
+    entered = threading.Event()
+    server = HttpServer(noting_entry(entered))
     server_loop.run(server.start("127.0.0.1", 0))
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(httpx.get, f"http://127.0.0.1:{server.port}/slow?seconds=30", timeout=10)
-        time.sleep(0.2)
+        assert entered.wait(10)
         started = time.monotonic()
         server_loop.run(server.stop(grace=0.3))
         assert time.monotonic() - started < 3
