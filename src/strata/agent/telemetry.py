@@ -394,11 +394,14 @@ class TelemetryBuffer:
 # --- the recorder: group commit ---------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Waiter:
-    outcome: Outcome
-    loop: asyncio.AbstractEventLoop | None = None  # None: nobody waits for the commit
-    future: asyncio.Future[None] | None = None
+    """The outcomes one turn of an event loop recorded, handed to the writer thread together: one queue item
+    and one wake-up of the writer per turn, however many requests finished in it."""
+
+    loop: asyncio.AbstractEventLoop | None  # None: nobody waits for the commit
+    outcomes: list[Outcome] = field(default_factory=list)
+    futures: list[asyncio.Future[None]] = field(default_factory=list)  # resolved once the outcomes are committed
 
 
 @dataclass
@@ -421,21 +424,43 @@ class TelemetryRecorder:
         self._references: dict[tuple[str, str], tuple[DriftReference, ...]] = {}
         self._window: dict[tuple[str, str, str], deque[tuple[int, list[int]]]] = {}
         self._window_lock = threading.Lock()
+        self._turns: dict[asyncio.AbstractEventLoop, _Waiter] = {}  # outcomes recorded in the loop's current turn
         self._thread = threading.Thread(target=self._run, name="strata-telemetry", daemon=True)
         self._thread.start()
 
     # --- the inference side -----------------------------------------------------------------------------
 
     async def record(self, outcome: Outcome) -> None:
-        """Buffer one outcome; returns once it is committed (or its loss is counted)."""
+        """Buffer one outcome; returns once it is committed (or its loss is counted). The outcomes recorded in
+        one turn of the event loop go to the writer together, at the end of the turn."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._queue.put(_Waiter(outcome, loop, future))
+        turn = self._turn(loop)
+        turn.outcomes.append(outcome)
+        turn.futures.append(future)
         await future
 
     def record_nowait(self, outcome: Outcome) -> None:
         """Buffer one outcome without waiting for its commit (a shed request's: its 503 goes out at once)."""
-        self._queue.put(_Waiter(outcome))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop: straight to the writer
+            self._queue.put(_Waiter(None, [outcome]))
+            return
+        self._turn(loop).outcomes.append(outcome)
+
+    def _turn(self, loop: asyncio.AbstractEventLoop) -> _Waiter:
+        """The outcomes of this turn of `loop`, handed over once the callbacks ready now have run."""
+        turn = self._turns.get(loop)
+        if turn is None:
+            turn = self._turns[loop] = _Waiter(loop)
+            loop.call_soon(self._hand_over, loop)
+        return turn
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        turn = self._turns.pop(loop, None)
+        if turn is not None:
+            self._queue.put(turn)
 
     def set_references(self, model: str, version: str, references: tuple[DriftReference, ...]) -> None:
         """The drift references of a model version now served (from its package)."""
@@ -497,7 +522,7 @@ class TelemetryRecorder:
                 return
 
     def _commit(self, waiters: list[_Waiter]) -> None:
-        outcomes = [w.outcome for w in waiters]
+        outcomes = [outcome for waiter in waiters for outcome in waiter.outcomes]
         priorities = [
             event_priority(o.ok, o.latency_us, self.config.slow_us, self.config.sample_rate, self._rng.random())
             for o in outcomes
@@ -514,8 +539,8 @@ class TelemetryRecorder:
         # one wake-up per event loop for the whole group, not one per request
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for waiter in waiters:
-            if waiter.loop is not None and waiter.future is not None:
-                by_loop.setdefault(waiter.loop, []).append(waiter.future)
+            if waiter.loop is not None and waiter.futures:
+                by_loop.setdefault(waiter.loop, []).extend(waiter.futures)
         for loop, futures in by_loop.items():
             if not loop.is_closed():
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
