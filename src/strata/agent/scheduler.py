@@ -16,6 +16,7 @@ import asyncio
 import functools
 import json
 import logging
+import sys
 import time
 import zlib
 from collections.abc import Callable, Hashable
@@ -41,11 +42,12 @@ from strata.agent.runtime import Runtime
 from strata.core.datatypes import oip_from_numpy
 from strata.core.errors import BadRequest, ConfigError, InferenceError, Unavailable
 from strata.core.oip import Array, InferRequest, check_inputs, check_outputs, decode_request, encode_response
-from strata.core.telemetry import DriftReference, bin_counts
+from strata.core.telemetry import DriftReference, bin_counts, bin_counts_split
 
 log = logging.getLogger(__name__)
 
 INLINE_DECODE_BYTES: Final = 64 << 10  # smaller identity-encoded bodies are decoded on the event loop
+_LITTLE: Final = sys.byteorder == "little"
 
 
 class Overloaded(Unavailable):
@@ -58,7 +60,7 @@ class Overloaded(Unavailable):
         self.retry_after_s = retry_after_s
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferResult:
     """One request's answer and the facts its metrics and telemetry need."""
 
@@ -258,25 +260,30 @@ def _encode(
     """A request's response body. All-binary answers of one shape share their JSON header (it holds only
     names, types, shapes and sizes), so a batch encodes it once and joins the tensors' bytes after it."""
     arrays = [(name, outputs[name]) for name, _ in item.outputs]
-    cacheable = (
-        headers is not None
-        and item.request_id is None
-        and all(binary for _, binary in item.outputs)
-        and all(array.dtype.kind not in "OSU" for _, array in arrays)
-    )
+    cacheable = headers is not None and item.request_id is None
+    if cacheable:
+        for (_, binary), (_, array) in zip(item.outputs, arrays, strict=True):
+            if not binary or array.dtype.kind in "OSU":
+                cacheable = False
+                break
     if not cacheable or headers is None:
         return encode_response(
             model.name, model.version, item.request_id, ((n, outputs[n], b) for n, b in item.outputs)
         )
-    key = tuple((name, array.dtype.str, array.shape) for name, array in arrays)
+    key = tuple([(name, array.dtype, array.shape) for name, array in arrays])
     header = headers.get(key)
     if header is None:
         body, header_length = encode_response(model.name, model.version, None, ((n, a, True) for n, a in arrays))
         assert header_length is not None
         headers[key] = body[:header_length]
         return body, header_length
-    little = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8) for _, a in arrays]
-    return b"".join([header, *(part.data for part in little)]), len(header)
+    parts: list[Any] = [header]
+    for _, array in arrays:
+        if array.flags.c_contiguous and (array.dtype.byteorder == "<" or (array.dtype.isnative and _LITTLE)):
+            parts.append(array.data)  # the row slice of a batch's output, as it lies: no copy
+        else:
+            parts.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8))
+    return b"".join(parts), len(header)
 
 
 def _run_together(
@@ -304,13 +311,15 @@ def _run_together(
         raise InferenceError(f"model {model.name} returned outputs that do not have one row per input row")
     out: list[InferResult | Exception] = []
     headers: dict[Hashable, bytes] = {}
-    offset = 0
-    for item, waited in zip(items, queue_ns, strict=True):
-        if len(items) == 1:
-            mine = results
-        else:
-            mine = {name: array[offset : offset + item.rows] for name, array in results.items()}
-        offset += item.rows
+    if len(items) == 1:
+        mines = [results]
+    else:
+        mines, offset = [], 0
+        for item in items:
+            mines.append({name: array[offset : offset + item.rows] for name, array in results.items()})
+            offset += item.rows
+    drift = _drift(items, feeds, results, mines, references)
+    for index, (item, mine, waited) in enumerate(zip(items, mines, queue_ns, strict=True)):
         if item.encode is None:
             body, header_length = _encode(model, item, mine, headers)
         else:
@@ -324,13 +333,34 @@ def _run_together(
                 compute_ns=compute_ns,
                 model_ns=cost_ns * item.rows // max(total, 1),
                 summarize=functools.partial(_summary, model, item.feeds),
-                drift=tuple(
-                    (ref.tensor, tuple(bin_counts(ref, (item.feeds if ref.kind == "input" else mine)[ref.tensor])))
-                    for ref in references
-                    if (item.feeds if ref.kind == "input" else mine).get(ref.tensor) is not None
-                ),
+                drift=tuple((tensor, counts[index]) for tensor, counts in drift),
             )
         )
+    return out
+
+
+def _drift(
+    items: list[Prepared],
+    feeds: dict[str, Array],
+    results: dict[str, Array],
+    mines: list[dict[str, Array]],
+    references: tuple[DriftReference, ...],
+) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """Each request's counts in each drift reference's bins: (tensor, counts per request), for the tensors the
+    batch has. Requests of one batch share their inputs' names and their outputs (their batch key), so a
+    reference's tensor is in every request of the batch or in none; its counts come from one pass over the
+    batch's tensor."""
+    out = []
+    for ref in references:
+        whole = (feeds if ref.kind == "input" else results).get(ref.tensor)
+        if whole is None:
+            continue
+        if len(items) == 1:
+            out.append((ref.tensor, [tuple(bin_counts(ref, whole))]))
+            continue
+        pairs = zip(items, mines, strict=True)
+        sizes = [(item.feeds if ref.kind == "input" else mine)[ref.tensor].size for item, mine in pairs]
+        out.append((ref.tensor, bin_counts_split(ref, whole, sizes)))
     return out
 
 
