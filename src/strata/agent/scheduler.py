@@ -35,6 +35,7 @@ from strata.agent.batching import (
     ewma,
     plan_batch,
     resolve_config,
+    runs_inline,
 )
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.repository import LoadedModel
@@ -104,6 +105,8 @@ class BatchRun:
     rows: int
     executions: int
     busy_ns: int  # the whole job on the worker thread
+    model_ns: int = 0  # what the model itself cost (its requests' `model_ns` together)
+    compute_ns: int = 0  # the wall time of its runtime call (the longest, when it ran requests one at a time)
 
 
 def decompress(body: bytes, encoding: str, limit: int = 64 << 20) -> bytes:
@@ -251,7 +254,10 @@ def run_batch(model: LoadedModel, items: list[Prepared], references: tuple[Drift
     except InferenceError as exc:
         results = [exc] * len(items)
     rows = sum(item.rows for item in items)
-    return BatchRun(results, rows, executions, time.perf_counter_ns() - started)
+    done = [result for result in results if isinstance(result, InferResult)]
+    model_ns = sum(result.model_ns for result in done)
+    compute_ns = max((result.compute_ns for result in done), default=0)
+    return BatchRun(results, rows, executions, time.perf_counter_ns() - started, model_ns, compute_ns)
 
 
 def _encode(
@@ -436,6 +442,14 @@ class ModelScheduler:
         self._queued_rows = 0
         self._running: list[_Running] = []
         self._rows_per_s: float | None = None
+        # what the model cost per row lately, and in the last batch, in CPU time of its runtime calls: the part of
+        # a job that runs without the GIL, so the part that running on the loop takes from the loop (the rest of a
+        # job holds the GIL wherever it runs). Only the CPU runtime's batches may run on the loop: an
+        # accelerator's call waits for the device, and that wait is not CPU time
+        self._cpu_runtime = model.manifest.runtime == "onnxruntime"
+        self._ns_per_row: float | None = None
+        self._last_job_ns: int | None = None
+        self._last_call_ns: int | None = None  # the wall time of the last batch's runtime call
         self._dispatch_pending = False
         self._timer: asyncio.TimerHandle | None = None
 
@@ -529,6 +543,9 @@ class ModelScheduler:
 
     def _start(self, batch: list[Prepared], now_ns: int) -> None:
         run = _Running(now_ns, sum(item.rows for item in batch))
+        if self._cpu_runtime and runs_inline(run.rows, self._ns_per_row, self._last_job_ns, self._last_call_ns):
+            self._run_inline(batch, run)
+            return
         loop = asyncio.get_running_loop()
         try:
             job = loop.run_in_executor(self._executor, run_batch, self.model, batch, self._references)
@@ -540,6 +557,19 @@ class ModelScheduler:
         self._running.append(run)
         job.add_done_callback(functools.partial(self._finish, batch, run))
 
+    def _run_inline(self, batch: list[Prepared], run: _Running) -> None:
+        """Run a small model's batch right here on the loop (see `batching.runs_inline`): no worker hand-off,
+        and its requests resume in this turn of the loop."""
+        self._running.append(run)  # counted against the instances while it runs, as a worker's job is
+        try:
+            outcome = run_batch(self.model, batch, self._references)
+        except Exception as exc:  # run_batch returns errors per request: this is a bug, as a failed job is
+            self._running.remove(run)
+            self._failed(batch, exc)
+            return
+        self._running.remove(run)
+        self._done(batch, run, outcome)
+
     def _finish(self, batch: list[Prepared], run: _Running, job: asyncio.Future[BatchRun]) -> None:
         self._running.remove(run)
         if job.cancelled():
@@ -547,20 +577,29 @@ class ModelScheduler:
             for item in batch:
                 _settle(item, error)
         elif (failure := job.exception()) is not None:
-            log.error("batch of model %s failed unexpectedly", self.model.name, exc_info=failure)
-            for item in batch:
-                _settle(item, InferenceError(f"internal error running model {self.model.name}"))
+            self._failed(batch, failure)
         else:
-            outcome = job.result()
-            for item, result in zip(batch, outcome.results, strict=True):
-                _settle(item, result)
-            self._metrics.record_execution(self.model.name, self.model.version, outcome.executions)
-            # the instance was taken from dispatch until now (the job, plus handing it over and back): that,
-            # not the job alone, is what a request queued behind it waits for
-            occupied_ns = time.perf_counter_ns() - run.started_ns
-            if occupied_ns > 0:
-                self._rows_per_s = ewma(self._rows_per_s, outcome.rows / (occupied_ns / 1e9))
+            self._done(batch, run, job.result())
         self._dispatch()
+
+    def _failed(self, batch: list[Prepared], failure: BaseException) -> None:
+        log.error("batch of model %s failed unexpectedly", self.model.name, exc_info=failure)
+        for item in batch:
+            _settle(item, InferenceError(f"internal error running model {self.model.name}"))
+
+    def _done(self, batch: list[Prepared], run: _Running, outcome: BatchRun) -> None:
+        for item, result in zip(batch, outcome.results, strict=True):
+            _settle(item, result)
+        self._metrics.record_execution(self.model.name, self.model.version, outcome.executions)
+        # the instance was taken from dispatch until now (the job, plus handing it over and back): that,
+        # not the job alone, is what a request queued behind it waits for
+        occupied_ns = time.perf_counter_ns() - run.started_ns
+        if occupied_ns > 0:
+            self._rows_per_s = ewma(self._rows_per_s, outcome.rows / (occupied_ns / 1e9))
+        if outcome.model_ns:  # 0: every request failed, the model's cost unknown
+            self._ns_per_row = ewma(self._ns_per_row, outcome.model_ns / max(outcome.rows, 1))
+            self._last_job_ns = outcome.model_ns
+            self._last_call_ns = outcome.compute_ns
 
 
 def _settle(item: Prepared, result: InferResult | Exception) -> None:
