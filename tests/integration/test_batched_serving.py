@@ -340,8 +340,8 @@ def test_a_small_models_batches_run_on_the_loop_once_measured_and_a_waiting_one_
     digits_package: Package, digits_runtime: Runtime, sleep_s: float
 ) -> None:
     """digits costs tens of microseconds a call: after its first batch (on a worker, measured) its batches run
-    on the event loop's thread, with the same answers as onnxruntime's. A call that waits 10 ms costs little CPU but would hold
-    the loop: that model's batches stay on the workers."""
+    on the event loop's thread, with the same answers as onnxruntime's. A call that waits 10 ms costs little
+    CPU but would hold the loop: that model's batches stay on the workers."""
     recording = ThreadRecordingRuntime(digits_runtime, sleep_s)
     model = loaded(digits_package, recording)
     x = load_data().test_x[:3].astype(np.float32)
