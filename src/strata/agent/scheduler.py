@@ -169,6 +169,23 @@ class Layouts:
         self._layouts[header] = layout
 
 
+class ResponseHeaders:
+    """The JSON headers of one model's all-binary answers, by their outputs' names, types and shapes: the
+    same few for every answer (only the tensor bytes differ). Thread-safe (dict operations)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._headers: dict[Hashable, bytes] = {}
+
+    def get(self, key: Hashable) -> bytes | None:
+        return self._headers.get(key)
+
+    def put(self, key: Hashable, header: bytes) -> None:
+        if len(self._headers) >= self._size:
+            self._headers.clear()  # a model answering in many shapes: start over rather than track age
+        self._headers[key] = header
+
+
 def prepare(
     model: LoadedModel,
     body: bytes,
@@ -230,16 +247,23 @@ def prepare_decoded(
     return Prepared(feeds=feeds, outputs=wanted, request_id=decoded.id, rows=rows, key=key, encode=encode)
 
 
-def run_batch(model: LoadedModel, items: list[Prepared], references: tuple[DriftReference, ...] = ()) -> BatchRun:
-    """Run queued requests of one key in one runtime call (one request: as is) and encode each answer.
+def run_batch(
+    model: LoadedModel,
+    items: list[Prepared],
+    references: tuple[DriftReference, ...] = (),
+    headers: ResponseHeaders | None = None,
+) -> BatchRun:
+    """Run queued requests of one key in one runtime call (one request: as is) and encode each answer. With
+    `headers` (the model's), all-binary answers reuse the JSON header an earlier answer of their shape had.
 
     Errors are returned per request, never raised: a bad row reruns the batch one request at a time.
     """
+    headers = ResponseHeaders() if headers is None else headers
     started = time.perf_counter_ns()
     queue_ns = [started - item.enqueued_ns for item in items]
     executions = 1
     try:
-        results = _run_together(model, items, references, queue_ns)
+        results = _run_together(model, items, references, queue_ns, headers)
     except BadRequest as exc:
         if len(items) == 1:
             results = [exc]
@@ -248,7 +272,7 @@ def run_batch(model: LoadedModel, items: list[Prepared], references: tuple[Drift
             for item, waited in zip(items, queue_ns, strict=True):
                 executions += 1
                 try:
-                    results.extend(_run_together(model, [item], references, [waited]))
+                    results.extend(_run_together(model, [item], references, [waited], headers))
                 except InferenceError as single:
                     results.append(single)
     except InferenceError as exc:
@@ -261,10 +285,11 @@ def run_batch(model: LoadedModel, items: list[Prepared], references: tuple[Drift
 
 
 def _encode(
-    model: LoadedModel, item: Prepared, outputs: dict[str, Array], headers: dict[Hashable, bytes] | None
+    model: LoadedModel, item: Prepared, outputs: dict[str, Array], headers: ResponseHeaders | None
 ) -> tuple[bytes, int | None]:
     """A request's response body. All-binary answers of one shape share their JSON header (it holds only
-    names, types, shapes and sizes), so a batch encodes it once and joins the tensors' bytes after it."""
+    names, types, shapes and sizes), so it is encoded once per model and shape and the tensors' bytes are
+    joined after it."""
     arrays = [(name, outputs[name]) for name, _ in item.outputs]
     cacheable = headers is not None and item.request_id is None
     if cacheable:
@@ -281,7 +306,7 @@ def _encode(
     if header is None:
         body, header_length = encode_response(model.name, model.version, None, ((n, a, True) for n, a in arrays))
         assert header_length is not None
-        headers[key] = body[:header_length]
+        headers.put(key, body[:header_length])
         return body, header_length
     parts: list[Any] = [header]
     for _, array in arrays:
@@ -293,7 +318,11 @@ def _encode(
 
 
 def _run_together(
-    model: LoadedModel, items: list[Prepared], references: tuple[DriftReference, ...], queue_ns: list[int]
+    model: LoadedModel,
+    items: list[Prepared],
+    references: tuple[DriftReference, ...],
+    queue_ns: list[int],
+    headers: ResponseHeaders,
 ) -> list[InferResult | Exception]:
     """One runtime call for `items`, split back into their answers.
 
@@ -316,7 +345,6 @@ def _run_together(
     if len(items) > 1 and any(array.ndim == 0 or array.shape[0] != total for array in results.values()):
         raise InferenceError(f"model {model.name} returned outputs that do not have one row per input row")
     out: list[InferResult | Exception] = []
-    headers: dict[Hashable, bytes] = {}
     if len(items) == 1:
         mines = [results]
     else:
@@ -438,6 +466,7 @@ class ModelScheduler:
         self._executor = executor
         self._references = references
         self.layouts = Layouts()
+        self._headers = ResponseHeaders()
         self._queue: list[Prepared] = []
         self._queued_rows = 0
         self._running: list[_Running] = []
@@ -548,7 +577,7 @@ class ModelScheduler:
             return
         loop = asyncio.get_running_loop()
         try:
-            job = loop.run_in_executor(self._executor, run_batch, self.model, batch, self._references)
+            job = loop.run_in_executor(self._executor, run_batch, self.model, batch, self._references, self._headers)
         except RuntimeError:  # the executor is shut down: the agent is stopping
             error = Unavailable("the node is shutting down and takes no more inference requests")
             for item in batch:
@@ -562,7 +591,7 @@ class ModelScheduler:
         and its requests resume in this turn of the loop."""
         self._running.append(run)  # counted against the instances while it runs, as a worker's job is
         try:
-            outcome = run_batch(self.model, batch, self._references)
+            outcome = run_batch(self.model, batch, self._references, self._headers)
         except Exception as exc:  # run_batch returns errors per request: this is a bug, as a failed job is
             self._running.remove(run)
             self._failed(batch, exc)
