@@ -87,6 +87,9 @@ ON CONFLICT (model, version, variant, minute) DO UPDATE SET
     {", ".join(f"b{i} = b{i} + excluded.b{i}" for i in range(BUCKETS))}
 """
 
+# drift counts summed by (model, version, minute, tensor)
+DriftSums = dict[tuple[str, str, int, str], list[int]]
+
 DROPPED_KINDS = ("events_sampled", "events_slow", "events_error", "minutes", "minute_requests", "lost", "rejected")
 
 
@@ -157,14 +160,16 @@ class TelemetryBuffer:
 
     # --- writing (recorder thread) ----------------------------------------------------------------------
 
-    def write(self, outcomes: list[Outcome], priorities: list[int | None]) -> None:
-        """Add outcomes to the minute aggregates (all of them) and the events table (the kept ones), atomically.
+    def write(self, outcomes: list[Outcome], priorities: list[int | None], drift: DriftSums | None = None) -> None:
+        """Add outcomes to the minute aggregates (all of them) and the events table (the kept ones), atomically;
+        `drift` is their drift counts summed (`sum_drift(outcomes)`, made here when not given).
 
         Raises:
             sqlite3.Error: the disk is full or the file is damaged (the caller counts the loss).
         """
         minutes: dict[tuple[str, str, str, int], MinuteRow] = {}
-        drift: dict[tuple[str, str, int, str], list[int]] = {}
+        if drift is None:
+            drift = sum_drift(outcomes)
         events = []
         for outcome, priority in zip(outcomes, priorities, strict=True):
             minute = minute_of(outcome.ts)
@@ -176,11 +181,6 @@ class TelemetryBuffer:
             row.latency_sum_us += outcome.latency_us
             row.queue_sum_us += outcome.queue_us
             row.latency[bucket_of(outcome.latency_us)] += 1
-            for tensor, counts in outcome.drift:
-                total = drift.setdefault((outcome.model, outcome.version, minute, tensor), [0] * len(counts))
-                if len(total) == len(counts):
-                    for i, c in enumerate(counts):
-                        total[i] += c
             if priority is not None:
                 events.append(
                     (outcome.ts, outcome.model, outcome.version, outcome.variant, outcome.latency_us,
@@ -527,15 +527,16 @@ class TelemetryRecorder:
             event_priority(o.ok, o.latency_us, self.config.slow_us, self.config.sample_rate, self._rng.random())
             for o in outcomes
         ]
+        drift = sum_drift(outcomes)
         try:
             if self._lost:
                 self.buffer.count_dropped("lost", self._lost)
                 self._lost = 0
-            self.buffer.write(outcomes, priorities)
+            self.buffer.write(outcomes, priorities, drift)
         except sqlite3.Error as exc:  # disk full, damaged file: inference goes on, the loss is counted
             self._lost += len(outcomes)
             log.error("telemetry buffer write failed (%s); %d outcomes not recorded", exc, len(outcomes))
-        self._remember_drift(outcomes)
+        self._remember_drift(drift)
         # one wake-up per event loop for the whole group, not one per request
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for waiter in waiters:
@@ -546,18 +547,16 @@ class TelemetryRecorder:
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
                     loop.call_soon_threadsafe(_resolve, futures)
 
-    def _remember_drift(self, outcomes: list[Outcome]) -> None:
+    def _remember_drift(self, drift: DriftSums) -> None:
         with self._window_lock:
-            for outcome in outcomes:
-                minute = minute_of(outcome.ts)
-                for tensor, counts in outcome.drift:
-                    window = self._window.setdefault((outcome.model, outcome.version, tensor), deque())
-                    if window and window[-1][0] == minute and len(window[-1][1]) == len(counts):
-                        window[-1] = (minute, [a + b for a, b in zip(window[-1][1], counts, strict=True)])
-                    else:
-                        window.append((minute, list(counts)))
-                    while window and window[0][0] <= minute - self.config.drift_window_minutes:
-                        window.popleft()
+            for (model, version, minute, tensor), counts in drift.items():
+                window = self._window.setdefault((model, version, tensor), deque())
+                if window and window[-1][0] == minute and len(window[-1][1]) == len(counts):
+                    window[-1] = (minute, [a + b for a, b in zip(window[-1][1], counts, strict=True)])
+                else:
+                    window.append((minute, list(counts)))
+                while window and window[0][0] <= minute - self.config.drift_window_minutes:
+                    window.popleft()
 
     def stats(self) -> BufferStats:
         stats: BufferStats = self.call(self.buffer.stats)
@@ -567,6 +566,24 @@ class TelemetryRecorder:
         self._queue.put(None)
         self._thread.join(timeout=10)
         self.buffer.close()
+
+
+def sum_drift(outcomes: list[Outcome]) -> DriftSums:
+    """The outcomes' drift counts summed by (model, version, minute, tensor), in order of first appearance; a
+    tensor's counts of another length than its first in that minute (its reference changed) are left out."""
+    sums: DriftSums = {}
+    for outcome in outcomes:
+        if not outcome.drift:
+            continue
+        minute = minute_of(outcome.ts)
+        for tensor, counts in outcome.drift:
+            key = (outcome.model, outcome.version, minute, tensor)
+            total = sums.get(key)
+            if total is None:
+                sums[key] = list(counts)
+            elif len(total) == len(counts):
+                sums[key] = [a + b for a, b in zip(total, counts, strict=True)]
+    return sums
 
 
 def _summary_of(outcome: Outcome) -> str:
