@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import numpy as np
 
@@ -151,39 +151,36 @@ class _Layout:
     key: Hashable | None
 
 
-class Layouts:
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+
+class _Recent(Generic[_K, _V]):
+    """A model's few recent entries of one kind, by key; when full it starts over rather than track their age
+    (a client cycling through many shapes). Thread-safe (dict operations)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._entries: dict[_K, _V] = {}
+
+    def get(self, key: _K) -> _V | None:
+        return self._entries.get(key)
+
+    def put(self, key: _K, value: _V) -> None:
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[key] = value
+
+
+class Layouts(_Recent[bytes, _Layout]):
     """The request headers one model has seen lately, by their bytes. A client sends the same header for every
     request of one shape (only the tensor bytes differ), so a header seen before needs no JSON parsing and no
-    signature check: its tensors are read straight out of the body. Thread-safe (dict operations)."""
-
-    def __init__(self, size: int = 64) -> None:
-        self._size = size
-        self._layouts: dict[bytes, _Layout] = {}
-
-    def get(self, header: bytes) -> _Layout | None:
-        return self._layouts.get(header)
-
-    def put(self, header: bytes, layout: _Layout) -> None:
-        if len(self._layouts) >= self._size:
-            self._layouts.clear()  # a client cycling through many shapes: start over rather than track age
-        self._layouts[header] = layout
+    signature check: its tensors are read straight out of the body."""
 
 
-class ResponseHeaders:
+class ResponseHeaders(_Recent[Hashable, bytes]):
     """The JSON headers of one model's all-binary answers, by their outputs' names, types and shapes: the
-    same few for every answer (only the tensor bytes differ). Thread-safe (dict operations)."""
-
-    def __init__(self, size: int = 64) -> None:
-        self._size = size
-        self._headers: dict[Hashable, bytes] = {}
-
-    def get(self, key: Hashable) -> bytes | None:
-        return self._headers.get(key)
-
-    def put(self, key: Hashable, header: bytes) -> None:
-        if len(self._headers) >= self._size:
-            self._headers.clear()  # a model answering in many shapes: start over rather than track age
-        self._headers[key] = header
+    same few for every answer (only the tensor bytes differ), encoded once."""
 
 
 def prepare(
