@@ -109,11 +109,12 @@ def test_a_batch_counts_each_request_as_it_would_alone() -> None:
     parts[0][0, 1] = np.nan
     parts[2][0, 0] = -np.inf
     whole = np.concatenate(parts)
-    alone = [tuple(bin_counts(reference, part)) for part in parts]
+    alone = [bin_counts(reference, part) for part in parts]
     assert bin_counts_split(reference, whole, [part.size for part in parts]) == alone
     assert bin_counts_split(reference, whole[:3], [part.size for part in parts[:3]]) == alone[:3]
     text = np.array(["a", "b", "c"])
-    assert bin_counts_split(reference, text, [1, 2]) == [(0, 0, 0, 0)] * 2
+    assert bin_counts_split(reference, text, [1, 2]) == [[0, 0, 0, 0]] * 2
+    assert bin_counts_split(reference, np.array([[0, 5], [-3, 1]]), [2, 2]) == [[0, 1, 0, 1], [1, 0, 1, 0]]
     with pytest.raises(ValueError, match="do not split"):
         bin_counts_split(reference, whole, [1])
 

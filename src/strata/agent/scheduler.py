@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 import zlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
@@ -75,7 +75,7 @@ class InferResult:
     # out), in wall time on accelerators.
     model_ns: int
     summarize: Callable[[], str] | None = None  # its telemetry summary, made only if the event is kept
-    drift: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    drift: tuple[tuple[str, Sequence[int]], ...] = ()  # (tensor, counts in its reference's bins)
 
 
 @dataclass(eq=False, slots=True)
@@ -376,7 +376,7 @@ def _drift(
     results: dict[str, Array],
     mines: list[dict[str, Array]],
     references: tuple[DriftReference, ...],
-) -> list[tuple[str, list[tuple[int, ...]]]]:
+) -> list[tuple[str, list[list[int]]]]:
     """Each request's counts in each drift reference's bins: (tensor, counts per request), for the tensors the
     batch has. Requests of one batch share their inputs' names and their outputs (their batch key), so a
     reference's tensor is in every request of the batch or in none; its counts come from one pass over the
@@ -387,7 +387,7 @@ def _drift(
         if whole is None:
             continue
         if len(items) == 1:
-            out.append((ref.tensor, [tuple(bin_counts(ref, whole))]))
+            out.append((ref.tensor, [bin_counts(ref, whole)]))
             continue
         pairs = zip(items, mines, strict=True)
         sizes = [(item.feeds if ref.kind == "input" else mine)[ref.tensor].size for item, mine in pairs]

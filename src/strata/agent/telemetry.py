@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,7 +125,7 @@ class Outcome:
     summary: str = ""
     # made only for outcomes kept as events (a few in a hundred), on the recorder's thread; wins over `summary`
     summarize: Callable[[], str] | None = None
-    drift: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    drift: tuple[tuple[str, Sequence[int]], ...] = ()  # (tensor, counts in its reference's bins)
 
 
 @dataclass(frozen=True)

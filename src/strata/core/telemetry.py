@@ -190,7 +190,7 @@ def bin_counts(reference: DriftReference, values: Any) -> list[int]:
     return [int(c) for c in np.bincount(indices, minlength=len(reference.counts))]
 
 
-def bin_counts_split(reference: DriftReference, values: Any, sizes: Sequence[int]) -> list[tuple[int, ...]]:
+def bin_counts_split(reference: DriftReference, values: Any, sizes: Sequence[int]) -> list[list[int]]:
     """`bin_counts` of consecutive parts of `values` (flattened), `sizes[i]` elements in part i: what each request
     of a batch counts alone, in one pass over the batch's tensor instead of a few numpy calls per request.
 
@@ -204,18 +204,19 @@ def bin_counts_split(reference: DriftReference, values: Any, sizes: Sequence[int
         raise ValueError(f"parts of {sum(sizes)} elements do not split a tensor of {flat.size}")
     bins = len(reference.counts)
     if flat.dtype.kind not in "biuf":
-        return [(0,) * bins for _ in sizes]
+        return [[0] * bins for _ in sizes]
     if any(size > DRIFT_MAX_ELEMENTS for size in sizes):  # strided per part, as bin_counts does
         bounds = np.cumsum([0, *sizes])
-        return [tuple(bin_counts(reference, flat[a:b])) for a, b in itertools.pairwise(bounds)]
-    flat = flat.astype(np.float64, copy=False)
+        return [bin_counts(reference, flat[a:b]) for a, b in itertools.pairwise(bounds)]
     indices = np.searchsorted(_edges(reference.edges), flat, side="left")
-    parts = np.repeat(np.arange(len(sizes)), sizes)
-    finite = np.isfinite(flat)
-    if not finite.all():
-        indices, parts = indices[finite], parts[finite]
-    counts = np.bincount(parts * bins + indices, minlength=len(sizes) * bins).reshape(len(sizes), bins)
-    return [tuple(row) for row in counts.tolist()]
+    if len(sizes) > 1:
+        indices += np.repeat(np.arange(0, len(sizes) * bins, bins), sizes)
+    if flat.dtype.kind == "f":  # integers are all finite
+        finite = np.isfinite(flat)
+        if not finite.all():
+            indices = indices[finite]
+    counts: list[list[int]] = np.bincount(indices, minlength=len(sizes) * bins).reshape(len(sizes), bins).tolist()
+    return counts
 
 
 def drift_references(raw: Mapping[str, Any]) -> list[DriftReference]:
