@@ -4,7 +4,9 @@ A request is decoded and checked (`prepare`), admitted or shed at once (`ModelSc
 run in a batch with the queued requests of the same shapes (`run_batch`, on a worker thread): inputs are
 concatenated along the first axis, the runtime runs once, outputs are split back by rows and each request's
 response is encoded on the worker. The event loop only moves requests between the queue and the workers, so
-it never waits for a model.
+it never waits for a slow model. A small model's batch runs on the loop itself (`batching.runs_inline`: its
+calls measured under 200 µs of CPU, and not waiting on anything): handing it to a worker and back would cost
+the loop more than running it, and the GIL would change hands twice per batch.
 
 Why a batch that fails is rerun one request at a time: onnxruntime rejects a whole call when one row is bad
 (an index out of an embedding's range, say); the bad request must get its 400 and the others their answers.

@@ -3,7 +3,9 @@ recorder, and an uploader that sends numbered, compressed batches until the cont
 
 Durability: the inference server awaits `TelemetryRecorder.record` before it answers, and the recorder
 commits every outcome waiting in its queue in one transaction (group commit), so a request a client saw
-answered is on disk even if the agent is killed the next instant. Exactly once: a batch is sealed into the
+answered is on disk even if the agent is killed the next instant. The outcomes recorded in one turn of the
+event loop reach the writer thread as one item, at the end of the turn: one wake-up of the writer, and one of
+the loop when they are committed, however many requests finished in that turn. Exactly once: a batch is sealed into the
 outbox with its sequence number in the same transaction that removes its rows, and is deleted only when the
 server acknowledges that sequence; the server stores each (node, seq) once, so a resend after a kill is
 harmless.
