@@ -29,7 +29,7 @@ from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
 from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import Runtime, load_and_check
-from strata.agent.scheduler import ModelScheduler
+from strata.agent.scheduler import ModelScheduler, prepare
 from strata.agent.telemetry import TelemetryConfig, TelemetryRecorder
 from strata.core.oip import decode_response, encode_request
 from strata.core.package import Package
@@ -318,6 +318,53 @@ def test_a_dynamically_quantized_model_is_batched_only_when_its_package_asks(dig
     fp32 = build_package(digits_onnx, tmp_path / "fp32", name="digits", version="1")
     fp32_runtime = load_and_check(fp32)
     assert ModelScheduler.for_model(loaded(fp32, fp32_runtime), BatchingConfig(), metrics).config.max_batch_size == 32
+
+
+class ThreadRecordingRuntime:
+    """A real runtime that notes which thread ran each call, optionally sleeping in it (a call that waits)."""
+
+    def __init__(self, inner: Runtime, sleep_s: float = 0.0) -> None:
+        self.inputs, self.outputs = inner.inputs, inner.outputs
+        self._inner = inner
+        self._sleep_s = sleep_s
+        self.threads: list[int] = []
+
+    def run(self, feeds: Mapping[str, Array], output_names: Sequence[str] | None = None) -> dict[str, Array]:
+        self.threads.append(threading.get_ident())
+        if self._sleep_s:
+            time.sleep(self._sleep_s)
+        return self._inner.run(feeds, output_names)
+
+
+@pytest.mark.parametrize("sleep_s", [0.0, 0.01])
+def test_a_small_models_batches_run_on_the_loop_once_measured_and_a_waiting_one_stays_on_the_workers(
+    digits_package: Package, digits_runtime: Runtime, sleep_s: float
+) -> None:
+    """digits costs tens of microseconds a call: after its first batch (on a worker, measured) its batches run
+    on the event loop's thread, with the same answers as onnxruntime's. A call that waits 10 ms costs little
+    CPU but would hold the loop: that model's batches stay on the workers."""
+    recording = ThreadRecordingRuntime(digits_runtime, sleep_s)
+    model = loaded(digits_package, recording)
+    x = load_data().test_x[:3].astype(np.float32)
+    body, length = encode_request({"X": x})
+    expected = digits_runtime.run({"X": x}, None)
+
+    async def serve_three() -> tuple[int, list[dict[str, Array]]]:
+        scheduler = ModelScheduler.for_model(model, BatchingConfig(), InferenceMetrics())
+        answers = []
+        for _ in range(6):  # one at a time: each is a batch of its own
+            result = await scheduler.submit(prepare(model, body, length, True), time.perf_counter_ns())
+            answers.append(decode_response(result.body, result.header_length)[1])
+        return threading.get_ident(), answers
+
+    loop_thread, answers = asyncio.run(serve_three())
+    assert recording.threads[0] != loop_thread
+    on_loop = [ident == loop_thread for ident in recording.threads[1:]]
+    # a call the machine stalls for milliseconds sends the next batch back to a worker: some, not all
+    assert any(on_loop) if sleep_s == 0 else not any(on_loop)
+    for answer in answers:
+        assert np.array_equal(answer["label"], expected["label"])
+        assert np.array_equal(answer["probabilities"], expected["probabilities"])
 
 
 # --- per-request telemetry under batching ----------------------------------------------------------------------

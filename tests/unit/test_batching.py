@@ -22,6 +22,7 @@ from strata.agent.batch_plan import (
     plan_batch,
     policy_overrides,
     resolve_config,
+    runs_inline,
 )
 from strata.agent.config import AgentConfig
 from strata.core.errors import ConfigError
@@ -230,3 +231,12 @@ def test_the_agent_configuration_carries_its_batching_settings_to_the_agent_proc
 def test_agent_batching_options_out_of_range_are_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="preferred batch size 64"):
         AgentConfig("https://s", tmp_path, "n", "device", max_batch_size=32, preferred_batch_sizes=(64,))
+
+
+def test_only_a_model_measured_small_runs_its_batches_on_the_loop() -> None:
+    us = 1000
+    assert not runs_inline(4, None, None, None)  # not measured yet: the first batches go to the workers
+    assert runs_inline(4, 10 * us, 40 * us, 45 * us)
+    assert not runs_inline(32, 10 * us, 40 * us, 45 * us)  # this batch would cost 320 µs
+    assert not runs_inline(1, 10 * us, 300 * us, 300 * us)  # the last batch was slow
+    assert not runs_inline(1, 10 * us, 40 * us, 50_000 * us)  # the last call waited (a lock, a device): not CPU

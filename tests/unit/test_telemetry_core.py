@@ -23,6 +23,7 @@ from strata.core.telemetry import (
     TelemetryBatch,
     TelemetryError,
     bin_counts,
+    bin_counts_split,
     bucket_of,
     build_reference,
     chi_square_statistic,
@@ -97,6 +98,25 @@ def test_large_tensors_are_strided_not_scanned_whole() -> None:
     reference = DriftReference("x", "input", (0.5,), (1, 1))
     counts = bin_counts(reference, np.ones(1_000_000))
     assert sum(counts) <= 4096
+
+
+def test_a_batch_counts_each_request_as_it_would_alone() -> None:
+    """One pass over a batch's tensor gives each request the counts it gets alone: non-finite values left out,
+    empty requests counted empty, a request over the stride limit strided on its own."""
+    reference = DriftReference("x", "input", (-1.0, 0.0, 1.0), (1, 2, 3, 4))
+    rng = np.random.default_rng(7)
+    parts = [rng.normal(size=(2, 3)), np.zeros((0, 3)), rng.normal(size=(1, 3)), rng.normal(size=(2000, 3))]
+    parts[0][0, 1] = np.nan
+    parts[2][0, 0] = -np.inf
+    whole = np.concatenate(parts)
+    alone = [bin_counts(reference, part) for part in parts]
+    assert bin_counts_split(reference, whole, [part.size for part in parts]) == alone
+    assert bin_counts_split(reference, whole[:3], [part.size for part in parts[:3]]) == alone[:3]
+    text = np.array(["a", "b", "c"])
+    assert bin_counts_split(reference, text, [1, 2]) == [[0, 0, 0, 0]] * 2
+    assert bin_counts_split(reference, np.array([[0, 5], [-3, 1]]), [2, 2]) == [[0, 1, 0, 1], [1, 0, 1, 0]]
+    with pytest.raises(ValueError, match="do not split"):
+        bin_counts_split(reference, whole, [1])
 
 
 def _batch() -> TelemetryBatch:

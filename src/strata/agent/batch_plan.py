@@ -276,6 +276,34 @@ def admit(load: QueueLoad, config: BatchingConfig) -> Shed | None:
     return None
 
 
+INLINE_RUN_NS: Final = 200_000  # a batch whose model call should take less than this runs on the event loop
+INLINE_WALL_FACTOR: Final = 10  # and whose last call took at most this many times as long in wall time
+
+
+def runs_inline(
+    rows: int,
+    ns_per_row: float | None,
+    last_cost_ns: int | None,
+    last_wall_ns: int | None,
+    limit_ns: int = INLINE_RUN_NS,
+) -> bool:
+    """Whether a batch of `rows` should run right on the event loop instead of on a worker thread.
+
+    Handing a batch to a worker and its answers back costs tens of microseconds of the loop's time and passes
+    the GIL back and forth, which is more than a small model's call takes (digits: 20-50 µs for 1-32 rows).
+    So a batch runs on the loop when the model's CPU cost is known (`ns_per_row` lately, `last_cost_ns` in its
+    last batch), this batch's call is expected to cost under `limit_ns`, the last one did, and the last call's
+    wall time (`last_wall_ns`) was not far above its cost: a call that waited (on a lock, a device, a gate)
+    costs little CPU but would hold the loop. A model that is slow, or was slow the last time, stays on the
+    workers so that the loop keeps answering while it computes.
+    """
+    if ns_per_row is None or last_cost_ns is None or last_wall_ns is None or last_cost_ns > limit_ns:
+        return False
+    if last_wall_ns > INLINE_WALL_FACTOR * limit_ns:
+        return False
+    return rows * ns_per_row <= limit_ns
+
+
 def ewma(previous: float | None, sample: float, weight: float = 0.2) -> float:
     """Exponentially weighted moving average; the first sample stands alone."""
     return sample if previous is None else previous + weight * (sample - previous)

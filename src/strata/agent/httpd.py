@@ -65,7 +65,6 @@ _REQUEST_COST: Final = 1024  # what a parsed request costs in Python objects bey
 _HEADER_COST: Final = 160  # and each of its headers (two str and a dict entry)
 _HEADER_NAME = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SERVER_HEADERS: Final = frozenset(("content-length", "connection"))  # the server writes these itself
-_GOOD_NAMES: set[str] = set()  # response header names already checked (a handful ever)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +358,7 @@ class _Connection(asyncio.Protocol):
         self._body_charged = 0  # of which its body
         self._began = 0.0  # loop time of the first byte of the request being parsed
         self._deadline: asyncio.TimerHandle | None = None  # for the head, then the whole request
+        self._deadline_due: tuple[float, str] | None = None  # (seconds after `_began`, what) of the request
         self._refusal: _Refuse | None = None
         # answering
         self._queue: deque[_Parsed | _Refuse] = deque()
@@ -369,6 +369,7 @@ class _Connection(asyncio.Protocol):
         self._writing_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._expiry: float | None = None  # loop time at which `_timer` closes the connection; None: disarmed
         self._abort_timer: asyncio.TimerHandle | None = None  # closing, the last answers still unread
         self._received = 0  # bytes read from the peer
 
@@ -398,7 +399,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.discard(self, self._accepted)
-        self._disarm()
+        self._cancel_timer()
         if self._abort_timer is not None:
             self._abort_timer.cancel()
             self._abort_timer = None
@@ -447,6 +448,8 @@ class _Connection(asyncio.Protocol):
                     self._drop_body()
         if len(self._queue) >= _MAX_PIPELINED:
             self._pause_reading()
+        if self._in_message and not self._refused:
+            self._arm_deadline()
         self._next()
         if self._in_message and self._task is None and not self._refused:
             self._arm(self._limits.read_timeout)
@@ -581,11 +584,24 @@ class _Connection(asyncio.Protocol):
 
     def _set_deadline(self, seconds: float, what: str) -> None:
         """Close the connection unless the request in progress gets past this point by `seconds` after its
-        first byte, however slowly its bytes trickle in (each read resets only the read timeout)."""
-        self._clear_deadline()
-        self._deadline = self._loop.call_at(self._began + seconds, self._deadline_passed, what, seconds)
+        first byte, however slowly its bytes trickle in (each read resets only the read timeout). The timer is
+        set once the read is parsed (`_arm_deadline`): a request that arrives whole in one read needs none."""
+        self._deadline_due = (seconds, what)
+
+    def _arm_deadline(self) -> None:
+        """A read is parsed and a request is still in progress: time its deadline."""
+        if self._deadline_due is None:
+            return
+        seconds, what = self._deadline_due
+        when = self._began + seconds
+        if self._deadline is not None:
+            if self._deadline.when() == when:
+                return
+            self._deadline.cancel()
+        self._deadline = self._loop.call_at(when, self._deadline_passed, what, seconds)
 
     def _clear_deadline(self) -> None:
+        self._deadline_due = None
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -593,6 +609,7 @@ class _Connection(asyncio.Protocol):
     def _deadline_passed(self, what: str, seconds: float) -> None:
         """The request in progress missed its deadline: answer 408 when nothing else is being answered, close."""
         self._deadline = None
+        self._deadline_due = None
         if self._transport is None or self._transport.is_closing() or self._refused or self._reading_paused:
             return  # paused: the server stopped reading (pipelined requests queued), not the peer
         self._drop_body()
@@ -690,29 +707,10 @@ class _Connection(asyncio.Protocol):
         """Write a response; False (logged) when its headers cannot be sent."""
         assert self._transport is not None
         body = response.body
-        lines = [f"HTTP/1.1 {response.status} {_reason(response.status)}\r\n"]
-        for name, value in response.headers.items():
-            if name not in _GOOD_NAMES:
-                if name.lower() in _SERVER_HEADERS:
-                    continue
-                if not _HEADER_NAME.match(name.encode("latin-1", "replace")):
-                    log.error("cannot send an HTTP response with header %r; closing the connection", name)
-                    return False
-                if len(_GOOD_NAMES) < 256:
-                    _GOOD_NAMES.add(name)
-            if "\r" in value or "\n" in value or "\0" in value:
-                log.error("cannot send an HTTP response with header %r: %r; closing the connection", name, value)
-                return False
-            lines.append(f"{name}: {value}\r\n")
-        lines.append(f"content-length: {len(body)}\r\n")
-        if close:
-            lines.append("connection: close\r\n")
-        lines.append("\r\n")
-        try:
-            head = "".join(lines).encode("latin-1")
-        except UnicodeEncodeError:
-            log.error("cannot send an HTTP response with non-latin-1 headers; closing the connection")
+        start = _head_start(response.status, response.headers)
+        if start is None:
             return False
+        head = b"%scontent-length: %d\r\n%s" % (start, len(body), _CLOSE_END if close else b"\r\n")
         if not body or head_only:
             self._transport.write(head)
         elif len(body) <= _COALESCE_BYTES:
@@ -737,17 +735,38 @@ class _Connection(asyncio.Protocol):
     # --- timers and flow ----------------------------------------------------------------------------------
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._timer = self._loop.call_later(seconds, self._expire)
+        """Close the connection `seconds` from now unless disarmed or re-armed first. One timer serves many
+        arm/disarm rounds (a keep-alive connection arms after each answer and disarms at the next request): a
+        timer due no later than the new expiry is kept and, when it fires early, set again for what is left."""
+        expiry = self._loop.time() + seconds
+        self._expiry = expiry
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= expiry:
+                return
+            timer.cancel()
+        self._timer = self._loop.call_at(expiry, self._expire)
 
     def _disarm(self) -> None:
+        self._expiry = None  # the timer, if any, finds nothing to do when it fires (or is reused by `_arm`)
+
+    def _cancel_timer(self) -> None:
+        self._expiry = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _expire(self) -> None:
-        """The keep-alive or read timeout passed (or a refusal's linger ended): close."""
-        self._timer = None
+        """The timer fired: close if the keep-alive or read timeout passed (or a refusal's linger ended);
+        set it again when the connection was re-armed since, for a later expiry."""
+        timer, self._timer = self._timer, None
+        expiry = self._expiry
+        if expiry is None:
+            return
+        if timer is not None and expiry > timer.when():
+            self._timer = self._loop.call_at(expiry, self._expire)
+            return
+        self._expiry = None
         if self._task is None and self._transport is not None:
             self._close()
 
@@ -771,6 +790,42 @@ class _Connection(asyncio.Protocol):
 
 
 _NO_PARSER: Final = httptools.HttpRequestParser(object())  # a closed connection's parser
+_CLOSE_END: Final = b"connection: close\r\n\r\n"
+# A response's status line and own headers, encoded, by (status, headers): an inference server sends the same
+# few over and over (a model's answers differ only in their bodies), so each is checked and encoded once.
+_HEAD_STARTS: dict[tuple[int, tuple[tuple[str, str], ...]], bytes] = {}
+_HEAD_STARTS_MAX: Final = 256
+
+
+def _head_start(status: int, headers: Mapping[str, str]) -> bytes | None:
+    """The status line and `headers` of a response, encoded (the server adds Content-Length and Connection);
+    None (logged) when a header cannot be sent: a bad name or value, or one that is not latin-1."""
+    key = (status, tuple(headers.items()))
+    start = _HEAD_STARTS.get(key)
+    if start is not None:
+        return start
+    lines = [f"HTTP/1.1 {status} {_reason(status)}\r\n"]
+    for name, value in headers.items():
+        if name.lower() in _SERVER_HEADERS:
+            continue
+        if not _HEADER_NAME.match(name.encode("latin-1", "replace")):
+            log.error("cannot send an HTTP response with header %r; closing the connection", name)
+            return None
+        if "\r" in value or "\n" in value or "\0" in value:
+            log.error("cannot send an HTTP response with header %r: %r; closing the connection", name, value)
+            return None
+        lines.append(f"{name}: {value}\r\n")
+    try:
+        start = "".join(lines).encode("latin-1")
+    except UnicodeEncodeError:
+        log.error("cannot send an HTTP response with non-latin-1 headers; closing the connection")
+        return None
+    if len(_HEAD_STARTS) >= _HEAD_STARTS_MAX:
+        _HEAD_STARTS.clear()  # many distinct heads (per-request header values): start over rather than grow
+    _HEAD_STARTS[key] = start
+    return start
+
+
 _REASONS: dict[int, str] = {}
 
 

@@ -12,7 +12,8 @@ MB, and pydantic). Routing is a `match` on path segments, the codec is the pure 
 Inference never blocks the event loop, and each model is batched (`strata.agent.scheduler`): a request is
 decoded (on the loop when small, on the executor when large), admitted to its model's bounded queue or shed at
 once with 503 and Retry-After, and run with the queued requests of the same shapes in one runtime call on a
-worker thread, which also encodes each answer; health probes and other models answer while a batch computes.
+worker thread, which also encodes each answer; health probes and other models answer while a batch computes
+(a small model's batch, cheaper to run than to hand over, runs on the loop: see `strata.agent.scheduler`).
 Every request still gets its own metrics and telemetry outcome: its rows, its own queue wait, and an answer
 that waits for its outcome to be durable.
 """

@@ -4,7 +4,9 @@ A request is decoded and checked (`prepare`), admitted or shed at once (`ModelSc
 run in a batch with the queued requests of the same shapes (`run_batch`, on a worker thread): inputs are
 concatenated along the first axis, the runtime runs once, outputs are split back by rows and each request's
 response is encoded on the worker. The event loop only moves requests between the queue and the workers, so
-it never waits for a model.
+it never waits for a slow model. A small model's batch runs on the loop itself (`batching.runs_inline`: its
+calls measured under 200 µs of CPU, and not waiting on anything): handing it to a worker and back would cost
+the loop more than running it, and the GIL would change hands twice per batch.
 
 Why a batch that fails is rerun one request at a time: onnxruntime rejects a whole call when one row is bad
 (an index out of an embedding's range, say); the bad request must get its 400 and the others their answers.
@@ -16,12 +18,13 @@ import asyncio
 import functools
 import json
 import logging
+import sys
 import time
 import zlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import numpy as np
 
@@ -34,6 +37,7 @@ from strata.agent.batch_plan import (
     ewma,
     plan_batch,
     resolve_config,
+    runs_inline,
 )
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.repository import LoadedModel
@@ -41,11 +45,12 @@ from strata.agent.runtime import Runtime
 from strata.core.datatypes import oip_from_numpy
 from strata.core.errors import BadRequest, ConfigError, InferenceError, Unavailable
 from strata.core.oip import Array, InferRequest, check_inputs, check_outputs, decode_request, encode_response
-from strata.core.telemetry import DriftReference, bin_counts
+from strata.core.telemetry import DriftReference, bin_counts, bin_counts_split
 
 log = logging.getLogger(__name__)
 
 INLINE_DECODE_BYTES: Final = 64 << 10  # smaller identity-encoded bodies are decoded on the event loop
+_LITTLE: Final = sys.byteorder == "little"
 
 
 class Overloaded(Unavailable):
@@ -58,7 +63,7 @@ class Overloaded(Unavailable):
         self.retry_after_s = retry_after_s
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferResult:
     """One request's answer and the facts its metrics and telemetry need."""
 
@@ -72,7 +77,7 @@ class InferResult:
     # out), in wall time on accelerators.
     model_ns: int
     summarize: Callable[[], str] | None = None  # its telemetry summary, made only if the event is kept
-    drift: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    drift: tuple[tuple[str, Sequence[int]], ...] = ()  # (tensor, counts in its reference's bins)
 
 
 @dataclass(eq=False, slots=True)
@@ -102,6 +107,8 @@ class BatchRun:
     rows: int
     executions: int
     busy_ns: int  # the whole job on the worker thread
+    model_ns: int = 0  # what the model itself cost (its requests' `model_ns` together)
+    compute_ns: int = 0  # the wall time of its runtime call (the longest, when it ran requests one at a time)
 
 
 def decompress(body: bytes, encoding: str, limit: int = 64 << 20) -> bytes:
@@ -146,22 +153,36 @@ class _Layout:
     key: Hashable | None
 
 
-class Layouts:
-    """The request headers one model has seen lately, by their bytes. A client sends the same header for every
-    request of one shape (only the tensor bytes differ), so a header seen before needs no JSON parsing and no
-    signature check: its tensors are read straight out of the body. Thread-safe (dict operations)."""
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+
+class _Recent(Generic[_K, _V]):
+    """A model's few recent entries of one kind, by key; when full it starts over rather than track their age
+    (a client cycling through many shapes). Thread-safe (dict operations)."""
 
     def __init__(self, size: int = 64) -> None:
         self._size = size
-        self._layouts: dict[bytes, _Layout] = {}
+        self._entries: dict[_K, _V] = {}
 
-    def get(self, header: bytes) -> _Layout | None:
-        return self._layouts.get(header)
+    def get(self, key: _K) -> _V | None:
+        return self._entries.get(key)
 
-    def put(self, header: bytes, layout: _Layout) -> None:
-        if len(self._layouts) >= self._size:
-            self._layouts.clear()  # a client cycling through many shapes: start over rather than track age
-        self._layouts[header] = layout
+    def put(self, key: _K, value: _V) -> None:
+        if len(self._entries) >= self._size:
+            self._entries.clear()
+        self._entries[key] = value
+
+
+class Layouts(_Recent[bytes, _Layout]):
+    """The request headers one model has seen lately, by their bytes. A client sends the same header for every
+    request of one shape (only the tensor bytes differ), so a header seen before needs no JSON parsing and no
+    signature check: its tensors are read straight out of the body."""
+
+
+class ResponseHeaders(_Recent[Hashable, bytes]):
+    """The JSON headers of one model's all-binary answers, by their outputs' names, types and shapes: the
+    same few for every answer (only the tensor bytes differ), encoded once."""
 
 
 def prepare(
@@ -225,16 +246,23 @@ def prepare_decoded(
     return Prepared(feeds=feeds, outputs=wanted, request_id=decoded.id, rows=rows, key=key, encode=encode)
 
 
-def run_batch(model: LoadedModel, items: list[Prepared], references: tuple[DriftReference, ...] = ()) -> BatchRun:
-    """Run queued requests of one key in one runtime call (one request: as is) and encode each answer.
+def run_batch(
+    model: LoadedModel,
+    items: list[Prepared],
+    references: tuple[DriftReference, ...] = (),
+    headers: ResponseHeaders | None = None,
+) -> BatchRun:
+    """Run queued requests of one key in one runtime call (one request: as is) and encode each answer. With
+    `headers` (the model's), all-binary answers reuse the JSON header an earlier answer of their shape had.
 
     Errors are returned per request, never raised: a bad row reruns the batch one request at a time.
     """
+    headers = ResponseHeaders() if headers is None else headers
     started = time.perf_counter_ns()
     queue_ns = [started - item.enqueued_ns for item in items]
     executions = 1
     try:
-        results = _run_together(model, items, references, queue_ns)
+        results = _run_together(model, items, references, queue_ns, headers)
     except BadRequest as exc:
         if len(items) == 1:
             results = [exc]
@@ -243,44 +271,57 @@ def run_batch(model: LoadedModel, items: list[Prepared], references: tuple[Drift
             for item, waited in zip(items, queue_ns, strict=True):
                 executions += 1
                 try:
-                    results.extend(_run_together(model, [item], references, [waited]))
+                    results.extend(_run_together(model, [item], references, [waited], headers))
                 except InferenceError as single:
                     results.append(single)
     except InferenceError as exc:
         results = [exc] * len(items)
     rows = sum(item.rows for item in items)
-    return BatchRun(results, rows, executions, time.perf_counter_ns() - started)
+    done = [result for result in results if isinstance(result, InferResult)]
+    model_ns = sum(result.model_ns for result in done)
+    compute_ns = max((result.compute_ns for result in done), default=0)
+    return BatchRun(results, rows, executions, time.perf_counter_ns() - started, model_ns, compute_ns)
 
 
 def _encode(
-    model: LoadedModel, item: Prepared, outputs: dict[str, Array], headers: dict[Hashable, bytes] | None
+    model: LoadedModel, item: Prepared, outputs: dict[str, Array], headers: ResponseHeaders | None
 ) -> tuple[bytes, int | None]:
     """A request's response body. All-binary answers of one shape share their JSON header (it holds only
-    names, types, shapes and sizes), so a batch encodes it once and joins the tensors' bytes after it."""
+    names, types, shapes and sizes), so it is encoded once per model and shape and the tensors' bytes are
+    joined after it."""
     arrays = [(name, outputs[name]) for name, _ in item.outputs]
-    cacheable = (
-        headers is not None
-        and item.request_id is None
-        and all(binary for _, binary in item.outputs)
-        and all(array.dtype.kind not in "OSU" for _, array in arrays)
-    )
+    cacheable = headers is not None and item.request_id is None
+    if cacheable:
+        for (_, binary), (_, array) in zip(item.outputs, arrays, strict=True):
+            if not binary or array.dtype.kind in "OSU":
+                cacheable = False
+                break
     if not cacheable or headers is None:
         return encode_response(
             model.name, model.version, item.request_id, ((n, outputs[n], b) for n, b in item.outputs)
         )
-    key = tuple((name, array.dtype.str, array.shape) for name, array in arrays)
+    key = tuple([(name, array.dtype, array.shape) for name, array in arrays])
     header = headers.get(key)
     if header is None:
         body, header_length = encode_response(model.name, model.version, None, ((n, a, True) for n, a in arrays))
         assert header_length is not None
-        headers[key] = body[:header_length]
+        headers.put(key, body[:header_length])
         return body, header_length
-    little = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).reshape(-1).view(np.uint8) for _, a in arrays]
-    return b"".join([header, *(part.data for part in little)]), len(header)
+    parts: list[Any] = [header]
+    for _, array in arrays:
+        if array.flags.c_contiguous and (array.dtype.byteorder == "<" or (array.dtype.isnative and _LITTLE)):
+            parts.append(array.data)  # the row slice of a batch's output, as it lies: no copy
+        else:
+            parts.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8))
+    return b"".join(parts), len(header)
 
 
 def _run_together(
-    model: LoadedModel, items: list[Prepared], references: tuple[DriftReference, ...], queue_ns: list[int]
+    model: LoadedModel,
+    items: list[Prepared],
+    references: tuple[DriftReference, ...],
+    queue_ns: list[int],
+    headers: ResponseHeaders,
 ) -> list[InferResult | Exception]:
     """One runtime call for `items`, split back into their answers.
 
@@ -303,14 +344,15 @@ def _run_together(
     if len(items) > 1 and any(array.ndim == 0 or array.shape[0] != total for array in results.values()):
         raise InferenceError(f"model {model.name} returned outputs that do not have one row per input row")
     out: list[InferResult | Exception] = []
-    headers: dict[Hashable, bytes] = {}
-    offset = 0
-    for item, waited in zip(items, queue_ns, strict=True):
-        if len(items) == 1:
-            mine = results
-        else:
-            mine = {name: array[offset : offset + item.rows] for name, array in results.items()}
-        offset += item.rows
+    if len(items) == 1:
+        mines = [results]
+    else:
+        mines, offset = [], 0
+        for item in items:
+            mines.append({name: array[offset : offset + item.rows] for name, array in results.items()})
+            offset += item.rows
+    drift = _drift(items, feeds, results, mines, references)
+    for index, (item, mine, waited) in enumerate(zip(items, mines, queue_ns, strict=True)):
         if item.encode is None:
             body, header_length = _encode(model, item, mine, headers)
         else:
@@ -324,13 +366,34 @@ def _run_together(
                 compute_ns=compute_ns,
                 model_ns=cost_ns * item.rows // max(total, 1),
                 summarize=functools.partial(_summary, model, item.feeds),
-                drift=tuple(
-                    (ref.tensor, tuple(bin_counts(ref, (item.feeds if ref.kind == "input" else mine)[ref.tensor])))
-                    for ref in references
-                    if (item.feeds if ref.kind == "input" else mine).get(ref.tensor) is not None
-                ),
+                drift=tuple((tensor, counts[index]) for tensor, counts in drift),
             )
         )
+    return out
+
+
+def _drift(
+    items: list[Prepared],
+    feeds: dict[str, Array],
+    results: dict[str, Array],
+    mines: list[dict[str, Array]],
+    references: tuple[DriftReference, ...],
+) -> list[tuple[str, list[list[int]]]]:
+    """Each request's counts in each drift reference's bins: (tensor, counts per request), for the tensors the
+    batch has. Requests of one batch share their inputs' names and their outputs (their batch key), so a
+    reference's tensor is in every request of the batch or in none; its counts come from one pass over the
+    batch's tensor."""
+    out = []
+    for ref in references:
+        whole = (feeds if ref.kind == "input" else results).get(ref.tensor)
+        if whole is None:
+            continue
+        if len(items) == 1:
+            out.append((ref.tensor, [bin_counts(ref, whole)]))
+            continue
+        pairs = zip(items, mines, strict=True)
+        sizes = [(item.feeds if ref.kind == "input" else mine)[ref.tensor].size for item, mine in pairs]
+        out.append((ref.tensor, bin_counts_split(ref, whole, sizes)))
     return out
 
 
@@ -402,10 +465,19 @@ class ModelScheduler:
         self._executor = executor
         self._references = references
         self.layouts = Layouts()
+        self._headers = ResponseHeaders()
         self._queue: list[Prepared] = []
         self._queued_rows = 0
         self._running: list[_Running] = []
         self._rows_per_s: float | None = None
+        # what the model cost per row lately, and in the last batch, in CPU time of its runtime calls: the part of
+        # a job that runs without the GIL, so the part that running on the loop takes from the loop (the rest of a
+        # job holds the GIL wherever it runs). Only the CPU runtime's batches may run on the loop: an
+        # accelerator's call waits for the device, and that wait is not CPU time
+        self._cpu_runtime = model.manifest.runtime == "onnxruntime"
+        self._ns_per_row: float | None = None
+        self._last_job_ns: int | None = None
+        self._last_call_ns: int | None = None  # the wall time of the last batch's runtime call
         self._dispatch_pending = False
         self._timer: asyncio.TimerHandle | None = None
 
@@ -499,9 +571,12 @@ class ModelScheduler:
 
     def _start(self, batch: list[Prepared], now_ns: int) -> None:
         run = _Running(now_ns, sum(item.rows for item in batch))
+        if self._cpu_runtime and runs_inline(run.rows, self._ns_per_row, self._last_job_ns, self._last_call_ns):
+            self._run_inline(batch, run)
+            return
         loop = asyncio.get_running_loop()
         try:
-            job = loop.run_in_executor(self._executor, run_batch, self.model, batch, self._references)
+            job = loop.run_in_executor(self._executor, run_batch, self.model, batch, self._references, self._headers)
         except RuntimeError:  # the executor is shut down: the agent is stopping
             error = Unavailable("the node is shutting down and takes no more inference requests")
             for item in batch:
@@ -510,6 +585,19 @@ class ModelScheduler:
         self._running.append(run)
         job.add_done_callback(functools.partial(self._finish, batch, run))
 
+    def _run_inline(self, batch: list[Prepared], run: _Running) -> None:
+        """Run a small model's batch right here on the loop (see `batching.runs_inline`): no worker hand-off,
+        and its requests resume in this turn of the loop."""
+        self._running.append(run)  # counted against the instances while it runs, as a worker's job is
+        try:
+            outcome = run_batch(self.model, batch, self._references, self._headers)
+        except Exception as exc:  # run_batch returns errors per request: this is a bug, as a failed job is
+            self._running.remove(run)
+            self._failed(batch, exc)
+            return
+        self._running.remove(run)
+        self._done(batch, run, outcome)
+
     def _finish(self, batch: list[Prepared], run: _Running, job: asyncio.Future[BatchRun]) -> None:
         self._running.remove(run)
         if job.cancelled():
@@ -517,20 +605,29 @@ class ModelScheduler:
             for item in batch:
                 _settle(item, error)
         elif (failure := job.exception()) is not None:
-            log.error("batch of model %s failed unexpectedly", self.model.name, exc_info=failure)
-            for item in batch:
-                _settle(item, InferenceError(f"internal error running model {self.model.name}"))
+            self._failed(batch, failure)
         else:
-            outcome = job.result()
-            for item, result in zip(batch, outcome.results, strict=True):
-                _settle(item, result)
-            self._metrics.record_execution(self.model.name, self.model.version, outcome.executions)
-            # the instance was taken from dispatch until now (the job, plus handing it over and back): that,
-            # not the job alone, is what a request queued behind it waits for
-            occupied_ns = time.perf_counter_ns() - run.started_ns
-            if occupied_ns > 0:
-                self._rows_per_s = ewma(self._rows_per_s, outcome.rows / (occupied_ns / 1e9))
+            self._done(batch, run, job.result())
         self._dispatch()
+
+    def _failed(self, batch: list[Prepared], failure: BaseException) -> None:
+        log.error("batch of model %s failed unexpectedly", self.model.name, exc_info=failure)
+        for item in batch:
+            _settle(item, InferenceError(f"internal error running model {self.model.name}"))
+
+    def _done(self, batch: list[Prepared], run: _Running, outcome: BatchRun) -> None:
+        for item, result in zip(batch, outcome.results, strict=True):
+            _settle(item, result)
+        self._metrics.record_execution(self.model.name, self.model.version, outcome.executions)
+        # the instance was taken from dispatch until now (the job, plus handing it over and back): that,
+        # not the job alone, is what a request queued behind it waits for
+        occupied_ns = time.perf_counter_ns() - run.started_ns
+        if occupied_ns > 0:
+            self._rows_per_s = ewma(self._rows_per_s, outcome.rows / (occupied_ns / 1e9))
+        if outcome.model_ns:  # 0: every request failed, the model's cost unknown
+            self._ns_per_row = ewma(self._ns_per_row, outcome.model_ns / max(outcome.rows, 1))
+            self._last_job_ns = outcome.model_ns
+            self._last_call_ns = outcome.compute_ns
 
 
 def _settle(item: Prepared, result: InferResult | Exception) -> None:

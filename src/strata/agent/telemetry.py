@@ -3,7 +3,9 @@ recorder, and an uploader that sends numbered, compressed batches until the cont
 
 Durability: the inference server awaits `TelemetryRecorder.record` before it answers, and the recorder
 commits every outcome waiting in its queue in one transaction (group commit), so a request a client saw
-answered is on disk even if the agent is killed the next instant. Exactly once: a batch is sealed into the
+answered is on disk even if the agent is killed the next instant. The outcomes recorded in one turn of the
+event loop reach the writer thread as one item, at the end of the turn: one wake-up of the writer, and one of
+the loop when they are committed, however many requests finished in that turn. Exactly once: a batch is sealed into the
 outbox with its sequence number in the same transaction that removes its rows, and is deleted only when the
 server acknowledges that sequence; the server stores each (node, seq) once, so a resend after a kill is
 harmless.
@@ -26,7 +28,7 @@ import sqlite3
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,9 @@ ON CONFLICT (model, version, variant, minute) DO UPDATE SET
     {", ".join(f"b{i} = b{i} + excluded.b{i}" for i in range(BUCKETS))}
 """
 
+# drift counts summed by (model, version, minute, tensor)
+DriftSums = dict[tuple[str, str, int, str], list[int]]
+
 DROPPED_KINDS = ("events_sampled", "events_slow", "events_error", "minutes", "minute_requests", "lost", "rejected")
 
 
@@ -104,9 +109,10 @@ class TelemetryConfig:
     drift_window_minutes: int = 10
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
-    """One inference request as the server saw it."""
+    """One inference request as the server saw it (not frozen: one is made per request, and a frozen
+    dataclass's constructor costs four times as much)."""
 
     ts: float
     model: str
@@ -121,7 +127,7 @@ class Outcome:
     summary: str = ""
     # made only for outcomes kept as events (a few in a hundred), on the recorder's thread; wins over `summary`
     summarize: Callable[[], str] | None = None
-    drift: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    drift: tuple[tuple[str, Sequence[int]], ...] = ()  # (tensor, counts in its reference's bins)
 
 
 @dataclass(frozen=True)
@@ -157,14 +163,16 @@ class TelemetryBuffer:
 
     # --- writing (recorder thread) ----------------------------------------------------------------------
 
-    def write(self, outcomes: list[Outcome], priorities: list[int | None]) -> None:
-        """Add outcomes to the minute aggregates (all of them) and the events table (the kept ones), atomically.
+    def write(self, outcomes: list[Outcome], priorities: list[int | None], drift: DriftSums | None = None) -> None:
+        """Add outcomes to the minute aggregates (all of them) and the events table (the kept ones), atomically;
+        `drift` is their drift counts summed (`sum_drift(outcomes)`, made here when not given).
 
         Raises:
             sqlite3.Error: the disk is full or the file is damaged (the caller counts the loss).
         """
         minutes: dict[tuple[str, str, str, int], MinuteRow] = {}
-        drift: dict[tuple[str, str, int, str], list[int]] = {}
+        if drift is None:
+            drift = sum_drift(outcomes)
         events = []
         for outcome, priority in zip(outcomes, priorities, strict=True):
             minute = minute_of(outcome.ts)
@@ -176,11 +184,6 @@ class TelemetryBuffer:
             row.latency_sum_us += outcome.latency_us
             row.queue_sum_us += outcome.queue_us
             row.latency[bucket_of(outcome.latency_us)] += 1
-            for tensor, counts in outcome.drift:
-                total = drift.setdefault((outcome.model, outcome.version, minute, tensor), [0] * len(counts))
-                if len(total) == len(counts):
-                    for i, c in enumerate(counts):
-                        total[i] += c
             if priority is not None:
                 events.append(
                     (outcome.ts, outcome.model, outcome.version, outcome.variant, outcome.latency_us,
@@ -394,11 +397,14 @@ class TelemetryBuffer:
 # --- the recorder: group commit ---------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Waiter:
-    outcome: Outcome
-    loop: asyncio.AbstractEventLoop | None = None  # None: nobody waits for the commit
-    future: asyncio.Future[None] | None = None
+    """The outcomes one turn of an event loop recorded, handed to the writer thread together: one queue item
+    and one wake-up of the writer per turn, however many requests finished in it."""
+
+    loop: asyncio.AbstractEventLoop | None  # None: nobody waits for the commit
+    outcomes: list[Outcome] = field(default_factory=list)
+    futures: list[asyncio.Future[None]] = field(default_factory=list)  # resolved once the outcomes are committed
 
 
 @dataclass
@@ -421,21 +427,43 @@ class TelemetryRecorder:
         self._references: dict[tuple[str, str], tuple[DriftReference, ...]] = {}
         self._window: dict[tuple[str, str, str], deque[tuple[int, list[int]]]] = {}
         self._window_lock = threading.Lock()
+        self._turns: dict[asyncio.AbstractEventLoop, _Waiter] = {}  # outcomes recorded in the loop's current turn
         self._thread = threading.Thread(target=self._run, name="strata-telemetry", daemon=True)
         self._thread.start()
 
     # --- the inference side -----------------------------------------------------------------------------
 
     async def record(self, outcome: Outcome) -> None:
-        """Buffer one outcome; returns once it is committed (or its loss is counted)."""
+        """Buffer one outcome; returns once it is committed (or its loss is counted). The outcomes recorded in
+        one turn of the event loop go to the writer together, at the end of the turn."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._queue.put(_Waiter(outcome, loop, future))
+        turn = self._turn(loop)
+        turn.outcomes.append(outcome)
+        turn.futures.append(future)
         await future
 
     def record_nowait(self, outcome: Outcome) -> None:
         """Buffer one outcome without waiting for its commit (a shed request's: its 503 goes out at once)."""
-        self._queue.put(_Waiter(outcome))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop: straight to the writer
+            self._queue.put(_Waiter(None, [outcome]))
+            return
+        self._turn(loop).outcomes.append(outcome)
+
+    def _turn(self, loop: asyncio.AbstractEventLoop) -> _Waiter:
+        """The outcomes of this turn of `loop`, handed over once the callbacks ready now have run."""
+        turn = self._turns.get(loop)
+        if turn is None:
+            turn = self._turns[loop] = _Waiter(loop)
+            loop.call_soon(self._hand_over, loop)
+        return turn
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        turn = self._turns.pop(loop, None)
+        if turn is not None:
+            self._queue.put(turn)
 
     def set_references(self, model: str, version: str, references: tuple[DriftReference, ...]) -> None:
         """The drift references of a model version now served (from its package)."""
@@ -497,42 +525,41 @@ class TelemetryRecorder:
                 return
 
     def _commit(self, waiters: list[_Waiter]) -> None:
-        outcomes = [w.outcome for w in waiters]
+        outcomes = [outcome for waiter in waiters for outcome in waiter.outcomes]
         priorities = [
             event_priority(o.ok, o.latency_us, self.config.slow_us, self.config.sample_rate, self._rng.random())
             for o in outcomes
         ]
+        drift = sum_drift(outcomes)
         try:
             if self._lost:
                 self.buffer.count_dropped("lost", self._lost)
                 self._lost = 0
-            self.buffer.write(outcomes, priorities)
+            self.buffer.write(outcomes, priorities, drift)
         except sqlite3.Error as exc:  # disk full, damaged file: inference goes on, the loss is counted
             self._lost += len(outcomes)
             log.error("telemetry buffer write failed (%s); %d outcomes not recorded", exc, len(outcomes))
-        self._remember_drift(outcomes)
+        self._remember_drift(drift)
         # one wake-up per event loop for the whole group, not one per request
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for waiter in waiters:
-            if waiter.loop is not None and waiter.future is not None:
-                by_loop.setdefault(waiter.loop, []).append(waiter.future)
+            if waiter.loop is not None and waiter.futures:
+                by_loop.setdefault(waiter.loop, []).extend(waiter.futures)
         for loop, futures in by_loop.items():
             if not loop.is_closed():
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
                     loop.call_soon_threadsafe(_resolve, futures)
 
-    def _remember_drift(self, outcomes: list[Outcome]) -> None:
+    def _remember_drift(self, drift: DriftSums) -> None:
         with self._window_lock:
-            for outcome in outcomes:
-                minute = minute_of(outcome.ts)
-                for tensor, counts in outcome.drift:
-                    window = self._window.setdefault((outcome.model, outcome.version, tensor), deque())
-                    if window and window[-1][0] == minute and len(window[-1][1]) == len(counts):
-                        window[-1] = (minute, [a + b for a, b in zip(window[-1][1], counts, strict=True)])
-                    else:
-                        window.append((minute, list(counts)))
-                    while window and window[0][0] <= minute - self.config.drift_window_minutes:
-                        window.popleft()
+            for (model, version, minute, tensor), counts in drift.items():
+                window = self._window.setdefault((model, version, tensor), deque())
+                if window and window[-1][0] == minute and len(window[-1][1]) == len(counts):
+                    window[-1] = (minute, [a + b for a, b in zip(window[-1][1], counts, strict=True)])
+                else:
+                    window.append((minute, list(counts)))
+                while window and window[0][0] <= minute - self.config.drift_window_minutes:
+                    window.popleft()
 
     def stats(self) -> BufferStats:
         stats: BufferStats = self.call(self.buffer.stats)
@@ -542,6 +569,24 @@ class TelemetryRecorder:
         self._queue.put(None)
         self._thread.join(timeout=10)
         self.buffer.close()
+
+
+def sum_drift(outcomes: list[Outcome]) -> DriftSums:
+    """The outcomes' drift counts summed by (model, version, minute, tensor), in order of first appearance; a
+    tensor's counts of another length than its first in that minute (its reference changed) are left out."""
+    sums: DriftSums = {}
+    for outcome in outcomes:
+        if not outcome.drift:
+            continue
+        minute = minute_of(outcome.ts)
+        for tensor, counts in outcome.drift:
+            key = (outcome.model, outcome.version, minute, tensor)
+            total = sums.get(key)
+            if total is None:
+                sums[key] = list(counts)
+            elif len(total) == len(counts):
+                sums[key] = [a + b for a, b in zip(total, counts, strict=True)]
+    return sums
 
 
 def _summary_of(outcome: Outcome) -> str:

@@ -9,6 +9,8 @@ numbered per node; the control plane stores each (node, seq) once, whatever is r
 from __future__ import annotations
 
 import bisect
+import functools
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -166,6 +168,16 @@ def build_reference(tensor: str, kind: str, samples: Any) -> DriftReference | No
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _edges(edges: tuple[float, ...]) -> Any:
+    """A reference's bin edges as a numpy array (converted once, not per request)."""
+    import numpy as np
+
+    array = np.asarray(edges, dtype=np.float64)
+    array.flags.writeable = False
+    return array
+
+
 def bin_counts(reference: DriftReference, values: Any) -> list[int]:
     """Counts of a live tensor's values (strided to DRIFT_MAX_ELEMENTS) in the reference's bins."""
     import numpy as np
@@ -174,8 +186,37 @@ def bin_counts(reference: DriftReference, values: Any) -> list[int]:
     if flat.dtype.kind not in "biuf":
         return [0] * len(reference.counts)
     flat = flat.astype(np.float64, copy=False)
-    indices = np.searchsorted(np.asarray(reference.edges), flat[np.isfinite(flat)], side="left")
+    indices = np.searchsorted(_edges(reference.edges), flat[np.isfinite(flat)], side="left")
     return [int(c) for c in np.bincount(indices, minlength=len(reference.counts))]
+
+
+def bin_counts_split(reference: DriftReference, values: Any, sizes: Sequence[int]) -> list[list[int]]:
+    """`bin_counts` of consecutive parts of `values` (flattened), `sizes[i]` elements in part i: what each request
+    of a batch counts alone, in one pass over the batch's tensor instead of a few numpy calls per request.
+
+    Raises:
+        ValueError: the sizes do not add up to the tensor's.
+    """
+    import numpy as np
+
+    flat = np.asarray(values).reshape(-1)
+    if sum(sizes) != flat.size:
+        raise ValueError(f"parts of {sum(sizes)} elements do not split a tensor of {flat.size}")
+    bins = len(reference.counts)
+    if flat.dtype.kind not in "biuf":
+        return [[0] * bins for _ in sizes]
+    if any(size > DRIFT_MAX_ELEMENTS for size in sizes):  # strided per part, as bin_counts does
+        bounds = np.cumsum([0, *sizes])
+        return [bin_counts(reference, flat[a:b]) for a, b in itertools.pairwise(bounds)]
+    indices = np.searchsorted(_edges(reference.edges), flat, side="left")
+    if len(sizes) > 1:
+        indices += np.repeat(np.arange(0, len(sizes) * bins, bins), sizes)
+    if flat.dtype.kind == "f":  # integers are all finite
+        finite = np.isfinite(flat)
+        if not finite.all():
+            indices = indices[finite]
+    counts: list[list[int]] = np.bincount(indices, minlength=len(sizes) * bins).reshape(len(sizes), bins).tolist()
+    return counts
 
 
 def drift_references(raw: Mapping[str, Any]) -> list[DriftReference]:
