@@ -526,11 +526,11 @@ def main() -> None:
     report["seconds"] = round(time.time() - started)
     report["targets"] = {
         "digits_strata_vs_baseline_rps": report["digits"]["summary"]["strata"]["vs_baseline"],
-        "digits_target": ">= 1.5",
+        "digits_target": ">= 2",  # issue 14: per core, one process each and every core each
     }
     if with_minilm:
         report["targets"]["minilm_strata_vs_ceiling"] = report["minilm_int8"]["summary"]["strata"]["vs_ceiling"]
-        report["targets"]["minilm_target"] = ">= 0.8"
+        report["targets"]["minilm_target"] = ">= 0.9"  # issue 14: at the ceiling's best batch size, on all cores
     print(json.dumps(report, indent=2))
 
 
