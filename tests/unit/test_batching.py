@@ -17,6 +17,7 @@ from strata.agent.batch_plan import (
     WaitUntil,
     admit,
     batchable_signature,
+    cost_follows_rows,
     estimate_wait_s,
     ewma,
     plan_batch,
@@ -240,3 +241,12 @@ def test_only_a_model_measured_small_runs_its_batches_on_the_loop() -> None:
     assert not runs_inline(32, 10 * us, 40 * us, 45 * us)  # this batch would cost 320 µs
     assert not runs_inline(1, 10 * us, 300 * us, 300 * us)  # the last batch was slow
     assert not runs_inline(1, 10 * us, 40 * us, 50_000 * us)  # the last call waited (a lock, a device): not CPU
+
+
+def test_only_a_model_whose_rows_say_what_a_batch_costs_may_run_on_the_loop() -> None:
+    assert cost_follows_rows([TensorSpec("x", "FP32", (-1, 64))])  # digits: a row is 64 floats
+    assert cost_follows_rows([TensorSpec("x", "FP32", (8, 3))])
+    # another dynamic axis (a sequence, an image side) or strings: one request's rows may be as large as its body
+    assert not cost_follows_rows([TensorSpec("ids", "INT64", (-1, -1)), TensorSpec("mask", "INT64", (-1, 128))])
+    assert not cost_follows_rows([TensorSpec("image", "FP32", (-1, 3, -1, -1))])
+    assert not cost_follows_rows([TensorSpec("text", "BYTES", (-1, 1))])

@@ -98,6 +98,22 @@ def test_recorder_resolves_after_the_commit(tmp_path: Path) -> None:
     recorder.close()
 
 
+def test_shed_outcomes_of_the_last_loop_turn_are_kept_when_the_recorder_closes(tmp_path: Path) -> None:
+    recorder = TelemetryRecorder(TelemetryConfig(path=tmp_path / "t.db", sample_rate=0.0))
+
+    async def shed_then_stop() -> None:
+        for i in range(3):  # 503s, recorded without waiting; their turn's hand-over has not run yet
+            recorder.record_nowait(outcome(T + i, ok=False))
+        recorder.close()
+
+    asyncio.run(shed_then_stop())
+    other = TelemetryBuffer(tmp_path / "t.db", 64 << 20)
+    assert other.seal("n", T, 10_000, 10_000) == 1
+    pending = other.read_outbox()
+    assert pending is not None
+    assert sum(m.errors for m in decode_batch(pending[1]).minutes) == 3
+
+
 def test_uploader_acks_in_order_and_keeps_what_failed(tmp_path: Path) -> None:
     recorder = TelemetryRecorder(TelemetryConfig(path=tmp_path / "t.db", batch_max_minutes=1))
     asyncio.run(recorder.record(outcome(T)))

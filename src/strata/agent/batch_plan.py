@@ -304,6 +304,15 @@ def runs_inline(
     return rows * ns_per_row <= limit_ns
 
 
+def cost_follows_rows(inputs: Sequence[TensorSpec]) -> bool:
+    """Whether a batch's cost can be told from its rows alone: every input is numeric with a fixed size past the
+    batch axis. `runs_inline`'s estimate is a cost per row; an input with another dynamic axis (a sequence, an
+    image side) or BYTES elements lets one request's rows be as large as its body allows, and such a request,
+    predicted cheap from smaller ones, would hold the event loop for as long as it computes.
+    """
+    return all(spec.datatype != "BYTES" and all(dim >= 0 for dim in spec.shape[1:]) for spec in inputs)
+
+
 def ewma(previous: float | None, sample: float, weight: float = 0.2) -> float:
     """Exponentially weighted moving average; the first sample stands alone."""
     return sample if previous is None else previous + weight * (sample - previous)

@@ -147,6 +147,9 @@ def run_child(
         reason = f"it did not finish in {timeout_s:g} s"
         raise ChildFailed(f"{what} did not finish in {timeout_s:g} s", reason) from exc
     finally:
+        if child.returncode is None:  # interrupted while waiting (KeyboardInterrupt, SystemExit): no orphan left
+            child.kill()
+            child.wait()
         for thread in threads:
             # The pipes close when the child exits; a grandchild that holds them open is not waited for.
             thread.join(timeout=5.0)

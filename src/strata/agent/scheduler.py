@@ -34,6 +34,7 @@ from strata.agent.batch_plan import (
     WaitUntil,
     admit,
     batchable_signature,
+    cost_follows_rows,
     ewma,
     plan_batch,
     resolve_config,
@@ -473,8 +474,9 @@ class ModelScheduler:
         # what the model cost per row lately, and in the last batch, in CPU time of its runtime calls: the part of
         # a job that runs without the GIL, so the part that running on the loop takes from the loop (the rest of a
         # job holds the GIL wherever it runs). Only the CPU runtime's batches may run on the loop: an
-        # accelerator's call waits for the device, and that wait is not CPU time
-        self._cpu_runtime = model.manifest.runtime == "onnxruntime"
+        # accelerator's call waits for the device, and that wait is not CPU time; and only where rows say what a
+        # batch costs (no other dynamic axis, no BYTES), so that a request cannot be much larger than those measured
+        self._cpu_runtime = model.manifest.runtime == "onnxruntime" and cost_follows_rows(model.manifest.inputs)
         self._ns_per_row: float | None = None
         self._last_job_ns: int | None = None
         self._last_call_ns: int | None = None  # the wall time of the last batch's runtime call
@@ -568,6 +570,7 @@ class ModelScheduler:
                 self._queue = [item for p, item in enumerate(self._queue) if p not in chosen]
             self._queued_rows -= decision.rows
             self._start(batch, now)
+            now = time.perf_counter_ns()  # a batch run inline took its time: the next one starts now, not then
 
     def _start(self, batch: list[Prepared], now_ns: int) -> None:
         run = _Running(now_ns, sum(item.rows for item in batch))

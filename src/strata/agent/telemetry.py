@@ -566,6 +566,10 @@ class TelemetryRecorder:
         return stats
 
     def close(self) -> None:
+        # outcomes of a loop turn whose hand-over has not run yet (a shed request's, as the server stopped) go
+        # to the writer before it is told to stop, not after
+        for loop in list(self._turns):
+            self._hand_over(loop)
         self._queue.put(None)
         self._thread.join(timeout=10)
         self.buffer.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import sys
 from collections.abc import Callable
 
 # Linux's flag name -> (leaf, subleaf, register index in eax/ebx/ecx/edx, bit), as the kernel's cpufeatures.h.
@@ -83,9 +84,13 @@ _CPUID_CODE = bytes.fromhex(
 def read_cpuid_features() -> frozenset[str] | None:
     """The flags of `CPUID_FLAGS` that CPUID reports to this process on x86-64; None where it cannot be run
     (a kernel that refuses executable anonymous memory)."""
+    # the code is x86-64 System V: a 64-bit process on Linux (platform.machine() names the kernel's architecture,
+    # and a 32-bit Python on an x86-64 kernel would run these bytes as other instructions)
+    if sys.platform != "linux" or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
     try:
         page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    except (OSError, ValueError):  # SELinux execmem, PaX MPROTECT: no code of our own here
+    except (OSError, ValueError, AttributeError):  # SELinux execmem, PaX MPROTECT: no code of our own here
         return None
     try:
         page.write(_CPUID_CODE)
