@@ -1,0 +1,54 @@
+"""`make demo` is the project's main job (`strata demo`): run it as a user does, in its own process, and hold it
+to what it says it shows and to leaving nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """The processes whose command line names `text` (the demo's folder: its server and agents are started in it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:  # the process ended while we looked
+                continue
+            if text in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_the_demo_runs_its_whole_fleet_and_stops_every_process_it_started(tmp_path: Path) -> None:
+    strata = Path(sys.executable).with_name("strata")
+    workdir = tmp_path / "demo"
+    done = subprocess.run(
+        [str(strata), "demo", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout + done.stderr  # the steps go to stderr, the tables to stdout
+    for step in (
+        "the control plane refuses an unsigned package",
+        "check answers: eu-west serves v2, us-east still v1",
+        "stop every process the demo started",
+        "demo passed in",
+    ):
+        assert step in out, step
+    assert "Traceback" not in out
+    # the fleet table: v2 went to region=eu-west only
+    versions = dict(re.findall(r"(edge-eu-1|edge-us-1|gateway-eu-1)\b.*?digits=(\d)", out))
+    assert versions == {"edge-eu-1": "2", "gateway-eu-1": "2", "edge-us-1": "1"}
+    assert _processes_mentioning(str(workdir)) == []  # the demo's server and agents are gone with it
