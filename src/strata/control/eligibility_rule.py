@@ -151,9 +151,10 @@ class FleetNode:
 
 
 def pinned_by(node: FleetNode, model: str, pins: Iterable[ActiveDeployment]) -> ActiveDeployment | None:
-    """The newest pin of `model` that holds `node`, if any."""
+    """The newest pin of `model` that holds `node`, if any. A pin whose own version's policy forbids the node
+    holds nothing there, as in the desired-state rule (`strata.control.desired.decide` passes over it too)."""
     for pin in sorted(pins, key=lambda p: p.recency, reverse=True):
-        if pin.model == model and pin.applies_to(node.id, node.labels):
+        if pin.model == model and pin.applies_to(node.id, node.labels) and pin.placement(node.facts)[0]:
             return pin
     return None
 

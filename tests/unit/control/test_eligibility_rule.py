@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from strata.control.desired import decide
 from strata.control.eligibility_rule import FleetNode, Release, exclusion, observe_fleet, placement
 from strata.control.gates import DriftFigure
 from strata.control.rollout_plan import RolloutSpec, RolloutState
@@ -52,6 +53,20 @@ def test_a_pin_holds_the_node_before_any_other_rule() -> None:
     assert exclusion(frozen, release(), [by_label, newer]) == "pinned to 3 (pin 9)"  # the newest pin
     other_model = Release("faces", "1", (variant("cpu-generic"),)).entry(10, 1.0, kind="pin")
     assert exclusion(node(), release(), [other_model]) is None
+
+
+def test_a_pin_whose_own_policy_forbids_the_node_holds_nothing_there_as_in_the_desired_state_rule() -> None:
+    eu_only_1 = release(EU_ONLY, version="1").entry(7, 5.0, kind="pin", only_nodes=frozenset({"id-us"}))
+    us = node("us", {"region": "us-east"})
+    # the desired-state rule passes over the pin (its version may not run there) ...
+    decided, refused = decide(us.id, us.labels, [eu_only_1], us.facts)
+    assert decided == {}
+    assert [entry.id for entry, _ in refused["digits"]] == [7]
+    # ... so the rollout is not held by it: the node is judged by the rollout's own version
+    assert exclusion(us, release(), [eu_only_1]) is None
+    assert exclusion(us, release(EU_ONLY), [eu_only_1]) == (
+        "policy rule allowed_regions: node us has region 'us-east'; the model may run only in ['eu-*']"
+    )
 
 
 def test_a_policy_names_its_rule_regions_jurisdictions_data_class_attestation() -> None:
