@@ -36,7 +36,7 @@ from strata.core.package import (
     Package,
     TensorSpec,
     check_name,
-    ort_disabled_optimizers,
+    ort_session_in_memory,
 )
 
 MAX_GOLDEN_SAMPLES: Final = 4
@@ -45,24 +45,12 @@ MAX_REFERENCE_SAMPLES: Final = 512
 
 def _session(model_bytes: bytes, external: Mapping[str, bytes]) -> Any:
     """An onnxruntime session over the model's bytes, its external data given in memory (nothing else read)."""
-    import tempfile
-
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if external:
-        names = list(external)
-        options.add_external_initializers_from_files_in_memory(
-            names, [external[n] for n in names], [len(external[n]) for n in names]
-        )
     try:
-        with tempfile.TemporaryDirectory(prefix="strata-model-") as nothing:
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", nothing)
-            providers = ["CPUExecutionProvider"]
-            return ort.InferenceSession(
-                model_bytes, options, providers=providers, disabled_optimizers=ort_disabled_optimizers(providers)
-            )
+        return ort_session_in_memory(ort, model_bytes, options, external, ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types from C++; wrap them all.
         raise PackageBuildError(f"not a loadable ONNX model: {exc}") from exc
 

@@ -6,7 +6,6 @@ onnxruntime is imported here, inside the functions that need it, so nothing else
 from __future__ import annotations
 
 import functools
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -21,7 +20,7 @@ from strata.core.package import (
     check_model_references,
     compare_outputs,
     load_golden,
-    ort_disabled_optimizers,
+    ort_session_in_memory,
 )
 
 Array = npt.NDArray[Any]
@@ -93,19 +92,8 @@ class OnnxRuntimeModel:
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        if external:
-            names = list(external)
-            options.add_external_initializers_from_files_in_memory(
-                names, [external[n] for n in names], [len(external[n]) for n in names]
-            )
         try:
-            # Loaded from bytes, onnxruntime would look for external data in the working directory: give it an
-            # empty folder instead (the data it may use came in memory above).
-            with tempfile.TemporaryDirectory(prefix="strata-model-") as nothing:
-                options.add_session_config_entry("session.model_external_initializers_file_folder_path", nothing)
-                self._session = ort.InferenceSession(
-                    model, options, providers=providers, disabled_optimizers=ort_disabled_optimizers(providers)
-                )
+            self._session = ort_session_in_memory(ort, model, options, external, providers)
         except Exception as exc:  # onnxruntime raises C++ exception types; wrap them all.
             raise ModelLoadError(f"onnxruntime cannot load the model: {exc}") from exc
         made_on = self._session.get_providers()

@@ -746,3 +746,27 @@ def ort_disabled_optimizers(providers: Sequence[str]) -> list[str]:
     time at batch 1. GPU providers keep it (their kernel is fast).
     """
     return ["SkipLayerNormFusion"] if list(providers[:1]) == ["CPUExecutionProvider"] else []
+
+
+def ort_session_in_memory(
+    ort: Any, model: bytes, options: Any, external: Mapping[str, bytes] | None, providers: Sequence[str]
+) -> Any:
+    """An onnxruntime session over `model`'s bytes whose external data comes only from `external` (in memory).
+
+    Loaded from bytes, onnxruntime would look for external data in the working directory: it is pointed at an
+    empty folder instead, so a model cannot make the process read a file nobody gave it. `ort` is the onnxruntime
+    module (imported by the caller: core does not load it), `options` its `SessionOptions` as the caller set them.
+    Exceptions are onnxruntime's own, for the caller to word.
+    """
+    import tempfile
+
+    if external:
+        names = list(external)
+        options.add_external_initializers_from_files_in_memory(
+            names, [external[n] for n in names], [len(external[n]) for n in names]
+        )
+    with tempfile.TemporaryDirectory(prefix="strata-model-") as nothing:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", nothing)
+        return ort.InferenceSession(
+            model, options, providers=list(providers), disabled_optimizers=ort_disabled_optimizers(providers)
+        )
