@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +147,6 @@ def test_fp16_is_made_for_gpu_targets_only(tiny_mlp: Path, tmp_path: Path, conte
 def test_openvino_converts_and_quantizes_with_nncf(
     tiny_mlp: Path, tmp_path: Path, context: PassContext, tiny_feeds: Feeds
 ) -> None:
-    # Not importorskip: a plain `import openvino` would load its telemetry, which strata keeps off.
-    if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
-        pytest.skip("OpenVINO and NNCF come with the optimize extra")
     openvino = OpenVinoPass()
     assert openvino.skip_reason(context) is None
     fp32, int8 = openvino.apply(tiny_mlp, tmp_path, context)
@@ -173,8 +169,6 @@ def test_openvino_converts_and_quantizes_with_nncf(
 def test_openvino_bf16_is_the_fp32_ir_computing_in_bf16_where_the_cpu_has_it(
     tiny_mlp: Path, tmp_path: Path, context: PassContext, tiny_feeds: Feeds
 ) -> None:
-    if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
-        pytest.skip("OpenVINO and NNCF come with the optimize extra")
     from strata.core.openvino_import import import_openvino
     from strata.optimize.base import PassContext as Context
 
@@ -207,9 +201,7 @@ def test_openvino_is_never_allowed_to_load_its_telemetry(tiny_mlp: Path, tmp_pat
         "print(sorted(m for m in sys.modules if m.startswith('openvino_telemetry') and sys.modules[m] is not None))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    if "not installed" in done.stderr:
-        pytest.skip("OpenVINO is not installed")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stderr  # OpenVINO and NNCF are dev dependencies: installed wherever this runs
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
