@@ -41,6 +41,15 @@ def gzip_bomb(inflated: int) -> bytes:
 BOMB = gzip_bomb(400 * MiB)
 
 
+class _Listener(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's listen backlog is 5: the gateway opens up to 32 connections at once, and on a loaded machine
+    # (this process's accept thread waiting for the GIL behind 32 client threads) the connects past 5 were dropped,
+    # retried after 1 s and 3 s by the kernel, and missed the gateway's 2 s connect timeout (a 503 in the suite).
+    # A real server listens with a backlog in the hundreds.
+    request_queue_size = 128
+
+
 @dataclass
 class Upstream:
     """A loopback OIP-ish server: GETs answer 200 (and are counted by path); POST .../infer answers by model name:
@@ -91,8 +100,7 @@ class Upstream:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
+        server = _Listener(("127.0.0.1", 0), Handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return server
 
