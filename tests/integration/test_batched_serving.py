@@ -398,8 +398,14 @@ def test_batches_run_on_the_loop_one_after_another_are_each_timed_from_their_own
             await scheduler.submit(prepare(model, body, length, True), time.perf_counter_ns())
             if runtime.threads[-1] == threading.get_ident():
                 break
-        burst = [scheduler.submit(prepare(model, body, length, True), time.perf_counter_ns()) for _ in range(16)]
-        await asyncio.gather(*burst)
+        # a call the machine preempts for over 2 ms sends the next batch to a worker and ends the pass (as it
+        # should): on a loaded machine, try again until one burst of sixteen ran on the loop from end to end
+        for _ in range(20):
+            burst = [scheduler.submit(prepare(model, body, length, True), time.perf_counter_ns()) for _ in range(16)]
+            await asyncio.gather(*burst)
+            if runtime.threads[-16:] == [threading.get_ident()] * 16:
+                break
+            await asyncio.sleep(0.05)  # and let its cost settle under the limit again
         return threading.get_ident(), scheduler.load(time.perf_counter_ns()).rows_per_s
 
     loop_thread, rows_per_s = asyncio.run(drain())
