@@ -349,15 +349,15 @@ def test_a_small_models_batches_run_on_the_loop_once_measured_and_a_waiting_one_
     body, length = encode_request({"X": x})
     expected = digits_runtime.run({"X": x}, None)
 
-    async def serve_three() -> tuple[int, list[dict[str, Array]]]:
+    async def serve_one_at_a_time() -> tuple[int, list[dict[str, Array]]]:
         scheduler = ModelScheduler.for_model(model, BatchingConfig(), InferenceMetrics())
         answers = []
-        for _ in range(6):  # one at a time: each is a batch of its own
+        for _ in range(16):  # one at a time: each is a batch of its own
             result = await scheduler.submit(prepare(model, body, length, True), time.perf_counter_ns())
             answers.append(decode_response(result.body, result.header_length)[1])
         return threading.get_ident(), answers
 
-    loop_thread, answers = asyncio.run(serve_three())
+    loop_thread, answers = asyncio.run(serve_one_at_a_time())
     assert recording.threads[0] != loop_thread
     on_loop = [ident == loop_thread for ident in recording.threads[1:]]
     # a call the machine stalls for milliseconds sends the next batch back to a worker: some, not all
@@ -382,11 +382,20 @@ class SpinningRuntime(ThreadRecordingRuntime):
 
 
 def test_batches_run_on_the_loop_one_after_another_are_each_timed_from_their_own_start(
-    digits_package: Package, digits_runtime: Runtime
+    digits_package: Package, digits_runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Sixteen queued requests drain in one pass of the dispatcher, each its own batch on the loop: each batch's
     time is its own, so the throughput the admission estimate uses is a batch's (timed from the pass's start,
-    the sixteenth batch counted all sixteen, and admission would shed requests it had time for)."""
+    the sixteenth batch counted all sixteen, and admission would shed requests it had time for).
+
+    Where a batch runs is `runs_inline`'s decision, tested on its own and above; it rightly sends a batch the
+    machine preempted for milliseconds back to a worker, which under the suite's load broke up the burst this
+    test needs. Here it is held to "on the loop once the model's cost is known", so the burst always runs there.
+    """
+    monkeypatch.setattr(
+        "strata.agent.scheduler.runs_inline",
+        lambda rows, ns_per_row, last_cost_ns, last_wall_ns: ns_per_row is not None,
+    )
     spin_s = 100e-6
     runtime = SpinningRuntime(digits_runtime, spin_s)
     model = loaded(digits_package, runtime)
@@ -394,26 +403,18 @@ def test_batches_run_on_the_loop_one_after_another_are_each_timed_from_their_own
 
     async def drain() -> tuple[int, float | None]:
         scheduler = ModelScheduler.for_model(model, BatchingConfig(max_batch_size=1, instances=1), InferenceMetrics())
-        for _ in range(50):  # measured on workers first, until its cost per row has settled under the limit
-            await scheduler.submit(prepare(model, body, length, True), time.perf_counter_ns())
-            if runtime.threads[-1] == threading.get_ident():
-                break
-        # a call the machine preempts for over 2 ms sends the next batch to a worker and ends the pass (as it
-        # should): on a loaded machine, try again until one burst of sixteen ran on the loop from end to end
-        for _ in range(20):
-            burst = [scheduler.submit(prepare(model, body, length, True), time.perf_counter_ns()) for _ in range(16)]
-            await asyncio.gather(*burst)
-            if runtime.threads[-16:] == [threading.get_ident()] * 16:
-                break
-            await asyncio.sleep(0.05)  # and let its cost settle under the limit again
+        await scheduler.submit(prepare(model, body, length, True), time.perf_counter_ns())  # measured on a worker
+        burst = [scheduler.submit(prepare(model, body, length, True), time.perf_counter_ns()) for _ in range(16)]
+        await asyncio.gather(*burst)
         return threading.get_ident(), scheduler.load(time.perf_counter_ns()).rows_per_s
 
     loop_thread, rows_per_s = asyncio.run(drain())
-    assert runtime.threads[-16:] == [loop_thread] * 16  # the burst ran on the loop
+    assert runtime.threads[0] != loop_thread
+    assert runtime.threads[1:] == [loop_thread] * 16  # the burst ran on the loop
     assert rows_per_s is not None
-    # a batch takes the spin plus digits plus the bookkeeping (about 1.3 spins; 5 leaves room for a loaded
-    # machine); timed from the pass's start, the moving average comes to about 11 spins a batch
-    assert rows_per_s > 1 / (5 * spin_s), rows_per_s
+    # a batch takes the spin plus digits plus the bookkeeping (about 1.3 spins; 8 leaves room for a loaded
+    # machine's preemptions); timed from the pass's start, the moving average comes to about 14 spins a batch
+    assert rows_per_s > 1 / (8 * spin_s), rows_per_s
 
 
 # --- per-request telemetry under batching ----------------------------------------------------------------------
