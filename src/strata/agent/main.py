@@ -7,7 +7,6 @@ so a node that reboots without its control plane is serving within seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import signal
@@ -38,6 +37,7 @@ from strata.agent.supply import SupplyGuard
 from strata.agent.telemetry import TelemetryGauges, TelemetryRecorder, TelemetryUploader
 from strata.agent.transport import H11Transport
 from strata.agent.vault import Vault
+from strata.core.aio import wait_event
 from strata.core.errors import ConfigError, StrataError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.logformat import JsonFormatter
@@ -272,8 +272,7 @@ class Agent:
                 self.vault.close_if_idle()
             if pool is not None:
                 pool.set_ready(self.ready())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=0.5)
+            await wait_event(stop, 0.5)
         self.loop.stop.set()
         self.uploader.stop.set()
         if pool is not None:

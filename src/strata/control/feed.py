@@ -28,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from strata.control.db import FleetChange
 from strata.control.errors import StoreError
+from strata.core.aio import wait_event
 
 if TYPE_CHECKING:
     from strata.control.db import Database
@@ -155,8 +156,7 @@ class Nudge:
         if self._event is None:
             self.attach(asyncio.get_running_loop())
         assert self._event is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
+        await wait_event(self._event, timeout)
         nudged = self._pending.is_set()
         self._pending.clear()
         self._event.clear()

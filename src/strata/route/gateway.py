@@ -37,6 +37,7 @@ from typing import Final
 from strata.agent.httpd import HttpServer, Request, Response
 from strata.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from strata.agent.metrics import MetricsRegistry
+from strata.core.aio import wait_event
 from strata.core.errors import ConfigError, StrataError
 from strata.route.oip_routes import LIVE, METRICS, READY, RouteRefusal, match_route
 from strata.route.peer import PeerTls, RevocationList, node_checked
@@ -283,8 +284,7 @@ async def _refresh_topology(
                 router.set_targets(targets)
         first_read.set()
         wait = min(_TLS_CHECK_S if trust is not None else math.inf, next_read - loop.time())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=max(0.0, wait))
+        await wait_event(stop, wait)
 
 
 def _describe(targets: list[Target]) -> str:
@@ -310,8 +310,7 @@ async def serve_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
         # would find no route at all (`strata-served-by: none`) where the node's own agent was there to answer.
         first_read = asyncio.Event()
         refresher = asyncio.create_task(_refresh_topology(config, tls, router, stop, first_read))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(first_read.wait(), _FIRST_TOPOLOGY_WAIT_S)
+        await wait_event(first_read, _FIRST_TOPOLOGY_WAIT_S)
     else:
         log.info("routing over %s", _describe(router.targets))
     try:

@@ -1,0 +1,29 @@
+"""asyncio helpers every long-running task of strata uses.
+
+`wait_event` instead of `asyncio.wait_for(event.wait(), timeout)`: on Python 3.11, `wait_for` returns the inner
+result when the task running it is cancelled in the same turn of the loop that the inner wait completes (CPython
+gh-86296, fixed in 3.12), so the cancellation is lost. A task that loops on such a wait ("wake on a nudge or every
+few seconds") then keeps running after `cancel()`, and a shutdown that awaits it hangs: the control plane's
+lifespan hung this way when a status report nudged its rollout driver just as the server stopped.
+`asyncio.timeout` delivers both the timeout and an outside cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until `event` is set or `timeout` seconds pass (None or infinity: no limit; zero or less: do not wait);
+    return whether it is set. A cancellation of the calling task always propagates."""
+    if event.is_set():
+        return True
+    if timeout is not None and timeout <= 0:
+        return False
+    try:
+        async with asyncio.timeout(None if timeout is None or math.isinf(timeout) else timeout):
+            await event.wait()
+    except TimeoutError:
+        pass
+    return event.is_set()
