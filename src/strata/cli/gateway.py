@@ -75,11 +75,11 @@ def gateway(
     from strata.route.gateway import GatewayConfig, run
     from strata.route.router import RouterConfig
 
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    level = getattr(logging, log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # httpx logs every request it sends at INFO: a line per forwarded request and per health probe (one a second
+    # per model and tier at the default interval). Those lines are for --log-level debug only.
+    logging.getLogger("httpx").setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
     config = GatewayConfig(
         host=host,
         port=listen,
