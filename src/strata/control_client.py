@@ -112,7 +112,10 @@ class ControlClient:
         except httpx.HTTPError as exc:
             if _certificate_refused(exc):
                 raise ConfigError(self._untrusted(exc)) from exc
-            raise TransportError(f"cannot reach the control plane at {self.server}: {exc}") from exc
+            hint = ""
+            if self.server.startswith("http://"):  # a plain-HTTP request to it is dropped without an answer
+                hint = f" (strata server serves HTTPS only: --server https://{self.server.removeprefix('http://')})"
+            raise TransportError(f"cannot reach the control plane at {self.server}: {exc}{hint}") from exc
         if response.status_code >= 400:
             try:
                 message = response.json().get("error") or response.text

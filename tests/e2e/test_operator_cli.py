@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -48,6 +49,18 @@ def test_config_files_json_logs_quiet_access_log_probes_and_ca_errors(tmp_path: 
         )
         assert listed.returncode == 0, listed.stderr
         assert [node["name"] for node in json.loads(listed.stdout)] == ["edge-1"]
+        # http:// by mistake: the server drops the request without an answer ("Server disconnected without sending
+        # a response", and nothing more, before): the error says to use https.
+        plain = fleet.server_url.replace("https://", "http://")
+        unreachable = subprocess.run(
+            fleet.strata("nodes", "list", "--server", plain, "--ca", str(fleet.ca_path)),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert unreachable.returncode == 4, unreachable.stderr
+        assert f"serves HTTPS only: --server {fleet.server_url}" in " ".join(unreachable.stderr.split())
 
         server_log = (fleet.root / "logs" / "server.log").read_text().splitlines()
         agent_log = (fleet.root / "logs" / "edge-1.log").read_text().splitlines()
@@ -58,7 +71,10 @@ def test_config_files_json_logs_quiet_access_log_probes_and_ca_errors(tmp_path: 
     for line in server_lines + agent_lines:
         assert {"time", "level", "logger", "message"} <= line.keys(), line
     assert all(line["node"] == "edge-1" for line in agent_lines)
-    assert any(line["message"].startswith("enrolled as node edge-1") for line in agent_lines)
+    enrolled = [line["message"] for line in agent_lines if line["message"].startswith("enrolled as node edge-1")]
+    assert len(enrolled) == 1
+    # the certificate's expiry as a date, not a Unix time ("valid until 1796512986.645024")
+    assert re.search(r"; certificate valid until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", enrolled[0]), enrolled
     # The access log keeps the operator's calls and drops the probes and the node's long polls (seconds of them).
     access = [line["message"] for line in server_lines if line["logger"] == "uvicorn.access"]
     assert any('"GET /v1/nodes HTTP/1.1" 200' in message for message in access), access
