@@ -108,6 +108,14 @@ def test_version_completion_and_exit_codes(tmp_path: Path) -> None:
     unreachable = ["--server", "https://127.0.0.1:9", "--token", "t"]
     selector = strata(*unreachable, "pin", "add", "digits", "1", "--selector", "site")
     assert (selector.returncode, selector.stderr.strip()) == (2, "error: selector term 'site' is not k=v")
+    # a label that is not k=v was called a selector term
+    label = strata(*unreachable, "token", "create", "--label", "site")
+    assert (label.returncode, label.stderr.strip()) == (2, "error: --label 'site' is not k=v")
+    change = strata(*unreachable, "nodes", "label", "n1", "ring")
+    assert (change.returncode, change.stderr.strip()) == (
+        2,
+        "error: 'ring' is neither k=v (sets a label) nor k- (removes it)",
+    )
     profile = strata("agent", "--server", "https://127.0.0.1:9", "--data-dir", str(tmp_path / "a"), "--name", "n",
                      "--profile", "no-such-profile")  # fmt: skip
     assert profile.returncode == 2, profile.stderr

@@ -230,6 +230,8 @@ def label(
     for change in changes or []:
         if change.endswith("-") and "=" not in change:
             edits[change[:-1]] = None
+        elif "=" not in change:
+            raise ConfigError(f"{change!r} is neither k=v (sets a label) nor k- (removes it)")
         else:
             edits.update(parse_label_options([change]))
     if not edits and tier is None:
