@@ -261,8 +261,9 @@ class SupplyService:
             if self.enabled:
                 raise SignatureError(
                     "this server accepts only packages signed by a release key: `strata model push ... --sign-key "
-                    "release.key`, or build and sign where the key is (`strata package build`, `strata model sign "
-                    "PKG --key release.key`) and upload with `strata package push PKG`"
+                    "release.key` (`strata optimize ... --push --sign-key release.key`), or build and sign where the "
+                    "key is (`strata package build`, `strata model sign PKG --key release.key`) and upload with "
+                    "`strata package push PKG`"
                 )
             return None
         if not self.enabled:
