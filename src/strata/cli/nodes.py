@@ -90,7 +90,12 @@ def _resolve(client: ControlClient, node: str) -> dict[str, Any]:
     """
     matches = [n for n in client.nodes() if node in (n["id"], n["name"])]
     if len(matches) != 1:
-        raise NotFound(f"no single node is named {node!r}" if matches else f"there is no node {node!r}")
+        if matches:
+            raise NotFound(f"no single node is named {node!r}")
+        raise NotFound(
+            f"there is no live node {node!r} (a revoked node is not listed: `strata nodes reenroll {node}` makes a "
+            "token that enrolls it again)"
+        )
     return matches[0]
 
 
