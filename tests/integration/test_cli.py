@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 
 from strata.cli.app import command
+from strata.trust.signing import create_release_key
 
 # One process prints every command's --help (30-odd pages; a process each would cost ~20 s of CPU), as the real
 # `strata` entry point builds its command tree, with COLUMNS=80 in its environment.
 HELP_SCRIPT = """
 import contextlib, io, json, sys
 from strata.cli.app import command
+from strata.trust.signing import create_release_key
 from typer.core import TyperGroup
 
 def walk(cmd, path):
@@ -120,6 +122,14 @@ def test_version_completion_and_exit_codes(tmp_path: Path) -> None:
                      "--profile", "no-such-profile")  # fmt: skip
     assert profile.returncode == 2, profile.stderr
     assert "no-such-profile" in profile.stderr
+    # 2: the private release key given to the server (it was a 100-line traceback from the application's start-up)
+    private, _ = create_release_key(tmp_path / "keys")
+    server = strata("server", "--data-dir", str(tmp_path / "srv"), "--port", "9", "--release-key", str(private))
+    assert server.returncode == 2, server.stderr
+    assert "Traceback" not in server.stderr
+    assert f"--release-key {private} is a private key: give the server the public half" in " ".join(
+        server.stderr.split()
+    )
     # 2: a --ca that is not a certificate (it was a traceback).
     (tmp_path / "not-a-cert.pem").write_text("hello\n")
     bad = strata(*unreachable, "nodes", "list", "--ca", str(tmp_path / "not-a-cert.pem"))
