@@ -130,6 +130,14 @@ def test_version_completion_and_exit_codes(tmp_path: Path) -> None:
     assert f"--release-key {private} is a private key: give the server the public half" in " ".join(
         server.stderr.split()
     )
+    # 2: an allowlist entry no node's code hash can match, an OTLP endpoint that is not a URL (both were taken)
+    for option, value, said in [
+        ("--agent-allowlist", "abc", "sha256:<64 hex digits>; got 'abc'"),
+        ("--otlp-endpoint", "collector:4318", "must be an http:// or https:// URL, got 'collector:4318'"),
+    ]:
+        refused = strata("server", "--data-dir", str(tmp_path / "srv"), "--port", "9", option, value, timeout=20)
+        assert refused.returncode == 2, refused.stderr
+        assert said in refused.stderr
     # 2: a --ca that is not a certificate (it was a traceback).
     (tmp_path / "not-a-cert.pem").write_text("hello\n")
     bad = strata(*unreachable, "nodes", "list", "--ca", str(tmp_path / "not-a-cert.pem"))
