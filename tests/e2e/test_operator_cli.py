@@ -60,6 +60,16 @@ def test_config_files_json_logs_quiet_access_log_probes_and_ca_errors(tmp_path: 
             timeout=60,
         )
         assert unreachable.returncode == 4, unreachable.stderr
+        # an unknown event kind is bad input (2); it exited 5, "package invalid", as every 422 did
+        unknown = subprocess.run(
+            fleet.strata("events", "--kind", "nope", "--ca", str(fleet.ca_path)),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert unknown.returncode == 2, unknown.stderr
+        assert "unknown event kind nope" in unknown.stderr
         assert f"serves HTTPS only: --server {fleet.server_url}" in " ".join(unreachable.stderr.split())
 
         server_log = (fleet.root / "logs" / "server.log").read_text().splitlines()
