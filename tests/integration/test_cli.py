@@ -138,6 +138,14 @@ def test_version_completion_and_exit_codes(tmp_path: Path) -> None:
         refused = strata("server", "--data-dir", str(tmp_path / "srv"), "--port", "9", option, value, timeout=20)
         assert refused.returncode == 2, refused.stderr
         assert said in refused.stderr
+    # 2: a log level that is none (the agent and the gateway logged at info instead)
+    for command in (["agent", "--server", "https://127.0.0.1:9", "--data-dir", str(tmp_path / "a"), "--name", "n"],
+                    ["gateway", "--cloud", "http://127.0.0.1:9"]):  # fmt: skip
+        verbose = strata(*command, "--log-level", "verbose", timeout=20)
+        assert (verbose.returncode, verbose.stderr.strip()) == (
+            2,
+            "error: --log-level must be one of debug, info, warning, error, got 'verbose'",
+        )
     # 2: a --ca that is not a certificate (it was a traceback).
     (tmp_path / "not-a-cert.pem").write_text("hello\n")
     bad = strata(*unreachable, "nodes", "list", "--ca", str(tmp_path / "not-a-cert.pem"))
