@@ -34,6 +34,9 @@ _BY_STATUS: dict[int, type[StrataError]] = {
     413: PackageError,
     422: PackageError,
 }
+# The 422 answers that are about what the operator asked, not a package: a malformed or unknown value, an unknown
+# profile, a request the API's schema refuses.
+_BAD_INPUT: frozenset[object] = frozenset({"protocol_error", "profile_unknown", "invalid_request"})
 
 
 def trust_context(ca: str) -> ssl.SSLContext:
@@ -112,13 +115,20 @@ class ControlClient:
         except httpx.HTTPError as exc:
             if _certificate_refused(exc):
                 raise ConfigError(self._untrusted(exc)) from exc
-            raise TransportError(f"cannot reach the control plane at {self.server}: {exc}") from exc
+            hint = ""
+            if self.server.startswith("http://"):  # a plain-HTTP request to it is dropped without an answer
+                hint = f" (strata server serves HTTPS only: --server https://{self.server.removeprefix('http://')})"
+            raise TransportError(f"cannot reach the control plane at {self.server}: {exc}{hint}") from exc
         if response.status_code >= 400:
+            code = None
             try:
-                message = response.json().get("error") or response.text
-            except ValueError:
+                body = response.json()
+                message, code = body.get("error") or response.text, body.get("code")
+            except (ValueError, AttributeError):
                 message = response.text or response.reason_phrase
             kind = _BY_STATUS.get(response.status_code, TransportError if response.status_code >= 500 else StrataError)
+            if code in _BAD_INPUT:  # a 422 that is not about a package: bad input (exit 2), not "package invalid"
+                kind = ConfigError
             raise kind(f"{message} (HTTP {response.status_code})")
         if response.status_code == 204 or not response.content:
             return None

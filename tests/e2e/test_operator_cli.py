@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -34,20 +35,28 @@ def test_config_files_json_logs_quiet_access_log_probes_and_ca_errors(tmp_path: 
         # The fleet CA: missing, it is named; given after the command, it works.
         env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
         env |= {"STRATA_SERVER": fleet.server_url, "STRATA_TOKEN": fleet.admin_token}
-        untrusted = subprocess.run(fleet.strata("nodes", "list"), env=env, capture_output=True, text=True, timeout=60)
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(fleet.strata(*args), env=env, capture_output=True, text=True, timeout=60)
+
+        untrusted = run("nodes", "list")
         message = " ".join(untrusted.stderr.split())
         assert untrusted.returncode == 2, untrusted.stderr
         assert "--ca FILE or set STRATA_CA=FILE" in message
         assert "DATA_DIR/ca.pem in the server's --data-dir" in message
-        listed = subprocess.run(
-            fleet.strata("nodes", "list", "--json", "--ca", str(fleet.ca_path)),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        listed = run("nodes", "list", "--json", "--ca", str(fleet.ca_path))
         assert listed.returncode == 0, listed.stderr
         assert [node["name"] for node in json.loads(listed.stdout)] == ["edge-1"]
+        # http:// by mistake: the server drops the request without an answer ("Server disconnected without sending
+        # a response", and nothing more, before): the error says to use https.
+        plain = fleet.server_url.replace("https://", "http://")
+        unreachable = run("nodes", "list", "--server", plain, "--ca", str(fleet.ca_path))
+        assert unreachable.returncode == 4, unreachable.stderr
+        assert f"serves HTTPS only: --server {fleet.server_url}" in " ".join(unreachable.stderr.split())
+        # an unknown event kind is bad input (2); it exited 5, "package invalid", as every 422 did
+        unknown = run("events", "--kind", "nope", "--ca", str(fleet.ca_path))
+        assert unknown.returncode == 2, unknown.stderr
+        assert "unknown event kind nope" in unknown.stderr
 
         server_log = (fleet.root / "logs" / "server.log").read_text().splitlines()
         agent_log = (fleet.root / "logs" / "edge-1.log").read_text().splitlines()
@@ -58,7 +67,10 @@ def test_config_files_json_logs_quiet_access_log_probes_and_ca_errors(tmp_path: 
     for line in server_lines + agent_lines:
         assert {"time", "level", "logger", "message"} <= line.keys(), line
     assert all(line["node"] == "edge-1" for line in agent_lines)
-    assert any(line["message"].startswith("enrolled as node edge-1") for line in agent_lines)
+    enrolled = [line["message"] for line in agent_lines if line["message"].startswith("enrolled as node edge-1")]
+    assert len(enrolled) == 1
+    # the certificate's expiry as a date, not a Unix time ("valid until 1796512986.645024")
+    assert re.search(r"; certificate valid until \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", enrolled[0]), enrolled
     # The access log keeps the operator's calls and drops the probes and the node's long polls (seconds of them).
     access = [line["message"] for line in server_lines if line["logger"] == "uvicorn.access"]
     assert any('"GET /v1/nodes HTTP/1.1" 200' in message for message in access), access

@@ -1,5 +1,6 @@
-"""`strata optimize --push` into a real control plane, then real agents of two profiles: each runs the variant
-selected for its own profile, or falls back to the compatible generic one."""
+"""`strata optimize --push --sign-key` into a real control plane that accepts only signed packages (the README's),
+then real agents of two profiles: each runs the variant selected for its own profile, or falls back to the
+compatible generic one."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from strata.examples.digits import load_data
 from strata.localfleet import LocalFleet
+from strata.trust.signing import create_release_key
 
 pytestmark = pytest.mark.slow
 
@@ -27,21 +29,38 @@ def active_variant(fleet: LocalFleet, name: str) -> str | None:
 def test_agents_run_the_variant_selected_for_their_profile(
     fleet: LocalFleet, digits_onnx: Path, tmp_path: Path
 ) -> None:
+    # A server with a release key refused `--push` after the whole optimization (it could not sign).
+    private, public = create_release_key(tmp_path / "keys")
+    fleet.stop_server()
+    fleet.start_server(extra_args=["--release-key", str(public)])
     data = load_data()
     np.savez(tmp_path / "calibration.npz", X=data.train_x[:128])
     np.savez(tmp_path / "evaluation.npz", X=data.test_x, labels=data.test_y)
-    optimized = fleet.cli(
+    args = [
         "optimize", str(digits_onnx), "--name", "digits", "--version", "1", "--task", "classification",
         "--calibration", str(tmp_path / "calibration.npz"), "--eval", str(tmp_path / "evaluation.npz"),
         "--target", "x86_64-avx2", "--target", "cpu-generic", "--pass", "graph", "--pass", "static",
-        "--rounds", "1", "--no-memory", "--out", str(tmp_path / "out"), "--push", "--json", timeout=300,
-    )  # fmt: skip
+        "--rounds", "1", "--no-memory",
+    ]  # fmt: skip
+    # a key that cannot sign fails before any work
+    public_key = fleet.cli(*args, "--out", str(tmp_path / "no"), "--push", "--sign-key", str(public))
+    assert public_key.returncode == 2
+    assert "is a public key" in public_key.stderr
+    unpushed = fleet.cli(*args, "--out", str(tmp_path / "no"), "--sign-key", str(private))
+    assert unpushed.returncode == 2
+    assert "add --push" in unpushed.stderr
+    assert not (tmp_path / "no").exists()
+
+    optimized = fleet.cli(
+        *args, "--out", str(tmp_path / "out"), "--push", "--sign-key", str(private), "--json", timeout=300
+    )
     assert optimized.returncode == 0, optimized.stderr
     answer = json.loads(optimized.stdout)
     selected = answer["report"]["selected"]
     assert set(selected) == {"x86_64-avx2", "cpu-generic"}
     pushed = {p["variant"] for p in answer["pushed"]}
     assert pushed == {f"{profile}-{variant}" for profile, variant in selected.items()}
+    assert all(p["signature"] for p in answer["pushed"])
 
     shown = fleet.cli("model", "show", "digits", "1", "--json")
     assert shown.returncode == 0, shown.stderr

@@ -150,6 +150,10 @@ def test_a_revoked_node_is_cut_off_at_once_and_keeps_serving(
     )
     assert serves(edge, "1")  # the old model still serves; the new one never reaches a revoked node
     assert "edge" not in fleet.nodes()
+    # the operator looks for it: the answer says why it is not there (it said only "there is no node 'edge'")
+    shown = fleet.cli("nodes", "show", "edge")
+    assert shown.returncode == 6
+    assert "a revoked node is not listed: `strata nodes reenroll edge`" in " ".join(shown.stderr.split())
 
 
 def test_a_node_whose_certificate_expired_is_refused_and_keeps_serving(

@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 
 from strata.cli.app import command
+from strata.trust.signing import create_release_key
 
 # One process prints every command's --help (30-odd pages; a process each would cost ~20 s of CPU), as the real
 # `strata` entry point builds its command tree, with COLUMNS=80 in its environment.
 HELP_SCRIPT = """
 import contextlib, io, json, sys
 from strata.cli.app import command
+from strata.trust.signing import create_release_key
 from typer.core import TyperGroup
 
 def walk(cmd, path):
@@ -108,10 +110,42 @@ def test_version_completion_and_exit_codes(tmp_path: Path) -> None:
     unreachable = ["--server", "https://127.0.0.1:9", "--token", "t"]
     selector = strata(*unreachable, "pin", "add", "digits", "1", "--selector", "site")
     assert (selector.returncode, selector.stderr.strip()) == (2, "error: selector term 'site' is not k=v")
+    # a label that is not k=v was called a selector term
+    label = strata(*unreachable, "token", "create", "--label", "site")
+    assert (label.returncode, label.stderr.strip()) == (2, "error: --label 'site' is not k=v")
+    change = strata(*unreachable, "nodes", "label", "n1", "ring")
+    assert (change.returncode, change.stderr.strip()) == (
+        2,
+        "error: 'ring' is neither k=v (sets a label) nor k- (removes it)",
+    )
     profile = strata("agent", "--server", "https://127.0.0.1:9", "--data-dir", str(tmp_path / "a"), "--name", "n",
                      "--profile", "no-such-profile")  # fmt: skip
     assert profile.returncode == 2, profile.stderr
     assert "no-such-profile" in profile.stderr
+    # 2: the private release key given to the server (it was a 100-line traceback from the application's start-up)
+    private, _ = create_release_key(tmp_path / "keys")
+    server = strata("server", "--data-dir", str(tmp_path / "srv"), "--port", "9", "--release-key", str(private))
+    assert server.returncode == 2, server.stderr
+    assert "Traceback" not in server.stderr
+    assert f"--release-key {private} is a private key: give the server the public half" in " ".join(
+        server.stderr.split()
+    )
+    # 2: an allowlist entry no node's code hash can match, an OTLP endpoint that is not a URL (both were taken)
+    for option, value, said in [
+        ("--agent-allowlist", "abc", "sha256:<64 hex digits>; got 'abc'"),
+        ("--otlp-endpoint", "collector:4318", "must be an http:// or https:// URL, got 'collector:4318'"),
+    ]:
+        refused = strata("server", "--data-dir", str(tmp_path / "srv"), "--port", "9", option, value, timeout=20)
+        assert refused.returncode == 2, refused.stderr
+        assert said in refused.stderr
+    # 2: a log level that is none (the agent and the gateway logged at info instead)
+    for command in (["agent", "--server", "https://127.0.0.1:9", "--data-dir", str(tmp_path / "a"), "--name", "n"],
+                    ["gateway", "--cloud", "http://127.0.0.1:9"]):  # fmt: skip
+        verbose = strata(*command, "--log-level", "verbose", timeout=20)
+        assert (verbose.returncode, verbose.stderr.strip()) == (
+            2,
+            "error: --log-level must be one of debug, info, warning, error, got 'verbose'",
+        )
     # 2: a --ca that is not a certificate (it was a traceback).
     (tmp_path / "not-a-cert.pem").write_text("hello\n")
     bad = strata(*unreachable, "nodes", "list", "--ca", str(tmp_path / "not-a-cert.pem"))

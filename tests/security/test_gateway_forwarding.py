@@ -215,3 +215,11 @@ def test_nothing_but_protocol_routes_ever_arrived(setup: Setup) -> None:
 def test_the_gateway_log_has_no_unhandled_error(setup: Setup, tmp_path: Path) -> None:
     log = setup.gateway.process.log_path.read_text(errors="replace")
     assert "Traceback" not in log
+
+
+def test_the_gateway_log_holds_no_line_per_forwarded_request(setup: Setup) -> None:
+    """httpx logged every request the gateway sent at INFO: a line per forwarded request and per health probe."""
+    assert setup.recorder.requests()  # requests were forwarded (the tests above)
+    log = setup.gateway.process.log_path.read_text(errors="replace")
+    assert "HTTP Request:" not in log
+    assert "gateway listening on" in log  # the gateway's own lines stay

@@ -185,6 +185,15 @@ def test_malformed_json_documents(body: bytes, needle: str) -> None:
     assert needle in decode_error(body)
 
 
+def test_an_empty_body_and_binary_tensors_without_their_header_length_say_so() -> None:
+    """Both answered only "Expecting value: line 1 column 1 (char 0)" or "Extra data: line 1 column 120"."""
+    assert decode_error(b"") == "request body is empty: send a JSON object with 'inputs'"
+    body, header_length = encode_request({"x": np.zeros(2, dtype=np.float32)}, binary=True)
+    assert header_length is not None
+    assert "need an Inference-Header-Content-Length header" in decode_error(body)
+    assert "Inference-Header-Content-Length" not in decode_error(b'{"inputs": [1]} {}', len(b'{"inputs": [1]} {}'))
+
+
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [

@@ -105,6 +105,18 @@ def test_not_onnx_is_a_clear_error(tmp_path: Path) -> None:
         build_package(bogus, tmp_path / "pkg", name="x", version="1")
 
 
+def test_a_classifier_exported_with_zipmap_is_refused_saying_how_to_export_it(tmp_path: Path) -> None:
+    """skl2onnx's default for a classifier: probabilities as a sequence of maps, which no OIP tensor can carry."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
+    model = to_onnx(LogisticRegression().fit(x, [0, 1, 1, 1]), x[:1])
+    (tmp_path / "zipmap.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(PackageError, match=r"seq\(map\(int64,tensor\(float\)\)\).*options=\{'zipmap': False\}"):
+        build_package(tmp_path / "zipmap.onnx", tmp_path / "pkg", name="x", version="1")
+
+
 def test_samples_that_do_not_fit_are_a_clear_error(digits_onnx: Path, tmp_path: Path) -> None:
     np.savez(tmp_path / "wrong-name.npz", pixels=np.zeros((2, 64), np.float32))
     with pytest.raises(PackageBuildError, match="missing \\['X'\\]"):

@@ -29,7 +29,7 @@ def test_processes_and_threads_are_sized_together(
     assert plan_serving(tier, cores, processes, threads) == expected
 
 
-@pytest.mark.parametrize(("processes", "threads"), [(0, None), (None, 0), (3, 2), (None, 2)])
+@pytest.mark.parametrize(("processes", "threads"), [(0, None), (None, 0), (3, 2), (None, 2), (5, None)])
 def test_a_plan_that_cannot_work_is_refused(processes: int | None, threads: int | None) -> None:
     with pytest.raises(ConfigError):
         plan_serving("near-edge", 4, processes, threads)

@@ -4,6 +4,7 @@ tar), and model-signing's own verifier accepts the folder."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from strata.package_build import build_package
 
 def strata(*args: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
+    if "PYTHONPATH" in os.environ:  # the sources under test (a worktree's src first), not the installed ones
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return subprocess.run(
         [sys.executable, "-m", "strata", *args], capture_output=True, text=True, timeout=120, check=False, env=env
     )
@@ -53,4 +56,9 @@ def test_keys_create_then_sign_a_folder_and_a_tar(digits_onnx: Path, tmp_path: P
 
     wrong_key = strata("model", "sign", str(package.path), "--key", str(public))
     assert wrong_key.returncode == 2
-    assert "cannot read the release key" in wrong_key.stderr
+    # the public half by mistake: the error says so (it quoted cryptography: "Valid PEM but no BEGIN/END delimiters
+    # for a private key found")
+    assert f"{public} is a public key: sign with the private half" in wrong_key.stderr.replace("\n", " ")
+    not_a_key = strata("model", "sign", str(package.path), "--key", str(tmp_path / "digits-1.sig"))
+    assert not_a_key.returncode == 2
+    assert "cannot read the release key" in not_a_key.stderr

@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from strata.agent.batch_plan import BatchingConfig
 from strata.core.errors import ConfigError
-from strata.core.logformat import check_log_format
+from strata.core.logformat import check_log_format, check_log_level
 from strata.core.package import check_name
 from strata.core.wire import TIERS, parse_labels
 
@@ -77,6 +77,7 @@ class AgentConfig:
             raise ConfigError(f"--tier must be one of {', '.join(TIERS)}, got {self.tier!r}")
         parse_labels(self.labels)
         check_log_format(self.log_format)
+        check_log_level(self.log_level)
         if not 0 <= self.serve_port <= 65535:
             raise ConfigError(f"--serve-port {self.serve_port} is not a port")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:

@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("strata.agent")
 
 
+def utc_time(seconds: float) -> str:
+    """A Unix time as people read it in a log: `2026-12-05 23:23:06 UTC`."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
 class Backoff:
     """Exponential backoff with full jitter: the n-th delay is uniform in [0, min(max, base * 2**n)]."""
 
@@ -170,7 +175,10 @@ class AgentLoop:
             self.reconciler.supply.pin(answer.release_keys, answer.tuf_roots)
         self._adopt(self.identity.save(self.config.server, answer.node_id, answer.certificate, answer.not_after))
         log.info(
-            "enrolled as node %s (%s); certificate valid until %s", self.config.name, answer.node_id, answer.not_after
+            "enrolled as node %s (%s); certificate valid until %s",
+            self.config.name,
+            answer.node_id,
+            utc_time(answer.not_after),
         )
 
     def adopt_stored(self) -> bool:
@@ -209,14 +217,13 @@ class AgentLoop:
         if stored is None or now < stored.not_after - self.config.renew_before_s:
             return
         if now >= stored.not_after:
-            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stored.not_after))
             raise AuthError(
-                f"this node's certificate expired at {when}: the control plane refuses it and renewing needs a "
-                "valid one; enroll the node again with a new token (it serves what it has meanwhile)"
+                f"this node's certificate expired at {utc_time(stored.not_after)}: the control plane refuses it and "
+                "renewing needs a valid one; enroll the node again with a new token (it serves what it has meanwhile)"
             )
         renewal = self.client.renew(self.identity.make_csr(self.config.name))
         self._adopt(self.identity.save(stored.server, stored.node_id, renewal.certificate, renewal.not_after))
-        log.info("renewed this node's certificate; valid until %s", renewal.not_after)
+        log.info("renewed this node's certificate; valid until %s", utc_time(renewal.not_after))
 
     # --- one round --------------------------------------------------------------------------------------
 

@@ -62,6 +62,10 @@ def plan_serving(tier: str, cores: int, processes: int | None, threads: int | No
     if threads is not None and threads < 1:
         raise ConfigError(f"--intra-op-threads must be at least 1, got {threads}")
     chosen = processes if processes is not None else (1 if tier == "device" else cores)
+    if chosen > cores:  # one intra-op thread each is already more than the cores (64 on 2 cores were started)
+        raise ConfigError(
+            f"--serve-processes {chosen} is more than this node's {cores} cores; they would fight over them"
+        )
     if threads is None:
         return chosen, None if chosen == 1 else max(1, cores // chosen)
     if chosen * threads > cores:

@@ -165,11 +165,14 @@ def parse_label_options(items: list[str]) -> dict[str, str]:
     Raises:
         ConfigError: an option that is not k=v.
     """
-    from strata.core.wire import parse_selector
+    from strata.core.wire import ProtocolError, parse_selector
 
     labels: dict[str, str] = {}
     for item in items:
-        parsed = parse_selector(item)
+        try:
+            parsed = parse_selector(item)
+        except ProtocolError:  # it said "selector term 'ring' is not k=v" of a label
+            parsed = {}
         if not parsed:
             raise ConfigError(f"--label {item!r} is not k=v")
         labels.update(parsed)

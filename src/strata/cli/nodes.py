@@ -90,7 +90,12 @@ def _resolve(client: ControlClient, node: str) -> dict[str, Any]:
     """
     matches = [n for n in client.nodes() if node in (n["id"], n["name"])]
     if len(matches) != 1:
-        raise NotFound(f"no single node is named {node!r}" if matches else f"there is no node {node!r}")
+        if matches:
+            raise NotFound(f"no single node is named {node!r}")
+        raise NotFound(
+            f"there is no live node {node!r} (a revoked node is not listed: `strata nodes reenroll {node}` makes a "
+            "token that enrolls it again)"
+        )
     return matches[0]
 
 
@@ -230,6 +235,8 @@ def label(
     for change in changes or []:
         if change.endswith("-") and "=" not in change:
             edits[change[:-1]] = None
+        elif "=" not in change:
+            raise ConfigError(f"{change!r} is neither k=v (sets a label) nor k- (removes it)")
         else:
             edits.update(parse_label_options([change]))
     if not edits and tier is None:

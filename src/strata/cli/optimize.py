@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -10,7 +11,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from strata.cli.common import JsonOption, ServerOption, TokenOption, console, out, print_json
+from strata.cli.common import JsonOption, ServerOption, TokenOption, console, out, parse_duration, print_json
+from strata.cli.model import ExpiresOption, SignKeyOption
 from strata.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -37,15 +39,24 @@ class RichProgress:
             self._progress.update(self._task, advance=1, description=f"{self._phase}: {detail}")
 
 
-def push_selected(report: Report, out_dir: Path, client: ControlClient) -> list[dict[str, Any]]:
-    """Upload, per target profile, its selected variant as a package built for that profile.
+def push_selected(
+    report: Report,
+    out_dir: Path,
+    client: ControlClient,
+    sign_key: Path | None = None,
+    lifetime_s: float = 365 * 86400.0,
+) -> list[dict[str, Any]]:
+    """Upload, per target profile, its selected variant as a package built for that profile, signed with the
+    release key `sign_key` when one is given (its TUF role valid for `lifetime_s`).
 
     The package id is `<profile>-<variant>`, so a node of that profile finds a package built for exactly it
     (which `rank_variants` prefers), and nodes of other profiles fall back to a compatible one.
 
     Raises:
-        ConfigError: a selected variant has no package (unverified variants are not packaged).
+        ConfigError: a selected variant has no package (unverified variants are not packaged), or the key cannot
+            be read.
         PackageError, PackageBuildError: the package cannot be rebuilt.
+        SignatureError: model-signing could not sign it.
         TransportError, AuthError, Conflict: as `ControlClient.push_package`.
     """
     from strata.cli.model import upload_with_progress
@@ -61,10 +72,15 @@ def push_selected(report: Report, out_dir: Path, client: ControlClient) -> list[
             package = repackage_for_target(
                 out_dir / variant.path, Path(tmp) / profile, profile=profile, variant=f"{profile}-{variant_id}"
             )
+            signature = None
+            if sign_key is not None:
+                from strata.trust.release import sign_release
+
+                signature = sign_release(package.path, sign_key, time.time(), lifetime_s).to_base64()
             tar_path = Path(tmp) / f"{profile}.tar"
             pack_tar(package, tar_path)
             label = f"{package.manifest.name} {package.manifest.version} {package.manifest.variant}"
-            results.append(upload_with_progress(client, tar_path, label))
+            results.append(upload_with_progress(client, tar_path, label, signature))
     return results
 
 
@@ -123,6 +139,8 @@ def optimize(
         bool, typer.Option("--memory/--no-memory", help="Measure each variant's peak memory in a child process.")
     ] = True,
     push: Annotated[bool, typer.Option("--push", help="Upload the selected package of each target.")] = False,
+    sign_key: SignKeyOption = None,
+    expires: ExpiresOption = "365d",
     server: ServerOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
@@ -152,6 +170,13 @@ def optimize(
         measure_memory=memory,
         rank_by=rank_by,
     )
+    lifetime_s = parse_duration(expires)
+    if sign_key is not None:
+        if not push:
+            raise ConfigError("--sign-key signs the packages that --push uploads: add --push")
+        from strata.trust.signing import load_private_key
+
+        load_private_key(sign_key)  # a public key or another file fails now, not after minutes of work
     if push:
         from strata.control_client import ControlClient
 
@@ -166,7 +191,7 @@ def optimize(
         from strata.control_client import ControlClient
 
         with ControlClient(server, token) as client:
-            pushed = push_selected(report, out_dir, client)
+            pushed = push_selected(report, out_dir, client, sign_key, lifetime_s)
     if as_json:
         print_json({"report": report.to_json(), "pushed": pushed})
         return
@@ -181,9 +206,10 @@ def optimize(
     out.print(f"report: {out_dir / REPORT_NAME}; plot: {out_dir / PLOT_NAME}")
     if pushed:
         table = Table(title=f"pushed {name} {version}", title_justify="left")
-        for column in ("variant", "digest", "bytes", "new"):
+        for column in ("variant", "digest", "bytes", "new", "signed"):
             table.add_column(column)
         for result in pushed:
             created = "yes" if result["created"] else "no"
-            table.add_row(str(result["variant"]), str(result["digest"])[:19], str(result["size"]), created)
+            signed = "yes" if result.get("signature") else "no"
+            table.add_row(str(result["variant"]), str(result["digest"])[:19], str(result["size"]), created, signed)
         out.print(table)

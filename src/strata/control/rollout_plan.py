@@ -53,6 +53,7 @@ FINISHED: Final = ("succeeded", "rolled_back", "aborted")
 ON_FAILURE: Final = ("rollback", "pause")
 # Failures that say a node may not or cannot run the version: it is out of the rollout, not a failure of it.
 EXCLUDING_FAILURES: Final = frozenset({"policy", "no-variant"})
+_REFUSED: Final = "the node refused it: "  # how such a node's exclusion begins: it stays out for good
 SPREAD_LABELS: Final = ("region", "tier", "profile")
 GREEDY_PER_GROUP: Final = 4
 
@@ -592,9 +593,9 @@ def _progress(
                 actions.append(Exclude(node_id, node.excluded))
             continue
         if assignment.excluded is not None:
-            # A node kept out before it was released (a pin, a policy) joins the last wave once nothing keeps it
-            # out; one that refused the version itself stays out.
-            if node.excluded is None and assignment.released_at is None:
+            # A node kept out (a pin, a policy; before its release or after) joins the last wave once nothing keeps
+            # it out; one that refused the version itself stays out.
+            if node.excluded is None and not assignment.excluded.startswith(_REFUSED):
                 actions.append(Include(node_id, last_wave))
             continue
         if assignment.released_at is None:
@@ -604,7 +605,7 @@ def _progress(
             actions.append(MarkOnTarget(node_id))
         failure = node.failure
         if failure is not None and failure.kind in EXCLUDING_FAILURES and not on_target:
-            actions.append(Exclude(node_id, f"the node refused it: {failure.reason}"))
+            actions.append(Exclude(node_id, f"{_REFUSED}{failure.reason}"))
             continue
         if assignment.failed_at is not None:
             continue
@@ -612,6 +613,10 @@ def _progress(
             if failure.kind == "probation" and not assignment.ever_on_target:
                 actions.append(MarkOnTarget(node_id))
             actions.append(MarkFailed(node_id, now, f"{failure.kind}: {failure.reason}"))
+        elif node.excluded is not None and not on_target:
+            # Pinned (or a policy's rule turned against it) after its release: the pin wins, the node runs what it
+            # says, and it no longer holds its wave (it held it to the deadline, "updating").
+            actions.append(Exclude(node_id, node.excluded))
         elif on_target and node.probation != "running" and assignment.healthy_at is None:
             actions.append(MarkHealthy(node_id, now))
     return actions

@@ -26,6 +26,7 @@ from strata.control.db import safe_url
 from strata.control.pki import default_server_names
 from strata.control.plane import ControlPlane, first_start_lock
 from strata.control.settings import ServerSettings
+from strata.control.supply import read_release_keys
 from strata.control.tls import server_context_args
 from strata.core.errors import ConfigError
 from strata.core.logformat import check_log_format
@@ -127,7 +128,8 @@ def serve(
     Raises:
         ConfigError: an unknown log level or format, a data folder that cannot be created, an unusable database URL (one
             that does not parse, or a driver not installed: `strata[postgres]`), a cloud endpoint that is not an
-            http(s) URL, or a TPM CA file or PCR value that does not parse.
+            http(s) URL (cloud or OTLP), a release key that is not a PEM public key, an allowlist entry that is not
+            a code hash, or a TPM CA file or PCR value that does not parse.
         StoreError: the database cannot be reached, refuses the login, or cannot be migrated.
         SystemExit: uvicorn could not start (the port is taken, or the database cannot be migrated); the reason
             is logged.
@@ -146,6 +148,12 @@ def serve(
     for url in cloud_endpoints:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"--cloud-endpoint must be an http:// or https:// URL, got {url!r}")
+    read_release_keys(release_keys)  # a bad key is one line now, not a traceback from the application's start-up
+    for code in agent_allowlist:  # anything else would match no node's report: no node would ever attest
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", code):
+            raise ConfigError(f"--agent-allowlist takes agent code hashes, sha256:<64 hex digits>; got {code!r}")
+    if otlp_endpoint is not None and not otlp_endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"--otlp-endpoint must be an http:// or https:// URL, got {otlp_endpoint!r}")
     settings = ServerSettings(
         data_dir=data_dir,
         db_url=db_url,

@@ -113,6 +113,33 @@ class PackageRole:
     delegated: bool
 
 
+def read_release_keys(paths: Sequence[Path]) -> tuple[str, ...]:
+    """The PEM texts of the release public keys at `paths` (`strata server --release-key`), each checked, without
+    repeats.
+
+    Raises:
+        ConfigError: a file is unreadable, holds a private key (the model owner's, which stays offline), or holds
+            no elliptic-curve public key.
+    """
+    pems = []
+    for path in paths:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--release-key {path}: {exc}") from exc
+        if "PRIVATE KEY-----" in text:
+            raise ConfigError(
+                f"--release-key {path} is a private key: give the server the public half (the .pub file `strata "
+                "keys create` wrote beside it); the private key stays with the model owner, offline"
+            )
+        try:
+            load_public_key(text)
+        except SignatureError as exc:
+            raise ConfigError(f"--release-key {path}: {exc}") from exc
+        pems.append(text)
+    return tuple(dict.fromkeys(pems))
+
+
 def _role_key_names() -> tuple[str, ...]:
     return tuple(f"{repo}-{role}" for repo in (IMAGE, DIRECTOR) for role in TOP_ROLES)
 
@@ -168,15 +195,7 @@ class SupplyService:
                 role keys do not match the roots stored in the database (keys from another server).
             StoreError: the database or the key folder failed.
         """
-        pems = []
-        for path in self._release_key_paths:
-            try:
-                text = path.read_text()
-                load_public_key(text)
-            except (OSError, UnicodeDecodeError, SignatureError) as exc:
-                raise ConfigError(f"--release-key {path}: {exc}") from exc
-            pems.append(text)
-        self._release_pems = tuple(dict.fromkeys(pems))
+        self._release_pems = read_release_keys(self._release_key_paths)
         self._release_keys = {key.keyid: key for key in (release_key(pem) for pem in self._release_pems)}
         self._signers = {name: self._role_signer(name) for name in _role_key_names()}
         now = self._clock()
@@ -184,7 +203,11 @@ class SupplyService:
             for repo in (IMAGE, DIRECTOR):
                 self._roots[repo] = self._ensure_root(session, repo, now)
         if self.enabled:
-            log.info("release signatures required: %d release key(s); TUF keys in %s", len(pems), self._keys_dir)
+            log.info(
+                "release signatures required: %d release key(s); TUF keys in %s",
+                len(self._release_pems),
+                self._keys_dir,
+            )
         else:
             log.warning("no --release-key given: this server accepts UNSIGNED packages (development mode)")
 
@@ -261,8 +284,9 @@ class SupplyService:
             if self.enabled:
                 raise SignatureError(
                     "this server accepts only packages signed by a release key: `strata model push ... --sign-key "
-                    "release.key`, or build and sign where the key is (`strata package build`, `strata model sign "
-                    "PKG --key release.key`) and upload with `strata package push PKG`"
+                    "release.key` (`strata optimize ... --push --sign-key release.key`), or build and sign where the "
+                    "key is (`strata package build`, `strata model sign PKG --key release.key`) and upload with "
+                    "`strata package push PKG`"
                 )
             return None
         if not self.enabled:

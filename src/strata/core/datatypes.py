@@ -59,8 +59,11 @@ def oip_from_ort(type_string: str) -> str:
     try:
         return ORT_TO_OIP[type_string]
     except KeyError:
+        hint = ""
+        if type_string.startswith("seq(map("):  # what skl2onnx makes of a classifier's probabilities by default
+            hint = " (a scikit-learn classifier: convert it with skl2onnx's options={'zipmap': False})"
         raise PackageError(
-            f"model uses type {type_string!r}, which strata cannot serve; only tensors are supported"
+            f"model uses type {type_string!r}, which strata cannot serve; only tensors are supported{hint}"
         ) from None
 
 

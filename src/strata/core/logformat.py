@@ -15,6 +15,19 @@ from typing import Final
 from strata.core.errors import ConfigError
 
 LOG_FORMATS: Final = ("text", "json")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def check_log_level(value: str) -> int:
+    """The `logging` level of a `--log-level` value.
+
+    Raises:
+        ConfigError: it is not debug, info, warning or error (in any case).
+    """
+    if value.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    level: int = getattr(logging, value.upper())
+    return level
 
 
 def check_log_format(value: str) -> str:

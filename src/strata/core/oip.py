@@ -252,7 +252,10 @@ def split_body(body: bytes, header_length: int | None) -> tuple[Any, memoryview]
     try:
         header = json.loads(header_bytes)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, integers of over 4300 digits, nesting
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        hint = ""
+        if header_length is None and isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data":
+            hint = " (binary tensors after the JSON need an Inference-Header-Content-Length header: its length)"
+        raise BadRequest(f"request body is not valid JSON: {exc}{hint}") from None
     if not isinstance(header, dict):
         raise BadRequest("request body must be a JSON object")
     return header, binary
@@ -303,6 +306,8 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     Raises:
         BadRequest: anything malformed, with a message that names the tensor and the problem.
     """
+    if not body:  # e.g. `curl -d @FILE` with a FILE that is not there sends nothing
+        raise BadRequest("request body is empty: send a JSON object with 'inputs'")
     header, binary = split_body(body, header_length)
     inputs = [
         InferInput(name=n, datatype=d, shape=s, array=a)

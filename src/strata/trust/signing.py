@@ -91,8 +91,16 @@ def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
         ConfigError: unreadable, encrypted, or not an elliptic-curve key.
     """
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the release key {path}: {exc}") from exc
+    if b"-----BEGIN PUBLIC KEY-----" in pem:
+        raise ConfigError(
+            f"{path} is a public key: sign with the private half (the .key file `strata keys create` wrote beside it)"
+        )
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
         raise ConfigError(f"cannot read the release key {path}: {exc}") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{path} is not an elliptic-curve private key")

@@ -70,6 +70,7 @@ def test_with_release_keys_an_unsigned_upload_is_refused(
     assert answer["code"] == "signature_invalid"
     assert "accepts only packages signed by a release key" in str(answer["error"])
     assert "upload with `strata package push PKG`" in str(answer["error"])  # the command that does it
+    assert "`strata optimize ... --push --sign-key release.key`" in str(answer["error"])  # and the optimizer's way
     assert supply_server.client.get("/v1/models", headers=supply_server.admin).json() == []
 
 

@@ -371,3 +371,24 @@ def test_naming_the_changed_nodes_gives_the_same_actions_as_looking_at_every_nod
         assert all(fast.members(w) == full.members(w) for w in range(len(fast.spec.waves)))
         assert next_due(fast, now + 30.0) == next_due(full, now + 30.0)
         changed = named_nodes(actions)
+
+
+def test_a_node_pinned_after_its_release_no_longer_holds_its_wave_and_comes_back_when_unpinned() -> None:
+    """It stayed 'updating', with no note, and held its wave until the deadline (the pin had sent it back)."""
+    observations = fleet(3)
+    state = step(rollout("2,100%"), observations, 0.0)
+    first, second = sorted(state.released)
+    take(observations, state)
+    observations[second] = replace(observations[second], version="1", excluded="pinned to 1 (pin 4)")
+    state = step(state, observations, 1.0)
+    assert state.nodes[second].state == "excluded"
+    assert state.nodes[second].excluded == "pinned to 1 (pin 4)"
+    state = step(state, observations, 62.0)  # the other node has baked: the wave passes, long before its deadline
+    assert state.wave == 1
+    # unpinned: it joins the last wave, which has started
+    observations[second] = replace(observations[second], excluded=None)
+    state = step(state, observations, 63.0)
+    assert state.nodes[second].excluded is None
+    assert state.nodes[second].wave == 1
+    assert second in state.released
+    assert first not in {n for n, a in state.nodes.items() if a.excluded}
