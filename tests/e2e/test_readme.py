@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # the optimize example needs its user's model and data (MiniLM, calibration and evaluation text).
 NOT_RUN = {
     "strata optimize model.onnx --name minilm --version 1 --task embedding --calibration calib.txt --eval eval.txt "
-    "--tokenizer tokenizer.json --target x86_64-avx2 --target cpu-generic --out build/minilm-1 --push": (
+    "--tokenizer tokenizer.json --target x86_64-avx2 --target cpu-generic --out build/minilm-1 --push "
+    "--sign-key keys/release.key": (
         "needs MiniLM and its data: tests/integration/optimize/test_optimize_minilm.py optimizes it; "
-        "tests/e2e/test_optimize_fleet.py runs strata optimize --push into a fleet"
+        "tests/e2e/test_optimize_fleet.py runs strata optimize --push --sign-key into a fleet with a release key"
     ),
     "strata server --data-dir /var/lib/strata --tpm-ca tpm-vendor-root.pem --tpm-ca tpm-vendor-ca.pem ...": (
         "needs TPM vendor CAs: tests/e2e/test_tpm.py runs a server with --tpm-ca against swtpm"
