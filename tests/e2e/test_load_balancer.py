@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,8 +106,14 @@ def test_mutual_tls_through_haproxy_spread_over_replicas_and_failover_after_sigk
     finally:
         for client in clients:
             client.close()
-    time.sleep(0.3)  # access-log lines are written after the response
-    spread = {name: len(served(lb, name, "/v1/health")) - before[name] for name in ("a", "b")}
+
+    # access-log lines are written after the response: wait for all eight (a fixed pause was a guess at a loaded
+    # machine's speed); the bound only ends a hang
+    def logged() -> dict[str, int] | None:
+        counts = {name: len(served(lb, name, "/v1/health")) - before[name] for name in ("a", "b")}
+        return counts if sum(counts.values()) >= 8 else None
+
+    spread = fleet.wait_for(logged, 30, "the replicas to log the eight /v1/health requests")
     assert sum(spread.values()) == 8
     assert min(spread.values()) >= 2, spread
 
@@ -124,8 +129,11 @@ def test_mutual_tls_through_haproxy_spread_over_replicas_and_failover_after_sigk
     with httpx.Client(verify=fleet.tls("n1"), timeout=10) as client:
         for _ in range(5):
             assert client.get(desired, headers={"connection": "close"}).status_code == 200
-    time.sleep(0.3)
-    assert len(served(lb, survivor, f"/v1/nodes/{node}/desired")) - survivor_before >= 5
+    fleet.wait_for(
+        lambda: len(served(lb, survivor, f"/v1/nodes/{node}/desired")) - survivor_before >= 5,
+        30,
+        f"replica {survivor} to log the five requests",
+    )
 
     # The running agent, whose connection to the killed replica died, carries on through the survivor (the only
     # replica left, so the deploy through the balancer is made there too).
