@@ -4,10 +4,10 @@ TLS passes through the balancer: the replica, not HAProxy, verifies a node's cli
 end), connections are spread over both replicas, and a replica killed with SIGKILL is taken out by HAProxy's health
 check while the node carries on through the survivor. Where haproxy is missing the test fails with that reason.
 
-Until replicas coordinate (a fleet-wide change feed, and desired-state caches that follow it), a replica answers a
-node's long poll from what it saw change itself: a deploy made through the other replica does not reach the node
-(test_a_deploy_through_the_other_replica_reaches_the_node, expected to fail until then). The first test therefore
-deploys through the replica that holds the agent's poll, found in the replicas' access logs.
+The replicas coordinate through the fleet-wide change feed (strata.control.feed.SharedGeneration): a deploy made
+through the replica that does not hold the agent's poll reaches the node too
+(test_a_deploy_through_the_other_replica_reaches_the_node). The replica that holds the poll is found in the
+replicas' access logs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,8 +106,14 @@ def test_mutual_tls_through_haproxy_spread_over_replicas_and_failover_after_sigk
     finally:
         for client in clients:
             client.close()
-    time.sleep(0.3)  # access-log lines are written after the response
-    spread = {name: len(served(lb, name, "/v1/health")) - before[name] for name in ("a", "b")}
+
+    # access-log lines are written after the response: wait for all eight (a fixed pause was a guess at a loaded
+    # machine's speed); the bound only ends a hang
+    def logged() -> dict[str, int] | None:
+        counts = {name: len(served(lb, name, "/v1/health")) - before[name] for name in ("a", "b")}
+        return counts if sum(counts.values()) >= 8 else None
+
+    spread = fleet.wait_for(logged, 30, "the replicas to log the eight /v1/health requests")
     assert sum(spread.values()) == 8
     assert min(spread.values()) >= 2, spread
 
@@ -124,8 +129,11 @@ def test_mutual_tls_through_haproxy_spread_over_replicas_and_failover_after_sigk
     with httpx.Client(verify=fleet.tls("n1"), timeout=10) as client:
         for _ in range(5):
             assert client.get(desired, headers={"connection": "close"}).status_code == 200
-    time.sleep(0.3)
-    assert len(served(lb, survivor, f"/v1/nodes/{node}/desired")) - survivor_before >= 5
+    fleet.wait_for(
+        lambda: len(served(lb, survivor, f"/v1/nodes/{node}/desired")) - survivor_before >= 5,
+        30,
+        f"replica {survivor} to log the five requests",
+    )
 
     # The running agent, whose connection to the killed replica died, carries on through the survivor (the only
     # replica left, so the deploy through the balancer is made there too).
@@ -145,4 +153,6 @@ def test_a_deploy_through_the_other_replica_reaches_the_node(
     push_model(fleet, digits_onnx, "1", tmp_path)
     other = "b" if poller(lb, node) == "a" else "a"
     assert cli_at(lb, other, "deploy", "digits", "1", "--selector", "fleet=lb").returncode == 0
-    fleet.wait_for_versions({"n1": {"digits": "1"}}, timeout=15)  # three 5 s polls
+    # one 5 s poll to wake, then the download and activation, which a loaded machine stretches; a replica that
+    # never hears of the other's deploy keeps answering from its own view, so the bound only ends a hang
+    fleet.wait_for_versions({"n1": {"digits": "1"}}, timeout=30)

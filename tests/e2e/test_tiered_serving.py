@@ -231,8 +231,10 @@ def sequential(url: str, path: str, count: int) -> list[Shot]:
     return asyncio.run(run())
 
 
-def execution_counters(url: str) -> tuple[float, float]:
-    """The device's runtime calls of `heavy` so far, and the seconds they took (Triton's metrics)."""
+def heavy_counters(url: str) -> dict[str, float]:
+    """The device's counters for `heavy` so far (Triton's metrics): runtime calls (`executions`) and the seconds
+    they took (`compute_s`), requests answered (`successes`) and the seconds those waited in the queue
+    (`queue_s`)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     labels = '{model="heavy",version="1"}'
 
@@ -240,7 +242,16 @@ def execution_counters(url: str) -> tuple[float, float]:
         line = next((line for line in text.splitlines() if line.startswith(name + labels + " ")), None)
         return float(line.rsplit(" ", 1)[1]) if line else 0.0
 
-    return value("nv_inference_exec_count"), value("nv_inference_compute_infer_duration_us") / 1e6
+    return {
+        "executions": value("nv_inference_exec_count"),
+        "compute_s": value("nv_inference_compute_infer_duration_us") / 1e6,
+        "successes": value("nv_inference_request_success"),
+        "queue_s": value("nv_inference_queue_duration_us") / 1e6,
+    }
+
+
+def counted_since(url: str, before: dict[str, float]) -> dict[str, float]:
+    return {name: value - before[name] for name, value in heavy_counters(url).items()}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -261,13 +272,20 @@ def test_overload_sheds_the_rest_keeps_admitted_latency_bounded_and_the_gateway_
 ) -> None:
     path = "/v2/models/heavy/infer"
     device = tiers.url("dev1")
-    before = execution_counters(device)
+    before = heavy_counters(device)
     unloaded = [s.seconds for s in sequential(device, path, 100) if s.status == 200]
     assert len(unloaded) == 100
-    executions, compute_s = (after - first for after, first in zip(execution_counters(device), before, strict=True))
-    rate = executions / compute_s  # what the node can serve: runtime calls per second of its runtime's time
+    measured = counted_since(device, before)
+    rate = measured["executions"] / measured["compute_s"]  # what the node can serve: calls per second of runtime
 
+    before = heavy_counters(device)
     direct = open_loop(device, path, 4 * rate, 3.0)
+    # the node's own account of the overload: how long an admitted request waited in its queue, in rows of its
+    # runtime's time then (a slower machine makes both longer alike; the client's own delays are in neither)
+    node = counted_since(device, before)
+    served_any = node["successes"] > 0 and node["compute_s"] > 0
+    queued_rows = (node["queue_s"] / node["successes"]) / (node["compute_s"] / node["executions"]) if served_any else 0
+    busy = node["compute_s"] / 3.0  # the share of the 3 s its one runtime instance was running a row
     admitted = [s.seconds for s in direct if s.status == 200]
     shed = [s for s in direct if s.status != 200]
     processes = {
@@ -295,6 +313,8 @@ def test_overload_sheds_the_rest_keeps_admitted_latency_bounded_and_the_gateway_
             "admitted_p99_ms": round(p99(admitted) * 1000, 2),
             "shed_p99_ms": round(p99([s.seconds for s in shed]) * 1000, 2) if shed else None,
             "client_lag_p99_ms": round(p99([s.lag for s in direct]) * 1000, 2),
+            "node_mean_queue_wait_rows": round(queued_rows, 2),
+            "node_busy": round(busy, 2),
         },
         "gateway": {
             "sent": len(through),
@@ -315,11 +335,20 @@ def test_overload_sheds_the_rest_keeps_admitted_latency_bounded_and_the_gateway_
     assert all(s.status == 503 and s.retry_after is not None for s in shed)
     assert p99([s.seconds for s in shed]) < p99(unloaded) + 0.25
     # ... and what it admitted did not wait in a queue. The latency target (2x unloaded) is measured by
-    # bench/serving.py; this is a test of admission control, not a benchmark. Without admission control an admitted
-    # request waits out the whole 3 s queue (80x); with it, admitted p99 measured 2.6-3.8x on 2 shared cores, and
-    # once 0.54 s (12x) while the suite's other workers took the cores: the line is 4x or a quarter of the queue.
-    assert len(admitted) >= rate  # it kept serving meanwhile (3 s at capacity would be 3 x rate)
-    assert p99(admitted) < max(4 * p99(unloaded) + 0.01, 0.75)
+    # bench/serving.py; this is a test of admission control, not a benchmark. The node's own account decides it, in
+    # rows of its runtime's time (a loaded machine slows rows and waits alike, and the client's delays are in
+    # neither): an admitted request waited 0.42 rows on average; with no shedding by estimated wait (only the
+    # queue of 4) 4.05 rows. The line is 1.5 rows.
+    # it kept serving meanwhile: its one runtime instance ran rows most of the 3 s (0.91 of it under three CPU
+    # hogs; a node that shed everything would sit idle). Counted in requests against the capacity measured before
+    # the overload, as it was, the loaded machine came to 1.7 s of the 3 against a line of 1 s.
+    assert busy > 0.5, figures["direct"]
+    assert queued_rows < 1.5, figures["direct"]
+    # End to end, as the client saw it: without any admission control the queue grows by 3 s of work each second
+    # and the last admitted requests wait ~9 s; with it, admitted p99 measured 2.6-3.8x unloaded on 2 shared
+    # cores, and once 0.54 s (12x) while the suite's other workers took the cores (the client's own delay: its
+    # lag p99 was 0.51 s). The line is 4x unloaded or 1.5 s, six times under the bug and three over that worst.
+    assert p99(admitted) < max(4 * p99(unloaded) + 0.01, 1.5)
     # through the gateway every request got an answer, some from the cloud
     assert [s.status for s in through] == [200] * len(through)
     assert served["local"] > 0

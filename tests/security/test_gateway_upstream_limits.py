@@ -118,19 +118,26 @@ class Upstream:
 
 @dataclass
 class Setup:
+    """The module's fleet and two upstreams: `url` for every gateway but the one asked about thousands of names,
+    which has `names_url` (`names_upstream`) to itself, so that every probe that upstream hears is that gateway's."""
+
     upstream: Upstream
     fleet: LocalFleet
     url: str
+    names_upstream: Upstream
+    names_url: str
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    upstream = Upstream()
-    server = upstream.serve()
+    upstream, names_upstream = Upstream(), Upstream()
+    servers = [upstream.serve(), names_upstream.serve()]
+    urls = [f"http://127.0.0.1:{server.server_address[1]}" for server in servers]
     with LocalFleet(tmp_path_factory.mktemp("gw-limits")) as fleet:
-        yield Setup(upstream, fleet, f"http://127.0.0.1:{server.server_address[1]}")
-    server.shutdown()
-    server.server_close()
+        yield Setup(upstream, fleet, urls[0], names_upstream, urls[1])
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 def peak_rss_mib(gateway: GatewayHandle) -> int:
@@ -167,7 +174,15 @@ def test_an_answer_over_the_limit_is_a_502(setup: Setup, model: str) -> None:
 
 @pytest.mark.slow
 def test_thousands_of_model_names_do_not_stop_the_health_checks(setup: Setup) -> None:
-    gateway = setup.fleet.start_gateway("names", ["--cloud", setup.url, "--health-interval", "0.5"])
+    """The gateway keeps probing and stays ready, and probes at most the 64 names answered last.
+
+    Its upstream is its own (no other gateway's probes), so the test can tell probe rounds apart by their readiness
+    probes: a target's rounds run one after another, each opening with `/v2/health/ready`. The first round to open
+    after the last answer may have taken its names before that answer (an older window); the round after it
+    began once that one had ended, so from then on every name probed is one of the final 64. Waiting for that
+    second opening, not for a fixed time, is what makes the count exact on a loaded machine."""
+    upstream = setup.names_upstream
+    gateway = setup.fleet.start_gateway("names", ["--cloud", setup.names_url, "--health-interval", "0.5"])
     with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=32)) as client:
 
         def ask(i: int) -> int:
@@ -176,30 +191,34 @@ def test_thousands_of_model_names_do_not_stop_the_health_checks(setup: Setup) ->
         with ThreadPoolExecutor(32) as pool:
             statuses = list(pool.map(ask, range(3000)))
     assert set(statuses) == {200}
-    # A probe round that began while the last requests were being answered probes an older window of names: let
-    # it end (the interval is 0.5 s) before counting, so that only rounds over the final window are counted.
-    time.sleep(1.5)
-    # for the next few seconds the gateway is ready and its probes keep reaching the (healthy) upstream
-    probes = setup.upstream.count("/v2/health/ready")
-    names_before = setup.upstream.names_probed()
-    deadline = time.monotonic() + 4
-    while time.monotonic() < deadline:
+    opened = upstream.count("/v2/health/ready")
+    setup.fleet.wait_for(
+        lambda: upstream.count("/v2/health/ready") >= opened + 2, 30, "two probe rounds to open after the last answer"
+    )
+    # from now on the gateway is ready and its probes keep reaching the (healthy) upstream: four more rounds (two
+    # seconds at its interval) within the next four seconds or more, bounded at 30 s where the machine is slow
+    probes = upstream.count("/v2/health/ready")
+    names_before = upstream.names_probed()
+    started = time.monotonic()
+    while time.monotonic() - started < 4 or upstream.count("/v2/health/ready") - probes < 4:
         ready = httpx.get(f"{gateway.url}/v2/health/ready", timeout=10)
         assert ready.status_code == 200, ready.text
+        if time.monotonic() - started > 30:
+            break
         time.sleep(0.25)
-    assert setup.upstream.count("/v2/health/ready") - probes >= 4
-    # the most recently answered names are probed, at most 64 of them (the upstream also hears the module's other
-    # gateways probing their own names, `m` and `small`: only the names asked of this one count)
-    # (32 callers at once answer names a little out of order, and a round probes what its interval allows: the
-    # names probed are recent ones, not necessarily the very last)
-    probed = setup.upstream.names_probed() - names_before
+    assert upstream.count("/v2/health/ready") - probes >= 4
+    # the most recently answered names are probed, at most 64 of them (32 callers at once answer names a little
+    # out of order, and a round probes what its interval allows: the names probed are recent ones, not
+    # necessarily the very last)
+    probed = upstream.names_probed() - names_before
     ours = {name for name in probed if name.startswith("n") and name[1:].isdigit()}
+    assert set(probed) == ours
     assert 0 < len(ours) <= 64
     assert all(int(name[1:]) >= 3000 - 500 for name in ours), sorted(ours)
 
 
 def test_budgets_that_are_not_a_finite_number_of_milliseconds_are_refused(setup: Setup) -> None:
-    gateway = setup.fleet.gateways.get("names") or setup.fleet.start_gateway("names", ["--cloud", setup.url])
+    gateway = setup.fleet.gateways.get("names") or setup.fleet.start_gateway("names", ["--cloud", setup.names_url])
     for budget in ["inf", "1e308", "nan", "-1", "0", "0.5", "600001", "abc", ""]:
         response = httpx.post(
             f"{gateway.url}/v2/models/m/infer", content=b"{}", headers={"strata-budget-ms": budget}, timeout=30

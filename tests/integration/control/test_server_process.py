@@ -48,12 +48,42 @@ def _wait_healthy(process: subprocess.Popen[bytes], base: str, token_file: Path)
     raise AssertionError("the server did not become healthy within 30 s")
 
 
+def _tcp_queues(local_port: int, remote_port: int) -> tuple[int, int] | None:
+    """(bytes not yet acknowledged by the peer, bytes received and not yet read by the process) of the loopback
+    TCP connection from `local_port` to `remote_port` (/proc/net/tcp); None where there is none."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)
+        if (local, remote) == (local_port, remote_port):
+            tx_queue, rx_queue = fields[4].split(":")
+            return int(tx_queue, 16), int(rx_queue, 16)
+    return None
+
+
+def _wait_read_by_server(client_port: int, server_port: int) -> None:
+    """Wait until what the client sent has reached the server's end (acknowledged) and the server has read it."""
+    deadline = time.monotonic() + 30
+    for local, remote, index in ((client_port, server_port, 0), (server_port, client_port, 1)):
+        while (queues := _tcp_queues(local, remote)) is None or queues[index] != 0:
+            assert time.monotonic() < deadline, f"the server did not read the request ({queues})"
+            time.sleep(0.01)
+
+
+def _read_until_closed(sock: ssl.SSLSocket) -> bytes:
+    """What the server sends until it closes; then this side closes too."""
+    chunks = []
+    with sock, contextlib.suppress(ConnectionError, ssl.SSLError):
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @pytest.mark.slow
 def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path, db_url: str | None) -> None:
     data = tmp_path / "data"
     port = _free_port()
     base = f"https://127.0.0.1:{port}"
-    polled: list[httpx.Response] = []
+    answers: list[bytes] = []
     argv = [sys.executable, "-m", "strata", "server", "--data-dir", str(data), "--port", str(port)]
     if db_url is not None:
         argv += ["--db", db_url.replace("postgresql+psycopg://", "postgresql://")]  # the plain form means psycopg
@@ -98,13 +128,18 @@ def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path, db_u
         assert state == DesiredState(node_id=enrolled.node_id, models=())
         assert answer.headers["ETag"] == state.etag
 
-        # A long poll in flight when SIGTERM arrives is answered at once, not after its 60 s.
-        poll_headers = {**node, "If-None-Match": state.etag}
-        url = f"{base}/v1/nodes/{enrolled.node_id}/desired?wait=60"
-        threading.Thread(
-            target=lambda: polled.append(httpx.get(url, headers=poll_headers, timeout=70, verify=mtls))
-        ).start()
-        time.sleep(0.5)
+        # A long poll in flight when SIGTERM arrives is answered at once, not after its 60 s. The poll is sent
+        # over a socket of the test's own, so that it knows when the server has read it (a fixed pause guessed
+        # at a loaded machine's speed).
+        poll = mtls.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=70), server_hostname="127.0.0.1")
+        poll.sendall(
+            f"GET /v1/nodes/{enrolled.node_id}/desired?wait=60 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"If-None-Match: {state.etag}\r\nConnection: close\r\n\r\n".encode()
+        )
+        _wait_read_by_server(poll.getsockname()[1], port)
+        # read the answer as it comes, and close (the server's TLS close waits for the client's side of it)
+        reader = threading.Thread(target=lambda: answers.append(_read_until_closed(poll)))
+        reader.start()
     finally:
         stopping = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -118,10 +153,8 @@ def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path, db_u
     # Prompt even on a loaded machine: without `strata server`'s gc.freeze() at exit, Python's own teardown
     # of the heap took 4-10 s there after the server had finished.
     assert time.monotonic() - stopping < 5, log
-    deadline = time.monotonic() + 5
-    while not polled and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert [r.status_code for r in polled] == [304]
+    reader.join(10)
+    assert [answer[:13] for answer in answers] == [b"HTTP/1.1 304 "], answers
     assert f"strata server listening on https://127.0.0.1:{port} (data: {data})" in log
     # Presence was flushed on the way out.
     engine = create_engine(db_url or f"sqlite:///{data / 'strata.db'}")
