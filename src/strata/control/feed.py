@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -318,12 +319,16 @@ class SharedGeneration:
             try:
                 connection.execute(f"LISTEN {CHANNEL}")
                 self.observe(self._read())
+                heard = time.monotonic()  # the last notification, or the last read of the counter
                 while not self._stop.is_set():
-                    for notification in connection.notifies(timeout=1.0):
+                    for notification in connection.notifies(timeout=1.0):  # a second at most: `stop` stays prompt
                         with contextlib.suppress(ValueError):
                             self.observe(int(notification.payload))
+                        heard = time.monotonic()
                     self._retry_publish()
-                    self.observe(self._read())
+                    if time.monotonic() - heard >= self.safety_poll_s:
+                        self.observe(self._read())
+                        heard = time.monotonic()
             except Exception as exc:  # a broken connection of any kind: reconnect
                 if not self._stop.is_set():
                     log.warning("lost the LISTEN connection for fleet changes, reconnecting: %s", _redacted(exc))

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text, update
 
 from strata.control import migrations
-from strata.control.db import Database, make_engine
-from strata.control.feed import ChangeFeed, SharedGeneration
+from strata.control.db import Database, FleetChange, make_engine
+from strata.control.feed import CHANNEL, ChangeFeed, SharedGeneration
 from strata.control.lease import LeaseStore, serialize
 
 PG_BIN = Path(os.environ.get("STRATA_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -72,6 +73,18 @@ def two_databases(postgres_url: str) -> Iterator[tuple[Database, Database]]:
     second.close()
 
 
+def _wait_listening(database: Database, listeners: int) -> None:
+    """Until `listeners` connections have run LISTEN on the fleet-changes channel (their last statement)."""
+    query = text("SELECT count(*) FROM pg_stat_activity WHERE query = :listen")
+    deadline = time.monotonic() + 30
+    while True:
+        with database.engine.connect() as connection:
+            if connection.execute(query, {"listen": f"LISTEN {CHANNEL}"}).scalar() == listeners:
+                return
+        assert time.monotonic() < deadline, "the replicas never listened"
+        time.sleep(0.05)
+
+
 def test_a_change_through_one_replica_reaches_the_other_by_notify(two_databases: tuple[Database, Database]) -> None:
     feed_a, feed_b = ChangeFeed(), ChangeFeed()
     # A slow safety poll: only NOTIFY can wake b within the second.
@@ -81,7 +94,7 @@ def test_a_change_through_one_replica_reaches_the_other_by_notify(two_databases:
     shared_a.start()
     shared_b.start()
     try:
-        time.sleep(0.5)  # b is listening
+        _wait_listening(two_databases[0], 2)
 
         async def wait_on_b() -> float:
             seen = feed_b.generation
@@ -97,6 +110,32 @@ def test_a_change_through_one_replica_reaches_the_other_by_notify(two_databases:
     finally:
         shared_a.stop()
         shared_b.stop()
+
+
+def test_a_change_whose_notification_was_lost_is_read_by_the_safety_poll(
+    two_databases: tuple[Database, Database],
+) -> None:
+    """A change committed without its NOTIFY (as one is, to a replica whose LISTEN connection was down then) reaches
+    the replica by its safety poll, after `safety_poll_s` without a notification."""
+    feed = ChangeFeed()
+    shared = SharedGeneration(two_databases[1], feed, safety_poll_s=2.0)
+    shared.start()
+    try:
+        _wait_listening(two_databases[0], 1)
+        advance = update(FleetChange).where(FleetChange.id == 1).values(generation=FleetChange.generation + 1)
+        with two_databases[0].transaction() as session:
+            session.execute(advance)
+
+        async def wait_for_the_change() -> float:
+            seen = feed.generation
+            started = time.monotonic()
+            assert await feed.wait_beyond(seen, timeout=30) > seen
+            return time.monotonic() - started
+
+        assert asyncio.run(wait_for_the_change()) < 10  # read within 2-3 s of the last one
+        assert shared.foreign_changes == 1
+    finally:
+        shared.stop()
 
 
 def test_one_holder_per_lease_and_serialized_turns(two_databases: tuple[Database, Database]) -> None:
