@@ -11,10 +11,15 @@ import httpx
 import pytest
 from e2e_helpers import hammer, infer_request, push_model
 
+from strata.agent.processes import usable_cores
 from strata.examples.digits import load_data
 from strata.localfleet import LocalFleet
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # the agent refuses more serving processes than the cores it may run on (they would fight over them)
+    pytest.mark.skipif(usable_cores() < 2, reason="two serving processes need two cores; this machine has one"),
+]
 
 
 def metric(text: str, name: str, **labels: str) -> float:
