@@ -1,11 +1,13 @@
-"""Telemetry with real processes: 100,000 requests through an outage and two kill -9s, counted exactly once;
-drift that shows on shifted inputs and not on unshifted ones."""
+"""Telemetry with real processes: 100,000 requests through an outage and two kill -9s, counted exactly once, and
+malformed ones counted as the caller's errors, not the model's; drift that shows on shifted inputs and not on
+unshifted ones."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -18,6 +20,7 @@ from strata.localfleet import LocalFleet
 pytestmark = pytest.mark.slow
 
 TOTAL = 100_000
+MALFORMED = 3
 
 
 def server_counts(fleet: LocalFleet) -> tuple[int, int]:
@@ -44,11 +47,25 @@ def test_an_outage_and_two_kills_lose_and_double_nothing(fleet: LocalFleet, digi
             handle = fleet.restart_agent("edge", extra_args=["--telemetry-interval", "1"])
             fleet.wait_for(lambda: fleet.agent_live("edge"), 30, "the agent after kill -9", handle.process)
     assert served == TOTAL
+    # Clients that send garbage: refused as their fault, counted as errors but not as the model's.
+    good = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
+    malformed: list[dict[str, Any]] = [
+        {"content": b'{"inputs": ['},
+        {"json": {"inputs": [{**good["inputs"][0], "shape": [1, 65]}]}},
+        {"json": {"inputs": [{**good["inputs"][0], "name": "Y"}]}},
+    ]
+    assert len(malformed) == MALFORMED
+    for request in malformed:
+        assert httpx.post(f"{handle.serve_url}/v2/models/digits/infer", timeout=30, **request).status_code == 400
 
     fleet.start_server()
-    fleet.wait_for(lambda: server_counts(fleet)[0] >= TOTAL, 120, "the node's telemetry to arrive", handle.process)
+    everything = TOTAL + MALFORMED
+    fleet.wait_for(lambda: server_counts(fleet)[0] >= everything, 120, "the node's telemetry to arrive", handle.process)
     time.sleep(2)  # a stray duplicate would land now
-    assert server_counts(fleet) == (TOTAL, 0)
+    assert server_counts(fleet) == (everything, MALFORMED)
+    [summary] = fleet.client.telemetry("digits", since_s=86400)["nodes"]
+    assert (summary["errors"], summary["client_errors"]) == (MALFORMED, MALFORMED)
+    assert (summary["error_rate"], summary["client_error_rate"]) == (0.0, round(MALFORMED / everything, 6))
     db = sqlite3.connect(f"file:{fleet.server_dir / 'strata.db'}?mode=ro", uri=True)
     try:
         batches, distinct = db.execute("SELECT COUNT(*), COUNT(DISTINCT seq) FROM telemetry_batches").fetchone()

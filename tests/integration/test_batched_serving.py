@@ -460,6 +460,31 @@ def test_each_request_in_a_batch_gets_its_own_durable_outcome(
     assert first - last >= 300_000  # 0.4 s apart in sending, generously bounded
 
 
+def test_malformed_requests_are_counted_as_the_callers_errors(
+    serve: Serve, digits_package: Package, digits_runtime: Runtime, tmp_path: Path
+) -> None:
+    recorder = TelemetryRecorder(TelemetryConfig(path=tmp_path / "telemetry.db"))
+    try:
+        served = serve(loaded(digits_package, digits_runtime), telemetry=recorder)
+        x = load_data().test_x[:2]
+        good = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [2, 64], "data": x.ravel().tolist()}]}
+        malformed: list[dict[str, Any]] = [
+            {"content": b'{"inputs": [{"name": "X",'},  # not JSON
+            {"json": {"inputs": [{**good["inputs"][0], "shape": [2, 65]}]}},  # the wrong shape
+            {"json": {"inputs": [{**good["inputs"][0], "datatype": "BYTES"}]}},  # the wrong datatype
+            {"json": {"inputs": [{**good["inputs"][0], "name": "Y"}]}},  # an input the model does not have
+        ]
+        with httpx.Client(base_url=served.url, timeout=30) as client:
+            answers = [client.post("/v2/models/digits/infer", json=good) for _ in range(3)]
+            answers += [client.post("/v2/models/digits/infer", **request) for request in malformed]
+        assert [a.status_code for a in answers] == [200] * 3 + [400] * 4, [a.text for a in answers]
+        with sqlite3.connect(tmp_path / "telemetry.db") as db:  # read at once: each answer waited for its commit
+            minute = db.execute("SELECT SUM(requests), SUM(errors), SUM(client_errors) FROM minutes").fetchone()
+    finally:
+        recorder.close()
+    assert minute == (7, 4, 4)
+
+
 # --- admission control -------------------------------------------------------------------------------------
 
 
@@ -503,6 +528,9 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(
                 statuses = [status for (status,) in db.execute("SELECT status FROM events")]
             time.sleep(0.05)
         assert "rejected" in statuses  # the shed request is in telemetry too
+        with sqlite3.connect(tmp_path / "telemetry.db") as db:
+            minute = db.execute("SELECT SUM(requests), SUM(errors), SUM(client_errors) FROM minutes").fetchone()
+        assert minute == (4, 1, 0)  # an error of the node's (it was busy), not the caller's
     finally:
         gated.gate.set()
         recorder.close()

@@ -4,23 +4,74 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 from pathlib import Path
 
 import pytest
 
+from strata.agent.metrics import FAILURE_REASONS
+from strata.agent.serving import NOT_THE_MODELS_FAULT, is_client_fault
 from strata.agent.telemetry import Outcome, TelemetryBuffer, TelemetryConfig, TelemetryRecorder, TelemetryUploader
 from strata.core.errors import TransportError
-from strata.core.telemetry import PRIORITY_ERROR, PRIORITY_SAMPLED, PRIORITY_SLOW, decode_batch
+from strata.core.telemetry import BUCKETS, PRIORITY_ERROR, PRIORITY_SAMPLED, PRIORITY_SLOW, decode_batch
 
 T = 1_800_000_000.0
 
 
-def outcome(ts: float, ok: bool = True, latency_us: int = 800, drift: tuple[int, ...] = (1, 2)) -> Outcome:
+def outcome(
+    ts: float, ok: bool = True, latency_us: int = 800, drift: tuple[int, ...] = (1, 2), status: str = "bad_request"
+) -> Outcome:
     return Outcome(
         ts=ts, model="digits", version="1", variant="cpu-generic-fp32", latency_us=latency_us, queue_us=10,
-        batch=1, ok=ok, status="ok" if ok else "bad_request", summary='{"shape":[1,64]}',
+        batch=1, ok=ok, status="ok" if ok else status, summary='{"shape":[1,64]}',
         drift=(("X", drift),),
     )  # fmt: skip
+
+
+def test_only_a_malformed_request_is_the_callers_fault() -> None:
+    # Shed by admission control (the node was busy), unavailable (stopping) and internal (the runtime failed) are
+    # the node's or the model's; the probation and the gates leave the shed ones out too, telemetry does not.
+    faults = {reason: is_client_fault(reason) for reason in FAILURE_REASONS}
+    assert faults == {"bad_request": True, "unavailable": False, "internal": False, "rejected": False}
+    assert not is_client_fault("ok")
+    assert {"bad_request", "rejected"} == NOT_THE_MODELS_FAULT
+
+
+def test_failures_are_counted_and_the_callers_faults_apart(tmp_path: Path) -> None:
+    buffer = TelemetryBuffer(tmp_path / "t.db", 64 << 20)
+    statuses = ["bad_request", "bad_request", "rejected", "unavailable", "internal"]
+    buffer.write([outcome(T), *(outcome(T + 1, ok=False, status=s) for s in statuses)], [None] * 6)
+    buffer.write([outcome(T + 2, ok=False, status="bad_request")], [None])  # the same minute's row, added to
+    assert buffer.seal("n", T + 60, 100, 100) == 1
+    pending = buffer.read_outbox()
+    assert pending is not None
+    [minute] = decode_batch(pending[1]).minutes
+    assert (minute.requests, minute.errors, minute.client_errors) == (7, 6, 3)
+
+
+def test_a_buffer_made_by_an_agent_before_client_errors_gets_the_column(tmp_path: Path) -> None:
+    # The minutes table as agents before `client_errors` made it, with a row of theirs: an agent upgraded in
+    # place opens this file, adds to that row and sends it, none of its old errors told apart.
+    path = tmp_path / "telemetry.db"
+    buckets = [f"b{i}" for i in range(BUCKETS)]
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE minutes (model TEXT NOT NULL, version TEXT NOT NULL, variant TEXT NOT NULL,"
+            " minute INTEGER NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL, items INTEGER NOT NULL,"
+            " latency_sum_us INTEGER NOT NULL, queue_sum_us INTEGER NOT NULL,"
+            f" {', '.join(f'{b} INTEGER NOT NULL' for b in buckets)}, PRIMARY KEY (model, version, variant, minute))"
+        )
+        old_row = ("digits", "1", "cpu-generic-fp32", int(T // 60), 4, 2, 4, 3200, 40, *([0] * 4), 4, *([0] * 13))
+        db.execute(f"INSERT INTO minutes VALUES ({', '.join('?' * len(old_row))})", old_row)  # noqa: S608 -- only '?' placeholders are formatted in
+    db.close()
+    buffer = TelemetryBuffer(path, 64 << 20)
+    TelemetryBuffer(path, 64 << 20).close()  # a second serving process opening it finds the column there
+    buffer.write([outcome(T + 1, ok=False), outcome(T + 61, ok=False, status="internal")], [None, None])
+    assert buffer.seal("n", T + 120, 100, 100) == 1
+    pending = buffer.read_outbox()
+    assert pending is not None
+    minutes = [(m.requests, m.errors, m.client_errors) for m in decode_batch(pending[1]).minutes]
+    assert minutes == [(5, 3, 1), (1, 1, 0)]
 
 
 def test_every_outcome_is_counted_and_only_kept_ones_become_events(tmp_path: Path) -> None:

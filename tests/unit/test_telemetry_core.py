@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -126,7 +127,7 @@ def _batch() -> TelemetryBatch:
         node_id="n1",
         seq=3,
         created=1000.5,
-        minutes=[MinuteRow("digits", "1", "cpu-fp32", 29_000_000, 7, 1, 9, 7000, 70, latency)],
+        minutes=[MinuteRow("digits", "1", "cpu-fp32", 29_000_000, 7, 2, 9, 7000, 70, latency, client_errors=1)],
         events=[EventRow(1000.25, "digits", "1", "cpu-fp32", 300, 5, 1, "bad_request", "local", 2, '{"shape":[1]}')],
         drift=[DriftRow("digits", "1", 29_000_000, "X", [1, 2, 3])],
         dropped={"events_sampled": 4},
@@ -137,6 +138,32 @@ def test_batch_round_trip() -> None:
     batch = _batch()
     decoded = decode_batch(encode_batch(batch))
     assert decoded == batch
+    assert decoded.minutes[0].client_errors == 1
+
+
+def _recoded(change: dict[str, list[Any]]) -> bytes:
+    """`_batch()` encoded with its minutes' columns changed as given."""
+    raw = json.loads(zstandard.ZstdDecompressor().decompress(encode_batch(_batch())))
+    raw["minutes"].update(change)
+    return zstandard.ZstdCompressor().compress(json.dumps(raw).encode())
+
+
+def test_client_errors_are_a_part_of_the_errors_or_the_batch_is_refused() -> None:
+    # 2 errors in the minute: 0..2 of them may be the caller's fault, not 3 and not -1
+    assert decode_batch(_recoded({"client_errors": [2]})).minutes[0].client_errors == 2
+    for wrong in (3, -1):
+        with pytest.raises(TelemetryError, match=r"client_errors .* between 0 and its errors \(2\)"):
+            decode_batch(_recoded({"client_errors": [wrong]}))
+    with pytest.raises(TelemetryError, match="'client_errors' is missing or has the wrong length"):
+        decode_batch(_recoded({"client_errors": [0, 0]}))
+    with pytest.raises(TelemetryError, match="malformed"):
+        decode_batch(_recoded({"client_errors": ["many"]}))
+
+
+def test_a_decoder_leaves_a_minutes_column_it_does_not_know_alone() -> None:
+    # What a control plane does with a batch from a newer node (an older control plane with client_errors, too:
+    # its decoder reads the columns it names and no others).
+    assert decode_batch(_recoded({"from_a_newer_node": [7]})) == _batch()
 
 
 def test_decode_refuses_garbage_and_bombs() -> None:

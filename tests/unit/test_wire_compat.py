@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
+import zstandard
 
 from strata.core.hashing import canonical_json
+from strata.core.telemetry import BATCH_FORMAT, BUCKETS, decode_batch
 from strata.core.wire import (
     MAX_LOG_LINES,
     DesiredModel,
@@ -107,3 +110,37 @@ def test_a_log_request_is_additive_in_the_desired_state() -> None:
     for bad in ({"id": "ab12", "lines": 0}, {"id": "../x", "lines": 5}, {"id": "ab12", "lines": MAX_LOG_LINES + 1}):
         with pytest.raises(ProtocolError, match="log request"):
             DesiredState.from_json({**old, "log_request": bad})
+
+
+def test_a_telemetry_batch_from_a_node_before_client_errors_decodes_with_none() -> None:
+    # What an agent from before `client_errors` sent: every failed request in `errors`, none told apart.
+    latency = [0] * BUCKETS
+    latency[4] = 30
+    old = {
+        "format": BATCH_FORMAT,
+        "node": "n1",
+        "seq": 4,
+        "created": 1000.5,
+        "dropped": {},
+        "minutes": {
+            "minute": [29_000_000, 1],
+            "model": [0, 0],
+            "version": [1, 1],
+            "variant": [2, 2],
+            "requests": [30, 30],
+            "errors": [23, 0],
+            "items": [30, 30],
+            "latency_sum_us": [24_000, 24_000],
+            "queue_sum_us": [0, 0],
+            "latency": [latency, latency],
+        },
+        "events": {key: [] for key in ("ts_ms", "model", "version", "variant", "latency_us", "queue_us", "batch")}
+        | {key: [] for key in ("status", "tier", "priority", "summary")},
+        "drift": {"minute": [], "model": [], "version": [], "tensor": [], "counts": []},
+        "strings": ["digits", "1", "cpu-generic-fp32"],
+    }
+    batch = decode_batch(zstandard.ZstdCompressor().compress(json.dumps(old).encode()))
+    assert [(m.minute, m.requests, m.errors, m.client_errors) for m in batch.minutes] == [
+        (29_000_000, 30, 23, 0),
+        (29_000_001, 30, 0, 0),
+    ]

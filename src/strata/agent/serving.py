@@ -21,9 +21,22 @@ from strata.core.wire import ServingCounters
 
 DEFAULT_WINDOW = 512
 
-# Failures that are not the model's doing do not count against it: a malformed request, and a request shed by
-# admission control (the node was busy; the model never saw it). Probation and rollout gates judge the model.
-CALLER_FAULTS = frozenset({"bad_request", "rejected"})
+# Whose fault a failed request was, by its status (`oip_server._failure_reason`, `metrics.FAILURE_REASONS`):
+#   bad_request  the caller's: malformed, or does not fit the model's signature (answered 400)
+#   rejected     the node's: shed by admission control, the node was busy (503; the model never saw it)
+#   unavailable  the node's: stopping, or its workers are gone (503)
+#   internal     the model's or the node's: the runtime failed (500)
+# Telemetry counts the caller's apart (`MinuteRow.client_errors`), so that an operator can tell clients that send
+# garbage from a model or node that fails.
+CLIENT_FAULTS = frozenset({"bad_request"})
+# Failures that do not count against the model: the caller's, and a request shed by admission control.
+# Probation and rollout gates judge the model.
+NOT_THE_MODELS_FAULT = CLIENT_FAULTS | {"rejected"}
+
+
+def is_client_fault(status: str) -> bool:
+    """Whether a request that ended with `status` failed through its caller's fault (see `CLIENT_FAULTS`)."""
+    return status in CLIENT_FAULTS
 
 
 def percentile(values: Iterable[float], fraction: float) -> float | None:
@@ -68,8 +81,8 @@ class ServingTracker:
             series.latencies_ms.append(latency_ms)
 
     def record_failure(self, model: str, version: str, reason: str) -> None:
-        """One request failed; failures that are not the model's (`CALLER_FAULTS`) are not counted at all."""
-        if reason in CALLER_FAULTS:
+        """One request failed; failures that are not the model's (`NOT_THE_MODELS_FAULT`) are not counted at all."""
+        if reason in NOT_THE_MODELS_FAULT:
             return
         with self._lock:
             series = self._get(model, version)

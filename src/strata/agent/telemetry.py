@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from strata.agent.metrics import MetricsRegistry
+from strata.agent.serving import is_client_fault
 from strata.core.errors import StrataError
 from strata.core.telemetry import (
     BUCKETS,
@@ -61,6 +62,7 @@ CREATE TABLE IF NOT EXISTS minutes (
     requests INTEGER NOT NULL, errors INTEGER NOT NULL, items INTEGER NOT NULL,
     latency_sum_us INTEGER NOT NULL, queue_sum_us INTEGER NOT NULL,
     {", ".join(f"b{i} INTEGER NOT NULL" for i in range(BUCKETS))},
+    client_errors INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (model, version, variant, minute)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -80,11 +82,12 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 _UPSERT_MINUTE = f"""
-INSERT INTO minutes (model, version, variant, minute, requests, errors, items, latency_sum_us, queue_sum_us,
-                     {_BUCKET_COLUMNS})
-VALUES ({", ".join("?" * (9 + BUCKETS))})
+INSERT INTO minutes (model, version, variant, minute, requests, errors, client_errors, items, latency_sum_us,
+                     queue_sum_us, {_BUCKET_COLUMNS})
+VALUES ({", ".join("?" * (10 + BUCKETS))})
 ON CONFLICT (model, version, variant, minute) DO UPDATE SET
-    requests = requests + excluded.requests, errors = errors + excluded.errors, items = items + excluded.items,
+    requests = requests + excluded.requests, errors = errors + excluded.errors,
+    client_errors = client_errors + excluded.client_errors, items = items + excluded.items,
     latency_sum_us = latency_sum_us + excluded.latency_sum_us, queue_sum_us = queue_sum_us + excluded.queue_sum_us,
     {", ".join(f"b{i} = b{i} + excluded.b{i}" for i in range(BUCKETS))}
 """
@@ -151,7 +154,17 @@ class TelemetryBuffer:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = self._connect()
         self._db.executescript(_SCHEMA)
+        self._upgrade()
         self._writes = 0
+
+    def _upgrade(self) -> None:
+        """Bring a buffer made by an older agent (upgraded in place) to this schema: its `minutes` table lacks
+        `client_errors` (its rows count none apart). In one write transaction, so that the node's serving
+        processes, which open the same file together, add the column once."""
+        with self._transaction() as db:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(minutes)")}
+            if "client_errors" not in columns:
+                db.execute("ALTER TABLE minutes ADD COLUMN client_errors INTEGER NOT NULL DEFAULT 0")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -179,7 +192,10 @@ class TelemetryBuffer:
             key = (outcome.model, outcome.version, outcome.variant, minute)
             row = minutes.get(key) or minutes.setdefault(key, MinuteRow(*key))
             row.requests += 1
-            row.errors += 0 if outcome.ok else 1
+            if not outcome.ok:
+                row.errors += 1
+                if is_client_fault(outcome.status):
+                    row.client_errors += 1
             row.items += outcome.batch
             row.latency_sum_us += outcome.latency_us
             row.queue_sum_us += outcome.queue_us
@@ -193,7 +209,7 @@ class TelemetryBuffer:
             db.executemany(
                 _UPSERT_MINUTE,
                 [
-                    (*key, m.requests, m.errors, m.items, m.latency_sum_us, m.queue_sum_us, *m.latency)
+                    (*key, m.requests, m.errors, m.client_errors, m.items, m.latency_sum_us, m.queue_sum_us, *m.latency)
                     for key, m in minutes.items()
                 ],
             )
@@ -308,12 +324,12 @@ class TelemetryBuffer:
                 return int(pending[0])
             minutes = [
                 MinuteRow(
-                    model=r[0], version=r[1], variant=r[2], minute=r[3], requests=r[4], errors=r[5], items=r[6],
-                    latency_sum_us=r[7], queue_sum_us=r[8], latency=list(r[9:]),
+                    model=r[0], version=r[1], variant=r[2], minute=r[3], requests=r[4], errors=r[5],
+                    client_errors=r[6], items=r[7], latency_sum_us=r[8], queue_sum_us=r[9], latency=list(r[10:]),
                 )
                 for r in db.execute(
-                    "SELECT model, version, variant, minute, requests, errors, items, latency_sum_us, queue_sum_us,"
-                    f" {_BUCKET_COLUMNS} FROM minutes ORDER BY minute LIMIT ?",
+                    "SELECT model, version, variant, minute, requests, errors, client_errors, items, latency_sum_us,"
+                    f" queue_sum_us, {_BUCKET_COLUMNS} FROM minutes ORDER BY minute LIMIT ?",
                     (max_minutes,),
                 )
             ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""`strata telemetry NAME`: requests, error rate, latency percentiles and drift of a model across the fleet."""
+"""`strata telemetry NAME`: requests, error rates, latency percentiles and drift of a model across the fleet."""
 
 from __future__ import annotations
 
@@ -38,9 +38,11 @@ def telemetry(
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Per node: requests, error rate, p50/p95/p99 latency and drift. Percentiles say how many requests they rest
-    on (n) and are shown only above a minimum: p50 2, p95 20, p99 100 ("too few" below). With --json: one object
-    per node and minute (node, minute, requests, errors, n, percentiles, null below the minimum)."""
+    """Per node: requests, error rate (what the model or node failed), client error rate (requests refused as the
+    caller's fault: malformed, or not fitting the model's signature), p50/p95/p99 latency and drift. Percentiles
+    say how many requests they rest on (n) and are shown only above a minimum: p50 2, p95 20, p99 100 ("too few"
+    below). With --json: one object per node and minute (node, minute, requests, errors (every failure),
+    client_errors (the caller's part of them), n, percentiles, null below the minimum)."""
     with ControlClient(server, token) as client:
         answer = client.telemetry(name, version, node, parse_duration(since))
     if as_json:
@@ -50,9 +52,11 @@ def telemetry(
 
 
 def telemetry_table(answer: dict[str, Any], title: str) -> Table:
-    """Per node and version: traffic, latency percentiles, drift and dropped telemetry."""
+    """Per node and version: traffic, error rates (the model's or node's failures, and the caller's apart),
+    latency percentiles, drift and dropped telemetry."""
     table = Table(title=title, title_justify="left")
-    for column in ("node", "version", "requests", "error rate", "n", "p50 ms", "p95 ms", "p99 ms", "drift", "dropped"):
+    columns = ("node", "version", "requests", "error rate", "client error rate", "n", "p50 ms", "p95 ms", "p99 ms")
+    for column in (*columns, "drift", "dropped"):
         table.add_column(column)
     for row in answer["nodes"]:
         dropped = sum(v for k, v in row["dropped"].items() if k != "minute_requests")
@@ -61,6 +65,7 @@ def telemetry_table(answer: dict[str, Any], title: str) -> Table:
             row["version"],
             str(row["requests"]),
             f"{100 * row['error_rate']:.2f}%",
+            f"{100 * row.get('client_error_rate', 0.0):.2f}%",  # absent from an older server's answer
             str(row["n"]),
             _ms(row["p50_ms"], row["n"]),
             _ms(row["p95_ms"], row["n"]),

@@ -338,11 +338,13 @@ class TelemetryMinute(Base):
     variant: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
     minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     requests: Mapped[int] = mapped_column(BigInteger)
-    errors: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)  # every failed request
     items: Mapped[int] = mapped_column(BigInteger)
     latency_sum_us: Mapped[int] = mapped_column(BigInteger)
     queue_sum_us: Mapped[int] = mapped_column(BigInteger)
     latency: Mapped[list[int]] = mapped_column(JSON)
+    # of `errors`, those refused as the caller's fault (0 in rows from nodes older than the column)
+    client_errors: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class TelemetryEvent(Base):

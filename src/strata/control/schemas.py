@@ -508,7 +508,11 @@ class TelemetryMinuteBody(BaseModel):
     minute: int = Field(description="epoch minute (epoch seconds / 60)")
     time: str = Field(description="the minute's start, ISO 8601 UTC")
     requests: int
-    errors: int
+    errors: int = Field(description="every failed request, the caller's faults included")
+    client_errors: int = Field(
+        description="of `errors`, those refused as the caller's fault: malformed, or not fitting the model's signature"
+        " (HTTP 400); 0 from nodes that do not tell them apart"
+    )
     n: int = Field(description="the requests the latency percentiles rest on")
     p50_ms: float | None = Field(description="median latency; null below 2 requests")
     p95_ms: float | None = Field(description="null below 20 requests")
@@ -530,8 +534,16 @@ class NodeTelemetryBody(BaseModel):
     model: str
     version: str
     requests: int
-    errors: int
-    error_rate: float
+    errors: int = Field(description="every failed request, the caller's faults included")
+    client_errors: int = Field(description="of `errors`, those refused as the caller's fault (HTTP 400)")
+    error_rate: float = Field(
+        description="(errors - client_errors) / requests: the requests the model or the node failed (a request shed"
+        " by admission control counts; a malformed one does not)"
+    )
+    client_error_rate: float = Field(
+        description="client_errors / requests: the requests refused as the caller's fault (malformed, or not"
+        " fitting the model's signature)"
+    )
     n: int = Field(description="the requests the latency percentiles rest on")
     p50_ms: float | None = Field(description="median latency; null below 2 requests")
     p95_ms: float | None = Field(description="null below 20 requests")

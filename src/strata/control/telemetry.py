@@ -3,6 +3,11 @@
 A batch is stored in one transaction together with its (node, seq) row; a resend finds the row and is
 acknowledged without being stored again. Minute aggregates of the same (node, model, version, variant,
 minute) that arrive in several batches are added up, which is exact because each batch counts once.
+
+Errors: `errors` counts every failed request, `client_errors` those of them refused as the caller's fault
+(malformed, or not fitting the model's signature). The answers' `error_rate` is what the model and the node failed
+(`errors - client_errors`) over all requests, and `client_error_rate` the caller's share beside it: clients that
+send garbage do not make a healthy model look broken, and still show.
 """
 
 from __future__ import annotations
@@ -65,7 +70,8 @@ class MinuteView:
     version: str
     minute: int
     requests: int
-    errors: int
+    errors: int  # every failed request
+    client_errors: int  # of those, the ones refused as the caller's fault
     n: int  # the requests the percentiles rest on; each is None below its minimum (`min_samples`)
     p50_ms: float | None
     p95_ms: float | None
@@ -91,8 +97,10 @@ class NodeSummary:
     model: str
     version: str
     requests: int
-    errors: int
-    error_rate: float
+    errors: int  # every failed request
+    client_errors: int  # of those, the ones refused as the caller's fault
+    error_rate: float  # (errors - client_errors) / requests: what the model and the node failed
+    client_error_rate: float  # client_errors / requests
     n: int  # as MinuteView.n
     p50_ms: float | None
     p95_ms: float | None
@@ -105,15 +113,25 @@ class NodeSummary:
         return max((d.psi for d in self.drift), default=None)
 
 
+def error_rates(requests: int, errors: int, client_errors: int) -> tuple[float, float]:
+    """(error_rate, client_error_rate): the failures that were not the caller's fault over the requests, and those
+    that were; both 0 without requests."""
+    if not requests:
+        return 0.0, 0.0
+    return round((errors - client_errors) / requests, 6), round(client_errors / requests, 6)
+
+
 @dataclass
 class _Traffic:
     requests: int = 0
     errors: int = 0
+    client_errors: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * BUCKETS)
 
     def add(self, row: TelemetryMinute) -> None:
         self.requests += row.requests
         self.errors += row.errors
+        self.client_errors += row.client_errors
         self.latency = [a + b for a, b in zip(self.latency, row.latency, strict=True)]
 
 
@@ -250,11 +268,13 @@ class TelemetryService:
                         node_id=node_id, model=row.model, version=row.version, variant=row.variant,
                         minute=row.minute, requests=row.requests, errors=row.errors, items=row.items,
                         latency_sum_us=row.latency_sum_us, queue_sum_us=row.queue_sum_us, latency=list(row.latency),
+                        client_errors=row.client_errors,
                     )
                 )  # fmt: skip
             else:
                 existing.requests += row.requests
                 existing.errors += row.errors
+                existing.client_errors += row.client_errors
                 existing.items += row.items
                 existing.latency_sum_us += row.latency_sum_us
                 existing.queue_sum_us += row.queue_sum_us
@@ -321,8 +341,8 @@ class TelemetryService:
         views = [
             MinuteView(
                 node=name, node_id=node_id, model=model, version=ver, minute=minute, requests=acc.requests,
-                errors=acc.errors, n=sum(acc.latency), p50_ms=ms(acc.latency, 0.5), p95_ms=ms(acc.latency, 0.95),
-                p99_ms=ms(acc.latency, 0.99),
+                errors=acc.errors, client_errors=acc.client_errors, n=sum(acc.latency), p50_ms=ms(acc.latency, 0.5),
+                p95_ms=ms(acc.latency, 0.95), p99_ms=ms(acc.latency, 0.99),
             )
             for (node_id, name, ver, minute), acc in sorted(per_minute.items(), key=lambda kv: (kv[0][3], kv[0][1]))
         ]  # fmt: skip
@@ -333,10 +353,12 @@ class TelemetryService:
                 for reference in references.get(ver, ())
                 if (node_id, name, ver, reference.tensor) in drift_counts
             ]
+            error_rate, client_error_rate = error_rates(acc.requests, acc.errors, acc.client_errors)
             summaries.append(
                 NodeSummary(
                     node=name, node_id=node_id, model=model, version=ver, requests=acc.requests, errors=acc.errors,
-                    error_rate=round(acc.errors / acc.requests, 6) if acc.requests else 0.0, n=sum(acc.latency),
+                    client_errors=acc.client_errors, error_rate=error_rate, client_error_rate=client_error_rate,
+                    n=sum(acc.latency),
                     p50_ms=ms(acc.latency, 0.5), p95_ms=ms(acc.latency, 0.95), p99_ms=ms(acc.latency, 0.99),
                     drift=drift, dropped=dropped.get(node_id, {}),
                 )

@@ -2,8 +2,10 @@
 the columnar, zstd-compressed batch format that carries them, all pure.
 
 A node keeps, for every (model, version, variant, minute), exact counts and a latency histogram of every
-request; individual events are sampled (every error and slow request, a share of the rest). Batches are
-numbered per node; the control plane stores each (node, seq) once, whatever is resent.
+request (`errors` counts every failed request, `client_errors` those of them refused as the caller's fault: a
+batch from a node older than that column decodes with zeros); individual events are sampled (every error and
+slow request, a share of the rest). Batches are numbered per node; the control plane stores each (node, seq)
+once, whatever is resent.
 """
 
 from __future__ import annotations
@@ -264,7 +266,9 @@ def chi_square_statistic(expected: Sequence[float], actual: Sequence[float]) -> 
 
 @dataclass
 class MinuteRow:
-    """Exact counts of one (model, version, variant, minute)."""
+    """Exact counts of one (model, version, variant, minute). `errors` counts every failed request;
+    `client_errors` the part of them that failed through the caller's fault (malformed, or not fitting the model's
+    signature), so `errors - client_errors` is what the model and the node failed."""
 
     model: str
     version: str
@@ -276,10 +280,12 @@ class MinuteRow:
     latency_sum_us: int = 0
     queue_sum_us: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+    client_errors: int = 0
 
     def add(self, other: MinuteRow) -> None:
         self.requests += other.requests
         self.errors += other.errors
+        self.client_errors += other.client_errors
         self.items += other.items
         self.latency_sum_us += other.latency_sum_us
         self.queue_sum_us += other.queue_sum_us
@@ -387,6 +393,7 @@ def encode_batch(batch: TelemetryBatch, level: int = 9) -> bytes:
             "variant": [strings(m.variant) for m in minutes],
             "requests": [m.requests for m in minutes],
             "errors": [m.errors for m in minutes],
+            "client_errors": [m.client_errors for m in minutes],
             "items": [m.items for m in minutes],
             "latency_sum_us": [m.latency_sum_us for m in minutes],
             "queue_sum_us": [m.queue_sum_us for m in minutes],
@@ -429,7 +436,8 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
     """Parse a batch made by `encode_batch`, refusing anything malformed or larger than MAX_BATCH_BYTES.
 
     Raises:
-        TelemetryError: not zstd, too large, not the format, or columns that do not line up.
+        TelemetryError: not zstd, too large, not the format, columns that do not line up, or counts that do not
+            add up (more errors than requests, more client errors than errors, negative counts).
     """
     import zstandard
 
@@ -448,17 +456,19 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
 
         m, e, d = document["minutes"], document["events"], document["drift"]
         n = len(_column(m, "requests", None))
+        # a node from before `client_errors` sends no such column: none of its errors are told apart
+        client_errors = _column(m, "client_errors", n) if "client_errors" in m else [0] * n
         minutes = [
             MinuteRow(
                 model=text(model), version=text(version), variant=text(variant), minute=int(minute),
                 requests=int(requests), errors=int(errors), items=int(items), latency_sum_us=int(lat_sum),
-                queue_sum_us=int(queue_sum), latency=[int(c) for c in latency],
+                queue_sum_us=int(queue_sum), latency=[int(c) for c in latency], client_errors=int(client),
             )
-            for model, version, variant, minute, requests, errors, items, lat_sum, queue_sum, latency in zip(
+            for model, version, variant, minute, requests, errors, client, items, lat_sum, queue_sum, latency in zip(
                 _column(m, "model", n), _column(m, "version", n), _column(m, "variant", n),
                 _undeltas(_column(m, "minute", n)), _column(m, "requests", n), _column(m, "errors", n),
-                _column(m, "items", n), _column(m, "latency_sum_us", n), _column(m, "queue_sum_us", n),
-                _column(m, "latency", n), strict=True,
+                client_errors, _column(m, "items", n), _column(m, "latency_sum_us", n),
+                _column(m, "queue_sum_us", n), _column(m, "latency", n), strict=True,
             )
         ]  # fmt: skip
         k = len(_column(e, "latency_us", None))
@@ -494,6 +504,11 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
     for row in batch.minutes:
         if len(row.latency) != BUCKETS or row.requests < 0 or row.errors < 0 or row.errors > row.requests:
             raise TelemetryError(f"minute row {row.key} is inconsistent")
+        if not 0 <= row.client_errors <= row.errors:
+            raise TelemetryError(
+                f"minute row {row.key} is inconsistent: client_errors {row.client_errors} must be between 0 and its"
+                f" errors ({row.errors}), of which they are a part"
+            )
     if batch.seq < 1:
         raise TelemetryError("batch sequence numbers start at 1")
     return batch

@@ -17,15 +17,18 @@ from strata.package_build import build_package
 TELEMETRY = {"Content-Type": "application/vnd.strata.telemetry+zstd"}
 
 
-def batch_for(node: NodeCredentials, seq: int, minute: int, requests: int, errors: int = 0) -> bytes:
+def batch_for(
+    node: NodeCredentials, seq: int, minute: int, requests: int, errors: int = 0, client_errors: int = 0
+) -> bytes:
     latency = [0] * BUCKETS
     latency[bucket_of(800)] = requests
+    row = MinuteRow("digits", "1", "cpu-generic-fp32", minute, requests, errors, requests, 0, 0, latency, client_errors)
     return encode_batch(
         TelemetryBatch(
             node_id=node.node_id,
             seq=seq,
             created=0.0,
-            minutes=[MinuteRow("digits", "1", "cpu-generic-fp32", minute, requests, errors, requests, 0, 0, latency)],
+            minutes=[row],
             events=[EventRow(minute * 60.0, "digits", "1", "cpu-generic-fp32", 800, 0, 1, "internal", "local", 2, "")]
             if errors
             else [],
@@ -48,18 +51,21 @@ def test_each_batch_is_stored_once_and_minutes_add_up(server: Harness, make_pack
     assert server.upload(make_package()).status_code == 201
     node = server.enroll("edge")
     minute = int(server.clock.now // 60)
-    assert upload(server, node, batch_for(node, 1, minute, 10, errors=1)) == {"status": 200, "seq": 1, "stored": True}
-    again = upload(server, node, batch_for(node, 1, minute, 10, errors=1))
+    # 10 requests, 4 failed: 3 of them refused as the caller's fault (malformed), 1 the model's or the node's
+    first = batch_for(node, 1, minute, 10, errors=4, client_errors=3)
+    assert upload(server, node, first) == {"status": 200, "seq": 1, "stored": True}
+    again = upload(server, node, first)
     assert again == {"status": 200, "seq": 1, "stored": False}
-    assert upload(server, node, batch_for(node, 2, minute, 5))["stored"] is True
+    assert upload(server, node, batch_for(node, 2, minute, 5, errors=1, client_errors=1))["stored"] is True
 
     answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()
-    assert [(m["node"], m["minute"], m["requests"], m["errors"]) for m in answer["minutes"]] == [
-        ("edge", minute, 15, 1)
+    assert [(m["node"], m["minute"], m["requests"], m["errors"], m["client_errors"]) for m in answer["minutes"]] == [
+        ("edge", minute, 15, 5, 4)
     ]
     summary = answer["nodes"][0]
-    assert summary["requests"] == 15
-    assert summary["error_rate"] == round(1 / 15, 6)
+    assert (summary["requests"], summary["errors"], summary["client_errors"]) == (15, 5, 4)
+    assert summary["error_rate"] == round(1 / 15, 6)  # the callers' malformed requests are not the model failing
+    assert summary["client_error_rate"] == round(4 / 15, 6)
     assert summary["n"] == 15
     assert 0.5 <= summary["p50_ms"] <= 1.0
     assert (summary["p95_ms"], summary["p99_ms"]) == (None, None)  # 15 requests: too few for a tail percentile
@@ -83,6 +89,10 @@ def test_a_node_sends_only_its_own_telemetry(server: Harness) -> None:
 def test_malformed_and_oversized_batches_are_refused(server: Harness) -> None:
     node = server.enroll("edge")
     assert upload(server, node, b"garbage")["status"] == 422
+    minute = int(server.clock.now // 60)
+    more_client_errors_than_errors = upload(server, node, batch_for(node, 1, minute, 10, errors=1, client_errors=2))
+    assert more_client_errors_than_errors["status"] == 422
+    assert "client_errors 2 must be between 0 and its errors (1)" in more_client_errors_than_errors["error"]
     huge = server.client.post(
         f"/v1/nodes/{node.node_id}/telemetry",
         content=b"x" * (17 << 20),

@@ -12,9 +12,10 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy.orm import Session
 
 from strata.control import migrations
-from strata.control.db import Base, make_engine, redact, safe_url
+from strata.control.db import Base, Node, TelemetryMinute, make_engine, redact, safe_url
 from strata.control.errors import StoreError
 from strata.control.settings import ServerSettings
 from strata.core.errors import ConfigError
@@ -36,6 +37,33 @@ def test_migrations_build_the_models_schema_and_go_down_and_up_again(settings: S
         migrations.upgrade(engine)
         with engine.connect() as connection:
             assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_telemetry_minutes_stored_before_client_errors_keep_their_counts_with_none(settings: ServerSettings) -> None:
+    # A control plane upgraded in place: the minutes its nodes sent before the column count no client errors.
+    settings.data_dir.mkdir(parents=True)
+    engine = make_engine(settings.database_url)
+    config = migrations.alembic_config(engine)
+    try:
+        migrations.upgrade(engine)
+        with Session(engine) as session, session.begin():
+            session.add(
+                Node(id="n1", name="edge", tier="device", labels={}, profile="cpu-generic", emulated=False,
+                     agent_version="0", facts={}, credential_hash="a" * 64, enrolled_at=0.0)
+            )  # fmt: skip
+            session.flush()
+            session.add(
+                TelemetryMinute(node_id="n1", model="digits", version="1", variant="v", minute=7, requests=10,
+                                errors=4, items=10, latency_sum_us=0, queue_sum_us=0, latency=[10], client_errors=3)
+            )  # fmt: skip
+        command.downgrade(config, "0011_node_logs")  # the schema before the column, with the row in it
+        migrations.upgrade(engine)
+        with Session(engine) as session:
+            row = session.get(TelemetryMinute, ("n1", "digits", "1", "v", 7))
+            assert row is not None
+            assert (row.requests, row.errors, row.client_errors) == (10, 4, 0)
     finally:
         engine.dispose()
 
