@@ -200,6 +200,28 @@ class NodeAssignment:
             return "updating"
         return "pending"
 
+    def outcome(self, status: str) -> str:
+        """The node's state in a rollout whose status is `status`: `state` while the rollout is active; once it has
+        finished, what the node ended as. A succeeded rollout's version is every node's: healthy, or unconfirmed
+        (it had not reported the version healthy). A rolled back or aborted one sends every node back to what it
+        had: rolled_back (it had run the version) or unchanged (it never had). failed and excluded stay."""
+        state = self.state
+        if status not in FINISHED or state in ("failed", "excluded"):
+            return state
+        if status == "succeeded":
+            return "healthy" if state == "healthy" else "unconfirmed"
+        return "rolled_back" if self.ever_on_target or state == "healthy" else "unchanged"
+
+
+def member_states(status: str) -> tuple[str, ...]:
+    """The states `NodeAssignment.outcome` gives the members (not excluded) of a rollout whose status is `status`,
+    in the order a table shows them."""
+    if status == "succeeded":
+        return ("healthy", "unconfirmed", "failed")
+    if status in FINISHED:
+        return ("rolled_back", "unchanged", "failed")
+    return ("healthy", "updating", "pending", "failed")
+
 
 @dataclass(frozen=True)
 class RolloutState:
