@@ -20,6 +20,7 @@ from strata.cli.progress import (
     watch,
 )
 from strata.control_client import ControlClient
+from strata.core.words import plural
 
 # A rollout in one of these has ended (strata.control.rollout_plan.FINISHED; the CLI does not import the server).
 FINISHED = ("succeeded", "rolled_back", "aborted")
@@ -243,7 +244,7 @@ def status(
         )
     out.print(nodes)
     if rollout.get("excluded"):
-        out.print(f"{len(rollout['excluded'])} nodes kept out:")
+        out.print(f"{plural(len(rollout['excluded']), 'node')} kept out:")
         for item in rollout["excluded"]:
             out.print(f"  {item['node']}: {item['reason']}")
     out.print(f"created {ago(rollout['created_at'], now)}")

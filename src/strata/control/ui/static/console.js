@@ -318,7 +318,7 @@ function drawRollouts(data) {
         el("tbody", {}, r.gate_results.map((g) => el("tr", {}, el("td", {}, g.gate), el("td", {}, g.wave + 1), el("td", {}, g.value ?? "no data"),
           el("td", {}, `${g.op} ${g.threshold}`), el("td", {}, el("span", { class: g.passed ? "ok" : "bad" }, g.verdict)), el("td", {}, g.detail))))) : el("p", { class: "muted" }, "no gate judged yet"),
       timeline(r),
-      r.excluded.length ? el("details", {}, el("summary", {}, `${r.excluded.length} nodes kept out`), el("table", {}, el("tbody", {},
+      r.excluded.length ? el("details", {}, el("summary", {}, `${r.excluded.length} ${r.excluded.length === 1 ? "node" : "nodes"} kept out`), el("table", {}, el("tbody", {},
         r.excluded.map((x) => el("tr", {}, el("td", {}, x.node), el("td", {}, x.reason)))))) : null);
   })];
 }
