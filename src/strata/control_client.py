@@ -187,14 +187,17 @@ class ControlClient:
         signature: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
         """Upload a package tar, streaming it from disk; `signature` is its release signature (bundle and release
-        role, base64), which a server with release keys requires."""
+        role, base64), which a server with release keys requires. `progress` is told the bytes of each piece once
+        it has been sent (0 first, as the upload starts), so a rate can be worked out even from one piece."""
 
         def chunks() -> Iterator[bytes]:
+            if progress is not None:
+                progress(0)
             with tar_path.open("rb") as fh:
                 while piece := fh.read(1 << 20):
+                    yield piece  # back here once the client has sent it
                     if progress is not None:
                         progress(len(piece))
-                    yield piece
 
         headers = {"content-type": "application/x-tar", "content-length": str(tar_path.stat().st_size)}
         if signature is not None:

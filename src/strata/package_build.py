@@ -20,7 +20,7 @@ import numpy as np
 from strata import __version__
 from strata.core.chunking import chunk_file
 from strata.core.datatypes import OIP_TO_NUMPY, oip_from_ort
-from strata.core.errors import PackageBuildError, PackageError
+from strata.core.errors import ConfigError, PackageBuildError, PackageError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import canonical_json, sha256_file
 from strata.core.modelrefs import check_location, onnx_external_refs
@@ -233,9 +233,9 @@ def build_package(
             placed at the top level. ONNX external data must name one of them, by its file name.
 
     Raises:
+        ConfigError: `out_dir` is not an empty folder (or a path to make one at): a usage mistake.
         PackageBuildError: the model does not load or references external data that is not an extra file, the
-            samples do not fit, the golden run fails or gives
-            NaN or infinity, or `out_dir` is not empty.
+            samples do not fit, the golden run fails or gives NaN or infinity.
         PackageError: a name, version or variant id is not valid.
     """
     from strata.core.profiles import get_profile
@@ -246,6 +246,11 @@ def build_package(
     variant_id = check_name("variant id", variant or default_variant_id(profile, runtime, precision))
     if precision not in DEFAULT_TOLERANCE:
         raise PackageBuildError(f"unknown precision {precision!r}; known: {sorted(DEFAULT_TOLERANCE)}")
+    # Where the package goes is the caller's choice, not the package's fault; checked before the model runs.
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output folder {out_dir} is a file; give a new or empty folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"output folder {out_dir} is not empty; give a new or empty folder")
     try:
         model_bytes = model_path.read_bytes()
     except OSError as exc:
@@ -279,8 +284,6 @@ def build_package(
 
     drift = _drift_section(session, inputs, outputs, reference_feeds) if reference_feeds is not None else {}
 
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise PackageBuildError(f"output folder {out_dir} is not empty")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out_dir / MODEL_NAME, model_bytes)
     golden = io.BytesIO()

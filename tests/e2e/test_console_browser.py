@@ -151,6 +151,10 @@ def test_console_in_chromium(
     page.once("dialog", lambda dialog: dialog.accept())
     page.click(f"{running} [data-action=abort]")
     page.wait_for_selector(f"{running}[data-status=aborted]", timeout=WAIT_MS)
+    # Aborted, its waves count what the nodes ended as (it showed them "updating" for good)
+    assert page.inner_text(f"{running} table.waves thead").split() == [
+        "wave", "target", "nodes", "rolled", "back", "unchanged", "failed",
+    ]  # fmt: skip
 
     # --- a read token sees everything and can act on nothing ---
     resumable = fleet.cli("rollout", "create", "digits", "1", "--selector", "fleet=ui", "--bake", "10m")

@@ -57,6 +57,12 @@ def test_config_files_json_logs_quiet_access_log_probes_and_ca_errors(tmp_path: 
         unknown = run("events", "--kind", "nope", "--ca", str(fleet.ca_path))
         assert unknown.returncode == 2, unknown.stderr
         assert "unknown event kind nope" in unknown.stderr
+        # events of a node that does not exist: "not found" (6), as other commands say it; it printed nothing, 0
+        nobody = run("events", "--node", "edge-9", "--ca", str(fleet.ca_path))
+        assert (nobody.returncode, nobody.stdout) == (6, ""), nobody.stderr
+        assert "no node 'edge-9' (live or revoked)" in nobody.stderr
+        quiet = run("events", "--node", "edge-1", "--kind", "gate", "--ca", str(fleet.ca_path))
+        assert (quiet.returncode, quiet.stdout) == (0, ""), quiet.stderr  # a node with nothing of that kind
 
         server_log = (fleet.root / "logs" / "server.log").read_text().splitlines()
         agent_log = (fleet.root / "logs" / "edge-1.log").read_text().splitlines()

@@ -142,11 +142,11 @@ def test_a_version_that_fails_its_golden_check_stops_at_the_first_wave(
     assert gate["metric"] == "activation_success_rate"
     assert gate["wave"] == 0
     assert gate["value"] == 0.0
-    assert "0 of 1 nodes that tried" in gate["detail"]
+    assert "0 of 1 node that tried" in gate["detail"]
     [canary] = [n for n in rollout["nodes"] if n["wave"] == 1]
     assert canary["state"] == "failed"
     assert "health check failed" in canary["failure"]
-    assert all(n["state"] == "pending" for n in rollout["nodes"] if n["wave"] == 2)
+    assert all(n["state"] == "unchanged" for n in rollout["nodes"] if n["wave"] == 2)
     # The canary never left version 1 (its health check refused 2), and nobody else ever saw 2.
     fleet.wait_for_versions({f"n{i}": {"digits": "1"} for i in range(3)})
     for handle in fleet.agents.values():
@@ -278,7 +278,7 @@ def test_an_eu_only_model_never_reaches_a_us_node_and_the_node_refuses_it_itself
     rollout = fleet.client.rollout(rollout_id)
     assert [(e["node"], "allowed_regions" in e["reason"]) for e in rollout["excluded"]] == [("us", True)]
     shown = fleet.cli("rollout", "status", rollout_id)
-    assert "1 nodes kept out" in shown.stdout
+    assert "1 node kept out" in shown.stdout
     assert "us-east" in shown.stdout
 
     # The EU node is moved to the US while its server is down: it restarts from disk and refuses the model.

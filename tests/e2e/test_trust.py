@@ -192,6 +192,13 @@ def test_enrollment_tokens_are_one_time_and_expire(fleet: LocalFleet, tmp_path: 
     again = fleet.start_agent("again", enroll=False, extra_args=["--enroll-token", token])
     assert exit_status(again) == EXIT_ENROLLMENT
     assert "invalid, used or expired" in again.process.log_tail(20)
+    # Refused, it never served: it said "serving the Open Inference Protocol on ..." before finding out.
+    assert "serving the Open Inference Protocol" not in again.process.log_tail(1000)
+    fleet.wait_for(
+        lambda: "serving the Open Inference Protocol" in first.process.log_tail(1000),
+        10,
+        "the enrolled node to say it serves",
+    )
 
     issued = fleet.client.create_enrollment_token(1)
     short = str(issued["token"])

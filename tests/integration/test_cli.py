@@ -92,7 +92,7 @@ def test_every_commands_help_fits_80_columns_and_names_every_option_in_full() ->
     assert "7 conflict" in root
 
 
-def test_version_completion_and_exit_codes(tmp_path: Path) -> None:
+def test_version_completion_and_exit_codes(tmp_path: Path, digits_onnx: Path) -> None:
     version = strata("--version")
     assert version.returncode == 0
     assert version.stdout.startswith("strata 0.")
@@ -153,6 +153,14 @@ def test_version_completion_and_exit_codes(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
     assert "holds no certificate" in bad.stderr
     assert "DATA_DIR/ca.pem" in bad.stderr
+    # 2: a package built into a folder that holds something (it exited 5, "package invalid", after running the model)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine\n")
+    used = strata(
+        "package", "build", str(digits_onnx), "--name", "d", "--version", "1", "--out", str(tmp_path / "used")
+    )
+    assert used.returncode == 2, used.stderr
+    assert "is not empty; give a new or empty folder" in " ".join(used.stderr.split())
     # 4: nothing listens there.
     gone = strata(*unreachable, "nodes", "list")
     assert gone.returncode == 4

@@ -10,7 +10,7 @@ from strata.core.errors import ConfigError
 from strata.core.policy import ModelFacts, NodeFacts, Policy, evaluate
 from strata.trust.tpm_verify import strip_der_padding
 
-SOFTWARE_OK = Verdict(True, "software", "agent code and 1 active packages attested")
+SOFTWARE_OK = Verdict(True, "software", "agent code and 1 active package attested")
 SOFTWARE_BAD = Verdict(False, None, "agent code sha256:x is not on the release allowlist")
 
 

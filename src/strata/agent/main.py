@@ -237,7 +237,9 @@ class Agent:
             log.info("relaying package pieces for child devices (cache %d MB)", self.config.relay_budget_bytes >> 20)
         server = HttpServer(app.handle, serve_limits, release_memory=release_free_memory)
         await server.start(self.config.serve_host, self.config.serve_port, reuse_port=pool is not None)
-        log.info(
+        # Said once the node is enrolled (at once when it was before): a node whose enrollment is refused stops
+        # without ever serving, and said it served first.
+        serving: tuple[object, ...] | None = (
             "serving the Open Inference Protocol on http://%s:%d%s%s",
             self.config.serve_host,
             server.port,
@@ -257,6 +259,9 @@ class Agent:
         thread = start_thread(self.loop)
         self.uploader.start()
         while not stop.is_set() and thread.is_alive():
+            if serving is not None and self.loop.stored is not None:
+                log.info(*serving)
+                serving = None
             if tier_server is None and self.config.tier_port is not None and self.loop.stored is not None:
                 tier_server = HttpServer(
                     tier_handler,

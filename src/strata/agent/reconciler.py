@@ -54,6 +54,7 @@ from strata.core.package import Manifest
 from strata.core.policy import NodeFacts
 from strata.core.profiles import Profile
 from strata.core.wire import DesiredState, FailureKind, ModelStatus, NodeStatus, ServingCounters, Tier, VariantRef
+from strata.core.words import duration
 
 log = logging.getLogger("strata.agent")
 
@@ -358,7 +359,7 @@ class Reconciler:
             model,
             version,
             variant,
-            f"; on probation for {self.probation.duration_s:g}s" if probation is not None else "",
+            f"; on probation for {duration(self.probation.duration_s)}" if probation is not None else "",
         )
 
     def _probation_record(

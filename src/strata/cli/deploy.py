@@ -22,6 +22,7 @@ from strata.cli.progress import (
     watch,
 )
 from strata.control_client import ControlClient
+from strata.core.words import plural
 
 
 class DeployGroup(TyperGroup):
@@ -91,10 +92,12 @@ def wait_for_deployment(client: ControlClient, deployment_id: str, timeout: str)
     final, finished = watch(lambda: client.deployment(deployment_id), _nodes_table, lambda d: bool(d["done"]), timeout)
     counts = final.get("counts") or {}
     if not finished:
-        console.print(f"[red]timed out[/red] after {timeout}: {counts.get('pending', 0)} nodes still pending")
+        console.print(f"[red]timed out[/red] after {timeout}: {plural(counts.get('pending', 0), 'node')} still pending")
         raise typer.Exit(EXIT_TIMEOUT)
     if counts.get("failed"):
-        console.print(f"[red]{counts['failed']} nodes failed[/red] to run {final['model']} {final['version']}")
+        console.print(
+            f"[red]{plural(counts['failed'], 'node')} failed[/red] to run {final['model']} {final['version']}"
+        )
         raise typer.Exit(EXIT_FAILED)
 
 

@@ -29,13 +29,23 @@ from strata.core.wire import MAX_LOG_LINES
 app = typer.Typer(help="The fleet's nodes.", no_args_is_help=True)
 
 
+def _labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def _claimed(claims: dict[str, Any]) -> str:
+    """What a node claims apart from what the control plane holds: 'tier device; labels site=lab; profile X'."""
+    shown = {**claims, "labels": _labels(claims["labels"]) or "none"} if "labels" in claims else claims
+    return "; ".join(f"{k} {v}" for k, v in sorted(shown.items()))
+
+
 def fleet_table(nodes: list[dict[str, Any]], now: float | None = None) -> Table:
     """The fleet as a Rich table: one row a node."""
     table = Table(title="fleet", title_justify="left")
     for column in ("node", "tier", "labels", "profile", "online", "attested", "models", "last seen", "in sync"):
         table.add_column(column)
     for node in sorted(nodes, key=lambda n: n["name"]):
-        labels = ",".join(f"{k}={v}" for k, v in sorted(node.get("labels", {}).items()))
+        labels = _labels(node.get("labels", {}))
         pins = node.get("pins") or {}
         models = (
             ", ".join(
@@ -54,12 +64,15 @@ def fleet_table(nodes: list[dict[str, Any]], now: float | None = None) -> Table:
         claims = node.get("claims") or {}
         if "profile" in claims:
             profile += f" [yellow](claims {claims['profile']}: strata nodes accept)[/yellow]"
-        if "tier" in claims or "labels" in claims:
-            claimed = ", ".join(f"{k} {v}" for k, v in sorted(claims.items()) if k != "profile")
-            labels += f" [yellow](claims {claimed}; not used)[/yellow]"
+        # A claimed tier or labels (only where they differ from the assigned ones) never decide anything.
+        tier = node.get("tier", "?")
+        if "tier" in claims:
+            tier += f" [yellow](claims {claims['tier']}; not used)[/yellow]"
+        if "labels" in claims:
+            labels += f" [yellow](claims {_labels(claims['labels']) or 'none'}; not used)[/yellow]"
         table.add_row(
             node["name"],
-            node.get("tier", "?"),
+            tier,
             labels,
             profile,
             "[green]yes[/green]" if node.get("online") else "[red]no[/red]",
@@ -110,9 +123,9 @@ def _when(timestamp: float | None, now: float) -> str:
 
 def node_detail(node: dict[str, Any], now: float) -> Group:
     """One node as `strata nodes show` prints it."""
-    labels = ", ".join(f"{k}={v}" for k, v in sorted(node.get("labels", {}).items())) or "none"
+    labels = _labels(node.get("labels", {})) or "none"
     claims = node.get("claims") or {}
-    claimed = ", ".join(f"{k} {v}" for k, v in sorted(claims.items())) or "nothing else"
+    claimed = _claimed(claims) or "nothing else"
     attestation = node.get("attestation") or "[yellow]not attested[/yellow]"
     if node.get("attestation_detail"):
         attestation += f" ({escape(node['attestation_detail'])})"
@@ -244,7 +257,7 @@ def label(
     with ControlClient(server, token) as client:
         found = _resolve(client, node)
         updated = client.assign_node(found["id"], edits, tier)
-    labels = ",".join(f"{k}={v}" for k, v in sorted(updated["labels"].items())) or "none"
+    labels = _labels(updated["labels"]) or "none"
     console.print(f"node {updated['name']}: tier {updated['tier']}, labels {labels}")
 
 

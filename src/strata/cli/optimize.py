@@ -195,7 +195,7 @@ def optimize(
     if as_json:
         print_json({"report": report.to_json(), "pushed": pushed})
         return
-    out.print(report_table(report))
+    out.print(report_table(report, out.width))
     for profile, variant_id in report.selected.items():
         out.print(f"selected for {profile}: [bold]{variant_id}[/bold] ({report.selection_notes.get(profile, '')})")
     for profile in report.targets:

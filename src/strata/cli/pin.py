@@ -11,6 +11,7 @@ from strata.cli.common import JsonOption, ServerOption, TokenOption, console, ou
 from strata.control_client import ControlClient
 from strata.core.errors import ConfigError
 from strata.core.wire import parse_selector
+from strata.core.words import plural
 
 app = typer.Typer(help="Pin nodes to a model version.", no_args_is_help=True)
 
@@ -35,7 +36,9 @@ def add(
         print_json(pin)
     else:
         where = pin["node"] or ",".join(f"{k}={v}" for k, v in pin["selector"].items())
-        console.print(f"pin {pin['id']}: {name} stays at {version} on {where} ({pin['matched_nodes']} nodes now)")
+        console.print(
+            f"pin {pin['id']}: {name} stays at {version} on {where} ({plural(pin['matched_nodes'], 'node')} now)"
+        )
     typer.echo(pin["id"])
 
 

@@ -20,6 +20,7 @@ from strata.cli.progress import (
     watch,
 )
 from strata.control_client import ControlClient
+from strata.core.words import plural
 
 # A rollout in one of these has ended (strata.control.rollout_plan.FINISHED; the CLI does not import the server).
 FINISHED = ("succeeded", "rolled_back", "aborted")
@@ -27,8 +28,12 @@ FINISHED = ("succeeded", "rolled_back", "aborted")
 app = typer.Typer(help="Staged rollouts with health gates and automatic rollback.", no_args_is_help=True)
 
 
+def _words(state: str) -> str:
+    return state.replace("_", " ")  # rolled_back: a node's state, as the API names it
+
+
 def _summary(rollout: dict[str, Any]) -> str:
-    counts = ", ".join(f"{n} {state}" for state, n in sorted(rollout.get("counts", {}).items())) or "no nodes"
+    counts = ", ".join(f"{n} {_words(state)}" for state, n in sorted(rollout.get("counts", {}).items())) or "no nodes"
     return (
         f"rollout {rollout['id']}: {rollout['model']} {rollout['version']} — {rollout['status']}, "
         f"wave {rollout['wave']}/{rollout['waves']} ({counts})"
@@ -188,15 +193,14 @@ def _gate_table(results: list[dict[str, Any]], failed: dict[str, Any] | None) ->
 
 def _waves_table(rollout: dict[str, Any]) -> Table:
     waves = Table(title="waves", title_justify="left")
-    for column in ("wave", "target", "nodes", "healthy", "updating", "pending", "failed"):
-        waves.add_column(column)
-    for wave in rollout.get("waves_detail", []):
+    detail = rollout.get("waves_detail", [])
+    # nodes, then the states the rollout's nodes can be in (what they ended as, once it has finished)
+    counted = [k for k in detail[0] if k not in ("wave", "target")] if detail else ["nodes"]
+    for column in ("wave", "target", *counted):
+        waves.add_column(_words(column))
+    for wave in detail:
         marker = " ←" if wave["wave"] == rollout["wave"] and rollout["status"] in ("running", "paused") else ""
-        waves.add_row(
-            f"{wave['wave']}{marker}",
-            wave["target"],
-            *(str(wave[k]) for k in ("nodes", "healthy", "updating", "pending", "failed")),
-        )
+        waves.add_row(f"{wave['wave']}{marker}", wave["target"], *(str(wave.get(k, 0)) for k in counted))
     return waves
 
 
@@ -232,7 +236,7 @@ def status(
         nodes.add_row(
             node["name"],
             "-" if node["wave"] is None else str(node["wave"]),
-            node["state"],
+            _words(node["state"]),
             node["previous_version"] or "-",
             node["current_version"] or "-",
             "yes" if node["online"] else "no",
@@ -240,7 +244,7 @@ def status(
         )
     out.print(nodes)
     if rollout.get("excluded"):
-        out.print(f"{len(rollout['excluded'])} nodes kept out:")
+        out.print(f"{plural(len(rollout['excluded']), 'node')} kept out:")
         for item in rollout["excluded"]:
             out.print(f"  {item['node']}: {item['reason']}")
     out.print(f"created {ago(rollout['created_at'], now)}")

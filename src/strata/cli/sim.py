@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from strata.cli.common import JsonOption, console, out, print_json
+from strata.core.words import plural
 
 
 def sim(
@@ -28,13 +29,14 @@ def sim(
         raise ConfigError("--nodes must be at least 1")
     loaded = load_scenario(scenario)
     if not as_json:
-        console.print(f"simulating {loaded.name} with {nodes or loaded.nodes} nodes ...")
+        console.print(f"simulating {loaded.name} with {plural(nodes or loaded.nodes, 'node')} ...")
     summary = run_scenario(loaded, nodes, seed)
     if as_json:
         print_json(summary)
         return
     table = Table(
-        title=f"{summary['scenario']} ({summary['nodes']} nodes, seed {summary['seed']})", title_justify="left"
+        title=f"{summary['scenario']} ({plural(summary['nodes'], 'node')}, seed {summary['seed']})",
+        title_justify="left",
     )
     table.add_column("")
     table.add_column("value")

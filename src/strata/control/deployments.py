@@ -27,6 +27,7 @@ from strata.control.presence import PresenceTracker
 from strata.control.rollout_plan import ACTIVE
 from strata.core.errors import Conflict, NotFound
 from strata.core.wire import NodeStatus, ProtocolError, parse_labels
+from strata.core.words import plural
 
 # A node's part in a deployment. `running`, `failed` and `pending` count towards it; the other three say why a node
 # the selector matches will not run it: no variant its hardware runs, a placement policy, another entry decides.
@@ -44,11 +45,6 @@ class NodeProgress:
     detail: str
     online: bool
     running: str | None
-
-
-def plural(count: int, noun: str) -> str:
-    """'1 node', '3 nodes'."""
-    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def node_progress(entry: ActiveDeployment, node: FleetNode, entries: Iterable[ActiveDeployment]) -> NodeProgress | None:

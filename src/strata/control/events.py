@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from strata.control.db import Database, FleetEvent, Node, RolloutNode
 from strata.control.history import Change
 from strata.control.rollout_plan import RolloutState
+from strata.core.errors import NotFound
 from strata.core.wire import NodeStatus, ProtocolError
 
 EVENT_KINDS: Final = (
@@ -158,6 +159,7 @@ class EventService:
 
         Raises:
             ProtocolError: an unknown kind, or a limit out of 1..MAX_EVENTS.
+            NotFound: `node` names no node, live or revoked (a node with no events gives an empty list).
             StoreError: the database failed.
         """
         unknown = sorted(set(kinds) - set(EVENT_KINDS))
@@ -165,6 +167,11 @@ class EventService:
             raise ProtocolError(f"unknown event kind {', '.join(unknown)}: one of {', '.join(EVENT_KINDS)}")
         if not 1 <= limit <= MAX_EVENTS:
             raise ProtocolError(f"limit must be between 1 and {MAX_EVENTS}")
+        if node is not None:
+            with self._db.transaction() as session:
+                known = session.scalar(select(Node.id).where((Node.id == node) | (Node.name == node)).limit(1))
+            if known is None:  # a misspelt name would otherwise look like a node to which nothing happened
+                raise NotFound(f"no node {node!r} (live or revoked)")
         query = select(FleetEvent, Node.name).outerjoin(Node, Node.id == FleetEvent.node_id)
         if kinds:
             query = query.where(FleetEvent.kind.in_(list(kinds)))

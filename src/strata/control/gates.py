@@ -37,6 +37,7 @@ from typing import Any, Final
 from strata.core.comparison import ORDERING, compare, parse_comparison
 from strata.core.errors import ConfigError
 from strata.core.wire import ServingCounters
+from strata.core.words import plural
 
 NO_DATA_POLICIES: Final = ("hold", "pass", "fail")
 """What a gate without enough data does: wait for data until the wave's deadline, pass (saying so), or fail."""
@@ -228,10 +229,10 @@ class Measure:
 def activation_success_rate(population: Population) -> Measure:
     tried = population.activated + population.failed
     if not tried:
-        return Measure(None, f"none of the wave's {population.wave_members} nodes has tried the version yet")
+        return Measure(None, f"no node has tried the version yet (wave of {population.wave_members})")
     return Measure(
         population.activated / tried,
-        f"{population.activated} of {tried} nodes that tried activated it "
+        f"{population.activated} of {plural(tried, 'node')} that tried activated it "
         f"({population.failed} failed; wave of {population.wave_members})",
     )
 
@@ -243,7 +244,9 @@ def error_rate(population: Population) -> Measure:
         return Measure(None, f"no canary node has served {population.min_requests} requests yet")
     requests = sum(s.counters.requests for s in usable)
     errors = sum(s.counters.errors for s in usable)
-    return Measure(rate, f"{errors} errors in {requests} requests on {len(usable)} canary nodes")
+    return Measure(
+        rate, f"{plural(errors, 'error')} in {plural(requests, 'request')} on {plural(len(usable), 'canary node')}"
+    )
 
 
 def error_rate_delta(population: Population) -> Measure:
@@ -294,10 +297,10 @@ def drift_psi(population: Population) -> Measure:
         return Measure(
             None,
             f"no canary node has served {least} requests since the wave started "
-            f"(the most: {most}, over {len(population.canary_drift)} canary nodes)",
+            f"(the most: {most}, over {plural(len(population.canary_drift), 'canary node')})",
         )
     worst = max(usable)
-    return Measure(worst, f"largest PSI {worst:.3f} over {len(usable)} canary nodes with {least}+ requests")
+    return Measure(worst, f"largest PSI {worst:.3f} over {plural(len(usable), 'canary node')} with {least}+ requests")
 
 
 METRICS: Final[dict[str, Callable[[Population], Measure]]] = {

@@ -47,6 +47,7 @@ from strata.control.gates import (
 )
 from strata.core.errors import ConfigError
 from strata.core.wire import Failure, ServingCounters
+from strata.core.words import duration
 
 ACTIVE: Final = ("running", "paused")
 FINISHED: Final = ("succeeded", "rolled_back", "aborted")
@@ -199,6 +200,28 @@ class NodeAssignment:
         if self.released_at is not None:
             return "updating"
         return "pending"
+
+    def outcome(self, status: str) -> str:
+        """The node's state in a rollout whose status is `status`: `state` while the rollout is active; once it has
+        finished, what the node ended as. A succeeded rollout's version is every node's: healthy, or unconfirmed
+        (it had not reported the version healthy). A rolled back or aborted one sends every node back to what it
+        had: rolled_back (it had run the version) or unchanged (it never had). failed and excluded stay."""
+        state = self.state
+        if status not in FINISHED or state in ("failed", "excluded"):
+            return state
+        if status == "succeeded":
+            return "healthy" if state == "healthy" else "unconfirmed"
+        return "rolled_back" if self.ever_on_target or state == "healthy" else "unchanged"
+
+
+def member_states(status: str) -> tuple[str, ...]:
+    """The states `NodeAssignment.outcome` gives the members (not excluded) of a rollout whose status is `status`,
+    in the order a table shows them."""
+    if status == "succeeded":
+        return ("healthy", "unconfirmed", "failed")
+    if status in FINISHED:
+        return ("rolled_back", "unchanged", "failed")
+    return ("healthy", "updating", "pending", "failed")
 
 
 @dataclass(frozen=True)
@@ -718,12 +741,13 @@ def _settled(state: RolloutState, wave: int, observations: Mapping[str, NodeObse
     if baking or updating or probation or offline:
         counts = ((updating, "updating"), (probation, "on probation"), (baking, "baking"), (offline, "offline"))
         parts = [f"{n} {what}" for n, what in counts if n]
-        until = "" if past_deadline else f"; offline nodes stop holding it at +{state.spec.wave_deadline_s:g}s"
+        deadline_in = duration(state.spec.wave_deadline_s)
+        until = "" if past_deadline else f"; offline nodes stop holding it {deadline_in} after it started"
         return f"wave {wave + 1}: {', '.join(parts)}{until}"
     members = state.members(wave)
     _, failed = index.settled.get(wave, (0, 0))
     if members and not resolved_healthy and not failed:
-        return f"wave {wave + 1}: none of its {len(members)} nodes has been reachable yet"
+        return f"wave {wave + 1}: no node has been reachable yet (wave of {len(members)})"
     return None
 
 
@@ -794,7 +818,10 @@ def plan_rollout(
     if failed is not None:
         actions.append(Halt(failed, state.spec.on_failure == "rollback", now))
     elif held is not None:
-        message = f"wave {wave + 1}: gate {held.gate.text} waits for data until +{state.spec.wave_deadline_s:g}s"
+        message = (
+            f"wave {wave + 1}: gate {held.gate.text} waits for data until "
+            f"{duration(state.spec.wave_deadline_s)} after the wave started"
+        )
         if message != state.message:
             actions.append(Note(message))
     elif wave + 1 < len(state.spec.waves):

@@ -38,6 +38,7 @@ from strata.control.rollout_plan import (
     RolloutSpec,
     RolloutState,
     apply_actions,
+    member_states,
     plan_rollout,
 )
 from strata.core.errors import Conflict, NotFound
@@ -405,16 +406,18 @@ class RolloutService:
         node_rows = session.scalars(select(RolloutNode).where(RolloutNode.rollout_id == row.id)).all()
         state = state_of(row, node_rows)
         counts: dict[str, int] = {}
+        # A finished rollout counts what its nodes ended as, not where they stood when it ended ("updating").
         waves: list[dict[str, Any]] = [
-            {"wave": i + 1, "target": w.text, "nodes": 0, "healthy": 0, "failed": 0, "updating": 0, "pending": 0}
+            {"wave": i + 1, "target": w.text, "nodes": 0, **dict.fromkeys(member_states(state.status), 0)}
             for i, w in enumerate(state.spec.waves)
         ]
         for assignment in state.nodes.values():
-            counts[assignment.state] = counts.get(assignment.state, 0) + 1
+            outcome = assignment.outcome(state.status)
+            counts[outcome] = counts.get(outcome, 0) + 1
             if assignment.wave is not None and assignment.excluded is None:
                 detail = waves[assignment.wave]
                 detail["nodes"] += 1
-                detail[assignment.state] += 1
+                detail[outcome] += 1
         excluded_rows = [a for a in state.nodes.values() if a.excluded is not None]
         now = self._clock()
         known: dict[str, tuple[str, str | None, bool]] = {}
@@ -444,7 +447,7 @@ class RolloutService:
                         node_id=assignment.node_id,
                         name=name(assignment.node_id),
                         wave=None if assignment.wave is None else assignment.wave + 1,
-                        state=assignment.state,
+                        state=assignment.outcome(state.status),
                         previous_version=assignment.previous_version,
                         current_version=current,
                         online=online,

@@ -413,7 +413,11 @@ class RolloutNodeBody(BaseModel):
     node_id: str
     name: str
     wave: int | None = Field(description="1-based wave; none when kept out")
-    state: str = Field(description="pending, updating, healthy, failed or excluded")
+    state: str = Field(
+        description="pending, updating, healthy, failed or excluded; once the rollout has finished, what the node "
+        "ended as: healthy or unconfirmed (succeeded), rolled_back or unchanged (rolled back or aborted), failed or "
+        "excluded"
+    )
     previous_version: str | None
     current_version: str | None
     online: bool
@@ -434,8 +438,10 @@ class RolloutBody(BaseModel):
     created_at: float
     finished_at: float | None
     message: str
-    counts: dict[str, int] = Field(description="nodes per state")
-    waves_detail: list[dict[str, Any]]
+    counts: dict[str, int] = Field(description="nodes per state (the nodes' `state`)")
+    waves_detail: list[dict[str, Any]] = Field(
+        description="per wave: its target, its nodes, and how many of them are in each state its nodes can be in"
+    )
     gate_results: list[dict[str, Any]] = Field(description="the last evaluation of the gates, with their numbers")
     failed_gate: dict[str, Any] | None
     excluded: list[dict[str, str]] = Field(description="nodes kept out, and why")

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from strata.core.errors import AuthError, ConfigError
 from strata.core.hashing import canonical_json
+from strata.core.words import plural
 
 LEVEL_SOFTWARE: Final = "software"  # a node-key-signed report that matched the allowlist
 LEVEL_TPM: Final = "tpm"  # the same report, also quoted by the node's registered TPM attestation key
@@ -110,7 +111,7 @@ def judge(report: Report, node_id: str, issued_nonce: str | None, allowlist: Ite
     allowed = set(allowlist)
     if report.agent_code not in allowed:
         return Verdict(False, None, f"agent code {report.agent_code} is not on the release allowlist")
-    return Verdict(True, LEVEL_SOFTWARE, f"agent code and {len(report.packages)} active packages attested")
+    return Verdict(True, LEVEL_SOFTWARE, f"agent code and {plural(len(report.packages), 'active package')} attested")
 
 
 def meets(offered: str | None, wanted: str) -> bool:

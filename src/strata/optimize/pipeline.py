@@ -7,10 +7,11 @@ and `gate`; this module only does the I/O around them and reports progress throu
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import shutil
-import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +40,7 @@ from strata.optimize.select import Measured, as_verdict, judge, select_variants
 from strata.optimize.tasks import Task, choose_output, compare, get_task
 
 Array = npt.NDArray[Any]
+log = logging.getLogger(__name__)
 
 BASELINE_ID = "fp32"
 VARIANTS_DIR = "variants"
@@ -178,10 +180,46 @@ def build_candidates(
     skipped: dict[str, str] = {}
     progress.phase("build", len(passes))
     for optimization in passes:
-        with contextlib.redirect_stdout(sys.stderr):  # calibrators print; keep stdout for the report
+        with quantizer_output_to_log():
             _apply(optimization, model, workdir, context, candidates, skipped)
         progress.step(optimization.name)
     return candidates, skipped
+
+
+class _RootToDebug(logging.Filter):
+    """Takes what a library logs on the root logger (`logging.warning(...)`: onnxruntime's quantizer does) off the
+    terminal and into this module's log at debug level. strata's own loggers are named: they pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "root":
+            return True
+        log.debug("quantizer: %s", record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def quantizer_output_to_log() -> Iterator[None]:
+    """While a pass runs, what onnxruntime's quantizer prints (its calibrators' "Collecting tensor data and making
+    histogram ...") and logs on the root logger goes to the log at debug level, not among the progress bars; and
+    stdout stays the report's."""
+    root = logging.getLogger()
+    # Without a handler on the root logger, `logging.warning()` would add a stderr one (`basicConfig`) for good.
+    placeholder = logging.NullHandler() if not root.handlers else None
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    keeper = _RootToDebug()
+    root.addFilter(keeper)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        root.removeFilter(keeper)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                log.debug("quantizer: %s", line)
 
 
 def _apply(

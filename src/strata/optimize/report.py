@@ -203,47 +203,93 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def report_table(report: Report) -> Table:
-    """A Rich table of every variant: accuracy, speed, size, verdict; selected ones marked with the profiles."""
+# The columns a narrow terminal leaves out first (report.json and --json have them all); variant, runtime and gate
+# always stay. Every column but the reason keeps its cells on one line: a runtime is never cut into "onnxruntim e".
+_LEAVE_OUT_FIRST = ("speedup (batch 1)", "p50 ms", "MB", "items/s", "metric 2", "selected for", "p95 ms")
+_LEAVE_OUT_LAST = ("speedup", "profile", "metric 1", "reason")
+_REASON_MIN = 24  # the reason wraps between words, in at least this many columns
+
+
+def report_table(report: Report, width: int | None = None) -> Table:
+    """A Rich table of every variant: accuracy, speed, size, verdict; selected ones marked with the profiles.
+
+    With `width` (the terminal's), the columns that do not fit are left out, least useful first, and the caption
+    names them; no cell is split mid-word."""
     chosen_by: dict[str, list[str]] = {}
     for profile, variant_id in report.selected.items():
         chosen_by.setdefault(variant_id, []).append(profile)
-    table = Table(title=f"{report.model.get('name')} {report.model.get('version')} on {report.host_profile}")
-    columns = ["variant", "profile", "runtime", *headline_metrics(report.task)]
+    metrics = headline_metrics(report.task)
     batch = report.benchmark.get("batch")
-    columns += [
-        "items/s",
-        f"speedup (batch {batch})",
-        "speedup (batch 1)",
-        "p50 ms",
-        "p95 ms",
-        "MB",
-        "gate",
-        "selected for",
-        "reason",
+    # (key, header, cells); a header may take two lines, so that it is no wider than its numbers need
+    columns: list[tuple[str, str, list[str]]] = [
+        ("variant", "variant", [v.id for v in report.variants]),
+        ("profile", "profile", [v.profile for v in report.variants]),
+        ("runtime", "runtime", [v.runtime for v in report.variants]),
+        *(
+            (f"metric {i + 1}", metric, [_fmt(v.accuracy.get(metric), ".4f") for v in report.variants])
+            for i, metric in enumerate(metrics)
+        ),
+        ("items/s", "items/s", [_fmt(v.throughput, ".1f") for v in report.variants]),
+        (
+            "speedup",
+            f"speedup\n(batch {batch})",
+            [_fmt(v.speedup, ".2f") + ("x" if v.speedup is not None else "") for v in report.variants],
+        ),
+        (
+            "speedup (batch 1)",
+            "speedup\n(batch 1)",
+            [_fmt(v.speedup_batch1, ".2f") + ("x" if v.speedup_batch1 is not None else "") for v in report.variants],
+        ),
+        ("p50 ms", "p50\nms", [_fmt((v.latency_ms or {}).get("p50"), ".2f") for v in report.variants]),
+        ("p95 ms", "p95\nms", [_fmt((v.latency_ms or {}).get("p95"), ".2f") for v in report.variants]),
+        (
+            "MB",
+            "MB",
+            [_fmt(None if v.size_bytes is None else v.size_bytes / 1e6, ".1f") for v in report.variants],
+        ),
+        ("gate", "gate", [_verdict(v.gate) for v in report.variants]),
+        ("selected for", "selected\nfor", [", ".join(chosen_by.get(v.id, [])) for v in report.variants]),
+        ("reason", "reason", [v.reason or "" for v in report.variants]),
     ]
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for v in report.variants:
-        accuracy = [_fmt(v.accuracy.get(m), ".4f") for m in headline_metrics(report.task)]
-        latency = v.latency_ms or {}
-        style = {"passed": "green", "failed": "red", "unverified": "yellow"}.get(v.gate, "")
-        table.add_row(
-            v.id,
-            v.profile,
-            v.runtime,
-            *accuracy,
-            _fmt(v.throughput, ".1f"),
-            _fmt(v.speedup, ".2f") + ("x" if v.speedup is not None else ""),
-            _fmt(v.speedup_batch1, ".2f") + ("x" if v.speedup_batch1 is not None else ""),
-            _fmt(latency.get("p50"), ".2f"),
-            _fmt(latency.get("p95"), ".2f"),
-            _fmt(None if v.size_bytes is None else v.size_bytes / 1e6, ".1f"),
-            f"[{style}]{v.gate}[/{style}]",
-            ", ".join(chosen_by.get(v.id, [])) or "",
-            v.reason or "",
-        )
+    left_out: list[str] = []
+    if width is not None:
+        for key in (*_LEAVE_OUT_FIRST, *_LEAVE_OUT_LAST):
+            if _table_width(columns) <= width:
+                break
+            header = next((h for k, h, _ in columns if k == key), None)
+            if header is not None:
+                columns = [c for c in columns if c[0] != key]
+                left_out.append(header.replace("\n", " "))
+    caption = f"left out for the terminal's width: {', '.join(left_out)} (see report.json)" if left_out else None
+    table = Table(
+        title=f"{report.model.get('name')} {report.model.get('version')} on {report.host_profile}",
+        caption=caption,
+        caption_justify="left",
+    )
+    for key, header, _ in columns:
+        if key == "reason":
+            table.add_column(header, min_width=_REASON_MIN, overflow="fold")  # a word longer than it, folded
+        else:
+            table.add_column(header, no_wrap=True)
+    for row in zip(*(cells for _, _, cells in columns), strict=True):
+        table.add_row(*row)
     return table
+
+
+def _verdict(gate: str) -> str:
+    style = {"passed": "green", "failed": "red", "unverified": "yellow"}.get(gate, "")
+    return f"[{style}]{gate}[/{style}]" if style else gate
+
+
+def _table_width(columns: Sequence[tuple[str, str, Sequence[str]]]) -> int:
+    """The width the table needs with every one-line cell whole and the reason at its narrowest."""
+    from rich.text import Text
+
+    width = 1  # the left border; each column adds its padding (2) and a border (1)
+    for key, header, cells in columns:
+        widest = max([Text.from_markup(cell).cell_len for cell in cells] + [len(line) for line in header.split("\n")])
+        width += (min(widest, _REASON_MIN) if key == "reason" else widest) + 3
+    return width
 
 
 def plot_accuracy_vs_throughput(

@@ -44,6 +44,7 @@ def test_a_node_running_the_release_is_attested(server: Harness) -> None:
     assert answer.status_code == 200, answer.text
     assert answer.json()["attested"] is True
     assert answer.json()["level"] == "software"
+    assert answer.json()["reason"] == "agent code and 1 active package attested"  # its one package, not "1 ...s"
     view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
     assert view["attestation"] == "software"
 

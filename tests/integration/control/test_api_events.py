@@ -130,7 +130,11 @@ def test_the_event_feed_and_one_nodes_detail(server: Harness, make_package: Call
     assert ids == sorted(ids)
     assert [e["kind"] for e in _events(server, kind=["failed", "revoked"])] == ["failed", "revoked"]
     assert len(_events(server, node="edge-1")) == 6
-    assert len(_events(server, node=node.node_id)) == 6
+    assert len(_events(server, node=node.node_id)) == 6  # a revoked node's events stay its own
+    # A name that is no node is an error, not an empty feed (it answered [] as for a node with nothing to tell).
+    nobody = server.client.get("/v1/events", params={"node": "edge-9"}, headers=server.admin)
+    assert (nobody.status_code, nobody.json()["error"]) == (404, "no node 'edge-9' (live or revoked)")
+    assert _events(server, node="edge-1", kind=["gate"]) == []  # a node with nothing of that kind: nothing
     assert [e["id"] for e in _events(server, after=ids[4])] == ids[5:]
     assert [e["id"] for e in _events(server, limit=2)] == ids[-2:]  # the latest, oldest first
     assert [e["id"] for e in _events(server, after=ids[0], limit=2)] == ids[1:3]  # following: the next ones

@@ -248,6 +248,7 @@ def test_three_times_the_latency_fails_the_latency_gate_with_its_numbers(registr
 
     aborted = registry.client.post(f"/v1/rollouts/{created['id']}/abort", headers=registry.admin)
     assert aborted.json()["status"] == "aborted"
+    assert aborted.json()["counts"] == {"rolled_back": 2, "unchanged": 4}  # the canaries had run 2
     assert set(fleet.converge().values()) == {"1"}
 
 
@@ -265,7 +266,15 @@ def test_pause_resume_abort_and_who_may_call(registry: Harness) -> None:
     second = registry.client.post("/v1/rollouts", json={"model": "digits", "version": "2"}, headers=registry.admin)
     assert second.status_code == 409
     assert registry.client.post(f"/v1/rollouts/{rid}/resume", headers=registry.admin).json()["status"] == "running"
-    assert registry.client.post(f"/v1/rollouts/{rid}/abort", headers=registry.admin).json()["status"] == "aborted"
+    aborted = registry.client.post(f"/v1/rollouts/{rid}/abort", headers=registry.admin).json()
+    assert aborted["status"] == "aborted"
+    # Its canary was released and never ran 2: it keeps what it had, no longer "updating"; the rest never moved.
+    assert aborted["counts"] == {"unchanged": 4}
+    assert [(w["nodes"], w["unchanged"], w["rolled_back"], w["failed"]) for w in aborted["waves_detail"]] == [
+        (1, 1, 0, 0),
+        (3, 3, 0, 0),
+    ]
+    assert {n["state"] for n in aborted["nodes"]} == {"unchanged"}
     assert registry.client.post(f"/v1/rollouts/{rid}/abort", headers=registry.admin).status_code == 409
     assert registry.client.get("/v1/rollouts/999", headers=registry.admin).status_code == 404
     bad = registry.client.post(

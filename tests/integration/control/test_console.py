@@ -61,6 +61,12 @@ def test_assets_are_public_but_pages_and_data_need_a_session(server: Harness) ->
     page = server.client.get("/ui/", follow_redirects=False)
     assert page.status_code == 303
     assert page.headers["location"] == "/ui/login"
+    # The server's bare address (what a browser user types) leads to the console; it said 404.
+    for bare in ("/", "/ui"):
+        answer = server.client.get(bare, follow_redirects=False)
+        assert (answer.status_code, answer.headers["location"]) == (303, "/ui/"), bare
+    assert server.client.get("/").url.path == "/ui/login"
+    assert server.client.post("/").status_code == 405
     for path in ("/ui/api/session", "/ui/api/fleet", "/ui/api/models", "/ui/api/rollouts", "/ui/api/nodes/x"):
         refused = server.client.get(path)
         assert refused.status_code == 401, path

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from strata.optimize.passes import (
     StaticQuantizationPass,
     passes_named,
 )
+from strata.optimize.pipeline import quantizer_output_to_log
 from strata.optimize.runners import OpenVinoRunner, open_runner
 
 
@@ -79,9 +81,24 @@ def test_dynamic_quantization_searches_all_eight_settings(
 
 
 def test_static_quantization_writes_qdq_per_calibration_method(
-    tiny_mlp: Path, tmp_path: Path, context: PassContext, tiny_feeds: Feeds
+    tiny_mlp: Path,
+    tmp_path: Path,
+    context: PassContext,
+    tiny_feeds: Feeds,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    candidates = StaticQuantizationPass().apply(tiny_mlp, tmp_path, context)
+    caplog.set_level(logging.DEBUG, logger="strata.optimize.pipeline")
+    with quantizer_output_to_log():  # as `strata optimize` runs every pass
+        candidates = StaticQuantizationPass().apply(tiny_mlp, tmp_path, context)
+        logging.warning("Please consider to run pre-processing before quantization.")  # onnxruntime's, on root
+    # The calibrators' prints and the quantizer's root-logger warnings went to the log at debug level: the
+    # terminal shows strata's progress alone (they printed among its bars).
+    assert capfd.readouterr() == ("", "")
+    told = [r.getMessage() for r in caplog.records if r.name == "strata.optimize.pipeline"]
+    assert "quantizer: Collecting tensor data and making histogram ..." in told
+    assert "quantizer: Please consider to run pre-processing before quantization." in told
+    assert {r.levelno for r in caplog.records if r.name == "strata.optimize.pipeline"} == {logging.DEBUG}
     assert [c.id for c in candidates] == ["int8-qdq-minmax", "int8-qdq-entropy", "int8-qdq-percentile"]
     for candidate in candidates:
         assert candidate.error is None, candidate.error

@@ -69,6 +69,8 @@ def test_activation_success_rate_and_knowing_early_that_it_cannot_pass() -> None
     result = evaluate_gates([gate], population(activated=8, failed=2), 0)[0]
     assert (result.value, result.passed) == (0.8, False)
     assert "8 of 10 nodes that tried" in result.detail
+    alone = evaluate_gates([gate], population(wave_members=1, activated=0, failed=1), 0)[0]
+    assert alone.detail == "0 of 1 node that tried activated it (1 failed; wave of 1)"  # not "1 nodes"
     assert doomed([gate], population(wave_members=20, activated=0, failed=2), 0) is None  # 18/20 = 0.9 still possible
     stop = doomed([gate], population(wave_members=20, activated=0, failed=3), 0)
     assert stop is not None

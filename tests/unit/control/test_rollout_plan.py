@@ -12,6 +12,7 @@ from strata.control.gates import Gate
 from strata.control.rollout_plan import (
     Complete,
     Halt,
+    NodeAssignment,
     NodeObservation,
     Release,
     RolloutSpec,
@@ -19,6 +20,7 @@ from strata.control.rollout_plan import (
     StartWave,
     WaveSpec,
     apply_actions,
+    member_states,
     named_nodes,
     next_due,
     parse_waves,
@@ -167,11 +169,29 @@ def test_offline_nodes_stop_holding_a_wave_at_its_deadline_and_stay_released() -
     state = step(state, observations, 10.0)
     state = step(state, observations, 100.0)
     assert state.status == "running"
-    assert "offline" in state.message
+    assert state.message == "wave 1: 1 offline; offline nodes stop holding it 10m after it started"  # not +600s
     state = step(state, observations, 600.0)  # the deadline
     assert state.status == "succeeded"
     assert late in state.released  # it gets the version whenever it returns
     assert state.nodes[late].state == "updating"
+    assert state.nodes[late].outcome(state.status) == "unconfirmed"  # not "updating": the rollout is over
+
+
+def test_a_finished_rollout_says_what_its_nodes_ended_as_not_where_they_stood() -> None:
+    pending = NodeAssignment("p", 0, "1")
+    released = replace(pending, released_at=1.0)
+    ran_it = replace(released, ever_on_target=True)  # on the version, its probation or bake not over
+    healthy = replace(ran_it, healthy_at=2.0)
+    failed = replace(released, failed_at=2.0, failure="health: output differs")
+    excluded = replace(pending, wave=None, excluded="pinned to 1 (pin 1)")
+    every = (pending, released, ran_it, healthy, failed, excluded)
+    ended = {status: [a.outcome(status) for a in every] for status in ("running", "succeeded", "aborted")}
+    assert ended["running"] == ["pending", "updating", "updating", "healthy", "failed", "excluded"]
+    assert ended["succeeded"] == ["unconfirmed", "unconfirmed", "unconfirmed", "healthy", "failed", "excluded"]
+    assert ended["aborted"] == ["unchanged", "unchanged", "rolled_back", "rolled_back", "failed", "excluded"]
+    assert [a.outcome("rolled_back") for a in every] == ended["aborted"]
+    for status, outcomes in ended.items():  # the waves' columns hold every state a member can be in
+        assert set(outcomes) - {"excluded"} == set(member_states(status))
 
 
 def test_max_unavailable_limits_how_many_online_nodes_update_at_once() -> None:
@@ -245,7 +265,9 @@ def test_quiet_canaries_hold_the_wave_until_its_deadline_then_fail_for_want_of_d
     take(observations, state, requests=3, p95=40.0)
     state = step(step(state, observations, 1.0), observations, 61.0)
     assert (state.status, state.wave) == ("running", 0)
-    assert state.message.startswith("wave 1: gate error_rate_delta<=0.01 waits for data until +600s")
+    assert state.message.startswith(
+        "wave 1: gate error_rate_delta<=0.01 waits for data until 10m after the wave started"
+    )
     latency = next(r for r in state.gate_results if r.gate.metric == "p95_latency_ratio")
     assert (latency.value, latency.verdict, latency.passed) == (None, "no_data", False)
     take(observations, state, requests=3, p95=40.0)

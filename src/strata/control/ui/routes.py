@@ -281,4 +281,7 @@ def install_console(app: FastAPI) -> None:
     app.state.console = ConsoleData(app.state.plane)
     app.state.console_streams = [0]  # open event streams (a list: changed in place by the requests' tasks)
     app.include_router(router)
+    # Someone who types the server's host and port into a browser meets the console (its sign-in page), not a 404.
+    # The redirect says only where the console is, to anyone, as the console's own pages do.
+    app.add_api_route("/", root, methods=["GET"], include_in_schema=False)
     app.add_middleware(SecurityHeaders)

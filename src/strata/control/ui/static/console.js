@@ -270,7 +270,7 @@ function progress(counts) {
   const total = Object.values(counts).reduce((a, b) => a + b, 0) || 1;
   const bar = svg("svg", { class: "bar", viewBox: "0 0 100 10", preserveAspectRatio: "none" });
   let x = 0;
-  for (const key of ["healthy", "updating", "failed"]) {
+  for (const key of ["healthy", "updating", "rolled_back", "failed"]) {
     const width = ((counts[key] || 0) / total) * 100;
     bar.append(svg("rect", { class: key, x, y: 0, width, height: 10 }));
     x += width;
@@ -293,6 +293,14 @@ function timeline(r) {
       el("td", {}, when(e.at)), el("td", {}, el("span", { class: `pill kind-${e.kind}` }, e.kind)), el("td", {}, e.node || ""), el("td", {}, e.message))))));
 }
 
+function waveTable(waves) {
+  // nodes, then the states a rollout's nodes can be in (once it has finished: what they ended as)
+  const counted = waves.length ? Object.keys(waves[0]).filter((k) => k !== "wave" && k !== "target") : ["nodes"];
+  return el("table", { class: "waves" }, el("thead", {}, el("tr", {}, ["wave", "target", ...counted].map((h) => el("th", {}, h.replace("_", " "))))),
+    el("tbody", {}, waves.map((w) => el("tr", { "data-wave": w.wave }, el("td", {}, w.wave), el("td", {}, w.target),
+      counted.map((k) => el("td", { "data-field": k }, w[k] ?? 0))))));
+}
+
 function drawRollouts(data) {
   if (!data.rollouts.length) return [el("h2", {}, "Rollouts"), el("p", { class: "muted" }, "no rollouts yet")];
   const admin = state.scope === "admin";
@@ -309,14 +317,12 @@ function drawRollouts(data) {
         ` wave `, el("span", { "data-field": "wave" }, `${Math.min(r.wave, r.waves)}/${r.waves}`), " ", progress(r.counts)),
       el("div", { class: "muted" }, r.message, ` · selector ${Object.entries(r.selector).map(([k, v]) => `${k}=${v}`).join(",") || "(all)"} · started ${when(r.created_at)}`),
       actions, el("p", { class: "error", id: `rollout-error-${r.id}` }),
-      el("table", { class: "waves" }, el("thead", {}, el("tr", {}, ["wave", "target", "nodes", "healthy", "updating", "pending", "failed"].map((h) => el("th", {}, h)))),
-        el("tbody", {}, r.waves_detail.map((w) => el("tr", { "data-wave": w.wave }, el("td", {}, w.wave), el("td", {}, w.target), el("td", {}, w.nodes),
-          el("td", { "data-field": "healthy" }, w.healthy), el("td", {}, w.updating), el("td", {}, w.pending), el("td", {}, w.failed))))),
+      waveTable(r.waves_detail),
       r.gate_results.length ? el("table", { class: "gates" }, el("thead", {}, el("tr", {}, ["gate", "wave", "value", "threshold", "verdict", "detail"].map((h) => el("th", {}, h)))),
         el("tbody", {}, r.gate_results.map((g) => el("tr", {}, el("td", {}, g.gate), el("td", {}, g.wave + 1), el("td", {}, g.value ?? "no data"),
           el("td", {}, `${g.op} ${g.threshold}`), el("td", {}, el("span", { class: g.passed ? "ok" : "bad" }, g.verdict)), el("td", {}, g.detail))))) : el("p", { class: "muted" }, "no gate judged yet"),
       timeline(r),
-      r.excluded.length ? el("details", {}, el("summary", {}, `${r.excluded.length} nodes kept out`), el("table", {}, el("tbody", {},
+      r.excluded.length ? el("details", {}, el("summary", {}, `${r.excluded.length} ${r.excluded.length === 1 ? "node" : "nodes"} kept out`), el("table", {}, el("tbody", {},
         r.excluded.map((x) => el("tr", {}, el("td", {}, x.node), el("td", {}, x.reason)))))) : null);
   })];
 }

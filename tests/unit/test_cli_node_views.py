@@ -1,0 +1,44 @@
+"""How `strata nodes list` and `strata nodes show` print what a node claims apart from what the operator assigned."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from rich.console import Console, RenderableType
+
+from strata.cli.nodes import fleet_table, node_detail
+
+NODE: dict[str, Any] = {
+    "id": "n-1",
+    "name": "edge-1",
+    "tier": "device",
+    "labels": {"ring": "canary", "site": "lab"},
+    "profile": "cpu-generic",
+    "online": True,
+    "last_seen": 100.0,
+}
+
+
+def shown(renderable: RenderableType) -> str:
+    console = Console(width=240, record=True, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_claimed_labels_show_as_k_v_and_a_claimed_tier_is_marked_on_the_tier() -> None:
+    # The report's labels match the assigned ones; only its tier differs (what the control plane's claims hold).
+    tier_only = {**NODE, "claims": {"tier": "near-edge"}}
+    row = next(line for line in shown(fleet_table([tier_only], 100.0)).splitlines() if "edge-1" in line)
+    assert "ring=canary,site=lab " in row  # the labels are not said to be unused: they are the assigned ones
+    assert "device (claims near-edge; not used)" in row
+    assert row.count("not used") == 1
+
+    both = {**NODE, "claims": {"tier": "near-edge", "labels": {"site": "home"}, "profile": "x86_64-avx2"}}
+    row = next(line for line in shown(fleet_table([both], 100.0)).splitlines() if "edge-1" in line)
+    assert "ring=canary,site=lab (claims site=home; not used)" in row
+    detail = shown(node_detail(both, 100.0))
+    assert "labels site=home; profile x86_64-avx2; tier near-edge" in detail
+    assert "{" not in detail  # no Python dict
+    cleared = shown(node_detail({**NODE, "claims": {"labels": {}}}, 100.0))
+    assert "labels none" in cleared
