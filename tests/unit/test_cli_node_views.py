@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 from rich.console import Console, RenderableType
@@ -39,6 +40,7 @@ def test_claimed_labels_show_as_k_v_and_a_claimed_tier_is_marked_on_the_tier() -
     assert "ring=canary,site=lab (claims site=home; not used)" in row
     detail = shown(node_detail(both, 100.0))
     assert "labels site=home; profile x86_64-avx2; tier near-edge" in detail
+    assert re.search(r"labels \(assigned\) +ring=canary, site=lab", detail)  # a line has room: ", " between them
     assert "{" not in detail  # no Python dict
     cleared = shown(node_detail({**NODE, "claims": {"labels": {}}}, 100.0))
     assert "labels none" in cleared

@@ -29,13 +29,14 @@ from strata.core.wire import MAX_LOG_LINES
 app = typer.Typer(help="The fleet's nodes.", no_args_is_help=True)
 
 
-def _labels(labels: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+def _labels(labels: dict[str, str], separator: str = ",") -> str:
+    """Labels as k=v, sorted: joined by "," in a table's cell, by ", " where a line has room."""
+    return separator.join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 def _claimed(claims: dict[str, Any]) -> str:
     """What a node claims apart from what the control plane holds: 'tier device; labels site=lab; profile X'."""
-    shown = {**claims, "labels": _labels(claims["labels"]) or "none"} if "labels" in claims else claims
+    shown = {**claims, "labels": _labels(claims["labels"], ", ") or "none"} if "labels" in claims else claims
     return "; ".join(f"{k} {v}" for k, v in sorted(shown.items()))
 
 
@@ -123,7 +124,7 @@ def _when(timestamp: float | None, now: float) -> str:
 
 def node_detail(node: dict[str, Any], now: float) -> Group:
     """One node as `strata nodes show` prints it."""
-    labels = _labels(node.get("labels", {})) or "none"
+    labels = _labels(node.get("labels", {}), ", ") or "none"
     claims = node.get("claims") or {}
     claimed = _claimed(claims) or "nothing else"
     attestation = node.get("attestation") or "[yellow]not attested[/yellow]"
