@@ -92,6 +92,12 @@ def test_console_in_chromium(
     assert count(page, "versions:digits@1") == sum(n["models"].get("digits") == "1" for n in nodes)
     assert page.inner_text("#who") == "admin"
     page.fill("input[name=selector]", "region=us-east")
+    # A redraw before Filter is pressed (a refresh that was loading as the operator typed; here the live tick once
+    # the field has lost focus) keeps what was typed: the field used to come back empty and Filter applied nothing.
+    drawn = page.get_attribute("body", "data-refreshes")
+    page.click("h2")
+    page.wait_for_selector(f"body:not([data-refreshes='{drawn}'])", state="attached", timeout=WAIT_MS)
+    assert page.input_value("input[name=selector]") == "region=us-east"
     page.click("form.filter button")
     page.wait_for_selector("[data-count='total']:text-is('1')", timeout=WAIT_MS)
     assert page.locator("#nodes tbody tr").count() == 1

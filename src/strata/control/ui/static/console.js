@@ -67,9 +67,12 @@ async function loadFleet() { return api(`/ui/api/fleet?${fleetQuery()}`); }
 
 function drawFleet(data) {
   const c = data.counts, f = state.fleet;
-  const selectorInput = el("input", { name: "selector", placeholder: "label selector: region=eu-west,site=berlin", value: f.selector });
+  // What is typed but not yet applied survives a redraw: a refresh already loading when the operator typed would
+  // otherwise draw the field anew with the applied selector, and Filter would apply that instead.
+  const selectorInput = el("input", { name: "selector", placeholder: "label selector: region=eu-west,site=berlin",
+    value: f.draft ?? f.selector, oninput: () => { f.draft = selectorInput.value; } });
   const filter = el("form", { class: "filter", onsubmit: (event) => {
-    event.preventDefault(); f.selector = selectorInput.value.trim(); f.offset = 0; refresh();
+    event.preventDefault(); f.selector = selectorInput.value.trim(); f.draft = undefined; f.offset = 0; refresh();
   } }, selectorInput, " ", el("button", { type: "submit" }, "Filter"));
   const versions = el("table", { "data-counts": "versions" },
     el("thead", {}, el("tr", {}, el("th", {}, "model"), el("th", {}, "version"), el("th", {}, "nodes"))),
