@@ -11,17 +11,9 @@ import numpy as np
 import zstandard
 from control_harness import Harness, NodeCredentials
 
+from strata.core import telemetry
 from strata.core.package import tar_bytes
-from strata.core.telemetry import (
-    BUCKETS,
-    MAX_COUNT,
-    DriftRow,
-    EventRow,
-    MinuteRow,
-    TelemetryBatch,
-    bucket_of,
-    encode_batch,
-)
+from strata.core.telemetry import BUCKETS, DriftRow, EventRow, MinuteRow, TelemetryBatch, bucket_of, encode_batch
 from strata.examples.digits import load_data
 from strata.package_build import build_package
 
@@ -127,13 +119,13 @@ def test_counts_past_what_the_database_holds_are_refused_not_a_database_error(
     assert huge["status"] == 422
     assert "requests: a count must be a whole number between 0 and" in huge["error"]
 
-    assert upload(server, node, batch_for(node, 1, minute, MAX_COUNT - 5))["stored"] is True
+    assert upload(server, node, batch_for(node, 1, minute, telemetry.MAX_COUNT - 5))["stored"] is True
     past = upload(server, node, batch_for(node, 2, minute, 10))
     assert past["status"] == 422
-    assert f"would count more than {MAX_COUNT}" in past["error"]
+    assert f"would count more than {telemetry.MAX_COUNT}" in past["error"]
     assert upload(server, node, batch_for(node, 3, minute + 1, 10))["stored"] is True  # the node goes on
     answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()
-    assert [m["requests"] for m in answer["minutes"]] == [MAX_COUNT - 5, 10]  # nothing of the refused batch
+    assert [m["requests"] for m in answer["minutes"]] == [telemetry.MAX_COUNT - 5, 10]  # nothing of the refused batch
 
 
 def test_drift_is_computed_against_the_packaged_reference(server: Harness, digits_onnx: Path, tmp_path: Path) -> None:
