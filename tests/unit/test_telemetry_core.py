@@ -188,6 +188,18 @@ def test_counts_are_whole_numbers_a_store_can_hold_or_the_batch_is_refused() -> 
             decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode()))
 
 
+def test_texts_longer_than_the_control_planes_columns_are_refused() -> None:
+    # An event's status of 33 characters reached PostgreSQL's VARCHAR(32): a 503 'database error' that the node
+    # retried for ever (SQLite kept it).
+    raw = json.loads(zstandard.ZstdDecompressor().decompress(encode_batch(_batch())))
+    raw["strings"][raw["events"]["status"][0]] = "x" * 33
+    with pytest.raises(TelemetryError, match="a text of 33 characters where at most 32 fit"):
+        decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode()))
+    raw["strings"][raw["events"]["status"][0]] = "x" * 32
+    raw["strings"][raw["events"]["summary"][0]] = "s" * 5000  # a summary is TEXT
+    assert decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode())).events[0].status == "x" * 32
+
+
 def test_a_decoder_leaves_a_minutes_column_it_does_not_know_alone() -> None:
     # What a control plane does with a batch from a newer node (an older control plane with client_errors, too:
     # its decoder reads the columns it names and no others).

@@ -41,6 +41,10 @@ MAX_BATCH_BYTES: Final = 64 << 20  # decompressed; a batch claiming more is refu
 # reader (the console's JavaScript too), and it is far inside a BIGINT, SQLite's or PostgreSQL's.
 MAX_COUNT: Final = 2**53 - 1
 INT32_MAX: Final = 2**31 - 1  # an event's batch size and priority: INTEGER columns
+# The longest texts a batch may carry, as the control plane's columns hold them (PostgreSQL refuses longer ones)
+MAX_NAME: Final = 128  # a model, version or variant (`core.package.check_name`)
+MAX_STATUS: Final = 32
+MAX_TIER: Final = 16
 DRIFT_BINS: Final = 10
 DRIFT_MAX_ELEMENTS: Final = 4096  # per tensor per request: larger tensors are strided down to this
 
@@ -455,8 +459,8 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
 
     Raises:
         TelemetryError: not zstd, too large, not the format, columns that do not line up, a count that is not an
-            int in 0..MAX_COUNT, or counts that do not add up (more errors than requests, more client errors than
-            errors).
+            int in 0..MAX_COUNT, a text longer than its column (MAX_NAME, MAX_STATUS, MAX_TIER), or
+            counts that do not add up (more errors than requests, more client errors than errors).
     """
     import zstandard
 
@@ -470,8 +474,14 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
     try:
         strings = document["strings"]
 
-        def text(index: Any) -> str:
-            return str(strings[int(index)])
+        def text(index: Any, most: int | None = MAX_NAME) -> str:
+            value = str(strings[int(index)])
+            if most is not None and len(value) > most:
+                raise TelemetryError(
+                    f"telemetry batch is malformed: a text of {len(value)} characters where at most {most} fit:"
+                    f" {value[:40]!r}"
+                )
+            return value
 
         m, e, d = document["minutes"], document["events"], document["drift"]
         n = len(_column(m, "requests", None))
@@ -497,8 +507,9 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
             EventRow(
                 ts=ts / 1000, model=text(model), version=text(version), variant=text(variant),
                 latency_us=_count("latency_us", latency), queue_us=_count("queue_us", queue),
-                batch=_count("batch", size, INT32_MAX), status=text(status), tier=text(tier),
-                priority=_count("priority", priority, INT32_MAX), summary=text(summary),
+                batch=_count("batch", size, INT32_MAX), status=text(status, MAX_STATUS),
+                tier=text(tier, MAX_TIER), priority=_count("priority", priority, INT32_MAX),
+                summary=text(summary, None),
             )
             for ts, model, version, variant, latency, queue, size, status, tier, priority, summary in zip(
                 _undeltas(_column(e, "ts_ms", k)), _column(e, "model", k), _column(e, "version", k),
@@ -510,7 +521,7 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
         j = len(_column(d, "counts", None))
         drift = [
             DriftRow(model=text(model), version=text(version), minute=_count("minute", minute),
-                     tensor=text(tensor), counts=[_count("drift counts", c) for c in counts])
+                     tensor=text(tensor, None), counts=[_count("drift counts", c) for c in counts])
             for minute, model, version, tensor, counts in zip(
                 _undeltas(_column(d, "minute", j)), _column(d, "model", j), _column(d, "version", j),
                 _column(d, "tensor", j), _column(d, "counts", j), strict=True,
