@@ -44,3 +44,24 @@ def test_claimed_labels_show_as_k_v_and_a_claimed_tier_is_marked_on_the_tier() -
     assert "{" not in detail  # no Python dict
     cleared = shown(node_detail({**NODE, "claims": {"labels": {}}}, 100.0))
     assert "labels none" in cleared
+
+
+def test_what_a_node_reports_is_shown_as_text_never_read_as_markup() -> None:
+    # A node claims the labels, tier and profile it likes, and reports its serving URL and agent version: claimed
+    # '[/yellow]' made `strata nodes list` fail with Rich's MarkupError, and '[link=...]' would have styled the cell.
+    sly = "[/yellow][link=https://evil.example]x[/link]"
+    node = {
+        **NODE,
+        "labels": {"site": "[bold]lab"},
+        "claims": {"tier": sly, "labels": {"site": sly}, "profile": sly},
+        "serve_url": sly,
+        "agent_version": "[/red]",
+        "models": {"digits": "[/cyan]"},
+    }
+    table = shown(fleet_table([node], 100.0))
+    assert table.count(sly) == 3  # tier, labels and profile claims, as sent
+    assert "site=[bold]lab" in table
+    assert "digits=[/cyan]" in table
+    detail = shown(node_detail(node, 100.0))
+    assert sly in detail
+    assert "[/red]" in detail

@@ -12,7 +12,7 @@ import pytest
 from strata.agent.metrics import FAILURE_REASONS
 from strata.agent.serving import NOT_THE_MODELS_FAULT, is_client_fault
 from strata.agent.telemetry import Outcome, TelemetryBuffer, TelemetryConfig, TelemetryRecorder, TelemetryUploader
-from strata.core.errors import TransportError
+from strata.core.errors import StrataError, TransportError
 from strata.core.telemetry import BUCKETS, PRIORITY_ERROR, PRIORITY_SAMPLED, PRIORITY_SLOW, decode_batch
 
 T = 1_800_000_000.0
@@ -72,6 +72,18 @@ def test_a_buffer_made_by_an_agent_before_client_errors_gets_the_column(tmp_path
     assert pending is not None
     minutes = [(m.requests, m.errors, m.client_errors) for m in decode_batch(pending[1]).minutes]
     assert minutes == [(5, 3, 1), (1, 1, 0)]
+
+
+def test_a_buffer_that_cannot_be_opened_is_one_clear_error_and_is_left_as_it_was(tmp_path: Path) -> None:
+    # sqlite3's own exception came out of the agent's start as a traceback
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite " * 500)
+    with pytest.raises(StrataError, match=r"cannot open the telemetry buffer .*garbage\.db: file is not a database"):
+        TelemetryBuffer(garbage, 64 << 20)
+    assert garbage.read_bytes() == b"not sqlite " * 500
+    (tmp_path / "folder.db").mkdir()
+    with pytest.raises(StrataError, match=r"cannot open the telemetry buffer .*folder\.db: unable to open"):
+        TelemetryBuffer(tmp_path / "folder.db", 64 << 20)
 
 
 def test_every_outcome_is_counted_and_only_kept_ones_become_events(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from strata.core.telemetry import (
     BATCH_FORMAT,
     BUCKETS,
     LATENCY_BOUNDS_US,
+    MAX_COUNT,
     PRIORITY_ERROR,
     PRIORITY_SAMPLED,
     PRIORITY_SLOW,
@@ -151,13 +152,52 @@ def _recoded(change: dict[str, list[Any]]) -> bytes:
 def test_client_errors_are_a_part_of_the_errors_or_the_batch_is_refused() -> None:
     # 2 errors in the minute: 0..2 of them may be the caller's fault, not 3 and not -1
     assert decode_batch(_recoded({"client_errors": [2]})).minutes[0].client_errors == 2
-    for wrong in (3, -1):
-        with pytest.raises(TelemetryError, match=r"client_errors .* between 0 and its errors \(2\)"):
-            decode_batch(_recoded({"client_errors": [wrong]}))
+    with pytest.raises(TelemetryError, match=r"client_errors 3 must be between 0 and its errors \(2\)"):
+        decode_batch(_recoded({"client_errors": [3]}))
+    with pytest.raises(TelemetryError, match=r"client_errors: a count must be a whole number between 0 and"):
+        decode_batch(_recoded({"client_errors": [-1]}))
     with pytest.raises(TelemetryError, match="'client_errors' is missing or has the wrong length"):
         decode_batch(_recoded({"client_errors": [0, 0]}))
     with pytest.raises(TelemetryError, match="malformed"):
         decode_batch(_recoded({"client_errors": ["many"]}))
+
+
+def test_counts_are_whole_numbers_a_store_can_hold_or_the_batch_is_refused() -> None:
+    # A node's batch is a claim: each count must be an int in 0..MAX_COUNT. Infinity raised OverflowError past
+    # the decoder (a 500); 2**70 reached the database (SQLite: OverflowError, a 500; PostgreSQL: a 503 'database
+    # error' that the node retried for ever); "2", True and 2.9 were taken as 2, 1 and 2.
+    for column, wrong in [
+        ("client_errors", float("inf")), ("requests", 2**70), ("client_errors", "2"), ("client_errors", True),
+        ("client_errors", 1.9), ("items", -1), ("latency_sum_us", MAX_COUNT + 1), ("queue_sum_us", float("nan")),
+    ]:  # fmt: skip
+        with pytest.raises(TelemetryError, match=f"{column}: a count must be a whole number between 0 and"):
+            decode_batch(_recoded({column: [wrong]}))
+    latency = [0] * BUCKETS
+    latency[0] = -7
+    with pytest.raises(TelemetryError, match="latency: a count must be a whole number between 0 and"):
+        decode_batch(_recoded({"latency": [latency]}))
+    assert decode_batch(_recoded({"items": [MAX_COUNT]})).minutes[0].items == MAX_COUNT
+    # the events', drift's and dropped counts and the sequence number as well (an event's batch: an INTEGER column)
+    for table, key, wrong in [
+        ("events", "batch", [2**31]), ("events", "latency_us", [-1]), ("drift", "counts", [[1, 2**70, 3]]),
+        ("dropped", "events_sampled", 2**70), (None, "seq", "3"),
+    ]:  # fmt: skip
+        raw = json.loads(zstandard.ZstdDecompressor().decompress(encode_batch(_batch())))
+        (raw[table] if table else raw)[key] = wrong
+        with pytest.raises(TelemetryError, match="a count must be a whole number between 0 and"):
+            decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode()))
+
+
+def test_texts_longer_than_the_control_planes_columns_are_refused() -> None:
+    # An event's status of 33 characters reached PostgreSQL's VARCHAR(32): a 503 'database error' that the node
+    # retried for ever (SQLite kept it).
+    raw = json.loads(zstandard.ZstdDecompressor().decompress(encode_batch(_batch())))
+    raw["strings"][raw["events"]["status"][0]] = "x" * 33
+    with pytest.raises(TelemetryError, match="a text of 33 characters where at most 32 fit"):
+        decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode()))
+    raw["strings"][raw["events"]["status"][0]] = "x" * 32
+    raw["strings"][raw["events"]["summary"][0]] = "s" * 5000  # a summary is TEXT
+    assert decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode())).events[0].status == "x" * 32
 
 
 def test_a_decoder_leaves_a_minutes_column_it_does_not_know_alone() -> None:

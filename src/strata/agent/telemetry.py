@@ -149,12 +149,28 @@ class TelemetryBuffer:
     """The SQLite buffer. Writes come from one thread (the recorder's); `read_outbox` from any."""
 
     def __init__(self, path: Path, budget_bytes: int) -> None:
+        """Open (or make) the buffer at `path`, bringing a file of an older agent to this schema.
+
+        Raises:
+            StrataError: it cannot be opened, made or upgraded (a full or read-only disk, a file that is not a
+                database); the file is left as it was.
+        """
         self.path = path
         self.budget_bytes = budget_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = self._connect()
-        self._db.executescript(_SCHEMA)
-        self._upgrade()
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db = self._configure(db)
+            self._db.executescript(_SCHEMA)
+            self._upgrade()
+        except sqlite3.Error as exc:  # it was a traceback from the agent's start
+            if db is not None:
+                db.close()
+            raise StrataError(
+                f"cannot open the telemetry buffer {path}: {exc} (a full or read-only disk? a file that is not a"
+                " telemetry buffer can be moved aside: the agent makes a new one)"
+            ) from exc
         self._writes = 0
 
     def _upgrade(self) -> None:
@@ -166,8 +182,8 @@ class TelemetryBuffer:
             if "client_errors" not in columns:
                 db.execute("ALTER TABLE minutes ADD COLUMN client_errors INTEGER NOT NULL DEFAULT 0")
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+    @staticmethod
+    def _configure(db: sqlite3.Connection) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a process kill loses no commit
         db.execute("PRAGMA cache_size=-512")  # 512 KiB: the agent has a memory budget

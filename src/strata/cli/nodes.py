@@ -46,38 +46,42 @@ def fleet_table(nodes: list[dict[str, Any]], now: float | None = None) -> Table:
     for column in ("node", "tier", "labels", "profile", "online", "attested", "models", "last seen", "in sync"):
         table.add_column(column)
     for node in sorted(nodes, key=lambda n: n["name"]):
-        labels = _labels(node.get("labels", {}))
+        # Every string from the API is escaped before it meets markup: a node claims what labels (or profile) it
+        # likes, and one claiming '[/yellow]' made `strata nodes list` fail with a MarkupError traceback.
+        labels = escape(_labels(node.get("labels", {})))
         pins = node.get("pins") or {}
         models = (
             ", ".join(
-                f"{k}={v}" + (" [cyan](pinned)[/cyan]" if pins.get(k) == v else "")
+                escape(f"{k}={v}") + (" [cyan](pinned)[/cyan]" if pins.get(k) == v else "")
                 for k, v in sorted(node.get("models", {}).items())
             )
             or "-"
         )
         waiting = {k: v for k, v in pins.items() if node.get("models", {}).get(k) != v}
         if waiting:
-            models += " " + ", ".join(f"[cyan](pinned to {k}={v})[/cyan]" for k, v in sorted(waiting.items()))
+            models += " " + ", ".join(
+                f"[cyan](pinned to {escape(f'{k}={v}')})[/cyan]" for k, v in sorted(waiting.items())
+            )
         failures = node.get("failures") or []
         if failures:
             models += f" [red]({len(failures)} failed)[/red]"
-        profile = node.get("profile", "?") + (" (emulated)" if node.get("emulated") else "")
+        profile = escape(node.get("profile", "?")) + (" (emulated)" if node.get("emulated") else "")
         claims = node.get("claims") or {}
         if "profile" in claims:
-            profile += f" [yellow](claims {claims['profile']}: strata nodes accept)[/yellow]"
+            profile += f" [yellow](claims {escape(str(claims['profile']))}: strata nodes accept)[/yellow]"
         # A claimed tier or labels (only where they differ from the assigned ones) never decide anything.
-        tier = node.get("tier", "?")
+        tier = escape(node.get("tier", "?"))
         if "tier" in claims:
-            tier += f" [yellow](claims {claims['tier']}; not used)[/yellow]"
+            tier += f" [yellow](claims {escape(str(claims['tier']))}; not used)[/yellow]"
         if "labels" in claims:
-            labels += f" [yellow](claims {_labels(claims['labels']) or 'none'}; not used)[/yellow]"
+            labels += f" [yellow](claims {escape(_labels(claims['labels'])) or 'none'}; not used)[/yellow]"
         table.add_row(
-            node["name"],
+            escape(node["name"]),
             tier,
             labels,
             profile,
             "[green]yes[/green]" if node.get("online") else "[red]no[/red]",
-            node.get("attestation") or "[yellow]no[/yellow]",
+            escape(node["attestation"]) if node.get("attestation") else "[yellow]no[/yellow]",
             models,
             ago(node.get("last_seen"), now),
             "yes" if node.get("in_sync") else "no",
@@ -124,7 +128,7 @@ def _when(timestamp: float | None, now: float) -> str:
 
 def node_detail(node: dict[str, Any], now: float) -> Group:
     """One node as `strata nodes show` prints it."""
-    labels = _labels(node.get("labels", {}), ", ") or "none"
+    labels = escape(_labels(node.get("labels", {}), ", ")) or "none"
     claims = node.get("claims") or {}
     claimed = _claimed(claims) or "nothing else"
     attestation = node.get("attestation") or "[yellow]not attested[/yellow]"
@@ -134,23 +138,23 @@ def node_detail(node: dict[str, Any], now: float) -> Group:
     facts.add_column(style="bold")
     facts.add_column()
     for key, value in (
-        ("node", f"{node['name']} ({node['id']})"),
-        ("tier", node.get("tier", "?")),
+        ("node", escape(f"{node['name']} ({node['id']})")),
+        ("tier", escape(node.get("tier", "?"))),
         ("labels (assigned)", labels),
         ("claims (its report)", f"[yellow]{escape(claimed)}[/yellow]" if claims else claimed),
-        ("profile", node.get("profile", "?") + (" (emulated)" if node.get("emulated") else "")),
-        ("agent", node.get("agent_version") or "?"),
+        ("profile", escape(node.get("profile", "?")) + (" (emulated)" if node.get("emulated") else "")),
+        ("agent", escape(node.get("agent_version") or "?")),
         (
             "online",
             ("[green]yes[/green]" if node.get("online") else "[red]no[/red]")
             + f", seen {ago(node.get('last_seen'), now)}",
         ),
         ("in sync", "yes" if node.get("in_sync") else "no (its desired state changed since its last report)"),
-        ("serves at", node.get("serve_url") or "-"),
+        ("serves at", escape(node.get("serve_url") or "-")),
         ("enrolled", _when(node.get("enrolled_at"), now)),
         ("certificate expires", _when(node.get("certificate_expires_at"), now) + " (the agent renews it)"),
         ("attestation", attestation),
-        ("supply chain", node.get("supply") or "-"),
+        ("supply chain", escape(node.get("supply") or "-")),
     ):
         facts.add_row(key, value)
     slots = Table(title="slots", title_justify="left")
@@ -176,9 +180,9 @@ def node_detail(node: dict[str, Any], now: float) -> Group:
             failed.add_column(column)
         for failure in failures:
             failed.add_row(
-                failure["model"],
-                failure["version"],
-                failure.get("kind", "other"),
+                escape(failure["model"]),
+                escape(failure["version"]),
+                escape(failure.get("kind", "other")),
                 str(failure.get("attempts", 1)),
                 ago(failure.get("at"), now),
                 escape(failure["reason"]),
@@ -259,7 +263,7 @@ def label(
         found = _resolve(client, node)
         updated = client.assign_node(found["id"], edits, tier)
     labels = _labels(updated["labels"]) or "none"
-    console.print(f"node {updated['name']}: tier {updated['tier']}, labels {labels}")
+    console.print(escape(f"node {updated['name']}: tier {updated['tier']}, labels {labels}"))
 
 
 @app.command("accept")

@@ -39,6 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from strata.control.errors import StoreError
 from strata.core.errors import ConfigError, Conflict, NotFound
+from strata.core.telemetry import MAX_STATUS, MAX_TIER
 from strata.core.wire import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -362,8 +363,8 @@ class TelemetryEvent(Base):
     latency_us: Mapped[int] = mapped_column(BigInteger)
     queue_us: Mapped[int] = mapped_column(BigInteger)
     batch: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(32))
-    tier: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(MAX_STATUS))  # the limits a batch is held to (core.telemetry)
+    tier: Mapped[str] = mapped_column(String(MAX_TIER))
     priority: Mapped[int] = mapped_column(Integer)
     summary: Mapped[str] = mapped_column(Text)
 

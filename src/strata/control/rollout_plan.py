@@ -865,7 +865,12 @@ def apply_actions(state: RolloutState, actions: Iterable[Action]) -> RolloutStat
             case Exclude(node_id, reason):
                 updates[node_id] = replace(current(node_id), excluded=reason)
             case Include(node_id, wave):
-                updates[node_id] = replace(current(node_id), excluded=None, wave=wave)
+                # It starts over in `wave`: one kept out after its release (a pin sent it back) is released with
+                # that wave and proves healthy again; its release and health from before the pin would have sent
+                # it the version before its wave started, and counted it healthy on the version it left.
+                updates[node_id] = replace(
+                    current(node_id), excluded=None, wave=wave, released_at=None, healthy_at=None
+                )
             case StartWave(wave, at):
                 changes.update(wave=wave, wave_started_at=at, message=f"wave {wave + 1} started")
             case Release(node_ids, at):

@@ -38,8 +38,10 @@ from strata.control.gates import DriftFigure
 from strata.core.errors import Conflict, Forbidden, NotFound
 from strata.core.telemetry import (
     BUCKETS,
+    MAX_COUNT,
     DriftReference,
     MinuteRow,
+    TelemetryError,
     chi_square_statistic,
     decode_batch,
     drift_references,
@@ -185,7 +187,8 @@ class TelemetryService:
         """Store a node's batch once; a batch already stored is acknowledged again and not stored twice.
 
         Raises:
-            TelemetryError: the payload does not decode.
+            TelemetryError: the payload does not decode, or counts added to those stored would pass MAX_COUNT
+                (many batches of the same minute: a node's claim).
             Forbidden: the batch says it comes from another node.
             NotFound: no such node.
             StoreError: the database failed.
@@ -254,6 +257,8 @@ class TelemetryService:
                     dropped = session.get(TelemetryDropped, (node_id, kind))
                     if dropped is None:
                         session.add(TelemetryDropped(node_id=node_id, kind=kind[:32], count=count))
+                    elif dropped.count + count > MAX_COUNT:  # as for the minutes' counts
+                        raise TelemetryError(f"dropped {kind} would count more than {MAX_COUNT} with this batch")
                     else:
                         dropped.count += count
             return True, node.name
@@ -279,6 +284,9 @@ class TelemetryService:
                 existing.latency_sum_us += row.latency_sum_us
                 existing.queue_sum_us += row.queue_sum_us
                 existing.latency = [a + b for a, b in zip(existing.latency, row.latency, strict=True)]
+                sums = (existing.requests, existing.items, existing.latency_sum_us, existing.queue_sum_us)
+                if max(*sums, *existing.latency) > MAX_COUNT:  # errors are at most requests
+                    raise TelemetryError(f"minute row {row.key} would count more than {MAX_COUNT} with this batch")
 
     # --- queries ----------------------------------------------------------------------------------------
 

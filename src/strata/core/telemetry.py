@@ -36,6 +36,15 @@ PRIORITY_NAMES: Final = {PRIORITY_SAMPLED: "sampled", PRIORITY_SLOW: "slow", PRI
 
 BATCH_FORMAT: Final = "strata.telemetry/v1"
 MAX_BATCH_BYTES: Final = 64 << 20  # decompressed; a batch claiming more is refused (no zip bombs)
+# The most any count of a batch may be (a minute's, an event's microseconds, drift and dropped counts, the minute
+# and sequence numbers), and what the control plane's sums may reach: JSON numbers stay exact up to it in every
+# reader (the console's JavaScript too), and it is far inside a BIGINT, SQLite's or PostgreSQL's.
+MAX_COUNT: Final = 2**53 - 1
+INT32_MAX: Final = 2**31 - 1  # an event's batch size and priority: INTEGER columns
+# The longest texts a batch may carry, as the control plane's columns hold them (PostgreSQL refuses longer ones)
+MAX_NAME: Final = 128  # a model, version or variant (`core.package.check_name`)
+MAX_STATUS: Final = 32
+MAX_TIER: Final = 16
 DRIFT_BINS: Final = 10
 DRIFT_MAX_ELEMENTS: Final = 4096  # per tensor per request: larger tensors are strided down to this
 
@@ -432,12 +441,26 @@ def _column(table: Mapping[str, Any], key: str, length: int | None) -> list[Any]
     return value
 
 
+def _count(column: str, value: Any, most: int = MAX_COUNT) -> int:
+    """A count (or minute, or sequence number) as the batch claims it: an int (not a bool, a float or a string) in
+    0..`most`, which the control plane's columns hold.
+
+    Raises:
+        TelemetryError: it is anything else.
+    """
+    if type(value) is not int or not 0 <= value <= most:
+        raise TelemetryError(f"telemetry batch is malformed: {column}: a count must be a whole number between 0 and"
+                             f" {most}, got {value!r:.40}")  # fmt: skip
+    return value
+
+
 def decode_batch(payload: bytes) -> TelemetryBatch:
     """Parse a batch made by `encode_batch`, refusing anything malformed or larger than MAX_BATCH_BYTES.
 
     Raises:
-        TelemetryError: not zstd, too large, not the format, columns that do not line up, or counts that do not
-            add up (more errors than requests, more client errors than errors, negative counts).
+        TelemetryError: not zstd, too large, not the format, columns that do not line up, a count that is not an
+            int in 0..MAX_COUNT, a text longer than its column (MAX_NAME, MAX_STATUS, MAX_TIER), or
+            counts that do not add up (more errors than requests, more client errors than errors).
     """
     import zstandard
 
@@ -451,8 +474,14 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
     try:
         strings = document["strings"]
 
-        def text(index: Any) -> str:
-            return str(strings[int(index)])
+        def text(index: Any, most: int | None = MAX_NAME) -> str:
+            value = str(strings[int(index)])
+            if most is not None and len(value) > most:
+                raise TelemetryError(
+                    f"telemetry batch is malformed: a text of {len(value)} characters where at most {most} fit:"
+                    f" {value[:40]!r}"
+                )
+            return value
 
         m, e, d = document["minutes"], document["events"], document["drift"]
         n = len(_column(m, "requests", None))
@@ -460,9 +489,11 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
         client_errors = _column(m, "client_errors", n) if "client_errors" in m else [0] * n
         minutes = [
             MinuteRow(
-                model=text(model), version=text(version), variant=text(variant), minute=int(minute),
-                requests=int(requests), errors=int(errors), items=int(items), latency_sum_us=int(lat_sum),
-                queue_sum_us=int(queue_sum), latency=[int(c) for c in latency], client_errors=int(client),
+                model=text(model), version=text(version), variant=text(variant), minute=_count("minute", minute),
+                requests=_count("requests", requests), errors=_count("errors", errors),
+                items=_count("items", items), latency_sum_us=_count("latency_sum_us", lat_sum),
+                queue_sum_us=_count("queue_sum_us", queue_sum), latency=[_count("latency", c) for c in latency],
+                client_errors=_count("client_errors", client),
             )
             for model, version, variant, minute, requests, errors, client, items, lat_sum, queue_sum, latency in zip(
                 _column(m, "model", n), _column(m, "version", n), _column(m, "variant", n),
@@ -475,8 +506,10 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
         events = [
             EventRow(
                 ts=ts / 1000, model=text(model), version=text(version), variant=text(variant),
-                latency_us=int(latency), queue_us=int(queue), batch=int(size), status=text(status),
-                tier=text(tier), priority=int(priority), summary=text(summary),
+                latency_us=_count("latency_us", latency), queue_us=_count("queue_us", queue),
+                batch=_count("batch", size, INT32_MAX), status=text(status, MAX_STATUS),
+                tier=text(tier, MAX_TIER), priority=_count("priority", priority, INT32_MAX),
+                summary=text(summary, None),
             )
             for ts, model, version, variant, latency, queue, size, status, tier, priority, summary in zip(
                 _undeltas(_column(e, "ts_ms", k)), _column(e, "model", k), _column(e, "version", k),
@@ -487,19 +520,19 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
         ]  # fmt: skip
         j = len(_column(d, "counts", None))
         drift = [
-            DriftRow(model=text(model), version=text(version), minute=int(minute), tensor=text(tensor),
-                     counts=[int(c) for c in counts])
+            DriftRow(model=text(model), version=text(version), minute=_count("minute", minute),
+                     tensor=text(tensor, None), counts=[_count("drift counts", c) for c in counts])
             for minute, model, version, tensor, counts in zip(
                 _undeltas(_column(d, "minute", j)), _column(d, "model", j), _column(d, "version", j),
                 _column(d, "tensor", j), _column(d, "counts", j), strict=True,
             )
         ]  # fmt: skip
-        dropped = {str(key): int(value) for key, value in dict(document.get("dropped") or {}).items()}
+        dropped = {str(key): _count("dropped", value) for key, value in dict(document.get("dropped") or {}).items()}
         batch = TelemetryBatch(
-            node_id=str(document["node"]), seq=int(document["seq"]), created=float(document["created"]),
+            node_id=str(document["node"]), seq=_count("seq", document["seq"]), created=float(document["created"]),
             minutes=minutes, events=events, drift=drift, dropped=dropped,
         )  # fmt: skip
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(Infinity)
         raise TelemetryError(f"telemetry batch is malformed: {exc}") from exc
     for row in batch.minutes:
         if len(row.latency) != BUCKETS or row.requests < 0 or row.errors < 0 or row.errors > row.requests:

@@ -187,11 +187,12 @@ def build_candidates(
 
 
 class _RootToDebug(logging.Filter):
-    """Takes what a library logs on the root logger (`logging.warning(...)`: onnxruntime's quantizer does) off the
-    terminal and into this module's log at debug level. strata's own loggers are named: they pass."""
+    """Takes what a library logs on the root logger below ERROR (`logging.warning(...)`: onnxruntime's quantizer
+    does) off the terminal and into this module's log at debug level. An error stays on the terminal (it may be why
+    a pass failed); strata's own loggers are named: they pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name != "root":
+        if record.name != "root" or record.levelno >= logging.ERROR:
             return True
         log.debug("quantizer: %s", record.getMessage())
         return False
@@ -200,8 +201,9 @@ class _RootToDebug(logging.Filter):
 @contextlib.contextmanager
 def quantizer_output_to_log() -> Iterator[None]:
     """While a pass runs, what onnxruntime's quantizer prints (its calibrators' "Collecting tensor data and making
-    histogram ...") and logs on the root logger goes to the log at debug level, not among the progress bars; and
-    stdout stays the report's."""
+    histogram ...") and logs on the root logger below ERROR goes to the log at debug level, not among the progress
+    bars; and stdout stays the report's. Everything is put back however the block ends. Process-wide (sys.stdout,
+    the root logger): one pass at a time, and what another thread prints meanwhile goes to the log as well."""
     root = logging.getLogger()
     # Without a handler on the root logger, `logging.warning()` would add a stderr one (`basicConfig`) for good.
     placeholder = logging.NullHandler() if not root.handlers else None

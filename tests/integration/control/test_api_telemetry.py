@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zstandard
 from control_harness import Harness, NodeCredentials
 
+from strata.core import telemetry
 from strata.core.package import tar_bytes
 from strata.core.telemetry import BUCKETS, DriftRow, EventRow, MinuteRow, TelemetryBatch, bucket_of, encode_batch
 from strata.examples.digits import load_data
@@ -99,6 +102,30 @@ def test_malformed_and_oversized_batches_are_refused(server: Harness) -> None:
         headers={**node.headers, **TELEMETRY},
     )
     assert huge.status_code == 413
+
+
+def test_counts_past_what_the_database_holds_are_refused_not_a_database_error(
+    server: Harness, make_package: Callable[..., bytes]
+) -> None:
+    # A node's counts are claims. 2**70 requests reached the database: SQLite raised OverflowError (a 500) and
+    # PostgreSQL a DataError (503 'database error', which the node retries for ever); sums of the same minute over
+    # several batches went the same way.
+    assert server.upload(make_package()).status_code == 201
+    node = server.enroll("edge")
+    minute = int(server.clock.now // 60)
+    raw = json.loads(zstandard.ZstdDecompressor().decompress(batch_for(node, 1, minute, 10)))
+    raw["minutes"]["requests"] = [2**70]
+    huge = upload(server, node, zstandard.ZstdCompressor().compress(json.dumps(raw).encode()))
+    assert huge["status"] == 422
+    assert "requests: a count must be a whole number between 0 and" in huge["error"]
+
+    assert upload(server, node, batch_for(node, 1, minute, telemetry.MAX_COUNT - 5))["stored"] is True
+    past = upload(server, node, batch_for(node, 2, minute, 10))
+    assert past["status"] == 422
+    assert f"would count more than {telemetry.MAX_COUNT}" in past["error"]
+    assert upload(server, node, batch_for(node, 3, minute + 1, 10))["stored"] is True  # the node goes on
+    answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()
+    assert [m["requests"] for m in answer["minutes"]] == [telemetry.MAX_COUNT - 5, 10]  # nothing of the refused batch
 
 
 def test_drift_is_computed_against_the_packaged_reference(server: Harness, digits_onnx: Path, tmp_path: Path) -> None:

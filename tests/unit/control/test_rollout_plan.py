@@ -395,6 +395,32 @@ def test_naming_the_changed_nodes_gives_the_same_actions_as_looking_at_every_nod
         changed = named_nodes(actions)
 
 
+def test_a_node_unpinned_before_the_last_wave_waits_for_it_and_proves_healthy_again() -> None:
+    # Healthy in wave 1, pinned back to 1, unpinned during wave 2: it joined wave 3 already released (the version
+    # before its wave started) and 'healthy' (from before the pin) while it ran 1.
+    observations = fleet(4)
+    state = step(rollout("2,3,100%"), observations, 0.0)
+    _, second = sorted(state.released)
+    take(observations, state)
+    state = step(state, observations, 1.0)
+    assert state.nodes[second].state == "healthy"
+    observations[second] = replace(observations[second], version="1", excluded="pinned to 1 (pin 4)")
+    state = step(state, observations, 2.0)
+    state = step(state, observations, 62.0)
+    assert state.wave == 1
+    observations[second] = replace(observations[second], excluded=None)
+    state = step(state, observations, 63.0)
+    unpinned = state.nodes[second]
+    assert (unpinned.wave, unpinned.state) == (2, "pending")
+    assert second not in state.released
+    assert unpinned.ever_on_target  # it did run the version: rolled back, not unchanged, should the rollout be
+    take(observations, state)
+    state = step(state, observations, 64.0)
+    state = step(state, observations, 130.0)  # wave 2 has baked: wave 3 starts, and releases it
+    assert (state.wave, state.nodes[second].state) == (2, "updating")
+    assert second in state.released
+
+
 def test_a_node_pinned_after_its_release_no_longer_holds_its_wave_and_comes_back_when_unpinned() -> None:
     """It stayed 'updating', with no note, and held its wave until the deadline (the pin had sent it back)."""
     observations = fleet(3)
