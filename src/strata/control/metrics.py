@@ -52,11 +52,19 @@ class FleetCollector(Collector):
             "Failed inference requests reported by nodes",
             labels=["node", "model", "version"],
         )
-        for (node, model, version), (total, failed) in sorted(self.plane.telemetry.totals().items()):
+        client_errors = CounterMetricFamily(
+            "strata_inference_client_errors",
+            "Failed inference requests refused as the caller's fault (malformed, or not fitting the model's "
+            "signature): a part of strata_inference_errors",
+            labels=["node", "model", "version"],
+        )
+        for (node, model, version), (total, failed, callers) in sorted(self.plane.telemetry.totals().items()):
             requests.add_metric([node, model, version], total)
             errors.add_metric([node, model, version], failed)
+            client_errors.add_metric([node, model, version], callers)
         yield requests
         yield errors
+        yield client_errors
 
         counters = self.plane.telemetry.counters
         for name, help_text, value in (

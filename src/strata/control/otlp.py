@@ -1,7 +1,8 @@
 """Forward stored telemetry to an OpenTelemetry collector over OTLP/HTTP (protobuf), when configured.
 
-Each minute aggregate becomes delta data points of three metrics, stamped with the minute they describe:
-`strata.inference.requests` and `strata.inference.errors` (monotonic sums) and `strata.inference.duration`
+Each minute aggregate becomes delta data points of four metrics, stamped with the minute they describe:
+`strata.inference.requests`, `strata.inference.errors` and `strata.inference.client_errors` (the part of the errors
+that was the caller's fault; monotonic sums) and `strata.inference.duration`
 (an explicit-bucket histogram in milliseconds). Resource attributes name the node. Exports run on a thread
 of their own and retry a few times; the control plane's own copy never depends on the collector.
 """
@@ -36,9 +37,15 @@ def export_request(node_id: str, node_name: str, minutes: list[MinuteRow]) -> by
     delta = pb.AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
     requests = pb.Metric(name="strata.inference.requests", unit="{request}", description="Inference requests")
     errors = pb.Metric(name="strata.inference.errors", unit="{request}", description="Failed inference requests")
+    client_errors = pb.Metric(
+        name="strata.inference.client_errors",
+        unit="{request}",
+        description="Failed inference requests refused as the caller's fault (a part of strata.inference.errors)",
+    )
     duration = pb.Metric(name="strata.inference.duration", unit="ms", description="Inference request duration")
-    requests.sum.aggregation_temporality = errors.sum.aggregation_temporality = delta
-    requests.sum.is_monotonic = errors.sum.is_monotonic = True
+    for counter in (requests, errors, client_errors):
+        counter.sum.aggregation_temporality = delta
+        counter.sum.is_monotonic = True
     duration.histogram.aggregation_temporality = delta
     for row in minutes:
         labels = attributes(model=row.model, version=row.version, variant=row.variant)
@@ -47,6 +54,9 @@ def export_request(node_id: str, node_name: str, minutes: list[MinuteRow]) -> by
             attributes=labels, start_time_unix_nano=start, time_unix_nano=end, as_int=row.requests
         )
         errors.sum.data_points.add(attributes=labels, start_time_unix_nano=start, time_unix_nano=end, as_int=row.errors)
+        client_errors.sum.data_points.add(
+            attributes=labels, start_time_unix_nano=start, time_unix_nano=end, as_int=row.client_errors
+        )
         duration.histogram.data_points.add(
             attributes=labels,
             start_time_unix_nano=start,
@@ -60,7 +70,7 @@ def export_request(node_id: str, node_name: str, minutes: list[MinuteRow]) -> by
         attributes=attributes(**{"service.name": "strata", "strata.node": node_name, "strata.node_id": node_id})
     )
     scope = pb.ScopeMetrics(scope=InstrumentationScope(name="strata.telemetry", version=__version__))
-    scope.metrics.extend([requests, errors, duration])
+    scope.metrics.extend([requests, errors, client_errors, duration])
     request = ExportMetricsServiceRequest(
         resource_metrics=[pb.ResourceMetrics(resource=resource, scope_metrics=[scope])]
     )

@@ -470,8 +470,8 @@ class TelemetryService:
             for (minute, version), (value, samples) in sorted(worst.items())
         ]
 
-    def totals(self) -> dict[tuple[str, str, str], tuple[int, int]]:
-        """(node name, model, version) -> (requests, errors) over all stored minutes, for /metrics.
+    def totals(self) -> dict[tuple[str, str, str], tuple[int, int, int]]:
+        """(node name, model, version) -> (requests, errors, client errors) over all stored minutes, for /metrics.
 
         Raises:
             StoreError: the database failed.
@@ -484,8 +484,12 @@ class TelemetryService:
                     TelemetryMinute.version,
                     func.sum(TelemetryMinute.requests),
                     func.sum(TelemetryMinute.errors),
+                    func.sum(TelemetryMinute.client_errors),
                 )
                 .join(Node, Node.id == TelemetryMinute.node_id)
                 .group_by(Node.name, TelemetryMinute.model, TelemetryMinute.version)
             ).all()
-        return {(name, model, version): (int(req or 0), int(err or 0)) for name, model, version, req, err in rows}
+        return {
+            (name, model, version): (int(req or 0), int(err or 0), int(client or 0))
+            for name, model, version, req, err, client in rows
+        }
