@@ -15,6 +15,7 @@ from strata.core.telemetry import (
     BUCKETS,
     LATENCY_BOUNDS_US,
     MAX_COUNT,
+    MAX_TENSOR,
     PRIORITY_ERROR,
     PRIORITY_SAMPLED,
     PRIORITY_SLOW,
@@ -30,6 +31,7 @@ from strata.core.telemetry import (
     build_reference,
     chi_square_statistic,
     decode_batch,
+    drift_references,
     encode_batch,
     event_priority,
     min_samples,
@@ -198,6 +200,23 @@ def test_texts_longer_than_the_control_planes_columns_are_refused() -> None:
     raw["strings"][raw["events"]["status"][0]] = "x" * 32
     raw["strings"][raw["events"]["summary"][0]] = "s" * 5000  # a summary is TEXT
     assert decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode())).events[0].status == "x" * 32
+
+
+def test_a_tensor_name_longer_than_the_drift_column_gets_no_reference_and_no_batch_carries_one() -> None:
+    # The control plane keeps drift by tensor name in a VARCHAR(256): a longer name was a database error there,
+    # retried for ever on PostgreSQL. Such a tensor gets no reference at build, a package built before that has
+    # its reference left out on the node, and a batch that carries one anyway is refused.
+    values = np.arange(100, dtype=np.float32).reshape(100, 1)
+    long_name, fits = "t" * (MAX_TENSOR + 1), "t" * MAX_TENSOR
+    assert build_reference(long_name, "input", values) is None
+    kept = build_reference(fits, "input", values)
+    assert kept is not None
+    old = {**kept.to_json(), "tensor": long_name}
+    assert [r.tensor for r in drift_references({"tensors": [kept.to_json(), old]})] == [fits]
+    raw = json.loads(zstandard.ZstdDecompressor().decompress(encode_batch(_batch())))
+    raw["strings"][raw["drift"]["tensor"][0]] = long_name
+    with pytest.raises(TelemetryError, match=f"a text of {MAX_TENSOR + 1} characters where at most {MAX_TENSOR} fit"):
+        decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode()))
 
 
 def test_a_decoder_leaves_a_minutes_column_it_does_not_know_alone() -> None:

@@ -39,7 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from strata.control.errors import StoreError
 from strata.core.errors import ConfigError, Conflict, NotFound
-from strata.core.telemetry import MAX_STATUS, MAX_TIER
+from strata.core.telemetry import MAX_STATUS, MAX_TENSOR, MAX_TIER
 from strata.core.wire import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -378,7 +378,7 @@ class TelemetryDrift(Base):
     model: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
     version: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
     minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    tensor: Mapped[str] = mapped_column(String(256), primary_key=True)
+    tensor: Mapped[str] = mapped_column(String(MAX_TENSOR), primary_key=True)
     counts: Mapped[list[int]] = mapped_column(JSON)
 
 

@@ -45,6 +45,9 @@ INT32_MAX: Final = 2**31 - 1  # an event's batch size and priority: INTEGER colu
 MAX_NAME: Final = 128  # a model, version or variant (`core.package.check_name`)
 MAX_STATUS: Final = 32
 MAX_TIER: Final = 16
+# A drift reference's tensor name: a longer one gets no reference (and a node sends no drift for it), so every
+# name a batch carries fits the control plane's column
+MAX_TENSOR: Final = 256
 DRIFT_BINS: Final = 10
 DRIFT_MAX_ELEMENTS: Final = 4096  # per tensor per request: larger tensors are strided down to this
 
@@ -158,11 +161,13 @@ def _strided(values: Any) -> Any:
 def build_reference(tensor: str, kind: str, samples: Any) -> DriftReference | None:
     """Decile edges of a tensor's values over reference samples (first axis = samples), and the counts.
 
-    Repeated values collapse edges (a mostly-zero input has few bins). Returns None for non-numeric tensors
-    or when the values are all equal (nothing to compare).
+    Repeated values collapse edges (a mostly-zero input has few bins). Returns None for non-numeric tensors,
+    when the values are all equal (nothing to compare), or for a name longer than MAX_TENSOR.
     """
     import numpy as np
 
+    if len(tensor) > MAX_TENSOR:
+        return None
     array = np.asarray(samples)
     if array.dtype.kind not in "biuf" or array.size == 0:
         return None
@@ -231,8 +236,10 @@ def bin_counts_split(reference: DriftReference, values: Any, sizes: Sequence[int
 
 
 def drift_references(raw: Mapping[str, Any]) -> list[DriftReference]:
-    """The drift references a package manifest's `drift` section holds (empty when it has none)."""
-    return [DriftReference.from_json(item) for item in raw.get("tensors", [])]
+    """The drift references a package manifest's `drift` section holds (empty when it has none), less any whose
+    tensor name is longer than MAX_TENSOR (a package built before that limit): its drift could not be sent."""
+    references = [DriftReference.from_json(item) for item in raw.get("tensors", [])]
+    return [reference for reference in references if len(reference.tensor) <= MAX_TENSOR]
 
 
 def psi(expected: Sequence[float], actual: Sequence[float], floor: float = 1e-4) -> float:
@@ -459,7 +466,7 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
 
     Raises:
         TelemetryError: not zstd, too large, not the format, columns that do not line up, a count that is not an
-            int in 0..MAX_COUNT, a text longer than its column (MAX_NAME, MAX_STATUS, MAX_TIER), or
+            int in 0..MAX_COUNT, a text longer than its column (MAX_NAME, MAX_STATUS, MAX_TIER, MAX_TENSOR), or
             counts that do not add up (more errors than requests, more client errors than errors).
     """
     import zstandard
@@ -521,7 +528,7 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
         j = len(_column(d, "counts", None))
         drift = [
             DriftRow(model=text(model), version=text(version), minute=_count("minute", minute),
-                     tensor=text(tensor, None), counts=[_count("drift counts", c) for c in counts])
+                     tensor=text(tensor, MAX_TENSOR), counts=[_count("drift counts", c) for c in counts])
             for minute, model, version, tensor, counts in zip(
                 _undeltas(_column(d, "minute", j)), _column(d, "model", j), _column(d, "version", j),
                 _column(d, "tensor", j), _column(d, "counts", j), strict=True,
