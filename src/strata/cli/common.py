@@ -24,6 +24,7 @@ from strata.core.errors import (
     TransportError,
 )
 from strata.core.wire import ProtocolError
+from strata.core.words import DURATION_UNITS
 
 # Process exit codes, one range per kind of failure, so scripts can tell them apart.
 EXIT_CODES: dict[type[StrataError], int] = {
@@ -149,11 +150,10 @@ def parse_duration(text: str) -> float:
     Raises:
         ConfigError: not a duration.
     """
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     text = text.strip().lower()
     try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
+        if text and text[-1] in DURATION_UNITS:
+            return float(text[:-1]) * DURATION_UNITS[text[-1]]
         return float(text)
     except ValueError:
         raise ConfigError(f"{text!r} is not a duration (use 90s, 10m, 2h, 7d)") from None

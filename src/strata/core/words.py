@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Final
 
-_UNITS: Final = (("d", 86400.0), ("h", 3600.0), ("m", 60.0))
+# The units of a duration as the CLI takes it (`strata.cli.common.parse_duration`) and as `duration` says it.
+DURATION_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def plural(count: int, noun: str) -> str:
@@ -15,7 +16,8 @@ def plural(count: int, noun: str) -> str:
 def duration(seconds: float) -> str:
     """'1h', '10m', '90s', '1.5s': the largest unit that counts `seconds` whole, as `--bake 10m` or `--timeout 2h`
     take it (`strata.cli.common.parse_duration` reads it back)."""
-    for unit, size in _UNITS:
+    for unit in ("d", "h", "m"):
+        size = DURATION_UNITS[unit]
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
     return f"{seconds:g}s"
