@@ -61,8 +61,11 @@ def test_a_buffer_made_by_an_agent_before_client_errors_gets_the_column(tmp_path
             " latency_sum_us INTEGER NOT NULL, queue_sum_us INTEGER NOT NULL,"
             f" {', '.join(f'{b} INTEGER NOT NULL' for b in buckets)}, PRIMARY KEY (model, version, variant, minute))"
         )
-        old_row = ("digits", "1", "cpu-generic-fp32", int(T // 60), 4, 2, 4, 3200, 40, *([0] * 4), 4, *([0] * 13))
-        db.execute(f"INSERT INTO minutes VALUES ({', '.join('?' * len(old_row))})", old_row)  # noqa: S608 -- only '?' placeholders are formatted in
+        latency = [0] * BUCKETS
+        latency[4] = 4
+        old_row = ("digits", "1", "cpu-generic-fp32", int(T // 60), 4, 2, 4, 3200, 40, *latency)
+        # the statement is built from '?' placeholders alone (one per column); the values go as parameters
+        db.execute(f"INSERT INTO minutes VALUES ({', '.join('?' * len(old_row))})", old_row)  # noqa: S608
     db.close()
     buffer = TelemetryBuffer(path, 64 << 20)
     TelemetryBuffer(path, 64 << 20).close()  # a second serving process opening it finds the column there
