@@ -239,12 +239,10 @@ class Agent:
         await server.start(self.config.serve_host, self.config.serve_port, reuse_port=pool is not None)
         # Said once the node is enrolled (at once when it was before): a node whose enrollment is refused stops
         # without ever serving, and said it served first.
-        serving: tuple[object, ...] | None = (
-            "serving the Open Inference Protocol on http://%s:%d%s%s",
-            self.config.serve_host,
-            server.port,
-            " (bearer token in serve.token)" if token else "",
-            f" from {self.processes} processes, {self.threads} intra-op threads each" if pool is not None else "",
+        serving: str | None = (
+            f"serving the Open Inference Protocol on http://{self.config.serve_host}:{server.port}"
+            + (" (bearer token in serve.token)" if token else "")
+            + (f" from {self.processes} processes, {self.threads} intra-op threads each" if pool is not None else "")
         )
         grpc_server = await self._start_grpc(app)
         if pool is not None:
@@ -260,7 +258,7 @@ class Agent:
         self.uploader.start()
         while not stop.is_set() and thread.is_alive():
             if serving is not None and self.loop.stored is not None:
-                log.info(*serving)
+                log.info("%s", serving)
                 serving = None
             if tier_server is None and self.config.tier_port is not None and self.loop.stored is not None:
                 tier_server = HttpServer(
