@@ -153,6 +153,13 @@ def test_version_completion_and_exit_codes(tmp_path: Path, digits_onnx: Path) ->
     assert "Traceback" not in bad.stderr
     assert "holds no certificate" in bad.stderr
     assert "DATA_DIR/ca.pem" in bad.stderr
+    # 2: a simulator scenario with a duration that is none, read as the other commands read one
+    (tmp_path / "bad-bake.yaml").write_text("name: bad-bake\nrollout: {bake: 30x}\n")
+    scenario = strata("sim", "--scenario", str(tmp_path / "bad-bake.yaml"))
+    assert (scenario.returncode, scenario.stderr.strip()) == (
+        2,
+        "error: rollout.bake: '30x' is not a duration (use 90s, 10m, 2h, 7d)",
+    )
     # 2: a package built into a folder that holds something (it exited 5, "package invalid", after running the model)
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine\n")

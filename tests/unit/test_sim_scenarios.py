@@ -13,6 +13,7 @@ import pytest
 
 from strata.control.rollout_plan import Action, NodeObservation, RolloutState, plan_rollout
 from strata.core.errors import ConfigError
+from strata.core.words import parse_duration
 from strata.sim import engine
 from strata.sim.engine import Simulation, run_scenario
 from strata.sim.scenario import Scenario, duration, load_scenario, size
@@ -158,6 +159,28 @@ def test_scenario_errors_say_what_is_wrong(tmp_path: Path) -> None:
     path.write_text("name: [unclosed")
     with pytest.raises(ConfigError, match="YAML"):
         load_scenario(path)
+
+
+@pytest.mark.parametrize("text", ["90", "90s", " 10M ", "1.5h", "2d", "1e3s", "0"])
+def test_a_scenario_reads_a_duration_as_the_cli_does(text: str) -> None:
+    # One reader (`strata.core.words.parse_duration`): the simulator's own refused "1e3s" that `--bake` takes.
+    assert duration(text, "rollout.bake") == parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("30x", "rollout.bake: '30x' is not a duration (use 90s, 10m, 2h, 7d)"),
+        (float("inf"), "rollout.bake: 'inf' is not a duration"),  # YAML .inf: a run that never ends
+        (float("nan"), "rollout.bake: 'nan' is not a duration"),
+        (True, "rollout.bake: 'true' is not a duration"),
+        ("-5m", "rollout.bake: must not be negative"),
+    ],
+)
+def test_a_bad_duration_in_a_scenario_names_its_field(value: object, said: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Scenario.from_json({"name": "bad", "rollout": {"bake": value}})
+    assert str(raised.value).startswith(said)
 
 
 def test_the_same_seed_gives_the_same_run_in_another_process() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from strata.cli.common import parse_duration
-from strata.core.words import duration, plural
+from strata.core.errors import ConfigError
+from strata.core.words import duration, parse_duration, plural
 
 
 def test_a_count_of_one_takes_the_singular() -> None:
@@ -23,3 +23,9 @@ def test_a_count_of_one_takes_the_singular() -> None:
 def test_durations_are_said_the_way_the_cli_takes_them(seconds: float, said: str) -> None:
     assert duration(seconds) == said
     assert parse_duration(said) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "10x", "inf", "nan", "-infs", "1e400", "9e307d"])
+def test_what_is_not_a_finite_number_of_seconds_is_not_a_duration(text: str) -> None:
+    with pytest.raises(ConfigError, match="is not a duration"):
+        parse_duration(text)

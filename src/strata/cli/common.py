@@ -24,7 +24,7 @@ from strata.core.errors import (
     TransportError,
 )
 from strata.core.wire import ProtocolError
-from strata.core.words import DURATION_UNITS
+from strata.core.words import parse_duration as parse_duration  # re-exported: every command reads durations so
 
 # Process exit codes, one range per kind of failure, so scripts can tell them apart.
 EXIT_CODES: dict[type[StrataError], int] = {
@@ -142,21 +142,6 @@ def ago(timestamp: float | None, now: float | None = None) -> str:
     if seconds < 36 * 3600:
         return f"{seconds / 3600:.0f}h ago"
     return f"{seconds / 86400:.0f}d ago"
-
-
-def parse_duration(text: str) -> float:
-    """'90', '90s', '10m', '2h', '7d' -> seconds.
-
-    Raises:
-        ConfigError: not a duration.
-    """
-    text = text.strip().lower()
-    try:
-        if text and text[-1] in DURATION_UNITS:
-            return float(text[:-1]) * DURATION_UNITS[text[-1]]
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"{text!r} is not a duration (use 90s, 10m, 2h, 7d)") from None
 
 
 def parse_label_options(items: list[str]) -> dict[str, str]:

@@ -30,6 +30,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    false,
     make_url,
     select,
     text,
@@ -262,6 +263,8 @@ class RolloutNode(Base):
     failed_at: Mapped[float | None] = mapped_column(TIME)
     failure: Mapped[str | None] = mapped_column(Text)
     ever_on_target: Mapped[bool] = mapped_column(Boolean)
+    # Kept out because the node refused the version itself (`excluded` says why, in words): out for good.
+    refused: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 class Pin(Base):

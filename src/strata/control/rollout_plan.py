@@ -54,7 +54,7 @@ FINISHED: Final = ("succeeded", "rolled_back", "aborted")
 ON_FAILURE: Final = ("rollback", "pause")
 # Failures that say a node may not or cannot run the version: it is out of the rollout, not a failure of it.
 EXCLUDING_FAILURES: Final = frozenset({"policy", "no-variant"})
-_REFUSED: Final = "the node refused it: "  # how such a node's exclusion begins: it stays out for good
+_REFUSED_TEXT: Final = "the node refused it: "  # how a refusing node's exclusion reads (`NodeAssignment.refused`)
 SPREAD_LABELS: Final = ("region", "tier", "profile")
 GREEDY_PER_GROUP: Final = 4
 
@@ -187,6 +187,7 @@ class NodeAssignment:
     failed_at: float | None = None
     failure: str | None = None
     ever_on_target: bool = False
+    refused: bool = False  # kept out because the node itself refused the version: it stays out for good
 
     @property
     def state(self) -> str:
@@ -424,6 +425,7 @@ class Assign:
 class Exclude:
     node_id: str
     reason: str
+    refused: bool = False  # the node refused the version itself (`NodeAssignment.refused`)
 
 
 @dataclass(frozen=True)
@@ -618,7 +620,7 @@ def _progress(
         if assignment.excluded is not None:
             # A node kept out (a pin, a policy; before its release or after) joins the last wave once nothing keeps
             # it out; one that refused the version itself stays out.
-            if node.excluded is None and not assignment.excluded.startswith(_REFUSED):
+            if node.excluded is None and not assignment.refused:
                 actions.append(Include(node_id, last_wave))
             continue
         if assignment.released_at is None:
@@ -628,7 +630,7 @@ def _progress(
             actions.append(MarkOnTarget(node_id))
         failure = node.failure
         if failure is not None and failure.kind in EXCLUDING_FAILURES and not on_target:
-            actions.append(Exclude(node_id, f"{_REFUSED}{failure.reason}"))
+            actions.append(Exclude(node_id, f"{_REFUSED_TEXT}{failure.reason}", refused=True))
             continue
         if assignment.failed_at is not None:
             continue
@@ -862,8 +864,8 @@ def apply_actions(state: RolloutState, actions: Iterable[Action]) -> RolloutStat
         match action:
             case Assign(node_id, wave, previous, order, excluded):
                 updates[node_id] = NodeAssignment(node_id, wave, previous, order, excluded)
-            case Exclude(node_id, reason):
-                updates[node_id] = replace(current(node_id), excluded=reason)
+            case Exclude(node_id, reason, refused):
+                updates[node_id] = replace(current(node_id), excluded=reason, refused=refused)
             case Include(node_id, wave):
                 # It starts over in `wave`: one kept out after its release (a pin sent it back) is released with
                 # that wave and proves healthy again; its release and health from before the pin would have sent

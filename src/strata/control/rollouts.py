@@ -104,6 +104,7 @@ def _assignment(row: RolloutNode) -> NodeAssignment:
         failed_at=row.failed_at,
         failure=row.failure,
         ever_on_target=row.ever_on_target,
+        refused=row.refused,
     )
 
 
@@ -158,6 +159,7 @@ def _store(session: Session, row: Rollout, rows: dict[str, RolloutNode], old: Ro
         stored.failed_at = assignment.failed_at
         stored.failure = assignment.failure
         stored.ever_on_target = assignment.ever_on_target
+        stored.refused = assignment.refused
 
 
 # --- the service ----------------------------------------------------------------------------------------

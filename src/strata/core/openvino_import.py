@@ -4,6 +4,10 @@ OpenVINO and NNCF send usage data to Google Analytics by default, and a plain `i
 Both fall back to a built-in no-op when `openvino_telemetry` cannot be imported, so strata makes it
 unimportable before importing them. Every strata import of OpenVINO goes through here.
 
+NNCF logs through a handler of its own that prints to stdout (the stdout it found when imported): among
+`strata optimize`'s progress bars, or into the report it writes there. Imported here, its records go to strata's
+log instead (`NncfToLog`): below ERROR at debug level, errors as errors.
+
 It also holds the settings every strata compile of an OpenVINO model uses (`compile_config`): OpenVINO's CPU
 plugin picks its own inference precision (bf16 on a CPU with AVX512_BF16 or AMX), so a variant labelled fp32
 would compute in bf16 on some nodes unless the precision is asked for.
@@ -11,11 +15,14 @@ would compute in bf16 on some nodes unless the precision is asked for.
 
 from __future__ import annotations
 
+import logging
 import sys
 from types import ModuleType
 from typing import Any, Final
 
 from strata.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def block_telemetry() -> None:
@@ -50,8 +57,26 @@ def import_nncf() -> ModuleType:
         import nncf
     except ImportError as exc:
         raise ConfigError("NNCF is not installed: pip install 'strata[optimize]'") from exc
+    nncf_log = logging.getLogger("nncf")  # nncf's own logger class: it exists now, made by the import
+    if not any(isinstance(handler, NncfToLog) for handler in nncf_log.handlers):
+        for handler in list(nncf_log.handlers):
+            if type(handler) is logging.StreamHandler:  # its stdout handler; a log file asked of it stays
+                nncf_log.removeHandler(handler)
+        nncf_log.addHandler(NncfToLog())
     module: ModuleType = nncf
     return module
+
+
+class NncfToLog(logging.Handler):
+    """Passes what NNCF logs (its `nncf` logger, which does not propagate) to strata's log: below ERROR at debug
+    level, as onnxruntime's quantizer chatter is (`strata.optimize.pipeline`); an error stays an error, which
+    reaches the terminal (it may say why a quantization failed)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            log.log(record.levelno, "nncf: %s", record.getMessage(), exc_info=record.exc_info)
+        else:
+            log.debug("nncf: %s", record.getMessage())
 
 
 # The inference precision each strata precision runs OpenVINO in. An int8 IR holds FakeQuantize nodes: those

@@ -1,10 +1,14 @@
-"""Words for people: counted nouns ('1 node', '3 nodes') and durations in the form the CLI takes them ('10m')."""
+"""Words for people: counted nouns ('1 node', '3 nodes') and durations in the form the CLI and the simulator's
+scenarios take them ('10m'), said and read back."""
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
-# The units of a duration as the CLI takes it (`strata.cli.common.parse_duration`) and as `duration` says it.
+from strata.core.errors import ConfigError
+
+# The units of a duration as `parse_duration` reads it and as `duration` says it.
 DURATION_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -15,9 +19,26 @@ def plural(count: int, noun: str) -> str:
 
 def duration(seconds: float) -> str:
     """'1h', '10m', '90s', '1.5s': the largest unit that counts `seconds` whole, as `--bake 10m` or `--timeout 2h`
-    take it (`strata.cli.common.parse_duration` reads it back)."""
+    take it (`parse_duration` reads it back)."""
     for unit in ("d", "h", "m"):
         size = DURATION_UNITS[unit]
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
     return f"{seconds:g}s"
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '10m', '2h', '7d' -> seconds: how the CLI's options and the simulator's scenarios take a
+    duration. A negative one is read (the caller says what it may be); NaN and infinity are not durations.
+
+    Raises:
+        ConfigError: not a duration.
+    """
+    text = text.strip().lower()
+    try:
+        seconds = float(text[:-1]) * DURATION_UNITS[text[-1]] if text and text[-1] in DURATION_UNITS else float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{text!r} is not a duration (use 90s, 10m, 2h, 7d)")
+    return seconds

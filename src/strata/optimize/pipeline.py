@@ -202,8 +202,10 @@ class _RootToDebug(logging.Filter):
 def quantizer_output_to_log() -> Iterator[None]:
     """While a pass runs, what onnxruntime's quantizer prints (its calibrators' "Collecting tensor data and making
     histogram ...") and logs on the root logger below ERROR goes to the log at debug level, not among the progress
-    bars; and stdout stays the report's. Everything is put back however the block ends. Process-wide (sys.stdout,
-    the root logger): one pass at a time, and what another thread prints meanwhile goes to the log as well."""
+    bars, and so do NNCF's progress bars (Rich, on stdout; its logger is routed on import, see
+    `strata.core.openvino_import`); and stdout stays the report's. Everything is put back however the block ends.
+    Process-wide (sys.stdout, the root logger): one pass at a time, and what another thread prints meanwhile goes
+    to the log as well."""
     root = logging.getLogger()
     # Without a handler on the root logger, `logging.warning()` would add a stderr one (`basicConfig`) for good.
     placeholder = logging.NullHandler() if not root.handlers else None

@@ -51,25 +51,22 @@ from strata.core.errors import ConfigError, ProfileError
 from strata.core.policy import Policy, PolicyError
 from strata.core.profiles import get_profile
 from strata.core.wire import TIERS, ProtocolError, parse_labels
+from strata.core.words import parse_duration
 
 CONNECTIVITY_MODELS: Final = ("always", "flaky", "daily_window", "offline_for_days")
-_UNITS_S: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _UNITS_B: Final = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 
 
 def duration(value: Any, what: str) -> float:
-    """`90`, `90s`, `10m`, `2h`, `3d` -> seconds.
+    """`90`, `90s`, `10m`, `2h`, `3d` -> seconds, read as the CLI reads a duration (`strata.core.words`).
 
     Raises:
         ConfigError: not a non-negative duration.
     """
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        match = re.fullmatch(r"\s*([0-9.]+)\s*([smhd]?)\s*", str(value).lower())
-        if match is None:
-            raise ConfigError(f"{what}: {value!r} is not a duration (90s, 10m, 2h, 3d)")
-        seconds = float(match.group(1)) * _UNITS_S[match.group(2) or "s"]
+    try:
+        seconds = parse_duration(str(value))  # a YAML number as well: its text is a duration in seconds
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
     if seconds < 0:
         raise ConfigError(f"{what}: must not be negative")
     return seconds

@@ -15,8 +15,21 @@ from alembic.migration import MigrationContext
 from sqlalchemy.orm import Session
 
 from strata.control import migrations
-from strata.control.db import Base, Node, TelemetryMinute, make_engine, redact, safe_url
+from strata.control.db import (
+    Base,
+    Model,
+    ModelVersion,
+    Node,
+    Rollout,
+    RolloutNode,
+    TelemetryMinute,
+    make_engine,
+    redact,
+    safe_url,
+)
 from strata.control.errors import StoreError
+from strata.control.rollout_plan import RolloutSpec
+from strata.control.rollouts import state_of
 from strata.control.settings import ServerSettings
 from strata.core.errors import ConfigError
 from strata.testing.postgres import PostgresCluster
@@ -64,6 +77,47 @@ def test_telemetry_minutes_stored_before_client_errors_keep_their_counts_with_no
             row = session.get(TelemetryMinute, ("n1", "digits", "1", "v", 7))
             assert row is not None
             assert (row.requests, row.errors, row.client_errors) == (10, 4, 0)
+    finally:
+        engine.dispose()
+
+
+def test_rollout_nodes_stored_before_the_refused_column_are_read_as_refused_by_their_words(
+    settings: ServerSettings,
+) -> None:
+    # Before the column, "the node refused it: ..." at the start of the exclusion was what kept a node out for
+    # good; upgraded in place, such a row says so in the column, and a node a pin kept out does not.
+    settings.data_dir.mkdir(parents=True)
+    engine = make_engine(settings.database_url)
+    config = migrations.alembic_config(engine)
+    words = {"n1": "the node refused it: refused by placement policy", "n2": "pinned to 1 by pin 3", "n3": None}
+    try:
+        migrations.upgrade(engine)
+        with Session(engine) as session, session.begin():
+            session.add(Model(id=1, name="digits", created_at=0.0))
+            session.add(ModelVersion(id=1, model_id=1, version="2", created_at=0.0))
+            for node_id in words:
+                session.add(
+                    Node(id=node_id, name=f"edge-{node_id}", tier="device", labels={}, profile="cpu-generic",
+                         emulated=False, agent_version="0", facts={}, credential_hash=node_id * 32, enrolled_at=0.0)
+                )  # fmt: skip
+            session.add(
+                Rollout(id=1, version_id=1, selector={}, spec=RolloutSpec().to_json(), status="running", wave=0,
+                        gate_results=[], baseline={}, message="", created_at=0.0)
+            )  # fmt: skip
+            session.flush()
+            for place, (node_id, excluded) in enumerate(words.items()):
+                session.add(
+                    RolloutNode(rollout_id=1, node_id=node_id, wave=None if excluded else 0, position=place,
+                                excluded=excluded, ever_on_target=False)
+                )  # fmt: skip
+        command.downgrade(config, "0012_client_errors")  # the schema before the column, with the rows in it
+        migrations.upgrade(engine)
+        with Session(engine) as session:
+            rollout = session.get(Rollout, 1)
+            assert rollout is not None
+            state = state_of(rollout, session.query(RolloutNode).filter_by(rollout_id=1))
+            assert {n: a.refused for n, a in state.nodes.items()} == {"n1": True, "n2": False, "n3": False}
+            assert {n: a.excluded for n, a in state.nodes.items()} == words  # the words stay as they were
     finally:
         engine.dispose()
 

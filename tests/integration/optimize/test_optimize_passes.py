@@ -162,11 +162,28 @@ def test_fp16_is_made_for_gpu_targets_only(tiny_mlp: Path, tmp_path: Path, conte
 
 
 def test_openvino_converts_and_quantizes_with_nncf(
-    tiny_mlp: Path, tmp_path: Path, context: PassContext, tiny_feeds: Feeds
+    tiny_mlp: Path,
+    tmp_path: Path,
+    context: PassContext,
+    tiny_feeds: Feeds,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="strata")
     openvino = OpenVinoPass()
     assert openvino.skip_reason(context) is None
-    fp32, int8 = openvino.apply(tiny_mlp, tmp_path, context)
+    with quantizer_output_to_log():  # as `strata optimize` runs every pass
+        fp32, int8 = openvino.apply(tiny_mlp, tmp_path, context)
+    # NNCF's progress bars and its logger (which printed to the stdout it was imported under, among strata's
+    # progress bars, or into a buffer nobody read) go to strata's log; an error of NNCF's stays an error.
+    nncf_log = logging.getLogger("nncf")
+    nncf_log.warning("Dataset contains only 48 samples")
+    nncf_log.error("Quantization failed")
+    assert capfd.readouterr() == ("", "")
+    told = {(r.name, r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("strata")}
+    assert any(message.startswith("quantizer: Statistics collection") for _, _, message in told), told
+    assert ("strata.core.openvino_import", logging.DEBUG, "nncf: Dataset contains only 48 samples") in told
+    assert ("strata.core.openvino_import", logging.ERROR, "nncf: Quantization failed") in told
     assert (fp32.id, int8.id) == ("ov-fp32", "ov-int8")
     assert int8.error is None, int8.error
     for candidate in (fp32, int8):

@@ -315,7 +315,24 @@ def test_a_node_that_refuses_the_version_itself_is_kept_out_not_failed() -> None
     observations["n002"] = replace(observations["n002"], failure=refused)
     state = step(state, observations, 1.0)
     assert state.nodes["n002"].state == "excluded"
+    assert state.nodes["n002"].refused
+    assert state.nodes["n002"].excluded == "the node refused it: refused by placement policy"
     assert state.status == "running"
+
+
+@pytest.mark.parametrize(
+    ("excluded", "refused"), [("the version was declined: no-variant", True), ("the node refused it: a pin", False)]
+)
+def test_a_node_that_refused_the_version_stays_out_whatever_its_exclusion_says(excluded: str, refused: bool) -> None:
+    # The flag decides, not the words: reworded, a refusing node stays out; with the old words, a node only a pin
+    # kept out comes back.
+    observations = fleet(3)
+    state = step(rollout("100%"), observations, 0.0)
+    kept_out = replace(state.nodes["n002"], excluded=excluded, refused=refused)
+    state = replace(state, nodes={**state.nodes, "n002": kept_out})
+    state = step(state, observations, 1.0)  # nothing keeps it out now
+    assert (state.nodes["n002"].state == "excluded") == refused
+    assert ("n002" in state.released) != refused
 
 
 def test_nodes_that_match_later_join_the_last_wave() -> None:
