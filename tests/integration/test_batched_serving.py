@@ -479,10 +479,22 @@ def test_malformed_requests_are_counted_as_the_callers_errors(
             answers += [client.post("/v2/models/digits/infer", **request) for request in malformed]
         assert [a.status_code for a in answers] == [200] * 3 + [400] * 4, [a.text for a in answers]
         with sqlite3.connect(tmp_path / "telemetry.db") as db:  # read at once: each answer waited for its commit
-            minute = db.execute("SELECT SUM(requests), SUM(errors), SUM(client_errors) FROM minutes").fetchone()
+            minute = db.execute(
+                "SELECT SUM(requests), SUM(errors), SUM(client_errors), SUM(shed) FROM minutes"
+            ).fetchone()
     finally:
         recorder.close()
-    assert minute == (7, 4, 4)
+    assert minute == (7, 4, 4, 0)
+    assert_telemetry_counts_as_the_status_report(minute, served)
+
+
+def assert_telemetry_counts_as_the_status_report(minute: tuple[int, int, int, int], served: Served) -> None:
+    """The telemetry's requests taken on and failed (what its `error_rate` divides) are the status report's
+    serving counters (what the rollout gates and the probation divide): neither counts malformed or shed requests."""
+    requests, errors, client_errors, shed = minute
+    counters = served.metrics.serving.counters("digits", "1")
+    assert counters is not None
+    assert (requests - client_errors - shed, errors - client_errors - shed) == (counters.requests, counters.errors)
 
 
 # --- admission control -------------------------------------------------------------------------------------
@@ -529,8 +541,11 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(
             time.sleep(0.05)
         assert "rejected" in statuses  # the shed request is in telemetry too
         with sqlite3.connect(tmp_path / "telemetry.db") as db:
-            minute = db.execute("SELECT SUM(requests), SUM(errors), SUM(client_errors) FROM minutes").fetchone()
-        assert minute == (4, 1, 0)  # an error of the node's (it was busy), not the caller's
+            minute = db.execute(
+                "SELECT SUM(requests), SUM(errors), SUM(client_errors), SUM(shed) FROM minutes"
+            ).fetchone()
+        assert minute == (4, 1, 0, 1)  # a failure, not the caller's: shed, the node was busy
+        assert_telemetry_counts_as_the_status_report(minute, served)
     finally:
         gated.gate.set()
         recorder.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from strata.agent.metrics import FAILURE_REASONS
-from strata.agent.serving import NOT_THE_MODELS_FAULT, is_client_fault
+from strata.agent.serving import NOT_THE_MODELS_FAULT, is_client_fault, is_shed
 from strata.agent.telemetry import Outcome, TelemetryBuffer, TelemetryConfig, TelemetryRecorder, TelemetryUploader
 from strata.core.errors import StrataError, TransportError
 from strata.core.telemetry import BUCKETS, PRIORITY_ERROR, PRIORITY_SAMPLED, PRIORITY_SLOW, decode_batch
@@ -30,28 +30,34 @@ def outcome(
 
 def test_only_a_malformed_request_is_the_callers_fault() -> None:
     # Shed by admission control (the node was busy), unavailable (stopping) and internal (the runtime failed) are
-    # the node's or the model's; the probation and the gates leave the shed ones out too, telemetry does not.
+    # the node's or the model's; the probation and the gates leave the shed ones out too, and telemetry counts
+    # them apart (`shed`), so that its error rate leaves them out as the gates' does.
     faults = {reason: is_client_fault(reason) for reason in FAILURE_REASONS}
     assert faults == {"bad_request": True, "unavailable": False, "internal": False, "rejected": False}
+    assert {reason: is_shed(reason) for reason in FAILURE_REASONS} == {**dict.fromkeys(faults, False), "rejected": True}
     assert not is_client_fault("ok")
+    assert not is_shed("ok")
     assert {"bad_request", "rejected"} == NOT_THE_MODELS_FAULT
 
 
-def test_failures_are_counted_and_the_callers_faults_apart(tmp_path: Path) -> None:
+def test_failures_are_counted_and_the_callers_faults_and_the_shed_ones_apart(tmp_path: Path) -> None:
     buffer = TelemetryBuffer(tmp_path / "t.db", 64 << 20)
     statuses = ["bad_request", "bad_request", "rejected", "unavailable", "internal"]
     buffer.write([outcome(T), *(outcome(T + 1, ok=False, status=s) for s in statuses)], [None] * 6)
-    buffer.write([outcome(T + 2, ok=False, status="bad_request")], [None])  # the same minute's row, added to
+    buffer.write(  # the same minute's row, added to
+        [outcome(T + 2, ok=False, status="bad_request"), outcome(T + 3, ok=False, status="rejected")], [None] * 2
+    )
     assert buffer.seal("n", T + 60, 100, 100) == 1
     pending = buffer.read_outbox()
     assert pending is not None
     [minute] = decode_batch(pending[1]).minutes
-    assert (minute.requests, minute.errors, minute.client_errors) == (7, 6, 3)
+    assert (minute.requests, minute.errors, minute.client_errors, minute.shed) == (8, 7, 3, 2)
 
 
-def test_a_buffer_made_by_an_agent_before_client_errors_gets_the_column(tmp_path: Path) -> None:
-    # The minutes table as agents before `client_errors` made it, with a row of theirs: an agent upgraded in
-    # place opens this file, adds to that row and sends it, none of its old errors told apart.
+@pytest.mark.parametrize("added", [(), ("client_errors",)], ids=["before-client-errors", "before-shed"])
+def test_a_buffer_made_by_an_older_agent_gets_the_columns(tmp_path: Path, added: tuple[str, ...]) -> None:
+    # The minutes table as agents before `client_errors` (or before `shed`) made it, with a row of theirs: an agent
+    # upgraded in place opens this file, adds to that row and sends it, none of its old errors told apart.
     path = tmp_path / "telemetry.db"
     buckets = [f"b{i}" for i in range(BUCKETS)]
     with sqlite3.connect(path) as db:
@@ -59,22 +65,25 @@ def test_a_buffer_made_by_an_agent_before_client_errors_gets_the_column(tmp_path
             "CREATE TABLE minutes (model TEXT NOT NULL, version TEXT NOT NULL, variant TEXT NOT NULL,"
             " minute INTEGER NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL, items INTEGER NOT NULL,"
             " latency_sum_us INTEGER NOT NULL, queue_sum_us INTEGER NOT NULL,"
-            f" {', '.join(f'{b} INTEGER NOT NULL' for b in buckets)}, PRIMARY KEY (model, version, variant, minute))"
+            f" {', '.join(f'{b} INTEGER NOT NULL' for b in buckets)},"
+            f" {''.join(f'{column} INTEGER NOT NULL DEFAULT 0, ' for column in added)}"
+            " PRIMARY KEY (model, version, variant, minute))"
         )
         latency = [0] * BUCKETS
         latency[4] = 4
-        old_row = ("digits", "1", "cpu-generic-fp32", int(T // 60), 4, 2, 4, 3200, 40, *latency)
+        old_row = ("digits", "1", "cpu-generic-fp32", int(T // 60), 4, 2, 4, 3200, 40, *latency, *(0 for _ in added))
         # the statement is built from '?' placeholders alone (one per column); the values go as parameters
         db.execute(f"INSERT INTO minutes VALUES ({', '.join('?' * len(old_row))})", old_row)  # noqa: S608
     db.close()
     buffer = TelemetryBuffer(path, 64 << 20)
     TelemetryBuffer(path, 64 << 20).close()  # a second serving process opening it finds the column there
-    buffer.write([outcome(T + 1, ok=False), outcome(T + 61, ok=False, status="internal")], [None, None])
+    written = [outcome(T + 1, ok=False), outcome(T + 2, ok=False, status="rejected"), outcome(T + 61, ok=False)]
+    buffer.write(written, [None] * 3)
     assert buffer.seal("n", T + 120, 100, 100) == 1
     pending = buffer.read_outbox()
     assert pending is not None
-    minutes = [(m.requests, m.errors, m.client_errors) for m in decode_batch(pending[1]).minutes]
-    assert minutes == [(5, 3, 1), (1, 1, 0)]
+    minutes = [(m.requests, m.errors, m.client_errors, m.shed) for m in decode_batch(pending[1]).minutes]
+    assert minutes == [(6, 4, 1, 1), (1, 1, 1, 0)]
 
 
 def test_a_buffer_that_cannot_be_opened_is_one_clear_error_and_is_left_as_it_was(tmp_path: Path) -> None:

@@ -130,7 +130,7 @@ def _batch() -> TelemetryBatch:
         node_id="n1",
         seq=3,
         created=1000.5,
-        minutes=[MinuteRow("digits", "1", "cpu-fp32", 29_000_000, 7, 2, 9, 7000, 70, latency, client_errors=1)],
+        minutes=[MinuteRow("digits", "1", "cpu-fp32", 29_000_000, 7, 3, 9, 7000, 70, latency, client_errors=1, shed=1)],
         events=[EventRow(1000.25, "digits", "1", "cpu-fp32", 300, 5, 1, "bad_request", "local", 2, '{"shape":[1]}')],
         drift=[DriftRow("digits", "1", 29_000_000, "X", [1, 2, 3])],
         dropped={"events_sampled": 4},
@@ -141,7 +141,7 @@ def test_batch_round_trip() -> None:
     batch = _batch()
     decoded = decode_batch(encode_batch(batch))
     assert decoded == batch
-    assert decoded.minutes[0].client_errors == 1
+    assert (decoded.minutes[0].client_errors, decoded.minutes[0].shed) == (1, 1)
 
 
 def _recoded(change: dict[str, list[Any]]) -> bytes:
@@ -152,16 +152,31 @@ def _recoded(change: dict[str, list[Any]]) -> bytes:
 
 
 def test_client_errors_are_a_part_of_the_errors_or_the_batch_is_refused() -> None:
-    # 2 errors in the minute: 0..2 of them may be the caller's fault, not 3 and not -1
+    # 3 errors in the minute: 0..3 of them may be the caller's fault, not 4 and not -1
     assert decode_batch(_recoded({"client_errors": [2]})).minutes[0].client_errors == 2
-    with pytest.raises(TelemetryError, match=r"client_errors 3 must be between 0 and its errors \(2\)"):
-        decode_batch(_recoded({"client_errors": [3]}))
+    with pytest.raises(TelemetryError, match=r"client_errors 4 must be between 0 and its errors \(3\)"):
+        decode_batch(_recoded({"client_errors": [4]}))
     with pytest.raises(TelemetryError, match=r"client_errors: a count must be a whole number between 0 and"):
         decode_batch(_recoded({"client_errors": [-1]}))
     with pytest.raises(TelemetryError, match="'client_errors' is missing or has the wrong length"):
         decode_batch(_recoded({"client_errors": [0, 0]}))
     with pytest.raises(TelemetryError, match="malformed"):
         decode_batch(_recoded({"client_errors": ["many"]}))
+
+
+def test_shed_requests_are_a_part_of_the_errors_not_the_callers_or_the_batch_is_refused() -> None:
+    # 3 errors in the minute, 1 the caller's fault: 0..2 of them may have been shed, not 3 (one would be counted
+    # twice), not -1
+    assert decode_batch(_recoded({"shed": [2]})).minutes[0].shed == 2
+    assert decode_batch(_recoded({"shed": [0]})).minutes[0].shed == 0
+    with pytest.raises(TelemetryError, match=r"shed 3 must be between 0 and its errors that were not the caller's"):
+        decode_batch(_recoded({"shed": [3]}))
+    with pytest.raises(TelemetryError, match=r"shed: a count must be a whole number between 0 and"):
+        decode_batch(_recoded({"shed": [-1]}))
+    with pytest.raises(TelemetryError, match="'shed' is missing or has the wrong length"):
+        decode_batch(_recoded({"shed": [0, 0]}))
+    with pytest.raises(TelemetryError, match="shed: a count must be a whole number"):
+        decode_batch(_recoded({"shed": [True]}))
 
 
 def test_counts_are_whole_numbers_a_store_can_hold_or_the_batch_is_refused() -> None:

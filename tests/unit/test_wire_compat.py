@@ -112,8 +112,12 @@ def test_a_log_request_is_additive_in_the_desired_state() -> None:
             DesiredState.from_json({**old, "log_request": bad})
 
 
-def test_a_telemetry_batch_from_a_node_before_client_errors_decodes_with_none() -> None:
-    # What an agent from before `client_errors` sent: every failed request in `errors`, none told apart.
+@pytest.mark.parametrize("columns", [{}, {"client_errors": [5, 0]}], ids=["before-client-errors", "before-shed"])
+def test_a_telemetry_batch_from_a_node_before_client_errors_or_shed_decodes_with_none(
+    columns: dict[str, list[int]],
+) -> None:
+    # What an agent from before `client_errors` (or from before `shed`) sent: every failed request in `errors`, none
+    # (or only the caller's) told apart.
     latency = [0] * BUCKETS
     latency[4] = 30
     old = {
@@ -133,6 +137,7 @@ def test_a_telemetry_batch_from_a_node_before_client_errors_decodes_with_none() 
             "latency_sum_us": [24_000, 24_000],
             "queue_sum_us": [0, 0],
             "latency": [latency, latency],
+            **columns,
         },
         "events": {key: [] for key in ("ts_ms", "model", "version", "variant", "latency_us", "queue_us", "batch")}
         | {key: [] for key in ("status", "tier", "priority", "summary")},
@@ -140,7 +145,8 @@ def test_a_telemetry_batch_from_a_node_before_client_errors_decodes_with_none() 
         "strings": ["digits", "1", "cpu-generic-fp32"],
     }
     batch = decode_batch(zstandard.ZstdCompressor().compress(json.dumps(old).encode()))
-    assert [(m.minute, m.requests, m.errors, m.client_errors) for m in batch.minutes] == [
-        (29_000_000, 30, 23, 0),
-        (29_000_001, 30, 0, 0),
+    client_errors = columns.get("client_errors", [0, 0])
+    assert [(m.minute, m.requests, m.errors, m.client_errors, m.shed) for m in batch.minutes] == [
+        (29_000_000, 30, 23, client_errors[0], 0),
+        (29_000_001, 30, 0, 0, 0),
     ]

@@ -27,16 +27,24 @@ DEFAULT_WINDOW = 512
 #   unavailable  the node's: stopping, or its workers are gone (503)
 #   internal     the model's or the node's: the runtime failed (500)
 # Telemetry counts the caller's apart (`MinuteRow.client_errors`), so that an operator can tell clients that send
-# garbage from a model or node that fails.
+# garbage from a model or node that fails, and the shed ones apart too (`MinuteRow.shed`): load shedding shows
+# without being taken for the model failing.
 CLIENT_FAULTS = frozenset({"bad_request"})
-# Failures that do not count against the model: the caller's, and a request shed by admission control.
-# Probation and rollout gates judge the model.
-NOT_THE_MODELS_FAULT = CLIENT_FAULTS | {"rejected"}
+SHED = "rejected"
+# Failures that do not count against the model: the caller's, and a request shed by admission control. They are
+# left out of these counters altogether (neither a request nor an error): probation and rollout gates judge the
+# model on the requests it took on, and so does the telemetry's `error_rate`.
+NOT_THE_MODELS_FAULT = CLIENT_FAULTS | {SHED}
 
 
 def is_client_fault(status: str) -> bool:
     """Whether a request that ended with `status` failed through its caller's fault (see `CLIENT_FAULTS`)."""
     return status in CLIENT_FAULTS
+
+
+def is_shed(status: str) -> bool:
+    """Whether a request that ended with `status` was shed by admission control (the node was busy)."""
+    return status == SHED
 
 
 def percentile(values: Iterable[float], fraction: float) -> float | None:

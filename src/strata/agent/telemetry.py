@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from strata.agent.metrics import MetricsRegistry
-from strata.agent.serving import is_client_fault
+from strata.agent.serving import is_client_fault, is_shed
 from strata.core.errors import StrataError
 from strata.core.telemetry import (
     BUCKETS,
@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS minutes (
     latency_sum_us INTEGER NOT NULL, queue_sum_us INTEGER NOT NULL,
     {", ".join(f"b{i} INTEGER NOT NULL" for i in range(BUCKETS))},
     client_errors INTEGER NOT NULL DEFAULT 0,
+    shed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (model, version, variant, minute)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -82,12 +83,12 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 _UPSERT_MINUTE = f"""
-INSERT INTO minutes (model, version, variant, minute, requests, errors, client_errors, items, latency_sum_us,
+INSERT INTO minutes (model, version, variant, minute, requests, errors, client_errors, shed, items, latency_sum_us,
                      queue_sum_us, {_BUCKET_COLUMNS})
-VALUES ({", ".join("?" * (10 + BUCKETS))})
+VALUES ({", ".join("?" * (11 + BUCKETS))})
 ON CONFLICT (model, version, variant, minute) DO UPDATE SET
     requests = requests + excluded.requests, errors = errors + excluded.errors,
-    client_errors = client_errors + excluded.client_errors, items = items + excluded.items,
+    client_errors = client_errors + excluded.client_errors, shed = shed + excluded.shed, items = items + excluded.items,
     latency_sum_us = latency_sum_us + excluded.latency_sum_us, queue_sum_us = queue_sum_us + excluded.queue_sum_us,
     {", ".join(f"b{i} = b{i} + excluded.b{i}" for i in range(BUCKETS))}
 """
@@ -175,12 +176,13 @@ class TelemetryBuffer:
 
     def _upgrade(self) -> None:
         """Bring a buffer made by an older agent (upgraded in place) to this schema: its `minutes` table lacks
-        `client_errors` (its rows count none apart). In one write transaction, so that the node's serving
-        processes, which open the same file together, add the column once."""
+        `client_errors` or `shed` (its rows count none apart). In one write transaction, so that the node's serving
+        processes, which open the same file together, add each column once."""
         with self._transaction() as db:
             columns = {row[1] for row in db.execute("PRAGMA table_info(minutes)")}
-            if "client_errors" not in columns:
-                db.execute("ALTER TABLE minutes ADD COLUMN client_errors INTEGER NOT NULL DEFAULT 0")
+            for column in ("client_errors", "shed"):
+                if column not in columns:  # the name is one of the two above, never from outside
+                    db.execute(f"ALTER TABLE minutes ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
     @staticmethod
     def _configure(db: sqlite3.Connection) -> sqlite3.Connection:
@@ -212,6 +214,8 @@ class TelemetryBuffer:
                 row.errors += 1
                 if is_client_fault(outcome.status):
                     row.client_errors += 1
+                elif is_shed(outcome.status):
+                    row.shed += 1
             row.items += outcome.batch
             row.latency_sum_us += outcome.latency_us
             row.queue_sum_us += outcome.queue_us
@@ -225,7 +229,17 @@ class TelemetryBuffer:
             db.executemany(
                 _UPSERT_MINUTE,
                 [
-                    (*key, m.requests, m.errors, m.client_errors, m.items, m.latency_sum_us, m.queue_sum_us, *m.latency)
+                    (
+                        *key,
+                        m.requests,
+                        m.errors,
+                        m.client_errors,
+                        m.shed,
+                        m.items,
+                        m.latency_sum_us,
+                        m.queue_sum_us,
+                        *m.latency,
+                    )
                     for key, m in minutes.items()
                 ],
             )
@@ -341,11 +355,12 @@ class TelemetryBuffer:
             minutes = [
                 MinuteRow(
                     model=r[0], version=r[1], variant=r[2], minute=r[3], requests=r[4], errors=r[5],
-                    client_errors=r[6], items=r[7], latency_sum_us=r[8], queue_sum_us=r[9], latency=list(r[10:]),
+                    client_errors=r[6], shed=r[7], items=r[8], latency_sum_us=r[9], queue_sum_us=r[10],
+                    latency=list(r[11:]),
                 )
                 for r in db.execute(
-                    "SELECT model, version, variant, minute, requests, errors, client_errors, items, latency_sum_us,"
-                    f" queue_sum_us, {_BUCKET_COLUMNS} FROM minutes ORDER BY minute LIMIT ?",
+                    "SELECT model, version, variant, minute, requests, errors, client_errors, shed, items,"
+                    f" latency_sum_us, queue_sum_us, {_BUCKET_COLUMNS} FROM minutes ORDER BY minute LIMIT ?",
                     (max_minutes,),
                 )
             ]  # fmt: skip

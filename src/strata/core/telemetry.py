@@ -2,10 +2,10 @@
 the columnar, zstd-compressed batch format that carries them, all pure.
 
 A node keeps, for every (model, version, variant, minute), exact counts and a latency histogram of every
-request (`errors` counts every failed request, `client_errors` those of them refused as the caller's fault: a
-batch from a node older than that column decodes with zeros); individual events are sampled (every error and
-slow request, a share of the rest). Batches are numbered per node; the control plane stores each (node, seq)
-once, whatever is resent.
+request (`errors` counts every failed request, `client_errors` those of them refused as the caller's fault and
+`shed` those shed by admission control: a batch from a node older than either column decodes with zeros in it);
+individual events are sampled (every error and slow request, a share of the rest). Batches are numbered per node;
+the control plane stores each (node, seq) once, whatever is resent.
 """
 
 from __future__ import annotations
@@ -284,7 +284,9 @@ def chi_square_statistic(expected: Sequence[float], actual: Sequence[float]) -> 
 class MinuteRow:
     """Exact counts of one (model, version, variant, minute). `errors` counts every failed request;
     `client_errors` the part of them that failed through the caller's fault (malformed, or not fitting the model's
-    signature), so `errors - client_errors` is what the model and the node failed."""
+    signature) and `shed` the part shed by admission control (the node was busy: the model never saw them), so
+    `errors - client_errors - shed` is what the model and the node failed, of the `requests - client_errors - shed`
+    they took on."""
 
     model: str
     version: str
@@ -297,11 +299,13 @@ class MinuteRow:
     queue_sum_us: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * BUCKETS)
     client_errors: int = 0
+    shed: int = 0
 
     def add(self, other: MinuteRow) -> None:
         self.requests += other.requests
         self.errors += other.errors
         self.client_errors += other.client_errors
+        self.shed += other.shed
         self.items += other.items
         self.latency_sum_us += other.latency_sum_us
         self.queue_sum_us += other.queue_sum_us
@@ -410,6 +414,7 @@ def encode_batch(batch: TelemetryBatch, level: int = 9) -> bytes:
             "requests": [m.requests for m in minutes],
             "errors": [m.errors for m in minutes],
             "client_errors": [m.client_errors for m in minutes],
+            "shed": [m.shed for m in minutes],
             "items": [m.items for m in minutes],
             "latency_sum_us": [m.latency_sum_us for m in minutes],
             "queue_sum_us": [m.queue_sum_us for m in minutes],
@@ -467,7 +472,8 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
     Raises:
         TelemetryError: not zstd, too large, not the format, columns that do not line up, a count that is not an
             int in 0..MAX_COUNT, a text longer than its column (MAX_NAME, MAX_STATUS, MAX_TIER, MAX_TENSOR), or
-            counts that do not add up (more errors than requests, more client errors than errors).
+            counts that do not add up (more errors than requests, more client errors and shed requests than
+            errors).
     """
     import zstandard
 
@@ -492,20 +498,21 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
 
         m, e, d = document["minutes"], document["events"], document["drift"]
         n = len(_column(m, "requests", None))
-        # a node from before `client_errors` sends no such column: none of its errors are told apart
+        # a node from before `client_errors` (or `shed`) sends no such column: none of its errors are told apart
         client_errors = _column(m, "client_errors", n) if "client_errors" in m else [0] * n
+        shed = _column(m, "shed", n) if "shed" in m else [0] * n
         minutes = [
             MinuteRow(
                 model=text(model), version=text(version), variant=text(variant), minute=_count("minute", minute),
                 requests=_count("requests", requests), errors=_count("errors", errors),
                 items=_count("items", items), latency_sum_us=_count("latency_sum_us", lat_sum),
-                queue_sum_us=_count("queue_sum_us", queue_sum), latency=[_count("latency", c) for c in latency],
-                client_errors=_count("client_errors", client),
+                queue_sum_us=_count("queue_sum_us", queue_sum), latency=[_count("latency", c) for c in hist],
+                client_errors=_count("client_errors", client), shed=_count("shed", busy),
             )
-            for model, version, variant, minute, requests, errors, client, items, lat_sum, queue_sum, latency in zip(
+            for model, version, variant, minute, requests, errors, client, busy, items, lat_sum, queue_sum, hist in zip(
                 _column(m, "model", n), _column(m, "version", n), _column(m, "variant", n),
                 _undeltas(_column(m, "minute", n)), _column(m, "requests", n), _column(m, "errors", n),
-                client_errors, _column(m, "items", n), _column(m, "latency_sum_us", n),
+                client_errors, shed, _column(m, "items", n), _column(m, "latency_sum_us", n),
                 _column(m, "queue_sum_us", n), _column(m, "latency", n), strict=True,
             )
         ]  # fmt: skip
@@ -548,6 +555,11 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
             raise TelemetryError(
                 f"minute row {row.key} is inconsistent: client_errors {row.client_errors} must be between 0 and its"
                 f" errors ({row.errors}), of which they are a part"
+            )
+        if not 0 <= row.shed <= row.errors - row.client_errors:
+            raise TelemetryError(
+                f"minute row {row.key} is inconsistent: shed {row.shed} must be between 0 and its errors that were"
+                f" not the caller's fault ({row.errors - row.client_errors}), of which they are a part"
             )
     if batch.seq < 1:
         raise TelemetryError("batch sequence numbers start at 1")
