@@ -229,13 +229,15 @@ def test_prometheus_scrapes_a_real_fleet_and_holds_what_it_served(
             ): 1.0
         }
         # The control plane's count, from the node's telemetry, matches what the agent itself counts: every request
-        # the node answered, the failed one included, and that one as an error, the caller's (a bad request).
+        # the node answered, the failed one included, and that one as an error, the caller's (a bad request); none
+        # shed.
         telemetry = (
             prometheus.value(reported),
             prometheus.value('strata_inference_errors_total{node="edge", model="digits"}'),
             prometheus.value('strata_inference_client_errors_total{node="edge", model="digits"}'),
+            prometheus.value('strata_inference_shed_total{node="edge", model="digits"}'),
         )
-        assert telemetry == (REQUESTS + 1, 1, 1)
+        assert telemetry == (REQUESTS + 1, 1, 1, 0)
         assert prometheus.value('sum(strata_nodes{job="strata-control-plane", online="true"})') == 1
         assert prometheus.value('strata_model_version_nodes{model="digits", version="1"}') == 1
         assert (prometheus.value('strata_telemetry_batches_total{job="strata-control-plane"}') or 0) >= 1

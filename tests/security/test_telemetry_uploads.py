@@ -38,7 +38,9 @@ def _batch(node_id: str, seq: int) -> TelemetryBatch:
         node_id=node_id,
         seq=seq,
         created=time.time(),
-        minutes=[MinuteRow("digits", "1", "cpu-generic-fp32", minute, 7, 2, 7, 7000, 70, latency, client_errors=1)],
+        minutes=[
+            MinuteRow("digits", "1", "cpu-generic-fp32", minute, 7, 3, 7, 7000, 70, latency, client_errors=1, shed=1)
+        ],
         drift=[DriftRow("digits", "1", minute, "X", [1, 2, 3])],
     )
 
@@ -77,7 +79,8 @@ def test_a_nodes_telemetry_claims_are_checked_before_they_are_stored(fleet: Loca
     url = f"{fleet.server_url}/v1/nodes/{rogue_id}/telemetry"
     with httpx.Client(verify=fleet.tls("rogue"), timeout=30) as client:
         attacks = {
-            "more client errors than errors": _tampered(_batch(rogue_id, 1), _set("minutes", "client_errors", 3)),
+            "more client errors than errors": _tampered(_batch(rogue_id, 1), _set("minutes", "client_errors", 4)),
+            "more shed than errors": _tampered(_batch(rogue_id, 1), _set("minutes", "shed", 3)),
             "a count past the database's integers": _tampered(_batch(rogue_id, 1), _set("minutes", "requests", 2**70)),
             "a count that is not a number": _tampered(_batch(rogue_id, 1), _set("minutes", "errors", "2")),
             "an infinite count": _tampered(_batch(rogue_id, 1), _set("minutes", "client_errors", 1e400)),
@@ -119,7 +122,7 @@ def test_a_nodes_telemetry_claims_are_checked_before_they_are_stored(fleet: Loca
         f"{fleet.server_url}/metrics", headers={"authorization": f"Bearer {fleet.admin_token}"}, verify=fleet.tls()
     ).text
     labels = '{model="digits",node="rogue",version="1"}'
-    for name, value in (("requests", 7), ("errors", 2), ("client_errors", 1)):
+    for name, value in (("requests", 7), ("errors", 3), ("client_errors", 1), ("shed", 1)):
         assert f"strata_inference_{name}_total{labels} {value:.1f}" in metrics, name
 
 

@@ -349,6 +349,8 @@ class TelemetryMinute(Base):
     latency: Mapped[list[int]] = mapped_column(JSON)
     # of `errors`, those refused as the caller's fault (0 in rows from nodes older than the column)
     client_errors: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    # of `errors`, those shed by admission control (0 in rows from nodes older than the column)
+    shed: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class TelemetryEvent(Base):

@@ -6,7 +6,10 @@ A gate is `metric OP threshold` (`p95_latency_ratio<=1.5`). The metrics compare 
     activation_success_rate  of the wave's nodes that tried, the share that activated the version and passed
                              the node's probation (load failures, golden-check failures and probation rollbacks
                              count against it; nodes a policy keeps out do not count at all)
-    error_rate               inference errors / requests over the canary nodes
+    error_rate               inference errors / requests over the canary nodes, as the nodes' serving counters
+                             count them: the requests a node took on (neither malformed nor shed by admission
+                             control) and those of them the model or the node failed; the telemetry API's
+                             `error_rate` over the same requests (its `shed_rate` shows the shedding)
     error_rate_delta         the canary's error rate minus the baseline's
     p95_latency_ratio        the canary's p95 compute latency over the baseline's, per hardware profile (medians of
                              the nodes' p95s), the worst profile counting; nodes with fewer than `min_requests`

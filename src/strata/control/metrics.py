@@ -58,13 +58,21 @@ class FleetCollector(Collector):
             "signature): a part of strata_inference_errors",
             labels=["node", "model", "version"],
         )
-        for (node, model, version), (total, failed, callers) in sorted(self.plane.telemetry.totals().items()):
+        shed = CounterMetricFamily(
+            "strata_inference_shed",
+            "Failed inference requests shed by admission control (the node was busy): a part of "
+            "strata_inference_errors",
+            labels=["node", "model", "version"],
+        )
+        for (node, model, version), (total, failed, callers, busy) in sorted(self.plane.telemetry.totals().items()):
             requests.add_metric([node, model, version], total)
             errors.add_metric([node, model, version], failed)
             client_errors.add_metric([node, model, version], callers)
+            shed.add_metric([node, model, version], busy)
         yield requests
         yield errors
         yield client_errors
+        yield shed
 
         counters = self.plane.telemetry.counters
         for name, help_text, value in (

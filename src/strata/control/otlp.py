@@ -1,8 +1,9 @@
 """Forward stored telemetry to an OpenTelemetry collector over OTLP/HTTP (protobuf), when configured.
 
-Each minute aggregate becomes delta data points of four metrics, stamped with the minute they describe:
-`strata.inference.requests`, `strata.inference.errors` and `strata.inference.client_errors` (the part of the errors
-that was the caller's fault; monotonic sums) and `strata.inference.duration`
+Each minute aggregate becomes delta data points of five metrics, stamped with the minute they describe:
+`strata.inference.requests`, `strata.inference.errors`, `strata.inference.client_errors` (the part of the errors
+that was the caller's fault) and `strata.inference.shed` (the part shed by admission control; monotonic sums) and
+`strata.inference.duration`
 (an explicit-bucket histogram in milliseconds). Resource attributes name the node. Exports run on a thread
 of their own and retry a few times; the control plane's own copy never depends on the collector.
 """
@@ -42,8 +43,13 @@ def export_request(node_id: str, node_name: str, minutes: list[MinuteRow]) -> by
         unit="{request}",
         description="Failed inference requests refused as the caller's fault (a part of strata.inference.errors)",
     )
+    shed = pb.Metric(
+        name="strata.inference.shed",
+        unit="{request}",
+        description="Failed inference requests shed by admission control (a part of strata.inference.errors)",
+    )
     duration = pb.Metric(name="strata.inference.duration", unit="ms", description="Inference request duration")
-    for counter in (requests, errors, client_errors):
+    for counter in (requests, errors, client_errors, shed):
         counter.sum.aggregation_temporality = delta
         counter.sum.is_monotonic = True
     duration.histogram.aggregation_temporality = delta
@@ -57,6 +63,7 @@ def export_request(node_id: str, node_name: str, minutes: list[MinuteRow]) -> by
         client_errors.sum.data_points.add(
             attributes=labels, start_time_unix_nano=start, time_unix_nano=end, as_int=row.client_errors
         )
+        shed.sum.data_points.add(attributes=labels, start_time_unix_nano=start, time_unix_nano=end, as_int=row.shed)
         duration.histogram.data_points.add(
             attributes=labels,
             start_time_unix_nano=start,
@@ -70,7 +77,7 @@ def export_request(node_id: str, node_name: str, minutes: list[MinuteRow]) -> by
         attributes=attributes(**{"service.name": "strata", "strata.node": node_name, "strata.node_id": node_id})
     )
     scope = pb.ScopeMetrics(scope=InstrumentationScope(name="strata.telemetry", version=__version__))
-    scope.metrics.extend([requests, errors, client_errors, duration])
+    scope.metrics.extend([requests, errors, client_errors, shed, duration])
     request = ExportMetricsServiceRequest(
         resource_metrics=[pb.ResourceMetrics(resource=resource, scope_metrics=[scope])]
     )

@@ -519,6 +519,10 @@ class TelemetryMinuteBody(BaseModel):
         description="of `errors`, those refused as the caller's fault: malformed, or not fitting the model's signature"
         " (HTTP 400); 0 from nodes that do not tell them apart"
     )
+    shed: int = Field(
+        description="of `errors`, those shed by admission control: the node was busy and answered 503 at once, the"
+        " model never saw them; 0 from nodes that do not tell them apart"
+    )
     n: int = Field(description="the requests the latency percentiles rest on")
     p50_ms: float | None = Field(description="median latency; null below 2 requests")
     p95_ms: float | None = Field(description="null below 20 requests")
@@ -542,13 +546,19 @@ class NodeTelemetryBody(BaseModel):
     requests: int
     errors: int = Field(description="every failed request, the caller's faults included")
     client_errors: int = Field(description="of `errors`, those refused as the caller's fault (HTTP 400)")
+    shed: int = Field(description="of `errors`, those shed by admission control (HTTP 503: the node was busy)")
     error_rate: float = Field(
-        description="(errors - client_errors) / requests: the requests the model or the node failed (a request shed"
-        " by admission control counts; a malformed one does not)"
+        description="(errors - client_errors - shed) / (requests - client_errors - shed): of the requests the node"
+        " took on, the share the model or the node failed; malformed and shed requests count in neither, as in the"
+        " rollout gates' error_rate (0 without such requests)"
     )
     client_error_rate: float = Field(
         description="client_errors / requests: the requests refused as the caller's fault (malformed, or not"
         " fitting the model's signature)"
+    )
+    shed_rate: float = Field(
+        description="shed / requests: the requests shed by admission control, the node too busy to take them"
+        " (load, not a failing model)"
     )
     n: int = Field(description="the requests the latency percentiles rest on")
     p50_ms: float | None = Field(description="median latency; null below 2 requests")

@@ -5,9 +5,12 @@ acknowledged without being stored again. Minute aggregates of the same (node, mo
 minute) that arrive in several batches are added up, which is exact because each batch counts once.
 
 Errors: `errors` counts every failed request, `client_errors` those of them refused as the caller's fault
-(malformed, or not fitting the model's signature). The answers' `error_rate` is what the model and the node failed
-(`errors - client_errors`) over all requests, and `client_error_rate` the caller's share beside it: clients that
-send garbage do not make a healthy model look broken, and still show.
+(malformed, or not fitting the model's signature) and `shed` those shed by admission control (the node was busy; the
+model never saw them). The answers' `error_rate` is what the model and the node failed (`errors - client_errors -
+shed`) over the requests they took on (`requests - client_errors - shed`): the rollout gates' `error_rate`, which
+the nodes' serving counters give (they count neither malformed nor shed requests). `client_error_rate` and
+`shed_rate` are the caller's faults and the shed requests over all requests, beside it: clients that send garbage
+and load shedding do not make a healthy model look broken, and still show.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class MinuteView:
     requests: int
     errors: int  # every failed request
     client_errors: int  # of those, the ones refused as the caller's fault
+    shed: int  # of those, the ones shed by admission control
     n: int  # the requests the percentiles rest on; each is None below its minimum (`min_samples`)
     p50_ms: float | None
     p95_ms: float | None
@@ -101,8 +105,10 @@ class NodeSummary:
     requests: int
     errors: int  # every failed request
     client_errors: int  # of those, the ones refused as the caller's fault
-    error_rate: float  # (errors - client_errors) / requests: what the model and the node failed
+    shed: int  # of those, the ones shed by admission control
+    error_rate: float  # what the model and the node failed, of the requests they took on (`error_rates`)
     client_error_rate: float  # client_errors / requests
+    shed_rate: float  # shed / requests
     n: int  # as MinuteView.n
     p50_ms: float | None
     p95_ms: float | None
@@ -115,12 +121,29 @@ class NodeSummary:
         return max((d.psi for d in self.drift), default=None)
 
 
-def error_rates(requests: int, errors: int, client_errors: int) -> tuple[float, float]:
-    """(error_rate, client_error_rate): the failures that were not the caller's fault over the requests, and those
-    that were; both 0 without requests."""
-    if not requests:
-        return 0.0, 0.0
-    return round((errors - client_errors) / requests, 6), round(client_errors / requests, 6)
+@dataclass(frozen=True)
+class ErrorRates:
+    """A node's error rates over a window, each 0 without the requests it divides by.
+
+    `error_rate` is what the model and the node failed over the requests they took on (neither malformed nor shed):
+    the rollout gates' `error_rate` (`gates.error_rate`) over the same requests. `client_error_rate` and
+    `shed_rate` are shares of all requests.
+    """
+
+    error_rate: float
+    client_error_rate: float
+    shed_rate: float
+
+
+def error_rates(requests: int, errors: int, client_errors: int, shed: int) -> ErrorRates:
+    """The error rates of `requests`, of which `errors` failed: `client_errors` of them as the caller's fault,
+    `shed` shed by admission control."""
+    taken = requests - client_errors - shed
+    return ErrorRates(
+        error_rate=round((errors - client_errors - shed) / taken, 6) if taken else 0.0,
+        client_error_rate=round(client_errors / requests, 6) if requests else 0.0,
+        shed_rate=round(shed / requests, 6) if requests else 0.0,
+    )
 
 
 @dataclass
@@ -128,12 +151,14 @@ class _Traffic:
     requests: int = 0
     errors: int = 0
     client_errors: int = 0
+    shed: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * BUCKETS)
 
     def add(self, row: TelemetryMinute) -> None:
         self.requests += row.requests
         self.errors += row.errors
         self.client_errors += row.client_errors
+        self.shed += row.shed
         self.latency = [a + b for a, b in zip(self.latency, row.latency, strict=True)]
 
 
@@ -273,13 +298,14 @@ class TelemetryService:
                         node_id=node_id, model=row.model, version=row.version, variant=row.variant,
                         minute=row.minute, requests=row.requests, errors=row.errors, items=row.items,
                         latency_sum_us=row.latency_sum_us, queue_sum_us=row.queue_sum_us, latency=list(row.latency),
-                        client_errors=row.client_errors,
+                        client_errors=row.client_errors, shed=row.shed,
                     )
                 )  # fmt: skip
             else:
                 existing.requests += row.requests
                 existing.errors += row.errors
                 existing.client_errors += row.client_errors
+                existing.shed += row.shed
                 existing.items += row.items
                 existing.latency_sum_us += row.latency_sum_us
                 existing.queue_sum_us += row.queue_sum_us
@@ -349,8 +375,8 @@ class TelemetryService:
         views = [
             MinuteView(
                 node=name, node_id=node_id, model=model, version=ver, minute=minute, requests=acc.requests,
-                errors=acc.errors, client_errors=acc.client_errors, n=sum(acc.latency), p50_ms=ms(acc.latency, 0.5),
-                p95_ms=ms(acc.latency, 0.95), p99_ms=ms(acc.latency, 0.99),
+                errors=acc.errors, client_errors=acc.client_errors, shed=acc.shed, n=sum(acc.latency),
+                p50_ms=ms(acc.latency, 0.5), p95_ms=ms(acc.latency, 0.95), p99_ms=ms(acc.latency, 0.99),
             )
             for (node_id, name, ver, minute), acc in sorted(per_minute.items(), key=lambda kv: (kv[0][3], kv[0][1]))
         ]  # fmt: skip
@@ -361,12 +387,12 @@ class TelemetryService:
                 for reference in references.get(ver, ())
                 if (node_id, name, ver, reference.tensor) in drift_counts
             ]
-            error_rate, client_error_rate = error_rates(acc.requests, acc.errors, acc.client_errors)
+            rates = error_rates(acc.requests, acc.errors, acc.client_errors, acc.shed)
             summaries.append(
                 NodeSummary(
                     node=name, node_id=node_id, model=model, version=ver, requests=acc.requests, errors=acc.errors,
-                    client_errors=acc.client_errors, error_rate=error_rate, client_error_rate=client_error_rate,
-                    n=sum(acc.latency),
+                    client_errors=acc.client_errors, shed=acc.shed, error_rate=rates.error_rate,
+                    client_error_rate=rates.client_error_rate, shed_rate=rates.shed_rate, n=sum(acc.latency),
                     p50_ms=ms(acc.latency, 0.5), p95_ms=ms(acc.latency, 0.95), p99_ms=ms(acc.latency, 0.99),
                     drift=drift, dropped=dropped.get(node_id, {}),
                 )
@@ -470,8 +496,9 @@ class TelemetryService:
             for (minute, version), (value, samples) in sorted(worst.items())
         ]
 
-    def totals(self) -> dict[tuple[str, str, str], tuple[int, int, int]]:
-        """(node name, model, version) -> (requests, errors, client errors) over all stored minutes, for /metrics.
+    def totals(self) -> dict[tuple[str, str, str], tuple[int, int, int, int]]:
+        """(node name, model, version) -> (requests, errors, client errors, shed) over all stored minutes, for
+        /metrics.
 
         Raises:
             StoreError: the database failed.
@@ -485,11 +512,12 @@ class TelemetryService:
                     func.sum(TelemetryMinute.requests),
                     func.sum(TelemetryMinute.errors),
                     func.sum(TelemetryMinute.client_errors),
+                    func.sum(TelemetryMinute.shed),
                 )
                 .join(Node, Node.id == TelemetryMinute.node_id)
                 .group_by(Node.name, TelemetryMinute.model, TelemetryMinute.version)
             ).all()
         return {
-            (name, model, version): (int(req or 0), int(err or 0), int(client or 0))
-            for name, model, version, req, err, client in rows
+            (name, model, version): (int(req or 0), int(err or 0), int(client or 0), int(shed or 0))
+            for name, model, version, req, err, client, shed in rows
         }

@@ -431,8 +431,11 @@ def _number(obj: Mapping[str, Any], key: str, what: str) -> float:
 class ServingCounters:
     """How a model version has served on the node since `since` (its activation, or the agent's start).
 
-    `errors` counts failed requests that were not the caller's fault; `latency_p95_ms` is the 95th percentile of
-    the model's compute time over the recent successful requests (None before the first one).
+    `requests` counts the requests the node took on: answered, or failed by the model or the node; requests refused
+    as the caller's fault (malformed) or shed by admission control (the node was busy) count in neither `requests`
+    nor `errors`, so `error_rate` is the rollout gates' and the telemetry API's (`MinuteRow` counts those apart).
+    `errors` counts the failed ones; `latency_p95_ms` is the 95th percentile of the model's compute time over the
+    recent successful requests (None before the first one).
     """
 
     requests: int

@@ -21,11 +21,13 @@ TELEMETRY = {"Content-Type": "application/vnd.strata.telemetry+zstd"}
 
 
 def batch_for(
-    node: NodeCredentials, seq: int, minute: int, requests: int, errors: int = 0, client_errors: int = 0
+    node: NodeCredentials, seq: int, minute: int, requests: int, errors: int = 0, client_errors: int = 0, shed: int = 0
 ) -> bytes:
     latency = [0] * BUCKETS
     latency[bucket_of(800)] = requests
-    row = MinuteRow("digits", "1", "cpu-generic-fp32", minute, requests, errors, requests, 0, 0, latency, client_errors)
+    row = MinuteRow(
+        "digits", "1", "cpu-generic-fp32", minute, requests, errors, requests, 0, 0, latency, client_errors, shed
+    )
     return encode_batch(
         TelemetryBatch(
             node_id=node.node_id,
@@ -54,27 +56,51 @@ def test_each_batch_is_stored_once_and_minutes_add_up(server: Harness, make_pack
     assert server.upload(make_package()).status_code == 201
     node = server.enroll("edge")
     minute = int(server.clock.now // 60)
-    # 10 requests, 4 failed: 3 of them refused as the caller's fault (malformed), 1 the model's or the node's
-    first = batch_for(node, 1, minute, 10, errors=4, client_errors=3)
+    # 10 requests, 6 failed: 3 of them refused as the caller's fault (malformed), 2 shed by admission control (the
+    # node was busy), 1 the model's or the node's
+    first = batch_for(node, 1, minute, 10, errors=6, client_errors=3, shed=2)
     assert upload(server, node, first) == {"status": 200, "seq": 1, "stored": True}
     again = upload(server, node, first)
     assert again == {"status": 200, "seq": 1, "stored": False}
     assert upload(server, node, batch_for(node, 2, minute, 5, errors=1, client_errors=1))["stored"] is True
 
     answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()
-    assert [(m["node"], m["minute"], m["requests"], m["errors"], m["client_errors"]) for m in answer["minutes"]] == [
-        ("edge", minute, 15, 5, 4)
-    ]
+    columns = ("node", "minute", "requests", "errors", "client_errors", "shed")
+    assert [tuple(m[c] for c in columns) for m in answer["minutes"]] == [("edge", minute, 15, 7, 4, 2)]
     summary = answer["nodes"][0]
-    assert (summary["requests"], summary["errors"], summary["client_errors"]) == (15, 5, 4)
-    assert summary["error_rate"] == round(1 / 15, 6)  # the callers' malformed requests are not the model failing
+    assert (summary["requests"], summary["errors"], summary["client_errors"], summary["shed"]) == (15, 7, 4, 2)
+    # Neither the callers' malformed requests nor the shed ones are the model failing, nor requests it took on: 1
+    # failed of the 9 it ran, as a rollout gate counts them (the node's serving counters leave both out)
+    assert summary["error_rate"] == round(1 / 9, 6)
     assert summary["client_error_rate"] == round(4 / 15, 6)
+    assert summary["shed_rate"] == round(2 / 15, 6)
     assert summary["n"] == 15
     assert 0.5 <= summary["p50_ms"] <= 1.0
     assert (summary["p95_ms"], summary["p99_ms"]) == (None, None)  # 15 requests: too few for a tail percentile
     assert answer["minutes"][0]["n"] == 15
     assert summary["dropped"] == {"events_sampled": 2}
     assert server.plane.telemetry.counters.duplicates == 1
+
+
+def test_a_batch_from_a_node_before_shed_is_stored_with_its_shed_requests_as_errors(
+    server: Harness, make_package: Callable[..., bytes]
+) -> None:
+    # An agent from before `shed` sends no such column: its batch is stored, none of its errors told apart as shed
+    # (they count in its error rate as they did), and a batch of a newer agent's adds to the same minute.
+    assert server.upload(make_package()).status_code == 201
+    node = server.enroll("edge")
+    minute = int(server.clock.now // 60)
+    raw = json.loads(zstandard.ZstdDecompressor().decompress(batch_for(node, 1, minute, 10, errors=3, client_errors=1)))
+    del raw["minutes"]["shed"]
+    old = zstandard.ZstdCompressor().compress(json.dumps(raw).encode())
+    assert upload(server, node, old) == {"status": 200, "seq": 1, "stored": True}
+    assert upload(server, node, batch_for(node, 2, minute, 10, errors=4, client_errors=1, shed=3))["stored"] is True
+    [summary] = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()["nodes"]
+    assert (summary["requests"], summary["errors"], summary["client_errors"], summary["shed"]) == (20, 7, 2, 3)
+    assert (summary["error_rate"], summary["shed_rate"]) == (round(2 / 15, 6), round(3 / 20, 6))
+    metrics = server.client.get("/metrics", headers=server.admin).text
+    assert 'strata_inference_shed_total{model="digits",node="edge",version="1"} 3.0' in metrics
+    assert 'strata_inference_errors_total{model="digits",node="edge",version="1"} 7.0' in metrics
 
 
 def test_a_node_sends_only_its_own_telemetry(server: Harness) -> None:
@@ -96,6 +122,12 @@ def test_malformed_and_oversized_batches_are_refused(server: Harness) -> None:
     more_client_errors_than_errors = upload(server, node, batch_for(node, 1, minute, 10, errors=1, client_errors=2))
     assert more_client_errors_than_errors["status"] == 422
     assert "client_errors 2 must be between 0 and its errors (1)" in more_client_errors_than_errors["error"]
+    shed_and_client_errors = upload(server, node, batch_for(node, 1, minute, 10, errors=2, client_errors=1, shed=2))
+    assert shed_and_client_errors["status"] == 422
+    assert (
+        "shed 2 must be between 0 and its errors that were not the caller's fault (1)"
+        in (shed_and_client_errors["error"])
+    )
     huge = server.client.post(
         f"/v1/nodes/{node.node_id}/telemetry",
         content=b"x" * (17 << 20),

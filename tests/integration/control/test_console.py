@@ -363,12 +363,24 @@ def test_the_node_page_holds_the_telemetry_series_its_charts_draw(
     first = int(server.clock.now // 60) - 3
     requests, errors, latency_ms = [200, 150, 300], [0, 3, 30], [0.8, 4.0, 30.0]
     client_errors = [0, 3, 10]  # of the errors, those refused as the caller's fault: charted apart
+    shed = [0, 0, 5]  # of the errors, those shed by admission control: charted apart too
     minutes, drift = [], []
     for i in range(3):
         histogram = [0] * BUCKETS
         histogram[bucket_of(int(latency_ms[i] * 1000))] = requests[i]
         minute = MinuteRow(
-            "digits", "1", variant, first + i, requests[i], errors[i], requests[i], 0, 0, histogram, client_errors[i]
+            "digits",
+            "1",
+            variant,
+            first + i,
+            requests[i],
+            errors[i],
+            requests[i],
+            0,
+            0,
+            histogram,
+            client_errors[i],
+            shed[i],
         )
         minutes.append(minute)
         counts = reference["counts"] if i < 2 else list(np.roll(np.asarray(reference["counts"]), 3))  # drifts last
@@ -383,9 +395,9 @@ def test_the_node_page_holds_the_telemetry_series_its_charts_draw(
 
     page = server.client.get(f"/ui/api/nodes/{node.node_id}", headers=cookie(token_of(server, "read"))).json()
     series = page["telemetry"]["digits"]
-    # The requests chart and the error-rate chart: requests, errors and client errors per minute, as uploaded.
-    drawn = [(m["minute"], m["requests"], m["errors"], m["client_errors"]) for m in series["minutes"]]
-    assert drawn == [(first + i, requests[i], errors[i], client_errors[i]) for i in range(3)]
+    # The requests chart and the error-rate chart: requests, errors, client errors and shed per minute, as uploaded.
+    drawn = [(m["minute"], m["requests"], m["errors"], m["client_errors"], m["shed"]) for m in series["minutes"]]
+    assert drawn == [(first + i, requests[i], errors[i], client_errors[i], shed[i]) for i in range(3)]
     # The latency chart: p50/p95/p99 per minute, each in the bucket the minute's requests fell in.
     for minute, expected in zip(series["minutes"], latency_ms, strict=True):
         for key in ("p50_ms", "p95_ms", "p99_ms"):
@@ -398,8 +410,9 @@ def test_the_node_page_holds_the_telemetry_series_its_charts_draw(
     assert psi[first + 1] < 0.01
     assert psi[first + 2] > 0.2
     [summary] = series["summaries"]
-    assert (summary["requests"], summary["errors"], summary["client_errors"]) == (650, 33, 13)
-    assert (summary["error_rate"], summary["client_error_rate"]) == (round(20 / 650, 6), round(13 / 650, 6))
+    assert (summary["requests"], summary["errors"], summary["client_errors"], summary["shed"]) == (650, 33, 13, 5)
+    rates = (summary["error_rate"], summary["client_error_rate"], summary["shed_rate"])
+    assert rates == (round(15 / 632, 6), round(13 / 650, 6), round(5 / 650, 6))
 
 
 def test_event_streams_are_bounded_per_server(server: Harness) -> None:

@@ -56,7 +56,20 @@ def test_minutes_arrive_as_otlp_sums_and_histograms(
                 seq=1,
                 created=0,
                 minutes=[
-                    MinuteRow("digits", "2", "cpu-generic-fp32", minute, 40, 3, 40, 60_000, 0, latency, client_errors=2)
+                    MinuteRow(
+                        "digits",
+                        "2",
+                        "cpu-generic-fp32",
+                        minute,
+                        40,
+                        4,
+                        40,
+                        60_000,
+                        0,
+                        latency,
+                        client_errors=2,
+                        shed=1,
+                    )
                 ],
             )
         )
@@ -75,8 +88,9 @@ def test_minutes_arrive_as_otlp_sums_and_histograms(
     assert attributes["strata.node"] == "edge"
     metrics = {m.name: m for m in resource_metrics.scope_metrics[0].metrics}
     assert metrics["strata.inference.requests"].sum.data_points[0].as_int == 40
-    assert metrics["strata.inference.errors"].sum.data_points[0].as_int == 3
+    assert metrics["strata.inference.errors"].sum.data_points[0].as_int == 4
     assert metrics["strata.inference.client_errors"].sum.data_points[0].as_int == 2
+    assert metrics["strata.inference.shed"].sum.data_points[0].as_int == 1
     histogram = metrics["strata.inference.duration"].histogram.data_points[0]
     assert histogram.count == 40
     assert histogram.sum == pytest.approx(60.0)

@@ -54,8 +54,14 @@ def test_migrations_build_the_models_schema_and_go_down_and_up_again(settings: S
         engine.dispose()
 
 
-def test_telemetry_minutes_stored_before_client_errors_keep_their_counts_with_none(settings: ServerSettings) -> None:
-    # A control plane upgraded in place: the minutes its nodes sent before the column count no client errors.
+# (the revision before the column, the client errors and shed requests the row keeps after the way down and up)
+@pytest.mark.parametrize(
+    ("before", "kept"), [("0011_node_logs", (0, 0)), ("0013_rollout_refused", (2, 0))], ids=["client_errors", "shed"]
+)
+def test_telemetry_minutes_stored_before_a_count_keep_their_counts_with_none(
+    settings: ServerSettings, before: str, kept: tuple[int, int]
+) -> None:
+    # A control plane upgraded in place: the minutes its nodes sent before the column count none of it.
     settings.data_dir.mkdir(parents=True)
     engine = make_engine(settings.database_url)
     config = migrations.alembic_config(engine)
@@ -69,14 +75,15 @@ def test_telemetry_minutes_stored_before_client_errors_keep_their_counts_with_no
             session.flush()
             session.add(
                 TelemetryMinute(node_id="n1", model="digits", version="1", variant="v", minute=7, requests=10,
-                                errors=4, items=10, latency_sum_us=0, queue_sum_us=0, latency=[10], client_errors=3)
+                                errors=4, items=10, latency_sum_us=0, queue_sum_us=0, latency=[10], client_errors=2,
+                                shed=1)
             )  # fmt: skip
-        command.downgrade(config, "0011_node_logs")  # the schema before the column, with the row in it
+        command.downgrade(config, before)  # the schema before the column, with the row in it
         migrations.upgrade(engine)
         with Session(engine) as session:
             row = session.get(TelemetryMinute, ("n1", "digits", "1", "v", 7))
             assert row is not None
-            assert (row.requests, row.errors, row.client_errors) == (10, 4, 0)
+            assert (row.requests, row.errors, row.client_errors, row.shed) == (10, 4, *kept)
     finally:
         engine.dispose()
 

@@ -22,6 +22,7 @@ from strata.control.gates import (
     parse_gate,
     summarize_baseline,
 )
+from strata.control.telemetry import ErrorRates, error_rates
 from strata.core.errors import ConfigError
 from strata.core.wire import ServingCounters
 
@@ -182,3 +183,17 @@ def test_a_result_recorded_before_verdicts_says_it_passed_without_data() -> None
     assert GateResult.from_json(raw).verdict == "pass_no_data"
     assert GateResult.from_json({**raw, "value": 1.2}).verdict == "pass"
     assert GateResult.from_json({**raw, "value": 2.0, "passed": False}).verdict == "fail"
+
+
+def test_the_telemetry_error_rate_is_the_gates_over_the_same_requests() -> None:
+    # A canary node took on 90 requests and failed 4; besides them it refused 6 malformed ones and shed 4 (busy). Its
+    # serving counters (the status report the gates read) count the 90 and the 4; its telemetry counts all 100 and
+    # 14 errors, 6 of them the caller's and 4 shed: the same error rate, the rest beside it.
+    measured = METRICS["error_rate"](population(canary=(sample("cpu", 1.0, requests=90, errors=4),)))
+    rates = error_rates(requests=100, errors=14, client_errors=6, shed=4)
+    assert measured.value is not None
+    assert rates.error_rate == round(measured.value, 6) == round(4 / 90, 6)
+    assert (rates.client_error_rate, rates.shed_rate) == (0.06, 0.04)
+    # nothing taken on (every request malformed or shed), or no requests at all: no error rate to speak of
+    assert error_rates(requests=5, errors=5, client_errors=2, shed=3) == ErrorRates(0.0, 0.4, 0.6)
+    assert error_rates(requests=0, errors=0, client_errors=0, shed=0) == ErrorRates(0.0, 0.0, 0.0)

@@ -151,22 +151,26 @@ function drawNode(data) {
   const claims = n.claims || {};
   const charts = Object.entries(data.telemetry).map(([model, t]) => {
     const requests = perMinute(t.minutes, (m) => m.requests);
-    // errors counts every failure; client_errors the caller's part of them (malformed requests): drawn apart, so
-    // that clients sending garbage do not look like a failing model
+    // errors counts every failure; client_errors the caller's part of them (malformed requests) and shed the part
+    // admission control shed (the node was busy): both drawn apart, over all requests, and left out of the error
+    // rate, which is what the model or the node failed of the requests it took on (the rollout gates' error rate),
+    // so that clients sending garbage and load shedding do not look like a failing model
+    const taken = new Map(perMinute(t.minutes, (m) => m.requests - m.client_errors - m.shed));
+    const failed = new Map(perMinute(t.minutes, (m) => m.errors - m.client_errors - m.shed));
     const clientErrors = new Map(perMinute(t.minutes, (m) => m.client_errors));
-    const errors = new Map(perMinute(t.minutes, (m) => m.errors - m.client_errors));
-    const rate = requests.map(([x, r]) => [x, r ? (errors.get(x) || 0) / r : 0]);
-    const clientRate = requests.map(([x, r]) => [x, r ? (clientErrors.get(x) || 0) / r : 0]);
+    const shed = new Map(perMinute(t.minutes, (m) => m.shed));
+    const share = (counts) => requests.map(([x, r]) => [x, r ? (counts.get(x) || 0) / r : 0]);
+    const rate = requests.map(([x]) => [x, taken.get(x) ? (failed.get(x) || 0) / taken.get(x) : 0]);
     const pct = (key) => t.minutes.filter((m) => m[key] !== null).map((m) => [m.minute, m[key]]);
     return el("div", { class: "model-telemetry" }, el("h3", {}, `${model}: the last hour`),
       el("div", { class: "grid" },
         chart("requests per minute", [{ name: "requests", points: requests }], (v) => v.toFixed(0)),
-        chart("error rate", [{ name: "errors / requests", points: rate }, { name: "client errors / requests", points: clientRate }], (v) => `${(v * 100).toFixed(1)}%`),
+        chart("error rate", [{ name: "errors / requests taken on", points: rate }, { name: "client errors / requests", points: share(clientErrors) }, { name: "shed / requests", points: share(shed) }], (v) => `${(v * 100).toFixed(1)}%`),
         chart("latency (ms)", [{ name: "p50", points: pct("p50_ms") }, { name: "p95", points: pct("p95_ms") }, { name: "p99", points: pct("p99_ms") }], (v) => v.toFixed(1)),
         chart("drift (PSI, worst input)", [{ name: "PSI", points: t.drift.map((d) => [d.minute, d.psi]) }], (v) => v.toFixed(2))),
-      t.summaries.length ? el("table", {}, el("thead", {}, el("tr", {}, ["version", "requests", "errors", "error rate", "client errors", "client error rate", "p50 ms", "p95 ms", "p99 ms", "drift PSI"].map((h) => el("th", {}, h)))),
-        el("tbody", {}, t.summaries.map((s) => el("tr", {}, el("td", {}, s.version), el("td", {}, s.requests), el("td", {}, s.errors - s.client_errors),
-          el("td", {}, `${(s.error_rate * 100).toFixed(2)}%`), el("td", {}, s.client_errors), el("td", {}, `${(s.client_error_rate * 100).toFixed(2)}%`), el("td", {}, s.p50_ms ?? "–"), el("td", {}, s.p95_ms ?? "–"), el("td", {}, s.p99_ms ?? "–"),
+      t.summaries.length ? el("table", {}, el("thead", {}, el("tr", {}, ["version", "requests", "errors", "error rate", "client errors", "client error rate", "shed", "shed rate", "p50 ms", "p95 ms", "p99 ms", "drift PSI"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, t.summaries.map((s) => el("tr", {}, el("td", {}, s.version), el("td", {}, s.requests), el("td", {}, s.errors - s.client_errors - s.shed),
+          el("td", {}, `${(s.error_rate * 100).toFixed(2)}%`), el("td", {}, s.client_errors), el("td", {}, `${(s.client_error_rate * 100).toFixed(2)}%`), el("td", {}, s.shed), el("td", {}, `${(s.shed_rate * 100).toFixed(2)}%`), el("td", {}, s.p50_ms ?? "–"), el("td", {}, s.p95_ms ?? "–"), el("td", {}, s.p99_ms ?? "–"),
           el("td", {}, s.drift.length ? Math.max(...s.drift.map((d) => d.psi)).toFixed(3) : "–"))))) : null);
   });
   const pills = (labels, cls) => Object.entries(labels).map(([k, v]) => el("span", { class: `pill ${cls}` }, `${k}=${v}`));
