@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from strata.cli.common import JsonOption, ServerOption, TokenOption, out, parse_duration, print_json
 from strata.control_client import ControlClient
@@ -38,39 +39,77 @@ def telemetry(
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Per node: requests, error rate (what the model or node failed), client error rate (requests refused as the
-    caller's fault: malformed, or not fitting the model's signature), p50/p95/p99 latency and drift. Percentiles
-    say how many requests they rest on (n) and are shown only above a minimum: p50 2, p95 20, p99 100 ("too few"
-    below). With --json: one object per node and minute (node, minute, requests, errors (every failure),
-    client_errors (the caller's part of them), n, percentiles, null below the minimum)."""
+    """Per node: requests; error rate (of the requests the node took on, those the model or the node failed: the
+    rollout gates' error rate); beside it, as shares of all requests, client errors (refused as the caller's fault:
+    malformed, or not fitting the model's signature) and shed (turned away by admission control, the node busy);
+    p50/p95/p99 latency, drift and dropped telemetry. Percentiles say how many requests they rest on (n) and are
+    shown only above a minimum: p50 2, p95 20, p99 100 ("too few" below). A narrow terminal leaves out n, p50, p99,
+    dropped, then more, and says which. With --json: one object per node and minute (node, minute, requests,
+    errors (every failure), client_errors and shed (the parts of them that were the caller's fault and that were
+    shed), n, percentiles, null below the minimum)."""
     with ControlClient(server, token) as client:
         answer = client.telemetry(name, version, node, parse_duration(since))
     if as_json:
         print_json(answer["minutes"])
         return
-    out.print(telemetry_table(answer, f"{name} over the last {since}"))
+    out.print(telemetry_table(answer, f"{name} over the last {since}", out.width))
 
 
-def telemetry_table(answer: dict[str, Any], title: str) -> Table:
-    """Per node and version: traffic, error rates (the model's or node's failures, and the caller's apart),
-    latency percentiles, drift and dropped telemetry."""
-    table = Table(title=title, title_justify="left")
-    columns = ("node", "version", "requests", "error rate", "client error rate", "n", "p50 ms", "p95 ms", "p99 ms")
-    for column in (*columns, "drift", "dropped"):
-        table.add_column(column)
-    for row in answer["nodes"]:
-        dropped = sum(v for k, v in row["dropped"].items() if k != "minute_requests")
-        table.add_row(
-            row["node"],
-            row["version"],
-            str(row["requests"]),
-            f"{100 * row['error_rate']:.2f}%",
-            f"{100 * row.get('client_error_rate', 0.0):.2f}%",  # absent from an older server's answer
-            str(row["n"]),
-            _ms(row["p50_ms"], row["n"]),
-            _ms(row["p95_ms"], row["n"]),
-            _ms(row["p99_ms"], row["n"]),
-            drift_text(row),
-            str(dropped) if dropped else "-",
-        )
+def _percent(row: dict[str, Any], key: str) -> str:
+    """A rate as a percentage; `-` where an older server's answer lacks it."""
+    value = row.get(key)
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+# The columns a narrow terminal leaves out, least needed first (--json has the counts and percentiles per minute);
+# node, version and the error rate always stay. The drift and percentile columns wrap between words ("too few");
+# every other cell keeps to one line, so no number or name is ever cut in two.
+_LEAVE_OUT = ("n", "p50 ms", "p99 ms", "dropped", "client errors", "shed", "requests", "drift", "p95 ms")
+_WRAPPING = frozenset({"drift", "p50 ms", "p95 ms", "p99 ms"})
+
+
+def telemetry_table(answer: dict[str, Any], title: str, width: int | None = None) -> Table:
+    """Per node and version: traffic, error rates (the model's or node's failures of the requests taken on; the
+    caller's faults and the shed requests apart, over all requests), latency percentiles, drift and dropped
+    telemetry. With `width` (the terminal's), the columns that do not fit are left out, least needed first, and
+    the caption names them."""
+    rows = answer["nodes"]
+    dropped = [sum(v for k, v in row["dropped"].items() if k != "minute_requests") for row in rows]
+    # (key, header, cells); a header may take two lines, so that it is no wider than its numbers need
+    columns: list[tuple[str, str, list[str]]] = [
+        ("node", "node", [row["node"] for row in rows]),
+        ("version", "version", [row["version"] for row in rows]),
+        ("requests", "requests", [str(row["requests"]) for row in rows]),
+        ("error rate", "error\nrate", [_percent(row, "error_rate") for row in rows]),
+        ("client errors", "client\nerrors", [_percent(row, "client_error_rate") for row in rows]),
+        ("shed", "shed", [_percent(row, "shed_rate") for row in rows]),  # absent from an older server's answer
+        ("n", "n", [str(row["n"]) for row in rows]),
+        *((f"{p} ms", f"{p}\nms", [_ms(row[f"{p}_ms"], row["n"]) for row in rows]) for p in ("p50", "p95", "p99")),
+        ("drift", "drift", [drift_text(row) for row in rows]),
+        ("dropped", "dropped", [str(count) if count else "-" for count in dropped]),
+    ]
+    left_out: list[str] = []
+    if width is not None:
+        for key in _LEAVE_OUT:
+            if _needed_width(columns) <= width:
+                break
+            columns = [column for column in columns if column[0] != key]
+            left_out.append(key)
+    caption = f"left out for the terminal's width: {', '.join(left_out)}" if left_out else None
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for key, header, _ in columns:
+        table.add_column(header, no_wrap=key not in _WRAPPING, overflow="fold")
+    for cells in zip(*(cells for _, _, cells in columns), strict=True):
+        table.add_row(*cells)
     return table
+
+
+def _needed_width(columns: list[tuple[str, str, list[str]]]) -> int:
+    """The table's width with every one-line cell whole and the wrapping columns wrapped at their longest word."""
+    width = 1  # the left border; each column adds its padding (2) and a border (1)
+    for key, header, cells in columns:
+        texts = [Text.from_markup(cell) for cell in cells] + [Text(line) for line in header.split("\n")]
+        if key in _WRAPPING:
+            texts = [Text(word) for text in texts for word in text.plain.split()]
+        width += max(text.cell_len for text in texts) + 3
+    return width
