@@ -4,7 +4,9 @@ One control plane and one near-edge agent (serve port and mutual-TLS tier port) 
 with small HTTP limits so the attacks and their refusals take seconds: each listener serves at most
 `MAX_CONNECTIONS` connections, holds at most `BUDGET_MB` of request bodies, reads bodies of at most
 `MAX_REQUEST_MB`, and wants a request's head within `HEADER_TIMEOUT` s and the whole request within
-`BODY_TIMEOUT` s. Memory is the agent process's own (VmRSS and its peak VmHWM in /proc/PID/status).
+`BODY_TIMEOUT` s. Memory is the agent process's own (VmRSS and its peak VmHWM in /proc/PID/status). The same
+agent serves the Open Inference Protocol over gRPC too (`--grpc-port`), under the same limits: its attacks are
+at the end (the codec's checks one by one are in tests/unit/test_oip_grpc_codec.py; here they are on the wire).
 """
 
 from __future__ import annotations
@@ -14,18 +16,21 @@ import json
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 
 from strata.core.oip import encode_request
 from strata.core.package import pack_tar
-from strata.localfleet import AgentHandle, LocalFleet
+from strata.localfleet import AgentHandle, LocalFleet, free_port
 from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
@@ -47,6 +52,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, digits_onnx: Path) -> Iterat
         pack_tar(package, root / "digits.tar")
         running.client.push_package(root / "digits.tar")
         limits = [
+            "--grpc-port", str(free_port()),
             "--max-connections", str(MAX_CONNECTIONS),
             "--request-budget-mb", str(BUDGET_MB),
             "--max-request-mb", str(MAX_REQUEST_MB),
@@ -63,6 +69,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, digits_onnx: Path) -> Iterat
 @pytest.fixture(scope="module")
 def agent(fleet: LocalFleet) -> AgentHandle:
     return fleet.agents["near"]
+
+
+@pytest.fixture(scope="module")
+def grpc_address(agent: AgentHandle) -> str:
+    """host:port of the agent's gRPC listener."""
+    argv = agent.process.argv
+    return f"127.0.0.1:{argv[argv.index('--grpc-port') + 1]}"
 
 
 @pytest.fixture(scope="module")
@@ -399,12 +412,14 @@ TCP_ESTABLISHED = 1
 
 
 def agent_side_states(port: int) -> dict[int, int]:
-    """The TCP state of the agent's end of each connection to `port`, by the client's port (/proc/net/tcp).
+    """The TCP state of the agent's end of each connection to `port`, by the client's port (/proc/net/tcp, tcp6).
 
     The agent's end says whether the agent closed a connection even when the client cannot tell: a FIN waits
     behind the answers the client never read."""
     states = {}
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    lines += Path("/proc/net/tcp6").read_text().splitlines()[1:]  # gRPC's listener is IPv6, 127.0.0.1 mapped
+    for line in lines:
         fields = line.split()
         local, remote = fields[1].split(":"), fields[2].split(":")
         if int(local[1], 16) == port and int(remote[1], 16) != 0:
@@ -483,3 +498,174 @@ def test_gzip_with_trailing_bytes_is_400(agent: AgentHandle) -> None:
     answer = post(agent.serve_port, packed + b"GET /admin HTTP/1.1\r\n\r\n", {"content-encoding": "gzip"})
     assert answer.status_code == 400, answer.text
     assert "after its gzip data" in answer.json()["error"]
+
+
+# --- the gRPC port ------------------------------------------------------------------------------------------
+
+KEEP_ALIVE = 5.0  # strata.agent.httpd.ServerLimits.keep_alive_timeout: not a flag
+SERVICE = "/inference.GRPCInferenceService"
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and empty SETTINGS
+
+
+def unary(address: str, method: str) -> Any:
+    """A raw (bytes in, bytes out) unary call of the service, on a channel of its own."""
+    channel = grpc.insecure_channel(address)
+    return channel.unary_unary(f"{SERVICE}/{method}")
+
+
+def server_ready(address: str) -> bytes:
+    answer: bytes = unary(address, "ServerReady")(b"", timeout=10)
+    return answer
+
+
+def test_grpc_calls_that_never_send_their_message_are_cut_off_at_the_deadline(grpc_address: str) -> None:
+    """Two callers that open ModelInfer and never send its message held both RPC slots for ever: every later
+    call, ServerLive included, was RESOURCE_EXHAUSTED until the agent restarted. Now each is DEADLINE_EXCEEDED
+    within the body timeout, as REST's 408, and the port serves again."""
+    release = threading.Event()
+
+    def never_sends() -> Iterator[bytes]:
+        release.wait(60)
+        yield from ()
+
+    channels = [grpc.insecure_channel(grpc_address) for _ in range(2)]
+    started = time.monotonic()
+    stalled = [channel.stream_unary(f"{SERVICE}/ModelInfer").future(never_sends(), timeout=60) for channel in channels]
+    try:
+        codes = []
+        for call in stalled:
+            with contextlib.suppress(grpc.FutureTimeoutError):  # still held: the assertion below says so
+                error = call.exception(timeout=BODY_TIMEOUT + 5)
+                codes.append(error.code().name if error is not None else "OK")
+        elapsed = time.monotonic() - started
+        print(f"2 RPCs with no message: {codes} after {elapsed:.1f}s")
+        assert codes == ["DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED"]
+        assert elapsed < BODY_TIMEOUT + 3
+        assert f"took longer than {BODY_TIMEOUT:g} s" in stalled[0].exception().details()
+        assert server_ready(grpc_address) == b"\x08\x01"
+    finally:
+        release.set()
+        for call in stalled:
+            call.cancel()
+        for channel in channels:
+            channel.close()
+
+
+METHODS = [
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "ModelConfig",
+    "ModelStatistics",
+    "RepositoryIndex",
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_grpc_message_that_is_not_the_request_is_invalid_argument(
+    agent: AgentHandle, grpc_address: str, method: str
+) -> None:
+    """Every RPC but ModelInfer answered bytes that are not its request with gRPC's own UNKNOWN ("Unexpected
+    <class 'google.protobuf.message.DecodeError'>") and logged an ERROR with a traceback, one per call."""
+    call = unary(grpc_address, method)
+    for garbage in (b"\xff\xff\xff", b"\x0a\x05ab", b"\x08" + b"\xff" * 10):
+        with pytest.raises(grpc.RpcError) as caught:
+            call(garbage, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        assert f"not a valid inference.{method}Request" in caught.value.details()
+    with grpc.insecure_channel(grpc_address) as channel, pytest.raises(grpc.RpcError) as caught:
+        channel.stream_unary(f"{SERVICE}/{method}")(iter(()), timeout=10)  # no message at all
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert f"ended without its inference.{method}Request" in caught.value.details()
+    log = agent.process.log_path.read_text(errors="replace")
+    assert "Traceback" not in log
+    assert "DecodeError" not in log
+
+
+def infer_request(build: Callable[[Any], object]) -> bytes:
+    from strata.agent.oip_grpc_codec import message_class
+
+    message = message_class("ModelInferRequest")(model_name="digits")
+    build(message)
+    data: bytes = message.SerializeToString()
+    return data
+
+
+def raw(name: str, datatype: str, shape: list[int], contents: bytes) -> Callable[[Any], object]:
+    return lambda m: (m.inputs.add(name=name, datatype=datatype, shape=shape), m.raw_input_contents.append(contents))
+
+
+ROW = np.zeros((1, 64), np.float32).tobytes()
+CRAFTED = {
+    "a shape whose product overflows int64": (raw("X", "FP32", [1 << 32, 1 << 32, 0], b""), "holds more than"),
+    "int64's smallest dimension": (raw("X", "FP32", [-(1 << 63), 0], b""), "non-negative integers"),
+    "a million dimensions": (lambda m: m.inputs.add(name="X", datatype="FP32", shape=[1] * 1_000_000), "dimensions"),
+    "raw contents one byte short": (raw("X", "FP32", [1, 64], ROW[:-1]), "needs 256"),
+    "a BYTES length past the data": (
+        raw("X", "BYTES", [2], struct.pack("<I", 0xFFFFFFFF) + b"\0" * 8),
+        "runs past the data",
+    ),
+    "2^28 BYTES elements in 4 bytes": (raw("X", "BYTES", [1 << 28], b"\0" * 4), "at most 4194304"),
+    "an input named twice": (
+        lambda m: (raw("X", "FP32", [1, 64], ROW)(m), raw("X", "FP32", [1, 64], ROW)(m)),
+        "names an input twice",
+    ),
+    "a field length past the message": (None, "not a valid inference.ModelInferRequest"),
+    "a truncated message": (None, "not a valid inference.ModelInferRequest"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_a_crafted_grpc_infer_request_is_invalid_argument(agent: AgentHandle, grpc_address: str, case: str) -> None:
+    build, needle = CRAFTED[case]
+    if case == "a field length past the message":
+        data = b"\x3a\xff\xff\xff\x0f" + b"ab"  # raw_input_contents of 4 GiB, in 7 bytes
+    elif case == "a truncated message":
+        data = infer_request(raw("X", "FP32", [1, 64], ROW))[:-10]
+    else:
+        assert build is not None
+        data = infer_request(build)
+    internal_before = failures(agent.serve_port, "internal")
+    with pytest.raises(grpc.RpcError) as caught:
+        unary(grpc_address, "ModelInfer")(data, timeout=10)
+    print(f"{case}: {caught.value.code().name} {caught.value.details()[:120]}")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in caught.value.details()
+    assert failures(agent.serve_port, "internal") == internal_before
+
+
+def open_http2(port: int, count: int) -> list[socket.socket]:
+    """`count` connections that say HTTP/2's preface and an empty SETTINGS, then nothing."""
+    sockets = [connect(port) for _ in range(count)]
+    for sock in sockets:
+        sock.sendall(HTTP2_PREFACE)
+    return sockets
+
+
+def test_grpc_connections_past_the_cap_are_refused_and_idle_ones_closed(grpc_address: str) -> None:
+    """The gRPC port took any number of connections (3000 idle ones: 3000 of the agent's descriptors, for ever)
+    where REST's listener takes `--max-connections`, and one that never spoke HTTP/2 stayed 120 s. Now both are
+    bounded as REST's: the cap, the header timeout for the preface, and the keep-alive for a connection with no
+    RPC (a gRPC client reconnects at its next call)."""
+    port = int(grpc_address.rsplit(":", 1)[1])
+    silent = [connect(port) for _ in range(2)]
+    idle = open_http2(port, MAX_CONNECTIONS + 10)
+    try:
+        silent_closed = wait_until_closed(port, silent, HEADER_TIMEOUT + 4)
+        refused = wait_until_closed(port, idle, 0.2)
+        idle_closed = wait_until_closed(port, idle, KEEP_ALIVE + 4)
+        print(
+            f"{len(idle)} idle connections: {len(refused)} closed at once; {len(silent_closed)} silent ones closed "
+            f"within {max(silent_closed.values(), default=0):.1f} s, the idle ones within "
+            f"{max(idle_closed.values(), default=0):.1f} s"
+        )
+        assert len(refused) >= len(idle) - MAX_CONNECTIONS
+        assert len(silent_closed) == len(silent)
+        assert len(idle_closed) == len(idle)
+        assert server_ready(grpc_address) == b"\x08\x01"
+    finally:
+        for sock in silent + idle:
+            sock.close()

@@ -309,12 +309,17 @@ class Agent:
         except ImportError as exc:
             raise ConfigError(f"--grpc-port needs grpcio and protobuf (pip install 'strata[grpc]'): {exc}") from exc
         # gRPC holds a whole message before its handler runs: RPCs at once x largest message stays within the
-        # request-body budget that REST's listener charges before reading.
-        budget_rpcs = max(1, self.config.request_budget_bytes // max(1, self.config.max_request_bytes))
+        # request-body budget that REST's listener charges before reading. The rest are REST's limits.
+        limits = server_limits(self.config)
+        budget_rpcs = max(1, limits.max_body_bytes_in_flight // max(1, limits.max_body_bytes))
         grpc_server = GrpcInferenceServer(
             app,
-            max_message_bytes=self.config.max_request_bytes,
-            max_concurrent_rpcs=min(self.config.max_connections, budget_rpcs),
+            max_message_bytes=limits.max_body_bytes,
+            max_concurrent_rpcs=min(limits.max_connections, budget_rpcs),
+            max_connections=limits.max_connections,
+            handshake_timeout_s=limits.header_timeout,
+            idle_timeout_s=limits.keep_alive_timeout,
+            message_timeout_s=limits.body_timeout,
         )
         await grpc_server.start(f"{url_host(self.config.serve_host)}:{self.config.grpc_port}")
         log.info(

@@ -13,7 +13,10 @@ reads REST's 404.
 What a caller can hold: a message is at most `--max-request-mb` (RESOURCE_EXHAUSTED past it, before it is
 decoded), and at most `--max-connections` RPCs run at once (more are refused with RESOURCE_EXHAUSTED by gRPC
 itself). gRPC reads a message whole before the handler sees it, so unlike the REST listener there is no byte
-budget charged before the bytes arrive: the bound is the product of the two.
+budget charged before the bytes arrive: the bound is the product of the two. An RPC's message must arrive within
+`--body-timeout` of its start (DEADLINE_EXCEEDED past it, as REST's 408), or a few callers that open RPCs and never
+send their message would hold every slot for ever. Every handler reads its message itself (as bytes, then parses
+it), so a message that is not the RPC's request is INVALID_ARGUMENT, never gRPC's own UNKNOWN and a traceback.
 
 Only on the serving port: the tiers reach each other over REST on the mutual-TLS tier port (`strata.route`
 speaks REST), so there is no gRPC tier listener.
@@ -21,6 +24,7 @@ speaks REST), so there is no gRPC tier listener.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -39,7 +43,7 @@ from strata.agent.oip_grpc_codec import (
 from strata.agent.oip_server import InferenceApp
 from strata.agent.repository import LoadedModel
 from strata.agent.scheduler import INLINE_DECODE_BYTES, ModelScheduler, Overloaded, Prepared, prepare_decoded
-from strata.core.errors import AuthError, ConfigError, NotFound, StrataError
+from strata.core.errors import AuthError, BadRequest, ConfigError, NotFound, StrataError
 from strata.core.oip import Array
 
 log = logging.getLogger(__name__)
@@ -97,15 +101,32 @@ async def _refuse(message: str, _requests: Any, context: Context) -> None:
 
 
 class GrpcInferenceServer:
-    """`GRPCInferenceService` over an `InferenceApp`, on a grpc.aio server in the running event loop.
+    """`GRPCInferenceService` over an `InferenceApp`, on a grpc.aio server in the running event loop, with the
+    limits of REST's listener (`strata.agent.httpd.ServerLimits`): at most `max_connections` connections, each
+    given `handshake_timeout_s` to begin HTTP/2 and closed after `idle_timeout_s` with no RPC; every RPC's message
+    at most `max_message_bytes`, arriving within `message_timeout_s`; at most `max_concurrent_rpcs` at once.
 
     Usage: `await server.start(address)` (`host:port`, `[v6]:port`), read `server.port`, `await server.stop()`.
     """
 
-    def __init__(self, app: InferenceApp, *, max_message_bytes: int, max_concurrent_rpcs: int) -> None:
+    def __init__(
+        self,
+        app: InferenceApp,
+        *,
+        max_message_bytes: int,
+        max_concurrent_rpcs: int,
+        max_connections: int = 1024,
+        handshake_timeout_s: float = 10.0,
+        idle_timeout_s: float = 5.0,
+        message_timeout_s: float = 60.0,
+    ) -> None:
         self._app = app
         self._max_message_bytes = max_message_bytes
         self._max_concurrent_rpcs = max_concurrent_rpcs
+        self._max_connections = max_connections
+        self._handshake_timeout_s = handshake_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+        self._message_timeout_s = message_timeout_s
         self._server: grpc.aio.Server | None = None
         self._port: int | None = None
 
@@ -121,15 +142,16 @@ class GrpcInferenceServer:
         return self._port
 
     def _handlers(self) -> grpc.GenericRpcHandler:
-        """One unary handler per RPC; ModelInfer takes and returns bytes, so that decoding a large request and
-        encoding its answer happen off the event loop (its answer is encoded on the batch's worker)."""
+        """One handler per RPC. Each is request-streaming on this side (a unary call is the same on the wire), so
+        that it reads its message itself: within a deadline, and as bytes it parses, so that a message that is
+        not the request is the caller's mistake. ModelInfer takes and returns bytes, so that decoding a large
+        request and encoding its answer happen off the event loop (its answer is encoded on the batch's worker)."""
 
         def unary(name: str, behaviour: Behaviour, *, raw: bool = False, open_: bool = False) -> grpc.RpcMethodHandler:
-            request = message_class(f"{name}Request")
             response = message_class(f"{name}Response")
-            return grpc.unary_unary_rpc_method_handler(
-                functools.partial(self._call, behaviour, name, open_),
-                request_deserializer=None if raw else request.FromString,
+            return grpc.stream_unary_rpc_method_handler(
+                functools.partial(self._call, behaviour, name, open_, raw),
+                request_deserializer=None,
                 response_serializer=None if raw else response.SerializeToString,
             )
 
@@ -160,6 +182,11 @@ class GrpcInferenceServer:
         options = [
             ("grpc.max_receive_message_length", self._max_message_bytes),
             ("grpc.max_send_message_length", -1),
+            # what REST's listener bounds too: connections open at once, the time a new one has to say HTTP/2,
+            # and how long one with no RPC in flight stays (a client reconnects at its next call, unseen)
+            ("grpc.max_allowed_incoming_connections", self._max_connections),
+            ("grpc.server_handshake_timeout_ms", _ms(self._handshake_timeout_s)),
+            ("grpc.max_connection_idle_ms", _ms(self._idle_timeout_s)),
             # gRPC sets SO_REUSEPORT by default: a second agent on the same port would share it instead of failing
             ("grpc.so_reuseport", 0),
         ]
@@ -184,8 +211,11 @@ class GrpcInferenceServer:
         if server is not None:
             await server.stop(grace)
 
-    async def _call(self, behaviour: Behaviour, name: str, open_: bool, request: Any, context: Context) -> Any:
-        """Run one RPC: the serving token first (unless `open_`), then strata errors as gRPC statuses.
+    async def _call(
+        self, behaviour: Behaviour, name: str, open_: bool, raw: bool, _requests: Any, context: Context
+    ) -> Any:
+        """Run one RPC: the serving token first (unless `open_`), then its message (the bytes when `raw`, else
+        parsed as `<name>Request`), then strata errors as gRPC statuses.
 
         Raises:
             grpc.aio.AbortError: always when it fails (`context.abort`), with the status and message.
@@ -195,7 +225,8 @@ class GrpcInferenceServer:
                 metadata = dict(context.invocation_metadata() or ())
                 authorization = metadata.get("authorization", "")
                 self._app.authenticate(authorization if isinstance(authorization, str) else "")
-            return await behaviour(request, context)
+            data = await self._receive(name, context)
+            return await behaviour(data if raw else parse_message(f"{name}Request", data), context)
         except StrataError as exc:
             code = status_code(exc)
             if code == grpc.StatusCode.INTERNAL:
@@ -212,6 +243,28 @@ class GrpcInferenceServer:
             log.exception("unhandled error serving gRPC %s", name)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         raise AssertionError("context.abort returned")  # it always raises
+
+    async def _receive(self, name: str, context: Context) -> bytes:
+        """The RPC's one message, which must arrive within the message timeout of the call's start.
+
+        Raises:
+            BadRequest: the caller closed its side without a message.
+            grpc.aio.AbortError: the message did not arrive in time (DEADLINE_EXCEEDED).
+        """
+        try:
+            async with asyncio.timeout(self._message_timeout_s):
+                data = await context.read()
+        except TimeoutError:
+            log.info("gRPC %s: no request message within %g s; call cancelled", name, self._message_timeout_s)
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the request message took longer than {self._message_timeout_s:g} s to arrive",
+            )
+        if data is grpc.aio.EOF:
+            raise BadRequest(f"the call ended without its inference.{name}Request message")
+        if not isinstance(data, bytes):
+            raise AssertionError(f"a gRPC handler without a deserializer read a {type(data).__name__}")
+        return data
 
     # --- health and metadata ----------------------------------------------------------------------------
 
@@ -266,6 +319,10 @@ class GrpcInferenceServer:
 
         result = await self._app.infer(model, decode, size=len(data), inline=inline)
         return result.body
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def _parse_infer_request(data: bytes) -> Any:
