@@ -40,15 +40,14 @@ class BlobAccess:
         self.bytes_served = 0
 
     def blob_path(self, principal: Principal, sha256: str) -> Path:
-        """The file of a stored blob, if `principal` may read it (see `auth.authorize_blob`).
+        """The file of a stored blob, if `principal` may read it (see `auth.authorize_blob`). Who may read it is
+        decided first: a caller who may not learns nothing, not even whether the blob is stored.
 
         Raises:
-            NotFound: no such blob.
-            Forbidden: a node asked for a blob its desired state does not name.
+            NotFound: no such blob (said only to a caller who may read it).
+            Forbidden: a node asked for a blob its desired state does not name, or a read-only token asked.
             StoreError: the database or the blob store failed.
         """
-        if not self._blobs.exists(sha256):
-            raise NotFound(f"blob {sha256} is not stored")
         referenced = False
         if principal.node_id is not None:
             document = self._desired(principal.node_id)
@@ -56,6 +55,8 @@ class BlobAccess:
             digests |= self._site_digests(principal.node_id)
             referenced = sha256 in document.blobs or any(sha256 in self._pieces(digest) for digest in digests)
         authorize_blob(principal, referenced)
+        if not self._blobs.exists(sha256):
+            raise NotFound(f"blob {sha256} is not stored")
         return self._blobs.path(sha256)
 
     def package_access(self, principal: Principal, device_id: str, digest: str) -> None:

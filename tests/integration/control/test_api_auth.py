@@ -131,34 +131,8 @@ def _readiness_within(server: Harness, status: int, seconds: float) -> Any:
         time.sleep(0.1)
 
 
-def test_admin_routes_refuse_nodes(server: Harness) -> None:
-    node = server.enroll("edge-1")
-    for method, path in [
-        ("GET", "/v1/openapi.json"),
-        ("POST", "/v1/enrollment-tokens"),
-        ("GET", "/v1/nodes"),
-        ("DELETE", f"/v1/nodes/{node.node_id}"),
-        ("GET", "/v1/models"),
-        ("GET", "/v1/deployments"),
-        ("POST", "/v1/deployments"),
-        ("POST", "/v1/packages"),
-    ]:
-        response = server.client.request(method, path, headers=node.headers, json={})
-        assert response.status_code == 403, (method, path, response.text)
-        assert response.json()["code"] == "forbidden"
-        assert response.json()["error"] in ("this needs an admin credential", "this needs an operator credential")
-
-
-def test_read_only_tokens_read_but_change_nothing(server: Harness) -> None:
-    created = server.client.post("/v1/api-tokens", json={"scope": "read"}, headers=server.admin)
-    assert created.status_code == 201
-    reader = {"Authorization": f"Bearer {created.json()['token']}"}
-    assert server.client.get("/v1/nodes", headers=reader).status_code == 200
-    assert server.client.get("/v1/models", headers=reader).status_code == 200
-    assert server.client.get("/metrics", headers=reader).status_code == 200
-    for method, path in [("POST", "/v1/deployments"), ("POST", "/v1/enrollment-tokens"), ("POST", "/v1/api-tokens")]:
-        response = server.client.request(method, path, headers=reader, json={})
-        assert response.status_code == 403, (method, path)
+def test_a_token_of_an_unknown_scope_is_refused(server: Harness) -> None:
+    """Which scope may call which route: test_every_route_lets_in_exactly_the_callers_its_entry_names."""
     assert server.client.post("/v1/api-tokens", json={"scope": "root"}, headers=server.admin).status_code in (400, 422)
 
 
@@ -244,3 +218,174 @@ def test_errors_are_json_in_one_shape(server: Harness) -> None:
     wrong_type = server.client.post("/v1/enrollment-tokens", json={"ttl_seconds": "soon"}, headers=server.admin)
     assert wrong_type.status_code == 422
     assert "ttl_seconds" in wrong_type.json()["error"]
+
+
+# --- who may call each route, for every route the app serves ---------------------------------------------------
+
+# Who passes each route's identity check: "admin" and "read" (operator tokens of either scope), "node" (a node's
+# fleet certificate, on its own records where the path names a node) and "other" (that certificate on another
+# node's records). Every route of the app must be here or in OWN_CREDENTIAL: a new route fails
+# test_every_route_lets_in_exactly_the_callers_its_entry_names until someone decides who may call it.
+ADMIN_ONLY = frozenset({"admin"})
+OPERATORS = frozenset({"admin", "read"})
+NODE_ITSELF = frozenset({"node"})
+OPERATORS_OR_NODE_ITSELF = frozenset({"admin", "read", "node"})
+ANY_CALLER = frozenset({"admin", "read", "node"})
+WHO: dict[tuple[str, str], frozenset[str]] = {
+    ("GET", "/metrics"): OPERATORS,
+    ("GET", "/v1/health"): ANY_CALLER,
+    ("GET", "/v1/openapi.json"): OPERATORS,
+    ("POST", "/v1/api-tokens"): ADMIN_ONLY,
+    ("POST", "/v1/enrollment-tokens"): ADMIN_ONLY,
+    ("POST", "/v1/reenrollment-tokens"): ADMIN_ONLY,
+    # blobs: a read-only token downloads no weights; a node only what its desired state names (none here); and
+    # neither learns whether a blob it may not read is stored (it was a 404 to them, a 403 once stored)
+    ("GET", "/v1/blobs/sha256/{sha256}"): ADMIN_ONLY,
+    ("HEAD", "/v1/blobs/sha256/{sha256}"): ADMIN_ONLY,
+    ("GET", "/v1/deployments"): OPERATORS,
+    ("POST", "/v1/deployments"): ADMIN_ONLY,
+    ("GET", "/v1/deployments/{deployment_id}"): OPERATORS,
+    ("DELETE", "/v1/deployments/{deployment_id}"): ADMIN_ONLY,
+    ("GET", "/v1/events"): OPERATORS,
+    ("GET", "/v1/models"): OPERATORS,
+    ("GET", "/v1/models/{name}"): OPERATORS,
+    ("GET", "/v1/models/{name}/history"): OPERATORS,
+    ("GET", "/v1/models/{name}/versions/{version}"): OPERATORS,
+    ("PUT", "/v1/models/{name}/versions/{version}/variants/{variant}/signature"): ADMIN_ONLY,
+    ("POST", "/v1/packages"): ADMIN_ONLY,
+    ("GET", "/v1/pins"): OPERATORS,
+    ("POST", "/v1/pins"): ADMIN_ONLY,
+    ("DELETE", "/v1/pins/{pin_id}"): ADMIN_ONLY,
+    ("GET", "/v1/rollouts"): OPERATORS,
+    ("POST", "/v1/rollouts"): ADMIN_ONLY,
+    ("GET", "/v1/rollouts/{rollout_id}"): OPERATORS,
+    ("POST", "/v1/rollouts/{rollout_id}/abort"): ADMIN_ONLY,
+    ("POST", "/v1/rollouts/{rollout_id}/pause"): ADMIN_ONLY,
+    ("POST", "/v1/rollouts/{rollout_id}/resume"): ADMIN_ONLY,
+    ("GET", "/v1/telemetry"): OPERATORS,
+    ("GET", "/v1/tuf/image/{filename:path}"): ANY_CALLER,
+    ("GET", "/v1/nodes"): OPERATORS,
+    ("GET", "/v1/nodes/{node_id}"): OPERATORS_OR_NODE_ITSELF,
+    ("PATCH", "/v1/nodes/{node_id}"): ADMIN_ONLY,
+    ("DELETE", "/v1/nodes/{node_id}"): ADMIN_ONLY,
+    ("GET", "/v1/nodes/{node_id}/desired"): OPERATORS_OR_NODE_ITSELF,
+    ("GET", "/v1/nodes/{node_id}/topology"): OPERATORS_OR_NODE_ITSELF,
+    ("GET", "/v1/tuf/director/{node_id}/{filename:path}"): OPERATORS_OR_NODE_ITSELF,
+    # the near-edge node of the device's site too (tests/integration/control/test_api_blobs.py)
+    ("GET", "/v1/nodes/{node_id}/packages/{digest}"): OPERATORS_OR_NODE_ITSELF,
+    ("PUT", "/v1/nodes/{node_id}/status"): NODE_ITSELF,
+    ("POST", "/v1/nodes/{node_id}/telemetry"): NODE_ITSELF,
+    ("POST", "/v1/nodes/{node_id}/certificate"): NODE_ITSELF,
+    ("POST", "/v1/nodes/{node_id}/attestation/challenge"): NODE_ITSELF,
+    ("POST", "/v1/nodes/{node_id}/attestation"): NODE_ITSELF,
+    ("POST", "/v1/nodes/{node_id}/tpm/challenge"): NODE_ITSELF,
+    ("POST", "/v1/nodes/{node_id}/tpm/activate"): NODE_ITSELF,
+    # the tail of a node's log is the admin's to ask for and read; only the node answers
+    ("POST", "/v1/nodes/{node_id}/log-requests"): ADMIN_ONLY,
+    ("GET", "/v1/nodes/{node_id}/log-requests/{request_id}"): ADMIN_ONLY,
+    ("POST", "/v1/nodes/{node_id}/log-requests/{request_id}"): NODE_ITSELF,
+}
+# Routes whose credential is not a bearer token or a node certificate, each tested where it is said.
+OWN_CREDENTIAL = {
+    ("GET", "/healthz"): "none: the liveness probe",
+    ("GET", "/readyz"): "none: the readiness probe",
+    ("POST", "/v1/enroll"): "the one-time enrollment token in the body (test_api_enrollment.py)",
+    ("GET", "/v1/ca"): "a valid enrollment token (test_api_enrollment.py)",
+    ("GET", "/"): "none: a redirect to the console",
+    ("GET", "/ui"): "none: a redirect to the console",
+    ("GET", "/ui/"): "the console's session cookie (test_console.py)",
+    ("GET", "/ui/login"): "none: the sign-in page",
+    ("POST", "/ui/login"): "the API token it signs in with (test_console.py)",
+    ("POST", "/ui/logout"): "the session cookie and its CSRF token (test_console.py)",
+    ("GET", "/ui/static/{name}"): "none: the console's scripts and styles",
+    ("GET", "/ui/api/session"): "the session cookie (test_console.py)",
+    ("GET", "/ui/api/fleet"): "the session cookie (test_console.py)",
+    ("GET", "/ui/api/nodes/{node_id}"): "the session cookie (test_console.py)",
+    ("GET", "/ui/api/models"): "the session cookie (test_console.py)",
+    ("GET", "/ui/api/rollouts"): "the session cookie (test_console.py)",
+    ("GET", "/ui/api/events"): "the session cookie (test_console.py)",
+    ("POST", "/ui/api/rollouts/{rollout_id}/{action}"): "an admin session, its origin and CSRF token (test_console.py)",
+}
+# What a refusal for who the caller is says (`strata.control.auth`); a 403 for what was asked (a package that is
+# not in the node's desired state) comes after the caller passed.
+IDENTITY_REFUSALS = {
+    "this needs an admin credential",
+    "this needs an operator credential",
+    "only the node itself may do this",
+    "a node may only read its own records",
+    "only the device, an operator, or the near-edge node at its site may ask this",
+    "a read-only token does not download packages or weights; this needs an admin token",
+    "this blob is not part of the node's desired state",  # the blob asked for is in no node's desired state
+}
+
+
+def every_route(app: Any) -> set[tuple[str, str]]:
+    """(method, path template) of every route the app serves, in its OpenAPI document or not."""
+    found: set[tuple[str, str]] = set()
+
+    def walk(routes: Any) -> None:
+        for route in routes:
+            # FastAPI (0.120 on) keeps an included router as one entry that lists its routes as "contexts"
+            contexts = getattr(route, "effective_route_contexts", None)
+            if contexts is not None:
+                walk(contexts())
+            elif getattr(route, "routes", None) is not None:  # a Mount
+                walk(route.routes)
+            else:
+                found.update((method, route.path) for method in getattr(route, "methods", None) or ())
+
+    walk(app.routes)
+    return found
+
+
+def test_every_route_lets_in_exactly_the_callers_its_entry_names(server: Harness) -> None:
+    """Every route the app serves, enumerated (so a route added without deciding who may call it fails here), is
+    called by the admin, a read-only token, a node on its own records and a node on another's; each is refused
+    with 403 exactly when its entry in WHO does not name it (no body is sent: a caller let in gets a 4xx for
+    that, never a change)."""
+    app = server.client.app.app  # TestClient.app is the TlsTestShim around the app
+    routes = every_route(app)
+    documented = {(m.upper(), p) for p, ops in app.openapi()["paths"].items() for m in ops}
+    assert {(m, re.sub(r"\{(\w+)\}", r"{\1}", p)) for m, p in documented} <= {  # the walk sees them all
+        (m, re.sub(r"\{(\w+):\w+\}", r"{\1}", p)) for m, p in routes
+    }
+    unclassified = routes - set(WHO) - set(OWN_CREDENTIAL)
+    assert not unclassified, f"decide who may call {sorted(unclassified)}: add them to WHO or OWN_CREDENTIAL"
+    assert not (set(WHO) | set(OWN_CREDENTIAL)) - routes, "WHO names routes the app no longer serves"
+
+    node = server.enroll("edge-a")
+    other = server.enroll("edge-b")
+    reader = {"Authorization": f"Bearer {token_of(server, 'read')}"}
+    callers = {
+        "admin": (server.admin, "no-such-node"),
+        "read": (reader, "no-such-node"),
+        "node": (node.headers, node.node_id),
+        "other": (node.headers, other.node_id),
+    }
+    wrong: list[str] = []
+    for (method, template), allowed in sorted(WHO.items()):
+        for caller, (headers, node_id) in callers.items():
+            if caller == "other" and "{node_id}" not in template:
+                continue  # the same call as "node"
+            path = template.replace("{node_id}", node_id).replace("{filename:path}", "root.json")
+            path = re.sub(r"\{(sha256|digest)\}", "0" * 64, path)
+            path = re.sub(r"\{[^}]+\}", "abc", path)
+            answer = server.client.request(method, path, headers=headers)
+            refused = answer.status_code == 403 and _error_of(answer) in IDENTITY_REFUSALS
+            if answer.status_code in (401, 500) or refused == (caller in allowed):
+                wrong.append(f"{method} {template} by {caller}: {answer.status_code} {answer.text[:120]}")
+    assert not wrong, "\n".join(wrong)
+
+
+def token_of(server: Harness, scope: str) -> str:
+    issued = server.client.post("/v1/api-tokens", json={"scope": scope}, headers=server.admin)
+    assert issued.status_code == 201, issued.text
+    token: str = issued.json()["token"]
+    return token
+
+
+def _error_of(answer: Any) -> str:
+    if not answer.content:  # HEAD
+        return next(iter(IDENTITY_REFUSALS)) if answer.status_code == 403 else ""
+    error: str = answer.json().get("error", "")
+    return error
