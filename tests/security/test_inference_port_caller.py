@@ -637,6 +637,30 @@ def test_a_crafted_grpc_infer_request_is_invalid_argument(agent: AgentHandle, gr
     assert failures(agent.serve_port, "internal") == internal_before
 
 
+def test_an_error_quoting_a_long_name_still_reaches_the_caller(grpc_address: str) -> None:
+    """A status message travels in a trailer, which a client refuses past 16 KiB: one quoting a 100,000-character
+    name reached the caller as RESOURCE_EXHAUSTED "received metadata size exceeds hard limit", never saying what
+    was wrong (REST's names come in the URL, bounded by the head's limit; over gRPC, by the message's)."""
+    from strata.agent.oip_grpc_codec import message_class
+
+    name = "\u00e9" * 100_000  # 2 bytes each, 6 once percent-encoded
+    calls = {
+        "an unknown model": ("ModelMetadata", message_class("ModelMetadataRequest")(name=name).SerializeToString()),
+        "an unknown version": (
+            "ModelInfer",
+            message_class("ModelInferRequest")(model_name="digits", model_version=name).SerializeToString(),
+        ),
+        "an unknown input": ("ModelInfer", infer_request(raw(name, "FP32", [1, 64], ROW))),
+    }
+    for what, (method, data) in calls.items():
+        with pytest.raises(grpc.RpcError) as caught:
+            unary(grpc_address, method)(data, timeout=10)
+        details = caught.value.details() or ""
+        print(f"{what}: {caught.value.code().name}, {len(details)} characters: ...{details[-40:]}")
+        assert caught.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), details
+        assert details.endswith("characters, cut)")
+
+
 def open_http2(port: int, count: int) -> list[socket.socket]:
     """`count` connections that say HTTP/2's preface and an empty SETTINGS, then nothing."""
     sockets = [connect(port) for _ in range(count)]

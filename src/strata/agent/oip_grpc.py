@@ -8,7 +8,7 @@ dynamic batches (gRPC and REST requests of one shape share batches), admission c
 serving token. Errors map to gRPC codes: a bad request is INVALID_ARGUMENT, an unknown model NOT_FOUND, a shed
 request UNAVAILABLE (with `retry-after` in the trailing metadata), a missing token UNAUTHENTICATED, and a model
 failure INTERNAL; ModelReady of a model not served answers `ready: false`, as tritonclient.http's `is_model_ready`
-reads REST's 404.
+reads REST's 404. A status message is cut to a size every client reads (it quotes names a caller chose).
 
 What a caller can hold: a message is at most `--max-request-mb` (RESOURCE_EXHAUSTED past it, before it is
 decoded), and at most `--max-connections` RPCs run at once (more are refused with RESOURCE_EXHAUSTED by gRPC
@@ -70,6 +70,19 @@ Behaviour = Callable[[Any, Context], Awaitable[Any]]
 def status_code(error: StrataError) -> grpc.StatusCode:
     """The gRPC status code of a strata error (INTERNAL for anything that is not the caller's doing)."""
     return _CODES.get(error.http_status, grpc.StatusCode.INTERNAL)
+
+
+# The longest status message sent: it travels in a trailer (percent-encoded, up to 12 bytes a character), and a
+# client refuses a trailer past its metadata limit (16 KiB by default) with RESOURCE_EXHAUSTED, never showing it.
+# A message quoting a caller's string (a model or tensor name: up to a message's size over gRPC) is cut to fit.
+MAX_DETAILS_CHARS: Final = 1024
+
+
+def status_details(message: str) -> str:
+    """`message` cut to `MAX_DETAILS_CHARS`, saying so, so that any client can read it."""
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    return f"{message[: MAX_DETAILS_CHARS - 40]}... ({len(message)} characters, cut)"
 
 
 _OPEN_METHODS: Final = frozenset({f"/{SERVICE}/ServerLive"})
@@ -236,7 +249,7 @@ class GrpcInferenceServer:
                 trailing = (("retry-after", str(exc.retry_after_s)),)
             elif isinstance(exc, AuthError):
                 trailing = (("www-authenticate", 'Bearer realm="strata"'),)
-            await context.abort(code, exc.message, trailing)
+            await context.abort(code, status_details(exc.message), trailing)
         except grpc.aio.AbortError:
             raise
         except Exception:
