@@ -45,8 +45,9 @@ def agent(
         int | None,
         typer.Option(
             "--grpc-port",
-            help="Serve the inference API over gRPC too (KServe v2 / Triton clients), on --serve-host "
-            "(needs strata[grpc]; off by default).",
+            help="Serve the inference API over gRPC too (KServe v2 / Triton clients), on --serve-host, under the "
+            "REST port's limits: connections, header and body timeouts, request size (needs strata[grpc]; off by "
+            "default).",
         ),
     ] = None,
     profile: Annotated[
