@@ -75,7 +75,9 @@ def test_a_blob_changed_in_the_servers_store_is_refused_and_v1_keeps_serving(
     fleet = signed_fleet
     start_node(fleet)
     node = fleet.agents["edge-1"]
-    assert (node.data_dir / "trust" / "pinned.json").is_file()
+    # the server lists the node once it has stored the enrollment; the agent pins the keys from the answer after
+    pinned = node.data_dir / "trust" / "pinned.json"
+    fleet.wait_for(pinned.is_file, 30, "edge-1 to pin the release key from its enrollment")
     fleet.wait_for(lambda: fleet.nodes()["edge-1"]["supply"] == "verified", 30, "edge-1 to report verified supply")
 
     v1 = push_model(fleet, digits_onnx, "1", tmp_path, sign_key=keys[0])
