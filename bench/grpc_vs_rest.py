@@ -47,7 +47,7 @@ from strata.agent.oip_grpc_codec import message_class
 message_class("ModelInferRequest")
 imported = rss()
 async def serve():
-    server = g.GrpcInferenceServer(None, max_message_bytes=1 << 20, max_concurrent_rpcs=16)
+    server = g.GrpcInferenceServer(None, max_message_bytes=1 << 20, message_budget_bytes=8 << 20)
     await server.start("127.0.0.1:0")
     await asyncio.sleep(0.5)
     started = rss()

@@ -89,6 +89,31 @@ def test_tritonclient_http_and_grpc_pass_the_same_checks(agent: tuple[str, str],
     match = re.search(refused, metrics, re.M)
     assert match is not None
     assert int(match.group(1)) == 2 * 4 + 2
+    many_calls_in_flight_over_grpc(grpc_address, expected)
+
+
+def many_calls_in_flight_over_grpc(address: str, expected: list[int]) -> None:
+    """tritonclient.grpc's async API with 16 inferences in flight, on an agent with default limits: it ran at most
+    --request-budget-mb / --max-request-mb = 128 / 64 = 2 RPCs at once, so most of them were RESOURCE_EXHAUSTED,
+    and so were health calls made meanwhile."""
+    import queue
+
+    import tritonclient.grpc as triton
+
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = triton.InferenceServerClient(url=address)
+    try:
+        infer_input = triton.InferInput("X", list(X.shape), "FP32")
+        infer_input.set_data_from_numpy(X)
+        for _ in range(16):
+            client.async_infer("digits", [infer_input], callback=lambda result, error: answers.put((result, error)))
+        live = [client.is_server_live() for _ in range(4)]  # while they are in flight
+        results = [answers.get(timeout=30) for _ in range(16)]
+    finally:
+        client.close()
+    assert [str(error) for _, error in results if error is not None] == []
+    assert all(result.as_numpy("label").tolist() == expected for result, _ in results)
+    assert live == [True] * 4
 
 
 def check_protocol(protocol: Protocol, expected: list[int]) -> None:

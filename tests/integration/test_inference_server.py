@@ -852,7 +852,7 @@ def test_grpc_needs_the_serving_token_as_rest_does(
     repository = ModelRepository()
     repository.put(loaded(digits_package, digits_runtime))
     app = InferenceApp(repository, InferenceMetrics(), token="t0ken")
-    server = GrpcInferenceServer(app, max_message_bytes=1 << 20, max_concurrent_rpcs=8)
+    server = GrpcInferenceServer(app, max_message_bytes=1 << 20, message_budget_bytes=8 << 20, max_concurrent_rpcs=8)
 
     async def start() -> None:
         await server.start("127.0.0.1:0")
@@ -892,7 +892,7 @@ def test_grpc_refuses_a_call_without_the_token_before_reading_its_message(
     repository = ModelRepository()
     repository.put(loaded(digits_package, digits_runtime))
     app = InferenceApp(repository, InferenceMetrics(), token="t0ken")
-    server = GrpcInferenceServer(app, max_message_bytes=64 << 20, max_concurrent_rpcs=16)
+    server = GrpcInferenceServer(app, max_message_bytes=64 << 20, message_budget_bytes=1 << 30, max_concurrent_rpcs=16)
     server_loop.run(server.start("127.0.0.1:0"))
     callers = f"""
 import concurrent.futures, grpc

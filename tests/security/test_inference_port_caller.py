@@ -41,6 +41,8 @@ MAX_REQUEST_MB = 8
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 3.0
 MIB = 1 << 20
+GRPC_MESSAGE_MB = 4  # --grpc-max-message-mb's default (gRPC's own), within MAX_REQUEST_MB and half of BUDGET_MB
+INFER_READS = (BUDGET_MB - GRPC_MESSAGE_MB) // GRPC_MESSAGE_MB  # ModelInfer messages read at once: 3
 
 
 @pytest.fixture(scope="module")
@@ -518,19 +520,22 @@ def server_ready(address: str) -> bytes:
     return answer
 
 
+def never_sends(release: threading.Event) -> Iterator[bytes]:
+    """A call's requests that never come: it ends its side, message-less, once `release` is set."""
+    release.wait(60)
+    yield from ()
+
+
 def test_grpc_calls_that_never_send_their_message_are_cut_off_at_the_deadline(grpc_address: str) -> None:
     """Two callers that open ModelInfer and never send its message held both RPC slots for ever: every later
     call, ServerLive included, was RESOURCE_EXHAUSTED until the agent restarted. Now each is DEADLINE_EXCEEDED
     within the body timeout, as REST's 408, and the port serves again."""
     release = threading.Event()
-
-    def never_sends() -> Iterator[bytes]:
-        release.wait(60)
-        yield from ()
-
     channels = [grpc.insecure_channel(grpc_address) for _ in range(2)]
     started = time.monotonic()
-    stalled = [channel.stream_unary(f"{SERVICE}/ModelInfer").future(never_sends(), timeout=60) for channel in channels]
+    stalled = [
+        channel.stream_unary(f"{SERVICE}/ModelInfer").future(never_sends(release), timeout=60) for channel in channels
+    ]
     try:
         codes = []
         for call in stalled:
@@ -549,6 +554,91 @@ def test_grpc_calls_that_never_send_their_message_are_cut_off_at_the_deadline(gr
             call.cancel()
         for channel in channels:
             channel.close()
+
+
+def test_health_calls_answer_while_stalled_inferences_hold_the_budget(agent: AgentHandle, grpc_address: str) -> None:
+    """The gRPC port ran at most request budget / --max-request-mb RPCs at once (16 / 8 = 2 here; 128 / 64 = 2
+    by default), so calls that were slow to send their message (here, never) made every other call
+    RESOURCE_EXHAUSTED: a health probe failed whenever two inferences were being received. Now ModelInfer calls
+    being read hold the budget but one message's worth, health and metadata calls answer from that, and a
+    ModelInfer with no room waits for it instead of failing, its message left unread in a 64 KiB window (with
+    gRPC's BDP probing on, gRPC took each whole message in unread: 16 x 4 MiB)."""
+    release = threading.Event()
+    time.sleep(0.5)
+    baseline = memory_kb(agent, "VmRSS")
+    reset_peak(agent)
+    channels = [grpc.insecure_channel(grpc_address) for _ in range(INFER_READS + 4)]
+    stalled = [
+        channel.stream_unary(f"{SERVICE}/ModelInfer").future(never_sends(release), timeout=30)
+        for channel in channels[:INFER_READS]
+    ]
+    try:
+        time.sleep(0.5)  # every stalled call is admitted and charged its message's worth
+        small = unary(grpc_address, "ModelInfer").future(infer_request(raw("X", "FP32", [1, 64], ROW)), timeout=30)
+        large = infer_request(raw("X", "FP32", [1, 64], bytes(GRPC_MESSAGE_MB * MIB - 1024)))
+        waiting = [
+            channel.unary_unary(f"{SERVICE}/ModelInfer").future(large, timeout=30)
+            for channel in channels[INFER_READS:]
+            for _ in range(4)
+        ]
+        started = time.monotonic()
+        calls = [("ServerLive", b""), ("ServerReady", b""), ("ModelReady", b"\x0a\x06digits")]  # name="digits"
+        answers = [unary(grpc_address, method)(data, timeout=5) for method, data in calls]
+        elapsed = time.monotonic() - started
+        time.sleep(0.5)
+        peak_mb = (memory_kb(agent, "VmHWM") - baseline) / 1024
+        print(
+            f"{INFER_READS} stalled ModelInfer calls: health answered in {elapsed:.2f}s; {len(waiting)} more, of "
+            f"{len(large) / MIB:.1f} MiB each, wait unread: peak +{peak_mb:.0f} MB"
+        )
+        assert answers == [b"\x08\x01"] * 3  # live, ready, model ready
+        assert elapsed < 1.0
+        assert not any(call.done() for call in [small, *waiting])  # no room: they wait, neither refused nor read
+        assert peak_mb < 24
+    finally:
+        release.set()  # the stalled calls end their side without a message: INVALID_ARGUMENT, budget back
+    ended = [call.exception(timeout=10) for call in stalled + waiting]
+    assert {error.code().name for error in ended} == {"INVALID_ARGUMENT"}  # the large ones do not fit the model
+    answer = small.result(timeout=10)
+    for channel in channels:
+        channel.close()
+    from strata.agent.oip_grpc_codec import message_class
+
+    assert message_class("ModelInferResponse").FromString(answer).model_name == "digits"
+
+
+def test_many_small_grpc_inferences_in_flight_all_succeed(grpc_address: str) -> None:
+    """16 ModelInfer calls in flight on one channel (a gateway, tritonclient's async API): with the RPC cap at 2
+    here most were RESOURCE_EXHAUSTED. Each waits for room to be read, and once read holds only its own bytes."""
+    from strata.agent.oip_grpc_codec import message_class
+
+    data = infer_request(raw("X", "FP32", [1, 64], ROW))
+    with grpc.insecure_channel(grpc_address) as channel:
+        call = channel.unary_unary(f"{SERVICE}/ModelInfer")
+        futures = [call.future(data, timeout=30) for _ in range(16)]
+        health = [channel.unary_unary(f"{SERVICE}/ServerLive").future(b"", timeout=30) for _ in range(4)]
+        outcomes = []
+        for future in futures + health:
+            error = future.exception(timeout=30)
+            outcomes.append(error.code().name if error is not None else "OK")
+        answers = [message_class("ModelInferResponse").FromString(f.result()) for f in futures if not f.exception()]
+    print(f"16 ModelInfer + 4 ServerLive calls in flight: {sorted(set(outcomes))}")
+    assert outcomes == ["OK"] * 20
+    assert {answer.model_name for answer in answers} == {"digits"}
+
+
+def test_a_grpc_message_over_the_limit_is_resource_exhausted(agent: AgentHandle, grpc_address: str) -> None:
+    """A gRPC message was read up to --max-request-mb (64 MiB by default), which made each call cost the budget that
+    much. Past --grpc-max-message-mb (4 MiB by default, gRPC's own) it is refused by gRPC before it is read; gRPC
+    words the status itself ("larger than max (N vs. LIMIT)"), so the agent's log says which flag raises it."""
+    data = infer_request(raw("X", "FP32", [1, 64], bytes(GRPC_MESSAGE_MB * MIB)))
+    with pytest.raises(grpc.RpcError) as caught:
+        unary(grpc_address, "ModelInfer")(data, timeout=10)
+    print(f"a {len(data)}-byte message: {caught.value.code().name} {caught.value.details()}")
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"vs. {GRPC_MESSAGE_MB * MIB})" in caught.value.details()
+    log = agent.process.log_path.read_text(errors="replace")
+    assert f"messages up to {GRPC_MESSAGE_MB} MiB (--grpc-max-message-mb)" in log
 
 
 METHODS = [

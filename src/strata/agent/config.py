@@ -15,6 +15,7 @@ from strata.core.package import check_name
 from strata.core.wire import TIERS, parse_labels
 
 CONFIG_ENV: Final = "STRATA_AGENT_CONFIG"
+GRPC_DEFAULT_MESSAGE_MB: Final = 4.0  # gRPC's own default largest message (grpc.max_receive_message_length)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class AgentConfig:
     max_connections: int = 1024
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
+    grpc_max_message_mb: float | None = None  # None: gRPC's own default, 4 MiB (or what the limits above allow)
 
     def __post_init__(self) -> None:
         if not self.server.startswith("https://"):
@@ -103,6 +105,14 @@ class AgentConfig:
             raise ConfigError("--report-interval must not be negative")
         if self.max_request_mb <= 0 or self.request_budget_mb < self.max_request_mb:
             raise ConfigError("--max-request-mb must be positive and at most --request-budget-mb")
+        if self.grpc_max_message_mb is not None and not (
+            0 < self.grpc_max_message_mb <= self.max_request_mb
+            and self.grpc_max_message_mb <= self.request_budget_mb / 2
+        ):
+            raise ConfigError(
+                "--grpc-max-message-mb must be positive, at most --max-request-mb, and at most half of "
+                "--request-budget-mb (the budget keeps one message's worth for health and metadata calls)"
+            )
         if self.max_connections < 1:
             raise ConfigError("--max-connections must be at least 1")
         if not 0 < self.header_timeout_s <= self.body_timeout_s:
@@ -127,6 +137,15 @@ class AgentConfig:
     def request_budget_bytes(self) -> int:
         """The request bodies all connections of one listener may hold at once."""
         return int(self.request_budget_mb * (1 << 20))
+
+    @property
+    def grpc_max_message_bytes(self) -> int:
+        """The largest message of a gRPC call: --grpc-max-message-mb, else gRPC's own default of 4 MiB, or less
+        when --max-request-mb or half of --request-budget-mb is (`strata.agent.oip_grpc` says why half)."""
+        megabytes = self.grpc_max_message_mb
+        if megabytes is None:
+            megabytes = min(GRPC_DEFAULT_MESSAGE_MB, self.max_request_mb, self.request_budget_mb / 2)
+        return int(megabytes * (1 << 20))
 
     @property
     def serve_host_tier(self) -> str:
@@ -202,6 +221,7 @@ class AgentConfig:
             "max_connections": self.max_connections,
             "header_timeout_s": self.header_timeout_s,
             "body_timeout_s": self.body_timeout_s,
+            "grpc_max_message_mb": self.grpc_max_message_mb,
         }
 
     @classmethod

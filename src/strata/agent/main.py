@@ -308,14 +308,15 @@ class Agent:
             from strata.agent.oip_grpc import GrpcInferenceServer
         except ImportError as exc:
             raise ConfigError(f"--grpc-port needs grpcio and protobuf (pip install 'strata[grpc]'): {exc}") from exc
-        # gRPC holds a whole message before its handler runs: RPCs at once x largest message stays within the
-        # request-body budget that REST's listener charges before reading. The rest are REST's limits.
+        # gRPC says a message's size only once it has read it whole: each call is charged the largest gRPC message
+        # to the request budget REST's listener charges bodies to, before its message is read. The rest are
+        # REST's limits.
         limits = server_limits(self.config)
-        budget_rpcs = max(1, limits.max_body_bytes_in_flight // max(1, limits.max_body_bytes))
         grpc_server = GrpcInferenceServer(
             app,
-            max_message_bytes=limits.max_body_bytes,
-            max_concurrent_rpcs=min(limits.max_connections, budget_rpcs),
+            max_message_bytes=self.config.grpc_max_message_bytes,
+            message_budget_bytes=limits.max_body_bytes_in_flight,
+            max_concurrent_rpcs=limits.max_connections,
             max_connections=limits.max_connections,
             handshake_timeout_s=limits.header_timeout,
             idle_timeout_s=limits.keep_alive_timeout,
@@ -323,10 +324,11 @@ class Agent:
         )
         await grpc_server.start(f"{url_host(self.config.serve_host)}:{self.config.grpc_port}")
         log.info(
-            "serving the Open Inference Protocol over gRPC on %s:%d%s",
+            "serving the Open Inference Protocol over gRPC on %s:%d%s, messages up to %g MiB (--grpc-max-message-mb)",
             self.config.serve_host,
             grpc_server.port,
             " (bearer token in serve.token)" if app.needs_token else "",
+            self.config.grpc_max_message_bytes / (1 << 20),
         )
         return grpc_server
 

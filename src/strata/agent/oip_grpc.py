@@ -10,13 +10,23 @@ request UNAVAILABLE (with `retry-after` in the trailing metadata), a missing tok
 failure INTERNAL; ModelReady of a model not served answers `ready: false`, as tritonclient.http's `is_model_ready`
 reads REST's 404. A status message is cut to a size every client reads (it quotes names a caller chose).
 
-What a caller can hold: a message is at most `--max-request-mb` (RESOURCE_EXHAUSTED past it, before it is
-decoded), and at most `--max-connections` RPCs run at once (more are refused with RESOURCE_EXHAUSTED by gRPC
-itself). gRPC reads a message whole before the handler sees it, so unlike the REST listener there is no byte
-budget charged before the bytes arrive: the bound is the product of the two. An RPC's message must arrive within
-`--body-timeout` of its start (DEADLINE_EXCEEDED past it, as REST's 408), or a few callers that open RPCs and never
-send their message would hold every slot for ever. Every handler reads its message itself (as bytes, then parses
-it), so a message that is not the RPC's request is INVALID_ARGUMENT, never gRPC's own UNKNOWN and a traceback.
+What a caller can hold: request messages of at most `--request-budget-mb` together (128 MiB by default, the
+REST port's budget), plus what waits unread in the HTTP/2 window of each open RPC (64 KiB; about 100 KiB a call
+with gRPC's own state), at most `--max-connections` RPCs open at once (RESOURCE_EXHAUSTED past it, from gRPC
+itself). A message is at most `--grpc-max-message-mb` (4 MiB by default, gRPC's own default; RESOURCE_EXHAUSTED
+past it, from gRPC itself, in gRPC's words "larger than max (N vs. LIMIT)", before it is read). gRPC says a
+message's size only once it has read it whole, so each RPC is charged the largest message to the budget before
+its message is read, and its message's own size once read, until it is answered; an RPC that does not fit waits
+for room. ModelInfer may use all of the budget but one message's worth, which health and metadata calls
+(ServerLive, ServerReady, ModelReady, metadata: a few bytes each) keep for themselves, so a probe answers while
+inferences fill the rest: by default 31 ModelInfer messages are read at once (128 MiB / 4 MiB, less one), and a
+small one, once read, holds only its own bytes. Until it is read, an RPC's message waits in its stream's HTTP/2
+window; gRPC's BDP probing, which grows that window (to 4-16 MiB on a quiet node) until whole messages wait
+unread, uncharged, is off (a message being read gets a window of its size). An RPC's message must arrive within
+`--body-timeout` of its start, its wait for the budget included (DEADLINE_EXCEEDED past it, as REST's 408), or a
+few callers that open RPCs and never send their message would hold the budget for ever. Every handler reads its
+message itself (as bytes, then parses it), so a message that is not the RPC's request is INVALID_ARGUMENT, never
+gRPC's own UNKNOWN and a traceback.
 
 Only on the serving port: the tiers reach each other over REST on the mutual-TLS tier port (`strata.route`
 speaks REST), so there is no gRPC tier listener.
@@ -87,6 +97,52 @@ def status_details(message: str) -> str:
 
 _OPEN_METHODS: Final = frozenset({f"/{SERVICE}/ServerLive"})
 
+# Until its handler reads it, a call's message waits in its HTTP/2 stream window: this one (HTTP/2's default), with
+# BDP probing off, which would otherwise grow it (to 4-16 MiB on a quiet node) until whole messages wait unread:
+# 16 calls waiting with 4 MiB messages cost the agent 66 MB with it, 2 MB without (the caller test measures it).
+STREAM_WINDOW_BYTES: Final = 64 * 1024
+
+
+class MessageBudget:
+    """The request-message bytes a listener's RPCs may hold at once: each is charged before its message is read
+    (gRPC says no message's size before reading it whole) and releases what it was charged when answered.
+    Inference may use all but `reserve_bytes`, which health and metadata calls keep for themselves. Waiters are
+    woken on each release and check again; one that may use the reserve never waits behind one that may not.
+    Event-loop state only (no locks): charge and release from the loop.
+    """
+
+    def __init__(self, total_bytes: int, reserve_bytes: int) -> None:
+        if not 0 <= reserve_bytes < total_bytes:
+            raise ValueError(f"a reserve of {reserve_bytes} bytes does not leave room in {total_bytes}")
+        self.total_bytes = total_bytes
+        self.reserve_bytes = reserve_bytes
+        self._used = 0
+        self._released = asyncio.Event()
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes charged now."""
+        return self._used
+
+    def fits(self, size: int, *, reserved: bool) -> bool:
+        """Whether `size` bytes more fit now, in the whole budget (`reserved`) or all of it but the reserve."""
+        room = self.total_bytes - (0 if reserved else self.reserve_bytes)
+        return self._used + size <= room
+
+    async def charge(self, size: int, *, reserved: bool) -> None:
+        """Charge `size` bytes once they fit (see `fits`). Cancelled while waiting, it has charged nothing."""
+        while not self.fits(size, reserved=reserved):
+            await self._released.wait()
+        self._used += size
+
+    def release(self, size: int) -> None:
+        """Give back `size` charged bytes and wake the waiters."""
+        if size <= 0:
+            return
+        self._used -= size
+        released, self._released = self._released, asyncio.Event()
+        released.set()
+
 
 # grpcio ships no type hints, so its base class is Any to mypy (strict: no subclassing Any); grpc.aio takes only
 # instances of ServerInterceptor as interceptors, so subclassing it is the one way in.
@@ -117,9 +173,14 @@ class GrpcInferenceServer:
     """`GRPCInferenceService` over an `InferenceApp`, on a grpc.aio server in the running event loop, with the
     limits of REST's listener (`strata.agent.httpd.ServerLimits`): at most `max_connections` connections, each
     given `handshake_timeout_s` to begin HTTP/2 and closed after `idle_timeout_s` with no RPC; every RPC's message
-    at most `max_message_bytes`, arriving within `message_timeout_s`; at most `max_concurrent_rpcs` at once.
+    at most `max_message_bytes`, arriving within `message_timeout_s`, and read only once `max_message_bytes` are
+    charged to a budget of `message_budget_bytes` (ModelInfer leaves one message's worth of it to the other RPCs);
+    at most `max_concurrent_rpcs` at once.
 
     Usage: `await server.start(address)` (`host:port`, `[v6]:port`), read `server.port`, `await server.stop()`.
+
+    Raises:
+        ValueError: the budget does not hold two messages.
     """
 
     def __init__(
@@ -127,14 +188,18 @@ class GrpcInferenceServer:
         app: InferenceApp,
         *,
         max_message_bytes: int,
-        max_concurrent_rpcs: int,
+        message_budget_bytes: int,
+        max_concurrent_rpcs: int = 1024,
         max_connections: int = 1024,
         handshake_timeout_s: float = 10.0,
         idle_timeout_s: float = 5.0,
         message_timeout_s: float = 60.0,
     ) -> None:
         self._app = app
+        if message_budget_bytes < 2 * max_message_bytes:
+            raise ValueError("the message budget must hold two messages: one for inference, one kept for the rest")
         self._max_message_bytes = max_message_bytes
+        self._budget = MessageBudget(message_budget_bytes, max_message_bytes)
         self._max_concurrent_rpcs = max_concurrent_rpcs
         self._max_connections = max_connections
         self._handshake_timeout_s = handshake_timeout_s
@@ -195,6 +260,8 @@ class GrpcInferenceServer:
         options = [
             ("grpc.max_receive_message_length", self._max_message_bytes),
             ("grpc.max_send_message_length", -1),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
             # what REST's listener bounds too: connections open at once, the time a new one has to say HTTP/2,
             # and how long one with no RPC in flight stays (a client reconnects at its next call, unseen)
             ("grpc.max_allowed_incoming_connections", self._max_connections),
@@ -228,17 +295,20 @@ class GrpcInferenceServer:
         self, behaviour: Behaviour, name: str, open_: bool, raw: bool, _requests: Any, context: Context
     ) -> Any:
         """Run one RPC: the serving token first (unless `open_`), then its message (the bytes when `raw`, else
-        parsed as `<name>Request`), then strata errors as gRPC statuses.
+        parsed as `<name>Request`, charged to the budget until answered), then strata errors as gRPC statuses.
 
         Raises:
             grpc.aio.AbortError: always when it fails (`context.abort`), with the status and message.
         """
+        held = _Held()
         try:
             if self._app.needs_token and not open_:
                 metadata = dict(context.invocation_metadata() or ())
                 authorization = metadata.get("authorization", "")
                 self._app.authenticate(authorization if isinstance(authorization, str) else "")
-            data = await self._receive(name, context)
+            data = await self._receive(name, context, held)
+            self._budget.release(held.bytes - len(data))
+            held.bytes = len(data)
             return await behaviour(data if raw else parse_message(f"{name}Request", data), context)
         except StrataError as exc:
             code = status_code(exc)
@@ -255,19 +325,31 @@ class GrpcInferenceServer:
         except Exception:
             log.exception("unhandled error serving gRPC %s", name)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            self._budget.release(held.bytes)
         raise AssertionError("context.abort returned")  # it always raises
 
-    async def _receive(self, name: str, context: Context) -> bytes:
-        """The RPC's one message, which must arrive within the message timeout of the call's start.
+    async def _receive(self, name: str, context: Context, held: _Held) -> bytes:
+        """The RPC's one message, read once the largest message is charged to the budget (`held` says what is),
+        all within the message timeout of the call's start.
 
         Raises:
             BadRequest: the caller closed its side without a message.
-            grpc.aio.AbortError: the message did not arrive in time (DEADLINE_EXCEEDED).
+            grpc.aio.AbortError: the budget had no room or the message did not arrive in time (DEADLINE_EXCEEDED).
         """
         try:
             async with asyncio.timeout(self._message_timeout_s):
+                await self._budget.charge(self._max_message_bytes, reserved=name != "ModelInfer")
+                held.bytes = self._max_message_bytes
                 data = await context.read()
         except TimeoutError:
+            if not held.bytes:
+                log.info("gRPC %s: no room in the request budget within %g s", name, self._message_timeout_s)
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the node held its whole request budget (--request-budget-mb) for {self._message_timeout_s:g} s"
+                    " before this call's message could be read; retry later",
+                )
             log.info("gRPC %s: no request message within %g s; call cancelled", name, self._message_timeout_s)
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -332,6 +414,15 @@ class GrpcInferenceServer:
 
         result = await self._app.infer(model, decode, size=len(data), inline=inline)
         return result.body
+
+
+class _Held:
+    """What one RPC has charged to the message budget (zero until its turn comes)."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
 
 
 def _ms(seconds: float) -> int:

@@ -46,8 +46,11 @@ def agent(
         typer.Option(
             "--grpc-port",
             help="Serve the inference API over gRPC too (KServe v2 / Triton clients), on --serve-host, under the "
-            "REST port's limits: connections, header and body timeouts, request size (needs strata[grpc]; off by "
-            "default).",
+            "REST port's limits: connections, header and body timeouts, the request budget (needs strata[grpc]; off "
+            "by default). gRPC says a message's size only once it has read it whole, so each call is charged "
+            "--grpc-max-message-mb of --request-budget-mb before it is read, and its own size once read: by "
+            "default 31 inferences are read at once, and one message's worth is kept for health and "
+            "metadata calls. Memory held: the budget plus ~100 KiB per open call (at most --max-connections).",
         ),
     ] = None,
     profile: Annotated[
@@ -170,6 +173,14 @@ def agent(
     body_timeout: Annotated[
         str, typer.Option("--body-timeout", help="A whole request must arrive within this (408, closed).")
     ] = "60s",
+    grpc_max_message_mb: Annotated[
+        float | None,
+        typer.Option(
+            "--grpc-max-message-mb",
+            help="Largest gRPC message (RESOURCE_EXHAUSTED past it). Default 4, gRPC's own, or less to stay within "
+            "--max-request-mb and half of --request-budget-mb; larger means fewer calls read at once.",
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Enroll (once), pull desired state, fetch and verify packages, activate them atomically, and serve
@@ -220,6 +231,7 @@ def agent(
         max_connections=max_connections,
         header_timeout_s=parse_duration(header_timeout),
         body_timeout_s=parse_duration(body_timeout),
+        grpc_max_message_mb=grpc_max_message_mb,
     )
     env = {**os.environ, CONFIG_ENV: agent_config.to_env()}
     sys.stdout.flush()

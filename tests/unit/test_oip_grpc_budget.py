@@ -1,0 +1,88 @@
+"""How the gRPC listener sizes and shares its request budget (strata.agent.oip_grpc.MessageBudget, and the
+settings in strata.agent.config): pure bookkeeping on an event loop, no server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from strata.agent.config import AgentConfig
+from strata.agent.oip_grpc import MessageBudget
+from strata.core.errors import ConfigError
+
+MIB = 1 << 20
+
+
+def config(**limits: Any) -> AgentConfig:
+    return AgentConfig(server="https://cp", data_dir=Path("/nonexistent"), name="n", tier="near-edge", **limits)
+
+
+@pytest.mark.parametrize(
+    ("limits", "megabytes"),
+    [
+        ({}, 4),  # gRPC's own default: 31 inferences read at once in 128 MiB, one message's worth kept
+        ({"max_request_mb": 2}, 2),  # never past the largest REST body
+        ({"max_request_mb": 6, "request_budget_mb": 6}, 3),  # half the budget, so inference has room for one
+        ({"grpc_max_message_mb": 16}, 16),
+    ],
+)
+def test_the_largest_grpc_message_defaults_to_grpcs_own_within_the_limits(
+    limits: dict[str, Any], megabytes: float
+) -> None:
+    assert config(**limits).grpc_max_message_bytes == megabytes * MIB
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"grpc_max_message_mb": 0},
+        {"grpc_max_message_mb": 65},  # past --max-request-mb
+        {"grpc_max_message_mb": 64, "request_budget_mb": 100},  # past half the budget: no room for inference
+    ],
+)
+def test_a_grpc_message_limit_that_cannot_work_is_refused(limits: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="--grpc-max-message-mb must be"):
+        config(**limits)
+
+
+def test_inference_leaves_the_reserve_to_health_calls_which_never_wait_behind_it() -> None:
+    async def scenario() -> list[str]:
+        budget = MessageBudget(total_bytes=4 * MIB, reserve_bytes=MIB)
+        order: list[str] = []
+
+        async def call(name: str, reserved: bool) -> None:
+            await budget.charge(MIB, reserved=reserved)
+            order.append(name)
+
+        for i in range(3):  # the inferences that fit: all but the reserve
+            await call(f"infer{i}", reserved=False)
+        waiting = asyncio.create_task(call("infer3", reserved=False))
+        await asyncio.sleep(0)
+        assert not waiting.done()  # the reserve is not inference's
+        await call("live", reserved=True)  # a health call uses it at once
+        assert budget.used_bytes == 4 * MIB
+        blocked = asyncio.create_task(call("ready", reserved=True))
+        await asyncio.sleep(0)
+        budget.release(MIB)  # the health call is answered: the next health call goes first, not the inference
+        await asyncio.sleep(0)
+        assert blocked.done()
+        assert not waiting.done()
+        budget.release(2 * MIB)
+        await asyncio.wait_for(waiting, 1)
+        cancelled = asyncio.create_task(budget.charge(3 * MIB, reserved=True))
+        await asyncio.sleep(0)
+        cancelled.cancel()  # given up while waiting: nothing was charged
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert budget.used_bytes == 3 * MIB
+        return order
+
+    assert asyncio.run(scenario()) == ["infer0", "infer1", "infer2", "live", "ready", "infer3"]
+
+
+def test_a_budget_without_room_beside_its_reserve_is_refused() -> None:
+    with pytest.raises(ValueError, match="does not leave room"):
+        MessageBudget(total_bytes=MIB, reserve_bytes=MIB)
