@@ -8,11 +8,12 @@ around them: it resolves a token or certificate to a principal (cached, with inv
 re-enrolled or renewed, or a token revoked), records node presence and when each token was last used, writes the
 first admin token, and lists and revokes operator tokens.
 
-A token revoked through one replica is refused by it at once, and by every other replica as soon as it sees the
-fleet change counter move (`feed.SharedGeneration`: within a second by NOTIFY on PostgreSQL, at most about
-`safety_poll_s` plus a second when a notification is lost; within `poll_s` on SQLite): each replica drops the
-operator tokens it cached whenever another replica changed anything, and looks them up again once. Operator tokens
-are few, so that costs a handful of indexed reads per change.
+A token revoked (or a node revoked, re-enrolled or renewed) through one replica is refused by it at once, and by
+every other replica as soon as it sees the fleet change counter move (`feed.SharedGeneration`: within a second by
+NOTIFY on PostgreSQL, at most about `safety_poll_s` plus a second when a notification is lost; within `poll_s` on
+SQLite): whenever another replica changed anything, each replica drops the operator tokens it cached (they are
+few: a handful of indexed reads again) and the node certificates it cached that are no longer current (`recheck`:
+one read per thousand cached, not one per node).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from strata.control.db import TOKEN_NAME_LEN, ApiToken, Database, Node
+from strata.control.errors import StoreError
 from strata.control.feed import ChangeFeed
 from strata.control.lease import serialize
 from strata.control.presence import PresenceTracker
@@ -43,6 +45,7 @@ ADMIN_SCOPE = "admin"
 READ_SCOPE = "read"
 SCOPES = (ADMIN_SCOPE, READ_SCOPE)
 _TOKENS = "api-tokens"  # the job name revocations serialize on (`lease.serialize`)
+_RECHECK_BATCH = 1000  # cached node certificates checked per read after another replica's change
 
 
 def new_secret() -> str:
@@ -333,11 +336,40 @@ class Authenticator:
             self._feed.bump()
 
     def forget_tokens(self) -> None:
-        """Drop every cached operator token: each is looked up again at its next use (a token was revoked here or
-        on another replica)."""
+        """Drop every cached operator token: each is looked up again at its next use (a token was revoked)."""
         with self._lock:
             self._epoch += 1
             self._by_hash = {h: p for h, p in self._by_hash.items() if p.node_id is not None}
+
+    def recheck(self) -> None:
+        """After another replica's change (it may have revoked a token, or revoked, re-enrolled or renewed a node):
+        drop every cached operator token, and every cached node certificate that is no longer the current one of a
+        live node, read in batches of `_RECHECK_BATCH` (a fleet's certificates are not looked up one by one again).
+        When that read fails, every cached certificate is dropped instead.
+        """
+        self.forget_tokens()  # the epoch moved: a lookup in flight from before does not cache what it read
+        with self._lock:  # `_cache` adds to the dict from request threads
+            cached = [key for key, principal in self._by_hash.items() if principal.node_id is not None]
+        current: set[str] = set()
+        try:
+            for start in range(0, len(cached), _RECHECK_BATCH):
+                hashes = [key.removeprefix("cert:") for key in cached[start : start + _RECHECK_BATCH]]
+                with self._db.transaction() as session:
+                    current.update(
+                        session.scalars(
+                            select(Node.credential_hash).where(
+                                Node.credential_hash.in_(hashes), Node.revoked_at.is_(None)
+                            )
+                        )
+                    )
+        except StoreError as exc:
+            log.warning("cannot recheck the cached node certificates, dropping them all: %s", exc)
+            current = set()
+        stale = {key for key in cached if key.removeprefix("cert:") not in current}
+        if stale:
+            with self._lock:
+                self._epoch += 1
+                self._by_hash = {h: p for h, p in self._by_hash.items() if h not in stale}
 
     def forget_node(self, node_id: str) -> None:
         """Stop accepting cached credentials of `node_id` (revoked, or re-enrolled with a new credential)."""

@@ -12,7 +12,7 @@ LISTEN on PostgreSQL with psycopg 3 (a dedicated connection in a thread, with a 
 polling it every `poll_s` on SQLite (one primary-key read). When it moved for a change made elsewhere, the
 replica bumps its own generation, which drops its caches and wakes its long polls. Its own changes it
 recognises by the values it wrote, so they do not wake its waiters twice. Caches not keyed by the generation (the
-operator tokens `auth.Authenticator` has looked up) register in `on_foreign` to be dropped first.
+credentials `auth.Authenticator` has looked up) register in `on_foreign` to be checked first.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ class ControlPlane:
         presence = PresenceTracker()
         authenticator = Authenticator(db, presence, settings.clock, feed)
         shared = SharedGeneration(db, feed)
-        shared.on_foreign.append(authenticator.forget_tokens)  # a token revoked on another replica
+        shared.on_foreign.append(authenticator.recheck)  # a token or node revoked through another replica
         pki = Pki(settings.pki_dir, settings.ca_path, settings.clock)
         nudge = Nudge()
         window = settings.online_window_s

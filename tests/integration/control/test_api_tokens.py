@@ -1,10 +1,12 @@
 """Operator tokens are named, listed and revoked (`GET` and `DELETE /v1/api-tokens`): a revoked token is refused at
 once (its cached principal too) and by another replica of the same database within the change feed's bound; the
-last admin token is kept; a read-only token can do neither; use is recorded in batches, not per request."""
+last admin token is kept; a read-only token can do neither; use is recorded in batches, not per request. The same
+cross-replica recheck drops a node certificate another replica replaced."""
 
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 
 import pytest
@@ -140,3 +142,24 @@ def test_a_token_revoked_through_one_replica_is_refused_by_the_other_within_two_
         print(f"replica b refused the revoked token {took:.2f} s after the revocation")
         assert took < 2.0
         assert b.client.get("/v1/nodes", headers=b.admin).status_code == 200
+
+
+def test_a_node_re_enrolled_through_one_replica_is_refused_its_old_certificate_by_the_other(
+    settings: ServerSettings, start_server: StartServer
+) -> None:
+    """The same recheck covers node certificates: the old machine's certificate, cached by replica b, stopped
+    working on a only; b kept taking it as the node (its desired state, its status reports) until b restarted."""
+    with start_server(settings) as a, start_server(settings) as b:
+        old = a.enroll("edge-1")
+        kept = a.enroll("edge-2")
+        assert b.desired(old).status_code == 200  # cached on b
+        assert b.desired(kept).status_code == 200
+        new = a.enroll("edge-1", reenroll=True)  # `strata nodes reenroll` and `strata agent --replace`
+        assert a.desired(old).status_code == 401
+        started = time.monotonic()
+        while b.desired(old).status_code != 401:
+            assert time.monotonic() - started < 5, "replica b still takes the replaced certificate as the node"
+            time.sleep(0.05)
+        assert b.desired(new).status_code == 200
+        assert b.desired(kept).status_code == 200
+        assert b.plane.authenticator.certificate_cached(ssl.PEM_cert_to_DER_cert(kept.certificate)) is not None
