@@ -105,13 +105,13 @@ def list_tokens(server: ServerOption = None, token: TokenOption = None, as_json:
 
 @app.command("revoke")
 def revoke(
-    which: Annotated[str, typer.Argument(metavar="TOKEN", help="The token's id, or its name if no other has it.")],
+    name_or_id: Annotated[str, typer.Argument(help="The token's id, or its name if no other token has it.")],
     server: ServerOption = None,
     token: TokenOption = None,
 ) -> None:
     """Revoke an operator API token: every replica refuses it within seconds. The last admin token is kept."""
     with ControlClient(server, token) as client:
-        found = _resolve(client.api_tokens(), which)
+        found = _resolve(client.api_tokens(), name_or_id)
         client.revoke_api_token(found["id"])
     named = f" {escape(found['name'])}" if found.get("name") else ""
     console.print(f"revoked {found['scope']} API token{named} ({found['id']})")
