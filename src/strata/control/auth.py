@@ -207,9 +207,7 @@ class Authenticator:
                 "missing credential: operators send 'Authorization: Bearer <token>', nodes their fleet certificate"
             )
         principal = self._by_hash.get(hash_secret(secret))
-        if principal is not None and principal.token_id is not None:
-            self.token_use.touch(principal.token_id, self._clock())
-        return principal
+        return self._seen(principal) if principal is not None else None
 
     def authenticate_certificate(self, der: bytes) -> Principal:
         """The node whose current fleet certificate this is; its call counts as seeing it now.
