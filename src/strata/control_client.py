@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -288,9 +289,17 @@ class ControlClient:
     def revoke_node(self, node_id: str) -> None:
         self._call("DELETE", f"/v1/nodes/{node_id}")
 
-    def create_api_token(self, scope: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("POST", "/v1/api-tokens", json={"scope": scope})
+    def create_api_token(self, scope: str, name: str | None = None) -> dict[str, Any]:
+        body = {"scope": scope} if name is None else {"scope": scope, "name": name}
+        result: dict[str, Any] = self._call("POST", "/v1/api-tokens", json=body)
         return result
+
+    def api_tokens(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/v1/api-tokens")
+        return result
+
+    def revoke_api_token(self, token_id: str) -> None:
+        self._call("DELETE", f"/v1/api-tokens/{quote(token_id, safe='')}")
 
     # --- rollouts, pins, history --------------------------------------------------------------------------
 

@@ -64,6 +64,36 @@ def test_config_files_json_logs_quiet_access_log_probes_and_ca_errors(tmp_path: 
         quiet = run("events", "--node", "edge-1", "--kind", "gate", "--ca", str(fleet.ca_path))
         assert (quiet.returncode, quiet.stdout) == (0, ""), quiet.stderr  # a node with nothing of that kind
 
+        # Operator tokens: issued with a name, listed (never a secret), revoked by name; then refused (3), gone (6),
+        # and the last admin token kept (7: a conflict).
+        issued = run("token", "api", "--scope", "read", "--name", "grafana", "--ca", str(fleet.ca_path))
+        assert issued.returncode == 0, issued.stderr
+        grafana = issued.stdout.strip().splitlines()[-1]
+        assert "read API token grafana (id " in issued.stderr
+        tokens = run("token", "list", "--json", "--ca", str(fleet.ca_path))
+        assert tokens.returncode == 0, tokens.stderr
+        rows = {t["name"]: t for t in json.loads(tokens.stdout)}
+        assert set(rows) == {None, "grafana"}
+        assert rows["grafana"]["scope"] == "read"
+        assert grafana not in tokens.stdout
+        assert fleet.admin_token not in tokens.stdout
+        table = run("token", "list", "--ca", str(fleet.ca_path))
+        assert table.returncode == 0, table.stderr
+        assert "grafana" in table.stdout
+        assert rows["grafana"]["id"] in table.stdout
+        assert run("nodes", "list", "--token", grafana, "--ca", str(fleet.ca_path)).returncode == 0
+        revoked = run("token", "revoke", "grafana", "--ca", str(fleet.ca_path))
+        assert revoked.returncode == 0, revoked.stderr
+        assert f"revoked read API token grafana ({rows['grafana']['id']})" in revoked.stderr
+        refused = run("nodes", "list", "--token", grafana, "--ca", str(fleet.ca_path))
+        assert refused.returncode == 3, refused.stderr
+        assert "unknown or revoked token" in refused.stderr
+        gone = run("token", "revoke", rows["grafana"]["id"], "--ca", str(fleet.ca_path))
+        assert gone.returncode == 6, gone.stderr
+        last = run("token", "revoke", rows[None]["id"], "--ca", str(fleet.ca_path))
+        assert last.returncode == 7, last.stderr
+        assert "last admin token" in last.stderr
+
         server_log = (fleet.root / "logs" / "server.log").read_text().splitlines()
         agent_log = (fleet.root / "logs" / "edge-1.log").read_text().splitlines()
 

@@ -171,7 +171,7 @@ def run_demo(workdir: Path, say: Callable[[str], None], keep: bool = False) -> f
 
             traffic = fleet.wait_for(uploaded, 30, "telemetry from the nodes")
         out.print(telemetry_table(traffic, "digits telemetry, last 10 minutes", out.width))
-        read_token = fleet.client.create_api_token("read")["token"]
+        read_token = fleet.client.create_api_token("read", "demo console")["token"]
         say(f"  console: {fleet.server_url}/ui/ (its certificate is the fleet CA's: {fleet.ca_path})")
         say(f"  read-only token for it: {read_token}")
         elapsed = time.monotonic() - started

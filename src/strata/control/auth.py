@@ -5,7 +5,15 @@ fleet certificate over mutual TLS (the control plane authorizes by the node id i
 node's current certificate). The database keeps only sha256 hashes of tokens and certificates. `authorize` and
 `authorize_blob` are the decisions, pure functions of the principal and the target; `Authenticator` is the I/O
 around them: it resolves a token or certificate to a principal (cached, with invalidation when a node is revoked,
-re-enrolled or renewed), records node presence, and writes the first admin token.
+re-enrolled or renewed, or a token revoked), records node presence and when each token was last used, writes the
+first admin token, and lists and revokes operator tokens.
+
+A token revoked (or a node revoked, re-enrolled or renewed) through one replica is refused by it at once, and by
+every other replica as soon as it sees the fleet change counter move (`feed.SharedGeneration`: within a second by
+NOTIFY on PostgreSQL, at most about `safety_poll_s` plus a second when a notification is lost; within `poll_s` on
+SQLite): whenever another replica changed anything, each replica drops the operator tokens it cached (they are
+few: a handful of indexed reads again) and the node certificates it cached that are no longer current (`recheck`:
+one read per thousand cached, not one per node).
 """
 
 from __future__ import annotations
@@ -21,11 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from strata.control.db import ApiToken, Database, Node
+from strata.control.db import TOKEN_NAME_LEN, ApiToken, Database, Node
+from strata.control.errors import StoreError
+from strata.control.feed import ChangeFeed
+from strata.control.lease import serialize
 from strata.control.presence import PresenceTracker
-from strata.core.errors import AuthError, ConfigError, Forbidden
+from strata.core.errors import AuthError, ConfigError, Conflict, Forbidden, NotFound
 from strata.core.fsutil import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -33,6 +44,8 @@ log = logging.getLogger(__name__)
 ADMIN_SCOPE = "admin"
 READ_SCOPE = "read"
 SCOPES = (ADMIN_SCOPE, READ_SCOPE)
+_TOKENS = "api-tokens"  # the job name revocations serialize on (`lease.serialize`)
+_RECHECK_BATCH = 1000  # cached node certificates checked per read after another replica's change
 
 
 def new_secret() -> str:
@@ -57,10 +70,12 @@ def certificate_hash(der: bytes) -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """The caller: an operator (`node_id` None, with a scope) or one node."""
+    """The caller: an operator (`node_id` None, with a scope, and the id of its token when it used one) or one
+    node."""
 
     node_id: str | None = None
     scope: str = ADMIN_SCOPE
+    token_id: str | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -108,6 +123,34 @@ def authorize(principal: Principal, access: Access, node_id: str | None = None) 
         raise Forbidden("a node may only read its own records")
 
 
+def check_token_name(name: str | None) -> str | None:
+    """An operator token's name as stored: free text of 1 to TOKEN_NAME_LEN characters, no control characters
+    (it is printed in terminals and tables), surrounding spaces removed; None for no name.
+
+    Raises:
+        ConfigError: the name is empty, too long, or holds a control character.
+    """
+    if name is None:
+        return None
+    name = name.strip()
+    if not name or len(name) > TOKEN_NAME_LEN:
+        raise ConfigError(f"a token name has 1 to {TOKEN_NAME_LEN} characters")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
+        raise ConfigError("a token name may not hold control characters")
+    return name
+
+
+@dataclass(frozen=True)
+class TokenView:
+    """An operator token as listed: never its secret or the secret's hash."""
+
+    id: str
+    name: str | None
+    scope: str
+    created_at: float
+    last_used_at: float | None
+
+
 def authorize_blob(principal: Principal, referenced_by_caller: bool) -> None:
     """An admin reads every blob; a node only those its current desired state references. A read-only token
     reads none: it is for dashboards and scripts, which see the registry's metadata (manifests, hashes, metrics)
@@ -123,12 +166,22 @@ def authorize_blob(principal: Principal, referenced_by_caller: bool) -> None:
 
 
 class Authenticator:
-    """Resolves bearer secrets to principals, caching hits; records presence of the nodes that call."""
+    """Resolves bearer secrets to principals, caching hits; records presence of the nodes that call and the use of
+    operator tokens; issues, lists and revokes operator tokens."""
 
-    def __init__(self, db: Database, presence: PresenceTracker, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        db: Database,
+        presence: PresenceTracker,
+        clock: Callable[[], float],
+        feed: ChangeFeed | None = None,
+        token_use: PresenceTracker | None = None,
+    ) -> None:
         self._db = db
         self._presence = presence
         self._clock = clock
+        self._feed = feed  # bumped after a revocation: the other replicas hear of it (`SharedGeneration`)
+        self.token_use = token_use or PresenceTracker(ApiToken.id, ApiToken.last_used_at)
         self._lock = threading.Lock()
         self._by_hash: dict[str, Principal] = {}
         # Bumped by every invalidation: a lookup that raced with one does not cache what it read.
@@ -153,7 +206,8 @@ class Authenticator:
             raise AuthError(
                 "missing credential: operators send 'Authorization: Bearer <token>', nodes their fleet certificate"
             )
-        return self._by_hash.get(hash_secret(secret))
+        principal = self._by_hash.get(hash_secret(secret))
+        return self._seen(principal) if principal is not None else None
 
     def authenticate_certificate(self, der: bytes) -> Principal:
         """The node whose current fleet certificate this is; its call counts as seeing it now.
@@ -177,6 +231,8 @@ class Authenticator:
     def _seen(self, principal: Principal) -> Principal:
         if principal.node_id is not None:
             self._presence.touch(principal.node_id, self._clock())
+        elif principal.token_id is not None:
+            self.token_use.touch(principal.token_id, self._clock())
         return principal
 
     def _lookup_token(self, token_hash: str) -> Principal:
@@ -184,12 +240,16 @@ class Authenticator:
         # they could steer, so no constant-time comparison is needed here.
         epoch = self._epoch
         with self._db.transaction() as session:
-            scope = session.scalar(select(ApiToken.scope).where(ApiToken.token_hash == token_hash))
-        if scope not in SCOPES:
+            found = session.execute(
+                select(ApiToken.id, ApiToken.scope).where(
+                    ApiToken.token_hash == token_hash, ApiToken.revoked_at.is_(None)
+                )
+            ).first()
+        if found is None or found.scope not in SCOPES:
             raise AuthError("unknown or revoked token")
-        principal = Principal(scope=scope)
+        principal = Principal(scope=found.scope, token_id=found.id)
         self._cache(token_hash, principal, epoch)
-        return principal
+        return self._seen(principal)
 
     def _lookup_certificate(self, key: str) -> Principal:
         epoch = self._epoch
@@ -208,19 +268,106 @@ class Authenticator:
             if epoch == self._epoch:
                 self._by_hash[key] = principal
 
-    def issue_token(self, scope: str) -> str:
-        """A new operator token of `scope` (admin or read); only its hash is stored.
+    def issue_token(self, scope: str, name: str | None = None) -> tuple[TokenView, str]:
+        """A new operator token of `scope` (admin or read), optionally named: how it is listed, and its secret.
+        Only the secret's hash is stored.
 
         Raises:
-            ConfigError: an unknown scope.
+            ConfigError: an unknown scope, or a name `check_token_name` refuses.
             StoreError: the database failed.
         """
         if scope not in SCOPES:
             raise ConfigError(f"token scope must be one of {list(SCOPES)}")
-        secret = new_secret()
+        name = check_token_name(name)
+        view, secret = TokenView(new_id(), name, scope, self._clock(), None), new_secret()
         with self._db.transaction() as session:
-            session.add(ApiToken(id=new_id(), scope=scope, token_hash=hash_secret(secret), created_at=self._clock()))
-        return secret
+            session.add(
+                ApiToken(id=view.id, scope=scope, token_hash=hash_secret(secret), created_at=view.created_at, name=name)
+            )
+        return view, secret
+
+    def list_tokens(self) -> list[TokenView]:
+        """Every operator token not revoked, oldest first; `last_used_at` as stored (every replica writes its
+        uses every presence flush) or as this replica saw it since, whichever is later.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            rows = session.scalars(
+                select(ApiToken).where(ApiToken.revoked_at.is_(None)).order_by(ApiToken.created_at, ApiToken.id)
+            ).all()
+            tokens = [(row.id, row.name, row.scope, row.created_at, row.last_used_at) for row in rows]
+        views = []
+        for token_id, name, scope, created_at, stored_use in tokens:
+            uses = [t for t in (stored_use, self.token_use.last_seen(token_id)) if t is not None]
+            views.append(TokenView(token_id, name, scope, created_at, max(uses) if uses else None))
+        return views
+
+    def revoke_token(self, token_id: str) -> None:
+        """Revoke an operator token: refused from now on by this replica, by the others within the change feed's
+        bound (see the module docstring). The row stays, marked revoked. The last admin token is not revoked.
+
+        Raises:
+            NotFound: no such token, or it was revoked already.
+            Conflict: it is the last admin token not revoked.
+            StoreError: the database failed.
+        """
+        with self._db.transaction() as session:
+            serialize(session, _TOKENS)  # two replicas revoking the last two admin tokens at once: one wins
+            token = session.get(ApiToken, token_id)
+            if token is None or token.revoked_at is not None:
+                raise NotFound(f"there is no operator token {token_id!r} (or it was revoked already)")
+            if token.scope == ADMIN_SCOPE:
+                admins = session.scalar(
+                    select(func.count()).where(ApiToken.scope == ADMIN_SCOPE, ApiToken.revoked_at.is_(None))
+                )
+                if (admins or 0) <= 1:
+                    raise Conflict(
+                        "this is the last admin token: revoking it would leave no one able to administer the fleet; "
+                        "issue another first (strata token api --scope admin), then revoke this one"
+                    )
+            token.revoked_at = self._clock()
+        self.forget_tokens()
+        self.token_use.forget(token_id)
+        if self._feed is not None:
+            self._feed.bump()
+
+    def forget_tokens(self) -> None:
+        """Drop every cached operator token: each is looked up again at its next use (a token was revoked)."""
+        with self._lock:
+            self._epoch += 1
+            self._by_hash = {h: p for h, p in self._by_hash.items() if p.node_id is not None}
+
+    def recheck(self) -> None:
+        """After another replica's change (it may have revoked a token, or revoked, re-enrolled or renewed a node):
+        drop every cached operator token, and every cached node certificate that is no longer the current one of a
+        live node, read in batches of `_RECHECK_BATCH` (a fleet's certificates are not looked up one by one again).
+        When that read fails, every cached certificate is dropped instead.
+        """
+        self.forget_tokens()  # the epoch moved: a lookup in flight from before does not cache what it read
+        with self._lock:  # `_cache` adds to the dict from request threads
+            cached = [key for key, principal in self._by_hash.items() if principal.node_id is not None]
+        current: set[str] = set()
+        try:
+            for start in range(0, len(cached), _RECHECK_BATCH):
+                hashes = [key.removeprefix("cert:") for key in cached[start : start + _RECHECK_BATCH]]
+                with self._db.transaction() as session:
+                    current.update(
+                        session.scalars(
+                            select(Node.credential_hash).where(
+                                Node.credential_hash.in_(hashes), Node.revoked_at.is_(None)
+                            )
+                        )
+                    )
+        except StoreError as exc:
+            log.warning("cannot recheck the cached node certificates, dropping them all: %s", exc)
+            current = set()
+        stale = {key for key in cached if key.removeprefix("cert:") not in current}
+        if stale:
+            with self._lock:
+                self._epoch += 1
+                self._by_hash = {h: p for h, p in self._by_hash.items() if h not in stale}
 
     def forget_node(self, node_id: str) -> None:
         """Stop accepting cached credentials of `node_id` (revoked, or re-enrolled with a new credential)."""
@@ -247,11 +394,21 @@ class Authenticator:
         secret = existing or new_secret()
         token_hash = hash_secret(secret)
         with self._db.transaction() as session:
-            stored = session.scalars(select(ApiToken.token_hash).where(ApiToken.scope == ADMIN_SCOPE)).all()
-            if not any(hmac.compare_digest(h, token_hash) for h in stored):
+            # Revoked ones too: a revoked token left in the file is not adopted again (it stays refused).
+            stored = session.execute(
+                select(ApiToken.token_hash, ApiToken.revoked_at).where(ApiToken.scope == ADMIN_SCOPE)
+            ).all()
+            match = next((row for row in stored if hmac.compare_digest(row.token_hash, token_hash)), None)
+            if match is None:
                 if existing is not None:
                     log.warning("adopting the admin token in %s, which this database did not know", path)
                 session.add(ApiToken(id=new_id(), scope=ADMIN_SCOPE, token_hash=token_hash, created_at=self._clock()))
+            elif match.revoked_at is not None:
+                log.warning(
+                    "the admin token in %s was revoked (strata token revoke): it is refused; delete the file to have "
+                    "a new admin token issued at the next start",
+                    path,
+                )
         if existing is not None:
             return False
         try:

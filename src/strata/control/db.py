@@ -64,8 +64,12 @@ class Base(DeclarativeBase):
     )
 
 
+TOKEN_NAME_LEN = 64  # what an operator calls a token ("grafana", "ci-deploy"): a label in listings
+
+
 class ApiToken(Base):
-    """A long-lived operator credential; only the sha256 of the secret is kept."""
+    """A long-lived operator credential; only the sha256 of the secret is kept. A revoked token keeps its row
+    (`revoked_at` set): its hash stays known, so the admin token file cannot bring it back (`ensure_admin_token`)."""
 
     __tablename__ = "api_tokens"
 
@@ -73,6 +77,10 @@ class ApiToken(Base):
     scope: Mapped[str] = mapped_column(String(16))
     token_hash: Mapped[str] = mapped_column(String(HEX_LEN), unique=True)
     created_at: Mapped[float] = mapped_column(TIME)
+    name: Mapped[str | None] = mapped_column(String(TOKEN_NAME_LEN))
+    # Written in batches with the nodes' last_seen (`PresenceTracker`), never once per request.
+    last_used_at: Mapped[float | None] = mapped_column(TIME)
+    revoked_at: Mapped[float | None] = mapped_column(TIME)
 
 
 class Node(Base):

@@ -11,7 +11,8 @@ feed fleet-wide. A bump wakes this process's waiters at once (the in-process fas
 LISTEN on PostgreSQL with psycopg 3 (a dedicated connection in a thread, with a slow poll as a safety net), by
 polling it every `poll_s` on SQLite (one primary-key read). When it moved for a change made elsewhere, the
 replica bumps its own generation, which drops its caches and wakes its long polls. Its own changes it
-recognises by the values it wrote, so they do not wake its waiters twice.
+recognises by the values it wrote, so they do not wake its waiters twice. Caches not keyed by the generation (the
+credentials `auth.Authenticator` has looked up) register in `on_foreign` to be checked first.
 """
 
 from __future__ import annotations
@@ -191,6 +192,8 @@ class SharedGeneration:
         # from the pool that serves requests.
         self._watch_engine: Engine | None = None
         self.foreign_changes = 0  # how many times another replica's change woke this one (for tests and metrics)
+        # Called (in the watcher thread) when another replica's change is seen, before this process's feed moves.
+        self.on_foreign: list[Callable[[], None]] = []
 
     @property
     def listens(self) -> bool:
@@ -268,6 +271,8 @@ class SharedGeneration:
             self._seen = value
         if foreign:
             self.foreign_changes += 1
+            for forget in self.on_foreign:
+                forget()
             self._feed.bump_local()
         return foreign
 

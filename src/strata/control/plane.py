@@ -88,7 +88,9 @@ class ControlPlane:
         blobs = FileBlobStore(settings.blobs_dir, settings.tmp_dir)
         feed = ChangeFeed()
         presence = PresenceTracker()
-        authenticator = Authenticator(db, presence, settings.clock)
+        authenticator = Authenticator(db, presence, settings.clock, feed)
+        shared = SharedGeneration(db, feed)
+        shared.on_foreign.append(authenticator.recheck)  # a token or node revoked through another replica
         pki = Pki(settings.pki_dir, settings.ca_path, settings.clock)
         nudge = Nudge()
         window = settings.online_window_s
@@ -147,7 +149,7 @@ class ControlPlane:
             history=HistoryService(db),
             nudge=nudge,
             supply=supply,
-            shared=SharedGeneration(db, feed),
+            shared=shared,
             rollout_lease=LeaseKeeper(LeaseStore(db, settings.clock), ROLLOUTS, replica_id()),
         )
 
@@ -221,11 +223,13 @@ class ControlPlane:
             connection.close()
 
     def flush_presence(self) -> int:
-        """Write pending last-seen times; return how many nodes were written.
+        """Write pending last-seen times of nodes, and last-used times of operator tokens; return how many nodes
+        were written.
 
         Raises:
             StoreError: the database failed (the times stay pending).
         """
+        self.authenticator.token_use.flush(self.db)
         return self.presence.flush(self.db)
 
     def stop(self) -> None:

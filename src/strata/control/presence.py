@@ -1,7 +1,9 @@
-"""When each node was last seen: kept in memory on every request, written to the database in batches.
+"""When each node was last seen (and each operator token last used): kept in memory on every request, written to
+the database in batches.
 
 A node that polls every few seconds must not cost a database write each time; `flush` writes, in one
-transaction, only the nodes whose time advanced since the last flush.
+transaction, only the nodes whose time advanced since the last flush. The same tracker over `api_tokens.last_used_at`
+records operator tokens.
 """
 
 from __future__ import annotations
@@ -9,14 +11,21 @@ from __future__ import annotations
 import threading
 
 from sqlalchemy import bindparam, update
+from sqlalchemy.orm import InstrumentedAttribute
 
 from strata.control.db import Database, Node
 
 
 class PresenceTracker:
-    """Last-seen times by node id, with the set not yet written. Thread-safe."""
+    """Last-seen times by id (a node's, by default), with the set not yet written. Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        id_column: InstrumentedAttribute[str] = Node.id,
+        time_column: InstrumentedAttribute[float | None] = Node.last_seen,
+    ) -> None:
+        self._id_column = id_column
+        self._time_column = time_column
         self._lock = threading.Lock()
         self._seen: dict[str, float] = {}
         self._pending: dict[str, float] = {}
@@ -50,11 +59,12 @@ class PresenceTracker:
             batch, self._pending = self._pending, {}
         if not batch:
             return 0
+        column = self._time_column
         statement = (
-            update(Node)
-            .where(Node.id == bindparam("node"))
-            .where((Node.last_seen.is_(None)) | (Node.last_seen < bindparam("seen")))
-            .values(last_seen=bindparam("seen"))
+            update(self._id_column.class_)
+            .where(self._id_column == bindparam("node"))
+            .where(column.is_(None) | (column < bindparam("seen")))
+            .values({column.key: bindparam("seen")})
         )
         try:
             with db.transaction() as session:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field
 
+from strata.control.db import TOKEN_NAME_LEN
 from strata.control.fleet import MAX_ENROLLMENT_TTL_S, TokenBinding
 from strata.core.wire import (
     MAX_LOG_LINES,
@@ -104,11 +105,29 @@ class CertificateBody(BaseModel):
 
 class ApiTokenRequest(BaseModel):
     scope: str = Field("read", json_schema_extra={"enum": ["read", "admin"]})
+    name: str | None = Field(
+        None, max_length=TOKEN_NAME_LEN, description="what the token is for ('grafana', 'ci'), shown in listings"
+    )
 
 
 class ApiTokenBody(BaseModel):
-    token: str
+    token: str = Field(description="the secret; shown only now")
     scope: str
+    id: str = Field(description="the token's id: `strata token revoke ID`")
+    name: str | None = None
+
+
+class ApiTokenInfoBody(BaseModel):
+    """An operator token as listed: never its secret or the secret's hash."""
+
+    id: str
+    name: str | None = Field(description="what the operator called it (none for tokens made before names)")
+    scope: str
+    created_at: float = Field(description="epoch seconds")
+    last_used_at: float | None = Field(
+        description="when it last authenticated a request (epoch seconds, recorded every presence flush); "
+        "none if never since names and use were recorded"
+    )
 
 
 # --- desired state ---------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ class ServerSettings:
         db_url: an SQLAlchemy URL (`postgresql://` means psycopg 3); None means the SQLite file
             `data_dir/strata.db`. Left out of the repr: it may hold a password.
         online_window_s: a node is online when it was last seen within this many seconds.
-        presence_flush_s: how often the in-memory `last_seen` times are written to the database.
+        presence_flush_s: how often the in-memory `last_seen` times (and operator tokens' `last_used_at`) are
+            written to the database.
         max_package_bytes: the largest package tar `POST /v1/packages` accepts.
         rollout_interval_s: the rollout driver steps at least this often (and soon after status reports).
         rollout_debounce_s: after a status report, wait this long for others before stepping.

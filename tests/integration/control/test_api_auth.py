@@ -236,6 +236,8 @@ WHO: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/v1/health"): ANY_CALLER,
     ("GET", "/v1/openapi.json"): OPERATORS,
     ("POST", "/v1/api-tokens"): ADMIN_ONLY,
+    ("GET", "/v1/api-tokens"): ADMIN_ONLY,
+    ("DELETE", "/v1/api-tokens/{token_id}"): ADMIN_ONLY,
     ("POST", "/v1/enrollment-tokens"): ADMIN_ONLY,
     ("POST", "/v1/reenrollment-tokens"): ADMIN_ONLY,
     # blobs: a read-only token downloads no weights; a node only what its desired state names (none here); and

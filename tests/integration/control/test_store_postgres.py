@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from strata.control import migrations
 from strata.control.db import (
+    ApiToken,
     Base,
     Model,
     ModelVersion,
@@ -84,6 +85,26 @@ def test_telemetry_minutes_stored_before_a_count_keep_their_counts_with_none(
             row = session.get(TelemetryMinute, ("n1", "digits", "1", "v", 7))
             assert row is not None
             assert (row.requests, row.errors, row.client_errors, row.shed) == (10, 4, *kept)
+    finally:
+        engine.dispose()
+
+
+def test_tokens_stored_before_names_have_none_and_revoked_ones_go_on_the_way_down(settings: ServerSettings) -> None:
+    # An upgraded control plane: its old tokens have no name and no recorded use, and none is revoked; taken down
+    # below names, a revoked token is deleted (the older server would accept it again), a live one kept.
+    settings.data_dir.mkdir(parents=True)
+    engine = make_engine(settings.database_url)
+    config = migrations.alembic_config(engine)
+    try:
+        migrations.upgrade(engine)
+        with Session(engine) as session, session.begin():
+            session.add(ApiToken(id="live", scope="admin", token_hash="a" * 64, created_at=1.0, name="ci"))
+            session.add(ApiToken(id="gone", scope="read", token_hash="b" * 64, created_at=1.0, revoked_at=2.0))
+        command.downgrade(config, "0014_shed")
+        migrations.upgrade(engine)
+        with Session(engine) as session:
+            rows = session.query(ApiToken).all()
+            assert [(t.id, t.name, t.last_used_at, t.revoked_at) for t in rows] == [("live", None, None, None)]
     finally:
         engine.dispose()
 

@@ -21,13 +21,14 @@ from strata.control.api.deps import (
     client_certificate,
     read_limited,
 )
-from strata.control.auth import Access, authorize
+from strata.control.auth import Access, TokenView, authorize
 from strata.control.fleet import INVALID_ENROLLMENT, IssuedToken
 from strata.control.inventory import MAX_PAGE, SORT_KEYS, NodeView, page_nodes, parse_sort, select_nodes
 from strata.control.nodelogs import MAX_ANSWER_BYTES
 from strata.control.plane import ControlPlane
 from strata.control.schemas import (
     ApiTokenBody,
+    ApiTokenInfoBody,
     ApiTokenRequest,
     AttestationBody,
     AttestationRequest,
@@ -142,9 +143,26 @@ def tpm_activate(node_id: str, body: TpmActivateRequest, plane: Plane, _node: No
 
 
 @router.post("/api-tokens", status_code=201, response_model=ApiTokenBody)
-def create_api_token(body: ApiTokenRequest, plane: Plane, _admin: Admin) -> dict[str, str]:
-    """A new operator token, read-only (`read`: GET calls only) or `admin`."""
-    return {"token": plane.authenticator.issue_token(body.scope), "scope": body.scope}
+def create_api_token(body: ApiTokenRequest, plane: Plane, _admin: Admin) -> dict[str, str | None]:
+    """A new operator token, read-only (`read`: GET calls only) or `admin`, optionally named."""
+    issued, secret = plane.authenticator.issue_token(body.scope, body.name)
+    return {"token": secret, "scope": issued.scope, "id": issued.id, "name": issued.name}
+
+
+@router.get("/api-tokens", response_model=list[ApiTokenInfoBody])
+def list_api_tokens(plane: Plane, _admin: Admin) -> list[TokenView]:
+    """Every operator token not revoked, oldest first: id, name, scope, when made and last used; never a secret."""
+    return plane.authenticator.list_tokens()
+
+
+@router.delete(
+    "/api-tokens/{token_id}", status_code=204, responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}}
+)
+def revoke_api_token(token_id: str, plane: Plane, _admin: Admin) -> Response:
+    """Revoke an operator token: refused at once by this server, and by every replica within seconds. The last admin
+    token is not revoked (409): issue another admin token first."""
+    plane.authenticator.revoke_token(token_id)
+    return Response(status_code=204)
 
 
 @router.post("/enroll", status_code=201, response_model=EnrollResponseBody, response_model_exclude_defaults=True)
