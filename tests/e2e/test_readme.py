@@ -52,6 +52,7 @@ EXPECTED = {
     "strata package push build/digits-2": "signed",
     "strata rollout status 1": "rollout 1: digits 2",
     "strata events --since 1h": "enrolled",
+    "strata token list": "grafana",
     "strata model history digits": "gw-berlin-1",
     "curl -s localhost:8080/v2/models/digits/infer": '"outputs"',
     "curl -s localhost:8080/metrics": "nv_inference_request_success",
