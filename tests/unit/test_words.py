@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from strata.core.errors import ConfigError
-from strata.core.words import duration, parse_duration, plural
+from strata.core.words import MAX_MESSAGE_CHARS, clip, duration, parse_duration, plural
 
 
 def test_a_count_of_one_takes_the_singular() -> None:
@@ -29,3 +29,12 @@ def test_durations_are_said_the_way_the_cli_takes_them(seconds: float, said: str
 def test_what_is_not_a_finite_number_of_seconds_is_not_a_duration(text: str) -> None:
     with pytest.raises(ConfigError, match="is not a duration"):
         parse_duration(text)
+
+
+def test_a_message_past_the_limit_is_cut_to_it_saying_how_long_it_was() -> None:
+    assert clip("x" * MAX_MESSAGE_CHARS) == "x" * MAX_MESSAGE_CHARS
+    cut = clip("unknown input '" + "\u00e9" * 100_000 + "'")
+    assert len(cut) == MAX_MESSAGE_CHARS
+    assert cut.startswith("unknown input '\u00e9")
+    assert cut.endswith("... (100016 characters, cut)")
+    assert clip("abcdef", 3).endswith("characters, cut)")  # a limit shorter than the note keeps only the note

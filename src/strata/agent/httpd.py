@@ -52,6 +52,7 @@ from urllib.parse import parse_qsl, unquote
 import httptools
 
 from strata.core.errors import ConfigError
+from strata.core.words import clip
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,9 @@ class Response:
 
     @classmethod
     def error(cls, status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
-        """The `{"error": message}` body every strata HTTP error carries."""
-        return cls.json(status, {"error": message}, headers)
+        """The `{"error": message}` body every strata HTTP error carries, the message cut to
+        `words.MAX_MESSAGE_CHARS` (it may quote what the caller sent)."""
+        return cls.json(status, {"error": clip(message)}, headers)
 
 
 Handler = Callable[[Request], Awaitable[Response]]

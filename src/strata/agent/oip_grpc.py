@@ -55,6 +55,7 @@ from strata.agent.repository import LoadedModel
 from strata.agent.scheduler import INLINE_DECODE_BYTES, ModelScheduler, Overloaded, Prepared, prepare_decoded
 from strata.core.errors import AuthError, BadRequest, ConfigError, NotFound, StrataError
 from strata.core.oip import Array
+from strata.core.words import clip
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +81,6 @@ Behaviour = Callable[[Any, Context], Awaitable[Any]]
 def status_code(error: StrataError) -> grpc.StatusCode:
     """The gRPC status code of a strata error (INTERNAL for anything that is not the caller's doing)."""
     return _CODES.get(error.http_status, grpc.StatusCode.INTERNAL)
-
-
-# The longest status message sent: it travels in a trailer (percent-encoded, up to 12 bytes a character), and a
-# client refuses a trailer past its metadata limit (16 KiB by default) with RESOURCE_EXHAUSTED, never showing it.
-# A message quoting a caller's string (a model or tensor name: up to a message's size over gRPC) is cut to fit.
-MAX_DETAILS_CHARS: Final = 1024
-
-
-def status_details(message: str) -> str:
-    """`message` cut to `MAX_DETAILS_CHARS`, saying so, so that any client can read it."""
-    if len(message) <= MAX_DETAILS_CHARS:
-        return message
-    return f"{message[: MAX_DETAILS_CHARS - 40]}... ({len(message)} characters, cut)"
 
 
 _OPEN_METHODS: Final = frozenset({f"/{SERVICE}/ServerLive"})
@@ -319,7 +307,7 @@ class GrpcInferenceServer:
                 trailing = (("retry-after", str(exc.retry_after_s)),)
             elif isinstance(exc, AuthError):
                 trailing = (("www-authenticate", 'Bearer realm="strata"'),)
-            await context.abort(code, status_details(exc.message), trailing)
+            await context.abort(code, clip(exc.message), trailing)
         except grpc.aio.AbortError:
             raise
         except Exception:

@@ -1,5 +1,5 @@
-"""Words for people: counted nouns ('1 node', '3 nodes') and durations in the form the CLI and the simulator's
-scenarios take them ('10m'), said and read back."""
+"""Words for people: counted nouns ('1 node', '3 nodes'), durations in the form the CLI and the simulator's
+scenarios take them ('10m'), said and read back, and error messages cut to a length any client reads."""
 
 from __future__ import annotations
 
@@ -10,6 +10,21 @@ from strata.core.errors import ConfigError
 
 # The units of a duration as `parse_duration` reads it and as `duration` says it.
 DURATION_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+# The longest error message an answer carries. A message may quote what a caller sent (a model, version or tensor
+# name, up to a request's size): a gRPC status travels in a trailer a client refuses past 16 KiB, and a REST answer
+# should not echo megabytes back to whoever sent them.
+MAX_MESSAGE_CHARS: Final = 1024
+
+
+def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` if it is at most `limit` characters, else its start cut to fit with how long it was, so that any
+    client reads it and nobody gets their own megabytes back."""
+    if len(message) <= limit:
+        return message
+    tail = f"... ({len(message)} characters, cut)"
+    return message[: max(0, limit - len(tail))] + tail
 
 
 def plural(count: int, noun: str) -> str:

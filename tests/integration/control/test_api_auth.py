@@ -391,3 +391,12 @@ def _error_of(answer: Any) -> str:
         return next(iter(IDENTITY_REFUSALS)) if answer.status_code == 403 else ""
     error: str = answer.json().get("error", "")
     return error
+
+
+def test_an_error_quoting_a_long_name_is_cut_not_echoed(server: Harness) -> None:
+    """An error that quotes what the caller sent (here a node name in the path) answers a message a person reads,
+    not the caller's kilobytes back."""
+    answer = server.client.get(f"/v1/nodes/{'n' * 12_000}", headers=server.admin)
+    assert answer.status_code == 404, answer.text[:200]
+    assert len(answer.json()["error"]) <= 1024
+    assert answer.json()["error"].endswith("characters, cut)")

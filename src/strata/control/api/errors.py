@@ -11,13 +11,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from strata.core.errors import AuthError, StrataError
+from strata.core.words import clip
 
 log = logging.getLogger(__name__)
 
 
 def error_response(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The JSON body every error of the API has."""
-    return JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
+    """The JSON body every error of the API has, the message cut to `words.MAX_MESSAGE_CHARS` (it may quote what
+    the caller sent)."""
+    return JSONResponse({"error": clip(message), "code": code}, status_code=status, headers=headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
