@@ -825,3 +825,143 @@ def test_grpc_connections_past_the_cap_are_refused_and_idle_ones_closed(grpc_add
     finally:
         for sock in silent + idle:
             sock.close()
+
+
+def _hpack_literal(name: str, value: str) -> bytes:
+    """A header as HPACK's 'literal without indexing, new name' (no Huffman): enough for a hand-made request."""
+    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def dropped_mid_message(port: int) -> socket.socket:
+    """A connection that starts a ModelInfer, sends the first KiB of a 1 MiB message, and is then dropped (no
+    RST_STREAM, no GOAWAY: the caller's machine went away)."""
+    headers = b"".join(
+        _hpack_literal(name, value)
+        for name, value in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", f"{SERVICE}/ModelInfer"),
+            (":authority", "127.0.0.1"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+    )
+    sock = connect(port)
+    sock.sendall(HTTP2_PREFACE + _frame(0x1, 0x4, 1, headers) + _frame(0x0, 0x0, 1, b"\x00" + MIB.to_bytes(4, "big")))
+    sock.sendall(_frame(0x0, 0x0, 1, bytes(1024)))
+    return sock
+
+
+def test_grpc_calls_ended_at_every_stage_give_back_exactly_their_budget(grpc_address: str) -> None:
+    """Every way a call can end before its answer gives back what it was charged, once: cancelled by the caller
+    while charged and waiting for its message, cancelled or past its deadline while waiting for room, past its
+    deadline while its message is being sent, cancelled while the model runs, its channel closed, its connection
+    dropped mid-message. Afterwards the inference part of the budget holds exactly INFER_READS messages again:
+    one more waits (a leak would leave fewer; a double release, more), and a freed one lets it in."""
+    data = infer_request(raw("X", "FP32", [1, 64], ROW))
+    large = infer_request(raw("X", "FP32", [1, 64], bytes(GRPC_MESSAGE_MB * MIB - 1024)))
+    port = int(grpc_address.rsplit(":", 1)[1])
+    release = threading.Event()
+    channels = [grpc.insecure_channel(grpc_address) for _ in range(INFER_READS + 2)]
+    try:
+        for _ in range(2):
+            stalled = [
+                channel.stream_unary(f"{SERVICE}/ModelInfer").future(never_sends(release), timeout=30)
+                for channel in channels[:INFER_READS]
+            ]
+            time.sleep(0.3)  # charged: the budget's inference part is full
+            infer = channels[INFER_READS].unary_unary(f"{SERVICE}/ModelInfer")
+            waiting = [infer.future(large, timeout=30) for _ in range(3)]
+            expiring = [infer.future(large, timeout=0.3) for _ in range(3)]
+            time.sleep(0.6)
+            for call in waiting + stalled:
+                call.cancel()
+            dropped = [dropped_mid_message(port) for _ in range(INFER_READS)]
+            time.sleep(0.3)
+            for sock in dropped:
+                sock.close()
+            other = channels[INFER_READS + 1].unary_unary(f"{SERVICE}/ModelInfer")
+            sending = [other.future(large, timeout=0.005) for _ in range(4)]  # deadline mid-message
+            running = [other.future(data, timeout=30) for _ in range(12)]
+            time.sleep(0.01)
+            for call in running[::2]:
+                call.cancel()  # some while read or run, some already answered
+            for call in expiring + sending + running:
+                with contextlib.suppress(grpc.RpcError, grpc.FutureCancelledError):
+                    call.result(timeout=10)
+            assert {call.exception().code().name for call in expiring} == {"DEADLINE_EXCEEDED"}
+        closing = grpc.insecure_channel(grpc_address)
+        held = closing.stream_unary(f"{SERVICE}/ModelInfer").future(never_sends(release), timeout=30)
+        time.sleep(0.3)
+        closing.close()  # the channel closed with its call charged
+        with contextlib.suppress(grpc.RpcError):
+            held.result(timeout=5)
+        assert held.done()
+        time.sleep(0.5)
+
+        full = [
+            channel.stream_unary(f"{SERVICE}/ModelInfer").future(never_sends(release), timeout=30)
+            for channel in channels[:INFER_READS]
+        ]
+        time.sleep(0.3)
+        one_more = channels[INFER_READS].unary_unary(f"{SERVICE}/ModelInfer").future(data, timeout=30)
+        assert server_ready(grpc_address) == b"\x08\x01"  # the reserve is whole too
+        time.sleep(0.5)
+        assert not one_more.done(), "read while INFER_READS messages are charged: something was given back twice"
+        full[0].cancel()
+        answer = one_more.result(timeout=2)  # a leak of even a byte would keep it waiting for the deadline
+        from strata.agent.oip_grpc_codec import message_class
+
+        assert message_class("ModelInferResponse").FromString(answer).model_name == "digits"
+    finally:
+        release.set()
+        for channel in channels:
+            channel.close()
+
+
+def test_health_calls_answer_while_inferences_fill_every_rpc_slot(grpc_address: str) -> None:
+    """The port runs at most --max-connections RPCs at once, and one channel (a gateway, an async client) may hold
+    all of them: MAX_CONNECTIONS ModelInfer calls waiting for room behind three slow ones left no slot for a health
+    probe, which gRPC refused (RESOURCE_EXHAUSTED) though the budget keeps its reserve for it. ModelInfer now
+    leaves a few slots to the other calls: past that it is refused at once (RESOURCE_EXHAUSTED, retry)."""
+    from strata.agent.oip_grpc import inference_slots
+
+    release = threading.Event()
+    large = infer_request(raw("X", "FP32", [1, 64], bytes(GRPC_MESSAGE_MB * MIB - 1024)))
+    with grpc.insecure_channel(grpc_address) as channel:
+        infer = channel.stream_unary(f"{SERVICE}/ModelInfer")
+        stalled = [infer.future(never_sends(release), timeout=30) for _ in range(INFER_READS)]
+        time.sleep(0.3)
+        waiting = [
+            channel.unary_unary(f"{SERVICE}/ModelInfer").future(large, timeout=30) for _ in range(MAX_CONNECTIONS)
+        ]
+        time.sleep(0.5)
+        try:
+            answers = [unary(grpc_address, method)(b"", timeout=5) for method in ("ServerLive", "ServerReady")]
+            assert answers == [b"\x08\x01"] * 2
+            refused = [call.exception(timeout=0.1) for call in waiting if call.done()]
+            print(f"{MAX_CONNECTIONS} waiting ModelInfer calls: {len(refused)} refused at once")
+            assert refused
+            assert {error.code().name for error in refused} == {"RESOURCE_EXHAUSTED"}
+            assert "RPCs" in refused[0].details()
+        finally:
+            release.set()
+            for call in stalled + waiting:
+                call.cancel()
+    # every slot came back: as many as ModelInfer may hold are taken again, none refused
+    time.sleep(0.5)
+    again = threading.Event()
+    with grpc.insecure_channel(grpc_address) as channel:
+        infer = channel.stream_unary(f"{SERVICE}/ModelInfer")
+        held = [infer.future(never_sends(again), timeout=30) for _ in range(inference_slots(MAX_CONNECTIONS))]
+        time.sleep(0.5)
+        try:
+            assert not [call for call in held if call.done()]
+        finally:
+            again.set()
+            for call in held:
+                call.cancel()

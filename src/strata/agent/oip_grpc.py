@@ -13,8 +13,10 @@ reads REST's 404. A status message is cut to a size every client reads (it quote
 What a caller can hold: request messages of at most `--request-budget-mb` together (128 MiB by default, the
 REST port's budget), plus what waits unread in the HTTP/2 window of each open RPC (64 KiB; about 100 KiB a call
 with gRPC's own state), at most `--max-connections` RPCs open at once (RESOURCE_EXHAUSTED past it, from gRPC
-itself). A message is at most `--grpc-max-message-mb` (4 MiB by default, gRPC's own default; RESOURCE_EXHAUSTED
-past it, from gRPC itself, in gRPC's words "larger than max (N vs. LIMIT)", before it is read). gRPC says a
+itself), of which ModelInfer leaves a few to health and metadata calls (RESOURCE_EXHAUSTED past the rest, at
+once: one channel may open them all, and a probe would find no slot). A message is at most
+`--grpc-max-message-mb` (4 MiB by default, gRPC's own default; RESOURCE_EXHAUSTED past it, from gRPC itself, in
+gRPC's words "larger than max (N vs. LIMIT)", before it is read). gRPC says a
 message's size only once it has read it whole, so each RPC is charged the largest message to the budget before
 its message is read, and its message's own size once read, until it is answered; an RPC that does not fit waits
 for room. ModelInfer may use all of the budget but one message's worth, which health and metadata calls
@@ -89,6 +91,15 @@ _OPEN_METHODS: Final = frozenset({f"/{SERVICE}/ServerLive"})
 # BDP probing off, which would otherwise grow it (to 4-16 MiB on a quiet node) until whole messages wait unread:
 # 16 calls waiting with 4 MiB messages cost the agent 66 MB with it, 2 MB without (the caller test measures it).
 STREAM_WINDOW_BYTES: Final = 64 * 1024
+
+# The RPC slots (of `max_concurrent_rpcs`) ModelInfer leaves to health and metadata calls, as it leaves them a
+# message's worth of the budget; at most half of them.
+OTHER_RPC_SLOTS: Final = 4
+
+
+def inference_slots(max_concurrent_rpcs: int) -> int:
+    """How many ModelInfer RPCs may be open at once: all but `OTHER_RPC_SLOTS`, or half when that is fewer."""
+    return max_concurrent_rpcs - min(OTHER_RPC_SLOTS, max_concurrent_rpcs // 2)
 
 
 class MessageBudget:
@@ -189,6 +200,8 @@ class GrpcInferenceServer:
         self._max_message_bytes = max_message_bytes
         self._budget = MessageBudget(message_budget_bytes, max_message_bytes)
         self._max_concurrent_rpcs = max_concurrent_rpcs
+        self._inference_slots = inference_slots(max_concurrent_rpcs)
+        self._inferences = 0  # ModelInfer RPCs open now (event-loop state, as the budget)
         self._max_connections = max_connections
         self._handshake_timeout_s = handshake_timeout_s
         self._idle_timeout_s = idle_timeout_s
@@ -288,6 +301,16 @@ class GrpcInferenceServer:
         Raises:
             grpc.aio.AbortError: always when it fails (`context.abort`), with the status and message.
         """
+        inference = name == "ModelInfer"
+        if inference:
+            if self._inferences >= self._inference_slots:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the node has {self._inferences} inference RPCs open, all it takes at once (--max-connections,"
+                    f" less {self._max_concurrent_rpcs - self._inference_slots} kept for health and metadata calls);"
+                    " retry later",
+                )
+            self._inferences += 1
         held = _Held()
         try:
             if self._app.needs_token and not open_:
@@ -315,6 +338,8 @@ class GrpcInferenceServer:
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
             self._budget.release(held.bytes)
+            if inference:
+                self._inferences -= 1
         raise AssertionError("context.abort returned")  # it always raises
 
     async def _receive(self, name: str, context: Context, held: _Held) -> bytes:
