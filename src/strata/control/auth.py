@@ -24,6 +24,7 @@ import hmac
 import logging
 import secrets
 import threading
+import unicodedata
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ READ_SCOPE = "read"
 SCOPES = (ADMIN_SCOPE, READ_SCOPE)
 _TOKENS = "api-tokens"  # the job name revocations serialize on (`lease.serialize`)
 _RECHECK_BATCH = 1000  # cached node certificates checked per read after another replica's change
+# Unicode categories a token name may not hold: control (C0, C1), format (bidi overrides, zero-width), separators of
+# lines and paragraphs.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 def new_secret() -> str:
@@ -124,8 +128,10 @@ def authorize(principal: Principal, access: Access, node_id: str | None = None) 
 
 
 def check_token_name(name: str | None) -> str | None:
-    """An operator token's name as stored: free text of 1 to TOKEN_NAME_LEN characters, no control characters
-    (it is printed in terminals and tables), surrounding spaces removed; None for no name.
+    """An operator token's name as stored: free text of 1 to TOKEN_NAME_LEN characters, no control characters and
+    no invisible ones (it is printed in terminals and tables, and `strata token revoke` takes it: a right-to-left
+    override or a zero-width space would make one name read as another), surrounding spaces removed; None for no
+    name.
 
     Raises:
         ConfigError: the name is empty, too long, or holds a control character.
@@ -135,8 +141,11 @@ def check_token_name(name: str | None) -> str | None:
     name = name.strip()
     if not name or len(name) > TOKEN_NAME_LEN:
         raise ConfigError(f"a token name has 1 to {TOKEN_NAME_LEN} characters")
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
-        raise ConfigError("a token name may not hold control characters")
+    if any(unicodedata.category(c) in _HIDDEN_CATEGORIES for c in name):
+        raise ConfigError(
+            "a token name may not hold control characters, nor invisible ones that reorder or hide text (bidi"
+            " overrides, zero-width characters, line separators)"
+        )
     return name
 
 

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from control_harness import Harness, StartServer, recorded_statements, writes
+from sqlalchemy import select
 from test_console import cookie, sign_in
 
 from strata.control.db import ApiToken
 from strata.control.settings import ServerSettings
+from strata.core.errors import Conflict
 
 
 def issue(server: Harness, scope: str, name: str | None = None) -> tuple[str, dict[str, str]]:
@@ -95,8 +99,14 @@ def test_the_last_admin_token_is_kept_and_a_revoked_token_file_is_not_adopted_ag
 
 @pytest.mark.parametrize(
     ("name", "status", "error"),
-    [("x" * 65, 422, "at most 64 characters"), ("", 400, "1 to 64"), ("a\x1b[31mb", 400, "control characters")],
-    ids=["long", "empty", "escape"],
+    [
+        ("x" * 65, 422, "at most 64 characters"),
+        ("", 400, "1 to 64"),
+        ("a\x1b[31mb", 400, "control characters"),
+        ("ci\u202eanafarg", 400, "bidi overrides"),  # a right-to-left override: printed, it reads "cigrafana"
+        ("grafana\u200b", 400, "zero-width"),  # reads as "grafana", which `strata token revoke grafana` is not
+    ],
+    ids=["long", "empty", "escape", "bidi", "zero-width"],
 )
 def test_a_token_name_is_bounded_text(server: Harness, name: str, status: int, error: str) -> None:
     answer = server.client.post("/v1/api-tokens", json={"scope": "read", "name": name}, headers=server.admin)
@@ -163,3 +173,39 @@ def test_a_node_re_enrolled_through_one_replica_is_refused_its_old_certificate_b
         assert b.desired(new).status_code == 200
         assert b.desired(kept).status_code == 200
         assert b.plane.authenticator.certificate_cached(ssl.PEM_cert_to_DER_cert(kept.certificate)) is not None
+
+
+def test_two_replicas_revoking_the_last_two_admin_tokens_at_once_leave_one(
+    settings: ServerSettings, start_server: StartServer
+) -> None:
+    """Each replica revokes one of the two admin tokens at the same moment, each slowed between counting the admin
+    tokens left and committing: the second waits for the first (`lease.serialize`), counts one and is refused."""
+    with start_server(settings) as a, start_server(settings) as b:
+        (first,) = [t for t, token in listed(a).items() if token["scope"] == "admin"]
+        second, _ = issue(a, "admin", "break-glass")
+        for replica in (a, b):
+            clock = replica.plane.authenticator._clock  # read once the admin tokens are counted, before the commit
+
+            def slow(clock: Callable[[], float] = clock) -> float:
+                time.sleep(0.5)
+                return clock()
+
+            replica.plane.authenticator._clock = slow
+        outcomes: list[str] = []
+
+        def revoke(replica: Harness, token_id: str) -> None:
+            try:
+                replica.plane.authenticator.revoke_token(token_id)
+                outcomes.append("revoked")
+            except Conflict:
+                outcomes.append("conflict")
+
+        threads = [threading.Thread(target=revoke, args=args) for args in ((a, first), (b, second))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(outcomes) == ["conflict", "revoked"]
+        with b.plane.db.transaction() as session:
+            left = session.scalars(select(ApiToken.id).where(ApiToken.revoked_at.is_(None))).all()
+        assert len(left) == 1
