@@ -48,6 +48,22 @@ def test_a_grpc_message_limit_that_cannot_work_is_refused(limits: dict[str, Any]
         config(**limits)
 
 
+@pytest.mark.parametrize(
+    ("limits", "flag"),
+    [
+        ({"max_request_mb": float("nan")}, "--max-request-mb"),
+        ({"request_budget_mb": float("nan")}, "--request-budget-mb"),
+        ({"request_budget_mb": float("inf")}, "--request-budget-mb"),
+        ({"grpc_max_message_mb": float("inf"), "max_request_mb": 1e300, "request_budget_mb": 1e300}, "--grpc-max"),
+        ({"relay_cache_mb": float("inf")}, "--relay-cache-mb"),
+    ],
+)
+def test_a_size_that_is_no_number_is_refused_not_a_traceback_at_start(limits: dict[str, Any], flag: str) -> None:
+    # NaN passed every check (each comparison is false) and the agent died at start in int(nan), a traceback
+    with pytest.raises(ConfigError, match=f"{flag}.* must be a finite number"):
+        config(**limits)
+
+
 def test_inference_leaves_the_reserve_to_health_calls_which_never_wait_behind_it() -> None:
     async def scenario() -> list[str]:
         budget = MessageBudget(total_bytes=4 * MIB, reserve_bytes=MIB)

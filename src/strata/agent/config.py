@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
@@ -70,6 +71,11 @@ class AgentConfig:
     grpc_max_message_mb: float | None = None  # None: gRPC's own default, 4 MiB (or what the limits above allow)
 
     def __post_init__(self) -> None:
+        for item in fields(self):  # NaN passes every comparison below, infinity most; either fails later as bytes
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                flag = "--" + item.name.removesuffix("_s").replace("_", "-")
+                raise ConfigError(f"{flag} must be a finite number, got {value}")
         if not self.server.startswith("https://"):
             raise ConfigError(
                 f"--server must be an https:// URL (the control plane speaks only TLS), got {self.server!r}"
