@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from strata.agent.config import AgentConfig
-from strata.agent.oip_grpc import MessageBudget
+from strata.agent.oip_grpc import MessageBudget, inference_slots
 from strata.core.errors import ConfigError
 
 MIB = 1 << 20
@@ -62,6 +62,12 @@ def test_a_size_that_is_no_number_is_refused_not_a_traceback_at_start(limits: di
     # NaN passed every check (each comparison is false) and the agent died at start in int(nan), a traceback
     with pytest.raises(ConfigError, match=f"{flag}.* must be a finite number"):
         config(**limits)
+
+
+@pytest.mark.parametrize(("rpcs", "slots"), [(1, 1), (2, 1), (8, 4), (40, 36), (1024, 1020)])
+def test_inference_leaves_a_few_rpc_slots_to_the_other_calls(rpcs: int, slots: int) -> None:
+    # as many as OTHER_RPC_SLOTS, at most half: a port of one RPC still serves inference
+    assert inference_slots(rpcs) == slots
 
 
 def test_inference_leaves_the_reserve_to_health_calls_which_never_wait_behind_it() -> None:
