@@ -174,7 +174,7 @@ class GrpcInferenceServer:
     given `handshake_timeout_s` to begin HTTP/2 and closed after `idle_timeout_s` with no RPC; every RPC's message
     at most `max_message_bytes`, arriving within `message_timeout_s`, and read only once `max_message_bytes` are
     charged to a budget of `message_budget_bytes` (ModelInfer leaves one message's worth of it to the other RPCs);
-    at most `max_concurrent_rpcs` at once.
+    at most `max_concurrent_rpcs` at once, ModelInfer all of them but `OTHER_RPC_SLOTS` (`inference_slots`).
 
     Usage: `await server.start(address)` (`host:port`, `[v6]:port`), read `server.port`, `await server.stop()`.
 
