@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,14 @@ from strata.agent.metrics import FAILURE_REASONS
 from strata.agent.serving import NOT_THE_MODELS_FAULT, is_client_fault, is_shed
 from strata.agent.telemetry import Outcome, TelemetryBuffer, TelemetryConfig, TelemetryRecorder, TelemetryUploader
 from strata.core.errors import StrataError, TransportError
-from strata.core.telemetry import BUCKETS, PRIORITY_ERROR, PRIORITY_SAMPLED, PRIORITY_SLOW, decode_batch
+from strata.core.telemetry import (
+    BUCKETS,
+    PRIORITY_ERROR,
+    PRIORITY_SAMPLED,
+    PRIORITY_SLOW,
+    DriftReference,
+    decode_batch,
+)
 
 T = 1_800_000_000.0
 
@@ -187,6 +195,30 @@ def test_shed_outcomes_of_the_last_loop_turn_are_kept_when_the_recorder_closes(t
     pending = other.read_outbox()
     assert pending is not None
     assert sum(m.errors for m in decode_batch(pending[1]).minutes) == 3
+
+
+def test_the_drift_of_versions_no_longer_served_is_forgotten(tmp_path: Path) -> None:
+    """A node runs for months through many versions: the recorder keeps the drift references and windows of the
+    version it serves and of those with counts in the last `drift_window_minutes`, not of every version ever."""
+    recorder = TelemetryRecorder(TelemetryConfig(path=tmp_path / "t.db", sample_rate=0.0, drift_window_minutes=10))
+    reference = DriftReference(tensor="X", kind="input", edges=(0.5,), counts=(10, 10))
+
+    async def serve(version: str, minute: int) -> None:
+        recorder.set_references("digits", version, (reference,))
+        await recorder.record(replace(outcome(T + minute * 60), version=version))
+
+    for index in range(30):  # a new version every minute for half an hour
+        asyncio.run(serve(str(index), index))
+    psi = recorder.drift_psi()
+    assert {version for _, version, _ in psi} == {str(index) for index in range(20, 30)}  # the last ten minutes'
+    assert recorder.references("digits", "29") == (reference,)
+    assert recorder.references("digits", "19") == ()
+    # a version without drift counts (its model has no references, or no traffic) is kept only while current
+    recorder.set_references("other", "1", (reference,))
+    recorder.set_references("other", "2", (reference,))
+    assert recorder.references("other", "2") == (reference,)
+    assert recorder.references("other", "1") == ()
+    recorder.close()
 
 
 def test_uploader_acks_in_order_and_keeps_what_failed(tmp_path: Path) -> None:
