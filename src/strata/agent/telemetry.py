@@ -8,7 +8,8 @@ event loop reach the writer thread as one item, at the end of the turn: one wake
 the loop when they are committed, however many requests finished in that turn. Exactly once: a batch is sealed into the
 outbox with its sequence number in the same transaction that removes its rows, and is deleted only when the
 server acknowledges that sequence; the server stores each (node, seq) once, so a resend after a kill is
-harmless.
+harmless. A new buffer numbers its batches from the time it seals its first (`first_sequence`): after those of
+any buffer the node had before.
 
 Budget: when the buffer outgrows its disk budget it drops the oldest sampled events first, then slow-request
 events, then error events, and aggregates last; every drop is counted and sent with the next batch.
@@ -380,7 +381,7 @@ class TelemetryBuffer:
             if not minutes and not event_rows and not drift and not dropped:
                 return None
             seq_row = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
-            seq = int(seq_row[0]) if seq_row else 1
+            seq = int(seq_row[0]) if seq_row else first_sequence(now)
             batch = TelemetryBatch(
                 node_id=node_id,
                 seq=seq,
@@ -647,6 +648,17 @@ class TelemetryRecorder:
         self._queue.put(None)
         self._thread.join(timeout=10)
         self.buffer.close()
+
+
+def first_sequence(now: float) -> int:
+    """The number of a new buffer's first batch: the time (`now`) in milliseconds.
+
+    The control plane stores each (node, seq) once. A node's buffer is made anew on a machine that replaces it
+    (enrolled again under the same node id) or after a damaged one was moved aside; had it counted from 1 again, its
+    batches would be taken for resends of the old buffer's and acknowledged without being stored. A buffer seals far
+    fewer than 1000 batches a second, so its numbers stay below those of any buffer made after it.
+    """
+    return max(1, int(now * 1000))
 
 
 def sum_drift(outcomes: list[Outcome]) -> DriftSums:
