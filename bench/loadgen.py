@@ -4,8 +4,11 @@ N keep-alive connections on raw asyncio sockets (uvloop when installed), each se
 after another; latencies are kept only for requests sent inside the measurement window (after a warm-up).
 Prints one JSON object: answered (200) requests per second and their latency percentiles, every status's
 count, and this process's CPU time over the window (so a reader can see whether the client was the bottleneck).
+`--rate R` caps the requests sent per second (over all connections; each connection paces itself), and
+`--by-version` also counts the answered requests by the `model_version` of their JSON answers (bench/soak.py
+checks them against the control plane's telemetry).
 
-    python bench/loadgen.py REQUEST_FILE --port P --connections 32 --warmup 2 --duration 10
+    python bench/loadgen.py REQUEST_FILE --port P --connections 32 --warmup 2 --duration 10 [--rate R] [--by-version]
 """
 
 from __future__ import annotations
@@ -32,13 +35,35 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[rank - 1]
 
 
+VERSION_FIELD = b'"model_version":'
+
+
+def answered_version(body: bytes) -> str:
+    """The `model_version` of a JSON inference answer ("?" when it has none)."""
+    at = body.find(VERSION_FIELD)
+    if at < 0:
+        return "?"
+    value = body[at + len(VERSION_FIELD) :].lstrip()
+    return value[1 : value.find(b'"', 1)].decode() if value[:1] == b'"' else "?"
+
+
 async def _connection(
-    port: int, request: bytes, window: tuple[float, float], latencies: list[float], statuses: dict[str, int]
+    port: int,
+    request: bytes,
+    window: tuple[float, float],
+    latencies: list[float],
+    statuses: dict[str, int],
+    interval: float = 0.0,
+    versions: dict[str, int] | None = None,
 ) -> None:
     start, end = window
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    due = time.perf_counter()
     try:
         while True:
+            if interval:  # paced: one request every `interval` seconds, none made up after a slow answer
+                due = max(due + interval, time.perf_counter())
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
             sent = time.perf_counter()
             if sent >= end:
                 return
@@ -48,12 +73,14 @@ async def _connection(
             for line in head.split(b"\r\n"):
                 if line[:15].lower() == b"content-length:":
                     length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
+            body = await reader.readexactly(length) if length else b""
             done = time.perf_counter()
             if sent >= start:
                 status = head[9:12].decode()
                 statuses[status] = statuses.get(status, 0) + 1
+                if versions is not None:
+                    key = answered_version(body) if status == "200" else f"status {status}"
+                    versions[key] = versions.get(key, 0) + 1
                 if status == "200":  # latency figures are those of answered requests, not of refusals
                     latencies.append(done - sent)
     except (OSError, asyncio.IncompleteReadError):
@@ -62,25 +89,38 @@ async def _connection(
         writer.close()
 
 
-async def run(port: int, request: bytes, connections: int, warmup: float, duration: float) -> dict[str, object]:
-    """Drive the server for warm-up + duration seconds; measure the last `duration` seconds."""
+async def run(
+    port: int,
+    request: bytes,
+    connections: int,
+    warmup: float,
+    duration: float,
+    rate: float | None = None,
+    by_version: bool = False,
+) -> dict[str, object]:
+    """Drive the server for warm-up + duration seconds (at most `rate` requests a second); measure the last
+    `duration` seconds."""
     now = time.perf_counter()
     window = (now + warmup, now + warmup + duration)
     latencies: list[float] = []
     statuses: dict[str, int] = {}
+    versions: dict[str, int] | None = {} if by_version else None
+    interval = connections / rate if rate else 0.0
 
     async def measure_cpu() -> tuple[float, float]:
         await asyncio.sleep(max(0.0, window[0] - time.perf_counter()))
         return _cpu_s(), time.perf_counter()
 
     cpu_task = asyncio.create_task(measure_cpu())
-    await asyncio.gather(*(_connection(port, request, window, latencies, statuses) for _ in range(connections)))
+    await asyncio.gather(
+        *(_connection(port, request, window, latencies, statuses, interval, versions) for _ in range(connections))
+    )
     cpu_start, wall_start = await cpu_task
     cpu = _cpu_s() - cpu_start
     wall = time.perf_counter() - wall_start
     latencies.sort()
     ok = statuses.get("200", 0)
-    return {
+    result: dict[str, object] = {
         "requests": sum(statuses.values()),
         "statuses": statuses,
         "rps": round(ok / duration, 1),
@@ -89,6 +129,9 @@ async def run(port: int, request: bytes, connections: int, warmup: float, durati
         "client_cpu_s": round(cpu, 2),
         "client_cpu_share_of_one_core": round(cpu / wall, 3) if wall > 0 else None,
     }
+    if versions is not None:
+        result["by_version"] = versions
+    return result
 
 
 def main() -> None:
@@ -98,6 +141,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument(
+        "--rate", type=float, default=None, help="at most this many requests a second (all connections)"
+    )
+    parser.add_argument("--by-version", action="store_true", help="count answers by their JSON model_version")
     args = parser.parse_args()
     try:
         import uvloop
@@ -106,7 +153,9 @@ def main() -> None:
     except ImportError:
         pass
     request = args.request_file.read_bytes()
-    result = asyncio.run(run(args.port, request, args.connections, args.warmup, args.duration))
+    result = asyncio.run(
+        run(args.port, request, args.connections, args.warmup, args.duration, args.rate, args.by_version)
+    )
     result["client_pid"] = os.getpid()
     print(json.dumps(result))
 

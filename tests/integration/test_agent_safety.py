@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from strata.agent.client import ControlPlaneClient
 from strata.agent.httpd import Request
-from strata.agent.metrics import InferenceMetrics
+from strata.agent.metrics import RETIRED_SERIES_S, InferenceMetrics
 from strata.agent.oip_server import InferenceApp
 from strata.agent.plan import Activate, Download, Stage, plan
 from strata.agent.probation import ProbationConfig
@@ -154,7 +155,7 @@ def make_node(tmp_path: Path, labels: dict[str, str], probation: ProbationConfig
         serving=serving,
         probation=probation or ProbationConfig(duration_s=60, min_requests=20),
     )
-    app = InferenceApp(repository, InferenceMetrics(serving=serving))
+    app = InferenceApp(repository, InferenceMetrics(serving=serving, clock=clock))
     return Node(reconciler, app, clock, peer)
 
 
@@ -235,6 +236,36 @@ def test_an_activation_that_serves_well_passes_probation(models: dict[str, Path]
     assert counters is not None
     assert counters.requests == 25
     assert counters.errors == 0
+
+
+def test_a_node_going_through_many_versions_keeps_counters_of_the_ones_it_serves_not_of_every_one(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Nodes run for months and take a new version often: the serving counters (probation, status reports) of a
+    version are dropped when another is activated, and its Prometheus series once it has not served for
+    `RETIRED_SERIES_S` (a scraper has its final counts), so neither grows with every version ever served."""
+    node = make_node(tmp_path, {})
+    versions = ["1", "2", "3", "4"]
+    for version in versions:
+        node.offer(*package(models["fast"], version, tmp_path))
+        node.reconciler.converge(node.want(version))
+        assert node.infer(3) == [version] * 3
+        node.clock.now += RETIRED_SERIES_S
+        node.reconciler.check_probation()
+    serving = node.reconciler.serving
+    assert [v for v in versions if serving.counters("latency", v) is not None] == ["4"]
+
+    def versions_in_metrics() -> set[str]:
+        page = asyncio.run(node.app.handle(Request("GET", "/metrics", {}, {}, b""))).body.decode()
+        return set(re.findall(r'nv_inference_request_success\{model="latency",version="(\w+)"\}', page))
+
+    assert versions_in_metrics() == {"4"}  # 1-3 last served more than RETIRED_SERIES_S ago
+    node.offer(*package(models["fast"], "5", tmp_path))
+    node.reconciler.converge(node.want("5"))
+    node.infer(1)
+    assert versions_in_metrics() == {"4", "5"}  # 4 retired just now: a scraper still gets its final counts
+    node.clock.now += RETIRED_SERIES_S + 1
+    assert versions_in_metrics() == {"5"}
 
 
 def test_the_agent_refuses_a_package_its_policy_forbids_here_whatever_the_desired_state_says(

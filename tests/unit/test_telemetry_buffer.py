@@ -5,15 +5,30 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from strata.agent.metrics import FAILURE_REASONS
 from strata.agent.serving import NOT_THE_MODELS_FAULT, is_client_fault, is_shed
-from strata.agent.telemetry import Outcome, TelemetryBuffer, TelemetryConfig, TelemetryRecorder, TelemetryUploader
+from strata.agent.telemetry import (
+    Outcome,
+    TelemetryBuffer,
+    TelemetryConfig,
+    TelemetryRecorder,
+    TelemetryUploader,
+    first_sequence,
+)
 from strata.core.errors import StrataError, TransportError
-from strata.core.telemetry import BUCKETS, PRIORITY_ERROR, PRIORITY_SAMPLED, PRIORITY_SLOW, decode_batch
+from strata.core.telemetry import (
+    BUCKETS,
+    PRIORITY_ERROR,
+    PRIORITY_SAMPLED,
+    PRIORITY_SLOW,
+    DriftReference,
+    decode_batch,
+)
 
 T = 1_800_000_000.0
 
@@ -47,7 +62,7 @@ def test_failures_are_counted_and_the_callers_faults_and_the_shed_ones_apart(tmp
     buffer.write(  # the same minute's row, added to
         [outcome(T + 2, ok=False, status="bad_request"), outcome(T + 3, ok=False, status="rejected")], [None] * 2
     )
-    assert buffer.seal("n", T + 60, 100, 100) == 1
+    assert buffer.seal("n", T + 60, 100, 100) == first_sequence(T + 60)
     pending = buffer.read_outbox()
     assert pending is not None
     [minute] = decode_batch(pending[1]).minutes
@@ -79,7 +94,7 @@ def test_a_buffer_made_by_an_older_agent_gets_the_columns(tmp_path: Path, added:
     TelemetryBuffer(path, 64 << 20).close()  # a second serving process opening it finds the column there
     written = [outcome(T + 1, ok=False), outcome(T + 2, ok=False, status="rejected"), outcome(T + 61, ok=False)]
     buffer.write(written, [None] * 3)
-    assert buffer.seal("n", T + 120, 100, 100) == 1
+    assert buffer.seal("n", T + 120, 100, 100) == first_sequence(T + 120)
     pending = buffer.read_outbox()
     assert pending is not None
     minutes = [(m.requests, m.errors, m.client_errors, m.shed) for m in decode_batch(pending[1]).minutes]
@@ -104,7 +119,7 @@ def test_every_outcome_is_counted_and_only_kept_ones_become_events(tmp_path: Pat
     priorities = [None] * 98 + [PRIORITY_SAMPLED, PRIORITY_SLOW, PRIORITY_ERROR]
     buffer.write(outcomes, priorities)
     seq = buffer.seal("node-1", T + 300, 1000, 1000)
-    assert seq == 1
+    assert seq == first_sequence(T + 300)
     pending = buffer.read_outbox()
     assert pending is not None
     batch = decode_batch(pending[1])
@@ -119,18 +134,37 @@ def test_a_pending_batch_is_resent_until_acknowledged_even_after_a_restart(tmp_p
     path = tmp_path / "t.db"
     buffer = TelemetryBuffer(path, 64 << 20)
     buffer.write([outcome(T)], [None])
-    assert buffer.seal("n", T, 100, 100) == 1
+    seq = first_sequence(T)
+    assert buffer.seal("n", T, 100, 100) == seq
     first = buffer.read_outbox()
     buffer.write([outcome(T + 1)], [None])
-    assert buffer.seal("n", T, 100, 100) == 1  # one batch in flight at a time
+    assert buffer.seal("n", T, 100, 100) == seq  # one batch in flight at a time
     # The process dies here (no close); a new one opens the same file.
     reopened = TelemetryBuffer(path, 64 << 20)
     assert reopened.read_outbox() == first
-    reopened.ack(1, T + 5)
-    assert reopened.seal("n", T + 6, 100, 100) == 2
+    reopened.ack(seq, T + 5)
+    assert reopened.seal("n", T + 6, 100, 100) == seq + 1
     stats = reopened.stats()
     assert stats.uploaded_batches == 1
     assert stats.last_upload == int(T + 5)
+
+
+def test_a_new_buffer_numbers_its_batches_after_every_older_buffer_of_the_node(tmp_path: Path) -> None:
+    """The control plane stores each (node, seq) once. A node replaced by a new machine (enrolled again under its id)
+    or whose damaged buffer was moved aside starts a new buffer: had it counted from 1 again, its batches would be
+    acknowledged as resends of the old buffer's and never stored."""
+    old = TelemetryBuffer(tmp_path / "old.db", 64 << 20)
+    sent = []
+    for i in range(50):  # months of batches, squeezed: one every 10 s
+        old.write([outcome(T + 10 * i)], [None])
+        seq = old.seal("n", T + 10 * i, 100, 100)
+        assert seq is not None
+        old.ack(seq, T + 10 * i)
+        sent.append(seq)
+    assert sent == list(range(sent[0], sent[0] + 50))  # one after another
+    new = TelemetryBuffer(tmp_path / "new.db", 64 << 20)  # the replacement, a minute after the old one's last
+    new.write([outcome(T + 560)], [None])
+    assert (new.seal("n", T + 560, 100, 100) or 0) > sent[-1]
 
 
 def test_budget_drops_low_priority_first_and_counts_it(tmp_path: Path) -> None:
@@ -166,7 +200,7 @@ def test_recorder_resolves_after_the_commit(tmp_path: Path) -> None:
     # A second connection sees every outcome: each was committed before its record() returned.
     other = TelemetryBuffer(tmp_path / "t.db", 64 << 20)
     assert other.stats().minutes >= 1
-    assert other.seal("n", T, 10_000, 10_000) == 1
+    assert other.seal("n", T, 10_000, 10_000) == first_sequence(T)
     pending = other.read_outbox()
     assert pending is not None
     assert sum(m.requests for m in decode_batch(pending[1]).minutes) == 500
@@ -183,10 +217,34 @@ def test_shed_outcomes_of_the_last_loop_turn_are_kept_when_the_recorder_closes(t
 
     asyncio.run(shed_then_stop())
     other = TelemetryBuffer(tmp_path / "t.db", 64 << 20)
-    assert other.seal("n", T, 10_000, 10_000) == 1
+    assert other.seal("n", T, 10_000, 10_000) == first_sequence(T)
     pending = other.read_outbox()
     assert pending is not None
     assert sum(m.errors for m in decode_batch(pending[1]).minutes) == 3
+
+
+def test_the_drift_of_versions_no_longer_served_is_forgotten(tmp_path: Path) -> None:
+    """A node runs for months through many versions: the recorder keeps the drift references and windows of the
+    version it serves and of those with counts in the last `drift_window_minutes`, not of every version ever."""
+    recorder = TelemetryRecorder(TelemetryConfig(path=tmp_path / "t.db", sample_rate=0.0, drift_window_minutes=10))
+    reference = DriftReference(tensor="X", kind="input", edges=(0.5,), counts=(10, 10))
+
+    async def serve(version: str, minute: int) -> None:
+        recorder.set_references("digits", version, (reference,))
+        await recorder.record(replace(outcome(T + minute * 60), version=version))
+
+    for index in range(30):  # a new version every minute for half an hour
+        asyncio.run(serve(str(index), index))
+    psi = recorder.drift_psi()
+    assert {version for _, version, _ in psi} == {str(index) for index in range(20, 30)}  # the last ten minutes'
+    assert recorder.references("digits", "29") == (reference,)
+    assert recorder.references("digits", "19") == ()
+    # a version without drift counts (its model has no references, or no traffic) is kept only while current
+    recorder.set_references("other", "1", (reference,))
+    recorder.set_references("other", "2", (reference,))
+    assert recorder.references("other", "2") == (reference,)
+    assert recorder.references("other", "1") == ()
+    recorder.close()
 
 
 def test_uploader_acks_in_order_and_keeps_what_failed(tmp_path: Path) -> None:
@@ -208,7 +266,7 @@ def test_uploader_acks_in_order_and_keeps_what_failed(tmp_path: Path) -> None:
     assert recorder.stats().outbox == 1
     fail[0] = False
     assert uploader.drain() == 2
-    assert sent == [1, 2]
+    assert sent == [first_sequence(T), first_sequence(T) + 1]
     assert recorder.stats().outbox == 0
     recorder.close()
 

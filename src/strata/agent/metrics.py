@@ -19,7 +19,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from strata import __version__
@@ -30,6 +30,9 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 # Request latency buckets in seconds: a small model on a device answers in well under a millisecond, a large
 # one on a busy near-edge node in seconds.
 LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# A model version the node no longer serves keeps its series this long after its last request (several scrapes).
+RETIRED_SERIES_S: Final = 300.0
 
 # rejected: shed by admission control (queue full or wait over its bound), answered 503 with Retry-After.
 FAILURE_REASONS: Final = ("bad_request", "unavailable", "internal", "rejected")
@@ -111,6 +114,10 @@ class MetricFamily:
         sum], ...]`), for another process to add to its own (`render(out, others)`)."""
         raise NotImplementedError
 
+    def forget(self, prefix: Labels) -> None:
+        """Drop every series whose first label values are `prefix` (a model version the node no longer serves)."""
+        raise NotImplementedError
+
 
 class _ValueFamily(MetricFamily):
     """A family with one value per series (counters and gauges); other processes' values add to its own."""
@@ -131,6 +138,10 @@ class _ValueFamily(MetricFamily):
     def snapshot(self) -> Snapshot:
         with self._lock:
             return [[list(labels), value] for labels, value in self._values.items()]
+
+    def forget(self, prefix: Labels) -> None:
+        with self._lock:
+            self._values = {k: v for k, v in self._values.items() if k[: len(prefix)] != prefix}
 
 
 class Counter(_ValueFamily):
@@ -234,6 +245,10 @@ class Histogram(MetricFamily):
         with self._lock:
             return [[list(labels), list(counts), total[0]] for labels, (counts, total) in self._series.items()]
 
+    def forget(self, prefix: Labels) -> None:
+        with self._lock:
+            self._series = {k: v for k, v in self._series.items() if k[: len(prefix)] != prefix}
+
     def _render_samples(self, out: list[str], others: Sequence[Snapshot]) -> None:
         with self._lock:
             merged = {labels: (list(counts), total[0]) for labels, (counts, total) in self._series.items()}
@@ -319,9 +334,11 @@ class InferenceMetrics:
 
     Durations are recorded for successful requests only, as Triton does; failures are counted by reason
     (`FAILURE_REASONS`). Only models the node actually serves get series, so a client cannot grow the label
-    set by asking for made-up names. With dynamic batching, as in Triton, `nv_inference_exec_count` counts
-    runtime calls (`record_execution`) and `nv_inference_count` the rows of the requests (`record_success`),
-    so their ratio is the average batch; each request adds its own queue time and its batch's compute time.
+    set by asking for made-up names, and a version it no longer serves loses its series `RETIRED_SERIES_S` after its
+    last request (`forget_retired`), so a node that runs for months through many versions does not keep them all.
+    With dynamic batching, as in Triton, `nv_inference_exec_count` counts runtime calls (`record_execution`) and
+    `nv_inference_count` the rows of the requests (`record_success`), so their ratio is the average batch; each
+    request adds its own queue time and its batch's compute time.
     """
 
     def __init__(
@@ -330,10 +347,12 @@ class InferenceMetrics:
         agent_version: str = __version__,
         serving: ServingTracker | None = None,
         process: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`serving` also receives every outcome: the per-activation counters the node reports and its
         probation judges (a fresh tracker when not given). `process` names this serving process on a node
-        that serves from several (`strata_serving_process_requests` counts each one's requests).
+        that serves from several (`strata_serving_process_requests` counts each one's requests). `clock` says
+        when a version last served (Triton's `last_inference`, and when its series are dropped).
 
         Raises:
             ValueError: `registry` already holds one of these families.
@@ -373,6 +392,11 @@ class InferenceMetrics:
         self.agent_info = add.gauge("strata_agent_info", "The strata agent's version", ("version",))
         self.agent_info.set(agent_version, value=1)
         self._last_inference_ms: dict[tuple[str, str], int] = {}  # Triton's statistics say when each model last ran
+        self._clock = clock
+        self._per_version: tuple[MetricFamily, ...] = (
+            self.request_success, self.request_failure, self.inference_count, self.exec_count,
+            self.request_duration_us, self.queue_duration_us, self.compute_infer_duration_us, self.request_seconds,
+        )  # fmt: skip
         self._process = process or ""
         self.process_requests = (
             add.counter(
@@ -410,7 +434,7 @@ class InferenceMetrics:
         self.queue_duration_us.inc(model, version, by=queue_ns // 1000)
         self.compute_infer_duration_us.inc(model, version, by=compute_ns // 1000)
         self.request_seconds.observe(model, version, value=request_ns / 1e9)
-        self._last_inference_ms[(model, version)] = time.time_ns() // 1_000_000
+        self._last_inference_ms[(model, version)] = int(self._clock() * 1000)
         self.serving.record_success(model, version, (compute_ns if model_ns is None else model_ns) / 1e6)
 
     def record_execution(self, model: str, version: str, count: int = 1) -> None:
@@ -426,7 +450,7 @@ class InferenceMetrics:
         if reason not in FAILURE_REASONS:
             raise ValueError(f"unknown failure reason {reason!r}; use one of {FAILURE_REASONS}")
         self.request_failure.inc(model, version, reason)
-        self._last_inference_ms[(model, version)] = time.time_ns() // 1_000_000
+        self._last_inference_ms[(model, version)] = int(self._clock() * 1000)
         if self.process_requests is not None:
             self.process_requests.inc(self._process)
         self.serving.record_failure(model, version, reason)
@@ -455,6 +479,18 @@ class InferenceMetrics:
                 "compute_output": duration(0),
             },
         }
+
+    def forget_retired(self, served: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Drop the series of every (model, version) not in `served` whose last request is `RETIRED_SERIES_S` old:
+        a scraper has seen its final counts by then. Returns the versions dropped."""
+        keep = set(served)
+        horizon_ms = int((self._clock() - RETIRED_SERIES_S) * 1000)
+        retired = [key for key, last in list(self._last_inference_ms.items()) if key not in keep and last < horizon_ms]
+        for key in retired:
+            for family in self._per_version:
+                family.forget(key)
+            del self._last_inference_ms[key]
+        return retired
 
     def set_active_models(self, active: Iterable[tuple[str, str, str]]) -> None:
         """Say which (model, version, variant) the node serves now; the others' gauges disappear."""

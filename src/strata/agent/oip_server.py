@@ -101,7 +101,6 @@ class InferenceApp:
         self._schedulers: dict[str, ModelScheduler] = {}
         self._telemetry = telemetry
         self._telemetry_gauges = telemetry_gauges
-        self._drift_refs: dict[str, tuple[DriftReference, ...]] = {}
         self._metrics = metrics
         self._server_name = server_name
         self._server_version = server_version
@@ -289,8 +288,11 @@ class InferenceApp:
         return Response(200, {"content-type": METRICS_CONTENT_TYPE}, text.encode())
 
     def refresh_gauges(self) -> None:
-        """Bring the gauges that describe now up to date: the models served, each one's queue."""
-        self._metrics.set_active_models((m.name, m.version, m.manifest.variant) for m in self._repository.all())
+        """Bring the gauges that describe now up to date: the models served, each one's queue; drop the series of
+        versions retired a while ago."""
+        served = self._repository.all()
+        self._metrics.set_active_models((m.name, m.version, m.manifest.variant) for m in served)
+        self._metrics.forget_retired((m.name, m.version) for m in served)
         for name in [n for n, s in self._schedulers.items() if self._repository.get(n) is not s.model and not s.queued]:
             del self._schedulers[name]  # a model no longer served, its queue drained
         self._metrics.pending_requests.replace(
@@ -440,17 +442,15 @@ class InferenceApp:
             self._telemetry.record_nowait(self._outcome(model, started_ns, False, status, None))
 
     def _references(self, model: LoadedModel) -> tuple[DriftReference, ...]:
-        """The drift references of a served model, parsed once per package."""
-        references = self._drift_refs.get(model.digest)
-        if references is None:
-            try:
-                references = tuple(drift_references(model.manifest.drift))
-            except StrataError as exc:
-                log.warning("model %s %s has unusable drift references: %s", model.name, model.version, exc)
-                references = ()
-            self._drift_refs[model.digest] = references
-            if self._telemetry is not None:
-                self._telemetry.set_references(model.name, model.version, references)
+        """The drift references of a model just swapped in, parsed once per activation (not kept by package: a
+        node that runs for months serves many)."""
+        try:
+            references = tuple(drift_references(model.manifest.drift))
+        except StrataError as exc:
+            log.warning("model %s %s has unusable drift references: %s", model.name, model.version, exc)
+            references = ()
+        if self._telemetry is not None:
+            self._telemetry.set_references(model.name, model.version, references)
         return references
 
     def _schedule_trim(self) -> None:

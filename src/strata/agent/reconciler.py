@@ -352,6 +352,7 @@ class Reconciler:
             state = state.with_probation(model, probation)
         self._commit(state)
         self.serving.reset(model, version, now)
+        self.serving.forget(model, keep_version=version)  # a node that runs for months sees many versions
         self._drop_snapshots(model)
         self.repository.put(LoadedModel(manifest=manifest, digest=digest, runtime=runtime, activated_at=now))
         log.info(
@@ -432,6 +433,7 @@ class Reconciler:
         self._commit(state.with_failure(failure_key, failure))
         if restored and previous is not None:
             self.serving.reset(model, previous.version, self.clock())
+        self.serving.forget(model, keep_version=previous.version if restored and previous is not None else None)
         self._drop_snapshots(model)
         log.error(
             "%s %s %s; %s",

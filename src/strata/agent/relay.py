@@ -40,6 +40,7 @@ log = logging.getLogger("strata.agent.relay")
 PREFIX = "/relay/v1/blobs/sha256/"
 AUTH_TTL_S = 600.0
 MAX_PIECE_BYTES = 64 << 20
+PACKAGES_KEPT = 64  # piece sets kept in memory: a site rolls out a few packages at a time
 
 
 class RelayRefused(Forbidden):
@@ -71,6 +72,37 @@ class _OneFile(dict[Path, bytes]):
         super().__setitem__(key, value)
 
 
+class Grants:
+    """The control plane's yes answers, by (device, package), each good for `ttl_s`. Expired ones go as new ones
+    come: a near-edge node serves many devices through many versions for months, and keeps only recent answers.
+    Not thread-safe (the relay holds its lock)."""
+
+    def __init__(self, ttl_s: float = AUTH_TTL_S) -> None:
+        self._ttl_s = ttl_s
+        self._until: dict[tuple[str, str], float] = {}
+
+    def allowed(self, device: str, package: str, now: float) -> bool:
+        return self._until.get((device, package), 0.0) > now
+
+    def grant(self, device: str, package: str, now: float) -> None:
+        self._until = {key: until for key, until in self._until.items() if until > now}
+        self._until[(device, package)] = now + self._ttl_s
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
+class RecentPackages(dict[str, frozenset[str]]):
+    """The piece sets of the last `PACKAGES_KEPT` packages the relay was asked for (an older one is read from its
+    manifest again if asked for), not of every package it ever relayed."""
+
+    def __setitem__(self, package: str, pieces: frozenset[str]) -> None:
+        self.pop(package, None)
+        while len(self) >= PACKAGES_KEPT:
+            del self[next(iter(self))]  # the oldest
+        super().__setitem__(package, pieces)
+
+
 class RelayApp:
     """Serves and caches package pieces for child devices (see the module docstring)."""
 
@@ -95,8 +127,8 @@ class RelayApp:
         self.clock = clock
         cache_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._authorized: dict[tuple[str, str], float] = {}
-        self._pieces: dict[str, frozenset[str]] = {}
+        self._authorized = Grants()
+        self._pieces = RecentPackages()
         self._inflight: dict[str, Future[bytes]] = {}
         self._opened = _OneFile()
         self.served = registry.counter("strata_relay_bytes_served", "Bytes of package pieces served to devices")
@@ -180,10 +212,9 @@ class RelayApp:
         return self._fetch_once(piece), True
 
     def _authorize(self, device: str, package: str) -> None:
-        key = (device, package)
         now = self.clock()
         with self._lock:
-            if self._authorized.get(key, 0.0) > now:
+            if self._authorized.allowed(device, package, now):
                 return
         try:
             response = self.transport.request(
@@ -196,7 +227,7 @@ class RelayApp:
         if response.status != 204:
             raise RelayUnavailable(f"the control plane answered {response.status} about package {package[:12]}")
         with self._lock:
-            self._authorized[key] = now + AUTH_TTL_S
+            self._authorized.grant(device, package, now)
 
     def _package_pieces(self, package: str) -> frozenset[str]:
         with self._lock:

@@ -8,7 +8,8 @@ event loop reach the writer thread as one item, at the end of the turn: one wake
 the loop when they are committed, however many requests finished in that turn. Exactly once: a batch is sealed into the
 outbox with its sequence number in the same transaction that removes its rows, and is deleted only when the
 server acknowledges that sequence; the server stores each (node, seq) once, so a resend after a kill is
-harmless.
+harmless. A new buffer numbers its batches from the time it seals its first (`first_sequence`): after those of
+any buffer the node had before.
 
 Budget: when the buffer outgrows its disk budget it drops the oldest sampled events first, then slow-request
 events, then error events, and aggregates last; every drop is counted and sent with the next batch.
@@ -380,7 +381,7 @@ class TelemetryBuffer:
             if not minutes and not event_rows and not drift and not dropped:
                 return None
             seq_row = db.execute("SELECT value FROM meta WHERE key='next_seq'").fetchone()
-            seq = int(seq_row[0]) if seq_row else 1
+            seq = int(seq_row[0]) if seq_row else first_sequence(now)
             batch = TelemetryBatch(
                 node_id=node_id,
                 seq=seq,
@@ -471,7 +472,13 @@ class TelemetryRecorder:
         self._queue: queue.SimpleQueue[_Waiter | _Command | None] = queue.SimpleQueue()
         self._rng = rng or random.Random()
         self._lost = 0
+        # Drift, per model version: its references, and its counts of the last `drift_window_minutes` minutes per
+        # tensor. A version that stops serving is forgotten once its window is empty (see `_forget_stale`): a node
+        # that runs for months serves many. Both under `_window_lock` (the event loop sets references, the writer
+        # thread adds counts, a scrape reads).
         self._references: dict[tuple[str, str], tuple[DriftReference, ...]] = {}
+        self._current: dict[str, str] = {}  # model -> the version whose references were set last
+        self._swept = 0  # the minute of the last `_forget_stale`
         self._window: dict[tuple[str, str, str], deque[tuple[int, list[int]]]] = {}
         self._window_lock = threading.Lock()
         self._turns: dict[asyncio.AbstractEventLoop, _Waiter] = {}  # outcomes recorded in the loop's current turn
@@ -514,17 +521,22 @@ class TelemetryRecorder:
 
     def set_references(self, model: str, version: str, references: tuple[DriftReference, ...]) -> None:
         """The drift references of a model version now served (from its package)."""
-        self._references[(model, version)] = references
+        with self._window_lock:
+            self._references[(model, version)] = references
+            self._current[model] = version
+            self._forget_stale(None)
 
     def references(self, model: str, version: str) -> tuple[DriftReference, ...]:
-        return self._references.get((model, version), ())
+        with self._window_lock:
+            return self._references.get((model, version), ())
 
     def drift_psi(self) -> dict[tuple[str, str, str], float]:
         """PSI of each served tensor's last `drift_window_minutes` minutes against its reference."""
         out = {}
         with self._window_lock:
             for (model, version, tensor), window in self._window.items():
-                reference = next((r for r in self.references(model, version) if r.tensor == tensor), None)
+                references = self._references.get((model, version), ())
+                reference = next((r for r in references if r.tensor == tensor), None)
                 if reference is None or not window:
                     continue
                 totals = [sum(column) for column in zip(*(counts for _, counts in window), strict=True)]
@@ -607,6 +619,22 @@ class TelemetryRecorder:
                     window.append((minute, list(counts)))
                 while window and window[0][0] <= minute - self.config.drift_window_minutes:
                     window.popleft()
+            newest = max((minute for _, _, minute, _ in drift), default=self._swept)
+            if newest > self._swept:  # once a minute
+                self._swept = newest
+                self._forget_stale(newest)
+
+    def _forget_stale(self, minute: int | None) -> None:
+        """Drop the windows with nothing newer than `drift_window_minutes` before `minute` (a version no longer
+        served), then the references of versions that are neither a model's current one nor have a window.
+        Called under `_window_lock`."""
+        if minute is not None:
+            horizon = minute - self.config.drift_window_minutes
+            for stale in [key for key, window in self._window.items() if not window or window[-1][0] <= horizon]:
+                del self._window[stale]
+        keep = {(model, version) for model, version, _ in self._window} | set(self._current.items())
+        for unused in [key for key in self._references if key not in keep]:
+            del self._references[unused]
 
     def stats(self) -> BufferStats:
         stats: BufferStats = self.call(self.buffer.stats)
@@ -620,6 +648,17 @@ class TelemetryRecorder:
         self._queue.put(None)
         self._thread.join(timeout=10)
         self.buffer.close()
+
+
+def first_sequence(now: float) -> int:
+    """The number of a new buffer's first batch: the time (`now`) in milliseconds.
+
+    The control plane stores each (node, seq) once. A node's buffer is made anew on a machine that replaces it
+    (enrolled again under the same node id) or after a damaged one was moved aside; had it counted from 1 again, its
+    batches would be taken for resends of the old buffer's and acknowledged without being stored. A buffer seals far
+    fewer than 1000 batches a second, so its numbers stay below those of any buffer made after it.
+    """
+    return max(1, int(now * 1000))
 
 
 def sum_drift(outcomes: list[Outcome]) -> DriftSums:

@@ -1,11 +1,13 @@
 """`serve()`: run the control plane in this process under uvicorn until SIGTERM or SIGINT.
 
-A signal ends long polls at once, lets requests in flight finish, flushes presence and closes the database; the
-process then exits with status 0.
+A signal ends long polls at once, lets requests in flight finish, drops idle keep-alive connections (without
+waiting for their clients' side of the TLS close), flushes presence and closes the database; the process then exits
+with status 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import logging
@@ -27,7 +29,7 @@ from strata.control.pki import default_server_names
 from strata.control.plane import ControlPlane, first_start_lock
 from strata.control.settings import ServerSettings
 from strata.control.supply import read_release_keys
-from strata.control.tls import server_context_args
+from strata.control.tls import MutualTlsHttpProtocol, server_context_args
 from strata.core.errors import ConfigError
 from strata.core.logformat import check_log_format
 
@@ -37,6 +39,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Requests still running this long after a shutdown signal are cancelled (long polls end at once anyway).
 GRACEFUL_SHUTDOWN_S = 10
+# A connection closed at shutdown whose TLS close the client has not answered after this long is dropped.
+TLS_CLOSE_WAIT_S = 0.5
 
 
 class _Server(uvicorn.Server):
@@ -56,7 +60,26 @@ class _Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._plane.feed.close()
-        await super().shutdown(sockets)
+        dropper = asyncio.create_task(self._drop_closed_connections())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            dropper.cancel()
+
+    async def _drop_closed_connections(self) -> None:
+        """Abort the connections uvicorn has closed, once all they were sent has gone out, whose TLS close waits on
+        the client. A TLS close waits for the client's own close_notify, which a client holding an idle keep-alive
+        connection (an agent between calls, an operator's tool) sends only when it next reads: every such
+        connection held the shutdown for the whole GRACEFUL_SHUTDOWN_S, and a supervisor that stops sooner killed
+        the server before it flushed presence."""
+        while True:
+            await asyncio.sleep(TLS_CLOSE_WAIT_S)
+            for connection in list(self.server_state.connections):
+                if not isinstance(connection, MutualTlsHttpProtocol):
+                    continue
+                transport = connection.transport
+                if transport.is_closing() and transport.get_write_buffer_size() == 0:
+                    transport.abort()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

@@ -84,6 +84,7 @@ def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path, db_u
     port = _free_port()
     base = f"https://127.0.0.1:{port}"
     answers: list[bytes] = []
+    idle: httpx.Client | None = None
     argv = [sys.executable, "-m", "strata", "server", "--data-dir", str(data), "--port", str(port)]
     if db_url is not None:
         argv += ["--db", db_url.replace("postgresql+psycopg://", "postgresql://")]  # the plain form means psycopg
@@ -140,6 +141,12 @@ def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path, db_u
         # read the answer as it comes, and close (the server's TLS close waits for the client's side of it)
         reader = threading.Thread(target=lambda: answers.append(_read_until_closed(poll)))
         reader.start()
+        # And a keep-alive connection idle when SIGTERM arrives (an agent between calls, an operator's tool): the
+        # server's TLS close waits for the client's, which such a client sends only when it next reads. The server
+        # does not wait for it (it did, for the whole graceful timeout: 10 s, and a supervisor stopping sooner
+        # killed it before it flushed presence).
+        idle = httpx.Client(verify=trusted, headers=admin)
+        assert idle.get(f"{base}/v1/health").status_code == 200
     finally:
         stopping = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -148,6 +155,8 @@ def test_server_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path, db_u
         except subprocess.TimeoutExpired:
             process.kill()
             output, _ = process.communicate()
+        if idle is not None:
+            idle.close()
     log = output.decode()
     assert process.returncode == 0, log
     # Prompt even on a loaded machine: without `strata server`'s gc.freeze() at exit, Python's own teardown
