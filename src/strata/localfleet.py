@@ -9,6 +9,7 @@ one CA and TUF keys), each on its own port: replicas of one control plane.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -402,6 +403,14 @@ class LocalFleet:
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         return {node["name"]: node for node in self.client.nodes()}
+
+    def node_id(self, name: str, timeout: float = 30.0) -> str:
+        """The node id the agent `name` enrolled as, from its `trust/identity.json`, waiting for the file: the
+        control plane lists a node once it has stored the enrollment, a moment before the agent writes it."""
+        handle = self.agents[name]
+        path = handle.data_dir / "trust" / "identity.json"
+        self.wait_for(path.is_file, timeout, f"{name} to write its identity", handle.process)
+        return str(json.loads(path.read_text())["node_id"])
 
     def wait_for_versions(self, expected: dict[str, dict[str, str]], timeout: float = 60.0) -> dict[str, Any]:
         """Wait until each named node reports exactly these active model versions."""

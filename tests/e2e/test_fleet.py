@@ -129,8 +129,7 @@ def test_a_node_cannot_read_another_nodes_desired_state(fleet: LocalFleet, digit
     fleet.client.deploy("digits", "1", {"who": "b"})
     fleet.wait_for_versions({"node-b": {"digits": "1"}, "node-a": {}})
 
-    id_a = json.loads((a.data_dir / "trust" / "identity.json").read_text())["node_id"]
-    id_b = json.loads((b.data_dir / "trust" / "identity.json").read_text())["node_id"]
+    id_a, id_b = fleet.node_id(a.name), fleet.node_id(b.name)
     as_a = fleet.tls("node-a")  # node A's own certificate and key
     own = httpx.get(f"{fleet.server_url}/v1/nodes/{id_a}/desired", verify=as_a)
     assert own.status_code == 200

@@ -12,7 +12,6 @@ replicas' access logs.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from collections.abc import Iterator
@@ -39,11 +38,7 @@ def served(lb: BalancedFleet, name: str, path: str) -> list[int]:
 
 
 def node_id(lb: BalancedFleet, name: str) -> str:
-    # The control plane lists the node as soon as it enrolled it; the agent writes its identity file just after.
-    path = lb.fleet.agents[name].data_dir / "trust" / "identity.json"
-    lb.fleet.wait_for(path.exists, 30, f"{name} to write its identity", lb.fleet.agents[name].process)
-    identity = json.loads(path.read_text())
-    return str(identity["node_id"])
+    return lb.fleet.node_id(name)
 
 
 def poller(lb: BalancedFleet, node: str) -> str:

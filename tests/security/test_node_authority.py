@@ -4,7 +4,6 @@ node's own certificate on the wire."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -24,8 +23,7 @@ PUBLIC = {"ca.pem", "server.pem"}
 
 
 def node_id(fleet: LocalFleet, name: str) -> str:
-    identity = json.loads((fleet.agents[name].data_dir / "trust" / "identity.json").read_text())
-    return str(identity["node_id"])
+    return fleet.node_id(name)
 
 
 def admin(fleet: LocalFleet) -> dict[str, str]:

@@ -70,10 +70,7 @@ def test_a_nodes_telemetry_claims_are_checked_before_they_are_stored(fleet: Loca
     rogue = fleet.start_agent("rogue", "device", {"site": "x"})
     fleet.start_agent("other", "device", {"site": "x"})
     fleet.wait_for(lambda: len(fleet.nodes()) == 2, 30, "two nodes")
-    identities = {
-        name: json.loads((fleet.agents[name].data_dir / "trust" / "identity.json").read_text())["node_id"]
-        for name in ("rogue", "other")
-    }
+    identities = {name: fleet.node_id(name) for name in ("rogue", "other")}
     rogue.process.stop()
     rogue_id = identities["rogue"]
     url = f"{fleet.server_url}/v1/nodes/{rogue_id}/telemetry"
