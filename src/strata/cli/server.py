@@ -43,6 +43,14 @@ def server(
         str | None,
         typer.Option("--otlp-endpoint", help="Also forward telemetry to this OpenTelemetry collector (OTLP/HTTP)."),
     ] = None,
+    telemetry_retention: Annotated[
+        str,
+        typer.Option(
+            "--telemetry-retention",
+            help="Delete node telemetry (minutes, events, drift counts) older than this, e.g. 30d, 36h (at least 1h; "
+            "the telemetry API reaches back 90d).",
+        ),
+    ] = "90d",
     release_key: Annotated[
         list[Path] | None,
         typer.Option(
@@ -90,6 +98,7 @@ def server(
         log_level=log_level,
         log_format=log_format,
         otlp_endpoint=otlp_endpoint,
+        telemetry_retention=telemetry_retention,
         tls_names=tuple(tls_name or ()),
         agent_allowlist=tuple(agent_allowlist or ()),
         release_keys=tuple(release_key or ()),

@@ -1,16 +1,18 @@
 """`create_app(settings)`: the FastAPI application of the control plane, with its lifespan.
 
 Starting migrates the database, writes the admin token if there is none, and starts the presence flusher (this
-process's own memory: every replica runs one), the keeper of the rollout lease, and the rollout driver (which
-steps only while this replica holds the lease); stopping ends long polls, gives the lease up, flushes presence
-and closes the database.
+process's own memory: every replica runs one), the keeper of the rollout lease, the rollout driver (which
+steps only while this replica holds the lease) and the telemetry retention sweep (on the same replica); stopping
+ends long polls, gives the lease up, flushes presence and closes the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import threading
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
@@ -22,8 +24,10 @@ from strata.control.errors import StoreError
 from strata.control.metrics import metrics_registry
 from strata.control.plane import ControlPlane
 from strata.control.settings import ServerSettings
+from strata.control.telemetry import EXPIRED_NOUNS
 from strata.control.ui import install_console
 from strata.core.errors import StrataError
+from strata.core.words import duration, plural
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,30 @@ async def _drive_rollouts_forever(plane: ControlPlane) -> None:
             log.error("rollout step failed: %s", exc)
 
 
+async def _sweep_telemetry_forever(plane: ControlPlane, stop: threading.Event) -> None:
+    """Delete telemetry older than the retention, soon after start and then every `telemetry_sweep_s`, while this
+    replica holds the rollout lease (one replica sweeps at a time; a sweep is idempotent besides). `stop` ends a
+    sweep under way after its current chunk (a worker thread is not cancelled: shutdown would wait for it)."""
+    settings = plane.settings
+    retention = settings.telemetry_retention_s
+    sweep = functools.partial(plane.telemetry.sweep, retention, stop=stop)
+    await asyncio.sleep(min(60.0, settings.telemetry_sweep_s))  # the lease is taken by then
+    while True:
+        if plane.rollout_lease.held():
+            try:
+                deleted = await anyio.to_thread.run_sync(sweep)
+            except StoreError as exc:
+                log.warning("telemetry retention sweep failed, will retry: %s", exc)
+            else:
+                if any(deleted.values()):
+                    log.info(
+                        "telemetry retention %s: deleted %s",
+                        duration(retention),
+                        ", ".join(plural(deleted[kind], noun) for kind, noun in EXPIRED_NOUNS.items()),
+                    )
+        await asyncio.sleep(settings.telemetry_sweep_s)
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     """The control plane API over `settings`; serve it with any ASGI server (lifespan events required).
 
@@ -75,14 +103,17 @@ def create_app(settings: ServerSettings) -> FastAPI:
         await anyio.to_thread.run_sync(plane.start)
         plane.nudge.attach(asyncio.get_running_loop())
         exporter = plane.start_exporters()
+        stop_sweep = threading.Event()
         tasks = [
             asyncio.create_task(_flush_presence_forever(plane)),
             asyncio.create_task(_keep_rollout_lease_forever(plane)),
             asyncio.create_task(_drive_rollouts_forever(plane)),
+            asyncio.create_task(_sweep_telemetry_forever(plane, stop_sweep)),
         ]
         try:
             yield
         finally:
+            stop_sweep.set()
             for task in tasks:
                 task.cancel()
             for task in tasks:

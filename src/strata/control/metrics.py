@@ -93,6 +93,15 @@ class FleetCollector(Collector):
             family = CounterMetricFamily(name, help_text)
             family.add_metric([], value)
             yield family
+        expired = CounterMetricFamily(
+            "strata_telemetry_expired_rows",
+            "Telemetry rows this replica deleted as older than the retention, by kind",
+            labels=["kind"],
+        )
+        with counters.lock:
+            for kind, count in counters.expired.items():
+                expired.add_metric([kind], count)
+        yield expired
         info = GaugeMetricFamily("strata_server_info", "The control plane's version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info

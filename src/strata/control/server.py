@@ -29,6 +29,7 @@ from strata.control.pki import default_server_names
 from strata.control.plane import ControlPlane, first_start_lock
 from strata.control.settings import ServerSettings
 from strata.control.supply import read_release_keys
+from strata.control.telemetry import retention_seconds
 from strata.control.tls import MutualTlsHttpProtocol, server_context_args
 from strata.core.errors import ConfigError
 from strata.core.logformat import check_log_format
@@ -133,6 +134,7 @@ def serve(
     log_level: str = "info",
     log_format: str = "text",
     otlp_endpoint: str | None = None,
+    telemetry_retention: str = "90d",
     tls_names: tuple[str, ...] = (),
     agent_allowlist: tuple[str, ...] = (),
     release_keys: tuple[Path, ...] = (),
@@ -152,7 +154,8 @@ def serve(
         ConfigError: an unknown log level or format, a data folder that cannot be created, an unusable database URL (one
             that does not parse, or a driver not installed: `strata[postgres]`), a cloud endpoint that is not an
             http(s) URL (cloud or OTLP), a release key that is not a PEM public key, an allowlist entry that is not
-            a code hash, or a TPM CA file or PCR value that does not parse.
+            a code hash, a TPM CA file or PCR value that does not parse, or a telemetry retention that is not a
+            duration of at least an hour.
         StoreError: the database cannot be reached, refuses the login, or cannot be migrated.
         SystemExit: uvicorn could not start (the port is taken, or the database cannot be migrated); the reason
             is logged.
@@ -177,9 +180,11 @@ def serve(
             raise ConfigError(f"--agent-allowlist takes agent code hashes, sha256:<64 hex digits>; got {code!r}")
     if otlp_endpoint is not None and not otlp_endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"--otlp-endpoint must be an http:// or https:// URL, got {otlp_endpoint!r}")
+    retention_s = retention_seconds(telemetry_retention)
     settings = ServerSettings(
         data_dir=data_dir,
         db_url=db_url,
+        telemetry_retention_s=retention_s,
         otlp_endpoint=otlp_endpoint,
         agent_allowlist=agent_allowlist,
         release_keys=tuple(path.expanduser().resolve() for path in release_keys),

@@ -33,6 +33,8 @@ class ServerSettings:
         rollout_interval_s: the rollout driver steps at least this often (and soon after status reports).
         rollout_debounce_s: after a status report, wait this long for others before stepping.
         clock: epoch seconds; every stored time comes from it, so tests can move time.
+        telemetry_retention_s: node telemetry (minutes, events, drift counts) older than this is deleted.
+        telemetry_sweep_s: how often the replica holding the rollout lease deletes expired telemetry.
         otlp_endpoint: when set, stored telemetry is also forwarded to this OpenTelemetry collector (OTLP/HTTP).
         tls_names: DNS names and addresses the HTTPS certificate covers (default: loopback and this host).
         node_cert_hours: lifetime of node certificates; agents renew them at two thirds of it.
@@ -54,6 +56,8 @@ class ServerSettings:
     rollout_interval_s: float = 5.0
     rollout_debounce_s: float = 0.5
     clock: Callable[[], float] = time.time
+    telemetry_retention_s: float = 90 * 86400.0  # what the telemetry API reaches back
+    telemetry_sweep_s: float = 3600.0
     otlp_endpoint: str | None = None
     tls_names: tuple[str, ...] = ()
     node_cert_hours: float = 24.0

@@ -11,19 +11,28 @@ shed`) over the requests they took on (`requests - client_errors - shed`): the r
 the nodes' serving counters give (they count neither malformed nor shed requests). `client_error_rate` and
 `shed_rate` are the caller's faults and the shed requests over all requests, beside it: clients that send garbage
 and load shedding do not make a healthy model look broken, and still show.
+
+Retention (`TelemetryService.sweep`): minutes, events and drift counts older than the retention are deleted in
+chunks of `SWEEP_CHUNK` rows, one short transaction each (no long write lock on SQLite, no large PostgreSQL
+transaction); the counts of the minutes deleted live on in one row per series, for /metrics. The (node, seq)
+records that make ingest exactly once are kept by a stricter rule (`sweep`'s docstring).
+Per-node counts of dropped data (`telemetry_dropped`) are totals, not time series, and are kept.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy.orm import Session, aliased
 
 from strata.control.db import (
     Database,
@@ -38,7 +47,8 @@ from strata.control.db import (
     Variant,
 )
 from strata.control.gates import DriftFigure
-from strata.core.errors import Conflict, Forbidden, NotFound
+from strata.control.lease import serialize
+from strata.core.errors import ConfigError, Conflict, Forbidden, NotFound
 from strata.core.telemetry import (
     BUCKETS,
     MAX_COUNT,
@@ -52,11 +62,21 @@ from strata.core.telemetry import (
     psi,
 )
 from strata.core.telemetry import TelemetryBatch as Batch
+from strata.core.words import parse_duration
 
 log = logging.getLogger(__name__)
 
+_NewerBatch = aliased(TelemetryBatch)
+# The minute of the row per (node, model, version, variant) that holds the counts of its minutes deleted by the
+# retention sweep; no batch holds a negative minute (`decode_batch`).
+EXPIRED_MINUTE = -1
+
 MAX_UPLOAD_BYTES = 16 << 20
 PSI_DRIFT = 0.2  # above this a tensor is reported as drifting (0.1-0.25 moderate, > 0.25 significant)
+MIN_RETENTION_S = 3600.0
+RETENTION = "telemetry-retention"  # the sweep's `serialize` name
+SWEEP_CHUNK = 5000  # rows one DELETE statement (one transaction) removes
+SWEEP_PAUSE_S = 0.02  # between two full chunks: other writers get the SQLite write lock in between
 
 
 @dataclass(frozen=True)
@@ -162,6 +182,10 @@ class _Traffic:
         self.latency = [a + b for a, b in zip(self.latency, row.latency, strict=True)]
 
 
+EXPIRED_NOUNS = {"minutes": "minute row", "events": "event", "drift": "drift row", "batches": "batch record"}
+EXPIRED_KINDS = tuple(EXPIRED_NOUNS)
+
+
 @dataclass
 class IngestCounters:
     """In-process counters for /metrics."""
@@ -172,6 +196,40 @@ class IngestCounters:
     minutes: int = 0
     events: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # rows the retention sweep deleted, by kind (minutes, events, drift, batches)
+    expired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXPIRED_KINDS, 0))
+
+
+def retention_seconds(text: str) -> float:
+    """`--telemetry-retention` ('90d', '36h', ...) in seconds: at least an hour, and finite.
+
+    Raises:
+        ConfigError: not a duration, not finite, or under an hour.
+    """
+    try:
+        seconds = parse_duration(text)
+    except ConfigError as exc:
+        raise ConfigError(f"--telemetry-retention: {exc}") from exc
+    if not math.isfinite(seconds) or seconds < MIN_RETENTION_S:
+        raise ConfigError(f"--telemetry-retention must be at least 1h, got {text!r}")
+    return seconds
+
+
+def _add_counts(total: TelemetryMinute, row: MinuteRow | TelemetryMinute) -> None:
+    """Add a minute row's counts to a stored row's."""
+    total.requests += row.requests
+    total.errors += row.errors
+    total.client_errors += row.client_errors
+    total.shed += row.shed
+    total.items += row.items
+    total.latency_sum_us += row.latency_sum_us
+    total.queue_sum_us += row.queue_sum_us
+    total.latency = [a + b for a, b in zip(total.latency, row.latency, strict=True)]
+
+
+def _key(table: type[Any]) -> tuple[Any, ...]:
+    """The primary key columns of a mapped class."""
+    return tuple(table.__table__.primary_key.columns)
 
 
 def chi_square_p_value(statistic: float, dof: int) -> float | None:
@@ -302,17 +360,103 @@ class TelemetryService:
                     )
                 )  # fmt: skip
             else:
-                existing.requests += row.requests
-                existing.errors += row.errors
-                existing.client_errors += row.client_errors
-                existing.shed += row.shed
-                existing.items += row.items
-                existing.latency_sum_us += row.latency_sum_us
-                existing.queue_sum_us += row.queue_sum_us
-                existing.latency = [a + b for a, b in zip(existing.latency, row.latency, strict=True)]
+                _add_counts(existing, row)
                 sums = (existing.requests, existing.items, existing.latency_sum_us, existing.queue_sum_us)
                 if max(*sums, *existing.latency) > MAX_COUNT:  # errors are at most requests
                     raise TelemetryError(f"minute row {row.key} would count more than {MAX_COUNT} with this batch")
+
+    # --- retention --------------------------------------------------------------------------------------
+
+    def sweep(
+        self,
+        retention_s: float,
+        chunk: int = SWEEP_CHUNK,
+        pause_s: float = SWEEP_PAUSE_S,
+        stop: threading.Event | None = None,
+    ) -> dict[str, int]:
+        """Delete what is older than `retention_s` (before `now - retention_s` on the server's clock), `chunk`
+        rows per statement and transaction; return the rows deleted by kind (`EXPIRED_KINDS`), also added to
+        `counters.expired`. Idempotent: two replicas sweeping at once only delete fewer rows each. Once `stop` is
+        set, no further chunk starts (the server is shutting down; the next sweep goes on).
+
+        Minutes and drift counts go by their minute (a minute is deleted once it ended before the cutoff: the API
+        reaches back to `since // 60`), events by their time. A deleted minute row's counts are added to its
+        series' `EXPIRED_MINUTE` row (`_fold_minutes`), so that /metrics' request counters never go down.
+
+        Exactly-once records (`telemetry_batches`): a node's resend of a stored batch is refused because its
+        (node, seq) row is there, so a row may go only once that batch can never be sent again. A node's buffer
+        holds one sealed batch at a time and deletes it only when the server acknowledged it (or refused it for
+        good); it seals the next one, with a higher seq, only after that (`agent.telemetry.TelemetryBuffer.seal`;
+        a new buffer numbers above any older one). So once a node's batch with a higher seq is stored, the node
+        had the acknowledgement of every lower one, and those are never resent: a record is deleted only when it
+        is older than the retention AND the node has a newer record. Each node's newest record is kept however
+        old: its acknowledgement may have been lost (a node offline since, for months), and its resend must
+        still be refused.
+
+        Raises:
+            StoreError: the database failed (what was deleted before stays deleted; the next sweep goes on).
+        """
+        cutoff = self._clock() - retention_s
+        first_minute = math.floor(cutoff / 60)
+        newer = select(_NewerBatch.seq).where(
+            _NewerBatch.node_id == TelemetryBatch.node_id, _NewerBatch.seq > TelemetryBatch.seq
+        )
+        steps: dict[str, Callable[[], int]] = {
+            "minutes": functools.partial(self._fold_minutes, first_minute, chunk),
+            "events": functools.partial(self._delete_chunk, TelemetryEvent, TelemetryEvent.ts < cutoff, chunk),
+            "drift": functools.partial(self._delete_chunk, TelemetryDrift, TelemetryDrift.minute < first_minute, chunk),
+            "batches": functools.partial(
+                self._delete_chunk, TelemetryBatch, (TelemetryBatch.received_at < cutoff) & newer.exists(), chunk
+            ),
+        }
+        deleted = dict.fromkeys(EXPIRED_KINDS, 0)
+        for kind, step in steps.items():
+            while True:
+                count = step()
+                deleted[kind] += count
+                with self.counters.lock:
+                    self.counters.expired[kind] += count
+                if count < chunk or (stop is not None and stop.is_set()):
+                    break
+                time.sleep(pause_s)
+        return deleted
+
+    def _delete_chunk(self, table: type[Any], condition: Any, chunk: int) -> int:
+        """Delete up to `chunk` rows of `table` matching `condition` in one statement; return how many."""
+        key = _key(table)
+        chosen = select(*key).where(condition).limit(chunk).correlate(None)
+        with self._db.transaction() as session:
+            where = key[0].in_(chosen) if len(key) == 1 else tuple_(*key).in_(chosen)
+            return int(session.connection().execute(delete(table).where(where)).rowcount)
+
+    def _fold_minutes(self, first_minute: int, chunk: int) -> int:
+        """Delete up to `chunk` minute rows from before `first_minute`, adding their counts to their series'
+        `EXPIRED_MINUTE` row in the same transaction; return how many. That row is out of every query's reach
+        (queries start at a minute >= 0) but in `totals()`: the /metrics counters read from the stored minutes
+        never go down, which Prometheus would take for a counter reset (a spike in `rate()` every sweep). Two
+        replicas' folds (a lease handed over mid-sweep) take turns (`serialize`): each adds only rows still there."""
+        with self._db.transaction() as session:
+            serialize(session, RETENTION)
+            rows = session.scalars(
+                select(TelemetryMinute)
+                .where(TelemetryMinute.minute < first_minute, TelemetryMinute.minute != EXPIRED_MINUTE)
+                .limit(chunk)
+            ).all()
+            folded: dict[tuple[str, str, str, str], TelemetryMinute] = {}
+            for row in rows:
+                series = (row.node_id, row.model, row.version, row.variant)
+                total = folded.get(series) or session.get(TelemetryMinute, (*series, EXPIRED_MINUTE))
+                if total is None:
+                    total = TelemetryMinute(
+                        node_id=row.node_id, model=row.model, version=row.version, variant=row.variant,
+                        minute=EXPIRED_MINUTE, requests=0, errors=0, client_errors=0, shed=0, items=0,
+                        latency_sum_us=0, queue_sum_us=0, latency=[0] * BUCKETS,
+                    )  # fmt: skip
+                    session.add(total)
+                folded[series] = total
+                _add_counts(total, row)
+                session.delete(row)
+            return len(rows)
 
     # --- queries ----------------------------------------------------------------------------------------
 
@@ -497,8 +641,8 @@ class TelemetryService:
         ]
 
     def totals(self) -> dict[tuple[str, str, str], tuple[int, int, int, int]]:
-        """(node name, model, version) -> (requests, errors, client errors, shed) over all stored minutes, for
-        /metrics.
+        """(node name, model, version) -> (requests, errors, client errors, shed) over all stored minutes (those the
+        retention deleted included, in their `EXPIRED_MINUTE` rows), for /metrics.
 
         Raises:
             StoreError: the database failed.

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import zstandard
-from control_harness import Harness, NodeCredentials
+from control_harness import Harness, NodeCredentials, StartServer
+from sqlalchemy import select
 
+from strata.control.db import TelemetryBatch as StoredBatch
+from strata.control.db import TelemetryDrift, TelemetryEvent, TelemetryMinute
+from strata.control.settings import ServerSettings
+from strata.control.telemetry import EXPIRED_MINUTE
 from strata.core import telemetry
 from strata.core.package import tar_bytes
 from strata.core.telemetry import BUCKETS, DriftRow, EventRow, MinuteRow, TelemetryBatch, bucket_of, encode_batch
@@ -211,3 +221,119 @@ def test_queries_and_metrics_need_the_admin(server: Harness) -> None:
     text = server.client.get("/metrics", headers=server.admin).text
     assert 'strata_nodes{online="true",tier="device"} 1.0' in text
     assert "strata_telemetry_batches_total 0.0" in text
+
+
+DAY = 86400.0
+RETENTION = 90 * DAY
+
+
+def retention_batch(node: NodeCredentials, seq: int, minutes: list[int]) -> bytes:
+    """A batch with a minute row, an event and a drift row in each of `minutes`."""
+    return encode_batch(
+        TelemetryBatch(
+            node_id=node.node_id,
+            seq=seq,
+            created=0.0,
+            minutes=[MinuteRow("digits", "1", "cpu-generic-fp32", m, 1) for m in minutes],
+            events=[
+                EventRow(m * 60.0 + 30, "digits", "1", "cpu-generic-fp32", 800, 0, 1, "ok", "local", 2, "")
+                for m in minutes
+            ],
+            drift=[DriftRow("digits", "1", m, "X", [1, 2]) for m in minutes],
+        )
+    )
+
+
+def stored_rows(server: Harness) -> dict[str, list[Any]]:
+    """What the database holds: minutes and drift by minute, events by time, batch records by seq."""
+    with server.plane.db.transaction() as session:
+        return {
+            "minutes": sorted(session.scalars(select(TelemetryMinute.minute))),
+            "events": sorted(session.scalars(select(TelemetryEvent.ts))),
+            "drift": sorted(session.scalars(select(TelemetryDrift.minute))),
+            "batches": sorted(session.scalars(select(StoredBatch.seq))),
+        }
+
+
+def test_the_retention_sweep_deletes_what_is_older_in_chunks_and_keeps_the_rest(
+    server: Harness, make_package: Callable[..., bytes]
+) -> None:
+    assert server.upload(make_package()).status_code == 201
+    node = server.enroll("edge")
+    start = int(server.clock.now // 60)
+    old = [start - 5 + i for i in range(5)]
+    assert upload(server, node, retention_batch(node, 1, old))["stored"]
+    server.clock.advance(RETENTION + 600)  # the cutoff is now start + 10 minutes
+    cutoff_minute = start + 10
+    new = [cutoff_minute, cutoff_minute + 1]  # the minute holding the cutoff is kept: the API still reaches it
+    assert upload(server, node, retention_batch(node, 2, new))["stored"]
+
+    requests = 'strata_inference_requests_total{model="digits",node="edge",version="1"} 7.0'
+    assert requests in server.client.get("/metrics", headers=server.admin).text
+
+    # 5 old rows of each kind, 2 per statement: every one goes, in 3 chunks
+    deleted = server.plane.telemetry.sweep(RETENTION, chunk=2, pause_s=0)
+    assert deleted == {"minutes": 5, "events": 5, "drift": 5, "batches": 1}
+    assert stored_rows(server) == {
+        "minutes": [EXPIRED_MINUTE, *new],  # the old minutes' counts, added up: out of the API's reach
+        "events": [m * 60.0 + 30 for m in new],
+        "drift": new,
+        "batches": [2],  # batch 1 is older than the retention and the node has sent a newer one (see the rule)
+    }
+    assert server.plane.telemetry.sweep(RETENTION, chunk=2, pause_s=0) == dict.fromkeys(deleted, 0)
+    metrics = server.client.get("/metrics", headers=server.admin).text
+    assert requests in metrics  # a counter that went down would be a reset to Prometheus
+    answer = server.client.get("/v1/telemetry", params={"model": "digits", "since": RETENTION}, headers=server.admin)
+    assert [m["minute"] for m in answer.json()["minutes"]] == new
+    for kind, count in deleted.items():
+        assert f'strata_telemetry_expired_rows_total{{kind="{kind}"}} {count}.0' in metrics
+
+
+def test_a_sweep_told_to_stop_ends_after_its_current_chunk(server: Harness) -> None:
+    node = server.enroll("edge")
+    start = int(server.clock.now // 60)
+    assert upload(server, node, retention_batch(node, 1, [start - 5 + i for i in range(5)]))["stored"]
+    server.clock.advance(RETENTION + 600)
+    stop = threading.Event()
+    stop.set()  # the server is shutting down: one chunk of each kind, and no more
+    deleted = server.plane.telemetry.sweep(RETENTION, chunk=2, pause_s=0, stop=stop)
+    assert deleted == {"minutes": 2, "events": 2, "drift": 2, "batches": 0}
+    assert server.plane.telemetry.sweep(RETENTION, chunk=2, pause_s=0)["events"] == 3  # the next sweep goes on
+
+
+def test_a_batch_record_stays_while_its_node_may_still_resend_the_batch(server: Harness) -> None:
+    node = server.enroll("edge")
+    minute = int(server.clock.now // 60)
+    first = retention_batch(node, 1, [minute])
+    assert upload(server, node, first)["stored"]
+    # The node's newest batch, however old: its acknowledgement may have been lost, so it may come again
+    server.clock.advance(RETENTION + DAY)
+    assert server.plane.telemetry.sweep(RETENTION, chunk=2, pause_s=0)["batches"] == 0
+    assert upload(server, node, first) == {"status": 200, "seq": 1, "stored": False}
+    # Superseded but within the retention: kept, and a resend of it is still refused as a duplicate
+    minute = int(server.clock.now // 60)
+    second = retention_batch(node, 2, [minute])
+    assert upload(server, node, second)["stored"]
+    server.clock.advance(3600)
+    assert upload(server, node, retention_batch(node, 3, [minute + 60]))["stored"]
+    assert server.plane.telemetry.sweep(RETENTION, chunk=2, pause_s=0)["batches"] == 1  # batch 1: old, superseded
+    assert stored_rows(server)["batches"] == [2, 3]
+    assert upload(server, node, second) == {"status": 200, "seq": 2, "stored": False}
+    assert stored_rows(server)["minutes"] == [EXPIRED_MINUTE, minute, minute + 60]  # the resend was not stored
+
+
+def test_the_server_sweeps_expired_telemetry_in_the_background(
+    settings: ServerSettings, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.INFO, logger="strata.control.app"),
+        start_server(replace(settings, telemetry_sweep_s=0.1)) as server,
+    ):
+        node = server.enroll("edge")
+        assert upload(server, node, retention_batch(node, 1, [int(server.clock.now // 60) - 1]))["stored"]
+        server.clock.advance(RETENTION + 60)
+        deadline = time.monotonic() + 10  # the sweeper runs on the replica holding the rollout lease
+        while stored_rows(server)["events"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stored_rows(server) == {"minutes": [EXPIRED_MINUTE], "events": [], "drift": [], "batches": [1]}
+    assert "telemetry retention 90d: deleted 1 minute row, 1 event, 1 drift row, 0 batch records" in (caplog.text)
