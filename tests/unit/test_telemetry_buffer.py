@@ -87,8 +87,8 @@ def test_a_buffer_made_by_an_older_agent_gets_the_columns(tmp_path: Path, added:
         latency = [0] * BUCKETS
         latency[4] = 4
         old_row = ("digits", "1", "cpu-generic-fp32", int(T // 60), 4, 2, 4, 3200, 40, *latency, *(0 for _ in added))
-        # the statement is built from '?' placeholders alone (one per column); the values go as parameters
-        db.execute(f"INSERT INTO minutes VALUES ({', '.join('?' * len(old_row))})", old_row)  # noqa: S608
+        placeholders = ", ".join("?" * len(old_row))  # one '?' per column of the old schema
+        db.execute(f"INSERT INTO minutes VALUES ({placeholders})", old_row)  # noqa: S608 - only '?'s are formatted in
     db.close()
     buffer = TelemetryBuffer(path, 64 << 20)
     TelemetryBuffer(path, 64 << 20).close()  # a second serving process opening it finds the column there
