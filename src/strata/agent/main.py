@@ -40,7 +40,7 @@ from strata.agent.vault import Vault
 from strata.core.aio import wait_event
 from strata.core.errors import ConfigError, StrataError
 from strata.core.fsutil import write_bytes_atomic
-from strata.core.logformat import JsonFormatter
+from strata.core.logformat import JsonFormatter, check_log_level
 from strata.core.profiles import detect_profile, get_profile, read_host_facts
 from strata.core.wire import tier_of
 from strata.trust.fleet_tls import peer_node_id
@@ -354,7 +354,7 @@ def run(config: AgentConfig) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[" + config.name + "]: %(message)s"))
     tail = LogTail()  # the agent logs to stderr only: `strata nodes logs` reads these last lines
     tail.setFormatter(handler.formatter)
-    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO), handlers=[handler, tail])
+    logging.basicConfig(level=check_log_level(config.log_level), handlers=[handler, tail])
     try:
         agent = Agent(config)
         agent.loop.log_tail = tail

@@ -27,6 +27,7 @@ from strata.agent.runtime import limit_malloc_arenas, load_and_check, release_fr
 from strata.agent.serving import ServingTracker
 from strata.agent.telemetry import TelemetryRecorder
 from strata.core.errors import StrataError
+from strata.core.logformat import check_log_level
 from strata.core.package import Manifest, Package, verify_package
 
 log = logging.getLogger("strata.agent.worker")
@@ -82,7 +83,7 @@ class Worker:
 
     async def _setup(self, fields: Message) -> Message:
         config = AgentConfig.from_json(fields["config"])
-        logging.getLogger().setLevel(getattr(logging, config.log_level.upper(), logging.INFO))
+        logging.getLogger().setLevel(check_log_level(config.log_level))
         index, processes = int(fields["index"]), int(fields["processes"])
         self.threads = fields["threads"]
         self.ready = bool(fields["ready"])
