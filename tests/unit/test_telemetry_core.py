@@ -13,6 +13,7 @@ from strata.core.package import Manifest
 from strata.core.telemetry import (
     BATCH_FORMAT,
     BUCKETS,
+    DROPPED_KINDS,
     LATENCY_BOUNDS_US,
     MAX_COUNT,
     MAX_TENSOR,
@@ -215,6 +216,17 @@ def test_texts_longer_than_the_control_planes_columns_are_refused() -> None:
     raw["strings"][raw["events"]["status"][0]] = "x" * 32
     raw["strings"][raw["events"]["summary"][0]] = "s" * 5000  # a summary is TEXT
     assert decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode())).events[0].status == "x" * 32
+
+
+def test_a_dropped_kind_the_buffer_never_counts_is_refused() -> None:
+    # The control plane keeps a row per (node, kind) for good, and its kind column is VARCHAR(32): any other name was
+    # taken, so one batch could add a row for each of a million made-up kinds, or reach PostgreSQL's limit.
+    raw = json.loads(zstandard.ZstdDecompressor().decompress(encode_batch(_batch())))
+    raw["dropped"] = {"x" * 1000: 1}
+    with pytest.raises(TelemetryError, match=r"dropped: 'x{39} is not one of events_sampled, "):
+        decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode()))
+    raw["dropped"] = dict.fromkeys(DROPPED_KINDS, 1)
+    assert decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode())).dropped == raw["dropped"]
 
 
 def test_a_tensor_name_longer_than_the_drift_column_gets_no_reference_and_no_batch_carries_one() -> None:

@@ -39,6 +39,7 @@ from strata.agent.serving import is_client_fault, is_shed
 from strata.core.errors import StrataError
 from strata.core.telemetry import (
     BUCKETS,
+    DROPPED_KINDS,
     PRIORITY_ERROR,
     PRIORITY_SAMPLED,
     PRIORITY_SLOW,
@@ -96,8 +97,6 @@ ON CONFLICT (model, version, variant, minute) DO UPDATE SET
 
 # drift counts summed by (model, version, minute, tensor)
 DriftSums = dict[tuple[str, str, int, str], list[int]]
-
-DROPPED_KINDS = ("events_sampled", "events_slow", "events_error", "minutes", "minute_requests", "lost", "rejected")
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,17 @@ MAX_TIER: Final = 16
 # A drift reference's tensor name: a longer one gets no reference (and a node sends no drift for it), so every
 # name a batch carries fits the control plane's column
 MAX_TENSOR: Final = 256
+# What a node's buffer may say it dropped, by kind (`strata.agent.telemetry`): the control plane keeps one row per
+# (node, kind) for good, so a batch naming any other kind is refused rather than given a row of its own.
+DROPPED_KINDS: Final = (
+    "events_sampled",
+    "events_slow",
+    "events_error",
+    "minutes",
+    "minute_requests",
+    "lost",
+    "rejected",
+)
 DRIFT_BINS: Final = 10
 DRIFT_MAX_ELEMENTS: Final = 4096  # per tensor per request: larger tensors are strided down to this
 
@@ -466,14 +477,27 @@ def _count(column: str, value: Any, most: int = MAX_COUNT) -> int:
     return value
 
 
+def _dropped_kind(key: Any) -> str:
+    """A kind of dropped telemetry as the batch names it: one of DROPPED_KINDS.
+
+    Raises:
+        TelemetryError: it is anything else.
+    """
+    if key not in DROPPED_KINDS:
+        raise TelemetryError(
+            f"telemetry batch is malformed: dropped: {key!r:.40} is not one of {', '.join(DROPPED_KINDS)}"
+        )
+    return str(key)
+
+
 def decode_batch(payload: bytes) -> TelemetryBatch:
     """Parse a batch made by `encode_batch`, refusing anything malformed or larger than MAX_BATCH_BYTES.
 
     Raises:
         TelemetryError: not zstd, too large, not the format, columns that do not line up, a count that is not an
-            int in 0..MAX_COUNT, a text longer than its column (MAX_NAME, MAX_STATUS, MAX_TIER, MAX_TENSOR), or
-            counts that do not add up (more errors than requests, more client errors and shed requests than
-            errors).
+            int in 0..MAX_COUNT, a dropped kind not in DROPPED_KINDS, a text longer than its column (MAX_NAME,
+            MAX_STATUS, MAX_TIER, MAX_TENSOR), or counts that do not add up (more errors than requests, more client
+            errors and shed requests than errors).
     """
     import zstandard
 
@@ -541,7 +565,9 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
                 _column(d, "tensor", j), _column(d, "counts", j), strict=True,
             )
         ]  # fmt: skip
-        dropped = {str(key): _count("dropped", value) for key, value in dict(document.get("dropped") or {}).items()}
+        dropped = {
+            _dropped_kind(key): _count("dropped", value) for key, value in dict(document.get("dropped") or {}).items()
+        }
         batch = TelemetryBatch(
             node_id=str(document["node"]), seq=_count("seq", document["seq"]), created=float(document["created"]),
             minutes=minutes, events=events, drift=drift, dropped=dropped,
