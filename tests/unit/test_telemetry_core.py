@@ -199,6 +199,9 @@ def test_counts_are_whole_numbers_a_store_can_hold_or_the_batch_is_refused() -> 
     for table, key, wrong in [
         ("events", "batch", [2**31]), ("events", "latency_us", [-1]), ("drift", "counts", [[1, 2**70, 3]]),
         ("dropped", "events_sampled", 2**70), (None, "seq", "3"),
+        # an event's time (ms, delta-encoded) went unchecked: infinity and NaN reached the store, where the retention
+        # sweep's `ts < cutoff` never deletes them; a time before 1970 was taken too
+        ("events", "ts_ms", [float("nan")]), ("events", "ts_ms", [float("inf")]), ("events", "ts_ms", [-1]),
     ]:  # fmt: skip
         raw = json.loads(zstandard.ZstdDecompressor().decompress(encode_batch(_batch())))
         (raw[table] if table else raw)[key] = wrong

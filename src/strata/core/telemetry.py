@@ -37,8 +37,8 @@ PRIORITY_NAMES: Final = {PRIORITY_SAMPLED: "sampled", PRIORITY_SLOW: "slow", PRI
 BATCH_FORMAT: Final = "strata.telemetry/v1"
 MAX_BATCH_BYTES: Final = 64 << 20  # decompressed; a batch claiming more is refused (no zip bombs)
 # The most any count of a batch may be (a minute's, an event's microseconds, drift and dropped counts, the minute
-# and sequence numbers), and what the control plane's sums may reach: JSON numbers stay exact up to it in every
-# reader (the console's JavaScript too), and it is far inside a BIGINT, SQLite's or PostgreSQL's.
+# and sequence numbers, an event's time in ms), and what the control plane's sums may reach: JSON numbers stay exact
+# up to it in every reader (the console's JavaScript too), and it is far inside a BIGINT, SQLite's or PostgreSQL's.
 MAX_COUNT: Final = 2**53 - 1
 INT32_MAX: Final = 2**31 - 1  # an event's batch size and priority: INTEGER columns
 # The longest texts a batch may carry, as the control plane's columns hold them (PostgreSQL refuses longer ones)
@@ -465,8 +465,8 @@ def _column(table: Mapping[str, Any], key: str, length: int | None) -> list[Any]
 
 
 def _count(column: str, value: Any, most: int = MAX_COUNT) -> int:
-    """A count (or minute, or sequence number) as the batch claims it: an int (not a bool, a float or a string) in
-    0..`most`, which the control plane's columns hold.
+    """A count (or minute, event time in ms, or sequence number) as the batch claims it: an int (not a bool, a float
+    or a string) in 0..`most`, which the control plane's columns hold.
 
     Raises:
         TelemetryError: it is anything else.
@@ -543,7 +543,7 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
         k = len(_column(e, "latency_us", None))
         events = [
             EventRow(
-                ts=ts / 1000, model=text(model), version=text(version), variant=text(variant),
+                ts=_count("ts_ms", ts) / 1000, model=text(model), version=text(version), variant=text(variant),
                 latency_us=_count("latency_us", latency), queue_us=_count("queue_us", queue),
                 batch=_count("batch", size, INT32_MAX), status=text(status, MAX_STATUS),
                 tier=text(tier, MAX_TIER), priority=_count("priority", priority, INT32_MAX),
