@@ -85,8 +85,6 @@ def status_code(error: StrataError) -> grpc.StatusCode:
     return _CODES.get(error.http_status, grpc.StatusCode.INTERNAL)
 
 
-_OPEN_METHODS: Final = frozenset({f"/{SERVICE}/ServerLive"})
-
 # Until its handler reads it, a call's message waits in its HTTP/2 stream window: this one (HTTP/2's default), with
 # BDP probing off, which would otherwise grow it (to 4-16 MiB on a quiet node) until whole messages wait unread:
 # 16 calls waiting with 4 MiB messages cost the agent 66 MB with it, 2 MB without (the caller test measures it).
@@ -141,31 +139,6 @@ class MessageBudget:
         self._used -= size
         released, self._released = self._released, asyncio.Event()
         released.set()
-
-
-# grpcio ships no type hints, so its base class is Any to mypy (strict: no subclassing Any); grpc.aio takes only
-# instances of ServerInterceptor as interceptors, so subclassing it is the one way in.
-class _TokenGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuses a call without the serving token from its headers alone, before its message is read: a unary
-    handler receives the whole message (up to --max-request-mb) before it runs, so a check there would let
-    anyone make the node hold that much per call. The refusal is a request-streaming handler that never reads."""
-
-    def __init__(self, app: InferenceApp) -> None:
-        self._app = app
-
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
-        if self._app.needs_token and details.method not in _OPEN_METHODS:
-            metadata = dict(details.invocation_metadata or ())
-            authorization = metadata.get("authorization", "")
-            try:
-                self._app.authenticate(authorization if isinstance(authorization, str) else "")
-            except AuthError as exc:
-                return grpc.stream_unary_rpc_method_handler(functools.partial(_refuse, exc.message))
-        return await continuation(details)
-
-
-async def _refuse(message: str, _requests: Any, context: Context) -> None:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
 
 class GrpcInferenceServer:
@@ -273,7 +246,6 @@ class GrpcInferenceServer:
         ]
         server = grpc.aio.server(
             handlers=[self._handlers()],
-            interceptors=[_TokenGate(self._app)],
             options=options,
             maximum_concurrent_rpcs=self._max_concurrent_rpcs,
         )
@@ -295,28 +267,30 @@ class GrpcInferenceServer:
     async def _call(
         self, behaviour: Behaviour, name: str, open_: bool, raw: bool, _requests: Any, context: Context
     ) -> Any:
-        """Run one RPC: the serving token first (unless `open_`), then its message (the bytes when `raw`, else
+        """Run one RPC: the serving token first (unless `open_`; from the call's headers, so that a caller without
+        it never makes the node read or charge its message), then its message (the bytes when `raw`, else
         parsed as `<name>Request`, charged to the budget until answered), then strata errors as gRPC statuses.
 
         Raises:
             grpc.aio.AbortError: always when it fails (`context.abort`), with the status and message.
         """
-        inference = name == "ModelInfer"
-        if inference:
-            if self._inferences >= self._inference_slots:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the node has {self._inferences} inference RPCs open, all it takes at once (--max-connections,"
-                    f" less {self._max_concurrent_rpcs - self._inference_slots} kept for health and metadata calls);"
-                    " retry later",
-                )
-            self._inferences += 1
+        inference = False  # whether this call holds one of the inference slots
         held = _Held()
         try:
             if self._app.needs_token and not open_:
                 metadata = dict(context.invocation_metadata() or ())
                 authorization = metadata.get("authorization", "")
                 self._app.authenticate(authorization if isinstance(authorization, str) else "")
+            if name == "ModelInfer":
+                if self._inferences >= self._inference_slots:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"the node has {self._inferences} inference RPCs open, all it takes at once"
+                        f" (--max-connections, less {self._max_concurrent_rpcs - self._inference_slots} kept for"
+                        " health and metadata calls); retry later",
+                    )
+                self._inferences += 1
+                inference = True
             data = await self._receive(name, context, held)
             self._budget.release(held.bytes - len(data))
             held.bytes = len(data)
