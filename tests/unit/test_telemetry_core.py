@@ -15,6 +15,7 @@ from strata.core.telemetry import (
     BUCKETS,
     DROPPED_KINDS,
     LATENCY_BOUNDS_US,
+    MAX_BATCH_BYTES,
     MAX_COUNT,
     MAX_TENSOR,
     PRIORITY_ERROR,
@@ -219,6 +220,22 @@ def test_texts_longer_than_the_control_planes_columns_are_refused() -> None:
     raw["strings"][raw["events"]["status"][0]] = "x" * 32
     raw["strings"][raw["events"]["summary"][0]] = "s" * 5000  # a summary is TEXT
     assert decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode())).events[0].status == "x" * 32
+
+
+def test_one_long_text_named_by_many_rows_is_refused_past_a_batchs_size() -> None:
+    # Texts travel once and rows name them by index: a 4,000-character summary named by 20,000 events was 80 MB of
+    # rows to store from a batch of a few hundred kilobytes.
+    raw = json.loads(zstandard.ZstdDecompressor().decompress(encode_batch(_batch())))
+    copies = 20_000
+    raw["strings"][raw["events"]["summary"][0]] = "s" * 4000
+    raw["events"] = {key: column * copies for key, column in raw["events"].items()}
+    raw["events"]["ts_ms"] = raw["events"]["ts_ms"][:1] + [0] * (copies - 1)  # deltas: every event at one time
+    payload = zstandard.ZstdCompressor().compress(json.dumps(raw).encode())
+    assert len(payload) < 1 << 20
+    with pytest.raises(TelemetryError, match=f"texts add up to more than {MAX_BATCH_BYTES} characters"):
+        decode_batch(payload)
+    raw["strings"][raw["events"]["summary"][0]] = "s" * 100  # the same rows with a short summary are a batch
+    assert len(decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode())).events) == copies
 
 
 def test_a_dropped_kind_the_buffer_never_counts_is_refused() -> None:

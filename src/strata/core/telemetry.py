@@ -496,8 +496,9 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
     Raises:
         TelemetryError: not zstd, too large, not the format, columns that do not line up, a count that is not an
             int in 0..MAX_COUNT, a dropped kind not in DROPPED_KINDS, a text longer than its column (MAX_NAME,
-            MAX_STATUS, MAX_TIER, MAX_TENSOR), or counts that do not add up (more errors than requests, more client
-            errors and shed requests than errors).
+            MAX_STATUS, MAX_TIER, MAX_TENSOR), rows whose texts add up to more than MAX_BATCH_BYTES characters (a
+            text is sent once and named by index), or counts that do not add up (more errors than requests, more
+            client errors and shed requests than errors).
     """
     import zstandard
 
@@ -510,6 +511,9 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
         raise TelemetryError(f"telemetry batch is not {BATCH_FORMAT}")
     try:
         strings = document["strings"]
+        # Texts are dictionary-encoded: one long summary named by every event would be stored once per event, so
+        # what the rows' texts add up to is held to what a batch may carry decompressed.
+        expanded = [0]
 
         def text(index: Any, most: int | None = MAX_NAME) -> str:
             value = str(strings[int(index)])
@@ -517,6 +521,11 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
                 raise TelemetryError(
                     f"telemetry batch is malformed: a text of {len(value)} characters where at most {most} fit:"
                     f" {value[:40]!r}"
+                )
+            expanded[0] += len(value)
+            if expanded[0] > MAX_BATCH_BYTES:
+                raise TelemetryError(
+                    f"telemetry batch is malformed: its rows' texts add up to more than {MAX_BATCH_BYTES} characters"
                 )
             return value
 
