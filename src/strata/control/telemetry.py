@@ -342,7 +342,7 @@ class TelemetryService:
                 if count:
                     dropped = session.get(TelemetryDropped, (node_id, kind))
                     if dropped is None:
-                        session.add(TelemetryDropped(node_id=node_id, kind=kind[:32], count=count))
+                        session.add(TelemetryDropped(node_id=node_id, kind=kind, count=count))
                     elif dropped.count + count > MAX_COUNT:  # as for the minutes' counts
                         raise TelemetryError(f"dropped {kind} would count more than {MAX_COUNT} with this batch")
                     else:

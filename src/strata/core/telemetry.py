@@ -45,6 +45,7 @@ INT32_MAX: Final = 2**31 - 1  # an event's batch size and priority: INTEGER colu
 MAX_NAME: Final = 128  # a model, version or variant (`core.package.check_name`)
 MAX_STATUS: Final = 32
 MAX_TIER: Final = 16
+MAX_DROPPED_KIND: Final = 32  # what a node's buffer dropped, by kind (`events_sampled`)
 # A drift reference's tensor name: a longer one gets no reference (and a node sends no drift for it), so every
 # name a batch carries fits the control plane's column
 MAX_TENSOR: Final = 256
@@ -471,9 +472,9 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
 
     Raises:
         TelemetryError: not zstd, too large, not the format, columns that do not line up, a count that is not an
-            int in 0..MAX_COUNT, a text longer than its column (MAX_NAME, MAX_STATUS, MAX_TIER, MAX_TENSOR), or
-            counts that do not add up (more errors than requests, more client errors and shed requests than
-            errors).
+            int in 0..MAX_COUNT, a text longer than its column (MAX_NAME, MAX_STATUS, MAX_TIER, MAX_TENSOR,
+            MAX_DROPPED_KIND), or counts that do not add up (more errors than requests, more client errors and shed
+            requests than errors).
     """
     import zstandard
 
@@ -542,6 +543,12 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
             )
         ]  # fmt: skip
         dropped = {str(key): _count("dropped", value) for key, value in dict(document.get("dropped") or {}).items()}
+        too_long = next((kind for kind in dropped if len(kind) > MAX_DROPPED_KIND), None)
+        if too_long is not None:  # stored cut short, it was a duplicate key once summed: the batch was lost
+            raise TelemetryError(
+                f"telemetry batch is malformed: a dropped kind of {len(too_long)} characters where at most"
+                f" {MAX_DROPPED_KIND} fit: {too_long[:40]!r}"
+            )
         batch = TelemetryBatch(
             node_id=str(document["node"]), seq=_count("seq", document["seq"]), created=float(document["created"]),
             minutes=minutes, events=events, drift=drift, dropped=dropped,

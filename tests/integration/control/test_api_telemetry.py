@@ -175,6 +175,12 @@ def test_counts_past_what_the_database_holds_are_refused_not_a_database_error(
     more_drift = upload(server, node, encode_batch(replace(stored, seq=5)))
     assert more_drift["status"] == 422
     assert f"drift of X would count more than {telemetry.MAX_COUNT}" in more_drift["error"]
+    # a dropped kind longer than its column (a node's claim) is refused: stored cut short, the next batch's was a
+    # duplicate key, taken for a resend that raced in, and that batch was acknowledged but lost
+    long_kind = replace(stored, seq=6, drift=[], dropped={"k" * 33: 1})
+    refused = upload(server, node, encode_batch(long_kind))
+    assert refused["status"] == 422
+    assert "a dropped kind of 33 characters where at most 32 fit" in refused["error"]
 
 
 def test_drift_is_computed_against_the_packaged_reference(server: Harness, digits_onnx: Path, tmp_path: Path) -> None:
