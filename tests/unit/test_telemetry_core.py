@@ -17,6 +17,7 @@ from strata.core.telemetry import (
     LATENCY_BOUNDS_US,
     MAX_BATCH_BYTES,
     MAX_COUNT,
+    MAX_DROPPED_KIND,
     MAX_TENSOR,
     PRIORITY_ERROR,
     PRIORITY_SAMPLED,
@@ -319,3 +320,7 @@ def test_manifest_keeps_unknown_keys_so_its_digest_survives_a_parse() -> None:
     from strata.core.hashing import digest_json
 
     assert Manifest.from_json(raw).digest == digest_json(raw)
+
+
+def test_every_dropped_kind_fits_the_control_planes_column() -> None:
+    assert all(len(kind) <= MAX_DROPPED_KIND for kind in DROPPED_KINDS)

@@ -344,9 +344,14 @@ class Authenticator:
 
     def forget_tokens(self) -> None:
         """Drop every cached operator token: each is looked up again at its next use (a token was revoked)."""
+        self._drop(lambda _key, principal: principal.node_id is None)
+
+    def _drop(self, dropped: Callable[[str, Principal], bool]) -> None:
+        """Drop the cached credentials `dropped` picks (by cache key and principal), and move the epoch: a lookup in
+        flight from before does not cache what it read."""
         with self._lock:
             self._epoch += 1
-            self._by_hash = {h: p for h, p in self._by_hash.items() if p.node_id is not None}
+            self._by_hash = {key: p for key, p in self._by_hash.items() if not dropped(key, p)}
 
     def recheck(self) -> None:
         """After another replica's change (it may have revoked a token, or revoked, re-enrolled or renewed a node):
@@ -374,15 +379,11 @@ class Authenticator:
             current = set()
         stale = {key for key in cached if key.removeprefix("cert:") not in current}
         if stale:
-            with self._lock:
-                self._epoch += 1
-                self._by_hash = {h: p for h, p in self._by_hash.items() if h not in stale}
+            self._drop(lambda key, _principal: key in stale)
 
     def forget_node(self, node_id: str) -> None:
         """Stop accepting cached credentials of `node_id` (revoked, or re-enrolled with a new credential)."""
-        with self._lock:
-            self._epoch += 1
-            self._by_hash = {h: p for h, p in self._by_hash.items() if p.node_id != node_id}
+        self._drop(lambda _key, principal: principal.node_id == node_id)
 
     def ensure_admin_token(self, path: Path) -> bool:
         """Make sure the operator has an admin token in `path`; return True when a new one was written.

@@ -40,7 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from strata.control.errors import StoreError
 from strata.core.errors import ConfigError, Conflict, NotFound
-from strata.core.telemetry import MAX_STATUS, MAX_TENSOR, MAX_TIER
+from strata.core.telemetry import MAX_DROPPED_KIND, MAX_STATUS, MAX_TENSOR, MAX_TIER
 from strata.core.wire import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -401,7 +401,7 @@ class TelemetryDropped(Base):
     __tablename__ = "telemetry_dropped"
 
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(MAX_DROPPED_KIND), primary_key=True)
     count: Mapped[int] = mapped_column(BigInteger)
 
 

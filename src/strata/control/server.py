@@ -32,6 +32,7 @@ from strata.control.supply import read_release_keys
 from strata.control.telemetry import retention_seconds
 from strata.control.tls import MutualTlsHttpProtocol, server_context_args
 from strata.core.errors import ConfigError
+from strata.core.hashing import is_hex_sha256
 from strata.core.logformat import check_log_format
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def serve(
             raise ConfigError(f"--cloud-endpoint must be an http:// or https:// URL, got {url!r}")
     read_release_keys(release_keys)  # a bad key is one line now, not a traceback from the application's start-up
     for code in agent_allowlist:  # anything else would match no node's report: no node would ever attest
-        if not re.fullmatch(r"sha256:[0-9a-f]{64}", code):
+        if not (code.startswith("sha256:") and is_hex_sha256(code.removeprefix("sha256:"))):
             raise ConfigError(f"--agent-allowlist takes agent code hashes, sha256:<64 hex digits>; got {code!r}")
     if otlp_endpoint is not None and not otlp_endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"--otlp-endpoint must be an http:// or https:// URL, got {otlp_endpoint!r}")

@@ -270,8 +270,8 @@ class TelemetryService:
         """Store a node's batch once; a batch already stored is acknowledged again and not stored twice.
 
         Raises:
-            TelemetryError: the payload does not decode, or counts added to those stored would pass MAX_COUNT
-                (many batches of the same minute: a node's claim).
+            TelemetryError: the payload does not decode, or counts added to those stored (minutes, drift,
+                dropped) would pass MAX_COUNT (many batches of the same minute: a node's claim).
             Forbidden: the batch says it comes from another node.
             NotFound: no such node.
             StoreError: the database failed.
@@ -334,12 +334,15 @@ class TelemetryService:
                         tensor=row.tensor, counts=list(row.counts),
                     ))  # fmt: skip
                 elif len(existing.counts) == len(row.counts):
-                    existing.counts = [a + b for a, b in zip(existing.counts, row.counts, strict=True)]
+                    counts = [a + b for a, b in zip(existing.counts, row.counts, strict=True)]
+                    if max(counts, default=0) > MAX_COUNT:  # as for the minutes' counts
+                        raise TelemetryError(f"drift of {row.tensor} would count more than {MAX_COUNT} with this batch")
+                    existing.counts = counts
             for kind, count in batch.dropped.items():
                 if count:
                     dropped = session.get(TelemetryDropped, (node_id, kind))
                     if dropped is None:
-                        session.add(TelemetryDropped(node_id=node_id, kind=kind[:32], count=count))
+                        session.add(TelemetryDropped(node_id=node_id, kind=kind, count=count))
                     elif dropped.count + count > MAX_COUNT:  # as for the minutes' counts
                         raise TelemetryError(f"dropped {kind} would count more than {MAX_COUNT} with this batch")
                     else:

@@ -45,6 +45,7 @@ INT32_MAX: Final = 2**31 - 1  # an event's batch size and priority: INTEGER colu
 MAX_NAME: Final = 128  # a model, version or variant (`core.package.check_name`)
 MAX_STATUS: Final = 32
 MAX_TIER: Final = 16
+MAX_DROPPED_KIND: Final = 32  # what a node's buffer dropped, by kind (`events_sampled`)
 # A drift reference's tensor name: a longer one gets no reference (and a node sends no drift for it), so every
 # name a batch carries fits the control plane's column
 MAX_TENSOR: Final = 256
@@ -495,10 +496,10 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
 
     Raises:
         TelemetryError: not zstd, too large, not the format, columns that do not line up, a count that is not an
-            int in 0..MAX_COUNT, a dropped kind not in DROPPED_KINDS, a text longer than its column (MAX_NAME,
-            MAX_STATUS, MAX_TIER, MAX_TENSOR), rows whose texts add up to more than MAX_BATCH_BYTES characters (a
-            text is sent once and named by index), or counts that do not add up (more errors than requests, more
-            client errors and shed requests than errors).
+            int in 0..MAX_COUNT, a dropped kind not in DROPPED_KINDS (each fits MAX_DROPPED_KIND), a text
+            longer than its column (MAX_NAME, MAX_STATUS, MAX_TIER, MAX_TENSOR), rows whose texts add up to more
+            than MAX_BATCH_BYTES characters (a text is sent once and named by index), or counts that do not add up
+            (more errors than requests, more client errors and shed requests than errors).
     """
     import zstandard
 

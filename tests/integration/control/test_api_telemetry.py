@@ -168,6 +168,19 @@ def test_counts_past_what_the_database_holds_are_refused_not_a_database_error(
     assert upload(server, node, batch_for(node, 3, minute + 1, 10))["stored"] is True  # the node goes on
     answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()
     assert [m["requests"] for m in answer["minutes"]] == [telemetry.MAX_COUNT - 5, 10]  # nothing of the refused batch
+    # drift counts of the same minute and tensor add up as well (a JSON column: they passed 2**53 unchecked)
+    drift = [DriftRow("digits", "1", minute + 2, "X", [telemetry.MAX_COUNT - 5, 1])]
+    stored = TelemetryBatch(node_id=node.node_id, seq=4, created=0.0, drift=drift)
+    assert upload(server, node, encode_batch(stored))["stored"] is True
+    more_drift = upload(server, node, encode_batch(replace(stored, seq=5)))
+    assert more_drift["status"] == 422
+    assert f"drift of X would count more than {telemetry.MAX_COUNT}" in more_drift["error"]
+    # a dropped kind longer than its column (a node's claim) is refused: stored cut short, the next batch's was a
+    # duplicate key, taken for a resend that raced in, and that batch was acknowledged but lost
+    long_kind = replace(stored, seq=6, drift=[], dropped={"k" * 33: 1})
+    refused = upload(server, node, encode_batch(long_kind))
+    assert refused["status"] == 422
+    assert "is not one of events_sampled" in refused["error"]  # the kinds a buffer counts, each within the column
 
 
 def test_drift_is_computed_against_the_packaged_reference(server: Harness, digits_onnx: Path, tmp_path: Path) -> None:
