@@ -7,10 +7,19 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Group, RenderableType
-from rich.markup import escape
 from rich.table import Table
 
-from strata.cli.common import JsonOption, ServerOption, TokenOption, ago, console, out, parse_duration, print_json
+from strata.cli.common import (
+    JsonOption,
+    ServerOption,
+    TokenOption,
+    ago,
+    console,
+    out,
+    parse_duration,
+    print_json,
+    shown,
+)
 from strata.cli.progress import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
@@ -124,7 +133,7 @@ def create(
 
 
 def _live_view(rollout: dict[str, Any]) -> Group:
-    parts: list[RenderableType] = [_summary(rollout), f"  {escape(rollout['message'])}", _waves_table(rollout)]
+    parts: list[RenderableType] = [_summary(rollout), f"  {shown(rollout['message'])}", _waves_table(rollout)]
     if rollout.get("gate_results") or rollout.get("failed_gate"):
         parts.append(_gate_table(rollout.get("gate_results", []), rollout.get("failed_gate")))
     return Group(*parts)
@@ -145,7 +154,7 @@ def _watch(client: ControlClient, rollout_id: str, timeout: str) -> None:
         console.print(f"[red]timed out[/red] after {timeout}: rollout {rollout_id} is {final['status']}")
         raise typer.Exit(EXIT_TIMEOUT)
     if final["status"] != "succeeded":
-        console.print(f"[red]rollout {rollout_id} {_words(final['status'])}:[/red] {escape(final['message'])}")
+        console.print(f"[red]rollout {rollout_id} {_words(final['status'])}:[/red] {shown(final['message'])}")
         raise typer.Exit(EXIT_FAILED)
     console.print(f"[green]rollout {rollout_id} succeeded[/green]")
 
@@ -187,7 +196,7 @@ def _gate_table(results: list[dict[str, Any]], failed: dict[str, Any] | None) ->
             result["gate"],
             "-" if value is None else f"{value:.4g}",
             _VERDICTS.get(result.get("verdict", ""), "[green]pass[/green]" if result["passed"] else "[red]FAIL[/red]"),
-            escape(result.get("detail", "")),
+            shown(result.get("detail", "")),
         )
     return table
 
@@ -221,12 +230,12 @@ def status(
     now = time.time()
     out.print(_summary(rollout))
     # Messages, notes and reasons quote what nodes reported (a failure's reason): text, never markup.
-    out.print(f"  {escape(rollout['message'])}")
+    out.print(f"  {shown(rollout['message'])}")
     failed = rollout.get("failed_gate")
     if failed:
         out.print(
             f"  [red]failed gate:[/red] {failed['gate']} in wave {failed['wave'] + 1}: "
-            f"value {failed['value']}, {escape(failed['detail'])}"
+            f"value {failed['value']}, {shown(failed['detail'])}"
         )
     out.print(_waves_table(rollout))
     if rollout.get("gate_results") or failed:
@@ -242,13 +251,13 @@ def status(
             node["previous_version"] or "-",
             node["current_version"] or "-",
             "yes" if node["online"] else "no",
-            escape(node["excluded"] or node["failure"] or ""),
+            shown(node["excluded"] or node["failure"] or ""),
         )
     out.print(nodes)
     if rollout.get("excluded"):
         out.print(f"{plural(len(rollout['excluded']), 'node')} kept out:")
         for item in rollout["excluded"]:
-            out.print(f"  {item['node']}: {escape(item['reason'])}")
+            out.print(f"  {item['node']}: {shown(item['reason'])}")
     out.print(f"created {ago(rollout['created_at'], now)}")
 
 
@@ -271,7 +280,7 @@ def list_rollouts(server: ServerOption = None, token: TokenOption = None, as_jso
             rollout["status"],
             f"{rollout['wave']}/{rollout['waves']}",
             str(sum(rollout.get("counts", {}).values())),
-            escape(rollout["message"]),
+            shown(rollout["message"]),
         )
     out.print(table)
 

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from strata.cli.common import JsonOption, ServerOption, TokenOption, out, parse_duration, print_json
+from strata.cli.common import JsonOption, ServerOption, TokenOption, out, parse_duration, print_json, shown
 from strata.control_client import ControlClient
 
 
@@ -26,8 +26,8 @@ def drift_text(node: dict[str, Any]) -> str:
         return "-"
     worst = max(drift, key=lambda d: d["psi"])
     p_value = worst["p_value"]
-    shown = f"{worst['tensor']} psi={worst['psi']:.3f}" + (f" p={p_value:.2g}" if p_value is not None else "")
-    return f"[red]{shown} DRIFT[/red]" if worst["drifting"] else shown
+    text = f"{shown(worst['tensor'])} psi={worst['psi']:.3f}" + (f" p={p_value:.2g}" if p_value is not None else "")
+    return f"[red]{text} DRIFT[/red]" if worst["drifting"] else text
 
 
 def telemetry(
