@@ -25,6 +25,7 @@ from strata.cli.common import (
 from strata.control_client import ControlClient
 from strata.core.errors import ConfigError, NotFound, TransportError
 from strata.core.wire import MAX_LOG_LINES
+from strata.core.words import printable
 
 app = typer.Typer(help="The fleet's nodes.", no_args_is_help=True)
 
@@ -234,7 +235,9 @@ def logs(
                 )
             time.sleep(0.25)
             answer = client.node_logs(found["id"], asked["id"])
-    typer.echo(answer.get("text") or "", nl=False)
+    # The server stores the node's text with its control characters replaced; bidi and zero-width ones it keeps, and
+    # an older server kept everything: written out here as on the consoles.
+    typer.echo(printable(answer.get("text") or "", keep="\n\t"), nl=False)
 
 
 @app.command("label")
