@@ -337,8 +337,9 @@ def tensor_drift(reference: DriftReference, counts: list[int]) -> TensorDrift:
 
 
 class TelemetryService:
-    """Ingest and queries. `exporters` get every stored batch (OTLP forwarding, say), less the rows dated past
-    FUTURE_SKEW_S. `retention_s` is what ingest holds a late row to (`screen`); the sweep is given its own."""
+    """Ingest and queries. `exporters` get every stored batch (OTLP forwarding, say) with the rows ingest kept (none
+    dated past FUTURE_SKEW_S; minutes older than the retention with their own minute, which they were counted in).
+    `retention_s` is what ingest holds a late row to (`screen`); the sweep is given its own."""
 
     def __init__(self, db: Database, clock: Callable[[], float], retention_s: float) -> None:
         self._db = db
@@ -379,9 +380,10 @@ class TelemetryService:
                 self.counters.bytes += len(payload)
                 self.counters.minutes += len(screened.minutes)
                 self.counters.events += len(screened.events)
-                for kind in FUTURE_KINDS:
-                    self.counters.future[kind] += screened.future[kind]
-                    self.counters.expired[kind] += screened.expired[kind]
+                for kind, count in screened.future.items():
+                    self.counters.future[kind] += count
+                for kind, count in screened.expired.items():
+                    self.counters.expired[kind] += count
             else:
                 self.counters.duplicates += 1
         if stored and any(screened.future.values()):

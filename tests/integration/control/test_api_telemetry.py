@@ -407,9 +407,9 @@ def test_telemetry_older_than_the_retention_is_not_stored_only_to_be_swept(serve
     # as the sweep's would, so the /metrics request counters count every request the node reported.
     node = server.enroll("edge")
     first_kept = int((server.clock.now - RETENTION) // 60)  # the minute holding the cutoff: the API still reaches it
-    minutes = [first_kept - 1, first_kept, int(server.clock.now // 60)]
+    minutes = [first_kept - 2, first_kept - 1, first_kept, int(server.clock.now // 60)]
     assert upload(server, node, retention_batch(node, 1, minutes)) == {"status": 200, "seq": 1, "stored": True}
-    kept = minutes[1:]
+    kept = minutes[2:]
     assert stored_rows(server) == {
         "minutes": [EXPIRED_MINUTE, *kept],
         "events": [m * 60.0 + 30 for m in kept],  # each 30 s into its minute; the cutoff is 20 s into `first_kept`
@@ -417,8 +417,8 @@ def test_telemetry_older_than_the_retention_is_not_stored_only_to_be_swept(serve
         "batches": [1],
     }
     metrics = server.client.get("/metrics", headers=server.admin).text
-    assert 'strata_inference_requests_total{model="digits",node="edge",version="1"} 3.0' in metrics
+    assert 'strata_inference_requests_total{model="digits",node="edge",version="1"} 4.0' in metrics
     for kind in ("minutes", "events", "drift"):
-        assert f'strata_telemetry_expired_rows_total{{kind="{kind}"}} 1.0' in metrics
+        assert f'strata_telemetry_expired_rows_total{{kind="{kind}"}} 2.0' in metrics
     nothing = {"minutes": 0, "events": 0, "drift": 0, "batches": 0}
     assert server.plane.telemetry.sweep(RETENTION, chunk=2, pause_s=0) == nothing
