@@ -372,7 +372,7 @@ def test_what_orjson_refuses_or_would_write_otherwise_is_read_and_written_as_the
     answer, header_length = encode_response("m", "1", "r-1", outputs)
     assert header_length is None
     assert b'"data":[NaN,Infinity,-Infinity,Infinity]' in answer  # not null: it reads back as the floats sent
-    header, arrays = decode_response(answer)
+    _, arrays = decode_response(answer)
     assert decode_response(encode_response("m", "1", request.id, outputs[1:])[0])[0]["id"] == "\ud800"
     assert np.isnan(arrays["y"][0])
     assert arrays["y"][1:].tolist() == [np.inf, -np.inf, np.inf]
