@@ -107,6 +107,13 @@ def test_a_flood_of_members_is_refused_from_the_end_record_alone() -> None:
     assert "more than its arrays need" in refused(npz({**genuine(), **flood}))
 
 
+def test_a_member_twice_is_refused() -> None:
+    buffer = io.BytesIO(npz(genuine()))
+    with zipfile.ZipFile(buffer, "a") as archive, pytest.warns(UserWarning, match="Duplicate name"):
+        archive.writestr("input:x.npy", npy_bytes(np.zeros((4, 4), np.float32)))
+    assert "a name twice" in refused(buffer.getvalue())
+
+
 def test_a_missing_member_is_refused() -> None:
     assert "missing ['output:y.npy']" in refused(npz({"input:x.npy": genuine()["input:x.npy"]}))
 
