@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import tarfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -299,3 +300,25 @@ def test_drift_references_with_more_bins_than_strata_makes_are_refused(
     drift = {"tensors": [{"tensor": "X", "kind": "input", "edges": edges, "counts": [1] * 1001}]}
     reason = refused(fleet, finish(plain_members(with_manifest(package_files, lambda m: m.update(drift=drift)))))
     assert "has 1000 edges and 1001 counts" in reason
+
+
+def test_a_golden_file_every_node_would_refuse_is_refused_at_upload(
+    fleet: LocalFleet, package_files: dict[str, bytes]
+) -> None:
+    # The control plane read no golden file: a deflated one (a decompression bomb on every node's health check)
+    # was stored and rolled out, then refused by each node in turn.
+    name = next(n for n in package_files if n.endswith(".npz"))
+    with zipfile.ZipFile(io.BytesIO(package_files[name])) as genuine:
+        arrays = {member: genuine.read(member) for member in genuine.namelist()}
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as crafted:
+        for member, data in arrays.items():
+            crafted.writestr(member, data)
+    blob = deflated.getvalue()
+
+    def relist(manifest: dict[str, Any]) -> None:
+        entry = next(f for f in manifest["files"] if f["path"] == name)
+        entry.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+
+    files = {**with_manifest(package_files, relist), name: blob}
+    assert "is compressed" in refused(fleet, finish(plain_members(files)))

@@ -25,7 +25,7 @@ from strata.control.supply import CheckedSignature, SupplyService
 from strata.core.chunking import offsets
 from strata.core.errors import Conflict, NotFound, PackageError
 from strata.core.hashing import canonical_json
-from strata.core.package import Manifest, Package, unpack_tar
+from strata.core.package import Manifest, Package, load_golden, unpack_tar
 from strata.core.policy import Policy, compile_rules
 from strata.core.profiles import get_profile
 from strata.core.telemetry import TelemetryError, drift_references
@@ -210,6 +210,9 @@ class RegistryService:
                     staged.path, Path(work) / "package", max_bytes=self._max_package_bytes, check_manifest=early
                 )
                 checked = self._supply.check_upload(package, signature) if self._supply is not None else None
+                # A golden file every node would refuse (deflated, unlisted arrays, inputs off the signature) is
+                # refused here, with the reason, instead of failing every node's health check after a rollout.
+                load_golden(package)
                 self._store_pieces(package)
                 return package.manifest, checked
         except OSError as exc:
