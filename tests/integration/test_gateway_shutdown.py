@@ -63,30 +63,11 @@ class Blackhole:
             conn.close()
 
 
-@pytest.fixture
-def gateway_log(tmp_path: Path) -> Path:
-    return tmp_path / "gateway.log"
-
-
 def start_gateway(control_plane: str, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "strata", "gateway", "--listen", str(free_port()), "--server", control_plane,
             "--node", "n1", "--token", "operator-token", "--cloud", "http://127.0.0.1:9", *extra]  # fmt: skip
     with log_path.open("wb") as log:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-def stop_time(process: subprocess.Popen[bytes]) -> float:
-    """SIGTERM `process` once; the seconds it took to exit (with status 0)."""
-    started = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    try:
-        code = process.wait(STOP_WITHIN_S * 5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        pytest.fail(f"the gateway still ran {STOP_WITHIN_S * 5:.0f} s after one SIGTERM")
-    assert code == 0
-    return time.monotonic() - started
 
 
 @pytest.fixture
@@ -99,36 +80,48 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
             process.wait()
 
 
-def test_a_sigterm_during_the_first_topology_read_stops_the_gateway_at_once(
-    gateway_log: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
-    hole = Blackhole()
+def sigterm_while_hanging(hole: Blackhole, log_path: Path, started: list[subprocess.Popen[bytes]], *extra: str) -> str:
+    """Start a gateway on the control plane `hole`, SIGTERM it once while a topology read hangs there; check that
+    it exited with status 0 within `STOP_WITHIN_S`, and return its log."""
     try:
-        processes.append(gateway := start_gateway(hole.url, gateway_log))
-        assert hole.hanging.wait(30), gateway_log.read_text()  # the first read now waits on the control plane
-        took = stop_time(gateway)
+        started.append(gateway := start_gateway(hole.url, log_path, *extra))
+        assert hole.hanging.wait(30), log_path.read_text()  # a topology read now waits on the control plane
+        began = time.monotonic()
+        gateway.send_signal(signal.SIGTERM)
+        try:
+            code = gateway.wait(STOP_WITHIN_S * 5)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the gateway still ran {STOP_WITHIN_S * 5:.0f} s after one SIGTERM")
+        took = time.monotonic() - began
     finally:
         hole.close()
-    log = gateway_log.read_text()
-    assert took < STOP_WITHIN_S, log
+    log = log_path.read_text()
+    assert code == 0, log
+    assert took < STOP_WITHIN_S, f"the gateway took {took:.2f}s to stop:\n{log}"
+    assert "Traceback" not in log
+    return log
+
+
+def test_a_sigterm_during_the_first_topology_read_stops_the_gateway_at_once(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    log = sigterm_while_hanging(Blackhole(), tmp_path / "gateway.log", processes)
     assert "SIGTERM: stopping" in log
     assert "gateway stopped" in log
     assert "gateway listening" not in log  # a gateway told to stop during startup never listens
-    assert "Traceback" not in log
 
 
 def test_a_sigterm_while_a_topology_refresh_hangs_stops_the_gateway_at_once(
-    gateway_log: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    topology = {"node_id": "n1", "name": "n1", "tier": "device", "serve_url": None, "parents": [], "cloud": []}
-    hole = Blackhole(answer_first=topology)
-    try:
-        processes.append(gateway := start_gateway(hole.url, gateway_log, "--topology-interval", "0.2"))
-        assert hole.hanging.wait(30), gateway_log.read_text()  # the second read now waits on the control plane
-        took = stop_time(gateway)
-    finally:
-        hole.close()
-    log = gateway_log.read_text()
-    assert took < STOP_WITHIN_S, log
+    topology: dict[str, object] = {
+        "node_id": "n1",
+        "name": "n1",
+        "tier": "device",
+        "serve_url": None,
+        "parents": [],
+        "cloud": [],
+    }
+    hole = Blackhole(answer_first=topology)  # the first read is answered; the second one hangs
+    log = sigterm_while_hanging(hole, tmp_path / "gateway.log", processes, "--topology-interval", "0.2")
     assert log.index("gateway listening") < log.index("SIGTERM: stopping") < log.index("gateway stopped")
-    assert "Traceback" not in log
