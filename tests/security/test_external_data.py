@@ -127,6 +127,19 @@ def strata_cli(fleet: LocalFleet, *args: str, cwd: Path | None = None) -> subpro
     )
 
 
+def upload_signed(fleet: LocalFleet, tar: Path, signature: tuple[str, str]) -> httpx.Response:
+    """POST a package tar straight to the upload API with its release signature, as an admin."""
+    headers = {
+        "Authorization": f"Bearer {fleet.admin_token}",
+        "Content-Type": "application/x-tar",
+        "X-Strata-Signature": signature[0],
+        "X-Strata-Release-Role": signature[1],
+    }
+    return httpx.post(
+        f"{fleet.server_url}/v1/packages", content=tar.read_bytes(), headers=headers, verify=fleet.tls(), timeout=60
+    )
+
+
 def test_the_walker_finds_external_data_wherever_onnx_can_hold_it() -> None:
     """Initializers, sparse initializers, Constant attributes, If subgraphs, model-local functions: the pure walker
     (no onnx import) finds the same references as onnx's own parser."""
@@ -197,15 +210,7 @@ def test_push_verify_and_upload_refuse_a_signed_model_that_reads_a_node_file(
     assert "not a file of this package" in verified.stderr + verified.stdout
 
     # Straight to the API, signature and all: 422 with the reason, nothing registered.
-    headers = {
-        "Authorization": f"Bearer {fleet.admin_token}",
-        "Content-Type": "application/x-tar",
-        "X-Strata-Signature": signature[0],
-        "X-Strata-Release-Role": signature[1],
-    }
-    response = httpx.post(
-        f"{fleet.server_url}/v1/packages", content=tar.read_bytes(), headers=headers, verify=fleet.tls(), timeout=60
-    )
+    response = upload_signed(fleet, tar, signature)
     assert response.status_code == 422, response.text
     assert "trust/node.key" in response.json()["error"]
     assert "not a file of this package" in response.json()["error"]
@@ -312,15 +317,7 @@ def test_an_openvino_package_whose_model_is_not_ir_xml_is_refused_at_verify_push
         pushed = strata_cli(fleet, "package", "push", str(tar), "--unsigned")
         assert pushed.returncode != 0
         assert reason in pushed.stderr + pushed.stdout
-        headers = {
-            "Authorization": f"Bearer {fleet.admin_token}",
-            "Content-Type": "application/x-tar",
-            "X-Strata-Signature": signature[0],
-            "X-Strata-Release-Role": signature[1],
-        }
-        response = httpx.post(
-            f"{fleet.server_url}/v1/packages", content=tar.read_bytes(), headers=headers, verify=fleet.tls(), timeout=60
-        )
+        response = upload_signed(fleet, tar, signature)
         assert response.status_code == 422, response.text
         assert reason in response.json()["error"]
     assert fleet.client.models() == []
