@@ -153,9 +153,7 @@ class Reconciler:
             for slot in (slots.active, slots.previous):
                 if slot is None or slot.digest == died:
                     continue
-                self._commit(
-                    self.state.with_loading(LoadingRecord(name, slot.version, slot.variant, slot.digest, self.clock()))
-                )
+                self._mark_loading(LoadingRecord(name, slot.version, slot.variant, slot.digest, self.clock()))
                 try:
                     self._load(name, slot)
                 except VaultUnavailable:
@@ -175,6 +173,16 @@ class Reconciler:
                 break
             else:
                 self._commit(self.state.without_model(name))
+
+    def _mark_loading(self, record: LoadingRecord) -> None:
+        """Write the loading record before a start-up load; a disk that refuses the write (full, read-only) does not
+        keep the node from serving what it has: the record only lets the next start tell a load it died in."""
+        try:
+            self._commit(self.state.with_loading(record))
+        except OSError as exc:
+            log.warning(
+                "cannot note the load of %s %s in the state file (%s); loading it", record.model, record.version, exc
+            )
 
     def _record_died_loading(self) -> str | None:
         """Turn a loading record left in the state (the agent died in that load: killed for its memory, a crash in
