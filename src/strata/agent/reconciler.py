@@ -385,7 +385,10 @@ class Reconciler:
         now = self.clock()
         probation = self._probation_record(model, version, digest, manifest, now)
         slot = SlotRef(digest=digest, version=version, variant=variant, activated_at=now)
-        state = self.state.with_active(model, slot).with_loading(None)
+        # The loading record stays until the node's other serving processes have loaded it too: the agent dying
+        # meanwhile (their copies took the machine's memory, say) is the same failure, and the next start goes back
+        # to the previous slot.
+        state = self.state.with_active(model, slot)
         if probation is not None:
             state = state.with_probation(model, probation)
         self._commit(state)
@@ -393,6 +396,7 @@ class Reconciler:
         self.serving.forget(model, keep_version=version)  # a node that runs for months sees many versions
         self._drop_snapshots(model)
         self.repository.put(LoadedModel(manifest=manifest, digest=digest, runtime=runtime, activated_at=now))
+        self._commit(self.state.with_loading(None))
         log.info(
             "activated %s %s (%s)%s",
             model,
