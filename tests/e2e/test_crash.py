@@ -248,3 +248,40 @@ def test_an_agent_killed_while_loading_a_version_reports_it_failed_and_serves_th
     assert state["failures"][v2.digest]["attempts"] == 1
     log = log_path.read_text()[before:]
     assert "loading digits 2" not in log, "version 2 was loaded again at once:\n" + log
+
+
+def test_an_agent_stopped_while_loading_a_version_finishes_the_load_and_counts_no_failure(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
+    """SIGTERM (a restart, an upgrade of the agent) while the agent loads version 2: it lets the load finish before
+    it stops, so the next start does not read the loading record left behind as a load the agent died in, a failure
+    of version 2 that the rollout gates would count against it."""
+    x = {"X": np.zeros((1, 64), np.float32)}
+    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
+    build_compute_model(small, layers=1)
+    build_compute_model(heavy, layers=4, replicas=49152)  # a golden check of a second or so
+    push_model(fleet, small, "1", tmp_path, sample=x)
+    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
+    handle = fleet.start_agent("stopped")
+    fleet.client.deploy("digits", "1", {})
+    fleet.wait_for_versions({"stopped": {"digits": "1"}})
+    state_path = handle.data_dir / "state.json"
+
+    def loading_v2() -> bool:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return bool(json.loads(state_path.read_text()).get("loading", {}).get("digest") == v2.digest)
+        return False
+
+    fleet.client.deploy("digits", "2", {})
+    fleet.wait_for(loading_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
+    assert handle.process.stop(timeout=30) == 0
+    log = handle.process.log_path.read_text()
+    assert "waiting up to 20 s for the load of digits 2" in log
+    assert "activated digits 2" in log
+    assert "loading" not in json.loads(state_path.read_text())
+
+    restarted = fleet.start_agent("stopped")
+    fleet.wait_for(lambda: fleet.agent_live("stopped"), 30, "the agent to serve", restarted.process)
+    assert not [f for f in fleet.nodes()["stopped"]["failures"] if f["version"] == "2"]
+    assert not json.loads(state_path.read_text()).get("failures")
+    fleet.wait_for_versions({"stopped": {"digits": "2"}})
