@@ -105,17 +105,20 @@ def _resolve(client: ControlClient, node: str) -> dict[str, Any]:
     """The one live node whose id or name is `node`.
 
     Raises:
-        NotFound: none, or more than one.
+        NotFound: none (the message says whether a revoked node has that name or id), or more than one.
     """
     matches = [n for n in client.nodes() if node in (n["id"], n["name"])]
-    if len(matches) != 1:
-        if matches:
-            raise NotFound(f"no single node is named {node!r}")
-        raise NotFound(
-            f"there is no live node {node!r} (a revoked node is not listed: `strata nodes reenroll {node}` makes a "
-            "token that enrolls it again)"
-        )
-    return matches[0]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise NotFound(f"no single node is named {node!r}")
+    try:
+        # The node list leaves revoked nodes out; the events of a node are asked of live and revoked ones alike,
+        # and refused for a name that no node ever had.
+        client.events(node=node, limit=1)
+    except NotFound:
+        raise NotFound(f"there is no node {node!r} (`strata nodes list` lists the fleet)") from None
+    raise NotFound(f"node {node!r} was revoked: `strata nodes reenroll {node}` makes a token that enrolls it again")
 
 
 def _when(timestamp: float | None, now: float) -> str:
