@@ -131,7 +131,8 @@ def run(args: argparse.Namespace, work: Path, out: Path) -> dict[str, Any]:
     }
     if selected_id is not None and selected_id != "fp32":
         chosen = report.variant(selected_id)
-        _, inputs, _ = open_reference(request.model)
+        with tempfile.TemporaryDirectory(prefix="strata-bench-") as checked:
+            inputs = open_reference(request.model, Path(checked)).inputs
         _, _, bench, _ = load_sets(request, inputs)
         model_file = out / str(chosen.path) / ("model.xml" if chosen.runtime == "openvino" else "model.onnx")
         runners = {

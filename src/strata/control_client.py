@@ -57,6 +57,23 @@ def trust_context(ca: str) -> ssl.SSLContext:
         raise ConfigError(f"the CA file {ca} cannot be read: {exc} {hint}") from exc
 
 
+def check_server_url(server: str) -> None:
+    """Refuse a control-plane address that is no http(s) URL before anything is sent: httpx took
+    `127.0.0.1:8700` for a request and failed it as unreachable (exit 4), which hid the missing scheme.
+
+    Raises:
+        ConfigError: `server` has no scheme, or one other than https or http.
+    """
+    if server.startswith(("https://", "http://")):
+        return
+    _, found, rest = server.partition("://")
+    if found:
+        raise ConfigError(
+            f"--server {server!r} is not an https:// URL (strata server serves HTTPS: --server https://{rest})"
+        )
+    raise ConfigError(f"--server {server!r} has no scheme (strata server serves HTTPS: --server https://{server})")
+
+
 def _certificate_refused(exc: BaseException) -> bool:
     """Whether a connection failed because the server's certificate did not verify (httpx wraps the ssl error)."""
     seen: BaseException | None = exc
@@ -85,12 +102,19 @@ class ControlClient:
         trust store when that is unset).
 
         Raises:
-            ConfigError: no server or token, or `ca` is not a readable certificate file.
+            ConfigError: no server or token, a server that is no http(s) URL, or `ca` is not a readable certificate
+                file.
         """
         if not server:
             raise ConfigError("no control plane given: pass --server URL or set STRATA_SERVER")
+        check_server_url(server)
         if not token:
-            raise ConfigError("no admin token given: pass --token or set STRATA_TOKEN (see DATA_DIR/admin.token)")
+            # Which scope the call needs is the server's to say (a read token lists nodes; an admin token is
+            # needed to change them): a refused one is told so in the answer.
+            raise ConfigError(
+                "no API token given: pass --token or set STRATA_TOKEN (DATA_DIR/admin.token, or a token from "
+                "`strata token api`)"
+            )
         self.server = server.rstrip("/")
         self.ca = ca or os.environ.get("STRATA_CA") or None
         self._http = httpx.Client(

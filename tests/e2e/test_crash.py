@@ -1,7 +1,8 @@
-"""kill -9 at the worst moments: mid-download, mid-activation, and at random instants."""
+"""kill -9 at the worst moments: mid-download, mid-activation, mid-load, and at random instants."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -16,6 +17,7 @@ from strata.agent.pieces import needed_pieces
 from strata.agent.store import ArtifactStore
 from strata.agent.vault import Vault, piece_aad
 from strata.core.package import pack_tar
+from strata.examples.compute import build_compute_model
 from strata.localfleet import LocalFleet
 from strata.package_build import build_package
 
@@ -183,3 +185,103 @@ def test_kill_at_random_instants_never_leaves_a_partial_model(
         target = "1" if target == "2" else "2"
     fleet.wait_for_versions({"edge": {"digits": "1" if target == "2" else "2"}})
     _assert_consistent(fleet, "edge")
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["in-its-own-load", "while-its-other-serving-process-loads"])
+def test_an_agent_killed_while_loading_a_version_reports_it_failed_and_serves_the_previous_one(
+    fleet: LocalFleet, tmp_path: Path, processes: int
+) -> None:
+    """kill -9 (as the OOM killer or a crash in a runtime would) while the agent loads version 2, a model whose golden
+    check takes a second or so, or, serving from two processes, while its other process loads it after the agent's
+    own load (their copies together are what overflows memory): the restarted agent serves version 1, records
+    version 2 as a failure of its load ("health"), reports it to the control plane at once, and does not load it
+    again until its retry time, where it used to load it again at once (and die again, forever, reporting
+    nothing)."""
+    x = {"X": np.zeros((1, 64), np.float32)}
+    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
+    build_compute_model(small, layers=1)
+    build_compute_model(heavy, layers=4, replicas=49152)  # 1 MB, 26 GFLOP a row: a golden check of a second or so
+    push_model(fleet, small, "1", tmp_path, sample=x)
+    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
+    handle = fleet.start_agent("edge", serve_processes=processes)
+    fleet.client.deploy("digits", "1", {})
+    fleet.wait_for_versions({"edge": {"digits": "1"}})
+
+    state_path = handle.data_dir / "state.json"
+    log_path = handle.process.log_path
+
+    def loading_v2() -> bool:
+        """The agent's own load: its loading record names version 2. The other process's: version 2 is active
+        (the agent loaded it and switched), which that process has yet to load (the agent says "activated" after)."""
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            state = json.loads(state_path.read_text())
+            if processes == 1:
+                return bool(state.get("loading", {}).get("digest") == v2.digest)
+            return bool(state["models"]["digits"]["active"]["version"] == "2")
+        return False
+
+    fleet.client.deploy("digits", "2", {})
+    fleet.wait_for(loading_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
+    handle.process.kill()
+    assert "activated digits 2" not in log_path.read_text(), "the kill should land while version 2 loads"
+
+    before = len(log_path.read_text())
+    restarted = fleet.start_agent("edge", serve_processes=processes)
+
+    def reported() -> dict[str, object] | None:
+        failures = fleet.nodes()["edge"]["failures"]
+        return next((f for f in failures if f["version"] == "2"), None)
+
+    failure = fleet.wait_for(reported, 30, "the failure of version 2 to be reported", restarted.process)
+    assert failure["kind"] == "health", failure
+    assert "died while loading" in str(failure["reason"]), failure
+    assert fleet.nodes()["edge"]["models"] == {"digits": "1"}
+    answer = httpx.post(
+        f"{restarted.serve_url}/v2/models/digits/infer",
+        json={"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]},
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model_version"] == "1"
+    state = json.loads(state_path.read_text())
+    assert "loading" not in state
+    assert state["failures"][v2.digest]["attempts"] == 1
+    log = log_path.read_text()[before:]
+    assert "loading digits 2" not in log, "version 2 was loaded again at once:\n" + log
+
+
+def test_an_agent_stopped_while_loading_a_version_finishes_the_load_and_counts_no_failure(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
+    """SIGTERM (a restart, an upgrade of the agent) while the agent loads version 2: it lets the load finish before
+    it stops, so the next start does not read the loading record left behind as a load the agent died in, a failure
+    of version 2 that the rollout gates would count against it."""
+    x = {"X": np.zeros((1, 64), np.float32)}
+    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
+    build_compute_model(small, layers=1)
+    build_compute_model(heavy, layers=4, replicas=49152)  # a golden check of a second or so
+    push_model(fleet, small, "1", tmp_path, sample=x)
+    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
+    handle = fleet.start_agent("stopped")
+    fleet.client.deploy("digits", "1", {})
+    fleet.wait_for_versions({"stopped": {"digits": "1"}})
+    state_path = handle.data_dir / "state.json"
+
+    def loading_v2() -> bool:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return bool(json.loads(state_path.read_text()).get("loading", {}).get("digest") == v2.digest)
+        return False
+
+    fleet.client.deploy("digits", "2", {})
+    fleet.wait_for(loading_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
+    assert handle.process.stop(timeout=30) == 0
+    log = handle.process.log_path.read_text()
+    assert "waiting up to 20 s for the load of digits 2" in log
+    assert "activated digits 2" in log
+    assert "loading" not in json.loads(state_path.read_text())
+
+    restarted = fleet.start_agent("stopped")
+    fleet.wait_for(lambda: fleet.agent_live("stopped"), 30, "the agent to serve", restarted.process)
+    assert not [f for f in fleet.nodes()["stopped"]["failures"] if f["version"] == "2"]
+    assert not json.loads(state_path.read_text()).get("failures")
+    fleet.wait_for_versions({"stopped": {"digits": "2"}})

@@ -48,6 +48,11 @@ def test_the_demo_runs_its_whole_fleet_and_stops_every_process_it_started(tmp_pa
     ):
         assert step in out, step
     assert "Traceback" not in out
+    # a step's details come under its ✓ line (the refusal came above it), and the demo says what it stops
+    lines = done.stderr.splitlines()
+    refused = next(i for i, line in enumerate(lines) if line.startswith("  refused: "))
+    assert "the control plane refuses an unsigned package" in lines[refused - 1], lines[refused - 1]
+    assert f"the demo now stops the fleet; its files stay in {workdir}" in " ".join(done.stderr.split())
     # the fleet table: v2 went to region=eu-west only
     versions = dict(re.findall(r"(edge-eu-1|edge-us-1|gateway-eu-1)\b.*?digits=(\d)", out))
     assert versions == {"edge-eu-1": "2", "gateway-eu-1": "2", "edge-us-1": "1"}

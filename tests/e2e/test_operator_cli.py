@@ -61,6 +61,12 @@ def test_config_files_json_logs_quiet_access_log_probes_and_ca_errors(tmp_path: 
         nobody = run("events", "--node", "edge-9", "--ca", str(fleet.ca_path))
         assert (nobody.returncode, nobody.stdout) == (6, ""), nobody.stderr
         assert "no node 'edge-9' (live or revoked)" in nobody.stderr
+        # a node that never was is not told to re-enroll (only a revoked one is: tests/e2e/test_trust.py)
+        never = run("nodes", "show", "edge-9", "--ca", str(fleet.ca_path))
+        assert (never.returncode, never.stderr.strip()) == (
+            6,
+            "error: there is no node 'edge-9' (`strata nodes list` lists the fleet)",
+        )
         quiet = run("events", "--node", "edge-1", "--kind", "gate", "--ca", str(fleet.ca_path))
         assert (quiet.returncode, quiet.stdout) == (0, ""), quiet.stderr  # a node with nothing of that kind
 

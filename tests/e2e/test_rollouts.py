@@ -2,7 +2,8 @@
 
 A version that fails its golden check halts the rollout at the first wave; a version with three times the
 latency fails the latency gate; a canary whose probation fails rolls back by itself while its server is down;
-a model whose policy allows only `region=eu-*` never reaches a US node, and a node refuses it itself; the simulator
+a model whose policy allows only `region=eu-*` never reaches a US node, and a node refuses it itself (and is out of
+the next rollout for good, which the CLI says); the simulator
 and the control plane decide a rollout alike, node by node (policy, hardware, pin).
 """
 
@@ -288,6 +289,29 @@ def test_an_eu_only_model_never_reaches_a_us_node_and_the_node_refuses_it_itself
     fleet.wait_for(lambda: fleet.agent_live("eu"), 30, "the moved node to serve", moved.process)
     assert infer(moved.serve_url, "faces").status_code == 404
     assert "refused by placement policy (allowed_regions)" in moved.process.log_tail(50)
+
+    # Its labels are the operator's (still eu-west): a rollout of version 2 releases it, and the node refuses that
+    # too. It is out of the rollout for good, unlike the US node, and the CLI says which nodes refused.
+    fleet.start_server()
+    assert fleet.cli("rollout", "abort", rollout_id).returncode == 0  # no traffic: its gates still wait for data
+    pushed = fleet.cli("model", "push", str(digits_onnx), "--name", "faces", "--version", "2", "--policy", str(policy))
+    assert pushed.returncode == 0, pushed.stderr
+    second = create_rollout(fleet, "faces", "2", "--all", "--waves", "100%", "--bake", "1s")
+
+    def refused() -> list[tuple[str, bool]] | None:
+        excluded = [(e["node"], e["refused"]) for e in fleet.client.rollout(second)["excluded"]]
+        return excluded if len(excluded) == 2 else None
+
+    assert fleet.wait_for(refused, 60, "the moved node to refuse version 2", moved.process) == [
+        ("eu", True),
+        ("us", False),
+    ]
+    shown = fleet.cli("rollout", "status", second)
+    assert "2 excluded (1 refused the version)" in shown.stdout
+    assert "2 nodes kept out (1 refused the version: out of this rollout for good):" in shown.stdout
+    assert "eu (refused): the node refused it: " in shown.stdout
+    listed = fleet.cli("rollout", "list")
+    assert "2 (1 refused)" in listed.stdout
 
 
 # One fleet, described once, run through the simulator and through the control plane with real agents.

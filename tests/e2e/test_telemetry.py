@@ -1,9 +1,10 @@
 """Telemetry with real processes: 100,000 requests through an outage and two kill -9s, counted exactly once, and
 malformed ones counted as the caller's errors, not the model's; drift that shows on shifted inputs and not on
-unshifted ones."""
+unshifted ones, in the API and in `strata telemetry --json --per-node`."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -113,6 +114,18 @@ def test_shifted_inputs_show_drift_and_unshifted_do_not(fleet: LocalFleet, digit
     psi = fleet.wait_for(drift, 60, "drift figures over all the traffic from both nodes")
     assert psi["shifted"] > 0.25
     assert psi["steady"] < 0.1
+    # Scripts get the table's per-node rows with --json --per-node (--json alone printed only the minutes, which
+    # carry no drift); --json alone is still the list of minutes.
+    per_node = fleet.cli("telemetry", "digits", "--json", "--per-node", "--since", "1d")
+    assert per_node.returncode == 0, per_node.stderr
+    rows = {n["node"]: n for n in json.loads(per_node.stdout)}
+    assert sorted(rows) == ["shifted", "steady"]
+    assert {name: max(d["psi"] for d in row["drift"]) for name, row in rows.items()} == psi
+    assert all(row["requests"] == requests and row["error_rate"] == 0.0 for row in rows.values())
+    minutes = json.loads(fleet.cli("telemetry", "digits", "--json", "--since", "1d").stdout)
+    assert isinstance(minutes, list)
+    assert all("minute" in m and "drift" not in m for m in minutes)
+    assert sum(m["requests"] for m in minutes) == 2 * requests
     # The node shows it too, without the control plane.
     local = [
         line

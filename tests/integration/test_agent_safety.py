@@ -27,6 +27,7 @@ from strata.agent.probation import ProbationConfig
 from strata.agent.reconciler import NodeIdentity, Reconciler
 from strata.agent.repository import ModelRepository
 from strata.agent.serving import ServingTracker
+from strata.agent.state import LoadingRecord
 from strata.agent.store import ArtifactStore
 from strata.agent.transport import HttpResponse
 from strata.core.chunking import Chunk, offsets
@@ -320,3 +321,48 @@ def test_a_restart_with_labels_the_policy_forbids_does_not_serve_the_model(digit
     moved.reconciler.converge(node.want("1", name="faces"))
     assert moved.reconciler.state.models == {}
     assert moved.reconciler.state.failures[node.refs["1"].digest].attempts == 2
+
+
+def test_a_load_the_agent_died_in_is_a_failure_at_the_next_start_with_the_usual_backoff(
+    digits_onnx: Path, digits_onnx_v2: Path, tmp_path: Path
+) -> None:
+    """The loading record the agent writes before a load (fsynced in state.json) and clears after it: one left
+    there is a load the agent died in (killed for its memory, a crash in the runtime). The next start records it
+    as that version's failure, serves the previous version, and loads it again only at its retry time, with
+    attempts counted as for any failure (tests/e2e/test_crash.py kills a real agent mid-load)."""
+    node = make_node(tmp_path, {})
+    node.offer(*package(digits_onnx, "1", tmp_path / "a", name="digits"))
+    node.offer(*package(digits_onnx_v2, "2", tmp_path / "b", name="digits"))
+    node.reconciler.converge(node.want("1", name="digits"))
+    node.reconciler.converge(node.want("2", name="digits"))
+    store = node.reconciler.store
+    assert "loading" not in json.loads(store.state_path.read_text())  # cleared after each load
+    v2 = node.refs["2"]
+
+    # Died while restoring version 2 at a start-up (it had loaded before; this time the node has less memory):
+    store.save_state(node.reconciler.state.with_loading(LoadingRecord("digits", "2", v2.id, v2.digest, 1_000.0)))
+    restarted = make_node(tmp_path, {})
+    restarted.reconciler.restore()
+    state = restarted.reconciler.state
+    assert state.loading is None
+    assert state.models["digits"].active.version == "1"
+    assert restarted.infer(1, name="digits") == ["1"]
+    [failure] = restarted.reconciler.status(None).failures
+    assert (failure.version, failure.kind, failure.attempts) == ("2", "health", 1)
+    assert "died while loading" in failure.reason
+    want = node.want("2", name="digits")
+    assert not any(isinstance(a, Activate) for a in plan(want, restarted.reconciler.observe(), 1_000.0 + 29))
+    [retry] = plan(want, restarted.reconciler.observe(), 1_000.0 + 31)
+    assert isinstance(retry, Activate)
+    assert retry.variant.digest == v2.digest
+
+    # Dies again in that retry: the next start counts a second attempt, and waits twice as long.
+    restarted.clock.now += 31
+    store.save_state(state.with_loading(LoadingRecord("digits", "2", v2.id, v2.digest, restarted.clock.now)))
+    again = make_node(tmp_path, {})
+    again.clock.now = restarted.clock.now
+    again.reconciler.restore()
+    [failure] = again.reconciler.status(None).failures
+    assert failure.attempts == 2
+    assert not any(isinstance(a, Activate) for a in plan(want, again.reconciler.observe(), again.clock.now + 59))
+    assert again.reconciler.state.models["digits"].active.version == "1"

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,19 @@ def test_every_commands_help_fits_80_columns_and_names_every_option_in_full() ->
     for path in ("nodes list", "telemetry", "token create", "pin add", "model list", "rollout status"):
         assert "  --ca <str>" in pages[path], path
         assert "STRATA_CA" in pages[path], path
+    # Arguments as the text names them, and one value of a repeatable option: the usage line read `{name} {version}`
+    # under "Start rolling NAME VERSION out", and options `--gate <list[str]>`, `--extra <list[Path]>`.
+    for path, page in pages.items():
+        assert "<list[" not in page, path
+        assert not re.search(r"[{}]", page.splitlines()[0]), path
+    assert pages["rollout create"].startswith("Usage: strata rollout create [OPTIONS] NAME VERSION\n")
+    assert "  NAME <str>  " in pages["rollout create"]
+    assert "  --gate <str>  " in pages["rollout create"]
+    assert "  --profile <str>  " in pages["model push"]
+    assert "  --extra <path>  " in pages["model push"]
+    assert "  --release-key <file>  " in pages["server"]
+    assert pages["nodes label"].startswith("Usage: strata nodes label [OPTIONS] NODE [CHANGES]...\n")
+    assert "  CHANGES... <str>  " in pages["nodes label"]
     root = " ".join(pages[""].split())
     assert "--server, --token and --ca go before the command or after it" in root
     assert "Exit codes: 2 bad input or configuration" in root
@@ -171,6 +185,32 @@ def test_version_completion_and_exit_codes(tmp_path: Path, digits_onnx: Path) ->
     )
     assert used.returncode == 2, used.stderr
     assert "is not empty; give a new or empty folder" in " ".join(used.stderr.split())
+    # 2: a --server without its scheme (httpx refused to send it, and that was exit 4, "server unreachable")
+    bare = strata("--server", "127.0.0.1:9", "--token", "t", "nodes", "list")
+    assert (bare.returncode, " ".join(bare.stderr.split())) == (
+        2,
+        "error: --server '127.0.0.1:9' has no scheme (strata server serves HTTPS: --server https://127.0.0.1:9)",
+    )
+    # 2: no token, worded for any command (it said "no admin token", and a read token lists nodes)
+    tokenless = strata("--server", "https://127.0.0.1:9", "nodes", "list")
+    assert tokenless.returncode == 2, tokenless.stderr
+    assert "error: no API token given: pass --token or set STRATA_TOKEN" in tokenless.stderr
+    # 2: a value Typer checks with pydantic, in plain words ("Value error, 'god' is not one of ...")
+    scope = strata(*unreachable, "token", "api", "--scope", "god", "--name", "x")
+    assert scope.returncode == 2, scope.stderr
+    assert scope.stderr.splitlines()[-1] == "Error: Invalid value for '--scope': 'god' is not one of 'read', 'admin'."
+    # 2: a port that is taken, found before anything is written: uvicorn found it after the start-up had made the
+    # data folder and the admin token, and exited 3 (a refused credential)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = strata("server", "--data-dir", str(tmp_path / "busy"), "--port", str(port), timeout=20)
+    assert (busy.returncode, busy.stderr) == (
+        2,
+        f"error: cannot listen on 127.0.0.1:{port}: the port is in use (another server has it): give another --port\n",
+    )
+    assert not (tmp_path / "busy").exists()
     # 4: nothing listens there.
     gone = strata(*unreachable, "nodes", "list")
     assert gone.returncode == 4

@@ -6,6 +6,11 @@ digest verification, the golden check and probation, and inference returned the 
 use external data only from files its manifest lists (hashed with the package), checked before any runtime reads
 it: at `strata model push` (build), `strata package verify`, upload to the control plane, and on the node, which
 also hands onnxruntime the listed files from memory and an empty folder instead of its working directory.
+
+The same attack through OpenVINO: given an ONNX model as the bytes of an "IR" (as the agent loads it), OpenVINO
+picks its ONNX reader by content and resolves external data `node.key` against the working directory. An OpenVINO
+package's model must be IR XML with a `net` root and no document type declaration (`check_openvino_ir`), checked at
+`strata package verify` and `push`, at upload, and on the node.
 """
 
 from __future__ import annotations
@@ -61,26 +66,36 @@ def leaking_model(location: str = SECRET, n: int = KEY_BYTES) -> bytes:
     return model.SerializeToString()
 
 
-def signed_leaking_package(folder: Path, key: Path, version: str) -> tuple[Package, tuple[str, str]]:
+def signed_leaking_package(
+    folder: Path, key: Path, version: str, openvino_model: bytes | None = None
+) -> tuple[Package, tuple[str, str]]:
     """The attacker's package, written by hand (strata's builder refuses the model) and signed with a real
-    release key."""
+    release key: an onnxruntime package with the leaking model, or an OpenVINO one whose model.xml (with a
+    model.bin beside it) is `openvino_model`."""
     folder.mkdir(parents=True)
-    (folder / MODEL_NAME).write_bytes(leaking_model())
+    if openvino_model is None:
+        files = [(MODEL_NAME, "model")]
+        (folder / MODEL_NAME).write_bytes(leaking_model())
+    else:
+        files = [("model.xml", "model"), ("model.bin", "weights")]
+        (folder / "model.xml").write_bytes(openvino_model)
+        (folder / "model.bin").write_bytes(bytes(16))
     golden = io.BytesIO()
     np.savez(golden, **{"input:x": np.zeros(1, np.float32), "output:out": np.zeros(KEY_BYTES, np.float32)})
     (folder / GOLDEN_NAME).write_bytes(golden.getvalue())
     entries = []
-    for name, role in ((MODEL_NAME, "model"), (GOLDEN_NAME, "golden")):
+    for name, role in (*files, (GOLDEN_NAME, "golden")):
         sha, size = sha256_file(folder / name)
         entries.append(FileEntry(path=name, size=size, sha256=sha, role=role))
+    runtime, profile = ("onnxruntime", "cpu-generic") if openvino_model is None else ("openvino", "intel-openvino")
     manifest = Manifest(
         name="digits",
         version=version,
-        variant="cpu-generic-fp32",
-        profile="cpu-generic",
-        runtime="onnxruntime",
+        variant=f"{profile}-fp32",
+        profile=profile,
+        runtime=runtime,
         precision="fp32",
-        model_file=MODEL_NAME,
+        model_file=files[0][0],
         inputs=(TensorSpec("x", "FP32", (1,)),),
         outputs=(TensorSpec("out", "FP32", (KEY_BYTES,)),),
         files=tuple(entries),
@@ -109,6 +124,19 @@ def strata_cli(fleet: LocalFleet, *args: str, cwd: Path | None = None) -> subpro
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     return subprocess.run(
         [sys.executable, "-m", "strata", *args], capture_output=True, text=True, timeout=120, env=env, cwd=cwd
+    )
+
+
+def upload_signed(fleet: LocalFleet, tar: Path, signature: tuple[str, str]) -> httpx.Response:
+    """POST a package tar straight to the upload API with its release signature, as an admin."""
+    headers = {
+        "Authorization": f"Bearer {fleet.admin_token}",
+        "Content-Type": "application/x-tar",
+        "X-Strata-Signature": signature[0],
+        "X-Strata-Release-Role": signature[1],
+    }
+    return httpx.post(
+        f"{fleet.server_url}/v1/packages", content=tar.read_bytes(), headers=headers, verify=fleet.tls(), timeout=60
     )
 
 
@@ -182,15 +210,7 @@ def test_push_verify_and_upload_refuse_a_signed_model_that_reads_a_node_file(
     assert "not a file of this package" in verified.stderr + verified.stdout
 
     # Straight to the API, signature and all: 422 with the reason, nothing registered.
-    headers = {
-        "Authorization": f"Bearer {fleet.admin_token}",
-        "Content-Type": "application/x-tar",
-        "X-Strata-Signature": signature[0],
-        "X-Strata-Release-Role": signature[1],
-    }
-    response = httpx.post(
-        f"{fleet.server_url}/v1/packages", content=tar.read_bytes(), headers=headers, verify=fleet.tls(), timeout=60
-    )
+    response = upload_signed(fleet, tar, signature)
     assert response.status_code == 422, response.text
     assert "trust/node.key" in response.json()["error"]
     assert "not a file of this package" in response.json()["error"]
@@ -262,3 +282,59 @@ def _register_without_the_check(
         plane.registry.add_package([buffer.getvalue()], signature=SignedRelease.from_base64(*signature))
     finally:
         plane.stop()
+
+
+# IR XML that would pull a file in through an external entity, were an XML reader to expand one.
+DOCTYPE_IR = b"""<?xml version="1.0"?>
+<!DOCTYPE net [<!ENTITY key SYSTEM "node.key">]>
+<net name="leak" version="11"><layers><layer id="0" name="x" type="Parameter" version="opset1">
+<data shape="1" element_type="f32"/><output><port id="0" precision="FP32"><dim>1</dim></port></output>
+</layer></layers><edges/><rt_info><key value="&key;"/></rt_info></net>
+"""
+
+
+def test_an_openvino_package_whose_model_is_not_ir_xml_is_refused_at_verify_push_upload_and_on_the_node(
+    signed_fleet: LocalFleet, keys: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OpenVINO package whose model.xml is the leaking ONNX model with external data `node.key` (OpenVINO,
+    given it as bytes the way the agent loads it, reads ./node.key and infers its bytes), and one whose IR XML
+    declares a document type: each refused by `strata package verify` and `push`, by the upload API, and by a
+    node the registry handed it to anyway (a registry filled without the check), which reports why."""
+    fleet = signed_fleet
+    refused = [
+        (
+            *signed_leaking_package(tmp_path / "onnx", keys[0], "2", openvino_model=leaking_model("node.key")),
+            "not IR XML",
+        ),
+        (*signed_leaking_package(tmp_path / "doctype", keys[0], "3", openvino_model=DOCTYPE_IR), "document type"),
+    ]
+    for package, signature, reason in refused:
+        tar = tmp_path / f"{package.manifest.version}.tar"
+        pack_tar(package, tar)
+        verified = strata_cli(fleet, "package", "verify", str(tar))
+        assert verified.returncode != 0
+        assert reason in verified.stderr + verified.stdout
+        pushed = strata_cli(fleet, "package", "push", str(tar), "--unsigned")
+        assert pushed.returncode != 0
+        assert reason in pushed.stderr + pushed.stdout
+        response = upload_signed(fleet, tar, signature)
+        assert response.status_code == 422, response.text
+        assert reason in response.json()["error"]
+    assert fleet.client.models() == []
+
+    # On the node: the ONNX "IR", in a registry that took it without the check, deployed to an OpenVINO node.
+    fleet.start_agent("ov-1", "device", {"site": "lab"}, profile="intel-openvino", extra_args=["--probation", "0"])
+    fleet.wait_for(lambda: "ov-1" in fleet.nodes(), 30, "ov-1 to enroll")
+    package, signature, _ = refused[0]
+    fleet.stop_server()
+    _register_without_the_check(fleet, keys[1], package, signature, monkeypatch)
+    fleet.start_server(extra_args=["--release-key", str(keys[1])])
+    fleet.client.deploy("digits", "2", {"site": "lab"})
+
+    def reported() -> dict[str, object] | None:
+        return next((dict(f) for f in fleet.nodes()["ov-1"]["failures"] if f["version"] == "2"), None)
+
+    failure = fleet.wait_for(reported, 60, "ov-1 to report why it refused digits 2", fleet.agents["ov-1"].process)
+    assert failure["kind"] == "package", failure
+    assert "not IR XML" in str(failure["reason"])
+    assert fleet.nodes()["ov-1"]["models"] == {}

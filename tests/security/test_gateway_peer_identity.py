@@ -8,10 +8,13 @@ Real control plane, real agents, a real `strata gateway --data-dir` acting as de
   send dev1's inference there: the peer's certificate names rogue, not edge1.
 - dev1 has a tier port, so its own URL in the topology is https: the gateway must reach it with the fleet
   certificate, checked to be dev1 itself (before, every answer came from the parent).
+- dev1 stops promptly on SIGTERM while the gateway still holds the keep-alive TLS connection of a request it
+  forwarded there (dev1 used to wait 10 s for the gateway's side of the TLS close).
 """
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,3 +121,19 @@ def test_a_node_answering_on_the_url_of_the_parent_the_topology_named_gets_nothi
     log = setup.gateway.process.log_path.read_text(errors="replace")
     nodes = setup.fleet.nodes()
     assert f"names node {nodes['rogue']['id']}, not node {nodes['edge1']['id']}" in log
+
+
+def test_the_node_stops_at_once_while_its_gateway_holds_an_idle_tls_connection(setup: Setup) -> None:
+    # last in this module: dev1 does not come back
+    response = httpx.get(f"{setup.gateway.url}/v2", timeout=30)
+    assert response.headers.get("strata-served-by") == "local", response.headers.get("strata-route")
+    dev1 = setup.fleet.agents["dev1"].process
+    assert dev1.popen is not None
+    started = time.monotonic()
+    dev1.signal(signal.SIGTERM)
+    dev1.popen.wait(30)
+    took = time.monotonic() - started
+    print(f"\ndev1 stopped {took:.2f}s after SIGTERM, its gateway still connected")
+    assert took < 3.0, dev1.log_tail()  # it took 10 s: the grace, then the cancellation's
+    assert dev1.popen.returncode == 0
+    assert "agent stopped" in dev1.log_tail(5)

@@ -10,11 +10,16 @@ read from /proc, and its data folder's size).
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
+import json
 import os
 import tarfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -227,3 +232,93 @@ def test_a_flood_of_members_is_refused_after_the_first_few_thousand(
     folders = b"".join(special_member(f"d{i}/", tarfile.DIRTYPE) for i in range(5000))
     reason = refused(fleet, finish(plain_members(package_files), folders))
     assert "more than 4096 members" in reason
+
+
+_CRAFTED = itertools.count()
+
+
+def with_manifest(package_files: dict[str, bytes], change: Callable[[dict[str, Any]], object]) -> dict[str, bytes]:
+    """The package's members with its manifest changed by `change` (which edits the parsed document in place), as
+    a variant id of its own (so that what is refused is the change, not a clash with the genuine package)."""
+    manifest = json.loads(package_files["manifest.json"])
+    manifest["variant"] = f"crafted-{next(_CRAFTED)}"
+    change(manifest)
+    return {**package_files, "manifest.json": json.dumps(manifest).encode()}
+
+
+def test_a_manifest_nested_past_the_parser_is_refused(fleet: LocalFleet, package_files: dict[str, bytes]) -> None:
+    """Review: 100,000 nested lists in a free-form section raised RecursionError in json.loads: a 500."""
+    raw = package_files["manifest.json"].decode()
+    deep = raw[: raw.rindex("}")] + ', "notes": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    reason = refused(fleet, finish(plain_members({**package_files, "manifest.json": deep.encode()})))
+    assert "nested more than 32 levels" in reason
+
+
+def test_a_manifest_nested_a_little_too_deep_is_refused(fleet: LocalFleet, package_files: dict[str, bytes]) -> None:
+    deep: list[Any] = []
+    for _ in range(40):
+        deep = [deep]
+    tar = finish(plain_members(with_manifest(package_files, lambda m: m["metrics"].update(deep=deep))))
+    assert "nested more than 32 levels" in refused(fleet, tar)
+
+
+def test_a_path_thousands_of_folders_deep_is_refused(fleet: LocalFleet, package_files: dict[str, bytes]) -> None:
+    """Review: a listed file 1500 folders deep (3 KB, under PATH_MAX) made Path.mkdir recurse past the limit."""
+    path = "/".join(["a"] * 1500)
+    entry = {"path": path, "size": 1, "sha256": hashlib.sha256(b"z").hexdigest(), "role": "data"}
+    files = with_manifest(package_files, lambda m: m["files"].append(entry))
+    assert "too long for a package" in refused(fleet, finish(plain_members({**files, path: b"z"})))
+
+
+def test_a_header_declaring_a_petabyte_is_refused(fleet: LocalFleet) -> None:
+    """Review: a 2 KB tar whose PAX header declares 2**50 bytes raised MemoryError inside tarfile: a 500."""
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    header.size = 1 << 50
+    tar = header.tobuf(format=tarfile.GNU_FORMAT) + b"20 path=manifest.json\n".ljust(512, b"\0") + bytes(1024)
+    assert "declares more than can be read" in refused(fleet, tar)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("runtime", "r" * 100), ("runtime", "tflite"), ("precision", "fp8" * 10)],
+    ids=["long-runtime", "unknown-runtime", "long-precision"],
+)
+def test_an_unknown_runtime_or_precision_is_refused(
+    fleet: LocalFleet, package_files: dict[str, bytes], key: str, value: str
+) -> None:
+    """Review: a runtime longer than its String(64) column was a DataError on PostgreSQL: a 500."""
+    tar = finish(plain_members(with_manifest(package_files, lambda m: m.update({key: value}))))
+    assert f"manifest {key} {value[:64]!r} is not one of" in refused(fleet, tar)
+
+
+def test_drift_references_with_more_bins_than_strata_makes_are_refused(
+    fleet: LocalFleet, package_files: dict[str, bytes]
+) -> None:
+    """Review: a 1,000,001-bin reference cost every node ~113 ms per inference (counting, summing, storing)."""
+    edges = [float(e) for e in range(1000)]
+    drift = {"tensors": [{"tensor": "X", "kind": "input", "edges": edges, "counts": [1] * 1001}]}
+    reason = refused(fleet, finish(plain_members(with_manifest(package_files, lambda m: m.update(drift=drift)))))
+    assert "has 1000 edges and 1001 counts" in reason
+
+
+def test_a_golden_file_every_node_would_refuse_is_refused_at_upload(
+    fleet: LocalFleet, package_files: dict[str, bytes]
+) -> None:
+    # The control plane read no golden file: a deflated one (a decompression bomb on every node's health check)
+    # was stored and rolled out, then refused by each node in turn.
+    name = next(n for n in package_files if n.endswith(".npz"))
+    with zipfile.ZipFile(io.BytesIO(package_files[name])) as genuine:
+        arrays = {member: genuine.read(member) for member in genuine.namelist()}
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as crafted:
+        for member, data in arrays.items():
+            crafted.writestr(member, data)
+    blob = deflated.getvalue()
+
+    def relist(manifest: dict[str, Any]) -> None:
+        entry = next(f for f in manifest["files"] if f["path"] == name)
+        entry.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+
+    files = {**with_manifest(package_files, relist), name: blob}
+    assert "is compressed" in refused(fleet, finish(plain_members(files)))

@@ -36,9 +36,20 @@ def test_a_cut_convergence_makes_the_next_poll_not_wait(tmp_path: Path) -> None:
     not after a quiet long poll (issue 17)."""
     config = AgentConfig(server="https://cp.example", data_dir=tmp_path, name="n1", tier="device", poll_wait_s=30)
     loop = AgentLoop(config, ControlPlaneClient(config.server, H11Transport()), CutReconciler())
+    loop._reported = b"{}"  # as after its first report (see the next test)
     assert loop.poll_wait() == 30
     with pytest.raises(TransportError):
         loop.converge()
     assert loop.poll_wait() == 0
     loop.converge()
+    assert loop.poll_wait() == 30
+
+
+def test_a_just_started_agent_reports_before_its_first_long_poll(tmp_path: Path) -> None:
+    """The first poll after a start does not wait: the node reports what it serves, and what failed (a load the
+    agent died in, found at start-up), at once rather than after a quiet long poll."""
+    config = AgentConfig(server="https://cp.example", data_dir=tmp_path, name="n1", tier="device", poll_wait_s=30)
+    loop = AgentLoop(config, ControlPlaneClient(config.server, H11Transport()), CutReconciler())
+    assert loop.poll_wait() == 0
+    loop._reported = b"{}"
     assert loop.poll_wait() == 30

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from strata.control.feed import Nudge
-from strata.core.aio import wait_event
+from strata.core.aio import wait_any, wait_event
 
 
 def test_it_returns_whether_the_event_was_set() -> None:
@@ -67,5 +67,32 @@ def test_the_rollout_driver_stops_when_cancelled_as_a_status_report_nudges_it() 
         nudge = Nudge()
         nudge.attach(asyncio.get_running_loop())
         return await _stops_when_cancelled_as_it_wakes(lambda: nudge.wait(5.0), nudge)
+
+    assert asyncio.run(scenario())
+
+
+def test_wait_any_returns_when_either_event_is_set_and_leaves_no_waiter_behind() -> None:
+    async def scenario() -> tuple[bool, bool, bool, int]:
+        first, second = asyncio.Event(), asyncio.Event()
+        timed_out = await wait_any((first, second), 0.01)
+        asyncio.get_running_loop().call_later(0.01, second.set)
+        woken = await wait_any((first, second), None)
+        already = await wait_any((first, second), 0)
+        await asyncio.sleep(0)  # the cancelled waiters finish
+        return timed_out, woken, already, len(asyncio.all_tasks())
+
+    assert asyncio.run(scenario()) == (False, True, True, 1)
+
+
+def test_a_cancellation_in_the_turn_one_event_is_set_ends_a_task_looping_on_wait_any() -> None:
+    async def scenario() -> bool:
+        event, other = asyncio.Event(), asyncio.Event()
+
+        async def wait_once() -> None:
+            await wait_any((event, other), 5.0)
+            event.clear()
+
+        loop = asyncio.get_running_loop()
+        return await _stops_when_cancelled_as_it_wakes(wait_once, lambda: loop.call_soon(event.set))
 
     assert asyncio.run(scenario())

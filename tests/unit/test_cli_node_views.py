@@ -65,3 +65,25 @@ def test_what_a_node_reports_is_shown_as_text_never_read_as_markup() -> None:
     detail = shown(node_detail(node, 100.0))
     assert sly in detail
     assert "[/red]" in detail
+
+
+def test_the_cli_console_writes_out_hidden_characters_and_keeps_its_own_markup() -> None:
+    # Every string the CLI prints goes through its consoles' render_str, table cells and plain prints alike, so a
+    # place that forgets `shown` still cannot hand a terminal an escape sequence.
+    from rich.table import Table
+
+    from strata.cli.common import TerminalConsole
+
+    screen = io.StringIO()
+    console = TerminalConsole(file=screen, force_terminal=True, color_system="standard", width=120)
+    table = Table()
+    table.add_column("version")
+    table.add_row("1.0\x1b]0;owned\x07")
+    console.print(table)
+    console.print("[red]failed:[/red] ok\rFAILED :smile: \u202edone\nsecond line\tend")
+    text = screen.getvalue()
+    for hidden in ("\x1b]0;owned", "\x07", "\r", "\u202e"):
+        assert hidden not in text
+    assert "1.0\\x1b]0;owned\\x07" in text
+    assert "ok\\rFAILED :smile: \\u202edone\nsecond line" in text  # newlines and tabs stay; no emoji for codes
+    assert "\x1b[31mfailed:\x1b[0m" in text  # the CLI's own markup still styles

@@ -354,3 +354,32 @@ def test_check_outputs_refuses_an_unknown_output() -> None:
     body = request_body(tensor("x", data=[1, 2]), outputs=[{"name": "logits"}])
     with pytest.raises(BadRequest, match=r"model m has no output 'logits'; its outputs are \['label', 'scores'\]"):
         check_outputs(decode_request(body), OUTPUTS, "m")
+
+
+def test_what_orjson_refuses_or_would_write_otherwise_is_read_and_written_as_the_standard_library_does() -> None:
+    # orjson reads and writes JSON tensors; where it refuses input json accepts (NaN and Infinity literals, a lone
+    # surrogate in a string, a UTF-8 byte order mark) or would write a non-finite float as null, the standard
+    # library does it: what a client may send and what it gets back does not depend on which of the two ran.
+    tensor = b'{"name":"x","datatype":"FP32","shape":[4],"data":[NaN,Infinity,-Infinity,1e400]}'
+    body = b'\xef\xbb\xbf{"id":"\\ud800","inputs":[' + tensor + b"]}"
+    request = decode_request(body)
+    assert request.id == "\ud800"
+    values = request.inputs[0].array
+    assert np.isnan(values[0])
+    assert values[1:].tolist() == [np.inf, -np.inf, np.inf]
+
+    outputs = [("y", values, False), ("label", np.array([3], np.int64), False)]
+    answer, header_length = encode_response("m", "1", "r-1", outputs)
+    assert header_length is None
+    assert b'"data":[NaN,Infinity,-Infinity,Infinity]' in answer  # not null: it reads back as the floats sent
+    _, arrays = decode_response(answer)
+    assert decode_response(encode_response("m", "1", request.id, outputs[1:])[0])[0]["id"] == "\ud800"
+    assert np.isnan(arrays["y"][0])
+    assert arrays["y"][1:].tolist() == [np.inf, -np.inf, np.inf]
+
+    finite, _ = encode_response("m", "1", "r-1", [("y", np.array([0.5, 1e-05], np.float32), False)])
+    assert json.loads(finite)["outputs"][0]["data"] == [0.5, float(np.float32(1e-05))]
+    with pytest.raises(BadRequest, match="out of range for INT64"):  # orjson reads this integer as a float
+        decode_request(b'{"inputs":[{"name":"x","datatype":"INT64","shape":[1],"data":[-9223372036854775809]}]}')
+    with pytest.raises(BadRequest, match=r"not valid JSON: Expecting value: line 1 column 2"):  # json's words
+        decode_request(b"[,]")

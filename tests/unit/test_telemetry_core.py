@@ -13,6 +13,7 @@ from strata.core.package import Manifest
 from strata.core.telemetry import (
     BATCH_FORMAT,
     BUCKETS,
+    DRIFT_BINS,
     DROPPED_KINDS,
     LATENCY_BOUNDS_US,
     MAX_BATCH_BYTES,
@@ -99,6 +100,39 @@ def test_psi_and_chi_square_separate_shifted_from_unshifted() -> None:
 def test_reference_of_constant_or_text_tensors_is_none() -> None:
     assert build_reference("x", "input", np.zeros((10, 4))) is None
     assert build_reference("x", "input", np.array([["a"], ["b"]])) is None
+
+
+def test_what_build_reference_writes_decodes_and_nothing_larger_does() -> None:
+    """Review (session 7): DRIFT_BINS was never enforced; a 1,000,001-bin reference cost every node ~113 ms per
+    inference. A reference is now what `build_reference` makes, at most DRIFT_BINS bins, or it is refused."""
+    rng = np.random.default_rng(3)
+    built = build_reference("x", "input", rng.normal(size=(200, 4)))
+    assert built is not None
+    assert len(built.counts) == DRIFT_BINS
+    assert drift_references({"tensors": [json.loads(json.dumps(built.to_json()))]}) == [built]
+    good = {"tensor": "x", "kind": "input", "edges": [0, 1.5], "counts": [1, 0, 2]}
+    assert drift_references({"tensors": [good]})[0].edges == (0.0, 1.5)
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"edges": [float(e) for e in range(DRIFT_BINS)], "counts": [1] * (DRIFT_BINS + 1)}, "has 10 edges"),
+        ({"edges": [], "counts": [1]}, "has 0 edges"),
+        ({"counts": [1, 2]}, "has 2 edges and 2 counts"),
+        ({"edges": [0.0, float("inf")]}, "not a finite number"),
+        ({"edges": [0.0, float("nan")]}, "not a finite number"),
+        ({"edges": ["0", 1.0]}, "not a finite number"),
+        ({"edges": [1.0, 1.0]}, "do not increase"),
+        ({"edges": [2.0, 1.0]}, "do not increase"),
+        ({"counts": [1, -1, 0]}, "non-negative integer"),
+        ({"counts": [1, 0.5, 0]}, "non-negative integer"),
+        ({"counts": [1, True, 0]}, "non-negative integer"),
+        ({"kind": "weights"}, "'kind' input or output"),
+        ({"edges": {"0": 1}}, "must be lists"),
+    ]
+    for change, words in bad:
+        with pytest.raises(TelemetryError, match=words):
+            drift_references({"tensors": [{**good, **change}]})
+    for section in ({"tensors": 5}, {"tensors": [5]}):
+        with pytest.raises(TelemetryError):
+            drift_references(section)
 
 
 def test_large_tensors_are_strided_not_scanned_whole() -> None:

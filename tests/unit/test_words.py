@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from strata.core.errors import ConfigError
-from strata.core.words import MAX_MESSAGE_CHARS, clip, duration, parse_duration, plural
+from strata.core.words import MAX_MESSAGE_CHARS, clip, duration, parse_duration, plural, printable
 
 
 def test_a_count_of_one_takes_the_singular() -> None:
@@ -38,3 +38,12 @@ def test_a_message_past_the_limit_is_cut_to_it_saying_how_long_it_was() -> None:
     assert cut.startswith("unknown input '\u00e9")
     assert cut.endswith("... (100016 characters, cut)")
     assert clip("abcdef", 3).endswith("characters, cut)")  # a limit shorter than the note keeps only the note
+
+
+def test_printable_writes_out_what_a_terminal_would_act_on_and_leaves_text_alone() -> None:
+    assert printable("edge-1 [ok] é ü 東京 🙂") == "edge-1 [ok] é ü 東京 🙂"  # letters of any script are text
+    assert printable("\x1b]0;owned\x07title") == "\\x1b]0;owned\\x07title"  # retitles a terminal window
+    assert printable("ok\rFAILED\x1b[2K") == "ok\\rFAILED\\x1b[2K"  # rewrites the line shown
+    assert printable("a\u202eb\u200bc\u2028d\x9b") == "a\\u202eb\\u200bc\\u2028d\\x9b"  # bidi, zero-width, CSI (C1)
+    assert printable("one\ntwo\tthree\x00") == "one\\ntwo\\tthree\\x00"
+    assert printable("one\ntwo\tthree\x00", keep="\n\t") == "one\ntwo\tthree\\x00"

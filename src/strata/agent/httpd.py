@@ -28,9 +28,10 @@ bytes (slowloris), and an idle connection is closed after `keep_alive_timeout`. 
 budget when parsed (their head's bytes plus what their Python objects cost), except the one a connection is being
 answered on; reading pauses at 16 waiting, and past 64 waiting after one read the next is refused (503) and the
 rest of the read dropped. A peer that reads none of its answers for `body_timeout` is cut off, and so is one
-that does not take the answers still buffered when its connection closes. When a MiB of requests has been let
-go and none is in flight, the cyclic GC runs and `release_memory` (the agent passes `malloc_trim`) gives the
-heap back to the OS.
+that does not take the answers still buffered when its connection closes; `stop` drops a TLS connection once
+only the client's side of the TLS close is left to wait for (an idle keep-alive client sends it when it next
+reads, which may be never). When a MiB of requests has been let go and none is in flight, the cyclic GC runs and
+`release_memory` (the agent passes `malloc_trim`) gives the heap back to the OS.
 """
 
 from __future__ import annotations
@@ -147,6 +148,10 @@ class ServerLimits:
 
 _RELEASE_AFTER_BYTES: Final = 1 << 20  # bodies this large leave heap behind worth giving back to the OS
 _RELEASE_DELAY: Final = 0.5  # seconds with no body in flight before that happens
+# Stopping, a TLS connection closed with all it was sent handed to the kernel waits only for the client's side of
+# the TLS close; a client that has not sent it this long after (an idle keep-alive client, which sends it when it
+# next reads) is dropped.
+_TLS_CLOSE_WAIT_S: Final = 0.25
 
 
 class HttpServer:
@@ -232,12 +237,27 @@ class HttpServer:
         for connection in connections:
             connection.close_when_idle()
         if connections:
-            _, pending = await asyncio.wait([c.closed for c in connections], timeout=grace)
-            if pending:
-                for connection in connections:
-                    connection.cancel()
-                await asyncio.wait(pending, timeout=grace)
+            dropper = asyncio.get_running_loop().create_task(self._drop_tls_closes(connections))
+            try:
+                _, pending = await asyncio.wait([c.closed for c in connections], timeout=grace)
+                if pending:
+                    for connection in connections:
+                        connection.cancel()
+                    await asyncio.wait(pending, timeout=grace)
+            finally:
+                dropper.cancel()
         await server.wait_closed()
+
+    async def _drop_tls_closes(self, connections: list[_Connection]) -> None:
+        """Stopping: drop each TLS connection that waits only for its client's side of the TLS close. asyncio
+        closes TLS by sending close_notify and waiting for the client's, which a client holding an idle
+        keep-alive connection (in an httpx pool: a gateway's, after it forwarded a request) sends only when it next
+        reads: each such connection held `stop` for its grace and then the cancellation's (10 s), and an agent
+        whose gateway still ran took that long to stop."""
+        while True:
+            await asyncio.sleep(_TLS_CLOSE_WAIT_S)
+            for connection in connections:
+                connection.drop_if_only_tls_close_left()
 
     def add(self, connection: _Connection) -> bool:
         """Track a new connection; False when it is over the connection cap (it is tracked, to be refused)."""
@@ -782,6 +802,20 @@ class _Connection(asyncio.Protocol):
         self._close_after_queue = True
         if self._task is None and not self._queue and self._transport is not None:
             self._close()
+
+    def drop_if_only_tls_close_left(self) -> None:
+        """Abort a TLS connection that is closing, answers nothing and has handed all it was sent to the kernel
+        (the TLS layer's buffer and the socket transport's under it are empty): only the client's close_notify
+        is left to wait for. When the buffer under the TLS layer cannot be seen, nothing is dropped."""
+        transport = self._transport
+        if not self._tls or self._task is not None or transport is None or not transport.is_closing():
+            return
+        # asyncio's TLS transport counts what its TLS layer holds; what it handed down to the socket transport
+        # (a large answer to a slow reader) is counted there, which only its protocol object reaches
+        under = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+        if under is None or transport.get_write_buffer_size() or under.get_write_buffer_size():
+            return
+        transport.abort()
 
     def cancel(self) -> None:
         """The server's grace ran out: cancel the handler in progress (which closes) or just close."""

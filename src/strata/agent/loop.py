@@ -228,9 +228,11 @@ class AgentLoop:
     # --- one round --------------------------------------------------------------------------------------
 
     def poll_wait(self) -> float:
-        """How long the next poll may wait: none while the last convergence is unfinished, else the configured
-        wait, shortened by a failure's retry time and by the next probation check."""
+        """How long the next poll may wait: none while the last convergence is unfinished or before the first
+        report, else the configured wait, shortened by a failure's retry time and by the next probation check."""
         if self.unfinished:  # a download was cut: resume now rather than after a quiet poll
+            return 0.0
+        if self._reported is None:  # just started: say at once what it serves and what failed (a load it died in)
             return 0.0
         wait = self.config.poll_wait_s
         now = self.clock()

@@ -12,6 +12,7 @@ import secrets
 import signal
 import ssl
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("strata.agent")
 
 EXIT_CONFIG = 2
+# At a stop, how long a load under way may take to finish (systemd waits 90 s, Kubernetes 30 s, by default).
+STOP_LOAD_WAIT_S = 20.0
 EXIT_ENROLLMENT = 3
 
 
@@ -278,6 +281,7 @@ class Agent:
             await wait_event(stop, 0.5)
         self.loop.stop.set()
         self.uploader.stop.set()
+        await self._finish_load()  # still serving meanwhile: the other processes may be taking the version too
         if pool is not None:
             await pool.stop()
         await server.stop()
@@ -295,6 +299,29 @@ class Agent:
             return EXIT_CONFIG
         log.info("agent stopped")
         return 0
+
+    async def _finish_load(self) -> None:
+        """At a stop, let a load under way finish (at most `STOP_LOAD_WAIT_S`): its loading record, left in the
+        state, would read at the next start as a load the agent died in, a failure of that version that rollout
+        gates count, when the agent was only restarted."""
+        loading = self.reconciler.state.loading
+        if loading is None:
+            return
+        log.info(
+            "waiting up to %g s for the load of %s %s to finish before stopping",
+            STOP_LOAD_WAIT_S,
+            loading.model,
+            loading.version,
+        )
+        deadline = time.monotonic() + STOP_LOAD_WAIT_S
+        while self.reconciler.state.loading is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.reconciler.state.loading is not None:
+            log.warning(
+                "stopping in the middle of loading %s %s: the next start counts it as a failed load",
+                loading.model,
+                loading.version,
+            )
 
     async def _start_grpc(self, app: InferenceApp) -> GrpcInferenceServer | None:
         """With --grpc-port, the same API over gRPC (`strata.agent.oip_grpc`); grpc is imported only then.

@@ -7,6 +7,7 @@ keeps serving its active models and tries again later.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +35,7 @@ from strata.agent.probation import ProbationConfig, judge, reference_latency
 from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import load_and_check, release_free_memory
 from strata.agent.serving import ServingTracker
-from strata.agent.state import FailureRecord, NodeState, ProbationRecord, SlotRef
+from strata.agent.state import FailureRecord, LoadingRecord, NodeState, ProbationRecord, SlotRef
 from strata.agent.store import ArtifactStore
 from strata.agent.supply import SupplyGuard
 from strata.agent.transport import Transport
@@ -144,30 +145,55 @@ class Reconciler:
         """Load every model whose slots say it is active, before any network call.
 
         A package that no longer verifies or loads is replaced by its previous slot when that one is good;
-        otherwise the model is dropped from the slots and the failure remembered.
+        otherwise the model is dropped from the slots and the failure remembered. A load the agent died in last
+        time (its loading record is still in the state) is that version's failure, and it is not loaded again now.
         """
-        state = self.state
-        for name, slots in sorted(state.models.items()):
+        died = self._record_died_loading()
+        for name, slots in sorted(self.state.models.items()):
             for slot in (slots.active, slots.previous):
-                if slot is None:
+                if slot is None or slot.digest == died:
                     continue
+                self._mark_loading(LoadingRecord(name, slot.version, slot.variant, slot.digest, self.clock()))
                 try:
                     self._load(name, slot)
                 except VaultUnavailable:
+                    self._commit(self.state.with_loading(None))
                     raise  # nothing can be opened: keep the slots as they are and say why the agent stops
                 except StrataError as exc:
                     log.error("model %s %s (%s) cannot be served: %s", name, slot.version, slot.digest[:19], exc)
                     kind: FailureKind = "policy" if isinstance(exc, PlacementRefused) else "health"
                     failure = self._failure(name, slot.version, slot.variant, str(exc), kind)
-                    state = state.with_failure(slot.digest, failure)
+                    self._commit(self.state.with_loading(None).with_failure(slot.digest, failure))
                     continue
+                state = self.state.with_loading(None)
                 if slot is not slots.active:
                     state = state.with_active(name, slot)
                     log.warning("model %s rolled back to %s at start-up", name, slot.version)
+                self._commit(state)
                 break
             else:
-                state = state.without_model(name)
-        self._commit(state)
+                self._commit(self.state.without_model(name))
+
+    def _mark_loading(self, record: LoadingRecord) -> None:
+        """Write the loading record before a start-up load; a disk that refuses the write (full, read-only) does not
+        keep the node from serving what it has: the record only lets the next start tell a load it died in."""
+        try:
+            self._commit(self.state.with_loading(record))
+        except OSError as exc:
+            log.warning(
+                "cannot note the load of %s %s in the state file (%s); loading it", record.model, record.version, exc
+            )
+
+    def _record_died_loading(self) -> str | None:
+        """Turn a loading record left in the state (the agent died in that load: killed for its memory, a crash in
+        the runtime) into a failure of that version, with the attempts and retry time of any other failure, so it is
+        reported and not loaded again at once; return its digest (None when the last run died in no load)."""
+        loading = self.state.loading
+        if loading is None:
+            return None
+        reason = "the agent died while loading this package (killed: out of memory? a crash in its runtime?)"
+        self._fail(loading.digest, loading.model, loading.version, loading.variant, reason, "health")
+        return loading.digest
 
     def _load(self, name: str, slot: SlotRef) -> None:
         """Load a slot's package and serve it.
@@ -320,6 +346,18 @@ class Reconciler:
             except (SignatureError, MetadataError) as exc:
                 self._fail(digest, model, version, variant, f"refused: {exc}", supply_kind(exc))
                 return
+        log.info("loading %s %s (%s)", model, version, variant)
+        self._commit(self.state.with_loading(LoadingRecord(model, version, variant, digest, self.clock())))
+        try:
+            self._load_new(model, version, ref)
+        finally:
+            if self.state.loading is not None:  # an error that is no failure of the package (a disk error, say)
+                with contextlib.suppress(OSError):
+                    self._commit(self.state.with_loading(None))
+
+    def _load_new(self, model: str, version: str, ref: VariantRef) -> None:
+        """Load a staged package and serve it in place of the model's active one, or remember why not."""
+        variant, digest = ref.id, ref.digest
         try:
             package, files = self.store.open(digest)
             manifest = package.manifest
@@ -347,6 +385,9 @@ class Reconciler:
         now = self.clock()
         probation = self._probation_record(model, version, digest, manifest, now)
         slot = SlotRef(digest=digest, version=version, variant=variant, activated_at=now)
+        # The loading record stays until the node's other serving processes have loaded it too: the agent dying
+        # meanwhile (their copies took the machine's memory, say) is the same failure, and the next start goes back
+        # to the previous slot.
         state = self.state.with_active(model, slot)
         if probation is not None:
             state = state.with_probation(model, probation)
@@ -355,6 +396,7 @@ class Reconciler:
         self.serving.forget(model, keep_version=version)  # a node that runs for months sees many versions
         self._drop_snapshots(model)
         self.repository.put(LoadedModel(manifest=manifest, digest=digest, runtime=runtime, activated_at=now))
+        self._commit(self.state.with_loading(None))
         log.info(
             "activated %s %s (%s)%s",
             model,
@@ -458,7 +500,7 @@ class Reconciler:
         record = FailureRecord(
             model=model, version=version, variant=variant, reason=reason, at=self.clock(), attempts=attempts, kind=kind
         )
-        self._commit(self.state.with_failure(key, record))
+        self._commit(self.state.with_loading(None).with_failure(key, record))
 
     def _commit(self, state: NodeState) -> None:
         if state != self.state:

@@ -33,7 +33,7 @@ from strata.agent.vault import piece_aad
 from strata.core.errors import Forbidden, StrataError, TransportError, VerificationError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import canonical_json, is_hex_sha256
-from strata.core.package import Manifest, package_pieces
+from strata.core.package import package_pieces, parse_manifest
 
 log = logging.getLogger("strata.agent.relay")
 
@@ -236,8 +236,8 @@ class RelayApp:
             return known
         data = self._manifest_bytes(package)
         try:
-            manifest = Manifest.from_json(json.loads(data))
-        except (ValueError, StrataError) as exc:
+            manifest = parse_manifest(data)
+        except StrataError as exc:
             raise RelayUnavailable(f"manifest of package {package[:12]} does not parse: {exc}") from exc
         if manifest.digest != "sha256:" + package:
             raise RelayUnavailable(f"manifest of package {package[:12]} names another digest")

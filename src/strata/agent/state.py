@@ -1,6 +1,6 @@
 """The node's state as plain values: the slots of each model, the failures it remembers, the activations on
-probation, and their JSON form in state.json. No I/O: `strata.agent.store` reads and writes them, and the pure
-planners (`plan`, `probation`) and the simulator take them as they are."""
+probation, the package being loaded, and their JSON form in state.json. No I/O: `strata.agent.store` reads and
+writes them, and the pure planners (`plan`, `probation`) and the simulator take them as they are."""
 
 from __future__ import annotations
 
@@ -92,27 +92,65 @@ class ProbationRecord:
 
 
 @dataclass(frozen=True)
+class LoadingRecord:
+    """The package the agent is loading: written to state.json (fsynced) before the load starts and cleared once it
+    succeeded or failed, so one found there at start-up is a load the agent died in (killed for its memory, a crash
+    in the runtime) and becomes that version's failure instead of being loaded again at once."""
+
+    model: str
+    version: str
+    variant: str
+    digest: str
+    started_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "variant": self.variant,
+            "digest": self.digest,
+            "started_at": self.started_at,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> LoadingRecord:
+        return cls(
+            model=str(raw["model"]),
+            version=str(raw["version"]),
+            variant=str(raw["variant"]),
+            digest=str(raw["digest"]),
+            started_at=float(raw["started_at"]),
+        )
+
+
+@dataclass(frozen=True)
 class NodeState:
-    """What survives a restart: the slots of every model, the failures still remembered, and the activations
-    still on probation."""
+    """What survives a restart: the slots of every model, the failures still remembered, the activations still on
+    probation, and the package being loaded (if any)."""
 
     models: Mapping[str, ModelSlots] = field(default_factory=dict)
     failures: Mapping[str, FailureRecord] = field(default_factory=dict)
     probation: Mapping[str, ProbationRecord] = field(default_factory=dict)
+    loading: LoadingRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        raw: dict[str, Any] = {
             "models": {name: slots.to_json() for name, slots in sorted(self.models.items())},
             "failures": {key: record.to_json() for key, record in sorted(self.failures.items())},
             "probation": {name: record.to_json() for name, record in sorted(self.probation.items())},
         }
+        if self.loading is not None:
+            raw["loading"] = self.loading.to_json()
+        return raw
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> NodeState:
+        loading = raw.get("loading")
         return cls(
             models={name: ModelSlots.from_json(s) for name, s in raw.get("models", {}).items()},
             failures={key: Failure.from_json(f) for key, f in raw.get("failures", {}).items()},
             probation={name: ProbationRecord.from_json(p) for name, p in raw.get("probation", {}).items()},
+            loading=LoadingRecord.from_json(loading) if loading else None,
         )
 
     def with_active(self, model: str, slot: SlotRef) -> NodeState:
@@ -153,6 +191,10 @@ class NodeState:
 
     def with_failure(self, key: str, record: FailureRecord) -> NodeState:
         return replace(self, failures={**self.failures, key: record})
+
+    def with_loading(self, record: LoadingRecord | None) -> NodeState:
+        """The state with `record` as the package being loaded (None: no load in progress)."""
+        return replace(self, loading=record)
 
     def without_failures(self, keys: set[str]) -> NodeState:
         return replace(self, failures={k: v for k, v in self.failures.items() if k not in keys})

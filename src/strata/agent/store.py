@@ -46,6 +46,7 @@ from strata.core.package import (
     Manifest,
     Package,
     check_model_references,
+    parse_manifest,
     read_manifest,
     safe_relative_path,
     verify_package,
@@ -135,8 +136,8 @@ class ArtifactStore:
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise VerificationError(f"manifest does not hash to {digest}")
         try:
-            manifest = Manifest.from_json(json.loads(data))
-        except (ValueError, PackageError) as exc:
+            manifest = parse_manifest(data)
+        except PackageError as exc:
             raise VerificationError(f"manifest of {digest} does not parse: {exc}") from exc
         if manifest.digest != digest:
             raise VerificationError(f"manifest names digest {manifest.digest}, expected {digest}")

@@ -7,13 +7,15 @@ so `strata --help` and the operator commands start fast.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, get_args
 
 import typer
 from typer import _click as click  # Typer vendors Click: the type typer.main.get_command returns
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from strata import __version__
 from strata.cli import agent as agent_cmd
@@ -136,10 +138,44 @@ def _commands(command: click.Command) -> Iterator[click.Command]:
             yield from _commands(sub)
 
 
+def _one_value(param: TyperArgument | TyperOption) -> str | None:
+    """How the help names one value of a repeatable option or argument (`<str>`, `<path>`), where Typer names the
+    list (`<list[str]>`, `<list[Path]>`); None for a parameter that takes one value."""
+    element = get_args(param.type_descriptor.annotation)
+    if not (param.type_descriptor.is_list and len(element) == 1 and isinstance(element[0], type)):
+        return None
+    return f"<{param.type_descriptor.path_type if issubclass(element[0], Path) else element[0].__name__}>"
+
+
+class _Argument(TyperArgument):
+    """An argument as the help's text names it: NAME VERSION in the usage line (NODE [CHANGES]... for one that is
+    optional and repeated), where Typer writes `{name} {version}`, and one value's type where Typer names a list."""
+
+    def get_usage_pieces(self, ctx: click.Context) -> list[str]:
+        name = (self.name or "").upper()
+        name = name if self.required else f"[{name}]"
+        return [f"{name}..." if self.nargs != 1 else name]
+
+    def display_type_rich(self, ctx: click.Context) -> str | None:
+        return _one_value(self) or super().display_type_rich(ctx)
+
+
+def _name_arguments_and_lists(command: click.Command) -> None:
+    """Give `command`'s arguments and repeatable options the names its help text uses: an argument is NAME (the
+    help says `NAME VERSION`), a repeatable option names one value (`--gate <str>`, `--extra <path>`)."""
+    for param in command.params:
+        if type(param) is TyperArgument and param.metavar is None:  # Typer's own class, which _Argument extends
+            param.metavar = (param.name or "").upper() + ("..." if param.nargs != 1 else "")
+            param.__class__ = _Argument  # it only words the help differently: no state of its own
+        elif isinstance(param, TyperOption) and param.metavar is None:
+            param.metavar = _one_value(param)
+
+
 def command() -> click.Command:
     """The `strata` command tree. Every operator command (one with the operator --token option) also takes --ca,
     so `strata nodes list --ca ca.pem` works as well as `strata --ca ca.pem nodes list`; the commands themselves
-    only declare --server and --token (`strata.cli.common`)."""
+    only declare --server and --token (`strata.cli.common`). Arguments and repeatable options are named in the
+    help as its text names them (`_name_arguments_and_lists`)."""
     root = typer.main.get_command(app)
     ca = _ca_option()
     for each in _commands(root):
@@ -147,13 +183,34 @@ def command() -> click.Command:
         token = names.get("token")
         if each is not root and token is not None and token.envvar == "STRATA_TOKEN" and "ca" not in names:
             each.params.append(ca)
+        _name_arguments_and_lists(each)
     return root
 
 
+# What pydantic puts before the message of an error a validator raised: Typer checks values with pydantic, and
+# its refusal of `--scope god` read "Value error, 'god' is not one of 'read', 'admin'."
+_PYDANTIC_PREFIX = re.compile(r"^(Value error|Assertion failed), ")
+
+
+def usage_message(message: str) -> str:
+    """A usage error's message without pydantic's prefix (`_PYDANTIC_PREFIX`)."""
+    return _PYDANTIC_PREFIX.sub("", message)
+
+
 def main() -> None:
-    """Console-script entry point: strata errors become one line on stderr and a per-kind exit code."""
+    """Console-script entry point: strata errors become one line on stderr and a per-kind exit code; Click's usage
+    errors are shown as Click shows them (exit code 2), in plain words (`usage_message`)."""
     try:
-        command().main(prog_name="strata")
+        code = command().main(prog_name="strata", standalone_mode=False)
     except StrataError as exc:
         fail(exc)
-    sys.exit(0)
+    except click.ClickException as exc:
+        exc.message = usage_message(exc.message)
+        exc.show()
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    # Without standalone mode, Click returns the exit code of a `typer.Exit` (--help, --version) and the commands'
+    # return value (None) otherwise.
+    sys.exit(code if isinstance(code, int) else 0)

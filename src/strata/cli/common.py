@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from strata.core.errors import (
     AuthError,
@@ -25,6 +26,7 @@ from strata.core.errors import (
 )
 from strata.core.wire import ProtocolError
 from strata.core.words import parse_duration as parse_duration  # re-exported: every command reads durations so
+from strata.core.words import printable
 
 # Process exit codes, one range per kind of failure, so scripts can tell them apart.
 EXIT_CODES: dict[type[StrataError], int] = {
@@ -39,9 +41,33 @@ EXIT_CODES: dict[type[StrataError], int] = {
     Conflict: 7,
 }
 
+
+class TerminalConsole(Console):
+    """A Rich console that shows every string it is given as text: what the control plane answers is what nodes,
+    models and callers claimed (an agent version, a failure reason, a label), and a claim must not reach the
+    operator's terminal as an escape sequence (moving the cursor, rewriting a line, retitling the window, a hidden
+    hyperlink) or a bidirectional override. Each hidden character but newlines and tabs is written out
+    (`strata.core.words.printable`) before markup is read, so the CLI's own markup still works; strings from the
+    API are also passed through `shown` (markup escaped, newlines written out) where they are placed. Emoji codes
+    (`:name:`) are left as typed."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(emoji=False, highlight=False, **kwargs)
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        """Rich turns every string it prints (and every table cell) into `Text` here."""
+        return super().render_str(printable(text, keep="\n\t"), **kwargs)
+
+
+def shown(value: object) -> str:
+    """A value from the API (or a file) as one line of text for Rich markup: its own brackets escaped, so a label
+    `[red]` or `[link=...]` shows as typed, and every hidden character written out, newlines included."""
+    return escape(printable(str(value)))
+
+
 # Off a terminal (pipes, CI logs) Rich would assume 80 columns and cut the fleet table; be wider there.
-console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+console = TerminalConsole(stderr=True, width=None if sys.stderr.isatty() else 160)
+out = TerminalConsole(width=None if sys.stdout.isatty() else 160)
 
 ServerOption = Annotated[
     str | None,
@@ -122,7 +148,7 @@ def exit_code(error: StrataError) -> int:
 
 def fail(error: StrataError) -> None:
     """Print a strata error as one line and exit with its code."""
-    console.print(f"[red]error:[/red] {escape(str(error))}")  # a message may hold brackets: strata[postgres]
+    console.print(f"[red]error:[/red] {shown(error)}")  # a message may hold brackets: strata[postgres]
     raise SystemExit(exit_code(error))
 
 

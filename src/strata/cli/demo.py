@@ -61,9 +61,25 @@ def _infer(url: str, x: np.ndarray[Any, Any], binary: bool) -> tuple[str, np.nda
     return str(header["model_version"]), arrays["label"]
 
 
-def run_demo(workdir: Path, say: Callable[[str], None], keep: bool = False) -> float:
+def ending(keep: bool, workdir: Path, deleted: bool) -> str:
+    """What becomes of the fleet and of `workdir` (`deleted`: the demo deletes it as it ends), said once the
+    console's address and token are shown: they stop working with the fleet, and the key, data and token go with
+    the folder."""
+    files = (
+        f" and deletes {workdir}: the key, data and token above go with it"
+        if deleted
+        else f"; its files stay in {workdir}"
+    )
+    if keep:
+        return f"  the fleet stays up for the console until Ctrl-C; then the demo stops it{files}"
+    others = "; `--workdir DIR` keeps the files" if deleted else ""
+    return f"  the demo now stops the fleet{files}\n  (`strata demo --keep` leaves it up until Ctrl-C{others})"
+
+
+def run_demo(workdir: Path, say: Callable[[str], None], keep: bool = False, kept: bool = True) -> float:
     """Run the whole demo under `workdir`; return the seconds it took (up to the console's address). With `keep`,
-    leave the fleet running for the console until Ctrl-C, then stop it.
+    leave the fleet running for the console until Ctrl-C, then stop it. `kept`: the caller leaves `workdir` in
+    place afterwards (else the demo says the folder goes).
 
     Raises:
         DemoFailed, FleetError: a step did not give what it should (the message says which, with logs).
@@ -142,9 +158,10 @@ def run_demo(workdir: Path, say: Callable[[str], None], keep: bool = False) -> f
             try:
                 push("9", workdir / "digits-v2.onnx", signed=False)
             except StrataError as exc:
-                say(f"  refused: {exc}")
+                refusal = exc
             else:
                 raise DemoFailed("the control plane took an unsigned package")
+        say(f"  refused: {refusal}")  # under its step's line, as every step's details are
         with step("push digits v2 signed and deploy it to region=eu-west only"):
             push("2", workdir / "digits-v2.onnx")
             fleet.client.deploy("digits", "2", {"fleet": "demo", "region": "eu-west"})
@@ -175,14 +192,12 @@ def run_demo(workdir: Path, say: Callable[[str], None], keep: bool = False) -> f
         say(f"  console: {fleet.server_url}/ui/ (its certificate is the fleet CA's: {fleet.ca_path})")
         say(f"  read-only token for it: {read_token}")
         elapsed = time.monotonic() - started
+        say(ending(keep, workdir, deleted=not kept))
         if keep:
-            say("  the demo fleet stays up for the console (`strata demo --keep`); Ctrl-C stops it")
             try:
                 threading.Event().wait()
             except KeyboardInterrupt:
                 say("")
-        else:
-            say("  (`strata demo --keep` leaves the fleet up to look at it)")
         with step("stop every process the demo started"):
             fleet.close()
             still = [p.name for p in fleet.processes() if p.running]
@@ -205,5 +220,5 @@ def demo(
         elapsed = run_demo(workdir, console.print, keep)
     else:
         with tempfile.TemporaryDirectory(prefix="strata-demo-") as tmp:
-            elapsed = run_demo(Path(tmp), console.print, keep)
+            elapsed = run_demo(Path(tmp), console.print, keep, kept=False)
     console.print(f"[bold green]demo passed[/bold green] in {elapsed:.1f}s")

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from strata.cli.common import JsonOption, ServerOption, TokenOption, ago, console, out, print_json
+from strata.cli.common import JsonOption, ServerOption, TokenOption, ago, console, out, print_json, shown
 from strata.cli.progress import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
@@ -78,7 +78,7 @@ def _nodes_table(deployment: dict[str, Any]) -> Table:
             _STATE_STYLE.get(node["state"], node["state"]),
             node["running"] or "-",
             "yes" if node["online"] else "[red]no[/red]",
-            node["detail"],
+            shown(node["detail"]),
         )
     return table
 
@@ -127,7 +127,7 @@ def create(
             console.print(_summary(created))
             for node in created.get("nodes", []):
                 if node["state"] in ("no-variant", "excluded"):
-                    console.print(f"  [yellow]{node['name']} will not run it:[/yellow] {node['detail']}")
+                    console.print(f"  [yellow]{node['name']} will not run it:[/yellow] {shown(node['detail'])}")
         typer.echo(created["id"])
         if wait:
             wait_for_deployment(client, str(created["id"]), timeout)
@@ -150,7 +150,7 @@ def list_deployments(server: ServerOption = None, token: TokenOption = None, as_
             str(deployment["id"]),
             deployment["model"],
             deployment["version"],
-            _selector_text(deployment["selector"]),
+            shown(_selector_text(deployment["selector"])),
             _counts_text(deployment),
             ago(deployment["created_at"], now),
         )

@@ -8,9 +8,8 @@ import time
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
-from strata.cli.common import JsonOption, ServerOption, TokenOption, out, parse_duration, print_json
+from strata.cli.common import JsonOption, ServerOption, TokenOption, out, parse_duration, print_json, shown
 from strata.control_client import ControlClient
 
 _STYLE = {"failed": "red", "revoked": "red", "rolled_back": "yellow", "gate": "cyan", "rollout": "cyan"}
@@ -20,7 +19,7 @@ def _line(event: dict[str, Any]) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["at"]))
     style = _STYLE.get(event["kind"], "green")
     who = f"{event['node']}: " if event.get("node") else ""
-    return f"{when} [{style}]{event['kind']:<11}[/{style}] {escape(who)}{escape(event['message'])}"
+    return f"{when} [{style}]{event['kind']:<11}[/{style}] {shown(who)}{shown(event['message'])}"
 
 
 def events(

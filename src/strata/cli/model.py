@@ -20,6 +20,7 @@ from strata.cli.common import (
     out,
     parse_duration,
     print_json,
+    shown,
 )
 from strata.control_client import ControlClient
 from strata.core.errors import ConfigError
@@ -228,7 +229,7 @@ def show(
             variant["precision"],
             str(variant["size"]),
             variant["digest"][:19],
-            metrics or "-",
+            shown(metrics or "-"),
         )
     out.print(table)
 

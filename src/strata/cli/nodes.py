@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Group, RenderableType
-from rich.markup import escape
 from rich.table import Table
 
 from strata.cli.common import (
@@ -21,10 +20,12 @@ from strata.cli.common import (
     parse_duration,
     parse_label_options,
     print_json,
+    shown,
 )
 from strata.control_client import ControlClient
 from strata.core.errors import ConfigError, NotFound, TransportError
 from strata.core.wire import MAX_LOG_LINES
+from strata.core.words import printable
 
 app = typer.Typer(help="The fleet's nodes.", no_args_is_help=True)
 
@@ -48,11 +49,11 @@ def fleet_table(nodes: list[dict[str, Any]], now: float | None = None) -> Table:
     for node in sorted(nodes, key=lambda n: n["name"]):
         # Every string from the API is escaped before it meets markup: a node claims what labels (or profile) it
         # likes, and one claiming '[/yellow]' made `strata nodes list` fail with a MarkupError traceback.
-        labels = escape(_labels(node.get("labels", {})))
+        labels = shown(_labels(node.get("labels", {})))
         pins = node.get("pins") or {}
         models = (
             ", ".join(
-                escape(f"{k}={v}") + (" [cyan](pinned)[/cyan]" if pins.get(k) == v else "")
+                shown(f"{k}={v}") + (" [cyan](pinned)[/cyan]" if pins.get(k) == v else "")
                 for k, v in sorted(node.get("models", {}).items())
             )
             or "-"
@@ -60,28 +61,28 @@ def fleet_table(nodes: list[dict[str, Any]], now: float | None = None) -> Table:
         waiting = {k: v for k, v in pins.items() if node.get("models", {}).get(k) != v}
         if waiting:
             models += " " + ", ".join(
-                f"[cyan](pinned to {escape(f'{k}={v}')})[/cyan]" for k, v in sorted(waiting.items())
+                f"[cyan](pinned to {shown(f'{k}={v}')})[/cyan]" for k, v in sorted(waiting.items())
             )
         failures = node.get("failures") or []
         if failures:
             models += f" [red]({len(failures)} failed)[/red]"
-        profile = escape(node.get("profile", "?")) + (" (emulated)" if node.get("emulated") else "")
+        profile = shown(node.get("profile", "?")) + (" (emulated)" if node.get("emulated") else "")
         claims = node.get("claims") or {}
         if "profile" in claims:
-            profile += f" [yellow](claims {escape(str(claims['profile']))}: strata nodes accept)[/yellow]"
+            profile += f" [yellow](claims {shown(str(claims['profile']))}: strata nodes accept)[/yellow]"
         # A claimed tier or labels (only where they differ from the assigned ones) never decide anything.
-        tier = escape(node.get("tier", "?"))
+        tier = shown(node.get("tier", "?"))
         if "tier" in claims:
-            tier += f" [yellow](claims {escape(str(claims['tier']))}; not used)[/yellow]"
+            tier += f" [yellow](claims {shown(str(claims['tier']))}; not used)[/yellow]"
         if "labels" in claims:
-            labels += f" [yellow](claims {escape(_labels(claims['labels'])) or 'none'}; not used)[/yellow]"
+            labels += f" [yellow](claims {shown(_labels(claims['labels'])) or 'none'}; not used)[/yellow]"
         table.add_row(
-            escape(node["name"]),
+            shown(node["name"]),
             tier,
             labels,
             profile,
             "[green]yes[/green]" if node.get("online") else "[red]no[/red]",
-            escape(node["attestation"]) if node.get("attestation") else "[yellow]no[/yellow]",
+            shown(node["attestation"]) if node.get("attestation") else "[yellow]no[/yellow]",
             models,
             ago(node.get("last_seen"), now),
             "yes" if node.get("in_sync") else "no",
@@ -104,17 +105,20 @@ def _resolve(client: ControlClient, node: str) -> dict[str, Any]:
     """The one live node whose id or name is `node`.
 
     Raises:
-        NotFound: none, or more than one.
+        NotFound: none (the message says whether a revoked node has that name or id), or more than one.
     """
     matches = [n for n in client.nodes() if node in (n["id"], n["name"])]
-    if len(matches) != 1:
-        if matches:
-            raise NotFound(f"no single node is named {node!r}")
-        raise NotFound(
-            f"there is no live node {node!r} (a revoked node is not listed: `strata nodes reenroll {node}` makes a "
-            "token that enrolls it again)"
-        )
-    return matches[0]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise NotFound(f"no single node is named {node!r}")
+    try:
+        # The node list leaves revoked nodes out; the events of a node are asked of live and revoked ones alike,
+        # and refused for a name that no node ever had.
+        client.events(node=node, limit=1)
+    except NotFound:
+        raise NotFound(f"there is no node {node!r} (`strata nodes list` lists the fleet)") from None
+    raise NotFound(f"node {node!r} was revoked: `strata nodes reenroll {node}` makes a token that enrolls it again")
 
 
 def _when(timestamp: float | None, now: float) -> str:
@@ -128,33 +132,33 @@ def _when(timestamp: float | None, now: float) -> str:
 
 def node_detail(node: dict[str, Any], now: float) -> Group:
     """One node as `strata nodes show` prints it."""
-    labels = escape(_labels(node.get("labels", {}), ", ")) or "none"
+    labels = shown(_labels(node.get("labels", {}), ", ")) or "none"
     claims = node.get("claims") or {}
     claimed = _claimed(claims) or "nothing else"
     attestation = node.get("attestation") or "[yellow]not attested[/yellow]"
     if node.get("attestation_detail"):
-        attestation += f" ({escape(node['attestation_detail'])})"
+        attestation += f" ({shown(node['attestation_detail'])})"
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
     for key, value in (
-        ("node", escape(f"{node['name']} ({node['id']})")),
-        ("tier", escape(node.get("tier", "?"))),
+        ("node", shown(f"{node['name']} ({node['id']})")),
+        ("tier", shown(node.get("tier", "?"))),
         ("labels (assigned)", labels),
-        ("claims (its report)", f"[yellow]{escape(claimed)}[/yellow]" if claims else claimed),
-        ("profile", escape(node.get("profile", "?")) + (" (emulated)" if node.get("emulated") else "")),
-        ("agent", escape(node.get("agent_version") or "?")),
+        ("claims (its report)", f"[yellow]{shown(claimed)}[/yellow]" if claims else claimed),
+        ("profile", shown(node.get("profile", "?")) + (" (emulated)" if node.get("emulated") else "")),
+        ("agent", shown(node.get("agent_version") or "?")),
         (
             "online",
             ("[green]yes[/green]" if node.get("online") else "[red]no[/red]")
             + f", seen {ago(node.get('last_seen'), now)}",
         ),
         ("in sync", "yes" if node.get("in_sync") else "no (its desired state changed since its last report)"),
-        ("serves at", escape(node.get("serve_url") or "-")),
+        ("serves at", shown(node.get("serve_url") or "-")),
         ("enrolled", _when(node.get("enrolled_at"), now)),
         ("certificate expires", _when(node.get("certificate_expires_at"), now) + " (the agent renews it)"),
         ("attestation", attestation),
-        ("supply chain", escape(node.get("supply") or "-")),
+        ("supply chain", shown(node.get("supply") or "-")),
     ):
         facts.add_row(key, value)
     slots = Table(title="slots", title_justify="left")
@@ -180,12 +184,12 @@ def node_detail(node: dict[str, Any], now: float) -> Group:
             failed.add_column(column)
         for failure in failures:
             failed.add_row(
-                escape(failure["model"]),
-                escape(failure["version"]),
-                escape(failure.get("kind", "other")),
+                shown(failure["model"]),
+                shown(failure["version"]),
+                shown(failure.get("kind", "other")),
                 str(failure.get("attempts", 1)),
                 ago(failure.get("at"), now),
-                escape(failure["reason"]),
+                shown(failure["reason"]),
             )
         parts.append(failed)
     return Group(*parts)
@@ -234,7 +238,9 @@ def logs(
                 )
             time.sleep(0.25)
             answer = client.node_logs(found["id"], asked["id"])
-    typer.echo(answer.get("text") or "", nl=False)
+    # The server stores the node's text with its control characters replaced; bidi and zero-width ones it keeps, and
+    # an older server kept everything: written out here as on the consoles.
+    typer.echo(printable(answer.get("text") or "", keep="\n\t"), nl=False)
 
 
 @app.command("label")
@@ -263,7 +269,7 @@ def label(
         found = _resolve(client, node)
         updated = client.assign_node(found["id"], edits, tier)
     labels = _labels(updated["labels"]) or "none"
-    console.print(escape(f"node {updated['name']}: tier {updated['tier']}, labels {labels}"))
+    console.print(shown(f"node {updated['name']}: tier {updated['tier']}, labels {labels}"))
 
 
 @app.command("accept")

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from strata.cli.common import JsonOption, ServerOption, TokenOption, console, out, print_json
+from strata.cli.common import JsonOption, ServerOption, TokenOption, console, out, print_json, shown
 from strata.control_client import ControlClient
 from strata.core.errors import ConfigError
 from strata.core.wire import parse_selector
@@ -35,7 +35,7 @@ def add(
     if as_json:
         print_json(pin)
     else:
-        where = pin["node"] or ",".join(f"{k}={v}" for k, v in pin["selector"].items())
+        where = shown(pin["node"] or ",".join(f"{k}={v}" for k, v in pin["selector"].items()))
         console.print(
             f"pin {pin['id']}: {name} stays at {version} on {where} ({plural(pin['matched_nodes'], 'node')} now)"
         )
@@ -54,7 +54,7 @@ def list_pins(server: ServerOption = None, token: TokenOption = None, as_json: J
     for column in ("id", "model", "version", "node or selector", "nodes"):
         table.add_column(column)
     for pin in pins:
-        where = pin["node"] or ",".join(f"{k}={v}" for k, v in pin["selector"].items())
+        where = shown(pin["node"] or ",".join(f"{k}={v}" for k, v in pin["selector"].items()))
         table.add_row(pin["id"], pin["model"], pin["version"], where, str(pin["matched_nodes"]))
     out.print(table)
 

@@ -7,10 +7,19 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Group, RenderableType
-from rich.markup import escape
 from rich.table import Table
 
-from strata.cli.common import JsonOption, ServerOption, TokenOption, ago, console, out, parse_duration, print_json
+from strata.cli.common import (
+    JsonOption,
+    ServerOption,
+    TokenOption,
+    ago,
+    console,
+    out,
+    parse_duration,
+    print_json,
+    shown,
+)
 from strata.cli.progress import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
@@ -33,12 +42,42 @@ def _words(state: str) -> str:
     return state.replace("_", " ")  # rolled_back: a node's state, as the API names it
 
 
+# The live view names at most this many nodes that refused the version (`strata rollout status` names them all).
+LIVE_REFUSED = 5
+
+
+def _refused(rollout: dict[str, Any]) -> list[dict[str, Any]]:
+    """The nodes kept out because they refused the version themselves (they stay out of this rollout for good);
+    none from a server older than the field."""
+    return [item for item in rollout.get("excluded", []) if item.get("refused")]
+
+
 def _summary(rollout: dict[str, Any]) -> str:
-    counts = ", ".join(f"{n} {_words(state)}" for state, n in sorted(rollout.get("counts", {}).items())) or "no nodes"
+    refused = len(_refused(rollout))
+
+    def count(state: str, n: int) -> str:
+        said = f"{n} {_words(state)}"
+        return f"{said} ({refused} refused the version)" if state == "excluded" and refused else said
+
+    counts = ", ".join(count(state, n) for state, n in sorted(rollout.get("counts", {}).items())) or "no nodes"
     return (
         f"rollout {rollout['id']}: {rollout['model']} {rollout['version']} — {rollout['status']}, "
         f"wave {rollout['wave']}/{rollout['waves']} ({counts})"
     )
+
+
+def _refused_lines(rollout: dict[str, Any], limit: int | None = None) -> list[str]:
+    """Which nodes refused the version and why, `limit` of them at most; no lines when none did."""
+    refused = _refused(rollout)
+    if not refused:
+        return []
+    lines = [f"  {plural(len(refused), 'node')} refused the version (out of this rollout for good):"]
+    listed = refused if limit is None else refused[:limit]
+    # The reason quotes what the node reported: text, never markup.
+    lines.extend(f"    {shown(item['node'])}: {shown(item['reason'])}" for item in listed)
+    if len(listed) < len(refused):
+        lines.append(f"    … and {len(refused) - len(listed)} more (strata rollout status {shown(rollout['id'])})")
+    return lines
 
 
 @app.command("create")
@@ -124,7 +163,12 @@ def create(
 
 
 def _live_view(rollout: dict[str, Any]) -> Group:
-    parts: list[RenderableType] = [_summary(rollout), f"  {escape(rollout['message'])}", _waves_table(rollout)]
+    parts: list[RenderableType] = [
+        _summary(rollout),
+        f"  {shown(rollout['message'])}",
+        *_refused_lines(rollout, LIVE_REFUSED),
+        _waves_table(rollout),
+    ]
     if rollout.get("gate_results") or rollout.get("failed_gate"):
         parts.append(_gate_table(rollout.get("gate_results", []), rollout.get("failed_gate")))
     return Group(*parts)
@@ -145,7 +189,7 @@ def _watch(client: ControlClient, rollout_id: str, timeout: str) -> None:
         console.print(f"[red]timed out[/red] after {timeout}: rollout {rollout_id} is {final['status']}")
         raise typer.Exit(EXIT_TIMEOUT)
     if final["status"] != "succeeded":
-        console.print(f"[red]rollout {rollout_id} {_words(final['status'])}:[/red] {escape(final['message'])}")
+        console.print(f"[red]rollout {rollout_id} {_words(final['status'])}:[/red] {shown(final['message'])}")
         raise typer.Exit(EXIT_FAILED)
     console.print(f"[green]rollout {rollout_id} succeeded[/green]")
 
@@ -187,7 +231,7 @@ def _gate_table(results: list[dict[str, Any]], failed: dict[str, Any] | None) ->
             result["gate"],
             "-" if value is None else f"{value:.4g}",
             _VERDICTS.get(result.get("verdict", ""), "[green]pass[/green]" if result["passed"] else "[red]FAIL[/red]"),
-            escape(result.get("detail", "")),
+            shown(result.get("detail", "")),
         )
     return table
 
@@ -218,19 +262,23 @@ def status(
     if as_json:
         print_json(rollout)
         return
-    now = time.time()
-    out.print(_summary(rollout))
+    out.print(rollout_detail(rollout, time.time()))
+
+
+def rollout_detail(rollout: dict[str, Any], now: float) -> Group:
+    """What `strata rollout status` prints: the summary, the message, the failed gate, the waves and gates, every
+    node, and the nodes kept out (those that refused the version marked: they stay out for good)."""
     # Messages, notes and reasons quote what nodes reported (a failure's reason): text, never markup.
-    out.print(f"  {escape(rollout['message'])}")
+    parts: list[RenderableType] = [_summary(rollout), f"  {shown(rollout['message'])}"]
     failed = rollout.get("failed_gate")
     if failed:
-        out.print(
+        parts.append(
             f"  [red]failed gate:[/red] {failed['gate']} in wave {failed['wave'] + 1}: "
-            f"value {failed['value']}, {escape(failed['detail'])}"
+            f"value {failed['value']}, {shown(failed['detail'])}"
         )
-    out.print(_waves_table(rollout))
+    parts.append(_waves_table(rollout))
     if rollout.get("gate_results") or failed:
-        out.print(_gate_table(rollout.get("gate_results", []), failed))
+        parts.append(_gate_table(rollout.get("gate_results", []), failed))
     nodes = Table(title="nodes", title_justify="left")
     for column in ("node", "wave", "state", "had", "runs", "online", "note"):
         nodes.add_column(column)
@@ -238,18 +286,23 @@ def status(
         nodes.add_row(
             node["name"],
             "-" if node["wave"] is None else str(node["wave"]),
-            _words(node["state"]),
+            _words(node["state"]) + (" (refused)" if node.get("refused") else ""),
             node["previous_version"] or "-",
             node["current_version"] or "-",
             "yes" if node["online"] else "no",
-            escape(node["excluded"] or node["failure"] or ""),
+            shown(node["excluded"] or node["failure"] or ""),
         )
-    out.print(nodes)
-    if rollout.get("excluded"):
-        out.print(f"{plural(len(rollout['excluded']), 'node')} kept out:")
-        for item in rollout["excluded"]:
-            out.print(f"  {item['node']}: {escape(item['reason'])}")
-    out.print(f"created {ago(rollout['created_at'], now)}")
+    parts.append(nodes)
+    excluded = rollout.get("excluded", [])
+    if excluded:
+        refused = len(_refused(rollout))
+        why = f" ({refused} refused the version: out of this rollout for good)" if refused else ""
+        parts.append(f"{plural(len(excluded), 'node')} kept out{why}:")
+        for item in excluded:
+            marker = " (refused)" if item.get("refused") else ""
+            parts.append(f"  {shown(item['node'])}{marker}: {shown(item['reason'])}")
+    parts.append(f"created {ago(rollout['created_at'], now)}")
+    return Group(*parts)
 
 
 @app.command("list")
@@ -260,20 +313,26 @@ def list_rollouts(server: ServerOption = None, token: TokenOption = None, as_jso
     if as_json:
         print_json(rollouts)
         return
+    out.print(rollouts_table(rollouts))
+
+
+def rollouts_table(rollouts: list[dict[str, Any]]) -> Table:
+    """What `strata rollout list` prints: one row per rollout; its nodes say how many refused the version."""
     table = Table(title="rollouts", title_justify="left")
     for column in ("id", "model", "version", "status", "wave", "nodes", "message"):
         table.add_column(column)
     for rollout in rollouts:
+        refused = len(_refused(rollout))
         table.add_row(
             rollout["id"],
             rollout["model"],
             rollout["version"],
             rollout["status"],
             f"{rollout['wave']}/{rollout['waves']}",
-            str(sum(rollout.get("counts", {}).values())),
-            escape(rollout["message"]),
+            str(sum(rollout.get("counts", {}).values())) + (f" ({refused} refused)" if refused else ""),
+            shown(rollout["message"]),
         )
-    out.print(table)
+    return table
 
 
 def _act(action: str, rollout_id: str, server: str | None, token: str | None, as_json: bool) -> None:

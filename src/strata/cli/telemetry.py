@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from strata.cli.common import JsonOption, ServerOption, TokenOption, out, parse_duration, print_json
+from strata.cli.common import JsonOption, ServerOption, TokenOption, out, parse_duration, print_json, shown
 from strata.control_client import ControlClient
 
 
@@ -26,8 +26,8 @@ def drift_text(node: dict[str, Any]) -> str:
         return "-"
     worst = max(drift, key=lambda d: d["psi"])
     p_value = worst["p_value"]
-    shown = f"{worst['tensor']} psi={worst['psi']:.3f}" + (f" p={p_value:.2g}" if p_value is not None else "")
-    return f"[red]{shown} DRIFT[/red]" if worst["drifting"] else shown
+    text = f"{shown(worst['tensor'])} psi={worst['psi']:.3f}" + (f" p={p_value:.2g}" if p_value is not None else "")
+    return f"[red]{text} DRIFT[/red]" if worst["drifting"] else text
 
 
 def telemetry(
@@ -35,6 +35,13 @@ def telemetry(
     version: Annotated[str | None, typer.Option("--version", help="Only this version.")] = None,
     node: Annotated[str | None, typer.Option("--node", help="Only this node (by name).")] = None,
     since: Annotated[str, typer.Option("--since", help="How far back (30m, 1h, 7d).")] = "1h",
+    per_node: Annotated[
+        bool,
+        typer.Option(
+            "--per-node",
+            help="With --json: one object per node and version, the table's rows, instead of one per minute.",
+        ),
+    ] = False,
     server: ServerOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
@@ -46,11 +53,14 @@ def telemetry(
     shown only above a minimum: p50 2, p95 20, p99 100 ("too few" below). A narrow terminal leaves out n, p50, p99,
     dropped, then more, and says which. With --json: one object per node and minute (node, minute, requests,
     errors (every failure), client_errors and shed (the parts of them that were the caller's fault and that were
-    shed), n, percentiles, null below the minimum)."""
+    shed), n, percentiles, null below the minimum). With --json --per-node: one object per node and version, what
+    the table shows (the same counts, error_rate, client_error_rate and shed_rate, n and percentiles over the whole
+    window, every tensor's drift, dropped telemetry by kind)."""
     with ControlClient(server, token) as client:
         answer = client.telemetry(name, version, node, parse_duration(since))
     if as_json:
-        print_json(answer["minutes"])
+        # The minutes stay the plain list that --json has always printed; the per-node rows are asked for.
+        print_json(answer["nodes"] if per_node else answer["minutes"])
         return
     out.print(telemetry_table(answer, f"{name} over the last {since}", out.width))
 

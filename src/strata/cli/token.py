@@ -8,7 +8,6 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from strata.cli.common import (
@@ -21,6 +20,7 @@ from strata.cli.common import (
     parse_duration,
     parse_label_options,
     print_json,
+    shown,
 )
 from strata.control_client import ControlClient
 from strata.core.errors import ConfigError, NotFound
@@ -70,7 +70,7 @@ def api(
     """Print a new operator API token, alone on the last line (for STRATA_TOKEN or --token)."""
     with ControlClient(server, token) as client:
         issued = client.create_api_token(scope.value, name)
-    named = f" {escape(issued['name'])}" if issued.get("name") else ""
+    named = f" {shown(issued['name'])}" if issued.get("name") else ""
     console.print(f"{issued['scope']} API token{named} (id {issued['id']}; strata token revoke {issued['id']}):")
     typer.echo(issued["token"])
 
@@ -84,7 +84,7 @@ def tokens_table(tokens: list[dict[str, Any]], now: float) -> Table:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(item["created_at"]))
         table.add_row(
             item["id"],
-            escape(item["name"]) if item.get("name") else "-",
+            shown(item["name"]) if item.get("name") else "-",
             item["scope"],
             f"{created} ({ago(item['created_at'], now)})",
             ago(item.get("last_used_at"), now),
@@ -113,7 +113,7 @@ def revoke(
     with ControlClient(server, token) as client:
         found = _resolve(client.api_tokens(), name_or_id)
         client.revoke_api_token(found["id"])
-    named = f" {escape(found['name'])}" if found.get("name") else ""
+    named = f" {shown(found['name'])}" if found.get("name") else ""
     console.print(f"revoked {found['scope']} API token{named} ({found['id']})")
 
 

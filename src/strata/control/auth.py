@@ -39,6 +39,7 @@ from strata.control.lease import serialize
 from strata.control.presence import PresenceTracker
 from strata.core.errors import AuthError, ConfigError, Conflict, Forbidden, NotFound
 from strata.core.fsutil import write_bytes_atomic
+from strata.core.words import HIDDEN_CATEGORIES
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,6 @@ READ_SCOPE = "read"
 SCOPES = (ADMIN_SCOPE, READ_SCOPE)
 _TOKENS = "api-tokens"  # the job name revocations serialize on (`lease.serialize`)
 _RECHECK_BATCH = 1000  # cached node certificates checked per read after another replica's change
-# Unicode categories a token name may not hold: control (C0, C1), format (bidi overrides, zero-width), separators of
-# lines and paragraphs.
-_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 
 def new_secret() -> str:
@@ -141,7 +139,7 @@ def check_token_name(name: str | None) -> str | None:
     name = name.strip()
     if not name or len(name) > TOKEN_NAME_LEN:
         raise ConfigError(f"a token name has 1 to {TOKEN_NAME_LEN} characters")
-    if any(unicodedata.category(c) in _HIDDEN_CATEGORIES for c in name):
+    if any(unicodedata.category(c) in HIDDEN_CATEGORIES for c in name):
         raise ConfigError(
             "a token name may not hold control characters, nor invisible ones that reorder or hide text (bidi"
             " overrides, zero-width characters, line separators)"

@@ -332,7 +332,7 @@ class TelemetryBatch(Base):
 
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    received_at: Mapped[float] = mapped_column(TIME)
+    received_at: Mapped[float] = mapped_column(TIME, index=True)  # the retention sweep's range (so are the others')
     bytes: Mapped[int] = mapped_column(Integer)
     minutes: Mapped[int] = mapped_column(Integer)
     events: Mapped[int] = mapped_column(Integer)
@@ -348,7 +348,7 @@ class TelemetryMinute(Base):
     model: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
     version: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
     variant: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
-    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True, index=True)
     requests: Mapped[int] = mapped_column(BigInteger)
     errors: Mapped[int] = mapped_column(BigInteger)  # every failed request
     items: Mapped[int] = mapped_column(BigInteger)
@@ -369,7 +369,7 @@ class TelemetryEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True)
-    ts: Mapped[float] = mapped_column(TIME)
+    ts: Mapped[float] = mapped_column(TIME, index=True)
     model: Mapped[str] = mapped_column(String(NAME_LEN))
     version: Mapped[str] = mapped_column(String(NAME_LEN))
     variant: Mapped[str] = mapped_column(String(NAME_LEN))
@@ -390,13 +390,14 @@ class TelemetryDrift(Base):
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), primary_key=True)
     model: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
     version: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
-    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True, index=True)
     tensor: Mapped[str] = mapped_column(String(MAX_TENSOR), primary_key=True)
     counts: Mapped[list[int]] = mapped_column(JSON)
 
 
 class TelemetryDropped(Base):
-    """What a node's telemetry buffer had to discard, by kind, summed over its batches (never silent)."""
+    """What a node's telemetry buffer had to discard, by kind, summed over its batches (never silent), and what the
+    control plane left out of them as dated too far ahead (`telemetry.FUTURE_KINDS`)."""
 
     __tablename__ = "telemetry_dropped"
 

@@ -15,6 +15,8 @@ from sqlalchemy import Engine, event
 
 from strata import __version__
 from strata.control.plane import ControlPlane
+from strata.control.telemetry import FUTURE_SKEW_S
+from strata.core.words import duration
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -95,13 +97,23 @@ class FleetCollector(Collector):
             yield family
         expired = CounterMetricFamily(
             "strata_telemetry_expired_rows",
-            "Telemetry rows this replica deleted as older than the retention, by kind",
+            "Telemetry rows this replica deleted as older than the retention, or did not store for it when they"
+            " arrived late (a minute's counts kept in the /metrics totals), by kind",
+            labels=["kind"],
+        )
+        future = CounterMetricFamily(
+            "strata_telemetry_future_rows",
+            f"Telemetry rows this replica left out as dated more than {duration(FUTURE_SKEW_S)} past its clock (the"
+            " node's clock is ahead), by kind",
             labels=["kind"],
         )
         with counters.lock:
             for kind, count in counters.expired.items():
                 expired.add_metric([kind], count)
+            for kind, count in counters.future.items():
+                future.add_metric([kind], count)
         yield expired
+        yield future
         info = GaugeMetricFamily("strata_server_info", "The control plane's version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info

@@ -94,7 +94,7 @@ class ControlPlane:
         pki = Pki(settings.pki_dir, settings.ca_path, settings.clock)
         nudge = Nudge()
         window = settings.online_window_s
-        telemetry = TelemetryService(db, settings.clock)
+        telemetry = TelemetryService(db, settings.clock, settings.telemetry_retention_s)
         rollouts = RolloutService(db, feed, presence, settings.clock, window, load_pin_entries)
         rollouts.drift = telemetry.drift_by_node  # drift gates read node telemetry
         rollouts.serialize = functools.partial(serialize, name=ROLLOUTS)

@@ -23,11 +23,12 @@ from strata.control.errors import PayloadTooLarge, StoreError
 from strata.control.feed import ChangeFeed
 from strata.control.supply import CheckedSignature, SupplyService
 from strata.core.chunking import offsets
-from strata.core.errors import Conflict, NotFound
+from strata.core.errors import Conflict, NotFound, PackageError
 from strata.core.hashing import canonical_json
-from strata.core.package import Manifest, Package, unpack_tar
+from strata.core.package import Manifest, Package, load_golden, unpack_tar
 from strata.core.policy import Policy, compile_rules
 from strata.core.profiles import get_profile
+from strata.core.telemetry import TelemetryError, drift_references
 from strata.trust.release import SignedRelease
 
 
@@ -79,6 +80,19 @@ class ModelInfo:
     name: str
     created_at: float
     versions: tuple[VersionInfo, ...]
+
+
+def _check_drift(manifest: Manifest) -> None:
+    """The manifest's drift references are what nodes can use: every node counts each bin of them at every
+    inference, so a reference with a million bins is refused here, not served.
+
+    Raises:
+        PackageError: a reference is malformed or has more than DRIFT_BINS bins (see `DriftReference.from_json`).
+    """
+    try:
+        drift_references(manifest.drift)
+    except TelemetryError as exc:
+        raise PackageError(f"the package's drift section is not valid: {exc}") from exc
 
 
 def _variant_info(row: Variant) -> VariantInfo:
@@ -155,6 +169,7 @@ class RegistryService:
                 over this package.
             MetadataError: the release role is malformed or expired.
             ProfileError: the package names an unknown hardware profile.
+            PackageError: also when its drift references are malformed or have too many bins.
             PolicyError: the package's placement policy does not parse, or a rule is not valid CEL.
             Conflict: this variant id is registered with another package digest.
             StoreError: the database or the blob store failed.
@@ -183,6 +198,7 @@ class RegistryService:
         supply = self._supply
 
         def early(manifest: Manifest) -> None:
+            _check_drift(manifest)
             if supply is not None:
                 supply.check_upload_manifest(manifest, signature)
 
@@ -194,6 +210,9 @@ class RegistryService:
                     staged.path, Path(work) / "package", max_bytes=self._max_package_bytes, check_manifest=early
                 )
                 checked = self._supply.check_upload(package, signature) if self._supply is not None else None
+                # A golden file every node would refuse (deflated, unlisted arrays, inputs off the signature) is
+                # refused here, with the reason, instead of failing every node's health check after a rollout.
+                load_golden(package)
                 self._store_pieces(package)
                 return package.manifest, checked
         except OSError as exc:

@@ -47,7 +47,7 @@ from strata.control.gates import (
 )
 from strata.core.errors import ConfigError
 from strata.core.wire import Failure, ServingCounters
-from strata.core.words import duration
+from strata.core.words import duration, plural
 
 ACTIVE: Final = ("running", "paused")
 FINISHED: Final = ("succeeded", "rolled_back", "aborted")
@@ -482,6 +482,7 @@ class Halt:
 @dataclass(frozen=True)
 class Complete:
     at: float
+    message: str = "every wave passed its gates"
 
 
 @dataclass(frozen=True)
@@ -805,6 +806,9 @@ def plan_rollout(
     if stop is not None:
         actions.append(Halt(stop, state.spec.on_failure == "rollback", now))
         return actions
+    if not state.members(wave):
+        actions.extend(_past_empty_waves(state, observations, now))
+        return actions
     waiting = _settled(state, wave, observations, now)
     if waiting is not None:
         if waiting != state.message:
@@ -830,8 +834,43 @@ def plan_rollout(
         actions.append(StartWave(wave + 1, now))
         state = apply_actions(state, actions[-1:])
         actions.extend(_release(state, observations, now))
+        if not state.members(wave + 1):
+            actions.extend(_past_empty_waves(state, observations, now))
     else:
         actions.append(Complete(now))
+    return actions
+
+
+def _past_empty_waves(state: RolloutState, observations: Mapping[str, NodeObservation], now: float) -> list[Action]:
+    """Start the first wave from the current one on that has nodes of its own (and release them), or finish the
+    rollout when none has. A wave without nodes has nothing for its gates to judge: its target is the previous
+    wave's (a fleet too small for every step of `1%,10%,50%,100%`), or every node it had is kept out or refused the
+    version. Held, its gates would wait for data that cannot come until the deadline, then roll the rollout back.
+    (Nodes that match later, or that nothing keeps out any more, join the last wave: only its members can change.)
+    """
+    actions: list[Action] = []
+    wave = state.wave
+    while not state.members(wave):
+        if wave + 1 == len(state.spec.waves):
+            if any(state.members(w) for w in range(wave)):
+                actions.append(Complete(now))
+            else:
+                kept_out = sum(1 for a in state.nodes.values() if a.excluded is not None)
+                actions.append(
+                    Complete(
+                        now,
+                        f"no node took part: the selector matches {plural(kept_out, 'node')}, all kept out or"
+                        " refusing the version (see the nodes kept out)"
+                        if kept_out
+                        else "no node took part: the selector matches no node",
+                    )
+                )
+            return actions
+        wave += 1
+        start = StartWave(wave, now)
+        actions.append(start)
+        state = apply_actions(state, [start])
+    actions.extend(_release(state, observations, now))
     return actions
 
 
@@ -893,8 +932,8 @@ def apply_actions(state: RolloutState, actions: Iterable[Action]) -> RolloutStat
                     finished_at=at if rollback else None,
                     message=f"gate {gate.gate.text} failed in wave {gate.wave + 1}: {gate.detail}",
                 )
-            case Complete(at):
-                changes.update(status="succeeded", finished_at=at, message="every wave passed its gates")
+            case Complete(at, message):
+                changes.update(status="succeeded", finished_at=at, message=message)
             case Note(message):
                 changes.update(message=message)
     nodes = state.nodes

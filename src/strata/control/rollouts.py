@@ -63,6 +63,17 @@ class RolloutNodeView:
     online: bool
     excluded: str | None
     failure: str | None
+    refused: bool  # kept out because the node itself refused the version (`NodeAssignment.refused`): for good
+
+
+@dataclass(frozen=True)
+class RolloutExclusion:
+    """A node the rollout keeps out, and why; `refused`: the node itself refused the version (its own policy or
+    hardware said no once released), so it stays out even when nothing else keeps it out."""
+
+    node: str
+    reason: str
+    refused: bool
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,7 @@ class RolloutView:
     waves_detail: list[dict[str, Any]]
     gate_results: list[dict[str, Any]]
     failed_gate: dict[str, Any] | None
-    excluded: list[dict[str, str]]
+    excluded: list[RolloutExclusion]
     nodes: list[RolloutNodeView] = field(default_factory=list)
 
 
@@ -437,7 +448,7 @@ class RolloutService:
             return known[node_id][0] if node_id in known else node_id
 
         excluded = [
-            {"node": name(a.node_id), "reason": a.excluded or ""}
+            RolloutExclusion(name(a.node_id), a.excluded or "", a.refused)
             for a in sorted(excluded_rows, key=lambda a: name(a.node_id))
         ]
         nodes: list[RolloutNodeView] = []
@@ -455,6 +466,7 @@ class RolloutService:
                         online=online,
                         excluded=assignment.excluded,
                         failure=assignment.failure,
+                        refused=assignment.refused,
                     )
                 )
         return RolloutView(

@@ -442,6 +442,19 @@ class RolloutNodeBody(BaseModel):
     online: bool
     excluded: str | None = Field(description="which rule, pin or profile keeps the node out")
     failure: str | None
+    refused: bool = Field(
+        description="kept out because the node itself refused the version once released (its own placement policy "
+        "or hardware said no; `excluded` says why): it stays out of this rollout even when nothing else keeps it out"
+    )
+
+
+class RolloutExclusionBody(BaseModel):
+    node: str = Field(description="node name")
+    reason: str = Field(description="which rule, pin or profile keeps the node out, or why the node refused it")
+    refused: bool = Field(
+        description="the node itself refused the version once released: it stays out of this rollout for good "
+        "(a node kept out for another reason joins the last wave once nothing keeps it out)"
+    )
 
 
 class RolloutBody(BaseModel):
@@ -463,7 +476,7 @@ class RolloutBody(BaseModel):
     )
     gate_results: list[dict[str, Any]] = Field(description="the last evaluation of the gates, with their numbers")
     failed_gate: dict[str, Any] | None
-    excluded: list[dict[str, str]] = Field(description="nodes kept out, and why")
+    excluded: list[RolloutExclusionBody] = Field(description="nodes kept out, and why")
     nodes: list[RolloutNodeBody] = Field(default_factory=list)
 
 

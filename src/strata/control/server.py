@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG
+from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 
 from strata.control import migrations
 from strata.control.app import create_app
@@ -31,7 +32,7 @@ from strata.control.settings import ServerSettings
 from strata.control.supply import read_release_keys
 from strata.control.telemetry import retention_seconds
 from strata.control.tls import MutualTlsHttpProtocol, server_context_args
-from strata.core.errors import ConfigError
+from strata.core.errors import ConfigError, StrataError
 from strata.core.hashing import is_hex_sha256
 from strata.core.logformat import check_log_format
 
@@ -126,6 +127,56 @@ def _logging_config(level: str, log_format: str = "text") -> dict[str, Any]:
     return config
 
 
+def listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to `host`:`port` (one per address the host resolves to, as asyncio's `create_server` binds
+    them), not yet listening: uvicorn listens on them once the application has started. `serve` binds them before
+    it writes anything, so a port that is taken is one line and an exit code, with no data folder made for a
+    server that never ran (uvicorn found it after the start-up had written the admin token and taken the rollouts
+    job, and exited 3, the code `strata` documents for a refused credential).
+
+    Raises:
+        ConfigError: a port out of range, a host that does not resolve, or an address that cannot be bound (in
+            use, not this machine's, or a privileged port).
+    """
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}")
+    where = _where(host, port)
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {where}: --host {host!r} does not resolve ({exc.strerror})") from exc
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            # as asyncio binds: a restart is not refused over connections of the last run still in TIME_WAIT, and
+            # an IPv6 socket leaves the IPv4 address to its own
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(_bind_refused(where, exc)) from exc
+    return sockets
+
+
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind_refused(where: str, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot listen on {where}: the port is in use (another server has it): give another --port"
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: ports below 1024 need privileges: give another --port"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: --host is not an address of this machine"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
+
+
 def serve(
     *,
     data_dir: Path,
@@ -152,26 +203,19 @@ def serve(
     those manufacturer CAs attest with quotes (see `strata.control.attestation`).
 
     Raises:
-        ConfigError: an unknown log level or format, a data folder that cannot be created, an unusable database URL (one
-            that does not parse, or a driver not installed: `strata[postgres]`), a cloud endpoint that is not an
-            http(s) URL (cloud or OTLP), a release key that is not a PEM public key, an allowlist entry that is not
-            a code hash, a TPM CA file or PCR value that does not parse, or a telemetry retention that is not a
-            duration of at least an hour.
+        ConfigError: an unknown log level or format, an address that cannot be listened on (`listen_sockets`),
+            a data folder that cannot be created, an unusable database URL (one that does not parse, or a driver not
+            installed: `strata[postgres]`), a cloud endpoint that is not an http(s) URL (cloud or OTLP), a release
+            key that is not a PEM public key, an allowlist entry that is not a code hash, a TPM CA file or PCR value
+            that does not parse, or a telemetry retention that is not a duration of at least an hour.
         StoreError: the database cannot be reached, refuses the login, or cannot be migrated.
-        SystemExit: uvicorn could not start (the port is taken, or the database cannot be migrated); the reason
-            is logged.
+        StrataError: the application's start-up failed (the reason is logged).
     """
     level = log_level.lower()
     if level not in LOG_LEVELS:
         raise ConfigError(f"log level {log_level!r} is not one of {list(LOG_LEVELS)}")
     check_log_format(log_format)
     data_dir = data_dir.expanduser().resolve()
-    # Everything the server writes (database, blobs, keys, tokens) is for its own user alone.
-    os.umask(0o077)
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the data folder {data_dir}: {exc}") from exc
     for url in cloud_endpoints:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"--cloud-endpoint must be an http:// or https:// URL, got {url!r}")
@@ -193,6 +237,38 @@ def serve(
         tpm_cas=tuple(path.expanduser().resolve() for path in tpm_cas),
         tpm_pcrs=tuple(tpm_pcrs),
     )
+    sockets = listen_sockets(host, port)  # before the data folder: nothing is written for a server that cannot run
+    try:
+        server = _prepared(settings, tls_names or default_server_names(host), level, log_format)
+        try:
+            server.run(sockets)
+        except OSError as exc:  # another process bound the address as well, and listened on it first
+            raise ConfigError(_bind_refused(_where(host, port), exc)) from exc
+        except SystemExit as exc:
+            # uvicorn exits 3 when the application's start-up fails, having logged why; for `strata` 3 is a
+            # refused credential
+            if exc.code == STARTUP_FAILURE:
+                raise StrataError("the control plane did not start: the reason is logged above") from exc
+            raise
+    finally:
+        for sock in sockets:  # uvicorn closes them when it stops, not when something failed before it ran
+            sock.close()
+
+
+def _prepared(settings: ServerSettings, tls_names: tuple[str, ...], level: str, log_format: str) -> _Server:
+    """The server of `serve`, ready to run: its data folder made, its database migrated, its CA and certificate
+    made.
+
+    Raises:
+        ConfigError, StoreError: as `serve` says.
+    """
+    data_dir = settings.data_dir
+    # Everything the server writes (database, blobs, keys, tokens) is for its own user alone.
+    os.umask(0o077)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the data folder {data_dir}: {exc}") from exc
     app = create_app(settings)
     plane: ControlPlane = app.state.plane
     # Migrate before uvicorn starts, so an unreachable database or a refused login is one line on stderr (the
@@ -201,15 +277,13 @@ def serve(
     with first_start_lock(data_dir), plane.migration_lock():
         migrations.upgrade(plane.db.engine)
         plane.pki.start()
-        tls = plane.pki.server_tls(tls_names or default_server_names(host))
+        tls = plane.pki.server_tls(tls_names)
     config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
         log_level=level,
         log_config=_logging_config(level, log_format),
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         **server_context_args(str(tls.cert_path), str(tls.key_path), str(tls.ca_path)),
     )
-    _Server(config, app.state.plane).run()
+    return _Server(config, plane)

@@ -17,6 +17,12 @@ chunks of `SWEEP_CHUNK` rows, one short transaction each (no long write lock on 
 transaction); the counts of the minutes deleted live on in one row per series, for /metrics. The (node, seq)
 records that make ingest exactly once are kept by a stricter rule (`sweep`'s docstring).
 Per-node counts of dropped data (`telemetry_dropped`) are totals, not time series, and are kept.
+
+A batch's dates are the node's claims (its clock may be wrong; the decoder has none): ingest sorts its rows by the
+server's clock (`screen`). Rows dated more than `FUTURE_SKEW_S` ahead are left out and counted (the sweep would never
+reach them, and every query from `since` on would count them); rows the sweep would delete at once are not stored
+(a minute's counts go straight to its series' `EXPIRED_MINUTE` row). The batch is still stored and acknowledged:
+refused, the node would drop its good rows with the bad ones.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import delete, func, select, tuple_
@@ -53,6 +59,8 @@ from strata.core.telemetry import (
     BUCKETS,
     MAX_COUNT,
     DriftReference,
+    DriftRow,
+    EventRow,
     MinuteRow,
     TelemetryError,
     chi_square_statistic,
@@ -62,7 +70,7 @@ from strata.core.telemetry import (
     psi,
 )
 from strata.core.telemetry import TelemetryBatch as Batch
-from strata.core.words import parse_duration
+from strata.core.words import duration, parse_duration, plural
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,9 @@ MIN_RETENTION_S = 3600.0
 RETENTION = "telemetry-retention"  # the sweep's `serialize` name
 SWEEP_CHUNK = 5000  # rows one DELETE statement (one transaction) removes
 SWEEP_PAUSE_S = 0.02  # between two full chunks: other writers get the SQLite write lock in between
+# How far past the server's clock a node may date its telemetry (a clock running a little ahead; Kerberos allows as
+# much): a minute that starts later, or an event after it, is left out (`screen`).
+FUTURE_SKEW_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -184,6 +195,9 @@ class _Traffic:
 
 EXPIRED_NOUNS = {"minutes": "minute row", "events": "event", "drift": "drift row", "batches": "batch record"}
 EXPIRED_KINDS = tuple(EXPIRED_NOUNS)
+# The rows a batch carries dates on, and the `telemetry_dropped` kind that counts those of a node left out as dated
+# past FUTURE_SKEW_S: the control plane's own count, under a kind no batch may name (`DROPPED_KINDS`).
+FUTURE_KINDS = {"minutes": "future_minutes", "events": "future_events", "drift": "future_drift"}
 
 
 @dataclass
@@ -196,8 +210,10 @@ class IngestCounters:
     minutes: int = 0
     events: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # rows the retention sweep deleted, by kind (minutes, events, drift, batches)
+    # rows the retention sweep deleted, or ingest did not store for it, by kind (minutes, events, drift, batches)
     expired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXPIRED_KINDS, 0))
+    # rows left out as dated past FUTURE_SKEW_S, by kind (minutes, events, drift)
+    future: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FUTURE_KINDS, 0))
 
 
 def retention_seconds(text: str) -> float:
@@ -213,6 +229,71 @@ def retention_seconds(text: str) -> float:
     if not math.isfinite(seconds) or seconds < MIN_RETENTION_S:
         raise ConfigError(f"--telemetry-retention must be at least 1h, got {text!r}")
     return seconds
+
+
+def retention_cutoff(now: float, retention_s: float) -> tuple[float, int]:
+    """What is older than `retention_s` at `now`: events before the first value, minutes and drift counts before the
+    second (a minute goes once it ended before the cutoff: the API reaches back to `since // 60`)."""
+    cutoff = now - retention_s
+    return cutoff, math.floor(cutoff / 60)
+
+
+@dataclass(frozen=True)
+class ScreenedBatch:
+    """A batch's rows as the server's clock sorts them (`screen`)."""
+
+    minutes: list[MinuteRow]  # stored as they are
+    expired_minutes: list[MinuteRow]  # older than the retention: their counts go to their series' EXPIRED_MINUTE row
+    events: list[EventRow]
+    drift: list[DriftRow]
+    future: dict[str, int]  # rows left out as dated past the skew, by kind (FUTURE_KINDS)
+    expired: dict[str, int]  # rows older than the retention, by kind: events and drift left out, minutes folded
+    ahead_s: float  # how far past the server's clock the furthest row left out was dated (0: none)
+
+
+def screen(batch: Batch, now: float, retention_s: float, skew_s: float = FUTURE_SKEW_S) -> ScreenedBatch:
+    """Sort a batch's rows by the server's clock `now` (pure): a node's dates are claims, and its clock may be wrong.
+
+    A row dated more than `skew_s` past `now` (a minute or drift count whose minute starts later, an event after it)
+    is left out: the retention sweep (`now - retention_s`) would never reach it, and every query from a `since` on
+    would count it. A row the sweep would delete at once (`retention_cutoff`) is not stored: an event or drift count
+    is left out, a minute's counts go to its series' `EXPIRED_MINUTE` row as the sweep's fold would put them (the
+    /metrics counters count every request a node reported, however late).
+    """
+    cutoff, first_minute = retention_cutoff(now, retention_s)
+    latest = now + skew_s
+    ahead = 0.0
+
+    def future(at: float) -> bool:
+        nonlocal ahead
+        if at > latest:
+            ahead = max(ahead, at - now)
+            return True
+        return False
+
+    minutes = [row for row in batch.minutes if not future(row.minute * 60)]
+    events = [event for event in batch.events if not future(event.ts)]
+    drift = [row for row in batch.drift if not future(row.minute * 60)]
+    stored_minutes = [row for row in minutes if row.minute >= first_minute]
+    stored_events = [event for event in events if event.ts >= cutoff]
+    stored_drift = [row for row in drift if row.minute >= first_minute]
+    return ScreenedBatch(
+        minutes=stored_minutes,
+        expired_minutes=[row for row in minutes if row.minute < first_minute],
+        events=stored_events,
+        drift=stored_drift,
+        future={
+            "minutes": len(batch.minutes) - len(minutes),
+            "events": len(batch.events) - len(events),
+            "drift": len(batch.drift) - len(drift),
+        },
+        expired={
+            "minutes": len(minutes) - len(stored_minutes),
+            "events": len(events) - len(stored_events),
+            "drift": len(drift) - len(stored_drift),
+        },
+        ahead_s=ahead,
+    )
 
 
 def _add_counts(total: TelemetryMinute, row: MinuteRow | TelemetryMinute) -> None:
@@ -256,11 +337,14 @@ def tensor_drift(reference: DriftReference, counts: list[int]) -> TensorDrift:
 
 
 class TelemetryService:
-    """Ingest and queries. `exporters` get every stored batch (OTLP forwarding, say)."""
+    """Ingest and queries. `exporters` get every stored batch (OTLP forwarding, say) with the rows ingest kept (none
+    dated past FUTURE_SKEW_S; minutes older than the retention with their own minute, which they were counted in).
+    `retention_s` is what ingest holds a late row to (`screen`); the sweep is given its own."""
 
-    def __init__(self, db: Database, clock: Callable[[], float]) -> None:
+    def __init__(self, db: Database, clock: Callable[[], float], retention_s: float) -> None:
         self._db = db
         self._clock = clock
+        self._retention_s = retention_s
         self.counters = IngestCounters()
         self.exporters: list[Callable[[str, str, Batch], None]] = []
 
@@ -268,6 +352,11 @@ class TelemetryService:
 
     def ingest(self, node_id: str, payload: bytes) -> IngestResult:
         """Store a node's batch once; a batch already stored is acknowledged again and not stored twice.
+
+        Its rows are sorted by the server's clock first (`screen`): those dated more than FUTURE_SKEW_S ahead are
+        left out, counted in the node's dropped telemetry (FUTURE_KINDS), in `counters.future` and in a warning
+        that names the node; those older than the retention are not stored (a minute's counts are folded). The
+        batch itself is stored and acknowledged all the same: refused, the node would drop its good rows too.
 
         Raises:
             TelemetryError: the payload does not decode, or counts added to those stored (minutes, drift,
@@ -279,27 +368,47 @@ class TelemetryService:
         batch = decode_batch(payload)
         if batch.node_id != node_id:
             raise Forbidden(f"batch names node {batch.node_id!r}; a node may only send its own telemetry")
+        now = self._clock()
+        screened = screen(batch, now, self._retention_s)
         try:
-            stored, node_name = self._store(node_id, batch, len(payload))
+            stored, node_name = self._store(node_id, batch, screened, len(payload), now)
         except Conflict:  # the same batch raced in through another connection and won
             stored, node_name = False, ""
         with self.counters.lock:
             if stored:
                 self.counters.batches += 1
                 self.counters.bytes += len(payload)
-                self.counters.minutes += len(batch.minutes)
-                self.counters.events += len(batch.events)
+                self.counters.minutes += len(screened.minutes)
+                self.counters.events += len(screened.events)
+                for kind, count in screened.future.items():
+                    self.counters.future[kind] += count
+                for kind, count in screened.expired.items():
+                    self.counters.expired[kind] += count
             else:
                 self.counters.duplicates += 1
+        if stored and any(screened.future.values()):
+            log.warning(
+                "node %s (%s) sent telemetry dated up to %.0fs past the server's clock (more than %s: is its clock"
+                " right?); left out %s",
+                node_name, node_id, screened.ahead_s, duration(FUTURE_SKEW_S),
+                ", ".join(plural(count, EXPIRED_NOUNS[kind]) for kind, count in screened.future.items() if count),
+            )  # fmt: skip
         if stored:
+            exported = replace(
+                batch,
+                minutes=screened.minutes + screened.expired_minutes,
+                events=screened.events,
+                drift=screened.drift,
+            )
             for export in self.exporters:
                 try:
-                    export(node_id, node_name, batch)
+                    export(node_id, node_name, exported)
                 except Exception as exc:  # an exporter must never make the node resend a stored batch
                     log.warning("telemetry exporter failed: %s", exc)
         return IngestResult(seq=batch.seq, stored=stored)
 
-    def _store(self, node_id: str, batch: Batch, size: int) -> tuple[bool, str]:
+    def _store(self, node_id: str, batch: Batch, screened: ScreenedBatch, size: int, now: float) -> tuple[bool, str]:
+        """Store `batch`'s record and `screened`'s rows in one transaction; (False, name) when it is stored already."""
         with self._db.transaction() as session:
             node = session.get(Node, node_id)
             if node is None or node.revoked_at is not None:
@@ -310,22 +419,25 @@ class TelemetryService:
                 TelemetryBatch(
                     node_id=node_id,
                     seq=batch.seq,
-                    received_at=self._clock(),
+                    received_at=now,
                     bytes=size,
                     minutes=len(batch.minutes),
                     events=len(batch.events),
                 )
             )
-            self._add_minutes(session, node_id, batch.minutes)
+            self._add_minutes(session, node_id, screened.minutes)
+            self._add_minutes(
+                session, node_id, (replace(row, minute=EXPIRED_MINUTE) for row in screened.expired_minutes)
+            )
             session.add_all(
                 TelemetryEvent(
                     node_id=node_id, ts=e.ts, model=e.model, version=e.version, variant=e.variant,
                     latency_us=e.latency_us, queue_us=e.queue_us, batch=e.batch, status=e.status, tier=e.tier,
                     priority=e.priority, summary=e.summary,
                 )
-                for e in batch.events
+                for e in screened.events
             )  # fmt: skip
-            for row in batch.drift:
+            for row in screened.drift:
                 key = (node_id, row.model, row.version, row.minute, row.tensor)
                 existing = session.get(TelemetryDrift, key)
                 if existing is None:
@@ -338,7 +450,9 @@ class TelemetryService:
                     if max(counts, default=0) > MAX_COUNT:  # as for the minutes' counts
                         raise TelemetryError(f"drift of {row.tensor} would count more than {MAX_COUNT} with this batch")
                     existing.counts = counts
-            for kind, count in batch.dropped.items():
+            # what the node's buffer dropped, and what was left out here as dated too far ahead (kinds no batch names)
+            future = {FUTURE_KINDS[kind]: count for kind, count in screened.future.items()}
+            for kind, count in {**batch.dropped, **future}.items():
                 if count:
                     dropped = session.get(TelemetryDropped, (node_id, kind))
                     if dropped is None:
@@ -382,9 +496,9 @@ class TelemetryService:
         `counters.expired`. Idempotent: two replicas sweeping at once only delete fewer rows each. Once `stop` is
         set, no further chunk starts (the server is shutting down; the next sweep goes on).
 
-        Minutes and drift counts go by their minute (a minute is deleted once it ended before the cutoff: the API
-        reaches back to `since // 60`), events by their time. A deleted minute row's counts are added to its
-        series' `EXPIRED_MINUTE` row (`_fold_minutes`), so that /metrics' request counters never go down.
+        Minutes and drift counts go by their minute, events by their time (`retention_cutoff`). A deleted minute
+        row's counts are added to its series' `EXPIRED_MINUTE` row (`_fold_minutes`), so that /metrics' request
+        counters never go down.
 
         Exactly-once records (`telemetry_batches`): a node's resend of a stored batch is refused because its
         (node, seq) row is there, so a row may go only once that batch can never be sent again. A node's buffer
@@ -399,8 +513,7 @@ class TelemetryService:
         Raises:
             StoreError: the database failed (what was deleted before stays deleted; the next sweep goes on).
         """
-        cutoff = self._clock() - retention_s
-        first_minute = math.floor(cutoff / 60)
+        cutoff, first_minute = retention_cutoff(self._clock(), retention_s)
         newer = select(_NewerBatch.seq).where(
             _NewerBatch.node_id == TelemetryBatch.node_id, _NewerBatch.seq > TelemetryBatch.seq
         )
@@ -442,7 +555,8 @@ class TelemetryService:
             serialize(session, RETENTION)
             rows = session.scalars(
                 select(TelemetryMinute)
-                .where(TelemetryMinute.minute < first_minute, TelemetryMinute.minute != EXPIRED_MINUTE)
+                # above EXPIRED_MINUTE (the only negative minute): one range of the minute index
+                .where(TelemetryMinute.minute > EXPIRED_MINUTE, TelemetryMinute.minute < first_minute)
                 .limit(chunk)
             ).all()
             folded: dict[tuple[str, str, str, str], TelemetryMinute] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Sequence
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
@@ -27,3 +28,23 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     except TimeoutError:
         pass
     return event.is_set()
+
+
+async def wait_any(events: Sequence[asyncio.Event], timeout: float | None) -> bool:
+    """Wait until one of `events` is set or `timeout` seconds pass (as `wait_event`); return whether one is set.
+    A cancellation of the calling task always propagates."""
+    if any(event.is_set() for event in events):
+        return True
+    if timeout is not None and timeout <= 0:
+        return False
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(
+            waiters,
+            timeout=None if timeout is None or math.isinf(timeout) else timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return any(event.is_set() for event in events)

@@ -21,6 +21,7 @@ from strata.core.errors import PackageError
 
 MAX_DEPTH: Final = 64  # nested messages (subgraphs of subgraphs); protobuf's own parser stops at 100
 EXTERNAL: Final = 1  # TensorProto.DataLocation.EXTERNAL
+ORT_MEMORY_MARKER: Final = "_ORT_MEM_ADDR_"  # in onnxruntime's `*/_ORT_MEM_ADDR_/*` location: "offset is an address"
 
 # Field numbers of onnx.proto3 that lead to tensors. Each message kind maps a field number to the kind of the
 # message in it; every other field is skipped.
@@ -175,11 +176,18 @@ def onnx_external_refs(model: bytes | bytearray | memoryview) -> tuple[ExternalR
 
 
 def check_location(location: str) -> None:
-    """An external data location must be a plain relative POSIX path inside the package.
+    """An external data location must be a plain relative POSIX path inside the package, and not onnxruntime's
+    memory-address marker (`*/_ORT_MEM_ADDR_/*`: onnxruntime takes the tensor's offset as a pointer into its own
+    process, whatever files are listed).
 
     Raises:
-        PackageError: it is empty, absolute, has a drive letter, a backslash, NUL, `.` or `..` or empty parts.
+        PackageError: it is empty, absolute, has a drive letter, a backslash, NUL, `.` or `..` or empty parts, or
+            holds the memory-address marker.
     """
+    if ORT_MEMORY_MARKER in location:
+        raise PackageError(
+            f"external data location {location!r} is onnxruntime's marker for data at a memory address, not a file"
+        )
     parts = location.split("/")
     if (
         not location

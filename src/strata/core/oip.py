@@ -9,6 +9,12 @@ Decoding is bounded by what the caller actually sent: a shape is checked (rank, 
 count, in Python integers) before anything is built from it, and nothing is allocated for a tensor until the
 bytes or JSON values it needs are known to be present, so a small body can never make a large array. Every
 malformed input is a `BadRequest`, never another exception.
+
+JSON is read and written with orjson (compiled; about a tenth of the standard library's CPU for a tensor's numbers,
+which is most of a JSON request's decoding), and with the standard library for what orjson refuses and a client
+may still send or expect: NaN and Infinity literals, integers beyond 64 bits, lone surrogates in strings, and
+non-finite floats in a JSON tensor (orjson would write them as null). So what is accepted and what is written
+does not depend on which of the two did it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from strata.core.datatypes import ELEMENT_SIZE, OIP_TO_NUMPY, oip_from_numpy
 from strata.core.errors import BadRequest
@@ -207,7 +214,8 @@ def _numbers_from_json(data: list[Any], datatype: str, what: str) -> Array:
         array = raw.astype(dtype)
         if dtype.kind in "iu" and not np.array_equal(array, raw):
             raise BadRequest(f"{what}: data is out of range for {datatype}")
-        if dtype.kind == "f" and np.any(np.isfinite(raw) & ~np.isfinite(array)):
+        # A finite value that became infinite overflowed (all finite, the usual case, is the cheaper test)
+        if dtype.kind == "f" and not np.isfinite(array).all() and np.any(np.isfinite(raw) & ~np.isfinite(array)):
             raise BadRequest(f"{what}: data is out of range for {datatype}")
     return array
 
@@ -219,6 +227,9 @@ def _exact_integers(data: list[Any], datatype: str, what: str) -> Array:
     except (ValueError, TypeError, RecursionError) as exc:
         raise BadRequest(f"{what}: 'data' is ragged or malformed: {exc}") from None
     if not all(type(value) is int for value in objects):
+        # orjson reads an integer past 64 bits as a float: whole, and beyond every integer type's range
+        if any(type(value) is float and value.is_integer() and not -(2**63) < value < 2**64 for value in objects):
+            raise BadRequest(f"{what}: data is out of range for {datatype}")
         raise BadRequest(f"{what}: {datatype} data must be integers")
     try:
         return objects.astype(OIP_TO_NUMPY[datatype])
@@ -250,7 +261,7 @@ def split_body(body: bytes, header_length: int | None) -> tuple[Any, memoryview]
             raise BadRequest(f"Inference-Header-Content-Length is {header_length}; the body has {len(body)} bytes")
         header_bytes, binary = body[:header_length], memoryview(body)[header_length:]
     try:
-        header = json.loads(header_bytes)
+        header = _loads(header_bytes)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, integers of over 4300 digits, nesting
         hint = ""
         if header_length is None and isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data":
@@ -259,6 +270,31 @@ def split_body(body: bytes, header_length: int | None) -> tuple[Any, memoryview]
     if not isinstance(header, dict):
         raise BadRequest("request body must be a JSON object")
     return header, binary
+
+
+def _loads(data: bytes) -> Any:
+    """JSON `data` parsed: by orjson, or by the standard library where orjson refuses it (NaN, Infinity, integers
+    past 64 bits: what json accepts; and malformed JSON, so that the error names its line and column as before).
+
+    Raises:
+        ValueError: not JSON (json.JSONDecodeError), or bad UTF-8.
+        RecursionError: nested deeper than the interpreter's recursion limit.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+def _dumps(value: Any, finite: bool = True) -> bytes:
+    """`value` as compact JSON: by orjson, or by the standard library where orjson would write something else
+    (`finite` False: a float is NaN or infinite, which orjson writes as null) or refuses it (a lone surrogate)."""
+    if finite:
+        try:
+            return orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            pass
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _tensors(
@@ -412,14 +448,16 @@ def _to_json_data(array: Array, datatype: str) -> list[Any]:
 
 def encode_tensors(
     tensors: Iterable[tuple[str, Array, bool]],
-) -> tuple[list[dict[str, Any]], list[Buffer]]:
-    """Tensor objects for a header, and the binary parts (in order) for those sent as binary.
+) -> tuple[list[dict[str, Any]], list[Buffer], bool]:
+    """Tensor objects for a header, the binary parts (in order) for those sent as binary, and whether every
+    float sent as JSON is finite (`join_body` takes it).
 
     Raises:
         BadRequest: an array's dtype has no Open Inference Protocol datatype.
     """
     objects: list[dict[str, Any]] = []
     parts: list[Buffer] = []
+    finite = True
     for name, array, binary in tensors:
         datatype = oip_from_numpy(array.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
@@ -429,13 +467,15 @@ def encode_tensors(
             parts.append(raw)
         else:
             entry["data"] = _to_json_data(array, datatype)
+            finite = finite and (array.dtype.kind != "f" or bool(np.isfinite(array).all()))
         objects.append(entry)
-    return objects, parts
+    return objects, parts, finite
 
 
-def join_body(header: Mapping[str, Any], parts: Sequence[Buffer]) -> tuple[bytes, int | None]:
-    """Serialise a header and binary parts; the second value is the header length (None: pure JSON)."""
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+def join_body(header: Mapping[str, Any], parts: Sequence[Buffer], finite: bool = True) -> tuple[bytes, int | None]:
+    """Serialise a header and binary parts; the second value is the header length (None: pure JSON). `finite`
+    False: a float in the header is NaN or infinite (written as the standard library writes it: NaN, Infinity)."""
+    header_bytes = _dumps(header, finite)
     if not parts:
         return header_bytes, None
     return b"".join([header_bytes, *parts]), len(header_bytes)
@@ -449,13 +489,13 @@ def encode_response(
     parameters: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """An inference response body; returns (body, header length or None when it is plain JSON)."""
-    objects, parts = encode_tensors(outputs)
+    objects, parts, finite = encode_tensors(outputs)
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": objects}
     if request_id is not None:
         header["id"] = request_id
     if parameters:
         header["parameters"] = dict(parameters)
-    return join_body(header, parts)
+    return join_body(header, parts, finite)
 
 
 def encode_request(
@@ -467,7 +507,7 @@ def encode_request(
     request_id: str | None = None,
 ) -> tuple[bytes, int | None]:
     """An inference request body for `inputs`, binary by default (what a Triton client sends)."""
-    objects, parts = encode_tensors((name, np.asarray(array), binary) for name, array in inputs.items())
+    objects, parts, finite = encode_tensors((name, np.asarray(array), binary) for name, array in inputs.items())
     header: dict[str, Any] = {"inputs": objects}
     if request_id is not None:
         header["id"] = request_id
@@ -475,7 +515,7 @@ def encode_request(
         header["outputs"] = [{"name": n, "parameters": {"binary_data": binary_output}} for n in outputs]
     elif binary_output:
         header["parameters"] = {"binary_data_output": True}
-    return join_body(header, parts)
+    return join_body(header, parts, finite)
 
 
 def decode_response(body: bytes, header_length: int | None = None) -> tuple[dict[str, Any], dict[str, Array]]:

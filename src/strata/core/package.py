@@ -36,9 +36,11 @@ from strata.core.modelrefs import (
     check_openvino_ir,
     onnx_external_refs,
 )
+from strata.core.profiles import PRECISIONS, RUNTIMES
 
 if TYPE_CHECKING:
     import tarfile
+    import zipfile
     from collections.abc import Callable
 
 SCHEMA: Final = "strata.package/v1"
@@ -47,6 +49,10 @@ MODEL_NAME: Final = "model.onnx"
 GOLDEN_NAME: Final = "golden.npz"
 MAX_MANIFEST_BYTES: Final = 16 << 20
 MAX_TAR_MEMBERS: Final = 4096  # files and folders in one package tar
+MAX_MANIFEST_DEPTH: Final = 32  # nesting of objects and lists in a manifest (its own sections need 5)
+MAX_PATH_PARTS: Final = 32  # folders and name of a file path in a package
+MAX_PATH_PART_BYTES: Final = 255  # one name (NAME_MAX)
+MAX_PATH_BYTES: Final = 1024  # a whole relative path
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -250,6 +256,7 @@ class Manifest:
         """
         if not isinstance(raw, dict):
             raise PackageError("manifest must be a JSON object")
+        _check_depth(raw)
         if raw.get("schema") != SCHEMA:
             raise PackageError(f"manifest schema is {raw.get('schema')!r}; this strata reads {SCHEMA!r}")
         try:
@@ -265,6 +272,10 @@ class Manifest:
         check_name("model name", strings["name"])
         check_name("version", strings["version"])
         check_name("variant id", strings["variant"])
+        if strings["runtime"] not in RUNTIMES:
+            raise PackageError(f"manifest runtime {strings['runtime'][:64]!r} is not one of {list(RUNTIMES)}")
+        if strings["precision"] not in PRECISIONS:
+            raise PackageError(f"manifest precision {strings['precision'][:64]!r} is not one of {list(PRECISIONS)}")
         if not all(isinstance(x, list) for x in (inputs, outputs, files)):
             raise PackageError("manifest 'inputs', 'outputs' and 'files' must be lists")
         for key in ("metrics", "policy", "build", "drift"):
@@ -301,6 +312,41 @@ class Manifest:
         return manifest
 
 
+def _check_depth(raw: Any) -> None:
+    """Refuse a document nested deeper than MAX_MANIFEST_DEPTH (walked without recursion): every later
+    json.dumps, digest and database round trip of it would recurse that deep.
+
+    Raises:
+        PackageError: it is nested deeper.
+    """
+    level: list[Any] = [raw]
+    for _ in range(MAX_MANIFEST_DEPTH):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ())
+            if isinstance(child, (dict, list))
+        ]
+        if not level:
+            return
+    raise PackageError(f"manifest is nested more than {MAX_MANIFEST_DEPTH} levels deep")
+
+
+def parse_manifest(data: bytes | str, label: str = MANIFEST_NAME) -> Manifest:
+    """Parse and validate manifest bytes (see `Manifest.from_json`).
+
+    Raises:
+        PackageError: not JSON (or nested so deep that the parser gives up), or not a valid manifest.
+    """
+    try:
+        raw = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError of bytes that are not UTF-8
+        raise PackageError(f"{label} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise PackageError(f"{label} is nested more than {MAX_MANIFEST_DEPTH} levels deep") from None
+    return Manifest.from_json(raw)
+
+
 @dataclass(frozen=True)
 class Package:
     """A verified package on disk."""
@@ -318,16 +364,26 @@ class Package:
 
 
 def safe_relative_path(path: str) -> PurePosixPath:
-    """Validate a path inside a package: relative, normalised, no `..`, no empty parts.
+    """Validate a path inside a package: relative, normalised, no `..`, no empty parts, at most MAX_PATH_PARTS
+    parts of at most MAX_PATH_PART_BYTES each and MAX_PATH_BYTES in all (a path thousands of folders deep made
+    `Path.mkdir(parents=True)` recurse past Python's limit).
 
     Raises:
         PackageError: the path could escape the package folder.
     """
     if not path or "\\" in path or "\x00" in path:
         raise PackageError(f"file path {path!r} is not allowed in a package")
+    if len(path.encode(errors="surrogateescape")) > MAX_PATH_BYTES or path.count("/") >= MAX_PATH_PARTS:
+        raise PackageError(
+            f"file path {path[:64]!r}... is too long for a package: at most {MAX_PATH_PARTS} parts and "
+            f"{MAX_PATH_BYTES} bytes"
+        )
+    parts = path.split("/")
     pure = PurePosixPath(path)
-    if pure.is_absolute() or any(part in ("", ".", "..") for part in path.split("/")):
+    if pure.is_absolute() or any(part in ("", ".", "..") for part in parts):
         raise PackageError(f"file path {path!r} is not allowed in a package")
+    if any(len(part.encode(errors="surrogateescape")) > MAX_PATH_PART_BYTES for part in parts):
+        raise PackageError(f"file path {path!r} has a name longer than {MAX_PATH_PART_BYTES} bytes")
     return pure
 
 
@@ -355,12 +411,10 @@ def read_manifest(folder: Path) -> Manifest:
             raise PackageError(f"{folder} has no {MANIFEST_NAME}")
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise PackageError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
-        raw = json.loads(path.read_bytes())
-    except json.JSONDecodeError as exc:
-        raise PackageError(f"{path} is not valid JSON: {exc}") from exc
+        data = path.read_bytes()
     except OSError as exc:
         raise PackageError(f"cannot read {path}: {exc}") from exc
-    return Manifest.from_json(raw)
+    return parse_manifest(data, str(path))
 
 
 def verify_package(folder: Path, expected_digest: str | None = None) -> Package:
@@ -509,10 +563,7 @@ def unpack_tar(
             members = _read_headers(tar)
             files = plan_tar_members(members, length)
             raw = _read_member(tar, files[MANIFEST_NAME], MAX_MANIFEST_BYTES)
-            try:
-                manifest = Manifest.from_json(json.loads(raw))
-            except json.JSONDecodeError as exc:
-                raise PackageError(f"the package's {MANIFEST_NAME} is not valid JSON: {exc}") from exc
+            manifest = parse_manifest(raw, f"the package's {MANIFEST_NAME}")
             if expected_digest is not None and manifest.digest != expected_digest:
                 raise VerificationError(
                     f"package digest is {manifest.digest}, expected {expected_digest}: the manifest was changed"
@@ -548,6 +599,8 @@ def _read_headers(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
                 raise PackageError(f"package tar holds more than {MAX_TAR_MEMBERS} members")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise PackageError(f"package tar is corrupt: {exc}") from exc
+    except (MemoryError, RecursionError):  # a PAX or GNU long-name header declaring 2**50 bytes, say
+        raise PackageError("package tar is corrupt: a header declares more than can be read") from None
     return members
 
 
@@ -671,6 +724,8 @@ def _open_tar(source: Path | IO[bytes]) -> tarfile.TarFile:
         return tarfile.open(fileobj=source, mode="r:")
     except (tarfile.TarError, OSError) as exc:
         raise PackageError(f"package is not a readable tar: {exc}") from exc
+    except (MemoryError, RecursionError):  # tarfile reads the first header here: see `_read_headers`
+        raise PackageError("package is not a readable tar: a header declares more than can be read") from None
 
 
 def tar_bytes(package: Package) -> bytes:
@@ -687,25 +742,159 @@ def load_golden(package: Package, data: bytes | None = None) -> tuple[dict[str, 
     """Golden inputs and expected outputs of a verified package, keyed by tensor name.
 
     `data` is the golden file's bytes when the caller has them in memory (decrypted); by default it is read.
+    Everything `read_golden` checks is decided from the zip's directory and the arrays' headers before an array
+    is read, so loading the file costs no more memory than its own size.
 
     Raises:
-        PackageError: the golden file is not an npz of the expected arrays.
+        PackageError: the golden file is unreadable, or not an npz of the expected arrays (see `read_golden`).
     """
     path = package.path / package.manifest.golden.file
     try:
-        with np.load(io.BytesIO(data) if data is not None else path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as exc:
+        blob = data if data is not None else path.read_bytes()
+    except OSError as exc:
         raise PackageError(f"golden file {path.name} is unreadable: {exc}") from exc
-    inputs = {spec.name: arrays.get(f"input:{spec.name}") for spec in package.manifest.inputs}
-    outputs = {spec.name: arrays.get(f"output:{spec.name}") for spec in package.manifest.outputs}
-    missing = [k for k, v in {**inputs, **outputs}.items() if v is None]
-    if missing:
-        raise PackageError(f"golden file lacks arrays for {missing}")
-    return (
-        {k: v for k, v in inputs.items() if v is not None},
-        {k: v for k, v in outputs.items() if v is not None},
-    )
+    return read_golden(blob, package.manifest.inputs, package.manifest.outputs, path.name)
+
+
+_GOLDEN_DIRECTORY_SLACK: Final = 256  # bytes of central directory allowed per member beyond its fixed part and name
+
+
+def read_golden(
+    blob: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], label: str = GOLDEN_NAME
+) -> tuple[dict[str, Array], dict[str, Array]]:
+    """The golden arrays in `blob`, an npz as `np.savez` writes it, checked before any array is read.
+
+    The zip holds exactly the members `input:<name>.npy` and `output:<name>.npy` of the signature's tensors, each
+    stored as is (not deflated: a few KB of deflate can expand to gigabytes; not encrypted), in disjoint ranges
+    of the file (Python 3.11's zipfile does not refuse overlapping entries), its central directory no larger than
+    those members need. Each array is of a plain fixed-size dtype (no objects, no records), and its header
+    declares exactly the bytes its member holds. Golden inputs, which the model is run on, have the signature's
+    datatype and a shape it accepts.
+
+    Raises:
+        PackageError: any of that does not hold, or the zip or an array header is malformed; the message says
+            which member and why.
+    """
+    import zipfile
+
+    wanted = {f"input:{spec.name}.npy": spec for spec in inputs}
+    wanted.update({f"output:{spec.name}.npy": spec for spec in outputs})
+    directory = sum(46 + len(name.encode()) + _GOLDEN_DIRECTORY_SLACK for name in wanted)
+    _check_zip_directory(blob, directory, label)
+    split: tuple[dict[str, Array], dict[str, Array]] = ({}, {})
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as npz:
+            infos = npz.infolist()
+            names = [info.filename for info in infos]
+            if len(set(names)) != len(names) or set(names) != wanted.keys():
+                unknown, missing = sorted(set(names) - wanted.keys()), sorted(wanted.keys() - set(names))
+                raise PackageError(
+                    f"golden file {label} must hold each array of the model's signature once: "
+                    f"missing {missing}, not in the signature {unknown}"
+                    + (", a name twice" if len(set(names)) != len(names) else "")
+                )
+            _check_zip_layout(blob, infos, label)
+            for info in infos:
+                _check_npy_header(npz, info, wanted[info.filename], info.filename.startswith("input:"), label)
+            from numpy.lib import format as npy
+
+            for info in infos:
+                spec = wanted[info.filename]
+                with npz.open(info) as member:
+                    array = npy.read_array(member, allow_pickle=False)
+                split[0 if info.filename.startswith("input:") else 1][spec.name] = array
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise PackageError(f"golden file {label} is unreadable: {exc}") from exc
+    return split
+
+
+def _check_zip_directory(blob: bytes, limit: int, label: str) -> None:
+    """The zip's central directory, found where zipfile looks for it, is at most `limit` bytes: zipfile makes
+    an object of some hundred bytes of every entry in it before anything else can refuse one.
+
+    Raises:
+        PackageError: there is no end record, a ZIP64 one (over 2 GiB: not a golden file), or the directory is
+            larger.
+    """
+    signature = b"PK\x05\x06"
+    at = len(blob) - 22
+    if at < 0 or blob[at : at + 4] != signature or blob[-2:] != b"\0\0":
+        at = blob.rfind(signature, max(0, len(blob) - 22 - (1 << 16)))
+    if at < 0 or len(blob) < at + 22:
+        raise PackageError(f"golden file {label} is not an npz (no zip end record)")
+    if at >= 20 and blob[at - 20 : at - 16] == b"PK\x06\x07":
+        raise PackageError(f"golden file {label} is a ZIP64 archive; golden files are far smaller")
+    size = int.from_bytes(blob[at + 12 : at + 16], "little")
+    if size > limit:
+        raise PackageError(f"golden file {label} has a zip directory of {size} bytes, more than its arrays need")
+
+
+def _check_zip_layout(blob: bytes, infos: Sequence[zipfile.ZipInfo], label: str) -> None:
+    """Every member stored as is, its local header and data inside the file and apart from every other's.
+
+    Raises:
+        PackageError: a member is deflated or encrypted, or its bytes overlap another's or pass the file's end.
+    """
+    import zipfile
+
+    end = 0
+    for info in sorted(infos, key=lambda i: i.header_offset):
+        name = info.filename
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size or info.flag_bits & 1:
+            raise PackageError(
+                f"golden file {label} member {name!r} is compressed or encrypted: strata reads only arrays stored "
+                "as is (np.savez, not np.savez_compressed)"
+            )
+        start = info.header_offset
+        local = blob[start : start + 30]
+        if start < end or len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise PackageError(f"golden file {label} member {name!r} overlaps another or is not where it says")
+        data = start + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        end = data + info.compress_size
+        if end > len(blob):
+            raise PackageError(f"golden file {label} member {name!r} claims bytes past the end of the file")
+
+
+def _check_npy_header(
+    npz: zipfile.ZipFile, info: zipfile.ZipInfo, spec: TensorSpec, is_input: bool, label: str
+) -> None:
+    """The .npy header of one member: a plain dtype and shape whose bytes are exactly the member's rest; for a
+    golden input, the signature's datatype and a shape it accepts.
+
+    Raises:
+        PackageError: it is not; ValueError: the header is malformed (numpy's words).
+    """
+    from numpy.lib import format as npy
+
+    name = info.filename
+    with npz.open(info) as member:
+        version = npy.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = npy.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = npy.read_array_header_2_0(member)
+        else:
+            raise PackageError(f"golden file {label} member {name!r} is .npy version {version}; strata reads 1.0, 2.0")
+        header = member.tell()
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.itemsize == 0:
+        raise PackageError(f"golden file {label} member {name!r} has dtype {dtype}; golden arrays are plain numbers")
+    if any(dim < 0 for dim in shape):
+        raise PackageError(f"golden file {label} member {name!r} has a negative dimension in {list(shape)}")
+    count = 1
+    for dim in shape:
+        count *= dim
+    if header + count * dtype.itemsize != info.file_size:
+        raise PackageError(
+            f"golden file {label} member {name!r} declares {count * dtype.itemsize} bytes of {dtype} {list(shape)}, "
+            f"but holds {info.file_size - header}"
+        )
+    if not is_input:
+        return
+    want = OIP_TO_NUMPY.get(spec.datatype)
+    if want is not None and want.kind != "O" and dtype != want:
+        raise PackageError(f"golden input {spec.name} is {dtype}; the model takes {spec.datatype}")
+    if not spec.accepts_shape(tuple(shape)):
+        raise PackageError(f"golden input {spec.name} has shape {list(shape)}; the model takes {list(spec.shape)}")
 
 
 def compare_outputs(expected: Mapping[str, Array], actual: Mapping[str, Array], rtol: float, atol: float) -> list[str]:
@@ -765,6 +954,9 @@ def ort_session_in_memory(
         options.add_external_initializers_from_files_in_memory(
             names, [external[n] for n in names], [len(external[n]) for n in names]
         )
+    # The bytes are always an ONNX protobuf: onnxruntime would otherwise take bytes that look like its own ORT
+    # flatbuffer format for one, a format strata never checks (no external data references to vet there).
+    options.add_session_config_entry("session.load_model_format", "ONNX")
     with tempfile.TemporaryDirectory(prefix="strata-model-") as nothing:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", nothing)
         return ort.InferenceSession(

@@ -149,18 +149,32 @@ class DriftReference:
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> DriftReference:
-        try:
-            reference = cls(
-                tensor=str(raw["tensor"]),
-                kind=str(raw["kind"]),
-                edges=tuple(float(e) for e in raw["edges"]),
-                counts=tuple(int(c) for c in raw["counts"]),
+        """A reference as `build_reference` makes it: 1 to DRIFT_BINS - 1 finite, strictly increasing edges and
+        one non-negative integer count more. Each bin costs every inference on every node (counted, summed and
+        stored), so a reference with more bins is refused, not trimmed.
+
+        Raises:
+            TelemetryError: it is anything else.
+        """
+        if not isinstance(raw, Mapping):
+            raise TelemetryError(f"drift reference must be an object, got {type(raw).__name__}")
+        tensor, kind, edges, counts = raw.get("tensor"), raw.get("kind"), raw.get("edges"), raw.get("counts")
+        if not isinstance(tensor, str) or kind not in ("input", "output"):
+            raise TelemetryError("drift reference is malformed: 'tensor' must be a string, 'kind' input or output")
+        if not isinstance(edges, list) or not isinstance(counts, list):
+            raise TelemetryError(f"drift reference of {tensor[:64]!r} is malformed: 'edges' and 'counts' must be lists")
+        if not 1 <= len(edges) <= DRIFT_BINS - 1 or len(counts) != len(edges) + 1:
+            raise TelemetryError(
+                f"drift reference of {tensor[:64]!r} has {len(edges)} edges and {len(counts)} counts; a reference "
+                f"has 1 to {DRIFT_BINS - 1} edges and one count more"
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TelemetryError(f"drift reference is malformed: {exc}") from exc
-        if len(reference.counts) != len(reference.edges) + 1:
-            raise TelemetryError(f"drift reference of {reference.tensor} has {len(reference.counts)} counts")
-        return reference
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in edges):
+            raise TelemetryError(f"drift reference of {tensor[:64]!r} has an edge that is not a finite number")
+        if any(a >= b for a, b in itertools.pairwise(edges)):
+            raise TelemetryError(f"drift reference of {tensor[:64]!r} has edges that do not increase")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise TelemetryError(f"drift reference of {tensor[:64]!r} has a count that is not a non-negative integer")
+        return cls(tensor=tensor, kind=kind, edges=tuple(float(e) for e in edges), counts=tuple(counts))
 
 
 def _strided(values: Any) -> Any:
@@ -249,8 +263,15 @@ def bin_counts_split(reference: DriftReference, values: Any, sizes: Sequence[int
 
 def drift_references(raw: Mapping[str, Any]) -> list[DriftReference]:
     """The drift references a package manifest's `drift` section holds (empty when it has none), less any whose
-    tensor name is longer than MAX_TENSOR (a package built before that limit): its drift could not be sent."""
-    references = [DriftReference.from_json(item) for item in raw.get("tensors", [])]
+    tensor name is longer than MAX_TENSOR (a package built before that limit): its drift could not be sent.
+
+    Raises:
+        TelemetryError: the section or a reference in it is malformed (see `DriftReference.from_json`).
+    """
+    tensors = raw.get("tensors", [])
+    if not isinstance(tensors, list):
+        raise TelemetryError("the drift section's 'tensors' must be a list")
+    references = [DriftReference.from_json(item) for item in tensors]
     return [reference for reference in references if len(reference.tensor) <= MAX_TENSOR]
 
 

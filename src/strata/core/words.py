@@ -4,6 +4,7 @@ scenarios take them ('10m'), said and read back, and error messages cut to a len
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import Final
 
 from strata.core.errors import ConfigError
@@ -25,6 +26,24 @@ def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
         return message
     tail = f"... ({len(message)} characters, cut)"
     return message[: max(0, limit - len(tail))] + tail
+
+
+# Characters that do something to a terminal or to how text reads instead of showing (controls, the escape sequences'
+# ESC, bidirectional overrides, zero-width and line/paragraph separators): Unicode's Cc, Cf, Zl and Zp.
+HIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def printable(text: str, keep: str = "") -> str:
+    """`text` with each hidden character (`HIDDEN_CATEGORIES`) but those in `keep` written out as Python would in a
+    string literal (ESC as `\\x1b`, a right-to-left override as `\\u202e`), so that text a node or a caller chose
+    shows as what it is on an operator's terminal instead of moving its cursor, retitling its window, or turning the
+    order of what follows around."""
+    if text.isprintable() and text.isascii():  # the common case: nothing to look at
+        return text
+    return "".join(
+        char if char in keep or unicodedata.category(char) not in HIDDEN_CATEGORIES else ascii(char)[1:-1]
+        for char in text
+    )
 
 
 def plural(count: int, noun: str) -> str:

@@ -37,6 +37,7 @@ from strata.optimize.report import (
 )
 from strata.optimize.runners import OrtRunner, Runner, host_runtimes, open_runner
 from strata.optimize.select import Measured, as_verdict, judge, select_variants
+from strata.optimize.source import copy_checked_model
 from strata.optimize.tasks import Task, choose_output, compare, get_task
 
 Array = npt.NDArray[Any]
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 BASELINE_ID = "fp32"
 VARIANTS_DIR = "variants"
+SOURCE_DIR = "source"  # under the run's work folder: the checked copy of the model that every pass reads
 GOLDEN_SAMPLES = 4
 
 
@@ -126,20 +128,34 @@ def resolve(request: OptimizeRequest, facts: HostFacts) -> Plan:
     return Plan(task=task, gate=gate, host=host, isa=isa_profile(facts, catalog().values()), targets=unique)
 
 
-def open_reference(model: Path) -> tuple[OrtRunner, tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """The fp32 model in onnxruntime, with its input and output signature.
+@dataclass(frozen=True)
+class Reference:
+    """The fp32 model as the run uses it: the checked copy every pass reads, open in onnxruntime."""
+
+    model: Path
+    runner: OrtRunner
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+def open_reference(model: Path, folder: Path) -> Reference:
+    """Check the model's external data and copy it into `folder` (empty, the run's own: `copy_checked_model`),
+    then open that copy in onnxruntime, with its input and output signature. Nothing loads the model before the
+    check, and nothing after it reads the user's folder again.
 
     Raises:
-        ConfigError: the file is missing, not ONNX, or uses types strata cannot serve.
+        ConfigError: the file is missing, not ONNX, references external data outside its folder (or through a
+            link, past a file's end, at a memory address), or uses types strata cannot serve.
     """
     if not model.is_file():
         raise ConfigError(f"model {model} does not exist")
+    copy = copy_checked_model(model, folder)
     try:
-        runner = OrtRunner(model)
+        runner = OrtRunner(copy)
         inputs, outputs = runner.signature()
     except (OptimizationError, PackageError) as exc:
         raise ConfigError(f"{model} is not an ONNX model onnxruntime can load: {exc}") from exc
-    return runner, inputs, outputs
+    return Reference(copy, runner, inputs, outputs)
 
 
 def load_sets(request: OptimizeRequest, inputs: Sequence[TensorSpec]) -> tuple[Feeds, Feeds, Feeds, Splits]:
@@ -407,6 +423,16 @@ def write_variants(
     return written
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what `mkdir(parents=True)` creates)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
 def run_optimize(
     request: OptimizeRequest,
     passes: Sequence[Pass],
@@ -424,21 +450,30 @@ def run_optimize(
     progress = progress or SilentProgress()
     facts = facts or read_host_facts()
     plan = resolve(request, facts)
-    reference, inputs, outputs = open_reference(request.model)
-    output = choose_output(plan.task, outputs)
-    calibration, evaluation, bench, splits = load_sets(request, inputs)
-    batch = _batch_size(plan.task, inputs)
-    runtimes = runtimes if runtimes is not None else host_runtimes()
+    created = _first_missing(request.out)
     request.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=request.out))
     try:
+        try:
+            (workdir / SOURCE_DIR).mkdir()
+            reference = open_reference(request.model, workdir / SOURCE_DIR)
+            output = choose_output(plan.task, reference.outputs)
+            calibration, evaluation, bench, splits = load_sets(request, reference.inputs)
+            batch = _batch_size(plan.task, reference.inputs)
+        except ConfigError:
+            if created is not None:  # bad input: no output folder left behind, as when nothing was made
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+        inputs, outputs = reference.inputs, reference.outputs
+        sha, size = sha256_file(reference.model)
+        runtimes = runtimes if runtimes is not None else host_runtimes()
         context = PassContext(
             task=plan.task.name, host=plan.isa, targets=plan.targets, calibration=calibration, seed=request.seed
         )
-        candidates, skipped = build_candidates(request.model, workdir, context, passes, progress)
+        candidates, skipped = build_candidates(reference.model, workdir, context, passes, progress)
         measured = measure_candidates(
             candidates,
-            reference=reference,
+            reference=reference.runner,
             task=plan.task,
             output=output,
             evaluation=evaluation,
@@ -478,7 +513,6 @@ def run_optimize(
         ],
         catalog(),
     )
-    sha, size = sha256_file(request.model)
     report = Report(
         model={
             "name": request.name,

@@ -37,7 +37,7 @@ from typing import Final
 from strata.agent.httpd import HttpServer, Request, Response
 from strata.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from strata.agent.metrics import MetricsRegistry
-from strata.core.aio import wait_event
+from strata.core.aio import wait_any, wait_event
 from strata.core.errors import ConfigError, StrataError
 from strata.route.oip_routes import LIVE, METRICS, READY, RouteRefusal, match_route
 from strata.route.peer import PeerTls, RevocationList, node_checked
@@ -292,7 +292,8 @@ def _describe(targets: list[Target]) -> str:
 
 
 async def serve_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
-    """Run the gateway until `stop` is set.
+    """Run the gateway until `stop` is set. Set while the first topology read is under way (a signal during
+    startup), the gateway never listens: it stops at once instead of when the read ends.
 
     Raises:
         ConfigError: the listening address cannot be bound.
@@ -303,28 +304,23 @@ async def serve_gateway(config: GatewayConfig, stop: asyncio.Event) -> None:
     gateway = Gateway(router)
     server = HttpServer(gateway.handle)
     refresher = None
-    if config.server is not None or tls.trust is not None:
-        if tls.trust is not None:
-            log.info("acting as node %s (its fleet certificate) toward %s", tls.trust.node_id, tls.trust.server)
-        # Listen once the topology was read (or could not be, within a few seconds): a request that came before
-        # would find no route at all (`strata-served-by: none`) where the node's own agent was there to answer.
-        first_read = asyncio.Event()
-        refresher = asyncio.create_task(_refresh_topology(config, tls, router, stop, first_read))
-        await wait_event(first_read, _FIRST_TOPOLOGY_WAIT_S)
-    else:
-        log.info("routing over %s", _describe(router.targets))
     try:
+        if config.server is not None or tls.trust is not None:
+            if tls.trust is not None:
+                log.info("acting as node %s (its fleet certificate) toward %s", tls.trust.node_id, tls.trust.server)
+            # Listen once the topology was read (or could not be, within a few seconds): a request that came
+            # before would find no route at all (`strata-served-by: none`) where the node's own agent was there to
+            # answer.
+            first_read = asyncio.Event()
+            refresher = asyncio.create_task(_refresh_topology(config, tls, router, stop, first_read))
+            await wait_any((first_read, stop), _FIRST_TOPOLOGY_WAIT_S)
+        else:
+            log.info("routing over %s", _describe(router.targets))
+        if stop.is_set():
+            return
         await server.start(config.host, config.port)
-    except BaseException:
-        if refresher is not None:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
-        await router.close()
-        raise
-    log.info("gateway listening on http://%s:%d", config.host, server.port)
-    router.start()
-    try:
+        log.info("gateway listening on http://%s:%d", config.host, server.port)
+        router.start()
         await stop.wait()
     finally:
         if refresher is not None:
@@ -341,8 +337,14 @@ def run(config: GatewayConfig) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(signum: signal.Signals) -> None:
+            # said at once: a log shows whether a signal reached the gateway, and how long stopping took
+            log.info("%s: %s", signum.name, "already stopping" if stop.is_set() else "stopping")
+            stop.set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal, signum)
         await serve_gateway(config, stop)
 
     try:

@@ -304,13 +304,42 @@ def test_a_pin_holds_its_node_and_the_rollout_leaves_it_out(registry: Harness) -
 
     created = create(registry, waves="100%")
     excluded = rollout(registry, created["id"])["excluded"]
-    assert excluded == [{"node": "n0", "reason": f"pinned to 1 (pin {pin.json()['id']})"}]
+    assert excluded == [{"node": "n0", "reason": f"pinned to 1 (pin {pin.json()['id']})", "refused": False}]
 
     assert registry.client.delete(f"/v1/pins/{pin.json()['id']}", headers=registry.admin).status_code == 204
     assert models(registry, pinned) == {"digits": "2"}
     assert registry.client.get("/v1/pins", headers=registry.admin).json() == []
     both = {"model": "digits", "version": "1", "node": "n0", "selector": {"a": "b"}}
     assert registry.client.post("/v1/pins", json=both, headers=registry.admin).status_code == 422
+
+
+def test_a_node_that_refuses_the_version_itself_is_marked_refused_apart_from_nodes_kept_out(registry: Harness) -> None:
+    """The API said why in words only: a client could not tell a node that refused the version (out for good)
+    from one kept out by a pin (back in once the pin goes) but by the words its reason begins with."""
+    fleet = Fleet(registry, 3)
+    registry.deploy("digits", "1")
+    fleet.converge()
+    pin = registry.client.post(
+        "/v1/pins", json={"model": "digits", "version": "1", "node": "n0"}, headers=registry.admin
+    )
+    assert pin.status_code == 201, pin.text
+    created = create(registry, waves="100%")
+    # n1 takes version 2; n2's own placement policy says no, and it keeps serving 1, as a real agent does.
+    refusal = {"model": "digits", "version": "2", "reason": "refused by placement policy", "at": 1.0, "kind": "policy"}
+    fleet.converge(n2={"version": "1", "failures": [refusal]})
+    registry.plane.rollouts.tick()
+
+    status = rollout(registry, created["id"])
+    assert [(e["node"], e["refused"]) for e in status["excluded"]] == [("n0", False), ("n2", True)]
+    assert status["excluded"][1]["reason"] == "the node refused it: refused by placement policy"
+    nodes = {n["name"]: (n["state"], n["refused"]) for n in status["nodes"]}
+    assert nodes == {"n0": ("excluded", False), "n1": ("healthy", False), "n2": ("excluded", True)}
+    listed = registry.client.get("/v1/rollouts", headers=registry.admin).json()
+    assert [(e["node"], e["refused"]) for e in listed[0]["excluded"]] == [("n0", False), ("n2", True)]
+    # The pin goes: n0 joins the last wave; n2, which refused the version itself, stays out.
+    assert registry.client.delete(f"/v1/pins/{pin.json()['id']}", headers=registry.admin).status_code == 204
+    registry.plane.rollouts.tick()
+    assert [(e["node"], e["refused"]) for e in rollout(registry, created["id"])["excluded"]] == [("n2", True)]
 
 
 def test_a_policy_keeps_a_model_off_nodes_even_when_deployed_there_directly(

@@ -6,7 +6,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from control_harness import Harness, NodeCredentials, StartServer, recorded_statements, writes
+from control_harness import T0, Harness, NodeCredentials, StartServer, recorded_statements, writes
 from sqlalchemy import create_engine, text
 
 from strata.control.settings import ServerSettings
@@ -180,3 +180,39 @@ def test_metrics_count_the_statements_an_unchanged_status_report_costs(server: H
     own = {key: scrape[key] - after[key] for key in after}  # what one scrape costs, counted in the next
     delta = {key: after[key] - before[key] - own[key] for key in after}
     assert delta == {"select": 1, "insert": 0, "update": 0, "delete": 0, "other": 0, "commits": 1}
+
+
+def test_what_a_node_reports_reaches_the_operators_terminal_as_text(server: Harness) -> None:
+    # A node chooses its agent version, its failure reasons and its claimed labels (the API keeps them as sent: they
+    # are its claims; its serving URL is checked as a URL). Printed raw, an escape sequence in one would act on the
+    # operator's terminal (retitle the window, clear the screen, rewrite the line above), and a bidi override would
+    # reorder what it shows.
+    import io
+
+    from strata.cli.common import TerminalConsole
+    from strata.cli.nodes import fleet_table, node_detail
+
+    title, clear, rtl = "\x1b]0;owned\x07", "\x1b[2J\x1b[H", "\u202e"
+    node = server.enroll("edge-1", {"site": "lab"})
+    failure = {"model": "digits", "version": "1", "reason": f"bad{clear}golden", "at": 7.0}
+    status = _status(
+        agent_version=f"1.0{title}",
+        labels={"site": f"lab{rtl}evil"},
+        failures=[failure],
+    )
+    assert _put(server, node, status) == 204
+    view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
+    assert view["agent_version"] == f"1.0{title}"  # stored as claimed: JSON readers get it exactly
+
+    for renderable in (node_detail(view, T0), fleet_table([view], T0)):
+        screen = io.StringIO()
+        TerminalConsole(file=screen, force_terminal=True, color_system="truecolor", width=240).print(renderable)
+        text = screen.getvalue()
+        for injected in (title, clear, rtl, "\x07"):
+            assert injected not in text
+        assert "lab\\u202eevil" in text  # written out: both show the labels
+    detail = io.StringIO()
+    TerminalConsole(file=detail, width=240).print(node_detail(view, T0))
+    assert "1.0\\x1b]0;owned\\x07" in detail.getvalue()
+    assert "bad\\x1b[2J\\x1b[Hgolden" in detail.getvalue()
+    assert "lab\\u202eevil" in detail.getvalue()

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from strata.control.db import TelemetryBatch as StoredBatch
 from strata.control.db import TelemetryDrift, TelemetryEvent, TelemetryMinute
 from strata.control.settings import ServerSettings
-from strata.control.telemetry import EXPIRED_MINUTE
+from strata.control.telemetry import EXPIRED_MINUTE, FUTURE_KINDS
 from strata.core import telemetry
 from strata.core.package import tar_bytes
 from strata.core.telemetry import BUCKETS, DriftRow, EventRow, MinuteRow, TelemetryBatch, bucket_of, encode_batch
@@ -350,3 +350,75 @@ def test_the_server_sweeps_expired_telemetry_in_the_background(
             time.sleep(0.05)
         assert stored_rows(server) == {"minutes": [EXPIRED_MINUTE], "events": [], "drift": [], "batches": [1]}
     assert "telemetry retention 90d: deleted 1 minute row, 1 event, 1 drift row, 0 batch records" in (caplog.text)
+
+
+YEAR = 365 * DAY
+
+
+def test_telemetry_dated_past_the_servers_clock_is_left_out_and_counted_and_the_batch_acknowledged(
+    server: Harness, make_package: Callable[..., bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A node's dates are claims: a clock a year ahead put rows past every retention cutoff (the sweep never deleted
+    # them) and into every query from `since` on. The batch is still acknowledged: refused (422), the node would
+    # drop its good rows with them; left unanswered, it would resend the batch for ever.
+    assert server.upload(make_package()).status_code == 201
+    node = server.enroll("edge")
+    minute = int(server.clock.now // 60)  # the clock is 20 s into it
+    kept = [minute, minute + 4]  # its row 220 s ahead, its event 250 s: within the 5 minutes a clock may run ahead
+    future = [minute + 6, minute + int(YEAR // 60)]  # 340 s (its event 370 s), and a year ahead
+    batch = retention_batch(node, 1, kept + future)
+    with caplog.at_level(logging.WARNING, logger="strata.control.telemetry"):
+        assert upload(server, node, batch) == {"status": 200, "seq": 1, "stored": True}
+    assert stored_rows(server) == {
+        "minutes": kept,
+        "events": [m * 60.0 + 30 for m in kept],
+        "drift": kept,
+        "batches": [1],
+    }
+    warning = f"node edge ({node.node_id}) sent telemetry dated up to {YEAR + 10:.0f}s past the server's clock"
+    assert warning in caplog.text
+    assert "left out 2 minute rows, 2 events, 2 drift rows" in caplog.text
+    # counted where an operator looks: the node's dropped telemetry, and /metrics
+    answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()
+    assert answer["nodes"][0]["dropped"] == {"future_minutes": 2, "future_events": 2, "future_drift": 2}
+    metrics = server.client.get("/metrics", headers=server.admin).text
+    for kind in ("minutes", "events", "drift"):
+        assert f'strata_telemetry_future_rows_total{{kind="{kind}"}} 2.0' in metrics
+    # a resend is a duplicate: nothing stored, nothing counted again
+    assert upload(server, node, batch) == {"status": 200, "seq": 1, "stored": False}
+    assert server.plane.telemetry.counters.future == {"minutes": 2, "events": 2, "drift": 2}
+    # and the retention sweep leaves nothing behind once the retention has passed
+    server.clock.advance(RETENTION + 600)
+    assert server.plane.telemetry.sweep(RETENTION, chunk=2, pause_s=0) == {
+        "minutes": 2, "events": 2, "drift": 2, "batches": 0
+    }  # fmt: skip
+    assert stored_rows(server) == {"minutes": [EXPIRED_MINUTE], "events": [], "drift": [], "batches": [1]}
+
+
+def test_the_kinds_counting_future_rows_fit_the_dropped_column_and_no_batch_may_name_them() -> None:
+    # a node could otherwise forge (or add to) the control plane's own count of what it left out
+    assert all(len(kind) <= telemetry.MAX_DROPPED_KIND for kind in FUTURE_KINDS.values())
+    assert not set(FUTURE_KINDS.values()) & set(telemetry.DROPPED_KINDS)
+
+
+def test_telemetry_older_than_the_retention_is_not_stored_only_to_be_swept(server: Harness) -> None:
+    # A node back after a long outage sends what its buffer kept. What the sweep would delete at once is not stored:
+    # events and drift are left out (counted as expired), a minute's counts go to its series' expired row at once,
+    # as the sweep's would, so the /metrics request counters count every request the node reported.
+    node = server.enroll("edge")
+    first_kept = int((server.clock.now - RETENTION) // 60)  # the minute holding the cutoff: the API still reaches it
+    minutes = [first_kept - 2, first_kept - 1, first_kept, int(server.clock.now // 60)]
+    assert upload(server, node, retention_batch(node, 1, minutes)) == {"status": 200, "seq": 1, "stored": True}
+    kept = minutes[2:]
+    assert stored_rows(server) == {
+        "minutes": [EXPIRED_MINUTE, *kept],
+        "events": [m * 60.0 + 30 for m in kept],  # each 30 s into its minute; the cutoff is 20 s into `first_kept`
+        "drift": kept,
+        "batches": [1],
+    }
+    metrics = server.client.get("/metrics", headers=server.admin).text
+    assert 'strata_inference_requests_total{model="digits",node="edge",version="1"} 4.0' in metrics
+    for kind in ("minutes", "events", "drift"):
+        assert f'strata_telemetry_expired_rows_total{{kind="{kind}"}} 2.0' in metrics
+    nothing = {"minutes": 0, "events": 0, "drift": 0, "batches": 0}
+    assert server.plane.telemetry.sweep(RETENTION, chunk=2, pause_s=0) == nothing

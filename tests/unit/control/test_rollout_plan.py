@@ -159,6 +159,49 @@ def test_a_good_rollout_releases_wave_by_wave_after_the_bake() -> None:
     assert plan_rollout(apply_actions(state, actions), observations, 300.0) == []
 
 
+def test_a_wave_with_no_node_of_its_own_is_passed_not_held_until_its_deadline() -> None:
+    # Three nodes and the default waves: targets 1, 1, 2, 3, so the second wave has no node of its own. Its gates
+    # had nothing to judge, waited for data until the deadline and rolled a healthy rollout back (small fleets,
+    # every time).
+    observations = fleet(3)
+    state = step(rollout("1%,10%,50%,100%"), observations, 0.0)
+    assert Counter(a.wave for a in state.nodes.values()) == {0: 1, 2: 1, 3: 1}
+    take(observations, state)
+    state = step(state, observations, 10.0)
+    actions = plan_rollout(state, observations, 70.0)  # the canary has baked: wave 2 is empty, wave 3 starts
+    assert [a.wave for a in actions if isinstance(a, StartWave)] == [1, 2]
+    state = apply_actions(state, actions)
+    assert (state.wave, len(state.released)) == (2, 2)
+    take(observations, state)
+    state = step(step(state, observations, 80.0), observations, 140.0)
+    assert (state.wave, len(state.released)) == (3, 3)
+    take(observations, state)
+    state = step(step(state, observations, 150.0), observations, 210.0)
+    assert (state.status, state.message) == ("succeeded", "every wave passed its gates")
+
+
+def test_a_rollout_whose_every_node_is_kept_out_finishes_at_once_and_says_so() -> None:
+    observations = {k: replace(o, excluded="pinned to 1 (pin 3)") for k, o in fleet(2).items()}
+    state = step(rollout("1%,10%,50%,100%"), observations, 0.0)
+    assert state.status == "succeeded"
+    assert state.released == frozenset()
+    assert state.message == (
+        "no node took part: the selector matches 2 nodes, all kept out or refusing the version (see the nodes kept out)"
+    )
+    assert step(rollout(), {}, 0.0).message == "no node took part: the selector matches no node"
+
+
+def test_a_wave_whose_every_node_refuses_the_version_gives_way_to_the_next_at_once() -> None:
+    observations = fleet(4)
+    state = step(rollout("1,100%"), observations, 0.0)
+    [canary] = state.released
+    refused = Failure("digits", "2", None, "no variant for arm64-neon", 1.0, kind="no-variant")
+    observations[canary] = replace(observations[canary], failure=refused)
+    state = step(state, observations, 1.0)
+    assert state.nodes[canary].refused
+    assert (state.status, state.wave, len(state.released)) == ("running", 1, 3)  # not held until the deadline
+
+
 def test_offline_nodes_stop_holding_a_wave_at_its_deadline_and_stay_released() -> None:
     observations = fleet(4)
     state = step(rollout("100%"), observations, 0.0)

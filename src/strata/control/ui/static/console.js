@@ -308,6 +308,18 @@ function waveTable(waves) {
       counted.map((k) => el("td", { "data-field": k }, w[k] ?? 0))))));
 }
 
+function keptOut(excluded) {
+  // A node that refused the version itself stays out of the rollout for good; the others join its last wave once
+  // nothing keeps them out.
+  if (!excluded.length) return null;
+  const refused = excluded.filter((x) => x.refused).length;
+  const nodes = (n) => `${n} ${n === 1 ? "node" : "nodes"}`;
+  return el("details", { "data-excluded": excluded.length, "data-refused": refused },
+    el("summary", {}, `${nodes(excluded.length)} kept out`, refused ? el("span", { class: "warn" }, ` (${refused} refused the version: out for good)`) : null),
+    el("table", {}, el("tbody", {}, excluded.map((x) => el("tr", { "data-refused": Boolean(x.refused) },
+      el("td", {}, x.node), el("td", {}, x.refused ? el("span", { class: "warn" }, "refused") : "kept out"), el("td", {}, x.reason))))));
+}
+
 function drawRollouts(data) {
   if (!data.rollouts.length) return [el("h2", {}, "Rollouts"), el("p", { class: "muted" }, "no rollouts yet")];
   const admin = state.scope === "admin";
@@ -329,8 +341,7 @@ function drawRollouts(data) {
         el("tbody", {}, r.gate_results.map((g) => el("tr", {}, el("td", {}, g.gate), el("td", {}, g.wave + 1), el("td", {}, g.value ?? "no data"),
           el("td", {}, `${g.op} ${g.threshold}`), el("td", {}, el("span", { class: g.passed ? "ok" : "bad" }, g.verdict)), el("td", {}, g.detail))))) : el("p", { class: "muted" }, "no gate judged yet"),
       timeline(r),
-      r.excluded.length ? el("details", {}, el("summary", {}, `${r.excluded.length} ${r.excluded.length === 1 ? "node" : "nodes"} kept out`), el("table", {}, el("tbody", {},
-        r.excluded.map((x) => el("tr", {}, el("td", {}, x.node), el("td", {}, x.reason)))))) : null);
+      keptOut(r.excluded));
   })];
 }
 

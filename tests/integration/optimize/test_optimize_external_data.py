@@ -1,0 +1,216 @@
+"""`strata optimize` checks a model's external data itself, before any library opens the model, whatever
+onnx/onnxruntime/OpenVINO version is installed (older ones follow `..`: onnx CVE-2024-27318): a model whose
+tensors name files outside its folder would otherwise have a build machine's files baked into the packages it
+ships. Every pass then reads the checked copy, not the user's folder. Tiny models made with onnx.helper."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from strata.core.errors import ConfigError, PackageError
+from strata.core.hashing import sha256_file
+from strata.core.modelrefs import check_location
+from strata.core.profiles import get_profile
+from strata.optimize import pipeline
+from strata.optimize.base import PassContext
+from strata.optimize.data import Feeds
+from strata.optimize.passes import Float16Pass, GraphOptimizationPass
+from strata.optimize.pipeline import OptimizeRequest, open_reference, run_optimize
+
+SECRET = b"-----BEGIN PRIVATE KEY----- the build machine's signing key"
+N = 8  # float32 weights: 32 bytes
+WEIGHTS = np.arange(N, dtype=np.float32) / 4
+
+
+def write_model(folder: Path, location: str, offset: int = 0, length: int = N * 4) -> Path:
+    """out = x + W, W (float32[N]) kept in external data at `location`."""
+    weights = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[N], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = weights.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "W"], ["out"])],
+        "external",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", N])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", N])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.fixture
+def no_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails the test if onnxruntime is asked to open the model: the check must refuse it first."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("onnxruntime was asked to open a model the check should have refused")
+
+    monkeypatch.setattr(pipeline, "OrtRunner", refuse)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("dotdot", r"'W' reads external data from '\.\./secret\.bin', which is not a plain relative path"),
+        ("nested-dotdot", r"'W' reads external data from 'sub/\.\./\.\./secret\.bin', which is not a plain"),
+        ("absolute", r"'W' reads external data from '/.*/secret\.bin', which is not a plain relative path"),
+        ("symlink", r"'W' reads external data from 'weights\.bin', which resolves to .*secret\.bin, outside"),
+        ("symlinked-folder", r"'W' reads external data from 'sub/secret\.bin', which resolves to .*outside"),
+        ("link-inside", r"'W' reads external data from 'weights\.bin', through a symbolic link"),
+        ("past-end", r"'W' reads external data from 'weights\.bin', bytes 16\.\.48, past the end .*\(32 bytes\)"),
+        ("memory-address", r"'W' reads external data from '\*/_ORT_MEM_ADDR_/\*', onnxruntime's marker"),
+        ("hard-link", r"'W' reads external data from 'weights\.bin', a file with 2 hard links"),
+        ("fifo", r"'W' reads external data from 'weights\.bin', which is not a regular file"),
+        ("model-itself", r"'W' reads external data from 'model\.onnx', the model file itself"),
+        ("missing", r"'W' reads external data from 'weights\.bin', which cannot be opened .*No such file"),
+    ],
+)
+def test_external_data_outside_the_folder_is_refused_before_anything_loads(
+    case: str, message: str, tmp_path: Path, no_load: None
+) -> None:
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(SECRET)
+    folder = tmp_path / "model"
+    location, offset = "weights.bin", 0
+    folder.mkdir()
+    if case == "dotdot":
+        location = "../secret.bin"
+    elif case == "nested-dotdot":  # onnx before 1.16 stripped a leading `../` but followed this one
+        (folder / "sub").mkdir()
+        location = "sub/../../secret.bin"
+    elif case == "absolute":
+        location = str(secret)
+    elif case == "symlink":
+        (folder / "weights.bin").symlink_to("../secret.bin")
+    elif case == "symlinked-folder":
+        (tmp_path / "outside").mkdir()
+        (tmp_path / "outside" / "secret.bin").write_bytes(SECRET)
+        (folder / "sub").symlink_to(tmp_path / "outside")
+        location = "sub/secret.bin"
+    elif case == "link-inside":  # a link to a file in the folder: still a link, which could be swapped
+        (folder / "real.bin").write_bytes(WEIGHTS.tobytes())
+        (folder / "weights.bin").symlink_to("real.bin")
+    elif case == "past-end":
+        (folder / "weights.bin").write_bytes(WEIGHTS.tobytes())
+        offset = 16
+    elif case == "memory-address":
+        location, offset = "*/_ORT_MEM_ADDR_/*", 4096
+    elif case == "hard-link":  # a regular file in the folder, but the secret under another name
+        os.link(secret, folder / "weights.bin")
+    elif case == "fifo":
+        os.mkfifo(folder / "weights.bin")  # opening it for reading must not hang the check
+    elif case == "model-itself":
+        location = "model.onnx"
+    model = write_model(folder, location, offset)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    with pytest.raises(ConfigError, match=message):
+        open_reference(model, copy)
+    assert not any(SECRET in path.read_bytes() for path in copy.rglob("*") if path.is_file())
+
+
+def test_a_sparse_initializer_outside_the_folder_is_refused_too(tmp_path: Path, no_load: None) -> None:
+    """onnxruntime before 1.27 followed `..` in a sparse initializer's external data when loading by path."""
+    (tmp_path / "secret.bin").write_bytes(SECRET)
+    values = TensorProto(name="S", data_type=TensorProto.UINT8, dims=[8], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", "8")):
+        entry = values.external_data.add()
+        entry.key, entry.value = key, value
+    sparse = helper.make_sparse_tensor(values, helper.make_tensor("S_indices", TensorProto.INT64, [8], range(8)), [8])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["S"], ["out"])],
+        "sparse",
+        [],
+        [helper.make_tensor_value_info("out", TensorProto.UINT8, [8])],
+    )
+    graph.sparse_initializer.append(sparse)
+    (tmp_path / "model").mkdir()
+    model = tmp_path / "model" / "model.onnx"
+    model.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    (tmp_path / "copy").mkdir()
+    with pytest.raises(ConfigError, match=r"tensor 'S' reads external data from '\.\./secret\.bin'"):
+        open_reference(model, tmp_path / "copy")
+
+
+def test_the_memory_address_marker_is_refused_in_packages_too() -> None:
+    """Listed as a package file, the marker would still make onnxruntime read its own memory."""
+    with pytest.raises(PackageError, match="memory address"):
+        check_location("*/_ORT_MEM_ADDR_/*")
+    check_location("weights/model.bin")
+
+
+def test_proper_external_data_opens_and_every_pass_reads_the_checked_copy(tmp_path: Path) -> None:
+    """Weights in a file of the model's folder (in a subfolder): the model opens and computes with them. A file
+    swapped into the folder after the check (a link to the secret) is never read: the passes read the copy."""
+    folder = tmp_path / "model"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "weights.bin").write_bytes(b"\0" * 16 + WEIGHTS.tobytes())
+    model = write_model(folder, "data/weights.bin", offset=16)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    reference = open_reference(model, copy)
+    assert reference.model == copy / "model.onnx"
+    x = np.ones((2, N), np.float32)
+    np.testing.assert_array_equal(reference.runner.run({"x": x})["out"], x + WEIGHTS)
+    (tmp_path / "secret.bin").write_bytes(SECRET[: N * 4 + 16].ljust(N * 4 + 16, b"!"))
+    (folder / "data" / "weights.bin").unlink()
+    (folder / "data" / "weights.bin").symlink_to(tmp_path / "secret.bin")
+    cuda = get_profile("x86_64-cuda")  # the fp16 pass builds for GPU targets; nothing runs on one here
+    context = PassContext("embedding", get_profile("cpu-generic"), (cuda,), Feeds({"x": x}))
+    (tmp_path / "fp16").mkdir()
+    [candidate] = Float16Pass().apply(reference.model, tmp_path / "fp16", context)
+    assert candidate.error is None
+    assert WEIGHTS.astype(np.float16).tobytes() in candidate.model_path.read_bytes()  # the checked weights
+
+
+def small_run(model: Path, data: Path, out: Path) -> OptimizeRequest:
+    """One round, no memory probe, the generic CPU target: an embedding task over `data` for both sets."""
+    return OptimizeRequest(
+        model=model,
+        name="external",
+        version="1",
+        task="embedding",
+        calibration=data,
+        evaluation=data,
+        out=out,
+        targets=("cpu-generic",),
+        rounds=1,
+        measure_memory=False,
+    )
+
+
+def test_a_run_with_external_data_outside_its_folder_stops_with_a_clear_error(tmp_path: Path) -> None:
+    """Through `run_optimize`: a ConfigError naming the tensor and the location, no output folder left."""
+    (tmp_path / "secret.bin").write_bytes(SECRET)
+    model = write_model(tmp_path / "model", "../secret.bin")
+    np.savez(tmp_path / "data.npz", x=np.ones((16, N), np.float32))
+    request = small_run(model, tmp_path / "data.npz", tmp_path / "out" / "run")
+    with pytest.raises(ConfigError, match=r"tensor 'W' reads external data from '\.\./secret\.bin'"):
+        run_optimize(request, [GraphOptimizationPass(levels=("basic",))])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_on_a_model_with_external_data_in_its_folder_gets_past_the_check(tmp_path: Path) -> None:
+    """The smallest run (graph optimization, basic) of the model whose weights are in `weights.bin` beside it: the
+    checked copy is the fp32 baseline, verified against the reference. (Its variants are not packaged: strata's
+    passes and packages do not carry external data files along yet; that is not what this checks.)"""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.bin").write_bytes(WEIGHTS.tobytes())
+    model = write_model(tmp_path / "model", "weights.bin")
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((32, N)).astype(np.float32))
+    request = small_run(model, tmp_path / "data.npz", tmp_path / "out")
+    report = run_optimize(request, [GraphOptimizationPass(levels=("basic",))])
+    baseline = report.variant("fp32")
+    assert baseline.verified, baseline
+    assert baseline.accuracy["min_cosine"] > 0.999
+    assert report.model["sha256"] == sha256_file(model)[0]
