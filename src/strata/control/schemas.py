@@ -26,6 +26,9 @@ from strata.core.wire import (
 class HealthBody(BaseModel):
     status: str = Field(description="'ok' when the server answers")
     version: str = Field(description="strata version of the server")
+    release_keys: bool = Field(
+        False, description="whether the server has release keys: it then accepts only packages signed by one"
+    )
 
 
 # --- enrollment ------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ router = APIRouter(tags=["system"], responses=COMMON_ERRORS)
 
 
 @router.get("/health", response_model=HealthBody)
-async def health(_caller: AnyCaller) -> dict[str, str]:
-    """Liveness, for any valid admin or node credential."""
-    return {"status": "ok", "version": __version__}
+async def health(plane: Plane, _caller: AnyCaller) -> dict[str, Any]:
+    """Liveness, for any valid admin or node credential; and whether uploads must be signed (`release_keys`)."""
+    return {"status": "ok", "version": __version__, "release_keys": plane.supply.enabled}
 
 
 @router.get("/openapi.json", include_in_schema=False)
