@@ -87,6 +87,19 @@ def tier_tls(fleet: LocalFleet) -> ssl.SSLContext:
     return context
 
 
+@pytest.fixture(scope="module")
+def device_tls(fleet: LocalFleet) -> ssl.SSLContext:
+    """The certificate of another node of the fleet, a device (its agent stopped once enrolled: a compromised
+    device uses its certificate with a client of its own)."""
+    device = fleet.start_agent("dev", "device")
+    trust = device.data_dir / "trust"
+    fleet.wait_for(lambda: (trust / "identity.json").exists(), 60, "the device to enroll", device.process)
+    device.process.stop()
+    context = fleet.tls("dev")
+    context.check_hostname = False
+    return context
+
+
 def memory_kb(agent: AgentHandle, field: str) -> int:
     """VmRSS (resident now) or VmHWM (the peak) of the agent process, in KiB."""
     status = Path(f"/proc/{agent.process.pid}/status").read_text()
@@ -341,15 +354,18 @@ def test_slowloris_connections_are_closed_at_the_deadline(
 
 @pytest.mark.parametrize("listener", ["serve", "tier"])
 def test_connections_past_the_cap_are_refused(agent: AgentHandle, tier_tls: ssl.SSLContext, listener: str) -> None:
+    """The serve port's cap, and on the tier port one node's share of it (a quarter: one certificate cannot reach
+    the cap there, see the next test)."""
     port, context = (agent.serve_port, None) if listener == "serve" else (agent.tier_port, tier_tls)
     assert port is not None
-    held = [connect(port, context) for _ in range(MAX_CONNECTIONS)]
+    cap = MAX_CONNECTIONS if listener == "serve" else MAX_CONNECTIONS // 4
+    held = [connect(port, context) for _ in range(cap)]
     try:
         # no pause needed: the server accepts connections in the order they were made, so this one is the 41st
         with connect(port, context) as extra:
             answer = read_answer(extra, timeout=5)
         assert status_of(answer) == 503
-        assert b"connections open" in answer
+        assert (b"connections open" if listener == "serve" else b"its share of this listener") in answer
         # a held connection still gets answers
         held[0].sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
         held[0].settimeout(5)
@@ -368,6 +384,68 @@ def test_connections_past_the_cap_are_refused(agent: AgentHandle, tier_tls: ssl.
             break
         time.sleep(0.1)
     assert status_of(answer) == 200, answer[:200]
+
+
+def tier_inference(context: ssl.SSLContext, port: int) -> httpx.Response:
+    x = np.zeros((1, 64), dtype=np.float32)
+    payload = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": x.ravel().tolist()}]}
+    return httpx.post(f"https://127.0.0.1:{port}/v2/models/digits/infer", json=payload, verify=context, timeout=30)
+
+
+def test_one_device_cannot_take_the_tier_ports_connections_from_the_others(
+    agent: AgentHandle, tier_tls: ssl.SSLContext, device_tls: ssl.SSLContext
+) -> None:
+    """A compromised device (a valid fleet certificate) opens every connection the near-edge node's tier port
+    serves and keeps them: before, every other node falling back to that node got 503 until it let go. Now one
+    certificate holds at most a quarter of them; the rest are refused at once, and another node is served."""
+    port = agent.tier_port
+    assert port is not None
+    held = [connect(port, device_tls) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.3)  # the server has seen them all
+        assert tier_inference(tier_tls, port).status_code == 200  # another node (here: the node's own certificate)
+        answers = []
+        for sock in held:
+            sock.settimeout(0.3)
+            try:
+                answers.append(sock.recv(4096))
+            except TimeoutError:
+                answers.append(b"")  # being served
+        refused = [a for a in answers if a]
+        assert len(answers) - len(refused) == MAX_CONNECTIONS // 4
+        assert all(status_of(a) == 503 and b"its share of this listener" in a for a in refused), refused[:1]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_one_device_cannot_take_the_tier_ports_body_budget_from_the_others(
+    agent: AgentHandle, tier_tls: ssl.SSLContext, device_tls: ssl.SSLContext
+) -> None:
+    """A compromised device declares large bodies and stalls them on the tier port: before, two held the whole
+    budget (16 MiB) and every other node's inference there was 503 until the body deadline. Now one certificate
+    holds at most its share (one request's 8 MiB here); its second body is refused and another node is served."""
+    port = agent.tier_port
+    assert port is not None
+    head = (
+        f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {MAX_REQUEST_MB * MIB}\r\n\r\n"
+    ).encode()
+    stalled = []
+    try:
+        for _ in range(2):
+            sock = connect(port, device_tls)
+            sock.sendall(head + b"[")
+            stalled.append(sock)
+        time.sleep(0.3)  # the server has read both heads
+        assert tier_inference(tier_tls, port).status_code == 200  # another node is served
+        assert status_of(read_answer(stalled[1], timeout=5)) == 503
+        stalled[0].settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            stalled[0].recv(4096)  # the first is still being read: inside its share
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 # --- the review of finding 4: request heads and pipelined requests outside the budget ----------------------

@@ -266,7 +266,7 @@ class Agent:
             if tier_server is None and self.config.tier_port is not None and self.loop.stored is not None:
                 tier_server = HttpServer(
                     tier_handler,
-                    limits,
+                    limits.with_peer_shares(),  # each device of the site gets its share, not all of them
                     peer_identity=peer_node_id,
                     peer_refusal=self.peers.refusal,
                     release_memory=release_free_memory,
