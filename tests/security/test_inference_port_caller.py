@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -318,8 +319,10 @@ def test_slowloris_connections_are_closed_at_the_deadline(
 ) -> None:
     port, context = (agent.serve_port, None) if listener == "serve" else (agent.tier_port, tier_tls)
     assert port is not None
-    heads = [connect(port, context) for _ in range(10)]  # headers that never end
-    bodies = [connect(port, context) for _ in range(5)]  # a body that never ends
+    # the tier port serves one certificate MAX_CONNECTIONS // 4 connections at once (its share)
+    head_count, body_count = (10, 5) if listener == "serve" else (6, 4)
+    heads = [connect(port, context) for _ in range(head_count)]  # headers that never end
+    bodies = [connect(port, context) for _ in range(body_count)]  # a body that never ends
     started = time.monotonic()
     for sock in heads:
         sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n")
@@ -446,6 +449,46 @@ def test_one_device_cannot_take_the_tier_ports_body_budget_from_the_others(
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_one_device_cannot_take_the_relays_workers_from_the_others(
+    fleet: LocalFleet, agent: AgentHandle, tier_tls: ssl.SSLContext, device_tls: ssl.SSLContext
+) -> None:
+    """A compromised device asks the near-edge relay for pieces of packages that do not exist, all at once, while
+    the control plane is slow to answer (stopped here): each request held one of the event loop's default workers
+    until its authorization timed out (30 s), and another node's request for a piece the relay holds and may
+    serve waited behind them. Now a device has at most two relay requests in flight, on the relay's own workers."""
+    port = agent.tier_port
+    assert port is not None
+    assert fleet.server is not None
+    digest = next(p.name for p in (agent.data_dir / "packages").iterdir() if not p.name.startswith("."))
+    held = f"https://127.0.0.1:{port}/relay/v1/blobs/sha256/{digest}?package={digest}"  # the manifest is a piece
+    with httpx.Client(verify=tier_tls, timeout=20) as other:
+        assert other.get(held).status_code == 200  # authorized once, while the control plane answers
+        fleet.server.signal(signal.SIGSTOP)
+        asking = []
+        try:
+            for n in range(MAX_CONNECTIONS // 4):
+                sock = connect(port, device_tls)
+                sock.sendall(
+                    f"GET /relay/v1/blobs/sha256/{n:064x}?package={n + 1:064x} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                )
+                asking.append(sock)
+            time.sleep(0.5)
+            started = time.monotonic()
+            assert other.get(held).status_code == 200
+            assert time.monotonic() - started < 5
+            busy = []
+            for sock in asking:
+                sock.settimeout(0.2)
+                with contextlib.suppress(TimeoutError):
+                    busy.append(sock.recv(4096))
+            assert len(busy) == len(asking) - 2, busy
+            assert all(status_of(a) == 503 and b"relay requests in flight" in a for a in busy), busy[:1]
+        finally:
+            fleet.server.signal(signal.SIGCONT)
+            for sock in asking:
+                sock.close()
 
 
 # --- the review of finding 4: request heads and pipelined requests outside the budget ----------------------
