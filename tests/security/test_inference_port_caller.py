@@ -133,6 +133,18 @@ def read_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
     return b"".join(chunks)
 
 
+def answers_now(sockets: list[socket.socket], wait: float) -> list[bytes]:
+    """What each socket has been answered, waiting `wait` s on each; b"" for one still being served."""
+    answers = []
+    for sock in sockets:
+        sock.settimeout(wait)
+        try:
+            answers.append(sock.recv(4096))
+        except TimeoutError:
+            answers.append(b"")
+    return answers
+
+
 def status_of(answer: bytes) -> int:
     match = re.match(rb"HTTP/1\.1 (\d{3}) ", answer)
     assert match is not None, answer[:200]
@@ -271,13 +283,7 @@ def test_stalled_bodies_are_bounded_by_the_budget_and_memory_comes_back(agent: A
     try:
         time.sleep(0.3)
         held_mb = (memory_kb(agent, "VmRSS") - baseline) / 1024
-        answers = []
-        for sock in sockets:
-            sock.settimeout(0.2)
-            try:
-                answers.append(sock.recv(4096))
-            except TimeoutError:
-                answers.append(b"")  # still reading its body: inside the budget
+        answers = answers_now(sockets, 0.2)  # b"": still reading its body, inside the budget
         refused = [a for a in answers if a]
         # the budget holds two such bodies; every other one is refused at once with 503 and Retry-After
         assert len(answers) - len(refused) == BUDGET_MB // MAX_REQUEST_MB
@@ -407,13 +413,7 @@ def test_one_device_cannot_take_the_tier_ports_connections_from_the_others(
     try:
         time.sleep(0.3)  # the server has seen them all
         assert tier_inference(tier_tls, port).status_code == 200  # another node (here: the node's own certificate)
-        answers = []
-        for sock in held:
-            sock.settimeout(0.3)
-            try:
-                answers.append(sock.recv(4096))
-            except TimeoutError:
-                answers.append(b"")  # being served
+        answers = answers_now(held, 0.3)  # b"": being served
         refused = [a for a in answers if a]
         assert len(answers) - len(refused) == MAX_CONNECTIONS // 4
         assert all(status_of(a) == 503 and b"its share of this listener" in a for a in refused), refused[:1]
@@ -478,11 +478,7 @@ def test_one_device_cannot_take_the_relays_workers_from_the_others(
             started = time.monotonic()
             assert other.get(held).status_code == 200
             assert time.monotonic() - started < 5
-            busy = []
-            for sock in asking:
-                sock.settimeout(0.2)
-                with contextlib.suppress(TimeoutError):
-                    busy.append(sock.recv(4096))
+            busy = [a for a in answers_now(asking, 0.2) if a]
             assert len(busy) == len(asking) - 2, busy
             assert all(status_of(a) == 503 and b"relay requests in flight" in a for a in busy), busy[:1]
         finally:
