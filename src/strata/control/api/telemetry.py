@@ -9,11 +9,11 @@ from typing import Annotated, Any
 import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 
-from strata.control.api.deps import COMMON_ERRORS, NodeItself, Plane, Reader, read_limited
+from strata.control.api.deps import COMMON_ERRORS, BoundedRoute, NodeItself, Plane, Reader, read_limited
 from strata.control.schemas import TelemetryAckBody, TelemetryBody
 from strata.control.telemetry import MAX_UPLOAD_BYTES
 
-router = APIRouter(tags=["telemetry"], responses=COMMON_ERRORS)
+router = APIRouter(tags=["telemetry"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 
 _BATCH_BODY = {
     "requestBody": {

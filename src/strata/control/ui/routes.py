@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from strata.control.api.deps import BoundedRoute
 from strata.control.auth import Access, Principal, authorize
 from strata.control.inventory import MAX_PAGE, parse_sort
 from strata.control.plane import ControlPlane
@@ -46,7 +47,7 @@ _ASSET: Final = re.compile(r"^[a-z0-9-]+\.(js|css|svg)$")
 _TYPES: Final = {"js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
 _ACTIONS: Final = ("pause", "resume", "abort")
 
-router = APIRouter(prefix=PREFIX, include_in_schema=False)
+router = APIRouter(prefix=PREFIX, include_in_schema=False, route_class=BoundedRoute)
 
 
 def _static(name: str) -> bytes:
