@@ -43,7 +43,13 @@ from strata.control.inventory import NodeView
 from strata.control.nodelogs import open_log_requests
 from strata.control.pki import Pki
 from strata.control.presence import PresenceTracker
-from strata.control.revocation import record_issued, revoke_issued, revoked_certificates
+from strata.control.revocation import (
+    MAX_LIVE_CERTIFICATES,
+    live_certificates,
+    record_issued,
+    revoke_issued,
+    revoked_certificates,
+)
 from strata.core.errors import AuthError, Conflict, Forbidden, NotFound, PackageError
 from strata.core.hashing import canonical_json
 from strata.core.package import check_name
@@ -495,16 +501,28 @@ class FleetService:
         new certificate is accepted by the control plane. Peers still accept the previous one until it expires
         (it may carry connections), unless the node is revoked: `revoke` covers every certificate recorded here.
 
+        A node holds at most MAX_LIVE_CERTIFICATES valid ones: each is listed in every node's desired state once the
+        node is revoked.
+
         Raises:
             AuthError: the CSR is unusable.
+            Conflict: the node holds MAX_LIVE_CERTIFICATES valid certificates already.
             NotFound: no such node, or it was revoked.
             StoreError: the database failed.
         """
         with self._db.transaction() as session:
             node = live_node(session, node_id)
+            now = self._clock()
+            live, first_expiry = live_certificates(session, node_id, now)
+            if live >= MAX_LIVE_CERTIFICATES and first_expiry is not None:
+                minutes = max(1, round((first_expiry - now) / 60))
+                raise Conflict(
+                    f"node {node.name!r} holds {live} certificates that are still valid (at most "
+                    f"{MAX_LIVE_CERTIFICATES}): renew again when the first expires, in about {minutes} min"
+                )
             issued = self._pki.sign_node(csr, node_id, self._cert_hours)
             node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
-            record_issued(session, node_id, node.credential_hash, issued.not_after, self._clock())
+            record_issued(session, node_id, node.credential_hash, issued.not_after, now)
         self._authenticator.forget_node(node_id)
         return CertificateRenewal(certificate=issued.pem.decode(), not_after=issued.not_after)
 
