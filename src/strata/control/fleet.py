@@ -43,6 +43,7 @@ from strata.control.inventory import NodeView
 from strata.control.nodelogs import open_log_requests
 from strata.control.pki import Pki
 from strata.control.presence import PresenceTracker
+from strata.control.quota import RecordBudget
 from strata.control.revocation import (
     MAX_LIVE_CERTIFICATES,
     live_certificates,
@@ -350,6 +351,7 @@ class FleetService:
         self._clock = clock
         self._online_window_s = online_window_s
         self._lock = threading.Lock()
+        self._records = RecordBudget()  # what each node's reports may add to the history and the feed
         self._deployments: tuple[int, tuple[ActiveDeployment, ...]] = (-1, ())
         self._revoked = _PerGeneration[frozenset[str]](frozenset())
         self._log_requests = _PerGeneration[dict[str, LogRequest]]({})
@@ -605,6 +607,8 @@ class FleetService:
         `strata nodes accept`). Placement policies may key on the profile, and a profile adopted by itself would be
         trusted by every deployment made after it. The node still picks, among the variants it is given, the one
         its own hardware runs best. A change of the versions it runs is recorded in the model's history.
+        What its reports add to the history and the feed is budgeted per node (`quota.RecordBudget`): past it, the
+        report is stored and the changes beyond the budget are not recorded.
 
         Raises:
             ProfileError: the status names an unknown hardware profile.
@@ -624,8 +628,15 @@ class FleetService:
             now = self._clock()
             previous = stored_status(node.status)
             changes = activation_events(previous, status)
+            failures = failure_events(node_id, previous, status)
+            wanted = len(changes) + len(failures)
+            granted = self._records.take(node_id, wanted, now)
+            if granted < wanted:
+                if granted:  # the moment its budget runs out, not every report after
+                    log.warning("node %s reports changes faster than they are recorded: some are dropped", node.name)
+                changes, failures = changes[:granted], failures[: max(0, granted - len(changes))]
             session.add_all(record_changes(node_id, changes, now))
-            for event in change_events(node_id, changes) + failure_events(node_id, previous, status):
+            for event in change_events(node_id, changes) + failures:
                 record_event(session, now, event)
             node.status = document
             node.status_at = now
