@@ -16,12 +16,14 @@ from urllib.parse import quote
 import httpx
 
 from strata.core.errors import (
+    UNSIGNED_REFUSED,
     AuthError,
     ConfigError,
     Conflict,
     Forbidden,
     NotFound,
     PackageError,
+    SignatureError,
     StrataError,
     TransportError,
 )
@@ -224,6 +226,8 @@ class ControlClient:
                     if progress is not None:
                         progress(len(piece))
 
+        if signature is None and self.health().get("release_keys"):
+            raise SignatureError(UNSIGNED_REFUSED)  # said before the upload, not after all of it
         headers = {"content-type": "application/x-tar", "content-length": str(tar_path.stat().st_size)}
         if signature is not None:
             headers["x-strata-signature"], headers["x-strata-release-role"] = signature

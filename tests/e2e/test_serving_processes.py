@@ -3,7 +3,9 @@ telemetry counted exactly once across them, and a new version swapped in under l
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import threading
 from pathlib import Path
 
@@ -98,6 +100,29 @@ def test_two_processes_serve_one_node(
 
     fleet.wait_for(lambda: uploaded() >= served, 60, "the node's telemetry", handle.process)
     assert uploaded() == served
+
+    # a serving process that dies again soon after each start is started again later and later (1 s, then 2 s),
+    # where it was started again every second for ever
+    def worker() -> int | None:
+        for pid in Path(f"/proc/{handle.process.pid}/task/{handle.process.pid}/children").read_text().split():
+            if b"strata.agent.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+        return None
+
+    log_path = handle.process.log_path
+
+    def starts() -> int:
+        return log_path.read_text().count("serving process 1 (pid")
+
+    serving = starts()
+    for delay in (1, 2):
+        fleet.wait_for(lambda n=serving: starts() >= n, 30, "the serving process to serve", handle.process)
+        os.kill(fleet.wait_for(worker, 30, "the serving process to run", handle.process), signal.SIGKILL)
+        fleet.wait_for(
+            lambda d=delay: f"starting it again in {d} s" in log_path.read_text(), 30, "the restart", handle.process
+        )
+        serving = starts() + 1  # the next one to serve
+    fleet.wait_for(worker, 30, "the serving process to run again", handle.process)
 
 
 def json_body() -> dict[str, object]:

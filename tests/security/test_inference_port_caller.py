@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -87,6 +88,19 @@ def tier_tls(fleet: LocalFleet) -> ssl.SSLContext:
     return context
 
 
+@pytest.fixture(scope="module")
+def device_tls(fleet: LocalFleet) -> ssl.SSLContext:
+    """The certificate of another node of the fleet, a device (its agent stopped once enrolled: a compromised
+    device uses its certificate with a client of its own)."""
+    device = fleet.start_agent("dev", "device")
+    trust = device.data_dir / "trust"
+    fleet.wait_for(lambda: (trust / "identity.json").exists(), 60, "the device to enroll", device.process)
+    device.process.stop()
+    context = fleet.tls("dev")
+    context.check_hostname = False
+    return context
+
+
 def memory_kb(agent: AgentHandle, field: str) -> int:
     """VmRSS (resident now) or VmHWM (the peak) of the agent process, in KiB."""
     status = Path(f"/proc/{agent.process.pid}/status").read_text()
@@ -117,6 +131,18 @@ def read_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
     except (ConnectionResetError, ssl.SSLError):
         pass
     return b"".join(chunks)
+
+
+def answers_now(sockets: list[socket.socket], wait: float) -> list[bytes]:
+    """What each socket has been answered, waiting `wait` s on each; b"" for one still being served."""
+    answers = []
+    for sock in sockets:
+        sock.settimeout(wait)
+        try:
+            answers.append(sock.recv(4096))
+        except TimeoutError:
+            answers.append(b"")
+    return answers
 
 
 def status_of(answer: bytes) -> int:
@@ -257,13 +283,7 @@ def test_stalled_bodies_are_bounded_by_the_budget_and_memory_comes_back(agent: A
     try:
         time.sleep(0.3)
         held_mb = (memory_kb(agent, "VmRSS") - baseline) / 1024
-        answers = []
-        for sock in sockets:
-            sock.settimeout(0.2)
-            try:
-                answers.append(sock.recv(4096))
-            except TimeoutError:
-                answers.append(b"")  # still reading its body: inside the budget
+        answers = answers_now(sockets, 0.2)  # b"": still reading its body, inside the budget
         refused = [a for a in answers if a]
         # the budget holds two such bodies; every other one is refused at once with 503 and Retry-After
         assert len(answers) - len(refused) == BUDGET_MB // MAX_REQUEST_MB
@@ -305,8 +325,10 @@ def test_slowloris_connections_are_closed_at_the_deadline(
 ) -> None:
     port, context = (agent.serve_port, None) if listener == "serve" else (agent.tier_port, tier_tls)
     assert port is not None
-    heads = [connect(port, context) for _ in range(10)]  # headers that never end
-    bodies = [connect(port, context) for _ in range(5)]  # a body that never ends
+    # the tier port serves one certificate MAX_CONNECTIONS // 4 connections at once (its share)
+    head_count, body_count = (10, 5) if listener == "serve" else (6, 4)
+    heads = [connect(port, context) for _ in range(head_count)]  # headers that never end
+    bodies = [connect(port, context) for _ in range(body_count)]  # a body that never ends
     started = time.monotonic()
     for sock in heads:
         sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n")
@@ -341,15 +363,18 @@ def test_slowloris_connections_are_closed_at_the_deadline(
 
 @pytest.mark.parametrize("listener", ["serve", "tier"])
 def test_connections_past_the_cap_are_refused(agent: AgentHandle, tier_tls: ssl.SSLContext, listener: str) -> None:
+    """The serve port's cap, and on the tier port one node's share of it (a quarter: one certificate cannot reach
+    the cap there, see the next test)."""
     port, context = (agent.serve_port, None) if listener == "serve" else (agent.tier_port, tier_tls)
     assert port is not None
-    held = [connect(port, context) for _ in range(MAX_CONNECTIONS)]
+    cap = MAX_CONNECTIONS if listener == "serve" else MAX_CONNECTIONS // 4
+    held = [connect(port, context) for _ in range(cap)]
     try:
         # no pause needed: the server accepts connections in the order they were made, so this one is the 41st
         with connect(port, context) as extra:
             answer = read_answer(extra, timeout=5)
         assert status_of(answer) == 503
-        assert b"connections open" in answer
+        assert (b"connections open" if listener == "serve" else b"its share of this listener") in answer
         # a held connection still gets answers
         held[0].sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
         held[0].settimeout(5)
@@ -368,6 +393,98 @@ def test_connections_past_the_cap_are_refused(agent: AgentHandle, tier_tls: ssl.
             break
         time.sleep(0.1)
     assert status_of(answer) == 200, answer[:200]
+
+
+def tier_inference(context: ssl.SSLContext, port: int) -> httpx.Response:
+    x = np.zeros((1, 64), dtype=np.float32)
+    payload = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": x.ravel().tolist()}]}
+    return httpx.post(f"https://127.0.0.1:{port}/v2/models/digits/infer", json=payload, verify=context, timeout=30)
+
+
+def test_one_device_cannot_take_the_tier_ports_connections_from_the_others(
+    agent: AgentHandle, tier_tls: ssl.SSLContext, device_tls: ssl.SSLContext
+) -> None:
+    """A compromised device (a valid fleet certificate) opens every connection the near-edge node's tier port
+    serves and keeps them: before, every other node falling back to that node got 503 until it let go. Now one
+    certificate holds at most a quarter of them; the rest are refused at once, and another node is served."""
+    port = agent.tier_port
+    assert port is not None
+    held = [connect(port, device_tls) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.3)  # the server has seen them all
+        assert tier_inference(tier_tls, port).status_code == 200  # another node (here: the node's own certificate)
+        answers = answers_now(held, 0.3)  # b"": being served
+        refused = [a for a in answers if a]
+        assert len(answers) - len(refused) == MAX_CONNECTIONS // 4
+        assert all(status_of(a) == 503 and b"its share of this listener" in a for a in refused), refused[:1]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_one_device_cannot_take_the_tier_ports_body_budget_from_the_others(
+    agent: AgentHandle, tier_tls: ssl.SSLContext, device_tls: ssl.SSLContext
+) -> None:
+    """A compromised device declares large bodies and stalls them on the tier port: before, two held the whole
+    budget (16 MiB) and every other node's inference there was 503 until the body deadline. Now one certificate
+    holds at most its share (one request's 8 MiB here); its second body is refused and another node is served."""
+    port = agent.tier_port
+    assert port is not None
+    head = (
+        f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {MAX_REQUEST_MB * MIB}\r\n\r\n"
+    ).encode()
+    stalled = []
+    try:
+        for _ in range(2):
+            sock = connect(port, device_tls)
+            sock.sendall(head + b"[")
+            stalled.append(sock)
+        time.sleep(0.3)  # the server has read both heads
+        assert tier_inference(tier_tls, port).status_code == 200  # another node is served
+        assert status_of(read_answer(stalled[1], timeout=5)) == 503
+        stalled[0].settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            stalled[0].recv(4096)  # the first is still being read: inside its share
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_one_device_cannot_take_the_relays_workers_from_the_others(
+    fleet: LocalFleet, agent: AgentHandle, tier_tls: ssl.SSLContext, device_tls: ssl.SSLContext
+) -> None:
+    """A compromised device asks the near-edge relay for pieces of packages that do not exist, all at once, while
+    the control plane is slow to answer (stopped here): each request held one of the event loop's default workers
+    until its authorization timed out (30 s), and another node's request for a piece the relay holds and may
+    serve waited behind them. Now a device has at most two relay requests in flight, on the relay's own workers."""
+    port = agent.tier_port
+    assert port is not None
+    assert fleet.server is not None
+    digest = next(p.name for p in (agent.data_dir / "packages").iterdir() if not p.name.startswith("."))
+    held = f"https://127.0.0.1:{port}/relay/v1/blobs/sha256/{digest}?package={digest}"  # the manifest is a piece
+    with httpx.Client(verify=tier_tls, timeout=20) as other:
+        assert other.get(held).status_code == 200  # authorized once, while the control plane answers
+        fleet.server.signal(signal.SIGSTOP)
+        asking = []
+        try:
+            for n in range(MAX_CONNECTIONS // 4):
+                sock = connect(port, device_tls)
+                sock.sendall(
+                    f"GET /relay/v1/blobs/sha256/{n:064x}?package={n + 1:064x} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                )
+                asking.append(sock)
+            time.sleep(0.5)
+            started = time.monotonic()
+            assert other.get(held).status_code == 200
+            assert time.monotonic() - started < 5
+            busy = [a for a in answers_now(asking, 0.2) if a]
+            assert len(busy) == len(asking) - 2, busy
+            assert all(status_of(a) == 503 and b"relay requests in flight" in a for a in busy), busy[:1]
+        finally:
+            fleet.server.signal(signal.SIGCONT)
+            for sock in asking:
+                sock.close()
 
 
 # --- the review of finding 4: request heads and pipelined requests outside the budget ----------------------

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -130,6 +131,11 @@ class ServerLimits:
     # connections the kernel holds before they are accepted; asyncio's default of 100 makes a burst of new
     # clients retry their SYN after a second or more (uvicorn uses 2048 too)
     backlog: int = 2048
+    # what one authenticated peer (`Request.peer`, from its certificate) may hold of the above: on a tier listener
+    # one compromised device must not take every connection or the whole body budget from the other devices of its
+    # site. None: no share (the serve port, whose callers carry no identity).
+    max_peer_connections: int | None = None
+    max_peer_body_bytes_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -144,6 +150,18 @@ class ServerLimits:
         for name in ("keep_alive_timeout", "read_timeout", "header_timeout", "body_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"HTTP server timeout {name} must be positive")
+        for name in ("max_peer_connections", "max_peer_body_bytes_in_flight"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"HTTP server limit {name} must be positive")
+
+    def with_peer_shares(self) -> ServerLimits:
+        """These limits with one peer's share set: a quarter of the connections and of the body budget (at least
+        one request's body), so a single identity leaves room for the others."""
+        return dataclasses.replace(
+            self,
+            max_peer_connections=max(1, self.max_connections // 4),
+            max_peer_body_bytes_in_flight=max(self.max_body_bytes, self.max_body_bytes_in_flight // 4),
+        )
 
 
 _RELEASE_AFTER_BYTES: Final = 1 << 20  # bodies this large leave heap behind worth giving back to the OS
@@ -181,6 +199,8 @@ class HttpServer:
         self._connections: set[_Connection] = set()
         self._accepted = 0  # connections being served (those refused at the cap are not counted)
         self._body_bytes = 0  # request bodies charged to the budget, all connections together
+        self._peer_connections: dict[str, int] = {}  # connections served, by peer identity (with a peer share)
+        self._peer_bytes: dict[str, int] = {}  # bytes charged to the budget, by peer identity (with a peer share)
         self._released = 0  # body bytes released since memory was last given back
         self._release_memory = release_memory
         self._release_timer: asyncio.TimerHandle | None = None
@@ -259,19 +279,32 @@ class HttpServer:
             for connection in connections:
                 connection.drop_if_only_tls_close_left()
 
-    def add(self, connection: _Connection) -> bool:
-        """Track a new connection; False when it is over the connection cap (it is tracked, to be refused)."""
+    def add(self, connection: _Connection, peer: str | None = None) -> str | None:
+        """Track a new connection from `peer`; why it is refused when it is over the connection cap or the peer's
+        share of it (it is tracked, to be refused), else None."""
         self._connections.add(connection)
         if self._accepted >= self._limits.max_connections:
-            return False
+            return f"the server has {self._limits.max_connections} connections open"
+        share = self._limits.max_peer_connections
+        if peer is not None and share is not None:
+            held = self._peer_connections.get(peer, 0)
+            if held >= share:
+                return f"node {peer} has {share} connections open, its share of this listener"
+            self._peer_connections[peer] = held + 1
         self._accepted += 1
-        return True
+        return None
 
-    def discard(self, connection: _Connection, accepted: bool) -> None:
+    def discard(self, connection: _Connection, accepted: bool, peer: str | None = None) -> None:
         if connection in self._connections:
             self._connections.discard(connection)
             if accepted:
                 self._accepted -= 1
+                if peer is not None and peer in self._peer_connections:
+                    left = self._peer_connections[peer] - 1
+                    if left > 0:
+                        self._peer_connections[peer] = left
+                    else:
+                        del self._peer_connections[peer]
 
     @property
     def connections(self) -> int:
@@ -283,20 +316,33 @@ class HttpServer:
         """Request body bytes charged to the budget now."""
         return self._body_bytes
 
-    def charge(self, size: int, force: bool = False) -> bool:
-        """Charge `size` bytes (bodies, and the heads of parsed requests) to the budget; False (nothing charged)
-        when they do not fit, unless `force` (a connection's one request being answered: bounded per connection
-        by the header limits, so health probes are answered while bodies fill the budget)."""
-        if not force and self._body_bytes + size > self._limits.max_body_bytes_in_flight:
-            return False
+    def charge(self, size: int, force: bool = False, peer: str | None = None) -> bool:
+        """Charge `size` bytes (bodies, and the heads of parsed requests) to the budget, and to `peer`'s share of
+        it; False (nothing charged) when they do not fit, unless `force` (a connection's one request being
+        answered: bounded per connection by the header limits, so health probes are answered while bodies fill
+        the budget)."""
+        share = self._limits.max_peer_body_bytes_in_flight if peer is not None else None
+        if not force:
+            if self._body_bytes + size > self._limits.max_body_bytes_in_flight:
+                return False
+            if share is not None and self._peer_bytes.get(peer or "", 0) + size > share:
+                return False
         self._body_bytes += size
+        if share is not None and peer is not None:
+            self._peer_bytes[peer] = self._peer_bytes.get(peer, 0) + size
         return True
 
-    def release(self, size: int) -> None:
+    def release(self, size: int, peer: str | None = None) -> None:
         """Give `size` charged bytes back; once none are in flight after large ones, return the heap."""
         if size <= 0:
             return
         self._body_bytes -= size
+        if peer is not None and peer in self._peer_bytes:
+            left = self._peer_bytes[peer] - size
+            if left > 0:
+                self._peer_bytes[peer] = left
+            else:
+                del self._peer_bytes[peer]
         self.freed(size)
 
     def freed(self, size: int) -> None:
@@ -408,19 +454,18 @@ class _Connection(asyncio.Protocol):
             self._peer = self._server.peer_identity(ssl_object)
         if ssl_object is not None and self._server.peer_refusal is not None:
             self._peer_der = ssl_object.getpeercert(binary_form=True)
-        self._accepted = self._server.add(self)
+        refused = self._server.add(self, self._peer)
+        self._accepted = refused is None
         if self._server.closing:
             self._close()
             return
-        if not self._accepted:
-            self._send_refusal(
-                _Refuse(503, f"the server has {self._limits.max_connections} connections open", _BUSY_HEADERS)
-            )
+        if refused is not None:
+            self._send_refusal(_Refuse(503, refused, _BUSY_HEADERS))
             return
         self._arm(self._limits.keep_alive_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server.discard(self, self._accepted)
+        self._server.discard(self, self._accepted, self._peer)
         self._cancel_timer()
         if self._abort_timer is not None:
             self._abort_timer.cancel()
@@ -433,7 +478,7 @@ class _Connection(asyncio.Protocol):
         self._drop_body()
         for item in self._queue:  # requests read but never answered
             if isinstance(item, _Parsed):
-                self._server.release(item.charged)
+                self._server.release(item.charged, self._peer)
                 item.charged = 0
         self._queue.clear()
         if self._drained is not None and not self._drained.done():
@@ -563,7 +608,7 @@ class _Connection(asyncio.Protocol):
         """
         if size <= 0:
             return
-        if not self._server.charge(size):
+        if not self._server.charge(size, peer=self._peer):
             self._refuse(503, "the server is receiving too many request bodies; retry later", _BUSY_HEADERS)
         self._charged += size
 
@@ -581,7 +626,7 @@ class _Connection(asyncio.Protocol):
             self._drop_body()
             self._refuse(503, f"more than {_MAX_QUEUED} requests are pipelined unanswered", _BUSY_HEADERS)
         head_cost = self._head_size + self._header_count * _HEADER_COST + _REQUEST_COST
-        if not self._server.charge(head_cost, force=not waiting):
+        if not self._server.charge(head_cost, force=not waiting, peer=self._peer):
             self._drop_body()
             self._refuse(503, "the server holds too many requests; retry later", _BUSY_HEADERS)
         self._charged += head_cost
@@ -598,7 +643,7 @@ class _Connection(asyncio.Protocol):
         """Forget the request being parsed (refused, or its connection ended) and give back its budget."""
         self._clear_deadline()
         self._body = []
-        self._server.release(self._charged)
+        self._server.release(self._charged, self._peer)
         self._charged = 0
         self._body_charged = 0
 
@@ -676,7 +721,7 @@ class _Connection(asyncio.Protocol):
         assert transport is not None
         try:
             response = await self._server.call_handler(item.request)
-            self._server.release(item.charged)  # the handler is done with the body
+            self._server.release(item.charged, self._peer)  # the handler is done with the body
             item.charged = 0
             close = not item.keep_alive or self._server.closing or (self._close_after_queue and not self._queue)
             if transport.is_closing():
@@ -694,7 +739,7 @@ class _Connection(asyncio.Protocol):
             self._close()  # `stop` ran out of grace: the peer sees the connection close unanswered
             return
         finally:
-            self._server.release(item.charged)
+            self._server.release(item.charged, self._peer)
             item.charged = 0
             self._task = None
         self._next()

@@ -14,7 +14,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from strata.agent.attestation import Attester
 from strata.agent.children import set_make_room
@@ -116,7 +116,9 @@ class Agent:
         # other nodes are checked against the revocation list of this node's latest desired state
         self.peers = PeerGate(lambda: self.loop.desired)
         # to other nodes (the parent relay): their certs name nodes, not hosts
-        self.peer_transport = H11Transport(peer_refusal=self.peers.refusal)
+        # and a parent must keep its answers coming: one trickling a byte now and then would hold the agent's loop
+        # (and with it every poll for desired state, revocations included) inside one download
+        self.peer_transport = H11Transport(peer_refusal=self.peers.refusal, min_rate=relay_min_rate(config))
         self._tier_context: ssl.SSLContext | None = None
         self.client = ControlPlaneClient(config.server, self.transport, timeout=config.request_timeout_s)
         identity = NodeIdentity(
@@ -266,7 +268,7 @@ class Agent:
             if tier_server is None and self.config.tier_port is not None and self.loop.stored is not None:
                 tier_server = HttpServer(
                     tier_handler,
-                    limits,
+                    limits.with_peer_shares(),  # each device of the site gets its share, not all of them
                     peer_identity=peer_node_id,
                     peer_refusal=self.peers.refusal,
                     release_memory=release_free_memory,
@@ -358,6 +360,17 @@ class Agent:
             self.config.grpc_max_message_bytes / (1 << 20),
         )
         return grpc_server
+
+
+RELAY_MIN_RATE: Final = 16 << 10  # bytes a second a parent relay must send, after the request timeout
+
+
+def relay_min_rate(config: AgentConfig) -> int:
+    """The rate below which a parent relay's answer is cut: `RELAY_MIN_RATE`, or half the node's own download
+    rate limit when that is lower (the node's throttle must not trip it)."""
+    if config.max_download_rate is None:
+        return RELAY_MIN_RATE
+    return max(1, min(RELAY_MIN_RATE, config.max_download_rate // 2))
 
 
 def server_limits(config: AgentConfig) -> ServerLimits:

@@ -70,6 +70,7 @@ class PackageFetcher:
         self.rate_limit = rate_limit
         self.progress = progress
         self.via: PieceSource | None = None
+        self._given_up: set[str] = set()  # relays that broke or stalled during this fetch: not asked again in it
 
     def fetch(self, variant: VariantRef, manifest_limit: int | None = None) -> FetchReport:
         """Fetch the manifest and every missing piece of `variant`, then mark it downloaded.
@@ -83,6 +84,7 @@ class PackageFetcher:
             AuthError, Forbidden, ServerError: the control plane refused.
         """
         report = FetchReport()
+        self._given_up = set()
         manifest = self.store.load_manifest(variant.digest) or self._manifest(variant, report, manifest_limit)
         held = self.store.piece_index()
         limiter = RateLimiter(self.rate_limit)
@@ -102,13 +104,24 @@ class PackageFetcher:
         return report
 
     def _sources(self, sha256: str, variant: VariantRef) -> list[tuple[str, str]]:
+        """(kind, URL) of each source to try for a piece, the parent relays first (but those given up on)."""
         package = digest_hex(variant.digest)
         sources = [
             ("relay", f"{relay.rstrip('/')}/relay/v1/blobs/sha256/{sha256}?package={package}")
             for relay in self.relays()
+            if relay not in self._given_up
         ]
         sources.append(("server", self.client.blob_url(sha256)))
         return sources
+
+    def _give_up_on(self, url: str, exc: StrataError) -> None:
+        """A relay that could not be reached, broke off or sent too slowly is not asked again during this fetch:
+        otherwise each piece would wait out its timeouts again (a stalling parent would hold the agent's loop
+        piece after piece)."""
+        relay = next((r for r in self.relays() if url.startswith(r.rstrip("/") + "/")), None)
+        if relay is not None and isinstance(exc, TransportError):
+            self._given_up.add(relay)
+            log.warning("relay %s failed (%s); fetching the rest of this package from the control plane", relay, exc)
 
     def _manifest(self, variant: VariantRef, report: FetchReport, limit: int | None = None) -> Manifest:
         most = MAX_MANIFEST_BYTES if limit is None else min(limit, MAX_MANIFEST_BYTES)
@@ -134,6 +147,7 @@ class PackageFetcher:
                 if kind == "server":
                     raise
                 log.info("relay could not give the manifest of %s (%s); trying the next source", variant.id, exc)
+                self._give_up_on(url, exc)
                 continue
             if kind == "relay":
                 report.relay_bytes += len(data)
@@ -169,6 +183,7 @@ class PackageFetcher:
                 if kind == "server":
                     raise
                 log.debug("relay could not give piece %s (%s); trying the next source", piece.sha256[:12], exc)
+                self._give_up_on(url, exc)
                 continue
             except StrataError:
                 raise

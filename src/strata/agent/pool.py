@@ -28,8 +28,20 @@ SETUP_TIMEOUT_S: Final = 60.0
 LOAD_TIMEOUT_S: Final = 600.0  # a large model's load and golden check in a busy process
 COLLECT_TIMEOUT_S: Final = 10.0
 COLLECT_INTERVAL_S: Final = 1.0  # serving counts reach probation this late at most
-RESTART_DELAY_S: Final = 1.0
+RESTART_DELAY_S: Final = 1.0  # before a serving process that ended starts again; doubled while it keeps failing
+RESTART_DELAY_MAX_S: Final = 60.0
+STABLE_S: Final = 60.0  # a process that served this long starts again after the first delay when it ends
 STOP_GRACE_S: Final = 10.0
+
+
+def restart_delay(previous: float | None, served_s: float | None) -> float:
+    """How long to wait before starting a serving process again: `RESTART_DELAY_S` after one that served
+    `STABLE_S` or more (or the first time); double the previous delay, up to `RESTART_DELAY_MAX_S`, after one that
+    ended sooner or did not start (`served_s` None), so a process that dies at every start (a model whose load kills
+    it, a broken install) is not started again every second for ever."""
+    if previous is None or (served_s is not None and served_s >= STABLE_S):
+        return RESTART_DELAY_S
+    return min(2 * previous, RESTART_DELAY_MAX_S)
 
 
 @dataclass
@@ -38,6 +50,7 @@ class _Child:
     process: subprocess.Popen[bytes]
     channel: Channel
     reader: asyncio.Task[None]
+    started_at: float = 0.0  # event-loop time when it began to serve
 
 
 class ServingPool:
@@ -78,6 +91,8 @@ class ServingPool:
         self._ready = False
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
+        self._restart_at: dict[int, float] = {}  # by process index: event-loop time it may start again
+        self._restart_delay: dict[int, float] = {}
         self.render: Callable[[list[RegistrySnapshot]], Awaitable[str]] | None = None
 
     @property
@@ -123,10 +138,12 @@ class ServingPool:
                     opened = await self._open(model.digest)
                     await self._load(child, model, opened)
                     await channel.request("activate", {"name": model.name, "digest": model.digest})
+                child.started_at = asyncio.get_running_loop().time()
                 self._children[index] = child
         except StrataError as exc:
-            log.error("serving process %d did not start: %s", index, exc)
             self._kill(child)
+            delay = self._back_off(index, None)
+            log.error("serving process %d did not start: %s; trying again in %g s", index, exc, delay)
             return
         log.info("serving process %d (pid %d) serves on port %d", index, process.pid, self._port)
 
@@ -255,16 +272,30 @@ class ServingPool:
                 child = self._children.get(index)
                 if child is not None and not child.channel.closed.is_set() and child.process.poll() is None:
                     continue
+                now = asyncio.get_running_loop().time()
                 if child is not None:
                     del self._children[index]
                     self._kill(child)
                     status = child.process.returncode
-                    log.warning("serving process %d ended (exit status %s); starting it again", index, status)
-                    await asyncio.sleep(RESTART_DELAY_S)
-                if not self._stopping:
+                    delay = self._back_off(index, now - child.started_at)
+                    log.warning(
+                        "serving process %d ended (exit status %s) after %.0f s; starting it again in %g s",
+                        index,
+                        status,
+                        now - child.started_at,
+                        delay,
+                    )
+                if not self._stopping and now >= self._restart_at.get(index, 0.0):
                     await self._start_child(index)
             with contextlib.suppress(StrataError):
                 await self.collect(metrics=False)
+
+    def _back_off(self, index: int, served_s: float | None) -> float:
+        """Set when process `index` may start again (`restart_delay`); return the delay."""
+        delay = restart_delay(self._restart_delay.get(index), served_s)
+        self._restart_delay[index] = delay
+        self._restart_at[index] = asyncio.get_running_loop().time() + delay
+        return delay
 
     def _kill(self, child: _Child) -> None:
         child.channel.close()

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from strata.agent.httpd import Request, Response
@@ -41,6 +41,8 @@ PREFIX = "/relay/v1/blobs/sha256/"
 AUTH_TTL_S = 600.0
 MAX_PIECE_BYTES = 64 << 20
 PACKAGES_KEPT = 64  # piece sets kept in memory: a site rolls out a few packages at a time
+RELAY_THREADS = 8  # the relay's own workers: its waits on the control plane never hold the event loop's executor
+PER_DEVICE = 2  # requests one device may have in flight (a device fetches its pieces one at a time)
 
 
 class RelayRefused(Forbidden):
@@ -131,6 +133,8 @@ class RelayApp:
         self._pieces = RecentPackages()
         self._inflight: dict[str, Future[bytes]] = {}
         self._opened = _OneFile()
+        self._executor = ThreadPoolExecutor(RELAY_THREADS, thread_name_prefix="strata-relay")
+        self._in_flight: dict[str, int] = {}  # by device; touched on the event loop only
         self.served = registry.counter("strata_relay_bytes_served", "Bytes of package pieces served to devices")
         self.upstream_bytes = registry.counter(
             "strata_relay_upstream_bytes", "Bytes of package pieces fetched from the control plane"
@@ -146,10 +150,25 @@ class RelayApp:
             package = request.query.get("package", "")
             if not request.path.startswith(PREFIX) or not is_hex_sha256(piece) or not is_hex_sha256(package):
                 return Response.error(404, "relay paths are /relay/v1/blobs/sha256/<sha256>?package=<digest hex>")
-            if request.peer is None:
+            device = request.peer
+            if device is None:
                 return Response.error(401, "the relay serves fleet nodes: connect with this fleet's certificate")
-            loop = asyncio.get_running_loop()
-            data = await loop.run_in_executor(None, self._piece_for, request.peer, package, piece)
+            held = self._in_flight.get(device, 0)
+            if held >= PER_DEVICE:
+                # a device (compromised, say) asking for many pieces at once, each waiting on the control plane,
+                # would otherwise take every relay worker from the other devices of its site
+                self.requests.inc("busy")
+                return Response.error(
+                    503, f"node {device} has {held} relay requests in flight; retry later", {"retry-after": "1"}
+                )
+            self._in_flight[device] = held + 1
+            try:
+                loop = asyncio.get_running_loop()
+                data = await loop.run_in_executor(self._executor, self._piece_for, device, package, piece)
+            finally:
+                left = self._in_flight.pop(device) - 1
+                if left:
+                    self._in_flight[device] = left
         except (RelayRefused, RelayUnavailable, RelayTampered) as exc:
             self.requests.inc("refused" if isinstance(exc, RelayRefused) else "unavailable")
             return Response.error(exc.http_status, exc.message)
@@ -261,7 +280,10 @@ class RelayApp:
                 pending = self._inflight[sha] = Future()
         assert pending is not None
         if not owner:
-            return pending.result(timeout=self.timeout * 4)
+            try:
+                return pending.result(timeout=self.timeout * 4)
+            except TimeoutError as exc:
+                raise RelayUnavailable(f"the fetch of piece {sha[:12]} from the control plane is still going") from exc
         try:
             data = self._fetch(sha)
             pending.set_result(data)

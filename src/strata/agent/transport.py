@@ -12,6 +12,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -92,7 +93,12 @@ class _Connection:
         timeout: float,
         ssl_context: ssl.SSLContext | None,
         peer_refusal: Callable[[bytes | None], str | None] | None = None,
+        min_rate: int | None = None,
     ) -> None:
+        self._timeout = timeout
+        self._min_rate = min_rate
+        self._started = time.monotonic()
+        self._received = 0
         try:
             sock = socket.create_connection((target.host, target.port), timeout=timeout)
             if target.scheme == "https":
@@ -110,7 +116,27 @@ class _Connection:
         self.h11 = h11.Connection(h11.CLIENT)
 
     def settimeout(self, timeout: float) -> None:
+        self._timeout = timeout
         self.sock.settimeout(timeout)
+
+    def _recv(self) -> bytes:
+        """The next bytes from the peer. With a minimum rate, an exchange that has not received `min_rate` bytes a
+        second since its first `timeout` seconds is cut (TimeoutError): a peer trickling a byte now and then
+        cannot hold the caller for ever, which a timeout per read alone allows."""
+        if self._min_rate is None:
+            data = self.sock.recv(_READ)
+        else:
+            slow = f"the peer sent {self._received} bytes, slower than {self._min_rate} bytes/s"
+            allowed = self._started + self._timeout + self._received / self._min_rate - time.monotonic()
+            if allowed <= 0:
+                raise TimeoutError(slow)
+            self.sock.settimeout(min(self._timeout, allowed))
+            try:
+                data = self.sock.recv(_READ)
+            except TimeoutError as exc:
+                raise TimeoutError(slow if allowed < self._timeout else str(exc)) from exc
+        self._received += len(data)
+        return data
 
     def send_request(self, method: str, target: _Target, headers: Mapping[str, str], body: bytes | None) -> None:
         fields = [("host", target.netloc), ("user-agent", _USER_AGENT)]
@@ -127,7 +153,7 @@ class _Connection:
         while True:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
-                self.h11.receive_data(self.sock.recv(_READ))
+                self.h11.receive_data(self._recv())
                 continue
             return event
 
@@ -186,10 +212,14 @@ class H11Transport:
         self,
         ssl_context: ssl.SSLContext | None = None,
         peer_refusal: Callable[[bytes | None], str | None] | None = None,
+        min_rate: int | None = None,
     ) -> None:
-        """`peer_refusal`, given a TLS server's certificate (DER), says why not to talk to it, or None."""
+        """`peer_refusal`, given a TLS server's certificate (DER), says why not to talk to it, or None. With
+        `min_rate`, a streamed answer must keep coming at that many bytes a second after its first `timeout`
+        seconds (see `_Connection._recv`)."""
         self._ssl_context = ssl_context
         self._peer_refusal = peer_refusal
+        self._min_rate = min_rate
         self._generation = 0
         self._local = threading.local()
 
@@ -255,7 +285,7 @@ class H11Transport:
             TransportError: the server cannot be reached, or the connection broke.
         """
         target = _target(url)
-        connection = _Connection(target, timeout, self._ssl_context, self._peer_refusal)
+        connection = _Connection(target, timeout, self._ssl_context, self._peer_refusal, self._min_rate)
         try:
             try:
                 connection.send_request(method, target, headers, None)

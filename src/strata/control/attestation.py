@@ -33,13 +33,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from strata.control.db import AttestationChallenge, Database, Node
-from strata.control.feed import ChangeFeed
+from strata.control.feed import ChangeFeed, ThrottledBump
 from strata.core.attest import NONCE_TTL_S, Report, Verdict, judge, judge_tpm, parse_pcr_requirements
 from strata.core.errors import AuthError, Conflict, NotFound
 from strata.trust.attestation import verify_signature
 
 NONCE: Final = "nonce"
 TPM: Final = "tpm"
+# A node's changed verdict wakes every long poll of the fleet (placement may depend on it): at most once in this
+# many seconds, so a node flipping its own verdict in a loop cannot make the control plane do a fleet's work each time.
+VERDICT_BUMP_S: Final = 5.0
 
 
 class AttestationService:
@@ -59,7 +62,7 @@ class AttestationService:
         ConfigError: a TPM CA file does not load, or a required PCR is not BANK:INDEX=HEX.
         """
         self._db = db
-        self._feed = feed
+        self._bump = ThrottledBump(feed, VERDICT_BUMP_S)
         self._clock = clock
         self.allowlist = frozenset(allowlist)
         self.tpm_pcrs = parse_pcr_requirements(tpm_pcrs)
@@ -173,7 +176,7 @@ class AttestationService:
             node.attested_at = self._clock()
             node.attestation_detail = verdict.reason
         if changed:
-            self._feed.bump()  # placement policies that require attestation now decide differently
+            self._bump()  # placement policies that require attestation now decide differently
         return verdict
 
     def tpm_challenge(self, node_id: str, ek_public: str, ek_certificate: str | None, ak_public: str) -> dict[str, Any]:

@@ -129,6 +129,47 @@ class ChangeFeed:
                 loop.call_soon_threadsafe(_wake_many, futures)
 
 
+class ThrottledBump:
+    """`feed.bump` at most once per `interval_s` (time.monotonic): the first call bumps at once, later ones within
+    the interval make one bump at its end, so no change is left unannounced.
+
+    For the bumps a node can cause by itself (its attestation verdict changing): each wakes every long poll of the
+    fleet and makes every node's desired state be computed again, so a node flipping its verdict in a loop would
+    cost the control plane a fleet's work per flip.
+    """
+
+    def __init__(self, feed: ChangeFeed, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._feed = feed
+        self._interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        self._pending = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._pending:
+                return  # the bump at the end of this interval announces this change too
+            now = self._clock()
+            now_bump = self._last is None or now - self._last >= self._interval_s
+            if now_bump:
+                self._last = now
+            else:
+                assert self._last is not None
+                self._pending = True
+                timer = threading.Timer(self._last + self._interval_s - now, self._fire)
+                timer.daemon = True
+                timer.start()
+        if now_bump:
+            self._feed.bump()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self._pending = False
+            self._last = self._clock()
+        self._feed.bump()
+
+
 class Nudge:
     """A wake-up call from any thread to one waiter on an event loop (status reports nudge the rollout driver).
 

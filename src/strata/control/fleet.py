@@ -43,7 +43,14 @@ from strata.control.inventory import NodeView
 from strata.control.nodelogs import open_log_requests
 from strata.control.pki import Pki
 from strata.control.presence import PresenceTracker
-from strata.control.revocation import record_issued, revoke_issued, revoked_certificates
+from strata.control.quota import RecordBudget
+from strata.control.revocation import (
+    MAX_LIVE_CERTIFICATES,
+    live_certificates,
+    record_issued,
+    revoke_issued,
+    revoked_certificates,
+)
 from strata.core.errors import AuthError, Conflict, Forbidden, NotFound, PackageError
 from strata.core.hashing import canonical_json
 from strata.core.package import check_name
@@ -344,6 +351,7 @@ class FleetService:
         self._clock = clock
         self._online_window_s = online_window_s
         self._lock = threading.Lock()
+        self._records = RecordBudget()  # what each node's reports may add to the history and the feed
         self._deployments: tuple[int, tuple[ActiveDeployment, ...]] = (-1, ())
         self._revoked = _PerGeneration[frozenset[str]](frozenset())
         self._log_requests = _PerGeneration[dict[str, LogRequest]]({})
@@ -495,16 +503,28 @@ class FleetService:
         new certificate is accepted by the control plane. Peers still accept the previous one until it expires
         (it may carry connections), unless the node is revoked: `revoke` covers every certificate recorded here.
 
+        A node holds at most MAX_LIVE_CERTIFICATES valid ones: each is listed in every node's desired state once the
+        node is revoked.
+
         Raises:
             AuthError: the CSR is unusable.
+            Conflict: the node holds MAX_LIVE_CERTIFICATES valid certificates already.
             NotFound: no such node, or it was revoked.
             StoreError: the database failed.
         """
         with self._db.transaction() as session:
             node = live_node(session, node_id)
+            now = self._clock()
+            live, first_expiry = live_certificates(session, node_id, now)
+            if live >= MAX_LIVE_CERTIFICATES and first_expiry is not None:
+                minutes = max(1, round((first_expiry - now) / 60))
+                raise Conflict(
+                    f"node {node.name!r} holds {live} certificates that are still valid (at most "
+                    f"{MAX_LIVE_CERTIFICATES}): renew again when the first expires, in about {minutes} min"
+                )
             issued = self._pki.sign_node(csr, node_id, self._cert_hours)
             node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
-            record_issued(session, node_id, node.credential_hash, issued.not_after, self._clock())
+            record_issued(session, node_id, node.credential_hash, issued.not_after, now)
         self._authenticator.forget_node(node_id)
         return CertificateRenewal(certificate=issued.pem.decode(), not_after=issued.not_after)
 
@@ -587,6 +607,8 @@ class FleetService:
         `strata nodes accept`). Placement policies may key on the profile, and a profile adopted by itself would be
         trusted by every deployment made after it. The node still picks, among the variants it is given, the one
         its own hardware runs best. A change of the versions it runs is recorded in the model's history.
+        What its reports add to the history and the feed is budgeted per node (`quota.RecordBudget`): past it, the
+        report is stored and the changes beyond the budget are not recorded.
 
         Raises:
             ProfileError: the status names an unknown hardware profile.
@@ -606,8 +628,15 @@ class FleetService:
             now = self._clock()
             previous = stored_status(node.status)
             changes = activation_events(previous, status)
+            failures = failure_events(node_id, previous, status)
+            wanted = len(changes) + len(failures)
+            granted = self._records.take(node_id, wanted, now)
+            if granted < wanted:
+                if granted:  # the moment its budget runs out, not every report after
+                    log.warning("node %s reports changes faster than they are recorded: some are dropped", node.name)
+                changes, failures = changes[:granted], failures[: max(0, granted - len(changes))]
             session.add_all(record_changes(node_id, changes, now))
-            for event in change_events(node_id, changes) + failure_events(node_id, previous, status):
+            for event in change_events(node_id, changes) + failures:
                 record_event(session, now, event)
             node.status = document
             node.status_at = now

@@ -15,8 +15,9 @@ itself), so the list stays as short as the revocations of the last certificate l
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from strata.control.db import NodeCertificate
@@ -25,6 +26,28 @@ from strata.control.db import NodeCertificate
 def unexpired(entries: Iterable[tuple[str, float]], now: float) -> frozenset[str]:
     """The hashes of the (hash, not_after) entries whose certificate is still valid at `now`."""
     return frozenset(sha256 for sha256, not_after in entries if not_after > now)
+
+
+# The most certificates one node may hold that are still valid and not revoked: an agent renews at two thirds of a
+# lifetime, so it holds one (two for the moment after renewing). Each one a node holds is listed in every node's
+# desired state once the node is revoked: without a bound, a compromised node renewing in a loop would grow the
+# whole fleet's desired states by 67 bytes a renewal, for a certificate lifetime.
+MAX_LIVE_CERTIFICATES: Final = 4
+
+
+def live_certificates(session: Session, node_id: str, now: float) -> tuple[int, float | None]:
+    """How many certificates recorded for `node_id` are still valid and not revoked at `now`, and when the first of
+    them expires (None: there are none).
+
+    Raises:
+        SQLAlchemyError: the database failed.
+    """
+    row = session.execute(
+        select(func.count(), func.min(NodeCertificate.not_after)).where(
+            NodeCertificate.node_id == node_id, NodeCertificate.revoked_at.is_(None), NodeCertificate.not_after > now
+        )
+    ).one()
+    return int(row[0]), None if row[1] is None else float(row[1])
 
 
 def record_issued(session: Session, node_id: str, sha256: str, not_after: float, now: float) -> None:

@@ -6,7 +6,7 @@ those dataclasses before a service sees them, and services return dataclasses th
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, BeforeValidator, Field
 
@@ -26,6 +26,9 @@ from strata.core.wire import (
 class HealthBody(BaseModel):
     status: str = Field(description="'ok' when the server answers")
     version: str = Field(description="strata version of the server")
+    release_keys: bool = Field(
+        False, description="whether the server has release keys: it then accepts only packages signed by one"
+    )
 
 
 # --- enrollment ------------------------------------------------------------------------------------------
@@ -212,14 +215,20 @@ class FailureBody(BaseModel):
     )
 
 
+# The most models, and the most failures, one status report may list.
+MAX_STATUS_ENTRIES: Final = 256
+
+
 class NodeStatusBody(BaseModel):
     tier: Tier
     labels: dict[str, str] = Field(default_factory=dict)
     profile: str
     emulated: bool = False
     agent_version: str = Field("", max_length=128)
-    models: list[ModelStatusBody] = Field(default_factory=list)
-    failures: list[FailureBody] = Field(default_factory=list)
+    # Each entry of a report can add a row to the model history and the event feed: a node may not claim more than
+    # it could be given (an agent reports the models it runs and the failures of its current desired state).
+    models: list[ModelStatusBody] = Field(default_factory=list, max_length=MAX_STATUS_ENTRIES)
+    failures: list[FailureBody] = Field(default_factory=list, max_length=MAX_STATUS_ENTRIES)
     desired_etag: str | None = Field(
         None, max_length=80, description="ETag of the desired state the node last received"
     )

@@ -36,7 +36,7 @@ from strata.control.errors import StoreError
 from strata.control.feed import ChangeFeed
 from strata.control.fleet import DesiredDocument
 from strata.control.lease import serialize
-from strata.core.errors import ConfigError, Conflict, NotFound, SignatureError
+from strata.core.errors import UNSIGNED_REFUSED, ConfigError, Conflict, NotFound, SignatureError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import canonical_json
 from strata.core.package import Manifest, Package, unpack_tar
@@ -282,12 +282,7 @@ class SupplyService:
         """
         if signature is None:
             if self.enabled:
-                raise SignatureError(
-                    "this server accepts only packages signed by a release key: `strata model push ... --sign-key "
-                    "release.key` (`strata optimize ... --push --sign-key release.key`), or build and sign where the "
-                    "key is (`strata package build`, `strata model sign PKG --key release.key`) and upload with "
-                    "`strata package push PKG`"
-                )
+                raise SignatureError(UNSIGNED_REFUSED)
             return None
         if not self.enabled:
             raise SignatureError("this server has no release keys (strata server --release-key PUB.pem) to check with")

@@ -132,6 +132,16 @@ class SignatureError(VerificationError):
     code = "signature_invalid"
 
 
+# What a server with release keys says to an unsigned upload (and the CLI, having asked `/v1/health` first, before it
+# sends a byte of the package).
+UNSIGNED_REFUSED = (
+    "this server accepts only packages signed by a release key: `strata model push ... --sign-key "
+    "release.key` (`strata optimize ... --push --sign-key release.key`), or build and sign where the "
+    "key is (`strata package build`, `strata model sign PKG --key release.key`) and upload with "
+    "`strata package push PKG`"
+)
+
+
 class MetadataError(VerificationError):
     """TUF metadata was refused: stale, rolled back, mixed from different states, too large, badly signed, or the
     repositories disagree about a target."""

@@ -87,3 +87,14 @@ def test_a_model_that_requires_attestation_reaches_attested_nodes_only(
     assert send(server, tampered, report_for(server, tampered, code="sha256:" + "c" * 64)).json()["attested"] is False
     assert [m["name"] for m in server.desired(honest).json()["models"]] == ["secret"]
     assert server.desired(tampered).json()["models"] == []
+
+
+def test_a_node_flipping_its_verdict_cannot_wake_the_whole_fleet_each_time(server: Harness) -> None:
+    """A changed verdict wakes every long poll and recomputes every node's desired state; a node holding the
+    release (it passes) and sending a report that fails could flip its verdict as fast as it can call."""
+    node = server.enroll("edge")
+    generation = server.plane.feed.generation
+    for _ in range(5):
+        assert send(server, node, report_for(server, node)).json()["attested"] is True
+        assert send(server, node, report_for(server, node, code="sha256:" + "b" * 64)).json()["attested"] is False
+    assert server.plane.feed.generation - generation <= 2  # at once, then once at the end of the interval

@@ -11,6 +11,7 @@ import pytest
 from control_harness import Harness, StartServer, cert_headers, node_key_and_csr
 
 from strata.control.api.system import READY_CACHE_S
+from strata.control.revocation import MAX_LIVE_CERTIFICATES
 from strata.control.settings import ServerSettings
 from strata.testing.postgres import PostgresCluster
 
@@ -145,6 +146,28 @@ def test_a_renewed_certificate_replaces_the_old_one_at_once(server: Harness) -> 
     assert server.client.get(f"/v1/nodes/{node.node_id}/desired", headers=node.headers).status_code == 401
     fresh = cert_headers(renewed.json()["certificate"])
     assert server.client.get(f"/v1/nodes/{node.node_id}/desired", headers=fresh).status_code == 200
+
+
+def test_a_node_renewing_in_a_loop_cannot_grow_every_nodes_revocation_list(server: Harness) -> None:
+    """Each certificate a node holds is listed in every node's desired state once it is revoked: a compromised node
+    renewing in a loop (200 renewals took a second) grew the whole fleet's desired states by 67 bytes each."""
+    bad, good = server.enroll("edge-bad"), server.enroll("edge-good")
+    headers, csr = bad.headers, node_key_and_csr("edge-bad")
+    for _ in range(MAX_LIVE_CERTIFICATES - 1):  # its enrollment's certificate is the first
+        renewed = server.client.post(f"/v1/nodes/{bad.node_id}/certificate", json={"csr": csr}, headers=headers)
+        assert renewed.status_code == 200, renewed.text
+        headers = cert_headers(renewed.json()["certificate"])
+    refused = server.client.post(f"/v1/nodes/{bad.node_id}/certificate", json={"csr": csr}, headers=headers)
+    assert refused.status_code == 409, refused.text
+    assert "renew again when the first expires" in refused.json()["error"]
+    assert server.client.get(f"/v1/nodes/{bad.node_id}/desired", headers=headers).status_code == 200  # still in
+    assert server.client.delete(f"/v1/nodes/{bad.node_id}", headers=server.admin).status_code == 204
+    assert len(server.desired(good).json()["revoked_certificates"]) == MAX_LIVE_CERTIFICATES
+    # An agent renews at two thirds of a lifetime: once its older certificates expire it renews again.
+    node = server.enroll("edge-1")
+    server.clock.advance(server.plane.settings.node_cert_hours * 3600 * 2 / 3)
+    renewed = server.client.post(f"/v1/nodes/{node.node_id}/certificate", json={"csr": csr}, headers=node.headers)
+    assert renewed.status_code == 200, renewed.text
 
 
 def test_a_revoked_node_is_cut_off_at_once(server: Harness) -> None:

@@ -9,6 +9,9 @@ from typing import Any
 from control_harness import T0, Harness, NodeCredentials, StartServer, recorded_statements, writes
 from sqlalchemy import create_engine, text
 
+from strata.control.api.deps import MAX_JSON_BODY_BYTES
+from strata.control.quota import NODE_RECORDS, NODE_RECORDS_PER_S
+from strata.control.schemas import MAX_STATUS_ENTRIES
 from strata.control.settings import ServerSettings
 
 
@@ -216,3 +219,56 @@ def test_what_a_node_reports_reaches_the_operators_terminal_as_text(server: Harn
     assert "1.0\\x1b]0;owned\\x07" in detail.getvalue()
     assert "bad\\x1b[2J\\x1b[Hgolden" in detail.getvalue()
     assert "lab\\u202eevil" in detail.getvalue()
+
+
+def test_a_node_cannot_flood_the_feed_or_the_server_through_its_reports(server: Harness) -> None:
+    """A compromised node holds a valid certificate: one report of thousands of made-up models and failures
+    would add a history row and feed events for each (10 MB made 15,000 rows), be stored, and be parsed again
+    in every operator's node listing; and a JSON body of any size was read whole, before enrollment checks a
+    token too."""
+    node = server.enroll("edge-1")
+    big = b'{"token": "' + b"a" * MAX_JSON_BODY_BYTES + b'"}'
+    for path, headers in (("/v1/enroll", {}), (f"/v1/nodes/{node.node_id}/status", node.headers)):
+        response = server.client.request(
+            "POST" if path == "/v1/enroll" else "PUT",
+            path,
+            content=big,
+            headers={**headers, "content-type": "application/json"},
+        )
+        assert response.status_code == 413, response.text
+        assert response.json()["code"] == "payload_too_large"
+    entries = MAX_STATUS_ENTRIES + 1
+    model = {"version": "1", "variant": "v", "digest": "sha256:" + "a" * 64, "activated_at": 1.0}
+    flood = _status(
+        models=[{**model, "name": f"m{k}"} for k in range(entries)],
+        failures=[{"model": f"m{k}", "version": "2", "reason": "bad", "at": 1.0} for k in range(entries)],
+    )
+    response = server.client.put(f"/v1/nodes/{node.node_id}/status", json=flood, headers=node.headers)
+    assert response.status_code == 422, response.text
+    assert "256" in response.json()["error"]
+    assert server.client.get("/v1/events", headers=server.admin).json()[-1]["kind"] == "enrolled"
+    assert _put(server, node, _status(models=[{**model, "name": f"m{k}"} for k in range(8)])) == 204
+
+
+def test_what_a_nodes_reports_add_to_the_feed_is_budgeted(server: Harness) -> None:
+    """Every report may name new failures (a made-up reason each time): each is an event. A compromised node
+    reporting new ones in a loop grew the feed without bound; its budget stops that, and refills with time."""
+    node = server.enroll("edge-1")
+
+    def failures(round_: int) -> dict[str, Any]:
+        failed = [{"model": "m", "version": "1", "reason": f"r{round_}-{k}", "at": 1.0} for k in range(200)]
+        return _status(failures=failed)
+
+    def feed_size() -> int:
+        return len(server.client.get("/v1/events", params={"limit": 5000}, headers=server.admin).json())
+
+    before = feed_size()
+    for round_ in range(NODE_RECORDS // 200 + 2):
+        assert _put(server, node, failures(round_)) == 204  # the report itself is stored
+    assert feed_size() - before == NODE_RECORDS
+    assert server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()["failures"][0]["reason"] == (
+        f"r{NODE_RECORDS // 200 + 1}-0"
+    )
+    server.clock.advance(10 / NODE_RECORDS_PER_S)
+    assert _put(server, node, failures(99)) == 204
+    assert feed_size() - before == NODE_RECORDS + 10

@@ -74,6 +74,12 @@ def test_with_release_keys_an_unsigned_upload_is_refused(
     assert supply_server.client.get("/v1/models", headers=supply_server.admin).json() == []
 
 
+def test_health_says_whether_uploads_must_be_signed(supply_server: Harness, server: Harness) -> None:
+    # What the CLI asks before it uploads an unsigned package (and refuses at once, not after the whole upload).
+    assert supply_server.client.get("/v1/health", headers=supply_server.admin).json()["release_keys"] is True
+    assert server.client.get("/v1/health", headers=server.admin).json()["release_keys"] is False
+
+
 def test_a_package_signed_by_an_unknown_key_is_refused(
     supply_server: Harness, digits_onnx: Path, other_keys: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -422,3 +422,27 @@ def test_telemetry_older_than_the_retention_is_not_stored_only_to_be_swept(serve
         assert f'strata_telemetry_expired_rows_total{{kind="{kind}"}} 2.0' in metrics
     nothing = {"minutes": 0, "events": 0, "drift": 0, "batches": 0}
     assert server.plane.telemetry.sweep(RETENTION, chunk=2, pause_s=0) == nothing
+
+
+def test_a_telemetry_query_reads_a_bounded_number_of_rows(
+    server: Harness, make_package: Callable[..., bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`since` reaches back 90 days over the whole fleet: 100,000 stored minutes made a 25 MB answer in 7 s, all
+    held by the server, and a read token could ask again and again. Past the bound the query is refused (422)."""
+    monkeypatch.setattr("strata.control.api.telemetry.MAX_QUERY_ROWS", 50)
+    assert server.upload(make_package()).status_code == 201
+    nodes = [server.enroll(f"edge-{k}") for k in range(2)]
+    now = int(server.clock.now // 60)
+    row = {"model": "digits", "version": "1", "variant": "v", "requests": 1, "errors": 0, "items": 1}
+    timing = {"latency_sum_us": 1, "queue_sum_us": 0, "latency": [1] + [0] * (BUCKETS - 1)}
+    with server.plane.db.transaction() as session:
+        for node in nodes:
+            for k in range(30):
+                session.add(TelemetryMinute(node_id=node.node_id, minute=now - k, **row, **timing))
+    asked = {"model": "digits", "since": 90 * 86400}
+    refused = server.client.get("/v1/telemetry", params=asked, headers=server.admin)
+    assert refused.status_code == 422, refused.text
+    assert "more than 50 rows of telemetry match: ask for one node" in refused.json()["error"]
+    one = server.client.get("/v1/telemetry", params={**asked, "node": "edge-0"}, headers=server.admin)
+    assert one.status_code == 200, one.text
+    assert len(one.json()["minutes"]) == 30

@@ -19,7 +19,7 @@ from supply_harness import make_signed, upload_signed
 from strata.control.settings import ServerSettings
 from strata.control.supply import PackageRole
 from strata.control.ui.console import optimizer_report, tuf_status
-from strata.control.ui.routes import MAX_EVENT_STREAMS
+from strata.control.ui.routes import MAX_EVENT_STREAMS, MAX_EVENT_STREAMS_PER_TOKEN
 from strata.control.ui.session import COOKIE, csrf_token
 from strata.core.package import tar_bytes
 from strata.core.telemetry import BUCKETS, DriftRow, MinuteRow, TelemetryBatch, bucket_of, encode_batch
@@ -423,3 +423,16 @@ def test_event_streams_are_bounded_per_server(server: Harness) -> None:
     refused = server.client.get("/ui/api/events", headers=read)
     assert refused.status_code == 503
     assert f"{MAX_EVENT_STREAMS} console event streams" in refused.json()["error"]
+
+
+def test_one_token_cannot_take_every_event_stream_of_the_server(server: Harness) -> None:
+    # The bound per server is shared by every operator: a read token opening it all would leave every other
+    # console without live updates. Each token has its own few.
+    read = cookie(token_of(server, "read"))
+    [listed] = [t for t in server.client.get("/v1/api-tokens", headers=server.admin).json() if t["scope"] == "read"]
+    server.client.app.app.state.console_streams_by_token[listed["id"]] = MAX_EVENT_STREAMS_PER_TOKEN
+    server.client.app.app.state.console_streams[0] = MAX_EVENT_STREAMS_PER_TOKEN
+    with server.client.stream("GET", "/ui/api/events", headers=read) as refused:
+        assert refused.status_code == 503
+        said = refused.read().decode()
+    assert f"{MAX_EVENT_STREAMS_PER_TOKEN} console event streams are open with this token" in said

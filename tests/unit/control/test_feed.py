@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 
-from strata.control.feed import ChangeFeed
+from strata.control.feed import ChangeFeed, ThrottledBump
 
 
 def test_a_bump_from_another_thread_wakes_a_waiter_at_once() -> None:
@@ -51,3 +51,18 @@ def test_closing_ends_every_wait() -> None:
     assert time.monotonic() - started < 2
     assert feed.closed
     assert asyncio.run(feed.wait_beyond(0, timeout=10)) == 0
+
+
+def test_a_throttled_bump_announces_at_once_then_once_at_the_end_of_its_interval() -> None:
+    feed = ChangeFeed()
+    bump = ThrottledBump(feed, 0.05)
+    for _ in range(10):
+        bump()
+    assert feed.generation == 1  # the first at once, the other nine wait for the interval's end
+    deadline = time.monotonic() + 5
+    while feed.generation < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert feed.generation == 2  # one bump announces all nine
+    bump()  # a quiet interval has passed: at once again
+    assert feed.generation == 3

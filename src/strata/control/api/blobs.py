@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import FileResponse
 
-from strata.control.api.deps import COMMON_ERRORS, AnyCaller, Plane
+from strata.control.api.deps import COMMON_ERRORS, AnyCaller, BoundedRoute, Plane
 from strata.control.schemas import ErrorBody
 
-router = APIRouter(tags=["blobs"], responses=COMMON_ERRORS)
+router = APIRouter(tags=["blobs"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 
 
 @router.get(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from strata.control.api.deps import COMMON_ERRORS, Admin, Plane, Reader
+from strata.control.api.deps import COMMON_ERRORS, Admin, BoundedRoute, Plane, Reader
 from strata.control.deployments import DeploymentInfo
 from strata.control.schemas import DeploymentBody, DeploymentRequest, ErrorBody
 
-router = APIRouter(tags=["deployments"], responses=COMMON_ERRORS)
+router = APIRouter(tags=["deployments"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 
 
 @router.post(

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Annotated, Any, Final
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Request, Response, Security
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Message
 
 from strata.control.auth import Access, Principal, authorize
 from strata.control.errors import PayloadTooLarge
@@ -22,6 +24,11 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorBody, "description": "the caller may not do this"},
     422: {"model": ErrorBody, "description": "the request is malformed"},
 }
+
+# What a route with a JSON body (`BoundedRoute`) reads: every such body (a node's status report, an enrollment, an
+# attestation report, a deployment) is a few KiB; the uploads that are larger read their own stream, each with its
+# own limit (`read_limited`).
+MAX_JSON_BODY_BYTES: Final = 1024 * 1024
 
 _bearer = HTTPBearer(auto_error=False, description="admin token, or a node credential from enrollment")
 
@@ -42,6 +49,33 @@ async def read_limited(request: Request, limit: int, what: str) -> bytes:
             raise PayloadTooLarge(f"{what} may be at most {limit} bytes")
         parts.append(piece)
     return b"".join(parts)
+
+
+class BoundedRoute(APIRoute):
+    """A route whose declared JSON body is read with `read_limited` (MAX_JSON_BODY_BYTES) before FastAPI parses it:
+    without it a caller (before any credential is checked: `POST /v1/enroll`; or a node, `PUT .../status`) could
+    send a body of any size, held in memory and parsed whole. Routes that read their request stream themselves
+    declare no body and keep their own limits."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def bounded(request: Request) -> Response:
+            body = await read_limited(request, MAX_JSON_BODY_BYTES, "a request body")
+            sent = False
+
+            async def replay() -> Message:
+                nonlocal sent
+                if sent:
+                    return await request.receive()
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            return await handler(Request(request.scope, replay))
+
+        return bounded
 
 
 async def get_plane(request: Request) -> ControlPlane:

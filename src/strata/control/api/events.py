@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from strata.control.api.deps import COMMON_ERRORS, Plane, Reader
+from strata.control.api.deps import COMMON_ERRORS, BoundedRoute, Plane, Reader
 from strata.control.events import EVENT_KINDS, MAX_EVENTS, Event
 from strata.control.schemas import EventBody
 
-router = APIRouter(tags=["events"], responses=COMMON_ERRORS)
+router = APIRouter(tags=["events"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 
 
 @router.get("/events", response_model=list[EventBody])

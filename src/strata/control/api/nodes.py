@@ -12,6 +12,7 @@ from strata.control.api.deps import (
     COMMON_ERRORS,
     Admin,
     AnyCaller,
+    BoundedRoute,
     NodeItself,
     Plane,
     Reader,
@@ -58,7 +59,7 @@ from strata.control.topology import Topology, node_topology
 from strata.core.errors import AuthError
 from strata.core.wire import EnrollResponse, NodeStatus, ProtocolError, parse_selector
 
-router = APIRouter(tags=["nodes"], responses=COMMON_ERRORS)
+router = APIRouter(tags=["nodes"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 _enrollment_bearer = HTTPBearer(auto_error=False, description="an enrollment token")
 
 

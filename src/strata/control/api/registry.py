@@ -8,13 +8,13 @@ import anyio.from_thread
 import anyio.to_thread
 from fastapi import APIRouter, Request, Response
 
-from strata.control.api.deps import COMMON_ERRORS, Admin, Plane, Reader
+from strata.control.api.deps import COMMON_ERRORS, Admin, BoundedRoute, Plane, Reader
 from strata.control.registry import AddedPackage, ModelInfo, VersionInfo
 from strata.control.schemas import ErrorBody, ModelBody, PackageAddedBody, VersionBody
 from strata.core.wire import ProtocolError
 from strata.trust.release import SignedRelease
 
-router = APIRouter(tags=["registry"], responses=COMMON_ERRORS)
+router = APIRouter(tags=["registry"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 
 _TAR_BODY = {
     "requestBody": {

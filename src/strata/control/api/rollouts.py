@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from strata.control.api.deps import COMMON_ERRORS, Admin, Plane, Reader
+from strata.control.api.deps import COMMON_ERRORS, Admin, BoundedRoute, Plane, Reader
 from strata.control.gates import merge_gates, parse_gate
 from strata.control.history import HistoryEvent
 from strata.control.pins import PinInfo
@@ -14,7 +14,7 @@ from strata.control.rollout_plan import RolloutSpec, parse_waves
 from strata.control.rollouts import RolloutView
 from strata.control.schemas import ErrorBody, HistoryEventBody, PinBody, PinRequest, RolloutBody, RolloutRequest
 
-router = APIRouter(tags=["rollouts"], responses=COMMON_ERRORS)
+router = APIRouter(tags=["rollouts"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 
 _CONFLICT: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody}, 409: {"model": ErrorBody}}
 

@@ -6,12 +6,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Response
 
-from strata.control.api.deps import COMMON_ERRORS, Admin, AnyCaller, Plane, SelfOrAdmin
+from strata.control.api.deps import COMMON_ERRORS, Admin, AnyCaller, BoundedRoute, Plane, SelfOrAdmin
 from strata.control.schemas import ErrorBody, SignatureBody, SignatureRequest
 from strata.control.supply import SignatureInfo
 from strata.trust.release import SignedRelease
 
-router = APIRouter(tags=["supply"], responses=COMMON_ERRORS)
+router = APIRouter(tags=["supply"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 
 _METADATA: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/json": {}}, "description": "TUF metadata, as signed"},

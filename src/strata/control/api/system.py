@@ -12,18 +12,18 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry
 
 from strata import __version__
-from strata.control.api.deps import COMMON_ERRORS, AnyCaller, Plane, Reader
+from strata.control.api.deps import COMMON_ERRORS, AnyCaller, BoundedRoute, Plane, Reader
 from strata.control.errors import StoreError
 from strata.control.metrics import CONTENT_TYPE, render
 from strata.control.schemas import HealthBody
 
-router = APIRouter(tags=["system"], responses=COMMON_ERRORS)
+router = APIRouter(tags=["system"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 
 
 @router.get("/health", response_model=HealthBody)
-async def health(_caller: AnyCaller) -> dict[str, str]:
-    """Liveness, for any valid admin or node credential."""
-    return {"status": "ok", "version": __version__}
+async def health(plane: Plane, _caller: AnyCaller) -> dict[str, Any]:
+    """Liveness, for any valid admin or node credential; and whether uploads must be signed (`release_keys`)."""
+    return {"status": "ok", "version": __version__, "release_keys": plane.supply.enabled}
 
 
 @router.get("/openapi.json", include_in_schema=False)
@@ -35,7 +35,7 @@ async def openapi(request: Request, _reader: Reader) -> dict[str, Any]:
 
 # Outside /v1, where Prometheus looks by default; scrape it with a read token as its bearer credential
 # (`authorization: {credentials_file: ...}` in prometheus.yml).
-metrics_router = APIRouter(tags=["system"], responses=COMMON_ERRORS)
+metrics_router = APIRouter(tags=["system"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 
 
 @metrics_router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
@@ -50,7 +50,7 @@ def metrics(request: Request, _reader: Reader) -> Response:
 # and says nothing else: no version, no counts, no database state.
 READY_CACHE_S = 1.0  # the database is asked at most this often by /readyz
 
-probe_router = APIRouter(tags=["system"])
+probe_router = APIRouter(tags=["system"], route_class=BoundedRoute)
 
 
 @probe_router.get("/healthz", response_class=PlainTextResponse)

@@ -9,11 +9,11 @@ from typing import Annotated, Any
 import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 
-from strata.control.api.deps import COMMON_ERRORS, NodeItself, Plane, Reader, read_limited
+from strata.control.api.deps import COMMON_ERRORS, BoundedRoute, NodeItself, Plane, Reader, read_limited
 from strata.control.schemas import TelemetryAckBody, TelemetryBody
-from strata.control.telemetry import MAX_UPLOAD_BYTES
+from strata.control.telemetry import MAX_QUERY_ROWS, MAX_UPLOAD_BYTES
 
-router = APIRouter(tags=["telemetry"], responses=COMMON_ERRORS)
+router = APIRouter(tags=["telemetry"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 
 _BATCH_BODY = {
     "requestBody": {
@@ -40,9 +40,10 @@ def query_telemetry(
     node: Annotated[str | None, Query(description="only this node (by name)")] = None,
     since: Annotated[float, Query(gt=0, le=90 * 86400, description="seconds back from now")] = 3600,
 ) -> dict[str, Any]:
-    """Requests, errors and latency per node and minute, and per node and version with drift."""
+    """Requests, errors and latency per node and minute, and per node and version with drift; a query matching
+    more than MAX_QUERY_ROWS stored rows is refused (422): ask for one node, one version or a shorter time."""
     start = plane.settings.clock() - since
-    minutes, nodes = plane.telemetry.minutes(model, version, node, start)
+    minutes, nodes = plane.telemetry.minutes(model, version, node, start, MAX_QUERY_ROWS)
     return {
         "model": model,
         "since": start,

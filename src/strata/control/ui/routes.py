@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from strata.control.api.deps import BoundedRoute
 from strata.control.auth import Access, Principal, authorize
 from strata.control.inventory import MAX_PAGE, parse_sort
 from strata.control.plane import ControlPlane
@@ -42,11 +43,14 @@ MAX_LOGIN_BODY: Final = 4096
 EVENTS_TICK_S: Final = 2.0  # the longest a page waits to refresh when nothing bumps the fleet generation
 EVENTS_STREAM_S: Final = 300.0  # then the stream ends and the browser's EventSource reconnects
 MAX_EVENT_STREAMS: Final = 256  # open event streams per server process; more are answered 503
+# Open event streams per API token (a few tabs): one token, read-only too, cannot take the whole server's streams
+# and leave every other operator's console without live updates.
+MAX_EVENT_STREAMS_PER_TOKEN: Final = 8
 _ASSET: Final = re.compile(r"^[a-z0-9-]+\.(js|css|svg)$")
 _TYPES: Final = {"js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
 _ACTIONS: Final = ("pause", "resume", "abort")
 
-router = APIRouter(prefix=PREFIX, include_in_schema=False)
+router = APIRouter(prefix=PREFIX, include_in_schema=False, route_class=BoundedRoute)
 
 
 def _static(name: str) -> bytes:
@@ -248,7 +252,7 @@ def rollout_action(request: Request, rollout_id: str, action: str, _operator: Ac
 
 
 @router.get("/api/events")
-async def events(request: Request, _session: Session) -> StreamingResponse:
+async def events(request: Request, session: Session) -> StreamingResponse:
     """Server-sent events: `generation` as soon as the fleet's desired states change, `tick` every couple of
     seconds otherwise (status reports and rollout progress do not bump the generation); the page refreshes its
     data on either. The stream ends after a few minutes (the browser reconnects) and at shutdown."""
@@ -257,7 +261,14 @@ async def events(request: Request, _session: Session) -> StreamingResponse:
     if streams[0] >= MAX_EVENT_STREAMS:
         # each open stream wakes every couple of seconds on the loop that answers the nodes' long polls
         raise Unavailable(f"{MAX_EVENT_STREAMS} console event streams are open on this server; retry later")
+    by_token: dict[str, int] = request.app.state.console_streams_by_token
+    token = session[0].token_id or ""
+    if by_token.get(token, 0) >= MAX_EVENT_STREAMS_PER_TOKEN:
+        raise Unavailable(
+            f"{MAX_EVENT_STREAMS_PER_TOKEN} console event streams are open with this token; close a tab or retry later"
+        )
     streams[0] += 1
+    by_token[token] = by_token.get(token, 0) + 1
 
     async def stream() -> AsyncIterator[bytes]:
         try:
@@ -272,6 +283,9 @@ async def events(request: Request, _session: Session) -> StreamingResponse:
                 await feed.wait_beyond(seen, EVENTS_TICK_S)
         finally:
             streams[0] -= 1
+            by_token[token] -= 1
+            if not by_token[token]:
+                del by_token[token]
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=_NO_STORE)
 
@@ -280,6 +294,7 @@ def install_console(app: FastAPI) -> None:
     """Serve the console at `/ui` on `app` (whose `state.plane` is set)."""
     app.state.console = ConsoleData(app.state.plane)
     app.state.console_streams = [0]  # open event streams (a list: changed in place by the requests' tasks)
+    app.state.console_streams_by_token = {}  # open event streams by API token id
     app.include_router(router)
     # Someone who types the server's host and port into a browser meets the console (its sign-in page), not a 404.
     # The redirect says only where the console is, to anyone, as the console's own pages do.
