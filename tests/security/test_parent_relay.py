@@ -5,8 +5,9 @@ presenting a real near-edge node's fleet certificate (it enrolled, then its agen
 key): it answers every relay request with a 200 head and then one body byte a second, never long enough apart for
 a read timeout. Before, the device's agent loop sat inside that one download for ever: no new desired state, so
 no revocation of that very parent, no other version, no certificate renewal. Now a parent's answer must keep
-coming at a floor rate after the request timeout (30 s: this test takes about that long), and a relay that broke
-off is not asked again during that fetch: the device takes the package from the control plane and runs it.
+coming at a floor rate after the request timeout (`--request-timeout`, 30 s by default; 3 s here), and a relay
+that broke off is not asked again during that fetch: the device takes the package from the control plane and
+runs it.
 """
 
 from __future__ import annotations
@@ -84,11 +85,15 @@ def test_a_trickling_parent_cannot_hold_its_devices_download(
     pack_tar(package, tmp_path / "digits.tar")
     fleet.client.push_package(tmp_path / "digits.tar")
     device = fleet.start_agent(
-        "dev", "device", {"site": "s"}, extra_args=["--relay", f"https://127.0.0.1:{parent.port}"]
+        "dev",
+        "device",
+        {"site": "s"},
+        extra_args=["--relay", f"https://127.0.0.1:{parent.port}", "--request-timeout", "3s"],
     )
     fleet.client.deploy("digits", "1", {"site": "s"})
     started = time.monotonic()
-    fleet.wait_for_versions({"dev": {"digits": "1"}}, timeout=120)
+    fleet.wait_for_versions({"dev": {"digits": "1"}}, timeout=60)
+    assert time.monotonic() - started < 30  # the 3 s timeout, not the 30 s default, let go of the parent
     print(f"\nthe device ran the package {time.monotonic() - started:.0f}s after the deployment")
     # the manifest was asked of the parent, which stalled; no piece was asked of it afterwards
     assert len(parent.requests) == 1, parent.requests

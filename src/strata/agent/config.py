@@ -109,6 +109,8 @@ class AgentConfig:
             raise ConfigError("--probation must not be negative (0 turns it off)")
         if self.report_interval_s < 0:
             raise ConfigError("--report-interval must not be negative")
+        if not 1 <= self.request_timeout_s <= 600:
+            raise ConfigError("--request-timeout must be between 1s and 10m")
         if self.max_request_mb <= 0 or self.request_budget_mb < self.max_request_mb:
             raise ConfigError("--max-request-mb must be positive and at most --request-budget-mb")
         if self.grpc_max_message_mb is not None and not (

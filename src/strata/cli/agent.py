@@ -126,6 +126,14 @@ def agent(
     report_interval: Annotated[
         str, typer.Option("--report-interval", help="Report changed serving counters at most this often.")
     ] = "60s",
+    request_timeout: Annotated[
+        str,
+        typer.Option(
+            "--request-timeout",
+            help="How long a request to the control plane or a parent relay may go unanswered (1s to 10m); past "
+            "it a download from a relay must keep coming at 16 KiB/s.",
+        ),
+    ] = "30s",
     encrypt_at_rest: Annotated[
         bool,
         typer.Option(
@@ -219,6 +227,7 @@ def agent(
         relay_cache_mb=relay_cache_mb,
         probation_s=parse_duration(probation),
         report_interval_s=parse_duration(report_interval),
+        request_timeout_s=parse_duration(request_timeout),
         encrypt_at_rest=encrypt_at_rest,
         max_batch_size=max_batch_size,
         max_queue_delay_us=max_queue_delay_us,
