@@ -132,6 +132,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.plane = plane
+    app.state.waiting_polls = {}  # node id -> its long polls waiting now (`api.nodes.get_desired`)
     app.state.metrics_registry = metrics_registry(plane)
     install(app)
     install_console(app)

@@ -194,6 +194,39 @@ def test_long_poll_times_out_with_a_304(fleet: Harness) -> None:
     assert 0.45 < time.monotonic() - started < 3
 
 
+def test_a_node_holds_at_most_a_few_long_polls_waiting(fleet: Harness) -> None:
+    # R3 review: a node could open thousands of polls, each holding a connection for up to a minute, until the
+    # server ran out of file descriptors. Past MAX_WAITING_POLLS_PER_NODE its polls are answered at once; the polls
+    # already waiting, and an operator's, still wait; a change still wakes them all.
+    from strata.control.api.nodes import MAX_WAITING_POLLS_PER_NODE
+
+    node, other = fleet.enroll("edge-1", {"site": "lab"}), fleet.enroll("edge-2")
+    etag, other_etag = fleet.desired(node).headers["ETag"], fleet.desired(other).headers["ETag"]
+    held: list[httpx.Response] = []
+    pollers = [
+        threading.Thread(target=lambda: held.append(fleet.desired(node, etag, wait=30)))
+        for _ in range(MAX_WAITING_POLLS_PER_NODE)
+    ]
+    waiting: dict[str, int] = fleet.client.app.app.state.waiting_polls  # under the harness's TLS shim
+    for poller in pollers:
+        poller.start()
+    deadline = time.monotonic() + 10
+    while waiting.get(node.node_id) != MAX_WAITING_POLLS_PER_NODE and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert waiting.get(node.node_id) == MAX_WAITING_POLLS_PER_NODE
+    started = time.monotonic()
+    assert fleet.desired(node, etag, wait=30).status_code == 304  # over its share: at once
+    assert time.monotonic() - started < 5
+    started = time.monotonic()
+    assert fleet.desired(other, other_etag, wait=0.5).status_code == 304  # another node's poll still waits
+    assert time.monotonic() - started >= 0.45
+    fleet.deploy("digits", "2", {"site": "lab"})
+    for poller in pollers:
+        poller.join(timeout=10)
+    assert [_models(r) for r in held] == [{"digits": "2"}] * MAX_WAITING_POLLS_PER_NODE
+    assert waiting == {}
+
+
 @pytest.mark.parametrize("wait", ["-1", "61", "soon"])
 def test_wait_is_bounded(server: Harness, wait: str) -> None:
     node = server.enroll("edge-1")

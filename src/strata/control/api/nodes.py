@@ -59,6 +59,11 @@ from strata.control.topology import Topology, node_topology
 from strata.core.errors import AuthError
 from strata.core.wire import EnrollResponse, NodeStatus, ProtocolError, parse_selector
 
+# Long polls one node may hold waiting at once on one server (its agent holds one; a reconnect can overlap it). Past
+# that a node's poll is answered at once instead of waiting: a node that opened thousands of polls would otherwise
+# hold as many connections for up to MAX_WAIT_S each, until the server ran out of file descriptors.
+MAX_WAITING_POLLS_PER_NODE = 4
+
 router = APIRouter(tags=["nodes"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 _enrollment_bearer = HTTPBearer(auto_error=False, description="an enrollment token")
 
@@ -256,7 +261,21 @@ async def get_desired(request: Request) -> Response:
     caller = await authenticate_request(request, plane, bearer_secret(request))
     authorize(caller, Access.SELF_OR_ADMIN, node_id)
     wait = _wait_seconds(request.query_params.get("wait"))
-    poll = await plane.fleet.poll_desired(node_id, request.headers.get("if-none-match"), wait)
+    waiting: dict[str, int] = request.app.state.waiting_polls
+    counted = caller.node_id == node_id and wait > 0  # an operator's poll is not the node's
+    if counted and waiting.get(node_id, 0) >= MAX_WAITING_POLLS_PER_NODE:
+        wait, counted = 0.0, False  # over its share: answered at once
+    if counted:
+        waiting[node_id] = waiting.get(node_id, 0) + 1
+    try:
+        poll = await plane.fleet.poll_desired(node_id, request.headers.get("if-none-match"), wait)
+    finally:
+        if counted:
+            left = waiting[node_id] - 1
+            if left:
+                waiting[node_id] = left
+            else:
+                del waiting[node_id]
     if poll.document.revoked and caller.node_id == node_id:
         # Revoked while its poll waited: the node is cut off now, not told to unload what it serves.
         raise AuthError("this certificate is not the current one of a live node (revoked, renewed or replaced)")
