@@ -87,8 +87,8 @@ def test_a_buffer_made_by_an_older_agent_gets_the_columns(tmp_path: Path, added:
         latency = [0] * BUCKETS
         latency[4] = 4
         old_row = ("digits", "1", "cpu-generic-fp32", int(T // 60), 4, 2, 4, 3200, 40, *latency, *(0 for _ in added))
-        placeholders = ", ".join("?" * len(old_row))  # one '?' per column of the old schema
-        db.execute(f"INSERT INTO minutes VALUES ({placeholders})", old_row)  # noqa: S608 - only '?'s are formatted in
+        placeholders = ", ".join("?" * len(old_row))  # one per column of the old schema; the values are bound
+        db.execute(f"INSERT INTO minutes VALUES ({placeholders})", old_row)  # noqa: S608 - only '?' placeholders
     db.close()
     buffer = TelemetryBuffer(path, 64 << 20)
     TelemetryBuffer(path, 64 << 20).close()  # a second serving process opening it finds the column there

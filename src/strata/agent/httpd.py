@@ -53,6 +53,7 @@ from urllib.parse import parse_qsl, unquote
 
 import httptools
 
+from strata.core.counts import give_back
 from strata.core.errors import ConfigError
 from strata.core.words import clip
 
@@ -299,12 +300,8 @@ class HttpServer:
             self._connections.discard(connection)
             if accepted:
                 self._accepted -= 1
-                if peer is not None and peer in self._peer_connections:
-                    left = self._peer_connections[peer] - 1
-                    if left > 0:
-                        self._peer_connections[peer] = left
-                    else:
-                        del self._peer_connections[peer]
+                if peer is not None:
+                    give_back(self._peer_connections, peer)
 
     @property
     def connections(self) -> int:
@@ -337,12 +334,8 @@ class HttpServer:
         if size <= 0:
             return
         self._body_bytes -= size
-        if peer is not None and peer in self._peer_bytes:
-            left = self._peer_bytes[peer] - size
-            if left > 0:
-                self._peer_bytes[peer] = left
-            else:
-                del self._peer_bytes[peer]
+        if peer is not None:
+            give_back(self._peer_bytes, peer, size)
         self.freed(size)
 
     def freed(self, size: int) -> None:

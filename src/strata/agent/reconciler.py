@@ -7,7 +7,6 @@ keeps serving its active models and tries again later.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -351,9 +350,11 @@ class Reconciler:
         try:
             self._load_new(model, version, ref)
         finally:
-            if self.state.loading is not None:  # an error that is no failure of the package (a disk error, say)
-                with contextlib.suppress(OSError):
+            if self.state.loading is not None:  # loaded, or an error that is no failure of the package (a disk error)
+                try:
                     self._commit(self.state.with_loading(None))
+                except OSError:  # not on disk, but not in memory either, for a later commit to write back
+                    self.state = self.state.with_loading(None)
 
     def _load_new(self, model: str, version: str, ref: VariantRef) -> None:
         """Load a staged package and serve it in place of the model's active one, or remember why not."""
@@ -395,8 +396,8 @@ class Reconciler:
         self.serving.reset(model, version, now)
         self.serving.forget(model, keep_version=version)  # a node that runs for months sees many versions
         self._drop_snapshots(model)
+        # The loading record is cleared once this returns (`_activate`): after the other serving processes loaded it.
         self.repository.put(LoadedModel(manifest=manifest, digest=digest, runtime=runtime, activated_at=now))
-        self._commit(self.state.with_loading(None))
         log.info(
             "activated %s %s (%s)%s",
             model,

@@ -30,6 +30,7 @@ from strata.agent.metrics import MetricsRegistry
 from strata.agent.store import ArtifactStore
 from strata.agent.transport import HttpResponse, Transport
 from strata.agent.vault import piece_aad
+from strata.core.counts import holding
 from strata.core.errors import Forbidden, StrataError, TransportError, VerificationError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import canonical_json, is_hex_sha256
@@ -161,14 +162,9 @@ class RelayApp:
                 return Response.error(
                     503, f"node {device} has {held} relay requests in flight; retry later", {"retry-after": "1"}
                 )
-            self._in_flight[device] = held + 1
-            try:
+            with holding(self._in_flight, device):
                 loop = asyncio.get_running_loop()
                 data = await loop.run_in_executor(self._executor, self._piece_for, device, package, piece)
-            finally:
-                left = self._in_flight.pop(device) - 1
-                if left:
-                    self._in_flight[device] = left
         except (RelayRefused, RelayUnavailable, RelayTampered) as exc:
             self.requests.inc("refused" if isinstance(exc, RelayRefused) else "unavailable")
             return Response.error(exc.http_status, exc.message)

@@ -84,6 +84,12 @@ def _target(url: str) -> _Target:
     return _Target(parts.scheme, parts.hostname, port, parts.netloc, path)
 
 
+def rate_allowance(started: float, timeout: float, received: int, min_rate: int, now: float) -> float:
+    """Seconds an exchange begun at `started` may still wait for its next bytes, having received `received`, when
+    after its first `timeout` seconds it must average `min_rate` bytes a second (0 or less: it is too slow)."""
+    return started + timeout + received / min_rate - now
+
+
 class _Connection:
     """One HTTP/1.1 connection: a socket and its h11 state machine."""
 
@@ -127,7 +133,7 @@ class _Connection:
             data = self.sock.recv(_READ)
         else:
             slow = f"the peer sent {self._received} bytes, slower than {self._min_rate} bytes/s"
-            allowed = self._started + self._timeout + self._received / self._min_rate - time.monotonic()
+            allowed = rate_allowance(self._started, self._timeout, self._received, self._min_rate, time.monotonic())
             if allowed <= 0:
                 raise TimeoutError(slow)
             self.sock.settimeout(min(self._timeout, allowed))

@@ -63,6 +63,7 @@ from strata.core.telemetry import (
     EventRow,
     MinuteRow,
     TelemetryError,
+    add_counts,
     chi_square_statistic,
     decode_batch,
     drift_references,
@@ -300,18 +301,6 @@ def screen(batch: Batch, now: float, retention_s: float, skew_s: float = FUTURE_
     )
 
 
-def _add_counts(total: TelemetryMinute, row: MinuteRow | TelemetryMinute) -> None:
-    """Add a minute row's counts to a stored row's."""
-    total.requests += row.requests
-    total.errors += row.errors
-    total.client_errors += row.client_errors
-    total.shed += row.shed
-    total.items += row.items
-    total.latency_sum_us += row.latency_sum_us
-    total.queue_sum_us += row.queue_sum_us
-    total.latency = [a + b for a, b in zip(total.latency, row.latency, strict=True)]
-
-
 def _key(table: type[Any]) -> tuple[Any, ...]:
     """The primary key columns of a mapped class."""
     return tuple(table.__table__.primary_key.columns)
@@ -481,7 +470,7 @@ class TelemetryService:
                     )
                 )  # fmt: skip
             else:
-                _add_counts(existing, row)
+                add_counts(existing, row)
                 sums = (existing.requests, existing.items, existing.latency_sum_us, existing.queue_sum_us)
                 if max(*sums, *existing.latency) > MAX_COUNT:  # errors are at most requests
                     raise TelemetryError(f"minute row {row.key} would count more than {MAX_COUNT} with this batch")
@@ -575,7 +564,7 @@ class TelemetryService:
                     )  # fmt: skip
                     session.add(total)
                 folded[series] = total
-                _add_counts(total, row)
+                add_counts(total, row)
                 session.delete(row)
             return len(rows)
 

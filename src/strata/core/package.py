@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -880,9 +881,7 @@ def _check_npy_header(
         raise PackageError(f"golden file {label} member {name!r} has dtype {dtype}; golden arrays are plain numbers")
     if any(dim < 0 for dim in shape):
         raise PackageError(f"golden file {label} member {name!r} has a negative dimension in {list(shape)}")
-    count = 1
-    for dim in shape:
-        count *= dim
+    count = math.prod(shape)
     if header + count * dtype.itemsize != info.file_size:
         raise PackageError(
             f"golden file {label} member {name!r} declares {count * dtype.itemsize} bytes of {dtype} {list(shape)}, "

@@ -17,7 +17,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from strata.core.errors import StrataError
 
@@ -313,6 +313,31 @@ def chi_square_statistic(expected: Sequence[float], actual: Sequence[float]) -> 
 # --- the batch format ---------------------------------------------------------------------------------
 
 
+class MinuteCounts(Protocol):
+    """The counts of a minute: a `MinuteRow`, or the control plane's stored row of one."""
+
+    requests: int
+    errors: int
+    client_errors: int
+    shed: int
+    items: int
+    latency_sum_us: int
+    queue_sum_us: int
+    latency: list[int]
+
+
+def add_counts(total: MinuteCounts, row: MinuteCounts) -> None:
+    """Add `row`'s counts and latency histogram to `total`'s."""
+    total.requests += row.requests
+    total.errors += row.errors
+    total.client_errors += row.client_errors
+    total.shed += row.shed
+    total.items += row.items
+    total.latency_sum_us += row.latency_sum_us
+    total.queue_sum_us += row.queue_sum_us
+    total.latency = [a + b for a, b in zip(total.latency, row.latency, strict=True)]
+
+
 @dataclass
 class MinuteRow:
     """Exact counts of one (model, version, variant, minute). `errors` counts every failed request;
@@ -335,14 +360,7 @@ class MinuteRow:
     shed: int = 0
 
     def add(self, other: MinuteRow) -> None:
-        self.requests += other.requests
-        self.errors += other.errors
-        self.client_errors += other.client_errors
-        self.shed += other.shed
-        self.items += other.items
-        self.latency_sum_us += other.latency_sum_us
-        self.queue_sum_us += other.queue_sum_us
-        self.latency = [a + b for a, b in zip(self.latency, other.latency, strict=True)]
+        add_counts(self, other)
 
     @property
     def key(self) -> tuple[str, str, str, int]:

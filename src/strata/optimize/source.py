@@ -23,9 +23,10 @@ that copy, never the user's folder again, so a file swapped there mid-run change
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Final
 
 from strata.core.errors import ConfigError, PackageError
 from strata.core.modelrefs import ORT_MEMORY_MARKER, ExternalRef, check_location, onnx_external_refs
@@ -121,7 +122,8 @@ def _copy_inside(root: Path, root_fd: int, ref: ExternalRef, folder: Path) -> in
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with target.open("xb") as sink:
-                return _copy(source, sink)
+                shutil.copyfileobj(source, sink, _CHUNK)
+                return sink.tell()
         except OSError as exc:  # a name that clashes with another in the copy (a case-insensitive disk), disk full
             raise _refused(ref, f"which cannot be copied for the run: {exc.strerror or exc}") from exc
 
@@ -140,14 +142,6 @@ def _open_below(root_fd: int, location: str) -> int:
         return os.open(parts[-1], _NO_LINK | os.O_NONBLOCK, dir_fd=current)
     finally:
         os.close(current)
-
-
-def _copy(source: BinaryIO, sink: BinaryIO) -> int:
-    size = 0
-    while chunk := source.read(_CHUNK):
-        sink.write(chunk)
-        size += len(chunk)
-    return size
 
 
 def _check_range(ref: ExternalRef, size: int) -> None:

@@ -419,7 +419,8 @@ def test_event_streams_are_bounded_per_server(server: Harness) -> None:
     # Each open stream wakes every couple of seconds on the loop that answers the nodes' long polls: a read token
     # must not be able to open thousands. At the bound, the next one is a 503 that says so.
     read = cookie(token_of(server, "read"))
-    server.client.app.app.state.console_streams[0] = MAX_EVENT_STREAMS  # TestClient -> TLS shim -> the app
+    # TestClient -> TLS shim -> the app; streams of other tokens, none of this one's
+    server.client.app.app.state.console_streams_by_token.update({"a": MAX_EVENT_STREAMS - 1, "b": 1})
     refused = server.client.get("/ui/api/events", headers=read)
     assert refused.status_code == 503
     assert f"{MAX_EVENT_STREAMS} console event streams" in refused.json()["error"]
@@ -431,7 +432,6 @@ def test_one_token_cannot_take_every_event_stream_of_the_server(server: Harness)
     read = cookie(token_of(server, "read"))
     [listed] = [t for t in server.client.get("/v1/api-tokens", headers=server.admin).json() if t["scope"] == "read"]
     server.client.app.app.state.console_streams_by_token[listed["id"]] = MAX_EVENT_STREAMS_PER_TOKEN
-    server.client.app.app.state.console_streams[0] = MAX_EVENT_STREAMS_PER_TOKEN
     with server.client.stream("GET", "/ui/api/events", headers=read) as refused:
         assert refused.status_code == 503
         said = refused.read().decode()

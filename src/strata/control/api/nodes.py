@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -56,6 +57,7 @@ from strata.control.schemas import (
 )
 from strata.control.settings import MAX_WAIT_S
 from strata.control.topology import Topology, node_topology
+from strata.core.counts import holding
 from strata.core.errors import AuthError
 from strata.core.wire import EnrollResponse, NodeStatus, ProtocolError, parse_selector
 
@@ -265,17 +267,8 @@ async def get_desired(request: Request) -> Response:
     counted = caller.node_id == node_id and wait > 0  # an operator's poll is not the node's
     if counted and waiting.get(node_id, 0) >= MAX_WAITING_POLLS_PER_NODE:
         wait, counted = 0.0, False  # over its share: answered at once
-    if counted:
-        waiting[node_id] = waiting.get(node_id, 0) + 1
-    try:
+    with holding(waiting, node_id) if counted else contextlib.nullcontext():
         poll = await plane.fleet.poll_desired(node_id, request.headers.get("if-none-match"), wait)
-    finally:
-        if counted:
-            left = waiting[node_id] - 1
-            if left:
-                waiting[node_id] = left
-            else:
-                del waiting[node_id]
     if poll.document.revoked and caller.node_id == node_id:
         # Revoked while its poll waited: the node is cut off now, not told to unload what it serves.
         raise AuthError("this certificate is not the current one of a live node (revoked, renewed or replaced)")

@@ -35,6 +35,7 @@ from strata.control.ui.session import (
     same_origin,
     session_cookie,
 )
+from strata.core.counts import give_back
 from strata.core.errors import AuthError, Forbidden, NotFound, Unavailable
 from strata.core.wire import parse_selector
 
@@ -257,17 +258,15 @@ async def events(request: Request, session: Session) -> StreamingResponse:
     seconds otherwise (status reports and rollout progress do not bump the generation); the page refreshes its
     data on either. The stream ends after a few minutes (the browser reconnects) and at shutdown."""
     feed = _plane(request).feed
-    streams: list[int] = request.app.state.console_streams
-    if streams[0] >= MAX_EVENT_STREAMS:
+    by_token: dict[str, int] = request.app.state.console_streams_by_token
+    if sum(by_token.values()) >= MAX_EVENT_STREAMS:
         # each open stream wakes every couple of seconds on the loop that answers the nodes' long polls
         raise Unavailable(f"{MAX_EVENT_STREAMS} console event streams are open on this server; retry later")
-    by_token: dict[str, int] = request.app.state.console_streams_by_token
     token = session[0].token_id or ""
     if by_token.get(token, 0) >= MAX_EVENT_STREAMS_PER_TOKEN:
         raise Unavailable(
             f"{MAX_EVENT_STREAMS_PER_TOKEN} console event streams are open with this token; close a tab or retry later"
         )
-    streams[0] += 1
     by_token[token] = by_token.get(token, 0) + 1
 
     async def stream() -> AsyncIterator[bytes]:
@@ -282,10 +281,7 @@ async def events(request: Request, session: Session) -> StreamingResponse:
                 seen = generation
                 await feed.wait_beyond(seen, EVENTS_TICK_S)
         finally:
-            streams[0] -= 1
-            by_token[token] -= 1
-            if not by_token[token]:
-                del by_token[token]
+            give_back(by_token, token)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=_NO_STORE)
 
@@ -293,8 +289,7 @@ async def events(request: Request, session: Session) -> StreamingResponse:
 def install_console(app: FastAPI) -> None:
     """Serve the console at `/ui` on `app` (whose `state.plane` is set)."""
     app.state.console = ConsoleData(app.state.plane)
-    app.state.console_streams = [0]  # open event streams (a list: changed in place by the requests' tasks)
-    app.state.console_streams_by_token = {}  # open event streams by API token id
+    app.state.console_streams_by_token = {}  # open event streams by API token id (their sum: the server's)
     app.include_router(router)
     # Someone who types the server's host and port into a browser meets the console (its sign-in page), not a 404.
     # The redirect says only where the console is, to anyone, as the console's own pages do.
