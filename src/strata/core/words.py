@@ -4,7 +4,6 @@ scenarios take them ('10m'), said and read back, and error messages cut to a len
 from __future__ import annotations
 
 import math
-import unicodedata
 from typing import Final
 
 from strata.core.errors import ConfigError
@@ -40,6 +39,8 @@ def printable(text: str, keep: str = "") -> str:
     order of what follows around."""
     if text.isprintable() and text.isascii():  # the common case: nothing to look at
         return text
+    import unicodedata  # here: the agent imports this module, and rarely needs its 0.3 MB of tables
+
     return "".join(
         char if char in keep or unicodedata.category(char) not in HIDDEN_CATEGORIES else ascii(char)[1:-1]
         for char in text
