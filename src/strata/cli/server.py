@@ -51,6 +51,13 @@ def server(
             "the telemetry API reaches back 90d).",
         ),
     ] = "90d",
+    event_retention: Annotated[
+        str,
+        typer.Option(
+            "--event-retention",
+            help="Delete fleet events (strata events, rollout timelines) older than this, e.g. 90d (at least 1d).",
+        ),
+    ] = "365d",
     release_key: Annotated[
         list[Path] | None,
         typer.Option(
@@ -99,6 +106,7 @@ def server(
         log_format=log_format,
         otlp_endpoint=otlp_endpoint,
         telemetry_retention=telemetry_retention,
+        event_retention=event_retention,
         tls_names=tuple(tls_name or ()),
         agent_allowlist=tuple(agent_allowlist or ()),
         release_keys=tuple(release_key or ()),

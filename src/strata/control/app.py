@@ -2,8 +2,8 @@
 
 Starting migrates the database, writes the admin token if there is none, and starts the presence flusher (this
 process's own memory: every replica runs one), the keeper of the rollout lease, the rollout driver (which
-steps only while this replica holds the lease) and the telemetry retention sweep (on the same replica); stopping
-ends long polls, gives the lease up, flushes presence and closes the database.
+steps only while this replica holds the lease) and the retention sweep of telemetry and events (on the same
+replica); stopping ends long polls, gives the lease up, flushes presence and closes the database.
 """
 
 from __future__ import annotations
@@ -66,13 +66,15 @@ async def _drive_rollouts_forever(plane: ControlPlane) -> None:
             log.error("rollout step failed: %s", exc)
 
 
-async def _sweep_telemetry_forever(plane: ControlPlane, stop: threading.Event) -> None:
-    """Delete telemetry older than the retention, soon after start and then every `telemetry_sweep_s`, while this
-    replica holds the rollout lease (one replica sweeps at a time; a sweep is idempotent besides). `stop` ends a
-    sweep under way after its current chunk (a worker thread is not cancelled: shutdown would wait for it)."""
+async def _sweep_forever(plane: ControlPlane, stop: threading.Event) -> None:
+    """Delete telemetry and fleet events older than their retentions, soon after start and then every
+    `telemetry_sweep_s`, while this replica holds the rollout lease (one replica sweeps at a time; a sweep is
+    idempotent besides). `stop` ends a sweep under way after its current chunk (a worker thread is not cancelled:
+    shutdown would wait for it)."""
     settings = plane.settings
-    retention = settings.telemetry_retention_s
+    retention, event_retention = settings.telemetry_retention_s, settings.event_retention_s
     sweep = functools.partial(plane.telemetry.sweep, retention, stop=stop)
+    sweep_events = functools.partial(plane.events.sweep, event_retention, stop=stop)
     await asyncio.sleep(min(60.0, settings.telemetry_sweep_s))  # the lease is taken by then
     while True:
         if plane.rollout_lease.held():
@@ -87,6 +89,13 @@ async def _sweep_telemetry_forever(plane: ControlPlane, stop: threading.Event) -
                         duration(retention),
                         ", ".join(plural(deleted[kind], noun) for kind, noun in EXPIRED_NOUNS.items()),
                     )
+            try:
+                events = await anyio.to_thread.run_sync(sweep_events)
+            except StoreError as exc:
+                log.warning("event retention sweep failed, will retry: %s", exc)
+            else:
+                if events:
+                    log.info("event retention %s: deleted %s", duration(event_retention), plural(events, "event"))
         await asyncio.sleep(settings.telemetry_sweep_s)
 
 
@@ -108,7 +117,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             asyncio.create_task(_flush_presence_forever(plane)),
             asyncio.create_task(_keep_rollout_lease_forever(plane)),
             asyncio.create_task(_drive_rollouts_forever(plane)),
-            asyncio.create_task(_sweep_telemetry_forever(plane, stop_sweep)),
+            asyncio.create_task(_sweep_forever(plane, stop_sweep)),
         ]
         try:
             yield

@@ -29,11 +29,13 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     false,
     make_url,
     select,
     text,
+    tuple_,
 )
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -585,6 +587,19 @@ class Database:
         """
         with self.transaction() as session:
             session.execute(text("SELECT 1"))
+
+    def delete_chunk(self, table: type[Any], condition: Any, chunk: int) -> int:
+        """Delete up to `chunk` rows of `table` matching `condition` in one statement and its own short transaction
+        (retention sweeps: no long SQLite write lock, no large PostgreSQL transaction); return how many.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        key = tuple(table.__table__.primary_key.columns)
+        chosen = select(*key).where(condition).limit(chunk).correlate(None)
+        with self.transaction() as session:
+            where = key[0].in_(chosen) if len(key) == 1 else tuple_(*key).in_(chosen)
+            return int(session.connection().execute(delete(table).where(where)).rowcount)
 
     def close(self) -> None:
         """Close every pooled connection."""

@@ -1,5 +1,10 @@
 """The fleet's event feed: what happened, when, to which node, model and rollout (`GET /v1/events`, `strata events`).
 
+Retention (`EventService.sweep`): events older than `--event-retention` (default a year) are deleted by the replica
+that holds the rollout lease, with the telemetry sweep, in short chunks; without it the feed grows for as long as the
+fleet lives (every activation, rollback and failure of every node). Ids are never reused, so a follower's cursor
+stays valid across a sweep.
+
 Each service records its events in the same transaction as the change itself (`record_event`), so the feed never
 shows a change that was rolled back, nor misses one that was stored. The pure parts say which events a change
 makes: `failure_events` (a node's new failures between two reports) and `rollout_events` (a rollout's step: its
@@ -9,7 +14,9 @@ status, a wave's gates passed or failed, a node it found failed). Ids only grow:
 from __future__ import annotations
 
 import builtins
-from collections.abc import Collection, Iterable
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -21,6 +28,7 @@ from strata.control.history import Change
 from strata.control.rollout_plan import RolloutState
 from strata.core.errors import NotFound
 from strata.core.wire import NodeStatus, ProtocolError
+from strata.core.words import parse_retention
 
 EVENT_KINDS: Final = (
     "enrolled",
@@ -35,6 +43,9 @@ EVENT_KINDS: Final = (
     "gate",
 )
 MAX_EVENTS: Final = 5000
+MIN_EVENT_RETENTION_S: Final = 86400.0
+SWEEP_CHUNK: Final = 5000  # events one DELETE statement (one transaction) removes
+SWEEP_PAUSE_S: Final = 0.02  # between two full chunks: other writers get the SQLite write lock in between
 # What a rollout's nodes do with its model that belongs on the rollout's timeline.
 NODE_KINDS_OF_ROLLOUT: Final = ("activated", "rolled_back", "removed", "failed")
 
@@ -140,11 +151,48 @@ def rollout_events(old: RolloutState, new: RolloutState) -> list[NewEvent]:
     return events
 
 
-class EventService:
-    """Answers `GET /v1/events`."""
+def event_retention_seconds(text: str) -> float:
+    """`--event-retention` ('365d', '90d', ...) in seconds: at least a day, and finite.
 
-    def __init__(self, db: Database) -> None:
+    Raises:
+        ConfigError: not a duration, not finite, or under a day.
+    """
+    return parse_retention(text, "--event-retention", MIN_EVENT_RETENTION_S)
+
+
+class EventService:
+    """Answers `GET /v1/events`; deletes events past their retention (`sweep`)."""
+
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self._db = db
+        self._clock = clock
+        self.expired = 0  # events this replica deleted as older than the retention (for /metrics)
+        self._lock = threading.Lock()
+
+    def sweep(
+        self,
+        retention_s: float,
+        chunk: int = SWEEP_CHUNK,
+        pause_s: float = SWEEP_PAUSE_S,
+        stop: threading.Event | None = None,
+    ) -> int:
+        """Delete the events older than `retention_s` (before `now - retention_s` on the server's clock), `chunk`
+        per statement and transaction; return how many (also added to `expired`). Idempotent: two replicas
+        sweeping at once only delete fewer each. Once `stop` is set, no further chunk starts.
+
+        Raises:
+            StoreError: the database failed (what was deleted before stays deleted; the next sweep goes on).
+        """
+        cutoff = self._clock() - retention_s
+        deleted = 0
+        while True:
+            count = self._db.delete_chunk(FleetEvent, FleetEvent.at < cutoff, chunk)
+            deleted += count
+            with self._lock:
+                self.expired += count
+            if count < chunk or (stop is not None and stop.is_set()):
+                return deleted
+            time.sleep(pause_s)
 
     def list(
         self,

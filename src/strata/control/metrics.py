@@ -114,6 +114,11 @@ class FleetCollector(Collector):
                 future.add_metric([kind], count)
         yield expired
         yield future
+        events = CounterMetricFamily(
+            "strata_events_expired", "Fleet events this replica deleted as older than --event-retention"
+        )
+        events.add_metric([], self.plane.events.expired)
+        yield events
         info = GaugeMetricFamily("strata_server_info", "The control plane's version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info

@@ -132,7 +132,7 @@ class ControlPlane:
                 db, blobs, feed, settings.clock, settings.tmp_dir, settings.max_package_bytes, supply=supply
             ),
             deployments=DeploymentService(db, feed, settings.clock, presence, window),
-            events=EventService(db),
+            events=EventService(db, settings.clock),
             node_logs=NodeLogService(db, feed, settings.clock),
             telemetry=telemetry,
             pki=pki,

@@ -26,6 +26,7 @@ from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 from strata.control import migrations
 from strata.control.app import create_app
 from strata.control.db import safe_url
+from strata.control.events import event_retention_seconds
 from strata.control.pki import default_server_names
 from strata.control.plane import ControlPlane, first_start_lock
 from strata.control.settings import ServerSettings
@@ -187,6 +188,7 @@ def serve(
     log_format: str = "text",
     otlp_endpoint: str | None = None,
     telemetry_retention: str = "90d",
+    event_retention: str = "365d",
     tls_names: tuple[str, ...] = (),
     agent_allowlist: tuple[str, ...] = (),
     release_keys: tuple[Path, ...] = (),
@@ -207,7 +209,8 @@ def serve(
             a data folder that cannot be created, an unusable database URL (one that does not parse, or a driver not
             installed: `strata[postgres]`), a cloud endpoint that is not an http(s) URL (cloud or OTLP), a release
             key that is not a PEM public key, an allowlist entry that is not a code hash, a TPM CA file or PCR value
-            that does not parse, or a telemetry retention that is not a duration of at least an hour.
+            that does not parse, a telemetry retention that is not a duration of at least an hour, or an event
+            retention that is not one of at least a day.
         StoreError: the database cannot be reached, refuses the login, or cannot be migrated.
         StrataError: the application's start-up failed (the reason is logged).
     """
@@ -230,6 +233,7 @@ def serve(
         data_dir=data_dir,
         db_url=db_url,
         telemetry_retention_s=retention_s,
+        event_retention_s=event_retention_seconds(event_retention),
         otlp_endpoint=otlp_endpoint,
         agent_allowlist=agent_allowlist,
         release_keys=tuple(path.expanduser().resolve() for path in release_keys),

@@ -34,7 +34,8 @@ class ServerSettings:
         rollout_debounce_s: after a status report, wait this long for others before stepping.
         clock: epoch seconds; every stored time comes from it, so tests can move time.
         telemetry_retention_s: node telemetry (minutes, events, drift counts) older than this is deleted.
-        telemetry_sweep_s: how often the replica holding the rollout lease deletes expired telemetry.
+        telemetry_sweep_s: how often the replica holding the rollout lease deletes expired telemetry (and events).
+        event_retention_s: fleet events (`strata events`, rollout timelines) older than this are deleted.
         otlp_endpoint: when set, stored telemetry is also forwarded to this OpenTelemetry collector (OTLP/HTTP).
         tls_names: DNS names and addresses the HTTPS certificate covers (default: loopback and this host).
         node_cert_hours: lifetime of node certificates; agents renew them at two thirds of it.
@@ -58,6 +59,7 @@ class ServerSettings:
     clock: Callable[[], float] = time.time
     telemetry_retention_s: float = 90 * 86400.0  # what the telemetry API reaches back
     telemetry_sweep_s: float = 3600.0
+    event_retention_s: float = 365 * 86400.0
     otlp_endpoint: str | None = None
     tls_names: tuple[str, ...] = ()
     node_cert_hours: float = 24.0

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from strata.control.db import (
@@ -54,7 +54,7 @@ from strata.control.db import (
 )
 from strata.control.gates import DriftFigure
 from strata.control.lease import serialize
-from strata.core.errors import ConfigError, Conflict, Forbidden, NotFound
+from strata.core.errors import Conflict, Forbidden, NotFound
 from strata.core.telemetry import (
     BUCKETS,
     MAX_COUNT,
@@ -72,7 +72,7 @@ from strata.core.telemetry import (
 )
 from strata.core.telemetry import TelemetryBatch as Batch
 from strata.core.wire import ProtocolError
-from strata.core.words import duration, parse_duration, plural
+from strata.core.words import duration, parse_retention, plural
 
 log = logging.getLogger(__name__)
 
@@ -227,13 +227,7 @@ def retention_seconds(text: str) -> float:
     Raises:
         ConfigError: not a duration, not finite, or under an hour.
     """
-    try:
-        seconds = parse_duration(text)
-    except ConfigError as exc:
-        raise ConfigError(f"--telemetry-retention: {exc}") from exc
-    if not math.isfinite(seconds) or seconds < MIN_RETENTION_S:
-        raise ConfigError(f"--telemetry-retention must be at least 1h, got {text!r}")
-    return seconds
+    return parse_retention(text, "--telemetry-retention", MIN_RETENTION_S)
 
 
 def retention_cutoff(now: float, retention_s: float) -> tuple[float, int]:
@@ -299,11 +293,6 @@ def screen(batch: Batch, now: float, retention_s: float, skew_s: float = FUTURE_
         },
         ahead_s=ahead,
     )
-
-
-def _key(table: type[Any]) -> tuple[Any, ...]:
-    """The primary key columns of a mapped class."""
-    return tuple(table.__table__.primary_key.columns)
 
 
 def chi_square_p_value(statistic: float, dof: int) -> float | None:
@@ -512,10 +501,12 @@ class TelemetryService:
         )
         steps: dict[str, Callable[[], int]] = {
             "minutes": functools.partial(self._fold_minutes, first_minute, chunk),
-            "events": functools.partial(self._delete_chunk, TelemetryEvent, TelemetryEvent.ts < cutoff, chunk),
-            "drift": functools.partial(self._delete_chunk, TelemetryDrift, TelemetryDrift.minute < first_minute, chunk),
+            "events": functools.partial(self._db.delete_chunk, TelemetryEvent, TelemetryEvent.ts < cutoff, chunk),
+            "drift": functools.partial(
+                self._db.delete_chunk, TelemetryDrift, TelemetryDrift.minute < first_minute, chunk
+            ),
             "batches": functools.partial(
-                self._delete_chunk, TelemetryBatch, (TelemetryBatch.received_at < cutoff) & newer.exists(), chunk
+                self._db.delete_chunk, TelemetryBatch, (TelemetryBatch.received_at < cutoff) & newer.exists(), chunk
             ),
         }
         deleted = dict.fromkeys(EXPIRED_KINDS, 0)
@@ -529,14 +520,6 @@ class TelemetryService:
                     break
                 time.sleep(pause_s)
         return deleted
-
-    def _delete_chunk(self, table: type[Any], condition: Any, chunk: int) -> int:
-        """Delete up to `chunk` rows of `table` matching `condition` in one statement; return how many."""
-        key = _key(table)
-        chosen = select(*key).where(condition).limit(chunk).correlate(None)
-        with self._db.transaction() as session:
-            where = key[0].in_(chosen) if len(key) == 1 else tuple_(*key).in_(chosen)
-            return int(session.connection().execute(delete(table).where(where)).rowcount)
 
     def _fold_minutes(self, first_minute: int, chunk: int) -> int:
         """Delete up to `chunk` minute rows from before `first_minute`, adding their counts to their series'

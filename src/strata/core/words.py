@@ -77,3 +77,18 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(seconds):
         raise ConfigError(f"{text!r} is not a duration (use 90s, 10m, 2h, 7d)")
     return seconds
+
+
+def parse_retention(text: str, option: str, minimum_s: float) -> float:
+    """A retention option's value ('90d', '36h') in seconds, at least `minimum_s`; errors name `option`.
+
+    Raises:
+        ConfigError: not a duration, or under the minimum.
+    """
+    try:
+        seconds = parse_duration(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{option}: {exc}") from exc
+    if seconds < minimum_s:
+        raise ConfigError(f"{option} must be at least {duration(minimum_s)}, got {text!r}")
+    return seconds

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from control_harness import Harness, NodeCredentials
+import pytest
+from control_harness import Harness, NodeCredentials, StartServer
+
+from strata.control.settings import ServerSettings
 
 
 def _report(server: Harness, node: NodeCredentials, labels: dict[str, str], **fields: Any) -> None:
@@ -153,3 +160,57 @@ def test_the_event_feed_and_one_nodes_detail(server: Harness, make_package: Call
     assert server.client.get("/v1/events", headers={"Authorization": f"Bearer {read}"}).status_code == 200
     other = server.enroll("edge-2")
     assert server.client.get("/v1/events", headers=other.headers).status_code == 403
+
+
+YEAR = 365 * 86400.0
+
+
+def test_events_older_than_the_retention_are_deleted_in_chunks_and_the_feed_cursor_stays_valid(
+    server: Harness,
+) -> None:
+    for name in ("edge-1", "edge-2", "edge-3"):  # an `enrolled` event each
+        server.enroll(name)
+    old = _events(server)
+    assert [e["kind"] for e in old] == ["enrolled"] * 3
+    server.clock.advance(YEAR - 60)
+    server.enroll("edge-4")  # within the retention when the sweep runs
+    server.clock.advance(120)
+
+    assert server.plane.events.sweep(YEAR, chunk=2, pause_s=0) == 3  # in two chunks
+    assert server.plane.events.sweep(YEAR, chunk=2, pause_s=0) == 0
+    kept = _events(server)
+    assert [e["node"] for e in kept] == ["edge-4"]
+    # a follower's cursor from before the sweep still reads what came after it, and ids are never reused
+    assert _events(server, after=old[-1]["id"]) == kept
+    server.enroll("edge-5")
+    newest = _events(server, after=kept[-1]["id"])
+    assert [e["node"] for e in newest] == ["edge-5"]
+    assert newest[0]["id"] > kept[-1]["id"]
+    metrics = server.client.get("/metrics", headers=server.admin).text
+    assert "strata_events_expired_total 3.0" in metrics
+
+
+def test_a_sweep_of_events_told_to_stop_ends_after_its_current_chunk(server: Harness) -> None:
+    for name in ("edge-1", "edge-2", "edge-3"):
+        server.enroll(name)
+    server.clock.advance(YEAR + 60)
+    stop = threading.Event()
+    stop.set()
+    assert server.plane.events.sweep(YEAR, chunk=2, pause_s=0, stop=stop) == 2
+    assert server.plane.events.sweep(YEAR, chunk=2, pause_s=0) == 1  # the next sweep goes on
+
+
+def test_the_server_sweeps_expired_events_in_the_background(
+    settings: ServerSettings, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.INFO, logger="strata.control.app"),
+        start_server(replace(settings, telemetry_sweep_s=0.1, event_retention_s=30 * 86400.0)) as server,
+    ):
+        server.enroll("edge")
+        server.clock.advance(31 * 86400.0)
+        deadline = time.monotonic() + 10  # the sweeper runs on the replica holding the rollout lease
+        while _events(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _events(server) == []
+    assert "event retention 30d: deleted 1 event" in caplog.text
