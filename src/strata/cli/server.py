@@ -58,6 +58,22 @@ def server(
             help="Delete fleet events (strata events, rollout timelines) older than this, e.g. 90d (at least 1d).",
         ),
     ] = "365d",
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            "--max-connections",
+            help="Connections this server process keeps open at most (every node long-polls on one); past it a new "
+            "one is closed at once. Kept under the open files limit, which the server raises to its hard limit.",
+        ),
+    ] = 50_000,
+    header_timeout: Annotated[
+        str,
+        typer.Option(
+            "--header-timeout",
+            help="A request's head must arrive within this of the connection's start or of the previous answer "
+            "(408, closed); 1s to 10m.",
+        ),
+    ] = "10s",
     release_key: Annotated[
         list[Path] | None,
         typer.Option(
@@ -107,6 +123,8 @@ def server(
         otlp_endpoint=otlp_endpoint,
         telemetry_retention=telemetry_retention,
         event_retention=event_retention,
+        max_connections=max_connections,
+        header_timeout=header_timeout,
         tls_names=tuple(tls_name or ()),
         agent_allowlist=tuple(agent_allowlist or ()),
         release_keys=tuple(release_key or ()),

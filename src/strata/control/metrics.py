@@ -16,6 +16,7 @@ from sqlalchemy import Engine, event
 from strata import __version__
 from strata.control.plane import ControlPlane
 from strata.control.telemetry import FUTURE_SKEW_S
+from strata.control.tls import COUNTS
 from strata.core.words import duration
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -119,6 +120,26 @@ class FleetCollector(Collector):
         )
         events.add_metric([], self.plane.events.expired)
         yield events
+        with COUNTS.lock:
+            open_now, refused, timeouts = COUNTS.open, COUNTS.refused, COUNTS.header_timeouts
+        connections = GaugeMetricFamily("strata_server_connections", "Connections open to this server process")
+        connections.add_metric([], open_now)
+        yield connections
+        for name, help_text, value in (
+            (
+                "strata_server_connections_refused",
+                "Connections closed at once because --max-connections were open",
+                refused,
+            ),
+            (
+                "strata_server_header_timeouts",
+                "Connections closed because no complete request head came within --header-timeout",
+                timeouts,
+            ),
+        ):
+            family = CounterMetricFamily(name, help_text)
+            family.add_metric([], value)
+            yield family
         info = GaugeMetricFamily("strata_server_info", "The control plane's version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info

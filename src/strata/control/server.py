@@ -32,10 +32,17 @@ from strata.control.plane import ControlPlane, first_start_lock
 from strata.control.settings import ServerSettings
 from strata.control.supply import read_release_keys
 from strata.control.telemetry import retention_seconds
-from strata.control.tls import MutualTlsHttpProtocol, server_context_args
+from strata.control.tls import (
+    ConnectionLimits,
+    MutualTlsHttpProtocol,
+    effective_max_connections,
+    raise_open_files_limit,
+    server_context_args,
+)
 from strata.core.errors import ConfigError, StrataError
 from strata.core.hashing import is_hex_sha256
 from strata.core.logformat import check_log_format
+from strata.core.words import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +196,8 @@ def serve(
     otlp_endpoint: str | None = None,
     telemetry_retention: str = "90d",
     event_retention: str = "365d",
+    max_connections: int = ConnectionLimits.max_connections,
+    header_timeout: str = "10s",
     tls_names: tuple[str, ...] = (),
     agent_allowlist: tuple[str, ...] = (),
     release_keys: tuple[Path, ...] = (),
@@ -210,7 +219,8 @@ def serve(
             installed: `strata[postgres]`), a cloud endpoint that is not an http(s) URL (cloud or OTLP), a release
             key that is not a PEM public key, an allowlist entry that is not a code hash, a TPM CA file or PCR value
             that does not parse, a telemetry retention that is not a duration of at least an hour, or an event
-            retention that is not one of at least a day.
+            retention that is not one of at least a day, a connection cap under 1, or a header timeout that is not
+            a duration from 1 s to 10 minutes.
         StoreError: the database cannot be reached, refuses the login, or cannot be migrated.
         StrataError: the application's start-up failed (the reason is logged).
     """
@@ -229,6 +239,15 @@ def serve(
     if otlp_endpoint is not None and not otlp_endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"--otlp-endpoint must be an http:// or https:// URL, got {otlp_endpoint!r}")
     retention_s = retention_seconds(telemetry_retention)
+    if max_connections < 1:
+        raise ConfigError(f"--max-connections must be at least 1, got {max_connections}")
+    try:
+        header_timeout_s = parse_duration(header_timeout)
+    except ConfigError as exc:
+        raise ConfigError(f"--header-timeout: {exc}") from exc
+    if not 1 <= header_timeout_s <= 600:
+        raise ConfigError(f"--header-timeout must be from 1s to 10m, got {header_timeout!r}")
+    limits = ConnectionLimits(max_connections, header_timeout_s)
     settings = ServerSettings(
         data_dir=data_dir,
         db_url=db_url,
@@ -243,7 +262,7 @@ def serve(
     )
     sockets = listen_sockets(host, port)  # before the data folder: nothing is written for a server that cannot run
     try:
-        server = _prepared(settings, tls_names or default_server_names(host), level, log_format)
+        server = _prepared(settings, tls_names or default_server_names(host), level, log_format, limits)
         try:
             server.run(sockets)
         except OSError as exc:  # another process bound the address as well, and listened on it first
@@ -259,9 +278,15 @@ def serve(
             sock.close()
 
 
-def _prepared(settings: ServerSettings, tls_names: tuple[str, ...], level: str, log_format: str) -> _Server:
+def _prepared(
+    settings: ServerSettings,
+    tls_names: tuple[str, ...],
+    level: str,
+    log_format: str,
+    limits: ConnectionLimits | None = None,
+) -> _Server:
     """The server of `serve`, ready to run: its data folder made, its database migrated, its CA and certificate
-    made.
+    made, its open files limit raised and its connection cap set under it (`limits`: `ConnectionLimits()`).
 
     Raises:
         ConfigError, StoreError: as `serve` says.
@@ -282,12 +307,23 @@ def _prepared(settings: ServerSettings, tls_names: tuple[str, ...], level: str, 
         migrations.upgrade(plane.db.engine)
         plane.pki.start()
         tls = plane.pki.server_tls(tls_names)
+    wanted = limits or ConnectionLimits()
+    open_files = raise_open_files_limit()
+    limits = ConnectionLimits(effective_max_connections(wanted.max_connections, open_files), wanted.header_timeout_s)
     config = uvicorn.Config(
         app,
         log_level=level,
         log_config=_logging_config(level, log_format),
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        **server_context_args(str(tls.cert_path), str(tls.key_path), str(tls.ca_path)),
+        **server_context_args(str(tls.cert_path), str(tls.key_path), str(tls.ca_path), limits),
     )
+    if limits.max_connections < wanted.max_connections:  # logged now: uvicorn's Config set up the logging
+        log.warning(
+            "the open files limit (%d) leaves room for %d connections, not --max-connections %d: raise the limit"
+            " (LimitNOFILE=, ulimit -n) to serve more nodes from this server",
+            open_files,
+            limits.max_connections,
+            wanted.max_connections,
+        )
     return _Server(config, plane)

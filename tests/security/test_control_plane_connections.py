@@ -1,0 +1,189 @@
+"""The control plane's connections, attacked by anyone who can reach its port (a real `strata server` process):
+a connection that never begins TLS, one that finishes TLS and sends nothing, a request head that never ends (also
+after an answer on a kept-alive connection), and more connections than `--max-connections`. Before, the last three
+stayed open for ever (uvicorn's keep-alive timeout starts only after an answer and stops at any byte), so enough of
+them ran the server out of file descriptors. A request whose head is complete is never cut, however slowly its
+body comes (a package upload may take hours)."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from strata.localfleet import LocalFleet
+
+pytestmark = pytest.mark.slow
+
+HEADER_TIMEOUT_S = 1.0
+MAX_CONNECTIONS = 5
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
+    with LocalFleet(tmp_path_factory.mktemp("fleet")) as fleet:
+        fleet.start_server(extra_args=["--header-timeout", "1s", "--max-connections", str(MAX_CONNECTIONS)])
+        yield fleet
+
+
+def _address(fleet: LocalFleet) -> tuple[str, int]:
+    host, port = fleet.server_url.removeprefix("https://").rsplit(":", 1)
+    return host, int(port)
+
+
+def _tls(fleet: LocalFleet) -> ssl.SSLSocket:
+    host, port = _address(fleet)
+    context = ssl.create_default_context(cafile=str(fleet.ca_path))
+    return context.wrap_socket(socket.create_connection((host, port), timeout=10), server_hostname=host)
+
+
+def _closed_after(sock: socket.socket, limit: float = 10.0) -> tuple[bytes, float]:
+    """What the server sent before it closed `sock`, and how long that took (fails past `limit`)."""
+    started, received = time.monotonic(), b""
+    sock.settimeout(limit)
+    while True:
+        try:
+            data = sock.recv(4096)
+        except (ConnectionResetError, ssl.SSLError):
+            return received, time.monotonic() - started
+        except TimeoutError:
+            raise AssertionError(f"still open after {limit} s; received {received!r}") from None
+        if not data:
+            return received, time.monotonic() - started
+        received += data
+
+
+def _answer(sock: ssl.SSLSocket) -> tuple[bytes, bytes]:
+    """One whole answer (head, body) read from `sock`."""
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]  # uvicorn sends it
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head, body
+
+
+def _metrics(fleet: LocalFleet) -> dict[str, float]:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(fleet.ca_path)), timeout=10) as client:
+        text = client.get(f"{fleet.server_url}/metrics", headers={"Authorization": f"Bearer {fleet.admin_token}"}).text
+    found = re.findall(r"^(strata_server_\w+) ([0-9.e+]+)$", text, re.M)
+    return {name: float(value) for name, value in found}
+
+
+def test_a_connection_that_never_begins_tls_is_closed_at_the_header_timeout(fleet: LocalFleet) -> None:
+    with socket.create_connection(_address(fleet), timeout=10) as plain:
+        received, took = _closed_after(plain)
+    assert received == b""
+    assert HEADER_TIMEOUT_S * 0.5 <= took < HEADER_TIMEOUT_S + 4  # not the event loop's 60 s
+
+
+def test_a_tls_connection_that_sends_nothing_is_closed_and_counted(fleet: LocalFleet) -> None:
+    before = _metrics(fleet)["strata_server_header_timeouts_total"]
+    with _tls(fleet) as quiet:
+        received, took = _closed_after(quiet)
+    assert received == b""
+    assert took < HEADER_TIMEOUT_S + 4
+    assert _metrics(fleet)["strata_server_header_timeouts_total"] == before + 1
+
+
+def test_a_request_head_that_never_ends_gets_408_also_after_an_answer_on_the_connection(fleet: LocalFleet) -> None:
+    with _tls(fleet) as trickle:
+        trickle.sendall(b"GET /v1/health HTTP/1.1\r\nHost: strata\r\n")  # no blank line: the head goes on
+        received, took = _closed_after(trickle)
+    assert received.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert took < HEADER_TIMEOUT_S + 4
+
+    with _tls(fleet) as kept:
+        kept.sendall(
+            f"GET /v1/health HTTP/1.1\r\nHost: strata\r\nAuthorization: Bearer {fleet.admin_token}\r\n\r\n".encode()
+        )
+        head, _ = _answer(kept)
+        assert head.startswith(b"HTTP/1.1 200 OK"), head
+        kept.sendall(b"G")  # one byte of a next head stops uvicorn's keep-alive timeout; the header timeout goes on
+        received, took = _closed_after(kept)
+    assert received.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert took < HEADER_TIMEOUT_S + 4
+
+
+def test_a_request_whose_body_comes_slowly_is_answered(fleet: LocalFleet) -> None:
+    body = json.dumps({"ttl_seconds": 600, "name": "slow-body", "tier": None, "labels": None}).encode()
+    head = (
+        "POST /v1/enrollment-tokens HTTP/1.1\r\nHost: strata\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {fleet.admin_token}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with _tls(fleet) as slow:
+        slow.sendall(head)
+        time.sleep(HEADER_TIMEOUT_S * 2.5)  # past the header timeout: the head was complete
+        slow.sendall(body)
+        answer, issued = _answer(slow)
+    assert answer.startswith(b"HTTP/1.1 201 Created"), answer
+    assert "token" in json.loads(issued)
+
+
+def test_past_max_connections_a_new_connection_is_closed_at_once_and_the_server_goes_on(fleet: LocalFleet) -> None:
+    before = _metrics(fleet)
+    assert before["strata_server_connections"] == 1  # the metrics request's own
+    held: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS):  # each holds a request open: its head is complete, its body never comes
+            sock = _tls(fleet)
+            sock.sendall(b"POST /v1/enrollment-tokens HTTP/1.1\r\nHost: strata\r\nContent-Length: 10\r\n\r\n")
+            held.append(sock)
+        time.sleep(0.3)
+        with _tls(fleet) as extra:
+            received, took = _closed_after(extra, limit=5)
+        assert (received, took < HEADER_TIMEOUT_S / 2) == (b"", True)  # at once, not at the header timeout
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:  # the held connections are gone once the server has read their close
+        try:
+            after = _metrics(fleet)
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the server did not take connections again"
+            time.sleep(0.2)
+    assert after["strata_server_connections_refused_total"] == before["strata_server_connections_refused_total"] + 1
+    log = Path(fleet.root / "logs" / "server.log").read_text()
+    assert f"{MAX_CONNECTIONS} connections open, the most this server takes (--max-connections)" in log
+
+
+def test_bad_limits_are_refused_before_the_server_starts(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    for option, value, said in [
+        ("--max-connections", "0", "--max-connections must be at least 1, got 0"),
+        ("--header-timeout", "0.5s", "--header-timeout must be from 1s to 10m, got '0.5s'"),
+        ("--header-timeout", "soon", "--header-timeout: 'soon' is not a duration"),
+    ]:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "strata",
+                "server",
+                "--data-dir",
+                str(tmp_path / "srv"),
+                "--port",
+                "9",
+                option,
+                value,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert said in done.stderr
