@@ -121,7 +121,7 @@ class FleetCollector(Collector):
         events.add_metric([], self.plane.events.expired)
         yield events
         with COUNTS.lock:
-            open_now, refused, timeouts = COUNTS.open, COUNTS.refused, COUNTS.header_timeouts
+            open_now, refused, timeouts, slow = COUNTS.open, COUNTS.refused, COUNTS.header_timeouts, COUNTS.slow_bodies
         connections = GaugeMetricFamily("strata_server_connections", "Connections open to this server process")
         connections.add_metric([], open_now)
         yield connections
@@ -135,6 +135,11 @@ class FleetCollector(Collector):
                 "strata_server_header_timeouts",
                 "Connections closed because no complete request head came within --header-timeout",
                 timeouts,
+            ),
+            (
+                "strata_server_slow_bodies",
+                "Connections closed because a request body came slower than 1 KiB/s after --header-timeout",
+                slow,
             ),
         ):
             family = CounterMetricFamily(name, help_text)

@@ -10,8 +10,10 @@ never begins TLS stays for the event loop's 60 s handshake timeout. Anyone who c
 connections until the server ran out of file descriptors, and then it could open neither a node's connection nor
 its own database files. So (`ConnectionLimits`) the TLS handshake must end within `header_timeout_s` (`server_loop`),
 a request head must be complete within it of the handshake or of the previous response (408, closed; a connection
-that sent nothing is closed), and past `max_connections` open connections a new one is closed at once, which keeps
-the descriptors the server needs for its own work. Bodies are not timed: a package upload may rightly take hours.
+that sent nothing is closed), a body must keep coming at `MIN_BODY_RATE` on average once `header_timeout_s` have
+passed since its head (not a deadline: a package upload may rightly take hours; a body the application is not
+reading yet is not judged), and past `max_connections` open connections a new one is closed at once, which keeps
+the descriptors the server needs for its own work.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 
 FD_RESERVE: Final = 256  # descriptors kept for the server's own work: database, blobs, logs, its own clients
 REFUSED_LOG_EVERY_S: Final = 60.0
+# A body's floor rate after its grace: far below any link a node or an operator uploads over (a GPRS modem sends
+# 3-5 KB/s), and it makes holding `max_connections` bodies open cost an attacker that many KiB a second.
+MIN_BODY_RATE: Final = 1024
 _HEAD_TIMEOUT_ANSWER: Final = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
 
 
@@ -51,6 +56,7 @@ class ConnectionCounts:
         self.open = 0
         self.refused = 0  # closed at once: `max_connections` were open
         self.header_timeouts = 0  # closed with no complete request head in `header_timeout_s`
+        self.slow_bodies = 0  # closed: a body came slower than MIN_BODY_RATE after its grace
         self._refused_logged = 0.0
 
     def refuse(self, limit: int) -> None:
@@ -141,6 +147,9 @@ class MutualTlsHttpProtocol(HttpToolsProtocol):
     _head_timer: asyncio.TimerHandle | None = None
     _head_begun = False  # a byte of the awaited request head has come
     _counted = False
+    _body_timer: asyncio.TimerHandle | None = None
+    _body_since = 0.0  # event-loop time the body's floor rate is counted from (after its grace)
+    _body_bytes = 0  # body bytes received since then
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvicorn's protocol narrows the argument to a stream transport, which its server always hands it
@@ -165,6 +174,18 @@ class MutualTlsHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._stop_awaiting_head()
         super().on_headers_complete()
+        self._stop_timing_body()
+        self._body_since = self.loop.time() + self.limits.header_timeout_s
+        self._body_bytes = 0
+        self._body_timer = self.loop.call_at(self._body_since, self._judge_body)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._stop_timing_body()
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -173,6 +194,7 @@ class MutualTlsHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_awaiting_head()
+        self._stop_timing_body()
         if self._counted:
             self._counted = False
             with COUNTS.lock:
@@ -188,6 +210,33 @@ class MutualTlsHttpProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def _stop_timing_body(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _judge_body(self) -> None:
+        """At the moment the body's bytes since `_body_since` fall below MIN_BODY_RATE: cut it, unless more came
+        meanwhile (then look again when they would fall below) or the application has not read what came (its
+        reading is paused: the time counts from now)."""
+        self._body_timer = None
+        now = self.loop.time()
+        if self.transport.is_closing():
+            return
+        if self.flow.read_paused:  # the application's to read, not the client's to send
+            self._body_since, self._body_bytes = now, 0
+        elif self._body_bytes < (now - self._body_since) * MIN_BODY_RATE:
+            with COUNTS.lock:
+                COUNTS.slow_bodies += 1
+            if self.cycle is not None and not self.cycle.response_started:
+                self.transport.write(_HEAD_TIMEOUT_ANSWER)
+                self.transport.close()
+            else:
+                self.transport.abort()
+            return
+        due = self._body_since + self._body_bytes / MIN_BODY_RATE
+        self._body_timer = self.loop.call_at(max(due, now + 0.5), self._judge_body)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
