@@ -1,12 +1,14 @@
 """What a node uploads as telemetry is its claim: a real control plane process, a real node's certificate on the
 wire (its agent stopped: a modified agent sends what it likes). Counts past what the database holds, more client
 errors than errors, texts longer than their columns (a drift tensor's name among them) and a decompression bomb
-are each refused with a 4xx the node drops, never a 500 or a 503 it would retry for ever; another node's endpoint
-is refused; and the control plane keeps storing the node's honest batches afterwards."""
+are each refused with a 4xx the node drops, never a 500 or a 503 it would retry for ever, and so is a batch of more
+rows than a node seals; uploads past two at once are answered 429 unread; another node's endpoint is refused; and
+the control plane keeps storing the node's honest batches afterwards."""
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +17,7 @@ import httpx
 import pytest
 import zstandard
 
+from strata.control.api.telemetry import MAX_UPLOADS_PER_NODE
 from strata.core.telemetry import (
     BUCKETS,
     MAX_TENSOR,
@@ -104,14 +107,39 @@ def test_a_nodes_telemetry_claims_are_checked_before_they_are_stored(fleet: Loca
         assert len(bomb) < 64 << 10
         answer = client.post(url, content=bomb, headers=CONTENT_TYPE)
         assert answer.status_code == 422, answer.text
+        assert "declares 73400320 bytes" in answer.json()["error"]  # before: inflated, then not JSON
+
+        # 2.5 million events in a 6 KB batch (55 MB inflated: 13.5 s and 750 MB to parse before), and the same
+        # rows within the size limit: refused by their count.
+        small = _tampered(_batch(rogue_id, 9), lambda d: d.update(events={c: [0] * 30_000 for c in d["events"]}))
+        answer = client.post(url, content=small, headers=CONTENT_TYPE)
+        assert answer.status_code == 422, answer.text
+        assert "30000 events, more than the 20000 a batch may hold" in answer.json()["error"]
+
+        # Uploads at once: two held open (their bodies never come), a third answered 429 at once, not parsed.
+        host, port = fleet.server_url.removeprefix("https://").rsplit(":", 1)
+        head = f"POST /v1/nodes/{rogue_id}/telemetry HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100\r\n\r\n"
+        held = []
+        for _ in range(MAX_UPLOADS_PER_NODE):
+            sock = fleet.tls("rogue").wrap_socket(socket.create_connection((host, int(port))), server_hostname=host)
+            sock.sendall(head.encode())
+            held.append(sock)
+        time.sleep(0.5)
+        answer = client.post(url, content=encode_batch(_batch(rogue_id, 2)), headers=CONTENT_TYPE)
+        assert (answer.status_code, answer.json()["code"]) == (429, "too_many_requests"), answer.text
+        for sock in held:
+            sock.close()
 
         # Another node's endpoint: refused whatever the batch.
         honest = encode_batch(_batch(rogue_id, 1))
         other_url = f"{fleet.server_url}/v1/nodes/{identities['other']}/telemetry"
         assert client.post(other_url, content=honest, headers=CONTENT_TYPE).status_code == 403
 
-        # And the node's honest batch is stored, its counts as sent.
-        answer = client.post(url, content=honest, headers=CONTENT_TYPE)
+        # And the node's honest batch is stored, its counts as sent (once the held uploads are let go).
+        deadline = time.monotonic() + 10
+        while (answer := client.post(url, content=honest, headers=CONTENT_TYPE)).status_code == 429:
+            assert time.monotonic() < deadline, "the held uploads were never let go"
+            time.sleep(0.2)
         assert answer.status_code == 200, answer.text
         assert answer.json() == {"seq": 1, "stored": True}
     # (the control plane's /metrics sums every node's stored minutes; no model need be registered for that)

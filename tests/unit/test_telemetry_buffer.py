@@ -23,6 +23,7 @@ from strata.agent.telemetry import (
 from strata.core.errors import StrataError, TransportError
 from strata.core.telemetry import (
     BUCKETS,
+    MAX_BATCH_DRIFT,
     PRIORITY_ERROR,
     PRIORITY_SAMPLED,
     PRIORITY_SLOW,
@@ -278,3 +279,23 @@ def test_a_batch_the_server_refuses_for_good_is_dropped_and_counted(tmp_path: Pa
     assert uploader.drain() == 1
     assert recorder.stats().dropped["rejected"] == 1
     recorder.close()
+
+
+def test_drift_rows_past_what_one_batch_may_hold_go_in_the_next_batch(tmp_path: Path) -> None:
+    """The control plane refuses a batch of more than MAX_BATCH_DRIFT drift rows (a node's claim, parsed at its
+    cost), so a node back from a long outage seals its drift in batches of at most that many, losing none."""
+    buffer = TelemetryBuffer(tmp_path / "t.db", 64 << 20)
+    tensors = 101
+    minutes = MAX_BATCH_DRIFT // tensors + 2  # 20,200 rows
+    drift = tuple((f"X{t}", (1, 2)) for t in range(tensors))
+    outcomes = [replace(outcome(T + 60 * m), drift=drift) for m in range(minutes)]
+    buffer.write(outcomes, [None] * len(outcomes))
+    seen, seq = [], buffer.seal("n", T + 60 * minutes, 1000, 1000)
+    while seq is not None:
+        pending = buffer.read_outbox()
+        assert pending is not None
+        batch = decode_batch(pending[1])  # what the control plane checks
+        seen.append(len(batch.drift))
+        buffer.ack(pending[0], T + 60 * minutes)
+        seq = buffer.seal("n", T + 60 * minutes, 1000, 1000)
+    assert seen == [MAX_BATCH_DRIFT, tensors * minutes - MAX_BATCH_DRIFT]

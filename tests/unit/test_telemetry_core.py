@@ -310,9 +310,15 @@ def test_a_decoder_leaves_a_minutes_column_it_does_not_know_alone() -> None:
 def test_decode_refuses_garbage_and_bombs() -> None:
     with pytest.raises(TelemetryError, match="does not decode"):
         decode_batch(b"not zstd")
+    # A frame that declares its size: python-zstandard inflates it to that size whatever max_output_size says, so
+    # the declared size is refused first (this bomb was inflated to 70 MB, then failed as JSON).
     bomb = zstandard.ZstdCompressor().compress(b"0" * (70 << 20))
-    with pytest.raises(TelemetryError, match="does not decode"):
+    with pytest.raises(TelemetryError, match="declares 73400320 bytes, more than 8388608"):
         decode_batch(bomb)
+    # One that does not (a streamed frame): max_output_size stops it.
+    streamed = zstandard.ZstdCompressor(write_content_size=False).compress(b"0" * (9 << 20))
+    with pytest.raises(TelemetryError, match="does not decode"):
+        decode_batch(streamed)
     wrong = zstandard.ZstdCompressor().compress(json.dumps({"format": "other"}).encode())
     with pytest.raises(TelemetryError, match=BATCH_FORMAT):
         decode_batch(wrong)

@@ -40,6 +40,9 @@ from strata.core.errors import StrataError
 from strata.core.telemetry import (
     BUCKETS,
     DROPPED_KINDS,
+    MAX_BATCH_DRIFT,
+    MAX_BATCH_EVENTS,
+    MAX_BATCH_MINUTES,
     PRIORITY_ERROR,
     PRIORITY_SAMPLED,
     PRIORITY_SLOW,
@@ -108,8 +111,8 @@ class TelemetryConfig:
     sample_rate: float = 0.01
     slow_us: float = 250_000.0
     upload_interval_s: float = 10.0
-    batch_max_events: int = 20_000
-    batch_max_minutes: int = 2_000
+    batch_max_events: int = MAX_BATCH_EVENTS  # what the control plane takes in one batch (`decode_batch`)
+    batch_max_minutes: int = MAX_BATCH_MINUTES
     drift_window_minutes: int = 10
 
 
@@ -371,7 +374,10 @@ class TelemetryBuffer:
             ).fetchall()
             drift = [
                 DriftRow(model=r[0], version=r[1], minute=r[2], tensor=r[3], counts=json.loads(r[4]))
-                for r in db.execute("SELECT model, version, minute, tensor, counts FROM drift ORDER BY minute")
+                for r in db.execute(
+                    "SELECT model, version, minute, tensor, counts FROM drift ORDER BY minute LIMIT ?",
+                    (MAX_BATCH_DRIFT,),
+                )
             ]
             dropped = {
                 key.removeprefix("dropped."): value
@@ -396,7 +402,11 @@ class TelemetryBuffer:
                 db.execute("DELETE FROM minutes WHERE model=? AND version=? AND variant=? AND minute=?", m.key)
             if event_rows:
                 db.execute("DELETE FROM events WHERE id <= ?", (event_rows[-1][0],))
-            db.execute("DELETE FROM drift")
+            for row in drift:
+                db.execute(
+                    "DELETE FROM drift WHERE model=? AND version=? AND minute=? AND tensor=?",
+                    (row.model, row.version, row.minute, row.tensor),
+                )
             db.execute("UPDATE meta SET value = 0 WHERE key LIKE 'dropped.%'")
             db.execute(
                 "INSERT INTO meta VALUES ('next_seq', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",

@@ -142,6 +142,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     )
     app.state.plane = plane
     app.state.waiting_polls = {}  # node id -> its long polls waiting now (`api.nodes.get_desired`)
+    app.state.telemetry_uploads = {}  # node id -> its telemetry uploads under way (`api.telemetry`)
     app.state.metrics_registry = metrics_registry(plane)
     install(app)
     install_console(app)

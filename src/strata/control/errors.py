@@ -12,6 +12,13 @@ class PayloadTooLarge(StrataError):
     http_status = 413
 
 
+class TooManyRequests(StrataError):
+    """A caller has as many of these requests under way as it may; it may send again once one is answered."""
+
+    code = "too_many_requests"
+    http_status = 429
+
+
 class StoreError(Unavailable):
     """The database or the blob store failed (locked, disk full, connection lost); the request may be retried."""
 

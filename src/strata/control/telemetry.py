@@ -57,6 +57,7 @@ from strata.control.lease import serialize
 from strata.core.errors import Conflict, Forbidden, NotFound
 from strata.core.telemetry import (
     BUCKETS,
+    MAX_BATCH_BYTES,
     MAX_COUNT,
     DriftReference,
     DriftRow,
@@ -81,7 +82,7 @@ _NewerBatch = aliased(TelemetryBatch)
 # retention sweep; no batch holds a negative minute (`decode_batch`).
 EXPIRED_MINUTE = -1
 
-MAX_UPLOAD_BYTES = 16 << 20
+MAX_UPLOAD_BYTES = MAX_BATCH_BYTES  # compressed: a body larger than its largest decompressed batch is not one
 # The most minute (or drift) rows one `GET /v1/telemetry` reads: 100,000 rows answered in 25 MB and 7 s, and a
 # read token asking for 90 days of a big fleet's model would otherwise have the server hold all of them.
 MAX_QUERY_ROWS = 100_000

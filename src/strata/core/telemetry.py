@@ -35,7 +35,13 @@ PRIORITY_ERROR: Final = 2
 PRIORITY_NAMES: Final = {PRIORITY_SAMPLED: "sampled", PRIORITY_SLOW: "slow", PRIORITY_ERROR: "error"}
 
 BATCH_FORMAT: Final = "strata.telemetry/v1"
-MAX_BATCH_BYTES: Final = 64 << 20  # decompressed; a batch claiming more is refused (no zip bombs)
+# What one batch may hold, decompressed and in rows. A node seals at most these (`agent.telemetry`), whose largest
+# batch (every row of every kind, long texts) is 2.6 MB decompressed; a batch is a node's claim, and a 5 KB upload
+# that inflated to 55 MB of 2.5 million events took the control plane 13.5 s and 750 MB to parse (64 MB allowed).
+MAX_BATCH_BYTES: Final = 8 << 20
+MAX_BATCH_EVENTS: Final = 20_000
+MAX_BATCH_MINUTES: Final = 2_000
+MAX_BATCH_DRIFT: Final = 20_000
 # The most any count of a batch may be (a minute's, an event's microseconds, drift and dropped counts, the minute
 # and sequence numbers, an event's time in ms), and what the control plane's sums may reach: JSON numbers stay exact
 # up to it in every reader (the console's JavaScript too), and it is far inside a BIGINT, SQLite's or PostgreSQL's.
@@ -504,6 +510,29 @@ def _column(table: Mapping[str, Any], key: str, length: int | None) -> list[Any]
     return value
 
 
+def _rows(table: Mapping[str, Any], key: str, most: int, what: str) -> int:
+    """How many rows a batch's table has (the length of its column `key`), at most `most`.
+
+    Raises:
+        TelemetryError: the column is missing, or the table has more rows than a batch may.
+    """
+    rows = len(_column(table, key, None))
+    if rows > most:
+        raise TelemetryError(f"telemetry batch is malformed: {rows} {what}, more than the {most} a batch may hold")
+    return rows
+
+
+def _drift_counts(counts: Any) -> list[int]:
+    """A drift row's counts: a list of at most DRIFT_BINS counts (a reference has no more bins).
+
+    Raises:
+        TelemetryError: anything else.
+    """
+    if not isinstance(counts, list) or len(counts) > DRIFT_BINS:
+        raise TelemetryError(f"telemetry batch is malformed: drift counts must be a list of at most {DRIFT_BINS}")
+    return [_count("drift counts", c) for c in counts]
+
+
 def _count(column: str, value: Any, most: int = MAX_COUNT) -> int:
     """A count (or minute, event time in ms, or sequence number) as the batch claims it: an int (not a bool, a float
     or a string) in 0..`most`, which the control plane's columns hold.
@@ -543,6 +572,11 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
     import zstandard
 
     try:
+        # A frame that declares its size is decompressed to that size whatever `max_output_size` says (it
+        # bounds only frames that do not): the declared size is checked first.
+        declared = zstandard.frame_content_size(payload)
+        if declared > MAX_BATCH_BYTES:
+            raise TelemetryError(f"telemetry batch declares {declared} bytes, more than {MAX_BATCH_BYTES} decompressed")
         raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_BATCH_BYTES)
         document = json.loads(raw)
     except (zstandard.ZstdError, ValueError) as exc:
@@ -570,7 +604,7 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
             return value
 
         m, e, d = document["minutes"], document["events"], document["drift"]
-        n = len(_column(m, "requests", None))
+        n = _rows(m, "requests", MAX_BATCH_MINUTES, "minute rows")
         # a node from before `client_errors` (or `shed`) sends no such column: none of its errors are told apart
         client_errors = _column(m, "client_errors", n) if "client_errors" in m else [0] * n
         shed = _column(m, "shed", n) if "shed" in m else [0] * n
@@ -589,7 +623,7 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
                 _column(m, "queue_sum_us", n), _column(m, "latency", n), strict=True,
             )
         ]  # fmt: skip
-        k = len(_column(e, "latency_us", None))
+        k = _rows(e, "latency_us", MAX_BATCH_EVENTS, "events")
         events = [
             EventRow(
                 ts=_count("ts_ms", ts) / 1000, model=text(model), version=text(version), variant=text(variant),
@@ -605,10 +639,10 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
                 _column(e, "summary", k), strict=True,
             )
         ]  # fmt: skip
-        j = len(_column(d, "counts", None))
+        j = _rows(d, "counts", MAX_BATCH_DRIFT, "drift rows")
         drift = [
             DriftRow(model=text(model), version=text(version), minute=_count("minute", minute),
-                     tensor=text(tensor, MAX_TENSOR), counts=[_count("drift counts", c) for c in counts])
+                     tensor=text(tensor, MAX_TENSOR), counts=_drift_counts(counts))
             for minute, model, version, tensor, counts in zip(
                 _undeltas(_column(d, "minute", j)), _column(d, "model", j), _column(d, "version", j),
                 _column(d, "tensor", j), _column(d, "counts", j), strict=True,

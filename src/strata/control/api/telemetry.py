@@ -10,8 +10,10 @@ import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 
 from strata.control.api.deps import COMMON_ERRORS, BoundedRoute, NodeItself, Plane, Reader, read_limited
+from strata.control.errors import TooManyRequests
 from strata.control.schemas import TelemetryAckBody, TelemetryBody
 from strata.control.telemetry import MAX_QUERY_ROWS, MAX_UPLOAD_BYTES
+from strata.core.counts import holding
 
 router = APIRouter(tags=["telemetry"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 
@@ -23,11 +25,21 @@ _BATCH_BODY = {
 }
 
 
+# A node sends one batch at a time (the next after the last's acknowledgement); two allow a resend while the server
+# still works on the first. A node that sends more at once (its certificate, a modified agent) has each parsed at the
+# server's cost: the rest are answered 429 at once, and an honest node's uploader tries again later.
+MAX_UPLOADS_PER_NODE = 2
+
+
 @router.post("/nodes/{node_id}/telemetry", response_model=TelemetryAckBody, openapi_extra=_BATCH_BODY)
 async def upload_telemetry(node_id: str, request: Request, plane: Plane, _node: NodeItself) -> dict[str, Any]:
     """Store one telemetry batch of this node; a batch already stored is acknowledged, not stored again."""
-    body = await read_limited(request, MAX_UPLOAD_BYTES, "a telemetry batch")
-    result = await anyio.to_thread.run_sync(plane.telemetry.ingest, node_id, body)
+    uploads: dict[str, int] = request.app.state.telemetry_uploads
+    if uploads.get(node_id, 0) >= MAX_UPLOADS_PER_NODE:
+        raise TooManyRequests(f"this node has {MAX_UPLOADS_PER_NODE} telemetry uploads under way; send one at a time")
+    with holding(uploads, node_id):
+        body = await read_limited(request, MAX_UPLOAD_BYTES, "a telemetry batch")
+        result = await anyio.to_thread.run_sync(plane.telemetry.ingest, node_id, body)
     return {"seq": result.seq, "stored": result.stored}
 
 
