@@ -7,17 +7,26 @@ rate of 1 KiB/s after its grace."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import re
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from strata.control.tls import MAX_PIPELINE
 from strata.localfleet import LocalFleet
 
 pytestmark = pytest.mark.slow
@@ -150,6 +159,30 @@ def test_a_body_at_the_floor_rate_is_answered_and_one_slower_is_cut(fleet: Local
     assert took < HEADER_TIMEOUT_S + 4
     assert _metrics(fleet)["strata_server_slow_bodies_total"] == before + 1
 
+    # Bytes sent at once do not buy silence later: each window must bring its share.
+    with _tls(fleet) as burst:
+        burst.sendall(head + body[:5000])  # 5 KB: five seconds' worth at the floor rate
+        started = time.monotonic()
+        received, took = _closed_after(burst)
+    assert received.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), received
+    assert took < 3 * HEADER_TIMEOUT_S + 2  # the grace and one window, not 5 s more
+
+
+def test_a_body_without_a_credential_is_read_only_so_far(fleet: LocalFleet) -> None:
+    # FastAPI reads a body before the route's dependencies check who sent it: a body with no credential at all (an
+    # enrollment's token is in its body) may be 64 KiB, and an unknown bearer token is refused before its body.
+    with _tls(fleet) as anonymous:
+        anonymous.sendall(b"POST /v1/enroll HTTP/1.1\r\nHost: strata\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100000\r\n\r\n")  # fmt: skip
+        head, body = _answer(anonymous)
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert "at most 65536 bytes" in json.loads(body)["error"]
+    with _tls(fleet) as guessing:
+        guessing.sendall(b"POST /v1/enrollment-tokens HTTP/1.1\r\nHost: strata\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer not-a-token\r\nContent-Length: 500000\r\n\r\n")  # fmt: skip
+        head, _ = _answer(guessing)  # no byte of the body sent
+    assert head.startswith(b"HTTP/1.1 401"), head
+
 
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
@@ -217,3 +250,112 @@ def test_bad_limits_are_refused_before_the_server_starts(tmp_path: Path) -> None
         )
         assert done.returncode == 2, done.stderr
         assert said in done.stderr
+
+
+BIG_ANSWER_SERVER = """
+import sys, uvicorn
+from strata.control.tls import ConnectionLimits, server_context_args
+BODY = b"x" * (20 << 20)
+async def app(scope, receive, send):
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(BODY)).encode())]})
+        await send({"type": "http.response.body", "body": BODY})
+cert, key, port = sys.argv[1:4]
+uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning",
+            **server_context_args(cert, key, cert, ConnectionLimits(100, 1.0)))
+"""
+
+
+@pytest.fixture(scope="module")
+def big_answers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, ssl.SSLContext]]:
+    """A uvicorn server with the control plane's protocol, loop and limits (header timeout 1 s) whose every answer
+    is 20 MB: more than the kernel's socket buffers hold, so an unread answer waits in the server."""
+    folder = tmp_path_factory.mktemp("big")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    (folder / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (folder / "key.pem").write_bytes(private)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-c", BIG_ANSWER_SERVER, str(folder / "cert.pem"), str(folder / "key.pem"), str(port)]
+    server = subprocess.Popen(argv)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, "the server exited"
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.1)
+        yield port, ssl.create_default_context(cafile=str(folder / "cert.pem"))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _ask(port: int, context: ssl.SSLContext) -> ssl.SSLSocket:
+    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="127.0.0.1")
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: strata\r\n\r\n")
+    return sock
+
+
+def _read_body(sock: ssl.SSLSocket, pause_s: float) -> int:
+    """Body bytes of the answer read until it is whole or the server ends the connection, `pause_s` between reads."""
+    head, body = b"", 0
+    while body < 20 << 20:
+        try:
+            data = sock.recv(256 << 10)
+        except (ConnectionResetError, ssl.SSLError):
+            break
+        if not data:
+            break
+        if b"\r\n\r\n" not in head:
+            head += data
+            if b"\r\n\r\n" in head:
+                body = len(head.partition(b"\r\n\r\n")[2])
+        else:
+            body += len(data)
+        time.sleep(pause_s)
+    return body
+
+
+def test_a_large_answer_read_slowly_past_the_header_timeout_is_whole(big_answers: tuple[int, ssl.SSLContext]) -> None:
+    # uvicorn hands a 20 MB answer to the transport at once and counts it answered; the connection's idle deadline
+    # then ends it with a close that lets the rest go out first (a cut there dropped all but 3.9 MB of it).
+    port, context = big_answers
+    with _ask(port, context) as reader:  # a TLS record (16 KiB) every 4 ms: about 5 s, five header timeouts
+        started = time.monotonic()
+        assert _read_body(reader, pause_s=0.004) == 20 << 20
+        assert time.monotonic() - started > 2  # it did outlast the deadline
+
+
+def test_more_pipelined_requests_than_the_server_queues_end_the_connection(fleet: LocalFleet) -> None:
+    before = _metrics(fleet)["strata_server_pipeline_overflows_total"]
+    with _tls(fleet) as piper:
+        piper.sendall(b"GET /ui/static/console.css HTTP/1.1\r\nHost: strata\r\n\r\n" * (MAX_PIPELINE + 10))
+        _closed_after(piper, limit=5)
+    assert _metrics(fleet)["strata_server_pipeline_overflows_total"] == before + 1
+    with _tls(fleet) as piper:  # as many as it queues: all answered
+        piper.sendall(b"GET /ui/static/console.css HTTP/1.1\r\nHost: strata\r\n\r\n" * MAX_PIPELINE)
+        answers = [_answer(piper)[0] for _ in range(MAX_PIPELINE)]
+    assert all(head.startswith(b"HTTP/1.1 200 OK") for head in answers)

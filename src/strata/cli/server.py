@@ -59,13 +59,14 @@ def server(
         ),
     ] = "365d",
     max_connections: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--max-connections",
             help="Connections this server process keeps open at most (every node long-polls on one); past it a new "
-            "one is closed at once. Kept under the open files limit, which the server raises to its hard limit.",
+            "one is closed at once. Default 50,000, kept 256 under the open files limit, which the server raises "
+            "to its hard limit.",
         ),
-    ] = 50_000,
+    ] = None,
     header_timeout: Annotated[
         str,
         typer.Option(

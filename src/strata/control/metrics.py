@@ -121,7 +121,8 @@ class FleetCollector(Collector):
         events.add_metric([], self.plane.events.expired)
         yield events
         with COUNTS.lock:
-            open_now, refused, timeouts, slow = COUNTS.open, COUNTS.refused, COUNTS.header_timeouts, COUNTS.slow_bodies
+            open_now, refused, timeouts = COUNTS.open, COUNTS.refused, COUNTS.header_timeouts
+            slow, pipelined = COUNTS.slow_bodies, COUNTS.pipelined
         connections = GaugeMetricFamily("strata_server_connections", "Connections open to this server process")
         connections.add_metric([], open_now)
         yield connections
@@ -140,6 +141,11 @@ class FleetCollector(Collector):
                 "strata_server_slow_bodies",
                 "Connections closed because a request body came slower than 1 KiB/s after --header-timeout",
                 slow,
+            ),
+            (
+                "strata_server_pipeline_overflows",
+                "Connections closed because they sent more than 16 requests ahead of their answers",
+                pipelined,
             ),
         ):
             family = CounterMetricFamily(name, help_text)

@@ -33,6 +33,7 @@ from strata.control.settings import ServerSettings
 from strata.control.supply import read_release_keys
 from strata.control.telemetry import retention_seconds
 from strata.control.tls import (
+    DEFAULT_MAX_CONNECTIONS,
     ConnectionLimits,
     MutualTlsHttpProtocol,
     effective_max_connections,
@@ -196,7 +197,7 @@ def serve(
     otlp_endpoint: str | None = None,
     telemetry_retention: str = "90d",
     event_retention: str = "365d",
-    max_connections: int = ConnectionLimits.max_connections,
+    max_connections: int | None = None,
     header_timeout: str = "10s",
     tls_names: tuple[str, ...] = (),
     agent_allowlist: tuple[str, ...] = (),
@@ -239,7 +240,7 @@ def serve(
     if otlp_endpoint is not None and not otlp_endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"--otlp-endpoint must be an http:// or https:// URL, got {otlp_endpoint!r}")
     retention_s = retention_seconds(telemetry_retention)
-    if max_connections < 1:
+    if max_connections is not None and max_connections < 1:
         raise ConfigError(f"--max-connections must be at least 1, got {max_connections}")
     try:
         header_timeout_s = parse_duration(header_timeout)
@@ -247,7 +248,7 @@ def serve(
         raise ConfigError(f"--header-timeout: {exc}") from exc
     if not 1 <= header_timeout_s <= 600:
         raise ConfigError(f"--header-timeout must be from 1s to 10m, got {header_timeout!r}")
-    limits = ConnectionLimits(max_connections, header_timeout_s)
+    limits = ConnectionLimits(max_connections or DEFAULT_MAX_CONNECTIONS, header_timeout_s)
     settings = ServerSettings(
         data_dir=data_dir,
         db_url=db_url,
@@ -262,7 +263,8 @@ def serve(
     )
     sockets = listen_sockets(host, port)  # before the data folder: nothing is written for a server that cannot run
     try:
-        server = _prepared(settings, tls_names or default_server_names(host), level, log_format, limits)
+        names = tls_names or default_server_names(host)
+        server = _prepared(settings, names, level, log_format, limits, explicit_cap=max_connections is not None)
         try:
             server.run(sockets)
         except OSError as exc:  # another process bound the address as well, and listened on it first
@@ -284,9 +286,11 @@ def _prepared(
     level: str,
     log_format: str,
     limits: ConnectionLimits | None = None,
+    explicit_cap: bool = False,
 ) -> _Server:
     """The server of `serve`, ready to run: its data folder made, its database migrated, its CA and certificate
-    made, its open files limit raised and its connection cap set under it (`limits`: `ConnectionLimits()`).
+    made, its open files limit raised and its connection cap set under it (`limits`: `ConnectionLimits()`; a cap
+    the operator gave that the limit lowers is a WARNING, the default's an INFO line).
 
     Raises:
         ConfigError, StoreError: as `serve` says.
@@ -319,9 +323,10 @@ def _prepared(
         **server_context_args(str(tls.cert_path), str(tls.key_path), str(tls.ca_path), limits),
     )
     if limits.max_connections < wanted.max_connections:  # logged now: uvicorn's Config set up the logging
-        log.warning(
-            "the open files limit (%d) leaves room for %d connections, not --max-connections %d: raise the limit"
-            " (LimitNOFILE=, ulimit -n) to serve more nodes from this server",
+        log.log(
+            logging.WARNING if explicit_cap else logging.INFO,
+            "the open files limit (%d) leaves room for %d connections, not %d: raise it (LimitNOFILE=, ulimit -n)"
+            " to serve more nodes from this server",
             open_files,
             limits.max_connections,
             wanted.max_connections,

@@ -10,10 +10,14 @@ never begins TLS stays for the event loop's 60 s handshake timeout. Anyone who c
 connections until the server ran out of file descriptors, and then it could open neither a node's connection nor
 its own database files. So (`ConnectionLimits`) the TLS handshake must end within `header_timeout_s` (`server_loop`),
 a request head must be complete within it of the handshake or of the previous response (408, closed; a connection
-that sent nothing is closed), a body must keep coming at `MIN_BODY_RATE` on average once `header_timeout_s` have
-passed since its head (not a deadline: a package upload may rightly take hours; a body the application is not
-reading yet is not judged), and past `max_connections` open connections a new one is closed at once, which keeps
-the descriptors the server needs for its own work.
+that sent nothing is closed), a body must bring `MIN_BODY_RATE` bytes a second in each window of `header_timeout_s`
+after its head (not a deadline: a package upload may rightly take hours; a body the application is not reading yet
+is not judged), at most MAX_PIPELINE requests may be sent ahead of their answers, and past `max_connections` open
+connections a new one is closed at once, which keeps the descriptors the server needs for its own work.
+Connections still in their TLS handshake are not counted against the cap: they last `header_timeout_s` at most. An
+answer the client does not read is bounded by the close: once answered, a connection idle for `header_timeout_s`
+is closed (as uvicorn's keep-alive timeout does, after 5 s), and the TLS close gives the client the loop's
+`ssl_shutdown_timeout` (30 s) to take what is left, then drops it; the pipeline's cap bounds how much is left.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_CONNECTIONS: Final = 50_000
 FD_RESERVE: Final = 256  # descriptors kept for the server's own work: database, blobs, logs, its own clients
 REFUSED_LOG_EVERY_S: Final = 60.0
 # A body's floor rate after its grace: far below any link a node or an operator uploads over (a GPRS modem sends
 # 3-5 KB/s), and it makes holding `max_connections` bodies open cost an attacker that many KiB a second.
 MIN_BODY_RATE: Final = 1024
+MAX_PIPELINE: Final = 16  # requests queued behind the one being answered (no client of strata pipelines at all)
 _HEAD_TIMEOUT_ANSWER: Final = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
 
 
@@ -43,7 +49,7 @@ _HEAD_TIMEOUT_ANSWER: Final = b"HTTP/1.1 408 Request Timeout\r\nconnection: clos
 class ConnectionLimits:
     """`--max-connections` and `--header-timeout` of `strata server`, per server process."""
 
-    max_connections: int = 50_000
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
     header_timeout_s: float = 10.0
 
 
@@ -57,6 +63,7 @@ class ConnectionCounts:
         self.refused = 0  # closed at once: `max_connections` were open
         self.header_timeouts = 0  # closed with no complete request head in `header_timeout_s`
         self.slow_bodies = 0  # closed: a body came slower than MIN_BODY_RATE after its grace
+        self.pipelined = 0  # closed: more than MAX_PIPELINE requests sent ahead of their answers
         self._refused_logged = 0.0
 
     def refuse(self, limit: int) -> None:
@@ -104,15 +111,18 @@ def raise_open_files_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 1 << 30
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft >= wanted:
-        return int(soft)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    except (ValueError, OSError) as exc:  # a container may refuse it: the soft limit stays
-        log.warning("cannot raise the open files limit from %d to %d: %s", soft, wanted, exc)
-        return int(soft)
-    return int(wanted)
+    # with no hard limit, what the kernel may refuse (macOS takes at most OPEN_MAX, 10240): the largest it takes
+    candidates = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 65536, 10240]
+    for wanted in candidates:
+        if wanted <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:  # a container may refuse it: the soft limit stays
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, wanted, exc)
+            continue
+        return int(wanted)
+    return int(soft)
 
 
 def effective_max_connections(wanted: int, open_files: int) -> int:
@@ -139,17 +149,18 @@ def tls_extension(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
 
 
 class MutualTlsHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, plus the TLS extension in every request's scope, the connection cap and the
-    request head timeout (`ConnectionLimits`, set per server by `protocol_with`)."""
+    """uvicorn's httptools protocol, plus the TLS extension in every request's scope and the limits on what a
+    connection may hold (`ConnectionLimits`, set per server by `protocol_with`): the connection cap, the request
+    head timeout, the body's and the answer's floor rates and the pipeline's depth."""
 
     limits: ClassVar[ConnectionLimits] = ConnectionLimits()
     _tls: dict[str, Any] | None = None
-    _head_timer: asyncio.TimerHandle | None = None
-    _head_begun = False  # a byte of the awaited request head has come
     _counted = False
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_begun = False  # a byte of a request head not yet complete has come
+    _answered = False  # a request of this connection has been answered (an idle one since is only kept alive)
     _body_timer: asyncio.TimerHandle | None = None
-    _body_since = 0.0  # event-loop time the body's floor rate is counted from (after its grace)
-    _body_bytes = 0  # body bytes received since then
+    _body_bytes = 0  # body bytes received in the window being judged
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvicorn's protocol narrows the argument to a stream transport, which its server always hands it
@@ -172,79 +183,95 @@ class MutualTlsHttpProtocol(HttpToolsProtocol):
             scope["extensions"] = {"tls": self._tls}
 
     def on_headers_complete(self) -> None:
-        self._stop_awaiting_head()
+        self._stop(self._head_timer)
+        self._head_timer, self._head_begun = None, False
         super().on_headers_complete()
-        self._stop_timing_body()
-        self._body_since = self.loop.time() + self.limits.header_timeout_s
-        self._body_bytes = 0
-        self._body_timer = self.loop.call_at(self._body_since, self._judge_body)
+        if self.transport.is_closing():  # the rest of a chunk is parsed after a cut
+            return
+        if len(self.pipeline) > MAX_PIPELINE:  # requests sent ahead of their answers, queued whole by uvicorn
+            with COUNTS.lock:
+                COUNTS.pipelined += 1
+            self.transport.abort()
+            return
+        self._judge_body_from(self.loop.time() + self.limits.header_timeout_s)
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._stop_timing_body()
+        self._body_timer = self._stop(self._body_timer)
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        self._answered = True
         super().on_response_complete()
         if not self.transport.is_closing() and not self.pipeline:
             self._await_head()  # the next request's head: uvicorn's keep-alive timeout stops at its first byte
 
+    def handle_websocket_upgrade(self) -> None:
+        self._release()  # the connection is the websocket protocol's from here on: this one hears no more of it
+        super().handle_websocket_upgrade()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_awaiting_head()
-        self._stop_timing_body()
+        self._release()
+        super().connection_lost(exc)
+
+    def _release(self) -> None:
+        for timer in (self._head_timer, self._body_timer):
+            self._stop(timer)
+        self._head_timer = self._body_timer = None
         if self._counted:
             self._counted = False
             with COUNTS.lock:
                 COUNTS.open -= 1
-        super().connection_lost(exc)
+
+    @staticmethod
+    def _stop(timer: asyncio.TimerHandle | None) -> None:
+        if timer is not None:
+            timer.cancel()
 
     def _await_head(self) -> None:
-        self._stop_awaiting_head()
-        self._head_begun = False
+        self._stop(self._head_timer)
         self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
-
-    def _stop_awaiting_head(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _stop_timing_body(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
-
-    def _judge_body(self) -> None:
-        """At the moment the body's bytes since `_body_since` fall below MIN_BODY_RATE: cut it, unless more came
-        meanwhile (then look again when they would fall below) or the application has not read what came (its
-        reading is paused: the time counts from now)."""
-        self._body_timer = None
-        now = self.loop.time()
-        if self.transport.is_closing():
-            return
-        if self.flow.read_paused:  # the application's to read, not the client's to send
-            self._body_since, self._body_bytes = now, 0
-        elif self._body_bytes < (now - self._body_since) * MIN_BODY_RATE:
-            with COUNTS.lock:
-                COUNTS.slow_bodies += 1
-            if self.cycle is not None and not self.cycle.response_started:
-                self.transport.write(_HEAD_TIMEOUT_ANSWER)
-                self.transport.close()
-            else:
-                self.transport.abort()
-            return
-        due = self._body_since + self._body_bytes / MIN_BODY_RATE
-        self._body_timer = self.loop.call_at(max(due, now + 0.5), self._judge_body)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
             return  # a request under way is not cut (its head was complete)
+        if self._answered and not self._head_begun:
+            # A kept-alive connection left idle, as uvicorn's own keep-alive timeout ends it: closed, not cut, so an
+            # answer the transport still holds (a large one, to a slow client) goes out first.
+            self.transport.close()
+            return
         with COUNTS.lock:
             COUNTS.header_timeouts += 1
-        if self._head_begun:  # a client that began a request learns why it ends
+        self._cut(self._head_begun)
+
+    def _judge_body_from(self, start: float) -> None:
+        """Judge the bytes of the body that come from now until `header_timeout_s` after `start` (the first
+        window, from the head, is twice as long: its grace)."""
+        self._stop(self._body_timer)
+        self._body_bytes = 0
+        self._body_timer = self.loop.call_at(start + self.limits.header_timeout_s, self._judge_body, start)
+
+    def _judge_body(self, start: float) -> None:
+        """A window of the body has passed: cut it if fewer than MIN_BODY_RATE bytes a second came in it, unless
+        the application has not read what came (its reading is paused: not the client's to send)."""
+        self._body_timer = None
+        now = self.loop.time()
+        if self.transport.is_closing():
+            return
+        if not self.flow.read_paused and self._body_bytes < (now - start) * MIN_BODY_RATE:
+            with COUNTS.lock:
+                COUNTS.slow_bodies += 1
+            self._cut(self.cycle is not None and not self.cycle.response_started)
+            return
+        self._judge_body_from(now)
+
+    def _cut(self, answer: bool) -> None:
+        """End the connection: with a 408 when the client is owed one (it began a request not yet answered)."""
+        if answer:
             self.transport.write(_HEAD_TIMEOUT_ANSWER)
             self.transport.close()
         else:

@@ -29,6 +29,9 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
 # attestation report, a deployment) is a few KiB; the uploads that are larger read their own stream, each with its
 # own limit (`read_limited`).
 MAX_JSON_BODY_BYTES: Final = 1024 * 1024
+# A body sent with no credential at all (an enrollment, whose token is in its body: about 3 KB with its certificate
+# request and facts): held in memory before anything is checked, so far less than a credential's share.
+MAX_ANONYMOUS_BODY_BYTES: Final = 64 * 1024
 
 _bearer = HTTPBearer(auto_error=False, description="admin token, or a node credential from enrollment")
 
@@ -54,8 +57,10 @@ async def read_limited(request: Request, limit: int, what: str) -> bytes:
 class BoundedRoute(APIRoute):
     """A route whose declared JSON body is read with `read_limited` (MAX_JSON_BODY_BYTES) before FastAPI parses it:
     without it a caller (before any credential is checked: `POST /v1/enroll`; or a node, `PUT .../status`) could
-    send a body of any size, held in memory and parsed whole. Routes that read their request stream themselves
-    declare no body and keep their own limits."""
+    send a body of any size, held in memory and parsed whole. FastAPI reads a body before the route's dependencies
+    check the credential, so a bearer token is checked here first (an unknown one is 401 before its body is read)
+    and a request with no credential at all may send MAX_ANONYMOUS_BODY_BYTES. Routes that read their request
+    stream themselves declare no body and keep their own limits."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -63,7 +68,14 @@ class BoundedRoute(APIRoute):
             return handler
 
         async def bounded(request: Request) -> Response:
-            body = await read_limited(request, MAX_JSON_BODY_BYTES, "a request body")
+            limit = MAX_JSON_BODY_BYTES
+            if client_certificate(request) is None:  # a fleet certificate: its chain was verified by TLS
+                secret = bearer_secret(request)
+                if secret is None:
+                    limit = MAX_ANONYMOUS_BODY_BYTES
+                else:
+                    await authenticate_request(request, request.app.state.plane, secret)
+            body = await read_limited(request, limit, "a request body")
             sent = False
 
             async def replay() -> Message:
