@@ -170,18 +170,14 @@ def test_a_body_at_the_floor_rate_is_answered_and_one_slower_is_cut(fleet: Local
 
 def test_a_body_without_a_credential_is_read_only_so_far(fleet: LocalFleet) -> None:
     # FastAPI reads a body before the route's dependencies check who sent it: a body with no credential at all (an
-    # enrollment's token is in its body) may be 64 KiB, and an unknown bearer token is refused before its body.
-    with _tls(fleet) as anonymous:
-        anonymous.sendall(b"POST /v1/enroll HTTP/1.1\r\nHost: strata\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: 100000\r\n\r\n")  # fmt: skip
-        head, body = _answer(anonymous)
-    assert head.startswith(b"HTTP/1.1 413"), head
-    assert "at most 65536 bytes" in json.loads(body)["error"]
-    with _tls(fleet) as guessing:
-        guessing.sendall(b"POST /v1/enrollment-tokens HTTP/1.1\r\nHost: strata\r\nContent-Type: application/json\r\n"
-                         b"Authorization: Bearer not-a-token\r\nContent-Length: 500000\r\n\r\n")  # fmt: skip
-        head, _ = _answer(guessing)  # no byte of the body sent
-    assert head.startswith(b"HTTP/1.1 401"), head
+    # enrollment's token is in its body), or with a token the server does not know, may be 64 KiB (it was 1 MiB).
+    for authorization in (b"", b"Authorization: Bearer not-a-token\r\n"):
+        with _tls(fleet) as anonymous:
+            anonymous.sendall(b"POST /v1/enroll HTTP/1.1\r\nHost: strata\r\nContent-Type: application/json\r\n"
+                              + authorization + b"Content-Length: 100000\r\n\r\n")  # fmt: skip
+            head, body = _answer(anonymous)  # no byte of the body sent
+        assert head.startswith(b"HTTP/1.1 413"), head
+        assert "at most 65536 bytes" in json.loads(body)["error"]
 
 
 @pytest.fixture(scope="module")

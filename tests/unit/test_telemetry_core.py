@@ -16,7 +16,9 @@ from strata.core.telemetry import (
     DRIFT_BINS,
     DROPPED_KINDS,
     LATENCY_BOUNDS_US,
-    MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
+    MAX_BATCH_MINUTES,
+    MAX_BATCH_TEXT,
     MAX_COUNT,
     MAX_DROPPED_KIND,
     MAX_TENSOR,
@@ -267,7 +269,7 @@ def test_one_long_text_named_by_many_rows_is_refused_past_a_batchs_size() -> Non
     raw["events"]["ts_ms"] = raw["events"]["ts_ms"][:1] + [0] * (copies - 1)  # deltas: every event at one time
     payload = zstandard.ZstdCompressor().compress(json.dumps(raw).encode())
     assert len(payload) < 1 << 20
-    with pytest.raises(TelemetryError, match=f"texts add up to more than {MAX_BATCH_BYTES} characters"):
+    with pytest.raises(TelemetryError, match=f"texts add up to more than {MAX_BATCH_TEXT} characters"):
         decode_batch(payload)
     raw["strings"][raw["events"]["summary"][0]] = "s" * 100  # the same rows with a short summary are a batch
     assert len(decode_batch(zstandard.ZstdCompressor().compress(json.dumps(raw).encode())).events) == copies
@@ -364,3 +366,49 @@ def test_manifest_keeps_unknown_keys_so_its_digest_survives_a_parse() -> None:
 
 def test_every_dropped_kind_fits_the_control_planes_column() -> None:
     assert all(len(kind) <= MAX_DROPPED_KIND for kind in DROPPED_KINDS)
+
+
+def _as_sent(document: dict[str, Any]) -> bytes:
+    return zstandard.ZstdCompressor().compress(json.dumps(document, separators=(",", ":")).encode())
+
+
+def test_what_parsing_would_cost_is_refused_before_parsing() -> None:
+    """A batch is a node's claim, parsed at the control plane's cost: 8 MiB of `[],` took 0.5 s of the GIL and
+    209 MB. Its values and lists are counted first; nesting and tables of the wrong type are refused, not a 500."""
+    honest = json.loads(zstandard.ZstdDecompressor().decompress(encode_batch(_batch())))
+    for junk in ([[]] * 1_000_000, [{}] * 1_000_000, [0] * 2_000_000):
+        with pytest.raises(TelemetryError, match="more than a batch holds"):  # counted, never parsed
+            decode_batch(_as_sent({**honest, "junk": junk}))
+    nested = zstandard.ZstdCompressor().compress(b"[" * 150_000 + b"]" * 150_000)
+    with pytest.raises(TelemetryError, match="does not decode"):  # RecursionError: a 500 before
+        decode_batch(nested)
+    for table, value in (("minutes", []), ("events", "x"), ("drift", 5)):  # AttributeError: a 500 before
+        with pytest.raises(TelemetryError, match="malformed"):
+            decode_batch(_as_sent({**honest, table: value}))
+    strings = [[0] * 1000 if i == 0 else text for i, text in enumerate(honest["strings"])]
+    with pytest.raises(TelemetryError, match="string 0 is not a text"):  # str() of a big list cost 0.4 s
+        decode_batch(_as_sent({**honest, "strings": strings}))
+
+
+def test_the_largest_batch_an_agent_seals_is_taken() -> None:
+    """Every row a node seals in one batch, with names as long as their columns: within every limit (3.5 MB
+    decompressed; refused before, when the texts were held to 8 MiB), and a batch of an agent from before drift
+    was sealed in parts (25,000 drift rows) is taken too."""
+    m, v, w = "m" * 128, "v" * 128, "w" * 128
+    summary = '{{"shape":[1,3,224,224],"mean":{}}}'
+    batch = TelemetryBatch(
+        node_id="n1",
+        seq=1,
+        created=1.7e9,
+        minutes=[
+            MinuteRow(m, v, w, 29_000_000 + i, 123456, 123, 1234567, 12345678901, 1234567890, [123456] * BUCKETS)
+            for i in range(MAX_BATCH_MINUTES)
+        ],
+        events=[
+            EventRow(1.7e9 + i, m, v, w, 123456, 2345, 32, "s" * 32, "t" * 16, i % 3, summary.format(i / 7))
+            for i in range(MAX_BATCH_EVENTS)
+        ],
+        drift=[DriftRow(m, v, 29_000_000 + i // 26, "x" * 255 + chr(97 + i % 26), [12345] * 10) for i in range(25_000)],
+    )
+    decoded = decode_batch(encode_batch(batch))
+    assert (len(decoded.minutes), len(decoded.events), len(decoded.drift)) == (2000, 20000, 25000)

@@ -82,6 +82,8 @@ async def _sweep_forever(plane: ControlPlane, stop: threading.Event) -> None:
                 deleted = await anyio.to_thread.run_sync(sweep)
             except StoreError as exc:
                 log.warning("telemetry retention sweep failed, will retry: %s", exc)
+            except Exception:  # a Conflict with an ingest, or a bug: logged, and the sweeps go on
+                log.exception("telemetry retention sweep failed, will retry")
             else:
                 if any(deleted.values()):
                     log.info(
@@ -93,6 +95,8 @@ async def _sweep_forever(plane: ControlPlane, stop: threading.Event) -> None:
                 events = await anyio.to_thread.run_sync(sweep_events)
             except StoreError as exc:
                 log.warning("event retention sweep failed, will retry: %s", exc)
+            except Exception:
+                log.exception("event retention sweep failed, will retry")
             else:
                 if events:
                     log.info("event retention %s: deleted %s", duration(event_retention), plural(events, "event"))

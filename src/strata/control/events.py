@@ -186,13 +186,15 @@ class EventService:
         cutoff = self._clock() - retention_s
         deleted = 0
         while True:
+            started = time.monotonic()
             count = self._db.delete_chunk(FleetEvent, FleetEvent.at < cutoff, chunk)
             deleted += count
             with self._lock:
                 self.expired += count
             if count < chunk or (stop is not None and stop.is_set()):
                 return deleted
-            time.sleep(pause_s)
+            # at least as long as the chunk took: other writers hold SQLite's write lock half the time or more
+            time.sleep(max(pause_s, time.monotonic() - started))
 
     def list(
         self,

@@ -54,6 +54,7 @@ from strata.control.db import (
 )
 from strata.control.gates import DriftFigure
 from strata.control.lease import serialize
+from strata.control.quota import RecordBudget
 from strata.core.errors import Conflict, Forbidden, NotFound
 from strata.core.telemetry import (
     BUCKETS,
@@ -204,6 +205,13 @@ EXPIRED_KINDS = tuple(EXPIRED_NOUNS)
 # The rows a batch carries dates on, and the `telemetry_dropped` kind that counts those of a node left out as dated
 # past FUTURE_SKEW_S: the control plane's own count, under a kind no batch may name (`DROPPED_KINDS`).
 FUTURE_KINDS = {"minutes": "future_minutes", "events": "future_events", "drift": "future_drift"}
+# Sampled events a node may have stored: a burst (a node back from an outage sends its backlog, 20,000 a batch) and
+# then a steady rate. A node's events are its claim, and each is a row: uploading full batches back to back, one
+# compromised node added about 50,000 rows a second. Its minutes (the counts) are never limited; events past the
+# budget are left out, those of errors last, and counted in its dropped telemetry as OVER_BUDGET_KIND.
+EVENT_BURST = 200_000
+EVENTS_PER_S = 100.0
+OVER_BUDGET_KIND = "events_over_budget"
 
 
 @dataclass
@@ -328,6 +336,7 @@ class TelemetryService:
         self._db = db
         self._clock = clock
         self._retention_s = retention_s
+        self._event_budget = RecordBudget(EVENT_BURST, EVENTS_PER_S)  # per node, in memory, per replica
         self.counters = IngestCounters()
         self.exporters: list[Callable[[str, str, Batch], None]] = []
 
@@ -353,8 +362,17 @@ class TelemetryService:
             raise Forbidden(f"batch names node {batch.node_id!r}; a node may only send its own telemetry")
         now = self._clock()
         screened = screen(batch, now, self._retention_s)
+        granted = self._event_budget.take(node_id, len(screened.events), now)
+        over_budget = len(screened.events) - granted
+        if over_budget:
+            kept = sorted(screened.events, key=lambda event: -event.priority)[:granted]  # errors first (stable)
+            screened = replace(screened, events=sorted(kept, key=lambda event: event.ts))
+            log.warning(
+                "node %s sent more sampled events than its budget (%d, then %g a second); left out %s",
+                node_id, EVENT_BURST, EVENTS_PER_S, plural(over_budget, "event"),
+            )  # fmt: skip
         try:
-            stored, node_name = self._store(node_id, batch, screened, len(payload), now)
+            stored, node_name = self._store(node_id, batch, screened, len(payload), now, over_budget)
         except Conflict:  # the same batch raced in through another connection and won
             stored, node_name = False, ""
         with self.counters.lock:
@@ -390,7 +408,9 @@ class TelemetryService:
                     log.warning("telemetry exporter failed: %s", exc)
         return IngestResult(seq=batch.seq, stored=stored)
 
-    def _store(self, node_id: str, batch: Batch, screened: ScreenedBatch, size: int, now: float) -> tuple[bool, str]:
+    def _store(
+        self, node_id: str, batch: Batch, screened: ScreenedBatch, size: int, now: float, over_budget: int = 0
+    ) -> tuple[bool, str]:
         """Store `batch`'s record and `screened`'s rows in one transaction; (False, name) when it is stored already."""
         with self._db.transaction() as session:
             node = session.get(Node, node_id)
@@ -435,7 +455,7 @@ class TelemetryService:
                     existing.counts = counts
             # what the node's buffer dropped, and what was left out here as dated too far ahead (kinds no batch names)
             future = {FUTURE_KINDS[kind]: count for kind, count in screened.future.items()}
-            for kind, count in {**batch.dropped, **future}.items():
+            for kind, count in {**batch.dropped, **future, OVER_BUDGET_KIND: over_budget}.items():
                 if count:
                     dropped = session.get(TelemetryDropped, (node_id, kind))
                     if dropped is None:

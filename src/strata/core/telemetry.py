@@ -41,7 +41,16 @@ BATCH_FORMAT: Final = "strata.telemetry/v1"
 MAX_BATCH_BYTES: Final = 8 << 20
 MAX_BATCH_EVENTS: Final = 20_000
 MAX_BATCH_MINUTES: Final = 2_000
-MAX_BATCH_DRIFT: Final = 20_000
+MAX_BATCH_DRIFT: Final = 20_000  # what a node seals; the control plane takes up to DRIFT_ROWS_TAKEN
+# An agent from before MAX_BATCH_DRIFT sealed every drift row in one batch (32 rows a minute: 26 hours of an outage).
+DRIFT_ROWS_TAKEN: Final = 50_000
+# What the rows' texts may add up to once each row holds its own (texts are sent once and named by index).
+MAX_BATCH_TEXT: Final = 64 << 20
+# JSON's cost is in its values, not its bytes: 8 MiB of `[],` or `{},` took 0.5 s of the GIL and 209 MB to parse.
+# Commas and opening brackets are counted before parsing, against what the largest honest batch holds (564,016 and
+# 26,034; with 20,000 distinct event summaries, each a small JSON text of its own, about 110,000 brackets).
+MAX_BATCH_COMMAS: Final = 1_500_000
+MAX_BATCH_BRACKETS: Final = 200_000
 # The most any count of a batch may be (a minute's, an event's microseconds, drift and dropped counts, the minute
 # and sequence numbers, an event's time in ms), and what the control plane's sums may reach: JSON numbers stay exact
 # up to it in every reader (the console's JavaScript too), and it is far inside a BIGINT, SQLite's or PostgreSQL's.
@@ -563,11 +572,13 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
     """Parse a batch made by `encode_batch`, refusing anything malformed or larger than MAX_BATCH_BYTES.
 
     Raises:
-        TelemetryError: not zstd, too large, not the format, columns that do not line up, a count that is not an
-            int in 0..MAX_COUNT, a dropped kind not in DROPPED_KINDS (each fits MAX_DROPPED_KIND), a text
-            longer than its column (MAX_NAME, MAX_STATUS, MAX_TIER, MAX_TENSOR), rows whose texts add up to more
-            than MAX_BATCH_BYTES characters (a text is sent once and named by index), or counts that do not add up
-            (more errors than requests, more client errors and shed requests than errors).
+        TelemetryError: not zstd, too large (declared or inflated), more values or lists than a batch holds
+            (MAX_BATCH_COMMAS, MAX_BATCH_BRACKETS: counted before parsing), not the format, more rows of a kind than
+            a batch holds (MAX_BATCH_EVENTS, MAX_BATCH_MINUTES, DRIFT_ROWS_TAKEN), columns that do not line up, a
+            count that is not an int in 0..MAX_COUNT, a dropped kind not in DROPPED_KINDS (each fits
+            MAX_DROPPED_KIND), a text longer than its column (MAX_NAME, MAX_STATUS, MAX_TIER, MAX_TENSOR), rows whose
+            texts add up to more than MAX_BATCH_TEXT characters (a text is sent once and named by index), or counts
+            that do not add up (more errors than requests, more client errors and shed requests than errors).
     """
     import zstandard
 
@@ -578,28 +589,38 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
         if declared > MAX_BATCH_BYTES:
             raise TelemetryError(f"telemetry batch declares {declared} bytes, more than {MAX_BATCH_BYTES} decompressed")
         raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_BATCH_BYTES)
+        commas, brackets = raw.count(b","), raw.count(b"[") + raw.count(b"{")
+        if commas > MAX_BATCH_COMMAS or brackets > MAX_BATCH_BRACKETS:
+            raise TelemetryError(
+                f"telemetry batch has {commas} values and {brackets} lists or objects, more than a batch holds"
+                f" ({MAX_BATCH_COMMAS}, {MAX_BATCH_BRACKETS})"
+            )
         document = json.loads(raw)
-    except (zstandard.ZstdError, ValueError) as exc:
+    except (zstandard.ZstdError, ValueError, RecursionError) as exc:
         raise TelemetryError(f"telemetry batch does not decode: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != BATCH_FORMAT:
         raise TelemetryError(f"telemetry batch is not {BATCH_FORMAT}")
     try:
         strings = document["strings"]
+        if not isinstance(strings, list):
+            raise TelemetryError("telemetry batch is malformed: its strings are not a list")
         # Texts are dictionary-encoded: one long summary named by every event would be stored once per event, so
-        # what the rows' texts add up to is held to what a batch may carry decompressed.
+        # what the rows' texts add up to is held to MAX_BATCH_TEXT.
         expanded = [0]
 
         def text(index: Any, most: int | None = MAX_NAME) -> str:
-            value = str(strings[int(index)])
+            value = strings[int(index)]
+            if type(value) is not str:
+                raise TelemetryError(f"telemetry batch is malformed: string {int(index)} is not a text")
             if most is not None and len(value) > most:
                 raise TelemetryError(
                     f"telemetry batch is malformed: a text of {len(value)} characters where at most {most} fit:"
                     f" {value[:40]!r}"
                 )
             expanded[0] += len(value)
-            if expanded[0] > MAX_BATCH_BYTES:
+            if expanded[0] > MAX_BATCH_TEXT:
                 raise TelemetryError(
-                    f"telemetry batch is malformed: its rows' texts add up to more than {MAX_BATCH_BYTES} characters"
+                    f"telemetry batch is malformed: its rows' texts add up to more than {MAX_BATCH_TEXT} characters"
                 )
             return value
 
@@ -639,7 +660,7 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
                 _column(e, "summary", k), strict=True,
             )
         ]  # fmt: skip
-        j = _rows(d, "counts", MAX_BATCH_DRIFT, "drift rows")
+        j = _rows(d, "counts", DRIFT_ROWS_TAKEN, "drift rows")
         drift = [
             DriftRow(model=text(model), version=text(version), minute=_count("minute", minute),
                      tensor=text(tensor, MAX_TENSOR), counts=_drift_counts(counts))
@@ -655,7 +676,8 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
             node_id=str(document["node"]), seq=_count("seq", document["seq"]), created=float(document["created"]),
             minutes=minutes, events=events, drift=drift, dropped=dropped,
         )  # fmt: skip
-    except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(Infinity)
+    # OverflowError: int(Infinity); AttributeError: a table that is not a mapping
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError, AttributeError) as exc:
         raise TelemetryError(f"telemetry batch is malformed: {exc}") from exc
     for row in batch.minutes:
         if len(row.latency) != BUCKETS or row.requests < 0 or row.errors < 0 or row.errors > row.requests:

@@ -229,3 +229,29 @@ def test_revoked_node_loses_access_at_once_and_leaves_the_inventory(server: Harn
     again = server.enroll("edge-1", reenroll=True)
     assert again.node_id == node.node_id
     assert server.client.get("/v1/health", headers=again.headers).status_code == 200
+
+
+@pytest.mark.parametrize("header", ["the enrollment token", "an unknown token", "the admin token"])
+def test_an_enrollment_with_an_authorization_header_is_still_an_enrollment(server: Harness, header: str) -> None:
+    # The route's credential is the token in its body; a client that also sends an Authorization header (the one
+    # `GET /v1/ca` takes, or a stale default) still enrolls: a body with an unknown bearer token may be 64 KiB.
+    issued = server.client.post(
+        "/v1/enrollment-tokens", json={"name": "edge", "tier": "device", "labels": {}}, headers=server.admin
+    )
+    token = issued.json()["token"]
+    admin = server.admin["Authorization"]
+    authorization = {
+        "the enrollment token": f"Bearer {token}",
+        "an unknown token": "Bearer stale",
+        "the admin token": admin,
+    }
+    body = {"token": token, "name": "edge", "tier": "device", "labels": {}, "profile": "cpu-generic"}
+    body["csr"] = node_key_and_csr("edge")
+    answer = server.client.post("/v1/enroll", json=body, headers={"Authorization": authorization[header]})
+    assert answer.status_code == 201, answer.text
+    padded = server.client.post(  # a made-up token buys no more than no token: 64 KiB
+        "/v1/enroll",
+        content=b" " * 70_000,
+        headers={"Authorization": "Bearer stale", "Content-Type": "application/json"},
+    )
+    assert padded.status_code == 413, padded.text

@@ -13,6 +13,7 @@ import pytest
 from control_harness import Harness, NodeCredentials, StartServer
 
 from strata.control.settings import ServerSettings
+from strata.control.telemetry import TelemetryService
 
 
 def _report(server: Harness, node: NodeCredentials, labels: dict[str, str], **fields: Any) -> None:
@@ -214,3 +215,35 @@ def test_the_server_sweeps_expired_events_in_the_background(
             time.sleep(0.05)
         assert _events(server) == []
     assert "event retention 30d: deleted 1 event" in caplog.text
+
+
+def test_a_sweep_that_fails_unexpectedly_is_logged_and_the_sweeps_go_on(
+    settings: ServerSettings,
+    start_server: StartServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Conflict (an ingest folding the same expired minutes on PostgreSQL) or a bug ended the sweeper task for
+    # good: only StoreError was caught.
+    real, calls = TelemetryService.sweep, []
+
+    def failing_once(self: TelemetryService, *args: Any, **kwargs: Any) -> dict[str, int]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TelemetryService, "sweep", failing_once)  # fault injection, before the sweeper starts
+    with (
+        caplog.at_level(logging.INFO, logger="strata.control.app"),
+        start_server(replace(settings, telemetry_sweep_s=0.1, event_retention_s=30 * 86400.0)) as server,
+    ):
+        server.enroll("edge")
+        server.clock.advance(31 * 86400.0)
+        deadline = time.monotonic() + 10
+        while (len(calls) < 2 or _events(server)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(calls) >= 2
+        assert _events(server) == []
+    assert "telemetry retention sweep failed, will retry" in caplog.text
+    assert "RuntimeError: injected" in caplog.text

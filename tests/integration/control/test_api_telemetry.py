@@ -20,7 +20,7 @@ from sqlalchemy import select
 from strata.control.db import TelemetryBatch as StoredBatch
 from strata.control.db import TelemetryDrift, TelemetryEvent, TelemetryMinute
 from strata.control.settings import ServerSettings
-from strata.control.telemetry import EXPIRED_MINUTE, FUTURE_KINDS
+from strata.control.telemetry import EXPIRED_MINUTE, FUTURE_KINDS, OVER_BUDGET_KIND
 from strata.core import telemetry
 from strata.core.package import tar_bytes
 from strata.core.telemetry import BUCKETS, DriftRow, EventRow, MinuteRow, TelemetryBatch, bucket_of, encode_batch
@@ -397,8 +397,45 @@ def test_telemetry_dated_past_the_servers_clock_is_left_out_and_counted_and_the_
 
 def test_the_kinds_counting_future_rows_fit_the_dropped_column_and_no_batch_may_name_them() -> None:
     # a node could otherwise forge (or add to) the control plane's own count of what it left out
-    assert all(len(kind) <= telemetry.MAX_DROPPED_KIND for kind in FUTURE_KINDS.values())
-    assert not set(FUTURE_KINDS.values()) & set(telemetry.DROPPED_KINDS)
+    server_kinds = {*FUTURE_KINDS.values(), OVER_BUDGET_KIND}
+    assert all(len(kind) <= telemetry.MAX_DROPPED_KIND for kind in server_kinds)
+    assert not server_kinds & set(telemetry.DROPPED_KINDS)
+
+
+def test_sampled_events_past_a_nodes_budget_are_left_out_errors_last_and_counted(
+    settings: ServerSettings,
+    start_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+    make_package: Callable[..., bytes],
+) -> None:
+    # Each event is a row: uploading full batches back to back, one compromised node added about 50,000 rows a
+    # second. Its minutes (the counts) are never limited; its events are, to a burst and then a rate.
+    monkeypatch.setattr("strata.control.telemetry.EVENT_BURST", 30)  # the budget a server starts with: scaled down
+    monkeypatch.setattr("strata.control.telemetry.EVENTS_PER_S", 1.0)
+    with start_server(settings) as server:
+        assert server.upload(make_package()).status_code == 201
+        node = server.enroll("edge")
+        minute = int(server.clock.now // 60)
+
+        def batch(seq: int, errors: int, sampled: int) -> bytes:
+            events = [
+                EventRow(minute * 60.0 + i / 100, "digits", "1", "cpu-generic-fp32", 800, 0, 1, status, "local",
+                         priority, "")
+                for i, (status, priority) in enumerate([("ok", 0)] * sampled + [("internal", 2)] * errors)
+            ]  # fmt: skip
+            row = MinuteRow("digits", "1", "cpu-generic-fp32", minute, 100, errors)
+            return encode_batch(TelemetryBatch(node.node_id, seq, 0.0, minutes=[row], events=events))
+
+        assert upload(server, node, batch(1, errors=5, sampled=20))["stored"]  # 25 of 30: all kept
+        assert upload(server, node, batch(2, errors=5, sampled=20))["stored"]  # 5 left: the errors
+        server.clock.advance(10)  # 10 more
+        assert upload(server, node, batch(3, errors=0, sampled=20))["stored"]
+        with server.plane.db.transaction() as session:
+            statuses = sorted(session.scalars(select(TelemetryEvent.status)))
+        assert statuses == ["internal"] * 10 + ["ok"] * 30
+        answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()
+        assert answer["nodes"][0]["dropped"] == {OVER_BUDGET_KIND: 30}
+        assert answer["minutes"][0]["requests"] == 300  # the counts all stored
 
 
 def test_telemetry_older_than_the_retention_is_not_stored_only_to_be_swept(server: Harness) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any, Final
@@ -17,6 +18,7 @@ from strata.control.auth import Access, Principal, authorize
 from strata.control.errors import PayloadTooLarge
 from strata.control.plane import ControlPlane
 from strata.control.schemas import ErrorBody
+from strata.core.errors import AuthError
 
 # The error answers every route can give, documented once: all errors have the `ErrorBody` shape.
 COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -58,9 +60,9 @@ class BoundedRoute(APIRoute):
     """A route whose declared JSON body is read with `read_limited` (MAX_JSON_BODY_BYTES) before FastAPI parses it:
     without it a caller (before any credential is checked: `POST /v1/enroll`; or a node, `PUT .../status`) could
     send a body of any size, held in memory and parsed whole. FastAPI reads a body before the route's dependencies
-    check the credential, so a bearer token is checked here first (an unknown one is 401 before its body is read)
-    and a request with no credential at all may send MAX_ANONYMOUS_BODY_BYTES. Routes that read their request
-    stream themselves declare no body and keep their own limits."""
+    check the credential, so a bearer token is checked here first: a request without a fleet certificate or a known
+    token may send MAX_ANONYMOUS_BODY_BYTES, and the route then answers as it would (401, or an enrollment). Routes
+    that read their request stream themselves declare no body and keep their own limits."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -68,13 +70,14 @@ class BoundedRoute(APIRoute):
             return handler
 
         async def bounded(request: Request) -> Response:
-            limit = MAX_JSON_BODY_BYTES
-            if client_certificate(request) is None:  # a fleet certificate: its chain was verified by TLS
-                secret = bearer_secret(request)
-                if secret is None:
-                    limit = MAX_ANONYMOUS_BODY_BYTES
-                else:
-                    await authenticate_request(request, request.app.state.plane, secret)
+            limit = MAX_JSON_BODY_BYTES  # a fleet certificate: its chain was verified by TLS
+            if client_certificate(request) is None:
+                limit, secret = MAX_ANONYMOUS_BODY_BYTES, bearer_secret(request)
+                if secret is not None:
+                    # unknown: the route says what it needs (an enrollment's token is in its body; others 401)
+                    with contextlib.suppress(AuthError):
+                        await authenticate_request(request, request.app.state.plane, secret)
+                        limit = MAX_JSON_BODY_BYTES
             body = await read_limited(request, limit, "a request body")
             sent = False
 
