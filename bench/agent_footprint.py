@@ -6,7 +6,7 @@ with other processes fairly) from /proc. Idle means steady: the agent is read ev
 `--idle-seconds` (default 75), long enough for its telemetry uploads (every 10 s), the end of the model's one-minute
 probation and the status report after it, each of which touches memory the first minutes of serving had not; the
 figure is the last reading, beside the largest in the window and the reading 5 s in (what this benchmark reported
-before it waited: about 3 MB less, the first telemetry upload not yet run). The agent runs as
+before it waited: about 1.5 MB less, the first telemetry upload not yet run). The agent runs as
 `python -OO -m strata.agent` (docstrings stripped); its bytecode is compiled first, as on a node where it has run
 once. The baseline, measured in the same run: a bare python process that imports onnxruntime and loads the same
 model.

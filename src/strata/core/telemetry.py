@@ -36,8 +36,9 @@ PRIORITY_NAMES: Final = {PRIORITY_SAMPLED: "sampled", PRIORITY_SLOW: "slow", PRI
 
 BATCH_FORMAT: Final = "strata.telemetry/v1"
 # What one batch may hold, decompressed and in rows. A node seals at most these (`agent.telemetry`), whose largest
-# batch (every row of every kind, long texts) is 2.6 MB decompressed; a batch is a node's claim, and a 5 KB upload
-# that inflated to 55 MB of 2.5 million events took the control plane 13.5 s and 750 MB to parse (64 MB allowed).
+# batch (every row of every kind, every name as long as its column) is 3.5 MB decompressed. A batch is a node's
+# claim: a 5 KB upload that inflated to 55 MB of 2.5 million events took the control plane 13.5 s and 750 MB to
+# parse (64 MB allowed).
 MAX_BATCH_BYTES: Final = 8 << 20
 MAX_BATCH_EVENTS: Final = 20_000
 MAX_BATCH_MINUTES: Final = 2_000
@@ -47,8 +48,8 @@ DRIFT_ROWS_TAKEN: Final = 50_000
 # What the rows' texts may add up to once each row holds its own (texts are sent once and named by index).
 MAX_BATCH_TEXT: Final = 64 << 20
 # JSON's cost is in its values, not its bytes: 8 MiB of `[],` or `{},` took 0.5 s of the GIL and 209 MB to parse.
-# Commas and opening brackets are counted before parsing, against what the largest honest batch holds (564,016 and
-# 26,034; with 20,000 distinct event summaries, each a small JSON text of its own, about 110,000 brackets).
+# Commas and opening brackets are counted before parsing, against what the largest honest batch holds (658,035 and
+# 62,034; with 20,000 distinct event summaries, each a small JSON text of its own, about 110,000 brackets).
 MAX_BATCH_COMMAS: Final = 1_500_000
 MAX_BATCH_BRACKETS: Final = 200_000
 # The most any count of a batch may be (a minute's, an event's microseconds, drift and dropped counts, the minute
