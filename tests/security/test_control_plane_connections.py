@@ -76,7 +76,9 @@ def _answer(sock: ssl.SSLSocket) -> tuple[bytes, bytes]:
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]  # uvicorn sends it
+    declared = re.search(rb"content-length: (\d+)", head, re.I)
+    assert declared is not None, head  # uvicorn sends it
+    length = int(declared.group(1))
     while len(body) < length:
         body += sock.recv(65536)
     return head, body

@@ -402,11 +402,10 @@ class TelemetryBuffer:
                 db.execute("DELETE FROM minutes WHERE model=? AND version=? AND variant=? AND minute=?", m.key)
             if event_rows:
                 db.execute("DELETE FROM events WHERE id <= ?", (event_rows[-1][0],))
-            for row in drift:
-                db.execute(
-                    "DELETE FROM drift WHERE model=? AND version=? AND minute=? AND tensor=?",
-                    (row.model, row.version, row.minute, row.tensor),
-                )
+            db.executemany(
+                "DELETE FROM drift WHERE model=? AND version=? AND minute=? AND tensor=?",
+                [(row.model, row.version, row.minute, row.tensor) for row in drift],
+            )
             db.execute("UPDATE meta SET value = 0 WHERE key LIKE 'dropped.%'")
             db.execute(
                 "INSERT INTO meta VALUES ('next_seq', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",

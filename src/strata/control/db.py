@@ -9,7 +9,9 @@ schema itself is created by the Alembic migrations in `strata.control.migrations
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote_plus
@@ -604,6 +606,28 @@ class Database:
     def close(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+
+def in_chunks(
+    step: Callable[[], int], chunk: int, pause_s: float, stop: threading.Event | None, counted: Callable[[int], None]
+) -> int:
+    """Run `step` (one short transaction that removes up to `chunk` rows and says how many, as
+    `Database.delete_chunk` does) until it removes fewer or `stop` is set; `counted` hears each chunk's count as it
+    goes. Between full chunks it pauses at least `pause_s`, and at least as long as the chunk took, so that other
+    writers hold SQLite's write lock half the time or more. Returns the rows removed.
+
+    Raises:
+        StoreError: the database failed (what was removed before stays removed).
+    """
+    removed = 0
+    while True:
+        started = time.monotonic()
+        count = step()
+        removed += count
+        counted(count)
+        if count < chunk or (stop is not None and stop.is_set()):
+            return removed
+        time.sleep(max(pause_s, time.monotonic() - started))
 
 
 # --- replicas: what several server processes on one database share (see `strata.control.feed` and `.lease`) ---

@@ -14,6 +14,7 @@ status, a wave's gates passed or failed, a node it found failed). Ids only grow:
 from __future__ import annotations
 
 import builtins
+import functools
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -23,7 +24,7 @@ from typing import Final
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from strata.control.db import Database, FleetEvent, Node, RolloutNode
+from strata.control.db import Database, FleetEvent, Node, RolloutNode, in_chunks
 from strata.control.history import Change
 from strata.control.rollout_plan import RolloutState
 from strata.core.errors import NotFound
@@ -184,17 +185,12 @@ class EventService:
             StoreError: the database failed (what was deleted before stays deleted; the next sweep goes on).
         """
         cutoff = self._clock() - retention_s
-        deleted = 0
-        while True:
-            started = time.monotonic()
-            count = self._db.delete_chunk(FleetEvent, FleetEvent.at < cutoff, chunk)
-            deleted += count
-            with self._lock:
-                self.expired += count
-            if count < chunk or (stop is not None and stop.is_set()):
-                return deleted
-            # at least as long as the chunk took: other writers hold SQLite's write lock half the time or more
-            time.sleep(max(pause_s, time.monotonic() - started))
+        step = functools.partial(self._db.delete_chunk, FleetEvent, FleetEvent.at < cutoff, chunk)
+        return in_chunks(step, chunk, pause_s, stop, self._count_expired)
+
+    def _count_expired(self, count: int) -> None:
+        with self._lock:
+            self.expired += count
 
     def list(
         self,

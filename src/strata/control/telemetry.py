@@ -31,7 +31,6 @@ import functools
 import logging
 import math
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -51,6 +50,7 @@ from strata.control.db import (
     TelemetryEvent,
     TelemetryMinute,
     Variant,
+    in_chunks,
 )
 from strata.control.gates import DriftFigure
 from strata.control.lease import serialize
@@ -530,17 +530,14 @@ class TelemetryService:
                 self._db.delete_chunk, TelemetryBatch, (TelemetryBatch.received_at < cutoff) & newer.exists(), chunk
             ),
         }
-        deleted = dict.fromkeys(EXPIRED_KINDS, 0)
-        for kind, step in steps.items():
-            while True:
-                count = step()
-                deleted[kind] += count
-                with self.counters.lock:
-                    self.counters.expired[kind] += count
-                if count < chunk or (stop is not None and stop.is_set()):
-                    break
-                time.sleep(pause_s)
-        return deleted
+        return {
+            kind: in_chunks(step, chunk, pause_s, stop, functools.partial(self._count_expired, kind))
+            for kind, step in steps.items()
+        }
+
+    def _count_expired(self, kind: str, count: int) -> None:
+        with self.counters.lock:
+            self.counters.expired[kind] += count
 
     def _fold_minutes(self, first_minute: int, chunk: int) -> int:
         """Delete up to `chunk` minute rows from before `first_minute`, adding their counts to their series'

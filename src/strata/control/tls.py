@@ -26,6 +26,7 @@ import asyncio
 import logging
 import resource
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -84,24 +85,26 @@ COUNTS: Final = ConnectionCounts()
 _handshake_timeout_s = ConnectionLimits.header_timeout_s  # this process's server's (`protocol_with`)
 
 
+if sys.platform == "win32":  # uvloop is not built for Windows
+    _LoopBase = asyncio.SelectorEventLoop
+else:  # as uvicorn chooses where it is installed (strata[server] installs it)
+    from uvloop import Loop as _LoopBase
+
+
+class _ServerLoop(_LoopBase):
+    """The event loop whose TLS listeners end a handshake that has not finished in the header timeout instead of
+    the loop's default 60 s."""
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", _handshake_timeout_s)
+        # uvloop's server is not an asyncio.Server, but has all it does (asyncio's own type of this method)
+        return cast(asyncio.Server, await super().create_server(*args, **kwargs))
+
+
 def server_loop() -> asyncio.AbstractEventLoop:
-    """The server's event loop (uvloop where installed, as uvicorn would choose), whose TLS listeners end a
-    handshake that has not finished in the header timeout instead of the loop's default 60 s. uvicorn takes it as
-    `loop="strata.control.tls:server_loop"`."""
-    try:
-        import uvloop
-    except ImportError:  # uvloop is not built for every platform
-        base: type[asyncio.AbstractEventLoop] = asyncio.SelectorEventLoop
-    else:
-        base = uvloop.Loop
-
-    class Loop(base):  # type: ignore[valid-type,misc]  # a base chosen at run time
-        async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
-            if kwargs.get("ssl") is not None:
-                kwargs.setdefault("ssl_handshake_timeout", _handshake_timeout_s)
-            return cast(asyncio.Server, await super().create_server(*args, **kwargs))
-
-    return cast(asyncio.AbstractEventLoop, Loop())
+    """The server's event loop (`_ServerLoop`); uvicorn takes it as `loop="strata.control.tls:server_loop"`."""
+    return _ServerLoop()
 
 
 def raise_open_files_limit() -> int:
@@ -200,7 +203,8 @@ class MutualTlsHttpProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._body_timer = self._stop(self._body_timer)
+        self._stop(self._body_timer)
+        self._body_timer = None
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
