@@ -608,6 +608,10 @@ class Database:
         self.engine.dispose()
 
 
+SWEEP_CHUNK = 5000  # rows one DELETE statement (one transaction) of a retention sweep removes
+SWEEP_PAUSE_S = 0.02  # the least pause between two full chunks (`in_chunks`)
+
+
 def in_chunks(
     step: Callable[[], int], chunk: int, pause_s: float, stop: threading.Event | None, counted: Callable[[int], None]
 ) -> int:

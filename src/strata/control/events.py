@@ -24,7 +24,7 @@ from typing import Final
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from strata.control.db import Database, FleetEvent, Node, RolloutNode, in_chunks
+from strata.control.db import SWEEP_CHUNK, SWEEP_PAUSE_S, Database, FleetEvent, Node, RolloutNode, in_chunks
 from strata.control.history import Change
 from strata.control.rollout_plan import RolloutState
 from strata.core.errors import NotFound
@@ -45,8 +45,6 @@ EVENT_KINDS: Final = (
 )
 MAX_EVENTS: Final = 5000
 MIN_EVENT_RETENTION_S: Final = 86400.0
-SWEEP_CHUNK: Final = 5000  # events one DELETE statement (one transaction) removes
-SWEEP_PAUSE_S: Final = 0.02  # between two full chunks: other writers get the SQLite write lock in between
 # What a rollout's nodes do with its model that belongs on the rollout's timeline.
 NODE_KINDS_OF_ROLLOUT: Final = ("activated", "rolled_back", "removed", "failed")
 

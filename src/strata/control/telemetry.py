@@ -40,6 +40,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from strata.control.db import (
+    SWEEP_CHUNK,
+    SWEEP_PAUSE_S,
     Database,
     Model,
     ModelVersion,
@@ -90,8 +92,6 @@ MAX_QUERY_ROWS = 100_000
 PSI_DRIFT = 0.2  # above this a tensor is reported as drifting (0.1-0.25 moderate, > 0.25 significant)
 MIN_RETENTION_S = 3600.0
 RETENTION = "telemetry-retention"  # the sweep's `serialize` name
-SWEEP_CHUNK = 5000  # rows one DELETE statement (one transaction) removes
-SWEEP_PAUSE_S = 0.02  # between two full chunks: other writers get the SQLite write lock in between
 # How far past the server's clock a node may date its telemetry (a clock running a little ahead; Kerberos allows as
 # much): a minute that starts later, or an event after it, is left out (`screen`).
 FUTURE_SKEW_S = 300.0
