@@ -290,10 +290,15 @@ def test_an_eu_only_model_never_reaches_a_us_node_and_the_node_refuses_it_itself
     assert infer(moved.serve_url, "faces").status_code == 404
     assert "refused by placement policy (allowed_regions)" in moved.process.log_tail(50)
 
+    # Back up, the server hears the refusal: the rollout of version 1 has no node left to judge and ends. (Its gates
+    # held it until then, waiting for traffic; an abort here would race the node's report.)
+    fleet.start_server()
+    ended = wait_for_status(fleet, rollout_id, "succeeded", timeout=60)
+    assert [(e["node"], e["refused"]) for e in ended["excluded"]] == [("eu", True), ("us", False)]
+    assert ended["message"].startswith("no node took part: the selector matches 2 nodes, all kept out or refusing")
+
     # Its labels are the operator's (still eu-west): a rollout of version 2 releases it, and the node refuses that
     # too. It is out of the rollout for good, unlike the US node, and the CLI says which nodes refused.
-    fleet.start_server()
-    assert fleet.cli("rollout", "abort", rollout_id).returncode == 0  # no traffic: its gates still wait for data
     pushed = fleet.cli("model", "push", str(digits_onnx), "--name", "faces", "--version", "2", "--policy", str(policy))
     assert pushed.returncode == 0, pushed.stderr
     second = create_rollout(fleet, "faces", "2", "--all", "--waves", "100%", "--bake", "1s")

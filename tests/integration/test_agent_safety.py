@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import re
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from strata.agent.probation import ProbationConfig
 from strata.agent.reconciler import NodeIdentity, Reconciler
 from strata.agent.repository import ModelRepository
 from strata.agent.serving import ServingTracker
-from strata.agent.state import LoadingRecord
+from strata.agent.state import LoadingRecord, NodeState
 from strata.agent.store import ArtifactStore
 from strata.agent.transport import HttpResponse
 from strata.core.chunking import Chunk, offsets
@@ -321,6 +323,56 @@ def test_a_restart_with_labels_the_policy_forbids_does_not_serve_the_model(digit
     moved.reconciler.converge(node.want("1", name="faces"))
     assert moved.reconciler.state.models == {}
     assert moved.reconciler.state.failures[node.refs["1"].digest].attempts == 2
+
+
+def test_a_stopping_agent_sees_a_load_whose_record_is_being_written_and_starts_no_other(
+    digits_onnx: Path,
+    digits_onnx_v2: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stop asks the reconciler for the load under way from another thread. A load counts from before its
+    loading record is written: held in the middle of that write (on disk, not yet in memory), the stop still sees it
+    and waits for it. Once the agent is stopping, no load starts, so none is cut off half-way (tests/e2e/test_crash.py
+    stops a real agent mid-load)."""
+    node = make_node(tmp_path, {})
+    node.offer(*package(digits_onnx, "1", tmp_path / "a", name="digits"))
+    v2 = node.offer(*package(digits_onnx_v2, "2", tmp_path / "b", name="digits"))
+    node.reconciler.converge(node.want("1", name="digits"))
+    store = node.reconciler.store
+    writing, proceed = threading.Event(), threading.Event()
+    save_state = store.save_state
+
+    def held_save(state: NodeState) -> None:
+        save_state(state)
+        if state.loading is not None:  # on disk; the reconciler's state is not yet assigned
+            writing.set()
+            assert proceed.wait(30)
+
+    monkeypatch.setattr(store, "save_state", held_save)  # holds the loop's thread at the race's instant
+    converging = threading.Thread(target=node.reconciler.converge, args=(node.want("2", name="digits"),))
+    converging.start()
+    assert writing.wait(30)
+    assert json.loads(store.state_path.read_text())["loading"]["digest"] == v2.digest
+    assert node.reconciler.state.loading is None  # what the stop used to read: no load under way
+    loading = node.reconciler.refuse_loads()
+    assert loading is not None
+    assert (loading.version, loading.digest) == ("2", v2.digest)
+    assert node.reconciler.activating == loading
+    proceed.set()
+    converging.join(30)
+    assert node.reconciler.activating is None
+    assert node.reconciler.state.models["digits"].active.version == "2"
+    assert "loading" not in json.loads(store.state_path.read_text())
+
+    # Stopping: a desired state that would load version 1 again loads nothing and leaves no loading record.
+    with caplog.at_level(logging.INFO, logger="strata.agent"):
+        node.reconciler.converge(node.want("1", name="digits"))
+    assert "not loading digits 1 (cpu-generic-fp32): the agent is stopping" in caplog.text
+    assert node.reconciler.state.models["digits"].active.version == "2"
+    assert node.reconciler.activating is None
+    assert "loading" not in json.loads(store.state_path.read_text())
 
 
 def test_a_load_the_agent_died_in_is_a_failure_at_the_next_start_with_the_usual_backoff(

@@ -303,10 +303,11 @@ class Agent:
         return 0
 
     async def _finish_load(self) -> None:
-        """At a stop, let a load under way finish (at most `STOP_LOAD_WAIT_S`): its loading record, left in the
-        state, would read at the next start as a load the agent died in, a failure of that version that rollout
-        gates count, when the agent was only restarted."""
-        loading = self.reconciler.state.loading
+        """At a stop, start no other load and let the one under way finish (at most `STOP_LOAD_WAIT_S`): its loading
+        record, left in the state, would read at the next start as a load the agent died in, a failure of that version
+        that rollout gates count, when the agent was only restarted. The reconciler says which load is under way from
+        before its record is written: the state (in memory or on disk) says so only after."""
+        loading = self.reconciler.refuse_loads()
         if loading is None:
             return
         log.info(
@@ -316,9 +317,9 @@ class Agent:
             loading.version,
         )
         deadline = time.monotonic() + STOP_LOAD_WAIT_S
-        while self.reconciler.state.loading is not None and time.monotonic() < deadline:
+        while self.reconciler.activating is not None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.reconciler.state.loading is not None:
+        if self.reconciler.activating is not None:
             log.warning(
                 "stopping in the middle of loading %s %s: the next start counts it as a failed load",
                 loading.model,

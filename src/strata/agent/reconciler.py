@@ -8,6 +8,7 @@ keeps serving its active models and tries again later.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -137,6 +138,24 @@ class Reconciler:
             client, store, relays, rate_limit=rate_limit, progress=progress, relay_transport=relay_transport
         )
         self.fetched = FetchReport()
+        # The activation under way in the loop's thread, and whether the agent is stopping (no load starts then).
+        # Both change under one lock: a stopping agent must see a load that has begun before its loading record
+        # reaches the state (in memory or on disk), or it stops in its middle and the next start counts a failure.
+        self._loads = threading.Lock()
+        self._activating: LoadingRecord | None = None
+        self._stopping = False
+
+    @property
+    def activating(self) -> LoadingRecord | None:
+        """The load under way (None: none), from before its loading record is written until it is cleared."""
+        return self._activating
+
+    def refuse_loads(self) -> LoadingRecord | None:
+        """The agent is stopping: start no load from now on; return the one under way (None: none), which the
+        caller may wait for (`activating` turns None when it is done)."""
+        with self._loads:
+            self._stopping = True
+            return self._activating
 
     # --- start-up ---------------------------------------------------------------------------------------
 
@@ -345,16 +364,26 @@ class Reconciler:
             except (SignatureError, MetadataError) as exc:
                 self._fail(digest, model, version, variant, f"refused: {exc}", supply_kind(exc))
                 return
-        log.info("loading %s %s (%s)", model, version, variant)
-        self._commit(self.state.with_loading(LoadingRecord(model, version, variant, digest, self.clock())))
+        record = LoadingRecord(model, version, variant, digest, self.clock())
+        with self._loads:
+            if self._stopping:
+                log.info("not loading %s %s (%s): the agent is stopping", model, version, variant)
+                return
+            self._activating = record
         try:
-            self._load_new(model, version, ref)
+            log.info("loading %s %s (%s)", model, version, variant)
+            self._commit(self.state.with_loading(record))
+            try:
+                self._load_new(model, version, ref)
+            finally:
+                if self.state.loading is not None:  # loaded, or an error that is no failure of the package (disk)
+                    try:
+                        self._commit(self.state.with_loading(None))
+                    except OSError:  # not on disk, but not in memory either, for a later commit to write back
+                        self.state = self.state.with_loading(None)
         finally:
-            if self.state.loading is not None:  # loaded, or an error that is no failure of the package (a disk error)
-                try:
-                    self._commit(self.state.with_loading(None))
-                except OSError:  # not on disk, but not in memory either, for a later commit to write back
-                    self.state = self.state.with_loading(None)
+            with self._loads:
+                self._activating = None
 
     def _load_new(self, model: str, version: str, ref: VariantRef) -> None:
         """Load a staged package and serve it in place of the model's active one, or remember why not."""
