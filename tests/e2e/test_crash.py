@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from e2e_helpers import push_model
 
 from strata.agent.pieces import needed_pieces
+from strata.agent.processes import usable_cores
 from strata.agent.store import ArtifactStore
 from strata.agent.vault import Vault, piece_aad
 from strata.core.package import pack_tar
@@ -248,6 +251,76 @@ def test_an_agent_killed_while_loading_a_version_reports_it_failed_and_serves_th
     assert state["failures"][v2.digest]["attempts"] == 1
     log = log_path.read_text()[before:]
     assert "loading digits 2" not in log, "version 2 was loaded again at once:\n" + log
+
+
+@pytest.mark.skipif(
+    usable_cores() < 2,
+    reason="two serving processes need two usable cores (the agent refuses more processes than cores); one here",
+)
+def test_a_serving_process_killed_while_it_loads_a_version_fails_that_version_and_the_node_keeps_the_previous(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
+    """Serving from two processes, the agent's other process is killed (as the OOM killer would: the two copies
+    together overflow memory) while it loads version 2, after the agent's own load. Version 2 is that load's failure
+    ("health"), reported at once; the node, both processes, goes on serving version 1. It used to switch the agent to
+    version 2 and start the other process again on it, to die again, with the failure never counted."""
+    x = {"X": np.zeros((1, 64), np.float32)}
+    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
+    build_compute_model(small, layers=1)
+    build_compute_model(heavy, layers=4, replicas=49152)  # a golden check of a second or so, in each process
+    push_model(fleet, small, "1", tmp_path, sample=x)
+    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
+    handle = fleet.start_agent("edge", serve_processes=2, extra_args=["--probation", "0"])
+    fleet.client.deploy("digits", "1", {})
+    fleet.wait_for_versions({"edge": {"digits": "1"}})
+    state_path = handle.data_dir / "state.json"
+    log_path = handle.process.log_path
+
+    def worker() -> int | None:
+        for pid in Path(f"/proc/{handle.process.pid}/task/{handle.process.pid}/children").read_text().split():
+            if b"strata.agent.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+        return None
+
+    fleet.wait_for(lambda: "serving process 1 (pid" in log_path.read_text(), 30, "the second process", handle.process)
+    pid = fleet.wait_for(worker, 30, "the second serving process", handle.process)
+
+    def other_process_loads_v2() -> bool:  # the agent loaded version 2 and wrote it active; the other process loads
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+            return bool(json.loads(state_path.read_text())["models"]["digits"]["active"]["version"] == "2")
+        return False
+
+    fleet.client.deploy("digits", "2", {})
+    fleet.wait_for(other_process_loads_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
+    os.kill(pid, signal.SIGKILL)
+
+    def reported() -> dict[str, object] | None:
+        failures = fleet.nodes()["edge"]["failures"]
+        return next((f for f in failures if f["version"] == "2"), None)
+
+    failure = fleet.wait_for(reported, 30, "the failure of version 2 to be reported", handle.process)
+    assert failure["kind"] == "health", failure
+    assert "serving process 1 of the node's 2 could not load it: the serving process is gone" in str(failure["reason"])
+    log = log_path.read_text()
+    assert "activated digits 2" not in log
+    state = json.loads(state_path.read_text())
+    assert state["models"]["digits"]["active"]["version"] == "1"
+    assert "loading" not in state
+    assert state["failures"][v2.digest]["attempts"] == 1
+    assert fleet.nodes()["edge"]["models"] == {"digits": "1"}
+
+    # Both processes serve version 1: the other one, started again, too (new connections land on both).
+    fleet.wait_for(lambda: worker() not in (None, pid), 30, "the second process to start again", handle.process)
+    fleet.wait_for(lambda: log_path.read_text().count("serving process 1 (pid") == 2, 30, "it to serve", handle.process)
+    body = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
+    versions = set()
+    for _ in range(40):
+        answer = httpx.post(f"{handle.serve_url}/v2/models/digits/infer", json=body, timeout=10)
+        assert answer.status_code == 200, answer.text
+        versions.add(answer.json()["model_version"])
+    assert versions == {"1"}
+    per_process = httpx.get(f"{handle.serve_url}/metrics").text
+    assert 'strata_serving_process_requests{process="1"}' in per_process
 
 
 def test_an_agent_stopped_while_loading_a_version_finishes_the_load_and_counts_no_failure(

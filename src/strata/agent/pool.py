@@ -19,7 +19,7 @@ from strata.agent.config import AgentConfig
 from strata.agent.metrics import RegistrySnapshot
 from strata.agent.repository import Commit, LoadedModel
 from strata.agent.serving import ServingTracker
-from strata.core.errors import StrataError
+from strata.core.errors import ModelLoadError, StrataError, Unavailable
 from strata.core.package import Package
 
 log = logging.getLogger("strata.agent.pool")
@@ -168,11 +168,16 @@ class ServingPool:
 
     # --- the repository's mirror (called from the agent's loop thread) ------------------------------------
 
-    def put(self, model: LoadedModel, commit: Commit) -> LoadedModel | None:
+    def put(self, model: LoadedModel, commit: Commit, *, everywhere: bool = False) -> LoadedModel | None:
         """Serve `model` in every serving process, then `commit` (the agent's own swap, whose result this
         returns), on the event loop. Blocks the calling thread (the agent's loop thread, never the event
-        loop's) until done."""
-        return self._call(self._put(model, commit), commit)
+        loop's) until done. A process that cannot load it is started again (with what the agent serves then);
+        with `everywhere`, no process serves it then and nothing is committed.
+
+        Raises:
+            ModelLoadError: `everywhere`, and a serving process could not load the model.
+        """
+        return self._call(self._put(model, commit, everywhere), commit)
 
     def remove(self, name: str, commit: Commit) -> LoadedModel | None:
         """Stop serving model `name` in every serving process, then in the agent (`commit`)."""
@@ -189,23 +194,36 @@ class ServingPool:
             log.warning("serving processes were not updated: %s", exc)
             return commit()
 
-    async def _put(self, model: LoadedModel, commit: Commit) -> LoadedModel | None:
+    async def _put(self, model: LoadedModel, commit: Commit, everywhere: bool) -> LoadedModel | None:
         async with self._swap:
             children = list(self._children.values())
             if children:
                 opened = await self._open(model.digest)
                 loaded = await asyncio.gather(*(self._load(c, model, opened) for c in children), return_exceptions=True)
                 del opened
-                ready = []
+                ready, failed = [], []
                 for child, outcome in zip(children, loaded, strict=True):
-                    if isinstance(outcome, BaseException):
-                        log.error(
-                            "serving process %d cannot load %s %s: %s", child.index, model.name, model.version, outcome
-                        )
-                        self._kill(child)  # restarted by the supervisor, with what the agent serves then
-                    else:
+                    if not isinstance(outcome, BaseException):
                         ready.append(child)
+                        continue
+                    failed.append((child, outcome))
+                    log.error(
+                        "serving process %d cannot load %s %s: %s", child.index, model.name, model.version, outcome
+                    )
+                    # Gone or hung (its copy took the machine's memory, say): started again by the supervisor, with
+                    # what the agent serves then. One that answered why keeps serving what it served, unless the
+                    # agent moves on without it.
+                    if isinstance(outcome, Unavailable) or not isinstance(outcome, StrataError) or not everywhere:
+                        self._kill(child)
                 fields = {"name": model.name, "digest": model.digest}
+                if failed and everywhere:
+                    await asyncio.gather(
+                        *(c.channel.request("discard", {"digest": model.digest}) for c in ready), return_exceptions=True
+                    )
+                    child, outcome = failed[0]
+                    raise ModelLoadError(
+                        f"serving process {child.index} of the node's {self._processes} could not load it: {outcome}"
+                    )
                 await asyncio.gather(*(c.channel.request("activate", fields) for c in ready), return_exceptions=True)
             return commit()
 

@@ -418,15 +418,23 @@ class Reconciler:
         # The loading record stays until the node's other serving processes have loaded it too: the agent dying
         # meanwhile (their copies took the machine's memory, say) is the same failure, and the next start goes back
         # to the previous slot.
+        before = self.state
         state = self.state.with_active(model, slot)
         if probation is not None:
             state = state.with_probation(model, probation)
         self._commit(state)
         self.serving.reset(model, version, now)
+        # The loading record is cleared once this returns (`_activate`): after the other serving processes loaded it.
+        try:
+            self.repository.put(
+                LoadedModel(manifest=manifest, digest=digest, runtime=runtime, activated_at=now), everywhere=True
+            )
+        except ModelLoadError as exc:  # another serving process could not load it: none serves it
+            self.state = before  # the slots as they were (`_fail` writes them, with the failure)
+            self._fail(digest, model, version, variant, str(exc), "health")
+            return
         self.serving.forget(model, keep_version=version)  # a node that runs for months sees many versions
         self._drop_snapshots(model)
-        # The loading record is cleared once this returns (`_activate`): after the other serving processes loaded it.
-        self.repository.put(LoadedModel(manifest=manifest, digest=digest, runtime=runtime, activated_at=now))
         log.info(
             "activated %s %s (%s)%s",
             model,

@@ -36,7 +36,7 @@ class Mirror(Protocol):
     """Other processes that serve the same models (`strata.agent.processes.ServingPool`): each change is made
     there first, then here (`commit`)."""
 
-    def put(self, model: LoadedModel, commit: Commit) -> LoadedModel | None: ...
+    def put(self, model: LoadedModel, commit: Commit, *, everywhere: bool = False) -> LoadedModel | None: ...
 
     def remove(self, name: str, commit: Commit) -> LoadedModel | None: ...
 
@@ -57,11 +57,19 @@ class ModelRepository:
     def all(self) -> list[LoadedModel]:
         return sorted(self._models.values(), key=lambda m: m.name)
 
-    def put(self, model: LoadedModel) -> LoadedModel | None:
-        """Serve `model` under its name (in the mirror's processes first); return the model it replaced."""
+    def put(self, model: LoadedModel, *, everywhere: bool = False) -> LoadedModel | None:
+        """Serve `model` under its name (in the mirror's processes first); return the model it replaced.
+
+        With `everywhere`, every one of the mirror's processes must load it, or none serves it: a new version that
+        one of them cannot load is that version's failure. Without (a rollback, a start), one that cannot is
+        started again, serving what the others serve.
+
+        Raises:
+            ModelLoadError: `everywhere`, and a process of the mirror could not load it (nothing changed).
+        """
         if self.mirror is None:
             return self._put(model)
-        return self.mirror.put(model, lambda: self._put(model))
+        return self.mirror.put(model, lambda: self._put(model), everywhere=everywhere)
 
     def _put(self, model: LoadedModel) -> LoadedModel | None:
         with self._lock:

@@ -68,6 +68,9 @@ class Worker:
                 raise StrataError(f"package {header['digest']} was not loaded here")
             self.repository.put(prepared)
             return {}, b""
+        if op == "discard":  # loaded, but another serving process could not load it: the node does not serve it
+            self._prepared.pop(header["digest"], None)
+            return {}, b""
         if op == "remove":
             self.repository.remove(header["name"])
             return {}, b""
