@@ -4,16 +4,22 @@ Every pass is `Pass.apply(model_path, workdir, context) -> list[Candidate]`: it 
 new model files under `workdir` and describes each as a `Candidate` (which profile and runtime it needs, which
 precision it computes in, and the steps that made it). A candidate whose build failed carries the error and
 stays in the report. `Pass.skip_reason(context)` says why a pass has nothing to do for these targets.
+
+A model that keeps its weights in external data (the only way past protobuf's 2 GB) gets variants that do too: each
+pass writes a variant's tensors over 1 KiB to `<variant file>.data` beside it (`save_onnx`), and a candidate's
+files are its model and the files its tensors name (`external_data_files`), which its package carries.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from strata.core.errors import OptimizationError
+from strata.core.modelrefs import onnx_external_refs
 from strata.core.profiles import HostFacts, Profile, normalize_arch
 from strata.optimize.data import Feeds
 
@@ -39,10 +45,55 @@ class Candidate:
 
     @property
     def files(self) -> tuple[Path, ...]:
-        """The model's files: an ONNX file, or an OpenVINO IR (`.xml` and its `.bin`)."""
+        """The model's files: an ONNX file and the external data files it names, or an OpenVINO IR (`.xml` and its
+        `.bin`).
+
+        Raises:
+            PackageError: the ONNX file is not one this reader can walk, or its external data is malformed.
+        """
         if self.model_path.suffix == ".xml":
             return (self.model_path, self.model_path.with_suffix(".bin"))
-        return (self.model_path,)
+        return (self.model_path, *external_data_files(self.model_path))
+
+
+EXTERNAL_DATA_THRESHOLD = 1024
+"""Bytes from which a variant of a model with external data keeps a tensor in its data file (onnx's default)."""
+
+
+def external_data_files(model: Path) -> tuple[Path, ...]:
+    """The files beside an ONNX model that its tensors keep their values in (external data), each once, in the order
+    first named; () for a model that holds its weights itself. Reads the file mapped: weights are skipped, not read.
+
+    Raises:
+        PackageError: the file is not ONNX this reader can walk, or its external data is malformed.
+    """
+    with model.open("rb") as file:
+        if model.stat().st_size == 0:
+            return ()
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+            refs = onnx_external_refs(view)
+    return tuple(dict.fromkeys(model.parent / ref.location for ref in refs))
+
+
+def save_onnx(model: Any, out: Path, *, external: bool) -> None:
+    """Write an onnx `ModelProto` to `out`; with `external` (its source kept its weights in external data) its tensors
+    of `EXTERNAL_DATA_THRESHOLD` bytes or more go to `<out>.data` beside it, so that a model over protobuf's 2 GB
+    can be written at all."""
+    import onnx
+
+    if not external:
+        onnx.save(model, str(out))
+        return
+    data = out.with_name(out.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save(
+        model,
+        str(out),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=EXTERNAL_DATA_THRESHOLD,
+    )
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from strata.core.package import (
     load_golden,
     read_package,
 )
+from strata.optimize.base import external_data_files
 from strata.optimize.report import VariantResult
 from strata.optimize.runners import OpenVinoRunner
 from strata.package_build import build_package, write_manifest
@@ -179,6 +180,7 @@ def build_variant_package(
         variant=variant,
         sample=dict(sample),
         metrics=metrics,
+        extra_files=model_files[1:],  # its external data
     )
 
 
@@ -193,9 +195,11 @@ def repackage_for_target(source: Path, out_dir: Path, *, profile: str, variant: 
     package = read_package(source)
     manifest = package.manifest
     sample, _ = load_golden(package)
-    model_files = [package.path / manifest.model_file]
+    model = package.path / manifest.model_file
     if manifest.runtime == "openvino":
-        model_files.append(package.path / "model.bin")
+        model_files = [model, package.path / "model.bin"]
+    else:
+        model_files = [model, *external_data_files(model)]  # the model and its external data
     return build_variant_package(
         model_files,
         out_dir,

@@ -9,22 +9,31 @@ import os
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from onnx import TensorProto, helper
 
+from strata.agent.runtime import load_and_check
 from strata.core.errors import ConfigError, PackageError
 from strata.core.hashing import sha256_file
-from strata.core.modelrefs import check_location
+from strata.core.modelrefs import check_location, onnx_external_refs
+from strata.core.package import verify_package
 from strata.core.profiles import get_profile
 from strata.optimize import pipeline
 from strata.optimize.base import PassContext
 from strata.optimize.data import Feeds
-from strata.optimize.passes import Float16Pass, GraphOptimizationPass
+from strata.optimize.passes import (
+    DynamicQuantizationPass,
+    Float16Pass,
+    GraphOptimizationPass,
+    StaticQuantizationPass,
+)
 from strata.optimize.pipeline import OptimizeRequest, open_reference, run_optimize
 
 SECRET = b"-----BEGIN PRIVATE KEY----- the build machine's signing key"
 N = 8  # float32 weights: 32 bytes
 WEIGHTS = np.arange(N, dtype=np.float32) / 4
+Array = npt.NDArray[np.float32]
 
 
 def write_model(folder: Path, location: str, offset: int = 0, length: int = N * 4) -> Path:
@@ -200,17 +209,69 @@ def test_a_run_with_external_data_outside_its_folder_stops_with_a_clear_error(tm
     assert not (tmp_path / "out").exists()
 
 
-def test_a_run_on_a_model_with_external_data_in_its_folder_gets_past_the_check(tmp_path: Path) -> None:
-    """The smallest run (graph optimization, basic) of the model whose weights are in `weights.bin` beside it: the
-    checked copy is the fp32 baseline, verified against the reference. (Its variants are not packaged: strata's
-    passes and packages do not carry external data files along yet; that is not what this checks.)"""
+def write_matmul_model(folder: Path, weights: Array) -> Path:
+    """out = x @ W + b, W (float32 32x64: 8 KiB, 2 KiB in int8, over the 1 KiB from which variants keep a tensor in
+    a data file) in
+    `weights.bin` beside the model, as every model over protobuf's 2 GB keeps its weights; b inside the model."""
+    (folder / "weights.bin").write_bytes(weights.tobytes())
+    w = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=list(weights.shape), data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "weights.bin"), ("offset", "0"), ("length", str(weights.nbytes))):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    bias = helper.make_tensor("b", TensorProto.FLOAT, [weights.shape[1]], np.linspace(-1, 1, weights.shape[1]))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["out"])],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", weights.shape[0]])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", weights.shape[1]])],
+        [w, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_a_model_with_external_data_gets_variants_and_packages_that_carry_theirs(tmp_path: Path) -> None:
+    """The graph, dynamic and static int8 passes write each variant's large tensors to a data file of its own
+    (`<variant>.onnx.data`), and every package, the fp32 baseline's included, lists and carries the files its
+    model names, verifies, and loads on a node computing what the original does. They used to fail: a variant
+    named the original's `weights.bin`, which was not beside it, and quantization lost it."""
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((32, 64)).astype(np.float32)
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "weights.bin").write_bytes(WEIGHTS.tobytes())
-    model = write_model(tmp_path / "model", "weights.bin")
-    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((32, N)).astype(np.float32))
-    request = small_run(model, tmp_path / "data.npz", tmp_path / "out")
-    report = run_optimize(request, [GraphOptimizationPass(levels=("basic",))])
-    baseline = report.variant("fp32")
-    assert baseline.verified, baseline
-    assert baseline.accuracy["min_cosine"] > 0.999
-    assert report.model["sha256"] == sha256_file(model)[0]
+    model = write_matmul_model(tmp_path / "model", weights)
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+    request = OptimizeRequest(
+        model=model,
+        name="external",
+        version="1",
+        task="embedding",
+        calibration=tmp_path / "data.npz",
+        evaluation=tmp_path / "data.npz",
+        out=tmp_path / "out",
+        gate="min_cosine>=0.9",
+        rounds=1,
+        measure_memory=False,
+    )
+    passes = [
+        GraphOptimizationPass(levels=("basic", "extended")),
+        DynamicQuantizationPass(weight_types=("QInt8",), per_channel=(False,), reduce_range=(False,)),
+        StaticQuantizationPass(methods=("MinMax",)),
+    ]
+    report = run_optimize(request, passes)
+    packaged = {v.id: v for v in report.variants if v.gate == "passed"}
+    assert set(packaged) == {"fp32", "fp32-ort-basic", "fp32-ort-extended", "int8-dyn-s8", "int8-qdq-minmax"}, [
+        (v.id, v.gate, v.reason) for v in report.variants
+    ]
+    assert report.model["sha256"] == sha256_file(model)[0]  # the original's digest, as the user gave it
+    expected = x[:4] @ weights + np.linspace(-1, 1, 64).astype(np.float32)
+    for variant_id, variant in packaged.items():
+        package = verify_package(request.out / variant.path)
+        listed = sorted(f.path for f in package.manifest.files if f.path.endswith((".bin", ".data")))
+        assert listed == (["weights.bin"] if variant_id == "fp32" else [f"{variant_id}.onnx.data"]), listed
+        assert [r.location for r in onnx_external_refs((package.path / "model.onnx").read_bytes())] == listed
+        answer = load_and_check(package, 1).run({"x": x[:4]})["out"]
+        np.testing.assert_allclose(answer, expected, atol=0.5 if variant_id.startswith("int8") else 1e-4)

@@ -14,7 +14,7 @@ from typing import Any
 
 from strata.core.errors import OptimizationError
 from strata.core.profiles import Profile
-from strata.optimize.base import Candidate, PassContext
+from strata.optimize.base import Candidate, PassContext, external_data_files
 from strata.optimize.passes.quantize import int8_profile, preprocess
 
 
@@ -72,6 +72,7 @@ def quantize_grid(
     profile); a point that fails to quantize is a candidate with its error."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    external = bool(external_data_files(source))  # the variants get their own data files (`<variant>.onnx.data`)
     candidates = []
     for weight_type, per_channel, reduce_range in grid:
         cid = dynamic_id(weight_type, per_channel, reduce_range, kind)
@@ -84,6 +85,7 @@ def quantize_grid(
                 weight_type=getattr(QuantType, weight_type),
                 per_channel=per_channel,
                 reduce_range=reduce_range,
+                use_external_data_format=external,
                 extra_options=dict(extra_options or {}),
             )
         except Exception as exc:  # onnx / onnxruntime errors

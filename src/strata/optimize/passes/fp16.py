@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from strata.core.errors import ConfigError, OptimizationError
-from strata.optimize.base import GPU_RUNTIMES, Candidate, PassContext
+from strata.optimize.base import GPU_RUNTIMES, Candidate, PassContext, external_data_files, save_onnx
 
 
 class Float16Pass:
@@ -48,7 +48,7 @@ class Float16Pass:
                 model = float16.convert_float_to_float16(
                     source, keep_io_types=True, node_block_list=casts_to_float(source)
                 )
-            onnx.save(model, str(out))
+            save_onnx(model, out, external=bool(external_data_files(model_path)))
             clamped = sum("will be truncated" in str(w.message) for w in caught)
             if clamped:
                 notes = (f"{clamped} constant(s) outside the fp16 range were clamped by the converter",)

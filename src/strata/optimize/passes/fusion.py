@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from strata.core.errors import OptimizationError
-from strata.optimize.base import Candidate, PassContext, PassNotApplicable
+from strata.optimize.base import Candidate, PassContext, PassNotApplicable, external_data_files, save_onnx
 from strata.optimize.data import Feeds
 from strata.optimize.passes.attention import fuse_sdpa_attention
 from strata.optimize.passes.dynamic import int8_skip_reason, quantize_grid
@@ -92,7 +92,7 @@ def fuse_transformer(model_path: Path, out: Path) -> str:
     unfused = split_skip_layer_norm(optimized.model)
     if unfused:
         note += f"; SkipLayerNormalization x{unfused} written back as Add + LayerNormalization"
-    optimized.save_model_to_file(str(out))
+    optimized.save_model_to_file(str(out), use_external_data_format=bool(external_data_files(model_path)))
     if _signature(out) != _signature(model_path):
         raise OptimizationError(f"the fused graph changed the model's inputs or outputs: {_signature(out)}")
     return note
@@ -169,7 +169,7 @@ def rewrite_sdpa_attention(model_path: Path, out: Path, feeds: Feeds) -> tuple[P
     count = fuse_sdpa_attention(model)
     if count == 0:
         return model_path, "sdpa-attention: none found"
-    onnx.save(model, str(out))
+    save_onnx(model, out, external=bool(external_data_files(model_path)))
     if len(feeds) == 0:
         return model_path, f"sdpa-attention: {count} found, not used (no calibration samples to check them on)"
     error = _max_relative_error(model_path, out, feeds)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from strata.core.errors import OptimizationError
 from strata.core.package import ort_disabled_optimizers
-from strata.optimize.base import Candidate, PassContext
+from strata.optimize.base import EXTERNAL_DATA_THRESHOLD, Candidate, PassContext, external_data_files
 
 LEVELS = ("basic", "extended", "layout", "all")
 ISA_BOUND_LEVELS = frozenset({"layout", "all"})
@@ -41,6 +41,7 @@ class GraphOptimizationPass:
             "layout": ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
+        external = bool(external_data_files(model_path))
         candidates = []
         for level in self.levels:
             out = workdir / f"fp32-ort-{level}.onnx"
@@ -49,6 +50,13 @@ class GraphOptimizationPass:
             options.log_severity_level = 3
             options.graph_optimization_level = level_enum[level]
             options.optimized_model_filepath = str(out)
+            if external:  # its own data file: the source's is not beside it (and would not match its initializers)
+                options.add_session_config_entry(
+                    "session.optimized_model_external_initializers_file_name", f"{out.name}.data"
+                )
+                options.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes", str(EXTERNAL_DATA_THRESHOLD)
+                )
             error = None
             try:
                 providers = ["CPUExecutionProvider"]

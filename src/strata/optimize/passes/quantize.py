@@ -10,6 +10,7 @@ import numpy.typing as npt
 
 from strata.core.errors import OptimizationError
 from strata.core.profiles import Profile
+from strata.optimize.base import EXTERNAL_DATA_THRESHOLD, external_data_files
 from strata.optimize.data import Feeds
 
 Array = npt.NDArray[Any]
@@ -51,12 +52,20 @@ def preprocess(model_path: Path, workdir: Path) -> tuple[Path, str]:
     done = workdir / (PREPROCESSED_NAME + ".how")
     if out.is_file() and done.is_file():
         return out, done.read_text()
+    external: dict[str, Any] = {}
+    if external_data_files(model_path):  # written with its own data file beside it (see `strata.optimize.base`)
+        external = {
+            "save_as_external_data": True,
+            "all_tensors_to_one_file": True,
+            "external_data_location": out.name + ".data",
+            "external_data_size_threshold": EXTERNAL_DATA_THRESHOLD,
+        }
     try:
-        quant_pre_process(str(model_path), str(out))
+        quant_pre_process(str(model_path), str(out), **external)
         how = "quant-pre-process"
     except Exception:  # ImportError without sympy, or "Incomplete symbolic shape inference"
         try:
-            quant_pre_process(str(model_path), str(out), skip_symbolic_shape=True)
+            quant_pre_process(str(model_path), str(out), skip_symbolic_shape=True, **external)
         except Exception as exc:  # onnx and onnxruntime errors
             raise OptimizationError(f"quantization pre-processing failed: {exc}") from exc
         how = "quant-pre-process:skip-symbolic-shape"

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from strata.optimize.base import Candidate, PassContext
+from strata.optimize.base import Candidate, PassContext, external_data_files, save_onnx
 from strata.optimize.passes.fp16 import named_nodes
 from strata.optimize.passes.openvino import looks_like_transformer
 from strata.optimize.passes.quantize import FeedsReader, int8_profile, needs_reduce_range, preprocess
@@ -92,12 +92,13 @@ class StaticQuantizationPass:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         source, how = preprocess(model_path, workdir)
+        external = bool(external_data_files(source))  # the variants get their own data files (`<variant>.onnx.data`)
         model = onnx.load(str(source))
         transformer = looks_like_transformer(_op_types(model))
         kept_float = after_gelu(model) if transformer else []
         if kept_float:
             source = workdir / "static-source.onnx"  # the preprocessed model with every excluded node named
-            onnx.save(model, str(source))
+            save_onnx(model, source, external=external)
         per_channel = self.per_channel or transformer
         reduce_range = needs_reduce_range(context.host.arch, context.host.cpu_features)
         samples = min(self.max_samples, len(context.calibration))
@@ -123,6 +124,7 @@ class StaticQuantizationPass:
                     per_channel=per_channel,
                     reduce_range=reduce_range,
                     calibrate_method=getattr(CalibrationMethod, method),
+                    use_external_data_format=external,
                     op_types_to_quantize=list(TRANSFORMER_OP_TYPES) if transformer else None,
                     nodes_to_exclude=kept_float,
                     extra_options=(
