@@ -277,10 +277,7 @@ def test_a_serving_process_killed_while_it_loads_a_version_fails_that_version_an
     log_path = handle.process.log_path
 
     def worker() -> int | None:
-        for pid in Path(f"/proc/{handle.process.pid}/task/{handle.process.pid}/children").read_text().split():
-            if b"strata.agent.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return int(pid)
-        return None
+        return _worker(handle.process.pid)
 
     fleet.wait_for(lambda: "serving process 1 (pid" in log_path.read_text(), 30, "the second process", handle.process)
     pid = fleet.wait_for(worker, 30, "the second serving process", handle.process)
@@ -321,6 +318,58 @@ def test_a_serving_process_killed_while_it_loads_a_version_fails_that_version_an
     assert versions == {"1"}
     per_process = httpx.get(f"{handle.serve_url}/metrics").text
     assert 'strata_serving_process_requests{process="1"}' in per_process
+
+
+@pytest.mark.skipif(
+    usable_cores() < 2,
+    reason="two serving processes need two usable cores (the agent refuses more processes than cores); one here",
+)
+def test_a_service_managers_sigterm_to_every_process_in_the_middle_of_a_load_counts_no_failure(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
+    """systemd's default (KillMode=control-group) sends SIGTERM to the agent and its serving processes at once. While
+    the other process loads version 2, that used to end it in the middle of the load, and the agent recorded version
+    2 as a failed load, for the rollout gates to count: a restart. Now the serving processes leave SIGTERM to the
+    agent, which lets the load finish and stops them itself."""
+    x = {"X": np.zeros((1, 64), np.float32)}
+    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
+    build_compute_model(small, layers=1)
+    build_compute_model(heavy, layers=4, replicas=49152)  # a golden check of a second or so, in each process
+    push_model(fleet, small, "1", tmp_path, sample=x)
+    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
+    handle = fleet.start_agent("edge", serve_processes=2, extra_args=["--probation", "0"])
+    fleet.client.deploy("digits", "1", {})
+    fleet.wait_for_versions({"edge": {"digits": "1"}})
+    state_path = handle.data_dir / "state.json"
+    log_path = handle.process.log_path
+    fleet.wait_for(lambda: "serving process 1 (pid" in log_path.read_text(), 30, "the second process", handle.process)
+    pid = fleet.wait_for(lambda: _worker(handle.process.pid), 30, "the second serving process", handle.process)
+
+    def other_process_loads_v2() -> bool:
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
+            return bool(json.loads(state_path.read_text())["models"]["digits"]["active"]["version"] == "2")
+        return False
+
+    fleet.client.deploy("digits", "2", {})
+    fleet.wait_for(other_process_loads_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
+    os.kill(pid, signal.SIGTERM)
+    assert handle.process.stop(timeout=40) == 0  # SIGTERM to the agent
+    log = log_path.read_text()
+    assert "waiting up to 20 s for the load of digits 2" in log
+    assert "activated digits 2" in log
+    state = json.loads(state_path.read_text())
+    assert v2.digest not in state.get("failures", {}), log
+    assert "loading" not in state
+    assert state["models"]["digits"]["active"]["version"] == "2"
+
+
+def _worker(agent_pid: int) -> int | None:
+    """The pid of the agent's serving process (`strata.agent.worker`), None while it has none."""
+    for pid in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
+        with contextlib.suppress(FileNotFoundError):
+            if b"strata.agent.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+    return None
 
 
 def test_an_agent_stopped_while_loading_a_version_finishes_the_load_and_counts_no_failure(

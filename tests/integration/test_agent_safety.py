@@ -366,9 +366,14 @@ def test_a_stopping_agent_sees_a_load_whose_record_is_being_written_and_starts_n
     assert node.reconciler.state.models["digits"].active.version == "2"
     assert "loading" not in json.loads(store.state_path.read_text())
 
-    # Stopping: a desired state that would load version 1 again loads nothing and leaves no loading record.
+    # Stopping: a desired state that would load version 1 again runs nothing; an activation planned before the stop
+    # loads nothing. Neither leaves a loading record.
+    want = node.want("1", name="digits")
+    assert node.reconciler.converge(want) == 0
+    [activate] = plan(want, node.reconciler.observe(), node.clock.now)
+    assert isinstance(activate, Activate)
     with caplog.at_level(logging.INFO, logger="strata.agent"):
-        node.reconciler.converge(node.want("1", name="digits"))
+        node.reconciler.execute(activate)
     assert "not loading digits 1 (cpu-generic-fp32): the agent is stopping" in caplog.text
     assert node.reconciler.state.models["digits"].active.version == "2"
     assert node.reconciler.activating is None

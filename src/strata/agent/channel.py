@@ -73,6 +73,9 @@ class Channel:
             raise Unavailable(f"the serving process did not answer {op!r} in {timeout:g} s") from exc
         finally:
             self._waiting.pop(ident, None)
+            # The future holds the exception a close puts in it, whose traceback holds this frame: without this,
+            # the caller's frames (a freshly loaded model among their locals) wait for the cycle collector.
+            del future
         if "error" in header:
             raise StrataError(str(header["error"]))
         return header, data

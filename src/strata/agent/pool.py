@@ -17,7 +17,7 @@ from typing import Any, Final
 from strata.agent.channel import Channel, Message
 from strata.agent.config import AgentConfig
 from strata.agent.metrics import RegistrySnapshot
-from strata.agent.repository import Commit, LoadedModel
+from strata.agent.repository import Commit, LoadedModel, MirrorStopping
 from strata.agent.serving import ServingTracker
 from strata.core.errors import ModelLoadError, StrataError, Unavailable
 from strata.core.package import Package
@@ -175,28 +175,48 @@ class ServingPool:
         with `everywhere`, no process serves it then and nothing is committed.
 
         Raises:
-            ModelLoadError: `everywhere`, and a serving process could not load the model.
+            ModelLoadError: `everywhere`, and a serving process could not load the model (or not in time).
+            MirrorStopping: `everywhere`, and the serving processes were stopped meanwhile.
         """
-        return self._call(self._put(model, commit, everywhere), commit)
+        return self._call(self._put(model, commit, everywhere), commit, everywhere)
 
     def remove(self, name: str, commit: Commit) -> LoadedModel | None:
         """Stop serving model `name` in every serving process, then in the agent (`commit`)."""
         return self._call(self._remove(name, commit), commit)
 
-    def _call(self, work: Coroutine[Any, Any, LoadedModel | None], commit: Commit) -> LoadedModel | None:
+    def _call(
+        self, work: Coroutine[Any, Any, LoadedModel | None], commit: Commit, everywhere: bool = False
+    ) -> LoadedModel | None:
         loop = self._loop
         if loop is None or self._stopping or loop.is_closed():
             work.close()
+            if everywhere and self._stopping:
+                raise MirrorStopping("the serving processes are stopping")
             return commit()
+        future = asyncio.run_coroutine_threadsafe(work, loop)
         try:
-            return asyncio.run_coroutine_threadsafe(work, loop).result(timeout=LOAD_TIMEOUT_S * 2)
-        except (TimeoutError, RuntimeError) as exc:  # the loop stopped under us (the agent is stopping)
+            return future.result(timeout=LOAD_TIMEOUT_S * 2)
+        except TimeoutError as exc:
+            future.cancel()  # no later commit over whatever the agent does next
+            if everywhere:
+                raise ModelLoadError(
+                    f"the node's serving processes did not load it in {LOAD_TIMEOUT_S * 2:g} s"
+                ) from exc
+            log.warning("serving processes were not updated in %g s", LOAD_TIMEOUT_S * 2)
+            return commit()
+        except RuntimeError as exc:  # the loop stopped under us (the agent is stopping)
+            if everywhere:
+                raise MirrorStopping(f"the serving processes stopped: {exc}") from exc
             log.warning("serving processes were not updated: %s", exc)
             return commit()
+        finally:
+            del future  # it holds what it raised, whose traceback holds this frame: no cycle left for the collector
 
     async def _put(self, model: LoadedModel, commit: Commit, everywhere: bool) -> LoadedModel | None:
         async with self._swap:
-            children = list(self._children.values())
+            # Those alive now: one that ended is the supervisor's to start again (with what the agent serves then),
+            # not a failure of this model.
+            children = [c for c in self._children.values() if self._alive(c)]
             if children:
                 opened = await self._open(model.digest)
                 loaded = await asyncio.gather(*(self._load(c, model, opened) for c in children), return_exceptions=True)
@@ -206,26 +226,53 @@ class ServingPool:
                     if not isinstance(outcome, BaseException):
                         ready.append(child)
                         continue
-                    failed.append((child, outcome))
+                    # Its text, not the error: a log record kept (by a test's handler, say) would keep its
+                    # traceback, and so the model.
+                    reason = str(outcome)
+                    failed.append((child.index, reason))
                     log.error(
-                        "serving process %d cannot load %s %s: %s", child.index, model.name, model.version, outcome
+                        "serving process %d cannot load %s %s: %s", child.index, model.name, model.version, reason
                     )
-                    # Gone or hung (its copy took the machine's memory, say): started again by the supervisor, with
-                    # what the agent serves then. One that answered why keeps serving what it served, unless the
-                    # agent moves on without it.
+                    # Gone or hung (its copy took the machine's memory, say): started again later, with what the
+                    # agent serves then. One that answered why keeps serving what it served, unless the agent
+                    # moves on without it.
                     if isinstance(outcome, Unavailable) or not isinstance(outcome, StrataError) or not everywhere:
-                        self._kill(child)
+                        self._retire(child)
+                # The errors' tracebacks hold the loads' frames, and so the agent's copy of the model: a raise from
+                # this frame would keep them alive until the cycle collector runs.
+                del loaded, outcome
                 fields = {"name": model.name, "digest": model.digest}
                 if failed and everywhere:
+                    discard = {"digest": model.digest}
                     await asyncio.gather(
-                        *(c.channel.request("discard", {"digest": model.digest}) for c in ready), return_exceptions=True
+                        *(c.channel.request("discard", discard, timeout=SETUP_TIMEOUT_S) for c in ready),
+                        return_exceptions=True,
                     )
-                    child, outcome = failed[0]
+                    if self._stopping:  # stopped under the load: no failure of the model
+                        raise MirrorStopping("the serving processes were stopped during the load")
+                    index, reason = failed[0]
                     raise ModelLoadError(
-                        f"serving process {child.index} of the node's {self._processes} could not load it: {outcome}"
+                        f"serving process {index} of the node's {self._processes} could not load it: {reason}"
                     )
-                await asyncio.gather(*(c.channel.request("activate", fields) for c in ready), return_exceptions=True)
+                await asyncio.gather(
+                    *(c.channel.request("activate", fields, timeout=SETUP_TIMEOUT_S) for c in ready),
+                    return_exceptions=True,
+                )
             return commit()
+
+    @staticmethod
+    def _alive(child: _Child) -> bool:
+        return not child.channel.closed.is_set() and child.process.poll() is None
+
+    def _retire(self, child: _Child) -> None:
+        """End a serving process that failed a load and have the supervisor start it again after its back-off
+        (it is no longer one of those that serve, so nothing else is sent to it)."""
+        self._kill(child)
+        if self._children.get(child.index) is child:
+            del self._children[child.index]
+        now = asyncio.get_running_loop().time()
+        delay = self._back_off(child.index, now - child.started_at)
+        log.warning("serving process %d ended; starting it again in %g s", child.index, delay)
 
     async def _remove(self, name: str, commit: Commit) -> LoadedModel | None:
         async with self._swap:

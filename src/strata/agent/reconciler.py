@@ -32,9 +32,9 @@ from strata.agent.plan import (
     plan,
 )
 from strata.agent.probation import ProbationConfig, judge, reference_latency
-from strata.agent.repository import LoadedModel, ModelRepository
+from strata.agent.repository import LoadedModel, MirrorStopping, ModelRepository
 from strata.agent.runtime import load_and_check, release_free_memory
-from strata.agent.serving import ServingTracker
+from strata.agent.serving import Counted, ServingTracker
 from strata.agent.state import FailureRecord, LoadingRecord, NodeState, ProbationRecord, SlotRef
 from strata.agent.store import ArtifactStore
 from strata.agent.supply import SupplyGuard
@@ -260,7 +260,7 @@ class Reconciler:
         self._vouched.clear()
         steps = 0
         try:
-            while steps < MAX_STEPS:
+            while steps < MAX_STEPS and not self._stopping:
                 actions = plan(desired, self.observe(), self.clock())
                 if not actions:
                     break
@@ -423,16 +423,33 @@ class Reconciler:
         if probation is not None:
             state = state.with_probation(model, probation)
         self._commit(state)
-        self.serving.reset(model, version, now)
+        counted = self.serving.reset(model, version, now)
         # The loading record is cleared once this returns (`_activate`): after the other serving processes loaded it.
+        # Should they not take it, nothing changes: the slots as they were (`_fail` writes them, with the failure).
         try:
             self.repository.put(
                 LoadedModel(manifest=manifest, digest=digest, runtime=runtime, activated_at=now), everywhere=True
             )
         except ModelLoadError as exc:  # another serving process could not load it: none serves it
-            self.state = before  # the slots as they were (`_fail` writes them, with the failure)
+            self._undo(before, model, version, counted)
             self._fail(digest, model, version, variant, str(exc), "health")
             return
+        except VaultUnavailable as exc:  # the package could not be opened for them
+            self._undo(before, model, version, counted)
+            self._fail(digest, model, version, variant, str(exc), "vault")
+            return
+        except PackageError as exc:
+            self._undo(before, model, version, counted)
+            self.store.discard(digest)
+            self._fail(digest, model, version, variant, str(exc), "package")
+            return
+        except MirrorStopping as exc:  # the agent stops: no failure; the next start loads it again
+            log.info("%s %s not activated: %s", model, version, exc)
+            self._undo(before, model, version, counted)
+            return
+        except BaseException:  # a disk error, say: not the package's failure, but not served either
+            self._undo(before, model, version, counted)
+            raise
         self.serving.forget(model, keep_version=version)  # a node that runs for months sees many versions
         self._drop_snapshots(model)
         log.info(
@@ -442,6 +459,15 @@ class Reconciler:
             variant,
             f"; on probation for {duration(self.probation.duration_s)}" if probation is not None else "",
         )
+
+    def _undo(self, before: NodeState, model: str, version: str, counted: Counted) -> None:
+        """Go back to the slots of `before` (still loading: `_activate` clears that) after an activation that the
+        node's other serving processes did not take, and to the serving counts `reset` replaced."""
+        self.serving.restore(model, version, counted)
+        try:
+            self._commit(before)
+        except OSError:  # not on disk, but in memory: the next commit writes it
+            self.state = before
 
     def _probation_record(
         self, model: str, version: str, digest: str, manifest: Manifest, now: float

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from strata.agent.runtime import Runtime
+from strata.core.errors import StrataError
 from strata.core.package import Manifest
 
 
@@ -30,6 +31,10 @@ class LoadedModel:
 
 
 Commit = Callable[[], "LoadedModel | None"]  # the change in this process; returns the model it replaced
+
+
+class MirrorStopping(StrataError):
+    """The mirror's processes are being stopped (the agent stops): a change asked of all of them did not happen."""
 
 
 class Mirror(Protocol):
@@ -66,6 +71,7 @@ class ModelRepository:
 
         Raises:
             ModelLoadError: `everywhere`, and a process of the mirror could not load it (nothing changed).
+            MirrorStopping: `everywhere`, and the mirror's processes are being stopped (nothing changed).
         """
         if self.mirror is None:
             return self._put(model)

@@ -64,6 +64,10 @@ class _Window:
     latencies_ms: deque[float] = field(default_factory=deque)
 
 
+Counted = _Window | None
+"""What a series had counted before `ServingTracker.reset` (None: nothing), for `restore`."""
+
+
 class ServingTracker:
     """Serving counters per (model, version). Thread-safe: the event loop and executor threads record, the
     agent's loop thread reads."""
@@ -112,10 +116,21 @@ class ServingTracker:
             series.errors += errors
             series.latencies_ms.extend(latencies_ms)
 
-    def reset(self, model: str, version: str, now: float) -> None:
-        """Start counting `version` afresh (it has just been activated)."""
+    def reset(self, model: str, version: str, now: float) -> Counted:
+        """Start counting `version` afresh (it has just been activated); return what was counted before, for
+        `restore` (an activation that does not happen after all: the new package may share the version string)."""
         with self._lock:
+            replaced = self._series.get((model, version))
             self._series[(model, version)] = _Window(since=now, latencies_ms=deque(maxlen=self._window))
+        return replaced
+
+    def restore(self, model: str, version: str, counted: Counted) -> None:
+        """Put back what `reset` returned."""
+        with self._lock:
+            if counted is not None:
+                self._series[(model, version)] = counted
+            else:
+                self._series.pop((model, version), None)
 
     def forget(self, model: str, keep_version: str | None = None) -> None:
         """Drop the series of `model`'s other versions (after a switch, only the active one matters)."""

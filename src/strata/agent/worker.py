@@ -2,8 +2,10 @@
 
 FD is this process's end of its channel to the agent. The agent sends `setup` first (its configuration, this
 process's index, the port, the serving token), then `load` and `activate` for each model it serves, `ready`,
-`collect` (serving counts and metrics) and `stop`. The process ends when told to stop, on SIGTERM (SIGINT is
-the agent's to act on), or when its channel closes (the agent is gone).
+`collect` (serving counts and metrics) and `stop`. The process ends when told to stop or when its channel closes
+(the agent is gone). SIGTERM and SIGINT are the agent's to act on: a service manager that signals every process of
+the service (systemd's default) would otherwise end this one in the middle of a load the agent waits for, and that
+load would count as the version's failure.
 """
 
 from __future__ import annotations
@@ -156,9 +158,10 @@ async def serve(sock: socket.socket) -> int:
     channel = await Channel.open(sock)
     worker = Worker(channel)
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, worker.stopped.set)
-    # Ctrl-C reaches the whole process group: the agent stops this process itself, after its last counts
+    # Ctrl-C reaches the whole process group, and a service manager may signal the whole service: the agent stops
+    # this process itself, after the load under way and its last counts
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     reader = loop.create_task(channel.serve(worker.handle))
     closed = loop.create_task(channel.closed.wait())
     stopped = loop.create_task(worker.stopped.wait())
