@@ -19,9 +19,9 @@ from strata.agent.pieces import needed_pieces
 from strata.agent.processes import usable_cores
 from strata.agent.store import ArtifactStore
 from strata.agent.vault import Vault, piece_aad
-from strata.core.package import pack_tar
+from strata.core.package import Package, pack_tar
 from strata.examples.compute import build_compute_model
-from strata.localfleet import LocalFleet
+from strata.localfleet import AgentHandle, LocalFleet
 from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
@@ -264,32 +264,13 @@ def test_a_serving_process_killed_while_it_loads_a_version_fails_that_version_an
     together overflow memory) while it loads version 2, after the agent's own load. Version 2 is that load's failure
     ("health"), reported at once; the node, both processes, goes on serving version 1. It used to switch the agent to
     version 2 and start the other process again on it, to die again, with the failure never counted."""
-    x = {"X": np.zeros((1, 64), np.float32)}
-    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
-    build_compute_model(small, layers=1)
-    build_compute_model(heavy, layers=4, replicas=49152)  # a golden check of a second or so, in each process
-    push_model(fleet, small, "1", tmp_path, sample=x)
-    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
-    handle = fleet.start_agent("edge", serve_processes=2, extra_args=["--probation", "0"])
-    fleet.client.deploy("digits", "1", {})
-    fleet.wait_for_versions({"edge": {"digits": "1"}})
+    handle, v2, pid = _other_process_loading_v2(fleet, tmp_path)
     state_path = handle.data_dir / "state.json"
     log_path = handle.process.log_path
+    os.kill(pid, signal.SIGKILL)
 
     def worker() -> int | None:
         return _worker(handle.process.pid)
-
-    fleet.wait_for(lambda: "serving process 1 (pid" in log_path.read_text(), 30, "the second process", handle.process)
-    pid = fleet.wait_for(worker, 30, "the second serving process", handle.process)
-
-    def other_process_loads_v2() -> bool:  # the agent loaded version 2 and wrote it active; the other process loads
-        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
-            return bool(json.loads(state_path.read_text())["models"]["digits"]["active"]["version"] == "2")
-        return False
-
-    fleet.client.deploy("digits", "2", {})
-    fleet.wait_for(other_process_loads_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
-    os.kill(pid, signal.SIGKILL)
 
     def reported() -> dict[str, object] | None:
         failures = fleet.nodes()["edge"]["failures"]
@@ -331,10 +312,28 @@ def test_a_service_managers_sigterm_to_every_process_in_the_middle_of_a_load_cou
     the other process loads version 2, that used to end it in the middle of the load, and the agent recorded version
     2 as a failed load, for the rollout gates to count: a restart. Now the serving processes leave SIGTERM to the
     agent, which lets the load finish and stops them itself."""
+    handle, v2, pid = _other_process_loading_v2(fleet, tmp_path)
+    state_path = handle.data_dir / "state.json"
+    log_path = handle.process.log_path
+    os.kill(pid, signal.SIGTERM)
+    assert handle.process.stop(timeout=40) == 0  # SIGTERM to the agent
+    log = log_path.read_text()
+    assert "waiting up to 20 s for the load of digits 2" in log
+    assert "activated digits 2" in log
+    state = json.loads(state_path.read_text())
+    assert v2.digest not in state.get("failures", {}), log
+    assert "loading" not in state
+    assert state["models"]["digits"]["active"]["version"] == "2"
+
+
+def _other_process_loading_v2(fleet: LocalFleet, tmp_path: Path) -> tuple[AgentHandle, Package, int]:
+    """An agent serving from two processes, version 1 active, told to run version 2 (a golden check of a second or so
+    in each process): returns once the agent loaded version 2 and wrote it active, while its other process loads it,
+    with the agent's handle, version 2 as pushed and that process's pid."""
     x = {"X": np.zeros((1, 64), np.float32)}
     small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
     build_compute_model(small, layers=1)
-    build_compute_model(heavy, layers=4, replicas=49152)  # a golden check of a second or so, in each process
+    build_compute_model(heavy, layers=4, replicas=49152)
     push_model(fleet, small, "1", tmp_path, sample=x)
     v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
     handle = fleet.start_agent("edge", serve_processes=2, extra_args=["--probation", "0"])
@@ -352,15 +351,7 @@ def test_a_service_managers_sigterm_to_every_process_in_the_middle_of_a_load_cou
 
     fleet.client.deploy("digits", "2", {})
     fleet.wait_for(other_process_loads_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
-    os.kill(pid, signal.SIGTERM)
-    assert handle.process.stop(timeout=40) == 0  # SIGTERM to the agent
-    log = log_path.read_text()
-    assert "waiting up to 20 s for the load of digits 2" in log
-    assert "activated digits 2" in log
-    state = json.loads(state_path.read_text())
-    assert v2.digest not in state.get("failures", {}), log
-    assert "loading" not in state
-    assert state["models"]["digits"]["active"]["version"] == "2"
+    return handle, v2, pid
 
 
 def _worker(agent_pid: int) -> int | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from strata.core.errors import OptimizationError
-from strata.core.modelrefs import onnx_external_refs
+from strata.core.modelrefs import check_location, onnx_external_refs
 from strata.core.profiles import HostFacts, Profile, normalize_arch
 from strata.optimize.data import Feeds
 
@@ -63,15 +63,20 @@ EXTERNAL_DATA_THRESHOLD = 1024
 def external_data_files(model: Path) -> tuple[Path, ...]:
     """The files beside an ONNX model that its tensors keep their values in (external data), each once, in the order
     first named; () for a model that holds its weights itself. Reads the file mapped: weights are skipped, not read.
+    Each location is checked again (a plain relative path: a variant's files are copied into its package by these
+    names, and none may reach out of the run's folder), though the passes write them from a checked copy.
 
     Raises:
-        PackageError: the file is not ONNX this reader can walk, or its external data is malformed.
+        PackageError: the file is not ONNX this reader can walk, its external data is malformed, or a location is not
+            a plain relative path.
     """
     with model.open("rb") as file:
         if model.stat().st_size == 0:
             return ()
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
             refs = onnx_external_refs(view)
+    for ref in refs:
+        check_location(ref.location)
     return tuple(dict.fromkeys(model.parent / ref.location for ref in refs))
 
 

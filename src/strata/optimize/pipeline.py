@@ -276,7 +276,7 @@ class _Measurement:
 def _size(candidate: Candidate) -> int | None:
     try:
         return sum(path.stat().st_size for path in candidate.files)
-    except OSError:
+    except (OSError, StrataError):  # gone, or names data it may not (refused when it is packaged)
         return None
 
 
@@ -395,8 +395,14 @@ def write_variants(
         rel = f"{VARIANTS_DIR}/{result.id}"
         target = request.out / rel
         if result.gate == "unverified":
+            try:
+                files = candidate.files
+            except StrataError as exc:
+                written.append(replace(result, gate="failed", reason=f"cannot be kept: {exc}"))
+                progress.step(result.id)
+                continue
             target.mkdir(parents=True, exist_ok=True)
-            for path in candidate.files:
+            for path in files:
                 shutil.copyfile(path, target / path.name)
             written.append(replace(result, path=f"{rel}/{candidate.model_path.name}"))
         else:

@@ -20,7 +20,7 @@ from strata.core.modelrefs import check_location, onnx_external_refs
 from strata.core.package import verify_package
 from strata.core.profiles import get_profile
 from strata.optimize import pipeline
-from strata.optimize.base import PassContext
+from strata.optimize.base import Candidate, PassContext
 from strata.optimize.data import Feeds
 from strata.optimize.passes import (
     DynamicQuantizationPass,
@@ -275,3 +275,13 @@ def test_a_model_with_external_data_gets_variants_and_packages_that_carry_theirs
         assert [r.location for r in onnx_external_refs((package.path / "model.onnx").read_bytes())] == listed
         answer = load_and_check(package, 1).run({"x": x[:4]})["out"]
         np.testing.assert_allclose(answer, expected, atol=0.5 if variant_id.startswith("int8") else 1e-4)
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "*/_ORT_MEM_ADDR_/*"])
+def test_a_variant_naming_data_outside_its_folder_is_never_copied_into_a_package(tmp_path: Path, location: str) -> None:
+    """A candidate's files are what its model names: a location out of the run's folder (no pass writes one; a
+    library that did would) is refused, not followed to a file to copy into the package."""
+    model = write_model(tmp_path / "run", location)
+    candidate = Candidate("fp32-ort-basic", model, "cpu-generic", "onnxruntime", "fp32", ("test",))
+    with pytest.raises(PackageError):
+        _ = candidate.files
