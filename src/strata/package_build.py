@@ -55,11 +55,12 @@ def _session(model_bytes: bytes, external: Mapping[str, bytes]) -> Any:
         raise PackageBuildError(f"not a loadable ONNX model: {exc}") from exc
 
 
-def _external_data(model_bytes: bytes, extra_files: Sequence[Path]) -> dict[str, bytes]:
-    """The bytes of the extra files the model's external data names (which must all be extra files).
+def _external_data(model_bytes: bytes, extra_files: Sequence[Path], data_files: Mapping[str, Path]) -> dict[str, bytes]:
+    """The bytes of the files the model's external data names, each read once: `data_files` by location, else the
+    extra files by name (which must cover them all).
 
     Raises:
-        PackageBuildError: the model references external data that is not one of `extra_files` by name.
+        PackageBuildError: the model references external data that is neither.
     """
     try:
         refs = onnx_external_refs(model_bytes)
@@ -70,12 +71,15 @@ def _external_data(model_bytes: bytes, extra_files: Sequence[Path]) -> dict[str,
         data: dict[str, bytes] = {}
         for ref in refs:
             check_location(ref.location)
-            if ref.location not in extras:
+            if ref.location in data:  # a model's tensors share a few files: read each once, not once per tensor
+                continue
+            source = data_files.get(ref.location, extras.get(ref.location))
+            if source is None:
                 raise PackageError(
                     f"tensor {ref.tensor!r} keeps its data in {ref.location!r}: ship that file with --extra (its "
                     "name, at the package's top level, is what the model must reference)"
                 )
-            data[ref.location] = extras[ref.location].read_bytes()
+            data[ref.location] = source.read_bytes()
     except (PackageError, OSError) as exc:
         raise PackageBuildError(f"model external data: {exc}") from exc
     return data
@@ -223,6 +227,7 @@ def build_package(
     policy: Mapping[str, Any] | None = None,
     extra_files: Iterable[Path] = (),
     tolerance: tuple[float, float] | None = None,
+    data_files: Mapping[str, Path] | None = None,
 ) -> Package:
     """Build a package folder from an ONNX model: signature from the graph, golden outputs from onnxruntime.
 
@@ -230,7 +235,10 @@ def build_package(
         sample: golden inputs as an npz path or arrays keyed by input name (first axis = samples). Without
             it, inputs are made up from the signature (see `synthesize_inputs`).
         extra_files: files that travel with the model (a tokenizer, a label map, the model's external data),
-            placed at the top level. ONNX external data must name one of them, by its file name.
+            placed at the top level. ONNX external data must name one of them, by its file name, or be one of
+            `data_files`.
+        data_files: the model's external data, by the location its tensors name (`data/weights.bin`): placed at
+            that path in the package (`strata optimize` gives its variants' data files so).
 
     Raises:
         ConfigError: `out_dir` is not an empty folder (or a path to make one at): a usage mistake.
@@ -256,7 +264,15 @@ def build_package(
     except OSError as exc:
         raise PackageBuildError(f"cannot read model {model_path}: {exc}") from exc
     extra_files = list(extra_files)
-    session = _session(model_bytes, _external_data(model_bytes, extra_files))
+    data_files = dict(data_files or {})
+    for location in data_files:
+        try:
+            check_location(location)
+        except PackageError as exc:
+            raise PackageBuildError(f"model external data: {exc}") from exc
+        if location in (MANIFEST_NAME, MODEL_NAME, GOLDEN_NAME):
+            raise PackageBuildError(f"external data file {location} clashes with a file strata writes")
+    session = _session(model_bytes, _external_data(model_bytes, extra_files, data_files))
     inputs, raw_shapes = _signature(session.get_inputs())
     outputs, _ = _signature(session.get_outputs())
 
@@ -300,6 +316,14 @@ def build_package(
         except OSError as exc:
             raise PackageBuildError(f"cannot copy {extra}: {exc}") from exc
         entries.append(_entry(out_dir, extra.name, "data"))
+    for location, source in data_files.items():
+        target = out_dir / location
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        except OSError as exc:
+            raise PackageBuildError(f"cannot copy {source}: {exc}") from exc
+        entries.append(_entry(out_dir, location, "data"))
 
     import onnxruntime as ort
 

@@ -13,12 +13,13 @@ files are its model and the files its tensors name (`external_data_files`), whic
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from strata.core.errors import OptimizationError
+from strata.core.errors import OptimizationError, PackageError
 from strata.core.modelrefs import check_location, onnx_external_refs
 from strata.core.profiles import HostFacts, Profile, normalize_arch
 from strata.optimize.data import Feeds
@@ -71,10 +72,19 @@ def external_data_files(model: Path) -> tuple[Path, ...]:
             a plain relative path.
     """
     with model.open("rb") as file:
-        if model.stat().st_size == 0:
+        if os.fstat(file.fileno()).st_size == 0:
             return ()
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
-            refs = onnx_external_refs(view)
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            refused: PackageError | None = None
+            with memoryview(mapped) as view:
+                try:
+                    refs = onnx_external_refs(view)
+                except PackageError as exc:  # its traceback holds slices of the view: raised once the map is closed
+                    refused = PackageError(str(exc))
+                    refs = ()
+                    del exc
+    if refused is not None:
+        raise refused
     for ref in refs:
         check_location(ref.location)
     return tuple(dict.fromkeys(model.parent / ref.location for ref in refs))
@@ -98,6 +108,7 @@ def save_onnx(model: Any, out: Path, *, external: bool) -> None:
         all_tensors_to_one_file=True,
         location=data.name,
         size_threshold=EXTERNAL_DATA_THRESHOLD,
+        convert_attribute=True,  # large Constant values too: they count toward protobuf's 2 GB as well
     )
 
 

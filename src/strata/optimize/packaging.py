@@ -180,7 +180,7 @@ def build_variant_package(
         variant=variant,
         sample=dict(sample),
         metrics=metrics,
-        extra_files=model_files[1:],  # its external data
+        data_files={path.relative_to(model.parent).as_posix(): path for path in model_files[1:]},  # external data
     )
 
 

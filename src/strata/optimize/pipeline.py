@@ -402,8 +402,11 @@ def write_variants(
                 progress.step(result.id)
                 continue
             target.mkdir(parents=True, exist_ok=True)
-            for path in files:
-                shutil.copyfile(path, target / path.name)
+            folder = candidate.model_path.parent
+            for path in files:  # an IR's .bin beside its .xml; external data where the model names it
+                copy = target / (path.relative_to(folder) if path.is_relative_to(folder) else path.name)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, copy)
             written.append(replace(result, path=f"{rel}/{candidate.model_path.name}"))
         else:
             try:

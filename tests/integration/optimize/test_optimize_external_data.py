@@ -29,6 +29,7 @@ from strata.optimize.passes import (
     StaticQuantizationPass,
 )
 from strata.optimize.pipeline import OptimizeRequest, open_reference, run_optimize
+from strata.package_build import build_package
 
 SECRET = b"-----BEGIN PRIVATE KEY----- the build machine's signing key"
 N = 8  # float32 weights: 32 bytes
@@ -209,13 +210,14 @@ def test_a_run_with_external_data_outside_its_folder_stops_with_a_clear_error(tm
     assert not (tmp_path / "out").exists()
 
 
-def write_matmul_model(folder: Path, weights: Array) -> Path:
+def write_matmul_model(folder: Path, weights: Array, location: str = "weights.bin") -> Path:
     """out = x @ W + b, W (float32 32x64: 8 KiB, 2 KiB in int8, over the 1 KiB from which variants keep a tensor in
-    a data file) in
-    `weights.bin` beside the model, as every model over protobuf's 2 GB keeps its weights; b inside the model."""
-    (folder / "weights.bin").write_bytes(weights.tobytes())
+    a data file) in the file `location` of the model's folder, as every model over protobuf's 2 GB keeps its
+    weights; b inside the model."""
+    (folder / location).parent.mkdir(parents=True, exist_ok=True)
+    (folder / location).write_bytes(weights.tobytes())
     w = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=list(weights.shape), data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", "weights.bin"), ("offset", "0"), ("length", str(weights.nbytes))):
+    for key, value in (("location", location), ("offset", "0"), ("length", str(weights.nbytes))):
         entry = w.external_data.add()
         entry.key, entry.value = key, value
     bias = helper.make_tensor("b", TensorProto.FLOAT, [weights.shape[1]], np.linspace(-1, 1, weights.shape[1]))
@@ -233,15 +235,17 @@ def write_matmul_model(folder: Path, weights: Array) -> Path:
     return path
 
 
-def test_a_model_with_external_data_gets_variants_and_packages_that_carry_theirs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("location", ["weights.bin", "data/weights.bin"])
+def test_a_model_with_external_data_gets_variants_and_packages_that_carry_theirs(tmp_path: Path, location: str) -> None:
     """The graph, dynamic and static int8 passes write each variant's large tensors to a data file of its own
-    (`<variant>.onnx.data`), and every package, the fp32 baseline's included, lists and carries the files its
-    model names, verifies, and loads on a node computing what the original does. They used to fail: a variant
-    named the original's `weights.bin`, which was not beside it, and quantization lost it."""
+    (`<variant>.onnx.data`), and every package, the fp32 baseline's included (its data where the model names it,
+    in a subfolder too), lists and carries the files its model names, verifies, and loads on a node computing what
+    the original does. They used to fail: a variant named the original's `weights.bin`, which was not beside it,
+    and quantization lost it."""
     rng = np.random.default_rng(0)
     weights = rng.standard_normal((32, 64)).astype(np.float32)
     (tmp_path / "model").mkdir()
-    model = write_matmul_model(tmp_path / "model", weights)
+    model = write_matmul_model(tmp_path / "model", weights, location)
     x = rng.standard_normal((64, 32)).astype(np.float32)
     np.savez(tmp_path / "data.npz", x=x)
     request = OptimizeRequest(
@@ -271,7 +275,7 @@ def test_a_model_with_external_data_gets_variants_and_packages_that_carry_theirs
     for variant_id, variant in packaged.items():
         package = verify_package(request.out / variant.path)
         listed = sorted(f.path for f in package.manifest.files if f.path.endswith((".bin", ".data")))
-        assert listed == (["weights.bin"] if variant_id == "fp32" else [f"{variant_id}.onnx.data"]), listed
+        assert listed == ([location] if variant_id == "fp32" else [f"{variant_id}.onnx.data"]), listed
         assert [r.location for r in onnx_external_refs((package.path / "model.onnx").read_bytes())] == listed
         answer = load_and_check(package, 1).run({"x": x[:4]})["out"]
         np.testing.assert_allclose(answer, expected, atol=0.5 if variant_id.startswith("int8") else 1e-4)
@@ -285,3 +289,77 @@ def test_a_variant_naming_data_outside_its_folder_is_never_copied_into_a_package
     candidate = Candidate("fp32-ort-basic", model, "cpu-generic", "onnxruntime", "fp32", ("test",))
     with pytest.raises(PackageError):
         _ = candidate.files
+
+
+def test_fp16_of_a_model_with_external_data_keeps_its_weights_in_a_data_file(tmp_path: Path) -> None:
+    """The fp16 pass infers shapes from the file (the converter's in-memory inference cannot pass 2 GB) and writes
+    the fp16 weights to `fp16.onnx.data`."""
+    weights = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
+    (tmp_path / "model").mkdir()
+    model = write_matmul_model(tmp_path / "model", weights)
+    cuda = get_profile("x86_64-cuda")  # the fp16 pass builds for GPU targets; nothing runs on one here
+    context = PassContext("embedding", get_profile("cpu-generic"), (cuda,), Feeds({"x": np.ones((2, 32), np.float32)}))
+    (tmp_path / "fp16").mkdir()
+    [candidate] = Float16Pass().apply(model, tmp_path / "fp16", context)
+    assert candidate.error is None, candidate.error
+    assert candidate.files == (candidate.model_path, tmp_path / "fp16" / "fp16.onnx.data")
+    assert weights.astype(np.float16).tobytes() in (tmp_path / "fp16" / "fp16.onnx.data").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.onnx", "weights.bin"]  # nothing left
+
+
+def test_a_corrupt_variant_is_a_package_error_not_a_crash(tmp_path: Path) -> None:
+    """A truncated model file: `files` says why as a PackageError (caught per candidate), where the memory map it
+    reads through raised BufferError on the way out."""
+    model = write_model(tmp_path / "run", "weights.bin")
+    model.write_bytes(model.read_bytes()[:-7])
+    candidate = Candidate("fp32-ort-basic", model, "cpu-generic", "onnxruntime", "fp32", ("test",))
+    with pytest.raises(PackageError):
+        _ = candidate.files
+
+
+def test_a_package_reads_each_data_file_once_however_many_tensors_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """400 tensors in one 100 MB file took 24 s to package (the file read once per tensor); a model can hold a
+    million. Counted here: one read of the file for 64 tensors."""
+    count = 64
+    values = np.arange(count * N, dtype=np.float32)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(values.tobytes())
+    tensors, nodes, previous = [], [], "x"
+    for i in range(count):
+        tensor = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[N], data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", "weights.bin"), ("offset", str(i * N * 4)), ("length", str(N * 4))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensors.append(tensor)
+        nodes.append(helper.make_node("Add", [previous, f"W{i}"], [f"s{i}"]))
+        previous = f"s{i}"
+    graph = helper.make_graph(
+        nodes,
+        "many",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", N])],
+        [helper.make_tensor_value_info(previous, TensorProto.FLOAT, ["batch", N])],
+        tensors,
+    )
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx_model.ir_version = 9
+    (folder / "model.onnx").write_bytes(onnx_model.SerializeToString())
+    reads: list[str] = []
+    read_bytes = Path.read_bytes
+
+    def counted(path: Path) -> bytes:
+        reads.append(path.name)
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", counted)
+    package = build_package(
+        folder / "model.onnx",
+        tmp_path / "pkg",
+        name="many",
+        version="1",
+        data_files={"weights.bin": folder / "weights.bin"},
+    )
+    assert reads.count("weights.bin") == 1
+    assert [f.path for f in package.manifest.files if f.role == "data"] == ["weights.bin"]

@@ -41,14 +41,25 @@ class Float16Pass:
         out = workdir / "fp16.onnx"
         error = None
         notes: tuple[str, ...] = ()
+        external = bool(external_data_files(model_path))
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                source = onnx.load(str(model_path))
+                if external:
+                    # The converter's shape inference serializes the model, which protobuf cannot past 2 GB: infer
+                    # from the file instead (written beside the model, where its external data is found).
+                    shaped = model_path.with_name(f"{model_path.stem}.fp16-shapes.onnx")
+                    try:
+                        onnx.shape_inference.infer_shapes_path(str(model_path), str(shaped))
+                        source = onnx.load(str(shaped))
+                    finally:
+                        shaped.unlink(missing_ok=True)
+                else:
+                    source = onnx.load(str(model_path))
                 model = float16.convert_float_to_float16(
-                    source, keep_io_types=True, node_block_list=casts_to_float(source)
+                    source, keep_io_types=True, node_block_list=casts_to_float(source), disable_shape_infer=external
                 )
-            save_onnx(model, out, external=bool(external_data_files(model_path)))
+            save_onnx(model, out, external=external)
             clamped = sum("will be truncated" in str(w.message) for w in caught)
             if clamped:
                 notes = (f"{clamped} constant(s) outside the fp16 range were clamped by the converter",)

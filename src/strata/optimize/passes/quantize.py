@@ -60,11 +60,14 @@ def preprocess(model_path: Path, workdir: Path) -> tuple[Path, str]:
             "external_data_location": out.name + ".data",
             "external_data_size_threshold": EXTERNAL_DATA_THRESHOLD,
         }
+    data = out.with_name(out.name + ".data")
     try:
+        data.unlink(missing_ok=True)  # onnx appends to a data file that is there
         quant_pre_process(str(model_path), str(out), **external)
         how = "quant-pre-process"
     except Exception:  # ImportError without sympy, or "Incomplete symbolic shape inference"
         try:
+            data.unlink(missing_ok=True)  # what the first try wrote
             quant_pre_process(str(model_path), str(out), skip_symbolic_shape=True, **external)
         except Exception as exc:  # onnx and onnxruntime errors
             raise OptimizationError(f"quantization pre-processing failed: {exc}") from exc
