@@ -265,13 +265,17 @@ def build_package(
         raise PackageBuildError(f"cannot read model {model_path}: {exc}") from exc
     extra_files = list(extra_files)
     data_files = dict(data_files or {})
+    extra_names = {extra.name for extra in extra_files}
+    folders = {"/".join(parts[:i]) for parts in (loc.split("/") for loc in data_files) for i in range(1, len(parts))}
     for location in data_files:
         try:
             check_location(location)
         except PackageError as exc:
             raise PackageBuildError(f"model external data: {exc}") from exc
-        if location in (MANIFEST_NAME, MODEL_NAME, GOLDEN_NAME):
-            raise PackageBuildError(f"external data file {location} clashes with a file strata writes")
+        if location in (MANIFEST_NAME, MODEL_NAME, GOLDEN_NAME) or location in extra_names:
+            raise PackageBuildError(f"external data file {location} clashes with another file of the package")
+        if location in folders or location.split("/", 1)[0] in extra_names:
+            raise PackageBuildError(f"external data file {location} is also a folder of another file of the package")
     session = _session(model_bytes, _external_data(model_bytes, extra_files, data_files))
     inputs, raw_shapes = _signature(session.get_inputs())
     outputs, _ = _signature(session.get_outputs())

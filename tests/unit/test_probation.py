@@ -73,6 +73,23 @@ def test_the_tracker_counts_per_version_and_ignores_failures_that_are_not_the_mo
     assert tracker.counters("m", "2") == ServingCounters(200, 0, 1.0, 2000.0)
 
 
+def test_an_activation_that_did_not_happen_gives_back_the_counts_it_reset_with_those_taken_since() -> None:
+    """Another package under the same version string (another variant of it) failed to activate: the served one's
+    counts come back, with the requests it took meanwhile, which belong to it."""
+    tracker = ServingTracker(window=100, clock=lambda: 1000.0)
+    for _ in range(5):
+        tracker.record_success("m", "1", 2.0)
+    counted = tracker.reset("m", "1", 2000.0)
+    tracker.add("m", "1", 3, 1, [4.0, 4.0, 4.0])  # another serving process's counts, collected meanwhile
+    tracker.restore("m", "1", counted)
+    assert tracker.counters("m", "1") == ServingCounters(requests=8, errors=1, latency_p95_ms=4.0, since=1000.0)
+
+    fresh = tracker.reset("m", "2", 3000.0)  # a version that had counted nothing
+    tracker.record_success("m", "2", 1.0)
+    tracker.restore("m", "2", fresh)
+    assert tracker.counters("m", "2") == ServingCounters(requests=1, errors=0, latency_p95_ms=1.0, since=3000.0)
+
+
 def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 0.95) is None
     assert percentile([3.0], 0.95) == 3.0

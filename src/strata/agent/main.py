@@ -54,6 +54,7 @@ log = logging.getLogger("strata.agent")
 EXIT_CONFIG = 2
 # At a stop, how long a load under way may take to finish (systemd waits 90 s, Kubernetes 30 s, by default).
 STOP_LOAD_WAIT_S = 20.0
+STOP_UNDO_WAIT_S = 5.0  # after the serving processes stopped, for a load they cut short to be undone
 EXIT_ENROLLMENT = 3
 
 
@@ -286,6 +287,18 @@ class Agent:
         await self._finish_load()  # still serving meanwhile: the other processes may be taking the version too
         if pool is not None:
             await pool.stop()
+            # A load still under way ends now (its processes are stopped: no failure of the version): let the loop's
+            # thread put the slots back before the process ends, or what the next start reads is a race.
+            deadline = time.monotonic() + STOP_UNDO_WAIT_S
+            while self.reconciler.activating is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        cut = self.reconciler.activating
+        if cut is not None:
+            log.warning(
+                "stopping in the middle of loading %s %s: the next start counts it as a failed load",
+                cut.model,
+                cut.version,
+            )
         await server.stop()
         if grpc_server is not None:
             await grpc_server.stop()
@@ -319,12 +332,6 @@ class Agent:
         deadline = time.monotonic() + STOP_LOAD_WAIT_S
         while self.reconciler.activating is not None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.reconciler.activating is not None:
-            log.warning(
-                "stopping in the middle of loading %s %s: the next start counts it as a failed load",
-                loading.model,
-                loading.version,
-            )
 
     async def _start_grpc(self, app: InferenceApp) -> GrpcInferenceServer | None:
         """With --grpc-port, the same API over gRPC (`strata.agent.oip_grpc`); grpc is imported only then.

@@ -5,6 +5,7 @@ from more than one process."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import socket
@@ -137,7 +138,9 @@ class ServingPool:
                 for model in self._models():
                     opened = await self._open(model.digest)
                     await self._load(child, model, opened)
-                    await channel.request("activate", {"name": model.name, "digest": model.digest})
+                    await channel.request(
+                        "activate", {"name": model.name, "digest": model.digest}, timeout=SETUP_TIMEOUT_S
+                    )
                 child.started_at = asyncio.get_running_loop().time()
                 self._children[index] = child
         except StrataError as exc:
@@ -175,7 +178,7 @@ class ServingPool:
         with `everywhere`, no process serves it then and nothing is committed.
 
         Raises:
-            ModelLoadError: `everywhere`, and a serving process could not load the model (or not in time).
+            ModelLoadError: `everywhere`, and a serving process could not load the model.
             MirrorStopping: `everywhere`, and the serving processes were stopped meanwhile.
         """
         return self._call(self._put(model, commit, everywhere), commit, everywhere)
@@ -193,18 +196,29 @@ class ServingPool:
             if everywhere and self._stopping:
                 raise MirrorStopping("the serving processes are stopping")
             return commit()
-        future = asyncio.run_coroutine_threadsafe(work, loop)
         try:
-            return future.result(timeout=LOAD_TIMEOUT_S * 2)
-        except TimeoutError as exc:
-            future.cancel()  # no later commit over whatever the agent does next
+            future = asyncio.run_coroutine_threadsafe(work, loop)
+        except RuntimeError as exc:  # the loop closed in between
+            work.close()
             if everywhere:
-                raise ModelLoadError(
-                    f"the node's serving processes did not load it in {LOAD_TIMEOUT_S * 2:g} s"
-                ) from exc
+                raise MirrorStopping(f"the serving processes stopped: {exc}") from exc
+            return commit()
+        try:
+            # A new version waits as long as it takes: every step it waits for is bounded (each load, each message,
+            # a starting process's loads ahead of it), and a limit here would count a wait for the others as a
+            # failure of the version. Other changes give up after a while and are made here regardless.
+            return future.result(timeout=None if everywhere else LOAD_TIMEOUT_S * 2)
+        except TimeoutError:
+            future.cancel()  # no later commit over whatever the agent does next
             log.warning("serving processes were not updated in %g s", LOAD_TIMEOUT_S * 2)
             return commit()
-        except RuntimeError as exc:  # the loop stopped under us (the agent is stopping)
+        except concurrent.futures.CancelledError as exc:  # the event loop ended under it (the agent stopped)
+            if everywhere:
+                raise MirrorStopping("the serving processes stopped") from exc
+            return commit()
+        except RuntimeError as exc:
+            if not (self._stopping or loop.is_closed()):
+                raise  # a bug, not the agent stopping: said as it is
             if everywhere:
                 raise MirrorStopping(f"the serving processes stopped: {exc}") from exc
             log.warning("serving processes were not updated: %s", exc)
@@ -268,8 +282,9 @@ class ServingPool:
         """End a serving process that failed a load and have the supervisor start it again after its back-off
         (it is no longer one of those that serve, so nothing else is sent to it)."""
         self._kill(child)
-        if self._children.get(child.index) is child:
-            del self._children[child.index]
+        if self._children.get(child.index) is not child:  # the supervisor saw it end first, and backed it off
+            return
+        del self._children[child.index]
         now = asyncio.get_running_loop().time()
         delay = self._back_off(child.index, now - child.started_at)
         log.warning("serving process %d ended; starting it again in %g s", child.index, delay)

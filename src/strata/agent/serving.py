@@ -125,12 +125,17 @@ class ServingTracker:
         return replaced
 
     def restore(self, model: str, version: str, counted: Counted) -> None:
-        """Put back what `reset` returned."""
+        """Put back what `reset` returned, with what was counted since (the package still served under that
+        version: its requests, not the one that was not activated)."""
         with self._lock:
-            if counted is not None:
-                self._series[(model, version)] = counted
-            else:
-                self._series.pop((model, version), None)
+            since = self._series.get((model, version))
+            if counted is None:
+                return
+            if since is not None:
+                counted.requests += since.requests
+                counted.errors += since.errors
+                counted.latencies_ms.extend(since.latencies_ms)
+            self._series[(model, version)] = counted
 
     def forget(self, model: str, keep_version: str | None = None) -> None:
         """Drop the series of `model`'s other versions (after a switch, only the active one matters)."""

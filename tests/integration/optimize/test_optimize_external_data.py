@@ -6,6 +6,7 @@ ships. Every pass then reads the checked copy, not the user's folder. Tiny model
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from strata.agent.runtime import load_and_check
-from strata.core.errors import ConfigError, PackageError
+from strata.core.errors import ConfigError, PackageBuildError, PackageError
 from strata.core.hashing import sha256_file
 from strata.core.modelrefs import check_location, onnx_external_refs
 from strata.core.package import verify_package
@@ -363,3 +364,33 @@ def test_a_package_reads_each_data_file_once_however_many_tensors_it_holds(
     )
     assert reads.count("weights.bin") == 1
     assert [f.path for f in package.manifest.files if f.role == "data"] == ["weights.bin"]
+
+
+@pytest.mark.parametrize(
+    ("data", "extra", "message"),
+    [
+        ({"model.onnx": "w.bin"}, None, "external data file model.onnx clashes with another file of the package"),
+        ({"tok.json": "w.bin"}, "tok.json", "external data file tok.json clashes with another file of the package"),
+        ({"a": "w.bin", "a/b": "w2.bin"}, None, "external data file a is also a folder of another file"),
+        ({"tok.json/b": "w.bin"}, "tok.json", "external data file tok.json/b is also a folder of another file"),
+        ({"../w.bin": "w.bin"}, None, "external data location '../w.bin' is not a plain path inside the package"),
+    ],
+)
+def test_data_files_that_would_overwrite_or_nest_in_another_file_are_refused_up_front(
+    tmp_path: Path, data: dict[str, str], extra: str | None, message: str
+) -> None:
+    """Before the golden run and before anything is written: the package folder stays empty."""
+    folder = tmp_path / "model"
+    model = write_model(folder, "weights.bin")
+    for name in {*data.values(), *([extra] if extra else [])}:
+        (folder / name).write_bytes(WEIGHTS.tobytes())
+    with pytest.raises(PackageBuildError, match=re.escape(message)):
+        build_package(
+            model,
+            tmp_path / "pkg",
+            name="n",
+            version="1",
+            extra_files=[folder / extra] if extra else [],
+            data_files={location: folder / name for location, name in data.items()},
+        )
+    assert not (tmp_path / "pkg").exists() or not any((tmp_path / "pkg").iterdir())

@@ -47,13 +47,14 @@ class Float16Pass:
                 warnings.simplefilter("always")
                 if external:
                     # The converter's shape inference serializes the model, which protobuf cannot past 2 GB: infer
-                    # from the file instead (written beside the model, where its external data is found).
-                    shaped = model_path.with_name(f"{model_path.stem}.fp16-shapes.onnx")
+                    # from the file instead, into this pass's folder, then read the weights from the model's.
+                    shaped = workdir / "fp16-shapes.onnx"
                     try:
                         onnx.shape_inference.infer_shapes_path(str(model_path), str(shaped))
-                        source = onnx.load(str(shaped))
+                        source = onnx.load(str(shaped), load_external_data=False)
                     finally:
                         shaped.unlink(missing_ok=True)
+                    onnx.external_data_helper.load_external_data_for_model(source, str(model_path.parent))
                 else:
                     source = onnx.load(str(model_path))
                 model = float16.convert_float_to_float16(
