@@ -100,6 +100,9 @@ def test_a_plain_enrollment_token_cannot_take_over_a_node(fleet: LocalFleet, tmp
     its credential. Now that takes a re-enrollment token the operator issues for that node."""
     victim = fleet.start_agent("victim", "device", {"site": "berlin"})
     fleet.wait_for(lambda: "victim" in fleet.nodes(), 30, "the victim to enroll")
+    # The server lists it once it enrolled it, a moment before the agent has written its credential (the identity
+    # file last): waited for, or a busy machine reads no certificate yet.
+    fleet.wait_for((victim.data_dir / "trust" / "identity.json").exists, 30, "the victim's credential", victim.process)
     before = (victim.data_dir / "trust" / "node.pem").read_text()
     fleet.cli("nodes", "revoke", "victim")
     thief = fleet.start_agent("victim-copy", "device", {"site": "berlin"}, data_dir=tmp_path / "thief",
