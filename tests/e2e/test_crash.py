@@ -13,10 +13,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from e2e_helpers import push_model
+from e2e_helpers import needs_two_cores, push_model
 
 from strata.agent.pieces import needed_pieces
-from strata.agent.processes import usable_cores
 from strata.agent.store import ArtifactStore
 from strata.agent.vault import Vault, piece_aad
 from strata.core.package import Package, pack_tar
@@ -190,7 +189,11 @@ def test_kill_at_random_instants_never_leaves_a_partial_model(
     _assert_consistent(fleet, "edge")
 
 
-@pytest.mark.parametrize("processes", [1, 2], ids=["in-its-own-load", "while-its-other-serving-process-loads"])
+@pytest.mark.parametrize(
+    "processes",
+    [1, pytest.param(2, marks=needs_two_cores)],
+    ids=["in-its-own-load", "while-its-other-serving-process-loads"],
+)
 def test_an_agent_killed_while_loading_a_version_reports_it_failed_and_serves_the_previous_one(
     fleet: LocalFleet, tmp_path: Path, processes: int
 ) -> None:
@@ -253,10 +256,7 @@ def test_an_agent_killed_while_loading_a_version_reports_it_failed_and_serves_th
     assert "loading digits 2" not in log, "version 2 was loaded again at once:\n" + log
 
 
-@pytest.mark.skipif(
-    usable_cores() < 2,
-    reason="two serving processes need two usable cores (the agent refuses more processes than cores); one here",
-)
+@needs_two_cores
 def test_a_serving_process_killed_while_it_loads_a_version_fails_that_version_and_the_node_keeps_the_previous(
     fleet: LocalFleet, tmp_path: Path
 ) -> None:
@@ -301,10 +301,7 @@ def test_a_serving_process_killed_while_it_loads_a_version_fails_that_version_an
     assert 'strata_serving_process_requests{process="1"}' in per_process
 
 
-@pytest.mark.skipif(
-    usable_cores() < 2,
-    reason="two serving processes need two usable cores (the agent refuses more processes than cores); one here",
-)
+@needs_two_cores
 def test_a_service_managers_sigterm_to_every_process_in_the_middle_of_a_load_counts_no_failure(
     fleet: LocalFleet, tmp_path: Path
 ) -> None:

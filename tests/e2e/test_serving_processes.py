@@ -11,21 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import hammer, infer_request, push_model
+from e2e_helpers import hammer, infer_request, needs_two_cores, push_model
 
-from strata.agent.processes import usable_cores
 from strata.examples.digits import load_data
 from strata.localfleet import LocalFleet
 
-pytestmark = [
-    pytest.mark.slow,
-    # Hardware, not a gap: the agent refuses more serving processes than the cores it may run on (they would fight
-    # over them: processes.plan_serving), so two processes cannot start on one core; CI's machines have two.
-    pytest.mark.skipif(
-        usable_cores() < 2,
-        reason="two serving processes need two usable cores (the agent refuses more processes than cores); one here",
-    ),
-]
+pytestmark = [pytest.mark.slow, needs_two_cores]
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -289,9 +289,7 @@ class Agent:
             await pool.stop()
             # A load still under way ends now (its processes are stopped: no failure of the version): let the loop's
             # thread put the slots back before the process ends, or what the next start reads is a race.
-            deadline = time.monotonic() + STOP_UNDO_WAIT_S
-            while self.reconciler.activating is not None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await self._wait_for_load(STOP_UNDO_WAIT_S)
         cut = self.reconciler.activating
         if cut is not None:
             log.warning(
@@ -329,7 +327,11 @@ class Agent:
             loading.model,
             loading.version,
         )
-        deadline = time.monotonic() + STOP_LOAD_WAIT_S
+        await self._wait_for_load(STOP_LOAD_WAIT_S)
+
+    async def _wait_for_load(self, seconds: float) -> None:
+        """Wait up to `seconds` for the load under way in the loop's thread to end, serving meanwhile."""
+        deadline = time.monotonic() + seconds
         while self.reconciler.activating is not None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 

@@ -279,15 +279,21 @@ class ServingPool:
         return not child.channel.closed.is_set() and child.process.poll() is None
 
     def _retire(self, child: _Child) -> None:
-        """End a serving process that failed a load and have the supervisor start it again after its back-off
-        (it is no longer one of those that serve, so nothing else is sent to it)."""
+        """End a serving process that ended by itself or failed a load, and have the supervisor start it again
+        after its back-off (it is no longer one of those that serve, so nothing else is sent to it)."""
         self._kill(child)
-        if self._children.get(child.index) is not child:  # the supervisor saw it end first, and backed it off
+        if self._children.get(child.index) is not child:  # retired already (the supervisor saw it end first)
             return
         del self._children[child.index]
-        now = asyncio.get_running_loop().time()
-        delay = self._back_off(child.index, now - child.started_at)
-        log.warning("serving process %d ended; starting it again in %g s", child.index, delay)
+        served_s = asyncio.get_running_loop().time() - child.started_at
+        delay = self._back_off(child.index, served_s)
+        log.warning(
+            "serving process %d ended (exit status %s) after %.0f s; starting it again in %g s",
+            child.index,
+            child.process.returncode,
+            served_s,
+            delay,
+        )
 
     async def _remove(self, name: str, commit: Commit) -> LoadedModel | None:
         async with self._swap:
@@ -350,21 +356,11 @@ class ServingPool:
             await asyncio.sleep(COLLECT_INTERVAL_S)
             for index in range(1, self._processes):
                 child = self._children.get(index)
-                if child is not None and not child.channel.closed.is_set() and child.process.poll() is None:
+                if child is not None and self._alive(child):
                     continue
-                now = asyncio.get_running_loop().time()
                 if child is not None:
-                    del self._children[index]
-                    self._kill(child)
-                    status = child.process.returncode
-                    delay = self._back_off(index, now - child.started_at)
-                    log.warning(
-                        "serving process %d ended (exit status %s) after %.0f s; starting it again in %g s",
-                        index,
-                        status,
-                        now - child.started_at,
-                        delay,
-                    )
+                    self._retire(child)
+                now = asyncio.get_running_loop().time()
                 if not self._stopping and now >= self._restart_at.get(index, 0.0):
                     await self._start_child(index)
             with contextlib.suppress(StrataError):

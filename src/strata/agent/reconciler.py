@@ -74,6 +74,20 @@ def supply_kind(exc: SignatureError | MetadataError) -> FailureKind:
     return "signature" if isinstance(exc, SignatureError) else "tuf"
 
 
+def load_failure_kind(exc: BaseException) -> FailureKind | None:
+    """The failure kind of an error while loading a package, None for one that is no failure of the package (a
+    disk error, the agent stopping)."""
+    if isinstance(exc, VaultUnavailable):
+        return "vault"
+    if isinstance(exc, PlacementRefused):
+        return "policy"
+    if isinstance(exc, PackageError):
+        return "package"
+    if isinstance(exc, ModelLoadError):
+        return "health"
+    return None
+
+
 @dataclass(frozen=True)
 class NodeIdentity:
     """Who this node says it is in every status report."""
@@ -399,18 +413,8 @@ class Reconciler:
             self._check_placement(manifest)
             runtime = load_and_check(package, self.inference_threads, files=files)
             del files  # the decrypted bytes live on only inside the runtime
-        except VaultUnavailable as exc:
-            self._fail(digest, model, version, variant, str(exc), "vault")
-            return
-        except PlacementRefused as exc:
-            self._fail(digest, model, version, variant, str(exc), "policy")
-            return
-        except PackageError as exc:
-            self.store.discard(digest)  # it no longer verifies: fetch it again when retried
-            self._fail(digest, model, version, variant, str(exc), "package")
-            return
-        except ModelLoadError as exc:
-            self._fail(digest, model, version, variant, str(exc), "health")
+        except (VaultUnavailable, PlacementRefused, PackageError, ModelLoadError) as exc:
+            self._fail_load(exc, ref, model, version)
             return
         now = self.clock()
         probation = self._probation_record(model, version, digest, manifest, now)
@@ -430,26 +434,14 @@ class Reconciler:
             self.repository.put(
                 LoadedModel(manifest=manifest, digest=digest, runtime=runtime, activated_at=now), everywhere=True
             )
-        except ModelLoadError as exc:  # another serving process could not load it: none serves it
+        except BaseException as exc:  # another serving process could not load it (or open it): none serves it
             self._undo(before, model, version, counted)
-            self._fail(digest, model, version, variant, str(exc), "health")
+            if isinstance(exc, MirrorStopping):  # the agent stops: no failure; the next start loads it again
+                log.info("%s %s not activated: %s", model, version, exc)
+                return
+            if not self._fail_load(exc, ref, model, version):  # a disk error, say: not the package's failure
+                raise
             return
-        except VaultUnavailable as exc:  # the package could not be opened for them
-            self._undo(before, model, version, counted)
-            self._fail(digest, model, version, variant, str(exc), "vault")
-            return
-        except PackageError as exc:
-            self._undo(before, model, version, counted)
-            self.store.discard(digest)
-            self._fail(digest, model, version, variant, str(exc), "package")
-            return
-        except MirrorStopping as exc:  # the agent stops: no failure; the next start loads it again
-            log.info("%s %s not activated: %s", model, version, exc)
-            self._undo(before, model, version, counted)
-            return
-        except BaseException:  # a disk error, say: not the package's failure, but not served either
-            self._undo(before, model, version, counted)
-            raise
         self.serving.forget(model, keep_version=version)  # a node that runs for months sees many versions
         self._drop_snapshots(model)
         log.info(
@@ -459,6 +451,17 @@ class Reconciler:
             variant,
             f"; on probation for {duration(self.probation.duration_s)}" if probation is not None else "",
         )
+
+    def _fail_load(self, exc: BaseException, ref: VariantRef, model: str, version: str) -> bool:
+        """Remember why a package did not load (`load_failure_kind`; a package that no longer verifies is discarded,
+        to be fetched again when retried); False for an error that is no failure of the package."""
+        kind = load_failure_kind(exc)
+        if kind is None:
+            return False
+        if kind == "package":
+            self.store.discard(ref.digest)
+        self._fail(ref.digest, model, version, ref.id, str(exc), kind)
+        return True
 
     def _undo(self, before: NodeState, model: str, version: str, counted: Counted) -> None:
         """Go back to the slots of `before` (still loading: `_activate` clears that) after an activation that the

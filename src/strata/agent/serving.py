@@ -127,10 +127,10 @@ class ServingTracker:
     def restore(self, model: str, version: str, counted: Counted) -> None:
         """Put back what `reset` returned, with what was counted since (the package still served under that
         version: its requests, not the one that was not activated)."""
+        if counted is None:  # nothing before: what was counted since stays as it is
+            return
         with self._lock:
             since = self._series.get((model, version))
-            if counted is None:
-                return
             if since is not None:
                 counted.requests += since.requests
                 counted.errors += since.errors

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -72,34 +71,32 @@ async def _sweep_forever(plane: ControlPlane, stop: threading.Event) -> None:
     idempotent besides). `stop` ends a sweep under way after its current chunk (a worker thread is not cancelled:
     shutdown would wait for it)."""
     settings = plane.settings
-    retention, event_retention = settings.telemetry_retention_s, settings.event_retention_s
-    sweep = functools.partial(plane.telemetry.sweep, retention, stop=stop)
-    sweep_events = functools.partial(plane.events.sweep, event_retention, stop=stop)
+
+    def telemetry() -> str:  # what it deleted, "" for nothing
+        deleted = plane.telemetry.sweep(settings.telemetry_retention_s, stop=stop)
+        return ", ".join(plural(deleted[k], noun) for k, noun in EXPIRED_NOUNS.items()) if any(deleted.values()) else ""
+
+    def events() -> str:
+        deleted = plane.events.sweep(settings.event_retention_s, stop=stop)
+        return plural(deleted, "event") if deleted else ""
+
+    sweeps = (
+        ("telemetry retention", settings.telemetry_retention_s, telemetry),
+        ("event retention", settings.event_retention_s, events),
+    )
     await asyncio.sleep(min(60.0, settings.telemetry_sweep_s))  # the lease is taken by then
     while True:
         if plane.rollout_lease.held():
-            try:
-                deleted = await anyio.to_thread.run_sync(sweep)
-            except StoreError as exc:
-                log.warning("telemetry retention sweep failed, will retry: %s", exc)
-            except Exception:  # a Conflict with an ingest, or a bug: logged, and the sweeps go on
-                log.exception("telemetry retention sweep failed, will retry")
-            else:
-                if any(deleted.values()):
-                    log.info(
-                        "telemetry retention %s: deleted %s",
-                        duration(retention),
-                        ", ".join(plural(deleted[kind], noun) for kind, noun in EXPIRED_NOUNS.items()),
-                    )
-            try:
-                events = await anyio.to_thread.run_sync(sweep_events)
-            except StoreError as exc:
-                log.warning("event retention sweep failed, will retry: %s", exc)
-            except Exception:
-                log.exception("event retention sweep failed, will retry")
-            else:
-                if events:
-                    log.info("event retention %s: deleted %s", duration(event_retention), plural(events, "event"))
+            for name, retention, sweep in sweeps:  # each on its own: one failing does not stop the other
+                try:
+                    deleted = await anyio.to_thread.run_sync(sweep)
+                except StoreError as exc:
+                    log.warning("%s sweep failed, will retry: %s", name, exc)
+                except Exception:  # a Conflict with an ingest, or a bug: logged, and the sweeps go on
+                    log.exception("%s sweep failed, will retry", name)
+                else:
+                    if deleted:
+                        log.info("%s %s: deleted %s", name, duration(retention), deleted)
         await asyncio.sleep(settings.telemetry_sweep_s)
 
 
