@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import sqlite3
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -270,6 +273,62 @@ def test_uploader_acks_in_order_and_keeps_what_failed(tmp_path: Path) -> None:
     assert sent == [first_sequence(T), first_sequence(T) + 1]
     assert recorder.stats().outbox == 0
     recorder.close()
+
+
+def test_every_statement_on_the_recorders_connection_runs_on_its_writer_thread(tmp_path: Path) -> None:
+    """The uploader's thread once read the outbox on the recorder's connection itself. Its open read held a
+    snapshot inside the writer's next BEGIN IMMEDIATE, which then failed at once ("database is locked") whenever
+    another serving process had committed since: those outcomes were lost (CI, two serving processes)."""
+    recorder = TelemetryRecorder(TelemetryConfig(path=tmp_path / "t.db"))
+    writer = recorder.call(threading.get_ident)
+    threads: set[int] = set()
+    recorder.call(lambda: recorder.buffer._db.set_trace_callback(lambda sql: threads.add(threading.get_ident())))
+    asyncio.run(recorder.record(outcome(T)))
+    uploader = TelemetryUploader(recorder, lambda seq, payload: True, lambda: "n", clock=lambda: T)
+    assert uploader.drain() == 1
+    assert recorder.stats().outbox == 0
+    assert threads == {writer}
+    recorder.close()
+
+
+def test_two_serving_processes_and_the_uploader_lose_no_outcome(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two recorders on one file (two serving processes: two connections) write while the uploader drains
+    without pause; the old code lost outcomes to "database is locked" a few times a second here."""
+    config = TelemetryConfig(path=tmp_path / "t.db", sample_rate=0.0)
+    recorders = [TelemetryRecorder(config), TelemetryRecorder(config)]
+    stop = threading.Event()
+    written = [0, 0]
+
+    def write(index: int) -> None:
+        while not stop.is_set():
+            recorders[index].record_nowait(outcome(T))
+            written[index] += 1
+            time.sleep(0.0005)
+
+    writers = [threading.Thread(target=write, args=(index,)) for index in (0, 1)]
+    for thread in writers:
+        thread.start()
+    received: list[int] = []
+
+    def send(seq: int, payload: bytes) -> bool:
+        received.append(sum(m.requests for m in decode_batch(payload).minutes))
+        return True
+
+    uploader = TelemetryUploader(recorders[0], send, lambda: "n", clock=lambda: T)
+    with caplog.at_level(logging.ERROR, logger="strata.agent.telemetry"):
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            uploader.drain()
+        stop.set()
+        for thread in writers:
+            thread.join()
+        for recorder in recorders:
+            recorder.call(lambda: None)  # every outcome handed over so far is committed
+        uploader.drain()
+    assert [r.message for r in caplog.records] == []
+    assert sum(received) == sum(written)
+    for recorder in recorders:
+        recorder.close()
 
 
 def test_a_batch_the_server_refuses_for_good_is_dropped_and_counted(tmp_path: Path) -> None:

@@ -150,7 +150,13 @@ class BufferStats:
 
 
 class TelemetryBuffer:
-    """The SQLite buffer. Writes come from one thread (the recorder's); `read_outbox` from any."""
+    """The SQLite buffer. One thread uses it: the recorder's (others go through `TelemetryRecorder.call`).
+
+    Its connection is shared, so a statement another thread runs on it holds a read snapshot inside the writer's
+    work: when another serving process (another connection to the file) committed since that snapshot, the writer's
+    BEGIN IMMEDIATE must upgrade a stale read and fails at once with "database is locked" (SQLITE_BUSY_SNAPSHOT,
+    which no busy timeout waits out), and the outcomes of that commit were lost.
+    """
 
     def __init__(self, path: Path, budget_bytes: int) -> None:
         """Open (or make) the buffer at `path`, bringing a file of an older agent to this schema.
@@ -746,7 +752,7 @@ class TelemetryUploader:
             )
             if sealed is None:
                 return sent
-            pending = buffer.read_outbox()
+            pending = self.recorder.call(buffer.read_outbox)  # on the writer's thread: see TelemetryBuffer
             if pending is None:
                 continue
             seq, payload = pending
