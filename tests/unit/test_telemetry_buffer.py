@@ -291,7 +291,9 @@ def test_every_statement_on_the_recorders_connection_runs_on_its_writer_thread(t
     recorder.close()
 
 
-def test_two_serving_processes_and_the_uploader_lose_no_outcome(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_two_serving_processes_and_the_uploader_lose_no_outcome(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Two recorders on one file (two serving processes: two connections) write while the uploader drains
     without pause; the old code lost outcomes to "database is locked" a few times a second here."""
     config = TelemetryConfig(path=tmp_path / "t.db", sample_rate=0.0)
