@@ -10,43 +10,22 @@ being read is not cut short.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
+from tls_listener import Tls, fleet_tls, serving
 
 from strata.agent.httpd import HttpServer, Request, Response
-from strata.agent.identity import FleetIdentity
-from strata.trust.ca import FleetCA
-from strata.trust.node import make_csr
 
 BIG = 32 << 20  # an answer far larger than the socket buffers on both sides
 
 
-@dataclass
-class Tls:
-    server: ssl.SSLContext
-    client: ssl.SSLContext
-
-
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
-    ca = FleetCA.create("fleet", dt.datetime.now(dt.UTC))
-    contexts = []
-    for name in ("server", "client"):
-        identity = FleetIdentity(tmp_path_factory.mktemp(name) / "trust")
-        identity.folder.mkdir(parents=True)
-        identity.ca_path.write_bytes(ca.cert_pem)
-        identity.cert_path.write_bytes(
-            ca.sign_node_csr(make_csr(identity.key_path, name), name, dt.datetime.now(dt.UTC)).pem
-        )
-        contexts.append(identity)
-    return Tls(contexts[0].server_context(), contexts[1].peer_context())
+    return fleet_tls(tmp_path_factory.mktemp("tls"))
 
 
 async def handler(request: Request) -> Response:
@@ -55,24 +34,9 @@ async def handler(request: Request) -> Response:
 
 @pytest.fixture
 def served(tls: Tls) -> Iterator[tuple[HttpServer, asyncio.AbstractEventLoop]]:
-    """The server on its own loop in a thread (the test's client sockets block)."""
     server = HttpServer(handler)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start("127.0.0.1", 0, ssl=tls.server))
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    yield server, loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    with serving(server, tls.server) as loop:
+        yield server, loop
 
 
 def connect(server: HttpServer, tls: Tls) -> ssl.SSLSocket:

@@ -18,7 +18,10 @@ handler raises (logged with its traceback); handlers are expected to turn every 
 themselves.
 
 What a caller can hold (`ServerLimits`): at most `max_connections` connections, and the request bodies of all
-connections together at most `max_body_bytes_in_flight` bytes. A body is charged to that budget when its
+connections together at most `max_body_bytes_in_flight` bytes. Over TLS the server accepts for itself, and
+a connection is counted from its accept, not its handshake's end: at most `max_handshakes` handshakes are under way
+(more connections wait in the kernel's backlog), at most `max_address_handshakes` from one address (more are closed
+at once), and a handshake must end within `header_timeout`. A body is charged to that budget when its
 Content-Length arrives (chunked ones as they arrive), before it is read, and released when its answer is
 written or its connection ends; a body that would not fit is refused with 503 at once, so a few stalled
 uploads cannot make the process grow without bound. The head of a request must arrive within
@@ -43,6 +46,8 @@ import gc
 import json
 import logging
 import re
+import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -132,6 +137,11 @@ class ServerLimits:
     # connections the kernel holds before they are accepted; asyncio's default of 100 makes a burst of new
     # clients retry their SYN after a second or more (uvicorn uses 2048 too)
     backlog: int = 2048
+    # TLS listeners: handshakes under way at once (each holds asyncio's 256 KiB TLS read buffer before anyone is
+    # known); past it new connections wait in the kernel's backlog; and of those, from one address at once (past it
+    # a new one is closed at once). A handshake must end within `header_timeout`.
+    max_handshakes: int = 64
+    max_address_handshakes: int = 16
     # what one authenticated peer (`Request.peer`, from its certificate) may hold of the above: on a tier listener
     # one compromised device must not take every connection or the whole body budget from the other devices of its
     # site. None: no share (the serve port, whose callers carry no identity).
@@ -145,6 +155,8 @@ class ServerLimits:
             "max_header_count",
             "max_connections",
             "max_body_bytes_in_flight",
+            "max_handshakes",
+            "max_address_handshakes",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"HTTP server limit {name} must be positive")
@@ -171,6 +183,40 @@ _RELEASE_DELAY: Final = 0.5  # seconds with no body in flight before that happen
 # the TLS close; a client that has not sent it this long after (an idle keep-alive client, which sends it when it
 # next reads) is dropped.
 _TLS_CLOSE_WAIT_S: Final = 0.25
+_ACCEPT_RETRY_S: Final = 1.0  # after accept failed for want of descriptors or memory (asyncio's ACCEPT_RETRY_DELAY)
+_REFUSAL_LOG_EVERY_S: Final = 60.0
+
+
+async def _listen(host: str, port: int, backlog: int, reuse_port: bool) -> list[socket.socket]:
+    """Listening, non-blocking sockets on each address of `host` (as asyncio's `create_server` makes them).
+
+    Raises:
+        ConfigError: `host` does not resolve, or an address cannot be bound (in use, not local, no permission).
+    """
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            listener = socket.socket(family, kind, proto)
+            listeners.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind(address)
+            listener.listen(backlog)
+            listener.setblocking(False)
+    except OSError as exc:
+        for listener in listeners:
+            listener.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+    return listeners
 
 
 class HttpServer:
@@ -196,7 +242,15 @@ class HttpServer:
         self.peer_refusal = peer_refusal
         self._handler = handler
         self._limits = limits or ServerLimits()
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | None = None  # a plain listener's
+        # a TLS listener's: its sockets, their accept loops, and the handshakes under way (by the caller's address)
+        self._listeners: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task[None]] = []
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._address_handshakes: dict[str, int] = {}
+        self._handshake_slots: asyncio.Semaphore | None = None
+        self.refused_at_accept = 0  # TLS connections closed as they were accepted (over a cap or an address's share)
+        self._refusal_logged = 0.0
         self._connections: set[_Connection] = set()
         self._accepted = 0  # connections being served (those refused at the cap are not counted)
         self._body_bytes = 0  # request bodies charged to the budget, all connections together
@@ -214,9 +268,10 @@ class HttpServer:
         Raises:
             RuntimeError: the server is not started.
         """
-        if self._server is None or not self._server.sockets:
+        sockets = self._listeners or (self._server.sockets if self._server is not None else ())
+        if not sockets:
             raise RuntimeError("the HTTP server is not started")
-        port: int = self._server.sockets[0].getsockname()[1]
+        port: int = sockets[0].getsockname()[1]
         return port
 
     async def start(
@@ -230,30 +285,118 @@ class HttpServer:
             ConfigError: the address cannot be bound (in use, not local, no permission).
             RuntimeError: the server is already started.
         """
-        if self._server is not None:
+        if self._server is not None or self._listeners:
             raise RuntimeError("the HTTP server is already started")
         self.closing = False
         loop = asyncio.get_running_loop()
+        if ssl is not None:
+            # Over TLS the server accepts for itself: asyncio's TLS listener takes every connection the kernel
+            # queued and gives each a 256 KiB read buffer before its handshake, for 60 s; 1,000 silent connections
+            # cost 300 MB and a thousand file descriptors, and anyone who could reach the port could open them.
+            self._listeners = await _listen(host, port, self._limits.backlog, reuse_port)
+            self._handshake_slots = asyncio.Semaphore(self._limits.max_handshakes)
+            self._acceptors = [loop.create_task(self._accept(listener, ssl)) for listener in self._listeners]
+            return
         try:
             self._server = await loop.create_server(
                 lambda: _Connection(self),
                 host,
                 port,
                 backlog=self._limits.backlog,
-                ssl=ssl,
                 reuse_port=reuse_port or None,
             )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
 
+    async def _accept(self, listener: socket.socket, context: SSLContext) -> None:
+        """A TLS listener's accept loop. It takes a connection only while fewer than `max_handshakes` are under way
+        (the others wait in the kernel's backlog, costing this process nothing), and closes at once one from an
+        address with `max_address_handshakes` under way, or one past `max_connections` open or being opened."""
+        loop = asyncio.get_running_loop()
+        slots = self._handshake_slots
+        assert slots is not None
+        port = int(listener.getsockname()[1])
+        while True:
+            await slots.acquire()
+            try:
+                conn, address = await loop.sock_accept(listener)
+            except OSError as exc:  # out of descriptors or memory for now (EMFILE, ENOBUFS): as asyncio's own loop
+                slots.release()
+                log.warning("cannot accept a connection on port %d: %s; trying again in a second", port, exc)
+                await asyncio.sleep(_ACCEPT_RETRY_S)
+                continue
+            except BaseException:
+                slots.release()
+                raise
+            host = str(address[0]) if isinstance(address, tuple) and address else ""
+            refusal = self._admit(host)
+            if refusal is not None:
+                slots.release()
+                conn.close()
+                self._refused(refusal, port)
+                continue
+            task = loop.create_task(self._handshake(conn, host, context))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _admit(self, host: str) -> str | None:
+        """Why a TLS connection just accepted from `host` is closed at once, or None (its handshake is counted)."""
+        if self.closing:
+            return "the server is stopping"
+        limits = self._limits
+        if self._accepted + len(self._handshakes) >= limits.max_connections:
+            return f"{limits.max_connections} connections open or opening"
+        if self._address_handshakes.get(host, 0) >= limits.max_address_handshakes:
+            return f"{host} has {limits.max_address_handshakes} TLS handshakes under way, its share"
+        self._address_handshakes[host] = self._address_handshakes.get(host, 0) + 1
+        return None
+
+    def _refused(self, reason: str, port: int) -> None:
+        self.refused_at_accept += 1
+        now = time.monotonic()
+        if self._refusal_logged == 0.0 or now - self._refusal_logged >= _REFUSAL_LOG_EVERY_S:
+            self._refusal_logged = now
+            log.warning(
+                "closing new TLS connections on port %d as they arrive: %s (%d so far)",
+                port,
+                reason,
+                self.refused_at_accept,
+            )
+
+    async def _handshake(self, conn: socket.socket, host: str, context: SSLContext) -> None:
+        """One accepted connection's TLS handshake, within `header_timeout`; then it is served (`_Connection`)."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: _Connection(self), conn, ssl=context, ssl_handshake_timeout=self._limits.header_timeout
+            )
+        except OSError:  # the handshake failed, timed out or was cut off (SSLError is one): asyncio closed it
+            conn.close()
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            give_back(self._address_handshakes, host)
+            assert self._handshake_slots is not None
+            self._handshake_slots.release()
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, close idle connections, let requests in flight finish for up to `grace` seconds,
         then cancel what is left. Safe to call when not started."""
         server, self._server = self._server, None
-        if server is None:
+        listeners, self._listeners = self._listeners, []
+        if server is None and not listeners:
             return
         self.closing = True
-        server.close()
+        if server is not None:
+            server.close()
+        starting = [*self._acceptors, *self._handshakes]  # a TLS listener's accept loops and handshakes
+        self._acceptors = []
+        for task in starting:
+            task.cancel()
+        if starting:
+            await asyncio.gather(*starting, return_exceptions=True)
+        for listener in listeners:
+            listener.close()
         connections = list(self._connections)
         for connection in connections:
             connection.close_when_idle()
@@ -267,7 +410,8 @@ class HttpServer:
                     await asyncio.wait(pending, timeout=grace)
             finally:
                 dropper.cancel()
-        await server.wait_closed()
+        if server is not None:
+            await server.wait_closed()
 
     async def _drop_tls_closes(self, connections: list[_Connection]) -> None:
         """Stopping: drop each TLS connection that waits only for its client's side of the TLS close. asyncio
@@ -307,6 +451,11 @@ class HttpServer:
     def connections(self) -> int:
         """Connections being served now (not counting those being refused)."""
         return self._accepted
+
+    @property
+    def handshakes(self) -> int:
+        """TLS handshakes under way now (a TLS listener's connections accepted and not yet served)."""
+        return len(self._handshakes)
 
     @property
     def body_bytes_in_flight(self) -> int:
