@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tls_listener import Tls, fleet_tls, serving
 
 from strata.agent.httpd import HttpServer, Request, Response, ServerLimits
+from tls_listener import Tls, fleet_tls, serving
 
 LIMITS = ServerLimits(max_handshakes=6, max_address_handshakes=3, header_timeout=1.0, max_connections=12)
 
