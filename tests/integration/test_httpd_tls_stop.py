@@ -16,9 +16,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from tls_listener import Tls, fleet_tls, serving
 
 from strata.agent.httpd import HttpServer, Request, Response
+from tls_listener import Tls, fleet_tls, serving
 
 BIG = 32 << 20  # an answer far larger than the socket buffers on both sides
 
