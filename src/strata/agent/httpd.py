@@ -17,11 +17,13 @@ closes, after reading what the peer still sends for a moment), and 500 `{"error"
 handler raises (logged with its traceback); handlers are expected to turn every expected error into a 4xx
 themselves.
 
-What a caller can hold (`ServerLimits`): at most `max_connections` connections, and the request bodies of all
-connections together at most `max_body_bytes_in_flight` bytes. Over TLS the server accepts for itself, and
-a connection is counted from its accept, not its handshake's end: at most `max_handshakes` handshakes are under way
-(more connections wait in the kernel's backlog), at most `max_address_handshakes` from one address (more are closed
-at once), and a handshake must end within `header_timeout`. A body is charged to that budget when its
+What a caller can hold (`ServerLimits`): at most `max_connections` connections (past it a new one gets 503 and
+lingers 2 s, 64 at most; more are closed at once, unanswered), and the request bodies of all
+connections together at most `max_body_bytes_in_flight` bytes. The server accepts for itself, one connection
+at a time, and counts a connection from its accept (over TLS, not from its handshake's end); over TLS at most
+`max_handshakes` handshakes are under way (more connections wait in the kernel's backlog), at most
+`max_address_handshakes` from one address (more are closed at once), and a handshake must end within
+`header_timeout`. A body is charged to that budget when its
 Content-Length arrives (chunked ones as they arrive), before it is read, and released when its answer is
 written or its connection ends; a body that would not fit is refused with 503 at once, so a few stalled
 uploads cannot make the process grow without bound. The head of a request must arrive within
@@ -66,6 +68,10 @@ log = logging.getLogger(__name__)
 
 _COALESCE_BYTES: Final = 64 * 1024  # responses up to this size go out in one write (one packet when small)
 _LINGER_SECONDS: Final = 2.0  # after refusing a request, how long to swallow what the peer still sends
+# Connections refused at the cap that may linger so at once; past them one is closed as it is accepted, unanswered.
+# Without this bound a caller opening connections faster than they linger held every descriptor the process had
+# (asyncio then stopped accepting for a second at a time, and the agent could open neither its state nor a package).
+_MAX_LINGERING_REFUSALS: Final = 64
 _MAX_PIPELINED: Final = 16  # parsed requests waiting on one connection before reading pauses
 # one read can hold thousands of small pipelined requests and httptools parses all it is fed: past this many
 # waiting on one connection the next is refused (503) and the rest of the read is dropped, unparsed
@@ -242,14 +248,14 @@ class HttpServer:
         self.peer_refusal = peer_refusal
         self._handler = handler
         self._limits = limits or ServerLimits()
-        self._server: asyncio.Server | None = None  # a plain listener's
-        # a TLS listener's: its sockets, their accept loops, and the handshakes under way (by the caller's address)
+        # its sockets, their accept loops, the connections accepted and not yet served (over TLS: in their
+        # handshake), and over TLS those by the caller's address and the slots that bound them
         self._listeners: list[socket.socket] = []
         self._acceptors: list[asyncio.Task[None]] = []
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._opening: set[asyncio.Task[None]] = set()
         self._address_handshakes: dict[str, int] = {}
         self._handshake_slots: asyncio.Semaphore | None = None
-        self.refused_at_accept = 0  # TLS connections closed as they were accepted (over a cap or an address's share)
+        self.refused_at_accept = 0  # connections closed as they were accepted (over a cap or an address's share)
         self._refusal_logged = 0.0
         self._connections: set[_Connection] = set()
         self._accepted = 0  # connections being served (those refused at the cap are not counted)
@@ -268,10 +274,9 @@ class HttpServer:
         Raises:
             RuntimeError: the server is not started.
         """
-        sockets = self._listeners or (self._server.sockets if self._server is not None else ())
-        if not sockets:
+        if not self._listeners:
             raise RuntimeError("the HTTP server is not started")
-        port: int = sockets[0].getsockname()[1]
+        port: int = self._listeners[0].getsockname()[1]
         return port
 
     async def start(
@@ -285,66 +290,64 @@ class HttpServer:
             ConfigError: the address cannot be bound (in use, not local, no permission).
             RuntimeError: the server is already started.
         """
-        if self._server is not None or self._listeners:
+        if self._listeners:
             raise RuntimeError("the HTTP server is already started")
         self.closing = False
-        loop = asyncio.get_running_loop()
+        # The server accepts for itself, one connection at a time, and counts each from its accept. asyncio's
+        # listener took every connection the kernel had queued at once (a descriptor each, up to the backlog), and
+        # over TLS gave each a 256 KiB read buffer for the 60 s its handshake may take: 1,000 silent connections
+        # cost 300 MB and a thousand descriptors, and a caller opening connections fast held every descriptor.
+        self._listeners = await _listen(host, port, self._limits.backlog, reuse_port)
         if ssl is not None:
-            # Over TLS the server accepts for itself: asyncio's TLS listener takes every connection the kernel
-            # queued and gives each a 256 KiB read buffer before its handshake, for 60 s; 1,000 silent connections
-            # cost 300 MB and a thousand file descriptors, and anyone who could reach the port could open them.
-            self._listeners = await _listen(host, port, self._limits.backlog, reuse_port)
             self._handshake_slots = asyncio.Semaphore(self._limits.max_handshakes)
-            self._acceptors = [loop.create_task(self._accept(listener, ssl)) for listener in self._listeners]
-            return
-        try:
-            self._server = await loop.create_server(
-                lambda: _Connection(self),
-                host,
-                port,
-                backlog=self._limits.backlog,
-                reuse_port=reuse_port or None,
-            )
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
-
-    async def _accept(self, listener: socket.socket, context: SSLContext) -> None:
-        """A TLS listener's accept loop. It takes a connection only while fewer than `max_handshakes` are under way
-        (the others wait in the kernel's backlog, costing this process nothing), and closes at once one from an
-        address with `max_address_handshakes` under way, or one past `max_connections` open or being opened."""
         loop = asyncio.get_running_loop()
-        slots = self._handshake_slots
-        assert slots is not None
+        self._acceptors = [loop.create_task(self._accept(listener, ssl)) for listener in self._listeners]
+
+    async def _accept(self, listener: socket.socket, context: SSLContext | None) -> None:
+        """A listener's accept loop. It closes at once a connection past `max_connections` open or being opened
+        (plain: past them and the 64 refusals that may linger). Over TLS it takes a connection only while fewer
+        than `max_handshakes` are under way (the others wait in the kernel's backlog, costing this process
+        nothing), and closes at once one from an address with `max_address_handshakes` under way."""
+        loop = asyncio.get_running_loop()
+        slots = self._handshake_slots if context is not None else None
         port = int(listener.getsockname()[1])
         while True:
-            await slots.acquire()
+            if slots is not None:
+                await slots.acquire()
             try:
                 conn, address = await loop.sock_accept(listener)
             except OSError as exc:  # out of descriptors or memory for now (EMFILE, ENOBUFS): as asyncio's own loop
-                slots.release()
+                if slots is not None:
+                    slots.release()
                 log.warning("cannot accept a connection on port %d: %s; trying again in a second", port, exc)
                 await asyncio.sleep(_ACCEPT_RETRY_S)
                 continue
             except BaseException:
-                slots.release()
+                if slots is not None:
+                    slots.release()
                 raise
             host = str(address[0]) if isinstance(address, tuple) and address else ""
-            refusal = self._admit(host)
+            refusal = self._admit(host, context is not None)
             if refusal is not None:
-                slots.release()
+                if slots is not None:
+                    slots.release()
                 conn.close()
                 self._refused(refusal, port)
                 continue
-            task = loop.create_task(self._handshake(conn, host, context))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            task = loop.create_task(self._open(conn, host, context))
+            self._opening.add(task)
+            task.add_done_callback(self._opening.discard)
 
-    def _admit(self, host: str) -> str | None:
-        """Why a TLS connection just accepted from `host` is closed at once, or None (its handshake is counted)."""
+    def _admit(self, host: str, tls: bool) -> str | None:
+        """Why a connection just accepted from `host` is closed at once, or None (it is counted as opening)."""
         if self.closing:
             return "the server is stopping"
         limits = self._limits
-        if self._accepted + len(self._handshakes) >= limits.max_connections:
+        if not tls:  # past the cap a connection is answered 503 (`add`), and a few such may linger
+            if self._accepted + self.refusing + len(self._opening) >= limits.max_connections + _MAX_LINGERING_REFUSALS:
+                return f"{limits.max_connections} connections open and {_MAX_LINGERING_REFUSALS} being refused"
+            return None
+        if self._accepted + len(self._opening) >= limits.max_connections:
             return f"{limits.max_connections} connections open or opening"
         if self._address_handshakes.get(host, 0) >= limits.max_address_handshakes:
             return f"{host} has {limits.max_address_handshakes} TLS handshakes under way, its share"
@@ -357,39 +360,41 @@ class HttpServer:
         if self._refusal_logged == 0.0 or now - self._refusal_logged >= _REFUSAL_LOG_EVERY_S:
             self._refusal_logged = now
             log.warning(
-                "closing new TLS connections on port %d as they arrive: %s (%d so far)",
+                "closing new connections on port %d as they arrive: %s (%d so far)",
                 port,
                 reason,
                 self.refused_at_accept,
             )
 
-    async def _handshake(self, conn: socket.socket, host: str, context: SSLContext) -> None:
-        """One accepted connection's TLS handshake, within `header_timeout`; then it is served (`_Connection`)."""
+    async def _open(self, conn: socket.socket, host: str, context: SSLContext | None) -> None:
+        """Serve an accepted connection (`_Connection`), over TLS once its handshake ends within `header_timeout`."""
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: _Connection(self), conn, ssl=context, ssl_handshake_timeout=self._limits.header_timeout
-            )
+            if context is None:
+                await loop.connect_accepted_socket(lambda: _Connection(self), conn)
+            else:
+                await loop.connect_accepted_socket(
+                    lambda: _Connection(self), conn, ssl=context, ssl_handshake_timeout=self._limits.header_timeout
+                )
         except OSError:  # the handshake failed, timed out or was cut off (SSLError is one): asyncio closed it
             conn.close()
         except BaseException:
             conn.close()
             raise
         finally:
-            give_back(self._address_handshakes, host)
-            assert self._handshake_slots is not None
-            self._handshake_slots.release()
+            if context is not None:
+                give_back(self._address_handshakes, host)
+                assert self._handshake_slots is not None
+                self._handshake_slots.release()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, close idle connections, let requests in flight finish for up to `grace` seconds,
         then cancel what is left. Safe to call when not started."""
-        server, self._server = self._server, None
         listeners, self._listeners = self._listeners, []
-        if server is None and not listeners:
+        if not listeners:
             return
         self.closing = True
-        if server is not None:
-            server.close()
-        starting = [*self._acceptors, *self._handshakes]  # a TLS listener's accept loops and handshakes
+        starting = [*self._acceptors, *self._opening]  # the accept loops, and the connections being opened
         self._acceptors = []
         for task in starting:
             task.cancel()
@@ -410,8 +415,6 @@ class HttpServer:
                     await asyncio.wait(pending, timeout=grace)
             finally:
                 dropper.cancel()
-        if server is not None:
-            await server.wait_closed()
 
     async def _drop_tls_closes(self, connections: list[_Connection]) -> None:
         """Stopping: drop each TLS connection that waits only for its client's side of the TLS close. asyncio
@@ -453,9 +456,14 @@ class HttpServer:
         return self._accepted
 
     @property
+    def refusing(self) -> int:
+        """Connections refused at the cap that are still open (answered 503, lingering before their close)."""
+        return len(self._connections) - self._accepted
+
+    @property
     def handshakes(self) -> int:
-        """TLS handshakes under way now (a TLS listener's connections accepted and not yet served)."""
-        return len(self._handshakes)
+        """Connections accepted and not yet served: over TLS, those in their handshake."""
+        return len(self._opening)
 
     @property
     def body_bytes_in_flight(self) -> int:

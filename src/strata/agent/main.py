@@ -7,6 +7,7 @@ so a node that reboots without its control plane is serving within seconds.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import signal
@@ -42,6 +43,7 @@ from strata.core.aio import wait_event
 from strata.core.errors import ConfigError, StrataError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.logformat import JsonFormatter, check_log_level
+from strata.core.openfiles import effective_max_connections, raise_open_files_limit
 from strata.core.profiles import detect_profile, get_profile, read_host_facts
 from strata.core.wire import tier_of
 from strata.trust.fleet_tls import peer_node_id
@@ -394,6 +396,26 @@ def server_limits(config: AgentConfig) -> ServerLimits:
     )
 
 
+def fit_connections(config: AgentConfig, open_files: int) -> AgentConfig:
+    """`config` with `--max-connections` lowered, when it must be, so that the agent's listeners (the inference
+    port, and the tier port and gRPC when it has them) hold at most that many each and all of them together stay
+    `FD_RESERVE` descriptors below its open files limit: at that limit it could open neither its state, its
+    telemetry buffer nor a package, and a caller holding connections would stop its updates."""
+    listeners = 1 + (config.tier_port is not None) + (config.grpc_port is not None)
+    fitted = effective_max_connections(config.max_connections, open_files, listeners)
+    if fitted == config.max_connections:
+        return config
+    log.warning(
+        "the open files limit is %d: each of the node's %d listeners takes at most %d connections, not %d"
+        " (--max-connections); raise the hard limit (LimitNOFILE=, ulimit -Hn) for more",
+        open_files,
+        listeners,
+        fitted,
+        config.max_connections,
+    )
+    return dataclasses.replace(config, max_connections=fitted)
+
+
 def run(config: AgentConfig) -> int:
     """Run the agent until it is stopped; return the process exit code."""
     limit_malloc_arenas()  # before any thread allocates: lets idle memory return after large batches
@@ -405,6 +427,7 @@ def run(config: AgentConfig) -> int:
     tail = LogTail()  # the agent logs to stderr only: `strata nodes logs` reads these last lines
     tail.setFormatter(handler.formatter)
     logging.basicConfig(level=check_log_level(config.log_level), handlers=[handler, tail])
+    config = fit_connections(config, raise_open_files_limit())
     try:
         agent = Agent(config)
         agent.loop.log_tail = tail

@@ -36,13 +36,12 @@ from strata.control.tls import (
     DEFAULT_MAX_CONNECTIONS,
     ConnectionLimits,
     MutualTlsHttpProtocol,
-    effective_max_connections,
-    raise_open_files_limit,
     server_context_args,
 )
 from strata.core.errors import ConfigError, StrataError
 from strata.core.hashing import is_hex_sha256
 from strata.core.logformat import check_log_format
+from strata.core.openfiles import effective_max_connections, raise_open_files_limit
 from strata.core.words import parse_duration
 
 log = logging.getLogger(__name__)

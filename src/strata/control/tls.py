@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import ssl
 import sys
 import threading
@@ -37,7 +36,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONNECTIONS: Final = 50_000
-FD_RESERVE: Final = 256  # descriptors kept for the server's own work: database, blobs, logs, its own clients
 REFUSED_LOG_EVERY_S: Final = 60.0
 # A body's floor rate after its grace: far below any link a node or an operator uploads over (a GPRS modem sends
 # 3-5 KB/s), and it makes holding `max_connections` bodies open cost an attacker that many KiB a second.
@@ -105,33 +103,6 @@ class _ServerLoop(_LoopBase):
 def server_loop() -> asyncio.AbstractEventLoop:
     """The server's event loop (`_ServerLoop`); uvicorn takes it as `loop="strata.control.tls:server_loop"`."""
     return _ServerLoop()
-
-
-def raise_open_files_limit() -> int:
-    """Raise this process's soft limit on open files to its hard limit (as Go's runtime does for every program:
-    a shell's or systemd's default soft limit of 1024 would stop a server at about a thousand nodes); return the
-    soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1 << 30
-    # with no hard limit, what the kernel may refuse (macOS takes at most OPEN_MAX, 10240): the largest it takes
-    candidates = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 65536, 10240]
-    for wanted in candidates:
-        if wanted <= soft:
-            break
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (ValueError, OSError) as exc:  # a container may refuse it: the soft limit stays
-            log.warning("cannot raise the open files limit from %d to %d: %s", soft, wanted, exc)
-            continue
-        return int(wanted)
-    return int(soft)
-
-
-def effective_max_connections(wanted: int, open_files: int) -> int:
-    """The connection cap a server process can keep: `wanted`, but never within `FD_RESERVE` descriptors of the
-    open files limit (that bound at least 16)."""
-    return min(wanted, max(16, open_files - FD_RESERVE))
 
 
 def tls_extension(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
