@@ -22,8 +22,8 @@ lingers 2 s, 64 at most; more are closed at once, unanswered), and the request b
 connections together at most `max_body_bytes_in_flight` bytes. The server accepts for itself, one connection
 at a time, and counts a connection from its accept (over TLS, not from its handshake's end); over TLS at most
 `max_handshakes` handshakes are under way (more connections wait in the kernel's backlog), at most
-`max_address_handshakes` from one address (more are closed at once), and a handshake must end within
-`header_timeout`. A body is charged to that budget when its
+`max_address_handshakes` from one address (an IPv6 /64) while half of those are taken (more are closed at once),
+and a handshake must end within `handshake_timeout`. A body is charged to that budget when its
 Content-Length arrives (chunked ones as they arrive), before it is read, and released when its answer is
 written or its connection ends; a body that would not fit is refused with 503 at once, so a few stalled
 uploads cannot make the process grow without bound. The head of a request must arrive within
@@ -44,7 +44,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import functools
 import gc
+import ipaddress
 import json
 import logging
 import re
@@ -71,7 +74,7 @@ _LINGER_SECONDS: Final = 2.0  # after refusing a request, how long to swallow wh
 # Connections refused at the cap that may linger so at once; past them one is closed as it is accepted, unanswered.
 # Without this bound a caller opening connections faster than they linger held every descriptor the process had
 # (asyncio then stopped accepting for a second at a time, and the agent could open neither its state nor a package).
-_MAX_LINGERING_REFUSALS: Final = 64
+MAX_LINGERING_REFUSALS: Final = 64
 _MAX_PIPELINED: Final = 16  # parsed requests waiting on one connection before reading pauses
 # one read can hold thousands of small pipelined requests and httptools parses all it is fed: past this many
 # waiting on one connection the next is refused (503) and the rest of the read is dropped, unparsed
@@ -144,10 +147,12 @@ class ServerLimits:
     # clients retry their SYN after a second or more (uvicorn uses 2048 too)
     backlog: int = 2048
     # TLS listeners: handshakes under way at once (each holds asyncio's 256 KiB TLS read buffer before anyone is
-    # known); past it new connections wait in the kernel's backlog; and of those, from one address at once (past it
-    # a new one is closed at once). A handshake must end within `header_timeout`.
-    max_handshakes: int = 64
+    # known: 32 MiB at most); past it new connections wait in the kernel's backlog; and of those, from one address
+    # (an IPv6 /64) while half the slots are taken (past it a new one is closed at once). A handshake must end
+    # within `handshake_timeout`.
+    max_handshakes: int = 128
     max_address_handshakes: int = 16
+    handshake_timeout: float = 5.0  # a TLS handshake takes milliseconds on a LAN, a second or two over a satellite
     # what one authenticated peer (`Request.peer`, from its certificate) may hold of the above: on a tier listener
     # one compromised device must not take every connection or the whole body budget from the other devices of its
     # site. None: no share (the serve port, whose callers carry no identity).
@@ -166,7 +171,7 @@ class ServerLimits:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"HTTP server limit {name} must be positive")
-        for name in ("keep_alive_timeout", "read_timeout", "header_timeout", "body_timeout"):
+        for name in ("keep_alive_timeout", "read_timeout", "header_timeout", "body_timeout", "handshake_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"HTTP server timeout {name} must be positive")
         for name in ("max_peer_connections", "max_peer_body_bytes_in_flight"):
@@ -190,6 +195,7 @@ _RELEASE_DELAY: Final = 0.5  # seconds with no body in flight before that happen
 # next reads) is dropped.
 _TLS_CLOSE_WAIT_S: Final = 0.25
 _ACCEPT_RETRY_S: Final = 1.0  # after accept failed for want of descriptors or memory (asyncio's ACCEPT_RETRY_DELAY)
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _REFUSAL_LOG_EVERY_S: Final = 60.0
 
 
@@ -199,16 +205,19 @@ async def _listen(host: str, port: int, backlog: int, reuse_port: bool) -> list[
     Raises:
         ConfigError: `host` does not resolve, or an address cannot be bound (in use, not local, no permission).
     """
-    try:
+    try:  # "" is every interface, as for create_server
         infos = await asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
     listeners: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            listener = socket.socket(family, kind, proto)
+            try:
+                listener = socket.socket(family, kind, proto)
+            except OSError:  # a family this machine lacks (IPv6 turned off): skipped, as create_server does
+                continue
             listeners.append(listener)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
@@ -222,7 +231,19 @@ async def _listen(host: str, port: int, backlog: int, reuse_port: bool) -> list[
         for listener in listeners:
             listener.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
+    if not listeners:
+        raise ConfigError(f"cannot listen on {host}:{port}: no address of it can have a socket here")
     return listeners
+
+
+def address_key(host: str) -> str:
+    """Whose share of the TLS handshakes a caller's address counts against: the address, or for IPv6 its /64 (one
+    machine may hold a whole /64 and pick a new source address for each connection)."""
+    if ":" not in host:
+        return host
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.IPv6Network((host.split("%", 1)[0], 64), strict=False))
+    return host
 
 
 class HttpServer:
@@ -293,6 +314,7 @@ class HttpServer:
         if self._listeners:
             raise RuntimeError("the HTTP server is already started")
         self.closing = False
+        self._address_handshakes.clear()
         # The server accepts for itself, one connection at a time, and counts each from its accept. asyncio's
         # listener took every connection the kernel had queued at once (a descriptor each, up to the backlog), and
         # over TLS gave each a 256 KiB read buffer for the 60 s its handshake may take: 1,000 silent connections
@@ -316,17 +338,18 @@ class HttpServer:
                 await slots.acquire()
             try:
                 conn, address = await loop.sock_accept(listener)
-            except OSError as exc:  # out of descriptors or memory for now (EMFILE, ENOBUFS): as asyncio's own loop
+            except OSError as exc:
                 if slots is not None:
                     slots.release()
-                log.warning("cannot accept a connection on port %d: %s; trying again in a second", port, exc)
-                await asyncio.sleep(_ACCEPT_RETRY_S)
-                continue
+                if exc.errno in _OUT_OF_RESOURCES:  # as asyncio's own listener: wait a second, then try again
+                    self._refused(f"accept failed ({exc}); trying again in a second", port, count=False)
+                    await asyncio.sleep(_ACCEPT_RETRY_S)
+                continue  # ECONNABORTED and the like: that connection is gone, the next one is not
             except BaseException:
                 if slots is not None:
                     slots.release()
                 raise
-            host = str(address[0]) if isinstance(address, tuple) and address else ""
+            host = address_key(str(address[0])) if isinstance(address, tuple) and address else ""
             refusal = self._admit(host, context is not None)
             if refusal is not None:
                 if slots is not None:
@@ -334,9 +357,9 @@ class HttpServer:
                 conn.close()
                 self._refused(refusal, port)
                 continue
-            task = loop.create_task(self._open(conn, host, context))
+            task = loop.create_task(self._open(conn, context))
             self._opening.add(task)
-            task.add_done_callback(self._opening.discard)
+            task.add_done_callback(functools.partial(self._opened, conn, host, context is not None))
 
     def _admit(self, host: str, tls: bool) -> str | None:
         """Why a connection just accepted from `host` is closed at once, or None (it is counted as opening)."""
@@ -344,18 +367,23 @@ class HttpServer:
             return "the server is stopping"
         limits = self._limits
         if not tls:  # past the cap a connection is answered 503 (`add`), and a few such may linger
-            if self._accepted + self.refusing + len(self._opening) >= limits.max_connections + _MAX_LINGERING_REFUSALS:
-                return f"{limits.max_connections} connections open and {_MAX_LINGERING_REFUSALS} being refused"
+            if self._accepted + self.refusing + len(self._opening) >= limits.max_connections + MAX_LINGERING_REFUSALS:
+                return f"{limits.max_connections} connections open and {MAX_LINGERING_REFUSALS} being refused"
             return None
         if self._accepted + len(self._opening) >= limits.max_connections:
             return f"{limits.max_connections} connections open or opening"
-        if self._address_handshakes.get(host, 0) >= limits.max_address_handshakes:
-            return f"{host} has {limits.max_address_handshakes} TLS handshakes under way, its share"
-        self._address_handshakes[host] = self._address_handshakes.get(host, 0) + 1
+        held = self._address_handshakes.get(host, 0)
+        # the share applies once half the slots are taken: until then the callers behind one NAT address may
+        # use more, and one of them holding its share cannot lock the others out of a quiet listener
+        if held >= limits.max_address_handshakes and 2 * len(self._opening) >= limits.max_handshakes:
+            return f"{host} has {held} TLS handshakes under way, its share while the listener is busy"
+        self._address_handshakes[host] = held + 1
         return None
 
-    def _refused(self, reason: str, port: int) -> None:
-        self.refused_at_accept += 1
+    def _refused(self, reason: str, port: int, count: bool = True) -> None:
+        """Count a connection closed at accept (with `count`) and log why, at most once a minute."""
+        if count:
+            self.refused_at_accept += 1
         now = time.monotonic()
         if self._refusal_logged == 0.0 or now - self._refusal_logged >= _REFUSAL_LOG_EVERY_S:
             self._refusal_logged = now
@@ -366,26 +394,30 @@ class HttpServer:
                 self.refused_at_accept,
             )
 
-    async def _open(self, conn: socket.socket, host: str, context: SSLContext | None) -> None:
-        """Serve an accepted connection (`_Connection`), over TLS once its handshake ends within `header_timeout`."""
+    async def _open(self, conn: socket.socket, context: SSLContext | None) -> None:
+        """Serve an accepted connection (`_Connection`), over TLS once its handshake ends in `handshake_timeout`."""
         loop = asyncio.get_running_loop()
-        try:
-            if context is None:
-                await loop.connect_accepted_socket(lambda: _Connection(self), conn)
-            else:
-                await loop.connect_accepted_socket(
-                    lambda: _Connection(self), conn, ssl=context, ssl_handshake_timeout=self._limits.header_timeout
-                )
-        except OSError:  # the handshake failed, timed out or was cut off (SSLError is one): asyncio closed it
+        if context is None:
+            await loop.connect_accepted_socket(lambda: _Connection(self), conn)
+        else:
+            await loop.connect_accepted_socket(
+                lambda: _Connection(self), conn, ssl=context, ssl_handshake_timeout=self._limits.handshake_timeout
+            )
+
+    def _opened(self, conn: socket.socket, host: str, tls: bool, task: asyncio.Task[None]) -> None:
+        """An accepted connection is served, or failed to be: its socket is closed unless a transport took it, and
+        its handshake's slot and its address's count are given back. A done-callback, not a `finally`: a task
+        cancelled before its first step (a stop) never runs its body."""
+        self._opening.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled() or error is not None:  # failed, timed out or cut off: asyncio closed its transport
             conn.close()
-        except BaseException:
-            conn.close()
-            raise
-        finally:
-            if context is not None:
-                give_back(self._address_handshakes, host)
-                assert self._handshake_slots is not None
-                self._handshake_slots.release()
+            if error is not None and not isinstance(error, OSError):  # a handshake's failures are OSErrors
+                log.error("could not serve an accepted connection", exc_info=error)
+        if tls:
+            give_back(self._address_handshakes, host)
+            assert self._handshake_slots is not None
+            self._handshake_slots.release()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, close idle connections, let requests in flight finish for up to `grace` seconds,
@@ -610,6 +642,9 @@ class _Connection(asyncio.Protocol):
             self._close()
             return
         if refused is not None:
+            if self._server.refusing >= MAX_LINGERING_REFUSALS:  # e.g. one peer past its share, over and over
+                transport.abort()
+                return
             self._send_refusal(_Refuse(503, refused, _BUSY_HEADERS))
             return
         self._arm(self._limits.keep_alive_timeout)

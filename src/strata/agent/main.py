@@ -21,7 +21,7 @@ from strata.agent.attestation import Attester
 from strata.agent.children import set_make_room
 from strata.agent.client import ControlPlaneClient
 from strata.agent.config import AgentConfig
-from strata.agent.httpd import HttpServer, Request, Response, ServerLimits
+from strata.agent.httpd import MAX_LINGERING_REFUSALS, HttpServer, Request, Response, ServerLimits
 from strata.agent.identity import FleetIdentity
 from strata.agent.logtail import LogTail
 from strata.agent.loop import AgentLoop, EnrollmentRefused, data_dir_lock, start_thread
@@ -401,8 +401,9 @@ def fit_connections(config: AgentConfig, open_files: int) -> AgentConfig:
     port, and the tier port and gRPC when it has them) hold at most that many each and all of them together stay
     `FD_RESERVE` descriptors below its open files limit: at that limit it could open neither its state, its
     telemetry buffer nor a package, and a caller holding connections would stop its updates."""
-    listeners = 1 + (config.tier_port is not None) + (config.grpc_port is not None)
-    fitted = effective_max_connections(config.max_connections, open_files, listeners)
+    http = 1 + (config.tier_port is not None)  # each may also hold MAX_LINGERING_REFUSALS refused connections
+    listeners = http + (config.grpc_port is not None)
+    fitted = effective_max_connections(config.max_connections, open_files - http * MAX_LINGERING_REFUSALS, listeners)
     if fitted == config.max_connections:
         return config
     log.warning(
