@@ -196,6 +196,8 @@ _RELEASE_DELAY: Final = 0.5  # seconds with no body in flight before that happen
 _TLS_CLOSE_WAIT_S: Final = 0.25
 _ACCEPT_RETRY_S: Final = 1.0  # after accept failed for want of descriptors or memory (asyncio's ACCEPT_RETRY_DELAY)
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept's errors for a connection its caller reset before it was accepted (Linux passes on pending network errors)
+_GONE_BEFORE_ACCEPT: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET, errno.EINTR})
 _REFUSAL_LOG_EVERY_S: Final = 60.0
 
 
@@ -341,10 +343,14 @@ class HttpServer:
             except OSError as exc:
                 if slots is not None:
                     slots.release()
-                if exc.errno in _OUT_OF_RESOURCES:  # as asyncio's own listener: wait a second, then try again
-                    self._refused(f"accept failed ({exc}); trying again in a second", port, count=False)
-                    await asyncio.sleep(_ACCEPT_RETRY_S)
-                continue  # ECONNABORTED and the like: that connection is gone, the next one is not
+                if exc.errno in _GONE_BEFORE_ACCEPT:  # that connection is gone, the next one is not
+                    continue
+                # out of descriptors or memory (as asyncio's own listener: wait a second), or an error this loop
+                # does not know: a short wait, so that one that repeats cannot spin the loop
+                pause = _ACCEPT_RETRY_S if exc.errno in _OUT_OF_RESOURCES else 0.1
+                self._warn(f"cannot accept connections on port {port} ({exc}); trying again in {pause:g} s")
+                await asyncio.sleep(pause)
+                continue
             except BaseException:
                 if slots is not None:
                     slots.release()
@@ -380,19 +386,17 @@ class HttpServer:
         self._address_handshakes[host] = held + 1
         return None
 
-    def _refused(self, reason: str, port: int, count: bool = True) -> None:
-        """Count a connection closed at accept (with `count`) and log why, at most once a minute."""
-        if count:
-            self.refused_at_accept += 1
+    def _refused(self, reason: str, port: int) -> None:
+        """Count a connection closed at accept, and say why (at most once a minute)."""
+        self.refused_at_accept += 1
+        self._warn(f"closing new connections on port {port} as they arrive: {reason} ({self.refused_at_accept} so far)")
+
+    def _warn(self, message: str) -> None:
+        """Log a listener's trouble, at most once a minute (a flood would repeat it for every connection)."""
         now = time.monotonic()
         if self._refusal_logged == 0.0 or now - self._refusal_logged >= _REFUSAL_LOG_EVERY_S:
             self._refusal_logged = now
-            log.warning(
-                "closing new connections on port %d as they arrive: %s (%d so far)",
-                port,
-                reason,
-                self.refused_at_accept,
-            )
+            log.warning("%s", message)
 
     async def _open(self, conn: socket.socket, context: SSLContext | None) -> None:
         """Serve an accepted connection (`_Connection`), over TLS once its handshake ends in `handshake_timeout`."""
