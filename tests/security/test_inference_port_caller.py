@@ -63,9 +63,15 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, digits_onnx: Path) -> Iterat
             "--body-timeout", f"{BODY_TIMEOUT:g}s",
             "--threads", "1",
         ]  # fmt: skip
-        running.start_agent("near", "near-edge", extra_args=limits)
+        near = running.start_agent("near", "near-edge", extra_args=limits)
         running.client.deploy("digits", "1", {})
         running.wait_for_versions({"near": {"digits": "1"}})
+        running.wait_for(  # it listens once the node has its desired state, which may come after the report above
+            lambda: "serving other tiers over mutual TLS" in near.process.log_path.read_text(),
+            30,
+            "the tier listener",
+            near.process,
+        )
         yield running
 
 

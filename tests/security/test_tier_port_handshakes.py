@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from strata.agent.httpd import MAX_LINGERING_REFUSALS, HttpServer, Request, Response, ServerLimits
+from strata.agent.httpd import MAX_LINGERING_REFUSALS, HttpServer, Request, Response, ServerLimits, _share_keys
 from tls_listener import Tls, fleet_tls, serving
 
 LIMITS = ServerLimits(max_handshakes=6, max_address_handshakes=3, handshake_timeout=3.0, max_connections=12)
@@ -166,3 +166,12 @@ def test_one_certificate_past_its_share_cannot_make_the_refused_connections_pile
         assert on_loop(loop, lambda: server.connections) == LIMITS.with_peer_shares().max_peer_connections
         for sock in opened:
             sock.close()
+
+
+def test_an_ipv6_caller_counts_against_its_address_and_its_64_and_a_mapped_ipv4_one_against_its_ipv4_address() -> None:
+    """One machine may pick a new source address in its /64 for every connection: the /64 has a share too."""
+    assert _share_keys("192.0.2.7") == ("192.0.2.7",)
+    assert _share_keys("2001:db8:1:2::7") == ("2001:db8:1:2::7", "2001:db8:1:2::/64")
+    assert _share_keys("2001:db8:1:2:ffff::1")[1] == _share_keys("2001:db8:1:2::7")[1]
+    assert _share_keys("fe80::1%eth0") == ("fe80::1", "fe80::/64")
+    assert _share_keys("::ffff:192.0.2.7") == ("192.0.2.7",)

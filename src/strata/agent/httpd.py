@@ -18,13 +18,13 @@ handler raises (logged with its traceback); handlers are expected to turn every 
 themselves.
 
 What a caller can hold (`ServerLimits`): at most `max_connections` connections (past it a new one gets 503 and
-lingers 2 s, 64 at most; more are closed at once, unanswered), and the request bodies of all
-connections together at most `max_body_bytes_in_flight` bytes. The server accepts for itself, one connection
-at a time, and counts a connection from its accept (over TLS, not from its handshake's end); over TLS at most
-`max_handshakes` handshakes are under way (more connections wait in the kernel's backlog), at most
-`max_address_handshakes` from one address (an IPv6 /64) while half of those are taken (more are closed at once),
-and a handshake must end within `handshake_timeout`. A body is charged to that budget when its
-Content-Length arrives (chunked ones as they arrive), before it is read, and released when its answer is
+lingers 2 s, with at most 64 such refused connections open at once; more are closed at once, unanswered), and the
+request bodies of all connections together at most `max_body_bytes_in_flight` bytes. The server accepts for
+itself, one connection at a time, and counts a connection from its accept (over TLS, not from its handshake's
+end); over TLS at most `max_handshakes` handshakes are under way (more connections wait in the kernel's backlog),
+at most `max_address_handshakes` from one address (four times that from an IPv6 /64) while half of those are taken
+(more are closed at once), and a handshake must end within `handshake_timeout`. A body is charged to that budget
+when its Content-Length arrives (chunked ones as they arrive), before it is read, and released when its answer is
 written or its connection ends; a body that would not fit is refused with 503 at once, so a few stalled
 uploads cannot make the process grow without bound. The head of a request must arrive within
 `header_timeout` of its first byte and the whole request within `body_timeout`, however slowly the peer trickles
@@ -194,10 +194,11 @@ _RELEASE_DELAY: Final = 0.5  # seconds with no body in flight before that happen
 # the TLS close; a client that has not sent it this long after (an idle keep-alive client, which sends it when it
 # next reads) is dropped.
 _TLS_CLOSE_WAIT_S: Final = 0.25
+_ACCEPTS_PER_TURN: Final = 16  # connections an accept loop takes before it lets the event loop run other work
 _ACCEPT_RETRY_S: Final = 1.0  # after accept failed for want of descriptors or memory (asyncio's ACCEPT_RETRY_DELAY)
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # accept's errors for a connection its caller reset before it was accepted (Linux passes on pending network errors)
-_GONE_BEFORE_ACCEPT: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET, errno.EINTR})
+_GONE_BEFORE_ACCEPT: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET})
 _REFUSAL_LOG_EVERY_S: Final = 60.0
 
 
@@ -238,14 +239,18 @@ async def _listen(host: str, port: int, backlog: int, reuse_port: bool) -> list[
     return listeners
 
 
-def address_key(host: str) -> str:
-    """Whose share of the TLS handshakes a caller's address counts against: the address, or for IPv6 its /64 (one
-    machine may hold a whole /64 and pick a new source address for each connection)."""
+def _share_keys(host: str) -> tuple[str, ...]:
+    """The shares of the TLS handshakes a caller's address counts against: its own, and for IPv6 also its /64's
+    (four times as large): one machine may hold a whole /64 and pick a new source address for each connection,
+    while on a SLAAC network a /64 is also every other host of the site's LAN. An IPv4-mapped address is IPv4."""
     if ":" not in host:
-        return host
+        return (host,)
     with contextlib.suppress(ValueError):
-        return str(ipaddress.IPv6Network((host.split("%", 1)[0], 64), strict=False))
-    return host
+        address = ipaddress.IPv6Address(host.split("%", 1)[0])
+        if address.ipv4_mapped is not None:
+            return (str(address.ipv4_mapped),)
+        return (str(address), str(ipaddress.IPv6Network((address, 64), strict=False)))
+    return (host,)
 
 
 class HttpServer:
@@ -279,7 +284,7 @@ class HttpServer:
         self._address_handshakes: dict[str, int] = {}
         self._handshake_slots: asyncio.Semaphore | None = None
         self.refused_at_accept = 0  # connections closed as they were accepted (over a cap or an address's share)
-        self._refusal_logged = 0.0
+        self._warned: dict[str, float] = {}  # when each kind of listener trouble was last logged
         self._connections: set[_Connection] = set()
         self._accepted = 0  # connections being served (those refused at the cap are not counted)
         self._body_bytes = 0  # request bodies charged to the budget, all connections together
@@ -331,13 +336,18 @@ class HttpServer:
         """A listener's accept loop. It closes at once a connection past `max_connections` open or being opened
         (plain: past them and the 64 refusals that may linger). Over TLS it takes a connection only while fewer
         than `max_handshakes` are under way (the others wait in the kernel's backlog, costing this process
-        nothing), and closes at once one from an address with `max_address_handshakes` under way."""
+        nothing), and, while half of those are under way, closes at once one from an address with
+        `max_address_handshakes` under way (or an IPv6 /64 with four times that)."""
         loop = asyncio.get_running_loop()
         slots = self._handshake_slots if context is not None else None
         port = int(listener.getsockname()[1])
+        taken = 0
         while True:
             if slots is not None:
                 await slots.acquire()
+            taken += 1
+            if taken % _ACCEPTS_PER_TURN == 0:  # sock_accept and a free slot return without waiting while the
+                await asyncio.sleep(0)  # backlog holds connections: let the loop's other work run now and then
             try:
                 conn, address = await loop.sock_accept(listener)
             except OSError as exc:
@@ -348,14 +358,14 @@ class HttpServer:
                 # out of descriptors or memory (as asyncio's own listener: wait a second), or an error this loop
                 # does not know: a short wait, so that one that repeats cannot spin the loop
                 pause = _ACCEPT_RETRY_S if exc.errno in _OUT_OF_RESOURCES else 0.1
-                self._warn(f"cannot accept connections on port {port} ({exc}); trying again in {pause:g} s")
+                self._warn("accept", f"cannot accept connections on port {port} ({exc}); trying again in {pause:g} s")
                 await asyncio.sleep(pause)
                 continue
             except BaseException:
                 if slots is not None:
                     slots.release()
                 raise
-            host = address_key(str(address[0])) if isinstance(address, tuple) and address else ""
+            host = str(address[0]) if isinstance(address, tuple) and address else ""
             refusal = self._admit(host, context is not None)
             if refusal is not None:
                 if slots is not None:
@@ -363,9 +373,10 @@ class HttpServer:
                 conn.close()
                 self._refused(refusal, port)
                 continue
-            task = loop.create_task(self._open(conn, context))
+            began: list[bool] = []
+            task = loop.create_task(self._open(conn, context, began))
             self._opening.add(task)
-            task.add_done_callback(functools.partial(self._opened, conn, host, context is not None))
+            task.add_done_callback(functools.partial(self._opened, conn, host, context is not None, began))
 
     def _admit(self, host: str, tls: bool) -> str | None:
         """Why a connection just accepted from `host` is closed at once, or None (it is counted as opening)."""
@@ -378,28 +389,39 @@ class HttpServer:
             return None
         if self._accepted + len(self._opening) >= limits.max_connections:
             return f"{limits.max_connections} connections open or opening"
-        held = self._address_handshakes.get(host, 0)
-        # the share applies once half the slots are taken: until then the callers behind one NAT address may
-        # use more, and one of them holding its share cannot lock the others out of a quiet listener
-        if held >= limits.max_address_handshakes and 2 * len(self._opening) >= limits.max_handshakes:
-            return f"{host} has {held} TLS handshakes under way, its share while the listener is busy"
-        self._address_handshakes[host] = held + 1
+        keys = _share_keys(host)
+        # the shares apply once half the slots are taken: until then the callers behind one NAT address may use
+        # more, and one of them holding its share cannot lock the others out of a quiet listener
+        if 2 * len(self._opening) >= limits.max_handshakes:
+            shares = (limits.max_address_handshakes, 4 * limits.max_address_handshakes)[: len(keys)]
+            for key, share in zip(keys, shares, strict=True):
+                if self._address_handshakes.get(key, 0) >= share:
+                    return f"{key} has {share} TLS handshakes under way, its share while the listener is busy"
+        for key in keys:
+            self._address_handshakes[key] = self._address_handshakes.get(key, 0) + 1
         return None
 
     def _refused(self, reason: str, port: int) -> None:
         """Count a connection closed at accept, and say why (at most once a minute)."""
         self.refused_at_accept += 1
-        self._warn(f"closing new connections on port {port} as they arrive: {reason} ({self.refused_at_accept} so far)")
+        self._warn(
+            "refused",
+            f"closing new connections on port {port} as they arrive: {reason} ({self.refused_at_accept} so far)",
+        )
 
-    def _warn(self, message: str) -> None:
-        """Log a listener's trouble, at most once a minute (a flood would repeat it for every connection)."""
+    def _warn(self, kind: str, message: str) -> None:
+        """Log a listener's trouble, at most once a minute for each `kind` (a flood would repeat it for every
+        connection)."""
         now = time.monotonic()
-        if self._refusal_logged == 0.0 or now - self._refusal_logged >= _REFUSAL_LOG_EVERY_S:
-            self._refusal_logged = now
+        logged = self._warned.get(kind)
+        if logged is None or now - logged >= _REFUSAL_LOG_EVERY_S:
+            self._warned[kind] = now
             log.warning("%s", message)
 
-    async def _open(self, conn: socket.socket, context: SSLContext | None) -> None:
-        """Serve an accepted connection (`_Connection`), over TLS once its handshake ends in `handshake_timeout`."""
+    async def _open(self, conn: socket.socket, context: SSLContext | None, began: list[bool]) -> None:
+        """Serve an accepted connection (`_Connection`), over TLS once its handshake ends in `handshake_timeout`.
+        From here on asyncio owns the socket: it closes its transport, and the socket, when this fails."""
+        began.append(True)
         loop = asyncio.get_running_loop()
         if context is None:
             await loop.connect_accepted_socket(lambda: _Connection(self), conn)
@@ -408,18 +430,21 @@ class HttpServer:
                 lambda: _Connection(self), conn, ssl=context, ssl_handshake_timeout=self._limits.handshake_timeout
             )
 
-    def _opened(self, conn: socket.socket, host: str, tls: bool, task: asyncio.Task[None]) -> None:
-        """An accepted connection is served, or failed to be: its socket is closed unless a transport took it, and
-        its handshake's slot and its address's count are given back. A done-callback, not a `finally`: a task
-        cancelled before its first step (a stop) never runs its body."""
+    def _opened(self, conn: socket.socket, host: str, tls: bool, began: list[bool], task: asyncio.Task[None]) -> None:
+        """An accepted connection is served, or failed to be: its socket is closed if `_open` never ran (a task
+        cancelled before its first step, at a stop), and its handshake's slot and its address's counts are given
+        back. A done-callback, not a `finally`, for that reason. Once `_open` ran, asyncio closes what failed: a
+        TLS transport cancelled just after its handshake is still shutting down, and closing its socket here would
+        free a descriptor the selector still watches."""
         self._opening.discard(task)
-        error = None if task.cancelled() else task.exception()
-        if task.cancelled() or error is not None:  # failed, timed out or cut off: asyncio closed its transport
+        if not began:
             conn.close()
-            if error is not None and not isinstance(error, OSError):  # a handshake's failures are OSErrors
-                log.error("could not serve an accepted connection", exc_info=error)
+        error = None if task.cancelled() else task.exception()
+        if error is not None and not isinstance(error, OSError):  # a handshake's failures are OSErrors
+            log.error("could not serve an accepted connection", exc_info=error)
         if tls:
-            give_back(self._address_handshakes, host)
+            for key in _share_keys(host):
+                give_back(self._address_handshakes, key)
             assert self._handshake_slots is not None
             self._handshake_slots.release()
 
