@@ -65,6 +65,7 @@ import httptools
 
 from strata.core.counts import give_back
 from strata.core.errors import ConfigError
+from strata.core.logformat import Quieted
 from strata.core.words import clip
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,8 @@ class ServerLimits:
     backlog: int = 2048
     # TLS listeners: handshakes under way at once (each holds asyncio's 256 KiB TLS read buffer before anyone is
     # known: 32 MiB at most); past it new connections wait in the kernel's backlog; and of those, from one address
-    # (an IPv6 /64) while half the slots are taken (past it a new one is closed at once). A handshake must end
-    # within `handshake_timeout`.
+    # (four times that from an IPv6 /64) while half the slots are taken (past it a new one is closed at once). A
+    # handshake must end within `handshake_timeout`.
     max_handshakes: int = 128
     max_address_handshakes: int = 16
     handshake_timeout: float = 5.0  # a TLS handshake takes milliseconds on a LAN, a second or two over a satellite
@@ -199,7 +200,7 @@ _ACCEPT_RETRY_S: Final = 1.0  # after accept failed for want of descriptors or m
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # accept's errors for a connection its caller reset before it was accepted (Linux passes on pending network errors)
 _GONE_BEFORE_ACCEPT: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET})
-_REFUSAL_LOG_EVERY_S: Final = 60.0
+_WARN_EVERY_S: Final = 60.0
 
 
 async def _listen(host: str, port: int, backlog: int, reuse_port: bool) -> list[socket.socket]:
@@ -284,7 +285,7 @@ class HttpServer:
         self._address_handshakes: dict[str, int] = {}
         self._handshake_slots: asyncio.Semaphore | None = None
         self.refused_at_accept = 0  # connections closed as they were accepted (over a cap or an address's share)
-        self._warned: dict[str, float] = {}  # when each kind of listener trouble was last logged
+        self._quieted = Quieted(_WARN_EVERY_S)  # each kind of listener trouble is logged once a minute
         self._connections: set[_Connection] = set()
         self._accepted = 0  # connections being served (those refused at the cap are not counted)
         self._body_bytes = 0  # request bodies charged to the budget, all connections together
@@ -410,12 +411,8 @@ class HttpServer:
         )
 
     def _warn(self, kind: str, message: str) -> None:
-        """Log a listener's trouble, at most once a minute for each `kind` (a flood would repeat it for every
-        connection)."""
-        now = time.monotonic()
-        logged = self._warned.get(kind)
-        if logged is None or now - logged >= _REFUSAL_LOG_EVERY_S:
-            self._warned[kind] = now
+        """Log a listener's trouble, at most once a minute for each `kind`."""
+        if self._quieted.due(kind, time.monotonic()):
             log.warning("%s", message)
 
     async def _open(self, conn: socket.socket, context: SSLContext | None, began: list[bool]) -> None:

@@ -33,6 +33,8 @@ from typing import Any, ClassVar, Final, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from strata.core.logformat import Quieted
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONNECTIONS: Final = 50_000
@@ -63,14 +65,12 @@ class ConnectionCounts:
         self.header_timeouts = 0  # closed with no complete request head in `header_timeout_s`
         self.slow_bodies = 0  # closed: a body came slower than MIN_BODY_RATE after its grace
         self.pipelined = 0  # closed: more than MAX_PIPELINE requests sent ahead of their answers
-        self._refused_logged = 0.0
+        self._quieted = Quieted(REFUSED_LOG_EVERY_S)
 
     def refuse(self, limit: int) -> None:
         with self.lock:
             self.refused += 1
-            now, quiet = time.monotonic(), self._refused_logged
-            if now - quiet >= REFUSED_LOG_EVERY_S or quiet == 0.0:
-                self._refused_logged = now
+            if self._quieted.due("refused", time.monotonic()):
                 log.warning(
                     "%d connections open, the most this server takes (--max-connections): closing new ones at once"
                     " (%d so far); see strata_server_connections_refused_total",

@@ -59,3 +59,21 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
+
+
+class Quieted:
+    """Whether a warning that repeats is due again: once per `interval_s` for each kind. A flood (refused
+    connections, accept failing for want of descriptors) would otherwise log it for every event. Pure: the caller
+    passes `now` (its monotonic clock) and holds its own lock where threads share one."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def due(self, kind: str, now: float) -> bool:
+        """True the first time `kind` is asked for and once `interval_s` has passed since it last was."""
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval_s:
+            return False
+        self._last[kind] = now
+        return True
