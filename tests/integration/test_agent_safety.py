@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from strata.agent.probation import ProbationConfig
 from strata.agent.reconciler import NodeIdentity, Reconciler
 from strata.agent.repository import ModelRepository
 from strata.agent.serving import ServingTracker
-from strata.agent.state import LoadingRecord, NodeState
+from strata.agent.state import LoadingRecord, NodeState, SlotRef
 from strata.agent.store import ArtifactStore
 from strata.agent.transport import HttpResponse
 from strata.core.chunking import Chunk, offsets
@@ -396,7 +397,8 @@ def test_a_load_the_agent_died_in_is_a_failure_at_the_next_start_with_the_usual_
     assert "loading" not in json.loads(store.state_path.read_text())  # cleared after each load
     v2 = node.refs["2"]
 
-    # Died while restoring version 2 at a start-up (it had loaded before; this time the node has less memory):
+    # Died while activating version 2 (a start-up load of a version the node served gets a second try first: see
+    # the next test):
     store.save_state(node.reconciler.state.with_loading(LoadingRecord("digits", "2", v2.id, v2.digest, 1_000.0)))
     restarted = make_node(tmp_path, {})
     restarted.reconciler.restore()
@@ -423,3 +425,209 @@ def test_a_load_the_agent_died_in_is_a_failure_at_the_next_start_with_the_usual_
     assert failure.attempts == 2
     assert not any(isinstance(a, Activate) for a in plan(want, again.reconciler.observe(), again.clock.now + 59))
     assert again.reconciler.state.models["digits"].active.version == "1"
+
+
+def serving_two_versions(digits_onnx: Path, digits_onnx_v2: Path, tmp_path: Path) -> Node:
+    """A node that activated digits 1, then 2 (1 is its previous slot)."""
+    node = make_node(tmp_path, {})
+    node.offer(*package(digits_onnx, "1", tmp_path / "a", name="digits"))
+    node.offer(*package(digits_onnx_v2, "2", tmp_path / "b", name="digits"))
+    node.reconciler.converge(node.want("1", name="digits"))
+    node.reconciler.converge(node.want("2", name="digits"))
+    return node
+
+
+def test_a_start_up_load_the_agent_ended_in_once_is_loaded_again_and_a_second_time_is_a_failure(
+    digits_onnx: Path, digits_onnx_v2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start-up load of the version a node serves, cut once in this boot (a stop the agent did not wait out, a
+    kill), is loaded again: it served before, and the cut is as likely the service manager's as the package's. It
+    used to be that version's failure at once: the model dropped when it had no previous version, its package then
+    deleted, and a node without its control plane serving nothing. Ending in that load a second time is the version's
+    failure, as for any load the agent dies in."""
+    node = serving_two_versions(digits_onnx, digits_onnx_v2, tmp_path)
+    store, v2, boot = node.reconciler.store, node.refs["2"], node.reconciler.boot
+    cut = LoadingRecord("digits", "2", v2.id, v2.digest, 1_000.0, boot, startup=True)
+    store.save_state(node.reconciler.state.with_loading(cut))
+
+    restarted = make_node(tmp_path, {})
+    noted: list[LoadingRecord | None] = []
+    load = restarted.reconciler._load
+
+    def noting(name: str, slot: SlotRef) -> None:
+        noted.append(restarted.reconciler.state.loading)
+        load(name, slot)
+
+    monkeypatch.setattr(restarted.reconciler, "_load", noting)
+    restarted.reconciler.restore()
+    state = restarted.reconciler.state
+    assert state.loading is None
+    assert state.models["digits"].active.version == "2"
+    assert not state.failures
+    assert restarted.infer(1, name="digits") == ["2"]
+    [record] = noted
+    assert record is not None
+    assert (record.digest, record.startup, record.deaths) == (v2.digest, True, 1)
+    assert json.loads(store.state_path.read_text()).get("loading") is None
+
+    # It ends in that load again (the record as the restore wrote it): now it is the version's failure.
+    store.save_state(state.with_loading(record))
+    again = make_node(tmp_path, {})
+    again.reconciler.restore()
+    assert again.reconciler.state.models["digits"].active.version == "1"
+    [failure] = again.reconciler.status(None).failures
+    assert (failure.version, failure.kind) == ("2", "health")
+    assert "died while loading" in failure.reason
+
+
+def test_a_load_cut_by_a_reboot_is_no_failure(digits_onnx: Path, digits_onnx_v2: Path, tmp_path: Path) -> None:
+    """A loading record from another boot (the kernel's boot id changed: a power cut or a reboot in the middle of
+    the load, an activation here) is not the package's doing: the version is loaded again, and no failure is
+    recorded or reported to the rollout's gates."""
+    node = serving_two_versions(digits_onnx, digits_onnx_v2, tmp_path)
+    store, v2 = node.reconciler.store, node.refs["2"]
+    cut = LoadingRecord("digits", "2", v2.id, v2.digest, 1_000.0, "an-earlier-boot")
+    store.save_state(node.reconciler.state.with_loading(cut))
+    restarted = make_node(tmp_path, {})
+    restarted.reconciler.restore()
+    assert restarted.reconciler.state.models["digits"].active.version == "2"
+    assert not restarted.reconciler.state.failures
+    assert restarted.reconciler.state.loading is None
+    assert restarted.infer(1, name="digits") == ["2"]
+
+
+def test_a_disk_that_refuses_the_state_file_does_not_keep_the_node_from_serving_at_start_up(
+    digits_onnx: Path, digits_onnx_v2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start-up that must change the state (a load the agent died in becomes a failure, the model rolls back) on a
+    disk remounted read-only after a power cut, or full: the changes are kept in memory and the node serves what it
+    has, where `restore` used to raise and the agent to stop before serving anything."""
+    node = serving_two_versions(digits_onnx, digits_onnx_v2, tmp_path)
+    store, v2 = node.reconciler.store, node.refs["2"]
+    store.save_state(node.reconciler.state.with_loading(LoadingRecord("digits", "2", v2.id, v2.digest, 1_000.0)))
+    on_disk = store.state_path.read_bytes()
+
+    restarted = make_node(tmp_path, {})
+
+    def read_only(state: NodeState) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(restarted.reconciler.store, "save_state", read_only)
+    restarted.reconciler.restore()
+    state = restarted.reconciler.state
+    assert state.models["digits"].active.version == "1"  # rolled back in memory
+    assert state.loading is None
+    assert state.failures[v2.digest].kind == "health"
+    assert restarted.infer(1, name="digits") == ["1"]
+    assert store.state_path.read_bytes() == on_disk  # nothing written
+
+
+def test_a_version_replaced_during_its_probation_is_not_the_one_to_go_back_to(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Version 1 passed its probation; version 2 is on probation when version 3 arrives. The version to go back to
+    stays 1 (and its package stays on the node): version 3 failing its probation returns the node to 1. It used to
+    become 2, never judged and 20x slower, which then served with no probation, version 1's package deleted."""
+    node = make_node(tmp_path, {})
+    node.offer(*package(models["fast"], "1", tmp_path))
+    node.offer(*package(models["slow"], "2", tmp_path))
+    node.offer(*package(models["fast"], "3", tmp_path, metrics={"latency_ms": {"p95": 1e-6}}))  # fails probation
+    reconciler = node.reconciler
+    reconciler.converge(node.want("1"))
+    node.infer(30)
+    node.clock.now += 61
+    reconciler.check_probation()
+    assert reconciler.state.probation == {}  # 1 proved itself
+    reconciler.converge(node.want("2"))
+    assert reconciler.state.probation["latency"].version == "2"
+    reconciler.converge(node.want("3"))  # before 2 was judged
+    slots = reconciler.state.models["latency"]
+    assert (slots.active.version, slots.previous.version if slots.previous else None) == ("3", "1")
+    assert node.refs["1"].digest in reconciler.store.staged_digests()
+
+    node.infer(25)
+    node.clock.now += 5
+    reconciler.check_probation()  # 3 fails its probation
+    slots = reconciler.state.models["latency"]
+    assert slots.active.version == "1"
+    assert node.infer(1) == ["1"]
+    assert [(f.version, f.kind) for f in reconciler.state.failures.values()] == [("3", "probation")]
+
+
+def test_a_probation_goes_on_after_a_restart_and_a_version_the_agent_keeps_restarting_on_fails_it(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The agent ends during a version's probation (its first requests crash it, or the node restarts) and starts
+    61 s later: the probation's window starts again with its counters, rather than passing at once on zero requests
+    judged. Restarting `max_restarts` (3) times during it fails the probation, and the node goes back to the version
+    before: a version whose inference kills the agent never counts an error."""
+    node = make_node(tmp_path, {})
+    node.offer(*package(models["fast"], "1", tmp_path))
+    node.offer(*package(models["fast"], "2", tmp_path / "v2"))
+    node.reconciler.converge(node.want("1"))
+    node.infer(30)
+    node.clock.now += 61
+    node.reconciler.check_probation()
+    node.reconciler.converge(node.want("2"))
+    node.infer(2)
+
+    now = node.clock.now
+    for restart in (1, 2):
+        now += 61
+        again = make_node(tmp_path, {})
+        again.clock.now = now
+        again.reconciler.restore()
+        again.reconciler.check_probation()
+        watched = again.reconciler.state.probation["latency"]
+        assert (watched.version, watched.restarts, watched.started_at) == ("2", restart, now)
+        assert again.infer(1) == ["2"]
+
+    now += 61
+    last = make_node(tmp_path, {})
+    last.clock.now = now
+    last.reconciler.restore()
+    last.reconciler.check_probation()
+    assert last.reconciler.state.models["latency"].active.version == "1"
+    [failure] = last.reconciler.state.failures.values()
+    assert (failure.version, failure.kind) == ("2", "probation")
+    assert "restarted 3 times" in failure.reason
+    assert last.infer(1) == ["1"]
+
+
+def test_a_probation_rollback_on_a_full_disk_happens_once(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 2 fails its probation while the disk is full: the node goes back to version 1 once, and its slots in
+    memory (and so its status) say so until the state file can be written. It used to keep saying 2 and to load 1
+    again at every check (every 5 s), the state write failing each time."""
+    node = make_node(tmp_path, {})
+    node.offer(*package(models["fast"], "1", tmp_path))
+    node.offer(*package(models["slow"], "2", tmp_path))
+    reconciler = node.reconciler
+    reconciler.converge(node.want("1"))
+    node.infer(30)
+    node.clock.now += 61
+    reconciler.check_probation()
+    reconciler.converge(node.want("2"))
+    node.infer(25)
+
+    def full(state: NodeState) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reconciler.store, "save_state", full)
+    loads: list[str] = []
+    load = reconciler._load
+
+    def counting(name: str, slot: SlotRef) -> None:
+        loads.append(slot.version)
+        load(name, slot)
+
+    monkeypatch.setattr(reconciler, "_load", counting)
+    for _ in range(3):
+        node.clock.now += 5
+        reconciler.check_probation()
+        assert node.infer(1) == ["1"]
+        assert reconciler.state.models["latency"].active.version == "1"
+        assert reconciler.status(None).models[0].version == "1"
+    assert loads == ["1"]
+    assert reconciler.state.failures[node.refs["2"].digest].kind == "probation"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,7 +11,7 @@ import pytest
 
 from strata.agent.client import ControlPlaneClient
 from strata.agent.config import AgentConfig
-from strata.agent.loop import AgentLoop
+from strata.agent.loop import AgentLoop, start_thread
 from strata.agent.transport import H11Transport
 from strata.core.errors import TransportError
 
@@ -53,3 +55,50 @@ def test_a_just_started_agent_reports_before_its_first_long_poll(tmp_path: Path)
     assert loop.poll_wait() == 0
     loop._reported = b"{}"
     assert loop.poll_wait() == 30
+
+
+class FullDiskReconciler(CutReconciler):
+    """Converges by failing as a full disk does."""
+
+    def converge(self, desired: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_no_error_of_a_round_ends_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk in the convergence from the stored desired state at start-up, a bug in a round, a full disk in
+    the next: each is said and tried again after a back-off. Its thread ending would leave the node serving with
+    nobody converging, reporting or rolling back (and the agent stopping with exit status 0)."""
+    config = AgentConfig(
+        server="https://cp.example",
+        data_dir=tmp_path,
+        name="n1",
+        tier="device",
+        backoff_min_s=0.01,
+        backoff_max_s=0.02,
+    )
+    loop = AgentLoop(config, ControlPlaneClient(config.server, H11Transport()), FullDiskReconciler())
+    monkeypatch.setattr(loop, "adopt_stored", lambda: True)  # an enrolled node
+    rounds: list[int] = []
+
+    def step() -> None:
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            raise KeyError("a bug")
+        if len(rounds) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        loop.stop.set()
+
+    monkeypatch.setattr(loop, "step", step)
+    with caplog.at_level(logging.INFO, logger="strata.agent.loop"):
+        thread = start_thread(loop)
+        thread.join(30)
+    assert not thread.is_alive()
+    assert len(rounds) == 3
+    assert loop.fatal is None
+    io_errors = [r for r in caplog.records if r.getMessage().startswith("local I/O error")]
+    assert len(io_errors) == 2  # the start-up convergence and the second round
+    (bug,) = [r for r in caplog.records if r.getMessage().startswith("unexpected error in the agent's loop")]
+    assert bug.exc_info is not None
+    assert bug.exc_info[0] is KeyError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from strata.agent.probation import ProbationConfig, judge, reference_latency
@@ -22,6 +24,19 @@ def test_a_quiet_healthy_activation_passes_when_its_time_is_up() -> None:
     assert judge(RECORD, counters(5), CONFIG, 159.0).outcome == "running"
     assert judge(RECORD, counters(5), CONFIG, 160.0).outcome == "passed"
     assert judge(RECORD, counters(500), CONFIG, 110.0).outcome == "passed"  # enough requests end it early
+
+
+def test_restarts_of_the_agent_during_it_fail_it() -> None:
+    """Each start of the agent during a probation counts (`ProbationRecord.restarts`); `max_restarts` fail it, even
+    with healthy counters, which a version whose inference kills the agent never gets past zero."""
+    restarted = replace(RECORD, restarts=2)
+    assert judge(restarted, counters(500), CONFIG, 110.0).outcome == "passed"
+    verdict = judge(replace(RECORD, restarts=3), counters(500), CONFIG, 110.0)
+    assert verdict.failed
+    assert verdict.reason.startswith("the agent restarted 3 times while this version was on probation")
+    assert ProbationRecord.from_json(replace(RECORD, restarts=2).to_json()).restarts == 2
+    older = {k: v for k, v in RECORD.to_json().items() if k != "restarts"}
+    assert ProbationRecord.from_json(older).restarts == 0
 
 
 def test_inference_errors_fail_it_as_soon_as_they_are_damning() -> None:

@@ -17,7 +17,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from strata.agent.children import run_module
@@ -25,6 +24,7 @@ from strata.agent.client import ControlPlaneClient, ServerError
 from strata.agent.config import AgentConfig
 from strata.agent.identity import FleetIdentity
 from strata.agent.reconciler import Reconciler
+from strata.agent.state import boot_id
 from strata.core.attest import Report, strata_code_hash
 from strata.core.errors import AuthError, ConfigError, Forbidden
 from strata.core.hashing import digest_json
@@ -32,14 +32,6 @@ from strata.core.hashing import digest_json
 log = logging.getLogger("strata.agent")
 
 REATTEST_S = 3600.0
-
-
-def boot_id() -> str:
-    """This boot's id (Linux), or an empty string elsewhere."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
 
 
 def config_hash(config: AgentConfig) -> str:

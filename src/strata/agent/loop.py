@@ -307,7 +307,9 @@ class AgentLoop:
 
     def run(self) -> None:
         """Loop until `stop` is set. Takes up the stored identity and converges from the stored desired state
-        first, so a node that starts without its server still does all it can offline."""
+        first, so a node that starts without its server still does all it can offline. No error ends the loop but a
+        configuration the node cannot run with (`fatal`): a full disk, a refused credential, a bug in a step are
+        logged and tried again after a back-off, the models in the slots serving meanwhile."""
         try:
             enrolled = self.adopt_stored()
         except ConfigError as exc:
@@ -320,29 +322,44 @@ class AgentLoop:
                 self.converge()
             except TransportError as exc:
                 log.info("cannot finish converging offline: %s", exc)
+            except Exception as exc:  # every error is the loop's to report and retry (see `_failed`)
+                if not self._failed(exc):
+                    return
         while not self.stop.is_set():
             try:
                 self.step()
                 self.backoff.reset()
-            except (ConfigError, EnrollmentRefused) as exc:
-                log.error("%s", exc)
-                self.fatal = exc
-                self.stop.set()
-                return
-            except (AuthError, Forbidden) as exc:
-                self.connected = False
-                delay = self.config.backoff_max_s
-                log.error("control plane refused this node's credential (revoked?): %s; retrying in %.0fs", exc, delay)
-                self.stop.wait(delay)
-            except (TransportError, ProtocolError, StrataError) as exc:
-                self.connected = False
-                delay = self.backoff.next_delay()
-                log.warning("control plane unreachable or failing (%s); serving on, retrying in %.1fs", exc, delay)
-                self.wait_offline(delay)
-            except OSError as exc:  # disk full, permissions: keep serving, say so, try again later
-                delay = self.backoff.next_delay()
-                log.error("local I/O error (%s); retrying in %.1fs", exc, delay)
-                self.stop.wait(delay)
+            except Exception as exc:  # as above
+                if not self._failed(exc):
+                    return
+
+    def _failed(self, exc: Exception) -> bool:
+        """Say why a round failed and wait before the next (stopping the loop for good only on a configuration the
+        node cannot run with); return whether the loop goes on."""
+        if isinstance(exc, ConfigError | EnrollmentRefused):
+            log.error("%s", exc)
+            self.fatal = exc
+            self.stop.set()
+            return False
+        if isinstance(exc, AuthError | Forbidden):
+            self.connected = False
+            delay = self.config.backoff_max_s
+            log.error("control plane refused this node's credential (revoked?): %s; retrying in %.0fs", exc, delay)
+            self.stop.wait(delay)
+        elif isinstance(exc, TransportError | ProtocolError | StrataError):
+            self.connected = False
+            delay = self.backoff.next_delay()
+            log.warning("control plane unreachable or failing (%s); serving on, retrying in %.1fs", exc, delay)
+            self.wait_offline(delay)
+        elif isinstance(exc, OSError):  # disk full, permissions: keep serving, say so, try again later
+            delay = self.backoff.next_delay()
+            log.error("local I/O error (%s); retrying in %.1fs", exc, delay)
+            self.stop.wait(delay)
+        else:  # a bug: said with its traceback; the node serves on and the next round may get past it
+            delay = self.backoff.next_delay()
+            log.error("unexpected error in the agent's loop; retrying in %.1fs", delay, exc_info=exc)
+            self.stop.wait(delay)
+        return True
 
     def wait_offline(self, delay: float) -> None:
         """Wait `delay` seconds before trying the server again, still judging probations meanwhile: a node

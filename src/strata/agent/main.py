@@ -7,13 +7,16 @@ so a node that reboots without its control plane is serving within seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
 import signal
 import ssl
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -58,6 +61,7 @@ EXIT_CONFIG = 2
 STOP_LOAD_WAIT_S = 20.0
 STOP_UNDO_WAIT_S = 5.0  # after the serving processes stopped, for a load they cut short to be undone
 EXIT_ENROLLMENT = 3
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)  # a service manager's stop, Ctrl-C
 
 
 def serve_token(data_dir: Path) -> str:
@@ -260,7 +264,7 @@ class Agent:
         tier_server: HttpServer | None = None
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             running.add_signal_handler(signum, stop.set)
         thread = start_thread(self.loop)
         self.uploader.start()
@@ -284,6 +288,9 @@ class Agent:
             if pool is not None:
                 pool.set_ready(self.ready())
             await wait_event(stop, 0.5)
+        # The loop's thread ends only when told to or on a configuration it cannot run with (`fatal`); ended any
+        # other way, the process says so and exits non-zero, so a service manager starts it again.
+        died = not stop.is_set() and not thread.is_alive() and self.loop.fatal is None
         self.loop.stop.set()
         self.uploader.stop.set()
         await self._finish_load()  # still serving meanwhile: the other processes may be taking the version too
@@ -312,6 +319,9 @@ class Agent:
             return EXIT_ENROLLMENT
         if fatal is not None:
             return EXIT_CONFIG
+        if died:
+            log.error("the agent's control loop ended unexpectedly (see the error above); agent stopped")
+            return 1
         log.info("agent stopped")
         return 0
 
@@ -417,6 +427,21 @@ def fit_connections(config: AgentConfig, open_files: int) -> AgentConfig:
     return dataclasses.replace(config, max_connections=fitted)
 
 
+@contextlib.contextmanager
+def noted_stop_signals(told: list[int]) -> Iterator[None]:
+    """While in the block, SIGTERM and SIGINT are appended to `told` instead of ending the process (on the main
+    thread; elsewhere signals do not reach Python handlers, and nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, lambda signum, _frame: told.append(signum)) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def run(config: AgentConfig) -> int:
     """Run the agent until it is stopped; return the process exit code."""
     limit_malloc_arenas()  # before any thread allocates: lets idle memory return after large batches
@@ -432,7 +457,18 @@ def run(config: AgentConfig) -> int:
     try:
         agent = Agent(config)
         agent.loop.log_tail = tail
-        agent.reconciler.restore()
+        # A stop asked for while the slots' models load at start-up is kept until the load under way ends (the
+        # asyncio handlers come only with serving): cut in its middle, the next start would take it for a load the
+        # agent died in. The models still to load are not loaded, and the agent stops without serving.
+        told: list[int] = []
+        with noted_stop_signals(told):
+            agent.reconciler.restore(stopping=lambda: bool(told))
+        if told:
+            log.info("stopped by signal %d while loading its models at start-up", told[0])
+            agent.telemetry.close()
+            if agent.vault is not None:
+                agent.vault.close()
+            return 0
         return asyncio.run(agent.serve())
     except ConfigError as exc:
         log.error("%s", exc)

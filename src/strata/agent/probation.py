@@ -30,6 +30,7 @@ class ProbationConfig:
     max_error_rate: float = 0.05
     max_latency_ratio: float = 5.0
     check_interval_s: float = 5.0
+    max_restarts: int = 3  # the agent restarted this often while the version was on probation: a failure
 
     @property
     def enabled(self) -> bool:
@@ -65,9 +66,16 @@ def judge(record: ProbationRecord, counters: ServingCounters | None, config: Pro
     """Decide a probation from the counters of the activation it watches.
 
     Fails as soon as the numbers are damning (errors over the rate with at least `min_errors`, or p95 latency
-    over `max_latency_ratio` x the reference on at least `min_requests` successes); passes when `duration_s` has
-    gone by, or `pass_requests` requests were served, without that.
+    over `max_latency_ratio` x the reference on at least `min_requests` successes), or the agent restarted
+    `max_restarts` times during it; passes when `duration_s` has gone by (since the last restart), or `pass_requests`
+    requests were served, without that.
     """
+    if record.restarts >= config.max_restarts:
+        return Verdict(
+            "failed",
+            f"the agent restarted {record.restarts} times while this version was on probation (a crash in its"
+            " inference?)",
+        )
     requests = counters.requests if counters else 0
     errors = counters.errors if counters else 0
     if errors >= config.min_errors and errors > config.max_error_rate * requests:

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from strata import __version__
@@ -35,7 +35,15 @@ from strata.agent.probation import ProbationConfig, judge, reference_latency
 from strata.agent.repository import LoadedModel, MirrorStopping, ModelRepository
 from strata.agent.runtime import load_and_check, release_free_memory
 from strata.agent.serving import Counted, ServingTracker
-from strata.agent.state import FailureRecord, LoadingRecord, NodeState, ProbationRecord, SlotRef
+from strata.agent.state import (
+    FailureRecord,
+    LoadingRecord,
+    NodeState,
+    ProbationRecord,
+    SlotRef,
+    boot_id,
+    died_loading,
+)
 from strata.agent.store import ArtifactStore
 from strata.agent.supply import SupplyGuard
 from strata.agent.transport import Transport
@@ -127,9 +135,12 @@ class Reconciler:
         probation: ProbationConfig | None = None,
         report_interval_s: float = 0.0,
         supply: SupplyGuard | None = None,
+        boot: str | None = None,
     ) -> None:
         """`supply` checks release signatures and TUF metadata before a package is downloaded, staged and activated
-        (when the node pinned release keys); None skips those checks (tests of the other parts)."""
+        (when the node pinned release keys); None skips those checks (tests of the other parts). `boot`: the kernel's
+        boot id (None: read it), kept in each loading record (`died_loading`)."""
+        self.boot = boot_id() if boot is None else boot
         self.supply = supply
         # Packages TUF vouched for in this converge pass (before their download): their activation in the same
         # pass needs no second check. A new pass (a new poll, a new desired state) checks again.
@@ -173,38 +184,61 @@ class Reconciler:
 
     # --- start-up ---------------------------------------------------------------------------------------
 
-    def restore(self) -> None:
+    def restore(self, stopping: Callable[[], bool] = lambda: False) -> None:
         """Load every model whose slots say it is active, before any network call.
 
         A package that no longer verifies or loads is replaced by its previous slot when that one is good;
         otherwise the model is dropped from the slots and the failure remembered. A load the agent died in last
-        time (its loading record is still in the state) is that version's failure, and it is not loaded again now.
+        time (its loading record is still in the state) is judged by `died_loading`: a version's failure is not
+        loaded again now; a reboot, or a first death in a version the node served, is loaded again. A disk that
+        refuses the state file's writes (full, remounted read-only) does not keep the node from serving what it
+        has: the state is kept in memory and written by a later change. `stopping` is asked between models: the
+        agent was told to stop, and loads no more.
         """
-        died = self._record_died_loading()
+        died, deaths = self._judge_died_loading()
         for name, slots in sorted(self.state.models.items()):
+            if stopping():
+                return
             for slot in (slots.active, slots.previous):
                 if slot is None or slot.digest == died:
                     continue
-                self._mark_loading(LoadingRecord(name, slot.version, slot.variant, slot.digest, self.clock()))
+                died_before = deaths.get(slot.digest, 0)
+                record = LoadingRecord(
+                    name, slot.version, slot.variant, slot.digest, self.clock(), self.boot, True, died_before
+                )
+                self._mark_loading(record)
                 try:
                     self._load(name, slot)
                 except VaultUnavailable:
-                    self._commit(self.state.with_loading(None))
+                    self._keep(self.state.with_loading(None))
                     raise  # nothing can be opened: keep the slots as they are and say why the agent stops
                 except StrataError as exc:
                     log.error("model %s %s (%s) cannot be served: %s", name, slot.version, slot.digest[:19], exc)
                     kind: FailureKind = "policy" if isinstance(exc, PlacementRefused) else "health"
                     failure = self._failure(name, slot.version, slot.variant, str(exc), kind)
-                    self._commit(self.state.with_loading(None).with_failure(slot.digest, failure))
+                    self._keep(self.state.with_loading(None).with_failure(slot.digest, failure))
                     continue
                 state = self.state.with_loading(None)
                 if slot is not slots.active:
                     state = state.with_active(name, slot)
                     log.warning("model %s rolled back to %s at start-up", name, slot.version)
-                self._commit(state)
+                elif (watched := state.probation.get(name)) is not None and watched.digest == slot.digest:
+                    # Its counters start again from zero: so does its window, and the restart is counted.
+                    resumed = replace(watched, started_at=self.clock(), restarts=watched.restarts + 1)
+                    state = state.with_probation(name, resumed)
+                self._keep(state)
                 break
             else:
-                self._commit(self.state.without_model(name))
+                self._keep(self.state.without_model(name))
+
+    def _keep(self, state: NodeState) -> None:
+        """Commit a change that has happened (a start-up's, a rollback's), or keep it in memory when the disk refuses
+        it (a later commit writes it)."""
+        try:
+            self._commit(state)
+        except OSError as exc:
+            log.warning("cannot write the node's state file (%s); serving on, it is written at the next change", exc)
+            self.state = state
 
     def _mark_loading(self, record: LoadingRecord) -> None:
         """Write the loading record before a start-up load; a disk that refuses the write (full, read-only) does not
@@ -216,16 +250,42 @@ class Reconciler:
                 "cannot note the load of %s %s in the state file (%s); loading it", record.model, record.version, exc
             )
 
-    def _record_died_loading(self) -> str | None:
-        """Turn a loading record left in the state (the agent died in that load: killed for its memory, a crash in
-        the runtime) into a failure of that version, with the attempts and retry time of any other failure, so it is
-        reported and not loaded again at once; return its digest (None when the last run died in no load)."""
+    def _judge_died_loading(self) -> tuple[str | None, dict[str, int]]:
+        """Judge a loading record left in the state (`died_loading`): a failure of that version (with the attempts
+        and retry time of any earlier failure, so it is reported and not loaded again at once) returns its digest;
+        a version loaded once more returns how many start-up loads of it the agent died in, for its new record."""
         loading = self.state.loading
         if loading is None:
-            return None
+            return None, {}
+        verdict = died_loading(loading, self.boot)
+        if verdict == "rebooted":
+            log.warning(
+                "the machine restarted while the agent loaded %s %s (a power cut or a reboot): loading it again",
+                loading.model,
+                loading.version,
+            )
+            self._keep(self.state.with_loading(None))
+            return None, {}
+        if verdict == "again":
+            log.warning(
+                "the agent ended while loading %s %s at its last start (stopped or killed): loading it once more;"
+                " ending in its load again makes it a failed version",
+                loading.model,
+                loading.version,
+            )
+            self._keep(self.state.with_loading(None))
+            return None, {loading.digest: loading.deaths + 1}
         reason = "the agent died while loading this package (killed: out of memory? a crash in its runtime?)"
-        self._fail(loading.digest, loading.model, loading.version, loading.variant, reason, "health")
-        return loading.digest
+        previous = self.state.failures.get(loading.digest)
+        log.error(
+            "%s %s (%s) failed, keeping what is active: %s", loading.model, loading.version, loading.variant, reason
+        )
+        failure = replace(
+            self._failure(loading.model, loading.version, loading.variant, reason, "health"),
+            attempts=previous.attempts + 1 if previous else 1,
+        )
+        self._keep(self.state.with_loading(None).with_failure(loading.digest, failure))
+        return loading.digest, {}
 
     def _load(self, name: str, slot: SlotRef) -> None:
         """Load a slot's package and serve it.
@@ -378,7 +438,7 @@ class Reconciler:
             except (SignatureError, MetadataError) as exc:
                 self._fail(digest, model, version, variant, f"refused: {exc}", supply_kind(exc))
                 return
-        record = LoadingRecord(model, version, variant, digest, self.clock())
+        record = LoadingRecord(model, version, variant, digest, self.clock(), self.boot)
         with self._loads:
             if self._stopping:
                 log.info("not loading %s %s (%s): the agent is stopping", model, version, variant)
@@ -539,7 +599,9 @@ class Reconciler:
         previous_failure = state.failures.get(failure_key)
         attempts = previous_failure.attempts + 1 if previous_failure else 1
         failure = FailureRecord(model, record.version, active.variant, reason, self.clock(), attempts, "probation")
-        self._commit(state.with_failure(failure_key, failure))
+        # Kept in memory if the disk refuses it: the repository serves the previous version already, and slots that
+        # still said otherwise would have the next check roll back (and load it) again, every few seconds.
+        self._keep(state.with_failure(failure_key, failure))
         if restored and previous is not None:
             self.serving.reset(model, previous.version, self.clock())
         self.serving.forget(model, keep_version=previous.version if restored and previous is not None else None)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from strata.core.wire import Failure
 
@@ -61,7 +62,9 @@ FailureRecord = Failure
 class ProbationRecord:
     """A fresh activation the node is still watching, and the latency it is judged against.
 
-    Kept in state.json, so a restart during probation carries on (with counters from the restart on).
+    Kept in state.json, so a restart during probation carries on: with counters from the restart on, and so with its
+    window from the restart on (`started_at`; time the agent was down judged nothing), and the restarts counted
+    (`restarts`: a version whose inference kills the agent never counts an error, but makes it restart).
     """
 
     version: str
@@ -69,6 +72,7 @@ class ProbationRecord:
     started_at: float
     reference_p95_ms: float | None = None
     reference: str = "none"
+    restarts: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +81,7 @@ class ProbationRecord:
             "started_at": self.started_at,
             "reference_p95_ms": self.reference_p95_ms,
             "reference": self.reference,
+            "restarts": self.restarts,
         }
 
     @classmethod
@@ -88,6 +93,7 @@ class ProbationRecord:
             started_at=float(raw["started_at"]),
             reference_p95_ms=float(reference) if reference is not None else None,
             reference=str(raw.get("reference", "none")),
+            restarts=max(0, int(raw.get("restarts", 0))),
         )
 
 
@@ -95,13 +101,20 @@ class ProbationRecord:
 class LoadingRecord:
     """The package the agent is loading: written to state.json (fsynced) before the load starts and cleared once it
     succeeded or failed, so one found there at start-up is a load the agent died in (killed for its memory, a crash
-    in the runtime) and becomes that version's failure instead of being loaded again at once."""
+    in the runtime, a stop it did not wait out, a power cut) and is judged by `died_loading`.
+
+    `boot` is the kernel's boot id when the load began ("" where there is none); `startup`: a start-up load of a
+    version in the slots (one the node served), not an activation; `deaths` counts the start-up loads of this package
+    the agent died in just before this one."""
 
     model: str
     version: str
     variant: str
     digest: str
     started_at: float
+    boot: str = ""
+    startup: bool = False
+    deaths: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +123,9 @@ class LoadingRecord:
             "variant": self.variant,
             "digest": self.digest,
             "started_at": self.started_at,
+            "boot": self.boot,
+            "startup": self.startup,
+            "deaths": self.deaths,
         }
 
     @classmethod
@@ -120,7 +136,39 @@ class LoadingRecord:
             variant=str(raw["variant"]),
             digest=str(raw["digest"]),
             started_at=float(raw["started_at"]),
+            boot=str(raw.get("boot", "")),
+            startup=raw.get("startup") is True,
+            deaths=max(0, int(raw.get("deaths", 0))),
         )
+
+
+DiedLoading = Literal["rebooted", "again", "failed"]
+
+
+def died_loading(record: LoadingRecord, boot: str) -> DiedLoading:
+    """What a load the agent died in (its record left in the state) means at the next start.
+
+    - "rebooted": the machine restarted since the load began (another boot id): a power cut or a reboot, not the
+      package's doing; it is loaded again as if nothing happened.
+    - "again": a start-up load of a version the node served (`startup`) that the agent died in once in this boot: a
+      stop that did not wait for the load (a service manager's kill), or something else taking the memory, as likely
+      as the package; loaded once more, and a second death in its load is its failure.
+    - "failed": a new version's activation, or the second death: the version's failure (rolled back from, reported,
+      tried again only after its back-off), so a package that kills the agent is not loaded again at every start.
+    """
+    if record.boot and boot and record.boot != boot:
+        return "rebooted"
+    if record.startup and record.deaths == 0:
+        return "again"
+    return "failed"
+
+
+def boot_id() -> str:
+    """This boot's id (Linux), or an empty string elsewhere."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -154,10 +202,21 @@ class NodeState:
         )
 
     def with_active(self, model: str, slot: SlotRef) -> NodeState:
-        """Slots after activating `slot`: the old active becomes previous (unless it is the same package)."""
+        """Slots after activating `slot`: the old active becomes previous (unless it is the same package), except
+        an old active still on probation when a version before it passed: the one that proved itself stays the
+        version to go back to, and the one never judged is given up (a rollback to it would serve it unjudged)."""
         current = self.models.get(model)
         previous = current.active if current and current.active.digest != slot.digest else None
         if previous is None and current is not None:
+            previous = current.previous
+        watched = self.probation.get(model)
+        if (
+            current is not None
+            and current.previous is not None
+            and current.previous.digest != slot.digest
+            and watched is not None
+            and watched.digest == current.active.digest
+        ):
             previous = current.previous
         models = {**self.models, model: ModelSlots(active=slot, previous=previous)}
         failures = {k: v for k, v in self.failures.items() if k != slot.digest}
