@@ -60,6 +60,23 @@ PackageCheck = Callable[[Path, Mapping[str, str] | None], None]
 the sha256 of each file's plaintext by path (None when the folder holds the plaintext). Raises to refuse."""
 
 
+def _check_manifest(digest: str, data: bytes) -> Manifest:
+    """The manifest `data` holds, once it is checked to be the one `digest` names.
+
+    Raises:
+        VerificationError: the bytes do not hash to the digest, or do not parse to a manifest with it.
+    """
+    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise VerificationError(f"manifest does not hash to {digest}")
+    try:
+        manifest = parse_manifest(data)
+    except PackageError as exc:
+        raise VerificationError(f"manifest of {digest} does not parse: {exc}") from exc
+    if manifest.digest != digest:
+        raise VerificationError(f"manifest names digest {manifest.digest}, expected {digest}")
+    return manifest
+
+
 def digest_hex(digest: str) -> str:
     """`sha256:<hex>` -> `<hex>` (package folder names)."""
     return digest.split(":", 1)[1] if ":" in digest else digest
@@ -133,23 +150,23 @@ class ArtifactStore:
         Raises:
             VerificationError: the bytes do not hash to the digest, or do not parse to a manifest with it.
         """
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise VerificationError(f"manifest does not hash to {digest}")
-        try:
-            manifest = parse_manifest(data)
-        except PackageError as exc:
-            raise VerificationError(f"manifest of {digest} does not parse: {exc}") from exc
-        if manifest.digest != digest:
-            raise VerificationError(f"manifest names digest {manifest.digest}, expected {digest}")
+        manifest = _check_manifest(digest, data)
         write_bytes_atomic(self.manifest_path(digest), data)
         return manifest
 
     def load_manifest(self, digest: str) -> Manifest | None:
-        """The manifest kept for `digest`, verified again; None (and the file removed) when absent or bad."""
+        """The manifest kept for `digest`, verified again (read only: the file is not written again, so a full disk
+        cannot cost a good manifest); None when absent, or bad (the file is removed, to be fetched again).
+
+        Raises:
+            OSError: the file is there but cannot be read (a local I/O problem: it is kept, for a later try).
+        """
         path = self.manifest_path(digest)
         try:
-            return self.save_manifest(digest, path.read_bytes()) if path.exists() else None
-        except (OSError, VerificationError):
+            return _check_manifest(digest, path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except VerificationError:
             path.unlink(missing_ok=True)
             return None
 
@@ -287,6 +304,8 @@ class ArtifactStore:
         Raises:
             PackageError, VerificationError: a piece is missing, the result does not verify, or `check` refused
                 it (what was downloaded for it is discarded, so the next attempt fetches it again).
+            OSError: a local I/O problem, the disk full say: no fault of the package, so it is not counted against
+                it; the staging copy is removed and the verified manifest and pieces are kept for the next try.
             VaultUnavailable: the vault worker cannot start (nothing is discarded).
         """
         target = self.package_dir(digest)
@@ -329,12 +348,10 @@ class ArtifactStore:
             package = verify_package(folder, digest) if self.vault is None else Package(folder, manifest)
             if check is not None:
                 check(folder, None if self.vault is None else hashes)
-        except (OSError, PackageError) as exc:
+        except PackageError:
             shutil.rmtree(staging, ignore_errors=True)
             self._forget_download(blob, digest, used)
-            if isinstance(exc, PackageError):
-                raise
-            raise PackageError(f"cannot assemble {digest}: {exc}") from exc
+            raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
