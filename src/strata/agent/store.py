@@ -5,7 +5,9 @@ Layout under the data folder:
     downloads/pieces/<sha256>[.part]          chunks and small files this node did not hold (resumable)
     downloads/<blob>.ready                    every piece of that package is here (the plan's "downloaded")
     packages/<digest-hex>/                    verified packages (immutable once renamed in)
-    packages/.staging-*                       assembly in progress (removed at start-up)
+    packages/.staging-*                       assembly or sealing in progress (removed at start-up)
+    packages/.unsealed-<digest-hex>/          a package in the clear set aside while its sealed copy is renamed
+                                              in (put back at start-up if a kill came between the two renames)
     state.json                                slots (active, previous) per model, and remembered failures
 
 With a vault (encryption at rest, the default on an enrolled node), package files and downloaded pieces are
@@ -13,7 +15,9 @@ stored sealed with the node's data key (AES-256-GCM, see strata.agent.vault): a 
 memory, and its files are checked against the manifest's hashes after decryption. Manifests stay in the clear
 (names and hashes, not the model). Only the one piece being downloaded is ever plaintext on disk (its `.part`):
 a piece reaches its final name sealed and whole, or not at all, and one of the wrong length there (left by an
-earlier agent, or by encryption at rest being switched) is fetched again.
+earlier agent, or by encryption at rest being switched) is fetched again. A package kept in the clear by an earlier
+run is sealed at start-up into a staging copy that then replaces it whole (`seal_plaintext_packages`); on a full
+disk it stays in the clear, and is opened so, until a later start seals it.
 
 A package is rebuilt from pieces: chunks of large files and small files whole, each named by its sha256. A
 piece already present in a staged package (the previous version, say) is copied from there, so a new version
@@ -60,6 +64,23 @@ PackageCheck = Callable[[Path, Mapping[str, str] | None], None]
 the sha256 of each file's plaintext by path (None when the folder holds the plaintext). Raises to refuse."""
 
 
+def _check_manifest(digest: str, data: bytes) -> Manifest:
+    """The manifest `data` holds, once it is checked to be the one `digest` names.
+
+    Raises:
+        VerificationError: the bytes do not hash to the digest, or do not parse to a manifest with it.
+    """
+    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise VerificationError(f"manifest does not hash to {digest}")
+    try:
+        manifest = parse_manifest(data)
+    except PackageError as exc:
+        raise VerificationError(f"manifest of {digest} does not parse: {exc}") from exc
+    if manifest.digest != digest:
+        raise VerificationError(f"manifest names digest {manifest.digest}, expected {digest}")
+    return manifest
+
+
 def digest_hex(digest: str) -> str:
     """`sha256:<hex>` -> `<hex>` (package folder names)."""
     return digest.split(":", 1)[1] if ":" in digest else digest
@@ -86,6 +107,9 @@ class ArtifactStore:
         self.state_path = data_dir / "state.json"
         self._held: dict[str, tuple[tuple[str, Held], ...]] = {}  # a staged package's pieces, by folder name
         self._held_lock = threading.Lock()
+        # packages that a full disk (or another local I/O error) kept in the clear at start-up: `open` takes their
+        # files unsealed, checked against the manifest as sealed ones are, until a later start seals them
+        self._in_clear: set[str] = set()
         for folder in (self.downloads, self.packages):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -133,23 +157,23 @@ class ArtifactStore:
         Raises:
             VerificationError: the bytes do not hash to the digest, or do not parse to a manifest with it.
         """
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise VerificationError(f"manifest does not hash to {digest}")
-        try:
-            manifest = parse_manifest(data)
-        except PackageError as exc:
-            raise VerificationError(f"manifest of {digest} does not parse: {exc}") from exc
-        if manifest.digest != digest:
-            raise VerificationError(f"manifest names digest {manifest.digest}, expected {digest}")
+        manifest = _check_manifest(digest, data)
         write_bytes_atomic(self.manifest_path(digest), data)
         return manifest
 
     def load_manifest(self, digest: str) -> Manifest | None:
-        """The manifest kept for `digest`, verified again; None (and the file removed) when absent or bad."""
+        """The manifest kept for `digest`, verified again (read only: the file is not written again, so a full disk
+        cannot cost a good manifest); None when absent, or bad (the file is removed, to be fetched again).
+
+        Raises:
+            OSError: the file is there but cannot be read (a local I/O problem: it is kept, for a later try).
+        """
         path = self.manifest_path(digest)
         try:
-            return self.save_manifest(digest, path.read_bytes()) if path.exists() else None
-        except (OSError, VerificationError):
+            return _check_manifest(digest, path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except VerificationError:
             path.unlink(missing_ok=True)
             return None
 
@@ -287,6 +311,8 @@ class ArtifactStore:
         Raises:
             PackageError, VerificationError: a piece is missing, the result does not verify, or `check` refused
                 it (what was downloaded for it is discarded, so the next attempt fetches it again).
+            OSError: a local I/O problem, the disk full say: no fault of the package, so it is not counted against
+                it; the staging copy is removed and the verified manifest and pieces are kept for the next try.
             VaultUnavailable: the vault worker cannot start (nothing is discarded).
         """
         target = self.package_dir(digest)
@@ -329,12 +355,10 @@ class ArtifactStore:
             package = verify_package(folder, digest) if self.vault is None else Package(folder, manifest)
             if check is not None:
                 check(folder, None if self.vault is None else hashes)
-        except (OSError, PackageError) as exc:
+        except PackageError:
             shutil.rmtree(staging, ignore_errors=True)
             self._forget_download(blob, digest, used)
-            if isinstance(exc, PackageError):
-                raise
-            raise PackageError(f"cannot assemble {digest}: {exc}") from exc
+            raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -379,13 +403,16 @@ class ArtifactStore:
         manifest = read_manifest(folder)
         if manifest.digest != digest:
             raise VerificationError(f"package digest is {manifest.digest}, expected {digest}: the manifest was changed")
+        in_clear = digest in self._in_clear
         files: dict[str, bytes] = {}
         for entry in manifest.files:
             path = folder / safe_relative_path(entry.path)
             if path.is_symlink() or not path.is_file():
                 raise VerificationError(f"package file {entry.path} is missing or not a regular file")
             try:
-                data = self.vault.open(file_aad(digest, entry.path), path.read_bytes())
+                data = path.read_bytes()
+                if not in_clear or is_sealed(data):
+                    data = self.vault.open(file_aad(digest, entry.path), data)
             except OSError as exc:
                 raise VerificationError(f"cannot read package file {entry.path}: {exc}") from exc
             except VerificationError as exc:
@@ -396,33 +423,127 @@ class ArtifactStore:
         return Package(path=folder, manifest=manifest), files
 
     def seal_plaintext_packages(self) -> list[str]:
-        """With a vault, seal the staged packages an earlier run kept in the clear (verified first); a package
-        that does not verify is removed. Returns the digests sealed."""
+        """With a vault, seal the staged packages an earlier run kept in the clear. Returns the digests sealed.
+
+        Each package is sealed whole into a staging copy that then replaces it (`_seal_package`): a kill -9 at any
+        instant leaves it whole in the clear or whole sealed, never a mix that opens neither way. A package with
+        any file in the clear is sealed, so one that an older agent left half-sealed (it sealed in place, file by
+        file, and looked only at the first) is made whole. Only a package that does not verify is removed: one
+        that cannot be sealed for a local I/O error (a full disk) stays in the clear, with a warning, and `open`
+        takes it as it is until a later start seals it; the active and previous versions are not lost to it.
+
+        Raises:
+            VaultUnavailable: the vault worker cannot start (the package being sealed is left as it was).
+        """
         if self.vault is None:
             return []
+        self._restore_set_aside()
         sealed = []
         for folder in sorted(self.packages.iterdir()):
             if folder.name.startswith(".") or not folder.is_dir():
                 continue
+            digest = "sha256:" + folder.name
             try:
-                manifest = read_manifest(folder)
-                first = manifest.files[0] if manifest.files else None
-                if first is None:
+                if not self._seal_package(self.vault, folder, digest):
                     continue
-                with (folder / first.path).open("rb") as fh:
-                    if is_sealed(fh.read(len(MAGIC))):
-                        continue
-                verify_package(folder, manifest.digest)
-                for entry in manifest.files:
-                    path = folder / entry.path
-                    write_bytes_atomic(path, self.vault.seal(file_aad(manifest.digest, entry.path), path.read_bytes()))
-            except (OSError, PackageError):
+            except PackageError as exc:  # VerificationError too
+                log.warning("package %s kept in the clear does not verify, removed: %s", digest[:19], exc)
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
-            sealed.append(manifest.digest)
+            except OSError as exc:
+                log.warning(
+                    "cannot seal package %s kept in the clear (%s): it stays in the clear until a later start",
+                    digest[:19],
+                    exc,
+                )
+                self._in_clear.add(digest)
+                continue
+            self._in_clear.discard(digest)
+            sealed.append(digest)
         return sealed
 
+    def _seal_package(self, vault: Vault, folder: Path, digest: str) -> bool:
+        """Seal the files of package `folder` that are in the clear; False when every one is sealed already.
+
+        Every file is read, opened when sealed, and checked against the manifest in memory, then written sealed
+        into a staging folder beside the packages (the manifest copied, nothing else), which is renamed in place
+        of the package (`_swap_in`). Until that rename the package is untouched.
+
+        Raises:
+            PackageError, VerificationError: the package does not verify (a sealed file that does not open with
+                this node's key among them).
+            OSError: a local I/O problem (the staging copy is removed; the package is as it was).
+        """
+        manifest = read_manifest(folder)
+        if manifest.digest != digest:
+            raise VerificationError(f"package digest is {manifest.digest}, expected {digest}: the manifest was changed")
+        paths = {entry.path: folder / safe_relative_path(entry.path) for entry in manifest.files}
+        heads = {}
+        for name, path in paths.items():
+            if path.is_symlink() or not path.is_file():
+                raise VerificationError(f"package file {name} is missing or not a regular file")
+            with path.open("rb") as fh:
+                heads[name] = is_sealed(fh.read(len(MAGIC)))
+        if all(heads.values()):
+            return False  # sealed (or no files): `open` checks it when it is used
+        if not any(heads.values()):
+            verify_package(folder, digest)  # all in the clear: checked as a package without a vault is
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.packages))
+        try:
+            staged = staging / "p"
+            staged.mkdir()
+            write_bytes_atomic(staged / MANIFEST_NAME, (folder / MANIFEST_NAME).read_bytes())
+            for entry in manifest.files:
+                data = paths[entry.path].read_bytes()
+                aad, sealed = file_aad(digest, entry.path), is_sealed(data)
+                plain = vault.open(aad, data) if sealed else data
+                if len(plain) != entry.size or hashlib.sha256(plain).hexdigest() != entry.sha256:
+                    raise VerificationError(f"package file {entry.path} does not match its manifest")
+                if entry.path == manifest.model_file:
+                    check_model_references(manifest, plain)
+                out_path = staged / safe_relative_path(entry.path)
+                out_path.parent.mkdir(parents=True, exist_ok=True)
+                write_bytes_atomic(out_path, data if sealed else vault.seal(aad, plain))
+            self._swap_in(staged, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return True
+
+    def _swap_in(self, staged: Path, folder: Path) -> None:
+        """Put the complete folder `staged` in place of package `folder`.
+
+        A folder cannot be renamed over one that is not empty, so the package is first renamed aside (to
+        `.unsealed-<name>`, still whole) and `staged` renamed to its name; the aside copy is removed last. A kill
+        between the two renames leaves no package under its name, but `_restore_set_aside` (at start-up, before
+        anything reads the packages) puts the aside one back: the instant costs the sealing, never the package.
+        """
+        aside = self.packages / f".unsealed-{folder.name}"
+        shutil.rmtree(aside, ignore_errors=True)  # a leftover from a kill after the swap, before its removal
+        folder.rename(aside)
+        try:
+            staged.rename(folder)
+        except OSError:
+            aside.rename(folder)
+            raise
+        fsync_dir(self.packages)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def _restore_set_aside(self) -> None:
+        """Finish what a kill inside `_swap_in` interrupted: a package set aside whose sealed copy never reached its
+        name is put back (in the clear, to be sealed again); one whose sealed copy did is removed."""
+        restored = False
+        for aside in self.packages.glob(".unsealed-*"):
+            folder = self.packages / aside.name.removeprefix(".unsealed-")
+            if folder.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                aside.rename(folder)
+                restored = True
+        if restored:
+            fsync_dir(self.packages)
+
     def discard(self, digest: str) -> None:
+        self._in_clear.discard(digest)
         shutil.rmtree(self.package_dir(digest), ignore_errors=True)
 
     def clean_interrupted(self) -> None:
@@ -430,6 +551,7 @@ class ArtifactStore:
 
         Only safe while holding the data-folder lock (no other process is staging here).
         """
+        self._restore_set_aside()
         for entry in self.packages.iterdir():
             if entry.name.startswith(".staging-"):
                 shutil.rmtree(entry, ignore_errors=True)
