@@ -86,7 +86,7 @@ def parse_waves(text: str) -> tuple[WaveSpec, ...]:
     """`1%,10%,50%,100%` or `5,50,100%` -> waves; a last wave of 100% is added when missing.
 
     Raises:
-        ConfigError: a term that is not a positive number or percentage, or targets that do not grow.
+        ConfigError: a term that is not a positive finite number or percentage, or targets that do not grow.
     """
     waves: list[WaveSpec] = []
     for term in filter(None, (t.strip() for t in text.split(","))):
@@ -95,6 +95,8 @@ def parse_waves(text: str) -> tuple[WaveSpec, ...]:
             amount = float(term[:-1] if percent else term)
         except ValueError:
             raise ConfigError(f"wave {term!r} is not a count or a percentage") from None
+        if not math.isfinite(amount):  # nan passes every range check below, and neither plans as a wave size
+            raise ConfigError(f"wave {term!r} must be a finite count or percentage")
         if amount <= 0 or (percent and amount > 100) or (not percent and amount != int(amount)):
             raise ConfigError(f"wave {term!r} must be a whole count above 0 or a percentage in (0, 100]")
         waves.append(WaveSpec(amount, percent))
@@ -130,8 +132,8 @@ class RolloutSpec:
             raise ConfigError(f"--on-failure must be one of {list(ON_FAILURE)}, got {self.on_failure!r}")
         if self.max_unavailable is not None and self.max_unavailable < 1:
             raise ConfigError("--max-unavailable must be at least 1")
-        if self.bake_s < 0 or self.wave_deadline_s < 0:
-            raise ConfigError("bake time and wave deadline must not be negative")
+        if not (self.bake_s >= 0 and self.wave_deadline_s >= 0):  # nan compares false with everything
+            raise ConfigError("bake time and wave deadline must be numbers, not negative")
         if not self.waves:
             raise ConfigError("a rollout needs at least one wave")
 

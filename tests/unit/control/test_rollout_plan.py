@@ -109,6 +109,20 @@ def test_waves_parse_grow_and_end_at_everyone() -> None:
     assert WaveSpec(1, True).target(0) == 0
 
 
+@pytest.mark.parametrize("bad", ["nan%", "1%,nan%", "nan", "inf", "-inf%", "1e400", "1e400%"])
+def test_a_wave_that_is_not_a_finite_number_is_a_config_error(bad: str) -> None:
+    # nan% passed every range check, was stored, and then raised ValueError at the rollout's first step; nan, inf
+    # and 1e400 raised ValueError or OverflowError (a 500) instead of the 400 a bad wave gets.
+    with pytest.raises(ConfigError, match="wave"):
+        parse_waves(bad)
+
+
+def test_a_bake_time_or_deadline_that_is_not_a_number_is_a_config_error() -> None:
+    for fields in ({"bake_s": float("nan")}, {"wave_deadline_s": float("nan")}):
+        with pytest.raises(ConfigError):
+            RolloutSpec(**fields)  # type: ignore[arg-type]
+
+
 def test_early_waves_spread_across_regions_tiers_and_profiles_and_prefer_online_nodes() -> None:
     observations = list(fleet(60).values())
     observations[0] = replace(observations[0], online=False)
