@@ -15,7 +15,8 @@ healthy for the bake time, or failed, or, once the wave's deadline has passed, s
 nodes get the version whenever they return, and do not hold the wave). Then the gates (`strata.control.gates`)
 judge it: all pass and the next wave starts (the last one finishes the rollout); one fails and the rollout rolls
 back (every node returns to what it had) or pauses, recording the gate and its numbers. An activation success
-rate that can no longer pass stops the rollout at once.
+rate that can no longer pass stops the rollout at once; it counts the nodes of every wave so far too, so a node
+whose probation rolls back after its wave passed still counts against the rollout.
 
 No clock, no I/O: the control plane's driver loads the rollout and the node observations from its database, and
 the fleet simulator keeps them in memory; both run this same code.
@@ -674,17 +675,25 @@ def _release(state: RolloutState, observations: Mapping[str, NodeObservation], n
     return [Release(tuple(chosen), now)] if chosen else []
 
 
-def _outcomes(state: RolloutState, wave: int) -> tuple[int, int, int]:
-    """(members, activated, failed) of one wave."""
-    activated, failed = state._index.settled.get(wave, (0, 0))
-    return len(state.members(wave)), activated, failed
+def _outcomes(state: RolloutState, waves: range) -> tuple[int, int, int]:
+    """(members, activated, failed) of these waves, as their nodes stand now."""
+    members = activated = failed = 0
+    for wave in waves:
+        wave_activated, wave_failed = state._index.settled.get(wave, (0, 0))
+        members += len(state.members(wave))
+        activated += wave_activated
+        failed += wave_failed
+    return members, activated, failed
 
 
 def _population(
     state: RolloutState, observations: Mapping[str, NodeObservation], wave: int, with_serving: bool
 ) -> Population:
-    """The wave's evidence; the serving samples (a pass over every node) only when the gates are judged."""
-    members, activated, failed = _outcomes(state, wave)
+    """The wave's evidence, with the earlier waves' activations (a node of an earlier wave may fail after its wave
+    passed: its probation rolls back); the serving samples (a pass over every node) only when the gates are
+    judged."""
+    members, activated, failed = _outcomes(state, range(wave, wave + 1))
+    earlier_members, earlier_activated, earlier_failed = _outcomes(state, range(wave))
     canary: list[ServingSample] = []
     baseline: list[ServingSample] = []
     drift: list[DriftFigure] = []
@@ -719,6 +728,9 @@ def _population(
         drift_referenced=referenced,
         min_drift_requests=state.spec.min_drift_requests,
         baseline_nodes=baseline_nodes,
+        earlier_members=earlier_members,
+        earlier_activated=earlier_activated,
+        earlier_failed=earlier_failed,
     )
 
 

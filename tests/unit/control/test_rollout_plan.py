@@ -293,6 +293,30 @@ def test_a_probation_rollback_counts_as_a_failure_and_as_having_run_it() -> None
     assert "probation" in state.nodes[victim].failure
 
 
+def test_a_canary_that_fails_its_probation_after_its_wave_passed_still_counts_against_the_rollout() -> None:
+    # Only the current wave's nodes were counted: a wave-1 node whose probation rolled back once wave 2 had started
+    # was marked failed, and the rollout then succeeded with "10 of 10 nodes that tried activated it".
+    observations = fleet(12)
+    state = step(rollout("2,100%"), observations, 0.0)
+    first, late = sorted(state.released)
+    take(observations, state)
+    observations[late] = replace(observations[late], probation="running")
+    state = step(state, observations, 540.0)  # the first canary is healthy; the second passes its probation...
+    observations[late] = replace(observations[late], probation="passed")
+    state = step(step(state, observations, 550.0), observations, 610.0)
+    assert (state.status, state.wave, len(state.released)) == ("running", 1, 12)
+    rollback = Failure("digits", "2", "v", "probation failed: p95 latency 30 ms is 6.0x", 611.0, kind="probation")
+    observations[late] = replace(observations[late], version="1", failure=rollback)  # ...and rolls back later
+    take(observations, replace(state, nodes={n: a for n, a in state.nodes.items() if n not in (first, late)}))
+    state = step(state, observations, 611.0)
+    assert state.nodes[late].state == "failed"
+    assert state.status == "rolled_back"  # 11 of 12 at best: under 0.95, whatever wave 2 does
+    assert state.failed_gate is not None
+    assert state.failed_gate.gate.metric == "activation_success_rate"
+    assert "over every wave so far" in state.failed_gate.detail
+    assert "would be 0.917" in state.failed_gate.detail
+
+
 def test_latency_and_error_gates_compare_canary_with_baseline_per_profile() -> None:
     observations = fleet(30)
     state = step(rollout("6,100%", on_failure="pause"), observations, 0.0)
