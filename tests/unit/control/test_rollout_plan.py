@@ -234,6 +234,85 @@ def test_offline_nodes_stop_holding_a_wave_at_its_deadline_and_stay_released() -
     assert state.nodes[late].outcome(state.status) == "unconfirmed"  # not "updating": the rollout is over
 
 
+def test_past_the_deadline_online_nodes_updating_or_waiting_for_max_unavailable_still_hold_the_wave() -> None:
+    # Every unfinished node stopped holding the wave at its deadline: the rollout succeeded with 2 of 20 nodes
+    # healthy, and the 16 that --max-unavailable had held back were then all sent the version at once, unjudged.
+    observations = fleet(20)
+    state = step(rollout("100%", max_unavailable=2), observations, 0.0)
+    take(observations, state)
+    state = step(state, observations, 10.0)  # healthy; two more are released, and stay online on 1
+    state = step(state, observations, 600.0)  # the deadline
+    assert (state.status, len(state.released)) == ("running", 4)
+    assert state.message == (
+        "wave 1: 2 updating, 16 waiting for release (--max-unavailable 2); past its deadline, only offline nodes stop"
+        " holding it"
+    )
+    for node_id in state.released:  # the slow ones go offline: they stop holding it, and make room
+        if observations[node_id].version == "1":
+            observations[node_id] = replace(observations[node_id], online=False)
+    state = step(state, observations, 601.0)
+    assert (state.status, len(state.released)) == ("running", 6)
+
+
+def test_past_the_deadline_nodes_on_probation_hold_the_wave_and_their_rollbacks_are_judged() -> None:
+    observations = fleet(10)
+    state = step(rollout("100%"), observations, 0.0)
+    take(observations, state, probation="running")
+    state = step(state, observations, 600.0)
+    assert state.status == "running"  # it succeeded, and the rollbacks that followed were never judged
+    assert state.message.startswith("wave 1: 10 on probation; past its deadline")
+    late = sorted(state.released)[:3]
+    rollback = Failure("digits", "2", "v", "probation failed: errors 30%", 601.0, kind="probation")
+    for node_id in late:
+        observations[node_id] = replace(observations[node_id], version="1", failure=rollback)
+    state = step(state, observations, 601.0)
+    assert state.status == "rolled_back"
+
+
+def test_a_node_healthy_only_after_the_deadline_counts_once_it_has_baked() -> None:
+    # It was left out of the count: the wave read "no node has been reachable yet" for ever.
+    observations = fleet(50)
+    state = step(rollout("1,100%"), observations, 0.0)
+    [canary] = state.released
+    observations[canary] = replace(observations[canary], online=False)
+    state = step(state, observations, 10.0)
+    observations[canary] = replace(observations[canary], online=True)
+    take(observations, state)
+    state = step(state, observations, 700.0)  # back after the deadline, healthy
+    assert state.message == "wave 1: 1 baking; past its deadline, only offline nodes stop holding it"
+    state = step(state, observations, 760.0)
+    assert (state.status, state.wave) == ("running", 1)
+
+    # A deadline shorter than an activation (0 is allowed) hung every rollout the same way.
+    observations = fleet(10)
+    quick = rollout("2,100%")
+    state = step(replace(quick, spec=replace(quick.spec, wave_deadline_s=0.0)), observations, 0.0)
+    take(observations, state, probation="running")
+    state = step(state, observations, 30.0)
+    take(observations, state)
+    state = step(state, observations, 90.0)
+    state = step(state, observations, 150.0)
+    assert (state.status, state.wave) == ("running", 1)
+
+
+@pytest.mark.parametrize(("on_no_data", "status", "wave"), [("hold", "rolled_back", 0), ("pass", "running", 1)])
+def test_a_wave_whose_nodes_are_all_gone_or_offline_at_its_deadline_goes_by_the_no_data_policy(
+    on_no_data: str, status: str, wave: int
+) -> None:
+    # It waited for ever ("no node has been reachable yet").
+    observations = fleet(50)
+    state = step(rollout("2,100%", on_no_data=on_no_data), observations, 0.0)
+    gone, offline = sorted(state.released)
+    del observations[gone]  # revoked, or its labels no longer match
+    observations[offline] = replace(observations[offline], online=False)
+    state = step(state, observations, 10.0)
+    assert state.status == "running"
+    state = step(state, observations, 600.0)
+    assert (state.status, state.wave) == (status, wave)
+    activation = next(r for r in state.gate_results if r.gate.metric == "activation_success_rate")
+    assert activation.verdict == ("fail_no_data" if on_no_data == "hold" else "pass_no_data")
+
+
 def test_a_finished_rollout_says_what_its_nodes_ended_as_not_where_they_stood() -> None:
     pending = NodeAssignment("p", 0, "1")
     released = replace(pending, released_at=1.0)
