@@ -289,7 +289,8 @@ class RolloutService:
         return self._transition(rollout_id, ("running",), "paused", "paused by the operator")
 
     def resume(self, rollout_id: str) -> RolloutView:
-        """Carry on a paused rollout (after a failed gate too: the gates judge the wave again when it settles).
+        """Carry on a paused rollout (after a failed gate too: the gates judge the wave again when it settles). The
+        wave's deadline starts again from the resume.
 
         Raises:
             NotFound: no such rollout.
@@ -333,6 +334,10 @@ class RolloutService:
                 )
                 if status == "running":
                     row.failed_gate = None
+                    if row.wave_started_at is not None:
+                        # The wave's deadline counts from the resume: a wave paused for want of data by its deadline
+                        # (or paused past it) was failed again in the resume's own step, with no time to settle.
+                        row.wave_started_at = self._clock()
                 if status == "aborted":
                     row.finished_at = self._clock()
             self._feed.bump()

@@ -321,6 +321,31 @@ def test_a_wave_that_is_not_a_number_is_refused_and_a_rollout_that_cannot_step_s
     assert rollout(registry, broken)["wave"] == 1
 
 
+def test_a_resumed_wave_gets_a_new_deadline_and_is_judged_again_when_it_settles(registry: Harness) -> None:
+    # Its deadline stayed where it was: a wave paused for want of data by its deadline was paused again in the
+    # resume's own step, whatever its nodes did next.
+    fleet = Fleet(registry, 4)
+    registry.deploy("digits", "1")
+    fleet.converge()
+    rid = create(registry, waves="1", wave_deadline_seconds=600, on_failure="pause")["id"]
+    quiet = {name: {"requests": 3} for name in fleet.nodes}
+    fleet.converge(**quiet)
+    registry.plane.rollouts.tick()
+    registry.clock.advance(601)
+    registry.plane.rollouts.tick()
+    paused = rollout(registry, rid)
+    assert paused["status"] == "paused"
+    assert paused["failed_gate"]["verdict"] == "fail_no_data"
+    resumed = registry.client.post(f"/v1/rollouts/{rid}/resume", headers=registry.admin).json()
+    assert (resumed["status"], resumed["wave"]) == ("running", 1)
+    assert resumed["wave_started_at"] == registry.clock.now
+    fleet.converge()  # traffic now
+    registry.plane.rollouts.tick()
+    registry.clock.advance(61)
+    registry.plane.rollouts.tick()
+    assert (rollout(registry, rid)["status"], rollout(registry, rid)["wave"]) == ("running", 2)
+
+
 def test_a_pin_holds_its_node_and_the_rollout_leaves_it_out(registry: Harness) -> None:
     fleet = Fleet(registry, 3)
     registry.deploy("digits", "1")
