@@ -63,6 +63,8 @@ async def _drive_rollouts_forever(plane: ControlPlane) -> None:
             log.warning("rollout step failed, will retry: %s", exc)
         except StrataError as exc:
             log.error("rollout step failed: %s", exc)
+        except Exception:  # a bug: logged with its traceback; ending this task would stop every rollout for good
+            log.exception("rollout step failed, will retry")
 
 
 async def _sweep_forever(plane: ControlPlane, stop: threading.Event) -> None:

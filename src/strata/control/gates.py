@@ -5,7 +5,9 @@ A gate is `metric OP threshold` (`p95_latency_ratio<=1.5`). The metrics compare 
 
     activation_success_rate  of the wave's nodes that tried, the share that activated the version and passed
                              the node's probation (load failures, golden-check failures and probation rollbacks
-                             count against it; nodes a policy keeps out do not count at all)
+                             count against it; nodes a policy keeps out do not count at all); the same share
+                             over every wave so far counts too, the lower of the two: a node of an earlier wave
+                             that fails after its wave passed (a probation rollback) still counts against it
     error_rate               inference errors / requests over the canary nodes, as the nodes' serving counters
                              count them: the requests a node took on (neither malformed nor shed by admission
                              control) and those of them the model or the node failed; the telemetry API's
@@ -170,6 +172,8 @@ class DriftFigure:
 class Population:
     """A wave's evidence: how its nodes' activations went, and how canary and baseline nodes serve.
 
+    `earlier_members`, `earlier_activated`, `earlier_failed`: the same counts over the waves before this one (as
+    they stand now: a node of an earlier wave may fail after its wave passed).
     `drift_referenced`: the version's package carries drift references (else the drift gate does not apply).
     `baseline_nodes`: nodes still on an earlier version, whatever their traffic (with none, and none recorded,
     latency has nothing to compare with).
@@ -186,6 +190,9 @@ class Population:
     drift_referenced: bool = False
     min_drift_requests: int = 100
     baseline_nodes: int = 1
+    earlier_members: int = 0
+    earlier_activated: int = 0
+    earlier_failed: int = 0
 
     def usable(self, samples: Iterable[ServingSample]) -> list[ServingSample]:
         return [s for s in samples if s.counters.requests >= self.min_requests]
@@ -230,14 +237,30 @@ class Measure:
 
 
 def activation_success_rate(population: Population) -> Measure:
+    """The wave's share, or the share over every wave so far when that is lower (only an earlier wave's failures
+    can make it so)."""
     tried = population.activated + population.failed
-    if not tried:
-        return Measure(None, f"no node has tried the version yet (wave of {population.wave_members})")
-    return Measure(
-        population.activated / tried,
+    wave = (
         f"{population.activated} of {plural(tried, 'node')} that tried activated it "
-        f"({population.failed} failed; wave of {population.wave_members})",
+        f"({population.failed} failed; wave of {population.wave_members})"
+        if tried
+        else f"no node has tried the version yet (wave of {population.wave_members})"
     )
+    if population.earlier_failed:
+        activated = population.activated + population.earlier_activated
+        all_tried = tried + population.earlier_activated + population.earlier_failed
+        members = population.wave_members + population.earlier_members
+        rate = activated / all_tried
+        if not tried or rate < population.activated / tried:
+            return Measure(
+                rate,
+                f"{activated} of {plural(all_tried, 'node')} that tried activated it over every wave so far "
+                f"({population.failed + population.earlier_failed} failed; {plural(members, 'node')}); this wave: "
+                f"{wave}",
+            )
+    if not tried:
+        return Measure(None, wave)
+    return Measure(population.activated / tried, wave)
 
 
 def error_rate(population: Population) -> Measure:
@@ -409,15 +432,26 @@ def doomed(gates: Iterable[Gate], population: Population, wave: int) -> GateResu
     """A gate the wave can no longer pass whatever its remaining nodes do, so the rollout may stop at once.
 
     Only the activation success rate can be known early: if every node still to try succeeded and the rate would
-    still miss the threshold, waiting longer would only put the version on more nodes.
+    still miss the threshold, over the wave or over every wave so far, waiting longer would only put the version on
+    more nodes.
     """
     for gate in gates:
         if gate.metric != "activation_success_rate" or gate.op not in (">=", ">"):
             continue
-        members = population.wave_members
-        if not members or not population.failed:
+        bests = [
+            (members - failed) / members
+            for members, failed in (
+                (population.wave_members, population.failed),
+                (
+                    population.wave_members + population.earlier_members,
+                    population.failed + population.earlier_failed,
+                ),
+            )
+            if members and failed
+        ]
+        if not bests:
             continue
-        best = (members - population.failed) / members
+        best = min(bests)
         if not gate.holds(best):
             measure = activation_success_rate(population)
             return GateResult(

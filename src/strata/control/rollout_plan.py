@@ -11,11 +11,15 @@ When wave k starts its nodes are released: the desired-state rule gives released
 everyone else what they had (`max_unavailable` limits how many online nodes update at once). A released node is
 healthy once it reports the version active with its probation passed; it failed if it reports a failure of the
 version (a load or golden-check failure, or a probation rollback). The wave settles when each of its nodes is
-healthy for the bake time, or failed, or, once the wave's deadline has passed, still has not answered (offline
-nodes get the version whenever they return, and do not hold the wave). Then the gates (`strata.control.gates`)
-judge it: all pass and the next wave starts (the last one finishes the rollout); one fails and the rollout rolls
-back (every node returns to what it had) or pauses, recording the gate and its numbers. An activation success
-rate that can no longer pass stops the rollout at once.
+healthy for the bake time (whenever it became so), or failed, or, once the wave's deadline has passed, is offline
+or gone (offline nodes get the version whenever they return, and do not hold the wave; online nodes still
+updating, on probation or not released yet because of `max_unavailable` hold it past the deadline too). A wave
+with nothing to judge at its deadline goes to the gates, whose no-data policy decides. Then the gates
+(`strata.control.gates`) judge it: all pass and the next wave starts (the last one finishes the rollout); one
+fails and the rollout rolls back (every node returns to what it had) or pauses, recording the gate and its
+numbers. An activation success
+rate that can no longer pass stops the rollout at once; it counts the nodes of every wave so far too, so a node
+whose probation rolls back after its wave passed still counts against the rollout.
 
 No clock, no I/O: the control plane's driver loads the rollout and the node observations from its database, and
 the fleet simulator keeps them in memory; both run this same code.
@@ -86,7 +90,7 @@ def parse_waves(text: str) -> tuple[WaveSpec, ...]:
     """`1%,10%,50%,100%` or `5,50,100%` -> waves; a last wave of 100% is added when missing.
 
     Raises:
-        ConfigError: a term that is not a positive number or percentage, or targets that do not grow.
+        ConfigError: a term that is not a positive finite number or percentage, or targets that do not grow.
     """
     waves: list[WaveSpec] = []
     for term in filter(None, (t.strip() for t in text.split(","))):
@@ -95,6 +99,8 @@ def parse_waves(text: str) -> tuple[WaveSpec, ...]:
             amount = float(term[:-1] if percent else term)
         except ValueError:
             raise ConfigError(f"wave {term!r} is not a count or a percentage") from None
+        if not math.isfinite(amount):  # nan passes every range check below, and neither plans as a wave size
+            raise ConfigError(f"wave {term!r} must be a finite count or percentage")
         if amount <= 0 or (percent and amount > 100) or (not percent and amount != int(amount)):
             raise ConfigError(f"wave {term!r} must be a whole count above 0 or a percentage in (0, 100]")
         waves.append(WaveSpec(amount, percent))
@@ -130,8 +136,8 @@ class RolloutSpec:
             raise ConfigError(f"--on-failure must be one of {list(ON_FAILURE)}, got {self.on_failure!r}")
         if self.max_unavailable is not None and self.max_unavailable < 1:
             raise ConfigError("--max-unavailable must be at least 1")
-        if self.bake_s < 0 or self.wave_deadline_s < 0:
-            raise ConfigError("bake time and wave deadline must not be negative")
+        if not (self.bake_s >= 0 and self.wave_deadline_s >= 0):  # nan compares false with everything
+            raise ConfigError("bake time and wave deadline must be numbers, not negative")
         if not self.waves:
             raise ConfigError("a rollout needs at least one wave")
 
@@ -672,17 +678,25 @@ def _release(state: RolloutState, observations: Mapping[str, NodeObservation], n
     return [Release(tuple(chosen), now)] if chosen else []
 
 
-def _outcomes(state: RolloutState, wave: int) -> tuple[int, int, int]:
-    """(members, activated, failed) of one wave."""
-    activated, failed = state._index.settled.get(wave, (0, 0))
-    return len(state.members(wave)), activated, failed
+def _outcomes(state: RolloutState, waves: range) -> tuple[int, int, int]:
+    """(members, activated, failed) of these waves, as their nodes stand now."""
+    members = activated = failed = 0
+    for wave in waves:
+        wave_activated, wave_failed = state._index.settled.get(wave, (0, 0))
+        members += len(state.members(wave))
+        activated += wave_activated
+        failed += wave_failed
+    return members, activated, failed
 
 
 def _population(
     state: RolloutState, observations: Mapping[str, NodeObservation], wave: int, with_serving: bool
 ) -> Population:
-    """The wave's evidence; the serving samples (a pass over every node) only when the gates are judged."""
-    members, activated, failed = _outcomes(state, wave)
+    """The wave's evidence, with the earlier waves' activations (a node of an earlier wave may fail after its wave
+    passed: its probation rolls back); the serving samples (a pass over every node) only when the gates are
+    judged."""
+    members, activated, failed = _outcomes(state, range(wave, wave + 1))
+    earlier_members, earlier_activated, earlier_failed = _outcomes(state, range(wave))
     canary: list[ServingSample] = []
     baseline: list[ServingSample] = []
     drift: list[DriftFigure] = []
@@ -717,40 +731,63 @@ def _population(
         drift_referenced=referenced,
         min_drift_requests=state.spec.min_drift_requests,
         baseline_nodes=baseline_nodes,
+        earlier_members=earlier_members,
+        earlier_activated=earlier_activated,
+        earlier_failed=earlier_failed,
     )
 
 
 def _settled(state: RolloutState, wave: int, observations: Mapping[str, NodeObservation], now: float) -> str | None:
-    """None when wave `wave` is settled, else what it still waits for."""
+    """None when wave `wave` is settled, else what it still waits for.
+
+    Every healthy member bakes until `healthy_at + bake_s`, whenever it became healthy: one that became so only
+    after the deadline (back from offline, a deadline shorter than an activation) counts once it has baked; it was
+    left out, and a wave of such nodes waited for ever. A member neither healthy nor failed holds the wave while it
+    is online, whether it updates, is on probation or is not released yet (`--max-unavailable`), before the
+    deadline and after: past it, they all stopped holding it, and the rollout went on (or succeeded) without them,
+    sending the unreleased ones the version all at once, unjudged. Only an offline or gone member stops holding it
+    at the deadline. Online members of earlier waves still not released (`--max-unavailable`) hold it too: the
+    end of the rollout would give them the version at once.
+    """
     started = state.wave_started_at if state.wave_started_at is not None else now
-    deadline = started + state.spec.wave_deadline_s
-    past_deadline = now >= deadline
+    past_deadline = now >= started + state.spec.wave_deadline_s
     index = state._index
-    # Healthy members, by when they became so: a straggler that caught up after the deadline does not hold the
-    # wave again; the others bake until `healthy_at + bake_s`.
+    # Healthy members, sorted by when they became so, and so by when their bake ends.
     healthy = index.healthy.get(wave, [])
-    counted = bisect.bisect_left(healthy, deadline) if past_deadline else len(healthy)
-    resolved_healthy = bisect.bisect_right(healthy, now, hi=counted, key=lambda at: at + state.spec.bake_s)
-    baking = counted - resolved_healthy
-    updating = probation = offline = 0
-    for assignment in () if past_deadline else index.unsettled.get(wave, {}).values():
+    baked = bisect.bisect_right(healthy, now, key=lambda at: at + state.spec.bake_s)
+    baking = len(healthy) - baked
+    updating = probation = unreleased = offline = 0
+    for assignment in index.unsettled.get(wave, {}).values():
         node = observations.get(assignment.node_id)
         if node is None or not node.online:
-            offline += 1
+            offline += not past_deadline
+        elif assignment.released_at is None:
+            unreleased += 1
         elif node.version == state.version and node.probation == "running":
             probation += 1
         else:
             updating += 1
-    if baking or updating or probation or offline:
-        counts = ((updating, "updating"), (probation, "on probation"), (baking, "baking"), (offline, "offline"))
+    if state.spec.max_unavailable is not None:  # without a limit every waiting node is released at once
+        for earlier in range(wave):
+            for assignment in index.waiting.get(earlier, {}).values():
+                node = observations.get(assignment.node_id)
+                unreleased += node is not None and node.online
+    if baking or updating or probation or unreleased or offline:
+        counts = (
+            (updating, "updating"),
+            (probation, "on probation"),
+            (unreleased, f"waiting for release (--max-unavailable {state.spec.max_unavailable})"),
+            (baking, "baking"),
+            (offline, "offline"),
+        )
         parts = [f"{n} {what}" for n, what in counts if n]
-        deadline_in = duration(state.spec.wave_deadline_s)
-        until = "" if past_deadline else f"; offline nodes stop holding it {deadline_in} after it started"
+        if past_deadline:
+            until = "; past its deadline, only offline nodes stop holding it"
+        else:
+            until = f"; offline nodes stop holding it {duration(state.spec.wave_deadline_s)} after it started"
         return f"wave {wave + 1}: {', '.join(parts)}{until}"
-    members = state.members(wave)
-    _, failed = index.settled.get(wave, (0, 0))
-    if members and not resolved_healthy and not failed:
-        return f"wave {wave + 1}: no node has been reachable yet (wave of {len(members)})"
+    # Settled. A wave with nothing to judge (every member offline or gone at its deadline) goes to the gates too:
+    # their no-data policy decides, as for any gate without data by the deadline.
     return None
 
 

@@ -20,14 +20,16 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
 from strata.control.db import Database, ModelVersion, Node, Rollout, RolloutNode, runnable_version
 from strata.control.eligibility_rule import ActiveDeployment, FleetNode, observe_fleet
 from strata.control.entries import fleet_node, is_online, release_of
+from strata.control.errors import StoreError
 from strata.control.events import NewEvent, record_event, rollout_events
 from strata.control.feed import ChangeFeed
 from strata.control.gates import Baseline, DriftFigure, GateResult
@@ -42,9 +44,13 @@ from strata.control.rollout_plan import (
     plan_rollout,
 )
 from strata.core.errors import Conflict, NotFound
+from strata.core.logformat import Quieted
 from strata.core.wire import NodeStatus, ProtocolError, parse_labels
 
 log = logging.getLogger(__name__)
+
+PLANNING_FAILED_LOG_S: Final = 60.0
+"""How often a rollout whose step keeps failing is logged again (the driver steps every few seconds)."""
 
 
 # --- what the service returns ---------------------------------------------------------------------------
@@ -201,6 +207,7 @@ class RolloutService:
         # Called first in every transaction that reads and writes rollouts: one at a time across replicas.
         self.serialize: Callable[[Session], None] | None = None
         self._parsed: dict[str, tuple[str, NodeStatus | None]] = {}
+        self._planning_failed = Quieted(PLANNING_FAILED_LOG_S)
         # Node id -> drift of (model, version) since a time (None: no reference): telemetry's, when wired in.
         self.drift: Callable[[str, str, float], Mapping[str, DriftFigure] | None] | None = None
 
@@ -282,7 +289,8 @@ class RolloutService:
         return self._transition(rollout_id, ("running",), "paused", "paused by the operator")
 
     def resume(self, rollout_id: str) -> RolloutView:
-        """Carry on a paused rollout (after a failed gate too: the gates judge the wave again when it settles).
+        """Carry on a paused rollout (after a failed gate too: the gates judge the wave again when it settles). The
+        wave's deadline starts again from the resume.
 
         Raises:
             NotFound: no such rollout.
@@ -326,6 +334,10 @@ class RolloutService:
                 )
                 if status == "running":
                     row.failed_gate = None
+                    if row.wave_started_at is not None:
+                        # The wave's deadline counts from the resume: a wave paused for want of data by its deadline
+                        # (or paused past it) was failed again in the resume's own step, with no time to settle.
+                        row.wave_started_at = self._clock()
                 if status == "aborted":
                     row.finished_at = self._clock()
             self._feed.bump()
@@ -359,14 +371,23 @@ class RolloutService:
                     n.node_id: n
                     for n in session.scalars(select(RolloutNode).where(RolloutNode.rollout_id == row.id)).all()
                 }
-                state = state_of(row, node_rows.values())
-                since = state.wave_started_at or state.created_at
-                drift = self.drift(state.model, state.version, since) if self.drift is not None else None
-                observations = observe_fleet(state, nodes, release_of(row.version), pins, drift)
-                actions = plan_rollout(state, observations, now)
+                try:
+                    state = state_of(row, node_rows.values())
+                    since = state.wave_started_at or state.created_at
+                    drift = self.drift(state.model, state.version, since) if self.drift is not None else None
+                    observations = observe_fleet(state, nodes, release_of(row.version), pins, drift)
+                    actions = plan_rollout(state, observations, now)
+                    new = apply_actions(state, actions) if actions else state
+                except (StoreError, SQLAlchemyError):
+                    raise  # the database: this step is not stored, the next tick tries again
+                except Exception:
+                    # A rollout that cannot be planned (a stored spec this version cannot read, a bug) stops only
+                    # itself: the other rollouts go on. Logged once a minute per rollout, with the traceback.
+                    if self._planning_failed.due(str(row.id), now):
+                        log.exception("rollout %d: its step failed and is skipped; the other rollouts go on", row.id)
+                    continue
                 if not actions:
                     continue
-                new = apply_actions(state, actions)
                 _store(session, row, node_rows, state, new)
                 for event in rollout_events(state, new):
                     record_event(session, now, event)

@@ -349,6 +349,9 @@ class Simulation:
         node.online = False
         node.offline_since = self.now
         self._pause_download(node)
+        # The control plane sees a lost node go offline too: it stops holding its wave at the deadline (one it
+        # still took for online would hold its wave for good, as a node online and updating does).
+        self.stale.add(node.index)
         spec = node.connectivity
         if node.lost:
             return
@@ -356,7 +359,6 @@ class Simulation:
             self._push(self._flaky_spell(node), _ONLINE, node.index)
         elif spec.model == "daily_window":
             self._push(self.now + 86400.0 - spec.length_s, _ONLINE, node.index)
-        self.stale.add(node.index)
 
     # --- the node's agent -------------------------------------------------------------------------------
 
@@ -751,7 +753,7 @@ class Simulation:
             ),
             "lost_nodes": lost,
             "versions_at_end": dict(sorted(end_versions.items())),
-            "bytes_downloaded": int(self.bytes_downloaded),
+            "bytes_downloaded": round(self.bytes_downloaded),  # a float sum of partial transfers: 79999999999.99998
             "planner_runs": self.planner_runs,
             "events": self.events,
             "wall_s": round(wall, 3),

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from control_harness import Harness, NodeCredentials, StartServer
 
+from strata.control import rollouts as rollouts_module
 from strata.control.settings import ServerSettings
 from strata.core.package import tar_bytes
 from strata.core.telemetry import DriftRow, MinuteRow, TelemetryBatch, encode_batch
@@ -284,6 +285,65 @@ def test_pause_resume_abort_and_who_may_call(registry: Harness) -> None:
     assert "unknown metric" in bad.json()["error"]
     missing = registry.client.post("/v1/rollouts", json={"model": "digits", "version": "9"}, headers=registry.admin)
     assert missing.status_code == 404
+
+
+def test_a_wave_that_is_not_a_number_is_refused_and_a_rollout_that_cannot_step_stops_only_itself(
+    registry: Harness, make_package: Callable[..., bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "nan%" was stored, its first step raised ValueError, and that ended the whole tick (and the driver's task):
+    # no rollout of any model moved again.
+    for waves in ("nan%", "1,nan%", "inf", "1e400"):
+        bad = registry.client.post(
+            "/v1/rollouts", json={"model": "digits", "version": "2", "waves": waves}, headers=registry.admin
+        )
+        assert bad.status_code == 400, (waves, bad.text)
+        assert "finite" in bad.json()["error"]
+    for version in ("1", "2"):
+        assert registry.upload(make_package(name="other", version=version)).status_code == 201
+    fleet = Fleet(registry, 4)
+    registry.deploy("digits", "1")
+    fleet.converge()
+    broken = create(registry, model="other", waves="1")["id"]  # stepped first: rollouts step in id order
+    healthy = create(registry, waves="1")["id"]
+    real_plan = rollouts_module.plan_rollout
+
+    def plan(state: Any, observations: Any, now: float) -> Any:
+        if str(state.id) == broken:
+            raise ValueError("a bug in planning one rollout")
+        return real_plan(state, observations, now)
+
+    monkeypatch.setattr(rollouts_module, "plan_rollout", plan)
+    fleet.converge()
+    registry.plane.rollouts.tick()  # raised ValueError
+    registry.clock.advance(61)
+    registry.plane.rollouts.tick()
+    assert rollout(registry, healthy)["wave"] == 2  # the other rollout goes on
+    assert rollout(registry, broken)["wave"] == 1
+
+
+def test_a_resumed_wave_gets_a_new_deadline_and_is_judged_again_when_it_settles(registry: Harness) -> None:
+    # Its deadline stayed where it was: a wave paused for want of data by its deadline was paused again in the
+    # resume's own step, whatever its nodes did next.
+    fleet = Fleet(registry, 4)
+    registry.deploy("digits", "1")
+    fleet.converge()
+    rid = create(registry, waves="1", wave_deadline_seconds=600, on_failure="pause")["id"]
+    quiet = {name: {"requests": 3} for name in fleet.nodes}
+    fleet.converge(**quiet)
+    registry.plane.rollouts.tick()
+    registry.clock.advance(601)
+    registry.plane.rollouts.tick()
+    paused = rollout(registry, rid)
+    assert paused["status"] == "paused"
+    assert paused["failed_gate"]["verdict"] == "fail_no_data"
+    resumed = registry.client.post(f"/v1/rollouts/{rid}/resume", headers=registry.admin).json()
+    assert (resumed["status"], resumed["wave"]) == ("running", 1)
+    assert resumed["wave_started_at"] == registry.clock.now
+    fleet.converge()  # traffic now
+    registry.plane.rollouts.tick()
+    registry.clock.advance(61)
+    registry.plane.rollouts.tick()
+    assert (rollout(registry, rid)["status"], rollout(registry, rid)["wave"]) == ("running", 2)
 
 
 def test_a_pin_holds_its_node_and_the_rollout_leaves_it_out(registry: Harness) -> None:

@@ -109,6 +109,20 @@ def test_waves_parse_grow_and_end_at_everyone() -> None:
     assert WaveSpec(1, True).target(0) == 0
 
 
+@pytest.mark.parametrize("bad", ["nan%", "1%,nan%", "nan", "inf", "-inf%", "1e400", "1e400%"])
+def test_a_wave_that_is_not_a_finite_number_is_a_config_error(bad: str) -> None:
+    # nan% passed every range check, was stored, and then raised ValueError at the rollout's first step; nan, inf
+    # and 1e400 raised ValueError or OverflowError (a 500) instead of the 400 a bad wave gets.
+    with pytest.raises(ConfigError, match="wave"):
+        parse_waves(bad)
+
+
+def test_a_bake_time_or_deadline_that_is_not_a_number_is_a_config_error() -> None:
+    for fields in ({"bake_s": float("nan")}, {"wave_deadline_s": float("nan")}):
+        with pytest.raises(ConfigError):
+            RolloutSpec(**fields)  # type: ignore[arg-type]
+
+
 def test_early_waves_spread_across_regions_tiers_and_profiles_and_prefer_online_nodes() -> None:
     observations = list(fleet(60).values())
     observations[0] = replace(observations[0], online=False)
@@ -220,6 +234,85 @@ def test_offline_nodes_stop_holding_a_wave_at_its_deadline_and_stay_released() -
     assert state.nodes[late].outcome(state.status) == "unconfirmed"  # not "updating": the rollout is over
 
 
+def test_past_the_deadline_online_nodes_updating_or_waiting_for_max_unavailable_still_hold_the_wave() -> None:
+    # Every unfinished node stopped holding the wave at its deadline: the rollout succeeded with 2 of 20 nodes
+    # healthy, and the 16 that --max-unavailable had held back were then all sent the version at once, unjudged.
+    observations = fleet(20)
+    state = step(rollout("100%", max_unavailable=2), observations, 0.0)
+    take(observations, state)
+    state = step(state, observations, 10.0)  # healthy; two more are released, and stay online on 1
+    state = step(state, observations, 600.0)  # the deadline
+    assert (state.status, len(state.released)) == ("running", 4)
+    assert state.message == (
+        "wave 1: 2 updating, 16 waiting for release (--max-unavailable 2); past its deadline, only offline nodes stop"
+        " holding it"
+    )
+    for node_id in state.released:  # the slow ones go offline: they stop holding it, and make room
+        if observations[node_id].version == "1":
+            observations[node_id] = replace(observations[node_id], online=False)
+    state = step(state, observations, 601.0)
+    assert (state.status, len(state.released)) == ("running", 6)
+
+
+def test_past_the_deadline_nodes_on_probation_hold_the_wave_and_their_rollbacks_are_judged() -> None:
+    observations = fleet(10)
+    state = step(rollout("100%"), observations, 0.0)
+    take(observations, state, probation="running")
+    state = step(state, observations, 600.0)
+    assert state.status == "running"  # it succeeded, and the rollbacks that followed were never judged
+    assert state.message.startswith("wave 1: 10 on probation; past its deadline")
+    late = sorted(state.released)[:3]
+    rollback = Failure("digits", "2", "v", "probation failed: errors 30%", 601.0, kind="probation")
+    for node_id in late:
+        observations[node_id] = replace(observations[node_id], version="1", failure=rollback)
+    state = step(state, observations, 601.0)
+    assert state.status == "rolled_back"
+
+
+def test_a_node_healthy_only_after_the_deadline_counts_once_it_has_baked() -> None:
+    # It was left out of the count: the wave read "no node has been reachable yet" for ever.
+    observations = fleet(50)
+    state = step(rollout("1,100%"), observations, 0.0)
+    [canary] = state.released
+    observations[canary] = replace(observations[canary], online=False)
+    state = step(state, observations, 10.0)
+    observations[canary] = replace(observations[canary], online=True)
+    take(observations, state)
+    state = step(state, observations, 700.0)  # back after the deadline, healthy
+    assert state.message == "wave 1: 1 baking; past its deadline, only offline nodes stop holding it"
+    state = step(state, observations, 760.0)
+    assert (state.status, state.wave) == ("running", 1)
+
+    # A deadline shorter than an activation (0 is allowed) hung every rollout the same way.
+    observations = fleet(10)
+    quick = rollout("2,100%")
+    state = step(replace(quick, spec=replace(quick.spec, wave_deadline_s=0.0)), observations, 0.0)
+    take(observations, state, probation="running")
+    state = step(state, observations, 30.0)
+    take(observations, state)
+    state = step(state, observations, 90.0)
+    state = step(state, observations, 150.0)
+    assert (state.status, state.wave) == ("running", 1)
+
+
+@pytest.mark.parametrize(("on_no_data", "status", "wave"), [("hold", "rolled_back", 0), ("pass", "running", 1)])
+def test_a_wave_whose_nodes_are_all_gone_or_offline_at_its_deadline_goes_by_the_no_data_policy(
+    on_no_data: str, status: str, wave: int
+) -> None:
+    # It waited for ever ("no node has been reachable yet").
+    observations = fleet(50)
+    state = step(rollout("2,100%", on_no_data=on_no_data), observations, 0.0)
+    gone, offline = sorted(state.released)
+    del observations[gone]  # revoked, or its labels no longer match
+    observations[offline] = replace(observations[offline], online=False)
+    state = step(state, observations, 10.0)
+    assert state.status == "running"
+    state = step(state, observations, 600.0)
+    assert (state.status, state.wave) == (status, wave)
+    activation = next(r for r in state.gate_results if r.gate.metric == "activation_success_rate")
+    assert activation.verdict == ("fail_no_data" if on_no_data == "hold" else "pass_no_data")
+
+
 def test_a_finished_rollout_says_what_its_nodes_ended_as_not_where_they_stood() -> None:
     pending = NodeAssignment("p", 0, "1")
     released = replace(pending, released_at=1.0)
@@ -277,6 +370,30 @@ def test_a_probation_rollback_counts_as_a_failure_and_as_having_run_it() -> None
     assert state.nodes[victim].ever_on_target
     assert state.nodes[victim].failure is not None
     assert "probation" in state.nodes[victim].failure
+
+
+def test_a_canary_that_fails_its_probation_after_its_wave_passed_still_counts_against_the_rollout() -> None:
+    # Only the current wave's nodes were counted: a wave-1 node whose probation rolled back once wave 2 had started
+    # was marked failed, and the rollout then succeeded with "10 of 10 nodes that tried activated it".
+    observations = fleet(12)
+    state = step(rollout("2,100%"), observations, 0.0)
+    first, late = sorted(state.released)
+    take(observations, state)
+    observations[late] = replace(observations[late], probation="running")
+    state = step(state, observations, 540.0)  # the first canary is healthy; the second passes its probation...
+    observations[late] = replace(observations[late], probation="passed")
+    state = step(step(state, observations, 550.0), observations, 610.0)
+    assert (state.status, state.wave, len(state.released)) == ("running", 1, 12)
+    rollback = Failure("digits", "2", "v", "probation failed: p95 latency 30 ms is 6.0x", 611.0, kind="probation")
+    observations[late] = replace(observations[late], version="1", failure=rollback)  # ...and rolls back later
+    take(observations, replace(state, nodes={n: a for n, a in state.nodes.items() if n not in (first, late)}))
+    state = step(state, observations, 611.0)
+    assert state.nodes[late].state == "failed"
+    assert state.status == "rolled_back"  # 11 of 12 at best: under 0.95, whatever wave 2 does
+    assert state.failed_gate is not None
+    assert state.failed_gate.gate.metric == "activation_success_rate"
+    assert "over every wave so far" in state.failed_gate.detail
+    assert "would be 0.917" in state.failed_gate.detail
 
 
 def test_latency_and_error_gates_compare_canary_with_baseline_per_profile() -> None:
