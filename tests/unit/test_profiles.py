@@ -96,6 +96,26 @@ def test_cpuinfo_parsing_for_x86_and_arm() -> None:
             ),
             "x86_64-avx512-bf16",
         ),
+        # An Intel CPU with AVX-512 and OpenVINO is an AVX-512 node (whose profiles run OpenVINO too): as
+        # intel-openvino (AVX2 only) it could run none of the AVX-512 variants built for it.
+        (
+            HostFacts(
+                arch="x86_64",
+                cpu_vendor="GenuineIntel",
+                cpu_features=frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}),
+                runtimes=frozenset({"onnxruntime", "openvino"}),
+            ),
+            "x86_64-avx512-vnni",
+        ),
+        (
+            HostFacts(
+                arch="x86_64",
+                cpu_vendor="GenuineIntel",
+                cpu_features=frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}),
+                runtimes=frozenset({"onnxruntime", "openvino"}),
+            ),
+            "x86_64-avx512-bf16",
+        ),
         # An Intel CPU without OpenVINO installed is an AVX2 CPU, not an OpenVINO target.
         (HostFacts(arch="x86_64", cpu_vendor="GenuineIntel", cpu_features=frozenset({"avx2", "fma"})), "x86_64-avx2"),
     ],
