@@ -360,6 +360,7 @@ class ControlClient:
     def delete_pin(self, pin_id: str) -> None:
         self._call("DELETE", f"/v1/pins/{pin_id}")
 
-    def model_history(self, name: str, limit: int = 1000) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._call("GET", f"/v1/models/{name}/history", params={"limit": limit})
+    def model_history(self, name: str, limit: int = 1000, node: str | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit} if node is None else {"limit": limit, "node": node}
+        result: list[dict[str, Any]] = self._call("GET", f"/v1/models/{name}/history", params=params)
         return result

@@ -148,11 +148,15 @@ def load_samples(path: Path, specs: Iterable[TensorSpec], limit: int = MAX_GOLDE
         raise PackageBuildError(f"cannot read samples {path}: {exc}") from exc
     specs = list(specs)
     names = {s.name for s in specs}
+    if "labels" not in names:  # the labels `strata optimize` reads from the same file: not an input, not golden
+        arrays.pop("labels", None)
     missing = sorted(names - arrays.keys())
     unknown = sorted(arrays.keys() - names)
     if missing or unknown:
+        wrong = ([f"missing {missing}"] if missing else []) + ([f"unknown {unknown}"] if unknown else [])
         raise PackageBuildError(
-            f"samples {path.name} do not match the model's inputs {sorted(names)}: missing {missing}, unknown {unknown}"
+            f"samples {path.name} do not match the model's inputs {sorted(names)}: {', '.join(wrong)}"
+            " (besides the inputs only 'labels' is allowed)"
         )
     feeds: dict[str, Array] = {}
     for spec in specs:

@@ -102,3 +102,29 @@ def test_no_error_of_a_round_ends_the_loop(
     (bug,) = [r for r in caplog.records if r.getMessage().startswith("unexpected error in the agent's loop")]
     assert bug.exc_info is not None
     assert bug.exc_info[0] is KeyError
+
+
+def test_a_node_not_enrolled_yet_does_not_say_it_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before its enrollment a node serves nothing: an unreachable control plane is said without "serving on"."""
+    config = AgentConfig(
+        server="https://cp.example", data_dir=tmp_path, name="n1", tier="device", backoff_min_s=0.01, backoff_max_s=0.02
+    )
+    loop = AgentLoop(config, ControlPlaneClient(config.server, H11Transport()), CutReconciler())
+    monkeypatch.setattr(loop, "adopt_stored", lambda: False)  # no stored identity: enrolls in its first round
+    rounds: list[int] = []
+
+    def step() -> None:
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            raise TransportError("connection refused")
+        loop.stop.set()
+
+    monkeypatch.setattr(loop, "step", step)
+    with caplog.at_level(logging.WARNING, logger="strata.agent.loop"):
+        thread = start_thread(loop)
+        thread.join(30)
+    (said,) = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert "not enrolled yet, nothing to serve" in said
+    assert "serving on" not in said

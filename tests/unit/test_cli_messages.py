@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from strata.cli.app import usage_message
+from strata.cli.common import exit_code
 from strata.cli.demo import ending
 from strata.control.server import listen_sockets
 from strata.control_client import ControlClient, check_server_url
 from strata.core.errors import ConfigError
+from strata.core.policy import PolicyError
 
 
 def test_usage_errors_lose_pydantics_prefix_and_keep_the_rest() -> None:
@@ -65,3 +67,8 @@ def test_the_demo_says_what_becomes_of_its_fleet_and_folder() -> None:
     assert ending(True, folder, deleted=False).endswith(
         "then the demo stops it; its files stay in /tmp/strata-demo-abc"
     )
+
+
+def test_a_bad_policy_file_is_bad_input() -> None:
+    """Exit code 2, as any bad input (it was 1, an unexpected failure)."""
+    assert exit_code(PolicyError("policy has unknown keys ['colour']")) == 2

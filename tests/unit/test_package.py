@@ -124,6 +124,18 @@ def test_samples_that_do_not_fit_are_a_clear_error(digits_onnx: Path, tmp_path: 
     np.savez(tmp_path / "wrong-shape.npz", X=np.zeros((2, 63), np.float32))
     with pytest.raises(PackageBuildError, match="shape \\[2, 63\\]"):
         build_package(digits_onnx, tmp_path / "b", name="d", version="1", sample=tmp_path / "wrong-shape.npz")
+    np.savez(tmp_path / "extra.npz", X=np.zeros((2, 64), np.float32), colour=np.zeros(2))
+    with pytest.raises(PackageBuildError, match="inputs \\['X'\\]: unknown \\['colour'\\] \\(besides"):
+        build_package(digits_onnx, tmp_path / "c", name="d", version="1", sample=tmp_path / "extra.npz")
+
+
+def test_the_file_strata_optimize_reads_is_a_sample_too(digits_onnx: Path, tmp_path: Path) -> None:
+    """Its `labels` (optimize's accuracy against the truth) are not an input: left out of the golden data."""
+    x = np.random.default_rng(0).random((4, 64), np.float32)
+    np.savez(tmp_path / "calib.npz", X=x, labels=np.arange(4))
+    package = build_package(digits_onnx, tmp_path / "p", name="d", version="1", sample=tmp_path / "calib.npz")
+    with np.load(package.path / "golden.npz") as golden:
+        assert "labels" not in golden.files
 
 
 def test_golden_run_failure_is_a_clear_error(tmp_path: Path) -> None:

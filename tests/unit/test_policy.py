@@ -93,9 +93,13 @@ def test_malformed_policies_are_refused_with_the_reason() -> None:
         ({"rules": [{"name": "a", "allow": "true", "deny": "false"}]}, "exactly one"),
         ({"rules": [{"name": "a", "allow": "true"}, {"name": "a", "allow": "true"}]}, "twice"),
         ("eu only", "mapping"),
+        ({"required_attestation": "TPM"}, r"must be one of \['none', 'software', 'tpm'\], got 'TPM'"),
+        ({"required_attestation": "bogus"}, "required_attestation"),
     ):
         with pytest.raises(PolicyError, match=words):
             Policy.from_json(bad)
+    for level in ("none", "software", "tpm"):  # every level a node attests, and none
+        assert Policy.from_json({"required_attestation": level}).required_attestation == level
     with pytest.raises(PolicyError, match="broken"):
         compile_rules(Policy.from_json({"rules": [{"name": "broken", "allow": "node.tier =="}]}))
 

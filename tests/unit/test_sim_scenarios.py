@@ -149,6 +149,16 @@ def test_scenario_errors_say_what_is_wrong(tmp_path: Path) -> None:
             {"fleet": {"nodes": [{"name": "a", "profile": "cpu-generic"}]}, "pins": [{"version": "1", "node": "b"}]},
             "'b'",
         ),
+        # a misspelt key is refused, not ignored (the run would go by the default, looking like the scenario's)
+        ({"nodez": 50}, r"the scenario has unknown keys \['nodez'\]"),
+        ({"rollout": {"bak": "5h"}}, r"scenario 'rollout' has unknown keys \['bak'\]"),
+        ({"fleet": {"connectivity": [{"model": "flaky", "shares": 1}]}}, "shares"),
+        ({"fleet": {"bandwidth": {"minimum": "1MB"}}}, "minimum"),
+        ({"fleet": {"nodes": [{"name": "a", "profile": "cpu-generic", "label": {"k": "v"}}]}}, "'label'"),
+        ({"versions": {"2": {"error": 0.5}}}, "'error'"),
+        ({"pins": [{"version": "1", "nodes": "a"}]}, "'nodes'"),
+        ({"agent": {"probation_s": 60}}, "probation_s"),
+        ({"inputs": [{"name": "X", "datatype": "FP32"}]}, "inputs"),  # an inference request, not a scenario
     ):
         with pytest.raises(ConfigError, match=words):
             Scenario.from_json({"name": "bad", **bad})

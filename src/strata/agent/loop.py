@@ -349,7 +349,8 @@ class AgentLoop:
         elif isinstance(exc, TransportError | ProtocolError | StrataError):
             self.connected = False
             delay = self.backoff.next_delay()
-            log.warning("control plane unreachable or failing (%s); serving on, retrying in %.1fs", exc, delay)
+            doing = "serving on" if self.stored is not None else "not enrolled yet, nothing to serve"
+            log.warning("control plane unreachable or failing (%s); %s, retrying in %.1fs", exc, doing, delay)
             self.wait_offline(delay)
         elif isinstance(exc, OSError):  # disk full, permissions: keep serving, say so, try again later
             delay = self.backoff.next_delay()

@@ -24,6 +24,7 @@ from strata.core.errors import (
     StrataError,
     TransportError,
 )
+from strata.core.policy import PolicyError
 from strata.core.wire import ProtocolError
 from strata.core.words import parse_duration as parse_duration  # re-exported: every command reads durations so
 from strata.core.words import printable
@@ -33,6 +34,7 @@ EXIT_CODES: dict[type[StrataError], int] = {
     ConfigError: 2,
     ProtocolError: 2,  # input the CLI parses itself: a selector that is not k=v
     ProfileError: 2,  # an unknown --profile
+    PolicyError: 2,  # a --policy file with unknown keys, a rule without a name, an attestation level that is none
     AuthError: 3,
     Forbidden: 3,
     TransportError: 4,

@@ -9,6 +9,7 @@ deploys it to one region, shows the fleet, and stops all.
 
 from __future__ import annotations
 
+import signal
 import tempfile
 import threading
 import time
@@ -27,6 +28,10 @@ from strata.core.errors import StrataError
 
 class DemoFailed(StrataError):
     code = "demo_failed"
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @contextmanager
@@ -215,6 +220,15 @@ def demo(
     ] = False,
 ) -> None:
     """Run a whole local fleet end to end: train, package, push, deploy, infer, update one region."""
+    if workdir is not None and (workdir / "keys").exists():  # before minutes of work that would end at the key
+        raise typer.BadParameter(
+            f"{workdir} holds an earlier demo (its release key is never overwritten): pass a new or empty folder",
+            param_hint="--workdir",
+        )
+    # A service manager's stop, a closed terminal: as Ctrl-C, so the demo stops every process it started (a plain
+    # `kill` used to end the demo alone, its server and agents left running on their ports).
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
         elapsed = run_demo(workdir, console.print, keep)

@@ -237,7 +237,7 @@ def show(
 @app.command("history")
 def history(
     name: Annotated[str, typer.Argument(help="Model name.")],
-    node: Annotated[str | None, typer.Option("--node", help="Only this node (name).")] = None,
+    node: Annotated[str | None, typer.Option("--node", help="Only this node (name or id).")] = None,
     limit: Annotated[int, typer.Option("--limit", help="At most this many events.")] = 200,
     server: ServerOption = None,
     token: TokenOption = None,
@@ -245,9 +245,7 @@ def history(
 ) -> None:
     """Which versions of NAME ran where and when (activations, rollbacks, removals), newest first."""
     with ControlClient(server, token) as client:
-        events = client.model_history(name, limit)
-    if node is not None:
-        events = [e for e in events if e["node"] == node]
+        events = client.model_history(name, limit, node)
     if as_json:
         print_json(events)
         return

@@ -94,18 +94,23 @@ class HistoryService:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def history(self, model: str, limit: int = 1000) -> list[HistoryEvent]:
-        """The model's activation events, newest first (at most `limit`).
+    def history(self, model: str, limit: int = 1000, node: str | None = None) -> list[HistoryEvent]:
+        """The model's activation events, newest first (at most `limit`); only `node`'s (a name or id) when given.
 
         Raises:
-            NotFound: no such model in the registry and no events about it.
+            NotFound: no such model in the registry and no events about it; `node` names no node, live or revoked
+                (a misspelt name would otherwise look like a node that never ran the model).
             StoreError: the database failed.
         """
         with self._db.transaction() as session:
+            query = select(ActivationEvent, Node.name).join(Node, Node.id == ActivationEvent.node_id)
+            if node is not None:
+                known = session.scalar(select(Node.id).where((Node.id == node) | (Node.name == node)).limit(1))
+                if known is None:
+                    raise NotFound(f"no node {node!r} (live or revoked)")
+                query = query.where((ActivationEvent.node_id == node) | (Node.name == node))
             rows = session.execute(
-                select(ActivationEvent, Node.name)
-                .join(Node, Node.id == ActivationEvent.node_id)
-                .where(ActivationEvent.model == model)
+                query.where(ActivationEvent.model == model)
                 .order_by(ActivationEvent.at.desc(), ActivationEvent.id.desc())
                 .limit(limit)
             ).all()

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from strata.core.attest import meets
+from strata.core.attest import LEVELS, meets
 from strata.core.errors import StrataError
 
 RULE_KEYS: Final = frozenset({"name", "allow", "deny", "message"})
@@ -134,9 +134,13 @@ class Policy:
         batching = raw.get("batching") or {}
         if not isinstance(batching, Mapping):
             raise PolicyError("policy 'batching' must be a mapping of batching settings")
+        attestation = _string(raw, "required_attestation")
+        if attestation not in ("", "none", *LEVELS):
+            # A typo (`TPM`, `sofware`) would keep the model off every node: no node attests an unknown level.
+            raise PolicyError(f"policy 'required_attestation' must be one of {['none', *LEVELS]}, got {attestation!r}")
         return cls(
             data_class=_string(raw, "data_class"),
-            required_attestation=_string(raw, "required_attestation"),
+            required_attestation=attestation,
             allowed_regions=_strings(raw, "allowed_regions"),
             allowed_jurisdictions=_strings(raw, "allowed_jurisdictions"),
             rules=rules,

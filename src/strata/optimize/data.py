@@ -202,8 +202,13 @@ def load_data(path: Path, inputs: Sequence[TensorSpec], tokenizer: Path | None =
     """Load DATA: an `.npz` of feeds, or a text file (one sentence a line) with `tokenizer`.
 
     Raises:
-        ConfigError: as `load_npz` and `tokenize`; a text file given without a tokenizer.
+        ConfigError: as `load_npz` and `tokenize`; a file that is not there; a text file given without a tokenizer;
+            a tokenizer that is not there (given with an `.npz`, which does not use it, it would be ignored).
     """
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    if tokenizer is not None and not tokenizer.is_file():
+        raise ConfigError(f"tokenizer {tokenizer}: no such file")
     if path.suffix == ".npz":
         return load_npz(path, inputs)
     if tokenizer is None:

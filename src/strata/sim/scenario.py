@@ -55,6 +55,26 @@ from strata.core.words import parse_duration
 
 CONNECTIVITY_MODELS: Final = ("always", "flaky", "daily_window", "offline_for_days")
 _UNITS_B: Final = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+# The keys each part of a scenario file may have (anything else is refused, not ignored).
+SCENARIO_KEYS: Final = frozenset(
+    {"name", "description", "nodes", "horizon", "seed", "fleet", "model", "rollout", "faults", "agent", "server"}
+    | {"versions", "pins"}
+)
+SECTION_KEYS: Final = {
+    "fleet": frozenset({"profiles", "tiers", "regions", "connectivity", "bandwidth", "requests_per_hour", "nodes"}),
+    "model": frozenset({"name", "size", "variants", "policy"}),
+    "rollout": frozenset(
+        {"version", "start", "waves", "bake", "wave_deadline", "max_unavailable", "gates", "on_failure"}
+        | {"min_requests", "on_no_data"}
+    ),
+    "faults": frozenset({"lost_during_update"}),
+    "agent": frozenset({"probation"}),
+    "server": frozenset({"tick"}),
+}
+CONNECTIVITY_KEYS: Final = frozenset({"model", "share", "online", "session", "start", "length", "spread", "days"})
+VERSION_KEYS: Final = frozenset({"fails_on_profiles", "latency_factor", "error_rate"})
+NODE_KEYS: Final = frozenset({"name", "tier", "profile", "labels"})
+PIN_KEYS: Final = frozenset({"version", "node", "selector"})
 
 
 def duration(value: Any, what: str) -> float:
@@ -125,6 +145,7 @@ class Connectivity:
         """
         if not isinstance(raw, Mapping):
             raise ConfigError("each fleet.connectivity entry must be a mapping")
+        _known_keys(raw, CONNECTIVITY_KEYS, "a fleet.connectivity entry")
         model = str(raw.get("model", ""))
         if model not in CONNECTIVITY_MODELS:
             raise ConfigError(f"connectivity model {model!r} is not one of {list(CONNECTIVITY_MODELS)}")
@@ -163,6 +184,7 @@ class VersionFaults:
         raw = raw or {}
         if not isinstance(raw, Mapping):
             raise ConfigError("each version must be a mapping of its faults")
+        _known_keys(raw, VERSION_KEYS, "a versions entry")
         profiles = raw.get("fails_on_profiles") or []
         for profile in profiles:
             try:
@@ -218,6 +240,7 @@ class NodeSpec:
         if not isinstance(raw, Mapping) or not raw.get("name"):
             raise ConfigError("each fleet.nodes entry must be a mapping with a 'name'")
         name = str(raw["name"])
+        _known_keys(raw, NODE_KEYS, f"fleet node {name}")
         tier = str(raw.get("tier", "device"))
         if tier not in TIERS:
             raise ConfigError(f"fleet node {name}: tier {tier!r} is not one of {list(TIERS)}")
@@ -242,6 +265,7 @@ class PinSpec:
         """
         if not isinstance(raw, Mapping) or raw.get("version") is None:
             raise ConfigError("each pins entry must be a mapping with a 'version'")
+        _known_keys(raw, PIN_KEYS, "a pin")
         node = raw.get("node")
         selector = _labels(raw.get("selector"), "pin selector")
         if (node is None) == (not selector):
@@ -308,9 +332,12 @@ class Scenario:
         faults = raw.get("faults") or {}
         agent = raw.get("agent") or {}
         server = raw.get("server") or {}
-        for part, value in (("fleet", fleet), ("model", model), ("rollout", rollout), ("faults", faults)):
+        parts = (("fleet", fleet), ("model", model), ("rollout", rollout), ("faults", faults))
+        for part, value in (*parts, ("agent", agent), ("server", server)):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"scenario {part!r} must be a mapping")
+            _known_keys(value, SECTION_KEYS[part], f"scenario {part!r}")
+        _known_keys(raw, SCENARIO_KEYS, "the scenario")
         defaults = cls(name="defaults")
         profiles = _weights(fleet.get("profiles"), "fleet.profiles", defaults.profiles)
         for profile in profiles:
@@ -347,6 +374,9 @@ class Scenario:
         for gate in plan.gates:
             parse_gate(gate)
         bandwidth = fleet.get("bandwidth") or {}
+        if not isinstance(bandwidth, Mapping):
+            raise ConfigError("fleet.bandwidth must be a mapping with min and max")
+        _known_keys(bandwidth, frozenset({"min", "max"}), "fleet.bandwidth")
         fleet_nodes = tuple(NodeSpec.from_json(n) for n in fleet.get("nodes") or ())
         names = [n.name for n in fleet_nodes]
         if len(set(names)) != len(names):
@@ -393,6 +423,18 @@ class Scenario:
         if not 0 <= scenario.lost_during_update <= 1:
             raise ConfigError("faults.lost_during_update must be in [0, 1]")
         return scenario
+
+
+def _known_keys(raw: Mapping[str, Any], known: frozenset[str], where: str) -> None:
+    """Refuse keys a scenario part does not have: a misspelt one (`nodez`, `bak`) would be ignored, and the run
+    would go by the default silently, its results looking like the scenario's.
+
+    Raises:
+        ConfigError: `raw` has a key outside `known`.
+    """
+    unknown = sorted(str(key) for key in raw if key not in known)
+    if unknown:
+        raise ConfigError(f"{where} has unknown keys {unknown}; known: {sorted(known)}")
 
 
 def load_scenario(path: Path) -> Scenario:

@@ -213,6 +213,15 @@ def test_a_canary_that_fails_to_activate_rolls_everyone_back(registry: Harness) 
     history = registry.client.get("/v1/models/digits/history", headers=registry.admin).json()
     back = [e for e in history if e["node"] == canary[0]]
     assert [(e["kind"], e["version"]) for e in back][:2] == [("activated", "1"), ("activated", "2")]
+    # One node's history, filtered by the server (before its limit), by name or id; a node that is not one is a 404.
+    for who in (canary[0], back[0]["node_id"]):
+        mine = registry.client.get(
+            "/v1/models/digits/history", params={"node": who, "limit": 2}, headers=registry.admin
+        ).json()
+        assert mine == back[:2]
+    nobody = registry.client.get("/v1/models/digits/history", params={"node": "nosuch"}, headers=registry.admin)
+    assert nobody.status_code == 404
+    assert "no node 'nosuch'" in nobody.text
     feed = registry.client.get("/v1/events", params={"after": 0}, headers=registry.admin).json()
     told = [
         (e["kind"], e["node"], e["message"]) for e in feed if e["rollout"] == created["id"] or e["kind"] == "failed"

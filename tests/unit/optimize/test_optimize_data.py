@@ -57,6 +57,16 @@ def test_unreadable_npz_and_text_without_tokenizer(tmp_path: Path) -> None:
         load_data(text, X_SPEC)
 
 
+def test_a_missing_data_file_or_tokenizer_is_said_as_such(tmp_path: Path) -> None:
+    """A data file that is not there reads as missing (it used to read as "not an .npz; text data needs
+    --tokenizer"); a tokenizer that is not there is refused even beside an `.npz`, which does not use it (it was
+    ignored)."""
+    with pytest.raises(ConfigError, match=r"calib\.txt: no such file"):
+        load_data(tmp_path / "calib.txt", X_SPEC)
+    with pytest.raises(ConfigError, match=r"tokenizer .*missing\.json: no such file"):
+        load_data(npz(tmp_path, X=np.ones((5, 4), np.float32)), X_SPEC, tokenizer=tmp_path / "missing.json")
+
+
 def _word_tokenizer(tmp_path: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -87,7 +87,11 @@ def delete_pin(pin_id: str, plane: Plane, _admin: Admin) -> Response:
 
 @router.get("/models/{name}/history", response_model=list[HistoryEventBody], responses={404: {"model": ErrorBody}})
 def model_history(
-    name: str, plane: Plane, _reader: Reader, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000
+    name: str,
+    plane: Plane,
+    _reader: Reader,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+    node: Annotated[str | None, Query(max_length=256, description="only this node's events (name or id)")] = None,
 ) -> list[HistoryEvent]:
     """Which versions of the model ran where and when, newest first."""
-    return plane.history.history(name, limit)
+    return plane.history.history(name, limit, node)
