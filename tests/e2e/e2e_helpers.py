@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,8 @@ import numpy as np
 import pytest
 
 from strata.agent.processes import usable_cores
+from strata.agent.store import ArtifactStore
+from strata.agent.vault import Vault
 from strata.core.oip import encode_request
 from strata.core.package import Package, pack_tar
 from strata.localfleet import LocalFleet
@@ -102,3 +106,38 @@ def hammer(port: int, request: bytes, count: int, concurrency: int = 16) -> dict
 
     asyncio.run(run())
     return counts
+
+
+def assert_consistent(fleet: LocalFleet, name: str) -> None:
+    """Every package the agent kept verifies (decrypted with the node's key, as the agent reads them), and every
+    slot points at one of them."""
+    data_dir = fleet.agents[name].data_dir
+    packages = data_dir / "packages"
+    vault = Vault(data_dir / "trust")
+    try:
+        store = ArtifactStore(data_dir, vault)
+        for folder in packages.iterdir():
+            if not folder.name.startswith("."):
+                _, files = store.open("sha256:" + folder.name)
+                assert files is not None  # sealed at rest: decrypted and hash-checked in memory
+    finally:
+        vault.close()
+    state = json.loads((data_dir / "state.json").read_text()) if (data_dir / "state.json").exists() else {}
+    for slots in state.get("models", {}).values():
+        assert (packages / slots["active"]["digest"].split(":")[1]).is_dir()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """The processes whose command line or environment names `text` (the demo's folder: its server is started in
+    it, and its agents, which exec into `python -OO -m strata.agent`, carry their data folder in
+    STRATA_AGENT_CONFIG)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                seen = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+            except OSError:  # the process ended while we looked, or is not ours to read
+                continue
+            if text in seen.decode(errors="replace"):
+                found.append(int(entry.name))
+    return found

@@ -13,10 +13,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from e2e_helpers import needs_two_cores, push_model
+from e2e_helpers import assert_consistent, needs_two_cores, push_model
 
 from strata.agent.pieces import needed_pieces
-from strata.agent.store import ArtifactStore
 from strata.agent.vault import Vault, piece_aad
 from strata.core.package import Package, pack_tar
 from strata.examples.compute import build_compute_model
@@ -34,25 +33,6 @@ def _active_version(fleet: LocalFleet, name: str, model: str = "digits") -> str 
         return None
     slots = state["models"].get(model)
     return slots["active"]["version"] if slots else None
-
-
-def _assert_consistent(fleet: LocalFleet, name: str) -> None:
-    """Every package the agent kept verifies (decrypted with the node's key, as the agent reads them), and every
-    slot points at one of them."""
-    data_dir = fleet.agents[name].data_dir
-    packages = data_dir / "packages"
-    vault = Vault(data_dir / "trust")
-    try:
-        store = ArtifactStore(data_dir, vault)
-        for folder in packages.iterdir():
-            if not folder.name.startswith("."):
-                _, files = store.open("sha256:" + folder.name)
-                assert files is not None  # sealed at rest: decrypted and hash-checked in memory
-    finally:
-        vault.close()
-    state = json.loads((data_dir / "state.json").read_text()) if (data_dir / "state.json").exists() else {}
-    for slots in state.get("models", {}).values():
-        assert (packages / slots["active"]["digest"].split(":")[1]).is_dir()
 
 
 def _complete_pieces(data_dir: Path) -> list[Path]:
@@ -128,7 +108,7 @@ def test_kill_during_download_resumes_on_the_first_try(
             assert sign not in log, f"{name}: {sign!r} in\n{log[-3000:]}"
         assert log.count("fetching digits 1") == 2, f"{name} fetched more than once after its restart:\n{log}"
         assert _fetched_from_server(log) <= total - kept[name], log[-2000:]
-        _assert_consistent(fleet, name)
+        assert_consistent(fleet, name)
 
 
 def test_kill_during_activation_comes_back_serving_a_verified_model(
@@ -151,7 +131,7 @@ def test_kill_during_activation_comes_back_serving_a_verified_model(
     fleet.wait_for(v2_dir.is_dir, 60, "v2 to be staged", handle.process, interval=0.005)
     handle.process.kill()
     assert _active_version(fleet, "edge", "minilm") == "1", "the kill should land before the switch"
-    _assert_consistent(fleet, "edge")
+    assert_consistent(fleet, "edge")
 
     restarted = fleet.restart_agent("edge")
     fleet.wait_for(lambda: fleet.agent_live("edge"), 60, "the agent to serve", restarted.process)
@@ -159,7 +139,7 @@ def test_kill_during_activation_comes_back_serving_a_verified_model(
     assert response.status_code == 200
     assert response.json()["versions"] in (["1"], ["2"])
     fleet.wait_for_versions({"edge": {"minilm": "2"}}, timeout=120)
-    _assert_consistent(fleet, "edge")
+    assert_consistent(fleet, "edge")
 
 
 def test_kill_at_random_instants_never_leaves_a_partial_model(
@@ -178,7 +158,7 @@ def test_kill_at_random_instants_never_leaves_a_partial_model(
         fleet.client.deploy("digits", target, {})
         time.sleep(rng.uniform(0.0, 1.5))
         fleet.agents["edge"].process.kill()
-        _assert_consistent(fleet, "edge")
+        assert_consistent(fleet, "edge")
         handle = fleet.restart_agent("edge")
         fleet.wait_for(lambda: fleet.agent_live("edge"), 30, "the agent to serve", handle.process)
         answer = httpx.post(f"{handle.serve_url}/v2/models/digits/infer", json=body, timeout=10)
@@ -186,7 +166,7 @@ def test_kill_at_random_instants_never_leaves_a_partial_model(
         assert answer.json()["model_version"] in ("1", "2")
         target = "1" if target == "2" else "2"
     fleet.wait_for_versions({"edge": {"digits": "1" if target == "2" else "2"}})
-    _assert_consistent(fleet, "edge")
+    assert_consistent(fleet, "edge")
 
 
 @pytest.mark.parametrize(
@@ -321,56 +301,6 @@ def test_a_service_managers_sigterm_to_every_process_in_the_middle_of_a_load_cou
     assert v2.digest not in state.get("failures", {}), log
     assert "loading" not in state
     assert state["models"]["digits"]["active"]["version"] == "2"
-
-
-def test_an_agent_stopped_while_it_loads_its_version_at_start_up_serves_it_at_the_next_start(
-    fleet: LocalFleet, tmp_path: Path
-) -> None:
-    """SIGTERM (a service manager's stop or restart) while a restarted agent loads the only version it serves: it lets
-    the load finish, stops with status 0 without serving, and leaves no loading record; the next start serves that
-    version, without its control plane and with no failure. The stop used to cut the load (Python's default SIGINT,
-    or no handler yet for SIGTERM), and the next start took it for a load the agent died in: the node's only version
-    dropped as a failure, its package deleted, nothing served until the control plane sent it again."""
-    x = {"X": np.zeros((1, 64), np.float32)}
-    heavy = tmp_path / "heavy.onnx"
-    build_compute_model(heavy, layers=4, replicas=49152)  # a golden check of a second or so
-    push_model(fleet, heavy, "1", tmp_path, sample=x)
-    handle = fleet.start_agent("edge")
-    fleet.client.deploy("digits", "1", {})
-    fleet.wait_for_versions({"edge": {"digits": "1"}})
-    assert handle.process.stop() == 0
-    fleet.stop_server()  # from here the node has only what it holds
-
-    restarted = fleet.start_agent("edge")
-    state_path = handle.data_dir / "state.json"
-
-    def loading_at_start_up() -> bool:
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            return bool(json.loads(state_path.read_text()).get("loading", {}).get("startup"))
-        return False
-
-    fleet.wait_for(loading_at_start_up, 60, "the start-up load", restarted.process, interval=0.002)
-    assert restarted.process.stop(timeout=60) == 0
-    log = restarted.process.log_path.read_text()
-    assert "stopped by signal 15 while loading its models at start-up" in log
-    assert "serving the Open Inference Protocol" not in log[log.rfind("agent stopped") + 1 :]
-    state = json.loads(state_path.read_text())
-    assert "loading" not in state
-    assert not state.get("failures")
-
-    again = fleet.start_agent("edge")
-
-    def answered() -> bool:
-        with contextlib.suppress(httpx.HTTPError):
-            body = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
-            return httpx.post(f"{again.serve_url}/v2/models/digits/infer", json=body, timeout=10).status_code == 200
-        return False
-
-    fleet.wait_for(answered, 60, "version 1 served without the control plane", again.process)
-    state = json.loads(state_path.read_text())
-    assert state["models"]["digits"]["active"]["version"] == "1"
-    assert not state.get("failures")
-    _assert_consistent(fleet, "edge")
 
 
 def _other_process_loading_v2(fleet: LocalFleet, tmp_path: Path) -> tuple[AgentHandle, Package, int]:
