@@ -487,8 +487,13 @@ class Halt:
 
 @dataclass(frozen=True)
 class Complete:
+    """The rollout is over: `succeeded`, or `aborted` when no node took part (`took_part` False). A succeeded rollout
+    stands for its selector from then on (nodes that match later take its version), which one that judged no node
+    must not: once a pin that kept every node out is gone, the whole selector would take the version at once."""
+
     at: float
     message: str = "every wave passed its gates"
+    took_part: bool = True
 
 
 @dataclass(frozen=True)
@@ -900,6 +905,7 @@ def _past_empty_waves(state: RolloutState, observations: Mapping[str, NodeObserv
                         " refusing the version (see the nodes kept out)"
                         if kept_out
                         else "no node took part: the selector matches no node",
+                        took_part=False,
                     )
                 )
             return actions
@@ -969,8 +975,8 @@ def apply_actions(state: RolloutState, actions: Iterable[Action]) -> RolloutStat
                     finished_at=at if rollback else None,
                     message=f"gate {gate.gate.text} failed in wave {gate.wave + 1}: {gate.detail}",
                 )
-            case Complete(at, message):
-                changes.update(status="succeeded", finished_at=at, message=message)
+            case Complete(at, message, took_part):
+                changes.update(status="succeeded" if took_part else "aborted", finished_at=at, message=message)
             case Note(message):
                 changes.update(message=message)
     nodes = state.nodes

@@ -382,6 +382,30 @@ def test_a_pin_holds_its_node_and_the_rollout_leaves_it_out(registry: Harness) -
     assert registry.client.post("/v1/pins", json=both, headers=registry.admin).status_code == 422
 
 
+def test_a_rollout_during_a_freeze_ends_aborted_and_the_freeze_ending_moves_no_node(registry: Harness) -> None:
+    """Every node pinned to 1 (a freeze), a rollout of 2 has no node to release: it ends aborted, saying no node
+    took part. It used to end succeeded, and a succeeded rollout stands for its selector: when the pin went, the
+    whole fleet was told 2 at once, with no wave, bake or gate."""
+    fleet = Fleet(registry, 4)
+    registry.deploy("digits", "1")
+    fleet.converge()
+    freeze = registry.client.post(
+        "/v1/pins", json={"model": "digits", "version": "1", "selector": {"fleet": "t"}}, headers=registry.admin
+    )
+    assert freeze.status_code == 201, freeze.text
+    created = create(registry, waves="1,50%")
+    ended = rollout(registry, created["id"])
+    assert ended["status"] == "aborted"
+    assert ended["message"].startswith("no node took part: the selector matches 4 nodes, all kept out")
+
+    assert registry.client.delete(f"/v1/pins/{freeze.json()['id']}", headers=registry.admin).status_code == 204
+    registry.plane.rollouts.tick()
+    told = {name: models(registry, credentials)["digits"] for name, (credentials, _) in fleet.nodes.items()}
+    assert told == dict.fromkeys(fleet.nodes, "1")
+    again = create(registry, waves="1,100%")  # the model is free for a rollout that judges its nodes
+    assert rollout(registry, again["id"])["status"] == "running"
+
+
 def test_a_node_that_refuses_the_version_itself_is_marked_refused_apart_from_nodes_kept_out(registry: Harness) -> None:
     """The API said why in words only: a client could not tell a node that refused the version (out for good)
     from one kept out by a pin (back in once the pin goes) but by the words its reason begins with."""
