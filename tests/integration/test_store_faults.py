@@ -9,6 +9,7 @@ which a new store opens the same folder as the next agent would.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import shutil
 from collections.abc import Iterator
@@ -160,6 +161,11 @@ def test_a_full_disk_while_sealing_keeps_the_package_in_the_clear_until_a_later_
     assert on_disk(store, in_the_clear) == plaintext(in_the_clear)  # whole, untouched
     assert [p.name for p in store.packages.iterdir()] == [store.package_dir(in_the_clear.digest).name]
     assert_opens(store, in_the_clear)  # and served meanwhile
+    # Its pieces still serve the next version's assembly and the relay (they were read as sealed, and refused).
+    held = store.piece_index()
+    assert held
+    for sha, piece in held.items():
+        assert hashlib.sha256(store.read_held(piece)).hexdigest() == sha
 
     later = ArtifactStore(tmp_path / "node", vault)  # the next start, with room
     later.clean_interrupted()
