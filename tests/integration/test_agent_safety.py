@@ -482,8 +482,8 @@ def test_a_start_up_load_the_agent_ended_in_once_is_loaded_again_and_a_second_ti
 
 def test_a_load_cut_by_a_reboot_is_no_failure(digits_onnx: Path, digits_onnx_v2: Path, tmp_path: Path) -> None:
     """A loading record from another boot (the kernel's boot id changed: a power cut or a reboot in the middle of
-    the load, an activation here) is not the package's doing: the version is loaded again, and no failure is
-    recorded or reported to the rollout's gates."""
+    the load, an activation here) is as likely not the package's doing: the version is loaded again, and no failure
+    is recorded or reported to the rollout's gates, unless it is the third load in a row to end that way."""
     node = serving_two_versions(digits_onnx, digits_onnx_v2, tmp_path)
     store, v2 = node.reconciler.store, node.refs["2"]
     cut = LoadingRecord("digits", "2", v2.id, v2.digest, 1_000.0, "an-earlier-boot")
@@ -494,6 +494,15 @@ def test_a_load_cut_by_a_reboot_is_no_failure(digits_onnx: Path, digits_onnx_v2:
     assert not restarted.reconciler.state.failures
     assert restarted.reconciler.state.loading is None
     assert restarted.infer(1, name="digits") == ["2"]
+
+    # The same load ending two more times, across reboots (it hangs or panics the machine until a watchdog resets
+    # it): the third death in a row is the version's failure, whatever the boots.
+    third = LoadingRecord("digits", "2", v2.id, v2.digest, 1_000.0, "a-later-boot", startup=True, deaths=2)
+    store.save_state(restarted.reconciler.state.with_loading(third))
+    again = make_node(tmp_path, {})
+    again.reconciler.restore()
+    assert again.reconciler.state.models["digits"].active.version == "1"
+    assert again.reconciler.state.failures[v2.digest].kind == "health"
 
 
 def test_a_disk_that_refuses_the_state_file_does_not_keep_the_node_from_serving_at_start_up(
@@ -631,3 +640,37 @@ def test_a_probation_rollback_on_a_full_disk_happens_once(
         assert reconciler.status(None).models[0].version == "1"
     assert loads == ["1"]
     assert reconciler.state.failures[node.refs["2"].digest].kind == "probation"
+
+
+def test_an_activation_cut_by_a_reboot_is_tried_again_with_its_deaths_counted(
+    digits_onnx: Path, digits_onnx_v2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 2's activation ended with the machine (a reboot before its slots were committed): the next start
+    activates it again, and that activation's record counts the death, so a load that resets the machine every time
+    fails at its third, where it used to be activated again at every boot, for ever."""
+    node = make_node(tmp_path, {})
+    node.offer(*package(digits_onnx, "1", tmp_path / "a", name="digits"))
+    second = package(digits_onnx_v2, "2", tmp_path / "b", name="digits")
+    node.offer(*second)
+    node.reconciler.converge(node.want("1", name="digits"))
+    v2 = node.refs["2"]
+    cut = LoadingRecord("digits", "2", v2.id, v2.digest, 1_000.0, "an-earlier-boot")
+    node.reconciler.store.save_state(node.reconciler.state.with_loading(cut))
+
+    restarted = make_node(tmp_path, {})
+    restarted.offer(*second)
+    restarted.reconciler.restore()
+    assert not restarted.reconciler.state.failures
+    noted: list[LoadingRecord | None] = []
+    load_new = restarted.reconciler._load_new
+
+    def noting(model: str, version: str, ref: VariantRef) -> None:
+        noted.append(restarted.reconciler.state.loading)
+        load_new(model, version, ref)
+
+    monkeypatch.setattr(restarted.reconciler, "_load_new", noting)
+    restarted.reconciler.converge(restarted.want("2", name="digits"))
+    [record] = noted
+    assert record is not None
+    assert (record.digest, record.startup, record.deaths) == (v2.digest, False, 1)
+    assert restarted.reconciler.state.models["digits"].active.version == "2"

@@ -21,6 +21,9 @@ def record(boot: str = BOOT, *, startup: bool = False, deaths: int = 0) -> Loadi
         (record(startup=True, deaths=1), "failed"),  # cut twice in a row in this boot
         (record("another-boot"), "rebooted"),  # a power cut or reboot in the load: nobody's failure
         (record("another-boot", startup=True, deaths=1), "rebooted"),
+        # the third death in a row fails it whatever the boots: a load that resets the machine is not retried for ever
+        (record("another-boot", deaths=2), "failed"),
+        (record("another-boot", startup=True, deaths=2), "failed"),
         (record(""), "failed"),  # a record from before boot ids were kept: as before
     ],
 )

@@ -169,6 +169,9 @@ class Reconciler:
         self._loads = threading.Lock()
         self._activating: LoadingRecord | None = None
         self._stopping = False
+        # Loads of a package the agent or the machine died in just before, in a row (`died_loading`), by digest: kept
+        # from the record judged at start-up for the record of its next load.
+        self._died_before: dict[str, int] = {}
 
     @property
     def activating(self) -> LoadingRecord | None:
@@ -195,14 +198,14 @@ class Reconciler:
         has: the state is kept in memory and written by a later change. `stopping` is asked between models: the
         agent was told to stop, and loads no more.
         """
-        died, deaths = self._judge_died_loading()
+        died = self._judge_died_loading()
         for name, slots in sorted(self.state.models.items()):
             if stopping():
                 return
             for slot in (slots.active, slots.previous):
                 if slot is None or slot.digest == died:
                     continue
-                died_before = deaths.get(slot.digest, 0)
+                died_before = self._died_before.get(slot.digest, 0)
                 record = LoadingRecord(
                     name, slot.version, slot.variant, slot.digest, self.clock(), self.boot, True, died_before
                 )
@@ -217,7 +220,9 @@ class Reconciler:
                     kind: FailureKind = "policy" if isinstance(exc, PlacementRefused) else "health"
                     failure = self._failure(name, slot.version, slot.variant, str(exc), kind)
                     self._keep(self.state.with_loading(None).with_failure(slot.digest, failure))
+                    self._died_before.pop(slot.digest, None)
                     continue
+                self._died_before.pop(slot.digest, None)  # loaded: the deaths before it are no longer in a row
                 state = self.state.with_loading(None)
                 if slot is not slots.active:
                     state = state.with_active(name, slot)
@@ -250,13 +255,14 @@ class Reconciler:
                 "cannot note the load of %s %s in the state file (%s); loading it", record.model, record.version, exc
             )
 
-    def _judge_died_loading(self) -> tuple[str | None, dict[str, int]]:
+    def _judge_died_loading(self) -> str | None:
         """Judge a loading record left in the state (`died_loading`): a failure of that version (with the attempts
         and retry time of any earlier failure, so it is reported and not loaded again at once) returns its digest;
-        a version loaded once more returns how many start-up loads of it the agent died in, for its new record."""
+        a version loaded again has its deaths in a row kept (`_died_before`), for the record of its next load (at
+        start-up, or its activation)."""
         loading = self.state.loading
         if loading is None:
-            return None, {}
+            return None
         verdict = died_loading(loading, self.boot)
         if verdict == "rebooted":
             log.warning(
@@ -264,17 +270,17 @@ class Reconciler:
                 loading.model,
                 loading.version,
             )
-            self._keep(self.state.with_loading(None))
-            return None, {}
-        if verdict == "again":
+        elif verdict == "again":
             log.warning(
                 "the agent ended while loading %s %s at its last start (stopped or killed): loading it once more;"
                 " ending in its load again makes it a failed version",
                 loading.model,
                 loading.version,
             )
+        if verdict != "failed":
+            self._died_before[loading.digest] = loading.deaths + 1
             self._keep(self.state.with_loading(None))
-            return None, {loading.digest: loading.deaths + 1}
+            return None
         reason = "the agent died while loading this package (killed: out of memory? a crash in its runtime?)"
         previous = self.state.failures.get(loading.digest)
         log.error(
@@ -285,7 +291,7 @@ class Reconciler:
             attempts=previous.attempts + 1 if previous else 1,
         )
         self._keep(self.state.with_loading(None).with_failure(loading.digest, failure))
-        return loading.digest, {}
+        return loading.digest
 
     def _load(self, name: str, slot: SlotRef) -> None:
         """Load a slot's package and serve it.
@@ -438,7 +444,9 @@ class Reconciler:
             except (SignatureError, MetadataError) as exc:
                 self._fail(digest, model, version, variant, f"refused: {exc}", supply_kind(exc))
                 return
-        record = LoadingRecord(model, version, variant, digest, self.clock(), self.boot)
+        record = LoadingRecord(
+            model, version, variant, digest, self.clock(), self.boot, deaths=self._died_before.pop(digest, 0)
+        )
         with self._loads:
             if self._stopping:
                 log.info("not loading %s %s (%s): the agent is stopping", model, version, variant)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from strata.core.wire import Failure
 
@@ -143,19 +143,24 @@ class LoadingRecord:
 
 
 DiedLoading = Literal["rebooted", "again", "failed"]
+MAX_LOAD_DEATHS: Final = 3  # loads of one package in a row that ended the agent or the machine: its failure
 
 
 def died_loading(record: LoadingRecord, boot: str) -> DiedLoading:
     """What a load the agent died in (its record left in the state) means at the next start.
 
-    - "rebooted": the machine restarted since the load began (another boot id): a power cut or a reboot, not the
-      package's doing; it is loaded again as if nothing happened.
+    - "rebooted": the machine restarted since the load began (another boot id): a power cut or a reboot, as likely
+      not the package's doing; it is loaded again (its deaths counted).
     - "again": a start-up load of a version the node served (`startup`) that the agent died in once in this boot: a
       stop that did not wait for the load (a service manager's kill), or something else taking the memory, as likely
       as the package; loaded once more, and a second death in its load is its failure.
-    - "failed": a new version's activation, or the second death: the version's failure (rolled back from, reported,
+    - "failed": a new version's activation the agent died in within one boot, a second death in a start-up load, or
+      `MAX_LOAD_DEATHS` loads in a row ended whatever the boots (a load that panics or hangs the machine until its
+      watchdog resets it would otherwise reboot it for ever): the version's failure (rolled back from, reported,
       tried again only after its back-off), so a package that kills the agent is not loaded again at every start.
     """
+    if record.deaths + 1 >= MAX_LOAD_DEATHS:
+        return "failed"
     if record.boot and boot and record.boot != boot:
         return "rebooted"
     if record.startup and record.deaths == 0:
