@@ -246,12 +246,12 @@ def activation_success_rate(population: Population) -> Measure:
         if tried
         else f"no node has tried the version yet (wave of {population.wave_members})"
     )
-    if population.earlier_failed:
+    if population.earlier_failed and tried:  # a wave with no data has none: the earlier waves' rate may not pass it
         activated = population.activated + population.earlier_activated
         all_tried = tried + population.earlier_activated + population.earlier_failed
         members = population.wave_members + population.earlier_members
         rate = activated / all_tried
-        if not tried or rate < population.activated / tried:
+        if rate < population.activated / tried:
             return Measure(
                 rate,
                 f"{activated} of {plural(all_tried, 'node')} that tried activated it over every wave so far "

@@ -78,6 +78,11 @@ def test_activation_success_rate_and_knowing_early_that_it_cannot_pass() -> None
     assert not stop.passed
     nobody = evaluate_gates([gate], population(activated=0, failed=0), 0)[0]
     assert (nobody.value, nobody.verdict, nobody.passed) == (None, "no_data", False)
+    # An earlier wave's failure does not give a wave without data of its own the earlier waves' rate: 99 of 100
+    # would pass it, where with no earlier failure it has no data (and the no-data policy decides).
+    earlier = population(activated=0, failed=0, earlier_members=100, earlier_activated=99, earlier_failed=1)
+    late = evaluate_gates([gate], earlier, 0, "hold", True)[0]
+    assert (late.value, late.passed) == (None, False)
 
 
 def test_latency_ratio_is_judged_per_profile_and_the_worst_counts() -> None:
