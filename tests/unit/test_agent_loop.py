@@ -128,3 +128,41 @@ def test_a_node_not_enrolled_yet_does_not_say_it_serves_on(
     (said,) = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert "not enrolled yet, nothing to serve" in said
     assert "serving on" not in said
+
+
+class WatchingReconciler(CutReconciler):
+    """Has a probation due at once, and counts its checks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks = 0
+
+    def probation_due(self) -> float | None:
+        return 0.001
+
+    def check_probation(self) -> None:
+        self.checks += 1
+
+
+def test_a_round_that_fails_every_time_still_judges_probations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (or a full disk) in every round: the back-off still judges the probation under way, so a bad version
+    still rolls back by itself (it waited on the stop event alone, and no probation was judged)."""
+    config = AgentConfig(
+        server="https://cp.example", data_dir=tmp_path, name="n1", tier="device", backoff_min_s=0.05, backoff_max_s=0.05
+    )
+    reconciler = WatchingReconciler()
+    loop = AgentLoop(config, ControlPlaneClient(config.server, H11Transport()), reconciler)
+    monkeypatch.setattr(loop, "adopt_stored", lambda: False)
+    rounds: list[int] = []
+
+    def step() -> None:
+        rounds.append(len(rounds))
+        if len(rounds) >= 3:
+            loop.stop.set()
+        raise (KeyError("a bug") if len(rounds) % 2 else OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(loop, "step", step)
+    thread = start_thread(loop)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert reconciler.checks >= 2

@@ -335,7 +335,8 @@ class AgentLoop:
 
     def _failed(self, exc: Exception) -> bool:
         """Say why a round failed and wait before the next (stopping the loop for good only on a configuration the
-        node cannot run with); return whether the loop goes on."""
+        node cannot run with), judging probations meanwhile (a round that fails every time must not keep a bad
+        version on probation from rolling back); return whether the loop goes on."""
         if isinstance(exc, ConfigError | EnrollmentRefused):
             log.error("%s", exc)
             self.fatal = exc
@@ -345,7 +346,7 @@ class AgentLoop:
             self.connected = False
             delay = self.config.backoff_max_s
             log.error("control plane refused this node's credential (revoked?): %s; retrying in %.0fs", exc, delay)
-            self.stop.wait(delay)
+            self.wait_offline(delay)
         elif isinstance(exc, TransportError | ProtocolError | StrataError):
             self.connected = False
             delay = self.backoff.next_delay()
@@ -355,11 +356,11 @@ class AgentLoop:
         elif isinstance(exc, OSError):  # disk full, permissions: keep serving, say so, try again later
             delay = self.backoff.next_delay()
             log.error("local I/O error (%s); retrying in %.1fs", exc, delay)
-            self.stop.wait(delay)
+            self.wait_offline(delay)
         else:  # a bug: said with its traceback; the node serves on and the next round may get past it
             delay = self.backoff.next_delay()
             log.error("unexpected error in the agent's loop; retrying in %.1fs", delay, exc_info=exc)
-            self.stop.wait(delay)
+            self.wait_offline(delay)
         return True
 
     def wait_offline(self, delay: float) -> None:

@@ -61,6 +61,9 @@ EXCLUDING_FAILURES: Final = frozenset({"policy", "no-variant"})
 _REFUSED_TEXT: Final = "the node refused it: "  # how a refusing node's exclusion reads (`NodeAssignment.refused`)
 SPREAD_LABELS: Final = ("region", "tier", "profile")
 GREEDY_PER_GROUP: Final = 4
+# An online node not done this many wave deadlines after its release (and at least this long) counts as failed.
+OVERDUE_DEADLINES: Final = 2
+OVERDUE_MIN_S: Final = 600.0
 
 
 # --- the spec -------------------------------------------------------------------------------------------
@@ -742,6 +745,28 @@ def _population(
     )
 
 
+def _overdue(state: RolloutState, observations: Mapping[str, NodeObservation], now: float) -> list[Action]:
+    """Released members of the waves so far still neither healthy nor failed, online, `OVERDUE_DEADLINES` wave
+    deadlines (at least `OVERDUE_MIN_S`) after their release: failed. Past its deadline an online node holds its wave
+    (`_settled`), and one whose update cannot finish (a disk too small for the version, a path to the blobs it cannot
+    reach) while it polls on would hold it for ever; counted as failed, the gates judge it (activation success) and
+    it no longer takes a `--max-unavailable` slot. An offline one stopped holding the wave at its deadline. (Past the
+    deadline the driver steps at every tick, so no due time is needed for it.)"""
+    limit = max(OVERDUE_DEADLINES * state.spec.wave_deadline_s, OVERDUE_MIN_S)
+    actions: list[Action] = []
+    for wave in range(state.wave + 1):
+        for node_id, assignment in state._index.unsettled.get(wave, {}).items():
+            released = assignment.released_at
+            if released is None or assignment.excluded is not None or now < released + limit:
+                continue
+            node = observations.get(node_id)
+            if node is None or not node.online:
+                continue
+            doing = "on probation" if node.version == state.version and node.probation == "running" else "updating"
+            actions.append(MarkFailed(node_id, now, f"overdue: still {doing} {duration(limit)} after its release"))
+    return actions
+
+
 def _settled(state: RolloutState, wave: int, observations: Mapping[str, NodeObservation], now: float) -> str | None:
     """None when wave `wave` is settled, else what it still waits for.
 
@@ -836,6 +861,10 @@ def plan_rollout(
         state = apply_actions(state, progress)
     if state.status == "paused":
         return actions
+    overdue = _overdue(state, observations, now)
+    if overdue:
+        actions.extend(overdue)
+        state = apply_actions(state, overdue)
     wave = state.wave
     if state.wave_started_at is None:
         actions.append(StartWave(wave, now))

@@ -620,3 +620,31 @@ def test_a_node_pinned_after_its_release_no_longer_holds_its_wave_and_comes_back
     assert state.nodes[second].wave == 1
     assert second in state.released
     assert first not in {n for n, a in state.nodes.items() if a.excluded}
+
+
+def test_an_online_node_that_never_finishes_its_update_counts_as_failed_at_twice_the_deadline() -> None:
+    """Past the deadline an online node holds its wave; one whose update cannot finish while it polls on (a disk too
+    small for the version) held it for ever. Two deadlines after its release it counts as failed, and the gates
+    judge the wave; an offline node is not counted so (it stopped holding the wave at the deadline)."""
+    observations = fleet(4)
+    state = step(rollout("50%,100%"), observations, 0.0)
+    first = sorted(n for n, a in state.nodes.items() if a.wave == 0)
+    stuck, done = first
+    observations[done] = replace(observations[done], version="2")
+    state = step(state, observations, 10.0)
+    state = step(state, observations, 1199.0)  # 2 x 600 s after the release, less a second
+    assert state.status == "running"
+    assert state.nodes[stuck].failed_at is None
+    assert state.message.startswith("wave 1: 1 updating; past its deadline")
+    state = step(state, observations, 1200.0)
+    assert state.nodes[stuck].failure == "overdue: still updating 20m after its release"
+    assert state.status == "rolled_back"  # 1 of 2 activated: activation_success_rate>=0.95 fails
+
+    offline = fleet(4)
+    state = step(rollout("50%,100%"), offline, 0.0)
+    first = sorted(n for n, a in state.nodes.items() if a.wave == 0)
+    offline[first[0]] = replace(offline[first[0]], online=False)
+    offline[first[1]] = replace(offline[first[1]], version="2")
+    state = step(state, offline, 10.0)
+    state = step(state, offline, 5000.0)
+    assert state.nodes[first[0]].failed_at is None
