@@ -17,7 +17,7 @@ PG     := $(VENV)/.pg
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'  # imports compile what they use
 	touch $(STAMP)
 
 # tpm2-pytss (strata[tpm]) builds against tpm2-tss; without libtss2-dev it is left out and the TPM tests skip.
@@ -48,7 +48,7 @@ test: lint typecheck $(TPM) $(PG)
 	tools/install-prometheus-deps  # prometheus and promtool: deploy/prometheus, deploy/grafana and their e2e test
 	tools/install-browser-deps  # chromium: the console's browser test (tests/e2e/test_console_browser.py)
 	tools/install-qemu-deps  # qemu-user: the ISA-dependent tests under an emulated AVX2-only CPU (tools/test-under-isa)
-	$(BIN)/pytest -q -n 3 --dist loadfile  # 3 workers on 2 cores: most e2e time is waiting on real processes
+	$(BIN)/pytest -q -n 4 --dist loadfile  # 4 workers on 2 cores: much of e2e time is waiting on real processes
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
