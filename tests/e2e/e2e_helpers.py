@@ -141,3 +141,25 @@ def processes_mentioning(text: str) -> list[int]:
             if text in seen.decode(errors="replace"):
                 found.append(int(entry.name))
     return found
+
+
+def build_slow_model(path: Path, seconds: float = 2.5) -> None:
+    """A digits-shaped compute model whose one-row run (its golden check) takes about `seconds` on one thread of
+    this machine: its layers are scaled from a timed probe. A fixed size took 0.2 s on a CPU with AMX where it took
+    a second elsewhere, and a test acting inside a load (a kill, a stop) lost its window under a busy test run."""
+    import onnxruntime as ort
+
+    from strata.examples.compute import build_compute_model
+
+    probe = path.with_name(path.stem + "-probe.onnx")
+    build_compute_model(probe, layers=4, replicas=49152)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
+    row = {"X": np.zeros((1, 64), np.float32)}
+    session.run(None, row)
+    started = time.perf_counter()
+    session.run(None, row)
+    elapsed = max(time.perf_counter() - started, 1e-3)
+    probe.unlink()
+    build_compute_model(path, layers=max(4, min(96, round(4 * seconds / elapsed))), replicas=49152)

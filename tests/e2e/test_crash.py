@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from e2e_helpers import assert_consistent, needs_two_cores, push_model
+from e2e_helpers import assert_consistent, build_slow_model, needs_two_cores, push_model
 
 from strata.agent.pieces import needed_pieces
 from strata.agent.vault import Vault, piece_aad
@@ -186,7 +186,7 @@ def test_an_agent_killed_while_loading_a_version_reports_it_failed_and_serves_th
     x = {"X": np.zeros((1, 64), np.float32)}
     small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
     build_compute_model(small, layers=1)
-    build_compute_model(heavy, layers=4, replicas=49152)  # 1 MB, 26 GFLOP a row: a golden check of a second or so
+    build_slow_model(heavy)  # a golden check of a few seconds on this machine
     push_model(fleet, small, "1", tmp_path, sample=x)
     v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
     handle = fleet.start_agent("edge", serve_processes=processes)
@@ -304,15 +304,15 @@ def test_a_service_managers_sigterm_to_every_process_in_the_middle_of_a_load_cou
 
 
 def _other_process_loading_v2(fleet: LocalFleet, tmp_path: Path) -> tuple[AgentHandle, Package, int]:
-    """An agent serving from two processes, version 1 active, told to run version 2 (a golden check of two seconds or
-    so in each process): returns once the agent loaded version 2 and wrote it active, while its other process loads it,
+    """An agent serving from two processes, version 1 active, told to run version 2 (a golden check of a few seconds
+    in each process): returns once the agent loaded version 2 and wrote it active, while its other process loads it,
     with the agent's handle, version 2 as pushed and that process's pid."""
     x = {"X": np.zeros((1, 64), np.float32)}
     small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
     build_compute_model(small, layers=1)
-    # A golden check of two seconds or so: the window between the agent's switch and the end of the other process's
-    # load, in which the test acts, must outlast the test's own scheduling on a machine busy with other tests.
-    build_compute_model(heavy, layers=8, replicas=49152)
+    # A golden check of a few seconds on this machine: the window between the agent's switch and the end of the
+    # other process's load, in which the test acts, must outlast the test's own scheduling on a busy machine.
+    build_slow_model(heavy)
     push_model(fleet, small, "1", tmp_path, sample=x)
     v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
     handle = fleet.start_agent("edge", serve_processes=2, extra_args=["--probation", "0"])
@@ -351,7 +351,7 @@ def test_an_agent_stopped_while_loading_a_version_finishes_the_load_and_counts_n
     x = {"X": np.zeros((1, 64), np.float32)}
     small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
     build_compute_model(small, layers=1)
-    build_compute_model(heavy, layers=4, replicas=49152)  # a golden check of a second or so
+    build_slow_model(heavy)  # a golden check of a few seconds on this machine
     push_model(fleet, small, "1", tmp_path, sample=x)
     v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
     handle = fleet.start_agent("stopped")

@@ -10,9 +10,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from e2e_helpers import assert_consistent, push_model
+from e2e_helpers import assert_consistent, build_slow_model, push_model
 
-from strata.examples.compute import build_compute_model
 from strata.localfleet import LocalFleet
 
 pytestmark = pytest.mark.slow
@@ -28,7 +27,7 @@ def test_an_agent_stopped_while_it_loads_its_version_at_start_up_serves_it_at_th
     dropped as a failure, its package deleted, nothing served until the control plane sent it again."""
     x = {"X": np.zeros((1, 64), np.float32)}
     heavy = tmp_path / "heavy.onnx"
-    build_compute_model(heavy, layers=4, replicas=49152)  # a golden check of a second or so
+    build_slow_model(heavy)  # a golden check of a few seconds on this machine
     push_model(fleet, heavy, "1", tmp_path, sample=x)
     handle = fleet.start_agent("edge")
     fleet.client.deploy("digits", "1", {})
