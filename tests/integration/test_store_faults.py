@@ -12,7 +12,6 @@ import errno
 import hashlib
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -102,13 +101,6 @@ def test_a_kept_manifest_is_read_without_being_written_again(
 
 class Killed(BaseException):
     """A kill -9 at this instant: no `except OSError` or `except Exception` stops it."""
-
-
-@pytest.fixture
-def vault(tmp_path: Path) -> Iterator[Vault]:
-    opened = Vault(tmp_path / "node" / "trust")
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +26,6 @@ from strata.core.package import Package
 from strata.package_build import build_package
 
 BLOB = "b" * 64
-
-
-@pytest.fixture
-def vault(tmp_path: Path) -> Iterator[Vault]:
-    opened = Vault(tmp_path / "node" / "trust")
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

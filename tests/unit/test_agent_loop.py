@@ -6,6 +6,7 @@ import errno
 import logging
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -33,11 +34,16 @@ class CutReconciler:
         return None
 
 
+def make_loop(tmp_path: Path, reconciler: CutReconciler, **fields: Any) -> AgentLoop:
+    """An agent loop of node n1 over `reconciler`, its configuration's other `fields` as given."""
+    config = AgentConfig(server="https://cp.example", data_dir=tmp_path, name="n1", tier="device", **fields)
+    return AgentLoop(config, ControlPlaneClient(config.server, H11Transport()), reconciler)
+
+
 def test_a_cut_convergence_makes_the_next_poll_not_wait(tmp_path: Path) -> None:
     """A download cut off (or a start-up convergence that could not finish) resumes on the next round at once,
     not after a quiet long poll (issue 17)."""
-    config = AgentConfig(server="https://cp.example", data_dir=tmp_path, name="n1", tier="device", poll_wait_s=30)
-    loop = AgentLoop(config, ControlPlaneClient(config.server, H11Transport()), CutReconciler())
+    loop = make_loop(tmp_path, CutReconciler(), poll_wait_s=30)
     loop._reported = b"{}"  # as after its first report (see the next test)
     assert loop.poll_wait() == 30
     with pytest.raises(TransportError):
@@ -50,8 +56,7 @@ def test_a_cut_convergence_makes_the_next_poll_not_wait(tmp_path: Path) -> None:
 def test_a_just_started_agent_reports_before_its_first_long_poll(tmp_path: Path) -> None:
     """The first poll after a start does not wait: the node reports what it serves, and what failed (a load the
     agent died in, found at start-up), at once rather than after a quiet long poll."""
-    config = AgentConfig(server="https://cp.example", data_dir=tmp_path, name="n1", tier="device", poll_wait_s=30)
-    loop = AgentLoop(config, ControlPlaneClient(config.server, H11Transport()), CutReconciler())
+    loop = make_loop(tmp_path, CutReconciler(), poll_wait_s=30)
     assert loop.poll_wait() == 0
     loop._reported = b"{}"
     assert loop.poll_wait() == 30
@@ -70,15 +75,7 @@ def test_no_error_of_a_round_ends_the_loop(
     """A full disk in the convergence from the stored desired state at start-up, a bug in a round, a full disk in
     the next: each is said and tried again after a back-off. Its thread ending would leave the node serving with
     nobody converging, reporting or rolling back (and the agent stopping with exit status 0)."""
-    config = AgentConfig(
-        server="https://cp.example",
-        data_dir=tmp_path,
-        name="n1",
-        tier="device",
-        backoff_min_s=0.01,
-        backoff_max_s=0.02,
-    )
-    loop = AgentLoop(config, ControlPlaneClient(config.server, H11Transport()), FullDiskReconciler())
+    loop = make_loop(tmp_path, FullDiskReconciler(), backoff_min_s=0.01, backoff_max_s=0.02)
     monkeypatch.setattr(loop, "adopt_stored", lambda: True)  # an enrolled node
     rounds: list[int] = []
 
@@ -108,10 +105,7 @@ def test_a_node_not_enrolled_yet_does_not_say_it_serves_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Before its enrollment a node serves nothing: an unreachable control plane is said without "serving on"."""
-    config = AgentConfig(
-        server="https://cp.example", data_dir=tmp_path, name="n1", tier="device", backoff_min_s=0.01, backoff_max_s=0.02
-    )
-    loop = AgentLoop(config, ControlPlaneClient(config.server, H11Transport()), CutReconciler())
+    loop = make_loop(tmp_path, CutReconciler(), backoff_min_s=0.01, backoff_max_s=0.02)
     monkeypatch.setattr(loop, "adopt_stored", lambda: False)  # no stored identity: enrolls in its first round
     rounds: list[int] = []
 
@@ -147,11 +141,8 @@ class WatchingReconciler(CutReconciler):
 def test_a_round_that_fails_every_time_still_judges_probations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug (or a full disk) in every round: the back-off still judges the probation under way, so a bad version
     still rolls back by itself (it waited on the stop event alone, and no probation was judged)."""
-    config = AgentConfig(
-        server="https://cp.example", data_dir=tmp_path, name="n1", tier="device", backoff_min_s=0.05, backoff_max_s=0.05
-    )
     reconciler = WatchingReconciler()
-    loop = AgentLoop(config, ControlPlaneClient(config.server, H11Transport()), reconciler)
+    loop = make_loop(tmp_path, reconciler, backoff_min_s=0.05, backoff_max_s=0.05)
     monkeypatch.setattr(loop, "adopt_stored", lambda: False)
     rounds: list[int] = []
 

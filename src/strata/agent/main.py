@@ -185,6 +185,12 @@ class Agent:
             if self._tier_context is not None:
                 self._tier_context.load_cert_chain(identity.cert_path, identity.key_path)
 
+    def close(self) -> None:
+        """Close what the agent opened before serving: the telemetry buffer and the vault worker."""
+        self.telemetry.close()
+        if self.vault is not None:
+            self.vault.close()
+
     def ready(self) -> bool:
         """Ready when every model in the slots is loaded and serving."""
         return all(self.repository.get(name) is not None for name in self.reconciler.state.models)
@@ -311,9 +317,7 @@ class Agent:
             await grpc_server.stop()
         if tier_server is not None:
             await tier_server.stop()
-        self.telemetry.close()
-        if self.vault is not None:
-            self.vault.close()
+        self.close()
         fatal = self.loop.fatal
         if isinstance(fatal, EnrollmentRefused):
             return EXIT_ENROLLMENT
@@ -465,9 +469,7 @@ def run(config: AgentConfig) -> int:
             agent.reconciler.restore(stopping=lambda: bool(told))
         if told:
             log.info("stopped by signal %d while loading its models at start-up", told[0])
-            agent.telemetry.close()
-            if agent.vault is not None:
-                agent.vault.close()
+            agent.close()
             return 0
         return asyncio.run(agent.serve())
     except ConfigError as exc:

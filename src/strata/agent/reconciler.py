@@ -205,9 +205,15 @@ class Reconciler:
             for slot in (slots.active, slots.previous):
                 if slot is None or slot.digest == died:
                     continue
-                died_before = self._died_before.get(slot.digest, 0)
                 record = LoadingRecord(
-                    name, slot.version, slot.variant, slot.digest, self.clock(), self.boot, True, died_before
+                    name,
+                    slot.version,
+                    slot.variant,
+                    slot.digest,
+                    self.clock(),
+                    boot=self.boot,
+                    startup=True,
+                    deaths=self._died_before.get(slot.digest, 0),
                 )
                 self._mark_loading(record)
                 try:
@@ -282,15 +288,7 @@ class Reconciler:
             self._keep(self.state.with_loading(None))
             return None
         reason = "the agent died while loading this package (killed: out of memory? a crash in its runtime?)"
-        previous = self.state.failures.get(loading.digest)
-        log.error(
-            "%s %s (%s) failed, keeping what is active: %s", loading.model, loading.version, loading.variant, reason
-        )
-        failure = replace(
-            self._failure(loading.model, loading.version, loading.variant, reason, "health"),
-            attempts=previous.attempts + 1 if previous else 1,
-        )
-        self._keep(self.state.with_loading(None).with_failure(loading.digest, failure))
+        self._keep(self._failed(loading.digest, loading.model, loading.version, loading.variant, reason, "health"))
         return loading.digest
 
     def _load(self, name: str, slot: SlotRef) -> None:
@@ -445,7 +443,7 @@ class Reconciler:
                 self._fail(digest, model, version, variant, f"refused: {exc}", supply_kind(exc))
                 return
         record = LoadingRecord(
-            model, version, variant, digest, self.clock(), self.boot, deaths=self._died_before.pop(digest, 0)
+            model, version, variant, digest, self.clock(), boot=self.boot, deaths=self._died_before.pop(digest, 0)
         )
         with self._loads:
             if self._stopping:
@@ -631,13 +629,20 @@ class Reconciler:
         )
 
     def _fail(self, key: str, model: str, version: str, variant: str | None, reason: str, kind: FailureKind) -> None:
+        self._commit(self._failed(key, model, version, variant, reason, kind))
+
+    def _failed(
+        self, key: str, model: str, version: str, variant: str | None, reason: str, kind: FailureKind
+    ) -> NodeState:
+        """The state with that version's failure (its attempts counted on from any earlier one) and no load under
+        way; said in the log."""
         previous = self.state.failures.get(key)
         attempts = previous.attempts + 1 if previous else 1
         log.error("%s %s (%s) failed, keeping what is active: %s", model, version, variant, reason)
         record = FailureRecord(
             model=model, version=version, variant=variant, reason=reason, at=self.clock(), attempts=attempts, kind=kind
         )
-        self._commit(self.state.with_loading(None).with_failure(key, record))
+        return self.state.with_loading(None).with_failure(key, record)
 
     def _commit(self, state: NodeState) -> None:
         if state != self.state:

@@ -437,12 +437,13 @@ class ArtifactStore:
         that cannot be sealed for a local I/O error (a full disk) stays in the clear, with a warning, and `open`
         takes it as it is until a later start seals it; the active and previous versions are not lost to it.
 
+        Run after `clean_interrupted`, which puts back a package a kill left set aside between the two renames.
+
         Raises:
             VaultUnavailable: the vault worker cannot start (the package being sealed is left as it was).
         """
         if self.vault is None:
             return []
-        self._restore_set_aside()
         sealed = []
         for folder in sorted(self.packages.iterdir()):
             if folder.name.startswith(".") or not folder.is_dir():
