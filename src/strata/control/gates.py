@@ -176,7 +176,8 @@ class Population:
     they stand now: a node of an earlier wave may fail after its wave passed).
     `drift_referenced`: the version's package carries drift references (else the drift gate does not apply).
     `baseline_nodes`: nodes still on an earlier version, whatever their traffic (with none, and none recorded,
-    latency has nothing to compare with).
+    latency has nothing to compare with); `baseline_profiles`: their hardware profiles (a canary profile among
+    them waits for their traffic; one not among them, and not recorded, has no baseline of its own).
     """
 
     wave_members: int
@@ -190,6 +191,7 @@ class Population:
     drift_referenced: bool = False
     min_drift_requests: int = 100
     baseline_nodes: int = 1
+    baseline_profiles: frozenset[str] = frozenset()
     earlier_members: int = 0
     earlier_activated: int = 0
     earlier_failed: int = 0
@@ -199,13 +201,16 @@ class Population:
 
 
 def summarize_baseline(population: Population) -> Baseline:
-    """The live baseline's figures, or the recorded ones when no baseline node has enough traffic."""
+    """The live baseline's figures, or the recorded ones when no baseline node has enough traffic. Latency is kept
+    per profile: a profile with no live figure keeps its recorded one (its baseline nodes took the new version in
+    an earlier wave, or are idle now), so a later wave's canaries of that profile are still compared."""
     usable = population.usable(population.baseline)
+    recorded = population.recorded_baseline
     if not usable:
-        return population.recorded_baseline
+        return recorded
     return Baseline(
         error_rate=_pooled_error_rate(usable),
-        p95_by_profile=_p95_by_profile(usable),
+        p95_by_profile={**recorded.p95_by_profile, **_p95_by_profile(usable)},
         nodes=len(usable),
     )
 
@@ -229,11 +234,13 @@ def _p95_by_profile(samples: list[ServingSample]) -> dict[str, float]:
 @dataclass(frozen=True)
 class Measure:
     """A metric's value (None: not enough data yet) and the numbers behind it, in words; `applicable` False when
-    the metric cannot apply to this rollout at all (its detail says why)."""
+    the metric cannot apply to this rollout at all (its detail says why); `complete` False when the value rests on
+    part of the evidence only, the rest still to come: it can fail a gate, not pass one."""
 
     value: float | None
     detail: str
     applicable: bool = True
+    complete: bool = True
 
 
 def activation_success_rate(population: Population) -> Measure:
@@ -286,30 +293,42 @@ def error_rate_delta(population: Population) -> Measure:
 
 
 def p95_latency_ratio(population: Population) -> Measure:
+    """The worst canary profile's p95 over its baseline's: latency is compared within a hardware profile only (a
+    Jetson is not slower than a Xeon by regression). A canary profile whose baseline nodes have not served enough
+    yet leaves the measure incomplete (a failing profile beside it fails the gate; passing ones wait for it); one
+    no node of which ran an earlier version (and none recorded) is not compared, and the detail names it."""
     canary = _p95_by_profile(population.usable(population.canary))
     if not canary:
         return Measure(None, f"no canary node has served {population.min_requests} requests yet")
     baseline = summarize_baseline(population).p95_by_profile
-    shared = [p for p in canary if p in baseline and baseline[p] > 0]
+    on_baseline = population.baseline_profiles | {s.profile for s in population.baseline}
+    shared = [p for p in canary if baseline.get(p, 0.0) > 0]
+    waiting = [p for p in canary if p not in shared and p in on_baseline]
+    unmatched = [p for p in canary if p not in shared and p not in on_baseline]
+    alone = f"; not compared: {', '.join(unmatched)} (no node of it ran an earlier version)" if unmatched else ""
+    wait = (
+        f"; waiting for the baseline nodes of {', '.join(waiting)} to serve {population.min_requests} requests"
+        if waiting
+        else ""
+    )
     if shared:
         ratios = {p: canary[p] / baseline[p] for p in shared}
         worst = max(ratios, key=lambda p: ratios[p])
         return Measure(
             ratios[worst],
             f"{worst}: canary p95 {canary[worst]:.3g} ms vs baseline {baseline[worst]:.3g} ms "
-            f"(profiles compared: {len(shared)})",
+            f"(profiles compared: {len(shared)}){wait}{alone}",
+            complete=not waiting,
         )
-    if not baseline:
-        if not population.baseline_nodes and not population.recorded_baseline.nodes:
-            return Measure(None, "no node runs an earlier version to compare with", applicable=False)
-        return Measure(None, f"no baseline node has served {population.min_requests} requests to compare with")
-    canary_all = statistics.median(canary.values())
-    base_all = statistics.median(baseline.values())
-    if base_all <= 0:
-        return Measure(None, "the baseline's p95 is zero")
+    if waiting:
+        return Measure(None, wait.removeprefix("; ") + alone)
+    if not population.baseline_nodes and not population.recorded_baseline.nodes:
+        return Measure(None, "no node runs an earlier version to compare with", applicable=False)
     return Measure(
-        canary_all / base_all,
-        f"no profile on both sides; canary p95 {canary_all:.3g} ms vs baseline {base_all:.3g} ms overall",
+        None,
+        f"no canary profile has a baseline of its own (canary: {', '.join(canary)}; baseline: "
+        f"{', '.join(sorted(on_baseline | set(baseline))) or 'none'}): latency is compared within a profile",
+        applicable=False,
     )
 
 
@@ -404,8 +423,10 @@ def judge(gate: Gate, measure: Measure, on_no_data: str, waited_out: bool) -> tu
     `waited_out`: the wave's deadline has passed, so a held gate waits no longer."""
     if not measure.applicable:
         return "not_applicable", f"not applicable: {measure.detail}"
-    if measure.value is not None:
-        return ("pass" if gate.holds(measure.value) else "fail"), measure.detail
+    if measure.value is not None and not gate.holds(measure.value):
+        return "fail", measure.detail
+    if measure.value is not None and measure.complete:
+        return "pass", measure.detail
     policy = gate.on_no_data or on_no_data
     if policy == "pass":
         return "pass_no_data", f"NOT JUDGED (on-no-data=pass): not enough data: {measure.detail}"

@@ -710,6 +710,7 @@ def _population(
     drift: list[DriftFigure] = []
     referenced = False
     baseline_nodes = 0
+    baseline_profiles: set[str] = set()
     for node_id, assignment in state.nodes.items() if with_serving else ():
         node = observations.get(node_id)
         if node is None or assignment.excluded is not None:
@@ -720,6 +721,8 @@ def _population(
             drift.append(node.drift)
         on_baseline = assignment.released_at is None and node.version is not None and node.version != state.version
         baseline_nodes += on_baseline
+        if on_baseline:
+            baseline_profiles.add(node.profile)
         if node.serving is None:
             continue
         sample = ServingSample(node.profile, node.serving)
@@ -739,6 +742,7 @@ def _population(
         drift_referenced=referenced,
         min_drift_requests=state.spec.min_drift_requests,
         baseline_nodes=baseline_nodes,
+        baseline_profiles=frozenset(baseline_profiles),
         earlier_members=earlier_members,
         earlier_activated=earlier_activated,
         earlier_failed=earlier_failed,

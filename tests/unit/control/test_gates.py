@@ -121,12 +121,56 @@ def test_error_rates_and_the_recorded_baseline_when_no_baseline_node_is_left() -
     assert GateResult.from_json(latency.to_json()) == latency
 
 
-def test_profiles_that_do_not_overlap_fall_back_to_the_overall_medians() -> None:
+def test_latency_is_compared_within_a_profile_only() -> None:
     canary = (sample("neon", 20.0),)
     baseline = (sample("avx2", 4.0), sample("avx2", 6.0))
     latency = by_metric(evaluate_gates(DEFAULT_GATES, population(canary=canary, baseline=baseline), 0))
-    assert latency["p95_latency_ratio"].value == pytest.approx(4.0)
-    assert "no profile on both sides" in latency["p95_latency_ratio"].detail
+    result = latency["p95_latency_ratio"]
+    assert (result.verdict, result.value) == ("not_applicable", None)
+    assert "no canary profile has a baseline of its own (canary: neon; baseline: avx2)" in result.detail
+
+
+def test_a_canary_profile_without_a_baseline_is_named_and_one_whose_baseline_is_idle_is_waited_for() -> None:
+    canary = (sample("avx2", 4.4), sample("jetson", 40.0))
+    baseline = (sample("avx2", 4.0),)
+    new_hardware = evaluate_gates(DEFAULT_GATES, population(canary=canary, baseline=baseline), 0)
+    latency = by_metric(new_hardware)["p95_latency_ratio"]
+    assert (latency.verdict, latency.value) == ("pass", pytest.approx(1.1))
+    assert latency.detail.endswith("not compared: jetson (no node of it ran an earlier version)")
+
+    # a jetson node still on the old version has served too little: the avx2 ratio alone cannot pass the gate
+    idle = population(canary=canary, baseline=(*baseline, sample("jetson", 4.0, requests=3)))
+    latency = by_metric(evaluate_gates(DEFAULT_GATES, idle, 0))["p95_latency_ratio"]
+    assert (latency.verdict, latency.value) == ("no_data", pytest.approx(1.1))
+    assert "waiting for the baseline nodes of jetson to serve 20 requests" in latency.detail
+    waited = by_metric(evaluate_gates(DEFAULT_GATES, idle, 0, waited_out=True))["p95_latency_ratio"]
+    assert waited.verdict == "fail_no_data"
+    # ... nor can a node with no serving figures at all (it reported none yet)
+    silent = population(canary=canary, baseline=baseline, baseline_profiles=frozenset({"avx2", "jetson"}))
+    assert by_metric(evaluate_gates(DEFAULT_GATES, silent, 0))["p95_latency_ratio"].verdict == "no_data"
+
+    # a profile that compares badly fails the gate at once, whatever the others still wait for
+    slow = (sample("avx2", 12.0), sample("jetson", 40.0))
+    failing = population(canary=slow, baseline=(*baseline, sample("jetson", 4.0, requests=3)))
+    latency = by_metric(evaluate_gates(DEFAULT_GATES, failing, 0))["p95_latency_ratio"]
+    assert (latency.verdict, latency.value) == ("fail", pytest.approx(3.0))
+
+
+def test_a_profile_keeps_its_recorded_baseline_once_its_nodes_left_the_baseline() -> None:
+    """Wave 1 saw jetson nodes on the old version; by wave 2 they all run the new one: jetson canaries are still
+    compared with what the jetsons served before, not passed beside the avx2 nodes."""
+    wave1 = population(canary=(sample("avx2", 4.0),), baseline=(sample("avx2", 4.0), sample("jetson", 10.0)))
+    recorded = summarize_baseline(wave1)
+    assert recorded.p95_by_profile == {"avx2": 4.0, "jetson": 10.0}
+    wave2 = population(
+        canary=(sample("avx2", 4.0), sample("jetson", 35.0)),
+        baseline=(sample("avx2", 4.0),),
+        recorded_baseline=recorded,
+    )
+    latency = by_metric(evaluate_gates(DEFAULT_GATES, wave2, 1))["p95_latency_ratio"]
+    assert (latency.verdict, latency.value) == ("fail", pytest.approx(3.5))
+    assert latency.detail.startswith("jetson: canary p95 35 ms vs baseline 10 ms (profiles compared: 2)")
+    assert summarize_baseline(wave2).p95_by_profile == {"avx2": 4.0, "jetson": 10.0}
 
 
 def test_drift_gate_takes_the_worst_canary_node_with_enough_requests() -> None:

@@ -421,6 +421,31 @@ def test_latency_and_error_gates_compare_canary_with_baseline_per_profile() -> N
     assert state.failed_gate.value == pytest.approx(0.05)
 
 
+def test_a_slow_canary_profile_is_not_passed_beside_healthy_ones() -> None:
+    """A Jetson canary 10x slower passed beside healthy x86 and Arm canaries ("profiles compared: 2"): the Jetsons
+    still on the old version had reported no serving figures yet. The wave now waits for them; once they have, it
+    fails on the Jetson's own ratio."""
+    observations = fleet(9)
+    state = step(rollout("3,100%", on_failure="pause"), observations, 0.0)
+    assert {observations[n].profile for n in state.released} == set(PROFILES)
+    take(observations, state)
+    (canary_jetson,) = (n for n in state.released if observations[n].profile == "jetson-cuda")
+    observations[canary_jetson] = replace(observations[canary_jetson], serving=ServingCounters(100, 0, 40.0, 0.0))
+    idle = [n for n, o in observations.items() if o.profile == "jetson-cuda" and n != canary_jetson]
+    for node_id in idle:
+        observations[node_id] = replace(observations[node_id], serving=None)
+    state = step(step(state, observations, 1.0), observations, 61.0)
+    latency = next(r for r in state.gate_results if r.gate.metric == "p95_latency_ratio")
+    assert (state.status, state.wave, latency.verdict) == ("running", 0, "no_data")
+    assert "waiting for the baseline nodes of jetson-cuda to serve 20 requests" in latency.detail
+    for node_id in idle:
+        observations[node_id] = replace(observations[node_id], serving=ServingCounters(100, 0, 4.0, 0.0))
+    state = step(state, observations, 62.0)
+    assert state.status == "paused"
+    assert state.failed_gate is not None
+    assert state.failed_gate.detail.startswith("jetson-cuda: canary p95 40 ms vs baseline 4 ms")
+
+
 def test_quiet_canaries_hold_the_wave_until_its_deadline_then_fail_for_want_of_data() -> None:
     """Issue 17: a gate without data neither passes silently nor judges: by default it holds the wave, and fails
     it, saying why, once the wave's deadline (600 s here) has passed."""
