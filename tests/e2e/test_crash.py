@@ -1,25 +1,21 @@
-"""kill -9 at the worst moments: mid-download, mid-activation, mid-load, and at random instants."""
+"""kill -9 at the worst moments: mid-download, mid-activation, at random instants (mid-load: test_crash_loading.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
-import signal
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from e2e_helpers import assert_consistent, build_slow_model, needs_two_cores, push_model
+from e2e_helpers import assert_consistent, push_model
 
 from strata.agent.pieces import needed_pieces
 from strata.agent.vault import Vault, piece_aad
-from strata.core.package import Package, pack_tar
-from strata.examples.compute import build_compute_model
-from strata.localfleet import AgentHandle, LocalFleet
+from strata.core.package import pack_tar
+from strata.localfleet import LocalFleet
 from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
@@ -167,213 +163,3 @@ def test_kill_at_random_instants_never_leaves_a_partial_model(
         target = "1" if target == "2" else "2"
     fleet.wait_for_versions({"edge": {"digits": "1" if target == "2" else "2"}})
     assert_consistent(fleet, "edge")
-
-
-@pytest.mark.parametrize(
-    "processes",
-    [1, pytest.param(2, marks=needs_two_cores)],
-    ids=["in-its-own-load", "while-its-other-serving-process-loads"],
-)
-def test_an_agent_killed_while_loading_a_version_reports_it_failed_and_serves_the_previous_one(
-    fleet: LocalFleet, tmp_path: Path, processes: int
-) -> None:
-    """kill -9 (as the OOM killer or a crash in a runtime would) while the agent loads version 2, a model whose golden
-    check takes a second or so, or, serving from two processes, while its other process loads it after the agent's
-    own load (their copies together are what overflows memory): the restarted agent serves version 1, records
-    version 2 as a failure of its load ("health"), reports it to the control plane at once, and does not load it
-    again until its retry time, where it used to load it again at once (and die again, forever, reporting
-    nothing)."""
-    x = {"X": np.zeros((1, 64), np.float32)}
-    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
-    build_compute_model(small, layers=1)
-    build_slow_model(heavy)  # a golden check of a few seconds on this machine
-    push_model(fleet, small, "1", tmp_path, sample=x)
-    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
-    handle = fleet.start_agent("edge", serve_processes=processes)
-    fleet.client.deploy("digits", "1", {})
-    fleet.wait_for_versions({"edge": {"digits": "1"}})
-
-    state_path = handle.data_dir / "state.json"
-    log_path = handle.process.log_path
-
-    def loading_v2() -> bool:
-        """The agent's own load: its loading record names version 2. The other process's: version 2 is active
-        (the agent loaded it and switched), which that process has yet to load (the agent says "activated" after)."""
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            state = json.loads(state_path.read_text())
-            if processes == 1:
-                return bool(state.get("loading", {}).get("digest") == v2.digest)
-            return bool(state["models"]["digits"]["active"]["version"] == "2")
-        return False
-
-    fleet.client.deploy("digits", "2", {})
-    fleet.wait_for(loading_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
-    handle.process.kill()
-    assert "activated digits 2" not in log_path.read_text(), "the kill should land while version 2 loads"
-
-    before = len(log_path.read_text())
-    restarted = fleet.start_agent("edge", serve_processes=processes)
-
-    def reported() -> dict[str, object] | None:
-        failures = fleet.nodes()["edge"]["failures"]
-        return next((f for f in failures if f["version"] == "2"), None)
-
-    failure = fleet.wait_for(reported, 30, "the failure of version 2 to be reported", restarted.process)
-    assert failure["kind"] == "health", failure
-    assert "died while loading" in str(failure["reason"]), failure
-    assert fleet.nodes()["edge"]["models"] == {"digits": "1"}
-    answer = httpx.post(
-        f"{restarted.serve_url}/v2/models/digits/infer",
-        json={"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]},
-        timeout=10,
-    )
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["model_version"] == "1"
-    state = json.loads(state_path.read_text())
-    assert "loading" not in state
-    assert state["failures"][v2.digest]["attempts"] == 1
-    log = log_path.read_text()[before:]
-    assert "loading digits 2" not in log, "version 2 was loaded again at once:\n" + log
-
-
-@needs_two_cores
-def test_a_serving_process_killed_while_it_loads_a_version_fails_that_version_and_the_node_keeps_the_previous(
-    fleet: LocalFleet, tmp_path: Path
-) -> None:
-    """Serving from two processes, the agent's other process is killed (as the OOM killer would: the two copies
-    together overflow memory) while it loads version 2, after the agent's own load. Version 2 is that load's failure
-    ("health"), reported at once; the node, both processes, goes on serving version 1. It used to switch the agent to
-    version 2 and start the other process again on it, to die again, with the failure never counted."""
-    handle, v2, pid = _other_process_loading_v2(fleet, tmp_path)
-    state_path = handle.data_dir / "state.json"
-    log_path = handle.process.log_path
-    os.kill(pid, signal.SIGKILL)
-
-    def worker() -> int | None:
-        return _worker(handle.process.pid)
-
-    def reported() -> dict[str, object] | None:
-        failures = fleet.nodes()["edge"]["failures"]
-        return next((f for f in failures if f["version"] == "2"), None)
-
-    failure = fleet.wait_for(reported, 30, "the failure of version 2 to be reported", handle.process)
-    assert failure["kind"] == "health", failure
-    assert "serving process 1 of the node's 2 could not load it: the serving process is gone" in str(failure["reason"])
-    log = log_path.read_text()
-    assert "activated digits 2" not in log
-    state = json.loads(state_path.read_text())
-    assert state["models"]["digits"]["active"]["version"] == "1"
-    assert "loading" not in state
-    assert state["failures"][v2.digest]["attempts"] == 1
-    assert fleet.nodes()["edge"]["models"] == {"digits": "1"}
-
-    # Both processes serve version 1: the other one, started again, too (new connections land on both).
-    fleet.wait_for(lambda: worker() not in (None, pid), 30, "the second process to start again", handle.process)
-    fleet.wait_for(lambda: log_path.read_text().count("serving process 1 (pid") == 2, 30, "it to serve", handle.process)
-    body = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
-    versions = set()
-    for _ in range(40):
-        answer = httpx.post(f"{handle.serve_url}/v2/models/digits/infer", json=body, timeout=10)
-        assert answer.status_code == 200, answer.text
-        versions.add(answer.json()["model_version"])
-    assert versions == {"1"}
-    per_process = httpx.get(f"{handle.serve_url}/metrics").text
-    assert 'strata_serving_process_requests{process="1"}' in per_process
-
-
-@needs_two_cores
-def test_a_service_managers_sigterm_to_every_process_in_the_middle_of_a_load_counts_no_failure(
-    fleet: LocalFleet, tmp_path: Path
-) -> None:
-    """systemd's default (KillMode=control-group) sends SIGTERM to the agent and its serving processes at once. While
-    the other process loads version 2, that used to end it in the middle of the load, and the agent recorded version
-    2 as a failed load, for the rollout gates to count: a restart. Now the serving processes leave SIGTERM to the
-    agent, which lets the load finish and stops them itself."""
-    handle, v2, pid = _other_process_loading_v2(fleet, tmp_path)
-    state_path = handle.data_dir / "state.json"
-    log_path = handle.process.log_path
-    os.kill(pid, signal.SIGTERM)
-    assert handle.process.stop(timeout=40) == 0  # SIGTERM to the agent
-    log = log_path.read_text()
-    assert "waiting up to 20 s for the load of digits 2" in log
-    assert "activated digits 2" in log
-    state = json.loads(state_path.read_text())
-    assert v2.digest not in state.get("failures", {}), log
-    assert "loading" not in state
-    assert state["models"]["digits"]["active"]["version"] == "2"
-
-
-def _other_process_loading_v2(fleet: LocalFleet, tmp_path: Path) -> tuple[AgentHandle, Package, int]:
-    """An agent serving from two processes, version 1 active, told to run version 2 (a golden check of a few seconds
-    in each process): returns once the agent loaded version 2 and wrote it active, while its other process loads it,
-    with the agent's handle, version 2 as pushed and that process's pid."""
-    x = {"X": np.zeros((1, 64), np.float32)}
-    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
-    build_compute_model(small, layers=1)
-    # A golden check of a few seconds on this machine: the window between the agent's switch and the end of the
-    # other process's load, in which the test acts, must outlast the test's own scheduling on a busy machine.
-    build_slow_model(heavy)
-    push_model(fleet, small, "1", tmp_path, sample=x)
-    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
-    handle = fleet.start_agent("edge", serve_processes=2, extra_args=["--probation", "0"])
-    fleet.client.deploy("digits", "1", {})
-    fleet.wait_for_versions({"edge": {"digits": "1"}})
-    state_path = handle.data_dir / "state.json"
-    log_path = handle.process.log_path
-    fleet.wait_for(lambda: "serving process 1 (pid" in log_path.read_text(), 30, "the second process", handle.process)
-    pid = fleet.wait_for(lambda: _worker(handle.process.pid), 30, "the second serving process", handle.process)
-
-    def other_process_loads_v2() -> bool:
-        with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
-            return bool(json.loads(state_path.read_text())["models"]["digits"]["active"]["version"] == "2")
-        return False
-
-    fleet.client.deploy("digits", "2", {})
-    fleet.wait_for(other_process_loads_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
-    return handle, v2, pid
-
-
-def _worker(agent_pid: int) -> int | None:
-    """The pid of the agent's serving process (`strata.agent.worker`), None while it has none."""
-    for pid in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
-        with contextlib.suppress(FileNotFoundError):
-            if b"strata.agent.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return int(pid)
-    return None
-
-
-def test_an_agent_stopped_while_loading_a_version_finishes_the_load_and_counts_no_failure(
-    fleet: LocalFleet, tmp_path: Path
-) -> None:
-    """SIGTERM (a restart, an upgrade of the agent) while the agent loads version 2: it lets the load finish before
-    it stops, so the next start does not read the loading record left behind as a load the agent died in, a failure
-    of version 2 that the rollout gates would count against it."""
-    x = {"X": np.zeros((1, 64), np.float32)}
-    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
-    build_compute_model(small, layers=1)
-    build_slow_model(heavy)  # a golden check of a few seconds on this machine
-    push_model(fleet, small, "1", tmp_path, sample=x)
-    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
-    handle = fleet.start_agent("stopped")
-    fleet.client.deploy("digits", "1", {})
-    fleet.wait_for_versions({"stopped": {"digits": "1"}})
-    state_path = handle.data_dir / "state.json"
-
-    def loading_v2() -> bool:
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            return bool(json.loads(state_path.read_text()).get("loading", {}).get("digest") == v2.digest)
-        return False
-
-    fleet.client.deploy("digits", "2", {})
-    fleet.wait_for(loading_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
-    assert handle.process.stop(timeout=30) == 0
-    log = handle.process.log_path.read_text()
-    assert "waiting up to 20 s for the load of digits 2" in log
-    assert "activated digits 2" in log
-    assert "loading" not in json.loads(state_path.read_text())
-
-    restarted = fleet.start_agent("stopped")
-    fleet.wait_for(lambda: fleet.agent_live("stopped"), 30, "the agent to serve", restarted.process)
-    assert not [f for f in fleet.nodes()["stopped"]["failures"] if f["version"] == "2"]
-    assert not json.loads(state_path.read_text()).get("failures")
-    fleet.wait_for_versions({"stopped": {"digits": "2"}})

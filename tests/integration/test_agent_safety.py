@@ -335,8 +335,8 @@ def test_a_stopping_agent_sees_a_load_whose_record_is_being_written_and_starts_n
 ) -> None:
     """The stop asks the reconciler for the load under way from another thread. A load counts from before its
     loading record is written: held in the middle of that write (on disk, not yet in memory), the stop still sees it
-    and waits for it. Once the agent is stopping, no load starts, so none is cut off half-way (tests/e2e/test_crash.py
-    stops a real agent mid-load)."""
+    and waits for it. Once the agent is stopping, no load starts, so none is cut off half-way
+    (tests/e2e/test_crash_loading.py stops a real agent mid-load)."""
     node = make_node(tmp_path, {})
     node.offer(*package(digits_onnx, "1", tmp_path / "a", name="digits"))
     v2 = node.offer(*package(digits_onnx_v2, "2", tmp_path / "b", name="digits"))
@@ -387,7 +387,7 @@ def test_a_load_the_agent_died_in_is_a_failure_at_the_next_start_with_the_usual_
     """The loading record the agent writes before a load (fsynced in state.json) and clears after it: one left
     there is a load the agent died in (killed for its memory, a crash in the runtime). The next start records it
     as that version's failure, serves the previous version, and loads it again only at its retry time, with
-    attempts counted as for any failure (tests/e2e/test_crash.py kills a real agent mid-load)."""
+    attempts counted as for any failure (tests/e2e/test_crash_loading.py kills a real agent mid-load)."""
     node = make_node(tmp_path, {})
     node.offer(*package(digits_onnx, "1", tmp_path / "a", name="digits"))
     node.offer(*package(digits_onnx_v2, "2", tmp_path / "b", name="digits"))

@@ -119,3 +119,25 @@ def test_the_peer_transport_will_not_talk_to_a_revoked_server(served: Served, no
     transport.use_ssl_context(nodes["client"].peer_context())  # drop the pooled connection: a new handshake
     with pytest.raises(TransportError, match="revoked"):
         transport.request("GET", f"{served.url}/", headers={}, timeout=10)
+
+
+def test_a_kept_alive_connection_to_a_server_revoked_since_is_refused(
+    served: Served, nodes: dict[str, FleetIdentity]
+) -> None:
+    """Downloads keep their connection to a parent alive from piece to piece: the revocation check runs before each
+    exchange, not only at the handshake."""
+    revoked: list[DesiredState | None] = [None]
+    transport = H11Transport(nodes["client"].peer_context(), peer_refusal=PeerGate(lambda: revoked[0]).refusal)
+    assert transport.request("GET", f"{served.url}/", headers={}, timeout=10).status == 200
+    with transport.stream("GET", f"{served.url}/", headers={}, timeout=10) as response:
+        assert response.status == 200
+        while response.read(1 << 16):
+            pass
+    revoked[0] = DesiredState("client", (), revoked_certificates=frozenset({der_sha256(nodes["server"])}))
+    with pytest.raises(TransportError, match="revoked"):
+        transport.request("GET", f"{served.url}/", headers={}, timeout=10)
+    with (
+        pytest.raises(TransportError, match="revoked"),
+        transport.stream("GET", f"{served.url}/", headers={}, timeout=10),
+    ):
+        pass

@@ -1,7 +1,7 @@
 """How the agent's serving pool takes a new model into its other serving processes (`ServingPool.put`), as pure
 bookkeeping: each "serving process" here is a sleeping process with the other end of a real channel, answering the
-way a worker would, or dying (closing its channel and killed) when asked to load. tests/e2e/test_crash.py kills a
-real worker in the middle of a real load."""
+way a worker would, or dying (closing its channel and killed) when asked to load. tests/e2e/test_crash_loading.py
+kills a real worker in the middle of a real load."""
 
 from __future__ import annotations
 

@@ -112,6 +112,7 @@ class _Connection:
         self._min_rate = min_rate
         self._started = time.monotonic()
         self._received = 0
+        self._peer_refusal = peer_refusal
         try:
             address = (_host_name(target.host), target.port)
             sock = socket.create_connection(address, timeout=timeout)  # type: ignore[arg-type]  # bytes hosts work (getaddrinfo's type takes them); typeshed lists str
@@ -120,17 +121,31 @@ class _Connection:
                 sock = context.wrap_socket(sock, server_hostname=_host_name(target.host))
         except OSError as exc:
             raise TransportError(f"cannot connect to {target.origin}: {exc}") from exc
-        if peer_refusal is not None and isinstance(sock, ssl.SSLSocket):
-            reason = peer_refusal(sock.getpeercert(binary_form=True))
-            if reason is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
-                raise TransportError(f"refusing {target.origin}: {reason}")
         self.sock = sock
         self.h11 = h11.Connection(h11.CLIENT)
+        self.check_peer(target)
 
-    def settimeout(self, timeout: float) -> None:
+    def check_peer(self, target: _Target) -> None:
+        """Ask `peer_refusal` about the TLS peer's certificate (before each exchange: a connection kept alive from
+        before a revocation is refused as a new one would be); close and raise when it refuses.
+
+        Raises:
+            TransportError: the peer is refused.
+        """
+        if self._peer_refusal is None or not isinstance(self.sock, ssl.SSLSocket):
+            return
+        reason = self._peer_refusal(self.sock.getpeercert(binary_form=True))
+        if reason is not None:
+            self.close()
+            raise TransportError(f"refusing {target.origin}: {reason}")
+
+    def begin(self, timeout: float, min_rate: int | None) -> None:
+        """Start a new exchange on this (kept-alive) connection: its time limit, and its minimum rate counted
+        from now."""
         self._timeout = timeout
+        self._min_rate = min_rate
+        self._started = time.monotonic()
+        self._received = 0
         self.sock.settimeout(timeout)
 
     def _recv(self) -> bytes:
@@ -205,6 +220,11 @@ class _Streamed:
         self._buffer = b""
         self._done = False
 
+    @property
+    def finished(self) -> bool:
+        """The whole answer was read (its end seen, nothing left unread)."""
+        return self._done and not self._buffer
+
     def read(self, size: int) -> bytes:
         try:
             while not self._buffer and not self._done:
@@ -266,8 +286,10 @@ class H11Transport:
             reused = connection is not None
             if connection is None:
                 connection = _Connection(target, timeout, self._ssl_context, self._peer_refusal)
+            else:
+                connection.check_peer(target)
             try:
-                connection.settimeout(timeout)
+                connection.begin(timeout, None)
                 connection.send_request(method, target, headers, body)
                 head = connection.read_head()
                 parts = []
@@ -293,22 +315,44 @@ class H11Transport:
 
     @contextlib.contextmanager
     def stream(self, method: str, url: str, *, headers: Mapping[str, str], timeout: float) -> Iterator[_Streamed]:
-        """Open a request on its own connection and yield the response for reading in pieces.
+        """Send a request and yield the response for reading in pieces; retries once on a stale keep-alive
+        connection (before any answer came). The connection is the thread's kept-alive one to that origin when
+        there is one, and goes back to be kept only when the answer was read to its end: a package's pieces are
+        fetched one request each, and a new connection per piece was a TCP and mutual-TLS handshake per 64 KiB
+        (320 for a 20 MiB model, on the node and on the relay or control plane that served it).
 
         Raises:
             TransportError: the server cannot be reached, or the connection broke.
         """
         target = _target(url)
-        connection = _Connection(target, timeout, self._ssl_context, self._peer_refusal, self._min_rate)
-        try:
+        pool = self._pool()
+        for attempt in (1, 2):
+            connection = pool.pop(target.origin, None)
+            reused = connection is not None
+            if connection is None:
+                connection = _Connection(target, timeout, self._ssl_context, self._peer_refusal, self._min_rate)
+            else:
+                connection.check_peer(target)
+                connection.begin(timeout, self._min_rate)
             try:
                 connection.send_request(method, target, headers, None)
                 head = connection.read_head()
             except (OSError, h11.ProtocolError) as exc:
+                connection.close()
+                if reused and attempt == 1:
+                    continue
                 raise TransportError(f"{method} {url}: {exc or type(exc).__name__}") from exc
-            yield _Streamed(connection, head)
+            break
+        response = _Streamed(connection, head)
+        kept = False
+        try:
+            yield response
+            kept = response.finished and connection.reusable()
         finally:
-            connection.close()
+            if kept:
+                pool[target.origin] = connection
+            else:
+                connection.close()
 
     def close(self) -> None:
         pool = self._pool()

@@ -346,10 +346,13 @@ def test_the_server_sweeps_expired_telemetry_in_the_background(
         assert upload(server, node, retention_batch(node, 1, [int(server.clock.now // 60) - 1]))["stored"]
         server.clock.advance(RETENTION + 60)
         deadline = time.monotonic() + 10  # the sweeper runs on the replica holding the rollout lease
-        while stored_rows(server)["events"] and time.monotonic() < deadline:
+        # it says what it deleted just after the deletion commits: wait for both (the server stops after the block)
+        while (
+            stored_rows(server)["events"] or "telemetry retention" not in caplog.text
+        ) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert stored_rows(server) == {"minutes": [EXPIRED_MINUTE], "events": [], "drift": [], "batches": [1]}
-    assert "telemetry retention 90d: deleted 1 minute row, 1 event, 1 drift row, 0 batch records" in (caplog.text)
+        assert "telemetry retention 90d: deleted 1 minute row, 1 event, 1 drift row, 0 batch records" in caplog.text
 
 
 YEAR = 365 * DAY

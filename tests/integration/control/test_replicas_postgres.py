@@ -172,3 +172,25 @@ def test_one_holder_per_lease_and_serialized_turns(two_databases: tuple[Database
         order.append("second in")
     thread.join()
     assert order == ["first done", "second in"]
+
+
+def test_a_replica_stops_listening_at_once_and_the_other_ignores_its_wake_up(
+    two_databases: tuple[Database, Database],
+) -> None:
+    """`stop` wakes its own LISTEN wait by a NOTIFY with no counter in it: every server stop (and every test on
+    PostgreSQL) waited out the listener's one-second timeout before. The other replica hears it and moves nothing."""
+    shared_a = SharedGeneration(two_databases[0], ChangeFeed(), safety_poll_s=30)
+    shared_b = SharedGeneration(two_databases[1], ChangeFeed(), safety_poll_s=30)
+    shared_a.start()
+    shared_b.start()
+    try:
+        _wait_listening(two_databases[0], 2)
+        started = time.monotonic()
+        shared_a.stop()
+        assert time.monotonic() - started < 0.5  # the listener's own wait is a second
+        _wait_listening(two_databases[0], 1)
+        time.sleep(0.3)
+        assert (shared_a.foreign_changes, shared_b.foreign_changes) == (0, 0)
+    finally:
+        shared_a.stop()
+        shared_b.stop()
