@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer import _click as click  # Typer vendors Click
+from typer.core import TyperGroup
 
 from strata.cli.app import command
 from strata.trust.signing import create_release_key
@@ -28,8 +30,8 @@ from typer.core import TyperGroup
 def walk(cmd, path):
     yield path
     if isinstance(cmd, TyperGroup):
-        for name, sub in cmd.commands.items():
-            yield from walk(sub, [*path, name])
+        for name in cmd.list_commands(None):  # the root builds each command as it is asked for
+            yield from walk(cmd.get_command(None, name), [*path, name])
 
 pages = {}
 root = command()
@@ -58,7 +60,11 @@ def _options(path: str) -> list[str]:
     """Every long option name of the command at `path` (as `strata` builds it, --ca included)."""
     cmd = command()
     for name in path.split():
-        cmd = cmd.commands[name]  # a TyperGroup on the way down
+        group = cmd
+        assert isinstance(group, TyperGroup)
+        found = group.get_command(click.Context(group), name)
+        assert found is not None
+        cmd = found
     options = [param for param in cmd.params if param.param_type_name == "option" and not getattr(param, "hidden", 0)]
     return [opt for param in options for opt in (*param.opts, *param.secondary_opts)]
 

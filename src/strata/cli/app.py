@@ -1,44 +1,82 @@
-"""The `strata` command: one Typer app, one module per command group, registered here.
+"""The `strata` command: one Typer app, one module per command or command group, each imported only when its
+command runs or help lists it (`COMMANDS`).
 
-Modules import their heavy dependencies (FastAPI, onnxruntime, SQLAlchemy) inside the command functions,
-so `strata --help` and the operator commands start fast.
+Modules import their heavy dependencies (FastAPI, onnxruntime, SQLAlchemy) inside the command functions too, so
+`strata --help`, the operator commands and `strata agent` (which execs the lean agent process) start fast.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, get_args
+from typing import Annotated, Final, get_args
 
 import typer
 from typer import _click as click  # Typer vendors Click: the type typer.main.get_command returns
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from strata import __version__
-from strata.cli import agent as agent_cmd
-from strata.cli import demo as demo_cmd
-from strata.cli import deploy as deploy_cmd
-from strata.cli import events as events_cmd
-from strata.cli import gateway as gateway_cmd
-from strata.cli import keys as keys_cmd
-from strata.cli import model as model_cmd
-from strata.cli import nodes as nodes_cmd
-from strata.cli import optimize as optimize_cmd
-from strata.cli import package as package_cmd
-from strata.cli import pin as pin_cmd
-from strata.cli import rollout as rollout_cmd
-from strata.cli import server as server_cmd
-from strata.cli import sim as sim_cmd
-from strata.cli import telemetry as telemetry_cmd
-from strata.cli import token as token_cmd
 from strata.cli.common import fail
 from strata.core.errors import StrataError
 
+# Each command's module, imported when that command runs (or help lists it): `strata agent` on a node does not
+# import what `strata demo` or `strata model push` need (about 0.3 s of CPU at every start, and every operator
+# command paid it too). Name -> (module, attribute): the command's function, or the Typer app of a command group.
+COMMANDS: Final = {  # in the order `strata --help` lists them: single commands, then groups
+    "server": ("strata.cli.server", "server"),
+    "agent": ("strata.cli.agent", "agent"),
+    "gateway": ("strata.cli.gateway", "gateway"),
+    "events": ("strata.cli.events", "events"),
+    "telemetry": ("strata.cli.telemetry", "telemetry"),
+    "optimize": ("strata.cli.optimize", "optimize"),
+    "sim": ("strata.cli.sim", "sim"),
+    "demo": ("strata.cli.demo", "demo"),
+    "token": ("strata.cli.token", "app"),
+    "model": ("strata.cli.model", "app"),
+    "keys": ("strata.cli.keys", "app"),
+    "deploy": ("strata.cli.deploy", "app"),
+    "rollout": ("strata.cli.rollout", "app"),
+    "pin": ("strata.cli.pin", "app"),
+    "nodes": ("strata.cli.nodes", "app"),
+    "package": ("strata.cli.package", "app"),
+}
+
+
+class _Commands(TyperGroup):
+    """The root group: lists every command of `COMMANDS` and builds one (importing its module) when it is asked
+    for, finished as `command` describes."""
+
+    def list_commands(self, ctx: click.Context | None) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context | None, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            self.commands[cmd_name] = _finished(_load(cmd_name))
+        return self.commands.get(cmd_name)
+
+
+def _load(name: str) -> click.Command:
+    """Command `name` as Typer makes it, with the root's settings (plain help, no pretty exceptions)."""
+    module, attribute = COMMANDS[name]
+    target = getattr(importlib.import_module(module), attribute)
+    holder = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False)
+    if isinstance(target, typer.Typer):
+        holder.add_typer(target, name=name)
+        group = typer.main.get_command(holder)
+        assert isinstance(group, TyperGroup)
+        return group.commands[name]
+    holder.command(name)(target)
+    return typer.main.get_command(holder)
+
+
 app = typer.Typer(
     name="strata",
+    cls=_Commands,
     help="Edge AI inference platform: package, register, roll out, serve and observe models across a fleet.\n\n"
     "--server, --token and --ca go before the command or after it. Exit codes: 2 bad input or configuration, "
     "3 refused credential, 4 server unreachable, 5 package invalid, 6 not found, 7 conflict.",
@@ -48,23 +86,6 @@ app = typer.Typer(
     # (Rich markup would eat `strata[tpm]`).
     rich_markup_mode=None,
 )
-
-app.command("server")(server_cmd.server)
-app.command("agent")(agent_cmd.agent)
-app.command("gateway")(gateway_cmd.gateway)
-app.add_typer(token_cmd.app, name="token")
-app.add_typer(model_cmd.app, name="model")
-app.add_typer(keys_cmd.app, name="keys")
-app.add_typer(deploy_cmd.app, name="deploy")
-app.add_typer(rollout_cmd.app, name="rollout")
-app.add_typer(pin_cmd.app, name="pin")
-app.add_typer(nodes_cmd.app, name="nodes")
-app.command("events")(events_cmd.events)
-app.add_typer(package_cmd.app, name="package")
-app.command("telemetry")(telemetry_cmd.telemetry)
-app.command("optimize")(optimize_cmd.optimize)
-app.command("sim")(sim_cmd.sim)
-app.command("demo")(demo_cmd.demo)
 
 
 def _version(value: bool) -> None:
@@ -114,6 +135,7 @@ def _root(
     """strata: optimize, sign, roll out, serve and observe models on device, near-edge and cloud tiers."""
 
 
+@functools.cache
 def _ca_option() -> click.Parameter:
     """The --ca option of the operator commands, made by Typer from a declaration like any other option."""
     options = typer.Typer(add_completion=False)
@@ -171,19 +193,25 @@ def _name_arguments_and_lists(command: click.Command) -> None:
             param.metavar = _one_value(param)
 
 
-def command() -> click.Command:
-    """The `strata` command tree. Every operator command (one with the operator --token option) also takes --ca,
-    so `strata nodes list --ca ca.pem` works as well as `strata --ca ca.pem nodes list`; the commands themselves
-    only declare --server and --token (`strata.cli.common`). Arguments and repeatable options are named in the
-    help as its text names them (`_name_arguments_and_lists`)."""
-    root = typer.main.get_command(app)
-    ca = _ca_option()
-    for each in _commands(root):
+def _finished(command: click.Command) -> click.Command:
+    """A command (and every command under it) as the root offers it: with --ca when it is an operator command
+    (one with the operator --token option), its arguments and repeatable options named as its help names them."""
+    for each in _commands(command):
         names = {param.name: param for param in each.params}
         token = names.get("token")
-        if each is not root and token is not None and token.envvar == "STRATA_TOKEN" and "ca" not in names:
-            each.params.append(ca)
+        if token is not None and token.envvar == "STRATA_TOKEN" and "ca" not in names:
+            each.params.append(_ca_option())
         _name_arguments_and_lists(each)
+    return command
+
+
+def command() -> click.Command:
+    """The `strata` command tree. Every operator command also takes --ca, so `strata nodes list --ca ca.pem` works
+    as well as `strata --ca ca.pem nodes list`; the commands themselves only declare --server and --token
+    (`strata.cli.common`). Arguments and repeatable options are named in the help as its text names them. The
+    commands are built as they are asked for (`COMMANDS`)."""
+    root = typer.main.get_command(app)
+    _name_arguments_and_lists(root)
     return root
 
 
