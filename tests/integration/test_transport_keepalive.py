@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from strata.agent.fetch import download_blob
 from strata.agent.transport import H11Transport
+from strata.core.errors import TransportError
 
 
 def blob(n: int) -> bytes:
@@ -35,6 +37,9 @@ class Handler(BaseHTTPRequestHandler):
         self.server.connections += 1
 
     def do_GET(self) -> None:
+        if self.path == "/stall":  # a parent that takes the request and never answers
+            time.sleep(2)
+            return
         body = blob(int(self.path.rsplit("/", 1)[1]))
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
@@ -105,3 +110,14 @@ def test_a_kept_connection_the_server_dropped_while_idle_is_replaced_without_an_
         with transport.stream("GET", url(server, n), headers={}, timeout=10) as response:
             assert b"".join(iter(lambda: response.read(1 << 16), b"")) == blob(n)
     assert server.connections == 3
+
+
+def test_a_kept_connection_whose_answer_times_out_is_not_tried_again(server: Server) -> None:
+    """Only a connection the server closed while it was kept is replaced: a peer that takes the request and stalls
+    would otherwise hold the caller for two timeouts (and get the request twice)."""
+    transport = H11Transport()
+    assert transport.request("GET", url(server, 1), headers={}, timeout=10).body == blob(1)
+    stalled = f"http://127.0.0.1:{server.server_address[1]}/stall"
+    with pytest.raises(TransportError, match="timed out"), transport.stream("GET", stalled, headers={}, timeout=0.3):
+        pass
+    assert server.connections == 1

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from typer import _click as click  # Typer vendors Click
 
-from strata.cli.app import usage_message
+from strata.cli.app import command, usage_message
 from strata.cli.common import exit_code
 from strata.cli.demo import ending
 from strata.control.server import listen_sockets
@@ -22,6 +23,15 @@ def test_usage_errors_lose_pydantics_prefix_and_keep_the_rest() -> None:
     plain = "Input should be a valid integer, unable to parse string as an integer"
     assert usage_message(plain) == plain
     assert usage_message("'x' is not k=v: Value error, kept") == "'x' is not k=v: Value error, kept"  # only a prefix
+
+
+@pytest.mark.parametrize(("typed", "said"), [(["nods", "list"], "'nodes'"), (["--server", "x", "rolout"], "'rollout'")])
+def test_a_mistyped_command_gets_the_close_matches_though_commands_are_built_when_asked_for(
+    typed: list[str], said: str
+) -> None:
+    with pytest.raises(click.exceptions.UsageError) as refused:
+        command().main(typed, prog_name="strata", standalone_mode=False)
+    assert refused.value.message.endswith(f"Did you mean {said}?")
 
 
 @pytest.mark.parametrize(

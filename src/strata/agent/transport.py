@@ -271,88 +271,94 @@ class H11Transport:
             self._local.generation = self._generation
         return pool
 
+    def _start(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        timeout: float,
+        min_rate: int | None,
+    ) -> tuple[_Connection, h11.Response]:
+        """Send a request and read its answer's head, on the thread's kept-alive connection to the origin when there
+        is one (taken out of the pool: the caller puts it back or closes it). A kept connection that the server
+        closed while it was kept (it answered nothing; not a timeout, which a stalled peer would double) is
+        replaced by a new one, once.
+
+        Raises:
+            TransportError: the server cannot be reached, is refused, or the connection broke.
+        """
+        target = _target(url)
+        kept = self._pool().pop(target.origin, None)
+        if kept is not None:
+            kept.check_peer(target)
+            kept.begin(timeout, min_rate)
+            try:
+                kept.send_request(method, target, headers, body)
+                return kept, kept.read_head()
+            except (OSError, h11.ProtocolError) as exc:
+                kept.close()
+                if isinstance(exc, TimeoutError):
+                    raise TransportError(f"{method} {url}: {exc or type(exc).__name__}") from exc
+        connection = _Connection(target, timeout, self._ssl_context, self._peer_refusal, min_rate)
+        try:
+            connection.send_request(method, target, headers, body)
+            return connection, connection.read_head()
+        except (OSError, h11.ProtocolError) as exc:
+            connection.close()
+            raise TransportError(f"{method} {url}: {exc or type(exc).__name__}") from exc
+
+    def _keep_or_close(self, url: str, connection: _Connection, read_to_the_end: bool) -> None:
+        """Put `connection` back in the thread's pool when its answer was read to the end and it may carry the
+        next one; close it otherwise."""
+        if read_to_the_end and connection.reusable():
+            self._pool()[_target(url).origin] = connection
+        else:
+            connection.close()
+
     def request(
         self, method: str, url: str, *, headers: Mapping[str, str], body: bytes | None = None, timeout: float
     ) -> HttpResponse:
-        """Send one request and read the whole answer; retries once on a stale keep-alive connection.
+        """Send one request and read the whole answer (see `_start` for the connection it goes over).
 
         Raises:
             TransportError: the server cannot be reached, or the connection broke.
         """
-        target = _target(url)
-        pool = self._pool()
-        for attempt in (1, 2):
-            connection = pool.pop(target.origin, None)
-            reused = connection is not None
-            if connection is None:
-                connection = _Connection(target, timeout, self._ssl_context, self._peer_refusal)
-            else:
-                connection.check_peer(target)
-            try:
-                connection.begin(timeout, None)
-                connection.send_request(method, target, headers, body)
-                head = connection.read_head()
-                parts = []
-                while True:
-                    event = connection.next_event()
-                    if isinstance(event, h11.Data):
-                        parts.append(bytes(event.data))
-                    elif isinstance(event, h11.EndOfMessage):
-                        break
-                    elif isinstance(event, h11.ConnectionClosed):
-                        raise ConnectionResetError("connection closed in the middle of the body")
-            except (OSError, h11.ProtocolError) as exc:
-                connection.close()
-                if reused and attempt == 1:
-                    continue
-                raise TransportError(f"{method} {url}: {exc or type(exc).__name__}") from exc
-            if connection.reusable():
-                pool[target.origin] = connection
-            else:
-                connection.close()
-            return HttpResponse(status=head.status_code, headers=_headers(head), body=b"".join(parts))
-        raise TransportError(f"{method} {url}: connection failed twice")
+        connection, head = self._start(method, url, headers, body, timeout, None)
+        parts = []
+        try:
+            while True:
+                event = connection.next_event()
+                if isinstance(event, h11.Data):
+                    parts.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise ConnectionResetError("connection closed in the middle of the body")
+        except (OSError, h11.ProtocolError) as exc:
+            connection.close()
+            raise TransportError(f"{method} {url}: {exc or type(exc).__name__}") from exc
+        self._keep_or_close(url, connection, True)
+        return HttpResponse(status=head.status_code, headers=_headers(head), body=b"".join(parts))
 
     @contextlib.contextmanager
     def stream(self, method: str, url: str, *, headers: Mapping[str, str], timeout: float) -> Iterator[_Streamed]:
-        """Send a request and yield the response for reading in pieces; retries once on a stale keep-alive
-        connection (before any answer came). The connection is the thread's kept-alive one to that origin when
-        there is one, and goes back to be kept only when the answer was read to its end: a package's pieces are
-        fetched one request each, and a new connection per piece was a TCP and mutual-TLS handshake per 64 KiB
-        (320 for a 20 MiB model, on the node and on the relay or control plane that served it).
+        """Send a request and yield the response for reading in pieces (see `_start` for the connection it goes
+        over). The connection is kept for the next request only when the answer was read to its end: a package's
+        pieces are fetched one request each, and a new connection per piece was a TCP and mutual-TLS handshake per
+        64 KiB (320 for a 20 MiB model, on the node and on the relay or control plane that served it).
 
         Raises:
             TransportError: the server cannot be reached, or the connection broke.
         """
-        target = _target(url)
-        pool = self._pool()
-        for attempt in (1, 2):
-            connection = pool.pop(target.origin, None)
-            reused = connection is not None
-            if connection is None:
-                connection = _Connection(target, timeout, self._ssl_context, self._peer_refusal, self._min_rate)
-            else:
-                connection.check_peer(target)
-                connection.begin(timeout, self._min_rate)
-            try:
-                connection.send_request(method, target, headers, None)
-                head = connection.read_head()
-            except (OSError, h11.ProtocolError) as exc:
-                connection.close()
-                if reused and attempt == 1:
-                    continue
-                raise TransportError(f"{method} {url}: {exc or type(exc).__name__}") from exc
-            break
+        connection, head = self._start(method, url, headers, None, timeout, self._min_rate)
         response = _Streamed(connection, head)
-        kept = False
+        finished = False
         try:
             yield response
-            kept = response.finished and connection.reusable()
+            finished = response.finished
         finally:
-            if kept:
-                pool[target.origin] = connection
-            else:
-                connection.close()
+            self._keep_or_close(url, connection, finished)
 
     def close(self) -> None:
         pool = self._pool()

@@ -7,6 +7,7 @@ Modules import their heavy dependencies (FastAPI, onnxruntime, SQLAlchemy) insid
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import os
@@ -53,6 +54,18 @@ class _Commands(TyperGroup):
 
     def list_commands(self, ctx: click.Context | None) -> list[str]:
         return list(COMMANDS)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        """Typer suggests close matches from the commands already built, none here: suggest from `COMMANDS`."""
+        try:
+            return super().resolve_command(ctx, args)
+        except click.exceptions.UsageError as exc:
+            matches = difflib.get_close_matches(args[0], list(COMMANDS)) if args else []
+            if matches and "Did you mean" not in exc.message:
+                exc.message = f"{exc.message.rstrip('.')}. Did you mean {', '.join(map(repr, matches))}?"
+            raise
 
     def get_command(self, ctx: click.Context | None, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands and cmd_name in COMMANDS:

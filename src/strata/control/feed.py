@@ -228,6 +228,7 @@ class SharedGeneration:
         self._own: set[int] = set()
         self._unpublished = False
         self._stop = threading.Event()
+        self._listening = threading.Event()  # the watcher's LISTEN is in place (PostgreSQL)
         self._thread: threading.Thread | None = None
         # The watcher reads through an engine of its own (one pooled connection): a fixed cost per replica, apart
         # from the pool that serves requests.
@@ -256,12 +257,12 @@ class SharedGeneration:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop watching: at once, or within a second when the database cannot be reached."""
+        """Stop watching: at once, or within two seconds when the database cannot be reached."""
         self._feed.on_bump = None
         self._stop.set()
         if self._thread is not None:
-            if self.listens and self._thread.is_alive():
-                self._wake_listener()
+            if self._listening.is_set():  # in a thread of its own: a database gone quiet cannot hold the stop
+                threading.Thread(target=self._wake_listener, name="strata-fleet-changes-wake", daemon=True).start()
             self._thread.join(2.0)
         if self._watch_engine is not None:
             self._watch_engine.dispose()
@@ -375,6 +376,7 @@ class SharedGeneration:
                 continue
             try:
                 connection.execute(f"LISTEN {CHANNEL}")
+                self._listening.set()
                 self.observe(self._read())
                 heard = time.monotonic()  # the last notification, or the last read of the counter
                 while not self._stop.is_set():
@@ -393,6 +395,7 @@ class SharedGeneration:
                     log.warning("lost the LISTEN connection for fleet changes, reconnecting: %s", _redacted(exc))
                     self._stop.wait(0.5)
             finally:
+                self._listening.clear()
                 with contextlib.suppress(Exception):
                     connection.close()
 

@@ -176,8 +176,8 @@ class Population:
     they stand now: a node of an earlier wave may fail after its wave passed).
     `drift_referenced`: the version's package carries drift references (else the drift gate does not apply).
     `baseline_nodes`: nodes still on an earlier version, whatever their traffic (with none, and none recorded,
-    latency has nothing to compare with); `baseline_profiles`: their hardware profiles (a canary profile among
-    them waits for their traffic; one not among them, and not recorded, has no baseline of its own).
+    latency has nothing to compare with); `baseline_profiles`: the hardware profiles of those online (a canary
+    profile among them waits for their traffic; one not among them, and not recorded, has no baseline of its own).
     """
 
     wave_members: int
@@ -294,9 +294,10 @@ def error_rate_delta(population: Population) -> Measure:
 
 def p95_latency_ratio(population: Population) -> Measure:
     """The worst canary profile's p95 over its baseline's: latency is compared within a hardware profile only (a
-    Jetson is not slower than a Xeon by regression). A canary profile whose baseline nodes have not served enough
-    yet leaves the measure incomplete (a failing profile beside it fails the gate; passing ones wait for it); one
-    no node of which ran an earlier version (and none recorded) is not compared, and the detail names it."""
+    Jetson is not slower than a Xeon by regression). A canary profile whose online baseline nodes have not served
+    enough yet leaves the measure incomplete (a failing profile beside it fails the gate; passing ones wait for it,
+    until the wave's deadline); one with no online node on an earlier version (and none recorded) is not compared,
+    and the detail names it."""
     canary = _p95_by_profile(population.usable(population.canary))
     if not canary:
         return Measure(None, f"no canary node has served {population.min_requests} requests yet")
@@ -305,7 +306,7 @@ def p95_latency_ratio(population: Population) -> Measure:
     shared = [p for p in canary if baseline.get(p, 0.0) > 0]
     waiting = [p for p in canary if p not in shared and p in on_baseline]
     unmatched = [p for p in canary if p not in shared and p not in on_baseline]
-    alone = f"; not compared: {', '.join(unmatched)} (no node of it ran an earlier version)" if unmatched else ""
+    alone = f"; not compared: {', '.join(unmatched)} (no node of it is left on an earlier version)" if unmatched else ""
     wait = (
         f"; waiting for the baseline nodes of {', '.join(waiting)} to serve {population.min_requests} requests"
         if waiting
@@ -428,6 +429,8 @@ def judge(gate: Gate, measure: Measure, on_no_data: str, waited_out: bool) -> tu
     if measure.value is not None and measure.complete:
         return "pass", measure.detail
     policy = gate.on_no_data or on_no_data
+    if measure.value is not None and waited_out and policy == "hold":  # part of the evidence came, in time
+        return "pass", f"{measure.detail}; judged at the wave's deadline on what was compared"
     if policy == "pass":
         return "pass_no_data", f"NOT JUDGED (on-no-data=pass): not enough data: {measure.detail}"
     if policy == "fail":

@@ -721,7 +721,7 @@ def _population(
             drift.append(node.drift)
         on_baseline = assignment.released_at is None and node.version is not None and node.version != state.version
         baseline_nodes += on_baseline
-        if on_baseline:
+        if on_baseline and node.online:  # an offline node reports nothing to wait for
             baseline_profiles.add(node.profile)
         if node.serving is None:
             continue

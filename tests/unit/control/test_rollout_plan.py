@@ -438,6 +438,9 @@ def test_a_slow_canary_profile_is_not_passed_beside_healthy_ones() -> None:
     latency = next(r for r in state.gate_results if r.gate.metric == "p95_latency_ratio")
     assert (state.status, state.wave, latency.verdict) == ("running", 0, "no_data")
     assert "waiting for the baseline nodes of jetson-cuda to serve 20 requests" in latency.detail
+    offline = {n: replace(observations[n], online=False) for n in idle}  # they report nothing to wait for
+    latency = next(r for r in step(state, {**observations, **offline}, 62.0).gate_results if "p95" in r.gate.metric)
+    assert "not compared: jetson-cuda" in latency.detail
     for node_id in idle:
         observations[node_id] = replace(observations[node_id], serving=ServingCounters(100, 0, 4.0, 0.0))
     state = step(state, observations, 62.0)
