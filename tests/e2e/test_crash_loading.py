@@ -21,6 +21,24 @@ from strata.localfleet import AgentHandle, LocalFleet
 pytestmark = pytest.mark.slow
 
 
+def _serving_v1_with_v2_pushed(
+    fleet: LocalFleet, tmp_path: Path, node: str, serve_processes: int = 1, extra_args: tuple[str, ...] = ()
+) -> tuple[AgentHandle, Package]:
+    """An agent `node` serving version 1 (a one-layer model), with version 2 pushed but not deployed: a model whose
+    golden check takes a few seconds on this machine, the window in which these tests act (it must outlast their
+    own scheduling on a busy machine)."""
+    x = {"X": np.zeros((1, 64), np.float32)}
+    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
+    build_compute_model(small, layers=1)
+    build_slow_model(heavy)
+    push_model(fleet, small, "1", tmp_path, sample=x)
+    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
+    handle = fleet.start_agent(node, serve_processes=serve_processes, extra_args=list(extra_args))
+    fleet.client.deploy("digits", "1", {})
+    fleet.wait_for_versions({node: {"digits": "1"}})
+    return handle, v2
+
+
 @pytest.mark.parametrize(
     "processes",
     [1, pytest.param(2, marks=needs_two_cores)],
@@ -35,15 +53,7 @@ def test_an_agent_killed_while_loading_a_version_reports_it_failed_and_serves_th
     version 2 as a failure of its load ("health"), reports it to the control plane at once, and does not load it
     again until its retry time, where it used to load it again at once (and die again, forever, reporting
     nothing)."""
-    x = {"X": np.zeros((1, 64), np.float32)}
-    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
-    build_compute_model(small, layers=1)
-    build_slow_model(heavy)  # a golden check of a few seconds on this machine
-    push_model(fleet, small, "1", tmp_path, sample=x)
-    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
-    handle = fleet.start_agent("edge", serve_processes=processes)
-    fleet.client.deploy("digits", "1", {})
-    fleet.wait_for_versions({"edge": {"digits": "1"}})
+    handle, v2 = _serving_v1_with_v2_pushed(fleet, tmp_path, "edge", processes)
 
     state_path = handle.data_dir / "state.json"
     log_path = handle.process.log_path
@@ -159,17 +169,7 @@ def _other_process_loading_v2(fleet: LocalFleet, tmp_path: Path) -> tuple[AgentH
     """An agent serving from two processes, version 1 active, told to run version 2 (a golden check of a few seconds
     in each process): returns once the agent loaded version 2 and wrote it active, while its other process loads it,
     with the agent's handle, version 2 as pushed and that process's pid."""
-    x = {"X": np.zeros((1, 64), np.float32)}
-    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
-    build_compute_model(small, layers=1)
-    # A golden check of a few seconds on this machine: the window between the agent's switch and the end of the
-    # other process's load, in which the test acts, must outlast the test's own scheduling on a busy machine.
-    build_slow_model(heavy)
-    push_model(fleet, small, "1", tmp_path, sample=x)
-    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
-    handle = fleet.start_agent("edge", serve_processes=2, extra_args=["--probation", "0"])
-    fleet.client.deploy("digits", "1", {})
-    fleet.wait_for_versions({"edge": {"digits": "1"}})
+    handle, v2 = _serving_v1_with_v2_pushed(fleet, tmp_path, "edge", 2, ("--probation", "0"))
     state_path = handle.data_dir / "state.json"
     log_path = handle.process.log_path
     fleet.wait_for(lambda: "serving process 1 (pid" in log_path.read_text(), 30, "the second process", handle.process)
@@ -200,15 +200,7 @@ def test_an_agent_stopped_while_loading_a_version_finishes_the_load_and_counts_n
     """SIGTERM (a restart, an upgrade of the agent) while the agent loads version 2: it lets the load finish before
     it stops, so the next start does not read the loading record left behind as a load the agent died in, a failure
     of version 2 that the rollout gates would count against it."""
-    x = {"X": np.zeros((1, 64), np.float32)}
-    small, heavy = tmp_path / "small.onnx", tmp_path / "heavy.onnx"
-    build_compute_model(small, layers=1)
-    build_slow_model(heavy)  # a golden check of a few seconds on this machine
-    push_model(fleet, small, "1", tmp_path, sample=x)
-    v2 = push_model(fleet, heavy, "2", tmp_path, sample=x)
-    handle = fleet.start_agent("stopped")
-    fleet.client.deploy("digits", "1", {})
-    fleet.wait_for_versions({"stopped": {"digits": "1"}})
+    handle, v2 = _serving_v1_with_v2_pushed(fleet, tmp_path, "stopped")
     state_path = handle.data_dir / "state.json"
 
     def loading_v2() -> bool:
