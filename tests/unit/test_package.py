@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from strata.core.datatypes import OIP_TO_NUMPY
 from strata.core.errors import PackageBuildError, PackageError, VerificationError
 from strata.core.package import (
     MANIFEST_NAME,
+    OIP_DATATYPES,
     Manifest,
     Package,
     compare_outputs,
@@ -237,3 +239,13 @@ def test_compare_outputs_tolerances() -> None:
     assert "differs by up to 0.5" in problems[0]
     assert "1 of 2 values differ" in problems[1]
     assert compare_outputs(want, {"k": np.array([3, 4])}, 1e-3, 1e-4) == ["output y is missing"]
+
+
+def test_the_package_module_names_the_datatypes_numpy_maps_and_imports_no_numpy_itself() -> None:
+    """`strata agent` and the operator commands import the package module for its names and checks, not numpy."""
+    import subprocess
+    import sys
+
+    assert set(OIP_TO_NUMPY) == OIP_DATATYPES
+    code = "import sys, strata.core.package, strata.cli.agent; print('numpy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

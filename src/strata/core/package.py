@@ -21,13 +21,9 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any, Final
-
-import numpy as np
-import numpy.typing as npt
+from typing import IO, TYPE_CHECKING, Any, Final, TypeAlias
 
 from strata.core.chunking import Chunk
-from strata.core.datatypes import OIP_TO_NUMPY
 from strata.core.errors import PackageError, VerificationError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import digest_json, is_hex_sha256, sha256_file
@@ -43,6 +39,8 @@ if TYPE_CHECKING:
     import tarfile
     import zipfile
     from collections.abc import Callable
+
+    import numpy.typing as npt
 
 SCHEMA: Final = "strata.package/v1"
 MANIFEST_NAME: Final = "manifest.json"
@@ -66,7 +64,13 @@ DEFAULT_TOLERANCE: Final[dict[str, tuple[float, float]]] = {
     "int8": (5e-2, 5e-2),
 }
 
-Array = npt.NDArray[Any]
+# numpy is imported where arrays are read: `strata agent` and the operator commands import this module for its names
+# and checks, and numpy alone is a tenth of a second of their start
+Array: TypeAlias = "npt.NDArray[Any]"
+OIP_DATATYPES: Final = frozenset(
+    {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"}
+)
+"""The Open Inference Protocol's datatypes (`strata.core.datatypes.OIP_TO_NUMPY` maps them to numpy's)."""
 
 
 def check_name(kind: str, value: str) -> str:
@@ -101,7 +105,7 @@ class TensorSpec:
         name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
         if not isinstance(name, str) or not name:
             raise PackageError(f"tensor spec has no name: {raw!r}")
-        if datatype not in OIP_TO_NUMPY and datatype != "BF16":
+        if datatype not in OIP_DATATYPES and datatype != "BF16":
             raise PackageError(f"tensor {name!r} has unknown datatype {datatype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= -1 for d in shape):
             raise PackageError(f"tensor {name!r} has a malformed shape {shape!r}")
@@ -889,6 +893,8 @@ def _check_npy_header(
         )
     if not is_input:
         return
+    from strata.core.datatypes import OIP_TO_NUMPY
+
     want = OIP_TO_NUMPY.get(spec.datatype)
     if want is not None and want.kind != "O" and dtype != want:
         raise PackageError(f"golden input {spec.name} is {dtype}; the model takes {spec.datatype}")
@@ -902,6 +908,8 @@ def compare_outputs(expected: Mapping[str, Array], actual: Mapping[str, Array], 
     Floats must agree within `atol + rtol * |expected|` (NaN equal to NaN); integers, booleans and bytes
     must be equal.
     """
+    import numpy as np
+
     problems: list[str] = []
     for name, want in expected.items():
         got = actual.get(name)
