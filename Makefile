@@ -17,7 +17,11 @@ PG     := $(VENV)/.pg
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'  # imports compile what they use
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev]'
+	# Bytecode once, in parallel, at both levels the processes use (the agent and its helpers run with -OO): left to
+	# the first imports, every process a fresh clone's test run starts at once compiled the same modules again
+	# (pytest took 711 s on a clean clone against 583 s with the bytecode there).
+	$(BIN)/python -m compileall -q -j 0 -o 0 -o 2 $(VENV)/lib src >/dev/null || echo "some files did not compile; imports will"
 	touch $(STAMP)
 
 # tpm2-pytss (strata[tpm]) builds against tpm2-tss; without libtss2-dev it is left out and the TPM tests skip.
