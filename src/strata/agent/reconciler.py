@@ -213,7 +213,7 @@ class Reconciler:
                     self.clock(),
                     boot=self.boot,
                     startup=True,
-                    deaths=self._died_before.get(slot.digest, 0),
+                    deaths=self._died_before.pop(slot.digest, 0),  # the record carries them from here
                 )
                 self._mark_loading(record)
                 try:
@@ -226,9 +226,7 @@ class Reconciler:
                     kind: FailureKind = "policy" if isinstance(exc, PlacementRefused) else "health"
                     failure = self._failure(name, slot.version, slot.variant, str(exc), kind)
                     self._keep(self.state.with_loading(None).with_failure(slot.digest, failure))
-                    self._died_before.pop(slot.digest, None)
                     continue
-                self._died_before.pop(slot.digest, None)  # loaded: the deaths before it are no longer in a row
                 state = self.state.with_loading(None)
                 if slot is not slots.active:
                     state = state.with_active(name, slot)

@@ -113,6 +113,7 @@ class _Connection:
         self._started = time.monotonic()
         self._received = 0
         self._peer_refusal = peer_refusal
+        self.origin = target.origin  # where the connection goes: its key in a pool
         try:
             address = (_host_name(target.host), target.port)
             sock = socket.create_connection(address, timeout=timeout)  # type: ignore[arg-type]  # bytes hosts work (getaddrinfo's type takes them); typeshed lists str
@@ -123,9 +124,9 @@ class _Connection:
             raise TransportError(f"cannot connect to {target.origin}: {exc}") from exc
         self.sock = sock
         self.h11 = h11.Connection(h11.CLIENT)
-        self.check_peer(target)
+        self.check_peer()
 
-    def check_peer(self, target: _Target) -> None:
+    def check_peer(self) -> None:
         """Ask `peer_refusal` about the TLS peer's certificate (before each exchange: a connection kept alive from
         before a revocation is refused as a new one would be); close and raise when it refuses.
 
@@ -137,7 +138,7 @@ class _Connection:
         reason = self._peer_refusal(self.sock.getpeercert(binary_form=True))
         if reason is not None:
             self.close()
-            raise TransportError(f"refusing {target.origin}: {reason}")
+            raise TransportError(f"refusing {self.origin}: {reason}")
 
     def begin(self, timeout: float, min_rate: int | None) -> None:
         """Start a new exchange on this (kept-alive) connection: its time limit, and its minimum rate counted
@@ -291,7 +292,7 @@ class H11Transport:
         target = _target(url)
         kept = self._pool().pop(target.origin, None)
         if kept is not None:
-            kept.check_peer(target)
+            kept.check_peer()
             kept.begin(timeout, min_rate)
             try:
                 kept.send_request(method, target, headers, body)
@@ -308,11 +309,11 @@ class H11Transport:
             connection.close()
             raise TransportError(f"{method} {url}: {exc or type(exc).__name__}") from exc
 
-    def _keep_or_close(self, url: str, connection: _Connection, read_to_the_end: bool) -> None:
+    def _keep_or_close(self, connection: _Connection, read_to_the_end: bool) -> None:
         """Put `connection` back in the thread's pool when its answer was read to the end and it may carry the
         next one; close it otherwise."""
         if read_to_the_end and connection.reusable():
-            self._pool()[_target(url).origin] = connection
+            self._pool()[connection.origin] = connection
         else:
             connection.close()
 
@@ -338,7 +339,7 @@ class H11Transport:
         except (OSError, h11.ProtocolError) as exc:
             connection.close()
             raise TransportError(f"{method} {url}: {exc or type(exc).__name__}") from exc
-        self._keep_or_close(url, connection, True)
+        self._keep_or_close(connection, True)
         return HttpResponse(status=head.status_code, headers=_headers(head), body=b"".join(parts))
 
     @contextlib.contextmanager
@@ -358,7 +359,7 @@ class H11Transport:
             yield response
             finished = response.finished
         finally:
-            self._keep_or_close(url, connection, finished)
+            self._keep_or_close(connection, finished)
 
     def close(self) -> None:
         pool = self._pool()

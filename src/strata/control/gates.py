@@ -302,7 +302,7 @@ def p95_latency_ratio(population: Population) -> Measure:
     if not canary:
         return Measure(None, f"no canary node has served {population.min_requests} requests yet")
     baseline = summarize_baseline(population).p95_by_profile
-    on_baseline = population.baseline_profiles | {s.profile for s in population.baseline}
+    on_baseline = population.baseline_profiles
     shared = [p for p in canary if baseline.get(p, 0.0) > 0]
     waiting = [p for p in canary if p not in shared and p in on_baseline]
     unmatched = [p for p in canary if p not in shared and p not in on_baseline]

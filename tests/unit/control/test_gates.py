@@ -32,8 +32,13 @@ def sample(profile: str, p95: float, requests: int = 100, errors: int = 0) -> Se
 
 
 def population(**fields: object) -> Population:
+    """A wave's evidence; unless given, every baseline sample's node is online (its profile in `baseline_profiles`,
+    as the planner counts them)."""
     values: dict[str, object] = {"wave_members": 10, "activated": 10, "failed": 0, "canary": (), "baseline": ()}
     values.update(fields)
+    baseline = values["baseline"]
+    assert isinstance(baseline, tuple)
+    values.setdefault("baseline_profiles", frozenset(sample.profile for sample in baseline))
     return Population(**values)
 
 

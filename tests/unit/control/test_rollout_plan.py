@@ -439,6 +439,9 @@ def test_a_slow_canary_profile_is_not_passed_beside_healthy_ones() -> None:
     assert (state.status, state.wave, latency.verdict) == ("running", 0, "no_data")
     assert "waiting for the baseline nodes of jetson-cuda to serve 20 requests" in latency.detail
     offline = {n: replace(observations[n], online=False) for n in idle}  # they report nothing to wait for
+    stale = {n: replace(o, serving=ServingCounters(3, 0, 4.0, 0.0)) for n, o in offline.items()}  # last reported
+    latency = next(r for r in step(state, {**observations, **stale}, 62.0).gate_results if "p95" in r.gate.metric)
+    assert "not compared: jetson-cuda" in latency.detail
     latency = next(r for r in step(state, {**observations, **offline}, 62.0).gate_results if "p95" in r.gate.metric)
     assert "not compared: jetson-cuda" in latency.detail
     for node_id in idle:
