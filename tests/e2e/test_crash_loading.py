@@ -53,24 +53,18 @@ def test_an_agent_killed_while_loading_a_version_reports_it_failed_and_serves_th
     version 2 as a failure of its load ("health"), reports it to the control plane at once, and does not load it
     again until its retry time, where it used to load it again at once (and die again, forever, reporting
     nothing)."""
-    handle, v2 = _serving_v1_with_v2_pushed(fleet, tmp_path, "edge", processes)
-
+    if processes == 1:
+        handle, v2 = _serving_v1_with_v2_pushed(fleet, tmp_path, "edge")
+        fleet.client.deploy("digits", "2", {})
+        loading = handle.data_dir / "state.json"
+        fleet.wait_for(lambda: _loading(loading, v2), 60, "the agent to load version 2", handle.process, 0.002)
+        handle.process.kill()
+    else:
+        handle, v2, pid = _other_process_loading_v2(fleet, tmp_path)
+        handle.process.kill()
+        os.kill(pid, signal.SIGCONT)  # it finds the agent gone and ends
     state_path = handle.data_dir / "state.json"
     log_path = handle.process.log_path
-
-    def loading_v2() -> bool:
-        """The agent's own load: its loading record names version 2. The other process's: version 2 is active
-        (the agent loaded it and switched), which that process has yet to load (the agent says "activated" after)."""
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            state = json.loads(state_path.read_text())
-            if processes == 1:
-                return bool(state.get("loading", {}).get("digest") == v2.digest)
-            return bool(state["models"]["digits"]["active"]["version"] == "2")
-        return False
-
-    fleet.client.deploy("digits", "2", {})
-    fleet.wait_for(loading_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
-    handle.process.kill()
     assert "activated digits 2" not in log_path.read_text(), "the kill should land while version 2 loads"
 
     before = len(log_path.read_text())
@@ -155,9 +149,12 @@ def test_a_service_managers_sigterm_to_every_process_in_the_middle_of_a_load_cou
     state_path = handle.data_dir / "state.json"
     log_path = handle.process.log_path
     os.kill(pid, signal.SIGTERM)
-    assert handle.process.stop(timeout=40) == 0  # SIGTERM to the agent
+    os.kill(handle.process.pid, signal.SIGTERM)
+    waiting = "waiting up to 20 s for the load of digits 2"
+    fleet.wait_for(lambda: waiting in log_path.read_text(), 30, "the agent to wait for the load", handle.process)
+    os.kill(pid, signal.SIGCONT)  # what systemd sends after its SIGTERM: the process goes on with its load
+    assert handle.process.stop(timeout=40) == 0
     log = log_path.read_text()
-    assert "waiting up to 20 s for the load of digits 2" in log
     assert "activated digits 2" in log
     state = json.loads(state_path.read_text())
     assert v2.digest not in state.get("failures", {}), log
@@ -167,8 +164,9 @@ def test_a_service_managers_sigterm_to_every_process_in_the_middle_of_a_load_cou
 
 def _other_process_loading_v2(fleet: LocalFleet, tmp_path: Path) -> tuple[AgentHandle, Package, int]:
     """An agent serving from two processes, version 1 active, told to run version 2 (a golden check of a few seconds
-    in each process): returns once the agent loaded version 2 and wrote it active, while its other process loads it,
-    with the agent's handle, version 2 as pushed and that process's pid."""
+    in each process): returns once the agent loaded version 2, wrote it active and asked its other process to load
+    it, with the agent's handle, version 2 as pushed and that process's pid. That process is held (SIGSTOP) in its
+    load until the caller kills it or sends SIGCONT."""
     handle, v2 = _serving_v1_with_v2_pushed(fleet, tmp_path, "edge", 2, ("--probation", "0"))
     state_path = handle.data_dir / "state.json"
     log_path = handle.process.log_path
@@ -181,8 +179,19 @@ def _other_process_loading_v2(fleet: LocalFleet, tmp_path: Path) -> tuple[AgentH
         return False
 
     fleet.client.deploy("digits", "2", {})
-    fleet.wait_for(other_process_loads_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
+    fleet.wait_for(lambda: _loading(state_path, v2), 60, "the agent to load version 2", handle.process, interval=0.002)
+    # Held from the agent's own load on, the other process cannot finish its load before the test acts (on a busy
+    # machine the test used to poll past its whole load, a second or two: the kill came after "activated").
+    os.kill(pid, signal.SIGSTOP)
+    fleet.wait_for(other_process_loads_v2, 60, "the agent to ask its other process to load it", handle.process)
     return handle, v2, pid
+
+
+def _loading(state_path: Path, package: Package) -> bool:
+    """The agent's loading record names `package`: its own load of it has begun."""
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        return bool(json.loads(state_path.read_text()).get("loading", {}).get("digest") == package.digest)
+    return False
 
 
 def _worker(agent_pid: int) -> int | None:
@@ -202,14 +211,8 @@ def test_an_agent_stopped_while_loading_a_version_finishes_the_load_and_counts_n
     of version 2 that the rollout gates would count against it."""
     handle, v2 = _serving_v1_with_v2_pushed(fleet, tmp_path, "stopped")
     state_path = handle.data_dir / "state.json"
-
-    def loading_v2() -> bool:
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            return bool(json.loads(state_path.read_text()).get("loading", {}).get("digest") == v2.digest)
-        return False
-
     fleet.client.deploy("digits", "2", {})
-    fleet.wait_for(loading_v2, 60, "the agent to load version 2", handle.process, interval=0.002)
+    fleet.wait_for(lambda: _loading(state_path, v2), 60, "the agent to load version 2", handle.process, 0.002)
     assert handle.process.stop(timeout=30) == 0
     log = handle.process.log_path.read_text()
     assert "waiting up to 20 s for the load of digits 2" in log
