@@ -112,6 +112,13 @@ def test_deploy_by_labels_then_update_one_region_through_the_cli(
     assert "eu-1" in table.stdout
     assert "digits=2" in table.stdout
 
+    # A mistyped label matches no node: said at once, and --wait exits 1 (it waited for nothing and exited 0)
+    typo = fleet.cli("deploy", "digits", "1", "--selector", "region=ue", "--wait", "--timeout", "20s")
+    assert typo.returncode == 1, typo.stderr
+    said = " ".join(typo.stderr.split())
+    assert "no node has these labels now" in said
+    assert "no node matches region=ue: none runs digits 1" in said
+
 
 def test_token_create_prints_the_token_alone_on_its_last_line(fleet: LocalFleet) -> None:
     created = fleet.cli("token", "create", "--ttl", "10m")

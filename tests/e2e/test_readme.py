@@ -2,7 +2,8 @@
 the real processes it starts, so the docs cannot drift from what strata does.
 
 What the test changes, and only that: the data folders (/var/lib/...) and ports (8700, 8080, 8443, 8090) become
-free ones under tmp_path; `strata` and `python` are this interpreter; the lines that start a server, an agent or a
+free ones under tmp_path; `strata` and `python` are this interpreter (the tour's first line, which activates the
+virtual environment, only checks that they are on PATH); the lines that start a server, an agent or a
 gateway run in the background, and the test waits until each is ready (the server answers, the node is enrolled,
 the gateway listens) before the next line. The lines with `...` are elisions, not commands, and the optimize example
 needs its user's data: `NOT_RUN` says where each runs for real, and the test fails when another line with `...`
@@ -45,6 +46,8 @@ NOT_RUN = {
     "strata agent ... --tpm device:/dev/tpmrm0": "needs a TPM: tests/e2e/test_tpm.py runs an agent against swtpm",
 }
 DAEMONS = ("strata server", "strata agent", "strata gateway")
+# The virtual environment's activation: the test puts this interpreter's strata and python on PATH itself (shims).
+ACTIVATE = ". .venv/bin/activate"
 # What some lines must print (beyond exiting 0), keyed by how the line starts.
 EXPECTED = {
     "strata deploy digits 1": "1 running",
@@ -123,6 +126,9 @@ def script_for(lines: list[Line], ports: dict[str, int], work: Path) -> str:
         out.append(f"echo '@@step {number}'")
         if line.command in NOT_RUN:
             out.append(f"echo '@@rc {number} not-run'")
+        elif line.command == ACTIVATE:
+            out.append("command -v strata python >/dev/null")
+            out.append(f'echo "@@rc {number} $?"')
         elif line.command.startswith(DAEMONS):
             out.append(f"{{ {text}\n}} > daemon-{number}.log 2>&1 &")  # a line may end in a comment
             check = _ready_check(line, ports)
@@ -158,6 +164,7 @@ def test_the_readme_quick_tour_runs_as_written(tmp_path: Path) -> None:
     lines = quick_tour_lines((ROOT / "README.md").read_text())
     assert {line.command for line in lines if "..." in line.command} <= set(NOT_RUN)
     assert {line.command for line in lines} >= set(NOT_RUN), "a line of NOT_RUN is no longer in the README"
+    assert lines[0].command == ACTIVATE, "the tour starts by putting strata on PATH"
     work = tmp_path / "work"
     work.mkdir()
     shutil.copytree(ROOT / "scenarios", work / "scenarios")

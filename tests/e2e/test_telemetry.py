@@ -126,6 +126,13 @@ def test_shifted_inputs_show_drift_and_unshifted_do_not(fleet: LocalFleet, digit
     assert isinstance(minutes, list)
     assert all("minute" in m and "drift" not in m for m in minutes)
     assert sum(m["requests"] for m in minutes) == 2 * requests
+    # A version nobody served says so (an empty table with its headers did not); --per-node is --json's only
+    none = fleet.cli("telemetry", "digits", "--version", "99", "--node", "steady")
+    assert none.returncode == 0, none.stderr
+    assert none.stdout.strip() == "no telemetry for digits version 99 on node steady over the last 1h"
+    table_only = fleet.cli("telemetry", "digits", "--per-node")
+    assert table_only.returncode == 2
+    assert "only with --json: the table already has a row per node and version" in " ".join(table_only.stderr.split())
     # The node shows it too, without the control plane.
     local = [
         line

@@ -170,6 +170,18 @@ def test_version_completion_and_exit_codes(tmp_path: Path, digits_onnx: Path) ->
             2,
             "error: --log-level must be one of debug, info, warning, error, got 'verbose'",
         )
+    # 2: an agent data folder that cannot be made or written (a file there, say): it was a FileExistsError traceback
+    (tmp_path / "a-file").write_text("mine\n")
+    folder = strata("agent", "--server", "https://127.0.0.1:9", "--data-dir", str(tmp_path / "a-file"), "--name", "n")
+    assert folder.returncode == 2, folder.stderr
+    assert "Traceback" not in folder.stderr
+    assert f"cannot use the data folder {tmp_path / 'a-file'}: File exists" in " ".join(folder.stderr.split())
+    # 2: a model given where a package goes: pushing it said to sign it, and signing it said "not a readable tar"
+    for command in (["package", "push"], ["model", "sign", "--key", str(tmp_path / "a-file")]):
+        model = strata(*unreachable, *command, str(digits_onnx))
+        assert model.returncode == 2, model.stderr
+        said = " ".join(model.stderr.split())
+        assert f"{digits_onnx} is a model, not a package: `strata model push {digits_onnx}" in said
     # 2: a --ca that is not a certificate (it was a traceback).
     (tmp_path / "not-a-cert.pem").write_text("hello\n")
     bad = strata(*unreachable, "nodes", "list", "--ca", str(tmp_path / "not-a-cert.pem"))

@@ -34,6 +34,16 @@ def test_a_mistyped_command_gets_the_close_matches_though_commands_are_built_whe
     assert refused.value.message.endswith(f"Did you mean {said}?")
 
 
+def test_a_mistyped_deploy_subcommand_is_named_not_read_as_a_model_without_its_version() -> None:
+    """`strata deploy lst` said "Missing argument 'VERSION'" for `strata deploy create`, a command never typed."""
+    with pytest.raises(click.exceptions.UsageError) as refused:
+        command().main(["deploy", "lst"], prog_name="strata", standalone_mode=False)
+    assert refused.value.message.startswith("No such command 'lst'. Did you mean 'list'?")
+    with pytest.raises(click.exceptions.UsageError) as refused:  # a model name alone: a model short of its version
+        command().main(["deploy", "digits"], prog_name="strata", standalone_mode=False)
+    assert "Missing argument 'VERSION'" in refused.value.format_message()
+
+
 @pytest.mark.parametrize(
     ("server", "said"),
     [

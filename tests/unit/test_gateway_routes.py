@@ -124,3 +124,26 @@ def test_the_identity_error_is_found_behind_the_wrappers() -> None:
     assert find_peer_identity_error(outer) is inner
     assert str(inner).startswith("the peer's certificate names node b")
     assert find_peer_identity_error(ValueError("x")) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b'{"error": "node revoked", "code": "unauthenticated"}', "refused this caller for node n1: node revoked"),
+        (b"<html>proxy says no</html>", "refused this caller for node n1: <html>proxy says no</html>"),
+        (b'["not", "an", "object"]', 'refused this caller for node n1: ["not", "an", "object"]'),
+    ],
+)  # fmt: skip
+def test_a_refused_topology_says_the_control_planes_words_not_its_json(body: bytes, said: str) -> None:
+    """The gateway logged the control plane's JSON answer whole ({"error": ..., "code": ...}) when it was refused."""
+    import asyncio
+
+    import httpx
+
+    from strata.core.errors import AuthError
+    from strata.route.topology import fetch_topology
+
+    transport = httpx.MockTransport(lambda _request: httpx.Response(401, content=body))
+    with pytest.raises(AuthError) as refused:
+        asyncio.run(fetch_topology("https://cp.example", "n1", "t", transport=transport))
+    assert str(refused.value).endswith(said)

@@ -95,8 +95,11 @@ class Agent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_fd = data_dir_lock(config.data_dir)
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._lock_fd = data_dir_lock(config.data_dir)
+        except OSError as exc:  # not a folder, not ours to write, a read-only file system
+            raise ConfigError(f"cannot use the data folder {config.data_dir}: {exc.strerror or exc}") from exc
         if FleetIdentity(config.data_dir).load() is None and not config.enroll_token:
             raise ConfigError("this node is not enrolled yet: pass --enroll-token (from `strata token create`)")
         facts = read_host_facts()

@@ -154,6 +154,21 @@ def fail(error: StrataError) -> None:
     raise SystemExit(exit_code(error))
 
 
+def not_a_model(path: Path) -> Path:
+    """`path`, named where a command wants a package (a folder or tar from `strata package build`).
+
+    Raises:
+        ConfigError: it is an ONNX model file, with the commands that package one.
+    """
+    if path.suffix.lower() == ".onnx" and path.is_file():
+        raise ConfigError(
+            f"{path} is a model, not a package: `strata model push {path} --name NAME --version VERSION"
+            " --sign-key KEY` packages, signs and uploads it; `strata package build` packages it to sign and push"
+            " later"
+        )
+    return path
+
+
 def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
 

@@ -3,11 +3,13 @@ on the nodes whose labels match, and how far it got there."""
 
 from __future__ import annotations
 
+import difflib
 import time
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from typer import _click as click  # Typer vendors Click
 from typer.core import TyperGroup
 
 from strata.cli.common import JsonOption, ServerOption, TokenOption, ago, console, out, print_json, shown
@@ -31,6 +33,13 @@ class DeployGroup(TyperGroup):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            close = difflib.get_close_matches(args[0], [name for name in self.commands if name != "create"])
+            if len(args) == 1 and close:  # `strata deploy lst`: a subcommand mistyped, not a model without version
+                raise click.exceptions.UsageError(
+                    f"No such command {args[0]!r}. Did you mean {', '.join(map(repr, close))}? (A deployment is "
+                    "`strata deploy NAME VERSION --selector k=v`.)",
+                    ctx,
+                )
             args = ["create", *args]
         return super().parse_args(ctx, args)
 
@@ -87,10 +96,17 @@ def wait_for_deployment(client: ControlClient, deployment_id: str, timeout: str)
     """Show the deployment's nodes live until none is pending.
 
     Raises:
-        typer.Exit: a node failed (1), or the timeout passed first (124); see `strata.cli.progress`.
+        typer.Exit: a node failed or no node matches (1), or the timeout passed first (124); see
+            `strata.cli.progress`.
     """
     final, finished = watch(lambda: client.deployment(deployment_id), _nodes_table, lambda d: bool(d["done"]), timeout)
     counts = final.get("counts") or {}
+    if not final.get("nodes"):  # done at once, with nothing done: a mistyped label must not read as success
+        console.print(
+            f"[red]no node matches {_selector_text(final['selector'])}[/red]: none runs {final['model']} "
+            f"{final['version']}"
+        )
+        raise typer.Exit(EXIT_FAILED)
     if not finished:
         console.print(f"[red]timed out[/red] after {timeout}: {plural(counts.get('pending', 0), 'node')} still pending")
         raise typer.Exit(EXIT_TIMEOUT)
@@ -117,7 +133,8 @@ def create(
     as_json: JsonOption = False,
 ) -> None:
     """Nodes matching the selector should run NAME at VERSION (the latest matching deployment wins); prints the
-    deployment id on its last line. Refused when nodes match and none has a variant for its hardware."""
+    deployment id on its last line. Refused when nodes match and none has a variant for its hardware. With
+    --wait, exits 1 when no node matches (a mistyped label would otherwise wait for nothing and succeed)."""
     labels = target_selector(selector, every_node)
     with ControlClient(server, token) as client:
         created = client.deploy(name, version, labels, force)
@@ -128,6 +145,11 @@ def create(
             for node in created.get("nodes", []):
                 if node["state"] in ("no-variant", "excluded"):
                     console.print(f"  [yellow]{node['name']} will not run it:[/yellow] {shown(node['detail'])}")
+            if not created.get("nodes"):
+                console.print(
+                    "  [yellow]no node has these labels now:[/yellow] nodes run it once they enroll or are labelled"
+                    " to match (`strata nodes list` shows the labels)"
+                )
         typer.echo(created["id"])
         if wait:
             wait_for_deployment(client, str(created["id"]), timeout)

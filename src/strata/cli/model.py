@@ -17,6 +17,7 @@ from strata.cli.common import (
     TokenOption,
     ago,
     console,
+    not_a_model,
     out,
     parse_duration,
     print_json,
@@ -159,7 +160,7 @@ def sign(
 
     lifetime_s = parse_duration(expires)
     with tempfile.TemporaryDirectory(prefix="strata-sign-") as tmp:
-        folder = package if package.is_dir() else unpack_tar(package, Path(tmp) / "package").path
+        folder = package if package.is_dir() else unpack_tar(not_a_model(package), Path(tmp) / "package").path
         signed = sign_release(folder, key, time.time(), lifetime_s)
         manifest = read_manifest(folder)
     bundle_path, role_path = signed.write(package)

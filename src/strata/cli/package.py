@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from strata.cli.common import JsonOption, ServerOption, TokenOption, console, out, print_json
+from strata.cli.common import JsonOption, ServerOption, TokenOption, console, not_a_model, out, print_json
 
 app = typer.Typer(
     help="Build, verify and inspect model packages (no server needed); push one built and signed elsewhere.",
@@ -55,7 +55,7 @@ def verify(
     from strata.core.package import read_package
 
     with tempfile.TemporaryDirectory(prefix="strata-verify-") as tmp:
-        package = read_package(path, digest, workdir=Path(tmp) / "p")
+        package = read_package(not_a_model(path), digest, workdir=Path(tmp) / "p")
         manifest = package.manifest
         console.print(f"[green]ok[/green] {manifest.name} {manifest.version} ({manifest.variant})")
         typer.echo(package.digest)
@@ -72,7 +72,7 @@ def show(
     from strata.core.package import read_package
 
     with tempfile.TemporaryDirectory(prefix="strata-show-") as tmp:
-        package = read_package(path, workdir=Path(tmp) / "p")
+        package = read_package(not_a_model(path), workdir=Path(tmp) / "p")
     manifest = package.manifest
     if as_json:
         print_json({"digest": package.digest, "manifest": manifest.to_json()})
@@ -117,6 +117,7 @@ def push(
     from strata.trust.release import SignedRelease, signature_paths
 
     signature = None
+    not_a_model(path)
     if not unsigned:
         bundle_path, role_path = signature_paths(path)
         if not bundle_path.exists() or not role_path.exists():

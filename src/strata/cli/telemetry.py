@@ -56,11 +56,19 @@ def telemetry(
     shed), n, percentiles, null below the minimum). With --json --per-node: one object per node and version, what
     the table shows (the same counts, error_rate, client_error_rate and shed_rate, n and percentiles over the whole
     window, every tensor's drift, dropped telemetry by kind)."""
+    if per_node and not as_json:
+        raise typer.BadParameter(
+            "only with --json: the table already has a row per node and version", param_hint="--per-node"
+        )
     with ControlClient(server, token) as client:
         answer = client.telemetry(name, version, node, parse_duration(since))
     if as_json:
         # The minutes stay the plain list that --json has always printed; the per-node rows are asked for.
         print_json(answer["nodes"] if per_node else answer["minutes"])
+        return
+    if not answer["nodes"]:  # an empty table with its headers said nothing about why
+        scope = "".join(f" {what} {shown(value)}" for what, value in (("version", version), ("on node", node)) if value)
+        out.print(f"no telemetry for {shown(name)}{scope} over the last {since}")
         return
     out.print(telemetry_table(answer, f"{name} over the last {since}", out.width))
 

@@ -232,7 +232,8 @@ class DeploymentService:
             if info.matched_nodes and info.counts["no-variant"] == info.matched_nodes and not force:
                 reasons = "; ".join(f"{p.name}: {p.detail}" for p in info.nodes[:5])
                 raise Conflict(
-                    f"no node can run {model} {version}: {plural(info.matched_nodes, 'node')} match and none has a "
+                    f"no node can run {model} {version}: {plural(info.matched_nodes, 'node')} "
+                    f"{'matches' if info.matched_nodes == 1 else 'match'} and none has a "
                     f"variant for its hardware ({reasons}); push a variant for their profile, or deploy anyway "
                     "with --force"
                 )

@@ -156,13 +156,14 @@ def enrollment_identity(
 
 def claims_of(assigned: Assigned, profile: str, status: NodeStatus | ReportedIdentity | None) -> dict[str, Any]:
     """What a node's last report says about itself where it differs from what the control plane holds: its tier
-    and labels (never used), and a profile the operator has not accepted yet. Empty when they agree."""
+    and labels (never used), and a profile the operator has not accepted yet. Empty when they agree; a node that
+    names no labels (its agent started without --label) claims none."""
     if status is None:
         return {}
     claims: dict[str, Any] = {}
     if status.tier != assigned.tier:
         claims["tier"] = status.tier
-    if status.labels != assigned.labels:
+    if status.labels and status.labels != assigned.labels:
         claims["labels"] = dict(status.labels)
     if status.profile != profile:
         claims["profile"] = status.profile

@@ -247,9 +247,13 @@ def activation_success_rate(population: Population) -> Measure:
     """The wave's share, or the share over every wave so far when that is lower (only an earlier wave's failures
     can make it so)."""
     tried = population.activated + population.failed
+    # A node counts once it reported healthy or failed; the rest (still loading, on probation) are said apart, so that
+    # "0 of 26 that tried" beside a gauge of 74 nodes on the new version reads as what it is.
+    rest = population.wave_members - tried
     wave = (
         f"{population.activated} of {plural(tried, 'node')} that tried activated it "
-        f"({population.failed} failed; wave of {population.wave_members})"
+        f"({population.failed} failed{f', {rest} not healthy or failed yet' if rest > 0 else ''}; "
+        f"wave of {population.wave_members})"
         if tried
         else f"no node has tried the version yet (wave of {population.wave_members})"
     )

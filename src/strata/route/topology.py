@@ -170,9 +170,7 @@ async def fetch_topology(
     except BadAnswer as exc:
         raise TransportError(f"the control plane sent a topology the gateway does not read: {exc}") from exc
     if response.status_code in (401, 403):
-        raise AuthError(
-            f"the control plane refused this caller for node {node_id}: {body[:200].decode(errors='replace')}"
-        )
+        raise AuthError(f"the control plane refused this caller for node {node_id}: {_refusal(body)}")
     if response.status_code == 404:
         raise NotFound(f"the control plane has no node {node_id!r}")
     if response.status_code != 200:
@@ -182,3 +180,13 @@ async def fetch_topology(
     except ValueError as exc:
         raise TransportError(f"the control plane sent a topology that is not JSON: {exc}") from exc
     return parse_topology(raw)
+
+
+def _refusal(body: bytes) -> str:
+    """What a refusal says: the `error` of the control plane's JSON answer, else the start of the body as text."""
+    try:
+        said = json.loads(body).get("error")
+    except (ValueError, AttributeError):  # not JSON, or JSON that is no object
+        said = None
+    text = said if isinstance(said, str) else body.decode(errors="replace")
+    return text[:200]

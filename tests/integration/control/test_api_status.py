@@ -87,6 +87,18 @@ def test_node_view_reflects_the_last_status(server: Harness) -> None:
     assert listed["reported_etag"] == etag
 
 
+def test_a_node_that_names_no_labels_claims_none(server: Harness) -> None:
+    """An agent started without --label reports no labels: that is no claim beside the ones its token assigned (the
+    node list showed "claims none; not used"), where other labels are."""
+    node = server.enroll("edge-1", {"site": "lab"})
+    assert _put(server, node, _status(labels={})) == 204
+    view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
+    assert (view["labels"], view["claims"]) == ({"site": "lab"}, {})
+    assert _put(server, node, _status(labels={"site": "home"})) == 204
+    view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
+    assert view["claims"] == {"labels": {"site": "home"}}
+
+
 def test_malformed_status_is_422(server: Harness) -> None:
     node = server.enroll("edge-1")
     for status in (

@@ -77,6 +77,9 @@ def test_activation_success_rate_and_knowing_early_that_it_cannot_pass() -> None
     assert "8 of 10 nodes that tried" in result.detail
     alone = evaluate_gates([gate], population(wave_members=1, activated=0, failed=1), 0)[0]
     assert alone.detail == "0 of 1 node that tried activated it (1 failed; wave of 1)"  # not "1 nodes"
+    # the nodes not counted yet are said apart: "0 of 26 that tried" read as a contradiction beside 74 on the version
+    some = evaluate_gates([gate], population(wave_members=100, activated=0, failed=26), 0)[0]
+    assert some.detail == "0 of 26 nodes that tried activated it (26 failed, 74 not healthy or failed yet; wave of 100)"
     assert doomed([gate], population(wave_members=20, activated=0, failed=2), 0) is None  # 18/20 = 0.9 still possible
     stop = doomed([gate], population(wave_members=20, activated=0, failed=3), 0)
     assert stop is not None
