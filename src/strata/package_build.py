@@ -245,17 +245,17 @@ def build_package(
             that path in the package (`strata optimize` gives its variants' data files so).
 
     Raises:
-        ConfigError: `out_dir` is not an empty folder (or a path to make one at): a usage mistake.
+        ConfigError: `out_dir` is not an empty folder (or a path to make one at), or a name, version or variant id
+            is not valid: usage mistakes.
         PackageBuildError: the model does not load or references external data that is not an extra file, the
             samples do not fit, the golden run fails or gives NaN or infinity.
-        PackageError: a name, version or variant id is not valid.
     """
     from strata.core.profiles import get_profile
 
-    check_name("model name", name)
-    check_name("version", version)
+    check_name("model name", name, ConfigError)
+    check_name("version", version, ConfigError)
     get_profile(profile)
-    variant_id = check_name("variant id", variant or default_variant_id(profile, runtime, precision))
+    variant_id = check_name("variant id", variant or default_variant_id(profile, runtime, precision), ConfigError)
     if precision not in DEFAULT_TOLERANCE:
         raise PackageBuildError(f"unknown precision {precision!r}; known: {sorted(DEFAULT_TOLERANCE)}")
     # Where the package goes is the caller's choice, not the package's fault; checked before the model runs.

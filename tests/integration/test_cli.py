@@ -176,6 +176,14 @@ def test_version_completion_and_exit_codes(tmp_path: Path, digits_onnx: Path) ->
     assert folder.returncode == 2, folder.stderr
     assert "Traceback" not in folder.stderr
     assert f"cannot use the data folder {tmp_path / 'a-file'}: File exists" in " ".join(folder.stderr.split())
+    # 2: a name that is not one, typed for a node or a model (it exited 5, "package invalid")
+    for command in (
+        ["agent", "--server", "https://127.0.0.1:9", "--data-dir", str(tmp_path / "a"), "--name", "a b"],
+        ["package", "build", str(digits_onnx), "--name", "a b", "--version", "1", "--out", str(tmp_path / "b")],
+    ):
+        named = strata(*command, timeout=20)
+        assert named.returncode == 2, named.stderr
+        assert "name 'a b' is not valid" in named.stderr
     # 2: a model given where a package goes: pushing it said to sign it, and signing it said "not a readable tar"
     for command in (["package", "push"], ["model", "sign", "--key", str(tmp_path / "a-file")]):
         model = strata(*unreachable, *command, str(digits_onnx))

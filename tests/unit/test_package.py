@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from strata.core.datatypes import OIP_TO_NUMPY
-from strata.core.errors import PackageBuildError, PackageError, VerificationError
+from strata.core.errors import ConfigError, PackageBuildError, PackageError, VerificationError
 from strata.core.package import (
     MANIFEST_NAME,
     OIP_DATATYPES,
@@ -160,9 +160,10 @@ def test_golden_run_failure_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_invalid_names_are_refused(digits_onnx: Path, tmp_path: Path) -> None:
-    with pytest.raises(PackageError, match="model name"):
+    """As bad input (the caller's names: the CLI exits 2), not as a bad package (it exited 5, "package invalid")."""
+    with pytest.raises(ConfigError, match="model name"):
         build_package(digits_onnx, tmp_path / "p", name="../etc", version="1")
-    with pytest.raises(PackageError, match="version"):
+    with pytest.raises(ConfigError, match="version"):
         build_package(digits_onnx, tmp_path / "p", name="ok", version="1 0")
 
 

@@ -80,7 +80,7 @@ class AgentConfig:
             raise ConfigError(
                 f"--server must be an https:// URL (the control plane speaks only TLS), got {self.server!r}"
             )
-        check_name("node name", self.name)
+        check_name("node name", self.name, ConfigError)
         if self.tier not in TIERS:
             raise ConfigError(f"--tier must be one of {', '.join(TIERS)}, got {self.tier!r}")
         parse_labels(self.labels)

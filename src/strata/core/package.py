@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Final, TypeAlias
 
 from strata.core.chunking import Chunk
-from strata.core.errors import PackageError, VerificationError
+from strata.core.errors import PackageError, StrataError, VerificationError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import digest_json, is_hex_sha256, sha256_file
 from strata.core.modelrefs import (
@@ -73,14 +73,15 @@ OIP_DATATYPES: Final = frozenset(
 """The Open Inference Protocol's datatypes (`strata.core.datatypes.OIP_TO_NUMPY` maps them to numpy's)."""
 
 
-def check_name(kind: str, value: str) -> str:
+def check_name(kind: str, value: str, error: type[StrataError] = PackageError) -> str:
     """Validate a model name, version or variant id: 1-128 of [A-Za-z0-9._-], starting alphanumeric.
 
     Raises:
-        PackageError: the value does not fit.
+        PackageError: the value does not fit (a manifest's); `error` instead where the caller gave it (ConfigError
+            for a name typed on a command line: bad input, not a bad package).
     """
     if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise PackageError(
+        raise error(
             f"{kind} {value!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )

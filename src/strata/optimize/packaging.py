@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from strata import __version__
-from strata.core.errors import PackageBuildError
+from strata.core.errors import ConfigError, PackageBuildError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.hashing import sha256_file
 from strata.core.openvino_import import import_openvino
@@ -83,11 +83,11 @@ def build_openvino_package(
 
     Raises:
         PackageBuildError: the IR does not compile or run, gives NaN, or `out_dir` is not empty.
-        PackageError: a name is not valid.
+        ConfigError: a name is not valid.
     """
-    check_name("model name", name)
-    check_name("version", version)
-    check_name("variant id", variant)
+    check_name("model name", name, ConfigError)
+    check_name("version", version, ConfigError)
+    check_name("variant id", variant, ConfigError)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PackageBuildError(f"output folder {out_dir} is not empty")
     ov = import_openvino()
