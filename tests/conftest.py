@@ -12,6 +12,20 @@ import pytest
 if TYPE_CHECKING:
     from softtpm import SoftTpm
 
+
+def _local_ports(worker: str | None) -> str:
+    """The ports this pytest process's fleets take (`strata.localfleet.free_port`): 900 of its own per xdist worker
+    from 20000, a range apart for a run without workers, all below the kernel's ephemeral ports (32768 on Linux):
+    a port kept for a restarted agent or server is then taken by nothing else meanwhile."""
+    if worker is None or not worker.removeprefix("gw").isdigit() or int(worker.removeprefix("gw")) >= 12:
+        return "30800-32767"
+    low = 20000 + 900 * int(worker.removeprefix("gw"))
+    return f"{low}-{low + 899}"
+
+
+# Set, not defaulted: xdist's workers inherit the environment of the process that started them, which set its own.
+os.environ["STRATA_LOCAL_PORTS"] = _local_ports(os.environ.get("PYTEST_XDIST_WORKER"))
+
 # The workspace's shared folder sits beside the checkout (../shared); STRATA_SHARED_DIR points elsewhere.
 SHARED_DIR = Path(os.environ.get("STRATA_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 SHARED_MINILM = SHARED_DIR / "models" / "minilm"

@@ -16,11 +16,12 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import httpx
 
@@ -36,12 +37,47 @@ class FleetError(StrataError):
     code = "local_fleet_failed"
 
 
+PORTS_ENV: Final = "STRATA_LOCAL_PORTS"
+_ports = threading.Lock()
+_last_port: dict[tuple[int, int], int] = {}
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port free on 127.0.0.1 right now: one the kernel picks, or, with STRATA_LOCAL_PORTS=LOW-HIGH in the
+    environment, the next free one of that range in turn.
+
+    A fleet keeps an agent's or a server's port across its restart, and while it is closed the kernel may hand that
+    port to anyone who binds port 0 or connects out (its ephemeral range): a test suite running in parallel took one
+    so, and the restarted agent's liveness probe was answered by another test's agent. The suite gives each of its
+    workers a range of its own below the ephemeral ports (`tests/conftest.py`), which nothing else takes.
+
+    Raises:
+        FleetError: STRATA_LOCAL_PORTS is malformed, or no port of its range is free.
+    """
+    span = os.environ.get(PORTS_ENV)
+    if not span:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+            return port
+    try:
+        low, high = (int(part) for part in span.split("-"))
+    except ValueError:
+        raise FleetError(f"{PORTS_ENV}={span!r} is not LOW-HIGH") from None
+    if not 1024 <= low <= high <= 65535:
+        raise FleetError(f"{PORTS_ENV}={span!r} is not a range of ports from 1024 to 65535")
+    with _ports:
+        port = _last_port.get((low, high), high)
+        for _ in range(high - low + 1):
+            port = low if port >= high else port + 1
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:  # in use, or in TIME_WAIT (bound without SO_REUSEADDR): the next one
+                    continue
+            _last_port[(low, high)] = port
+            return port
+    raise FleetError(f"no port of {PORTS_ENV}={span} is free on 127.0.0.1")
 
 
 @dataclass

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from strata.agent.store import ArtifactStore
 from strata.agent.vault import Vault
 from strata.core.oip import encode_request
 from strata.core.package import Package, pack_tar
-from strata.localfleet import LocalFleet
+from strata.localfleet import LocalFleet, ManagedProcess
 from strata.package_build import build_package
 
 # Hardware, not a gap: the agent refuses more serving processes than the cores it may run on (they would fight over
@@ -158,8 +160,25 @@ def build_slow_model(path: Path, seconds: float = 2.5) -> None:
     session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
     row = {"X": np.zeros((1, 64), np.float32)}
     session.run(None, row)
-    started = time.perf_counter()
+    # CPU time, not wall time: one intra-op thread runs on this thread, and a probe timed by the clock while other
+    # test workers were busy came out several times too slow, the model built that much too small.
+    started = time.thread_time()
     session.run(None, row)
-    elapsed = max(time.perf_counter() - started, 1e-3)
+    elapsed = max(time.thread_time() - started, 1e-3)
     probe.unlink()
     build_compute_model(path, layers=max(4, min(96, round(4 * seconds / elapsed))), replicas=49152)
+
+
+def hold(process: ManagedProcess, still: Callable[[], bool], what: str) -> None:
+    """Hold `process` (SIGSTOP) where the test found it, checking that it is still there (`still`): a test that acts
+    inside a load must not find the load over by the time it acts, as a test paused on a busy machine did."""
+    os.kill(process.pid, signal.SIGSTOP)
+    assert still(), f"{process.name} was no longer {what} when held"
+
+
+def stop_held(process: ManagedProcess, timeout: float) -> int | None:
+    """SIGTERM, then SIGCONT (what systemd sends) to a process `hold` holds: its exit status."""
+    assert process.popen is not None
+    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGCONT)
+    return process.popen.wait(timeout)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -87,6 +89,11 @@ def test_kill_during_download_resumes_on_the_first_try(
             return sum(p.stat().st_size for p in _complete_pieces(data_dir)) >= total // 4
 
         fleet.wait_for(quarter, 30, "a quarter of the download", handle.process, interval=0.02)
+        # held where it is: the other node's download (four seconds) must not run on to its end while this test
+        # waits for it and spoils this one's pieces on a busy machine
+        os.kill(handle.process.pid, signal.SIGSTOP)
+    for name in names.values():
+        handle = fleet.agents[name]
         handle.process.kill()
         held = _complete_pieces(handle.data_dir)
         if name == "slow":

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from e2e_helpers import build_slow_model, needs_two_cores, push_model
+from e2e_helpers import build_slow_model, hold, needs_two_cores, push_model, stop_held
 
 from strata.core.package import Package
 from strata.examples.compute import build_compute_model
@@ -58,6 +58,7 @@ def test_an_agent_killed_while_loading_a_version_reports_it_failed_and_serves_th
         fleet.client.deploy("digits", "2", {})
         loading = handle.data_dir / "state.json"
         fleet.wait_for(lambda: _loading(loading, v2), 60, "the agent to load version 2", handle.process, 0.002)
+        hold(handle.process, lambda: _loading(loading, v2), "loading version 2")
         handle.process.kill()
     else:
         handle, v2, pid = _other_process_loading_v2(fleet, tmp_path)
@@ -165,8 +166,8 @@ def test_a_service_managers_sigterm_to_every_process_in_the_middle_of_a_load_cou
 def _other_process_loading_v2(fleet: LocalFleet, tmp_path: Path) -> tuple[AgentHandle, Package, int]:
     """An agent serving from two processes, version 1 active, told to run version 2 (a golden check of a few seconds
     in each process): returns once the agent loaded version 2, wrote it active and asked its other process to load
-    it, with the agent's handle, version 2 as pushed and that process's pid. That process is held (SIGSTOP) in its
-    load until the caller kills it or sends SIGCONT."""
+    it, with the agent's handle, version 2 as pushed and that process's pid. That process is held (SIGSTOP) from
+    before the deployment until the caller kills it or sends SIGCONT."""
     handle, v2 = _serving_v1_with_v2_pushed(fleet, tmp_path, "edge", 2, ("--probation", "0"))
     state_path = handle.data_dir / "state.json"
     log_path = handle.process.log_path
@@ -178,11 +179,11 @@ def _other_process_loading_v2(fleet: LocalFleet, tmp_path: Path) -> tuple[AgentH
             return bool(json.loads(state_path.read_text())["models"]["digits"]["active"]["version"] == "2")
         return False
 
-    fleet.client.deploy("digits", "2", {})
-    fleet.wait_for(lambda: _loading(state_path, v2), 60, "the agent to load version 2", handle.process, interval=0.002)
-    # Held from the agent's own load on, the other process cannot finish its load before the test acts (on a busy
-    # machine the test used to poll past its whole load, a second or two: the kill came after "activated").
+    # Held before the deployment, the other process cannot finish its load before the test acts (on a busy machine
+    # the test used to poll past its whole load, a second or two: the kill came after "activated"); the agent waits
+    # for it (up to ten minutes) once its own load is done.
     os.kill(pid, signal.SIGSTOP)
+    fleet.client.deploy("digits", "2", {})
     fleet.wait_for(other_process_loads_v2, 60, "the agent to ask its other process to load it", handle.process)
     return handle, v2, pid
 
@@ -213,7 +214,8 @@ def test_an_agent_stopped_while_loading_a_version_finishes_the_load_and_counts_n
     state_path = handle.data_dir / "state.json"
     fleet.client.deploy("digits", "2", {})
     fleet.wait_for(lambda: _loading(state_path, v2), 60, "the agent to load version 2", handle.process, 0.002)
-    assert handle.process.stop(timeout=30) == 0
+    hold(handle.process, lambda: _loading(state_path, v2), "loading version 2")
+    assert stop_held(handle.process, timeout=30) == 0
     log = handle.process.log_path.read_text()
     assert "waiting up to 20 s for the load of digits 2" in log
     assert "activated digits 2" in log

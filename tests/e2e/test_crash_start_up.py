@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from e2e_helpers import assert_consistent, build_slow_model, push_model
+from e2e_helpers import assert_consistent, build_slow_model, hold, push_model, stop_held
 
 from strata.localfleet import LocalFleet
 
@@ -44,7 +44,8 @@ def test_an_agent_stopped_while_it_loads_its_version_at_start_up_serves_it_at_th
         return False
 
     fleet.wait_for(loading_at_start_up, 60, "the start-up load", restarted.process, interval=0.002)
-    assert restarted.process.stop(timeout=60) == 0
+    hold(restarted.process, loading_at_start_up, "in its start-up load")
+    assert stop_held(restarted.process, timeout=60) == 0
     log = restarted.process.log_path.read_text()
     assert "stopped by signal 15 while loading its models at start-up" in log
     assert "serving the Open Inference Protocol" not in log[log.rfind("agent stopped") + 1 :]

@@ -128,15 +128,17 @@ def test_a_request_head_that_never_ends_gets_408_also_after_an_answer_on_the_con
 
 def test_a_body_at_the_floor_rate_is_answered_and_one_slower_is_cut(fleet: LocalFleet) -> None:
     fields = json.dumps({"ttl_seconds": 600, "name": "slow-body", "tier": None, "labels": None}).encode()
-    body = fields + b" " * 6000  # JSON's whitespace: a body long enough to send slowly
+    body = fields + b" " * 24000  # JSON's whitespace: a body long enough to send slowly
     head = (
         "POST /v1/enrollment-tokens HTTP/1.1\r\nHost: strata\r\nContent-Type: application/json\r\n"
         f"Authorization: Bearer {fleet.admin_token}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
-    with _tls(fleet) as slow:  # 512 bytes every 0.25 s, 2 KiB/s, for 3 s: past the header timeout, over the floor
+    # 2 KiB every 0.25 s, 8 KiB/s, for 3 s: past the header timeout, over the floor in every window even when this
+    # test is paused for most of a second on a busy machine (at 2 KiB/s a half-second pause left a window short)
+    with _tls(fleet) as slow:
         slow.sendall(head)
-        for start in range(0, len(body), 512):
-            slow.sendall(body[start : start + 512])
+        for start in range(0, len(body), 2048):
+            slow.sendall(body[start : start + 2048])
             time.sleep(0.25)
         answer, issued = _answer(slow)
     assert answer.startswith(b"HTTP/1.1 201 Created"), answer

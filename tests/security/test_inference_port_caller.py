@@ -715,7 +715,7 @@ def test_health_calls_answer_while_stalled_inferences_hold_the_budget(agent: Age
             f"{len(large) / MIB:.1f} MiB each, wait unread: peak +{peak_mb:.0f} MB"
         )
         assert answers == [b"\x08\x01"] * 3  # live, ready, model ready
-        assert elapsed < 1.0
+        assert elapsed < 3.0  # 0.02 s here; the slack is a busy machine's (the calls' own timeout is 5 s)
         assert not any(call.done() for call in [small, *waiting])  # no room: they wait, neither refused nor read
         assert peak_mb < 24
     finally:

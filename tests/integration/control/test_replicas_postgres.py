@@ -103,7 +103,7 @@ def test_a_change_through_one_replica_reaches_the_other_by_notify(two_databases:
             assert await feed_b.wait_beyond(seen, timeout=5) > seen
             return time.monotonic() - started
 
-        assert asyncio.run(wait_on_b()) < 1.0
+        assert asyncio.run(wait_on_b()) < 3.0  # the NOTIFY, not the 30 s safety poll (slack for a busy machine)
         time.sleep(0.3)
         assert shared_a.foreign_changes == 0
         assert shared_b.foreign_changes == 1
@@ -187,7 +187,7 @@ def test_a_replica_stops_listening_at_once_and_the_other_ignores_its_wake_up(
         _wait_listening(two_databases[0], 2)
         started = time.monotonic()
         shared_a.stop()
-        assert time.monotonic() - started < 0.5  # the listener's own wait is a second
+        assert time.monotonic() - started < 0.9  # the listener's own wait is a second (slack for a busy machine)
         _wait_listening(two_databases[0], 1)
         time.sleep(0.3)
         assert (shared_a.foreign_changes, shared_b.foreign_changes) == (0, 0)

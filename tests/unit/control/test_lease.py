@@ -172,7 +172,7 @@ def test_a_change_on_one_replica_wakes_a_long_poll_on_the_other(two_databases: t
             assert await feed_b.wait_beyond(seen, timeout=5) > seen
             return time.monotonic() - started
 
-        assert asyncio.run(wait_on_b()) < 1.0
+        assert asyncio.run(wait_on_b()) < 3.0  # the 0.05 s poll, with slack for a busy machine (the wait is 5 s)
         # Replica a recognises its own change: its waiters woke once, at the bump, not again from the counter.
         time.sleep(0.3)
         assert feed_a.generation == 1
