@@ -67,7 +67,9 @@ def free_port() -> int:
     if not 1024 <= low <= high <= 65535:
         raise FleetError(f"{PORTS_ENV}={span!r} is not a range of ports from 1024 to 65535")
     with _ports:
-        port = _last_port.get((low, high), high)
+        # Each process starts at its own place in the range: a fleet a test runs in a child process (`strata demo`)
+        # inherits its worker's range, and two walks from the same start would offer the same ports.
+        port = _last_port.get((low, high), low + os.getpid() % (high - low + 1) - 1)
         for _ in range(high - low + 1):
             port = low if port >= high else port + 1
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
