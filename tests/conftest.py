@@ -13,18 +13,32 @@ if TYPE_CHECKING:
     from softtpm import SoftTpm
 
 
-def _local_ports(worker: str | None) -> str:
-    """The ports this pytest process's fleets take (`strata.localfleet.free_port`): 900 of its own per xdist worker
-    from 20000, a range apart for a run without workers, all below the kernel's ephemeral ports (32768 on Linux):
-    a port kept for a restarted agent or server is then taken by nothing else meanwhile."""
-    if worker is None or not worker.removeprefix("gw").isdigit() or int(worker.removeprefix("gw")) >= 12:
-        return "30800-32767"
-    low = 20000 + 900 * int(worker.removeprefix("gw"))
-    return f"{low}-{low + 899}"
+def _local_ports(worker: str | None, workers: int) -> str:
+    """The ports this pytest process's fleets take (`strata.localfleet.free_port`), from 20000 up to the kernel's
+    ephemeral ports (where `bind(0)` and outgoing connections take theirs): a share of their own for each xdist
+    worker, the top 2000 for a run without workers (a single test run beside the whole suite). A port kept for a
+    restarted agent or server is then taken by nothing else meanwhile."""
+    try:
+        top = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - 1
+    except (OSError, ValueError, IndexError):  # not Linux: its usual ephemeral ports start at 49152
+        top = 49151
+    low, alone = 20000, 2000
+    if top - low < 3 * alone:
+        raise pytest.UsageError(f"the kernel's ephemeral ports start at {top + 1}: the tests want them above 26000")
+    index = worker.removeprefix("gw") if worker else ""
+    if not index.isdigit() or workers < 1:
+        return f"{top - alone + 1}-{top}"
+    share = (top - alone - low + 1) // workers
+    if share < 100:
+        raise pytest.UsageError(f"{workers} workers leave each fewer than 100 ports of {low}-{top - alone}")
+    start = low + share * int(index)
+    return f"{start}-{start + share - 1}"
 
 
 # Set, not defaulted: xdist's workers inherit the environment of the process that started them, which set its own.
-os.environ["STRATA_LOCAL_PORTS"] = _local_ports(os.environ.get("PYTEST_XDIST_WORKER"))
+os.environ["STRATA_LOCAL_PORTS"] = _local_ports(
+    os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+)
 
 # The workspace's shared folder sits beside the checkout (../shared); STRATA_SHARED_DIR points elsewhere.
 SHARED_DIR = Path(os.environ.get("STRATA_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))

@@ -173,6 +173,10 @@ def hold(process: ManagedProcess, still: Callable[[], bool], what: str) -> None:
     """Hold `process` (SIGSTOP) where the test found it, checking that it is still there (`still`): a test that acts
     inside a load must not find the load over by the time it acts, as a test paused on a busy machine did."""
     os.kill(process.pid, signal.SIGSTOP)
+    stat = Path(f"/proc/{process.pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "T" and time.monotonic() < deadline:
+        time.sleep(0.001)  # the signal is delivered, not yet acted on: `still` must see the process stopped
     assert still(), f"{process.name} was no longer {what} when held"
 
 

@@ -152,8 +152,10 @@ def test_a_service_managers_sigterm_to_every_process_in_the_middle_of_a_load_cou
     os.kill(pid, signal.SIGTERM)
     os.kill(handle.process.pid, signal.SIGTERM)
     waiting = "waiting up to 20 s for the load of digits 2"
-    fleet.wait_for(lambda: waiting in log_path.read_text(), 30, "the agent to wait for the load", handle.process)
-    os.kill(pid, signal.SIGCONT)  # what systemd sends after its SIGTERM: the process goes on with its load
+    try:
+        fleet.wait_for(lambda: waiting in log_path.read_text(), 30, "the agent to wait for the load", handle.process)
+    finally:
+        os.kill(pid, signal.SIGCONT)  # what systemd sends after its SIGTERM: the process goes on with its load
     assert handle.process.stop(timeout=40) == 0
     log = log_path.read_text()
     assert "activated digits 2" in log
@@ -183,8 +185,12 @@ def _other_process_loading_v2(fleet: LocalFleet, tmp_path: Path) -> tuple[AgentH
     # the test used to poll past its whole load, a second or two: the kill came after "activated"); the agent waits
     # for it (up to ten minutes) once its own load is done.
     os.kill(pid, signal.SIGSTOP)
-    fleet.client.deploy("digits", "2", {})
-    fleet.wait_for(other_process_loads_v2, 60, "the agent to ask its other process to load it", handle.process)
+    try:
+        fleet.client.deploy("digits", "2", {})
+        fleet.wait_for(other_process_loads_v2, 60, "the agent to ask its other process to load it", handle.process)
+    except BaseException:  # not left stopped for the rest of the session, holding the agent's listening socket
+        os.kill(pid, signal.SIGKILL)
+        raise
     return handle, v2, pid
 
 

@@ -132,6 +132,8 @@ def test_the_identity_error_is_found_behind_the_wrappers() -> None:
         (b'{"error": "node revoked", "code": "unauthenticated"}', "refused this caller for node n1: node revoked"),
         (b"<html>proxy says no</html>", "refused this caller for node n1: <html>proxy says no</html>"),
         (b'["not", "an", "object"]', 'refused this caller for node n1: ["not", "an", "object"]'),
+        (b'{"error": "a\\u001b[2Jb"}', "refused this caller for node n1: a\\x1b[2Jb"),  # escapes stay written out
+        (b"[" * 100_000, "refused this caller for node n1: " + "[" * 200),  # past the parser's depth
     ],
 )  # fmt: skip
 def test_a_refused_topology_says_the_control_planes_words_not_its_json(body: bytes, said: str) -> None:

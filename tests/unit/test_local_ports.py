@@ -11,8 +11,9 @@ from strata.localfleet import PORTS_ENV, FleetError, free_port
 
 
 def _range_of_free_ports(size: int) -> tuple[int, int]:
-    """`size` consecutive ports free now, below the kernel's ephemeral ones, away from the suite's workers."""
-    for low in range(33000 - size, 30800, -size):  # inside the range a run without workers uses, from its top
+    """`size` consecutive ports free now, below the kernel's ephemeral ones (from 32768 on this suite's machines)
+    and above the ranges the suite's xdist workers take (`tests/conftest.py`: the top 2000 are a single run's)."""
+    for low in range(32768 - size, 30800, -size):
         sockets = []
         try:
             for port in range(low, low + size):

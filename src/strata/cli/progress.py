@@ -1,8 +1,9 @@
 """What `strata deploy` and `strata rollout create` share: the selector or an explicit `--all`, and `--wait`, a live
 view of the fleet taking a version that ends when every node ran it, failed, or time ran out.
 
-Exit codes of `--wait` (and `strata rollout watch`): 0 every node runs it, 1 a node failed (or the rollout was
-rolled back, aborted or halted by a gate), 124 the timeout passed first (as timeout(1) exits).
+Exit codes of `--wait` (and `strata rollout watch`): 0 every node runs it, 1 a node failed (or no node matches a
+deployment, or the rollout was rolled back, aborted or halted by a gate), 124 the timeout passed first (as timeout(1)
+exits).
 """
 
 from __future__ import annotations

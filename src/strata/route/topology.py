@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 
 from strata.core.errors import AuthError, NotFound, TransportError
+from strata.core.words import printable
 from strata.route.peer import PeerTls
 from strata.route.router import BadAnswer, Target, read_bounded
 
@@ -177,16 +178,17 @@ async def fetch_topology(
         raise TransportError(f"the control plane answered {response.status_code} for the topology of {node_id}")
     try:
         raw = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's depth
         raise TransportError(f"the control plane sent a topology that is not JSON: {exc}") from exc
     return parse_topology(raw)
 
 
 def _refusal(body: bytes) -> str:
-    """What a refusal says: the `error` of the control plane's JSON answer, else the start of the body as text."""
+    """What a refusal says: the `error` of the control plane's JSON answer, else the start of the body as text;
+    200 characters at most, hidden ones written out (it goes to a log an operator reads in a terminal)."""
     try:
         said = json.loads(body).get("error")
-    except (ValueError, AttributeError):  # not JSON, or JSON that is no object
+    except (ValueError, RecursionError, AttributeError):  # not JSON, nested past the parser's depth, no object
         said = None
-    text = said if isinstance(said, str) else body.decode(errors="replace")
-    return text[:200]
+    text = said[:200] if isinstance(said, str) else body[:200].decode(errors="replace")
+    return printable(text)
