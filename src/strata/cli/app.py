@@ -7,7 +7,6 @@ Modules import their heavy dependencies (FastAPI, onnxruntime, SQLAlchemy) insid
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import os
@@ -22,7 +21,7 @@ from typer import _click as click  # Typer vendors Click: the type typer.main.ge
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from strata import __version__
-from strata.cli.common import fail
+from strata.cli.common import did_you_mean, fail
 from strata.core.errors import StrataError
 
 # Each command's module, imported when that command runs (or help lists it): `strata agent` on a node does not
@@ -62,9 +61,9 @@ class _Commands(TyperGroup):
         try:
             return super().resolve_command(ctx, args)
         except click.exceptions.UsageError as exc:
-            matches = difflib.get_close_matches(args[0], list(COMMANDS)) if args else []
-            if matches and "Did you mean" not in exc.message:
-                exc.message = f"{exc.message.rstrip('.')}. Did you mean {', '.join(map(repr, matches))}?"
+            hint = did_you_mean(args[0], COMMANDS) if args else ""
+            if hint and "Did you mean" not in exc.message:
+                exc.message = f"{exc.message.rstrip('.')}. {hint}"
             raise
 
     def get_command(self, ctx: click.Context | None, cmd_name: str) -> click.Command | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -167,6 +168,14 @@ def not_a_model(path: Path) -> Path:
             " later"
         )
     return path
+
+
+def did_you_mean(word: str, names: Iterable[str]) -> str:
+    """ "Did you mean 'list'?" for the names close to a mistyped `word`, "" when none is."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(names))
+    return f"Did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
 def print_json(value: Any) -> None:

@@ -3,7 +3,6 @@ on the nodes whose labels match, and how far it got there."""
 
 from __future__ import annotations
 
-import difflib
 import time
 from typing import Annotated, Any
 
@@ -12,7 +11,17 @@ from rich.table import Table
 from typer import _click as click  # Typer vendors Click
 from typer.core import TyperGroup
 
-from strata.cli.common import JsonOption, ServerOption, TokenOption, ago, console, out, print_json, shown
+from strata.cli.common import (
+    JsonOption,
+    ServerOption,
+    TokenOption,
+    ago,
+    console,
+    did_you_mean,
+    out,
+    print_json,
+    shown,
+)
 from strata.cli.progress import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
@@ -33,10 +42,10 @@ class DeployGroup(TyperGroup):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
-            close = difflib.get_close_matches(args[0], [name for name in self.commands if name != "create"])
-            if len(args) == 1 and close:  # `strata deploy lst`: a subcommand mistyped, not a model without version
+            hint = did_you_mean(args[0], (name for name in self.commands if name != "create"))
+            if len(args) == 1 and hint:  # `strata deploy lst`: a subcommand mistyped, not a model without version
                 raise click.exceptions.UsageError(
-                    f"No such command {args[0]!r}. Did you mean {', '.join(map(repr, close))}? (A deployment is "
+                    f"No such command {args[0]!r}. {hint} (A deployment is "
                     "`strata deploy NAME VERSION --selector k=v`.)",
                     ctx,
                 )

@@ -271,7 +271,9 @@ class SharedGeneration:
         """NOTIFY the channel with an empty payload, so that the LISTEN thread's wait ends now rather than at its
         one-second timeout (every server stop, and every test on PostgreSQL, waited for it). Every replica hears
         it and ignores it: it is not a counter value. Best effort: without the database, the timeout ends it."""
-        engine = self._watch_engine or self._db.engine
+        engine = self._watch_engine
+        if engine is None:  # never listened: nothing to wake
+            return
         with contextlib.suppress(SQLAlchemyError), engine.connect() as connection:
             connection.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
             connection.commit()

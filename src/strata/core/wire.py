@@ -25,6 +25,25 @@ MAX_REVOKED_CERTIFICATES: Final = 100_000
 MAX_LOG_LINES: Final = 2000
 
 T = TypeVar("T")
+
+
+def error_text(body: bytes) -> str:
+    """What an error answer says: the `error` of its JSON body (the control plane's and the Open Inference
+    Protocol's shape), else the start of the body as text. A claim of whoever answered, logged and passed on: cut to
+    1000 characters (the body to 200), each hidden character written out (`strata.core.words.printable`); a body
+    nested past the JSON parser's depth is quoted too."""
+    import json
+
+    from strata.core.words import printable
+
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested past the parser's depth
+        parsed = None
+    said = parsed.get("error") if isinstance(parsed, dict) else None
+    return printable(said[:1000] if isinstance(said, str) else body[:200].decode(errors="replace"))
+
+
 K = TypeVar("K", bound=str)
 
 

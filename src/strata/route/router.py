@@ -37,6 +37,7 @@ import numpy.typing as npt
 
 from strata.core.errors import BadRequest, ConfigError, NotFound, TransportError, Unavailable
 from strata.core.oip import HEADER_LENGTH, decode_response, encode_request
+from strata.core.wire import error_text
 from strata.route.breaker import Breaker, BreakerConfig
 from strata.route.peer import find_peer_identity_error
 from strata.route.route_plan import TIERS, TargetView, Verdict, classify, counts_against, next_attempt
@@ -534,11 +535,11 @@ class Router:
             budget_s=budget_ms / 1000 if budget_ms is not None else None,
         )  # fmt: skip
         if routed.status == 404:
-            raise NotFound(f"no tier serves model {model!r}: {_error_text(routed.body)}")
+            raise NotFound(f"no tier serves model {model!r}: {error_text(routed.body)}")
         if 400 <= routed.status < 500:
-            raise BadRequest(f"{routed.served_by} refused the request ({routed.status}): {_error_text(routed.body)}")
+            raise BadRequest(f"{routed.served_by} refused the request ({routed.status}): {error_text(routed.body)}")
         if routed.served_by is None or not 200 <= routed.status < 300:
-            raise NoTierAnswered(_error_text(routed.body), routed.attempts)
+            raise NoTierAnswered(error_text(routed.body), routed.attempts)
         length = routed.headers.get(HEADER_LENGTH)
         try:
             header, arrays = decode_response(routed.body, int(length) if length is not None else None)
@@ -661,15 +662,3 @@ def _json(payload: Any) -> bytes:
     import json
 
     return json.dumps(payload, separators=(",", ":")).encode()
-
-
-def _error_text(body: bytes) -> str:
-    import json
-
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return body[:200].decode(errors="replace")
-    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
-        return str(parsed["error"])
-    return body[:200].decode(errors="replace")

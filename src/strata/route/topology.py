@@ -19,7 +19,7 @@ from urllib.parse import quote
 import httpx
 
 from strata.core.errors import AuthError, NotFound, TransportError
-from strata.core.words import printable
+from strata.core.wire import error_text
 from strata.route.peer import PeerTls
 from strata.route.router import BadAnswer, Target, read_bounded
 
@@ -171,7 +171,7 @@ async def fetch_topology(
     except BadAnswer as exc:
         raise TransportError(f"the control plane sent a topology the gateway does not read: {exc}") from exc
     if response.status_code in (401, 403):
-        raise AuthError(f"the control plane refused this caller for node {node_id}: {_refusal(body)}")
+        raise AuthError(f"the control plane refused this caller for node {node_id}: {error_text(body)}")
     if response.status_code == 404:
         raise NotFound(f"the control plane has no node {node_id!r}")
     if response.status_code != 200:
@@ -181,14 +181,3 @@ async def fetch_topology(
     except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's depth
         raise TransportError(f"the control plane sent a topology that is not JSON: {exc}") from exc
     return parse_topology(raw)
-
-
-def _refusal(body: bytes) -> str:
-    """What a refusal says: the `error` of the control plane's JSON answer, else the start of the body as text;
-    200 characters at most, hidden ones written out (it goes to a log an operator reads in a terminal)."""
-    try:
-        said = json.loads(body).get("error")
-    except (ValueError, RecursionError, AttributeError):  # not JSON, nested past the parser's depth, no object
-        said = None
-    text = said[:200] if isinstance(said, str) else body[:200].decode(errors="replace")
-    return printable(text)
