@@ -10,7 +10,7 @@ from typer import _click as click  # Typer vendors Click
 
 from strata.cli.app import command, usage_message
 from strata.cli.common import exit_code
-from strata.cli.demo import ending
+from strata.cli.demo import cli_lines, ending
 from strata.control.server import listen_sockets
 from strata.control_client import ControlClient, check_server_url
 from strata.core.errors import ConfigError
@@ -87,6 +87,15 @@ def test_the_demo_says_what_becomes_of_its_fleet_and_folder() -> None:
     assert ending(True, folder, deleted=False).endswith(
         "then the demo stops it; its files stay in /tmp/strata-demo-abc"
     )
+
+
+def test_a_kept_demo_says_how_to_point_the_cli_at_it_without_printing_the_admin_token() -> None:
+    lines = cli_lines("https://127.0.0.1:8700", Path("/tmp/my demo/fleet/server/ca.pem"), Path("/tmp/d/admin.token"))
+    assert (
+        "    export STRATA_SERVER=https://127.0.0.1:8700 STRATA_CA='/tmp/my demo/fleet/server/ca.pem'"
+        " STRATA_TOKEN=$(cat /tmp/d/admin.token)\n"
+    ) in lines
+    assert lines.endswith("strata nodes list; strata deploy list; strata telemetry digits")
 
 
 def test_a_bad_policy_file_is_bad_input() -> None:

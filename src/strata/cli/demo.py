@@ -9,6 +9,8 @@ deploys it to one region, shows the fleet, and stops all.
 
 from __future__ import annotations
 
+import functools
+import shlex
 import signal
 import tempfile
 import threading
@@ -21,6 +23,7 @@ from typing import Annotated, Any
 import httpx
 import numpy as np
 import typer
+from rich.markup import escape
 
 from strata.cli.common import console, out
 from strata.core.errors import StrataError
@@ -79,6 +82,17 @@ def ending(keep: bool, workdir: Path, deleted: bool) -> str:
         return f"  the fleet stays up for the console until Ctrl-C; then the demo stops it{files}"
     others = "; `--workdir DIR` keeps the files" if deleted else ""
     return f"  the demo now stops the fleet{files}\n  (`strata demo --keep` leaves it up until Ctrl-C{others})"
+
+
+def cli_lines(server_url: str, ca_path: Path, token_path: Path) -> str:
+    """How to point the `strata` CLI at a kept demo fleet from another terminal: its server, fleet CA and admin
+    token (read from its file when the line runs: the secret is not printed), each path quoted for the shell."""
+    server, ca, token = (shlex.quote(str(value)) for value in (server_url, ca_path, token_path))
+    return (
+        "  to drive it with the CLI from another terminal (strata on PATH: `. .venv/bin/activate` in the repository):\n"
+        f"    export STRATA_SERVER={server} STRATA_CA={ca} STRATA_TOKEN=$(cat {token})\n"
+        "    strata nodes list; strata deploy list; strata telemetry digits"
+    )
 
 
 def run_demo(workdir: Path, say: Callable[[str], None], keep: bool = False, kept: bool = True) -> float:
@@ -199,6 +213,7 @@ def run_demo(workdir: Path, say: Callable[[str], None], keep: bool = False, kept
         elapsed = time.monotonic() - started
         say(ending(keep, workdir, deleted=not kept))
         if keep:
+            say(escape(cli_lines(fleet.server_url, fleet.ca_path, fleet.server_dir / "admin.token")))
             try:
                 threading.Event().wait()
             except KeyboardInterrupt:
@@ -229,10 +244,13 @@ def demo(
     # `kill` used to end the demo alone, its server and agents left running on their ports).
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
+    # unwrapped: the terminal folds a long line, where Rich would break it with newlines, and a path or the CLI's
+    # export line would no longer paste whole
+    say = functools.partial(console.print, soft_wrap=True)
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-        elapsed = run_demo(workdir, console.print, keep)
+        elapsed = run_demo(workdir, say, keep)
     else:
         with tempfile.TemporaryDirectory(prefix="strata-demo-") as tmp:
-            elapsed = run_demo(Path(tmp), console.print, keep, kept=False)
+            elapsed = run_demo(Path(tmp), say, keep, kept=False)
     console.print(f"[bold green]demo passed[/bold green] in {elapsed:.1f}s")
