@@ -11,8 +11,12 @@ A gate is `metric OP threshold` (`p95_latency_ratio<=1.5`). The metrics compare 
     error_rate               inference errors / requests over the canary nodes, as the nodes' serving counters
                              count them: the requests a node took on (neither malformed nor shed by admission
                              control) and those of them the model or the node failed; the telemetry API's
-                             `error_rate` over the same requests (its `shed_rate` shows the shedding)
-    error_rate_delta         the canary's error rate minus the baseline's
+                             `error_rate` over the same requests (its `shed_rate` shows the shedding). The
+                             counters are each node's claim, so no node weighs more than the median node, and
+                             with two nodes or more the one most in the version's favour is left out (see
+                             `robust_error_rate`): one node cannot pass a failing version
+    error_rate_delta         the canary's error rate minus the baseline's (the baseline's pooled the same way, the
+                             node that raises it most left out)
     p95_latency_ratio        the canary's p95 compute latency over the baseline's, per hardware profile (medians of
                              the nodes' p95s), the worst profile counting; nodes with fewer than `min_requests`
                              requests are left out
@@ -209,15 +213,35 @@ def summarize_baseline(population: Population) -> Baseline:
     if not usable:
         return recorded
     return Baseline(
-        error_rate=_pooled_error_rate(usable),
+        error_rate=robust_error_rate(usable, "baseline"),
         p95_by_profile={**recorded.p95_by_profile, **_p95_by_profile(usable)},
         nodes=len(usable),
     )
 
 
-def _pooled_error_rate(samples: list[ServingSample]) -> float | None:
-    requests = sum(s.counters.requests for s in samples)
-    return sum(s.counters.errors for s in samples) / requests if requests else None
+def robust_error_rate(samples: Iterable[ServingSample], side: str) -> float | None:
+    """The nodes' pooled error rate (None: no requests), such that no one node's claim can move it toward a pass;
+    `side` is "canary" (a higher rate fails) or "baseline" (a lower one makes the delta fail).
+
+    A node's serving counters are what the node says: pooled plainly, one node claiming 10^15 requests without an
+    error passed a canary whose other nodes failed half their requests, and one claiming all of 10^15 failed lifted
+    the baseline so that any canary passed `error_rate_delta`. So each node weighs at most as much as the median node
+    (its errors scaled with it: its own rate kept), which bounds what several nodes can do to what as many typical
+    nodes would; and with two nodes or more, the one whose leaving out moves the rate most against the version is
+    left out: the highest of the leave-one-out rates for a canary, the lowest for a baseline. For honest nodes of
+    like traffic this is the plain pool less one node's share; a wave of two canaries is judged by the worse one.
+    """
+    counts = [(s.counters.requests, s.counters.errors) for s in samples if s.counters.requests > 0]
+    if not counts:
+        return None
+    cap = statistics.median_low(requests for requests, _ in counts)
+    weights = [min(requests, cap) for requests, _ in counts]
+    errors = [failed * weight / requests for (requests, failed), weight in zip(counts, weights, strict=True)]
+    total_weight, total_errors = sum(weights), sum(errors)
+    if len(counts) == 1:
+        return total_errors / total_weight
+    rates = [(total_errors - error) / (total_weight - weight) for error, weight in zip(errors, weights, strict=True)]
+    return max(rates) if side == "canary" else min(rates)
 
 
 def _p95_by_profile(samples: list[ServingSample]) -> dict[str, float]:
@@ -276,13 +300,17 @@ def activation_success_rate(population: Population) -> Measure:
 
 def error_rate(population: Population) -> Measure:
     usable = population.usable(population.canary)
-    rate = _pooled_error_rate(usable)
+    rate = robust_error_rate(usable, "canary")
     if rate is None:
         return Measure(None, f"no canary node has served {population.min_requests} requests yet")
     requests = sum(s.counters.requests for s in usable)
     errors = sum(s.counters.errors for s in usable)
+    judged = ""
+    if len(usable) > 1:  # what the value is, when it is not errors / requests
+        judged = "; judged with no node weighing more than the median one and the one most in its favour left out"
     return Measure(
-        rate, f"{plural(errors, 'error')} in {plural(requests, 'request')} on {plural(len(usable), 'canary node')}"
+        rate,
+        f"{plural(errors, 'error')} in {plural(requests, 'request')} on {plural(len(usable), 'canary node')}{judged}",
     )
 
 

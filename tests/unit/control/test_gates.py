@@ -244,6 +244,53 @@ def test_a_result_recorded_before_verdicts_says_it_passed_without_data() -> None
     assert GateResult.from_json({**raw, "value": 2.0, "passed": False}).verdict == "fail"
 
 
+def test_one_node_claiming_vast_traffic_cannot_pass_a_failing_canary() -> None:
+    """A node's serving counters are its claim: pooled plainly, one canary claiming 10^15 requests without an error
+    made three canaries failing half their requests read 1.5e-12, and the wave went on."""
+    failing = tuple(sample("avx2", 4.0, requests=1000, errors=500) for _ in range(3))
+    gate = [Gate("error_rate", "<=", 0.01)]
+    for liars in (
+        (sample("avx2", 4.0, requests=10**15),),
+        (sample("avx2", 4.0, requests=20),),  # as little as counts, to pull the median weight down
+        (sample("avx2", 4.0, requests=10**15), sample("avx2", 4.0, requests=10**15)),  # two: weighed as two nodes
+    ):
+        result = by_metric(evaluate_gates(gate, population(canary=(*failing, *liars)), 0))["error_rate"]
+        assert not result.passed, liars
+        assert result.value is not None
+        assert result.value >= 0.3, liars
+    # one liar beside one failing canary: the worse node judges a wave of two
+    pair = by_metric(evaluate_gates(gate, population(canary=(failing[0], sample("avx2", 4.0, requests=10**15))), 0))
+    assert pair["error_rate"].value == pytest.approx(0.5)
+
+
+def test_one_node_claiming_every_request_failed_cannot_lift_the_baseline() -> None:
+    """error_rate_delta, a default gate: a baseline node claiming all of 10^15 requests failed made the baseline's
+    rate 1.0, so any canary passed."""
+    healthy = tuple(sample("avx2", 4.0, requests=1000, errors=1) for _ in range(5))
+    liar = sample("avx2", 4.0, requests=10**15, errors=10**15)
+    canary = (sample("avx2", 4.0, requests=1000, errors=100),)
+    result = by_metric(evaluate_gates(DEFAULT_GATES, population(canary=canary, baseline=(*healthy, liar)), 0))
+    assert result["error_rate_delta"].value == pytest.approx(0.1 - 0.001)
+    assert not result["error_rate_delta"].passed
+    assert summarize_baseline(population(baseline=(*healthy, liar))).error_rate == pytest.approx(0.001)
+
+
+def test_honest_canaries_of_like_traffic_are_judged_as_pooled_less_the_best_one() -> None:
+    canary = tuple(sample("avx2", 4.0, requests=1000, errors=e) for e in (10, 10, 10, 50))
+    result = by_metric(evaluate_gates([Gate("error_rate", "<=", 0.05)], population(canary=canary), 0))["error_rate"]
+    assert result.value == pytest.approx(70 / 3000)  # a node of 10 errors left out; the plain pool is 0.02
+    assert result.passed
+    assert result.detail == (
+        "80 errors in 4000 requests on 4 canary nodes; judged with no node weighing more than the median one and the"
+        " one most in its favour left out"
+    )
+    # a gateway with 50x a device's traffic weighs as the median node, its own rate kept
+    mixed = (sample("avx2", 4.0, requests=50_000, errors=0), *canary[:2])
+    assert by_metric(evaluate_gates([Gate("error_rate", "<=", 0.05)], population(canary=mixed), 0))[
+        "error_rate"
+    ].value == pytest.approx(0.01)
+
+
 def test_the_telemetry_error_rate_is_the_gates_over_the_same_requests() -> None:
     # A canary node took on 90 requests and failed 4; besides them it refused 6 malformed ones and shed 4 (busy). Its
     # serving counters (the status report the gates read) count the 90 and the 4; its telemetry counts all 100 and
