@@ -19,6 +19,11 @@ CONFIG_ENV: Final = "STRATA_AGENT_CONFIG"
 GRPC_DEFAULT_MESSAGE_MB: Final = 4.0  # gRPC's own default largest message (grpc.max_receive_message_length)
 
 
+GOLDEN_TIMEOUT_S: Final = 300.0
+"""How long a version's golden check may run before the version fails (`--golden-timeout`): a model that never
+ends (a Loop whose trip count is 10^15) held the agent's reconciler, and a core, for good."""
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Everything `strata agent` was told. Limits are in seconds and bytes."""
@@ -50,6 +55,7 @@ class AgentConfig:
     relays: tuple[str, ...] = ()
     relay_cache_mb: float | None = None
     probation_s: float = 60.0
+    golden_timeout_s: float = GOLDEN_TIMEOUT_S
     renew_before_s: float = 8 * 3600.0
     tier_port: int | None = None
     tier_host: str | None = None
@@ -107,6 +113,8 @@ class AgentConfig:
             raise ConfigError("telemetry interval and slow threshold must be positive")
         if self.probation_s < 0:
             raise ConfigError("--probation must not be negative (0 turns it off)")
+        if not 1 <= self.golden_timeout_s <= 86400:
+            raise ConfigError("--golden-timeout must be between 1s and 24h")
         if self.report_interval_s < 0:
             raise ConfigError("--report-interval must not be negative")
         if not 1 <= self.request_timeout_s <= 600:
@@ -212,6 +220,7 @@ class AgentConfig:
             "relays": list(self.relays),
             "relay_cache_mb": self.relay_cache_mb,
             "probation_s": self.probation_s,
+            "golden_timeout_s": self.golden_timeout_s,
             "renew_before_s": self.renew_before_s,
             "tier_port": self.tier_port,
             "tier_host": self.tier_host,

@@ -152,6 +152,7 @@ class Agent:
             identity,
             facts.runtimes,
             inference_threads=self.threads,
+            golden_timeout_s=config.golden_timeout_s,
             rate_limit=config.max_download_rate,
             progress=DownloadLog(),
             relays=lambda: config.relays,

@@ -26,7 +26,7 @@ from strata.core.package import Package
 log = logging.getLogger("strata.agent.pool")
 
 SETUP_TIMEOUT_S: Final = 60.0
-LOAD_TIMEOUT_S: Final = 600.0  # a large model's load and golden check in a busy process
+LOAD_TIMEOUT_S: Final = 600.0  # a large model's load and golden check in a busy process (see `load_timeout_s`)
 COLLECT_TIMEOUT_S: Final = 10.0
 COLLECT_INTERVAL_S: Final = 1.0  # serving counts reach probation this late at most
 RESTART_DELAY_S: Final = 1.0  # before a serving process that ended starts again; doubled while it keeps failing
@@ -95,6 +95,12 @@ class ServingPool:
         self._restart_at: dict[int, float] = {}  # by process index: event-loop time it may start again
         self._restart_delay: dict[int, float] = {}
         self.render: Callable[[list[RegistrySnapshot]], Awaitable[str]] | None = None
+
+    @property
+    def load_timeout_s(self) -> float:
+        """How long a serving process may take to load a model and pass its golden check (itself bounded by the
+        agent's --golden-timeout)."""
+        return max(LOAD_TIMEOUT_S, 2 * self._config.golden_timeout_s)
 
     @property
     def pids(self) -> list[int]:
@@ -167,7 +173,7 @@ class ServingPool:
             fields["manifest"] = package.manifest.to_json()
             fields["files"] = [[path, len(data)] for path, data in files.items()]
             blob = b"".join(files.values())
-        await child.channel.request("load", fields, blob, timeout=LOAD_TIMEOUT_S)
+        await child.channel.request("load", fields, blob, timeout=self.load_timeout_s)
 
     # --- the repository's mirror (called from the agent's loop thread) ------------------------------------
 
@@ -207,10 +213,10 @@ class ServingPool:
             # A new version waits as long as it takes: every step it waits for is bounded (each load, each message,
             # a starting process's loads ahead of it), and a limit here would count a wait for the others as a
             # failure of the version. Other changes give up after a while and are made here regardless.
-            return future.result(timeout=None if everywhere else LOAD_TIMEOUT_S * 2)
+            return future.result(timeout=None if everywhere else self.load_timeout_s * 2)
         except TimeoutError:
             future.cancel()  # no later commit over whatever the agent does next
-            log.warning("serving processes were not updated in %g s", LOAD_TIMEOUT_S * 2)
+            log.warning("serving processes were not updated in %g s", self.load_timeout_s * 2)
             return commit()
         except concurrent.futures.CancelledError as exc:  # the event loop ended under it (the agent stopped)
             if everywhere:

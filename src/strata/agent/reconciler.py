@@ -16,6 +16,7 @@ from pathlib import Path
 
 from strata import __version__
 from strata.agent.client import ControlPlaneClient, ServerError
+from strata.agent.config import GOLDEN_TIMEOUT_S
 from strata.agent.fetch import Progress
 from strata.agent.pieces import FetchReport, PackageFetcher
 from strata.agent.placement import check_placement
@@ -126,6 +127,7 @@ class Reconciler:
         runtimes: frozenset[str],
         *,
         inference_threads: int | None = None,
+        golden_timeout_s: float = GOLDEN_TIMEOUT_S,
         rate_limit: int | None = None,
         clock: Callable[[], float] = time.time,
         progress: Progress | None = None,
@@ -151,6 +153,7 @@ class Reconciler:
         self.identity = identity
         self.runtimes = runtimes
         self.inference_threads = inference_threads
+        self.golden_timeout_s = golden_timeout_s
         self.rate_limit = rate_limit
         self.clock = clock
         self.progress = progress
@@ -300,7 +303,7 @@ class Reconciler:
         """
         package, files = self.store.open(slot.digest)
         self._check_placement(package.manifest)
-        runtime = load_and_check(package, self.inference_threads, files=files)
+        runtime = load_and_check(package, self.inference_threads, files=files, check_timeout_s=self.golden_timeout_s)
         self.repository.put(
             LoadedModel(manifest=package.manifest, digest=slot.digest, runtime=runtime, activated_at=slot.activated_at)
         )
@@ -475,7 +478,9 @@ class Reconciler:
                     f"the desired state promised {model} {version} ({variant})"
                 )
             self._check_placement(manifest)
-            runtime = load_and_check(package, self.inference_threads, files=files)
+            runtime = load_and_check(
+                package, self.inference_threads, files=files, check_timeout_s=self.golden_timeout_s
+            )
             del files  # the decrypted bytes live on only inside the runtime
         except (VaultUnavailable, PlacementRefused, PackageError, ModelLoadError) as exc:
             self._fail_load(exc, ref, model, version)

@@ -6,12 +6,15 @@ onnxruntime is imported here, inside the functions that need it, so nothing else
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from strata.agent.config import GOLDEN_TIMEOUT_S
+from strata.core.datatypes import ORT_TO_OIP
 from strata.core.errors import BadRequest, ConfigError, InferenceError, ModelLoadError
 from strata.core.openvino_import import check_inference_precision, compile_config, import_openvino
 from strata.core.package import (
@@ -102,6 +105,13 @@ class OnnxRuntimeModel:
             # served on the CPU would be a different (fp16-on-CPU, slow) model than the one chosen
             made = ", ".join(made_on) or "nothing"
             raise ModelLoadError(f"runtime {runtime} needs {providers[0]}, but onnxruntime made the session on {made}")
+        mismatches = [
+            *signature_mismatches(inputs, _ort_signature(self._session.get_inputs()), "input"),
+            *signature_mismatches(outputs, _ort_signature(self._session.get_outputs()), "output"),
+        ]
+        if mismatches:
+            # served anyway, every request would fail (or be refused as the caller's) on what the manifest promised
+            raise ModelLoadError(f"the model does not match its manifest: {'; '.join(mismatches[:8])}")
         self.inputs = inputs
         self.outputs = outputs
         self._output_names = [o.name for o in outputs]
@@ -124,6 +134,74 @@ class OnnxRuntimeModel:
                 raise BadRequest(f"the model rejected the input: {exc}") from exc
             raise InferenceError(f"the model failed while running: {exc}") from exc
         return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
+
+    def run_within(self, feeds: Mapping[str, Array], output_names: Sequence[str], timeout_s: float) -> dict[str, Array]:
+        """`run`, stopped once `timeout_s` has passed (onnxruntime checks its terminate flag between nodes and
+        between a loop's iterations: a kernel under way finishes first).
+
+        Raises:
+            BadRequest, InferenceError: as `run`; InferenceError too when the run did not finish in time.
+        """
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # the terminated run is reported here, not also as an error in the log
+        timer = threading.Timer(timeout_s, setattr, (options, "terminate", True))
+        timer.daemon = True
+        timer.start()
+        names = list(output_names)
+        try:
+            results = self._session.run(names, dict(feeds), options)
+        except Exception as exc:
+            if options.terminate:
+                raise InferenceError(f"the model did not finish in {timeout_s:g} s") from None
+            if type(exc).__name__ == "InvalidArgument":
+                raise BadRequest(f"the model rejected the input: {exc}") from exc
+            raise InferenceError(f"the model failed while running: {exc}") from exc
+        finally:
+            timer.cancel()
+        return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
+
+
+def _ort_signature(args: Sequence[Any]) -> list[tuple[str, str, tuple[int | str | None, ...]]]:
+    """(name, onnxruntime type string, shape) of a session's inputs or outputs."""
+    return [(arg.name, arg.type, tuple(arg.shape or ())) for arg in args]
+
+
+def signature_mismatches(
+    declared: Sequence[TensorSpec], model: Sequence[tuple[str, str, tuple[int | str | None, ...]]], kind: str
+) -> list[str]:
+    """How the tensors a manifest declares (`kind`: "input" or "output") differ from the model's own (name,
+    onnxruntime type, shape; a dimension is an int, or a name or None when dynamic). Empty when they agree.
+
+    The manifest is what clients are told and what every request is checked against: each declared tensor must
+    be the model's, of the same datatype and rank, each fixed dimension of the model fixed to the same size in the
+    manifest (a manifest may fix what the model leaves dynamic, not the other way round); a model whose shape is
+    unknown (onnxruntime says [] for it, as for a scalar) is checked on its datatype only. Every input the model
+    needs must be declared, or no request could feed it. A model output the manifest leaves out is not served.
+    """
+    found = {name: (type_string, shape) for name, type_string, shape in model}
+    problems = []
+    for spec in declared:
+        if spec.name not in found:
+            problems.append(f"{kind} {spec.name[:64]!r} is not one of the model's")
+            continue
+        type_string, shape = found[spec.name]
+        datatype = ORT_TO_OIP.get(type_string, type_string)
+        if datatype != spec.datatype:
+            problems.append(f"{kind} {spec.name[:64]!r} is {datatype} in the model, {spec.datatype} in the manifest")
+        elif shape and (
+            len(shape) != len(spec.shape)
+            or any(isinstance(got, int) and want != got for want, got in zip(spec.shape, shape, strict=True))
+        ):
+            model_shape = [d if isinstance(d, int) else -1 for d in shape]
+            problems.append(
+                f"{kind} {spec.name[:64]!r} has shape {model_shape} in the model, {list(spec.shape)} in the manifest"
+            )
+    if kind == "input":
+        names = {spec.name for spec in declared}
+        problems += [f"model input {name[:64]!r} is not in the manifest" for name, _, _ in model if name not in names]
+    return problems
 
 
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number for the arena limit
@@ -218,13 +296,31 @@ class OpenVinoModel:
         except Exception as exc:  # OpenVINO's C++ errors for values the signature check let through
             raise BadRequest(f"the model rejected the input: {exc}") from exc
 
+    def run_within(self, feeds: Mapping[str, Array], output_names: Sequence[str], timeout_s: float) -> dict[str, Array]:
+        """`run`, cancelled once `timeout_s` has passed.
+
+        Raises:
+            BadRequest: OpenVINO rejects the feeds.
+            InferenceError: the run did not finish in time.
+        """
+        request = self._compiled.create_infer_request()
+        try:
+            request.start_async(dict(feeds))
+            finished = request.wait_for(max(1, int(timeout_s * 1000)))
+        except Exception as exc:  # OpenVINO's C++ errors for values the signature check let through
+            raise BadRequest(f"the model rejected the input: {exc}") from exc
+        if not finished:
+            request.cancel()
+            raise InferenceError(f"the model did not finish in {timeout_s:g} s")
+        return {name: np.asarray(request.get_tensor(self._ports[name]).data).copy() for name in output_names}
+
 
 def load_runtime(
     package: Package,
     threads: int | None = None,
     model_bytes: bytes | None = None,
     files: Mapping[str, bytes] | None = None,
-) -> Runtime:
+) -> OnnxRuntimeModel | OpenVinoModel:
     """Load a verified package's model with the runtime its manifest names.
 
     `model_bytes` (or `files`, every file by path) lets a caller pass the model already in memory (decrypted
@@ -271,11 +367,17 @@ def _package_file(package: Package, path: str, files: Mapping[str, bytes] | None
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
 
 
-def health_check(package: Package, runtime: Runtime, files: Mapping[str, bytes] | None = None) -> list[str]:
-    """Replay the package's golden inputs; return what differs from the expected outputs (empty = healthy)."""
+def health_check(
+    package: Package,
+    runtime: OnnxRuntimeModel | OpenVinoModel,
+    files: Mapping[str, bytes] | None = None,
+    timeout_s: float = GOLDEN_TIMEOUT_S,
+) -> list[str]:
+    """Replay the package's golden inputs, within `timeout_s`; return what differs from the expected outputs
+    (empty = healthy)."""
     try:
         inputs, expected = load_golden(package, (files or {}).get(package.manifest.golden.file))
-        actual = runtime.run(inputs, list(expected))
+        actual = runtime.run_within(inputs, list(expected), timeout_s)
     except Exception as exc:  # any failure here means the model is not healthy; say what it was
         return [f"golden run failed: {exc}"]
     return compare_outputs(expected, actual, package.manifest.golden.rtol, package.manifest.golden.atol)
@@ -286,15 +388,17 @@ def load_and_check(
     threads: int | None = None,
     model_bytes: bytes | None = None,
     files: Mapping[str, bytes] | None = None,
+    check_timeout_s: float = GOLDEN_TIMEOUT_S,
 ) -> Runtime:
-    """Load a package's model and pass its golden health check, or raise.
+    """Load a package's model and pass its golden health check (within `check_timeout_s`), or raise.
 
     Raises:
         PackageError: as `load_runtime`.
-        ModelLoadError: the model does not load, or its golden outputs differ (the message says how).
+        ModelLoadError: the model does not load, or its golden outputs differ or do not come in time (the message
+            says how).
     """
     runtime = load_runtime(package, threads, model_bytes, files)
-    problems = health_check(package, runtime, files)
+    problems = health_check(package, runtime, files, check_timeout_s)
     if problems:
         raise ModelLoadError("health check failed: " + "; ".join(problems))
     return runtime

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from strata.agent.channel import Channel, Message
-from strata.agent.config import AgentConfig
+from strata.agent.config import GOLDEN_TIMEOUT_S, AgentConfig
 from strata.agent.httpd import HttpServer
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
@@ -48,6 +48,7 @@ class Worker:
         self.server: HttpServer | None = None
         self.app: InferenceApp | None = None
         self.threads: int | None = None
+        self.golden_timeout_s = GOLDEN_TIMEOUT_S
         self.ready = False
         self._prepared: dict[str, LoadedModel] = {}
 
@@ -91,6 +92,7 @@ class Worker:
         logging.getLogger().setLevel(check_log_level(config.log_level))
         index, processes = int(fields["index"]), int(fields["processes"])
         self.threads = fields["threads"]
+        self.golden_timeout_s = config.golden_timeout_s
         self.ready = bool(fields["ready"])
         self.metrics = InferenceMetrics(serving=self.serving, process=str(index))
         self.telemetry = TelemetryRecorder(telemetry_config(config))
@@ -128,7 +130,7 @@ class Worker:
                 offset += length
         else:
             package = verify_package(folder, digest)
-        runtime = load_and_check(package, self.threads, files=files)
+        runtime = load_and_check(package, self.threads, files=files, check_timeout_s=self.golden_timeout_s)
         return LoadedModel(
             manifest=package.manifest, digest=digest, runtime=runtime, activated_at=fields["activated_at"]
         )

@@ -126,6 +126,14 @@ def agent(
     report_interval: Annotated[
         str, typer.Option("--report-interval", help="Report changed serving counters at most this often.")
     ] = "60s",
+    golden_timeout: Annotated[
+        str,
+        typer.Option(
+            "--golden-timeout",
+            help="A version whose golden check (its package's recorded inputs, run before it serves) takes longer "
+            "fails (1s-24h).",
+        ),
+    ] = "5m",
     request_timeout: Annotated[
         str,
         typer.Option(
@@ -226,6 +234,7 @@ def agent(
         tpm=tpm,
         relay_cache_mb=relay_cache_mb,
         probation_s=parse_duration(probation),
+        golden_timeout_s=parse_duration(golden_timeout),
         report_interval_s=parse_duration(report_interval),
         request_timeout_s=parse_duration(request_timeout),
         encrypt_at_rest=encrypt_at_rest,
