@@ -58,6 +58,25 @@ def digits_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def huge_input_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An Identity model whose input is declared [100000, 100000, 100000]: petabytes, were golden inputs made up for
+    it (nothing here allocates them)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = [100000, 100000, 100000]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["Y"])],
+        "huge",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)],
+    )
+    path = tmp_path_factory.mktemp("huge") / "huge.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def digits_onnx_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second, different digits model: the next version of the same model."""
     from strata.examples.digits import train_digits

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -41,6 +42,11 @@ from strata.core.package import (
 
 MAX_GOLDEN_SAMPLES: Final = 4
 MAX_REFERENCE_SAMPLES: Final = 512
+# Made-up golden inputs are for a smoke check, a few samples; a model whose declared dims ask for more than this
+# many values over all inputs (64 MiB of float32) gets real samples instead. Declared dims are the model's claim:
+# [100000, 100000, 1000] asked numpy for 72.8 TiB, and dims that fit in memory but are huge were really allocated
+# and written into the golden file.
+MAX_MADE_UP_VALUES: Final = 16 * 2**20
 
 
 def _session(model_bytes: bytes, external: Mapping[str, bytes]) -> Any:
@@ -108,13 +114,18 @@ def synthesize_inputs(
 
     Dynamic dimensions that share a symbolic name get the same size (batch 2 first, then 8); floats are
     seeded standard normal draws, integers are zero (a valid index for embedding lookups), booleans False.
+
+    Raises:
+        PackageBuildError: an input whose datatype cannot be made up, or shapes that hold more than
+            `MAX_MADE_UP_VALUES` values over all inputs (checked before anything is allocated).
     """
-    rng = np.random.default_rng(seed)
     sizes: dict[str, int] = {}
-    feeds: dict[str, Array] = {}
+    planned: list[tuple[str, list[int], np.dtype[Any]]] = []
+    total = 0
     for spec in specs:
+        declared = raw_shapes.get(spec.name, list(spec.shape))
         shape: list[int] = []
-        for axis, dim in enumerate(raw_shapes.get(spec.name, list(spec.shape))):
+        for axis, dim in enumerate(declared):
             if isinstance(dim, int) and dim >= 0:
                 shape.append(dim)
                 continue
@@ -128,10 +139,25 @@ def synthesize_inputs(
             raise PackageBuildError(
                 f"cannot make up golden data for input {spec.name} ({spec.datatype}); give --sample FILE.npz"
             )
-        if dtype.kind == "f":
-            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feeds[spec.name] = np.zeros(shape, dtype=dtype)
+        total += math.prod(shape)  # Python integers: no overflow, whatever the model declares
+        if total > MAX_MADE_UP_VALUES:
+            shown = "[" + ", ".join("?" if d is None else str(d) for d in declared) + "]"
+            made = "" if [str(d) for d in declared] == [str(d) for d in shape] else f" (made up as {shape})"
+            raise PackageBuildError(
+                f"cannot make up golden data for input {spec.name}, declared {shown}{made}: {total} values over "
+                f"all inputs, more than the {MAX_MADE_UP_VALUES} made-up inputs may hold; give sample inputs with "
+                "--sample FILE.npz"
+            )
+        planned.append((spec.name, shape, dtype))
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, Array] = {}
+    for name, shape, dtype in planned:  # allocated only once every input is known to fit
+        if dtype.kind != "f":
+            feeds[name] = np.zeros(shape, dtype=dtype)
+        elif dtype == np.float64:
+            feeds[name] = rng.standard_normal(shape)
+        else:  # drawn as float32, not float64 then a copy (numpy draws no float16: that one is a cast)
+            feeds[name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype, copy=False)
     return feeds
 
 

@@ -244,6 +244,22 @@ def test_version_completion_and_exit_codes(tmp_path: Path, digits_onnx: Path) ->
     assert "cannot reach the control plane" in gone.stderr
 
 
+def test_package_build_of_a_model_it_cannot_use_is_bad_input(huge_input_onnx: Path, tmp_path: Path) -> None:
+    """Exit 2, as `strata optimize` says of the same file, and no folder: a model that does not load exited 5
+    ("package invalid"), and one whose declared input dims are huge ended in numpy's MemoryError traceback (1)."""
+    (tmp_path / "garbage.onnx").write_bytes(b"this is not a model")
+    for model, said in [
+        (tmp_path / "garbage.onnx", "not a loadable ONNX model"),
+        (huge_input_onnx, "cannot make up golden data for input X, declared [100000, 100000, 100000]"),
+    ]:
+        out = tmp_path / f"out-{model.stem}"
+        built = strata("package", "build", str(model), "--name", "m", "--version", "1", "--out", str(out))
+        assert built.returncode == 2, built.stderr
+        assert "Traceback" not in built.stderr
+        assert said in " ".join(built.stderr.split())
+        assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("text", "error"),
     [

@@ -13,7 +13,13 @@ from strata.cli.common import exit_code
 from strata.cli.demo import cli_lines, ending
 from strata.control.server import listen_sockets
 from strata.control_client import ControlClient, check_server_url
-from strata.core.errors import ConfigError
+from strata.core.errors import (
+    ConfigError,
+    OptimizationError,
+    PackageBuildError,
+    PackageError,
+    VerificationError,
+)
 from strata.core.policy import PolicyError
 
 
@@ -101,3 +107,12 @@ def test_a_kept_demo_says_how_to_point_the_cli_at_it_without_printing_the_admin_
 def test_a_bad_policy_file_is_bad_input() -> None:
     """Exit code 2, as any bad input (it was 1, an unexpected failure)."""
     assert exit_code(PolicyError("policy has unknown keys ['colour']")) == 2
+
+
+def test_what_package_build_and_optimize_cannot_do_with_a_model_is_bad_input() -> None:
+    """2, as `strata optimize` says of a model it cannot load (they exited 5 and 1); 5 stays a package that fails
+    its checks."""
+    assert exit_code(PackageBuildError("not a loadable ONNX model: a varint runs past its end")) == 2
+    assert exit_code(OptimizationError("onnxruntime run failed: Failed to allocate memory")) == 2
+    assert exit_code(VerificationError("model.onnx: sha256 differs")) == 5
+    assert exit_code(PackageError("not a readable tar")) == 5

@@ -107,6 +107,31 @@ def test_not_onnx_is_a_clear_error(tmp_path: Path) -> None:
         build_package(bogus, tmp_path / "pkg", name="x", version="1")
 
 
+def test_made_up_inputs_too_large_are_refused_before_anything_is_allocated(
+    huge_input_onnx: Path, tmp_path: Path
+) -> None:
+    """Without --sample, golden inputs are made up from the declared dims: [100000, 100000, 100000] asked numpy
+    for petabytes (a MemoryError traceback), and dims that fit in memory were really allocated and written."""
+    with pytest.raises(PackageBuildError) as refused:
+        build_package(huge_input_onnx, tmp_path / "pkg", name="h", version="1")
+    said = str(refused.value)
+    assert "input X, declared [100000, 100000, 100000]" in said
+    assert said.endswith("give sample inputs with --sample FILE.npz")
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_the_made_up_inputs_budget_is_over_all_inputs() -> None:
+    """Each input alone fits; together they do not: the one that crosses the budget is named, before any is made."""
+    from strata.core.package import TensorSpec
+    from strata.package_build import MAX_MADE_UP_VALUES, synthesize_inputs
+
+    specs = [TensorSpec("A", "UINT8", (MAX_MADE_UP_VALUES,)), TensorSpec("B", "UINT8", (-1, 3))]
+    with pytest.raises(PackageBuildError, match=r"input B, declared \[n, 3\] \(made up as \[2, 3\]\): 16777222 values"):
+        synthesize_inputs(specs, {"A": [MAX_MADE_UP_VALUES], "B": ["n", 3]})
+    small = synthesize_inputs([TensorSpec("X", "FP32", (-1, 4))], {"X": ["batch", 4]})
+    assert (small["X"].shape, small["X"].dtype) == ((2, 4), np.float32)
+
+
 def test_a_classifier_exported_with_zipmap_is_refused_saying_how_to_export_it(tmp_path: Path) -> None:
     """skl2onnx's default for a classifier: probabilities as a sequence of maps, which no OIP tensor can carry."""
     from skl2onnx import to_onnx

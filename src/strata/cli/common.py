@@ -20,6 +20,8 @@ from strata.core.errors import (
     Conflict,
     Forbidden,
     NotFound,
+    OptimizationError,
+    PackageBuildError,
     PackageError,
     ProfileError,
     StrataError,
@@ -30,12 +32,20 @@ from strata.core.wire import ProtocolError
 from strata.core.words import parse_duration as parse_duration  # re-exported: every command reads durations so
 from strata.core.words import printable
 
-# Process exit codes, one range per kind of failure, so scripts can tell them apart.
+# Process exit codes, one range per kind of failure, so scripts can tell them apart. The first entry an error is an
+# instance of gives its code: a subclass goes before its parent.
 EXIT_CODES: dict[type[StrataError], int] = {
     ConfigError: 2,
     ProtocolError: 2,  # input the CLI parses itself: a selector that is not k=v
     ProfileError: 2,  # an unknown --profile
     PolicyError: 2,  # a --policy file with unknown keys, a rule without a name, an attestation level that is none
+    # The model, samples and extra files given to `package build` or `model push` (one that does not load, samples
+    # that do not fit, a golden run that fails): the caller's input, as `strata optimize` says of the same model.
+    # 5 is for a package that fails its checks.
+    PackageBuildError: 2,
+    # A model `strata optimize` cannot run or time on this host (its fp32 original on its own data is already a
+    # ConfigError): what it was given, not a package, a credential or the network.
+    OptimizationError: 2,
     AuthError: 3,
     Forbidden: 3,
     TransportError: 4,

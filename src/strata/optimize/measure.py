@@ -25,7 +25,7 @@ import numpy.typing as npt
 from strata.core.errors import OptimizationError
 from strata.optimize.data import Feeds
 from strata.optimize.runners import Runner
-from strata.optimize.tasks import Task, prediction
+from strata.optimize.tasks import Task, prediction, shape_problem
 
 Array = npt.NDArray[Any]
 
@@ -34,7 +34,8 @@ def predict(runner: Runner, feeds: Feeds, task: Task, output: str, batch: int) -
     """The task's predictions for every sample of `feeds`, run `batch` samples at a time.
 
     Raises:
-        OptimizationError: a run fails or lacks the output.
+        OptimizationError: a run fails or lacks the output, or the output does not hold one row per sample of the
+            batch (or the same shape for every batch), so it gives no prediction per sample.
     """
     parts = []
     for start in range(0, len(feeds), batch):
@@ -42,7 +43,16 @@ def predict(runner: Runner, feeds: Feeds, task: Task, output: str, batch: int) -
         result = runner.run(chunk)
         if output not in result:
             raise OptimizationError(f"the variant has no output {output!r}")
-        parts.append(prediction(task, np.asarray(result[output]), chunk, feeds.mask))
+        value = np.asarray(result[output])
+        problem = shape_problem(task, output, value, min(start + batch, len(feeds)) - start)
+        if problem is not None:
+            raise OptimizationError(problem)
+        parts.append(prediction(task, value, chunk, feeds.mask))
+    if len({part.shape[1:] for part in parts}) > 1:
+        shapes = sorted({str(list(part.shape[1:])) for part in parts})
+        raise OptimizationError(
+            f"output {output} gives predictions of a different shape per batch (per sample: {', '.join(shapes)})"
+        )
     return np.concatenate(parts)
 
 

@@ -298,9 +298,14 @@ def measure_candidates(
     load or run is recorded with its error; the others are still measured.
 
     Raises:
-        OptimizationError: the fp32 original cannot be run on the evaluation samples or timed.
+        ConfigError: the fp32 original does not run on the evaluation samples, or its output gives no prediction per
+            sample: the model and data the user gave.
+        OptimizationError: the fp32 original cannot be timed.
     """
-    expected = predict(reference, evaluation, task, output, batch)
+    try:
+        expected = predict(reference, evaluation, task, output, batch)
+    except OptimizationError as exc:
+        raise ConfigError(f"the model cannot be evaluated on its data: {exc}") from exc
     results: dict[str, _Measurement] = {}
     runners: dict[str, Runner] = {}
     measurable = [c for c in candidates if c.error is None and c.runtime in runtimes]
@@ -452,27 +457,42 @@ def run_optimize(
 ) -> Report:
     """Run the whole pipeline and write DIR (packages, report.json, the plot). Returns the report.
 
+    The output folder, when this run made it, is removed again however the run fails (Ctrl-C too): a half-made
+    folder would only make the next run refuse it as not empty. One that was there before is never removed.
+
     Raises:
-        ConfigError: bad model, data, gate, profiles or output folder (before anything is built).
-        OptimizationError: the original model cannot be evaluated or timed.
+        ConfigError: bad model, data, gate, profiles or output folder, or a model whose fp32 original does not
+            run on its evaluation data or gives no prediction per sample.
+        OptimizationError: the original model cannot be timed.
     """
     progress = progress or SilentProgress()
     facts = facts or read_host_facts()
     plan = resolve(request, facts)
     created = _first_missing(request.out)
     request.out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _optimize_into(request, plan, passes, progress, runtimes)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _optimize_into(
+    request: OptimizeRequest,
+    plan: Plan,
+    passes: Sequence[Pass],
+    progress: Progress,
+    runtimes: frozenset[str] | None,
+) -> Report:
+    """`run_optimize` once the request is resolved and its output folder is there."""
     workdir = Path(tempfile.mkdtemp(prefix=".work-", dir=request.out))
     try:
-        try:
-            (workdir / SOURCE_DIR).mkdir()
-            reference = open_reference(request.model, workdir / SOURCE_DIR)
-            output = choose_output(plan.task, reference.outputs)
-            calibration, evaluation, bench, splits = load_sets(request, reference.inputs)
-            batch = _batch_size(plan.task, reference.inputs)
-        except ConfigError:
-            if created is not None:  # bad input: no output folder left behind, as when nothing was made
-                shutil.rmtree(created, ignore_errors=True)
-            raise
+        (workdir / SOURCE_DIR).mkdir()
+        reference = open_reference(request.model, workdir / SOURCE_DIR)
+        output = choose_output(plan.task, reference.outputs)
+        calibration, evaluation, bench, splits = load_sets(request, reference.inputs)
+        batch = _batch_size(plan.task, reference.inputs)
         inputs, outputs = reference.inputs, reference.outputs
         sha, size = sha256_file(reference.model)
         runtimes = runtimes if runtimes is not None else host_runtimes()

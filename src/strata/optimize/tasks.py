@@ -79,8 +79,23 @@ def choose_output(task: Task, outputs: Sequence[TensorSpec]) -> str:
     raise ConfigError(f"a {task.name} model needs a {shapes} output; this one has {[s.name for s in outputs]}")
 
 
+def shape_problem(task: Task, name: str, output: Array, rows: int) -> str | None:
+    """Why `output` (output `name` of a run over `rows` samples) cannot give the task one prediction per sample, or
+    None when it can. A model's declared output shape is its claim: a regressor declared [N, 1] may return a
+    scalar, another [3, N]."""
+    shape = list(output.shape)
+    if output.ndim == 0 or shape[0] != rows:
+        return f"output {name} has shape {shape} for {rows} samples: the optimizer needs the samples on the first axis"
+    if task.name == "embedding" and output.ndim not in (2, 3):
+        return f"output {name} has shape {shape}: an embedding output is [N, D] or [N, T, D]"
+    if task.name == "classification" and output.dtype.kind in "iu" and output.size != rows:
+        return f"output {name} has shape {shape}: a label output holds one class id per sample, [N]"
+    return None
+
+
 def prediction(task: Task, output: Array, feeds: Mapping[str, Array], mask: str | None) -> Array:
-    """What the task compares, from one batch: class ids, unit-length embeddings or float values per sample."""
+    """What the task compares, from one batch: class ids, unit-length embeddings or float values per sample.
+    `output` is one `shape_problem` finds none in."""
     if task.name == "classification":
         if output.dtype.kind in "iu":
             labels: Array = output.reshape(len(output)).astype(np.int64)
@@ -106,10 +121,15 @@ def compare(task: Task, reference: Array, candidate: Array, labels: Array | None
     """The task's accuracy metrics of `candidate` predictions against the fp32 `reference` predictions.
 
     Raises:
-        ConfigError: the two do not hold the same number of samples, or there are none.
+        ConfigError: the two do not hold the same number of samples, or there are none, or their shapes differ.
     """
     if len(reference) != len(candidate) or len(reference) == 0:
         raise ConfigError(f"cannot compare {len(candidate)} predictions with {len(reference)} reference ones")
+    if reference.shape != candidate.shape:  # numpy would broadcast [N, 1] against [N, 3] and compare nonsense
+        raise ConfigError(
+            f"cannot compare predictions of shape {list(candidate.shape)} with reference ones of shape "
+            f"{list(reference.shape)}"
+        )
     if task.name == "classification":
         metrics = {"top1_agreement": float(np.mean(reference == candidate))}
         if labels is not None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -215,3 +217,126 @@ def test_a_cuda_variant_is_never_timed_on_the_cpu(tiny_mlp: Path, tmp_path: Path
     assert "needs CUDAExecutionProvider" in cuda.reason
     assert "CPUExecutionProvider" in cuda.reason
     assert variants["fp32"].verified
+
+
+def _regressor(path: Path, nodes: list[Any], output: list[int | str | None], weights: bool = False) -> Path:
+    """X [batch, 4] -> `nodes` -> Y, declared `output`; W [4, 3] among the initializers when `weights`."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        nodes,
+        "regressor",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, output)],
+        [numpy_helper.from_array(w, "W")] if weights else [],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _scalar(path: Path) -> Path:
+    """Declared [N, 1], returns one number for the whole batch."""
+    from onnx import helper
+
+    return _regressor(path, [helper.make_node("ReduceSum", ["X"], ["Y"], keepdims=0)], ["batch", 1])
+
+
+def _transposed(path: Path) -> Path:
+    """[3, N]: the samples on the second axis."""
+    from onnx import helper
+
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["S"]), helper.make_node("Transpose", ["S"], ["Y"], perm=[1, 0])]
+    return _regressor(path, nodes, [3, "batch"], weights=True)
+
+
+def _rows(tmp_path: Path) -> tuple[Path, Path]:
+    np.savez(tmp_path / "data.npz", X=np.random.default_rng(1).standard_normal((300, 4)).astype(np.float32))
+    return tmp_path / "data.npz", tmp_path / "data.npz"
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (_scalar, r"output Y has shape \[\] for 64 samples: the optimizer needs the samples on the first axis"),
+        (_transposed, r"output Y has shape \[3, 64\] for 64 samples: the optimizer needs the samples on the first"),
+    ],
+    ids=["scalar", "transposed"],
+)
+def test_a_model_whose_output_is_not_one_row_per_sample_is_bad_input(
+    make: Callable[[Path], Path], said: str, tmp_path: Path
+) -> None:
+    """It was a TypeError (len() of a scalar) or numpy's ValueError (concatenating [3, 64] and [3, 48]), and an
+    empty output folder left behind."""
+    model = make(tmp_path / "model.onnx")
+    with pytest.raises(ConfigError, match=said):
+        run_optimize(request(model, _rows(tmp_path), tmp_path / "out", task="regression"), [GraphOptimizationPass()])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_variant_whose_output_is_not_one_row_per_sample_fails_alone(tmp_path: Path) -> None:
+    from onnx import helper
+
+    from strata.optimize.base import Candidate
+    from strata.optimize.data import Feeds
+    from strata.optimize.pipeline import SilentProgress, measure_candidates
+    from strata.optimize.runners import OrtRunner
+    from strata.optimize.tasks import get_task
+
+    good = _regressor(tmp_path / "good.onnx", [helper.make_node("MatMul", ["X", "W"], ["Y"])], ["batch", 3], True)
+    rows = Feeds({"X": np.random.default_rng(1).standard_normal((100, 4)).astype(np.float32)})
+    candidates = [
+        Candidate("fp32", good, "cpu-generic", "onnxruntime", "fp32", ("original",)),
+        Candidate("scalar", _scalar(tmp_path / "scalar.onnx"), "cpu-generic", "onnxruntime", "fp32", ("test",)),
+        Candidate("transposed", _transposed(tmp_path / "t.onnx"), "cpu-generic", "onnxruntime", "fp32", ("test",)),
+    ]
+    measured = measure_candidates(
+        candidates,
+        reference=OrtRunner(good),
+        task=get_task("regression"),
+        output="Y",
+        evaluation=rows,
+        bench=rows,
+        batch=64,
+        request=request(good, _rows(tmp_path), tmp_path / "out", task="regression"),
+        runtimes=frozenset({"onnxruntime"}),
+        workdir=tmp_path,
+        progress=SilentProgress(),
+    )
+    assert measured["fp32"].error is None
+    assert measured["fp32"].timing is not None
+    assert measured["scalar"].error == (
+        "does not run here: output Y has shape [] for 64 samples: the optimizer needs the samples on the first axis"
+    )
+    assert measured["transposed"].error is not None
+    assert "output Y has shape [3, 64] for 64 samples" in measured["transposed"].error
+    assert measured["transposed"].timing is None
+
+
+class _Interrupted:
+    """Progress that stops the run where the first pass is done, as Ctrl-C would."""
+
+    def phase(self, name: str, total: int) -> None:
+        return None
+
+    def step(self, detail: str) -> None:
+        raise KeyboardInterrupt
+
+
+def test_a_failed_run_removes_the_output_folder_it_made_and_only_that(tiny_mlp: Path, tmp_path: Path) -> None:
+    """Not only on bad input: a failure after the build started (here an interrupt) left an --out folder that the
+    next run refused as not empty. A folder that was there before stays."""
+    np.savez(tmp_path / "data.npz", X=np.random.default_rng(3).standard_normal((96, 16)).astype(np.float32))
+    data = (tmp_path / "data.npz", tmp_path / "data.npz")
+    made = tmp_path / "new" / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_optimize(request(tiny_mlp, data, made, name="mlp"), [GraphOptimizationPass()], progress=_Interrupted())
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run_optimize(
+            request(tiny_mlp, data, tmp_path / "mine", name="mlp"), [GraphOptimizationPass()], progress=_Interrupted()
+        )
+    assert (tmp_path / "mine").is_dir()
+    assert not any((tmp_path / "mine").iterdir())

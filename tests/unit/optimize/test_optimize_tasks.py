@@ -7,7 +7,7 @@ import pytest
 
 from strata.core.errors import ConfigError
 from strata.core.package import TensorSpec
-from strata.optimize.tasks import choose_output, compare, get_task, prediction
+from strata.optimize.tasks import choose_output, compare, get_task, prediction, shape_problem
 
 CLS, EMB, REG = get_task("classification"), get_task("embedding"), get_task("regression")
 
@@ -66,3 +66,28 @@ def test_choose_output_per_task() -> None:
         choose_output(EMB, (TensorSpec("ids", "INT64", (-1,)),))
     with pytest.raises(ConfigError, match="unknown task"):
         get_task("segmentation")
+
+
+def test_an_output_without_one_row_per_sample_has_its_problem_named() -> None:
+    regression, embedding, classification = (get_task(n) for n in ("regression", "embedding", "classification"))
+    rows = 4
+    assert shape_problem(regression, "Y", np.zeros((4, 1), np.float32), rows) is None
+    assert shape_problem(regression, "Y", np.ones((), np.float32), rows) == (
+        "output Y has shape [] for 4 samples: the optimizer needs the samples on the first axis"
+    )
+    assert shape_problem(regression, "Y", np.zeros((3, 4), np.float32), rows) == (
+        "output Y has shape [3, 4] for 4 samples: the optimizer needs the samples on the first axis"
+    )
+    assert shape_problem(embedding, "E", np.zeros(4, np.float32), rows) == (
+        "output E has shape [4]: an embedding output is [N, D] or [N, T, D]"
+    )
+    assert shape_problem(classification, "L", np.zeros((4, 3), np.int64), rows) == (
+        "output L has shape [4, 3]: a label output holds one class id per sample, [N]"
+    )
+    assert shape_problem(classification, "S", np.zeros((4, 3), np.float32), rows) is None
+
+
+def test_predictions_of_another_shape_than_the_reference_are_not_compared() -> None:
+    """numpy would broadcast [N, 1] against [N, 3] and report an error that means nothing."""
+    with pytest.raises(ConfigError, match=r"shape \[4, 3\] with reference ones of shape \[4, 1\]"):
+        compare(get_task("regression"), np.zeros((4, 1)), np.zeros((4, 3)))
