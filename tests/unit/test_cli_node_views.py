@@ -87,3 +87,27 @@ def test_the_cli_console_writes_out_hidden_characters_and_keeps_its_own_markup()
     assert "1.0\\x1b]0;owned\\x07" in text
     assert "ok\\rFAILED :smile: \\u202edone\nsecond line" in text  # newlines and tabs stay; no emoji for codes
     assert "\x1b[31mfailed:\x1b[0m" in text  # the CLI's own markup still styles
+
+
+def test_the_slots_a_node_reports_are_shown_as_text_never_read_as_markup() -> None:
+    # A node reports its slots' model, versions and variant: '[link=...]' made `strata nodes show` print a terminal
+    # hyperlink and '[bold red]' forge styling, and a model named '[/yellow]' made it fail with MarkupError.
+    link = "digits[link=https://evil.example/]click me[/link]"
+    slot = {
+        "model": link,
+        "active": {"version": "[/red]", "variant": "v[bold red]OK[/bold red]"},
+        "activated_at": 100.0,
+        "previous": {"version": "[/green]"},
+        "probation": "[blink]",
+    }
+    node = {**NODE, "attestation": "[/bold]", "slots": [slot, {**slot, "model": "[/yellow]"}]}
+    node["pins"] = {link: "[/cyan]"}
+    screen = io.StringIO()
+    console = Console(file=screen, width=240, force_terminal=True, color_system="truecolor")
+    console.print(node_detail(node, 100.0))
+    text = screen.getvalue()
+    assert "\x1b]8;" not in text  # no hyperlink
+    assert "\x1b[1;31m" not in text  # no forged bold red
+    detail = shown(node_detail(node, 100.0))
+    for sent in (link, "[/red]", "v[bold red]OK[/bold red]", "[/green]", "[blink]", "[/cyan]", "[/yellow]", "[/bold]"):
+        assert sent in detail

@@ -94,3 +94,13 @@ def test_the_live_view_names_a_few_refusing_nodes_and_an_older_servers_answer_sh
     assert "refused the version" not in shown(_live_view(older))
     assert "(refused)" not in shown(rollout_detail(older, 60.0))
     assert "refused)" not in shown(rollouts_table([older]))
+
+
+def test_the_versions_a_node_reports_are_shown_as_text_never_read_as_markup() -> None:
+    # A rollout's nodes table quotes the versions each node reported it had and runs: '[/yellow]' made
+    # `strata rollout status` fail with Rich's MarkupError.
+    rollout = refusing_rollout(0)
+    rollout["nodes"][0].update(previous_version="[/yellow]", current_version="1[link=https://evil.example]x[/link]")
+    text = shown(rollout_detail(rollout, 0.0))
+    assert "[/yellow]" in text
+    assert "1[link=https://evil.example]x[/link]" in text

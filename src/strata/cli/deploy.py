@@ -81,8 +81,8 @@ def _counts_text(deployment: dict[str, Any]) -> str:
 
 def _summary(deployment: dict[str, Any]) -> str:
     return (
-        f"deployment {deployment['id']}: {deployment['model']} {deployment['version']} to "
-        f"{_selector_text(deployment['selector'])} ({_counts_text(deployment)})"
+        f"deployment {shown(deployment['id'])}: {shown(deployment['model'])} {shown(deployment['version'])} to "
+        f"{shown(_selector_text(deployment['selector']))} ({shown(_counts_text(deployment))})"
     )
 
 
@@ -92,9 +92,9 @@ def _nodes_table(deployment: dict[str, Any]) -> Table:
         table.add_column(column)
     for node in deployment.get("nodes", []):
         table.add_row(
-            node["name"],
-            _STATE_STYLE.get(node["state"], node["state"]),
-            node["running"] or "-",
+            shown(node["name"]),
+            _STATE_STYLE.get(node["state"], shown(node["state"])),
+            shown(node["running"] or "-"),  # what the node reported
             "yes" if node["online"] else "[red]no[/red]",
             shown(node["detail"]),
         )
@@ -112,8 +112,8 @@ def wait_for_deployment(client: ControlClient, deployment_id: str, timeout: str)
     counts = final.get("counts") or {}
     if not final.get("nodes"):  # done at once, with nothing done: a mistyped label must not read as success
         console.print(
-            f"[red]no node matches {_selector_text(final['selector'])}[/red]: none runs {final['model']} "
-            f"{final['version']}"
+            f"[red]no node matches {shown(_selector_text(final['selector']))}[/red]: none runs {shown(final['model'])} "
+            f"{shown(final['version'])}"
         )
         raise typer.Exit(EXIT_FAILED)
     if not finished:
@@ -121,7 +121,8 @@ def wait_for_deployment(client: ControlClient, deployment_id: str, timeout: str)
         raise typer.Exit(EXIT_TIMEOUT)
     if counts.get("failed"):
         console.print(
-            f"[red]{plural(counts['failed'], 'node')} failed[/red] to run {final['model']} {final['version']}"
+            f"[red]{plural(counts['failed'], 'node')} failed[/red] to run {shown(final['model'])} "
+            f"{shown(final['version'])}"
         )
         raise typer.Exit(EXIT_FAILED)
 
@@ -179,8 +180,8 @@ def list_deployments(server: ServerOption = None, token: TokenOption = None, as_
     for deployment in deployments:
         table.add_row(
             str(deployment["id"]),
-            deployment["model"],
-            deployment["version"],
+            shown(deployment["model"]),
+            shown(deployment["version"]),
             shown(_selector_text(deployment["selector"])),
             _counts_text(deployment),
             ago(deployment["created_at"], now),

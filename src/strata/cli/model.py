@@ -224,12 +224,12 @@ def show(
     for variant in found.get("variants", []):
         metrics = ", ".join(f"{k}={v}" for k, v in sorted((variant.get("metrics") or {}).items()))
         table.add_row(
-            variant["id"],
-            variant["profile"],
-            variant["runtime"],
-            variant["precision"],
+            shown(variant["id"]),
+            shown(variant["profile"]),
+            shown(variant["runtime"]),
+            shown(variant["precision"]),
             str(variant["size"]),
-            variant["digest"][:19],
+            shown(variant["digest"][:19]),
             shown(metrics or "-"),
         )
     out.print(table)
@@ -257,10 +257,10 @@ def history(
     for event in events:
         table.add_row(
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["at"])) + f" ({ago(event['at'], now)})",
-            event["node"],
-            event["kind"].replace("_", " "),
-            event["version"] or "-",
-            event["previous_version"] or "-",
-            event["variant"] or "-",
+            shown(event["node"]),
+            shown(event["kind"].replace("_", " ")),
+            shown(event["version"] or "-"),  # versions and variant: what the node reported
+            shown(event["previous_version"] or "-"),
+            shown(event["variant"] or "-"),
         )
     out.print(table)

@@ -135,7 +135,7 @@ def node_detail(node: dict[str, Any], now: float) -> Group:
     labels = shown(_labels(node.get("labels", {}), ", ")) or "none"
     claims = node.get("claims") or {}
     claimed = _claimed(claims) or "nothing else"
-    attestation = node.get("attestation") or "[yellow]not attested[/yellow]"
+    attestation = shown(node["attestation"]) if node.get("attestation") else "[yellow]not attested[/yellow]"
     if node.get("attestation_detail"):
         attestation += f" ({shown(node['attestation_detail'])})"
     facts = Table.grid(padding=(0, 2))
@@ -167,14 +167,15 @@ def node_detail(node: dict[str, Any], now: float) -> Group:
     pins = node.get("pins") or {}
     for slot in node.get("slots", []):
         previous = slot.get("previous") or {}
+        # Model, versions and variant are what the node reported: text, never markup (as in the failures below).
         slots.add_row(
-            slot["model"],
-            slot["active"]["version"],
-            slot["active"]["variant"],
+            shown(slot["model"]),
+            shown(slot["active"]["version"]),
+            shown(slot["active"]["variant"]),
             _when(slot.get("activated_at"), now),
-            previous.get("version") or "-",
-            slot.get("probation") or "-",
-            pins.get(slot["model"], "-"),
+            shown(previous.get("version") or "-"),
+            shown(slot.get("probation") or "-"),
+            shown(pins.get(slot["model"], "-")),
         )
     parts: list[RenderableType] = [facts, slots]
     failures = node.get("failures") or []
@@ -284,10 +285,10 @@ def accept(
         found = _resolve(client, node)
         claimed = (found.get("claims") or {}).get("profile")
         if claimed is None:
-            console.print(f"node {found['name']} claims nothing new: its profile is {found['profile']}")
+            console.print(f"node {shown(found['name'])} claims nothing new: its profile is {shown(found['profile'])}")
             return
         updated = client.assign_node(found["id"], accept_profile=True)
-    console.print(f"node {updated['name']}: profile {updated['profile']}")
+    console.print(f"node {shown(updated['name'])}: profile {shown(updated['profile'])}")  # the one it claimed
 
 
 @app.command("reenroll")
@@ -316,4 +317,4 @@ def revoke(
     with ControlClient(server, token) as client:
         found = _resolve(client, node)
         client.revoke_node(found["id"])
-    console.print(f"revoked node {found['name']} ({found['id']})")
+    console.print(f"revoked node {shown(found['name'])} ({shown(found['id'])})")

@@ -61,7 +61,8 @@ def _summary(rollout: dict[str, Any]) -> str:
 
     counts = ", ".join(count(state, n) for state, n in sorted(rollout.get("counts", {}).items())) or "no nodes"
     return (
-        f"rollout {rollout['id']}: {rollout['model']} {rollout['version']} — {rollout['status']}, "
+        f"rollout {shown(rollout['id'])}: {shown(rollout['model'])} {shown(rollout['version'])} —"
+        f" {shown(rollout['status'])}, "
         f"wave {rollout['wave']}/{rollout['waves']} ({counts})"
     )
 
@@ -228,7 +229,7 @@ def _gate_table(results: list[dict[str, Any]], failed: dict[str, Any] | None) ->
         value = result.get("value")
         table.add_row(
             str(result["wave"] + 1),
-            result["gate"],
+            shown(result["gate"]),
             "-" if value is None else f"{value:.4g}",
             _VERDICTS.get(result.get("verdict", ""), "[green]pass[/green]" if result["passed"] else "[red]FAIL[/red]"),
             shown(result.get("detail", "")),
@@ -245,7 +246,7 @@ def _waves_table(rollout: dict[str, Any]) -> Table:
         waves.add_column(_words(column))
     for wave in detail:
         marker = " ←" if wave["wave"] == rollout["wave"] and rollout["status"] in ("running", "paused") else ""
-        waves.add_row(f"{wave['wave']}{marker}", wave["target"], *(str(wave.get(k, 0)) for k in counted))
+        waves.add_row(f"{wave['wave']}{marker}", shown(wave["target"]), *(str(wave.get(k, 0)) for k in counted))
     return waves
 
 
@@ -273,8 +274,8 @@ def rollout_detail(rollout: dict[str, Any], now: float) -> Group:
     failed = rollout.get("failed_gate")
     if failed:
         parts.append(
-            f"  [red]failed gate:[/red] {failed['gate']} in wave {failed['wave'] + 1}: "
-            f"value {failed['value']}, {shown(failed['detail'])}"
+            f"  [red]failed gate:[/red] {shown(failed['gate'])} in wave {failed['wave'] + 1}: "
+            f"value {shown(failed['value'])}, {shown(failed['detail'])}"
         )
     parts.append(_waves_table(rollout))
     if rollout.get("gate_results") or failed:
@@ -284,11 +285,11 @@ def rollout_detail(rollout: dict[str, Any], now: float) -> Group:
         nodes.add_column(column)
     for node in rollout.get("nodes", []):
         nodes.add_row(
-            node["name"],
+            shown(node["name"]),
             "-" if node["wave"] is None else str(node["wave"]),
-            _words(node["state"]) + (" (refused)" if node.get("refused") else ""),
-            node["previous_version"] or "-",
-            node["current_version"] or "-",
+            shown(_words(node["state"])) + (" (refused)" if node.get("refused") else ""),
+            shown(node["previous_version"] or "-"),  # what the node reported
+            shown(node["current_version"] or "-"),
             "yes" if node["online"] else "no",
             shown(node["excluded"] or node["failure"] or ""),
         )
@@ -324,10 +325,10 @@ def rollouts_table(rollouts: list[dict[str, Any]]) -> Table:
     for rollout in rollouts:
         refused = len(_refused(rollout))
         table.add_row(
-            rollout["id"],
-            rollout["model"],
-            rollout["version"],
-            rollout["status"],
+            shown(rollout["id"]),
+            shown(rollout["model"]),
+            shown(rollout["version"]),
+            shown(rollout["status"]),
             f"{rollout['wave']}/{rollout['waves']}",
             str(sum(rollout.get("counts", {}).values())) + (f" ({refused} refused)" if refused else ""),
             shown(rollout["message"]),

@@ -83,9 +83,9 @@ def tokens_table(tokens: list[dict[str, Any]], now: float) -> Table:
     for item in tokens:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(item["created_at"]))
         table.add_row(
-            item["id"],
+            shown(item["id"]),
             shown(item["name"]) if item.get("name") else "-",
-            item["scope"],
+            shown(item["scope"]),
             f"{created} ({ago(item['created_at'], now)})",
             ago(item.get("last_used_at"), now),
         )

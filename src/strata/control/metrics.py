@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, event
 
 from strata import __version__
+from strata.control.otlp import OtlpExporter
 from strata.control.plane import ControlPlane
 from strata.control.telemetry import FUTURE_SKEW_S
 from strata.control.tls import COUNTS
@@ -115,6 +116,9 @@ class FleetCollector(Collector):
                 future.add_metric([kind], count)
         yield expired
         yield future
+        for exporter in self.plane.telemetry.exporters:
+            if isinstance(exporter, OtlpExporter):
+                yield from _otlp_metrics(exporter)
         events = CounterMetricFamily(
             "strata_events_expired", "Fleet events this replica deleted as older than --event-retention"
         )
@@ -157,6 +161,28 @@ class FleetCollector(Collector):
         scrape = GaugeMetricFamily("strata_metrics_scrape_seconds", "How long collecting these metrics took")
         scrape.add_metric([], time.perf_counter() - started)
         yield scrape
+
+
+def _otlp_metrics(exporter: OtlpExporter) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """What the OTLP exporter (`--otlp-endpoint`) sent, gave up on, holds, and left out past its byte budget."""
+    for name, help_text, value in (
+        ("strata_otlp_exports_sent", "OTLP export requests the collector accepted", exporter.sent),
+        ("strata_otlp_exports_failed", "OTLP export requests given up after their retries", exporter.failed),
+        (
+            "strata_otlp_dropped_rows",
+            "Telemetry minute rows left out of the OTLP export: the exports waiting for the collector had reached"
+            " their byte budget",
+            exporter.dropped_rows,
+        ),
+    ):
+        family = CounterMetricFamily(name, help_text)
+        family.add_metric([], value)
+        yield family
+    queued = GaugeMetricFamily(
+        "strata_otlp_queued_bytes", "Telemetry waiting for the OTLP collector (an upper bound on its requests' bytes)"
+    )
+    queued.add_metric([], exporter.queued_bytes)
+    yield queued
 
 
 class StatementCollector(Collector):

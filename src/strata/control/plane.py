@@ -157,7 +157,7 @@ class ControlPlane:
         """Forward telemetry to the OTLP collector named in the settings, if any."""
         if not self.settings.otlp_endpoint:
             return None
-        exporter = OtlpExporter(self.settings.otlp_endpoint)
+        exporter = OtlpExporter(self.settings.otlp_endpoint, queue_bytes=self.settings.otlp_queue_bytes)
         self.telemetry.exporters.append(exporter)
         log.info("forwarding telemetry to the OTLP collector at %s", exporter.url)
         return exporter

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from strata.control.db import TOKEN_NAME_LEN
 from strata.control.fleet import MAX_ENROLLMENT_TTL_S, TokenBinding
@@ -23,6 +23,14 @@ from strata.core.wire import (
 )
 
 
+class RequestBody(BaseModel):
+    """A body a node or an operator sends (and the models nested in one). NaN and the infinities are refused here
+    with a 422: Python's JSON parser takes them, JSON itself has no such numbers, and the store writes strict JSON
+    (`canonical_json`), so one accepted would fail later, inside a service."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
 class HealthBody(BaseModel):
     status: str = Field(description="'ok' when the server answers")
     version: str = Field(description="strata version of the server")
@@ -34,7 +42,7 @@ class HealthBody(BaseModel):
 # --- enrollment ------------------------------------------------------------------------------------------
 
 
-class EnrollmentTokenRequest(BaseModel):
+class EnrollmentTokenRequest(RequestBody):
     ttl_seconds: int = Field(3600, ge=1, le=MAX_ENROLLMENT_TTL_S, description="how long the token may be used")
     name: str | None = Field(None, max_length=128, description="the only node name this token enrolls")
     tier: Tier | None = Field(None, description="the tier it assigns")
@@ -45,12 +53,12 @@ class EnrollmentTokenRequest(BaseModel):
         return TokenBinding(name=self.name, tier=self.tier, labels=self.labels)
 
 
-class ReenrollmentTokenRequest(BaseModel):
+class ReenrollmentTokenRequest(RequestBody):
     node: str = Field(max_length=128, description="the node's id or name (a revoked node too)")
     ttl_seconds: int = Field(3600, ge=1, le=MAX_ENROLLMENT_TTL_S, description="how long the token may be used")
 
 
-class NodeAssignRequest(BaseModel):
+class NodeAssignRequest(RequestBody):
     labels: dict[str, str | None] | None = Field(
         None, description="labels to set (a value) or remove (null); the others stay"
     )
@@ -63,7 +71,7 @@ class EnrollmentTokenBody(BaseModel):
     expires_at: float = Field(description="epoch seconds after which the token no longer enrolls")
 
 
-class EnrollRequestBody(BaseModel):
+class EnrollRequestBody(RequestBody):
     token: str = Field(description="the enrollment token; it is the credential of this call")
     name: str = Field(description="node name, unique in the fleet")
     tier: Tier
@@ -97,7 +105,7 @@ class EnrollResponseBody(BaseModel):
     )
 
 
-class RenewRequest(BaseModel):
+class RenewRequest(RequestBody):
     csr: str = Field(description="PEM certificate request (the node's key, old or new)", max_length=16384)
 
 
@@ -106,7 +114,7 @@ class CertificateBody(BaseModel):
     not_after: float
 
 
-class ApiTokenRequest(BaseModel):
+class ApiTokenRequest(RequestBody):
     scope: str = Field("read", json_schema_extra={"enum": ["read", "admin"]})
     name: str | None = Field(
         None, max_length=TOKEN_NAME_LEN, description="what the token is for ('grafana', 'ci'), shown in listings"
@@ -177,14 +185,14 @@ class DesiredStateBody(BaseModel):
 # --- observed state ---------------------------------------------------------------------------------------
 
 
-class ServingCountersBody(BaseModel):
+class ServingCountersBody(RequestBody):
     requests: int = Field(ge=0, description="requests since the version was activated")
     errors: int = Field(ge=0, description="of those, failed ones that were not the caller's fault")
     latency_p95_ms: float | None = Field(None, description="p95 model compute time over recent successes")
     since: float = Field(description="epoch seconds (node clock) when counting began")
 
 
-class ModelStatusBody(BaseModel):
+class ModelStatusBody(RequestBody):
     name: str
     version: str
     variant: str
@@ -201,7 +209,7 @@ def _known_kind(value: object) -> object:
     return failure_kind(value) if isinstance(value, str) else value
 
 
-class FailureBody(BaseModel):
+class FailureBody(RequestBody):
     """`strata.core.wire.Failure`, field by field (tests/unit/test_wire_schemas.py holds the two together)."""
 
     model: str
@@ -219,7 +227,7 @@ class FailureBody(BaseModel):
 MAX_STATUS_ENTRIES: Final = 256
 
 
-class NodeStatusBody(BaseModel):
+class NodeStatusBody(RequestBody):
     tier: Tier
     labels: dict[str, str] = Field(default_factory=dict)
     profile: str
@@ -344,7 +352,7 @@ class PackageAddedBody(BaseModel):
     signature: str | None = Field(None, description="blob id of the release signature stored with it")
 
 
-class SignatureRequest(BaseModel):
+class SignatureRequest(RequestBody):
     bundle: str = Field(description="the model-signing bundle (`PACKAGE.sig`), base64")
     release_role: str = Field(description="the package's release-signed TUF role (`PACKAGE.targets.json`), base64")
 
@@ -363,7 +371,7 @@ class SignatureBody(BaseModel):
 # --- deployments ----------------------------------------------------------------------------------------
 
 
-class DeploymentRequest(BaseModel):
+class DeploymentRequest(RequestBody):
     model: str
     version: str
     selector: dict[str, str] = Field(default_factory=dict, description="label equality; empty selects every node")
@@ -413,7 +421,7 @@ class EventBody(BaseModel):
 # --- rollouts -------------------------------------------------------------------------------------------
 
 
-class RolloutRequest(BaseModel):
+class RolloutRequest(RequestBody):
     model: str
     version: str
     selector: dict[str, str] = Field(default_factory=dict, description="label equality; empty selects every node")
@@ -492,7 +500,7 @@ class RolloutBody(BaseModel):
 # --- pins and history ------------------------------------------------------------------------------------
 
 
-class PinRequest(BaseModel):
+class PinRequest(RequestBody):
     model: str
     version: str
     node: str | None = Field(None, description="a node's name or id")
@@ -521,7 +529,7 @@ class HistoryEventBody(BaseModel):
     activated_at: float | None = Field(description="the node's own time of the activation")
 
 
-class NodeLogAsk(BaseModel):
+class NodeLogAsk(RequestBody):
     lines: int = Field(200, ge=1, le=MAX_LOG_LINES, description="how many of its last log lines the node sends")
 
 
@@ -621,7 +629,7 @@ class ChallengeBody(BaseModel):
     expires_at: float
 
 
-class AttestationRequest(BaseModel):
+class AttestationRequest(RequestBody):
     report: dict[str, Any] = Field(description="node_id, nonce, agent_code, config, packages, boot_id, time")
     signature: str = Field(description="base64 ECDSA-SHA256 over the report's canonical JSON, with the node key")
     quote: dict[str, Any] | None = Field(
@@ -638,7 +646,7 @@ class AttestationBody(BaseModel):
     tpm_registered: bool = Field(False, description="the control plane holds an attestation key of the node's TPM")
 
 
-class TpmChallengeRequest(BaseModel):
+class TpmChallengeRequest(RequestBody):
     ek_public: str = Field(description="base64 TPM2B_PUBLIC of the TPM's endorsement key")
     ek_certificate: str | None = Field(description="base64 DER of the EK certificate from the TPM's NV memory")
     ak_public: str = Field(description="base64 TPM2B_PUBLIC of the attestation key (restricted signing)")
@@ -651,7 +659,7 @@ class TpmChallengeBody(BaseModel):
     expires_at: float
 
 
-class TpmActivateRequest(BaseModel):
+class TpmActivateRequest(RequestBody):
     secret: str = Field(description="base64 of the secret TPM2_ActivateCredential recovered")
 
 

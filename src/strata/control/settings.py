@@ -37,6 +37,8 @@ class ServerSettings:
         telemetry_sweep_s: how often the replica holding the rollout lease deletes expired telemetry (and events).
         event_retention_s: fleet events (`strata events`, rollout timelines) older than this are deleted.
         otlp_endpoint: when set, stored telemetry is also forwarded to this OpenTelemetry collector (OTLP/HTTP).
+        otlp_queue_bytes: the most that telemetry waiting for that collector may hold (an upper bound on the OTLP
+            requests it becomes); batches past it are left out of the export and counted.
         tls_names: DNS names and addresses the HTTPS certificate covers (default: loopback and this host).
         node_cert_hours: lifetime of node certificates; agents renew them at two thirds of it.
         agent_allowlist: agent code hashes nodes may attest to (default: this server's own release).
@@ -61,6 +63,7 @@ class ServerSettings:
     telemetry_sweep_s: float = 3600.0
     event_retention_s: float = 365 * 86400.0
     otlp_endpoint: str | None = None
+    otlp_queue_bytes: int = 64 << 20
     tls_names: tuple[str, ...] = ()
     node_cert_hours: float = 24.0
     agent_allowlist: tuple[str, ...] = ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from typing import Any
@@ -284,3 +285,35 @@ def test_what_a_nodes_reports_add_to_the_feed_is_budgeted(server: Harness) -> No
     server.clock.advance(10 / NODE_RECORDS_PER_S)
     assert _put(server, node, failures(99)) == 204
     assert feed_size() - before == NODE_RECORDS + 10
+
+
+def test_nan_and_infinities_in_a_report_are_refused_with_422(server: Harness) -> None:
+    # Python's JSON parser takes NaN and Infinity; the store writes strict JSON, so they made a 500 (ValueError
+    # inside the fleet service) where the node's report is what is wrong.
+    node = server.enroll("edge-1")
+    model = {"name": "digits", "version": "1", "variant": "x", "digest": "sha256:" + "1" * 64, "activated_at": 1.0}
+    serving = {"requests": 10, "errors": 0, "latency_p95_ms": 1.0, "since": 0.0}
+    failure = {"model": "digits", "version": "2", "reason": "load failed", "at": 1.0}
+    for where, field, value in (
+        ("model", "activated_at", "NaN"),
+        ("serving", "latency_p95_ms", "Infinity"),
+        ("serving", "since", "-Infinity"),
+        ("failure", "at", "NaN"),
+    ):
+        parts = {"model": dict(model), "serving": dict(serving), "failure": dict(failure)}
+        parts[where][field] = "@"
+        report = _status(models=[{**parts["model"], "serving": parts["serving"]}], failures=[parts["failure"]])
+        response = server.client.put(
+            f"/v1/nodes/{node.node_id}/status",
+            content=json.dumps(report).replace('"@"', value),
+            headers={**node.headers, "Content-Type": "application/json"},
+        )
+        assert response.status_code == 422, (field, value, response.text)
+        assert field in response.text
+    assert _put(server, node, _status(models=[{**model, "serving": serving}], failures=[failure])) == 204
+    # An operator's request too: a rollout that bakes forever.
+    rollout = json.dumps({"model": "digits", "version": "1", "bake_seconds": "@"}).replace('"@"', "Infinity")
+    response = server.client.post(
+        "/v1/rollouts", content=rollout, headers={**server.admin, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
