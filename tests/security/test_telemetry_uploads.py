@@ -11,6 +11,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ import pytest
 import zstandard
 
 from strata.control.api.telemetry import MAX_UPLOADS_PER_NODE
+from strata.core.package import pack_tar
 from strata.core.telemetry import (
     BUCKETS,
     MAX_TENSOR,
@@ -27,6 +29,7 @@ from strata.core.telemetry import (
     encode_batch,
 )
 from strata.localfleet import LocalFleet
+from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +72,11 @@ def _set_text(column: str, field: str, value: str) -> Callable[[dict[str, Any]],
     return change
 
 
-def test_a_nodes_telemetry_claims_are_checked_before_they_are_stored(fleet: LocalFleet) -> None:
+def test_a_nodes_telemetry_claims_are_checked_before_they_are_stored(
+    fleet: LocalFleet, digits_onnx: Path, tmp_path: Path
+) -> None:
+    pack_tar(build_package(digits_onnx, tmp_path / "pkg", name="digits", version="1"), tmp_path / "digits.tar")
+    fleet.client.push_package(tmp_path / "digits.tar")  # telemetry of a model version the registry lacks is left out
     rogue = fleet.start_agent("rogue", "device", {"site": "x"})
     fleet.start_agent("other", "device", {"site": "x"})
     fleet.wait_for(lambda: len(fleet.nodes()) == 2, 30, "two nodes")
@@ -142,7 +149,6 @@ def test_a_nodes_telemetry_claims_are_checked_before_they_are_stored(fleet: Loca
             time.sleep(0.2)
         assert answer.status_code == 200, answer.text
         assert answer.json() == {"seq": 1, "stored": True}
-    # (the control plane's /metrics sums every node's stored minutes; no model need be registered for that)
     metrics = httpx.get(
         f"{fleet.server_url}/metrics", headers={"authorization": f"Bearer {fleet.admin_token}"}, verify=fleet.tls()
     ).text

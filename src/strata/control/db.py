@@ -401,7 +401,8 @@ class TelemetryDrift(Base):
 
 class TelemetryDropped(Base):
     """What a node's telemetry buffer had to discard, by kind, summed over its batches (never silent), and what the
-    control plane left out of them as dated too far ahead (`telemetry.FUTURE_KINDS`)."""
+    control plane left out of them: dated too far ahead (`telemetry.FUTURE_KINDS`), naming what the registry does
+    not know (`telemetry.UNKNOWN_KINDS`), past the node's budgets (`OVER_BUDGET_KIND`, `DRIFT_OVER_BUDGET_KIND`)."""
 
     __tablename__ = "telemetry_dropped"
 

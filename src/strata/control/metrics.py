@@ -109,13 +109,22 @@ class FleetCollector(Collector):
             " node's clock is ahead), by kind",
             labels=["kind"],
         )
+        unknown = CounterMetricFamily(
+            "strata_telemetry_unknown_rows",
+            "Telemetry rows this replica left out as naming a variant (minutes) or model version (drift) the registry"
+            " does not know, by kind",
+            labels=["kind"],
+        )
         with counters.lock:
             for kind, count in counters.expired.items():
                 expired.add_metric([kind], count)
             for kind, count in counters.future.items():
                 future.add_metric([kind], count)
+            for kind, count in counters.unknown.items():
+                unknown.add_metric([kind], count)
         yield expired
         yield future
+        yield unknown
         for exporter in self.plane.telemetry.exporters:
             if isinstance(exporter, OtlpExporter):
                 yield from _otlp_metrics(exporter)

@@ -23,6 +23,11 @@ server's clock (`screen`). Rows dated more than `FUTURE_SKEW_S` ahead are left o
 reach them, and every query from `since` on would count them); rows the sweep would delete at once are not stored
 (a minute's counts go straight to its series' `EXPIRED_MINUTE` row). The batch is still stored and acknowledged:
 refused, the node would drop its good rows with the bad ones.
+
+A batch's names are claims too: minute rows of a variant, and drift rows of a model version, that the registry does
+not know are left out and counted (`UNKNOWN_KINDS`): each (model, version) a node named would otherwise be a row kept
+for ever (`EXPIRED_MINUTE`) and a /metrics series. Sampled events and drift rows are held to a per-node budget
+(`EVENT_BURST`, `DRIFT_BURST`); a node's minutes, one row per variant it runs a minute, are not.
 """
 
 from __future__ import annotations
@@ -32,12 +37,12 @@ import logging
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import Select, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
 from strata.control.db import (
     SWEEP_CHUNK,
@@ -207,11 +212,29 @@ EXPIRED_KINDS = tuple(EXPIRED_NOUNS)
 FUTURE_KINDS = {"minutes": "future_minutes", "events": "future_events", "drift": "future_drift"}
 # Sampled events a node may have stored: a burst (a node back from an outage sends its backlog, 20,000 a batch) and
 # then a steady rate. A node's events are its claim, and each is a row: uploading full batches back to back, one
-# compromised node added about 50,000 rows a second. Its minutes (the counts) are never limited; events past the
+# compromised node added about 50,000 rows a second. Its minutes (the counts) are not budgeted; events past the
 # budget are left out, those of errors last, and counted in its dropped telemetry as OVER_BUDGET_KIND.
 EVENT_BURST = 200_000
 EVENTS_PER_S = 100.0
 OVER_BUDGET_KIND = "events_over_budget"
+# Drift rows a node may have stored: one per (model, version, minute, tensor), a handful of tensors per model. One
+# node's certificate stored 50,000 of them per 672-byte upload (DRIFT_ROWS_TAKEN), for the whole retention. The burst
+# is what an agent's full telemetry buffer holds (64 MiB, about 100 bytes a drift row: some 650,000), so a backlog
+# the node kept through an outage is never cut: 10 models of 8 tensors (80 rows a minute) for 5 days is 576,000. The
+# rate is that node's 80 a minute and half as much again (or 15 models of 8 tensors). Past it the newest minutes
+# are kept (what the drift gates read), and the rest counted in the node's dropped telemetry as DRIFT_OVER_BUDGET_KIND.
+DRIFT_BURST = 600_000
+DRIFT_ROWS_PER_S = 2.0
+DRIFT_OVER_BUDGET_KIND = "drift_over_budget"
+# The rows a batch carries a model's name on, and the `telemetry_dropped` kind that counts those of a node left out
+# because the registry does not know their variant (minutes) or model version (drift): names no package has. A
+# model version gone from the registry is no longer any node's to run: its late rows are counted here, not stored.
+UNKNOWN_KINDS = {"minutes": "unknown_minutes", "drift": "unknown_drift"}
+# Keys named in one lookup of stored rows: ingest reads the rows a batch adds to a statement per this many, not one
+# per row (a 50,000-row batch held SQLite's write lock for 24 s). A statement is an OR of primary-key lookups (SQLite
+# answers a row-value IN list by scanning the node's rows, once per statement); 250 terms stay well within SQLite's
+# expression depth (1,000) and bound parameters (32,766).
+LOOKUP_CHUNK = 250
 
 
 @dataclass
@@ -228,6 +251,8 @@ class IngestCounters:
     expired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXPIRED_KINDS, 0))
     # rows left out as dated past FUTURE_SKEW_S, by kind (minutes, events, drift)
     future: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FUTURE_KINDS, 0))
+    # rows left out as naming what the registry does not know, by kind (minutes, drift)
+    unknown: dict[str, int] = field(default_factory=lambda: dict.fromkeys(UNKNOWN_KINDS, 0))
 
 
 def retention_seconds(text: str) -> float:
@@ -256,21 +281,34 @@ class ScreenedBatch:
     drift: list[DriftRow]
     future: dict[str, int]  # rows left out as dated past the skew, by kind (FUTURE_KINDS)
     expired: dict[str, int]  # rows older than the retention, by kind: events and drift left out, minutes folded
+    unknown: dict[str, int]  # rows left out as naming what the registry does not know, by kind (UNKNOWN_KINDS)
+    unknown_versions: list[tuple[str, str]]  # the (model, version)s of those rows, sorted
     ahead_s: float  # how far past the server's clock the furthest row left out was dated (0: none)
 
 
-def screen(batch: Batch, now: float, retention_s: float, skew_s: float = FUTURE_SKEW_S) -> ScreenedBatch:
-    """Sort a batch's rows by the server's clock `now` (pure): a node's dates are claims, and its clock may be wrong.
+def screen(
+    batch: Batch,
+    now: float,
+    retention_s: float,
+    known: frozenset[tuple[str, str, str]],
+    skew_s: float = FUTURE_SKEW_S,
+) -> ScreenedBatch:
+    """Sort a batch's rows by the server's clock `now` and the registry's `known` (model, version, variant)s (pure):
+    a node's dates and names are claims, and its clock may be wrong.
 
     A row dated more than `skew_s` past `now` (a minute or drift count whose minute starts later, an event after it)
     is left out: the retention sweep (`now - retention_s`) would never reach it, and every query from a `since` on
-    would count it. A row the sweep would delete at once (`retention_cutoff`) is not stored: an event or drift count
-    is left out, a minute's counts go to its series' `EXPIRED_MINUTE` row as the sweep's fold would put them (the
-    /metrics counters count every request a node reported, however late).
+    would count it. A minute row of a variant not in `known`, or a drift row of a model version not in it, is left
+    out: kept, it would be a row and a /metrics series for every name a node sends (sampled events are budgeted and
+    swept, and name no series). A row the sweep would delete at once (`retention_cutoff`) is not stored: an event or
+    drift count is left out, a minute's counts go to its series' `EXPIRED_MINUTE` row as the sweep's fold would put
+    them (the /metrics counters count every request a node reported, however late).
     """
     cutoff, first_minute = retention_cutoff(now, retention_s)
     latest = now + skew_s
     ahead = 0.0
+    versions = {(model, version) for model, version, _ in known}
+    unknown_versions: set[tuple[str, str]] = set()
 
     def future(at: float) -> bool:
         nonlocal ahead
@@ -279,15 +317,24 @@ def screen(batch: Batch, now: float, retention_s: float, skew_s: float = FUTURE_
             return True
         return False
 
+    def unknown(model: str, version: str, registered: bool) -> bool:
+        if not registered:
+            unknown_versions.add((model, version))
+        return not registered
+
     minutes = [row for row in batch.minutes if not future(row.minute * 60)]
     events = [event for event in batch.events if not future(event.ts)]
     drift = [row for row in batch.drift if not future(row.minute * 60)]
-    stored_minutes = [row for row in minutes if row.minute >= first_minute]
+    named_minutes = [
+        row for row in minutes if not unknown(row.model, row.version, (row.model, row.version, row.variant) in known)
+    ]
+    named_drift = [row for row in drift if not unknown(row.model, row.version, (row.model, row.version) in versions)]
+    stored_minutes = [row for row in named_minutes if row.minute >= first_minute]
     stored_events = [event for event in events if event.ts >= cutoff]
-    stored_drift = [row for row in drift if row.minute >= first_minute]
+    stored_drift = [row for row in named_drift if row.minute >= first_minute]
     return ScreenedBatch(
         minutes=stored_minutes,
-        expired_minutes=[row for row in minutes if row.minute < first_minute],
+        expired_minutes=[row for row in named_minutes if row.minute < first_minute],
         events=stored_events,
         drift=stored_drift,
         future={
@@ -296,10 +343,12 @@ def screen(batch: Batch, now: float, retention_s: float, skew_s: float = FUTURE_
             "drift": len(batch.drift) - len(drift),
         },
         expired={
-            "minutes": len(minutes) - len(stored_minutes),
+            "minutes": len(named_minutes) - len(stored_minutes),
             "events": len(events) - len(stored_events),
-            "drift": len(drift) - len(stored_drift),
+            "drift": len(named_drift) - len(stored_drift),
         },
+        unknown={"minutes": len(minutes) - len(named_minutes), "drift": len(drift) - len(named_drift)},
+        unknown_versions=sorted(unknown_versions),
         ahead_s=ahead,
     )
 
@@ -327,6 +376,131 @@ def tensor_drift(reference: DriftReference, counts: list[int]) -> TensorDrift:
     )
 
 
+# The columns that, with the node, key a stored minute row (`MinuteRow.key`) and a stored drift row (`DriftRow.key`),
+# and the columns of counts they hold (a minute's in `MinuteRow`'s order).
+_MINUTE_KEY = (TelemetryMinute.model, TelemetryMinute.version, TelemetryMinute.variant, TelemetryMinute.minute)
+_MINUTE_COUNTS = (
+    TelemetryMinute.requests, TelemetryMinute.errors, TelemetryMinute.items, TelemetryMinute.latency_sum_us,
+    TelemetryMinute.queue_sum_us, TelemetryMinute.latency, TelemetryMinute.client_errors, TelemetryMinute.shed,
+)  # fmt: skip
+_DRIFT_KEY = (TelemetryDrift.model, TelemetryDrift.version, TelemetryDrift.minute, TelemetryDrift.tensor)
+
+
+# What `_stored_counts` reads, by table: the node column, the key columns and the columns of counts.
+_LOOKUPS: dict[str, tuple[InstrumentedAttribute[str], Sequence[InstrumentedAttribute[Any]], Sequence[Any]]] = {
+    "minutes": (TelemetryMinute.node_id, _MINUTE_KEY, _MINUTE_COUNTS),
+    "drift": (TelemetryDrift.node_id, _DRIFT_KEY, (TelemetryDrift.counts,)),
+}
+
+
+@functools.cache
+def _lookup(table: str, size: int) -> Select[Any]:
+    """The statement that reads `size` rows of `table` (`_LOOKUPS`) by primary key, its values bound as `node` and
+    `k{i}_{j}` (the j-th key column of the i-th row): one statement per size, built and compiled once."""
+    node, key, counts = _LOOKUPS[table]
+    lookups = (
+        and_(node == bindparam("node"), *(column == bindparam(f"k{i}_{j}") for j, column in enumerate(key)))
+        for i in range(size)
+    )
+    return select(*key, *counts).where(or_(*lookups))
+
+
+def _stored_counts(
+    session: Session, table: str, node_id: str, keys: Iterable[tuple[Any, ...]]
+) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    """The counts of `node_id`'s stored rows of `table` (`_LOOKUPS`) whose keys are among `keys`, by key: a statement
+    per LOOKUP_CHUNK keys (primary-key lookups), not one per row."""
+    width = len(_LOOKUPS[table][1])
+    wanted = sorted(keys)
+    found: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for start in range(0, len(wanted), LOOKUP_CHUNK):
+        chunk = wanted[start : start + LOOKUP_CHUNK]
+        values = {f"k{i}_{j}": value for i, key in enumerate(chunk) for j, value in enumerate(key)}
+        for row in session.execute(_lookup(table, len(chunk)), {"node": node_id, **values}):
+            found[tuple(row[:width])] = tuple(row[width:])
+    return found
+
+
+def _add_minutes(session: Session, node_id: str, rows: Iterable[MinuteRow]) -> None:
+    """Add `rows` to the node's stored minute rows of the same key, and store the others (rows of one key add up):
+    the stored rows read a statement per LOOKUP_CHUNK keys, written in bulk.
+
+    Raises:
+        TelemetryError: a sum would pass MAX_COUNT.
+    """
+    rows = list(rows)
+    stored = _stored_counts(session, "minutes", node_id, {row.key for row in rows})
+    totals: dict[tuple[Any, ...], MinuteRow] = {}
+    for row in rows:
+        total = totals.get(row.key)
+        if total is None:
+            counts = stored.get(row.key)
+            if counts is None:
+                totals[row.key] = replace(row)  # its own: adding to it leaves the batch's row as it came
+                continue
+            total = totals[row.key] = MinuteRow(*row.key, *counts)
+        add_counts(total, row)
+        sums = (total.requests, total.items, total.latency_sum_us, total.queue_sum_us)
+        if max(*sums, *total.latency) > MAX_COUNT:  # errors are at most requests
+            raise TelemetryError(f"minute row {row.key} would count more than {MAX_COUNT} with this batch")
+    values = {
+        key: {
+            "node_id": node_id, "model": t.model, "version": t.version, "variant": t.variant, "minute": t.minute,
+            "requests": t.requests, "errors": t.errors, "items": t.items, "latency_sum_us": t.latency_sum_us,
+            "queue_sum_us": t.queue_sum_us, "latency": list(t.latency), "client_errors": t.client_errors,
+            "shed": t.shed,
+        }
+        for key, t in totals.items()
+    }  # fmt: skip
+    _write(session, TelemetryMinute, values, stored)
+
+
+def _add_drift(session: Session, node_id: str, rows: Iterable[DriftRow]) -> None:
+    """Add `rows`' counts to the node's stored drift rows of the same key, and store the others (rows of one key add
+    up; a row binned otherwise than the counts it would add to is left out), read and written as `_add_minutes`.
+
+    Raises:
+        TelemetryError: a sum would pass MAX_COUNT.
+    """
+    rows = list(rows)
+    stored = _stored_counts(session, "drift", node_id, {row.key for row in rows})
+    totals: dict[tuple[Any, ...], list[int]] = {}
+    for row in rows:
+        current = totals.get(row.key)
+        if current is None:
+            found = stored.get(row.key)
+            if found is None:
+                totals[row.key] = list(row.counts)
+                continue
+            current = list(found[0])
+        if len(current) != len(row.counts):
+            continue
+        counts = [a + b for a, b in zip(current, row.counts, strict=True)]
+        if max(counts, default=0) > MAX_COUNT:  # as for the minutes' counts
+            raise TelemetryError(f"drift of {row.tensor} would count more than {MAX_COUNT} with this batch")
+        totals[row.key] = counts
+    values = {
+        key: {"node_id": node_id, "model": key[0], "version": key[1], "minute": key[2], "tensor": key[3], "counts": c}
+        for key, c in totals.items()
+    }
+    _write(session, TelemetryDrift, values, stored)
+
+
+def _write(
+    session: Session,
+    table: type[TelemetryMinute | TelemetryDrift],
+    values: dict[tuple[Any, ...], dict[str, Any]],
+    stored: dict[tuple[Any, ...], tuple[Any, ...]],
+) -> None:
+    """Insert the rows of `values` not `stored`, and update the others by primary key: a bulk statement each."""
+    inserts = [row for key, row in values.items() if key not in stored]
+    updates = [row for key, row in values.items() if key in stored]
+    if inserts:
+        session.execute(insert(table), inserts)
+    if updates:
+        session.execute(update(table), updates)
+
+
 class TelemetryService:
     """Ingest and queries. `exporters` get every stored batch (OTLP forwarding, say) with the rows ingest kept (none
     dated past FUTURE_SKEW_S; minutes older than the retention with their own minute, which they were counted in).
@@ -337,6 +511,7 @@ class TelemetryService:
         self._clock = clock
         self._retention_s = retention_s
         self._event_budget = RecordBudget(EVENT_BURST, EVENTS_PER_S)  # per node, in memory, per replica
+        self._drift_budget = RecordBudget(DRIFT_BURST, DRIFT_ROWS_PER_S)  # the same
         self.counters = IngestCounters()
         self.exporters: list[Callable[[str, str, Batch], None]] = []
 
@@ -345,10 +520,13 @@ class TelemetryService:
     def ingest(self, node_id: str, payload: bytes) -> IngestResult:
         """Store a node's batch once; a batch already stored is acknowledged again and not stored twice.
 
-        Its rows are sorted by the server's clock first (`screen`): those dated more than FUTURE_SKEW_S ahead are
-        left out, counted in the node's dropped telemetry (FUTURE_KINDS), in `counters.future` and in a warning
-        that names the node; those older than the retention are not stored (a minute's counts are folded). The
-        batch itself is stored and acknowledged all the same: refused, the node would drop its good rows too.
+        Its rows are sorted by the server's clock and the registry first (`screen`): those dated more than
+        FUTURE_SKEW_S ahead, and those naming a variant or model version the registry does not know, are left out,
+        counted in the node's dropped telemetry (FUTURE_KINDS, UNKNOWN_KINDS), in `counters.future` and
+        `counters.unknown` and in a warning that names the node; those older than the retention are not stored (a
+        minute's counts are folded). Sampled events and drift rows past the node's budget are left out and counted
+        (OVER_BUDGET_KIND, DRIFT_OVER_BUDGET_KIND). The batch itself is stored and acknowledged all the same:
+        refused, the node would drop its good rows too.
 
         Raises:
             TelemetryError: the payload does not decode, or counts added to those stored (minutes, drift,
@@ -361,15 +539,24 @@ class TelemetryService:
         if batch.node_id != node_id:
             raise Forbidden(f"batch names node {batch.node_id!r}; a node may only send its own telemetry")
         now = self._clock()
-        screened = screen(batch, now, self._retention_s)
+        screened = screen(batch, now, self._retention_s, self._registered(batch))
         granted = self._event_budget.take(node_id, len(screened.events), now)
-        over_budget = len(screened.events) - granted
-        if over_budget:
+        over_budget = {OVER_BUDGET_KIND: len(screened.events) - granted}
+        if over_budget[OVER_BUDGET_KIND]:
             kept = sorted(screened.events, key=lambda event: -event.priority)[:granted]  # errors first (stable)
             screened = replace(screened, events=sorted(kept, key=lambda event: event.ts))
             log.warning(
                 "node %s sent more sampled events than its budget (%d, then %g a second); left out %s",
-                node_id, EVENT_BURST, EVENTS_PER_S, plural(over_budget, "event"),
+                node_id, EVENT_BURST, EVENTS_PER_S, plural(over_budget[OVER_BUDGET_KIND], "event"),
+            )  # fmt: skip
+        granted = self._drift_budget.take(node_id, len(screened.drift), now)
+        over_budget[DRIFT_OVER_BUDGET_KIND] = len(screened.drift) - granted
+        if over_budget[DRIFT_OVER_BUDGET_KIND]:
+            kept_drift = sorted(screened.drift, key=lambda row: -row.minute)[:granted]  # the newest minutes (stable)
+            screened = replace(screened, drift=sorted(kept_drift, key=lambda row: row.minute))
+            log.warning(
+                "node %s sent more drift rows than its budget (%d, then %g a second); left out %s",
+                node_id, DRIFT_BURST, DRIFT_ROWS_PER_S, plural(over_budget[DRIFT_OVER_BUDGET_KIND], "drift row"),
             )  # fmt: skip
         try:
             stored, node_name = self._store(node_id, batch, screened, len(payload), now, over_budget)
@@ -385,6 +572,8 @@ class TelemetryService:
                     self.counters.future[kind] += count
                 for kind, count in screened.expired.items():
                     self.counters.expired[kind] += count
+                for kind, count in screened.unknown.items():
+                    self.counters.unknown[kind] += count
             else:
                 self.counters.duplicates += 1
         if stored and any(screened.future.values()):
@@ -393,6 +582,14 @@ class TelemetryService:
                 " right?); left out %s",
                 node_name, node_id, screened.ahead_s, duration(FUTURE_SKEW_S),
                 ", ".join(plural(count, EXPIRED_NOUNS[kind]) for kind, count in screened.future.items() if count),
+            )  # fmt: skip
+        if stored and any(screened.unknown.values()):
+            names = [f"{model} {version}" for model, version in screened.unknown_versions]
+            log.warning(
+                "node %s (%s) sent telemetry of %s the registry does not know (%s%s); left out %s",
+                node_name, node_id, plural(len(names), "model version"), ", ".join(names[:3]),
+                ", ..." if len(names) > 3 else "",
+                ", ".join(plural(count, EXPIRED_NOUNS[kind]) for kind, count in screened.unknown.items() if count),
             )  # fmt: skip
         if stored:
             exported = replace(
@@ -408,10 +605,32 @@ class TelemetryService:
                     log.warning("telemetry exporter failed: %s", exc)
         return IngestResult(seq=batch.seq, stored=stored)
 
+    def _registered(self, batch: Batch) -> frozenset[tuple[str, str, str]]:
+        """The registry's (model, version, variant)s of the models `batch` names (its own short read)."""
+        names = sorted({row.model for row in batch.minutes} | {row.model for row in batch.drift})
+        with self._db.transaction() as session:
+            return frozenset(
+                (model, version, variant)
+                for start in range(0, len(names), LOOKUP_CHUNK)
+                for model, version, variant in session.execute(
+                    select(Model.name, ModelVersion.version, Variant.variant)
+                    .join(ModelVersion, ModelVersion.model_id == Model.id)
+                    .join(Variant, Variant.version_id == ModelVersion.id)
+                    .where(Model.name.in_(names[start : start + LOOKUP_CHUNK]))
+                )
+            )
+
     def _store(
-        self, node_id: str, batch: Batch, screened: ScreenedBatch, size: int, now: float, over_budget: int = 0
+        self,
+        node_id: str,
+        batch: Batch,
+        screened: ScreenedBatch,
+        size: int,
+        now: float,
+        over_budget: dict[str, int],
     ) -> tuple[bool, str]:
-        """Store `batch`'s record and `screened`'s rows in one transaction; (False, name) when it is stored already."""
+        """Store `batch`'s record and `screened`'s rows in one transaction; (False, name) when it is stored already.
+        `over_budget`: the rows left out past the node's budgets, by their dropped kind."""
         with self._db.transaction() as session:
             node = session.get(Node, node_id)
             if node is None or node.revoked_at is not None:
@@ -428,10 +647,8 @@ class TelemetryService:
                     events=len(batch.events),
                 )
             )
-            self._add_minutes(session, node_id, screened.minutes)
-            self._add_minutes(
-                session, node_id, (replace(row, minute=EXPIRED_MINUTE) for row in screened.expired_minutes)
-            )
+            expired = (replace(row, minute=EXPIRED_MINUTE) for row in screened.expired_minutes)
+            _add_minutes(session, node_id, [*screened.minutes, *expired])
             session.add_all(
                 TelemetryEvent(
                     node_id=node_id, ts=e.ts, model=e.model, version=e.version, variant=e.variant,
@@ -440,22 +657,11 @@ class TelemetryService:
                 )
                 for e in screened.events
             )  # fmt: skip
-            for row in screened.drift:
-                key = (node_id, row.model, row.version, row.minute, row.tensor)
-                existing = session.get(TelemetryDrift, key)
-                if existing is None:
-                    session.add(TelemetryDrift(
-                        node_id=node_id, model=row.model, version=row.version, minute=row.minute,
-                        tensor=row.tensor, counts=list(row.counts),
-                    ))  # fmt: skip
-                elif len(existing.counts) == len(row.counts):
-                    counts = [a + b for a, b in zip(existing.counts, row.counts, strict=True)]
-                    if max(counts, default=0) > MAX_COUNT:  # as for the minutes' counts
-                        raise TelemetryError(f"drift of {row.tensor} would count more than {MAX_COUNT} with this batch")
-                    existing.counts = counts
-            # what the node's buffer dropped, and what was left out here as dated too far ahead (kinds no batch names)
+            _add_drift(session, node_id, screened.drift)
+            # what the node's buffer dropped, and what was left out here (kinds no batch names)
             future = {FUTURE_KINDS[kind]: count for kind, count in screened.future.items()}
-            for kind, count in {**batch.dropped, **future, OVER_BUDGET_KIND: over_budget}.items():
+            unknown = {UNKNOWN_KINDS[kind]: count for kind, count in screened.unknown.items()}
+            for kind, count in {**batch.dropped, **future, **unknown, **over_budget}.items():
                 if count:
                     dropped = session.get(TelemetryDropped, (node_id, kind))
                     if dropped is None:
@@ -465,25 +671,6 @@ class TelemetryService:
                     else:
                         dropped.count += count
             return True, node.name
-
-    @staticmethod
-    def _add_minutes(session: Session, node_id: str, rows: Iterable[MinuteRow]) -> None:
-        for row in rows:
-            existing = session.get(TelemetryMinute, (node_id, row.model, row.version, row.variant, row.minute))
-            if existing is None:
-                session.add(
-                    TelemetryMinute(
-                        node_id=node_id, model=row.model, version=row.version, variant=row.variant,
-                        minute=row.minute, requests=row.requests, errors=row.errors, items=row.items,
-                        latency_sum_us=row.latency_sum_us, queue_sum_us=row.queue_sum_us, latency=list(row.latency),
-                        client_errors=row.client_errors, shed=row.shed,
-                    )
-                )  # fmt: skip
-            else:
-                add_counts(existing, row)
-                sums = (existing.requests, existing.items, existing.latency_sum_us, existing.queue_sum_us)
-                if max(*sums, *existing.latency) > MAX_COUNT:  # errors are at most requests
-                    raise TelemetryError(f"minute row {row.key} would count more than {MAX_COUNT} with this batch")
 
     # --- retention --------------------------------------------------------------------------------------
 

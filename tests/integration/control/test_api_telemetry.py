@@ -14,13 +14,20 @@ from typing import Any
 import numpy as np
 import pytest
 import zstandard
-from control_harness import Harness, NodeCredentials, StartServer
+from control_harness import Harness, NodeCredentials, StartServer, recorded_statements
 from sqlalchemy import select
 
 from strata.control.db import TelemetryBatch as StoredBatch
 from strata.control.db import TelemetryDrift, TelemetryEvent, TelemetryMinute
 from strata.control.settings import ServerSettings
-from strata.control.telemetry import EXPIRED_MINUTE, FUTURE_KINDS, OVER_BUDGET_KIND
+from strata.control.telemetry import (
+    DRIFT_OVER_BUDGET_KIND,
+    EXPIRED_MINUTE,
+    FUTURE_KINDS,
+    LOOKUP_CHUNK,
+    OVER_BUDGET_KIND,
+    UNKNOWN_KINDS,
+)
 from strata.core import telemetry
 from strata.core.package import tar_bytes
 from strata.core.telemetry import BUCKETS, DriftRow, EventRow, MinuteRow, TelemetryBatch, bucket_of, encode_batch
@@ -302,7 +309,8 @@ def test_the_retention_sweep_deletes_what_is_older_in_chunks_and_keeps_the_rest(
         assert f'strata_telemetry_expired_rows_total{{kind="{kind}"}} {count}.0' in metrics
 
 
-def test_a_sweep_told_to_stop_ends_after_its_current_chunk(server: Harness) -> None:
+def test_a_sweep_told_to_stop_ends_after_its_current_chunk(server: Harness, make_package: Callable[..., bytes]) -> None:
+    assert server.upload(make_package()).status_code == 201
     node = server.enroll("edge")
     start = int(server.clock.now // 60)
     assert upload(server, node, retention_batch(node, 1, [start - 5 + i for i in range(5)]))["stored"]
@@ -314,7 +322,10 @@ def test_a_sweep_told_to_stop_ends_after_its_current_chunk(server: Harness) -> N
     assert server.plane.telemetry.sweep(RETENTION, chunk=2, pause_s=0)["events"] == 3  # the next sweep goes on
 
 
-def test_a_batch_record_stays_while_its_node_may_still_resend_the_batch(server: Harness) -> None:
+def test_a_batch_record_stays_while_its_node_may_still_resend_the_batch(
+    server: Harness, make_package: Callable[..., bytes]
+) -> None:
+    assert server.upload(make_package()).status_code == 201
     node = server.enroll("edge")
     minute = int(server.clock.now // 60)
     first = retention_batch(node, 1, [minute])
@@ -336,12 +347,16 @@ def test_a_batch_record_stays_while_its_node_may_still_resend_the_batch(server: 
 
 
 def test_the_server_sweeps_expired_telemetry_in_the_background(
-    settings: ServerSettings, start_server: StartServer, caplog: pytest.LogCaptureFixture
+    settings: ServerSettings,
+    start_server: StartServer,
+    caplog: pytest.LogCaptureFixture,
+    make_package: Callable[..., bytes],
 ) -> None:
     with (
         caplog.at_level(logging.INFO, logger="strata.control.app"),
         start_server(replace(settings, telemetry_sweep_s=0.1)) as server,
     ):
+        assert server.upload(make_package()).status_code == 201
         node = server.enroll("edge")
         assert upload(server, node, retention_batch(node, 1, [int(server.clock.now // 60) - 1]))["stored"]
         server.clock.advance(RETENTION + 60)
@@ -400,7 +415,8 @@ def test_telemetry_dated_past_the_servers_clock_is_left_out_and_counted_and_the_
 
 def test_the_kinds_counting_future_rows_fit_the_dropped_column_and_no_batch_may_name_them() -> None:
     # a node could otherwise forge (or add to) the control plane's own count of what it left out
-    server_kinds = {*FUTURE_KINDS.values(), OVER_BUDGET_KIND}
+    server_kinds = {*FUTURE_KINDS.values(), *UNKNOWN_KINDS.values(), OVER_BUDGET_KIND, DRIFT_OVER_BUDGET_KIND}
+    assert len(server_kinds) == 7
     assert all(len(kind) <= telemetry.MAX_DROPPED_KIND for kind in server_kinds)
     assert not server_kinds & set(telemetry.DROPPED_KINDS)
 
@@ -412,7 +428,7 @@ def test_sampled_events_past_a_nodes_budget_are_left_out_errors_last_and_counted
     make_package: Callable[..., bytes],
 ) -> None:
     # Each event is a row: uploading full batches back to back, one compromised node added about 50,000 rows a
-    # second. Its minutes (the counts) are never limited; its events are, to a burst and then a rate.
+    # second. Its minutes (the counts) are not budgeted; its events are, to a burst and then a rate.
     monkeypatch.setattr("strata.control.telemetry.EVENT_BURST", 30)  # the budget a server starts with: scaled down
     monkeypatch.setattr("strata.control.telemetry.EVENTS_PER_S", 1.0)
     with start_server(settings) as server:
@@ -441,10 +457,112 @@ def test_sampled_events_past_a_nodes_budget_are_left_out_errors_last_and_counted
         assert answer["minutes"][0]["requests"] == 300  # the counts all stored
 
 
-def test_telemetry_older_than_the_retention_is_not_stored_only_to_be_swept(server: Harness) -> None:
+def test_drift_rows_past_a_nodes_budget_are_left_out_oldest_first_and_counted(
+    settings: ServerSettings,
+    start_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+    make_package: Callable[..., bytes],
+) -> None:
+    # Each drift row is a row kept for the whole retention: four 672-byte uploads of one node stored 200,000 of them
+    # (+45 MB), while its events were held to a budget. Drift rows now are too: a burst, then a rate.
+    monkeypatch.setattr("strata.control.telemetry.DRIFT_BURST", 30)  # the budget a server starts with: scaled down
+    monkeypatch.setattr("strata.control.telemetry.DRIFT_ROWS_PER_S", 1.0)
+    with start_server(settings) as server:
+        assert server.upload(make_package()).status_code == 201
+        node = server.enroll("edge")
+        minute = int(server.clock.now // 60)
+
+        def batch(seq: int, minutes: range) -> bytes:
+            drift = [DriftRow("digits", "1", m, tensor, [1, 2]) for m in minutes for tensor in ("X", "Y")]
+            row = MinuteRow("digits", "1", "cpu-generic-fp32", minute, 100)
+            return encode_batch(TelemetryBatch(node.node_id, seq, 0.0, minutes=[row], drift=drift))
+
+        assert upload(server, node, batch(1, range(minute - 9, minute + 1)))["stored"]  # 20 of 30: all kept
+        assert upload(server, node, batch(2, range(minute - 19, minute - 9)))["stored"]  # 20 more: 10 left
+        server.clock.advance(4)  # 4 more
+        assert upload(server, node, batch(3, range(minute - 29, minute - 19)))["stored"]
+        kept = stored_rows(server)["drift"]
+        assert len(kept) == 34
+        # past the budget the newest minutes of a batch are kept: what the drift gates read
+        assert kept == sorted([*range(minute - 21, minute - 19), *range(minute - 14, minute + 1)] * 2)
+        answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()
+        assert answer["nodes"][0]["dropped"] == {DRIFT_OVER_BUDGET_KIND: 26}
+        assert answer["minutes"][0]["requests"] == 300  # the counts all stored
+
+
+def test_ingest_reads_the_rows_a_batch_adds_to_a_statement_per_chunk_not_one_per_row(
+    server: Harness, make_package: Callable[..., bytes]
+) -> None:
+    # One `session.get` per drift row held SQLite's write lock for 24 s over one node's 50,000-row upload (other
+    # nodes' status reports failed with 503, the rollouts lease went unrenewed); minutes did the same, 2,000 a batch.
+    assert server.upload(make_package()).status_code == 201
+    node = server.enroll("edge")
+    now = int(server.clock.now // 60)
+    minutes = [MinuteRow("digits", "1", "cpu-generic-fp32", now - k, 2, 1, 2) for k in range(600)]
+    drift = [DriftRow("digits", "1", now - k // 2, "XY"[k % 2], [1, 2]) for k in range(1200)]
+    repeated = [minutes[0], drift[0]]  # a key twice in one batch adds up too
+    chunks = -(-len(minutes) // LOOKUP_CHUNK) + -(-len(drift) // LOOKUP_CHUNK)
+    for seq in (1, 2):  # the second batch adds to every row the first stored
+        payload = encode_batch(
+            TelemetryBatch(node.node_id, seq, 0.0, minutes=[*minutes, repeated[0]], drift=[*drift, repeated[1]])
+        )
+        with recorded_statements(server.plane.db.engine) as statements:
+            assert upload(server, node, payload)["stored"]
+        selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        assert len(selects) <= chunks + 10, len(selects)  # the node, its batch record, the registry, dropped kinds
+    with server.plane.db.transaction() as session:
+        requests = sorted(session.scalars(select(TelemetryMinute.requests)))
+        counts = sorted(tuple(c) for c in session.scalars(select(TelemetryDrift.counts)))
+    assert requests == [4] * 599 + [8]  # each row twice, the repeated one four times
+    assert counts == [(2, 4)] * 1199 + [(4, 8)]
+
+
+def test_telemetry_of_model_versions_the_registry_does_not_know_is_left_out_and_counted(
+    server: Harness, make_package: Callable[..., bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A node's names are claims: minute rows dated 1970 under invented model names were folded into EXPIRED_MINUTE
+    # rows the sweep never deletes, each a /metrics series for ever (50 uploads of 4.9 KB: 100,000 series, a 31 MB
+    # scrape). Rows of a variant (minutes) or model version (drift) the registry does not know are left out and
+    # counted, as rows dated too far ahead are; the batch is still stored and acknowledged.
+    assert server.upload(make_package()).status_code == 201
+    node = server.enroll("edge")
+    minute = int(server.clock.now // 60)
+    ours = MinuteRow("digits", "1", "cpu-generic-fp32", minute, 3)
+    invented = [
+        MinuteRow("digits", "1", "made-up-variant", minute, 1),
+        MinuteRow("digits", "9", "cpu-generic-fp32", minute, 1),
+        *(MinuteRow(f"m-{k}", "v", "x", 0, 1) for k in range(5)),  # dated 1970: once folded, kept for ever
+    ]
+    drift = [DriftRow("digits", "1", minute, "X", [1, 2]), DriftRow("digits", "9", minute, "X", [1, 2])]
+    batch = encode_batch(TelemetryBatch(node.node_id, 1, 0.0, minutes=[ours, *invented], drift=drift))
+    with caplog.at_level(logging.WARNING, logger="strata.control.telemetry"):
+        assert upload(server, node, batch) == {"status": 200, "seq": 1, "stored": True}
+    assert stored_rows(server) == {"minutes": [minute], "events": [], "drift": [minute], "batches": [1]}
+    assert f"node edge ({node.node_id}) sent telemetry of 7 model versions the registry does not know" in caplog.text
+    assert "(digits 1, digits 9, m-0 v, ...); left out 7 minute rows, 1 drift row" in caplog.text
+    answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()
+    assert answer["nodes"][0]["dropped"] == {"unknown_minutes": 7, "unknown_drift": 1}
+    metrics = server.client.get("/metrics", headers=server.admin).text
+    series = [line for line in metrics.splitlines() if line.startswith("strata_inference_requests_total{")]
+    assert series == ['strata_inference_requests_total{model="digits",node="edge",version="1"} 3.0']
+    assert 'strata_telemetry_unknown_rows_total{kind="minutes"} 7.0' in metrics
+    assert 'strata_telemetry_unknown_rows_total{kind="drift"} 1.0' in metrics
+    # long after, the sweep leaves the node's one series behind, and nothing of the invented names
+    server.clock.advance(400 * DAY)
+    server.plane.telemetry.sweep(RETENTION, chunk=2, pause_s=0)
+    with server.plane.db.transaction() as session:
+        assert session.execute(select(TelemetryMinute.model, TelemetryMinute.minute)).all() == [
+            ("digits", EXPIRED_MINUTE)
+        ]
+
+
+def test_telemetry_older_than_the_retention_is_not_stored_only_to_be_swept(
+    server: Harness, make_package: Callable[..., bytes]
+) -> None:
     # A node back after a long outage sends what its buffer kept. What the sweep would delete at once is not stored:
     # events and drift are left out (counted as expired), a minute's counts go to its series' expired row at once,
     # as the sweep's would, so the /metrics request counters count every request the node reported.
+    assert server.upload(make_package()).status_code == 201
     node = server.enroll("edge")
     first_kept = int((server.clock.now - RETENTION) // 60)  # the minute holding the cutoff: the API still reaches it
     minutes = [first_kept - 2, first_kept - 1, first_kept, int(server.clock.now // 60)]

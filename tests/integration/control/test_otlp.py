@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -53,10 +53,14 @@ def collector() -> Iterator[tuple[str, list[ExportMetricsServiceRequest]]]:
 
 
 def test_minutes_arrive_as_otlp_sums_and_histograms(
-    settings: ServerSettings, start_server: StartServer, collector: tuple[str, list[ExportMetricsServiceRequest]]
+    settings: ServerSettings,
+    start_server: StartServer,
+    collector: tuple[str, list[ExportMetricsServiceRequest]],
+    make_package: Callable[..., bytes],
 ) -> None:
     endpoint, received = collector
     with start_server(replace(settings, otlp_endpoint=endpoint)) as server:
+        assert server.upload(make_package(version="2")).status_code == 201
         node = server.enroll("edge")
         minute = int(server.clock.now // 60)
         latency = [0] * BUCKETS
