@@ -181,19 +181,32 @@ def test_a_large_batch_arrives_in_requests_of_a_bounded_size(
 
 
 def test_a_collector_that_never_answers_holds_what_waits_to_the_budget(
-    settings: ServerSettings, start_server: StartServer, silent_collector: str
+    settings: ServerSettings,
+    start_server: StartServer,
+    silent_collector: str,
+    make_package: Callable[..., bytes],
 ) -> None:
-    # Each upload is some 2 KB and becomes one export request of 1.3 MB; the budget holds three (one being sent).
+    # Each upload is a few KB (a registered model's longest names, a minute to a row) and becomes one export
+    # request of about a MB; the budget holds three (one being sent).
     rows = ROWS_PER_EXPORT
-    one = export_size("n" * 32, "edge", long_rows(0, rows))
+    name, version = "m" * 128, "v" * 128
+
+    def minutes(now: int) -> list[MinuteRow]:
+        return [
+            replace(row, model=name, version=version, variant="cpu-generic-fp32", minute=now - i)
+            for i, row in enumerate(long_rows(0, rows))
+        ]
+
+    one = export_size("n" * 32, "edge", minutes(0))
     budget = 3 * one + one // 2
     uploads = 8
     with start_server(replace(settings, otlp_endpoint=silent_collector, otlp_queue_bytes=budget)) as server:
+        assert server.upload(make_package(name=name, version=version)).status_code == 201
         node = server.enroll("edge")
         assert len(node.node_id) == 32
         minute = int(server.clock.now // 60)
         for seq in range(1, uploads + 1):
-            batch = TelemetryBatch(node_id=node.node_id, seq=seq, created=0, minutes=long_rows(minute, rows))
+            batch = TelemetryBatch(node_id=node.node_id, seq=seq, created=0, minutes=minutes(minute))
             response = server.client.post(
                 f"/v1/nodes/{node.node_id}/telemetry",
                 content=encode_batch(batch),
