@@ -277,6 +277,10 @@ class ScreenedBatch:
 
     minutes: list[MinuteRow]  # stored as they are
     expired_minutes: list[MinuteRow]  # older than the retention: their counts go to their series' EXPIRED_MINUTE row
+    # dated past the skew, of a known variant: their counts go to that row too (the requests were served; only their
+    # time is unknown), and they are counted in `future`; not exported (a collector would take the false date)
+    future_minutes: list[MinuteRow]
+    future_requests: int  # the requests of those
     events: list[EventRow]
     drift: list[DriftRow]
     future: dict[str, int]  # rows left out as dated past the skew, by kind (FUTURE_KINDS)
@@ -298,11 +302,13 @@ def screen(
 
     A row dated more than `skew_s` past `now` (a minute or drift count whose minute starts later, an event after it)
     is left out: the retention sweep (`now - retention_s`) would never reach it, and every query from a `since` on
-    would count it. A minute row of a variant not in `known`, or a drift row of a model version not in it, is left
-    out: kept, it would be a row and a /metrics series for every name a node sends (sampled events are budgeted and
-    swept, and name no series). A row the sweep would delete at once (`retention_cutoff`) is not stored: an event or
-    drift count is left out, a minute's counts go to its series' `EXPIRED_MINUTE` row as the sweep's fold would put
-    them (the /metrics counters count every request a node reported, however late).
+    would count it; a minute's counts (of a known variant) still go to its series' `EXPIRED_MINUTE` row, as a row too
+    old does, for the requests were served, only their time is unknown. A minute row of a variant not in `known`, or
+    a drift row of a model version not in it, is left out: kept, it would be a row and a /metrics series for every
+    name a node sends (sampled events are budgeted and swept, and name no series). A row the sweep would delete at
+    once (`retention_cutoff`) is not stored: an event or drift count is left out, a minute's counts go to its
+    series' `EXPIRED_MINUTE` row as the sweep's fold would put them (the /metrics counters count every request a node
+    reported, however late).
     """
     cutoff, first_minute = retention_cutoff(now, retention_s)
     latest = now + skew_s
@@ -323,6 +329,7 @@ def screen(
         return not registered
 
     minutes = [row for row in batch.minutes if not future(row.minute * 60)]
+    ahead_minutes = [row for row in batch.minutes if row.minute * 60 > latest]
     events = [event for event in batch.events if not future(event.ts)]
     drift = [row for row in batch.drift if not future(row.minute * 60)]
     named_minutes = [
@@ -335,6 +342,8 @@ def screen(
     return ScreenedBatch(
         minutes=stored_minutes,
         expired_minutes=[row for row in named_minutes if row.minute < first_minute],
+        future_minutes=[row for row in ahead_minutes if (row.model, row.version, row.variant) in known],
+        future_requests=sum(row.requests for row in ahead_minutes if (row.model, row.version, row.variant) in known),
         events=stored_events,
         drift=stored_drift,
         future={
@@ -579,9 +588,11 @@ class TelemetryService:
         if stored and any(screened.future.values()):
             log.warning(
                 "node %s (%s) sent telemetry dated up to %.0fs past the server's clock (more than %s: is its clock"
-                " right?); left out %s",
+                " right?); left out %s%s",
                 node_name, node_id, screened.ahead_s, duration(FUTURE_SKEW_S),
                 ", ".join(plural(count, EXPIRED_NOUNS[kind]) for kind, count in screened.future.items() if count),
+                f" ({plural(screened.future_requests, 'request')} in those minutes: counted in the totals on /metrics,"
+                " not in any time window)" if screened.future_requests else "",
             )  # fmt: skip
         if stored and any(screened.unknown.values()):
             names = [f"{model} {version}" for model, version in screened.unknown_versions]
@@ -647,7 +658,9 @@ class TelemetryService:
                     events=len(batch.events),
                 )
             )
-            expired = (replace(row, minute=EXPIRED_MINUTE) for row in screened.expired_minutes)
+            expired = (
+                replace(row, minute=EXPIRED_MINUTE) for row in [*screened.expired_minutes, *screened.future_minutes]
+            )
             _add_minutes(session, node_id, [*screened.minutes, *expired])
             session.add_all(
                 TelemetryEvent(

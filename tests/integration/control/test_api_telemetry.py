@@ -387,21 +387,29 @@ def test_telemetry_dated_past_the_servers_clock_is_left_out_and_counted_and_the_
     batch = retention_batch(node, 1, kept + future)
     with caplog.at_level(logging.WARNING, logger="strata.control.telemetry"):
         assert upload(server, node, batch) == {"status": 200, "seq": 1, "stored": True}
+    # the requests of the minutes left out were served, only their time is unknown: their counts go to the series'
+    # row of no time (as a minute too old for the retention's), so the totals on /metrics still count them
     assert stored_rows(server) == {
-        "minutes": kept,
+        "minutes": [EXPIRED_MINUTE, *kept],
         "events": [m * 60.0 + 30 for m in kept],
         "drift": kept,
         "batches": [1],
     }
     warning = f"node edge ({node.node_id}) sent telemetry dated up to {YEAR + 10:.0f}s past the server's clock"
     assert warning in caplog.text
-    assert "left out 2 minute rows, 2 events, 2 drift rows" in caplog.text
+    assert (
+        "left out 2 minute rows, 2 events, 2 drift rows (2 requests in those minutes: counted in the totals on"
+        " /metrics, not in any time window)"
+    ) in caplog.text
     # counted where an operator looks: the node's dropped telemetry, and /metrics
     answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()
     assert answer["nodes"][0]["dropped"] == {"future_minutes": 2, "future_events": 2, "future_drift": 2}
     metrics = server.client.get("/metrics", headers=server.admin).text
     for kind in ("minutes", "events", "drift"):
         assert f'strata_telemetry_future_rows_total{{kind="{kind}"}} 2.0' in metrics
+    requests = [line for line in metrics.splitlines() if line.startswith("strata_inference_requests_total{")]
+    assert len(requests) == 1
+    assert requests[0].endswith(" 4.0")  # every request the node reported, the future minutes' included
     # a resend is a duplicate: nothing stored, nothing counted again
     assert upload(server, node, batch) == {"status": 200, "seq": 1, "stored": False}
     assert server.plane.telemetry.counters.future == {"minutes": 2, "events": 2, "drift": 2}
