@@ -29,7 +29,6 @@ from strata.agent.identity import (
     pem_fingerprint,
     unverified_context,
 )
-from strata.agent.plan import retry_at
 from strata.agent.reconciler import Reconciler
 from strata.agent.transport import H11Transport
 from strata.core.errors import AuthError, ConfigError, Conflict, Forbidden, StrataError, TransportError
@@ -84,9 +83,12 @@ class AgentLoop:
         *,
         facts: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         use_context: Callable[[ssl.SSLContext], None] | None = None,
     ) -> None:
-        """`use_context` receives every TLS context the node's identity yields (at enrollment and renewal)."""
+        """`use_context` receives every TLS context the node's identity yields (at enrollment and renewal). `clock`
+        is read against dates (the certificate's); `monotonic` times every wait, which a step of the wall clock (NTP
+        setting a node that booted a day fast right) must neither end nor stretch."""
         self.config = config
         self.identity = FleetIdentity(config.data_dir)
         self.use_context = use_context or (lambda _context: None)
@@ -98,6 +100,7 @@ class AgentLoop:
         self.reconciler = reconciler
         self.facts = facts or {}
         self.clock = clock
+        self.monotonic = monotonic
         self.stop = threading.Event()
         self.fatal: StrataError | None = None
         self.backoff = Backoff(config.backoff_min_s, config.backoff_max_s)
@@ -235,9 +238,9 @@ class AgentLoop:
         if self._reported is None:  # just started: say at once what it serves and what failed (a load it died in)
             return 0.0
         wait = self.config.poll_wait_s
-        now = self.clock()
-        for record in self.reconciler.state.failures.values():
-            wait = min(wait, max(0.0, retry_at(record) - now))
+        retry = self.reconciler.next_retry_s()
+        if retry is not None:
+            wait = min(wait, retry)
         probation = self.reconciler.probation_due()
         if probation is not None:
             wait = min(wait, probation)
@@ -366,10 +369,10 @@ class AgentLoop:
     def wait_offline(self, delay: float) -> None:
         """Wait `delay` seconds before trying the server again, still judging probations meanwhile: a node
         rolls a bad activation back by itself whether or not its control plane answers."""
-        deadline = self.clock() + delay
+        deadline = self.monotonic() + delay
         while not self.stop.is_set():
             due = self.reconciler.probation_due()
-            remaining = deadline - self.clock()
+            remaining = deadline - self.monotonic()
             if remaining <= 0:
                 return
             self.stop.wait(min(remaining, due) if due is not None else remaining)
