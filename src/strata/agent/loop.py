@@ -35,17 +35,13 @@ from strata.core.errors import AuthError, ConfigError, Conflict, Forbidden, Stra
 from strata.core.fsutil import write_json_atomic
 from strata.core.hashing import canonical_json
 from strata.core.wire import DesiredState, EnrollRequest, ProtocolError, tier_of
+from strata.core.words import utc_time
 
 if TYPE_CHECKING:
     from strata.agent.attestation import Attester
     from strata.agent.logtail import LogTail
 
 log = logging.getLogger("strata.agent")
-
-
-def utc_time(seconds: float) -> str:
-    """A Unix time as people read it in a log: `2026-12-05 23:23:06 UTC`."""
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 class Backoff:
