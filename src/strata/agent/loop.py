@@ -172,7 +172,11 @@ class AgentLoop:
             raise EnrollmentRefused("the enrollment answer names another CA than the token pins")
         if self.reconciler.supply is not None:  # pinned before the identity: never enrolled without its trust
             self.reconciler.supply.pin(answer.release_keys, answer.tuf_roots)
-        self._adopt(self.identity.save(self.config.server, answer.node_id, answer.certificate, answer.not_after))
+        self._adopt(
+            self.identity.save(
+                self.config.server, answer.node_id, answer.certificate, answer.not_after, received_at=self.clock()
+            )
+        )
         log.info(
             "enrolled as node %s (%s); certificate valid until %s",
             self.config.name,
@@ -204,24 +208,46 @@ class AgentLoop:
         self.stored = stored
 
     def renew_if_due(self) -> None:
-        """Renew the certificate once two thirds of its life have passed (a new CSR over the same key).
+        """Renew the certificate once a third of its life is left (a new CSR over the same key; see
+        `StoredIdentity.renew_at`).
+
+        A certificate this node's clock says has expired is renewed all the same: the control plane, whose clock
+        signed it, decides. The node's clock may be the one that is wrong (a day ahead, say), and a node that was off
+        longer than the certificate's life is told so by the control plane rather than by itself.
 
         Raises:
-            AuthError: the certificate expired (the node was off longer than its life): renewing needs a valid
-                one, so only a new enrollment brings the node back; it serves on meanwhile.
+            AuthError: the certificate expired and the control plane refused it: only a new enrollment brings the
+                node back; it serves on meanwhile.
             TransportError: as any call; the current certificate stays in use.
         """
         stored = self.stored
         now = self.clock()
-        if stored is None or now < stored.not_after - self.config.renew_before_s:
+        if stored is None or now < stored.renew_at(self.config.renew_before_s):
             return
-        if now >= stored.not_after:
-            raise AuthError(
-                f"this node's certificate expired at {utc_time(stored.not_after)}: the control plane refuses it and "
-                "renewing needs a valid one; enroll the node again with a new token (it serves what it has meanwhile)"
+        expired = now >= stored.not_after
+        if expired:
+            log.warning(
+                "this node's certificate expired at %s by this node's clock, which says it is %s; asking the control"
+                " plane to renew it all the same (if this node's clock is wrong, set it right)",
+                utc_time(stored.not_after),
+                utc_time(now),
             )
-        renewal = self.client.renew(self.identity.make_csr(self.config.name))
-        self._adopt(self.identity.save(stored.server, stored.node_id, renewal.certificate, renewal.not_after))
+        try:
+            renewal = self.client.renew(self.identity.make_csr(self.config.name))
+        except (AuthError, Forbidden, TransportError) as exc:
+            # refused by the application, or by the TLS handshake ("alert certificate expired"); unreachable is not
+            refused = not isinstance(exc, TransportError) or "certificate expired" in str(exc).lower()
+            if not (expired and refused):
+                raise
+            raise AuthError(
+                f"this node's certificate expired at {utc_time(stored.not_after)} and the control plane refused it"
+                f" ({exc}): enroll the node again with a new token (it serves what it has meanwhile)"
+            ) from exc
+        self._adopt(
+            self.identity.save(
+                stored.server, stored.node_id, renewal.certificate, renewal.not_after, received_at=self.clock()
+            )
+        )
         log.info("renewed this node's certificate; valid until %s", utc_time(renewal.not_after))
 
     # --- one round --------------------------------------------------------------------------------------
