@@ -156,6 +156,7 @@ def make_node(tmp_path: Path, labels: dict[str, str], probation: ProbationConfig
         frozenset({"onnxruntime"}),
         inference_threads=1,
         clock=clock,
+        monotonic=clock,  # one fake time for dates and waits: these tests step neither apart
         serving=serving,
         probation=probation or ProbationConfig(duration_s=60, min_requests=20),
     )

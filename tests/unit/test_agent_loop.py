@@ -33,6 +33,9 @@ class CutReconciler:
     def probation_due(self) -> float | None:
         return None
 
+    def next_retry_s(self) -> float | None:
+        return None
+
 
 def make_loop(tmp_path: Path, reconciler: CutReconciler, **fields: Any) -> AgentLoop:
     """An agent loop of node n1 over `reconciler`, its configuration's other `fields` as given."""

@@ -20,18 +20,18 @@ def counters(requests: int, errors: int = 0, p95: float | None = 4.0) -> Serving
 
 
 def test_a_quiet_healthy_activation_passes_when_its_time_is_up() -> None:
-    assert judge(RECORD, None, CONFIG, 130.0).outcome == "running"
-    assert judge(RECORD, counters(5), CONFIG, 159.0).outcome == "running"
-    assert judge(RECORD, counters(5), CONFIG, 160.0).outcome == "passed"
-    assert judge(RECORD, counters(500), CONFIG, 110.0).outcome == "passed"  # enough requests end it early
+    assert judge(RECORD, None, CONFIG, 30.0).outcome == "running"
+    assert judge(RECORD, counters(5), CONFIG, 59.0).outcome == "running"
+    assert judge(RECORD, counters(5), CONFIG, 60.0).outcome == "passed"
+    assert judge(RECORD, counters(500), CONFIG, 10.0).outcome == "passed"  # enough requests end it early
 
 
 def test_restarts_of_the_agent_during_it_fail_it() -> None:
     """Each start of the agent during a probation counts (`ProbationRecord.restarts`); `max_restarts` fail it, even
     with healthy counters, which a version whose inference kills the agent never gets past zero."""
     restarted = replace(RECORD, restarts=2)
-    assert judge(restarted, counters(500), CONFIG, 110.0).outcome == "passed"
-    verdict = judge(replace(RECORD, restarts=3), counters(500), CONFIG, 110.0)
+    assert judge(restarted, counters(500), CONFIG, 10.0).outcome == "passed"
+    verdict = judge(replace(RECORD, restarts=3), counters(500), CONFIG, 10.0)
     assert verdict.failed
     assert verdict.reason.startswith("the agent restarted 3 times while this version was on probation")
     assert ProbationRecord.from_json(replace(RECORD, restarts=2).to_json()).restarts == 2
@@ -40,21 +40,21 @@ def test_restarts_of_the_agent_during_it_fail_it() -> None:
 
 
 def test_inference_errors_fail_it_as_soon_as_they_are_damning() -> None:
-    assert judge(RECORD, counters(10, errors=2), CONFIG, 110.0).outcome == "running"  # too few to judge
-    verdict = judge(RECORD, counters(40, errors=3), CONFIG, 110.0)
+    assert judge(RECORD, counters(10, errors=2), CONFIG, 10.0).outcome == "running"  # too few to judge
+    verdict = judge(RECORD, counters(40, errors=3), CONFIG, 10.0)
     assert verdict.failed
     assert verdict.reason == "inference errors: 3 of 40 requests failed (7.5% > 5.0%)"
-    assert not judge(RECORD, counters(100, errors=3), CONFIG, 160.0).failed  # 3% is within the limit
+    assert not judge(RECORD, counters(100, errors=3), CONFIG, 60.0).failed  # 3% is within the limit
 
 
 def test_latency_is_judged_against_the_reference_on_enough_requests() -> None:
-    assert judge(RECORD, counters(19, p95=40.0), CONFIG, 110.0).outcome == "running"
-    verdict = judge(RECORD, counters(20, p95=40.0), CONFIG, 110.0)
+    assert judge(RECORD, counters(19, p95=40.0), CONFIG, 10.0).outcome == "running"
+    verdict = judge(RECORD, counters(20, p95=40.0), CONFIG, 10.0)
     assert verdict.failed
     assert "10.0x the reference 4 ms" in verdict.reason
-    assert judge(RECORD, counters(20, p95=12.0), CONFIG, 170.0).outcome == "passed"  # 3x is within 5x
+    assert judge(RECORD, counters(20, p95=12.0), CONFIG, 70.0).outcome == "passed"  # 3x is within 5x
     no_reference = ProbationRecord("2", RECORD.digest, 100.0, None)
-    assert judge(no_reference, counters(50, p95=400.0), CONFIG, 170.0).outcome == "passed"
+    assert judge(no_reference, counters(50, p95=400.0), CONFIG, 70.0).outcome == "passed"
 
 
 def test_the_reference_comes_from_the_manifest_when_it_records_one() -> None:

@@ -99,11 +99,14 @@ class Attester:
         client: ControlPlaneClient,
         reconciler: Reconciler,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` dates the reports; `monotonic` times the hourly one (a step of the wall clock must not hold it)."""
         self.identity = identity
         self.client = client
         self.reconciler = reconciler
         self.clock = clock
+        self.monotonic = monotonic
         self.code = strata_code_hash()
         self.config = config_hash(config)
         self.boot = boot_id()
@@ -117,7 +120,7 @@ class Attester:
         if self._last is None:
             return True
         packages, at = self._last
-        return packages != self.packages() or self.clock() - at >= REATTEST_S
+        return packages != self.packages() or self.monotonic() - at >= REATTEST_S
 
     def attest(self) -> dict[str, Any]:
         """Report (quoted by the TPM when there is one) and record the verdict; the node's placement facts follow.
@@ -158,5 +161,5 @@ class Attester:
         if level != self.reconciler.identity.attestation:
             log.info("attestation: %s (%s)", level or "not attested", verdict.get("reason", ""))
         self.reconciler.identity = dataclasses.replace(self.reconciler.identity, attestation=level)
-        self._last = (packages, self.clock())
+        self._last = (packages, self.monotonic())
         return verdict

@@ -2,7 +2,8 @@
 
 Files under DATA_DIR/trust: `ca.pem` (the fleet CA, trusted because its sha256 matched the one the enrollment
 token carried), `node.key` (made here by a child process, mode 0600, never sent anywhere), `node.pem` (the
-short-lived certificate the control plane signed), and `identity.json` (node id, server, certificate expiry).
+certificate the control plane signed), and `identity.json` (node id, server, certificate expiry, and when this node
+received it, by its clock: how long the certificate lives, for its renewal).
 Key generation and CSRs run in `python -m strata.trust.node` so the agent never imports `cryptography`; TLS
 itself is the standard library's `ssl`.
 """
@@ -48,6 +49,13 @@ class StoredIdentity:
     server: str
     node_id: str
     not_after: float
+    received_at: float | None = None  # by this node's clock; None in an identity.json from before it was kept
+
+    def renew_at(self, renew_before_s: float) -> float:
+        """When to renew: once a third of the certificate's life is left, and at least `renew_before_s` before it
+        ends (all of that before the life is known)."""
+        life = self.not_after - self.received_at if self.received_at is not None else 0.0
+        return self.not_after - max(renew_before_s, life / 3)
 
 
 class FleetIdentity:
@@ -70,7 +78,13 @@ class FleetIdentity:
             return None
         try:
             raw = json.loads(self.state_path.read_text())
-            stored = StoredIdentity(str(raw["server"]), str(raw["node_id"]), float(raw["not_after"]))
+            received = raw.get("received_at")
+            stored = StoredIdentity(
+                str(raw["server"]),
+                str(raw["node_id"]),
+                float(raw["not_after"]),
+                float(received) if received is not None else None,
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{self.state_path} is unreadable ({exc}); enroll again with a new token") from exc
         for path in (self.ca_path, self.key_path, self.cert_path):
@@ -108,11 +122,13 @@ class FleetIdentity:
         signature = run_module("strata.trust.node", ["sign", str(self.key_path)], payload, timeout_s=120, what=what)
         return signature.decode().strip()
 
-    def save(self, server: str, node_id: str, certificate: str, not_after: float) -> StoredIdentity:
-        """Store a certificate from enrollment or renewal (it must be for this node's key)."""
+    def save(self, server: str, node_id: str, certificate: str, not_after: float, received_at: float) -> StoredIdentity:
+        """Store a certificate from enrollment or renewal (it must be for this node's key), received at
+        `received_at` by this node's clock."""
         write_bytes_atomic(self.cert_path, certificate.encode())
-        stored = StoredIdentity(server, node_id, not_after)
-        write_json_atomic(self.state_path, {"server": server, "node_id": node_id, "not_after": not_after}, mode=0o600)
+        stored = StoredIdentity(server, node_id, not_after, received_at)
+        raw = {"server": server, "node_id": node_id, "not_after": not_after, "received_at": received_at}
+        write_json_atomic(self.state_path, raw, mode=0o600)
         return stored
 
     def client_context(self) -> ssl.SSLContext:

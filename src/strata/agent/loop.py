@@ -29,24 +29,19 @@ from strata.agent.identity import (
     pem_fingerprint,
     unverified_context,
 )
-from strata.agent.plan import retry_at
 from strata.agent.reconciler import Reconciler
 from strata.agent.transport import H11Transport
 from strata.core.errors import AuthError, ConfigError, Conflict, Forbidden, StrataError, TransportError
 from strata.core.fsutil import write_json_atomic
 from strata.core.hashing import canonical_json
 from strata.core.wire import DesiredState, EnrollRequest, ProtocolError, tier_of
+from strata.core.words import utc_time
 
 if TYPE_CHECKING:
     from strata.agent.attestation import Attester
     from strata.agent.logtail import LogTail
 
 log = logging.getLogger("strata.agent")
-
-
-def utc_time(seconds: float) -> str:
-    """A Unix time as people read it in a log: `2026-12-05 23:23:06 UTC`."""
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 class Backoff:
@@ -84,9 +79,12 @@ class AgentLoop:
         *,
         facts: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         use_context: Callable[[ssl.SSLContext], None] | None = None,
     ) -> None:
-        """`use_context` receives every TLS context the node's identity yields (at enrollment and renewal)."""
+        """`use_context` receives every TLS context the node's identity yields (at enrollment and renewal). `clock`
+        is read against dates (the certificate's); `monotonic` times every wait, which a step of the wall clock (NTP
+        setting a node that booted a day fast right) must neither end nor stretch."""
         self.config = config
         self.identity = FleetIdentity(config.data_dir)
         self.use_context = use_context or (lambda _context: None)
@@ -98,6 +96,7 @@ class AgentLoop:
         self.reconciler = reconciler
         self.facts = facts or {}
         self.clock = clock
+        self.monotonic = monotonic
         self.stop = threading.Event()
         self.fatal: StrataError | None = None
         self.backoff = Backoff(config.backoff_min_s, config.backoff_max_s)
@@ -173,7 +172,11 @@ class AgentLoop:
             raise EnrollmentRefused("the enrollment answer names another CA than the token pins")
         if self.reconciler.supply is not None:  # pinned before the identity: never enrolled without its trust
             self.reconciler.supply.pin(answer.release_keys, answer.tuf_roots)
-        self._adopt(self.identity.save(self.config.server, answer.node_id, answer.certificate, answer.not_after))
+        self._adopt(
+            self.identity.save(
+                self.config.server, answer.node_id, answer.certificate, answer.not_after, received_at=self.clock()
+            )
+        )
         log.info(
             "enrolled as node %s (%s); certificate valid until %s",
             self.config.name,
@@ -205,24 +208,46 @@ class AgentLoop:
         self.stored = stored
 
     def renew_if_due(self) -> None:
-        """Renew the certificate once two thirds of its life have passed (a new CSR over the same key).
+        """Renew the certificate once a third of its life is left (a new CSR over the same key; see
+        `StoredIdentity.renew_at`).
+
+        A certificate this node's clock says has expired is renewed all the same: the control plane, whose clock
+        signed it, decides. The node's clock may be the one that is wrong (a day ahead, say), and a node that was off
+        longer than the certificate's life is told so by the control plane rather than by itself.
 
         Raises:
-            AuthError: the certificate expired (the node was off longer than its life): renewing needs a valid
-                one, so only a new enrollment brings the node back; it serves on meanwhile.
+            AuthError: the certificate expired and the control plane refused it: only a new enrollment brings the
+                node back; it serves on meanwhile.
             TransportError: as any call; the current certificate stays in use.
         """
         stored = self.stored
         now = self.clock()
-        if stored is None or now < stored.not_after - self.config.renew_before_s:
+        if stored is None or now < stored.renew_at(self.config.renew_before_s):
             return
-        if now >= stored.not_after:
-            raise AuthError(
-                f"this node's certificate expired at {utc_time(stored.not_after)}: the control plane refuses it and "
-                "renewing needs a valid one; enroll the node again with a new token (it serves what it has meanwhile)"
+        expired = now >= stored.not_after
+        if expired:
+            log.warning(
+                "this node's certificate expired at %s by this node's clock, which says it is %s; asking the control"
+                " plane to renew it all the same (if this node's clock is wrong, set it right)",
+                utc_time(stored.not_after),
+                utc_time(now),
             )
-        renewal = self.client.renew(self.identity.make_csr(self.config.name))
-        self._adopt(self.identity.save(stored.server, stored.node_id, renewal.certificate, renewal.not_after))
+        try:
+            renewal = self.client.renew(self.identity.make_csr(self.config.name))
+        except (AuthError, Forbidden, TransportError) as exc:
+            # refused by the application, or by the TLS handshake ("alert certificate expired"); unreachable is not
+            refused = not isinstance(exc, TransportError) or "certificate expired" in str(exc).lower()
+            if not (expired and refused):
+                raise
+            raise AuthError(
+                f"this node's certificate expired at {utc_time(stored.not_after)} and the control plane refused it"
+                f" ({exc}): enroll the node again with a new token (it serves what it has meanwhile)"
+            ) from exc
+        self._adopt(
+            self.identity.save(
+                stored.server, stored.node_id, renewal.certificate, renewal.not_after, received_at=self.clock()
+            )
+        )
         log.info("renewed this node's certificate; valid until %s", utc_time(renewal.not_after))
 
     # --- one round --------------------------------------------------------------------------------------
@@ -235,9 +260,9 @@ class AgentLoop:
         if self._reported is None:  # just started: say at once what it serves and what failed (a load it died in)
             return 0.0
         wait = self.config.poll_wait_s
-        now = self.clock()
-        for record in self.reconciler.state.failures.values():
-            wait = min(wait, max(0.0, retry_at(record) - now))
+        retry = self.reconciler.next_retry_s()
+        if retry is not None:
+            wait = min(wait, retry)
         probation = self.reconciler.probation_due()
         if probation is not None:
             wait = min(wait, probation)
@@ -366,10 +391,10 @@ class AgentLoop:
     def wait_offline(self, delay: float) -> None:
         """Wait `delay` seconds before trying the server again, still judging probations meanwhile: a node
         rolls a bad activation back by itself whether or not its control plane answers."""
-        deadline = self.clock() + delay
+        deadline = self.monotonic() + delay
         while not self.stop.is_set():
             due = self.reconciler.probation_due()
-            remaining = deadline - self.clock()
+            remaining = deadline - self.monotonic()
             if remaining <= 0:
                 return
             self.stop.wait(min(remaining, due) if due is not None else remaining)

@@ -1,4 +1,4 @@
-"""Probation after an activation, as a pure decision: `judge(record, counters, config, now) -> Verdict`.
+"""Probation after an activation, as a pure decision: `judge(record, counters, config, served_s) -> Verdict`.
 
 A package that loaded and passed its golden check may still misbehave on real traffic. For a short while after
 activating it (a minute, or until enough requests were judged) the node watches its inference errors and its
@@ -62,8 +62,12 @@ def reference_latency(metrics: Mapping[str, Any]) -> float | None:
     return None
 
 
-def judge(record: ProbationRecord, counters: ServingCounters | None, config: ProbationConfig, now: float) -> Verdict:
-    """Decide a probation from the counters of the activation it watches.
+def judge(
+    record: ProbationRecord, counters: ServingCounters | None, config: ProbationConfig, served_s: float
+) -> Verdict:
+    """Decide a probation from the counters of the activation it watches, `served_s` seconds after it began (or
+    after the agent's last restart, when its counters began again): the agent measures them on the monotonic clock,
+    the simulator on its virtual one, so that no step of a wall clock ends a probation early or holds it.
 
     Fails as soon as the numbers are damning (errors over the rate with at least `min_errors`, or p95 latency
     over `max_latency_ratio` x the reference on at least `min_requests` successes), or the agent restarted
@@ -97,6 +101,6 @@ def judge(record: ProbationRecord, counters: ServingCounters | None, config: Pro
             f"p95 latency {p95:.3g} ms is {p95 / reference:.1f}x the reference {reference:.3g} ms "
             f"({record.reference}); the limit is {config.max_latency_ratio:g}x",
         )
-    if now - record.started_at >= config.duration_s or requests >= config.pass_requests:
+    if served_s >= config.duration_s or requests >= config.pass_requests:
         return Verdict("passed", f"{requests} requests, {errors} errors, p95 {p95 if p95 is not None else '-'} ms")
     return RUNNING

@@ -17,6 +17,7 @@ from pathlib import Path
 from strata import __version__
 from strata.agent.client import ControlPlaneClient, ServerError
 from strata.agent.config import GOLDEN_TIMEOUT_S
+from strata.agent.elapsed import Elapsed
 from strata.agent.fetch import Progress
 from strata.agent.pieces import FetchReport, PackageFetcher
 from strata.agent.placement import check_placement
@@ -31,6 +32,7 @@ from strata.agent.plan import (
     Stage,
     Unload,
     plan,
+    retry_at,
 )
 from strata.agent.probation import ProbationConfig, judge, reference_latency
 from strata.agent.repository import LoadedModel, MirrorStopping, ModelRepository
@@ -130,6 +132,7 @@ class Reconciler:
         golden_timeout_s: float = GOLDEN_TIMEOUT_S,
         rate_limit: int | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         progress: Progress | None = None,
         relays: Callable[[], Sequence[str]] = tuple,
         relay_transport: Transport | None = None,
@@ -141,7 +144,9 @@ class Reconciler:
     ) -> None:
         """`supply` checks release signatures and TUF metadata before a package is downloaded, staged and activated
         (when the node pinned release keys); None skips those checks (tests of the other parts). `boot`: the kernel's
-        boot id (None: read it), kept in each loading record (`died_loading`)."""
+        boot id (None: read it), kept in each loading record (`died_loading`). `clock` dates what is recorded and
+        reported (activations, failures); `monotonic` measures every wait (a failure's retry, a probation, the
+        report interval), so that the wall clock stepping neither ends nor stretches one (`Elapsed`)."""
         self.boot = boot_id() if boot is None else boot
         self.supply = supply
         # Packages TUF vouched for in this converge pass (before their download): their activation in the same
@@ -156,6 +161,8 @@ class Reconciler:
         self.golden_timeout_s = golden_timeout_s
         self.rate_limit = rate_limit
         self.clock = clock
+        self.monotonic = monotonic
+        self._elapsed = Elapsed(clock, monotonic)
         self.progress = progress
         self.serving = serving if serving is not None else ServingTracker(clock=clock)
         self.probation = probation if probation is not None else ProbationConfig()
@@ -238,6 +245,7 @@ class Reconciler:
                     # Its counters start again from zero: so does its window, and the restart is counted.
                     resumed = replace(watched, started_at=self.clock(), restarts=watched.restarts + 1)
                     state = state.with_probation(name, resumed)
+                    self._elapsed.since(("probation", name), resumed.started_at)
                 self._keep(state)
                 break
             else:
@@ -328,6 +336,27 @@ class Reconciler:
             failures=self.state.failures,
         )
 
+    def _observe_monotonic(self) -> Observed:
+        """What `observe` says, with the failures' dates on the monotonic clock: how long ago each failed is
+        measured there (`Elapsed`), so that `plan` given `monotonic()` for its time retries each when it is due
+        whatever the wall clock did meanwhile."""
+        observed = self.observe()
+        now = self.monotonic()
+        failures = {
+            key: replace(record, at=now - self._elapsed.since(("failure", key), record.at))
+            for key, record in observed.failures.items()
+        }
+        self._elapsed.keep({("failure", key) for key in failures} | {("probation", m) for m in self.state.probation})
+        return replace(observed, failures=failures)
+
+    def next_retry_s(self) -> float | None:
+        """Seconds until the first remembered failure may be tried again (0: now), None with none remembered."""
+        failures = self._observe_monotonic().failures
+        if not failures:
+            return None
+        now = self.monotonic()
+        return max(0.0, min(retry_at(record) for record in failures.values()) - now)
+
     def converge(self, desired: DesiredState | None) -> int:
         """Plan and act until the plan is empty (or MAX_STEPS); return how many actions ran.
 
@@ -340,7 +369,7 @@ class Reconciler:
         steps = 0
         try:
             while steps < MAX_STEPS and not self._stopping:
-                actions = plan(desired, self.observe(), self.clock())
+                actions = plan(desired, self._observe_monotonic(), self.monotonic())
                 if not actions:
                     break
                 self.execute(actions[0])
@@ -496,6 +525,8 @@ class Reconciler:
         if probation is not None:
             state = state.with_probation(model, probation)
         self._commit(state)
+        if probation is not None:
+            self._elapsed.since(("probation", model), probation.started_at)  # its time counts from here
         counted = self.serving.reset(model, version, now)
         # The loading record is cleared once this returns (`_activate`): after the other serving processes loaded it.
         # Should they not take it, nothing changes: the slots as they were (`_fail` writes them, with the failure).
@@ -572,14 +603,15 @@ class Reconciler:
         return self.probation.check_interval_s
 
     def check_probation(self) -> None:
-        """Judge every activation on probation; a failed one goes back to its previous slot by itself."""
-        now = self.clock()
+        """Judge every activation on probation; a failed one goes back to its previous slot by itself. Its time on
+        probation is measured on the monotonic clock, from its activation or the agent's last restart (`Elapsed`)."""
         for model, record in sorted(self.state.probation.items()):
             slots = self.state.models.get(model)
             if slots is None or slots.active.digest != record.digest:
                 self._commit(self.state.without_probation(model))
                 continue
-            verdict = judge(record, self.serving.counters(model, record.version), self.probation, now)
+            served_s = self._elapsed.since(("probation", model), record.started_at)
+            verdict = judge(record, self.serving.counters(model, record.version), self.probation, served_s)
             if verdict.outcome == "passed":
                 log.info("%s %s passed probation: %s", model, record.version, verdict.reason)
                 self._commit(self.state.without_probation(model))
@@ -667,7 +699,7 @@ class Reconciler:
 
     def status(self, desired_etag: str | None) -> NodeStatus:
         """The observed state to report, built from the slots (what will survive a restart)."""
-        now = self.clock()
+        now = self.monotonic()  # for the report interval only
         models = []
         for name, slots in sorted(self.state.models.items()):
             models.append(

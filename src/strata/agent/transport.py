@@ -23,6 +23,7 @@ import h11
 
 from strata import __version__
 from strata.core.errors import TransportError
+from strata.core.words import utc_time
 
 _READ = 64 * 1024
 _USER_AGENT = f"strata-agent/{__version__}"
@@ -97,6 +98,20 @@ def rate_allowance(started: float, timeout: float, received: int, min_rate: int,
     return started + timeout + received / min_rate - now
 
 
+def clock_hint(exc: OSError, now: float) -> str:
+    """What to add to a TLS failure whose certificate was refused as not valid yet or expired: said by this node's
+    clock, which may be the one that is wrong (a node booted without its real-time clock, or years ahead)."""
+    if not isinstance(exc, ssl.SSLCertVerificationError):
+        return ""
+    reason = str(exc.verify_message or exc)
+    if "not yet valid" not in reason and "expired" not in reason:
+        return ""
+    return (
+        f"; this node's clock says it is {utc_time(now)}: if that is wrong, set the node's clock right"
+        " (certificates are checked against it)"
+    )
+
+
 class _Connection:
     """One HTTP/1.1 connection: a socket and its h11 state machine."""
 
@@ -121,7 +136,7 @@ class _Connection:
                 context = ssl_context or ssl.create_default_context()
                 sock = context.wrap_socket(sock, server_hostname=_host_name(target.host))
         except OSError as exc:
-            raise TransportError(f"cannot connect to {target.origin}: {exc}") from exc
+            raise TransportError(f"cannot connect to {target.origin}: {exc}{clock_hint(exc, time.time())}") from exc
         self.sock = sock
         self.h11 = h11.Connection(h11.CLIENT)
         self.check_peer()

@@ -58,6 +58,14 @@ def server(
             help="Delete fleet events (strata events, rollout timelines) older than this, e.g. 90d (at least 1d).",
         ),
     ] = "365d",
+    node_cert_lifetime: Annotated[
+        str,
+        typer.Option(
+            "--node-cert-lifetime",
+            help="How long a node certificate lasts, e.g. 30d, 7d (at least 1h). Agents renew once a third is left: a"
+            " node offline longer must be enrolled again. Revoking a node cuts it off at once whatever is left.",
+        ),
+    ] = "30d",
     max_connections: Annotated[
         int | None,
         typer.Option(
@@ -124,6 +132,7 @@ def server(
         otlp_endpoint=otlp_endpoint,
         telemetry_retention=telemetry_retention,
         event_retention=event_retention,
+        node_cert_lifetime=node_cert_lifetime,
         max_connections=max_connections,
         header_timeout=header_timeout,
         tls_names=tuple(tls_name or ()),

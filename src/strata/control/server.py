@@ -42,7 +42,7 @@ from strata.core.errors import ConfigError, StrataError
 from strata.core.hashing import is_hex_sha256
 from strata.core.logformat import check_log_format
 from strata.core.openfiles import effective_max_connections, raise_open_files_limit
-from strata.core.words import parse_duration
+from strata.core.words import parse_duration, parse_retention
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ def serve(
     otlp_endpoint: str | None = None,
     telemetry_retention: str = "90d",
     event_retention: str = "365d",
+    node_cert_lifetime: str = "30d",
     max_connections: int | None = None,
     header_timeout: str = "10s",
     tls_names: tuple[str, ...] = (),
@@ -219,8 +220,8 @@ def serve(
             installed: `strata[postgres]`), a cloud endpoint that is not an http(s) URL (cloud or OTLP), a release
             key that is not a PEM public key, an allowlist entry that is not a code hash, a TPM CA file or PCR value
             that does not parse, a telemetry retention that is not a duration of at least an hour, or an event
-            retention that is not one of at least a day, a connection cap under 1, or a header timeout that is not
-            a duration from 1 s to 10 minutes.
+            retention that is not one of at least a day, a node certificate lifetime that is not one of at least
+            an hour, a connection cap under 1, or a header timeout that is not a duration from 1 s to 10 minutes.
         StoreError: the database cannot be reached, refuses the login, or cannot be migrated.
         StrataError: the application's start-up failed (the reason is logged).
     """
@@ -239,6 +240,7 @@ def serve(
     if otlp_endpoint is not None and not otlp_endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"--otlp-endpoint must be an http:// or https:// URL, got {otlp_endpoint!r}")
     retention_s = retention_seconds(telemetry_retention)
+    cert_s = parse_retention(node_cert_lifetime, "--node-cert-lifetime", 3600.0)
     if max_connections is not None and max_connections < 1:
         raise ConfigError(f"--max-connections must be at least 1, got {max_connections}")
     try:
@@ -253,6 +255,7 @@ def serve(
         db_url=db_url,
         telemetry_retention_s=retention_s,
         event_retention_s=event_retention_seconds(event_retention),
+        node_cert_hours=cert_s / 3600,
         otlp_endpoint=otlp_endpoint,
         agent_allowlist=agent_allowlist,
         release_keys=tuple(path.expanduser().resolve() for path in release_keys),

@@ -40,7 +40,9 @@ class ServerSettings:
         otlp_queue_bytes: the most that telemetry waiting for that collector may hold (an upper bound on the OTLP
             requests it becomes); batches past it are left out of the export and counted.
         tls_names: DNS names and addresses the HTTPS certificate covers (default: loopback and this host).
-        node_cert_hours: lifetime of node certificates; agents renew them at two thirds of it.
+        node_cert_hours: lifetime of node certificates (30 days: a node cut off for weeks comes back without
+            being enrolled again; revoking a node cuts it off at once whatever is left); agents renew them once a
+            third of it is left.
         agent_allowlist: agent code hashes nodes may attest to (default: this server's own release).
         release_keys: release public keys (PEM files); with any, uploads must be signed by one and nodes pin them.
         tuf_expiries: lifetimes of the TUF metadata the server signs.
@@ -65,7 +67,7 @@ class ServerSettings:
     otlp_endpoint: str | None = None
     otlp_queue_bytes: int = 64 << 20
     tls_names: tuple[str, ...] = ()
-    node_cert_hours: float = 24.0
+    node_cert_hours: float = 30 * 24.0
     agent_allowlist: tuple[str, ...] = ()
     release_keys: tuple[Path, ...] = ()
     tuf_expiries: Expiries = field(default_factory=Expiries)

@@ -1,9 +1,11 @@
 """Words for people: counted nouns ('1 node', '3 nodes'), durations in the form the CLI and the simulator's
-scenarios take them ('10m'), said and read back, and error messages cut to a length any client reads."""
+scenarios take them ('10m'), said and read back, times as a log says them, and error messages cut to a length any
+client reads."""
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Final
 
 from strata.core.errors import ConfigError
@@ -50,6 +52,11 @@ def printable(text: str, keep: str = "") -> str:
 def plural(count: int, noun: str) -> str:
     """'1 node', '3 nodes', '0 nodes'."""
     return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def utc_time(seconds: float) -> str:
+    """A Unix time as people read it in a log: `2026-12-05 23:23:06 UTC`."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 def duration(seconds: float) -> str:

@@ -496,7 +496,7 @@ class Simulation:
         if record is None or slots is None or slots.active.digest != record.digest:
             return
         counters = self._counters(node, record.version, record.started_at, self.now)
-        verdict = judge(record, counters, self.probation, self.now)
+        verdict = judge(record, counters, self.probation, self.now - record.started_at)
         if verdict.outcome == "running":
             self._push(self.now + self.probation.check_interval_s, _PROBATION, node.index)
             return

@@ -29,8 +29,10 @@ from strata.trust.fleet_tls import NODE_URI_PREFIX
 
 CA_YEARS: Final = 10
 SERVER_DAYS: Final = 397
-NODE_HOURS: Final = 24
-_SKEW: Final = dt.timedelta(minutes=5)
+NODE_HOURS: Final = 30 * 24
+# Every certificate is valid from a day before it is made: a node whose clock is behind the control plane's (booted
+# without its real-time clock, or set by hand) still takes a fresh server certificate, and the fleet CA itself.
+_SKEW: Final = dt.timedelta(days=1)
 
 
 _CA_USAGE: Final = x509.KeyUsage(

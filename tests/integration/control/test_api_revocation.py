@@ -16,7 +16,10 @@ from sqlalchemy import func, select
 
 from strata.control.db import NodeCertificate
 
-DAY = 24 * 3600.0
+
+def life(server: Harness) -> float:
+    """A node certificate's life in seconds (the server's setting)."""
+    return server.plane.settings.node_cert_hours * 3600
 
 
 def sha256_of(certificate: str) -> str:
@@ -40,7 +43,7 @@ def test_revoking_lists_the_current_and_the_previous_certificate_until_they_expi
     etag = server.client.get(f"/v1/nodes/{watcher.node_id}/desired", headers=watcher.headers).headers["etag"]
     assert "revoked_certificates" not in desired(server, watcher)  # nothing revoked: the shape it always had
 
-    server.clock.advance(16 * 3600)  # two thirds of the life: the agent renews
+    server.clock.advance(life(server) * 2 / 3)  # a third of the life left: the agent renews
     renewed = server.client.post(
         f"/v1/nodes/{edge.node_id}/certificate", json={"csr": node_key_and_csr("edge")}, headers=edge.headers
     ).json()["certificate"]
@@ -55,10 +58,10 @@ def test_revoking_lists_the_current_and_the_previous_certificate_until_they_expi
     assert answer.status_code == 200
     assert answer.headers["etag"] != etag  # a waiting poll would answer at once
 
-    server.clock.advance(8 * 3600 + 1)  # the first certificate expired; the renewed one has 16 hours left
+    server.clock.advance(life(server) / 3 + 1)  # the first certificate expired; the renewed one has 2/3 left
     server.enroll("newcomer")  # any fleet change recomputes desired states
     assert listed(server, watcher) == {sha256_of(renewed)}
-    server.clock.advance(16 * 3600)
+    server.clock.advance(life(server) * 2 / 3)
     server.enroll("another")
     assert listed(server, watcher) == set()
     with server.plane.db.transaction() as session:  # and expired certificates are forgotten
@@ -86,6 +89,6 @@ def test_a_certificate_issued_before_certificates_were_recorded_is_listed_on_rev
         session.query(NodeCertificate).filter(NodeCertificate.node_id == edge.node_id).delete()
     assert server.client.delete(f"/v1/nodes/{edge.node_id}", headers=server.admin).status_code == 204
     assert listed(server, watcher) == {sha256_of(edge.certificate)}
-    server.clock.advance(DAY + 1)  # listed for at most a certificate's life
+    server.clock.advance(life(server) + 1)  # listed for at most a certificate's life
     server.enroll("newcomer")
     assert listed(server, watcher) == set()
