@@ -37,7 +37,7 @@ import logging
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -464,15 +464,17 @@ def _add_minutes(session: Session, node_id: str, rows: Iterable[MinuteRow]) -> N
     _write(session, TelemetryMinute, values, stored)
 
 
-def _add_drift(session: Session, node_id: str, rows: Iterable[DriftRow]) -> None:
-    """Add `rows`' counts to the node's stored drift rows of the same key, and store the others (rows of one key add
-    up; a row binned otherwise than the counts it would add to is left out), read and written as `_add_minutes`.
+def _add_drift(
+    session: Session, node_id: str, rows: Iterable[DriftRow], stored: dict[tuple[Any, ...], tuple[Any, ...]]
+) -> None:
+    """Add `rows`' counts to the node's stored drift rows of the same key (`stored`: `_stored_counts` of at least
+    their keys), and store the others (rows of one key add up; a row binned otherwise than the counts it would add
+    to is left out), written as `_add_minutes` writes.
 
     Raises:
         TelemetryError: a sum would pass MAX_COUNT.
     """
     rows = list(rows)
-    stored = _stored_counts(session, "drift", node_id, {row.key for row in rows})
     totals: dict[tuple[Any, ...], list[int]] = {}
     for row in rows:
         current = totals.get(row.key)
@@ -558,19 +560,15 @@ class TelemetryService:
                 "node %s sent more sampled events than its budget (%d, then %g a second); left out %s",
                 node_id, EVENT_BURST, EVENTS_PER_S, plural(over_budget[OVER_BUDGET_KIND], "event"),
             )  # fmt: skip
-        granted = self._drift_budget.take(node_id, len(screened.drift), now)
-        over_budget[DRIFT_OVER_BUDGET_KIND] = len(screened.drift) - granted
-        if over_budget[DRIFT_OVER_BUDGET_KIND]:
-            kept_drift = sorted(screened.drift, key=lambda row: -row.minute)[:granted]  # the newest minutes (stable)
-            screened = replace(screened, drift=sorted(kept_drift, key=lambda row: row.minute))
-            log.warning(
-                "node %s sent more drift rows than its budget (%d, then %g a second); left out %s",
-                node_id, DRIFT_BURST, DRIFT_ROWS_PER_S, plural(over_budget[DRIFT_OVER_BUDGET_KIND], "drift row"),
-            )  # fmt: skip
         try:
             stored, node_name = self._store(node_id, batch, screened, len(payload), now, over_budget)
         except Conflict:  # the same batch raced in through another connection and won
             stored, node_name = False, ""
+        if stored and over_budget.get(DRIFT_OVER_BUDGET_KIND):
+            log.warning(
+                "node %s sent more new drift rows than its budget (%d, then %g a second); left out %s",
+                node_id, DRIFT_BURST, DRIFT_ROWS_PER_S, plural(over_budget[DRIFT_OVER_BUDGET_KIND], "drift row"),
+            )  # fmt: skip
         with self.counters.lock:
             if stored:
                 self.counters.batches += 1
@@ -631,6 +629,23 @@ class TelemetryService:
                 )
             )
 
+    def _within_drift_budget(
+        self, node_id: str, rows: list[DriftRow], stored: Mapping[tuple[Any, ...], Any], now: float
+    ) -> tuple[list[DriftRow], int]:
+        """The drift rows of a batch the node's budget lets it store, and how many were left out. Only a row that
+        would make a new stored row (a key neither stored nor met earlier in the batch) is charged: an agent sends
+        the minute under way in each upload (every 10 s), and a batch resent is not stored at all. Past the budget
+        the newest minutes' new keys are kept (what the drift gates read); rows adding to stored keys always are."""
+        new_keys = list(dict.fromkeys(row.key for row in rows if row.key not in stored))
+        if not new_keys:
+            return rows, 0
+        granted = self._drift_budget.take(node_id, len(new_keys), now)
+        if granted == len(new_keys):
+            return rows, 0
+        kept = set(sorted(new_keys, key=lambda key: -key[2])[:granted])  # the newest minutes (stable)
+        within = [row for row in rows if row.key in stored or row.key in kept]
+        return within, len(rows) - len(within)
+
     def _store(
         self,
         node_id: str,
@@ -641,7 +656,8 @@ class TelemetryService:
         over_budget: dict[str, int],
     ) -> tuple[bool, str]:
         """Store `batch`'s record and `screened`'s rows in one transaction; (False, name) when it is stored already.
-        `over_budget`: the rows left out past the node's budgets, by their dropped kind."""
+        `over_budget`: the rows left out past the node's budgets, by their dropped kind (the drift budget's are
+        added here: only a stored batch's rows that make a new row are charged to it)."""
         with self._db.transaction() as session:
             node = session.get(Node, node_id)
             if node is None or node.revoked_at is not None:
@@ -670,7 +686,11 @@ class TelemetryService:
                 )
                 for e in screened.events
             )  # fmt: skip
-            _add_drift(session, node_id, screened.drift)
+            stored_drift = _stored_counts(session, "drift", node_id, {row.key for row in screened.drift})
+            drift, over_budget[DRIFT_OVER_BUDGET_KIND] = self._within_drift_budget(
+                node_id, screened.drift, stored_drift, now
+            )
+            _add_drift(session, node_id, drift, stored_drift)
             # what the node's buffer dropped, and what was left out here (kinds no batch names)
             future = {FUTURE_KINDS[kind]: count for kind, count in screened.future.items()}
             unknown = {UNKNOWN_KINDS[kind]: count for kind, count in screened.unknown.items()}

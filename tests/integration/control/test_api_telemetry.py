@@ -498,6 +498,45 @@ def test_drift_rows_past_a_nodes_budget_are_left_out_oldest_first_and_counted(
         assert answer["minutes"][0]["requests"] == 300  # the counts all stored
 
 
+def test_drift_rows_adding_to_stored_ones_and_resent_batches_take_nothing_from_the_budget(
+    settings: ServerSettings,
+    start_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+    make_package: Callable[..., bytes],
+) -> None:
+    # An agent sends the minute under way in each upload (every 10 s): six times a minute the same keys. Charged per
+    # row sent, an honest node of 80 tensors used 480 of its 120 a minute and lost the same 60 tensors' drift for
+    # good within the hour; and a resent batch, stored once, took from the budget again.
+    monkeypatch.setattr("strata.control.telemetry.DRIFT_BURST", 4)
+    monkeypatch.setattr("strata.control.telemetry.DRIFT_ROWS_PER_S", 0.0)
+    with start_server(settings) as server:
+        assert server.upload(make_package()).status_code == 201
+        node = server.enroll("edge")
+        minute = int(server.clock.now // 60)
+
+        def batch(seq: int, minutes: list[int]) -> bytes:
+            drift = [DriftRow("digits", "1", m, tensor, [1, 2]) for m in minutes for tensor in ("X", "Y")]
+            row = MinuteRow("digits", "1", "cpu-generic-fp32", minute, 10)
+            return encode_batch(TelemetryBatch(node.node_id, seq, 0.0, minutes=[row], drift=drift))
+
+        for seq in range(1, 7):  # the minute under way, six uploads: two new keys, then additions to them
+            assert upload(server, node, batch(seq, [minute]))["stored"]
+        assert upload(server, node, batch(7, [minute + 1]))["stored"]  # the budget's last two keys
+        for _ in range(2):  # resent: not stored again, nothing taken
+            assert not upload(server, node, batch(7, [minute + 1]))["stored"]
+        assert upload(server, node, batch(8, [minute + 2]))["stored"]  # past it: left out and counted
+        with server.plane.db.transaction() as session:
+            counts = {(row.minute, row.tensor): list(row.counts) for row in session.scalars(select(TelemetryDrift))}
+        assert counts == {
+            (minute, "X"): [6, 12],
+            (minute, "Y"): [6, 12],
+            (minute + 1, "X"): [1, 2],
+            (minute + 1, "Y"): [1, 2],
+        }
+        answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()
+        assert answer["nodes"][0]["dropped"] == {DRIFT_OVER_BUDGET_KIND: 2}
+
+
 def test_ingest_reads_the_rows_a_batch_adds_to_a_statement_per_chunk_not_one_per_row(
     server: Harness, make_package: Callable[..., bytes]
 ) -> None:
