@@ -284,6 +284,11 @@ def test_honest_canaries_of_like_traffic_are_judged_as_pooled_less_the_best_one(
         "80 errors in 4000 requests on 4 canary nodes; judged with no node weighing more than the median one and the"
         " one most in its favour left out"
     )
+    # two quiet canaries (one error in 25 requests: noise) beside two busy ones judge no more than their weight
+    quiet = (sample("avx2", 4.0, requests=25, errors=1),) * 2 + (sample("avx2", 4.0, requests=10_000, errors=10),) * 2
+    mixed_traffic = by_metric(evaluate_gates([Gate("error_rate", "<=", 0.01)], population(canary=quiet), 0))
+    assert mixed_traffic["error_rate"].value == pytest.approx(12 / 10_050)  # a busy one left out: the plain 0.11%
+    assert mixed_traffic["error_rate"].passed
     # a gateway with 50x a device's traffic weighs as the median node, its own rate kept
     mixed = (sample("avx2", 4.0, requests=50_000, errors=0), *canary[:2])
     assert by_metric(evaluate_gates([Gate("error_rate", "<=", 0.05)], population(canary=mixed), 0))[
