@@ -228,9 +228,10 @@ def robust_error_rate(samples: Iterable[ServingSample], side: str) -> float | No
     the baseline so that any canary passed `error_rate_delta`. So each node weighs at most as much as the median node
     (the upper median: quiet nodes, whose one error in 25 requests is noise, do not pull the busy ones down to their
     weight; its errors scaled with it, its own rate kept), which bounds what fewer than half the nodes can do to what
-    as many typical nodes would; and with two nodes or more, the one whose leaving out moves the rate most against the version is
-    left out: the highest of the leave-one-out rates for a canary, the lowest for a baseline. For honest nodes of
-    like traffic this is the plain pool less one node's share; a wave of two canaries is judged by the worse one.
+    as many typical nodes would; and with two nodes or more, the one whose leaving out moves the rate most against
+    the version is left out: the highest of the leave-one-out rates for a canary, the lowest for a baseline. For
+    honest nodes of like traffic this is the plain pool less one node's share; a wave of two canaries is judged by
+    the worse one.
     """
     counts = [(s.counters.requests, s.counters.errors) for s in samples if s.counters.requests > 0]
     if not counts:
