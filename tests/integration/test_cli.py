@@ -152,7 +152,7 @@ def test_version_completion_and_exit_codes(tmp_path: Path, digits_onnx: Path) ->
     )
     # 2: an allowlist entry no node's code hash can match, an OTLP endpoint that is not a URL (both were taken), a
     # telemetry retention under an hour or that is no duration, an event retention under a day, a node certificate
-    # lifetime under an hour
+    # lifetime under an hour or past 397 days
     for option, value, said in [
         ("--agent-allowlist", "abc", "sha256:<64 hex digits>; got 'abc'"),
         ("--otlp-endpoint", "collector:4318", "must be an http:// or https:// URL, got 'collector:4318'"),
@@ -160,6 +160,7 @@ def test_version_completion_and_exit_codes(tmp_path: Path, digits_onnx: Path) ->
         ("--telemetry-retention", "nan", "--telemetry-retention: 'nan' is not a duration"),
         ("--event-retention", "12h", "--event-retention must be at least 1d, got '12h'"),
         ("--node-cert-lifetime", "10m", "--node-cert-lifetime must be at least 1h, got '10m'"),
+        ("--node-cert-lifetime", "3000000d", "--node-cert-lifetime must be at most 397d, got 3000000d"),  # overflowed
     ]:
         refused = strata("server", "--data-dir", str(tmp_path / "srv"), "--port", "9", option, value, timeout=20)
         assert refused.returncode == 2, refused.stderr

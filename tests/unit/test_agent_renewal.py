@@ -24,9 +24,10 @@ T0 = 1_800_000_000.0
 class Renewals(ControlPlaneClient):
     """Answers renewals with a certificate for 30 more days, or refuses them with `refusal`."""
 
-    def __init__(self, now: list[float]) -> None:
+    def __init__(self, now: list[float], behind: float = 0.0) -> None:
         super().__init__("https://cp.example", H11Transport())
         self.now = now
+        self.behind = behind  # how far the control plane's clock is behind this node's
         self.asked = 0
         self.refusal: Exception | None = None
 
@@ -34,18 +35,21 @@ class Renewals(ControlPlaneClient):
         self.asked += 1
         if self.refusal is not None:
             raise self.refusal
-        return CertificateRenewal(certificate="PEM", not_after=self.now[0] + 30 * DAY)
+        issued = self.now[0] - self.behind
+        return CertificateRenewal(certificate="PEM", not_after=issued + 30 * DAY, issued_at=issued)
 
 
 def make_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, received_at: float | None = T0
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, received_at: float | None = T0, behind: float = 0.0
 ) -> tuple[AgentLoop, Renewals, list[float]]:
-    """A loop holding a 30-day certificate received at T0, its clock at T0; no files, keys or TLS."""
+    """A loop holding a 30-day certificate received at T0, its clock at T0 (the control plane's `behind` it); no
+    files, keys or TLS."""
     now = [T0]
-    client = Renewals(now)
+    client = Renewals(now, behind)
     config = AgentConfig(server="https://cp.example", data_dir=tmp_path, name="n1", tier="device")
     loop = AgentLoop(config, client, object(), clock=lambda: now[0])  # no reconciler needed
-    loop.stored = StoredIdentity(config.server, "node-1", T0 + 30 * DAY, received_at)
+    issued = T0 - behind if received_at is not None else None
+    loop.stored = StoredIdentity(config.server, "node-1", T0 - behind + 30 * DAY, received_at, issued)
     monkeypatch.setattr(loop.identity, "make_csr", lambda name: "CSR")
     monkeypatch.setattr(loop, "_adopt", lambda stored: setattr(loop, "stored", stored))
     return loop, client, now
@@ -64,6 +68,29 @@ def test_a_certificate_is_renewed_once_a_third_of_its_life_is_left(
     assert loop.stored is not None
     assert loop.stored.not_after == now[0] + 30 * DAY
     assert loop.stored.received_at == now[0]
+
+
+@pytest.mark.parametrize("behind", [25 * DAY, -40 * DAY])
+def test_a_node_whose_clock_is_weeks_wrong_renews_on_the_certificates_life_not_its_dates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behind: float
+) -> None:
+    """The life is the server's (issued_at to not_after, one clock), counted from its receipt on the node's: a node
+    25 days ahead took not_after - received_at for a 5-day life and renewed every 3.3 days, until the control plane
+    refused a fifth live certificate and every round failed; one 40 days behind would have waited 40 days."""
+    loop, client, now = make_loop(tmp_path, monkeypatch, behind=behind)
+    for day in (1, 10, 19):
+        now[0] = T0 + day * DAY
+        loop.renew_if_due()
+    assert client.asked == 0
+    now[0] = T0 + 21 * DAY
+    loop.renew_if_due()
+    assert client.asked == 1
+    for day in (22, 30, 40):  # the new certificate, received at day 21, lasts until day 51 by this node's clock
+        now[0] = T0 + day * DAY
+        loop.renew_if_due()
+    assert client.asked == 1
+    assert loop.stored is not None
+    assert loop.stored.expires_at == T0 + 51 * DAY
 
 
 def test_an_identity_from_before_lifetimes_were_kept_renews_8_hours_before_the_end(

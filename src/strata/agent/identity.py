@@ -48,14 +48,29 @@ def pem_fingerprint(pem: str) -> str:
 class StoredIdentity:
     server: str
     node_id: str
-    not_after: float
+    not_after: float  # by the server's clock
     received_at: float | None = None  # by this node's clock; None in an identity.json from before it was kept
+    issued_at: float | None = None  # by the server's clock; None from a server (or an identity.json) before it
+
+    @property
+    def life(self) -> float | None:
+        """The life the server gave the certificate (both ends on its clock), None where it did not say."""
+        return self.not_after - self.issued_at if self.issued_at is not None and self.received_at is not None else None
+
+    @property
+    def expires_at(self) -> float:
+        """When the certificate ends, by this node's clock: its life counted from its receipt (a node whose clock
+        is wrong by weeks still renews in time and not over and over), else the server's date as it stands."""
+        life = self.life
+        if life is None or self.received_at is None:
+            return self.not_after
+        return self.received_at + life
 
     def renew_at(self, renew_before_s: float) -> float:
-        """When to renew: once a third of the certificate's life is left, and at least `renew_before_s` before it
-        ends (all of that before the life is known)."""
-        life = self.not_after - self.received_at if self.received_at is not None else 0.0
-        return self.not_after - max(renew_before_s, life / 3)
+        """When to renew, by this node's clock: once a third of the certificate's life is left, and at least
+        `renew_before_s` before it ends (all of that where the life is not known)."""
+        life = self.life or 0.0
+        return self.expires_at - max(renew_before_s, life / 3)
 
 
 class FleetIdentity:
@@ -78,12 +93,13 @@ class FleetIdentity:
             return None
         try:
             raw = json.loads(self.state_path.read_text())
-            received = raw.get("received_at")
+            received, issued = raw.get("received_at"), raw.get("issued_at")
             stored = StoredIdentity(
                 str(raw["server"]),
                 str(raw["node_id"]),
                 float(raw["not_after"]),
                 float(received) if received is not None else None,
+                float(issued) if issued is not None else None,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{self.state_path} is unreadable ({exc}); enroll again with a new token") from exc
@@ -122,12 +138,26 @@ class FleetIdentity:
         signature = run_module("strata.trust.node", ["sign", str(self.key_path)], payload, timeout_s=120, what=what)
         return signature.decode().strip()
 
-    def save(self, server: str, node_id: str, certificate: str, not_after: float, received_at: float) -> StoredIdentity:
+    def save(
+        self,
+        server: str,
+        node_id: str,
+        certificate: str,
+        not_after: float,
+        received_at: float,
+        issued_at: float | None = None,
+    ) -> StoredIdentity:
         """Store a certificate from enrollment or renewal (it must be for this node's key), received at
-        `received_at` by this node's clock."""
+        `received_at` by this node's clock, issued at `issued_at` by the server's."""
         write_bytes_atomic(self.cert_path, certificate.encode())
-        stored = StoredIdentity(server, node_id, not_after, received_at)
-        raw = {"server": server, "node_id": node_id, "not_after": not_after, "received_at": received_at}
+        stored = StoredIdentity(server, node_id, not_after, received_at, issued_at)
+        raw = {
+            "server": server,
+            "node_id": node_id,
+            "not_after": not_after,
+            "received_at": received_at,
+            "issued_at": issued_at,
+        }
         write_json_atomic(self.state_path, raw, mode=0o600)
         return stored
 

@@ -174,7 +174,12 @@ class AgentLoop:
             self.reconciler.supply.pin(answer.release_keys, answer.tuf_roots)
         self._adopt(
             self.identity.save(
-                self.config.server, answer.node_id, answer.certificate, answer.not_after, received_at=self.clock()
+                self.config.server,
+                answer.node_id,
+                answer.certificate,
+                answer.not_after,
+                received_at=self.clock(),
+                issued_at=answer.issued_at,
             )
         )
         log.info(
@@ -224,12 +229,12 @@ class AgentLoop:
         now = self.clock()
         if stored is None or now < stored.renew_at(self.config.renew_before_s):
             return
-        expired = now >= stored.not_after
+        expired = now >= stored.expires_at
         if expired:
             log.warning(
                 "this node's certificate expired at %s by this node's clock, which says it is %s; asking the control"
                 " plane to renew it all the same (if this node's clock is wrong, set it right)",
-                utc_time(stored.not_after),
+                utc_time(stored.expires_at),
                 utc_time(now),
             )
         try:
@@ -245,7 +250,12 @@ class AgentLoop:
             ) from exc
         self._adopt(
             self.identity.save(
-                stored.server, stored.node_id, renewal.certificate, renewal.not_after, received_at=self.clock()
+                stored.server,
+                stored.node_id,
+                renewal.certificate,
+                renewal.not_after,
+                received_at=self.clock(),
+                issued_at=renewal.issued_at,
             )
         )
         log.info("renewed this node's certificate; valid until %s", utc_time(renewal.not_after))

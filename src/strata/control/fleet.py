@@ -497,6 +497,7 @@ class FleetService:
             certificate=issued.pem.decode(),
             ca=self._pki.ca.cert_pem.decode(),
             not_after=issued.not_after,
+            issued_at=issued.issued_at,
         )
 
     def renew_certificate(self, node_id: str, csr: str) -> CertificateRenewal:
@@ -527,7 +528,7 @@ class FleetService:
             node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
             record_issued(session, node_id, node.credential_hash, issued.not_after, now)
         self._authenticator.forget_node(node_id)
-        return CertificateRenewal(certificate=issued.pem.decode(), not_after=issued.not_after)
+        return CertificateRenewal(issued.pem.decode(), issued.not_after, issued.issued_at)
 
     def enrollment_token_valid(self, token: str) -> bool:
         """Whether a token could enroll now (unused, unexpired), without spending it."""

@@ -103,6 +103,11 @@ class EnrollResponseBody(BaseModel):
     tuf_roots: dict[str, str] = Field(
         default_factory=dict, description="root metadata (JSON text) of the `image` and `director` TUF repositories"
     )
+    issued_at: float | None = Field(
+        None,
+        description="when it was issued (epoch seconds, the server's clock): the node counts the certificate's"
+        " life from its receipt on its own clock",
+    )
 
 
 class RenewRequest(RequestBody):
@@ -112,6 +117,7 @@ class RenewRequest(RequestBody):
 class CertificateBody(BaseModel):
     certificate: str
     not_after: float
+    issued_at: float | None = None
 
 
 class ApiTokenRequest(RequestBody):

@@ -44,6 +44,8 @@ from strata.core.logformat import check_log_format
 from strata.core.openfiles import effective_max_connections, raise_open_files_limit
 from strata.core.words import parse_duration, parse_retention
 
+MAX_NODE_CERT_S: Final = 397 * 86400.0  # the longest certificate life browsers take (CA/Browser Forum)
+
 log = logging.getLogger(__name__)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -241,6 +243,8 @@ def serve(
         raise ConfigError(f"--otlp-endpoint must be an http:// or https:// URL, got {otlp_endpoint!r}")
     retention_s = retention_seconds(telemetry_retention)
     cert_s = parse_retention(node_cert_lifetime, "--node-cert-lifetime", 3600.0)
+    if cert_s > MAX_NODE_CERT_S:
+        raise ConfigError(f"--node-cert-lifetime must be at most 397d, got {node_cert_lifetime}")
     if max_connections is not None and max_connections < 1:
         raise ConfigError(f"--max-connections must be at least 1, got {max_connections}")
     try:

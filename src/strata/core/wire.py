@@ -6,6 +6,7 @@ small); the control plane serves the same shapes. Every parser checks types and 
 
 from __future__ import annotations
 
+import math
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -208,6 +209,7 @@ class EnrollResponse:
     not_after: float
     release_keys: tuple[str, ...] = ()
     tuf_roots: Mapping[str, str] = field(default_factory=dict)
+    issued_at: float | None = None  # the server's clock at issue: the certificate's life, whatever the node's clock
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -216,6 +218,8 @@ class EnrollResponse:
             "ca": self.ca,
             "not_after": self.not_after,
         }
+        if self.issued_at is not None:
+            body["issued_at"] = self.issued_at
         # Written only when set, so an answer without supply-chain trust has the shape it always had.
         if self.release_keys:
             body["release_keys"] = list(self.release_keys)
@@ -243,18 +247,23 @@ class EnrollResponse:
             not_after=float(not_after),
             release_keys=tuple(keys),
             tuf_roots=dict(roots),
+            issued_at=_issued_at(obj, not_after, what),
         )
 
 
 @dataclass(frozen=True)
 class CertificateRenewal:
-    """A node's new certificate (PEM) and when it expires."""
+    """A node's new certificate (PEM), when it expires and when it was issued (both on the server's clock)."""
 
     certificate: str
     not_after: float
+    issued_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"certificate": self.certificate, "not_after": self.not_after}
+        body: dict[str, Any] = {"certificate": self.certificate, "not_after": self.not_after}
+        if self.issued_at is not None:
+            body["issued_at"] = self.issued_at
+        return body
 
     @classmethod
     def from_json(cls, raw: Any) -> CertificateRenewal:
@@ -263,7 +272,27 @@ class CertificateRenewal:
         not_after = obj.get("not_after")
         if not isinstance(not_after, int | float) or isinstance(not_after, bool):
             raise ProtocolError(f"{what}: 'not_after' must be a number")
-        return cls(certificate=_req(obj, "certificate", str, what), not_after=float(not_after))
+        return cls(
+            certificate=_req(obj, "certificate", str, what),
+            not_after=float(not_after),
+            issued_at=_issued_at(obj, not_after, what),
+        )
+
+
+def _issued_at(obj: Mapping[str, Any], not_after: float, what: str) -> float | None:
+    """A certificate answer's `issued_at` (absent from a server before it: None).
+
+    Raises:
+        ProtocolError: it is not a finite number at or before `not_after`.
+    """
+    issued = obj.get("issued_at")
+    if issued is None:
+        return None
+    if not isinstance(issued, int | float) or isinstance(issued, bool) or not math.isfinite(issued):
+        raise ProtocolError(f"{what}: 'issued_at' must be a number")
+    if issued > not_after:
+        raise ProtocolError(f"{what}: 'issued_at' must be a time at or before 'not_after'")
+    return float(issued)
 
 
 # --- desired state ---------------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ class IssuedCertificate:
     pem: bytes
     serial: int
     not_after: float
+    issued_at: float = 0.0  # the CA's clock when it signed: with not_after, the life it gave (on one clock)
 
 
 class FleetCA:
@@ -156,7 +157,7 @@ class FleetCA:
         lifetime: dt.timedelta,
     ) -> IssuedCertificate:
         serial = x509.random_serial_number()
-        not_after = min(now + lifetime, self.cert.not_valid_after_utc)
+        not_after = now + min(lifetime, self.cert.not_valid_after_utc - now)  # no overflow past the CA's own end
         cert = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -171,7 +172,7 @@ class FleetCA:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        return IssuedCertificate(_cert_pem(cert), serial, not_after.timestamp())
+        return IssuedCertificate(_cert_pem(cert), serial, not_after.timestamp(), now.timestamp())
 
     def server_certificate(self, names: Iterable[str], now: dt.datetime) -> tuple[bytes, bytes]:
         """A new key and a certificate for the control plane under these DNS names and IP addresses."""

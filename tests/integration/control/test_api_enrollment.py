@@ -42,8 +42,10 @@ def test_a_token_enrolls_once(server: Harness) -> None:
     token = _token(server)
     first = server.client.post("/v1/enroll", json=_enroll_body(token, "edge-1"))
     assert first.status_code == 201
-    assert set(first.json()) == {"node_id", "certificate", "ca", "not_after"}
+    assert set(first.json()) == {"node_id", "certificate", "ca", "not_after", "issued_at"}
     assert first.json()["not_after"] == pytest.approx(T0 + 30 * 86400)  # a node offline for weeks comes back
+    # the life, on the server's clock alone: a node counts it from its receipt on its own clock
+    assert first.json()["not_after"] - first.json()["issued_at"] == pytest.approx(30 * 86400)
     again = server.client.post("/v1/enroll", json=_enroll_body(token, "edge-2"))
     assert again.status_code == 401
     assert again.json() == {"error": INVALID_ENROLLMENT, "code": "unauthenticated"}
