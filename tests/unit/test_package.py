@@ -190,6 +190,8 @@ def test_invalid_names_are_refused(digits_onnx: Path, tmp_path: Path) -> None:
         build_package(digits_onnx, tmp_path / "p", name="../etc", version="1")
     with pytest.raises(ConfigError, match="version"):
         build_package(digits_onnx, tmp_path / "p", name="ok", version="1 0")
+    with pytest.raises(ConfigError, match="model name"):  # "$" matched before a final newline: it passed
+        build_package(digits_onnx, tmp_path / "p", name="digits\n", version="1")
 
 
 def test_verify_catches_a_changed_file(digits_package: Package) -> None:

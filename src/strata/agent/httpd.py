@@ -82,7 +82,7 @@ _MAX_PIPELINED: Final = 16  # parsed requests waiting on one connection before r
 _MAX_QUEUED: Final = 64
 _REQUEST_COST: Final = 1024  # what a parsed request costs in Python objects beyond its head's bytes
 _HEADER_COST: Final = 160  # and each of its headers (two str and a dict entry)
-_HEADER_NAME = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_NAME = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # \Z: "$" also matches before a final newline
 _SERVER_HEADERS: Final = frozenset(("content-length", "connection"))  # the server writes these itself
 
 

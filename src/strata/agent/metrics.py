@@ -37,8 +37,8 @@ RETIRED_SERIES_S: Final = 300.0
 # rejected: shed by admission control (queue full or wait over its bound), answered 503 with Retry-After.
 FAILURE_REASONS: Final = ("bad_request", "unavailable", "internal", "rejected")
 
-_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_NAME_RE = re.compile(r"\A[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_LABEL_RE = re.compile(r"\A[a-zA-Z_][a-zA-Z0-9_]*\Z")
 
 Labels = tuple[str, ...]
 # a family's series as JSON data (see `MetricFamily.snapshot`), and a registry's, by family name

@@ -77,7 +77,7 @@ DIRECTOR: Final = "director"
 _IMAGE_LOCK: Final = "tuf:image"
 # Versions of a role kept besides the newest: a node that read the previous snapshot can still fetch what it names.
 KEEP_VERSIONS: Final = 3
-_VERSIONED = re.compile(r"^([1-9][0-9]{0,18})\.(.+)\.json$")
+_VERSIONED = re.compile(r"\A([1-9][0-9]{0,18})\.(.+)\.json\Z")
 
 
 @dataclass(frozen=True)

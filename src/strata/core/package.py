@@ -53,7 +53,7 @@ MAX_PATH_PARTS: Final = 32  # folders and name of a file path in a package
 MAX_PATH_PART_BYTES: Final = 255  # one name (NAME_MAX)
 MAX_PATH_BYTES: Final = 1024  # a whole relative path
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" also matches before a final newline
 
 # Tolerances of the golden check by precision. Golden outputs are computed by the variant itself, so these
 # cover kernel and hardware differences (another ISA, another thread count), not quantization error.

@@ -47,7 +47,7 @@ MAX_EVENT_STREAMS: Final = 256  # open event streams per server process; more ar
 # Open event streams per API token (a few tabs): one token, read-only too, cannot take the whole server's streams
 # and leave every other operator's console without live updates.
 MAX_EVENT_STREAMS_PER_TOKEN: Final = 8
-_ASSET: Final = re.compile(r"^[a-z0-9-]+\.(js|css|svg)$")
+_ASSET: Final = re.compile(r"\A[a-z0-9-]+\.(js|css|svg)\Z")
 _TYPES: Final = {"js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
 _ACTIONS: Final = ("pause", "resume", "abort")
 
