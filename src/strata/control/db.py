@@ -446,7 +446,8 @@ def runnable_version(session: Session, model: str, version: str, use: str) -> Mo
     return row
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL, foreign keys, a busy timeout and NORMAL sync on a new SQLite connection (a "connect" event)."""
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -549,7 +550,7 @@ def make_engine(url: str) -> Engine:
     except ArgumentError as exc:
         raise ConfigError(f"cannot use database URL {safe_url(parsed)}: {redact(str(exc), parsed)}") from exc
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", sqlite_pragmas)
     elif engine.dialect.name == "postgresql":
         event.listen(engine, "connect", _postgres_session)
     return engine
