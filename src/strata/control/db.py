@@ -13,8 +13,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote_plus
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy import (
     JSON,
@@ -458,6 +459,29 @@ def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def sqlite_file(url: URL) -> Path | None:
+    """The database file a SQLite URL names; None for another database, an in-memory one or a URI filename."""
+    if url.get_backend_name() != "sqlite" or str(url.query.get("uri", "")).lower() in ("true", "1"):
+        return None
+    if not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
+
+
+def open_existing(engine: Engine) -> None:
+    """Make every new connection of `engine` (a SQLite file database) open its file read-write without creating
+    it: a database deleted under a running server is an error ("unable to open database file"), not a new empty
+    database that the next connection, or the next start, takes for the fleet. Only the migrations create it."""
+    if sqlite_file(engine.url) is None:
+        return
+
+    @event.listens_for(engine, "do_connect")
+    def _read_write(_dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
+        if not cparams.get("uri"):
+            cargs[0] = f"file:{quote(str(cargs[0]))}?mode=rw"
+            cparams["uri"] = True
+
+
 def _postgres_session(dbapi_connection: Any, _record: Any) -> None:
     """Every commit is durable before it is answered: nodes delete what the control plane acknowledged (telemetry
     batches, status), so an acknowledged write that a crash of PostgreSQL takes back is lost for good. A server
@@ -520,7 +544,8 @@ def redact(message: str, url: str | URL) -> str:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite connections get WAL, foreign keys and a busy timeout.
+    """An engine for `url`; SQLite connections get WAL, foreign keys and a busy timeout, and open the database file
+    only if it exists (`open_existing`: `strata.control.migrations.upgrade` creates it).
 
     `postgresql://` means psycopg 3 (`pip install 'strata[postgres]'`). Nothing is connected yet.
 
@@ -551,6 +576,7 @@ def make_engine(url: str) -> Engine:
         raise ConfigError(f"cannot use database URL {safe_url(parsed)}: {redact(str(exc), parsed)}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", sqlite_pragmas)
+        open_existing(engine)
     elif engine.dialect.name == "postgresql":
         event.listen(engine, "connect", _postgres_session)
     return engine

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlalchemy import Engine, create_engine, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from strata.control.db import FleetChange
+from strata.control.db import FleetChange, open_existing
 from strata.control.errors import StoreError
 from strata.core.aio import wait_event
 
@@ -250,6 +250,7 @@ class SharedGeneration:
             StoreError: the database failed.
         """
         self._watch_engine = create_engine(self._db.engine.url, pool_size=1, max_overflow=1)
+        open_existing(self._watch_engine)
         self._seen = self._read()
         self._feed.on_bump = self.publish
         watch = self._listen_forever if self.listens else self._poll_forever

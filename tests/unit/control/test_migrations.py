@@ -75,6 +75,7 @@ def test_a_first_migration_that_fails_part_way_leaves_no_tables_and_the_next_sta
 
 def test_an_upgrade_that_fails_part_way_leaves_the_previous_revision(tmp_path: Path) -> None:
     path = tmp_path / "strata.db"
+    sqlite3.connect(path).close()  # the engine of `make_engine` opens the file, only `upgrade` creates it
     engine = make_engine(f"sqlite:///{path}")
     try:
         command.upgrade(migrations.alembic_config(engine), "0005_supply")
