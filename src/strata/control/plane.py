@@ -332,8 +332,10 @@ STALE_SCRATCH_S = 24 * 3600  # a replica's scratch folder untouched this long be
 
 
 def clear_scratch(root: Path, own: Path, now: float) -> None:
-    """Empty this process's scratch folder, and remove other replicas' that have not changed for a day (their
-    uploads died with them); a live replica's folder is left alone. An older release's loose files are removed.
+    """Empty this process's scratch folder (`own`, named `<host>.<pid>`), and remove other replicas' that belong to
+    a process of this host that is gone (killed mid-upload, its partial upload would hold the disk for a day), or
+    that have not changed for a day (a replica on another host sharing the folder); a live replica's folder is left
+    alone. An older release's loose files are removed.
 
     Raises:
         OSError: the scratch root cannot be listed.
@@ -341,13 +343,28 @@ def clear_scratch(root: Path, own: Path, now: float) -> None:
     shutil.rmtree(own, ignore_errors=True)
     if not root.is_dir():
         return
+    host = own.name.rpartition(".")[0]
     for entry in root.iterdir():
         try:
             stale = now - entry.lstat().st_mtime > STALE_SCRATCH_S
         except FileNotFoundError:
             continue
         if entry.is_dir() and not entry.is_symlink():
-            if stale:
+            if stale or _of_a_dead_process(entry.name, host):
                 shutil.rmtree(entry, ignore_errors=True)
         elif entry.name.startswith((".blob.", ".unpack.", ".signature.")):
             entry.unlink(missing_ok=True)
+
+
+def _of_a_dead_process(name: str, host: str) -> bool:
+    """Whether the scratch folder `name` (`<host>.<pid>`) is of a process of `host` (this one) that has ended."""
+    owner, _, pid = name.rpartition(".")
+    if owner != host or not pid.isdigit() or int(pid) <= 0:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
