@@ -40,10 +40,10 @@ from sqlalchemy import (
     text,
     tuple_,
 )
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from strata.control.errors import StoreError
+from strata.control.errors import StorageFull, StoreError
 from strata.core.errors import ConfigError, Conflict, NotFound
 from strata.core.telemetry import MAX_DROPPED_KIND, MAX_STATUS, MAX_TENSOR, MAX_TIER
 from strata.core.wire import ProtocolError
@@ -482,6 +482,38 @@ def open_existing(engine: Engine) -> None:
             cparams["uri"] = True
 
 
+# SQLite's SQLITE_FULL and PostgreSQL's disk_full (SQLSTATE 53100)
+_SQLITE_FULL = 13
+_POSTGRES_DISK_FULL = "53100"
+_MAX_REASON = 200  # characters of a driver's message a StoreError repeats
+
+
+def store_error(exc: SQLAlchemyError, url: URL) -> StoreError:
+    """What a caller may be told of a database failure: for an operational failure (disk full, database locked or
+    unreachable, a missing table) the first line of the driver's message, cut short and scrubbed of the URL's
+    password; for any other only the error's kind, since drivers quote the values of the statement there. Never the
+    SQL or its parameters (SQLAlchemy's own message holds both). A full disk is a `StorageFull` (507).
+    """
+    orig = exc.orig if isinstance(exc, DBAPIError) else None
+    if orig is not None and (
+        getattr(orig, "sqlite_errorcode", None) == _SQLITE_FULL
+        or getattr(orig, "sqlstate", None) == _POSTGRES_DISK_FULL
+    ):
+        return StorageFull(f"database error: the disk is full ({_first_line(orig, url)})")
+    if isinstance(exc, OperationalError) and orig is not None:
+        return StoreError(f"database error: {_first_line(orig, url)}")
+    return StoreError(f"database error: {type(orig or exc).__name__}")
+
+
+def _first_line(orig: BaseException, url: URL) -> str:
+    lines = str(orig).strip().splitlines()
+    line = " ".join(lines[0].split()) if lines else ""
+    if not line:
+        return type(orig).__name__
+    line = redact(line, url)
+    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
+
+
 def _postgres_session(dbapi_connection: Any, _record: Any) -> None:
     """Every commit is durable before it is answered: nodes delete what the control plane acknowledged (telemetry
     batches, status), so an acknowledged write that a crash of PostgreSQL takes back is lost for good. A server
@@ -597,7 +629,8 @@ class Database:
 
         Raises:
             Conflict: the commit broke a uniqueness or foreign-key rule (a concurrent write got there first).
-            StoreError: any other database failure.
+            StorageFull: the database's disk is full.
+            StoreError: any other database failure, with the driver's reason (`store_error`).
         """
         try:
             with self._sessions.begin() as session:
@@ -607,14 +640,18 @@ class Database:
             raise Conflict("the change conflicts with what is stored; reload and try again") from exc
         except SQLAlchemyError as exc:
             log.warning("database error: %s", redact(str(exc), self.engine.url))
-            raise StoreError(f"database error: {type(exc).__name__}") from exc
+            raise store_error(exc, self.engine.url) from exc
 
     def ping(self) -> None:
-        """One round trip to the database (`SELECT 1`), for the readiness probe.
+        """One round trip to the database (`SELECT 1`), for the readiness probe; a SQLite database file must still be
+        there (a pooled connection keeps answering from a deleted one).
 
         Raises:
-            StoreError: the database does not answer.
+            StoreError: the database does not answer, or its file is gone.
         """
+        database = sqlite_file(self.engine.url)
+        if database is not None and not database.exists():
+            raise StoreError(f"the database file {database} is missing")
         with self.transaction() as session:
             session.execute(text("SELECT 1"))
 

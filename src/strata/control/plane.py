@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from strata.control.blobs import FileBlobStore
 from strata.control.db import Database, make_engine, sqlite_file
 from strata.control.deployments import DeploymentService
 from strata.control.entries import load_pin_entries
-from strata.control.errors import StoreError
+from strata.control.errors import StoreError, disk_error
 from strata.control.events import EventService
 from strata.control.feed import ChangeFeed, Nudge, SharedGeneration
 from strata.control.fleet import FleetService
@@ -197,6 +198,28 @@ class ControlPlane:
             if self.authenticator.ensure_admin_token(settings.admin_token_path):
                 log.info("wrote a new admin token to %s", settings.admin_token_path)
         self.shared.start()
+
+    def check_ready(self) -> None:
+        """Whether this process can serve the API: its database answers (and its SQLite file is still there), and the
+        blob store's folders take a write (not full, not read-only).
+
+        Raises:
+            StoreError: the reason it cannot (`StorageFull` for a full disk).
+        """
+        self.db.ping()
+        settings = self.settings
+        if not os.access(settings.blobs_dir, os.W_OK):
+            raise StoreError(f"the blob folder {settings.blobs_dir} cannot be written")
+        try:
+            # The scratch folder is on the blobs' file system (uploads are renamed into place): a byte written there
+            # needs a free block, which a full disk does not have.
+            with tempfile.TemporaryFile(dir=settings.tmp_dir, prefix=".ready.") as probe:
+                probe.write(b"\0")
+                probe.flush()
+        except OSError as exc:
+            raise disk_error(
+                f"the blob store's scratch folder {settings.tmp_dir} cannot be written: {exc}", exc
+            ) from exc
 
     def migrate(self) -> None:
         """Bring the database to the newest schema, creating a SQLite database on a first start; call it under
