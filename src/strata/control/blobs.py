@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Protocol
 
-from strata.control.errors import PayloadTooLarge, StoreError
+from strata.control.errors import PayloadTooLarge, StoreError, disk_error
 from strata.core.errors import NotFound
 from strata.core.fsutil import fsync_dir
 from strata.core.hashing import is_hex_sha256
@@ -132,7 +132,7 @@ class FileBlobStore:
             self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix=".blob.", suffix=".tmp")
         except OSError as exc:
-            raise StoreError(f"cannot create a temporary file in {self.tmp_dir}: {exc}") from exc
+            raise disk_error(f"cannot create a temporary file in {self.tmp_dir}: {exc}", exc) from exc
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -146,7 +146,7 @@ class FileBlobStore:
                 os.fsync(out.fileno())
         except OSError as exc:
             path.unlink(missing_ok=True)
-            raise StoreError(f"cannot write a temporary file in {self.tmp_dir}: {exc}") from exc
+            raise disk_error(f"cannot write a temporary file in {self.tmp_dir}: {exc}", exc) from exc
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -164,7 +164,7 @@ class FileBlobStore:
                 os.replace(staged.path, target)
                 fsync_dir(target.parent)
         except OSError as exc:
-            raise StoreError(f"cannot store blob {staged.sha256}: {exc}") from exc
+            raise disk_error(f"cannot store blob {staged.sha256}: {exc}", exc) from exc
         return BlobInfo(staged.sha256, staged.size)
 
     def put(self, chunks: Iterable[bytes], limit: int | None = None) -> BlobInfo:

@@ -13,8 +13,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote_plus
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy import (
     JSON,
@@ -39,10 +40,10 @@ from sqlalchemy import (
     text,
     tuple_,
 )
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from strata.control.errors import StoreError
+from strata.control.errors import StorageFull, StoreError
 from strata.core.errors import ConfigError, Conflict, NotFound
 from strata.core.telemetry import MAX_DROPPED_KIND, MAX_STATUS, MAX_TENSOR, MAX_TIER
 from strata.core.wire import ProtocolError
@@ -446,7 +447,8 @@ def runnable_version(session: Session, model: str, version: str, use: str) -> Mo
     return row
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL, foreign keys, a busy timeout and NORMAL sync on a new SQLite connection (a "connect" event)."""
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
@@ -455,6 +457,61 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
     finally:
         cursor.close()
+
+
+def sqlite_file(url: URL) -> Path | None:
+    """The database file a SQLite URL names; None for another database, an in-memory one or a URI filename."""
+    if url.get_backend_name() != "sqlite" or str(url.query.get("uri", "")).lower() in ("true", "1"):
+        return None
+    if not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
+
+
+def open_existing(engine: Engine) -> None:
+    """Make every new connection of `engine` (a SQLite file database) open its file read-write without creating
+    it: a database deleted under a running server is an error ("unable to open database file"), not a new empty
+    database that the next connection, or the next start, takes for the fleet. Only the migrations create it."""
+    if sqlite_file(engine.url) is None:
+        return
+
+    @event.listens_for(engine, "do_connect")
+    def _read_write(_dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
+        if not cparams.get("uri"):
+            cargs[0] = f"file:{quote(str(cargs[0]))}?mode=rw"
+            cparams["uri"] = True
+
+
+# SQLite's SQLITE_FULL and PostgreSQL's disk_full (SQLSTATE 53100)
+_SQLITE_FULL = 13
+_POSTGRES_DISK_FULL = "53100"
+_MAX_REASON = 200  # characters of a driver's message a StoreError repeats
+
+
+def store_error(exc: SQLAlchemyError, url: URL) -> StoreError:
+    """What a caller may be told of a database failure: for an operational failure (disk full, database locked or
+    unreachable, a missing table) the first line of the driver's message, cut short and scrubbed of the URL's
+    password; for any other only the error's kind, since drivers quote the values of the statement there. Never the
+    SQL or its parameters (SQLAlchemy's own message holds both). A full disk is a `StorageFull` (507).
+    """
+    orig = exc.orig if isinstance(exc, DBAPIError) else None
+    if orig is not None and (
+        getattr(orig, "sqlite_errorcode", None) == _SQLITE_FULL
+        or getattr(orig, "sqlstate", None) == _POSTGRES_DISK_FULL
+    ):
+        return StorageFull(f"database error: the disk is full ({_first_line(orig, url)})")
+    if isinstance(exc, OperationalError) and orig is not None:
+        return StoreError(f"database error: {_first_line(orig, url)}")
+    return StoreError(f"database error: {type(orig or exc).__name__}")
+
+
+def _first_line(orig: BaseException, url: URL) -> str:
+    lines = str(orig).strip().splitlines()
+    line = " ".join(lines[0].split()) if lines else ""
+    if not line:
+        return type(orig).__name__
+    line = redact(line, url)
+    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
 
 
 def _postgres_session(dbapi_connection: Any, _record: Any) -> None:
@@ -519,7 +576,8 @@ def redact(message: str, url: str | URL) -> str:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite connections get WAL, foreign keys and a busy timeout.
+    """An engine for `url`; SQLite connections get WAL, foreign keys and a busy timeout, and open the database file
+    only if it exists (`open_existing`: `strata.control.migrations.upgrade` creates it).
 
     `postgresql://` means psycopg 3 (`pip install 'strata[postgres]'`). Nothing is connected yet.
 
@@ -549,7 +607,8 @@ def make_engine(url: str) -> Engine:
     except ArgumentError as exc:
         raise ConfigError(f"cannot use database URL {safe_url(parsed)}: {redact(str(exc), parsed)}") from exc
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", sqlite_pragmas)
+        open_existing(engine)
     elif engine.dialect.name == "postgresql":
         event.listen(engine, "connect", _postgres_session)
     return engine
@@ -570,7 +629,8 @@ class Database:
 
         Raises:
             Conflict: the commit broke a uniqueness or foreign-key rule (a concurrent write got there first).
-            StoreError: any other database failure.
+            StorageFull: the database's disk is full.
+            StoreError: any other database failure, with the driver's reason (`store_error`).
         """
         try:
             with self._sessions.begin() as session:
@@ -580,14 +640,18 @@ class Database:
             raise Conflict("the change conflicts with what is stored; reload and try again") from exc
         except SQLAlchemyError as exc:
             log.warning("database error: %s", redact(str(exc), self.engine.url))
-            raise StoreError(f"database error: {type(exc).__name__}") from exc
+            raise store_error(exc, self.engine.url) from exc
 
     def ping(self) -> None:
-        """One round trip to the database (`SELECT 1`), for the readiness probe.
+        """One round trip to the database (`SELECT 1`), for the readiness probe; a SQLite database file must still be
+        there (a pooled connection keeps answering from a deleted one).
 
         Raises:
-            StoreError: the database does not answer.
+            StoreError: the database does not answer, or its file is gone.
         """
+        database = sqlite_file(self.engine.url)
+        if database is not None and not database.exists():
+            raise StoreError(f"the database file {database} is missing")
         with self.transaction() as session:
             session.execute(text("SELECT 1"))
 

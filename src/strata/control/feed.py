@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlalchemy import Engine, create_engine, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from strata.control.db import FleetChange
+from strata.control.db import FleetChange, open_existing, store_error
 from strata.control.errors import StoreError
 from strata.core.aio import wait_event
 
@@ -250,6 +250,7 @@ class SharedGeneration:
             StoreError: the database failed.
         """
         self._watch_engine = create_engine(self._db.engine.url, pool_size=1, max_overflow=1)
+        open_existing(self._watch_engine)
         self._seen = self._read()
         self._feed.on_bump = self.publish
         watch = self._listen_forever if self.listens else self._poll_forever
@@ -340,7 +341,7 @@ class SharedGeneration:
             with engine.connect() as connection:
                 value = connection.execute(select(FleetChange.generation).where(FleetChange.id == 1)).scalar()
         except SQLAlchemyError as exc:
-            raise StoreError(f"database error: {type(exc).__name__}") from exc
+            raise store_error(exc, engine.url) from exc
         if value is None:
             raise StoreError("the fleet_changes row is missing (run the migrations)")
         return int(value)

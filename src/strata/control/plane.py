@@ -16,21 +16,22 @@ import logging
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import text
+from sqlalchemy import URL, text
 
 from strata.control import migrations
 from strata.control.attestation import AttestationService
 from strata.control.auth import Authenticator
 from strata.control.blob_access import BlobAccess
 from strata.control.blobs import FileBlobStore
-from strata.control.db import Database, make_engine
+from strata.control.db import Database, make_engine, sqlite_file
 from strata.control.deployments import DeploymentService
 from strata.control.entries import load_pin_entries
-from strata.control.errors import StoreError
+from strata.control.errors import StoreError, disk_error
 from strata.control.events import EventService
 from strata.control.feed import ChangeFeed, Nudge, SharedGeneration
 from strata.control.fleet import FleetService
@@ -47,6 +48,7 @@ from strata.control.settings import ServerSettings
 from strata.control.supply import SupplyService
 from strata.control.telemetry import TelemetryService
 from strata.core.attest import strata_code_hash
+from strata.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +170,8 @@ class ControlPlane:
 
         Raises:
             StoreError: the data folder or the database cannot be prepared.
-            ConfigError: the admin token file is unusable, or a release key or TUF key is.
+            ConfigError: the admin token file is unusable, or a release key or TUF key is; the SQLite database of a
+                fleet's data folder is missing.
         """
         settings = self.settings
         try:
@@ -182,7 +185,7 @@ class ControlPlane:
             raise StoreError(f"cannot prepare the data folder {settings.data_dir}: {exc}") from exc
         # Replicas starting together: one at a time migrates and makes the keys and the admin token.
         with first_start_lock(settings.data_dir), self.migration_lock():
-            migrations.upgrade(self.db.engine)
+            self.migrate()
             try:
                 for suffix in ("", "-wal", "-shm"):
                     database = settings.data_dir / f"strata.db{suffix}"
@@ -195,6 +198,39 @@ class ControlPlane:
             if self.authenticator.ensure_admin_token(settings.admin_token_path):
                 log.info("wrote a new admin token to %s", settings.admin_token_path)
         self.shared.start()
+
+    def check_ready(self) -> None:
+        """Whether this process can serve the API: its database answers (and its SQLite file is still there), and the
+        blob store's folders take a write (not full, not read-only).
+
+        Raises:
+            StoreError: the reason it cannot (`StorageFull` for a full disk).
+        """
+        self.db.ping()
+        settings = self.settings
+        if not os.access(settings.blobs_dir, os.W_OK):
+            raise StoreError(f"the blob folder {settings.blobs_dir} cannot be written")
+        try:
+            # The scratch folder is on the blobs' file system (uploads are renamed into place): a byte written there
+            # needs a free block, which a full disk does not have.
+            with tempfile.TemporaryFile(dir=settings.tmp_dir, prefix=".ready.") as probe:
+                probe.write(b"\0")
+                probe.flush()
+        except OSError as exc:
+            raise disk_error(
+                f"the blob store's scratch folder {settings.tmp_dir} cannot be written: {exc}", exc
+            ) from exc
+
+    def migrate(self) -> None:
+        """Bring the database to the newest schema, creating a SQLite database on a first start; call it under
+        `first_start_lock` and `migration_lock`.
+
+        Raises:
+            ConfigError: the data folder holds a fleet but its SQLite database is gone (`refuse_lost_database`).
+            StoreError: the database cannot be reached or migrated.
+        """
+        refuse_lost_database(self.settings.data_dir, self.db.engine.url, fleet_files(self.settings))
+        migrations.upgrade(self.db.engine)
 
     @contextlib.contextmanager
     def migration_lock(self) -> Iterator[None]:
@@ -247,6 +283,37 @@ class ControlPlane:
             self.db.close()
 
 
+def fleet_files(settings: ServerSettings) -> tuple[Path, ...]:
+    """What only a server that has run on the data folder writes, after its database exists: its own TLS certificate
+    (`pki/server.pem`) and blobs. Not the fleet CA, the TUF keys or the admin token: an operator may provide those
+    before a first start (replicas are given them from a Secret; a token file a fresh database does not know is
+    adopted)."""
+    return (settings.pki_dir / "server.pem", settings.blobs_dir)
+
+
+def refuse_lost_database(data_dir: Path, url: URL, fleet: tuple[Path, ...]) -> None:
+    """Refuse to start a fleet's data folder whose SQLite database is missing (deleted, or not restored with the
+    rest): migrating would make a new, empty database and serve a fleet with no models, deployments or nodes. A
+    first start is not refused, nor one that stopped before making its database (nothing of `fleet` is written
+    before the database; an empty folder, such as `blobs/` made by a start that then failed, does not count).
+
+    Raises:
+        ConfigError: the database file is missing and something of `fleet` is there.
+    """
+    database = sqlite_file(url)
+    if database is None or database.exists():
+        return
+    found = [path for path in fleet if path.is_file() or (path.is_dir() and any(path.iterdir()))]
+    if found:
+        names = ", ".join(str(path.relative_to(data_dir)) for path in found)
+        raise ConfigError(
+            f"the database {database} is missing, but {data_dir} holds a fleet ({names}): starting would serve it "
+            "from a new, empty database, with no models, deployments or nodes. Restore "
+            f"{database.name} (with its -wal file, if any) from a backup of the data folder (README: Backup and "
+            "restore), or start with a new --data-dir for a new fleet"
+        )
+
+
 @contextlib.contextmanager
 def first_start_lock(data_dir: Path) -> Iterator[None]:
     """Hold `data_dir/start.lock` (an fcntl lock: local file systems and NFSv4 alike) while the block runs, so that
@@ -288,8 +355,10 @@ STALE_SCRATCH_S = 24 * 3600  # a replica's scratch folder untouched this long be
 
 
 def clear_scratch(root: Path, own: Path, now: float) -> None:
-    """Empty this process's scratch folder, and remove other replicas' that have not changed for a day (their
-    uploads died with them); a live replica's folder is left alone. An older release's loose files are removed.
+    """Empty this process's scratch folder (`own`, named `<host>.<pid>`), and remove other replicas' that belong to
+    a process of this host that is gone (killed mid-upload, its partial upload would hold the disk for a day), or
+    that have not changed for a day (a replica on another host sharing the folder); a live replica's folder is left
+    alone. An older release's loose files are removed.
 
     Raises:
         OSError: the scratch root cannot be listed.
@@ -297,13 +366,28 @@ def clear_scratch(root: Path, own: Path, now: float) -> None:
     shutil.rmtree(own, ignore_errors=True)
     if not root.is_dir():
         return
+    host = own.name.rpartition(".")[0]
     for entry in root.iterdir():
         try:
             stale = now - entry.lstat().st_mtime > STALE_SCRATCH_S
         except FileNotFoundError:
             continue
         if entry.is_dir() and not entry.is_symlink():
-            if stale:
+            if stale or _of_a_dead_process(entry.name, host):
                 shutil.rmtree(entry, ignore_errors=True)
         elif entry.name.startswith((".blob.", ".unpack.", ".signature.")):
             entry.unlink(missing_ok=True)
+
+
+def _of_a_dead_process(name: str, host: str) -> bool:
+    """Whether the scratch folder `name` (`<host>.<pid>`) is of a process of `host` (this one) that has ended."""
+    owner, _, pid = name.rpartition(".")
+    if owner != host or not pid.isdigit() or int(pid) <= 0:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False

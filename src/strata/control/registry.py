@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from strata.control.blobs import BlobStore, StagedBlob
 from strata.control.db import Database, Model, ModelVersion, Variant
-from strata.control.errors import PayloadTooLarge, StoreError
+from strata.control.errors import PayloadTooLarge, StoreError, disk_error
 from strata.control.feed import ChangeFeed
 from strata.control.supply import CheckedSignature, SupplyService
 from strata.core.chunking import offsets
@@ -216,7 +216,7 @@ class RegistryService:
                 self._store_pieces(package)
                 return package.manifest, checked
         except OSError as exc:
-            raise StoreError(f"cannot unpack the package for verification: {exc}") from exc
+            raise disk_error(f"cannot unpack the package for verification: {exc}", exc) from exc
 
     def _store_pieces(self, package: Package) -> None:
         manifest = package.manifest

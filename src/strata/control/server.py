@@ -23,7 +23,6 @@ from typing import Any, Final
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 
-from strata.control import migrations
 from strata.control.app import create_app
 from strata.control.db import safe_url
 from strata.control.events import event_retention_seconds
@@ -223,7 +222,8 @@ def serve(
             key that is not a PEM public key, an allowlist entry that is not a code hash, a TPM CA file or PCR value
             that does not parse, a telemetry retention that is not a duration of at least an hour, or an event
             retention that is not one of at least a day, a node certificate lifetime that is not one of at least
-            an hour, a connection cap under 1, or a header timeout that is not a duration from 1 s to 10 minutes.
+            an hour, a connection cap under 1, a header timeout that is not a duration from 1 s to 10 minutes, or a
+            fleet's data folder whose SQLite database is missing (`plane.refuse_lost_database`).
         StoreError: the database cannot be reached, refuses the login, or cannot be migrated.
         StrataError: the application's start-up failed (the reason is logged).
     """
@@ -314,7 +314,7 @@ def _prepared(
     # lifespan's own upgrade then finds nothing to do). Neither message nor log holds the password. Replicas
     # sharing the data folder (or the database) migrate and make the CA one at a time.
     with first_start_lock(data_dir), plane.migration_lock():
-        migrations.upgrade(plane.db.engine)
+        plane.migrate()
         plane.pki.start()
         tls = plane.pki.server_tls(tls_names)
     wanted = limits or ConnectionLimits()

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from strata.control.blobs import BlobStore
 from strata.control.db import Database, Model, ModelVersion, TufMetadata, Variant
-from strata.control.errors import StoreError
+from strata.control.errors import StoreError, disk_error
 from strata.control.feed import ChangeFeed
 from strata.control.fleet import DesiredDocument
 from strata.control.lease import serialize
@@ -297,7 +297,7 @@ class SupplyService:
         try:
             manifest = canonicalize_manifest(folder)
         except OSError as exc:
-            raise StoreError(f"cannot prepare the package for its signature check: {exc}") from exc
+            raise disk_error(f"cannot prepare the package for its signature check: {exc}", exc) from exc
         role = check_release_role(signature.release_role, self._release_pems, self._clock(), self._expected(manifest))
         hint = verify_package_signature(folder, signature.bundle, self._release_pems, manifest.digest)
         return CheckedSignature(signature.bundle, role, hint)
@@ -319,7 +319,7 @@ class SupplyService:
                 package = unpack_tar(self._blobs.path(blob), Path(work) / "package")
                 checked = self._check(package.path, signature)
         except OSError as exc:
-            raise StoreError(f"cannot unpack the package to check its signature: {exc}") from exc
+            raise disk_error(f"cannot unpack the package to check its signature: {exc}", exc) from exc
         return self.record(model, version, variant, checked)
 
     def _variant_blob(self, model: str, version: str, variant: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import stat
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,6 +121,36 @@ def test_readiness_fails_while_the_database_is_gone(server: Harness, request: py
         assert server.client.get("/healthz").status_code == 200  # alive, only not ready
     finally:
         restore()
+    assert _readiness_within(server, 200, READY_CACHE_S * 3).status_code == 200
+
+
+def test_readiness_fails_while_the_blob_store_cannot_be_written(server: Harness) -> None:
+    """A full disk or a read-only blob folder leaves the database answering: the probe writes a byte to find out."""
+    scratch = server.plane.settings.tmp_dir
+    scratch.rmdir()
+    scratch.write_bytes(b"")  # a file where the scratch folder was: nothing can be written in it, even by root
+    try:
+        answer = _readiness_within(server, 503, READY_CACHE_S * 3)
+        assert (answer.status_code, answer.text) == (503, "not ready")
+    finally:
+        scratch.unlink()
+        scratch.mkdir()
+    assert _readiness_within(server, 200, READY_CACHE_S * 3).status_code == 200
+
+
+def test_readiness_fails_when_the_sqlite_file_is_deleted_under_a_pooled_connection(
+    server: Harness, tmp_path: Path
+) -> None:
+    if server.plane.db.engine.url.get_backend_name() != "sqlite":
+        pytest.skip("a SQLite file deleted under the server")
+    database = server.plane.settings.data_dir / "strata.db"
+    assert _readiness_within(server, 200, READY_CACHE_S * 3).status_code == 200  # a pooled connection is open
+    kept = tmp_path / "kept.db"
+    database.rename(kept)  # the pooled connection still answers SELECT 1 from the file it has open
+    try:
+        assert _readiness_within(server, 503, READY_CACHE_S * 3).status_code == 503
+    finally:
+        kept.rename(database)
     assert _readiness_within(server, 200, READY_CACHE_S * 3).status_code == 200
 
 

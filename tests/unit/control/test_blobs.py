@@ -80,3 +80,25 @@ def test_a_replica_starting_clears_its_own_scratch_and_dead_replicas_but_not_liv
     clear_scratch(root, own, now)
     assert sorted(p.name for p in root.iterdir()) == ["host-b.2"]
     assert (live / ".blob.x.tmp").read_bytes() == b"upload in progress"
+
+
+def test_a_replica_starting_clears_the_scratch_of_this_hosts_dead_processes_at_once(tmp_path: Path) -> None:
+    """A server killed mid-upload left its partial upload: the next start on this host removes it, not a day later;
+    a live process's folder on this host, and a recent folder of another host, stay."""
+    import os
+    import subprocess
+    import sys
+
+    from strata.control.plane import clear_scratch
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    dead_pid = int(ended.stdout)
+    root = tmp_path / "tmp"
+    own = root / f"host-a.{os.getpid()}"
+    dead, live, other_host = root / f"host-a.{dead_pid}", root / f"host-a.{os.getppid()}", root / f"host-b.{dead_pid}"
+    for folder in (own, dead, live, other_host):
+        folder.mkdir(parents=True)
+        (folder / ".blob.x.tmp").write_bytes(b"upload")
+    now = dead.stat().st_mtime  # all of them fresh
+    clear_scratch(root, own, now)
+    assert sorted(p.name for p in root.iterdir()) == sorted([live.name, other_host.name])

@@ -3,6 +3,7 @@ any credential: `/healthz` (liveness) and `/readyz` (readiness), for load balanc
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -16,6 +17,8 @@ from strata.control.api.deps import COMMON_ERRORS, AnyCaller, BoundedRoute, Plan
 from strata.control.errors import StoreError
 from strata.control.metrics import CONTENT_TYPE, render
 from strata.control.schemas import HealthBody
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["system"], responses=COMMON_ERRORS, route_class=BoundedRoute)
 
@@ -61,16 +64,20 @@ async def healthz() -> str:
 
 @probe_router.get("/readyz", response_class=PlainTextResponse, responses={503: {"content": {"text/plain": {}}}})
 async def readyz(request: Request, plane: Plane) -> PlainTextResponse:
-    """`ok` while this process can serve the API (its database answers), else 503 `not ready`; no credential, and
-    nothing else revealed (why is in the server's log)."""
+    """`ok` while this process can serve the API (its database answers, its blob store takes a write: see
+    `ControlPlane.check_ready`), else 503 `not ready`; no credential, and nothing else revealed (why is in the
+    server's log, once each time it turns not ready)."""
     # One database round trip a second at most, however often the probe is asked (it needs no credential).
     now = time.monotonic()
     checked_at, ready = getattr(request.app.state, "readiness", (-READY_CACHE_S, False))
     if now - checked_at >= READY_CACHE_S:
         try:
-            await anyio.to_thread.run_sync(plane.db.ping)
-            ready = True
-        except StoreError:
+            await anyio.to_thread.run_sync(plane.check_ready)
+        except StoreError as exc:
+            if ready or checked_at < 0:
+                log.warning("not ready: %s", exc.message)
             ready = False
+        else:
+            ready = True
         request.app.state.readiness = (now, ready)
     return PlainTextResponse("ok") if ready else PlainTextResponse("not ready", status_code=503)

@@ -14,7 +14,11 @@ def run_migrations_online() -> None:
     if not isinstance(engine, Engine):
         raise TypeError("strata migrations run through strata.control.migrations.upgrade(engine)")
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+        # Both databases strata runs on roll DDL back (SQLite through `upgrade`'s engine, which emits BEGIN
+        # itself); Alembic assumes SQLite does not, and would commit after each migration.
+        context.configure(
+            connection=connection, target_metadata=Base.metadata, render_as_batch=True, transactional_ddl=True
+        )
         with context.begin_transaction():
             context.run_migrations()
 
