@@ -138,11 +138,10 @@ def test_readiness_fails_while_the_blob_store_cannot_be_written(server: Harness)
     assert _readiness_within(server, 200, READY_CACHE_S * 3).status_code == 200
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # a file deleted under the server: SQLite's case
 def test_readiness_fails_when_the_sqlite_file_is_deleted_under_a_pooled_connection(
     server: Harness, tmp_path: Path
 ) -> None:
-    if server.plane.db.engine.url.get_backend_name() != "sqlite":
-        pytest.skip("a SQLite file deleted under the server")
     database = server.plane.settings.data_dir / "strata.db"
     assert _readiness_within(server, 200, READY_CACHE_S * 3).status_code == 200  # a pooled connection is open
     kept = tmp_path / "kept.db"

@@ -204,7 +204,7 @@ def test_a_signature_can_be_attached_to_a_variant_uploaded_before_the_keys(
         assert refused["status"] == 422
         assert "no release keys" in str(refused["error"])
         node = enroll_node_plain(server)
-        assert set(node) == {"node_id", "certificate", "ca", "not_after"}  # no release keys, no TUF roots
+        assert set(node) == {"node_id", "certificate", "ca", "not_after", "issued_at"}  # no release keys, TUF roots
     with start_server(replace(settings, release_keys=(keys[1],))) as server:
         server.deploy("digits", "1", {})
         url = "/v1/models/digits/versions/1/variants/cpu-generic-fp32/signature"
