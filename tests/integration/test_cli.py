@@ -165,6 +165,14 @@ def test_version_completion_and_exit_codes(tmp_path: Path, digits_onnx: Path) ->
         refused = strata("server", "--data-dir", str(tmp_path / "srv"), "--port", "9", option, value, timeout=20)
         assert refused.returncode == 2, refused.stderr
         assert said in refused.stderr
+    # 2: a data folder the server cannot write (it exited 1 where one it could not create exited 2)
+    (tmp_path / "srv-ro" / "start.lock").mkdir(parents=True)
+    unusable = strata("server", "--data-dir", str(tmp_path / "srv-ro"), "--port", "9", timeout=20)
+    assert unusable.returncode == 2, unusable.stderr
+    assert "Traceback" not in unusable.stderr
+    assert f"cannot use the data folder {tmp_path / 'srv-ro'}: cannot open start.lock" in " ".join(
+        unusable.stderr.split()
+    )
     # 2: a log level that is none (the agent and the gateway logged at info instead)
     for command in (["agent", "--server", "https://127.0.0.1:9", "--data-dir", str(tmp_path / "a"), "--name", "n"],
                     ["gateway", "--cloud", "http://127.0.0.1:9"]):  # fmt: skip

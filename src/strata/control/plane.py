@@ -320,12 +320,13 @@ def first_start_lock(data_dir: Path) -> Iterator[None]:
     replicas sharing the data folder make its CA, TUF keys and admin token once.
 
     Raises:
-        StoreError: the lock file cannot be opened.
+        ConfigError: the lock file cannot be opened (a folder the server cannot write: bad input, exit code 2, as
+            a folder it cannot create).
     """
     try:
         handle = (data_dir / "start.lock").open("a")
     except OSError as exc:
-        raise StoreError(f"cannot open {data_dir / 'start.lock'}: {exc}") from exc
+        raise ConfigError(f"cannot use the data folder {data_dir}: cannot open start.lock: {exc}") from exc
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
