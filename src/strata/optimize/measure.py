@@ -9,6 +9,7 @@ ratio; ratios are what this module vouches for, not absolute times.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from strata.core.errors import OptimizationError
+from strata.core.errors import OptimizationError, StrataError
 from strata.optimize.data import Feeds
 from strata.optimize.runners import Runner
 from strata.optimize.tasks import Task, prediction, shape_problem
@@ -107,15 +108,18 @@ def benchmark(
     min_batch_seconds: float = 0.2,
     on_round: Callable[[str], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    failures: dict[str, str] | None = None,
 ) -> dict[str, Timing]:
     """Time every runner in interleaved rounds (see the module docstring).
 
     Within a round the baseline runs before the first variant and after every variant (B V1 B V2 B ...), and a
     variant's speedup in that round is its throughput over the mean of the two baseline runs around it: the
-    ratio compares runs seconds apart, whatever else the machine was doing.
+    ratio compares runs seconds apart, whatever else the machine was doing. With `failures`, a variant whose run
+    fails is left out from then on (no timing: its rounds would be incomplete) and its error put there, by name.
 
     Raises:
-        OptimizationError: `baseline` is not among the runners, a run fails, or there is nothing to time.
+        OptimizationError: `baseline` is not among the runners, a run fails (the baseline's, or any without
+            `failures`), or there is nothing to time.
     """
     if baseline not in runners:
         raise OptimizationError(f"baseline {baseline!r} is not among the variants timed")
@@ -124,12 +128,30 @@ def benchmark(
     chunks = _chunks(feeds, batch)
     singles = [feeds.batch(i, i + 1) for i in range(len(feeds))]
     names = sorted(runners)
+    failed: dict[str, str] = {}
+
+    def attempt(name: str, run: Callable[[], float]) -> float | None:
+        """`run()` for `name`; None (its error kept) when a variant's fails and failures are collected."""
+        try:
+            return run()
+        except StrataError as exc:
+            if failures is None or name == baseline:
+                raise
+            failed[name] = str(exc)
+            return None
+
     repeats: dict[str, int] = {}
-    for name in names:  # warm up, and size each variant's throughput loop to at least min_batch_seconds
+
+    def warm_up(name: str) -> float:  # and size each variant's throughput loop to at least min_batch_seconds
         runners[name].run(singles[0])
         start = clock()
         runners[name].run(chunks[0])
-        repeats[name] = max(1, math.ceil(min_batch_seconds / max(clock() - start, 1e-6)))
+        taken = max(clock() - start, 1e-6)
+        repeats[name] = max(1, math.ceil(min_batch_seconds / taken))
+        return taken
+
+    for name in names:
+        attempt(name, functools.partial(warm_up, name))
     latencies: dict[str, list[float]] = {n: [] for n in names}
     throughputs: dict[str, list[float]] = {n: [] for n in names}
     speedups: dict[str, list[float]] = {n: [] for n in names}
@@ -147,6 +169,11 @@ def benchmark(
             runners[name].run(one)
             latencies[name].append((clock() - start) * 1000.0)
 
+    def timed(name: str, round_no: int) -> float:
+        got = throughput(name)
+        latency(name, round_no)
+        return got
+
     others = [n for n in names if n != baseline]
     for round_no in range(rounds):
         shift = round_no % max(len(others), 1)
@@ -155,8 +182,11 @@ def benchmark(
         throughputs[baseline].append(before)
         latency(baseline, round_no)
         for name in order:
-            got = throughput(name)
-            latency(name, round_no)
+            got = None if name in failed else attempt(name, functools.partial(timed, name, round_no))
+            if got is None:
+                if on_round is not None:  # its steps still counted, so a progress bar ends where it should
+                    on_round(name)
+                continue
             after = throughput(baseline)
             throughputs[name].append(got)
             throughputs[baseline].append(after)
@@ -167,6 +197,8 @@ def benchmark(
         speedups[baseline].append(1.0)
         if on_round is not None:
             on_round(baseline)
+    if failures is not None:
+        failures.update(failed)
     return {
         name: Timing(
             latencies_ms=tuple(latencies[name]),
@@ -174,6 +206,7 @@ def benchmark(
             speedups=tuple(speedups[name]),
         )
         for name in names
+        if name not in failed
     }
 
 

@@ -321,17 +321,26 @@ def measure_candidates(
             results[candidate.id] = _Measurement({}, error=f"does not run here: {exc}")
         progress.step(candidate.id)
     progress.phase("benchmark", request.rounds * len(runners) * (2 if batch != 1 else 1))
+    # a variant that evaluated but fails while timed (a batch it cannot take, say) fails alone, with its reason;
+    # the original's failure is the run's
+    failures: dict[str, str] = {}
     timings = benchmark(
-        runners, bench, baseline=BASELINE_ID, batch=batch, rounds=request.rounds, on_round=progress.step
-    )
+        runners, bench, baseline=BASELINE_ID, batch=batch, rounds=request.rounds, on_round=progress.step,
+        failures=failures,
+    )  # fmt: skip
     for cid, timing in timings.items():
         results[cid].timing = timing
     if batch != 1:  # the same interleaved method at batch 1: one request at a time, as most edge serving sees it
+        timed = {cid: runner for cid, runner in runners.items() if cid not in failures}
         singles = benchmark(
-            runners, bench, baseline=BASELINE_ID, batch=1, rounds=request.rounds, on_round=progress.step
-        )
+            timed, bench, baseline=BASELINE_ID, batch=1, rounds=request.rounds, on_round=progress.step,
+            failures=failures,
+        )  # fmt: skip
         for cid, timing in singles.items():
             results[cid].timing_batch1 = timing
+    for cid, error in failures.items():  # its accuracy stays in the report; it is not timed, so it cannot pass
+        results[cid].error, results[cid].timing, results[cid].timing_batch1 = f"does not time here: {error}", None, None
+        runners.pop(cid, None)
     if request.measure_memory:
         progress.phase("memory", len(runners))
         feeds_npz = save_feeds(bench.batch(0, batch), workdir / "memory-feeds.npz")

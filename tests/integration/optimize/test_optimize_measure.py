@@ -38,6 +38,36 @@ def test_benchmark_times_each_variant_every_round_against_the_baseline_around_it
         benchmark(runners, tiny_feeds, baseline="fp32", batch=4, rounds=0)
 
 
+def test_a_variant_that_fails_while_timed_fails_alone(tiny_mlp: Path, tmp_path: Path, tiny_feeds: Feeds) -> None:
+    """A variant that evaluated (sample by sample) but cannot take the timed batch: it stopped the whole run (a
+    run of twenty variants lost to one); now it is left out with its reason, the others timed as before."""
+    from onnx import TensorProto, helper, save
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["X"], ["scores"])],
+        "one-at-a-time",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 16])],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "single.onnx")
+    runners = {
+        "fp32": open_runner(tiny_mlp, "onnxruntime", 1),
+        "single": open_runner(tmp_path / "single.onnx", "onnxruntime", 1),
+    }
+    failures: dict[str, str] = {}
+    steps: list[str] = []
+    timings = benchmark(
+        runners, tiny_feeds, baseline="fp32", batch=16, rounds=2, latency_runs=2, min_batch_seconds=0.01,
+        on_round=steps.append, failures=failures,
+    )  # fmt: skip
+    assert set(timings) == {"fp32"}
+    assert list(failures) == ["single"]
+    assert "X" in failures["single"]  # onnxruntime's reason: the input's dimensions
+    assert steps == ["single", "fp32"] * 2  # every step still counted for the progress bar
+    with pytest.raises(OptimizationError):  # without `failures`, as before: the run's error
+        benchmark(runners, tiny_feeds, baseline="fp32", batch=16, rounds=1, min_batch_seconds=0.01)
+
+
 def test_peak_memory_is_measured_in_a_fresh_child(tiny_mlp: Path, tmp_path: Path, tiny_feeds: Feeds) -> None:
     feeds = save_feeds(tiny_feeds.batch(0, 8), tmp_path / "feeds.npz")
     used = peak_memory(tiny_mlp, "onnxruntime", feeds, 1)
