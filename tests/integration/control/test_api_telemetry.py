@@ -6,7 +6,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -465,6 +465,14 @@ def test_sampled_events_past_a_nodes_budget_are_left_out_errors_last_and_counted
         assert answer["minutes"][0]["requests"] == 300  # the counts all stored
 
 
+def drift_batch(node: NodeCredentials, seq: int, minute: int, drift_minutes: Iterable[int], requests: int) -> bytes:
+    """A batch of one minute row (`requests` in `minute`) and drift rows of tensors X and Y in each of
+    `drift_minutes`."""
+    drift = [DriftRow("digits", "1", m, tensor, [1, 2]) for m in drift_minutes for tensor in ("X", "Y")]
+    row = MinuteRow("digits", "1", "cpu-generic-fp32", minute, requests)
+    return encode_batch(TelemetryBatch(node.node_id, seq, 0.0, minutes=[row], drift=drift))
+
+
 def test_drift_rows_past_a_nodes_budget_are_left_out_oldest_first_and_counted(
     settings: ServerSettings,
     start_server: StartServer,
@@ -481,9 +489,7 @@ def test_drift_rows_past_a_nodes_budget_are_left_out_oldest_first_and_counted(
         minute = int(server.clock.now // 60)
 
         def batch(seq: int, minutes: range) -> bytes:
-            drift = [DriftRow("digits", "1", m, tensor, [1, 2]) for m in minutes for tensor in ("X", "Y")]
-            row = MinuteRow("digits", "1", "cpu-generic-fp32", minute, 100)
-            return encode_batch(TelemetryBatch(node.node_id, seq, 0.0, minutes=[row], drift=drift))
+            return drift_batch(node, seq, minute, minutes, requests=100)
 
         assert upload(server, node, batch(1, range(minute - 9, minute + 1)))["stored"]  # 20 of 30: all kept
         assert upload(server, node, batch(2, range(minute - 19, minute - 9)))["stored"]  # 20 more: 10 left
@@ -515,9 +521,7 @@ def test_drift_rows_adding_to_stored_ones_and_resent_batches_take_nothing_from_t
         minute = int(server.clock.now // 60)
 
         def batch(seq: int, minutes: list[int]) -> bytes:
-            drift = [DriftRow("digits", "1", m, tensor, [1, 2]) for m in minutes for tensor in ("X", "Y")]
-            row = MinuteRow("digits", "1", "cpu-generic-fp32", minute, 10)
-            return encode_batch(TelemetryBatch(node.node_id, seq, 0.0, minutes=[row], drift=drift))
+            return drift_batch(node, seq, minute, minutes, requests=10)
 
         for seq in range(1, 7):  # the minute under way, six uploads: two new keys, then additions to them
             assert upload(server, node, batch(seq, [minute]))["stored"]
