@@ -340,18 +340,22 @@ class Reconciler:
         """What `observe` says, with the failures' dates on the monotonic clock: how long ago each failed is
         measured there (`Elapsed`), so that `plan` given `monotonic()` for its time retries each when it is due
         whatever the wall clock did meanwhile."""
-        observed = self.observe()
+        return replace(self.observe(), failures=self._failures_monotonic())
+
+    def _failures_monotonic(self) -> dict[str, FailureRecord]:
+        """The remembered failures (`state.failures`, what `observe` reports), their dates on the monotonic clock."""
         now = self.monotonic()
         failures = {
             key: replace(record, at=now - self._elapsed.since(("failure", key), record.at))
-            for key, record in observed.failures.items()
+            for key, record in self.state.failures.items()
         }
         self._elapsed.keep({("failure", key) for key in failures} | {("probation", m) for m in self.state.probation})
-        return replace(observed, failures=failures)
+        return failures
 
     def next_retry_s(self) -> float | None:
-        """Seconds until the first remembered failure may be tried again (0: now), None with none remembered."""
-        failures = self._observe_monotonic().failures
+        """Seconds until the first remembered failure may be tried again (0: now), None with none remembered: from
+        the state alone (each poll asks; `observe` would list the package folders too)."""
+        failures = self._failures_monotonic()
         if not failures:
             return None
         now = self.monotonic()

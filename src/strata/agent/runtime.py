@@ -127,13 +127,7 @@ class OnnxRuntimeModel:
                 against the version in the node's error rate and probation).
         """
         names = list(output_names) if output_names is not None else self._output_names
-        try:
-            results = self._session.run(names, dict(feeds))
-        except Exception as exc:  # onnxruntime's pybind exception types; only INVALID_ARGUMENT is the caller's
-            if type(exc).__name__ == "InvalidArgument":
-                raise BadRequest(f"the model rejected the input: {exc}") from exc
-            raise InferenceError(f"the model failed while running: {exc}") from exc
-        return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
+        return self._run(feeds, names, None)
 
     def run_within(self, feeds: Mapping[str, Array], output_names: Sequence[str], timeout_s: float) -> dict[str, Array]:
         """`run`, stopped once `timeout_s` has passed (onnxruntime checks its terminate flag between nodes and
@@ -149,17 +143,23 @@ class OnnxRuntimeModel:
         timer = threading.Timer(timeout_s, setattr, (options, "terminate", True))
         timer.daemon = True
         timer.start()
-        names = list(output_names)
+        try:
+            return self._run(feeds, list(output_names), options, timeout_s)
+        finally:
+            timer.cancel()
+
+    def _run(
+        self, feeds: Mapping[str, Array], names: list[str], options: Any, timeout_s: float | None = None
+    ) -> dict[str, Array]:
+        """One session run (`options`: onnxruntime's RunOptions or None), its errors told apart."""
         try:
             results = self._session.run(names, dict(feeds), options)
-        except Exception as exc:
-            if options.terminate:
+        except Exception as exc:  # onnxruntime's pybind exception types; only INVALID_ARGUMENT is the caller's
+            if options is not None and options.terminate:
                 raise InferenceError(f"the model did not finish in {timeout_s:g} s") from None
             if type(exc).__name__ == "InvalidArgument":
                 raise BadRequest(f"the model rejected the input: {exc}") from exc
             raise InferenceError(f"the model failed while running: {exc}") from exc
-        finally:
-            timer.cancel()
         return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
 
 

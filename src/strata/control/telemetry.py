@@ -280,7 +280,6 @@ class ScreenedBatch:
     # dated past the skew, of a known variant: their counts go to that row too (the requests were served; only their
     # time is unknown), and they are counted in `future`; not exported (a collector would take the false date)
     future_minutes: list[MinuteRow]
-    future_requests: int  # the requests of those
     events: list[EventRow]
     drift: list[DriftRow]
     future: dict[str, int]  # rows left out as dated past the skew, by kind (FUTURE_KINDS)
@@ -329,7 +328,6 @@ def screen(
         return not registered
 
     minutes = [row for row in batch.minutes if not future(row.minute * 60)]
-    ahead_minutes = [row for row in batch.minutes if row.minute * 60 > latest]
     events = [event for event in batch.events if not future(event.ts)]
     drift = [row for row in batch.drift if not future(row.minute * 60)]
     named_minutes = [
@@ -342,8 +340,9 @@ def screen(
     return ScreenedBatch(
         minutes=stored_minutes,
         expired_minutes=[row for row in named_minutes if row.minute < first_minute],
-        future_minutes=[row for row in ahead_minutes if (row.model, row.version, row.variant) in known],
-        future_requests=sum(row.requests for row in ahead_minutes if (row.model, row.version, row.variant) in known),
+        future_minutes=[
+            row for row in batch.minutes if row.minute * 60 > latest and (row.model, row.version, row.variant) in known
+        ],
         events=stored_events,
         drift=stored_drift,
         future={
@@ -589,8 +588,8 @@ class TelemetryService:
                 " right?); left out %s%s",
                 node_name, node_id, screened.ahead_s, duration(FUTURE_SKEW_S),
                 ", ".join(plural(count, EXPIRED_NOUNS[kind]) for kind, count in screened.future.items() if count),
-                f" ({plural(screened.future_requests, 'request')} in those minutes: counted in the totals on /metrics,"
-                " not in any time window)" if screened.future_requests else "",
+                f" ({plural(late, 'request')} in those minutes: counted in the totals on /metrics, not in any time"
+                " window)" if (late := sum(row.requests for row in screened.future_minutes)) else "",
             )  # fmt: skip
         if stored and any(screened.unknown.values()):
             names = [f"{model} {version}" for model, version in screened.unknown_versions]
