@@ -11,7 +11,16 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from strata.cli.common import JsonOption, ServerOption, TokenOption, console, out, parse_duration, print_json
+from strata.cli.common import (
+    JsonOption,
+    ServerOption,
+    TokenOption,
+    console,
+    out,
+    parse_duration,
+    print_json,
+    shown,
+)
 from strata.cli.model import ExpiresOption, SignKeyOption
 from strata.core.errors import ConfigError
 
@@ -150,7 +159,7 @@ def optimize(
     hardware profile."""
     from strata.optimize.passes import passes_named
     from strata.optimize.pipeline import OptimizeRequest, run_optimize
-    from strata.optimize.report import PLOT_NAME, REPORT_NAME, report_table
+    from strata.optimize.report import PLOT_NAME, REPORT_NAME, no_plot_reason, report_table
 
     request = OptimizeRequest(
         model=model,
@@ -196,14 +205,18 @@ def optimize(
         print_json({"report": report.to_json(), "pushed": pushed})
         return
     out.print(report_table(report, out.width))
+    # the notes and reasons are text (`pip install 'strata[optimize]'`), not Rich markup
     for profile, variant_id in report.selected.items():
-        out.print(f"selected for {profile}: [bold]{variant_id}[/bold] ({report.selection_notes.get(profile, '')})")
+        note = shown(report.selection_notes.get(profile, ""))
+        out.print(f"selected for {shown(profile)}: [bold]{shown(variant_id)}[/bold] ({note})")
     for profile in report.targets:
         if profile not in report.selected:
-            out.print(f"[red]no variant for {profile}[/red]: {report.selection_notes.get(profile, '')}")
+            out.print(f"[red]no variant for {shown(profile)}[/red]: {shown(report.selection_notes.get(profile, ''))}")
     for pass_name, why in report.skipped_passes.items():
-        out.print(f"pass {pass_name} skipped: {why}")
-    out.print(f"report: {out_dir / REPORT_NAME}; plot: {out_dir / PLOT_NAME}")
+        out.print(f"pass {shown(pass_name)} skipped: {shown(why)}")
+    plot = out_dir / PLOT_NAME
+    plot_line = shown(plot) if plot.exists() else f"none ({shown(no_plot_reason(report))})"
+    out.print(f"report: {shown(out_dir / REPORT_NAME)}; plot: {plot_line}")
     if pushed:
         table = Table(title=f"pushed {name} {version}", title_justify="left")
         for column in ("variant", "digest", "bytes", "new", "signed"):

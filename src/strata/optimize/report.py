@@ -292,6 +292,28 @@ def _table_width(columns: Sequence[tuple[str, str, Sequence[str]]]) -> int:
     return width
 
 
+def _plot_points(variants: Sequence[VariantResult], metric: str) -> list[tuple[VariantResult, float, float]]:
+    return [
+        (v, float(v.accuracy[metric]), float(v.throughput))
+        for v in variants
+        if v.accuracy.get(metric) is not None and v.throughput is not None
+    ]
+
+
+def no_plot_reason(report: Report) -> str:
+    """Why `plot_accuracy_vs_throughput` wrote no plot for this report (for a run that has none)."""
+    import importlib.util
+
+    metrics = headline_metrics(report.task)
+    if not metrics:
+        return f"the task {report.task} has no accuracy metric to plot"
+    if not _plot_points(report.variants, metrics[0]):
+        return "no variant was both measured for accuracy and timed"
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed: pip install 'strata[optimize]'"
+    return "it could not be drawn"
+
+
 def plot_accuracy_vs_throughput(
     variants: Sequence[VariantResult], metric: str, selected: Sequence[str], out: Path
 ) -> Path | None:
@@ -302,11 +324,7 @@ def plot_accuracy_vs_throughput(
     Raises:
         OSError: the PNG cannot be written.
     """
-    points = [
-        (v, float(v.accuracy[metric]), float(v.throughput))
-        for v in variants
-        if v.accuracy.get(metric) is not None and v.throughput is not None
-    ]
+    points = _plot_points(variants, metric)
     if not points:
         return None
     try:

@@ -195,6 +195,31 @@ def test_cli_runs_and_fails_with_exit_code_2_on_bad_input(
     assert "not METRIC OP NUMBER" in bad.stderr
 
 
+WITHOUT_OPTIONAL = """
+import sys
+sys.modules["matplotlib"] = None  # as in an environment with strata[demo] and not strata[optimize]
+sys.modules["openvino"] = None
+from strata.cli.app import main
+sys.argv = ["strata", *sys.argv[1:]]
+main()
+"""
+
+
+def test_what_an_environment_without_the_optimize_extra_lacks_is_said_as_typed(
+    digits_onnx: Path, digits_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The reasons are plain text, not Rich markup (`[optimize]` was read as a style and vanished), and a run
+    that could draw no plot says so and why instead of naming a file it never wrote."""
+    argv = [sys.executable, "-c", WITHOUT_OPTIONAL, "optimize", str(digits_onnx), "--name", "digits", "--version", "1"]
+    argv += ["--task", "classification", "--calibration", str(digits_data[0]), "--eval", str(digits_data[1])]
+    argv += ["--pass", "graph", "--pass", "openvino", "--rounds", "1", "--target", "x86_64-avx2"]
+    done = subprocess.run([*argv, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "pass openvino skipped: openvino is not installed (pip install 'strata[optimize]')" in done.stdout
+    assert "plot: none (matplotlib is not installed: pip install 'strata[optimize]')" in done.stdout
+    assert not (tmp_path / "out" / PLOT_NAME).exists()
+
+
 def test_a_cuda_variant_is_never_timed_on_the_cpu(tiny_mlp: Path, tmp_path: Path) -> None:
     """Told that CUDA is here when onnxruntime has no CUDA provider (as onnxruntime-gpu is where CUDA cannot load),
     the runner gets a CPU session for the fp16 CUDA variant: it refuses to measure it, and the variant fails
