@@ -6,6 +6,8 @@ the agent's reconciler, and a core, for good)."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from strata.agent.runtime import OnnxRuntimeModel, load_and_check, signature_mismatches
 from strata.core.errors import ModelLoadError
 from strata.core.package import Package, TensorSpec
-from strata.package_build import build_package
+from strata.package_build import build_package, write_manifest
 
 
 def double_model(path: Path) -> Path:
@@ -46,6 +48,28 @@ def test_a_manifest_that_lies_about_an_output_is_refused_at_load(tmp_path: Path)
     renamed = Package(package.path, dataclasses.replace(manifest, inputs=(TensorSpec("x", "FP32", (-1, 4)),)))
     with pytest.raises(ModelLoadError, match=r"input 'x' is not one of the model's; model input 'X' is not in"):
         load_and_check(renamed)
+
+
+def test_package_verify_runs_the_model_as_a_node_would(tmp_path: Path) -> None:
+    """`strata package verify` said ok to a package every node refuses (its hashes all match): it now loads the
+    model and replays the golden inputs too, where this machine has the runtime, and exits 5 as for bad hashes."""
+    model = double_model(tmp_path / "widen.onnx")
+    package = build_package(model, tmp_path / "pkg", name="widen", version="1", sample={"X": np.ones((2, 4), "f4")})
+    verify = [sys.executable, "-m", "strata", "package", "verify"]
+    good = subprocess.run([*verify, str(package.path)], capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stderr
+    assert "onnxruntime loads the model as its manifest declares it and the golden outputs match" in good.stderr
+    assert good.stdout.strip() == package.digest
+    # the same package with an honest hash of a manifest that lies about the output's type
+    write_manifest(package.path, dataclasses.replace(package.manifest, outputs=(TensorSpec("Y", "FP32", (-1, 4)),)))
+    lying = subprocess.run([*verify, str(package.path)], capture_output=True, text=True, timeout=120)
+    assert lying.returncode == 5, lying.stderr
+    assert "every file matches its hash" in lying.stderr
+    assert "a node would refuse this package" in lying.stderr
+    assert "output 'Y' is FP64 in the model, FP32 in the manifest" in lying.stderr
+    hashes_only = subprocess.run([*verify, str(package.path), "--no-run"], capture_output=True, text=True, timeout=120)
+    assert hashes_only.returncode == 0, hashes_only.stderr
+    assert "golden" not in hashes_only.stderr
 
 
 def test_what_a_manifest_may_and_may_not_say_of_a_models_signature() -> None:

@@ -5,12 +5,16 @@ machine that pushes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from strata.cli.common import JsonOption, ServerOption, TokenOption, console, not_a_model, out, print_json
+from strata.cli.common import JsonOption, ServerOption, TokenOption, console, not_a_model, out, print_json, shown
+from strata.core.errors import ModelLoadError, PackageError
+
+if TYPE_CHECKING:
+    from strata.core.package import Package
 
 app = typer.Typer(
     help="Build, verify and inspect model packages (no server needed); push one built and signed elsewhere.",
@@ -48,8 +52,17 @@ def build(
 def verify(
     path: Annotated[Path, typer.Argument(help="Package folder or tar.", exists=True)],
     digest: Annotated[str | None, typer.Option("--digest", help="The digest it must have.")] = None,
+    run: Annotated[
+        bool,
+        typer.Option(
+            "--run/--no-run",
+            help="Also load the model with its runtime and replay its golden inputs, as a node does before serving "
+            "it (where that runtime exists on this machine).",
+        ),
+    ] = True,
 ) -> None:
-    """Check every hash of a package (and its digest, when given); exit non-zero if anything differs."""
+    """Check every hash of a package (and its digest, when given), then load and run its model as a node would;
+    exit non-zero if anything differs."""
     import tempfile
 
     from strata.core.package import read_package
@@ -57,8 +70,44 @@ def verify(
     with tempfile.TemporaryDirectory(prefix="strata-verify-") as tmp:
         package = read_package(not_a_model(path), digest, workdir=Path(tmp) / "p")
         manifest = package.manifest
-        console.print(f"[green]ok[/green] {manifest.name} {manifest.version} ({manifest.variant})")
+        console.print(
+            f"[green]ok[/green] {shown(manifest.name)} {shown(manifest.version)} ({shown(manifest.variant)}): "
+            "every file matches its hash"
+        )
+        if run:
+            run_as_a_node(package)
         typer.echo(package.digest)
+
+
+def run_as_a_node(package: Package) -> None:
+    """Load the package's model as an agent does before serving it: its runtime, the manifest's signature against
+    the model's, the golden inputs replayed. Said and skipped where this machine lacks the runtime.
+
+    Raises:
+        PackageError: the model does not load, does not match its manifest, or its golden outputs differ (every
+            node would refuse the package the same way).
+    """
+    import time
+
+    from strata.agent.runtime import load_and_check
+    from strata.core.profiles import available_runtimes
+
+    runtime = package.manifest.runtime
+    if runtime not in available_runtimes():
+        console.print(
+            f"[yellow]not run[/yellow]: {shown(runtime)} is not usable on this machine; a node that has it loads the "
+            "model and replays its golden inputs before serving it"
+        )
+        return
+    started = time.monotonic()
+    try:
+        load_and_check(package)
+    except ModelLoadError as exc:
+        raise PackageError(f"a node would refuse this package: {exc}") from exc
+    console.print(
+        f"[green]ok[/green] {shown(runtime)} loads the model as its manifest declares it and the golden outputs match "
+        f"({time.monotonic() - started:.1f}s)"
+    )
 
 
 @app.command("show")
