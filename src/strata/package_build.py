@@ -334,53 +334,72 @@ def build_package(
 
     drift = _drift_section(session, inputs, outputs, reference_feeds) if reference_feeds is not None else {}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out_dir / MODEL_NAME, model_bytes)
-    golden = io.BytesIO()
-    arrays: dict[str, Any] = {f"input:{k}": v for k, v in feeds.items()}
-    arrays.update({f"output:{k}": v for k, v in expected.items()})
-    np.savez(golden, **arrays)
-    write_bytes_atomic(out_dir / GOLDEN_NAME, golden.getvalue())
-    entries = [_entry(out_dir, MODEL_NAME, "model"), _entry(out_dir, GOLDEN_NAME, "golden")]
-    for extra in extra_files:
-        if extra.name in (MANIFEST_NAME, MODEL_NAME, GOLDEN_NAME):
-            raise PackageBuildError(f"extra file {extra.name} clashes with a file strata writes")
-        try:
-            shutil.copyfile(extra, out_dir / extra.name)
-        except OSError as exc:
-            raise PackageBuildError(f"cannot copy {extra}: {exc}") from exc
-        entries.append(_entry(out_dir, extra.name, "data"))
-    for location, source in data_files.items():
-        target = out_dir / location
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-        except OSError as exc:
-            raise PackageBuildError(f"cannot copy {source}: {exc}") from exc
-        entries.append(_entry(out_dir, location, "data"))
+    made = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(out_dir / MODEL_NAME, model_bytes)
+        golden = io.BytesIO()
+        arrays: dict[str, Any] = {f"input:{k}": v for k, v in feeds.items()}
+        arrays.update({f"output:{k}": v for k, v in expected.items()})
+        np.savez(golden, **arrays)
+        write_bytes_atomic(out_dir / GOLDEN_NAME, golden.getvalue())
+        entries = [_entry(out_dir, MODEL_NAME, "model"), _entry(out_dir, GOLDEN_NAME, "golden")]
+        for extra in extra_files:
+            if extra.name in (MANIFEST_NAME, MODEL_NAME, GOLDEN_NAME):
+                raise PackageBuildError(f"extra file {extra.name} clashes with a file strata writes")
+            try:
+                shutil.copyfile(extra, out_dir / extra.name)
+            except OSError as exc:
+                raise PackageBuildError(f"cannot copy {extra}: {exc}") from exc
+            entries.append(_entry(out_dir, extra.name, "data"))
+        for location, source in data_files.items():
+            target = out_dir / location
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+            except OSError as exc:
+                raise PackageBuildError(f"cannot copy {source}: {exc}") from exc
+            entries.append(_entry(out_dir, location, "data"))
 
-    import onnxruntime as ort
+        import onnxruntime as ort
 
-    rtol, atol = tolerance or DEFAULT_TOLERANCE[precision]
-    manifest = Manifest(
-        name=name,
-        version=version,
-        variant=variant_id,
-        profile=profile,
-        runtime=runtime,
-        precision=precision,
-        model_file=MODEL_NAME,
-        inputs=inputs,
-        outputs=outputs,
-        files=tuple(entries),
-        golden=GoldenSpec(file=GOLDEN_NAME, rtol=rtol, atol=atol),
-        metrics=dict(metrics or {}),
-        policy=dict(policy or {}),
-        build={"strata": __version__, "onnxruntime": ort.__version__},
-        drift=drift,
-    )
-    write_manifest(out_dir, manifest)
+        rtol, atol = tolerance or DEFAULT_TOLERANCE[precision]
+        manifest = Manifest(
+            name=name,
+            version=version,
+            variant=variant_id,
+            profile=profile,
+            runtime=runtime,
+            precision=precision,
+            model_file=MODEL_NAME,
+            inputs=inputs,
+            outputs=outputs,
+            files=tuple(entries),
+            golden=GoldenSpec(file=GOLDEN_NAME, rtol=rtol, atol=atol),
+            metrics=dict(metrics or {}),
+            policy=dict(policy or {}),
+            build={"strata": __version__, "onnxruntime": ort.__version__},
+            drift=drift,
+        )
+        write_manifest(out_dir, manifest)
+    except BaseException as exc:
+        # nothing half-written stays: a folder it made goes, one it was given empty is emptied again
+        _remove_written(out_dir, made)
+        if isinstance(exc, OSError):  # a full disk, a folder it may not write
+            raise PackageBuildError(f"cannot write the package to {out_dir}: {exc.strerror or exc}") from exc
+        raise
     return Package(path=out_dir, manifest=manifest)
+
+
+def _remove_written(out_dir: Path, made: bool) -> None:
+    if made:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return
+    for child in out_dir.iterdir() if out_dir.is_dir() else ():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

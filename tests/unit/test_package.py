@@ -184,6 +184,28 @@ def test_golden_run_failure_is_a_clear_error(tmp_path: Path) -> None:
         build_package(path, tmp_path / "pkg", name="g", version="1", sample=tmp_path / "bad.npz")
 
 
+def test_a_build_that_fails_while_writing_leaves_no_half_package(digits_onnx: Path, tmp_path: Path) -> None:
+    """An extra file that cannot be copied (a folder) or that clashes with strata's own fails after the model and
+    golden file were written: a folder the build made goes, an empty one it was given is left empty."""
+    folder_extra = tmp_path / "labels"
+    folder_extra.mkdir()
+    clashing = tmp_path / "clash" / "golden.npz"
+    clashing.parent.mkdir()
+    clashing.write_bytes(b"not ours")
+    for extra, why in ((folder_extra, "cannot copy"), (clashing, "clashes with a file strata writes")):
+        new = tmp_path / f"new-{extra.name}" / "pkg"
+        with pytest.raises(PackageBuildError, match=why):
+            build_package(digits_onnx, new, name="digits", version="1", extra_files=[extra])
+        assert not new.exists()
+        assert new.parent.exists()  # a parent it made stays: only the package folder is the build's
+        given = tmp_path / f"given-{extra.name}"
+        given.mkdir()
+        with pytest.raises(PackageBuildError, match=why):
+            build_package(digits_onnx, given, name="digits", version="1", extra_files=[extra])
+        assert given.is_dir()
+        assert list(given.iterdir()) == []
+
+
 def test_invalid_names_are_refused(digits_onnx: Path, tmp_path: Path) -> None:
     """As bad input (the caller's names: the CLI exits 2), not as a bad package (it exited 5, "package invalid")."""
     with pytest.raises(ConfigError, match="model name"):
