@@ -187,6 +187,57 @@ def test_one_enrollment_token_presented_to_both_replicas_at_once_enrolls_one_nod
     assert len([n for n in names if n.startswith("racer-")]) == 4
 
 
+def csr_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def renewed(fleet: LocalFleet, node: Node, answer: httpx.Response, key: ec.EllipticCurvePrivateKey, at: Path) -> Node:
+    assert answer.status_code == 200, answer.text
+    return Node(fleet, at, {"node_id": node.node_id, "certificate": answer.json()["certificate"]}, key)
+
+
+def test_a_certificate_renewed_away_through_one_replica_buys_nothing_on_the_other(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
+    """A node's certificate stolen before the node renewed through replica a: replica b, which had it cached, took
+    it until some unrelated change moved the fleet's counter, and a renewal through b with it made the thief's the
+    node's only current certificate (the real node locked out). Two renewals with one certificate raced through
+    both replicas: one is given a certificate."""
+    urls = [fleet.server_url, fleet.replicas["b"].url]
+    node = enroll(fleet, urls[0], "renewer", tmp_path)
+    stolen = node.client(urls[1])
+    assert stolen.get(f"/v1/nodes/{node.node_id}").status_code == 200  # b has it cached now
+    key = ec.generate_private_key(ec.SECP256R1())
+    answer = node.client(urls[0]).post(f"/v1/nodes/{node.node_id}/certificate", json={"csr": csr_pem(key)})
+    current = renewed(fleet, node, answer, key, tmp_path / "current")
+    fleet.wait_for(
+        lambda: stolen.get(f"/v1/nodes/{node.node_id}").status_code == 401, 5, "replica b to refuse the old one"
+    )
+    again = stolen.post(
+        f"/v1/nodes/{node.node_id}/certificate", json={"csr": csr_pem(ec.generate_private_key(ec.SECP256R1()))}
+    )
+    assert again.status_code == 401, again.text
+    for url in urls:
+        assert current.client(url).get(f"/v1/nodes/{node.node_id}").status_code == 200
+
+    for round_ in range(2):  # both replicas hold the current one cached, then two renewals race (4 live at most)
+        for url in urls:
+            assert current.client(url).get(f"/v1/nodes/{node.node_id}").status_code == 200
+        keys = [ec.generate_private_key(ec.SECP256R1()) for _ in urls]
+        answers = race(
+            [
+                lambda url=url, key=key, holder=current: holder.client(url).post(
+                    f"/v1/nodes/{node.node_id}/certificate", json={"csr": csr_pem(key)}
+                )
+                for url, key in zip(urls, keys, strict=True)
+            ]
+        )
+        assert sorted(a.status_code for a in answers) == [200, 401], [a.text for a in answers]
+        winner = next(i for i, a in enumerate(answers) if a.status_code == 200)
+        current = renewed(fleet, node, answers[winner], keys[winner], tmp_path / f"round-{round_}")
+
+
 def test_an_attestation_nonce_issued_by_one_replica_is_accepted_by_the_other_once(
     fleet: LocalFleet, tmp_path: Path
 ) -> None:

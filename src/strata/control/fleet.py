@@ -500,22 +500,36 @@ class FleetService:
             issued_at=issued.issued_at,
         )
 
-    def renew_certificate(self, node_id: str, csr: str) -> CertificateRenewal:
-        """A new certificate for a live node (called over mutual TLS with its current one); from now on only the
-        new certificate is accepted by the control plane. Peers still accept the previous one until it expires
-        (it may carry connections), unless the node is revoked: `revoke` covers every certificate recorded here.
+    def renew_certificate(self, node_id: str, csr: str, presented: bytes) -> CertificateRenewal:
+        """A new certificate for a live node, asked over mutual TLS with `presented` (the DER of the certificate
+        the caller showed), which must still be the node's current one; from now on only the new certificate is
+        accepted by the control plane, on every replica (the fleet's change counter moves). Peers still accept the
+        previous one until it expires (it may carry connections), unless the node is revoked: `revoke` covers every
+        certificate recorded here.
 
         A node holds at most MAX_LIVE_CERTIFICATES valid ones: each is listed in every node's desired state once the
         node is revoked.
 
         Raises:
-            AuthError: the CSR is unusable.
+            AuthError: the CSR is unusable, or `presented` is no longer the node's current certificate (renewed or
+                replaced since: a replica that had not heard yet let it through, or two renewals raced).
             Conflict: the node holds MAX_LIVE_CERTIFICATES valid certificates already.
             NotFound: no such node, or it was revoked.
             StoreError: the database failed.
         """
         with self._db.transaction() as session:
             node = live_node(session, node_id)
+            # a stolen certificate the node has renewed since must not buy the thief the node's identity: the row is
+            # claimed only while `presented` is still its credential (a write, so two renewals racing on one or two
+            # replicas, SQLite or PostgreSQL, see each other: the second finds the credential changed)
+            presented_hash = certificate_hash(presented)
+            claimed = session.connection().execute(
+                update(Node)
+                .where(Node.id == node_id, Node.credential_hash == presented_hash, Node.revoked_at.is_(None))
+                .values(credential_hash=presented_hash)
+            )
+            if claimed.rowcount != 1:
+                raise AuthError("this certificate is not the current one of a live node (revoked, renewed or replaced)")
             now = self._clock()
             live, first_expiry = live_certificates(session, node_id, now)
             if live >= MAX_LIVE_CERTIFICATES and first_expiry is not None:
@@ -528,6 +542,7 @@ class FleetService:
             node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
             record_issued(session, node_id, node.credential_hash, issued.not_after, now)
         self._authenticator.forget_node(node_id)
+        self._feed.bump()  # the other replicas drop the previous certificate from their caches
         return CertificateRenewal(issued.pem.decode(), issued.not_after, issued.issued_at)
 
     def enrollment_token_valid(self, token: str) -> bool:

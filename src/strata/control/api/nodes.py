@@ -99,9 +99,14 @@ def fleet_ca(
 
 
 @router.post("/nodes/{node_id}/certificate", response_model=CertificateBody)
-def renew_certificate(node_id: str, body: RenewRequest, plane: Plane, _node: NodeItself) -> dict[str, Any]:
+def renew_certificate(
+    node_id: str, body: RenewRequest, request: Request, plane: Plane, _node: NodeItself
+) -> dict[str, Any]:
     """A new certificate for this node, over mutual TLS with its current one (which stops working)."""
-    return plane.fleet.renew_certificate(node_id, body.csr).to_json()
+    presented = client_certificate(request)
+    if presented is None:  # NodeItself admits nodes only, by their certificate
+        raise AuthError("a node renews its certificate over mutual TLS with its current one")
+    return plane.fleet.renew_certificate(node_id, body.csr, presented).to_json()
 
 
 @router.get(
