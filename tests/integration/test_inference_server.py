@@ -300,6 +300,20 @@ def test_binary_inference_matches_onnxruntime(
     assert_predictions(outputs, digits_reference(x))
 
 
+def test_an_empty_outputs_list_asks_for_every_output(
+    oip_client: httpx.Client, digits_reference: Callable[[Array], dict[str, Array]]
+) -> None:
+    """`"outputs": []` was a 500 counted against the model (three of them failed a new version's probation and
+    rolled it back): it asks for every output, as over gRPC."""
+    x = digits_x(4)
+    for _ in range(3):
+        response = oip_client.post("/v2/models/digits/infer", json=json_request(x, outputs=[]))
+        assert response.status_code == 200, response.text
+        header, outputs = decoded(response)
+        assert [o["name"] for o in header["outputs"]] == ["label", "probabilities"]
+        assert_predictions(outputs, digits_reference(x))
+
+
 def test_one_output_chosen_as_json_from_binary_inputs(oip_client: httpx.Client) -> None:
     response = binary_post(
         oip_client, "/v2/models/digits/infer", {"X": digits_x(3)}, outputs=["label"], binary_output=False

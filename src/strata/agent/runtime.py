@@ -126,7 +126,7 @@ class OnnxRuntimeModel:
             InferenceError: the model itself failed while running (the model's fault, not the caller's: it counts
                 against the version in the node's error rate and probation).
         """
-        names = list(output_names) if output_names is not None else self._output_names
+        names = list(output_names) if output_names else self._output_names  # none named: every output
         return self._run(feeds, names, None)
 
     def run_within(self, feeds: Mapping[str, Array], output_names: Sequence[str], timeout_s: float) -> dict[str, Array]:
@@ -144,7 +144,7 @@ class OnnxRuntimeModel:
         timer.daemon = True
         timer.start()
         try:
-            return self._run(feeds, list(output_names), options, timeout_s)
+            return self._run(feeds, list(output_names) or self._output_names, options, timeout_s)
         finally:
             timer.cancel()
 

@@ -354,7 +354,9 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         raise BadRequest("inference request names an input twice")
     params = _parameters(header, "request")
     outputs: list[RequestedOutput] | None = None
-    if header.get("outputs") is not None:
+    # an empty list asks for every output, as it does over gRPC (it reached the runtime as "no names", which
+    # onnxruntime reads as "all", and the answer failed as the model's fault)
+    if header.get("outputs") not in (None, []):
         raw_outputs = header["outputs"]
         if not isinstance(raw_outputs, list):
             raise BadRequest("request 'outputs' must be a list")
