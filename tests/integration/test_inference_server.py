@@ -177,8 +177,8 @@ def start_http_server(server_loop: LoopThread) -> Iterator[StartHttp]:
     """Start an HttpServer for a handler on a free loopback port; every one is stopped after the module."""
     started: list[HttpServer] = []
 
-    def start(handler: Callable[[Request], Any], limits: ServerLimits | None = None) -> HttpServer:
-        server = HttpServer(handler, limits)
+    def start(handler: Callable[[Request], Any] | HttpServer, limits: ServerLimits | None = None) -> HttpServer:
+        server = handler if isinstance(handler, HttpServer) else HttpServer(handler, limits)
         server_loop.run(server.start("127.0.0.1", 0))
         started.append(server)
         return server
@@ -198,7 +198,7 @@ def serve_models(start_http_server: StartHttp) -> ServeModels:
             repository.put(model)
         metrics = InferenceMetrics()
         app = InferenceApp(repository, metrics, **app_options)
-        return RunningServer(start_http_server(app.handle, limits), metrics, repository)
+        return RunningServer(start_http_server(app.http_server(limits)), metrics, repository)  # as the agent
 
     return serve
 
@@ -577,6 +577,36 @@ def test_token_guards_every_route_but_liveness(
         _, outputs = decoded(client.post("/v2/models/digits/infer", json=json_request(digits_x(2)), headers=good))
         assert outputs["label"].shape == (2,)
         assert_error(client.get("/v2/nowhere", headers=good), 404, "no route")
+
+
+def test_a_caller_without_the_token_is_refused_on_its_head_and_holds_no_budget(
+    serve_models: ServeModels, digits_package: Package, digits_runtime: Runtime
+) -> None:
+    """Checked in the handler, the token came after the body was charged and read: two connections declaring
+    64 MiB bodies without a token (160 bytes sent) held the whole request budget, every caller with the token got
+    503 until the read timeout cut them, and each was told `100 Continue`. Now the head is enough to refuse them."""
+    limits = ServerLimits(max_body_bytes=64 << 20, max_body_bytes_in_flight=100 << 20)
+    served = serve_models(loaded(digits_package, digits_runtime), limits=limits, token="s3cret")
+    holders = []
+    for _ in range(2):
+        holder = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+        holder.sendall(
+            b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 67108864\r\n\r\n"
+        )
+        answer = holder.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
+        assert b"100 Continue" not in answer
+        assert b"Bearer" in answer
+        holders.append(holder)
+    with httpx.Client(base_url=served.url, timeout=10) as client:
+        good = {"Authorization": "Bearer s3cret"}
+        answered = client.post("/v2/models/digits/infer", json=json_request(digits_x(2)), headers=good)
+        assert answered.status_code == 200, answered.text
+        assert client.get("/v2/health/live").status_code == 200  # liveness needs no token, on its head too
+    for holder in holders:
+        assert holder.recv(65536) == b""  # closed after the refusal: the body is never read
+        holder.close()
 
 
 def test_tritonclient_with_a_token(serve_models: ServeModels, digits_package: Package, digits_runtime: Runtime) -> None:

@@ -267,14 +267,18 @@ class HttpServer:
         peer_identity: Callable[[Any], str | None] | None = None,
         peer_refusal: Callable[[bytes | None], str | None] | None = None,
         release_memory: Callable[[], object] | None = None,
+        head_refusal: Callable[[Request], str | None] | None = None,
     ) -> None:
         """`peer_identity` turns a TLS connection's ssl object into the caller's identity (`Request.peer`);
         `peer_refusal`, given the peer certificate's DER, says why its requests are refused (403, then close),
         or None. It is asked for every request, before its body is read, so a verdict that changes (a revocation)
-        reaches connections already open. `release_memory` gives freed heap back to the OS (run on the default
-        executor, see the module doc)."""
+        reaches connections already open. `head_refusal`, given a request's head (its body empty), says why it
+        is refused (401, then close) or None: a caller without the serving token is turned away before its body
+        is charged to the budget or read, and gets no `100 Continue`. `release_memory` gives freed heap back to the
+        OS (run on the default executor, see the module doc)."""
         self.peer_identity = peer_identity
         self.peer_refusal = peer_refusal
+        self.head_refusal = head_refusal
         self._handler = handler
         self._limits = limits or ServerLimits()
         # its sockets, their accept loops, the connections accepted and not yet served (over TLS: in their
@@ -595,6 +599,7 @@ class _Refuse(Exception):
 
 
 _BUSY_HEADERS: Final = {"retry-after": "1"}
+_AUTH_HEADERS: Final = {"www-authenticate": 'Bearer realm="strata"'}
 
 
 @dataclass(slots=True)
@@ -788,6 +793,11 @@ class _Connection(asyncio.Protocol):
             reason = self._server.peer_refusal(self._peer_der)
             if reason is not None:
                 self._refuse(403, reason)
+        if self._server.head_refusal is not None:
+            head = _make_request(self._parser.get_method(), self._url, self._headers, b"", self._client, self._peer)
+            reason = self._server.head_refusal(head)
+            if reason is not None:
+                self._refuse(401, reason, _AUTH_HEADERS)
         expects_continue = False
         for name, value in self._headers:
             lowered = name.lower()

@@ -257,7 +257,7 @@ class Agent:
                 return await app.handle(request)
 
             log.info("relaying package pieces for child devices (cache %d MB)", self.config.relay_budget_bytes >> 20)
-        server = HttpServer(app.handle, serve_limits, release_memory=release_free_memory)
+        server = app.http_server(serve_limits)
         await server.start(self.config.serve_host, self.config.serve_port, reuse_port=pool is not None)
         # Said once the node is enrolled (at once when it was before): a node whose enrollment is refused stops
         # without ever serving, and said it served first.

@@ -32,7 +32,7 @@ from typing import Any, Final, TypeVar
 
 from strata import __version__
 from strata.agent.batch_plan import BatchingConfig
-from strata.agent.httpd import Request, Response
+from strata.agent.httpd import HttpServer, Request, Response, ServerLimits
 from strata.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from strata.agent.metrics import InferenceMetrics, RegistrySnapshot
 from strata.agent.repository import LoadedModel, ModelRepository
@@ -143,6 +143,29 @@ class InferenceApp:
 
     def _authenticate(self, request: Request) -> None:
         self.authenticate(request.headers.get("authorization", ""))
+
+    def http_server(self, limits: ServerLimits | None = None) -> HttpServer:
+        """The HTTP server for this app on the serving port: with a serving token, a request without it is refused
+        on its head, before its body is charged to the budget or read (`head_refusal`)."""
+        return HttpServer(
+            self.handle,
+            limits,
+            release_memory=release_free_memory,
+            head_refusal=self.head_refusal if self._token is not None else None,
+        )
+
+    def head_refusal(self, request: Request) -> str | None:
+        """For the HTTP server, on a request's head (before its body is charged or read): why it is refused
+        without the serving token, or None. `handle` checks the token again, for callers other than `HttpServer`."""
+        if self._token is None or request.peer is not None:
+            return None
+        if tuple(request.path.strip("/").split("/")) == _LIVE_PATH:
+            return None
+        try:
+            self._authenticate(request)
+        except AuthError as exc:
+            return str(exc)
+        return None
 
     @property
     def needs_token(self) -> bool:

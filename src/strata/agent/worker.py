@@ -25,7 +25,7 @@ from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
 from strata.agent.processes import AGENT_ONLY_METRICS, share, telemetry_config
 from strata.agent.repository import LoadedModel, ModelRepository
-from strata.agent.runtime import limit_malloc_arenas, load_and_check, release_free_memory
+from strata.agent.runtime import limit_malloc_arenas, load_and_check
 from strata.agent.serving import ServingTracker
 from strata.agent.telemetry import TelemetryRecorder
 from strata.core.errors import StrataError
@@ -108,7 +108,7 @@ class Worker:
             metrics_view=self._node_metrics,
         )
         self.app = app
-        self.server = HttpServer(app.handle, limits, release_memory=release_free_memory)
+        self.server = app.http_server(limits)
         await self.server.start(config.serve_host, int(fields["port"]), reuse_port=True)
         return {"pid": os.getpid()}
 
