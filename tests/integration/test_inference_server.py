@@ -686,6 +686,41 @@ def raw_exchange(port: int, data: bytes) -> list[tuple[int, dict[str, str], byte
     return responses
 
 
+BIG_ANSWER = bytes(16 << 20)
+
+
+async def big_answer(request: Request) -> Response:
+    return Response(200, {"content-type": "application/octet-stream"}, BIG_ANSWER)
+
+
+def test_answers_a_caller_does_not_read_are_charged_to_the_budget(start_http_server: StartHttp) -> None:
+    """An answer waiting for a caller that does not read it was held outside every budget, with the request and
+    the answer object beside the transport's copy: callers asking for large answers and never reading them grew
+    the node by about 128 MiB each. What waits unread is charged now, so new bodies are refused (503) instead."""
+    limits = ServerLimits(max_body_bytes_in_flight=16 << 20, body_timeout=4.0)
+    server = start_http_server(big_answer, limits)
+    readers_that_do_not = []
+    for _ in range(3):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little of the answer
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        readers_that_do_not.append(sock)
+    body = b"x" * (1 << 20)
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as client:
+        deadline = time.monotonic() + 10
+        while (answer := client.post("/big", content=body)).status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answer.status_code == 503, "the unread answers were not charged"
+        assert "too many request bodies" in answer.text
+        for sock in readers_that_do_not:
+            sock.close()
+        deadline = time.monotonic() + 15  # cut off (closed here, or past body_timeout): their charge goes back
+        while (answer := client.post("/big", content=body)).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert answer.status_code == 200
+
+
 async def echo(request: Request) -> Response:
     if request.path == "/boom":
         raise RuntimeError("handler bug")

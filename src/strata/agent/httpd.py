@@ -941,29 +941,47 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         try:
-            response = await self._server.call_handler(item.request)
-            self._server.release(item.charged, self._peer)  # the handler is done with the body
-            item.charged = 0
-            close = not item.keep_alive or self._server.closing or (self._close_after_queue and not self._queue)
-            if transport.is_closing():
+            if not await self._respond(item, transport):
                 return
-            if not self._write(response, item.request.method == "HEAD", close):
-                self._close()
-                return
-            if close:
-                self._close()
-                return
-            if self._writing_paused and not await self._drained_in_time(transport):
-                transport.abort()  # the peer does not read its answers: cut it off, dropping them
-                return
+            # While the peer does not read: the request (its body) and the answer object are let go, and what waits
+            # in the transport's buffer is charged to the budget, so callers that never read their answers fill it
+            # (new bodies get 503) instead of the node's memory.
+            del item
+            if self._writing_paused:
+                unread = transport.get_write_buffer_size()
+                self._server.charge(unread, force=True, peer=self._peer)
+                try:
+                    drained = await self._drained_in_time(transport)
+                finally:
+                    self._server.release(unread, self._peer)
+                if not drained:
+                    transport.abort()  # the peer does not read its answers: cut it off, dropping them
+                    return
         except asyncio.CancelledError:
             self._close()  # `stop` ran out of grace: the peer sees the connection close unanswered
             return
         finally:
-            self._server.release(item.charged, self._peer)
-            item.charged = 0
             self._task = None
         self._next()
+
+    async def _respond(self, item: _Parsed, transport: asyncio.Transport) -> bool:
+        """Run the handler on `item` and write its answer; False when the connection closes instead of reading
+        its next request."""
+        try:
+            response = await self._server.call_handler(item.request)
+        finally:
+            self._server.release(item.charged, self._peer)  # the handler is done with the body
+            item.charged = 0
+        close = not item.keep_alive or self._server.closing or (self._close_after_queue and not self._queue)
+        if transport.is_closing():
+            return False
+        if not self._write(response, item.request.method == "HEAD", close):
+            self._close()
+            return False
+        if close:
+            self._close()
+            return False
+        return True
 
     async def _drained_in_time(self, transport: asyncio.Transport) -> bool:
         """Wait until the peer has read enough of our answers for us to write more; False when it read none
