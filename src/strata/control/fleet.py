@@ -594,9 +594,10 @@ class FleetService:
         return replace(self._view(node, generation, deployments, now), certificate_expires_at=expires)
 
     def revoke(self, node_id: str) -> None:
-        """Revoke a node: its credential stops working at once and no deployment targets it any more; the TPM
-        it was bound to is free for another node. Its certificates still valid join the revocation list every
-        node's desired state carries, so its peers refuse them on their tier ports too.
+        """Revoke a node: its credential stops working at once and no deployment targets it any more; the
+        re-enrollment tokens issued for it before now expire; the TPM it was bound to is free for another node. Its
+        certificates still valid join the revocation list every node's desired state carries, so its peers refuse
+        them on their tier ports too.
 
         Raises:
             NotFound: no such node, or it was revoked already.
@@ -606,6 +607,13 @@ class FleetService:
         with self._db.transaction() as session:
             node = live_node(session, node_id)
             node.revoked_at = now
+            # a re-enrollment token issued before the revocation (leaked with the machine, say) must not undo it:
+            # bringing the node back takes one issued after (`strata nodes reenroll`)
+            session.execute(
+                update(EnrollmentToken)
+                .where(EnrollmentToken.reenroll_node_id == node_id, EnrollmentToken.used_at.is_(None))
+                .values(expires_at=now)
+            )
             revoke_issued(session, node_id, node.credential_hash, now + self._cert_hours * 3600, now)
             node.tpm_ak = node.tpm_ek = None  # its TPM may serve the machine when it is enrolled again
             record_event(session, now, NewEvent("revoked", "revoked by the operator", node_id=node_id))

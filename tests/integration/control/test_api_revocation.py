@@ -11,7 +11,8 @@ import hashlib
 import ssl
 from typing import Any
 
-from control_harness import Harness, NodeCredentials, node_key_and_csr
+from control_harness import Harness, NodeCredentials, csr_for, node_key_and_csr
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import func, select
 
 from strata.control.db import NodeCertificate
@@ -92,3 +93,18 @@ def test_a_certificate_issued_before_certificates_were_recorded_is_listed_on_rev
     server.clock.advance(life(server) + 1)  # listed for at most a certificate's life
     server.enroll("newcomer")
     assert listed(server, watcher) == set()
+
+
+def test_a_reenrollment_token_issued_before_a_revocation_does_not_undo_it(server: Harness) -> None:
+    """A re-enrollment token issued, then the node revoked (stolen, say): the token brought the node back with its
+    tier and labels. Bringing it back takes a token issued after the revocation."""
+    node_id = server.enroll("stolen", labels={"site": "berlin"}).node_id
+    early = server.client.post("/v1/reenrollment-tokens", json={"node": "stolen"}, headers=server.admin)
+    assert early.status_code == 201, early.text
+    assert server.client.delete(f"/v1/nodes/{node_id}", headers=server.admin).status_code == 204
+    key = ec.generate_private_key(ec.SECP256R1())
+    body = {"name": "stolen", "tier": "device", "labels": {}, "profile": "cpu-generic", "replace": True}
+    refused = server.client.post("/v1/enroll", json={**body, "token": early.json()["token"], "csr": csr_for(key, "x")})
+    assert refused.status_code == 401, refused.text
+    again = server.enroll("stolen", reenroll=True)  # a token issued now does bring it back
+    assert again.node_id == node_id
