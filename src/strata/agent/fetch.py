@@ -67,6 +67,11 @@ def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
     return digest, size
 
 
+def discard_partial(dest: Path) -> None:
+    """Drop what an interrupted download of `dest` left behind (its part file), so the next one starts at byte 0."""
+    dest.with_name(dest.name + ".part").unlink(missing_ok=True)
+
+
 def download_blob(
     transport: Transport,
     url: str,
@@ -147,7 +152,11 @@ def download_blob(
     if digest.hexdigest() != sha256:
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
-        raise VerificationError(f"downloaded blob hashes to {digest.hexdigest()}, expected {sha256}; discarded")
+        earlier = f" (its first {resumed_from} bytes from an earlier, interrupted attempt)" if resumed_from else ""
+        raise VerificationError(
+            f"downloaded blob hashes to {digest.hexdigest()}, expected {sha256}{earlier}; discarded, the next attempt "
+            "starts over"
+        )
     if seal is None:
         os.replace(part, dest)
         fsync_dir(dest.parent)

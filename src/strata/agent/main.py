@@ -157,6 +157,7 @@ class Agent:
             progress=DownloadLog(),
             relays=lambda: config.relays,
             relay_transport=self.peer_transport,
+            relay_min_rate=relay_min_rate(config),
             serving=serving,
             probation=ProbationConfig(duration_s=config.probation_s),
             report_interval_s=config.report_interval_s,

@@ -8,12 +8,13 @@ they stopped (`fetch.download_blob`), and pieces already downloaded survive a re
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from strata.agent.client import ControlPlaneClient, ServerError
-from strata.agent.fetch import Progress, RateLimiter, download_blob
+from strata.agent.fetch import Progress, RateLimiter, discard_partial, download_blob
 from strata.agent.store import ArtifactStore, digest_hex
 from strata.agent.transport import Transport
 from strata.core.chunking import Chunk
@@ -61,10 +62,19 @@ class PackageFetcher:
         rate_limit: int | None = None,
         progress: Progress | None = None,
         relay_transport: Transport | None = None,
+        relay_min_rate: int | None = None,
     ) -> None:
-        """`relay_transport` reaches the parent relays (mutual TLS with this node's certificate)."""
+        """`relay_transport` reaches the parent relays (mutual TLS with this node's certificate).
+
+        `relay_min_rate` (bytes a second) is what a relay must average over a whole package, past its first request
+        timeout, to keep being asked for it; below that the rest comes from the control plane. Each answer has such
+        an allowance of its own in the transport; this one is over the package, so a parent that waits just under
+        the allowance before every piece (and so never breaks one off) cannot hold a fetch, and with it the agent's
+        loop (desired state, revocations, renewal), for the piece count times that wait."""
         self.client = client
         self.relay_transport = relay_transport or client.transport
+        self.relay_min_rate = relay_min_rate
+        self._relay_spent: dict[str, tuple[float, int]] = {}  # by relay, this fetch: seconds waited, bytes received
         self.store = store
         self.relays = relays
         self.rate_limit = rate_limit
@@ -85,6 +95,7 @@ class PackageFetcher:
         """
         report = FetchReport()
         self._given_up = set()
+        self._relay_spent = {}
         manifest = self.store.load_manifest(variant.digest) or self._manifest(variant, report, manifest_limit)
         held = self.store.piece_index()
         limiter = RateLimiter(self.rate_limit)
@@ -114,14 +125,36 @@ class PackageFetcher:
         sources.append(("server", self.client.blob_url(sha256)))
         return sources
 
+    def _relay_of(self, url: str) -> str | None:
+        return next((r for r in self.relays() if url.startswith(r.rstrip("/") + "/")), None)
+
     def _give_up_on(self, url: str, exc: StrataError) -> None:
         """A relay that could not be reached, broke off or sent too slowly is not asked again during this fetch:
         otherwise each piece would wait out its timeouts again (a stalling parent would hold the agent's loop
         piece after piece)."""
-        relay = next((r for r in self.relays() if url.startswith(r.rstrip("/") + "/")), None)
+        relay = self._relay_of(url)
         if relay is not None and isinstance(exc, TransportError):
             self._given_up.add(relay)
             log.warning("relay %s failed (%s); fetching the rest of this package from the control plane", relay, exc)
+
+    def _count_relay(self, url: str, seconds: float, received: int) -> None:
+        """Add a relay answer's time and bytes to what that relay has spent of this package; give up on it once it
+        is below its floor rate over the package (see `__init__`)."""
+        relay = self._relay_of(url)
+        if relay is None or self.relay_min_rate is None:
+            return
+        spent, got = self._relay_spent.get(relay, (0.0, 0))
+        spent, got = spent + seconds, got + received
+        self._relay_spent[relay] = (spent, got)
+        grace = self.client.timeout
+        if spent > grace and got < (spent - grace) * self.relay_min_rate:
+            self._give_up_on(
+                url,
+                TransportError(
+                    f"it sent {got} bytes of this package in {spent:.0f} s, slower than {self.relay_min_rate} "
+                    "bytes/s on average"
+                ),
+            )
 
     def _manifest(self, variant: VariantRef, report: FetchReport, limit: int | None = None) -> Manifest:
         most = MAX_MANIFEST_BYTES if limit is None else min(limit, MAX_MANIFEST_BYTES)
@@ -167,6 +200,7 @@ class PackageFetcher:
                 report.relay_bytes += len(data)
             return
         for kind, url in self._sources(piece.sha256, variant):
+            started = time.monotonic()
             try:
                 result = download_blob(
                     self.relay_transport if kind == "relay" else self.client.transport,
@@ -183,10 +217,16 @@ class PackageFetcher:
                 if kind == "server":
                     raise
                 log.debug("relay could not give piece %s (%s); trying the next source", piece.sha256[:12], exc)
+                # what a relay sent before it broke off is not resumed from another source: a parent that sends a
+                # wrong byte and hangs up would else spoil every download of the piece from the control plane
+                discard_partial(self.store.piece_path(piece.sha256))
+                self._count_relay(url, time.monotonic() - started, 0)
                 self._give_up_on(url, exc)
                 continue
             except StrataError:
                 raise
+            if kind == "relay":
+                self._count_relay(url, time.monotonic() - started, result.received)
             if result.resumed_from:
                 report.resumed.append((piece.sha256, result.resumed_from))
                 log.info("download of piece %s resumed at byte %d", piece.sha256[:12], result.resumed_from)

@@ -136,6 +136,7 @@ class Reconciler:
         progress: Progress | None = None,
         relays: Callable[[], Sequence[str]] = tuple,
         relay_transport: Transport | None = None,
+        relay_min_rate: int | None = None,
         serving: ServingTracker | None = None,
         probation: ProbationConfig | None = None,
         report_interval_s: float = 0.0,
@@ -170,7 +171,13 @@ class Reconciler:
         self._snapshots: dict[tuple[str, str], tuple[float, ServingCounters | None]] = {}
         self.state = store.load_state()
         self.fetcher = PackageFetcher(
-            client, store, relays, rate_limit=rate_limit, progress=progress, relay_transport=relay_transport
+            client,
+            store,
+            relays,
+            rate_limit=rate_limit,
+            progress=progress,
+            relay_transport=relay_transport,
+            relay_min_rate=relay_min_rate,
         )
         self.fetched = FetchReport()
         # The activation under way in the loop's thread, and whether the agent is stopping (no load starts then).
