@@ -150,6 +150,9 @@ class NodeCertificate(Base):
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True)
     not_after: Mapped[float] = mapped_column(TIME, index=True)
     revoked_at: Mapped[float | None] = mapped_column(TIME)
+    # the certificate itself and when it was issued: a renewal whose answer was lost is answered again with it
+    pem: Mapped[str | None] = mapped_column(Text)
+    issued_at: Mapped[float | None] = mapped_column(TIME)
 
 
 class Model(Base):

@@ -67,6 +67,7 @@ from strata.core.wire import (
     ProtocolError,
     parse_labels,
 )
+from strata.trust.ca import same_key
 
 log = logging.getLogger(__name__)
 
@@ -477,7 +478,9 @@ class FleetService:
             node.attestation = node.attestation_detail = node.attested_at = None
             node.tpm_ak = node.tpm_ek = node.tpm_pcrs = None
             session.flush()
-            record_issued(session, node_id, node.credential_hash, issued.not_after, now)
+            record_issued(
+                session, node_id, node.credential_hash, issued.not_after, now, issued.pem.decode(), issued.issued_at
+            )
             token.node_id = node.id
             again = "enrolled again (a new credential; the old one is refused)" if existing is not None else "enrolled"
             what = f"{again}: tier {node.tier}, profile {node.profile}" + (
@@ -519,10 +522,22 @@ class FleetService:
         """
         with self._db.transaction() as session:
             node = live_node(session, node_id)
-            # a stolen certificate the node has renewed since must not buy the thief the node's identity: the row is
-            # claimed only while `presented` is still its credential (a write, so two renewals racing on one or two
-            # replicas, SQLite or PostgreSQL, see each other: the second finds the credential changed)
             presented_hash = certificate_hash(presented)
+            if presented_hash != node.credential_hash:
+                again = self._answer_again(session, node, presented, presented_hash)
+                if again is None:
+                    raise AuthError(
+                        "this certificate is not the current one of a live node (revoked, renewed or replaced)"
+                    )
+                log.warning(
+                    "node %s renewed again with the certificate its last renewal replaced (that answer was lost on "
+                    "the way): given the certificate issued then",
+                    node.name,
+                )
+                return again
+            # a stolen certificate the node has renewed since must not buy the thief a new one: the row is claimed
+            # only while `presented` is still its credential (a write, so two renewals racing on one or two
+            # replicas, SQLite or PostgreSQL, see each other: the second finds the credential changed)
             claimed = session.connection().execute(
                 update(Node)
                 .where(Node.id == node_id, Node.credential_hash == presented_hash, Node.revoked_at.is_(None))
@@ -540,10 +555,36 @@ class FleetService:
                 )
             issued = self._pki.sign_node(csr, node_id, self._cert_hours)
             node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
-            record_issued(session, node_id, node.credential_hash, issued.not_after, now)
+            record_issued(
+                session, node_id, node.credential_hash, issued.not_after, now, issued.pem.decode(), issued.issued_at
+            )
         self._authenticator.forget_node(node_id)
         self._feed.bump()  # the other replicas drop the previous certificate from their caches
         return CertificateRenewal(issued.pem.decode(), issued.not_after, issued.issued_at)
+
+    def _answer_again(
+        self, session: Session, node: Node, presented: bytes, presented_hash: str
+    ) -> CertificateRenewal | None:
+        """The answer of the node's last renewal, for a node that asks again with the certificate that renewal
+        replaced (the answer was lost on the way: without it, the node would hold only a certificate no longer
+        accepted, and need enrolling again), or None when `presented` is not such a certificate.
+
+        `presented` must be a certificate issued to this node, neither revoked nor expired, over the same key as
+        the current one: the node keeps its key across renewals, so whoever can ask this holds the node's key, to
+        which the current certificate is no secret. No certificate is issued and none is replaced: a thief holding
+        an old certificate and the key cannot lock the node out by renewing; a stolen key is answered by revoking
+        the node.
+        """
+        now = self._clock()
+        previous = session.get(NodeCertificate, presented_hash)
+        current = session.get(NodeCertificate, node.credential_hash)
+        if previous is None or previous.node_id != node.id or previous.revoked_at is not None:
+            return None
+        if previous.not_after <= now or current is None or current.pem is None or current.issued_at is None:
+            return None
+        if current.revoked_at is not None or not same_key(presented, current.pem.encode()):
+            return None
+        return CertificateRenewal(current.pem, current.not_after, current.issued_at)
 
     def enrollment_token_valid(self, token: str) -> bool:
         """Whether a token could enroll now (unused, unexpired), without spending it."""

@@ -50,14 +50,17 @@ def live_certificates(session: Session, node_id: str, now: float) -> tuple[int, 
     return int(row[0]), None if row[1] is None else float(row[1])
 
 
-def record_issued(session: Session, node_id: str, sha256: str, not_after: float, now: float) -> None:
-    """Remember a certificate just issued to `node_id`, and forget the certificates that have expired.
+def record_issued(
+    session: Session, node_id: str, sha256: str, not_after: float, now: float, pem: str, issued_at: float
+) -> None:
+    """Remember a certificate just issued to `node_id` (its PEM and issue time, to answer a renewal again whose
+    answer was lost), and forget the certificates that have expired.
 
     Raises:
         SQLAlchemyError: the database failed (the fleet's transaction turns it into a StoreError).
     """
     session.execute(delete(NodeCertificate).where(NodeCertificate.not_after <= now))
-    session.add(NodeCertificate(sha256=sha256, node_id=node_id, not_after=not_after))
+    session.add(NodeCertificate(sha256=sha256, node_id=node_id, not_after=not_after, pem=pem, issued_at=issued_at))
 
 
 def revoke_issued(session: Session, node_id: str, current: str, latest_expiry: float, now: float) -> None:

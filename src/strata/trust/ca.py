@@ -82,6 +82,25 @@ def node_id_of(cert: x509.Certificate) -> str | None:
     return None
 
 
+def same_key(der: bytes, pem: bytes) -> bool:
+    """Whether a certificate (DER) and another (PEM) are over the same public key; False for either unreadable."""
+    try:
+        first = x509.load_der_x509_certificate(der).public_key()
+        second = x509.load_pem_x509_certificate(pem).public_key()
+    except ValueError:
+        return False
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return first.public_bytes(*spki) == second.public_bytes(*spki)
+
+
+def node_id_of_der(der: bytes) -> str | None:
+    """The node id a certificate (DER) names, or None when it names none or does not parse."""
+    try:
+        return node_id_of(x509.load_der_x509_certificate(der))
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class IssuedCertificate:
     pem: bytes

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from control_harness import Harness, StartServer, cert_headers, node_key_and_csr
+from control_harness import Harness, StartServer, cert_headers, csr_for, node_key_and_csr
 
 from strata.control.api.system import READY_CACHE_S
 from strata.control.revocation import MAX_LIVE_CERTIFICATES
@@ -176,6 +176,34 @@ def test_a_renewed_certificate_replaces_the_old_one_at_once(server: Harness) -> 
     assert server.client.get(f"/v1/nodes/{node.node_id}/desired", headers=node.headers).status_code == 401
     fresh = cert_headers(renewed.json()["certificate"])
     assert server.client.get(f"/v1/nodes/{node.node_id}/desired", headers=fresh).status_code == 200
+
+
+def test_a_renewal_whose_answer_was_lost_is_answered_again(server: Harness) -> None:
+    """The control plane renewed and the answer never reached the node: it held only the certificate that renewal
+    replaced, refused everywhere, renewal included, and needed enrolling again. Asked again with that certificate
+    (over the same key, as the agent renews), the renewal's answer is given again; nothing new is issued."""
+    node = server.enroll("edge-1")
+    path = f"/v1/nodes/{node.node_id}/certificate"
+    csr = csr_for(node.key, "edge-1")
+    lost = server.client.post(path, json={"csr": csr}, headers=node.headers)
+    assert lost.status_code == 200, lost.text
+    again = server.client.post(path, json={"csr": csr}, headers=node.headers)
+    assert again.status_code == 200, again.text
+    assert again.json() == lost.json()
+    assert server.client.get(f"/v1/nodes/{node.node_id}/desired", headers=node.headers).status_code == 401
+    current = cert_headers(again.json()["certificate"])
+    assert server.client.get(f"/v1/nodes/{node.node_id}/desired", headers=current).status_code == 200
+    # another node's certificate does not ask for it
+    other = server.enroll("edge-2")
+    assert server.client.post(path, json={"csr": csr}, headers=other.headers).status_code == 403
+    # once the node renewed over another key, the old certificate is given nothing
+    rekeyed = server.client.post(path, json={"csr": node_key_and_csr("edge-1")}, headers=current)
+    assert rekeyed.status_code == 200, rekeyed.text
+    refused = server.client.post(path, json={"csr": csr}, headers=node.headers)
+    assert refused.status_code == 401, refused.text
+    # nor once the node is revoked
+    assert server.client.delete(f"/v1/nodes/{node.node_id}", headers=server.admin).status_code == 204
+    assert server.client.post(path, json={"csr": csr}, headers=current).status_code in (401, 404)
 
 
 def test_a_node_renewing_in_a_loop_cannot_grow_every_nodes_revocation_list(server: Harness) -> None:

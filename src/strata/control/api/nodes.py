@@ -6,7 +6,7 @@ import contextlib
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Path, Query, Request, Response, Security
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from strata.control.api.deps import (
@@ -58,8 +58,9 @@ from strata.control.schemas import (
 from strata.control.settings import MAX_WAIT_S
 from strata.control.topology import Topology, node_topology
 from strata.core.counts import holding
-from strata.core.errors import AuthError
+from strata.core.errors import AuthError, Forbidden
 from strata.core.wire import EnrollResponse, NodeStatus, ProtocolError, parse_selector
+from strata.trust.ca import node_id_of_der
 
 # Long polls one node may hold waiting at once on one server (its agent holds one; a reconnect can overlap it). Past
 # that a node's poll is answered at once instead of waiting: a node that opened thousands of polls would otherwise
@@ -98,14 +99,30 @@ def fleet_ca(
     return Response(plane.pki.ca.cert_pem, media_type="application/x-pem-file")
 
 
+async def _renewing_node(request: Request, node_id: str, plane: Plane) -> bytes:
+    """The certificate (DER) of a node asking for its own renewal. Checked here rather than by `NodeItself`,
+    which admits the current certificate only: the fleet CA verified the chain in the handshake, the certificate
+    must name this node, and `renew_certificate` decides whether it is the current one or the one just replaced.
+
+    Raises:
+        AuthError: no credential, or an unknown one.
+        Forbidden: an operator's token, or a certificate naming another node.
+    """
+    presented = client_certificate(request)
+    if presented is None:  # an operator's token (refused as on every node-only route), or nothing
+        authorize(await authenticate_request(request, plane, bearer_secret(request)), Access.SELF, node_id)
+        raise AuthError("a node renews its certificate over mutual TLS with its current one")
+    if node_id_of_der(presented) != node_id:
+        raise Forbidden("only the node itself may do this")
+    return presented
+
+
 @router.post("/nodes/{node_id}/certificate", response_model=CertificateBody)
 def renew_certificate(
-    node_id: str, body: RenewRequest, request: Request, plane: Plane, _node: NodeItself
+    node_id: str, body: RenewRequest, plane: Plane, presented: Annotated[bytes, Depends(_renewing_node)]
 ) -> dict[str, Any]:
-    """A new certificate for this node, over mutual TLS with its current one (which stops working)."""
-    presented = client_certificate(request)
-    if presented is None:  # NodeItself admits nodes only, by their certificate
-        raise AuthError("a node renews its certificate over mutual TLS with its current one")
+    """A new certificate for this node, over mutual TLS with its current one (which stops working); asked with the
+    one its last renewal replaced, that renewal's answer again (it was lost on the way)."""
     return plane.fleet.renew_certificate(node_id, body.csr, presented).to_json()
 
 
