@@ -133,7 +133,8 @@ class PackageFetcher:
         otherwise each piece would wait out its timeouts again (a stalling parent would hold the agent's loop
         piece after piece)."""
         relay = self._relay_of(url)
-        if relay is not None and isinstance(exc, TransportError):
+        # broken, too slow, or refusing this package (its policy keeps it from the relay): not asked again for it
+        if relay is not None and isinstance(exc, (TransportError, Forbidden)):
             self._given_up.add(relay)
             log.warning("relay %s failed (%s); fetching the rest of this package from the control plane", relay, exc)
 

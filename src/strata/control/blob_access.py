@@ -17,8 +17,9 @@ from sqlalchemy import select
 from strata.control.auth import Principal, authorize_blob
 from strata.control.blobs import BlobStore
 from strata.control.db import Database, Node, Variant
+from strata.control.deployments import load_active_deployments
 from strata.control.feed import ChangeFeed
-from strata.control.fleet import DesiredDocument, live_node
+from strata.control.fleet import DesiredDocument, live_node, node_facts
 from strata.core.errors import Forbidden, NotFound
 from strata.core.package import Manifest, package_pieces
 
@@ -83,6 +84,12 @@ class BlobAccess:
         document = self._desired(device_id)
         if all(v.digest != digest for model in document.state.models for v in model.variants):
             raise Forbidden(f"package {digest} is not in the desired state of node {device_id}")
+        relay = principal.node_id if relays_for_it and principal.node_id != device_id else None
+        if relay is not None and digest not in self._site_digests(relay):
+            raise Forbidden(
+                f"the placement policy of package {digest} forbids this relay; the device fetches it from the "
+                "control plane"
+            )
 
     def _site_digests(self, node_id: str) -> frozenset[str]:
         """Packages the devices at a near-edge node's site should run (it relays their pieces); empty otherwise.
@@ -94,20 +101,30 @@ class BlobAccess:
         cached = self._site_cache.get(node_id)
         if cached is not None and cached[0] == generation:
             return cached[1]
+        allowed_here: set[str] = set()
         with self._db.transaction() as session:
             node = session.get(Node, node_id)
             site = node.labels.get("site") if node is not None and node.tier == "near-edge" else None
             at_site: list[str] = []
-            if site is not None:
+            if node is not None and site is not None:
                 rows = session.execute(
                     select(Node.id, Node.labels).where(Node.tier == "device", Node.revoked_at.is_(None))
                 ).all()
                 at_site = [device_id for device_id, labels in rows if labels.get("site") == site]
+                # the relay holds what it relays: a package whose placement policy forbids the relay itself (another
+                # jurisdiction, an attestation it lacks) is not its to read; its devices take it from here
+                facts = node_facts(node)
+                allowed_here = {
+                    variant.digest
+                    for deployment in (load_active_deployments(session) if at_site else ())
+                    for variant in deployment.placement(facts)[0]
+                }
         digests = frozenset(
             variant.digest
             for device in at_site
             for model in self._desired(device).state.models
             for variant in model.variants
+            if variant.digest in allowed_here
         )
         self._site_cache[node_id] = (generation, digests)
         return digests

@@ -82,3 +82,31 @@ def test_unknown_or_malformed_blob_names(server: Harness, reader: NodeCredential
     assert server.client.get("/v1/blobs/sha256/" + "a" * 64, headers=reader.headers).status_code == 403
     assert server.client.get("/v1/blobs/sha256/../../admin.token", headers=server.admin).status_code == 404
     assert server.client.get("/v1/blobs/sha256/XYZ", headers=server.admin).status_code == 422
+
+
+def test_a_relay_reads_only_the_site_packages_its_own_policy_allows(
+    server: Harness, make_package: Callable[..., bytes]
+) -> None:
+    """A near-edge node reads the pieces of its site's devices' packages (it relays them), but it read those of a
+    package whose placement policy forbids it too (here: another jurisdiction), weights and all. Now that
+    package's manifest and pieces are refused to it, and asked whether a device may read it, it is told no; the
+    device still reads it from the control plane."""
+    eu_only = make_package(name="eu-only", policy={"allowed_jurisdictions": ["eu"]})
+    anywhere = make_package(name="anywhere")
+    for tar in (eu_only, anywhere):
+        assert server.upload(tar).status_code == 201
+    device = server.enroll("dev-eu", {"site": "s1", "jurisdiction": "eu"})
+    relay = server.enroll("gw-us", {"site": "s1", "jurisdiction": "us"}, tier="near-edge")
+    server.deploy("eu-only", "1", {"site": "s1"})
+    server.deploy("anywhere", "1", {"site": "s1"})
+    models = {m["name"]: m for m in server.desired(device).json()["models"]}
+    assert "eu-only" not in {m["name"] for m in server.desired(relay).json()["models"]}
+    for name, allowed in (("eu-only", False), ("anywhere", True)):
+        digest = models[name]["variants"][0]["digest"].removeprefix("sha256:")
+        manifest = server.client.get(f"/v1/blobs/sha256/{digest}", headers=relay.headers)
+        assert (manifest.status_code == 200) is allowed, manifest.text
+        assert server.client.get(f"/v1/blobs/sha256/{digest}", headers=device.headers).status_code == 200
+        access = server.client.get(f"/v1/nodes/{device.node_id}/packages/{digest}", headers=relay.headers)
+        assert (access.status_code == 204) is allowed, access.text
+        if not allowed:
+            assert "forbids this relay" in access.json()["error"]
