@@ -40,6 +40,7 @@ from strata.control.events import NewEvent, change_events, failure_events, recor
 from strata.control.feed import ChangeFeed
 from strata.control.history import activation_events, record_changes
 from strata.control.inventory import NodeView
+from strata.control.lease import serialize
 from strata.control.nodelogs import open_log_requests
 from strata.control.pki import Pki
 from strata.control.presence import PresenceTracker
@@ -72,6 +73,7 @@ from strata.trust.ca import same_key
 log = logging.getLogger(__name__)
 
 MAX_ENROLLMENT_TTL_S: Final = 7 * 24 * 3600
+_STATUS_ATTEMPTS: Final = 3  # a report compared with one stored meanwhile by another request is compared again
 INVALID_ENROLLMENT: Final = "enrollment token is invalid, used or expired"
 # Desired-state cache misses in one generation after which every node's facts are read at once (a wake-up of the
 # whole fleet); below it, each miss reads its own node (an enrollment wave bumps the generation per node).
@@ -683,36 +685,51 @@ class FleetService:
         """
         get_profile(status.profile)
         document = canonical_json(status.to_json()).decode()
-        with self._db.transaction() as session:
-            # An unchanged report (most of them) costs one two-column read, not an ORM load of the whole node.
-            stored = session.execute(select(Node.status, Node.revoked_at).where(Node.id == node_id)).first()
-            if stored is not None and stored.revoked_at is None and stored.status == document:
-                return False
-            node = live_node(session, node_id)
-            if node.status == document:
-                return False
-            now = self._clock()
-            previous = stored_status(node.status)
-            changes = activation_events(previous, status)
-            failures = failure_events(node_id, previous, status)
-            wanted = len(changes) + len(failures)
-            granted = self._records.take(node_id, wanted, now)
-            if granted < wanted:
-                if granted:  # the moment its budget runs out, not every report after
-                    log.warning("node %s reports changes faster than they are recorded: some are dropped", node.name)
-                changes, failures = changes[:granted], failures[: max(0, granted - len(changes))]
-            session.add_all(record_changes(node_id, changes, now))
-            for event in change_events(node_id, changes) + failures:
-                record_event(session, now, event)
-            node.status = document
-            node.status_at = now
-            node.emulated = status.emulated
-            node.agent_version = status.agent_version
-            node.reported_etag = status.desired_etag
-            node.serve_url = status.serve_url
-        if self._on_status is not None:
-            self._on_status()
-        return True
+        for _ in range(_STATUS_ATTEMPTS):
+            with self._db.transaction() as session:
+                # An unchanged report (most of them) costs one two-column read, not an ORM load of the whole node.
+                stored = session.execute(select(Node.status, Node.revoked_at).where(Node.id == node_id)).first()
+                if stored is not None and stored.revoked_at is None and stored.status == document:
+                    return False
+                node = live_node(session, node_id)
+                if node.status == document:
+                    return False
+                now = self._clock()
+                # Written only over the report it was compared with: the same report sent twice at once (a retry
+                # through another replica) is recorded once; a report stored meanwhile is compared with again.
+                unchanged = Node.status.is_(None) if node.status is None else Node.status == node.status
+                written = session.connection().execute(
+                    update(Node)
+                    .where(Node.id == node_id, Node.revoked_at.is_(None), unchanged)
+                    .values(
+                        status=document,
+                        status_at=now,
+                        emulated=status.emulated,
+                        agent_version=status.agent_version,
+                        reported_etag=status.desired_etag,
+                        serve_url=status.serve_url,
+                    )
+                )
+                if written.rowcount != 1:
+                    continue
+                previous = stored_status(node.status)
+                changes = activation_events(previous, status)
+                failures = failure_events(node_id, previous, status)
+                wanted = len(changes) + len(failures)
+                granted = self._records.take(node_id, wanted, now)
+                if granted < wanted:
+                    if granted:  # the moment its budget runs out, not every report after
+                        log.warning(
+                            "node %s reports changes faster than they are recorded: some are dropped", node.name
+                        )
+                    changes, failures = changes[:granted], failures[: max(0, granted - len(changes))]
+                session.add_all(record_changes(node_id, changes, now))
+                for event in change_events(node_id, changes) + failures:
+                    record_event(session, now, event)
+            if self._on_status is not None:
+                self._on_status()
+            return True
+        raise Conflict(f"node {node_id}'s status changed under {_STATUS_ATTEMPTS} reports in a row; report again")
 
     def assign(
         self,
@@ -732,6 +749,9 @@ class FleetService:
         if tier is not None and tier not in TIERS:
             raise ProtocolError(f"tier {tier!r} is not one of {list(TIERS)}")
         with self._db.transaction() as session:
+            # two operators labelling one node at once (on one replica or two) must both count: the second reads
+            # the first's labels, not the ones before them
+            serialize(session, f"node:{node_id}")
             node = live_node(session, node_id)
             if labels:
                 merged = dict(node.labels)

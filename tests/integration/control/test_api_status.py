@@ -317,3 +317,55 @@ def test_nan_and_infinities_in_a_report_are_refused_with_422(server: Harness) ->
         "/v1/rollouts", content=rollout, headers={**server.admin, "Content-Type": "application/json"}
     )
     assert response.status_code == 422, response.text
+
+
+def _at_once(calls: list[Any]) -> None:
+    """Run the calls at the same moment, one thread each."""
+    import threading
+
+    barrier = threading.Barrier(len(calls))
+    errors: list[BaseException] = []
+
+    def run(call: Any) -> None:
+        barrier.wait()
+        try:
+            call()
+        except BaseException as exc:  # handed to the test thread, which raises it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    if errors:
+        raise errors[0]
+
+
+def test_one_report_sent_twice_at_once_is_recorded_once_and_labels_set_at_once_both_stay(server: Harness) -> None:
+    """A report and its retry through another replica, at once: both compared with the same stored report, both
+    recorded the activation (two history rows, two events). Two operators labelling one node at once: the second
+    wrote over the first's label."""
+    from sqlalchemy import func, select
+
+    from strata.control.db import ActivationEvent
+    from strata.core.wire import NodeStatus
+
+    node = server.enroll("edge-1")
+    fleet = server.plane.fleet
+    model = {"name": "digits", "variant": "cpu-generic-fp32"}
+    for round_ in range(8):
+        version = {"version": str(round_ + 1), "digest": f"sha256:{round_:064x}", "activated_at": 5.0 + round_}
+        report = NodeStatus.from_json(_status(models=[{**model, **version}]))
+        _at_once([lambda report=report: fleet.report_status(node.node_id, report)] * 2)
+        with server.plane.db.transaction() as session:
+            rows = session.scalar(select(func.count()).select_from(ActivationEvent))
+        assert rows == round_ + 1, f"round {round_}: {rows} history rows"
+        _at_once(
+            [
+                lambda r=round_: fleet.assign(node.node_id, {f"a{r}": "x"}),
+                lambda r=round_: fleet.assign(node.node_id, {f"b{r}": "y"}),
+            ]
+        )
+        labels = fleet.get_node(node.node_id).labels
+        assert {f"a{round_}", f"b{round_}"} <= set(labels), labels
