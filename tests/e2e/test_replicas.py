@@ -28,6 +28,7 @@ from strata.core.attest import Report, strata_code_hash
 from strata.core.package import pack_tar
 from strata.localfleet import LocalFleet
 from strata.package_build import build_package
+from strata.testing.postgres import PostgresCluster
 
 pytestmark = pytest.mark.slow
 
@@ -236,6 +237,46 @@ def test_a_certificate_renewed_away_through_one_replica_buys_nothing_on_the_othe
         assert sorted(a.status_code for a in answers) == [200, 401], [a.text for a in answers]
         winner = next(i for i, a in enumerate(answers) if a.status_code == 200)
         current = renewed(fleet, node, answers[winner], keys[winner], tmp_path / f"round-{round_}")
+
+
+@pytest.fixture
+def pg_fleet(tmp_path: Path) -> Iterator[LocalFleet]:
+    """Two replicas on one PostgreSQL database (a throwaway cluster)."""
+    with PostgresCluster.start() as cluster, LocalFleet(tmp_path / "pg-fleet", poll_wait_s=10) as running:
+        url = cluster.create_database("strata").replace("postgresql+psycopg://", "postgresql://")
+        running.start_server(extra_args=["--db", url])
+        running.start_replica("b")
+        yield running
+
+
+def test_two_variants_of_a_new_model_uploaded_through_both_replicas_at_once_are_both_registered(
+    pg_fleet: LocalFleet, digits_onnx: Path, tmp_path: Path
+) -> None:
+    """CI jobs pushing each profile's variant of a new version behind a load balancer: both uploads added the model
+    and version rows, and the second failed with 409 "reload and try again"."""
+    fleet = pg_fleet
+    urls = [fleet.server_url, fleet.replicas["b"].url]
+    headers = {"Authorization": f"Bearer {fleet.admin_token}", "Content-Type": "application/x-tar"}
+    for round_ in range(3):
+        tars = []
+        for profile in ("cpu-generic", "x86_64-avx2"):
+            package = build_package(
+                digits_onnx, tmp_path / f"{round_}-{profile}", name=f"model-{round_}", version="1", profile=profile
+            )
+            pack_tar(package, tmp_path / f"{round_}-{profile}.tar")
+            tars.append((tmp_path / f"{round_}-{profile}.tar").read_bytes())
+        answers = race(
+            [
+                lambda url=url, tar=tar: httpx.post(
+                    f"{url}/v1/packages", content=tar, headers=headers, verify=fleet.tls(), timeout=60
+                )
+                for url, tar in zip(urls, tars, strict=True)
+            ]
+        )
+        assert [a.status_code for a in answers] == [201, 201], [a.text for a in answers]
+    variants = {m["name"]: m for m in fleet.client.models()}
+    for round_ in range(3):
+        assert len(variants[f"model-{round_}"]["versions"][0]["variants"]) == 2, variants[f"model-{round_}"]
 
 
 def test_an_attestation_nonce_issued_by_one_replica_is_accepted_by_the_other_once(

@@ -21,6 +21,7 @@ from strata.control.blobs import BlobStore, StagedBlob
 from strata.control.db import Database, Model, ModelVersion, Variant
 from strata.control.errors import PayloadTooLarge, StoreError, disk_error
 from strata.control.feed import ChangeFeed
+from strata.control.lease import serialize
 from strata.control.supply import CheckedSignature, SupplyService
 from strata.core.chunking import offsets
 from strata.core.errors import Conflict, NotFound, PackageError
@@ -237,6 +238,10 @@ class RegistryService:
 
     def _register(self, manifest: Manifest, staged: StagedBlob) -> AddedPackage:
         with self._db.transaction() as session:
+            # Two uploads of one model at once (on one replica or two, as CI jobs pushing each profile's variant
+            # do): both would add the model or version row, and the second failed with 409 "reload and try again".
+            # One at a time, the second finds the rows (or its own package) there.
+            serialize(session, f"registry:{manifest.name}")
             existing = session.scalar(
                 select(Variant)
                 .join(ModelVersion)
