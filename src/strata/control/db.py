@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote, quote_plus
 
 from sqlalchemy import (
@@ -517,13 +517,30 @@ def _first_line(orig: BaseException, url: URL) -> str:
     return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 3] + "..."
 
 
+POSTGRES_IDLE_IN_TRANSACTION: Final = "60s"
+
+
 def _postgres_session(dbapi_connection: Any, _record: Any) -> None:
     """Every commit is durable before it is answered: nodes delete what the control plane acknowledged (telemetry
     batches, status), so an acknowledged write that a crash of PostgreSQL takes back is lost for good. A server
     configured with `synchronous_commit = off` (a common tuning) would do exactly that; strata's sessions turn it
-    back on for themselves (PostgreSQL lets any user set it per session)."""
+    back on for themselves (PostgreSQL lets any user set it per session).
+
+    A replica that stops in the middle of a transaction (paused, swapping, cut off by the network) would hold its
+    locks, the rollout lock among them, until PostgreSQL noticed: never while paused, about two hours after a
+    partition (the kernel's keepalive). Every other replica's rollout actions waited on it meanwhile. PostgreSQL
+    ends such a session after `POSTGRES_IDLE_IN_TRANSACTION` idle inside a transaction, and probes a silent client
+    after 30 s (given up after 3 probes 10 s apart), which frees its locks; no strata transaction waits that long
+    between two statements."""
     with dbapi_connection.cursor() as cursor:
         cursor.execute("SET synchronous_commit TO on")
+        cursor.execute(f"SET idle_in_transaction_session_timeout TO '{POSTGRES_IDLE_IN_TRANSACTION}'")
+        for setting, value in (
+            ("tcp_keepalives_idle", 30),
+            ("tcp_keepalives_interval", 10),
+            ("tcp_keepalives_count", 3),
+        ):
+            cursor.execute(f"SET {setting} TO {value}")
     dbapi_connection.commit()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -221,5 +222,34 @@ def test_every_commit_is_durable_even_where_the_server_says_otherwise(postgres: 
     try:
         with engine.connect() as connection:
             assert connection.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+    finally:
+        engine.dispose()
+
+
+def test_a_session_stopped_inside_a_transaction_is_ended_by_postgresql(postgres: PostgresCluster) -> None:
+    """A replica paused (or cut off) inside a transaction held its locks, the rollout lock among them, until
+    PostgreSQL noticed: never while paused, about two hours after a partition; every other replica's rollout
+    actions waited. strata's sessions let PostgreSQL end one idle inside a transaction after a minute and probe a
+    silent client after 30 s. Shown here on a session of the same engine whose limit is lowered to a second."""
+    engine = make_engine(postgres.url())
+    try:
+        with engine.connect() as connection:
+            shown = {
+                name: connection.exec_driver_sql(f"SHOW {name}").scalar()
+                for name in ("idle_in_transaction_session_timeout", "tcp_keepalives_idle", "tcp_keepalives_count")
+            }
+        assert shown == {
+            "idle_in_transaction_session_timeout": "1min",
+            "tcp_keepalives_idle": "30",
+            "tcp_keepalives_count": "3",
+        }
+        stuck = engine.connect()
+        stuck.exec_driver_sql("SET idle_in_transaction_session_timeout TO '1s'")
+        stuck.exec_driver_sql("BEGIN")
+        stuck.exec_driver_sql("SELECT pg_advisory_xact_lock(42)")
+        time.sleep(2.5)  # the holder says nothing more: PostgreSQL ends its session and the lock is free
+        with engine.connect() as other:
+            assert other.exec_driver_sql("SELECT pg_try_advisory_lock(42)").scalar() is True
+        stuck.invalidate()
     finally:
         engine.dispose()
