@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import ssl
 import threading
 from collections.abc import Callable, Collection, Mapping
@@ -73,6 +74,7 @@ from strata.trust.ca import same_key
 log = logging.getLogger(__name__)
 
 MAX_ENROLLMENT_TTL_S: Final = 7 * 24 * 3600
+_NODE_ID: Final = re.compile(r"[0-9a-f]{32}")  # what `new_id` makes
 _STATUS_ATTEMPTS: Final = 3  # a report compared with one stored meanwhile by another request is compared again
 INVALID_ENROLLMENT: Final = "enrollment token is invalid, used or expired"
 # Desired-state cache misses in one generation after which every node's facts are read at once (a wake-up of the
@@ -277,17 +279,29 @@ def _slot(model: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_node_name(name: str) -> None:
+    """A node's name: `check_name`'s shape, and not that of a node id (32 hex digits). Nodes are looked up by id
+    or name; a node named as another's id mixed itself into that node's events and history.
+
+    Raises:
+        ProtocolError: it is malformed or looks like a node id.
+    """
+    try:
+        check_name("node name", name)
+    except PackageError as exc:
+        raise ProtocolError(str(exc)) from None
+    if _NODE_ID.fullmatch(name):
+        raise ProtocolError(f"node name {name!r} looks like a node id (32 hex digits); choose another")
+
+
 def check_enroll_request(request: EnrollRequest) -> None:
     """Validate what a machine asks to enroll as.
 
     Raises:
-        ProtocolError: the name or labels are malformed, or the tier is unknown.
+        ProtocolError: the name or labels are malformed (or the name looks like a node id), or the tier is unknown.
         ProfileError: the hardware profile is unknown.
     """
-    try:
-        check_name("node name", request.name)
-    except PackageError as exc:
-        raise ProtocolError(str(exc)) from None
+    check_node_name(request.name)
     if request.tier not in TIERS:
         raise ProtocolError(f"tier {request.tier!r} is not one of {list(TIERS)}")
     parse_labels(request.labels)
@@ -377,7 +391,7 @@ class FleetService:
             raise ProtocolError(f"ttl_seconds must be between 1 and {MAX_ENROLLMENT_TTL_S}")
         binding = binding or TokenBinding()
         if binding.name is not None:
-            check_name("node name", binding.name)
+            check_node_name(binding.name)
         if binding.tier is not None and binding.tier not in TIERS:
             raise ProtocolError(f"tier {binding.tier!r} is not one of {list(TIERS)}")
         labels = parse_labels(dict(binding.labels)) if binding.labels is not None else None

@@ -257,3 +257,16 @@ def test_an_enrollment_with_an_authorization_header_is_still_an_enrollment(serve
         headers={"Authorization": "Bearer stale", "Content-Type": "application/json"},
     )
     assert padded.status_code == 413, padded.text
+
+
+def test_a_node_may_not_be_named_as_another_nodes_id(server: Harness) -> None:
+    """Nodes are looked up by id or name: a node named as another's id (a device learns its parent's id from
+    /topology) mixed its events and history into that node's."""
+    victim = server.enroll("gw-1")
+    token = server.client.post("/v1/enrollment-tokens", json={}, headers=server.admin).json()["token"]
+    refused = server.client.post("/v1/enroll", json=_enroll_body(token, victim.node_id))
+    assert refused.status_code in (400, 422), refused.text
+    assert "looks like a node id" in refused.json()["error"]
+    bound = server.client.post("/v1/enrollment-tokens", json={"name": victim.node_id}, headers=server.admin)
+    assert bound.status_code in (400, 422), bound.text
+    assert server.client.post("/v1/enroll", json=_enroll_body(token, "edge-7")).status_code == 201  # not spent
