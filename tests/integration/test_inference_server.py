@@ -8,6 +8,7 @@ out of its table). Predictions are compared with an in-process onnxruntime run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -607,6 +608,76 @@ def test_a_caller_without_the_token_is_refused_on_its_head_and_holds_no_budget(
     for holder in holders:
         assert holder.recv(65536) == b""  # closed after the refusal: the body is never read
         holder.close()
+
+
+def test_a_json_body_is_held_to_what_the_node_can_decode(
+    serve_models: ServeModels, digits_package: Package, digits_runtime: Runtime
+) -> None:
+    """JSON numbers become Python objects before they become arrays (about 16 bytes for each byte of "0,"): two
+    60 MiB JSON bodies inside the 128 MiB request budget took the node to 2 GB. A JSON body may be a sixteenth of
+    the decode budget; the same tensor as binary data is taken."""
+    served = serve_models(loaded(digits_package, digits_runtime), decode_budget_bytes=4 << 20)
+    rows = 2200  # 2200 x 64 zeros: about 290 KB of JSON, over 4 MiB / 16
+    x = np.zeros((rows, 64), np.float32)
+    with httpx.Client(base_url=served.url, timeout=30) as client:
+        refused = client.post("/v2/models/digits/infer", content=json.dumps(json_request(x)).encode())
+        assert refused.status_code == 413, refused.text
+        assert "send large tensors as binary data" in refused.json()["error"]
+        _, outputs = decoded(binary_post(client, "/v2/models/digits/infer", {"X": x}))
+        assert outputs["label"].shape == (rows,)
+        small = client.post("/v2/models/digits/infer", json=json_request(x[:100]))
+        assert small.status_code == 200, small.text
+
+
+def test_decoding_is_charged_to_a_budget_until_the_answer(
+    server_loop: LoopThread, digits_package: Package, digits_runtime: Runtime
+) -> None:
+    """A compressed body was charged at its compressed size and inflated to up to 64 MiB, held until its batch
+    ran: twenty 63 KiB deflate bodies took the node to 954 MiB. What decoding may hold is charged first; a request
+    that does not fit beside those charged is shed, and one alone always fits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from strata.agent.scheduler import Overloaded
+
+    repository = ModelRepository()
+    model = loaded(digits_package, digits_runtime)
+    repository.put(model)
+    executor = ThreadPoolExecutor(2)
+    app = InferenceApp(repository, InferenceMetrics(), executor=executor, decode_budget_bytes=8 << 20)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_decode(scheduler: Any) -> Any:
+        entered.set()
+        release.wait(10)
+        raise ValueError("not a request")  # a caller's fault once it is let go: the charge must come back
+
+    async def scenario() -> list[str]:
+        first = asyncio.ensure_future(app.infer(model, slow_decode, size=5000, inline=False, cost=6 << 20))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        said = []
+        try:
+            await app.infer(model, slow_decode, size=5000, inline=False, cost=6 << 20)
+        except Overloaded as exc:
+            said.append(f"shed: {exc}")
+        release.set()
+        with contextlib.suppress(Exception):
+            await first
+        entered.clear()
+        release.clear()
+        second = asyncio.ensure_future(app.infer(model, slow_decode, size=5000, inline=False, cost=6 << 20))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        said.append("the charge came back: the next one is decoded")
+        release.set()
+        with contextlib.suppress(Exception):
+            await second
+        return said
+
+    try:
+        said = server_loop.run(scenario())
+    finally:
+        executor.shutdown(wait=True)
+    assert said[0].startswith("shed: the node is decoding as many"), said
+    assert said[1] == "the charge came back: the next one is decoded"
 
 
 def test_tritonclient_with_a_token(serve_models: ServeModels, digits_package: Package, digits_runtime: Runtime) -> None:

@@ -234,6 +234,7 @@ class Agent:
             telemetry_gauges=gauges,
             batching=batching,
             max_body_bytes=self.config.max_request_bytes,
+            decode_budget_bytes=serve_limits.max_body_bytes_in_flight,
             metrics_view=pool.render_metrics if pool is not None else None,
         )
         # One app for both listeners, so local callers and other tiers share each model's queue and batches.

@@ -56,6 +56,31 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 _T = TypeVar("_T")
 
 
+class BodyTooLarge(BadRequest):
+    """A request body larger than this node decodes in that form (the caller's to change: 413)."""
+
+    code = "payload_too_large"
+    http_status = 413
+
+
+# What decoding a request body may hold beyond the body, per byte: JSON numbers and BYTES elements become Python
+# objects (a float: 24 bytes and an 8-byte list slot, for as little as the 2 bytes of "0,") before they are packed
+# into arrays; zlib inflates a byte to at most about a thousand.
+JSON_EXPANSION: Final = 16
+DEFLATE_RATIO: Final = 1032
+_DECODE_RETRY_S: Final = 1
+
+
+def decode_cost(size: int, encoding: str, json_only: bool, most: int) -> int:
+    """What decoding a body of `size` bytes may hold beyond it (an upper bound): its inflated bytes when
+    compressed (at most `most`), times `JSON_EXPANSION` when it is all JSON; nothing for an identity body of
+    binary tensors (they are read in place)."""
+    inflated = size if encoding == "identity" else min(most, size * DEFLATE_RATIO)
+    if json_only:
+        return inflated * JSON_EXPANSION
+    return 0 if encoding == "identity" else inflated
+
+
 class InferenceApp:
     """Open Inference Protocol over a `ModelRepository`, with metrics and optional bearer-token auth.
 
@@ -69,6 +94,9 @@ class InferenceApp:
         executor: where batches run (and large requests are decoded); None means the loop's default pool.
         ready: whether the node is ready (every desired model loaded); None means always ready.
         max_body_bytes: the largest request body after decompression (gzip and deflate are accepted).
+        decode_budget_bytes: what decoding may hold at once beyond the bodies the HTTP server charged (the node's
+            request budget): a compressed body's inflated bytes, a JSON body's Python objects (see `decode_cost`);
+            past it requests are shed (503), and a JSON body may be at most a sixteenth of it.
         telemetry: where every request's outcome is recorded; the answer waits until it is durable, so a
             request a client saw answered is counted even if the agent dies right after. A shed request's
             outcome is recorded too, but its 503 goes out at once.
@@ -90,6 +118,7 @@ class InferenceApp:
         executor: Executor | None = None,
         ready: Callable[[], bool] | None = None,
         max_body_bytes: int = 64 << 20,
+        decode_budget_bytes: int = 128 << 20,
         telemetry: TelemetryRecorder | None = None,
         telemetry_gauges: TelemetryGauges | None = None,
         batching: BatchingConfig | None = None,
@@ -108,6 +137,10 @@ class InferenceApp:
         self._executor = executor
         self._ready = ready
         self._max_body_bytes = max_body_bytes
+        self._decode_budget = decode_budget_bytes
+        # What the requests being decoded, or decoded and waiting for their batch, may hold beyond their bodies
+        # (see `decode_cost`); the HTTP server's budget counts only the bodies as they arrived.
+        self._decoding = 0
         self._in_flight = 0
         self._trim_timer: asyncio.TimerHandle | None = None
 
@@ -338,24 +371,42 @@ class InferenceApp:
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         raw_length = request.headers.get(HEADER_LENGTH)
 
+        json_only = raw_length is None
+        most = min(self._max_body_bytes, self._decode_budget // JSON_EXPANSION) if json_only else self._max_body_bytes
+        if json_only and encoding == "identity" and len(body) > most:
+            raise BodyTooLarge(
+                f"a JSON request body may be at most {most} bytes on this node (a JSON tensor costs about "
+                f"{JSON_EXPANSION} times its text to decode); send large tensors as binary data (the binary tensor "
+                "extension: Inference-Header-Content-Length)"
+            )
+
         def decode(scheduler: ModelScheduler) -> Prepared:
             header_length = _header_length(raw_length)
             batched, layouts = scheduler.config.batching, scheduler.layouts
-            return prepare(model, body, header_length, batched, encoding, self._max_body_bytes, layouts)
+            return prepare(model, body, header_length, batched, encoding, most, layouts)
 
         inline = encoding == "identity" and len(body) <= INLINE_DECODE_BYTES
-        result = await self.infer(model, decode, size=len(body), inline=inline)
+        cost = decode_cost(len(body), encoding, json_only, most)
+        result = await self.infer(model, decode, size=len(body), inline=inline, cost=cost)
         if result.header_length is None:
             return Response(200, {"content-type": "application/json"}, result.body)
         headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(result.header_length)}
         return Response(200, headers, result.body)
 
     async def infer(
-        self, model: LoadedModel, decode: Callable[[ModelScheduler], Prepared], *, size: int, inline: bool
+        self,
+        model: LoadedModel,
+        decode: Callable[[ModelScheduler], Prepared],
+        *,
+        size: int,
+        inline: bool,
+        cost: int = 0,
     ) -> InferResult:
         """Serve one inference request of any protocol: decode it (`decode`, given the model's queue; on the loop
         when `inline`, else on the executor), admit it to the model's queue or shed it, wait for its batch, and
-        count it in the metrics and telemetry. `size` is the request's size in bytes.
+        count it in the metrics and telemetry. `size` is the request's size in bytes; `cost` what decoding it may
+        hold beyond that until it is answered (`decode_cost`), charged to the decode budget first: shed (503) when
+        it does not fit beside the requests already charged.
 
         Raises:
             BadRequest: the request is malformed or does not fit the model (whatever `decode` raised that is not
@@ -368,7 +419,16 @@ class InferenceApp:
         scheduler = self._scheduler(model)
         large = size >= _TRIM_AFTER_BYTES
         self._in_flight += 1
+        charged = 0
         try:
+            if cost:
+                if self._decoding and self._decoding + cost > self._decode_budget:
+                    raise Overloaded(
+                        "the node is decoding as many large or compressed requests as its memory budget holds",
+                        _DECODE_RETRY_S,
+                    )
+                self._decoding += cost
+                charged = cost
             prepared = await self._decode(decode, scheduler, inline)
             result = await scheduler.submit(prepared, time.perf_counter_ns())
             large = large or len(result.body) >= _TRIM_AFTER_BYTES
@@ -383,8 +443,9 @@ class InferenceApp:
             await self._record(model, started, ok=False, status=reason)
             raise
         finally:
+            self._decoding -= charged
             self._in_flight -= 1
-            if large:
+            if large or charged >= _TRIM_AFTER_BYTES:
                 self._schedule_trim()
         request_ns = time.perf_counter_ns() - started
         self._metrics.record_success(

@@ -105,6 +105,7 @@ class Worker:
             telemetry=self.telemetry,
             batching=batching,
             max_body_bytes=config.max_request_bytes,
+            decode_budget_bytes=limits.max_body_bytes_in_flight,
             metrics_view=self._node_metrics,
         )
         self.app = app
