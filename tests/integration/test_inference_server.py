@@ -1067,3 +1067,27 @@ with concurrent.futures.ThreadPoolExecutor(12) as pool:
         assert _peak_rss_mb() - before < 160
     finally:
         server_loop.run(server.stop(0))
+
+
+def test_another_node_reads_no_node_only_view_on_the_tier_port(
+    server_loop: LoopThread, digits_package: Package, digits_runtime: Runtime
+) -> None:
+    """A node's tier port is for other nodes falling back to it for inference: any fleet node (another site's
+    device) read its /metrics, every model's statistics and its repository there. Those are its operator's."""
+    repository = ModelRepository()
+    repository.put(loaded(digits_package, digits_runtime))
+    app = InferenceApp(repository, InferenceMetrics(), token="s3cret")
+
+    def call(method: str, path: str, body: bytes = b"") -> Response:
+        request = Request(method=method, path=path, query={}, headers={}, body=body, client=None, peer="a" * 32)
+        return server_loop.run(app.handle(request))
+
+    for path in ("/metrics", "/v2/models/stats", "/v2/models/digits/stats", "/v2/models/digits/versions/1/stats"):
+        refused = call("GET", path)
+        assert refused.status == 403, (path, refused.body)
+        assert b"not for other nodes" in refused.body
+    assert call("POST", "/v2/repository/index").status == 403
+    for path in ("/v2/health/ready", "/v2/models/digits"):
+        assert call("GET", path).status == 200, path
+    answer = call("POST", "/v2/models/digits/infer", json.dumps(json_request(digits_x(2))).encode())
+    assert answer.status == 200, answer.body

@@ -39,7 +39,7 @@ from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import release_free_memory
 from strata.agent.scheduler import INLINE_DECODE_BYTES, InferResult, ModelScheduler, Overloaded, Prepared, prepare
 from strata.agent.telemetry import Outcome, TelemetryGauges, TelemetryRecorder
-from strata.core.errors import AuthError, BadRequest, NotFound, StrataError, Unavailable
+from strata.core.errors import AuthError, BadRequest, Forbidden, NotFound, StrataError, Unavailable
 from strata.core.package import TensorSpec
 from strata.core.telemetry import DriftReference, drift_references
 
@@ -48,6 +48,19 @@ log = logging.getLogger(__name__)
 EXTENSIONS: Final = ("binary_tensor_data",)
 HEADER_LENGTH: Final = "inference-header-content-length"
 _LIVE_PATH: Final = ("v2", "health", "live")
+
+
+def _node_only(parts: tuple[str, ...]) -> bool:
+    """Whether a path is one of the node's own views (its metrics, every model's statistics, its repository),
+    which other nodes calling its tier port do not read."""
+    match parts:
+        case ("metrics",) | ("v2", "models", "stats") | ("v2", "repository", *_):
+            return True
+        case ("v2", "models", _, "stats") | ("v2", "models", _, "versions", _, "stats"):
+            return True
+    return False
+
+
 _TRIM_AFTER_BYTES: Final = 1 << 20  # a request or response this large leaves heap behind worth giving back
 _TRIM_DELAY: Final = 0.5  # seconds without inference before that happens
 _LENGTH_DIGITS: Final = 18  # an Inference-Header-Content-Length of more digits is larger than any body
@@ -156,6 +169,10 @@ class InferenceApp:
             # names (`request.peer`): mutual TLS authenticated it. Local callers show the serving token.
             if self._token is not None and parts != _LIVE_PATH and request.peer is None:
                 self._authenticate(request)
+            if request.peer is not None and _node_only(parts):
+                # another node falls back to this one for inference; what this node served, and to whom, is the
+                # node's operator's to read (its serving token), not every fleet node's
+                raise Forbidden(f"{request.path} is for this node's operator, not for other nodes")
             route = self._route(parts)
             if route is None:
                 raise NotFound(f"no route for {request.method} {request.path}")
