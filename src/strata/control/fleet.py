@@ -484,7 +484,10 @@ class FleetService:
             node.credential_hash = certificate_hash(ssl.PEM_cert_to_DER_cert(issued.pem.decode()))
             node.tier = assigned.tier
             node.labels = assigned.labels
-            node.profile = request.profile
+            if existing is None:  # a new node starts from the profile it detected
+                node.profile = request.profile
+            # Enrolled again, it keeps the profile the operator assigned or accepted: placement policies may key on
+            # it, and what the machine detects now is a claim (its reports show it) until `strata nodes accept`.
             node.emulated = request.emulated
             node.agent_version = request.agent_version
             node.facts = dict(request.facts)

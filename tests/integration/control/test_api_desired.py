@@ -279,6 +279,23 @@ def test_a_claimed_profile_waits_for_the_operator(server: Harness, make_package:
     assert _models(server.desired(node)) == {"avx2-model": "1", "digits": "1"}
 
 
+def test_a_node_enrolled_again_keeps_the_profile_it_had(server: Harness) -> None:
+    """Enrolled again (with a token from `strata nodes reenroll`), a node took the profile the machine claimed,
+    over the one the operator had accepted, which placement policies may key on. It keeps it now; the machine's
+    claim waits for `strata nodes accept`, as a report's does."""
+    node = server.enroll("edge-1")
+    again = server.enroll("edge-1", reenroll=True, profile="x86_64-avx2")
+    assert again.node_id == node.node_id
+    status = {"tier": "device", "labels": {}, "profile": "x86_64-avx2"}
+    response = server.client.put(f"/v1/nodes/{node.node_id}/status", json=status, headers=again.headers)
+    assert response.status_code == 204
+    view = server.client.get(f"/v1/nodes/{node.node_id}", headers=server.admin).json()
+    assert (view["profile"], view["claims"]) == ("cpu-generic", {"profile": "x86_64-avx2"})
+    assert server.enroll("edge-2", profile="x86_64-avx2")  # a new node starts from what it detected
+    fresh = [n for n in server.client.get("/v1/nodes", headers=server.admin).json() if n["name"] == "edge-2"]
+    assert fresh[0]["profile"] == "x86_64-avx2"
+
+
 @pytest.mark.parametrize(
     "url",
     [
