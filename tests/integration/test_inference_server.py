@@ -620,9 +620,15 @@ def test_a_json_body_is_held_to_what_the_node_can_decode(
     rows = 2200  # 2200 x 64 zeros: about 290 KB of JSON, over 4 MiB / 16
     x = np.zeros((rows, 64), np.float32)
     with httpx.Client(base_url=served.url, timeout=30) as client:
-        refused = client.post("/v2/models/digits/infer", content=json.dumps(json_request(x)).encode())
+        text = json.dumps(json_request(x)).encode()
+        refused = client.post("/v2/models/digits/infer", content=text)
         assert refused.status_code == 413, refused.text
         assert "send large tensors as binary data" in refused.json()["error"]
+        # the same JSON declared a binary request's header (tensor data may sit in it): parsed as JSON all the same
+        as_header = client.post(
+            "/v2/models/digits/infer", content=text, headers={"Inference-Header-Content-Length": str(len(text))}
+        )
+        assert as_header.status_code == 413, as_header.text
         _, outputs = decoded(binary_post(client, "/v2/models/digits/infer", {"X": x}))
         assert outputs["label"].shape == (rows,)
         small = client.post("/v2/models/digits/infer", json=json_request(x[:100]))

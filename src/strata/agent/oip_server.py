@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Final, TypeVar
 
+import numpy as np
+
 from strata import __version__
 from strata.agent.batch_plan import BatchingConfig
 from strata.agent.httpd import HttpServer, Request, Response, ServerLimits
@@ -82,16 +84,28 @@ class BodyTooLarge(BadRequest):
 JSON_EXPANSION: Final = 16
 DEFLATE_RATIO: Final = 1032
 _DECODE_RETRY_S: Final = 1
+_OBJECT_BYTES: Final = 64  # a short Python bytes object and its array slot
 
 
-def decode_cost(size: int, encoding: str, json_only: bool, most: int) -> int:
-    """What decoding a body of `size` bytes may hold beyond it (an upper bound): its inflated bytes when
-    compressed (at most `most`), times `JSON_EXPANSION` when it is all JSON; nothing for an identity body of
-    binary tensors (they are read in place)."""
+def decode_cost(size: int, encoding: str, header_length: int | None, most: int) -> int:
+    """What decoding a body of `size` bytes may hold beyond it while it is decoded (an upper bound): its inflated
+    bytes when compressed (at most `most`), and `JSON_EXPANSION` times its JSON (the whole body, or the header of
+    binary tensors); binary tensors of an identity body are read in place."""
     inflated = size if encoding == "identity" else min(most, size * DEFLATE_RATIO)
-    if json_only:
-        return inflated * JSON_EXPANSION
-    return 0 if encoding == "identity" else inflated
+    json = inflated if header_length is None else min(header_length, inflated)
+    return json * JSON_EXPANSION + (0 if encoding == "identity" else inflated)
+
+
+def held_bytes(prepared: Prepared, body: bytes | None) -> int:
+    """What a decoded request holds beyond its body until it is answered: its tensors, but those read in place out
+    of `body` (charged already, as the body); a BYTES element at `_OBJECT_BYTES`."""
+    view = np.frombuffer(body, np.uint8) if body else None
+    held = 0
+    for array in prepared.feeds.values():
+        if view is not None and array.dtype != object and np.may_share_memory(array, view):
+            continue
+        held += array.size * _OBJECT_BYTES if array.dtype == object else array.nbytes
+    return held
 
 
 class InferenceApp:
@@ -388,23 +402,25 @@ class InferenceApp:
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         raw_length = request.headers.get(HEADER_LENGTH)
 
-        json_only = raw_length is None
-        most = min(self._max_body_bytes, self._decode_budget // JSON_EXPANSION) if json_only else self._max_body_bytes
-        if json_only and encoding == "identity" and len(body) > most:
+        header_length = _header_length(raw_length)
+        # The JSON to parse: the whole body, or the header before binary tensors (which may carry tensor data too)
+        json_limit = min(self._max_body_bytes, self._decode_budget // JSON_EXPANSION)
+        json_part = len(body) if header_length is None else min(header_length, len(body))
+        if (encoding == "identity" and json_part > json_limit) or (header_length or 0) > json_limit:
             raise BodyTooLarge(
-                f"a JSON request body may be at most {most} bytes on this node (a JSON tensor costs about "
+                f"a request's JSON may be at most {json_limit} bytes on this node (a JSON tensor costs about "
                 f"{JSON_EXPANSION} times its text to decode); send large tensors as binary data (the binary tensor "
                 "extension: Inference-Header-Content-Length)"
             )
+        most = json_limit if header_length is None else self._max_body_bytes  # what the body may inflate to
 
         def decode(scheduler: ModelScheduler) -> Prepared:
-            header_length = _header_length(raw_length)
             batched, layouts = scheduler.config.batching, scheduler.layouts
             return prepare(model, body, header_length, batched, encoding, most, layouts)
 
         inline = encoding == "identity" and len(body) <= INLINE_DECODE_BYTES
-        cost = decode_cost(len(body), encoding, json_only, most)
-        result = await self.infer(model, decode, size=len(body), inline=inline, cost=cost)
+        cost = decode_cost(len(body), encoding, header_length, most)
+        result = await self.infer(model, decode, size=len(body), inline=inline, cost=cost, body=body)
         if result.header_length is None:
             return Response(200, {"content-type": "application/json"}, result.body)
         headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(result.header_length)}
@@ -418,12 +434,14 @@ class InferenceApp:
         size: int,
         inline: bool,
         cost: int = 0,
+        body: bytes | None = None,
     ) -> InferResult:
         """Serve one inference request of any protocol: decode it (`decode`, given the model's queue; on the loop
         when `inline`, else on the executor), admit it to the model's queue or shed it, wait for its batch, and
         count it in the metrics and telemetry. `size` is the request's size in bytes; `cost` what decoding it may
-        hold beyond that until it is answered (`decode_cost`), charged to the decode budget first: shed (503) when
-        it does not fit beside the requests already charged.
+        hold beyond that (`decode_cost`), charged to the decode budget first (shed, 503, when it does not fit beside
+        the requests already charged) and, once decoded, replaced by what the request really holds until it is
+        answered (`held_bytes`, its tensors but those read in place out of `body`).
 
         Raises:
             BadRequest: the request is malformed or does not fit the model (whatever `decode` raised that is not
@@ -447,6 +465,10 @@ class InferenceApp:
                 self._decoding += cost
                 charged = cost
             prepared = await self._decode(decode, scheduler, inline)
+            if charged:  # the estimate gives way to what the decoded request holds while it waits for its batch
+                held = held_bytes(prepared, body)
+                self._decoding += held - charged
+                charged = held
             result = await scheduler.submit(prepared, time.perf_counter_ns())
             large = large or len(result.body) >= _TRIM_AFTER_BYTES
         except Overloaded:
