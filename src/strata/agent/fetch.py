@@ -67,11 +67,6 @@ def _hash_existing(path: Path) -> tuple[hashlib._Hash, int]:
     return digest, size
 
 
-def discard_partial(dest: Path) -> None:
-    """Drop what an interrupted download of `dest` left behind (its part file), so the next one starts at byte 0."""
-    dest.with_name(dest.name + ".part").unlink(missing_ok=True)
-
-
 def download_blob(
     transport: Transport,
     url: str,
@@ -85,9 +80,10 @@ def download_blob(
     progress: Progress | None = None,
     limiter: RateLimiter | None = None,
     seal: Callable[[bytes], bytes] | None = None,
+    part: Path | None = None,
 ) -> DownloadResult:
-    """Download the blob at `url` to `dest`, resuming `dest.part` if an earlier attempt left one; with `seal`,
-    `dest` holds `seal(bytes)` once they verify.
+    """Download the blob at `url` to `dest`, resuming its part file (`part`, by default `dest.part`) if an earlier
+    attempt left one; with `seal`, `dest` holds `seal(bytes)` once they verify.
 
     Raises:
         TransportError: the server could not be reached or the connection broke (the part file stays, so
@@ -96,7 +92,7 @@ def download_blob(
         AuthError, Forbidden, ServerError: the server refused (see `raise_for_status`).
         VaultUnavailable: from `seal` (the part file stays).
     """
-    part = dest.with_name(dest.name + ".part")
+    part = part if part is not None else dest.with_name(dest.name + ".part")
     if dest.exists():
         part.unlink(missing_ok=True)  # a kill after `dest` was sealed and before the part file went
         return DownloadResult(path=dest, resumed_from=size, received=0)

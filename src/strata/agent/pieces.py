@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from strata.agent.client import ControlPlaneClient, ServerError
-from strata.agent.fetch import Progress, RateLimiter, discard_partial, download_blob
+from strata.agent.fetch import Progress, RateLimiter, download_blob
 from strata.agent.store import ArtifactStore, digest_hex
 from strata.agent.transport import Transport
 from strata.core.chunking import Chunk
@@ -202,25 +202,28 @@ class PackageFetcher:
             return
         for kind, url in self._sources(piece.sha256, variant):
             started = time.monotonic()
+            # A relay's bytes go to a part file of their own: a parent that sends a wrong byte and hangs up (or
+            # answers a range with the whole blob) must not spoil the control plane's, which resumes from its own.
+            dest = self.store.piece_path(piece.sha256)
+            part = dest.with_name(dest.name + (".relay.part" if kind == "relay" else ".part"))
             try:
                 result = download_blob(
                     self.relay_transport if kind == "relay" else self.client.transport,
                     url,
-                    self.store.piece_path(piece.sha256),
+                    dest,
                     sha256=piece.sha256,
                     size=piece.size,
                     headers=self.client.auth_headers(),
                     timeout=self.client.timeout,
                     limiter=limiter,
                     seal=self.store.piece_seal(piece.sha256),
+                    part=part,
                 )
             except (TransportError, ServerError, NotFound, VerificationError, AuthError, Forbidden) as exc:
                 if kind == "server":
                     raise
                 log.debug("relay could not give piece %s (%s); trying the next source", piece.sha256[:12], exc)
-                # what a relay sent before it broke off is not resumed from another source: a parent that sends a
-                # wrong byte and hangs up would else spoil every download of the piece from the control plane
-                discard_partial(self.store.piece_path(piece.sha256))
+                part.unlink(missing_ok=True)  # what a relay given up on sent is not resumed, from it or another
                 self._count_relay(url, time.monotonic() - started, 0)
                 self._give_up_on(url, exc)
                 continue
