@@ -770,10 +770,14 @@ async def big_answer(request: Request) -> Response:
     return Response(200, {"content-type": "application/octet-stream"}, BIG_ANSWER)
 
 
-def test_answers_a_caller_does_not_read_are_charged_to_the_budget(start_http_server: StartHttp) -> None:
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+def test_answers_a_caller_does_not_read_are_charged_to_the_budget(
+    start_http_server: StartHttp, connection: str
+) -> None:
     """An answer waiting for a caller that does not read it was held outside every budget, with the request and
     the answer object beside the transport's copy: callers asking for large answers and never reading them grew
-    the node by about 128 MiB each. What waits unread is charged now, so new bodies are refused (503) instead."""
+    the node by about 128 MiB each. What waits unread is charged now, so new bodies are refused (503) instead;
+    the last answer of a connection that closes after it too."""
     limits = ServerLimits(max_body_bytes_in_flight=16 << 20, body_timeout=4.0)
     server = start_http_server(big_answer, limits)
     readers_that_do_not = []
@@ -781,7 +785,7 @@ def test_answers_a_caller_does_not_read_are_charged_to_the_budget(start_http_ser
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little of the answer
         sock.connect(("127.0.0.1", server.port))
-        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: %s\r\n\r\n" % connection.encode())
         readers_that_do_not.append(sock)
     body = b"x" * (1 << 20)
     with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=30) as client:

@@ -646,6 +646,7 @@ class _Connection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._close_after_queue = False  # the peer finished sending, or the server is stopping
         self._refused = False  # a refusal went out: swallow input, then close
+        self._closing_unread = 0  # the last answer's bytes unread when it was written, charged until the close
         self._reading_paused = False
         self._writing_paused = False
         self._drained: asyncio.Future[None] | None = None
@@ -682,6 +683,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.discard(self, self._accepted, self._peer)
+        self._server.release(self._closing_unread, self._peer)  # the last answer, written before a close
+        self._closing_unread = 0
         self._cancel_timer()
         if self._abort_timer is not None:
             self._abort_timer.cancel()
@@ -979,6 +982,10 @@ class _Connection(asyncio.Protocol):
             self._close()
             return False
         if close:
+            # what waits unread until the peer reads it or is cut off (`_close`) is charged as a kept-alive
+            # connection's is (`_answer`), until the connection is gone
+            self._closing_unread = transport.get_write_buffer_size()
+            self._server.charge(self._closing_unread, force=True, peer=self._peer)
             self._close()
             return False
         return True
