@@ -540,6 +540,9 @@ class FleetService:
             StoreError: the database failed.
         """
         with self._db.transaction() as session:
+            found = session.get(Node, node_id)
+            if found is not None and found.revoked_at is not None:  # the node's agent says "revoked?" to a 401
+                raise AuthError(f"node {found.name!r} is revoked: enroll it again with a new token")
             node = live_node(session, node_id)
             presented_hash = certificate_hash(presented)
             if presented_hash != node.credential_hash:
