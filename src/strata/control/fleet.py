@@ -69,7 +69,7 @@ from strata.core.wire import (
     ProtocolError,
     parse_labels,
 )
-from strata.trust.ca import same_key
+from strata.trust.ca import csr_over_key_of, same_key
 
 log = logging.getLogger(__name__)
 
@@ -544,6 +544,10 @@ class FleetService:
             if found is not None and found.revoked_at is not None:  # the node's agent says "revoked?" to a 401
                 raise AuthError(f"node {found.name!r} is revoked: enroll it again with a new token")
             node = live_node(session, node_id)
+            if not csr_over_key_of(csr, presented):
+                # the agent keeps its key across renewals, and the one renewal replaced is answered again only over
+                # the same key (`_answer_again`): one onto another key could lock the node out of that
+                raise AuthError("a node renews over the key it holds; this request is for another key")
             presented_hash = certificate_hash(presented)
             if presented_hash != node.credential_hash:
                 again = self._answer_again(session, node, presented, presented_hash)

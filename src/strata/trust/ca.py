@@ -93,6 +93,18 @@ def same_key(der: bytes, pem: bytes) -> bool:
     return first.public_bytes(*spki) == second.public_bytes(*spki)
 
 
+def csr_over_key_of(csr_pem: str, der: bytes) -> bool:
+    """Whether a certificate request (PEM) is over the same public key as a certificate (DER); False for either
+    unreadable."""
+    try:
+        asked = x509.load_pem_x509_csr(csr_pem.encode()).public_key()
+        held = x509.load_der_x509_certificate(der).public_key()
+    except ValueError:
+        return False
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return asked.public_bytes(*spki) == held.public_bytes(*spki)
+
+
 def node_id_of_der(der: bytes) -> str | None:
     """The node id a certificate (DER) names, or None when it names none or does not parse."""
     try:

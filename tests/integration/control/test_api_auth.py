@@ -170,7 +170,7 @@ def test_a_token_of_an_unknown_scope_is_refused(server: Harness) -> None:
 def test_a_renewed_certificate_replaces_the_old_one_at_once(server: Harness) -> None:
     node = server.enroll("edge-1")
     renewed = server.client.post(
-        f"/v1/nodes/{node.node_id}/certificate", json={"csr": node_key_and_csr("edge-1")}, headers=node.headers
+        f"/v1/nodes/{node.node_id}/certificate", json={"csr": csr_for(node.key, "edge-1")}, headers=node.headers
     )
     assert renewed.status_code == 200, renewed.text
     assert server.client.get(f"/v1/nodes/{node.node_id}/desired", headers=node.headers).status_code == 401
@@ -196,11 +196,10 @@ def test_a_renewal_whose_answer_was_lost_is_answered_again(server: Harness) -> N
     # another node's certificate does not ask for it
     other = server.enroll("edge-2")
     assert server.client.post(path, json={"csr": csr}, headers=other.headers).status_code == 403
-    # once the node renewed over another key, the old certificate is given nothing
+    # a renewal onto another key (which would leave the replaced certificate nothing to be answered with) is refused
     rekeyed = server.client.post(path, json={"csr": node_key_and_csr("edge-1")}, headers=current)
-    assert rekeyed.status_code == 200, rekeyed.text
-    refused = server.client.post(path, json={"csr": csr}, headers=node.headers)
-    assert refused.status_code == 401, refused.text
+    assert rekeyed.status_code == 401, rekeyed.text
+    assert "over the key it holds" in rekeyed.json()["error"]
     # nor once the node is revoked
     assert server.client.delete(f"/v1/nodes/{node.node_id}", headers=server.admin).status_code == 204
     assert server.client.post(path, json={"csr": csr}, headers=current).status_code == 401
@@ -210,7 +209,7 @@ def test_a_node_renewing_in_a_loop_cannot_grow_every_nodes_revocation_list(serve
     """Each certificate a node holds is listed in every node's desired state once it is revoked: a compromised node
     renewing in a loop (200 renewals took a second) grew the whole fleet's desired states by 67 bytes each."""
     bad, good = server.enroll("edge-bad"), server.enroll("edge-good")
-    headers, csr = bad.headers, node_key_and_csr("edge-bad")
+    headers, csr = bad.headers, csr_for(bad.key, "edge-bad")
     for _ in range(MAX_LIVE_CERTIFICATES - 1):  # its enrollment's certificate is the first
         renewed = server.client.post(f"/v1/nodes/{bad.node_id}/certificate", json={"csr": csr}, headers=headers)
         assert renewed.status_code == 200, renewed.text
@@ -224,6 +223,7 @@ def test_a_node_renewing_in_a_loop_cannot_grow_every_nodes_revocation_list(serve
     # An agent renews at two thirds of a lifetime: once its older certificates expire it renews again.
     node = server.enroll("edge-1")
     server.clock.advance(server.plane.settings.node_cert_hours * 3600 * 2 / 3)
+    csr = csr_for(node.key, "edge-1")
     renewed = server.client.post(f"/v1/nodes/{node.node_id}/certificate", json={"csr": csr}, headers=node.headers)
     assert renewed.status_code == 200, renewed.text
 

@@ -11,7 +11,7 @@ import hashlib
 import ssl
 from typing import Any
 
-from control_harness import Harness, NodeCredentials, csr_for, node_key_and_csr
+from control_harness import Harness, NodeCredentials, csr_for
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import func, select
 
@@ -46,7 +46,7 @@ def test_revoking_lists_the_current_and_the_previous_certificate_until_they_expi
 
     server.clock.advance(life(server) * 2 / 3)  # a third of the life left: the agent renews
     renewed = server.client.post(
-        f"/v1/nodes/{edge.node_id}/certificate", json={"csr": node_key_and_csr("edge")}, headers=edge.headers
+        f"/v1/nodes/{edge.node_id}/certificate", json={"csr": csr_for(edge.key, "edge")}, headers=edge.headers
     ).json()["certificate"]
     assert listed(server, watcher) == set()  # renewal revokes nothing
     assert server.client.delete(f"/v1/nodes/{edge.node_id}", headers=server.admin).status_code == 204
