@@ -13,11 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from strata.control.auth import Principal, authorize_blob
 from strata.control.blobs import BlobStore
 from strata.control.db import Database, Node, Variant
 from strata.control.deployments import load_active_deployments
+from strata.control.eligibility_rule import ActiveDeployment
 from strata.control.feed import ChangeFeed
 from strata.control.fleet import DesiredDocument, live_node, node_facts
 from strata.core.errors import Forbidden, NotFound
@@ -28,13 +30,20 @@ class BlobAccess:
     """Reads of stored blobs and package-access questions, each checked against the desired states."""
 
     def __init__(
-        self, db: Database, blobs: BlobStore, feed: ChangeFeed, desired: Callable[[str], DesiredDocument]
+        self,
+        db: Database,
+        blobs: BlobStore,
+        feed: ChangeFeed,
+        desired: Callable[[str], DesiredDocument],
+        deployments: Callable[[Session], tuple[ActiveDeployment, ...]] = load_active_deployments,
     ) -> None:
-        """`desired` is the fleet's desired state of a node (`FleetService.desired`)."""
+        """`desired` is the fleet's desired state of a node (`FleetService.desired`); `deployments` its entries of the
+        desired-state rule (`FleetService.active_deployments`, read once per fleet generation)."""
         self._db = db
         self._blobs = blobs
         self._feed = feed
         self._desired = desired
+        self._deployments = deployments
         self._lock = threading.Lock()
         self._piece_cache: dict[str, frozenset[str]] = {}
         self._site_cache: dict[str, tuple[int, frozenset[str]]] = {}
@@ -116,7 +125,7 @@ class BlobAccess:
                 facts = node_facts(node)
                 allowed_here = {
                     variant.digest
-                    for deployment in (load_active_deployments(session) if at_site else ())
+                    for deployment in (self._deployments(session) if at_site else ())
                     for variant in deployment.placement(facts)[0]
                 }
         digests = frozenset(

@@ -918,6 +918,11 @@ class FleetService:
             self._desired[node_id] = (generation, document)
         return document
 
+    def active_deployments(self, session: Session) -> tuple[ActiveDeployment, ...]:
+        """Every entry of the desired-state rule (`load_active_deployments`), read with `session` once per fleet
+        generation."""
+        return self._active_deployments(session, self._feed.generation)
+
     def _active_deployments(self, session: Session, generation: int) -> tuple[ActiveDeployment, ...]:
         # `generation` was read before the query: a write that commits meanwhile bumps it, so at worst this
         # caches newer data under an older generation, which the next call recomputes.

@@ -129,7 +129,7 @@ class ControlPlane:
             presence=presence,
             authenticator=authenticator,
             fleet=fleet,
-            blob_access=BlobAccess(db, blobs, feed, fleet.desired),
+            blob_access=BlobAccess(db, blobs, feed, fleet.desired, fleet.active_deployments),
             registry=RegistryService(
                 db, blobs, feed, settings.clock, settings.tmp_dir, settings.max_package_bytes, supply=supply
             ),
