@@ -82,6 +82,9 @@ def free_port() -> int:
     raise FleetError(f"no port of {PORTS_ENV}={span} is free on 127.0.0.1")
 
 
+STOP_WAIT_S: Final = 10.0  # what a stopping fleet gives its processes, together, before it kills them
+
+
 @dataclass
 class ManagedProcess:
     """A process this fleet started, with its command line and log file."""
@@ -116,12 +119,13 @@ class ManagedProcess:
         if self.running and self.popen is not None:
             self.popen.send_signal(signum)
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout`; return the exit status."""
+    def stop(self, timeout: float = 10.0, signalled: bool = False) -> int | None:
+        """SIGTERM (unless `signalled`: sent already), then SIGKILL after `timeout`; return the exit status."""
         if self.popen is None:
             return None
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            if not signalled:
+                self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -477,9 +481,16 @@ class LocalFleet:
             yield self.server
 
     def close(self) -> None:
-        """Stop every process this fleet started (gateways, agents, then the server)."""
+        """Stop every process this fleet started: the gateways and agents together (each told at once, then waited
+        for, killed past `STOP_WAIT_S` in all), then the replicas and the server. One after another, a fleet whose
+        processes were slow to stop (a busy machine) took up to ten seconds each: a minute for the demo's."""
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.close()
-        for process in self.processes():
-            process.stop()
+        servers = [handle.process for handle in self.replicas.values()] + ([self.server] if self.server else [])
+        for group in ([p for p in self.processes() if p not in servers], servers):
+            for process in group:
+                process.signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_WAIT_S
+            for process in group:
+                process.stop(max(0.1, deadline - time.monotonic()), signalled=True)
