@@ -15,15 +15,26 @@ from e2e_helpers import processes_mentioning
 pytestmark = pytest.mark.slow
 
 
-def test_a_demo_stopped_by_sigterm_stops_every_process_it_started(tmp_path: Path) -> None:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint-inherited-ignored"])
+def test_a_demo_stopped_by_a_signal_stops_every_process_it_started(tmp_path: Path, signum: int) -> None:
     """`kill` (SIGTERM: a service manager, a CI job's timeout) in the middle of the demo, its agents running: the
-    demo stops its server and agents as it does at Ctrl-C. It used to end alone, leaving them on their ports."""
+    demo stops its server and agents as it does at Ctrl-C. It used to end alone, leaving them on their ports.
+    Ctrl-C (SIGINT) to a demo started in the background by a shell without job control, which inherits SIGINT
+    ignored (Python then leaves it ignored): nothing happened, and `--keep` ran on for ever."""
     strata = Path(sys.executable).with_name("strata")
     workdir = tmp_path / "demo"
     log = tmp_path / "demo.log"
     with log.open("w") as sink:
         demo = subprocess.Popen(
-            [str(strata), "demo", "--workdir", str(workdir)], stdout=sink, stderr=subprocess.STDOUT, text=True
+            [str(strata), "demo", "--workdir", str(workdir)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=_ignore_sigint if signum == signal.SIGINT else None,
         )
         try:
             deadline = time.monotonic() + 240
@@ -31,7 +42,7 @@ def test_a_demo_stopped_by_sigterm_stops_every_process_it_started(tmp_path: Path
                 assert demo.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.2)
-            demo.send_signal(signal.SIGTERM)
+            demo.send_signal(signum)
             demo.wait(60)
         finally:
             if demo.poll() is None:

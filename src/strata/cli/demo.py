@@ -241,8 +241,10 @@ def demo(
             param_hint="--workdir",
         )
     # A service manager's stop, a closed terminal: as Ctrl-C, so the demo stops every process it started (a plain
-    # `kill` used to end the demo alone, its server and agents left running on their ports).
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    # `kill` used to end the demo alone, its server and agents left running on their ports). SIGINT too: a demo
+    # started in the background by a shell without job control inherits SIGINT ignored, and Python then leaves it
+    # so: Ctrl-C (or `kill -INT`) did nothing and `--keep` ran on for ever.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
     # unwrapped: the terminal folds a long line, where Rich would break it with newlines, and a path or the CLI's
     # export line would no longer paste whole
