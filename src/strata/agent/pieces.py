@@ -16,7 +16,7 @@ from typing import Protocol
 from strata.agent.client import ControlPlaneClient, ServerError
 from strata.agent.fetch import Progress, RateLimiter, download_blob
 from strata.agent.store import ArtifactStore, digest_hex
-from strata.agent.transport import Transport
+from strata.agent.transport import Transport, rate_allowance
 from strata.core.chunking import Chunk
 from strata.core.errors import AuthError, Forbidden, NotFound, StrataError, TransportError, VerificationError
 from strata.core.package import MAX_MANIFEST_BYTES, Manifest
@@ -147,8 +147,8 @@ class PackageFetcher:
         spent, got = self._relay_spent.get(relay, (0.0, 0))
         spent, got = spent + seconds, got + received
         self._relay_spent[relay] = (spent, got)
-        grace = self.client.timeout
-        if spent > grace and got < (spent - grace) * self.relay_min_rate:
+        # the floor each answer has in the transport, over the package: after the first request timeout, on average
+        if rate_allowance(0.0, self.client.timeout, got, self.relay_min_rate, spent) < 0:
             self._give_up_on(
                 url,
                 TransportError(
