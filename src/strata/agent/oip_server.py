@@ -180,9 +180,11 @@ class InferenceApp:
         parts = tuple(request.path.strip("/").split("/"))
         try:
             # A request that came in over the tier listener carries the node id its verified fleet certificate
-            # names (`request.peer`): mutual TLS authenticated it. Local callers show the serving token.
-            if self._token is not None and parts != _LIVE_PATH and request.peer is None:
-                self._authenticate(request)
+            # names (`request.peer`): mutual TLS authenticated it. Local callers show the serving token (checked on
+            # the head already by `HttpServer`; again here for callers of `handle` that are not it).
+            refused = self.head_refusal(request)
+            if refused is not None:
+                raise AuthError(refused)
             if request.peer is not None and _node_only(parts):
                 # another node falls back to this one for inference; what this node served, and to whom, is the
                 # node's operator's to read (its serving token), not every fleet node's
@@ -219,8 +221,8 @@ class InferenceApp:
         )
 
     def head_refusal(self, request: Request) -> str | None:
-        """For the HTTP server, on a request's head (before its body is charged or read): why it is refused
-        without the serving token, or None. `handle` checks the token again, for callers other than `HttpServer`."""
+        """Why a request is refused without the serving token, or None: asked by the HTTP server on the request's
+        head (before its body is charged or read) and by `handle`."""
         if self._token is None or request.peer is not None:
             return None
         if tuple(request.path.strip("/").split("/")) == _LIVE_PATH:
@@ -228,7 +230,7 @@ class InferenceApp:
         try:
             self._authenticate(request)
         except AuthError as exc:
-            return str(exc)
+            return exc.message
         return None
 
     @property
