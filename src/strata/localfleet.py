@@ -487,8 +487,9 @@ class LocalFleet:
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.close()
+        nodes = [h.process for h in self.gateways.values()] + [h.process for h in self.agents.values()]
         servers = [handle.process for handle in self.replicas.values()] + ([self.server] if self.server else [])
-        for group in ([p for p in self.processes() if p not in servers], servers):
+        for group in (nodes, servers):
             for process in group:
                 process.signal(signal.SIGTERM)
             deadline = time.monotonic() + STOP_WAIT_S
