@@ -43,6 +43,9 @@ from strata.core.words import HIDDEN_CATEGORIES
 
 log = logging.getLogger(__name__)
 
+# A node certificate that authenticates nothing (any more)
+NOT_CURRENT = "this certificate is not the current one of a live node (revoked, renewed or replaced)"
+
 ADMIN_SCOPE = "admin"
 READ_SCOPE = "read"
 SCOPES = (ADMIN_SCOPE, READ_SCOPE)
@@ -265,7 +268,7 @@ class Authenticator:
                 select(Node.id).where(Node.credential_hash == key.removeprefix("cert:"), Node.revoked_at.is_(None))
             )
         if node_id is None:
-            raise AuthError("this certificate is not the current one of a live node (revoked, renewed or replaced)")
+            raise AuthError(NOT_CURRENT)
         principal = Principal(node_id=node_id)
         self._cache(key, principal, epoch)
         return principal

@@ -27,6 +27,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from strata.control.auth import (
+    NOT_CURRENT,
     Authenticator,
     certificate_hash,
     hash_secret,
@@ -549,12 +550,11 @@ class FleetService:
                 # the same key (`_answer_again`): one onto another key could lock the node out of that
                 raise AuthError("a node renews over the key it holds; this request is for another key")
             presented_hash = certificate_hash(presented)
+            now = self._clock()
             if presented_hash != node.credential_hash:
-                again = self._answer_again(session, node, presented, presented_hash)
+                again = self._answer_again(session, node, presented, presented_hash, now)
                 if again is None:
-                    raise AuthError(
-                        "this certificate is not the current one of a live node (revoked, renewed or replaced)"
-                    )
+                    raise AuthError(NOT_CURRENT)
                 log.warning(
                     "node %s renewed again with the certificate its last renewal replaced (that answer was lost on "
                     "the way): given the certificate issued then",
@@ -570,8 +570,7 @@ class FleetService:
                 .values(credential_hash=presented_hash)
             )
             if claimed.rowcount != 1:
-                raise AuthError("this certificate is not the current one of a live node (revoked, renewed or replaced)")
-            now = self._clock()
+                raise AuthError(NOT_CURRENT)
             live, first_expiry = live_certificates(session, node_id, now)
             if live >= MAX_LIVE_CERTIFICATES and first_expiry is not None:
                 minutes = max(1, round((first_expiry - now) / 60))
@@ -588,8 +587,9 @@ class FleetService:
         self._feed.bump()  # the other replicas drop the previous certificate from their caches
         return CertificateRenewal(issued.pem.decode(), issued.not_after, issued.issued_at)
 
+    @staticmethod
     def _answer_again(
-        self, session: Session, node: Node, presented: bytes, presented_hash: str
+        session: Session, node: Node, presented: bytes, presented_hash: str, now: float
     ) -> CertificateRenewal | None:
         """The answer of the node's last renewal, for a node that asks again with the certificate that renewal
         replaced (the answer was lost on the way: without it, the node would hold only a certificate no longer
@@ -601,7 +601,6 @@ class FleetService:
         an old certificate and the key cannot lock the node out by renewing; a stolen key is answered by revoking
         the node.
         """
-        now = self._clock()
         previous = session.get(NodeCertificate, presented_hash)
         current = session.get(NodeCertificate, node.credential_hash)
         if previous is None or previous.node_id != node.id or previous.revoked_at is not None:

@@ -23,7 +23,7 @@ from strata.control.api.deps import (
     client_certificate,
     read_limited,
 )
-from strata.control.auth import Access, TokenView, authorize
+from strata.control.auth import NOT_CURRENT, Access, TokenView, authorize
 from strata.control.fleet import INVALID_ENROLLMENT, IssuedToken
 from strata.control.inventory import MAX_PAGE, SORT_KEYS, NodeView, page_nodes, parse_sort, select_nodes
 from strata.control.nodelogs import MAX_ANSWER_BYTES
@@ -293,7 +293,7 @@ async def get_desired(request: Request) -> Response:
         poll = await plane.fleet.poll_desired(node_id, request.headers.get("if-none-match"), wait)
     if poll.document.revoked and caller.node_id == node_id:
         # Revoked while its poll waited: the node is cut off now, not told to unload what it serves.
-        raise AuthError("this certificate is not the current one of a live node (revoked, renewed or replaced)")
+        raise AuthError(NOT_CURRENT)
     headers = {"ETag": poll.document.etag, "Cache-Control": "no-cache"}
     if not poll.changed:
         return Response(status_code=304, headers=headers)
