@@ -16,6 +16,7 @@ import pytest
 from strata.agent.metrics import FAILURE_REASONS
 from strata.agent.serving import NOT_THE_MODELS_FAULT, is_client_fault, is_shed
 from strata.agent.telemetry import (
+    DRIFT_WRITE_S,
     Outcome,
     TelemetryBuffer,
     TelemetryConfig,
@@ -32,18 +33,16 @@ from strata.core.telemetry import (
     PRIORITY_SLOW,
     DriftReference,
     decode_batch,
+    minute_of,
 )
 
 T = 1_800_000_000.0
 
 
-def outcome(
-    ts: float, ok: bool = True, latency_us: int = 800, drift: tuple[int, ...] = (1, 2), status: str = "bad_request"
-) -> Outcome:
+def outcome(ts: float, ok: bool = True, latency_us: int = 800, status: str = "bad_request") -> Outcome:
     return Outcome(
         ts=ts, model="digits", version="1", variant="cpu-generic-fp32", latency_us=latency_us, queue_us=10,
         batch=1, ok=ok, status="ok" if ok else status, summary='{"shape":[1,64]}',
-        drift=(("X", drift),),
     )  # fmt: skip
 
 
@@ -121,7 +120,8 @@ def test_every_outcome_is_counted_and_only_kept_ones_become_events(tmp_path: Pat
     buffer = TelemetryBuffer(tmp_path / "t.db", 64 << 20)
     outcomes = [outcome(T + i) for i in range(100)] + [outcome(T + 200, ok=False)]
     priorities = [None] * 98 + [PRIORITY_SAMPLED, PRIORITY_SLOW, PRIORITY_ERROR]
-    buffer.write(outcomes, priorities)
+    buffer.write(outcomes, priorities, {("digits", "1", minute_of(T), "X"): [100, 201]})
+    buffer.write([], [], {("digits", "1", minute_of(T), "X"): [1, 1]})  # summed into the minute's row
     seq = buffer.seal("node-1", T + 300, 1000, 1000)
     assert seq == first_sequence(T + 300)
     pending = buffer.read_outbox()
@@ -131,7 +131,7 @@ def test_every_outcome_is_counted_and_only_kept_ones_become_events(tmp_path: Pat
     assert sum(m.errors for m in batch.minutes) == 1
     assert len(batch.minutes) == 3  # minutes of T .. T+99 (two) and of T+200
     assert sorted(e.priority for e in batch.events) == [PRIORITY_SAMPLED, PRIORITY_SLOW, PRIORITY_ERROR]
-    assert sum(sum(d.counts) for d in batch.drift) == 3 * 101
+    assert [(d.minute, d.tensor, d.counts) for d in batch.drift] == [(minute_of(T), "X", [101, 202])]
 
 
 def test_a_pending_batch_is_resent_until_acknowledged_even_after_a_restart(tmp_path: Path) -> None:
@@ -235,6 +235,7 @@ def test_the_drift_of_versions_no_longer_served_is_forgotten(tmp_path: Path) -> 
 
     async def serve(version: str, minute: int) -> None:
         recorder.set_references("digits", version, (reference,))
+        recorder.add_drift("digits", version, [("X", [1, 2])], ts=T + minute * 60)
         await recorder.record(replace(outcome(T + minute * 60), version=version))
 
     for index in range(30):  # a new version every minute for half an hour
@@ -249,6 +250,37 @@ def test_the_drift_of_versions_no_longer_served_is_forgotten(tmp_path: Path) -> 
     assert recorder.references("other", "2") == (reference,)
     assert recorder.references("other", "1") == ()
     recorder.close()
+
+
+def test_drift_is_summed_in_memory_and_written_within_seconds_before_a_seal_and_at_close(tmp_path: Path) -> None:
+    """Drift is kept per minute, so the recorder sums each batch's counts in memory instead of writing them with
+    every outcome: `drift_psi` shows them at once, the writer writes them within DRIFT_WRITE_S even when no
+    request follows, a batch sealed for upload holds every count made before the seal, and closing writes the
+    rest."""
+    recorder = TelemetryRecorder(TelemetryConfig(path=tmp_path / "t.db", sample_rate=0.0))
+    reference = DriftReference(tensor="X", kind="input", edges=(0.5,), counts=(10, 30))
+    recorder.set_references("digits", "1", (reference,))
+    now = time.time()
+    recorder.add_drift("digits", "1", [("X", [3, 1])], ts=now)
+    recorder.add_drift("digits", "1", [("X", [2, 14])], ts=now)
+    assert recorder.drift_psi() == {("digits", "1", "X"): pytest.approx(0.0)}  # 5:15, as the reference's 10:30
+    other = sqlite3.connect(tmp_path / "t.db")
+    rows: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 10 * DRIFT_WRITE_S
+    while not rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+        rows = other.execute("SELECT tensor, counts FROM drift").fetchall()
+    assert rows == [("X", "[5, 15]")]
+    assert recorder.drift_psi() == {("digits", "1", "X"): pytest.approx(0.0)}  # counted once, written or not
+    recorder.add_drift("digits", "1", [("X", [1, 0])], ts=now)
+    assert recorder.call(lambda: recorder.buffer.seal("n", now, 1000, 1000)) is not None
+    pending = recorder.call(recorder.buffer.read_outbox)
+    assert pending is not None
+    assert [(d.tensor, d.counts) for d in decode_batch(pending[1]).drift] == [("X", [6, 15])]
+    recorder.add_drift("digits", "1", [("X", [7, 7])], ts=now)
+    recorder.close()
+    assert other.execute("SELECT tensor, counts FROM drift").fetchall() == [("X", "[7, 7]")]
+    other.close()
 
 
 def test_uploader_acks_in_order_and_keeps_what_failed(tmp_path: Path) -> None:
@@ -348,9 +380,9 @@ def test_drift_rows_past_what_one_batch_may_hold_go_in_the_next_batch(tmp_path: 
     buffer = TelemetryBuffer(tmp_path / "t.db", 64 << 20)
     tensors = 101
     minutes = MAX_BATCH_DRIFT // tensors + 2  # 20,200 rows
-    drift = tuple((f"X{t}", (1, 2)) for t in range(tensors))
-    outcomes = [replace(outcome(T + 60 * m), drift=drift) for m in range(minutes)]
-    buffer.write(outcomes, [None] * len(outcomes))
+    outcomes = [outcome(T + 60 * m) for m in range(minutes)]
+    drift = {("digits", "1", minute_of(T + 60 * m), f"X{t}"): [1, 2] for m in range(minutes) for t in range(tensors)}
+    buffer.write(outcomes, [None] * len(outcomes), drift)
     seen, seq = [], buffer.seal("n", T + 60 * minutes, 1000, 1000)
     while seq is not None:
         pending = buffer.read_outbox()

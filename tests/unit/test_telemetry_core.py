@@ -32,7 +32,7 @@ from strata.core.telemetry import (
     TelemetryBatch,
     TelemetryError,
     bin_counts,
-    bin_counts_split,
+    bin_counts_summed,
     bucket_of,
     build_reference,
     chi_square_statistic,
@@ -143,23 +143,35 @@ def test_large_tensors_are_strided_not_scanned_whole() -> None:
     assert sum(counts) <= 4096
 
 
-def test_a_batch_counts_each_request_as_it_would_alone() -> None:
-    """One pass over a batch's tensor gives each request the counts it gets alone: non-finite values left out,
-    empty requests counted empty, a request over the stride limit strided on its own."""
+def test_a_batch_counts_what_its_requests_count_alone() -> None:
+    """One pass over a batch's tensor gives the sum of the counts its requests get alone: non-finite values left
+    out, empty requests counted empty, a request over the stride limit strided on its own (the whole batch is
+    then over it too, and is not strided as one)."""
     reference = DriftReference("x", "input", (-1.0, 0.0, 1.0), (1, 2, 3, 4))
     rng = np.random.default_rng(7)
     parts = [rng.normal(size=(2, 3)), np.zeros((0, 3)), rng.normal(size=(1, 3)), rng.normal(size=(2000, 3))]
     parts[0][0, 1] = np.nan
     parts[2][0, 0] = -np.inf
     whole = np.concatenate(parts)
+
+    def summed(counts: list[list[int]]) -> list[int]:
+        return [sum(column) for column in zip(*counts, strict=True)]
+
     alone = [bin_counts(reference, part) for part in parts]
-    assert bin_counts_split(reference, whole, [part.size for part in parts]) == alone
-    assert bin_counts_split(reference, whole[:3], [part.size for part in parts[:3]]) == alone[:3]
+    assert sum(alone[3]) <= 4096 < parts[3].size  # the last request is strided
+    assert bin_counts_summed(reference, whole, [part.size for part in parts]) == summed(alone)
+    assert bin_counts_summed(reference, whole[:3], [part.size for part in parts[:3]]) == summed(alone[:3])
+    # many small requests whose batch is over the limit: each counted whole, so the batch is not strided
+    small = [rng.normal(size=(1, 64)) for _ in range(100)]
+    assert bin_counts_summed(reference, np.concatenate(small), [64] * 100) == summed(
+        [bin_counts(reference, part) for part in small]
+    )
+    assert sum(bin_counts_summed(reference, np.concatenate(small), [64] * 100)) == 6400
     text = np.array(["a", "b", "c"])
-    assert bin_counts_split(reference, text, [1, 2]) == [[0, 0, 0, 0]] * 2
-    assert bin_counts_split(reference, np.array([[0, 5], [-3, 1]]), [2, 2]) == [[0, 1, 0, 1], [1, 0, 1, 0]]
+    assert bin_counts_summed(reference, text, [1, 2]) == [0, 0, 0, 0]
+    assert bin_counts_summed(reference, np.array([[0, 5], [-3, 1]]), [2, 2]) == [1, 1, 1, 1]
     with pytest.raises(ValueError, match="do not split"):
-        bin_counts_split(reference, whole, [1])
+        bin_counts_summed(reference, whole, [1])
 
 
 def _batch() -> TelemetryBatch:

@@ -39,11 +39,19 @@ from strata.agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from strata.agent.metrics import InferenceMetrics, RegistrySnapshot
 from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import release_free_memory
-from strata.agent.scheduler import INLINE_DECODE_BYTES, InferResult, ModelScheduler, Overloaded, Prepared, prepare
+from strata.agent.scheduler import (
+    INLINE_DECODE_BYTES,
+    DriftTap,
+    InferResult,
+    ModelScheduler,
+    Overloaded,
+    Prepared,
+    prepare,
+)
 from strata.agent.telemetry import Outcome, TelemetryGauges, TelemetryRecorder
 from strata.core.errors import AuthError, BadRequest, Forbidden, NotFound, StrataError, Unavailable
 from strata.core.package import TensorSpec
-from strata.core.telemetry import DriftReference, drift_references
+from strata.core.telemetry import drift_references
 
 log = logging.getLogger(__name__)
 
@@ -505,8 +513,8 @@ class InferenceApp:
         """The queue of the model object serving now; a swapped-in model gets a new one (the old one drains)."""
         scheduler = self._schedulers.get(model.name)
         if scheduler is None or scheduler.model is not model:
-            references = self._references(model) if self._telemetry is not None else ()
-            scheduler = ModelScheduler.for_model(model, self._batching, self._metrics, self._executor, references)
+            drift = self._drift_tap(model)
+            scheduler = ModelScheduler.for_model(model, self._batching, self._metrics, self._executor, drift)
             self._schedulers[model.name] = scheduler
         return scheduler
 
@@ -550,7 +558,6 @@ class InferenceApp:
             ok=ok,
             status=status,
             summarize=result.summarize if result else None,
-            drift=result.drift if result else (),
         )
 
     async def _record(
@@ -566,17 +573,18 @@ class InferenceApp:
         if self._telemetry is not None:
             self._telemetry.record_nowait(self._outcome(model, started_ns, False, status, None))
 
-    def _references(self, model: LoadedModel) -> tuple[DriftReference, ...]:
-        """The drift references of a model just swapped in, parsed once per activation (not kept by package: a
-        node that runs for months serves many)."""
+    def _drift_tap(self, model: LoadedModel) -> DriftTap | None:
+        """Where the batches of a model just swapped in count their drift: its references, parsed once per
+        activation (not kept by package: a node that runs for months serves many), and the telemetry recorder."""
+        if self._telemetry is None:
+            return None
         try:
             references = tuple(drift_references(model.manifest.drift))
         except StrataError as exc:
             log.warning("model %s %s has unusable drift references: %s", model.name, model.version, exc)
             references = ()
-        if self._telemetry is not None:
-            self._telemetry.set_references(model.name, model.version, references)
-        return references
+        self._telemetry.set_references(model.name, model.version, references)
+        return DriftTap(references, functools.partial(self._telemetry.add_drift, model.name, model.version))
 
     def _schedule_trim(self) -> None:
         """Once no inference has run for a moment, give the heap a large request left behind back to the OS.

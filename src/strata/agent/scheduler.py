@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 import zlib
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
@@ -46,7 +46,7 @@ from strata.agent.runtime import Runtime
 from strata.core.datatypes import oip_from_numpy
 from strata.core.errors import BadRequest, ConfigError, InferenceError, Unavailable
 from strata.core.oip import Array, InferRequest, check_inputs, check_outputs, decode_request, encode_response
-from strata.core.telemetry import DriftReference, bin_counts, bin_counts_split
+from strata.core.telemetry import DRIFT_MAX_ELEMENTS, DriftReference, bin_counts, bin_counts_summed
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,20 @@ class InferResult:
     # out), in wall time on accelerators.
     model_ns: int
     summarize: Callable[[], str] | None = None  # its telemetry summary, made only if the event is kept
-    drift: tuple[tuple[str, Sequence[int]], ...] = ()  # (tensor, counts in its reference's bins)
+
+
+# (tensor, counts in its drift reference's bins) of the requests of one batch together
+DriftCounts = list[tuple[str, list[int]]]
+
+
+@dataclass(frozen=True)
+class DriftTap:
+    """A served model's drift references, and what takes each batch's counts in their bins: the telemetry
+    recorder's `add_drift` for the model's version. Counted once per batch, over the batch's tensors, and summed
+    there: telemetry keeps drift per minute, never per request."""
+
+    references: tuple[DriftReference, ...]
+    sink: Callable[[DriftCounts], None]
 
 
 @dataclass(eq=False, slots=True)
@@ -250,20 +263,21 @@ def prepare_decoded(
 def run_batch(
     model: LoadedModel,
     items: list[Prepared],
-    references: tuple[DriftReference, ...] = (),
+    drift: DriftTap | None = None,
     headers: ResponseHeaders | None = None,
 ) -> BatchRun:
     """Run queued requests of one key in one runtime call (one request: as is) and encode each answer. With
     `headers` (the model's), all-binary answers reuse the JSON header an earlier answer of their shape had.
 
-    Errors are returned per request, never raised: a bad row reruns the batch one request at a time.
+    Errors are returned per request, never raised: a bad row reruns the batch one request at a time. The drift
+    counts of the rows answered go to `drift.sink`.
     """
     headers = ResponseHeaders() if headers is None else headers
     started = time.perf_counter_ns()
     queue_ns = [started - item.enqueued_ns for item in items]
     executions = 1
     try:
-        results = _run_together(model, items, references, queue_ns, headers)
+        results = _run_together(model, items, drift, queue_ns, headers)
     except BadRequest as exc:
         if len(items) == 1:
             results = [exc]
@@ -272,7 +286,7 @@ def run_batch(
             for item, waited in zip(items, queue_ns, strict=True):
                 executions += 1
                 try:
-                    results.extend(_run_together(model, [item], references, [waited], headers))
+                    results.extend(_run_together(model, [item], drift, [waited], headers))
                 except InferenceError as single:
                     results.append(single)
     except InferenceError as exc:
@@ -320,11 +334,12 @@ def _encode(
 def _run_together(
     model: LoadedModel,
     items: list[Prepared],
-    references: tuple[DriftReference, ...],
+    drift: DriftTap | None,
     queue_ns: list[int],
     headers: ResponseHeaders,
 ) -> list[InferResult | Exception]:
-    """One runtime call for `items`, split back into their answers.
+    """One runtime call for `items`, split back into their answers; their drift counts to `drift.sink` once
+    every answer is encoded.
 
     Raises:
         BadRequest: the runtime rejected the input.
@@ -352,8 +367,7 @@ def _run_together(
         for item in items:
             mines.append({name: array[offset : offset + item.rows] for name, array in results.items()})
             offset += item.rows
-    drift = _drift(items, feeds, results, mines, references)
-    for index, (item, mine, waited) in enumerate(zip(items, mines, queue_ns, strict=True)):
+    for item, mine, waited in zip(items, mines, queue_ns, strict=True):
         if item.encode is None:
             body, header_length = _encode(model, item, mine, headers)
         else:
@@ -367,9 +381,10 @@ def _run_together(
                 compute_ns=compute_ns,
                 model_ns=cost_ns * item.rows // max(total, 1),
                 summarize=functools.partial(_summary, model, item.feeds),
-                drift=tuple((tensor, counts[index]) for tensor, counts in drift),
             )
         )
+    if drift is not None and drift.references:
+        drift.sink(_drift(items, feeds, results, mines, drift.references))
     return out
 
 
@@ -379,22 +394,22 @@ def _drift(
     results: dict[str, Array],
     mines: list[dict[str, Array]],
     references: tuple[DriftReference, ...],
-) -> list[tuple[str, list[list[int]]]]:
-    """Each request's counts in each drift reference's bins: (tensor, counts per request), for the tensors the
-    batch has. Requests of one batch share their inputs' names and their outputs (their batch key), so a
-    reference's tensor is in every request of the batch or in none; its counts come from one pass over the
-    batch's tensor."""
+) -> DriftCounts:
+    """The batch's counts in each drift reference's bins, (tensor, counts), for the tensors the batch has: what
+    its requests count each alone (`bin_counts`), summed. Requests of one batch share their inputs' names and
+    their outputs (their batch key), so a reference's tensor is in every request of the batch or in none; its
+    counts come from one pass over the batch's tensor."""
     out = []
     for ref in references:
         whole = (feeds if ref.kind == "input" else results).get(ref.tensor)
         if whole is None:
             continue
-        if len(items) == 1:
-            out.append((ref.tensor, [bin_counts(ref, whole)]))
+        if len(items) == 1 or whole.size <= DRIFT_MAX_ELEMENTS:  # no request's part is strided: one count
+            out.append((ref.tensor, bin_counts(ref, whole)))
             continue
         pairs = zip(items, mines, strict=True)
         sizes = [(item.feeds if ref.kind == "input" else mine)[ref.tensor].size for item, mine in pairs]
-        out.append((ref.tensor, bin_counts_split(ref, whole, sizes)))
+        out.append((ref.tensor, bin_counts_summed(ref, whole, sizes)))
     return out
 
 
@@ -458,13 +473,13 @@ class ModelScheduler:
         config: BatchingConfig,
         metrics: InferenceMetrics,
         executor: Executor | None = None,
-        references: tuple[DriftReference, ...] = (),
+        drift: DriftTap | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self._metrics = metrics
         self._executor = executor
-        self._references = references
+        self._drift = drift
         self.layouts = Layouts()
         self._headers = ResponseHeaders()
         self._queue: list[Prepared] = []
@@ -490,7 +505,7 @@ class ModelScheduler:
         defaults: BatchingConfig,
         metrics: InferenceMetrics,
         executor: Executor | None = None,
-        references: tuple[DriftReference, ...] = (),
+        drift: DriftTap | None = None,
     ) -> ModelScheduler:
         """A scheduler configured for `model` (see `batching.resolve_config`); a malformed batching policy in
         the package is logged and ignored, so the model still serves with the agent's settings."""
@@ -510,7 +525,7 @@ class ModelScheduler:
                 model.name,
                 model.version,
             )
-        return cls(model, config, metrics, executor, references)
+        return cls(model, config, metrics, executor, drift)
 
     @property
     def queued(self) -> int:
@@ -579,7 +594,7 @@ class ModelScheduler:
             return
         loop = asyncio.get_running_loop()
         try:
-            job = loop.run_in_executor(self._executor, run_batch, self.model, batch, self._references, self._headers)
+            job = loop.run_in_executor(self._executor, run_batch, self.model, batch, self._drift, self._headers)
         except RuntimeError:  # the executor is shut down: the agent is stopping
             error = Unavailable("the node is shutting down and takes no more inference requests")
             for item in batch:
@@ -593,7 +608,7 @@ class ModelScheduler:
         and its requests resume in this turn of the loop."""
         self._running.append(run)  # counted against the instances while it runs, as a worker's job is
         try:
-            outcome = run_batch(self.model, batch, self._references, self._headers)
+            outcome = run_batch(self.model, batch, self._drift, self._headers)
         except Exception as exc:  # run_batch returns errors per request: this is a bug, as a failed job is
             self._running.remove(run)
             self._failed(batch, exc)

@@ -32,7 +32,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from strata.agent.metrics import MetricsRegistry
 from strata.agent.serving import is_client_fault, is_shed
@@ -59,6 +59,10 @@ from strata.core.telemetry import (
 )
 
 log = logging.getLogger("strata.agent.telemetry")
+
+# Drift counts are summed in memory and written at most this often (and before every seal): a per-minute figure
+# needs no per-request write, and a kill loses at most this much of it
+DRIFT_WRITE_S: Final = 1.0
 
 _BUCKET_COLUMNS = ", ".join(f"b{i}" for i in range(BUCKETS))
 _SCHEMA = f"""
@@ -134,7 +138,6 @@ class Outcome:
     summary: str = ""
     # made only for outcomes kept as events (a few in a hundred), on the recorder's thread; wins over `summary`
     summarize: Callable[[], str] | None = None
-    drift: tuple[tuple[str, Sequence[int]], ...] = ()  # (tensor, counts in its reference's bins)
 
 
 @dataclass(frozen=True)
@@ -204,15 +207,13 @@ class TelemetryBuffer:
     # --- writing (recorder thread) ----------------------------------------------------------------------
 
     def write(self, outcomes: list[Outcome], priorities: list[int | None], drift: DriftSums | None = None) -> None:
-        """Add outcomes to the minute aggregates (all of them) and the events table (the kept ones), atomically;
-        `drift` is their drift counts summed (`sum_drift(outcomes)`, made here when not given).
+        """Add outcomes to the minute aggregates (all of them) and the events table (the kept ones), and `drift`
+        (counts summed by model, version, minute and tensor) to the drift counts, atomically.
 
         Raises:
             sqlite3.Error: the disk is full or the file is damaged (the caller counts the loss).
         """
         minutes: dict[tuple[str, str, str, int], MinuteRow] = {}
-        if drift is None:
-            drift = sum_drift(outcomes)
         events = []
         for outcome, priority in zip(outcomes, priorities, strict=True):
             minute = minute_of(outcome.ts)
@@ -252,7 +253,7 @@ class TelemetryBuffer:
                     for key, m in minutes.items()
                 ],
             )
-            for drift_key, added in drift.items():
+            for drift_key, added in (drift or {}).items():
                 stored = db.execute(
                     "SELECT counts FROM drift WHERE model=? AND version=? AND minute=? AND tensor=?", drift_key
                 ).fetchone()
@@ -495,6 +496,12 @@ class TelemetryRecorder:
         self._swept = 0  # the minute of the last `_forget_stale`
         self._window: dict[tuple[str, str, str], deque[tuple[int, list[int]]]] = {}
         self._window_lock = threading.Lock()
+        # Drift counts (under `_window_lock`): those added since the last fold, in neither the window nor the
+        # buffer (`add_drift`), and those in the window but not yet in the buffer (`_fold_drift`); when the writer
+        # last wrote some
+        self._drift_new: DriftSums = {}
+        self._drift_unwritten: DriftSums = {}
+        self._drift_written = time.monotonic()
         self._turns: dict[asyncio.AbstractEventLoop, _Waiter] = {}  # outcomes recorded in the loop's current turn
         self._thread = threading.Thread(target=self._run, name="strata-telemetry", daemon=True)
         self._thread.start()
@@ -533,9 +540,42 @@ class TelemetryRecorder:
         if turn is not None:
             self._queue.put(turn)
 
+    def add_drift(
+        self, model: str, version: str, counts: Sequence[tuple[str, Sequence[int]]], ts: float | None = None
+    ) -> None:
+        """A batch's drift counts, (tensor, counts in its reference's bins), from any thread: summed by minute
+        here, then written to the buffer and counted in the drift window with the writer's first commit
+        DRIFT_WRITE_S after its last drift write (or before it seals a batch for upload, or as it closes); `drift_psi`
+        counts them from now on. Drift is kept per minute, so it is written about once a second instead of with
+        every request's outcome: a kill loses at most the last DRIFT_WRITE_S of drift counts (never an outcome:
+        those are written before their answers go out)."""
+        minute = minute_of(time.time() if ts is None else ts)
+        with self._window_lock:
+            idle = not self._drift_new and not self._drift_unwritten
+            for tensor, added in counts:
+                _sum_into(self._drift_new, (model, version, minute, tensor), added)
+        if idle:  # the writer may be waiting for work with no time limit: it now has some within DRIFT_WRITE_S
+            self._queue.put(_Waiter(None))
+
+    def _fold_drift(self) -> None:
+        """Count the drift added since the last fold in the windows, and keep it for the buffer. Called under
+        `_window_lock`."""
+        if not self._drift_new:
+            return
+        new, self._drift_new = self._drift_new, {}
+        for key, counts in new.items():
+            model, version, minute, tensor = key
+            self._count_in_window(model, version, minute, tensor, counts)
+            _sum_into(self._drift_unwritten, key, counts)
+        newest = max(minute for _, _, minute, _ in new)
+        if newest > self._swept:  # once a minute
+            self._swept = newest
+            self._forget_stale(newest)
+
     def set_references(self, model: str, version: str, references: tuple[DriftReference, ...]) -> None:
         """The drift references of a model version now served (from its package)."""
         with self._window_lock:
+            self._fold_drift()
             self._references[(model, version)] = references
             self._current[model] = version
             self._forget_stale(None)
@@ -548,6 +588,7 @@ class TelemetryRecorder:
         """PSI of each served tensor's last `drift_window_minutes` minutes against its reference."""
         out = {}
         with self._window_lock:
+            self._fold_drift()
             for (model, version, tensor), window in self._window.items():
                 references = self._references.get((model, version), ())
                 reference = next((r for r in references if r.tensor == tensor), None)
@@ -576,8 +617,13 @@ class TelemetryRecorder:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=self._drift_wait())
+            except queue.Empty:  # drift counts are due and no outcome came to take them along
+                self._write_drift()
+                continue
             if first is None:
+                self._write_drift()
                 return
             items: list[_Waiter | _Command | None] = [first]
             with contextlib.suppress(queue.Empty):
@@ -587,6 +633,8 @@ class TelemetryRecorder:
             waiters = [item for item in items if isinstance(item, _Waiter)]
             if waiters:
                 self._commit(waiters)
+            if stop or any(isinstance(item, _Command) for item in items):
+                self._write_drift()  # a batch sealed now holds every count made before it
             for item in items:
                 if isinstance(item, _Command):
                     try:
@@ -597,13 +645,39 @@ class TelemetryRecorder:
             if stop:
                 return
 
+    def _drift_wait(self) -> float | None:
+        """How long the writer may wait for work before the drift counts it holds are due (None: it holds none)."""
+        if not self._drift_new and not self._drift_unwritten:
+            return None
+        return max(0.0, self._drift_written + DRIFT_WRITE_S - time.monotonic())
+
+    def _take_drift(self, due_only: bool) -> DriftSums:
+        if due_only and time.monotonic() < self._drift_written + DRIFT_WRITE_S:
+            return {}
+        with self._window_lock:
+            self._fold_drift()
+            drift, self._drift_unwritten = self._drift_unwritten, {}
+        if drift:
+            self._drift_written = time.monotonic()
+        return drift
+
+    def _write_drift(self) -> None:
+        drift = self._take_drift(due_only=False)
+        if drift:
+            try:
+                self.buffer.write([], [], drift)
+            except sqlite3.Error as exc:
+                log.error("telemetry buffer write failed (%s); %d drift counts not recorded", exc, len(drift))
+
     def _commit(self, waiters: list[_Waiter]) -> None:
         outcomes = [outcome for waiter in waiters for outcome in waiter.outcomes]
         priorities = [
             event_priority(o.ok, o.latency_us, self.config.slow_us, self.config.sample_rate, self._rng.random())
             for o in outcomes
         ]
-        drift = sum_drift(outcomes)
+        drift = self._take_drift(due_only=True)
+        if not outcomes and not drift:  # a wake-up for drift not yet due
+            return
         try:
             if self._lost:
                 self.buffer.count_dropped("lost", self._lost)
@@ -611,8 +685,12 @@ class TelemetryRecorder:
             self.buffer.write(outcomes, priorities, drift)
         except sqlite3.Error as exc:  # disk full, damaged file: inference goes on, the loss is counted
             self._lost += len(outcomes)
-            log.error("telemetry buffer write failed (%s); %d outcomes not recorded", exc, len(outcomes))
-        self._remember_drift(drift)
+            log.error(
+                "telemetry buffer write failed (%s); %d outcomes and %d drift counts not recorded",
+                exc,
+                len(outcomes),
+                len(drift),
+            )
         # one wake-up per event loop for the whole group, not one per request
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for waiter in waiters:
@@ -623,20 +701,16 @@ class TelemetryRecorder:
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
                     loop.call_soon_threadsafe(_resolve, futures)
 
-    def _remember_drift(self, drift: DriftSums) -> None:
-        with self._window_lock:
-            for (model, version, minute, tensor), counts in drift.items():
-                window = self._window.setdefault((model, version, tensor), deque())
-                if window and window[-1][0] == minute and len(window[-1][1]) == len(counts):
-                    window[-1] = (minute, [a + b for a, b in zip(window[-1][1], counts, strict=True)])
-                else:
-                    window.append((minute, list(counts)))
-                while window and window[0][0] <= minute - self.config.drift_window_minutes:
-                    window.popleft()
-            newest = max((minute for _, _, minute, _ in drift), default=self._swept)
-            if newest > self._swept:  # once a minute
-                self._swept = newest
-                self._forget_stale(newest)
+    def _count_in_window(self, model: str, version: str, minute: int, tensor: str, counts: Sequence[int]) -> None:
+        """Add counts to the tensor's drift window, dropping its minutes past `drift_window_minutes`. Called under
+        `_window_lock`."""
+        window = self._window.setdefault((model, version, tensor), deque())
+        if window and window[-1][0] == minute and len(window[-1][1]) == len(counts):
+            window[-1] = (minute, [a + b for a, b in zip(window[-1][1], counts, strict=True)])
+        else:
+            window.append((minute, list(counts)))
+        while window and window[0][0] <= minute - self.config.drift_window_minutes:
+            window.popleft()
 
     def _forget_stale(self, minute: int | None) -> None:
         """Drop the windows with nothing newer than `drift_window_minutes` before `minute` (a version no longer
@@ -675,22 +749,14 @@ def first_sequence(now: float) -> int:
     return max(1, int(now * 1000))
 
 
-def sum_drift(outcomes: list[Outcome]) -> DriftSums:
-    """The outcomes' drift counts summed by (model, version, minute, tensor), in order of first appearance; a
-    tensor's counts of another length than its first in that minute (its reference changed) are left out."""
-    sums: DriftSums = {}
-    for outcome in outcomes:
-        if not outcome.drift:
-            continue
-        minute = minute_of(outcome.ts)
-        for tensor, counts in outcome.drift:
-            key = (outcome.model, outcome.version, minute, tensor)
-            total = sums.get(key)
-            if total is None:
-                sums[key] = list(counts)
-            elif len(total) == len(counts):
-                sums[key] = [a + b for a, b in zip(total, counts, strict=True)]
-    return sums
+def _sum_into(sums: DriftSums, key: tuple[str, str, int, str], counts: Sequence[int]) -> None:
+    """Add counts to a key's in `sums`; counts of another length than the key's first (its reference changed
+    within the minute) are left out."""
+    total = sums.get(key)
+    if total is None:
+        sums[key] = list(counts)
+    elif len(total) == len(counts):
+        sums[key] = [a + b for a, b in zip(total, counts, strict=True)]
 
 
 def _summary_of(outcome: Outcome) -> str:

@@ -240,17 +240,28 @@ def bin_counts(reference: DriftReference, values: Any) -> list[int]:
     """Counts of a live tensor's values (strided to DRIFT_MAX_ELEMENTS) in the reference's bins."""
     import numpy as np
 
-    flat = _strided(np.asarray(values))
+    return _counts(reference, _strided(np.asarray(values)))
+
+
+def _counts(reference: DriftReference, flat: Any) -> list[int]:
+    """Counts of every value of a flat array in the reference's bins (non-finite values left out)."""
+    import numpy as np
+
     if flat.dtype.kind not in "biuf":
         return [0] * len(reference.counts)
-    flat = flat.astype(np.float64, copy=False)
-    indices = np.searchsorted(_edges(reference.edges), flat[np.isfinite(flat)], side="left")
-    return [int(c) for c in np.bincount(indices, minlength=len(reference.counts))]
+    if flat.dtype.kind == "f":
+        finite = np.isfinite(flat)
+        if not finite.all():
+            flat = flat[finite]
+    indices = np.searchsorted(_edges(reference.edges), flat, side="left")
+    counts: list[int] = np.bincount(indices, minlength=len(reference.counts)).tolist()
+    return counts
 
 
-def bin_counts_split(reference: DriftReference, values: Any, sizes: Sequence[int]) -> list[list[int]]:
-    """`bin_counts` of consecutive parts of `values` (flattened), `sizes[i]` elements in part i: what each request
-    of a batch counts alone, in one pass over the batch's tensor instead of a few numpy calls per request.
+def bin_counts_summed(reference: DriftReference, values: Any, sizes: Sequence[int]) -> list[int]:
+    """What consecutive parts of `values` (flattened), `sizes[i]` elements in part i, count each alone in the
+    reference's bins (`bin_counts`, which strides a part of more than DRIFT_MAX_ELEMENTS), summed: a batch's
+    counts as its requests would give them one by one.
 
     Raises:
         ValueError: the sizes do not add up to the tensor's.
@@ -260,21 +271,12 @@ def bin_counts_split(reference: DriftReference, values: Any, sizes: Sequence[int
     flat = np.asarray(values).reshape(-1)
     if sum(sizes) != flat.size:
         raise ValueError(f"parts of {sum(sizes)} elements do not split a tensor of {flat.size}")
-    bins = len(reference.counts)
-    if flat.dtype.kind not in "biuf":
-        return [[0] * bins for _ in sizes]
-    if any(size > DRIFT_MAX_ELEMENTS for size in sizes):  # strided per part, as bin_counts does
-        bounds = np.cumsum([0, *sizes])
-        return [bin_counts(reference, flat[a:b]) for a, b in itertools.pairwise(bounds)]
-    indices = np.searchsorted(_edges(reference.edges), flat, side="left")
-    if len(sizes) > 1:
-        indices += np.repeat(np.arange(0, len(sizes) * bins, bins), sizes)
-    if flat.dtype.kind == "f":  # integers are all finite
-        finite = np.isfinite(flat)
-        if not finite.all():
-            indices = indices[finite]
-    counts: list[list[int]] = np.bincount(indices, minlength=len(sizes) * bins).reshape(len(sizes), bins).tolist()
-    return counts
+    if all(size <= DRIFT_MAX_ELEMENTS for size in sizes):  # nothing strided: the parts' counts are the whole's
+        return _counts(reference, flat)
+    total = [0] * len(reference.counts)
+    for a, b in itertools.pairwise(np.cumsum([0, *sizes])):
+        total = [x + y for x, y in zip(total, bin_counts(reference, flat[a:b]), strict=True)]
+    return total
 
 
 def drift_references(raw: Mapping[str, Any]) -> list[DriftReference]:
