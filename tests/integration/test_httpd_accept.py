@@ -7,9 +7,12 @@ keeps its descriptors.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+
+from strata.agent.httpd import HttpServer, Request, Response
 
 CHILD = r"""
 import asyncio, json, logging, os, resource, socket, time
@@ -74,3 +77,37 @@ def test_a_listener_out_of_descriptors_waits_and_serves_again_without_spinning()
     assert len(emfile) == 1, result["warnings"]  # once a minute, not once per attempt
     assert result["cpu_s"] < 0.5, result  # it waited; it did not spin on accept
     assert result["status"] == "HTTP/1.1 200 OK"  # and took connections again once descriptors were free
+
+
+def test_servers_sharing_a_listener_give_new_connections_to_the_one_holding_fewest() -> None:
+    """The agent and its serving processes accept on one listening socket: woken together by a new connection,
+    the one holding fewest connections takes it. Two servers here, in one loop on two descriptors of one socket
+    (as two processes hold it): the first holds 6 keep-alive connections when the second starts, and the next 6
+    go to the second (taking turns, or SO_REUSEPORT's hash of the client's port, would give it about half)."""
+
+    async def handler(request: Request) -> Response:
+        return Response(200, {}, b"ok")
+
+    async def connect(port: int, writers: list[asyncio.StreamWriter]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"ok"), 10)  # answered: one of the two took it
+        writers.append(writer)
+
+    async def main() -> tuple[int, int]:
+        first, second = HttpServer(handler), HttpServer(handler)
+        await first.start("127.0.0.1", 0, shared=True)
+        writers: list[asyncio.StreamWriter] = []
+        for _ in range(6):
+            await connect(first.port, writers)
+        await second.start(sockets=[listener.dup() for listener in first.listeners])
+        for _ in range(6):
+            await connect(first.port, writers)
+        counts = first.connections, second.connections
+        for writer in writers:
+            writer.close()
+        await first.stop()
+        await second.stop()
+        return counts
+
+    assert asyncio.run(main()) == (6, 6)

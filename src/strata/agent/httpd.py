@@ -54,7 +54,7 @@ import re
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from ssl import SSLContext
@@ -195,6 +195,8 @@ _RELEASE_DELAY: Final = 0.5  # seconds with no body in flight before that happen
 # the TLS close; a client that has not sent it this long after (an idle keep-alive client, which sends it when it
 # next reads) is dropped.
 _TLS_CLOSE_WAIT_S: Final = 0.25
+_SHARED_ACCEPT_DELAY_S: Final = 20e-6
+_SHARED_ACCEPT_DELAY_MAX_S: Final = 1e-3
 _ACCEPTS_PER_TURN: Final = 16  # connections an accept loop takes before it lets the event loop run other work
 _ACCEPT_RETRY_S: Final = 1.0  # after accept failed for want of descriptors or memory (asyncio's ACCEPT_RETRY_DELAY)
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -203,7 +205,23 @@ _GONE_BEFORE_ACCEPT: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.
 _WARN_EVERY_S: Final = 60.0
 
 
-async def _listen(host: str, port: int, backlog: int, reuse_port: bool) -> list[socket.socket]:
+async def _readable(listener: socket.socket) -> None:
+    """Wait until `listener` has a connection queued (or an error to report)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def woken() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(listener.fileno(), woken)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(listener.fileno())
+
+
+async def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
     """Listening, non-blocking sockets on each address of `host` (as asyncio's `create_server` makes them).
 
     Raises:
@@ -224,8 +242,6 @@ async def _listen(host: str, port: int, backlog: int, reuse_port: bool) -> list[
                 continue
             listeners.append(listener)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             listener.bind(address)
@@ -284,6 +300,7 @@ class HttpServer:
         # its sockets, their accept loops, the connections accepted and not yet served (over TLS: in their
         # handshake), and over TLS those by the caller's address and the slots that bound them
         self._listeners: list[socket.socket] = []
+        self._shared = False  # other processes accept on the same listening sockets
         self._acceptors: list[asyncio.Task[None]] = []
         self._opening: set[asyncio.Task[None]] = set()
         self._address_handshakes: dict[str, int] = {}
@@ -301,6 +318,11 @@ class HttpServer:
         self.closing = False
 
     @property
+    def listeners(self) -> list[socket.socket]:
+        """The listening sockets (empty until started), to hand to other processes that accept on them."""
+        return list(self._listeners)
+
+    @property
     def port(self) -> int:
         """The port actually bound (the one the OS chose when started with port 0).
 
@@ -313,11 +335,27 @@ class HttpServer:
         return port
 
     async def start(
-        self, host: str = "127.0.0.1", port: int = 0, ssl: SSLContext | None = None, reuse_port: bool = False
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl: SSLContext | None = None,
+        *,
+        shared: bool = False,
+        sockets: Sequence[socket.socket] = (),
     ) -> None:
-        """Bind and start accepting connections (over TLS with `ssl`); returns once listening. With
-        `reuse_port` (SO_REUSEPORT) other processes of this user may listen on the same port, and the kernel
-        spreads new connections over them.
+        """Bind and start accepting connections (over TLS with `ssl`); returns once listening. `sockets`: accept
+        on these listening sockets instead of binding `host` and `port` (another process's, inherited). `shared`:
+        other processes accept on the same sockets (`listeners` handed to them), so this one takes one connection
+        at a time and lets them take the next: a process that is busy answering is slower to take one, and the
+        connections spread over the processes by how busy each is.
+
+        Why one accept queue for every serving process and not SO_REUSEPORT, a queue each: the kernel spreads
+        connections over SO_REUSEPORT listeners by a hash of their addresses, blind to how busy each process is.
+        32 keep-alive clients over two processes measured 10 to 22 (and 11 to 21, 20 to 12): the busier process
+        was the node's limit while the other had a core to spare. And a process that exits resets the connections
+        waiting in its own queue. On one queue every process is woken by a new connection, and each waits 20 us
+        per connection it holds (at most 1 ms) before it tries to take it: the one holding fewest takes it (16 to 16
+        and 12 to 20 measured), and a process still takes over a thousand new connections a second.
 
         Raises:
             ConfigError: the address cannot be bound (in use, not local, no permission).
@@ -331,7 +369,13 @@ class HttpServer:
         # listener took every connection the kernel had queued at once (a descriptor each, up to the backlog), and
         # over TLS gave each a 256 KiB read buffer for the 60 s its handshake may take: 1,000 silent connections
         # cost 300 MB and a thousand descriptors, and a caller opening connections fast held every descriptor.
-        self._listeners = await _listen(host, port, self._limits.backlog, reuse_port)
+        if sockets:
+            for listener in sockets:
+                listener.setblocking(False)
+            self._listeners = list(sockets)
+        else:
+            self._listeners = await _listen(host, port, self._limits.backlog)
+        self._shared = shared or bool(sockets)
         if ssl is not None:
             self._handshake_slots = asyncio.Semaphore(self._limits.max_handshakes)
         loop = asyncio.get_running_loop()
@@ -351,10 +395,10 @@ class HttpServer:
             if slots is not None:
                 await slots.acquire()
             taken += 1
-            if taken % _ACCEPTS_PER_TURN == 0:  # sock_accept and a free slot return without waiting while the
-                await asyncio.sleep(0)  # backlog holds connections: let the loop's other work run now and then
+            if not self._shared and taken % _ACCEPTS_PER_TURN == 0:  # sock_accept and a free slot return without
+                await asyncio.sleep(0)  # waiting while the backlog holds connections: let the loop's other work run
             try:
-                conn, address = await loop.sock_accept(listener)
+                conn, address = await (self._take(listener) if self._shared else loop.sock_accept(listener))
             except OSError as exc:
                 if slots is not None:
                     slots.release()
@@ -382,6 +426,24 @@ class HttpServer:
             task = loop.create_task(self._open(conn, context, began))
             self._opening.add(task)
             task.add_done_callback(functools.partial(self._opened, conn, host, context is not None, began))
+
+    async def _take(self, listener: socket.socket) -> tuple[socket.socket, Any]:
+        """Accept a connection on a listener other processes accept on too (`start`): woken with them when one
+        is queued, wait 20 us per connection held here (at most 1 ms), then try to take it; taken by another
+        meanwhile, wait for the next.
+
+        Raises:
+            OSError: accept failed (as `sock_accept`).
+        """
+        while True:
+            await _readable(listener)
+            await asyncio.sleep(min(len(self._connections) * _SHARED_ACCEPT_DELAY_S, _SHARED_ACCEPT_DELAY_MAX_S))
+            try:
+                conn, address = listener.accept()
+            except BlockingIOError:  # another process took it
+                continue
+            conn.setblocking(False)
+            return conn, address
 
     def _admit(self, host: str, tls: bool) -> str | None:
         """Why a connection just accepted from `host` is closed at once, or None (it is counted as opening)."""

@@ -260,7 +260,7 @@ class Agent:
 
             log.info("relaying package pieces for child devices (cache %d MB)", self.config.relay_budget_bytes >> 20)
         server = app.http_server(serve_limits)
-        await server.start(self.config.serve_host, self.config.serve_port, reuse_port=pool is not None)
+        await server.start(self.config.serve_host, self.config.serve_port, shared=pool is not None)
         # Said once the node is enrolled (at once when it was before): a node whose enrollment is refused stops
         # without ever serving, and said it served first.
         serving: str | None = (
@@ -272,7 +272,7 @@ class Agent:
         if pool is not None:
             pool.render = app.render_metrics
             self.repository.mirror = pool
-            pool.start(server.port)
+            pool.start(server.port, server.listeners)
         tier_server: HttpServer | None = None
         stop = asyncio.Event()
         running = asyncio.get_running_loop()

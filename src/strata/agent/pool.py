@@ -89,6 +89,7 @@ class ServingPool:
         self._swap = asyncio.Lock()  # a start's loads and an activation's do not interleave
         self._loop: asyncio.AbstractEventLoop | None = None
         self._port = 0
+        self._listeners: list[socket.socket] = []
         self._ready = False
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
@@ -107,20 +108,23 @@ class ServingPool:
         """The process ids of the serving processes running now (the agent's own not included)."""
         return [child.process.pid for child in self._children.values()]
 
-    def start(self, port: int) -> None:
-        """Start the serving processes on `port` (the agent already listens there with SO_REUSEPORT), each
-        loading the served models, in the background (the agent serves meanwhile); call on the event loop."""
+    def start(self, port: int, listeners: list[socket.socket]) -> None:
+        """Start the serving processes, each accepting on the agent's listening sockets for `port` (`listeners`,
+        handed down at their start) and loading the served models, in the background (the agent serves
+        meanwhile); call on the event loop."""
         self._loop = asyncio.get_running_loop()
         self._port = port
+        self._listeners = listeners
         self._supervisor = self._loop.create_task(self._supervise())
 
     async def _start_child(self, index: int) -> None:
         """Start serving process `index` and load the served models into it; a failure is logged (the
         supervisor tries again)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        argv = [sys.executable, "-OO", "-m", "strata.agent.worker", str(theirs.fileno())]
+        fds = [theirs.fileno(), *(listener.fileno() for listener in self._listeners)]
+        argv = [sys.executable, "-OO", "-m", "strata.agent.worker", *map(str, fds)]
         try:
-            process = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL)
         except OSError as exc:
             ours.close()
             log.error("cannot start serving process %d: %s", index, exc)

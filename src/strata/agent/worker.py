@@ -38,8 +38,9 @@ log = logging.getLogger("strata.agent.worker")
 class Worker:
     """A serving process's state: its repository, metrics, telemetry recorder and listener."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, listeners: list[socket.socket]) -> None:
         self.channel = channel
+        self.listeners = listeners  # the agent's listening sockets, on which this process accepts too
         self.stopped = asyncio.Event()
         self.repository = ModelRepository()
         self.serving = ServingTracker()
@@ -110,7 +111,7 @@ class Worker:
         )
         self.app = app
         self.server = app.http_server(limits)
-        await self.server.start(config.serve_host, int(fields["port"]), reuse_port=True)
+        await self.server.start(sockets=self.listeners)
         return {"pid": os.getpid()}
 
     def _load(self, fields: Message, blob: bytes) -> LoadedModel:
@@ -156,10 +157,10 @@ class Worker:
         self.channel.close()
 
 
-async def serve(sock: socket.socket) -> int:
-    """Serve as the agent says over `sock` until told to stop; the exit code."""
+async def serve(sock: socket.socket, listeners: list[socket.socket]) -> int:
+    """Serve on `listeners` as the agent says over `sock` until told to stop; the exit code."""
     channel = await Channel.open(sock)
-    worker = Worker(channel)
+    worker = Worker(channel, listeners)
     loop = asyncio.get_running_loop()
     # Ctrl-C reaches the whole process group, and a service manager may signal the whole service: the agent stops
     # this process itself, after the load under way and its last counts
@@ -176,15 +177,18 @@ async def serve(sock: socket.socket) -> int:
 
 
 def main() -> None:
-    """Entry point: `python -OO -m strata.agent.worker FD`."""
-    if len(sys.argv) != 2 or not sys.argv[1].isdigit():
-        sys.stderr.write("usage: python -m strata.agent.worker FD (started by the agent, not by hand)\n")
+    """Entry point: `python -OO -m strata.agent.worker CHANNEL_FD LISTENER_FD...`."""
+    if len(sys.argv) < 3 or not all(arg.isdigit() for arg in sys.argv[1:]):
+        sys.stderr.write(
+            "usage: python -m strata.agent.worker CHANNEL_FD LISTENER_FD... (started by the agent, not by hand)\n"
+        )
         sys.exit(2)
     limit_malloc_arenas()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[serving]: %(message)s", stream=sys.stderr
     )
-    sys.exit(asyncio.run(serve(socket.socket(fileno=int(sys.argv[1])))))
+    listeners = [socket.socket(fileno=int(fd)) for fd in sys.argv[2:]]
+    sys.exit(asyncio.run(serve(socket.socket(fileno=int(sys.argv[1])), listeners)))
 
 
 if __name__ == "__main__":
