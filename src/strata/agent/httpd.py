@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import functools
 import gc
 import ipaddress
@@ -52,6 +53,8 @@ import json
 import logging
 import re
 import socket
+import struct
+import termios
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -203,6 +206,20 @@ _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
 # accept's errors for a connection its caller reset before it was accepted (Linux passes on pending network errors)
 _GONE_BEFORE_ACCEPT: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET})
 _WARN_EVERY_S: Final = 60.0
+
+
+def _unacknowledged(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes the kernel holds for a connection's socket that the peer has not acknowledged (sent or not), None
+    when they cannot be read."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # SIOCOUTQ, as `ss` shows Send-Q
+    except (OSError, ValueError):
+        return None
+    held: int = struct.unpack("i", raw)[0]
+    return held
 
 
 async def _readable(listener: socket.socket) -> None:
@@ -716,6 +733,7 @@ class _Connection(asyncio.Protocol):
         self._expiry: float | None = None  # loop time at which `_timer` closes the connection; None: disarmed
         self._abort_timer: asyncio.TimerHandle | None = None  # closing, the last answers still unread
         self._received = 0  # bytes read from the peer
+        self._drop_seen = False  # stopping over uvloop's TLS: nothing was left to send at the last check
 
     # --- asyncio.Protocol ------------------------------------------------------------------------------
 
@@ -1163,12 +1181,26 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if not self._tls or self._task is not None or transport is None or not transport.is_closing():
             return
+        if transport.get_write_buffer_size():
+            self._drop_seen = False
+            return
         # asyncio's TLS transport counts what its TLS layer holds; what it handed down to the socket transport
         # (a large answer to a slow reader) is counted there, which only its protocol object reaches
         under = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
-        if under is None or transport.get_write_buffer_size() or under.get_write_buffer_size():
+        if under is not None:
+            if not under.get_write_buffer_size():
+                transport.abort()
             return
-        transport.abort()
+        # uvloop's TLS transport does not show the transport under it. libuv writes to the socket at once, keeping
+        # only what the kernel has no room for, so a socket whose every byte the client has acknowledged, at two
+        # checks in a row (libuv had a turn of the loop between them to hand over what it held), has nothing left
+        unacknowledged = _unacknowledged(transport)
+        if unacknowledged != 0:
+            self._drop_seen = False
+        elif self._drop_seen:
+            transport.abort()
+        else:
+            self._drop_seen = True
 
     def cancel(self) -> None:
         """The server's grace ran out: cancel the handler in progress (which closes) or just close."""

@@ -42,7 +42,7 @@ from strata.agent.supply import SupplyGuard
 from strata.agent.telemetry import TelemetryGauges, TelemetryRecorder, TelemetryUploader
 from strata.agent.transport import H11Transport
 from strata.agent.vault import Vault
-from strata.core.aio import wait_event
+from strata.core.aio import run_serving, wait_event
 from strata.core.errors import ConfigError, StrataError
 from strata.core.fsutil import write_bytes_atomic
 from strata.core.logformat import JsonFormatter, check_log_level
@@ -477,7 +477,7 @@ def run(config: AgentConfig) -> int:
             log.info("stopped by signal %d while loading its models at start-up", told[0])
             agent.close()
             return 0
-        return asyncio.run(agent.serve())
+        return run_serving(agent.serve(), config.serving_loop)
     except ConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG

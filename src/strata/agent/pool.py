@@ -122,7 +122,7 @@ class ServingPool:
         supervisor tries again)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [theirs.fileno(), *(listener.fileno() for listener in self._listeners)]
-        argv = [sys.executable, "-OO", "-m", "strata.agent.worker", *map(str, fds)]
+        argv = [sys.executable, "-OO", "-m", "strata.agent.worker", self._config.serving_loop, *map(str, fds)]
         try:
             process = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL)
         except OSError as exc:

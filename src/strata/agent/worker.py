@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from strata.agent.channel import Channel, Message
-from strata.agent.config import GOLDEN_TIMEOUT_S, AgentConfig
+from strata.agent.config import EVENT_LOOPS, GOLDEN_TIMEOUT_S, AgentConfig
 from strata.agent.httpd import HttpServer
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
@@ -28,6 +28,7 @@ from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import limit_malloc_arenas, load_and_check
 from strata.agent.serving import ServingTracker
 from strata.agent.telemetry import TelemetryRecorder
+from strata.core.aio import run_serving
 from strata.core.errors import StrataError
 from strata.core.logformat import check_log_level
 from strata.core.package import Manifest, Package, verify_package
@@ -177,18 +178,19 @@ async def serve(sock: socket.socket, listeners: list[socket.socket]) -> int:
 
 
 def main() -> None:
-    """Entry point: `python -OO -m strata.agent.worker CHANNEL_FD LISTENER_FD...`."""
-    if len(sys.argv) < 3 or not all(arg.isdigit() for arg in sys.argv[1:]):
+    """Entry point: `python -OO -m strata.agent.worker LOOP CHANNEL_FD LISTENER_FD...`."""
+    if len(sys.argv) < 4 or sys.argv[1] not in EVENT_LOOPS or not all(arg.isdigit() for arg in sys.argv[2:]):
         sys.stderr.write(
-            "usage: python -m strata.agent.worker CHANNEL_FD LISTENER_FD... (started by the agent, not by hand)\n"
+            "usage: python -m strata.agent.worker uvloop|asyncio CHANNEL_FD LISTENER_FD... (started by the agent,"
+            " not by hand)\n"
         )
         sys.exit(2)
     limit_malloc_arenas()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[serving]: %(message)s", stream=sys.stderr
     )
-    listeners = [socket.socket(fileno=int(fd)) for fd in sys.argv[2:]]
-    sys.exit(asyncio.run(serve(socket.socket(fileno=int(sys.argv[1])), listeners)))
+    listeners = [socket.socket(fileno=int(fd)) for fd in sys.argv[3:]]
+    sys.exit(run_serving(serve(socket.socket(fileno=int(sys.argv[2])), listeners), sys.argv[1]))
 
 
 if __name__ == "__main__":
