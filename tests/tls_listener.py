@@ -40,9 +40,17 @@ def fleet_tls(folder: Path) -> Tls:
 
 
 @contextlib.contextmanager
-def serving(server: HttpServer, context: ssl.SSLContext) -> Iterator[asyncio.AbstractEventLoop]:
-    """`server` listening on loopback over TLS, on a loop in its own thread; both are stopped on the way out."""
-    loop = asyncio.new_event_loop()
+def serving(
+    server: HttpServer, context: ssl.SSLContext, event_loop: str = "asyncio"
+) -> Iterator[asyncio.AbstractEventLoop]:
+    """`server` listening on loopback over TLS, on a loop in its own thread (asyncio's or uvloop's, as the agent
+    runs either); both are stopped on the way out."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
     started = threading.Event()
 
     def run() -> None:

@@ -7,12 +7,15 @@ keeps its descriptors.
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
+import socket
 import subprocess
 import sys
 
-from strata.agent.httpd import HttpServer, Request, Response
+import pytest
+
+from strata.agent.httpd import AcceptShare
 
 CHILD = r"""
 import asyncio, json, logging, os, resource, socket, time
@@ -79,35 +82,79 @@ def test_a_listener_out_of_descriptors_waits_and_serves_again_without_spinning()
     assert result["status"] == "HTTP/1.1 200 OK"  # and took connections again once descriptors were free
 
 
-def test_servers_sharing_a_listener_give_new_connections_to_the_one_holding_fewest() -> None:
-    """The agent and its serving processes accept on one listening socket: woken together by a new connection,
-    the one holding fewest connections takes it. Two servers here, in one loop on two descriptors of one socket
-    (as two processes hold it): the first holds 6 keep-alive connections when the second starts, and the next 6
-    go to the second (taking turns, or SO_REUSEPORT's hash of the client's port, would give it about half)."""
+SHARED_CHILD = r"""
+import asyncio, socket, sys
+from strata.agent.httpd import AcceptShare, HttpServer, Response
 
-    async def handler(request: Request) -> Response:
-        return Response(200, {}, b"ok")
+async def handler(request):
+    return Response(200, {}, b"ok")
 
-    async def connect(port: int, writers: list[asyncio.StreamWriter]) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        await asyncio.wait_for(reader.readuntil(b"ok"), 10)  # answered: one of the two took it
-        writers.append(writer)
+async def main():
+    server = HttpServer(handler)
+    share = AcceptShare(int(sys.argv[3]), int(sys.argv[4]), 2)
+    await server.start(sockets=[socket.socket(fileno=int(sys.argv[2]))], share=share)
+    print("up", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    print(server.connections, flush=True)
+    await server.stop()
 
-    async def main() -> tuple[int, int]:
-        first, second = HttpServer(handler), HttpServer(handler)
-        await first.start("127.0.0.1", 0, shared=True)
-        writers: list[asyncio.StreamWriter] = []
-        for _ in range(6):
-            await connect(first.port, writers)
-        await second.start(sockets=[listener.dup() for listener in first.listeners])
-        for _ in range(6):
-            await connect(first.port, writers)
-        counts = first.connections, second.connections
-        for writer in writers:
-            writer.close()
-        await first.stop()
-        await second.stop()
-        return counts
+if sys.argv[1] == "uvloop":
+    import uvloop
+    uvloop.run(main())
+else:
+    asyncio.run(main())
+"""
 
-    assert asyncio.run(main()) == (6, 6)
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_processes_sharing_a_listener_leave_new_connections_to_the_one_holding_fewer(loop: str) -> None:
+    """The agent and its serving processes accept on one listening socket and say in shared memory how many
+    connections each holds (`AcceptShare`): one holding at least two more leaves a new connection to the other.
+    Two real processes here, on either event loop: the first holds 10 keep-alive connections when the second
+    starts, and of the next 10 the second takes at least 8 (a queue each, SO_REUSEPORT, or taking turns on one
+    queue would give it about half)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    share = AcceptShare.create(2)
+    held: list[socket.socket] = []
+    children: list[subprocess.Popen[str]] = []
+
+    def start(index: int) -> None:
+        fds = (listener.fileno(), share.fd)
+        argv = [sys.executable, "-c", SHARED_CHILD, loop, str(fds[0]), str(fds[1]), str(index)]
+        child = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        children.append(child)
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "up"
+
+    def connect() -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert b"ok" in sock.recv(1000)  # answered: one of the two took it
+        held.append(sock)
+
+    try:
+        start(0)
+        for _ in range(10):
+            connect()
+        start(1)
+        for _ in range(10):
+            connect()
+        counts = []
+        for child in children:
+            assert child.stdin is not None
+            assert child.stdout is not None
+            child.stdin.close()
+            counts.append(int(child.stdout.readline()))
+    finally:
+        for sock in held:
+            sock.close()
+        for child in children:
+            child.kill()
+            child.wait(10)
+        listener.close()
+        os.close(share.fd)
+    assert counts[0] + counts[1] == 20
+    assert counts[1] >= 8, counts

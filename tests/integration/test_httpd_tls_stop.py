@@ -32,10 +32,12 @@ async def handler(request: Request) -> Response:
     return Response(200, {"content-type": "application/octet-stream"}, b"x" * (BIG if request.path == "/big" else 2))
 
 
-@pytest.fixture
-def served(tls: Tls) -> Iterator[tuple[HttpServer, asyncio.AbstractEventLoop]]:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def served(tls: Tls, request: pytest.FixtureRequest) -> Iterator[tuple[HttpServer, asyncio.AbstractEventLoop]]:
+    """The server on either event loop the agent runs (uvloop's TLS transport hides the socket transport under
+    it, so the stop reads the kernel's unsent bytes instead)."""
     server = HttpServer(handler)
-    with serving(server, tls.server) as loop:
+    with serving(server, tls.server, request.param) as loop:
         yield server, loop
 
 

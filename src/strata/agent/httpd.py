@@ -51,17 +51,18 @@ import gc
 import ipaddress
 import json
 import logging
+import mmap
+import os
 import re
 import socket
 import struct
-import termios
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from ssl import SSLContext
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import parse_qsl, unquote
 
 import httptools
@@ -198,8 +199,8 @@ _RELEASE_DELAY: Final = 0.5  # seconds with no body in flight before that happen
 # the TLS close; a client that has not sent it this long after (an idle keep-alive client, which sends it when it
 # next reads) is dropped.
 _TLS_CLOSE_WAIT_S: Final = 0.25
-_SHARED_ACCEPT_DELAY_S: Final = 20e-6
-_SHARED_ACCEPT_DELAY_MAX_S: Final = 1e-3
+# a process holding more connections than another on a shared listener leaves a new one to it this long
+_CROWDED_PAUSE_S: Final = 0.002
 _ACCEPTS_PER_TURN: Final = 16  # connections an accept loop takes before it lets the event loop run other work
 _ACCEPT_RETRY_S: Final = 1.0  # after accept failed for want of descriptors or memory (asyncio's ACCEPT_RETRY_DELAY)
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -208,14 +209,18 @@ _GONE_BEFORE_ACCEPT: Final = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.
 _WARN_EVERY_S: Final = 60.0
 
 
-def _unacknowledged(transport: asyncio.BaseTransport) -> int | None:
-    """Bytes the kernel holds for a connection's socket that the peer has not acknowledged (sent or not), None
-    when they cannot be read."""
+_SIOCOUTQNSD: Final = 0x894B  # linux/sockios.h: bytes in a socket's send queue not yet sent
+
+
+def _unsent(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes the kernel holds for a connection's socket that it has not sent yet, None when that cannot be read.
+    Not sent, rather than not acknowledged (SIOCOUTQ): a peer that vanished never acknowledges our close_notify,
+    and waiting for that held a stop for its whole grace."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return None
     try:
-        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # SIOCOUTQ, as `ss` shows Send-Q
+        raw = fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, b"\0\0\0\0")
     except (OSError, ValueError):
         return None
     held: int = struct.unpack("i", raw)[0]
@@ -287,6 +292,59 @@ def _share_keys(host: str) -> tuple[str, ...]:
     return (host,)
 
 
+class AcceptShare:
+    """How many connections each of the processes accepting on one listening socket holds, in memory they share:
+    a memfd the agent makes (`create`) and hands down beside the listener (`attach`), one 64-bit slot a process
+    (the agent's is 0). A process leaves a new connection to another holding at least two fewer
+    (`HttpServer._take`): 32 keep-alive clients over two processes split 16 to 16 (SO_REUSEPORT's hash of their
+    addresses split them 10 to 22), however the event loops' timers round a wait. A slot is ABSENT while its
+    process is not serving (not started, or dead: the agent marks it), so nobody leaves connections to it."""
+
+    ABSENT: Final = -1
+
+    def __init__(self, fd: int, index: int, processes: int) -> None:
+        """Raises:
+        OSError: the memory cannot be mapped.
+        """
+        if not 0 <= index < processes:
+            raise ValueError(f"process {index} is not one of {processes}")
+        self.fd = fd
+        self._map = mmap.mmap(fd, 8 * processes)
+        self._index = index
+        self._processes = processes
+
+    @classmethod
+    def create(cls, processes: int) -> AcceptShare:
+        """The agent's (slot 0), every slot ABSENT.
+
+        Raises:
+            OSError: no memfd can be made.
+        """
+        fd = os.memfd_create("strata-accept-share", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, 8 * processes)
+            share = cls(fd, 0, processes)
+        except BaseException:
+            os.close(fd)
+            raise
+        for index in range(processes):
+            share.mark_absent(index)
+        return share
+
+    def publish(self, held: int) -> None:
+        """Say that this process holds `held` connections."""
+        struct.pack_into("q", self._map, 8 * self._index, held)
+
+    def mark_absent(self, index: int) -> None:
+        """Process `index` serves no more (or not yet)."""
+        struct.pack_into("q", self._map, 8 * index, self.ABSENT)
+
+    def crowded(self, held: int) -> bool:
+        """Whether another serving process holds at least two connections fewer than this one's `held`."""
+        slots = struct.unpack_from(f"{self._processes}q", self._map)
+        return any(0 <= other < held - 1 for index, other in enumerate(slots) if index != self._index)
+
+
 class HttpServer:
     """Serve `handler` over HTTP/1.1 with keep-alive, inside the running event loop.
 
@@ -318,6 +376,7 @@ class HttpServer:
         # handshake), and over TLS those by the caller's address and the slots that bound them
         self._listeners: list[socket.socket] = []
         self._shared = False  # other processes accept on the same listening sockets
+        self._share: AcceptShare | None = None  # and say how many connections each holds
         self._acceptors: list[asyncio.Task[None]] = []
         self._opening: set[asyncio.Task[None]] = set()
         self._address_handshakes: dict[str, int] = {}
@@ -357,22 +416,19 @@ class HttpServer:
         port: int = 0,
         ssl: SSLContext | None = None,
         *,
-        shared: bool = False,
+        share: AcceptShare | None = None,
         sockets: Sequence[socket.socket] = (),
     ) -> None:
         """Bind and start accepting connections (over TLS with `ssl`); returns once listening. `sockets`: accept
-        on these listening sockets instead of binding `host` and `port` (another process's, inherited). `shared`:
-        other processes accept on the same sockets (`listeners` handed to them), so this one takes one connection
-        at a time and lets them take the next: a process that is busy answering is slower to take one, and the
-        connections spread over the processes by how busy each is.
+        on these listening sockets instead of binding `host` and `port` (another process's, inherited). `share`:
+        other processes accept on the same sockets (`listeners` handed to them), and each publishes there how many
+        connections it holds: a process leaves a new connection to one holding at least two fewer (`AcceptShare`).
 
         Why one accept queue for every serving process and not SO_REUSEPORT, a queue each: the kernel spreads
         connections over SO_REUSEPORT listeners by a hash of their addresses, blind to how busy each process is.
         32 keep-alive clients over two processes measured 10 to 22 (and 11 to 21, 20 to 12): the busier process
         was the node's limit while the other had a core to spare. And a process that exits resets the connections
-        waiting in its own queue. On one queue every process is woken by a new connection, and each waits 20 us
-        per connection it holds (at most 1 ms) before it tries to take it: the one holding fewest takes it (16 to 16
-        and 12 to 20 measured), and a process still takes over a thousand new connections a second.
+        waiting in its own queue.
 
         Raises:
             ConfigError: the address cannot be bound (in use, not local, no permission).
@@ -392,7 +448,9 @@ class HttpServer:
             self._listeners = list(sockets)
         else:
             self._listeners = await _listen(host, port, self._limits.backlog)
-        self._shared = shared or bool(sockets)
+        self._share = share
+        self._shared = share is not None or bool(sockets)
+        self._publish()
         if ssl is not None:
             self._handshake_slots = asyncio.Semaphore(self._limits.max_handshakes)
         loop = asyncio.get_running_loop()
@@ -412,8 +470,8 @@ class HttpServer:
             if slots is not None:
                 await slots.acquire()
             taken += 1
-            if not self._shared and taken % _ACCEPTS_PER_TURN == 0:  # sock_accept and a free slot return without
-                await asyncio.sleep(0)  # waiting while the backlog holds connections: let the loop's other work run
+            if taken % _ACCEPTS_PER_TURN == 0:  # sock_accept and a free slot return without waiting while the
+                await asyncio.sleep(0)  # backlog holds connections: let the loop's other work run now and then
             try:
                 conn, address = await (self._take(listener) if self._shared else loop.sock_accept(listener))
             except OSError as exc:
@@ -442,25 +500,37 @@ class HttpServer:
             began: list[bool] = []
             task = loop.create_task(self._open(conn, context, began))
             self._opening.add(task)
+            self._publish()
             task.add_done_callback(functools.partial(self._opened, conn, host, context is not None, began))
 
     async def _take(self, listener: socket.socket) -> tuple[socket.socket, Any]:
-        """Accept a connection on a listener other processes accept on too (`start`): woken with them when one
-        is queued, wait 20 us per connection held here (at most 1 ms), then try to take it; taken by another
-        meanwhile, wait for the next.
+        """Accept a connection on a listener other processes accept on too (`start`): at once, unless another
+        process holds at least two connections fewer (`AcceptShare.crowded`); then only once one is queued and
+        `_CROWDED_PAUSE_S` later, if that process has not taken it meanwhile (it may be stuck).
 
         Raises:
             OSError: accept failed (as `sock_accept`).
         """
         while True:
-            await _readable(listener)
-            await asyncio.sleep(min(len(self._connections) * _SHARED_ACCEPT_DELAY_S, _SHARED_ACCEPT_DELAY_MAX_S))
+            if self._share is not None and self._share.crowded(self._held()):
+                await _readable(listener)
+                await asyncio.sleep(_CROWDED_PAUSE_S)
             try:
                 conn, address = listener.accept()
-            except BlockingIOError:  # another process took it
+            except BlockingIOError:  # none queued, or another process took it
+                await _readable(listener)
                 continue
             conn.setblocking(False)
             return conn, address
+
+    def _held(self) -> int:
+        """Connections this server holds: served, being refused, or accepted and being opened."""
+        return len(self._connections) + len(self._opening)
+
+    def _publish(self) -> None:
+        """Say how many connections this process holds to the others accepting on its listener."""
+        if self._share is not None:
+            self._share.publish(self._held())
 
     def _admit(self, host: str, tls: bool) -> str | None:
         """Why a connection just accepted from `host` is closed at once, or None (it is counted as opening)."""
@@ -517,6 +587,7 @@ class HttpServer:
         TLS transport cancelled just after its handshake is still shutting down, and closing its socket here would
         free a descriptor the selector still watches."""
         self._opening.discard(task)
+        self._publish()
         if not began:
             conn.close()
         error = None if task.cancelled() else task.exception()
@@ -586,6 +657,7 @@ class HttpServer:
     def discard(self, connection: _Connection, accepted: bool, peer: str | None = None) -> None:
         if connection in self._connections:
             self._connections.discard(connection)
+            self._publish()
             if accepted:
                 self._accepted -= 1
                 if peer is not None:
@@ -738,7 +810,7 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport subclasses
         self._transport = transport
         peer = transport.get_extra_info("peername")
         self._client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
@@ -1192,10 +1264,10 @@ class _Connection(asyncio.Protocol):
                 transport.abort()
             return
         # uvloop's TLS transport does not show the transport under it. libuv writes to the socket at once, keeping
-        # only what the kernel has no room for, so a socket whose every byte the client has acknowledged, at two
-        # checks in a row (libuv had a turn of the loop between them to hand over what it held), has nothing left
-        unacknowledged = _unacknowledged(transport)
-        if unacknowledged != 0:
+        # only what the kernel has no room for, so a socket whose every byte the kernel has sent, at two checks in
+        # a row (libuv had a turn of the loop between them to hand over what it held), has nothing left
+        unsent = _unsent(transport)
+        if unsent != 0:
             self._drop_seen = False
         elif self._drop_seen:
             transport.abort()

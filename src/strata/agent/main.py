@@ -24,7 +24,7 @@ from strata.agent.attestation import Attester
 from strata.agent.children import set_make_room
 from strata.agent.client import ControlPlaneClient
 from strata.agent.config import AgentConfig
-from strata.agent.httpd import MAX_LINGERING_REFUSALS, HttpServer, Request, Response, ServerLimits
+from strata.agent.httpd import MAX_LINGERING_REFUSALS, AcceptShare, HttpServer, Request, Response, ServerLimits
 from strata.agent.identity import FleetIdentity
 from strata.agent.logtail import LogTail
 from strata.agent.loop import AgentLoop, EnrollmentRefused, data_dir_lock, start_thread
@@ -260,7 +260,8 @@ class Agent:
 
             log.info("relaying package pieces for child devices (cache %d MB)", self.config.relay_budget_bytes >> 20)
         server = app.http_server(serve_limits)
-        await server.start(self.config.serve_host, self.config.serve_port, shared=pool is not None)
+        accept_share = AcceptShare.create(self.processes) if pool is not None else None
+        await server.start(self.config.serve_host, self.config.serve_port, share=accept_share)
         # Said once the node is enrolled (at once when it was before): a node whose enrollment is refused stops
         # without ever serving, and said it served first.
         serving: str | None = (
@@ -272,7 +273,8 @@ class Agent:
         if pool is not None:
             pool.render = app.render_metrics
             self.repository.mirror = pool
-            pool.start(server.port, server.listeners)
+            assert accept_share is not None
+            pool.start(server.port, server.listeners, accept_share)
         tier_server: HttpServer | None = None
         stop = asyncio.Event()
         running = asyncio.get_running_loop()

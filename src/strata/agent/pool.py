@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from strata.agent.channel import Channel, Message
 from strata.agent.config import AgentConfig
+from strata.agent.httpd import AcceptShare
 from strata.agent.metrics import RegistrySnapshot
 from strata.agent.repository import Commit, LoadedModel, MirrorStopping
 from strata.agent.serving import ServingTracker
@@ -90,6 +91,7 @@ class ServingPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._port = 0
         self._listeners: list[socket.socket] = []
+        self._accept_share: AcceptShare | None = None
         self._ready = False
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
@@ -108,20 +110,23 @@ class ServingPool:
         """The process ids of the serving processes running now (the agent's own not included)."""
         return [child.process.pid for child in self._children.values()]
 
-    def start(self, port: int, listeners: list[socket.socket]) -> None:
+    def start(self, port: int, listeners: list[socket.socket], accept_share: AcceptShare) -> None:
         """Start the serving processes, each accepting on the agent's listening sockets for `port` (`listeners`,
-        handed down at their start) and loading the served models, in the background (the agent serves
-        meanwhile); call on the event loop."""
+        handed down at their start, with the memory where each says how many connections it holds:
+        `accept_share`) and loading the served models, in the background (the agent serves meanwhile); call on
+        the event loop."""
         self._loop = asyncio.get_running_loop()
         self._port = port
         self._listeners = listeners
+        self._accept_share = accept_share
         self._supervisor = self._loop.create_task(self._supervise())
 
     async def _start_child(self, index: int) -> None:
         """Start serving process `index` and load the served models into it; a failure is logged (the
         supervisor tries again)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = [theirs.fileno(), *(listener.fileno() for listener in self._listeners)]
+        assert self._accept_share is not None
+        fds = [theirs.fileno(), self._accept_share.fd, *(listener.fileno() for listener in self._listeners)]
         argv = [sys.executable, "-OO", "-m", "strata.agent.worker", self._config.serving_loop, *map(str, fds)]
         try:
             process = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL)
@@ -384,6 +389,8 @@ class ServingPool:
         return delay
 
     def _kill(self, child: _Child) -> None:
+        if self._accept_share is not None:  # new connections are no longer left to it
+            self._accept_share.mark_absent(child.index)
         child.channel.close()
         if child.process.poll() is None:
             child.process.kill()

@@ -4,8 +4,9 @@ budgets (the processes themselves: `strata.agent.pool` and `strata.agent.worker`
 One Python process serves at most one core's worth of HTTP and Python work, however many threads onnxruntime
 has. On a node with N cores (`--serve-processes`, default: every core except on devices, which keep one
 process and their memory budget) the agent starts N-1 serving processes, `python -OO -m strata.agent.worker`,
-beside its own. Each accepts on the agent's listening sockets, handed down at its start (one accept queue: see
-`strata.agent.httpd.HttpServer.start`), loads the same verified packages (in the clear: from the package folder,
+beside its own. Each accepts on the agent's listening sockets, handed down at its start with the memory where
+each says how many connections it holds (one accept queue, the least loaded taking: `strata.agent.httpd.AcceptShare`),
+loads the same verified packages (in the clear: from the package folder,
 which it verifies again; sealed: the agent opens them once and sends the decrypted files over the process's
 channel) with
 `--intra-op-threads` threads each (default: cores / processes, so processes x threads <= cores), and answers

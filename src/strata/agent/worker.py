@@ -20,7 +20,7 @@ from pathlib import Path
 
 from strata.agent.channel import Channel, Message
 from strata.agent.config import EVENT_LOOPS, GOLDEN_TIMEOUT_S, AgentConfig
-from strata.agent.httpd import HttpServer
+from strata.agent.httpd import AcceptShare, HttpServer
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.oip_server import InferenceApp
 from strata.agent.processes import AGENT_ONLY_METRICS, share, telemetry_config
@@ -39,8 +39,9 @@ log = logging.getLogger("strata.agent.worker")
 class Worker:
     """A serving process's state: its repository, metrics, telemetry recorder and listener."""
 
-    def __init__(self, channel: Channel, listeners: list[socket.socket]) -> None:
+    def __init__(self, channel: Channel, share_fd: int, listeners: list[socket.socket]) -> None:
         self.channel = channel
+        self.share_fd = share_fd  # the memory where the node's serving processes say how many connections each holds
         self.listeners = listeners  # the agent's listening sockets, on which this process accepts too
         self.stopped = asyncio.Event()
         self.repository = ModelRepository()
@@ -112,7 +113,7 @@ class Worker:
         )
         self.app = app
         self.server = app.http_server(limits)
-        await self.server.start(sockets=self.listeners)
+        await self.server.start(sockets=self.listeners, share=AcceptShare(self.share_fd, index, processes))
         return {"pid": os.getpid()}
 
     def _load(self, fields: Message, blob: bytes) -> LoadedModel:
@@ -158,10 +159,10 @@ class Worker:
         self.channel.close()
 
 
-async def serve(sock: socket.socket, listeners: list[socket.socket]) -> int:
+async def serve(sock: socket.socket, share_fd: int, listeners: list[socket.socket]) -> int:
     """Serve on `listeners` as the agent says over `sock` until told to stop; the exit code."""
     channel = await Channel.open(sock)
-    worker = Worker(channel, listeners)
+    worker = Worker(channel, share_fd, listeners)
     loop = asyncio.get_running_loop()
     # Ctrl-C reaches the whole process group, and a service manager may signal the whole service: the agent stops
     # this process itself, after the load under way and its last counts
@@ -178,19 +179,19 @@ async def serve(sock: socket.socket, listeners: list[socket.socket]) -> int:
 
 
 def main() -> None:
-    """Entry point: `python -OO -m strata.agent.worker LOOP CHANNEL_FD LISTENER_FD...`."""
-    if len(sys.argv) < 4 or sys.argv[1] not in EVENT_LOOPS or not all(arg.isdigit() for arg in sys.argv[2:]):
+    """Entry point: `python -OO -m strata.agent.worker LOOP CHANNEL_FD SHARE_FD LISTENER_FD...`."""
+    if len(sys.argv) < 5 or sys.argv[1] not in EVENT_LOOPS or not all(arg.isdigit() for arg in sys.argv[2:]):
         sys.stderr.write(
-            "usage: python -m strata.agent.worker uvloop|asyncio CHANNEL_FD LISTENER_FD... (started by the agent,"
-            " not by hand)\n"
+            "usage: python -m strata.agent.worker uvloop|asyncio CHANNEL_FD SHARE_FD LISTENER_FD... (started by the"
+            " agent, not by hand)\n"
         )
         sys.exit(2)
     limit_malloc_arenas()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[serving]: %(message)s", stream=sys.stderr
     )
-    listeners = [socket.socket(fileno=int(fd)) for fd in sys.argv[3:]]
-    sys.exit(run_serving(serve(socket.socket(fileno=int(sys.argv[2])), listeners), sys.argv[1]))
+    listeners = [socket.socket(fileno=int(fd)) for fd in sys.argv[4:]]
+    sys.exit(run_serving(serve(socket.socket(fileno=int(sys.argv[2])), int(sys.argv[3]), listeners), sys.argv[1]))
 
 
 if __name__ == "__main__":
