@@ -158,3 +158,29 @@ def test_processes_sharing_a_listener_leave_new_connections_to_the_one_holding_f
         os.close(share.fd)
     assert counts[0] + counts[1] == 20
     assert counts[1] >= 8, counts
+
+
+@pytest.mark.parametrize("memfd", [True, False])
+def test_the_accept_share_counts_what_each_process_says_and_leaves_out_the_absent(
+    memfd: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where there is no memfd (not Linux), an unlinked temporary file holds the counts; a second mapping of the
+    same descriptor (a serving process's) sees what the first publishes, and an absent process counts for none."""
+    if not memfd:
+        monkeypatch.delattr(os, "memfd_create")
+    agent = AcceptShare.create(3)
+    try:
+        worker = AcceptShare(agent.fd, 1, 3)
+        assert not agent.crowded(100)  # nobody else serves yet
+        worker.publish(3)
+        assert agent.crowded(5)
+        assert not agent.crowded(4)
+        assert worker.crowded(3) is False
+        agent.publish(0)
+        assert worker.crowded(3)
+        agent.mark_absent(1)  # the worker died
+        worker_view = AcceptShare(agent.fd, 2, 3)
+        assert not worker_view.crowded(1)  # only the agent's 0 counts: 1 is not two more
+        assert worker_view.crowded(2)
+    finally:
+        os.close(agent.fd)

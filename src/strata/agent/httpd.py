@@ -56,6 +56,7 @@ import os
 import re
 import socket
 import struct
+import tempfile
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -315,12 +316,18 @@ class AcceptShare:
 
     @classmethod
     def create(cls, processes: int) -> AcceptShare:
-        """The agent's (slot 0), every slot ABSENT.
+        """The agent's (slot 0), every slot ABSENT: in a memfd, or where there is none (not Linux) an unlinked
+        temporary file.
 
         Raises:
-            OSError: no memfd can be made.
+            OSError: neither can be made.
         """
-        fd = os.memfd_create("strata-accept-share", os.MFD_CLOEXEC)
+        memfd_create = getattr(os, "memfd_create", None)
+        if memfd_create is not None:
+            fd = memfd_create("strata-accept-share", os.MFD_CLOEXEC)
+        else:  # not Linux: an unlinked temporary file is shared memory as well
+            with tempfile.TemporaryFile() as backing:
+                fd = os.dup(backing.fileno())
         try:
             os.ftruncate(fd, 8 * processes)
             share = cls(fd, 0, processes)
