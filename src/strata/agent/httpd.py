@@ -200,8 +200,9 @@ _RELEASE_DELAY: Final = 0.5  # seconds with no body in flight before that happen
 # the TLS close; a client that has not sent it this long after (an idle keep-alive client, which sends it when it
 # next reads) is dropped.
 _TLS_CLOSE_WAIT_S: Final = 0.25
-# a process holding more connections than another on a shared listener leaves a new one to it this long
-_CROWDED_PAUSE_S: Final = 0.002
+# a process holding more connections than another on a shared listener leaves a new one to it this long (then
+# takes it: the other may be stuck); long enough for a busy loop to come round, short beside a TLS handshake
+_CROWDED_PAUSE_S = 0.005
 _ACCEPTS_PER_TURN: Final = 16  # connections an accept loop takes before it lets the event loop run other work
 _ACCEPT_RETRY_S: Final = 1.0  # after accept failed for want of descriptors or memory (asyncio's ACCEPT_RETRY_DELAY)
 _OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
