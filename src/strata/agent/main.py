@@ -24,7 +24,7 @@ from strata.agent.attestation import Attester
 from strata.agent.children import set_make_room
 from strata.agent.client import ControlPlaneClient
 from strata.agent.config import AgentConfig
-from strata.agent.httpd import MAX_LINGERING_REFUSALS, AcceptShare, HttpServer, Request, Response, ServerLimits
+from strata.agent.httpd import MAX_LINGERING_REFUSALS, HttpServer, Request, Response, ServerLimits
 from strata.agent.identity import FleetIdentity
 from strata.agent.logtail import LogTail
 from strata.agent.loop import AgentLoop, EnrollmentRefused, data_dir_lock, start_thread
@@ -260,8 +260,9 @@ class Agent:
 
             log.info("relaying package pieces for child devices (cache %d MB)", self.config.relay_budget_bytes >> 20)
         server = app.http_server(serve_limits)
-        accept_share = AcceptShare.create(self.processes) if pool is not None else None
-        await server.start(self.config.serve_host, self.config.serve_port, share=accept_share)
+        await server.start(
+            self.config.serve_host, self.config.serve_port, share=pool.accept_share if pool is not None else None
+        )
         # Said once the node is enrolled (at once when it was before): a node whose enrollment is refused stops
         # without ever serving, and said it served first.
         serving: str | None = (
@@ -273,8 +274,7 @@ class Agent:
         if pool is not None:
             pool.render = app.render_metrics
             self.repository.mirror = pool
-            assert accept_share is not None
-            pool.start(server.port, server.listeners, accept_share)
+            pool.start(server.port, server.listeners)
         tier_server: HttpServer | None = None
         stop = asyncio.Event()
         running = asyncio.get_running_loop()

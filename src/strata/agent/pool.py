@@ -91,7 +91,8 @@ class ServingPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._port = 0
         self._listeners: list[socket.socket] = []
-        self._accept_share: AcceptShare | None = None
+        # where each serving process (the agent's is 0) says how many connections it holds; handed down to each
+        self.accept_share = AcceptShare.create(processes)
         self._ready = False
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
@@ -110,7 +111,7 @@ class ServingPool:
         """The process ids of the serving processes running now (the agent's own not included)."""
         return [child.process.pid for child in self._children.values()]
 
-    def start(self, port: int, listeners: list[socket.socket], accept_share: AcceptShare) -> None:
+    def start(self, port: int, listeners: list[socket.socket]) -> None:
         """Start the serving processes, each accepting on the agent's listening sockets for `port` (`listeners`,
         handed down at their start, with the memory where each says how many connections it holds:
         `accept_share`) and loading the served models, in the background (the agent serves meanwhile); call on
@@ -118,15 +119,13 @@ class ServingPool:
         self._loop = asyncio.get_running_loop()
         self._port = port
         self._listeners = listeners
-        self._accept_share = accept_share
         self._supervisor = self._loop.create_task(self._supervise())
 
     async def _start_child(self, index: int) -> None:
         """Start serving process `index` and load the served models into it; a failure is logged (the
         supervisor tries again)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        assert self._accept_share is not None
-        fds = [theirs.fileno(), self._accept_share.fd, *(listener.fileno() for listener in self._listeners)]
+        fds = [theirs.fileno(), self.accept_share.fd, *(listener.fileno() for listener in self._listeners)]
         argv = [sys.executable, "-OO", "-m", "strata.agent.worker", self._config.serving_loop, *map(str, fds)]
         try:
             process = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL)
@@ -389,8 +388,7 @@ class ServingPool:
         return delay
 
     def _kill(self, child: _Child) -> None:
-        if self._accept_share is not None:  # new connections are no longer left to it
-            self._accept_share.mark_absent(child.index)
+        self.accept_share.mark_absent(child.index)  # new connections are no longer left to it
         child.channel.close()
         if child.process.poll() is None:
             child.process.kill()
