@@ -307,19 +307,23 @@ def test_uploader_acks_in_order_and_keeps_what_failed(tmp_path: Path) -> None:
     recorder.close()
 
 
-def test_every_statement_on_the_recorders_connection_runs_on_its_writer_thread(tmp_path: Path) -> None:
+def test_no_statement_on_the_recorders_connection_runs_on_the_uploaders_thread(tmp_path: Path) -> None:
     """The uploader's thread once read the outbox on the recorder's connection itself. Its open read held a
     snapshot inside the writer's next BEGIN IMMEDIATE, which then failed at once ("database is locked") whenever
-    another serving process had committed since: those outcomes were lost (CI, two serving processes)."""
+    another serving process had committed since: those outcomes were lost (CI, two serving processes). The
+    connection is used by the writer thread and by event loops committing their outcomes, one at a time."""
     recorder = TelemetryRecorder(TelemetryConfig(path=tmp_path / "t.db"))
     writer = recorder.call(threading.get_ident)
     threads: set[int] = set()
     recorder.call(lambda: recorder.buffer._db.set_trace_callback(lambda sql: threads.add(threading.get_ident())))
-    asyncio.run(recorder.record(outcome(T)))
+
+    loop_thread = threading.Thread(target=asyncio.run, args=(recorder.record(outcome(T)),))  # not the uploader's
+    loop_thread.start()
+    loop_thread.join()
     uploader = TelemetryUploader(recorder, lambda seq, payload: True, lambda: "n", clock=lambda: T)
     assert uploader.drain() == 1
     assert recorder.stats().outbox == 0
-    assert threads == {writer}
+    assert threads == {writer, loop_thread.ident}
     recorder.close()
 
 

@@ -2,10 +2,11 @@
 recorder, and an uploader that sends numbered, compressed batches until the control plane acknowledges them.
 
 Durability: the inference server awaits `TelemetryRecorder.record` before it answers, and the recorder
-commits every outcome waiting in its queue in one transaction (group commit), so a request a client saw
-answered is on disk even if the agent is killed the next instant. The outcomes recorded in one turn of the
-event loop reach the writer thread as one item, at the end of the turn: one wake-up of the writer, and one of
-the loop when they are committed, however many requests finished in that turn. Exactly once: a batch is sealed into the
+commits outcomes in groups (group commit), so a request a client saw answered is on disk even if the agent is
+killed the next instant. The outcomes recorded in one turn of the event loop are committed together at the end of
+the turn: on the loop itself when that needs no wait (an append to the log), else by the writer thread (one
+wake-up of it, and one of the loop when they are committed), which also keeps the buffer in its budget and its
+log short. Exactly once: a batch is sealed into the
 outbox with its sequence number in the same transaction that removes its rows, and is deleted only when the
 server acknowledges that sequence; the server stores each (node, seq) once, so a resend after a kill is
 harmless. A new buffer numbers its batches from the time it seals its first (`first_sequence`): after those of
@@ -30,7 +31,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -59,6 +60,11 @@ from strata.core.telemetry import (
 )
 
 log = logging.getLogger("strata.agent.telemetry")
+
+# A commit made on an event loop that took longer than this (a disk stalling its writes) sends the commits of the
+# next INLINE_PAUSE_S to the writer thread: a slow disk then holds the answers waiting for their commit, not the loop
+INLINE_SLOW_S: Final = 0.05
+INLINE_PAUSE_S: Final = 10.0
 
 # Drift counts are summed in memory and written at most this often (and before every seal): a per-minute figure
 # needs no per-request write, and a kill loses at most this much of it
@@ -102,8 +108,21 @@ ON CONFLICT (model, version, variant, minute) DO UPDATE SET
     {", ".join(f"b{i} = b{i} + excluded.b{i}" for i in range(BUCKETS))}
 """
 
+# how long a write on the writer thread waits for another serving process's write to end
+_BUSY_TIMEOUT_S: Final = 30
+# the buffer is kept in its budget and its log short (`TelemetryBuffer.maintain`) every this many writes; the log is
+# copied into the file once it is this large (SQLite's own default: 1000 pages of 4 KiB)
+MAINTAIN_EVERY: Final = 64
+WAL_CHECKPOINT_BYTES: Final = 1000 * 4096
+
+# (model, version, variant, minute)
+MinuteKey = tuple[str, str, str, int]
 # drift counts summed by (model, version, minute, tensor)
 DriftSums = dict[tuple[str, str, int, str], list[int]]
+
+
+class Busy(Exception):
+    """Another connection holds the buffer's write lock, and the writer was told not to wait."""
 
 
 @dataclass(frozen=True)
@@ -153,12 +172,13 @@ class BufferStats:
 
 
 class TelemetryBuffer:
-    """The SQLite buffer. One thread uses it: the recorder's (others go through `TelemetryRecorder.call`).
+    """The SQLite buffer. One thread at a time uses it: the recorder's writer thread, or an event loop committing
+    its outcomes (`TelemetryRecorder._commit_here`); other threads go through `TelemetryRecorder.call`.
 
-    Its connection is shared, so a statement another thread runs on it holds a read snapshot inside the writer's
-    work: when another serving process (another connection to the file) committed since that snapshot, the writer's
-    BEGIN IMMEDIATE must upgrade a stale read and fails at once with "database is locked" (SQLITE_BUSY_SNAPSHOT,
-    which no busy timeout waits out), and the outcomes of that commit were lost.
+    Its connection is shared, so a statement another thread ran on it unserialized would hold a read snapshot
+    inside the writer's work: when another serving process (another connection to the file) committed since that
+    snapshot, the writer's BEGIN IMMEDIATE must upgrade a stale read and fails at once with "database is locked"
+    (SQLITE_BUSY_SNAPSHOT, which no busy timeout waits out), and the outcomes of that commit were lost.
     """
 
     def __init__(self, path: Path, budget_bytes: int) -> None:
@@ -173,7 +193,7 @@ class TelemetryBuffer:
         path.parent.mkdir(parents=True, exist_ok=True)
         db: sqlite3.Connection | None = None
         try:
-            db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             self._db = self._configure(db)
             self._db.executescript(_SCHEMA)
             self._upgrade()
@@ -184,7 +204,9 @@ class TelemetryBuffer:
                 f"cannot open the telemetry buffer {path}: {exc} (a full or read-only disk? a file that is not a"
                 " telemetry buffer can be moved aside: the agent makes a new one)"
             ) from exc
+        self._wal = path.with_name(path.name + "-wal")
         self._writes = 0
+        self._maintained = 0
 
     def _upgrade(self) -> None:
         """Bring a buffer made by an older agent (upgraded in place) to this schema: its `minutes` table lacks
@@ -202,40 +224,45 @@ class TelemetryBuffer:
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a process kill loses no commit
         db.execute("PRAGMA cache_size=-512")  # 512 KiB: the agent has a memory budget
         db.execute("PRAGMA journal_size_limit=4194304")
+        # checkpoints (copying the log into the file, and syncing both) are `maintain`'s, on the recorder's
+        # writer thread: a commit made on the event loop never runs one
+        db.execute("PRAGMA wal_autocheckpoint=0")
         return db
 
     # --- writing (recorder thread) ----------------------------------------------------------------------
 
-    def write(self, outcomes: list[Outcome], priorities: list[int | None], drift: DriftSums | None = None) -> None:
-        """Add outcomes to the minute aggregates (all of them) and the events table (the kept ones), and `drift`
-        (counts summed by model, version, minute and tensor) to the drift counts, atomically.
+    def write(
+        self,
+        outcomes: Sequence[Outcome],
+        priorities: Sequence[int | None],
+        drift: DriftSums | None = None,
+        *,
+        rows: Mapping[MinuteKey, MinuteRow] | None = None,
+        lost: int = 0,
+        wait: bool = True,
+    ) -> None:
+        """Add outcomes to the minute aggregates (all of them) and the events table (the kept ones: a priority),
+        `rows` (outcomes already counted by minute, kept as no event) to the minute aggregates, `drift`
+        (counts summed by model, version, minute and tensor) to the drift counts and `lost` to the outcomes counted
+        lost, atomically. Keeps the buffer in its budget and its log short (`maintain`) every MAINTAIN_EVERY writes
+        when `wait`; a caller that must not wait calls `maintain` elsewhere when `maintenance_due`.
 
         Raises:
+            Busy: not `wait`, and another connection (another serving process) is writing: nothing was written.
             sqlite3.Error: the disk is full or the file is damaged (the caller counts the loss).
         """
-        minutes: dict[tuple[str, str, str, int], MinuteRow] = {}
+        minutes = {key: replace(row, latency=list(row.latency)) for key, row in (rows or {}).items()}
         events = []
         for outcome, priority in zip(outcomes, priorities, strict=True):
-            minute = minute_of(outcome.ts)
-            key = (outcome.model, outcome.version, outcome.variant, minute)
-            row = minutes.get(key) or minutes.setdefault(key, MinuteRow(*key))
-            row.requests += 1
-            if not outcome.ok:
-                row.errors += 1
-                if is_client_fault(outcome.status):
-                    row.client_errors += 1
-                elif is_shed(outcome.status):
-                    row.shed += 1
-            row.items += outcome.batch
-            row.latency_sum_us += outcome.latency_us
-            row.queue_sum_us += outcome.queue_us
-            row.latency[bucket_of(outcome.latency_us)] += 1
+            count_outcome(minutes, outcome)
             if priority is not None:
                 events.append(
                     (outcome.ts, outcome.model, outcome.version, outcome.variant, outcome.latency_us,
                      outcome.queue_us, outcome.batch, outcome.status, outcome.tier, priority, _summary_of(outcome))
                 )  # fmt: skip
-        with self._transaction() as db:
+        with self._transaction(wait) as db:
+            if lost:
+                self._bump(db, "dropped.lost", lost)
             db.executemany(
                 _UPSERT_MINUTE,
                 [
@@ -269,12 +296,39 @@ class TelemetryBuffer:
                     events,
                 )
         self._writes += 1
-        if self._writes % 64 == 0:
-            self.enforce_budget()
+        if wait and self.maintenance_due:
+            self.maintain()
+
+    @property
+    def maintenance_due(self) -> bool:
+        return self._writes - self._maintained >= MAINTAIN_EVERY
+
+    def maintain(self) -> None:
+        """Drop what is over the budget (`enforce_budget`), and copy a log that has grown past WAL_CHECKPOINT_BYTES
+        into the file (a passive checkpoint: it never waits for another connection)."""
+        self._maintained = self._writes
+        self.enforce_budget()
+        try:
+            log_bytes = self._wal.stat().st_size
+        except FileNotFoundError:
+            return
+        if log_bytes >= WAL_CHECKPOINT_BYTES:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Any:
-        self._db.execute("BEGIN IMMEDIATE")
+    def _transaction(self, wait: bool = True) -> Any:
+        if wait:
+            self._db.execute("BEGIN IMMEDIATE")  # waits out another connection's write (the busy timeout)
+        else:
+            self._db.execute("PRAGMA busy_timeout=0")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+                raise Busy("another connection is writing the telemetry buffer") from exc
+            finally:
+                self._db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_S * 1000}")
         try:
             yield self._db
         except BaseException:
@@ -466,8 +520,14 @@ class _Waiter:
     and one wake-up of the writer per turn, however many requests finished in it."""
 
     loop: asyncio.AbstractEventLoop | None  # None: nobody waits for the commit
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)  # those kept as events
+    priorities: list[int] = field(default_factory=list)  # theirs
+    rows: dict[MinuteKey, MinuteRow] = field(default_factory=dict)  # the others, counted by minute
     futures: list[asyncio.Future[None]] = field(default_factory=list)  # resolved once the outcomes are committed
+
+    @property
+    def requests(self) -> int:
+        return len(self.outcomes) + sum(row.requests for row in self.rows.values())
 
 
 @dataclass
@@ -503,6 +563,12 @@ class TelemetryRecorder:
         self._drift_unwritten: DriftSums = {}
         self._drift_written = time.monotonic()
         self._turns: dict[asyncio.AbstractEventLoop, _Waiter] = {}  # outcomes recorded in the loop's current turn
+        # The buffer is used by one thread at a time: the writer thread, or an event loop committing its turn's
+        # outcomes (`_commit_here`), which never waits for it
+        self._lock = threading.Lock()
+        self._maintenance_asked = False  # a commit on a loop has asked the writer to maintain the buffer
+        self._inline_from = 0.0  # no commit on a loop before this (monotonic): one was slow
+        self.inline_slow_s = INLINE_SLOW_S
         self._thread = threading.Thread(target=self._run, name="strata-telemetry", daemon=True)
         self._thread.start()
 
@@ -514,7 +580,7 @@ class TelemetryRecorder:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         turn = self._turn(loop)
-        turn.outcomes.append(outcome)
+        self._add(turn, outcome)
         turn.futures.append(future)
         await future
 
@@ -523,9 +589,23 @@ class TelemetryRecorder:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not on an event loop: straight to the writer
-            self._queue.put(_Waiter(None, [outcome]))
+            waiter = _Waiter(None)
+            self._add(waiter, outcome)
+            self._queue.put(waiter)
             return
-        self._turn(loop).outcomes.append(outcome)
+        self._add(self._turn(loop), outcome)
+
+    def _add(self, waiter: _Waiter, outcome: Outcome) -> None:
+        """Keep an outcome as an event (errors, slow ones, a sample), or count it in its minute's row: most are
+        only counted, and an outcome counted costs the writer nothing of its own."""
+        config = self.config
+        draw = self._rng.random()
+        priority = event_priority(outcome.ok, outcome.latency_us, config.slow_us, config.sample_rate, draw)
+        if priority is None:
+            count_outcome(waiter.rows, outcome)
+        else:
+            waiter.outcomes.append(outcome)
+            waiter.priorities.append(priority)
 
     def _turn(self, loop: asyncio.AbstractEventLoop) -> _Waiter:
         """The outcomes of this turn of `loop`, handed over once the callbacks ready now have run."""
@@ -537,8 +617,36 @@ class TelemetryRecorder:
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         turn = self._turns.pop(loop, None)
-        if turn is not None:
+        if turn is not None and not self._commit_here(turn):
             self._queue.put(turn)
+
+    def _commit_here(self, turn: _Waiter) -> bool:
+        """Commit a turn's outcomes on this thread (the event loop's) if that means no wait: the writer thread is
+        not using the buffer, no other connection (serving process) is writing, and no commit made here was slow
+        in the last INLINE_PAUSE_S. False: nothing was done, the writer thread commits them. Committing here
+        saves the hand-over to the writer thread and back, which cost more than the commit itself; the log's
+        checkpoints and the budget stay on the writer thread, so a commit here is an append to the log."""
+        if time.monotonic() < self._inline_from or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            started = time.monotonic()
+            if not self._commit([turn], wait=False):
+                return False
+            took = time.monotonic() - started
+            if self.buffer.maintenance_due and not self._maintenance_asked:
+                self._maintenance_asked = True
+                self._queue.put(_Waiter(None))  # the writer maintains the buffer when it wakes
+        finally:
+            self._lock.release()
+        if took > self.inline_slow_s:
+            self._inline_from = time.monotonic() + INLINE_PAUSE_S
+            log.warning(
+                "a telemetry commit on the event loop took %.1f ms (a slow disk?): the writer thread commits for"
+                " the next %.0f s",
+                took * 1000,
+                INLINE_PAUSE_S,
+            )
+        return True
 
     def add_drift(
         self, model: str, version: str, counts: Sequence[tuple[str, Sequence[int]]], ts: float | None = None
@@ -620,30 +728,41 @@ class TelemetryRecorder:
             try:
                 first = self._queue.get(timeout=self._drift_wait())
             except queue.Empty:  # drift counts are due and no outcome came to take them along
-                self._write_drift()
+                with self._lock:
+                    self._write_drift()
                 continue
-            if first is None:
-                self._write_drift()
-                return
             items: list[_Waiter | _Command | None] = [first]
             with contextlib.suppress(queue.Empty):
-                while len(items) < 4096:
+                while first is not None and len(items) < 4096:
                     items.append(self._queue.get_nowait())
-            stop = None in items
-            waiters = [item for item in items if isinstance(item, _Waiter)]
-            if waiters:
-                self._commit(waiters)
-            if stop or any(isinstance(item, _Command) for item in items):
-                self._write_drift()  # a batch sealed now holds every count made before it
-            for item in items:
-                if isinstance(item, _Command):
-                    try:
-                        item.result = item.run()
-                    except BaseException as exc:  # handed back to the caller of `call`
-                        item.error = exc
-                    item.done.set()
+            with self._lock:
+                stop = self._work(items)
             if stop:
                 return
+
+    def _work(self, items: list[_Waiter | _Command | None]) -> bool:
+        """Commit the outcomes among `items`, run their commands, and keep the buffer in shape; True: stop.
+        Called under `_lock`."""
+        stop = None in items
+        waiters = [item for item in items if isinstance(item, _Waiter)]
+        if waiters:
+            self._commit(waiters)
+        if stop or any(isinstance(item, _Command) for item in items):
+            self._write_drift()  # a batch sealed now holds every count made before it
+        for item in items:
+            if isinstance(item, _Command):
+                try:
+                    item.result = item.run()
+                except BaseException as exc:  # handed back to the caller of `call`
+                    item.error = exc
+                item.done.set()
+        if self.buffer.maintenance_due:
+            self._maintenance_asked = False
+            try:
+                self.buffer.maintain()
+            except sqlite3.Error as exc:  # a full disk: what is in the buffer stays, the next writes count losses
+                log.error("telemetry buffer maintenance failed: %s", exc)
+        return stop
 
     def _drift_wait(self) -> float | None:
         """How long the writer may wait for work before the drift counts it holds are due (None: it holds none)."""
@@ -669,37 +788,52 @@ class TelemetryRecorder:
             except sqlite3.Error as exc:
                 log.error("telemetry buffer write failed (%s); %d drift counts not recorded", exc, len(drift))
 
-    def _commit(self, waiters: list[_Waiter]) -> None:
-        outcomes = [outcome for waiter in waiters for outcome in waiter.outcomes]
-        priorities = [
-            event_priority(o.ok, o.latency_us, self.config.slow_us, self.config.sample_rate, self._rng.random())
-            for o in outcomes
-        ]
-        drift = self._take_drift(due_only=True)
-        if not outcomes and not drift:  # a wake-up for drift not yet due
-            return
+    def _commit(self, waiters: list[_Waiter], wait: bool = True) -> bool:
+        """Commit the waiters' outcomes (and the drift counts due, on the writer thread: `wait`), then wake
+        those who wait for them. False: not `wait`, and another connection was writing; nothing was done.
+        Called under `_lock`."""
+        if len(waiters) == 1:
+            outcomes, priorities, rows = waiters[0].outcomes, waiters[0].priorities, waiters[0].rows
+        else:
+            outcomes, priorities, rows = [], [], {}
+            for waiter in waiters:
+                outcomes += waiter.outcomes
+                priorities += waiter.priorities
+                for key, row in waiter.rows.items():
+                    if key in rows:
+                        rows[key].add(row)
+                    else:
+                        rows[key] = replace(row, latency=list(row.latency))  # a waiter's row is left as it was
+        drift = self._take_drift(due_only=True) if wait else {}
+        if not outcomes and not rows and not drift:  # a wake-up for drift not yet due, or for maintenance
+            return True
         try:
-            if self._lost:
-                self.buffer.count_dropped("lost", self._lost)
-                self._lost = 0
-            self.buffer.write(outcomes, priorities, drift)
+            self.buffer.write(outcomes, priorities, drift, rows=rows, lost=self._lost, wait=wait)
+            self._lost = 0
+        except Busy:
+            return False
         except sqlite3.Error as exc:  # disk full, damaged file: inference goes on, the loss is counted
-            self._lost += len(outcomes)
+            requests = sum(waiter.requests for waiter in waiters)
+            self._lost += requests
             log.error(
                 "telemetry buffer write failed (%s); %d outcomes and %d drift counts not recorded",
                 exc,
-                len(outcomes),
+                requests,
                 len(drift),
             )
-        # one wake-up per event loop for the whole group, not one per request
+        # one wake-up per event loop for the whole group, not one per request; none for the loop committing
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for waiter in waiters:
             if waiter.loop is not None and waiter.futures:
                 by_loop.setdefault(waiter.loop, []).extend(waiter.futures)
+        here = _running_loop()
         for loop, futures in by_loop.items():
-            if not loop.is_closed():
+            if loop is here:
+                _resolve(futures)
+            elif not loop.is_closed():
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
                     loop.call_soon_threadsafe(_resolve, futures)
+        return True
 
     def _count_in_window(self, model: str, version: str, minute: int, tensor: str, counts: Sequence[int]) -> None:
         """Add counts to the tensor's drift window, dropping its minutes past `drift_window_minutes`. Called under
@@ -738,6 +872,25 @@ class TelemetryRecorder:
         self.buffer.close()
 
 
+def count_outcome(rows: dict[MinuteKey, MinuteRow], outcome: Outcome) -> None:
+    """Count an outcome in its minute's row of `rows`."""
+    key = (outcome.model, outcome.version, outcome.variant, minute_of(outcome.ts))
+    row = rows.get(key)
+    if row is None:
+        row = rows[key] = MinuteRow(*key)
+    row.requests += 1
+    if not outcome.ok:
+        row.errors += 1
+        if is_client_fault(outcome.status):
+            row.client_errors += 1
+        elif is_shed(outcome.status):
+            row.shed += 1
+    row.items += outcome.batch
+    row.latency_sum_us += outcome.latency_us
+    row.queue_sum_us += outcome.queue_us
+    row.latency[bucket_of(outcome.latency_us)] += 1
+
+
 def first_sequence(now: float) -> int:
     """The number of a new buffer's first batch: the time (`now`) in milliseconds.
 
@@ -767,6 +920,13 @@ def _summary_of(outcome: Outcome) -> str:
     except Exception:  # a summary is a courtesy: never lose the event over it
         log.exception("cannot summarise a request of model %s", outcome.model)
         return outcome.summary
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _resolve(futures: list[asyncio.Future[None]]) -> None:
