@@ -120,16 +120,31 @@ def test_a_loop_never_waits_for_another_serving_processs_write_and_its_outcomes_
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
 
+    answered: list[str] = []
+
     async def serve() -> float:
         async def record() -> None:
-            await asyncio.gather(*(recorder.record(outcome()) for _ in range(5)), recorder.record(outcome(ok=False)))
+            # a batch's answers, each resolved with its answer once committed (one of them abandoned meanwhile)
+            loop = asyncio.get_running_loop()
+            futures = [loop.create_future() for _ in range(3)]
+            recorder.record_answers([(future, f"answer {i}", outcome()) for i, future in enumerate(futures)])
+            await asyncio.sleep(0.2)
+            assert not any(future.done() for future in futures)  # not before the commit
+            futures[1].cancel()
+            answered.extend(await asyncio.gather(futures[0], futures[2]))
 
-        return await ticking_while(record, lambda: other.execute("COMMIT"), 0.5)
+        async def all_of_them() -> None:
+            await asyncio.gather(
+                record(), *(recorder.record(outcome()) for _ in range(2)), recorder.record(outcome(ok=False))
+            )
+
+        return await ticking_while(all_of_them, lambda: other.execute("COMMIT"), 0.5)
 
     longest = asyncio.run(serve())
     assert longest < 0.25  # with the commit on the loop waiting out the lock, the loop stopped for 0.5 s
+    assert answered == ["answer 0", "answer 2"]
     assert statements.threads("INSERT INTO minutes") == {statements.writer}
-    assert sealed(path) == ([(6, 1, 12)], [PRIORITY_ERROR])
+    assert sealed(path) == ([(6, 1, 12)], [PRIORITY_ERROR])  # the abandoned request too: the model answered it
     other.close()
     recorder.close()
 

@@ -479,7 +479,8 @@ class InferenceApp:
                 held = held_bytes(prepared, body)
                 self._decoding += held - charged
                 charged = held
-            result = await scheduler.submit(prepared, time.perf_counter_ns())
+            prepared.started_ns = started
+            result = await scheduler.submit(prepared, time.perf_counter_ns())  # counted and recorded: `_served`
             large = large or len(result.body) >= _TRIM_AFTER_BYTES
         except Overloaded:
             # shed at once: the answer does not wait for the telemetry commit, or shedding would cost a commit
@@ -496,25 +497,61 @@ class InferenceApp:
             self._in_flight -= 1
             if large or charged >= _TRIM_AFTER_BYTES:
                 self._schedule_trim()
-        request_ns = time.perf_counter_ns() - started
-        self._metrics.record_success(
-            model.name,
-            model.version,
-            batch=result.batch,
-            request_ns=request_ns,
-            queue_ns=result.queue_ns,
-            compute_ns=result.compute_ns,
-            model_ns=result.model_ns,
-        )
-        await self._record(model, started, ok=True, status="ok", result=result)
         return result
+
+    def _served(self, model: LoadedModel, answered: list[tuple[Prepared, InferResult]]) -> None:
+        """A batch's answered requests (on the loop): counted in the metrics, and their outcomes recorded together;
+        each request's future gets its answer once its outcome is committed (at once without telemetry). One
+        wake-up per request: its answer comes out of `submit` already durable."""
+        now = time.perf_counter_ns()
+        metrics = self._metrics
+        for item, result in answered:
+            metrics.record_success(
+                model.name,
+                model.version,
+                batch=result.batch,
+                request_ns=now - item.started_ns,
+                queue_ns=result.queue_ns,
+                compute_ns=result.compute_ns,
+                model_ns=result.model_ns,
+            )
+        if self._telemetry is None:
+            for item, result in answered:
+                assert item.future is not None  # `ModelScheduler` hands over only requests waiting for an answer
+                item.future.set_result(result)
+            return
+        ts = time.time()
+        variant = model.manifest.variant
+        self._telemetry.record_answers(
+            [
+                (
+                    item.future,
+                    result,
+                    Outcome(
+                        ts=ts,
+                        model=model.name,
+                        version=model.version,
+                        variant=variant,
+                        latency_us=(now - item.started_ns) // 1000,
+                        queue_us=result.queue_ns // 1000,
+                        batch=result.batch,
+                        ok=True,
+                        status="ok",
+                        summarize=result.summarize,
+                    ),
+                )
+                for item, result in answered
+                if item.future is not None
+            ]
+        )
 
     def _scheduler(self, model: LoadedModel) -> ModelScheduler:
         """The queue of the model object serving now; a swapped-in model gets a new one (the old one drains)."""
         scheduler = self._schedulers.get(model.name)
         if scheduler is None or scheduler.model is not model:
             drift = self._drift_tap(model)
-            scheduler = ModelScheduler.for_model(model, self._batching, self._metrics, self._executor, drift)
+            served = functools.partial(self._served, model)
+            scheduler = ModelScheduler.for_model(model, self._batching, self._metrics, self._executor, drift, served)
             self._schedulers[model.name] = scheduler
         return scheduler
 

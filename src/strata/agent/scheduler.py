@@ -80,6 +80,10 @@ class InferResult:
     summarize: Callable[[], str] | None = None  # its telemetry summary, made only if the event is kept
 
 
+# Takes the answered requests of a batch (whose futures are not done), counts them, and resolves each future with its
+# answer, at once or when their telemetry is committed
+Served = Callable[[list[tuple["Prepared", InferResult]]], None]
+
 # (tensor, counts in its drift reference's bins) of the requests of one batch together
 DriftCounts = list[tuple[str, list[int]]]
 
@@ -104,6 +108,7 @@ class Prepared:
     rows: int
     key: Hashable | None  # requests with equal keys can share a runtime call; None runs alone
     enqueued_ns: int = 0
+    started_ns: int = 0  # when the server began on it (before decoding): its latency is from here
     future: asyncio.Future[InferResult] | None = None
     # how its answer is encoded on the worker; None: the REST body (JSON, or Triton's binary extension)
     encode: Encoder | None = None
@@ -464,7 +469,8 @@ class ModelScheduler:
 
     `submit` admits or sheds a request at once and returns a future of its answer. Batches run on `executor`
     (None: the loop's default pool), at most `config.instances` at a time; when a batch ends the next is planned
-    at once, so requests that arrived meanwhile form the next batch.
+    at once, so requests that arrived meanwhile form the next batch. A batch's answers go to `served` together
+    (their metrics and telemetry: it resolves their futures), its errors to their futures at once.
     """
 
     def __init__(
@@ -474,12 +480,14 @@ class ModelScheduler:
         metrics: InferenceMetrics,
         executor: Executor | None = None,
         drift: DriftTap | None = None,
+        served: Served | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self._metrics = metrics
         self._executor = executor
         self._drift = drift
+        self._served = served
         self.layouts = Layouts()
         self._headers = ResponseHeaders()
         self._queue: list[Prepared] = []
@@ -506,6 +514,7 @@ class ModelScheduler:
         metrics: InferenceMetrics,
         executor: Executor | None = None,
         drift: DriftTap | None = None,
+        served: Served | None = None,
     ) -> ModelScheduler:
         """A scheduler configured for `model` (see `batching.resolve_config`); a malformed batching policy in
         the package is logged and ignored, so the model still serves with the agent's settings."""
@@ -525,7 +534,7 @@ class ModelScheduler:
                 model.name,
                 model.version,
             )
-        return cls(model, config, metrics, executor, drift)
+        return cls(model, config, metrics, executor, drift, served)
 
     @property
     def queued(self) -> int:
@@ -634,8 +643,18 @@ class ModelScheduler:
             _settle(item, InferenceError(f"internal error running model {self.model.name}"))
 
     def _done(self, batch: list[Prepared], run: _Running, outcome: BatchRun) -> None:
-        for item, result in zip(batch, outcome.results, strict=True):
-            _settle(item, result)
+        if self._served is None:
+            for item, result in zip(batch, outcome.results, strict=True):
+                _settle(item, result)
+        else:
+            answered = []
+            for item, result in zip(batch, outcome.results, strict=True):
+                if isinstance(result, Exception):
+                    _settle(item, result)
+                elif item.future is not None and not item.future.done():  # else cancelled: nobody waits for it
+                    answered.append((item, result))
+            if answered:
+                self._served(answered)
         self._metrics.record_execution(self.model.name, self.model.version, outcome.executions)
         # the instance was taken from dispatch until now (the job, plus handing it over and back): that,
         # not the job alone, is what a request queued behind it waits for

@@ -33,7 +33,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from strata.agent.metrics import MetricsRegistry
 from strata.agent.serving import is_client_fault, is_shed
@@ -60,6 +60,8 @@ from strata.core.telemetry import (
 )
 
 log = logging.getLogger("strata.agent.telemetry")
+
+_T = TypeVar("_T")
 
 # A commit made on an event loop that took longer than this (a disk stalling its writes) sends the commits of the
 # next INLINE_PAUSE_S to the writer thread: a slow disk then holds the answers waiting for their commit, not the loop
@@ -523,7 +525,8 @@ class _Waiter:
     outcomes: list[Outcome] = field(default_factory=list)  # those kept as events
     priorities: list[int] = field(default_factory=list)  # theirs
     rows: dict[MinuteKey, MinuteRow] = field(default_factory=dict)  # the others, counted by minute
-    futures: list[asyncio.Future[None]] = field(default_factory=list)  # resolved once the outcomes are committed
+    # each future gets its value once the outcomes are committed
+    futures: list[tuple[asyncio.Future[Any], Any]] = field(default_factory=list)
 
     @property
     def requests(self) -> int:
@@ -581,8 +584,17 @@ class TelemetryRecorder:
         future: asyncio.Future[None] = loop.create_future()
         turn = self._turn(loop)
         self._add(turn, outcome)
-        turn.futures.append(future)
+        turn.futures.append((future, None))
         await future
+
+    def record_answers(self, answers: Sequence[tuple[asyncio.Future[_T], _T, Outcome]]) -> None:
+        """Buffer the outcomes of answered requests, from the event loop; each future gets its answer (the value
+        beside it) once its outcome is committed (or its loss counted), unless it was cancelled meanwhile. For a
+        batch's requests together: one call, and one wake-up of each request, not two."""
+        turn = self._turn(asyncio.get_running_loop())
+        for future, answer, outcome in answers:
+            self._add(turn, outcome)
+            turn.futures.append((future, answer))
 
     def record_nowait(self, outcome: Outcome) -> None:
         """Buffer one outcome without waiting for its commit (a shed request's: its 503 goes out at once)."""
@@ -822,7 +834,7 @@ class TelemetryRecorder:
                 len(drift),
             )
         # one wake-up per event loop for the whole group, not one per request; none for the loop committing
-        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
         for waiter in waiters:
             if waiter.loop is not None and waiter.futures:
                 by_loop.setdefault(waiter.loop, []).extend(waiter.futures)
@@ -929,10 +941,10 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _resolve(futures: list[asyncio.Future[None]]) -> None:
-    for future in futures:
+def _resolve(futures: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, value in futures:
         if not future.done():
-            future.set_result(None)
+            future.set_result(value)
 
 
 # --- the uploader ---------------------------------------------------------------------------------------
