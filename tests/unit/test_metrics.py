@@ -206,6 +206,24 @@ def test_inference_metrics_use_triton_names_and_units() -> None:
     assert len(LATENCY_BUCKETS) + 1 == sum(1 for key in samples if key[0].endswith("_bucket"))
 
 
+def test_a_batchs_requests_counted_together_count_as_each_counted_alone() -> None:
+    """The server counts a batch's answered requests in one call (`record_successes`): every series, the
+    histogram's buckets and the probation's latencies come out as they do counted one request at a time."""
+    answered = [(1, 900_600, 10_000, 400_000, 300_000), (3, 2_600_500, 1_500, 400_000, None), (2, 1_000_999, 0, 5, 7)]
+    together, alone = InferenceMetrics(clock=lambda: 5.0), InferenceMetrics(clock=lambda: 5.0)
+    together.record_successes("digits", "2", answered)
+    for batch, request_ns, queue_ns, compute_ns, model_ns in answered:
+        alone.record_success(
+            "digits", "2", batch=batch, request_ns=request_ns, queue_ns=queue_ns, compute_ns=compute_ns,
+            model_ns=model_ns,
+        )  # fmt: skip
+    assert together.render() == alone.render()
+    assert together.serving.take() == alone.serving.take()  # the latencies probation and the gates judge
+    _, samples = parse_exposition(together.render())
+    assert sample(samples, "nv_inference_request_duration_us", model="digits", version="2") == 900 + 2600 + 1000
+    assert sample(samples, "strata_inference_request_duration_seconds_count", model="digits", version="2") == 3
+
+
 def test_inference_metrics_refuse_unknown_failure_reasons() -> None:
     with pytest.raises(ValueError, match="unknown failure reason"):
         InferenceMetrics().record_failure("m", "1", "teapot")

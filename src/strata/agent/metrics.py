@@ -226,14 +226,24 @@ class Histogram(MetricFamily):
         Raises:
             ValueError: wrong number of label values.
         """
+        self.observe_many(*labels, values=(value,))
+
+    def observe_many(self, *labels: str, values: Sequence[float]) -> None:
+        """Record observations of one series (a batch's requests).
+
+        Raises:
+            ValueError: wrong number of label values.
+        """
         key = self._check(labels)
-        index = bisect.bisect_left(self.buckets, value)  # le is inclusive: value == bound counts in that bucket
+        buckets = self.buckets
         with self._lock:
             series = self._series.get(key)
             if series is None:
-                series = self._series[key] = ([0] * (len(self.buckets) + 1), [0.0])
-            series[0][index] += 1
-            series[1][0] += value
+                series = self._series[key] = ([0] * (len(buckets) + 1), [0.0])
+            counts = series[0]
+            for value in values:
+                counts[bisect.bisect_left(buckets, value)] += 1  # le is inclusive: value == bound counts there
+            series[1][0] += sum(values)
 
     def count(self, *labels: str) -> int:
         """How many observations one series holds."""
@@ -426,16 +436,24 @@ class InferenceMetrics:
         a measure of the model's own cost that a busy node does not inflate (see `oip_server`); the wall-clock
         `compute_ns` when not given. The Prometheus durations are wall-clock, as Triton's are.
         """
-        self.request_success.inc(model, version)
+        self.record_successes(model, version, [(batch, request_ns, queue_ns, compute_ns, model_ns)])
+
+    def record_successes(
+        self, model: str, version: str, answered: Sequence[tuple[int, int, int, int, int | None]]
+    ) -> None:
+        """`record_success` for several requests of one model version (a batch's) at once: each series is added to
+        once. `answered` holds each request's (batch, request_ns, queue_ns, compute_ns, model_ns)."""
+        count = len(answered)
+        self.request_success.inc(model, version, by=count)
         if self.process_requests is not None:
-            self.process_requests.inc(self._process)
-        self.inference_count.inc(model, version, by=batch)
-        self.request_duration_us.inc(model, version, by=request_ns // 1000)
-        self.queue_duration_us.inc(model, version, by=queue_ns // 1000)
-        self.compute_infer_duration_us.inc(model, version, by=compute_ns // 1000)
-        self.request_seconds.observe(model, version, value=request_ns / 1e9)
+            self.process_requests.inc(self._process, by=count)
+        self.inference_count.inc(model, version, by=sum(a[0] for a in answered))
+        self.request_duration_us.inc(model, version, by=sum(a[1] // 1000 for a in answered))
+        self.queue_duration_us.inc(model, version, by=sum(a[2] // 1000 for a in answered))
+        self.compute_infer_duration_us.inc(model, version, by=sum(a[3] // 1000 for a in answered))
+        self.request_seconds.observe_many(model, version, values=[a[1] / 1e9 for a in answered])
         self._last_inference_ms[(model, version)] = int(self._clock() * 1000)
-        self.serving.record_success(model, version, (compute_ns if model_ns is None else model_ns) / 1e6)
+        self.serving.record_successes(model, version, [(a[3] if a[4] is None else a[4]) / 1e6 for a in answered])
 
     def record_execution(self, model: str, version: str, count: int = 1) -> None:
         """Count `count` runtime calls of a model."""

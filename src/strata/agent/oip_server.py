@@ -504,17 +504,11 @@ class InferenceApp:
         each request's future gets its answer once its outcome is committed (at once without telemetry). One
         wake-up per request: its answer comes out of `submit` already durable."""
         now = time.perf_counter_ns()
-        metrics = self._metrics
-        for item, result in answered:
-            metrics.record_success(
-                model.name,
-                model.version,
-                batch=result.batch,
-                request_ns=now - item.started_ns,
-                queue_ns=result.queue_ns,
-                compute_ns=result.compute_ns,
-                model_ns=result.model_ns,
-            )
+        self._metrics.record_successes(
+            model.name,
+            model.version,
+            [(r.batch, now - item.started_ns, r.queue_ns, r.compute_ns, r.model_ns) for item, r in answered],
+        )
         if self._telemetry is None:
             for item, result in answered:
                 assert item.future is not None  # `ModelScheduler` hands over only requests waiting for an answer

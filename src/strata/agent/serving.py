@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from strata.core.wire import ServingCounters
@@ -87,10 +87,14 @@ class ServingTracker:
 
     def record_success(self, model: str, version: str, latency_ms: float) -> None:
         """One request served, its model compute taking `latency_ms`."""
+        self.record_successes(model, version, (latency_ms,))
+
+    def record_successes(self, model: str, version: str, latencies_ms: Sequence[float]) -> None:
+        """Requests served, their model compute taking `latencies_ms` each."""
         with self._lock:
             series = self._get(model, version)
-            series.requests += 1
-            series.latencies_ms.append(latency_ms)
+            series.requests += len(latencies_ms)
+            series.latencies_ms.extend(latencies_ms)
 
     def record_failure(self, model: str, version: str, reason: str) -> None:
         """One request failed; failures that are not the model's (`NOT_THE_MODELS_FAULT`) are not counted at all."""
