@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from strata.agent.telemetry import (
     TelemetryRecorder,
     first_sequence,
 )
-from strata.core.telemetry import PRIORITY_ERROR, PRIORITY_SLOW, decode_batch
+from strata.core.telemetry import PRIORITY_ERROR, PRIORITY_SLOW, TelemetryBatch, decode_batch
 
 T = 1_800_000_000.0
 
@@ -49,15 +51,20 @@ class Statements:
         return {thread for thread, sql in self.seen if word in sql}
 
 
-def sealed(path: Path) -> tuple[list[tuple[int, int, int]], list[int]]:
-    """What a second connection finds in the buffer: the minutes (requests, errors, items) and the events'
-    priorities."""
+def batch_of(path: Path) -> TelemetryBatch:
+    """Everything in the buffer, sealed by a second connection."""
     other = TelemetryBuffer(path, 64 << 20)
     assert other.seal("n", T, 10_000, 10_000) == first_sequence(T)
     pending = other.read_outbox()
     assert pending is not None
-    batch = decode_batch(pending[1])
     other.close()
+    return decode_batch(pending[1])
+
+
+def sealed(path: Path) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """What a second connection finds in the buffer: the minutes (requests, errors, items) and the events'
+    priorities."""
+    batch = batch_of(path)
     return [(m.requests, m.errors, m.items) for m in batch.minutes], sorted(e.priority for e in batch.events)
 
 
@@ -127,7 +134,8 @@ def test_a_loop_never_waits_for_another_serving_processs_write_and_its_outcomes_
             # a batch's answers, each resolved with its answer once committed (one of them abandoned meanwhile)
             loop = asyncio.get_running_loop()
             futures = [loop.create_future() for _ in range(3)]
-            recorder.record_answers([(future, f"answer {i}", outcome()) for i, future in enumerate(futures)])
+            answers = [(future, f"answer {i}", 800, 10, 2, None) for i, future in enumerate(futures)]
+            recorder.record_answers("digits", "1", "cpu-generic-fp32", T, answers)
             await asyncio.sleep(0.2)
             assert not any(future.done() for future in futures)  # not before the commit
             futures[1].cancel()
@@ -147,6 +155,37 @@ def test_a_loop_never_waits_for_another_serving_processs_write_and_its_outcomes_
     assert sealed(path) == ([(6, 1, 12)], [PRIORITY_ERROR])  # the abandoned request too: the model answered it
     other.close()
     recorder.close()
+
+
+def test_a_batchs_answers_recorded_together_are_what_they_are_recorded_one_by_one(tmp_path: Path) -> None:
+    """`record_answers` counts a batch's answered requests straight into their minute's row and keeps the same
+    ones as events (slow, sampled: the same draws in the same order) as recording each alone does."""
+    latencies = [800, 9_000, 1_200, 300, 12_000, 700, 650, 80_000] * 25
+    one, together = (
+        TelemetryRecorder(TelemetryConfig(path=tmp_path / name, sample_rate=0.3, slow_us=5_000), rng=random.Random(7))
+        for name in ("one.db", "together.db")
+    )
+
+    async def serve() -> list[str]:
+        for latency in latencies:
+            await one.record(replace(outcome(latency_us=latency), summary="{}"))
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in latencies]
+        answers = [
+            (f, str(i), latency, 10, 2, lambda: "{}")
+            for i, (f, latency) in enumerate(zip(futures, latencies, strict=True))
+        ]
+        together.record_answers("digits", "1", "cpu-generic-fp32", T, answers)
+        return list(await asyncio.gather(*futures))
+
+    assert asyncio.run(serve()) == [str(i) for i in range(len(latencies))]
+    one.close()
+    together.close()
+    first, second = batch_of(tmp_path / "one.db"), batch_of(tmp_path / "together.db")
+    assert first.minutes == second.minutes
+    assert first.minutes[0].requests == len(latencies)
+    assert [(e.latency_us, e.priority) for e in first.events] == [(e.latency_us, e.priority) for e in second.events]
+    assert 50 < len(second.events) < len(latencies)  # the slow ones and about a third of the rest
 
 
 def test_a_loop_never_waits_for_the_writer_thread_and_the_turns_it_commits_together_count_once(

@@ -514,29 +514,16 @@ class InferenceApp:
                 assert item.future is not None  # `ModelScheduler` hands over only requests waiting for an answer
                 item.future.set_result(result)
             return
-        ts = time.time()
-        variant = model.manifest.variant
         self._telemetry.record_answers(
+            model.name,
+            model.version,
+            model.manifest.variant,
+            time.time(),
             [
-                (
-                    item.future,
-                    result,
-                    Outcome(
-                        ts=ts,
-                        model=model.name,
-                        version=model.version,
-                        variant=variant,
-                        latency_us=(now - item.started_ns) // 1000,
-                        queue_us=result.queue_ns // 1000,
-                        batch=result.batch,
-                        ok=True,
-                        status="ok",
-                        summarize=result.summarize,
-                    ),
-                )
-                for item, result in answered
+                (item.future, r, (now - item.started_ns) // 1000, r.queue_ns // 1000, r.batch, r.summarize)
+                for item, r in answered
                 if item.future is not None
-            ]
+            ],
         )
 
     def _scheduler(self, model: LoadedModel) -> ModelScheduler:

@@ -119,6 +119,9 @@ WAL_CHECKPOINT_BYTES: Final = 1000 * 4096
 
 # (model, version, variant, minute)
 MinuteKey = tuple[str, str, str, int]
+# an answered request for `TelemetryRecorder.record_answers`: (its future, its answer, latency_us, queue_us, rows,
+# what makes its summary if it is kept as an event)
+Answered = tuple[asyncio.Future[_T], _T, int, int, int, Callable[[], str] | None]
 # drift counts summed by (model, version, minute, tensor)
 DriftSums = dict[tuple[str, str, int, str], list[int]]
 
@@ -587,13 +590,33 @@ class TelemetryRecorder:
         turn.futures.append((future, None))
         await future
 
-    def record_answers(self, answers: Sequence[tuple[asyncio.Future[_T], _T, Outcome]]) -> None:
-        """Buffer the outcomes of answered requests, from the event loop; each future gets its answer (the value
-        beside it) once its outcome is committed (or its loss counted), unless it was cancelled meanwhile. For a
-        batch's requests together: one call, and one wake-up of each request, not two."""
+    def record_answers(
+        self, model: str, version: str, variant: str, ts: float, answers: Sequence[Answered[_T]]
+    ) -> None:
+        """Buffer the outcomes of a batch's answered requests (of one model version, done at `ts`), from the event
+        loop; each future gets its answer (the value beside it) once its outcome is committed (or its loss counted),
+        unless it was cancelled meanwhile. One call and one wake-up of each request, not two; the requests kept as
+        no event are counted straight into their minute's row, and an Outcome is made only for those kept."""
         turn = self._turn(asyncio.get_running_loop())
-        for future, answer, outcome in answers:
-            self._add(turn, outcome)
+        config, draw, key = self.config, self._rng.random, (model, version, variant, minute_of(ts))
+        row = None
+        for future, answer, latency_us, queue_us, rows, summarize in answers:
+            priority = event_priority(True, latency_us, config.slow_us, config.sample_rate, draw())
+            if priority is None:
+                if row is None:
+                    row = turn.rows.get(key)
+                    if row is None:
+                        row = turn.rows[key] = MinuteRow(*key)
+                row.requests += 1
+                row.items += rows
+                row.latency_sum_us += latency_us
+                row.queue_sum_us += queue_us
+                row.latency[bucket_of(latency_us)] += 1
+            else:
+                turn.outcomes.append(
+                    Outcome(ts, model, version, variant, latency_us, queue_us, rows, True, "ok", summarize=summarize)
+                )
+                turn.priorities.append(priority)
             turn.futures.append((future, answer))
 
     def record_nowait(self, outcome: Outcome) -> None:
