@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from strata.agent.telemetry import (
+    MAINTAIN_EVERY,
     WAL_CHECKPOINT_BYTES,
+    WAL_KEEP_BYTES,
     Outcome,
     TelemetryBuffer,
     TelemetryConfig,
@@ -49,6 +51,10 @@ class Statements:
 
     def threads(self, word: str) -> set[int]:
         return {thread for thread, sql in self.seen if word in sql}
+
+    def threads_of(self, word: str) -> list[int]:
+        """The thread of each statement holding `word`, in order."""
+        return [thread for thread, sql in self.seen if word in sql]
 
 
 def batch_of(path: Path) -> TelemetryBatch:
@@ -119,7 +125,7 @@ def test_an_event_loop_commits_its_own_outcomes_counted_by_minute_and_kept_as_ev
 def test_a_loop_never_waits_for_another_serving_processs_write_and_its_outcomes_are_committed_once(
     tmp_path: Path,
 ) -> None:
-    """Another connection (another serving process) holds the write lock for half a second: the loop goes on
+    """Another connection (another serving process) holds the write lock for a second: the loop goes on
     (its answers wait, it does not), the writer thread commits the outcomes once the lock is free, each once."""
     path = tmp_path / "t.db"
     recorder = TelemetryRecorder(TelemetryConfig(path=path, sample_rate=0.0))
@@ -136,7 +142,7 @@ def test_a_loop_never_waits_for_another_serving_processs_write_and_its_outcomes_
             futures = [loop.create_future() for _ in range(3)]
             answers = [(future, f"answer {i}", 800, 10, 2, None) for i, future in enumerate(futures)]
             recorder.record_answers("digits", "1", "cpu-generic-fp32", T, answers)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.3)
             assert not any(future.done() for future in futures)  # not before the commit
             futures[1].cancel()
             answered.extend(await asyncio.gather(futures[0], futures[2]))
@@ -146,10 +152,10 @@ def test_a_loop_never_waits_for_another_serving_processs_write_and_its_outcomes_
                 record(), *(recorder.record(outcome()) for _ in range(2)), recorder.record(outcome(ok=False))
             )
 
-        return await ticking_while(all_of_them, lambda: other.execute("COMMIT"), 0.5)
+        return await ticking_while(all_of_them, lambda: other.execute("COMMIT"), 1.0)
 
     longest = asyncio.run(serve())
-    assert longest < 0.25  # with the commit on the loop waiting out the lock, the loop stopped for 0.5 s
+    assert longest < 0.5  # with the commit on the loop waiting out the lock, the loop stopped for 1 s
     assert answered == ["answer 0", "answer 2"]
     assert statements.threads("INSERT INTO minutes") == {statements.writer}
     assert sealed(path) == ([(6, 1, 12)], [PRIORITY_ERROR])  # the abandoned request too: the model answered it
@@ -196,10 +202,15 @@ def test_a_loop_never_waits_for_the_writer_thread_and_the_turns_it_commits_toget
     path = tmp_path / "t.db"
     recorder = TelemetryRecorder(TelemetryConfig(path=path, sample_rate=0.0))
     statements = Statements(recorder)
-    release = threading.Event()
-    holding = threading.Thread(target=recorder.call, args=(lambda: release.wait(10),))
+    holds, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holds.set()
+        release.wait(10)
+
+    holding = threading.Thread(target=recorder.call, args=(hold,))
     holding.start()
-    time.sleep(0.05)  # the writer runs the command, holding the buffer
+    assert holds.wait(10)  # the writer runs the command, holding the buffer
 
     async def serve() -> float:
         async def turns() -> None:
@@ -211,11 +222,11 @@ def test_a_loop_never_waits_for_the_writer_thread_and_the_turns_it_commits_toget
             waiting += [asyncio.ensure_future(recorder.record(outcome(ok=False, ts=T + 60))) for _ in range(2)]
             await asyncio.gather(*waiting)
 
-        return await ticking_while(turns, release.set, 0.5)
+        return await ticking_while(turns, release.set, 1.0)
 
     longest = asyncio.run(serve())
     holding.join()
-    assert longest < 0.25
+    assert longest < 0.5
     assert statements.threads("INSERT INTO minutes") == {statements.writer}
     assert [sql for thread, sql in statements.seen if "BEGIN" in sql] == ["BEGIN IMMEDIATE"]  # one commit of all
     assert sealed(path) == ([(4, 0, 8), (6, 2, 12), (4, 0, 8)], [PRIORITY_ERROR] * 2)
@@ -270,3 +281,60 @@ def test_the_log_of_commits_made_on_the_loop_is_checkpointed_by_the_writer_threa
     recorder.close()
     minutes, _ = sealed(path)
     assert sum(requests for requests, _, _ in minutes) == 12_000
+
+
+def test_a_log_once_large_is_not_checkpointed_at_every_maintenance(tmp_path: Path) -> None:
+    """A checkpoint leaves the log's file at WAL_KEEP_BYTES, not empty, so its size says how much the log holds only
+    above that: judged by a size under it, every maintenance after the log first grew large checkpointed (two syncs
+    each), and the commit on the loop that followed started the log over and synced it. After a checkpoint the writer
+    makes that first write itself."""
+    path = tmp_path / "t.db"
+    recorder = TelemetryRecorder(TelemetryConfig(path=path, sample_rate=1.0))
+    statements = Statements(recorder)
+
+    async def serve(turns: int, per_turn: int) -> None:
+        for index in range(turns):
+            await asyncio.gather(*(recorder.record(outcome(ts=T + index)) for _ in range(per_turn)))
+
+    asyncio.run(serve(600, 20))  # a large log: checkpointed
+    checkpoints = len(statements.threads_of("wal_checkpoint"))
+    assert checkpoints >= 1
+    asyncio.run(serve(320, 1))  # five maintenances' worth of small commits: about 2 MB of log
+    assert len(statements.threads_of("wal_checkpoint")) - checkpoints <= 1
+    assert WAL_KEEP_BYTES < WAL_CHECKPOINT_BYTES
+    # and the writer went on keeping the buffer in its budget every MAINTAIN_EVERY writes, though the loops
+    # committed nearly all of them
+    assert len(statements.threads_of("page_count")) >= 920 // MAINTAIN_EVERY - 2
+    assert statements.threads("'checkpoints'") == {statements.writer}  # the write after each, on the writer thread
+    recorder.close()
+
+
+def test_a_commit_on_the_loop_that_fails_counts_its_outcomes_lost_once_and_still_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write that fails (here: the table gone, as a damaged file would) must not keep answers back nor count
+    anything twice: the answers go out, the outcomes are counted lost, and the count is written with the next
+    commit that succeeds."""
+    path = tmp_path / "t.db"
+    recorder = TelemetryRecorder(TelemetryConfig(path=path, sample_rate=0.0))
+    other = sqlite3.connect(path)
+    other.execute("ALTER TABLE minutes RENAME TO away")
+    other.commit()
+
+    async def serve(count: int) -> list[str]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(count)]
+        recorder.record_answers("digits", "1", "cpu-generic-fp32", T, [(f, "ok", 800, 10, 2, None) for f in futures])
+        return list(await asyncio.gather(*futures))
+
+    with caplog.at_level(logging.ERROR, logger="strata.agent.telemetry"):
+        assert asyncio.run(serve(3)) == ["ok"] * 3
+    assert "3 outcomes and 0 drift counts not recorded" in caplog.text
+    other.execute("ALTER TABLE away RENAME TO minutes")
+    other.commit()
+    other.close()
+    assert asyncio.run(serve(2)) == ["ok"] * 2
+    recorder.close()
+    batch = batch_of(path)
+    assert [m.requests for m in batch.minutes] == [2]
+    assert batch.dropped.get("lost") == 3

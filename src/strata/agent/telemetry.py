@@ -115,7 +115,10 @@ _BUSY_TIMEOUT_S: Final = 30
 # the buffer is kept in its budget and its log short (`TelemetryBuffer.maintain`) every this many writes; the log is
 # copied into the file once it is this large (SQLite's own default: 1000 pages of 4 KiB)
 MAINTAIN_EVERY: Final = 64
-WAL_CHECKPOINT_BYTES: Final = 1000 * 4096
+WAL_CHECKPOINT_BYTES: Final = 4 << 20
+# A log that a checkpoint emptied is written over from its start, its file cut down to this size, not to nothing:
+# below this the file's size does not say how much the log holds, so a checkpoint is judged only above it
+WAL_KEEP_BYTES: Final = 1 << 20
 
 # (model, version, variant, minute)
 MinuteKey = tuple[str, str, str, int]
@@ -228,7 +231,7 @@ class TelemetryBuffer:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a process kill loses no commit
         db.execute("PRAGMA cache_size=-512")  # 512 KiB: the agent has a memory budget
-        db.execute("PRAGMA journal_size_limit=4194304")
+        db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
         # checkpoints (copying the log into the file, and syncing both) are `maintain`'s, on the recorder's
         # writer thread: a commit made on the event loop never runs one
         db.execute("PRAGMA wal_autocheckpoint=0")
@@ -249,23 +252,23 @@ class TelemetryBuffer:
         """Add outcomes to the minute aggregates (all of them) and the events table (the kept ones: a priority),
         `rows` (outcomes already counted by minute, kept as no event) to the minute aggregates, `drift`
         (counts summed by model, version, minute and tensor) to the drift counts and `lost` to the outcomes counted
-        lost, atomically. Keeps the buffer in its budget and its log short (`maintain`) every MAINTAIN_EVERY writes
-        when `wait`; a caller that must not wait calls `maintain` elsewhere when `maintenance_due`.
+        lost, atomically. The writer keeps the buffer in its budget and its log short: `maintain`, when
+        `maintenance_due` (every MAINTAIN_EVERY writes).
 
         Raises:
             Busy: not `wait`, and another connection (another serving process) is writing: nothing was written.
             sqlite3.Error: the disk is full or the file is damaged (the caller counts the loss).
         """
-        minutes = {key: replace(row, latency=list(row.latency)) for key, row in (rows or {}).items()}
-        events = []
-        for outcome, priority in zip(outcomes, priorities, strict=True):
-            count_outcome(minutes, outcome)
-            if priority is not None:
-                events.append(
-                    (outcome.ts, outcome.model, outcome.version, outcome.variant, outcome.latency_us,
-                     outcome.queue_us, outcome.batch, outcome.status, outcome.tier, priority, _summary_of(outcome))
-                )  # fmt: skip
-        with self._transaction(wait) as db:
+        with self._transaction(wait) as db:  # first: a Busy costs nothing (the events' summaries are made below)
+            minutes = {key: replace(row, latency=list(row.latency)) for key, row in (rows or {}).items()}
+            events = []
+            for outcome, priority in zip(outcomes, priorities, strict=True):
+                count_outcome(minutes, outcome)
+                if priority is not None:
+                    events.append(
+                        (outcome.ts, outcome.model, outcome.version, outcome.variant, outcome.latency_us,
+                         outcome.queue_us, outcome.batch, outcome.status, outcome.tier, priority, _summary_of(outcome))
+                    )  # fmt: skip
             if lost:
                 self._bump(db, "dropped.lost", lost)
             db.executemany(
@@ -301,8 +304,6 @@ class TelemetryBuffer:
                     events,
                 )
         self._writes += 1
-        if wait and self.maintenance_due:
-            self.maintain()
 
     @property
     def maintenance_due(self) -> bool:
@@ -310,7 +311,9 @@ class TelemetryBuffer:
 
     def maintain(self) -> None:
         """Drop what is over the budget (`enforce_budget`), and copy a log that has grown past WAL_CHECKPOINT_BYTES
-        into the file (a passive checkpoint: it never waits for another connection)."""
+        into the file (a passive checkpoint: it never waits for another connection). The first write after a
+        checkpoint that emptied the log starts the log over and syncs its header: that write is made here too, so
+        that it is not a commit on an event loop."""
         self._maintained = self._writes
         self.enforce_budget()
         try:
@@ -319,6 +322,8 @@ class TelemetryBuffer:
             return
         if log_bytes >= WAL_CHECKPOINT_BYTES:
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            with self._transaction() as db:
+                self._bump(db, "checkpoints", 1)
 
     @contextlib.contextmanager
     def _transaction(self, wait: bool = True) -> Any:
@@ -772,6 +777,9 @@ class TelemetryRecorder:
                     items.append(self._queue.get_nowait())
             with self._lock:
                 stop = self._work(items)
+            for item in items:  # their callers go on once the buffer is free: a commit on a loop finds it so
+                if isinstance(item, _Command):
+                    item.done.set()
             if stop:
                 return
 
@@ -790,13 +798,12 @@ class TelemetryRecorder:
                     item.result = item.run()
                 except BaseException as exc:  # handed back to the caller of `call`
                     item.error = exc
-                item.done.set()
         if self.buffer.maintenance_due:
-            self._maintenance_asked = False
             try:
                 self.buffer.maintain()
             except sqlite3.Error as exc:  # a full disk: what is in the buffer stays, the next writes count losses
                 log.error("telemetry buffer maintenance failed: %s", exc)
+        self._maintenance_asked = False  # due again only after MAINTAIN_EVERY more writes: a loop may ask then
         return stop
 
     def _drift_wait(self) -> float | None:
@@ -904,7 +911,8 @@ class TelemetryRecorder:
             self._hand_over(loop)
         self._queue.put(None)
         self._thread.join(timeout=10)
-        self.buffer.close()
+        with self._lock:  # not under a commit a loop is making
+            self.buffer.close()
 
 
 def count_outcome(rows: dict[MinuteKey, MinuteRow], outcome: Outcome) -> None:
