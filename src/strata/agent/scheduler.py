@@ -654,7 +654,12 @@ class ModelScheduler:
                 elif item.future is not None and not item.future.done():  # else cancelled: nobody waits for it
                     answered.append((item, result))
             if answered:
-                self._served(answered)
+                try:
+                    self._served(answered)
+                except Exception as exc:  # a bug there must not leave its requests waiting for ever
+                    log.error("counting a batch of model %s failed", self.model.name, exc_info=exc)
+                    for item, _ in answered:
+                        _settle(item, InferenceError(f"internal error answering model {self.model.name}"))
         self._metrics.record_execution(self.model.name, self.model.version, outcome.executions)
         # the instance was taken from dispatch until now (the job, plus handing it over and back): that,
         # not the job alone, is what a request queued behind it waits for

@@ -344,7 +344,12 @@ class TelemetryBuffer:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            if self._db.in_transaction:  # a COMMIT that failed (a full disk) leaves it open: every BEGIN would fail
+                self._db.execute("ROLLBACK")
+            raise
 
     def count_dropped(self, kind: str, amount: int) -> None:
         """Add to a dropped counter (sent with the next batch, then reset)."""
@@ -657,7 +662,9 @@ class TelemetryRecorder:
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         turn = self._turns.pop(loop, None)
-        if turn is not None and not self._commit_here(turn):
+        # a turn of shed requests only (nobody waits for their commit) is the writer's: an overloaded loop has
+        # better things to do
+        if turn is not None and not (turn.futures and self._commit_here(turn)):
             self._queue.put(turn)
 
     def _commit_here(self, turn: _Waiter) -> bool:
@@ -854,7 +861,7 @@ class TelemetryRecorder:
             self._lost = 0
         except Busy:
             return False
-        except sqlite3.Error as exc:  # disk full, damaged file: inference goes on, the loss is counted
+        except Exception as exc:  # disk full, damaged file, a bug: inference goes on, answers too, the loss is counted
             requests = sum(waiter.requests for waiter in waiters)
             self._lost += requests
             log.error(
@@ -862,6 +869,7 @@ class TelemetryRecorder:
                 exc,
                 requests,
                 len(drift),
+                exc_info=not isinstance(exc, sqlite3.Error),
             )
         # one wake-up per event loop for the whole group, not one per request; none for the loop committing
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
