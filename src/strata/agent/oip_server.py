@@ -41,6 +41,7 @@ from strata.agent.repository import LoadedModel, ModelRepository
 from strata.agent.runtime import release_free_memory
 from strata.agent.scheduler import (
     INLINE_DECODE_BYTES,
+    Answered,
     DriftTap,
     InferResult,
     ModelScheduler,
@@ -499,7 +500,7 @@ class InferenceApp:
                 self._schedule_trim()
         return result
 
-    def _served(self, model: LoadedModel, answered: list[tuple[Prepared, InferResult]]) -> None:
+    def _served(self, model: LoadedModel, answered: list[Answered]) -> None:
         """A batch's answered requests (on the loop): counted in the metrics, and their outcomes recorded together;
         each request's future gets its answer once its outcome is committed (at once without telemetry). One
         wake-up per request: its answer comes out of `submit` already durable."""
@@ -507,12 +508,11 @@ class InferenceApp:
         self._metrics.record_successes(
             model.name,
             model.version,
-            [(r.batch, now - item.started_ns, r.queue_ns, r.compute_ns, r.model_ns) for item, r in answered],
+            [(r.batch, now - started, r.queue_ns, r.compute_ns, r.model_ns) for _, started, r in answered],
         )
         if self._telemetry is None:
-            for item, result in answered:
-                assert item.future is not None  # `ModelScheduler` hands over only requests waiting for an answer
-                item.future.set_result(result)
+            for future, _, result in answered:
+                future.set_result(result)
             return
         self._telemetry.record_answers(
             model.name,
@@ -520,9 +520,8 @@ class InferenceApp:
             model.manifest.variant,
             time.time(),
             [
-                (item.future, r, (now - item.started_ns) // 1000, r.queue_ns // 1000, r.batch, r.summarize)
-                for item, r in answered
-                if item.future is not None
+                (future, r, (now - started) // 1000, r.queue_ns // 1000, r.batch, r.summarize)
+                for future, started, r in answered
             ],
         )
 

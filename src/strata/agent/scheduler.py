@@ -80,9 +80,10 @@ class InferResult:
     summarize: Callable[[], str] | None = None  # its telemetry summary, made only if the event is kept
 
 
-# Takes the answered requests of a batch (whose futures are not done), counts them, and resolves each future with its
-# answer, at once or when their telemetry is committed
-Served = Callable[[list[tuple["Prepared", InferResult]]], None]
+# Takes the answered requests of a batch, (future not done, when the server began on it, answer), counts them and
+# resolves each future with its answer, at once or when their telemetry is committed
+Answered = tuple[asyncio.Future[InferResult], int, InferResult]
+Served = Callable[[list[Answered]], None]
 
 # (tensor, counts in its drift reference's bins) of the requests of one batch together
 DriftCounts = list[tuple[str, list[int]]]
@@ -470,7 +471,8 @@ class ModelScheduler:
     `submit` admits or sheds a request at once and returns a future of its answer. Batches run on `executor`
     (None: the loop's default pool), at most `config.instances` at a time; when a batch ends the next is planned
     at once, so requests that arrived meanwhile form the next batch. A batch's answers go to `served` together
-    (their metrics and telemetry: it resolves their futures), its errors to their futures at once.
+    (their metrics and telemetry: it resolves their futures; by default at once), its errors to their futures at
+    once.
     """
 
     def __init__(
@@ -487,7 +489,7 @@ class ModelScheduler:
         self._metrics = metrics
         self._executor = executor
         self._drift = drift
-        self._served = served
+        self._served = served or _answer
         self.layouts = Layouts()
         self._headers = ResponseHeaders()
         self._queue: list[Prepared] = []
@@ -643,23 +645,20 @@ class ModelScheduler:
             _settle(item, InferenceError(f"internal error running model {self.model.name}"))
 
     def _done(self, batch: list[Prepared], run: _Running, outcome: BatchRun) -> None:
-        if self._served is None:
-            for item, result in zip(batch, outcome.results, strict=True):
+        answered: list[Answered] = []
+        for item, result in zip(batch, outcome.results, strict=True):
+            if isinstance(result, Exception):
                 _settle(item, result)
-        else:
-            answered = []
-            for item, result in zip(batch, outcome.results, strict=True):
-                if isinstance(result, Exception):
-                    _settle(item, result)
-                elif item.future is not None and not item.future.done():  # else cancelled: nobody waits for it
-                    answered.append((item, result))
-            if answered:
-                try:
-                    self._served(answered)
-                except Exception as exc:  # a bug there must not leave its requests waiting for ever
-                    log.error("counting a batch of model %s failed", self.model.name, exc_info=exc)
-                    for item, _ in answered:
-                        _settle(item, InferenceError(f"internal error answering model {self.model.name}"))
+            elif item.future is not None and not item.future.done():  # else cancelled: nobody waits for it
+                answered.append((item.future, item.started_ns, result))
+        if answered:
+            try:
+                self._served(answered)
+            except Exception as exc:  # a bug there must not leave its requests waiting for ever
+                log.error("counting a batch of model %s failed", self.model.name, exc_info=exc)
+                for future, _, _ in answered:
+                    if not future.done():
+                        future.set_exception(InferenceError(f"internal error answering model {self.model.name}"))
         self._metrics.record_execution(self.model.name, self.model.version, outcome.executions)
         # the instance was taken from dispatch until now (the job, plus handing it over and back): that,
         # not the job alone, is what a request queued behind it waits for
@@ -670,6 +669,12 @@ class ModelScheduler:
             self._ns_per_row = ewma(self._ns_per_row, outcome.model_ns / max(outcome.rows, 1))
             self._last_job_ns = outcome.model_ns
             self._last_call_ns = outcome.compute_ns
+
+
+def _answer(answered: list[Answered]) -> None:
+    """Resolve each future with its answer (a scheduler's `served` when nothing else counts them)."""
+    for future, _, result in answered:
+        future.set_result(result)
 
 
 def _settle(item: Prepared, result: InferResult | Exception) -> None:

@@ -31,7 +31,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -52,7 +52,6 @@ from strata.core.telemetry import (
     EventRow,
     MinuteRow,
     TelemetryBatch,
-    bucket_of,
     encode_batch,
     event_priority,
     minute_of,
@@ -124,7 +123,7 @@ WAL_KEEP_BYTES: Final = 1 << 20
 MinuteKey = tuple[str, str, str, int]
 # an answered request for `TelemetryRecorder.record_answers`: (its future, its answer, latency_us, queue_us, rows,
 # what makes its summary if it is kept as an event)
-Answered = tuple[asyncio.Future[_T], _T, int, int, int, Callable[[], str] | None]
+RecordedAnswer = tuple[asyncio.Future[_T], _T, int, int, int, Callable[[], str] | None]
 # drift counts summed by (model, version, minute, tensor)
 DriftSums = dict[tuple[str, str, int, str], list[int]]
 
@@ -245,22 +244,28 @@ class TelemetryBuffer:
         priorities: Sequence[int | None],
         drift: DriftSums | None = None,
         *,
-        rows: Mapping[MinuteKey, MinuteRow] | None = None,
+        rows: Sequence[Mapping[MinuteKey, MinuteRow]] = (),
         lost: int = 0,
         wait: bool = True,
     ) -> None:
         """Add outcomes to the minute aggregates (all of them) and the events table (the kept ones: a priority),
-        `rows` (outcomes already counted by minute, kept as no event) to the minute aggregates, `drift`
-        (counts summed by model, version, minute and tensor) to the drift counts and `lost` to the outcomes counted
-        lost, atomically. The writer keeps the buffer in its budget and its log short: `maintain`, when
-        `maintenance_due` (every MAINTAIN_EVERY writes).
+        `rows` (outcomes already counted by minute and kept as no event, several waiters' each; left as they are)
+        to the minute aggregates, `drift` (counts summed by model, version, minute and tensor) to the drift counts
+        and `lost` to the outcomes counted lost, atomically. The writer keeps the buffer in its budget and its log
+        short: `maintain`, when `maintenance_due` (every MAINTAIN_EVERY writes).
 
         Raises:
             Busy: not `wait`, and another connection (another serving process) is writing: nothing was written.
             sqlite3.Error: the disk is full or the file is damaged (the caller counts the loss).
         """
         with self._transaction(wait) as db:  # first: a Busy costs nothing (the events' summaries are made below)
-            minutes = {key: replace(row, latency=list(row.latency)) for key, row in (rows or {}).items()}
+            minutes: dict[MinuteKey, MinuteRow] = {}
+            for counted in rows:
+                for key, row in counted.items():
+                    total = minutes.get(key)
+                    if total is None:
+                        total = minutes[key] = MinuteRow(*key)
+                    total.add(row)
             events = []
             for outcome, priority in zip(outcomes, priorities, strict=True):
                 count_outcome(minutes, outcome)
@@ -601,7 +606,7 @@ class TelemetryRecorder:
         await future
 
     def record_answers(
-        self, model: str, version: str, variant: str, ts: float, answers: Sequence[Answered[_T]]
+        self, model: str, version: str, variant: str, ts: float, answers: Sequence[RecordedAnswer[_T]]
     ) -> None:
         """Buffer the outcomes of a batch's answered requests (of one model version, done at `ts`), from the event
         loop; each future gets its answer (the value beside it) once its outcome is committed (or its loss counted),
@@ -617,11 +622,7 @@ class TelemetryRecorder:
                     row = turn.rows.get(key)
                     if row is None:
                         row = turn.rows[key] = MinuteRow(*key)
-                row.requests += 1
-                row.items += rows
-                row.latency_sum_us += latency_us
-                row.queue_sum_us += queue_us
-                row.latency[bucket_of(latency_us)] += 1
+                row.count(latency_us, queue_us, rows)
             else:
                 turn.outcomes.append(
                     Outcome(ts, model, version, variant, latency_us, queue_us, rows, True, "ok", summarize=summarize)
@@ -841,18 +842,9 @@ class TelemetryRecorder:
         """Commit the waiters' outcomes (and the drift counts due, on the writer thread: `wait`), then wake
         those who wait for them. False: not `wait`, and another connection was writing; nothing was done.
         Called under `_lock`."""
-        if len(waiters) == 1:
-            outcomes, priorities, rows = waiters[0].outcomes, waiters[0].priorities, waiters[0].rows
-        else:
-            outcomes, priorities, rows = [], [], {}
-            for waiter in waiters:
-                outcomes += waiter.outcomes
-                priorities += waiter.priorities
-                for key, row in waiter.rows.items():
-                    if key in rows:
-                        rows[key].add(row)
-                    else:
-                        rows[key] = replace(row, latency=list(row.latency))  # a waiter's row is left as it was
+        outcomes = [outcome for waiter in waiters for outcome in waiter.outcomes]
+        priorities = [priority for waiter in waiters for priority in waiter.priorities]
+        rows = [waiter.rows for waiter in waiters if waiter.rows]
         drift = self._take_drift(due_only=True) if wait else {}
         if not outcomes and not rows and not drift:  # a wake-up for drift not yet due, or for maintenance
             return True
@@ -929,17 +921,13 @@ def count_outcome(rows: dict[MinuteKey, MinuteRow], outcome: Outcome) -> None:
     row = rows.get(key)
     if row is None:
         row = rows[key] = MinuteRow(*key)
-    row.requests += 1
+    row.count(outcome.latency_us, outcome.queue_us, outcome.batch)
     if not outcome.ok:
         row.errors += 1
         if is_client_fault(outcome.status):
             row.client_errors += 1
         elif is_shed(outcome.status):
             row.shed += 1
-    row.items += outcome.batch
-    row.latency_sum_us += outcome.latency_us
-    row.queue_sum_us += outcome.queue_us
-    row.latency[bucket_of(outcome.latency_us)] += 1
 
 
 def first_sequence(now: float) -> int:

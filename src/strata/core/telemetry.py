@@ -380,6 +380,15 @@ class MinuteRow:
     def add(self, other: MinuteRow) -> None:
         add_counts(self, other)
 
+    def count(self, latency_us: int, queue_us: int, items: int) -> None:
+        """Count one request that took `latency_us` (`queue_us` of it queued) for `items` rows; its error, if it
+        failed, is the caller's to count."""
+        self.requests += 1
+        self.items += items
+        self.latency_sum_us += latency_us
+        self.queue_sum_us += queue_us
+        self.latency[bucket_of(latency_us)] += 1
+
     @property
     def key(self) -> tuple[str, str, str, int]:
         return (self.model, self.version, self.variant, self.minute)
