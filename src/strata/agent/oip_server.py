@@ -42,14 +42,13 @@ from strata.agent.runtime import release_free_memory
 from strata.agent.scheduler import (
     INLINE_DECODE_BYTES,
     Answered,
-    DriftTap,
     InferResult,
     ModelScheduler,
     Overloaded,
     Prepared,
     prepare,
 )
-from strata.agent.telemetry import Outcome, TelemetryGauges, TelemetryRecorder
+from strata.agent.telemetry import DriftTap, Outcome, TelemetryGauges, TelemetryRecorder
 from strata.core.errors import AuthError, BadRequest, Forbidden, NotFound, StrataError, Unavailable
 from strata.core.package import TensorSpec
 from strata.core.telemetry import drift_references
@@ -600,8 +599,7 @@ class InferenceApp:
         except StrataError as exc:
             log.warning("model %s %s has unusable drift references: %s", model.name, model.version, exc)
             references = ()
-        self._telemetry.set_references(model.name, model.version, references)
-        return DriftTap(references, functools.partial(self._telemetry.add_drift, model.name, model.version))
+        return self._telemetry.drift_tap(model.name, model.version, references)
 
     def _schedule_trim(self) -> None:
         """Once no inference has run for a moment, give the heap a large request left behind back to the OS.

@@ -43,10 +43,11 @@ from strata.agent.batch_plan import (
 from strata.agent.metrics import InferenceMetrics
 from strata.agent.repository import LoadedModel
 from strata.agent.runtime import Runtime
+from strata.agent.telemetry import DriftCounts, DriftTap
 from strata.core.datatypes import oip_from_numpy
 from strata.core.errors import BadRequest, ConfigError, InferenceError, Unavailable
 from strata.core.oip import Array, InferRequest, check_inputs, check_outputs, decode_request, encode_response
-from strata.core.telemetry import DRIFT_MAX_ELEMENTS, DriftReference, bin_counts, bin_counts_summed
+from strata.core.telemetry import DRIFT_MAX_ELEMENTS, bin_counts_summed
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +85,6 @@ class InferResult:
 # resolves each future with its answer, at once or when their telemetry is committed
 Answered = tuple[asyncio.Future[InferResult], int, InferResult]
 Served = Callable[[list[Answered]], None]
-
-# (tensor, counts in its drift reference's bins) of the requests of one batch together
-DriftCounts = list[tuple[str, list[int]]]
-
-
-@dataclass(frozen=True)
-class DriftTap:
-    """A served model's drift references, and what takes each batch's counts in their bins: the telemetry
-    recorder's `add_drift` for the model's version. Counted once per batch, over the batch's tensors, and summed
-    there: telemetry keeps drift per minute, never per request."""
-
-    references: tuple[DriftReference, ...]
-    sink: Callable[[DriftCounts], None]
 
 
 @dataclass(eq=False, slots=True)
@@ -344,8 +332,8 @@ def _run_together(
     queue_ns: list[int],
     headers: ResponseHeaders,
 ) -> list[InferResult | Exception]:
-    """One runtime call for `items`, split back into their answers; their drift counts to `drift.sink` once
-    every answer is encoded.
+    """One runtime call for `items`, split back into their answers; their drift to `drift` once every answer is
+    encoded.
 
     Raises:
         BadRequest: the runtime rejected the input.
@@ -390,7 +378,7 @@ def _run_together(
             )
         )
     if drift is not None and drift.references:
-        drift.sink(_drift(items, feeds, results, mines, drift.references))
+        _drift(items, feeds, results, mines, drift)
     return out
 
 
@@ -399,24 +387,26 @@ def _drift(
     feeds: dict[str, Array],
     results: dict[str, Array],
     mines: list[dict[str, Array]],
-    references: tuple[DriftReference, ...],
-) -> DriftCounts:
-    """The batch's counts in each drift reference's bins, (tensor, counts), for the tensors the batch has: what
-    its requests count each alone (`bin_counts`), summed. Requests of one batch share their inputs' names and
-    their outputs (their batch key), so a reference's tensor is in every request of the batch or in none; its
-    counts come from one pass over the batch's tensor."""
-    out = []
-    for ref in references:
+    tap: DriftTap,
+) -> None:
+    """Hand the batch's drift to `tap`, for the tensors the batch has: what its requests count each alone
+    (`bin_counts`, which strides a request's values past DRIFT_MAX_ELEMENTS), summed. Requests of one batch share
+    their inputs' names and their outputs (their batch key), so a reference's tensor is in every request of the
+    batch or in none. Where no request's part is strided (one request, or few values), the batch's tensor goes to
+    the tap whole, to be counted with other batches'; else each request's part is counted now."""
+    values: list[tuple[int, Array]] = []
+    counted: DriftCounts = []
+    for index, ref in enumerate(tap.references):
         whole = (feeds if ref.kind == "input" else results).get(ref.tensor)
         if whole is None:
             continue
-        if len(items) == 1 or whole.size <= DRIFT_MAX_ELEMENTS:  # no request's part is strided: one count
-            out.append((ref.tensor, bin_counts(ref, whole)))
+        if len(items) == 1 or whole.size <= DRIFT_MAX_ELEMENTS:
+            values.append((index, whole))
             continue
         pairs = zip(items, mines, strict=True)
         sizes = [(item.feeds if ref.kind == "input" else mine)[ref.tensor].size for item, mine in pairs]
-        out.append((ref.tensor, bin_counts_summed(ref, whole, sizes)))
-    return out
+        counted.append((ref.tensor, bin_counts_summed(ref, whole, sizes)))
+    tap.add(values, counted)
 
 
 def _summary(model: LoadedModel, feeds: dict[str, Array]) -> str:

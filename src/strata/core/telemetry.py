@@ -240,10 +240,10 @@ def bin_counts(reference: DriftReference, values: Any) -> list[int]:
     """Counts of a live tensor's values (strided to DRIFT_MAX_ELEMENTS) in the reference's bins."""
     import numpy as np
 
-    return _counts(reference, _strided(np.asarray(values)))
+    return count_flat(reference, _strided(np.asarray(values)))
 
 
-def _counts(reference: DriftReference, flat: Any) -> list[int]:
+def count_flat(reference: DriftReference, flat: Any) -> list[int]:
     """Counts of every value of a flat array in the reference's bins (non-finite values left out)."""
     import numpy as np
 
@@ -272,7 +272,7 @@ def bin_counts_summed(reference: DriftReference, values: Any, sizes: Sequence[in
     if sum(sizes) != flat.size:
         raise ValueError(f"parts of {sum(sizes)} elements do not split a tensor of {flat.size}")
     if all(size <= DRIFT_MAX_ELEMENTS for size in sizes):  # nothing strided: the parts' counts are the whole's
-        return _counts(reference, flat)
+        return count_flat(reference, flat)
     total = [0] * len(reference.counts)
     for a, b in itertools.pairwise(np.cumsum([0, *sizes])):
         total = [x + y for x, y in zip(total, bin_counts(reference, flat[a:b]), strict=True)]
