@@ -7,13 +7,22 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from strata.agent.telemetry import DRIFT_WRITE_S, DriftCounts, DriftTap, TelemetryConfig, TelemetryRecorder
+from strata.agent.telemetry import (
+    DRIFT_BUFFER_ELEMENTS,
+    DRIFT_TAP_MAX_VALUES,
+    DRIFT_WRITE_S,
+    DriftCounts,
+    DriftTap,
+    TelemetryConfig,
+    TelemetryRecorder,
+)
 from strata.core.telemetry import DRIFT_MAX_ELEMENTS, DriftReference, bin_counts, minute_of
 
 T = 1_800_000_000.0  # the start of a minute
@@ -140,3 +149,50 @@ def test_the_writer_never_misses_values_a_fold_moves_while_it_looks(tmp_path: Pa
         written = len(drift_rows(path))
         recorder.close()
         assert written == len(references), f"try {attempt}: {written} of {len(references)} tensors written in time"
+
+
+def test_values_a_scrape_folds_before_their_tap_says_so_are_written_within_seconds(tmp_path: Path) -> None:
+    """A scrape's fold can take a batch's values between the tap's adding them and its telling the recorder: the
+    writer, waiting with no time limit, must still be woken, or the counts wait in memory for the next seal or the
+    close (a kill loses them)."""
+    recorder = TelemetryRecorder(TelemetryConfig(path=tmp_path / "t.db", sample_rate=0.0))
+    tap = recorder.drift_tap("m", "1", (X,))
+    time.sleep(0.2)  # the writer has looked: no drift, no time limit
+    told = tap._pending
+
+    def scraped_first() -> None:
+        recorder.drift_psi()
+        told()
+
+    tap._pending = scraped_first
+    tap.add([(0, np.array([-2.0, -0.5, 0.5, 2.0], np.float32))], [])
+    deadline = time.monotonic() + 3 * DRIFT_WRITE_S + 2
+    while not drift_rows(tmp_path / "t.db") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rows = drift_rows(tmp_path / "t.db")
+    recorder.close()
+    assert list(rows.values()) == [[1, 1, 1, 1]]
+
+
+def test_a_package_with_many_references_costs_a_tap_no_more_than_its_cap(tmp_path: Path) -> None:
+    """A package's drift references are its claim, and a manifest holds hundreds of thousands: a tap buffers the
+    first DRIFT_TAP_MAX_VALUES worth and counts the rest at once, so its memory is bounded whatever the package says,
+    and every reference is still counted."""
+    references = tuple(
+        DriftReference(tensor="X", kind="input", edges=(-1.0, 0.0, 1.0), counts=(10, 10, 10, 10)) for _ in range(2000)
+    )
+    sunk: list[DriftCounts] = []
+    tap = DriftTap(references, lambda counts, ts: sunk.append(counts), lambda: None)
+    batch = np.zeros((8, 64), np.float64)
+    tracemalloc.start()
+    try:
+        tap.add([(index, batch) for index in range(len(references))], [], ts=T)
+        grown = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert grown < 2 * DRIFT_TAP_MAX_VALUES * 8  # 2,000 buffers of float64 would be 62.5 MiB
+    buffered = DRIFT_TAP_MAX_VALUES // DRIFT_BUFFER_ELEMENTS
+    assert len(sunk[0]) == len(references) - buffered  # counted at once, as before taps
+    held = tap.take()
+    assert len(held[0][1]) == buffered
+    assert all(counts == [0, 512, 0, 0] for _, counts in sunk[0] + held[0][1])

@@ -264,7 +264,7 @@ def run_batch(
     `headers` (the model's), all-binary answers reuse the JSON header an earlier answer of their shape had.
 
     Errors are returned per request, never raised: a bad row reruns the batch one request at a time. The drift
-    counts of the rows answered go to `drift.sink`.
+    values of the rows answered go to `drift`.
     """
     headers = ResponseHeaders() if headers is None else headers
     started = time.perf_counter_ns()

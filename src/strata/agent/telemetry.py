@@ -75,8 +75,10 @@ INLINE_PAUSE_S: Final = 10.0
 # Drift counts are summed in memory and written at most this often (and before every seal): a per-minute figure
 # needs no per-request write, and a kill loses at most this much of it
 DRIFT_WRITE_S: Final = 1.0
-# Values of a drift tensor a tap holds before it counts them (`DriftTap`): 64 rows of digits, 16 KiB of float32
+# Values of a drift tensor a tap holds before it counts them (`DriftTap`): 64 rows of digits, 16 KiB of float32;
+# and the most it holds over all its tensors (a package may reference many: those past it are counted at once)
 DRIFT_BUFFER_ELEMENTS: Final = 4096
+DRIFT_TAP_MAX_VALUES: Final = 16 * DRIFT_BUFFER_ELEMENTS
 
 _BUCKET_COLUMNS = ", ".join(f"b{i}" for i in range(BUCKETS))
 _SCHEMA = f"""
@@ -576,8 +578,9 @@ class DriftTap:
     when the recorder takes the counts (`take`: before it writes drift or reads the drift window). Counting is a
     handful of numpy calls whatever the size, and a batch of a few rows paid them for every tensor: about a tenth
     of the CPU of a small model's request. Counts are the same as counting each batch alone, in the minute the
-    values were served in. A tap the recorder has let go of (`detach`: its version no longer served) counts
-    each batch at once. Used from any thread.
+    values were served in. A tap holds at most DRIFT_TAP_MAX_VALUES: references past those it has room for are
+    counted at once, as is every batch of a tap the recorder has let go of (`detach`: its version no longer
+    served). Used from any thread.
     """
 
     def __init__(
@@ -586,11 +589,15 @@ class DriftTap:
         sink: Callable[[DriftCounts, float], None],
         pending: Callable[[], None],
         capacity: int = DRIFT_BUFFER_ELEMENTS,
+        max_values: int = DRIFT_TAP_MAX_VALUES,
     ) -> None:
         self.references = references
         self._sink = sink  # counts made here, with a time in their minute: the recorder's `add_drift`
         self._pending = pending  # told when the tap starts to hold values: the writer has counts due
         self._capacity = max(capacity, DRIFT_MAX_ELEMENTS)  # a request's values, unstrided, fit
+        # the references that get a buffer: the first ones, as many as DRIFT_TAP_MAX_VALUES holds (a package's
+        # references are its claim: hundreds of thousands fit in a manifest, and each buffer is real memory)
+        self._buffered = min(len(references), max(1, max_values // self._capacity))
         self._lock = threading.Lock()
         self._buffers: list[Any] = [None] * len(references)  # per reference: a numpy array of `capacity`
         self._filled = [0] * len(references)
@@ -611,7 +618,12 @@ class DriftTap:
             for index, array in values:
                 reference = self.references[index]
                 flat = array.reshape(-1)
-                if self._detached or flat.dtype.kind not in "biuf" or flat.size > DRIFT_MAX_ELEMENTS:  # strided
+                if (
+                    self._detached
+                    or index >= self._buffered
+                    or flat.dtype.kind not in "biuf"
+                    or flat.size > DRIFT_MAX_ELEMENTS  # strided
+                ):
                     counted.append((reference.tensor, bin_counts(reference, flat)))
                     continue
                 buffer = self._buffers[index]
@@ -644,7 +656,9 @@ class DriftTap:
         """From now on count each batch at once; the counts of the values held, as `take`."""
         with self._lock:
             self._detached = True
-            return self._take_held()
+            taken = self._take_held()
+            self._buffers = [None] * len(self.references)
+            return taken
 
     def _take_held(self) -> list[tuple[int, DriftCounts]]:
         """Called under `_lock`."""
@@ -693,6 +707,7 @@ class TelemetryRecorder:
         # `_window_lock`)
         self._taps: dict[tuple[str, str], DriftTap] = {}
         self._taps_pending = False
+        self._writer_waits = False  # the writer found no drift counts and waits for work with no time limit
         self._turns: dict[asyncio.AbstractEventLoop, _Waiter] = {}  # outcomes recorded in the loop's current turn
         # The buffer is used by one thread at a time: the writer thread, or an event loop committing its turn's
         # outcomes (`_commit_here`), which never waits for it
@@ -817,18 +832,22 @@ class TelemetryRecorder:
         those are written before their answers go out)."""
         minute = minute_of(time.time() if ts is None else ts)
         with self._window_lock:
-            idle = not self._drift_new and not self._drift_unwritten and not self._taps_pending
             for tensor, added in counts:
                 _sum_into(self._drift_new, (model, version, minute, tensor), added)
-        if idle:  # the writer may be waiting for work with no time limit: it now has some within DRIFT_WRITE_S
-            self._queue.put(_Waiter(None))
+            self._wake_writer()
 
     def _tap_pending(self) -> None:
         """A tap started to hold values: the writer has drift counts due within DRIFT_WRITE_S."""
         with self._window_lock:
-            idle = not self._drift_new and not self._drift_unwritten and not self._taps_pending
             self._taps_pending = True
-        if idle:
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        """Wake the writer if it waits for work with no time limit (it found no drift counts when it last looked):
+        it now has some due within DRIFT_WRITE_S. Decided by what the writer did, not by what the counts look like:
+        a fold elsewhere may have moved them since. Called under `_window_lock`."""
+        if self._writer_waits:
+            self._writer_waits = False
             self._queue.put(_Waiter(None))
 
     def _fold_drift(self) -> None:
@@ -883,8 +902,8 @@ class TelemetryRecorder:
         for minute, counts in held:
             for tensor, added in counts:
                 _sum_into(self._drift_new, (model, version, minute, tensor), added)
-        if held:  # a batch added them after the last fold: the writer may wait with no time limit
-            self._queue.put(_Waiter(None))
+        if held:  # a batch added them after the last fold
+            self._wake_writer()
 
     def references(self, model: str, version: str) -> tuple[DriftReference, ...]:
         with self._window_lock:
@@ -968,7 +987,8 @@ class TelemetryRecorder:
     def _drift_wait(self) -> float | None:
         """How long the writer may wait for work before the drift counts it holds are due (None: it holds none)."""
         with self._window_lock:  # not midway through a fold, which empties one before it fills the other
-            if not self._drift_new and not self._drift_unwritten and not self._taps_pending:
+            self._writer_waits = not self._drift_new and not self._drift_unwritten and not self._taps_pending
+            if self._writer_waits:
                 return None
         return max(0.0, self._drift_written + DRIFT_WRITE_S - time.monotonic())
 
