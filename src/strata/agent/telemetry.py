@@ -614,7 +614,7 @@ class DriftTap:
         with self._lock:
             if self._minute is not None and self._minute != minute:
                 made.extend(self._take_held())
-            started = self._minute is None
+            idle = self._minute is None
             for index, array in values:
                 reference = self.references[index]
                 flat = array.reshape(-1)
@@ -636,10 +636,8 @@ class DriftTap:
                     filled = 0
                 buffer[filled : filled + flat.size] = flat
                 self._filled[index] = filled + flat.size
-            if any(self._filled):
                 self._minute = minute
-            else:
-                self._minute, started = None, False
+            started = idle and self._minute is not None
         for held_minute, counts in made:
             self._sink(counts, held_minute * 60.0)
         if counted:
@@ -850,15 +848,13 @@ class TelemetryRecorder:
             self._writer_waits = False
             self._queue.put(_Waiter(None))
 
-    def _fold_drift(self) -> None:
-        """Count the drift added since the last fold, and the values the taps hold, in the windows, and keep it for
-        the buffer. Called under `_window_lock`."""
-        if self._taps_pending:
+    def _fold_drift(self, every_tap: bool = False) -> None:
+        """Count the drift added since the last fold, and the values the taps hold (those that said so, or all of
+        them: `every_tap`), in the windows, and keep it for the buffer. Called under `_window_lock`."""
+        if self._taps_pending or every_tap:
             self._taps_pending = False
             for (model, version), tap in self._taps.items():
-                for minute, held in tap.take():
-                    for tensor, added in held:
-                        _sum_into(self._drift_new, (model, version, minute, tensor), added)
+                self._keep_taken(model, version, tap.take())
         if not self._drift_new:
             return
         new, self._drift_new = self._drift_new, {}
@@ -874,36 +870,38 @@ class TelemetryRecorder:
     def set_references(self, model: str, version: str, references: tuple[DriftReference, ...]) -> None:
         """The drift references of a model version now served (from its package)."""
         with self._window_lock:
-            self._taps_pending = True  # a tap this replaces may hold values: take them now
-            self._fold_drift()
-            self._references[(model, version)] = references
-            self._current[model] = version
-            self._let_go(self._taps.pop((model, version), None), model, version)
-            self._forget_stale(None)
+            self._set_references(model, version, references)
 
     def drift_tap(self, model: str, version: str, references: tuple[DriftReference, ...]) -> DriftTap:
         """The drift references of a model version now served (`set_references`), and the tap its batches count
         their drift in."""
-        self.set_references(model, version, references)
         tap = DriftTap(references, functools.partial(self.add_drift, model, version), self._tap_pending)
         with self._window_lock:
-            if self._references.get((model, version)) is references:
-                self._taps[(model, version)] = tap
-            else:  # replaced meanwhile: the tap counts at once
-                tap.detach()
+            self._set_references(model, version, references)
+            self._taps[(model, version)] = tap
         return tap
 
+    def _set_references(self, model: str, version: str, references: tuple[DriftReference, ...]) -> None:
+        """Called under `_window_lock`."""
+        self._fold_drift()
+        self._references[(model, version)] = references
+        self._current[model] = version
+        self._let_go(self._taps.pop((model, version), None), model, version)  # the tap of an earlier activation
+        self._forget_stale(None)
+
     def _let_go(self, tap: DriftTap | None, model: str, version: str) -> None:
-        """Detach a tap (its version no longer has references here); what it held is folded with the next counts.
+        """Detach a tap (its version no longer has references here, or has a new tap); what it held is folded with
+        the next counts. Called under `_window_lock`."""
+        if tap is not None and self._keep_taken(model, version, tap.detach()):
+            self._wake_writer()  # a batch added them after the last fold
+
+    def _keep_taken(self, model: str, version: str, taken: list[tuple[int, DriftCounts]]) -> bool:
+        """Add what a tap held (`take`, `detach`) to the drift counts not yet folded; False: it held nothing.
         Called under `_window_lock`."""
-        if tap is None:
-            return
-        held = tap.detach()
-        for minute, counts in held:
+        for minute, counts in taken:
             for tensor, added in counts:
                 _sum_into(self._drift_new, (model, version, minute, tensor), added)
-        if held:  # a batch added them after the last fold
-            self._wake_writer()
+        return bool(taken)
 
     def references(self, model: str, version: str) -> tuple[DriftReference, ...]:
         with self._window_lock:
@@ -913,8 +911,7 @@ class TelemetryRecorder:
         """PSI of each served tensor's last `drift_window_minutes` minutes against its reference."""
         out = {}
         with self._window_lock:
-            self._taps_pending = True  # every value a tap holds, even one whose tap has not said so yet
-            self._fold_drift()
+            self._fold_drift(every_tap=True)  # even values whose tap has not said so yet
             for (model, version, tensor), window in self._window.items():
                 references = self._references.get((model, version), ())
                 reference = next((r for r in references if r.tensor == tensor), None)
@@ -996,9 +993,7 @@ class TelemetryRecorder:
         if due_only and time.monotonic() < self._drift_written + DRIFT_WRITE_S:
             return {}
         with self._window_lock:
-            if not due_only:  # a seal or the close: every value a tap holds
-                self._taps_pending = True
-            self._fold_drift()
+            self._fold_drift(every_tap=not due_only)  # a seal or the close: every value a tap holds
             drift, self._drift_unwritten = self._drift_unwritten, {}
         if drift:
             self._drift_written = time.monotonic()
