@@ -302,6 +302,18 @@ def test_drift_references_with_more_bins_than_strata_makes_are_refused(
     assert "has 1000 edges and 1001 counts" in reason
 
 
+def test_drift_references_naming_one_tensor_many_times_are_refused(
+    fleet: LocalFleet, package_files: dict[str, bytes]
+) -> None:
+    """Review: a node counts each reference's tensor in a buffer of its own; 20,000 references of one tensor (a 1.3
+    MB drift section) made 625 MiB of buffers on every node serving the package, and counted its values 20,000
+    times into one row. A tensor may have one reference."""
+    reference = {"tensor": "X", "kind": "input", "edges": [0.5], "counts": [1, 1]}
+    drift = {"tensors": [reference] * 20_000}
+    reason = refused(fleet, finish(plain_members(with_manifest(package_files, lambda m: m.update(drift=drift)))))
+    assert "more than one reference of tensor 'X'" in reason
+
+
 def test_a_golden_file_every_node_would_refuse_is_refused_at_upload(
     fleet: LocalFleet, package_files: dict[str, bytes]
 ) -> None:

@@ -135,6 +135,10 @@ def test_what_build_reference_writes_decodes_and_nothing_larger_does() -> None:
     for section in ({"tensors": 5}, {"tensors": [5]}):
         with pytest.raises(TelemetryError):
             drift_references(section)
+    # a node keeps drift by tensor: a second reference of one would count its values twice (and hold them twice)
+    other = {**good, "kind": "output"}
+    with pytest.raises(TelemetryError, match="more than one reference of tensor 'x'"):
+        drift_references({"tensors": [good, other]})
 
 
 def test_large_tensors_are_strided_not_scanned_whole() -> None:

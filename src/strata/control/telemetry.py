@@ -894,7 +894,11 @@ class TelemetryService:
         )
         for version, manifest in rows:
             if version not in out and manifest.get("drift"):
-                out[version] = tuple(drift_references(manifest["drift"]))
+                try:
+                    out[version] = tuple(drift_references(manifest["drift"]))
+                except TelemetryError as exc:  # stored before a check the upload makes now (a tensor twice)
+                    log.warning("model %s %s: its drift references are not usable: %s", model, version, exc)
+                    out[version] = ()
         return out
 
     def drift_by_node(

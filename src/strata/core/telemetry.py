@@ -284,12 +284,19 @@ def drift_references(raw: Mapping[str, Any]) -> list[DriftReference]:
     tensor name is longer than MAX_TENSOR (a package built before that limit): its drift could not be sent.
 
     Raises:
-        TelemetryError: the section or a reference in it is malformed (see `DriftReference.from_json`).
+        TelemetryError: the section or a reference in it is malformed (see `DriftReference.from_json`), or two
+            references name one tensor (a node keeps drift by tensor: it would count the tensor's values twice in
+            one row, and hold them twice).
     """
     tensors = raw.get("tensors", [])
     if not isinstance(tensors, list):
         raise TelemetryError("the drift section's 'tensors' must be a list")
     references = [DriftReference.from_json(item) for item in tensors]
+    seen: set[str] = set()
+    for reference in references:
+        if reference.tensor in seen:
+            raise TelemetryError(f"the drift section has more than one reference of tensor {reference.tensor[:64]!r}")
+        seen.add(reference.tensor)
     return [reference for reference in references if len(reference.tensor) <= MAX_TENSOR]
 
 

@@ -18,7 +18,7 @@ from control_harness import Harness, NodeCredentials, StartServer, recorded_stat
 from sqlalchemy import select
 
 from strata.control.db import TelemetryBatch as StoredBatch
-from strata.control.db import TelemetryDrift, TelemetryEvent, TelemetryMinute
+from strata.control.db import TelemetryDrift, TelemetryEvent, TelemetryMinute, Variant
 from strata.control.settings import ServerSettings
 from strata.control.telemetry import (
     DRIFT_OVER_BUDGET_KIND,
@@ -230,6 +230,37 @@ def test_drift_is_computed_against_the_packaged_reference(server: Harness, digit
     assert drifting["p_value"] < 1e-6
     assert steady["drifting"] is False
     assert steady["psi"] < 0.01
+
+
+def test_drift_references_stored_before_the_upload_refused_them_do_not_break_the_report(
+    server: Harness, digits_onnx: Path, tmp_path: Path
+) -> None:
+    """A package stored before the upload refused two references of one tensor: the report leaves that version's
+    drift out (with a warning) and answers the rest, instead of failing on every read."""
+    package = build_package(
+        digits_onnx, tmp_path / "pkg", name="digits", version="1", sample={"X": load_data().test_x[:300]}
+    )
+    assert server.upload(tar_bytes(package)).status_code == 201
+    with server.plane.db.transaction() as session:
+        variant = session.scalars(select(Variant)).one()
+        tensors = variant.manifest["drift"]["tensors"]
+        variant.manifest = {**variant.manifest, "drift": {**variant.manifest["drift"], "tensors": tensors + tensors}}
+    node = server.enroll("edge")
+    minute = int(server.clock.now // 60)
+    payload = encode_batch(
+        TelemetryBatch(
+            node_id=node.node_id,
+            seq=1,
+            created=0,
+            minutes=[MinuteRow("digits", "1", package.manifest.variant, minute, 1)],
+            drift=[DriftRow("digits", "1", minute, "X", [1] * len(tensors[0]["counts"]))],
+        )
+    )
+    assert upload(server, node, payload)["stored"]
+    answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin)
+    assert answer.status_code == 200, answer.text
+    assert [n["node"] for n in answer.json()["nodes"]] == ["edge"]
+    assert answer.json()["nodes"][0]["drift"] == []
 
 
 def test_queries_and_metrics_need_the_admin(server: Harness) -> None:
