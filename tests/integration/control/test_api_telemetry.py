@@ -190,6 +190,19 @@ def test_counts_past_what_the_database_holds_are_refused_not_a_database_error(
     assert "is not one of events_sampled" in refused["error"]  # the kinds a buffer counts, each within the column
 
 
+def one_request_with_drift(node: NodeCredentials, variant: str, minute: int, counts: list[int]) -> bytes:
+    """A node's first batch: one request of digits 1 in `minute`, and its drift counts of X."""
+    return encode_batch(
+        TelemetryBatch(
+            node_id=node.node_id,
+            seq=1,
+            created=0,
+            minutes=[MinuteRow("digits", "1", variant, minute, 1)],
+            drift=[DriftRow("digits", "1", minute, "X", counts)],
+        )
+    )
+
+
 def test_drift_is_computed_against_the_packaged_reference(server: Harness, digits_onnx: Path, tmp_path: Path) -> None:
     sample = {"X": load_data().test_x[:300]}
     package = build_package(digits_onnx, tmp_path / "pkg", name="digits", version="1", sample=sample)
@@ -199,27 +212,11 @@ def test_drift_is_computed_against_the_packaged_reference(server: Harness, digit
     minute = int(server.clock.now // 60)
     counts_same = [c * 2 for c in reference["counts"]]
     shifted = list(np.roll(np.asarray(reference["counts"]), 3))
-    payload = encode_batch(
-        TelemetryBatch(
-            node_id=node.node_id,
-            seq=1,
-            created=0,
-            minutes=[MinuteRow("digits", "1", package.manifest.variant, minute, 1)],
-            drift=[DriftRow("digits", "1", minute, "X", [int(c) for c in shifted])],
-        )
-    )
-    assert upload(server, node, payload)["stored"]
+    assert upload(
+        server, node, one_request_with_drift(node, package.manifest.variant, minute, [int(c) for c in shifted])
+    )["stored"]
     other = server.enroll("steady")
-    payload = encode_batch(
-        TelemetryBatch(
-            node_id=other.node_id,
-            seq=1,
-            created=0,
-            minutes=[MinuteRow("digits", "1", package.manifest.variant, minute, 1)],
-            drift=[DriftRow("digits", "1", minute, "X", counts_same)],
-        )
-    )
-    assert upload(server, other, payload)["stored"]
+    assert upload(server, other, one_request_with_drift(other, package.manifest.variant, minute, counts_same))["stored"]
     nodes = {
         n["node"]: n
         for n in server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin).json()["nodes"]
@@ -247,16 +244,9 @@ def test_drift_references_stored_before_the_upload_refused_them_do_not_break_the
         variant.manifest = {**variant.manifest, "drift": {**variant.manifest["drift"], "tensors": tensors + tensors}}
     node = server.enroll("edge")
     minute = int(server.clock.now // 60)
-    payload = encode_batch(
-        TelemetryBatch(
-            node_id=node.node_id,
-            seq=1,
-            created=0,
-            minutes=[MinuteRow("digits", "1", package.manifest.variant, minute, 1)],
-            drift=[DriftRow("digits", "1", minute, "X", [1] * len(tensors[0]["counts"]))],
-        )
-    )
-    assert upload(server, node, payload)["stored"]
+    assert upload(
+        server, node, one_request_with_drift(node, package.manifest.variant, minute, [1] * len(tensors[0]["counts"]))
+    )["stored"]
     answer = server.client.get("/v1/telemetry", params={"model": "digits"}, headers=server.admin)
     assert answer.status_code == 200, answer.text
     assert [n["node"] for n in answer.json()["nodes"]] == ["edge"]
