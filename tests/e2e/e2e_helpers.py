@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -98,6 +99,15 @@ async def _connection(port: int, request: bytes, quota: list[int], counts: dict[
         writer.close()
 
 
+def serving_worker(agent_pid: int) -> int | None:
+    """The pid of the agent's serving process (`strata.agent.worker`), None while it has none."""
+    for pid in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
+        with contextlib.suppress(FileNotFoundError):
+            if b"strata.agent.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+    return None
+
+
 def hammer(port: int, request: bytes, count: int, concurrency: int = 16) -> dict[str, int]:
     """Send `count` requests over `concurrency` keep-alive connections; count 200s and everything else."""
     counts = {"ok": 0, "failed": 0}
@@ -149,24 +159,29 @@ def build_slow_model(path: Path, seconds: float = 2.5) -> None:
     """A digits-shaped compute model whose one-row run (its golden check) takes about `seconds` on one thread of
     this machine: its layers are scaled from a timed probe. A fixed size took 0.2 s on a CPU with AMX where it took
     a second elsewhere, and a test acting inside a load (a kill, a stop) lost its window under a busy test run."""
-    import onnxruntime as ort
-
     from strata.examples.compute import build_compute_model
 
     probe = path.with_name(path.stem + "-probe.onnx")
     build_compute_model(probe, layers=4, replicas=49152)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
-    row = {"X": np.zeros((1, 64), np.float32)}
-    session.run(None, row)
-    # CPU time, not wall time: one intra-op thread runs on this thread, and a probe timed by the clock while other
-    # test workers were busy came out several times too slow, the model built that much too small.
-    started = time.thread_time()
-    session.run(None, row)
-    elapsed = max(time.thread_time() - started, 1e-3)
+    elapsed = max(one_row_cpu_seconds(probe), 1e-3)
     probe.unlink()
     build_compute_model(path, layers=max(4, min(96, round(4 * seconds / elapsed))), replicas=49152)
+
+
+def one_row_cpu_seconds(model: Path) -> float:
+    """The CPU time of one digits-shaped row through `model` on one thread (after a first run). CPU time, not wall
+    time: one intra-op thread runs on this thread, and a probe timed by the clock while other test workers were busy
+    came out several times too slow, the model built from it that much too small."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    row = {"X": np.zeros((1, 64), np.float32)}
+    session.run(None, row)
+    started = time.thread_time()
+    session.run(None, row)
+    return time.thread_time() - started
 
 
 def hold(process: ManagedProcess, still: Callable[[], bool], what: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from e2e_helpers import build_slow_model, hold, needs_two_cores, push_model, stop_held
+from e2e_helpers import build_slow_model, hold, needs_two_cores, push_model, serving_worker, stop_held
 
 from strata.core.package import Package
 from strata.examples.compute import build_compute_model
@@ -107,7 +107,7 @@ def test_a_serving_process_killed_while_it_loads_a_version_fails_that_version_an
     os.kill(pid, signal.SIGKILL)
 
     def worker() -> int | None:
-        return _worker(handle.process.pid)
+        return serving_worker(handle.process.pid)
 
     def reported() -> dict[str, object] | None:
         failures = fleet.nodes()["edge"]["failures"]
@@ -174,7 +174,7 @@ def _other_process_loading_v2(fleet: LocalFleet, tmp_path: Path) -> tuple[AgentH
     state_path = handle.data_dir / "state.json"
     log_path = handle.process.log_path
     fleet.wait_for(lambda: "serving process 1 (pid" in log_path.read_text(), 30, "the second process", handle.process)
-    pid = fleet.wait_for(lambda: _worker(handle.process.pid), 30, "the second serving process", handle.process)
+    pid = fleet.wait_for(lambda: serving_worker(handle.process.pid), 30, "the second serving process", handle.process)
 
     def other_process_loads_v2() -> bool:
         with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
@@ -199,15 +199,6 @@ def _loading(state_path: Path, package: Package) -> bool:
     with contextlib.suppress(FileNotFoundError, ValueError):
         return bool(json.loads(state_path.read_text()).get("loading", {}).get("digest") == package.digest)
     return False
-
-
-def _worker(agent_pid: int) -> int | None:
-    """The pid of the agent's serving process (`strata.agent.worker`), None while it has none."""
-    for pid in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
-        with contextlib.suppress(FileNotFoundError):
-            if b"strata.agent.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return int(pid)
-    return None
 
 
 def test_an_agent_stopped_while_loading_a_version_finishes_the_load_and_counts_no_failure(

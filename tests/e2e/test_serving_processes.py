@@ -10,9 +10,11 @@ import threading
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-from e2e_helpers import hammer, infer_request, needs_two_cores, push_model
+from e2e_helpers import hammer, infer_request, needs_two_cores, one_row_cpu_seconds, push_model, serving_worker
 
+from strata.examples.compute import build_compute_model
 from strata.examples.digits import load_data
 from strata.localfleet import AgentHandle, LocalFleet
 
@@ -119,6 +121,42 @@ def test_two_processes_serve_one_node(
 def json_body() -> dict[str, object]:
     x = load_data().test_x[0].astype(float).tolist()
     return {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 64], "data": x}]}
+
+
+def test_a_serving_process_takes_no_connection_before_it_serves_the_nodes_models(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
+    """CI failure: a serving process started (or started again) took connections from its setup on, before it had
+    loaded the node's models, and answered them 404 ("not served on this node") while the node said it served the
+    model. It takes connections only once it serves; until then the agent does. The model answers a request in
+    about a millisecond but its golden check (thousands of rows, sized from a timed probe on this CPU) takes
+    seconds: the window in which requests arrive while the restarted process loads."""
+    model = tmp_path / "fast.onnx"
+    build_compute_model(model, layers=4, replicas=1024)
+    rows = max(200, min(20_000, round(3.0 / max(one_row_cpu_seconds(model), 1e-4))))
+    golden = np.random.default_rng(0).normal(0, 1, (rows, 64)).astype(np.float32)
+    push_model(fleet, model, "1", tmp_path, sample={"X": golden})
+    handle = fleet.start_agent("edge", serve_processes=2, extra_args=["--probation", "0"])
+    fleet.client.deploy("digits", "1", {})
+    fleet.wait_for_versions({"edge": {"digits": "1"}}, timeout=120)
+    log = handle.process.log_path
+    fleet.wait_for(lambda: "serving process 1 (pid" in log.read_text(), 60, "the second process", handle.process)
+    first = fleet.wait_for(lambda: serving_worker(handle.process.pid), 30, "its pid", handle.process)
+    os.kill(first, signal.SIGKILL)  # the agent starts it again, and it loads the model again
+    again = fleet.wait_for(
+        lambda: (pid := serving_worker(handle.process.pid)) not in (None, first) and pid,
+        60,
+        "the serving process to be started again",
+        handle.process,
+    )
+    request = infer_request(handle.serve_port, np.zeros((1, 64), np.float32))
+    counts, rounds = {"ok": 0, "failed": 0}, 0
+    while f"serving process 1 (pid {again}) serves" not in log.read_text():
+        got = hammer(handle.serve_port, request, 32, concurrency=16)  # 16 new connections a round
+        counts = {key: counts[key] + got[key] for key in counts}
+        rounds += 1
+    assert rounds > 1, "the process loaded before the test could send requests while it loaded"
+    assert counts["failed"] == 0, counts
 
 
 def test_nodes_serve_on_uvloop_and_devices_on_asyncios_loop(fleet: LocalFleet) -> None:

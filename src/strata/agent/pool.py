@@ -155,6 +155,9 @@ class ServingPool:
                     await channel.request(
                         "activate", {"name": model.name, "digest": model.digest}, timeout=SETUP_TIMEOUT_S
                     )
+                # connections only once it serves what the node serves: one it took while it loaded would be
+                # answered 404 (the node says it serves the model; this process does not yet)
+                await channel.request("serve", {}, timeout=SETUP_TIMEOUT_S)
                 child.started_at = asyncio.get_running_loop().time()
                 self._children[index] = child
         except StrataError as exc:

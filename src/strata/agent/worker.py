@@ -1,7 +1,8 @@
 """One of the agent's extra serving processes (see `strata.agent.processes`): `python -OO -m strata.agent.worker FD`.
 
 FD is this process's end of its channel to the agent. The agent sends `setup` first (its configuration, this
-process's index, the port, the serving token), then `load` and `activate` for each model it serves, `ready`,
+process's index, the port, the serving token), then `load` and `activate` for each model it serves, `serve` (only
+then does it take connections: one taken while it loads would be answered 404), `ready`,
 `collect` (serving counts and metrics) and `stop`. The process ends when told to stop or when its channel closes
 (the agent is gone). SIGTERM and SIGINT are the agent's to act on: a service manager that signals every process of
 the service (systemd's default) would otherwise end this one in the middle of a load the agent waits for, and that
@@ -49,6 +50,7 @@ class Worker:
         self.metrics: InferenceMetrics | None = None
         self.telemetry: TelemetryRecorder | None = None
         self.server: HttpServer | None = None
+        self.share: AcceptShare | None = None
         self.app: InferenceApp | None = None
         self.threads: int | None = None
         self.golden_timeout_s = GOLDEN_TIMEOUT_S
@@ -79,6 +81,11 @@ class Worker:
             return {}, b""
         if op == "remove":
             self.repository.remove(header["name"])
+            return {}, b""
+        if op == "serve":
+            if self.server is None or self.share is None:
+                raise StrataError("serve before setup")
+            await self.server.start(sockets=self.listeners, share=self.share)
             return {}, b""
         if op == "ready":
             self.ready = bool(header["ready"])
@@ -113,7 +120,7 @@ class Worker:
         )
         self.app = app
         self.server = app.http_server(limits)
-        await self.server.start(sockets=self.listeners, share=AcceptShare(self.share_fd, index, processes))
+        self.share = AcceptShare(self.share_fd, index, processes)  # its slot stays absent until it serves
         return {"pid": os.getpid()}
 
     def _load(self, fields: Message, blob: bytes) -> LoadedModel:
