@@ -9,7 +9,8 @@ figure is the last reading, beside the largest in the window and the reading 5 s
 before it waited: about 1.5 MB less, the first telemetry upload not yet run). The agent runs as
 `python -OO -m strata.agent` (docstrings stripped); its bytecode is compiled first, as on a node where it has run
 once. The baseline, measured in the same run: a bare python process that imports onnxruntime and loads the same
-model.
+model. Both are read by mapping too (a library, the heap, unnamed memory), and the difference says where the
+agent's memory over the baseline's is.
 The process tree is measured too: the agent with the helper children it runs (the vault worker, which stays about a
 minute after its last use; the short-lived signing and verification children), at idle and at its peak, sampled
 every 20 ms from the deployment until the idle reading.
@@ -42,8 +43,8 @@ EARLY_SECONDS = 5.0
 BUDGET_MB = 70.0
 
 
-def largest_mappings(pid: int, count: int = 15) -> dict[str, float]:
-    """Resident MB by what is mapped (a library, `[heap]`, or `anon` for unnamed memory), largest first."""
+def mapping_rss(pid: int) -> dict[str, float]:
+    """Resident MB by what is mapped: a library's file name, `[heap]`, or `anon` for unnamed memory."""
     sizes: dict[str, int] = {}
     name = "anon"
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
@@ -52,8 +53,13 @@ def largest_mappings(pid: int, count: int = 15) -> dict[str, float]:
             name = first[5].rsplit("/", 1)[-1] if len(first) > 5 else "anon"
         elif first[0] == "Rss:":
             sizes[name] = sizes.get(name, 0) + int(first[1])
-    ordered = sorted(sizes.items(), key=lambda item: item[1], reverse=True)[:count]
-    return {key: round(kb / 1024, 1) for key, kb in ordered}
+    return {key: kb / 1024 for key, kb in sizes.items()}
+
+
+def largest(sizes: dict[str, float], count: int = 15) -> dict[str, float]:
+    """The `count` largest entries by size (by magnitude, for differences), rounded to 0.1 MB, tiny ones left out."""
+    ordered = sorted(sizes.items(), key=lambda item: abs(item[1]), reverse=True)[:count]
+    return {key: round(size, 1) for key, size in ordered if abs(size) >= 0.05}
 
 
 def rss(pid: int) -> dict[str, float]:
@@ -176,7 +182,7 @@ def main() -> None:
                 time.sleep(0.5)
             agent_rss = rss(agent.process.pid)
             readings.append(agent_rss["VmRSS"])
-            mappings = largest_mappings(agent.process.pid)
+            mappings = mapping_rss(agent.process.pid)
             idle_tree = tree_rss(agent.process.pid)
             sampler.done.set()
             sampler.join()
@@ -187,8 +193,9 @@ def main() -> None:
             assert baseline.stdout is not None
             baseline.stdout.readline()
             time.sleep(1.0)
-            baseline_rss = rss(baseline.pid)
+            baseline_rss, baseline_mappings = rss(baseline.pid), mapping_rss(baseline.pid)
             baseline.kill()
+    over = {name: mappings.get(name, 0.0) - baseline_mappings.get(name, 0.0) for name in mappings | baseline_mappings}
     result = {
         "benchmark": "agent_footprint",
         "signed": signed,
@@ -204,7 +211,8 @@ def main() -> None:
         "ratio_to_baseline": round(agent_rss["VmRSS"] / baseline_rss["VmRSS"], 3),
         "budget_mb": BUDGET_MB,
         "within_budget": agent_rss["VmRSS"] < BUDGET_MB,
-        "agent_largest_mappings_mb": mappings,
+        "agent_largest_mappings_mb": largest(mappings),
+        "agent_over_baseline_by_mapping_mb": largest(over),
         "tree_idle_rss_mb": round(sum(idle_tree.values()), 1),
         "tree_idle_processes_mb": {name: round(size, 1) for name, size in idle_tree.items()},
         "tree_peak_rss_mb": round(sum(sampler.peak.values()), 1),
