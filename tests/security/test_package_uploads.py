@@ -314,6 +314,18 @@ def test_drift_references_naming_one_tensor_many_times_are_refused(
     assert "more than one reference of tensor 'X'" in reason
 
 
+@pytest.mark.parametrize(("tensor", "kind"), [("Y", "input"), ("X", "output")])
+def test_drift_references_to_a_tensor_the_model_does_not_have_are_refused(
+    fleet: LocalFleet, package_files: dict[str, bytes], tensor: str, kind: str
+) -> None:
+    """A node finds a reference's values by name among a batch's inputs or outputs (its kind): a reference to a
+    tensor the model does not have (a typo, or its input named as an output) was stored and rolled out, and its
+    drift was never counted, with no error anywhere."""
+    drift = {"tensors": [{"tensor": tensor, "kind": kind, "edges": [0.5], "counts": [1, 1]}]}
+    reason = refused(fleet, finish(plain_members(with_manifest(package_files, lambda m: m.update(drift=drift)))))
+    assert f"refers to {kind} {tensor!r}, which the model does not have" in reason
+
+
 def test_a_golden_file_every_node_would_refuse_is_refused_at_upload(
     fleet: LocalFleet, package_files: dict[str, bytes]
 ) -> None:

@@ -85,15 +85,25 @@ class ModelInfo:
 
 def _check_drift(manifest: Manifest) -> None:
     """The manifest's drift references are what nodes can use: every node counts each bin of them at every
-    inference, so a reference with a million bins is refused here, not served.
+    inference, so a reference with a million bins is refused here, not served; and a node finds a reference's
+    values by its tensor's name among the batch's inputs or outputs (its kind), so one naming a tensor the model
+    does not have would be served and never counted.
 
     Raises:
-        PackageError: a reference is malformed or has more than DRIFT_BINS bins (see `DriftReference.from_json`).
+        PackageError: a reference is malformed or has more than DRIFT_BINS bins (see `DriftReference.from_json`),
+            two name one tensor, or one names an input or output the manifest's signature lacks.
     """
     try:
-        drift_references(manifest.drift)
+        references = drift_references(manifest.drift)
     except TelemetryError as exc:
         raise PackageError(f"the package's drift section is not valid: {exc}") from exc
+    signature = {"input": {t.name for t in manifest.inputs}, "output": {t.name for t in manifest.outputs}}
+    for reference in references:
+        if reference.tensor not in signature[reference.kind]:
+            raise PackageError(
+                f"the package's drift section refers to {reference.kind} {reference.tensor[:64]!r}, which the model "
+                f"does not have (its {reference.kind}s: {', '.join(sorted(signature[reference.kind]))[:256]})"
+            )
 
 
 def _variant_info(row: Variant) -> VariantInfo:
