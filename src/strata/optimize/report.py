@@ -282,13 +282,14 @@ def _verdict(gate: str) -> str:
 
 
 def _table_width(columns: Sequence[tuple[str, str, Sequence[str]]]) -> int:
-    """The width the table needs with every one-line cell whole and the reason at its narrowest."""
+    """The width the table needs with every one-line cell whole and the reason at its narrowest: _REASON_MIN,
+    its `min_width`, however short (or absent) the reasons are."""
     from rich.text import Text
 
     width = 1  # the left border; each column adds its padding (2) and a border (1)
     for key, header, cells in columns:
         widest = max([Text.from_markup(cell).cell_len for cell in cells] + [len(line) for line in header.split("\n")])
-        width += (min(widest, _REASON_MIN) if key == "reason" else widest) + 3
+        width += (_REASON_MIN if key == "reason" else widest) + 3
     return width
 
 

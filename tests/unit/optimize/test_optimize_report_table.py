@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import pytest
 from rich.console import Console
@@ -74,3 +75,18 @@ def test_a_wide_terminal_shows_every_column_and_a_narrow_one_says_what_it_left_o
     narrow = " ".join(" ".join(shown(80)).split())
     assert "left out for the terminal's width: speedup (batch 1), p50 ms" in narrow
     assert "top1_agreement 0.91 < 0.99" in narrow  # the reason stays longest
+
+
+@pytest.mark.parametrize("width", [60, 80, 120, 160])
+def test_a_table_with_no_reason_fits_the_terminal_with_its_right_border(width: int) -> None:
+    """New-user trial: when no variant had a reason, the width estimate took the reason column as 0 columns wide,
+    but it is drawn at least _REASON_MIN wide: at 120 and 160 columns the table was cut, right border and all."""
+    passing = Report(
+        **{**REPORT.__dict__, "variants": tuple(replace(v, gate="passed", reason=None) for v in REPORT.variants)}
+    )
+    console = Console(width=width, file=io.StringIO(), record=True)
+    console.print(report_table(passing, width))
+    lines = [line for line in console.export_text().splitlines() if line.strip()]
+    table = [line for line in lines if line[0] in "┏┃┡│└"]
+    assert table, "\n".join(lines)
+    assert all(line.rstrip()[-1] in "┓┃┩│┘" for line in table), "\n".join(lines)
