@@ -157,6 +157,46 @@ def test_a_revoked_node_is_cut_off_at_once_and_keeps_serving(
     assert "node 'edge' was revoked: `strata nodes reenroll edge` makes a token that enrolls it again" in said
 
 
+def test_a_revoked_node_is_told_how_to_enroll_again_and_is_back_once_it_does(
+    fleet: LocalFleet, digits_onnx: Path, tmp_path: Path
+) -> None:
+    """New-user trial: the README's agent line run again after `strata nodes revoke` (the same data dir, a
+    `strata nodes reenroll` token) logged only "refused this node's credential" every minute: the stored identity
+    won, the token went unused, and nothing said so. The agent now says that the token is not used and how to
+    enroll again; done that way (an empty data dir: a new key, the old one may be a thief's), the node is back."""
+    edge = fleet.start_agent("edge", labels={"site": "a"})
+    push_model(fleet, digits_onnx, "1", tmp_path)
+    fleet.client.deploy("digits", "1", {"site": "a"})
+    fleet.wait_for_versions({"edge": {"digits": "1"}})
+    assert "enrolled already" not in edge.process.log_tail(1000)  # it enrolled with its token just now
+    assert fleet.cli("nodes", "revoke", "edge").returncode == 0
+    issued = fleet.cli("nodes", "reenroll", "edge")
+    assert issued.returncode == 0, issued.stderr
+    token = issued.stdout.strip().splitlines()[-1]
+
+    edge.process.stop()  # refused already, maybe: what the agent started again says is read from here on
+    before = edge.process.log_path.stat().st_size
+    same = fleet.start_agent("edge", enroll=False, extra_args=["--enroll-token", token, "--replace"])
+
+    def said() -> str:
+        return " ".join(same.process.log_path.read_bytes()[before:].decode(errors="replace").split())
+
+    fleet.wait_for(lambda: "strata nodes reenroll edge" in said(), 30, "the refusal to say what to do", same.process)
+    assert "enrolled already" in said()
+    assert "--enroll-token is not used" in said()
+    assert "edge" not in fleet.nodes()
+
+    same.process.stop()
+    old_key = (same.data_dir / "trust" / "node.key").read_bytes()
+    fresh = fleet.start_agent(
+        "edge", enroll=False, data_dir=tmp_path / "fresh", extra_args=["--enroll-token", token, "--replace"]
+    )
+    fleet.wait_for(lambda: "edge" in fleet.nodes(), 30, "the node to enroll again", fresh.process)
+    fleet.wait_for_versions({"edge": {"digits": "1"}})
+    assert serves(fresh, "1")
+    assert (fresh.data_dir / "trust" / "node.key").read_bytes() != old_key
+
+
 def test_a_node_whose_certificate_expired_is_refused_and_keeps_serving(
     fleet: LocalFleet, digits_onnx: Path, tmp_path: Path
 ) -> None:

@@ -204,6 +204,13 @@ class AgentLoop:
             return False
         if stored.server.rstrip("/") != self.config.server.rstrip("/"):
             log.warning("identity was issued by %s; now talking to %s", stored.server, self.config.server)
+        if self.config.enroll_token:
+            log.warning(
+                "this node is enrolled already (its identity is in %s): --enroll-token is not used. To enroll this "
+                "machine again (revoked, or with a `strata nodes reenroll` token), start the agent with the token, "
+                "--replace and an empty --data-dir",
+                self.identity.folder,
+            )
         self._adopt(stored)
         return True
 
@@ -380,7 +387,14 @@ class AgentLoop:
         if isinstance(exc, AuthError | Forbidden):
             self.connected = False
             delay = self.config.backoff_max_s
-            log.error("control plane refused this node's credential (revoked?): %s; retrying in %.0fs", exc, delay)
+            log.error(
+                "control plane refused this node's credential (revoked?): %s; retrying in %.0fs. A revoked node "
+                "enrolls again with a new key: `strata nodes reenroll %s` makes the token; start the agent with it, "
+                "--replace and an empty --data-dir",
+                exc,
+                delay,
+                self.config.name,
+            )
             self.wait_offline(delay)
         elif isinstance(exc, TransportError | ProtocolError | StrataError):
             self.connected = False
