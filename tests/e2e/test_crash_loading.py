@@ -3,20 +3,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 from e2e_helpers import build_slow_model, hold, needs_two_cores, push_model, serving_worker, stop_held
 
+from strata.agent.channel import Channel
+from strata.agent.config import AgentConfig
+from strata.agent.httpd import AcceptShare
+from strata.core.errors import StrataError
 from strata.core.package import Package
 from strata.examples.compute import build_compute_model
 from strata.localfleet import AgentHandle, LocalFleet
+from strata.package_build import build_package
 
 pytestmark = pytest.mark.slow
 
@@ -223,3 +234,174 @@ def test_an_agent_stopped_while_loading_a_version_finishes_the_load_and_counts_n
     assert not [f for f in fleet.nodes()["stopped"]["failures"] if f["version"] == "2"]
     assert not json.loads(state_path.read_text()).get("failures")
     fleet.wait_for_versions({"stopped": {"digits": "2"}})
+
+
+def test_a_serving_process_lets_go_of_the_port_once_the_agent_is_gone_though_it_loads(tmp_path: Path) -> None:
+    """Review: a serving process takes connections only once told to serve, and until then kept its copy of the
+    node's listening socket in a list it never closed. The agent gone (killed) while the process loaded, the process
+    lived on for the rest of its load with the port in LISTEN: callers' connections were queued and never answered
+    (not refused, so a client could not fail over), and the agent started again could not bind its port. Driven
+    here over its channel as the agent drives it: set up, told to load a model whose golden check takes seconds, and
+    the channel closed a moment later; the port must be free while the process still loads."""
+    slow = tmp_path / "slow.onnx"
+    build_slow_model(slow, seconds=12.0)  # a load of seconds
+    package = build_package(
+        slow, tmp_path / "pkg", name="digits", version="1", sample={"X": np.zeros((1, 64), np.float32)}
+    )
+    worker, ours, listener, share, port = _serving_process()
+    setup = _setup(tmp_path, port, ready=True)
+
+    async def agent_goes_mid_load() -> None:
+        channel, reader = await _set_up(ours, setup)
+        load = {"digest": package.digest, "folder": str(package.path), "activated_at": time.time()}
+        loading = asyncio.get_running_loop().create_task(channel.request("load", load, timeout=600))
+        await asyncio.sleep(0.5)
+        channel.close()  # the agent is gone: its end of the channel closes with it, and so does its listener
+        await asyncio.gather(loading, reader, return_exceptions=True)
+
+    try:
+        asyncio.run(agent_goes_mid_load())
+        listener.close()
+        os.close(share)
+
+        def port_free() -> bool:
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    return False
+                return True
+
+        deadline = time.monotonic() + 1.0  # at once, not at the end of the load
+        while not port_free() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert port_free(), "the serving process holds the node's port while it loads"
+        assert worker.poll() is None, "the serving process ended (its load done) before the test could see it"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        assert worker.wait(120) == 0  # it ends once its load does
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
+def test_a_serving_process_serves_as_ready_as_the_node_is_when_it_starts_serving(tmp_path: Path) -> None:
+    """Review: a serving process was told the node's readiness at its setup and then only on a change; a change
+    while it loaded (another process loading a new version, with three or more) reached only the processes serving
+    then, and this one answered /v2/health/ready with the old answer until the next change. The readiness now comes
+    with `serve`."""
+    worker, ours, listener, share, port = _serving_process()
+    setup = _setup(tmp_path, port, ready=False)
+
+    async def ready_by_the_time_it_serves() -> int:
+        channel, reader = await _set_up(ours, setup)
+        await channel.request("serve", {"ready": True}, timeout=60)
+        async with httpx.AsyncClient() as client:
+            answer = await client.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30)
+        await channel.request("stop", timeout=60)
+        channel.close()
+        await asyncio.gather(reader, return_exceptions=True)
+        return answer.status_code
+
+    try:
+        assert asyncio.run(ready_by_the_time_it_serves()) == 200
+        assert worker.wait(60) == 0
+    finally:
+        listener.close()
+        os.close(share)
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
+def _serving_process() -> tuple[subprocess.Popen[bytes], socket.socket, socket.socket, int, int]:
+    """A serving process started as the agent starts one (its channel, the accept share, a listener): the process,
+    the agent's end of its channel, the listener, the share's descriptor and the port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    share = AcceptShare.create(2)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fds = [theirs.fileno(), share.fd, listener.fileno()]
+    argv = [sys.executable, "-OO", "-m", "strata.agent.worker", "asyncio", *map(str, fds)]
+    worker = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL)
+    theirs.close()
+    return worker, ours, listener, share.fd, listener.getsockname()[1]
+
+
+def _setup(tmp_path: Path, port: int, ready: bool) -> dict[str, Any]:
+    """The `setup` message the agent sends its serving process 1 of 2."""
+    config = AgentConfig(server="https://127.0.0.1:1", data_dir=tmp_path / "data", name="edge", tier="device")
+    return {
+        "config": config.to_json(),
+        "index": 1,
+        "processes": 2,
+        "threads": 1,
+        "port": port,
+        "token": None,
+        "ready": ready,
+    }
+
+
+async def _set_up(ours: socket.socket, setup: dict[str, Any]) -> tuple[Channel, asyncio.Task[None]]:
+    """The agent's end of the channel, reading what the process sends, once the process has answered `setup`."""
+    channel = await Channel.open(ours)
+    reader = asyncio.get_running_loop().create_task(channel.serve(_unasked))
+    await channel.request("setup", setup, timeout=60)
+    return channel, reader
+
+
+async def _unasked(header: dict[str, Any], blob: bytes) -> tuple[dict[str, Any], bytes]:
+    raise StrataError(f"not asked for in this test: {header.get('op')}")
+
+
+@needs_two_cores
+def test_an_agent_stopped_while_a_serving_process_starts_ends_that_process(fleet: LocalFleet, tmp_path: Path) -> None:
+    """Review: stopped (SIGTERM) while a serving process was starting (a restart after a crash, here), the agent
+    exited and left it running, the node's listening socket in it: the pool's stop cancelled the start, which ended
+    the process only when it failed. The process is held stopped (SIGSTOP) so that its start is surely under way."""
+    model = tmp_path / "model.onnx"
+    build_compute_model(model, layers=1)
+    push_model(fleet, model, "1", tmp_path, sample={"X": np.zeros((1, 64), np.float32)})
+    handle = fleet.start_agent("edge", serve_processes=2)
+    fleet.client.deploy("digits", "1", {})
+    fleet.wait_for_versions({"edge": {"digits": "1"}}, timeout=120)
+    log = handle.process.log_path
+    fleet.wait_for(lambda: "serving process 1 (pid" in log.read_text(), 60, "the second process", handle.process)
+    first = fleet.wait_for(lambda: serving_worker(handle.process.pid), 30, "its pid", handle.process)
+    os.kill(first, signal.SIGKILL)  # the agent starts it again
+    again = fleet.wait_for(
+        lambda: (pid := serving_worker(handle.process.pid)) not in (None, first) and pid,
+        60,
+        "the serving process to be started again",
+        handle.process,
+        0.005,
+    )
+    os.kill(again, signal.SIGSTOP)  # its start cannot end now: the agent waits for its answers
+    try:
+        assert handle.process.stop(timeout=30) == 0
+        assert f"serving process 1 (pid {again}) serves" not in log.read_text()
+        deadline = time.monotonic() + 5
+        while _alive(again) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(again), "the agent exited and left the serving process it was starting"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(again, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by whoever adopted it, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _cpu_seconds(pid: int) -> float:
+    """The CPU time `pid` has used, all its threads (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -135,7 +135,13 @@ class ServingPool:
             return
         finally:
             theirs.close()
-        channel = await Channel.open(ours)
+        try:
+            channel = await Channel.open(ours)
+        except BaseException:  # cancelled (the pool stops), or the socket failed: no process left running
+            ours.close()
+            process.kill()
+            process.wait()
+            raise
         child = _Child(index, process, channel, asyncio.get_running_loop().create_task(channel.serve(self._answer)))
         setup = {
             "config": self._config.to_json(),
@@ -156,15 +162,22 @@ class ServingPool:
                         "activate", {"name": model.name, "digest": model.digest}, timeout=SETUP_TIMEOUT_S
                     )
                 # connections only once it serves what the node serves: one it took while it loaded would be
-                # answered 404 (the node says it serves the model; this process does not yet)
-                await channel.request("serve", {}, timeout=SETUP_TIMEOUT_S)
+                # answered 404 (the node says it serves the model; this process does not yet). Its readiness is
+                # the node's now: one changed while it loaded was told only to the processes serving then
+                ready = self._ready
+                await channel.request("serve", {"ready": ready}, timeout=SETUP_TIMEOUT_S)
                 child.started_at = asyncio.get_running_loop().time()
                 self._children[index] = child
+                if self._ready != ready:  # changed while it was told
+                    channel.send("ready", {"ready": self._ready})
         except StrataError as exc:
             self._kill(child)
             delay = self._back_off(index, None)
             log.error("serving process %d did not start: %s; trying again in %g s", index, exc, delay)
             return
+        except BaseException:  # cancelled (the pool stops): a process not yet serving is not left running
+            self._kill(child)
+            raise
         log.info("serving process %d (pid %d) serves on port %d", index, process.pid, self._port)
 
     async def _open(self, digest: str) -> tuple[Package, dict[str, bytes] | None]:

@@ -85,6 +85,7 @@ class Worker:
         if op == "serve":
             if self.server is None or self.share is None:
                 raise StrataError("serve before setup")
+            self.ready = bool(header["ready"])
             await self.server.start(sockets=self.listeners, share=self.share)
             return {}, b""
         if op == "ready":
@@ -160,7 +161,9 @@ class Worker:
 
     async def close(self) -> None:
         if self.server is not None:
-            await self.server.stop()
+            await self.server.stop()  # closes the listeners it accepted on
+        for listener in self.listeners:  # ones it never served on: this process may outlive the agent (a load
+            listener.close()  # under way ends first), and must not keep the node's port taking connections
         if self.telemetry is not None:
             self.telemetry.close()
         self.channel.close()
