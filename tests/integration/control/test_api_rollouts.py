@@ -397,6 +397,12 @@ def test_a_rollout_during_a_freeze_ends_aborted_and_the_freeze_ending_moves_no_n
     ended = rollout(registry, created["id"])
     assert ended["status"] == "aborted"
     assert ended["message"].startswith("no node took part: the selector matches 4 nodes, all kept out")
+    # New-user trial: the feed said "wave 1 passed its gates" for each wave walked past, though no wave had a node
+    # and no gate judged anything
+    feed = registry.client.get("/v1/events", params={"kind": ["gate", "rollout"]}, headers=registry.admin).json()
+    told = [e["message"] for e in feed if e["rollout"] == created["id"]]
+    assert told[0] == f"rollout {created['id']}: digits 2 to every node started"
+    assert [m.split(" (")[0] for m in told[1:]] == [f"rollout {created['id']}: aborted"], told
 
     assert registry.client.delete(f"/v1/pins/{freeze.json()['id']}", headers=registry.admin).status_code == 204
     registry.plane.rollouts.tick()
