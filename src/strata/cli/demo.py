@@ -249,10 +249,17 @@ def demo(
     # unwrapped: the terminal folds a long line, where Rich would break it with newlines, and a path or the CLI's
     # export line would no longer paste whole
     say = functools.partial(console.print, soft_wrap=True)
-    if workdir is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        elapsed = run_demo(workdir, say, keep)
-    else:
-        with tempfile.TemporaryDirectory(prefix="strata-demo-") as tmp:
-            elapsed = run_demo(Path(tmp), say, keep, kept=False)
+    try:
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+            elapsed = run_demo(workdir, say, keep)
+        else:
+            with tempfile.TemporaryDirectory(prefix="strata-demo-") as tmp:
+                elapsed = run_demo(Path(tmp), say, keep, kept=False)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or a signal above: the fleet and its folder are gone by now
+        files = f"; its files stay in {workdir}" if workdir is not None else " and deleted its folder"
+        console.print(
+            f"[yellow]interrupted[/yellow] ({stop or 'Ctrl-C'}): the demo stopped every process it started{files}"
+        )
+        raise typer.Exit(130) from None
     console.print(f"[bold green]demo passed[/bold green] in {elapsed:.1f}s")
