@@ -56,7 +56,8 @@ class DeployGroup(TyperGroup):
 app = typer.Typer(
     cls=DeployGroup,
     help="Which version of a model runs on which nodes. `strata deploy NAME VERSION --selector k=v` creates one "
-    "(`create` may be left out); `list`, `show ID` and `rm ID` manage them.",
+    "(`create` may be left out: its options, --selector, --all, --wait, --timeout and --force, are in `strata "
+    "deploy create --help`); `list`, `show ID` and `rm ID` manage them.",
     no_args_is_help=True,
 )
 
