@@ -204,8 +204,9 @@ class AgentLoop:
             return False
         if stored.server.rstrip("/") != self.config.server.rstrip("/"):
             log.warning("identity was issued by %s; now talking to %s", stored.server, self.config.server)
-        if self.config.enroll_token:
-            log.warning(
+        if self.config.enroll_token:  # kept in a service's environment, it is expected; with --replace, a mistake
+            log.log(
+                logging.WARNING if self.config.replace else logging.INFO,
                 "this node is enrolled already (its identity is in %s): --enroll-token is not used. To enroll this "
                 "machine again (revoked, or with a `strata nodes reenroll` token), start the agent with the token, "
                 "--replace and an empty --data-dir",

@@ -29,7 +29,11 @@ def agent(
     ] = None,
     enroll_token: Annotated[
         str | None,
-        typer.Option("--enroll-token", envvar="STRATA_ENROLL_TOKEN", help="One-time token; ignored once enrolled."),
+        typer.Option(
+            "--enroll-token",
+            envvar="STRATA_ENROLL_TOKEN",
+            help="One-time token; not used once enrolled (see --replace).",
+        ),
     ] = None,
     replace: Annotated[
         bool,
