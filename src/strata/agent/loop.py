@@ -91,6 +91,7 @@ class AgentLoop:
         self.stored: StoredIdentity | None = None
         self.attester: Attester | None = None  # set by the agent once it is wired
         self.log_tail: LogTail | None = None  # likewise: the agent's last log lines, for `strata nodes logs`
+        self.adopted: Callable[[], None] = lambda: None  # told once an identity is taken up (the agent's serving)
         self._answered_log: str | None = None
         self.client = client
         self.reconciler = reconciler
@@ -219,6 +220,7 @@ class AgentLoop:
         self.use_context(self.identity.client_context())
         self.client.authenticate(stored.node_id)
         self.stored = stored
+        self.adopted()
 
     def renew_if_due(self) -> None:
         """Renew the certificate once a third of its life is left (a new CSR over the same key; see

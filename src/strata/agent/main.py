@@ -277,9 +277,23 @@ class Agent:
             pool.start(server.port, server.listeners)
         tier_server: HttpServer | None = None
         stop = asyncio.Event()
+        wake = asyncio.Event()  # news for the loop below: a stop, or the node's identity taken up (enrolled)
         running = asyncio.get_running_loop()
+
+        def stopping() -> None:
+            stop.set()
+            wake.set()
+
         for signum in STOP_SIGNALS:
-            running.add_signal_handler(signum, stop.set)
+            running.add_signal_handler(signum, stopping)
+
+        def adopted() -> None:
+            """From the loop's thread, once enrolled: the tier listener starts at once, not up to half a second
+            after the node's status said which versions it serves (a near-edge node refused other tiers meanwhile)."""
+            with contextlib.suppress(RuntimeError):  # the event loop closed: the agent is stopping anyway
+                running.call_soon_threadsafe(wake.set)
+
+        self.loop.adopted = adopted
         thread = start_thread(self.loop)
         self.uploader.start()
         while not stop.is_set() and thread.is_alive():
@@ -301,7 +315,8 @@ class Agent:
                 self.vault.close_if_idle()
             if pool is not None:
                 pool.set_ready(self.ready())
-            await wait_event(stop, 0.5)
+            await wait_event(wake, 0.5)
+            wake.clear()
         # The loop's thread ends only when told to or on a configuration it cannot run with (`fatal`); ended any
         # other way, the process says so and exits non-zero, so a service manager starts it again.
         died = not stop.is_set() and not thread.is_alive() and self.loop.fatal is None
