@@ -142,8 +142,9 @@ def rollout_events(old: RolloutState, new: RolloutState) -> list[NewEvent]:
         events.append(event("gate", f"gate {gate.gate.text} failed in wave {gate.wave + 1}: {gate.detail}"))
     completed = new.status == "succeeded" and old.status != "succeeded"
     passed = old.wave
-    # a wave without nodes is walked past, not judged (its gates had nothing to judge): nothing passed there
-    if (new.wave > old.wave or completed) and (old.members(passed) or new.members(passed)):
+    # a wave without nodes is walked past, not judged (its gates had nothing to judge): nothing passed there. Its
+    # members after the step: ones kept out during it (a pin) left it as empty as one that never had any
+    if (new.wave > old.wave or completed) and new.members(passed):
         numbers = _gates(new, passed) or _gates(old, passed)
         events.append(event("gate", f"wave {passed + 1} passed its gates" + (f": {numbers}" if numbers else "")))
     if new.status != old.status:
