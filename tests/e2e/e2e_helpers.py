@@ -155,17 +155,18 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def build_slow_model(path: Path, seconds: float = 2.5) -> None:
+def build_slow_model(path: Path, seconds: float = 2.5, max_layers: int = 96) -> None:
     """A digits-shaped compute model whose one-row run (its golden check) takes about `seconds` on one thread of
-    this machine: its layers are scaled from a timed probe. A fixed size took 0.2 s on a CPU with AMX where it took
-    a second elsewhere, and a test acting inside a load (a kill, a stop) lost its window under a busy test run."""
+    this machine, at most `max_layers` layers (about 65 KB of weights and 10 ms a row each here): its layers are
+    scaled from a timed probe. A fixed size took 0.2 s on a CPU with AMX where it took a second elsewhere, and a test
+    acting inside a load (a kill, a stop) lost its window under a busy test run."""
     from strata.examples.compute import build_compute_model
 
     probe = path.with_name(path.stem + "-probe.onnx")
     build_compute_model(probe, layers=4, replicas=49152)
     elapsed = max(one_row_cpu_seconds(probe), 1e-3)
     probe.unlink()
-    build_compute_model(path, layers=max(4, min(96, round(4 * seconds / elapsed))), replicas=49152)
+    build_compute_model(path, layers=max(4, min(max_layers, round(4 * seconds / elapsed))), replicas=49152)
 
 
 def one_row_cpu_seconds(model: Path) -> float:

@@ -244,7 +244,7 @@ def test_a_serving_process_lets_go_of_the_port_once_the_agent_is_gone_though_it_
     here over its channel as the agent drives it: set up, told to load a model whose golden check takes seconds, and
     the channel closed a moment later; the port must be free while the process still loads."""
     slow = tmp_path / "slow.onnx"
-    build_slow_model(slow, seconds=12.0)  # a load of seconds
+    build_slow_model(slow, seconds=4.0, max_layers=512)  # a load of seconds
     package = build_package(
         slow, tmp_path / "pkg", name="digits", version="1", sample={"X": np.zeros((1, 64), np.float32)}
     )
@@ -255,7 +255,7 @@ def test_a_serving_process_lets_go_of_the_port_once_the_agent_is_gone_though_it_
         channel, reader = await _set_up(ours, setup)
         load = {"digest": package.digest, "folder": str(package.path), "activated_at": time.time()}
         loading = asyncio.get_running_loop().create_task(channel.request("load", load, timeout=600))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.2)
         channel.close()  # the agent is gone: its end of the channel closes with it, and so does its listener
         await asyncio.gather(loading, reader, return_exceptions=True)
 

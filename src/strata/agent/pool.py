@@ -140,7 +140,8 @@ class ServingPool:
         except BaseException:  # cancelled (the pool stops), or the socket failed: no process left running
             ours.close()
             process.kill()
-            process.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(5)
             raise
         child = _Child(index, process, channel, asyncio.get_running_loop().create_task(channel.serve(self._answer)))
         setup = {
@@ -170,10 +171,11 @@ class ServingPool:
                 self._children[index] = child
                 if self._ready != ready:  # changed while it was told
                     channel.send("ready", {"ready": self._ready})
-        except StrataError as exc:
+        except Exception as exc:  # a StrataError, or one reading its package (OSError): the supervisor goes on
             self._kill(child)
             delay = self._back_off(index, None)
-            log.error("serving process %d did not start: %s; trying again in %g s", index, exc, delay)
+            reason = exc if isinstance(exc, StrataError) else f"{type(exc).__name__}: {exc}"
+            log.error("serving process %d did not start: %s; trying again in %g s", index, reason, delay)
             return
         except BaseException:  # cancelled (the pool stops): a process not yet serving is not left running
             self._kill(child)

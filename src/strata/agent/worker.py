@@ -85,7 +85,7 @@ class Worker:
         if op == "serve":
             if self.server is None or self.share is None:
                 raise StrataError("serve before setup")
-            self.ready = bool(header["ready"])
+            self.ready = bool(header.get("ready", self.ready))  # an agent older than this code sends none
             await self.server.start(sockets=self.listeners, share=self.share)
             return {}, b""
         if op == "ready":
