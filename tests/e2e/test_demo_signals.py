@@ -50,7 +50,8 @@ def test_a_demo_stopped_by_a_signal_stops_every_process_it_started(tmp_path: Pat
     assert demo.returncode == 130
     said = " ".join(log.read_text().split())
     assert "Traceback" not in said
-    assert f"interrupted (signal {signum}): the demo stopped every process it started; its files stay in" in said
+    name = signal.Signals(signum).name
+    assert f"interrupted ({name}): the demo stopped every process it started; its files stay in" in said
     assert processes_mentioning(str(workdir)) == []
 
 

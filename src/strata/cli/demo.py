@@ -28,13 +28,17 @@ from rich.markup import escape
 from strata.cli.common import console, out
 from strata.core.errors import StrataError
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
 
 class DemoFailed(StrataError):
     code = "demo_failed"
 
 
 def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    for each in _STOP_SIGNALS:  # a second one (a service manager's, a key held down) must not cut the clean-up short
+        signal.signal(each, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @contextmanager
@@ -244,7 +248,7 @@ def demo(
     # `kill` used to end the demo alone, its server and agents left running on their ports). SIGINT too: a demo
     # started in the background by a shell without job control inherits SIGINT ignored, and Python then leaves it
     # so: Ctrl-C (or `kill -INT`) did nothing and `--keep` ran on for ever.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in _STOP_SIGNALS:
         signal.signal(signum, _interrupt)
     # unwrapped: the terminal folds a long line, where Rich would break it with newlines, and a path or the CLI's
     # export line would no longer paste whole
@@ -258,8 +262,6 @@ def demo(
                 elapsed = run_demo(Path(tmp), say, keep, kept=False)
     except KeyboardInterrupt as stop:  # Ctrl-C, or a signal above: the fleet and its folder are gone by now
         files = f"; its files stay in {workdir}" if workdir is not None else " and deleted its folder"
-        console.print(
-            f"[yellow]interrupted[/yellow] ({stop or 'Ctrl-C'}): the demo stopped every process it started{files}"
-        )
+        console.print(f"[yellow]interrupted[/yellow] ({stop}): the demo stopped every process it started{files}")
         raise typer.Exit(130) from None
     console.print(f"[bold green]demo passed[/bold green] in {elapsed:.1f}s")
