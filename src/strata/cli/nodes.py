@@ -154,9 +154,12 @@ def node_detail(node: dict[str, Any], now: float) -> Group:
             + f", seen {ago(node.get('last_seen'), now)}",
         ),
         ("in sync", "yes" if node.get("in_sync") else "no (its desired state changed since its last report)"),
-        # what the node reported for other tiers: its mutual-TLS tier listener where it has one, else its local
-        # inference port (which a near-edge or cloud node does not report)
-        ("other tiers reach it at", shown(node.get("serve_url") or "-")),
+        # what the node reported: its mutual-TLS tier listener (https) where it has one, which other tiers use;
+        # else its inference port
+        (
+            "other tiers reach it at" if str(node.get("serve_url") or "").startswith("https:") else "serves at",
+            shown(node.get("serve_url") or "-"),
+        ),
         ("enrolled", _when(node.get("enrolled_at"), now)),
         ("certificate expires", _when(node.get("certificate_expires_at"), now) + " (the agent renews it)"),
         ("attestation", attestation),

@@ -306,7 +306,10 @@ class TopologyBody(BaseModel):
     name: str
     tier: str
     site: str | None = Field(description="the node's `site` label; a device's parents share it")
-    serve_url: str | None = Field(description="the node's own inference URL, as it reported it")
+    serve_url: str | None = Field(
+        description="where the node said it is reached: its mutual-TLS tier listener (https) when it has one, which "
+        "other tiers use, else its inference port"
+    )
     parents: list[EndpointBody] = Field(description="near-edge nodes to fall back to, in order of preference")
     cloud: list[EndpointBody] = Field(description="cloud endpoints to fall back to last, in order of preference")
 
