@@ -18,6 +18,7 @@ from supply_harness import make_signed, upload_signed
 
 from strata.control.settings import ServerSettings
 from strata.control.supply import PackageRole
+from strata.control.ui import routes
 from strata.control.ui.console import optimizer_report, tuf_status
 from strata.control.ui.routes import MAX_EVENT_STREAMS, MAX_EVENT_STREAMS_PER_TOKEN
 from strata.control.ui.session import COOKIE, csrf_token
@@ -436,3 +437,24 @@ def test_one_token_cannot_take_every_event_stream_of_the_server(server: Harness)
         assert refused.status_code == 503
         said = refused.read().decode()
     assert f"{MAX_EVENT_STREAMS_PER_TOKEN} console event streams are open with this token" in said
+
+
+def test_an_event_stream_ends_once_its_token_is_revoked(server: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: a console event stream opened before its token was revoked went on for its five minutes (holding its
+    place in the stream bounds), though every other request of that session was refused at once. It now ends at its
+    next tick. (The streams' length here is 20 s, so that the test ends even when this fails.)"""
+    monkeypatch.setattr(routes, "EVENTS_STREAM_S", 20.0)
+    read = cookie(token_of(server, "read"))
+    [listed] = [t for t in server.client.get("/v1/api-tokens", headers=server.admin).json() if t["scope"] == "read"]
+    with server.client.stream("GET", "/ui/api/events", headers=read) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        assert next(lines) == "retry: 2000"
+        revoked = server.client.delete(f"/v1/api-tokens/{listed['id']}", headers=server.admin)
+        assert revoked.status_code == 204
+        started = time.monotonic()
+        for _ in lines:  # until the stream ends
+            pass
+    assert time.monotonic() - started < 10
+    assert server.client.get("/ui/api/fleet", headers=read).status_code == 401
+    assert server.client.app.app.state.console_streams_by_token.get(listed["id"], 0) == 0

@@ -20,7 +20,7 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from strata.control.api.deps import BoundedRoute
-from strata.control.auth import Access, Principal, authorize
+from strata.control.auth import Access, Authenticator, Principal, authorize
 from strata.control.inventory import MAX_PAGE, parse_sort
 from strata.control.plane import ControlPlane
 from strata.control.rollouts import RolloutView
@@ -36,7 +36,7 @@ from strata.control.ui.session import (
     session_cookie,
 )
 from strata.core.counts import give_back
-from strata.core.errors import AuthError, Forbidden, NotFound, Unavailable
+from strata.core.errors import AuthError, Forbidden, NotFound, StrataError, Unavailable
 from strata.core.wire import parse_selector
 
 PREFIX: Final = "/ui"
@@ -268,6 +268,7 @@ async def events(request: Request, session: Session) -> StreamingResponse:
             f"{MAX_EVENT_STREAMS_PER_TOKEN} console event streams are open with this token; close a tab or retry later"
         )
     by_token[token] = by_token.get(token, 0) + 1
+    authenticator, secret = _plane(request).authenticator, session[1]
 
     async def stream() -> AsyncIterator[bytes]:
         try:
@@ -275,7 +276,7 @@ async def events(request: Request, session: Session) -> StreamingResponse:
             ends = loop.time() + EVENTS_STREAM_S
             seen = -1
             yield b"retry: 2000\n\n"
-            while not feed.closed and loop.time() < ends:
+            while not feed.closed and loop.time() < ends and await _still_valid(authenticator, secret):
                 generation = feed.generation
                 yield f"event: {'generation' if generation != seen else 'tick'}\ndata: {generation}\n\n".encode()
                 seen = generation
@@ -284,6 +285,19 @@ async def events(request: Request, session: Session) -> StreamingResponse:
             give_back(by_token, token)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=_NO_STORE)
+
+
+async def _still_valid(authenticator: Authenticator, secret: str) -> bool:
+    """Whether the session's token still holds: a stream opened before its revocation ends at its next tick (it
+    went on for its five minutes, holding its place in the stream bounds). A token in the cache costs nothing; one
+    not there (a revocation evicts it) is looked up off the event loop."""
+    if authenticator.authenticate_cached(secret) is not None:
+        return True
+    try:
+        await asyncio.to_thread(authenticator.authenticate, secret)
+    except StrataError:  # revoked, or the database failed: the browser reconnects and signs in again if it can
+        return False
+    return True
 
 
 def install_console(app: FastAPI) -> None:
