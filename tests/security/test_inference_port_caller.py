@@ -764,8 +764,7 @@ def test_a_grpc_message_over_the_limit_is_resource_exhausted(agent: AgentHandle,
     assert f"messages up to {GRPC_MESSAGE_MB} MiB (--grpc-max-message-mb)" in log
 
 
-METHODS = [
-    "ServerLive",
+METHODS = [  # every RPC but ServerLive, which reads no message (below)
     "ServerReady",
     "ModelReady",
     "ServerMetadata",
@@ -1091,3 +1090,62 @@ def test_health_calls_answer_while_inferences_fill_every_rpc_slot(grpc_address: 
             again.set()
             for call in held:
                 call.cancel()
+
+
+def test_server_live_answers_at_once_reading_no_message_and_holding_nothing(grpc_address: str) -> None:
+    """Review: ServerLive, open to callers without the serving token (as REST's /v2/health/live), read its message
+    like any call: charged a message's worth of the request budget while it waited for it. 33 of them that never
+    sent it (a few hundred bytes) held the whole budget, reserve included, so every call of the node's own callers,
+    token and all, waited DEADLINE_EXCEEDED for a minute, again and again. Its answer says nothing of its message:
+    it now reads none, whatever comes or never comes."""
+    release = threading.Event()
+    channels = [grpc.insecure_channel(grpc_address) for _ in range(2 * INFER_READS + 4)]
+    try:
+        stalled = [
+            channel.stream_unary(f"{SERVICE}/ServerLive").future(never_sends(release), timeout=30)
+            for channel in channels
+        ]
+        answers = [call.result(timeout=BODY_TIMEOUT / 2) for call in stalled]  # not at the message deadline
+        assert answers == [b"\x08\x01"] * len(channels)
+        assert unary(grpc_address, "ServerLive")(b"\xff\xff\xff", timeout=10) == b"\x08\x01"  # not even parsed
+        assert server_ready(grpc_address) == b"\x08\x01"
+    finally:
+        release.set()
+        for channel in channels:
+            channel.close()
+
+
+def empty_inputs(count: int) -> bytes:
+    """A ModelInferRequest with no model name and `count` empty inputs (two bytes each on the wire)."""
+    return b"\x2a\x00" * count
+
+
+def test_small_grpc_requests_that_parse_large_are_charged_and_leave_nothing_behind(
+    agent: AgentHandle, grpc_address: str
+) -> None:
+    """Review: a 4 MiB ModelInferRequest of 2 million empty inputs (4 KiB gzip-compressed, which gRPC inflates)
+    parses to about 170 MB, charged nowhere; and the failed call's abort, raised in its except block, kept the
+    error's traceback and with it the parsed message, in a cycle only a full garbage collection frees: 8 calls at
+    once took the agent up 1.1 GB, 37 calls to 4.4 GB, kept minutes later. The parse is now charged to the decode
+    budget (PARSE_EXPANSION times a request's bytes but its raw tensors: one at a time here, the others shed with a
+    retry-after), and the call lets go of it when it fails."""
+    data = empty_inputs(GRPC_MESSAGE_MB * MIB // 2 - 64)
+    time.sleep(0.5)
+    baseline = memory_kb(agent, "VmRSS")
+    reset_peak(agent)
+    channels = [grpc.insecure_channel(grpc_address, compression=grpc.Compression.Gzip) for _ in range(8)]
+    try:
+        for _ in range(3):
+            calls = [c.unary_unary(f"{SERVICE}/ModelInfer").future(data, timeout=60) for c in channels]
+            codes = [call.exception(timeout=60).code().name for call in calls]
+            assert set(codes) <= {"NOT_FOUND", "UNAVAILABLE"}, codes  # no model name; or shed while one parses
+            assert "NOT_FOUND" in codes
+    finally:
+        for channel in channels:
+            channel.close()
+    time.sleep(1.5)  # the trim after a large request runs once the node is idle
+    peak_mb = (memory_kb(agent, "VmHWM") - baseline) / 1024
+    kept_mb = (memory_kb(agent, "VmRSS") - baseline) / 1024
+    print(f"3 rounds of 8 x {len(data) / MIB:.0f} MiB of empty inputs: peak +{peak_mb:.0f} MB, kept +{kept_mb:.0f} MB")
+    assert peak_mb < 500  # one parse at a time (~170 MB); 8 at once took 1.1 GB
+    assert kept_mb < 100  # each round kept its parses before (+720 MB a round of four)

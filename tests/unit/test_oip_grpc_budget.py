@@ -108,3 +108,27 @@ def test_inference_leaves_the_reserve_to_health_calls_which_never_wait_behind_it
 def test_a_budget_without_room_beside_its_reserve_is_refused() -> None:
     with pytest.raises(ValueError, match="does not leave room"):
         MessageBudget(total_bytes=MIB, reserve_bytes=MIB)
+
+
+def test_a_requests_parse_costs_its_raw_tensors_at_their_size_and_every_other_byte_more() -> None:
+    """`parse_cost`, read off the wire: raw_input_contents (field 7) become bytes of their size; everything else may
+    expand PARSE_EXPANSION times; a message whose top-level fields cannot be read costs all of it expanded."""
+    from strata.agent.oip_grpc import PARSE_EXPANSION, SCAN_FIELDS, parse_cost
+    from strata.agent.oip_grpc_codec import message_class
+
+    request = message_class("ModelInferRequest")(model_name="digits")
+    request.inputs.add(name="X", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(bytes(4 * 64 * 1000))
+    data = request.SerializeToString()
+    raw = len(request.raw_input_contents[0])
+    assert parse_cost(data) == raw + (len(data) - raw) * PARSE_EXPANSION
+    empties = b"\x2a\x00" * 1000  # 1,000 empty inputs: all of it may expand
+    assert parse_cost(empties) == len(empties) * PARSE_EXPANSION
+    broken = b"\x3a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"  # field 7 with a length longer than a varint may be
+    assert parse_cost(broken) == len(broken) * PARSE_EXPANSION
+    # a raw tensor claiming more bytes than the message holds (after an input that expands) counts for nothing
+    lying = b"\x2a\x08" + b"\x2a\x00" * 4 + b"\x3a\x80\x80\x80\x02"
+    assert parse_cost(lying) == len(lying) * PARSE_EXPANSION
+    # past SCAN_FIELDS top-level fields the scan stops: a raw tensor after them is charged as if it expanded
+    late = b"\x2a\x00" * SCAN_FIELDS + b"\x3a\x04abcd"
+    assert parse_cost(late) == len(late) * PARSE_EXPANSION

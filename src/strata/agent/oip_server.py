@@ -26,7 +26,7 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import Any, Final, TypeVar
 
@@ -547,6 +547,27 @@ class InferenceApp:
         if inline:
             return _caller_fault(decode, scheduler)
         return await self.off_loop(functools.partial(_caller_fault, decode, scheduler))
+
+    @contextlib.contextmanager
+    def parsing(self, cost: int) -> Iterator[None]:
+        """Hold `cost` of the decode budget while a request is parsed before `infer` can charge it (gRPC's protobuf
+        parse, which must find the model's name first), shedding it as `infer` does when it does not fit beside
+        what is charged already; a large one is followed by a trim, as `infer` does.
+
+        Raises:
+            Overloaded: no room in the decode budget.
+        """
+        if self._decoding and self._decoding + cost > self._decode_budget:
+            raise Overloaded(
+                "the node is decoding as many large or compressed requests as its memory budget holds", _DECODE_RETRY_S
+            )
+        self._decoding += cost
+        try:
+            yield
+        finally:
+            self._decoding -= cost
+            if cost >= _TRIM_AFTER_BYTES:
+                self._schedule_trim()
 
     async def off_loop(self, work: Callable[[], _T]) -> _T:
         """Run `work` on the executor (where batches run).
