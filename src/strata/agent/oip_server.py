@@ -467,12 +467,7 @@ class InferenceApp:
         charged = 0
         try:
             if cost:
-                if self._decoding and self._decoding + cost > self._decode_budget:
-                    raise Overloaded(
-                        "the node is decoding as many large or compressed requests as its memory budget holds",
-                        _DECODE_RETRY_S,
-                    )
-                self._decoding += cost
+                self._charge_decoding(cost)
                 charged = cost
             prepared = await self._decode(decode, scheduler, inline)
             if charged:  # the estimate gives way to what the decoded request holds while it waits for its batch
@@ -557,17 +552,26 @@ class InferenceApp:
         Raises:
             Overloaded: no room in the decode budget.
         """
-        if self._decoding and self._decoding + cost > self._decode_budget:
-            raise Overloaded(
-                "the node is decoding as many large or compressed requests as its memory budget holds", _DECODE_RETRY_S
-            )
-        self._decoding += cost
+        self._charge_decoding(cost)
         try:
             yield
         finally:
             self._decoding -= cost
             if cost >= _TRIM_AFTER_BYTES:
                 self._schedule_trim()
+
+    def _charge_decoding(self, cost: int) -> None:
+        """Charge `cost` to the decode budget: always when nothing is charged (a request larger than the budget
+        is decoded alone, not refused for ever), else only when it fits beside what is.
+
+        Raises:
+            Overloaded: it does not fit (shed, with a retry-after).
+        """
+        if self._decoding and self._decoding + cost > self._decode_budget:
+            raise Overloaded(
+                "the node is decoding as many large or compressed requests as its memory budget holds", _DECODE_RETRY_S
+            )
+        self._decoding += cost
 
     async def off_loop(self, work: Callable[[], _T]) -> _T:
         """Run `work` on the executor (where batches run).
