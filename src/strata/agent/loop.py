@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from strata import __version__
 from strata.agent.client import ControlPlaneClient, ServerError
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from strata.agent.logtail import LogTail
 
 log = logging.getLogger("strata.agent")
+# how a node enrolls again, said where a token goes unused and where its credential is refused
+_ENROLL_AGAIN: Final = "start the agent with the token, --replace and an empty --data-dir"
 
 
 class Backoff:
@@ -209,9 +211,9 @@ class AgentLoop:
             log.log(
                 logging.WARNING if self.config.replace else logging.INFO,
                 "this node is enrolled already (its identity is in %s): --enroll-token is not used. To enroll this "
-                "machine again (revoked, or with a `strata nodes reenroll` token), start the agent with the token, "
-                "--replace and an empty --data-dir",
+                "machine again (revoked, or with a `strata nodes reenroll` token): %s",
                 self.identity.folder,
+                _ENROLL_AGAIN,
             )
         self._adopt(stored)
         return True
@@ -392,11 +394,11 @@ class AgentLoop:
             delay = self.config.backoff_max_s
             log.error(
                 "control plane refused this node's credential (revoked?): %s; retrying in %.0fs. A revoked node "
-                "enrolls again with a new key: `strata nodes reenroll %s` makes the token; start the agent with it, "
-                "--replace and an empty --data-dir",
+                "enrolls again with a new key: `strata nodes reenroll %s` makes the token; %s",
                 exc,
                 delay,
                 self.config.name,
+                _ENROLL_AGAIN,
             )
             self.wait_offline(delay)
         elif isinstance(exc, TransportError | ProtocolError | StrataError):
